@@ -1,0 +1,58 @@
+"""Data families: one module per family, each turning files into plain records.
+
+``sft_records(cfg)`` is the single place a training stage asks for prompt/completion pairs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from sectune.errors import ConfigError
+
+
+def auth_logs_folder(cfg: DictConfig) -> Path:
+    """``dataset.path`` as given, or the folder built from the real (or generated) logs."""
+    from sectune.data import auth_logs
+
+    d = cfg.dataset
+    if d.path:
+        return Path(d.path)
+    out = Path(cfg.paths.cache_dir) / "datasets" / f"auth_logs-s{d.split_seed}-l{d.min_lines}-{d.max_lines}"
+    info = auth_logs.ensure_auth_folder(out, Path(d.source_dir), seed=d.split_seed, min_lines=d.min_lines, max_lines=d.max_lines)
+    if info.get("source") == "synthetic":
+        print(f"sectune: {d.source_dir} has no real auth logs; using generated logs in the same format ({out})")
+    return out
+
+
+def sft_records(cfg: DictConfig) -> list[dict]:
+    """Prompt/completion records (plus ``label`` for stratified splits) for ``dataset.name``."""
+    name = cfg.dataset.name
+    if name == "auth_logs":
+        from sectune.data import auth_logs
+
+        samples = auth_logs.load_auth_folder(auth_logs_folder(cfg), max_samples=cfg.dataset.max_samples)
+        return [
+            {"prompt": auth_logs.render_prompt(s.log_text), "completion": auth_logs.render_completion(s.analysis), "label": s.label, "id": s.id}
+            for s in samples
+        ]
+    raise ConfigError(f"dataset={name} has no prompt/completion form for stage={cfg.stage.name}")
+
+
+def train_val_split(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Stratified by ``label`` where every class has two or more records; deterministic."""
+    from sklearn.model_selection import train_test_split
+
+    if val_fraction <= 0:
+        return records, []
+    labels = [r.get("label") for r in records]
+    counts = {lab: labels.count(lab) for lab in set(labels)}
+    stratify = labels if min(counts.values()) >= 2 and len(counts) > 1 else None
+    n_val = max(1, round(len(records) * val_fraction))
+    if stratify is not None:
+        n_val = max(n_val, len(counts))
+    if n_val >= len(records):
+        raise ConfigError(f"dataset.val_fraction={val_fraction} leaves no training data ({len(records)} samples)")
+    train, val = train_test_split(records, test_size=n_val, random_state=seed, stratify=stratify)
+    return list(train), list(val)

@@ -1,0 +1,3 @@
+from sectune.cli import main
+
+main()

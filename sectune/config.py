@@ -1,0 +1,245 @@
+"""The run object: structured-config schemas for every config group.
+
+Each group folder under ``conf/`` is merged into one of these dataclasses, so an unknown key or a
+wrong type in a YAML file or a command-line override fails at compose time and names the key
+(``Key 'rr' not in 'LoraConfig'``). The key names below are sectune's public contract
+(see README): users' scripts and sweeps depend on them. Add freely; rename never.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TinySpec:
+    """A small random model built locally (no download), saved, then loaded like a hub model."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    vocab_size: int = 2048
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    #: hub id or local folder; ``null`` builds the ``tiny`` spec locally into the cache.
+    name_or_path: Optional[str] = None
+    family: str = "llama"  # llama | gpt2: which config class a tiny build uses
+    #: dtype the weights are loaded in: auto | fp32 | bf16 | fp16
+    dtype: str = "fp32"
+    max_seq_length: int = 512
+    attn_implementation: Optional[str] = "sdpa"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    #: seeds 000/002 mixed GPU/CPU placement: "auto", "cpu", or {module: device}
+    device_map: Any = None
+    max_memory: Optional[Dict[str, str]] = None
+    offload_folder: Optional[str] = None
+    tiny: Optional[TinySpec] = None
+    #: architecture numbers so ``stage=plan`` works without the weights
+    arch: Optional[Dict[str, Any]] = None
+    #: the preset's usual learning rate; ``train.learning_rate`` defaults to it
+    learning_rate: float = 2e-4
+
+
+@dataclass
+class QuantizationConfig:
+    name: str = "none"  # none | nf4 | int8
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "bf16"
+
+
+@dataclass
+class LoraConfig:
+    name: str = "none"
+    enabled: bool = False  # false = full fine-tune
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=list)
+    bias: str = "none"
+    #: extra modules trained in full and saved with the adapter (e.g. a classification head)
+    modules_to_save: Optional[List[str]] = None
+
+
+@dataclass
+class LossConfig:
+    name: str = "causal_lm"
+    label_smoothing: float = 0.0
+    # bradley_terry / grpo / simplified_ppo
+    beta: float = 0.04
+    clip_epsilon: float = 0.2
+    # causal_contrastive (seed 002): λc, λs, λt and the temperature τ
+    lambda_consistency: float = 1.0
+    lambda_separation: float = 1.0
+    lambda_task: float = 1.0
+    temperature: float = 0.1
+    # cross_entropy (classify): "balanced", null, or explicit {label: weight}
+    class_weights: Any = None
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    #: file or folder with the data; null = the default built from ``source_dir``
+    path: Optional[str] = None
+    #: where the real public data lives (the builder reads it; absent → generated data)
+    source_dir: str = "${paths.shared_data}"
+    max_samples: Optional[int] = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    split_seed: int = 0
+    # auth_logs builder
+    min_lines: int = 6
+    max_lines: int = 20
+    # tabular flows
+    features: List[str] = field(default_factory=list)
+    label_column: str = "label"
+    granularity: str = "family"  # fine | family | binary
+    nan_policy: str = "impute"  # impute | drop
+    prompt_template: str = ""
+    # text classification
+    text_column: str = "text"
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = -1
+    epochs: float = 1.0
+    batch_size: int = 8
+    eval_batch_size: Optional[int] = None
+    grad_accum: int = 1
+    learning_rate: float = "${model.learning_rate}"  # type: ignore[assignment]
+    optimizer: str = "adamw"  # adamw | adafactor | paged_adamw_8bit
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"  # fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False
+    #: pack several short examples into one row (TRL's best-fit-decreasing), no cross-example attention
+    packing: bool = True
+    eval_steps: Optional[int] = None
+    save_steps: Optional[int] = None
+    save_total_limit: Optional[int] = 2
+    logging_steps: int = 1
+    resume: Optional[str] = None  # null | auto | a checkpoint dir
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    #: seeds' periodic memory clearing (torch.*.empty_cache every N steps)
+    empty_cache_steps: Optional[int] = None
+    num_workers: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    project: str = "sectune"
+    entity: Optional[str] = None
+    #: null = online when an API key is configured, else offline; or offline | online | disabled
+    mode: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 160
+    temperature: float = 0.2
+    top_p: float = 0.9
+    repetition_penalty: float = 1.2
+    do_sample: bool = False
+    #: how many validation prompts the end-of-training preview generates for
+    preview_samples: int = 2
+
+
+@dataclass
+class PathsConfig:
+    shared_data: str = "${sectune_shared_data:}"
+    cache_dir: str = "${sectune_cache:}"
+
+
+@dataclass
+class DebugConfig:
+    #: raise inside training after this global step (tests interruption + resume)
+    fail_at_step: Optional[int] = None
+
+
+@dataclass
+class ClassifyConfig:
+    head: str = "seq_cls"  # seq_cls | generative
+
+
+@dataclass
+class EvaluateConfig:
+    model_dir: Optional[str] = None
+    split: str = "test"
+    batch_size: int = 32
+
+
+@dataclass
+class InferConfig:
+    model_dir: Optional[str] = None
+    input_file: Optional[str] = None
+    output_file: Optional[str] = None
+
+
+@dataclass
+class ReportConfig:
+    dir: Optional[str] = None
+    sort_by: Optional[str] = None
+
+
+@dataclass
+class SweepConfig:
+    skip_done: bool = False
+
+
+@dataclass
+class SectuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def register() -> None:
+    """Register the schema and its resolvers; idempotent (tests compose many times)."""
+    from omegaconf import OmegaConf
+
+    from sectune import paths
+
+    if not OmegaConf.has_resolver("sectune_shared_data"):
+        OmegaConf.register_new_resolver("sectune_shared_data", lambda: str(paths.shared_data_dir()))
+        OmegaConf.register_new_resolver("sectune_cache", lambda: str(paths.cache_dir()))
+    cs = ConfigStore.instance()
+    cs.store(name="sectune_schema", node=SectuneConfig)

@@ -1,0 +1,478 @@
+"""The ``auth_logs`` dataset: windows of auth-log lines paired with a rule-based JSON analysis.
+
+Layout (seed 000's): ``ROOT/auth_data/<class>/auth_data_X_Y.txt`` holds a window of raw log
+lines, ``ROOT/Auth_bin/auth_text_X_Y.json`` its analysis; ``<class>`` is the verdict
+(benign | suspicious | malicious), X a running index, Y the window's first line number in the
+source log. ``BUILD_INFO.json`` at the root records where the windows came from.
+
+The analysis comes from transparent rules (``analyze_auth_log``), so the same function is the
+annotation, the classic baseline beside the model and a reward check during RL.
+
+Rules (``RULES_VERSION``)
+-------------------------
+Lines are grouped by process id, because one authentication attempt is logged several times
+(OpenSSH writes ``pam_unix(sshd:auth): authentication failure`` *and* ``Failed password`` for
+the same attempt). For each pid two channels of evidence are counted:
+
+* sshd/daemon messages: ``Failed <method> for [invalid user] U from IP`` (1, or N for
+  ``message repeated N times: [ Failed ...]``), klogind ``Authentication failed from IP`` and
+  ``Kerberos authentication failed`` (failures); ``Accepted <method> for U from IP`` and
+  ftpd ``ANONYMOUS FTP LOGIN FROM IP`` (accepted logins);
+* PAM messages: ``authentication failure; ... rhost=H [user=U]`` (1) and
+  ``PAM N more authentication failure(s)`` (N) (failures); ``session opened for user U`` from
+  sshd/login (accepted logins; ``su`` and ``cron`` sessions are local switches, not logins).
+
+A pid's failures (and accepted logins) are the *larger* of its two channels, never their sum,
+so one attempt counts once even when only half of its lines fall inside the window.
+A pid's source is the first ``from IP`` of an sshd message, else the ``[IP]`` of a reverse
+mapping warning, else PAM's ``rhost`` (a host name on Linux_2k). ``failed_logins`` and
+``accepted_logins`` sum over pids; per-source failures sum over the pids of that source.
+
+* ``invalid_users``: names from ``Invalid user U``, ``input_userauth_request: invalid user U``
+  and ``Failed ... for invalid user U`` (sorted, unique, first 5).
+* ``targeted_users``: existing accounts that failed (``Failed password for U``, PAM
+  ``user=U``), sorted, unique, first 5.
+* ``source_ips``: sources with a failure, accepted login, invalid user or break-in warning,
+  as ``{"ip", "failures"}`` sorted by failures (desc) then name, first 3.
+* ``brute_force``: some source has >= 5 failures in the window.
+* ``break_in_attempts``: ``POSSIBLE BREAK-IN ATTEMPT!`` lines.
+* ``verdict``: **malicious** if brute_force, or break-in warnings together with failures, or an
+  accepted login from a source that failed >= 3 times in the window; else **suspicious** if
+  there is any failure, invalid user, ``user unknown`` or break-in warning; else **benign**.
+
+Other lines (connection closed, disconnects, session closed, kernel noise) carry no evidence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from sectune.errors import DataError
+from sectune.paths import shared_data_dir
+
+log = logging.getLogger(__name__)
+
+RULES_VERSION = "auth-rules-1"
+CLASSES = ("benign", "suspicious", "malicious")
+BRUTE_FORCE_FAILURES = 5
+FAILED_THEN_ACCEPTED = 3
+REAL_SOURCES = ("loghub_openssh_2k/OpenSSH_2k.log", "loghub_linux_2k/Linux_2k.log")
+_MAX_NAME = 32  # usernames in real scans can be junk; the schema caps their length
+_MAX_HOST = 64
+
+# ---------------------------------------------------------------------------------- rules
+_HEADER = re.compile(r"^\w{3}\s+\d+\s+\d\d:\d\d:\d\d\s+\S+\s+(?P<proc>.+?)(?:\[(?P<pid>\d+)\])?:\s?(?P<msg>.*)$")
+_FAILED = re.compile(r"Failed (?:\S+) for (?P<inv>invalid user )?(?P<user>.*?) from (?P<ip>\S+) port \d+")
+_REPEATED = re.compile(r"message repeated (?P<n>\d+) times: \[ ?(?P<inner>.*)\]")
+_ACCEPTED = re.compile(r"Accepted \S+ for (?P<user>\S+) from (?P<ip>\S+)")
+_INVALID = re.compile(r"(?:^Invalid user (?P<u1>.*?) from (?P<ip>\S+)|input_userauth_request: invalid user (?P<u2>.*?) \[preauth\])")
+_BREAK_IN = re.compile(r"reverse mapping checking getaddrinfo for \S+ \[(?P<ip>[^\]]+)\].*POSSIBLE BREAK-IN ATTEMPT")
+_PAM_FAIL = re.compile(r"authentication failure; .*?rhost=(?P<rhost>\S*)(?:\s+user=(?P<user>\S+))?")
+_PAM_MORE = re.compile(r"PAM (?P<n>\d+) more authentication failures?;.*?rhost=(?P<rhost>\S*)(?:\s+user=(?P<user>\S+))?")
+_SESSION_OPEN = re.compile(r"session opened for user (?P<user>\S+) by")
+_KLOG_FAIL = re.compile(r"Authentication failed from (?P<ip>[\d.]+)|Kerberos authentication failed")
+_ANON_FTP = re.compile(r"ANONYMOUS FTP LOGIN FROM (?P<ip>[^,\s]+)")
+_FROM_IP = re.compile(r" from (?P<ip>\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]+:[0-9a-fA-F:]+)\b")
+_LOGIN_PROCS = ("sshd", "login")
+
+
+def _name(user: str | None) -> str | None:
+    user = (user or "").strip()
+    return user[:_MAX_NAME] if user else None
+
+
+class _Pid:
+    """Evidence for one process id (one connection / session) inside a window."""
+
+    def __init__(self) -> None:
+        self.fail = [0, 0]  # [daemon channel, PAM channel]
+        self.ok = [0, 0]
+        self.ip: str | None = None  # from an sshd message: the most reliable
+        self.alt_ip: str | None = None  # reverse-mapping [IP] or PAM rhost
+        self.interesting = False
+
+
+def analyze_auth_log(lines: list[str]) -> dict:
+    """Apply the module's documented rules to a window of log lines; return the analysis."""
+    pids: dict[str, _Pid] = {}
+    invalid: set[str] = set()
+    targeted: set[str] = set()
+    break_ins = 0
+    unknown_user = False
+    for lineno, raw in enumerate(lines):
+        line = raw.strip()
+        m = _HEADER.match(line)
+        proc, pid, msg = (m["proc"].strip(), m["pid"], m["msg"]) if m else ("", None, line)
+        base = proc.split("(")[0]
+        p = pids.setdefault(pid or f"line{lineno}", _Pid())
+        rep = _REPEATED.search(msg)
+        times = int(rep["n"]) if rep else 1
+        body = rep["inner"] if rep else msg
+        if (ip := _FROM_IP.search(body)) and base == "sshd" and p.ip is None:
+            p.ip = ip["ip"]
+        if f := _FAILED.search(body):
+            p.fail[0] += times
+            p.interesting = True
+            (invalid if f["inv"] else targeted).add(_name(f["user"]) or "")
+        elif _ACCEPTED.search(body):
+            p.ok[0] += 1
+            p.interesting = True
+        elif i := _INVALID.search(body):
+            invalid.add(_name(i["u1"] if i["u1"] is not None else i["u2"]) or "")
+            p.interesting = True
+        elif b := _BREAK_IN.search(body):
+            break_ins += 1
+            p.alt_ip = p.alt_ip or b["ip"]
+            p.interesting = True
+        elif pm := (_PAM_MORE.search(body) or _PAM_FAIL.search(body)):
+            p.fail[1] += int(pm["n"]) if "n" in pm.groupdict() else 1
+            p.alt_ip = p.alt_ip or (pm["rhost"][:_MAX_HOST] or None)
+            if pm["user"]:
+                targeted.add(_name(pm["user"]) or "")
+            p.interesting = True
+        elif _SESSION_OPEN.search(body) and base in _LOGIN_PROCS:
+            p.ok[1] += 1
+        elif k := _KLOG_FAIL.search(body):
+            p.fail[0] += 1
+            p.alt_ip = p.alt_ip or k["ip"]
+            p.interesting = True
+        elif af := _ANON_FTP.search(body):
+            p.ok[0] += 1
+            p.alt_ip = p.alt_ip or af["ip"]
+        elif "check pass; user unknown" in body:
+            unknown_user = True
+    invalid.discard("")
+    targeted.discard("")
+    targeted -= invalid
+
+    failures: dict[str, int] = {}
+    accepted_from: set[str] = set()
+    seen: set[str] = set()
+    failed_total = accepted_total = 0
+    for p in pids.values():
+        n_fail, n_ok = max(p.fail), max(p.ok)
+        failed_total += n_fail
+        accepted_total += n_ok
+        src = p.ip or p.alt_ip
+        if src is None or not (p.interesting or n_ok):
+            continue
+        seen.add(src)
+        failures[src] = failures.get(src, 0) + n_fail
+        if n_ok:
+            accepted_from.add(src)
+    ranked = sorted(seen, key=lambda ip: (-failures[ip], ip))
+    brute = [ip for ip in ranked if failures[ip] >= BRUTE_FORCE_FAILURES]
+    after_fail = [ip for ip in ranked if ip in accepted_from and failures[ip] >= FAILED_THEN_ACCEPTED]
+
+    if brute:
+        verdict, why = "malicious", f"brute force from {brute[0]} ({failures[brute[0]]} failures)"
+    elif break_ins and failed_total:
+        verdict, why = "malicious", "break-in warnings with failed logins"
+    elif after_fail:
+        verdict, why = "malicious", f"login accepted from {after_fail[0]} after {failures[after_fail[0]]} failures"
+    elif failed_total or invalid or break_ins or unknown_user:
+        verdict, why = "suspicious", "failed logins" if failed_total else "invalid users or break-in warnings"
+    else:
+        verdict, why = "benign", "no failed logins"
+    summary = f"{verdict.capitalize()}: {why}; {failed_total} failed, {accepted_total} accepted logins."
+    return {
+        "verdict": verdict,
+        "failed_logins": failed_total,
+        "accepted_logins": accepted_total,
+        "invalid_users": sorted(invalid)[:5],
+        "targeted_users": sorted(targeted)[:5],
+        "source_ips": [{"ip": ip, "failures": failures[ip]} for ip in ranked[:3]],
+        "brute_force": bool(brute),
+        "break_in_attempts": break_ins,
+        "summary": summary,
+    }
+
+
+# ------------------------------------------------------------------------ schema & render
+@lru_cache(maxsize=1)
+def _packaged_validator():
+    return _load_validator(None)
+
+
+def _validator(schema_path: str | None = None):
+    """The packaged schema's validator (cached), or a user's schema read fresh each call."""
+    return _packaged_validator() if schema_path is None else _load_validator(schema_path)
+
+
+def _load_validator(schema_path: str | None):
+    from jsonschema import Draft202012Validator
+
+    if schema_path is None:
+        text = resources.files("sectune.data").joinpath("auth_schema.json").read_text(encoding="utf-8")
+        where = "sectune/data/auth_schema.json"
+    else:
+        where = schema_path
+        try:
+            text = Path(schema_path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise DataError(f"{schema_path}: cannot read schema ({e.strerror})") from e
+    try:
+        schema = json.loads(text)
+        Draft202012Validator.check_schema(schema)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: line {e.lineno}, column {e.colno}: invalid JSON schema ({e.msg})") from e
+    except Exception as e:  # jsonschema.SchemaError
+        raise DataError(f"{where}: not a valid JSON Schema ({getattr(e, 'message', e)})") from e
+    return Draft202012Validator(schema)
+
+
+def _schema_errors(obj: Any, validator=None) -> list[str]:
+    errors = sorted((validator or _validator()).iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+
+
+def validate_analysis(obj: Any) -> list[str]:
+    """Schema violations of an analysis as ``"key/path: message"`` strings; empty when valid."""
+    return _schema_errors(obj)
+
+
+def render_prompt(log_text: str) -> str:
+    """The instruction a model sees; short, because the tiny default model has 512 tokens."""
+    return (
+        "Analyze these authentication log lines and answer with JSON matching the schema.\n"
+        f"### Logs:\n{log_text.strip()}\n### Analysis:\n"
+    )
+
+
+def render_completion(analysis: dict) -> str:
+    """Compact JSON in the analysis' own key order, no trailing newline."""
+    return json.dumps(analysis, separators=(",", ":"), ensure_ascii=False)
+
+
+# -------------------------------------------------------------------------------- builder
+def _auth_relevant(line: str) -> bool:
+    """Linux_2k mixes kernel/daemon noise with auth lines; keep only the auth processes."""
+    m = _HEADER.match(line.strip())
+    if not m:
+        return False
+    proc = m["proc"].strip()
+    base = proc.split("(")[0]
+    return "(pam_unix)" in proc or base in {"sshd", "su", "login", "ftpd", "klogind", "gdm-binary"} or proc.startswith("--")
+
+
+def _windows(numbered: list[tuple[int, str]], rng: random.Random, lo: int, hi: int) -> Iterable[tuple[int, list[str]]]:
+    """Consecutive, non-overlapping windows of lengths drawn from ``[lo, hi]``."""
+    i = 0
+    while len(numbered) - i >= lo:
+        n = min(rng.randint(lo, hi), len(numbered) - i)
+        chunk = numbered[i : i + n]
+        yield chunk[0][0], [text for _, text in chunk]
+        i += n
+
+
+def _write_sample(root: Path, index: int, first_line: int, label: str, lines: list[str], analysis: dict) -> None:
+    """Write one txt/json pair (separate so tests can make a build fail midway)."""
+    (root / "auth_data" / label / f"auth_data_{index}_{first_line}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "Auth_bin" / f"auth_text_{index}_{first_line}.json").write_text(
+        json.dumps(analysis, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _stratified(items: list, label_of, k: int) -> list:
+    """First ``k`` items taken round-robin over labels (sorted), keeping each label's order."""
+    by: dict[str, list] = {}
+    for it in items:
+        by.setdefault(label_of(it), []).append(it)
+    queues = [by[lab] for lab in sorted(by)]
+    out: list = []
+    depth = 0
+    while len(out) < k and any(depth < len(q) for q in queues):
+        out.extend(q[depth] for q in queues if depth < len(q))
+        depth += 1
+    return out[:k]
+
+
+def build_auth_folder(
+    out_dir: str | os.PathLike,
+    source_dir: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    min_lines: int = 6,
+    max_lines: int = 20,
+    max_windows: int | None = None,
+) -> dict:
+    """Cut real (or generated) auth logs into annotated windows; write seed 000's layout.
+
+    Written to a sibling temp folder and renamed onto ``out_dir`` when complete, so a crash
+    never leaves a half-written folder that looks finished. Returns BUILD_INFO.json's content.
+    """
+    from sectune.data.synthetic_auth import generate_auth_lines
+
+    if not 1 <= min_lines <= max_lines:
+        raise DataError(f"auth_logs: need 1 <= min_lines <= max_lines, got {min_lines}, {max_lines}")
+    if max_windows is not None and max_windows < len(CLASSES):
+        raise DataError(f"auth_logs: max_windows={max_windows} cannot hold all {len(CLASSES)} classes")
+    src_root = Path(source_dir) if source_dir is not None else shared_data_dir()
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    real = [src_root / rel for rel in REAL_SOURCES if (src_root / rel).is_file()]
+    streams: list[tuple[str, list[tuple[int, str]]]] = []
+    files_info = []
+    for path in real:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror})") from e
+        keep = [(n, ln.rstrip()) for n, ln in enumerate(text, 1) if ln.strip() and ("Linux" not in path.name or _auth_relevant(ln))]
+        streams.append((path.name, keep))
+        files_info.append({"path": str(path), "sha256": _sha256(path), "lines": len(text), "auth_lines": len(keep)})
+    source = "real" if real else "synthetic"
+    note = None
+    if not real:
+        note = f"{src_root} has none of {', '.join(REAL_SOURCES)}; generated synthetic logs in the same formats"
+        log.warning("auth_logs: %s", note)
+        streams.append(("synthetic", list(enumerate(generate_auth_lines(2000, seed), 1))))
+
+    samples = []  # (first_line, label, lines, analysis)
+    for _, numbered in streams:
+        for first, lines in _windows(numbered, rng, min_lines, max_lines):
+            analysis = analyze_auth_log(lines)
+            samples.append((first, analysis["verdict"], lines, analysis))
+    if max_windows is not None:
+        samples = _stratified(samples, lambda s: s[1], max_windows)
+    counts = {c: sum(1 for s in samples if s[1] == c) for c in CLASSES}
+    missing = [c for c, n in counts.items() if n == 0]
+    if missing:
+        raise DataError(f"{src_root}: logs gave no {'/'.join(missing)} windows (counts {counts}); auth_logs needs all classes")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        for c in CLASSES:
+            (tmp / "auth_data" / c).mkdir(parents=True)
+        (tmp / "Auth_bin").mkdir()
+        for index, (first, label, lines, analysis) in enumerate(samples, 1):
+            _write_sample(tmp, index, first, label, lines, analysis)
+        info = {
+            "source": source,
+            "source_files": files_info,
+            "seed": seed,
+            "min_lines": min_lines,
+            "max_lines": max_lines,
+            "max_windows": max_windows,
+            "counts": counts,
+            "total": len(samples),
+            "rules_version": RULES_VERSION,
+            "layout": "auth_data/<class>/auth_data_X_Y.txt + Auth_bin/auth_text_X_Y.json (X index, Y first line)",
+        }
+        if note:
+            info["note"] = note
+        (tmp / "BUILD_INFO.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        old = None
+        if out.exists():  # os.replace cannot replace a non-empty dir: move the old one aside
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "prev")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def ensure_auth_folder(
+    out_dir: str | os.PathLike,
+    source_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    *,
+    min_lines: int = 6,
+    max_lines: int = 20,
+    max_windows: int | None = None,
+) -> dict:
+    """Build ``out_dir`` unless it already holds a finished build; return its BUILD_INFO."""
+    info_path = Path(out_dir) / "BUILD_INFO.json"
+    if info_path.is_file():
+        try:
+            return json.loads(info_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{info_path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg}); delete the folder to rebuild") from e
+    return build_auth_folder(out_dir, source_dir, seed=seed, min_lines=min_lines, max_lines=max_lines, max_windows=max_windows)
+
+
+# --------------------------------------------------------------------------------- loader
+@dataclass(frozen=True)
+class AuthSample:
+    """One window: its id (``X_Y``), class folder, raw log text and parsed analysis."""
+
+    id: str
+    label: str
+    log_text: str
+    analysis: dict
+    txt_path: Path
+    json_path: Path
+
+
+_TXT_NAME = re.compile(r"^auth_data_(?P<x>\d+)_(?P<y>\d+)\.txt$")
+
+
+def load_auth_folder(path: str | os.PathLike, max_samples: int | None = None, schema_path: str | os.PathLike | None = None) -> list[AuthSample]:
+    """Read and validate a seed-000 folder; every problem raises DataError naming the file."""
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"{root}: auth_logs folder does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root}: auth_logs path is not a folder")
+    data_dir, bin_dir = root / "auth_data", root / "Auth_bin"
+    for d in (data_dir, bin_dir):
+        if not d.is_dir():
+            raise DataError(f"{d}: missing; an auth_logs folder needs auth_data/<class>/*.txt and Auth_bin/*.json")
+    if max_samples is not None and max_samples < 1:
+        raise DataError(f"{root}: max_samples must be a positive integer, got {max_samples}")
+    entries = []
+    for txt in data_dir.rglob("*.txt"):
+        rel = txt.relative_to(data_dir)
+        if len(rel.parts) != 2:
+            raise DataError(f"{txt}: log files must sit in auth_data/<class>/, one folder per class")
+        m = _TXT_NAME.match(txt.name)
+        if not m:
+            raise DataError(f"{txt}: name must be auth_data_X_Y.txt")
+        entries.append((int(m["x"]), int(m["y"]), rel.parts[0], txt))
+    if not entries:
+        raise DataError(f"{data_dir}: no auth_data_X_Y.txt files under auth_data/<class>/")
+    entries.sort(key=lambda e: (e[0], e[1], e[2]))
+    if max_samples is not None:
+        entries = sorted(_stratified(entries, lambda e: e[2], max_samples), key=lambda e: (e[0], e[1], e[2]))
+    validator = _validator(str(schema_path) if schema_path is not None else None)
+    samples = []
+    for x, y, label, txt in entries:
+        js = bin_dir / f"auth_text_{x}_{y}.json"
+        if not js.is_file():
+            raise DataError(f"{txt}: has no analysis file {js}")
+        try:
+            log_text = txt.read_text(encoding="utf-8")
+            raw = js.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{txt} / {js}: cannot read as UTF-8 text ({e})") from e
+        if not log_text.strip():
+            raise DataError(f"{txt}: empty log file")
+        try:
+            analysis = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{js}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from e
+        errors = _schema_errors(analysis, validator)
+        if errors:
+            raise DataError(f"{js}: does not match the schema at {errors[0]}")
+        samples.append(AuthSample(f"{x}_{y}", label, log_text.rstrip("\n"), analysis, txt, js))
+    return samples

@@ -1,0 +1,398 @@
+"""CIC-IoT-2023 network flows: load, clean, split, normalise and render as prompts.
+
+Replaces seed 004's ``data_preprocessing.py``. Two things differ on purpose:
+
+* every statistic (imputation medians, scaling) is fitted on the TRAIN split only, after
+  splitting, so nothing from validation/test leaks into the prompts the model sees;
+* bad input (missing columns, unknown labels, unusable cells) is a ``DataError`` naming the
+  file and column, and what was cleaned is counted in a ``cleaning`` report, never silent.
+
+The schemas are plain data so the config layer can carry them as ``dataset.features`` and
+``dataset.label_column``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from sectune.errors import ConfigError, DataError
+
+# --------------------------------------------------------------------------- schemas
+
+#: The 46 numeric columns of the original CIC-IoT-2023 CSVs (label column ``label``).
+CIC_IOT_46_FEATURES: List[str] = [
+    "flow_duration", "Header_Length", "Protocol Type", "Duration", "Rate", "Srate", "Drate",
+    "fin_flag_number", "syn_flag_number", "rst_flag_number", "psh_flag_number",
+    "ack_flag_number", "ece_flag_number", "cwr_flag_number", "ack_count", "syn_count",
+    "fin_count", "urg_count", "rst_count", "HTTP", "HTTPS", "DNS", "Telnet", "SMTP", "SSH",
+    "IRC", "TCP", "UDP", "DHCP", "ARP", "ICMP", "IPv", "LLC", "Tot sum", "Min", "Max", "AVG",
+    "Std", "Tot size", "IAT", "Number", "Magnitue", "Radius", "Covariance", "Variance", "Weight",
+]
+CIC_IOT_46_LABEL_COLUMN = "label"
+
+#: The 39 features of the later "merged" CICIoT2023 release, as in the shared sample
+#: (``Time_To_Live`` instead of ``Duration``, plus ``IGMP``; 9 of the 46 are absent).
+CIC_IOT_MERGED_39_FEATURES: List[str] = [
+    "Header_Length", "Protocol Type", "Time_To_Live", "Rate", "fin_flag_number",
+    "syn_flag_number", "rst_flag_number", "psh_flag_number", "ack_flag_number",
+    "ece_flag_number", "cwr_flag_number", "ack_count", "syn_count", "fin_count", "rst_count",
+    "HTTP", "HTTPS", "DNS", "Telnet", "SMTP", "SSH", "IRC", "TCP", "UDP", "DHCP", "ARP", "ICMP",
+    "IGMP", "IPv", "LLC", "Tot sum", "Min", "Max", "AVG", "Std", "Tot size", "IAT", "Number",
+    "Variance",
+]
+CIC_IOT_MERGED_LABEL_COLUMN = "label_multiclass"
+
+_FAMILY_MEMBERS: Dict[str, List[str]] = {
+    "DDoS": ["DDoS-RSTFINFlood", "DDoS-PSHACK_Flood", "DDoS-SYN_Flood", "DDoS-UDP_Flood",
+             "DDoS-TCP_Flood", "DDoS-ICMP_Flood", "DDoS-SynonymousIP_Flood",
+             "DDoS-ACK_Fragmentation", "DDoS-UDP_Fragmentation", "DDoS-ICMP_Fragmentation",
+             "DDoS-SlowLoris", "DDoS-HTTP_Flood"],
+    "DoS": ["DoS-UDP_Flood", "DoS-SYN_Flood", "DoS-TCP_Flood", "DoS-HTTP_Flood"],
+    "Mirai": ["Mirai-greeth_flood", "Mirai-greip_flood", "Mirai-udpplain"],
+    "Recon": ["Recon-PingSweep", "Recon-OSScan", "Recon-PortScan", "VulnerabilityScan",
+              "Recon-HostDiscovery"],
+    "Spoofing": ["DNS_Spoofing", "MITM-ArpSpoofing"],
+    "Web": ["BrowserHijacking", "Backdoor_Malware", "XSS", "Uploading_Attack", "SqlInjection",
+            "CommandInjection"],
+    "BruteForce": ["DictionaryBruteForce"],
+    "Benign": ["BenignTraffic"],
+}
+#: The 34 fine CIC-IoT-2023 labels → the paper's 8 families.
+FINE_TO_FAMILY: Dict[str, str] = {f: fam for fam, fs in _FAMILY_MEMBERS.items() for f in fs}
+#: Family names that may appear directly as labels (ours plus the merged release's 10).
+KNOWN_FAMILIES = frozenset(_FAMILY_MEMBERS) | {"WebAttack", "Malware", "Uploading"}
+BENIGN_NAMES = frozenset({"BenignTraffic", "Benign"})
+GRANULARITIES = ("fine", "family", "binary")
+DEFAULT_TEMPLATE = "Classify this IoT network flow.\n{features}\nLabel:"
+
+
+def to_granularity(labels: Iterable[str], granularity: str, *, source: str = "labels") -> List[str]:
+    """Map raw labels to ``fine`` | ``family`` | ``binary`` (``benign``/``attack``).
+
+    Raw labels are either all fine (the 46-column release) or all families (the merged release);
+    a mix or an unknown name is a DataError, because silently bucketing it would mislabel rows.
+    """
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"dataset.granularity={granularity!r}: expected one of {GRANULARITIES}")
+    labels = [str(x) for x in labels]
+    present = set(labels)
+    if present <= set(FINE_TO_FAMILY):
+        if granularity == "fine":
+            return labels
+        if granularity == "family":
+            return [FINE_TO_FAMILY[x] for x in labels]
+    elif present <= KNOWN_FAMILIES:
+        if granularity == "fine":
+            raise DataError(f"{source}: holds family labels ({', '.join(sorted(present))}); "
+                            "granularity 'fine' needs the 34 fine CIC-IoT-2023 labels — use "
+                            "'family' or 'binary'")
+        if granularity == "family":
+            return labels
+    else:
+        unknown = sorted(present - set(FINE_TO_FAMILY) - KNOWN_FAMILIES)
+        raise DataError(f"{source}: unknown label(s) {unknown[:10]}; expected CIC-IoT-2023 fine "
+                        "labels or family names")
+    return ["benign" if x in BENIGN_NAMES else "attack" for x in labels]
+
+
+# --------------------------------------------------------------------------- loading
+
+@dataclass
+class FlowTable:
+    """Numeric features (NaN where a cell was unusable and the policy is impute) + labels."""
+
+    X: pd.DataFrame
+    y: pd.Series
+    features: List[str]
+    label_column: str
+    source: str
+    cleaning: Dict[str, object] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def load_flows(path, features: Sequence[str], label_column: str, granularity: str = "family", *,
+               nan_policy: str = "impute", max_rows: Optional[int] = None,
+               seed: int = 0) -> FlowTable:
+    """Read a flow CSV, check its schema, count unusable cells and map labels.
+
+    Non-numeric, NaN and ±inf cells become NaN and are either kept for train-median imputation
+    later (``impute``: the median is only known after splitting) or their rows dropped
+    (``drop``). ``max_rows`` takes a stratified, seeded subsample so small runs keep every class.
+    """
+    if nan_policy not in ("impute", "drop"):
+        raise ConfigError(f"dataset.nan_policy={nan_policy!r}: expected 'impute' or 'drop'")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: flow CSV not found")
+    try:
+        df = pd.read_csv(path, low_memory=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot parse as CSV: {exc}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    features = list(features)
+    if not features:
+        raise ConfigError("dataset.features is empty: name the numeric feature columns")
+    missing = [c for c in [*features, label_column] if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing required column(s): {', '.join(map(repr, missing))}")
+    if df.empty:
+        raise DataError(f"{path}: has a header but no rows")
+
+    raw_labels = df[label_column]
+    no_label = raw_labels.isna() | (raw_labels.astype(str).str.strip() == "")
+    df = df.loc[~no_label]
+    rows_read = int(len(df) + no_label.sum())
+    if max_rows is not None and len(df) > max_rows:
+        df = _stratified_sample(df, label_column, max_rows, seed)
+
+    X = pd.DataFrame(index=df.index)
+    non_numeric = nan = inf = 0
+    per_column: Dict[str, int] = {}
+    for col in features:
+        orig = df[col]
+        num = pd.to_numeric(orig, errors="coerce").astype("float64")
+        bad_text = int((num.isna() & orig.notna()).sum())
+        n_nan = int(orig.isna().sum())
+        n_inf = int(np.isinf(num).sum())
+        num = num.where(np.isfinite(num))
+        non_numeric, nan, inf = non_numeric + bad_text, nan + n_nan, inf + n_inf
+        if bad_text + n_nan + n_inf:
+            per_column[col] = bad_text + n_nan + n_inf
+        X[col] = num
+    bad_rows = X.isna().any(axis=1)
+    cleaning: Dict[str, object] = {
+        "policy": nan_policy, "rows_read": rows_read, "rows_without_label": int(no_label.sum()),
+        "non_numeric_cells": non_numeric, "nan_cells": nan, "inf_cells": inf,
+        "bad_cells_by_column": per_column, "rows_with_bad_cells": int(bad_rows.sum()),
+        "rows_dropped": 0, "cells_imputed": 0,
+    }
+    if nan_policy == "drop":
+        cleaning["rows_dropped"] = int(bad_rows.sum())
+        X, df = X.loc[~bad_rows], df.loc[~bad_rows]
+    if X.empty:
+        raise DataError(f"{path}: no usable rows left after cleaning ({cleaning})")
+    labels = to_granularity(df[label_column].astype(str).str.strip(), granularity,
+                            source=f"{path} column {label_column!r}")
+    X = X.reset_index(drop=True)
+    y = pd.Series(labels, name="label", dtype=object)
+    cleaning["rows_kept"] = len(y)
+    return FlowTable(X, y, features, label_column, str(path), cleaning)
+
+
+def _stratified_sample(df: pd.DataFrame, label_column: str, n: int, seed: int) -> pd.DataFrame:
+    """A seeded subsample keeping class shares; plain random if a class is too small."""
+    try:
+        kept, _ = train_test_split(df, train_size=n, random_state=seed, stratify=df[label_column])
+        return kept.sort_index()
+    except ValueError:
+        return df.sample(n=n, random_state=seed).sort_index()
+
+
+# --------------------------------------------------------------------------- splitting
+
+def split_flows(table: FlowTable, val_fraction: float, test_fraction: float,
+                seed: int) -> Dict[str, FlowTable]:
+    """Stratified, seeded train/validation/test split (two ``train_test_split`` calls).
+
+    A fraction of 0 gives an empty split. Test is carved off first so its rows do not depend
+    on ``val_fraction``: changing the validation size never changes the test set.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError(f"dataset.val_fraction={val_fraction}, test_fraction={test_fraction}: "
+                          "each must be in [0, 1) and their sum < 1")
+    idx = np.arange(len(table))
+    y = table.y.to_numpy()
+
+    def cut(pool: np.ndarray, frac: float) -> tuple:
+        if frac <= 0:
+            return pool, pool[:0]
+        try:
+            return train_test_split(pool, test_size=frac, random_state=seed, stratify=y[pool])
+        except ValueError as exc:  # a class too small to appear on both sides
+            counts = pd.Series(y[pool]).value_counts()
+            raise DataError(f"{table.source}: cannot split stratified ({exc}); smallest classes: "
+                            f"{counts.tail(3).to_dict()}") from None
+
+    rest, test = cut(idx, test_fraction)
+    train, val = cut(rest, val_fraction / (1 - test_fraction) if val_fraction else 0.0)
+    out = {}
+    for name, rows in (("train", train), ("validation", val), ("test", test)):
+        rows = np.sort(rows)
+        out[name] = FlowTable(table.X.iloc[rows].reset_index(drop=True),
+                              table.y.iloc[rows].reset_index(drop=True), table.features,
+                              table.label_column, table.source, dict(table.cleaning))
+    return out
+
+
+# --------------------------------------------------------------------------- normalising
+
+class FlowNormalizer:
+    """Train-split imputation medians and per-feature scaling, serialisable to JSON.
+
+    ``robust_log`` (default): ``z = (slog(x) - median) / spread`` with ``slog(x) =
+    sign(x)·log1p(|x|)``. CIC features are extremely heavy-tailed (Rate, Tot sum, Variance span
+    0..1e7); plain mean/std squeezes almost every row to ~0.00 and leaves a few at 100+, which is
+    both uninformative and token-hungry once rendered. The log keeps order and the median/IQR
+    centre makes ordinary rows land in roughly [-3, 3]. ``standard`` (mean/std) is kept for
+    comparison. Zero spread (IQR and std both 0, e.g. a constant flag) → scale 1, so the column
+    becomes 0 on train and a non-zero value elsewhere stays visible instead of dividing by 0.
+    """
+
+    METHODS = ("robust_log", "standard")
+
+    def __init__(self, method: str = "robust_log"):
+        if method not in self.METHODS:
+            raise ConfigError(f"normalizer method {method!r}: expected one of {self.METHODS}")
+        self.method = method
+        self.features: List[str] = []
+        self.medians: Dict[str, float] = {}
+        self.center: Dict[str, float] = {}
+        self.scale: Dict[str, float] = {}
+
+    def fit(self, X: pd.DataFrame) -> "FlowNormalizer":
+        """Fit on the training rows only; NaN cells are ignored for the medians."""
+        self.features = list(X.columns)
+        med = X.median(skipna=True).fillna(0.0)  # an all-NaN column imputes to 0
+        self.medians = {c: float(med[c]) for c in self.features}
+        Z = self._pre(self.impute(X))
+        if self.method == "standard":
+            center, spread = Z.mean(), Z.std(ddof=0)
+        else:
+            center = Z.median()
+            spread = (Z.quantile(0.75) - Z.quantile(0.25)) / 1.349  # IQR of N(0,1) = 1.349
+            spread = spread.where(spread > 0, Z.std(ddof=0))
+        spread = spread.where(spread > 1e-12, 1.0).fillna(1.0)
+        self.center = {c: float(center[c]) for c in self.features}
+        self.scale = {c: float(spread[c]) for c in self.features}
+        return self
+
+    def _pre(self, X: pd.DataFrame) -> pd.DataFrame:
+        return np.sign(X) * np.log1p(np.abs(X)) if self.method == "robust_log" else X
+
+    def impute(self, X: pd.DataFrame) -> pd.DataFrame:
+        """Fill NaN with the train medians (the raw-value view used by RF and the JSON)."""
+        self._check(X)
+        return X[self.features].fillna(value=self.medians).astype("float64")
+
+    def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        """Impute, then scale with the train statistics."""
+        Z = self._pre(self.impute(X))
+        return (Z - pd.Series(self.center)) / pd.Series(self.scale)
+
+    def _check(self, X: pd.DataFrame) -> None:
+        if not self.features:
+            raise RuntimeError("FlowNormalizer.fit must run before impute/transform")
+        missing = [c for c in self.features if c not in X.columns]
+        if missing:
+            raise DataError(f"flow rows lack feature column(s) the normalizer was fitted on: "
+                            f"{missing}")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "features": self.features, "medians": self.medians,
+                "center": self.center, "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "FlowNormalizer":
+        try:
+            norm = cls(d["method"])
+            norm.features = list(d["features"])
+            norm.medians, norm.center, norm.scale = (
+                {k: float(v) for k, v in d[key].items()} for key in ("medians", "center", "scale"))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"normalizer state is malformed (missing/bad {exc})") from None
+        return norm
+
+
+# --------------------------------------------------------------------------- prompts
+
+def _compact(v: float, precision: int) -> str:
+    s = f"{float(v):.{precision}g}"
+    return "0" if s in ("-0", "0", "nan") else s
+
+
+def render_flow(row: Mapping[str, float], features: Sequence[str], template: str = DEFAULT_TEMPLATE,
+                precision: int = 3, sep: str = "; ") -> str:
+    """Render one (normalised) flow as ``name=value`` pairs inside ``template``'s ``{features}``.
+
+    ``precision`` significant digits (``%g``): 46 features then take ~250 GPT-2 tokens, leaving
+    room for the template and answer in a 512-token context.
+    """
+    if "{features}" not in template:
+        raise ConfigError("dataset.prompt_template must contain '{features}'")
+    body = sep.join(f"{name}={_compact(row[name], precision)}" for name in features)
+    return template.replace("{features}", body)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_splits_json(out_dir, splits: Mapping[str, List[dict]]) -> Dict[str, str]:
+    """Write ``<split>.json`` (a JSON list of records) per split, as seed 004 does; returns paths."""
+    out = Path(out_dir)
+    paths = {}
+    for name, records in splits.items():
+        p = out / f"{name}.json"
+        _atomic_write_text(p, json.dumps(list(records), ensure_ascii=False))
+        paths[name] = str(p)
+    return paths
+
+
+@dataclass
+class PreparedFlows:
+    """Everything a stage needs: records per split, raw frames, labels, fitted normalizer."""
+
+    records: Dict[str, List[dict]]
+    tables: Dict[str, FlowTable]  # X imputed with train medians (raw scale)
+    labels: List[str]
+    normalizer: FlowNormalizer
+    cleaning: Dict[str, object]
+
+
+def prepare_flow_splits(path, features: Sequence[str], label_column: str,
+                        granularity: str = "family", *, val_fraction: float = 0.1,
+                        test_fraction: float = 0.2, seed: int = 0, nan_policy: str = "impute",
+                        max_rows: Optional[int] = None, template: str = DEFAULT_TEMPLATE,
+                        precision: int = 3, method: str = "robust_log") -> PreparedFlows:
+    """Load → split → fit normalizer on train → impute every split → render prompts.
+
+    Records are ``{"text", "label", "features": {name: raw value}}``; raw values are after
+    train-median imputation so the RF baseline and the model see the same rows.
+    """
+    table = load_flows(path, features, label_column, granularity, nan_policy=nan_policy,
+                       max_rows=max_rows, seed=seed)
+    tables = split_flows(table, val_fraction, test_fraction, seed)
+    norm = FlowNormalizer(method).fit(tables["train"].X)
+    cleaning = dict(table.cleaning)
+    cleaning["cells_imputed"] = int(sum(t.X.isna().sum().sum() for t in tables.values()))
+    cleaning["split_rows"] = {k: len(t) for k, t in tables.items()}
+    records: Dict[str, List[dict]] = {}
+    for name, t in tables.items():
+        t.X = norm.impute(t.X)
+        t.cleaning = cleaning
+        Z = norm.transform(t.X)
+        records[name] = [
+            {"text": render_flow(z, table.features, template, precision), "label": lab,
+             "features": raw}
+            for z, raw, lab in zip(Z.to_dict("records"), t.X.to_dict("records"), t.y)]
+    labels = sorted(set(table.y))
+    return PreparedFlows(records, tables, labels, norm, cleaning)

@@ -1,0 +1,158 @@
+"""Generated auth-log lines in the real logs' formats, for a fresh clone without the data.
+
+The real OpenSSH_2k / Linux_2k logs live outside the repository (``shared_data_dir()``); when
+they are absent, ``build_auth_folder`` cuts windows from these lines instead, so every test and
+the default run still work. The mix mirrors what the real logs contain: benign sessions
+(OpenSSH ``Accepted`` + PAM session lines, Linux ``su``/``sshd(pam_unix)`` sessions), scattered
+single failures, brute-force bursts (with ``message repeated N times``), invalid-user scans,
+reverse-mapping ``POSSIBLE BREAK-IN ATTEMPT!`` warnings and pre-auth noise. Everything is
+drawn from ``random.Random(seed)``: the same ``(n, seed)`` always gives the same lines.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+
+_USERS = ["alice", "bob", "fztu", "deploy", "backup", "jenkins", "carol", "news", "cyrus"]
+_ATTACK_USERS = ["root", "admin", "oracle", "test", "guest", "ubuntu", "postgres"]
+_SCAN_USERS = ["webmaster", "support", "ftpuser", "pi", "user1", "git", "nagios", "tomcat", "mysql", "0101"]
+_HOSTS = ["ns.example-bad.com", "mail.scanner-net.ru", "static.vps-host.cn", "unknown.dsl-pool.br"]
+
+
+class _Log:
+    """Accumulates lines with increasing timestamps and fresh pids, in OpenSSH/Linux syntax."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.now = datetime(2024, 12, 10, 6, 55, 46)
+        self.pid = 24000 + rng.randint(0, 500)
+        self.lines: list[str] = []
+
+    def new_pid(self) -> int:
+        self.pid += self.rng.randint(1, 40)
+        return self.pid
+
+    def emit(self, proc: str, pid: int, msg: str, host: str = "LabSZ", gap: int = 2) -> None:
+        self.now += timedelta(seconds=self.rng.randint(0, gap))
+        stamp = f"{self.now:%b} {self.now.day:2d} {self.now:%H:%M:%S}"
+        self.lines.append(f"{stamp} {host} {proc}[{pid}]: {msg}")
+
+    def ip(self) -> str:
+        r = self.rng
+        return f"{r.randint(1, 223)}.{r.randint(0, 255)}.{r.randint(0, 255)}.{r.randint(1, 254)}"
+
+    def port(self) -> int:
+        return self.rng.randint(1024, 65535)
+
+
+def _benign_ssh(g: _Log) -> None:
+    pid, ip, user = g.new_pid(), g.ip(), g.rng.choice(_USERS[:7])
+    method = g.rng.choice(["password", "publickey"])
+    g.emit("sshd", pid, f"Accepted {method} for {user} from {ip} port {g.port()} ssh2")
+    g.emit("sshd", pid, f"pam_unix(sshd:session): session opened for user {user} by (uid=0)", gap=0)
+    g.emit("sshd", pid, f"Received disconnect from {ip}: 11: disconnected by user", gap=600)
+    g.emit("sshd", pid, f"pam_unix(sshd:session): session closed for user {user}", gap=0)
+
+
+def _benign_su(g: _Log) -> None:
+    pid, user = g.new_pid(), g.rng.choice(["news", "cyrus"])
+    g.emit("su(pam_unix)", pid, f"session opened for user {user} by (uid=0)", host="combo", gap=60)
+    g.emit("su(pam_unix)", pid, f"session closed for user {user}", host="combo", gap=5)
+
+
+def _benign_linux_ssh(g: _Log) -> None:
+    pid, user = g.new_pid(), g.rng.choice(["test", "alice"])
+    g.emit("sshd(pam_unix)", pid, f"session opened for user {user} by (uid=509)", host="combo", gap=60)
+    g.emit("sshd(pam_unix)", pid, f"session closed for user {user}", host="combo", gap=120)
+
+
+def _noise(g: _Log) -> None:
+    pid, ip = g.new_pid(), g.ip()
+    msg = g.rng.choice([f"Connection closed by {ip} [preauth]", f"Did not receive identification string from {ip}"])
+    g.emit("sshd", pid, msg, gap=30)
+
+
+def _pam_fail(g: _Log, pid: int, ip: str, user: str | None) -> None:
+    tail = f"  user={user}" if user else " "
+    g.emit("sshd", pid, f"pam_unix(sshd:auth): authentication failure; logname= uid=0 euid=0 tty=ssh ruser= rhost={ip}{tail}")
+
+
+def _typo_then_login(g: _Log) -> None:
+    """One mistyped password, then success: a single failure (suspicious at most)."""
+    pid, ip, user = g.new_pid(), g.ip(), g.rng.choice(_USERS[:7])
+    _pam_fail(g, pid, ip, user)
+    g.emit("sshd", pid, f"Failed password for {user} from {ip} port {g.port()} ssh2")
+    g.emit("sshd", pid, f"Accepted password for {user} from {ip} port {g.port()} ssh2", gap=8)
+    g.emit("sshd", pid, f"pam_unix(sshd:session): session opened for user {user} by (uid=0)", gap=0)
+
+
+def _brute_force(g: _Log) -> None:
+    ip, user = g.ip(), g.rng.choice(_ATTACK_USERS)
+    for _ in range(g.rng.randint(1, 3)):
+        pid, port = g.new_pid(), g.port()
+        _pam_fail(g, pid, ip, user)
+        g.emit("sshd", pid, f"Failed password for {user} from {ip} port {port} ssh2")
+        n = g.rng.randint(2, 5)
+        g.emit("sshd", pid, f"message repeated {n} times: [ Failed password for {user} from {ip} port {port} ssh2]", gap=12)
+        g.emit("sshd", pid, f"Disconnecting: Too many authentication failures for {user} [preauth]", gap=0)
+        g.emit("sshd", pid, f"PAM {n} more authentication failures; logname= uid=0 euid=0 tty=ssh ruser= rhost={ip}  user={user}", gap=0)
+
+
+def _invalid_scan(g: _Log, break_in: bool = False) -> None:
+    ip = g.ip()
+    for _ in range(g.rng.randint(1, 3)):
+        pid, user = g.new_pid(), g.rng.choice(_SCAN_USERS)
+        if break_in:
+            g.emit("sshd", pid, f"reverse mapping checking getaddrinfo for {g.rng.choice(_HOSTS)} [{ip}] failed - POSSIBLE BREAK-IN ATTEMPT!")
+        g.emit("sshd", pid, f"Invalid user {user} from {ip}", gap=0)
+        g.emit("sshd", pid, f"input_userauth_request: invalid user {user} [preauth]", gap=0)
+        g.emit("sshd", pid, "pam_unix(sshd:auth): check pass; user unknown", gap=0)
+        _pam_fail(g, pid, ip, None)
+        g.emit("sshd", pid, f"Failed password for invalid user {user} from {ip} port {g.port()} ssh2")
+        g.emit("sshd", pid, f"Received disconnect from {ip}: 11: Bye Bye [preauth]", gap=1)
+
+
+def _linux_root_guess(g: _Log) -> None:
+    """Linux_2k style: one PAM failure line per attempt, from a host name, user=root."""
+    host = g.rng.choice(_HOSTS)
+    for _ in range(g.rng.randint(2, 7)):
+        g.emit(
+            "sshd(pam_unix)",
+            g.new_pid(),
+            f"authentication failure; logname= uid=0 euid=0 tty=NODEVssh ruser= rhost={host}  user=root",
+            host="combo",
+            gap=1,
+        )
+
+
+_EPISODES = [
+    (_benign_ssh, 14),
+    (_benign_su, 14),
+    (_benign_linux_ssh, 6),
+    (_noise, 8),
+    (_typo_then_login, 6),
+    (_brute_force, 8),
+    (_invalid_scan, 8),
+    (lambda g: _invalid_scan(g, break_in=True), 4),
+    (_linux_root_guess, 4),
+]
+
+
+def generate_auth_lines(n: int, seed: int = 0) -> list[str]:
+    """``n`` log lines: a reproducible mix of benign and attack episodes (see module doc).
+
+    Benign episodes come in runs (several in a row) so that windows made only of benign
+    lines occur, as they do in the real logs.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(seed)
+    g = _Log(rng)
+    funcs, weights = zip(*_EPISODES)
+    benign = {_benign_ssh, _benign_su, _benign_linux_ssh, _noise}
+    while len(g.lines) < n:
+        episode = rng.choices(funcs, weights)[0]
+        for _ in range(rng.randint(3, 8) if episode in benign else 1):
+            episode(g)
+    return g.lines[:n]

@@ -1,0 +1,86 @@
+"""Text → label data: seed 001's ``text,label`` CSV and deepset/prompt-injections.
+
+Loaders return plain lists of ``{"text", "label"}`` dicts with string labels, so the same
+classify/evaluate code serves both; every malformed input is a ``DataError`` naming the file
+and the column or line, because a silently skipped row changes the reported numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import pandas as pd
+
+from sectune.errors import DataError
+
+#: deepset/prompt-injections: 0 = legitimate, 1 = prompt injection.
+INJECTION_LABEL_NAMES = {0: "benign", 1: "injection"}
+
+
+def load_text_label_csv(path, text_column: str = "text", label_column: str = "label") -> List[Dict[str, str]]:
+    """Read a CSV with a text and a label column (seed 001's format).
+
+    Empty text or label cells are errors naming the line (header = line 1) rather than being
+    dropped: the seed's README asks users to check for missing values, we check for them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: CSV not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty (expected a header with "
+                        f"{text_column!r},{label_column!r})") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot parse as CSV: {exc}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in (text_column, label_column) if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
+                        f"found {list(df.columns)}")
+    if df.empty:
+        raise DataError(f"{path}: has a header but no rows")
+    out = []
+    for i, (text, label) in enumerate(zip(df[text_column], df[label_column])):
+        text, label = str(text), str(label).strip()
+        if not text.strip() or not label:
+            col = text_column if not text.strip() else label_column
+            raise DataError(f"{path}: line {i + 2}: empty {col!r}")
+        out.append({"text": text, "label": label})
+    return out
+
+
+def _read_injection_jsonl(path: Path) -> List[Dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: not found (expected train.jsonl and test.jsonl)")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise DataError(f"{path}: line {lineno}: expected an object with a string 'text'")
+            label = obj.get("label")
+            if isinstance(label, bool) or label not in INJECTION_LABEL_NAMES:
+                raise DataError(f"{path}: line {lineno}: 'label' must be 0 or 1, got {label!r}")
+            rows.append({"text": obj["text"], "label": INJECTION_LABEL_NAMES[label]})
+    if not rows:
+        raise DataError(f"{path}: no records")
+    return rows
+
+
+def load_prompt_injections(directory) -> Dict[str, List[Dict[str, str]]]:
+    """``{"train": [...], "test": [...]}`` from ``train.jsonl``/``test.jsonl`` (546/116 rows).
+
+    The dataset has no validation split; callers that tune anything carve one out of train.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: prompt-injection folder not found")
+    return {split: _read_injection_jsonl(directory / f"{split}.jsonl") for split in ("train", "test")}

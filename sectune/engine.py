@@ -1,0 +1,212 @@
+"""Builds the trainer for a stage: TRL's trainers where they fit, shared callbacks, resume.
+
+Nothing here is a training loop: Trainer/TRL own the loop, gradient accumulation, mixed precision,
+checkpointing with optimizer/scheduler/RNG state, DDP and W&B reporting. This module maps the
+``train`` node onto their arguments and adds what they lack (checkpoint completeness for
+``train.resume=auto``, a fault-injection hook for resume tests, peak-memory accounting).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import TrainerCallback
+
+from sectune.errors import ConfigError
+from sectune.modeling import device_for
+
+OPTIMIZERS = {"adamw": "adamw_torch", "adafactor": "adafactor", "paged_adamw_8bit": "paged_adamw_8bit"}
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """Trainer writes trainer_state.json last: without it a checkpoint was cut short."""
+    has_weights = any(path.glob("*.safetensors"))
+    return (path / "trainer_state.json").is_file() and (path / "optimizer.pt").is_file() and has_weights
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    if not checkpoint_dir.is_dir():
+        return None
+    found = []
+    for p in checkpoint_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and is_complete_checkpoint(p):
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
+    """``train.resume``: null (fresh), auto (newest complete checkpoint, if any), or a dir."""
+    r = cfg.train.resume
+    if r in (None, "", "null", "none"):
+        return None
+    if r == "auto":
+        ckpt = latest_checkpoint(checkpoint_dir)
+        if ckpt is None:
+            print(f"sectune: train.resume=auto: no complete checkpoint in {checkpoint_dir}; starting fresh")
+        return str(ckpt) if ckpt else None
+    path = Path(r)
+    if not path.is_dir() or not is_complete_checkpoint(path):
+        raise ConfigError(f"train.resume={r}: not a complete Trainer checkpoint (needs trainer_state.json, optimizer.pt, weights)")
+    return str(path)
+
+
+def precision_flags(cfg: DictConfig) -> dict:
+    p = cfg.train.precision
+    if p == "fp32":
+        return {"bf16": False, "fp16": False}
+    if p == "bf16":
+        return {"bf16": True, "fp16": False}
+    if p == "fp16":
+        if device_for(cfg) == "cpu":
+            # CPU has no fp16 autocast worth the name; bf16 keeps the range and the speed.
+            print("sectune: train.precision=fp16 is not supported on CPU; using bf16 autocast instead")
+            return {"bf16": True, "fp16": False}
+        return {"bf16": False, "fp16": True}
+    raise ConfigError(f"train.precision={p!r}: choose fp32, bf16 or fp16")
+
+
+def training_kwargs(cfg: DictConfig, output_dir: Path, has_eval: bool) -> dict:
+    """The ``train`` node as TrainingArguments keywords (shared by every training stage)."""
+    t = cfg.train
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer={t.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    device = device_for(cfg)
+    eval_steps = t.eval_steps
+    kwargs = dict(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        optim=OPTIMIZERS[t.optimizer],
+        weight_decay=t.weight_decay,
+        warmup_steps=float(t.warmup_ratio),  # < 1 is a fraction of the steps in transformers 5
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (has_eval and eval_steps) else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        use_cpu=device == "cpu",
+        torch_empty_cache_steps=t.empty_cache_steps,
+        dataloader_num_workers=t.num_workers,
+        report_to=["wandb"] if cfg.logger.name == "wandb" else [],
+        run_name=f"{cfg.stage.name}",
+        disable_tqdm=False,
+        **precision_flags(cfg),
+    )
+    if t.gradient_checkpointing:
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    return kwargs
+
+
+class FailAtStep(TrainerCallback):
+    """``debug.fail_at_step``: die after that global step, as a crash or a kill would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            raise RuntimeError(f"debug.fail_at_step={self.step}: simulated interruption after step {state.global_step}")
+
+
+def fail_callbacks(cfg: DictConfig) -> list:
+    return [FailAtStep(cfg.debug.fail_at_step)] if cfg.debug.fail_at_step else []
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process (and of CUDA, when used), in bytes."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_bytes": rss * (1 if sys.platform == "darwin" else 1024)}
+    if torch.cuda.is_available():
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def loss_history(trainer) -> dict[str, list]:
+    """Per-step train loss and eval loss from Trainer's log history (survives resume)."""
+    train, evals = [], []
+    for rec in trainer.state.log_history:
+        if "loss" in rec and "step" in rec:
+            train.append((rec["step"], rec["loss"]))
+        if "eval_loss" in rec and "step" in rec:
+            evals.append((rec["step"], rec["eval_loss"]))
+    return {"train": train, "eval": evals}
+
+
+def write_history(path: Path, trainer) -> None:
+    from sectune.runner import write_json_atomic
+
+    write_json_atomic(path, loss_history(trainer))
+
+
+def plot_loss_curve(path: Path, history: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history["train"]:
+        ax.plot(*zip(*history["train"]), label="train loss", lw=1.2)
+    if history["eval"]:
+        ax.plot(*zip(*history["eval"]), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def save_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2))
+
+
+class PackedRowsCollator:
+    """Packed rows as a ``[batch, longest_row]`` tensor with per-example ``position_ids``.
+
+    TRL's padding-free collator flattens a batch into one long row, which is ideal for
+    FlashAttention's varlen kernels but costs O((batch·len)²) attention with SDPA/eager (CPU,
+    most consumer GPUs). Keeping the rows and passing ``position_ids`` without an attention mask
+    lets transformers build a block-diagonal causal mask per row: no example attends to another.
+    Pad tokens get position 0, so each is a one-token "document" that nothing real attends to.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self._inner = DataCollatorForLanguageModeling(
+            pad_token_id=pad_token_id, padding_free=False, return_position_ids=True, pad_to_multiple_of=pad_to_multiple_of
+        )
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self._inner(examples)
+        batch.pop("attention_mask", None)
+        # No token predicts the first token of the next example packed after it.
+        batch["labels"][batch["position_ids"] == 0] = -100
+        return batch

@@ -1,0 +1,204 @@
+"""Test-set evaluation: metrics, report, per-row results and plots, written atomically.
+
+Reproduces seed 004's ``evaluation_results/`` folder (confusion_matrix.png,
+class_performance.png, inference_times.png, evaluation_report.txt, detailed_results.json) but
+puts the classic baselines beside the model in the same report, and computes every number with
+scikit-learn from the same ``y_true`` so they are comparable. Predictions outside ``labels``
+(a generative model's free text) count as wrong and appear as an ``<other>`` column.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix,  # noqa: E402
+                             f1_score, precision_recall_fscore_support)
+
+OTHER = "<other>"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_fig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    _atomic_write(path, buf.getvalue())
+
+
+def _scores(y_true: List[str], y_pred: List[str], labels: List[str]) -> Dict[str, float]:
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted",
+                                      zero_division=0)),
+    }
+
+
+def _plot_confusion(y_true, y_pred, labels, path: Path) -> None:
+    cols = labels + ([OTHER] if any(p not in set(labels) for p in y_pred) else [])
+    mapped = [p if p in set(labels) else OTHER for p in y_pred]
+    cm = confusion_matrix(y_true, mapped, labels=cols)[: len(labels)]
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    size = max(5.0, 0.45 * len(cols) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    if len(cols) <= 16:
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (counts; colour = row share)")
+    _save_fig(fig, path)
+
+
+def _plot_class_performance(p, r, f, labels, path: Path) -> None:
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(labels) + 2), 4.5))
+    for k, (vals, name) in enumerate(((p, "precision"), (r, "recall"), (f, "F1"))):
+        ax.bar(x + (k - 1) * 0.27, vals, width=0.27, label=name)
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.legend(loc="lower right")
+    ax.set_title("Per-class precision / recall / F1 (test)")
+    _save_fig(fig, path)
+
+
+def _plot_latencies(lat: np.ndarray, path: Path) -> None:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    if lat.size:
+        ms = lat * 1000.0
+        a1.hist(ms, bins=min(50, max(5, lat.size // 5)))
+        a1.axvline(np.median(ms), color="k", ls="--", label=f"median {np.median(ms):.2f} ms")
+        a1.legend()
+        a2.plot(np.arange(lat.size), ms, lw=0.8)
+    else:
+        for a in (a1, a2):
+            a.text(0.5, 0.5, "no latencies recorded", ha="center", va="center")
+    a1.set_xlabel("latency (ms)")
+    a1.set_ylabel("count")
+    a1.set_title("Inference latency")
+    a2.set_xlabel("call (row or batch) index")
+    a2.set_ylabel("latency (ms)")
+    a2.set_title("Latency per call")
+    _save_fig(fig, path)
+
+
+def write_evaluation(out_dir, *, y_true: Sequence, y_pred: Sequence, labels: Sequence[str],
+                     latencies_s: Sequence[float] = (), scores: Optional[Sequence] = None,
+                     baselines: Optional[Mapping[str, Sequence]] = None,
+                     extra: Optional[Mapping] = None) -> Dict[str, float]:
+    """Score ``y_pred`` against ``y_true`` and write the five evaluation files into ``out_dir``.
+
+    ``latencies_s`` holds one entry per row (then stored per row) or per batch. ``scores`` is
+    optional per-row confidence (a number, or a list/dict of class scores). ``baselines`` maps a
+    name to its test predictions; the first one other than ``majority`` is the primary
+    baseline (``baseline_test_macro_f1``), ``majority`` gives ``majority_test_macro_f1``. ``extra`` is
+    copied into the summary (e.g. the split and the baselines' timings).
+    """
+    y_true = [str(v) for v in y_true]
+    y_pred = [str(v) for v in y_pred]
+    labels = [str(v) for v in labels]
+    if len(y_true) != len(y_pred) or not y_true:
+        raise ValueError(f"y_true ({len(y_true)}) and y_pred ({len(y_pred)}) must be equal, non-empty")
+    if scores is not None and len(scores) != len(y_true):
+        raise ValueError(f"scores has {len(scores)} entries for {len(y_true)} rows")
+    unknown_true = sorted(set(y_true) - set(labels))
+    if unknown_true:
+        raise ValueError(f"y_true holds labels not in `labels`: {unknown_true[:10]}")
+    baselines = dict(baselines or {})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lat = np.asarray(list(latencies_s), dtype=float)
+
+    s = _scores(y_true, y_pred, labels)
+    metrics: Dict[str, float] = {f"test_{k}": v for k, v in s.items()}
+    metrics["test_invalid_predictions"] = float(sum(p not in set(labels) for p in y_pred))
+    metrics["test_rows"] = float(len(y_true))
+    if lat.size:
+        metrics.update(latency_mean_s=float(lat.mean()), latency_p50_s=float(np.median(lat)),
+                       latency_p95_s=float(np.percentile(lat, 95)))
+        if lat.size == len(y_true) and lat.sum() > 0:
+            metrics["rows_per_s"] = float(len(y_true) / lat.sum())
+    base_scores: Dict[str, Dict[str, float]] = {}
+    for name, preds in baselines.items():
+        preds = [str(v) for v in preds]
+        if len(preds) != len(y_true):
+            raise ValueError(f"baseline {name!r} has {len(preds)} predictions for {len(y_true)} rows")
+        base_scores[name] = _scores(y_true, preds, labels)
+        metrics[f"{name}_test_macro_f1"] = base_scores[name]["macro_f1"]
+        metrics[f"{name}_test_accuracy"] = base_scores[name]["accuracy"]
+    primary = next((n for n in baselines if n != "majority"), None)  # majority is a floor, not the bar
+    if primary is not None:
+        metrics["baseline_test_macro_f1"] = base_scores[primary]["macro_f1"]
+
+    report = classification_report(y_true, y_pred, labels=labels, digits=4, zero_division=0)
+    lines = [
+        "sectune evaluation report", "=" * 25, f"rows: {len(y_true)}   classes: {len(labels)}", "",
+        report, f"accuracy:     {s['accuracy']:.4f}", f"macro F1:     {s['macro_f1']:.4f}",
+        f"weighted F1:  {s['weighted_f1']:.4f}",
+        f"invalid predictions (not a label): {int(metrics['test_invalid_predictions'])}"]
+    if lat.size:
+        lines.append(f"latency: mean {lat.mean() * 1000:.2f} ms, p50 {np.median(lat) * 1000:.2f} ms, "
+                     f"p95 {np.percentile(lat, 95) * 1000:.2f} ms over {lat.size} calls")
+    if base_scores:
+        lines += ["", "Model vs baselines (same test rows)",
+                  f"{'system':<24}{'accuracy':>10}{'macro F1':>10}{'weighted F1':>13}",
+                  f"{'model':<24}{s['accuracy']:>10.4f}{s['macro_f1']:>10.4f}{s['weighted_f1']:>13.4f}"]
+        lines += [f"{n + (' (primary)' if n == primary else ''):<24}{b['accuracy']:>10.4f}"
+                  f"{b['macro_f1']:>10.4f}{b['weighted_f1']:>13.4f}" for n, b in base_scores.items()]
+    _atomic_write(out / "evaluation_report.txt", ("\n".join(lines) + "\n").encode("utf-8"))
+
+    per_row_lat = lat.size == len(y_true)
+    rows = []
+    for i, (t, p) in enumerate(zip(y_true, y_pred)):
+        row = {"index": i, "true": t, "pred": p, "correct": t == p}
+        if scores is not None:
+            sc = scores[i]
+            row["score"] = sc.tolist() if hasattr(sc, "tolist") else sc
+        if per_row_lat:
+            row["latency_s"] = float(lat[i])
+        rows.append(row)
+    p, r, f, sup = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    summary = {
+        "metrics": metrics, "labels": labels,
+        "per_class": {lab: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
+                            "support": int(sup[k])} for k, lab in enumerate(labels)},
+        "baselines": base_scores, "primary_baseline": primary,
+        "latencies_s": None if per_row_lat else lat.tolist(), "extra": dict(extra or {}),
+    }
+    detailed = {"summary": summary, "rows": rows,
+                "baseline_predictions": {n: [str(v) for v in b] for n, b in baselines.items()}}
+    _atomic_write(out / "detailed_results.json",
+                  json.dumps(detailed, ensure_ascii=False, default=str).encode("utf-8"))
+
+    _plot_confusion(y_true, y_pred, labels, out / "confusion_matrix.png")
+    _plot_class_performance(p, r, f, labels, out / "class_performance.png")
+    _plot_latencies(lat, out / "inference_times.png")
+    return metrics

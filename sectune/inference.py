@@ -1,0 +1,69 @@
+"""Model output → structured data. Parsed, never evaluated.
+
+``extract_json`` finds the first JSON object in generated text, repairs the usual small-model
+damage (trailing commas, single quotes, a missing closing brace) with ``json_repair``, and
+raises ``ValueError`` saying why when there is no object to recover.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+
+def extract_json(text: str) -> dict:
+    start = text.find("{")
+    if start < 0:
+        raise ValueError("no JSON object in the output (no '{' found)")
+    candidate = text[start:]
+    # The first balanced object, ignoring braces inside strings.
+    depth, in_str, esc, end = 0, False, False, None
+    for i, ch in enumerate(candidate):
+        if in_str:
+            esc = (ch == "\\") and not esc
+            if ch == '"' and not esc:
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                end = i + 1
+                break
+    candidate = candidate[:end] if end else candidate
+    try:
+        obj = json.loads(candidate)
+    except json.JSONDecodeError:
+        import json_repair
+
+        obj = json_repair.loads(candidate)
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"could not recover a JSON object from the output (got {type(obj).__name__})")
+    return obj
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4) -> list[str]:
+    """Greedy or sampled continuations of ``prompts`` (left-padded batches), text only."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    outs: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+        kwargs = dict(
+            max_new_tokens=gen_cfg.max_new_tokens,
+            do_sample=gen_cfg.do_sample,
+            repetition_penalty=gen_cfg.repetition_penalty,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        if gen_cfg.do_sample:
+            kwargs.update(temperature=gen_cfg.temperature, top_p=gen_cfg.top_p)
+        ids = model.generate(**enc, **kwargs)
+        outs.extend(tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    return outs

@@ -1,0 +1,173 @@
+"""Tokenizer and model from the config: where the weights are, quantization, LoRA.
+
+Every model, tiny or real, goes through ``from_pretrained(dir_or_hub_id)``. Real presets are
+looked up in the local Hugging Face cache first; without network a missing model is one clear
+error saying how to provide it (``model.name_or_path=/path/to/weights``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sectune.errors import ConfigError, ModelNotAvailableError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
+
+
+def model_path(cfg: DictConfig) -> str:
+    """The folder or hub id to load; builds the tiny model on first use."""
+    m = cfg.model
+    if m.name_or_path:
+        return str(m.name_or_path)
+    if m.tiny is None:
+        raise ConfigError(f"model={m.name}: set model.name_or_path (a hub id or a local folder)")
+    from sectune.tiny import ensure_tiny_model
+
+    spec = OmegaConf.to_container(m.tiny, resolve=True)
+    return str(ensure_tiny_model(m.name, m.family, spec, Path(cfg.paths.shared_data), Path(cfg.paths.cache_dir)))
+
+
+def _hub_kwargs(cfg: DictConfig) -> dict:
+    return {"revision": cfg.model.revision, "trust_remote_code": bool(cfg.model.trust_remote_code)}
+
+
+def _from_pretrained(loader, path: str, cfg: DictConfig, **kwargs):
+    """Local cache first (fast, offline); then the hub; then a clear error."""
+    kwargs = {**_hub_kwargs(cfg), **kwargs}
+    if Path(path).is_dir():
+        return loader(path, **kwargs)
+    try:
+        return loader(path, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    try:
+        return loader(path, **kwargs)
+    except OSError as e:
+        raise ModelNotAvailableError(
+            f"model {path!r} (model={cfg.model.name}) is not in the local Hugging Face cache and could not be "
+            f"downloaded ({type(e).__name__}). Download it where there is network "
+            f"(`huggingface-cli download {path}`) or point to the weights with model.name_or_path=/path/to/folder"
+        ) from None
+
+
+def load_tokenizer(cfg: DictConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, path or model_path(cfg), cfg)
+    if tok.pad_token is None:  # Llama/GPT-2 ship none; eos is the usual stand-in
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(cfg: DictConfig):
+    q = cfg.quantization
+    if q.name == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if q.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=DTYPES[q.bnb_4bit_compute_dtype],
+        )
+    if q.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ConfigError(f"quantization={q.name}: set load_in_4bit or load_in_8bit")
+
+
+def device_for(cfg: DictConfig) -> str:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if want not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={want!r}: choose auto, cpu or cuda")
+    return want
+
+
+def load_model(cfg: DictConfig, task: str = "causal_lm", num_labels: int | None = None, path: str | None = None):
+    """The base model, quantized if asked; ``task`` is causal_lm or seq_cls."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = path or model_path(cfg)
+    m = cfg.model
+    if m.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={m.dtype!r}: choose one of {', '.join(DTYPES)}")
+    kwargs: dict = {"dtype": DTYPES[m.dtype]}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    qconf = quantization_config(cfg)
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
+    device = device_for(cfg)
+    if m.device_map is not None:
+        kwargs["device_map"] = OmegaConf.to_container(m.device_map) if OmegaConf.is_config(m.device_map) else m.device_map
+        if m.max_memory:
+            kwargs["max_memory"] = dict(m.max_memory)
+        if m.offload_folder:
+            kwargs["offload_folder"] = m.offload_folder
+    elif qconf is not None:
+        kwargs["device_map"] = {"": device}  # bitsandbytes quantizes while placing
+    if task == "seq_cls":
+        kwargs["num_labels"] = num_labels
+        model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, path, cfg, **kwargs)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, cfg, **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None and model.config.eos_token_id is not None:
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if qconf is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    return model
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the layers LoRA can target (Linear, Conv1D, bnb Linear4bit/8bit)."""
+    names = set()
+    for full, mod in model.named_modules():
+        kind = type(mod).__name__
+        if kind in ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt") and full:
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap with a fresh LoRA adapter, or return the model unchanged for ``lora=none``."""
+    lc = cfg.lora
+    if not lc.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(lc.target_modules)
+    if targets != ["all-linear"]:
+        have = linear_module_names(model)
+        missing = [t for t in targets if t not in have]
+        if missing:
+            raise ConfigError(
+                f"lora.target_modules: {missing} not in model {cfg.model.name}; "
+                f"its linear modules are {have} (or use lora.target_modules=[all-linear])"
+            )
+    peft_cfg = LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        bias=lc.bias,
+        task_type=task_type,
+        modules_to_save=list(lc.modules_to_save) if lc.modules_to_save else None,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

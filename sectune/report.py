@@ -1,0 +1,290 @@
+"""One table (and a plot per swept key) over a Hydra multirun: ``sectune-report DIR``.
+
+Why: a sweep leaves ``DIR/0/``, ``DIR/1/``, ... each with Hydra's ``.hydra/overrides.yaml`` and
+the runner's ``result.json``; comparing them by hand means opening N files. This reads them all
+into one DataFrame, one row per job, and writes ``report.csv``, ``report.md`` and ``plots/``.
+
+Choices:
+
+* A job that crashed before the runner finished (no result.json, or one still saying
+  ``running``) and a garbled result.json are rows with ``status=failed`` and an ``error`` that
+  says which: failures stay visible instead of silently shrinking the grid.
+* Every override key is a column (so the CSV is complete), but only *swept* keys, those whose
+  value differs between jobs, are shown in report.md's table and get a plot; the fixed ones are
+  listed once above the table. ``frame.attrs["swept"]`` / ``["fixed"]`` carry that split.
+* Override values are parsed as YAML, plus Hydra's float spellings (``1e-4``), so numbers
+  are numbers and sort/plot as such.
+* Sort metric: ``eval_loss`` if present, else the first metric; names containing ``loss`` sort
+  ascending, other metrics (accuracy, f1, reward) descending, non-metric columns ascending;
+  ``ascending`` overrides. Failed rows (no metric) go last.
+* Plots show the sort metric against each swept key over succeeded runs: every run as a point,
+  and a line through the mean per value (the mean over the other swept keys).
+
+Every file is written to a temporary name and renamed, so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import yaml
+
+from sectune.errors import ConfigError, DataError
+
+RESULT_FILE = "result.json"
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+NO_RESULT = "no result.json (job crashed before the runner finished)"
+STILL_RUNNING = "result.json still says running (job killed, or still in progress)"
+BASE_COLUMNS = ("job", "status", "error")
+FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+HYDRA_FLOATS = ("inf", "+inf", "-inf", "nan")
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Hydra's numbered job dirs, in numeric (not lexical) order: 0, 1, ..., 10."""
+    return sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def parse_value(text: str) -> Any:
+    """An override value as Hydra means it: YAML scalars plus ``1e-4`` (YAML 1.1 reads a string)."""
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str) and (FLOAT_RE.fullmatch(value.strip()) or value.strip().lower() in HYDRA_FLOATS):
+        return float(value)
+    if isinstance(value, (list, dict)):
+        return text  # a list override stays one cell, hashable and printable
+    return value
+
+
+def read_overrides(job: Path) -> dict[str, Any]:
+    """``{key: value}`` from ``.hydra/overrides.yaml``; ``+``/``++`` prefixes dropped."""
+    path = job / OVERRIDES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except yaml.YAMLError:
+        return {}
+    out: dict[str, Any] = {}
+    for item in items if isinstance(items, list) else []:
+        key, sep, raw = str(item).partition("=")
+        key = key.lstrip("+")
+        out[key] = parse_value(raw) if sep else None
+    return out
+
+
+def read_result(job: Path) -> dict[str, Any]:
+    """``status``, ``metrics``, ``error`` of one job; problems become a failed status."""
+    path = job / RESULT_FILE
+    if not path.is_file():
+        return {"status": "failed", "metrics": {}, "error": NO_RESULT}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    except (OSError, ValueError) as e:
+        return {"status": "failed", "metrics": {}, "error": f"unreadable {path}: {e}"}
+    status = str(data.get("status", "failed"))
+    error = data.get("error") or ""
+    if status == "running":
+        status, error = "failed", STILL_RUNNING
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+    clean = {}
+    for k, v in metrics.items():
+        clean[str(k)] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else _to_float(v)
+    return {"status": status, "metrics": clean, "error": str(error)}
+
+
+def _to_float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None = None) -> pd.DataFrame:
+    """One row per job dir: job, override keys, status, metrics, error; sorted by a metric."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise DataError(f"{sweep_dir}: no such sweep directory")
+    jobs = job_dirs(sweep_dir)
+    if not jobs:
+        raise DataError(f"{sweep_dir}: no job dirs (0/, 1/, ...) found; is this a `sectune -m` sweep dir?")
+
+    rows, keys, metric_names = [], [], []
+    for job in jobs:
+        ov, res = read_overrides(job), read_result(job)
+        keys += [k for k in ov if k not in keys]
+        metric_names += [m for m in res["metrics"] if m not in metric_names]
+        rows.append((int(job.name), ov, res))
+
+    taken = set(BASE_COLUMNS) | set(keys)
+    metric_cols = {m: (f"metric.{m}" if m in taken else m) for m in metric_names}
+    records = []
+    for num, ov, res in rows:
+        rec: dict[str, Any] = {"job": num}
+        rec.update({k: ov.get(k) for k in keys})
+        rec["status"] = res["status"]
+        rec.update({metric_cols[m]: res["metrics"].get(m, math.nan) for m in metric_names})
+        rec["error"] = res["error"]
+        records.append(rec)
+    frame = pd.DataFrame.from_records(records, columns=["job", *keys, "status", *metric_cols.values(), "error"])
+    for k in keys:  # numbers with a missing cell stay numeric (NaN), not object
+        vals = frame[k].dropna()
+        if len(vals) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            frame[k] = pd.to_numeric(frame[k])
+
+    swept = [k for k in keys if frame[k].astype(str).nunique(dropna=False) > 1]
+    fixed = {k: frame[k].iloc[0] for k in keys if k not in swept}
+    metrics = list(metric_cols.values())
+    frame = sort_frame(frame, metrics, sort_by, ascending)
+    frame.attrs.update(swept=swept, fixed=fixed, metrics=metrics, sweep_dir=str(sweep_dir))
+    return frame
+
+
+def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, ascending: bool | None) -> pd.DataFrame:
+    """Sort by ``sort_by`` (default eval_loss, else first metric); loss-like ascending, NaN last."""
+    if sort_by is None:
+        sort_by = "eval_loss" if "eval_loss" in metrics else (metrics[0] if metrics else None)
+    if sort_by is None:
+        out = frame.reset_index(drop=True)
+        out.attrs.update(frame.attrs, sort_by=None, ascending=True)
+        return out
+    if sort_by not in frame.columns:
+        raise ConfigError(f"--sort-by {sort_by}: not a column; metrics are {', '.join(metrics) or '(none)'}")
+    if ascending is None:  # losses and non-metric columns (job, swept keys) smallest first
+        ascending = sort_by not in metrics or "loss" in sort_by.lower()
+    by = [sort_by] + (["job"] if sort_by != "job" else [])
+    out = frame.sort_values(by, ascending=[ascending, True][: len(by)], na_position="last", kind="mergesort")
+    out = out.reset_index(drop=True)
+    out.attrs.update(frame.attrs, sort_by=sort_by, ascending=ascending)
+    return out
+
+
+def _cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    text = str(v).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table: job, swept keys, status, metrics, error; fixed keys above it."""
+    a = frame.attrs
+    cols = ["job", *a.get("swept", []), "status", *a.get("metrics", []), "error"]
+    n_ok = int((frame["status"] == "succeeded").sum())
+    lines = [f"# Sweep report: {a.get('sweep_dir', '')}", "",
+             f"{len(frame)} jobs: {n_ok} succeeded, {len(frame) - n_ok} failed."]
+    if a.get("sort_by"):
+        lines[-1] += f" Sorted by `{a['sort_by']}` ({'ascending' if a.get('ascending') else 'descending'})."
+    if a.get("fixed"):
+        lines.append("Fixed overrides: " + ", ".join(f"`{k}={_cell(v)}`" for k, v in a["fixed"].items()))
+    lines += ["", "| " + " | ".join(cols) + " |", "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in cols) + "|"]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(_cell(row[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", key) or "key"
+
+
+def plot_key(frame: pd.DataFrame, key: str, metric: str, path: Path) -> bool:
+    """``metric`` vs ``key`` over succeeded runs: points plus the per-value mean; False if no data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = frame[(frame["status"] == "succeeded") & frame[metric].notna() & frame[key].notna()]
+    if ok.empty:
+        return False
+    numeric = pd.api.types.is_numeric_dtype(ok[key]) and not pd.api.types.is_bool_dtype(ok[key])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    try:
+        if numeric:
+            x = ok[key].astype(float)
+            means = ok.groupby(key)[metric].mean().sort_index()
+            ax.scatter(x, ok[metric], alpha=0.7, label="runs")
+            ax.plot(means.index.astype(float), means.values, "-o", color="C1", label="mean")
+            if (x > 0).all() and x.max() / x.min() >= 50:
+                ax.set_xscale("log")
+        else:
+            cats = list(dict.fromkeys(ok[key].astype(str)))
+            pos = {c: i for i, c in enumerate(cats)}
+            xs = ok[key].astype(str).map(pos)
+            means = ok.assign(_c=ok[key].astype(str)).groupby("_c")[metric].mean().reindex(cats)
+            ax.scatter(xs, ok[metric], alpha=0.7, label="runs")
+            ax.plot(range(len(cats)), means.values, "-o", color="C1", label="mean")
+            ax.set_xticks(range(len(cats)), cats, rotation=30 if len(cats) > 4 else 0)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} vs {key} ({len(ok)} succeeded runs)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return True
+
+
+def write_report(sweep_dir, sort_by: str | None = None, ascending: bool | None = None) -> dict[str, Any]:
+    """Write report.csv, report.md and plots/<key>.png; returns the frame and the paths written."""
+    sweep_dir = Path(sweep_dir)
+    frame = build_report(sweep_dir, sort_by=sort_by, ascending=ascending)
+    csv_path, md_path = sweep_dir / "report.csv", sweep_dir / "report.md"
+    _atomic_write_text(csv_path, frame.to_csv(index=False))
+    markdown = to_markdown(frame)
+    _atomic_write_text(md_path, markdown)
+    plots: list[Path] = []
+    metric = frame.attrs.get("sort_by")
+    if metric and frame.attrs["swept"] and pd.api.types.is_numeric_dtype(frame[metric]):
+        (sweep_dir / "plots").mkdir(exist_ok=True)
+        for key in frame.attrs["swept"]:
+            path = sweep_dir / "plots" / f"{_safe_name(key)}.png"
+            if plot_key(frame, key, metric, path):
+                plots.append(path)
+    return {"frame": frame, "markdown": markdown, "csv": csv_path, "md": md_path, "plots": plots}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``sectune-report DIR [--sort-by M] [--ascending|--descending]``; exit 2 on a bad DIR."""
+    p = argparse.ArgumentParser(prog="sectune-report", description="Table and plots over a sectune sweep dir.")
+    p.add_argument("sweep_dir", help="a Hydra multirun dir holding 0/, 1/, ... job dirs")
+    p.add_argument("--sort-by", default=None, help="metric (or column) to sort by; default eval_loss or the first metric")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--ascending", dest="ascending", action="store_true", default=None, help="smallest first")
+    order.add_argument("--descending", dest="ascending", action="store_false", help="largest first")
+    args = p.parse_args(argv)
+    try:
+        out = write_report(args.sweep_dir, sort_by=args.sort_by, ascending=args.ascending)
+    except (DataError, ConfigError) as e:
+        print(f"sectune-report: error: {e}", file=sys.stderr)
+        return 2
+    print(out["markdown"])
+    print(f"wrote {out['csv']}, {out['md']}" + (f" and {len(out['plots'])} plot(s) in {out['md'].parent / 'plots'}" if out["plots"] else " (no plots: nothing swept or no metric)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The stage runner: seed, open the run dir and logger, call the stage, write ``result.json``.
+
+``STAGES`` is the one registry: stage name → ``module:function``. Modules are imported only when
+their stage runs, so ``sectune --help`` and ``stage=plan`` stay fast. A stage function takes a
+:class:`RunContext` and returns ``{"metrics": {...}, "artifacts": {...}}``; it never imports
+another stage, and it reads an earlier stage only through that stage's ``result.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from sectune import distributed
+from sectune.errors import SectuneError
+
+STAGES: dict[str, str] = {
+    "sft": "sectune.stages.sft:run",
+    "reward": "sectune.stages.reward:run",
+    "rl": "sectune.stages.rl:run",
+    "contrastive": "sectune.stages.contrastive:run",
+    "classify": "sectune.stages.classify:run",
+    "federated": "sectune.stages.federated:run",
+    "infer": "sectune.stages.infer:run",
+    "evaluate": "sectune.stages.evaluate:run",
+    "pipeline": "sectune.stages.pipeline:run",
+    "plan": "sectune.stages.plan:run",
+    "doctor": "sectune.stages.doctor:run",
+    "report": "sectune.stages.report:run",
+}
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_dir: Path
+    #: the W&B run (or None): stages log through it or let Trainer's callback do so
+    tracker: Any = None
+    #: metrics a stage wants recorded even when it fails later (e.g. eval_loss_start)
+    partial_metrics: dict = field(default_factory=dict)
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """sha256 of the resolved config, minus Hydra's own node: equal digests, equal runs."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    blob = json.dumps(container, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _finite(metrics: dict) -> dict:
+    """JSON has no NaN/inf: keep such values out of the contract's numbers (as null)."""
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+def resolve_stage(name: str) -> Callable[[RunContext], dict]:
+    if name not in STAGES:
+        raise SectuneError(f"stage={name!r} is not a stage; choose one of: {', '.join(STAGES)}")
+    module_name, func = STAGES[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            raise SectuneError(f"stage={name!r} is not implemented in this version of sectune") from e
+        raise
+    return getattr(module, func)
+
+
+def previous_result(run_dir: Path) -> dict | None:
+    path = run_dir / RESULT_FILE
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None]:
+    """Run ``cfg.stage.name``; returns (exit code, the sweep objective or None)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from sectune import tracking
+
+    if run_dir is None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stage_name = cfg.stage.name
+    digest = config_digest(cfg)
+
+    if cfg.sweep.skip_done:
+        prev = previous_result(run_dir)
+        if prev and prev.get("status") == "succeeded" and prev.get("config_digest") == digest:
+            print(f"sectune: {run_dir} already succeeded with this config; skipped (sweep.skip_done=true)")
+            return 0, _objective(prev.get("metrics", {}))
+
+    result: dict[str, Any] = {
+        "stage": stage_name,
+        "status": "running",
+        "metrics": {},
+        "artifacts": {},
+        "started": _now(),
+        "config_digest": digest,
+    }
+    main = distributed.is_main_process()
+    if main:
+        # A stale result from an earlier attempt in this dir must not look current.
+        write_json_atomic(run_dir / RESULT_FILE, result)
+    t0 = time.perf_counter()
+    ctx = RunContext(cfg=cfg, run_dir=run_dir)
+    code = 0
+    try:
+        _seed_everything(cfg.train.seed)
+        stage_fn = resolve_stage(stage_name)
+        ctx.tracker = tracking.start(cfg, run_dir) if main else None
+        out = stage_fn(ctx) or {}
+        result["metrics"] = _finite({**ctx.partial_metrics, **out.get("metrics", {})})
+        result["artifacts"] = out.get("artifacts", {})
+        result["status"] = "succeeded"
+    except SectuneError as e:
+        code = e.exit_code
+        result.update(status="failed", error=str(e))
+        print(f"sectune: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+        result.update(status="failed", error="interrupted (KeyboardInterrupt)")
+        print("sectune: interrupted", file=sys.stderr)
+    except Exception as e:  # a bug or a library failure: keep the traceback for the user
+        code = 1
+        result.update(status="failed", error=f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+        print(f"sectune: error: {type(e).__name__}: {e}", file=sys.stderr)
+    finally:
+        if result["status"] == "failed":
+            result["metrics"] = _finite(ctx.partial_metrics)
+        result["finished"] = _now()
+        result["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        if main:
+            write_json_atomic(run_dir / RESULT_FILE, result)
+            tracking.finish(ctx.tracker, result)
+    return code, _objective(result["metrics"]) if code == 0 else None
+
+
+def _objective(metrics: dict) -> float | None:
+    """What an Optuna sweep minimises: eval_loss when there is one, else the first number."""
+    for key in ("eval_loss", "val_loss", "predicted_peak_bytes"):
+        if isinstance(metrics.get(key), (int, float)):
+            return float(metrics[key])
+    return None
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

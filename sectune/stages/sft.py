@@ -1,0 +1,165 @@
+"""Supervised fine-tuning: prompt → expert answer, loss on the answer tokens only.
+
+Read top to bottom: data → model (+ quantization, + LoRA) → TRL's SFTTrainer → artifacts.
+TRL owns the loop; examples are packed best-fit-decreasing into rows of ``model.max_seq_length``
+with position ids restarting per example, so no example attends to another and almost no
+compute goes to padding (see bench/sft_throughput.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from sectune import data, engine, modeling
+from sectune.runner import RunContext, write_json_atomic
+
+PROBE_FILE = "checks/probe_logits.safetensors"
+
+
+def run(ctx: RunContext) -> dict:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    t0 = time.perf_counter()
+
+    # 1. data
+    records = data.sft_records(cfg)
+    train_recs, val_recs = data.train_val_split(records, cfg.dataset.val_fraction, cfg.dataset.split_seed)
+    print(f"sectune: {len(train_recs)} training and {len(val_recs)} validation examples ({cfg.dataset.name})")
+
+    # 2. model
+    path = modeling.model_path(cfg)
+    tokenizer = modeling.load_tokenizer(cfg, path)
+    model = modeling.apply_lora(modeling.load_model(cfg, path=path), cfg)
+    trainable, total = modeling.trainable_parameters(model)
+    print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters")
+
+    # 3. trainer
+    trainer = build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, run_dir / "checkpoints", engine.fail_callbacks(cfg))
+    resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
+    start_file = run_dir / "checkpoints" / "eval_loss_start.json"
+    if val_recs:
+        if resume and start_file.exists():
+            eval_start = json.loads(start_file.read_text())["eval_loss_start"]
+        else:
+            eval_start = trainer.evaluate()["eval_loss"]
+            start_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(start_file, {"eval_loss_start": eval_start})
+        ctx.partial_metrics["eval_loss_start"] = eval_start
+    try:
+        train_out = trainer.train(resume_from_checkpoint=resume)
+    finally:  # the loss history so far is worth keeping even when training dies
+        engine.write_history(run_dir / "train_history.json", trainer)
+    metrics = {
+        "train_loss": train_out.training_loss,
+        "train_steps": trainer.state.global_step,
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+    if val_recs:
+        metrics["eval_loss_start"] = ctx.partial_metrics["eval_loss_start"]
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+
+    # 4. artifacts: written under a temporary name, renamed when complete
+    model_unwrapped = trainer.model
+    is_peft = hasattr(model_unwrapped, "peft_config")
+    name = "adapter" if is_peft else "model"
+    save_pretrained_atomic(model_unwrapped, tokenizer, run_dir / name)
+    artifacts = {name: name, "checkpoints": "checkpoints", "train_history": "train_history.json"}
+    history = engine.loss_history(trainer)
+    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, f"sft · {cfg.model.name} · {cfg.dataset.name}")
+    artifacts["loss_curve"] = "plots/loss_curve.png"
+    if cfg.quantization.name == "none":
+        save_probe_logits(model_unwrapped, tokenizer, [r["prompt"] + r["completion"] for r in (val_recs or train_recs)[:2]], run_dir / PROBE_FILE)
+        artifacts["probe_logits"] = PROBE_FILE
+
+    # 5. a look at what the trained model generates
+    if cfg.generation.preview_samples and val_recs:
+        preview = preview_generations(model_unwrapped, tokenizer, val_recs[: cfg.generation.preview_samples], cfg.generation)
+        write_json_atomic(run_dir / "samples" / "preview.json", preview)
+        artifacts["preview"] = "samples/preview.json"
+        metrics["preview_json_valid_rate"] = sum(p["valid_json"] for p in preview) / len(preview)
+        metrics["preview_schema_valid_rate"] = sum(p["schema_valid"] for p in preview) / len(preview)
+
+    metrics.update(engine.peak_memory())
+    metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
+    print(
+        f"sectune: done · {name} at {run_dir / name} · train loss {metrics['train_loss']:.4f}"
+        + (f" · eval loss {metrics['eval_loss_start']:.3f} → {metrics['eval_loss']:.3f}" if val_recs else "")
+        + f" · {metrics['train_runtime_s']:.0f}s · peak RSS {metrics['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )
+    return {"metrics": metrics, "artifacts": artifacts}
+
+
+def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: Path, callbacks=()):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    def to_ds(recs):
+        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in recs])
+
+    args = SFTConfig(
+        **engine.training_kwargs(cfg, output_dir, has_eval=bool(val_recs)),
+        max_length=cfg.model.max_seq_length,
+        packing=cfg.train.packing,
+        packing_strategy="bfd",
+        completion_only_loss=True,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=to_ds(train_recs),
+        eval_dataset=to_ds(val_recs) if val_recs else None,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    if cfg.train.packing:
+        # TRL only offers the flattened padding-free layout with BFD packing; see PackedRowsCollator.
+        trainer.data_collator = engine.PackedRowsCollator(tokenizer.pad_token_id)
+    return trainer
+
+
+def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
+    """safetensors adapter (or full model) + tokenizer; appears under ``out`` only when complete."""
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+@torch.no_grad()
+def save_probe_logits(model, tokenizer, texts: list[str], path: Path) -> None:
+    """Logits of the in-memory trained model on fixed text: a reload must reproduce them."""
+    from safetensors.torch import save_file
+
+    model.eval()
+    device = next(model.parameters()).device
+    enc = tokenizer(texts[:1], return_tensors="pt", truncation=True, max_length=128).to(device)
+    logits = model(**enc).logits.float().cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": enc["input_ids"].cpu(), "logits": logits.contiguous()}, str(path))
+
+
+def preview_generations(model, tokenizer, recs: list[dict], gen_cfg) -> list[dict]:
+    from sectune.data.auth_logs import validate_analysis
+    from sectune.inference import extract_json, generate
+
+    outs = generate(model, tokenizer, [r["prompt"] for r in recs], gen_cfg)
+    preview = []
+    for rec, text in zip(recs, outs):
+        item = {"id": rec.get("id"), "expected": rec["completion"], "generated": text, "valid_json": False, "schema_valid": False}
+        try:
+            obj = extract_json(text)
+            item.update(valid_json=True, parsed=obj, schema_valid=not validate_analysis(obj))
+        except ValueError as e:
+            item["parse_error"] = str(e)
+        preview.append(item)
+    return preview

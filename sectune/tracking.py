@@ -1,0 +1,86 @@
+"""W&B: offline by default, online when the user has a key; secrets never logged.
+
+The runner opens the run (so the composed config is logged once, redacted) and Trainer's own
+``WandbCallback`` reuses it for per-step metrics. Only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+REDACTED = "***redacted***"
+_SECRET_KEY = re.compile(r"(token|api[_-]?key|secret|password|passwd|credential|auth[_-]?key)$", re.I)
+_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|[0-9a-f]{40}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,})$")
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a nested dict/list with secret-looking keys and values replaced."""
+    if isinstance(obj, dict):
+        return {k: (REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str) and _SECRET_VALUE.match(obj.strip()):
+        return REDACTED
+    return obj
+
+
+def has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode(cfg: DictConfig) -> str:
+    """Explicit config wins, then WANDB_MODE, then online-if-keyed, else offline."""
+    if cfg.logger.mode:
+        return str(cfg.logger.mode)
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if has_api_key() else "offline"
+
+
+def start(cfg: DictConfig, run_dir: Path):
+    """Open a W&B run in ``run_dir/wandb`` or return None for ``logger=none``."""
+    if cfg.logger.name == "none":
+        return None
+    import wandb
+
+    mode = wandb_mode(cfg)
+    # Trainer's WandbCallback reads these; make it log into the run we open.
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_LOG_MODEL", "false")
+    os.environ.setdefault("WANDB_WATCH", "false")
+    config = redact(OmegaConf.to_container(cfg, resolve=True))
+    return wandb.init(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        dir=str(run_dir),
+        mode=mode,
+        name=f"{cfg.stage.name}-{run_dir.name}",
+        group=run_dir.parent.name,
+        tags=list(cfg.logger.tags),
+        config=config,
+        reinit="finish_previous",
+    )
+
+
+def log(tracker, metrics: dict, step: int | None = None) -> None:
+    if tracker is not None:
+        tracker.log(metrics, step=step)
+
+
+def finish(tracker, result: dict) -> None:
+    if tracker is None:
+        return
+    numbers = {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, (int, float))}
+    tracker.summary.update({**{f"final/{k}": v for k, v in numbers.items()}, "status": result["status"]})
+    tracker.finish(exit_code=0 if result["status"] == "succeeded" else 1)

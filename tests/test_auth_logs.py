@@ -1,0 +1,304 @@
+"""auth_logs: the annotation rules, the folder builder (real and synthetic) and the loader's errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sectune.data import auth_logs as A
+from sectune.data.synthetic_auth import generate_auth_lines
+from sectune.errors import DataError
+from sectune.paths import shared_data_dir
+
+# ----------------------------------------------------------------------------- the rules
+
+BRUTE = [
+    "Dec 10 07:13:31 LabSZ sshd[24227]: pam_unix(sshd:auth): authentication failure; logname= uid=0 euid=0 tty=ssh ruser= rhost=5.36.59.76.dynamic-dsl-ip.omantel.net.om  user=root",
+    "Dec 10 07:13:43 LabSZ sshd[24227]: Failed password for root from 5.36.59.76 port 42393 ssh2",
+    "Dec 10 07:13:56 LabSZ sshd[24227]: message repeated 5 times: [ Failed password for root from 5.36.59.76 port 42393 ssh2]",
+    "Dec 10 07:13:56 LabSZ sshd[24227]: Disconnecting: Too many authentication failures for root [preauth]",
+    "Dec 10 07:13:56 LabSZ sshd[24227]: PAM 5 more authentication failures; logname= uid=0 euid=0 tty=ssh ruser= rhost=5.36.59.76.dynamic-dsl-ip.omantel.net.om  user=root",
+    "Dec 10 07:13:56 LabSZ sshd[24227]: PAM service(sshd) ignoring max retries; 6 > 3",
+    "Dec 10 07:14:02 LabSZ sshd[24229]: Invalid user  0101 from 5.188.10.180",
+    "Dec 10 07:14:02 LabSZ sshd[24229]: input_userauth_request: invalid user  0101 [preauth]",
+]
+
+CLEAN = [
+    "Dec 10 09:32:20 LabSZ sshd[24680]: Accepted password for fztu from 119.137.62.142 port 49116 ssh2",
+    "Dec 10 09:32:20 LabSZ sshd[24680]: pam_unix(sshd:session): session opened for user fztu by (uid=0)",
+    "Dec 10 09:45:06 LabSZ sshd[24680]: pam_unix(sshd:session): session closed for user fztu",
+    "Jun 18 04:07:05 combo su(pam_unix)[31791]: session opened for user cyrus by (uid=0)",
+    "Jun 18 04:07:06 combo su(pam_unix)[31791]: session closed for user cyrus",
+    "Dec 10 09:45:06 LabSZ sshd[24681]: Connection closed by 212.47.254.145 [preauth]",
+]
+
+BREAK_IN = [
+    "Dec 10 06:55:46 LabSZ sshd[24200]: reverse mapping checking getaddrinfo for ns.marryaldkfaczcz.com [173.234.31.186] failed - POSSIBLE BREAK-IN ATTEMPT!",
+    "Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186",
+    "Dec 10 06:55:46 LabSZ sshd[24200]: input_userauth_request: invalid user webmaster [preauth]",
+    "Dec 10 06:55:46 LabSZ sshd[24200]: pam_unix(sshd:auth): check pass; user unknown",
+    "Dec 10 06:55:46 LabSZ sshd[24200]: pam_unix(sshd:auth): authentication failure; logname= uid=0 euid=0 tty=ssh ruser= rhost=173.234.31.186 ",
+    "Dec 10 06:55:48 LabSZ sshd[24200]: Failed password for invalid user webmaster from 173.234.31.186 port 38926 ssh2",
+    "Dec 10 06:55:48 LabSZ sshd[24200]: Connection closed by 173.234.31.186 [preauth]",
+]
+
+
+def test_brute_force_burst_counts_each_attempt_once():
+    a = A.analyze_auth_log(BRUTE)
+    # 1 Failed + 5 repeated = 6 attempts; the PAM lines (1 + 5 more) describe the same 6.
+    assert a["failed_logins"] == 6
+    assert a["accepted_logins"] == 0
+    assert a["brute_force"] is True
+    assert a["verdict"] == "malicious"
+    assert a["targeted_users"] == ["root"]
+    assert a["invalid_users"] == ["0101"]  # the real log's double space is not part of the name
+    # The sshd message's IP wins over PAM's reverse-DNS rhost; the scanner appears with 0 failures.
+    assert a["source_ips"] == [{"ip": "5.36.59.76", "failures": 6}, {"ip": "5.188.10.180", "failures": 0}]
+    assert list(a) == ["verdict", "failed_logins", "accepted_logins", "invalid_users", "targeted_users",
+                       "source_ips", "brute_force", "break_in_attempts", "summary"]
+    assert A.validate_analysis(a) == []
+
+
+def test_clean_session_is_benign():
+    a = A.analyze_auth_log(CLEAN)
+    assert a["verdict"] == "benign"
+    assert (a["failed_logins"], a["accepted_logins"]) == (0, 1)  # Accepted + session opened = 1 login; su is not one
+    assert a["source_ips"] == [{"ip": "119.137.62.142", "failures": 0}]
+    assert a["invalid_users"] == a["targeted_users"] == []
+    assert a["brute_force"] is False and a["break_in_attempts"] == 0
+
+
+def test_break_in_warning_with_failure_is_malicious():
+    a = A.analyze_auth_log(BREAK_IN)
+    assert a["break_in_attempts"] == 1
+    assert a["failed_logins"] == 1
+    assert a["invalid_users"] == ["webmaster"]
+    assert a["source_ips"] == [{"ip": "173.234.31.186", "failures": 1}]
+    assert a["verdict"] == "malicious" and a["brute_force"] is False
+    # Without the failure lines, the warning alone is only suspicious.
+    assert A.analyze_auth_log(BREAK_IN[:3])["verdict"] == "suspicious"
+
+
+def test_linux_pam_failures_and_login_after_failures():
+    lines = [
+        f"Jun 15 02:04:{i:02d} combo sshd(pam_unix)[{20000 + i}]: authentication failure; logname= uid=0 euid=0 "
+        f"tty=NODEVssh ruser= rhost=220-135-151-1.hinet-ip.hinet.net  user=root"
+        for i in range(4)
+    ]
+    a = A.analyze_auth_log(lines)
+    assert (a["failed_logins"], a["verdict"], a["brute_force"]) == (4, "suspicious", False)
+    assert a["source_ips"] == [{"ip": "220-135-151-1.hinet-ip.hinet.net", "failures": 4}]
+    ssh = [
+        "Dec 10 10:00:00 LabSZ sshd[1]: Failed password for bob from 1.2.3.4 port 1 ssh2",
+        "Dec 10 10:00:01 LabSZ sshd[2]: Failed password for bob from 1.2.3.4 port 2 ssh2",
+        "Dec 10 10:00:02 LabSZ sshd[3]: Failed password for bob from 1.2.3.4 port 3 ssh2",
+        "Dec 10 10:00:03 LabSZ sshd[4]: Accepted password for bob from 1.2.3.4 port 4 ssh2",
+    ]
+    b = A.analyze_auth_log(ssh)
+    assert (b["failed_logins"], b["accepted_logins"], b["verdict"]) == (3, 1, "malicious")
+
+
+def test_render_prompt_and_completion():
+    a = A.analyze_auth_log(CLEAN)
+    p = A.render_prompt("\n".join(CLEAN) + "\n\n")
+    assert p.startswith("Analyze these authentication log lines and answer with JSON matching the schema.\n### Logs:\n")
+    assert p.endswith(CLEAN[-1] + "\n### Analysis:\n")
+    c = A.render_completion(a)
+    assert not c.endswith("\n") and " " not in c.split('"summary"')[0]
+    assert json.loads(c) == a and list(json.loads(c)) == list(a)
+
+
+def test_validate_analysis_reports_key_paths():
+    a = A.analyze_auth_log(BRUTE)
+    bad = dict(a, failed_logins=-1, source_ips=[{"ip": "x"}])
+    errors = A.validate_analysis(bad)
+    assert any(e.startswith("failed_logins:") for e in errors)
+    assert any(e.startswith("source_ips/0:") and "failures" in e for e in errors)
+    assert A.validate_analysis({"verdict": "benign"})  # missing keys
+
+
+def test_synthetic_generator_is_reproducible():
+    assert generate_auth_lines(300, seed=3) == generate_auth_lines(300, seed=3)
+    assert generate_auth_lines(300, seed=3) != generate_auth_lines(300, seed=4)
+    assert len(generate_auth_lines(123, seed=0)) == 123
+
+
+# ------------------------------------------------------------------------------ builder
+
+_REAL = [shared_data_dir() / rel for rel in A.REAL_SOURCES]
+
+
+def _check_layout(root: Path, info: dict) -> list[A.AuthSample]:
+    samples = A.load_auth_folder(root)
+    assert len(samples) == info["total"] == sum(info["counts"].values())
+    assert {s.label for s in samples} == set(A.CLASSES)
+    for s in samples:
+        assert s.txt_path.parent == root / "auth_data" / s.label
+        assert re.fullmatch(r"auth_data_\d+_\d+\.txt", s.txt_path.name)
+        assert s.json_path == root / "Auth_bin" / s.txt_path.name.replace("auth_data_", "auth_text_").replace(".txt", ".json")
+        assert A.validate_analysis(s.analysis) == []
+        assert s.analysis["verdict"] == s.label
+        assert len(A.render_completion(s.analysis)) < 500
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(f".{root.name}.")]  # no temp leftovers
+    return samples
+
+
+def test_build_on_real_logs(tmp_path):
+    if not all(p.is_file() for p in _REAL):
+        pytest.skip(f"real loghub logs not found under {shared_data_dir()} (set SECTUNE_SHARED_DATA)")
+    out = tmp_path / "auth"
+    info = A.build_auth_folder(out, shared_data_dir(), seed=0)
+    assert info["source"] == "real"
+    assert all(info["counts"][c] > 0 for c in A.CLASSES)
+    assert [Path(f["path"]).name for f in info["source_files"]] == ["OpenSSH_2k.log", "Linux_2k.log"]
+    assert all(len(f["sha256"]) == 64 for f in info["source_files"])
+    assert json.loads((out / "BUILD_INFO.json").read_text()) == info
+    samples = _check_layout(out, info)
+    # Y is the window's first line number in its source file.
+    first = next(s for s in samples if s.id.startswith("1_"))
+    y = int(first.id.split("_")[1])
+    assert _REAL[0].read_text().splitlines()[y - 1].rstrip() == first.log_text.splitlines()[0]
+    lengths = {len(s.log_text.splitlines()) for s in samples}
+    assert min(lengths) >= 6 and max(lengths) <= 20 and len(lengths) > 3
+    # Same seed, same folder.
+    again = A.build_auth_folder(tmp_path / "again", shared_data_dir(), seed=0)
+    assert again["counts"] == info["counts"]
+
+
+def test_build_without_real_logs_uses_synthetic(tmp_path):
+    out = tmp_path / "auth"
+    info = A.build_auth_folder(out, tmp_path / "nowhere", seed=1)
+    assert info["source"] == "synthetic" and info["source_files"] == [] and "synthetic" in info["note"]
+    _check_layout(out, info)
+    # ensure_* reuses a finished build instead of rebuilding it.
+    marker = out / "auth_data" / "benign" / "marker.keep"
+    marker.write_text("x")
+    assert A.ensure_auth_folder(out, tmp_path / "nowhere", seed=1) == info
+    assert marker.exists()
+    # Rebuilding replaces the folder whole.
+    A.build_auth_folder(out, tmp_path / "nowhere", seed=1, max_windows=9)
+    assert not marker.exists() and len(A.load_auth_folder(out)) == 9
+
+
+def test_failed_build_leaves_no_folder(tmp_path, monkeypatch):
+    real = A._write_sample
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_write_sample", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        A.build_auth_folder(tmp_path / "auth", tmp_path / "nowhere", seed=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------- loader
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("auth_small") / "auth"
+    A.build_auth_folder(root, root.parent / "nowhere", seed=0, max_windows=12)
+    return root
+
+
+@pytest.fixture
+def folder(small_folder, tmp_path) -> Path:
+    copy = tmp_path / "auth"
+    shutil.copytree(small_folder, copy)
+    return copy
+
+
+def _first_pair(root: Path) -> tuple[Path, Path]:
+    s = A.load_auth_folder(root)[0]
+    return s.txt_path, s.json_path
+
+
+def test_max_samples_is_deterministic_and_covers_all_classes(small_folder):
+    full = A.load_auth_folder(small_folder)
+    assert [s.id for s in full] == sorted((s.id for s in full), key=lambda i: tuple(map(int, i.split("_"))))
+    three = A.load_auth_folder(small_folder, max_samples=3)
+    assert len(three) == 3 and {s.label for s in three} == set(A.CLASSES)
+    assert [s.id for s in three] == [s.id for s in A.load_auth_folder(small_folder, max_samples=3)]
+    assert len(A.load_auth_folder(small_folder, max_samples=1000)) == len(full)
+    with pytest.raises(DataError, match="max_samples"):
+        A.load_auth_folder(small_folder, max_samples=0)
+
+
+def test_missing_and_not_a_dir(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as e:
+        A.load_auth_folder(tmp_path / "absent")
+    assert str(tmp_path / "absent") in str(e.value)
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(DataError, match="not a folder"):
+        A.load_auth_folder(f)
+
+
+@pytest.mark.parametrize("sub", ["auth_data", "Auth_bin"])
+def test_missing_subfolder(folder, sub):
+    shutil.rmtree(folder / sub)
+    with pytest.raises(DataError, match=sub) as e:
+        A.load_auth_folder(folder)
+    assert str(folder / sub) in str(e.value)
+
+
+def test_empty_folder(folder):
+    for t in (folder / "auth_data").rglob("*.txt"):
+        t.unlink()
+    with pytest.raises(DataError, match="no auth_data_X_Y.txt"):
+        A.load_auth_folder(folder)
+
+
+def test_txt_without_json_names_both(folder):
+    txt, js = _first_pair(folder)
+    js.unlink()
+    with pytest.raises(DataError) as e:
+        A.load_auth_folder(folder)
+    assert str(txt) in str(e.value) and str(js) in str(e.value)
+
+
+def test_bad_json_names_file_line_and_column(folder):
+    _, js = _first_pair(folder)
+    js.write_text('{\n  "verdict": "benign",\n  "failed_logins": ,\n}\n')
+    with pytest.raises(DataError) as e:
+        A.load_auth_folder(folder)
+    msg = str(e.value)
+    assert str(js) in msg and "line 3, column 20" in msg and "\n" not in msg
+
+
+def test_schema_violation_names_file_and_key(folder):
+    _, js = _first_pair(folder)
+    obj = json.loads(js.read_text())
+    obj["source_ips"] = [{"ip": "1.2.3.4", "failures": "many"}]
+    js.write_text(json.dumps(obj))
+    with pytest.raises(DataError) as e:
+        A.load_auth_folder(folder)
+    msg = str(e.value)
+    assert str(js) in msg and "source_ips/0/failures" in msg and "'many' is not of type 'integer'" in msg
+
+
+def test_empty_txt(folder):
+    txt, _ = _first_pair(folder)
+    txt.write_text("\n")
+    with pytest.raises(DataError, match="empty log file") as e:
+        A.load_auth_folder(folder)
+    assert str(txt) in str(e.value)
+
+
+def test_custom_schema_path(folder, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["not_there"]}))
+    with pytest.raises(DataError, match="not_there"):
+        A.load_auth_folder(folder, schema_path=schema)
+    schema.write_text("{oops")
+    with pytest.raises(DataError, match=r"line 1, column 2"):
+        A.load_auth_folder(folder, schema_path=schema)

@@ -1,0 +1,146 @@
+"""The memory planner: param counts agree with real models, the reference budget is plausible."""
+import pytest
+import torch
+
+from sectune.planner import (
+    ARCHS,
+    GiB,
+    Budget,
+    estimate_memory,
+    lora_param_count,
+    measure_arch,
+    param_count,
+)
+
+REF = dict(quantization="nf4", lora_r=16, lora_targets="all_linear", dtype="bf16", seq_len=2048,
+           batch_size=1, gradient_checkpointing=True, device="cuda")
+
+
+def tiny_llama(tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=1000, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=128))
+
+
+def numel(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "adamw"])
+def test_reference_llama2_7b_qlora_near_5_5_gb(optimizer):
+    b = estimate_memory(ARCHS["llama2_7b"], optimizer=optimizer, **REF)
+    assert isinstance(b, Budget)
+    assert b.total == b.weights + b.adapters + b.optimizer_state + b.gradients + b.activations + b.runtime_overhead
+    assert abs(b.total - 5.5 * GiB) <= 0.2 * 5.5 * GiB, b.to_markdown()
+    if optimizer == "paged_adamw_8bit":  # the seed's setup also lands within 20% of 5.5e9 bytes
+        assert abs(b.total - 5.5e9) <= 0.2 * 5.5e9, b.to_markdown()
+    assert 3.0 * GiB < b.weights < 4.0 * GiB  # "7B from ~14GB to ~3.5GB"
+    assert b.trainable_params == 39_976_960
+
+
+def test_preset_param_counts_match_published_sizes():
+    expect = {"smollm_135m": 134_515_008, "llama2_7b": 6_738_415_616, "llama31_8b": 8_030_261_248,
+              "llama32_3b_instruct": 3_212_749_824, "gpt2_large": 774_030_080}
+    for name, n in expect.items():
+        assert param_count(ARCHS[name]) == n, name
+    assert ARCHS["deepseek_r1_distill_llama_8b"] == ARCHS["llama31_8b"]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_param_count_equals_tiny_llama(tie):
+    model = tiny_llama(tie)
+    arch = measure_arch(model.config)
+    assert arch["tie_embeddings"] is tie and arch["num_kv_heads"] == 2
+    assert param_count(arch) == numel(model)
+
+
+def test_param_count_equals_tiny_gpt2():
+    model = tiny_gpt2()
+    assert param_count(measure_arch(model.config)) == numel(model)
+
+
+def test_lora_params_equal_peft_tiny_llama():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama()
+    arch = measure_arch(model.config)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert lora_param_count(arch, 4, "attention") == trainable
+    b = estimate_memory(arch, lora_r=4, lora_targets="attention", dtype="fp32", device="cpu")
+    assert b.trainable_params == trainable and b.adapters == 4 * trainable
+
+
+def test_lora_all_linear_equals_peft_tiny_gpt2():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_gpt2()
+    arch = measure_arch(model.config)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True))
+    assert lora_param_count(arch, 4, "all_linear") == peft_model.get_nb_trainable_parameters()[0]
+    assert lora_param_count(arch, 4, ["c_attn", "c_proj", "c_fc"]) == peft_model.get_nb_trainable_parameters()[0]
+
+
+def test_quantization_orders_weights():
+    kw = dict(REF, optimizer="adamw")
+    w = {q: estimate_memory(ARCHS["llama31_8b"], **dict(kw, quantization=q)).weights for q in ("nf4", "int8", "none")}
+    assert w["nf4"] < w["int8"] < w["none"]
+    assert w["none"] == param_count(ARCHS["llama31_8b"]) * 2
+
+
+def test_gradient_checkpointing_lowers_activations():
+    for name in ("llama2_7b", "smollm_135m", "gpt2_large"):
+        on = estimate_memory(ARCHS[name], **dict(REF, quantization="none", optimizer="adamw"))
+        off = estimate_memory(ARCHS[name], **dict(REF, quantization="none", optimizer="adamw", gradient_checkpointing=False))
+        assert on.activations < off.activations, name
+
+
+def test_logits_dominate_small_models_and_scale_with_batch():
+    one = estimate_memory(ARCHS["smollm_135m"], lora_r=4, dtype="bf16", seq_len=2048, gradient_checkpointing=True)
+    two = estimate_memory(ARCHS["smollm_135m"], lora_r=4, dtype="bf16", seq_len=2048, batch_size=2, gradient_checkpointing=True)
+    logits = 2048 * 49152 * (2 + 8)
+    assert one.activations > logits and one.activations < 1.5 * logits
+    assert two.activations > 1.9 * one.activations
+
+
+def test_optimizers_and_full_finetune():
+    arch = ARCHS["smollm_135m"]
+    full = {o: estimate_memory(arch, dtype="fp32", optimizer=o, device="cpu") for o in ("adamw", "adafactor", "paged_adamw_8bit")}
+    n = param_count(arch)
+    assert full["adamw"].optimizer_state == 8 * n and full["adamw"].gradients == 4 * n
+    assert full["adafactor"].optimizer_state < full["paged_adamw_8bit"].optimizer_state < full["adamw"].optimizer_state
+    assert full["adamw"].adapters == 0 and full["adamw"].trainable_params == n
+    cpu, cuda = full["adamw"], estimate_memory(arch, dtype="fp32", optimizer="adamw", device="cuda")
+    assert cpu.runtime_overhead < cuda.runtime_overhead
+
+
+def test_upcast_non_quantized_counts_fp32_embeddings():
+    base = estimate_memory(ARCHS["llama2_7b"], optimizer="adamw", **REF)
+    up = estimate_memory(ARCHS["llama2_7b"], optimizer="adamw", upcast_non_quantized=True, **REF)
+    assert up.weights - base.weights == pytest.approx(2 * (2 * 32000 * 4096 + 65 * 4096), rel=1e-6)
+
+
+def test_rejects_bad_choices():
+    with pytest.raises(ValueError, match="needs LoRA"):
+        estimate_memory(ARCHS["llama2_7b"], quantization="nf4", lora_r=None)
+    with pytest.raises(ValueError, match="optimizer"):
+        estimate_memory(ARCHS["llama2_7b"], lora_r=8, optimizer="sgd")
+    with pytest.raises(ValueError, match="family"):
+        param_count(dict(ARCHS["llama2_7b"], family="mamba"))
+
+
+def test_rows_and_markdown():
+    b = estimate_memory(ARCHS["llama2_7b"], optimizer="paged_adamw_8bit", **REF)
+    rows = b.rows()
+    assert [r[0] for r in rows][-1] == "total" and rows[-1][1] == b.total
+    md = b.to_markdown()
+    assert md.startswith("| component |") and "**total**" in md and "optimizer_state" in md

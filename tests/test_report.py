@@ -1,0 +1,129 @@
+"""sectune-report over fabricated Hydra sweep dirs (no training needed)."""
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from sectune.report import NO_RESULT, build_report, main, write_report
+
+GRID = [  # job, lora.r, lr, what happened
+    (0, 4, "1e-4", {"eval_loss": 1.30, "eval_accuracy": 0.70}),
+    (1, 4, "2e-4", {"eval_loss": 1.10, "eval_accuracy": 0.80}),
+    (2, 8, "1e-4", "failed"),
+    (3, 8, "2e-4", None),  # crashed before result.json
+]
+
+
+def make_sweep(root, grid=GRID, extra_override="model=tiny_llama"):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    for job, r, lr, outcome in grid:
+        d = root / str(job)
+        (d / ".hydra").mkdir(parents=True)
+        ov = [f"lora.r={r}", f"train.learning_rate={lr}"] + ([extra_override] if extra_override else [])
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(ov))
+        base = {"stage": "sft", "artifacts": {}, "started": "2025-01-01T00:00:00", "finished": "2025-01-01T00:01:00",
+                "config_digest": f"d{job}"}
+        if isinstance(outcome, dict):
+            (d / "result.json").write_text(json.dumps({**base, "status": "succeeded", "metrics": outcome}))
+        elif outcome == "failed":
+            (d / "result.json").write_text(json.dumps({**base, "status": "failed", "metrics": {},
+                                                        "error": "CUDA out of memory"}))
+    return root
+
+
+def test_build_report_rows_columns_and_sort(tmp_path):
+    df = build_report(make_sweep(tmp_path / "sweep"))
+    assert len(df) == 4
+    assert list(df.columns[:3]) == ["job", "lora.r", "train.learning_rate"]
+    assert pd.api.types.is_integer_dtype(df["lora.r"])
+    assert pd.api.types.is_float_dtype(df["train.learning_rate"])
+    assert set(df["train.learning_rate"]) == {1e-4, 2e-4}
+    assert df.attrs["swept"] == ["lora.r", "train.learning_rate"]
+    assert df.attrs["fixed"] == {"model": "tiny_llama"}
+    # default: eval_loss ascending, failures last (in job order)
+    assert list(df["job"]) == [1, 0, 2, 3]
+    assert df.attrs["sort_by"] == "eval_loss" and df.attrs["ascending"] is True
+    failed = df[df["status"] == "failed"].set_index("job")
+    assert set(failed.index) == {2, 3}
+    assert failed.loc[2, "error"] == "CUDA out of memory"
+    assert failed.loc[3, "error"] == NO_RESULT
+    assert df.set_index("job").loc[0, "error"] == ""
+
+
+def test_sort_direction_by_metric_name_and_override(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep")
+    acc = build_report(sweep, sort_by="eval_accuracy")
+    assert list(acc["job"][:2]) == [1, 0] and acc.attrs["ascending"] is False  # not a loss: largest first
+    acc_up = build_report(sweep, sort_by="eval_accuracy", ascending=True)
+    assert list(acc_up["job"]) == [0, 1, 2, 3]
+    loss_down = build_report(sweep, sort_by="eval_loss", ascending=False)
+    assert list(loss_down["job"]) == [0, 1, 2, 3]
+
+
+def test_first_metric_when_no_eval_loss(tmp_path):
+    grid = [(0, 4, "1e-4", {"f1": 0.5}), (1, 8, "1e-4", {"f1": 0.9}), (2, 16, "1e-4", {"f1": 0.7})]
+    df = build_report(make_sweep(tmp_path / "s", grid, extra_override=None))
+    assert df.attrs["sort_by"] == "f1" and list(df["job"]) == [1, 2, 0]
+    assert df.attrs["swept"] == ["lora.r"] and "train.learning_rate" in df.columns
+
+
+def test_numeric_job_order_and_garbled_result(tmp_path):
+    grid = [(i, 4 * (i + 1), "1e-4", {"eval_loss": float(i)}) for i in range(11)]
+    sweep = make_sweep(tmp_path / "s", grid)
+    (sweep / "10" / "result.json").write_text("{not json")
+    (sweep / "plots").mkdir()  # not a job dir
+    df = build_report(sweep, sort_by="job")
+    assert list(df["job"]) == list(range(11))
+    bad = df.set_index("job").loc[10]
+    assert bad["status"] == "failed" and "10/result.json" in bad["error"] and "unreadable" in bad["error"]
+
+
+def test_write_report_files(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep")
+    out = write_report(sweep)
+    assert (sweep / "report.csv").is_file() and (sweep / "report.md").is_file()
+    csv = pd.read_csv(sweep / "report.csv")
+    assert len(csv) == 4 and "eval_loss" in csv.columns and "model" in csv.columns
+    md = (sweep / "report.md").read_text()
+    assert "| job | lora.r | train.learning_rate | status | eval_loss | eval_accuracy | error |" in md
+    assert "CUDA out of memory" in md and "`model=tiny_llama`" in md
+    plots = sorted(p.name for p in (sweep / "plots").iterdir())
+    assert plots == ["lora.r.png", "train.learning_rate.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out["plots"])
+    assert not [p for p in sweep.rglob(".*tmp*")]  # temp files renamed away
+
+
+def test_categorical_swept_key_plot(tmp_path):
+    grid = [(0, 4, "1e-4", {"eval_loss": 1.0}), (1, 4, "1e-4", {"eval_loss": 2.0})]
+    sweep = make_sweep(tmp_path / "s", grid, extra_override=None)
+    for job, choice in ((0, "r4_attention"), (1, "r16_all_linear")):
+        (sweep / str(job) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"lora={choice}"]))
+    out = write_report(sweep)
+    assert out["frame"].attrs["swept"] == ["lora"]
+    assert [p.name for p in out["plots"]] == ["lora.png"]
+
+
+def test_cli(tmp_path, capsys):
+    sweep = make_sweep(tmp_path / "sweep")
+    assert main([str(sweep), "--sort-by", "eval_accuracy", "--ascending"]) == 0
+    printed = capsys.readouterr().out
+    assert "| job |" in printed and "report.csv" in printed
+    assert "Sorted by `eval_accuracy` (ascending)" in printed
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "bad_sort"])
+def test_cli_errors_exit_2(tmp_path, capsys, kind):
+    target = tmp_path / "nope"
+    args = [str(target)]
+    if kind == "empty":
+        target.mkdir()
+        (target / "multirun.yaml").write_text("{}\n")
+    if kind == "bad_sort":
+        make_sweep(target)
+        args += ["--sort-by", "nonexistent_metric"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sectune-report: error:")
+    assert ("nonexistent_metric" if kind == "bad_sort" else str(target)) in err[0]

@@ -113,6 +113,14 @@ class DatasetConfig:
     prompt_template: str = ""
     # text classification
     text_column: str = "text"
+    #: how the classify/evaluate stages read ``path``: flows | text_csv | injections
+    #: ("" = the dataset has no classification form)
+    format: str = ""
+    #: flows: feature scaling fitted on train (robust_log | standard) and rendered digits
+    normalizer: str = "robust_log"
+    render_precision: int = 3
+    #: flows with ``path: null`` and no real file: rows of generated 46-column data
+    synthetic_rows: int = 6800
 
 
 @dataclass
@@ -185,6 +193,10 @@ class DebugConfig:
 @dataclass
 class ClassifyConfig:
     head: str = "seq_cls"  # seq_cls | generative
+    #: binary tasks: pick the decision threshold on the validation split (never test)
+    tune_threshold: bool = True
+    #: end the classify run with the test-split evaluation (evaluation/ folder)
+    evaluate_test: bool = True
 
 
 @dataclass
@@ -192,6 +204,8 @@ class EvaluateConfig:
     model_dir: Optional[str] = None
     split: str = "test"
     batch_size: int = 32
+    #: trees in the RandomForest baseline (flows)
+    rf_estimators: int = 200
 
 
 @dataclass

@@ -209,4 +209,6 @@ class PackedRowsCollator:
         batch.pop("attention_mask", None)
         # No token predicts the first token of the next example packed after it.
         batch["labels"][batch["position_ids"] == 0] = -100
+        # transformers detects packed rows only without a KV cache (TRL's compute_loss also sets this).
+        batch["use_cache"] = False
         return batch

@@ -7,6 +7,7 @@ error saying how to provide it (``model.name_or_path=/path/to/weights``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -43,13 +44,16 @@ def _from_pretrained(loader, path: str, cfg: DictConfig, **kwargs):
         return loader(path, local_files_only=True, **kwargs)
     except OSError:
         pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
+        if offline:
+            raise OSError("HF_HUB_OFFLINE is set")
         return loader(path, **kwargs)
     except OSError as e:
         raise ModelNotAvailableError(
             f"model {path!r} (model={cfg.model.name}) is not in the local Hugging Face cache and could not be "
-            f"downloaded ({type(e).__name__}). Download it where there is network "
-            f"(`huggingface-cli download {path}`) or point to the weights with model.name_or_path=/path/to/folder"
+            f"downloaded ({e.__class__.__name__}{': HF_HUB_OFFLINE is set' if offline else ''}). Download it where "
+            f"there is network (`hf download {path}`) or point to the weights with model.name_or_path=/path/to/folder"
         ) from None
 
 
@@ -165,6 +169,10 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         modules_to_save=list(lc.modules_to_save) if lc.modules_to_save else None,
     )
     return get_peft_model(model, peft_cfg)
+
+
+def quantized_module_count(model) -> int:
+    return sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -50,10 +50,14 @@ def corpus_texts(shared_data: Path) -> tuple[list[str], str]:
     source = "real"
     if not texts:
         source = "synthetic"
+        import tempfile
+
         from sectune.data import synthetic_auth, synthetic_flows
 
         texts.append("\n".join(synthetic_auth.generate_auth_lines(4000, seed=0)))
-        texts.append(synthetic_flows.sample_csv_text(2000, seed=0))
+        with tempfile.TemporaryDirectory() as tmp:
+            csv = synthetic_flows.generate_cic_iot_46(2000, 0, Path(tmp) / "flows.csv")
+            texts.append(Path(csv).read_text())
     texts.append(_VOCAB_HINTS * 20)
     return texts, source
 

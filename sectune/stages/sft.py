@@ -59,13 +59,15 @@ def run(ctx: RunContext) -> dict:
         "train_steps": trainer.state.global_step,
         "trainable_params": trainable,
         "total_params": total,
+        "quantized_modules": modeling.quantized_module_count(model),
     }
     if val_recs:
         metrics["eval_loss_start"] = ctx.partial_metrics["eval_loss_start"]
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 
     # 4. artifacts: written under a temporary name, renamed when complete
-    model_unwrapped = trainer.model
+    # Without accelerate's mixed-precision wrapper: what is saved is what a reload computes (fp32 forward).
+    model_unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     is_peft = hasattr(model_unwrapped, "peft_config")
     name = "adapter" if is_peft else "model"
     save_pretrained_atomic(model_unwrapped, tokenizer, run_dir / name)

@@ -1,0 +1,79 @@
+"""Every option of every config group composes; typos and wrong types fail naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import compose, sectune
+from sectune.paths import PROJECT_ROOT
+from sectune.tracking import REDACTED, redact
+
+GROUPS = ["model", "quantization", "lora", "loss", "dataset", "stage", "logger"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (PROJECT_ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_group_option_composes(group, option):
+    cfg = compose([f"{group}={option}"])
+    node = cfg[group]
+    assert node.name == option  # each option declares its own name: results name what ran
+    # Interpolations resolve (paths, learning rate from the model preset).
+    assert isinstance(cfg.train.learning_rate, float)
+    assert cfg.paths.shared_data
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(experiment):
+    cfg = compose([f"+experiment={experiment}"])
+    assert cfg.stage.name
+
+
+def test_real_presets_name_hub_models_and_arch():
+    for option in _options("model"):
+        cfg = compose([f"model={option}"])
+        if option.startswith("tiny"):
+            assert cfg.model.name_or_path is None and cfg.model.tiny is not None
+        else:
+            assert "/" in cfg.model.name_or_path, option  # a hub id
+            assert cfg.model.arch.hidden_size > 0
+            assert cfg.model.trust_remote_code is False
+
+
+def test_learning_rate_follows_model_preset_unless_overridden():
+    assert compose([]).train.learning_rate == pytest.approx(1e-2)
+    assert compose(["model=llama2_7b"]).train.learning_rate == pytest.approx(2e-4)
+    assert compose(["model=llama2_7b", "train.learning_rate=5e-5"]).train.learning_rate == pytest.approx(5e-5)
+
+
+def test_typo_in_override_fails_naming_the_key():
+    run = sectune(["lora.rr=3", "--cfg", "job"])
+    assert run.returncode != 0
+    assert "lora.rr" in run.stderr and "Key 'rr' not in 'LoraConfig'" in run.stderr
+
+
+def test_wrong_type_fails_naming_the_key():
+    run = sectune(["train.batch_size=eight", "--cfg", "job"])
+    assert run.returncode != 0
+    assert "train.batch_size" in run.stderr
+
+
+def test_cfg_job_prints_composed_config_and_help_lists_groups():
+    job = sectune(["lora=r16_all_linear", "--cfg", "job"])
+    assert job.returncode == 0, job.stderr
+    assert "r: 16" in job.stdout and "alpha: 32" in job.stdout
+    helped = sectune(["--help"])
+    assert helped.returncode == 0
+    for group in GROUPS:
+        assert f"{group}:" in helped.stdout
+    assert "r4_attention" in helped.stdout and "llama32_3b_instruct" in helped.stdout
+
+
+def test_redact_hides_secret_keys_and_values():
+    cfg = {"a": {"hub_token": "abc", "api_key": "k", "name": "x"}, "b": ["hf_" + "A" * 34, "fine"], "password": None}
+    out = redact(cfg)
+    assert out["a"]["hub_token"] == REDACTED and out["a"]["api_key"] == REDACTED and out["a"]["name"] == "x"
+    assert out["b"] == [REDACTED, "fine"]
+    assert out["password"] is None  # nothing to hide

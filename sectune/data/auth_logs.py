@@ -8,43 +8,10 @@ source log. ``BUILD_INFO.json`` at the root records where the windows came from.
 The analysis comes from transparent rules (``analyze_auth_log``), so the same function is the
 annotation, the classic baseline beside the model and a reward check during RL.
 
-Rules (``RULES_VERSION``)
--------------------------
-Lines are grouped by process id, because one authentication attempt is logged several times
-(OpenSSH writes ``pam_unix(sshd:auth): authentication failure`` *and* ``Failed password`` for
-the same attempt). For each pid two channels of evidence are counted:
-
-* sshd/daemon messages: ``Failed <method> for [invalid user] U from IP`` (1, or N for
-  ``message repeated N times: [ Failed ...]``), klogind ``Authentication failed from IP`` and
-  ``Kerberos authentication failed`` (failures); ``Accepted <method> for U from IP`` and
-  ftpd ``ANONYMOUS FTP LOGIN FROM IP`` (accepted logins);
-* PAM messages: ``authentication failure; ... rhost=H [user=U]`` (1) and
-  ``PAM N more authentication failure(s)`` (N) (failures); ``session opened for user U`` from
-  sshd/login (accepted logins; ``su`` and ``cron`` sessions are local switches, not logins).
-
-A pid's failures (and accepted logins) are the *larger* of its two channels, never their sum,
-so one attempt counts once even when only half of its lines fall inside the window.
-A pid's source is the first ``from IP`` of an sshd message, else the ``[IP]`` of a reverse
-mapping warning, else PAM's ``rhost`` (a host name on Linux_2k). ``failed_logins`` and
-``accepted_logins`` sum over pids; per-source failures sum over the pids of that source.
-
-* ``invalid_users``: names from ``Invalid user U``, ``input_userauth_request: invalid user U``
-  and ``Failed ... for invalid user U`` (sorted, unique, first 5).
-* ``targeted_users``: existing accounts that failed (``Failed password for U``, PAM
-  ``user=U``), sorted, unique, first 5.
-* ``source_ips``: sources with a failure, accepted login, invalid user or break-in warning,
-  as ``{"ip", "failures"}`` sorted by failures (desc) then name, first 3.
-* ``brute_force``: some source has >= 5 failures in the window.
-* ``break_in_attempts``: ``POSSIBLE BREAK-IN ATTEMPT!`` lines.
-* ``verdict``: **malicious** if brute_force, or break-in warnings together with failures, or an
-  accepted login from a source that failed >= 3 times in the window; else **suspicious** if
-  there is any failure, invalid user, ``user unknown`` or break-in warning; else **benign**.
-
-Other lines (connection closed, disconnects, session closed, kernel noise) carry no evidence.
+The annotation rules (``analyze_auth_log``) live in ``sectune/data/auth_rules.py``.
 """
 
 from __future__ import annotations
-
 import hashlib
 import json
 import logging
@@ -58,147 +25,12 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
-
 from sectune.errors import DataError
 from sectune.paths import shared_data_dir
 
 log = logging.getLogger(__name__)
 
-RULES_VERSION = "auth-rules-1"
-CLASSES = ("benign", "suspicious", "malicious")
-BRUTE_FORCE_FAILURES = 5
-FAILED_THEN_ACCEPTED = 3
-REAL_SOURCES = ("loghub_openssh_2k/OpenSSH_2k.log", "loghub_linux_2k/Linux_2k.log")
-_MAX_NAME = 32  # usernames in real scans can be junk; the schema caps their length
-_MAX_HOST = 64
-
-# ---------------------------------------------------------------------------------- rules
-_HEADER = re.compile(r"^\w{3}\s+\d+\s+\d\d:\d\d:\d\d\s+\S+\s+(?P<proc>.+?)(?:\[(?P<pid>\d+)\])?:\s?(?P<msg>.*)$")
-_FAILED = re.compile(r"Failed (?:\S+) for (?P<inv>invalid user )?(?P<user>.*?) from (?P<ip>\S+) port \d+")
-_REPEATED = re.compile(r"message repeated (?P<n>\d+) times: \[ ?(?P<inner>.*)\]")
-_ACCEPTED = re.compile(r"Accepted \S+ for (?P<user>\S+) from (?P<ip>\S+)")
-_INVALID = re.compile(r"(?:^Invalid user (?P<u1>.*?) from (?P<ip>\S+)|input_userauth_request: invalid user (?P<u2>.*?) \[preauth\])")
-_BREAK_IN = re.compile(r"reverse mapping checking getaddrinfo for \S+ \[(?P<ip>[^\]]+)\].*POSSIBLE BREAK-IN ATTEMPT")
-_PAM_FAIL = re.compile(r"authentication failure; .*?rhost=(?P<rhost>\S*)(?:\s+user=(?P<user>\S+))?")
-_PAM_MORE = re.compile(r"PAM (?P<n>\d+) more authentication failures?;.*?rhost=(?P<rhost>\S*)(?:\s+user=(?P<user>\S+))?")
-_SESSION_OPEN = re.compile(r"session opened for user (?P<user>\S+) by")
-_KLOG_FAIL = re.compile(r"Authentication failed from (?P<ip>[\d.]+)|Kerberos authentication failed")
-_ANON_FTP = re.compile(r"ANONYMOUS FTP LOGIN FROM (?P<ip>[^,\s]+)")
-_FROM_IP = re.compile(r" from (?P<ip>\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]+:[0-9a-fA-F:]+)\b")
-_LOGIN_PROCS = ("sshd", "login")
-
-
-def _name(user: str | None) -> str | None:
-    user = (user or "").strip()
-    return user[:_MAX_NAME] if user else None
-
-
-class _Pid:
-    """Evidence for one process id (one connection / session) inside a window."""
-
-    def __init__(self) -> None:
-        self.fail = [0, 0]  # [daemon channel, PAM channel]
-        self.ok = [0, 0]
-        self.ip: str | None = None  # from an sshd message: the most reliable
-        self.alt_ip: str | None = None  # reverse-mapping [IP] or PAM rhost
-        self.interesting = False
-
-
-def analyze_auth_log(lines: list[str]) -> dict:
-    """Apply the module's documented rules to a window of log lines; return the analysis."""
-    pids: dict[str, _Pid] = {}
-    invalid: set[str] = set()
-    targeted: set[str] = set()
-    break_ins = 0
-    unknown_user = False
-    for lineno, raw in enumerate(lines):
-        line = raw.strip()
-        m = _HEADER.match(line)
-        proc, pid, msg = (m["proc"].strip(), m["pid"], m["msg"]) if m else ("", None, line)
-        base = proc.split("(")[0]
-        p = pids.setdefault(pid or f"line{lineno}", _Pid())
-        rep = _REPEATED.search(msg)
-        times = int(rep["n"]) if rep else 1
-        body = rep["inner"] if rep else msg
-        if (ip := _FROM_IP.search(body)) and base == "sshd" and p.ip is None:
-            p.ip = ip["ip"]
-        if f := _FAILED.search(body):
-            p.fail[0] += times
-            p.interesting = True
-            (invalid if f["inv"] else targeted).add(_name(f["user"]) or "")
-        elif _ACCEPTED.search(body):
-            p.ok[0] += 1
-            p.interesting = True
-        elif i := _INVALID.search(body):
-            invalid.add(_name(i["u1"] if i["u1"] is not None else i["u2"]) or "")
-            p.interesting = True
-        elif b := _BREAK_IN.search(body):
-            break_ins += 1
-            p.alt_ip = p.alt_ip or b["ip"]
-            p.interesting = True
-        elif pm := (_PAM_MORE.search(body) or _PAM_FAIL.search(body)):
-            p.fail[1] += int(pm["n"]) if "n" in pm.groupdict() else 1
-            p.alt_ip = p.alt_ip or (pm["rhost"][:_MAX_HOST] or None)
-            if pm["user"]:
-                targeted.add(_name(pm["user"]) or "")
-            p.interesting = True
-        elif _SESSION_OPEN.search(body) and base in _LOGIN_PROCS:
-            p.ok[1] += 1
-        elif k := _KLOG_FAIL.search(body):
-            p.fail[0] += 1
-            p.alt_ip = p.alt_ip or k["ip"]
-            p.interesting = True
-        elif af := _ANON_FTP.search(body):
-            p.ok[0] += 1
-            p.alt_ip = p.alt_ip or af["ip"]
-        elif "check pass; user unknown" in body:
-            unknown_user = True
-    invalid.discard("")
-    targeted.discard("")
-    targeted -= invalid
-
-    failures: dict[str, int] = {}
-    accepted_from: set[str] = set()
-    seen: set[str] = set()
-    failed_total = accepted_total = 0
-    for p in pids.values():
-        n_fail, n_ok = max(p.fail), max(p.ok)
-        failed_total += n_fail
-        accepted_total += n_ok
-        src = p.ip or p.alt_ip
-        if src is None or not (p.interesting or n_ok):
-            continue
-        seen.add(src)
-        failures[src] = failures.get(src, 0) + n_fail
-        if n_ok:
-            accepted_from.add(src)
-    ranked = sorted(seen, key=lambda ip: (-failures[ip], ip))
-    brute = [ip for ip in ranked if failures[ip] >= BRUTE_FORCE_FAILURES]
-    after_fail = [ip for ip in ranked if ip in accepted_from and failures[ip] >= FAILED_THEN_ACCEPTED]
-
-    if brute:
-        verdict, why = "malicious", f"brute force from {brute[0]} ({failures[brute[0]]} failures)"
-    elif break_ins and failed_total:
-        verdict, why = "malicious", "break-in warnings with failed logins"
-    elif after_fail:
-        verdict, why = "malicious", f"login accepted from {after_fail[0]} after {failures[after_fail[0]]} failures"
-    elif failed_total or invalid or break_ins or unknown_user:
-        verdict, why = "suspicious", "failed logins" if failed_total else "invalid users or break-in warnings"
-    else:
-        verdict, why = "benign", "no failed logins"
-    summary = f"{verdict.capitalize()}: {why}; {failed_total} failed, {accepted_total} accepted logins."
-    return {
-        "verdict": verdict,
-        "failed_logins": failed_total,
-        "accepted_logins": accepted_total,
-        "invalid_users": sorted(invalid)[:5],
-        "targeted_users": sorted(targeted)[:5],
-        "source_ips": [{"ip": ip, "failures": failures[ip]} for ip in ranked[:3]],
-        "brute_force": bool(brute),
-        "break_in_attempts": break_ins,
-        "summary": summary,
-    }
-
+from sectune.data.auth_rules import CLASSES, REAL_SOURCES, RULES_VERSION, _HEADER, analyze_auth_log  # noqa: F401 (re-exported)
 
 # ------------------------------------------------------------------------ schema & render
 @lru_cache(maxsize=1)

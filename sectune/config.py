@@ -217,13 +217,44 @@ class InferConfig:
 
 @dataclass
 class ReportConfig:
+    #: the sweep dir (``multirun/DATE/TIME``) to tabulate with ``stage=report``
     dir: Optional[str] = None
     sort_by: Optional[str] = None
+    #: null = losses ascending, other metrics descending
+    ascending: Optional[bool] = None
 
 
 @dataclass
 class SweepConfig:
+    #: skip a job whose config digest already succeeded: in this job dir, or anywhere the
+    #: index under ``index_dir`` points to (a rerun lands in a NEW multirun/DATE/TIME dir)
     skip_done: bool = False
+    #: one ``<digest>.json`` per succeeded sweep job, pointing at its run dir
+    index_dir: str = "multirun/.index"
+    #: the metric the run returns to a sweeper (Optuna); null = eval_loss, val_loss, then
+    #: predicted_peak_bytes, whichever the stage reports
+    objective: Optional[str] = None
+    #: minimize | maximize; the Optuna preset passes it to hydra.sweeper.direction
+    direction: str = "minimize"
+
+
+@dataclass
+class PlanConfig:
+    #: null = the device the run would train on (train.device); cuda | cpu to plan for another
+    device: Optional[str] = None
+    #: null = train.batch_size / model.max_seq_length
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    #: also tabulate every conf/model preset under the composed settings (plan_all_models.md)
+    all_models: bool = False
+
+
+@dataclass
+class DoctorConfig:
+    #: warn below this much free disk in the working dir (GB, 1e9 bytes)
+    min_free_disk_gb: float = 20.0
+    #: treat warnings as failures (exit non-zero) too
+    strict: bool = False
 
 
 @dataclass
@@ -244,6 +275,8 @@ class SectuneConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
 
 
 def register() -> None:

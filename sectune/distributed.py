@@ -2,7 +2,22 @@
 
 Hydra resolves ``${now:}`` in each process separately, so two ranks started a second apart would
 write two run dirs. Before Hydra starts, every rank agrees on one run dir: rank 0 picks it and
-the others read it from a small file keyed by the launcher's rendezvous (MASTER_ADDR/PORT).
+appends ``hydra.run.dir=<it>`` to its argv; the other ranks receive the same value.
+
+How the value travels, most robust first:
+
+1. torchrun (and ``accelerate launch``, which runs torchrun's elastic agent) hosts a key-value
+   store for the launch at MASTER_ADDR:MASTER_PORT (``TORCHELASTIC_USE_AGENT_STORE=True``). Its
+   keys live exactly as long as this launch (and we key by ``TORCHELASTIC_RESTART_COUNT``), so a
+   value from an earlier launch can never be read. Workers connect as clients, as
+   ``init_process_group`` itself does later.
+2. Otherwise (a hand-rolled launcher that only sets RANK/WORLD_SIZE): a small file in the temp
+   dir, keyed by MASTER_ADDR/PORT, the run id and the launching parent process (pid + start
+   time: the same for every local rank of one launch, different for the next launch). Rank 0
+   writes a fresh nonce-stamped file; the others accept it only if it was written after their
+   launcher started, so a stale file from an earlier launch on the same port is ignored.
+
+Only rank 0 writes result.json, artifacts and W&B (runner, tracking, the stages' guards).
 """
 
 from __future__ import annotations
@@ -14,9 +29,15 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+STORE_KEY = "sectune/run_dir"
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def world_size() -> int:
@@ -31,23 +52,91 @@ def _has_override(argv: list[str], key: str) -> bool:
     return any(a.split("=", 1)[0].lstrip("+") == key for a in argv)
 
 
-def share_run_dir_across_ranks(timeout_s: float = 120.0) -> None:
-    """Add one ``hydra.run.dir=…`` override, identical on every rank, to ``sys.argv``."""
-    if world_size() <= 1 or _has_override(sys.argv[1:], "hydra.run.dir") or "-m" in sys.argv:
-        return
-    key = f"{os.environ.get('MASTER_ADDR', 'localhost')}_{os.environ.get('MASTER_PORT', '0')}"
-    key += f"_{os.environ.get('TORCHELASTIC_RUN_ID', '')}".replace("/", "_")
-    note = Path(tempfile.gettempdir()) / f"sectune_run_dir_{key}"
+def _new_run_dir() -> str:
+    """What Hydra's default ``hydra.run.dir`` would give rank 0, made absolute."""
+    return str((Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve())
+
+
+def _via_agent_store(timeout_s: float) -> str | None:
+    """Exchange the run dir through torchrun's launch store; None when there is none."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
+    key = f"{STORE_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     if is_main_process():
-        run_dir = Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
-        tmp = note.with_suffix(".tmp")
-        tmp.write_text(str(run_dir.resolve()))
+        store.set(key, _new_run_dir())
+    try:
+        return store.get(key).decode()  # blocks until rank 0 has set it (or the timeout)
+    except RuntimeError as e:  # torch raises DistStoreError (a RuntimeError) on timeout
+        raise SystemExit(f"sectune: rank {rank()} waited {timeout_s:.0f}s for rank 0's run dir ({e})") from None
+
+
+def _launcher_identity() -> tuple[str, float]:
+    """(id, start time) of the process that launched this rank: shared by one launch's ranks."""
+    ppid = os.getppid()
+    try:
+        import psutil
+
+        started = psutil.Process(ppid).create_time()
+    except Exception:
+        started = 0.0
+    return f"{ppid}-{int(started)}", started
+
+
+def _via_file(timeout_s: float) -> str:
+    parent, parent_started = _launcher_identity()
+    key = "_".join(
+        os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+    ) + f"_{parent}"
+    note = Path(tempfile.gettempdir()) / f"sectune_run_dir_{key.replace('/', '_')}"
+    if is_main_process():
+        run_dir = _new_run_dir()
+        tmp = note.with_name(f"{note.name}.tmp{os.getpid()}")
+        tmp.write_text(run_dir)
         os.replace(tmp, note)
-    else:
-        deadline = time.monotonic() + timeout_s
-        while not note.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"sectune: rank {rank()} waited {timeout_s:.0f}s for rank 0's run dir ({note})")
-            time.sleep(0.2)
-        run_dir = Path(note.read_text().strip())
-    sys.argv.append(f"hydra.run.dir={run_dir}")
+        return run_dir
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            # Written after our launcher started = this launch's note, not a stale one.
+            if note.stat().st_mtime >= parent_started - 1:
+                text = note.read_text().strip()
+                if text:
+                    return text
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"sectune: rank {rank()} waited {timeout_s:.0f}s for rank 0's run dir ({note})")
+        time.sleep(0.2)
+
+
+def share_run_dir_across_ranks(timeout_s: float = 300.0, argv: list[str] | None = None) -> str | None:
+    """Append one ``hydra.run.dir=…`` override, identical on every rank, to ``argv`` (sys.argv).
+
+    A no-op for one process, for a ``-m`` sweep (each job is its own run) and when the user
+    already set ``hydra.run.dir``. Returns the run dir it added, or None.
+    """
+    argv = sys.argv if argv is None else argv
+    if world_size() <= 1 or _has_override(argv[1:], "hydra.run.dir") or "-m" in argv or "--multirun" in argv:
+        return None
+    run_dir = _via_agent_store(timeout_s) or _via_file(timeout_s)
+    argv.append(f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def barrier() -> None:
+    """Wait for every rank when a process group is up; a no-op otherwise."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    except Exception:
+        pass

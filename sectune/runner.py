@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from sectune import distributed
+from sectune import distributed, sweeps
 from sectune.errors import SectuneError
 
 STAGES: dict[str, str] = {
@@ -58,8 +58,10 @@ class RunContext:
 
 
 def config_digest(cfg: DictConfig) -> str:
-    """sha256 of the resolved config, minus Hydra's own node: equal digests, equal runs."""
+    """sha256 of the resolved config, minus Hydra's own node and ``sweep`` (bookkeeping, not
+    the run): equal digests, equal runs."""
     container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("sweep", None)
     blob = json.dumps(container, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -129,11 +131,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     stage_name = cfg.stage.name
     digest = config_digest(cfg)
 
-    if cfg.sweep.skip_done:
-        prev = previous_result(run_dir)
-        if prev and prev.get("status") == "succeeded" and prev.get("config_digest") == digest:
-            print(f"sectune: {run_dir} already succeeded with this config; skipped (sweep.skip_done=true)")
-            return 0, _objective(prev.get("metrics", {}))
+    if cfg.sweep.skip_done:  # this job dir, or an earlier sweep's job via the index (sweeps.py)
+        prev = sweeps.reuse(cfg, run_dir, digest, write=distributed.is_main_process())
+        if prev is not None:
+            return 0, _objective(prev.get("metrics", {}), cfg.sweep.objective)
 
     result: dict[str, Any] = {
         "stage": stage_name,
@@ -179,11 +180,17 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         if main:
             write_json_atomic(run_dir / RESULT_FILE, result)
             tracking.finish(ctx.tracker, result)
-    return code, _objective(result["metrics"]) if code == 0 else None
+            if result["status"] == "succeeded" and sweeps.in_multirun():
+                sweeps.record_done(cfg, run_dir, digest)
+    return code, _objective(result["metrics"], cfg.sweep.objective) if code == 0 else None
 
 
-def _objective(metrics: dict) -> float | None:
-    """What an Optuna sweep minimises: eval_loss when there is one, else the first number."""
+def _objective(metrics: dict, name: str | None = None) -> float | None:
+    """What a sweeper (Optuna) optimises: ``sweep.objective``, else eval_loss, val_loss or
+    predicted_peak_bytes, whichever the stage reported; None (a failed trial) when absent."""
+    if name:
+        v = metrics.get(name)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
     for key in ("eval_loss", "val_loss", "predicted_peak_bytes"):
         if isinstance(metrics.get(key), (int, float)):
             return float(metrics[key])

@@ -12,6 +12,7 @@ The annotation rules (``analyze_auth_log``) live in ``sectune/data/auth_rules.py
 """
 
 from __future__ import annotations
+
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
+
 from sectune.errors import DataError
 from sectune.paths import shared_data_dir
 

@@ -145,6 +145,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     #: pack several short examples into one row (TRL's best-fit-decreasing), no cross-example attention
     packing: bool = True
+    #: batch rows of similar length together (less padding between packed rows)
+    group_by_length: bool = True
     eval_steps: Optional[int] = None
     save_steps: Optional[int] = None
     save_total_limit: Optional[int] = 2

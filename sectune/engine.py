@@ -111,6 +111,7 @@ def training_kwargs(cfg: DictConfig, output_dir: Path, has_eval: bool) -> dict:
         report_to=["wandb"] if cfg.logger.name == "wandb" else [],
         run_name=f"{cfg.stage.name}",
         disable_tqdm=False,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         **precision_flags(cfg),
     )
     if t.gradient_checkpointing:

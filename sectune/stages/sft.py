@@ -36,30 +36,41 @@ def run(ctx: RunContext) -> dict:
     tokenizer = modeling.load_tokenizer(cfg, path)
     model = modeling.apply_lora(modeling.load_model(cfg, path=path), cfg)
     trainable, total = modeling.trainable_parameters(model)
+    too_long = count_too_long(tokenizer, train_recs + val_recs, cfg.model.max_seq_length)
+    if too_long:
+        print(
+            f"sectune: warning: {too_long} of {len(records)} examples exceed model.max_seq_length="
+            f"{cfg.model.max_seq_length} tokens and lose the end of their answer; raise it or shorten the inputs"
+        )
     print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters")
 
     # 3. trainer
     trainer = build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, run_dir / "checkpoints", engine.fail_callbacks(cfg))
     resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
+    # Under torchrun every rank runs this file; evaluate/train are collective, writing is rank 0's.
+    main = trainer.accelerator.is_main_process
     start_file = run_dir / "checkpoints" / "eval_loss_start.json"
     if val_recs:
         if resume and start_file.exists():
             eval_start = json.loads(start_file.read_text())["eval_loss_start"]
         else:
             eval_start = trainer.evaluate()["eval_loss"]
-            start_file.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(start_file, {"eval_loss_start": eval_start})
+            if main:
+                start_file.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(start_file, {"eval_loss_start": eval_start})
         ctx.partial_metrics["eval_loss_start"] = eval_start
     try:
         train_out = trainer.train(resume_from_checkpoint=resume)
     finally:  # the loss history so far is worth keeping even when training dies
-        engine.write_history(run_dir / "train_history.json", trainer)
+        if main:
+            engine.write_history(run_dir / "train_history.json", trainer)
     metrics = {
         "train_loss": train_out.training_loss,
         "train_steps": trainer.state.global_step,
         "trainable_params": trainable,
         "total_params": total,
         "quantized_modules": modeling.quantized_module_count(model),
+        "truncated_examples": too_long,
     }
     if val_recs:
         metrics["eval_loss_start"] = ctx.partial_metrics["eval_loss_start"]
@@ -70,8 +81,11 @@ def run(ctx: RunContext) -> dict:
     model_unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     is_peft = hasattr(model_unwrapped, "peft_config")
     name = "adapter" if is_peft else "model"
-    save_pretrained_atomic(model_unwrapped, tokenizer, run_dir / name)
     artifacts = {name: name, "checkpoints": "checkpoints", "train_history": "train_history.json"}
+    if not main:  # rank 0 saves, probes and previews; the others wait at the same barrier
+        trainer.accelerator.wait_for_everyone()
+        return {"metrics": metrics, "artifacts": artifacts}
+    save_pretrained_atomic(model_unwrapped, tokenizer, run_dir / name)
     history = engine.loss_history(trainer)
     engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, f"sft · {cfg.model.name} · {cfg.dataset.name}")
     artifacts["loss_curve"] = "plots/loss_curve.png"
@@ -94,6 +108,7 @@ def run(ctx: RunContext) -> dict:
         + (f" · eval loss {metrics['eval_loss_start']:.3f} → {metrics['eval_loss']:.3f}" if val_recs else "")
         + f" · {metrics['train_runtime_s']:.0f}s · peak RSS {metrics['peak_rss_bytes'] / 2**30:.2f} GiB"
     )
+    trainer.accelerator.wait_for_everyone()
     return {"metrics": metrics, "artifacts": artifacts}
 
 
@@ -124,6 +139,11 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
         # TRL only offers the flattened padding-free layout with BFD packing; see PackedRowsCollator.
         trainer.data_collator = engine.PackedRowsCollator(tokenizer.pad_token_id)
     return trainer
+
+
+def count_too_long(tokenizer, recs: list[dict], max_len: int) -> int:
+    lengths = [len(ids) + 1 for ids in tokenizer([r["prompt"] + r["completion"] for r in recs])["input_ids"]]
+    return sum(n > max_len for n in lengths)
 
 
 def save_pretrained_atomic(model, tokenizer, out: Path) -> None:

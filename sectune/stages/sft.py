@@ -127,7 +127,13 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
         completion_only_loss=True,
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(
+    class Trainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy == "group_by_length" and self.args.world_size <= 1:
+                return engine.seeded_length_grouped_sampler(self, train_dataset)
+            return super()._get_train_sampler(train_dataset)
+
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=to_ds(train_recs),

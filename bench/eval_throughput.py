@@ -1,0 +1,101 @@
+"""Flows/s of batched scoring vs one flow at a time (the seeds' loop), same model, same rows, same run.
+
+    .venv/bin/python bench/eval_throughput.py                     # fresh tiny seq_cls model, real CIC sample
+    .venv/bin/python bench/eval_throughput.py --run-dir <classify run dir> [--rows 256]
+
+Without ``--run-dir`` a tiny Llama with a fresh (untrained) seq_cls head is built, so F1 is only
+meaningful with a trained run; the throughput ratio is the point. The RandomForest baseline is
+fitted on the same train split and timed on the same rows. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from sklearn.metrics import f1_score  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", default=None, help="a classify run dir (default: a fresh tiny model)")
+    ap.add_argument("--rows", type=int, default=256, help="test rows to score")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from hydra import compose, initialize_config_dir
+
+    from sectune import config, modeling
+    from sectune import classification as C
+    from sectune.baselines import random_forest_baseline
+    from sectune.paths import PROJECT_ROOT
+    from sectune.predict import Predictor, read_classify_run
+
+    config.register()
+    if args.run_dir:
+        cfg, _ = read_classify_run(args.run_dir)
+        pred = Predictor.from_run(args.run_dir)
+        model, tok, head, labels, max_len = pred.model, pred.tokenizer, pred.meta["head"], pred.labels, pred.meta["max_length"]
+        threshold = pred.meta.get("threshold")
+    else:
+        with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["stage=classify", "dataset=cic_iot_2023_merged", "dataset.max_samples=4000"])
+        model, tok, head, threshold = None, None, "seq_cls", None
+    data = C.build_labelled_data(cfg)
+    if model is None:
+        labels, max_len = data.labels, cfg.model.max_seq_length
+        path = modeling.model_path(cfg)
+        tok = modeling.load_tokenizer(cfg, path)
+        model = modeling.load_model(cfg, task="seq_cls", num_labels=len(labels), path=path).eval()
+    # a seeded random subset: the split keeps file order, which is grouped by label
+    import random
+
+    test = list(data.splits["test"])
+    random.Random(0).shuffle(test)
+    test = test[: args.rows]
+    texts, y = [r["text"] for r in test], [r["label"] for r in test]
+
+    def timed(bs):
+        C.score_texts(model, tok, texts[:2], head=head, labels=labels, batch_size=bs, max_length=max_len)  # warm-up
+        t0 = time.perf_counter()
+        probs, _ = C.score_texts(model, tok, texts, head=head, labels=labels, batch_size=bs, max_length=max_len)
+        return probs, time.perf_counter() - t0
+
+    probs_b, t_b = timed(args.batch_size)
+    probs_1, t_1 = timed(1)
+    pred_b, pred_1 = C.decide(probs_b, labels, threshold), C.decide(probs_1, labels, threshold)
+    agree = sum(a == b for a, b in zip(pred_b, pred_1)) / len(y)
+    rf = random_forest_baseline([[r["features"][f] for f in data.features] for r in data.splits["train"]],
+                                [r["label"] for r in data.splits["train"]],
+                                [[r["features"][f] for f in data.features] for r in test], seed=0)
+    f1 = lambda p: f1_score(y, p, labels=labels, average="macro", zero_division=0)  # noqa: E731
+    rows = [
+        ("LLM batched", f1(pred_b), len(y) / t_b),
+        ("LLM one-at-a-time", f1(pred_1), len(y) / t_1),
+        ("RandomForest", f1(rf.predictions), rf.rows_per_s),
+    ]
+    print(f"model={cfg.model.name} head={head} rows={len(y)} batch_size={args.batch_size} threads={torch.get_num_threads()}"
+          f" run_dir={args.run_dir or '(fresh tiny, untrained head)'}")
+    print(f"{'system':<20}{'macro F1':>10}{'flows/s':>12}")
+    for name, f, r in rows:
+        print(f"{name:<20}{f:>10.4f}{r:>12.1f}")
+    print(f"batched vs one-at-a-time predictions agree on {agree:.1%} of rows")
+    print(json.dumps({
+        "flows_per_s_batched": round(rows[0][2], 2), "flows_per_s_one_at_a_time": round(rows[1][2], 2),
+        "flows_per_s_ratio_vs_one_at_a_time": round(rows[0][2] / rows[1][2], 2),
+        "llm_macro_f1": round(rows[0][1], 4), "rf_macro_f1": round(rows[2][1], 4),
+        "rf_flows_per_s": round(rows[2][2], 1), "rows": len(y), "head": head, "prediction_agreement": round(agree, 4),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""Shared pieces of the classify/evaluate stages and the predictor.
+
+* :func:`build_labelled_data` turns a dataset config (flows, ``text,label`` CSV, deepset
+  injections) into train/validation/test records ``{"text": prompt, "label", ...}``;
+* :func:`weighted_cross_entropy` is the objective (a pure tensor function) and
+  :class:`WeightedCETrainer` the ``transformers.Trainer`` subclass that calls it for both heads;
+* :func:`score_texts` is batched scoring: ``seq_cls`` → softmax of the head's logits;
+  ``generative`` → softmax over the label set of each label's summed log-likelihood after the
+  prompt, all prompt×label rows of a batch in one forward (no free text, no parse failures).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from transformers import Trainer
+
+from sectune.errors import ConfigError, DataError
+
+HEADS = ("seq_cls", "generative")
+FORMATS = ("flows", "text_csv", "injections")
+#: where ``path: null`` finds its data, per dataset name (relative to ``dataset.source_dir``)
+DEFAULT_SOURCES = {
+    "cic_iot_2023_merged": "ciciot2023_merged39_family_sample/CICIoT2023_sample.csv",
+    "prompt_injections": "deepset_prompt_injections",
+}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class LabelledData:
+    format: str
+    splits: Dict[str, List[dict]]  # train / validation / test → records
+    labels: List[str]
+    template: str
+    source: str
+    normalizer: Optional[object] = None  # FlowNormalizer for flows
+    features: List[str] = field(default_factory=list)
+    cleaning: Dict[str, object] = field(default_factory=dict)
+
+
+def render_text(template: str, text: str) -> str:
+    if not template:
+        return text
+    if "{text}" not in template:
+        raise ConfigError("dataset.prompt_template must contain '{text}' for a text dataset")
+    return template.replace("{text}", text)
+
+
+def _stratified_cut(records: List[dict], frac: float, seed: int, source: str):
+    """(rest, cut) with ``frac`` of the records in ``cut``, stratified by label."""
+    from sklearn.model_selection import train_test_split
+
+    if frac <= 0:
+        return list(records), []
+    try:
+        rest, cut = train_test_split(records, test_size=frac, random_state=seed, stratify=[r["label"] for r in records])
+    except ValueError as e:
+        raise DataError(f"{source}: cannot split stratified ({e})") from None
+    return list(rest), list(cut)
+
+
+def _subsample(records: List[dict], n: Optional[int], seed: int) -> List[dict]:
+    if n is None or len(records) <= n:
+        return records
+    from sklearn.model_selection import train_test_split
+
+    try:
+        kept, _ = train_test_split(records, train_size=n, random_state=seed, stratify=[r["label"] for r in records])
+    except ValueError:
+        kept = [records[i] for i in sorted(np.random.default_rng(seed).choice(len(records), n, replace=False))]
+    return list(kept)
+
+
+def dataset_format(cfg: DictConfig) -> str:
+    fmt = cfg.dataset.format
+    if fmt not in FORMATS:
+        raise ConfigError(
+            f"dataset={cfg.dataset.name} has no classification form (dataset.format={fmt!r}); "
+            f"use cic_iot_2023, cic_iot_2023_merged, text_label_csv or prompt_injections"
+        )
+    return fmt
+
+
+def _flow_path(cfg: DictConfig) -> Path:
+    d = cfg.dataset
+    if d.path:
+        return Path(d.path)
+    if d.name in DEFAULT_SOURCES:
+        p = Path(d.source_dir) / DEFAULT_SOURCES[d.name]
+        if not p.is_file():
+            raise DataError(f"{p}: the real sample for dataset={d.name} is missing; set dataset.path=/path/to/flows.csv")
+        return p
+    # no real 46-column CIC-IoT-2023 file ships: generate one in that schema (NOT real data)
+    from sectune.data.synthetic_flows import generate_cic_iot_46
+
+    out = Path(cfg.paths.cache_dir) / "datasets" / f"cic_iot_46_synthetic-n{d.synthetic_rows}-s{d.split_seed}.csv"
+    if not out.is_file():
+        generate_cic_iot_46(d.synthetic_rows, d.split_seed, out)
+    print(
+        f"sectune: dataset.path is null and no real 46-column CIC-IoT-2023 CSV is available: using "
+        f"{d.synthetic_rows} GENERATED flows in that schema ({out}); set dataset.path for real data"
+    )
+    return out
+
+
+def build_labelled_data(cfg: DictConfig) -> LabelledData:
+    """Train/validation/test records for ``cfg.dataset``; every statistic fitted on train only."""
+    d = cfg.dataset
+    fmt = dataset_format(cfg)
+    seed = d.split_seed
+    if fmt == "flows":
+        from sectune.data.flows import DEFAULT_TEMPLATE, prepare_flow_splits
+
+        path = _flow_path(cfg)
+        template = d.prompt_template or DEFAULT_TEMPLATE
+        prep = prepare_flow_splits(
+            path, list(d.features), d.label_column, d.granularity, val_fraction=d.val_fraction,
+            test_fraction=d.test_fraction, seed=seed, nan_policy=d.nan_policy, max_rows=d.max_samples,
+            template=template, precision=d.render_precision, method=d.normalizer,
+        )
+        return LabelledData(fmt, prep.records, prep.labels, template, str(path), prep.normalizer, list(d.features), prep.cleaning)
+
+    template = d.prompt_template
+    if fmt == "text_csv":
+        from sectune.data.text_classification import load_text_label_csv
+
+        if not d.path:
+            raise ConfigError("dataset=text_label_csv needs dataset.path=/path/to/file.csv (columns text,label)")
+        source = str(d.path)
+        rows = _subsample(load_text_label_csv(d.path, d.text_column, d.label_column), d.max_samples, seed)
+        if not 0 <= d.test_fraction < 1 or not 0 <= d.val_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
+            raise ConfigError("dataset.val_fraction + dataset.test_fraction must be < 1")
+        rest, test = _stratified_cut(rows, d.test_fraction, seed, source)
+        train, val = _stratified_cut(rest, d.val_fraction / (1 - d.test_fraction), seed, source)
+    else:  # injections: its own test split; validation carved out of train
+        from sectune.data.text_classification import load_prompt_injections
+
+        source = str(d.path or Path(d.source_dir) / DEFAULT_SOURCES["prompt_injections"])
+        raw = load_prompt_injections(source)
+        train, val = _stratified_cut(_subsample(raw["train"], d.max_samples, seed), d.val_fraction, seed, source)
+        test = raw["test"]
+    splits = {
+        name: [{"text": render_text(template, r["text"]), "label": r["label"], "raw_text": r["text"]} for r in recs]
+        for name, recs in (("train", train), ("validation", val), ("test", test))
+    }
+    if not splits["train"]:
+        raise DataError(f"{source}: no training rows")
+    labels = sorted({r["label"] for recs in splits.values() for r in recs})
+    return LabelledData(fmt, splits, labels, template, source)
+
+
+def class_weight_vector(spec, labels: Sequence[str], train_labels: Sequence[str]) -> Optional[List[float]]:
+    """``loss.class_weights``: null → None; ``balanced`` → n / (k · count_c) on train; a mapping → as given."""
+    if spec is None or spec == "none":
+        return None
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    labels = list(labels)
+    if spec == "balanced":
+        counts = {lab: 0 for lab in labels}
+        for y in train_labels:
+            counts[y] += 1
+        n, k = len(train_labels), len(labels)
+        return [n / (k * counts[lab]) if counts[lab] else 0.0 for lab in labels]
+    if isinstance(spec, dict):
+        unknown = sorted(set(map(str, spec)) - set(labels))
+        if unknown:
+            raise ConfigError(f"loss.class_weights: unknown label(s) {unknown}; labels are {labels}")
+        w = {str(k): float(v) for k, v in spec.items()}
+        if any(v < 0 for v in w.values()):
+            raise ConfigError("loss.class_weights: weights must be >= 0")
+        return [w.get(lab, 1.0) for lab in labels]
+    raise ConfigError(f"loss.class_weights={spec!r}: use null, balanced or {{label: weight}}")
+
+
+# --------------------------------------------------------------------------- objective
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    sample_weight: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Weighted mean cross-entropy over the rows whose target is not ``ignore_index``.
+
+    ``loss = Σ_i w_i · ℓ_i / Σ_i w_i`` with ``w_i = weight[t_i] · sample_weight_i`` and
+    ``ℓ_i = -(1-ε) log p_i[t_i] - ε · mean_c log p_i[c]`` (ε = label smoothing). Without smoothing
+    and sample weights this equals ``F.cross_entropy(logits, targets, weight=weight)``.
+    logits ``[N, C]``, targets ``[N]``, weight ``[C]``, sample_weight ``[N]``.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    keep = targets != ignore_index
+    safe_t = torch.where(keep, targets, torch.zeros_like(targets))
+    nll = -logp.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(dim=-1)
+    w = keep.to(logp.dtype)
+    if weight is not None:
+        w = w * weight.to(logp.device, logp.dtype)[safe_t]
+    if sample_weight is not None:
+        w = w * sample_weight.to(logp.device, logp.dtype)
+    return (w * nll).sum() / w.sum().clamp_min(1e-12)
+
+
+class WeightedCETrainer(Trainer):
+    """Trainer whose loss is :func:`weighted_cross_entropy`, for either head.
+
+    ``seq_cls``: CE over the head's class logits. ``generative``: token CE over the label tokens
+    (the prompt is masked), each token weighted by its example's class weight. Rows are left-padded
+    so every label ends at the last position: only the last ``label_len + 1`` positions' logits are
+    computed (``logits_to_keep``), never a ``[batch, seq, vocab]`` tensor for the prompt.
+    """
+
+    def __init__(self, *args, head: str = "seq_cls", class_weights=None, label_smoothing: float = 0.0, label_len: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head = head
+        self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        self.label_smoothing = label_smoothing
+        self.label_len = label_len
+        self.model_accepts_loss_kwargs = False  # our loss is a mean: let Trainer divide by grad_accum
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        cls = inputs.pop("class_index")
+        if self.head == "seq_cls":
+            out = model(**inputs)
+            loss = weighted_cross_entropy(out.logits, labels, self.class_weights, label_smoothing=self.label_smoothing)
+        else:
+            keep = min(self.label_len + 1, labels.shape[1])
+            out = model(**inputs, logits_to_keep=keep)
+            logits = out.logits[:, :-1]
+            targets = labels[:, -(keep - 1):]
+            sw = None
+            if self.class_weights is not None:
+                sw = self.class_weights.to(cls.device)[cls].unsqueeze(1).expand_as(targets).reshape(-1)
+            loss = weighted_cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), sample_weight=sw, label_smoothing=self.label_smoothing
+            )
+        return (loss, out) if return_outputs else loss
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def label_token_ids(tokenizer, labels: Sequence[str]) -> List[List[int]]:
+    """Each label as its answer tokens: `` label`` + eos (eos makes one label never a prefix of another)."""
+    out = []
+    for lab in labels:
+        ids = tokenizer(" " + lab, add_special_tokens=False)["input_ids"]
+        out.append(list(ids) + [tokenizer.eos_token_id])
+    return out
+
+
+def _prompt_ids(tokenizer, texts: Sequence[str], max_len: int, side: str) -> List[List[int]]:
+    old = tokenizer.truncation_side
+    tokenizer.truncation_side = side  # generative keeps the prompt's end ("Label:"), seq_cls its start
+    try:
+        return tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+    finally:
+        tokenizer.truncation_side = old
+
+
+def encode_examples(tokenizer, records: Sequence[dict], labels: Sequence[str], head: str, max_length: int) -> List[dict]:
+    index = {lab: i for i, lab in enumerate(labels)}
+    texts = [r["text"] for r in records]
+    ys = [index[r["label"]] for r in records]
+    if head == "seq_cls":
+        ids = _prompt_ids(tokenizer, texts, max_length, "right")
+        return [{"input_ids": x, "labels": y, "class_index": y} for x, y in zip(ids, ys)]
+    lab_ids = label_token_ids(tokenizer, labels)
+    longest = max(map(len, lab_ids))
+    ids = _prompt_ids(tokenizer, texts, max(1, max_length - longest), "left")
+    return [{"input_ids": x + lab_ids[y], "labels": [-100] * len(x) + lab_ids[y], "class_index": y} for x, y in zip(ids, ys)]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids); position ids count real tokens only."""
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if side == "left":
+            ids[i, T - len(r):] = torch.tensor(r)
+            mask[i, T - len(r):] = 1
+        else:
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids, mask, pos
+
+
+class ClassifyCollator:
+    def __init__(self, pad_id: int, head: str):
+        self.pad_id, self.head = pad_id, head
+
+    def __call__(self, feats: List[dict]) -> dict:
+        side = "right" if self.head == "seq_cls" else "left"
+        ids, mask, pos = pad_rows([f["input_ids"] for f in feats], self.pad_id, side)
+        batch = {"input_ids": ids, "attention_mask": mask, "class_index": torch.tensor([f["class_index"] for f in feats])}
+        if self.head == "seq_cls":
+            batch["labels"] = torch.tensor([f["labels"] for f in feats])
+        else:
+            batch["position_ids"] = pos
+            batch["labels"], _, _ = pad_rows([f["labels"] for f in feats], -100, "left")
+        return batch
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Sequence[str], batch_size: int = 32, max_length: int = 512):
+    """Class probabilities ``[N, K]`` (rows in input order) and the wall time of each batch.
+
+    Prompts are sorted by length before batching so a batch holds similar lengths (little padding).
+    """
+    if head not in HEADS:
+        raise ConfigError(f"classify.head={head!r}: choose one of {HEADS}")
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    K = len(labels)
+    if head == "seq_cls":
+        prompts = _prompt_ids(tokenizer, texts, max_length, "right")
+    else:
+        lab_ids = label_token_ids(tokenizer, labels)
+        longest = max(map(len, lab_ids))
+        prompts = _prompt_ids(tokenizer, texts, max(1, max_length - longest), "left")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    probs = np.zeros((len(prompts), K), dtype=np.float64)
+    latencies = []
+    for start in range(0, len(order), max(1, batch_size)):
+        idx = order[start : start + batch_size]
+        t0 = time.perf_counter()
+        if head == "seq_cls":
+            ids, mask, _ = pad_rows([prompts[i] for i in idx], pad, "right")
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            p = torch.softmax(logits, dim=-1)
+        else:
+            # every (prompt, label) pair as one row, all in one forward
+            rows = [prompts[i] + lab for i in idx for lab in lab_ids]
+            ids, mask, pos = pad_rows(rows, pad, "left")
+            keep = min(longest + 1, ids.shape[1])
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), logits_to_keep=keep).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            tgt = torch.full((len(rows), keep - 1), -100, dtype=torch.long)
+            for r, lab in enumerate(lab_ids * len(idx)):
+                tgt[r, keep - 1 - len(lab):] = torch.tensor(lab)
+            tgt = tgt.to(logp.device)
+            tok = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)
+            seq = tok.sum(-1).view(len(idx), K)  # log p(label | prompt)
+            p = torch.softmax(seq, dim=-1)
+        probs[idx] = p.cpu().double().numpy()
+        latencies.append(time.perf_counter() - t0)
+    return probs, latencies
+
+
+def decide(probs: np.ndarray, labels: Sequence[str], threshold: Optional[float] = None) -> List[str]:
+    """Argmax, or for two labels ``labels[1]`` when its probability ≥ ``threshold``."""
+    if threshold is not None and len(labels) == 2:
+        return [labels[1] if p >= threshold else labels[0] for p in probs[:, 1]]
+    return [labels[i] for i in probs.argmax(axis=1)]
+
+
+def tune_threshold(probs: np.ndarray, y_true: Sequence[str], labels: Sequence[str]) -> tuple[float, float]:
+    """The threshold on ``p(labels[1])`` with the best macro-F1 (ties → closest to 0.5), and that F1."""
+    from sklearn.metrics import f1_score
+
+    best = (-1.0, 0.0, 0.5)
+    for t in np.unique(np.concatenate([probs[:, 1], [0.5]])):
+        f1 = f1_score(list(y_true), decide(probs, labels, float(t)), labels=list(labels), average="macro", zero_division=0)
+        key = (f1, -abs(t - 0.5), float(t))
+        if key > best:
+            best = key
+    return best[2], best[0]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def baseline_predictions(data: LabelledData, split: str, seed: int, rf_estimators: int = 200) -> tuple[dict, dict]:
+    """The classic baseline (RF on raw features for flows, TF-IDF+LR for text) and the majority class."""
+    from sectune.baselines import majority_baseline, random_forest_baseline, tfidf_logreg_baseline
+
+    train, val, test = data.splits["train"], data.splits["validation"], data.splits[split]
+    ytr = [r["label"] for r in train]
+    if data.format == "flows":
+        X = lambda recs: [[r["features"][f] for f in data.features] for r in recs]  # noqa: E731
+        b = random_forest_baseline(X(train), ytr, X(test), seed=seed, n_estimators=rf_estimators)
+    else:
+        b = tfidf_logreg_baseline(
+            [r["raw_text"] for r in train], ytr, [r["raw_text"] for r in test], seed=seed,
+            val_texts=[r["raw_text"] for r in val] or None, val_y=[r["label"] for r in val] or None,
+        )
+    maj = majority_baseline(ytr, [r["label"] for r in test])
+    return {b.name: b.predictions, "majority": maj.predictions}, {b.name: b.to_dict(), "majority": maj.to_dict()}
+
+
+def evaluate_split(data: LabelledData, split: str, probs: np.ndarray, latencies: Sequence[float], out_dir: Path, *,
+                   threshold: Optional[float], seed: int, rf_estimators: int, extra: Optional[dict] = None) -> dict:
+    """Model predictions from ``probs`` + baselines on the same rows → ``write_evaluation``."""
+    from sectune.evaluation import write_evaluation
+
+    recs = data.splits[split]
+    if not recs:
+        raise DataError(f"{data.source}: the {split} split is empty; set dataset.test_fraction > 0")
+    preds = decide(probs, data.labels, threshold)
+    base_preds, base_info = baseline_predictions(data, split, seed, rf_estimators)
+    scores = [{lab: float(p) for lab, p in zip(data.labels, row)} for row in probs]
+    metrics = write_evaluation(
+        out_dir, y_true=[r["label"] for r in recs], y_pred=preds, labels=data.labels, latencies_s=latencies,
+        scores=scores, baselines=base_preds,
+        extra={"split": split, "source": data.source, "threshold": threshold, "baselines": base_info,
+               "model_rows_per_s": len(recs) / max(sum(latencies), 1e-9), **(extra or {})},
+    )
+    metrics["model_rows_per_s"] = len(recs) / max(sum(latencies), 1e-9)
+    for name, info in base_info.items():
+        metrics[f"{name}_rows_per_s"] = info["rows_per_s"] if np.isfinite(info["rows_per_s"]) else None
+    return metrics
+
+
+def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
+    """safetensors adapter (or full model) + tokenizer; appears under ``out`` only when complete."""
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

@@ -1,0 +1,262 @@
+"""``stage=doctor``: is this machine ready for the composed config? (seed 002's verify_setup)
+
+Each check is ``ok``, ``warn`` or ``missing`` with a one-line fix. ``missing`` is reserved for
+what the composed config REQUIRES and would make the run fail:
+
+* the training libraries (torch, transformers, peft, trl, accelerate, datasets);
+* bitsandbytes when ``quantization`` is nf4/int8 or ``train.optimizer=paged_adamw_8bit``;
+* a CUDA device when ``train.device=cuda``;
+* the model's weights: a local ``model.name_or_path`` folder must hold config.json and weights;
+  a hub id must be in the local Hugging Face cache (checked with
+  ``huggingface_hub.try_to_load_from_cache``, never the network: a compute node often has none);
+* ``dataset.path`` when one is set.
+
+Everything else warns: no GPU for a real model (CPU training is slow), predicted peak above the
+free GPU memory (an estimate, see stage=plan), little free disk, W&B online without a key,
+sweeps' optional plugins. The stage exits 3 when anything is missing (``doctor.strict=true``:
+warnings too), else 0; ``doctor.md`` in the run dir and the console list every check.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from sectune.errors import SectuneError
+from sectune.runner import RunContext
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+GATED_PREFIXES = ("meta-llama/",)
+
+
+class EnvironmentNotReady(SectuneError):
+    """Something the composed config requires is missing on this machine."""
+
+    exit_code = 3
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | missing
+    detail: str
+    fix: str = ""
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:
+        return None
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def check_packages(cfg: DictConfig) -> list[Check]:
+    out = []
+    for mod in ("torch", "transformers", "peft", "trl", "accelerate", "datasets"):
+        v = _version(mod)
+        out.append(Check(mod, "ok" if v else "missing", v or "not importable", "" if v else "pip install -e . (or make setup)"))
+    need_bnb = cfg.quantization.name != "none" or cfg.train.optimizer == "paged_adamw_8bit"
+    v = _version("bitsandbytes")
+    if v:
+        out.append(Check("bitsandbytes", "ok", v))
+    else:
+        why = f"quantization={cfg.quantization.name}, train.optimizer={cfg.train.optimizer}"
+        out.append(Check("bitsandbytes", "missing" if need_bnb else "warn", f"not importable ({why})",
+                         "pip install 'bitsandbytes>=0.50' (CPU and CUDA kernels in one wheel)"))
+    return out
+
+
+def check_cuda(cfg: DictConfig, predicted_peak: int | None) -> list[Check]:
+    import torch
+
+    real_model = cfg.model.name_or_path is not None
+    if not torch.cuda.is_available():
+        built = torch.version.cuda or "none (CPU build)"
+        if cfg.train.device == "cuda":
+            return [Check("cuda", "missing", f"train.device=cuda but no CUDA device; torch {torch.__version__} built for CUDA {built}",
+                          "install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu124) "
+                          "and check nvidia-smi; or train.device=cpu")]
+        status = "warn" if real_model else "ok"
+        fix = "a GPU node (hydra/launcher=slurm) for real models; CPU works but is slow" if real_model else ""
+        return [Check("cuda", status, f"no CUDA device: training runs on CPU (torch CUDA build: {built})", fix)]
+    out = [Check("cuda", "ok", f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s)")]
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        name = torch.cuda.get_device_name(i)
+        detail = f"{name}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+        if predicted_peak and predicted_peak > free:
+            out.append(Check(f"gpu{i} memory", "warn", f"{detail}; stage=plan predicts {predicted_peak / 2**30:.1f} GiB",
+                             "quantization=nf4, lora.r smaller, train.gradient_checkpointing=true, "
+                             "train.optimizer=paged_adamw_8bit, smaller model.max_seq_length or train.batch_size"))
+        else:
+            out.append(Check(f"gpu{i} memory", "ok", detail))
+    return out
+
+
+def weights_cached(repo_id: str, revision: str | None = None) -> tuple[bool, str]:
+    """Are config.json and every weight file of a hub model in the local cache? (no network)"""
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str):
+        p = try_to_load_from_cache(repo_id, name, revision=revision)
+        return p if isinstance(p, str) else None
+
+    if not cached("config.json"):
+        return False, "config.json not in the local Hugging Face cache"
+    for name in WEIGHT_FILES:
+        p = cached(name)
+        if not p:
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads(Path(p).read_text()).get("weight_map", {}).values()))
+            missing = [s for s in shards if not cached(s)]
+            if missing:
+                return False, f"{len(missing)} of {len(shards)} weight shards not cached (e.g. {missing[0]})"
+            return True, f"{len(shards)} shards cached"
+        return True, f"{name} cached"
+    return False, "config.json cached but no weight file"
+
+
+def check_model(cfg: DictConfig) -> list[Check]:
+    m = cfg.model
+    if m.name_or_path is None:
+        return [Check("model weights", "ok", f"model={m.name}: tiny model, built locally on first use (no download)")]
+    path = str(m.name_or_path)
+    if Path(path).expanduser().exists():
+        folder = Path(path).expanduser()
+        has = (folder / "config.json").is_file() and any(any(folder.glob(f"*{ext}")) for ext in (".safetensors", ".bin"))
+        return [Check("model weights", "ok" if has else "missing", f"local folder {folder}" + ("" if has else ": no config.json + weights"),
+                      "" if has else "point model.name_or_path at a folder saved with save_pretrained")]
+    ok, detail = weights_cached(path, m.revision)
+    if ok:
+        return [Check("model weights", "ok", f"{path}: {detail}")]
+    fix = f"where there is network: hf download {path}"
+    if path.startswith(GATED_PREFIXES):
+        from huggingface_hub import get_token
+
+        fix = (f"accept the license on huggingface.co/{path}, then `hf auth login` and `hf download {path}`"
+               + ("" if get_token() else " (no HF token found here)"))
+    fix += f"; or copy the weights and set model.name_or_path=/path/to/folder (cache: {_hf_cache()})"
+    return [Check("model weights", "missing", f"{path}: {detail}", fix)]
+
+
+def _hf_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def check_disk(cfg: DictConfig, predicted_weights: int | None) -> list[Check]:
+    out = []
+    for label, where in (("disk (run dirs)", Path.cwd()), ("disk (HF cache)", Path(_hf_cache()))):
+        probe = where
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        detail = f"{free / 1e9:.1f} GB free at {where}"
+        low = free < cfg.doctor.min_free_disk_gb * 1e9
+        out.append(Check(label, "warn" if low else "ok", detail,
+                         f"free space or move it (HF_HOME=…, hydra.run.dir=…); doctor.min_free_disk_gb={cfg.doctor.min_free_disk_gb}" if low else ""))
+    return out
+
+
+def check_wandb(cfg: DictConfig) -> list[Check]:
+    from sectune import tracking
+
+    if cfg.logger.name == "none":
+        return [Check("wandb", "ok", "logger=none: nothing logged to W&B")]
+    v = _version("wandb")
+    if not v:
+        return [Check("wandb", "missing", "logger=wandb but wandb is not importable", "pip install wandb, or logger=none")]
+    mode = tracking.wandb_mode(cfg)
+    if mode == "online" and not tracking.has_api_key():
+        return [Check("wandb", "warn", f"wandb {v}, mode online but no API key", "wandb login (or WANDB_API_KEY), or logger.mode=offline")]
+    extra = "; sync later with `wandb sync <run dir>/wandb/offline-run-*`" if mode == "offline" else ""
+    return [Check("wandb", "ok", f"wandb {v}, mode {mode}{extra}")]
+
+
+def check_dataset(cfg: DictConfig) -> list[Check]:
+    if cfg.dataset.path:
+        p = Path(str(cfg.dataset.path)).expanduser()
+        if not p.exists():
+            return [Check("dataset", "missing", f"dataset.path={p} does not exist", "fix dataset.path, or null for the built-in data")]
+        return [Check("dataset", "ok", f"dataset.path={p}")]
+    src = Path(str(cfg.dataset.source_dir))
+    if src.is_dir():
+        return [Check("dataset", "ok", f"dataset={cfg.dataset.name}: built from {src} on first use")]
+    return [Check("dataset", "ok", f"dataset={cfg.dataset.name}: {src} not found; generated data is used (the run says so)")]
+
+
+def check_plugins() -> list[Check]:
+    out = []
+    for mod, extra, what in (("hydra_plugins.hydra_submitit_launcher", "slurm", "hydra/launcher=slurm|local"),
+                             ("hydra_plugins.hydra_optuna_sweeper", "optuna", "hparams_search=…")):
+        ok = _version(mod) is not None
+        out.append(Check(f"{what}", "ok" if ok else "warn", "installed" if ok else "plugin not installed",
+                         "" if ok else f"pip install -e '.[{extra}]'"))
+    return out
+
+
+def run_checks(cfg: DictConfig) -> tuple[list[Check], dict]:
+    """Every check for the composed config, and the plan numbers they used (None when unplannable)."""
+    predicted = None
+    plan_info: dict = {}
+    try:
+        from sectune.stages import plan
+
+        budget, _ = plan.estimate(cfg)
+        predicted = budget
+        plan_info = {"predicted_peak_bytes": budget.total}
+    except Exception as e:  # the doctor reports; it does not fail on a plan it cannot make
+        plan_info = {"plan_error": str(e)}
+    checks = check_packages(cfg)
+    checks += check_cuda(cfg, predicted.total if predicted else None)
+    checks += check_model(cfg)
+    checks += check_dataset(cfg)
+    checks += check_disk(cfg, predicted.weights if predicted else None)
+    checks += check_wandb(cfg)
+    checks += check_plugins()
+    return checks, plan_info
+
+
+def markdown(cfg: DictConfig, checks: list[Check], plan_info: dict) -> str:
+    lines = [f"# sectune doctor: model={cfg.model.name} quantization={cfg.quantization.name} stage settings from the composed config", "",
+             "| check | status | detail | fix |", "|---|---|---|---|"]
+    for c in checks:
+        status = c.status.upper() if c.status == "missing" else c.status
+        lines.append(f"| {c.name} | {status} | {c.detail} | {c.fix} |")
+    if "predicted_peak_bytes" in plan_info:
+        lines += ["", f"stage=plan predicts {plan_info['predicted_peak_bytes'] / 2**30:.2f} GiB peak for this config."]
+    return "\n".join(lines) + "\n"
+
+
+def run(ctx: RunContext) -> dict:
+    cfg = ctx.cfg
+    checks, plan_info = run_checks(cfg)
+    for c in checks:
+        mark = {"ok": "ok     ", "warn": "warn   ", "missing": "MISSING"}[c.status]
+        print(f"  [{mark}] {c.name}: {c.detail}" + (f"\n             fix: {c.fix}" if c.fix and c.status != "ok" else ""))
+    text = markdown(cfg, checks, plan_info)
+    tmp = ctx.path(".doctor.md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, ctx.path("doctor.md"))
+    counts = {s: sum(c.status == s for c in checks) for s in ("ok", "warn", "missing")}
+    metrics = {"checks_ok": counts["ok"], "checks_warn": counts["warn"], "checks_missing": counts["missing"]}
+    if "predicted_peak_bytes" in plan_info:
+        metrics["predicted_peak_bytes"] = plan_info["predicted_peak_bytes"]
+    ctx.partial_metrics.update(metrics)  # kept in result.json when the stage fails below
+    bad = [c for c in checks if c.status == "missing" or (cfg.doctor.strict and c.status == "warn")]
+    if bad:
+        raise EnvironmentNotReady(
+            f"not ready for model={cfg.model.name}: " + "; ".join(f"{c.name}: {c.detail} (fix: {c.fix})" for c in bad)
+        )
+    print(f"sectune doctor: ready ({counts['ok']} ok, {counts['warn']} warnings)")
+    return {"metrics": metrics, "artifacts": {"doctor": "doctor.md"}}

@@ -1,0 +1,58 @@
+"""Test-split evaluation of a classify run (seed 004's ``evaluate_model.py``), baselines beside it.
+
+``evaluate.model_dir`` names a classify run dir. Its ``result.json`` must say succeeded; its
+``.hydra/config.yaml`` rebuilds the same data and splits and the same model. The evaluate run's
+own model/dataset choices are ignored (only ``evaluate.*`` is taken from this run), so one
+command cannot silently score a model on data it was not built for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sectune import classification as C
+from sectune.errors import ConfigError, DataError
+from sectune.predict import Predictor, read_classify_run
+from sectune.runner import RunContext
+
+
+def run(ctx: RunContext) -> dict:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    ev = cfg.evaluate
+    if not ev.model_dir:
+        raise ConfigError("stage=evaluate needs evaluate.model_dir=<a classify run dir>")
+    model_dir = Path(ev.model_dir).expanduser().resolve()
+    if not model_dir.is_dir():
+        raise ConfigError(f"evaluate.model_dir={ev.model_dir}: not a directory")
+    run_cfg, _ = read_classify_run(model_dir)
+    run_cfg.evaluate = cfg.evaluate
+    run_cfg.train.device = cfg.train.device
+    print(f"sectune: evaluating {model_dir} ({run_cfg.model.name}, {run_cfg.classify.head} head) on "
+          f"dataset={run_cfg.dataset.name} split={ev.split}; this run's model/dataset settings are ignored")
+
+    data = C.build_labelled_data(run_cfg)
+    if ev.split not in data.splits:
+        raise ConfigError(f"evaluate.split={ev.split!r}: choose train, validation or test")
+    saved = model_dir / "splits" / f"{ev.split}.json"
+    if saved.is_file():
+        old = [(r["text"], r["label"]) for r in json.loads(saved.read_text())]
+        if old != [(r["text"], r["label"]) for r in data.splits[ev.split]]:
+            raise DataError(f"{data.source}: the rebuilt {ev.split} split differs from {saved}; the data changed since the classify run")
+
+    predictor = Predictor.from_run(model_dir, batch_size=ev.batch_size, device=cfg.train.device)
+    recs = data.splits[ev.split]
+    probs, lat = C.score_texts(predictor.model, predictor.tokenizer, [r["text"] for r in recs],
+                               head=predictor.meta["head"], labels=predictor.labels,
+                               batch_size=ev.batch_size, max_length=predictor.meta["max_length"])
+    if predictor.labels != data.labels:
+        raise DataError(f"{model_dir}: labels.json {predictor.labels} differ from the rebuilt data's {data.labels}")
+    metrics = C.evaluate_split(data, ev.split, probs, lat, run_dir / "evaluation",
+                               threshold=predictor.meta.get("threshold"), seed=run_cfg.train.seed,
+                               rf_estimators=ev.rf_estimators,
+                               extra={"model_dir": str(model_dir), "model": run_cfg.model.name,
+                                      "head": predictor.meta["head"]})
+    print(f"sectune: {ev.split} accuracy {metrics['test_accuracy']:.4f} · macro-F1 {metrics['test_macro_f1']:.4f} · "
+          f"baseline {metrics.get('baseline_test_macro_f1', float('nan')):.4f} · majority {metrics['majority_test_macro_f1']:.4f}"
+          f" → {run_dir / 'evaluation'}")
+    return {"metrics": metrics, "artifacts": {"evaluation": "evaluation", "model_dir": str(model_dir)}}

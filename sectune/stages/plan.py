@@ -1,0 +1,182 @@
+"""``stage=plan``: the predicted training-memory budget of the composed config, no weights loaded.
+
+The numbers come from ``sectune.planner.estimate_memory``; this stage only maps the config onto
+its arguments:
+
+* arch: ``model.arch`` (every real preset carries its config.json numbers), else the
+  ``config.json`` of the tiny model (built locally) or of a cached/local model, via
+  ``planner.measure_arch``. Nothing else is read: a 70 GB model plans on a laptop.
+* weights in ``model.dtype`` (``auto`` counted as bf16); activations in the autocast dtype of
+  ``train.precision`` (bf16/fp16 → 2 bytes; fp32 → the weights' dtype). The planner takes one
+  dtype, so it is asked twice and the two budgets are combined.
+* ``upcast_non_quantized=True`` whenever quantized: modeling.load_model runs peft's
+  ``prepare_model_for_kbit_training``, which casts every non-quantized parameter (embeddings,
+  lm_head, norms) to fp32.
+* device: ``plan.device``, else where the run would train (``train.device``; auto = cuda when
+  visible). Plan a GPU run from a CPU box with ``plan.device=cuda``.
+
+Writes ``plan.md`` (the table) and puts ``predicted_peak_bytes`` and each component in metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from sectune import planner
+from sectune.errors import ConfigError
+from sectune.runner import RunContext
+
+COMPONENTS = ("weights", "adapters", "optimizer_state", "gradients", "activations", "runtime_overhead")
+
+
+def model_arch(model_cfg: DictConfig, cfg: DictConfig) -> tuple[dict, str]:
+    """The arch dict for a model node and where it came from."""
+    if model_cfg.arch:
+        return dict(OmegaConf.to_container(model_cfg.arch, resolve=True)), "model.arch"
+    from transformers import AutoConfig
+
+    if model_cfg.name_or_path is None and model_cfg.tiny is not None:
+        from sectune.tiny import ensure_tiny_model
+
+        spec = OmegaConf.to_container(model_cfg.tiny, resolve=True)
+        path = str(ensure_tiny_model(model_cfg.name, model_cfg.family, spec, Path(cfg.paths.shared_data), Path(cfg.paths.cache_dir)))
+        return planner.measure_arch(AutoConfig.from_pretrained(path)), f"{path}/config.json"
+    path = str(model_cfg.name_or_path)
+    try:
+        hf = AutoConfig.from_pretrained(path, local_files_only=True, revision=model_cfg.revision,
+                                        trust_remote_code=bool(model_cfg.trust_remote_code))
+    except OSError:
+        raise ConfigError(
+            f"model={model_cfg.name}: model.arch is null and {path}'s config.json is not available locally; "
+            "set model.arch (hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size, family)"
+        ) from None
+    return planner.measure_arch(hf), f"{path} config.json"
+
+
+def plan_device(cfg: DictConfig) -> str:
+    want = cfg.plan.device or cfg.train.device
+    if want == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if want not in ("cpu", "cuda"):
+        raise ConfigError(f"plan.device={want!r}: choose cpu or cuda (or null for train.device)")
+    return want
+
+
+def lora_targets(cfg: DictConfig):
+    targets = list(cfg.lora.target_modules)
+    return "all_linear" if targets == ["all-linear"] else targets
+
+
+def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, seq_len: int | None = None) -> tuple[planner.Budget, dict]:
+    """The Budget for ``cfg`` (optionally with another model node) and the settings used."""
+    m = model_cfg if model_cfg is not None else cfg.model
+    arch, arch_source = model_arch(m, cfg)
+    weight_dtype = "bf16" if m.dtype == "auto" else str(m.dtype)
+    if weight_dtype not in planner.DTYPE_BYTES:
+        raise ConfigError(f"model.dtype={m.dtype!r}: choose fp32, bf16, fp16 or auto")
+    precision = cfg.train.precision
+    act_dtype = precision if precision in ("bf16", "fp16") else weight_dtype
+    q = cfg.quantization.name
+    if q not in planner.QUANTIZATIONS:
+        raise ConfigError(f"quantization={q!r}: the planner knows {', '.join(planner.QUANTIZATIONS)}")
+    if q != "none" and not cfg.lora.enabled:
+        raise ConfigError(f"quantization={q} needs LoRA (lora=r4_attention|r16_all_linear): quantized weights cannot be trained")
+    if cfg.train.optimizer not in planner.OPTIMIZERS:
+        raise ConfigError(f"train.optimizer={cfg.train.optimizer!r}: choose one of {', '.join(planner.OPTIMIZERS)}")
+    settings = dict(
+        quantization=q,
+        lora_r=int(cfg.lora.r) if cfg.lora.enabled else None,
+        lora_targets=lora_targets(cfg) if cfg.lora.enabled else "attention",
+        optimizer=cfg.train.optimizer,
+        seq_len=int(seq_len or cfg.plan.seq_len or m.max_seq_length),
+        batch_size=int(cfg.plan.batch_size or cfg.train.batch_size),
+        gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
+        device=plan_device(cfg),
+        lora_dropout=float(cfg.lora.dropout),
+        upcast_non_quantized=q != "none",
+    )
+    try:
+        w = planner.estimate_memory(arch, dtype=weight_dtype, **settings)
+        a = w if act_dtype == weight_dtype else planner.estimate_memory(arch, dtype=act_dtype, **settings)
+    except ValueError as e:
+        raise ConfigError(f"stage=plan: {e}") from None
+    if settings["device"] == "cuda":
+        runtime = planner.CUDA_CONTEXT + planner.ALLOCATOR_SLACK * (a.activations + w.gradients)
+    else:
+        runtime = planner.CPU_RUNTIME
+    comps = dict(weights=w.weights, adapters=w.adapters, optimizer_state=w.optimizer_state, gradients=w.gradients,
+                 activations=a.activations, runtime_overhead=int(runtime))
+    notes = list(w.notes)
+    if a is not w:
+        notes = [n for n in notes if not n.startswith("activations for")] + [
+            n for n in a.notes if n.startswith("activations for")
+        ]
+        notes.append(f"weights/optimizer in {weight_dtype}, activations in {act_dtype} (train.precision={precision} autocast)")
+    if q != "none":
+        notes.append("non-quantized params counted in fp32: prepare_model_for_kbit_training upcasts them")
+    budget = planner.Budget(**comps, total=sum(comps.values()), device=settings["device"], params=w.params,
+                            trainable_params=w.trainable_params, notes=notes)
+    info = dict(settings, model=m.name, arch_source=arch_source, weight_dtype=weight_dtype, activation_dtype=act_dtype)
+    return budget, info
+
+
+def markdown(budget: planner.Budget, info: dict) -> str:
+    lora = f"LoRA r={info['lora_r']} on {info['lora_targets']}" if info["lora_r"] else "full fine-tune"
+    head = [
+        f"# Memory plan: {info['model']}",
+        "",
+        f"{info['quantization']} · {lora} · {info['optimizer']} · batch {info['batch_size']} x seq {info['seq_len']}"
+        f" · gradient checkpointing {'on' if info['gradient_checkpointing'] else 'off'} · {info['device']}"
+        f" · arch from {info['arch_source']}",
+        "",
+        f"Predicted peak: **{budget.total / planner.GiB:.2f} GiB** ({budget.total / 1e9:.2f} GB).",
+        "",
+    ]
+    return "\n".join(head) + budget.to_markdown() + "\n"
+
+
+def all_models_table(cfg: DictConfig) -> str:
+    """One row per conf/model preset under the composed quantization/LoRA/train settings."""
+    import yaml
+
+    from sectune.config import ModelConfig
+    from sectune.paths import PROJECT_ROOT
+
+    lines = ["| model | total GiB | weights | adapters | optimizer | gradients | activations | runtime |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for path in sorted((PROJECT_ROOT / "conf" / "model").glob("*.yaml")):
+        node = OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml.safe_load(path.read_text()) or {})
+        try:
+            b, _ = estimate(cfg, node, seq_len=cfg.plan.seq_len or node.max_seq_length)
+        except ConfigError as e:
+            lines.append(f"| {path.stem} | error: {e} |||||||")
+            continue
+        cells = " | ".join(f"{getattr(b, c) / planner.GiB:.2f}" for c in COMPONENTS)
+        lines.append(f"| {path.stem} | **{b.total / planner.GiB:.2f}** | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(ctx: RunContext) -> dict:
+    from sectune.runner import write_json_atomic
+
+    cfg = ctx.cfg
+    budget, info = estimate(cfg)
+    text = markdown(budget, info)
+    print(text)
+    metrics = {"predicted_peak_bytes": budget.total, "params": budget.params, "trainable_params": budget.trainable_params}
+    metrics.update({f"predicted_{c}_bytes": getattr(budget, c) for c in COMPONENTS})
+    artifacts = {"plan": "plan.md", "plan_json": "plan.json"}
+    if cfg.plan.all_models:
+        table = all_models_table(cfg)
+        print(table)
+        text += "\n## Every model preset with these settings\n\n" + table
+    tmp = ctx.path(".plan.md.tmp")
+    tmp.write_text(text)
+    tmp.replace(ctx.path("plan.md"))
+    write_json_atomic(ctx.path("plan.json"), {"settings": info, "budget": {c: getattr(budget, c) for c in (*COMPONENTS, "total")},
+                                              "notes": budget.notes})
+    return {"metrics": metrics, "artifacts": artifacts}

@@ -1,0 +1,100 @@
+"""Sweep bookkeeping: ``sweep.skip_done`` and the index of finished config digests.
+
+Hydra puts every ``sectune -m …`` in a NEW ``multirun/DATE/TIME`` dir, so "this job already ran"
+cannot be read from the job's own dir alone. Every succeeded sweep job (rank 0) therefore drops
+``<sweep.index_dir>/<config digest>.json`` (default ``multirun/.index/``) naming its run dir.
+With ``sweep.skip_done=true`` a job first looks in its own dir (a rerun with
+``hydra.sweep.dir=<the old dir>``), then in the index; when it finds a succeeded result.json
+with the same digest it does not train again: its job dir gets a result.json copied from the
+earlier one, with ``"reused_from"`` (the earlier run dir) and artifact paths pointing there, so
+``sectune-report`` over the new sweep still has every row. A failed or deleted earlier run is
+never reused: the index entry is checked against the result.json it points to.
+
+The digest (``runner.config_digest``) covers the whole resolved config except the ``sweep`` node
+itself, so turning ``sweep.skip_done`` on does not make an earlier run look different.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+RESULT_FILE = "result.json"
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _succeeded_with(run_dir: Path, digest: str) -> dict | None:
+    res = _read(run_dir / RESULT_FILE)
+    if res and res.get("status") == "succeeded" and res.get("config_digest") == digest:
+        return res
+    return None
+
+
+def index_dir(cfg: DictConfig) -> Path:
+    return Path(str(cfg.sweep.index_dir)).expanduser().resolve()
+
+
+def in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # not under Hydra (a direct runner.run call)
+        return False
+
+
+def find_done(cfg: DictConfig, run_dir: Path, digest: str) -> tuple[dict, Path] | None:
+    """(earlier result, its run dir) for a succeeded run with ``digest``, or None."""
+    own = _succeeded_with(run_dir, digest)
+    if own is not None:
+        return own, run_dir
+    entry = _read(index_dir(cfg) / f"{digest}.json")
+    if entry and entry.get("run_dir"):
+        earlier = Path(entry["run_dir"])
+        res = _succeeded_with(earlier, digest)
+        if res is not None:
+            return res, earlier
+    return None
+
+
+def reuse(cfg: DictConfig, run_dir: Path, digest: str, write: bool) -> dict | None:
+    """``sweep.skip_done``: the earlier result this job stands for (written into run_dir), or None."""
+    found = find_done(cfg, run_dir, digest)
+    if found is None:
+        return None
+    res, earlier = found
+    if earlier.resolve() == run_dir.resolve():
+        print(f"sectune: {run_dir} already succeeded with this config; skipped (sweep.skip_done=true)")
+        return res
+    out: dict[str, Any] = dict(res)
+    out["artifacts"] = {k: os.path.relpath(earlier / v, run_dir) for k, v in (res.get("artifacts") or {}).items()}
+    out["reused_from"] = str(earlier.resolve())
+    out["skipped"] = True
+    if write:
+        from sectune.runner import write_json_atomic
+
+        write_json_atomic(run_dir / RESULT_FILE, out)
+    print(f"sectune: config {digest} already succeeded in {earlier}; reused its result (sweep.skip_done=true)")
+    return out
+
+
+def record_done(cfg: DictConfig, run_dir: Path, digest: str) -> None:
+    """Index a succeeded sweep job so a later sweep with ``skip_done`` finds it."""
+    from sectune.runner import write_json_atomic
+
+    try:
+        write_json_atomic(index_dir(cfg) / f"{digest}.json", {"run_dir": str(run_dir.resolve()), "stage": cfg.stage.name})
+    except OSError as e:  # the index is a convenience; never fail a finished run over it
+        print(f"sectune: could not record {digest} in {index_dir(cfg)}: {e}")

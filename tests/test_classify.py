@@ -1,0 +1,252 @@
+"""classify / evaluate / predictor: weighted CE by hand, datasets, end to end on the real CIC sample,
+bad inputs, and both seed presets on the tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sectune.classification import (class_weight_vector, decide, tune_threshold,
+                                    weighted_cross_entropy)
+from sectune.errors import ConfigError, DataError
+from sectune.paths import PROJECT_ROOT, shared_data_dir
+
+SHARED = shared_data_dir()
+CIC = SHARED / "ciciot2023_merged39_family_sample" / "CICIoT2023_sample.csv"
+INJ = SHARED / "deepset_prompt_injections"
+needs_cic = pytest.mark.skipif(not CIC.is_file(), reason=f"real CIC-IoT sample missing: {CIC}")
+needs_inj = pytest.mark.skipif(not (INJ / "train.jsonl").is_file(), reason=f"deepset prompt injections missing: {INJ}")
+FAST = ["logger=none", "train.precision=fp32", "evaluate.rf_estimators=30"]
+
+
+def sectune(*args, cwd=PROJECT_ROOT, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "sectune", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- weighted CE
+
+
+def test_weighted_ce_matches_hand_computed_values():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    targets = torch.tensor([0, 1, 0])
+    # per-row NLL = log(1 + e^{-margin}): margins 2, 1, 0
+    l0, l1, l2 = math.log(1 + math.exp(-2)), math.log(1 + math.exp(-1)), math.log(2)
+    assert weighted_cross_entropy(logits, targets).item() == pytest.approx((l0 + l1 + l2) / 3, rel=1e-6)
+    w = torch.tensor([1.0, 3.0])  # class 1 counts three times
+    assert weighted_cross_entropy(logits, targets, w).item() == pytest.approx((l0 + 3 * l1 + l2) / 5, rel=1e-6)
+    assert weighted_cross_entropy(logits, targets, w).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, targets, weight=w).item(), rel=1e-6)
+    # ignored rows and per-sample weights
+    t_ign = torch.tensor([0, -100, 0])
+    assert weighted_cross_entropy(logits, t_ign).item() == pytest.approx((l0 + l2) / 2, rel=1e-6)
+    sw = torch.tensor([2.0, 0.0, 1.0])
+    assert weighted_cross_entropy(logits, targets, sample_weight=sw).item() == pytest.approx((2 * l0 + l2) / 3, rel=1e-6)
+    # label smoothing ε: (1-ε)·nll + ε·mean_c(-log p_c); row 3 has both classes at log 2
+    eps = 0.1
+    lp = torch.log_softmax(logits, -1)
+    by_hand = [(1 - eps) * -lp[i, targets[i]] - eps * lp[i].mean() for i in range(3)]
+    assert weighted_cross_entropy(logits, targets, label_smoothing=eps).item() == pytest.approx(
+        float(sum(by_hand) / 3), rel=1e-6)
+
+
+def test_class_weights_balanced_explicit_and_errors():
+    labels = ["a", "b", "c"]
+    train = ["a"] * 6 + ["b"] * 3 + ["c"] * 1
+    assert class_weight_vector("balanced", labels, train) == pytest.approx([10 / 18, 10 / 9, 10 / 3])
+    assert class_weight_vector(None, labels, train) is None
+    assert class_weight_vector(OmegaConf.create({"c": 5}), labels, train) == [1.0, 1.0, 5.0]
+    with pytest.raises(ConfigError, match="'zz'"):
+        class_weight_vector({"zz": 1}, labels, train)
+
+
+def test_threshold_is_chosen_on_given_rows_and_applied():
+    probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.65, 0.35], [0.2, 0.8]])
+    y = ["neg", "pos", "pos", "pos"]
+    t, f1 = tune_threshold(probs, y, ["neg", "pos"])
+    assert 0.1 < t <= 0.3 and f1 == 1.0
+    assert decide(probs, ["neg", "pos"], t) == y
+    assert decide(probs, ["neg", "pos"]) == ["neg", "neg", "neg", "pos"]
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _cfg(**dataset):
+    from hydra import compose, initialize_config_dir
+
+    from sectune import config
+
+    config.register()
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        over = [f"dataset={dataset.pop('name')}", "stage=classify"] + [f"dataset.{k}={v}" for k, v in dataset.items()]
+        return compose("config", overrides=over)
+
+
+@needs_cic
+def test_merged_preset_splits_and_train_only_statistics():
+    from sectune.classification import build_labelled_data
+
+    data = build_labelled_data(_cfg(name="cic_iot_2023_merged", max_samples=500))
+    assert len(data.labels) == 10 and data.format == "flows"
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 350, "validation": 50, "test": 100}
+    assert data.splits["test"][0]["text"].startswith("Classify this IoT network flow.\nHeader_Length=")
+    train_rate = np.median([r["features"]["Rate"] for r in data.splits["train"]])
+    assert data.normalizer.medians["Rate"] == pytest.approx(train_rate)
+
+
+def test_46_column_preset_generates_synthetic_and_says_so(tmp_path, capsys):
+    from sectune.classification import build_labelled_data
+
+    cfg = _cfg(name="cic_iot_2023", max_samples=340, synthetic_rows=680, granularity="binary")
+    cfg.paths.cache_dir = str(tmp_path)
+    data = build_labelled_data(cfg)
+    assert "GENERATED" in capsys.readouterr().out
+    assert data.labels == ["attack", "benign"] and len(data.features) == 46
+    assert list(tmp_path.glob("datasets/cic_iot_46_synthetic-*.csv"))
+
+
+@needs_inj
+def test_prompt_injections_keeps_own_test_and_carves_validation():
+    from sectune.classification import build_labelled_data
+
+    data = build_labelled_data(_cfg(name="prompt_injections"))
+    assert len(data.splits["test"]) == 116
+    assert len(data.splits["train"]) + len(data.splits["validation"]) == 546
+    assert data.labels == ["benign", "injection"]
+    assert data.splits["test"][0]["text"].startswith("Is this prompt a prompt injection?\n")
+
+
+def test_text_label_csv_split(tmp_path):
+    from sectune.classification import build_labelled_data
+
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\n" + "".join(f"flow {i} syn,{'ddos' if i % 2 else 'benign'}\n" for i in range(40)))
+    data = build_labelled_data(_cfg(name="text_label_csv", path=str(p)))
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 24, "validation": 8, "test": 8}
+    with pytest.raises(ConfigError, match="dataset.path"):
+        build_labelled_data(_cfg(name="text_label_csv"))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def cic_run(tmp_path_factory):
+    if not CIC.is_file():
+        pytest.skip(f"real CIC-IoT sample missing: {CIC}")
+    run_dir = tmp_path_factory.mktemp("classify") / "run"
+    p = sectune("stage=classify", "dataset=cic_iot_2023_merged", "dataset.max_samples=600", "train.max_steps=40",
+                "train.batch_size=8", "loss=cross_entropy", "loss.class_weights=balanced", *FAST,
+                f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return run_dir
+
+
+def test_classify_beats_majority_and_reports_rf(cic_run):
+    res = json.loads((cic_run / "result.json").read_text())
+    m = res["metrics"]
+    assert res["status"] == "succeeded"
+    assert m["test_macro_f1"] > m["majority_test_macro_f1"] + 0.05
+    assert m["test_invalid_predictions"] == 0
+    for name in ("adapter/adapter_model.safetensors", "labels.json", "normalizer.json", "classifier.json",
+                 "splits/train.json", "splits/validation.json", "splits/test.json", "plots/loss_curve.png",
+                 "training_metrics.json"):
+        assert (cic_run / name).is_file(), name
+    from safetensors import safe_open
+
+    with safe_open(str(cic_run / "adapter/adapter_model.safetensors"), "pt") as f:
+        assert any("score" in k for k in f.keys())  # the classification head is saved with the adapter
+    ev = cic_run / "evaluation"
+    for name in ("confusion_matrix.png", "class_performance.png", "inference_times.png", "evaluation_report.txt",
+                 "detailed_results.json"):
+        assert (ev / name).is_file(), name
+    report = (ev / "evaluation_report.txt").read_text()
+    assert "random_forest (primary)" in report and "majority" in report
+    detailed = json.loads((ev / "detailed_results.json").read_text())
+    acc = np.mean([r["true"] == r["pred"] for r in detailed["rows"]])
+    assert f"accuracy:     {acc:.4f}" in report
+    assert acc == pytest.approx(m["test_accuracy"])
+    assert len(detailed["rows"]) == len(json.loads((cic_run / "splits/test.json").read_text()))
+
+
+def test_evaluate_rebuilds_run_and_predictor_agrees(cic_run, tmp_path):
+    ev_dir = tmp_path / "ev"
+    # model=/dataset= overrides of the evaluate run are ignored: the classify run decides
+    p = sectune("stage=evaluate", f"evaluate.model_dir={cic_run}", "model=tiny_gpt2", "dataset=prompt_injections",
+                *FAST, f"hydra.run.dir={ev_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = json.loads((cic_run / "result.json").read_text())["metrics"]
+    b = json.loads((ev_dir / "result.json").read_text())["metrics"]
+    for k in ("test_accuracy", "test_macro_f1", "baseline_test_macro_f1", "majority_test_macro_f1"):
+        assert b[k] == pytest.approx(a[k]), k
+    rows = json.loads((ev_dir / "evaluation/detailed_results.json").read_text())["rows"]
+
+    from sectune.predict import Predictor
+
+    pred = Predictor.from_run(cic_run, batch_size=16)
+    test = json.loads((cic_run / "splits/test.json").read_text())
+    out = pred.predict_flows([r["features"] for r in test])
+    assert [o["label"] for o in out] == [r["pred"] for r in rows]
+    one = pred.predict_flow(test[0]["features"])
+    assert one["label"] == rows[0]["pred"] and sum(one["scores"].values()) == pytest.approx(1.0)
+    # CSV in → CSV with predicted_label + per-class scores
+    import pandas as pd
+
+    src = tmp_path / "flows.csv"
+    pd.DataFrame([r["features"] for r in test[:10]]).to_csv(src, index=False)
+    df = pred.predict_csv(src, tmp_path / "pred.csv")
+    assert list(df["predicted_label"]) == [r["pred"] for r in rows[:10]]
+    assert {f"score_{lab}" for lab in pred.labels} <= set(pd.read_csv(tmp_path / "pred.csv").columns)
+    # missing features are named
+    bad = dict(test[0]["features"])
+    del bad["Rate"]
+    with pytest.raises(DataError, match="'Rate'"):
+        pred.predict_flow(bad)
+    pd.DataFrame([r["features"] for r in test[:3]]).drop(columns=["IAT", "Std"]).to_csv(src, index=False)
+    with pytest.raises(DataError, match="'Std'.*'IAT'|'IAT'.*'Std'"):
+        pred.predict_csv(src, tmp_path / "pred2.csv")
+
+
+def test_bad_inputs_exit_nonzero_with_clear_errors(tmp_path):
+    bad_csv = tmp_path / "flows.csv"
+    bad_csv.write_text("Rate,Header_Length,label_multiclass\n1,2,DDoS\n")
+    p = sectune("stage=classify", "dataset=cic_iot_2023_merged", f"dataset.path={bad_csv}", *FAST,
+                f"hydra.run.dir={tmp_path / 'a'}")
+    assert p.returncode != 0 and "missing required column" in p.stderr and "'Time_To_Live'" in p.stderr
+    p = sectune("stage=evaluate", f"evaluate.model_dir={tmp_path}", *FAST, f"hydra.run.dir={tmp_path / 'b'}")
+    assert p.returncode != 0 and "no result.json" in p.stderr
+    assert json.loads((tmp_path / "b/result.json").read_text())["status"] == "failed"
+
+
+# ----------------------------------------------------------------------------- seed presets
+
+
+@needs_cic
+@pytest.mark.parametrize("preset,model,artifact", [("ciciot_gpt2", "tiny_gpt2", "model"),
+                                                   ("ciciot_llama_lora", "tiny_llama", "adapter")])
+def test_experiment_presets_run_on_tiny(preset, model, artifact, tmp_path):
+    run_dir = tmp_path / preset
+    p = sectune(f"+experiment={preset}", f"model={model}", "dataset.max_samples=100", "train.max_steps=1",
+                "train.grad_accum=1", "logger=none", "evaluate.rf_estimators=10", f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((run_dir / "result.json").read_text())
+    cfg = OmegaConf.load(run_dir / ".hydra/config.yaml")
+    assert cfg.classify.head == "generative" and cfg.train.epochs == 3 and cfg.train.batch_size == 4
+    assert (run_dir / artifact).is_dir() and (run_dir / "evaluation/evaluation_report.txt").is_file()
+    assert res["metrics"]["test_invalid_predictions"] == 0  # label set scoring: no parse failures
+    if preset == "ciciot_gpt2":
+        assert cfg.lora.enabled is False and cfg.train.gradient_checkpointing and cfg.dataset.val_fraction == 0.2
+        assert "using bf16 autocast instead" in p.stdout + p.stderr
+    else:
+        assert cfg.quantization.name == "nf4" and cfg.lora.r == 16 and cfg.lora.alpha == 32 and cfg.train.grad_accum == 1

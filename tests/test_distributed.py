@@ -1,0 +1,96 @@
+"""torchrun: one shared run dir (robust to stale notes), rank-0-only writes, same result as 1 process."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sectune import distributed
+from sectune.paths import PROJECT_ROOT
+
+#: same global batch: 2 ranks x 2 rows vs 1 process x 4 rows; eval one row per batch so the
+#: per-batch eval means are the same rows either way
+COMMON = ["logger=wandb", "generation.preview_samples=0", "train.max_steps=3", "dataset.max_samples=16",
+          "train.eval_batch_size=1", "train.device=cpu"]
+
+
+def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(PROJECT_ROOT)}
+    ddp_cwd = tmp_path / "ddp"
+    ddp_cwd.mkdir()
+    torchrun = Path(sys.executable).parent / "torchrun"
+    # no hydra.run.dir: the ranks must agree on outputs/DATE/TIME themselves
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "sectune", *COMMON, "train.batch_size=2"],
+                          cwd=ddp_cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dirs = [p.parent for p in (ddp_cwd / "outputs").glob("*/*/.hydra")]
+    assert len(run_dirs) == 1, run_dirs
+    ddp_dir = run_dirs[0]
+    assert len(list((ddp_cwd / "outputs").rglob("result.json"))) == 1
+    assert len(list((ddp_cwd / "outputs").rglob("adapter_config.json"))) == 1
+    assert len(list(ddp_dir.glob("wandb/offline-run-*"))) == 1
+    single_dir = tmp_path / "single"
+    proc = subprocess.run([sys.executable, "-m", "sectune", *COMMON, "train.batch_size=4", f"hydra.run.dir={single_dir}"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = json.loads((ddp_dir / "result.json").read_text())["metrics"]
+    one = json.loads((single_dir / "result.json").read_text())["metrics"]
+    assert ddp["train_steps"] == one["train_steps"] == 3
+    assert ddp["eval_loss_start"] == pytest.approx(one["eval_loss_start"], rel=1e-4)  # same weights, same rows
+    assert ddp["train_loss"] == pytest.approx(one["train_loss"], rel=0.02)
+    assert ddp["eval_loss"] == pytest.approx(one["eval_loss"], rel=0.02)
+
+
+def _env(monkeypatch, rank, **extra):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for k, v in extra.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_file_fallback_ignores_a_stale_note(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.setattr(distributed.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    _env(monkeypatch, 1, MASTER_PORT="29999")
+    parent, started = distributed._launcher_identity()
+    note = tmp_path / f"sectune_run_dir_127.0.0.1_29999__{parent}"
+    note.write_text("/stale/run/dir")
+    old = started - 3600
+    os.utime(note, (old, old))  # written by an earlier launch
+    with pytest.raises(SystemExit, match="waited"):
+        distributed.share_run_dir_across_ranks(timeout_s=0.5, argv=["sectune"])
+    _env(monkeypatch, 0, MASTER_PORT="29999")
+    argv0 = ["sectune"]
+    chosen = distributed.share_run_dir_across_ranks(argv=argv0)
+    _env(monkeypatch, 1, MASTER_PORT="29999")
+    argv1 = ["sectune"]
+    assert distributed.share_run_dir_across_ranks(timeout_s=5, argv=argv1) == chosen != "/stale/run/dir"
+    assert argv0 == argv1 == ["sectune", f"hydra.run.dir={chosen}"]
+
+
+def test_agent_store_shares_one_run_dir(monkeypatch, tmp_path):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    monkeypatch.chdir(tmp_path)
+    _env(monkeypatch, 1, MASTER_PORT=str(server.port), TORCHELASTIC_USE_AGENT_STORE="True")
+    _env(monkeypatch, 0, MASTER_PORT=str(server.port), TORCHELASTIC_USE_AGENT_STORE="True")
+    a = distributed.share_run_dir_across_ranks(argv=["sectune"])
+    time.sleep(1.1)  # a later second: rank 1 must still get rank 0's dir, not its own ${now:}
+    _env(monkeypatch, 1, MASTER_PORT=str(server.port), TORCHELASTIC_USE_AGENT_STORE="True")
+    assert distributed.share_run_dir_across_ranks(argv=["sectune"]) == a
+
+
+def test_single_process_sweep_and_explicit_dir_are_left_alone(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.share_run_dir_across_ranks(argv=["sectune"]) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.share_run_dir_across_ranks(argv=["sectune", "hydra.run.dir=x"]) is None
+    assert distributed.share_run_dir_across_ranks(argv=["sectune", "-m", "lora.r=4,8"]) is None

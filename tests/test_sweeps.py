@@ -1,0 +1,112 @@
+"""Sweeps: 2x2 multirun + report (with failed rows), skip_done across sweep dirs, submitit, Optuna."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import compose
+from sectune.paths import PROJECT_ROOT
+
+TINY = ["logger=none", "generation.preview_samples=0", "train.batch_size=2", "train.max_steps=2",
+        "dataset.max_samples=12"]
+
+
+def multirun(args, sweep_dir: Path, timeout=600, env=None):
+    cmd = [sys.executable, "-m", "sectune", "-m", *args, f"hydra.sweep.dir={sweep_dir}"]
+    return subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def results(sweep_dir: Path) -> dict[int, dict]:
+    return {int(p.parent.name): json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json")}
+
+
+def test_2x2_sweep_report_failed_rows_and_skip_done_across_sweep_dirs(tmp_path):
+    index = tmp_path / "index"
+    first, second = tmp_path / "sweep1", tmp_path / "sweep2"
+    grid = ["lora.r=2,4", "debug.fail_at_step=null,1", f"sweep.index_dir={index}"]
+    proc = multirun([*TINY, *grid], first)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # failed jobs are rows, not the end of the sweep
+    res = results(first)
+    assert len(res) == 4
+    assert sorted(r["status"] for r in res.values()) == ["failed", "failed", "succeeded", "succeeded"]
+    assert len(list(index.glob("*.json"))) == 2  # only succeeded jobs are indexed
+
+    # the console script: one row per job, swept keys as columns, failures as failed rows
+    rep = subprocess.run([str(Path(sys.executable).parent / "sectune-report"), str(first)], capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr
+    rows = list(csv.DictReader((first / "report.csv").open()))
+    assert len(rows) == 4 and {"lora.r", "debug.fail_at_step", "status", "eval_loss"} <= set(rows[0])
+    assert sum(r["status"] == "failed" for r in rows) == 2
+    assert "lora.r" in (first / "report.md").read_text()
+    # one plot per swept key with succeeded values (every succeeded job has fail_at_step=null: no plot)
+    assert sorted(p.name for p in (first / "plots").glob("*.png")) == ["lora.r.png"]
+
+    # a rerun lands in a NEW dir: finished configs are found through the index, failed ones rerun
+    proc = multirun([*TINY, *grid, "sweep.skip_done=true"], second)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res2 = results(second)
+    assert len(res2) == 4
+    reused = [r for r in res2.values() if r.get("reused_from")]
+    assert len(reused) == 2 and all(r["status"] == "succeeded" for r in reused)
+    assert {Path(r["reused_from"]).parent for r in reused} == {first.resolve()}
+    for job, r in res2.items():
+        if r.get("reused_from"):
+            assert (second / str(job) / r["artifacts"]["adapter"] / "adapter_config.json").is_file()
+        else:
+            assert r["status"] == "failed" and "fail_at_step" in r["error"]
+
+    # the report as a stage over the second sweep
+    run_dir = tmp_path / "report_run"
+    proc = subprocess.run([sys.executable, "-m", "sectune", "stage=report", f"report.dir={second}", "logger=none",
+                           f"hydra.run.dir={run_dir}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((run_dir / "result.json").read_text())
+    assert out["metrics"] == {"jobs": 4, "succeeded": 2, "failed": 2}
+    assert (run_dir / out["artifacts"]["report_csv"]).resolve() == (second / "report.csv").resolve()
+
+
+def test_digest_ignores_sweep_bookkeeping():
+    from sectune.runner import config_digest
+
+    a = compose(["sweep.skip_done=false"])
+    b = compose(["sweep.skip_done=true", "sweep.index_dir=/elsewhere"])
+    c = compose(["lora.r=16"])
+    assert config_digest(a) == config_digest(b) != config_digest(c)
+
+
+def test_submitit_local_runs_a_two_job_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = multirun([*TINY, "hydra/launcher=local", "train.learning_rate=1e-3,1e-2"], sweep)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = results(sweep)
+    assert sorted(res) == [0, 1] and all(r["status"] == "succeeded" for r in res.values())
+    assert any((sweep / ".submitit").rglob("*_result.pkl"))  # the jobs really went through submitit
+
+
+def test_launcher_presets_compose():
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    from sectune import config
+
+    config.register()
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        slurm = hcompose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        raw = hcompose("config", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True)
+    lc = slurm.hydra.launcher
+    assert lc._target_.endswith("SlurmLauncher") and lc.partition == "gpu" and lc.gpus_per_node == 1
+    assert lc.array_parallelism == 8 and any("module load" in s for s in lc.setup)
+    assert raw.hydra.launcher._target_.endswith("SlurmLauncher")
+
+
+def test_optuna_preset_returns_the_objective(tmp_path):
+    sweep = tmp_path / "optuna"
+    proc = multirun(["hparams_search=sft_optuna", "stage=plan", "logger=none", "hydra.sweeper.n_trials=3",
+                     "sweep.objective=predicted_peak_bytes"], sweep, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = (sweep / "optimization_results.yaml").read_text()
+    values = [r["metrics"]["predicted_peak_bytes"] for r in results(sweep).values()]
+    assert len(values) == 3 and f"best_value: {float(min(values))}" in best

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -435,12 +433,3 @@ def evaluate_split(data: LabelledData, split: str, probs: np.ndarray, latencies:
     return metrics
 
 
-def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
-    """safetensors adapter (or full model) + tokenizer; appears under ``out`` only when complete."""
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)

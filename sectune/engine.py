@@ -213,3 +213,19 @@ class PackedRowsCollator:
         # transformers detects packed rows only without a KV cache (TRL's compute_loss also sets this).
         batch["use_cache"] = False
         return batch
+
+
+def seeded_length_grouped_sampler(trainer, train_dataset=None):
+    """Trainer's LengthGroupedSampler, but drawing from its own seeded generator.
+
+    Trainer builds it without a generator, so its order comes from the global RNG, which a
+    checkpoint restores mid-epoch: a resumed run would then see other batches than the
+    uninterrupted one. A generator of its own makes the order a function of ``train.seed`` only.
+    """
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    dataset = train_dataset if train_dataset is not None else trainer.train_dataset
+    args = trainer.args
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    generator = torch.Generator().manual_seed(args.data_seed if args.data_seed is not None else args.seed)
+    return LengthGroupedSampler(args.train_batch_size * args.gradient_accumulation_steps, lengths=lengths, generator=generator)

@@ -86,7 +86,7 @@ def run(ctx: RunContext) -> dict:
     # 4. artifacts: adapter (safetensors, incl. the score head) or the full model, + tokenizer
     model = trainer.model
     name = "adapter" if hasattr(model, "peft_config") else "model"
-    C.save_pretrained_atomic(model, tokenizer, run_dir / name)
+    modeling.save_pretrained_atomic(model, tokenizer, run_dir / name)
     artifacts[name] = name
 
     # 5. validation: accuracy/F1 and, for two labels, the decision threshold (never on test)

@@ -9,8 +9,6 @@ compute goes to padding (see bench/sft_throughput.py).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -85,7 +83,7 @@ def run(ctx: RunContext) -> dict:
     if not main:  # rank 0 saves, probes and previews; the others wait at the same barrier
         trainer.accelerator.wait_for_everyone()
         return {"metrics": metrics, "artifacts": artifacts}
-    save_pretrained_atomic(model_unwrapped, tokenizer, run_dir / name)
+    modeling.save_pretrained_atomic(model_unwrapped, tokenizer, run_dir / name)
     history = engine.loss_history(trainer)
     engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, f"sft · {cfg.model.name} · {cfg.dataset.name}")
     artifacts["loss_curve"] = "plots/loss_curve.png"
@@ -150,17 +148,6 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
 def count_too_long(tokenizer, recs: list[dict], max_len: int) -> int:
     lengths = [len(ids) + 1 for ids in tokenizer([r["prompt"] + r["completion"] for r in recs])["input_ids"]]
     return sum(n > max_len for n in lengths)
-
-
-def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
-    """safetensors adapter (or full model) + tokenizer; appears under ``out`` only when complete."""
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 @torch.no_grad()

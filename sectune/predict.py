@@ -145,14 +145,10 @@ class Predictor:
 
     def predict_csv(self, in_path, out_path) -> pd.DataFrame:
         """The CSV with ``predicted_label`` and ``score_<label>`` columns, written to ``out_path``."""
+        from sectune.data.flows import read_csv_checked
+
         in_path = Path(in_path)
-        if not in_path.is_file():
-            raise DataError(f"{in_path}: CSV not found")
-        try:
-            df = pd.read_csv(in_path, low_memory=False)
-        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise DataError(f"{in_path}: cannot parse as CSV: {e}") from None
-        df.columns = [str(c).strip() for c in df.columns]
+        df = read_csv_checked(in_path)
         if self.meta["format"] == "flows":
             prompts = self.flow_prompts(df, source=str(in_path))
             probs, preds = self._score_prompts(prompts)

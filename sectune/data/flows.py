@@ -121,6 +121,18 @@ class FlowTable:
         return len(self.y)
 
 
+def read_csv_checked(path: Path, what: str = "CSV") -> pd.DataFrame:
+    """A CSV as a DataFrame with stripped column names; a missing or unparsable file is a DataError."""
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        df = pd.read_csv(path, low_memory=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot parse as CSV: {exc}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
 def load_flows(path, features: Sequence[str], label_column: str, granularity: str = "family", *,
                nan_policy: str = "impute", max_rows: Optional[int] = None,
                seed: int = 0) -> FlowTable:
@@ -133,13 +145,7 @@ def load_flows(path, features: Sequence[str], label_column: str, granularity: st
     if nan_policy not in ("impute", "drop"):
         raise ConfigError(f"dataset.nan_policy={nan_policy!r}: expected 'impute' or 'drop'")
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: flow CSV not found")
-    try:
-        df = pd.read_csv(path, low_memory=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot parse as CSV: {exc}") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    df = read_csv_checked(path, "flow CSV")
     features = list(features)
     if not features:
         raise ConfigError("dataset.features is empty: name the numeric feature columns")

@@ -6,9 +6,11 @@ on the same real auth-log prompt/answer records (``sectune.data.sft_records``), 
 same number of optimizer steps:
 
 * ``trl``     — ``SFTTrainer`` + ``SFTConfig`` defaults: pad to the longest example of each batch,
-                no packing, no length grouping.
-* ``sectune`` — ``sectune.stages.sft.build_sft_trainer``: BFD packing into rows of
-                ``model.max_seq_length`` + ``engine.PackedRowsCollator`` (block-diagonal causal mask).
+                no packing, no length grouping, gradient checkpointing on (SFTConfig's default).
+* ``sectune`` — ``sectune.stages.sft.build_sft_trainer`` with sectune's defaults: BFD packing into rows
+                of ``model.max_seq_length``, ``engine.PackedRowsCollator``, attention per example and
+                the LM head on answer positions only (``sectune.packed_attention``), gradient
+                checkpointing off (``train.gradient_checkpointing=false``). The ``gc`` variant turns it on.
 
 Each side runs in its own subprocess (so ``ru_maxrss`` is that side's peak RSS); sides are
 interleaved over ``--repeats`` and medians are reported. Timing covers whole optimizer steps
@@ -149,6 +151,7 @@ def patch_variant(variant: str, trainer) -> None:
                 position, prompt and pad included, when Triton is absent: ``compact = _use_triton(device)``)
     nometrics — fused LM head asked for log-probs only (no entropy / top-1) and no per-step ``.item()`` metrics
     padN      — ``PackedRowsCollator(pad_to_multiple_of=N)``
+    gc        — gradient checkpointing on (``train.gradient_checkpointing=true``; TRL's SFTConfig default)
     """
     from sectune import engine
 
@@ -159,6 +162,9 @@ def patch_variant(variant: str, trainer) -> None:
             trl_utils._use_triton = lambda device: True  # only the compaction switch; the kernels keep torch ops
         elif v == "nometrics":
             _drop_trl_metrics(trainer)
+        elif v == "gc":
+            trainer.args.gradient_checkpointing = True  # Trainer enables it (non-reentrant) at train()
+            trainer.args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         elif v.startswith("pad"):
             trainer.data_collator = engine.PackedRowsCollator(trainer.processing_class.pad_token_id, pad_to_multiple_of=int(v[3:]) or None)
         else:

@@ -144,14 +144,16 @@ def peak_memory() -> dict:
 
 
 def loss_history(trainer) -> dict[str, list]:
-    """Per-step train loss and eval loss from Trainer's log history (survives resume)."""
-    train, evals = [], []
+    """Per-step train loss, gradient norm and eval loss from Trainer's log history (survives resume)."""
+    train, evals, grad_norm = [], [], []
     for rec in trainer.state.log_history:
         if "loss" in rec and "step" in rec:
             train.append((rec["step"], rec["loss"]))
+        if "grad_norm" in rec and "step" in rec:
+            grad_norm.append((rec["step"], rec["grad_norm"]))
         if "eval_loss" in rec and "step" in rec:
             evals.append((rec["step"], rec["eval_loss"]))
-    return {"train": train, "eval": evals}
+    return {"train": train, "eval": evals, "grad_norm": grad_norm}
 
 
 def write_history(path: Path, trainer) -> None:
@@ -220,7 +222,8 @@ def seeded_length_grouped_sampler(trainer, train_dataset=None):
 
     Trainer builds it without a generator, so its order comes from the global RNG, which a
     checkpoint restores mid-epoch: a resumed run would then see other batches than the
-    uninterrupted one. A generator of its own makes the order a function of ``train.seed`` only.
+    uninterrupted one. A generator of its own makes the order a function of ``train.seed`` only,
+    the same on every rank.
     """
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -228,4 +231,7 @@ def seeded_length_grouped_sampler(trainer, train_dataset=None):
     args = trainer.args
     lengths = [len(ids) for ids in dataset["input_ids"]]
     generator = torch.Generator().manual_seed(args.data_seed if args.data_seed is not None else args.seed)
-    return LengthGroupedSampler(args.train_batch_size * args.gradient_accumulation_steps, lengths=lengths, generator=generator)
+    # Grouped by the *global* batch: under DDP, accelerate hands consecutive per-device slices of
+    # each global batch to the ranks, so N processes see exactly the batches one process would.
+    global_batch = args.train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    return LengthGroupedSampler(global_batch, lengths=lengths, generator=generator)

@@ -44,3 +44,125 @@ def test_packed_rows_give_the_same_loss_as_separate_examples():
     with torch.no_grad():
         leaky = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.item()
     assert abs(leaky - expected) > 1e-3
+
+
+def test_segments_from_position_ids_fold_trailing_padding():
+    from sectune.packed_attention import segments_from_position_ids
+
+    pos = torch.tensor([
+        [0, 1, 2, 0, 1, 0, 0, 0],  # examples of 3 and 2 tokens, then 3 pad tokens
+        [0, 1, 2, 3, 4, 5, 6, 7],  # one example filling the row
+        [0, 1, 0, 1, 2, 3, 0, 1],  # three examples, no padding
+    ])  # fmt: skip
+    assert segments_from_position_ids(pos) == (((0, 3), (3, 8)), ((0, 8),), ((0, 2), (2, 6), (6, 8)))
+
+
+def _packed_batch(model_cfg_overrides=()):
+    cfg = compose(["logger=none", *model_cfg_overrides])
+    model = modeling.load_model(cfg, path=modeling.model_path(cfg)).train()
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(5, 2000, (n,), generator=g).tolist() for n in (30, 17, 9, 40, 5)]
+    rows = [
+        {"input_ids": docs[0] + docs[1], "labels": docs[0] + docs[1], "seq_lengths": [30, 17]},
+        {"input_ids": docs[2] + docs[3] + docs[4], "labels": docs[2] + docs[3] + docs[4], "seq_lengths": [9, 40, 5]},
+    ]
+    return model, engine.PackedRowsCollator(pad_token_id=0)(rows)
+
+
+def test_per_example_attention_matches_the_block_diagonal_mask_forward_and_backward():
+    """The fast path is the same computation: same loss, same gradients, only real-token rows compared."""
+    from sectune import packed_attention
+
+    packed_attention.install()
+    model, batch = _packed_batch()
+    assert batch["input_ids"].shape == (2, 56)  # 47 and 54 real tokens padded to a multiple of 8
+
+    calls = []
+    import torch.nn.functional as F
+
+    real_sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*a, **kw):
+        calls.append((tuple(a[0].shape), kw.get("is_causal"), kw.get("attn_mask")))
+        return real_sdpa(*a, **kw)
+
+    def loss_and_grads(fast: bool):
+        model.zero_grad()
+        calls.clear()
+        F.scaled_dot_product_attention = counting_sdpa
+        try:
+            if fast:
+                with packed_attention.packed_segments(batch):
+                    loss = model(**batch).loss
+                    loss.backward()
+            else:
+                loss = model(**batch).loss
+                loss.backward()
+        finally:
+            F.scaled_dot_product_attention = real_sdpa
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, list(calls)
+
+    slow_loss, slow_grads, slow_calls = loss_and_grads(False)
+    fast_loss, fast_grads, fast_calls = loss_and_grads(True)
+    layers = model.config.num_hidden_layers
+    # slow: one masked call per layer over the whole rows; fast: one unmasked causal call per example span
+    assert len(slow_calls) == layers and all(c[2] is not None for c in slow_calls)
+    assert len(fast_calls) == layers * 5 and all(c[1] is True and c[2] is None for c in fast_calls)
+    assert abs(fast_loss - slow_loss) < 1e-5, (fast_loss, slow_loss)
+    assert slow_grads.keys() == fast_grads.keys()
+    for n in slow_grads:
+        torch.testing.assert_close(fast_grads[n], slow_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_attention_outside_the_packed_context_is_plain_sdpa():
+    """Generation and padded batches must not see the fast path: same logits with and without it installed."""
+    from sectune import packed_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    packed_attention.install()
+    model, batch = _packed_batch()
+    model.eval()
+    ids = batch["input_ids"][:, :20]
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        AttentionInterface._global_mapping["sdpa"] = sdpa_attention_forward
+        try:
+            ref = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        finally:
+            AttentionInterface._global_mapping["sdpa"] = packed_attention._per_example_sdpa
+    assert torch.equal(ours, ref)
+
+
+def test_compact_fused_lm_head_scores_only_labelled_positions_with_the_same_loss():
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from sectune import packed_attention
+
+    model, batch = _packed_batch()
+    labels = batch["labels"].clone()
+    labels[:, :10] = -100  # a "prompt" at the start of each row
+    batch = {**batch, "labels": labels}
+    add_fused_lm_head(model, outputs=("log_probs",))
+    seen = []
+    real_apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *a):
+        seen.append(hidden.shape[0])
+        return real_apply(hidden, *a)
+
+    original = trl_utils._use_triton
+    trl_utils._ChunkedLogProbFunction.apply = spy
+    try:
+        with torch.no_grad():
+            full = model(**batch, fused_lm_head=True).loss.item()
+            assert packed_attention.compact_fused_lm_head()
+            compact = model(**batch, fused_lm_head=True).loss.item()
+    finally:
+        trl_utils._ChunkedLogProbFunction.apply = real_apply
+        trl_utils._use_triton = original
+    n_rows, length = labels.shape
+    n_labelled = int((labels[:, 1:] != -100).sum())
+    assert seen == [n_rows * (length - 1), n_labelled] and n_labelled < n_rows * (length - 1) - 20
+    assert abs(full - compact) < 1e-5

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
-from sectune import data, engine, modeling
+from sectune import data, engine, modeling, packed_attention
 from sectune.runner import RunContext, write_json_atomic
 
 PROBE_FILE = "checks/probe_logits.safetensors"
@@ -43,20 +44,20 @@ def run(ctx: RunContext) -> dict:
     print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters")
 
     # 3. trainer
-    trainer = build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, run_dir / "checkpoints", engine.fail_callbacks(cfg))
     resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
+    start_file = run_dir / "checkpoints" / "eval_loss_start.json"
+    if val_recs and resume and start_file.exists():
+        ctx.partial_metrics["eval_loss_start"] = json.loads(start_file.read_text())["eval_loss_start"]
+    # The eval loss before training comes from Trainer's own eval_on_start, inside train(): a
+    # trainer.evaluate() before train() leaves the model un-wrapped by DDP under torchrun, so the
+    # ranks would never sync their gradients (tests/test_distributed.py catches it).
+    eval_on_start = bool(val_recs) and "eval_loss_start" not in ctx.partial_metrics
+    callbacks = [*engine.fail_callbacks(cfg)]
+    if eval_on_start:
+        callbacks.append(RecordStartEval(start_file, ctx.partial_metrics))
+    trainer = build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, run_dir / "checkpoints", callbacks, eval_on_start=eval_on_start)
     # Under torchrun every rank runs this file; evaluate/train are collective, writing is rank 0's.
     main = trainer.accelerator.is_main_process
-    start_file = run_dir / "checkpoints" / "eval_loss_start.json"
-    if val_recs:
-        if resume and start_file.exists():
-            eval_start = json.loads(start_file.read_text())["eval_loss_start"]
-        else:
-            eval_start = trainer.evaluate()["eval_loss"]
-            if main:
-                start_file.parent.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(start_file, {"eval_loss_start": eval_start})
-        ctx.partial_metrics["eval_loss_start"] = eval_start
     try:
         train_out = trainer.train(resume_from_checkpoint=resume)
     finally:  # the loss history so far is worth keeping even when training dies
@@ -71,7 +72,10 @@ def run(ctx: RunContext) -> dict:
         "truncated_examples": too_long,
     }
     if val_recs:
-        metrics["eval_loss_start"] = ctx.partial_metrics["eval_loss_start"]
+        if "eval_loss_start" in ctx.partial_metrics:
+            metrics["eval_loss_start"] = ctx.partial_metrics["eval_loss_start"]
+        else:
+            print("sectune: warning: no eval loss from before training (resumed without checkpoints/eval_loss_start.json)")
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 
     # 4. artifacts: written under a temporary name, renamed when complete
@@ -103,14 +107,29 @@ def run(ctx: RunContext) -> dict:
     metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
     print(
         f"sectune: done · {name} at {run_dir / name} · train loss {metrics['train_loss']:.4f}"
-        + (f" · eval loss {metrics['eval_loss_start']:.3f} → {metrics['eval_loss']:.3f}" if val_recs else "")
+        + (f" · eval loss {metrics.get('eval_loss_start', float('nan')):.3f} → {metrics['eval_loss']:.3f}" if val_recs else "")
         + f" · {metrics['train_runtime_s']:.0f}s · peak RSS {metrics['peak_rss_bytes'] / 2**30:.2f} GiB"
     )
     trainer.accelerator.wait_for_everyone()
     return {"metrics": metrics, "artifacts": artifacts}
 
 
-def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: Path, callbacks=()):
+class RecordStartEval(TrainerCallback):
+    """Keeps the step-0 eval loss (``eval_on_start``) in the metrics and, on rank 0, in a file a resume reads."""
+
+    def __init__(self, path: Path, metrics: dict):
+        self.path, self.metrics = path, metrics
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if state.global_step != 0 or not metrics or "eval_loss" not in metrics:
+            return
+        self.metrics["eval_loss_start"] = metrics["eval_loss"]
+        if state.is_world_process_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, {"eval_loss_start": metrics["eval_loss"]})
+
+
+def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: Path, callbacks=(), eval_on_start=False):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -124,12 +143,22 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
         packing_strategy="bfd",
         completion_only_loss=True,
         dataset_num_proc=None,
+        eval_on_start=eval_on_start,
     )
     class Trainer(SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):
-            if self.args.train_sampling_strategy == "group_by_length" and self.args.world_size <= 1:
+            if self.args.train_sampling_strategy == "group_by_length":
                 return engine.seeded_length_grouped_sampler(self, train_dataset)
             return super()._get_train_sampler(train_dataset)
+
+        # Per-example attention for packed rows, over the forward and the backward (checkpoint recompute).
+        def training_step(self, model, inputs, *args, **kwargs):
+            with packed_attention.packed_segments(inputs):
+                return super().training_step(model, inputs, *args, **kwargs)
+
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            with packed_attention.packed_segments(inputs):
+                return super().prediction_step(model, inputs, *args, **kwargs)
 
     trainer = Trainer(
         model=model,
@@ -142,6 +171,8 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
     if cfg.train.packing:
         # TRL only offers the flattened padding-free layout with BFD packing; see PackedRowsCollator.
         trainer.data_collator = engine.PackedRowsCollator(tokenizer.pad_token_id)
+        packed_attention.install()
+    packed_attention.compact_fused_lm_head()
     return trainer
 
 

@@ -1,0 +1,133 @@
+"""Two CPU/SDPA fast paths for packed SFT rows, both numerically the same computation.
+
+1. **Per-example attention.** A packed row of ``L`` tokens holding examples of lengths
+   ``n1, n2, …`` needs ``Σ nᵢ²/2`` attention work, but SDPA given transformers' block-diagonal
+   mask computes all ``L²`` scores and then masks them (on CPU the masked flash kernel cannot
+   skip blocks). While :func:`packed_segments` is active, the ``sdpa`` attention function runs
+   one causal SDPA call per example instead. Outside that context (generation, KV caches,
+   padded batches, other trainers) it is transformers' own ``sdpa_attention_forward``,
+   untouched. FlashAttention-2 users do not need this: FA2 already reads the per-example
+   boundaries from ``position_ids``.
+2. **Answer-only LM head.** TRL's fused LM head scores only the completion positions on
+   Triton devices but every position (prompt and padding included) elsewhere, to keep tile
+   shapes static for compilers. sectune runs eagerly, so it scores only the positions that
+   carry a label everywhere (:func:`compact_fused_lm_head`).
+
+Measured by ``bench/sft_throughput.py`` (README, "Measured figures").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+
+_SEGMENTS: contextvars.ContextVar[_Rows | None] = contextvars.ContextVar("sectune_packed_segments", default=None)
+_INSTALLED = False
+
+
+@dataclass(frozen=True)
+class _Rows:
+    length: int
+    segments: tuple[tuple[tuple[int, int], ...], ...]  # per row: (start, end) of each example
+
+
+def segments_from_position_ids(position_ids: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per row, the ``(start, end)`` spans of its examples: a span starts wherever the position is 0.
+
+    Padding at the end of a row has position 0 on every token (one-token "documents"); that tail is
+    folded into the span before it. Causality keeps this exact for every real token: a token only
+    attends to earlier ones, and the pad tokens after it carry no label.
+    """
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be [batch, length], got shape {tuple(position_ids.shape)}")
+    length = position_ids.shape[1]
+    rows = []
+    for row in position_ids.detach().cpu():
+        starts = (row == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            starts = [0, *starts]
+        tail = length
+        while len(starts) > 1 and starts[-1] == tail - 1:  # trailing one-token spans (padding)
+            tail = starts.pop()
+        rows.append(tuple(zip(starts, [*starts[1:], length])))
+    return tuple(rows)
+
+
+@contextlib.contextmanager
+def packed_segments(inputs: dict):
+    """Run attention per example for this batch (training step or evaluation step, backward included).
+
+    Active only for the layout :class:`sectune.engine.PackedRowsCollator` produces: ``position_ids``
+    restarting per example and no ``attention_mask``. Anything else leaves attention as it is.
+    """
+    pos = inputs.get("position_ids")
+    if pos is None or inputs.get("attention_mask") is not None or pos.dim() != 2:
+        yield
+        return
+    token = _SEGMENTS.set(_Rows(pos.shape[1], segments_from_position_ids(pos)))
+    try:
+        yield
+    finally:
+        _SEGMENTS.reset(token)
+
+
+def _per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows = _SEGMENTS.get()
+    usable = (
+        rows is not None
+        and query.shape[0] == len(rows.segments)
+        and query.shape[2] == key.shape[2] == rows.length
+        and is_causal is not False
+        and getattr(module, "is_causal", True)
+        and kwargs.get("position_bias") is None
+        and kwargs.get("cache") is None
+        and kwargs.get("softcap") is None
+    )
+    if not usable:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    out_rows = []
+    for b, spans in enumerate(rows.segments):
+        q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
+        parts = [
+            sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+            for s, e in spans
+        ]
+        out_rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    out = out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def install() -> None:
+    """Route ``sdpa`` through :func:`_per_example_sdpa` (a pass-through outside :func:`packed_segments`)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register("sdpa", _per_example_sdpa)
+    _INSTALLED = True
+
+
+def compact_fused_lm_head() -> bool:
+    """Make TRL's fused LM head score only labelled positions on every device (see module doc).
+
+    TRL decides with ``trl.trainer.utils._use_triton(device)``, used there for that decision only
+    (its kernels import their own copy). Returns False, leaving TRL as it is, if that name moved.
+    """
+    import trl.trainer.utils as trl_utils
+
+    if not callable(getattr(trl_utils, "_use_triton", None)):
+        return False
+    trl_utils._use_triton = _always_compact
+    return True
+
+
+def _always_compact(device) -> bool:
+    return True

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/eval_throughput.py                     # fresh tiny seq_cls model, real CIC sample
     .venv/bin/python bench/eval_throughput.py --run-dir <classify run dir> [--rows 256]
+    .venv/bin/python bench/eval_throughput.py --head generative      # + the seeds' generate-and-parse loop
 
 Without ``--run-dir`` a tiny Llama with a fresh (untrained) seq_cls head is built, so F1 is only
 meaningful with a trained run; the throughput ratio is the point. The RandomForest baseline is
@@ -22,12 +23,24 @@ import torch  # noqa: E402
 from sklearn.metrics import f1_score  # noqa: E402
 
 
+@torch.no_grad()
+def seeds_loop_label(model, tok, text: str, labels, max_len: int, max_new: int) -> str:
+    """One flow as the seeds do it: tokenize, ``generate``, decode, find a label in the text."""
+    enc = tok(text, return_tensors="pt", truncation=True, max_length=max_len)
+    out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    hits = [lab for lab in sorted(labels, key=len, reverse=True) if answer.startswith(lab)]
+    return hits[0] if hits else labels[0]  # unparseable output: counted as the first label
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", default=None, help="a classify run dir (default: a fresh tiny model)")
     ap.add_argument("--rows", type=int, default=256, help="test rows to score")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--head", choices=["seq_cls", "generative"], default="seq_cls", help="head of the fresh model (without --run-dir)")
+    ap.add_argument("--seed-loop-rows", type=int, default=32, help="rows for the seeds' generate-and-parse loop (generative head)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,13 +62,16 @@ def main() -> None:
     else:
         with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=["stage=classify", "dataset=cic_iot_2023_merged", "dataset.max_samples=4000"])
-        model, tok, head, threshold = None, None, "seq_cls", None
+        model, tok, head, threshold = None, None, args.head, None
     data = C.build_labelled_data(cfg)
     if model is None:
         labels, max_len = data.labels, cfg.model.max_seq_length
         path = modeling.model_path(cfg)
         tok = modeling.load_tokenizer(cfg, path)
-        model = modeling.load_model(cfg, task="seq_cls", num_labels=len(labels), path=path).eval()
+        if head == "seq_cls":
+            model = modeling.load_model(cfg, task="seq_cls", num_labels=len(labels), path=path).eval()
+        else:
+            model = modeling.load_model(cfg, path=path).eval()
     # a seeded random subset: the split keeps file order, which is grouped by label
     import random
 
@@ -83,6 +99,16 @@ def main() -> None:
         ("LLM one-at-a-time", f1(pred_1), len(y) / t_1),
         ("RandomForest", f1(rf.predictions), rf.rows_per_s),
     ]
+    seed_loop = None
+    if head == "generative":
+        # Seeds 001/004's loop: per flow, generate the label text greedily and parse it.
+        # F1 over those rows only, so it is not comparable with the rows above.
+        n = min(args.seed_loop_rows, len(y))
+        max_new = max(len(x) for x in C.label_token_ids(tok, labels))
+        t0 = time.perf_counter()
+        seed_pred = [seeds_loop_label(model, tok, t, labels, max_len, max_new) for t in texts[:n]]
+        seed_loop = n / (time.perf_counter() - t0)
+        rows.append((f"seeds' loop ({n} rows)", f1_score(y[:n], seed_pred, labels=labels, average="macro", zero_division=0), seed_loop))
     print(f"model={cfg.model.name} head={head} rows={len(y)} batch_size={args.batch_size} threads={torch.get_num_threads()}"
           f" run_dir={args.run_dir or '(fresh tiny, untrained head)'}")
     print(f"{'system':<20}{'macro F1':>10}{'flows/s':>12}")
@@ -94,6 +120,8 @@ def main() -> None:
         "flows_per_s_ratio_vs_one_at_a_time": round(rows[0][2] / rows[1][2], 2),
         "llm_macro_f1": round(rows[0][1], 4), "rf_macro_f1": round(rows[2][1], 4),
         "rf_flows_per_s": round(rows[2][2], 1), "rows": len(y), "head": head, "prediction_agreement": round(agree, 4),
+        **({"flows_per_s_seeds_loop": round(seed_loop, 2), "flows_per_s_ratio_vs_seeds_loop": round(rows[0][2] / seed_loop, 2)}
+           if seed_loop else {}),
     }))
 
 

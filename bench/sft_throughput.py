@@ -163,8 +163,8 @@ def patch_variant(variant: str, trainer) -> None:
         elif v == "nometrics":
             _drop_trl_metrics(trainer)
         elif v == "gc":
-            trainer.args.gradient_checkpointing = True  # Trainer enables it (non-reentrant) at train()
-            trainer.args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+            trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            trainer.model.config.use_cache = False
         elif v.startswith("pad"):
             trainer.data_collator = engine.PackedRowsCollator(trainer.processing_class.pad_token_id, pad_to_multiple_of=int(v[3:]) or None)
         else:

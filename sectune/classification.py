@@ -351,22 +351,46 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Se
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             p = torch.softmax(logits, dim=-1)
         else:
-            # every (prompt, label) pair as one row, all in one forward
-            rows = [prompts[i] + lab for i in idx for lab in lab_ids]
-            ids, mask, pos = pad_rows(rows, pad, "left")
-            keep = min(longest + 1, ids.shape[1])
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), logits_to_keep=keep).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            tgt = torch.full((len(rows), keep - 1), -100, dtype=torch.long)
-            for r, lab in enumerate(lab_ids * len(idx)):
-                tgt[r, keep - 1 - len(lab):] = torch.tensor(lab)
-            tgt = tgt.to(logp.device)
-            tok = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)
-            seq = tok.sum(-1).view(len(idx), K)  # log p(label | prompt)
+            seq = label_log_likelihoods(model, [prompts[i] for i in idx], lab_ids, pad, device)
             p = torch.softmax(seq, dim=-1)
         probs[idx] = p.cpu().double().numpy()
         latencies.append(time.perf_counter() - t0)
     return probs, latencies
+
+
+def label_log_likelihoods(model, prompts: Sequence[Sequence[int]], lab_ids: Sequence[Sequence[int]], pad: int, device) -> torch.Tensor:
+    """``[len(prompts), K]``: log p(label tokens | prompt) for every label, the prompt run once.
+
+    The prompts (left-padded) go through the model once with a KV cache; the cache is repeated K
+    times and the K label continuations (right-padded; causal, so no real token sees the padding)
+    are scored against it in a second, short forward. Scoring K full (prompt + label) rows would
+    cost K prompt forwards instead of one.
+    """
+    B, K = len(prompts), len(lab_ids)
+    ids, mask, pos = pad_rows(prompts, pad, "left")
+    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each label's first token
+    seq = first[:, [lab[0] for lab in lab_ids]]  # [B, K]
+    longest = max(map(len, lab_ids))
+    if longest == 1:
+        return seq
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(K)
+    cont = torch.full((K, longest - 1), pad, dtype=torch.long)
+    cont_mask = torch.zeros((K, longest - 1), dtype=torch.long)
+    tgt = torch.full((K, longest - 1), -100, dtype=torch.long)
+    for k, lab in enumerate(lab_ids):
+        cont[k, : len(lab) - 1] = torch.tensor(lab[:-1])
+        cont_mask[k, : len(lab) - 1] = 1
+        tgt[k, : len(lab) - 1] = torch.tensor(lab[1:])
+    cont, cont_mask, tgt = (t.to(device).repeat(B, 1) for t in (cont, cont_mask, tgt))  # row b*K + k
+    full_mask = torch.cat([mask.repeat_interleave(K, dim=0), cont_mask], dim=1)
+    cont_pos = mask.sum(-1).repeat_interleave(K).unsqueeze(1) + torch.arange(longest - 1, device=device)
+    logits = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_pos, past_key_values=cache, use_cache=False).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tok = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)
+    return seq + tok.sum(-1).view(B, K)
 
 
 def decide(probs: np.ndarray, labels: Sequence[str], threshold: Optional[float] = None) -> List[str]:

@@ -95,7 +95,7 @@ def training_kwargs(cfg: DictConfig, output_dir: Path, has_eval: bool) -> dict:
         warmup_steps=float(t.warmup_ratio),  # < 1 is a fraction of the steps in transformers 5
         lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name; the seeds say gradient_checkpointing
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if (has_eval and eval_steps) else "no",
@@ -115,7 +115,7 @@ def training_kwargs(cfg: DictConfig, output_dir: Path, has_eval: bool) -> dict:
         **precision_flags(cfg),
     )
     if t.gradient_checkpointing:
-        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     return kwargs
 
 

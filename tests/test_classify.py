@@ -249,3 +249,29 @@ def test_experiment_presets_run_on_tiny(preset, model, artifact, tmp_path):
         assert "using bf16 autocast instead" in p.stdout + p.stderr
     else:
         assert cfg.quantization.name == "nf4" and cfg.lora.r == 16 and cfg.lora.alpha == 32 and cfg.train.grad_accum == 1
+
+
+def test_label_log_likelihoods_with_a_shared_prompt_cache_match_full_rows():
+    """Scoring K labels from one prompt forward + KV cache equals scoring each prompt+label row alone."""
+    import torch
+
+    from conftest import compose as compose_cfg
+    from sectune import classification as C
+    from sectune import modeling
+
+    cfg = compose_cfg(["logger=none"])
+    path = modeling.model_path(cfg)
+    model = modeling.load_model(cfg, path=path).eval()
+    tok = modeling.load_tokenizer(cfg, path)
+    labels = ["Benign", "DDoS", "BruteForce-Dictionary", "Recon"]
+    lab_ids = C.label_token_ids(tok, labels)
+    assert len({len(x) for x in lab_ids}) > 1  # labels of different token lengths: padding is exercised
+    prompts = [tok(t)["input_ids"] for t in ["flow: rate 12 syn 1 Label:", "a much longer flow description, header 40, rate 3 Label:"]]
+    got = C.label_log_likelihoods(model, prompts, lab_ids, tok.pad_token_id, torch.device("cpu"))
+    want = torch.zeros(len(prompts), len(labels))
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            for k, lab in enumerate(lab_ids):
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p + lab]), use_cache=False).logits[0].float(), -1)
+                want[b, k] = sum(logp[len(p) - 1 + j, t] for j, t in enumerate(lab))
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)

@@ -20,14 +20,32 @@ COMMON = ["logger=wandb", "generation.preview_samples=0", "train.max_steps=2", "
           "train.eval_batch_size=1", "train.device=cpu", "lora.dropout=0"]
 
 
-def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(PROJECT_ROOT)}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(PROJECT_ROOT)}
+BIN = Path(sys.executable).parent
+LAUNCHERS = {
+    "torchrun": [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"],
+    # accelerate's --cpu flag means one process; --multi_gpu on a machine without GPUs is DDP over gloo
+    "accelerate": [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+                   "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"],
+}
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    single_dir = tmp_path_factory.mktemp("single") / "run"
+    proc = subprocess.run([sys.executable, "-m", "sectune", *COMMON, "train.batch_size=4", f"hydra.run.dir={single_dir}"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return single_dir
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_gloo_processes_match_single_process(tmp_path, single_process_run, launcher):
     ddp_cwd = tmp_path / "ddp"
     ddp_cwd.mkdir()
-    torchrun = Path(sys.executable).parent / "torchrun"
     # no hydra.run.dir: the ranks must agree on outputs/DATE/TIME themselves
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "sectune", *COMMON, "train.batch_size=2"],
-                          cwd=ddp_cwd, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([*LAUNCHERS[launcher], "-m", "sectune", *COMMON, "train.batch_size=2"],
+                          cwd=ddp_cwd, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dirs = [p.parent for p in (ddp_cwd / "outputs").glob("*/*/.hydra")]
     assert len(run_dirs) == 1, run_dirs
@@ -35,10 +53,7 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
     assert len(list((ddp_cwd / "outputs").rglob("result.json"))) == 1
     assert len(list((ddp_cwd / "outputs").rglob("adapter_config.json"))) == 1
     assert len(list(ddp_dir.glob("wandb/offline-run-*"))) == 1
-    single_dir = tmp_path / "single"
-    proc = subprocess.run([sys.executable, "-m", "sectune", *COMMON, "train.batch_size=4", f"hydra.run.dir={single_dir}"],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    single_dir = single_process_run
     ddp = json.loads((ddp_dir / "result.json").read_text())["metrics"]
     one = json.loads((single_dir / "result.json").read_text())["metrics"]
     assert ddp["train_steps"] == one["train_steps"] == 2

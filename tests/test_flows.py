@@ -162,10 +162,11 @@ def test_split_too_small_class_is_data_error(tmp_path):
 
 # ---------------------------------------------------------------- normalising
 
-def test_normalizer_uses_train_statistics_only(tmp_path):
+@pytest.mark.parametrize("method", ["robust_log", "quantile"])
+def test_normalizer_uses_train_statistics_only(tmp_path, method):
     """Poison only the TEST rows (extreme value + NaN): stats and train prompts must not move."""
     p = small_csv(tmp_path / "clean.csv", n_per_class=30)
-    kw = dict(val_fraction=0.2, test_fraction=0.2, seed=5)
+    kw = dict(val_fraction=0.2, test_fraction=0.2, seed=5, method=method)
     # which CSV rows end up in test depends only on labels and seed: find them via the id column
     ids = load_flows(p, ["rid"], "label", "fine")
     test_ids = set(split_flows(ids, kw["val_fraction"], kw["test_fraction"], kw["seed"])["test"].X["rid"])
@@ -183,11 +184,14 @@ def test_normalizer_uses_train_statistics_only(tmp_path):
     assert clean.records["test"] != dirty.records["test"]
     # the stats are exactly those of the train rows
     train_a = clean.tables["train"].X["a"]
-    slog = np.sign(train_a) * np.log1p(np.abs(train_a))
-    assert clean.normalizer.center["a"] == pytest.approx(float(slog.median()))
+    if method == "robust_log":
+        slog = np.sign(train_a) * np.log1p(np.abs(train_a))
+        assert clean.normalizer.center["a"] == pytest.approx(float(slog.median()))
+    else:
+        assert clean.normalizer.edges["a"][-1] == pytest.approx(float(np.quantile(train_a, 0.9)))
 
 
-@pytest.mark.parametrize("method", ["robust_log", "standard"])
+@pytest.mark.parametrize("method", ["robust_log", "standard", "quantile"])
 def test_normalizer_zero_variance_and_roundtrip(method):
     X = pd.DataFrame({"a": [1.0, 2.0, 3.0, 1e6], "const": [3.0] * 4, "flag": [0, 0, 0, 1.0]})
     norm = FlowNormalizer(method).fit(X)
@@ -198,6 +202,21 @@ def test_normalizer_zero_variance_and_roundtrip(method):
     pd.testing.assert_frame_equal(again.transform(X), Z)
     with pytest.raises(DataError, match="const"):
         norm.transform(X.drop(columns="const"))
+
+
+def test_quantile_normalizer_bins_by_train_deciles():
+    train = pd.DataFrame({"a": np.arange(1, 101, dtype=float), "flag": [0.0] * 90 + [1.0] * 10})
+    norm = FlowNormalizer("quantile").fit(train)
+    # deciles of 1..100 (numpy's linear interpolation): 10.9, 20.8, …, 90.1; the flag (90 zeros,
+    # 10 ones) has one edge above its minimum, its 0.9 quantile = 0.1
+    assert norm.edges["a"] == pytest.approx([10.9 + 9.9 * i for i in range(9)])
+    assert norm.edges["flag"] == [pytest.approx(0.1)]
+    other = pd.DataFrame({"a": [1.0, 10.0, 11.0, 55.5, 100.0, 1e9, -5.0], "flag": [0, 1, 0, 0, 1, 0, 0.0]})
+    Z = norm.transform(other)
+    # by hand: 1 and 10 are below the first edge (bin 0), 11 above it (bin 1); 55.5 is past five
+    # edges (bin 5); 100 and anything above the top edge: bin 9; below the train minimum: bin 0
+    assert Z["a"].tolist() == [0, 0, 1, 5, 9, 9, 0]
+    assert Z["flag"].tolist() == [0, 1, 0, 0, 1, 0, 0]
 
 
 # ---------------------------------------------------------------- prompts and files

@@ -217,6 +217,13 @@ class PackedRowsCollator:
         return batch
 
 
+def real_tokens(position_ids: torch.Tensor) -> int:
+    """Non-pad tokens in ``PackedRowsCollator`` rows: each row's padding is its trailing run of position 0."""
+    nonzero = position_ids != 0
+    last = torch.where(nonzero.any(-1), position_ids.shape[-1] - nonzero.flip(-1).int().argmax(-1), 0)
+    return int(last.sum())
+
+
 def seeded_length_grouped_sampler(trainer, train_dataset=None):
     """Trainer's LengthGroupedSampler, but drawing from its own seeded generator.
 

@@ -166,3 +166,28 @@ def test_compact_fused_lm_head_scores_only_labelled_positions_with_the_same_loss
     n_labelled = int((labels[:, 1:] != -100).sum())
     assert seen == [n_rows * (length - 1), n_labelled] and n_labelled < n_rows * (length - 1) - 20
     assert abs(full - compact) < 1e-5
+
+
+def test_real_tokens_counts_rows_up_to_their_trailing_padding():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0], [0, 1, 2, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 0, 0, 0]])
+    assert engine.real_tokens(pos) == 5 + 8 + 0
+
+
+def test_sft_logs_num_tokens_of_whole_packed_batches(tmp_path):
+    """TRL alone would count one row per mask-free batch; sectune counts every real token."""
+    from conftest import compose as compose_cfg
+    from sectune import data
+    from sectune.stages.sft import build_sft_trainer
+
+    cfg = compose_cfg(["logger=none", "lora=none", "train.max_steps=1", "train.batch_size=4", "dataset.max_samples=12",
+                       "train.device=cpu"])
+    path = modeling.model_path(cfg)
+    tok = modeling.load_tokenizer(cfg, path)
+    trainer = build_sft_trainer(cfg, modeling.load_model(cfg, path=path), tok, data.sft_records(cfg), [], tmp_path)
+    fed = []
+    collate = trainer.data_collator
+    trainer.data_collator = lambda ex: fed.append(collate(ex)) or fed[-1]
+    trainer.train()
+    logged = [r["num_tokens"] for r in trainer.state.log_history if "num_tokens" in r]
+    assert fed[0]["input_ids"].shape[0] == 4
+    assert logged[-1] == engine.real_tokens(fed[0]["position_ids"]) > fed[0]["input_ids"].shape[1]

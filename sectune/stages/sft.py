@@ -160,6 +160,16 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
             with packed_attention.packed_segments(inputs):
                 return super().prediction_step(model, inputs, *args, **kwargs)
 
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            before = self._total_train_tokens
+            out = super().compute_loss(model, inputs, *args, **kwargs)
+            if self.model.training and "attention_mask" not in inputs and "position_ids" in inputs:
+                # TRL counts position_ids.size(1), one row, per mask-free batch; packed rows are [B, L]
+                local = torch.tensor(engine.real_tokens(inputs["position_ids"]), device=inputs["position_ids"].device)
+                self._total_train_tokens = before + self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return out
+
     trainer = Trainer(
         model=model,
         args=args,

@@ -217,11 +217,15 @@ class PackedRowsCollator:
         return batch
 
 
-def real_tokens(position_ids: torch.Tensor) -> int:
-    """Non-pad tokens in ``PackedRowsCollator`` rows: each row's padding is its trailing run of position 0."""
+def real_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """Per ``PackedRowsCollator`` row, its length without padding (the trailing run of position 0)."""
     nonzero = position_ids != 0
-    last = torch.where(nonzero.any(-1), position_ids.shape[-1] - nonzero.flip(-1).int().argmax(-1), 0)
-    return int(last.sum())
+    return torch.where(nonzero.any(-1), position_ids.shape[-1] - nonzero.flip(-1).int().argmax(-1), 0)
+
+
+def real_tokens(position_ids: torch.Tensor) -> int:
+    """Non-pad tokens in a batch of ``PackedRowsCollator`` rows."""
+    return int(real_lengths(position_ids).sum())
 
 
 def seeded_length_grouped_sampler(trainer, train_dataset=None):

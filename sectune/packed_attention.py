@@ -23,6 +23,9 @@ import contextvars
 from dataclasses import dataclass
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from sectune.engine import real_lengths
 
 _SEGMENTS: contextvars.ContextVar[_Rows | None] = contextvars.ContextVar("sectune_packed_segments", default=None)
 _INSTALLED = False
@@ -43,15 +46,11 @@ def segments_from_position_ids(position_ids: torch.Tensor) -> tuple[tuple[tuple[
     """
     if position_ids.dim() != 2:
         raise ValueError(f"position_ids must be [batch, length], got shape {tuple(position_ids.shape)}")
+    position_ids = position_ids.detach().cpu()
     length = position_ids.shape[1]
     rows = []
-    for row in position_ids.detach().cpu():
-        starts = (row == 0).nonzero().flatten().tolist()
-        if not starts or starts[0] != 0:
-            starts = [0, *starts]
-        tail = length
-        while len(starts) > 1 and starts[-1] == tail - 1:  # trailing one-token spans (padding)
-            tail = starts.pop()
+    for row, real in zip(position_ids, real_lengths(position_ids).tolist()):
+        starts = [0, *(i for i in (row[:real] == 0).nonzero().flatten().tolist() if i > 0)]
         rows.append(tuple(zip(starts, [*starts[1:], length])))
     return tuple(rows)
 
@@ -75,8 +74,6 @@ def packed_segments(inputs: dict):
 
 
 def _per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     rows = _SEGMENTS.get()
     usable = (
         rows is not None

@@ -152,6 +152,8 @@ def patch_variant(variant: str, trainer) -> None:
     nometrics — fused LM head asked for log-probs only (no entropy / top-1) and no per-step ``.item()`` metrics
     padN      — ``PackedRowsCollator(pad_to_multiple_of=N)``
     gc        — gradient checkpointing on (``train.gradient_checkpointing=true``; TRL's SFTConfig default)
+    sac       — selective checkpointing (``train.selective_checkpointing=true``): matmul/attention outputs cached
+    bf16norm  — RMSNorm outputs cast to the autocast dtype once, so q/k/v (and gate/up) share one saved bf16 input
     """
     from sectune import engine
 
@@ -165,6 +167,20 @@ def patch_variant(variant: str, trainer) -> None:
         elif v == "gc":
             trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             trainer.model.config.use_cache = False
+        elif v == "sac":
+            from omegaconf import OmegaConf
+
+            engine.selective_checkpointing(trainer.model, OmegaConf.create({"train": {"selective_checkpointing": True}}))
+        elif v == "bf16norm":
+            import torch
+
+            def cast_out(mod, args, out):
+                if torch.is_autocast_enabled("cpu"):
+                    return out.to(torch.get_autocast_dtype("cpu"))
+
+            for name, m in trainer.model.named_modules():
+                if type(m).__name__.endswith("RMSNorm"):
+                    m.register_forward_hook(cast_out)
         elif v.startswith("pad"):
             trainer.data_collator = engine.PackedRowsCollator(trainer.processing_class.pad_token_id, pad_to_multiple_of=int(v[3:]) or None)
         else:

@@ -224,9 +224,11 @@ class WeightedCETrainer(Trainer):
     computed (``logits_to_keep``), never a ``[batch, seq, vocab]`` tensor for the prompt.
     """
 
-    def __init__(self, *args, head: str = "seq_cls", class_weights=None, label_smoothing: float = 0.0, label_len: int = 1, **kwargs):
+    def __init__(self, *args, head: str = "seq_cls", class_weights=None, label_smoothing: float = 0.0, label_len: int = 1,
+                 val_rows: Optional[Sequence[dict]] = None, labels: Optional[Sequence[str]] = None, max_length: int = 512, **kwargs):
         super().__init__(*args, **kwargs)
         self.head = head
+        self.val_rows, self.labels, self.max_length = val_rows, labels, max_length
         self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.label_smoothing = label_smoothing
         self.label_len = label_len
@@ -251,6 +253,27 @@ class WeightedCETrainer(Trainer):
                 logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), sample_weight=sw, label_smoothing=self.label_smoothing
             )
         return (loss, out) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Trainer's eval loss, plus ``<prefix>_macro_f1`` and ``<prefix>_accuracy`` of the validation rows.
+
+        Scored the way predictions are made (:func:`score_texts`, argmax), so ``metric_for_best_model=
+        "eval_macro_f1"`` keeps the weights that classify the validation split best.
+        """
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if eval_dataset is None and self.val_rows:
+            from sklearn.metrics import accuracy_score, f1_score
+
+            was_training = self.model.training
+            probs, _ = score_texts(self.model, self.processing_class, [r["text"] for r in self.val_rows], head=self.head,
+                                   labels=self.labels, batch_size=self.args.per_device_eval_batch_size, max_length=self.max_length)
+            self.model.train(was_training)
+            y, pred = [r["label"] for r in self.val_rows], decide(probs, self.labels)
+            extra = {f"{metric_key_prefix}_macro_f1": float(f1_score(y, pred, labels=list(self.labels), average="macro", zero_division=0)),
+                     f"{metric_key_prefix}_accuracy": float(accuracy_score(y, pred))}
+            metrics.update(extra)
+            self.log(extra)
+        return metrics
 
 
 # --------------------------------------------------------------------------- encoding

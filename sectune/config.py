@@ -143,6 +143,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "bf16"  # fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
+    #: keep matmul and attention outputs for backward and recompute only the elementwise ops (norms,
+    #: RoPE, activations, casts) between them: torch's selective activation checkpointing. About half
+    #: the activation memory of no checkpointing for ~10-15% more time (bench/sft_throughput.py).
+    selective_checkpointing: bool = False
     #: pack several short examples into one row (TRL's best-fit-decreasing), no cross-example attention
     packing: bool = True
     #: batch rows of similar length together (less padding between packed rows)
@@ -199,6 +203,10 @@ class ClassifyConfig:
     tune_threshold: bool = True
     #: end the classify run with the test-split evaluation (evaluation/ folder)
     evaluate_test: bool = True
+    #: score the validation split at every evaluation (each epoch, or every ``train.eval_steps``) and
+    #: keep the weights with the best validation macro-F1 (Trainer's ``load_best_model_at_end``);
+    #: false keeps the last weights. Never looks at test.
+    select_best: bool = True
 
 
 @dataclass

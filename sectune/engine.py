@@ -115,8 +115,44 @@ def training_kwargs(cfg: DictConfig, output_dir: Path, has_eval: bool) -> dict:
         **precision_flags(cfg),
     )
     if t.gradient_checkpointing:
+        if t.selective_checkpointing:
+            raise ConfigError("train.gradient_checkpointing and train.selective_checkpointing are alternatives: set one")
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     return kwargs
+
+
+def _saved_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "_flash_attention_forward")
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_checkpointing(model, cfg: DictConfig) -> bool:
+    """``train.selective_checkpointing``: checkpoint every layer, but cache the matmul and attention outputs.
+
+    torch's selective activation checkpointing (``create_selective_checkpoint_contexts``): backward
+    re-runs each layer's forward with those ops answered from the cache, so only the cheap elementwise
+    ops between them run twice. Enabled on the model itself (Trainer's own flag stays off, so it does
+    not re-enable plain checkpointing).
+    """
+    if not cfg.train.selective_checkpointing:
+        return False
+    from functools import partial
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    context_fn = partial(create_selective_checkpoint_contexts, _keep_matmuls)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    return True
 
 
 class FailAtStep(TrainerCallback):

@@ -89,16 +89,17 @@ def _per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    out_rows = []
-    for b, spans in enumerate(rows.segments):
-        q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
-        parts = [
-            sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
-            for s, e in spans
-        ]
-        out_rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    out = out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=0)
-    return out.transpose(1, 2).contiguous(), None
+    # One split of the flattened [B·L, heads, dim] tokens into examples: in backward that is a
+    # single concatenation. Slicing each row and then each span instead costs a zero-filled
+    # full-size gradient per slice, which took ~11% of a CPU step.
+    sizes = [e - s for spans in rows.segments for s, e in spans]
+    qs, ks, vs = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).split(sizes) for t in (query, key, value))
+    parts = [
+        sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)[0].transpose(0, 1)
+        for q, k, v in zip(qs, ks, vs)
+    ]
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return out.reshape(query.shape[0], rows.length, query.shape[1], query.shape[3]), None
 
 
 def install() -> None:

@@ -146,7 +146,7 @@ def cic_run(tmp_path_factory):
         pytest.skip(f"real CIC-IoT sample missing: {CIC}")
     run_dir = tmp_path_factory.mktemp("classify") / "run"
     p = sectune("stage=classify", "dataset=cic_iot_2023_merged", "dataset.max_samples=600", "train.max_steps=40",
-                "train.batch_size=8", "loss=cross_entropy", "loss.class_weights=balanced", *FAST,
+                "train.batch_size=8", "train.eval_steps=10", "loss=cross_entropy", "loss.class_weights=balanced", *FAST,
                 f"hydra.run.dir={run_dir}")
     assert p.returncode == 0, p.stderr[-3000:]
     return run_dir
@@ -177,6 +177,19 @@ def test_classify_beats_majority_and_reports_rf(cic_run):
     assert f"accuracy:     {acc:.4f}" in report
     assert acc == pytest.approx(m["test_accuracy"])
     assert len(detailed["rows"]) == len(json.loads((cic_run / "splits/test.json").read_text()))
+
+
+def test_classify_keeps_the_weights_with_the_best_validation_macro_f1(cic_run):
+    """classify.select_best: evaluations every 10 steps; the saved model is the best one on validation."""
+    m = json.loads((cic_run / "result.json").read_text())["metrics"]
+    states = sorted((cic_run / "checkpoints").glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    history = json.loads(states[-1].read_text())["log_history"]
+    f1s = {r["step"]: r["eval_macro_f1"] for r in history if "eval_macro_f1" in r}
+    assert sorted(f1s) == [10, 20, 30, 40]
+    assert m["best_val_macro_f1"] == pytest.approx(max(f1s.values()))
+    assert f1s[m["best_step"]] == pytest.approx(max(f1s.values()))
+    # the saved weights are that checkpoint's: re-scoring validation after training gives its F1 (argmax, 10 labels)
+    assert m["val_macro_f1"] == pytest.approx(m["best_val_macro_f1"], abs=1e-6)
 
 
 def test_evaluate_rebuilds_run_and_predictor_agrees(cic_run, tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from conftest import compose
@@ -191,3 +194,53 @@ def test_sft_logs_num_tokens_of_whole_packed_batches(tmp_path):
     logged = [r["num_tokens"] for r in trainer.state.log_history if "num_tokens" in r]
     assert fed[0]["input_ids"].shape[0] == 4
     assert logged[-1] == engine.real_tokens(fed[0]["position_ids"]) > fed[0]["input_ids"].shape[1]
+
+
+def test_selective_checkpointing_recomputes_elementwise_ops_only_with_the_same_gradients():
+    """train.selective_checkpointing: backward re-runs SiLU (recomputed) but no matmul (cached); same grads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sectune import packed_attention
+
+    packed_attention.install()
+    cfg = compose(["logger=none", "lora=none", "train.selective_checkpointing=true"])
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    def run(selective: bool):
+        model, batch = _packed_batch()
+        if selective:
+            assert engine.selective_checkpointing(model, cfg)
+        fwd, bwd = Count(), Count()
+        with packed_attention.packed_segments(batch):
+            with fwd:
+                loss = model(**batch).loss
+            with bwd:
+                loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters()}, fwd.ops, bwd.ops
+
+    base_loss, base_grads, _, base_bwd = run(False)
+    loss, grads, fwd, bwd = run(True)
+    assert abs(loss - base_loss) < 1e-6
+    for n in base_grads:
+        torch.testing.assert_close(grads[n], base_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+    assert base_bwd.get("silu", 0) == 0 and bwd.get("silu", 0) == fwd["silu"] > 0  # recomputed in backward
+    assert bwd.get("mm", 0) == base_bwd["mm"]  # only the gradient matmuls: no forward matmul re-run
+    sdpa = "_scaled_dot_product_flash_attention_for_cpu"
+    assert bwd.get(sdpa, 0) == 0 and fwd[sdpa] > 0  # attention outputs cached, not recomputed
+
+
+def test_selective_and_full_checkpointing_are_alternatives():
+    from sectune.errors import ConfigError
+
+    cfg = compose(["logger=none", "train.selective_checkpointing=true", "train.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="selective_checkpointing"):
+        engine.training_kwargs(cfg, Path("/tmp/unused"), has_eval=False)

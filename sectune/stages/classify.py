@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from sectune import classification as C
 from sectune import engine, modeling
@@ -64,21 +65,34 @@ def run(ctx: RunContext) -> dict:
     label_len = max(map(len, C.label_token_ids(tokenizer, data.labels))) if head == "generative" else 1
     from transformers import TrainingArguments
 
-    args = TrainingArguments(
-        **engine.training_kwargs(cfg, run_dir / "checkpoints", has_eval=bool(val_ds)),
-        remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True,
-    )
+    kwargs = engine.training_kwargs(cfg, run_dir / "checkpoints", has_eval=bool(val_ds))
+    select = bool(cfg.classify.select_best and val_ds)
+    if select:
+        # evaluate and checkpoint together (each epoch, or every train.eval_steps) and reload the
+        # checkpoint with the best validation macro-F1 at the end
+        every = cfg.train.eval_steps
+        kwargs.update(eval_strategy="steps" if every else "epoch", save_strategy="steps" if every else "epoch",
+                      eval_steps=every, save_steps=every or kwargs["save_steps"], load_best_model_at_end=True,
+                      metric_for_best_model="eval_macro_f1", greater_is_better=True)
+    args = TrainingArguments(**kwargs, remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True)
     trainer = C.WeightedCETrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds or None,
+        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds or None, processing_class=tokenizer,
         data_collator=C.ClassifyCollator(tokenizer.pad_token_id, head), callbacks=engine.fail_callbacks(cfg),
         head=head, class_weights=weights, label_smoothing=cfg.loss.label_smoothing, label_len=label_len,
+        val_rows=data.splits["validation"] if select else None, labels=data.labels, max_length=max_len,
     )
+    engine.selective_checkpointing(trainer.model, cfg)
     try:
         train_out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, run_dir / "checkpoints"))
     finally:
         engine.write_history(run_dir / "train_history.json", trainer)
     metrics = {"train_loss": train_out.training_loss, "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total}
+    if select and trainer.state.best_model_checkpoint:
+        best_step = int(Path(trainer.state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+        metrics.update(best_step=best_step, best_val_macro_f1=trainer.state.best_metric)
+        print(f"sectune: kept the weights of step {best_step} (validation macro-F1 {trainer.state.best_metric:.4f}, "
+              f"best of {sum('eval_macro_f1' in r for r in trainer.state.log_history)} evaluations)")
     history = engine.loss_history(trainer)
     engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, f"classify · {cfg.model.name} · {cfg.dataset.name}")
     artifacts.update(loss_curve="plots/loss_curve.png", train_history="train_history.json", checkpoints="checkpoints")

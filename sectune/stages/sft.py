@@ -183,6 +183,7 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
         trainer.data_collator = engine.PackedRowsCollator(tokenizer.pad_token_id)
         packed_attention.install()
     packed_attention.compact_fused_lm_head()
+    engine.selective_checkpointing(trainer.model, cfg)
     return trainer
 
 

@@ -153,6 +153,7 @@ def patch_variant(variant: str, trainer) -> None:
     padN      — ``PackedRowsCollator(pad_to_multiple_of=N)``
     gc        — gradient checkpointing on (``train.gradient_checkpointing=true``; TRL's SFTConfig default)
     sac       — selective checkpointing (``train.selective_checkpointing=true``): matmul/attention outputs cached
+    trim      — glibc ``malloc_trim(0)`` after every optimizer step (hand freed heap pages back to the OS)
     bf16norm  — RMSNorm outputs cast to the autocast dtype once, so q/k/v (and gate/up) share one saved bf16 input
     """
     from sectune import engine
@@ -171,6 +172,18 @@ def patch_variant(variant: str, trainer) -> None:
             from omegaconf import OmegaConf
 
             engine.selective_checkpointing(trainer.model, OmegaConf.create({"train": {"selective_checkpointing": True}}))
+        elif v == "trim":
+            import ctypes
+
+            from transformers import TrainerCallback
+
+            libc = ctypes.CDLL("libc.so.6")
+
+            class _Trim(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    libc.malloc_trim(0)
+
+            trainer.add_callback(_Trim())
         elif v == "bf16norm":
             import torch
 

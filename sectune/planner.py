@@ -203,6 +203,7 @@ def estimate_memory(
     seq_len: int = 512,
     batch_size: int = 1,
     gradient_checkpointing: bool = False,
+    selective_checkpointing: bool = False,
     device: str = "cuda",
     lora_dropout: float = 0.05,
     upcast_non_quantized: bool = False,
@@ -267,7 +268,13 @@ def estimate_memory(
     logits = tokens * v * (a + 4 + 4)  # logits, fp32 log-softmax, its fp32 gradient
     dequant = max(i * o for _, i, o, _ in layer) * a if quantization == "nf4" else 0  # one weight unpacked
     edges = 3 * tokens * h * a  # embedding output, final norm, grad of the residual stream
-    if gradient_checkpointing:
+    if selective_checkpointing and not gradient_checkpointing:
+        # kept per layer: its input and every matmul / attention output; the rest is recomputed
+        _, qd, kvd, inter, _ = _dims(arch)
+        kept = tokens * (h + qd + 2 * kvd + qd + h + 2 * inter + h) * a
+        activations = L * kept + edges + max(logits, per_layer) + dequant
+        notes.append("selective checkpointing: matmul and attention outputs kept, elementwise ops recomputed")
+    elif gradient_checkpointing:
         _, _, _, inter, _ = _dims(arch)
         backward_ws = per_layer + 2 * tokens * (h + inter) * a + dequant  # one layer recomputed + its grads
         activations = L * tokens * h * a + edges + max(logits, backward_ws)

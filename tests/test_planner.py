@@ -104,6 +104,15 @@ def test_gradient_checkpointing_lowers_activations():
         assert on.activations < off.activations, name
 
 
+def test_selective_checkpointing_sits_between_none_and_full():
+    for name in ("llama2_7b", "smollm_135m", "gpt2_large"):
+        kw = dict(REF, quantization="none", optimizer="adamw", seq_len=4096)
+        full = estimate_memory(ARCHS[name], **kw).activations
+        sel = estimate_memory(ARCHS[name], **dict(kw, gradient_checkpointing=False, selective_checkpointing=True)).activations
+        none = estimate_memory(ARCHS[name], **dict(kw, gradient_checkpointing=False)).activations
+        assert full < sel < none, (name, full, sel, none)
+
+
 def test_logits_dominate_small_models_and_scale_with_batch():
     one = estimate_memory(ARCHS["smollm_135m"], lora_r=4, dtype="bf16", seq_len=2048, gradient_checkpointing=True)
     two = estimate_memory(ARCHS["smollm_135m"], lora_r=4, dtype="bf16", seq_len=2048, batch_size=2, gradient_checkpointing=True)

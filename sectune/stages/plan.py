@@ -95,6 +95,7 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, seq_len: int 
         seq_len=int(seq_len or cfg.plan.seq_len or m.max_seq_length),
         batch_size=int(cfg.plan.batch_size or cfg.train.batch_size),
         gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
+        selective_checkpointing=bool(cfg.train.selective_checkpointing),
         device=plan_device(cfg),
         lora_dropout=float(cfg.lora.dropout),
         upcast_non_quantized=q != "none",
@@ -130,7 +131,8 @@ def markdown(budget: planner.Budget, info: dict) -> str:
         f"# Memory plan: {info['model']}",
         "",
         f"{info['quantization']} · {lora} · {info['optimizer']} · batch {info['batch_size']} x seq {info['seq_len']}"
-        f" · gradient checkpointing {'on' if info['gradient_checkpointing'] else 'off'} · {info['device']}"
+        f" · gradient checkpointing {'on' if info['gradient_checkpointing'] else 'selective' if info.get('selective_checkpointing') else 'off'}"
+        f" · {info['device']}"
         f" · arch from {info['arch_source']}",
         "",
         f"Predicted peak: **{budget.total / planner.GiB:.2f} GiB** ({budget.total / 1e9:.2f} GB).",

@@ -145,7 +145,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     #: keep matmul and attention outputs for backward and recompute only the elementwise ops (norms,
     #: RoPE, activations, casts) between them: torch's selective activation checkpointing. About half
-    #: the activation memory of no checkpointing for ~10-15% more time (bench/sft_throughput.py).
+    #: the saved activations of no checkpointing for ~6% more step time (bench/sft_throughput.py).
     selective_checkpointing: bool = False
     #: pack several short examples into one row (TRL's best-fit-decreasing), no cross-example attention
     packing: bool = True

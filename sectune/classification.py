@@ -262,15 +262,14 @@ class WeightedCETrainer(Trainer):
         """
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if eval_dataset is None and self.val_rows:
-            from sklearn.metrics import accuracy_score, f1_score
+            from sectune.evaluation import label_scores
 
             was_training = self.model.training
             probs, _ = score_texts(self.model, self.processing_class, [r["text"] for r in self.val_rows], head=self.head,
                                    labels=self.labels, batch_size=self.args.per_device_eval_batch_size, max_length=self.max_length)
             self.model.train(was_training)
-            y, pred = [r["label"] for r in self.val_rows], decide(probs, self.labels)
-            extra = {f"{metric_key_prefix}_macro_f1": float(f1_score(y, pred, labels=list(self.labels), average="macro", zero_division=0)),
-                     f"{metric_key_prefix}_accuracy": float(accuracy_score(y, pred))}
+            s = label_scores([r["label"] for r in self.val_rows], decide(probs, self.labels), list(self.labels))
+            extra = {f"{metric_key_prefix}_macro_f1": s["macro_f1"], f"{metric_key_prefix}_accuracy": s["accuracy"]}
             metrics.update(extra)
             self.log(extra)
         return metrics

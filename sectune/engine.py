@@ -8,6 +8,7 @@ checkpointing with optimizer/scheduler/RNG state, DDP and W&B reporting. This mo
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import resource
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import TrainerCallback
 
 from sectune.errors import ConfigError
@@ -121,6 +123,7 @@ def training_kwargs(cfg: DictConfig, output_dir: Path, has_eval: bool) -> dict:
     return kwargs
 
 
+@functools.cache
 def _saved_ops() -> frozenset:
     aten = torch.ops.aten
     names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
@@ -129,8 +132,7 @@ def _saved_ops() -> frozenset:
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
+    # called for every op inside a checkpointed layer, forward and recompute: the op set is built once
     return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -144,11 +146,7 @@ def selective_checkpointing(model, cfg: DictConfig) -> bool:
     """
     if not cfg.train.selective_checkpointing:
         return False
-    from functools import partial
-
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    context_fn = partial(create_selective_checkpoint_contexts, _keep_matmuls)
+    context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False

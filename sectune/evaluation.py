@@ -45,7 +45,8 @@ def _save_fig(fig, path: Path) -> None:
     _atomic_write(path, buf.getvalue())
 
 
-def _scores(y_true: List[str], y_pred: List[str], labels: List[str]) -> Dict[str, float]:
+def label_scores(y_true: List[str], y_pred: List[str], labels: List[str]) -> Dict[str, float]:
+    """Accuracy, macro-F1 and weighted-F1 over ``labels`` (a label never predicted counts as F1 0)."""
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
@@ -137,7 +138,7 @@ def write_evaluation(out_dir, *, y_true: Sequence, y_pred: Sequence, labels: Seq
     out.mkdir(parents=True, exist_ok=True)
     lat = np.asarray(list(latencies_s), dtype=float)
 
-    s = _scores(y_true, y_pred, labels)
+    s = label_scores(y_true, y_pred, labels)
     metrics: Dict[str, float] = {f"test_{k}": v for k, v in s.items()}
     metrics["test_invalid_predictions"] = float(sum(p not in set(labels) for p in y_pred))
     metrics["test_rows"] = float(len(y_true))
@@ -151,7 +152,7 @@ def write_evaluation(out_dir, *, y_true: Sequence, y_pred: Sequence, labels: Seq
         preds = [str(v) for v in preds]
         if len(preds) != len(y_true):
             raise ValueError(f"baseline {name!r} has {len(preds)} predictions for {len(y_true)} rows")
-        base_scores[name] = _scores(y_true, preds, labels)
+        base_scores[name] = label_scores(y_true, preds, labels)
         metrics[f"{name}_test_macro_f1"] = base_scores[name]["macro_f1"]
         metrics[f"{name}_test_accuracy"] = base_scores[name]["accuracy"]
     primary = next((n for n in baselines if n != "majority"), None)  # majority is a floor, not the bar

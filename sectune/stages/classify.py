@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from sectune import classification as C
 from sectune import engine, modeling
@@ -88,8 +87,8 @@ def run(ctx: RunContext) -> dict:
         engine.write_history(run_dir / "train_history.json", trainer)
     metrics = {"train_loss": train_out.training_loss, "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total}
-    if select and trainer.state.best_model_checkpoint:
-        best_step = int(Path(trainer.state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+    if select and trainer.state.best_global_step:
+        best_step = trainer.state.best_global_step
         metrics.update(best_step=best_step, best_val_macro_f1=trainer.state.best_metric)
         print(f"sectune: kept the weights of step {best_step} (validation macro-F1 {trainer.state.best_metric:.4f}, "
               f"best of {sum('eval_macro_f1' in r for r in trainer.state.log_history)} evaluations)")

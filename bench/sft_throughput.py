@@ -7,10 +7,13 @@ same number of optimizer steps:
 
 * ``trl``     — ``SFTTrainer`` + ``SFTConfig`` defaults: pad to the longest example of each batch,
                 no packing, no length grouping, gradient checkpointing on (SFTConfig's default).
-* ``sectune`` — ``sectune.stages.sft.build_sft_trainer`` with sectune's defaults: BFD packing into rows
-                of ``model.max_seq_length``, ``engine.PackedRowsCollator``, attention per example and
-                the LM head on answer positions only (``sectune.packed_attention``), gradient
-                checkpointing off (``train.gradient_checkpointing=false``). The ``gc`` variant turns it on.
+* ``sectune`` — ``sectune.stages.sft.build_sft_trainer`` with sectune's defaults: padding-free batches
+                (``train.packing=padding_free``: the 8 examples of a batch flattened into one row,
+                padded to a multiple of 64 tokens, the same random batches as TRL's sampler),
+                attention per example and the LM head on answer positions only
+                (``sectune.packed_attention``), selective activation checkpointing
+                (``train.selective_checkpointing=true``). Variants ``nosac``, ``rows`` and ``gc``
+                change those defaults (see ``CONFIG_VARIANTS``).
 
 Each side runs in its own subprocess (so ``ru_maxrss`` is that side's peak RSS); sides are
 interleaved over ``--repeats`` and medians are reported. Timing covers whole optimizer steps
@@ -144,15 +147,21 @@ class Meter:
         return _Timer()
 
 
+#: variants that are sectune settings rather than prototypes: ``train.*`` values set before the build
+CONFIG_VARIANTS = {
+    "nosac": {"selective_checkpointing": False},  # keep every activation
+    "rows": {"packing": "bfd"},  # the earlier default: 8 BFD-packed rows of max_length, length-grouped
+    "gc": {"gradient_checkpointing": True},  # full checkpointing, TRL's SFTConfig default
+}
+
+
 def patch_variant(variant: str, trainer) -> None:
     """Prototypes of proposed changes to sectune, applied to the built sectune trainer (bench only).
 
     compact   — score only the completion positions in TRL's fused LM head on CPU too (TRL scores every
                 position, prompt and pad included, when Triton is absent: ``compact = _use_triton(device)``)
     nometrics — fused LM head asked for log-probs only (no entropy / top-1) and no per-step ``.item()`` metrics
-    padN      — ``PackedRowsCollator(pad_to_multiple_of=N)``
-    gc        — gradient checkpointing on (``train.gradient_checkpointing=true``; TRL's SFTConfig default)
-    sac       — selective checkpointing (``train.selective_checkpointing=true``): matmul/attention outputs cached
+    padN      — the collator's ``pad_to_multiple_of=N`` (N=0: no padding)
     trim      — glibc ``malloc_trim(0)`` after every optimizer step (hand freed heap pages back to the OS)
     bf16norm  — RMSNorm outputs cast to the autocast dtype once, so q/k/v (and gate/up) share one saved bf16 input
     """
@@ -165,13 +174,8 @@ def patch_variant(variant: str, trainer) -> None:
             trl_utils._use_triton = lambda device: True  # only the compaction switch; the kernels keep torch ops
         elif v == "nometrics":
             _drop_trl_metrics(trainer)
-        elif v == "gc":
-            trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            trainer.model.config.use_cache = False
-        elif v == "sac":
-            from omegaconf import OmegaConf
-
-            engine.selective_checkpointing(trainer.model, OmegaConf.create({"train": {"selective_checkpointing": True}}))
+        elif v in CONFIG_VARIANTS:
+            continue  # applied to the config before the build
         elif v == "trim":
             import ctypes
 
@@ -195,7 +199,8 @@ def patch_variant(variant: str, trainer) -> None:
                 if type(m).__name__.endswith("RMSNorm"):
                     m.register_forward_hook(cast_out)
         elif v.startswith("pad"):
-            trainer.data_collator = engine.PackedRowsCollator(trainer.processing_class.pad_token_id, pad_to_multiple_of=int(v[3:]) or None)
+            collator = engine.PackedRowsCollator if isinstance(trainer.data_collator, engine.PackedRowsCollator) else engine.FlatBatchCollator
+            trainer.data_collator = collator(trainer.processing_class.pad_token_id, pad_to_multiple_of=int(v[3:]) or None)
         else:
             raise SystemExit(f"unknown variant {v!r}")
 
@@ -240,6 +245,9 @@ def child(args) -> dict:
     else:
         from sectune.stages.sft import build_sft_trainer
 
+        for v in args.variant.split("+"):
+            for key, value in CONFIG_VARIANTS.get(v, {}).items():
+                cfg.train[key] = value
         trainer = build_sft_trainer(cfg, model, tokenizer, records, [], out_dir)
         trainer.args.disable_tqdm = True
         patch_variant(args.variant, trainer)

@@ -142,15 +142,21 @@ class TrainConfig:
     lr_scheduler: str = "linear"
     max_grad_norm: float = 1.0
     precision: str = "bf16"  # fp32 | bf16 | fp16
+    #: full activation checkpointing (each layer's forward re-run in backward); takes precedence over
+    #: ``selective_checkpointing``
     gradient_checkpointing: bool = False
     #: keep matmul and attention outputs for backward and recompute only the elementwise ops (norms,
     #: RoPE, activations, casts) between them: torch's selective activation checkpointing. About half
-    #: the saved activations of no checkpointing for ~6% more step time (bench/sft_throughput.py).
-    selective_checkpointing: bool = False
-    #: pack several short examples into one row (TRL's best-fit-decreasing), no cross-example attention
-    packing: bool = True
-    #: batch rows of similar length together (less padding between packed rows)
-    group_by_length: bool = True
+    #: the saved activations of no checkpointing for a few % of step time (bench/sft_throughput.py);
+    #: false keeps every activation (fastest, most memory)
+    selective_checkpointing: bool = True
+    #: how a batch of SFT examples is laid out (never any cross-example attention):
+    #: padding_free — ``batch_size`` examples flattened into one row, zero padding, memory ∝ real tokens;
+    #: bfd — rows of ``model.max_seq_length`` packed best-fit-decreasing (TRL), ``batch_size`` rows;
+    #: none — ``batch_size`` examples padded to the longest, with an attention mask
+    packing: str = "padding_free"
+    #: batch examples/rows of similar length together; null = only where it saves padding (bfd, none)
+    group_by_length: Optional[bool] = None
     eval_steps: Optional[int] = None
     save_steps: Optional[int] = None
     save_total_limit: Optional[int] = 2

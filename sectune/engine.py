@@ -75,6 +75,28 @@ def precision_flags(cfg: DictConfig) -> dict:
     raise ConfigError(f"train.precision={p!r}: choose fp32, bf16 or fp16")
 
 
+PACKING = ("padding_free", "bfd", "none")
+
+
+def packing_mode(cfg: DictConfig) -> str:
+    mode = str(cfg.train.packing)
+    if mode not in PACKING:
+        raise ConfigError(f"train.packing={mode!r}: choose one of {', '.join(PACKING)}")
+    return mode
+
+
+def group_by_length(cfg: DictConfig) -> bool:
+    """``train.group_by_length``, where null means: only where grouping saves padding.
+
+    Padding-free batches have none to save, and grouping would put the longest examples in one
+    batch, raising the peak memory over a run of random batches (TRL's default) for nothing.
+    """
+    g = cfg.train.get("group_by_length")
+    if g is None:
+        return cfg.train.get("packing", "none") != "padding_free"
+    return bool(g)
+
+
 def training_kwargs(cfg: DictConfig, output_dir: Path, has_eval: bool) -> dict:
     """The ``train`` node as TrainingArguments keywords (shared by every training stage)."""
     t = cfg.train
@@ -113,12 +135,10 @@ def training_kwargs(cfg: DictConfig, output_dir: Path, has_eval: bool) -> dict:
         report_to=["wandb"] if cfg.logger.name == "wandb" else [],
         run_name=f"{cfg.stage.name}",
         disable_tqdm=False,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if group_by_length(cfg) else "random",
         **precision_flags(cfg),
     )
     if t.gradient_checkpointing:
-        if t.selective_checkpointing:
-            raise ConfigError("train.gradient_checkpointing and train.selective_checkpointing are alternatives: set one")
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     return kwargs
 
@@ -144,8 +164,8 @@ def selective_checkpointing(model, cfg: DictConfig) -> bool:
     ops between them run twice. Enabled on the model itself (Trainer's own flag stays off, so it does
     not re-enable plain checkpointing).
     """
-    if not cfg.train.selective_checkpointing:
-        return False
+    if not cfg.train.selective_checkpointing or cfg.train.get("gradient_checkpointing"):
+        return False  # off, or full checkpointing asked for (it takes precedence)
     context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
     if getattr(model, "config", None) is not None:
@@ -247,6 +267,29 @@ class PackedRowsCollator:
         # No token predicts the first token of the next example packed after it.
         batch["labels"][batch["position_ids"] == 0] = -100
         # transformers detects packed rows only without a KV cache (TRL's compute_loss also sets this).
+        batch["use_cache"] = False
+        return batch
+
+
+class FlatBatchCollator:
+    """A batch of examples flattened into one ``[1, Σ lengths]`` row with per-example ``position_ids``.
+
+    TRL's padding-free layout (``DataCollatorForLanguageModeling(padding_free=True)``): no pad token
+    at all, and activation memory in proportion to the batch's real tokens. Attention stays within
+    each example: :mod:`sectune.packed_attention` runs one causal SDPA call per example (FA2 reads the
+    boundaries from ``position_ids`` itself).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 64):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        # The row is padded to a multiple of 64 tokens (~0.6% of a 5k-token batch): oneDNN keeps
+        # compiled kernels per matmul shape, so a new length every step would grow CPU memory step
+        # after step (bench/README.md, "Memory that grows with every new shape").
+        self._inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True, pad_to_multiple_of=pad_to_multiple_of)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self._inner(examples)
         batch["use_cache"] = False
         return batch
 

@@ -1,6 +1,6 @@
 """Two CPU/SDPA fast paths for packed SFT rows, both numerically the same computation.
 
-1. **Per-example attention.** A packed row of ``L`` tokens holding examples of lengths
+1. **Per-example attention.** A packed or flattened row of ``L`` tokens holding examples of lengths
    ``n1, n2, …`` needs ``Σ nᵢ²/2`` attention work, but SDPA given transformers' block-diagonal
    mask computes all ``L²`` scores and then masks them (on CPU the masked flash kernel cannot
    skip blocks). While :func:`packed_segments` is active, the ``sdpa`` attention function runs
@@ -29,6 +29,8 @@ from sectune.engine import real_lengths
 
 _SEGMENTS: contextvars.ContextVar[_Rows | None] = contextvars.ContextVar("sectune_packed_segments", default=None)
 _INSTALLED = False
+#: per-example attention lengths are rounded up to a multiple of this on CPU (see _per_example_sdpa)
+BUCKET = 64
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,9 @@ def segments_from_position_ids(position_ids: torch.Tensor) -> tuple[tuple[tuple[
 def packed_segments(inputs: dict):
     """Run attention per example for this batch (training step or evaluation step, backward included).
 
-    Active only for the layout :class:`sectune.engine.PackedRowsCollator` produces: ``position_ids``
-    restarting per example and no ``attention_mask``. Anything else leaves attention as it is.
+    Active only for the layouts :class:`sectune.engine.FlatBatchCollator` and
+    :class:`sectune.engine.PackedRowsCollator` produce: ``position_ids`` restarting per example and
+    no ``attention_mask``. Anything else leaves attention as it is.
     """
     pos = inputs.get("position_ids")
     if pos is None or inputs.get("attention_mask") is not None or pos.dim() != 2:
@@ -94,10 +97,16 @@ def _per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sc
     # full-size gradient per slice, which took ~11% of a CPU step.
     sizes = [e - s for spans in rows.segments for s, e in spans]
     qs, ks, vs = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).split(sizes) for t in (query, key, value))
-    parts = [
-        sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)[0].transpose(0, 1)
-        for q, k, v in zip(qs, ks, vs)
-    ]
+    parts = []
+    for q, k, v, n in zip(qs, ks, vs, sizes):
+        # On CPU each example runs at a length rounded up to a multiple of BUCKET: oneDNN compiles and
+        # keeps kernels per attention length (~4 MiB each), so every new length would grow memory.
+        # Causal attention makes this exact: no real token attends to the zero rows after it.
+        extra = (-n) % BUCKET if q.device.type == "cpu" else 0
+        if extra:
+            q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, extra)) for t in (q, k, v))
+        o = sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)[0]
+        parts.append(o.transpose(0, 1)[:n] if extra else o.transpose(0, 1))
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
     return out.reshape(query.shape[0], rows.length, query.shape[1], query.shape[3]), None
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import compose
-from sectune import engine, modeling
+from sectune import engine, modeling, packed_attention
 
 
 def test_packed_rows_give_the_same_loss_as_separate_examples():
@@ -41,6 +41,18 @@ def test_packed_rows_give_the_same_loss_as_separate_examples():
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 2
     with torch.no_grad():
         out = model(**batch)
+    assert abs(out.loss.item() - expected) < 1e-4, (out.loss.item(), expected)
+
+    # padding-free (the default): the four examples flattened into one row, padded only up to a
+    # multiple of 16 here (64 by default); per-example attention runs at bucketed lengths too
+    n = sum(map(len, docs))
+    flat = engine.FlatBatchCollator(pad_token_id=0, pad_to_multiple_of=16)([{"input_ids": d, "labels": labels(d)} for d in docs])
+    assert "attention_mask" not in flat and flat["input_ids"].shape == (1, 48)
+    assert flat["position_ids"][0].tolist() == [p for d in docs for p in range(len(d))] + [0] * (48 - n)
+    assert (flat["labels"][0, n:] == -100).all()
+    packed_attention.install()
+    with torch.no_grad(), packed_attention.packed_segments(flat):
+        out = model(**flat)
     assert abs(out.loss.item() - expected) < 1e-4, (out.loss.item(), expected)
 
     # and without the position ids the rows would leak across examples (the test can fail)
@@ -176,24 +188,48 @@ def test_real_tokens_counts_rows_up_to_their_trailing_padding():
     assert engine.real_tokens(pos) == 5 + 8 + 0
 
 
-def test_sft_logs_num_tokens_of_whole_packed_batches(tmp_path):
-    """TRL alone would count one row per mask-free batch; sectune counts every real token."""
+@pytest.mark.parametrize("packing", ["padding_free", "bfd"])
+def test_sft_batches_and_num_tokens_follow_train_packing(tmp_path, packing):
+    """padding_free: batch_size examples in one row, no padding; bfd: batch_size packed rows.
+
+    TRL alone would count one row per mask-free batch; sectune counts every real token.
+    """
     from conftest import compose as compose_cfg
     from sectune import data
     from sectune.stages.sft import build_sft_trainer
 
     cfg = compose_cfg(["logger=none", "lora=none", "train.max_steps=1", "train.batch_size=4", "dataset.max_samples=12",
-                       "train.device=cpu"])
+                       "train.device=cpu", f"train.packing={packing}"])
     path = modeling.model_path(cfg)
     tok = modeling.load_tokenizer(cfg, path)
-    trainer = build_sft_trainer(cfg, modeling.load_model(cfg, path=path), tok, data.sft_records(cfg), [], tmp_path)
+    records = data.sft_records(cfg)
+    trainer = build_sft_trainer(cfg, modeling.load_model(cfg, path=path), tok, records, [], tmp_path)
     fed = []
     collate = trainer.data_collator
     trainer.data_collator = lambda ex: fed.append(collate(ex)) or fed[-1]
     trainer.train()
     logged = [r["num_tokens"] for r in trainer.state.log_history if "num_tokens" in r]
-    assert fed[0]["input_ids"].shape[0] == 4
-    assert logged[-1] == engine.real_tokens(fed[0]["position_ids"]) > fed[0]["input_ids"].shape[1]
+    batch = fed[0]
+    real = engine.real_tokens(batch["position_ids"])
+    assert logged[-1] == real
+    if packing == "padding_free":
+        width = batch["input_ids"].shape[1]
+        assert batch["input_ids"].shape[0] == 1 and width % 64 == 0 and 0 <= width - real < 64
+        assert int((batch["position_ids"][0, :real] == 0).sum()) == 4  # four examples, then only padding
+        assert (batch["input_ids"][0, :real] != tok.pad_token_id).all() and (batch["input_ids"][0, real:] == tok.pad_token_id).all()
+    else:
+        assert batch["input_ids"].shape[0] == 4 and int((batch["position_ids"] == 0).sum()) > 4  # rows hold several examples
+        assert real > batch["input_ids"].shape[1]
+
+
+def test_unknown_packing_mode_is_a_clear_error():
+    from sectune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.packing='rows'.*padding_free, bfd, none"):
+        engine.packing_mode(compose(["train.packing=rows"]))
+    assert engine.group_by_length(compose([])) is False  # padding-free: random batches, as TRL's
+    assert engine.group_by_length(compose(["train.packing=none"])) is True
+    assert engine.group_by_length(compose(["train.packing=none", "train.group_by_length=false"])) is False
 
 
 def test_selective_checkpointing_recomputes_elementwise_ops_only_with_the_same_gradients():
@@ -238,9 +274,11 @@ def test_selective_checkpointing_recomputes_elementwise_ops_only_with_the_same_g
     assert bwd.get(sdpa, 0) == 0 and fwd[sdpa] > 0  # attention outputs cached, not recomputed
 
 
-def test_selective_and_full_checkpointing_are_alternatives():
-    from sectune.errors import ConfigError
-
-    cfg = compose(["logger=none", "train.selective_checkpointing=true", "train.gradient_checkpointing=true"])
-    with pytest.raises(ConfigError, match="selective_checkpointing"):
-        engine.training_kwargs(cfg, Path("/tmp/unused"), has_eval=False)
+def test_full_checkpointing_takes_precedence_over_the_selective_default():
+    cfg = compose(["logger=none", "train.gradient_checkpointing=true"])
+    assert cfg.train.selective_checkpointing is True  # the default
+    assert engine.training_kwargs(cfg, Path("/tmp/unused"), has_eval=False)["activation_checkpointing"] is True
+    model = modeling.load_model(cfg, path=modeling.model_path(cfg))
+    assert engine.selective_checkpointing(model, cfg) is False
+    assert engine.selective_checkpointing(model, compose(["logger=none"])) is True
+    assert engine.selective_checkpointing(model, compose(["logger=none", "train.selective_checkpointing=false"])) is False

@@ -1,9 +1,9 @@
 """Supervised fine-tuning: prompt → expert answer, loss on the answer tokens only.
 
 Read top to bottom: data → model (+ quantization, + LoRA) → TRL's SFTTrainer → artifacts.
-TRL owns the loop; examples are packed best-fit-decreasing into rows of ``model.max_seq_length``
-with position ids restarting per example, so no example attends to another and almost no
-compute goes to padding (see bench/sft_throughput.py).
+TRL owns the loop; by default (``train.packing=padding_free``) each batch of examples is flattened
+into one row with position ids restarting per example: no padding at all, no example attends to
+another, and memory follows the real tokens (see bench/sft_throughput.py).
 """
 
 from __future__ import annotations
@@ -136,10 +136,11 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
     def to_ds(recs):
         return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in recs])
 
+    packing = engine.packing_mode(cfg)
     args = SFTConfig(
         **engine.training_kwargs(cfg, output_dir, has_eval=bool(val_recs)),
-        max_length=cfg.model.max_seq_length,
-        packing=cfg.train.packing,
+        max_length=cfg.model.max_seq_length,  # each example is truncated to it (bfd: each packed row)
+        packing=packing == "bfd",
         packing_strategy="bfd",
         completion_only_loss=True,
         dataset_num_proc=None,
@@ -178,9 +179,12 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
-    if cfg.train.packing:
-        # TRL only offers the flattened padding-free layout with BFD packing; see PackedRowsCollator.
+    # Set after construction: TRL refuses a custom collator together with its padding-free flag.
+    if packing == "bfd":
         trainer.data_collator = engine.PackedRowsCollator(tokenizer.pad_token_id)
+    elif packing == "padding_free":
+        trainer.data_collator = engine.FlatBatchCollator(tokenizer.pad_token_id)
+    if packing != "none":
         packed_attention.install()
     packed_attention.compact_fused_lm_head()
     engine.selective_checkpointing(trainer.model, cfg)

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--head", choices=["seq_cls", "generative"], default="seq_cls", help="head of the fresh model (without --run-dir)")
+    ap.add_argument("--autocast", choices=["run", "none", "bf16"], default="run",
+                    help="scoring precision: the run's training precision (default), fp32, or bf16 autocast")
     ap.add_argument("--seed-loop-rows", type=int, default=32, help="rows for the seeds' generate-and-parse loop (generative head)")
     args = ap.parse_args()
     if args.threads:
@@ -58,11 +60,14 @@ def main() -> None:
         cfg, _ = read_classify_run(args.run_dir)
         pred = Predictor.from_run(args.run_dir)
         model, tok, head, labels, max_len = pred.model, pred.tokenizer, pred.meta["head"], pred.labels, pred.meta["max_length"]
-        threshold = pred.meta.get("threshold")
+        threshold, autocast = pred.meta.get("threshold"), pred.meta.get("autocast")
     else:
         with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=["stage=classify", "dataset=cic_iot_2023_merged", "dataset.max_samples=4000"])
         model, tok, head, threshold = None, None, args.head, None
+        autocast = C.scoring_autocast(cfg)
+    if args.autocast != "run":
+        autocast = None if args.autocast == "none" else args.autocast
     data = C.build_labelled_data(cfg)
     if model is None:
         labels, max_len = data.labels, cfg.model.max_seq_length
@@ -81,9 +86,10 @@ def main() -> None:
     texts, y = [r["text"] for r in test], [r["label"] for r in test]
 
     def timed(bs):
-        C.score_texts(model, tok, texts[:2], head=head, labels=labels, batch_size=bs, max_length=max_len)  # warm-up
+        kw = dict(head=head, labels=labels, batch_size=bs, max_length=max_len, autocast=autocast)
+        C.score_texts(model, tok, texts[:2], **kw)  # warm-up
         t0 = time.perf_counter()
-        probs, _ = C.score_texts(model, tok, texts, head=head, labels=labels, batch_size=bs, max_length=max_len)
+        probs, _ = C.score_texts(model, tok, texts, **kw)
         return probs, time.perf_counter() - t0
 
     probs_b, t_b = timed(args.batch_size)
@@ -106,10 +112,11 @@ def main() -> None:
         n = min(args.seed_loop_rows, len(y))
         max_new = max(len(x) for x in C.label_token_ids(tok, labels))
         t0 = time.perf_counter()
-        seed_pred = [seeds_loop_label(model, tok, t, labels, max_len, max_new) for t in texts[:n]]
+        with C._autocast(next(model.parameters()).device, autocast):  # the same precision as the rows above
+            seed_pred = [seeds_loop_label(model, tok, t, labels, max_len, max_new) for t in texts[:n]]
         seed_loop = n / (time.perf_counter() - t0)
         rows.append((f"seeds' loop ({n} rows)", f1_score(y[:n], seed_pred, labels=labels, average="macro", zero_division=0), seed_loop))
-    print(f"model={cfg.model.name} head={head} rows={len(y)} batch_size={args.batch_size} threads={torch.get_num_threads()}"
+    print(f"model={cfg.model.name} head={head} rows={len(y)} batch_size={args.batch_size} threads={torch.get_num_threads()} autocast={autocast}"
           f" run_dir={args.run_dir or '(fresh tiny, untrained head)'}")
     print(f"{'system':<20}{'macro F1':>10}{'flows/s':>12}")
     for name, f, r in rows:
@@ -119,7 +126,7 @@ def main() -> None:
         "flows_per_s_batched": round(rows[0][2], 2), "flows_per_s_one_at_a_time": round(rows[1][2], 2),
         "flows_per_s_ratio_vs_one_at_a_time": round(rows[0][2] / rows[1][2], 2),
         "llm_macro_f1": round(rows[0][1], 4), "rf_macro_f1": round(rows[2][1], 4),
-        "rf_flows_per_s": round(rows[2][2], 1), "rows": len(y), "head": head, "prediction_agreement": round(agree, 4),
+        "rf_flows_per_s": round(rows[2][2], 1), "rows": len(y), "head": head, "autocast": autocast, "batch_size": args.batch_size, "prediction_agreement": round(agree, 4),
         **({"flows_per_s_seeds_loop": round(seed_loop, 2), "flows_per_s_ratio_vs_seeds_loop": round(rows[0][2] / seed_loop, 2)}
            if seed_loop else {}),
     }))

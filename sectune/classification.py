@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,8 @@ def build_labelled_data(cfg: DictConfig) -> LabelledData:
         prep = prepare_flow_splits(
             path, list(d.features), d.label_column, d.granularity, val_fraction=d.val_fraction,
             test_fraction=d.test_fraction, seed=seed, nan_policy=d.nan_policy, max_rows=d.max_samples,
-            template=template, precision=d.render_precision, method=d.normalizer,
+            template=template, precision=d.render_precision, method=d.normalizer, bins=d.quantile_bins,
+            sep=d.feature_sep, fmt=d.feature_format,
         )
         return LabelledData(fmt, prep.records, prep.labels, template, str(path), prep.normalizer, list(d.features), prep.cleaning)
 
@@ -225,9 +227,10 @@ class WeightedCETrainer(Trainer):
     """
 
     def __init__(self, *args, head: str = "seq_cls", class_weights=None, label_smoothing: float = 0.0, label_len: int = 1,
-                 val_rows: Optional[Sequence[dict]] = None, labels: Optional[Sequence[str]] = None, max_length: int = 512, **kwargs):
+                 val_rows: Optional[Sequence[dict]] = None, labels: Optional[Sequence[str]] = None, max_length: int = 512,
+                 autocast: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.head = head
+        self.head, self.autocast = head, autocast
         self.val_rows, self.labels, self.max_length = val_rows, labels, max_length
         self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.label_smoothing = label_smoothing
@@ -266,7 +269,8 @@ class WeightedCETrainer(Trainer):
 
             was_training = self.model.training
             probs, _ = score_texts(self.model, self.processing_class, [r["text"] for r in self.val_rows], head=self.head,
-                                   labels=self.labels, batch_size=self.args.per_device_eval_batch_size, max_length=self.max_length)
+                                   labels=self.labels, batch_size=self.args.per_device_eval_batch_size, max_length=self.max_length,
+                                   autocast=self.autocast)
             self.model.train(was_training)
             s = label_scores([r["label"] for r in self.val_rows], decide(probs, self.labels), list(self.labels))
             extra = {f"{metric_key_prefix}_macro_f1": s["macro_f1"], f"{metric_key_prefix}_accuracy": s["accuracy"]}
@@ -344,11 +348,28 @@ class ClassifyCollator:
 # --------------------------------------------------------------------------- scoring
 
 
+def scoring_autocast(cfg: DictConfig) -> Optional[str]:
+    """The autocast dtype scoring runs in: the training precision (``train.precision``), fp32 → none."""
+    p = cfg.train.precision
+    return p if p in ("bf16", "fp16") else None
+
+
+def _autocast(device: torch.device, dtype: Optional[str]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    # CPU has no fp16 autocast worth the name: bf16 there, as in training (engine.precision_flags)
+    dt = torch.float16 if dtype == "fp16" and device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dt)
+
+
 @torch.no_grad()
-def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Sequence[str], batch_size: int = 32, max_length: int = 512):
+def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Sequence[str], batch_size: int = 32,
+                max_length: int = 512, autocast: Optional[str] = None):
     """Class probabilities ``[N, K]`` (rows in input order) and the wall time of each batch.
 
     Prompts are sorted by length before batching so a batch holds similar lengths (little padding).
+    ``autocast`` (``bf16`` | ``fp16`` | None) is the precision the model was trained in
+    (:func:`scoring_autocast`); probabilities are computed in fp32 either way.
     """
     if head not in HEADS:
         raise ConfigError(f"classify.head={head!r}: choose one of {HEADS}")
@@ -368,13 +389,14 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Se
     for start in range(0, len(order), max(1, batch_size)):
         idx = order[start : start + batch_size]
         t0 = time.perf_counter()
-        if head == "seq_cls":
-            ids, mask, _ = pad_rows([prompts[i] for i in idx], pad, "right")
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            p = torch.softmax(logits, dim=-1)
-        else:
-            seq = label_log_likelihoods(model, [prompts[i] for i in idx], lab_ids, pad, device)
-            p = torch.softmax(seq, dim=-1)
+        with _autocast(device, autocast):
+            if head == "seq_cls":
+                ids, mask, _ = pad_rows([prompts[i] for i in idx], pad, "right")
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+                p = torch.softmax(logits, dim=-1)
+            else:
+                seq = label_log_likelihoods(model, [prompts[i] for i in idx], lab_ids, pad, device)
+                p = torch.softmax(seq.float(), dim=-1)
         probs[idx] = p.cpu().double().numpy()
         latencies.append(time.perf_counter() - t0)
     return probs, latencies

@@ -119,6 +119,12 @@ class DatasetConfig:
     #: flows: feature scaling fitted on train (robust_log | standard) and rendered digits
     normalizer: str = "robust_log"
     render_precision: int = 3
+    #: flows, normalizer=quantile: how many train-quantile bins (10 = deciles 0..9, 100 = percentiles)
+    quantile_bins: int = 10
+    #: flows: how one feature is written ({name}, {value}) and what joins them into ``{features}``;
+    #: "{value}" with " " gives a compact prompt of values in ``features`` order
+    feature_format: str = "{name}={value}"
+    feature_sep: str = "; "
     #: flows with ``path: null`` and no real file: rows of generated 46-column data
     synthetic_rows: int = 6800
 

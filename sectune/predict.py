@@ -103,7 +103,7 @@ class Predictor:
             return np.zeros((0, len(self.labels))), []
         probs, _ = score_texts(
             self.model, self.tokenizer, prompts, head=self.meta["head"], labels=self.labels,
-            batch_size=self.batch_size, max_length=self.meta["max_length"],
+            batch_size=self.batch_size, max_length=self.meta["max_length"], autocast=self.meta.get("autocast"),
         )
         return probs, decide(probs, self.labels, self.meta.get("threshold"))
 
@@ -123,7 +123,8 @@ class Predictor:
         X = frame[features].apply(pd.to_numeric, errors="coerce").astype("float64")
         X = X.where(np.isfinite(X))  # non-numeric / inf → NaN → train-median imputation
         Z = self.normalizer.transform(X)
-        return [render_flow(z, features, self.meta["template"], self.meta["precision"]) for z in Z.to_dict("records")]
+        sep, fmt = self.meta.get("feature_sep", "; "), self.meta.get("feature_format", "{name}={value}")
+        return [render_flow(z, features, self.meta["template"], self.meta["precision"], sep, fmt) for z in Z.to_dict("records")]
 
     # ------------------------------------------------------------------ public
 

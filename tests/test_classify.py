@@ -99,7 +99,10 @@ def test_merged_preset_splits_and_train_only_statistics():
     data = build_labelled_data(_cfg(name="cic_iot_2023_merged", max_samples=500))
     assert len(data.labels) == 10 and data.format == "flows"
     assert {k: len(v) for k, v in data.splits.items()} == {"train": 350, "validation": 50, "test": 100}
-    assert data.splits["test"][0]["text"].startswith("Classify this IoT network flow.\nHeader_Length=")
+    # the preset's compact prompt: the 39 decile bins, space-separated, in the preset's feature order
+    head, values, tail = data.splits["test"][0]["text"].split("\n")
+    assert (head, tail) == ("Classify this IoT network flow.", "Label:")
+    assert len(values.split(" ")) == 39 and set(values.split(" ")) <= set("0123456789")
     train_rate = np.median([r["features"]["Rate"] for r in data.splits["train"]])
     assert data.normalizer.medians["Rate"] == pytest.approx(train_rate)
 

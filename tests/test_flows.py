@@ -230,6 +230,27 @@ def test_render_flow_compact():
         render_flow({"a": 1}, ["a"], "no placeholder")
 
 
+def test_render_flow_values_only_and_a_format_without_value_is_an_error():
+    row = {"Rate": 7.0, "Tot sum": 0.0, "x": 3.0}
+    assert render_flow(row, ["x", "Rate", "Tot sum"], "F:\n{features}\nL:", sep=" ", fmt="{value}") == "F:\n3 7 0\nL:"
+    assert render_flow(row, ["Rate"], "{features}", fmt="{name}: {value}") == "Rate: 7"
+    with pytest.raises(ConfigError, match="dataset.feature_format"):
+        render_flow(row, ["Rate"], "{features}", fmt="{name}")
+
+
+def test_quantile_bins_are_configurable_and_saved():
+    train = pd.DataFrame({"a": np.arange(1, 101, dtype=float)})
+    norm = FlowNormalizer("quantile", bins=4).fit(train)
+    assert norm.edges["a"] == pytest.approx([25.75, 50.5, 75.25])  # quartiles of 1..100
+    assert norm.transform(pd.DataFrame({"a": [1.0, 30.0, 60.0, 99.0]}))["a"].tolist() == [0, 1, 2, 3]
+    state = norm.to_dict()
+    assert FlowNormalizer.from_dict(state).bins == 4
+    del state["bins"]  # a normalizer saved before the key existed was a decile one
+    assert FlowNormalizer.from_dict(state).bins == 10
+    with pytest.raises(ConfigError, match="quantile_bins"):
+        FlowNormalizer("quantile", bins=1)
+
+
 def test_write_splits_json_and_synthetic_46(tmp_path):
     p = generate_cic_iot_46(34 * 12, seed=0, path=tmp_path / "syn.csv")
     assert list(pd.read_csv(p, nrows=1).columns) == CIC_IOT_46_FEATURES + ["label"]

@@ -259,12 +259,14 @@ class FlowNormalizer:
     """
 
     METHODS = ("robust_log", "standard", "quantile")
-    BINS = 10
 
-    def __init__(self, method: str = "robust_log"):
+    def __init__(self, method: str = "robust_log", bins: int = 10):
         if method not in self.METHODS:
             raise ConfigError(f"normalizer method {method!r}: expected one of {self.METHODS}")
+        if method == "quantile" and not 2 <= int(bins) <= 1000:
+            raise ConfigError(f"dataset.quantile_bins={bins}: expected 2..1000")
         self.method = method
+        self.bins = int(bins)
         self.features: List[str] = []
         self.medians: Dict[str, float] = {}
         self.center: Dict[str, float] = {}
@@ -278,7 +280,7 @@ class FlowNormalizer:
         self.medians = {c: float(med[c]) for c in self.features}
         Z = self._pre(self.impute(X))
         if self.method == "quantile":
-            qs = np.linspace(0, 1, self.BINS + 1)[1:-1]
+            qs = np.linspace(0, 1, self.bins + 1)[1:-1]
             # a bin edge is kept only if it is not the column minimum, so the lowest value is bin 0
             self.edges = {c: sorted({float(e) for e in np.quantile(Z[c], qs) if e > Z[c].min()}) for c in self.features}
             self.center = {c: 0.0 for c in self.features}
@@ -320,13 +322,13 @@ class FlowNormalizer:
                             f"{missing}")
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "features": self.features, "medians": self.medians,
+        return {"method": self.method, "bins": self.bins, "features": self.features, "medians": self.medians,
                 "center": self.center, "scale": self.scale, "edges": self.edges}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "FlowNormalizer":
         try:
-            norm = cls(d["method"])
+            norm = cls(d["method"], d.get("bins", 10))
             norm.features = list(d["features"])
             norm.medians, norm.center, norm.scale = (
                 {k: float(v) for k, v in d[key].items()} for key in ("medians", "center", "scale"))
@@ -346,15 +348,17 @@ def _compact(v: float, precision: int) -> str:
 
 
 def render_flow(row: Mapping[str, float], features: Sequence[str], template: str = DEFAULT_TEMPLATE,
-                precision: int = 3, sep: str = "; ") -> str:
-    """Render one (normalised) flow as ``name=value`` pairs inside ``template``'s ``{features}``.
+                precision: int = 3, sep: str = "; ", fmt: str = "{name}={value}") -> str:
+    """Render one (normalised) flow inside ``template``'s ``{features}``: ``fmt`` per feature, joined by ``sep``.
 
     ``precision`` significant digits (``%g``): 46 features then take ~250 GPT-2 tokens, leaving
     room for the template and answer in a 512-token context.
     """
     if "{features}" not in template:
         raise ConfigError("dataset.prompt_template must contain '{features}'")
-    body = sep.join(f"{name}={_compact(row[name], precision)}" for name in features)
+    if "{value}" not in fmt:
+        raise ConfigError(f"dataset.feature_format={fmt!r} must contain '{{value}}'")
+    body = sep.join(fmt.replace("{name}", name).replace("{value}", _compact(row[name], precision)) for name in features)
     return template.replace("{features}", body)
 
 
@@ -396,7 +400,8 @@ def prepare_flow_splits(path, features: Sequence[str], label_column: str,
                         granularity: str = "family", *, val_fraction: float = 0.1,
                         test_fraction: float = 0.2, seed: int = 0, nan_policy: str = "impute",
                         max_rows: Optional[int] = None, template: str = DEFAULT_TEMPLATE,
-                        precision: int = 3, method: str = "robust_log") -> PreparedFlows:
+                        precision: int = 3, method: str = "robust_log", bins: int = 10,
+                        sep: str = "; ", fmt: str = "{name}={value}") -> PreparedFlows:
     """Load → split → fit normalizer on train → impute every split → render prompts.
 
     Records are ``{"text", "label", "features": {name: raw value}}``; raw values are after
@@ -405,7 +410,7 @@ def prepare_flow_splits(path, features: Sequence[str], label_column: str,
     table = load_flows(path, features, label_column, granularity, nan_policy=nan_policy,
                        max_rows=max_rows, seed=seed)
     tables = split_flows(table, val_fraction, test_fraction, seed)
-    norm = FlowNormalizer(method).fit(tables["train"].X)
+    norm = FlowNormalizer(method, bins).fit(tables["train"].X)
     cleaning = dict(table.cleaning)
     cleaning["cells_imputed"] = int(sum(t.X.isna().sum().sum() for t in tables.values()))
     cleaning["split_rows"] = {k: len(t) for k, t in tables.items()}
@@ -415,7 +420,7 @@ def prepare_flow_splits(path, features: Sequence[str], label_column: str,
         t.cleaning = cleaning
         Z = norm.transform(t.X)
         records[name] = [
-            {"text": render_flow(z, table.features, template, precision), "label": lab,
+            {"text": render_flow(z, table.features, template, precision, sep, fmt), "label": lab,
              "features": raw}
             for z, raw, lab in zip(Z.to_dict("records"), t.X.to_dict("records"), t.y)]
     labels = sorted(set(table.y))

@@ -79,6 +79,7 @@ def run(ctx: RunContext) -> dict:
         data_collator=C.ClassifyCollator(tokenizer.pad_token_id, head), callbacks=engine.fail_callbacks(cfg),
         head=head, class_weights=weights, label_smoothing=cfg.loss.label_smoothing, label_len=label_len,
         val_rows=data.splits["validation"] if select else None, labels=data.labels, max_length=max_len,
+        autocast=C.scoring_autocast(cfg),
     )
     engine.selective_checkpointing(trainer.model, cfg)
     try:
@@ -109,7 +110,7 @@ def run(ctx: RunContext) -> dict:
         from sklearn.metrics import accuracy_score, f1_score
 
         vp, _ = C.score_texts(model, tokenizer, [r["text"] for r in data.splits["validation"]], head=head,
-                              labels=data.labels, batch_size=bs, max_length=max_len)
+                              labels=data.labels, batch_size=bs, max_length=max_len, autocast=C.scoring_autocast(cfg))
         vy = [r["label"] for r in data.splits["validation"]]
         if cfg.classify.tune_threshold and len(data.labels) == 2:
             threshold, _ = C.tune_threshold(vp, vy, data.labels)
@@ -120,6 +121,8 @@ def run(ctx: RunContext) -> dict:
     meta = {
         "head": head, "format": data.format, "artifact": name, "labels": data.labels, "template": data.template,
         "features": data.features, "precision": cfg.dataset.render_precision, "max_length": max_len,
+        "feature_format": cfg.dataset.feature_format, "feature_sep": cfg.dataset.feature_sep,
+        "autocast": C.scoring_autocast(cfg),
         "threshold": threshold, "text_column": cfg.dataset.text_column, "dataset": cfg.dataset.name, "source": data.source,
     }
     write_json_atomic(run_dir / META_FILE, meta)
@@ -128,7 +131,7 @@ def run(ctx: RunContext) -> dict:
     # 6. test evaluation, model beside the classic baseline and the majority class
     if cfg.classify.evaluate_test and data.splits["test"]:
         probs, lat = C.score_texts(model, tokenizer, [r["text"] for r in data.splits["test"]], head=head,
-                                   labels=data.labels, batch_size=bs, max_length=max_len)
+                                   labels=data.labels, batch_size=bs, max_length=max_len, autocast=C.scoring_autocast(cfg))
         ev = C.evaluate_split(data, "test", probs, lat, run_dir / "evaluation", threshold=threshold,
                               seed=cfg.train.seed, rf_estimators=cfg.evaluate.rf_estimators,
                               extra={"model": cfg.model.name, "head": head, "run_dir": str(run_dir)})

@@ -44,7 +44,8 @@ def run(ctx: RunContext) -> dict:
     recs = data.splits[ev.split]
     probs, lat = C.score_texts(predictor.model, predictor.tokenizer, [r["text"] for r in recs],
                                head=predictor.meta["head"], labels=predictor.labels,
-                               batch_size=ev.batch_size, max_length=predictor.meta["max_length"])
+                               batch_size=ev.batch_size, max_length=predictor.meta["max_length"],
+                               autocast=predictor.meta.get("autocast"))
     if predictor.labels != data.labels:
         raise DataError(f"{model_dir}: labels.json {predictor.labels} differ from the rebuilt data's {data.labels}")
     metrics = C.evaluate_split(data, ev.split, probs, lat, run_dir / "evaluation",

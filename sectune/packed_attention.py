@@ -87,6 +87,9 @@ def _per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sc
         and kwargs.get("position_bias") is None
         and kwargs.get("cache") is None
         and kwargs.get("softcap") is None
+        # a sliding window limits attention inside an example too: that needs transformers' mask
+        and kwargs.get("sliding_window") is None
+        and getattr(module, "sliding_window", None) is None
     )
     if not usable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)

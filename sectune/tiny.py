@@ -142,8 +142,11 @@ def ensure_tiny_model(name: str, family: str, spec: dict, shared_data: Path, cac
     if source == "synthetic":
         print(f"sectune: {shared_data} has no real data; the tiny tokenizer is trained on generated logs and flows")
     tokenizer = train_tokenizer(texts, spec["vocab_size"])
-    torch.manual_seed(spec.get("seed", 0))
-    model = AutoModelForCausalLM.from_config(_model_config(family, spec, tokenizer))
+    # The build's own seed, without touching the caller's RNG: a run that builds the model first
+    # must train exactly like a run that finds it in the cache.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.get("seed", 0))
+        model = AutoModelForCausalLM.from_config(_model_config(family, spec, tokenizer))
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

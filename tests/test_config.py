@@ -77,3 +77,19 @@ def test_redact_hides_secret_keys_and_values():
     assert out["a"]["hub_token"] == REDACTED and out["a"]["api_key"] == REDACTED and out["a"]["name"] == "x"
     assert out["b"] == [REDACTED, "fine"]
     assert out["password"] is None  # nothing to hide
+
+
+def test_building_a_tiny_model_leaves_the_callers_rng_alone(tmp_path):
+    """A run that builds the tiny model first must train like one that finds it cached (same RNG)."""
+    import torch
+
+    from sectune.tiny import ensure_tiny_model
+
+    spec = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32,
+            "vocab_size": 300, "max_position_embeddings": 64, "seed": 0}
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    out = ensure_tiny_model("t", "llama", spec, tmp_path / "no_shared_data", tmp_path / "cache")
+    assert (out / "BUILD_INFO.json").is_file()
+    torch.testing.assert_close(torch.rand(4), expected)

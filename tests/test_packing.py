@@ -129,6 +129,30 @@ def test_per_example_attention_matches_the_block_diagonal_mask_forward_and_backw
         torch.testing.assert_close(fast_grads[n], slow_grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_sliding_window_attention_keeps_transformers_masked_path():
+    """Per-example causal attention would ignore a sliding window: such layers fall through, mask and all."""
+    from types import SimpleNamespace
+
+    from sectune.packed_attention import _per_example_sdpa
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=g) for _ in range(3))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]])
+    window = torch.tril(torch.ones(8, 8, dtype=torch.bool)) & ~torch.tril(torch.ones(8, 8, dtype=torch.bool), -2)
+    mask = (window & (pos[0, :, None] >= pos[0, None, :]) & (torch.arange(8)[:, None] // 5 == torch.arange(8)[None, :] // 5))[None, None]
+    plain = SimpleNamespace(is_causal=True, training=False, num_key_value_groups=1)
+    windowed = SimpleNamespace(is_causal=True, training=False, num_key_value_groups=1, sliding_window=2)
+    with packed_attention.packed_segments({"position_ids": pos}):
+        fast, _ = _per_example_sdpa(plain, q, k, v, mask)
+        kept, _ = _per_example_sdpa(windowed, q, k, v, mask)
+        kept_kw, _ = _per_example_sdpa(plain, q, k, v, mask, sliding_window=2)
+    expected, _ = sdpa_attention_forward(windowed, q, k, v, mask)
+    torch.testing.assert_close(kept, expected)
+    torch.testing.assert_close(kept_kw, expected)
+    assert not torch.allclose(fast, expected, atol=1e-3)  # the per-example path (full causal) would differ
+
+
 def test_attention_outside_the_packed_context_is_plain_sdpa():
     """Generation and padded batches must not see the fast path: same logits with and without it installed."""
     from sectune import packed_attention

@@ -274,8 +274,9 @@ class PackedRowsCollator:
 class FlatBatchCollator:
     """A batch of examples flattened into one ``[1, Σ lengths]`` row with per-example ``position_ids``.
 
-    TRL's padding-free layout (``DataCollatorForLanguageModeling(padding_free=True)``): no pad token
-    at all, and activation memory in proportion to the batch's real tokens. Attention stays within
+    TRL's padding-free layout (``DataCollatorForLanguageModeling(padding_free=True)``): no padding
+    beyond rounding the row up to ``pad_to_multiple_of``, and activation memory in proportion to the
+    batch's real tokens. Attention stays within
     each example: :mod:`sectune.packed_attention` runs one causal SDPA call per example (FA2 reads the
     boundaries from ``position_ids`` itself).
     """

@@ -103,7 +103,7 @@ def _per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sc
     parts = []
     for q, k, v, n in zip(qs, ks, vs, sizes):
         # On CPU each example runs at a length rounded up to a multiple of BUCKET: oneDNN compiles and
-        # keeps kernels per attention length (~4 MiB each), so every new length would grow memory.
+        # keeps kernels per attention length (~6 MiB each), so every new length would grow memory.
         # Causal attention makes this exact: no real token attends to the zero rows after it.
         extra = (-n) % BUCKET if q.device.type == "cpu" else 0
         if extra:

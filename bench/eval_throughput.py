@@ -112,7 +112,7 @@ def main() -> None:
         n = min(args.seed_loop_rows, len(y))
         max_new = max(len(x) for x in C.label_token_ids(tok, labels))
         t0 = time.perf_counter()
-        with C._autocast(next(model.parameters()).device, autocast):  # the same precision as the rows above
+        with C.autocast_context(next(model.parameters()).device, autocast):  # the same precision as the rows above
             seed_pred = [seeds_loop_label(model, tok, t, labels, max_len, max_new) for t in texts[:n]]
         seed_loop = n / (time.perf_counter() - t0)
         rows.append((f"seeds' loop ({n} rows)", f1_score(y[:n], seed_pred, labels=labels, average="macro", zero_division=0), seed_loop))

@@ -354,7 +354,7 @@ def scoring_autocast(cfg: DictConfig) -> Optional[str]:
     return p if p in ("bf16", "fp16") else None
 
 
-def _autocast(device: torch.device, dtype: Optional[str]):
+def autocast_context(device: torch.device, dtype: Optional[str]):
     if dtype is None:
         return contextlib.nullcontext()
     # CPU has no fp16 autocast worth the name: bf16 there, as in training (engine.precision_flags)
@@ -386,10 +386,10 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Se
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     probs = np.zeros((len(prompts), K), dtype=np.float64)
     latencies = []
-    for start in range(0, len(order), max(1, batch_size)):
-        idx = order[start : start + batch_size]
-        t0 = time.perf_counter()
-        with _autocast(device, autocast):
+    with autocast_context(device, autocast):
+        for start in range(0, len(order), max(1, batch_size)):
+            idx = order[start : start + batch_size]
+            t0 = time.perf_counter()
             if head == "seq_cls":
                 ids, mask, _ = pad_rows([prompts[i] for i in idx], pad, "right")
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
@@ -397,8 +397,8 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Se
             else:
                 seq = label_log_likelihoods(model, [prompts[i] for i in idx], lab_ids, pad, device)
                 p = torch.softmax(seq.float(), dim=-1)
-        probs[idx] = p.cpu().double().numpy()
-        latencies.append(time.perf_counter() - t0)
+            probs[idx] = p.cpu().double().numpy()
+            latencies.append(time.perf_counter() - t0)
     return probs, latencies
 
 

@@ -276,9 +276,8 @@ class FlatBatchCollator:
 
     TRL's padding-free layout (``DataCollatorForLanguageModeling(padding_free=True)``): no padding
     beyond rounding the row up to ``pad_to_multiple_of``, and activation memory in proportion to the
-    batch's real tokens. Attention stays within
-    each example: :mod:`sectune.packed_attention` runs one causal SDPA call per example (FA2 reads the
-    boundaries from ``position_ids`` itself).
+    batch's real tokens. Attention stays within each example: :mod:`sectune.packed_attention` runs
+    one causal SDPA call per example (FA2 reads the boundaries from ``position_ids`` itself).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 64):

@@ -64,6 +64,7 @@ def run(ctx: RunContext) -> dict:
     label_len = max(map(len, C.label_token_ids(tokenizer, data.labels))) if head == "generative" else 1
     from transformers import TrainingArguments
 
+    autocast = C.scoring_autocast(cfg)  # every scoring below runs in the training precision
     kwargs = engine.training_kwargs(cfg, run_dir / "checkpoints", has_eval=bool(val_ds))
     select = bool(cfg.classify.select_best and val_ds)
     if select:
@@ -79,7 +80,7 @@ def run(ctx: RunContext) -> dict:
         data_collator=C.ClassifyCollator(tokenizer.pad_token_id, head), callbacks=engine.fail_callbacks(cfg),
         head=head, class_weights=weights, label_smoothing=cfg.loss.label_smoothing, label_len=label_len,
         val_rows=data.splits["validation"] if select else None, labels=data.labels, max_length=max_len,
-        autocast=C.scoring_autocast(cfg),
+        autocast=autocast,
     )
     engine.selective_checkpointing(trainer.model, cfg)
     try:
@@ -110,7 +111,7 @@ def run(ctx: RunContext) -> dict:
         from sklearn.metrics import accuracy_score, f1_score
 
         vp, _ = C.score_texts(model, tokenizer, [r["text"] for r in data.splits["validation"]], head=head,
-                              labels=data.labels, batch_size=bs, max_length=max_len, autocast=C.scoring_autocast(cfg))
+                              labels=data.labels, batch_size=bs, max_length=max_len, autocast=autocast)
         vy = [r["label"] for r in data.splits["validation"]]
         if cfg.classify.tune_threshold and len(data.labels) == 2:
             threshold, _ = C.tune_threshold(vp, vy, data.labels)
@@ -122,7 +123,7 @@ def run(ctx: RunContext) -> dict:
         "head": head, "format": data.format, "artifact": name, "labels": data.labels, "template": data.template,
         "features": data.features, "precision": cfg.dataset.render_precision, "max_length": max_len,
         "feature_format": cfg.dataset.feature_format, "feature_sep": cfg.dataset.feature_sep,
-        "autocast": C.scoring_autocast(cfg),
+        "autocast": autocast,
         "threshold": threshold, "text_column": cfg.dataset.text_column, "dataset": cfg.dataset.name, "source": data.source,
     }
     write_json_atomic(run_dir / META_FILE, meta)
@@ -131,7 +132,7 @@ def run(ctx: RunContext) -> dict:
     # 6. test evaluation, model beside the classic baseline and the majority class
     if cfg.classify.evaluate_test and data.splits["test"]:
         probs, lat = C.score_texts(model, tokenizer, [r["text"] for r in data.splits["test"]], head=head,
-                                   labels=data.labels, batch_size=bs, max_length=max_len, autocast=C.scoring_autocast(cfg))
+                                   labels=data.labels, batch_size=bs, max_length=max_len, autocast=autocast)
         ev = C.evaluate_split(data, "test", probs, lat, run_dir / "evaluation", threshold=threshold,
                               seed=cfg.train.seed, rf_estimators=cfg.evaluate.rf_estimators,
                               extra={"model": cfg.model.name, "head": head, "run_dir": str(run_dir)})

@@ -2,8 +2,8 @@
 
 Read top to bottom: data → model (+ quantization, + LoRA) → TRL's SFTTrainer → artifacts.
 TRL owns the loop; by default (``train.packing=padding_free``) each batch of examples is flattened
-into one row with position ids restarting per example: no padding at all, no example attends to
-another, and memory follows the real tokens (see bench/sft_throughput.py).
+into one row with position ids restarting per example: padding only up to a multiple of 64 tokens,
+no example attends to another, and memory follows the real tokens (see bench/sft_throughput.py).
 """
 
 from __future__ import annotations

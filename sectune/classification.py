@@ -26,6 +26,7 @@ from transformers import Trainer
 from sectune.errors import ConfigError, DataError
 
 HEADS = ("seq_cls", "generative")
+POOLINGS = ("last", "mean")
 FORMATS = ("flows", "text_csv", "injections")
 #: where ``path: null`` finds its data, per dataset name (relative to ``dataset.source_dir``)
 DEFAULT_SOURCES = {
@@ -277,6 +278,42 @@ class WeightedCETrainer(Trainer):
             metrics.update(extra)
             self.log(extra)
         return metrics
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def running_mean(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, T, C]`` → ``[B, T, C]``: position t holds the mean of positions 0..t (in fp32).
+
+    The score head of a decoder ``…ForSequenceClassification`` is linear, so the mean of its
+    per-token logits is the head applied to the mean hidden state. Rows are right-padded, so at
+    the last real token (the one transformers picks) this is the mean over every real token.
+    """
+    x = logits.float()
+    n = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype).view(1, -1, 1)
+    return x.cumsum(1) / n
+
+
+def set_pooling(model, pooling: str):
+    """``classify.pooling``: ``last`` leaves the model as transformers built it; ``mean`` hooks its
+    ``score`` head so the class logits are the mean over the real tokens (a no-op on the weights:
+    a saved model is reloaded with the same pooling from ``classifier.json``)."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"classify.pooling={pooling!r}: choose one of {', '.join(POOLINGS)}")
+    if pooling == "last":
+        return model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    score = getattr(inner, "score", None)
+    if not isinstance(score, torch.nn.Module):
+        raise ConfigError(
+            f"classify.pooling=mean needs a decoder …ForSequenceClassification with a `score` head; "
+            f"{type(inner).__name__} has none: use classify.pooling=last"
+        )
+    if not getattr(score, "_sectune_mean_pooling", False):
+        score.register_forward_hook(lambda _module, _args, out: running_mean(out) if out.dim() == 3 else out)
+        score._sectune_mean_pooling = True
+    return model
 
 
 # --------------------------------------------------------------------------- encoding

@@ -211,6 +211,9 @@ class DebugConfig:
 @dataclass
 class ClassifyConfig:
     head: str = "seq_cls"  # seq_cls | generative
+    #: ``seq_cls`` head: the class logits of the ``last`` real token (transformers' default for
+    #: decoder models) or the ``mean`` over all real tokens (:func:`sectune.classification.set_pooling`)
+    pooling: str = "last"
     #: binary tasks: pick the decision threshold on the validation split (never test)
     tune_threshold: bool = True
     #: end the classify run with the test-split evaluation (evaluation/ folder)

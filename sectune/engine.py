@@ -88,11 +88,15 @@ def packing_mode(cfg: DictConfig) -> str:
 def group_by_length(cfg: DictConfig) -> bool:
     """``train.group_by_length``, where null means: only where grouping saves padding.
 
-    Padding-free batches have none to save, and grouping would put the longest examples in one
-    batch, raising the peak memory over a run of random batches (TRL's default) for nothing.
+    SFT's padding-free batches have none to save, and grouping would put the longest examples in
+    one batch, raising the peak memory over a run of random batches (TRL's default) for nothing.
+    ``train.packing`` is SFT's alone: classify batches are padded to their longest prompt, so
+    there grouping is on.
     """
     g = cfg.train.get("group_by_length")
     if g is None:
+        if cfg.stage.name != "sft":
+            return True
         return cfg.train.get("packing", "none") != "padding_free"
     return bool(g)
 

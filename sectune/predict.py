@@ -67,6 +67,10 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
 
         base = modeling.load_model(cfg, task=task, num_labels=num_labels)
         model = PeftModel.from_pretrained(base, str(art), is_trainable=False)
+    if task == "seq_cls":
+        from sectune.classification import set_pooling
+
+        set_pooling(model, meta.get("pooling") or "last")  # runs from before classify.pooling: last
     model.eval()
     return model, tokenizer
 

@@ -52,10 +52,12 @@ def run(ctx: RunContext) -> dict:
         model.config.id2label = dict(enumerate(data.labels))
         model.config.label2id = {lab: i for i, lab in enumerate(data.labels)}
         model = modeling.apply_lora(model, cfg, task_type="SEQ_CLS")  # PEFT adds the score head to modules_to_save
+        C.set_pooling(model, cfg.classify.pooling)
     else:
         model = modeling.apply_lora(modeling.load_model(cfg, path=path), cfg, task_type="CAUSAL_LM")
     trainable, total = modeling.trainable_parameters(model)
-    print(f"sectune: {cfg.model.name} ({head} head): {trainable:,} trainable of {total:,} parameters")
+    pool = f", {cfg.classify.pooling}-token pooling" if head == "seq_cls" else ""
+    print(f"sectune: {cfg.model.name} ({head} head{pool}): {trainable:,} trainable of {total:,} parameters")
 
     # 3. train
     max_len = cfg.model.max_seq_length
@@ -123,7 +125,7 @@ def run(ctx: RunContext) -> dict:
         "head": head, "format": data.format, "artifact": name, "labels": data.labels, "template": data.template,
         "features": data.features, "precision": cfg.dataset.render_precision, "max_length": max_len,
         "feature_format": cfg.dataset.feature_format, "feature_sep": cfg.dataset.feature_sep,
-        "autocast": autocast,
+        "autocast": autocast, "pooling": cfg.classify.pooling if head == "seq_cls" else None,
         "threshold": threshold, "text_column": cfg.dataset.text_column, "dataset": cfg.dataset.name, "source": data.source,
     }
     write_json_atomic(run_dir / META_FILE, meta)

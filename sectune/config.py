@@ -211,9 +211,11 @@ class DebugConfig:
 @dataclass
 class ClassifyConfig:
     head: str = "seq_cls"  # seq_cls | generative
-    #: ``seq_cls`` head: the class logits of the ``last`` real token (transformers' default for
-    #: decoder models) or the ``mean`` over all real tokens (:func:`sectune.classification.set_pooling`)
-    pooling: str = "last"
+    #: ``seq_cls`` head: the class logits of the ``mean`` over all real tokens
+    #: (:func:`sectune.classification.set_pooling`) or of the ``last`` real token (transformers'
+    #: default for decoder models). Mean measured better on both real tasks here (CIC families
+    #: 0.93-0.95x RF vs 0.90-0.92x; injections 0.909 vs 0.879 mean F1 over 5 seeds).
+    pooling: str = "mean"
     #: binary tasks: pick the decision threshold on the validation split (never test)
     tune_threshold: bool = True
     #: end the classify run with the test-split evaluation (evaluation/ folder)

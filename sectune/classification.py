@@ -442,21 +442,44 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Se
 def label_log_likelihoods(model, prompts: Sequence[Sequence[int]], lab_ids: Sequence[Sequence[int]], pad: int, device) -> torch.Tensor:
     """``[len(prompts), K]``: log p(label tokens | prompt) for every label, the prompt run once.
 
-    The prompts (left-padded) go through the model once with a KV cache; the cache is repeated K
-    times and the K label continuations (right-padded; causal, so no real token sees the padding)
-    are scored against it in a second, short forward. Scoring K full (prompt + label) rows would
-    cost K prompt forwards instead of one.
+    The prompts (left-padded) go through the model once with a KV cache. The rest of every label
+    (all tokens but the first, whose log-probability the prompt's last logits already give) is
+    scored against that cache in a second, short forward: with SDPA, all K continuations share one
+    row per prompt, a 4D mask letting each token see the prompt and its own label's earlier tokens
+    only (no copy of the cache); other attention kernels repeat the cache K times instead.
+    Scoring K full (prompt + label) rows would cost K prompt forwards instead of one.
     """
-    B, K = len(prompts), len(lab_ids)
     ids, mask, pos = pad_rows(prompts, pad, "left")
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each label's first token
     seq = first[:, [lab[0] for lab in lab_ids]]  # [B, K]
-    longest = max(map(len, lab_ids))
-    if longest == 1:
+    if max(map(len, lab_ids)) == 1:
         return seq
-    cache = out.past_key_values
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        return seq + _shared_row_continuations(model, out.past_key_values, mask, lab_ids, device)
+    return seq + _repeated_cache_continuations(model, out.past_key_values, mask, lab_ids, pad, device)
+
+
+def _shared_row_continuations(model, cache, mask: torch.Tensor, lab_ids, device) -> torch.Tensor:
+    """``[B, K]``: Σ log p(label token j+1 | prompt, label tokens ≤ j), all labels in one row per prompt."""
+    B, P = mask.shape
+    seg = [(k, j, lab[j], lab[j + 1]) for k, lab in enumerate(lab_ids) for j in range(len(lab) - 1)]
+    owner, offset, inp, tgt = (torch.tensor(c, device=device) for c in zip(*seg))
+    n = len(seg)
+    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])  # [n, n]: causal within a label
+    m4 = torch.cat([mask.bool()[:, None, None, :].expand(B, 1, n, P), own.expand(B, 1, n, n)], dim=-1)
+    positions = mask.sum(-1, keepdim=True) + offset[None, :]
+    logits = model(input_ids=inp.expand(B, n), attention_mask=m4, position_ids=positions, past_key_values=cache,
+                   use_cache=False).logits
+    tok = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt.expand(B, n).unsqueeze(-1)).squeeze(-1)  # [B, n]
+    return torch.zeros(B, len(lab_ids), device=device).index_add_(1, owner, tok)
+
+
+def _repeated_cache_continuations(model, cache, mask: torch.Tensor, lab_ids, pad: int, device) -> torch.Tensor:
+    """The same as :func:`_shared_row_continuations` with the cache repeated K times (any attention kernel)."""
+    B, K = mask.shape[0], len(lab_ids)
+    longest = max(map(len, lab_ids))
     cache.batch_repeat_interleave(K)
     cont = torch.full((K, longest - 1), pad, dtype=torch.long)
     cont_mask = torch.zeros((K, longest - 1), dtype=torch.long)
@@ -471,7 +494,7 @@ def label_log_likelihoods(model, prompts: Sequence[Sequence[int]], lab_ids: Sequ
     logits = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_pos, past_key_values=cache, use_cache=False).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     tok = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)
-    return seq + tok.sum(-1).view(B, K)
+    return tok.sum(-1).view(B, K)
 
 
 def decide(probs: np.ndarray, labels: Sequence[str], threshold: Optional[float] = None) -> List[str]:

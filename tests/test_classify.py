@@ -267,17 +267,21 @@ def test_experiment_presets_run_on_tiny(preset, model, artifact, tmp_path):
         assert cfg.quantization.name == "nf4" and cfg.lora.r == 16 and cfg.lora.alpha == 32 and cfg.train.grad_accum == 1
 
 
-def test_label_log_likelihoods_with_a_shared_prompt_cache_match_full_rows():
-    """Scoring K labels from one prompt forward + KV cache equals scoring each prompt+label row alone."""
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_label_log_likelihoods_with_a_shared_prompt_cache_match_full_rows(attn, model_name):
+    """Scoring K labels from one prompt forward + KV cache equals scoring each prompt+label row alone:
+    sdpa puts every label's continuation in one row per prompt under a 4D mask, eager repeats the cache."""
     import torch
 
     from conftest import compose as compose_cfg
     from sectune import classification as C
     from sectune import modeling
 
-    cfg = compose_cfg(["logger=none"])
+    cfg = compose_cfg(["logger=none", f"model={model_name}", f"model.attn_implementation={attn}"])
     path = modeling.model_path(cfg)
     model = modeling.load_model(cfg, path=path).eval()
+    assert model.config._attn_implementation == attn
     tok = modeling.load_tokenizer(cfg, path)
     labels = ["Benign", "DDoS", "BruteForce-Dictionary", "Recon"]
     lab_ids = C.label_token_ids(tok, labels)

@@ -195,6 +195,28 @@ def test_classify_keeps_the_weights_with_the_best_validation_macro_f1(cic_run):
     assert m["val_macro_f1"] == pytest.approx(m["best_val_macro_f1"], abs=1e-6)
 
 
+@needs_inj
+def test_injection_classifier_beside_tfidf_with_threshold_from_validation(tmp_path):
+    """deepset injections end to end: the tiny LLM (mean pooling) learns the task, the TF-IDF+LR
+    baseline is scored on the same 116 test rows, and the binary threshold comes from validation."""
+    run_dir = tmp_path / "inj"
+    p = sectune("stage=classify", "dataset=prompt_injections", "lora=none", "loss=cross_entropy",
+                "loss.class_weights=balanced", "train.epochs=8", "train.batch_size=16", "train.learning_rate=1e-3",
+                "model.max_seq_length=256", "train.seed=0", "logger=none", "evaluate.rf_estimators=30",
+                f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((run_dir / "result.json").read_text())["metrics"]
+    meta = json.loads((run_dir / "classifier.json").read_text())
+    assert meta["pooling"] == "mean" and meta["threshold"] is not None
+    assert m["baseline_test_macro_f1"] > 0.9 and m["majority_test_macro_f1"] < 0.4
+    # 8 epochs, 5 seeds measured 0.879-0.914 (experiments/ciciot_gpt2/README.md); the issue's 0.91 is not asserted
+    assert m["test_macro_f1"] > 0.85, m["test_macro_f1"]
+    rows = json.loads((run_dir / "evaluation/detailed_results.json").read_text())["rows"]
+    assert len(rows) == 116
+    # predictions are the validation-chosen threshold applied to p(injection)
+    assert all((r["score"]["injection"] >= meta["threshold"]) == (r["pred"] == "injection") for r in rows)
+
+
 def test_evaluate_rebuilds_run_and_predictor_agrees(cic_run, tmp_path):
     ev_dir = tmp_path / "ev"
     # model=/dataset= overrides of the evaluate run are ignored: the classify run decides

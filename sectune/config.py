@@ -27,6 +27,8 @@ class TinySpec:
     vocab_size: int = 2048
     max_position_embeddings: int = 1024
     seed: int = 0
+    #: the weights' init std (``initializer_range``); wider than the usual 0.02 on purpose (tiny.py)
+    init_std: float = 0.1
 
 
 @dataclass

@@ -93,3 +93,20 @@ def test_building_a_tiny_model_leaves_the_callers_rng_alone(tmp_path):
     out = ensure_tiny_model("t", "llama", spec, tmp_path / "no_shared_data", tmp_path / "cache")
     assert (out / "BUILD_INFO.json").is_file()
     torch.testing.assert_close(torch.rand(4), expected)
+
+
+def test_tiny_init_std_is_a_config_key_and_reaches_the_model(tmp_path):
+    """model.tiny.init_std composes (it used to be rejected as unknown) and is the built model's initializer_range."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from sectune.tiny import ensure_tiny_model
+
+    cfg = compose(["model.tiny.init_std=0.05", "model.tiny.hidden_size=16", "model.tiny.num_layers=1",
+                   "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.intermediate_size=32",
+                   "model.tiny.vocab_size=300", "model.tiny.max_position_embeddings=64"])
+    spec = OmegaConf.to_container(cfg.model.tiny)
+    assert spec["init_std"] == 0.05
+    out = ensure_tiny_model("t", "llama", spec, tmp_path / "no_shared_data", tmp_path / "cache")
+    assert json.loads((out / "config.json").read_text())["initializer_range"] == 0.05

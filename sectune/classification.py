@@ -446,7 +446,8 @@ def label_log_likelihoods(model, prompts: Sequence[Sequence[int]], lab_ids: Sequ
     (all tokens but the first, whose log-probability the prompt's last logits already give) is
     scored against that cache in a second, short forward: with SDPA, all K continuations share one
     row per prompt, a 4D mask letting each token see the prompt and its own label's earlier tokens
-    only (no copy of the cache); other attention kernels repeat the cache K times instead.
+    only (no copy of the cache); other attention kernels, and sliding-window models whose window
+    the row would exceed, repeat the cache K times instead.
     Scoring K full (prompt + label) rows would cost K prompt forwards instead of one.
     """
     ids, mask, pos = pad_rows(prompts, pad, "left")
@@ -456,7 +457,9 @@ def label_log_likelihoods(model, prompts: Sequence[Sequence[int]], lab_ids: Sequ
     seq = first[:, [lab[0] for lab in lab_ids]]  # [B, K]
     if max(map(len, lab_ids)) == 1:
         return seq
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+    window = getattr(model.config, "sliding_window", None)  # a custom 4D mask would bypass the window
+    fits = not window or ids.shape[1] + sum(map(len, lab_ids)) <= window
+    if getattr(model.config, "_attn_implementation", None) == "sdpa" and fits:
         return seq + _shared_row_continuations(model, out.past_key_values, mask, lab_ids, device)
     return seq + _repeated_cache_continuations(model, out.past_key_values, mask, lab_ids, pad, device)
 

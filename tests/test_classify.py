@@ -317,6 +317,20 @@ def test_label_log_likelihoods_with_a_shared_prompt_cache_match_full_rows(attn, 
                 logp = torch.log_softmax(model(input_ids=torch.tensor([p + lab]), use_cache=False).logits[0].float(), -1)
                 want[b, k] = sum(logp[len(p) - 1 + j, t] for j, t in enumerate(lab))
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    if attn == "sdpa":
+        # a sliding window the shared row would exceed: the repeated-cache path (a 4D mask bypasses windows)
+        def refuse(*a, **k):
+            raise AssertionError("the shared-row path ignores sliding windows")
+
+        old_shared, C._shared_row_continuations = C._shared_row_continuations, refuse
+        # wide enough for every prompt+label row (so `want` holds), narrower than the shared row
+        model.config.sliding_window = max(map(len, prompts)) + max(map(len, lab_ids))
+        try:
+            again = C.label_log_likelihoods(model, prompts, lab_ids, tok.pad_token_id, torch.device("cpu"))
+        finally:
+            C._shared_row_continuations = old_shared
+            model.config.sliding_window = None
+        torch.testing.assert_close(again, want, atol=2e-4, rtol=1e-4)
 
 
 def test_running_mean_by_hand():

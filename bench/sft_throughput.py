@@ -15,7 +15,8 @@ same number of optimizer steps:
                 (``train.selective_checkpointing=true``). Variants ``nosac``, ``rows`` and ``gc``
                 change those defaults (see ``CONFIG_VARIANTS``).
 
-Each side runs in its own subprocess (so ``ru_maxrss`` is that side's peak RSS); sides are
+Each side runs in its own subprocess (its ``VmHWM``, via ``sectune.engine.peak_rss_bytes``, is that side's peak
+RSS; ``ru_maxrss`` would carry the parent's peak across exec); sides are
 interleaved over ``--repeats`` and medians are reported. Timing covers whole optimizer steps
 (data collation + forward + backward + optimizer + logging) after ``--warmup`` steps.
 
@@ -37,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -265,7 +265,9 @@ def child(args) -> dict:
     L, d = MODEL["num_hidden_layers"], MODEL["hidden_size"]
     flops = 6 * n_matmul * real + 12 * L * d * attn
     step_times = [b - a for a, b in zip(meter.step_end[w:], meter.step_end[w + 1 :])]
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    from sectune.engine import peak_rss_bytes
+
+    rss = peak_rss_bytes()
     return {
         "side": args.child,
         "variant": args.variant,

@@ -191,10 +191,38 @@ def fail_callbacks(cfg: DictConfig) -> list:
     return [FailAtStep(cfg.debug.fail_at_step)] if cfg.debug.fail_at_step else []
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes.
+
+    On Linux it is ``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own
+    address space. ``ru_maxrss`` is not used there: ``execve`` folds the old address space's
+    high-water mark into it, and with ``vfork`` (what Python's ``subprocess`` uses) that old address
+    space is the parent's, so a run started by a 1.5 GB pytest or launcher reported >= 1.5 GB
+    whatever it used itself. Elsewhere (macOS: bytes) ``ru_maxrss`` is all there is."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Restart the ``VmHWM`` high-water mark from the current RSS (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_memory() -> dict:
     """Peak resident memory of this process (and of CUDA, when used), in bytes."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_rss_bytes": rss * (1 if sys.platform == "darwin" else 1024)}
+    out = {"peak_rss_bytes": peak_rss_bytes()}
     if torch.cuda.is_available():
         out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     return out

@@ -19,7 +19,6 @@ Measured by ``bench/sft_throughput.py`` (README, "Measured figures").
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sectune.engine import real_lengths
 
-_SEGMENTS: contextvars.ContextVar[_Rows | None] = contextvars.ContextVar("sectune_packed_segments", default=None)
+#: The active batch's rows: a plain module global, not a ContextVar. On CUDA the autograd engine runs
+#: backward (checkpoint recompute included) on its own device thread, which does not see the caller's
+#: context variables: the recompute then fell back to whole-row attention, and every padding-free
+#: SFT step on a GPU failed (a shape error under selective checkpointing, a CheckpointError under full).
+_ACTIVE: list[_Rows | None] = [None]
 _INSTALLED = False
 #: per-example attention lengths are rounded up to a multiple of this on CPU (see _per_example_sdpa)
 BUCKET = 64
@@ -69,15 +72,16 @@ def packed_segments(inputs: dict):
     if pos is None or inputs.get("attention_mask") is not None or pos.dim() != 2:
         yield
         return
-    token = _SEGMENTS.set(_Rows(pos.shape[1], segments_from_position_ids(pos)))
+    previous = _ACTIVE[0]
+    _ACTIVE[0] = _Rows(pos.shape[1], segments_from_position_ids(pos))
     try:
         yield
     finally:
-        _SEGMENTS.reset(token)
+        _ACTIVE[0] = previous
 
 
 def _per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    rows = _SEGMENTS.get()
+    rows = _ACTIVE[0]
     usable = (
         rows is not None
         and query.shape[0] == len(rows.segments)

@@ -301,6 +301,47 @@ def test_selective_checkpointing_recomputes_elementwise_ops_only_with_the_same_g
     assert bwd.get(sdpa, 0) == 0 and fwd[sdpa] > 0  # attention outputs cached, not recomputed
 
 
+@pytest.mark.parametrize("checkpointing", ["selective", "full"])
+def test_checkpoint_recompute_on_another_thread_keeps_per_example_attention(checkpointing):
+    """On CUDA, autograd runs backward (and the checkpoint recompute) on its own device thread. The
+    packed segments must be seen there: a recompute without them ran whole-row attention (a shape
+    error with selective checkpointing, a CheckpointError with full). Emulated on CPU by running
+    backward on a second thread while the training step's context is open, as on a GPU."""
+    import threading
+
+    packed_attention.install()
+    cfg = compose(["logger=none", "lora=none", "train.selective_checkpointing=true"])
+
+    def grads(recompute_on_thread: bool):
+        model, batch = _packed_batch()
+        if recompute_on_thread:
+            if checkpointing == "full":
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                assert engine.selective_checkpointing(model, cfg)
+        errors = []
+        with packed_attention.packed_segments(batch):
+            loss = model(**batch).loss
+            if recompute_on_thread:
+                def backward():
+                    try:
+                        loss.backward()
+                    except Exception as e:  # noqa: BLE001 - reported below
+                        errors.append(e)
+
+                t = threading.Thread(target=backward)
+                t.start()
+                t.join()
+            else:
+                loss.backward()
+        assert not errors, errors
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    expected, got = grads(False), grads(True)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_full_checkpointing_takes_precedence_over_the_selective_default():
     cfg = compose(["logger=none", "train.gradient_checkpointing=true"])
     assert cfg.train.selective_checkpointing is True  # the default

@@ -26,7 +26,7 @@ from sklearn.metrics import f1_score  # noqa: E402
 @torch.no_grad()
 def seeds_loop_label(model, tok, text: str, labels, max_len: int, max_new: int) -> str:
     """One flow as the seeds do it: tokenize, ``generate``, decode, find a label in the text."""
-    enc = tok(text, return_tensors="pt", truncation=True, max_length=max_len)
+    enc = tok(text, return_tensors="pt", truncation=True, max_length=max_len).to(model.device)
     out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
     answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     hits = [lab for lab in sorted(labels, key=len, reverse=True) if answer.startswith(lab)]

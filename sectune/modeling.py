@@ -134,6 +134,15 @@ def load_model(cfg: DictConfig, task: str = "causal_lm", num_labels: int | None 
     return model
 
 
+def to_run_device(model, cfg: DictConfig):
+    """For use outside Trainer (which places the model itself): move a model that ``from_pretrained``
+    left on the CPU to the run's device (``train.device``; auto = CUDA when visible). Quantized and
+    ``model.device_map`` models were placed while loading and are returned as they are."""
+    if cfg.quantization.name != "none" or cfg.model.device_map is not None:
+        return model
+    return model.to(device_for(cfg))
+
+
 def linear_module_names(model) -> list[str]:
     """Leaf names of the layers LoRA can target (Linear, Conv1D, bnb Linear4bit/8bit)."""
     names = set()

@@ -71,6 +71,7 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
         from sectune.classification import set_pooling
 
         set_pooling(model, meta.get("pooling") or "last")  # runs from before classify.pooling: last
+    model = modeling.to_run_device(model, cfg)  # was left on the CPU on GPU machines too
     model.eval()
     return model, tokenizer
 

@@ -378,3 +378,20 @@ def test_mean_pooling_is_the_head_on_the_mean_real_hidden_state_and_ignores_padd
         C.set_pooling(plain, "max")
     with pytest.raises(ConfigError, match="`score` head"):
         C.set_pooling(torch.nn.Linear(2, 2), "mean")
+
+
+def test_inference_models_go_to_the_runs_device(monkeypatch):
+    """Predictor/evaluate load outside Trainer: from_pretrained leaves the model on the CPU, so
+    load_classifier moves it to train.device (auto = CUDA when visible; on an H200 the Predictor
+    had stayed on the CPU). "meta" stands in for the GPU here; quantized models stay where
+    bitsandbytes placed them."""
+    from conftest import compose
+
+    from sectune import modeling
+
+    cfg = compose(["logger=none", "stage=classify"])
+    model = modeling.load_model(cfg, task="seq_cls", num_labels=3)
+    monkeypatch.setattr(modeling, "device_for", lambda c: "meta")
+    assert next(modeling.to_run_device(model, compose(["logger=none", "quantization=nf4"])).parameters()).device.type == "cpu"
+    moved = modeling.to_run_device(model, cfg)
+    assert {p.device.type for p in moved.parameters()} == {"meta"}

@@ -104,6 +104,8 @@ def child(name: str, steps: int, work: str) -> dict:
     if cfg.lora.enabled:
         model = modeling.apply_lora(model, cfg)
     model.train()
+    loaded = torch.cuda.memory_allocated()  # weights (+ adapters)
+    load_peak_reserved = torch.cuda.max_memory_reserved()  # quantizing while loading can peak higher
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -119,8 +121,9 @@ def child(name: str, steps: int, work: str) -> dict:
     vocab = min(int(cfg.model.arch.vocab_size), 2000)
     ids = torch.randint(0, vocab, (bs, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     amp = cfg.train.precision in ("bf16", "fp16")
-    times = []
+    times, between_steps, step_peaks = [], [], []
     for _ in range(steps):
+        torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -130,16 +133,22 @@ def child(name: str, steps: int, work: str) -> dict:
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        between_steps.append(torch.cuda.memory_allocated())  # weights + adapters + optimizer state
+        step_peaks.append((torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()))
     free, total = torch.cuda.mem_get_info()
     outside = (total - free) - torch.cuda.memory_reserved()
-    measured = torch.cuda.max_memory_reserved() + outside
+    max_reserved = max(load_peak_reserved, *(r for _, r in step_peaks))
+    measured = max_reserved + outside
     step = sorted(times[1:])[len(times[1:]) // 2]  # median after the first (warm-up) step
     return {
         "predicted": budget.total,
         "measured": measured,
         "ratio_measured_to_predicted": round(measured / budget.total, 3),
-        "max_allocated": torch.cuda.max_memory_allocated(),
-        "max_reserved": torch.cuda.max_memory_reserved(),
+        "max_allocated": max(a for a, _ in step_peaks),  # during the training steps
+        "allocated_after_load": loaded,
+        "allocated_between_steps": between_steps[-1],
+        "max_reserved": max_reserved,
+        "load_peak_reserved": load_peak_reserved,
         "outside_allocator": outside,
         "predicted_components": {n: b for n, b, _ in budget.rows() if n != "total"},
         "quantized_modules": modeling.quantized_module_count(model),
@@ -179,6 +188,7 @@ def main() -> None:
         print(f"{name:22s} predicted {r['predicted'] / 2**30:6.2f} GiB  measured {r['measured'] / 2**30:6.2f} GiB "
               f"({r['ratio_measured_to_predicted']:.2f}x)  allocated {r['max_allocated'] / 2**30:6.2f} GiB  "
               f"{r['tokens_per_s']:9.0f} tok/s  [{time.perf_counter() - t0:.0f}s]", flush=True)  # fmt: skip
+        print(f"  {json.dumps(r)}", flush=True)
     out = {"cases": results}
     if "tokens_per_s" in results.get("smollm_full", {}) and "tokens_per_s" in results.get("smollm_full_fp32", {}):
         out["bf16_speedup_vs_fp32"] = round(results["smollm_full"]["tokens_per_s"] / results["smollm_full_fp32"]["tokens_per_s"], 2)

@@ -44,6 +44,7 @@ def test_plan_stage_writes_table_and_predicted_peak(tmp_path):
     for component in ("weights", "adapters", "optimizer_state", "gradients", "activations", "runtime_overhead"):
         assert component in text
     assert "deepseek_r1_distill_llama_8b" in text  # the every-preset table
+    assert "1.27-1.45x this total" in text and "int8" not in text.split("checked on one H200")[1]  # the GPU check, said
 
 
 MEASURE = r"""

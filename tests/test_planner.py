@@ -113,6 +113,17 @@ def test_selective_checkpointing_sits_between_none_and_full():
         assert full < sel < none, (name, full, sel, none)
 
 
+def test_selective_checkpointing_keeps_both_lora_matmul_outputs():
+    """Under selective checkpointing each LoRA-wrapped linear keeps lora_A's output (r wide) and
+    lora_B's (the layer's output width): Llama-3.2-3B, r16 on all 7 linears, batch 4 x 1024, bf16.
+    Left out, the plan was 1.45x below an H200's measured peak; counted, 1.10x."""
+    kw = dict(dtype="bf16", seq_len=1024, batch_size=4, selective_checkpointing=True, optimizer="adamw", lora_dropout=0.05)
+    with_lora = estimate_memory(ARCHS["llama32_3b_instruct"], lora_r=16, lora_targets="all_linear", **kw).activations
+    without = estimate_memory(ARCHS["llama32_3b_instruct"], **kw).activations
+    # 28 layers x 4096 tokens x [7 x 16 + (3072 + 1024 + 1024 + 3072 + 8192 + 8192 + 3072)] x 2 bytes
+    assert with_lora - without == 28 * 4096 * (7 * 16 + 27648) * 2 == 6_367_477_760
+
+
 def test_logits_dominate_small_models_and_scale_with_batch():
     one = estimate_memory(ARCHS["smollm_135m"], lora_r=4, dtype="bf16", seq_len=2048, gradient_checkpointing=True)
     two = estimate_memory(ARCHS["smollm_135m"], lora_r=4, dtype="bf16", seq_len=2048, batch_size=2, gradient_checkpointing=True)

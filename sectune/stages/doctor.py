@@ -12,7 +12,7 @@ what the composed config REQUIRES and would make the run fail:
 * ``dataset.path`` when one is set.
 
 Everything else warns: no GPU for a real model (CPU training is slow), predicted peak, times the
-margin by which real GPU peaks exceeded the plan on an H200 (1.45x; 2.6x with int8), above the
+margin by which real GPU peaks exceeded the plan on an H200 (1.31x; fp32 1.68x; int8 2.6x), above the
 free GPU memory, little free disk, W&B online without a key,
 sweeps' optional plugins. The stage exits 3 when anything is missing (``doctor.strict=true``:
 warnings too), else 0; ``doctor.md`` in the run dir and the console list every check.
@@ -89,7 +89,7 @@ def check_cuda(cfg: DictConfig, predicted_peak: int | None) -> list[Check]:
     out = [Check("cuda", "ok", f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s)")]
     from sectune.stages.plan import measured_gpu_margin
 
-    margin = measured_gpu_margin(cfg.quantization.name)
+    margin = measured_gpu_margin(cfg.quantization.name, cfg.train.precision)
     for i in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(i)
         name = torch.cuda.get_device_name(i)

@@ -74,15 +74,17 @@ def lora_targets(cfg: DictConfig):
 #: What bench/gpu_memory.py measured on one H200 (README, "Measured figures"); said in every CUDA plan.
 GPU_CHECK = (
     "checked on one H200 (bench/gpu_memory.py, 2026-11-24): weights, adapters and optimizer state were within 1% "
-    "of the measurement, but the peak footprint was 1.27-1.45x this total with bf16 autocast (1.68x in fp32; activations "
-    "1.07-1.55x, CUDA context ~0.9 GB, caching-allocator slack 1-2.3 GB); keep that margin, or run bench/gpu_memory.py on your GPU"
+    "of the measurement, but the peak footprint was 1.10-1.31x this total with bf16 autocast (1.68x in fp32; activations "
+    "1.05-1.29x, CUDA context ~0.9 GB, caching-allocator slack 1-2.3 GB); keep that margin, or run bench/gpu_memory.py on your GPU"
 )
 GPU_CHECK_INT8 = "; with int8 it was 2.6x: after the first step bitsandbytes held ~1.9 more bytes per int8 weight"
 
 
-def measured_gpu_margin(quantization: str) -> float:
+def measured_gpu_margin(quantization: str, precision: str = "bf16") -> float:
     """The largest measured/predicted ratio seen on the H200 for this kind of run (see GPU_CHECK)."""
-    return 2.6 if quantization == "int8" else 1.45
+    if quantization == "int8":
+        return 2.6
+    return 1.68 if precision == "fp32" else 1.31
 
 
 def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, seq_len: int | None = None) -> tuple[planner.Budget, dict]:
@@ -134,7 +136,7 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, seq_len: int 
     if q != "none":
         notes.append("non-quantized params counted in fp32: prepare_model_for_kbit_training upcasts them")
     if settings["device"] == "cuda":
-        notes.append(GPU_CHECK + (GPU_CHECK_INT8 if q == "int8" else ""))
+        notes.append(GPU_CHECK + (GPU_CHECK_INT8 if q == "int8" else ""))  # measured_gpu_margin: the same figures
     budget = planner.Budget(**comps, total=sum(comps.values()), device=settings["device"], params=w.params,
                             trainable_params=w.trainable_params, notes=notes)
     info = dict(settings, model=m.name, arch_source=arch_source, weight_dtype=weight_dtype, activation_dtype=act_dtype)

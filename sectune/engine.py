@@ -224,7 +224,12 @@ def peak_memory() -> dict:
     """Peak resident memory of this process (and of CUDA, when used), in bytes."""
     out = {"peak_rss_bytes": peak_rss_bytes()}
     if torch.cuda.is_available():
-        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()  # live tensors
+        # what the process held: torch's cache (reserved) + the CUDA context and workspaces outside it;
+        # the figure to hold against stage=plan's prediction (bench/gpu_memory.py measures the same way)
+        free, total = torch.cuda.mem_get_info()
+        outside = max(0, (total - free) - torch.cuda.memory_reserved())  # other processes on the GPU count here too
+        out["peak_cuda_footprint_bytes"] = torch.cuda.max_memory_reserved() + outside
     return out
 
 

@@ -178,3 +178,21 @@ def test_doctor_gpu_check_keeps_the_measured_margin_over_the_plan(quant, precisi
     assert gpu.status == status, gpu
     if status == "warn":
         assert "measured GPU peaks were up to" in gpu.detail and gpu.fix
+
+
+def test_peak_memory_on_a_gpu_reports_tensors_and_footprint(monkeypatch):
+    """On a GPU a run reports the peak of live tensors and the footprint stage=plan predicts:
+    peak reserved + what the process holds outside torch's allocator (context, workspaces)."""
+    import torch
+
+    from sectune import engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 6 * GiB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 7 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 5 * GiB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (74 * GiB, 80 * GiB))  # 6 GiB used: 1 outside
+    out = engine.peak_memory()
+    assert out["peak_cuda_bytes"] == 6 * GiB
+    assert out["peak_cuda_footprint_bytes"] == 8 * GiB
+    assert out["peak_rss_bytes"] > 0

@@ -131,6 +131,10 @@ def child(name: str, steps: int, work: str) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss).item())
+        # as Trainer does: no reference to this step's graph survives into the next one (bitsandbytes'
+        # int8 matmul keeps its inputs on the graph's ctx, so a held loss kept a whole step alive)
+        del loss
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         between_steps.append(torch.cuda.memory_allocated())  # weights + adapters + optimizer state
@@ -152,7 +156,7 @@ def child(name: str, steps: int, work: str) -> dict:
         "outside_allocator": outside,
         "predicted_components": {n: b for n, b, _ in budget.rows() if n != "total"},
         "quantized_modules": modeling.quantized_module_count(model),
-        "loss_finite": bool(torch.isfinite(loss).item()),
+        "loss_finite": finite,
         "step_s": round(step, 4),
         "tokens_per_s": round(bs * seq / step, 1),
         "gpu": torch.cuda.get_device_name(),

@@ -139,8 +139,7 @@ def child(name: str, steps: int, work: str) -> dict:
         times.append(time.perf_counter() - t0)
         between_steps.append(torch.cuda.memory_allocated())  # weights + adapters + optimizer state
         step_peaks.append((torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()))
-    free, total = torch.cuda.mem_get_info()
-    outside = (total - free) - torch.cuda.memory_reserved()
+    outside = engine.cuda_outside_allocator_bytes()
     max_reserved = max(load_peak_reserved, *(r for _, r in step_peaks))
     measured = max_reserved + outside
     step = sorted(times[1:])[len(times[1:]) // 2]  # median after the first (warm-up) step

@@ -227,10 +227,15 @@ def peak_memory() -> dict:
         out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()  # live tensors
         # what the process held: torch's cache (reserved) + the CUDA context and workspaces outside it;
         # the figure to hold against stage=plan's prediction (bench/gpu_memory.py measures the same way)
-        free, total = torch.cuda.mem_get_info()
-        outside = max(0, (total - free) - torch.cuda.memory_reserved())  # other processes on the GPU count here too
-        out["peak_cuda_footprint_bytes"] = torch.cuda.max_memory_reserved() + outside
+        out["peak_cuda_footprint_bytes"] = torch.cuda.max_memory_reserved() + cuda_outside_allocator_bytes()
     return out
+
+
+def cuda_outside_allocator_bytes() -> int:
+    """GPU memory in use beyond torch's caching allocator: the CUDA context, cuBLAS/cuDNN workspaces
+    (and other processes on the same GPU, which this cannot tell apart)."""
+    free, total = torch.cuda.mem_get_info()
+    return max(0, (total - free) - torch.cuda.memory_reserved())
 
 
 def loss_history(trainer) -> dict[str, list]:

@@ -222,7 +222,7 @@ def estimate_memory(
 
     a = DTYPE_BYTES[dtype]
     L = int(arch["num_layers"])
-    h, _, _, _, v = _dims(arch)
+    h, qd, kvd, inter, v = _dims(arch)
     layer = linear_shapes(arch)
     lin_w = L * sum(i * o for _, i, o, _ in layer)
     lin_b = L * sum(o for _, _, o, b in layer if b)
@@ -270,7 +270,6 @@ def estimate_memory(
     edges = 3 * tokens * h * a  # embedding output, final norm, grad of the residual stream
     if selective_checkpointing and not gradient_checkpointing:
         # kept per layer: its input and every matmul / attention output; the rest is recomputed
-        _, qd, kvd, inter, _ = _dims(arch)
         # LoRA adds two matmuls per wrapped linear, and their outputs are kept too: lora_A's (r
         # wide) and lora_B's (as wide as the layer's output). Without them a 3B bf16 LoRA step on an
         # H200 measured 1.55x the predicted activations; with them 1.05x (bench/gpu_memory.py).
@@ -279,7 +278,6 @@ def estimate_memory(
         activations = L * kept + edges + max(logits, per_layer) + dequant
         notes.append("selective checkpointing: matmul and attention outputs kept, elementwise ops recomputed")
     elif gradient_checkpointing:
-        _, _, _, inter, _ = _dims(arch)
         backward_ws = per_layer + 2 * tokens * (h + inter) * a + dequant  # one layer recomputed + its grads
         activations = L * tokens * h * a + edges + max(logits, backward_ws)
         notes.append("gradient checkpointing: layer inputs kept, one layer recomputed at a time")
@@ -291,7 +289,6 @@ def estimate_memory(
         # outputs, attention output, MLP product) stay for the whole step, in fp32 once
         # prepare_model_for_kbit_training has upcast the norms. Measured on CPU (h 512, 4 layers,
         # 16 x 512 tokens, full checkpointing): +0.31 GB over the same run unquantized; this term: +0.34 GB.
-        _, qd, _, inter, _ = _dims(arch)
         activations += L * tokens * (2 * h + qd + inter) * 4
         notes.append("int8: each layer's int8-linear inputs are kept through checkpointing (bitsandbytes holds them on ctx)")
     notes.append(f"activations for batch {batch_size} x seq {seq_len}; logits {logits / GiB:.2f} GiB incl. fp32 loss")

@@ -71,21 +71,24 @@ def lora_targets(cfg: DictConfig):
     return "all_linear" if targets == ["all-linear"] else targets
 
 
-#: What bench/gpu_memory.py measured on one H200 (README, "Measured figures"); said in every CUDA plan.
+#: What bench/gpu_memory.py measured on one H200 (README, "Measured figures"): the largest
+#: measured/predicted peak per kind of run. Said in every CUDA plan; stage=doctor warns inside it.
+GPU_MARGIN = {"bf16": 1.31, "fp32": 1.68, "int8": 1.74}
 GPU_CHECK = (
     "checked on one H200 (bench/gpu_memory.py, 2026-11-24): weights, adapters and optimizer state were within 1% "
-    "of the measurement, but the peak footprint was 1.10-1.31x this total with bf16 autocast (1.68x in fp32; activations "
-    "1.05-1.29x, CUDA context ~0.9 GB, caching-allocator slack 1-2.3 GB); keep that margin, or run bench/gpu_memory.py on your GPU"
+    f"of the measurement, but the peak footprint was 1.10-{GPU_MARGIN['bf16']}x this total with bf16 autocast "
+    f"({GPU_MARGIN['fp32']}x in fp32; activations 1.05-1.29x, CUDA context ~0.9 GB, caching-allocator slack 1-2.3 GB); "
+    "keep that margin, or run bench/gpu_memory.py on your GPU"
 )
-GPU_CHECK_INT8 = ("; with int8 it was 1.74x, measured by a loop that still held the previous step's graph (where "
-                  "bitsandbytes keeps int8 inputs; Trainer does not hold it, so likely less: not re-measured)")
+GPU_CHECK_INT8 = (f"; with int8 it was {GPU_MARGIN['int8']}x, measured by a loop that still held the previous step's graph "
+                  "(where bitsandbytes keeps int8 inputs; Trainer does not hold it, so likely less: not re-measured)")
 
 
 def measured_gpu_margin(quantization: str, precision: str = "bf16") -> float:
     """The largest measured/predicted ratio seen on the H200 for this kind of run (see GPU_CHECK)."""
     if quantization == "int8":
-        return 1.74
-    return 1.68 if precision == "fp32" else 1.31
+        return GPU_MARGIN["int8"]
+    return GPU_MARGIN["fp32"] if precision == "fp32" else GPU_MARGIN["bf16"]
 
 
 def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, seq_len: int | None = None) -> tuple[planner.Budget, dict]:
@@ -137,7 +140,7 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, seq_len: int 
     if q != "none":
         notes.append("non-quantized params counted in fp32: prepare_model_for_kbit_training upcasts them")
     if settings["device"] == "cuda":
-        notes.append(GPU_CHECK + (GPU_CHECK_INT8 if q == "int8" else ""))  # measured_gpu_margin: the same figures
+        notes.append(GPU_CHECK + (GPU_CHECK_INT8 if q == "int8" else ""))
     budget = planner.Budget(**comps, total=sum(comps.values()), device=settings["device"], params=w.params,
                             trainable_params=w.trainable_params, notes=notes)
     info = dict(settings, model=m.name, arch_source=arch_source, weight_dtype=weight_dtype, activation_dtype=act_dtype)

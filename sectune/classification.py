@@ -439,6 +439,19 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Se
     return probs, latencies
 
 
+def score_members(members, tokenizer, texts: Sequence[str], **kw):
+    """:func:`score_texts` for ``(model, adapter_name)`` pairs: the mean of their probabilities and,
+    per batch, the sum of their times (an ensemble row costs every member's forward pass)."""
+    runs = []
+    for model, adapter in members:
+        if adapter is not None:
+            model.set_adapter(adapter)
+        runs.append(score_texts(model, tokenizer, texts, **kw))
+    if len(runs) == 1:
+        return runs[0]
+    return np.mean([p for p, _ in runs], axis=0), [sum(t) for t in zip(*(lat for _, lat in runs))]
+
+
 def label_log_likelihoods(model, prompts: Sequence[Sequence[int]], lab_ids: Sequence[Sequence[int]], pad: int, device) -> torch.Tensor:
     """``[len(prompts), K]``: log p(label tokens | prompt) for every label, the prompt run once.
 
@@ -498,6 +511,20 @@ def _repeated_cache_continuations(model, cache, mask: torch.Tensor, lab_ids, pad
     logp = torch.log_softmax(logits.float(), dim=-1)
     tok = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)
     return tok.sum(-1).view(B, K)
+
+
+def stratified_folds(y: Sequence[str], k: int, seed: int) -> List[np.ndarray]:
+    """``classify.folds``: the held-out row indices of each of ``k`` stratified folds (seeded)."""
+    from collections import Counter
+
+    from sklearn.model_selection import StratifiedKFold
+
+    label, count = min(Counter(y).items(), key=lambda kv: kv[1])
+    if count < k:
+        raise ConfigError(f"classify.folds={k}: the train split has only {count} row(s) of label {label!r}; "
+                          f"every label needs at least k rows (lower classify.folds)")
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [held for _, held in skf.split(np.zeros(len(y)), list(y))]
 
 
 def decide(probs: np.ndarray, labels: Sequence[str], threshold: Optional[float] = None) -> List[str]:

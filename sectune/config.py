@@ -226,6 +226,12 @@ class ClassifyConfig:
     #: keep the weights with the best validation macro-F1 (Trainer's ``load_best_model_at_end``);
     #: false keeps the last weights. Never looks at test.
     select_best: bool = True
+    #: 1 trains one model on the train split. k >= 2 trains a k-fold cross-fitted ensemble: member i
+    #: learns on the other k-1 stratified folds of the train split and selects its weights on fold i;
+    #: the binary decision threshold is chosen on the out-of-fold predictions of every train row
+    #: (``cv_macro_f1``), and validation/test are scored by the members' mean probabilities.
+    #: k times the training and scoring cost.
+    folds: int = 1
 
 
 @dataclass

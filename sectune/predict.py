@@ -52,33 +52,53 @@ def read_classify_run(run_dir) -> tuple[DictConfig, dict]:
 
 
 def load_classifier(run_dir, cfg: DictConfig, meta: dict):
-    """(model, tokenizer) from the run's saved adapter (+ base model) or full model."""
+    """(model, tokenizer, members) from the run's saved adapter(s) (+ base model) or full model(s).
+
+    ``members`` lists ``(model, adapter_name)`` pairs to score with: one for a single classifier;
+    one per fold for a ``classify.folds`` ensemble. LoRA members share one base model (each fold's
+    adapter is loaded under its own name); full fine-tuned members are separate models.
+    """
     from sectune import modeling
 
     run_dir = Path(run_dir)
-    art = run_dir / meta["artifact"]
+    arts = [run_dir / a for a in (meta.get("members") or [meta["artifact"]])]
+    missing = [str(a) for a in arts if not a.is_dir()]
+    if missing:
+        raise ConfigError(f"{run_dir}: saved classifier weights are missing: {', '.join(missing)}")
     task = "seq_cls" if meta["head"] == "seq_cls" else "causal_lm"
     num_labels = len(meta["labels"]) if task == "seq_cls" else None
-    tokenizer = modeling.load_tokenizer(cfg, str(art))
+    tokenizer = modeling.load_tokenizer(cfg, str(arts[0]))
+
+    def _ready(model):
+        if task == "seq_cls":
+            from sectune.classification import set_pooling
+
+            set_pooling(model, meta.get("pooling") or "last")  # runs from before classify.pooling: last
+        model = modeling.to_run_device(model, cfg)  # was left on the CPU on GPU machines too
+        model.eval()
+        return model
+
     if meta["artifact"] == "model":
-        model = modeling.load_model(cfg, task=task, num_labels=num_labels, path=str(art))
+        members = [(_ready(modeling.load_model(cfg, task=task, num_labels=num_labels, path=str(a))), None) for a in arts]
     else:
         from peft import PeftModel
 
         base = modeling.load_model(cfg, task=task, num_labels=num_labels)
-        model = PeftModel.from_pretrained(base, str(art), is_trainable=False)
-    if task == "seq_cls":
-        from sectune.classification import set_pooling
-
-        set_pooling(model, meta.get("pooling") or "last")  # runs from before classify.pooling: last
-    model = modeling.to_run_device(model, cfg)  # was left on the CPU on GPU machines too
-    model.eval()
-    return model, tokenizer
+        single = len(arts) == 1
+        model = PeftModel.from_pretrained(base, str(arts[0]), adapter_name="default" if single else "fold0", is_trainable=False)
+        for i, a in enumerate(arts[1:], 1):
+            model.load_adapter(str(a), adapter_name=f"fold{i}", is_trainable=False)
+        model = _ready(model)
+        members = [(model, None)] if single else [(model, f"fold{i}") for i in range(len(arts))]
+    return members[0][0], tokenizer, members
 
 
 class Predictor:
-    def __init__(self, model, tokenizer, meta: dict, normalizer=None, batch_size: int = 32):
+    def __init__(self, model, tokenizer, meta: dict, normalizer=None, batch_size: int = 32, members=None):
         self.model, self.tokenizer, self.meta = model, tokenizer, meta
+        #: ``(model, adapter_name)`` pairs whose mean probability is the prediction (one unless
+        #: the run trained ``classify.folds`` members)
+        self.members = members or [(model, None)]
         self.labels: List[str] = list(meta["labels"])
         self.normalizer = normalizer
         self.batch_size = batch_size
@@ -96,20 +116,26 @@ class Predictor:
             from sectune.data.flows import FlowNormalizer
 
             normalizer = FlowNormalizer.from_dict(json.loads((run_dir / NORMALIZER_FILE).read_text()))
-        model, tokenizer = load_classifier(run_dir, cfg, meta)
-        return cls(model, tokenizer, meta, normalizer, batch_size)
+        model, tokenizer, members = load_classifier(run_dir, cfg, meta)
+        return cls(model, tokenizer, meta, normalizer, batch_size, members)
 
     # ------------------------------------------------------------------ core
 
+    def score(self, prompts: Sequence[str]) -> tuple[np.ndarray, List[float]]:
+        """Class probabilities ``[N, K]`` of rendered prompts (the members' mean) and each batch's time."""
+        from sectune.classification import score_members
+
+        return score_members(
+            self.members, self.tokenizer, prompts, head=self.meta["head"], labels=self.labels,
+            batch_size=self.batch_size, max_length=self.meta["max_length"], autocast=self.meta.get("autocast"),
+        )
+
     def _score_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, List[str]]:
-        from sectune.classification import decide, score_texts
+        from sectune.classification import decide
 
         if not prompts:
             return np.zeros((0, len(self.labels))), []
-        probs, _ = score_texts(
-            self.model, self.tokenizer, prompts, head=self.meta["head"], labels=self.labels,
-            batch_size=self.batch_size, max_length=self.meta["max_length"], autocast=self.meta.get("autocast"),
-        )
+        probs, _ = self.score(prompts)
         return probs, decide(probs, self.labels, self.meta.get("threshold"))
 
     def _results(self, probs: np.ndarray, preds: List[str]) -> List[Dict]:

@@ -395,3 +395,95 @@ def test_inference_models_go_to_the_runs_device(monkeypatch):
     assert next(modeling.to_run_device(model, compose(["logger=none", "quantization=nf4"])).parameters()).device.type == "cpu"
     moved = modeling.to_run_device(model, cfg)
     assert {p.device.type for p in moved.parameters()} == {"meta"}
+
+
+# ----------------------------------------------------------------------------- k-fold ensembles
+
+
+def test_stratified_folds_partition_the_rows_per_label_and_follow_the_seed():
+    from sectune.classification import stratified_folds
+
+    y = ["a"] * 10 + ["b"] * 5 + ["c"] * 3
+    folds = stratified_folds(y, 3, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(y)))  # each row held out exactly once
+    for lab, n in (("a", 10), ("b", 5), ("c", 3)):
+        counts = [sum(y[i] == lab for i in f) for f in folds]
+        assert max(counts) - min(counts) <= 1 and sum(counts) == n, (lab, counts)
+    assert all((a == b).all() for a, b in zip(folds, stratified_folds(y, 3, seed=0)))
+    assert any((a != b).any() if len(a) == len(b) else True for a, b in zip(folds, stratified_folds(y, 3, seed=1)))
+    with pytest.raises(ConfigError, match=r"classify.folds=4.*only 3 row\(s\) of label 'c'"):
+        stratified_folds(y, 4, seed=0)
+
+
+def _attack_text_csv(path, n=96):
+    rng = np.random.default_rng(0)
+    words = ["flow", "login", "port", "user", "session", "packet", "host", "token"]
+    bad = ["ignore", "override", "exfiltrate", "bypass"]
+    lines = []
+    for i in range(n):
+        attack = i % 3 == 0
+        w = list(rng.choice(words, 6)) + ([str(rng.choice(bad))] if attack else [])
+        rng.shuffle(w)
+        lines.append(f"{' '.join(w)},{'attack' if attack else 'benign'}\n")
+    path.write_text("text,label\n" + "".join(lines))
+    return path
+
+
+def test_kfold_ensemble_threshold_from_out_of_fold_rows_and_mean_of_members(tmp_path):
+    """classify.folds=3 with LoRA: three adapters, each trained without its held-out fold; the
+    threshold and cv_macro_f1 come from the out-of-fold predictions of every train row; test scores
+    are the members' mean; the Predictor (one base model, three named adapters) and stage=evaluate
+    reproduce them."""
+    from sklearn.metrics import f1_score
+
+    from sectune.classification import score_texts, stratified_folds
+    from sectune.predict import Predictor, load_classifier, read_classify_run
+
+    csv = _attack_text_csv(tmp_path / "t.csv")
+    run_dir = tmp_path / "cv"
+    p = sectune("stage=classify", "dataset=text_label_csv", f"dataset.path={csv}", "classify.folds=3",
+                "dataset.val_fraction=0.1", "train.max_steps=12", "train.batch_size=8", "train.eval_steps=4",
+                "train.learning_rate=5e-3", "model.max_seq_length=32", *FAST, f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((run_dir / "result.json").read_text())["metrics"]
+    meta = json.loads((run_dir / "classifier.json").read_text())
+    assert meta["members"] == [f"folds/{i}/adapter" for i in range(3)] and m["folds"] == 3
+    assert all((run_dir / f"folds/{i}/adapter/adapter_model.safetensors").is_file() for i in range(3))
+
+    # rebuild the out-of-fold predictions from the saved members, one model at a time
+    cfg, _ = read_classify_run(run_dir)
+    train = json.loads((run_dir / "splits/train.json").read_text())
+    ytr = [r["label"] for r in train]
+    test = json.loads((run_dir / "splits/test.json").read_text())
+    labels = meta["labels"]
+    single = {**meta, "members": None}
+    oof, test_probs = np.zeros((len(train), 2)), []
+    for i, held in enumerate(stratified_folds(ytr, 3, cfg.dataset.split_seed)):
+        model, tok, _ = load_classifier(run_dir, cfg, {**single, "artifact": f"folds/{i}/adapter"})
+        kw = dict(head="seq_cls", labels=labels, max_length=32, autocast=meta["autocast"])
+        oof[held] = score_texts(model, tok, [train[j]["text"] for j in held], **kw)[0]
+        test_probs.append(score_texts(model, tok, [r["text"] for r in test], **kw)[0])
+    t, f1 = tune_threshold(oof, ytr, labels)
+    assert meta["threshold"] == pytest.approx(t) and m["cv_macro_f1"] == pytest.approx(f1)
+    assert m["cv_macro_f1"] == pytest.approx(f1_score(ytr, decide(oof, labels, t), average="macro"))
+    mean = np.mean(test_probs, axis=0)
+    rows = json.loads((run_dir / "evaluation/detailed_results.json").read_text())["rows"]
+    recorded = np.array([[r["score"][lab] for lab in labels] for r in rows])
+    assert np.abs(recorded - mean).max() < 1e-5
+    assert max(np.abs(tp - mean).max() for tp in test_probs) > 1e-4  # the members differ: a real mean
+    assert [r["pred"] for r in rows] == decide(mean, labels, t)
+
+    # the Predictor loads one base model with three named adapters and switches between them
+    pr = Predictor.from_run(run_dir)
+    assert [a for _, a in pr.members] == ["fold0", "fold1", "fold2"] and len({id(mod) for mod, _ in pr.members}) == 1
+    out = pr.predict_texts([r["raw_text"] for r in test])
+    assert [o["label"] for o in out] == [r["pred"] for r in rows]
+    assert np.abs(np.array([[o["scores"][lab] for lab in labels] for o in out]) - mean).max() < 1e-5
+    ev = sectune("stage=evaluate", f"evaluate.model_dir={run_dir}", *FAST, f"hydra.run.dir={tmp_path / 'ev'}")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    b = json.loads((tmp_path / "ev/result.json").read_text())["metrics"]
+    assert b["test_macro_f1"] == pytest.approx(m["test_macro_f1"])
+    # an impossible fold count is a named config error, before any training
+    bad = sectune("stage=classify", "dataset=text_label_csv", f"dataset.path={csv}", "classify.folds=0", *FAST,
+                  f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode != 0 and "classify.folds=0" in bad.stderr

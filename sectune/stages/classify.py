@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
+
 from sectune import classification as C
 from sectune import engine, modeling
 from sectune.errors import ConfigError
@@ -40,11 +42,121 @@ def run(ctx: RunContext) -> dict:
     if data.normalizer is not None:
         write_json_atomic(run_dir / NORMALIZER_FILE, data.normalizer.to_dict())
         artifacts["normalizer"] = NORMALIZER_FILE
-    weights = C.class_weight_vector(cfg.loss.class_weights, data.labels, [r["label"] for r in data.splits["train"]])
+
+    # 2-4. one classifier, or ``classify.folds`` members cross-fitted on the train split
+    folds = int(cfg.classify.folds)
+    if folds < 1:
+        raise ConfigError(f"classify.folds={folds}: 1 trains one model; k >= 2 trains a k-fold cross-fitted ensemble")
+    max_len = cfg.model.max_seq_length
+    autocast = C.scoring_autocast(cfg)  # every scoring below runs in the training precision
+    to_score = {"validation": [r["text"] for r in data.splits["validation"]]}
+    if cfg.classify.evaluate_test and data.splits["test"]:
+        to_score["test"] = [r["text"] for r in data.splits["test"]]
+    if folds == 1:
+        member = _train_member(cfg, data, head, data.splits["train"], data.splits["validation"],
+                               run_dir, run_dir / "checkpoints", cfg.train.seed, to_score, autocast)
+        metrics, history, name = member["metrics"], member["history"], member["artifact"]
+        scored = member["scored"]
+        members = None
+        artifacts.update({name: name, "checkpoints": "checkpoints"})
+    else:
+        train_recs = data.splits["train"]
+        parts = C.stratified_folds([r["label"] for r in train_recs], folds, cfg.dataset.split_seed)
+        oof = np.zeros((len(train_recs), len(data.labels)))
+        runs, members = [], []
+        from transformers import set_seed
+
+        for i, held in enumerate(parts):
+            held_set = set(held.tolist())
+            fit = [r for j, r in enumerate(train_recs) if j not in held_set]
+            print(f"sectune: fold {i + 1}/{folds}: training on {len(fit)} rows, selecting on the {len(held)} held out")
+            set_seed(cfg.train.seed + i)  # each member's new score head is drawn differently, reproducibly
+            m = _train_member(cfg, data, head, fit, [train_recs[j] for j in held], run_dir / "folds" / str(i),
+                              run_dir / "checkpoints" / f"fold{i}", cfg.train.seed + i,
+                              {**to_score, "held_out": [train_recs[j]["text"] for j in held]}, autocast)
+            oof[held] = m["scored"]["held_out"][0]
+            runs.append(m)
+            members.append(f"folds/{i}/{m['artifact']}")
+        name, history = runs[0]["artifact"], runs[0]["history"]
+        # the ensemble: mean class probabilities of the members; a row's time is the members' summed
+        scored = {k: (np.mean([m["scored"][k][0] for m in runs], axis=0), [sum(t) for t in zip(*(m["scored"][k][1] for m in runs))])
+                  for k in to_score}
+        metrics = {k: float(np.mean([m["metrics"][k] for m in runs])) for k in ("train_loss", "train_steps")}
+        metrics.update(trainable_params=runs[0]["metrics"]["trainable_params"], total_params=runs[0]["metrics"]["total_params"],
+                       folds=folds, fold_best_steps=[m["metrics"].get("best_step") for m in runs])
+        artifacts.update(folds="folds", checkpoints="checkpoints")
+    artifacts.update(loss_curve="plots/loss_curve.png", train_history="train_history.json" if members is None else "folds")
+    title = f"classify · {cfg.model.name} · {cfg.dataset.name}" + ("" if members is None else f" · fold 1 of {folds}")
+    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, title)
+
+    # 5. the decision threshold for two labels (on the out-of-fold predictions of every train row
+    #    with folds, else on validation; never on test), then the validation metrics
+    from sklearn.metrics import accuracy_score, f1_score
+
+    def _score(y, probs, prefix):
+        pred = C.decide(probs, data.labels, threshold)
+        metrics[f"{prefix}_accuracy"] = float(accuracy_score(y, pred))
+        metrics[f"{prefix}_macro_f1"] = float(f1_score(y, pred, labels=data.labels, average="macro", zero_division=0))
+
+    threshold = None
+    binary = cfg.classify.tune_threshold and len(data.labels) == 2
+    vy = [r["label"] for r in data.splits["validation"]]
+    if members:
+        ty = [r["label"] for r in data.splits["train"]]
+        if binary:
+            threshold, _ = C.tune_threshold(oof, ty, data.labels)
+            print(f"sectune: decision threshold on p({data.labels[1]}) chosen on the out-of-fold train predictions: {threshold:.4f}")
+        _score(ty, oof, "cv")
+        print(f"sectune: out-of-fold macro-F1 over {len(ty)} train rows: {metrics['cv_macro_f1']:.4f}")
+    elif binary and vy:
+        threshold, _ = C.tune_threshold(scored["validation"][0], vy, data.labels)
+        print(f"sectune: decision threshold on p({data.labels[1]}) chosen on validation: {threshold:.4f}")
+    if vy:
+        _score(vy, scored["validation"][0], "val")
+    meta = {
+        "head": head, "format": data.format, "artifact": name, "labels": data.labels, "template": data.template,
+        "features": data.features, "precision": cfg.dataset.render_precision, "max_length": max_len,
+        "feature_format": cfg.dataset.feature_format, "feature_sep": cfg.dataset.feature_sep,
+        "autocast": autocast, "pooling": cfg.classify.pooling if head == "seq_cls" else None,
+        "threshold": threshold, "text_column": cfg.dataset.text_column, "dataset": cfg.dataset.name, "source": data.source,
+    }
+    if members:
+        meta["members"] = members
+    write_json_atomic(run_dir / META_FILE, meta)
+    artifacts["classifier"] = META_FILE
+
+    # 6. test evaluation, model beside the classic baseline and the majority class
+    if cfg.classify.evaluate_test and data.splits["test"]:
+        probs, lat = scored["test"]
+        ev = C.evaluate_split(data, "test", probs, lat, run_dir / "evaluation", threshold=threshold,
+                              seed=cfg.train.seed, rf_estimators=cfg.evaluate.rf_estimators,
+                              extra={"model": cfg.model.name, "head": head, "run_dir": str(run_dir), "members": len(members or [name])})
+        metrics.update(ev)
+        artifacts["evaluation"] = "evaluation"
+
+    metrics.update(engine.peak_memory())
+    metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
+    write_json_atomic(run_dir / "training_metrics.json", {**metrics, "loss_history": history})
+    artifacts["training_metrics"] = "training_metrics.json"
+    where = f"{name} at {run_dir / name}" if members is None else f"{folds}-fold ensemble ({name}s) at {run_dir / 'folds'}"
+    line = f"sectune: done · {where} · train loss {metrics['train_loss']:.4f}"
+    if "test_macro_f1" in metrics:
+        line += (f" · test macro-F1 {metrics['test_macro_f1']:.4f} (baseline {metrics.get('baseline_test_macro_f1', float('nan')):.4f},"
+                 f" majority {metrics.get('majority_test_macro_f1', float('nan')):.4f})")
+    print(line + f" · {metrics['train_runtime_s']:.0f}s")
+    return {"metrics": metrics, "artifacts": artifacts}
+
+
+def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_dir, ckpt_dir, seed: int,
+                  to_score: dict, autocast) -> dict:
+    """Train one classifier on ``train_recs`` (checkpoints selected on ``val_recs``), save it under
+    ``out_dir`` and score each text list of ``to_score`` with it → its metrics and ``{key: (probs, times)}``.
+    The model is freed before returning, so a k-fold run holds one model at a time."""
+    from transformers import TrainingArguments
+
+    weights = C.class_weight_vector(cfg.loss.class_weights, data.labels, [r["label"] for r in train_recs])
     if weights:
         print(f"sectune: class weights {dict(zip(data.labels, [round(w, 3) for w in weights]))}")
-
-    # 2. model
     path = modeling.model_path(cfg)
     tokenizer = modeling.load_tokenizer(cfg, path)
     if head == "seq_cls":
@@ -59,15 +171,12 @@ def run(ctx: RunContext) -> dict:
     pool = f", {cfg.classify.pooling}-token pooling" if head == "seq_cls" else ""
     print(f"sectune: {cfg.model.name} ({head} head{pool}): {trainable:,} trainable of {total:,} parameters")
 
-    # 3. train
     max_len = cfg.model.max_seq_length
-    train_ds = C.encode_examples(tokenizer, data.splits["train"], data.labels, head, max_len)
-    val_ds = C.encode_examples(tokenizer, data.splits["validation"], data.labels, head, max_len)
+    train_ds = C.encode_examples(tokenizer, train_recs, data.labels, head, max_len)
+    val_ds = C.encode_examples(tokenizer, val_recs, data.labels, head, max_len)
     label_len = max(map(len, C.label_token_ids(tokenizer, data.labels))) if head == "generative" else 1
-    from transformers import TrainingArguments
-
-    autocast = C.scoring_autocast(cfg)  # every scoring below runs in the training precision
-    kwargs = engine.training_kwargs(cfg, run_dir / "checkpoints", has_eval=bool(val_ds))
+    kwargs = engine.training_kwargs(cfg, ckpt_dir, has_eval=bool(val_ds))
+    kwargs.update(seed=seed, data_seed=seed)
     select = bool(cfg.classify.select_best and val_ds)
     if select:
         # evaluate and checkpoint together (each epoch, or every train.eval_steps) and reload the
@@ -81,14 +190,14 @@ def run(ctx: RunContext) -> dict:
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds or None, processing_class=tokenizer,
         data_collator=C.ClassifyCollator(tokenizer.pad_token_id, head), callbacks=engine.fail_callbacks(cfg),
         head=head, class_weights=weights, label_smoothing=cfg.loss.label_smoothing, label_len=label_len,
-        val_rows=data.splits["validation"] if select else None, labels=data.labels, max_length=max_len,
-        autocast=autocast,
+        val_rows=val_recs if select else None, labels=data.labels, max_length=max_len, autocast=autocast,
     )
     engine.selective_checkpointing(trainer.model, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        train_out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, run_dir / "checkpoints"))
+        train_out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, ckpt_dir))
     finally:
-        engine.write_history(run_dir / "train_history.json", trainer)
+        engine.write_history(out_dir / "train_history.json", trainer)
     metrics = {"train_loss": train_out.training_loss, "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total}
     if select and trainer.state.best_global_step:
@@ -97,57 +206,16 @@ def run(ctx: RunContext) -> dict:
         print(f"sectune: kept the weights of step {best_step} (validation macro-F1 {trainer.state.best_metric:.4f}, "
               f"best of {sum('eval_macro_f1' in r for r in trainer.state.log_history)} evaluations)")
     history = engine.loss_history(trainer)
-    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, f"classify · {cfg.model.name} · {cfg.dataset.name}")
-    artifacts.update(loss_curve="plots/loss_curve.png", train_history="train_history.json", checkpoints="checkpoints")
 
-    # 4. artifacts: adapter (safetensors, incl. the score head) or the full model, + tokenizer
+    # the adapter (safetensors, incl. the score head) or the full model, + tokenizer
     model = trainer.model
     name = "adapter" if hasattr(model, "peft_config") else "model"
-    modeling.save_pretrained_atomic(model, tokenizer, run_dir / name)
-    artifacts[name] = name
+    modeling.save_pretrained_atomic(model, tokenizer, out_dir / name)
+    scored = {k: C.score_texts(model, tokenizer, texts, head=head, labels=data.labels, batch_size=cfg.evaluate.batch_size,
+                               max_length=max_len, autocast=autocast) if texts else (np.zeros((0, len(data.labels))), [])
+              for k, texts in to_score.items()}
+    del trainer, model
+    import gc
 
-    # 5. validation: accuracy/F1 and, for two labels, the decision threshold (never on test)
-    bs = cfg.evaluate.batch_size
-    threshold = None
-    if data.splits["validation"]:
-        from sklearn.metrics import accuracy_score, f1_score
-
-        vp, _ = C.score_texts(model, tokenizer, [r["text"] for r in data.splits["validation"]], head=head,
-                              labels=data.labels, batch_size=bs, max_length=max_len, autocast=autocast)
-        vy = [r["label"] for r in data.splits["validation"]]
-        if cfg.classify.tune_threshold and len(data.labels) == 2:
-            threshold, _ = C.tune_threshold(vp, vy, data.labels)
-            print(f"sectune: decision threshold on p({data.labels[1]}) chosen on validation: {threshold:.4f}")
-        vpred = C.decide(vp, data.labels, threshold)
-        metrics["val_accuracy"] = float(accuracy_score(vy, vpred))
-        metrics["val_macro_f1"] = float(f1_score(vy, vpred, labels=data.labels, average="macro", zero_division=0))
-    meta = {
-        "head": head, "format": data.format, "artifact": name, "labels": data.labels, "template": data.template,
-        "features": data.features, "precision": cfg.dataset.render_precision, "max_length": max_len,
-        "feature_format": cfg.dataset.feature_format, "feature_sep": cfg.dataset.feature_sep,
-        "autocast": autocast, "pooling": cfg.classify.pooling if head == "seq_cls" else None,
-        "threshold": threshold, "text_column": cfg.dataset.text_column, "dataset": cfg.dataset.name, "source": data.source,
-    }
-    write_json_atomic(run_dir / META_FILE, meta)
-    artifacts["classifier"] = META_FILE
-
-    # 6. test evaluation, model beside the classic baseline and the majority class
-    if cfg.classify.evaluate_test and data.splits["test"]:
-        probs, lat = C.score_texts(model, tokenizer, [r["text"] for r in data.splits["test"]], head=head,
-                                   labels=data.labels, batch_size=bs, max_length=max_len, autocast=autocast)
-        ev = C.evaluate_split(data, "test", probs, lat, run_dir / "evaluation", threshold=threshold,
-                              seed=cfg.train.seed, rf_estimators=cfg.evaluate.rf_estimators,
-                              extra={"model": cfg.model.name, "head": head, "run_dir": str(run_dir)})
-        metrics.update(ev)
-        artifacts["evaluation"] = "evaluation"
-
-    metrics.update(engine.peak_memory())
-    metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
-    write_json_atomic(run_dir / "training_metrics.json", {**metrics, "loss_history": history})
-    artifacts["training_metrics"] = "training_metrics.json"
-    line = f"sectune: done · {name} at {run_dir / name} · train loss {metrics['train_loss']:.4f}"
-    if "test_macro_f1" in metrics:
-        line += (f" · test macro-F1 {metrics['test_macro_f1']:.4f} (baseline {metrics.get('baseline_test_macro_f1', float('nan')):.4f},"
-                 f" majority {metrics.get('majority_test_macro_f1', float('nan')):.4f})")
-    print(line + f" · {metrics['train_runtime_s']:.0f}s")
-    return {"metrics": metrics, "artifacts": artifacts}
+    gc.collect()
+    return {"metrics": metrics, "history": history, "artifact": name, "scored": scored}

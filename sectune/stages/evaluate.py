@@ -42,17 +42,14 @@ def run(ctx: RunContext) -> dict:
 
     predictor = Predictor.from_run(model_dir, batch_size=ev.batch_size, device=cfg.train.device)
     recs = data.splits[ev.split]
-    probs, lat = C.score_texts(predictor.model, predictor.tokenizer, [r["text"] for r in recs],
-                               head=predictor.meta["head"], labels=predictor.labels,
-                               batch_size=ev.batch_size, max_length=predictor.meta["max_length"],
-                               autocast=predictor.meta.get("autocast"))
+    probs, lat = predictor.score([r["text"] for r in recs])
     if predictor.labels != data.labels:
         raise DataError(f"{model_dir}: labels.json {predictor.labels} differ from the rebuilt data's {data.labels}")
     metrics = C.evaluate_split(data, ev.split, probs, lat, run_dir / "evaluation",
                                threshold=predictor.meta.get("threshold"), seed=run_cfg.train.seed,
                                rf_estimators=ev.rf_estimators,
                                extra={"model_dir": str(model_dir), "model": run_cfg.model.name,
-                                      "head": predictor.meta["head"]})
+                                      "head": predictor.meta["head"], "members": len(predictor.members)})
     print(f"sectune: {ev.split} accuracy {metrics['test_accuracy']:.4f} · macro-F1 {metrics['test_macro_f1']:.4f} · "
           f"baseline {metrics.get('baseline_test_macro_f1', float('nan')):.4f} · majority {metrics['majority_test_macro_f1']:.4f}"
           f" → {run_dir / 'evaluation'}")

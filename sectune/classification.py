@@ -440,13 +440,18 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Se
 
 
 def score_members(members, tokenizer, texts: Sequence[str], **kw):
-    """:func:`score_texts` for ``(model, adapter_name)`` pairs: the mean of their probabilities and,
-    per batch, the sum of their times (an ensemble row costs every member's forward pass)."""
+    """:func:`score_texts` for ``(model, adapter_name)`` pairs, combined by :func:`combine_scores`."""
     runs = []
     for model, adapter in members:
         if adapter is not None:
             model.set_adapter(adapter)
         runs.append(score_texts(model, tokenizer, texts, **kw))
+    return combine_scores(runs)
+
+
+def combine_scores(runs):
+    """``(probs, batch_times)`` of several members on the same rows → their mean probabilities and,
+    per batch, their summed times (an ensemble row costs every member's forward pass)."""
     if len(runs) == 1:
         return runs[0]
     return np.mean([p for p, _ in runs], axis=0), [sum(t) for t in zip(*(lat for _, lat in runs))]

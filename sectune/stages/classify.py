@@ -78,9 +78,7 @@ def run(ctx: RunContext) -> dict:
             runs.append(m)
             members.append(f"folds/{i}/{m['artifact']}")
         name, history = runs[0]["artifact"], runs[0]["history"]
-        # the ensemble: mean class probabilities of the members; a row's time is the members' summed
-        scored = {k: (np.mean([m["scored"][k][0] for m in runs], axis=0), [sum(t) for t in zip(*(m["scored"][k][1] for m in runs))])
-                  for k in to_score}
+        scored = {k: C.combine_scores([m["scored"][k] for m in runs]) for k in to_score}  # the members' mean
         metrics = {k: float(np.mean([m["metrics"][k] for m in runs])) for k in ("train_loss", "train_steps")}
         metrics.update(trainable_params=runs[0]["metrics"]["trainable_params"], total_params=runs[0]["metrics"]["total_params"],
                        folds=folds, fold_best_steps=[m["metrics"].get("best_step") for m in runs])

@@ -60,11 +60,12 @@ def main() -> None:
         cfg, _ = read_classify_run(args.run_dir)
         pred = Predictor.from_run(args.run_dir)
         model, tok, head, labels, max_len = pred.model, pred.tokenizer, pred.meta["head"], pred.labels, pred.meta["max_length"]
+        members = pred.members  # a classify.folds run: every member scores every row, as the Predictor does
         threshold, autocast = pred.meta.get("threshold"), pred.meta.get("autocast")
     else:
         with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=["stage=classify", "dataset=cic_iot_2023_merged", "dataset.max_samples=4000"])
-        model, tok, head, threshold = None, None, args.head, None
+        model, tok, head, threshold, members = None, None, args.head, None, None
         autocast = C.scoring_autocast(cfg)
     if args.autocast != "run":
         autocast = None if args.autocast == "none" else args.autocast
@@ -77,6 +78,7 @@ def main() -> None:
             model = modeling.load_model(cfg, task="seq_cls", num_labels=len(labels), path=path).eval()
         else:
             model = modeling.load_model(cfg, path=path).eval()
+        members = [(model, None)]
     # a seeded random subset: the split keeps file order, which is grouped by label
     import random
 
@@ -87,15 +89,17 @@ def main() -> None:
 
     def timed(bs):
         kw = dict(head=head, labels=labels, batch_size=bs, max_length=max_len, autocast=autocast)
-        C.score_texts(model, tok, texts[:2], **kw)  # warm-up
+        C.score_members(members, tok, texts[:2], **kw)  # warm-up
         t0 = time.perf_counter()
-        probs, _ = C.score_texts(model, tok, texts, **kw)
+        probs, _ = C.score_members(members, tok, texts, **kw)
         return probs, time.perf_counter() - t0
 
     probs_b, t_b = timed(args.batch_size)
     probs_1, t_1 = timed(1)
     pred_b, pred_1 = C.decide(probs_b, labels, threshold), C.decide(probs_1, labels, threshold)
     agree = sum(a == b for a, b in zip(pred_b, pred_1)) / len(y)
+    if not data.features:
+        raise SystemExit(f"bench/eval_throughput.py times flow classifiers; {args.run_dir} is a {cfg.dataset.name} (text) run")
     rf = random_forest_baseline([[r["features"][f] for f in data.features] for r in data.splits["train"]],
                                 [r["label"] for r in data.splits["train"]],
                                 [[r["features"][f] for f in data.features] for r in test], seed=0)
@@ -117,7 +121,7 @@ def main() -> None:
         seed_loop = n / (time.perf_counter() - t0)
         rows.append((f"seeds' loop ({n} rows)", f1_score(y[:n], seed_pred, labels=labels, average="macro", zero_division=0), seed_loop))
     print(f"model={cfg.model.name} head={head} rows={len(y)} batch_size={args.batch_size} threads={torch.get_num_threads()} autocast={autocast}"
-          f" run_dir={args.run_dir or '(fresh tiny, untrained head)'}")
+          f" members={len(members)} run_dir={args.run_dir or '(fresh tiny, untrained head)'}")
     print(f"{'system':<20}{'macro F1':>10}{'flows/s':>12}")
     for name, f, r in rows:
         print(f"{name:<20}{f:>10.4f}{r:>12.1f}")
@@ -126,7 +130,7 @@ def main() -> None:
         "flows_per_s_batched": round(rows[0][2], 2), "flows_per_s_one_at_a_time": round(rows[1][2], 2),
         "flows_per_s_ratio_vs_one_at_a_time": round(rows[0][2] / rows[1][2], 2),
         "llm_macro_f1": round(rows[0][1], 4), "rf_macro_f1": round(rows[2][1], 4),
-        "rf_flows_per_s": round(rows[2][2], 1), "rows": len(y), "head": head, "autocast": autocast, "batch_size": args.batch_size, "prediction_agreement": round(agree, 4),
+        "rf_flows_per_s": round(rows[2][2], 1), "rows": len(y), "members": len(members), "head": head, "autocast": autocast, "batch_size": args.batch_size, "prediction_agreement": round(agree, 4),
         **({"flows_per_s_seeds_loop": round(seed_loop, 2), "flows_per_s_ratio_vs_seeds_loop": round(rows[0][2] / seed_loop, 2)}
            if seed_loop else {}),
     }))

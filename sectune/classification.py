@@ -337,17 +337,32 @@ def _prompt_ids(tokenizer, texts: Sequence[str], max_len: int, side: str) -> Lis
         tokenizer.truncation_side = old
 
 
-def encode_examples(tokenizer, records: Sequence[dict], labels: Sequence[str], head: str, max_length: int) -> List[dict]:
+def encode_examples(tokenizer, records: Sequence[dict], labels: Sequence[str], head: str, max_length: int,
+                    keep_text: bool = False) -> List[dict]:
+    """Token ids + targets per row; ``keep_text`` also keeps the text (and, ``generative``, the label's
+    ids) so that :class:`sectune.subword.DropoutRows` can re-tokenize it with subword dropout."""
     index = {lab: i for i, lab in enumerate(labels)}
     texts = [r["text"] for r in records]
     ys = [index[r["label"]] for r in records]
     if head == "seq_cls":
         ids = _prompt_ids(tokenizer, texts, max_length, "right")
-        return [{"input_ids": x, "labels": y, "class_index": y} for x, y in zip(ids, ys)]
-    lab_ids = label_token_ids(tokenizer, labels)
-    longest = max(map(len, lab_ids))
-    ids = _prompt_ids(tokenizer, texts, max(1, max_length - longest), "left")
-    return [{"input_ids": x + lab_ids[y], "labels": [-100] * len(x) + lab_ids[y], "class_index": y} for x, y in zip(ids, ys)]
+        rows = [{"input_ids": x, "labels": y, "class_index": y} for x, y in zip(ids, ys)]
+    else:
+        lab_ids = label_token_ids(tokenizer, labels)
+        ids = _prompt_ids(tokenizer, texts, prompt_budget(tokenizer, labels, max_length), "left")
+        rows = [{"input_ids": x + lab_ids[y], "labels": [-100] * len(x) + lab_ids[y], "class_index": y}
+                for x, y in zip(ids, ys)]
+    if keep_text:
+        for row, t, y in zip(rows, texts, ys):
+            row["text"] = t
+            if head != "seq_cls":
+                row["label_ids"] = lab_ids[y]
+    return rows
+
+
+def prompt_budget(tokenizer, labels: Sequence[str], max_length: int) -> int:
+    """``generative``: the prompt's token budget, leaving room for the longest label."""
+    return max(1, max_length - max(map(len, label_token_ids(tokenizer, labels))))
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

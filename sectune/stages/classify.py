@@ -47,6 +47,9 @@ def run(ctx: RunContext) -> dict:
     folds = int(cfg.classify.folds)
     if folds < 1:
         raise ConfigError(f"classify.folds={folds}: 1 trains one model; k >= 2 trains a k-fold cross-fitted ensemble")
+    if folds > 1 and cfg.train.resume not in (None, "", "null", "none", "auto"):
+        raise ConfigError(f"train.resume={cfg.train.resume}: a classify.folds={folds} run keeps one checkpoint directory per "
+                          f"member (checkpoints/fold<i>); resume it with train.resume=auto")
     max_len = cfg.model.max_seq_length
     autocast = C.scoring_autocast(cfg)  # every scoring below runs in the training precision
     to_score = {"validation": [r["text"] for r in data.splits["validation"]]}
@@ -170,7 +173,21 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     print(f"sectune: {cfg.model.name} ({head} head{pool}): {trainable:,} trainable of {total:,} parameters")
 
     max_len = cfg.model.max_seq_length
-    train_ds = C.encode_examples(tokenizer, train_recs, data.labels, head, max_len)
+    p_drop = float(cfg.classify.subword_dropout)
+    dropout = None
+    if p_drop:
+        from sectune.subword import SubwordDropout
+
+        budget = max_len if head == "seq_cls" else C.prompt_budget(tokenizer, data.labels, max_len)
+        dropout = SubwordDropout(tokenizer, p_drop, budget, "right" if head == "seq_cls" else "left")
+        print(f"sectune: subword dropout {p_drop}: every epoch re-tokenizes the train rows with BPE merges dropped")
+    train_ds = C.encode_examples(tokenizer, train_recs, data.labels, head, max_len, keep_text=dropout is not None)
+    callbacks = engine.fail_callbacks(cfg)
+    if dropout is not None:
+        from sectune.subword import DropoutRows
+
+        train_ds = DropoutRows(train_ds, dropout, seed, head)
+        callbacks.append(train_ds.callback())
     val_ds = C.encode_examples(tokenizer, val_recs, data.labels, head, max_len)
     label_len = max(map(len, C.label_token_ids(tokenizer, data.labels))) if head == "generative" else 1
     kwargs = engine.training_kwargs(cfg, ckpt_dir, has_eval=bool(val_ds))
@@ -186,7 +203,7 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     args = TrainingArguments(**kwargs, remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True)
     trainer = C.WeightedCETrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds or None, processing_class=tokenizer,
-        data_collator=C.ClassifyCollator(tokenizer.pad_token_id, head), callbacks=engine.fail_callbacks(cfg),
+        data_collator=C.ClassifyCollator(tokenizer.pad_token_id, head), callbacks=callbacks,
         head=head, class_weights=weights, label_smoothing=cfg.loss.label_smoothing, label_len=label_len,
         val_rows=val_recs if select else None, labels=data.labels, max_length=max_len, autocast=autocast,
     )

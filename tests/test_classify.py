@@ -487,3 +487,7 @@ def test_kfold_ensemble_threshold_from_out_of_fold_rows_and_mean_of_members(tmp_
     bad = sectune("stage=classify", "dataset=text_label_csv", f"dataset.path={csv}", "classify.folds=0", *FAST,
                   f"hydra.run.dir={tmp_path / 'bad'}")
     assert bad.returncode != 0 and "classify.folds=0" in bad.stderr
+    # one checkpoint dir per member: an explicit resume dir would restart every member from it
+    one = sectune("stage=classify", "dataset=text_label_csv", f"dataset.path={csv}", "classify.folds=3",
+                  f"train.resume={run_dir / 'checkpoints'}", *FAST, f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode != 0 and "train.resume=auto" in one.stderr and not (tmp_path / "one/folds").exists()

@@ -70,6 +70,8 @@ def main() -> None:
     if args.autocast != "run":
         autocast = None if args.autocast == "none" else args.autocast
     data = C.build_labelled_data(cfg)
+    if not data.features:
+        raise SystemExit(f"bench/eval_throughput.py times flow classifiers; {args.run_dir} is a {cfg.dataset.name} (text) run")
     if model is None:
         labels, max_len = data.labels, cfg.model.max_seq_length
         path = modeling.model_path(cfg)
@@ -98,8 +100,6 @@ def main() -> None:
     probs_1, t_1 = timed(1)
     pred_b, pred_1 = C.decide(probs_b, labels, threshold), C.decide(probs_1, labels, threshold)
     agree = sum(a == b for a, b in zip(pred_b, pred_1)) / len(y)
-    if not data.features:
-        raise SystemExit(f"bench/eval_throughput.py times flow classifiers; {args.run_dir} is a {cfg.dataset.name} (text) run")
     rf = random_forest_baseline([[r["features"][f] for f in data.features] for r in data.splits["train"]],
                                 [r["label"] for r in data.splits["train"]],
                                 [[r["features"][f] for f in data.features] for r in test], seed=0)

@@ -232,8 +232,8 @@ class ClassifyConfig:
     #: (``cv_macro_f1``), and validation/test are scored by the members' mean probabilities.
     #: k times the training and scoring cost.
     folds: int = 1
-    #: BPE-dropout (subword regularization): each time a train row is batched, every applicable BPE
-    #: merge is skipped with this probability, so the model sees the text cut into varied smaller
+    #: BPE-dropout (subword regularization): in every epoch, every applicable BPE merge of every
+    #: train row is skipped with this probability, so the model sees the text cut into varied smaller
     #: pieces, as obfuscated input cuts it (0.1 in the paper; 0 = off). Seeded from ``train.seed``
     #: (:mod:`sectune.subword`); validation, test and the Predictor tokenize deterministically.
     #: Needs a fast BPE tokenizer (GPT-2, Llama 3, the tiny models).

@@ -51,7 +51,6 @@ class SubwordDropout:
         self.ignore_merges = bool(model.get("ignore_merges"))
         self.unk_id = self.vocab.get(model["unk_token"]) if model.get("unk_token") else None
         self.normalizer, self.pre_tokenizer = backend.normalizer, backend.pre_tokenizer
-        self.special_ids = set(tokenizer.all_special_ids)
 
     # -- one word ---------------------------------------------------------------------------------
     def _merge(self, word: str, rng: np.random.Generator) -> List[str]:
@@ -89,12 +88,12 @@ class SubwordDropout:
         return [self.unk_id]
 
     # -- one text ---------------------------------------------------------------------------------
-    def encode(self, text: str, rng: np.random.Generator, max_length: Optional[int] = None) -> List[int]:
+    def encode(self, text: str, rng: np.random.Generator) -> List[int]:
         norm = self.normalizer.normalize_str(text) if self.normalizer is not None else text
         words = self.pre_tokenizer.pre_tokenize_str(norm) if self.pre_tokenizer is not None else [(norm, None)]
         body = [i for w, _ in words for s in self._merge(w, rng) for i in self._ids(s)]
         head, tail = self._specials()
-        limit = self.max_length if max_length is None else max_length
+        limit = self.max_length
         if limit is not None and len(head) + len(body) + len(tail) > limit:
             room = max(0, limit - len(head) - len(tail))
             body = body[:room] if self.side == "right" else body[len(body) - room:]
@@ -108,9 +107,6 @@ class SubwordDropout:
             k = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
             self._wrap = (full[:k], full[k + len(plain):])
         return self._wrap
-
-    def encode_batch(self, texts: Sequence[str], rng: np.random.Generator) -> List[List[int]]:
-        return [self.encode(t, rng) for t in texts]
 
 
 class DropoutRows(torch.utils.data.Dataset):

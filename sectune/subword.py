@@ -31,8 +31,8 @@ class SubwordDropout:
     """``encode(text, rng)`` → token ids with BPE merges dropped at ``p`` (special tokens as the
     tokenizer adds them, truncated to ``max_length`` on ``side`` like the deterministic path)."""
 
-    def __init__(self, tokenizer, p: float, max_length: Optional[int] = None, side: str = "right",
-                 what: str = "classify.subword_dropout"):
+    def __init__(self, tokenizer, p: float, max_length: Optional[int] = None, side: str = "right"):
+        what = "classify.subword_dropout"
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"{what}={p}: a probability in [0, 1) (0 turns it off; 0.1 is the paper's value)")
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -41,7 +41,7 @@ class SubwordDropout:
         if model.get("type") != "BPE":
             kind = model.get("type") or f"a slow {type(tokenizer).__name__}"
             raise ConfigError(f"{what}={p} needs a fast BPE tokenizer; {tokenizer.name_or_path} is {kind}")
-        self.tokenizer, self.p, self.max_length, self.side = tokenizer, float(p), max_length, side
+        self.p, self.max_length, self.side = float(p), max_length, side
         self.vocab = model["vocab"]
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         self.ranks = {pair: i for i, pair in enumerate(merges)}
@@ -51,6 +51,10 @@ class SubwordDropout:
         self.ignore_merges = bool(model.get("ignore_merges"))
         self.unk_id = self.vocab.get(model["unk_token"]) if model.get("unk_token") else None
         self.normalizer, self.pre_tokenizer = backend.normalizer, backend.pre_tokenizer
+        # the special ids the tokenizer's post-processor puts before and after a text (BOS, EOS)
+        full, plain = tokenizer("x")["input_ids"], tokenizer("x", add_special_tokens=False)["input_ids"]
+        k = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+        self.head_ids, self.tail_ids = full[:k], full[k + len(plain):]
 
     # -- one word ---------------------------------------------------------------------------------
     def _merge(self, word: str, rng: np.random.Generator) -> List[str]:
@@ -92,21 +96,11 @@ class SubwordDropout:
         norm = self.normalizer.normalize_str(text) if self.normalizer is not None else text
         words = self.pre_tokenizer.pre_tokenize_str(norm) if self.pre_tokenizer is not None else [(norm, None)]
         body = [i for w, _ in words for s in self._merge(w, rng) for i in self._ids(s)]
-        head, tail = self._specials()
-        limit = self.max_length
-        if limit is not None and len(head) + len(body) + len(tail) > limit:
-            room = max(0, limit - len(head) - len(tail))
+        head, tail = self.head_ids, self.tail_ids
+        if self.max_length is not None and len(head) + len(body) + len(tail) > self.max_length:
+            room = max(0, self.max_length - len(head) - len(tail))
             body = body[:room] if self.side == "right" else body[len(body) - room:]
         return head + body + tail
-
-    def _specials(self):
-        """The special ids the tokenizer's post-processor puts before and after a text (BOS, EOS)."""
-        if not hasattr(self, "_wrap"):
-            full = self.tokenizer("x")["input_ids"]
-            plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
-            k = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
-            self._wrap = (full[:k], full[k + len(plain):])
-        return self._wrap
 
 
 class DropoutRows(torch.utils.data.Dataset):

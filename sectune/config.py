@@ -81,7 +81,9 @@ class LoraConfig:
 class LossConfig:
     name: str = "causal_lm"
     label_smoothing: float = 0.0
-    # bradley_terry / grpo / simplified_ppo
+    # bradley_terry: -logsigmoid(r_chosen - r_rejected - margin)
+    margin: float = 0.0
+    # dpo (β of the implicit reward) / grpo (KL weight) / simplified_ppo
     beta: float = 0.04
     clip_epsilon: float = 0.2
     # causal_contrastive (seed 002): λc, λs, λt and the temperature τ
@@ -129,6 +131,10 @@ class DatasetConfig:
     feature_sep: str = "; "
     #: flows with ``path: null`` and no real file: rows of generated 46-column data
     synthetic_rows: int = 6800
+    # auth_preferences: rejected analyses per window (one corruption each), and which corruption
+    # kinds with what weights ({kind: weight}; empty = every kind, equally weighted)
+    pairs_per_window: int = 2
+    corruptions: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -251,9 +257,40 @@ class EvaluateConfig:
 
 @dataclass
 class InferConfig:
+    #: a run dir (rl, dpo or sft) or a pipeline dir; the newest of RL -> DPO -> SFT adapter found
+    #: there answers, else the base model. null = the base model.
     model_dir: Optional[str] = None
+    #: one log file, or a folder of them (one analysis per file)
     input_file: Optional[str] = None
+    #: the JSON list written; null = <run dir>/analyses.json
     output_file: Optional[str] = None
+    #: schema-constrained decoding: every output parses and validates by construction
+    constrained: bool = False
+    #: put the whole JSON schema in the prompt (seed 000's --full_schema)
+    full_schema: bool = False
+    batch_size: int = 4
+    #: the schema outputs are checked (and constrained) against; null = sectune/data/auth_schema.json
+    schema: Optional[str] = None
+
+
+@dataclass
+class RewardConfig:
+    #: when the memory check (stage=plan's estimate) says the run does not fit the device:
+    #: error (stop with the estimate and what to change) | heuristic (write the heuristic reward model)
+    fallback: str = "error"
+    #: write the heuristic reward model without checking memory (tests, CPU-only boxes)
+    force_fallback: bool = False
+    #: the free memory the check compares against; null = the device's free memory now
+    memory_limit_gb: Optional[float] = None
+    #: score chosen+rejected sequences this many at a time within a batch (seed 000's chunk_size);
+    #: null = the whole batch in one forward
+    chunk_size: Optional[int] = None
+
+
+@dataclass
+class DpoConfig:
+    #: an SFT run dir (or its adapter/ folder) whose adapter the policy starts from; null = a fresh adapter
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -314,6 +351,8 @@ class SectuneConfig:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)

@@ -33,6 +33,7 @@ STAGES: dict[str, str] = {
     "contrastive": "sectune.stages.contrastive:run",
     "classify": "sectune.stages.classify:run",
     "federated": "sectune.stages.federated:run",
+    "dpo": "sectune.stages.dpo:run",
     "infer": "sectune.stages.infer:run",
     "evaluate": "sectune.stages.evaluate:run",
     "pipeline": "sectune.stages.pipeline:run",

@@ -260,6 +260,9 @@ class InferConfig:
     #: a run dir (rl, dpo or sft) or a pipeline dir; the newest of RL -> DPO -> SFT adapter found
     #: there answers, else the base model. null = the base model.
     model_dir: Optional[str] = None
+    #: when model_dir is a sectune run/pipeline dir whose models are all unusable (failed, files
+    #: missing): true = the base model answers, with a warning naming what was skipped; false = error
+    base_fallback: bool = True
     #: one log file, or a folder of them (one analysis per file)
     input_file: Optional[str] = None
     #: the JSON list written; null = <run dir>/analyses.json
@@ -291,6 +294,10 @@ class RewardConfig:
 class DpoConfig:
     #: an SFT run dir (or its adapter/ folder) whose adapter the policy starts from; null = a fresh adapter
     init_from: Optional[str] = None
+    #: the reference policy π_ref, never a second copy of the base weights: base = the same model with the
+    #: adapter disabled; init = a frozen copy of the starting adapter (π_ref = π_SFT, as in the DPO paper;
+    #: every implicit reward, hence preference_accuracy_start, is then 0 before training)
+    reference: str = "base"
 
 
 @dataclass

@@ -13,6 +13,12 @@ import torch
 
 
 def extract_json(text: str) -> dict:
+    return parse_json_output(text)[0]
+
+
+def parse_json_output(text: str) -> tuple[dict, bool]:
+    """``extract_json``'s object and whether it needed repair (the first balanced ``{...}`` was
+    not plain JSON, or there was no balanced object)."""
     start = text.find("{")
     if start < 0:
         raise ValueError("no JSON object in the output (no '{' found)")
@@ -35,20 +41,27 @@ def extract_json(text: str) -> dict:
                 end = i + 1
                 break
     candidate = candidate[:end] if end else candidate
+    repaired = False
     try:
         obj = json.loads(candidate)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, ValueError):  # ValueError: e.g. an integer past Python's digit limit
         import json_repair
 
-        obj = json_repair.loads(candidate)
+        obj, repaired = json_repair.loads(candidate), True
     if not isinstance(obj, dict) or not obj:
         raise ValueError(f"could not recover a JSON object from the output (got {type(obj).__name__})")
-    return obj
+    return obj, repaired
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4) -> list[str]:
-    """Greedy or sampled continuations of ``prompts`` (left-padded batches), text only."""
+def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4, constraint=None, stats: dict | None = None) -> list[str]:
+    """Greedy or sampled continuations of ``prompts`` (left-padded batches), text only.
+
+    ``constraint`` (a :class:`sectune.constrained.SchemaConstraint`) restricts every token to the
+    schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced).
+    """
+    from transformers import LogitsProcessorList
+
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
@@ -64,6 +77,15 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4)
         )
         if gen_cfg.do_sample:
             kwargs.update(temperature=gen_cfg.temperature, top_p=gen_cfg.top_p)
-        ids = model.generate(**enc, **kwargs)
-        outs.extend(tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+        processor = None
+        if constraint is not None:
+            processor = constraint.processor(gen_cfg.max_new_tokens)
+            kwargs["logits_processor"] = LogitsProcessorList([processor])
+        ids = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
+        if processor is not None:
+            outs.extend(constraint.decode(row) for row in ids.tolist())
+            if stats is not None:
+                stats["forced"] = stats.get("forced", 0) + processor.forced
+        else:
+            outs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
     return outs

@@ -118,14 +118,31 @@ def _per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sc
     return out.reshape(query.shape[0], rows.length, query.shape[1], query.shape[3]), None
 
 
+def _skip_mask_when_per_example(batch_size, q_length, kv_length, *args, local_size=None, attention_mask=None, **kwargs):
+    """transformers' ``sdpa`` mask, except for a packed batch that :func:`_per_example_sdpa` will run
+    one example at a time: that never reads the mask, and building it costs O(L²) memory and time
+    (a 69M-element boolean mask and ~1 s of fills and copies for an 8k-token row on CPU).
+    A sliding-window or chunked layer (``local_size``) still gets its mask: per-example attention
+    does not run there."""
+    from transformers.masking_utils import sdpa_mask
+
+    rows = _ACTIVE[0]
+    if rows is not None and local_size is None and attention_mask is None and batch_size == len(rows.segments) \
+            and q_length == kv_length == rows.length:
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, *args, local_size=local_size, attention_mask=attention_mask, **kwargs)
+
+
 def install() -> None:
     """Route ``sdpa`` through :func:`_per_example_sdpa` (a pass-through outside :func:`packed_segments`)."""
     global _INSTALLED
     if _INSTALLED:
         return
+    from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
     AttentionInterface.register("sdpa", _per_example_sdpa)
+    AttentionMaskInterface.register("sdpa", _skip_mask_when_per_example)
     _INSTALLED = True
 
 

@@ -1,0 +1,267 @@
+"""The ``auth_preferences`` dataset: chosen/rejected analyses of the same auth-log window.
+
+Chosen = the window's annotation (the rule engine's analysis, as the SFT stage's answer).
+Rejected = a plausible wrong analysis of the same window: one corruption per pair, its kind
+recorded, so held-out accuracy can be reported per kind. ``dataset.pairs_per_window`` pairs per
+window, each with a different kind drawn by ``dataset.corruptions`` weights (every kind equally
+by default). Splits are by window (stratified by verdict): no window's lines are in two splits.
+
+A user's own JSONL of ``{"prompt", "chosen", "rejected"}`` (optional ``kind``, ``id``) is read
+with ``dataset.path=FILE.jsonl``; pairs sharing a prompt stay in one split.
+
+Corruptions keep the rest of the analysis consistent where a wrong analyst would (a changed count
+is repeated in the summary), so the pair differs in the one thing the kind names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig
+
+from sectune.data.auth_logs import render_completion, render_prompt
+from sectune.data.auth_rules import CLASSES
+from sectune.errors import ConfigError, DataError
+
+SPLITS = ("train", "validation", "test")
+_COUNTS_IN_SUMMARY = re.compile(r"(\d+) failed, (\d+) accepted logins")
+_USER_POOL = ("admin", "root", "oracle", "test", "guest", "ubuntu", "postgres", "git", "ftpuser", "support", "pi", "mysql")
+
+
+def _with_summary_counts(a: dict) -> dict:
+    """Repeat the (possibly changed) counts in the summary, as a self-consistent analyst would."""
+    a["summary"] = _COUNTS_IN_SUMMARY.sub(f"{a['failed_logins']} failed, {a['accepted_logins']} accepted logins", a["summary"])
+    return a
+
+
+def _other_ip(rng: random.Random, taken: set[str]) -> str:
+    while True:
+        ip = f"{rng.choice((10, 45, 61, 103, 115, 173, 185, 203, 212, 218))}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+        if ip not in taken:
+            return ip
+
+
+def corrupt_verdict(a: dict, rng: random.Random) -> str:
+    """Flipped (benign <-> malicious) or shifted one step (to/from suspicious) verdict."""
+    v = a["verdict"]
+    choices = {"benign": ("suspicious", "malicious"), "suspicious": ("benign", "malicious"), "malicious": ("suspicious", "benign")}[v]
+    return render_completion({**a, "verdict": rng.choice(choices)})
+
+
+def corrupt_counts(a: dict, rng: random.Random) -> str:
+    """One wrong count: failed logins, accepted logins or break-in attempts (summary kept in step)."""
+    key = rng.choice(("failed_logins", "accepted_logins", "break_in_attempts"))
+    old = a[key]
+    delta = rng.choice([d for d in (-3, -2, -1, 1, 2, 3, 5, 10) if old + d >= 0])
+    return render_completion(_with_summary_counts({**a, key: old + delta}))
+
+
+def corrupt_users(a: dict, rng: random.Random) -> str:
+    """A missing or an extra user in invalid_users / targeted_users."""
+    b = {**a, "invalid_users": list(a["invalid_users"]), "targeted_users": list(a["targeted_users"])}
+    present = [(k, u) for k in ("invalid_users", "targeted_users") for u in b[k]]
+    key = rng.choice(("invalid_users", "targeted_users"))
+    if present and (rng.random() < 0.5 or len(b[key]) >= 5):
+        k, u = rng.choice(present)
+        b[k].remove(u)
+    else:
+        taken = set(a["invalid_users"]) | set(a["targeted_users"])
+        b[key] = sorted(b[key] + [rng.choice([u for u in _USER_POOL if u not in taken])])
+    return render_completion(b)
+
+
+def corrupt_source_ip(a: dict, rng: random.Random) -> str:
+    """A hallucinated source (an address not in the window) or a dropped one."""
+    ips = [dict(s) for s in a["source_ips"]]
+    if ips and (rng.random() < 0.5 or len(ips) >= 3):
+        ips.pop(rng.randrange(len(ips)))
+    else:
+        ips.append({"ip": _other_ip(rng, {s["ip"] for s in ips}), "failures": rng.choice((0, 1, 2, 6, 12))})
+    return render_completion({**a, "source_ips": ips})
+
+
+def corrupt_brute_force(a: dict, rng: random.Random) -> str:
+    return render_completion({**a, "brute_force": not a["brute_force"]})
+
+
+def corrupt_summary(a: dict, rng: random.Random) -> str:
+    """A summary that contradicts the fields: another verdict and other counts."""
+    verdict = rng.choice([c for c in CLASSES if c != a["verdict"]])
+    failed = rng.choice([n for n in (0, 1, 3, 8, 25) if n != a["failed_logins"]])
+    why = {"benign": "no failed logins", "suspicious": "failed logins", "malicious": "brute force from a single source"}[verdict]
+    return render_completion({**a, "summary": f"{verdict.capitalize()}: {why}; {failed} failed, {a['accepted_logins']} accepted logins."})
+
+
+def corrupt_schema_invalid(a: dict, rng: random.Random) -> str:
+    """Valid JSON that breaks the schema: a bad enum, a count as text, a negative count, a missing or an unknown key."""
+    how = rng.choice(("enum", "type", "negative", "missing", "extra"))
+    b = dict(a)
+    if how == "enum":
+        b["verdict"] = rng.choice(("unknown", "Malicious", "attack", "normal"))
+    elif how == "type":
+        b["failed_logins"] = str(b["failed_logins"])
+    elif how == "negative":
+        b["break_in_attempts"] = -1 - b["break_in_attempts"]
+    elif how == "missing":
+        b.pop(rng.choice(("verdict", "failed_logins", "source_ips", "brute_force", "summary")))
+    else:
+        b["severity"] = rng.choice(("high", "low"))
+    return render_completion(b)
+
+
+def corrupt_truncated(a: dict, rng: random.Random) -> str:
+    """The JSON cut off between 30% and 90% of its length (a generation that ran out of tokens)."""
+    text = render_completion(a)
+    return text[: rng.randint(int(0.3 * len(text)), int(0.9 * len(text)))]
+
+
+CORRUPTIONS: dict[str, Callable[[dict, random.Random], str]] = {
+    "verdict": corrupt_verdict,
+    "counts": corrupt_counts,
+    "users": corrupt_users,
+    "source_ip": corrupt_source_ip,
+    "brute_force": corrupt_brute_force,
+    "summary": corrupt_summary,
+    "schema_invalid": corrupt_schema_invalid,
+    "truncated": corrupt_truncated,
+}
+
+
+def corruption_weights(spec) -> dict[str, float]:
+    """``dataset.corruptions`` ({kind: weight}; empty = all kinds equally), validated."""
+    if not spec:
+        return {k: 1.0 for k in CORRUPTIONS}
+    weights = {str(k): float(v) for k, v in dict(spec).items()}
+    unknown = sorted(set(weights) - set(CORRUPTIONS))
+    if unknown:
+        raise ConfigError(f"dataset.corruptions: unknown kind(s) {unknown}; choose from {', '.join(CORRUPTIONS)}")
+    if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        raise ConfigError(f"dataset.corruptions: weights must be >= 0 with at least one > 0, got {weights}")
+    return {k: w for k, w in weights.items() if w > 0}
+
+
+def _draw_kinds(weights: dict[str, float], n: int, rng: random.Random) -> list[str]:
+    """``n`` distinct kinds, drawn by weight without replacement."""
+    pool = dict(weights)
+    kinds = []
+    for _ in range(min(n, len(pool))):
+        k = rng.choices(list(pool), weights=list(pool.values()))[0]
+        kinds.append(k)
+        del pool[k]
+    return kinds
+
+
+def make_pairs(window_id: str, log_text: str, analysis: dict, kinds: list[str], seed: int) -> list[dict]:
+    """One pair per kind for a window; the rejected text always differs from the chosen one."""
+    chosen = render_completion(analysis)
+    prompt = render_prompt(log_text)
+    pairs = []
+    for kind in kinds:
+        rng = random.Random(f"{seed}:{window_id}:{kind}")
+        for _ in range(10):  # a corruption can, rarely, reproduce the original (e.g. re-sorted users)
+            rejected = CORRUPTIONS[kind](analysis, rng)
+            if rejected != chosen:
+                break
+        else:
+            continue
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": kind, "window_id": window_id,
+                      "label": analysis["verdict"], "window": log_text, "annotation": analysis})
+    return pairs
+
+
+def split_windows(ids_labels: list[tuple[str, str]], val_fraction: float, test_fraction: float, seed: int) -> dict[str, set[str]]:
+    """Window ids → split, stratified by label where every class has enough windows; deterministic."""
+    from sklearn.model_selection import train_test_split
+
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ConfigError(f"dataset.val_fraction={val_fraction} + dataset.test_fraction={test_fraction} must be in [0, 1)")
+    ids = [i for i, _ in ids_labels]
+    labels = [lab for _, lab in ids_labels]
+
+    def cut(items, labs, frac):
+        if frac <= 0 or not items:
+            return items, [], labs
+        n = max(1, round(len(items) * frac))
+        if n >= len(items):
+            raise ConfigError(f"dataset: {len(items)} windows are too few for fractions val={val_fraction}, test={test_fraction}")
+        counts = {lab: labs.count(lab) for lab in set(labs)}
+        strat = labs if min(counts.values()) >= 2 and len(counts) > 1 and n >= len(counts) else None
+        rest, out, rest_l, _ = train_test_split(items, labs, test_size=n, random_state=seed, stratify=strat)
+        return rest, out, rest_l
+
+    rest, test, rest_l = cut(ids, labels, test_fraction)
+    train, val, _ = cut(rest, rest_l, val_fraction / (1 - test_fraction) if test_fraction else val_fraction)
+    return {"train": set(train), "validation": set(val), "test": set(test)}
+
+
+def preference_splits(cfg: DictConfig) -> dict[str, list[dict]]:
+    """train / validation / test pairs for ``dataset=auth_preferences`` (built from the auth folder, or a JSONL)."""
+    d = cfg.dataset
+    if d.name != "auth_preferences":
+        raise ConfigError(f"stage={cfg.stage.name} trains on preference pairs: use dataset=auth_preferences (got dataset={d.name})")
+    if d.path and Path(d.path).suffix == ".jsonl":
+        pairs = read_pairs_jsonl(Path(d.path), d.max_samples)
+        groups = [(p["window_id"], p.get("label") or "") for p in pairs]
+    else:
+        pairs = build_pairs(cfg)
+        groups = [(p["window_id"], p["label"]) for p in pairs]
+    unique = list(dict.fromkeys(groups))
+    where = split_windows(unique, float(d.val_fraction), float(d.test_fraction), int(d.split_seed))
+    out = {s: [p for p in pairs if p["window_id"] in where[s]] for s in SPLITS}
+    if not out["train"]:
+        raise DataError(f"dataset={d.name}: no training pairs")
+    return out
+
+
+def build_pairs(cfg: DictConfig) -> list[dict]:
+    from sectune.data import auth_logs, auth_logs_folder
+
+    d = cfg.dataset
+    if d.pairs_per_window < 1:
+        raise ConfigError(f"dataset.pairs_per_window={d.pairs_per_window}: must be >= 1")
+    weights = corruption_weights(d.corruptions)
+    samples = auth_logs.load_auth_folder(auth_logs_folder(cfg), max_samples=d.max_samples)
+    pairs = []
+    for s in samples:
+        rng = random.Random(f"{d.split_seed}:{s.id}")
+        pairs.extend(make_pairs(s.id, s.log_text, s.analysis, _draw_kinds(weights, d.pairs_per_window, rng), d.split_seed))
+    return pairs
+
+
+def read_pairs_jsonl(path: Path, max_samples: int | None = None) -> list[dict]:
+    """A user's ``{prompt, chosen, rejected}`` lines; any bad line is an error naming the file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: preference pairs file does not exist")
+    pairs = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: line {n}: expected an object with prompt, chosen, rejected; got {type(obj).__name__}")
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(obj.get(k), str) or not obj.get(k)]
+        if missing:
+            raise DataError(f"{path}: line {n}: missing or non-string {', '.join(missing)} (each pair needs prompt, chosen, rejected strings)")
+        if obj["chosen"] == obj["rejected"]:
+            raise DataError(f"{path}: line {n}: chosen and rejected are the same text")
+        wid = str(obj.get("id") or hashlib.sha256(obj["prompt"].encode()).hexdigest()[:12])
+        pairs.append({"prompt": obj["prompt"], "chosen": obj["chosen"], "rejected": obj["rejected"],
+                      "kind": str(obj.get("kind") or "user"), "window_id": wid, "label": obj.get("label")})
+    if not pairs:
+        raise DataError(f"{path}: no preference pairs (empty file)")
+    if max_samples is not None:
+        keep = list(dict.fromkeys(p["window_id"] for p in pairs))[:max_samples]
+        pairs = [p for p in pairs if p["window_id"] in set(keep)]
+    return pairs

@@ -1,0 +1,346 @@
+"""Direct preference optimisation (Rafailov et al. 2023) on chosen/rejected analyses, from an SFT adapter.
+
+    L = -log σ(β·[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))])
+
+(``sectune.losses.dpo_loss``; TRL's DPOTrainer computes the same sigmoid loss, tests/test_dpo.py holds
+the two side by side.) Read top to bottom: pairs → policy (the SFT adapter, trainable) → TRL's
+DPOTrainer → held-out preference accuracy before and after → artifacts.
+
+The reference policy never costs a second copy of the weights (``dpo.reference``):
+``base`` (default) is the same model with the LoRA adapter disabled; ``init`` is a frozen copy of the
+starting adapter (the DPO paper's π_ref = π_SFT; TRL's own default for a loaded adapter, a copy of the
+LoRA matrices only). With ``init`` every implicit reward is 0 before training, so
+``preference_accuracy_start`` is 0 by construction. ``lora=none`` (full fine-tune) needs a reference
+model beside the policy: a second copy of the weights, said on the console.
+
+Held-out numbers come from batched no-grad passes over the test pairs (the reference once, the
+policy before and after training): ``preference_accuracy`` (share of pairs whose implicit reward β·log π/π_ref
+of the chosen analysis beats the rejected one), per corruption kind, and the policy's log-prob margin
+log π(y_c|x) − log π(y_r|x).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sectune import engine, losses, modeling, packed_attention
+from sectune.errors import ConfigError
+from sectune.runner import RunContext
+
+REFERENCES = ("base", "init")
+
+
+def run(ctx: RunContext) -> dict:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    t0 = time.perf_counter()
+    reference = str(cfg.dpo.reference)
+    if reference not in REFERENCES:
+        raise ConfigError(f"dpo.reference={reference!r}: choose base (the model with the adapter disabled) or init (a frozen copy of the starting adapter)")
+
+    # 1. model: the policy starts from the SFT adapter (or weights); the reference shares its base weights
+    path = modeling.model_path(cfg)
+    tokenizer = modeling.load_tokenizer(cfg, path)
+    model, ref_model, init_dir = build_policy(cfg, path)
+    trainable, total = modeling.trainable_parameters(model)
+    start = init_dir or ("a fresh adapter" if cfg.lora.enabled else "the base model")
+    print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}; reference: {reference_label(cfg, reference)}")
+
+    # 2. data: pairs split by window; a pair that does not fit model.max_seq_length is left out, since
+    # cutting it would cut the answer (or the log lines the answer counts)
+    from sectune.data.auth_preferences import preference_splits
+
+    splits = preference_splits(cfg)
+    too_long = 0
+    for name in splits:
+        splits[name], dropped = fitting_pairs(tokenizer, splits[name], cfg.model.max_seq_length)
+        too_long += dropped
+    if too_long:
+        print(f"sectune: warning: {too_long} pairs exceed model.max_seq_length={cfg.model.max_seq_length} tokens (prompt + the longer answer) and are left out; raise it to keep them")
+    train_pairs, val_pairs, test_pairs = splits["train"], splits["validation"], splits["test"]
+    if not train_pairs:
+        raise ConfigError(f"dataset={cfg.dataset.name}: no training pair fits model.max_seq_length={cfg.model.max_seq_length}")
+    heldout, heldout_name = (test_pairs, "test") if test_pairs else (val_pairs, "validation")
+    print(f"sectune: {len(train_pairs)} training, {len(val_pairs)} validation and {len(test_pairs)} test pairs ({cfg.dataset.name})")
+    if not heldout:
+        print("sectune: warning: no validation or test pairs (dataset.val_fraction/test_fraction are 0): no held-out preference accuracy")
+    elif not test_pairs:
+        print("sectune: warning: no test pairs (dataset.test_fraction=0): the held-out numbers are on the validation pairs")
+
+    # 3. trainer
+    callbacks = [*engine.fail_callbacks(cfg)]
+    trainer = build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, run_dir / "checkpoints", callbacks)
+    main = trainer.accelerator.is_main_process
+    heldout_ds = trainer._prepare_dataset(to_dataset(heldout), tokenizer, trainer.args, heldout_name) if heldout else None
+    metrics: dict = {"train_pairs": len(train_pairs), "heldout_pairs": len(heldout), "too_long_pairs": too_long,
+                     "trainable_params": trainable, "total_params": total}
+    beta = float(cfg.loss.beta)
+    if heldout_ds is not None:  # before train(): a resumed run loads its checkpoint inside train()
+        ref_logps = pair_logps(trainer, heldout_ds, reference=True)  # fixed: training never changes the reference
+        metrics.update(preference_metrics(pair_logps(trainer, heldout_ds), ref_logps, heldout_ds["kind"], beta, suffix="_start"))
+    resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
+    try:
+        train_out = trainer.train(resume_from_checkpoint=resume)
+    finally:  # the loss history so far is worth keeping even when training dies
+        if main:
+            engine.write_history(run_dir / "train_history.json", trainer)
+    metrics.update(train_loss=train_out.training_loss, train_steps=trainer.state.global_step)
+    if heldout_ds is not None:
+        metrics.update(preference_metrics(pair_logps(trainer, heldout_ds), ref_logps, heldout_ds["kind"], beta))
+    if val_pairs and cfg.train.eval_steps:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]  # validation DPO loss: the sweep objective
+
+    # 4. artifacts: written under a temporary name, renamed when complete
+    policy = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    is_peft = modeling_is_peft(policy)
+    name = "adapter" if is_peft else "model"
+    artifacts = {name: name, "checkpoints": "checkpoints", "train_history": "train_history.json"}
+    if not main:
+        trainer.accelerator.wait_for_everyone()
+        return {"metrics": metrics, "artifacts": artifacts}
+    if is_peft and "ref" in policy.peft_config:
+        policy.delete_adapter("ref")  # the saved adapter is the policy alone, loadable with plain PEFT
+    modeling.save_pretrained_atomic(policy, tokenizer, run_dir / name)
+    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"dpo · {cfg.model.name} · β={beta}")
+    artifacts["loss_curve"] = "plots/loss_curve.png"
+
+    metrics.update(engine.peak_memory())
+    metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
+    if heldout_ds is not None:
+        print(
+            f"sectune: done · {name} at {run_dir / name} · {heldout_name} preference accuracy "
+            f"{metrics['preference_accuracy_start']:.3f} → {metrics['preference_accuracy']:.3f} · log-prob margin "
+            f"{metrics['logp_margin_start']:.2f} → {metrics['logp_margin']:.2f} · {metrics['train_runtime_s']:.0f}s"
+        )
+    trainer.accelerator.wait_for_everyone()
+    return {"metrics": metrics, "artifacts": artifacts}
+
+
+# ------------------------------------------------------------------------------------------ data
+def fitting_pairs(tokenizer, pairs: list[dict], max_len: int) -> tuple[list[dict], int]:
+    """The pairs whose prompt + answer + EOS (as TRL tokenizes them) fit ``max_len``, and how many did not."""
+    if not pairs:
+        return pairs, 0
+    enc = tokenizer([p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs])["input_ids"]
+    n = len(pairs)
+    keep = [p for i, p in enumerate(pairs) if max(len(enc[i]), len(enc[n + i])) + 1 <= max_len]
+    return keep, n - len(keep)
+
+
+def to_dataset(pairs: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "kind": p.get("kind") or "pair"} for p in pairs])
+
+
+# ----------------------------------------------------------------------------------------- model
+def modeling_is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def reference_label(cfg, reference: str) -> str:
+    if not cfg.lora.enabled:
+        return "a frozen copy of the starting weights (lora=none: a second copy of the weights in memory)"
+    return "the model with the adapter disabled" if reference == "base" else "a frozen copy of the starting adapter"
+
+
+def init_source(init_from: str, want: str) -> Path:
+    """``dpo.init_from``: an SFT run dir (its result.json names the artifact) or the artifact folder itself.
+
+    ``want`` is ``adapter`` (a LoRA adapter, adapter_config.json) or ``model`` (full weights, config.json).
+    """
+    marker = "adapter_config.json" if want == "adapter" else "config.json"
+    p = Path(init_from).expanduser()
+    key = f"dpo.init_from={init_from}"
+    if not p.exists():
+        raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or its {want}/ folder)")
+    is_adapter = (p / "adapter_config.json").is_file()
+    if want == "adapter" and is_adapter:
+        return p
+    if want == "model" and (p / "config.json").is_file() and not is_adapter:
+        return p
+    result = p / "result.json"
+    if not result.is_file():
+        if want == "model" and is_adapter:
+            raise ConfigError(f"{key}: {p} holds a LoRA adapter; lora=none starts from full weights (an SFT run with lora=none), or drop lora=none")
+        if want == "adapter" and (p / "config.json").is_file():
+            raise ConfigError(f"{key}: {p} holds full model weights, not a LoRA adapter (use lora=none to start from them)")
+        raise ConfigError(f"{key}: {p} has neither result.json (an SFT run dir) nor {marker} (an {want} folder)")
+    try:
+        res = json.loads(result.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{key}: {result} is not readable JSON ({e})") from None
+    rel = (res.get("artifacts") or {}).get(want)
+    if not rel:
+        have = ", ".join(sorted(res.get("artifacts") or {})) or "none"
+        raise ConfigError(
+            f"{key}: {result} lists no {want!r} artifact (stage={res.get('stage')}, status={res.get('status')}, "
+            f"artifacts: {have}); a LoRA SFT run saves 'adapter', a lora=none run 'model'"
+        )
+    folder = p / rel
+    if not (folder / marker).is_file():
+        raise ConfigError(f"{key}: {folder} (artifacts.{want} of {result}) has no {marker}")
+    return folder
+
+
+def build_policy(cfg, path: str):
+    """(policy, reference model or None, the folder it started from or None).
+
+    LoRA: the SFT adapter loaded trainable onto the base model (``init_from=null``: a fresh one);
+    the reference is that same model (TRL switches the adapter off, or to a frozen copy, for it).
+    ``lora=none``: full weights (the SFT run's, or the base model's), and a second copy as the reference.
+    """
+    init_from = cfg.dpo.init_from
+    if not cfg.lora.enabled:
+        start = str(init_source(init_from, "model")) if init_from else path
+        if not init_from:
+            print("sectune: warning: dpo.init_from is not set; DPO starts from the base model, not from an SFT run")
+        policy = modeling.load_model(cfg, path=start)
+        ref = modeling.load_model(cfg, path=start).eval().requires_grad_(False)
+        return policy, ref, (Path(start) if init_from else None)
+    if not init_from:
+        print("sectune: warning: dpo.init_from is not set; DPO trains a fresh LoRA adapter on the base model, not an SFT policy")
+        return modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), None, None
+    folder = init_source(init_from, "adapter")
+    base = modeling.load_model(cfg, path=path)
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
+    except Exception as e:  # noqa: BLE001 - any load failure is the same user error: this adapter, this model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"dpo.init_from={init_from}: cannot load the adapter in {folder} onto model={cfg.model.name} ({type(e).__name__}: {first})") from None
+    print(f"sectune: LoRA settings come from the SFT adapter (r={model.peft_config['default'].r}); lora.* is not applied")
+    return model, None, folder
+
+
+# --------------------------------------------------------------------------------------- trainer
+def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, output_dir: Path, callbacks=()):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import DPOConfig, DPOTrainer
+
+    has_eval = bool(val_pairs) and bool(cfg.train.eval_steps)
+    kwargs = engine.training_kwargs(cfg, output_dir, has_eval=has_eval)
+    # train.group_by_length: batches of similar total length (prompt + longer answer), a seeded order
+    group = kwargs.pop("train_sampling_strategy") == "group_by_length"
+    args = DPOConfig(
+        **kwargs,
+        beta=float(cfg.loss.beta),
+        loss_type=["sigmoid"],  # the paper's loss: sectune.losses.dpo_loss
+        # every pair fits (fitting_pairs): no truncation happens; were it to, the answer's start is kept
+        max_length=cfg.model.max_seq_length,
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=False,  # the reference forward is cheap (adapter off) and stays exact under resume
+        dataset_num_proc=None,
+    )
+
+    class Trainer(DPOTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            if not group:
+                return super()._get_train_sampler(train_dataset)
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+            generator = torch.Generator().manual_seed(self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+            global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
+            return LengthGroupedSampler(global_batch, lengths=lengths, generator=generator)
+
+    trainer = Trainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=to_dataset(train_pairs),
+        eval_dataset=to_dataset(val_pairs) if has_eval else None,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    if cfg.dpo.reference == "base" and modeling_is_peft(trainer.model) and "ref" in trainer.model.peft_config:
+        # TRL copies a PEFT model's adapter to a frozen "ref" adapter; without one, its reference
+        # forward disables the adapters instead
+        trainer.model.delete_adapter("ref")
+    packed_attention.compact_fused_lm_head()  # the LM head scores the answer tokens only, not the long prompt
+    if engine.selective_checkpointing(trainer.model, cfg):
+        keep_checkpointing_kwargs(trainer)
+    return trainer
+
+
+def keep_checkpointing_kwargs(trainer) -> None:
+    """TRL switches checkpointing off around each reference forward and back on with ``args``' kwargs:
+    hand it the selective policy's, or the first step would silently fall back to full checkpointing."""
+    import functools
+
+    for m in trainer.model.modules():
+        fn = getattr(m, "_gradient_checkpointing_func", None)
+        if getattr(m, "gradient_checkpointing", False) and isinstance(fn, functools.partial):
+            trainer.args.gradient_checkpointing_kwargs = dict(fn.keywords)
+            return
+
+
+# ------------------------------------------------------------------------------------ evaluation
+@contextlib.contextmanager
+def as_reference(trainer):
+    """The reference policy, as TRL's training forward uses it: the ref model, or the same PEFT model
+    with its frozen "ref" adapter active, or with the adapters disabled."""
+    if trainer.ref_model is not None:
+        yield trainer.ref_model
+        return
+    from trl.trainer.utils import use_adapter
+
+    model = trainer.model
+    with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+        yield model
+
+
+def completion_logps(model, batch: dict) -> torch.Tensor:
+    """Summed log-probs of the completion tokens of each row (TRL's fused LM head: no full logits)."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True, use_cache=False)
+    return out.log_probs.float().sum(dim=1)
+
+
+@torch.no_grad()
+def pair_logps(trainer, dataset, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of every pair's chosen and rejected answer under the policy (or the reference),
+    in dataset order: one no-grad pass, batches of ``train.eval_batch_size`` pairs of similar length."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    n = len(dataset)
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+    order = sorted(range(n), key=lambda i: lengths[i])
+    bs = trainer.args.per_device_eval_batch_size
+    chosen, rejected = [], []
+    try:
+        for start in range(0, n, bs):
+            batch = trainer.data_collator([dataset[i] for i in order[start : start + bs]])
+            batch = {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+            with trainer.accelerator.autocast(), (as_reference(trainer) if reference else contextlib.nullcontext(model)) as m:
+                c, r = completion_logps(m, batch).cpu().chunk(2)
+            chosen.append(c)
+            rejected.append(r)
+    finally:
+        model.train(was_training)
+    unsort = torch.empty(n, dtype=torch.long)
+    unsort[torch.tensor(order)] = torch.arange(n)
+    return torch.cat(chosen)[unsort], torch.cat(rejected)[unsort]
+
+
+def preference_metrics(policy: tuple, ref: tuple, kinds: list[str], beta: float, suffix: str = "") -> dict:
+    """Held-out preference accuracy (implicit reward of chosen > rejected; ties count as wrong),
+    per corruption kind, the policy's log-prob margin, the implicit reward margin and the DPO loss."""
+    args = (*policy, *ref)
+    r_chosen, r_rejected = losses.dpo_implicit_rewards(*args, beta)
+    correct = (r_chosen > r_rejected).float()
+    out = {
+        f"preference_accuracy{suffix}": correct.mean().item(),
+        f"logp_margin{suffix}": (policy[0] - policy[1]).mean().item(),
+        f"reward_margin{suffix}": (r_chosen - r_rejected).mean().item(),
+        f"heldout_dpo_loss{suffix}": losses.dpo_loss(*args, beta).item(),
+    }
+    for kind in sorted(set(kinds)):
+        mask = torch.tensor([k == kind for k in kinds])
+        out[f"preference_accuracy_{kind}{suffix}"] = correct[mask].mean().item()
+    return out

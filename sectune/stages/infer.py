@@ -1,0 +1,313 @@
+"""The analyst's output path (seed 000's inference): log file(s) → one JSON analysis each.
+
+    sectune stage=infer infer.model_dir=outputs/DATE/TIME infer.input_file=auth.log
+    sectune stage=infer infer.model_dir=outputs/PIPELINE infer.input_file=logs/ infer.constrained=true
+
+Read top to bottom: inputs (all checked before a model loads) → model (the first usable of
+RL → DPO → SFT in ``infer.model_dir``, else the base model: seed 000's fallback chain) → prompts →
+generation (batched, left padded, the ``generation`` node; with ``infer.constrained=true`` every
+token is restricted to the schema, :mod:`sectune.constrained`) → parsing (``extract_json`` +
+jsonschema; model output is parsed as data, never evaluated) → ``infer.output_file``, written to a
+temporary name and renamed, so a file that is there is complete.
+
+``infer.model_dir`` is a run dir (its ``result.json`` says stage sft, dpo or rl) or a pipeline dir
+(one sub-dir per step: ``rl/``, ``dpo/``, ``sft/``, each a run dir). A step is usable when its
+result.json says succeeded and the artifact it names is complete: ``adapter/`` with
+``adapter_config.json`` and ``adapter_model.safetensors`` (loaded with plain
+``PeftModel.from_pretrained`` on this run's ``model``), or full weights in ``model/``. When no step
+is usable the base model answers with a warning (``infer.base_fallback=false``: an error); a
+directory that is not a sectune run or pipeline is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sectune import modeling
+from sectune.data import auth_logs
+from sectune.errors import ConfigError, DataError
+from sectune.inference import generate, parse_json_output
+from sectune.runner import RESULT_FILE, RunContext, write_json_atomic
+
+#: the steps whose models can answer, in order of preference (the newest stage of a pipeline first)
+CHAIN = ("rl", "dpo", "sft")
+DEFAULT_OUTPUT = "analyses.json"
+
+
+def run(ctx: RunContext) -> dict:
+    cfg, run_dir, ic = ctx.cfg, ctx.run_dir, ctx.cfg.infer
+
+    # 1. inputs and where the answers go: every bad input fails here, before a model loads
+    inputs = read_inputs(ic.input_file)
+    out_path = output_path(ic.output_file, run_dir)
+    validator = auth_logs._validator(ic.schema)
+    choice = choose_model(ic.model_dir, base_fallback=ic.base_fallback)
+
+    # 2. model
+    model, tokenizer, model_ref = load_model(cfg, choice)
+    print(f"sectune: infer: {len(inputs)} input(s), answered by {choice.describe(model_ref)}")
+    for why in choice.skipped:
+        print(f"sectune: infer: skipped {why}")
+    if choice.used == "base" and ic.model_dir is not None:
+        print(f"sectune: warning: no usable rl/dpo/sft model in {ic.model_dir}; the base model answers")
+
+    # 3. prompts
+    schema_text = json.dumps(validator.schema, separators=(",", ":")) if ic.full_schema else None
+    prompts = [build_prompt(text, schema_text) for _, text in inputs]
+    limit = cfg.model.max_seq_length
+    too_long = sum(len(ids) + cfg.generation.max_new_tokens > limit for ids in tokenizer(prompts)["input_ids"])
+    if too_long:
+        print(f"sectune: warning: {too_long} prompt(s) plus generation.max_new_tokens exceed model.max_seq_length={limit}")
+
+    # 4. generation
+    constraint = None
+    if ic.constrained:
+        from sectune.constrained import SchemaConstraint
+
+        vocab = max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0))
+        constraint = SchemaConstraint(tokenizer, validator.schema, vocab_size=vocab)
+        if not constraint.budget_enforced:
+            print("sectune: warning: the schema uses keywords beyond sectune's completion logic: every token is "
+                  "still constrained, but an output that runs out of generation.max_new_tokens stays unclosed "
+                  "and uniqueItems is checked only afterwards")
+    stats: dict = {}
+    t0 = time.perf_counter()
+    texts = generate(model, tokenizer, prompts, cfg.generation, batch_size=ic.batch_size, constraint=constraint, stats=stats)
+    gen_s = time.perf_counter() - t0
+
+    # 5. parse, check, write
+    records = [analyse(name, choice.used, text, validator) for (name, _), text in zip(inputs, texts)]
+    write_json_atomic(out_path, records)
+    n = len(records)
+    metrics = {
+        "inputs": n,
+        "json_valid_rate": sum(r["json_valid"] for r in records) / n,
+        "schema_valid_rate": sum(r["schema_valid"] for r in records) / n,
+        "repaired_rate": sum(r["repaired"] for r in records) / n,
+        "analyses_per_s": n / gen_s if gen_s > 0 else None,
+        "generation_s": round(gen_s, 3),
+        "constrained": int(bool(ic.constrained)),
+    }
+    if constraint is not None:
+        # outputs the token budget closed (the model had not closed them itself by then)
+        metrics["forced_close_rate"] = stats.get("forced", 0) / n
+    print(
+        f"sectune: infer: {n} analyses ({choice.used}{', constrained' if ic.constrained else ''}) · "
+        f"JSON {sum(r['json_valid'] for r in records)}/{n} · schema-valid {sum(r['schema_valid'] for r in records)}/{n} · "
+        f"repaired {sum(r['repaired'] for r in records)} · {metrics['analyses_per_s'] or 0:.2f}/s → {out_path}"
+    )
+    return {"metrics": metrics, "artifacts": {"model": model_ref, "output": _relative(out_path, run_dir)}}
+
+
+# ----------------------------------------------------------------------------- inputs
+def read_inputs(input_file) -> list[tuple[str, str]]:
+    """(file name, text) for one log file or each regular file of a folder (sorted, not recursive,
+    hidden files skipped); every unusable input is a DataError naming it."""
+    if not input_file:
+        raise ConfigError("stage=infer needs infer.input_file=<a log file or a folder of log files>")
+    path = Path(str(input_file)).expanduser()
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise DataError(f"infer.input_file={input_file}: the folder holds no log files")
+    elif path.is_file():
+        files = [path]
+    elif path.exists():
+        raise DataError(f"infer.input_file={input_file}: not a regular file or a folder")
+    else:
+        raise DataError(f"infer.input_file={input_file}: no such file or folder")
+    return [(f.name, read_log(f)) for f in files]
+
+
+def read_log(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if b"\x00" in data:
+        raise DataError(f"{path}: binary file (NUL bytes); infer reads text log files")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); infer reads text log files") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty log file")
+    return text
+
+
+def output_path(output_file, run_dir: Path) -> Path:
+    if output_file:
+        path = Path(str(output_file)).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"infer.output_file={output_file}: is a folder; give a file name (e.g. {path / DEFAULT_OUTPUT})")
+        return path
+    path = run_dir / DEFAULT_OUTPUT
+    path.unlink(missing_ok=True)  # a rerun in this dir: an earlier attempt's answers must not look current
+    return path
+
+
+def build_prompt(log_text: str, schema_text: str | None = None) -> str:
+    """The SFT prompt (``render_prompt``); with the schema (``infer.full_schema``) before the logs."""
+    prompt = auth_logs.render_prompt(log_text)
+    if schema_text is None:
+        return prompt
+    head, sep, rest = prompt.partition("### Logs:")
+    if not sep:
+        return f"### Schema:\n{schema_text}\n{prompt}"
+    return f"{head}### Schema:\n{schema_text}\n{sep}{rest}"
+
+
+# ----------------------------------------------------------------------------- the model chain
+@dataclass
+class ModelChoice:
+    #: rl | dpo | sft | base
+    used: str
+    #: the adapter or full-model folder; None for the base model
+    path: Path | None = None
+    #: adapter | model | base
+    kind: str = "base"
+    #: "<step>: why it was not used", for each preferred step passed over
+    skipped: list[str] = field(default_factory=list)
+
+    def describe(self, model_ref: str) -> str:
+        if self.kind == "base":
+            return f"the base model ({model_ref})"
+        return f"the {self.used} {'adapter' if self.kind == 'adapter' else 'model'} at {self.path}"
+
+
+def choose_model(model_dir, base_fallback: bool = True) -> ModelChoice:
+    """The first usable of RL → DPO → SFT in ``model_dir`` (a run or pipeline dir), else the base."""
+    if model_dir is None:
+        return ModelChoice("base")
+    root = Path(str(model_dir)).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"infer.model_dir={model_dir}: no such directory")
+    result = _read_result(root)
+    stage = (result or {}).get("stage")
+    if stage in CHAIN:
+        candidates = [(stage, root)]
+    elif stage == "pipeline" or (result is None and any((root / s / RESULT_FILE).is_file() for s in CHAIN)):
+        candidates = [(s, root / s) for s in CHAIN]
+    elif result is None:
+        raise ConfigError(f"infer.model_dir={model_dir}: no {RESULT_FILE} there; point it at an sft, dpo or rl run dir or a pipeline dir")
+    else:
+        raise ConfigError(f"infer.model_dir={model_dir}: a stage={stage} run holds no model to answer with; point it at an sft, dpo or rl run dir or a pipeline dir")
+    skipped = []
+    for step, step_dir in candidates:
+        why, path, kind = _usable(step, step_dir)
+        if why is None:
+            return ModelChoice(step, path, kind, skipped)
+        skipped.append(f"{step}: {why}")
+    if not base_fallback:
+        raise ConfigError(f"infer.model_dir={model_dir}: no usable model ({'; '.join(skipped)}) and infer.base_fallback=false")
+    return ModelChoice("base", skipped=skipped)
+
+
+def _read_result(run_dir: Path) -> dict | None:
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return result if isinstance(result, dict) else None
+
+
+def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
+    """(why not, or None; the model folder; adapter | model) for one step's run dir."""
+    if not run_dir.is_dir():
+        return f"no {run_dir.name}/ step", None, ""
+    result = _read_result(run_dir)
+    if result is None:
+        return f"no {RESULT_FILE}", None, ""
+    if result.get("stage") != step:
+        return f"{RESULT_FILE} says stage={result.get('stage')!r}", None, ""
+    if result.get("status") != "succeeded":
+        error = f": {result['error']}" if result.get("error") else ""
+        return f"the run did not succeed (status {result.get('status')!r}{error})", None, ""
+    artifacts = result.get("artifacts") or {}
+    if artifacts.get("adapter"):
+        rel = artifacts["adapter"]
+        folder = run_dir / rel
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (folder / name).is_file():
+                return f"{rel}/{name} missing", None, ""
+        return None, folder, "adapter"
+    if artifacts.get("model"):
+        rel = artifacts["model"]
+        folder = run_dir / rel
+        if not (folder / "config.json").is_file():
+            return f"{rel}/config.json missing", None, ""
+        if not any(folder.glob("*.safetensors")):
+            return f"{rel}/*.safetensors missing", None, ""
+        return None, folder, "model"
+    return f"{RESULT_FILE} names no adapter or model artifact", None, ""
+
+
+def load_model(cfg, choice: ModelChoice):
+    """(model on the run's device in eval mode, tokenizer, the adapter/model folder or base path)."""
+    base = modeling.model_path(cfg)
+    if choice.kind == "model":
+        model = modeling.load_model(cfg, path=str(choice.path))
+        tokenizer = modeling.load_tokenizer(cfg, str(choice.path) if _has_tokenizer(choice.path) else base)
+        ref = str(choice.path)
+    else:
+        model = modeling.load_model(cfg, path=base)
+        ref = base
+        if choice.kind == "adapter":
+            from peft import PeftModel
+
+            trained_on = json.loads((choice.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if trained_on and not _same_model(trained_on, base):
+                print(f"sectune: warning: the {choice.used} adapter was trained on {trained_on}; loading it on "
+                      f"model={cfg.model.name} ({base})")
+            model = PeftModel.from_pretrained(model, str(choice.path))
+            ref = str(choice.path)
+        tokenizer = modeling.load_tokenizer(cfg, str(choice.path) if choice.path and _has_tokenizer(choice.path) else base)
+    model = modeling.to_run_device(model, cfg)
+    model.eval()
+    return model, tokenizer, ref
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+# ----------------------------------------------------------------------------- parsing
+def analyse(name: str, used: str, text: str, validator) -> dict:
+    """One output record. The text is parsed as JSON (repaired where possible), never evaluated."""
+    rec = {"input": name, "model_used": used, "analysis": None, "json_valid": False, "schema_valid": False,
+           "repaired": False, "error": None, "generated": text}
+    try:
+        obj, repaired = parse_json_output(text)
+    except ValueError as e:
+        rec["error"] = str(e)
+        return rec
+    rec.update(analysis=obj, json_valid=True, repaired=repaired)
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        first = errors[0]
+        where = "/".join(map(str, first.absolute_path)) or "<root>"
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        rec["error"] = f"schema: {where}: {first.message}{more}"
+    else:
+        rec["schema_valid"] = True
+    return rec
+
+
+def _relative(path: Path, run_dir: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(path.resolve())

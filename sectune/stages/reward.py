@@ -1,0 +1,219 @@
+"""Bradley-Terry reward model on chosen/rejected analyses (seed 000's reward stage, done better).
+
+Read top to bottom: preference pairs (split by window) → memory check (stage=plan's estimate vs
+the device's free memory; seed 000's "≥ 7 GB?" branch) → either the heuristic reward model or a
+one-output ``…ForSequenceClassification`` (LoRA SEQ_CLS; PEFT saves the ``score`` head with the
+adapter) trained by Trainer with :func:`sectune.losses.bradley_terry_loss` → held-out pairwise
+accuracy, overall and per corruption kind → ``reward_model/`` (+ ``reward_model.json``).
+
+Why not TRL's RewardTrainer: it pads every chosen and rejected sequence of a batch to the longest
+one; here a batch of B pairs is one padding-free row of 2B sequences with per-sequence attention,
+and the head reads only the 2B last positions (bench/reward_throughput.py measures the difference).
+Trainer still owns the loop, accumulation, precision, checkpoints and W&B.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import Trainer, TrainingArguments
+
+from sectune import engine, modeling, packed_attention
+from sectune import reward_model as RM
+from sectune.data.auth_preferences import preference_splits
+from sectune.errors import ConfigError
+from sectune.losses import bradley_terry_loss
+from sectune.runner import RunContext, write_json_atomic
+
+FALLBACKS = ("error", "heuristic")
+
+
+def run(ctx: RunContext) -> dict:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    t0 = time.perf_counter()
+    if cfg.reward.fallback not in FALLBACKS:
+        raise ConfigError(f"reward.fallback={cfg.reward.fallback!r}: choose one of {', '.join(FALLBACKS)}")
+
+    # 1. data
+    splits = preference_splits(cfg)
+    held_out = splits["test"] or splits["validation"]
+    held_name = "test" if splits["test"] else "validation"
+    print(f"sectune: {len(splits['train'])} train / {len(splits['validation'])} validation / {len(splits['test'])} test pairs "
+          f"({cfg.dataset.name}, split by window)")
+
+    # 2. memory check, then the heuristic or a trained reward model
+    fits, why = memory_check(cfg)
+    if cfg.reward.force_fallback or not fits:
+        if not cfg.reward.force_fallback and cfg.reward.fallback == "error":
+            raise ConfigError(f"stage=reward does not fit: {why}. Lower it (quantization=nf4, lora=r4_attention, a smaller "
+                              f"train.batch_size or model.max_seq_length, train.gradient_checkpointing=true) or set "
+                              f"reward.fallback=heuristic to use the heuristic reward model")
+        reason = "reward.force_fallback=true" if cfg.reward.force_fallback else why
+        print(f"sectune: using the HEURISTIC reward model instead of training one ({reason})")
+        return heuristic(cfg, run_dir, held_out, held_name, reason, t0)
+    print(f"sectune: memory check: {why}")
+    return train(ctx, splits, held_out, held_name, t0)
+
+
+def memory_check(cfg) -> tuple[bool, str]:
+    """stage=plan's predicted peak for this run (2 × batch_size sequences: chosen and rejected) against
+    the free memory of the device (``reward.memory_limit_gb`` overrides it). The plan counts an LM
+    head's logits a score head does not have: it errs on the safe side."""
+    from sectune.stages import plan
+
+    c = OmegaConf.merge(cfg, {"plan": {"batch_size": 2 * int(cfg.train.batch_size)}})
+    budget, info = plan.estimate(c)
+    if cfg.reward.memory_limit_gb is not None:
+        free, where = float(cfg.reward.memory_limit_gb) * 1e9, "reward.memory_limit_gb"
+    elif info["device"] == "cuda":
+        free, where = float(torch.cuda.mem_get_info()[0]), "free GPU memory"
+    else:
+        import psutil
+
+        free, where = float(psutil.virtual_memory().available), "available RAM"
+    need = float(budget.total)
+    return need <= free, f"predicted peak {need / 1e9:.2f} GB ({info['model']}, {info['quantization']}) vs {free / 1e9:.2f} GB {where}"
+
+
+# ----------------------------------------------------------------------------- heuristic
+
+
+def heuristic(cfg, run_dir: Path, held_out: list[dict], held_name: str, reason: str, t0: float) -> dict:
+    scorer = RM.HeuristicRewardModel()
+    metrics = {"fallback": 1, **pair_metrics(scorer.score, held_out)}
+    out = run_dir / "reward_model"
+    tmp = out.with_name(".reward_model.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(tmp / RM.HEURISTIC_FILE, scorer.spec)
+    write_json_atomic(tmp / RM.META_FILE, {"kind": "heuristic", "reason": reason})
+    _replace_dir(tmp, out)
+    metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
+    _report(metrics, held_name, "heuristic reward model")
+    return {"metrics": metrics, "artifacts": {"reward_model": "reward_model"}}
+
+
+# ------------------------------------------------------------------------------- training
+
+
+class BradleyTerryTrainer(Trainer):
+    """Trainer whose loss is :func:`bradley_terry_loss` over a padding-free row of pairs."""
+
+    def __init__(self, *args, margin: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.margin = margin
+        self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs: Trainer divides by grad_accum
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        r = RM.sequence_rewards(model, inputs["input_ids"], inputs["position_ids"], inputs["seq_ends"])
+        loss = bradley_terry_loss(r[0::2], r[1::2], self.margin)
+        return (loss, {"rewards": r.view(-1, 2)}) if return_outputs else loss
+
+    # Per-sequence attention over the forward and the backward (selective checkpointing recomputes).
+    def training_step(self, model, inputs, *args, **kwargs):
+        with packed_attention.packed_segments(inputs):
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager(), packed_attention.packed_segments(inputs):
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.detach(), None if prediction_loss_only else out["rewards"].detach(), None
+
+
+def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t0: float) -> dict:
+    from datasets import Dataset
+
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    path = modeling.model_path(cfg)
+    tokenizer = modeling.load_tokenizer(cfg, path)
+    model = modeling.load_model(cfg, task="seq_cls", num_labels=1, path=path)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = modeling.apply_lora(model, cfg, task_type="SEQ_CLS")  # PEFT adds the score head to modules_to_save
+    trainable, total = modeling.trainable_parameters(model)
+    print(f"sectune: {cfg.model.name} (one-output score head): {trainable:,} trainable of {total:,} parameters")
+
+    max_len = int(cfg.model.max_seq_length)
+    train_rows, cut = RM.encode_pair_sequences(tokenizer, splits["train"], max_len)
+    val_rows, vcut = RM.encode_pair_sequences(tokenizer, splits["validation"], max_len)
+    if cut + vcut:
+        print(f"sectune: warning: {cut + vcut} sequences exceed model.max_seq_length={max_len}; their prompt's start was cut")
+    scorer = RM.TrainedRewardModel(model, tokenizer, max_len, batch_size=int(cfg.train.eval_batch_size or cfg.train.batch_size))
+    start = pair_metrics(scorer.score, held_out)
+    print(f"sectune: before training: held-out pairwise accuracy {start['reward_accuracy']:.3f}")
+
+    kwargs = engine.training_kwargs(cfg, run_dir / "checkpoints", has_eval=bool(val_rows))
+    args = TrainingArguments(**kwargs, remove_unused_columns=False, label_names=[], prediction_loss_only=True)
+    trainer = BradleyTerryTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(val_rows) if val_rows else None, processing_class=tokenizer,
+        data_collator=RM.PairRowCollator(tokenizer.pad_token_id), callbacks=engine.fail_callbacks(cfg),
+        margin=float(cfg.loss.margin),
+    )
+    packed_attention.install()
+    engine.selective_checkpointing(trainer.model, cfg)
+    try:
+        train_out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, run_dir / "checkpoints"))
+    finally:
+        engine.write_history(run_dir / "train_history.json", trainer)
+
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    scorer.model = model.eval()
+    metrics = {"fallback": 0, "train_loss": train_out.training_loss, "train_steps": trainer.state.global_step,
+               "trainable_params": trainable, "total_params": total, "truncated_sequences": cut + vcut,
+               "reward_accuracy_start": start["reward_accuracy"], "reward_margin_start": start["reward_margin"]}
+    if val_rows:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    metrics.update(pair_metrics(scorer.score, held_out))
+
+    out = run_dir / "reward_model"
+    modeling.save_pretrained_atomic(model, tokenizer, out)
+    write_json_atomic(out / RM.META_FILE, {"kind": "trained", "base_model": path, "max_length": max_len,
+                                           "model": cfg.model.name, "lora": bool(cfg.lora.enabled)})
+    RM.check_head(out)
+    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"reward · {cfg.model.name}")
+    metrics.update(engine.peak_memory())
+    metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
+    _report(metrics, held_name, f"reward model at {out}")
+    return {"metrics": metrics, "artifacts": {"reward_model": "reward_model", "checkpoints": "checkpoints",
+                                              "train_history": "train_history.json", "loss_curve": "plots/loss_curve.png"}}
+
+
+# ------------------------------------------------------------------------------- metrics
+
+
+def pair_metrics(score, pairs: list[dict]) -> dict:
+    """Held-out pairwise accuracy (chosen strictly above rejected), per corruption kind, and the mean
+    reward margin r_chosen − r_rejected."""
+    if not pairs:
+        return {}
+    prompts = [p["prompt"] for p in pairs]
+    rc = torch.tensor(score(prompts, [p["chosen"] for p in pairs]))
+    rr = torch.tensor(score(prompts, [p["rejected"] for p in pairs]))
+    right = (rc > rr).float()
+    out = {"reward_accuracy": right.mean().item(), "reward_margin": (rc - rr).mean().item(), "heldout_pairs": len(pairs)}
+    by = defaultdict(list)
+    for p, ok in zip(pairs, right.tolist()):
+        by[p["kind"]].append(ok)
+    out.update({f"reward_accuracy_{k}": sum(v) / len(v) for k, v in sorted(by.items())})
+    return out
+
+
+def _report(metrics: dict, split: str, what: str) -> None:
+    kinds = {k[len("reward_accuracy_"):]: v for k, v in metrics.items() if k.startswith("reward_accuracy_") and k != "reward_accuracy_start"}
+    print(f"sectune: {what}: {split} pairwise accuracy {metrics.get('reward_accuracy', float('nan')):.3f}, "
+          f"margin {metrics.get('reward_margin', float('nan')):.3f}")
+    if kinds:
+        print("sectune: per kind: " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    import os
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

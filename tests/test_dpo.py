@@ -1,0 +1,216 @@
+"""stage=dpo: TRL's DPOTrainer agrees with sectune.losses.dpo_loss, the reference costs no second copy
+of the weights, a DPO run from a short SFT run raises held-out preference accuracy, and a bad
+``dpo.init_from`` is one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import FAST, compose, requires_real_data, sectune
+from sectune.data.auth_logs import render_prompt
+from sectune.errors import ConfigError
+
+LOGS = [
+    "Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from 173.234.31.186 port 38926 ssh2",
+    "Dec 10 07:02:47 LabSZ sshd[24203]: Invalid user webmaster from 173.234.31.186\n"
+    "Dec 10 07:02:49 LabSZ sshd[24203]: Failed password for invalid user webmaster from 173.234.31.186 port 38926 ssh2",
+    "Dec 10 09:32:20 LabSZ sshd[24680]: Accepted password for fztu from 119.137.62.142 port 49116 ssh2",
+]
+CHOSEN = ['{"verdict":"suspicious","failed_logins":1}', '{"verdict":"malicious","failed_logins":1,"invalid_users":["webmaster"]}', '{"verdict":"benign","accepted_logins":1}']
+REJECTED = ['{"verdict":"benign","failed_logins":0}', '{"verdict":"benign","failed_logins":3}', '{"verdict":"malicious","accep']
+PAIRS = [{"prompt": render_prompt(log), "chosen": c, "rejected": r, "kind": k} for log, c, r, k in zip(LOGS, CHOSEN, REJECTED, ["verdict", "counts", "truncated"])]
+UNIT = ["stage=dpo", "loss=dpo", "dataset=auth_preferences", "logger=none", "train.precision=fp32", "train.max_steps=1"]
+
+
+def build(tmp_path, overrides=()):
+    from sectune import modeling
+    from sectune.stages import dpo
+
+    cfg = compose([*UNIT, *overrides])
+    tokenizer = modeling.load_tokenizer(cfg)
+    model, ref_model, _ = dpo.build_policy(cfg, modeling.model_path(cfg))
+    trainer = dpo.build_dpo_trainer(cfg, model, ref_model, tokenizer, PAIRS, [], tmp_path / "checkpoints")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    return cfg, trainer, batch
+
+
+def plain_logps(model, batch) -> torch.Tensor:
+    """Completion log-probs from the full logits (not TRL's fused head): an independent computation."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (logp * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+
+def save_sft_like_adapter(tmp_path, seed=0):
+    """A LoRA adapter with non-zero B matrices, saved as an SFT run would save it (adapter/ + result.json)."""
+    from sectune import modeling
+
+    cfg = compose(UNIT)
+    model = modeling.apply_lora(modeling.load_model(cfg), cfg)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+    run_dir = tmp_path / "sft_run"
+    model.save_pretrained(run_dir / "adapter")
+    (run_dir / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": {"adapter": "adapter"}}))
+    return run_dir
+
+
+def test_fresh_adapter_is_the_reference_exactly_and_the_loss_is_log2(tmp_path):
+    from sectune.stages import dpo
+
+    _, trainer, batch = build(tmp_path)
+    model = trainer.model
+    # the reference is the same model with the adapter disabled: no ref model, no second copy of the weights
+    assert trainer.ref_model is None and "ref" not in model.peft_config
+    from sectune import modeling
+
+    cfg = compose(UNIT)
+    base_params = sum(p.numel() for p in modeling.load_model(cfg).parameters())
+    lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert sum(p.numel() for p in model.parameters()) == base_params + lora_params
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+    # log π/π_ref = 0 for every completion: B = 0 makes the adapter an exact no-op
+    policy = plain_logps(model, batch)
+    with model.disable_adapter():
+        reference = plain_logps(model, batch)
+    assert torch.equal(policy, reference)
+    ds = trainer.train_dataset
+    assert [torch.equal(a, b) for a, b in zip(dpo.pair_logps(trainer, ds), dpo.pair_logps(trainer, ds, reference=True))] == [True, True]
+    loss = trainer.compute_loss(model, batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_trl_dpo_loss_equals_sectune_dpo_loss_on_the_same_logps(tmp_path):
+    from sectune import losses
+    from sectune.stages import dpo
+
+    _, trainer, batch = build(tmp_path, ["loss.beta=0.3"])
+    model = trainer.model
+    assert trainer.beta == 0.3
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():  # a policy that differs from the reference
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+    policy_c, policy_r = plain_logps(model, batch).chunk(2)  # the batch is [chosen..., rejected...]
+    with model.disable_adapter():
+        ref_c, ref_r = plain_logps(model, batch).chunk(2)
+    assert (policy_c - ref_c).abs().max() > 0.1  # the log-ratios are not trivially zero
+    expected = losses.dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=0.3)
+    torch.testing.assert_close(trainer.compute_loss(model, batch).detach(), expected, rtol=1e-5, atol=1e-6)
+    # the stage's held-out pass (TRL's fused LM head, batches sorted by length) gives the same log-probs
+    ds = trainer.train_dataset
+    for got, want in zip((*dpo.pair_logps(trainer, ds), *dpo.pair_logps(trainer, ds, reference=True)), (policy_c, policy_r, ref_c, ref_r)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    m = dpo.preference_metrics((policy_c, policy_r), (ref_c, ref_r), ds["kind"], 0.3)
+    assert m["heldout_dpo_loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert set(m) >= {"preference_accuracy", "logp_margin", "preference_accuracy_verdict", "preference_accuracy_truncated"}
+
+
+@pytest.mark.parametrize("reference", ["base", "init"])
+def test_sft_adapter_loads_trainable_and_the_reference_shares_the_base_weights(tmp_path, reference):
+    from sectune.stages import dpo
+
+    run_dir = save_sft_like_adapter(tmp_path)
+    _, trainer, batch = build(tmp_path, [f"dpo.init_from={run_dir}", f"dpo.reference={reference}"])
+    model = trainer.model
+    assert trainer.ref_model is None
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable == {n for n in lora if ".default." in n}  # the SFT adapter trains, nothing else
+    ds = trainer.train_dataset
+    policy, ref = dpo.pair_logps(trainer, ds), dpo.pair_logps(trainer, ds, reference=True)
+    if reference == "base":  # π_ref = the base model: the SFT adapter already moves the log-probs
+        assert "ref" not in model.peft_config and (policy[0] - ref[0]).abs().max() > 0.1
+    else:  # π_ref = a frozen copy of the SFT adapter (LoRA matrices only): equal before training
+        assert set(model.peft_config) == {"default", "ref"} and torch.equal(policy[0], ref[0])
+        assert dpo.preference_metrics(policy, ref, ds["kind"], 0.1)["preference_accuracy"] == 0.0  # ties count as wrong
+
+
+def test_init_from_errors_name_the_path_and_what_is_missing(tmp_path):
+    from sectune.stages import dpo
+
+    run_dir = save_sft_like_adapter(tmp_path)
+    assert dpo.init_source(str(run_dir), "adapter") == run_dir / "adapter"
+    assert dpo.init_source(str(run_dir / "adapter"), "adapter") == run_dir / "adapter"
+    cases = {
+        tmp_path / "nope": "does not exist",
+        tmp_path: "neither result.json",
+    }
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "result.json").write_text(json.dumps({"stage": "sft", "status": "failed", "artifacts": {}}))
+    cases[tmp_path / "failed"] = "lists no 'adapter' artifact (stage=sft, status=failed"
+    for path, words in cases.items():
+        with pytest.raises(ConfigError, match=f"dpo.init_from={path}.*") as e:
+            dpo.init_source(str(path), "adapter")
+        assert words in str(e.value)
+    with pytest.raises(ConfigError, match="holds a LoRA adapter"):
+        dpo.init_source(str(run_dir / "adapter"), "model")
+    # an adapter that does not load (corrupt weights) is the same kind of error, naming the folder
+    (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    cfg = compose([*UNIT, f"dpo.init_from={run_dir}"])
+    from sectune import modeling
+
+    with pytest.raises(ConfigError, match=f"cannot load the adapter in {run_dir / 'adapter'}"):
+        dpo.build_policy(cfg, modeling.model_path(cfg))
+
+
+def test_bad_init_from_exits_nonzero_with_one_line_naming_the_path(tmp_path):
+    missing = tmp_path / "no_such_run"
+    run = sectune(["stage=dpo", "loss=dpo", "dataset=auth_preferences", *FAST, f"dpo.init_from={missing}"], tmp_path / "run")
+    assert run.returncode != 0
+    lines = [ln for ln in run.stderr.strip().splitlines() if ln.startswith("sectune: error")]
+    assert len(lines) == 1 and str(missing) in lines[0] and "does not exist" in lines[0], run.stderr[-2000:]
+    assert run.result["status"] == "failed" and str(missing) in run.result["error"]
+    assert "Traceback" not in run.stderr
+
+
+# ----------------------------------------------------------------------------- real data, end to end
+#: a short SFT run, then DPO: settings checked over several seeds (see the report in sectune/stages/dpo.py)
+SFT_ARGS = ["train.max_steps=30", *FAST]
+DPO_ARGS = ["stage=dpo", "loss=dpo", "dataset=auth_preferences", "train.max_steps=10", *FAST]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    sft = sectune(SFT_ARGS, root / "sft")
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    run = sectune([*DPO_ARGS, f"dpo.init_from={root / 'sft'}"], root / "dpo")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@requires_real_data
+def test_dpo_raises_heldout_preference_accuracy_above_its_start(dpo_run):
+    res = dpo_run.result
+    assert res["status"] == "succeeded" and res["stage"] == "dpo"
+    m = res["metrics"]
+    assert m["train_steps"] == 10 and m["train_loss"] > 0
+    assert m["preference_accuracy"] > m["preference_accuracy_start"] + 0.05, m
+    assert m["heldout_dpo_loss"] < m["heldout_dpo_loss_start"], m
+    for key in ("logp_margin", "logp_margin_start", "peak_rss_bytes", "preference_accuracy_truncated", "preference_accuracy_schema_invalid"):
+        assert key in m, key
+
+
+@requires_real_data
+def test_dpo_adapter_reloads_with_plain_peft(dpo_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir, res = dpo_run.run_dir, dpo_run.result
+    adapter = run_dir / res["artifacts"]["adapter"]
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "ref").exists()
+    assert (run_dir / res["artifacts"]["loss_curve"]).is_file() and (run_dir / res["artifacts"]["train_history"]).is_file()
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter).eval()
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), run_dir.parent / "sft" / "adapter").eval()
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - sft(input_ids=ids).logits).abs().max() > 1e-3  # DPO moved the SFT policy

@@ -1,0 +1,277 @@
+"""stage=infer: the RL → DPO → SFT → base chain, schema-constrained decoding, bad inputs, and model
+output that is parsed, never evaluated. In-process runs (``runner.run``) keep it fast; one CLI run
+checks the exit code and the one-line error a user sees."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose, sectune
+from sectune import data, runner
+from sectune.data import auth_logs
+from sectune.stages import infer
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["stage=infer", "logger=none"]
+N_HELD_OUT = 8
+
+
+def run_infer(overrides: list[str], run_dir: Path):
+    cfg = compose(BASE + overrides)
+    code, _ = runner.run(cfg, run_dir)
+    return code, json.loads((run_dir / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    """The first held-out (validation split) windows of the auth-log folder, one log file each."""
+    cfg = compose(BASE)
+    _, val = data.train_val_split(data.sft_records(cfg), cfg.dataset.val_fraction, cfg.dataset.split_seed)
+    keep = {r["id"] for r in val}
+    folder = tmp_path_factory.mktemp("held_out")
+    samples = [s for s in auth_logs.load_auth_folder(data.auth_logs_folder(cfg)) if s.id in keep]
+    for s in sorted(samples, key=lambda s: len(s.log_text))[:N_HELD_OUT]:  # the shortest: fast prompts
+        (folder / f"auth_{s.id}.log").write_text(s.log_text + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    """A LoRA adapter for the tiny model, saved as stage=sft saves one (safetensors + tokenizer)."""
+    from sectune import modeling
+
+    cfg = compose(BASE)
+    path = modeling.model_path(cfg)
+    model = modeling.apply_lora(modeling.load_model(cfg, path=path), cfg)
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    modeling.save_pretrained_atomic(model, modeling.load_tokenizer(cfg, path), out)
+    return out
+
+
+def make_step(step_dir: Path, stage: str, adapter: Path | None, status: str = "succeeded") -> None:
+    step_dir.mkdir(parents=True, exist_ok=True)
+    artifacts = {}
+    if adapter is not None:
+        shutil.copytree(adapter, step_dir / "adapter")
+        artifacts["adapter"] = "adapter"
+    (step_dir / "result.json").write_text(json.dumps({"stage": stage, "status": status, "metrics": {}, "artifacts": artifacts}))
+
+
+def make_pipeline(root: Path, adapter: Path) -> Path:
+    for step in ("sft", "dpo", "rl"):
+        make_step(root / step, step, adapter)
+    (root / "result.json").write_text(json.dumps({"stage": "pipeline", "status": "succeeded", "metrics": {},
+                                                 "artifacts": {s: s for s in ("sft", "dpo", "rl")}}))
+    return root
+
+
+# ------------------------------------------------------------------------------ constrained
+def test_constrained_decoding_is_schema_valid_on_held_out_windows(held_out, tmp_path):
+    # The tiny model is untrained: left alone it writes 100-digit integers and fills every string to
+    # its maxLength. 96 new tokens is less than such an object takes, so the budget must close it.
+    out = tmp_path / "answers" / "analyses.json"
+    code, res = run_infer([f"infer.input_file={held_out}", "infer.constrained=true", f"infer.output_file={out}",
+                           "infer.batch_size=8", "generation.max_new_tokens=96"], tmp_path / "run")
+    assert code == 0, res.get("error")
+    records = json.loads(out.read_text())
+    assert [r["input"] for r in records] == sorted(p.name for p in held_out.iterdir())
+    for r in records:
+        assert r["json_valid"] and r["schema_valid"] and not r["repaired"] and r["error"] is None, r
+        assert r["model_used"] == "base" and not auth_logs.validate_analysis(r["analysis"])
+    m = res["metrics"]
+    assert m["json_valid_rate"] == m["schema_valid_rate"] == 1.0 and m["repaired_rate"] == 0.0
+    assert m["constrained"] == 1 and m["analyses_per_s"] > 0
+    assert Path(res["artifacts"]["output"]) == out.resolve()
+
+
+def _simulate(constraint, max_new: int, batch: int, seed: int, bias=None, greedy=False) -> list[str]:
+    """Drive the logits processor with random logits (a model that prefers nothing, or ``bias``)."""
+    g = torch.Generator().manual_seed(seed)
+    proc = constraint.processor(max_new)
+    ids = torch.zeros(batch, 1, dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.bool)
+    for _ in range(max_new):
+        scores = torch.randn(batch, constraint.vocab_size, generator=g) * 3 + (0 if bias is None else bias)
+        scores = proc(ids, scores)
+        nxt = scores.argmax(-1) if greedy else torch.multinomial(torch.softmax(scores, -1), 1, generator=g)[:, 0]
+        nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+        done |= nxt == constraint.eos_id
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        if done.all():
+            break
+    return [constraint.decode(row) for row in ids[:, 1:].tolist()]
+
+
+def test_constrained_outputs_close_within_any_budget_and_keep_items_unique():
+    from sectune import modeling
+    from sectune.constrained import SchemaConstraint
+
+    cfg = compose(BASE)
+    schema = json.loads((ROOT / "sectune/data/auth_schema.json").read_text())
+    c = SchemaConstraint(modeling.load_tokenizer(cfg), schema)
+    assert c.budget_enforced and 0 < c.min_tokens < 160
+    # a model that loves closing quotes and the letter "a": it would write ["a","a","a"] if let
+    repeat = torch.zeros(c.vocab_size)
+    for i, b in enumerate(c.token_bytes):
+        if b in (b'"', b'","', b',"', b"a", b'",', b'["'):
+            repeat[i] = 12.0
+    outputs = []
+    for seed, budget in enumerate([c.min_tokens, c.min_tokens + 5, 70, 160]):
+        outputs += _simulate(c, budget, 3, seed)
+        outputs += _simulate(c, budget, 2, seed, bias=repeat, greedy=seed % 2 == 0)
+    for text in outputs:
+        obj = json.loads(text)  # plain JSON, no repair
+        assert not auth_logs.validate_analysis(obj), (auth_logs.validate_analysis(obj), text)
+    with pytest.raises(Exception, match="max_new_tokens"):
+        c.processor(c.min_tokens - 1)
+
+
+# ------------------------------------------------------------------------------ the model chain
+def _fake_adapter_step(step_dir: Path, stage: str, status: str = "succeeded") -> None:
+    (step_dir / "adapter").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (step_dir / "adapter" / name).write_text("{}")
+    (step_dir / "result.json").write_text(json.dumps({"stage": stage, "status": status, "artifacts": {"adapter": "adapter"}}))
+
+
+def test_chain_prefers_rl_then_dpo_then_sft_then_base_as_files_go(tmp_path):
+    root = tmp_path / "pipe"
+    for step in ("sft", "dpo", "rl"):
+        _fake_adapter_step(root / step, step)
+    (root / "result.json").write_text(json.dumps({"stage": "pipeline", "status": "succeeded"}))
+
+    def pick():
+        c = infer.choose_model(str(root))
+        return c.used, c.skipped
+
+    assert pick() == ("rl", [])
+    (root / "rl/adapter/adapter_model.safetensors").unlink()
+    assert pick() == ("dpo", ["rl: adapter/adapter_model.safetensors missing"])
+    (root / "dpo/result.json").write_text(json.dumps({"stage": "dpo", "status": "failed", "error": "out of memory"}))
+    used, skipped = pick()
+    assert used == "sft" and "status 'failed': out of memory" in skipped[1]
+    (root / "sft/adapter/adapter_config.json").unlink()
+    used, skipped = pick()
+    assert used == "base" and skipped[2] == "sft: adapter/adapter_config.json missing"
+    with pytest.raises(Exception, match="no usable model"):
+        infer.choose_model(str(root), base_fallback=False)
+    # a single run dir is the chain of its own stage; a pipeline that never ran a step says so
+    assert infer.choose_model(str(root / "rl")).skipped == ["rl: adapter/adapter_model.safetensors missing"]
+    shutil.rmtree(root / "rl")
+    assert infer.choose_model(str(root)).skipped[0] == "rl: no rl/ step"
+    assert infer.choose_model(None).used == "base"
+
+
+def test_infer_runs_on_the_adapter_it_chose_and_falls_back(adapter, tmp_path):
+    log = tmp_path / "auth.log"
+    log.write_text("Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186\n")
+    pipe = make_pipeline(tmp_path / "pipe", adapter)
+    common = [f"infer.model_dir={pipe}", f"infer.input_file={log}", "generation.max_new_tokens=8"]
+
+    def used(i: int) -> tuple[str, str]:
+        code, res = run_infer(common, tmp_path / f"run{i}")
+        assert code == 0, res.get("error")
+        records = json.loads((tmp_path / f"run{i}" / res["artifacts"]["output"]).read_text())
+        assert records[0]["input"] == "auth.log" and set(records[0]) >= {
+            "input", "model_used", "analysis", "json_valid", "schema_valid", "repaired", "error"}
+        return records[0]["model_used"], res["artifacts"]["model"]
+
+    assert used(0) == ("rl", str(pipe / "rl" / "adapter"))
+    (pipe / "rl/adapter/adapter_model.safetensors").unlink()
+    assert used(1) == ("dpo", str(pipe / "dpo" / "adapter"))
+    shutil.rmtree(pipe / "dpo/adapter")
+    assert used(2) == ("sft", str(pipe / "sft" / "adapter"))
+    (pipe / "sft/result.json").write_text(json.dumps({"stage": "sft", "status": "failed"}))
+    from sectune import modeling
+
+    assert used(3) == ("base", modeling.model_path(compose(BASE)))
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp_path / "empty.log").write_text("  \n")
+    (tmp_path / "binary.log").write_bytes(b"Dec 10 sshd\x00\x01\x02")
+    (tmp_path / "latin1.log").write_bytes("Dec 10 sshd: user caf\xe9\n".encode("latin-1"))
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "not_a_run").mkdir()
+    (tmp_path / "reward_run").mkdir()
+    (tmp_path / "reward_run/result.json").write_text(json.dumps({"stage": "reward", "status": "succeeded"}))
+    good = tmp_path / "good.log"
+    good.write_text("Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186\n")
+    return {
+        "unset": ([], "infer.input_file"),
+        "missing": ([f"infer.input_file={tmp_path / 'nope.log'}"], "nope.log: no such file or folder"),
+        "empty file": ([f"infer.input_file={tmp_path / 'empty.log'}"], "empty.log: empty log file"),
+        "binary": ([f"infer.input_file={tmp_path / 'binary.log'}"], "binary.log: binary file"),
+        "not utf-8": ([f"infer.input_file={tmp_path / 'latin1.log'}"], "latin1.log: not UTF-8"),
+        "empty folder": ([f"infer.input_file={tmp_path / 'empty_dir'}"], "empty_dir: the folder holds no log files"),
+        "model_dir missing": ([f"infer.input_file={good}", f"infer.model_dir={tmp_path / 'gone'}"], "gone: no such directory"),
+        "model_dir not a run": ([f"infer.input_file={good}", f"infer.model_dir={tmp_path / 'not_a_run'}"], "no result.json there"),
+        "model_dir holds no model": ([f"infer.input_file={good}", f"infer.model_dir={tmp_path / 'reward_run'}"], "stage=reward run holds no model"),
+    }
+
+
+def test_every_bad_input_fails_with_one_clear_line_and_no_output(tmp_path, capsys):
+    for name, (overrides, message) in _bad_inputs(tmp_path).items():
+        out = tmp_path / "out" / f"{name}.json"
+        capsys.readouterr()
+        code, res = run_infer([*overrides, f"infer.output_file={out}"], tmp_path / "runs" / name.replace(" ", "_"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code != 0 and res["status"] == "failed", name
+        assert len(err) == 1 and err[0].startswith("sectune: error:") and message in err[0], (name, err)
+        assert not out.exists() and not (tmp_path / "runs" / name.replace(" ", "_") / "analyses.json").exists()
+
+
+def test_cli_exit_code_and_stderr_for_a_binary_input(tmp_path):
+    (tmp_path / "binary.log").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00")
+    run = sectune([*BASE, f"infer.input_file={tmp_path / 'binary.log'}"], tmp_path / "run")
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == f"sectune: error: {tmp_path / 'binary.log'}: binary file (NUL bytes); infer reads text log files"
+    assert not (tmp_path / "run" / "analyses.json").exists() and run.result["status"] == "failed"
+
+
+# ------------------------------------------------------------------------------ parsed, never evaluated
+def test_model_output_is_parsed_never_evaluated(tmp_path, monkeypatch):
+    canary = tmp_path / "pwned"
+    payloads = [
+        f"__import__('os').system('touch {canary}')",
+        f'{{"verdict": __import__("os").system("touch {canary}"), "summary": "x"}}',
+        f'{{"verdict": "benign", "summary": "eval(compile(\'open(\\"{canary}\\", \\"w\\")\', \'x\', \'exec\'))"}}',
+    ]
+    monkeypatch.setattr(infer, "generate", lambda model, tok, prompts, *a, **k: payloads[: len(prompts)])
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.log").write_text("Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user admin from 1.2.3.4\n")
+    code, res = run_infer([f"infer.input_file={folder}", "generation.max_new_tokens=4"], tmp_path / "run")
+    assert code == 0 and not canary.exists()
+    first, second, third = json.loads((tmp_path / "run" / "analyses.json").read_text())
+    assert first["analysis"] is None and not first["json_valid"] and "no JSON object" in first["error"]
+    assert not second["schema_valid"] and second["error"]  # repaired into data or refused, never run
+    assert third["json_valid"] and third["analysis"]["summary"].startswith("eval(") and not third["schema_valid"]
+    # and no eval/exec call anywhere on the output path
+    for rel in ("sectune/stages/infer.py", "sectune/inference.py", "sectune/constrained.py"):
+        calls = [n.func.id for n in ast.walk(ast.parse((ROOT / rel).read_text()))
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("eval", "exec")]
+        assert not calls, rel
+
+
+# ------------------------------------------------------------------------------ small pieces
+def test_full_schema_prompt_carries_the_schema_before_the_logs():
+    schema = json.dumps(json.loads((ROOT / "sectune/data/auth_schema.json").read_text()), separators=(",", ":"))
+    prompt = infer.build_prompt("Dec 10 sshd: Failed password", schema)
+    assert prompt.index(schema) < prompt.index("### Logs:") < prompt.index("Failed password")
+    assert infer.build_prompt("x") == auth_logs.render_prompt("x")
+
+
+def test_parse_json_output_says_whether_it_repaired():
+    from sectune.inference import parse_json_output
+
+    assert parse_json_output('{"a": 1} tail') == ({"a": 1}, False)
+    assert parse_json_output('{"a": 1,') == ({"a": 1}, True)

@@ -1,0 +1,57 @@
+"""The objectives sectune owns, against values worked out by hand (softplus(x) = log(1 + e^x))."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sectune.losses import bradley_terry_loss, dpo_implicit_rewards, dpo_loss, pairwise_accuracy
+
+
+def test_bradley_terry_without_margin():
+    # pair 1: Δ = 2 - 1 = 1 → softplus(-1) = 0.313262; pair 2: Δ = 0 - 1 = -1 → softplus(1) = 1.313262
+    loss = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
+    assert loss.item() == pytest.approx(0.8132616875, abs=1e-6)
+
+
+def test_bradley_terry_with_margin():
+    # Δ - 0.5 = 0.5 → softplus(-0.5) = 0.474077; Δ - 0.5 = -1.5 → softplus(1.5) = 1.701413
+    loss = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), margin=0.5)
+    assert loss.item() == pytest.approx(1.0877451311, abs=1e-6)
+
+
+def test_bradley_terry_is_finite_where_log_of_sigmoid_is_not():
+    # seed 000's -log(sigmoid(Δ)) is inf at Δ = -200; logsigmoid gives the exact 200
+    r_c, r_r = torch.tensor([-100.0]), torch.tensor([100.0])
+    assert torch.isinf(-torch.log(torch.sigmoid(r_c - r_r))).item()
+    assert bradley_terry_loss(r_c, r_r).item() == pytest.approx(200.0)
+
+
+def test_bradley_terry_gradient_pushes_chosen_up():
+    r_c = torch.tensor([0.0], requires_grad=True)
+    r_r = torch.tensor([0.0], requires_grad=True)
+    bradley_terry_loss(r_c, r_r).backward()
+    assert r_c.grad.item() == pytest.approx(-0.5) and r_r.grad.item() == pytest.approx(0.5)  # -σ(-0) = -1/2
+
+
+def test_pairwise_accuracy_counts_ties_as_wrong():
+    assert pairwise_accuracy(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0, 4.0])).item() == pytest.approx(1 / 3)
+
+
+def test_dpo_loss_hand_computed():
+    # log-ratios: chosen [-10+11, -20+20] = [1, 0]; rejected [-12+11, -18+19] = [-1, 1]
+    # β·(chosen - rejected) = 0.1·[2, -1] = [0.2, -0.1] → mean(softplus(-0.2), softplus(0.1)) = 0.671268
+    pc, pr = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -18.0])
+    rc, rr = torch.tensor([-11.0, -20.0]), torch.tensor([-11.0, -19.0])
+    assert dpo_loss(pc, pr, rc, rr, beta=0.1).item() == pytest.approx(0.6712677647, abs=1e-6)
+    chosen, rejected = dpo_implicit_rewards(pc, pr, rc, rr, beta=0.1)
+    torch.testing.assert_close(chosen, torch.tensor([0.1, 0.0]))
+    torch.testing.assert_close(rejected, torch.tensor([-0.1, 0.1]))
+
+
+def test_dpo_loss_is_log2_when_policy_equals_reference():
+    logps = torch.tensor([-5.0, -7.5, -30.0])
+    other = torch.tensor([-6.0, -2.0, -31.0])
+    assert dpo_loss(logps, other, logps.clone(), other.clone(), beta=0.3).item() == pytest.approx(math.log(2))

@@ -1,10 +1,10 @@
 """Reward models: a trained Bradley-Terry scorer or the heuristic fallback, behind one interface.
 
-* :func:`encode_pair_sequences` / :class:`PairRowCollator` / :func:`sequence_rewards`: how the
-  reward stage scores sequences. A batch of B pairs is one padding-free row of 2B sequences
-  (chosen₁, rejected₁, chosen₂, …) with ``position_ids`` restarting per sequence; attention stays
-  within each sequence (:mod:`sectune.packed_attention`), and the one-output ``score`` head reads
-  each sequence's last token (its EOS). One forward per batch, no padding but a multiple of 64.
+* :func:`encode_pair_groups` / :class:`SharedPromptCollator` / :func:`sequence_rewards`: how the
+  reward stage scores completions. Pairs are grouped by prompt (an auth window's chosen analysis and
+  its ``pairs_per_window`` corruptions); a group is one row holding the prompt once and then every
+  completion, each attending to the prompt and to itself only, and the one-output ``score`` head
+  reads each completion's last token (its EOS). One forward per batch, prompts encoded once.
 * :class:`TrainedRewardModel` and :class:`HeuristicRewardModel` share ``score(prompts,
   completions) -> list[float]``; :func:`load_reward_model` opens either from a ``stage=reward``
   run dir (or its ``reward_model/`` folder), so later stages (RL) never ask which one they got.
@@ -29,52 +29,79 @@ _LOGS_IN_PROMPT = re.compile(r"### Logs:\n(?P<logs>.*?)\n### Analysis:", re.S)
 # ------------------------------------------------------------------------------- encoding
 
 
-def encode_sequence(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int]:
-    """prompt + completion + EOS as ids, cut from the prompt's start when too long (the completion,
-    which the reward judges, is kept whole). Returns (ids, prompt tokens cut)."""
+def encode_group(tokenizer, prompt: str, completions: Sequence[str], max_length: int) -> tuple[dict, int]:
+    """One prompt and its completions (each + EOS) as ids. When the prompt and the longest completion
+    exceed ``max_length``, the prompt's start is cut (the completions, which the reward judges, are
+    kept whole). Returns (``{"prompt_ids", "completion_ids"}``, prompt tokens cut)."""
     p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    over = len(p) + len(c) - max_length
-    if over > 0:
-        if over >= len(p):
-            c = c[-max_length:]
-            return c, len(p)
-        p = p[over:]
-    return p + c, max(0, over)
+    cs = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id] for c in completions]
+    over = max(0, len(p) + max(map(len, cs)) - max_length)
+    return {"prompt_ids": p[over:], "completion_ids": cs}, over
 
 
-def encode_pair_sequences(tokenizer, pairs: Sequence[dict], max_length: int) -> tuple[list[dict], int]:
-    """Each pair as ``{"chosen_ids", "rejected_ids"}``; returns (rows, sequences whose prompt was cut)."""
-    rows, cut = [], 0
+def group_pairs(pairs: Sequence[dict]) -> list[dict]:
+    """Pairs sharing a prompt → ``{"prompt", "completions" (unique, in order), "pairs": [(chosen, rejected) indices]}``."""
+    groups: dict[str, dict] = {}
     for p in pairs:
-        c, cc = encode_sequence(tokenizer, p["prompt"], p["chosen"], max_length)
-        r, rc = encode_sequence(tokenizer, p["prompt"], p["rejected"], max_length)
-        cut += (cc > 0) + (rc > 0)
-        rows.append({"chosen_ids": c, "rejected_ids": r})
+        g = groups.setdefault(p["prompt"], {"prompt": p["prompt"], "completions": [], "pairs": []})
+        idx = []
+        for text in (p["chosen"], p["rejected"]):
+            if text not in g["completions"]:
+                g["completions"].append(text)
+            idx.append(g["completions"].index(text))
+        g["pairs"].append(tuple(idx))
+    return list(groups.values())
+
+
+def encode_pair_groups(tokenizer, pairs: Sequence[dict], max_length: int) -> tuple[list[dict], int]:
+    """Training rows: one per prompt, with its completions and the (chosen, rejected) index pairs."""
+    rows, cut = [], 0
+    for g in group_pairs(pairs):
+        enc, over = encode_group(tokenizer, g["prompt"], g["completions"], max_length)
+        cut += over > 0
+        rows.append({**enc, "pairs": [list(ij) for ij in g["pairs"]]})
     return rows, cut
 
 
-class PairRowCollator:
-    """B pairs → one ``[1, L]`` row of 2B sequences (chosen, rejected interleaved) + ``seq_ends``."""
+class SharedPromptCollator:
+    """Groups → one row each: the prompt once, then every completion, each attending to the prompt
+    and to itself only (a 4D mask), positions continuing from the prompt. Every completion is scored
+    exactly as if it followed the prompt alone, but the prompt (~600 of ~700 tokens of an auth-log
+    pair) is encoded once per group instead of twice per pair. Rows are right-padded to a multiple
+    of ``pad_to_multiple_of``; ``seq_ends`` index the flattened ``[B·L]`` positions of each
+    completion's last token (its EOS) and ``pairs`` index ``seq_ends``."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 64):
         self.pad, self.multiple = pad_token_id, pad_to_multiple_of
 
-    def __call__(self, examples: list[dict]) -> dict:
-        seqs = [s for ex in examples for s in (ex["chosen_ids"], ex["rejected_ids"])]
-        return flat_row(seqs, self.pad, self.multiple)
-
-
-def flat_row(seqs: Sequence[Sequence[int]], pad: int, multiple: int = 64) -> dict:
-    ids, pos, ends = [], [], []
-    for s in seqs:
-        ids.extend(s)
-        pos.extend(range(len(s)))
-        ends.append(len(ids) - 1)
-    extra = (-len(ids)) % multiple
-    ids.extend([pad] * extra)
-    pos.extend([0] * extra)  # one-token "documents" nothing real attends to
-    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "seq_ends": torch.tensor(ends)}
+    def __call__(self, groups: list[dict]) -> dict:
+        lengths = [len(g["prompt_ids"]) + sum(map(len, g["completion_ids"])) for g in groups]
+        L = max(lengths) + (-max(lengths)) % self.multiple
+        B = len(groups)
+        ids = torch.full((B, L), self.pad, dtype=torch.long)
+        pos = torch.zeros((B, L), dtype=torch.long)
+        span = torch.full((B, L), -1, dtype=torch.long)  # 0 = prompt, i + 1 = completion i, < 0 = padding
+        ends, pairs = [], []
+        for b, g in enumerate(groups):
+            P = len(g["prompt_ids"])
+            ids[b, :P] = torch.tensor(g["prompt_ids"])
+            pos[b, :P] = torch.arange(P)
+            span[b, :P] = 0
+            at, first = P, len(ends)
+            for i, c in enumerate(g["completion_ids"]):
+                n = len(c)
+                ids[b, at : at + n] = torch.tensor(c)
+                pos[b, at : at + n] = torch.arange(P, P + n)
+                span[b, at : at + n] = i + 1
+                at += n
+                ends.append(b * L + at - 1)
+            pairs.extend([first + i, first + j] for i, j in g.get("pairs", []))
+            span[b, at:] = -torch.arange(1, L - at + 1)  # each pad token its own span: it sees itself (and the prompt)
+        q, k = span[:, :, None], span[:, None, :]
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        mask = causal & ((k == 0) | (k == q))
+        return {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None], "seq_ends": torch.tensor(ends),
+                "pairs": torch.tensor(pairs, dtype=torch.long).view(-1, 2)}
 
 
 def seq_cls_model(model):
@@ -87,20 +114,18 @@ def seq_cls_model(model):
     return inner
 
 
-def sequence_rewards(model, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ends: torch.Tensor) -> torch.Tensor:
-    """One scalar per sequence of a flat row: the score head on each sequence's last hidden state.
+def sequence_rewards(model, batch: dict) -> torch.Tensor:
+    """One scalar per completion of a :class:`SharedPromptCollator` batch: the score head on each
+    completion's last hidden state.
 
     Calls the decoder body (``base_model``: LlamaModel, GPT2Model, …) and the head directly, so the
-    head runs on 2B positions instead of every token, and transformers' pad-token pooling (which
-    would pick one position per row) is out of the way.
+    head runs on the completions' last positions instead of every token, and transformers' pad-token
+    pooling (one position per row) is out of the way.
     """
-    from sectune import packed_attention
-
     inner = seq_cls_model(model)
-    batch = {"input_ids": input_ids, "position_ids": position_ids}
-    with packed_attention.packed_segments(batch):
-        hidden = inner.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-    return inner.score(hidden[0, seq_ends]).squeeze(-1).float()
+    hidden = inner.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    return inner.score(hidden.reshape(-1, hidden.shape[-1])[batch["seq_ends"]]).squeeze(-1).float()
 
 
 # ------------------------------------------------------------------------------- scorers
@@ -141,12 +166,21 @@ class TrainedRewardModel:
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """Completions grouped by prompt (each prompt encoded once), ``batch_size`` prompts per forward."""
         device = next(self.model.parameters()).device
-        out: list[float] = []
-        seqs = [encode_sequence(self.tokenizer, p, c, self.max_length)[0] for p, c in zip(prompts, completions)]
-        for i in range(0, len(seqs), self.batch_size):
-            row = flat_row(seqs[i : i + self.batch_size], self.tokenizer.pad_token_id)
-            out.extend(sequence_rewards(self.model, *(row[k].to(device) for k in ("input_ids", "position_ids", "seq_ends"))).tolist())
+        order: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            order.setdefault(p, []).append(i)
+        groups = [(p, idx, encode_group(self.tokenizer, p, [completions[i] for i in idx], self.max_length)[0]) for p, idx in order.items()]
+        out = [0.0] * len(prompts)
+        collate = SharedPromptCollator(self.tokenizer.pad_token_id)
+        for b in range(0, len(groups), self.batch_size):
+            chunk = groups[b : b + self.batch_size]
+            batch = {k: v.to(device) for k, v in collate([g[2] for g in chunk]).items()}
+            scores = sequence_rewards(self.model, batch).tolist()
+            flat = [i for g in chunk for i in g[1]]
+            for i, r in zip(flat, scores):
+                out[i] = r
         return out
 
 

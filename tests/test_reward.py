@@ -15,33 +15,40 @@ from sectune.errors import ConfigError
 REWARD = ["stage=reward", "loss=bradley_terry", "dataset=auth_preferences", "logger=none"]
 
 
-def test_padding_free_pair_row_scores_each_sequence_as_alone():
-    """One flat row of chosen/rejected sequences gives every sequence the score it gets on its own."""
-    from sectune import modeling, packed_attention
+def test_shared_prompt_rows_score_each_completion_as_alone():
+    """A prompt encoded once with all its completions gives every completion the score it gets alone."""
+    from sectune import modeling
 
     cfg = compose(["stage=reward", "dataset=auth_preferences", "lora=none"])
     path = modeling.model_path(cfg)
     tok = modeling.load_tokenizer(cfg, path)
     model = modeling.load_model(cfg, task="seq_cls", num_labels=1, path=path).eval()
     model.config.pad_token_id = tok.pad_token_id
-    packed_attention.install()
-    pairs = [{"prompt": "Analyze:\nsshd[1]: Failed password for root", "chosen": '{"verdict":"malicious"}', "rejected": '{"verdict":"benign"'},
-             {"prompt": "Analyze:\nlogin[2]: session opened", "chosen": '{"verdict":"benign"}', "rejected": "nope"}]
-    rows, _ = RM.encode_pair_sequences(tok, pairs, 512)
-    batch = RM.PairRowCollator(tok.pad_token_id)(rows)
-    assert batch["input_ids"].shape[1] % 64 == 0
+    p1, p2 = "Analyze:\nsshd[1]: Failed password for root", "Analyze:\nlogin[2]: session opened for user x"
+    pairs = [{"prompt": p1, "chosen": '{"verdict":"malicious"}', "rejected": '{"verdict":"benign"'},
+             {"prompt": p1, "chosen": '{"verdict":"malicious"}', "rejected": "{}"},
+             {"prompt": p2, "chosen": '{"verdict":"benign","failed_logins":0}', "rejected": "nope"}]
+    rows, _ = RM.encode_pair_groups(tok, pairs, 512)
+    assert [len(r["completion_ids"]) for r in rows] == [3, 2] and rows[0]["pairs"] == [[0, 1], [0, 2]]
+    batch = RM.SharedPromptCollator(tok.pad_token_id)(rows)
+    assert batch["input_ids"].shape[1] % 64 == 0 and batch["pairs"].tolist() == [[0, 1], [0, 2], [3, 4]]
     with torch.no_grad():
-        flat = RM.sequence_rewards(model, batch["input_ids"], batch["position_ids"], batch["seq_ends"])
-        alone = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for r in rows for ids in (r["chosen_ids"], r["rejected_ids"])]
-    torch.testing.assert_close(flat, torch.tensor(alone), rtol=1e-4, atol=1e-4)
-    assert flat.std() > 0  # distinct sequences, distinct scores
+        grouped = RM.sequence_rewards(model, batch)
+        alone = [model(input_ids=torch.tensor([r["prompt_ids"] + c])).logits[0, 0].item() for r in rows for c in r["completion_ids"]]
+    torch.testing.assert_close(grouped, torch.tensor(alone), rtol=1e-4, atol=1e-4)
+    assert grouped.std() > 0  # distinct completions, distinct scores
+    scorer = RM.TrainedRewardModel(model, tok, 512, batch_size=1)  # the scorer regroups by prompt, in input order
+    torch.testing.assert_close(torch.tensor(scorer.score([p2, p1, p1], ["nope", '{"verdict":"benign"', "{}"])),
+                               torch.tensor([alone[4], alone[1], alone[2]]), rtol=1e-4, atol=1e-4)
 
 
-def test_long_prompt_is_cut_from_its_start_and_the_completion_kept():
-    tok = __import__("sectune.modeling", fromlist=["x"]).load_tokenizer(compose([]))
-    ids, cut = RM.encode_sequence(tok, "line of logs " * 200, '{"verdict":"benign"}', 64)
-    assert len(ids) == 64 and cut > 0 and ids[-1] == tok.eos_token_id
-    assert tok.decode(ids[:-1]).endswith('{"verdict":"benign"}')
+def test_long_prompt_is_cut_from_its_start_and_the_completions_kept():
+    from sectune import modeling
+
+    tok = modeling.load_tokenizer(compose([]))
+    enc, cut = RM.encode_group(tok, "line of logs " * 200, ['{"verdict":"benign"}', "x"], 64)
+    assert cut > 0 and len(enc["prompt_ids"]) + len(enc["completion_ids"][0]) == 64
+    assert enc["completion_ids"][0][-1] == tok.eos_token_id and tok.decode(enc["completion_ids"][0][:-1]) == '{"verdict":"benign"}'
 
 
 def test_forced_fallback_writes_a_heuristic_that_ranks_pairs(tmp_path):

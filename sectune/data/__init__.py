@@ -11,6 +11,8 @@ from omegaconf import DictConfig
 
 from sectune.errors import ConfigError
 
+SPLITS = ("train", "validation", "test")
+
 
 def auth_logs_folder(cfg: DictConfig) -> Path:
     """``dataset.path`` as given, or the folder built from the real (or generated) logs."""
@@ -38,6 +40,42 @@ def sft_records(cfg: DictConfig) -> list[dict]:
             for s in samples
         ]
     raise ConfigError(f"dataset={name} has no prompt/completion form for stage={cfg.stage.name}")
+
+
+def split_windows(ids_labels: list[tuple[str, str]], val_fraction: float, test_fraction: float, seed: int) -> dict[str, set[str]]:
+    """Window ids → split, stratified by label where every class has enough windows; deterministic."""
+    from sklearn.model_selection import train_test_split
+
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ConfigError(f"dataset.val_fraction={val_fraction} + dataset.test_fraction={test_fraction} must be in [0, 1)")
+    ids = [i for i, _ in ids_labels]
+    labels = [lab for _, lab in ids_labels]
+
+    def cut(items, labs, frac):
+        if frac <= 0 or not items:
+            return items, [], labs
+        n = max(1, round(len(items) * frac))
+        if n >= len(items):
+            raise ConfigError(f"dataset: {len(items)} windows are too few for fractions val={val_fraction}, test={test_fraction}")
+        counts = {lab: labs.count(lab) for lab in set(labs)}
+        strat = labs if min(counts.values()) >= 2 and len(counts) > 1 and n >= len(counts) else None
+        rest, out, rest_l, _ = train_test_split(items, labs, test_size=n, random_state=seed, stratify=strat)
+        return rest, out, rest_l
+
+    rest, test, rest_l = cut(ids, labels, test_fraction)
+    train, val, _ = cut(rest, rest_l, val_fraction / (1 - test_fraction) if test_fraction else val_fraction)
+    return {"train": set(train), "validation": set(val), "test": set(test)}
+
+
+def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
+    """train / validation / test prompt-completion records. ``auth_logs`` is split by window with
+    :func:`split_windows`, exactly as ``auth_preferences`` splits its pairs (same folder, fractions
+    and ``dataset.split_seed`` → same windows), so a pipeline's SFT, reward, DPO and RL steps never
+    train on the windows its held-out table is computed on."""
+    records = sft_records(cfg)
+    d = cfg.dataset
+    where = split_windows([(r["id"], r["label"]) for r in records], float(d.val_fraction), float(d.test_fraction), int(d.split_seed))
+    return {s: [r for r in records if r["id"] in where[s]] for s in SPLITS}
 
 
 def train_val_split(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

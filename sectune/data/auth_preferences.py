@@ -26,9 +26,9 @@ from omegaconf import DictConfig
 
 from sectune.data.auth_logs import render_completion, render_prompt
 from sectune.data.auth_rules import CLASSES
+from sectune.data import SPLITS, split_windows
 from sectune.errors import ConfigError, DataError
 
-SPLITS = ("train", "validation", "test")
 _COUNTS_IN_SUMMARY = re.compile(r"(\d+) failed, (\d+) accepted logins")
 _USER_POOL = ("admin", "root", "oracle", "test", "guest", "ubuntu", "postgres", "git", "ftpuser", "support", "pi", "mysql")
 
@@ -172,31 +172,6 @@ def make_pairs(window_id: str, log_text: str, analysis: dict, kinds: list[str], 
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": kind, "window_id": window_id,
                       "label": analysis["verdict"], "window": log_text, "annotation": analysis})
     return pairs
-
-
-def split_windows(ids_labels: list[tuple[str, str]], val_fraction: float, test_fraction: float, seed: int) -> dict[str, set[str]]:
-    """Window ids → split, stratified by label where every class has enough windows; deterministic."""
-    from sklearn.model_selection import train_test_split
-
-    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-        raise ConfigError(f"dataset.val_fraction={val_fraction} + dataset.test_fraction={test_fraction} must be in [0, 1)")
-    ids = [i for i, _ in ids_labels]
-    labels = [lab for _, lab in ids_labels]
-
-    def cut(items, labs, frac):
-        if frac <= 0 or not items:
-            return items, [], labs
-        n = max(1, round(len(items) * frac))
-        if n >= len(items):
-            raise ConfigError(f"dataset: {len(items)} windows are too few for fractions val={val_fraction}, test={test_fraction}")
-        counts = {lab: labs.count(lab) for lab in set(labs)}
-        strat = labs if min(counts.values()) >= 2 and len(counts) > 1 and n >= len(counts) else None
-        rest, out, rest_l, _ = train_test_split(items, labs, test_size=n, random_state=seed, stratify=strat)
-        return rest, out, rest_l
-
-    rest, test, rest_l = cut(ids, labels, test_fraction)
-    train, val, _ = cut(rest, rest_l, val_fraction / (1 - test_fraction) if test_fraction else val_fraction)
-    return {"train": set(train), "validation": set(val), "test": set(test)}
 
 
 def preference_splits(cfg: DictConfig) -> dict[str, list[dict]]:

@@ -6,10 +6,13 @@ one-output ``…ForSequenceClassification`` (LoRA SEQ_CLS; PEFT saves the ``scor
 adapter) trained by Trainer with :func:`sectune.losses.bradley_terry_loss` → held-out pairwise
 accuracy, overall and per corruption kind → ``reward_model/`` (+ ``reward_model.json``).
 
-Why not TRL's RewardTrainer: it pads every chosen and rejected sequence of a batch to the longest
-one; here a batch of B pairs is one padding-free row of 2B sequences with per-sequence attention,
-and the head reads only the 2B last positions (bench/reward_throughput.py measures the difference).
-Trainer still owns the loop, accumulation, precision, checkpoints and W&B.
+Why not TRL's RewardTrainer: it runs prompt + chosen and prompt + rejected as two padded rows per
+pair, encoding the shared prompt (~600 of ~700 tokens of an auth-log pair) twice. Here the pairs of
+a prompt are one row (:class:`sectune.reward_model.SharedPromptCollator`): the prompt once, then
+the chosen and every rejected analysis, each attending to the prompt and itself only, and the head
+reads only their last positions (bench/reward_throughput.py measures the difference). A batch is
+``train.batch_size`` prompts with all their pairs. Trainer still owns the loop, accumulation,
+precision, checkpoints and W&B.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from transformers import Trainer, TrainingArguments
 
-from sectune import engine, modeling, packed_attention
+from sectune import engine, modeling
 from sectune import reward_model as RM
 from sectune.data.auth_preferences import preference_splits
 from sectune.errors import ConfigError
 from sectune.losses import bradley_terry_loss
+from sectune.memory import memory_check
 from sectune.runner import RunContext, write_json_atomic
 
 FALLBACKS = ("error", "heuristic")
@@ -46,7 +49,7 @@ def run(ctx: RunContext) -> dict:
           f"({cfg.dataset.name}, split by window)")
 
     # 2. memory check, then the heuristic or a trained reward model
-    fits, why = memory_check(cfg)
+    fits, why = memory_check(cfg, sequences_per_example=2)
     if cfg.reward.force_fallback or not fits:
         if not cfg.reward.force_fallback and cfg.reward.fallback == "error":
             raise ConfigError(f"stage=reward does not fit: {why}. Lower it (quantization=nf4, lora=r4_attention, a smaller "
@@ -57,26 +60,6 @@ def run(ctx: RunContext) -> dict:
         return heuristic(cfg, run_dir, held_out, held_name, reason, t0)
     print(f"sectune: memory check: {why}")
     return train(ctx, splits, held_out, held_name, t0)
-
-
-def memory_check(cfg) -> tuple[bool, str]:
-    """stage=plan's predicted peak for this run (2 × batch_size sequences: chosen and rejected) against
-    the free memory of the device (``reward.memory_limit_gb`` overrides it). The plan counts an LM
-    head's logits a score head does not have: it errs on the safe side."""
-    from sectune.stages import plan
-
-    c = OmegaConf.merge(cfg, {"plan": {"batch_size": 2 * int(cfg.train.batch_size)}})
-    budget, info = plan.estimate(c)
-    if cfg.reward.memory_limit_gb is not None:
-        free, where = float(cfg.reward.memory_limit_gb) * 1e9, "reward.memory_limit_gb"
-    elif info["device"] == "cuda":
-        free, where = float(torch.cuda.mem_get_info()[0]), "free GPU memory"
-    else:
-        import psutil
-
-        free, where = float(psutil.virtual_memory().available), "available RAM"
-    need = float(budget.total)
-    return need <= free, f"predicted peak {need / 1e9:.2f} GB ({info['model']}, {info['quantization']}) vs {free / 1e9:.2f} GB {where}"
 
 
 # ----------------------------------------------------------------------------- heuristic
@@ -108,18 +91,14 @@ class BradleyTerryTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs: Trainer divides by grad_accum
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        r = RM.sequence_rewards(model, inputs["input_ids"], inputs["position_ids"], inputs["seq_ends"])
-        loss = bradley_terry_loss(r[0::2], r[1::2], self.margin)
-        return (loss, {"rewards": r.view(-1, 2)}) if return_outputs else loss
-
-    # Per-sequence attention over the forward and the backward (selective checkpointing recomputes).
-    def training_step(self, model, inputs, *args, **kwargs):
-        with packed_attention.packed_segments(inputs):
-            return super().training_step(model, inputs, *args, **kwargs)
+        r = RM.sequence_rewards(model, inputs)
+        pairs = inputs["pairs"]
+        loss = bradley_terry_loss(r[pairs[:, 0]], r[pairs[:, 1]], self.margin)
+        return (loss, {"rewards": r[pairs]}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager(), packed_attention.packed_segments(inputs):
+        with torch.no_grad(), self.compute_loss_context_manager():
             loss, out = self.compute_loss(model, inputs, return_outputs=True)
         return loss.detach(), None if prediction_loss_only else out["rewards"].detach(), None
 
@@ -137,10 +116,10 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     print(f"sectune: {cfg.model.name} (one-output score head): {trainable:,} trainable of {total:,} parameters")
 
     max_len = int(cfg.model.max_seq_length)
-    train_rows, cut = RM.encode_pair_sequences(tokenizer, splits["train"], max_len)
-    val_rows, vcut = RM.encode_pair_sequences(tokenizer, splits["validation"], max_len)
+    train_rows, cut = RM.encode_pair_groups(tokenizer, splits["train"], max_len)
+    val_rows, vcut = RM.encode_pair_groups(tokenizer, splits["validation"], max_len)
     if cut + vcut:
-        print(f"sectune: warning: {cut + vcut} sequences exceed model.max_seq_length={max_len}; their prompt's start was cut")
+        print(f"sectune: warning: {cut + vcut} prompts + completions exceed model.max_seq_length={max_len}; the prompt's start was cut")
     scorer = RM.TrainedRewardModel(model, tokenizer, max_len, batch_size=int(cfg.train.eval_batch_size or cfg.train.batch_size))
     start = pair_metrics(scorer.score, held_out)
     print(f"sectune: before training: held-out pairwise accuracy {start['reward_accuracy']:.3f}")
@@ -150,10 +129,9 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     trainer = BradleyTerryTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(val_rows) if val_rows else None, processing_class=tokenizer,
-        data_collator=RM.PairRowCollator(tokenizer.pad_token_id), callbacks=engine.fail_callbacks(cfg),
+        data_collator=RM.SharedPromptCollator(tokenizer.pad_token_id), callbacks=engine.fail_callbacks(cfg),
         margin=float(cfg.loss.margin),
     )
-    packed_attention.install()
     engine.selective_checkpointing(trainer.model, cfg)
     try:
         train_out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, run_dir / "checkpoints"))
@@ -163,7 +141,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     scorer.model = model.eval()
     metrics = {"fallback": 0, "train_loss": train_out.training_loss, "train_steps": trainer.state.global_step,
-               "trainable_params": trainable, "total_params": total, "truncated_sequences": cut + vcut,
+               "trainable_params": trainable, "total_params": total, "truncated_prompts": cut + vcut,
                "reward_accuracy_start": start["reward_accuracy"], "reward_margin_start": start["reward_margin"]}
     if val_rows:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]

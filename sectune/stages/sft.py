@@ -26,9 +26,11 @@ def run(ctx: RunContext) -> dict:
     t0 = time.perf_counter()
 
     # 1. data
-    records = data.sft_records(cfg)
-    train_recs, val_recs = data.train_val_split(records, cfg.dataset.val_fraction, cfg.dataset.split_seed)
-    print(f"sectune: {len(train_recs)} training and {len(val_recs)} validation examples ({cfg.dataset.name})")
+    splits = data.sft_splits(cfg)  # by window; the test windows are held out for stage=infer/evaluate
+    train_recs, val_recs = splits["train"], splits["validation"]
+    records = train_recs + val_recs
+    print(f"sectune: {len(train_recs)} training and {len(val_recs)} validation examples, {len(splits['test'])} test windows "
+          f"held out ({cfg.dataset.name})")
 
     # 2. model
     path = modeling.model_path(cfg)

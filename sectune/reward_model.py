@@ -216,7 +216,16 @@ def load_reward_model(path: str | Path, cfg=None, batch_size: int = 8):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if (d / "adapter_config.json").is_file():
-        base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], num_labels=1)
+        kwargs = {}
+        q = meta.get("quantization", "none")
+        if q != "none":  # score on the base the adapter was trained on (nf4/int8), when the caller's config has it
+            from sectune.modeling import quantization_config
+
+            if cfg is not None and cfg.quantization.name == q:
+                kwargs["quantization_config"] = quantization_config(cfg)
+            else:
+                print(f"sectune: warning: {d} was trained on a {q} base; scoring on an unquantized one (compose quantization={q} to match)")
+        base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], num_labels=1, **kwargs)
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, d)
     else:

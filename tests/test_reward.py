@@ -86,3 +86,71 @@ def test_reward_model_dir_errors_name_the_problem(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": {}}))
     with pytest.raises(ConfigError, match="not a succeeded stage=reward run"):
         RM.load_reward_model(tmp_path)
+
+
+#: the tiny model's reward settings: every corruption kind for every train window, full fine-tune
+TINY_REWARD = [*REWARD, "lora=none", "train.learning_rate=1e-3", "train.epochs=3", "train.batch_size=4", "dataset.pairs_per_window=8"]
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reward") / "run"
+    run = sectune(TINY_REWARD, run_dir, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@requires_real_data
+def test_reward_model_ranks_held_out_pairs(reward_run):
+    m = reward_run.result["metrics"]
+    assert m["fallback"] == 0 and m["heldout_pairs"] >= 300
+    assert m["reward_accuracy"] >= 0.85 and m["reward_accuracy"] > m["reward_accuracy_start"] + 0.3, m
+    kinds = {k[len("reward_accuracy_"):]: v for k, v in m.items() if k.startswith("reward_accuracy_") and k != "reward_accuracy_start"}
+    assert len(kinds) == 8  # every kind is reported, the hard ones too
+    assert kinds["truncated"] >= 0.95 and kinds["schema_invalid"] >= 0.85, kinds
+    assert m["reward_margin"] > 0
+
+
+@requires_real_data
+def test_reward_model_reloads_with_plain_peft_api_and_scores_the_same(reward_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir = reward_run.run_dir
+    folder = run_dir / reward_run.result["artifacts"]["reward_model"]
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+    plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()  # lora=none: the whole model, head included
+    scorer = RM.load_reward_model(run_dir)
+    assert scorer.kind == "trained"
+    prompt = "### Logs:\nDec 10 09:32:20 LabSZ sshd[24680]: Failed password for root from 1.2.3.4 port 1 ssh2\n### Analysis:\n"
+    ids = scorer.tokenizer(prompt + '{"verdict":"suspicious"}', add_special_tokens=True)["input_ids"] + [scorer.tokenizer.eos_token_id]
+    with torch.no_grad():
+        alone = plain(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert scorer.score([prompt], ['{"verdict":"suspicious"}'])[0] == pytest.approx(alone, abs=1e-4)
+    # a reward model without its head is refused, not silently random
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    from safetensors.torch import load_file, save_file
+
+    weights = {k: v for k, v in load_file(str(broken / "model.safetensors")).items() if not k.startswith("score.")}
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="score head is not in model.safetensors"):
+        RM.load_reward_model(broken)
+
+
+def test_seed_preset_on_the_tiny_model_trains_an_nf4_lora_reward_adapter(tmp_path):
+    """+experiment=auth_reward (seed 000: nf4 + double quant, LoRA r4 attention, batch 1, AdamW 2e-5) with the
+    tiny model: the quantized path runs for real on CPU and saves adapter + score head, loadable by plain PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run = sectune(["+experiment=auth_reward", "model=tiny_llama", "train.max_steps=2", "dataset.max_samples=20", "logger=none"], tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.result["metrics"]
+    assert m["quantized_modules"] > 0 and m["fallback"] == 0 and m["trainable_params"] < m["total_params"] / 10
+    folder = tmp_path / "run" / run.result["artifacts"]["reward_model"]
+    meta = json.loads((folder / RM.META_FILE).read_text())
+    assert meta["quantization"] == "nf4" and meta["lora"] is True
+    RM.check_head(folder)  # the trained score head is in adapter_model.safetensors
+    base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], num_labels=1)
+    model = PeftModel.from_pretrained(base, folder)
+    assert model.peft_config["default"].task_type == "SEQ_CLS"

@@ -142,6 +142,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     scorer.model = model.eval()
     metrics = {"fallback": 0, "train_loss": train_out.training_loss, "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total, "truncated_prompts": cut + vcut,
+               "quantized_modules": modeling.quantized_module_count(model),
                "reward_accuracy_start": start["reward_accuracy"], "reward_margin_start": start["reward_margin"]}
     if val_rows:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -150,7 +151,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     out = run_dir / "reward_model"
     modeling.save_pretrained_atomic(model, tokenizer, out)
     write_json_atomic(out / RM.META_FILE, {"kind": "trained", "base_model": path, "max_length": max_len,
-                                           "model": cfg.model.name, "lora": bool(cfg.lora.enabled)})
+                                           "model": cfg.model.name, "lora": bool(cfg.lora.enabled), "quantization": cfg.quantization.name})
     RM.check_head(out)
     engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"reward · {cfg.model.name}")
     metrics.update(engine.peak_memory())

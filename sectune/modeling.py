@@ -114,7 +114,8 @@ def load_model(cfg: DictConfig, task: str = "causal_lm", num_labels: int | None 
     if m.device_map is not None:
         kwargs["device_map"] = OmegaConf.to_container(m.device_map) if OmegaConf.is_config(m.device_map) else m.device_map
         if m.max_memory:
-            kwargs["max_memory"] = dict(m.max_memory)
+            # a GPU index arrives from YAML/the command line as the string "0"; accelerate wants the int
+            kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in m.max_memory.items()}
         if m.offload_folder:
             kwargs["offload_folder"] = m.offload_folder
     elif qconf is not None:

@@ -75,13 +75,16 @@ def run(ctx: RunContext) -> dict:
     callbacks = [*engine.fail_callbacks(cfg)]
     trainer = build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, run_dir / "checkpoints", callbacks)
     main = trainer.accelerator.is_main_process
+    # TRL's own tokenization (EOS added, prompt/answer boundary), so held-out pairs are scored as training sees pairs
     heldout_ds = trainer._prepare_dataset(to_dataset(heldout), tokenizer, trainer.args, heldout_name) if heldout else None
     metrics: dict = {"train_pairs": len(train_pairs), "heldout_pairs": len(heldout), "too_long_pairs": too_long,
                      "trainable_params": trainable, "total_params": total}
     beta = float(cfg.loss.beta)
     if heldout_ds is not None:  # before train(): a resumed run loads its checkpoint inside train()
         ref_logps = pair_logps(trainer, heldout_ds, reference=True)  # fixed: training never changes the reference
-        metrics.update(preference_metrics(pair_logps(trainer, heldout_ds), ref_logps, heldout_ds["kind"], beta, suffix="_start"))
+        start_metrics = preference_metrics(pair_logps(trainer, heldout_ds), ref_logps, heldout_ds["kind"], beta, suffix="_start")
+        metrics.update(start_metrics)
+        ctx.partial_metrics.update(start_metrics)  # kept in result.json even if training fails
     resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
     try:
         train_out = trainer.train(resume_from_checkpoint=resume)
@@ -116,6 +119,8 @@ def run(ctx: RunContext) -> dict:
             f"{metrics['preference_accuracy_start']:.3f} → {metrics['preference_accuracy']:.3f} · log-prob margin "
             f"{metrics['logp_margin_start']:.2f} → {metrics['logp_margin']:.2f} · {metrics['train_runtime_s']:.0f}s"
         )
+    else:
+        print(f"sectune: done · {name} at {run_dir / name} · train loss {metrics['train_loss']:.4f} · {metrics['train_runtime_s']:.0f}s")
     trainer.accelerator.wait_for_everyone()
     return {"metrics": metrics, "artifacts": artifacts}
 

@@ -1,0 +1,480 @@
+"""The analyst's held-out table: every policy a pipeline trained, beside the rule engine and the
+classic baselines, on the test windows no training stage saw.
+
+Rows: the untrained base model, each trained policy (SFT, SFT+GRPO, SFT+DPO, …), the best policy
+again under schema-constrained decoding (:mod:`sectune.constrained`), the rule engine
+(``auth_rules.analyze_auth_log``; it wrote the annotations, so it scores 100% by construction and
+is the ceiling, not a competitor), TF-IDF + logistic regression on the window text (verdict only,
+fitted on the train windows, ``C`` picked on validation: :func:`sectune.baselines.tfidf_logreg_baseline`)
+and the majority class. Columns: JSON-valid % (an object recovered, repair allowed, as
+``stage=infer`` counts it), schema-valid %, verdict accuracy and macro-F1 over the three verdicts
+(an unparseable output is a wrong verdict), field-level F1 (``auth_rewards.field_f1`` against the
+annotation; 0 when unparseable), analyses/s (generation only, model loading excluded), and how
+the row's verdict macro-F1 compares with TF-IDF + LR's.
+
+Per source: every benign window comes from Linux_2k (the OpenSSH log holds no benign window), and
+the host name (``combo`` vs ``LabSZ``) sits in every line, so "Linux → benign" is a shortcut a model
+can learn. The per-source table shows, for each row and source, the share of windows truly benign,
+the share predicted benign, and the share of the *non-benign* windows called benign; a model that
+learned the host name calls most non-benign Linux windows benign. Sources are read from the
+folder's ``BUILD_INFO.json`` (each window's first line is line ``Y`` of one source file).
+
+Policies generate greedily with the ``generation`` settings (``do_sample`` forced off), batched.
+Outputs are parsed as data (``extract_json``), never evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from sectune.data.auth_rules import CLASSES
+from sectune.errors import ConfigError
+
+NONE = "<none>"  # the verdict of an output with no parseable verdict
+
+
+# ------------------------------------------------------------------------------ windows
+@dataclass(frozen=True)
+class Window:
+    id: str
+    source: str
+    prompt: str
+    log_text: str
+    annotation: dict
+
+    @property
+    def label(self) -> str:
+        return self.annotation["verdict"]
+
+
+def load_windows(cfg: DictConfig) -> dict[str, list[Window]]:
+    """train / validation / test windows of ``dataset=auth_logs`` exactly as the training stages
+    split them (:func:`sectune.data.sft_splits`), each with its source log."""
+    from sectune import data
+    from sectune.data import auth_logs
+
+    splits = data.sft_splits(cfg)
+    folder = data.auth_logs_folder(cfg)
+    samples = {s.id: s for s in auth_logs.load_auth_folder(folder, max_samples=cfg.dataset.max_samples)}
+    sources = window_sources(folder, list(samples.values()))
+    return {
+        name: [Window(r["id"], sources.get(r["id"], "unknown"), r["prompt"], samples[r["id"]].log_text, samples[r["id"]].analysis)
+               for r in recs]
+        for name, recs in splits.items()
+    }
+
+
+def window_sources(folder: Path, samples) -> dict[str, str]:
+    """Window id → source name (``OpenSSH``, ``Linux``, ``synthetic``, ``unknown``): the source
+    file (BUILD_INFO.json's ``source_files``) whose line ``Y`` is the window's first line."""
+    try:
+        info = json.loads((Path(folder) / "BUILD_INFO.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if info.get("source") == "synthetic":
+        return {s.id: "synthetic" for s in samples}
+    files = []
+    for f in info.get("source_files") or []:
+        try:
+            lines = Path(f["path"]).read_text(encoding="utf-8", errors="replace").splitlines()
+        except (OSError, KeyError, TypeError):
+            continue
+        files.append((Path(f["path"]).stem.split("_")[0], lines))
+    out = {}
+    for s in samples:
+        first_line = int(s.id.split("_")[1])
+        head = s.log_text.splitlines()[0].rstrip() if s.log_text.strip() else ""
+        hits = [name for name, lines in files if 0 < first_line <= len(lines) and lines[first_line - 1].rstrip() == head]
+        out[s.id] = hits[0] if len(hits) == 1 else "unknown"
+    return out
+
+
+def pick_windows(windows: list[Window], limit: int | None) -> list[Window]:
+    """The first ``limit`` windows taken round-robin over sources (all when ``limit`` is None)."""
+    if limit is None or limit >= len(windows):
+        return list(windows)
+    by: dict[str, list[Window]] = {}
+    for w in windows:
+        by.setdefault(w.source, []).append(w)
+    queues, out, depth = [by[k] for k in sorted(by)], [], 0
+    while len(out) < limit:
+        out.extend(q[depth] for q in queues if depth < len(q))
+        depth += 1
+    keep = {w.id for w in out[:limit]}
+    return [w for w in windows if w.id in keep]
+
+
+# ------------------------------------------------------------------------------ rows
+@dataclass
+class Row:
+    """One system's answers on the test windows."""
+
+    name: str
+    #: policy | rules | baseline
+    kind: str
+    verdicts: list[str]
+    #: per window: parsed object (None = unparseable); None for verdict-only rows
+    analyses: list[dict | None] | None = None
+    schema_valid: list[bool] | None = None
+    seconds: float | None = None
+    #: the pipeline step a policy came from (sft, rl, dpo) or None
+    step: str | None = None
+    constrained: bool = False
+    note: str = ""
+    texts: list[str] | None = field(default=None, repr=False)
+
+
+def analyses_row(name: str, texts: Sequence[str], seconds: float | None, *, step: str | None = None, constrained: bool = False, note: str = "") -> Row:
+    """A policy's generated texts → parsed analyses, schema validity and verdicts (parsed, never evaluated)."""
+    from sectune.data.auth_logs import validate_analysis
+    from sectune.inference import parse_json_output
+
+    analyses, valid, verdicts = [], [], []
+    for text in texts:
+        try:
+            obj, _ = parse_json_output(text)
+        except ValueError:
+            obj = None
+        analyses.append(obj)
+        valid.append(obj is not None and not validate_analysis(obj))
+        v = obj.get("verdict") if obj is not None else None
+        verdicts.append(v if isinstance(v, str) else NONE)
+    return Row(name, "policy", verdicts, analyses, valid, seconds, step=step, constrained=constrained, note=note, texts=list(texts))
+
+
+def rule_engine_row(windows: list[Window]) -> Row:
+    from sectune.data.auth_logs import validate_analysis
+    from sectune.data.auth_rules import analyze_auth_log
+
+    t0 = time.perf_counter()
+    out = [analyze_auth_log(w.log_text.splitlines()) for w in windows]
+    seconds = time.perf_counter() - t0
+    return Row("rule engine (wrote the annotations: the ceiling)", "rules", [a["verdict"] for a in out], out,
+               [not validate_analysis(a) for a in out], seconds)
+
+
+def tfidf_row(train: list[Window], val: list[Window], test: list[Window], seed: int) -> Row:
+    from sectune.baselines import tfidf_logreg_baseline
+
+    res = tfidf_logreg_baseline([w.log_text for w in train], [w.label for w in train], [w.log_text for w in test], seed,
+                                val_texts=[w.log_text for w in val] or None, val_y=[w.label for w in val] or None)
+    return Row("TF-IDF + LR (verdict only)", "baseline", res.predictions, seconds=res.predict_s, note=f"C={res.params['C']}")
+
+
+def majority_row(train: list[Window], test: list[Window]) -> Row:
+    from sectune.baselines import majority_baseline
+
+    res = majority_baseline([w.label for w in train], [w.label for w in test])
+    return Row(f"majority class ({res.params['label']})", "baseline", res.predictions)
+
+
+def generate_row(name: str, model, tokenizer, windows: list[Window], gen_cfg, batch_size: int, *, step: str | None = None,
+                 constraint=None) -> Row:
+    """Greedy generation (``generation`` settings, ``do_sample`` off) for every window, batched."""
+    from sectune.inference import generate
+
+    greedy = OmegaConf.merge(gen_cfg, {"do_sample": False})
+    t0 = time.perf_counter()
+    texts = generate(model, tokenizer, [w.prompt for w in windows], greedy, batch_size=batch_size, constraint=constraint)
+    return analyses_row(name, texts, time.perf_counter() - t0, step=step, constrained=constraint is not None)
+
+
+def load_policy(cfg: DictConfig, kind: str, path: Path | None):
+    """(model in eval mode on the run's device, tokenizer) for ``base`` (path None), an ``adapter``
+    folder (plain ``PeftModel.from_pretrained`` on ``cfg.model``) or full ``model`` weights."""
+    from sectune import modeling
+
+    base = modeling.model_path(cfg)
+    if kind == "model":
+        model = modeling.load_model(cfg, path=str(path))
+    else:
+        model = modeling.load_model(cfg, path=base)
+        if kind == "adapter":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(path))
+    has_tok = path is not None and ((Path(path) / "tokenizer_config.json").is_file() or (Path(path) / "tokenizer.json").is_file())
+    tokenizer = modeling.load_tokenizer(cfg, str(path) if has_tok else base)
+    model = modeling.to_run_device(model, cfg)
+    model.eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------ scoring
+def verdict_scores(truth: list[str], pred: list[str]) -> dict:
+    """Accuracy and macro-F1 over the verdicts that occur (in the truth or as a valid prediction):
+    a verdict absent from a subset (OpenSSH has no benign window) is not averaged in as F1 0; an
+    unparseable or unknown prediction is simply wrong."""
+    from sectune.evaluation import label_scores
+
+    labels = [c for c in CLASSES if c in truth or c in pred]
+    return label_scores(truth, pred, labels)
+
+
+def score(row: Row, windows: list[Window]) -> dict:
+    """Overall numbers of one row (rates in [0, 1]; None where the row has no such output)."""
+    from sectune.data.auth_rewards import field_f1
+
+    truth = [w.label for w in windows]
+    s = verdict_scores(truth, row.verdicts)
+    out = {"windows": len(windows), "verdict_accuracy": s["accuracy"], "verdict_macro_f1": s["macro_f1"],
+           "json_valid_rate": None, "schema_valid_rate": None, "field_f1": None,
+           "analyses_per_s": (len(windows) / row.seconds) if row.seconds else None}
+    if row.analyses is not None:
+        out["json_valid_rate"] = sum(a is not None for a in row.analyses) / len(windows)
+        out["schema_valid_rate"] = sum(row.schema_valid) / len(windows)
+        out["field_f1"] = sum(field_f1(a, w.annotation) if a is not None else 0.0 for a, w in zip(row.analyses, windows)) / len(windows)
+    return out
+
+
+def score_by_source(row: Row, windows: list[Window]) -> dict[str, dict]:
+    """Per source: verdict numbers plus the host-name check (true / predicted benign shares, and
+    the share of non-benign windows called benign)."""
+    out = {}
+    for src in sorted({w.source for w in windows}):
+        idx = [i for i, w in enumerate(windows) if w.source == src]
+        truth = [windows[i].label for i in idx]
+        pred = [row.verdicts[i] for i in idx]
+        s = verdict_scores(truth, pred)
+        non_benign = [p for t, p in zip(truth, pred) if t != "benign"]
+        d = {"windows": len(idx), "verdict_accuracy": s["accuracy"], "verdict_macro_f1": s["macro_f1"],
+             "true_benign_rate": truth.count("benign") / len(idx), "pred_benign_rate": pred.count("benign") / len(idx),
+             "non_benign_called_benign_rate": (non_benign.count("benign") / len(non_benign)) if non_benign else None}
+        if row.analyses is not None:
+            from sectune.data.auth_rewards import field_f1
+
+            d["field_f1"] = sum(field_f1(row.analyses[i], windows[i].annotation) if row.analyses[i] is not None else 0.0 for i in idx) / len(idx)
+            d["json_valid_rate"] = sum(row.analyses[i] is not None for i in idx) / len(idx)
+        out[src] = d
+    return out
+
+
+def best_policy(rows: list[Row], scores: dict[str, dict]) -> Row | None:
+    """The trained policy (not base, not constrained) with the highest verdict macro-F1, then field F1,
+    then the later step."""
+    trained = [(i, r) for i, r in enumerate(rows) if r.kind == "policy" and r.step not in (None, "base") and not r.constrained]
+    if not trained:
+        return None
+    return max(trained, key=lambda ir: (scores[ir[1].name]["verdict_macro_f1"], scores[ir[1].name]["field_f1"] or 0.0, ir[0]))[1]
+
+
+# ------------------------------------------------------------------------------ the table
+def build_table(
+    eval_cfg: DictConfig,
+    policies: list[tuple[str, str, DictConfig, str, Path | None]],
+    out_dir: Path,
+    *,
+    max_windows: int | None = None,
+    batch_size: int = 16,
+    constrained: bool = True,
+    reuse: dict[str, tuple[list[str], float | None]] | None = None,
+    extra: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Score every system on the held-out windows; write ``heldout.json`` and ``report.md`` into
+    ``out_dir`` and return the table (``rows``, ``by_source``, ``metrics``, ``markdown``).
+
+    ``policies``: ``(row name, step, step cfg, kind, path)`` with kind ``base`` | ``adapter`` |
+    ``model`` (path None for base). ``reuse``: ``{step: (texts, seconds)}`` generated already by an
+    identical greedy pass over the same windows (the pipeline's infer step), in window order.
+    """
+    from sectune.runner import write_json_atomic
+
+    splits = load_windows(eval_cfg)
+    test = pick_windows(splits["test"], max_windows)
+    if not test:
+        raise ValueError("the held-out table needs test windows: dataset.test_fraction is 0")
+    log(f"sectune: held-out table: {len(test)} test windows ({', '.join(f'{n} {s}' for s, n in _count(w.source for w in test))}), "
+        f"none seen by any training step")
+    rows: list[Row] = []
+    reuse = dict(reuse or {})
+    for name, step, cfg, kind, path in policies:
+        if step in reuse:
+            texts, seconds = reuse[step]
+            rows.append(analyses_row(name, texts, seconds, step=step, note="answers of the pipeline's infer step"))
+        else:
+            model, tok = load_policy(cfg, kind, path)
+            rows.append(generate_row(name, model, tok, test, cfg.generation, batch_size, step=step))
+            del model
+        log(f"sectune: held-out table: {name}: {_brief(score(rows[-1], test))}")
+    scores = {r.name: score(r, test) for r in rows}
+    best = best_policy(rows, scores)
+    if best is not None and constrained:
+        row = constrained_row(best, policies, test, batch_size, log)
+        if row is not None:
+            rows.append(row)
+            scores[row.name] = score(row, test)
+            log(f"sectune: held-out table: {row.name}: {_brief(scores[row.name])}")
+    for row in (rule_engine_row(test), tfidf_row(splits["train"], splits["validation"], test, int(eval_cfg.train.seed)),
+                majority_row(splits["train"], test)):
+        rows.append(row)
+        scores[row.name] = score(row, test)
+    baseline = next(r for r in rows if r.name.startswith("TF-IDF"))
+    bar = scores[baseline.name]["verdict_macro_f1"]
+    for r in rows:
+        if r is not baseline and r.kind != "rules":
+            diff = scores[r.name]["verdict_macro_f1"] - bar
+            scores[r.name]["vs_tfidf_lr"] = "loses" if diff < -1e-9 else "beats" if diff > 1e-9 else "ties"
+            scores[r.name]["vs_tfidf_lr_diff"] = diff
+    by_source = {r.name: score_by_source(r, test) for r in rows}
+
+    metrics = table_metrics(rows, scores, best, baseline)
+    table = {
+        **(extra or {}),
+        "windows": [{"id": w.id, "source": w.source, "verdict": w.label} for w in test],
+        "rows": [{"name": r.name, "kind": r.kind, "step": r.step, "constrained": r.constrained, "note": r.note, **scores[r.name]} for r in rows],
+        "by_source": by_source,
+        "best_policy": best.name if best else None,
+        "predictions": {r.name: r.verdicts for r in rows},
+        "metrics": metrics,
+        "generation": {**OmegaConf.to_container(eval_cfg.generation, resolve=True), "do_sample": False, "batch_size": batch_size},
+    }
+    table["markdown"] = render_markdown(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gens = {r.name: [{"id": w.id, "text": t} for w, t in zip(test, r.texts)] for r in rows if r.texts is not None}
+    write_json_atomic(out_dir / "heldout_generations.json", gens)
+    write_json_atomic(out_dir / "heldout.json", {k: v for k, v in table.items() if k != "markdown"})
+    tmp = out_dir / ".report.md.tmp"
+    tmp.write_text(table["markdown"])
+    tmp.replace(out_dir / "report.md")
+    return table
+
+
+def constrained_row(best: Row, policies, test: list[Window], batch_size: int, log) -> Row | None:
+    """The best policy again with schema-constrained decoding, or None (with why) when unavailable."""
+    from sectune.data import auth_logs
+
+    try:
+        from sectune.constrained import SchemaConstraint
+    except ImportError as e:  # the module, or xgrammar inside it
+        log(f"sectune: held-out table: no constrained row ({e})")
+        return None
+    name, step, cfg, kind, path = next(p for p in policies if p[1] == best.step)
+    model, tok = load_policy(cfg, kind, path)
+    try:
+        vocab = max(len(tok), int(getattr(model.config, "vocab_size", 0) or 0))
+        constraint = SchemaConstraint(tok, auth_logs._validator(cfg.infer.schema).schema, vocab_size=vocab)
+    except Exception as e:  # xgrammar missing or the schema beyond it: the table still stands
+        log(f"sectune: held-out table: no constrained row ({type(e).__name__}: {e})")
+        return None
+    try:
+        return generate_row(f"{name} + constrained decoding", model, tok, test, cfg.generation, batch_size, step=step, constraint=constraint)
+    except ConfigError as e:  # e.g. generation.max_new_tokens below the shortest schema-valid output
+        log(f"sectune: held-out table: no constrained row ({e})")
+        return None
+
+
+def table_metrics(rows: list[Row], scores: dict, best: Row | None, baseline: Row) -> dict:
+    """The numbers the pipeline's result.json carries (names the checks rely on, plus per step)."""
+    m: dict = {"heldout_windows": scores[baseline.name]["windows"], "baseline_verdict_macro_f1": scores[baseline.name]["verdict_macro_f1"]}
+    if best is not None:
+        b = scores[best.name]
+        m.update(heldout_json_valid_rate=b["json_valid_rate"], heldout_schema_valid_rate=b["schema_valid_rate"],
+                 heldout_verdict_macro_f1=b["verdict_macro_f1"], heldout_verdict_accuracy=b["verdict_accuracy"],
+                 heldout_field_f1=b["field_f1"])
+    for r in rows:
+        if r.kind == "policy" and r.step:
+            prefix = f"{r.step}_constrained" if r.constrained else r.step
+            s = scores[r.name]
+            for k in ("verdict_macro_f1", "verdict_accuracy", "field_f1", "json_valid_rate", "schema_valid_rate", "analyses_per_s"):
+                m[f"{prefix}_{k}"] = s[k]
+        elif r.kind == "rules":
+            m["rules_verdict_macro_f1"] = scores[r.name]["verdict_macro_f1"]
+        elif r is not baseline:
+            m["majority_verdict_macro_f1"] = scores[r.name]["verdict_macro_f1"]
+    return m
+
+
+# ------------------------------------------------------------------------------ rendering
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _f(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def _rate(x) -> str:
+    return "—" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+
+
+def _count(items) -> list[tuple[str, int]]:
+    out: dict[str, int] = {}
+    for it in items:
+        out[it] = out.get(it, 0) + 1
+    return sorted(out.items())
+
+
+def _brief(s: dict) -> str:
+    return (f"JSON {_pct(s['json_valid_rate'])}% · schema {_pct(s['schema_valid_rate'])}% · verdict macro-F1 "
+            f"{_f(s['verdict_macro_f1'])} · field F1 {_f(s['field_f1'])} · {_rate(s['analyses_per_s'])} analyses/s")
+
+
+def render_markdown(table: dict) -> str:
+    rows, by_source = table["rows"], table["by_source"]
+    n = len(table["windows"])
+    srcs = _count(w["source"] for w in table["windows"])
+    labels = _count(w["verdict"] for w in table["windows"])
+    out = [
+        "# Held-out analyst table",
+        "",
+        f"{n} test windows ({', '.join(f'{k} {v}' for k, v in srcs)}; verdicts {', '.join(f'{k} {v}' for k, v in labels)}), "
+        "held out of every training step. Policies decode greedily; JSON-valid counts repaired output as valid "
+        "(as stage=infer does); an unparseable output is a wrong verdict and scores field F1 0.",
+        "",
+        "| system | JSON-valid % | schema-valid % | verdict acc | verdict macro-F1 | field F1 | analyses/s | vs TF-IDF + LR |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        vs = r.get("vs_tfidf_lr")
+        vs_cell = "—" if vs is None else f"**loses** ({r['vs_tfidf_lr_diff']:+.3f})" if vs == "loses" else f"{vs} ({r['vs_tfidf_lr_diff']:+.3f})"
+        if r["kind"] == "baseline" and r["name"].startswith("TF-IDF"):
+            vs_cell = "(the bar)"
+        name = r["name"] + (" ← best policy" if r["name"] == table["best_policy"] else "")
+        out.append(f"| {name} | {_pct(r['json_valid_rate'])} | {_pct(r['schema_valid_rate'])} | {_f(r['verdict_accuracy'])} | "
+                   f"{_f(r['verdict_macro_f1'])} | {_f(r['field_f1'])} | {_rate(r['analyses_per_s'])} | {vs_cell} |")
+    losers = [r["name"] for r in rows if r.get("vs_tfidf_lr") == "loses"]
+    out += [""]
+    if losers:
+        out.append(f"Rows that lose to TF-IDF + LR on verdict macro-F1: {', '.join(losers)}.")
+    else:
+        out.append("No row loses to TF-IDF + LR on verdict macro-F1.")
+    out += [
+        "The rule engine wrote the annotations, so it matches them by construction: it is the ceiling, not a competitor.",
+        "",
+        "## Per source (does a model read the host name?)",
+        "",
+        "Every benign window comes from Linux_2k; OpenSSH_2k has none. A model that learned \"Linux host → benign\" "
+        "calls many non-benign Linux windows benign (last column).",
+        "",
+        "| system | source | windows | verdict acc | verdict macro-F1 | field F1 | truly benign % | predicted benign % | non-benign called benign % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        for src, d in by_source[r["name"]].items():
+            out.append(f"| {r['name']} | {src} | {d['windows']} | {_f(d['verdict_accuracy'])} | {_f(d['verdict_macro_f1'])} | "
+                       f"{_f(d.get('field_f1'))} | {_pct(d['true_benign_rate'])} | {_pct(d['pred_benign_rate'])} | "
+                       f"{_pct(d['non_benign_called_benign_rate'])} |")
+    shortcut = []
+    for r in rows:
+        lin = by_source[r["name"]].get("Linux")
+        ssh = by_source[r["name"]].get("OpenSSH")
+        if r["kind"] != "policy" or not lin or lin["non_benign_called_benign_rate"] is None:
+            continue
+        rate = lin["non_benign_called_benign_rate"]
+        ssh_rate = ssh["pred_benign_rate"] if ssh else None
+        if rate >= 0.5 and (ssh_rate is None or ssh_rate <= 0.1):
+            shortcut.append(f"{r['name']} calls {_pct(rate)}% of non-benign Linux windows benign but {_pct(ssh_rate)}% of OpenSSH "
+                            "windows: it looks like it learned the host name")
+        else:
+            shortcut.append(f"{r['name']}: {_pct(rate)}% of non-benign Linux windows called benign (OpenSSH windows called benign: "
+                            f"{_pct(ssh_rate)}%)")
+    if shortcut:
+        out += ["", *[f"- {s}." for s in shortcut]]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,531 @@
+"""``stage=pipeline``: several stages in one command, each in its own sub-dir, chained through result.json.
+
+    sectune stage=pipeline                                    # sft → reward → rl → infer (+ held-out table)
+    sectune stage=pipeline 'pipeline.steps=[sft,dpo,infer]'
+    sectune stage=pipeline pipeline.overrides.rl.train.max_steps=20 pipeline.loss.rl=simplified_ppo
+    sectune +experiment=auth_grpo                             # seed 000 (DeepSeek-R1-Distill-Llama-8B, nf4)
+
+Read top to bottom: every step's config is composed and checked before the first step runs (a typo
+in a per-step override fails at once, naming the key) → the held-out windows are checked against
+every training step's data → the steps run in order, in-process (``runner.run(step_cfg,
+<run dir>/<step>)``, each writing its own result.json) → the held-out table
+(:mod:`sectune.analyst_eval`) → this run's result.json: ``artifacts.<step>`` = the step's sub-dir,
+``metrics`` = the last step's metrics plus the table's.
+
+How a step's config is made
+---------------------------
+1. Hydra's compose API, with this run's own command-line overrides (``+experiment=…`` included)
+   followed by ``stage=<step> loss=<pipeline.loss.<step>> dataset=<pipeline.dataset.<step>>`` and any
+   config-group option a per-step override picks (``pipeline.overrides.rl.model=smollm_135m``). That
+   is exactly the config ``sectune <same args> stage=<step> loss=… dataset=…`` would get: the same
+   defaults lists, presets, interpolations and schema validation, and a value the user set inside a
+   swapped group (``dataset.max_samples=48``) lands in every step's dataset node. (Merging
+   conf/<group>/<option>.yaml files onto the pipeline's config by hand would have to re-implement
+   the defaults lists of experiment presets, and would drop those values when a node is swapped.)
+2. The ``pipeline`` node is reset to its defaults: a step is not a pipeline, and its config digest
+   must not change when another step's overrides do.
+3. What earlier steps hand on, as paths to their run dirs (each reads the other's result.json):
+   ``rl.init_from=<run dir>/sft``, ``rl.reward_model=<run dir>/reward``, ``dpo.init_from=<run dir>/sft``,
+   ``infer.model_dir=<run dir>`` (the newest of rl → dpo → sft) and, unless set,
+   ``infer.input_file=<run dir>/heldout/windows`` (the held-out windows, one file each).
+4. ``pipeline.overrides.<step>`` merged onto it under the schema: an unknown key or a wrong type is
+   an error naming ``pipeline.overrides.<step>.<key>``.
+
+Skipping and failure
+--------------------
+Before a step runs, ``<step>/step.json`` records its config digest with ``train.resume`` and
+``debug`` left out (how to run, not what), so a rerun with ``train.resume=auto`` or without a
+``debug.fail_at_step`` is still the same step. A rerun of the same command skips a step whose
+result.json says succeeded for that digest, up to the first step that has to run; every later
+step then runs too (its inputs are new). A failing step stops the pipeline: the earlier steps'
+dirs stay as they are, this run's result.json says failed and names the step, and the exit code
+is the step's. ``train.resume=auto`` inside a step resumes it from ``<step>/checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sectune import distributed, runner
+from sectune.config import DebugConfig, PipelineConfig
+from sectune.errors import ConfigError, SectuneError
+from sectune.runner import RunContext, config_digest, write_json_atomic
+
+STEP_FILE = "step.json"
+#: config groups a per-step override may pick an option of (``pipeline.overrides.<step>.<group>=<option>``)
+GROUPS = ("model", "quantization", "lora", "loss", "dataset", "logger")
+#: steps that train on auth windows: none of them may see a held-out test window
+TRAINING_STEPS = ("sft", "reward", "dpo", "rl")
+#: the artifact a later step needs from an earlier one
+NEEDS = {"sft": ("adapter", "model"), "reward": ("reward_model",)}
+RL_NAMES = {"grpo": "GRPO", "simplified_ppo": "simplified PPO"}
+WINDOWS_DIR = Path("heldout") / "windows"
+
+
+class StepFailed(SectuneError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code or 1
+
+
+@dataclass
+class Step:
+    name: str
+    dir: Path
+    cfg: DictConfig
+    #: what composed it (Hydra overrides) and what was merged after (handoffs, per-step values)
+    composed_with: list[str]
+    merged: dict = field(default_factory=dict)
+
+    @property
+    def skip_digest(self) -> str:
+        return skip_digest(self.cfg)
+
+
+def run(ctx: RunContext) -> dict:
+    return run_pipeline(ctx, command_line_overrides())
+
+
+def command_line_overrides() -> list[str]:
+    """This run's task overrides as Hydra parsed them from the command line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not launched by Hydra
+        raise ConfigError("stage=pipeline composes each step from the command line: run it as `sectune stage=pipeline …` "
+                          "(or call sectune.stages.pipeline.run_pipeline(ctx, overrides))") from None
+
+
+def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
+    cfg, run_dir = ctx.cfg, ctx.run_dir.resolve()
+    names = check_steps(cfg)
+    base = step_overrides_base(overrides)
+
+    # 1. every step's config, before anything runs
+    steps = [compose_step(cfg, base, name, run_dir, names) for name in names]
+    table_on = bool(cfg.pipeline.heldout_table) and any(n in ("sft", "rl", "dpo", "infer") for n in names)
+    by_name = {s.name: s for s in steps}
+    eval_cfg = by_name["infer"].cfg if "infer" in by_name else compose_step(cfg, base, "infer", run_dir, names).cfg
+    test_windows = None
+    if table_on or "infer" in by_name:
+        test_windows = check_held_out(steps, eval_cfg, cfg.pipeline.heldout_max_windows)
+    print(f"sectune: pipeline: {' → '.join(names)} in {run_dir}")
+
+    # one W&B run per step (grouped under this dir's name); this run's own reopens at the end
+    if ctx.tracker is not None:
+        ctx.tracker.finish()
+        ctx.tracker = None
+
+    # 2. the steps (under torchrun every rank runs each step; rank 0 writes the pipeline's files)
+    main = distributed.is_main_process()
+    ran: list[str] = []
+    skipped: list[str] = []
+    for i, step in enumerate(steps, 1):
+        head = f"sectune: pipeline: step {i}/{len(steps)} {step.name}"
+        if not ran and (prev := already_done(step)) is not None:
+            print(f"{head}: skipped (succeeded on {prev.get('finished', '?')} with this config, digest {step.skip_digest}; {step.dir})")
+            skipped.append(step.name)
+            continue
+        check_inputs(step, by_name)
+        if main and reads_windows(step, run_dir):
+            write_windows(run_dir / WINDOWS_DIR, test_windows)
+        print(f"{head} → {step.dir}")
+        if main:
+            record_step(step)
+        code = run_step(step)
+        result = runner.previous_result(step.dir) or {}
+        if code != 0 or result.get("status") != "succeeded":
+            done = names[: i - 1]
+            raise StepFailed(
+                f"pipeline step {step.name!r} failed (exit {code}): {result.get('error', 'no result.json')}; "
+                + (f"the completed steps ({', '.join(done)}) are kept; " if done else "")
+                + f"rerun the same command to continue from {step.name} ({step.dir})",
+                code,
+            )
+        ran.append(step.name)
+
+    # 3. the held-out table, then this run's result
+    last = runner.previous_result(steps[-1].dir) or {}
+    metrics = dict(last.get("metrics") or {})
+    artifacts = {s.name: s.name for s in steps}
+    if table_on and main:
+        table = heldout_table(cfg, eval_cfg, steps, run_dir, reuse_ok=not ran)
+        metrics.update(table["metrics"])
+        artifacts.update(heldout_report="report.md", heldout_table="heldout.json", heldout_generations="heldout_generations.json")
+    metrics.update(steps_run=len(ran), steps_skipped=len(skipped))
+    print(f"sectune: pipeline: done · ran {', '.join(ran) or 'nothing'}" + (f" · skipped {', '.join(skipped)}" if skipped else "")
+          + (f" · held-out table in {run_dir / 'report.md'}" if "heldout_report" in artifacts else ""))
+    _reopen_tracker(ctx, cfg, run_dir)
+    return {"metrics": metrics, "artifacts": artifacts}
+
+
+# ----------------------------------------------------------------------------- composing
+def check_steps(cfg: DictConfig) -> list[str]:
+    names = [str(s) for s in cfg.pipeline.steps]
+    if not names:
+        raise ConfigError("pipeline.steps is empty; e.g. pipeline.steps=[sft,reward,rl,infer]")
+    for n in names:
+        if n == "pipeline":
+            raise ConfigError("pipeline.steps: a pipeline cannot hold a pipeline step")
+        if n not in runner.STAGES:
+            raise ConfigError(f"pipeline.steps: {n!r} is not a stage; choose from {', '.join(s for s in runner.STAGES if s != 'pipeline')}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"pipeline.steps: {', '.join(dup)} listed twice (each step runs in a sub-dir named after it)")
+    for key in ("overrides", "loss", "dataset"):
+        for n in cfg.pipeline[key] or {}:
+            if n not in runner.STAGES or n == "pipeline":
+                raise ConfigError(f"pipeline.{key}.{n}: {n!r} is not a stage; choose from {', '.join(s for s in runner.STAGES if s != 'pipeline')}")
+    for n in cfg.pipeline.overrides or {}:
+        if n not in names:
+            print(f"sectune: pipeline: note: pipeline.overrides.{n} is set but {n} is not in pipeline.steps; ignored")
+    return names
+
+
+def step_overrides_base(overrides: list[str]) -> list[str]:
+    """The run's overrides without the ones a step replaces: the stage/loss/dataset group choices
+    and the pipeline node itself (values inside a group, e.g. ``dataset.max_samples=48``, stay)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keep = []
+    for ov in OverridesParser.create().parse_overrides(list(overrides)):
+        key = ov.key_or_group
+        if key in ("stage", "loss", "dataset") or key == "pipeline" or key.startswith("pipeline."):
+            continue
+        keep.append(ov.input_line)
+    return keep
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Hydra's compose API on sectune's conf/ (inside the running app, or initialised here)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sectune import config
+    from sectune.paths import PROJECT_ROOT
+
+    config.register()
+    if GlobalHydra.instance().is_initialized():
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            name = HydraConfig.get().job.config_name or "config"
+        except ValueError:
+            name = "config"
+        return hydra_compose(config_name=name, overrides=overrides)
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def compose_step(cfg: DictConfig, base: list[str], name: str, run_dir: Path, names: list[str]) -> Step:
+    pc = cfg.pipeline
+    per_step = OmegaConf.to_container(pc.overrides[name], resolve=True) if name in (pc.overrides or {}) else {}
+    if per_step is None:
+        per_step = {}
+    if not isinstance(per_step, dict):
+        raise ConfigError(f"pipeline.overrides.{name}: must be a mapping of config keys (e.g. pipeline.overrides.{name}.train.max_steps=20)")
+    groups, values = [], {}
+    for key, value in per_step.items():
+        if key == "stage":
+            raise ConfigError(f"pipeline.overrides.{name}.stage: a step's stage is its name ({name}); change pipeline.steps instead")
+        if key in GROUPS and isinstance(value, str):
+            groups.append(f"{key}={value}")
+        else:
+            values[key] = value
+    choices = [f"stage={name}"]
+    if name in (pc.loss or {}):
+        choices.append(f"loss={pc.loss[name]}")
+    if name in (pc.dataset or {}):
+        choices.append(f"dataset={pc.dataset[name]}")
+    composed_with = [*base, *choices, *groups]
+    try:
+        step_cfg = compose(composed_with)
+    except Exception as e:  # Hydra's composition errors (an unknown option, a bad value) name the key
+        raise ConfigError(f"pipeline step {name}: cannot compose its config from {' '.join(choices + groups)}: {_one_line(e)}") from None
+    with open_dict(step_cfg):
+        step_cfg.pipeline = OmegaConf.structured(PipelineConfig)
+    merged = handoffs(name, names, run_dir, step_cfg)
+    for what, patch in (("handoff", merged), ("override", values)):
+        if not patch:
+            continue
+        try:
+            step_cfg = OmegaConf.merge(step_cfg, patch)
+        except Exception as e:  # omegaconf's ConfigKeyError / ValidationError carry the full key
+            key = getattr(e, "full_key", None) or "?"
+            if what == "override":
+                raise ConfigError(f"pipeline.overrides.{name}.{key}: {_reason(e)}") from None
+            raise ConfigError(f"pipeline step {name}: this sectune's schema has no {key} to hand the earlier steps' "
+                              f"run dirs to ({_reason(e)})") from None
+    if step_cfg.stage.name != name:
+        raise ConfigError(f"pipeline step {name}: its config says stage.name={step_cfg.stage.name}")
+    return Step(name, run_dir / name, step_cfg, composed_with, OmegaConf.to_container(OmegaConf.merge(merged, values)))
+
+
+def handoffs(name: str, names: list[str], run_dir: Path, step_cfg: DictConfig) -> dict:
+    """What the earlier steps hand this one, as run-dir paths (each is read through its result.json)."""
+    before = names[: names.index(name)] if name in names else list(names)
+    out: dict[str, dict[str, Any]] = {}
+    if name == "rl":
+        if "sft" in before:
+            out.setdefault("rl", {})["init_from"] = str(run_dir / "sft")
+        if "reward" in before:
+            out.setdefault("rl", {})["reward_model"] = str(run_dir / "reward")
+    elif name == "dpo" and "sft" in before:
+        out["dpo"] = {"init_from": str(run_dir / "sft")}
+    elif name == "infer":
+        out["infer"] = {"model_dir": str(run_dir)}
+        if step_cfg.infer.input_file is None:
+            out["infer"]["input_file"] = str(run_dir / WINDOWS_DIR)
+    return out
+
+
+def skip_digest(cfg: DictConfig) -> str:
+    """The step's config digest without ``train.resume`` and ``debug``: how to run, not what."""
+    c = copy.deepcopy(cfg)
+    with open_dict(c):
+        c.train.resume = None
+        c.debug = OmegaConf.structured(DebugConfig)
+    return config_digest(c)
+
+
+def _reason(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+def _one_line(e: Exception) -> str:
+    return "; ".join(line.strip() for line in str(e).strip().splitlines() if line.strip()) or type(e).__name__
+
+
+# ----------------------------------------------------------------------------- held-out windows
+def check_held_out(steps: list[Step], eval_cfg: DictConfig, max_windows: int | None) -> list:
+    """The table's test windows; an error when a training step's data would include one of them."""
+    from sectune import analyst_eval, data
+
+    splits_cache: dict[tuple, dict] = {}
+
+    def splits(c: DictConfig) -> dict:
+        d = c.dataset
+        key = (d.path, d.source_dir, d.max_samples, d.val_fraction, d.test_fraction, d.split_seed, d.min_lines, d.max_lines)
+        if key not in splits_cache:
+            as_windows = copy.deepcopy(c)
+            with open_dict(as_windows):
+                as_windows.dataset.name = "auth_logs"
+            splits_cache[key] = data.sft_splits(as_windows)
+        return splits_cache[key]
+
+    windows = analyst_eval.load_windows(eval_cfg)["test"]
+    if not windows:
+        raise ConfigError("pipeline: no held-out test windows (dataset.test_fraction=0); the table and the infer step need them")
+    test = {w.id for w in windows}
+    for s in steps:
+        d = s.cfg.dataset
+        if s.name not in TRAINING_STEPS or d.name not in ("auth_logs", "auth_preferences") or str(d.path or "").endswith(".jsonl"):
+            continue
+        sp = splits(s.cfg)
+        seen = {r["id"] for r in sp["train"] + sp["validation"]} & test
+        if seen:
+            keys = ("max_samples", "val_fraction", "test_fraction", "split_seed", "min_lines", "max_lines", "path")
+            diff = [f"dataset.{k}={d[k]} (table: {eval_cfg.dataset[k]})" for k in keys if d[k] != eval_cfg.dataset[k]]
+            raise ConfigError(f"pipeline step {s.name} would train on {len(seen)} of the {len(test)} held-out test windows"
+                              + (f": its {', '.join(diff)}" if diff else "")
+                              + "; give every step the same dataset split settings")
+    return analyst_eval.pick_windows(windows, max_windows)
+
+
+def reads_windows(step: Step, run_dir: Path) -> bool:
+    """Whether this is the infer step reading the held-out windows the pipeline writes."""
+    return step.name == "infer" and str(step.cfg.infer.input_file) == str(run_dir / WINDOWS_DIR)
+
+
+def write_windows(folder: Path, windows: list) -> None:
+    """The held-out windows as log files (``<window id>.log``) for the infer step; written aside, then renamed."""
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for w in windows:
+        (tmp / f"{w.id}.log").write_text(w.log_text if w.log_text.endswith("\n") else w.log_text + "\n", encoding="utf-8")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+# ----------------------------------------------------------------------------- running
+def already_done(step: Step) -> dict | None:
+    """The step's result when it succeeded with this config (same digest, ``train.resume``/``debug`` aside)."""
+    res = runner.previous_result(step.dir)
+    try:
+        meta = json.loads((step.dir / STEP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if (res and res.get("status") == "succeeded" and meta.get("skip_digest") == step.skip_digest
+            and res.get("config_digest") == meta.get("config_digest")):
+        return res
+    return None
+
+
+def record_step(step: Step) -> None:
+    """``step.json`` (what the skip check reads) and ``.hydra/`` as a plain run would have it."""
+    step.dir.mkdir(parents=True, exist_ok=True)
+    hydra_dir = step.dir / ".hydra"
+    hydra_dir.mkdir(exist_ok=True)
+    OmegaConf.save(step.cfg, hydra_dir / "config.yaml")
+    flat = [f"{k}={v}" for k, v in _flatten(step.merged)]
+    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create([*step.composed_with, *flat])))
+    write_json_atomic(step.dir / STEP_FILE, {
+        "step": step.name,
+        "skip_digest": step.skip_digest,
+        "config_digest": config_digest(step.cfg),
+        "composed_with": step.composed_with,
+        "merged": step.merged,
+    })
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.extend(_flatten(v, f"{prefix}{k}."))
+        else:
+            out.append((f"{prefix}{k}", json.dumps(v) if isinstance(v, (list, dict)) else v))
+    return out
+
+
+def check_inputs(step: Step, by_name: dict[str, Step]) -> None:
+    """The artifacts this step is handed exist (each read through its step's result.json)."""
+    for need in {"rl": ("sft", "reward"), "dpo": ("sft",)}.get(step.name, ()):
+        if need not in by_name:
+            continue
+        res = runner.previous_result(by_name[need].dir) or {}
+        arts = res.get("artifacts") or {}
+        if res.get("status") != "succeeded" or not any(arts.get(a) for a in NEEDS[need]):
+            raise ConfigError(f"pipeline step {step.name}: {need}/result.json names no {' or '.join(NEEDS[need])} to start from")
+
+
+def run_step(step: Step) -> int:
+    from sectune import engine
+
+    engine.reset_peak_rss()  # each step's peak RSS is its own
+    try:
+        code, _ = runner.run(step.cfg, step.dir)
+    finally:
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+    return code
+
+
+def _reopen_tracker(ctx: RunContext, cfg: DictConfig, run_dir: Path) -> None:
+    """This run's own W&B run (the steps each had theirs), so the runner logs the summary into it."""
+    if cfg.logger.name == "none":
+        return
+    from sectune import tracking
+
+    try:
+        ctx.tracker = tracking.start(cfg, run_dir)
+    except Exception as e:  # W&B is a convenience: never fail a finished pipeline over it
+        print(f"sectune: pipeline: could not reopen the W&B run ({type(e).__name__}: {e})")
+
+
+# ----------------------------------------------------------------------------- the table
+def policy_rows(steps: list[Step], eval_cfg: DictConfig) -> list[tuple[str, str, DictConfig, str, Path | None]]:
+    """(row name, step, step cfg, kind, path) for the base model and each trained policy, in step order."""
+    rows = [(f"base (untrained {eval_cfg.model.name})", "base", eval_cfg, "base", None)]
+    names = [s.name for s in steps]
+    for s in steps:
+        if s.name not in ("sft", "rl", "dpo"):
+            continue
+        arts = (runner.previous_result(s.dir) or {}).get("artifacts") or {}
+        kind = "adapter" if arts.get("adapter") else "model" if arts.get("model") else None
+        if kind is None:
+            continue
+        prefix = "SFT+" if s.name != "sft" and "sft" in names[: names.index(s.name)] else ""
+        label = {"sft": "SFT", "dpo": "DPO", "rl": RL_NAMES.get(str(s.cfg.loss.name), f"RL ({s.cfg.loss.name})")}[s.name]
+        rows.append((prefix + label, s.name, s.cfg, kind, s.dir / arts[kind]))
+    return rows
+
+
+def table_batch_size(cfg: DictConfig, eval_cfg: DictConfig) -> int:
+    b = cfg.pipeline.heldout_batch_size
+    return int(b if b is not None else eval_cfg.infer.batch_size)
+
+
+def infer_answers(steps: list[Step], run_dir: Path, windows: list, batch_size: int) -> dict[str, tuple[list[str], float | None]]:
+    """The infer step's answers, when they are the table's greedy pass for its policy: same windows,
+    unconstrained, no schema in the prompt, greedy, same batch size (so its analyses/s compares)."""
+    step = next((s for s in steps if s.name == "infer"), None)
+    if step is None or not reads_windows(step, run_dir):
+        return {}
+    ic, gen = step.cfg.infer, step.cfg.generation
+    if ic.constrained or ic.full_schema or gen.do_sample or int(ic.batch_size) != batch_size:
+        return {}
+    res = runner.previous_result(step.dir) or {}
+    out_rel = (res.get("artifacts") or {}).get("output")
+    try:
+        records = json.loads((step.dir / out_rel).read_text()) if out_rel else None
+    except (OSError, ValueError):
+        return {}
+    if not records:
+        return {}
+    by_input = {r.get("input"): r for r in records}
+    used = {r.get("model_used") for r in records}
+    if len(used) != 1 or not all(f"{w.id}.log" in by_input for w in windows):
+        return {}
+    texts = [by_input[f"{w.id}.log"].get("generated") or "" for w in windows]
+    return {used.pop(): (texts, (res.get("metrics") or {}).get("generation_s"))}
+
+
+def heldout_table(cfg: DictConfig, eval_cfg: DictConfig, steps: list[Step], run_dir: Path, reuse_ok: bool) -> dict:
+    """The table, or the one already in ``heldout.json`` when nothing it depends on changed."""
+    from sectune import analyst_eval
+
+    policies = policy_rows(steps, eval_cfg)
+    key_src = {
+        "eval": config_digest(eval_cfg),
+        "policies": [(n, st, str(p), (runner.previous_result(p.parent) or {}).get("finished") if p else None) for n, st, _, _, p in policies],
+        "max_windows": cfg.pipeline.heldout_max_windows,
+        "batch_size": table_batch_size(cfg, eval_cfg),
+        "constrained": cfg.pipeline.heldout_constrained,
+    }
+    key = config_digest(OmegaConf.create(json.loads(json.dumps(key_src, default=str))))
+    cached = _read_json(run_dir / "heldout.json")
+    if reuse_ok and cached and cached.get("key") == key and (run_dir / "report.md").is_file():
+        print(f"sectune: held-out table: nothing it depends on changed; reused {run_dir / 'heldout.json'}")
+        print((run_dir / "report.md").read_text())
+        return cached
+    windows = analyst_eval.pick_windows(analyst_eval.load_windows(eval_cfg)["test"], cfg.pipeline.heldout_max_windows)
+    table = analyst_eval.build_table(
+        eval_cfg, policies, run_dir,
+        max_windows=cfg.pipeline.heldout_max_windows,
+        batch_size=table_batch_size(cfg, eval_cfg),
+        constrained=bool(cfg.pipeline.heldout_constrained),
+        reuse=infer_answers(steps, run_dir, windows, table_batch_size(cfg, eval_cfg)),
+        extra={"key": key},
+    )
+    print()
+    print(table["markdown"])
+    return table
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

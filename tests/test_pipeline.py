@@ -1,0 +1,235 @@
+"""stage=pipeline: step configs composed and handed on, a failing step and the rerun that continues
+without retraining, train.resume=auto inside a step, a per-step typo, and the held-out table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, compose, requires_real_data, sectune
+from sectune.paths import PROJECT_ROOT
+
+HAS_RL = importlib.util.find_spec("sectune.stages.rl") is not None and (PROJECT_ROOT / "conf/loss/grpo.yaml").is_file()
+HAS_DPO = importlib.util.find_spec("sectune.stages.dpo") is not None and (PROJECT_ROOT / "conf/loss/dpo.yaml").is_file()
+requires_rl = pytest.mark.skipif(not HAS_RL, reason="stage=rl (sectune/stages/rl.py, conf/loss/grpo.yaml) is not in this tree yet")
+
+#: tiny everything: 60 windows (9 held out), 2 SFT steps, the heuristic reward, 4 table windows, short answers
+SMALL = [
+    *FAST,
+    "stage=pipeline",
+    "dataset.max_samples=60",
+    "generation.max_new_tokens=48",
+    "pipeline.heldout_max_windows=4",
+    "pipeline.heldout_constrained=false",
+    "pipeline.overrides.sft.train.max_steps=2",
+    "pipeline.overrides.reward.reward.force_fallback=true",
+]
+RL_SMALL = [
+    "pipeline.overrides.rl.train.max_steps=2",
+    "pipeline.overrides.rl.train.batch_size=2",
+    "pipeline.overrides.rl.rl.num_generations=2",
+    "pipeline.overrides.rl.rl.max_completion_length=24",
+]
+
+
+#: one intra-op thread: the tiny model's ops are too small to split, and on a busy 2-core machine
+#: OpenMP's spinning second thread made these runs 3-20x slower (measured: generation 11 s vs 0.5 s)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def run(args: list[str], run_dir: Path):
+    return sectune(args, run_dir, env=ONE_THREAD)
+
+
+def _mtime(p: Path) -> int:
+    return p.stat().st_mtime_ns
+
+
+# ----------------------------------------------------------------------------- composing (no training)
+def test_step_configs_are_composed_per_step_and_handed_on(tmp_path):
+    from sectune.stages import pipeline
+
+    overrides = ["stage=pipeline", "dataset.max_samples=48", "loss.beta=0.3", "pipeline.overrides.infer.train.max_steps=7",
+                 "pipeline.overrides.dpo.model=tiny_gpt2", "pipeline.overrides.sft.debug.fail_at_step=3"]
+    cfg = compose(overrides)
+    names = ["sft", "reward", *(["rl"] if HAS_RL else []), "dpo", "infer"]
+    base = pipeline.step_overrides_base(overrides)
+    assert base == ["dataset.max_samples=48", "loss.beta=0.3"]
+    steps = {n: pipeline.compose_step(cfg, base, n, tmp_path, names) for n in names}
+
+    want = {"sft": ("causal_lm", "auth_logs"), "reward": ("bradley_terry", "auth_preferences"), "dpo": ("dpo", "auth_preferences"),
+            "rl": ("grpo", "auth_logs"), "infer": (cfg.loss.name, "auth_logs")}
+    for n, s in steps.items():
+        assert s.cfg.stage.name == n and s.dir == tmp_path / n
+        assert (s.cfg.loss.name, s.cfg.dataset.name) == want[n], n
+        assert s.cfg.dataset.max_samples == 48  # a value set inside a swapped group reaches every step
+        assert s.cfg.loss.beta == 0.3
+        assert dict(s.cfg.pipeline.overrides) == {}  # a step is not a pipeline
+    # per-step values and group choices stay in their step
+    assert steps["infer"].cfg.train.max_steps == 7 and steps["sft"].cfg.train.max_steps == -1
+    assert steps["dpo"].cfg.model.name == "tiny_gpt2" and steps["sft"].cfg.model.name == "tiny_llama"
+    # handoffs: run dirs of the earlier steps
+    if HAS_RL:
+        assert steps["rl"].cfg.rl.init_from == str(tmp_path / "sft")
+        assert steps["rl"].cfg.rl.reward_model == str(tmp_path / "reward")
+    assert steps["dpo"].cfg.dpo.init_from == str(tmp_path / "sft")
+    assert steps["infer"].cfg.infer.model_dir == str(tmp_path)
+    assert steps["infer"].cfg.infer.input_file == str(tmp_path / "heldout" / "windows")
+    # train.resume and debug do not change what a step is (a rerun with train.resume=auto skips done steps)
+    cfg2 = compose(["stage=pipeline", "dataset.max_samples=48", "loss.beta=0.3", "train.resume=auto"])
+    sft2 = pipeline.compose_step(cfg2, pipeline.step_overrides_base(["dataset.max_samples=48", "loss.beta=0.3", "train.resume=auto"]),
+                                 "sft", tmp_path, names)
+    assert sft2.cfg.train.resume == "auto" and steps["sft"].cfg.debug.fail_at_step == 3
+    assert sft2.skip_digest == steps["sft"].skip_digest
+    # a loss option with @package _global_ content (simplified_ppo's train settings) lands on its step only
+    if HAS_RL:
+        cfg3 = compose(["stage=pipeline", "pipeline.loss.rl=simplified_ppo"])
+        rl = pipeline.compose_step(cfg3, [], "rl", tmp_path, names)
+        assert rl.cfg.loss.name == "simplified_ppo" and rl.cfg.train.optimizer == "adafactor"
+        assert pipeline.compose_step(cfg3, [], "sft", tmp_path, names).cfg.train.optimizer == "adamw"
+
+
+def test_bad_step_settings_name_the_key(tmp_path):
+    from sectune.errors import ConfigError
+    from sectune.stages import pipeline
+
+    names = ["sft", "infer"]
+    cfg = compose(["stage=pipeline", "pipeline.overrides.sft.train.max_stepz=3"])
+    with pytest.raises(ConfigError, match=r"pipeline\.overrides\.sft\.train\.max_stepz"):
+        pipeline.compose_step(cfg, [], "sft", tmp_path, names)
+    cfg = compose(["stage=pipeline", "pipeline.overrides.sft.train.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"pipeline\.overrides\.sft\.train\.max_steps"):
+        pipeline.compose_step(cfg, [], "sft", tmp_path, names)
+    for bad, key in ((["pipeline.overrides.rll.train.max_steps=1"], "pipeline.overrides.rll"),
+                     (["pipeline.steps=[sft,sftt]"], "pipeline.steps"), (["pipeline.steps=[sft,sft]"], "pipeline.steps")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            pipeline.check_steps(compose(["stage=pipeline", *bad]))
+    # a step that would train on a held-out window (other split settings than the table's) is refused
+    cfg = compose(["stage=pipeline", "pipeline.overrides.sft.dataset.max_samples=40"])
+    steps = [pipeline.compose_step(cfg, [], n, tmp_path, names) for n in names]
+    with pytest.raises(ConfigError, match=r"step sft would train on \d+ of the \d+ held-out test windows.*max_samples=40"):
+        pipeline.check_held_out(steps, steps[-1].cfg, None)
+
+
+def test_typo_in_a_per_step_override_stops_before_any_step(tmp_path):
+    run_dir = tmp_path / "p"
+    res = run([*SMALL, "pipeline.steps=[sft,infer]", "pipeline.overrides.infer.infer.batch_sise=2"], run_dir)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "pipeline.overrides.infer.infer.batch_sise" in res.stderr
+    assert res.result["status"] == "failed" and not (run_dir / "sft").exists()
+
+
+# ----------------------------------------------------------------------------- end to end
+@requires_real_data
+@requires_rl
+def test_failed_rl_step_then_rerun_continues_without_retraining(tmp_path):
+    run_dir = tmp_path / "p"
+    steps = ["sft", "reward", "rl", *(["dpo"] if HAS_DPO else []), "infer"]
+    args = [*SMALL, f"pipeline.steps=[{','.join(steps)}]", *RL_SMALL, "pipeline.overrides.dpo.train.max_steps=2"]
+
+    broken = run([*args, "pipeline.overrides.rl.debug.fail_at_step=1"], run_dir)
+    assert broken.returncode != 0
+    res = broken.result
+    assert res["status"] == "failed" and "'rl' failed" in res["error"] and "fail_at_step" in res["error"], res
+    for step in ("sft", "reward"):
+        done = json.loads((run_dir / step / "result.json").read_text())
+        assert done["status"] == "succeeded", (step, done)
+    assert json.loads((run_dir / "rl" / "result.json").read_text())["status"] == "failed"
+    assert (run_dir / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (run_dir / "infer").exists() and not (run_dir / "report.md").exists()
+    before = {s: _mtime(run_dir / s / "result.json") for s in ("sft", "reward")}
+
+    fixed = run(args, run_dir)  # the same command without the fault
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    for s in ("sft", "reward"):
+        assert f"step {steps.index(s) + 1}/{len(steps)} {s}: skipped" in fixed.stdout
+        assert _mtime(run_dir / s / "result.json") == before[s], f"{s} was retrained"
+    res = fixed.result
+    assert res["status"] == "succeeded"
+    assert {s: res["artifacts"][s] for s in steps} == {s: s for s in steps}
+    for s in steps:
+        assert json.loads((run_dir / s / "result.json").read_text())["status"] == "succeeded"
+    rl = json.loads((run_dir / "rl" / "result.json").read_text())
+    assert rl["metrics"]["train_steps"] == 2
+    infer = json.loads((run_dir / "infer" / "result.json").read_text())
+    assert json.loads((run_dir / "infer" / "analyses.json").read_text())[0]["model_used"] == "rl"
+    m = res["metrics"]
+    for k in ("heldout_json_valid_rate", "heldout_schema_valid_rate", "heldout_verdict_macro_f1", "sft_verdict_macro_f1",
+              "baseline_verdict_macro_f1", "rl_verdict_macro_f1"):
+        assert isinstance(m[k], (int, float)), (k, m)
+    assert m["json_valid_rate"] == infer["metrics"]["json_valid_rate"]  # the last step's metrics are repeated
+    assert m["heldout_windows"] == 4 and m["steps_skipped"] == 2
+
+    report = (run_dir / "report.md").read_text()
+    for row in ("base (untrained tiny_llama)", "| SFT |", "SFT+GRPO", "rule engine", "TF-IDF + LR", "majority class", "| Linux |", "| OpenSSH |"):
+        assert row in report, row
+    if HAS_DPO:
+        assert "SFT+DPO" in report and isinstance(m["dpo_verdict_macro_f1"], (int, float))
+    table = json.loads((run_dir / "heldout.json").read_text())
+    assert {w["source"] for w in table["windows"]} == {"Linux", "OpenSSH"}
+    rules = next(r for r in table["rows"] if r["kind"] == "rules")
+    assert rules["verdict_accuracy"] == 1.0 and rules["field_f1"] == 1.0  # it wrote the annotations
+
+    again = run(args, run_dir)  # nothing left to do: every step skipped, the table reused
+    assert again.returncode == 0, again.stderr[-2000:]
+    said = [line for line in again.stdout.splitlines() if line.startswith("sectune: pipeline: step")]
+    assert len(said) == len(steps) and all(": skipped (" in line for line in said), said
+    assert "held-out table: nothing it depends on changed" in again.stdout
+    assert again.result["metrics"]["heldout_verdict_macro_f1"] == m["heldout_verdict_macro_f1"]
+
+
+@requires_real_data
+def test_resume_auto_inside_a_pipeline_step(tmp_path):
+    run_dir = tmp_path / "p"
+    args = [*FAST, "stage=pipeline", "pipeline.steps=[sft]", "pipeline.heldout_table=false", "dataset.max_samples=30",
+            "dataset.val_fraction=0", "train.batch_size=2", "pipeline.overrides.sft.train.max_steps=4",
+            "pipeline.overrides.sft.train.save_steps=2"]
+    broken = run([*args, "pipeline.overrides.sft.debug.fail_at_step=3"], run_dir)
+    assert broken.returncode != 0 and "'sft' failed" in broken.result["error"]
+    ckpt = run_dir / "sft" / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "trainer_state.json").is_file()
+    # mark the checkpoint: a run that resumes from it carries its log history on, a fresh one cannot
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    first = next(r for r in state["log_history"] if r.get("step") == 1 and "loss" in r)
+    first["loss"] = 123.25
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+
+    resumed = run([*args, "train.resume=auto"], run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = dict(json.loads((run_dir / "sft" / "train_history.json").read_text())["train"])
+    assert history[1] == 123.25, "the sft step did not resume from its checkpoint"
+    assert sorted(history) == [1, 2, 3, 4]
+    assert resumed.result["metrics"]["train_steps"] == 4
+
+
+@requires_rl
+def test_seed_000_presets_compose_every_step(tmp_path):
+    """+experiment=auth_grpo (the 8B real-model path), its tiny twin (make run) and auth_dpo, step by step."""
+    from sectune.stages import pipeline
+
+    def steps_of(overrides):
+        cfg = compose(overrides)
+        names = pipeline.check_steps(cfg)
+        return {n: pipeline.compose_step(cfg, pipeline.step_overrides_base(overrides), n, tmp_path, names).cfg for n in names}
+
+    real = steps_of(["+experiment=auth_grpo"])
+    assert list(real) == ["sft", "reward", "rl", "infer"]
+    for c in real.values():
+        assert (c.model.name, c.quantization.name, c.lora.name) == ("deepseek_r1_distill_llama_8b", "nf4", "r4_attention")
+        assert c.quantization.bnb_4bit_use_double_quant and c.model.max_seq_length == 1024 and c.model.device_map == "auto"
+        assert c.train.batch_size == 1 and c.train.learning_rate == 2e-5
+    assert (real["sft"].train.grad_accum, real["sft"].train.optimizer) == (16, "adafactor")
+    assert (real["rl"].train.grad_accum, real["rl"].loss.name, real["rl"].rl.lr_scale) == (4, "grpo", 0.5)
+    assert real["rl"].rl.rewards.reward_model > 0 and real["rl"].rl.reward_model == str(tmp_path / "reward")
+    assert (real["reward"].train.optimizer, real["reward"].train.weight_decay, real["reward"].reward.fallback) == ("adamw", 0.01, "heuristic")
+
+    tiny = steps_of(["+experiment=auth_grpo_tiny"])
+    assert list(tiny) == ["sft", "reward", "rl", "dpo", "infer"]
+    assert {c.model.name for c in tiny.values()} == {"tiny_llama"} and {c.quantization.name for c in tiny.values()} == {"none"}
+    assert tiny["rl"].lora.name == "r4_attention" and tiny["dpo"].dpo.init_from == str(tmp_path / "sft")
+
+    dpo = steps_of(["+experiment=auth_dpo"])
+    assert list(dpo) == ["sft", "dpo", "infer"] and dpo["dpo"].loss.name == "dpo" and dpo["dpo"].train.grad_accum == 4

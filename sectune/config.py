@@ -301,6 +301,87 @@ class DpoConfig:
 
 
 @dataclass
+class RLConfig:
+    """``stage=rl``: ``loss=grpo`` (group-relative policy optimisation, TRL's GRPOTrainer) or
+    ``loss=simplified_ppo`` (seed 000's recipe: supervised fine-tuning on the best examples)."""
+
+    #: where the policy starts: an SFT run dir (its result.json names ``artifacts.adapter`` or
+    #: ``artifacts.model``) or that folder. An adapter is loaded trainable; full weights (an SFT run
+    #: with lora=none) become the base under a fresh LoRA adapter, so the policy still starts as π_SFT
+    init_from: Optional[str] = None
+    #: init_from unset or unloadable: false = stop with an error naming the path; true = a fresh adapter
+    #: on the base model, a warning, and ``metrics.fresh_adapter=1`` (seed 000 fell back silently)
+    allow_fresh_adapter: bool = False
+    #: grpo's KL reference, never a second copy of the base weights: base = the same model with the
+    #: adapter disabled (π_base; π_SFT when init_from holds full weights); init = a frozen copy of the
+    #: starting adapter (π_ref = π_SFT, as in DeepSeekMath; TRL's own default for a loaded adapter)
+    reference: str = "base"
+    #: G, completions sampled per prompt (the group the advantages are normalised over);
+    #: ``train.batch_size`` counts prompts, so a micro-batch holds batch_size × G completions
+    num_generations: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = 160
+    #: μ, policy updates per generated batch (μ = 1: the ratio is 1 and nothing is clipped)
+    num_iterations: int = 1
+    #: the learning rate is ``train.learning_rate × lr_scale``: seed 000 halved it for RL
+    lr_scale: float = 0.5
+    #: token aggregation of the loss: dapo = mean over every completion token of the batch (TRL's
+    #: default, no length bias) | grpo = per-completion mean, then mean over completions (the paper)
+    loss_type: str = "dapo"
+    #: weighted rewards (sectune.data.auth_rewards): json_valid, schema_valid, verdict, fields, and
+    #: reward_model (a stage=reward run, ``rl.reward_model``); the total is the weighted sum
+    rewards: Dict[str, float] = field(
+        default_factory=lambda: {"json_valid": 0.1, "schema_valid": 0.2, "verdict": 0.35, "fields": 0.35, "reward_model": 0.0}
+    )
+    #: a stage=reward run dir (trained or heuristic); needed only when ``rewards.reward_model`` > 0
+    reward_model: Optional[str] = None
+    #: sample the G completions of a prompt from one prefill of the prompt (its KV cache shared), and
+    #: score them in one row (prompt once, then each completion attending to it): the same numbers as
+    #: TRL's padded batches for less work (bench/grpo_throughput.py); false = TRL's own paths
+    shared_prompt: bool = True
+
+
+def _open_dict() -> Any:
+    """An empty mapping that accepts new nested keys even under Hydra's struct mode, so
+    ``pipeline.overrides.rl.train.max_steps=5`` works on the command line without a ``+``;
+    the pipeline validates every key against the step's own schema before anything runs."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({}, flags={"struct": False})
+
+
+@dataclass
+class PipelineConfig:
+    """``stage=pipeline``: stages run in order in one command, each in ``<run dir>/<step>/``."""
+
+    #: the stages to run, in order; each reads the earlier ones' result.json (rl: sft + reward,
+    #: dpo: sft, infer: the pipeline dir). The make-run analyst adds dpo: [sft, reward, rl, dpo, infer]
+    steps: List[str] = field(default_factory=lambda: ["sft", "reward", "rl", "infer"])
+    #: each step's ``loss`` option (conf/loss/), e.g. ``pipeline.loss.rl=simplified_ppo``
+    loss: Dict[str, str] = field(
+        default_factory=lambda: {"sft": "causal_lm", "reward": "bradley_terry", "dpo": "dpo", "rl": "grpo"}
+    )
+    #: each step's ``dataset`` option (conf/dataset/); every step must hold out the same test windows
+    dataset: Dict[str, str] = field(
+        default_factory=lambda: {"sft": "auth_logs", "reward": "auth_preferences", "dpo": "auth_preferences",
+                                 "rl": "auth_logs", "infer": "auth_logs"}
+    )
+    #: per-step config changes, ``{step: {key: value}}`` (``pipeline.overrides.rl.train.max_steps=20``);
+    #: a string for a config group picks its option (``pipeline.overrides.rl.model=smollm_135m``)
+    overrides: Dict[str, Any] = field(default_factory=_open_dict)
+    #: end with the held-out table (report.md + heldout.json) on the test windows
+    heldout_table: bool = True
+    #: score only the first N test windows (null = all): quick looks and tests
+    heldout_max_windows: Optional[int] = None
+    #: generation batch size of the table's policies; null = ``infer.batch_size`` (the infer step's, so
+    #: its answers are the table's for that policy and every analyses/s figure is comparable)
+    heldout_batch_size: Optional[int] = None
+    #: add a schema-constrained row for the best policy (sectune.constrained; needs xgrammar)
+    heldout_constrained: bool = True
+
+
+@dataclass
 class ReportConfig:
     #: the sweep dir (``multirun/DATE/TIME``) to tabulate with ``stage=report``
     dir: Optional[str] = None
@@ -360,6 +441,8 @@ class SectuneConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)

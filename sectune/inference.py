@@ -58,7 +58,8 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4,
     """Greedy or sampled continuations of ``prompts`` (left-padded batches), text only.
 
     ``constraint`` (a :class:`sectune.constrained.SchemaConstraint`) restricts every token to the
-    schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced).
+    schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced) and
+    ``force_failures`` (forced closes the grammar refused: the budget was then not assured).
     """
     from transformers import LogitsProcessorList
 
@@ -86,6 +87,7 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4,
             outs.extend(constraint.decode(row) for row in ids.tolist())
             if stats is not None:
                 stats["forced"] = stats.get("forced", 0) + processor.forced
+                stats["force_failures"] = stats.get("force_failures", 0) + getattr(processor, "force_failures", 0)
         else:
             outs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
     return outs

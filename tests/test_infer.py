@@ -275,3 +275,18 @@ def test_parse_json_output_says_whether_it_repaired():
 
     assert parse_json_output('{"a": 1} tail') == ({"a": 1}, False)
     assert parse_json_output('{"a": 1,') == ({"a": 1}, True)
+
+
+def test_bitmask_applies_the_same_on_the_torch_path_as_on_xgrammars_cpu_kernel():
+    import xgrammar
+
+    from sectune.constrained import apply_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32, generator=g)  # 128 token bits
+    logits = torch.randn(3, 130, generator=g)  # two padded rows past a 120-token vocabulary
+    cpu = apply_bitmask(logits.clone(), bitmask, 120, xgrammar)
+    via_torch = apply_bitmask(logits.clone().to(torch.float64), bitmask, 120, xgrammar)  # not float32: the torch path
+    assert torch.equal(cpu.isinf(), via_torch.isinf()) and cpu[:, 120:].isinf().all()
+    bits = [(int(bitmask[r, t // 32]) >> (t % 32)) & 1 for r in range(3) for t in range(120)]
+    assert [not x for x in cpu[:, :120].isinf().flatten().tolist()] == [bool(b) for b in bits]

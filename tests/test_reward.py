@@ -100,6 +100,7 @@ def reward_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # ~4 min of 2 cores (11 min on a loaded box): 3 epochs over 1,624 pairs
 @requires_real_data
 def test_reward_model_ranks_held_out_pairs(reward_run):
     m = reward_run.result["metrics"]
@@ -111,6 +112,7 @@ def test_reward_model_ranks_held_out_pairs(reward_run):
     assert m["reward_margin"] > 0
 
 
+@pytest.mark.slow  # shares the quality run's fixture
 @requires_real_data
 def test_reward_model_reloads_with_plain_peft_api_and_scores_the_same(reward_run, tmp_path):
     from transformers import AutoModelForSequenceClassification

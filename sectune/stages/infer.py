@@ -94,6 +94,9 @@ def run(ctx: RunContext) -> dict:
     if constraint is not None:
         # outputs the token budget closed (the model had not closed them itself by then)
         metrics["forced_close_rate"] = stats.get("forced", 0) / n
+        if stats.get("force_failures"):
+            print(f"sectune: warning: {stats['force_failures']} forced close(s) disagreed with the grammar; those outputs "
+                  "were left to the grammar alone and may have run out of generation.max_new_tokens")
     print(
         f"sectune: infer: {n} analyses ({choice.used}{', constrained' if ic.constrained else ''}) · "
         f"JSON {sum(r['json_valid'] for r in records)}/{n} · schema-valid {sum(r['schema_valid'] for r in records)}/{n} · "

@@ -54,3 +54,95 @@ def dpo_loss(
     """
     chosen, rejected = dpo_implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     return -F.logsigmoid(chosen - rejected).mean()
+
+
+# ------------------------------------------------------------------------------------------ GRPO
+# Group relative policy optimisation (Shao et al. 2024, DeepSeekMath, eq. 3 and 4). For a prompt q,
+# G completions o_1..o_G are sampled from π_old and scored r_1..r_G; every token t of o_i gets the
+# group-normalised advantage Â_i and the objective (maximised) is
+#
+#     J = E[ 1/G Σ_i 1/|o_i| Σ_t { min(ρ_it·Â_i, clip(ρ_it, 1-ε, 1+ε)·Â_i) - β·D_KL[π_θ || π_ref] } ]
+#     ρ_it = π_θ(o_it | q, o_i<t) / π_old(o_it | q, o_i<t)
+#
+# with the KL estimated per token by the unbiased, always non-negative k3 estimator (Schulman 2020):
+#
+#     D_KL ≈ π_ref/π_θ - log(π_ref/π_θ) - 1 = exp(ref - logp) - (ref - logp) - 1
+#
+# The loss is -J. TRL's GRPOTrainer (1.16) computes exactly this; tests/test_rl.py holds the two side by side.
+
+
+def grpo_advantages(rewards: torch.Tensor, num_generations: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """Group-normalised advantages ``Â_i = (r_i - mean(r_group)) / (std(r_group) + eps)`` for rewards laid out
+    group after group (``[B·G]``: the G completions of prompt 0, then of prompt 1, …).
+
+    ``std`` is the sample standard deviation (Bessel's correction, ``/(G-1)``), as TRL's ``nanstd``
+    computes it, and ``eps = 1e-4`` is TRL's; a group whose rewards are all equal gets advantage 0.
+    ``scale=False`` keeps only the mean baseline (Dr. GRPO; TRL's ``scale_rewards="none"``).
+    """
+    if num_generations < 2 or rewards.numel() % num_generations:
+        raise ValueError(f"rewards ({rewards.numel()}) must hold whole groups of num_generations={num_generations} >= 2")
+    r = rewards.float().view(-1, num_generations)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    return adv.view(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(π_θ || π_ref) estimate ``exp(ref - logp) - (ref - logp) - 1``: 0 where π_θ = π_ref, else > 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    mask = mask.to(per_token.dtype)
+    if loss_type == "dapo":  # every completion token of the batch weighs the same (TRL's default)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "grpo":  # the paper: 1/|o_i| within a completion, then 1/G over completions
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    raise ValueError(f"loss_type={loss_type!r}: choose dapo or grpo")
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_epsilon: float = 0.2,
+    beta: float = 0.04,
+    loss_type: str = "dapo",
+    clip_epsilon_high: float | None = None,
+) -> torch.Tensor:
+    """The clipped GRPO surrogate plus β·KL, as a loss (-J above).
+
+    ``logp``, ``old_logp``, ``ref_logp``: per-token log-probs ``[N, T]`` of the sampled completion tokens
+    under π_θ, π_old (the policy that sampled them) and π_ref; ``advantages``: ``[N]``; ``mask``: ``[N, T]``,
+    1 on completion tokens. Per token ``-min(ρ·Â, clip(ρ, 1-ε, 1+ε_high)·Â) + β·KL_k3``, then averaged
+    over the masked tokens: ``loss_type="dapo"`` (one mean over every token of the batch, TRL's default)
+    or ``"grpo"`` (the paper's per-completion mean, then the mean over completions). ``ref_logp`` may be
+    None when ``beta`` is 0.
+    """
+    eps_high = clip_epsilon if clip_epsilon_high is None else clip_epsilon_high
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_epsilon, 1 + eps_high) * adv)
+    if beta:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs the reference log-probs (ref_logp)")
+        per_token = per_token + beta * k3_kl(logp, ref_logp)
+    return _aggregate(per_token, mask, loss_type)
+
+
+def clip_fraction(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    clip_epsilon: float = 0.2, clip_epsilon_high: float | None = None,
+) -> torch.Tensor:
+    """Share of completion tokens whose gradient the clip removes: ρ < 1-ε with Â < 0, or ρ > 1+ε with Â > 0
+    (TRL's ``clip_ratio/region_mean``). 0 whenever π_θ = π_old (one update per generated batch, μ = 1)."""
+    eps_high = clip_epsilon if clip_epsilon_high is None else clip_epsilon_high
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    clipped = ((ratio < 1 - clip_epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    mask = mask.to(torch.float32)
+    return (clipped.float() * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,0 +1,467 @@
+"""Reinforcement learning from an SFT policy: ``loss=grpo`` (real GRPO) or ``loss=simplified_ppo`` (seed 000's recipe).
+
+``loss=grpo`` — group relative policy optimisation (Shao et al. 2024) on TRL's GRPOTrainer. For each train
+window the policy samples G = ``rl.num_generations`` analyses; each is scored by the weighted rewards of
+``rl.rewards`` (``sectune.data.auth_rewards``: json_valid, schema_valid, verdict, fields; ``reward_model``
+from a ``stage=reward`` run); advantages are the rewards normalised within their group, and the loss is
+the clipped surrogate plus β·KL to the reference (``sectune.losses.grpo_loss``, which TRL computes).
+The policy is a LoRA adapter; the reference is the same model with the adapter disabled
+(``rl.reference=base``) or a frozen copy of the starting adapter (``init``): never a second copy of the
+base weights. TRL 1.16 itself copies a loaded adapter to a frozen "ref" adapter (``init``); with
+``base`` that copy is dropped. Each reward is its own TRL reward function, so TRL logs its mean and std
+every step beside the total reward, KL, clip fraction and completion length (W&B through Trainer's
+``report_to``, ``train_history.json``, ``plots/reward_curve.png``). The generation and scoring passes share
+each prompt across its G completions (``sectune.grpo_trainer``, ``rl.shared_prompt``).
+
+``loss=simplified_ppo`` — kept to reproduce seed 000, and said plainly: it is supervised fine-tuning under
+another name, not PPO. Causal-LM loss on the answer tokens of the highest-quality train windows
+(:func:`highest_quality`), the seed's settings (conf/loss/simplified_ppo.yaml): learning rate halved,
+at most 50 steps, batch 1, grad-accum 4, Adafactor.
+
+Both start from ``rl.init_from`` (an SFT run dir or its adapter/model folder) and train on the train windows
+only: the test windows stay held out for the analyst's table. The memory check (``stage=plan``'s estimate
+for batch × G sequences) runs first.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from sectune import data, engine, modeling
+from sectune.data import auth_rewards
+from sectune.errors import ConfigError, SectuneError
+from sectune.memory import memory_check
+from sectune.runner import RunContext, write_json_atomic
+
+LOSSES = ("grpo", "simplified_ppo")
+REFERENCES = ("base", "init")
+LOSS_TYPES = ("dapo", "grpo")
+#: seed 000's simplified PPO trained on its 20 best examples
+SIMPLIFIED_PPO_EXAMPLES = 20
+SFT_NOTE = ("loss=simplified_ppo is supervised fine-tuning under another name (seed 000's 'simplified PPO'): causal-LM "
+            "loss on the best train examples; no reward, no sampling, no clipped policy ratio. It is not PPO.")
+
+
+def run(ctx: RunContext) -> dict:
+    cfg = ctx.cfg
+    loss = cfg.loss.name
+    if loss not in LOSSES:
+        raise ConfigError(f"stage=rl loss={loss}: choose loss=grpo (group relative policy optimisation) or loss=simplified_ppo (seed 000's recipe)")
+    if not cfg.lora.enabled:
+        raise ConfigError("stage=rl trains a LoRA adapter (its reference is the same model with the adapter off): choose a lora preset, e.g. lora=r4_attention")
+    G = int(cfg.rl.num_generations) if loss == "grpo" else 1
+    fits, why = memory_check(cfg, sequences_per_example=G)
+    if not fits:
+        raise ConfigError(f"stage=rl does not fit: {why} for train.batch_size={cfg.train.batch_size} × {G} sequences. Lower "
+                          f"rl.num_generations, train.batch_size, rl.max_completion_length or model.max_seq_length, or use "
+                          f"quantization=nf4 / train.gradient_checkpointing=true")
+    print(f"sectune: memory check: {why}")
+    return run_grpo(ctx) if loss == "grpo" else run_simplified_ppo(ctx)
+
+
+# ----------------------------------------------------------------------------------------- policy
+def init_source(init_from: str) -> tuple[str, Path]:
+    """``rl.init_from``: an SFT run dir (its result.json names ``artifacts.adapter`` or ``artifacts.model``),
+    an adapter folder (adapter_config.json) or a full-weights folder (config.json) → (kind, folder)."""
+    p, key = Path(init_from).expanduser(), f"rl.init_from={init_from}"
+    if not p.exists():
+        raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or its adapter/ folder)")
+    if (p / "adapter_config.json").is_file():
+        return "adapter", p
+    if (p / "config.json").is_file():
+        return "model", p
+    result = p / "result.json"
+    if not result.is_file():
+        raise ConfigError(f"{key}: {p} has neither result.json (an SFT run dir) nor adapter_config.json / config.json")
+    try:
+        res = json.loads(result.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{key}: {result} is not readable JSON ({e})") from None
+    artifacts = res.get("artifacts") or {}
+    for kind, marker in (("adapter", "adapter_config.json"), ("model", "config.json")):
+        if artifacts.get(kind):
+            folder = p / artifacts[kind]
+            if not (folder / marker).is_file():
+                raise ConfigError(f"{key}: {folder} (artifacts.{kind} of {result}) has no {marker}")
+            return kind, folder
+    raise ConfigError(f"{key}: {result} lists no adapter or model (stage={res.get('stage')}, status={res.get('status')}, "
+                      f"artifacts: {', '.join(sorted(artifacts)) or 'none'})")
+
+
+def build_policy(cfg, path: str):
+    """(trainable PEFT policy, what it started from, fresh adapter?, the SFT weights folder or None). An SFT
+    adapter is loaded trainable; SFT full weights get a fresh LoRA adapter on top (the policy is still π_SFT at
+    step 0, and the saved adapter belongs on those weights). An unset or unloadable ``rl.init_from`` is an
+    error unless ``rl.allow_fresh_adapter=true``."""
+    from peft import PeftModel
+
+    init_from = cfg.rl.init_from
+    try:
+        if not init_from:
+            raise ConfigError("rl.init_from is not set (give the SFT run dir the policy starts from)")
+        kind, folder = init_source(str(init_from))
+        try:
+            if kind == "model":
+                model = modeling.apply_lora(modeling.load_model(cfg, path=str(folder)), cfg)
+                return model, f"the SFT weights in {folder} under a fresh LoRA adapter", False, folder
+            model = PeftModel.from_pretrained(modeling.load_model(cfg, path=path), str(folder), is_trainable=True)
+        except SectuneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every load failure is the same user error: this folder, this model
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"rl.init_from={init_from}: cannot load the {kind} in {folder} for model={cfg.model.name} ({type(e).__name__}: {first})") from None
+        return model, f"the SFT adapter in {folder} (its LoRA settings; lora.* not applied)", False, None
+    except ConfigError as e:
+        if not cfg.rl.allow_fresh_adapter:
+            raise ConfigError(f"{e}; or set rl.allow_fresh_adapter=true to start from a fresh adapter") from None
+        print(f"sectune: warning: {e}. rl.allow_fresh_adapter=true: starting from a FRESH LoRA adapter on the base model (metrics.fresh_adapter=1)")
+        return modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), "a fresh LoRA adapter (rl.allow_fresh_adapter)", True, None
+
+
+def base_model_artifact(sft_weights: Path | None, run_dir: Path) -> dict:
+    """``artifacts.base_model``: when the adapter sits on SFT full weights rather than ``model.name_or_path``,
+    where those weights are (relative to the run dir; adapter_config.json names them too)."""
+    return {"base_model": os.path.relpath(sft_weights.resolve(), run_dir.resolve())} if sft_weights else {}
+
+
+def save_policy(trainer, tokenizer, out: Path):
+    """The adapter alone (TRL's frozen "ref" copy dropped), loadable with plain ``PeftModel.from_pretrained``."""
+    policy = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    if "ref" in policy.peft_config:
+        policy.delete_adapter("ref")
+    modeling.save_pretrained_atomic(policy, tokenizer, out)
+
+
+# ------------------------------------------------------------------------------------------- data
+def stratified(records: list[dict], n: int | None, key=None) -> list[dict]:
+    """``n`` records taking turns across labels (each label's records in ``key`` order, else as given)."""
+    if n is None or n >= len(records):
+        return list(records)
+    by_label: dict[str, list[dict]] = {}
+    for r in sorted(records, key=key) if key else records:
+        by_label.setdefault(r["label"], []).append(r)
+    out, queues = [], [list(v) for _, v in sorted(by_label.items())]
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
+def evidence(analysis: dict) -> int:
+    """How many facts an analysis states: login counts, break-in attempts, users and sources named."""
+    return (sum(int(analysis.get(k) or 0) for k in ("failed_logins", "accepted_logins", "break_in_attempts"))
+            + len(analysis.get("invalid_users") or []) + len(analysis.get("targeted_users") or [])
+            + len(analysis.get("source_ips") or []))
+
+
+def highest_quality(records: list[dict], n: int, fits=lambda r: True) -> list[dict]:
+    """simplified_ppo's "highest-quality examples": the windows whose annotation states the most evidence
+    (:func:`evidence`; ties by window id), taken in turns across verdicts so every class is there, and only
+    those that fit ``model.max_seq_length`` whole (a cut answer teaches a cut answer)."""
+    usable = [r for r in records if fits(r)]
+    return stratified(usable, n, key=lambda r: (-evidence(json.loads(r["completion"])), r["id"]))
+
+
+def fitting_prompts(tokenizer, records: list[dict], max_len: int) -> tuple[list[dict], int]:
+    """The records whose prompt leaves ``rl.max_completion_length`` tokens within ``model.max_seq_length``."""
+    lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in records])["input_ids"]]
+    keep = [r for r, n in zip(records, lengths) if n <= max_len]
+    return keep, len(records) - len(keep)
+
+
+# ---------------------------------------------------------------------------------------- rewards
+@functools.lru_cache(maxsize=4096)
+def _annotation(text: str) -> dict:
+    return json.loads(text)
+
+
+def rule_reward(name: str):
+    """``auth_rewards.REWARDS[name]`` as a TRL reward function of the completions and the dataset's
+    ``window`` and ``annotation`` columns (TRL passes extra columns as keyword lists)."""
+    fn = auth_rewards.REWARDS[name]
+
+    def reward(prompts, completions, window, annotation, **_):
+        return [fn(w, _annotation(a), c) for w, a, c in zip(window, annotation, completions)]
+
+    reward.__name__ = name
+    return reward
+
+
+def model_reward(scorer):
+    def reward_model(prompts, completions, **_):
+        return scorer.score(prompts, completions)
+
+    return reward_model
+
+
+def reward_functions(cfg) -> tuple[list, list[float], str | None]:
+    """(TRL reward functions, their weights, the reward model's kind). Every rule reward is scored and logged,
+    weighted or not (weight 0 when ``rl.rewards`` leaves it out); the reward model only when weighted."""
+    from omegaconf import OmegaConf
+
+    given = OmegaConf.to_container(cfg.rl.rewards, resolve=True) if cfg.rl.rewards is not None else {}
+    try:
+        weights = auth_rewards.check_reward_weights(given)
+    except ValueError as e:
+        raise ConfigError(f"rl.rewards: {e}") from None
+    if not any(weights.values()):
+        raise ConfigError("rl.rewards: every weight is 0; weight at least one reward")
+    funcs = [rule_reward(n) for n in auth_rewards.REWARDS]
+    w = [weights.get(n, 0.0) for n in auth_rewards.REWARDS]
+    kind = None
+    if weights.get("reward_model", 0.0):
+        if not cfg.rl.reward_model:
+            raise ConfigError("rl.rewards.reward_model is weighted but rl.reward_model is not set (give a stage=reward run dir)")
+        from sectune.reward_model import load_reward_model
+
+        scorer = load_reward_model(cfg.rl.reward_model, cfg)
+        kind = scorer.kind
+        print(f"sectune: reward model ({scorer.kind}) from {cfg.rl.reward_model}")
+        funcs.append(model_reward(scorer))
+        w.append(weights["reward_model"])
+    elif cfg.rl.reward_model:
+        print(f"sectune: warning: rl.reward_model={cfg.rl.reward_model} is set but rl.rewards.reward_model is 0: not used")
+    return funcs, w, kind
+
+
+# ------------------------------------------------------------------------------------------- grpo
+def run_grpo(ctx: RunContext) -> dict:
+    cfg, run_dir, rl = ctx.cfg, ctx.run_dir, ctx.cfg.rl
+    t0 = time.perf_counter()
+    if rl.reference not in REFERENCES:
+        raise ConfigError(f"rl.reference={rl.reference!r}: choose base (the model with the adapter disabled) or init (a frozen copy of the starting adapter)")
+    if rl.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"rl.loss_type={rl.loss_type!r}: choose dapo (token mean over the batch) or grpo (per-completion mean)")
+    if int(rl.num_generations) < 2:
+        raise ConfigError(f"rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions per prompt to compare them")
+    reward_funcs, weights, reward_kind = reward_functions(cfg)
+
+    # 1. model: the SFT policy, trainable
+    path = modeling.model_path(cfg)
+    tokenizer = modeling.load_tokenizer(cfg, path)
+    model, start, fresh, sft_weights = build_policy(cfg, path)
+    trainable, total = modeling.trainable_parameters(model)
+    print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}")
+
+    # 2. data: the train windows' prompts; the annotation rides along for the rewards
+    splits = data.sft_splits(cfg)
+    max_prompt = int(cfg.model.max_seq_length) - int(rl.max_completion_length)
+    train_recs, too_long = fitting_prompts(tokenizer, splits["train"], max_prompt)
+    if too_long:
+        print(f"sectune: warning: {too_long} train windows have prompts over model.max_seq_length - rl.max_completion_length = {max_prompt} tokens; left out")
+    if not train_recs:
+        raise ConfigError(f"dataset={cfg.dataset.name}: no train window's prompt fits model.max_seq_length - rl.max_completion_length = {max_prompt} tokens")
+    print(f"sectune: GRPO on {len(train_recs)} train windows × G={rl.num_generations} completions ({len(splits['test'])} test windows held out)")
+
+    # 3. trainer
+    callbacks = [*engine.fail_callbacks(cfg)]
+    trainer = build_grpo_trainer(cfg, model, tokenizer, train_recs, reward_funcs, weights, run_dir / "checkpoints", callbacks)
+    main = trainer.accelerator.is_main_process
+    resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
+    try:
+        train_out = trainer.train(resume_from_checkpoint=resume)
+    finally:  # the reward history so far is worth keeping even when training dies
+        if main:
+            write_json_atomic(run_dir / "train_history.json", rl_history(trainer))
+    history = rl_history(trainer)
+    metrics = {"train_loss": train_out.training_loss, "train_steps": trainer.state.global_step, "fresh_adapter": int(fresh),
+               "train_prompts": len(train_recs), "too_long_prompts": too_long, "num_generations": int(rl.num_generations),
+               "learning_rate": trainer.args.learning_rate, "trainable_params": trainable, "total_params": total,
+               **curve_metrics(history["steps"])}
+    if reward_kind:
+        metrics["reward_model_heuristic"] = int(reward_kind == "heuristic")
+
+    # 4. artifacts
+    artifacts = {"adapter": "adapter", "checkpoints": "checkpoints", "train_history": "train_history.json", "reward_curve": "plots/reward_curve.png",
+                 **base_model_artifact(sft_weights, run_dir)}
+    if not main:
+        trainer.accelerator.wait_for_everyone()
+        return {"metrics": metrics, "artifacts": artifacts}
+    save_policy(trainer, tokenizer, run_dir / "adapter")
+    plot_reward_curve(run_dir / "plots" / "reward_curve.png", history["steps"], f"grpo · {cfg.model.name} · G={rl.num_generations} · β={cfg.loss.beta}",
+                      dict(zip(trainer.reward_func_names, weights)))
+    metrics.update(engine.peak_memory())
+    metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
+    kl = f" · KL {metrics['kl_mean']:.4f}" if metrics.get("kl_mean") is not None else ""
+    print(f"sectune: done · adapter at {run_dir / 'adapter'} · mean reward {metrics.get('reward_mean_start', float('nan')):.3f} → "
+          f"{metrics.get('reward_mean_end', float('nan')):.3f}{kl} · {metrics['train_steps']} steps · {metrics['train_runtime_s']:.0f}s")
+    trainer.accelerator.wait_for_everyone()
+    return {"metrics": metrics, "artifacts": artifacts}
+
+
+def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs, weights, output_dir: Path, callbacks=()):
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from sectune.grpo_trainer import SharedPromptGRPOTrainer
+    from sectune.reward_model import window_from_prompt
+
+    rl, G = cfg.rl, int(cfg.rl.num_generations)
+    kwargs = engine.training_kwargs(cfg, output_dir, has_eval=False)
+    kwargs.pop("train_sampling_strategy")  # GRPO's own sampler repeats each prompt G times
+    kwargs["learning_rate"] = float(cfg.train.learning_rate) * float(rl.lr_scale)
+    kwargs["per_device_train_batch_size"] = int(cfg.train.batch_size) * G  # train.batch_size counts prompts
+    args = GRPOConfig(
+        **kwargs,
+        num_generations=G,
+        max_completion_length=int(rl.max_completion_length),
+        temperature=float(rl.temperature),
+        top_p=float(rl.top_p),
+        beta=float(cfg.loss.beta),
+        epsilon=float(cfg.loss.clip_epsilon),
+        num_iterations=int(rl.num_iterations),
+        loss_type=str(rl.loss_type),
+        scale_rewards="group",
+        reward_weights=list(weights),
+        disable_dropout=True,  # π_θ, π_old and π_ref must score a token the same way
+        log_completions=False,
+    )
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "window": window_from_prompt(r["prompt"]), "annotation": r["completion"], "id": r["id"]} for r in records])
+    trainer = SharedPromptGRPOTrainer(
+        model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
+        callbacks=list(callbacks), shared_prompt=bool(rl.shared_prompt),
+    )
+    if rl.reference == "base" and "ref" in trainer.model.peft_config:
+        trainer.model.delete_adapter("ref")  # without it, TRL's reference forward disables the adapter
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------- history
+STEP_KEYS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "clip_fraction": "clip_ratio/region_mean",
+             "completion_length": "completions/mean_length", "loss": "loss", "entropy": "entropy"}
+
+
+def rl_history(trainer) -> dict:
+    """Trainer's loss history plus one record per logged step: total reward (mean, std), each reward's mean
+    and std, KL, clip fraction, completion length. With ``rl.num_iterations`` μ > 1 the rewards are logged on
+    the steps that generate, KL and clip fraction on every step."""
+    steps = []
+    for rec in trainer.state.log_history:
+        if "step" not in rec or not ("reward" in rec or "loss" in rec):
+            continue
+        row = {"step": rec["step"], **{k: rec[v] for k, v in STEP_KEYS.items() if rec.get(v) is not None}}
+        row.update({k.removeprefix("rewards/").replace("/", "_"): v for k, v in rec.items() if k.startswith("rewards/") and v is not None})
+        steps.append(row)
+    return {**engine.loss_history(trainer), "steps": steps}
+
+
+def curve_metrics(steps: list[dict]) -> dict:
+    """``reward_mean_start`` / ``reward_mean_end``: the mean total reward over the first / last quarter of
+    the logged steps (at least one step each: a single step's reward is mostly which windows it drew);
+    the same for each reward (``reward_verdict_start``, …, ``reward_model_start``); ``kl_mean``,
+    ``clip_fraction_mean``, ``completion_length_mean`` over all steps."""
+    rewarded = [r for r in steps if r.get("reward") is not None]  # μ > 1: only the steps that generate
+    if not rewarded:
+        return {}
+    k = max(1, len(rewarded) // 4)
+
+    def mean(key, rows):
+        vals = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+        return sum(vals) / len(vals) if vals else None
+
+    out = {"reward_mean_start": mean("reward", rewarded[:k]), "reward_mean_end": mean("reward", rewarded[-k:])}
+    for name in [key.removesuffix("_mean") for key in rewarded[0] if key.endswith("_mean")]:
+        prefix = name if name.startswith("reward") else f"reward_{name}"  # reward_verdict_start, reward_model_start
+        out[f"{prefix}_start"] = mean(f"{name}_mean", rewarded[:k])
+        out[f"{prefix}_end"] = mean(f"{name}_mean", rewarded[-k:])
+    for key in ("kl", "clip_fraction", "completion_length"):
+        out[f"{key}_mean"] = mean(key, steps)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def plot_reward_curve(path: Path, steps: list[dict], title: str, weights: dict | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax, ax_kl) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
+    rewarded = [r for r in steps if r.get("reward") is not None]
+    if rewarded:
+        x = [r["step"] for r in rewarded]
+        mean = [r["reward"] for r in rewarded]
+        std = [r.get("reward_std", 0.0) for r in rewarded]
+        ax.plot(x, mean, "k-", lw=2, label="total reward (weighted sum) ± std")
+        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color="k", alpha=0.1)
+        for name in [k.removesuffix("_mean") for k in rewarded[0] if k.endswith("_mean")]:
+            w = (weights or {}).get(name)
+            ax.plot(x, [r.get(f"{name}_mean", float("nan")) for r in rewarded], lw=1, label=name if w is None else f"{name} (weight {w:g})")
+    if steps:
+        ax_kl.plot([r["step"] for r in steps], [r.get("kl", float("nan")) for r in steps], "r-", lw=1, label="KL to the reference")
+        ax_kl.legend(fontsize=8)
+    ax.set_ylabel("mean reward per step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax_kl.set_xlabel("step")
+    ax_kl.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# -------------------------------------------------------------------------------- simplified ppo
+def run_simplified_ppo(ctx: RunContext) -> dict:
+    """Seed 000's "simplified PPO": SFT on the best train examples. Said on the console and in result.json."""
+    from omegaconf import OmegaConf
+
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    t0 = time.perf_counter()
+    print(f"sectune: NOTE: {SFT_NOTE}")
+    path = modeling.model_path(cfg)
+    tokenizer = modeling.load_tokenizer(cfg, path)
+    model, start, fresh, sft_weights = build_policy(cfg, path)
+
+    # the split of every window (as an SFT run with dataset.max_samples=null), then the best n train windows
+    n = cfg.dataset.max_samples or SIMPLIFIED_PPO_EXAMPLES
+    all_windows = OmegaConf.merge(cfg, {"dataset": {"max_samples": None}})
+    splits = data.sft_splits(all_windows)
+    max_len = int(cfg.model.max_seq_length)
+    recs = highest_quality(splits["train"], n, fits=lambda r: len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) + 1 <= max_len)
+    if not recs:
+        raise ConfigError(f"dataset={cfg.dataset.name}: no train window fits model.max_seq_length={max_len} whole")
+    labels = {lab: sum(r["label"] == lab for r in recs) for lab in sorted({r["label"] for r in recs})}
+    print(f"sectune: the {len(recs)} highest-quality train windows (most evidence, by verdict: {labels}); starting from {start}")
+
+    trainer = build_sft_trainer(cfg, model, tokenizer, recs, run_dir / "checkpoints", engine.fail_callbacks(cfg))
+    main = trainer.accelerator.is_main_process
+    try:
+        out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, run_dir / "checkpoints"))
+    finally:
+        if main:
+            engine.write_history(run_dir / "train_history.json", trainer)
+    metrics = {"is_supervised_finetuning": 1, "train_loss": out.training_loss, "train_steps": trainer.state.global_step,
+               "train_examples": len(recs), "fresh_adapter": int(fresh), "learning_rate": trainer.args.learning_rate}
+    artifacts = {"adapter": "adapter", "checkpoints": "checkpoints", "train_history": "train_history.json", "loss_curve": "plots/loss_curve.png",
+                 **base_model_artifact(sft_weights, run_dir)}
+    if main:
+        save_policy(trainer, tokenizer, run_dir / "adapter")
+        engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"simplified_ppo (= SFT) · {cfg.model.name}")
+        (run_dir / "NOTE.txt").write_text(SFT_NOTE + "\n")
+        artifacts["note"] = "NOTE.txt"
+        metrics.update(engine.peak_memory())
+    metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
+    print(f"sectune: done · adapter at {run_dir / 'adapter'} · train loss {metrics['train_loss']:.4f} · {SFT_NOTE}")
+    return {"metrics": metrics, "artifacts": artifacts}
+
+
+def build_sft_trainer(cfg, model, tokenizer, recs: list[dict], output_dir: Path, callbacks=()):
+    """TRL's SFTTrainer, answer-only loss. Batch 1 (the seed's) has no padding to remove, so the plain
+    collator is the padding-free one; other batch sizes pad to the longest example."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    kwargs = engine.training_kwargs(cfg, output_dir, has_eval=False)
+    kwargs["learning_rate"] = float(cfg.train.learning_rate) * float(cfg.rl.lr_scale)  # the seed halved it
+    args = SFTConfig(**kwargs, max_length=cfg.model.max_seq_length, completion_only_loss=True, packing=False, dataset_num_proc=None)
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in recs])
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))

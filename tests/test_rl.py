@@ -1,0 +1,338 @@
+"""stage=rl: the GRPO pure functions against hand-computed values, TRL's GRPOTrainer agreeing with them (and
+with sectune's shared-prompt generation and scoring), a short GRPO run from a brief SFT run raising the mean
+reward, the init_from / fresh-adapter contract, and simplified_ppo saying it is supervised fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import compose, requires_real_data, sectune
+from sectune import losses
+from sectune.errors import ConfigError
+
+#: a contended 2-core box spends most of a small op's time in OpenMP barriers with 2 threads
+#: (a [8,128]x[128,128] matmul: 4 ms vs 0.02 ms with 1); the runs here use one thread each
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------- pure functions
+def test_grpo_advantages_are_group_normalised_with_bessels_std():
+    adv = losses.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]), num_generations=4)
+    # group 1: mean 0.5, sample std sqrt(4 · 0.25 / 3) = sqrt(1/3); group 2: all equal -> 0
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0]))
+    # G = 2: mean 2, std sqrt(2)
+    b = 1 / (math.sqrt(2) + 1e-4)
+    torch.testing.assert_close(losses.grpo_advantages(torch.tensor([3.0, 1.0]), 2), torch.tensor([b, -b]))
+    torch.testing.assert_close(losses.grpo_advantages(torch.tensor([3.0, 1.0]), 2, scale=False), torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError):
+        losses.grpo_advantages(torch.ones(5), 2)
+
+
+def test_k3_kl_is_zero_for_the_reference_itself_and_positive_elsewhere():
+    logp = torch.log(torch.tensor([0.5, 0.1, 0.9]))
+    assert torch.equal(losses.k3_kl(logp, logp), torch.zeros(3))
+    # π = 0.5, π_ref = 0.25: 0.5 - log 0.5 - 1 = 0.193147
+    assert losses.k3_kl(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])).item() == pytest.approx(0.1931472, abs=1e-6)
+    assert (losses.k3_kl(logp, logp.roll(1)) > 0).all()
+
+
+# two completions, two token slots: ratios π/π_old [[1.5, 0.9], [0.5, (1.0, masked)]], advantages [1, -2], ε = 0.2
+OLD = torch.log(torch.tensor([[0.4, 0.5], [0.2, 0.3]]))
+LOGP = OLD + torch.log(torch.tensor([[1.5, 0.9], [0.5, 1.0]]))
+REF = torch.log(torch.tensor([[0.3, 0.45], [0.2, 0.3]]))
+ADV = torch.tensor([1.0, -2.0])
+MASK = torch.tensor([[1, 1], [1, 0]])
+
+
+def test_grpo_loss_equals_hand_computed_values():
+    # per token -min(ρA, clip(ρ)A): 1.5 -> clipped to 1.2: -1.2; 0.9: -0.9; ρ=0.5, A=-2: -min(-1, -1.6) = 1.6
+    assert losses.grpo_loss(LOGP, OLD, None, ADV, MASK, 0.2, beta=0.0).item() == pytest.approx(-0.5 / 3, abs=1e-6)
+    assert losses.grpo_loss(LOGP, OLD, None, ADV, MASK, 0.2, beta=0.0, loss_type="grpo").item() == pytest.approx((-1.05 + 1.6) / 2, abs=1e-6)
+    # + β·k3: token 1 of row 1: π_ref/π = 0.5 -> 0.193147; row 2: 2 -> 2 - log 2 - 1 = 0.306853; sum 0.5
+    assert losses.grpo_loss(LOGP, OLD, REF, ADV, MASK, 0.2, beta=0.1).item() == pytest.approx((-0.5 + 0.05) / 3, abs=1e-6)
+    # KL is 0 for a policy equal to the reference: the same loss as without the KL term
+    assert losses.grpo_loss(LOGP, OLD, LOGP, ADV, MASK, 0.2, beta=0.5).item() == pytest.approx(-0.5 / 3, abs=1e-6)
+    # the gradient pushes the positive-advantage token inside the clip up, and ignores the clipped ones
+    logp = LOGP.clone().requires_grad_(True)
+    losses.grpo_loss(logp, OLD, None, ADV, MASK, 0.2, beta=0.0).backward()
+    assert logp.grad[0, 1] < 0 and logp.grad[0, 0] == 0 and logp.grad[1, 0] == 0 and logp.grad[1, 1] == 0
+
+
+def test_clip_fraction_counts_tokens_whose_gradient_the_clip_removes():
+    assert losses.clip_fraction(LOGP, OLD, ADV, MASK, 0.2).item() == pytest.approx(2 / 3)
+    assert losses.clip_fraction(OLD, OLD, ADV, MASK, 0.2).item() == 0.0  # π = π_old (μ = 1): nothing clipped
+
+
+def test_curve_metrics_average_the_first_and_last_quarter_of_the_rewarded_steps():
+    from sectune.stages import rl
+
+    steps = [{"step": i, "reward": r, "verdict_mean": r / 2, "kl": 0.1 * i, "clip_fraction": 0.0, "completion_length": 10}
+             for i, r in enumerate([0.1, 0.3, 0.5, 0.5, 0.6, 0.8, 0.7, 0.9], start=1)]
+    steps.insert(3, {"step": 3.5, "kl": 0.0, "loss": 0.0})  # μ > 1: a step without a generation logs no reward
+    m = rl.curve_metrics(steps)
+    assert m["reward_mean_start"] == pytest.approx(0.2) and m["reward_mean_end"] == pytest.approx(0.8)
+    assert m["reward_verdict_start"] == pytest.approx(0.1) and m["reward_verdict_end"] == pytest.approx(0.4)
+    assert m["kl_mean"] == pytest.approx(sum(0.1 * i for i in range(1, 9)) / 9) and m["clip_fraction_mean"] == 0.0
+
+
+# --------------------------------------------------------------------- TRL side by side (tiny model)
+LOGS = [
+    "Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from 173.234.31.186 port 38926 ssh2\n"
+    "Dec 10 06:55:48 LabSZ sshd[24200]: Failed password for root from 173.234.31.186 port 38926 ssh2",
+    "Dec 10 09:32:20 LabSZ sshd[24680]: Accepted password for fztu from 119.137.62.142 port 49116 ssh2",
+]
+UNIT = ["stage=rl", "loss=grpo", "logger=none", "train.precision=fp32", "train.max_steps=1", "train.batch_size=2",
+        "rl.num_generations=4", "rl.max_completion_length=12", "rl.allow_fresh_adapter=true", "loss.beta=0.1"]
+
+
+def unit_records():
+    from sectune.data.auth_logs import render_completion, render_prompt
+    from sectune.data.auth_rules import analyze_auth_log
+
+    return [{"prompt": render_prompt(log), "completion": render_completion(analyze_auth_log(log.splitlines())), "id": str(i), "label": "x"}
+            for i, log in enumerate(LOGS)]
+
+
+@pytest.fixture(scope="module")
+def unit_trainer(tmp_path_factory):
+    from sectune import modeling
+    from sectune.stages import rl
+
+    cfg = compose(UNIT)
+    tokenizer = modeling.load_tokenizer(cfg)
+    model, start, fresh, _ = rl.build_policy(cfg, modeling.model_path(cfg))
+    assert fresh and "fresh" in start
+    funcs, weights, _ = rl.reward_functions(cfg)
+    trainer = rl.build_grpo_trainer(cfg, model, tokenizer, unit_records(), funcs, weights, tmp_path_factory.mktemp("grpo") / "ckpt")
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; one micro-batch here
+    return cfg, trainer
+
+
+def generation_batch(trainer):
+    torch.manual_seed(0)
+    return trainer._generate_and_score_completions([dict(trainer.train_dataset[i]) for i in (0, 0, 0, 0, 1, 1, 1, 1)])
+
+
+def trl_logps(trainer, inputs, reference=False):
+    """TRL's own padded-batch log-probs (its fused LM head), the adapter disabled for the reference."""
+    import contextlib
+
+    from trl import GRPOTrainer
+    from trl.trainer.utils import use_adapter
+
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with use_adapter(trainer.model, adapter_name=None) if reference else contextlib.nullcontext():
+        return GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, ids.shape[1] - inputs["prompt_ids"].shape[1])[0]
+
+
+def test_reference_is_the_model_with_the_adapter_disabled_and_kl_is_zero_for_a_fresh_adapter(unit_trainer):
+    from sectune import modeling
+
+    cfg, trainer = unit_trainer
+    model = trainer.model
+    assert trainer.ref_model is None and set(model.peft_config) == {"default"}  # no second copy of anything
+    base = sum(p.numel() for p in modeling.load_model(cfg).parameters())
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) == base
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+    inputs = generation_batch(trainer)  # fresh adapter: B = 0, the policy IS the reference
+    logps = trainer._get_per_token_logps_and_entropies(model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                                                       torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].shape[1])[0]
+    m = inputs["completion_mask"].bool()
+    assert torch.equal(logps[m], inputs["ref_per_token_logps"][m])
+    trainer._metrics["train"].clear()
+    trainer._compute_loss(model, inputs)
+    assert trainer._metrics["train"]["kl"] == [0.0]
+
+
+def test_trl_grpo_loss_equals_sectune_grpo_loss_and_shared_prompt_scoring_equals_trls(unit_trainer):
+    _, trainer = unit_trainer
+    model = trainer.model
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():  # a policy that differs from the reference
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+    inputs = generation_batch(trainer)
+    m = inputs["completion_mask"].bool()
+    policy, ref = trl_logps(trainer, inputs), trl_logps(trainer, inputs, reference=True)
+    # sectune's shared-prompt rows give TRL's padded-batch log-probs, for the policy and the reference
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    shared = trainer._get_per_token_logps_and_entropies(model, ids, mask, inputs["completion_ids"].shape[1])[0]
+    torch.testing.assert_close(shared[m], policy[m], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inputs["ref_per_token_logps"][m], ref[m], rtol=1e-4, atol=1e-4)
+    assert (policy - ref)[m].abs().max() > 0.05  # the KL term is not trivially zero
+    # the advantages TRL used are sectune's group normalisation of the weighted total reward
+    w = torch.tensor(trainer.args.reward_weights)
+    per_func = torch.tensor([list(trainer._logs["rewards"][n])[-8:] for n in trainer.reward_func_names]).T
+    torch.testing.assert_close(inputs["advantages"], losses.grpo_advantages(per_func @ w, 4))
+    # TRL's loss (its own padded path) = sectune.losses.grpo_loss on the same log-probs (π_old = π: μ = 1)
+    trainer.shared_prompt = False
+    try:
+        model.zero_grad()
+        trl_loss = trainer._compute_loss(model, inputs)
+        trl_loss.backward()
+        trl_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        trainer.shared_prompt = True
+    expected = losses.grpo_loss(policy, policy.detach(), ref, inputs["advantages"], inputs["completion_mask"], 0.2, beta=0.1, loss_type="dapo")
+    torch.testing.assert_close(trl_loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    # and the shared-prompt path gives the same gradient
+    model.zero_grad()
+    trainer._compute_loss(model, inputs).backward()
+    assert trl_grads and all(torch.allclose(p.grad, trl_grads[n], rtol=1e-3, atol=1e-6) for n, p in model.named_parameters() if n in trl_grads)
+
+
+def test_shared_prompt_sampling_is_generate_greedy_when_top_k_is_one():
+    from sectune import modeling
+    from sectune.grpo_trainer import sample_shared_prompt
+
+    cfg = compose(UNIT)
+    tok = modeling.load_tokenizer(cfg)
+    model = modeling.load_model(cfg).eval()
+    prompts = [r["prompt"] for r in unit_records()]  # two lengths: left padding is exercised
+    ids = [tok(p)["input_ids"] for p in prompts]
+    mine = sample_shared_prompt(model, [i for i in ids for _ in range(3)], max_new_tokens=10, eos_token_ids=[tok.eos_token_id],
+                                pad_token_id=tok.pad_token_id, top_k=1)
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = model.generate(**enc, do_sample=False, max_new_tokens=10, pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    for i, row in enumerate(ref.tolist()):
+        assert mine[3 * i] == mine[3 * i + 1] == mine[3 * i + 2] == row[: len(mine[3 * i])] and len(mine[3 * i]) > 0
+
+
+# ------------------------------------------------------------------------------ contract errors
+def test_init_from_and_reward_settings_errors_name_what_to_fix(tmp_path):
+    from sectune.stages import rl
+
+    missing = tmp_path / "no_such_run"
+    with pytest.raises(ConfigError, match=f"{missing}.*does not exist.*allow_fresh_adapter"):
+        rl.build_policy(compose(["stage=rl", f"rl.init_from={missing}"]), "unused")
+    with pytest.raises(ConfigError, match="rl.init_from is not set"):
+        rl.build_policy(compose(["stage=rl"]), "unused")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "result.json").write_text(json.dumps({"stage": "sft", "status": "failed", "artifacts": {}}))
+    with pytest.raises(ConfigError, match="lists no adapter or model"):
+        rl.init_source(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="rl.reward_model is not set"):
+        rl.reward_functions(compose(["stage=rl", "rl.rewards.reward_model=0.5"]))
+    with pytest.raises(ConfigError, match="unknown reward 'verdcit'"):
+        rl.reward_functions(compose(["stage=rl", "+rl.rewards.verdcit=1"]))
+    with pytest.raises(ConfigError, match="predicted peak .* GB"):  # the memory check runs first
+        rl.run(type("Ctx", (), {"cfg": compose(["stage=rl", "loss=grpo", "reward.memory_limit_gb=0.001"]), "run_dir": tmp_path})())
+
+
+def test_simplified_ppo_preset_is_the_seeds_recipe_and_picks_the_best_windows():
+    from sectune.stages import rl
+
+    cfg = compose(["stage=rl", "loss=simplified_ppo"])
+    assert (cfg.loss.name, cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.optimizer, cfg.rl.lr_scale) == \
+        ("simplified_ppo", 50, 1, 4, "adafactor", 0.5)
+    recs = [{"id": str(i), "label": lab, "completion": json.dumps({"failed_logins": n, "source_ips": [{"ip": "a"}] * (n % 2)})}
+            for i, (lab, n) in enumerate([("a", 1), ("a", 9), ("b", 3), ("b", 0), ("c", 5), ("a", 4)])]
+    assert [r["id"] for r in rl.highest_quality(recs, 4)] == ["1", "2", "4", "5"]  # per class, most evidence first
+    assert [r["id"] for r in rl.highest_quality(recs, 2, fits=lambda r: r["id"] != "1")] == ["5", "2"]
+
+
+# ---------------------------------------------------------------------------- runs, end to end
+#: a brief full-weight SFT run (30 steps: the tiny model then writes JSON-shaped answers), then GRPO with a LoRA
+#: adapter on those weights. The reward: valid JSON within 32 tokens at temperature 0.7, which 30 SFT steps leave
+#: at ~0.7 and the policy can move in 16 steps (checked by hand over 7 seeds, see the stage's report)
+SFT_ARGS = ["train.max_steps=30", "lora=none", "logger=none", "generation.preview_samples=0", "train.batch_size=4"]
+GRPO_ARGS = ["stage=rl", "loss=grpo", "logger=none", "train.precision=fp32", "train.max_steps=16", "train.batch_size=2",
+             "rl.num_generations=8", "rl.max_completion_length=32", "rl.temperature=0.7", "rl.lr_scale=2",
+             "rl.rewards.json_valid=1", "rl.rewards.schema_valid=0", "rl.rewards.verdict=0", "rl.rewards.fields=0"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    run = sectune(SFT_ARGS, root / "sft", env=ONE_THREAD)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def grpo_run(sft_run):
+    run = sectune([*GRPO_ARGS, f"rl.init_from={sft_run.run_dir}"], sft_run.run_dir.parent / "grpo", env=ONE_THREAD)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@requires_real_data
+def test_grpo_raises_the_mean_reward_and_logs_every_reward_per_step(grpo_run):
+    res = grpo_run.result
+    assert res["status"] == "succeeded" and res["stage"] == "rl"
+    m = res["metrics"]
+    assert m["train_steps"] == 16 and m["fresh_adapter"] == 0 and m["learning_rate"] == pytest.approx(2e-2)
+    assert m["reward_mean_end"] > m["reward_mean_start"] + 0.05, m
+    assert m["kl_mean"] > 0 and m["clip_fraction_mean"] == 0.0  # μ = 1: π_old = π, nothing to clip
+    steps = json.loads((grpo_run.run_dir / res["artifacts"]["train_history"]).read_text())["steps"]
+    assert len(steps) == 16
+    for key in ("reward", "reward_std", "kl", "clip_fraction", "completion_length", *(f"{n}_{s}" for n in ("json_valid", "schema_valid", "verdict", "fields") for s in ("mean", "std"))):
+        assert all(key in s for s in steps), key
+    assert (grpo_run.run_dir / res["artifacts"]["reward_curve"]).stat().st_size > 10_000
+
+
+@requires_real_data
+def test_grpo_adapter_reloads_with_plain_peft_on_the_sft_weights(grpo_run, sft_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = grpo_run.run_dir / grpo_run.result["artifacts"]["adapter"]
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "ref").exists()
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_path == str(sft_run.run_dir / "model")  # the policy is a LoRA adapter on the SFT weights
+    assert (grpo_run.run_dir / grpo_run.result["artifacts"]["base_model"]).resolve() == (sft_run.run_dir / "model").resolve()
+    sft = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter).eval()
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        assert (policy(input_ids=ids).logits - sft(input_ids=ids).logits).abs().max() > 1e-3
+
+
+def run_in_process(overrides: list[str], run_dir, capsys) -> tuple[int, dict, str]:
+    """The stage through the runner in this process (imports already paid for), result.json and console."""
+    from sectune import runner
+
+    capsys.readouterr()
+    code, _ = runner.run(compose(overrides), run_dir)
+    return code, json.loads((run_dir / "result.json").read_text()), capsys.readouterr().out
+
+
+@requires_real_data
+def test_simplified_ppo_trains_and_says_it_is_supervised_finetuning(sft_run, capsys):
+    run_dir = sft_run.run_dir.parent / "sppo"
+    code, res, out = run_in_process(["stage=rl", "loss=simplified_ppo", "logger=none", "train.max_steps=2", f"rl.init_from={sft_run.run_dir}"], run_dir, capsys)
+    assert code == 0 and res["status"] == "succeeded", res.get("error")
+    m = res["metrics"]
+    assert m["is_supervised_finetuning"] == 1 and m["train_steps"] == 2 and m["train_examples"] == 20
+    assert m["learning_rate"] == pytest.approx(5e-3) and m["fresh_adapter"] == 0
+    assert "not PPO" in out and "not PPO" in (run_dir / res["artifacts"]["note"]).read_text()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_missing_init_from_starts_a_fresh_adapter_only_when_allowed(tmp_path, capsys):
+    # refused without rl.allow_fresh_adapter: test_init_from_and_reward_settings_errors_name_what_to_fix
+    missing = tmp_path / "no_such_run"
+    code, res, out = run_in_process(["stage=rl", "loss=grpo", "logger=none", f"rl.init_from={missing}", "rl.allow_fresh_adapter=true",
+                                     "train.max_steps=1", "train.batch_size=1", "rl.num_generations=2", "rl.max_completion_length=8",
+                                     "dataset.max_samples=12"], tmp_path / "fresh", capsys)
+    assert code == 0 and res["status"] == "succeeded", res.get("error")
+    assert res["metrics"]["fresh_adapter"] == 1 and "FRESH LoRA adapter" in out and str(missing) in out
+    assert (tmp_path / "fresh" / "adapter" / "adapter_model.safetensors").is_file()

@@ -346,7 +346,7 @@ def real_tokens(position_ids: torch.Tensor) -> int:
     return int(real_lengths(position_ids).sum())
 
 
-def seeded_length_grouped_sampler(trainer, train_dataset=None):
+def seeded_length_grouped_sampler(trainer, train_dataset=None, lengths=None):
     """Trainer's LengthGroupedSampler, but drawing from its own seeded generator.
 
     Trainer builds it without a generator, so its order comes from the global RNG, which a
@@ -358,7 +358,8 @@ def seeded_length_grouped_sampler(trainer, train_dataset=None):
 
     dataset = train_dataset if train_dataset is not None else trainer.train_dataset
     args = trainer.args
-    lengths = [len(ids) for ids in dataset["input_ids"]]
+    if lengths is None:  # SFT/classify rows; other layouts (DPO pairs) pass their own
+        lengths = [len(ids) for ids in dataset["input_ids"]]
     generator = torch.Generator().manual_seed(args.data_seed if args.data_seed is not None else args.seed)
     # Grouped by the *global* batch: under DDP, accelerate hands consecutive per-device slices of
     # each global batch to the ranks, so N processes see exactly the batches one process would.

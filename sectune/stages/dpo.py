@@ -225,7 +225,6 @@ def build_policy(cfg, path: str):
 
 # --------------------------------------------------------------------------------------- trainer
 def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, output_dir: Path, callbacks=()):
-    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import DPOConfig, DPOTrainer
 
     has_eval = bool(val_pairs) and bool(cfg.train.eval_steps)
@@ -249,9 +248,7 @@ def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, 
                 return super()._get_train_sampler(train_dataset)
             ds = train_dataset if train_dataset is not None else self.train_dataset
             lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
-            generator = torch.Generator().manual_seed(self.args.data_seed if self.args.data_seed is not None else self.args.seed)
-            global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
-            return LengthGroupedSampler(global_batch, lengths=lengths, generator=generator)
+            return engine.seeded_length_grouped_sampler(self, ds, lengths=lengths)
 
     trainer = Trainer(
         model=model,

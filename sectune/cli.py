@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from pathlib import Path
 
 # Quiet, offline-friendly defaults before any heavy import; a user's own settings win.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -14,18 +16,46 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from sectune import config, distributed  # noqa: E402
-from sectune.paths import PROJECT_ROOT  # noqa: E402
+from sectune.paths import CONF_DIR  # noqa: E402
 
 config.register()
 
 
-@hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
+class BitsandbytesKernelsNote(logging.Filter):
+    """bitsandbytes warns at import, on CPUs with AVX512-bf16, that the optional ``kernels`` package
+    (a faster CPU 4-bit matmul fetched from the hub) is missing, in every run, quantized or not.
+    Dropped; a run with 4-bit layers gets one line saying what it means instead."""
+
+    LOGGER = "bitsandbytes.backends.cpu.ops"
+
+    def __init__(self):
+        super().__init__()
+        self.four_bit = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels" not in record.getMessage():
+            return True
+        if self.four_bit:
+            print("sectune: note: 4-bit layers on CPU use bitsandbytes' built-in matmul; the optional `kernels` "
+                  "package has a faster one (pip install kernels)", file=sys.stderr)
+        return False
+
+
+BNB_NOTE = BitsandbytesKernelsNote()
+logging.getLogger(BitsandbytesKernelsNote.LOGGER).addFilter(BNB_NOTE)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _app(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from sectune import runner
 
+    # Composition is done: Hydra reports whatever follows (sweep jobs, launchers) its own way again.
+    if _full_error_is_ours:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+    BNB_NOTE.four_bit = bool(cfg.quantization.load_in_4bit)
     code, objective = runner.run(cfg)
     # In a sweep a failed job is a failed row, not the end of the sweep; a single run exits
     # with the runner's code so shells and schedulers see the failure.
@@ -34,9 +64,92 @@ def _app(cfg: DictConfig):
     return objective
 
 
+#: main() set HYDRA_FULL_ERROR (the user did not), so composition errors reach it as exceptions
+_full_error_is_ours = False
+
+
 def main() -> None:
+    global _full_error_is_ours
     distributed.share_run_dir_across_ranks()
-    _app()
+    if "HYDRA_FULL_ERROR" in os.environ:  # the user wants Hydra's full traces
+        _app()
+        return
+    os.environ["HYDRA_FULL_ERROR"], _full_error_is_ours = "1", True
+    try:
+        _app()
+    except Exception as e:
+        line = config_file_error(e, sys.argv[1:])
+        if line is None:
+            _hydra_report(e)
+            sys.exit(1)
+        print(f"sectune: error: {line}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if _full_error_is_ours:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def config_file_error(e: BaseException, argv: list[str]) -> str | None:
+    """One line for an error inside a config file (a user's ``--config-dir`` or conf/): the file,
+    then what is wrong and the key. None for anything else (a command-line override, a bug)."""
+    from hydra.errors import ConfigCompositionException
+
+    msg = str(e)
+    if not isinstance(e, ConfigCompositionException) or not msg.startswith("In '"):
+        return None
+    where, _, detail = msg[len("In '"):].partition("': ")
+    if where == "config":  # the primary config's defaults: the option came from the command line
+        return None
+    # Hydra searches conf/ first, then the --config-dir folders: the first file found is the one used
+    search = [CONF_DIR, *(Path(d) for d in _config_dirs(argv))]
+    files = [d / f"{where}.yaml" for d in search if (d / f"{where}.yaml").is_file()]
+    return f"{files[0] if files else where}: {_one_line(detail)}"
+
+
+def _one_line(detail: str) -> str:
+    """Hydra's and OmegaConf's multi-line message as one line: the message, a list of options
+    comma-separated, the key at the end."""
+    lines = [ln.strip() for ln in detail.split("Config search path:")[0].splitlines() if ln.strip()]
+    if lines and lines[0].endswith("raised while composing config:"):
+        lines = lines[1:]  # "ConfigKeyError raised while composing config:" says nothing more
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    lines = [ln for ln in lines if not ln.startswith(("full_key:", "reference_type=", "object_type="))]
+    text, listing = "", False
+    for ln in lines:  # after a line ending in ":" (e.g. "Available options in 'dataset':") a list follows
+        if not text:
+            text = ln
+        elif listing and not text.endswith(":"):
+            text += ", " + ln
+        else:
+            text += " " + ln
+        listing = listing or ln.endswith(":")
+    return text + (f" (key {key})" if key else "")
+
+
+def _config_dirs(argv: list[str]) -> list[str]:
+    """The ``--config-dir``/``-cd`` folders on the command line (Hydra searches them after conf/)."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            out.append(os.path.abspath(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            out.append(os.path.abspath(arg.split("=", 1)[1]))
+    return out
+
+
+def _hydra_report(e: BaseException) -> None:
+    """What Hydra itself prints for an error (its run_and_report), for the errors left to it."""
+    import traceback
+
+    from hydra.errors import CompactHydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(e, CompactHydraException):
+        print(str(e), file=sys.stderr)
+        if isinstance(e.__cause__, OmegaConfBaseException):
+            print(str(e.__cause__), file=sys.stderr)
+    else:
+        traceback.print_exception(e)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import TrainerCallback
 
+from sectune import tracking
 from sectune.errors import ConfigError
 from sectune.modeling import device_for
 
@@ -33,7 +34,43 @@ def is_complete_checkpoint(path: Path) -> bool:
     return (path / "trainer_state.json").is_file() and (path / "optimizer.pt").is_file() and has_weights
 
 
+def damaged_file(path: Path) -> tuple[str, str] | None:
+    """(file name, why) for a complete-looking checkpoint that would not load, or None.
+
+    Cheap checks that read no tensor data: each safetensors header parses and its tensors end where
+    the file ends, each torch ``.pt``/``.pth`` zip archive has its directory (written last), and
+    trainer_state.json parses. A file cut short (a full disk, a copy interrupted) fails them.
+    """
+    import zipfile
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            size = f.stat().st_size
+            with f.open("rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                if size < 8 + header_len:
+                    return f.name, f"truncated: {size} bytes, its header alone needs {8 + header_len}"
+                header = json.loads(fh.read(header_len))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            if size != 8 + header_len + end:
+                return f.name, f"truncated: {size} bytes, its header says {8 + header_len + end}"
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            return f.name, f"unreadable safetensors header ({type(e).__name__})"
+    for f in sorted([*path.glob("*.pt"), *path.glob("*.pth")]):
+        try:
+            with zipfile.ZipFile(f):
+                pass
+        except (OSError, zipfile.BadZipFile) as e:
+            return f.name, f"not a complete torch file ({e})"
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return "trainer_state.json", f"does not parse ({e})"
+    return None
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint that loads; a damaged newer one is skipped, saying why."""
     if not checkpoint_dir.is_dir():
         return None
     found = []
@@ -41,11 +78,16 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
         m = CHECKPOINT_RE.match(p.name)
         if m and p.is_dir() and is_complete_checkpoint(p):
             found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    for _, ckpt in sorted(found, reverse=True):
+        damage = damaged_file(ckpt)
+        if damage is None:
+            return ckpt
+        print(f"sectune: warning: train.resume=auto: skipping {ckpt.name}: {damage[0]} is damaged ({damage[1]})", file=sys.stderr)
+    return None
 
 
 def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
-    """``train.resume``: null (fresh), auto (newest complete checkpoint, if any), or a dir."""
+    """``train.resume``: null (fresh), auto (newest complete checkpoint that loads, if any), or a dir."""
     r = cfg.train.resume
     if r in (None, "", "null", "none"):
         return None
@@ -53,11 +95,33 @@ def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
         ckpt = latest_checkpoint(checkpoint_dir)
         if ckpt is None:
             print(f"sectune: train.resume=auto: no complete checkpoint in {checkpoint_dir}; starting fresh")
+        else:
+            print(f"sectune: train.resume=auto: resuming from {ckpt}")
         return str(ckpt) if ckpt else None
     path = Path(r)
     if not path.is_dir() or not is_complete_checkpoint(path):
         raise ConfigError(f"train.resume={r}: not a complete Trainer checkpoint (needs trainer_state.json, optimizer.pt, weights)")
+    damage = damaged_file(path)
+    if damage:
+        raise ConfigError(f"train.resume={r}: {path / damage[0]} is damaged ({damage[1]}); resume from an earlier "
+                          "checkpoint, or train.resume=auto to take the newest one that loads")
     return str(path)
+
+
+def require_examples(trainer, cfg: DictConfig, given: dict[str, int], tokenizer=None, prompts=()) -> None:
+    """Stop with what to change when truncation to ``model.max_seq_length`` left a split with no
+    example (TRL drops those with no answer token left): the sampler would fail on an empty dataset.
+    ``given``: examples per split before truncation ({"training": n, "validation": n})."""
+    datasets = {"training": trainer.train_dataset, "validation": trainer.eval_dataset}
+    for split, n in given.items():
+        ds = datasets.get(split)
+        if n and ds is not None and len(ds) == 0:
+            L = cfg.model.max_seq_length
+            shortest = ""
+            if tokenizer is not None and prompts:
+                shortest = f"; the shortest prompt is {min(len(ids) for ids in tokenizer(list(prompts))['input_ids'])} tokens"
+            raise ConfigError(f"model.max_seq_length={L}: all {n} {split} examples were dropped, none keeps any answer token "
+                              f"once truncated to {L} tokens{shortest}; raise model.max_seq_length")
 
 
 def precision_flags(cfg: DictConfig) -> dict:
@@ -135,7 +199,7 @@ def training_kwargs(cfg: DictConfig, output_dir: Path, has_eval: bool) -> dict:
         use_cpu=device == "cpu",
         torch_empty_cache_steps=t.empty_cache_steps,
         dataloader_num_workers=t.num_workers,
-        report_to=["wandb"] if cfg.logger.name == "wandb" else [],
+        report_to=tracking.report_to(cfg),
         run_name=f"{cfg.stage.name}",
         disable_tqdm=False,
         train_sampling_strategy="group_by_length" if group_by_length(cfg) else "random",

@@ -1,11 +1,14 @@
-"""W&B: offline by default, online when the user has a key; secrets never logged.
+"""The ``logger`` group: W&B (offline by default, online when the user has a key; secrets never
+logged), TensorBoard, or none.
 
-The runner opens the run (so the composed config is logged once, redacted) and Trainer's own
-``WandbCallback`` reuses it for per-step metrics. Only rank 0 logs.
+W&B: the runner opens the run (so the composed config is logged once, redacted) and Trainer's own
+``WandbCallback`` reuses it for per-step metrics. TensorBoard: Trainer's ``TensorBoardCallback``
+writes event files into ``<run dir>/tensorboard/``. Only rank 0 logs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import netrc
 import os
 import re
@@ -13,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from sectune.errors import ConfigError
 
 REDACTED = "***redacted***"
 _SECRET_KEY = re.compile(r"(token|api[_-]?key|secret|password|passwd|credential|auth[_-]?key)$", re.I)
@@ -48,9 +53,26 @@ def wandb_mode(cfg: DictConfig) -> str:
     return "online" if has_api_key() else "offline"
 
 
+LOGGERS = ("wandb", "tensorboard", "none")
+
+
+def report_to(cfg: DictConfig) -> list[str]:
+    """Trainer's ``report_to`` for the ``logger`` option."""
+    return [cfg.logger.name] if cfg.logger.name in ("wandb", "tensorboard") else []
+
+
 def start(cfg: DictConfig, run_dir: Path):
-    """Open a W&B run in ``run_dir/wandb`` or return None for ``logger=none``."""
-    if cfg.logger.name == "none":
+    """Open a W&B run in ``run_dir/wandb``; None for ``logger=none`` and ``logger=tensorboard``
+    (Trainer's callback opens its writer; this only points it at ``run_dir/tensorboard``)."""
+    name = cfg.logger.name
+    if name not in LOGGERS:
+        raise ConfigError(f"logger={name!r}: choose one of {', '.join(LOGGERS)}")
+    if name == "none":
+        return None
+    if name == "tensorboard":
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ConfigError("logger=tensorboard needs the tensorboard package: pip install 'sectune[tensorboard]', or logger=none")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by Trainer's TensorBoardCallback
         return None
     import wandb
 

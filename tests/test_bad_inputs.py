@@ -88,3 +88,9 @@ def test_existing_result_is_not_corrupted_by_a_failing_rerun(good_folder, tmp_pa
     # the earlier adapter is untouched; result.json says the latest attempt failed
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert bad.result["status"] == "failed"
+
+
+def test_max_seq_length_shorter_than_every_prompt_says_which_setting(good_folder, tmp_path):
+    run = sectune([*ARGS, f"dataset.path={good_folder}", "dataset.max_samples=12", "model.max_seq_length=4"], tmp_path / "run")
+    _assert_failed_cleanly(run, "model.max_seq_length=4", "dropped", "raise model.max_seq_length")
+    assert "num_samples" not in run.stderr and "Traceback" not in run.stderr

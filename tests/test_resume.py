@@ -40,3 +40,53 @@ def test_resume_from_explicit_bad_dir_is_a_clear_error(tmp_path):
     run = sectune([*FAST, "train.max_steps=2", "dataset.max_samples=12", f"train.resume={tmp_path}"], tmp_path / "r")
     assert run.returncode == 2
     assert "train.resume" in run.stderr and "not a complete Trainer checkpoint" in run.stderr
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_damaged_checkpoint_files_are_named(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from sectune.engine import damaged_file
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    save_file({"w": torch.ones(64, 64)}, str(ckpt / "adapter_model.safetensors"))
+    torch.save({"state": torch.ones(64, 64)}, ckpt / "optimizer.pt")
+    (ckpt / "trainer_state.json").write_text('{"global_step": 4}')
+    assert damaged_file(ckpt) is None
+    _truncate(ckpt / "optimizer.pt")
+    assert damaged_file(ckpt)[0] == "optimizer.pt"
+    _truncate(ckpt / "adapter_model.safetensors")
+    name, why = damaged_file(ckpt)
+    assert name == "adapter_model.safetensors" and "truncated" in why
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_names_a_damaged_explicit_one(tmp_path):
+    args = [*FAST, "train.save_steps=2", "dataset.max_samples=24", "train.save_total_limit=null"]
+    run_dir = tmp_path / "run"
+    first = sectune([*args, "train.max_steps=4"], run_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpts = run_dir / "checkpoints"
+    damaged = ckpts / "checkpoint-4" / "adapter_model.safetensors"
+    _truncate(damaged)  # trainer_state.json intact: it looks complete
+
+    # auto: falls back to checkpoint-2, saying which one it skipped and why
+    resumed = sectune([*args, "train.max_steps=6", "train.resume=auto"], run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipping checkpoint-4: adapter_model.safetensors is damaged (truncated" in resumed.stderr, resumed.stderr[-3000:]
+    assert f"resuming from {ckpts / 'checkpoint-2'}" in resumed.stdout
+    assert resumed.result["metrics"]["train_steps"] == 6
+    assert sorted(dict(json.loads((run_dir / "train_history.json").read_text())["train"])) == list(range(1, 7))
+
+    # explicit: a clear error naming the damaged file
+    _truncate(ckpts / "checkpoint-6" / "adapter_model.safetensors")
+    explicit = sectune([*args, "train.max_steps=8", f"train.resume={ckpts / 'checkpoint-6'}"], tmp_path / "explicit")
+    assert explicit.returncode == 2, explicit.stderr[-2000:]
+    (line,) = [ln for ln in explicit.stderr.splitlines() if ln.startswith("sectune: error:")]
+    assert str(ckpts / "checkpoint-6" / "adapter_model.safetensors") in line and "damaged" in line, line
+    assert "Traceback" not in explicit.stderr

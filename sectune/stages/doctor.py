@@ -178,8 +178,8 @@ def check_disk(cfg: DictConfig, predicted_weights: int | None) -> list[Check]:
 def check_wandb(cfg: DictConfig) -> list[Check]:
     from sectune import tracking
 
-    if cfg.logger.name == "none":
-        return [Check("wandb", "ok", "logger=none: nothing logged to W&B")]
+    if cfg.logger.name != "wandb":
+        return [Check("wandb", "ok", f"logger={cfg.logger.name}: nothing logged to W&B")]
     v = _version("wandb")
     if not v:
         return [Check("wandb", "missing", "logger=wandb but wandb is not importable", "pip install wandb, or logger=none")]

@@ -58,6 +58,8 @@ def run(ctx: RunContext) -> dict:
     if eval_on_start:
         callbacks.append(RecordStartEval(start_file, ctx.partial_metrics))
     trainer = build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, run_dir / "checkpoints", callbacks, eval_on_start=eval_on_start)
+    engine.require_examples(trainer, cfg, {"training": len(train_recs), "validation": len(val_recs)}, tokenizer,
+                            [r["prompt"] for r in records])
     # Under torchrun every rank runs this file; evaluate/train are collective, writing is rank 0's.
     main = trainer.accelerator.is_main_process
     try:

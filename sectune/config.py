@@ -29,6 +29,8 @@ class TinySpec:
     seed: int = 0
     #: the weights' init std (``initializer_range``); wider than the usual 0.02 on purpose (tiny.py)
     init_std: float = 0.1
+    #: strings the tokenizer keeps whole (added after BPE training), e.g. an answer schema's keys
+    extra_tokens: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -86,7 +88,8 @@ class LossConfig:
     # dpo (β of the implicit reward) / grpo (KL weight) / simplified_ppo
     beta: float = 0.04
     clip_epsilon: float = 0.2
-    # causal_contrastive (seed 002): λc, λs, λt and the temperature τ
+    # causal_contrastive (seed 002): λc (lambda_consistency, on L_causal), λs (lambda_separation, on
+    # L_spurious), λt and the temperature τ (conf/loss/causal_contrastive.yaml: τ = 0.07)
     lambda_consistency: float = 1.0
     lambda_separation: float = 1.0
     lambda_task: float = 1.0
@@ -135,6 +138,16 @@ class DatasetConfig:
     # kinds with what weights ({kind: weight}; empty = every kind, equally weighted)
     pairs_per_window: int = 2
     corruptions: Dict[str, float] = field(default_factory=dict)
+    # user JSONL files (injection_triplets): true = skip malformed lines and count them, false = an
+    # error naming the file and line
+    skip_bad_lines: bool = False
+    # injection_triplets / injection_preferences: the attacker-controlled log fields an instruction is
+    # planted in (user | ssh_client | host), the share of log-specific templated injections (the rest
+    # are deepset/prompt-injections' injection rows no longer than injection_max_chars), triplets per window
+    injection_fields: List[str] = field(default_factory=lambda: ["user", "ssh_client", "host"])
+    template_fraction: float = 0.5
+    injection_max_chars: int = 160
+    injections_per_window: int = 1
 
 
 @dataclass
@@ -185,7 +198,7 @@ class TrainConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"  # wandb | none
+    name: str = "wandb"  # wandb | tensorboard | none
     project: str = "sectune"
     entity: Optional[str] = None
     #: null = online when an API key is configured, else offline; or offline | online | disabled
@@ -214,6 +227,12 @@ class PathsConfig:
 class DebugConfig:
     #: raise inside training after this global step (tests interruption + resume)
     fail_at_step: Optional[int] = None
+    #: a quick check run (stage=contrastive): ``max_steps`` steps on ``max_samples`` examples with torch's
+    #: autograd anomaly detection on. Spelled ``debug.enabled=true``: Hydra reads ``debug=true`` as a bool,
+    #: which cannot replace this node
+    enabled: bool = False
+    max_steps: int = 4
+    max_samples: int = 16
 
 
 @dataclass
@@ -253,6 +272,8 @@ class EvaluateConfig:
     batch_size: int = 32
     #: trees in the RandomForest baseline (flows)
     rf_estimators: int = 200
+    #: dataset=injection_triplets: score only the first N triplets of the split (null = all)
+    max_samples: Optional[int] = None
 
 
 @dataclass
@@ -352,6 +373,49 @@ def _open_dict() -> Any:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop when ``metric`` (any eval metric, without ``eval_``) has not improved by more than ``min_delta`` for
+    ``patience`` evaluations (Trainer's EarlyStoppingCallback); the best checkpoint is kept by the same metric."""
+
+    metric: str = "causal_stability"
+    mode: str = "max"  # max | min
+    #: 0 = never stop early (the best checkpoint is still tracked)
+    patience: int = 5
+    min_delta: float = 0.001
+
+
+@dataclass
+class ContrastiveConfig:
+    """``stage=contrastive`` (seed 002): causal-contrastive training on injection triplets."""
+
+    #: where the model starts: an SFT run dir (its result.json names ``artifacts.adapter`` or ``artifacts.model``)
+    #: or that folder; null = the base model (under a fresh adapter with LoRA)
+    init_from: Optional[str] = None
+    #: the representation: the hidden state after this decoder layer (1..L), -1 = the last (final-normed)
+    layer: int = -1
+    #: mean over the prompt tokens | last prompt token
+    pooling: str = "mean"
+    #: separate = three forwards (cf and injection stop after ``layer``) | batched = one forward of the three inputs.
+    #: bench/contrastive_throughput.py (2-core EPYC, SmolLM-135M shape, 1 thread), two uncontended runs: separate
+    #: 1.19x / 1.12x, batched 1.13x / 1.03x seed 002's three full forwards, separate with less peak RSS (~0.85x
+    #: batched's); one run on a contended CPU had batched ahead (1.15x vs 1.00x). Separate with a middle ``layer``:
+    #: 1.5-1.7x
+    forward: str = "separate"
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    #: load the best checkpoint's weights at the end (what the saved adapter holds); false = the last weights
+    load_best_at_end: bool = True
+
+
+@dataclass
+class MemoryTemplateConfig:
+    """Seed 002's memory templates (``+memory_template=minimal|balanced|high_quality``): settings sized for a GPU
+    of ``budget_gb`` GiB; ``stage=plan`` checks the composed run against it."""
+
+    name: Optional[str] = None
+    budget_gb: Optional[float] = None
+
+
+@dataclass
 class PipelineConfig:
     """``stage=pipeline``: stages run in order in one command, each in ``<run dir>/<step>/``."""
 
@@ -442,6 +506,8 @@ class SectuneConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    memory_template: MemoryTemplateConfig = field(default_factory=MemoryTemplateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)

@@ -146,3 +146,53 @@ def clip_fraction(
     clipped = ((ratio < 1 - clip_epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
     mask = mask.to(torch.float32)
     return (clipped.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ---------------------------------------------------------------------------- causal contrastive
+# Seed 002's objective for an injection-robust analyst. For a benign input b, a counterfactual b_cf
+# (same meaning, other surface: renamed users, IPs, ports, times) and the injected input b_inj
+# (b carrying a planted instruction), with representations r (pooled hidden states):
+#
+#     L = λc·L_causal + λs·L_spurious + λt·L_task
+#     L_causal   = -cos(r_b, r_cf) / τ       pull a rewording onto the same representation
+#     L_spurious =  cos(r_b, r_inj) / τ      push the injected input away
+#     L_task     = cross-entropy on the benign answer tokens (the analyst still answers)
+#
+# Cosines are averaged over the batch. The seed sets τ = 0.07 and names no other weights (λ = 1).
+
+
+def causal_contrastive_loss(
+    r_b: torch.Tensor,
+    r_cf: torch.Tensor,
+    r_inj: torch.Tensor,
+    task_loss: torch.Tensor | float,
+    tau: float = 0.07,
+    lambda_causal: float = 1.0,
+    lambda_spurious: float = 1.0,
+    lambda_task: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(total, {"causal", "spurious", "task"}) for ``[N, H]`` representations; see the formula above.
+
+    Computed in fp32 whatever the autocast dtype: 1/τ ≈ 14 magnifies bf16's rounding of a cosine."""
+    if tau <= 0:
+        raise ValueError(f"tau={tau}: the temperature must be > 0")
+    causal = -(F.cosine_similarity(r_b.float(), r_cf.float(), dim=-1) / tau).mean()
+    spurious = (F.cosine_similarity(r_b.float(), r_inj.float(), dim=-1) / tau).mean()
+    task = task_loss.float() if isinstance(task_loss, torch.Tensor) else torch.tensor(float(task_loss), device=r_b.device)
+    total = lambda_causal * causal + lambda_spurious * spurious + lambda_task * task
+    return total, {"causal": causal, "spurious": spurious, "task": task}
+
+
+def causal_stability(r_b: torch.Tensor, r_cf: torch.Tensor) -> torch.Tensor:
+    """Mean cos(r_b, r_cf): 1 when a rewording leaves the representation where it was."""
+    return F.cosine_similarity(r_b.float(), r_cf.float(), dim=-1).mean()
+
+
+def spurious_separation(r_b: torch.Tensor, r_inj: torch.Tensor) -> torch.Tensor:
+    """Mean 1 − cos(r_b, r_inj): how far the injected input sits from the benign one (0 = same place)."""
+    return (1 - F.cosine_similarity(r_b.float(), r_inj.float(), dim=-1)).mean()
+
+
+def causal_discrimination(r_b: torch.Tensor, r_cf: torch.Tensor, r_inj: torch.Tensor) -> torch.Tensor:
+    """Stability minus the mean cos(r_b, r_inj): the margin by which a rewording stays closer than an injection."""
+    return causal_stability(r_b, r_cf) - F.cosine_similarity(r_b.float(), r_inj.float(), dim=-1).mean()

@@ -42,6 +42,18 @@ def sft_records(cfg: DictConfig) -> list[dict]:
     raise ConfigError(f"dataset={name} has no prompt/completion form for stage={cfg.stage.name}")
 
 
+def preference_pairs(cfg: DictConfig) -> dict[str, list[dict]]:
+    """train / validation / test chosen/rejected pairs: ``auth_preferences`` (corrupted analyses) or
+    ``injection_preferences`` (SecAlign pairs on injected windows, :mod:`sectune.data.injection`)."""
+    if cfg.dataset.name == "injection_preferences":
+        from sectune.data.injection import injection_preference_splits
+
+        return injection_preference_splits(cfg)
+    from sectune.data.auth_preferences import preference_splits
+
+    return preference_splits(cfg)
+
+
 def split_windows(ids_labels: list[tuple[str, str]], val_fraction: float, test_fraction: float, seed: int) -> dict[str, set[str]]:
     """Window ids → split, stratified by label where every class has enough windows; deterministic."""
     from sklearn.model_selection import train_test_split

@@ -4,6 +4,9 @@
 ``.hydra/config.yaml`` rebuilds the same data and splits and the same model. The evaluate run's
 own model/dataset choices are ignored (only ``evaluate.*`` is taken from this run), so one
 command cannot silently score a model on data it was not built for.
+
+With ``dataset=injection_triplets``, ``evaluate.model_dir`` is an analyst run (sft, dpo, rl,
+contrastive or a pipeline) and the run scores its attack success rate: :mod:`sectune.injection_eval`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from sectune.runner import RunContext
 
 def run(ctx: RunContext) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
+    if cfg.dataset.name == "injection_triplets":  # the analyst under prompt injection (issue 15)
+        from sectune.injection_eval import evaluate_injections
+
+        return evaluate_injections(ctx)
     ev = cfg.evaluate
     if not ev.model_dir:
         raise ConfigError("stage=evaluate needs evaluate.model_dir=<a classify run dir>")

@@ -184,6 +184,19 @@ def all_models_table(cfg: DictConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_template_check(cfg: DictConfig, budget: planner.Budget) -> tuple[dict, str] | None:
+    """With a seed-002 memory template (``+memory_template=…``): the predicted peak against its budget (GiB)."""
+    mt = cfg.get("memory_template")
+    if mt is None or not mt.budget_gb:
+        return None
+    limit = float(mt.budget_gb) * planner.GiB
+    fits = budget.total <= limit
+    verdict = "fits" if fits else f"does NOT fit (over by {(budget.total - limit) / planner.GiB:.2f} GiB)"
+    line = (f"Memory template {mt.name}: budget {float(mt.budget_gb):g} GiB; predicted peak {budget.total / planner.GiB:.2f} GiB "
+            f"on {budget.device}: {verdict}.")
+    return {"memory_template_budget_bytes": int(limit), "fits_memory_template": int(fits)}, line
+
+
 def run(ctx: RunContext) -> dict:
     from sectune.runner import write_json_atomic
 
@@ -194,6 +207,11 @@ def run(ctx: RunContext) -> dict:
     metrics = {"predicted_peak_bytes": budget.total, "params": budget.params, "trainable_params": budget.trainable_params}
     metrics.update({f"predicted_{c}_bytes": getattr(budget, c) for c in COMPONENTS})
     artifacts = {"plan": "plan.md", "plan_json": "plan.json"}
+    template = memory_template_check(cfg, budget)
+    if template:
+        metrics.update(template[0])
+        print(template[1])
+        text += "\n" + template[1] + "\n"
     if cfg.plan.all_models:
         table = all_models_table(cfg)
         print(table)

@@ -1,0 +1,204 @@
+"""sectune's causal-contrastive step vs seed 002's pattern: triplets/s and peak RSS, batched vs separate forwards.
+
+Every side trains the same SmolLM-135M-sized Llama (hidden 576, 30 layers, 9 heads / 3 KV heads, intermediate
+1536, vocabulary 49,152, tied embeddings; random init, seed 0) under the same LoRA adapter (r 16 on every
+linear, seed 002's), fp32, AdamW, on the same triplets (``sectune.data.injection.triplet_splits`` of the real
+auth-log windows, rendered as the analyst's prompts, each prompt cut to ``--prompt-tokens`` and each answer to
+``--answer-tokens`` tokens with the tiny BPE tokenizer), ``--batch`` triplets per step, the same loss
+(``sectune.losses.causal_contrastive_loss``, mean-pooled prompt representations) and the same step loop
+(forward, loss, backward, AdamW step). Only the forward pattern differs:
+
+* ``three_forwards`` — seed 002: ``model(...)`` on the benign input (prompt + answer, HF's LM loss on the answer
+  tokens), the counterfactual and the injected prompt, each with ``output_hidden_states=True``: LM-head logits
+  at every position of all three.
+* ``separate`` — ``sectune.contrastive_trainer.triplet_forward`` with ``forward=separate``
+  (``contrastive.forward``'s default): the decoder body three times, the LM head on the benign answer
+  positions only.
+* ``batched`` — the same with ``forward=batched``: one forward of the three inputs padded into one batch.
+* ``separate_mid`` — ``separate`` with ``contrastive.layer`` = L/2: the counterfactual and injected forwards
+  stop after layer 15 of 30 (what ``contrastive.layer`` buys).
+
+Each side runs in its own subprocess (its ``VmHWM`` is that side's peak RSS), ``--warmup`` untimed steps then
+``--steps`` timed ones (median step time). On a shared CPU run with one thread (OMP_NUM_THREADS=1):
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/contrastive_throughput.py     # ~2-3 min
+
+The last line of output is one JSON object holding ``triplets_per_s_ratio_vs_three_forwards``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MODEL = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+             vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
+SIDES = {"three_forwards": None, "separate": ("separate", -1), "batched": ("batched", -1), "separate_mid": ("separate", 15)}
+TARGET_RATIO = 1.3
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def triplet_rows(args, tokenizer) -> list[dict]:
+    from hydra import compose, initialize_config_dir
+
+    from sectune import config
+    from sectune.contrastive_trainer import encode_triplets
+    from sectune.data.injection import triplet_splits
+    from sectune.stages.contrastive import triplet_prompts
+
+    config.register()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["stage=contrastive", "loss=causal_contrastive", "dataset=injection_triplets", "logger=none"])
+    recs = [triplet_prompts(r) for r in triplet_splits(cfg)["train"][: args.batch * (args.warmup + args.steps)]]
+    rows, _ = encode_triplets(tokenizer, recs, 100_000)
+    p, a = args.prompt_tokens, args.answer_tokens
+    for r in rows:
+        n = min(r["b_prompt_len"], p)
+        r["b_ids"] = r["b_ids"][:n] + r["b_ids"][r["b_prompt_len"] : r["b_prompt_len"] + a]
+        r["b_prompt_len"] = n
+        r["cf_ids"], r["inj_ids"] = r["cf_ids"][:p], r["inj_ids"][:p]
+    return rows
+
+
+def child(args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sectune import contrastive_trainer as CT
+    from sectune.engine import peak_rss_bytes
+    from sectune.losses import causal_contrastive_loss
+    from sectune.modeling import load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    from hydra import compose, initialize_config_dir
+
+    from sectune import config
+
+    config.register()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none"])
+    tokenizer = load_tokenizer(cfg)
+    rows = triplet_rows(args, tokenizer)
+    collate = CT.TripletCollator(tokenizer.pad_token_id)
+    batches = [collate(rows[i : i + args.batch]) for i in range(0, len(rows), args.batch)]
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**MODEL, pad_token_id=tokenizer.pad_token_id))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    head_rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[:-1].numel()))
+
+    def three_forwards(batch):
+        out_b = model(input_ids=batch["b_input_ids"], attention_mask=batch["b_attention_mask"], labels=batch["b_labels"], output_hidden_states=True)
+        reps = [CT.pool(out_b.hidden_states[-1], batch["b_prompt_lens"], "mean")]
+        for g in ("cf", "inj"):
+            out = model(input_ids=batch[f"{g}_input_ids"], attention_mask=batch[f"{g}_attention_mask"], output_hidden_states=True)
+            reps.append(CT.pool(out.hidden_states[-1], batch[f"{g}_attention_mask"].sum(1), "mean"))
+        return (*reps, out_b.loss)
+
+    side = SIDES[args.child]
+    fwd = three_forwards if side is None else (lambda b: CT.triplet_forward(model, b, layer=side[1], pooling="mean", forward=side[0]))
+    times, losses = [], []
+    for i, batch in enumerate(batches):
+        t = time.perf_counter()
+        r_b, r_cf, r_inj, task = fwd(batch)
+        loss, _ = causal_contrastive_loss(r_b, r_cf, r_inj, task)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    step = statistics.median(times)
+    tokens = sum(int(b[f"{g}_attention_mask"].sum()) for b in batches for g in CT.GROUPS) / len(batches)
+    return {"triplets_per_s": args.batch / step, "step_median_s": step, "peak_rss_bytes": peak_rss_bytes(),
+            "lm_head_rows_per_step": sum(head_rows) / len(batches), "tokens_per_step": tokens, "first_loss": losses[0],
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def run_side(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+           "--prompt-tokens", str(args.prompt_tokens), "--answer-tokens", str(args.answer_tokens), "--threads", str(args.threads)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.stderr.write(p.stdout[-3000:] + p.stderr[-6000:])
+        raise SystemExit(f"{name} run failed (rc {p.returncode})")
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT ") :])
+    raise SystemExit(f"{name}: no result line\n{p.stdout[-2000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per side")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--batch", type=int, default=1, help="triplets per step (seed 002: 1)")
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="each prompt cut to this many tokens")
+    ap.add_argument("--answer-tokens", type=int, default=48, help="each benign answer cut to this many tokens")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    ap.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("BENCH_RESULT " + json.dumps(child(args)), flush=True)
+        return
+
+    t0 = time.perf_counter()
+    res = {}
+    for name in SIDES:
+        res[name] = r = run_side(name, args)
+        print(f"  {name:<15} {r['triplets_per_s']:.3f} triplets/s  step {r['step_median_s']:.2f}s  RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+              file=sys.stderr, flush=True)
+    base = res["three_forwards"]
+    print(f"\ncausal-contrastive step · {cpu_model()} · {args.threads} thread(s) · Llama {base['params'] / 1e6:.1f}M params "
+          f"(SmolLM-135M shape, vocab 49,152), LoRA r16 all-linear, fp32 · batch {args.batch} triplet(s) · ~{base['tokens_per_step']:.0f} "
+          f"tokens/step · {args.warmup}+{args.steps} steps (median)")
+    print(f"{'':<16}{'triplets/s':>11}{'s/step':>8}{'vs 3 fwd':>9}{'LM-head rows':>13}{'peak RSS':>10}")
+    for name, r in res.items():
+        print(f"{name:<16}{r['triplets_per_s']:>11.3f}{r['step_median_s']:>8.2f}{r['triplets_per_s'] / base['triplets_per_s']:>8.2f}x"
+              f"{r['lm_head_rows_per_step']:>13.0f}{r['peak_rss_bytes'] / 2**20:>8.0f}Mi")
+    from sectune.config import ContrastiveConfig
+
+    default_name = ContrastiveConfig.forward  # what a run uses unless told otherwise
+    default = res[default_name]
+    ratio = default["triplets_per_s"] / base["triplets_per_s"]
+    faster = max(("separate", "batched"), key=lambda n: res[n]["triplets_per_s"])
+    print(f"  {'PASS' if ratio >= TARGET_RATIO else 'MISS'}  triplets/s ratio (default: {default_name}, last layer) {ratio:.2f} vs target {TARGET_RATIO}; "
+          f"faster forward here: {faster}; measured peak RSS {default['peak_rss_bytes'] / 2**20:.0f} MiB vs {base['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(json.dumps({
+        "triplets_per_s_ratio_vs_three_forwards": round(ratio, 3),
+        "batched_ratio_vs_three_forwards": round(res["batched"]["triplets_per_s"] / base["triplets_per_s"], 3),
+        "separate_mid_layer_ratio_vs_three_forwards": round(res["separate_mid"]["triplets_per_s"] / base["triplets_per_s"], 3),
+        "default_forward": default_name, "faster_forward": faster,
+        "peak_rss_ratio_vs_three_forwards": round(default["peak_rss_bytes"] / base["peak_rss_bytes"], 3),
+        **{f"{n}_triplets_per_s": round(r["triplets_per_s"], 4) for n, r in res.items()},
+        **{f"{n}_peak_rss_bytes": r["peak_rss_bytes"] for n, r in res.items()},
+        "threads": args.threads, "batch": args.batch, "cpu": cpu_model(), "bench_wall_s": round(time.perf_counter() - t0, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

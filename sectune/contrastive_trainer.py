@@ -1,0 +1,279 @@
+"""The causal-contrastive step (seed 002) as a transformers ``Trainer`` subclass: inputs, representations, metrics.
+
+A triplet is the benign prompt + its expected answer, the counterfactual prompt and the injected prompt.
+Per step the objective (:func:`sectune.losses.causal_contrastive_loss`) needs three pooled
+representations and the cross-entropy of the benign answer, and nothing else, so only that is computed:
+
+* the decoder body runs, never the ``…ForCausalLM`` forward: the LM head runs once, on the benign answer
+  positions only (seed 002 computed logits at every position of all three inputs);
+* the representation is the hidden state after decoder layer ``contrastive.layer`` (-1: the last layer's,
+  final-normed, what the LM head reads), mean-pooled over the prompt tokens or the last prompt token. The
+  benign prompt's positions see only the prompt (causal attention), so r_b is the representation of the
+  input alone, comparable with r_cf and r_inj;
+* ``contrastive.forward=separate`` (the default: as fast as batched on this project's CPU, less memory):
+  three forwards, the counterfactual and injected ones stopping after the chosen layer when it is not the
+  last (a hook ends the forward there); ``batched``: one forward of the three inputs padded into one batch (every row runs every layer).
+  Same representations either way (tests/test_contrastive.py); bench/contrastive_throughput.py measures both.
+
+Trainer owns the loop, accumulation, precision, checkpoints (adapter, tokenizer, optimizer, scheduler,
+RNG) and W&B; this module adds the loss, the train/eval metrics, memory figures in the logs, and a stop
+with advice on a NaN/inf loss. The decoder is called below the top-level module, so (as the reward
+stage) this runs on one process: the stage refuses torchrun.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from sectune import engine
+from sectune.errors import SectuneError
+from sectune.losses import causal_contrastive_loss
+
+FORWARDS = ("separate", "batched")
+POOLINGS = ("mean", "last")
+GROUPS = ("b", "cf", "inj")
+#: seed 002's "Issue: Loss is NaN" list, said when a non-finite loss stops the run
+NAN_ADVICE = (
+    "reduce the learning rate (train.learning_rate, e.g. 2e-4 → 1e-4); raise the warmup (train.warmup_ratio, "
+    "0.03 → 0.1); check the temperature (loss.temperature, not too small); clip gradients (train.max_grad_norm=1.0); "
+    "turn on anomaly detection (debug.enabled=true)"
+)
+
+
+class NonFiniteLossError(SectuneError):
+    """A NaN or inf loss: the step, the last good checkpoint and what to try."""
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def encode_triplets(tokenizer, triplets: list[dict], max_len: int) -> tuple[list[dict], int]:
+    """Token ids per triplet: benign prompt + answer + EOS (answer cut at ``max_len``), cf and injected prompts.
+    ``triplets`` hold rendered ``prompt``, ``cf_prompt``, ``injection_prompt`` and ``output``. Returns the rows
+    and how many were cut."""
+    rows, cut = [], 0
+    for t in triplets:
+        prompt = tokenizer(t["prompt"])["input_ids"]
+        answer = tokenizer(t["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        cf, inj = (tokenizer(t[k])["input_ids"] for k in ("cf_prompt", "injection_prompt"))
+        if max(len(prompt) + len(answer), len(cf), len(inj)) > max_len:
+            cut += 1
+        prompt, cf, inj = prompt[: max_len - 1], cf[:max_len], inj[:max_len]  # keep >= 1 answer token
+        rows.append({"b_ids": (prompt + answer)[:max_len], "b_prompt_len": len(prompt), "cf_ids": cf, "inj_ids": inj})
+    return rows, cut
+
+
+class TripletCollator:
+    """Right-padded ``{g}_input_ids`` / ``{g}_attention_mask`` for g in b, cf, inj, the benign prompt lengths,
+    and ``b_labels`` (-100 on the prompt and padding: the task loss reads the answer tokens only)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        out = {}
+        for g in GROUPS:
+            seqs = [r[f"{g}_ids"] for r in rows]
+            width = max(map(len, seqs))
+            out[f"{g}_input_ids"] = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs])
+            out[f"{g}_attention_mask"] = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        prompt_lens = torch.tensor([r["b_prompt_len"] for r in rows])
+        labels = out["b_input_ids"].clone()
+        positions = torch.arange(labels.shape[1])
+        labels[(positions[None] < prompt_lens[:, None]) | (out["b_attention_mask"] == 0)] = -100
+        out.update(b_prompt_lens=prompt_lens, b_labels=labels)
+        return out
+
+
+# --------------------------------------------------------------------------------- representations
+class _StopForward(Exception):
+    pass
+
+
+def causal_lm_parts(model):
+    """(decoder body, its layer list, LM head) of a ``…ForCausalLM``, PEFT-wrapped or not (LoRA layers sit
+    inside the modules, so calling them directly trains the adapter)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder()
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        raise SectuneError(f"stage=contrastive: cannot find the decoder layers of {type(inner).__name__}")
+    return decoder, layers, inner.get_output_embeddings()
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """``contrastive.layer`` as 1..L: k = the output of the k-th decoder layer; -1 (or L) the last, final-normed."""
+    k = num_layers if layer == -1 else int(layer)
+    if not 1 <= k <= num_layers:
+        raise SectuneError(f"contrastive.layer={layer}: choose 1..{num_layers} (a decoder layer) or -1 (the last)")
+    return k
+
+
+def decoder_hidden(decoder, layers, ids, mask, k: int, stop: bool):
+    """(final hidden states or None, hidden states after layer k). ``stop``: end the forward after layer k."""
+    if k == len(layers):
+        last = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return last, last
+    seen = {}
+
+    def grab(module, args, output):
+        seen["h"] = output[0] if isinstance(output, tuple) else output
+        if stop:
+            raise _StopForward
+
+    handle = layers[k - 1].register_forward_hook(grab)
+    try:
+        last = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    except _StopForward:
+        last = None
+    finally:  # removed before backward, so a checkpointed layer's recompute never meets it
+        handle.remove()
+    return last, seen["h"]
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Per row, the mean of the first ``lengths`` positions (the prompt) or the last of them."""
+    if pooling == "last":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+    m = (torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths[:, None]).to(hidden.dtype)
+    return (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+
+
+def _pad_to(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return F.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def triplet_forward(model, batch: dict, layer: int = -1, pooling: str = "mean", forward: str = "separate"):
+    """(r_b, r_cf, r_inj, task loss) of a :class:`TripletCollator` batch; the LM head runs once, on the benign
+    answer positions."""
+    if forward not in FORWARDS or pooling not in POOLINGS:
+        raise SectuneError(f"contrastive.forward={forward!r} / contrastive.pooling={pooling!r}: choose {FORWARDS} / {POOLINGS}")
+    decoder, layers, head = causal_lm_parts(model)
+    k = resolve_layer(layer, len(layers))
+    lens = {"b": batch["b_prompt_lens"], "cf": batch["cf_attention_mask"].sum(1), "inj": batch["inj_attention_mask"].sum(1)}
+    if forward == "batched":
+        width = max(batch[f"{g}_input_ids"].shape[1] for g in GROUPS)
+        ids = torch.cat([_pad_to(batch[f"{g}_input_ids"], width, 0) for g in GROUPS])
+        mask = torch.cat([_pad_to(batch[f"{g}_attention_mask"], width, 0) for g in GROUPS])
+        last, h = decoder_hidden(decoder, layers, ids, mask, k, stop=False)
+        r = pool(h, torch.cat([lens[g] for g in GROUPS]), pooling)
+        n = batch["b_input_ids"].shape[0]
+        r_b, r_cf, r_inj = r[:n], r[n : 2 * n], r[2 * n :]
+        last_b = last[:n, : batch["b_input_ids"].shape[1]]
+    else:
+        last_b, h_b = decoder_hidden(decoder, layers, batch["b_input_ids"], batch["b_attention_mask"], k, stop=False)
+        r_b = pool(h_b, lens["b"], pooling)
+        r_cf, r_inj = (
+            pool(decoder_hidden(decoder, layers, batch[f"{g}_input_ids"], batch[f"{g}_attention_mask"], k, stop=True)[1], lens[g], pooling)
+            for g in ("cf", "inj")
+        )
+    # position t predicts token t+1: the head reads only the positions whose next token is an answer token
+    targets = batch["b_labels"][:, 1:]
+    keep = targets != -100
+    logits = head(last_b[:, :-1][keep])
+    task = F.cross_entropy(logits.float(), targets[keep]) if keep.any() else logits.sum() * 0.0
+    return r_b, r_cf, r_inj, task
+
+
+def similarity_rows(r_b, r_cf, r_inj) -> torch.Tensor:
+    """``[N, 2]``: cos(b, cf) and cos(b, inj) per triplet: what the metrics below are means of."""
+    return torch.stack([F.cosine_similarity(r_b.float(), r_cf.float(), dim=-1),
+                        F.cosine_similarity(r_b.float(), r_inj.float(), dim=-1)], dim=-1)
+
+
+def summarize(cos_rows: torch.Tensor, task_losses: list[float]) -> dict:
+    """causal_stability, spurious_separation, causal_discrimination (sectune.losses' definitions, over all rows)
+    and the mean task loss."""
+    stability, to_inj = cos_rows[:, 0].mean().item(), cos_rows[:, 1].mean().item()
+    out = {"causal_stability": stability, "spurious_separation": 1 - to_inj, "causal_discrimination": stability - to_inj}
+    if task_losses:
+        out["task_loss"] = sum(task_losses) / len(task_losses)
+    return out
+
+
+@torch.no_grad()
+def representation_metrics(model, rows: list[dict], collator, batch_size: int, **fwd) -> dict:
+    """The metrics on ``rows`` with the model as it is now (held-out triplets before and after training)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    cos, tasks = [], []
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collator(rows[i : i + batch_size]).items()}
+        r_b, r_cf, r_inj, task = triplet_forward(model, batch, **fwd)
+        cos.append(similarity_rows(r_b, r_cf, r_inj).cpu())
+        tasks.append(task.item())
+    model.train(was_training)
+    return summarize(torch.cat(cos), tasks) if cos else {}
+
+
+def memory_logs() -> dict:
+    """Peak allocated GPU memory (CUDA) or this process's peak RSS (CPU), in MiB, for the step logs."""
+    if torch.cuda.is_available():
+        return {"peak_cuda_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}
+    return {"peak_rss_mib": engine.peak_rss_bytes() / 2**20}
+
+
+# ----------------------------------------------------------------------------------------- trainer
+class CausalContrastiveTrainer(Trainer):
+    """Trainer whose loss is :func:`causal_contrastive_loss` of :func:`triplet_forward`'s outputs.
+
+    Logs, beside Trainer's loss / grad norm / learning rate: the loss parts, causal_stability,
+    spurious_separation, causal_discrimination and task_loss (train: means over the logging interval;
+    eval: over the eval set, as ``eval_*``), and peak memory."""
+
+    def __init__(self, *args, loss_weights: dict, layer: int = -1, pooling: str = "mean", forward: str = "separate", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_weights = dict(loss_weights)
+        self.fwd = {"layer": int(layer), "pooling": pooling, "forward": forward}
+        self.model_accepts_loss_kwargs = False  # a per-batch mean: Trainer divides by grad_accum
+        self._train_cos: list[torch.Tensor] = []
+        self._train_parts: dict[str, list[float]] = defaultdict(list)
+        self._eval_cos: list[torch.Tensor] = []
+        self._eval_task: list[float] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        r_b, r_cf, r_inj, task = triplet_forward(model, inputs, **self.fwd)
+        loss, parts = causal_contrastive_loss(r_b, r_cf, r_inj, task, **self.loss_weights)
+        if model.training:
+            if not torch.isfinite(loss):
+                self._stop_non_finite(loss, parts)
+            self._train_cos.append(similarity_rows(r_b, r_cf, r_inj).detach())
+            for name, v in parts.items():
+                self._train_parts[f"{name}_loss"].append(v.detach())
+        return (loss, (r_b, r_cf, r_inj, task)) if return_outputs else loss
+
+    def _stop_non_finite(self, loss, parts) -> None:
+        last_good = engine.latest_checkpoint(Path(self.args.output_dir))
+        values = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
+        raise NonFiniteLossError(
+            f"stage=contrastive: the loss is {loss.item()} at step {self.state.global_step + 1} ({values}); last good "
+            f"checkpoint: {last_good or 'none saved yet'}. What to try (seed 002): {NAN_ADVICE}"
+        )
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, (r_b, r_cf, r_inj, task) = self.compute_loss(model, inputs, return_outputs=True)
+        self._eval_cos.append(self.accelerator.gather_for_metrics(similarity_rows(r_b, r_cf, r_inj)).cpu())
+        self._eval_task.append(task.item())
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_cos, self._eval_task = [], []
+        out = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self._eval_cos:
+            out.metrics.update({f"{prefix}_{k}": v for k, v in summarize(torch.cat(self._eval_cos), self._eval_task).items()})
+        return out
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._train_cos:  # a training log: the interval's means
+            logs.update(summarize(torch.cat(self._train_cos).float(), []))
+            logs.update({k: torch.stack(v).mean().item() for k, v in self._train_parts.items()})
+            self._train_cos, self._train_parts = [], defaultdict(list)
+        logs.update(memory_logs())
+        super().log(logs, start_time)

@@ -1,0 +1,228 @@
+"""Causal-contrastive training of the analyst on injection triplets (seed 002).
+
+Read top to bottom: triplets (benign / counterfactual / injected windows, rendered into the analyst's prompt
+as SFT and infer render them) → model (an SFT run's adapter or weights, ``contrastive.init_from``, or the base
+model; LoRA or full fine-tune) → :class:`sectune.contrastive_trainer.CausalContrastiveTrainer` with
+L = λc·(−cos(r_b, r_cf)/τ) + λs·(cos(r_b, r_inj)/τ) + λt·CE(benign answer) → artifacts.
+
+Before training, the representation metrics of the held-out triplets (test split, else validation) give
+``causal_discrimination_start``; after it, ``causal_stability``, ``spurious_separation`` and
+``causal_discrimination`` on the same triplets. Every ``train.eval_steps`` the validation triplets are
+scored (``eval_causal_stability``, …); Trainer's EarlyStoppingCallback stops on ``contrastive.early_stopping``
+and the best checkpoint by that metric is kept (``artifacts.best_checkpoint``), its weights loaded at the end
+unless ``contrastive.load_best_at_end=false``. ``train.resume=auto`` resumes exactly (engine.resolve_resume).
+``debug.enabled=true``: ``debug.max_steps`` steps on ``debug.max_samples`` triplets with anomaly detection;
+a NaN/inf loss stops any run with the step, the last good checkpoint and seed 002's list of what to try.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from sectune import engine, modeling
+from sectune import contrastive_trainer as CT
+from sectune.errors import ConfigError, SectuneError
+from sectune.runner import RunContext
+
+MODES = ("max", "min")
+
+
+def run(ctx: RunContext) -> dict:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    t0 = time.perf_counter()
+    check_config(cfg)
+
+    # 1. data: the three inputs rendered as the analyst's prompts
+    splits = {k: [triplet_prompts(r) for r in v] for k, v in load_triplets(cfg).items()}
+    if cfg.debug.enabled:
+        splits = {k: v[: int(cfg.debug.max_samples)] for k, v in splits.items()}
+    held_name = "test" if splits["test"] else "validation"
+    held_out = splits[held_name]
+    if not splits["train"] or not held_out:
+        raise ConfigError(f"dataset={cfg.dataset.name}: stage=contrastive needs train triplets and held-out (test or validation) ones; "
+                          f"got {len(splits['train'])} train / {len(splits['validation'])} validation / {len(splits['test'])} test")
+    print(f"sectune: {len(splits['train'])} train / {len(splits['validation'])} validation / {len(splits['test'])} test triplets ({cfg.dataset.name})")
+
+    # 2. model
+    path = modeling.model_path(cfg)
+    tokenizer = modeling.load_tokenizer(cfg, path)
+    model, start = build_model(cfg, path)
+    trainable, total = modeling.trainable_parameters(model)
+    print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}")
+    max_len = int(cfg.model.max_seq_length)
+    rows = {}
+    cut = 0
+    for name, recs in splits.items():
+        rows[name], n = CT.encode_triplets(tokenizer, recs, max_len)
+        cut += n
+    if cut:
+        print(f"sectune: warning: {cut} triplets exceed model.max_seq_length={max_len} tokens and were cut")
+
+    # 3. trainer; the held-out metrics before training
+    trainer = build_trainer(cfg, model, tokenizer, rows["train"], rows["validation"], run_dir / "checkpoints")
+    if trainer.accelerator.num_processes > 1:
+        raise ConfigError("stage=contrastive runs on one process (it calls the decoder below DDP's wrapper); run it without torchrun")
+    collator, fwd = trainer.data_collator, trainer.fwd
+    batch = int(cfg.train.eval_batch_size or cfg.train.batch_size)
+    start_metrics = CT.representation_metrics(trainer.model, rows[held_name], collator, batch, **fwd)
+    ctx.partial_metrics.update({f"{k}_start": v for k, v in start_metrics.items()})
+    print(f"sectune: before training, {held_name} causal discrimination {start_metrics['causal_discrimination']:.4f} "
+          f"(stability {start_metrics['causal_stability']:.4f}, separation {start_metrics['spurious_separation']:.4f})")
+    try:
+        with anomaly_detection(cfg):
+            train_out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, run_dir / "checkpoints"))
+    except RuntimeError as e:  # anomaly detection's "Function 'XBackward0' returned nan values in its 0th output"
+        if not (cfg.debug.enabled and "nan values" in str(e)):
+            raise
+        raise CT.NonFiniteLossError(f"stage=contrastive: autograd anomaly detection found NaN at step {trainer.state.global_step + 1}: "
+                                    f"{str(e).splitlines()[0]}; last good checkpoint: {engine.latest_checkpoint(run_dir / 'checkpoints')}. "
+                                    f"What to try (seed 002): {CT.NAN_ADVICE}") from None
+    finally:
+        engine.write_history(run_dir / "train_history.json", trainer)
+
+    # 4. metrics on the same held-out triplets
+    end = CT.representation_metrics(trainer.model, rows[held_name], collator, batch, **fwd)
+    metrics = {**ctx.partial_metrics, **end, "heldout_triplets": len(held_out), "heldout_split": held_name,
+               "train_loss": train_out.training_loss, "train_steps": trainer.state.global_step,
+               "trainable_params": trainable, "total_params": total, "truncated_triplets": cut,
+               "quantized_modules": modeling.quantized_module_count(model), "fresh_start": int(not cfg.contrastive.init_from)}
+    metrics["early_stopped"] = int(0 < trainer.state.global_step < trainer.state.max_steps)
+    if trainer.state.best_metric is not None:
+        metrics[f"best_eval_{cfg.contrastive.early_stopping.metric}"] = trainer.state.best_metric
+
+    # 5. artifacts
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    name = "adapter" if hasattr(unwrapped, "peft_config") else "model"
+    modeling.save_pretrained_atomic(unwrapped, tokenizer, run_dir / name)
+    artifacts = {name: name, "checkpoints": "checkpoints", "train_history": "train_history.json"}
+    if trainer.state.best_model_checkpoint:
+        artifacts["best_checkpoint"] = os.path.relpath(Path(trainer.state.best_model_checkpoint).resolve(), run_dir.resolve())
+    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"contrastive · {cfg.model.name}")
+    artifacts["loss_curve"] = "plots/loss_curve.png"
+    metrics.update(engine.peak_memory())
+    metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
+    print(f"sectune: done · {name} at {run_dir / name} · {held_name} causal discrimination "
+          f"{metrics['causal_discrimination_start']:.4f} → {metrics['causal_discrimination']:.4f} · {metrics['train_steps']} steps")
+    return {"metrics": metrics, "artifacts": artifacts}
+
+
+def check_config(cfg: DictConfig) -> None:
+    if cfg.loss.name != "causal_contrastive":
+        raise ConfigError(f"stage=contrastive loss={cfg.loss.name}: use loss=causal_contrastive")
+    c = cfg.contrastive
+    if c.forward not in CT.FORWARDS:
+        raise ConfigError(f"contrastive.forward={c.forward!r}: choose one of {', '.join(CT.FORWARDS)}")
+    if c.pooling not in CT.POOLINGS:
+        raise ConfigError(f"contrastive.pooling={c.pooling!r}: choose one of {', '.join(CT.POOLINGS)}")
+    if c.early_stopping.mode not in MODES:
+        raise ConfigError(f"contrastive.early_stopping.mode={c.early_stopping.mode!r}: choose max or min")
+    if float(cfg.loss.temperature) <= 0:
+        raise ConfigError(f"loss.temperature={cfg.loss.temperature}: must be > 0")
+
+
+def load_triplets(cfg: DictConfig) -> dict[str, list[dict]]:
+    """The dataset's triplet splits (``sectune.data.injection``)."""
+    from sectune.data.injection import triplet_splits
+
+    return triplet_splits(cfg)
+
+
+def triplet_prompts(rec: dict) -> dict:
+    """The three prompts a model sees and the benign answer: the record's rendered ones, else auth-log windows
+    rendered with ``auth_logs.render_prompt`` (the SFT/infer prompt)."""
+    from sectune.data.auth_logs import render_prompt
+
+    def prompt(rendered: str, raw: str) -> str:
+        if rec.get(rendered):
+            return rec[rendered]
+        return rec[raw] if rec.get("format") == "prompt" else render_prompt(rec[raw])
+
+    return {"id": rec.get("id"), "output": rec["output"], "prompt": prompt("prompt", "benign"),
+            "cf_prompt": prompt("cf_prompt", "benign_cf"), "injection_prompt": prompt("injection_prompt", "injection")}
+
+
+def build_model(cfg: DictConfig, path: str):
+    """(trainable model, where it started). ``contrastive.init_from``: an SFT adapter is loaded trainable (with
+    ``lora=none`` it is merged into the weights, which are then trained in full); SFT full weights are the base
+    (under a fresh adapter with LoRA); unset = the base model."""
+    from peft import PeftModel
+
+    from sectune.stages.rl import init_source  # the same run-dir / folder resolution as rl.init_from
+
+    init_from = cfg.contrastive.init_from
+    if not init_from:
+        return modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), f"the base model {path}"
+    try:
+        kind, folder = init_source(str(init_from))
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("rl.init_from", "contrastive.init_from")) from None
+    try:
+        if kind == "model":
+            return modeling.apply_lora(modeling.load_model(cfg, path=str(folder)), cfg), f"the SFT weights in {folder}"
+        base = modeling.load_model(cfg, path=path)
+        if cfg.lora.enabled:
+            return PeftModel.from_pretrained(base, str(folder), is_trainable=True), f"the SFT adapter in {folder} (its LoRA settings)"
+        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload(), f"the SFT adapter in {folder}, merged (full fine-tune)"
+    except SectuneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every load failure is the same user error: this folder, this model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"contrastive.init_from={init_from}: cannot load the {kind} in {folder} for model={cfg.model.name} "
+                          f"({type(e).__name__}: {first})") from None
+
+
+def training_arguments(cfg: DictConfig, output_dir: Path, has_eval: bool):
+    """engine.training_kwargs plus the best-checkpoint settings: checkpoints at the evaluations (so the best one
+    exists), the early-stopping metric as Trainer's metric_for_best_model."""
+    from transformers import TrainingArguments
+
+    kwargs = engine.training_kwargs(cfg, output_dir, has_eval=has_eval)
+    if cfg.debug.enabled:
+        kwargs.update(max_steps=int(cfg.debug.max_steps))
+    es = cfg.contrastive.early_stopping
+    if has_eval and cfg.train.eval_steps:
+        eval_steps = int(cfg.train.eval_steps)
+        save_steps = int(cfg.train.save_steps or eval_steps)
+        if save_steps % eval_steps:
+            raise ConfigError(f"train.save_steps={save_steps} must be a multiple of train.eval_steps={eval_steps}: the best checkpoint is picked at evaluations")
+        kwargs.update(save_strategy="steps", save_steps=save_steps, metric_for_best_model=f"eval_{es.metric}",
+                      greater_is_better=es.mode == "max", load_best_model_at_end=bool(cfg.contrastive.load_best_at_end))
+    return TrainingArguments(**kwargs, remove_unused_columns=False, label_names=[], prediction_loss_only=True,
+                             restore_callback_states_from_checkpoint=True)
+
+
+def build_trainer(cfg: DictConfig, model, tokenizer, train_rows: list[dict], val_rows: list[dict], output_dir: Path, callbacks=()):
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+
+    args = training_arguments(cfg, output_dir, has_eval=bool(val_rows))
+    callbacks = [*engine.fail_callbacks(cfg), *callbacks]
+    es = cfg.contrastive.early_stopping
+    if args.metric_for_best_model and int(es.patience) > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(es.patience), early_stopping_threshold=float(es.min_delta)))
+    loss = cfg.loss
+    trainer = CT.CausalContrastiveTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(val_rows) if val_rows else None, processing_class=tokenizer,
+        data_collator=CT.TripletCollator(tokenizer.pad_token_id), callbacks=callbacks,
+        loss_weights={"tau": float(loss.temperature), "lambda_causal": float(loss.lambda_consistency),
+                      "lambda_spurious": float(loss.lambda_separation), "lambda_task": float(loss.lambda_task)},
+        layer=int(cfg.contrastive.layer), pooling=str(cfg.contrastive.pooling), forward=str(cfg.contrastive.forward),
+    )
+    engine.selective_checkpointing(trainer.model, cfg)
+    return trainer
+
+
+@contextlib.contextmanager
+def anomaly_detection(cfg: DictConfig):
+    if not cfg.debug.enabled:
+        yield
+        return
+    with torch.autograd.detect_anomaly(check_nan=True):
+        yield

@@ -187,10 +187,11 @@ def generate_row(name: str, model, tokenizer, windows: list[Window], gen_cfg, ba
 
 def load_policy(cfg: DictConfig, kind: str, path: Path | None):
     """(model in eval mode on the run's device, tokenizer) for ``base`` (path None), an ``adapter``
-    folder (plain ``PeftModel.from_pretrained`` on ``cfg.model``) or full ``model`` weights."""
+    folder (``PeftModel.from_pretrained`` on ``cfg.model``, or on the SFT weights it was trained on:
+    ``modeling.adapter_base``) or full ``model`` weights."""
     from sectune import modeling
 
-    base = modeling.model_path(cfg)
+    base = modeling.adapter_base(path, cfg) if kind == "adapter" else modeling.model_path(cfg)
     if kind == "model":
         model = modeling.load_model(cfg, path=str(path))
     else:

@@ -148,6 +148,12 @@ class DatasetConfig:
     template_fraction: float = 0.5
     injection_max_chars: int = 160
     injections_per_window: int = 1
+    # hdfs (sectune/data/hdfs.py): which layout ``path: null`` reads from ``source_dir`` (deeplog = DeepLog's
+    # key sessions, loghub = raw lines + block labels), how loghub lines get their keys (auto: the
+    # structured CSV's EventId when present, else drain3; structured; drain3), and the deeplog key range 1..N
+    hdfs_layout: str = "deeplog"
+    log_parser: str = "auto"
+    num_log_keys: int = 28
 
 
 @dataclass
@@ -274,6 +280,8 @@ class EvaluateConfig:
     rf_estimators: int = 200
     #: dataset=injection_triplets: score only the first N triplets of the split (null = all)
     max_samples: Optional[int] = None
+    #: dataset=hdfs (sectune/anomaly.py): add-alpha smoothing of the bigram baseline's next-key probabilities
+    bigram_alpha: float = 0.01
 
 
 @dataclass
@@ -343,6 +351,9 @@ class RLConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_completion_length: int = 160
+    #: validation windows whose greedy analyses are scored before and after training
+    #: (``metrics.reward_heldout_start/end``); 0 = skip
+    heldout_windows: int = 32
     #: μ, policy updates per generated batch (μ = 1: the ratio is 1 and nothing is clipped)
     num_iterations: int = 1
     #: the learning rate is ``train.learning_rate × lr_scale``: seed 000 halved it for RL

@@ -94,6 +94,10 @@ class SchemaConstraint:
         self.static_ban = np.zeros(self.vocab_size, dtype=bool)
         self.static_ban[banned] = True
         self.static_ban[self.eos_id] = False
+        # xgrammar 0.2's token mask leaves out added (non-special) tokens, such as the tiny analyst's whole
+        # JSON keys, although its matcher accepts them: those few are checked one by one at each step
+        added = getattr(tokenizer, "added_tokens_encoder", None) or {}
+        self.added_ids = sorted(i for i in added.values() if i < self.vocab_size and i not in special and not self.static_ban[i] and i != self.eos_id)
         words = -(-self.vocab_size // 32)
         keep = np.zeros(words * 32, dtype=bool)
         keep[: self.vocab_size] = ~self.static_ban
@@ -208,6 +212,7 @@ class SchemaLogitsProcessor(LogitsProcessor):
                 continue
             self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
             row = words[i]
+            self._allow_added(i, row)
             row &= self.c.keep_words
             self._ban_duplicates(i, row)
             forced = self._forced_token(i, row, remaining)
@@ -217,6 +222,14 @@ class SchemaLogitsProcessor(LogitsProcessor):
         if not (words != 0).any(axis=1).all():
             raise RuntimeError("constrained decoding: a sequence has no token left that the schema allows")
         return apply_bitmask(scores, self.bitmask, self.c.vocab_size, self.c._xgr)
+
+    def _allow_added(self, i: int, row: np.ndarray) -> None:
+        """Set the bit of each added token the matcher accepts here (tried, then rolled back)."""
+        m = self.matchers[i]
+        for tok in self.c.added_ids:
+            if not _has(row, tok) and m.accept_token(tok):
+                m.rollback(1)
+                row[tok >> 5] |= np.uint32(1) << np.uint32(tok & 31)
 
     def _ban_duplicates(self, i: int, row: np.ndarray) -> None:
         """uniqueItems: mask every token that would close a string item equal to an earlier one,

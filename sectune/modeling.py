@@ -32,6 +32,21 @@ def model_path(cfg: DictConfig) -> str:
     return str(ensure_tiny_model(m.name, m.family, spec, Path(cfg.paths.shared_data), Path(cfg.paths.cache_dir)))
 
 
+def adapter_base(adapter_dir, cfg: DictConfig) -> str:
+    """The weights a saved adapter belongs on: ``artifacts.base_model`` of the run that saved it (an RL
+    or DPO adapter trained on an SFT run's full weights, ``lora=none``), else the configured model."""
+    import json
+
+    run_dir = Path(adapter_dir).parent
+    try:
+        rel = (json.loads((run_dir / "result.json").read_text()).get("artifacts") or {}).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        rel = None
+    if rel and (run_dir / rel / "config.json").is_file():
+        return str(run_dir / rel)
+    return model_path(cfg)
+
+
 def _hub_kwargs(cfg: DictConfig) -> dict:
     return {"revision": cfg.model.revision, "trust_remote_code": bool(cfg.model.trust_remote_code)}
 

@@ -63,14 +63,18 @@ def corpus_texts(shared_data: Path) -> tuple[list[str], str]:
 
 
 def _fingerprint(spec: dict, family: str, texts: list[str]) -> str:
+    spec = {k: v for k, v in spec.items() if not (k == "extra_tokens" and not v)}  # older builds stay valid
     h = hashlib.sha256(json.dumps({"spec": spec, "family": family, "v": 3}, sort_keys=True).encode())
     for t in texts:
         h.update(hashlib.sha256(t.encode()).digest())
     return h.hexdigest()[:12]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: list[str], vocab_size: int, extra_tokens: list[str] | tuple = ()):
+    """Byte-level BPE on ``texts``; ``extra_tokens`` (e.g. an answer schema's keys) are then added
+    as whole tokens, matched before the byte-level split, so ``failed_logins`` is one token, not
+    ``failed`` ``_`` ``logins``: a domain vocabulary, as a real model's tokenizer has its own."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
@@ -88,6 +92,8 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         chunks.extend(t[:budget].splitlines())
         budget -= min(len(t), budget)
     tok.train_from_iterator(chunks, trainer=trainer)
+    if extra_tokens:
+        tok.add_tokens([AddedToken(t, single_word=False, normalized=False) for t in extra_tokens])
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=100_000, **SPECIAL_TOKENS)
 
 
@@ -141,7 +147,7 @@ def ensure_tiny_model(name: str, family: str, spec: dict, shared_data: Path, cac
 
     if source == "synthetic":
         print(f"sectune: {shared_data} has no real data; the tiny tokenizer is trained on generated logs and flows")
-    tokenizer = train_tokenizer(texts, spec["vocab_size"])
+    tokenizer = train_tokenizer(texts, spec["vocab_size"], spec.get("extra_tokens") or ())
     # The build's own seed, without touching the caller's RNG: a run that builds the model first
     # must train exactly like a run that finds it in the cache.
     with torch.random.fork_rng(devices=[]):

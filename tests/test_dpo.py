@@ -139,6 +139,56 @@ def test_sft_adapter_loads_trainable_and_the_reference_shares_the_base_weights(t
         assert dpo.preference_metrics(policy, ref, ds["kind"], 0.1)["preference_accuracy"] == 0.0  # ties count as wrong
 
 
+def test_full_weight_sft_run_gets_a_fresh_adapter_whose_reference_is_those_weights(tmp_path):
+    """lora=none SFT (the tiny analyst's): DPO puts a fresh LoRA adapter on the SFT weights, so the policy
+    starts equal to its reference (the adapter off = π_SFT, no second copy), records artifacts.base_model,
+    and infer / the held-out table load the saved adapter onto those weights, not onto model.name_or_path."""
+    from sectune import analyst_eval, modeling
+    from sectune.stages import dpo, infer
+
+    cfg = compose(UNIT)
+    sft = modeling.load_model(cfg)
+    with torch.no_grad():
+        for p in sft.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)  # "trained" weights
+    run_dir = tmp_path / "sft_run"
+    sft.save_pretrained(run_dir / "model")
+    modeling.load_tokenizer(cfg).save_pretrained(run_dir / "model")
+    (run_dir / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": {"model": "model"}}))
+    assert dpo.sft_weights(str(run_dir)) == run_dir / "model" and dpo.sft_weights(str(save_sft_like_adapter(tmp_path / "lora"))) is None
+
+    _, trainer, batch = build(tmp_path, [f"dpo.init_from={run_dir}", "lora=r16_all_linear"])
+    model = trainer.model
+    assert trainer.ref_model is None and {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters() if "lora_" in n}
+    ds = trainer.train_dataset
+    policy, ref = dpo.pair_logps(trainer, ds), dpo.pair_logps(trainer, ds, reference=True)
+    assert torch.equal(policy[0], ref[0])  # fresh adapter: π = π_ref
+    torch.testing.assert_close(ref[0], plain_logps(sft, batch).chunk(2)[0], rtol=1e-5, atol=1e-4)  # π_ref = the SFT weights
+
+    # the saved adapter, with the run's result.json as the stage writes it, loads back onto the SFT weights
+    dpo_dir = tmp_path / "dpo_run"
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.01)
+    model.save_pretrained(dpo_dir / "adapter")
+    (dpo_dir / "result.json").write_text(json.dumps({"stage": "dpo", "status": "succeeded", "artifacts": {
+        "adapter": "adapter", "base_model": "../sft_run/model"}}))
+    assert modeling.adapter_base(dpo_dir / "adapter", cfg) == str(dpo_dir / "../sft_run/model")
+    ids = torch.arange(1, 30)[None]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        loaded, _ = analyst_eval.load_policy(cfg, "adapter", dpo_dir / "adapter")
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        chosen = infer.choose_model(str(dpo_dir))
+        loaded2, _, _ = infer.load_model(cfg, chosen)
+        torch.testing.assert_close(loaded2(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        # without the record the configured (random) base is used, and the answers differ
+        (dpo_dir / "result.json").write_text(json.dumps({"stage": "dpo", "status": "succeeded", "artifacts": {"adapter": "adapter"}}))
+        wrong, _ = analyst_eval.load_policy(cfg, "adapter", dpo_dir / "adapter")
+        assert (wrong(input_ids=ids).logits - want).abs().max() > 1e-2
+
+
 def test_init_from_errors_name_the_path_and_what_is_missing(tmp_path):
     from sectune.stages import dpo
 

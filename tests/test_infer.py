@@ -132,6 +132,35 @@ def test_constrained_outputs_close_within_any_budget_and_keep_items_unique():
         c.processor(c.min_tokens - 1)
 
 
+def test_whole_word_added_tokens_are_allowed_where_the_grammar_accepts_them():
+    """The tiny analyst's tokenizer keeps each schema key whole ('"verdict":' is one added token). xgrammar's
+    mask leaves added tokens out although its matcher accepts them; without them a model trained on the
+    whole-key tokens is forced into spellings it never saw (its constrained answers were garbage)."""
+    from sectune import modeling
+    from sectune.constrained import SchemaConstraint
+
+    cfg = compose(["+experiment=auth_grpo_tiny", "stage=infer", "logger=none"])
+    tok = modeling.load_tokenizer(cfg)
+    key = tok.convert_tokens_to_ids('"verdict":')
+    assert tok.convert_ids_to_tokens(tok('{"verdict":"benign"')["input_ids"])[:2] == ["{", '"verdict":']
+    schema = json.loads((ROOT / "sectune/data/auth_schema.json").read_text())
+    c = SchemaConstraint(tok, schema)
+    assert key in c.added_ids
+    proc = c.processor(160)
+    brace = tok.convert_tokens_to_ids("{")
+    allowed = []
+    for ids in ([[tok.eos_token_id]], [[tok.eos_token_id, brace]]):
+        out = proc(torch.tensor(ids), torch.zeros(1, c.vocab_size))
+        allowed.append(set((out[0] > float("-inf")).nonzero().flatten().tolist()))
+    assert brace in allowed[0] and all(c.token_bytes[i].startswith(b"{") for i in allowed[0])
+    assert key in allowed[1] and tok.convert_tokens_to_ids('"failed_logins":') not in allowed[1]  # only the first key fits
+    # greedy decoding that prefers each whole key gives valid JSON written with them
+    bias = torch.zeros(c.vocab_size)
+    bias[c.added_ids] = 20.0
+    text = _simulate(c, 160, 1, 0, bias=bias, greedy=True)[0]
+    assert not auth_logs.validate_analysis(json.loads(text)), text
+
+
 # ------------------------------------------------------------------------------ the model chain
 def _fake_adapter_step(step_dir: Path, stage: str, status: str = "succeeded") -> None:
     (step_dir / "adapter").mkdir(parents=True)

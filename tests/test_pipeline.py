@@ -229,7 +229,9 @@ def test_seed_000_presets_compose_every_step(tmp_path):
     tiny = steps_of(["+experiment=auth_grpo_tiny"])
     assert list(tiny) == ["sft", "reward", "rl", "dpo", "infer"]
     assert {c.model.name for c in tiny.values()} == {"tiny_llama"} and {c.quantization.name for c in tiny.values()} == {"none"}
-    assert tiny["rl"].lora.name == "r4_attention" and tiny["dpo"].dpo.init_from == str(tmp_path / "sft")
+    # the from-scratch tiny analyst: full-weight SFT, then LoRA adapters on those weights for RL and DPO
+    assert tiny["sft"].lora.name == "none" and {tiny[s].lora.name for s in ("rl", "dpo")} == {"r16_all_linear"}
+    assert tiny["dpo"].dpo.init_from == str(tmp_path / "sft") and tiny["sft"].model.tiny.num_layers == 4
 
     dpo = steps_of(["+experiment=auth_dpo"])
     assert list(dpo) == ["sft", "dpo", "infer"] and dpo["dpo"].loss.name == "dpo" and dpo["dpo"].train.grad_accum == 4

@@ -282,6 +282,8 @@ def test_grpo_raises_the_mean_reward_and_logs_every_reward_per_step(grpo_run):
     assert m["train_steps"] == 16 and m["fresh_adapter"] == 0 and m["learning_rate"] == pytest.approx(2e-2)
     assert m["reward_mean_end"] > m["reward_mean_start"] + 0.05, m
     assert m["kl_mean"] > 0 and m["clip_fraction_mean"] == 0.0  # μ = 1: π_old = π, nothing to clip
+    # the same validation windows scored greedily before and after (0..1: json_valid is the only weight here)
+    assert m["reward_heldout_windows"] > 0 and 0 <= m["reward_heldout_start"] <= 1 and 0 <= m["reward_heldout_end"] <= 1
     steps = json.loads((grpo_run.run_dir / res["artifacts"]["train_history"]).read_text())["steps"]
     assert len(steps) == 16
     for key in ("reward", "reward_std", "kl", "clip_fraction", "completion_length", *(f"{n}_{s}" for n in ("json_valid", "schema_valid", "verdict", "fields") for s in ("mean", "std"))):

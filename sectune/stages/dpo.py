@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -52,9 +53,9 @@ def run(ctx: RunContext) -> dict:
 
     # 2. data: pairs split by window; a pair that does not fit model.max_seq_length is left out, since
     # cutting it would cut the answer (or the log lines the answer counts)
-    from sectune.data.auth_preferences import preference_splits
+    from sectune.data import preference_pairs
 
-    splits = preference_splits(cfg)
+    splits = preference_pairs(cfg)
     too_long = 0
     for name in splits:
         splits[name], dropped = fitting_pairs(tokenizer, splits[name], cfg.model.max_seq_length)
@@ -102,6 +103,8 @@ def run(ctx: RunContext) -> dict:
     is_peft = modeling_is_peft(policy)
     name = "adapter" if is_peft else "model"
     artifacts = {name: name, "checkpoints": "checkpoints", "train_history": "train_history.json"}
+    if is_peft and init_dir is not None and not (Path(init_dir) / "adapter_config.json").is_file():
+        artifacts["base_model"] = os.path.relpath(Path(init_dir).resolve(), run_dir.resolve())  # the SFT weights it sits on
     if not main:
         trainer.accelerator.wait_for_everyone()
         return {"metrics": metrics, "artifacts": artifacts}
@@ -192,6 +195,20 @@ def init_source(init_from: str, want: str) -> Path:
     return folder
 
 
+def sft_weights(init_from: str) -> Path | None:
+    """The full-weights folder when ``dpo.init_from`` is a ``lora=none`` SFT run (or its model/ folder), else None."""
+    p = Path(init_from).expanduser()
+    if (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        return p
+    try:
+        arts = json.loads((p / "result.json").read_text()).get("artifacts") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if arts.get("adapter") or not arts.get("model"):
+        return None
+    return init_source(init_from, "model")
+
+
 def build_policy(cfg, path: str):
     """(policy, reference model or None, the folder it started from or None).
 
@@ -210,6 +227,10 @@ def build_policy(cfg, path: str):
     if not init_from:
         print("sectune: warning: dpo.init_from is not set; DPO trains a fresh LoRA adapter on the base model, not an SFT policy")
         return modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), None, None
+    weights = sft_weights(init_from)
+    if weights is not None:  # a lora=none SFT run: a fresh adapter on its weights, which are the reference
+        print(f"sectune: the SFT run saved full weights ({weights}); DPO trains a fresh LoRA adapter on them")
+        return modeling.apply_lora(modeling.load_model(cfg, path=str(weights)), cfg), None, weights
     folder = init_source(init_from, "adapter")
     base = modeling.load_model(cfg, path=path)
     from peft import PeftModel

@@ -253,7 +253,7 @@ def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
 
 def load_model(cfg, choice: ModelChoice):
     """(model on the run's device in eval mode, tokenizer, the adapter/model folder or base path)."""
-    base = modeling.model_path(cfg)
+    base = modeling.adapter_base(choice.path, cfg) if choice.kind == "adapter" else modeling.model_path(cfg)
     if choice.kind == "model":
         model = modeling.load_model(cfg, path=str(choice.path))
         tokenizer = modeling.load_tokenizer(cfg, str(choice.path) if _has_tokenizer(choice.path) else base)

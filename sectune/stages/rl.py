@@ -264,6 +264,10 @@ def run_grpo(ctx: RunContext) -> dict:
     trainer = build_grpo_trainer(cfg, model, tokenizer, train_recs, reward_funcs, weights, run_dir / "checkpoints", callbacks)
     main = trainer.accelerator.is_main_process
     resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
+    val_recs = fitting_prompts(tokenizer, splits["validation"], max_prompt)[0][: rl.heldout_windows or 0]
+    heldout = {}
+    if val_recs and resume is None:
+        heldout["reward_heldout_start"] = heldout_reward(cfg, trainer.model, tokenizer, val_recs, reward_funcs, weights)
     try:
         train_out = trainer.train(resume_from_checkpoint=resume)
     finally:  # the reward history so far is worth keeping even when training dies
@@ -276,6 +280,11 @@ def run_grpo(ctx: RunContext) -> dict:
                **curve_metrics(history["steps"])}
     if reward_kind:
         metrics["reward_model_heuristic"] = int(reward_kind == "heuristic")
+    if val_recs:
+        heldout["reward_heldout_end"] = heldout_reward(cfg, trainer.model, tokenizer, val_recs, reward_funcs, weights)
+        metrics.update(heldout, reward_heldout_windows=len(val_recs))
+        print(f"sectune: held-out reward (greedy, {len(val_recs)} validation windows): "
+              f"{heldout.get('reward_heldout_start', float('nan')):.3f} → {heldout['reward_heldout_end']:.3f}")
 
     # 4. artifacts
     artifacts = {"adapter": "adapter", "checkpoints": "checkpoints", "train_history": "train_history.json", "reward_curve": "plots/reward_curve.png",
@@ -293,6 +302,26 @@ def run_grpo(ctx: RunContext) -> dict:
           f"{metrics.get('reward_mean_end', float('nan')):.3f}{kl} · {metrics['train_steps']} steps · {metrics['train_runtime_s']:.0f}s")
     trainer.accelerator.wait_for_everyone()
     return {"metrics": metrics, "artifacts": artifacts}
+
+
+def heldout_reward(cfg, model, tokenizer, records: list[dict], reward_funcs, weights) -> float:
+    """Mean weighted total reward of the policy's greedy analyses of ``records`` (validation windows):
+    the same windows before and after training, so the change is the policy's, not which windows a
+    step drew (the per-step curve's noise)."""
+    from omegaconf import OmegaConf
+
+    from sectune.inference import generate
+    from sectune.reward_model import window_from_prompt
+
+    prompts = [r["prompt"] for r in records]
+    greedy = OmegaConf.merge(cfg.generation, {"do_sample": False, "max_new_tokens": int(cfg.rl.max_completion_length)})
+    was_training = model.training
+    texts = generate(model, tokenizer, prompts, greedy, batch_size=int(cfg.infer.batch_size))
+    model.train(was_training)
+    cols = {"window": [window_from_prompt(p) for p in prompts], "annotation": [r["completion"] for r in records]}
+    per_func = [fn(prompts, texts, **cols) for fn in reward_funcs]
+    totals = [sum(w * (v if v is not None else 0.0) for w, v in zip(weights, vals)) for vals in zip(*per_func)]
+    return sum(totals) / len(totals)
 
 
 def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs, weights, output_dir: Path, callbacks=()):

@@ -84,6 +84,10 @@ def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     :func:`split_windows`, exactly as ``auth_preferences`` splits its pairs (same folder, fractions
     and ``dataset.split_seed`` → same windows), so a pipeline's SFT, reward, DPO and RL steps never
     train on the windows its held-out table is computed on."""
+    if cfg.dataset.name == "hdfs":  # split by session, anomalous sessions never trained on (sectune/data/hdfs.py)
+        from sectune.data import hdfs
+
+        return hdfs.sft_splits(cfg)
     records = sft_records(cfg)
     d = cfg.dataset
     where = split_windows([(r["id"], r["label"]) for r in records], float(d.val_fraction), float(d.test_fraction), int(d.split_seed))

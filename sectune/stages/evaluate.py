@@ -7,6 +7,8 @@ command cannot silently score a model on data it was not built for.
 
 With ``dataset=injection_triplets``, ``evaluate.model_dir`` is an analyst run (sft, dpo, rl,
 contrastive or a pipeline) and the run scores its attack success rate: :mod:`sectune.injection_eval`.
+With ``dataset=hdfs``, ``evaluate.model_dir`` is an sft run (or a pipeline with one) trained on normal
+sessions, and the run detects anomalous sessions by next-key prediction: :mod:`sectune.anomaly`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ def run(ctx: RunContext) -> dict:
         from sectune.injection_eval import evaluate_injections
 
         return evaluate_injections(ctx)
+    if cfg.dataset.name == "hdfs":  # log-session anomaly detection by next-key prediction (issue 16)
+        from sectune.anomaly import evaluate_hdfs
+
+        return evaluate_hdfs(ctx)
     ev = cfg.evaluate
     if not ev.model_dir:
         raise ConfigError("stage=evaluate needs evaluate.model_dir=<a classify run dir>")

@@ -283,6 +283,8 @@ def handoffs(name: str, names: list[str], run_dir: Path, step_cfg: DictConfig) -
             out.setdefault("rl", {})["reward_model"] = str(run_dir / "reward")
     elif name == "dpo" and "sft" in before:
         out["dpo"] = {"init_from": str(run_dir / "sft")}
+    elif name == "evaluate" and "sft" in before and step_cfg.evaluate.model_dir is None:
+        out["evaluate"] = {"model_dir": str(run_dir / "sft")}
     elif name == "infer":
         out["infer"] = {"model_dir": str(run_dir)}
         if step_cfg.infer.input_file is None:

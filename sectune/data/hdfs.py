@@ -1,0 +1,297 @@
+"""The ``hdfs`` dataset: HDFS log sessions as sequences of log keys (seed 003; DeepLog, Du et al. 2017).
+
+Two layouts are read (``dataset.hdfs_layout``, or found from what ``dataset.path`` holds):
+
+* ``deeplog``: DeepLog's key sessions, one session per line as space-separated integer keys
+  1..``dataset.num_log_keys``: ``hdfs_train`` (normal) and ``hdfs_test_abnormal`` (anomalous). The
+  matching ``hdfs_test_normal`` is not public in that snapshot, so the normal file is split three ways.
+* ``loghub``: raw lines (``HDFS_2k.log``) + block labels (``*_block_labels.csv``): each line joins the
+  session of every block id it names, in file order; the key of a line is the structured CSV's
+  ``EventId`` (``E4`` → 4) when ``<log>_structured.csv`` is there (``dataset.log_parser=auto``), else
+  the drain3 template of its content after the variable fields are masked (:func:`mask_content`).
+
+Splits (:func:`split_sessions`, ``dataset.split_seed`` recorded in ``info``): the normal sessions are
+shuffled and cut into test-normal (``test_fraction``), validation (``val_fraction``) and train (the
+rest); the anomalous ones are cut between validation and test in the same proportion as the held-out
+normal ones (so validation has test's class balance). Training sees normal train sessions only;
+the detection threshold is chosen on validation (sectune/anomaly.py), never on test.
+
+Rendering for a language model: prompt ``dataset.prompt_template`` (``session:``), completion the keys
+as `` 5 5 22 …`` (one token per key for the tiny tokenizer); the end of the session is the tokenizer's
+EOS token, which TRL appends to every completion and the detector appends the same way.
+
+Bad input: a session line that is empty or holds a non-integer, a key outside 1..num_log_keys, an
+unknown EventId, a raw line that is not ``<date> <time> <pid> <level> <component>: <content>``, or an
+empty split is a ``DataError`` naming the file and line; ``dataset.skip_bad_lines=true`` skips bad lines
+instead and counts them (``info["skipped_lines"]``). Without the real files (a fresh clone) the
+sessions are generated in DeepLog's format (sectune/data/synthetic_hdfs.py) and the run says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sectune.errors import ConfigError, DataError
+
+DEEPLOG_DIR, LOGHUB_DIR = "deeplog_hdfs_sessions", "loghub_hdfs_2k"
+NORMAL_FILE, ANOMALOUS_FILE = "hdfs_train", "hdfs_test_abnormal"
+DEFAULT_PROMPT = "session:"
+NORMAL, ANOMALOUS = 0, 1
+
+
+@dataclass(frozen=True)
+class Session:
+    #: ``<file>:<line>`` (deeplog) or the block id (loghub): stable across runs
+    id: str
+    keys: tuple[int, ...]
+    label: int  # NORMAL | ANOMALOUS
+
+
+@dataclass
+class HdfsData:
+    splits: dict[str, list[Session]]
+    num_keys: int
+    source: str
+    info: dict = field(default_factory=dict)
+
+
+def render_keys(keys) -> str:
+    """`` 5 5 22``: every key with its leading space, so each is one token of a byte-level BPE."""
+    return "".join(f" {k}" for k in keys)
+
+
+# ------------------------------------------------------------------------------ deeplog layout
+def read_key_sessions(path: Path, label: int, num_keys: int, skip_bad: bool = False) -> tuple[list[Session], int]:
+    """One session per line; (sessions, skipped lines)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (dataset=hdfs, deeplog layout: {NORMAL_FILE} + {ANOMALOUS_FILE})")
+    sessions, skipped = [], 0
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            problem = None
+            parts = line.split()
+            if not parts:
+                problem = "empty session line (a session needs at least one key)"
+            else:
+                bad = next((p for p in parts if not p.isdigit()), None)
+                if bad is not None:
+                    problem = f"{bad!r} is not a log key (integers 1..{num_keys})"
+                else:
+                    out = next((int(p) for p in parts if not 1 <= int(p) <= num_keys), None)
+                    if out is not None:
+                        problem = f"unknown log key {out} (dataset.num_log_keys={num_keys}: keys are 1..{num_keys})"
+            if problem:
+                if not skip_bad:
+                    raise DataError(f"{path}:{n}: {problem}; fix the line or set dataset.skip_bad_lines=true to skip such lines")
+                skipped += 1
+                continue
+            sessions.append(Session(f"{path.name}:{n}", tuple(int(p) for p in parts), label))
+    return sessions, skipped
+
+
+# ------------------------------------------------------------------------------ loghub layout
+LOG_LINE = re.compile(r"^(?P<date>\d{6}) (?P<time>\d{6}) (?P<pid>\d+) (?P<level>[A-Z]+) (?P<component>[^:\s]+): (?P<content>.*)$")
+BLOCK_ID = re.compile(r"blk_-?\d+")
+#: variable fields masked before template mining, in this order (a run of block ids is one field)
+MASKS = (
+    (re.compile(r"blk_-?\d+(?:\s+blk_-?\d+)*"), "<BLK>"),
+    (re.compile(r"/?\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?"), "<IP>"),
+    (re.compile(r"(?:/[\w.\-]+)+"), "<PATH>"),
+    (re.compile(r"(?<![\w<])-?\d+(?![\w>])"), "<NUM>"),
+)
+
+
+def mask_content(content: str) -> str:
+    for rx, token in MASKS:
+        content = rx.sub(token, content)
+    return content
+
+
+def _drain_keys(contents: list[str]) -> list[int]:
+    """drain3 cluster id (1, 2, … in order of first appearance) of each masked content."""
+    try:
+        from drain3 import TemplateMiner
+        from drain3.template_miner_config import TemplateMinerConfig
+    except ImportError:
+        raise ConfigError("dataset.log_parser=drain3 needs the drain3 package (pip install drain3), "
+                          "or a structured CSV beside the log (dataset.log_parser=structured)") from None
+    conf = TemplateMinerConfig()
+    conf.profiling_enabled = False
+    miner = TemplateMiner(config=conf)
+    return [int(miner.add_log_message(mask_content(c))["cluster_id"]) for c in contents]
+
+
+def _structured_keys(path: Path, n_lines: int, templates: Path | None) -> tuple[list[int], int]:
+    """EventId (``E<n>`` → n) of each line from loghub's structured CSV; (keys, number of templates)."""
+    known = None
+    if templates is not None and templates.is_file():
+        with templates.open(newline="", encoding="utf-8") as fh:
+            known = {row["EventId"] for row in csv.DictReader(fh)}
+    keys = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        for n, row in enumerate(csv.DictReader(fh), 2):
+            ev = (row.get("EventId") or "").strip()
+            m = re.fullmatch(r"E(\d+)", ev)
+            if not m or (known is not None and ev not in known):
+                raise DataError(f"{path}:{n}: unknown EventId {ev!r}" + (f" (not in {templates.name})" if known else ""))
+            keys.append(int(m.group(1)))
+    if len(keys) != n_lines:
+        raise DataError(f"{path}: {len(keys)} rows for {n_lines} log lines; it is not the structured form of this log")
+    num = max([int(e[1:]) for e in known] if known else keys)
+    return keys, num
+
+
+def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False) -> tuple[list[Session], list[Session], int, dict]:
+    """(normal sessions, anomalous sessions, number of keys, info) from a loghub HDFS folder."""
+    logs = sorted(p for p in folder.glob("*.log"))
+    labels_files = sorted(folder.glob("*_block_labels.csv")) or sorted(folder.glob("anomaly_label.csv"))
+    if len(logs) != 1 or not labels_files:
+        raise DataError(f"{folder}: a loghub HDFS folder holds one *.log and a *_block_labels.csv (BlockId,Label); found {[p.name for p in logs]}")
+    log_path, labels_path = logs[0], labels_files[0]
+    blocks_of, contents, skipped = [], [], 0
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        m = LOG_LINE.match(line)
+        blocks = BLOCK_ID.findall(line)
+        if m is None or not blocks:
+            if not skip_bad:
+                why = "not a loghub HDFS line (<date> <time> <pid> <level> <component>: <content>)" if m is None else "names no block id"
+                raise DataError(f"{log_path}:{n}: {why}; fix it or set dataset.skip_bad_lines=true to skip such lines")
+            skipped += 1
+            blocks = []
+        blocks_of.append(list(dict.fromkeys(blocks)))
+        contents.append(m.group("content") if m else "")
+    structured = log_path.with_name(log_path.name + "_structured.csv")
+    if parser not in ("auto", "structured", "drain3"):
+        raise ConfigError(f"dataset.log_parser={parser!r}: choose auto, structured or drain3")
+    if parser == "structured" or (parser == "auto" and structured.is_file()):
+        keys, num_keys = _structured_keys(structured, len(lines), log_path.with_name(log_path.name + "_templates.csv"))
+        how = f"EventId of {structured.name}"
+    else:
+        keys = _drain_keys(contents)
+        num_keys, how = max(keys), "drain3 templates of the masked contents"
+    sessions: dict[str, list[int]] = {}
+    for blocks, key in zip(blocks_of, keys):
+        for b in blocks:
+            sessions.setdefault(b, []).append(key)
+    label_of: dict[str, int] = {}
+    with labels_path.open(newline="", encoding="utf-8") as fh:
+        for n, row in enumerate(csv.DictReader(fh), 2):
+            lab = (row.get("Label") or "").strip()
+            if lab not in ("Normal", "Anomaly"):
+                raise DataError(f"{labels_path}:{n}: Label {lab!r} (expected Normal or Anomaly)")
+            label_of[(row.get("BlockId") or "").strip()] = ANOMALOUS if lab == "Anomaly" else NORMAL
+    missing = [b for b in sessions if b not in label_of]
+    if missing:
+        raise DataError(f"{labels_path}: no label for block {missing[0]} of {log_path.name} ({len(missing)} blocks unlabelled)")
+    out = [Session(b, tuple(k), label_of[b]) for b, k in sessions.items()]
+    info = {"layout": "loghub", "keys_from": how, "log_lines": len(lines), "skipped_lines": skipped, "blocks": len(out)}
+    return [s for s in out if s.label == NORMAL], [s for s in out if s.label == ANOMALOUS], num_keys, info
+
+
+# ------------------------------------------------------------------------------ splits
+def split_sessions(normal: list[Session], anomalous: list[Session], val_fraction: float, test_fraction: float,
+                   seed: int, max_samples: int | None = None, source: str = "") -> tuple[dict[str, list[Session]], dict]:
+    """train (normal only) / validation / test, deterministic in ``seed``; (splits, what was done)."""
+    if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
+        raise ConfigError(f"dataset=hdfs needs dataset.val_fraction > 0 (the threshold is chosen there) and dataset.test_fraction > 0, "
+                          f"summing below 1; got {val_fraction} and {test_fraction}")
+    rng = random.Random(seed)
+    normal, anomalous = list(normal), list(anomalous)
+    rng.shuffle(normal)
+    rng.shuffle(anomalous)
+    if max_samples:
+        normal, anomalous = normal[:max_samples], anomalous[:max_samples]
+    n_test, n_val = round(len(normal) * test_fraction), round(len(normal) * val_fraction)
+    a_val = round(len(anomalous) * val_fraction / (val_fraction + test_fraction))
+    splits = {
+        "train": normal[n_test + n_val:],
+        "validation": normal[n_test:n_test + n_val] + anomalous[:a_val],
+        "test": normal[:n_test] + anomalous[a_val:],
+    }
+    for name, recs in splits.items():
+        if not recs:
+            raise DataError(f"{source or 'dataset=hdfs'}: the {name} split is empty ({len(normal)} normal, {len(anomalous)} anomalous "
+                            f"sessions; val_fraction={val_fraction}, test_fraction={test_fraction})")
+    if not any(s.label == ANOMALOUS for s in splits["validation"]):
+        raise DataError(f"{source or 'dataset=hdfs'}: no anomalous session in the validation split; the threshold cannot be chosen")
+    train_seqs = {s.keys for s in splits["train"]}
+    info = {"split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction, "max_samples": max_samples}
+    for name, recs in splits.items():
+        info[f"{name}_normal"] = sum(s.label == NORMAL for s in recs)
+        info[f"{name}_anomalous"] = sum(s.label == ANOMALOUS for s in recs)
+        info[f"{name}_ids_sha256"] = hashlib.sha256("\n".join(s.id for s in recs).encode()).hexdigest()[:16]
+    # how much of test is an exact copy of a training sequence (HDFS sessions repeat a lot)
+    test_normal = [s for s in splits["test"] if s.label == NORMAL]
+    info["test_normal_seen_in_train"] = sum(s.keys in train_seqs for s in test_normal) / max(1, len(test_normal))
+    info["anomalous_equal_to_a_train_session"] = sum(s.keys in train_seqs for s in anomalous)
+    return splits, info
+
+
+# ------------------------------------------------------------------------------ entry points
+def source_folder(cfg) -> tuple[Path, str, bool]:
+    """(folder, layout, generated?) for ``dataset.path`` / ``dataset.source_dir``."""
+    d = cfg.dataset
+    layout = str(d.hdfs_layout)
+    if layout not in ("deeplog", "loghub"):
+        raise ConfigError(f"dataset.hdfs_layout={layout!r}: choose deeplog or loghub")
+    if d.path:
+        p = Path(str(d.path)).expanduser()
+        if not p.exists():
+            raise DataError(f"dataset.path={d.path}: no such file or folder")
+        folder = p.parent if p.is_file() else p
+        found = "deeplog" if (folder / NORMAL_FILE).is_file() else "loghub" if list(folder.glob("*_block_labels.csv")) else None
+        if found is None:
+            raise DataError(f"{folder}: neither DeepLog sessions ({NORMAL_FILE}, {ANOMALOUS_FILE}) nor a loghub HDFS folder (*.log + *_block_labels.csv)")
+        return folder, found, False
+    folder = Path(str(d.source_dir)) / (DEEPLOG_DIR if layout == "deeplog" else LOGHUB_DIR)
+    if (folder / NORMAL_FILE).is_file() or (layout == "loghub" and folder.is_dir()):
+        return folder, layout, False
+    from sectune.data.synthetic_hdfs import write_deeplog_files
+
+    out = Path(str(cfg.paths.cache_dir)) / "datasets" / "hdfs-synthetic-s0"
+    if not (out / ANOMALOUS_FILE).is_file():
+        write_deeplog_files(out, seed=0)
+    print(f"sectune: {folder} not found; using generated HDFS sessions in DeepLog's format ({out})")
+    return out, "deeplog", True
+
+
+def load_hdfs(cfg) -> HdfsData:
+    """The sessions of ``cfg.dataset`` split into train / validation / test."""
+    d = cfg.dataset
+    folder, layout, generated = source_folder(cfg)
+    skip = bool(d.skip_bad_lines)
+    if layout == "deeplog":
+        num_keys = int(d.num_log_keys)
+        normal, s1 = read_key_sessions(folder / NORMAL_FILE, NORMAL, num_keys, skip)
+        anomalous, s2 = read_key_sessions(folder / ANOMALOUS_FILE, ANOMALOUS, num_keys, skip)
+        info = {"layout": "deeplog", "skipped_lines": s1 + s2}
+    else:
+        normal, anomalous, num_keys, info = read_loghub(folder, str(d.log_parser), skip)
+    if info["skipped_lines"]:
+        print(f"sectune: dataset=hdfs: skipped {info['skipped_lines']} bad lines in {folder} (dataset.skip_bad_lines=true)")
+    splits, split_info = split_sessions(normal, anomalous, float(d.val_fraction), float(d.test_fraction), int(d.split_seed),
+                                        d.max_samples, source=str(folder))
+    info.update(split_info, source=str(folder), generated=generated, num_keys=num_keys)
+    return HdfsData(splits, num_keys, str(folder), info)
+
+
+def sft_splits(cfg) -> dict[str, list[dict]]:
+    """Next-key training records: train and validation hold NORMAL sessions only (the model learns
+    normal behaviour; validation loss is measured on normal sessions); test is listed for reference."""
+    data = load_hdfs(cfg)
+    prompt = str(cfg.dataset.prompt_template or DEFAULT_PROMPT)
+    print(f"sectune: dataset=hdfs ({data.info['layout']}, {data.source}): split seed {data.info['split_seed']}, "
+          f"train {data.info['train_normal']} normal sessions; validation/test anomalous sessions are never trained on")
+
+    def recs(sessions):
+        return [{"prompt": prompt, "completion": render_keys(s.keys), "label": "normal", "id": s.id}
+                for s in sessions if s.label == NORMAL]
+
+    return {"train": recs(data.splits["train"]), "validation": recs(data.splits["validation"]),
+            "test": recs(data.splits["test"])}

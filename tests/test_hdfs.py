@@ -1,0 +1,227 @@
+"""dataset=hdfs and next-log-key anomaly detection (issue 16, centralised half; seed 003)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose, requires_real_data, sectune
+from sectune import anomaly
+from sectune.data import hdfs
+from sectune.data.synthetic_hdfs import write_deeplog_files
+from sectune.errors import DataError
+from sectune.paths import shared_data_dir
+
+DEEPLOG = shared_data_dir() / hdfs.DEEPLOG_DIR
+LOGHUB = shared_data_dir() / hdfs.LOGHUB_DIR
+
+
+def hdfs_cfg(tmp_path: Path, *extra: str):
+    return compose(["dataset=hdfs", "logger=none", f"dataset.path={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def write_sessions(folder: Path, normal: list[str], anomalous: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / hdfs.NORMAL_FILE).write_text("".join(line + "\n" for line in normal))
+    (folder / hdfs.ANOMALOUS_FILE).write_text("".join(line + "\n" for line in anomalous))
+    return folder
+
+
+# ----------------------------------------------------------------------------- data: parsing and splits
+def test_split_is_seeded_recorded_and_training_sees_normal_sessions_only(tmp_path):
+    write_deeplog_files(tmp_path, n_normal=400, n_anomalous=200, seed=3)
+    a = hdfs.load_hdfs(hdfs_cfg(tmp_path))
+    b = hdfs.load_hdfs(hdfs_cfg(tmp_path))
+    c = hdfs.load_hdfs(hdfs_cfg(tmp_path, "dataset.split_seed=1"))
+    ids = {s: [x.id for x in recs] for s, recs in a.splits.items()}
+    assert ids == {s: [x.id for x in recs] for s, recs in b.splits.items()}  # same seed, same split
+    assert ids["test"] != [x.id for x in c.splits["test"]]  # another seed, another split
+    assert a.info["split_seed"] == 0 and c.info["split_seed"] == 1 and a.info["train_ids_sha256"] != c.info["train_ids_sha256"]
+    assert all(s.label == hdfs.NORMAL for s in a.splits["train"])
+    # test-normal (0.3 of 400) and validation (0.1) held out; the anomalous ones split 1:3 between validation and test
+    assert (a.info["train_normal"], a.info["validation_normal"], a.info["test_normal"]) == (240, 40, 120)
+    assert (a.info["validation_anomalous"], a.info["test_anomalous"]) == (50, 150)
+    assert len({x for recs in ids.values() for x in recs}) == 600  # no session in two splits
+
+    recs = hdfs.sft_splits(hdfs_cfg(tmp_path))
+    assert len(recs["train"]) == 240 and len(recs["validation"]) == 40  # normal only, anomalous never trained on
+    first = a.splits["train"][0]
+    assert recs["train"][0] == {"prompt": "session:", "completion": hdfs.render_keys(first.keys), "label": "normal", "id": first.id}
+    assert recs["train"][0]["completion"] == "".join(f" {k}" for k in first.keys)
+
+
+def test_fresh_clone_generates_sessions_in_the_deeplog_format(tmp_path, capsys):
+    cfg = compose(["dataset=hdfs", "logger=none", f"dataset.source_dir={tmp_path / 'absent'}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    data = hdfs.load_hdfs(cfg)
+    assert data.info["generated"] and "using generated HDFS sessions in DeepLog's format" in capsys.readouterr().out
+    folder = Path(data.source)
+    assert (folder / hdfs.NORMAL_FILE).is_file() and (folder / hdfs.ANOMALOUS_FILE).is_file()
+    normal, skipped = hdfs.read_key_sessions(folder / hdfs.NORMAL_FILE, hdfs.NORMAL, 28)  # the real files' reader, no error
+    assert skipped == 0 and len(normal) == 3000
+    assert min(len(s.keys) for s in data.splits["train"]) >= 10 and data.info["validation_anomalous"] > 0
+
+
+@pytest.mark.parametrize("line, problem", [("5 x 22", "'x' is not a log key"), ("5 29 22", "unknown log key 29"),
+                                           ("   ", "empty session line")])
+def test_a_bad_session_line_is_an_error_naming_file_and_line(tmp_path, line, problem):
+    write_sessions(tmp_path, ["5 5 22 11 9", "22 5 5 5", line, "5 5 22"], ["5 22"])
+    with pytest.raises(DataError) as e:
+        hdfs.load_hdfs(hdfs_cfg(tmp_path))
+    assert f"{tmp_path / hdfs.NORMAL_FILE}:3: {problem}" in str(e.value)
+    # or a stated, counted skip
+    normal, skipped = hdfs.read_key_sessions(tmp_path / hdfs.NORMAL_FILE, hdfs.NORMAL, 28, skip_bad=True)
+    assert skipped == 1 and [s.id for s in normal] == ["hdfs_train:1", "hdfs_train:2", "hdfs_train:4"]
+
+
+def test_an_empty_split_is_an_error(tmp_path):
+    write_sessions(tmp_path, ["5 5 22", "22 5 5"], ["5 22"])
+    with pytest.raises(DataError, match="split is empty"):
+        hdfs.load_hdfs(hdfs_cfg(tmp_path))
+
+
+def test_loghub_malformed_line_named(tmp_path):
+    (tmp_path / "x.log").write_text("081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_1 terminating\n"
+                                    "garbage without a block\n")
+    (tmp_path / "x_block_labels.csv").write_text("BlockId,Label\nblk_1,Normal\n")
+    with pytest.raises(DataError, match=r"x\.log:2: not a loghub HDFS line"):
+        hdfs.read_loghub(tmp_path)
+
+
+@requires_real_data
+@pytest.mark.skipif(not (LOGHUB / "HDFS_2k.log_structured.csv").is_file(), reason="loghub HDFS_2k not in ../shared/data")
+def test_loghub_lines_to_sessions_to_keys_match_the_structured_event_ids():
+    """Raw lines grouped by block id, masked, mined by drain3: the same keys as loghub's EventIds, up to renaming."""
+    pytest.importorskip("drain3")
+    by_event = hdfs.read_loghub(LOGHUB, parser="structured")
+    by_drain = hdfs.read_loghub(LOGHUB, parser="drain3")
+    assert by_event[3]["blocks"] == by_drain[3]["blocks"] == 2200 and by_event[2] == by_drain[2] == 14
+    ev = {s.id: s.keys for s in by_event[0] + by_event[1]}
+    dr = {s.id: s.keys for s in by_drain[0] + by_drain[1]}
+    pairs = {(a, b) for block in ev for a, b in zip(ev[block], dr[block])}
+    assert len(pairs) == 14 and len({a for a, _ in pairs}) == 14 and len({b for _, b in pairs}) == 14  # a bijection
+    assert sum(len(s.keys) for s in by_event[1]) > 0 and len(by_event[1]) == 69  # the 69 anomalous blocks
+
+
+# ----------------------------------------------------------------------------- detection: the shift, rules, baselines
+PROMPT, EOS = [50], 2
+CAND = [EOS, 101, 102, 103]  # END, key 1, key 2, key 3
+
+
+class SuccessorLM(torch.nn.Module):
+    """A hand-made 'LM': after token t it predicts succ[t] (logit 10, every other token 0)."""
+
+    def __init__(self, succ: dict[int, int], vocab: int = 128):
+        super().__init__()
+        self.succ, self.vocab = succ, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for tok, nxt in self.succ.items():
+            logits[input_ids == tok, nxt] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_the_one_position_shift_with_a_hand_made_model():
+    # the model knows one normal session, 1 → 2 → 3 → end: the prompt's last token predicts key 1
+    model = SuccessorLM({50: 101, 101: 102, 102: 103, 103: EOS})
+    sessions = [(1, 2, 3), (1, 2), (2, 3), (1, 2, 3, 3), (1,)]
+    lps = anomaly.lm_logprobs(model, sessions, PROMPT, CAND, batch_size=2)
+    assert [lp.shape for lp in lps] == [(4, 4), (3, 4), (3, 4), (5, 4), (2, 4)]
+    assert lps[0].argmax(axis=1).tolist() == [1, 2, 3, anomaly.END]  # row i predicts the key AFTER i keys
+    # padding in a batch changes nothing: one at a time gives the same numbers
+    for s, lp in zip(sessions, lps):
+        np.testing.assert_allclose(anomaly.lm_logprobs(model, [s], PROMPT, CAND, batch_size=1)[0], lp, atol=1e-6)
+    ranks = [anomaly.session_scores(lp, s)[0] for lp, s in zip(lps, sessions)]
+    # normal; cut short (end of session where key 3 is due); wrong first key; a key after the end; cut short
+    assert ranks == [1, 4, 4, 4, 4]
+    assert [r > 1 for r in ranks] == [False, True, True, True, True]  # top-g with g=1
+    # without scoring the end of the session, the cut-short sessions look normal
+    assert [anomaly.session_scores(lp, s, score_end=False)[0] for lp, s in zip(lps, sessions)] == [1, 1, 4, 4, 1]
+
+
+def test_bigram_baseline_on_hand_made_sessions():
+    train = [(1, 2, 3), (1, 2, 3), (1, 3)]
+    big = anomaly.BigramModel(3, end_marker=True, alpha=0.0).fit(train)
+    np.testing.assert_allclose(np.exp(big.logprobs((1, 2, 3))), [[0, 1, 0, 0], [0, 0, 2 / 3, 1 / 3], [0, 0, 0, 1], [1, 0, 0, 0]])
+    assert anomaly.session_scores(big.logprobs((1, 2, 3)), (1, 2, 3)) == (1, pytest.approx(-np.log(2 / 3)))
+    assert anomaly.session_scores(big.logprobs((1, 3)), (1, 3)) == (2, pytest.approx(np.log(3)))
+    assert anomaly.session_scores(big.logprobs((1, 2)), (1, 2))[0] == 4  # END after 2 never seen: outside every top-g < 4
+    noend = anomaly.BigramModel(3, end_marker=False, alpha=0.0).fit(train)
+    assert anomaly.session_scores(noend.logprobs((1, 2)), (1, 2), score_end=False)[0] == 1  # the cut-short session passes
+    # DeepLog's top-g rule on the bigram: g=1 flags (1, 3), g=2 lets it through; the truncated one stays flagged
+    scores = anomaly.score_all(lambda u: [big.logprobs(s) for s in u], [(1, 2, 3), (1, 3), (1, 2)])
+    assert scores["max_rank"].tolist() == [1, 2, 4]
+    assert ((scores["max_rank"] > 1).tolist(), (scores["max_rank"] > 2).tolist()) == ([False, True, True], [False, False, True])
+
+
+def test_choose_threshold_known_values():
+    thr, f1 = anomaly.choose_threshold([0.1, 0.2, 0.9, 1.0], [0, 0, 1, 1])
+    assert (thr, f1) == (pytest.approx(0.55), 1.0)
+    # integer scores (max ranks: top-g): alarms at >= 2 catch both anomalies with one false alarm, F1 0.8
+    thr, f1 = anomaly.choose_threshold([1, 2, 2, 5], [0, 0, 1, 1])
+    assert (thr, f1) == (1.5, pytest.approx(0.8))
+    with pytest.raises(DataError):
+        anomaly.choose_threshold([1, 2], [0, 0])
+
+
+def test_g_and_threshold_are_chosen_on_validation_not_test():
+    rng = np.random.default_rng(0)
+    val_y = np.array([0] * 50 + [1] * 50)
+    val = {"max_rank": np.where(val_y, rng.integers(3, 9, 100), rng.integers(1, 4, 100)).astype(float),
+           "max_nll": np.where(val_y, rng.uniform(2, 6, 100), rng.uniform(0, 3, 100))}
+    test = {"max_rank": rng.integers(1, 9, 80).astype(float), "max_nll": rng.uniform(0, 6, 80)}
+    test_y = (test["max_nll"] > 3).astype(int)
+    a = anomaly.detect(val, val_y, test, test_y)
+    b = anomaly.detect(val, val_y, test, 1 - test_y)  # flipped test labels: the same choices, other scores
+    assert (a["top_g"]["g"], a["threshold"]["threshold"], a["chosen"]) == (b["top_g"]["g"], b["threshold"]["threshold"], b["chosen"])
+    assert a["top_g"]["test"]["f1"] != b["top_g"]["test"]["f1"]
+    assert (a["top_g"]["g"], a["top_g"]["val_f1"]) == (anomaly.math.floor(anomaly.choose_threshold(val["max_rank"], val_y)[0]),
+                                                       anomaly.choose_threshold(val["max_rank"], val_y)[1])
+    # and changing validation labels does move them
+    c = anomaly.detect(val, 1 - val_y, test, test_y)
+    assert (c["threshold"]["threshold"], c["top_g"]["g"]) != (a["threshold"]["threshold"], a["top_g"]["g"])
+
+
+# ----------------------------------------------------------------------------- end to end on the real sessions
+def test_hdfs_detect_preset_composes_sft_then_evaluate_with_the_handoff(tmp_path):
+    from sectune.stages import pipeline
+
+    overrides = ["+experiment=hdfs_detect", "logger=none"]
+    cfg = compose(overrides)
+    names = pipeline.check_steps(cfg)
+    assert names == ["sft", "evaluate"] and not cfg.pipeline.heldout_table
+    steps = {n: pipeline.compose_step(cfg, pipeline.step_overrides_base(overrides), n, tmp_path, names) for n in names}
+    assert steps["sft"].cfg.dataset.name == steps["evaluate"].cfg.dataset.name == "hdfs"
+    assert steps["evaluate"].cfg.evaluate.model_dir == str(tmp_path / "sft")  # the pipeline hands the sft run on
+    assert not steps["sft"].cfg.lora.enabled and steps["sft"].cfg.dataset.split_seed == steps["evaluate"].cfg.dataset.split_seed
+
+
+@requires_real_data
+@pytest.mark.skipif(not (DEEPLOG / hdfs.NORMAL_FILE).is_file(), reason="DeepLog HDFS sessions not in ../shared/data")
+def test_hdfs_detect_pipeline_end_to_end_on_real_sessions(tmp_path):
+    """+experiment=hdfs_detect, shortened: sft on normal sessions → evaluate (choices on validation) beside the baselines."""
+    run = sectune(["+experiment=hdfs_detect", "logger=none", "train.max_steps=40", "train.eval_steps=20", "train.save_steps=40"],
+                  tmp_path / "run", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = run.result
+    assert res["status"] == "succeeded" and res["artifacts"] == {"sft": "sft", "evaluate": "evaluate"}
+    m = res["metrics"]
+    for key in ("test_f1", "test_fpr", "test_precision", "test_recall", "test_roc_auc", "baseline_test_f1", "baseline_test_fpr",
+                "bigram_noend_top_g_test_f1", "model_sessions_per_s", "bigram_sessions_per_s"):
+        assert key in m, key
+    assert m["baseline_test_f1"] > 0.99 and m["baseline_test_fpr"] < 0.02  # the bigram + end marker, as the issue measured
+    assert m["test_f1"] > 0.95 and m["test_fpr"] < 0.2  # 40 steps only: well above chance, not the target
+    ev = tmp_path / "run" / "evaluate"
+    sft_res = json.loads((tmp_path / "run" / "sft" / "result.json").read_text())
+    assert sft_res["metrics"]["eval_loss"] < 0.5 * sft_res["metrics"]["eval_loss_start"]
+    assert (ev / "evaluation" / "confusion_matrix.png").stat().st_size > 1000
+    det = json.loads((ev / "evaluation" / "hdfs_detection.json").read_text())
+    assert det["data"]["split_seed"] == 0 and det["data"]["train_anomalous"] == 0 and not det["data"]["generated"]
+    assert det["data"]["test_normal"] == 1456 and det["data"]["test_anomalous"] == 12628
+    assert "| LM (next key) |" in (ev / "evaluation" / "hdfs_report.md").read_text()

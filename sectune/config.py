@@ -415,6 +415,49 @@ class ContrastiveConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     #: load the best checkpoint's weights at the end (what the saved adapter holds); false = the last weights
     load_best_at_end: bool = True
+    #: answer the held-out injected windows (and the same windows clean) with stage=infer's generation before and
+    #: after training: attack_success_rate(_start), targeted_attack_success_rate(_start), clean_verdict_accuracy(_start)
+    #: (sectune.injection_eval); evaluate.max_samples limits the windows (the same first N stage=evaluate scores)
+    attack_eval: bool = True
+
+
+@dataclass
+class FederatedConfig:
+    """``stage=federated`` (seed 003): FedAvg of LoRA adapters on Flower's simulation runtime (sectune.federated)."""
+
+    num_clients: int = 10
+    #: fraction of the clients FedAvg samples per round (int(num_clients * client_frac), at least 1)
+    client_frac: float = 0.1
+    rounds: int = 10
+    #: optimizer steps each sampled client trains per round (Trainer max_steps)
+    local_steps: int = 10
+    #: the clients' batch size; null = train.batch_size
+    batch_size: Optional[int] = None
+    #: iid | shards (sorted by each session's dominant key, contiguous pieces) | dirichlet (over the dominant key)
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    partition_seed: int = 0
+    #: the clients' lr over rounds, from train.learning_rate: constant | linear | cosine (down to lr_min_ratio ×)
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.1
+    #: the server's global evaluation (validation loss + detection F1) every N rounds (and round 0 and the last)
+    eval_every: int = 1
+    #: score detection (g / threshold on validation, then test) in the global evaluation; false = loss only
+    detection: bool = True
+    #: Flower's DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod: clip each client's update to
+    #: dp_clipping_norm, Gaussian noise (std dp_noise_multiplier × dp_clipping_norm / clients per round) on the mean
+    dp: bool = False
+    dp_noise_multiplier: float = 0.1
+    dp_clipping_norm: float = 1.0
+    #: Ray resources: CPUs per client (torch threads too) and for the whole simulation (clients in parallel =
+    #: ray_num_cpus // client_num_cpus; null = one client at a time)
+    client_num_cpus: int = 1
+    client_num_gpus: float = 0.0
+    ray_num_cpus: Optional[int] = None
+    #: clients' Trainer output dirs; null = <run dir>/clients
+    client_dir: Optional[str] = None
+    #: Flower's and Ray's own logs in full
+    verbose: bool = False
 
 
 @dataclass
@@ -518,6 +561,7 @@ class SectuneConfig:
     dpo: DpoConfig = field(default_factory=DpoConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
     memory_template: MemoryTemplateConfig = field(default_factory=MemoryTemplateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

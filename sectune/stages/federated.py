@@ -1,0 +1,243 @@
+"""Federated LoRA fine-tuning of the next-log-key model on Flower (seed 003; issue 16).
+
+Read top to bottom: the HDFS split and its client partitions → the server's copy of the model (for the
+global evaluation only) → Flower's ServerApp (FedAvg, lr schedule, bytes counted) and ClientApp (local
+Trainer steps on the client's own sessions) → ``flwr.simulation.run_simulation`` → per-round metrics,
+the final global adapter, a PNG. Every client loads the base weights itself; only the adapter travels.
+
+Per round (``federated.eval_every``) the server scores the global model: validation loss on the normal
+validation sessions, and detection with sectune.anomaly (g / threshold chosen on validation, then test).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from sectune import anomaly, federated, modeling, tracking
+from sectune.data.hdfs import ANOMALOUS, DEFAULT_PROMPT, NORMAL, load_hdfs, render_keys
+from sectune.errors import ConfigError
+from sectune.runner import RunContext, write_json_atomic
+
+_CACHE: dict = {}  # per process (a Ray actor serves many clients in turn): the model and the data load once
+
+
+class Client:
+    """One client's data and (process-wide) model; ``fit`` = load the global adapter, train locally."""
+
+    def __init__(self, cfg, pid: int, model, tokenizer, rows: list[dict]):
+        self.cfg, self.pid, self.model, self.tokenizer, self.rows = cfg, pid, model, tokenizer, rows
+
+    def fit(self, global_state: dict, lr: float, server_round: int) -> tuple[dict, int]:
+        federated.load_adapter_state(self.model, global_state)
+        seed = int(self.cfg.train.seed) + 1000 * server_round + self.pid
+        out = Path(str(self.cfg.federated.client_dir)) / f"client_{self.pid}"
+        loss = federated.local_train(self.cfg, self.model, self.rows, int(self.tokenizer.pad_token_id or 0), lr,
+                                     int(self.cfg.federated.local_steps), seed, out)
+        # the L2 norm of this client's update before any DP clipping: what federated.dp_clipping_norm is set against
+        norm = sum(float((v - global_state[k]).pow(2).sum()) for k, v in self.state().items()) ** 0.5
+        return {"train_loss": loss, "update_norm": norm}, len(self.rows)
+
+    def state(self) -> dict:
+        return federated.adapter_state(self.model)
+
+
+class ClientFactory:
+    """Picklable (Ray sends it to its actors): a resolved config; each client reads its own partition."""
+
+    def __init__(self, cfg_container: dict):
+        self.cfg_container = cfg_container
+
+    def __call__(self, pid: int) -> Client:
+        import torch
+
+        cfg = OmegaConf.create(self.cfg_container)
+        if "model" not in _CACHE:
+            torch.set_num_threads(int(cfg.federated.client_num_cpus))
+            path = modeling.model_path(cfg)
+            tokenizer = modeling.load_tokenizer(cfg, path)
+            _CACHE["model"] = (modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), tokenizer)
+            _CACHE["train"] = [s.keys for s in load_hdfs(cfg).splits["train"]]
+        model, tokenizer = _CACHE["model"]
+        parts = _CACHE.setdefault("parts", client_partitions(cfg, _CACHE["train"]))
+        prompt = str(cfg.dataset.prompt_template or DEFAULT_PROMPT)
+        rows = federated.encode_sessions(tokenizer, prompt, [render_keys(_CACHE["train"][i]) for i in parts[pid]],
+                                         int(cfg.model.max_seq_length))
+        return Client(cfg, pid, model, tokenizer, rows)
+
+
+def client_partitions(cfg, train_keys) -> list[list[int]]:
+    f = cfg.federated
+    return federated.partition(train_keys, int(f.num_clients), str(f.partition), float(f.dirichlet_alpha), int(f.partition_seed))
+
+
+def run(ctx: RunContext) -> dict:
+    federated.require_flwr()
+    from flwr.simulation import run_simulation
+
+    cfg, run_dir, fed = ctx.cfg, ctx.run_dir, ctx.cfg.federated
+    t0 = time.perf_counter()
+    if cfg.dataset.name != "hdfs":
+        raise ConfigError(f"stage=federated trains the next-log-key model: needs dataset=hdfs (got dataset={cfg.dataset.name})")
+    if not cfg.lora.enabled:
+        raise ConfigError("stage=federated sends only LoRA weights: choose a LoRA preset (e.g. lora=r4_attention), not lora=none")
+    if int(fed.rounds) < 1 or int(fed.local_steps) < 1:
+        raise ConfigError(f"federated.rounds={fed.rounds} and federated.local_steps={fed.local_steps} must be >= 1")
+
+    # 1. data: the split of stage=sft / evaluate, the training sessions cut into client partitions
+    data = load_hdfs(cfg)
+    train_keys = [s.keys for s in data.splits["train"]]
+    parts = client_partitions(cfg, train_keys)
+    per_round = federated.clients_per_round(int(fed.num_clients), float(fed.client_frac))
+    sizes = [len(p) for p in parts]
+    print(f"sectune: federated: {len(train_keys)} training sessions over {fed.num_clients} clients ({fed.partition}; "
+          f"sizes {min(sizes)}..{max(sizes)}), {per_round} per round, {fed.rounds} rounds × {fed.local_steps} local steps")
+
+    # 2. the server's model: the global evaluation only (clients load their own copy of the base weights)
+    path = modeling.model_path(cfg)
+    tokenizer = modeling.load_tokenizer(cfg, path)
+    model = modeling.apply_lora(modeling.load_model(cfg, path=path), cfg)
+    model.eval()
+    prompt = str(cfg.dataset.prompt_template or DEFAULT_PROMPT)
+    prompt_ids, cand_ids = anomaly.key_token_ids(tokenizer, data.num_keys, prompt)
+    pad_id = int(tokenizer.pad_token_id or 0)
+    initial = federated.adapter_state(model)
+    adapter_bytes, full_bytes = federated.tensor_bytes(initial), federated.full_model_bytes(model)
+    val, test = data.splits["validation"], data.splits["test"]
+    val_rows = federated.encode_sessions(tokenizer, prompt, [render_keys(s.keys) for s in val if s.label == NORMAL],
+                                         int(cfg.model.max_seq_length))
+    val_y = np.array([s.label == ANOMALOUS for s in val], dtype=int)
+    test_y = np.array([s.label == ANOMALOUS for s in test], dtype=int)
+    batch = int(cfg.evaluate.batch_size)
+
+    def predict(uniq):
+        return anomaly.lm_logprobs(model, uniq, prompt_ids, cand_ids, batch_size=batch, pad_id=pad_id)
+
+    history: dict[int, dict] = {}
+    traffic: dict[tuple[str, int], int] = {}
+
+    def evaluate_fn(server_round: int, arrays):
+        from flwr.app import MetricRecord
+
+        # this round's traffic is counted by now (aggregate_train runs before the global evaluation)
+        sent = {"bytes_up": traffic.get(("up", server_round), 0), "bytes_down": traffic.get(("down", server_round), 0)}
+        last = server_round == int(fed.rounds)
+        if server_round % max(1, int(fed.eval_every)) and not last and server_round != 0:
+            tracking.log(ctx.tracker, {f"federated/{k}": v for k, v in sent.items()}, step=server_round)
+            return None
+        t = time.perf_counter()
+        federated.load_adapter_state(model, arrays.to_torch_state_dict())
+        row = {"round": server_round, **sent, "val_loss": federated.lm_loss(model, val_rows, pad_id, batch)}
+        if fed.detection:
+            det = anomaly.detect(anomaly.score_all(predict, [s.keys for s in val]), val_y,
+                                 anomaly.score_all(predict, [s.keys for s in test]), test_y)
+            chosen = det[det["chosen"]]
+            row.update({f"test_{k}": chosen["test"][k] for k in ("f1", "fpr", "precision", "recall")},
+                       val_f1=chosen["val_f1"], rule_is_top_g=int(det["chosen"] == "top_g"), top_g=det["top_g"]["g"])
+        row["eval_s"] = time.perf_counter() - t
+        history[server_round] = row
+        tracking.log(ctx.tracker, {f"federated/{k}": v for k, v in row.items() if k != "round"}, step=server_round)
+        print(f"sectune: round {server_round}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "round"))
+        return MetricRecord({k: float(v) for k, v in row.items()})
+
+    def record(direction: str, server_round: int, n: int) -> None:
+        traffic[(direction, server_round)] = traffic.get((direction, server_round), 0) + n
+
+    # 3. the Flower apps, run by the simulation runtime (Ray; one actor per client_num_cpus of ray_num_cpus)
+    strategy = federated.make_strategy(fed, per_round, float(cfg.train.learning_rate), record)
+    done: dict = {}
+    server_app = federated.make_server_app(strategy, initial, int(fed.rounds), evaluate_fn, done)
+    client_cfg = OmegaConf.to_container(cfg, resolve=True)
+    client_cfg["federated"]["client_dir"] = str(fed.client_dir or run_dir / "clients")
+    client_app = federated.make_client_app(ClientFactory(client_cfg), bool(fed.dp))
+    backend = {"client_resources": {"num_cpus": int(fed.client_num_cpus), "num_gpus": float(fed.client_num_gpus)},
+               "init_args": {"num_cpus": int(fed.ray_num_cpus or fed.client_num_cpus), "log_to_driver": bool(fed.verbose)}}
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not fed.verbose:  # Flower prints through its own handler; Hydra's root handler would print each line again
+        logging.getLogger("flwr").propagate = False
+    t_sim = time.perf_counter()
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=int(fed.num_clients), backend_config=backend,
+                   verbose_logging=bool(fed.verbose))
+    sim_s = time.perf_counter() - t_sim
+    rounds_done = sum(1 for (d, _r) in traffic if d == "up")
+    if "arrays" not in done or rounds_done < int(fed.rounds):
+        raise RuntimeError(f"the Flower simulation ended after {rounds_done} of {fed.rounds} rounds (see its log above)")
+
+    # 4. the final global adapter, metrics, the per-round table and PNG
+    federated.load_adapter_state(model, done["arrays"].to_torch_state_dict())
+    modeling.save_pretrained_atomic(model, tokenizer, run_dir / "adapter")
+    rounds = sorted(history)
+    for r, m in done.get("train_metrics", {}).items():
+        if r in history:
+            history[r].update({f"clients_{k}": v for k, v in m.items()})
+    up = [traffic.get(("up", r), 0) for r in range(1, int(fed.rounds) + 1)]
+    down = [traffic.get(("down", r), 0) for r in range(1, int(fed.rounds) + 1)]
+    first, last = history[rounds[0]], history[rounds[-1]]
+    metrics = {
+        "rounds_done": rounds_done, "num_clients": int(fed.num_clients), "clients_per_round": per_round,
+        "adapter_bytes": adapter_bytes, "bytes_full_model": full_bytes, "bytes_reduction": full_bytes / adapter_bytes,
+        "bytes_up_per_round": float(np.mean(up)), "bytes_down_per_round": float(np.mean(down)),
+        "bytes_up_total": int(sum(up)), "bytes_down_total": int(sum(down)),
+        # what a full-model FedAvg would have sent in the same rounds, over what was sent
+        "bytes_reduction_on_wire": (full_bytes * per_round * 2 * rounds_done) / max(1, sum(up) + sum(down)),
+        "val_loss_start": first["val_loss"], "val_loss_end": last["val_loss"],
+        "simulation_s": round(sim_s, 2), "partition_skew": federated.partition_skew(parts, train_keys),
+        "adapter_params": sum(t.numel() for t in initial.values()),
+    }
+    for k in ("test_f1", "test_fpr", "test_precision", "test_recall", "val_f1", "top_g"):
+        if k in last:
+            metrics[k] = last[k]
+            metrics[f"{k}_start"] = first[k]
+    norms = [m["update_norm"] for m in done.get("train_metrics", {}).values() if "update_norm" in m]
+    if norms:
+        metrics["client_update_norm_mean"] = float(np.mean(norms))
+    for r in rounds:
+        for k in ("val_loss", "test_f1", "test_fpr"):
+            if k in history[r]:
+                metrics[f"round_{r}_{k}"] = history[r][k]
+    bigram = anomaly.BigramModel(data.num_keys, end_marker=True, alpha=float(cfg.evaluate.bigram_alpha)).fit(train_keys)
+    base = anomaly.detect(anomaly.score_all(lambda u: [bigram.logprobs(s) for s in u], [s.keys for s in val]), val_y,
+                          anomaly.score_all(lambda u: [bigram.logprobs(s) for s in u], [s.keys for s in test]), test_y)
+    metrics.update(baseline_test_f1=base[base["chosen"]]["test"]["f1"], baseline_test_fpr=base[base["chosen"]]["test"]["fpr"])
+    write_json_atomic(run_dir / "rounds.json", {"rounds": [history[r] for r in rounds], "bytes_up": up, "bytes_down": down,
+                                                "partition_sizes": sizes, "data": data.info})
+    plot_rounds(run_dir / "plots" / "federated_rounds.png", [history[r] for r in rounds], up, down, full_bytes * per_round,
+                f"federated · {cfg.model.name} · {fed.num_clients} clients ({fed.partition})")
+    metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
+    print(f"sectune: federated done · {rounds_done} rounds in {sim_s:.0f}s · val loss {metrics['val_loss_start']:.3f} → "
+          f"{metrics['val_loss_end']:.3f}" + (f" · test F1 {metrics['test_f1']:.4f} FPR {metrics['test_fpr']:.4f}" if "test_f1" in metrics else "")
+          + f" · {metrics['bytes_up_per_round']:.0f} B up / round, {metrics['bytes_reduction']:.0f}x smaller than the full model")
+    return {"metrics": metrics, "artifacts": {"adapter": "adapter", "rounds": "rounds.json", "rounds_plot": "plots/federated_rounds.png"}}
+
+
+def plot_rounds(path: Path, rows: list[dict], up: list[int], down: list[int], full_per_round: int, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = [row["round"] for row in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot(r, [row["val_loss"] for row in rows], marker="o")
+    axes[0].set(xlabel="round", ylabel="global validation loss")
+    if "test_f1" in rows[0]:
+        axes[1].plot(r, [row["test_f1"] for row in rows], marker="o", label="test F1")
+        axes[1].plot(r, [row["test_fpr"] for row in rows], marker="x", label="test FPR")
+        axes[1].legend()
+    axes[1].set(xlabel="round", ylabel="detection (rule chosen on validation)")
+    rr = list(range(1, len(up) + 1))
+    axes[2].plot(rr, up, label="adapter bytes up")
+    axes[2].plot(rr, down, label="adapter bytes down", linestyle="--")
+    axes[2].axhline(full_per_round, color="grey", linestyle=":", label="full model, one way")
+    axes[2].set(xlabel="round", ylabel="bytes per round", yscale="log")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

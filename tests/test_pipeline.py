@@ -235,3 +235,27 @@ def test_seed_000_presets_compose_every_step(tmp_path):
 
     dpo = steps_of(["+experiment=auth_dpo"])
     assert list(dpo) == ["sft", "dpo", "infer"] and dpo["dpo"].loss.name == "dpo" and dpo["dpo"].train.grad_accum == 4
+
+
+def test_a_newer_sectune_with_extra_default_keys_still_skips_finished_steps(tmp_path):
+    """A step that succeeded under an older schema (no ``federated`` node, no ``rl.heldout_windows``) is
+    the same step when the new keys sit at their defaults; any real difference still reruns it."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from sectune.stages import pipeline
+
+    cfg = compose(["stage=rl", "train.max_steps=3"])
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["federated"], old["rl"]["heldout_windows"]
+    old["train"]["resume"] = "auto"  # how to run, not what: ignored
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(old), tmp_path / ".hydra" / "config.yaml")
+    step = SimpleNamespace(dir=tmp_path, cfg=cfg)
+    assert pipeline.same_but_newer_defaults(step)
+    for change in (["train.max_steps=4"], ["rl.heldout_windows=5"], ["federated.rounds=7"]):
+        assert not pipeline.same_but_newer_defaults(SimpleNamespace(dir=tmp_path, cfg=compose(["stage=rl", "train.max_steps=3", *change]))), change
+    old["rl"]["gone_key"] = 1  # a key this sectune no longer has
+    OmegaConf.save(OmegaConf.create(old), tmp_path / ".hydra" / "config.yaml")
+    assert not pipeline.same_but_newer_defaults(step)

@@ -371,10 +371,44 @@ def already_done(step: Step) -> dict | None:
         meta = json.loads((step.dir / STEP_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if (res and res.get("status") == "succeeded" and meta.get("skip_digest") == step.skip_digest
-            and res.get("config_digest") == meta.get("config_digest")):
+    if not (res and res.get("status") == "succeeded" and res.get("config_digest") == meta.get("config_digest")):
+        return None
+    if meta.get("skip_digest") == step.skip_digest or same_but_newer_defaults(step):
         return res
     return None
+
+
+def same_but_newer_defaults(step: Step) -> bool:
+    """The step's saved config (``.hydra/config.yaml``) equals this one apart from ``train.resume``/``debug``
+    and from keys a newer sectune added at their schema defaults: upgrading sectune between a failed run
+    and its rerun must not retrain the steps that succeeded. Any other difference: not the same."""
+    from sectune.config import SectuneConfig
+
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(step.dir / ".hydra" / "config.yaml"), resolve=True)
+    except Exception:  # noqa: BLE001 - unreadable or absent: the step runs again
+        return False
+    current = OmegaConf.to_container(step.cfg, resolve=True)
+    defaults = OmegaConf.to_container(OmegaConf.structured(SectuneConfig), resolve=False)
+    for cfg in (saved, current):
+        cfg.pop("debug", None)
+        cfg.get("train", {}).pop("resume", None)
+    return _covers(saved, current, defaults)
+
+
+def _covers(saved, current, defaults) -> bool:
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return saved == current
+    if set(saved) - set(current):
+        return False  # a key this sectune no longer has
+    for key, value in current.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if key in saved:
+            if not _covers(saved[key], value, default):
+                return False
+        elif value != default:
+            return False
+    return True
 
 
 def record_step(step: Step) -> None:

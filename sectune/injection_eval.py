@@ -11,6 +11,11 @@ For each held-out triplet the analyst answers the injected window and the clean 
 * ``clean_verdict_accuracy``: on the same windows without the injection, the share whose parsed
   verdict equals the benign window's (an unparseable answer is wrong), as the analyst table counts it.
 
+Beside them, stage=contrastive's representation metrics of the analyst on the same triplets
+(``causal_stability``, ``spurious_separation``, ``causal_discrimination``; ``contrastive.layer``/``pooling``),
+so an SFT, DPO or contrastive analyst's row in experiments/injection_contrastive has all of them.
+stage=contrastive calls :func:`attack_eval` on its held-out windows before and after training.
+
 ``format=prompt`` triplets (a generic prompt/answer JSONL) have no verdict: an answer is right when it
 equals the expected text (whitespace-normalised), and a targeted attack succeeded when the demanded
 text appears in it. Outputs are parsed as data (``parse_json_output``: json / json-repair), never evaluated.
@@ -82,6 +87,44 @@ def attack_metrics(records: Sequence[dict], injected_texts: Sequence[str], clean
     return metrics, rows
 
 
+def attack_eval(model, tokenizer, records: Sequence[dict], gen_cfg, batch_size: int) -> tuple[dict, list[dict]]:
+    """(metrics, per-window answers): the model answers each record's injected window and, once per window,
+    the clean one, with ``stage=infer``'s generation (``generation.*``: greedy by default). Records carry
+    rendered ``prompt`` / ``injection_prompt`` (:mod:`sectune.data.injection`). The model's train/eval mode and
+    the tokenizer's padding side are restored afterwards (a training stage calls this before and after training)."""
+    from sectune.inference import generate
+
+    was_training, side = model.training, tokenizer.padding_side
+    clean_prompts = list(dict.fromkeys(r["prompt"] for r in records))  # one clean answer per window
+    t0 = time.perf_counter()
+    try:
+        texts = generate(model, tokenizer, [r["injection_prompt"] for r in records] + clean_prompts, gen_cfg, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = side
+    gen_s = time.perf_counter() - t0
+    clean = dict(zip(clean_prompts, texts[len(records):]))
+    injected = texts[: len(records)]
+    metrics, rows = attack_metrics(records, injected, [clean[r["prompt"]] for r in records])
+    metrics["generation_s"] = round(gen_s, 3)
+    windows = [{"id": r.get("id"), "injection_field": r.get("injection_field"), "injection_source": r.get("injection_source"),
+                "attack_target": r.get("attack_target"), "expected_verdict": _verdict_of(r), **o,
+                "injected_answer": i, "clean_answer": clean[r["prompt"]]} for r, o, i in zip(records, rows, injected)]
+    return metrics, windows
+
+
+def representation_metrics(cfg, model, tokenizer, records: Sequence[dict], batch_size: int) -> dict:
+    """causal_stability, spurious_separation and causal_discrimination of the analyst on these triplets, with
+    ``contrastive.layer`` / ``pooling`` (stage=contrastive's measure), so every analyst's row has them."""
+    from sectune import contrastive_trainer as CT
+
+    rows, _ = CT.encode_triplets(tokenizer, records, int(cfg.model.max_seq_length))
+    fwd = {"layer": int(cfg.contrastive.layer), "pooling": str(cfg.contrastive.pooling), "forward": str(cfg.contrastive.forward)}
+    out = CT.representation_metrics(model, rows, CT.TripletCollator(tokenizer.pad_token_id), batch_size, **fwd)
+    out.pop("task_loss", None)
+    return out
+
+
 # ------------------------------------------------------------------------------ stage=evaluate branch
 def choose_analyst(model_dir):
     """infer's model chain (RL → DPO → SFT in a run or pipeline dir), plus any other run whose
@@ -104,7 +147,6 @@ def evaluate_injections(ctx) -> dict:
     held-out injected windows and the same windows clean, with ``stage=infer``'s model loading and
     generation; metrics above, per-window answers in ``injection_eval.json``."""
     from sectune.data.injection import triplet_data
-    from sectune.inference import generate
     from sectune.runner import write_json_atomic
     from sectune.stages import infer
 
@@ -122,20 +164,11 @@ def evaluate_injections(ctx) -> dict:
 
     model, tokenizer, model_ref = infer.load_model(cfg, choice)
     print(f"sectune: evaluate: {len(records)} {ev.split} triplets, answered by {choice.describe(model_ref)}")
-    clean_prompts = list(dict.fromkeys(r["prompt"] for r in records))  # one clean answer per window
-    t0 = time.perf_counter()
-    texts = generate(model, tokenizer, [r["injection_prompt"] for r in records] + clean_prompts, cfg.generation, batch_size=ev.batch_size)
-    gen_s = time.perf_counter() - t0
-    clean = dict(zip(clean_prompts, texts[len(records):]))
-    injected = texts[: len(records)]
-    metrics, rows = attack_metrics(records, injected, [clean[r["prompt"]] for r in records])
-    metrics.update(generation_s=round(gen_s, 3), skipped_lines=data.info.get("skipped_lines", 0))
+    metrics, windows = attack_eval(model, tokenizer, records, cfg.generation, ev.batch_size)
+    metrics.update(representation_metrics(cfg, model, tokenizer, records, ev.batch_size))
+    metrics["skipped_lines"] = data.info.get("skipped_lines", 0)
     write_json_atomic(run_dir / "injection_eval.json", {
-        "model_dir": str(ev.model_dir), "model_used": choice.used, "split": ev.split, "metrics": metrics,
-        "windows": [{"id": r["id"], "injection_field": r["injection_field"], "injection_source": r["injection_source"],
-                     "attack_target": r["attack_target"], "expected_verdict": _verdict_of(r), **o,
-                     "injected_answer": i, "clean_answer": clean[r["prompt"]]} for r, o, i in zip(records, rows, injected)],
-    })
+        "model_dir": str(ev.model_dir), "model_used": choice.used, "split": ev.split, "metrics": metrics, "windows": windows})
     print(f"sectune: evaluate: attack success {metrics['attack_success_rate']:.3f} · targeted "
           f"{metrics['targeted_attack_success_rate']:.3f} · clean verdict accuracy {metrics['clean_verdict_accuracy']:.3f} "
           f"({len(records)} windows) → {run_dir / 'injection_eval.json'}")

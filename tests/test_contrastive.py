@@ -86,9 +86,10 @@ def fixture_splits(n_train=24, n_val=8, n_test=8, seed=0) -> dict[str, list[dict
             ips = [f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}" for _ in range(k)]
             cf_ips = [f"172.16.{rng.randint(0, 255)}.{rng.randint(1, 254)}" for _ in range(k)]
             benign = _window(users, ips, 2000 + 10 * i)
+            output = json.dumps({"verdict": "malicious", "failed_logins": k})
             recs.append({"id": f"{split}-{i}", "format": "auth_log", "benign": benign, "benign_cf": _window(cf_users, cf_ips, 5000 + 10 * i),
                          "injection": _window(users, ips, 2000 + 10 * i, extra=rng.choice(texts).replace(" ", "_")),
-                         "output": json.dumps({"verdict": "malicious", "failed_logins": k}), "attack_target": "benign"})
+                         "output": output, "injection_output": output, "attack_target": "benign"})
         out[split] = recs
     return out
 
@@ -146,11 +147,13 @@ def test_lm_head_runs_once_on_the_benign_answer_positions_only(tiny):
 
 
 # -------------------------------------------------------------------------------------- the stage
-def run_stage(tmp_path, monkeypatch, overrides, splits=None):
+def run_stage(tmp_path, monkeypatch, overrides, splits=None, attack_eval=False):
+    """A stage=contrastive run on the fixture triplets; ``attack_eval``: with the generation before/after (slower)."""
     from sectune import runner
 
     monkeypatch.setattr(contrastive, "load_triplets", lambda cfg: splits or fixture_splits())
-    cfg = compose(["stage=contrastive", "loss=causal_contrastive", *FAST, "train.device=cpu", "train.precision=fp32", *overrides])
+    cfg = compose(["stage=contrastive", "loss=causal_contrastive", *FAST, "train.device=cpu", "train.precision=fp32",
+                   f"contrastive.attack_eval={str(attack_eval).lower()}", *overrides])
     code, _ = runner.run(cfg, tmp_path)
     return code, json.loads((tmp_path / "result.json").read_text())
 
@@ -246,6 +249,70 @@ def test_config_errors_name_the_key(tmp_path, monkeypatch):
     assert code == 2 and "contrastive.forward" in res["error"]
     code, res = run_stage(tmp_path, monkeypatch, ["contrastive.init_from=/nonexistent/run"])
     assert code == 2 and "contrastive.init_from" in res["error"]
+    bare = {k: [{key: v for key, v in r.items() if key != "injection_output"} for r in recs] for k, recs in fixture_splits().items()}
+    code, res = run_stage(tmp_path, monkeypatch, [], splits=bare, attack_eval=True)
+    assert code == 2 and "injection_output" in res["error"] and "contrastive.attack_eval=false" in res["error"]
+
+
+def fake_sft_run(root, seed=0):
+    """A ``lora=none`` SFT run dir (result.json + model/): the tiny model's weights, perturbed so that loading an
+    adapter on them differs from loading it on the base model."""
+    from sectune import modeling
+    from sectune.runner import write_json_atomic
+
+    cfg = compose(["stage=contrastive", "loss=causal_contrastive", "train.device=cpu"])
+    model = modeling.load_model(cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    root.mkdir(parents=True)
+    modeling.save_pretrained_atomic(model, modeling.load_tokenizer(cfg), root / "model")
+    write_json_atomic(root / "result.json", {"stage": "sft", "status": "succeeded", "metrics": {}, "artifacts": {"model": "model"}})
+    return root
+
+
+def test_attack_success_before_and_after_training_and_evaluate_loads_the_adapter_on_the_sft_weights(tmp_path, monkeypatch):
+    """stage=contrastive from SFT full weights: attack metrics before/after on the first evaluate.max_samples held-out
+    windows (stage=infer's greedy generation); the adapter records artifacts.base_model, and stage=evaluate, loading
+    it there, answers the same windows with the same texts. A second contrastive run from the first's adapter (as
+    from a DPO adapter on SFT weights) loads it on those weights too and records them again."""
+    from sectune import modeling, runner
+    from sectune.data import injection
+
+    sft = fake_sft_run(tmp_path / "sft")
+    splits = fixture_splits(n_train=8, n_val=0, n_test=4)
+    fast = ["train.max_steps=2", "lora.r=2", "evaluate.max_samples=3", "generation.max_new_tokens=12"]
+    code, res = run_stage(tmp_path / "c1", monkeypatch, [*fast, f"contrastive.init_from={sft}"], splits=splits, attack_eval=True)
+    assert code == 0, res.get("error")
+    m = res["metrics"]
+    for key in ("attack_success_rate", "targeted_attack_success_rate", "clean_verdict_accuracy"):
+        assert 0.0 <= m[key] <= 1.0 and 0.0 <= m[f"{key}_start"] <= 1.0, key
+    assert m["injected_windows"] == m["injected_windows_start"] == 3 and m["heldout_triplets"] == 4
+    assert res["artifacts"]["base_model"] == "../sft/model"
+    assert modeling.adapter_base(tmp_path / "c1" / "adapter", compose([])) == str(tmp_path / "c1" / "../sft/model")
+    report = json.loads((tmp_path / "c1" / res["artifacts"]["injection_eval"]).read_text())
+    assert [w["id"] for w in report["end"]["windows"]] == ["test-0", "test-1", "test-2"]
+
+    # stage=evaluate on the contrastive run: the same windows, the adapter on the SFT weights → the same answers
+    monkeypatch.setattr(injection, "triplet_data", lambda cfg: injection.TripletData(
+        {k: [{**r, **contrastive.triplet_prompts(r)} for r in v] for k, v in splits.items()}))
+    cfg = compose(["stage=evaluate", "dataset=injection_triplets", *FAST, "train.device=cpu", "evaluate.max_samples=3",
+                   "generation.max_new_tokens=12", f"evaluate.model_dir={tmp_path / 'c1'}"])
+    code, _ = runner.run(cfg, tmp_path / "ev")
+    ev = json.loads((tmp_path / "ev" / "result.json").read_text())
+    assert code == 0, ev.get("error")
+    got = json.loads((tmp_path / "ev" / "injection_eval.json").read_text())["windows"]
+    assert [(w["injected_answer"], w["clean_answer"]) for w in got] == [(w["injected_answer"], w["clean_answer"]) for w in report["end"]["windows"]]
+    for key in ("attack_success_rate", "targeted_attack_success_rate", "clean_verdict_accuracy"):
+        assert ev["metrics"][key] == m[key], key
+    assert {"causal_stability", "spurious_separation", "causal_discrimination"} <= ev["metrics"].keys()
+    # the second run starts where the first ended: its _start answers are the first run's after-training ones
+    code, res2 = run_stage(tmp_path / "c2", monkeypatch, [*fast, f"contrastive.init_from={tmp_path / 'c1'}"], splits=splits, attack_eval=True)
+    assert code == 0, res2.get("error")
+    assert res2["artifacts"]["base_model"] == "../sft/model"
+    start2 = json.loads((tmp_path / "c2" / "injection_eval.json").read_text())["start"]["windows"]
+    assert [w["injected_answer"] for w in start2] == [w["injected_answer"] for w in report["end"]["windows"]]
 
 
 @requires_real_data
@@ -253,13 +320,15 @@ def test_short_tiny_run_on_real_triplets_raises_causal_discrimination_on_held_ou
     from sectune import runner
 
     cfg = compose(["stage=contrastive", "loss=causal_contrastive", "dataset=injection_triplets", *FAST, "train.device=cpu",
-                   "dataset.max_samples=40", "train.max_steps=8", "train.eval_steps=4"])
+                   "dataset.max_samples=40", "train.max_steps=8", "train.eval_steps=4", "evaluate.max_samples=4",
+                   "generation.max_new_tokens=16"])
     code, _ = runner.run(cfg, tmp_path)
     res = json.loads((tmp_path / "result.json").read_text())
     assert code == 0, res.get("error")
     m = res["metrics"]
     assert m["heldout_split"] == "test" and m["heldout_triplets"] > 0
     assert m["causal_discrimination"] > m["causal_discrimination_start"], m
+    assert m["injected_windows"] == m["injected_windows_start"] == 4 and "attack_success_rate_start" in m
     assert (tmp_path / res["artifacts"]["best_checkpoint"] / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 

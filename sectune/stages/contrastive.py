@@ -7,7 +7,13 @@ L = λc·(−cos(r_b, r_cf)/τ) + λs·(cos(r_b, r_inj)/τ) + λt·CE(benign ans
 
 Before training, the representation metrics of the held-out triplets (test split, else validation) give
 ``causal_discrimination_start``; after it, ``causal_stability``, ``spurious_separation`` and
-``causal_discrimination`` on the same triplets. Every ``train.eval_steps`` the validation triplets are
+``causal_discrimination`` on the same triplets. The attack is scored the same way (``contrastive.attack_eval``,
+on by default): the model answers the held-out injected windows, and the same windows clean, with
+stage=infer's generation (sectune.injection_eval), before and after training → ``attack_success_rate_start`` /
+``attack_success_rate``, ``targeted_attack_success_rate``, ``clean_verdict_accuracy`` (and their ``_start``),
+per-window answers in ``injection_eval.json``; ``evaluate.max_samples`` takes the first N windows, as
+stage=evaluate does. An adapter trained on SFT full weights records them as ``artifacts.base_model``, where
+infer and evaluate load it (modeling.adapter_base). Every ``train.eval_steps`` the validation triplets are
 scored (``eval_causal_stability``, …); Trainer's EarlyStoppingCallback stops on ``contrastive.early_stopping``
 and the best checkpoint by that metric is kept (``artifacts.best_checkpoint``), its weights loaded at the end
 unless ``contrastive.load_best_at_end=false``. ``train.resume=auto`` resumes exactly (engine.resolve_resume).
@@ -28,7 +34,7 @@ from omegaconf import DictConfig
 from sectune import engine, modeling
 from sectune import contrastive_trainer as CT
 from sectune.errors import ConfigError, SectuneError
-from sectune.runner import RunContext
+from sectune.runner import RunContext, write_json_atomic
 
 MODES = ("max", "min")
 
@@ -39,20 +45,28 @@ def run(ctx: RunContext) -> dict:
     check_config(cfg)
 
     # 1. data: the three inputs rendered as the analyst's prompts
-    splits = {k: [triplet_prompts(r) for r in v] for k, v in load_triplets(cfg).items()}
+    records = load_triplets(cfg)
     if cfg.debug.enabled:
-        splits = {k: v[: int(cfg.debug.max_samples)] for k, v in splits.items()}
+        records = {k: v[: int(cfg.debug.max_samples)] for k, v in records.items()}
+    splits = {k: [triplet_prompts(r) for r in v] for k, v in records.items()}
     held_name = "test" if splits["test"] else "validation"
     held_out = splits[held_name]
+    # the windows the attack is scored on: the first evaluate.max_samples held-out ones, as stage=evaluate takes them
+    attacked = [{**r, **p} for r, p in zip(records[held_name], held_out)][: cfg.evaluate.max_samples or None]
     if not splits["train"] or not held_out:
         raise ConfigError(f"dataset={cfg.dataset.name}: stage=contrastive needs train triplets and held-out (test or validation) ones; "
                           f"got {len(splits['train'])} train / {len(splits['validation'])} validation / {len(splits['test'])} test")
+    if cfg.contrastive.attack_eval and any("injection_output" not in r for r in attacked):
+        raise ConfigError(f"dataset={cfg.dataset.name}: the {held_name} triplets carry no injection_output, so the attack cannot be "
+                          "scored; set contrastive.attack_eval=false")
     print(f"sectune: {len(splits['train'])} train / {len(splits['validation'])} validation / {len(splits['test'])} test triplets ({cfg.dataset.name})")
 
     # 2. model
     path = modeling.model_path(cfg)
-    tokenizer = modeling.load_tokenizer(cfg, path)
-    model, start = build_model(cfg, path)
+    model, start, sft_weights, init_folder = build_model(cfg, path)
+    # the tokenizer saved with the weights it starts from (an SFT run's may add tokens the configured model lacks)
+    has_tok = init_folder is not None and (init_folder / "tokenizer_config.json").is_file()
+    tokenizer = modeling.load_tokenizer(cfg, str(init_folder) if has_tok else path)
     trainable, total = modeling.trainable_parameters(model)
     print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}")
     max_len = int(cfg.model.max_seq_length)
@@ -74,6 +88,10 @@ def run(ctx: RunContext) -> dict:
     ctx.partial_metrics.update({f"{k}_start": v for k, v in start_metrics.items()})
     print(f"sectune: before training, {held_name} causal discrimination {start_metrics['causal_discrimination']:.4f} "
           f"(stability {start_metrics['causal_stability']:.4f}, separation {start_metrics['spurious_separation']:.4f})")
+    attack = {}
+    if cfg.contrastive.attack_eval:
+        attack["start"] = attack_eval(cfg, trainer.model, tokenizer, attacked, held_name, "before")
+        ctx.partial_metrics.update({f"{k}_start": v for k, v in attack["start"][0].items()})
     try:
         with anomaly_detection(cfg):
             train_out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, run_dir / "checkpoints"))
@@ -86,8 +104,11 @@ def run(ctx: RunContext) -> dict:
     finally:
         engine.write_history(run_dir / "train_history.json", trainer)
 
-    # 4. metrics on the same held-out triplets
+    # 4. metrics on the same held-out triplets (and injected windows)
     end = CT.representation_metrics(trainer.model, rows[held_name], collator, batch, **fwd)
+    if attack:
+        attack["end"] = attack_eval(cfg, trainer.model, tokenizer, attacked, held_name, "after")
+        end.update(attack["end"][0])
     metrics = {**ctx.partial_metrics, **end, "heldout_triplets": len(held_out), "heldout_split": held_name,
                "train_loss": train_out.training_loss, "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total, "truncated_triplets": cut,
@@ -101,6 +122,14 @@ def run(ctx: RunContext) -> dict:
     name = "adapter" if hasattr(unwrapped, "peft_config") else "model"
     modeling.save_pretrained_atomic(unwrapped, tokenizer, run_dir / name)
     artifacts = {name: name, "checkpoints": "checkpoints", "train_history": "train_history.json"}
+    if name == "adapter":  # an adapter on SFT full weights: infer/evaluate load it there (modeling.adapter_base)
+        from sectune.stages.rl import base_model_artifact
+
+        artifacts.update(base_model_artifact(sft_weights, run_dir))
+    if attack:
+        write_json_atomic(run_dir / "injection_eval.json", {"split": held_name, "windows": len(attacked),
+                                                            **{k: {"metrics": m, "windows": w} for k, (m, w) in attack.items()}})
+        artifacts["injection_eval"] = "injection_eval.json"
     if trainer.state.best_model_checkpoint:
         artifacts["best_checkpoint"] = os.path.relpath(Path(trainer.state.best_model_checkpoint).resolve(), run_dir.resolve())
     engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"contrastive · {cfg.model.name}")
@@ -109,6 +138,9 @@ def run(ctx: RunContext) -> dict:
     metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
     print(f"sectune: done · {name} at {run_dir / name} · {held_name} causal discrimination "
           f"{metrics['causal_discrimination_start']:.4f} → {metrics['causal_discrimination']:.4f} · {metrics['train_steps']} steps")
+    if attack:
+        print(f"sectune: attack success {metrics['attack_success_rate_start']:.3f} → {metrics['attack_success_rate']:.3f} · clean verdict "
+              f"accuracy {metrics['clean_verdict_accuracy_start']:.3f} → {metrics['clean_verdict_accuracy']:.3f} ({len(attacked)} {held_name} windows)")
     return {"metrics": metrics, "artifacts": artifacts}
 
 
@@ -148,33 +180,54 @@ def triplet_prompts(rec: dict) -> dict:
 
 
 def build_model(cfg: DictConfig, path: str):
-    """(trainable model, where it started). ``contrastive.init_from``: an SFT adapter is loaded trainable (with
-    ``lora=none`` it is merged into the weights, which are then trained in full); SFT full weights are the base
-    (under a fresh adapter with LoRA); unset = the base model."""
+    """(trainable model, where it started, the SFT full-weights folder a trained adapter sits on or None, the
+    ``init_from`` folder or None).
+
+    ``contrastive.init_from``: an SFT (or DPO/RL) adapter is loaded trainable onto the weights it was trained on
+    (``modeling.adapter_base``: the model, or the SFT weights its run's ``artifacts.base_model`` names; with
+    ``lora=none`` it is merged into them, which are then trained in full); SFT full weights are the base (under a
+    fresh adapter with LoRA); unset = the base model."""
     from peft import PeftModel
 
     from sectune.stages.rl import init_source  # the same run-dir / folder resolution as rl.init_from
 
     init_from = cfg.contrastive.init_from
     if not init_from:
-        return modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), f"the base model {path}"
+        return modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), f"the base model {path}", None, None
     try:
         kind, folder = init_source(str(init_from))
     except ConfigError as e:
         raise ConfigError(str(e).replace("rl.init_from", "contrastive.init_from")) from None
     try:
         if kind == "model":
-            return modeling.apply_lora(modeling.load_model(cfg, path=str(folder)), cfg), f"the SFT weights in {folder}"
-        base = modeling.load_model(cfg, path=path)
+            model = modeling.apply_lora(modeling.load_model(cfg, path=str(folder)), cfg)
+            return model, f"the SFT weights in {folder}", folder if cfg.lora.enabled else None, folder
+        base_path = modeling.adapter_base(folder, cfg)
+        on_sft = Path(base_path).resolve() if base_path != path else None
+        base = modeling.load_model(cfg, path=base_path)
+        where = f"the adapter in {folder}" + (f" on the SFT weights in {on_sft}" if on_sft else "")
         if cfg.lora.enabled:
-            return PeftModel.from_pretrained(base, str(folder), is_trainable=True), f"the SFT adapter in {folder} (its LoRA settings)"
-        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload(), f"the SFT adapter in {folder}, merged (full fine-tune)"
+            return PeftModel.from_pretrained(base, str(folder), is_trainable=True), f"{where} (its LoRA settings)", on_sft, folder
+        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload(), f"{where}, merged (full fine-tune)", None, folder
     except SectuneError:
         raise
     except Exception as e:  # noqa: BLE001 - every load failure is the same user error: this folder, this model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"contrastive.init_from={init_from}: cannot load the {kind} in {folder} for model={cfg.model.name} "
                           f"({type(e).__name__}: {first})") from None
+
+
+def attack_eval(cfg: DictConfig, model, tokenizer, records: list[dict], split: str, when: str) -> tuple[dict, list[dict]]:
+    """The attack on the held-out injected windows with the model as it is now (``sectune.injection_eval``:
+    stage=infer's generation, greedy by default), and the same windows clean."""
+    from sectune.injection_eval import attack_eval as generate_and_score
+
+    # evaluate.batch_size: the batches stage=evaluate generates in, so its numbers for this run's start match _start
+    metrics, windows = generate_and_score(model, tokenizer, records, cfg.generation, int(cfg.evaluate.batch_size))
+    print(f"sectune: {when} training, attack success {metrics['attack_success_rate']:.3f} · targeted "
+          f"{metrics['targeted_attack_success_rate']:.3f} · clean verdict accuracy {metrics['clean_verdict_accuracy']:.3f} "
+          f"({len(records)} {split} windows, {metrics['generation_s']:.0f}s)")
+    return metrics, windows
 
 
 def training_arguments(cfg: DictConfig, output_dir: Path, has_eval: bool):

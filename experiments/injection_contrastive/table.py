@@ -1,0 +1,86 @@
+"""The study's table from the runs of run.sh: one row per analyst, mean ± sd over the seeds, per-seed values.
+
+    python experiments/injection_contrastive/table.py /tmp/exp/inj 1 2 3
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+#: (row, run dir under <out>/s<seed>/)
+ROWS = [("plain SFT", "sft_eval"), ("SFT + causal-contrastive", "contrastive"),
+        ("SFT + DPO (injection pairs)", "dpo_eval"), ("SFT + DPO, then causal-contrastive", "dpo_contrastive")]
+#: what was tried beyond the rows (run.sh with EXTRA=1), for the seeds that have it
+TRIED = [("SFT + DPO, 60 steps, lr 5e-3", "dpo_strong_eval"),
+         ("SFT + causal-contrastive, pooling=last (its causal metrics: last-token)", "contrastive_last")]
+COLUMNS = [("attack success rate", "attack_success_rate"), ("targeted rate", "targeted_attack_success_rate"),
+           ("clean verdict accuracy", "clean_verdict_accuracy"), ("causal stability", "causal_stability"),
+           ("spurious separation", "spurious_separation"), ("causal discrimination", "causal_discrimination")]
+
+
+def metrics(out: Path, seed: str, run: str) -> dict:
+    res = json.loads((out / f"s{seed}" / run / "result.json").read_text())
+    if res.get("status") != "succeeded":
+        raise SystemExit(f"{out / f's{seed}' / run}: status {res.get('status')}")
+    return res["metrics"]
+
+
+def succeeded(run_dir: Path) -> bool:
+    path = run_dir / "result.json"
+    return path.is_file() and json.loads(path.read_text()).get("status") == "succeeded"
+
+
+def windows(out: Path, seed: str, run: str) -> list[dict]:
+    """The per-window answers (stage=evaluate's injection_eval.json, or a contrastive run's after-training ones)."""
+    d = json.loads((out / f"s{seed}" / run / "injection_eval.json").read_text())
+    return d["end"]["windows"] if "end" in d else d["windows"]
+
+
+def breakdown(ws: list[dict]) -> tuple[int, int, int]:
+    """Successful attacks by kind: (not schema-valid, the attacker's verdict, another wrong verdict)."""
+    hit = [w for w in ws if w["attacked"]]
+    broken = sum(not w["schema_valid"] for w in hit)
+    target = sum(bool(w["schema_valid"]) and w["verdict"] == w["attack_target"] for w in hit)
+    return broken, target, len(hit) - broken - target
+
+
+def cell(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {sd:.3f} ({' / '.join(f'{v:.3f}' for v in values)})"
+
+
+def table(out: Path, seeds: list[str], rows: list[tuple[str, str]]) -> None:
+    print("| analyst | " + " | ".join(c for c, _ in COLUMNS) + " |")
+    print("|---|" + "---|" * len(COLUMNS))
+    for name, run in rows:
+        have = [s for s in seeds if succeeded(out / f"s{s}" / run)]
+        if not have:
+            continue
+        ms = [metrics(out, s, run) for s in have]
+        label = name if have == seeds else f"{name} (seed {', '.join(have)})"
+        print(f"| {label} | " + " | ".join(cell([m[k] for m in ms]) for _, k in COLUMNS) + " |")
+
+
+def main(out: Path, seeds: list[str]) -> None:
+    table(out, seeds, ROWS)
+    n = metrics(out, seeds[0], "sft_eval")["injected_windows"]
+    print(f"\nmean ± sd over seeds {', '.join(seeds)} (per seed in brackets); {n} held-out test windows, each injected once")
+    print("\nwhat was tried beyond the rows:\n")
+    table(out, seeds, TRIED)
+    print("\nsuccessful attacks by kind, summed over the seeds (windows): not schema-valid / the attacker's verdict / another wrong verdict")
+    for name, run in ROWS:
+        parts = [breakdown(windows(out, s, run)) for s in seeds]
+        print(f"- {name}: " + " / ".join(str(sum(p[i] for p in parts)) for i in range(3)) + f" of {n * len(seeds)}")
+    print("\ncausal discrimination on the held-out triplets, start → end of each contrastive run:")
+    for run in ("contrastive", "dpo_contrastive"):
+        ms = [metrics(out, s, run) for s in seeds]
+        print(f"- {run}: " + "; ".join(f"seed {s}: {m['causal_discrimination_start']:.4f} → {m['causal_discrimination']:.4f}"
+                                        for s, m in zip(seeds, ms)))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:] or ["1", "2", "3"])

@@ -183,6 +183,9 @@ def test_full_weight_sft_run_gets_a_fresh_adapter_whose_reference_is_those_weigh
         chosen = infer.choose_model(str(dpo_dir))
         loaded2, _, _ = infer.load_model(cfg, chosen)
         torch.testing.assert_close(loaded2(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        # DPO started from that adapter (a chain: rl/contrastive → dpo) loads it onto the same SFT weights
+        _, chained, _ = build(tmp_path / "chain", [f"dpo.init_from={dpo_dir}", "lora=r16_all_linear"])
+        torch.testing.assert_close(chained.model.eval()(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
         # without the record the configured (random) base is used, and the answers differ
         (dpo_dir / "result.json").write_text(json.dumps({"stage": "dpo", "status": "succeeded", "artifacts": {"adapter": "adapter"}}))
         wrong, _ = analyst_eval.load_policy(cfg, "adapter", dpo_dir / "adapter")

@@ -103,8 +103,10 @@ def run(ctx: RunContext) -> dict:
     is_peft = modeling_is_peft(policy)
     name = "adapter" if is_peft else "model"
     artifacts = {name: name, "checkpoints": "checkpoints", "train_history": "train_history.json"}
-    if is_peft and init_dir is not None and not (Path(init_dir) / "adapter_config.json").is_file():
-        artifacts["base_model"] = os.path.relpath(Path(init_dir).resolve(), run_dir.resolve())  # the SFT weights it sits on
+    weights = None if init_dir is None else Path(init_dir) if not (Path(init_dir) / "adapter_config.json").is_file() \
+        else Path(modeling.adapter_base(init_dir, cfg))
+    if is_peft and weights is not None and weights.resolve() != Path(path).resolve():
+        artifacts["base_model"] = os.path.relpath(weights.resolve(), run_dir.resolve())  # the SFT weights it sits on
     if not main:
         trainer.accelerator.wait_for_everyone()
         return {"metrics": metrics, "artifacts": artifacts}
@@ -232,7 +234,7 @@ def build_policy(cfg, path: str):
         print(f"sectune: the SFT run saved full weights ({weights}); DPO trains a fresh LoRA adapter on them")
         return modeling.apply_lora(modeling.load_model(cfg, path=str(weights)), cfg), None, weights
     folder = init_source(init_from, "adapter")
-    base = modeling.load_model(cfg, path=path)
+    base = modeling.load_model(cfg, path=modeling.adapter_base(folder, cfg))  # an RL/contrastive adapter may sit on SFT weights
     from peft import PeftModel
 
     try:

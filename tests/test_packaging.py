@@ -144,6 +144,17 @@ def test_user_config_dir_adds_presets_validated_by_the_schemas(tmp_path, user_da
     assert str(conf / "dataset" / "my_auth.yaml") in bad.stderr and "dataset.max_samples" in bad.stderr, bad.stderr[-2000:]
 
 
+def test_a_pipeline_step_picks_a_preset_from_the_user_config_dir(tmp_path, user_data):
+    """The pipeline composes each step inside the running app, so the user's --config-dir is on its
+    search path too: ``pipeline.dataset.sft=my_auth`` is the user's preset, with its values."""
+    conf = _user_conf(tmp_path / "my_conf", user_data)
+    run = sectune(["--config-dir", str(conf), "stage=pipeline", "pipeline.steps=[sft]", "pipeline.heldout_table=false",
+                   "pipeline.dataset.sft=my_auth", "train.max_steps=2", "dataset.max_samples=16", *FAST], tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-3000:]
+    step = (run.run_dir / "sft" / ".hydra" / "config.yaml").read_text()
+    assert f"path: {user_data}" in step and "val_fraction: 0.2" in step
+
+
 def test_logger_tensorboard_writes_event_files(tmp_path, user_data):
     run = sectune([*FAST, "logger=tensorboard", "train.max_steps=2", f"dataset.path={user_data}", "dataset.max_samples=16"],
                   tmp_path / "run")

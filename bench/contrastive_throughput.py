@@ -32,13 +32,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from _child import emit, run_child  # noqa: E402
 MODEL = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
              vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
 SIDES = {"three_forwards": None, "separate": ("separate", -1), "batched": ("batched", -1), "separate_mid": ("separate", 15)}
@@ -139,17 +140,9 @@ def child(args) -> dict:
 
 
 def run_side(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-           "--prompt-tokens", str(args.prompt_tokens), "--answer-tokens", str(args.answer_tokens), "--threads", str(args.threads)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.stderr.write(p.stdout[-3000:] + p.stderr[-6000:])
-        raise SystemExit(f"{name} run failed (rc {p.returncode})")
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT ") :])
-    raise SystemExit(f"{name}: no result line\n{p.stdout[-2000:]}")
+    return run_child(__file__, [name, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+                                "--prompt-tokens", str(args.prompt_tokens), "--answer-tokens", str(args.answer_tokens),
+                                "--threads", str(args.threads)], name, threads=args.threads)
 
 
 def main() -> None:
@@ -163,7 +156,7 @@ def main() -> None:
     ap.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("BENCH_RESULT " + json.dumps(child(args)), flush=True)
+        emit(child(args))
         return
 
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 Both sides train a LoRA adapter (r 4, alpha 8, attention projections: ``lora=r4_attention``) on the same
 ~21M-parameter Llama as ``bench/sft_throughput.py`` (hidden 512, 6 layers, random init, the tiny BPE tokenizer),
 on the same real auth-log train prompts (``sectune.data.sft_splits``), G = 8 completions per prompt, the same
-``--max-completion-length``, the same four rule rewards (``sectune.stages.rl.rule_reward``), same seed:
+``--max-completion-length``, the same four rule rewards (``sectune.rl_rewards.rule_reward``), same seed:
 
 * ``trl``      — ``GRPOTrainer(model, reward_funcs, GRPOConfig(...), peft_config=LoraConfig(...))`` with
                  GRPOConfig's defaults for everything else: transformers ``generate`` on B·G left-padded prompt
@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from _child import emit, run_child  # noqa: E402
 MODEL = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1376)
 G = 8
 TARGET_RATIO = 1.3
@@ -121,6 +121,7 @@ def child(args) -> dict:
     from sectune.data import auth_rewards
     from sectune.engine import peak_rss_bytes
     from sectune.reward_model import window_from_prompt
+    from sectune.rl_rewards import rule_reward
     from sectune.stages import rl
 
     cfg = compose_cfg(args, args.variant)
@@ -128,7 +129,7 @@ def child(args) -> dict:
     records = data.sft_splits(cfg)["train"][: args.num_prompts]
     model = build_model(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    funcs = [rl.rule_reward(n) for n in auth_rewards.REWARDS]
+    funcs = [rule_reward(n) for n in auth_rewards.REWARDS]
     weights = [float(cfg.rl.rewards[n]) for n in auth_rewards.REWARDS]
     out_dir = Path(tempfile.mkdtemp(prefix=f"grpo_bench_{args.child}_"))
     if args.child == "trl":
@@ -170,18 +171,10 @@ def child(args) -> dict:
 
 # ----------------------------------------------------------------------------- parent
 def run_side(side: str, variant: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--variant", variant, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--prompts", str(args.prompts), "--num-prompts", str(args.num_prompts), "--max-completion-length", str(args.max_completion_length),
-           "--threads", str(args.threads)]  # fmt: skip
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.stderr.write(p.stdout[-4000:] + p.stderr[-8000:])
-        raise SystemExit(f"{side} run failed (rc {p.returncode})")
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT ") :])
-    raise SystemExit(f"{side}: no result line\n{p.stdout[-2000:]}")
+    return run_child(__file__, [side, "--variant", variant, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                "--prompts", str(args.prompts), "--num-prompts", str(args.num_prompts),
+                                "--max-completion-length", str(args.max_completion_length), "--threads", str(args.threads)],
+                     side, threads=args.threads)
 
 
 def main() -> None:
@@ -201,7 +194,7 @@ def main() -> None:
     args.steps = args.steps or (2 if args.quick else 4)
     args.repeats = args.repeats or (1 if args.quick else 2)
     if args.child:
-        print("BENCH_RESULT " + json.dumps(child(args)), flush=True)
+        emit(child(args))
         return
 
     t_start = time.perf_counter()

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _child import emit, run_child  # noqa: E402
 from sft_throughput import MODEL, matmul_peak_flops  # noqa: E402
 
 TARGETS = {"vs_itemwise": 1.3, "vs_trl": 1.3}
@@ -197,17 +197,8 @@ def _itemwise_trainer():
 
 
 def run_side(side: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--max-length", str(args.max_length), "--threads", str(args.threads)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.stderr.write(p.stdout[-4000:] + p.stderr[-8000:])
-        raise SystemExit(f"{side} run failed (rc {p.returncode})")
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT "):])
-    raise SystemExit(f"{side}: no result line\n{p.stdout[-2000:]}")
+    return run_child(__file__, [side, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                "--max-length", str(args.max_length), "--threads", str(args.threads)], side)
 
 
 def main() -> None:
@@ -224,7 +215,7 @@ def main() -> None:
     args.steps = args.steps or (3 if args.quick else 5)
     args.repeats = args.repeats or (1 if args.quick else 2)
     if args.child:
-        print("BENCH_RESULT " + json.dumps(child(args)), flush=True)
+        emit(child(args))
         return
 
     t_start = time.perf_counter()

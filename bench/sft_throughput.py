@@ -39,13 +39,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from _child import emit, run_child  # noqa: E402
+
 MODEL = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1376)
 TARGETS = {"ratio": 1.3, "pad_share": 0.05, "mfu_real": 0.35, "rss_ratio": 1.0}
 
@@ -308,20 +310,8 @@ def _drop_trl_metrics(trainer) -> None:
 
 # ----------------------------------------------------------------------------- parent
 def run_side(side: str, variant: str, args) -> dict:
-    cmd = [
-        sys.executable, __file__, "--child", side, "--variant", variant,
-        "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--max-length", str(args.max_length), "--threads", str(args.threads),
-    ]  # fmt: skip
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.stderr.write(p.stdout[-4000:] + p.stderr[-8000:])
-        raise SystemExit(f"{side} run failed (rc {p.returncode})")
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT ") :])
-    raise SystemExit(f"{side}: no result line\n{p.stdout[-2000:]}")
+    return run_child(__file__, [side, "--variant", variant, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                "--max-length", str(args.max_length), "--threads", str(args.threads)], side)
 
 
 def median_of(runs: list[dict], key: str) -> float:
@@ -348,7 +338,7 @@ def main() -> None:
     args.repeats = args.repeats or (1 if args.quick else 2)
 
     if args.child:
-        print("BENCH_RESULT " + json.dumps(child(args)), flush=True)
+        emit(child(args))
         return
 
     t_start = time.perf_counter()

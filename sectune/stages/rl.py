@@ -25,7 +25,6 @@ for batch × G sequences) runs first.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -33,9 +32,9 @@ import time
 from pathlib import Path
 
 from sectune import data, engine, modeling
-from sectune.data import auth_rewards
 from sectune.errors import ConfigError, SectuneError
 from sectune.memory import memory_check
+from sectune.rl_rewards import heldout_reward, reward_functions
 from sectune.runner import RunContext, write_json_atomic
 
 LOSSES = ("grpo", "simplified_ppo")
@@ -175,61 +174,6 @@ def fitting_prompts(tokenizer, records: list[dict], max_len: int) -> tuple[list[
     return keep, len(records) - len(keep)
 
 
-# ---------------------------------------------------------------------------------------- rewards
-@functools.lru_cache(maxsize=4096)
-def _annotation(text: str) -> dict:
-    return json.loads(text)
-
-
-def rule_reward(name: str):
-    """``auth_rewards.REWARDS[name]`` as a TRL reward function of the completions and the dataset's
-    ``window`` and ``annotation`` columns (TRL passes extra columns as keyword lists)."""
-    fn = auth_rewards.REWARDS[name]
-
-    def reward(prompts, completions, window, annotation, **_):
-        return [fn(w, _annotation(a), c) for w, a, c in zip(window, annotation, completions)]
-
-    reward.__name__ = name
-    return reward
-
-
-def model_reward(scorer):
-    def reward_model(prompts, completions, **_):
-        return scorer.score(prompts, completions)
-
-    return reward_model
-
-
-def reward_functions(cfg) -> tuple[list, list[float], str | None]:
-    """(TRL reward functions, their weights, the reward model's kind). Every rule reward is scored and logged,
-    weighted or not (weight 0 when ``rl.rewards`` leaves it out); the reward model only when weighted."""
-    from omegaconf import OmegaConf
-
-    given = OmegaConf.to_container(cfg.rl.rewards, resolve=True) if cfg.rl.rewards is not None else {}
-    try:
-        weights = auth_rewards.check_reward_weights(given)
-    except ValueError as e:
-        raise ConfigError(f"rl.rewards: {e}") from None
-    if not any(weights.values()):
-        raise ConfigError("rl.rewards: every weight is 0; weight at least one reward")
-    funcs = [rule_reward(n) for n in auth_rewards.REWARDS]
-    w = [weights.get(n, 0.0) for n in auth_rewards.REWARDS]
-    kind = None
-    if weights.get("reward_model", 0.0):
-        if not cfg.rl.reward_model:
-            raise ConfigError("rl.rewards.reward_model is weighted but rl.reward_model is not set (give a stage=reward run dir)")
-        from sectune.reward_model import load_reward_model
-
-        scorer = load_reward_model(cfg.rl.reward_model, cfg)
-        kind = scorer.kind
-        print(f"sectune: reward model ({scorer.kind}) from {cfg.rl.reward_model}")
-        funcs.append(model_reward(scorer))
-        w.append(weights["reward_model"])
-    elif cfg.rl.reward_model:
-        print(f"sectune: warning: rl.reward_model={cfg.rl.reward_model} is set but rl.rewards.reward_model is 0: not used")
-    return funcs, w, kind
-
-
 # ------------------------------------------------------------------------------------------- grpo
 def run_grpo(ctx: RunContext) -> dict:
     cfg, run_dir, rl = ctx.cfg, ctx.run_dir, ctx.cfg.rl
@@ -302,26 +246,6 @@ def run_grpo(ctx: RunContext) -> dict:
           f"{metrics.get('reward_mean_end', float('nan')):.3f}{kl} · {metrics['train_steps']} steps · {metrics['train_runtime_s']:.0f}s")
     trainer.accelerator.wait_for_everyone()
     return {"metrics": metrics, "artifacts": artifacts}
-
-
-def heldout_reward(cfg, model, tokenizer, records: list[dict], reward_funcs, weights) -> float:
-    """Mean weighted total reward of the policy's greedy analyses of ``records`` (validation windows):
-    the same windows before and after training, so the change is the policy's, not which windows a
-    step drew (the per-step curve's noise)."""
-    from omegaconf import OmegaConf
-
-    from sectune.inference import generate
-    from sectune.reward_model import window_from_prompt
-
-    prompts = [r["prompt"] for r in records]
-    greedy = OmegaConf.merge(cfg.generation, {"do_sample": False, "max_new_tokens": int(cfg.rl.max_completion_length)})
-    was_training = model.training
-    texts = generate(model, tokenizer, prompts, greedy, batch_size=int(cfg.infer.batch_size))
-    model.train(was_training)
-    cols = {"window": [window_from_prompt(p) for p in prompts], "annotation": [r["completion"] for r in records]}
-    per_func = [fn(prompts, texts, **cols) for fn in reward_funcs]
-    totals = [sum(w * (v if v is not None else 0.0) for w, v in zip(weights, vals)) for vals in zip(*per_func)]
-    return sum(totals) / len(totals)
 
 
 def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs, weights, output_dir: Path, callbacks=()):

@@ -1,0 +1,309 @@
+"""Each stage's own settings node (``classify``, ``evaluate``, ``infer``, ``reward``, ``dpo``, ``rl``,
+``contrastive``, ``federated``, ``pipeline``, ``report``, ``sweep``, ``plan``, ``doctor``) and the memory
+templates: the structured-config schemas :class:`sectune.config.SectuneConfig` composes. The nodes every
+run shares (model, lora, dataset, train, …) are in :mod:`sectune.config`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class ClassifyConfig:
+    head: str = "seq_cls"  # seq_cls | generative
+    #: ``seq_cls`` head: the class logits of the ``mean`` over all real tokens
+    #: (:func:`sectune.classification.set_pooling`) or of the ``last`` real token (transformers'
+    #: default for decoder models). Mean measured better on both real tasks here (CIC families
+    #: 0.93-0.95x RF vs 0.90-0.92x; injections 0.909 vs 0.879 mean F1 over 5 seeds).
+    pooling: str = "mean"
+    #: binary tasks: pick the decision threshold on the validation split (never test)
+    tune_threshold: bool = True
+    #: end the classify run with the test-split evaluation (evaluation/ folder)
+    evaluate_test: bool = True
+    #: score the validation split at every evaluation (each epoch, or every ``train.eval_steps``) and
+    #: keep the weights with the best validation macro-F1 (Trainer's ``load_best_model_at_end``);
+    #: false keeps the last weights. Never looks at test.
+    select_best: bool = True
+    #: 1 trains one model on the train split. k >= 2 trains a k-fold cross-fitted ensemble: member i
+    #: learns on the other k-1 stratified folds of the train split and selects its weights on fold i;
+    #: the binary decision threshold is chosen on the out-of-fold predictions of every train row
+    #: (``cv_macro_f1``), and validation/test are scored by the members' mean probabilities.
+    #: k times the training and scoring cost.
+    folds: int = 1
+    #: BPE-dropout (subword regularization): in every epoch, every applicable BPE merge of every
+    #: train row is skipped with this probability, so the model sees the text cut into varied smaller
+    #: pieces, as obfuscated input cuts it (0.1 in the paper; 0 = off). Seeded from ``train.seed``
+    #: (:mod:`sectune.subword`); validation, test and the Predictor tokenize deterministically.
+    #: Needs a fast BPE tokenizer (GPT-2, Llama 3, the tiny models).
+    subword_dropout: float = 0.0
+
+
+@dataclass
+class EvaluateConfig:
+    model_dir: Optional[str] = None
+    split: str = "test"
+    batch_size: int = 32
+    #: trees in the RandomForest baseline (flows)
+    rf_estimators: int = 200
+    #: dataset=injection_triplets: score only the first N triplets of the split (null = all)
+    max_samples: Optional[int] = None
+    #: dataset=hdfs (sectune/anomaly.py): add-alpha smoothing of the bigram baseline's next-key probabilities
+    bigram_alpha: float = 0.01
+
+
+@dataclass
+class InferConfig:
+    #: a run dir (rl, dpo or sft) or a pipeline dir; the newest of RL -> DPO -> SFT adapter found
+    #: there answers, else the base model. null = the base model.
+    model_dir: Optional[str] = None
+    #: when model_dir is a sectune run/pipeline dir whose models are all unusable (failed, files
+    #: missing): true = the base model answers, with a warning naming what was skipped; false = error
+    base_fallback: bool = True
+    #: one log file, or a folder of them (one analysis per file)
+    input_file: Optional[str] = None
+    #: the JSON list written; null = <run dir>/analyses.json
+    output_file: Optional[str] = None
+    #: schema-constrained decoding: every output parses and validates by construction
+    constrained: bool = False
+    #: put the whole JSON schema in the prompt (seed 000's --full_schema)
+    full_schema: bool = False
+    batch_size: int = 4
+    #: the schema outputs are checked (and constrained) against; null = sectune/data/auth_schema.json
+    schema: Optional[str] = None
+
+
+@dataclass
+class RewardConfig:
+    #: when the memory check (stage=plan's estimate) says the run does not fit the device:
+    #: error (stop with the estimate and what to change) | heuristic (write the heuristic reward model)
+    fallback: str = "error"
+    #: write the heuristic reward model without checking memory (tests, CPU-only boxes)
+    force_fallback: bool = False
+    #: the free memory the check compares against; null = the device's free memory now
+    memory_limit_gb: Optional[float] = None
+    #: score chosen+rejected sequences this many at a time within a batch (seed 000's chunk_size);
+    #: null = the whole batch in one forward
+    chunk_size: Optional[int] = None
+
+
+@dataclass
+class DpoConfig:
+    #: an SFT run dir (or its adapter/ folder) whose adapter the policy starts from; null = a fresh adapter
+    init_from: Optional[str] = None
+    #: the reference policy π_ref, never a second copy of the base weights: base = the same model with the
+    #: adapter disabled; init = a frozen copy of the starting adapter (π_ref = π_SFT, as in the DPO paper;
+    #: every implicit reward, hence preference_accuracy_start, is then 0 before training)
+    reference: str = "base"
+
+
+@dataclass
+class RLConfig:
+    """``stage=rl``: ``loss=grpo`` (group-relative policy optimisation, TRL's GRPOTrainer) or
+    ``loss=simplified_ppo`` (seed 000's recipe: supervised fine-tuning on the best examples)."""
+
+    #: where the policy starts: an SFT run dir (its result.json names ``artifacts.adapter`` or
+    #: ``artifacts.model``) or that folder. An adapter is loaded trainable; full weights (an SFT run
+    #: with lora=none) become the base under a fresh LoRA adapter, so the policy still starts as π_SFT
+    init_from: Optional[str] = None
+    #: init_from unset or unloadable: false = stop with an error naming the path; true = a fresh adapter
+    #: on the base model, a warning, and ``metrics.fresh_adapter=1`` (seed 000 fell back silently)
+    allow_fresh_adapter: bool = False
+    #: grpo's KL reference, never a second copy of the base weights: base = the same model with the
+    #: adapter disabled (π_base; π_SFT when init_from holds full weights); init = a frozen copy of the
+    #: starting adapter (π_ref = π_SFT, as in DeepSeekMath; TRL's own default for a loaded adapter)
+    reference: str = "base"
+    #: G, completions sampled per prompt (the group the advantages are normalised over);
+    #: ``train.batch_size`` counts prompts, so a micro-batch holds batch_size × G completions
+    num_generations: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = 160
+    #: validation windows whose greedy analyses are scored before and after training
+    #: (``metrics.reward_heldout_start/end``); 0 = skip
+    heldout_windows: int = 32
+    #: μ, policy updates per generated batch (μ = 1: the ratio is 1 and nothing is clipped)
+    num_iterations: int = 1
+    #: the learning rate is ``train.learning_rate × lr_scale``: seed 000 halved it for RL
+    lr_scale: float = 0.5
+    #: token aggregation of the loss: dapo = mean over every completion token of the batch (TRL's
+    #: default, no length bias) | grpo = per-completion mean, then mean over completions (the paper)
+    loss_type: str = "dapo"
+    #: weighted rewards (sectune.data.auth_rewards): json_valid, schema_valid, verdict, fields, and
+    #: reward_model (a stage=reward run, ``rl.reward_model``); the total is the weighted sum
+    rewards: Dict[str, float] = field(
+        default_factory=lambda: {"json_valid": 0.1, "schema_valid": 0.2, "verdict": 0.35, "fields": 0.35, "reward_model": 0.0}
+    )
+    #: a stage=reward run dir (trained or heuristic); needed only when ``rewards.reward_model`` > 0
+    reward_model: Optional[str] = None
+    #: sample the G completions of a prompt from one prefill of the prompt (its KV cache shared), and
+    #: score them in one row (prompt once, then each completion attending to it): the same numbers as
+    #: TRL's padded batches for less work (bench/grpo_throughput.py); false = TRL's own paths
+    shared_prompt: bool = True
+
+
+def _open_dict() -> Any:
+    """An empty mapping that accepts new nested keys even under Hydra's struct mode, so
+    ``pipeline.overrides.rl.train.max_steps=5`` works on the command line without a ``+``;
+    the pipeline validates every key against the step's own schema before anything runs."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({}, flags={"struct": False})
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when ``metric`` (any eval metric, without ``eval_``) has not improved by more than ``min_delta`` for
+    ``patience`` evaluations (Trainer's EarlyStoppingCallback); the best checkpoint is kept by the same metric."""
+
+    metric: str = "causal_stability"
+    mode: str = "max"  # max | min
+    #: 0 = never stop early (the best checkpoint is still tracked)
+    patience: int = 5
+    min_delta: float = 0.001
+
+
+@dataclass
+class ContrastiveConfig:
+    """``stage=contrastive`` (seed 002): causal-contrastive training on injection triplets."""
+
+    #: where the model starts: an SFT run dir (its result.json names ``artifacts.adapter`` or ``artifacts.model``)
+    #: or that folder; null = the base model (under a fresh adapter with LoRA)
+    init_from: Optional[str] = None
+    #: the representation: the hidden state after this decoder layer (1..L), -1 = the last (final-normed)
+    layer: int = -1
+    #: mean over the prompt tokens | last prompt token
+    pooling: str = "mean"
+    #: separate = three forwards (cf and injection stop after ``layer``) | batched = one forward of the three inputs.
+    #: bench/contrastive_throughput.py (2-core EPYC, SmolLM-135M shape, 1 thread), two uncontended runs: separate
+    #: 1.19x / 1.12x, batched 1.13x / 1.03x seed 002's three full forwards, separate with less peak RSS (~0.85x
+    #: batched's); one run on a contended CPU had batched ahead (1.15x vs 1.00x). Separate with a middle ``layer``:
+    #: 1.5-1.7x
+    forward: str = "separate"
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    #: load the best checkpoint's weights at the end (what the saved adapter holds); false = the last weights
+    load_best_at_end: bool = True
+    #: answer the held-out injected windows (and the same windows clean) with stage=infer's generation before and
+    #: after training: attack_success_rate(_start), targeted_attack_success_rate(_start), clean_verdict_accuracy(_start)
+    #: (sectune.injection_eval); evaluate.max_samples limits the windows (the same first N stage=evaluate scores)
+    attack_eval: bool = True
+
+
+@dataclass
+class FederatedConfig:
+    """``stage=federated`` (seed 003): FedAvg of LoRA adapters on Flower's simulation runtime (sectune.federated)."""
+
+    num_clients: int = 10
+    #: fraction of the clients FedAvg samples per round (int(num_clients * client_frac), at least 1)
+    client_frac: float = 0.1
+    rounds: int = 10
+    #: optimizer steps each sampled client trains per round (Trainer max_steps)
+    local_steps: int = 10
+    #: the clients' batch size; null = train.batch_size
+    batch_size: Optional[int] = None
+    #: iid | shards (sorted by each session's dominant key, contiguous pieces) | dirichlet (over the dominant key)
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    partition_seed: int = 0
+    #: the clients' lr over rounds, from train.learning_rate: constant | linear | cosine (down to lr_min_ratio ×)
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.1
+    #: the server's global evaluation (validation loss + detection F1) every N rounds (and round 0 and the last)
+    eval_every: int = 1
+    #: score detection (g / threshold on validation, then test) in the global evaluation; false = loss only
+    detection: bool = True
+    #: Flower's DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod: clip each client's update to
+    #: dp_clipping_norm, Gaussian noise (std dp_noise_multiplier × dp_clipping_norm / clients per round) on the mean
+    dp: bool = False
+    dp_noise_multiplier: float = 0.1
+    dp_clipping_norm: float = 1.0
+    #: Ray resources: CPUs per client (torch threads too) and for the whole simulation (clients in parallel =
+    #: ray_num_cpus // client_num_cpus; null = one client at a time)
+    client_num_cpus: int = 1
+    client_num_gpus: float = 0.0
+    ray_num_cpus: Optional[int] = None
+    #: clients' Trainer output dirs; null = <run dir>/clients
+    client_dir: Optional[str] = None
+    #: Flower's and Ray's own logs in full
+    verbose: bool = False
+
+
+@dataclass
+class MemoryTemplateConfig:
+    """Seed 002's memory templates (``+memory_template=minimal|balanced|high_quality``): settings sized for a GPU
+    of ``budget_gb`` GiB; ``stage=plan`` checks the composed run against it."""
+
+    name: Optional[str] = None
+    budget_gb: Optional[float] = None
+
+
+@dataclass
+class PipelineConfig:
+    """``stage=pipeline``: stages run in order in one command, each in ``<run dir>/<step>/``."""
+
+    #: the stages to run, in order; each reads the earlier ones' result.json (rl: sft + reward,
+    #: dpo: sft, infer: the pipeline dir). The make-run analyst adds dpo: [sft, reward, rl, dpo, infer]
+    steps: List[str] = field(default_factory=lambda: ["sft", "reward", "rl", "infer"])
+    #: each step's ``loss`` option (conf/loss/), e.g. ``pipeline.loss.rl=simplified_ppo``
+    loss: Dict[str, str] = field(
+        default_factory=lambda: {"sft": "causal_lm", "reward": "bradley_terry", "dpo": "dpo", "rl": "grpo"}
+    )
+    #: each step's ``dataset`` option (conf/dataset/); every step must hold out the same test windows
+    dataset: Dict[str, str] = field(
+        default_factory=lambda: {"sft": "auth_logs", "reward": "auth_preferences", "dpo": "auth_preferences",
+                                 "rl": "auth_logs", "infer": "auth_logs"}
+    )
+    #: per-step config changes, ``{step: {key: value}}`` (``pipeline.overrides.rl.train.max_steps=20``);
+    #: a string for a config group picks its option (``pipeline.overrides.rl.model=smollm_135m``)
+    overrides: Dict[str, Any] = field(default_factory=_open_dict)
+    #: end with the held-out table (report.md + heldout.json) on the test windows
+    heldout_table: bool = True
+    #: score only the first N test windows (null = all): quick looks and tests
+    heldout_max_windows: Optional[int] = None
+    #: generation batch size of the table's policies; null = ``infer.batch_size`` (the infer step's, so
+    #: its answers are the table's for that policy and every analyses/s figure is comparable)
+    heldout_batch_size: Optional[int] = None
+    #: add a schema-constrained row for the best policy (sectune.constrained; needs xgrammar)
+    heldout_constrained: bool = True
+
+
+@dataclass
+class ReportConfig:
+    #: the sweep dir (``multirun/DATE/TIME``) to tabulate with ``stage=report``
+    dir: Optional[str] = None
+    sort_by: Optional[str] = None
+    #: null = losses ascending, other metrics descending
+    ascending: Optional[bool] = None
+
+
+@dataclass
+class SweepConfig:
+    #: skip a job whose config digest already succeeded: in this job dir, or anywhere the
+    #: index under ``index_dir`` points to (a rerun lands in a NEW multirun/DATE/TIME dir)
+    skip_done: bool = False
+    #: one ``<digest>.json`` per succeeded sweep job, pointing at its run dir
+    index_dir: str = "multirun/.index"
+    #: the metric the run returns to a sweeper (Optuna); null = eval_loss, val_loss, then
+    #: predicted_peak_bytes, whichever the stage reports
+    objective: Optional[str] = None
+    #: minimize | maximize; the Optuna preset passes it to hydra.sweeper.direction
+    direction: str = "minimize"
+
+
+@dataclass
+class PlanConfig:
+    #: null = the device the run would train on (train.device); cuda | cpu to plan for another
+    device: Optional[str] = None
+    #: null = train.batch_size / model.max_seq_length
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    #: also tabulate every conf/model preset under the composed settings (plan_all_models.md)
+    all_models: bool = False
+
+
+@dataclass
+class DoctorConfig:
+    #: warn below this much free disk in the working dir (GB, 1e9 bytes)
+    min_free_disk_gb: float = 20.0
+    #: treat warnings as failures (exit non-zero) too
+    strict: bool = False

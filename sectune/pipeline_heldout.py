@@ -1,0 +1,168 @@
+"""The analyst pipeline's held-out half (``stage=pipeline``): the test windows no training step may see,
+written for the infer step, and the results table over every trained policy at the end (the scoring
+itself is :mod:`sectune.analyst_eval`). Steps are read through their duck-typed ``name``/``dir``/``cfg``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sectune import runner
+from sectune.errors import ConfigError
+from sectune.runner import config_digest
+
+if TYPE_CHECKING:
+    from sectune.stages.pipeline import Step
+
+#: steps that train on auth windows: none of them may see a held-out test window
+TRAINING_STEPS = ("sft", "reward", "dpo", "rl")
+RL_NAMES = {"grpo": "GRPO", "simplified_ppo": "simplified PPO"}
+#: where the pipeline writes the held-out windows for its infer step (relative to the run dir)
+WINDOWS_DIR = Path("heldout") / "windows"
+
+
+# ----------------------------------------------------------------------------- held-out windows
+def check_held_out(steps: list[Step], eval_cfg: DictConfig, max_windows: int | None) -> list:
+    """The table's test windows; an error when a training step's data would include one of them."""
+    from sectune import analyst_eval, data
+
+    splits_cache: dict[tuple, dict] = {}
+
+    def splits(c: DictConfig) -> dict:
+        d = c.dataset
+        key = (d.path, d.source_dir, d.max_samples, d.val_fraction, d.test_fraction, d.split_seed, d.min_lines, d.max_lines)
+        if key not in splits_cache:
+            as_windows = copy.deepcopy(c)
+            with open_dict(as_windows):
+                as_windows.dataset.name = "auth_logs"
+            splits_cache[key] = data.sft_splits(as_windows)
+        return splits_cache[key]
+
+    windows = analyst_eval.load_windows(eval_cfg)["test"]
+    if not windows:
+        raise ConfigError("pipeline: no held-out test windows (dataset.test_fraction=0); the table and the infer step need them")
+    test = {w.id for w in windows}
+    for s in steps:
+        d = s.cfg.dataset
+        if s.name not in TRAINING_STEPS or d.name not in ("auth_logs", "auth_preferences") or str(d.path or "").endswith(".jsonl"):
+            continue
+        sp = splits(s.cfg)
+        seen = {r["id"] for r in sp["train"] + sp["validation"]} & test
+        if seen:
+            keys = ("max_samples", "val_fraction", "test_fraction", "split_seed", "min_lines", "max_lines", "path")
+            diff = [f"dataset.{k}={d[k]} (table: {eval_cfg.dataset[k]})" for k in keys if d[k] != eval_cfg.dataset[k]]
+            raise ConfigError(f"pipeline step {s.name} would train on {len(seen)} of the {len(test)} held-out test windows"
+                              + (f": its {', '.join(diff)}" if diff else "")
+                              + "; give every step the same dataset split settings")
+    return analyst_eval.pick_windows(windows, max_windows)
+
+
+def reads_windows(step: Step, run_dir: Path) -> bool:
+    """Whether this is the infer step reading the held-out windows the pipeline writes."""
+    return step.name == "infer" and str(step.cfg.infer.input_file) == str(run_dir / WINDOWS_DIR)
+
+
+def write_windows(folder: Path, windows: list) -> None:
+    """The held-out windows as log files (``<window id>.log``) for the infer step; written aside, then renamed."""
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for w in windows:
+        (tmp / f"{w.id}.log").write_text(w.log_text if w.log_text.endswith("\n") else w.log_text + "\n", encoding="utf-8")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+# ----------------------------------------------------------------------------- the table
+def policy_rows(steps: list[Step], eval_cfg: DictConfig) -> list[tuple[str, str, DictConfig, str, Path | None]]:
+    """(row name, step, step cfg, kind, path) for the base model and each trained policy, in step order."""
+    rows = [(f"base (untrained {eval_cfg.model.name})", "base", eval_cfg, "base", None)]
+    names = [s.name for s in steps]
+    for s in steps:
+        if s.name not in ("sft", "rl", "dpo"):
+            continue
+        arts = (runner.previous_result(s.dir) or {}).get("artifacts") or {}
+        kind = "adapter" if arts.get("adapter") else "model" if arts.get("model") else None
+        if kind is None:
+            continue
+        prefix = "SFT+" if s.name != "sft" and "sft" in names[: names.index(s.name)] else ""
+        label = {"sft": "SFT", "dpo": "DPO", "rl": RL_NAMES.get(str(s.cfg.loss.name), f"RL ({s.cfg.loss.name})")}[s.name]
+        rows.append((prefix + label, s.name, s.cfg, kind, s.dir / arts[kind]))
+    return rows
+
+
+def table_batch_size(cfg: DictConfig, eval_cfg: DictConfig) -> int:
+    b = cfg.pipeline.heldout_batch_size
+    return int(b if b is not None else eval_cfg.infer.batch_size)
+
+
+def infer_answers(steps: list[Step], run_dir: Path, windows: list, batch_size: int) -> dict[str, tuple[list[str], float | None]]:
+    """The infer step's answers, when they are the table's greedy pass for its policy: same windows,
+    unconstrained, no schema in the prompt, greedy, same batch size (so its analyses/s compares)."""
+    step = next((s for s in steps if s.name == "infer"), None)
+    if step is None or not reads_windows(step, run_dir):
+        return {}
+    ic, gen = step.cfg.infer, step.cfg.generation
+    if ic.constrained or ic.full_schema or gen.do_sample or int(ic.batch_size) != batch_size:
+        return {}
+    res = runner.previous_result(step.dir) or {}
+    out_rel = (res.get("artifacts") or {}).get("output")
+    try:
+        records = json.loads((step.dir / out_rel).read_text()) if out_rel else None
+    except (OSError, ValueError):
+        return {}
+    if not records:
+        return {}
+    by_input = {r.get("input"): r for r in records}
+    used = {r.get("model_used") for r in records}
+    if len(used) != 1 or not all(f"{w.id}.log" in by_input for w in windows):
+        return {}
+    texts = [by_input[f"{w.id}.log"].get("generated") or "" for w in windows]
+    return {used.pop(): (texts, (res.get("metrics") or {}).get("generation_s"))}
+
+
+def heldout_table(cfg: DictConfig, eval_cfg: DictConfig, steps: list[Step], run_dir: Path, reuse_ok: bool) -> dict:
+    """The table, or the one already in ``heldout.json`` when nothing it depends on changed."""
+    from sectune import analyst_eval
+
+    policies = policy_rows(steps, eval_cfg)
+    key_src = {
+        "eval": config_digest(eval_cfg),
+        "policies": [(n, st, str(p), (runner.previous_result(p.parent) or {}).get("finished") if p else None) for n, st, _, _, p in policies],
+        "max_windows": cfg.pipeline.heldout_max_windows,
+        "batch_size": table_batch_size(cfg, eval_cfg),
+        "constrained": cfg.pipeline.heldout_constrained,
+    }
+    key = config_digest(OmegaConf.create(json.loads(json.dumps(key_src, default=str))))
+    cached = _read_json(run_dir / "heldout.json")
+    if reuse_ok and cached and cached.get("key") == key and (run_dir / "report.md").is_file():
+        print(f"sectune: held-out table: nothing it depends on changed; reused {run_dir / 'heldout.json'}")
+        print((run_dir / "report.md").read_text())
+        return cached
+    windows = analyst_eval.pick_windows(analyst_eval.load_windows(eval_cfg)["test"], cfg.pipeline.heldout_max_windows)
+    table = analyst_eval.build_table(
+        eval_cfg, policies, run_dir,
+        max_windows=cfg.pipeline.heldout_max_windows,
+        batch_size=table_batch_size(cfg, eval_cfg),
+        constrained=bool(cfg.pipeline.heldout_constrained),
+        reuse=infer_answers(steps, run_dir, windows, table_batch_size(cfg, eval_cfg)),
+        extra={"key": key},
+    )
+    print()
+    print(table["markdown"])
+    return table
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	@# torch first (CPU wheel), then everything else pinned to it: no CUDA build is pulled.
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then echo "torch already installed"; else $(BIN)/pip install -q "$(TORCH)"; fi
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,slurm,optuna]"
+	@# federated (Flower + Ray, ~20 s more): in the same resolve as optuna, so pip picks a cliff/cmd2 that takes Flower's rich<15
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,slurm,optuna,federated]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -25,7 +26,7 @@ run: $(STAMP)
 	$(BIN)/sectune +experiment=auth_grpo_tiny
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --timeout=900
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=900 --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=1800

@@ -3,7 +3,7 @@
 Every side trains the same SmolLM-135M-sized Llama (hidden 576, 30 layers, 9 heads / 3 KV heads, intermediate
 1536, vocabulary 49,152, tied embeddings; random init, seed 0) under the same LoRA adapter (r 16 on every
 linear, seed 002's), fp32, AdamW, on the same triplets (``sectune.data.injection.triplet_splits`` of the real
-auth-log windows, rendered as the analyst's prompts, each prompt cut to ``--prompt-tokens`` and each answer to
+auth-log windows, rendered as the analyst's prompts, each prompt cut to a ``--prompt-tokens`` window and each answer to
 ``--answer-tokens`` tokens with the tiny BPE tokenizer), ``--batch`` triplets per step, the same loss
 (``sectune.losses.causal_contrastive_loss``, mean-pooled prompt representations) and the same step loop
 (forward, loss, backward, AdamW step). Only the forward pattern differs:
@@ -11,12 +11,20 @@ auth-log windows, rendered as the analyst's prompts, each prompt cut to ``--prom
 * ``three_forwards`` — seed 002: ``model(...)`` on the benign input (prompt + answer, HF's LM loss on the answer
   tokens), the counterfactual and the injected prompt, each with ``output_hidden_states=True``: LM-head logits
   at every position of all three.
-* ``separate`` — ``sectune.contrastive_trainer.triplet_forward`` with ``forward=separate``
-  (``contrastive.forward``'s default): the decoder body three times, the LM head on the benign answer
-  positions only.
+* ``separate`` — ``sectune.contrastive_trainer.triplet_forward`` with sectune's defaults (``contrastive.forward``
+  = separate, ``contrastive.layer`` = -1, ``contrastive.share_prefix`` = true): the decoder body three times, the
+  injected one only from the token prefix it shares with the benign prompt on (on the benign forward's KV cache),
+  the LM head on the benign answer positions only. This is the side the target ratio is read from.
+* ``separate_full_inj`` — the same with ``share_prefix=false`` (the whole injected prompt through the decoder).
 * ``batched`` — the same with ``forward=batched``: one forward of the three inputs padded into one batch.
 * ``separate_mid`` — ``separate`` with ``contrastive.layer`` = L/2: the counterfactual and injected forwards
   stop after layer 15 of 30 (what ``contrastive.layer`` buys).
+
+The prompt window: the injected prompt shares its first tokens with the benign one (the instruction is planted in
+one log line), about half of it on the full real prompts. Cutting every prompt to its first ``--prompt-tokens``
+tokens would leave most injections outside the cut (the injected prompt ~all shared prefix: a saving the real data
+does not give), so each triplet's three prompts are cut to the same ``--prompt-tokens`` window placed so that the
+shared share of the injected window equals that triplet's share on its full prompts (the bench prints both means).
 
 Each side runs in its own subprocess (its ``VmHWM`` is that side's peak RSS), ``--warmup`` untimed steps then
 ``--steps`` timed ones (median step time). On a shared CPU run with one thread (OMP_NUM_THREADS=1):
@@ -42,7 +50,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _child import emit, run_child  # noqa: E402
 MODEL = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
              vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
-SIDES = {"three_forwards": None, "separate": ("separate", -1), "batched": ("batched", -1), "separate_mid": ("separate", 15)}
+#: side → (contrastive.forward, contrastive.layer, contrastive.share_prefix); None = seed 002's three full forwards
+SIDES = {"three_forwards": None, "separate": ("separate", -1, True), "separate_full_inj": ("separate", -1, False),
+         "batched": ("batched", -1, False), "separate_mid": ("separate", 15, True)}
 TARGET_RATIO = 1.3
 
 
@@ -69,15 +79,26 @@ def triplet_rows(args, tokenizer) -> list[dict]:
     config.register()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["stage=contrastive", "loss=causal_contrastive", "dataset=injection_triplets", "logger=none"])
-    recs = [triplet_prompts(r) for r in triplet_splits(cfg)["train"][: args.batch * (args.warmup + args.steps)]]
+    recs = [triplet_prompts(r) for r in triplet_splits(cfg)["train"]]
     rows, _ = encode_triplets(tokenizer, recs, 100_000)
-    p, a = args.prompt_tokens, args.answer_tokens
-    for r in rows:
-        n = min(r["b_prompt_len"], p)
-        r["b_ids"] = r["b_ids"][:n] + r["b_ids"][r["b_prompt_len"] : r["b_prompt_len"] + a]
-        r["b_prompt_len"] = n
-        r["cf_ids"], r["inj_ids"] = r["cf_ids"][:p], r["inj_ids"][:p]
-    return rows
+    # the injected prompt's shared-prefix share over every training triplet, beside the bench's few
+    split_share = statistics.mean(r["inj_shared"] / len(r["inj_ids"]) for r in rows)
+    return [{**cut_row(r, args.prompt_tokens, args.answer_tokens), "split_share": split_share}
+            for r in rows[: args.batch * (args.warmup + args.steps)]]
+
+
+def cut_row(r: dict, p: int, a: int) -> dict:
+    """The triplet's prompts cut to one ``p``-token window, placed so that the injected window's shared-prefix share
+    is its full prompt's (``inj_shared`` / its length); the benign answer cut to ``a`` tokens."""
+    from sectune.contrastive_trainer import shared_prefix
+
+    full_share = r["inj_shared"] / len(r["inj_ids"])
+    start = max(0, min(r["inj_shared"] - round(p * full_share), min(r["b_prompt_len"], len(r["cf_ids"]), len(r["inj_ids"])) - p))
+    prompt = r["b_ids"][: r["b_prompt_len"]][start : start + p]
+    cut = {"b_ids": prompt + r["b_ids"][r["b_prompt_len"] : r["b_prompt_len"] + a], "b_prompt_len": len(prompt),
+           "cf_ids": r["cf_ids"][start : start + p], "inj_ids": r["inj_ids"][start : start + p], "full_share": full_share}
+    cut["inj_shared"] = shared_prefix(prompt, cut["inj_ids"])
+    return cut
 
 
 def child(args) -> dict:
@@ -120,7 +141,8 @@ def child(args) -> dict:
         return (*reps, out_b.loss)
 
     side = SIDES[args.child]
-    fwd = three_forwards if side is None else (lambda b: CT.triplet_forward(model, b, layer=side[1], pooling="mean", forward=side[0]))
+    fwd = three_forwards if side is None else (
+        lambda b: CT.triplet_forward(model, b, layer=side[1], pooling="mean", forward=side[0], share_prefix=side[2]))
     times, losses = [], []
     for i, batch in enumerate(batches):
         t = time.perf_counter()
@@ -136,6 +158,9 @@ def child(args) -> dict:
     tokens = sum(int(b[f"{g}_attention_mask"].sum()) for b in batches for g in CT.GROUPS) / len(batches)
     return {"triplets_per_s": args.batch / step, "step_median_s": step, "peak_rss_bytes": peak_rss_bytes(),
             "lm_head_rows_per_step": sum(head_rows) / len(batches), "tokens_per_step": tokens, "first_loss": losses[0],
+            "inj_shared_share": statistics.mean(r["inj_shared"] / len(r["inj_ids"]) for r in rows),
+            "inj_shared_share_full_prompts": statistics.mean(r["full_share"] for r in rows),
+            "inj_shared_share_train_split": rows[0]["split_share"],
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -175,16 +200,26 @@ def main() -> None:
               f"{r['lm_head_rows_per_step']:>13.0f}{r['peak_rss_bytes'] / 2**20:>8.0f}Mi")
     from sectune.config import ContrastiveConfig
 
-    default_name = ContrastiveConfig.forward  # what a run uses unless told otherwise
+    # what a run uses unless told otherwise; the bench has a side for sectune's default config and says so
+    defaults = (ContrastiveConfig.forward, ContrastiveConfig.layer, ContrastiveConfig.share_prefix)
+    default_name = next((n for n, v in SIDES.items() if v is not None and v[:2] == defaults[:2] and (v[0] == "batched" or v[2] == defaults[2])), None)
+    if default_name is None:
+        raise SystemExit(f"no bench side runs sectune's default contrastive config {defaults}")
     default = res[default_name]
     ratio = default["triplets_per_s"] / base["triplets_per_s"]
-    faster = max(("separate", "batched"), key=lambda n: res[n]["triplets_per_s"])
+    faster = max(("separate", "separate_full_inj", "batched"), key=lambda n: res[n]["triplets_per_s"])
+    print(f"injected prompt's prefix shared with the benign prompt: {base['inj_shared_share']:.1%} of its tokens in the bench's windows, "
+          f"{base['inj_shared_share_full_prompts']:.1%} on their full prompts, {base['inj_shared_share_train_split']:.1%} over all "
+          "training triplets' full prompts")
     print(f"  {'PASS' if ratio >= TARGET_RATIO else 'MISS'}  triplets/s ratio (default: {default_name}, last layer) {ratio:.2f} vs target {TARGET_RATIO}; "
           f"faster forward here: {faster}; measured peak RSS {default['peak_rss_bytes'] / 2**20:.0f} MiB vs {base['peak_rss_bytes'] / 2**20:.0f} MiB")
     print(json.dumps({
         "triplets_per_s_ratio_vs_three_forwards": round(ratio, 3),
         "batched_ratio_vs_three_forwards": round(res["batched"]["triplets_per_s"] / base["triplets_per_s"], 3),
         "separate_mid_layer_ratio_vs_three_forwards": round(res["separate_mid"]["triplets_per_s"] / base["triplets_per_s"], 3),
+        "separate_full_inj_ratio_vs_three_forwards": round(res["separate_full_inj"]["triplets_per_s"] / base["triplets_per_s"], 3),
+        "inj_shared_share": round(base["inj_shared_share"], 3), "inj_shared_share_full_prompts": round(base["inj_shared_share_full_prompts"], 3),
+        "inj_shared_share_train_split": round(base["inj_shared_share_train_split"], 3),
         "default_forward": default_name, "faster_forward": faster,
         "peak_rss_ratio_vs_three_forwards": round(default["peak_rss_bytes"] / base["peak_rss_bytes"], 3),
         **{f"{n}_triplets_per_s": round(r["triplets_per_s"], 4) for n, r in res.items()},

@@ -95,6 +95,9 @@ class DpoConfig:
     #: adapter disabled; init = a frozen copy of the starting adapter (π_ref = π_SFT, as in the DPO paper;
     #: every implicit reward, hence preference_accuracy_start, is then 0 before training)
     reference: str = "base"
+    #: weight of an NLL term on the chosen answer added to the DPO loss (RPO, Pang et al. 2024; TRL's
+    #: loss_type "sft"): keeps the chosen answer likely, so the format is not traded for the margin; 0 = plain DPO
+    sft_weight: float = 0.0
 
 
 @dataclass
@@ -122,6 +125,11 @@ class RLConfig:
     #: validation windows whose greedy analyses are scored before and after training
     #: (``metrics.reward_heldout_start/end``); 0 = skip
     heldout_windows: int = 32
+    #: also score them every this many steps (0 = only before and after training)
+    eval_steps: int = 0
+    #: end with the adapter of the evaluation (step 0 = the starting policy included) whose held-out reward
+    #: was highest, as Trainer's load_best_model_at_end does (``metrics.best_step``); false = the last step's
+    keep_best: bool = True
     #: μ, policy updates per generated batch (μ = 1: the ratio is 1 and nothing is clipped)
     num_iterations: int = 1
     #: the learning rate is ``train.learning_rate × lr_scale``: seed 000 halved it for RL
@@ -174,12 +182,17 @@ class ContrastiveConfig:
     layer: int = -1
     #: mean over the prompt tokens | last prompt token
     pooling: str = "mean"
-    #: separate = three forwards (cf and injection stop after ``layer``) | batched = one forward of the three inputs.
-    #: bench/contrastive_throughput.py (2-core EPYC, SmolLM-135M shape, 1 thread), two uncontended runs: separate
-    #: 1.19x / 1.12x, batched 1.13x / 1.03x seed 002's three full forwards, separate with less peak RSS (~0.85x
-    #: batched's); one run on a contended CPU had batched ahead (1.15x vs 1.00x). Separate with a middle ``layer``:
-    #: 1.5-1.7x
+    #: separate = three forwards (cf and injection stop after ``layer``; injection from its shared prefix on, see
+    #: share_prefix) | batched = one forward of the three inputs. bench/contrastive_throughput.py (2-core EPYC,
+    #: SmolLM-135M shape, 1 thread), two runs (2026-12-02): separate 1.41x / 1.43x seed 002's three full forwards
+    #: (1.16x / 1.22x without share_prefix), batched 1.01x / 1.06x, separate with less peak RSS (0.85x the seed's,
+    #: batched 1.1x). Separate with a middle ``layer``: 1.65-2.0x
     forward: str = "separate"
+    #: separate forward: the injected prompt's forward starts after the token prefix it shares with the benign prompt
+    #: (about half of it on the real windows), attending to the benign forward's KV cache there: exact, less work;
+    #: off in training under activation checkpointing (train.gradient_checkpointing or train.selective_checkpointing:
+    #: transformers keeps no KV cache there) and for the batched forward
+    share_prefix: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     #: load the best checkpoint's weights at the end (what the saved adapter holds); false = the last weights
     load_best_at_end: bool = True
@@ -191,8 +204,11 @@ class ContrastiveConfig:
 
 @dataclass
 class FederatedConfig:
-    """``stage=federated`` (seed 003): FedAvg of LoRA adapters on Flower's simulation runtime (sectune.federated)."""
+    """``stage=federated`` (seed 003): FedAvg of LoRA adapters on Flower (sectune.federated)."""
 
+    #: simulation (Flower's simulation runtime on Ray, this machine) | deployment (a SuperLink and one SuperNode
+    #: per client; set by sectune.flower_app, which ``flwr run`` starts: experiments/hdfs_federated/README.md)
+    runtime: str = "simulation"
     num_clients: int = 10
     #: fraction of the clients FedAvg samples per round (int(num_clients * client_frac), at least 1)
     client_frac: float = 0.1

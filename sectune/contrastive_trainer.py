@@ -14,6 +14,14 @@ representations and the cross-entropy of the benign answer, and nothing else, so
   three forwards, the counterfactual and injected ones stopping after the chosen layer when it is not the
   last (a hook ends the forward there); ``batched``: one forward of the three inputs padded into one batch (every row runs every layer).
   Same representations either way (tests/test_contrastive.py); bench/contrastive_throughput.py measures both.
+* the injected prompt is the benign one with an instruction planted in one log line, so the two share a
+  token prefix (about half the injected prompt on the real windows). With ``share_prefix`` (the default,
+  ``contrastive.share_prefix``) the separate injected forward runs only from the batch's shortest shared
+  prefix on, attending to the benign forward's keys/values there (its KV cache, gradients flowing through
+  it); its hidden states on the prefix are the benign ones (causal attention: the same tokens give the same
+  states). Exact, not an approximation (tests/test_contrastive.py); off under activation checkpointing in
+  training (full or ``train.selective_checkpointing``: transformers keeps no KV cache there), and for the
+  batched forward.
 
 Trainer owns the loop, accumulation, precision, checkpoints (adapter, tokenizer, optimizer, scheduler,
 RNG) and W&B; this module adds the loss, the train/eval metrics, memory figures in the logs, and a stop
@@ -62,13 +70,25 @@ def encode_triplets(tokenizer, triplets: list[dict], max_len: int) -> tuple[list
         if max(len(prompt) + len(answer), len(cf), len(inj)) > max_len:
             cut += 1
         prompt, cf, inj = prompt[: max_len - 1], cf[:max_len], inj[:max_len]  # keep >= 1 answer token
-        rows.append({"b_ids": (prompt + answer)[:max_len], "b_prompt_len": len(prompt), "cf_ids": cf, "inj_ids": inj})
+        rows.append({"b_ids": (prompt + answer)[:max_len], "b_prompt_len": len(prompt), "cf_ids": cf, "inj_ids": inj,
+                     "inj_shared": shared_prefix(prompt, inj)})
     return rows, cut
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class TripletCollator:
     """Right-padded ``{g}_input_ids`` / ``{g}_attention_mask`` for g in b, cf, inj, the benign prompt lengths,
-    and ``b_labels`` (-100 on the prompt and padding: the task loss reads the answer tokens only)."""
+    ``b_labels`` (-100 on the prompt and padding: the task loss reads the answer tokens only) and
+    ``inj_shared`` (the injected prompt's leading tokens equal to the benign prompt's, per row)."""
 
     def __init__(self, pad_token_id: int):
         self.pad = pad_token_id
@@ -84,7 +104,8 @@ class TripletCollator:
         labels = out["b_input_ids"].clone()
         positions = torch.arange(labels.shape[1])
         labels[(positions[None] < prompt_lens[:, None]) | (out["b_attention_mask"] == 0)] = -100
-        out.update(b_prompt_lens=prompt_lens, b_labels=labels)
+        shared = [r["inj_shared"] if "inj_shared" in r else shared_prefix(r["b_ids"][: r["b_prompt_len"]], r["inj_ids"]) for r in rows]
+        out.update(b_prompt_lens=prompt_lens, b_labels=labels, inj_shared=torch.tensor(shared))
         return out
 
 
@@ -112,11 +133,19 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     return k
 
 
-def decoder_hidden(decoder, layers, ids, mask, k: int, stop: bool):
-    """(final hidden states or None, hidden states after layer k). ``stop``: end the forward after layer k."""
-    if k == len(layers):
-        last = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        return last, last
+def _cache_kwarg(decoder) -> str:
+    """The decoder's KV-cache argument/output name: ``cache`` (transformers 5) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def decoder_hidden(decoder, layers, ids, mask, k: int, stop: bool, cache=None, keep_cache: bool = False):
+    """(final hidden states or None, hidden states after layer k[, the KV cache]). ``stop``: end the forward after
+    layer k. ``cache``: keys/values of earlier positions (``ids`` continue them); ``keep_cache``: also return this
+    forward's cache (None where the decoder keeps none: gradient checkpointing in training)."""
+    name = _cache_kwarg(decoder) if cache is not None or keep_cache else None
+    kwargs = {"use_cache": False} if name is None else {"use_cache": True, name: cache}
     seen = {}
 
     def grab(module, args, output):
@@ -124,14 +153,34 @@ def decoder_hidden(decoder, layers, ids, mask, k: int, stop: bool):
         if stop:
             raise _StopForward
 
-    handle = layers[k - 1].register_forward_hook(grab)
+    handle = layers[k - 1].register_forward_hook(grab) if k < len(layers) else None
+    out = None
     try:
-        last = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        out = decoder(input_ids=ids, attention_mask=mask, **kwargs)
     except _StopForward:
-        last = None
+        pass
     finally:  # removed before backward, so a checkpointed layer's recompute never meets it
-        handle.remove()
-    return last, seen["h"]
+        if handle is not None:
+            handle.remove()
+    last = out.last_hidden_state if out is not None else None
+    h = last if k == len(layers) else seen["h"]
+    if keep_cache:
+        return last, h, (getattr(out, name, None) if out is not None else None)
+    return last, h
+
+
+def prefix_cache(cache, length: int, config):
+    """A new KV cache holding the first ``length`` positions of ``cache`` (slices: gradients reach the original
+    keys/values), or None when ``cache`` is not a per-layer key/value cache this can slice."""
+    from transformers import DynamicCache
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(lay, "keys", None) is None or getattr(lay, "is_sliding", False) for lay in layers):
+        return None
+    out = DynamicCache(config=config)
+    for i, lay in enumerate(layers):
+        out.update(lay.keys[..., :length, :], lay.values[..., :length, :], i)
+    return out
 
 
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -146,9 +195,10 @@ def _pad_to(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return F.pad(t, (0, width - t.shape[1]), value=value)
 
 
-def triplet_forward(model, batch: dict, layer: int = -1, pooling: str = "mean", forward: str = "separate"):
+def triplet_forward(model, batch: dict, layer: int = -1, pooling: str = "mean", forward: str = "separate", share_prefix: bool = True):
     """(r_b, r_cf, r_inj, task loss) of a :class:`TripletCollator` batch; the LM head runs once, on the benign
-    answer positions."""
+    answer positions. ``share_prefix`` (separate forward): the injected forward starts after the prefix it shares
+    with the benign prompt, on the benign forward's KV cache (the module doc)."""
     if forward not in FORWARDS or pooling not in POOLINGS:
         raise SectuneError(f"contrastive.forward={forward!r} / contrastive.pooling={pooling!r}: choose {FORWARDS} / {POOLINGS}")
     decoder, layers, head = causal_lm_parts(model)
@@ -164,12 +214,23 @@ def triplet_forward(model, batch: dict, layer: int = -1, pooling: str = "mean", 
         r_b, r_cf, r_inj = r[:n], r[n : 2 * n], r[2 * n :]
         last_b = last[:n, : batch["b_input_ids"].shape[1]]
     else:
-        last_b, h_b = decoder_hidden(decoder, layers, batch["b_input_ids"], batch["b_attention_mask"], k, stop=False)
+        # the prefix every row's injected prompt shares with its benign prompt (never past the shortest row); none under
+        # activation checkpointing in training (transformers drops the KV cache there: a recompute would append twice)
+        checkpointed = layers[0].training and torch.is_grad_enabled() and getattr(layers[0], "gradient_checkpointing", False)
+        shared = int(batch["inj_shared"].min()) if share_prefix and "inj_shared" in batch and not checkpointed else 0
+        out_b = decoder_hidden(decoder, layers, batch["b_input_ids"], batch["b_attention_mask"], k, stop=False, keep_cache=shared > 0)
+        last_b, h_b, cache = out_b if shared > 0 else (*out_b, None)
         r_b = pool(h_b, lens["b"], pooling)
-        r_cf, r_inj = (
-            pool(decoder_hidden(decoder, layers, batch[f"{g}_input_ids"], batch[f"{g}_attention_mask"], k, stop=True)[1], lens[g], pooling)
-            for g in ("cf", "inj")
-        )
+        r_cf = pool(decoder_hidden(decoder, layers, batch["cf_input_ids"], batch["cf_attention_mask"], k, stop=True)[1], lens["cf"], pooling)
+        inj_ids, inj_mask = batch["inj_input_ids"], batch["inj_attention_mask"]
+        past = prefix_cache(cache, shared, decoder.config) if cache is not None and shared < inj_ids.shape[1] else None
+        if cache is not None and shared >= inj_ids.shape[1]:  # every injected prompt lies inside its benign prompt
+            h_inj = h_b[:, : inj_ids.shape[1]]
+        elif past is not None:
+            h_inj = torch.cat([h_b[:, :shared], decoder_hidden(decoder, layers, inj_ids[:, shared:], inj_mask, k, stop=True, cache=past)[1]], 1)
+        else:
+            h_inj = decoder_hidden(decoder, layers, inj_ids, inj_mask, k, stop=True)[1]
+        r_inj = pool(h_inj, lens["inj"], pooling)
     # position t predicts token t+1: the head reads only the positions whose next token is an answer token
     targets = batch["b_labels"][:, 1:]
     keep = targets != -100
@@ -225,10 +286,11 @@ class CausalContrastiveTrainer(Trainer):
     spurious_separation, causal_discrimination and task_loss (train: means over the logging interval;
     eval: over the eval set, as ``eval_*``), and peak memory."""
 
-    def __init__(self, *args, loss_weights: dict, layer: int = -1, pooling: str = "mean", forward: str = "separate", **kwargs):
+    def __init__(self, *args, loss_weights: dict, layer: int = -1, pooling: str = "mean", forward: str = "separate",
+                 share_prefix: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_weights = dict(loss_weights)
-        self.fwd = {"layer": int(layer), "pooling": pooling, "forward": forward}
+        self.fwd = {"layer": int(layer), "pooling": pooling, "forward": forward, "share_prefix": bool(share_prefix)}
         self.model_accepts_loss_kwargs = False  # a per-batch mean: Trainer divides by grad_accum
         self._train_cos: list[torch.Tensor] = []
         self._train_parts: dict[str, list[float]] = defaultdict(list)

@@ -8,8 +8,10 @@ its number of training sessions; Flower's ``FedAvg`` averages the adapters weigh
 ``DifferentialPrivacyClientSideFixedClipping`` + ``fixedclipping_mod`` (Flower's own) add client-side
 clipping and Gaussian noise on the aggregate when ``federated.dp=true``.
 
-Flower >= 1.20 (Message API: ``ServerApp`` / ``ClientApp``, ``flwr.serverapp.strategy.FedAvg``); the
-simulation runtime (``flwr.simulation.run_simulation``) runs on Ray. ``pip install 'sectune[federated]'``.
+Flower >= 1.20 (Message API: ``ServerApp`` / ``ClientApp``, ``flwr.serverapp.strategy.FedAvg``). Two runtimes
+run the same apps: ``federated.runtime=simulation`` (``flwr.simulation.run_simulation``, on Ray, one machine) and
+``deployment`` (a SuperLink and one SuperNode per client; ``flwr run`` starts :mod:`sectune.flower_app`, whose
+ServerApp runs the stage with the Grid it is given). ``pip install 'sectune[federated]'``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from sectune.errors import ConfigError, DataError
 
 PARTITIONS = ("iid", "shards", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+RUNTIMES = ("simulation", "deployment")
+
+#: the deployment runtime's Grid while sectune.flower_app's ServerApp runs the stage in Flower's ServerApp process
+DEPLOYMENT: dict = {}
 
 
 def require_flwr():
@@ -255,24 +261,45 @@ def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, in
     return strategy
 
 
+def serve(grid, strategy, initial_state: dict, rounds: int, evaluate_fn, done: dict) -> None:
+    """The ServerApp's work under either runtime: FedAvg's rounds on ``grid``; the global adapter into ``done``."""
+    from flwr.app import ArrayRecord
+
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=rounds, evaluate_fn=evaluate_fn)
+    done["arrays"] = result.arrays
+    # the clients' metrics per round, averaged by FedAvg with the same sample-count weights
+    done["train_metrics"] = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
+
+
 def make_server_app(strategy, initial_state: dict, rounds: int, evaluate_fn, done: dict):
-    from flwr.app import ArrayRecord, Context
+    from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=rounds,
-                                evaluate_fn=evaluate_fn)
-        done["arrays"] = result.arrays
-        # the clients' metrics per round, averaged by FedAvg with the same sample-count weights
-        done["train_metrics"] = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
+        serve(grid, strategy, initial_state, rounds, evaluate_fn, done)
 
     return app
 
 
-def make_client_app(client_fn: Callable[[int], "object"], dp: bool):
+def node_partition(node_config, num_clients: int | None = None) -> int:
+    """This client's partition id from its node config (the simulation sets it; a SuperNode gets it from
+    ``--node-config "partition-id=<i> num-partitions=<n>"``), checked against ``federated.num_clients``."""
+    if "partition-id" not in node_config:
+        raise ConfigError('this SuperNode has no partition-id: start it with --node-config "partition-id=<i> '
+                          f'num-partitions={num_clients or "<federated.num_clients>"}"')
+    pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", num_clients or 0))
+    if num_clients is not None and n != num_clients:
+        raise ConfigError(f"this SuperNode has num-partitions={n} but the run has federated.num_clients={num_clients}: "
+                          "start one SuperNode per client, each with num-partitions=<federated.num_clients>")
+    if not 0 <= pid < n:
+        raise ConfigError(f"this SuperNode has partition-id={pid}: must be in 0..{n - 1} (num-partitions={n})")
+    return pid
+
+
+def make_client_app(client_fn: Callable[[int], "object"], dp: bool, num_clients: int | None = None):
     """``client_fn(partition_id)`` → an object with ``fit(global_state, lr, round) -> (metrics, num_examples)`` and
     ``state()`` (the adapter to send back): sectune.stages.federated.Client."""
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -283,7 +310,7 @@ def make_client_app(client_fn: Callable[[int], "object"], dp: bool):
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        client = client_fn(int(context.node_config["partition-id"]))
+        client = client_fn(node_partition(context.node_config, num_clients))
         config = msg.content["config"]
         metrics, n = client.fit(msg.content["arrays"].to_torch_state_dict(), float(config["lr"]), int(config["server-round"]))
         content = RecordDict({"arrays": ArrayRecord(client.state()), "metrics": MetricRecord({**metrics, "num-examples": n})})

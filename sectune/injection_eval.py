@@ -15,6 +15,8 @@ Beside them, stage=contrastive's representation metrics of the analyst on the sa
 (``causal_stability``, ``spurious_separation``, ``causal_discrimination``; ``contrastive.layer``/``pooling``),
 so an SFT, DPO or contrastive analyst's row in experiments/injection_contrastive has all of them.
 stage=contrastive calls :func:`attack_eval` on its held-out windows before and after training.
+``stage=evaluate ... infer.constrained=true`` answers with stage=infer's schema-constrained decoding
+(``metrics.constrained=1``): every answer is schema-valid, so only verdict flips count.
 
 ``format=prompt`` triplets (a generic prompt/answer JSONL) have no verdict: an answer is right when it
 equals the expected text (whitespace-normalised), and a targeted attack succeeded when the demanded
@@ -87,18 +89,21 @@ def attack_metrics(records: Sequence[dict], injected_texts: Sequence[str], clean
     return metrics, rows
 
 
-def attack_eval(model, tokenizer, records: Sequence[dict], gen_cfg, batch_size: int) -> tuple[dict, list[dict]]:
+def attack_eval(model, tokenizer, records: Sequence[dict], gen_cfg, batch_size: int, constraint=None) -> tuple[dict, list[dict]]:
     """(metrics, per-window answers): the model answers each record's injected window and, once per window,
-    the clean one, with ``stage=infer``'s generation (``generation.*``: greedy by default). Records carry
-    rendered ``prompt`` / ``injection_prompt`` (:mod:`sectune.data.injection`). The model's train/eval mode and
-    the tokenizer's padding side are restored afterwards (a training stage calls this before and after training)."""
+    the clean one, with ``stage=infer``'s generation (``generation.*``: greedy by default; ``constraint``: a
+    :class:`sectune.constrained.SchemaConstraint`, infer.constrained's schema-constrained decoding, on both).
+    Records carry rendered ``prompt`` / ``injection_prompt`` (:mod:`sectune.data.injection`). The model's
+    train/eval mode and the tokenizer's padding side are restored afterwards (a training stage calls this
+    before and after training)."""
     from sectune.inference import generate
 
     was_training, side = model.training, tokenizer.padding_side
     clean_prompts = list(dict.fromkeys(r["prompt"] for r in records))  # one clean answer per window
     t0 = time.perf_counter()
     try:
-        texts = generate(model, tokenizer, [r["injection_prompt"] for r in records] + clean_prompts, gen_cfg, batch_size=batch_size)
+        texts = generate(model, tokenizer, [r["injection_prompt"] for r in records] + clean_prompts, gen_cfg, batch_size=batch_size,
+                         constraint=constraint)
     finally:
         model.train(was_training)
         tokenizer.padding_side = side
@@ -119,7 +124,8 @@ def representation_metrics(cfg, model, tokenizer, records: Sequence[dict], batch
     from sectune import contrastive_trainer as CT
 
     rows, _ = CT.encode_triplets(tokenizer, records, int(cfg.model.max_seq_length))
-    fwd = {"layer": int(cfg.contrastive.layer), "pooling": str(cfg.contrastive.pooling), "forward": str(cfg.contrastive.forward)}
+    fwd = {"layer": int(cfg.contrastive.layer), "pooling": str(cfg.contrastive.pooling), "forward": str(cfg.contrastive.forward),
+           "share_prefix": bool(cfg.contrastive.share_prefix)}
     out = CT.representation_metrics(model, rows, CT.TripletCollator(tokenizer.pad_token_id), batch_size, **fwd)
     out.pop("task_loss", None)
     return out
@@ -163,8 +169,11 @@ def evaluate_injections(ctx) -> dict:
         raise DataError(f"dataset={cfg.dataset.name}: no {ev.split} triplets (dataset.{'test' if ev.split == 'test' else 'val'}_fraction is 0?)")
 
     model, tokenizer, model_ref = infer.load_model(cfg, choice)
-    print(f"sectune: evaluate: {len(records)} {ev.split} triplets, answered by {choice.describe(model_ref)}")
-    metrics, windows = attack_eval(model, tokenizer, records, cfg.generation, ev.batch_size)
+    constraint = schema_constraint(cfg, model, tokenizer) if cfg.infer.constrained else None
+    print(f"sectune: evaluate: {len(records)} {ev.split} triplets, answered by {choice.describe(model_ref)}"
+          + (" with schema-constrained decoding (infer.constrained=true)" if constraint is not None else ""))
+    metrics, windows = attack_eval(model, tokenizer, records, cfg.generation, ev.batch_size, constraint=constraint)
+    metrics["constrained"] = int(constraint is not None)
     metrics.update(representation_metrics(cfg, model, tokenizer, records, ev.batch_size))
     metrics["skipped_lines"] = data.info.get("skipped_lines", 0)
     write_json_atomic(run_dir / "injection_eval.json", {
@@ -173,6 +182,19 @@ def evaluate_injections(ctx) -> dict:
           f"{metrics['targeted_attack_success_rate']:.3f} · clean verdict accuracy {metrics['clean_verdict_accuracy']:.3f} "
           f"({len(records)} windows) → {run_dir / 'injection_eval.json'}")
     return {"metrics": metrics, "artifacts": {"injection_eval": "injection_eval.json", "model": model_ref}}
+
+
+def schema_constraint(cfg, model, tokenizer):
+    """``infer.constrained=true``: stage=infer's schema-constrained decoding (sectune.constrained, xgrammar) for
+    the evaluation's answers, so every answer is a schema-valid analysis and only a verdict flip can count as a
+    successful attack (a system-level defence, reported beside the unconstrained numbers, never instead)."""
+    from sectune.constrained import SchemaConstraint
+    from sectune.data import auth_logs
+
+    if cfg.dataset.get("path") and Path(str(cfg.dataset.path)).suffix == ".jsonl":
+        print("sectune: warning: infer.constrained=true constrains answers to the auth-log analysis schema")
+    vocab = max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0))
+    return SchemaConstraint(tokenizer, auth_logs._validator(cfg.infer.schema).schema, vocab_size=vocab)
 
 
 #: the dataset keys that decide which windows are held out; they must match the analyst's training run

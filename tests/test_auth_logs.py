@@ -58,8 +58,8 @@ def test_brute_force_burst_counts_each_attempt_once():
     assert a["invalid_users"] == ["0101"]  # the real log's double space is not part of the name
     # The sshd message's IP wins over PAM's reverse-DNS rhost; the scanner appears with 0 failures.
     assert a["source_ips"] == [{"ip": "5.36.59.76", "failures": 6}, {"ip": "5.188.10.180", "failures": 0}]
-    assert list(a) == ["verdict", "failed_logins", "accepted_logins", "invalid_users", "targeted_users",
-                       "source_ips", "brute_force", "break_in_attempts", "summary"]
+    assert list(a) == ["failed_logins", "accepted_logins", "invalid_users", "targeted_users",
+                       "source_ips", "brute_force", "break_in_attempts", "verdict", "summary"]  # evidence first
     assert A.validate_analysis(a) == []
 
 
@@ -109,7 +109,13 @@ def test_render_prompt_and_completion():
     assert p.endswith(CLEAN[-1] + "\n### Analysis:\n")
     c = A.render_completion(a)
     assert not c.endswith("\n") and " " not in c.split('"summary"')[0]
-    assert json.loads(c) == a and list(json.loads(c)) == list(a)
+    assert json.loads(c) == a and list(json.loads(c)) == list(a) == list(A.ANSWER_KEYS)
+    # evidence first, the verdict after it, whatever order the annotation file had; extra keys last
+    shuffled = dict(reversed(list({**a, "note": 1}.items())))
+    keys = list(json.loads(A.render_completion(shuffled)))
+    assert keys == [*A.ANSWER_KEYS, "note"] and keys.index("verdict") > keys.index("brute_force")
+    schema_order = list(json.loads((Path(A.__file__).parent / "auth_schema.json").read_text())["properties"])
+    assert schema_order == list(A.ANSWER_KEYS)  # constrained decoding writes the same order
 
 
 def test_validate_analysis_reports_key_paths():
@@ -302,3 +308,4 @@ def test_custom_schema_path(folder, tmp_path):
     schema.write_text("{oops")
     with pytest.raises(DataError, match=r"line 1, column 2"):
         A.load_auth_folder(folder, schema_path=schema)
+

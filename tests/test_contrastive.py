@@ -125,6 +125,36 @@ def test_batched_and_separate_forwards_give_the_same_representations(tiny, layer
     assert torch.allclose(CT.pool(h, torch.tensor([n]), pooling)[0], sep[0][0], atol=1e-5)
 
 
+@pytest.mark.parametrize("layer,pooling", [(-1, "mean"), (1, "mean"), (1, "last")])
+def test_shared_prefix_gives_the_same_representations_and_gradients_for_less_work(tiny, layer, pooling):
+    """The injected forward on the benign forward's KV cache (contrastive.share_prefix) equals the full one, values
+    and gradients, and the decoder sees fewer injected-prompt tokens."""
+    model, _, batch = tiny
+    shared = int(batch["inj_shared"].min())
+    assert 0 < shared < batch["inj_input_ids"].shape[1]  # the fixture's injections sit inside the window
+    assert [CT.shared_prefix(r[: int(n)].tolist(), i.tolist()) for r, n, i in
+            zip(batch["b_input_ids"], batch["b_prompt_lens"], batch["inj_input_ids"])] == batch["inj_shared"].tolist()
+    decoder, layers, _ = CT.causal_lm_parts(model)
+    seen = []
+    hook = layers[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    outs, grads, widths = {}, {}, {}
+    try:
+        for share in (True, False):
+            seen.clear()
+            r = CT.triplet_forward(model, batch, layer=layer, pooling=pooling, forward="separate", share_prefix=share)
+            loss, _ = causal_contrastive_loss(*r)
+            outs[share], grads[share], widths[share] = [t.detach() for t in r], torch.autograd.grad(loss, params), list(seen)
+    finally:
+        hook.remove()
+    for a, b in zip(outs[True], outs[False]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), (a - b).abs().max()
+    assert widths[False][2] == batch["inj_input_ids"].shape[1] and widths[True][2] == widths[False][2] - shared
+    assert widths[True][:2] == widths[False][:2]  # benign and counterfactual forwards unchanged
+
+
 def test_lm_head_runs_once_on_the_benign_answer_positions_only(tiny):
     model, _, batch = tiny
     decoder, layers, head = CT.causal_lm_parts(model)
@@ -347,6 +377,11 @@ def test_seed_002_preset_and_tiny_variant_compose():
     assert compose(["+experiment=injection_contrastive_llama31"]).model.name == "llama31_8b"
     tiny = compose(["+experiment=injection_contrastive_tiny"])
     assert (tiny.model.name, tiny.quantization.name, tiny.stage.name) == ("tiny_llama", "none", "contrastive")
+    assert cfg.contrastive.share_prefix and cfg.contrastive.forward == "separate"  # the measured default (bench)
+    # the adversarial-SFT sibling (StruQ): stage=sft on benign + injected training windows, the tiny analyst's full weights
+    adv = compose(["+experiment=injection_adv_sft_tiny"])
+    assert (adv.stage.name, adv.loss.name, adv.dataset.name, adv.dataset.include_injected, adv.lora.name, adv.model.tiny.num_layers) == (
+        "sft", "causal_lm", "injection_triplets", True, "none", 4)
 
 
 @pytest.mark.parametrize("template,budget", [("minimal", 4), ("balanced", 6), ("high_quality", 12)])

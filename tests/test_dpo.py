@@ -115,6 +115,26 @@ def test_trl_dpo_loss_equals_sectune_dpo_loss_on_the_same_logps(tmp_path):
     assert set(m) >= {"preference_accuracy", "logp_margin", "preference_accuracy_verdict", "preference_accuracy_truncated"}
 
 
+def test_sft_weight_adds_the_chosen_answers_token_mean_nll_to_the_dpo_loss(tmp_path):
+    """dpo.sft_weight (RPO): loss = DPO + w × mean NLL over every chosen answer token of the batch."""
+    from sectune import losses
+
+    _, trainer, batch = build(tmp_path, ["loss.beta=0.3", "dpo.sft_weight=0.5"])
+    model = trainer.model
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+    policy_c, policy_r = plain_logps(model, batch).chunk(2)
+    with model.disable_adapter():
+        ref_c, ref_r = plain_logps(model, batch).chunk(2)
+    chosen_tokens = batch["completion_mask"][:, 1:].chunk(2)[0].sum()
+    expected = losses.dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=0.3) + 0.5 * (-policy_c.sum() / chosen_tokens)
+    torch.testing.assert_close(trainer.compute_loss(model, batch).detach(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="dpo.sft_weight"):
+        build(tmp_path, ["dpo.sft_weight=-1"])
+
+
 @pytest.mark.parametrize("reference", ["base", "init"])
 def test_sft_adapter_loads_trainable_and_the_reference_shares_the_base_weights(tmp_path, reference):
     from sectune.stages import dpo

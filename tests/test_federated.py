@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import compose, sectune
+from sectune.paths import PROJECT_ROOT
 from sectune import federated, modeling
 from sectune.data.synthetic_hdfs import write_deeplog_files
 from sectune.errors import ConfigError, DataError
@@ -197,3 +205,150 @@ def test_simulation_three_clients_two_rounds_end_to_end(tmp_path):
         assert f"round_{r}_val_loss" in m and f"round_{r}_test_f1" in m
     assert (tmp_path / "run" / "plots" / "federated_rounds.png").stat().st_size > 0
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- deployment runtime (item 5)
+def test_node_config_gives_the_partition_with_clear_errors():
+    assert federated.node_partition({"partition-id": 2, "num-partitions": 3}, 3) == 2
+    with pytest.raises(ConfigError, match='--node-config "partition-id=<i> num-partitions=3"'):
+        federated.node_partition({}, 3)
+    with pytest.raises(ConfigError, match="num-partitions=2 but the run has federated.num_clients=3"):
+        federated.node_partition({"partition-id": 0, "num-partitions": 2}, 3)
+    with pytest.raises(ConfigError, match="partition-id=3: must be in 0..2"):
+        federated.node_partition({"partition-id": 3, "num-partitions": 3}, 3)
+
+
+@requires_flwr
+def test_deployment_runtime_is_refused_outside_flower_and_unknown_runtimes_are_named(tmp_path):
+    from sectune.runner import RunContext
+    from sectune.stages import federated as stage
+
+    with pytest.raises(ConfigError, match="flwr run experiments/hdfs_federated/flower_app"):
+        stage.run(RunContext(cfg=tiny_cfg(tmp_path, "federated.runtime=deployment"), run_dir=tmp_path))
+    with pytest.raises(ConfigError, match="federated.runtime='grpc'"):
+        stage.run(RunContext(cfg=tiny_cfg(tmp_path, "federated.runtime=grpc"), run_dir=tmp_path))
+    from sectune import flower_app
+
+    with pytest.raises(ConfigError, match="choose stage=sft"):
+        flower_app.compose({"overrides": "stage=sft"})
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_for_port(port: int, procs: list, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a Flower process exited early (code {[p.poll() for p in procs]})")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+@pytest.mark.slow  # ~1.5 min: a SuperLink, 2 SuperNodes and one ClientApp process per client and round
+@requires_flwr
+def test_deployment_runtime_superlink_and_two_supernodes_on_localhost(tmp_path):
+    data = tmp_path / "hdfs"
+    write_deeplog_files(data, n_normal=300, n_anomalous=150, seed=1)
+    link, node0, node1 = free_ports(3)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    (tmp_path / "flwr").mkdir()
+    (tmp_path / "flwr" / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    procs, logs = [], []
+
+    def start(cmd: str, log_name: str, *args: str) -> None:
+        log = open(tmp_path / f"{log_name}.log", "w")
+        logs.append(log)
+        # its own session: the teardown ends it and the SuperExec / app processes it starts, nothing else
+        procs.append(subprocess.Popen([str(bin_dir / cmd), "--insecure", *args], cwd=tmp_path, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+
+    try:
+        start("flower-superlink", "superlink", "--port", str(link), "--disable-runtime-dependency-installation")
+        wait_for_port(link, procs)
+        for i, port in enumerate((node0, node1)):
+            start("flower-supernode", f"supernode{i}", "--superlink", f"127.0.0.1:{link}", "--port", str(port),
+                  "--node-config", f"partition-id={i} num-partitions=2")
+        overrides = " ".join([*TINY, f"paths.cache_dir={tmp_path / 'cache'}", f"dataset.path={data}", "federated.num_clients=2", "federated.client_frac=1.0",
+                              "federated.rounds=2", "federated.local_steps=3", "train.batch_size=8"])
+        run = subprocess.run([str(bin_dir / "flwr"), "run", str(PROJECT_ROOT / "experiments/hdfs_federated/flower_app"), "test",
+                              "--stream", "--run-config", f'overrides="{overrides}" run-dir="{tmp_path / "run"}"'],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        result_file = tmp_path / "run" / "result.json"
+        assert result_file.is_file(), (run.stdout[-3000:], run.stderr[-2000:])
+        result = json.loads(result_file.read_text())
+        assert result["status"] == "succeeded", result.get("error")
+        m = result["metrics"]
+        assert m["rounds_done"] == 2 and m["num_clients"] == 2 and m["clients_per_round"] == 2
+        assert m["val_loss_end"] < m["val_loss_start"]
+        assert m["bytes_up_per_round"] == m["bytes_down_per_round"] > 2 * m["adapter_bytes"]
+        assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in procs:
+                try:
+                    os.killpg(p.pid, sig)  # the group outlives its leader: the SuperExec children
+                except ProcessLookupError:
+                    pass
+            if sig == signal.SIGTERM:
+                time.sleep(3)
+        for p in procs:
+            p.wait(timeout=30)
+        for log in logs:
+            log.close()
+
+
+# ----------------------------------------------------------------------------- one client = centralised (item 8)
+@pytest.mark.slow  # ~1 min: a stage=sft run and a Flower simulation (Ray's start-up is most of it)
+@requires_flwr
+def test_one_client_with_all_data_is_centralised_training(tmp_path):
+    """num_clients=1, client_frac=1, 1 round × N local steps = stage=sft for N steps: the same LoRA init (train.seed),
+    the same data order (client 0's round-1 Trainer seed is train.seed), a constant lr, a fresh AdamW in both.
+    stage=sft must not group batches by length (its default without packing) and TRL refuses lm_head targets."""
+    from safetensors.torch import load_file
+
+    from sectune.data.hdfs import NORMAL, load_hdfs, render_keys
+
+    data = tmp_path / "hdfs"
+    write_deeplog_files(data, n_normal=300, n_anomalous=150, seed=1)
+    common = [*TINY, f"paths.cache_dir={tmp_path / 'cache'}", f"dataset.path={data}", "train.batch_size=8",
+              "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+    env = {"OMP_NUM_THREADS": "1"}
+    sft = sectune([*common, "stage=sft", "train.max_steps=6", "train.lr_scheduler=constant", "train.group_by_length=false"],
+                  run_dir=tmp_path / "sft", env=env)
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    fed = sectune([*common, "federated.num_clients=1", "federated.client_frac=1.0", "federated.rounds=1", "federated.local_steps=6",
+                   "federated.detection=false"], run_dir=tmp_path / "fed", timeout=600, env=env)
+    assert fed.returncode == 0, fed.stderr[-3000:]
+
+    a = load_file(tmp_path / "sft" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "fed" / "adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b) and len(a) == 28
+    diff = sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5 / sum(float(a[k].pow(2).sum()) for k in a) ** 0.5
+    assert diff < 1e-3, diff  # 8e-5 measured: fp32 round-off (TRL's loss path, padding widths) through 6 Adam steps
+    rounds = json.loads((tmp_path / "fed" / "rounds.json").read_text())["rounds"]
+    assert rounds[-1]["clients_train_loss"] == pytest.approx(sft.result["metrics"]["train_loss"], rel=1e-5)
+
+    # the same validation loss, both adapters scored by the same function
+    cfg = tiny_cfg(tmp_path, f"dataset.path={data}", common[-1])
+    tokenizer = modeling.load_tokenizer(cfg, modeling.model_path(cfg))
+    model = modeling.apply_lora(modeling.load_model(cfg, path=modeling.model_path(cfg)), cfg)
+    val = [render_keys(s.keys) for s in load_hdfs(cfg).splits["validation"] if s.label == NORMAL]
+    rows = federated.encode_sessions(tokenizer, "session:", val, int(cfg.model.max_seq_length))
+    federated.load_adapter_state(model, {k: v for k, v in a.items()})
+    sft_val = federated.lm_loss(model, rows, int(tokenizer.pad_token_id or 0))
+    assert sft_val == pytest.approx(fed.result["metrics"]["val_loss_end"], rel=1e-3)
+    assert fed.result["metrics"]["val_loss_end"] < fed.result["metrics"]["val_loss_start"]

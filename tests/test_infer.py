@@ -141,8 +141,8 @@ def test_whole_word_added_tokens_are_allowed_where_the_grammar_accepts_them():
 
     cfg = compose(["+experiment=auth_grpo_tiny", "stage=infer", "logger=none"])
     tok = modeling.load_tokenizer(cfg)
-    key = tok.convert_tokens_to_ids('"verdict":')
-    assert tok.convert_ids_to_tokens(tok('{"verdict":"benign"')["input_ids"])[:2] == ["{", '"verdict":']
+    key = tok.convert_tokens_to_ids('"failed_logins":')  # the answer's first key (evidence first)
+    assert tok.convert_ids_to_tokens(tok('{"failed_logins":3')["input_ids"])[:2] == ["{", '"failed_logins":']
     schema = json.loads((ROOT / "sectune/data/auth_schema.json").read_text())
     c = SchemaConstraint(tok, schema)
     assert key in c.added_ids
@@ -153,7 +153,7 @@ def test_whole_word_added_tokens_are_allowed_where_the_grammar_accepts_them():
         out = proc(torch.tensor(ids), torch.zeros(1, c.vocab_size))
         allowed.append(set((out[0] > float("-inf")).nonzero().flatten().tolist()))
     assert brace in allowed[0] and all(c.token_bytes[i].startswith(b"{") for i in allowed[0])
-    assert key in allowed[1] and tok.convert_tokens_to_ids('"failed_logins":') not in allowed[1]  # only the first key fits
+    assert key in allowed[1] and tok.convert_tokens_to_ids('"verdict":') not in allowed[1]  # only the first key fits
     # greedy decoding that prefers each whole key gives valid JSON written with them
     bias = torch.zeros(c.vocab_size)
     bias[c.added_ids] = 20.0

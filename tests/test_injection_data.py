@@ -190,6 +190,31 @@ def test_injection_preferences_are_secalign_pairs(triplets):
         assert data.auth_logs.validate_analysis(rejected) == []
 
 
+def test_adversarial_sft_data_adds_injected_windows_with_their_own_analysis_and_training_texts_only(triplets):
+    """stage=sft dataset=injection_triplets (StruQ): benign → output once per window, injected → injection_output,
+    and a training record never carries a held-out injection text."""
+    cfg = compose(["stage=sft", *TRIPLETS])
+    splits = data.sft_splits(cfg)
+    by_id = {r["id"]: r for r in _all(triplets)}
+    held_out = {r["injection_text"] for s in ("validation", "test") for r in triplets.splits[s]}
+    for split, recs in triplets.splits.items():
+        rows = splits[split]
+        injected = [r for r in rows if r["kind"] == "injected"]
+        benign = [r for r in rows if r["kind"] == "benign"]
+        assert len(injected) == len(recs) and len(benign) == len({r["window_id"] for r in recs})
+        for r in injected:
+            t = by_id[r["id"]]
+            assert r["prompt"] == t["injection_prompt"] != t["prompt"] and r["completion"] == t["injection_output"]
+            assert json.loads(r["completion"]) == analyze_auth_log(t["injection"].splitlines())  # the planted line is evidence
+        assert {r["prompt"] for r in benign} == {t["prompt"] for t in recs}
+    train_texts = {by_id[r["id"]]["injection_text"] for r in splits["train"] if r["kind"] == "injected"}
+    assert train_texts and not train_texts & held_out
+    assert all(t not in r["prompt"] for r in splits["train"] for t in held_out)
+    plain = data.sft_splits(compose(["stage=sft", *TRIPLETS, "dataset.include_injected=false"]))
+    assert all(r["kind"] == "benign" for rows in plain.values() for r in rows)
+    assert [r["prompt"] for r in plain["train"]] == [r["prompt"] for r in splits["train"] if r["kind"] == "benign"]
+
+
 # ------------------------------------------------------------------------------ attack success
 def _rec(expected: str, target: str, clean: str) -> dict:
     out = {"verdict": clean, "failed_logins": 0}
@@ -264,5 +289,11 @@ def test_evaluate_injection_triplets_on_a_short_sft_run(sft_run, tmp_path):
     test = I.triplet_splits(compose([*TRIPLETS, "dataset.max_samples=30"]))["test"][:4]
     again, _ = attack_metrics(test, [w["injected_answer"] for w in detail["windows"]], [w["clean_answer"] for w in detail["windows"]])
     assert {k: res["metrics"][k] for k in again} == again
+    # infer.constrained=true: stage=infer's schema-constrained decoding, every answer schema-valid, flagged in the metrics
+    con = sectune(["stage=evaluate", *TRIPLETS, f"evaluate.model_dir={sft_run}", "dataset.max_samples=30", "evaluate.max_samples=4",
+                   "generation.max_new_tokens=160", "infer.constrained=true"], tmp_path / "ev_con", timeout=300)
+    assert con.returncode == 0, con.stderr[-2000:]
+    assert con.result["metrics"]["constrained"] == 1 and res["metrics"]["constrained"] == 0
+    assert con.result["metrics"]["injected_schema_valid_rate"] == 1.0
     bad = sectune(["stage=evaluate", *TRIPLETS], tmp_path / "ev2", timeout=120)
     assert bad.returncode != 0 and "evaluate.model_dir" in bad.stderr

@@ -88,6 +88,31 @@ def test_curve_metrics_average_the_first_and_last_quarter_of_the_rewarded_steps(
     assert m["kl_mean"] == pytest.approx(sum(0.1 * i for i in range(1, 9)) / 9) and m["clip_fraction_mean"] == 0.0
 
 
+def test_heldout_best_scores_every_eval_steps_and_restores_the_best_weights():
+    """rl.eval_steps / rl.keep_best: the held-out reward is taken every eval_steps steps; restore() puts
+    back the trainable weights of the best score (step 0, the starting policy, included), not frozen ones."""
+    from types import SimpleNamespace
+
+    from sectune.stages import rl
+
+    model = torch.nn.Linear(2, 1)
+    model.bias.requires_grad_(False)
+    scores = iter([0.5, 0.4, 0.7, 0.6])  # step 0, 2, 4, 6
+    best = rl.HeldOutBest(lambda m: next(scores), eval_steps=2)
+    assert best.evaluate(model, 0) == 0.5
+    for step in range(1, 7):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+            model.bias.fill_(float(step))
+        best.on_step_end(None, SimpleNamespace(global_step=step), None, model=model)
+    assert best.scores == {0: 0.5, 2: 0.4, 4: 0.7, 6: 0.6} and (best.step, best.score) == (4, 0.7)
+    best.restore(model)
+    assert torch.all(model.weight == 4.0) and torch.all(model.bias == 6.0)  # frozen weights untouched
+    never = rl.HeldOutBest(lambda m: 1.0, eval_steps=0)
+    never.on_step_end(None, SimpleNamespace(global_step=4), None, model=model)
+    assert never.scores == {}
+
+
 # --------------------------------------------------------------------- TRL side by side (tiny model)
 LOGS = [
     "Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from 173.234.31.186 port 38926 ssh2\n"
@@ -284,6 +309,9 @@ def test_grpo_raises_the_mean_reward_and_logs_every_reward_per_step(grpo_run):
     assert m["kl_mean"] > 0 and m["clip_fraction_mean"] == 0.0  # μ = 1: π_old = π, nothing to clip
     # the same validation windows scored greedily before and after (0..1: json_valid is the only weight here)
     assert m["reward_heldout_windows"] > 0 and 0 <= m["reward_heldout_start"] <= 1 and 0 <= m["reward_heldout_end"] <= 1
+    # rl.keep_best (eval_steps 0: start and end only): the saved adapter is the better of the two
+    assert m["reward_heldout_best"] == max(m["reward_heldout_start"], m["reward_heldout_end"])
+    assert m["best_step"] == (16 if m["reward_heldout_end"] >= m["reward_heldout_start"] else 0)
     steps = json.loads((grpo_run.run_dir / res["artifacts"]["train_history"]).read_text())["steps"]
     assert len(steps) == 16
     for key in ("reward", "reward_std", "kl", "clip_fraction", "completion_length", *(f"{n}_{s}" for n in ("json_valid", "schema_valid", "verdict", "fields") for s in ("mean", "std"))):

@@ -88,6 +88,10 @@ def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
         from sectune.data import hdfs
 
         return hdfs.sft_splits(cfg)
+    if cfg.dataset.name == "injection_triplets":  # benign and (include_injected) injected windows, StruQ's adversarial SFT
+        from sectune.data.injection import adversarial_sft_splits
+
+        return adversarial_sft_splits(cfg)
     records = sft_records(cfg)
     d = cfg.dataset
     where = split_windows([(r["id"], r["label"]) for r in records], float(d.val_fraction), float(d.test_fraction), int(d.split_seed))

@@ -32,7 +32,7 @@ from sectune.paths import shared_data_dir
 
 log = logging.getLogger(__name__)
 
-from sectune.data.auth_rules import CLASSES, REAL_SOURCES, RULES_VERSION, _HEADER, analyze_auth_log  # noqa: F401 (re-exported)
+from sectune.data.auth_rules import ANSWER_KEYS, CLASSES, REAL_SOURCES, RULES_VERSION, _HEADER, analyze_auth_log  # noqa: F401 (re-exported)
 
 # ------------------------------------------------------------------------ schema & render
 @lru_cache(maxsize=1)
@@ -86,8 +86,11 @@ def render_prompt(log_text: str) -> str:
 
 
 def render_completion(analysis: dict) -> str:
-    """Compact JSON in the analysis' own key order, no trailing newline."""
-    return json.dumps(analysis, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON, no trailing newline, keys in :data:`ANSWER_KEYS` order (evidence first, then the
+    verdict: the model writes the counts it decides from before the decision), other keys after them."""
+    ordered = {k: analysis[k] for k in ANSWER_KEYS if k in analysis}
+    ordered.update((k, v) for k, v in analysis.items() if k not in ordered)
+    return json.dumps(ordered, separators=(",", ":"), ensure_ascii=False)
 
 
 # -------------------------------------------------------------------------------- builder

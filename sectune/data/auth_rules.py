@@ -46,6 +46,9 @@ RULES_VERSION = "auth-rules-1"
 CLASSES = ("benign", "suspicious", "malicious")
 BRUTE_FORCE_FAILURES = 5
 FAILED_THEN_ACCEPTED = 3
+#: the answer's key order: the evidence, then the verdict decided from it, then the summary
+ANSWER_KEYS = ("failed_logins", "accepted_logins", "invalid_users", "targeted_users", "source_ips", "brute_force",
+               "break_in_attempts", "verdict", "summary")
 REAL_SOURCES = ("loghub_openssh_2k/OpenSSH_2k.log", "loghub_linux_2k/Linux_2k.log")
 _MAX_NAME = 32  # usernames in real scans can be junk; the schema caps their length
 _MAX_HOST = 64
@@ -166,7 +169,6 @@ def analyze_auth_log(lines: list[str]) -> dict:
         verdict, why = "benign", "no failed logins"
     summary = f"{verdict.capitalize()}: {why}; {failed_total} failed, {accepted_total} accepted logins."
     return {
-        "verdict": verdict,
         "failed_logins": failed_total,
         "accepted_logins": accepted_total,
         "invalid_users": sorted(invalid)[:5],
@@ -174,5 +176,6 @@ def analyze_auth_log(lines: list[str]) -> dict:
         "source_ips": [{"ip": ip, "failures": failures[ip]} for ip in ranked[:3]],
         "brute_force": bool(brute),
         "break_in_attempts": break_ins,
+        "verdict": verdict,
         "summary": summary,
     }

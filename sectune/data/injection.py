@@ -33,6 +33,7 @@ Functions:
     plant_injection(log_text, text, field, rng) -> str      # idem
     read_triplets_jsonl(path, skip_bad_lines=False) -> (records, skipped: list[str])
     injection_preference_splits(cfg) -> {split: [{prompt, chosen, rejected, kind, window_id, label}]}
+    adversarial_sft_splits(cfg) -> {split: [{id, prompt, completion, label, kind}]}   # stage=sft (StruQ)
 
 Attack-success metrics live in :mod:`sectune.injection_eval`.
 """
@@ -408,4 +409,26 @@ def injection_preference_splits(cfg: DictConfig) -> dict[str, list[dict]]:
         out[split] = pairs
     if not out["train"]:
         raise DataError(f"dataset={cfg.dataset.name}: no training pairs")
+    return out
+
+
+# ------------------------------------------------------------------------ adversarial SFT (StruQ)
+def adversarial_sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
+    """``stage=sft dataset=injection_triplets``: per split, each window's benign prompt → ``output`` (once per
+    window) and, with ``dataset.include_injected`` (the default), each triplet's injected prompt → its own
+    correct analysis ``injection_output`` (StruQ's adversarial SFT, Chen et al. 2024; the supervised half of
+    SecAlign). The splits are the triplets', so a training record only ever carries a training-split injection
+    text; the test split is held out for stage=evaluate. ``kind`` is ``benign`` or ``injected``."""
+    include = bool(cfg.dataset.get("include_injected", True))
+    out = {}
+    for split, recs in triplet_splits(cfg).items():
+        rows, seen = [], set()
+        for r in recs:
+            if r["window_id"] not in seen:
+                seen.add(r["window_id"])
+                rows.append({"id": r["window_id"], "prompt": r["prompt"], "completion": r["output"], "label": r["label"], "kind": "benign"})
+            if include:
+                rows.append({"id": r["id"], "prompt": r["injection_prompt"], "completion": r["injection_output"],
+                             "label": r["label"], "kind": "injected", "injection_text": r.get("injection_text", "")})
+        out[split] = rows
     return out

@@ -267,6 +267,7 @@ def build_trainer(cfg: DictConfig, model, tokenizer, train_rows: list[dict], val
         loss_weights={"tau": float(loss.temperature), "lambda_causal": float(loss.lambda_consistency),
                       "lambda_spurious": float(loss.lambda_separation), "lambda_task": float(loss.lambda_task)},
         layer=int(cfg.contrastive.layer), pooling=str(cfg.contrastive.pooling), forward=str(cfg.contrastive.forward),
+        share_prefix=bool(cfg.contrastive.share_prefix),
     )
     engine.selective_checkpointing(trainer.model, cfg)
     return trainer

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -251,13 +252,18 @@ def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, 
     from trl import DPOConfig, DPOTrainer
 
     has_eval = bool(val_pairs) and bool(cfg.train.eval_steps)
+    sft_weight = float(cfg.dpo.sft_weight)
+    if not (sft_weight >= 0 and math.isfinite(sft_weight)):
+        raise ConfigError(f"dpo.sft_weight={cfg.dpo.sft_weight}: a finite weight >= 0 (0 = plain DPO)")
     kwargs = engine.training_kwargs(cfg, output_dir, has_eval=has_eval)
     # train.group_by_length: batches of similar total length (prompt + longer answer), a seeded order
     group = kwargs.pop("train_sampling_strategy") == "group_by_length"
     args = DPOConfig(
         **kwargs,
         beta=float(cfg.loss.beta),
-        loss_type=["sigmoid"],  # the paper's loss: sectune.losses.dpo_loss
+        # the paper's loss (sectune.losses.dpo_loss), plus dpo.sft_weight × the chosen answer's NLL (RPO)
+        loss_type=["sigmoid", "sft"] if sft_weight else ["sigmoid"],
+        loss_weights=[1.0, sft_weight] if sft_weight else None,
         # every pair fits (fitting_pairs): no truncation happens; were it to, the answer's start is kept
         max_length=cfg.model.max_seq_length,
         truncation_mode="keep_start",

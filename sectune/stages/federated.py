@@ -2,8 +2,10 @@
 
 Read top to bottom: the HDFS split and its client partitions → the server's copy of the model (for the
 global evaluation only) → Flower's ServerApp (FedAvg, lr schedule, bytes counted) and ClientApp (local
-Trainer steps on the client's own sessions) → ``flwr.simulation.run_simulation`` → per-round metrics,
-the final global adapter, a PNG. Every client loads the base weights itself; only the adapter travels.
+Trainer steps on the client's own sessions) → ``flwr.simulation.run_simulation`` (``federated.runtime=
+simulation``), or FedAvg on the Grid of Flower's deployment runtime (``deployment``: this stage then runs inside
+the ServerApp of :mod:`sectune.flower_app`, which ``flwr run`` starts) → per-round metrics, the final global
+adapter, a PNG. Every client loads the base weights itself; only the adapter travels.
 
 Per round (``federated.eval_every``) the server scores the global model: validation loss on the normal
 validation sessions, and detection with sectune.anomaly (g / threshold chosen on validation, then test).
@@ -35,7 +37,8 @@ class Client:
 
     def fit(self, global_state: dict, lr: float, server_round: int) -> tuple[dict, int]:
         federated.load_adapter_state(self.model, global_state)
-        seed = int(self.cfg.train.seed) + 1000 * server_round + self.pid
+        # round 1 of client 0 trains with train.seed itself: one client, one round = stage=sft's data order
+        seed = int(self.cfg.train.seed) + 1000 * (server_round - 1) + self.pid
         out = Path(str(self.cfg.federated.client_dir)) / f"client_{self.pid}"
         loss = federated.local_train(self.cfg, self.model, self.rows, int(self.tokenizer.pad_token_id or 0), lr,
                                      int(self.cfg.federated.local_steps), seed, out)
@@ -78,10 +81,15 @@ def client_partitions(cfg, train_keys) -> list[list[int]]:
 
 def run(ctx: RunContext) -> dict:
     federated.require_flwr()
-    from flwr.simulation import run_simulation
-
     cfg, run_dir, fed = ctx.cfg, ctx.run_dir, ctx.cfg.federated
     t0 = time.perf_counter()
+    if fed.runtime not in federated.RUNTIMES:
+        raise ConfigError(f"federated.runtime={fed.runtime!r}: choose one of {', '.join(federated.RUNTIMES)}")
+    grid = federated.DEPLOYMENT.get("grid")
+    if fed.runtime == "deployment" and grid is None:
+        raise ConfigError("federated.runtime=deployment runs inside Flower's deployment runtime, not from the sectune "
+                          "command: start a SuperLink and one SuperNode per client, then `flwr run "
+                          "experiments/hdfs_federated/flower_app <connection>` (experiments/hdfs_federated/README.md)")
     if cfg.dataset.name != "hdfs":
         raise ConfigError(f"stage=federated trains the next-log-key model: needs dataset=hdfs (got dataset={cfg.dataset.name})")
     if not cfg.lora.enabled:
@@ -121,11 +129,25 @@ def run(ctx: RunContext) -> dict:
     history: dict[int, dict] = {}
     traffic: dict[tuple[str, int], int] = {}
 
+    round_s: dict[int, float] = {}
+    clock = [time.perf_counter()]
+
     def evaluate_fn(server_round: int, arrays):
+        # a round's wall time: from the end of the last global evaluation to this one (sampling, the clients' training,
+        # the messages, FedAvg); the evaluation itself is eval_s
+        if server_round:
+            round_s[server_round] = time.perf_counter() - clock[0]
+        try:
+            return evaluate(server_round, arrays)
+        finally:
+            clock[0] = time.perf_counter()
+
+    def evaluate(server_round: int, arrays):
         from flwr.app import MetricRecord
 
         # this round's traffic is counted by now (aggregate_train runs before the global evaluation)
-        sent = {"bytes_up": traffic.get(("up", server_round), 0), "bytes_down": traffic.get(("down", server_round), 0)}
+        sent = {"bytes_up": traffic.get(("up", server_round), 0), "bytes_down": traffic.get(("down", server_round), 0),
+                "round_s": round_s.get(server_round, 0.0)}
         last = server_round == int(fed.rounds)
         if server_round % max(1, int(fed.eval_every)) and not last and server_round != 0:
             tracking.log(ctx.tracker, {f"federated/{k}": v for k, v in sent.items()}, step=server_round)
@@ -148,25 +170,19 @@ def run(ctx: RunContext) -> dict:
     def record(direction: str, server_round: int, n: int) -> None:
         traffic[(direction, server_round)] = traffic.get((direction, server_round), 0) + n
 
-    # 3. the Flower apps, run by the simulation runtime (Ray; one actor per client_num_cpus of ray_num_cpus)
+    # 3. the Flower apps, run by the simulation runtime (Ray; one actor per client_num_cpus of ray_num_cpus), or
+    # FedAvg on the deployment runtime's Grid (the SuperNodes run sectune.flower_app's ClientApp)
     strategy = federated.make_strategy(fed, per_round, float(cfg.train.learning_rate), record)
     done: dict = {}
-    server_app = federated.make_server_app(strategy, initial, int(fed.rounds), evaluate_fn, done)
-    client_cfg = OmegaConf.to_container(cfg, resolve=True)
-    client_cfg["federated"]["client_dir"] = str(fed.client_dir or run_dir / "clients")
-    client_app = federated.make_client_app(ClientFactory(client_cfg), bool(fed.dp))
-    backend = {"client_resources": {"num_cpus": int(fed.client_num_cpus), "num_gpus": float(fed.client_num_gpus)},
-               "init_args": {"num_cpus": int(fed.ray_num_cpus or fed.client_num_cpus), "log_to_driver": bool(fed.verbose)}}
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not fed.verbose:  # Flower prints through its own handler; Hydra's root handler would print each line again
-        logging.getLogger("flwr").propagate = False
     t_sim = time.perf_counter()
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=int(fed.num_clients), backend_config=backend,
-                   verbose_logging=bool(fed.verbose))
+    if fed.runtime == "deployment":
+        federated.serve(grid, strategy, initial, int(fed.rounds), evaluate_fn, done)
+    else:
+        simulate(cfg, run_dir, strategy, initial, evaluate_fn, done)
     sim_s = time.perf_counter() - t_sim
     rounds_done = sum(1 for (d, _r) in traffic if d == "up")
     if "arrays" not in done or rounds_done < int(fed.rounds):
-        raise RuntimeError(f"the Flower simulation ended after {rounds_done} of {fed.rounds} rounds (see its log above)")
+        raise RuntimeError(f"the Flower {fed.runtime} ended after {rounds_done} of {fed.rounds} rounds (see its log above)")
 
     # 4. the final global adapter, metrics, the per-round table and PNG
     federated.load_adapter_state(model, done["arrays"].to_torch_state_dict())
@@ -186,7 +202,8 @@ def run(ctx: RunContext) -> dict:
         # what a full-model FedAvg would have sent in the same rounds, over what was sent
         "bytes_reduction_on_wire": (full_bytes * per_round * 2 * rounds_done) / max(1, sum(up) + sum(down)),
         "val_loss_start": first["val_loss"], "val_loss_end": last["val_loss"],
-        "simulation_s": round(sim_s, 2), "partition_skew": federated.partition_skew(parts, train_keys),
+        "simulation_s": round(sim_s, 2), "round_s_mean": float(np.mean(list(round_s.values()))),
+        "partition_skew": federated.partition_skew(parts, train_keys),
         "adapter_params": sum(t.numel() for t in initial.values()),
     }
     for k in ("test_f1", "test_fpr", "test_precision", "test_recall", "val_f1", "top_g"):
@@ -213,6 +230,28 @@ def run(ctx: RunContext) -> dict:
           f"{metrics['val_loss_end']:.3f}" + (f" · test F1 {metrics['test_f1']:.4f} FPR {metrics['test_fpr']:.4f}" if "test_f1" in metrics else "")
           + f" · {metrics['bytes_up_per_round']:.0f} B up / round, {metrics['bytes_reduction']:.0f}x smaller than the full model")
     return {"metrics": metrics, "artifacts": {"adapter": "adapter", "rounds": "rounds.json", "rounds_plot": "plots/federated_rounds.png"}}
+
+
+def client_app(cfg, client_dir: Path):
+    """The ClientApp both runtimes run: each client trains on the partition its node config names."""
+    client_cfg = OmegaConf.to_container(cfg, resolve=True)
+    client_cfg["federated"]["client_dir"] = str(cfg.federated.client_dir or client_dir)
+    return federated.make_client_app(ClientFactory(client_cfg), bool(cfg.federated.dp), int(cfg.federated.num_clients))
+
+
+def simulate(cfg, run_dir: Path, strategy, initial: dict, evaluate_fn, done: dict) -> None:
+    """Flower's simulation runtime: ``num_clients`` virtual SuperNodes, the ClientApps in Ray actors."""
+    from flwr.simulation import run_simulation
+
+    fed = cfg.federated
+    server_app = federated.make_server_app(strategy, initial, int(fed.rounds), evaluate_fn, done)
+    backend = {"client_resources": {"num_cpus": int(fed.client_num_cpus), "num_gpus": float(fed.client_num_gpus)},
+               "init_args": {"num_cpus": int(fed.ray_num_cpus or fed.client_num_cpus), "log_to_driver": bool(fed.verbose)}}
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not fed.verbose:  # Flower prints through its own handler; Hydra's root handler would print each line again
+        logging.getLogger("flwr").propagate = False
+    run_simulation(server_app=server_app, client_app=client_app(cfg, run_dir / "clients"), num_supernodes=int(fed.num_clients),
+                   backend_config=backend, verbose_logging=bool(fed.verbose))
 
 
 def plot_rounds(path: Path, rows: list[dict], up: list[int], down: list[int], full_per_round: int, title: str) -> None:

@@ -31,6 +31,8 @@ import os
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from sectune import data, engine, modeling
 from sectune.errors import ConfigError, SectuneError
 from sectune.memory import memory_check
@@ -204,19 +206,20 @@ def run_grpo(ctx: RunContext) -> dict:
     print(f"sectune: GRPO on {len(train_recs)} train windows × G={rl.num_generations} completions ({len(splits['test'])} test windows held out)")
 
     # 3. trainer
-    callbacks = [*engine.fail_callbacks(cfg)]
+    val_recs = fitting_prompts(tokenizer, splits["validation"], max_prompt)[0][: rl.heldout_windows or 0]
+    best = HeldOutBest(lambda m: heldout_reward(cfg, m, tokenizer, val_recs, reward_funcs, weights), int(rl.eval_steps)) if val_recs else None
+    callbacks = [*engine.fail_callbacks(cfg), *([best] if best else [])]
     trainer = build_grpo_trainer(cfg, model, tokenizer, train_recs, reward_funcs, weights, run_dir / "checkpoints", callbacks)
     main = trainer.accelerator.is_main_process
     resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
-    val_recs = fitting_prompts(tokenizer, splits["validation"], max_prompt)[0][: rl.heldout_windows or 0]
     heldout = {}
-    if val_recs and resume is None:
-        heldout["reward_heldout_start"] = heldout_reward(cfg, trainer.model, tokenizer, val_recs, reward_funcs, weights)
+    if best and resume is None:
+        heldout["reward_heldout_start"] = best.evaluate(trainer.model, 0)
     try:
         train_out = trainer.train(resume_from_checkpoint=resume)
     finally:  # the reward history so far is worth keeping even when training dies
         if main:
-            write_json_atomic(run_dir / "train_history.json", rl_history(trainer))
+            write_json_atomic(run_dir / "train_history.json", {**rl_history(trainer), **({"heldout": best.scores} if best else {})})
     history = rl_history(trainer)
     metrics = {"train_loss": train_out.training_loss, "train_steps": trainer.state.global_step, "fresh_adapter": int(fresh),
                "train_prompts": len(train_recs), "too_long_prompts": too_long, "num_generations": int(rl.num_generations),
@@ -224,11 +227,17 @@ def run_grpo(ctx: RunContext) -> dict:
                **curve_metrics(history["steps"])}
     if reward_kind:
         metrics["reward_model_heuristic"] = int(reward_kind == "heuristic")
-    if val_recs:
-        heldout["reward_heldout_end"] = heldout_reward(cfg, trainer.model, tokenizer, val_recs, reward_funcs, weights)
+    if best:
+        step = trainer.state.global_step
+        heldout["reward_heldout_end"] = best.scores.get(step) if step in best.scores else best.evaluate(trainer.model, step)
         metrics.update(heldout, reward_heldout_windows=len(val_recs))
+        kept = ""
+        if rl.keep_best and best.step is not None and best.step != step:
+            best.restore(trainer.model)
+            kept = f"; kept step {best.step}'s adapter ({best.score:.3f}), the best held-out reward"
+        metrics.update(best_step=best.step if rl.keep_best else step, reward_heldout_best=best.score)
         print(f"sectune: held-out reward (greedy, {len(val_recs)} validation windows): "
-              f"{heldout.get('reward_heldout_start', float('nan')):.3f} → {heldout['reward_heldout_end']:.3f}")
+              f"{heldout.get('reward_heldout_start', float('nan')):.3f} → {heldout['reward_heldout_end']:.3f}{kept}")
 
     # 4. artifacts
     artifacts = {"adapter": "adapter", "checkpoints": "checkpoints", "train_history": "train_history.json", "reward_curve": "plots/reward_curve.png",
@@ -238,7 +247,7 @@ def run_grpo(ctx: RunContext) -> dict:
         return {"metrics": metrics, "artifacts": artifacts}
     save_policy(trainer, tokenizer, run_dir / "adapter")
     plot_reward_curve(run_dir / "plots" / "reward_curve.png", history["steps"], f"grpo · {cfg.model.name} · G={rl.num_generations} · β={cfg.loss.beta}",
-                      dict(zip(trainer.reward_func_names, weights)))
+                      dict(zip(trainer.reward_func_names, weights)), heldout=best.scores if best else None)
     metrics.update(engine.peak_memory())
     metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
     kl = f" · KL {metrics['kl_mean']:.4f}" if metrics.get("kl_mean") is not None else ""
@@ -246,6 +255,36 @@ def run_grpo(ctx: RunContext) -> dict:
           f"{metrics.get('reward_mean_end', float('nan')):.3f}{kl} · {metrics['train_steps']} steps · {metrics['train_runtime_s']:.0f}s")
     trainer.accelerator.wait_for_everyone()
     return {"metrics": metrics, "artifacts": artifacts}
+
+
+class HeldOutBest(TrainerCallback):
+    """A Trainer callback that scores the policy on the held-out validation windows every ``eval_steps``
+    steps (and when called) and keeps a copy of the trainable weights of the best score: ``rl.keep_best``
+    ends with that adapter, step 0 (the starting policy) included, as ``load_best_model_at_end`` would."""
+
+    def __init__(self, score_fn, eval_steps: int):
+        self.score_fn, self.eval_steps = score_fn, eval_steps
+        self.scores: dict[int, float] = {}
+        self.step, self.score, self._state = None, -math.inf, None
+
+    def evaluate(self, model, step: int) -> float:
+        score = self.scores[step] = self.score_fn(model)
+        if score > self.score:
+            self.step, self.score = step, score
+            self._state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return score
+
+    def restore(self, model) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in self._state:
+                    p.copy_(self._state[n])
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.eval_steps > 0 and state.global_step % self.eval_steps == 0 and model is not None:
+            self.evaluate(model, state.global_step)
 
 
 def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs, weights, output_dir: Path, callbacks=()):
@@ -328,7 +367,7 @@ def curve_metrics(steps: list[dict]) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def plot_reward_curve(path: Path, steps: list[dict], title: str, weights: dict | None = None) -> None:
+def plot_reward_curve(path: Path, steps: list[dict], title: str, weights: dict | None = None, heldout: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,6 +385,8 @@ def plot_reward_curve(path: Path, steps: list[dict], title: str, weights: dict |
         for name in [k.removesuffix("_mean") for k in rewarded[0] if k.endswith("_mean")]:
             w = (weights or {}).get(name)
             ax.plot(x, [r.get(f"{name}_mean", float("nan")) for r in rewarded], lw=1, label=name if w is None else f"{name} (weight {w:g})")
+    if heldout:  # {step: greedy reward on the same validation windows}: the policy's change, not the draw's
+        ax.plot(list(heldout), list(heldout.values()), "bo--", lw=1.5, label="held-out reward (greedy, same validation windows)")
     if steps:
         ax_kl.plot([r["step"] for r in steps], [r.get("kl", float("nan")) for r in steps], "r-", lw=1, label="KL to the reference")
         ax_kl.legend(fontsize=8)

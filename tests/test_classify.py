@@ -196,6 +196,7 @@ def test_classify_keeps_the_weights_with_the_best_validation_macro_f1(cic_run):
 
 
 @needs_inj
+@pytest.mark.slow  # ~30 s end to end; make test keeps the faster check (threshold on given rows: test_threshold_is_chosen_on_given_rows_and_applied)
 def test_injection_classifier_beside_tfidf_with_threshold_from_validation(tmp_path):
     """deepset injections end to end: the tiny LLM (mean pooling) learns the task, the TF-IDF+LR
     baseline is scored on the same 116 test rows, and the binary threshold comes from validation."""
@@ -429,6 +430,7 @@ def _attack_text_csv(path, n=96):
     return path
 
 
+@pytest.mark.slow  # ~32 s end to end; make test keeps the fold split (test_stratified_folds_partition_the_rows_per_label_and_follow_the_seed)
 def test_kfold_ensemble_threshold_from_out_of_fold_rows_and_mean_of_members(tmp_path):
     """classify.folds=3 with LoRA: three adapters, each trained without its held-out fold; the
     threshold and cv_macro_f1 come from the out-of-fold predictions of every train row; test scores

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sectune import runner
 from sectune.errors import ConfigError
 from sectune.runner import config_digest
+from sectune.sweeps import read_json_object
 
 if TYPE_CHECKING:
     from sectune.stages.pipeline import Step
@@ -141,7 +142,7 @@ def heldout_table(cfg: DictConfig, eval_cfg: DictConfig, steps: list[Step], run_
         "constrained": cfg.pipeline.heldout_constrained,
     }
     key = config_digest(OmegaConf.create(json.loads(json.dumps(key_src, default=str))))
-    cached = _read_json(run_dir / "heldout.json")
+    cached = read_json_object(run_dir / "heldout.json")
     if reuse_ok and cached and cached.get("key") == key and (run_dir / "report.md").is_file():
         print(f"sectune: held-out table: nothing it depends on changed; reused {run_dir / 'heldout.json'}")
         print((run_dir / "report.md").read_text())
@@ -158,11 +159,3 @@ def heldout_table(cfg: DictConfig, eval_cfg: DictConfig, steps: list[Step], run_
     print()
     print(table["markdown"])
     return table
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

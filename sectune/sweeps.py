@@ -26,7 +26,8 @@ from omegaconf import DictConfig
 RESULT_FILE = "result.json"
 
 
-def _read(path: Path) -> dict | None:
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when it is missing, unreadable, not JSON or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -35,7 +36,7 @@ def _read(path: Path) -> dict | None:
 
 
 def _succeeded_with(run_dir: Path, digest: str) -> dict | None:
-    res = _read(run_dir / RESULT_FILE)
+    res = read_json_object(run_dir / RESULT_FILE)
     if res and res.get("status") == "succeeded" and res.get("config_digest") == digest:
         return res
     return None
@@ -60,7 +61,7 @@ def find_done(cfg: DictConfig, run_dir: Path, digest: str) -> tuple[dict, Path] 
     own = _succeeded_with(run_dir, digest)
     if own is not None:
         return own, run_dir
-    entry = _read(index_dir(cfg) / f"{digest}.json")
+    entry = read_json_object(index_dir(cfg) / f"{digest}.json")
     if entry and entry.get("run_dir"):
         earlier = Path(entry["run_dir"])
         res = _succeeded_with(earlier, digest)

@@ -26,16 +26,14 @@ for batch × G sequences) runs first.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from sectune import data, engine, modeling
 from sectune.errors import ConfigError, SectuneError
 from sectune.memory import memory_check
+from sectune.rl_progress import HeldOutBest, curve_metrics, plot_reward_curve, rl_history
 from sectune.rl_rewards import heldout_reward, reward_functions
 from sectune.runner import RunContext, write_json_atomic
 
@@ -257,36 +255,6 @@ def run_grpo(ctx: RunContext) -> dict:
     return {"metrics": metrics, "artifacts": artifacts}
 
 
-class HeldOutBest(TrainerCallback):
-    """A Trainer callback that scores the policy on the held-out validation windows every ``eval_steps``
-    steps (and when called) and keeps a copy of the trainable weights of the best score: ``rl.keep_best``
-    ends with that adapter, step 0 (the starting policy) included, as ``load_best_model_at_end`` would."""
-
-    def __init__(self, score_fn, eval_steps: int):
-        self.score_fn, self.eval_steps = score_fn, eval_steps
-        self.scores: dict[int, float] = {}
-        self.step, self.score, self._state = None, -math.inf, None
-
-    def evaluate(self, model, step: int) -> float:
-        score = self.scores[step] = self.score_fn(model)
-        if score > self.score:
-            self.step, self.score = step, score
-            self._state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        return score
-
-    def restore(self, model) -> None:
-        import torch
-
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in self._state:
-                    p.copy_(self._state[n])
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.eval_steps > 0 and state.global_step % self.eval_steps == 0 and model is not None:
-            self.evaluate(model, state.global_step)
-
-
 def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs, weights, output_dir: Path, callbacks=()):
     from datasets import Dataset
     from trl import GRPOConfig
@@ -322,85 +290,6 @@ def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs,
     if rl.reference == "base" and "ref" in trainer.model.peft_config:
         trainer.model.delete_adapter("ref")  # without it, TRL's reference forward disables the adapter
     return trainer
-
-
-# ---------------------------------------------------------------------------------------- history
-STEP_KEYS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "clip_fraction": "clip_ratio/region_mean",
-             "completion_length": "completions/mean_length", "loss": "loss", "entropy": "entropy"}
-
-
-def rl_history(trainer) -> dict:
-    """Trainer's loss history plus one record per logged step: total reward (mean, std), each reward's mean
-    and std, KL, clip fraction, completion length. With ``rl.num_iterations`` μ > 1 the rewards are logged on
-    the steps that generate, KL and clip fraction on every step."""
-    steps = []
-    for rec in trainer.state.log_history:
-        if "step" not in rec or not ("reward" in rec or "loss" in rec):
-            continue
-        row = {"step": rec["step"], **{k: rec[v] for k, v in STEP_KEYS.items() if rec.get(v) is not None}}
-        row.update({k.removeprefix("rewards/").replace("/", "_"): v for k, v in rec.items() if k.startswith("rewards/") and v is not None})
-        steps.append(row)
-    return {**engine.loss_history(trainer), "steps": steps}
-
-
-def curve_metrics(steps: list[dict]) -> dict:
-    """``reward_mean_start`` / ``reward_mean_end``: the mean total reward over the first / last quarter of
-    the logged steps (at least one step each: a single step's reward is mostly which windows it drew);
-    the same for each reward (``reward_verdict_start``, …, ``reward_model_start``); ``kl_mean``,
-    ``clip_fraction_mean``, ``completion_length_mean`` over all steps."""
-    rewarded = [r for r in steps if r.get("reward") is not None]  # μ > 1: only the steps that generate
-    if not rewarded:
-        return {}
-    k = max(1, len(rewarded) // 4)
-
-    def mean(key, rows):
-        vals = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
-        return sum(vals) / len(vals) if vals else None
-
-    out = {"reward_mean_start": mean("reward", rewarded[:k]), "reward_mean_end": mean("reward", rewarded[-k:])}
-    for name in [key.removesuffix("_mean") for key in rewarded[0] if key.endswith("_mean")]:
-        prefix = name if name.startswith("reward") else f"reward_{name}"  # reward_verdict_start, reward_model_start
-        out[f"{prefix}_start"] = mean(f"{name}_mean", rewarded[:k])
-        out[f"{prefix}_end"] = mean(f"{name}_mean", rewarded[-k:])
-    for key in ("kl", "clip_fraction", "completion_length"):
-        out[f"{key}_mean"] = mean(key, steps)
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def plot_reward_curve(path: Path, steps: list[dict], title: str, weights: dict | None = None, heldout: dict | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax, ax_kl) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
-    rewarded = [r for r in steps if r.get("reward") is not None]
-    if rewarded:
-        x = [r["step"] for r in rewarded]
-        mean = [r["reward"] for r in rewarded]
-        std = [r.get("reward_std", 0.0) for r in rewarded]
-        ax.plot(x, mean, "k-", lw=2, label="total reward (weighted sum) ± std")
-        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color="k", alpha=0.1)
-        for name in [k.removesuffix("_mean") for k in rewarded[0] if k.endswith("_mean")]:
-            w = (weights or {}).get(name)
-            ax.plot(x, [r.get(f"{name}_mean", float("nan")) for r in rewarded], lw=1, label=name if w is None else f"{name} (weight {w:g})")
-    if heldout:  # {step: greedy reward on the same validation windows}: the policy's change, not the draw's
-        ax.plot(list(heldout), list(heldout.values()), "bo--", lw=1.5, label="held-out reward (greedy, same validation windows)")
-    if steps:
-        ax_kl.plot([r["step"] for r in steps], [r.get("kl", float("nan")) for r in steps], "r-", lw=1, label="KL to the reference")
-        ax_kl.legend(fontsize=8)
-    ax.set_ylabel("mean reward per step")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax_kl.set_xlabel("step")
-    ax_kl.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 # -------------------------------------------------------------------------------- simplified ppo

@@ -360,8 +360,7 @@ def constrained_row(best: Row, policies, test: list[Window], batch_size: int, lo
     name, step, cfg, kind, path = next(p for p in policies if p[1] == best.step)
     model, tok = load_policy(cfg, kind, path)
     try:
-        vocab = max(len(tok), int(getattr(model.config, "vocab_size", 0) or 0))
-        constraint = SchemaConstraint(tok, auth_logs._validator(cfg.infer.schema).schema, vocab_size=vocab)
+        constraint = SchemaConstraint.for_model(tok, model, auth_logs._validator(cfg.infer.schema).schema)
     except Exception as e:  # xgrammar missing or the schema beyond it: the table still stands
         log(f"sectune: held-out table: no constrained row ({type(e).__name__}: {e})")
         return None

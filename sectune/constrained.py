@@ -75,6 +75,12 @@ def apply_bitmask(scores: torch.Tensor, bitmask: torch.Tensor, vocab_size: int, 
 class SchemaConstraint:
     """A JSON schema compiled for one tokenizer; hands out a fresh logits processor per ``generate``."""
 
+    @classmethod
+    def for_model(cls, tokenizer, model, schema: dict) -> "SchemaConstraint":
+        """For generation with ``model``: the mask spans its logits (an embedding padded past the tokenizer's
+        length included)."""
+        return cls(tokenizer, schema, vocab_size=max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0)))
+
     def __init__(self, tokenizer, schema: dict, vocab_size: int | None = None):
         xgr = _import_xgrammar()
         self.schema = schema

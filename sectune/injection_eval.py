@@ -193,8 +193,7 @@ def schema_constraint(cfg, model, tokenizer):
 
     if cfg.dataset.get("path") and Path(str(cfg.dataset.path)).suffix == ".jsonl":
         print("sectune: warning: infer.constrained=true constrains answers to the auth-log analysis schema")
-    vocab = max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0))
-    return SchemaConstraint(tokenizer, auth_logs._validator(cfg.infer.schema).schema, vocab_size=vocab)
+    return SchemaConstraint.for_model(tokenizer, model, auth_logs._validator(cfg.infer.schema).schema)
 
 
 #: the dataset keys that decide which windows are held out; they must match the analyst's training run

@@ -67,8 +67,7 @@ def run(ctx: RunContext) -> dict:
     if ic.constrained:
         from sectune.constrained import SchemaConstraint
 
-        vocab = max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0))
-        constraint = SchemaConstraint(tokenizer, validator.schema, vocab_size=vocab)
+        constraint = SchemaConstraint.for_model(tokenizer, model, validator.schema)
         if not constraint.budget_enforced:
             print("sectune: warning: the schema uses keywords beyond sectune's completion logic: every token is "
                   "still constrained, but an output that runs out of generation.max_new_tokens stays unclosed "

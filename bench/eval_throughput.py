@@ -51,6 +51,7 @@ def main() -> None:
 
     from sectune import config, modeling
     from sectune import classification as C
+    from sectune import classify_scoring as S
     from sectune.baselines import random_forest_baseline
     from sectune.paths import PROJECT_ROOT
     from sectune.predict import Predictor, read_classify_run
@@ -66,7 +67,7 @@ def main() -> None:
         with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=["stage=classify", "dataset=cic_iot_2023_merged", "dataset.max_samples=4000"])
         model, tok, head, threshold, members = None, None, args.head, None, None
-        autocast = C.scoring_autocast(cfg)
+        autocast = S.scoring_autocast(cfg)
     if args.autocast != "run":
         autocast = None if args.autocast == "none" else args.autocast
     data = C.build_labelled_data(cfg)
@@ -91,14 +92,14 @@ def main() -> None:
 
     def timed(bs):
         kw = dict(head=head, labels=labels, batch_size=bs, max_length=max_len, autocast=autocast)
-        C.score_members(members, tok, texts[:2], **kw)  # warm-up
+        S.score_members(members, tok, texts[:2], **kw)  # warm-up
         t0 = time.perf_counter()
-        probs, _ = C.score_members(members, tok, texts, **kw)
+        probs, _ = S.score_members(members, tok, texts, **kw)
         return probs, time.perf_counter() - t0
 
     probs_b, t_b = timed(args.batch_size)
     probs_1, t_1 = timed(1)
-    pred_b, pred_1 = C.decide(probs_b, labels, threshold), C.decide(probs_1, labels, threshold)
+    pred_b, pred_1 = S.decide(probs_b, labels, threshold), S.decide(probs_1, labels, threshold)
     agree = sum(a == b for a, b in zip(pred_b, pred_1)) / len(y)
     rf = random_forest_baseline([[r["features"][f] for f in data.features] for r in data.splits["train"]],
                                 [r["label"] for r in data.splits["train"]],
@@ -116,7 +117,7 @@ def main() -> None:
         n = min(args.seed_loop_rows, len(y))
         max_new = max(len(x) for x in C.label_token_ids(tok, labels))
         t0 = time.perf_counter()
-        with C.autocast_context(next(model.parameters()).device, autocast):  # the same precision as the rows above
+        with S.autocast_context(next(model.parameters()).device, autocast):  # the same precision as the rows above
             seed_pred = [seeds_loop_label(model, tok, t, labels, max_len, max_new) for t in texts[:n]]
         seed_loop = n / (time.perf_counter() - t0)
         rows.append((f"seeds' loop ({n} rows)", f1_score(y[:n], seed_pred, labels=labels, average="macro", zero_division=0), seed_loop))

@@ -123,7 +123,7 @@ class Predictor:
 
     def score(self, prompts: Sequence[str]) -> tuple[np.ndarray, List[float]]:
         """Class probabilities ``[N, K]`` of rendered prompts (the members' mean) and each batch's time."""
-        from sectune.classification import score_members
+        from sectune.classify_scoring import score_members
 
         return score_members(
             self.members, self.tokenizer, prompts, head=self.meta["head"], labels=self.labels,
@@ -131,7 +131,7 @@ class Predictor:
         )
 
     def _score_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, List[str]]:
-        from sectune.classification import decide
+        from sectune.classify_scoring import decide
 
         if not prompts:
             return np.zeros((0, len(self.labels))), []

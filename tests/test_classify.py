@@ -14,8 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sectune.classification import (class_weight_vector, decide, tune_threshold,
-                                    weighted_cross_entropy)
+from sectune.classification import class_weight_vector, weighted_cross_entropy
+from sectune.classify_scoring import decide, tune_threshold
 from sectune.errors import ConfigError, DataError
 from sectune.paths import PROJECT_ROOT, shared_data_dir
 
@@ -299,6 +299,7 @@ def test_label_log_likelihoods_with_a_shared_prompt_cache_match_full_rows(attn, 
 
     from conftest import compose as compose_cfg
     from sectune import classification as C
+    from sectune import classify_scoring as S
     from sectune import modeling
 
     cfg = compose_cfg(["logger=none", f"model={model_name}", f"model.attn_implementation={attn}"])
@@ -310,7 +311,7 @@ def test_label_log_likelihoods_with_a_shared_prompt_cache_match_full_rows(attn, 
     lab_ids = C.label_token_ids(tok, labels)
     assert len({len(x) for x in lab_ids}) > 1  # labels of different token lengths: padding is exercised
     prompts = [tok(t)["input_ids"] for t in ["flow: rate 12 syn 1 Label:", "a much longer flow description, header 40, rate 3 Label:"]]
-    got = C.label_log_likelihoods(model, prompts, lab_ids, tok.pad_token_id, torch.device("cpu"))
+    got = S.label_log_likelihoods(model, prompts, lab_ids, tok.pad_token_id, torch.device("cpu"))
     want = torch.zeros(len(prompts), len(labels))
     with torch.no_grad():
         for b, p in enumerate(prompts):
@@ -323,13 +324,13 @@ def test_label_log_likelihoods_with_a_shared_prompt_cache_match_full_rows(attn, 
         def refuse(*a, **k):
             raise AssertionError("the shared-row path ignores sliding windows")
 
-        old_shared, C._shared_row_continuations = C._shared_row_continuations, refuse
+        old_shared, S._shared_row_continuations = S._shared_row_continuations, refuse
         # wide enough for every prompt+label row (so `want` holds), narrower than the shared row
         model.config.sliding_window = max(map(len, prompts)) + max(map(len, lab_ids))
         try:
-            again = C.label_log_likelihoods(model, prompts, lab_ids, tok.pad_token_id, torch.device("cpu"))
+            again = S.label_log_likelihoods(model, prompts, lab_ids, tok.pad_token_id, torch.device("cpu"))
         finally:
-            C._shared_row_continuations = old_shared
+            S._shared_row_continuations = old_shared
             model.config.sliding_window = None
         torch.testing.assert_close(again, want, atol=2e-4, rtol=1e-4)
 
@@ -402,7 +403,7 @@ def test_inference_models_go_to_the_runs_device(monkeypatch):
 
 
 def test_stratified_folds_partition_the_rows_per_label_and_follow_the_seed():
-    from sectune.classification import stratified_folds
+    from sectune.classify_scoring import stratified_folds
 
     y = ["a"] * 10 + ["b"] * 5 + ["c"] * 3
     folds = stratified_folds(y, 3, seed=0)
@@ -438,7 +439,7 @@ def test_kfold_ensemble_threshold_from_out_of_fold_rows_and_mean_of_members(tmp_
     reproduce them."""
     from sklearn.metrics import f1_score
 
-    from sectune.classification import score_texts, stratified_folds
+    from sectune.classify_scoring import score_texts, stratified_folds
     from sectune.predict import Predictor, load_classifier, read_classify_run
 
     csv = _attack_text_csv(tmp_path / "t.csv")

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from sectune import classification as C
+from sectune import classify_scoring as S
 from sectune import engine, modeling
 from sectune.errors import ConfigError
 from sectune.predict import LABELS_FILE, META_FILE, NORMALIZER_FILE
@@ -51,7 +52,7 @@ def run(ctx: RunContext) -> dict:
         raise ConfigError(f"train.resume={cfg.train.resume}: a classify.folds={folds} run keeps one checkpoint directory per "
                           f"member (checkpoints/fold<i>); resume it with train.resume=auto")
     max_len = cfg.model.max_seq_length
-    autocast = C.scoring_autocast(cfg)  # every scoring below runs in the training precision
+    autocast = S.scoring_autocast(cfg)  # every scoring below runs in the training precision
     to_score = {"validation": [r["text"] for r in data.splits["validation"]]}
     if cfg.classify.evaluate_test and data.splits["test"]:
         to_score["test"] = [r["text"] for r in data.splits["test"]]
@@ -64,7 +65,7 @@ def run(ctx: RunContext) -> dict:
         artifacts.update({name: name, "checkpoints": "checkpoints"})
     else:
         train_recs = data.splits["train"]
-        parts = C.stratified_folds([r["label"] for r in train_recs], folds, cfg.dataset.split_seed)
+        parts = S.stratified_folds([r["label"] for r in train_recs], folds, cfg.dataset.split_seed)
         oof = np.zeros((len(train_recs), len(data.labels)))
         runs, members = [], []
         from transformers import set_seed
@@ -81,7 +82,7 @@ def run(ctx: RunContext) -> dict:
             runs.append(m)
             members.append(f"folds/{i}/{m['artifact']}")
         name, history = runs[0]["artifact"], runs[0]["history"]
-        scored = {k: C.combine_scores([m["scored"][k] for m in runs]) for k in to_score}  # the members' mean
+        scored = {k: S.combine_scores([m["scored"][k] for m in runs]) for k in to_score}  # the members' mean
         metrics = {k: float(np.mean([m["metrics"][k] for m in runs])) for k in ("train_loss", "train_steps")}
         metrics.update(trainable_params=runs[0]["metrics"]["trainable_params"], total_params=runs[0]["metrics"]["total_params"],
                        folds=folds, fold_best_steps=[m["metrics"].get("best_step") for m in runs])
@@ -95,7 +96,7 @@ def run(ctx: RunContext) -> dict:
     from sklearn.metrics import accuracy_score, f1_score
 
     def _score(y, probs, prefix):
-        pred = C.decide(probs, data.labels, threshold)
+        pred = S.decide(probs, data.labels, threshold)
         metrics[f"{prefix}_accuracy"] = float(accuracy_score(y, pred))
         metrics[f"{prefix}_macro_f1"] = float(f1_score(y, pred, labels=data.labels, average="macro", zero_division=0))
 
@@ -105,12 +106,12 @@ def run(ctx: RunContext) -> dict:
     if members:
         ty = [r["label"] for r in data.splits["train"]]
         if binary:
-            threshold, _ = C.tune_threshold(oof, ty, data.labels)
+            threshold, _ = S.tune_threshold(oof, ty, data.labels)
             print(f"sectune: decision threshold on p({data.labels[1]}) chosen on the out-of-fold train predictions: {threshold:.4f}")
         _score(ty, oof, "cv")
         print(f"sectune: out-of-fold macro-F1 over {len(ty)} train rows: {metrics['cv_macro_f1']:.4f}")
     elif binary and vy:
-        threshold, _ = C.tune_threshold(scored["validation"][0], vy, data.labels)
+        threshold, _ = S.tune_threshold(scored["validation"][0], vy, data.labels)
         print(f"sectune: decision threshold on p({data.labels[1]}) chosen on validation: {threshold:.4f}")
     if vy:
         _score(vy, scored["validation"][0], "val")
@@ -129,7 +130,7 @@ def run(ctx: RunContext) -> dict:
     # 6. test evaluation, model beside the classic baseline and the majority class
     if cfg.classify.evaluate_test and data.splits["test"]:
         probs, lat = scored["test"]
-        ev = C.evaluate_split(data, "test", probs, lat, run_dir / "evaluation", threshold=threshold,
+        ev = S.evaluate_split(data, "test", probs, lat, run_dir / "evaluation", threshold=threshold,
                               seed=cfg.train.seed, rf_estimators=cfg.evaluate.rf_estimators,
                               extra={"model": cfg.model.name, "head": head, "run_dir": str(run_dir), "members": len(members or [name])})
         metrics.update(ev)
@@ -226,7 +227,7 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     model = trainer.model
     name = "adapter" if hasattr(model, "peft_config") else "model"
     modeling.save_pretrained_atomic(model, tokenizer, out_dir / name)
-    scored = {k: C.score_texts(model, tokenizer, texts, head=head, labels=data.labels, batch_size=cfg.evaluate.batch_size,
+    scored = {k: S.score_texts(model, tokenizer, texts, head=head, labels=data.labels, batch_size=cfg.evaluate.batch_size,
                                max_length=max_len, autocast=autocast) if texts else (np.zeros((0, len(data.labels))), [])
               for k, texts in to_score.items()}
     del trainer, model

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from sectune import classification as C
+from sectune import classify_scoring as S
 from sectune.errors import ConfigError, DataError
 from sectune.predict import Predictor, read_classify_run
 from sectune.runner import RunContext
@@ -58,7 +59,7 @@ def run(ctx: RunContext) -> dict:
     probs, lat = predictor.score([r["text"] for r in recs])
     if predictor.labels != data.labels:
         raise DataError(f"{model_dir}: labels.json {predictor.labels} differ from the rebuilt data's {data.labels}")
-    metrics = C.evaluate_split(data, ev.split, probs, lat, run_dir / "evaluation",
+    metrics = S.evaluate_split(data, ev.split, probs, lat, run_dir / "evaluation",
                                threshold=predictor.meta.get("threshold"), seed=run_cfg.train.seed,
                                rf_estimators=ev.rf_estimators,
                                extra={"model_dir": str(model_dir), "model": run_cfg.model.name,

@@ -1,0 +1,241 @@
+"""Scoring and decisions of the classify/evaluate stages and the predictor.
+
+* :func:`score_texts` is batched scoring: ``seq_cls`` → softmax of the head's logits;
+  ``generative`` → softmax over the label set of each label's summed log-likelihood after the
+  prompt (:func:`label_log_likelihoods`: the prompt run once, every label scored against its KV
+  cache; no free text, no parse failures); :func:`score_members` averages a k-fold ensemble;
+* :func:`decide` turns probabilities into labels (argmax, or a tuned threshold for two labels:
+  :func:`tune_threshold`); :func:`stratified_folds` are ``classify.folds``' held-out rows;
+* :func:`evaluate_split` scores a split's predictions with the classic baselines beside them.
+
+The data, the encoding of rows into token ids and the training objective are in
+:mod:`sectune.classification`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from sectune.classification import HEADS, LabelledData, _prompt_ids, label_token_ids, pad_rows
+from sectune.errors import ConfigError, DataError
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def scoring_autocast(cfg: DictConfig) -> Optional[str]:
+    """The autocast dtype scoring runs in: the training precision (``train.precision``), fp32 → none."""
+    p = cfg.train.precision
+    return p if p in ("bf16", "fp16") else None
+
+
+def autocast_context(device: torch.device, dtype: Optional[str]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    # CPU has no fp16 autocast worth the name: bf16 there, as in training (engine.precision_flags)
+    dt = torch.float16 if dtype == "fp16" and device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dt)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Sequence[str], batch_size: int = 32,
+                max_length: int = 512, autocast: Optional[str] = None):
+    """Class probabilities ``[N, K]`` (rows in input order) and the wall time of each batch.
+
+    Prompts are sorted by length before batching so a batch holds similar lengths (little padding).
+    ``autocast`` (``bf16`` | ``fp16`` | None) is the precision the model was trained in
+    (:func:`scoring_autocast`); probabilities are computed in fp32 either way.
+    """
+    if head not in HEADS:
+        raise ConfigError(f"classify.head={head!r}: choose one of {HEADS}")
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    K = len(labels)
+    if head == "seq_cls":
+        prompts = _prompt_ids(tokenizer, texts, max_length, "right")
+    else:
+        lab_ids = label_token_ids(tokenizer, labels)
+        longest = max(map(len, lab_ids))
+        prompts = _prompt_ids(tokenizer, texts, max(1, max_length - longest), "left")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    probs = np.zeros((len(prompts), K), dtype=np.float64)
+    latencies = []
+    with autocast_context(device, autocast):
+        for start in range(0, len(order), max(1, batch_size)):
+            idx = order[start : start + batch_size]
+            t0 = time.perf_counter()
+            if head == "seq_cls":
+                ids, mask, _ = pad_rows([prompts[i] for i in idx], pad, "right")
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+                p = torch.softmax(logits, dim=-1)
+            else:
+                seq = label_log_likelihoods(model, [prompts[i] for i in idx], lab_ids, pad, device)
+                p = torch.softmax(seq.float(), dim=-1)
+            probs[idx] = p.cpu().double().numpy()
+            latencies.append(time.perf_counter() - t0)
+    return probs, latencies
+
+
+def score_members(members, tokenizer, texts: Sequence[str], **kw):
+    """:func:`score_texts` for ``(model, adapter_name)`` pairs, combined by :func:`combine_scores`."""
+    runs = []
+    for model, adapter in members:
+        if adapter is not None:
+            model.set_adapter(adapter)
+        runs.append(score_texts(model, tokenizer, texts, **kw))
+    return combine_scores(runs)
+
+
+def combine_scores(runs):
+    """``(probs, batch_times)`` of several members on the same rows → their mean probabilities and,
+    per batch, their summed times (an ensemble row costs every member's forward pass)."""
+    if len(runs) == 1:
+        return runs[0]
+    return np.mean([p for p, _ in runs], axis=0), [sum(t) for t in zip(*(lat for _, lat in runs))]
+
+
+def label_log_likelihoods(model, prompts: Sequence[Sequence[int]], lab_ids: Sequence[Sequence[int]], pad: int, device) -> torch.Tensor:
+    """``[len(prompts), K]``: log p(label tokens | prompt) for every label, the prompt run once.
+
+    The prompts (left-padded) go through the model once with a KV cache. The rest of every label
+    (all tokens but the first, whose log-probability the prompt's last logits already give) is
+    scored against that cache in a second, short forward: with SDPA, all K continuations share one
+    row per prompt, a 4D mask letting each token see the prompt and its own label's earlier tokens
+    only (no copy of the cache); other attention kernels, and sliding-window models whose window
+    the row would exceed, repeat the cache K times instead.
+    Scoring K full (prompt + label) rows would cost K prompt forwards instead of one.
+    """
+    ids, mask, pos = pad_rows(prompts, pad, "left")
+    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each label's first token
+    seq = first[:, [lab[0] for lab in lab_ids]]  # [B, K]
+    if max(map(len, lab_ids)) == 1:
+        return seq
+    window = getattr(model.config, "sliding_window", None)  # a custom 4D mask would bypass the window
+    fits = not window or ids.shape[1] + sum(map(len, lab_ids)) <= window
+    if getattr(model.config, "_attn_implementation", None) == "sdpa" and fits:
+        return seq + _shared_row_continuations(model, out.past_key_values, mask, lab_ids, device)
+    return seq + _repeated_cache_continuations(model, out.past_key_values, mask, lab_ids, pad, device)
+
+
+def _shared_row_continuations(model, cache, mask: torch.Tensor, lab_ids, device) -> torch.Tensor:
+    """``[B, K]``: Σ log p(label token j+1 | prompt, label tokens ≤ j), all labels in one row per prompt."""
+    B, P = mask.shape
+    seg = [(k, j, lab[j], lab[j + 1]) for k, lab in enumerate(lab_ids) for j in range(len(lab) - 1)]
+    owner, offset, inp, tgt = (torch.tensor(c, device=device) for c in zip(*seg))
+    n = len(seg)
+    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])  # [n, n]: causal within a label
+    m4 = torch.cat([mask.bool()[:, None, None, :].expand(B, 1, n, P), own.expand(B, 1, n, n)], dim=-1)
+    positions = mask.sum(-1, keepdim=True) + offset[None, :]
+    logits = model(input_ids=inp.expand(B, n), attention_mask=m4, position_ids=positions, past_key_values=cache,
+                   use_cache=False).logits
+    tok = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt.expand(B, n).unsqueeze(-1)).squeeze(-1)  # [B, n]
+    return torch.zeros(B, len(lab_ids), device=device).index_add_(1, owner, tok)
+
+
+def _repeated_cache_continuations(model, cache, mask: torch.Tensor, lab_ids, pad: int, device) -> torch.Tensor:
+    """The same as :func:`_shared_row_continuations` with the cache repeated K times (any attention kernel)."""
+    B, K = mask.shape[0], len(lab_ids)
+    longest = max(map(len, lab_ids))
+    cache.batch_repeat_interleave(K)
+    cont = torch.full((K, longest - 1), pad, dtype=torch.long)
+    cont_mask = torch.zeros((K, longest - 1), dtype=torch.long)
+    tgt = torch.full((K, longest - 1), -100, dtype=torch.long)
+    for k, lab in enumerate(lab_ids):
+        cont[k, : len(lab) - 1] = torch.tensor(lab[:-1])
+        cont_mask[k, : len(lab) - 1] = 1
+        tgt[k, : len(lab) - 1] = torch.tensor(lab[1:])
+    cont, cont_mask, tgt = (t.to(device).repeat(B, 1) for t in (cont, cont_mask, tgt))  # row b*K + k
+    full_mask = torch.cat([mask.repeat_interleave(K, dim=0), cont_mask], dim=1)
+    cont_pos = mask.sum(-1).repeat_interleave(K).unsqueeze(1) + torch.arange(longest - 1, device=device)
+    logits = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_pos, past_key_values=cache, use_cache=False).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tok = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)
+    return tok.sum(-1).view(B, K)
+
+
+def stratified_folds(y: Sequence[str], k: int, seed: int) -> List[np.ndarray]:
+    """``classify.folds``: the held-out row indices of each of ``k`` stratified folds (seeded)."""
+    from collections import Counter
+
+    from sklearn.model_selection import StratifiedKFold
+
+    label, count = min(Counter(y).items(), key=lambda kv: kv[1])
+    if count < k:
+        raise ConfigError(f"classify.folds={k}: the train split has only {count} row(s) of label {label!r}; "
+                          f"every label needs at least k rows (lower classify.folds)")
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [held for _, held in skf.split(np.zeros(len(y)), list(y))]
+
+
+def decide(probs: np.ndarray, labels: Sequence[str], threshold: Optional[float] = None) -> List[str]:
+    """Argmax, or for two labels ``labels[1]`` when its probability ≥ ``threshold``."""
+    if threshold is not None and len(labels) == 2:
+        return [labels[1] if p >= threshold else labels[0] for p in probs[:, 1]]
+    return [labels[i] for i in probs.argmax(axis=1)]
+
+
+def tune_threshold(probs: np.ndarray, y_true: Sequence[str], labels: Sequence[str]) -> tuple[float, float]:
+    """The threshold on ``p(labels[1])`` with the best macro-F1 (ties → closest to 0.5), and that F1."""
+    from sklearn.metrics import f1_score
+
+    best = (-1.0, 0.0, 0.5)
+    for t in np.unique(np.concatenate([probs[:, 1], [0.5]])):
+        f1 = f1_score(list(y_true), decide(probs, labels, float(t)), labels=list(labels), average="macro", zero_division=0)
+        key = (f1, -abs(t - 0.5), float(t))
+        if key > best:
+            best = key
+    return best[2], best[0]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def baseline_predictions(data: LabelledData, split: str, seed: int, rf_estimators: int = 200) -> tuple[dict, dict]:
+    """The classic baseline (RF on raw features for flows, TF-IDF+LR for text) and the majority class."""
+    from sectune.baselines import majority_baseline, random_forest_baseline, tfidf_logreg_baseline
+
+    train, val, test = data.splits["train"], data.splits["validation"], data.splits[split]
+    ytr = [r["label"] for r in train]
+    if data.format == "flows":
+        X = lambda recs: [[r["features"][f] for f in data.features] for r in recs]  # noqa: E731
+        b = random_forest_baseline(X(train), ytr, X(test), seed=seed, n_estimators=rf_estimators)
+    else:
+        b = tfidf_logreg_baseline(
+            [r["raw_text"] for r in train], ytr, [r["raw_text"] for r in test], seed=seed,
+            val_texts=[r["raw_text"] for r in val] or None, val_y=[r["label"] for r in val] or None,
+        )
+    maj = majority_baseline(ytr, [r["label"] for r in test])
+    return {b.name: b.predictions, "majority": maj.predictions}, {b.name: b.to_dict(), "majority": maj.to_dict()}
+
+
+def evaluate_split(data: LabelledData, split: str, probs: np.ndarray, latencies: Sequence[float], out_dir: Path, *,
+                   threshold: Optional[float], seed: int, rf_estimators: int, extra: Optional[dict] = None) -> dict:
+    """Model predictions from ``probs`` + baselines on the same rows → ``write_evaluation``."""
+    from sectune.evaluation import write_evaluation
+
+    recs = data.splits[split]
+    if not recs:
+        raise DataError(f"{data.source}: the {split} split is empty; set dataset.test_fraction > 0")
+    preds = decide(probs, data.labels, threshold)
+    base_preds, base_info = baseline_predictions(data, split, seed, rf_estimators)
+    scores = [{lab: float(p) for lab, p in zip(data.labels, row)} for row in probs]
+    metrics = write_evaluation(
+        out_dir, y_true=[r["label"] for r in recs], y_pred=preds, labels=data.labels, latencies_s=latencies,
+        scores=scores, baselines=base_preds,
+        extra={"split": split, "source": data.source, "threshold": threshold, "baselines": base_info,
+               "model_rows_per_s": len(recs) / max(sum(latencies), 1e-9), **(extra or {})},
+    )
+    metrics["model_rows_per_s"] = len(recs) / max(sum(latencies), 1e-9)
+    for name, info in base_info.items():
+        metrics[f"{name}_rows_per_s"] = info["rows_per_s"] if np.isfinite(info["rows_per_s"]) else None
+    return metrics

@@ -59,16 +59,21 @@ def load_windows(cfg: DictConfig) -> dict[str, list[Window]]:
     split them (:func:`sectune.data.sft_splits`), each with its source log."""
     from sectune import data
     from sectune.data import auth_logs
+    from sectune.reward_model import window_from_prompt
 
     splits = data.sft_splits(cfg)
     folder = data.auth_logs_folder(cfg)
     samples = {s.id: s for s in auth_logs.load_auth_folder(folder, max_samples=cfg.dataset.max_samples)}
     sources = window_sources(folder, list(samples.values()))
-    return {
-        name: [Window(r["id"], sources.get(r["id"], "unknown"), r["prompt"], samples[r["id"]].log_text, samples[r["id"]].analysis)
-               for r in recs]
-        for name, recs in splits.items()
-    }
+
+    def window(r: dict) -> Window:
+        if r["id"] in samples:
+            return Window(r["id"], sources.get(r["id"], "unknown"), r["prompt"], samples[r["id"]].log_text, samples[r["id"]].analysis)
+        # a span cut from a training window (dataset.subwindows): its parent's source, its own annotation
+        text = window_from_prompt(r["prompt"])
+        return Window(r["id"], sources.get(r["id"].split("~")[0], "unknown"), r["prompt"], text, auth_logs.analyze_auth_log(text.splitlines()))
+
+    return {name: [window(r) for r in recs] for name, recs in splits.items()}
 
 
 def window_sources(folder: Path, samples) -> dict[str, str]:

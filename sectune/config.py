@@ -119,6 +119,8 @@ class DatasetConfig:
     # auth_logs builder
     min_lines: int = 6
     max_lines: int = 20
+    #: extra SFT windows cut from each training window's lines, re-annotated by the rules (0 = off)
+    subwindows: int = 0
     # tabular flows
     features: List[str] = field(default_factory=list)
     label_column: str = "label"

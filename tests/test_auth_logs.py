@@ -309,3 +309,51 @@ def test_custom_schema_path(folder, tmp_path):
     with pytest.raises(DataError, match=r"line 1, column 2"):
         A.load_auth_folder(folder, schema_path=schema)
 
+
+
+# ---------------------------------------------------------------- sub-windows (dataset.subwindows)
+def test_subwindows_are_distinct_contiguous_spans_that_cross_the_brute_force_threshold():
+    import random
+
+    # 5 failures from one source (malicious) + one unrelated line: cutting a failure off makes it suspicious
+    five = [f"Dec 10 07:28:{10 + i:02d} LabSZ sshd[{24257 + i}]: Failed password for root from 112.95.230.3 port {35113 + i} ssh2"
+            for i in range(5)] + CLEAN[:1]
+    assert A.analyze_auth_log(five)["verdict"] == "malicious"
+    spans = A.subwindows("\n".join(five), 6, random.Random(0), min_lines=3)
+    assert 1 <= len(spans) <= 6 and len(set(spans)) == len(spans)
+    text = "\n".join(five)
+    for s in spans:
+        lines = s.splitlines()
+        assert 3 <= len(lines) <= len(five) - 1 and s in text  # contiguous, never the whole window
+    assert {A.analyze_auth_log(s.splitlines())["verdict"] for s in spans} >= {"suspicious"}
+    assert spans == A.subwindows(text, 6, random.Random(0), min_lines=3)  # deterministic
+    assert A.subwindows("one line only", 3, random.Random(0), min_lines=6) == []  # nothing shorter to cut
+
+
+def test_subwindow_records_extend_train_only_and_are_annotated_by_the_rules(tmp_path):
+    from conftest import compose
+
+    from sectune import analyst_eval, data
+    from sectune.errors import ConfigError
+    from sectune.reward_model import window_from_prompt
+
+    folder = tmp_path / "auth"
+    A.build_auth_folder(folder, tmp_path / "nowhere", seed=0, max_windows=30)
+    plain = data.sft_splits(compose([f"dataset.path={folder}", "dataset.test_fraction=0.2"]))
+    cfg = compose([f"dataset.path={folder}", "dataset.test_fraction=0.2", "dataset.subwindows=2"])
+    aug = data.sft_splits(cfg)
+    for split in ("validation", "test"):
+        assert aug[split] == plain[split]  # the held-out windows are exactly the same
+    parents = {r["id"]: window_from_prompt(r["prompt"]) for r in plain["train"]}
+    extra = aug["train"][len(plain["train"]):]
+    assert aug["train"][: len(plain["train"])] == plain["train"] and len(extra) > len(plain["train"])  # ~2 per window
+    for r in extra:
+        parent, text = r["id"].split("~")[0], window_from_prompt(r["prompt"])
+        assert text in parents[parent] and text != parents[parent]  # a span of a training window
+        analysis = A.analyze_auth_log(text.splitlines())
+        assert json.loads(r["completion"]) == analysis and r["label"] == analysis["verdict"]
+    windows = analyst_eval.load_windows(cfg)  # the table's TF-IDF trains on the same records
+    assert [w.id for w in windows["train"]] == [r["id"] for r in aug["train"]]
+    assert all(w.annotation == json.loads(r["completion"]) for w, r in zip(windows["train"], aug["train"]))
+    with pytest.raises(ConfigError, match="dataset.subwindows"):
+        data.sft_splits(compose(["dataset=hdfs", "dataset.subwindows=1"]))

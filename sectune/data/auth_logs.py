@@ -93,6 +93,28 @@ def render_completion(analysis: dict) -> str:
     return json.dumps(ordered, separators=(",", ":"), ensure_ascii=False)
 
 
+def subwindows(log_text: str, k: int, rng: random.Random, min_lines: int) -> list[str]:
+    """Up to ``k`` distinct contiguous spans of a window's lines (``min_lines`` .. all but one line),
+    each a new window for the rule engine to annotate. Cutting a window moves its counts across the
+    rules' thresholds (6 failures from one source: malicious; 4 of them: suspicious), which is the
+    decision a model most often gets wrong, and uses no line outside the window it was cut from."""
+    lines = log_text.strip().splitlines()
+    n = len(lines)
+    lo = min(min_lines, n - 1)
+    out: list[str] = []
+    seen = {log_text.strip()}
+    for _ in range(4 * k):
+        if len(out) >= k or lo < 1:
+            break
+        size = rng.randint(lo, n - 1)
+        start = rng.randint(0, n - size)
+        text = "\n".join(lines[start : start + size])
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
 # -------------------------------------------------------------------------------- builder
 def _auth_relevant(line: str) -> bool:
     """Linux_2k mixes kernel/daemon noise with auth lines; keep only the auth processes."""

@@ -232,6 +232,10 @@ def test_seed_000_presets_compose_every_step(tmp_path):
     # the from-scratch tiny analyst: full-weight SFT, then LoRA adapters on those weights for RL and DPO
     assert tiny["sft"].lora.name == "none" and {tiny[s].lora.name for s in ("rl", "dpo")} == {"r16_all_linear"}
     assert tiny["dpo"].dpo.init_from == str(tmp_path / "sft") and tiny["sft"].model.tiny.num_layers == 4
+    # SFT trains on the cut spans and the table (the infer step's config) fits TF-IDF + LR on the same windows;
+    # the preference and RL steps keep the plain windows; no repetition penalty on the copy-heavy answers
+    assert {n: c.dataset.subwindows for n, c in tiny.items()} == {"sft": 1, "reward": 0, "rl": 0, "dpo": 0, "infer": 1}
+    assert {c.generation.repetition_penalty for c in tiny.values()} == {1.0} and real["infer"].generation.repetition_penalty == 1.2
 
     dpo = steps_of(["+experiment=auth_dpo"])
     assert list(dpo) == ["sft", "dpo", "infer"] and dpo["dpo"].loss.name == "dpo" and dpo["dpo"].train.grad_accum == 4

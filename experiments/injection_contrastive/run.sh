@@ -21,7 +21,10 @@ EXTRA=${EXTRA:-1}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # the tiny analyst's model (auth_grpo_tiny) + what this study trains: LoRA r16 on the SFT weights, fp32 on the CPU
-BASE="+experiment=auth_grpo_tiny logger=none train.precision=fp32"
+# RP: the evaluations' repetition penalty. The published table decodes with seed 000's 1.2 (the tiny preset's value
+# when it was made; the preset now uses 1.0); RP=1.0 gives the re-evaluation rows in the README.
+RP=${RP:-1.2}
+BASE="+experiment=auth_grpo_tiny logger=none train.precision=fp32 generation.repetition_penalty=$RP"
 COMMON="$BASE lora=r16_all_linear train.batch_size=4 train.grad_accum=1"
 TRAIN="train.max_steps=30 train.learning_rate=0.002"
 CONTRASTIVE="stage=contrastive loss=causal_contrastive dataset=injection_triplets train.eval_steps=10 train.save_steps=10"

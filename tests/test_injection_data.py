@@ -210,6 +210,8 @@ def test_adversarial_sft_data_adds_injected_windows_with_their_own_analysis_and_
     train_texts = {by_id[r["id"]]["injection_text"] for r in splits["train"] if r["kind"] == "injected"}
     assert train_texts and not train_texts & held_out
     assert all(t not in r["prompt"] for r in splits["train"] for t in held_out)
+    # stage=sft's "N test windows held out" counts windows, not their benign + injected records
+    assert data.held_out_windows(splits["test"]) == len({r["window_id"] for r in triplets.splits["test"]}) < len(splits["test"])
     plain = data.sft_splits(compose(["stage=sft", *TRIPLETS, "dataset.include_injected=false"]))
     assert all(r["kind"] == "benign" for rows in plain.values() for r in rows)
     assert [r["prompt"] for r in plain["train"]] == [r["prompt"] for r in splits["train"] if r["kind"] == "benign"]

@@ -122,6 +122,12 @@ def _subwindow_records(train: list[dict], cfg: DictConfig) -> list[dict]:
     return out
 
 
+def held_out_windows(records: list[dict]) -> int:
+    """Windows behind a split's records: adversarial SFT (``dataset=injection_triplets``) has a benign and an
+    injected record per window; only the benign one (``kind``, absent elsewhere) is the window."""
+    return len({r["id"] for r in records if r.get("kind", "benign") == "benign"})
+
+
 def train_val_split(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Stratified by ``label`` where every class has two or more records; deterministic."""
     from sklearn.model_selection import train_test_split

@@ -69,9 +69,9 @@ def load_windows(cfg: DictConfig) -> dict[str, list[Window]]:
     def window(r: dict) -> Window:
         if r["id"] in samples:
             return Window(r["id"], sources.get(r["id"], "unknown"), r["prompt"], samples[r["id"]].log_text, samples[r["id"]].analysis)
-        # a span cut from a training window (dataset.subwindows): its parent's source, its own annotation
-        text = window_from_prompt(r["prompt"])
-        return Window(r["id"], sources.get(r["id"].split("~")[0], "unknown"), r["prompt"], text, auth_logs.analyze_auth_log(text.splitlines()))
+        # a span cut from a training window (dataset.subwindows): its parent's source; its completion is the rules' analysis
+        return Window(r["id"], sources.get(r["id"].split("~")[0], "unknown"), r["prompt"], window_from_prompt(r["prompt"]),
+                      json.loads(r["completion"]))
 
     return {name: [window(r) for r in recs] for name, recs in splits.items()}
 

@@ -84,7 +84,8 @@ def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     :func:`split_windows`, exactly as ``auth_preferences`` splits its pairs (same folder, fractions
     and ``dataset.split_seed`` → same windows), so a pipeline's SFT, reward, DPO and RL steps never
     train on the windows its held-out table is computed on."""
-    if int(cfg.dataset.get("subwindows") or 0) and cfg.dataset.name != "auth_logs":
+    spans = int(cfg.dataset.get("subwindows") or 0)
+    if spans and cfg.dataset.name != "auth_logs":
         raise ConfigError(f"dataset.subwindows: only dataset=auth_logs cuts windows, not dataset={cfg.dataset.name}")
     if cfg.dataset.name == "hdfs":  # split by session, anomalous sessions never trained on (sectune/data/hdfs.py)
         from sectune.data import hdfs
@@ -98,13 +99,13 @@ def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     d = cfg.dataset
     where = split_windows([(r["id"], r["label"]) for r in records], float(d.val_fraction), float(d.test_fraction), int(d.split_seed))
     splits = {s: [r for r in records if r["id"] in where[s]] for s in SPLITS}
-    if int(d.get("subwindows") or 0) > 0:
-        splits["train"] = splits["train"] + _subwindow_records(splits["train"], cfg)
+    if spans > 0:
+        splits["train"] = splits["train"] + _subwindow_records(splits["train"], spans, cfg)
     return splits
 
 
-def _subwindow_records(train: list[dict], cfg: DictConfig) -> list[dict]:
-    """``dataset.subwindows`` extra training records per training window: spans of its lines,
+def _subwindow_records(train: list[dict], k: int, cfg: DictConfig) -> list[dict]:
+    """``k`` (``dataset.subwindows``) extra training records per training window: spans of its lines,
     annotated by the rule engine (:func:`sectune.data.auth_logs.subwindows`). Train split only, so
     the validation and test windows stay exactly the windows every other stage holds out."""
     import random
@@ -115,7 +116,7 @@ def _subwindow_records(train: list[dict], cfg: DictConfig) -> list[dict]:
     rng = random.Random(int(cfg.dataset.split_seed))
     out = []
     for r in train:
-        for j, text in enumerate(auth_logs.subwindows(window_from_prompt(r["prompt"]), int(cfg.dataset.subwindows), rng, int(cfg.dataset.min_lines))):
+        for j, text in enumerate(auth_logs.subwindows(window_from_prompt(r["prompt"]), k, rng, int(cfg.dataset.min_lines))):
             a = auth_logs.analyze_auth_log(text.splitlines())
             out.append({"prompt": auth_logs.render_prompt(text), "completion": auth_logs.render_completion(a),
                         "label": a["verdict"], "id": f"{r['id']}~{j}"})

@@ -1,0 +1,49 @@
+"""Does the analyst count, or recognise names? SFT analysts and the table's TF-IDF + LR on the validation windows as
+they are and with every user name, IP, host name, port, pid and timestamp renamed consistently
+(sectune/data/log_edits.py: the rule engine gives every renamed window the same verdict and counts).
+
+    python experiments/auth_grpo/renamed_windows.py <auth_grpo_tiny run>/sft/model [more SFT model dirs...]
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from sectune import analyst_eval as ae
+from sectune import config
+from sectune.paths import CONF_DIR
+from sectune.data import auth_logs
+from sectune.data.log_edits import counterfactual_window
+
+
+def main(model_dirs: list[str]) -> None:
+    config.register()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=auth_grpo_tiny", "dataset.subwindows=1"])
+    windows = ae.load_windows(cfg)
+    rng = random.Random(7)
+
+    def renamed(w: ae.Window) -> ae.Window:
+        text = counterfactual_window(w.log_text, rng)
+        return ae.Window(w.id, w.source, auth_logs.render_prompt(text), text, auth_logs.analyze_auth_log(text.splitlines()))
+
+    sets = {"as they are": windows["validation"]}
+    sets["renamed"] = [renamed(w) for w in sets["as they are"]]
+    assert [w.annotation["verdict"] for w in sets["renamed"]] == [w.annotation["verdict"] for w in sets["as they are"]]
+    for path in model_dirs:
+        model, tok = ae.load_policy(cfg, "model", Path(path))
+        for name, ws in sets.items():
+            s = ae.score(ae.generate_row("model", model, tok, ws, cfg.generation, 16), ws)
+            print(f"{path} | {name}: verdict macro-F1 {s['verdict_macro_f1']:.3f}, accuracy {s['verdict_accuracy']:.3f}, "
+                  f"field F1 {s['field_f1']:.3f}, schema-valid {s['schema_valid_rate']:.3f}")
+    for name, ws in sets.items():
+        s = ae.score(ae.tfidf_row(windows["train"], windows["validation"], ws, 42), ws)
+        print(f"TF-IDF + LR | {name}: verdict macro-F1 {s['verdict_macro_f1']:.3f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -75,6 +75,10 @@ class InferConfig:
 
 @dataclass
 class RewardConfig:
+    #: the weights the reward model starts from: null = ``model.name_or_path`` (seed 000); an SFT run dir with full
+    #: weights (``artifacts.model``; InstructGPT starts its reward model from the SFT model); in a pipeline, ``sft`` =
+    #: that pipeline's sft step
+    init_from: Optional[str] = None
     #: when the memory check (stage=plan's estimate) says the run does not fit the device:
     #: error (stop with the estimate and what to change) | heuristic (write the heuristic reward model)
     fallback: str = "error"

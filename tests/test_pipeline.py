@@ -208,6 +208,7 @@ def test_resume_auto_inside_a_pipeline_step(tmp_path):
 @requires_rl
 def test_seed_000_presets_compose_every_step(tmp_path):
     """+experiment=auth_grpo (the 8B real-model path), its tiny twin (make run) and auth_dpo, step by step."""
+    from sectune.errors import ConfigError
     from sectune.stages import pipeline
 
     def steps_of(overrides):
@@ -232,6 +233,12 @@ def test_seed_000_presets_compose_every_step(tmp_path):
     # the from-scratch tiny analyst: full-weight SFT, then LoRA adapters on those weights for RL and DPO
     assert tiny["sft"].lora.name == "none" and {tiny[s].lora.name for s in ("rl", "dpo")} == {"r16_all_linear"}
     assert tiny["dpo"].dpo.init_from == str(tmp_path / "sft") and tiny["sft"].model.tiny.num_layers == 4
+    # the tiny reward model trains all the SFT weights (reward.init_from=sft → this pipeline's sft dir); seed 000's
+    # starts from the base model
+    assert (tiny["reward"].lora.name, tiny["reward"].reward.init_from) == ("none", str(tmp_path / "sft"))
+    assert real["reward"].reward.init_from is None
+    with pytest.raises(ConfigError, match="reward.init_from=sft names this pipeline's sft step, but pipeline.steps runs none before reward"):
+        steps_of(["+experiment=auth_grpo_tiny", "pipeline.steps=[reward,rl,infer]"])
     # SFT trains on the cut spans and the table (the infer step's config) fits TF-IDF + LR on the same windows;
     # the preference and RL steps keep the plain windows; no repetition penalty on the copy-heavy answers
     assert {n: c.dataset.subwindows for n, c in tiny.items()} == {"sft": 1, "reward": 0, "rl": 0, "dpo": 0, "infer": 1}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,55 @@ def test_seed_preset_on_the_tiny_model_trains_an_nf4_lora_reward_adapter(tmp_pat
     base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], num_labels=1)
     model = PeftModel.from_pretrained(base, folder)
     assert model.peft_config["default"].task_type == "SEQ_CLS"
+
+
+# ------------------------------------------------------------------ reward.init_from: start from the SFT weights
+def test_init_from_resolves_full_sft_weights_and_refuses_what_it_cannot_start_from(tmp_path):
+    from sectune.stages.reward import start_weights
+
+    def cfg_with(init_from):
+        return compose([*REWARD, "model=tiny_llama", *([f"reward.init_from={init_from}"] if init_from else [])])
+
+    from sectune import modeling
+
+    assert start_weights(cfg_with(None)) == modeling.model_path(cfg_with(None))  # unset: the base model (seed 000)
+    run = tmp_path / "sft_run"  # an SFT run dir whose result.json names full weights
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": {"model": "model"}}))
+    assert start_weights(cfg_with(run)) == str(run / "model")
+    assert start_weights(cfg_with(run / "model")) == str(run / "model")  # or the weights folder itself
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"reward.init_from=.*adapter.*LoRA adapter; the reward model starts from full SFT weights"):
+        start_weights(cfg_with(adapter))
+    with pytest.raises(ConfigError, match=r"reward.init_from=.*nowhere.*does not exist"):
+        start_weights(cfg_with(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="reward.init_from=sft names a pipeline's sft step"):
+        start_weights(cfg_with("sft"))
+
+
+def test_reward_model_trains_from_the_weights_init_from_names(tmp_path):
+    """A reward run with reward.init_from=<full weights> loads those weights (not the base model) and its saved
+    adapter names them as its base, so RL scores on the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    from sectune import modeling
+
+    base = Path(modeling.model_path(compose([*REWARD, "model=tiny_llama"])))
+    sft = tmp_path / "sft_weights"
+    shutil.copytree(base, sft)
+    weights = load_file(str(sft / "model.safetensors"))
+    emb = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    weights[emb] = weights[emb] * 3.0  # different weights from the base: the run must start from these
+    save_file(weights, str(sft / "model.safetensors"), metadata={"format": "pt"})
+    run = sectune([*REWARD, "model=tiny_llama", "lora=r4_attention", "train.max_steps=1", "dataset.max_samples=12",
+                   "train.batch_size=2", f"reward.init_from={sft}"], tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"the reward model starts from the SFT weights in {sft}" in run.stdout
+    folder = tmp_path / "run" / run.result["artifacts"]["reward_model"]
+    assert json.loads((folder / RM.META_FILE).read_text())["base_model"] == str(sft)
+    scorer = RM.load_reward_model(tmp_path / "run")
+    backbone = scorer.model.get_base_model().model.embed_tokens.weight.detach()
+    assert torch.allclose(backbone, weights[emb].to(backbone.dtype))

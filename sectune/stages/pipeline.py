@@ -262,6 +262,11 @@ def compose_step(cfg: DictConfig, base: list[str], name: str, run_dir: Path, nam
                 raise ConfigError(f"pipeline.overrides.{name}.{key}: {_reason(e)}") from None
             raise ConfigError(f"pipeline step {name}: this sectune's schema has no {key} to hand the earlier steps' "
                               f"run dirs to ({_reason(e)})") from None
+    if name == "reward" and step_cfg.reward.get("init_from") == "sft":  # this pipeline's sft step (reward.init_from)
+        if "sft" not in names[: names.index(name)]:
+            raise ConfigError("pipeline step reward: reward.init_from=sft names this pipeline's sft step, but pipeline.steps "
+                              f"runs none before reward ({', '.join(names)})")
+        step_cfg.reward.init_from = str(run_dir / "sft")
     if step_cfg.stage.name != name:
         raise ConfigError(f"pipeline step {name}: its config says stage.name={step_cfg.stage.name}")
     return Step(name, run_dir / name, step_cfg, composed_with, OmegaConf.to_container(OmegaConf.merge(merged, values)))

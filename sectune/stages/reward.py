@@ -107,7 +107,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     from datasets import Dataset
 
     cfg, run_dir = ctx.cfg, ctx.run_dir
-    path = modeling.model_path(cfg)
+    path = start_weights(cfg)
     tokenizer = modeling.load_tokenizer(cfg, path)
     model = modeling.load_model(cfg, task="seq_cls", num_labels=1, path=path)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -159,6 +159,23 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     _report(metrics, held_name, f"reward model at {out}")
     return {"metrics": metrics, "artifacts": {"reward_model": "reward_model", "checkpoints": "checkpoints",
                                               "train_history": "train_history.json", "loss_curve": "plots/loss_curve.png"}}
+
+
+def start_weights(cfg) -> str:
+    """The folder the reward model's weights start from: ``reward.init_from``'s SFT full weights, else the base model."""
+    init_from = cfg.reward.get("init_from")
+    if not init_from:
+        return modeling.model_path(cfg)
+    from sectune.stages.rl import init_source
+
+    if str(init_from) == "sft":
+        raise ConfigError("reward.init_from=sft names a pipeline's sft step; outside a pipeline give the SFT run dir")
+    kind, folder = init_source(str(init_from), "reward.init_from")
+    if kind != "model":
+        raise ConfigError(f"reward.init_from={init_from}: {folder} is a LoRA adapter; the reward model starts from full SFT "
+                          f"weights (an SFT run with lora=none), or leave reward.init_from unset to start from the base model")
+    print(f"sectune: the reward model starts from the SFT weights in {folder}")
+    return str(folder)
 
 
 # ------------------------------------------------------------------------------- metrics

@@ -64,10 +64,10 @@ def run(ctx: RunContext) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- policy
-def init_source(init_from: str) -> tuple[str, Path]:
-    """``rl.init_from``: an SFT run dir (its result.json names ``artifacts.adapter`` or ``artifacts.model``),
-    an adapter folder (adapter_config.json) or a full-weights folder (config.json) → (kind, folder)."""
-    p, key = Path(init_from).expanduser(), f"rl.init_from={init_from}"
+def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
+    """``rl.init_from`` (or the key ``name``): an SFT run dir (its result.json names ``artifacts.adapter`` or
+    ``artifacts.model``), an adapter folder (adapter_config.json) or a full-weights folder (config.json) → (kind, folder)."""
+    p, key = Path(init_from).expanduser(), f"{name}={init_from}"
     if not p.exists():
         raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or its adapter/ folder)")
     if (p / "adapter_config.json").is_file():

@@ -161,12 +161,11 @@ def test_seed_preset_on_the_tiny_model_trains_an_nf4_lora_reward_adapter(tmp_pat
 
 # ------------------------------------------------------------------ reward.init_from: start from the SFT weights
 def test_init_from_resolves_full_sft_weights_and_refuses_what_it_cannot_start_from(tmp_path):
+    from sectune import modeling
     from sectune.stages.reward import start_weights
 
     def cfg_with(init_from):
         return compose([*REWARD, "model=tiny_llama", *([f"reward.init_from={init_from}"] if init_from else [])])
-
-    from sectune import modeling
 
     assert start_weights(cfg_with(None)) == modeling.model_path(cfg_with(None))  # unset: the base model (seed 000)
     run = tmp_path / "sft_run"  # an SFT run dir whose result.json names full weights

@@ -11,19 +11,14 @@ import random
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from sectune import analyst_eval as ae
-from sectune import config
-from sectune.paths import CONF_DIR
 from sectune.data import auth_logs
 from sectune.data.log_edits import counterfactual_window
+from sectune.stages.pipeline import compose
 
 
 def main(model_dirs: list[str]) -> None:
-    config.register()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=auth_grpo_tiny", "dataset.subwindows=1"])
+    cfg = compose(["+experiment=auth_grpo_tiny", "dataset.subwindows=1"])
     windows = ae.load_windows(cfg)
     rng = random.Random(7)
 

@@ -186,6 +186,9 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     lr_scheduler: str = "linear"
     max_grad_norm: float = 1.0
+    #: NEFTune (Jain et al. 2023): uniform noise of scale alpha/sqrt(L*d) on the input embeddings while
+    #: training (transformers' ``neftune_noise_alpha``); null = off
+    neftune_noise_alpha: Optional[float] = None
     precision: str = "bf16"  # fp32 | bf16 | fp16
     #: full activation checkpointing (each layer's forward re-run in backward); takes precedence over
     #: ``selective_checkpointing``

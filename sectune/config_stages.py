@@ -146,6 +146,10 @@ class RLConfig:
     rewards: Dict[str, float] = field(
         default_factory=lambda: {"json_valid": 0.1, "schema_valid": 0.2, "verdict": 0.35, "fields": 0.35, "reward_model": 0.0}
     )
+    #: the reward model's term is sigmoid((score - mean) / std), mean and std its scores of the reward stage's
+    #: validation pairs (in (0, 1), as the rule rewards are); false = the raw Bradley-Terry score, whose scale
+    #: is arbitrary (a trained reward model's spread was 4-7x the verdict reward's in the tiny analyst's GRPO)
+    normalize_reward_model: bool = True
     #: a stage=reward run dir (trained or heuristic); needed only when ``rewards.reward_model`` > 0
     reward_model: Optional[str] = None
     #: sample the G completions of a prompt from one prefill of the prompt (its KV cache shared), and

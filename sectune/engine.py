@@ -186,6 +186,7 @@ def training_kwargs(cfg: DictConfig, output_dir: Path, has_eval: bool) -> dict:
         warmup_steps=float(t.warmup_ratio),  # < 1 is a fraction of the steps in transformers 5
         lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm,
+        neftune_noise_alpha=t.neftune_noise_alpha,
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name; the seeds say gradient_checkpointing
         logging_steps=t.logging_steps,
         logging_first_step=True,

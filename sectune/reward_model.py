@@ -155,14 +155,29 @@ class HeuristicRewardModel:
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         return [float(self._fn(window_from_prompt(p), c)) for p, c in zip(prompts, completions)]
 
+    unit_score = score  # a weighted sum of checks, already in [0, 1]
+
 
 class TrainedRewardModel:
     """A ``stage=reward`` adapter + head (or full model), scored in padding-free batches."""
 
     kind = "trained"
 
-    def __init__(self, model, tokenizer, max_length: int, batch_size: int = 8):
+    def __init__(self, model, tokenizer, max_length: int, batch_size: int = 8, norm: tuple[float, float] | None = None):
         self.model, self.tokenizer, self.max_length, self.batch_size = model.eval(), tokenizer, max_length, batch_size
+        #: (mean, std) of the reward stage's scores of its validation pairs' completions; None = not recorded
+        self.norm = norm
+
+    def unit_score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """``score`` mapped into (0, 1), the rule rewards' range: sigmoid((s - mean) / std) with the reward
+        stage's statistics, so a completion scored like an average validation completion gets 0.5. A
+        Bradley-Terry score has no scale of its own (only differences are trained), so raw scores would make
+        the reward model's ``rl.rewards`` weight mean a different thing for every reward model."""
+        if self.norm is None:
+            raise ValueError("this reward model has no score statistics (saved by an older sectune): rerun stage=reward, "
+                             "or set rl.normalize_reward_model=false to use its raw scores")
+        mean, std = self.norm
+        return torch.sigmoid((torch.tensor(self.score(prompts, completions), dtype=torch.float64) - mean) / std).tolist()
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
@@ -234,7 +249,8 @@ def load_reward_model(path: str | Path, cfg=None, batch_size: int = 8):
         from sectune.modeling import to_run_device
 
         model = to_run_device(model, cfg)
-    return TrainedRewardModel(model, tokenizer, int(meta["max_length"]), batch_size)
+    norm = (float(meta["score_mean"]), float(meta["score_std"])) if "score_mean" in meta and "score_std" in meta else None
+    return TrainedRewardModel(model, tokenizer, int(meta["max_length"]), batch_size, norm=norm)
 
 
 def check_head(d: Path) -> None:

@@ -29,9 +29,13 @@ def rule_reward(name: str):
     return reward
 
 
-def model_reward(scorer):
+def model_reward(scorer, normalize: bool = True):
+    """The reward model's score as a TRL reward function: ``unit_score`` (standardised by the reward stage's
+    validation statistics, squashed into (0, 1) like the rule rewards) or, ``normalize=False``, the raw score."""
+    score = scorer.unit_score if normalize else scorer.score
+
     def reward_model(prompts, completions, **_):
-        return scorer.score(prompts, completions)
+        return score(prompts, completions)
 
     return reward_model
 
@@ -57,9 +61,13 @@ def reward_functions(cfg) -> tuple[list, list[float], str | None]:
         from sectune.reward_model import load_reward_model
 
         scorer = load_reward_model(cfg.rl.reward_model, cfg)
+        normalize = bool(cfg.rl.normalize_reward_model)
+        if normalize and getattr(scorer, "norm", True) is None:
+            raise ConfigError(f"rl.reward_model={cfg.rl.reward_model}: this reward model has no score statistics (saved by an "
+                              "older sectune): rerun its stage=reward, or set rl.normalize_reward_model=false for raw scores")
         kind = scorer.kind
         print(f"sectune: reward model ({scorer.kind}) from {cfg.rl.reward_model}")
-        funcs.append(model_reward(scorer))
+        funcs.append(model_reward(scorer, normalize))
         w.append(weights["reward_model"])
     elif cfg.rl.reward_model:
         print(f"sectune: warning: rl.reward_model={cfg.rl.reward_model} is set but rl.rewards.reward_model is 0: not used")

@@ -352,3 +352,42 @@ def test_full_checkpointing_takes_precedence_over_the_selective_default():
     assert engine.selective_checkpointing(model, cfg) is False
     assert engine.selective_checkpointing(model, compose(["logger=none"])) is True
     assert engine.selective_checkpointing(model, compose(["logger=none", "train.selective_checkpointing=false"])) is False
+
+
+def test_sft_label_smoothing_is_applied_to_the_completion_tokens(tmp_path):
+    """loss.label_smoothing (loss=causal_lm) reaches SFT: (1 - e) * NLL + e * mean over the vocabulary of -log p,
+    averaged over the completion tokens only (the prompt's labels are -100), as transformers' LabelSmoother."""
+    from conftest import compose as compose_cfg
+    from sectune import data
+    from sectune.stages.sft import build_sft_trainer
+
+    eps = 0.2
+    losses, batch = {}, None
+    for e in (0.0, eps):
+        cfg = compose_cfg(["logger=none", "lora=none", "train.max_steps=1", "train.batch_size=2", "dataset.max_samples=6",
+                           "train.device=cpu", "train.precision=fp32", f"loss.label_smoothing={e}"])
+        path = modeling.model_path(cfg)
+        tok = modeling.load_tokenizer(cfg, path)
+        torch.manual_seed(0)
+        model = modeling.load_model(cfg, path=path)
+        trainer = build_sft_trainer(cfg, model, tok, data.sft_records(cfg), [], tmp_path / str(e))
+        assert trainer.args.label_smoothing_factor == e
+        if batch is None:
+            batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+        model.eval()
+        with torch.no_grad():
+            losses[e] = trainer.compute_loss(model, dict(batch)).item()
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.float()
+    labels = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    keep = labels != -100
+    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].mean()
+    uniform = -logp.mean(dim=-1)[keep].mean()
+    assert losses[0.0] == pytest.approx(nll.item(), rel=1e-4)
+    assert losses[eps] == pytest.approx(((1 - eps) * nll + eps * uniform).item(), rel=1e-4)
+
+
+def test_neftune_noise_alpha_reaches_the_trainer():
+    kwargs = engine.training_kwargs(compose(["train.neftune_noise_alpha=5"]), Path("/tmp/unused"), has_eval=False)
+    assert kwargs["neftune_noise_alpha"] == 5
+    assert engine.training_kwargs(compose([]), Path("/tmp/unused"), has_eval=False)["neftune_noise_alpha"] is None

@@ -208,3 +208,31 @@ def test_reward_model_trains_from_the_weights_init_from_names(tmp_path):
     scorer = RM.load_reward_model(tmp_path / "run")
     backbone = scorer.model.get_base_model().model.embed_tokens.weight.detach()
     assert torch.allclose(backbone, weights[emb].to(backbone.dtype))
+    # the score statistics GRPO standardises by are saved beside the weights, and unit_score uses them
+    meta = json.loads((folder / RM.META_FILE).read_text())
+    m = run.result["metrics"]
+    assert (meta["score_mean"], meta["score_std"]) == (m["score_mean"], m["score_std"]) == scorer.norm and meta["score_std"] > 0
+    prompt, answers = "### Logs:\nx\n### Analysis:\n", ['{"verdict":"benign"}', '{"verdict":"malicious"}']
+    raw = torch.tensor(scorer.score([prompt] * 2, answers), dtype=torch.float64)
+    expect = torch.sigmoid((raw - meta["score_mean"]) / meta["score_std"])
+    assert scorer.unit_score([prompt] * 2, answers) == pytest.approx(expect.tolist(), abs=1e-9)
+
+
+def test_score_stats_and_unit_score_equal_hand_computed_values():
+    from sectune.stages.reward import score_stats
+
+    table = {"c1": 1.0, "c2": 3.0, "r1": 0.0, "r2": 0.0}
+    fake = lambda prompts, completions: [table[c] for c in completions]  # noqa: E731
+    stats = score_stats(fake, [{"prompt": "p", "chosen": "c1", "rejected": "r1"}, {"prompt": "p", "chosen": "c2", "rejected": "r2"}])
+    # scores 1, 3, 0, 0: mean 1, sample std sqrt((0 + 4 + 1 + 1) / 3) = sqrt(2)
+    assert stats["score_mean"] == pytest.approx(1.0) and stats["score_std"] == pytest.approx(2 ** 0.5)
+    assert stats["score_stats_from"] == 4
+    same = score_stats(lambda p, c: [2.0] * len(c), [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert same["score_std"] == 1.0  # no spread: divide by 1, never by 0
+    scorer = object.__new__(RM.TrainedRewardModel)
+    scorer.norm, scorer.score = (1.0, 2.0), lambda p, c: [1.0, 3.0, -1.0]
+    # sigmoid(0) = 0.5, sigmoid(1) = 0.7310586, sigmoid(-1) = 0.2689414
+    assert scorer.unit_score(["p"] * 3, ["a", "b", "c"]) == pytest.approx([0.5, 0.7310586, 0.2689414], abs=1e-7)
+    scorer.norm = None
+    with pytest.raises(ValueError, match="no score statistics"):
+        scorer.unit_score(["p"], ["a"])

@@ -242,7 +242,7 @@ def test_shared_prompt_sampling_is_generate_greedy_when_top_k_is_one():
 
 
 # ------------------------------------------------------------------------------ contract errors
-def test_init_from_and_reward_settings_errors_name_what_to_fix(tmp_path):
+def test_init_from_and_reward_settings_errors_name_what_to_fix(tmp_path, monkeypatch):
     from sectune.stages import rl
 
     missing = tmp_path / "no_such_run"
@@ -256,6 +256,14 @@ def test_init_from_and_reward_settings_errors_name_what_to_fix(tmp_path):
         rl.init_source(str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="rl.reward_model is not set"):
         rl.reward_functions(compose(["stage=rl", "rl.rewards.reward_model=0.5"]))
+    # a reward model saved without score statistics (an older sectune) is refused unless raw scores are asked for
+    old_rm = type("OldRM", (), {"kind": "trained", "norm": None, "score": lambda self, p, c: [5.0] * len(c)})()
+    monkeypatch.setattr("sectune.reward_model.load_reward_model", lambda *a, **k: old_rm)
+    with pytest.raises(ConfigError, match="no score statistics.*rl.normalize_reward_model=false"):
+        rl.reward_functions(compose(["stage=rl", "rl.rewards.reward_model=0.5", "rl.reward_model=somewhere"]))
+    funcs, w, kind = rl.reward_functions(compose(["stage=rl", "rl.rewards.reward_model=0.5", "rl.reward_model=somewhere",
+                                                  "rl.normalize_reward_model=false"]))
+    assert kind == "trained" and w[-1] == 0.5 and funcs[-1](["p"], ["c"]) == [5.0]
     with pytest.raises(ConfigError, match="unknown reward 'verdcit'"):
         rl.reward_functions(compose(["stage=rl", "+rl.rewards.verdcit=1"]))
     with pytest.raises(ConfigError, match="predicted peak .* GB"):  # the memory check runs first

@@ -147,11 +147,14 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     if val_rows:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     metrics.update(pair_metrics(scorer.score, held_out))
+    norm = score_stats(scorer.score, splits["validation"] or splits["train"])
+    metrics.update(score_mean=norm["score_mean"], score_std=norm["score_std"])
 
     out = run_dir / "reward_model"
     modeling.save_pretrained_atomic(model, tokenizer, out)
     write_json_atomic(out / RM.META_FILE, {"kind": "trained", "base_model": path, "max_length": max_len,
-                                           "model": cfg.model.name, "lora": bool(cfg.lora.enabled), "quantization": cfg.quantization.name})
+                                           "model": cfg.model.name, "lora": bool(cfg.lora.enabled), "quantization": cfg.quantization.name,
+                                           **norm})
     RM.check_head(out)
     engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"reward · {cfg.model.name}")
     metrics.update(engine.peak_memory())
@@ -179,6 +182,16 @@ def start_weights(cfg) -> str:
 
 
 # ------------------------------------------------------------------------------- metrics
+
+
+def score_stats(score, pairs: list[dict]) -> dict:
+    """Mean and standard deviation of the scores of ``pairs``' chosen and rejected completions (the
+    validation pairs; the training pairs when there are none): what GRPO standardises the reward model's
+    score by (``TrainedRewardModel.unit_score``), so its ``rl.rewards`` weight means what the rule rewards' do."""
+    prompts = [p["prompt"] for p in pairs] * 2
+    s = torch.tensor(score(prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]), dtype=torch.float64)
+    std = s.std().item() if len(s) > 1 else 0.0
+    return {"score_mean": s.mean().item(), "score_std": std if std > 1e-6 else 1.0, "score_stats_from": len(s)}
 
 
 def pair_metrics(score, pairs: list[dict]) -> dict:

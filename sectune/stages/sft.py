@@ -149,6 +149,7 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
         completion_only_loss=True,
         dataset_num_proc=None,
         eval_on_start=eval_on_start,
+        label_smoothing_factor=cfg.loss.label_smoothing,  # loss=causal_lm's label_smoothing (0 = off)
     )
     class Trainer(SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):

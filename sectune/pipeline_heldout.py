@@ -135,13 +135,13 @@ def heldout_table(cfg: DictConfig, eval_cfg: DictConfig, steps: list[Step], run_
 
     policies = policy_rows(steps, eval_cfg)
     key_src = {
-        "eval": config_digest(eval_cfg),
+        "eval": config_digest(eval_cfg, run_dir),
         "policies": [(n, st, str(p), (runner.previous_result(p.parent) or {}).get("finished") if p else None) for n, st, _, _, p in policies],
         "max_windows": cfg.pipeline.heldout_max_windows,
         "batch_size": table_batch_size(cfg, eval_cfg),
         "constrained": cfg.pipeline.heldout_constrained,
     }
-    key = config_digest(OmegaConf.create(json.loads(json.dumps(key_src, default=str))))
+    key = config_digest(OmegaConf.create(json.loads(json.dumps(key_src, default=str))), run_dir)  # a moved pipeline: the same key
     cached = read_json_object(run_dir / "heldout.json")
     if reuse_ok and cached and cached.get("key") == key and (run_dir / "report.md").is_file():
         print(f"sectune: held-out table: nothing it depends on changed; reused {run_dir / 'heldout.json'}")

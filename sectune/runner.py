@@ -58,13 +58,26 @@ class RunContext:
         return self.run_dir.joinpath(*parts)
 
 
-def config_digest(cfg: DictConfig) -> str:
+def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str:
     """sha256 of the resolved config, minus Hydra's own node and ``sweep`` (bookkeeping, not
-    the run): equal digests, equal runs."""
+    the run): equal digests, equal runs. With ``root``, every path under it counts relative to it
+    (a pipeline's steps name each other's dirs: a moved or copied pipeline is the same run)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("sweep", None)
+    if root is not None:
+        container = _relative_to(container, str(root).rstrip("/"))
     blob = json.dumps(container, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _relative_to(obj: Any, root: str) -> Any:
+    if isinstance(obj, dict):
+        return {k: _relative_to(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative_to(v, root) for v in obj]
+    if isinstance(obj, str) and (obj == root or obj.startswith(root + "/")):
+        return "<root>" + obj[len(root):]
+    return obj
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

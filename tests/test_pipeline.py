@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,16 @@ def test_failed_rl_step_then_rerun_continues_without_retraining(tmp_path):
     assert "held-out table: nothing it depends on changed" in again.stdout
     assert again.result["metrics"]["heldout_verdict_macro_f1"] == m["heldout_verdict_macro_f1"]
 
+    # the pipeline dir copied elsewhere is the same run: the steps handed each other paths under the old dir,
+    # yet nothing is retrained and the table is reused (before, every step from reward on ran again)
+    moved = tmp_path / "elsewhere" / "p"
+    shutil.copytree(run_dir, moved)
+    there = run(args, moved)
+    assert there.returncode == 0, there.stderr[-2000:]
+    said = [line for line in there.stdout.splitlines() if line.startswith("sectune: pipeline: step")]
+    assert len(said) == len(steps) and all(": skipped (" in line for line in said), said
+    assert "held-out table: nothing it depends on changed" in there.stdout
+
 
 @requires_real_data
 def test_resume_auto_inside_a_pipeline_step(tmp_path):
@@ -246,6 +257,20 @@ def test_seed_000_presets_compose_every_step(tmp_path):
 
     dpo = steps_of(["+experiment=auth_dpo"])
     assert list(dpo) == ["sft", "dpo", "infer"] and dpo["dpo"].loss.name == "dpo" and dpo["dpo"].train.grad_accum == 4
+
+
+def test_step_digest_counts_paths_under_the_pipeline_dir_relative_to_it():
+    from sectune.stages import pipeline
+
+    def digest(root, other="/data/elsewhere"):
+        cfg = compose(["stage=rl", f"rl.init_from={root}/sft", f"rl.reward_model={root}/reward", f"dataset.path={other}"])
+        return pipeline.skip_digest(cfg, Path(root))
+
+    assert digest("/a/run") == digest("/b/moved/run")
+    assert digest("/a/run") != digest("/a/run", other="/data/other")  # a path outside the pipeline still counts
+    # a sibling whose name starts like the pipeline's is not under it: /a/run2 stays a path of its own
+    cfg = compose(["stage=rl", "rl.init_from=/a/run2/sft"])
+    assert pipeline.skip_digest(cfg, Path("/a/run")) != pipeline.skip_digest(compose(["stage=rl", "rl.init_from=/b/run2/sft"]), Path("/b/run"))
 
 
 def test_a_newer_sectune_with_extra_default_keys_still_skips_finished_steps(tmp_path):

@@ -37,8 +37,9 @@ Before a step runs, ``<step>/step.json`` records its config digest with ``train.
 ``debug`` left out (how to run, not what), so a rerun with ``train.resume=auto`` or without a
 ``debug.fail_at_step`` is still the same step. A rerun of the same command skips a step whose
 result.json says succeeded for that digest, up to the first step that has to run; every later
-step then runs too (its inputs are new). A failing step stops the pipeline: the earlier steps'
-dirs stay as they are, this run's result.json says failed and names the step, and the exit code
+step then runs too (its inputs are new). Paths under the pipeline's dir enter the digest relative
+to it, so a moved or copied pipeline dir skips its finished steps as well. A failing step stops
+the pipeline: the earlier steps' dirs stay as they are, this run's result.json says failed and names the step, and the exit code
 is the step's. ``train.resume=auto`` inside a step resumes it from ``<step>/checkpoints/``.
 """
 
@@ -83,7 +84,7 @@ class Step:
 
     @property
     def skip_digest(self) -> str:
-        return skip_digest(self.cfg)
+        return skip_digest(self.cfg, self.dir.parent)
 
 
 def run(ctx: RunContext) -> dict:
@@ -292,13 +293,15 @@ def handoffs(name: str, names: list[str], run_dir: Path, step_cfg: DictConfig) -
     return out
 
 
-def skip_digest(cfg: DictConfig) -> str:
-    """The step's config digest without ``train.resume`` and ``debug``: how to run, not what."""
+def skip_digest(cfg: DictConfig, run_dir: Path | None = None) -> str:
+    """The step's config digest without ``train.resume`` and ``debug`` (how to run, not what), and with the
+    pipeline's own dir as ``<root>`` in the paths the steps hand on (``rl.init_from=<root>/sft``), so a
+    pipeline dir that was moved or copied still skips what it finished."""
     c = copy.deepcopy(cfg)
     with open_dict(c):
         c.train.resume = None
         c.debug = OmegaConf.structured(DebugConfig)
-    return config_digest(c)
+    return config_digest(c, run_dir)
 
 
 def _reason(e: Exception) -> str:

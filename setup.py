@@ -9,8 +9,12 @@ from setuptools import find_namespace_packages, find_packages, setup
 # every folder under conf/ (model, hydra/launcher, ...) as sectune.conf.<group>, holding its YAML files
 CONF_PACKAGES = ["sectune.conf", *(f"sectune.conf.{p}" for p in find_namespace_packages(where="conf"))]
 
+# the Flower app project `flwr run` takes (its pyproject names sectune.flower_app's apps) ships as
+# sectune/flower_app_project, so an installed sectune has it too (sectune.paths.FLOWER_APP_DIR)
+FLOWER_APP = "sectune.flower_app_project"
+
 setup(
-    packages=[*find_packages(include=["sectune", "sectune.*"]), *CONF_PACKAGES],
-    package_dir={"sectune.conf": "conf"},
-    package_data={"sectune": ["data/*.json"], **{p: ["*.yaml"] for p in CONF_PACKAGES}},
+    packages=[*find_packages(include=["sectune", "sectune.*"]), *CONF_PACKAGES, FLOWER_APP],
+    package_dir={"sectune.conf": "conf", FLOWER_APP: "experiments/hdfs_federated/flower_app"},
+    package_data={"sectune": ["data/*.json"], **{p: ["*.yaml"] for p in CONF_PACKAGES}, FLOWER_APP: ["pyproject.toml"]},
 )

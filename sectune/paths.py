@@ -21,6 +21,9 @@ CONF_DIR = _PACKAGE / "conf" if INSTALLED else _PACKAGE.parent / "conf"
 
 #: The folder holding ``conf/``: the checkout's root, or the installed package itself.
 PROJECT_ROOT = CONF_DIR.parent
+#: the Flower app project for ``flwr run`` (stage=federated on Flower's deployment runtime): in a checkout
+#: experiments/hdfs_federated/flower_app, in an installed sectune its copy sectune/flower_app_project
+FLOWER_APP_DIR = _PACKAGE / "flower_app_project" if INSTALLED else PROJECT_ROOT / "experiments" / "hdfs_federated" / "flower_app"
 
 
 def _env_path(name: str) -> Path | None:

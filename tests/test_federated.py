@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -223,7 +224,10 @@ def test_deployment_runtime_is_refused_outside_flower_and_unknown_runtimes_are_n
     from sectune.runner import RunContext
     from sectune.stages import federated as stage
 
-    with pytest.raises(ConfigError, match="flwr run experiments/hdfs_federated/flower_app"):
+    from sectune.paths import FLOWER_APP_DIR
+
+    assert (FLOWER_APP_DIR / "pyproject.toml").is_file()
+    with pytest.raises(ConfigError, match=re.escape(f"flwr run {FLOWER_APP_DIR} <connection>")):
         stage.run(RunContext(cfg=tiny_cfg(tmp_path, "federated.runtime=deployment"), run_dir=tmp_path))
     with pytest.raises(ConfigError, match="federated.runtime='grpc'"):
         stage.run(RunContext(cfg=tiny_cfg(tmp_path, "federated.runtime=grpc"), run_dir=tmp_path))

@@ -19,7 +19,7 @@ from sectune.data import auth_logs
 from sectune.paths import CONF_DIR, PROJECT_ROOT
 
 #: what a build needs from the checkout (copied, so a build never writes build/ or egg-info here)
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "sectune", "conf")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "sectune", "conf", "experiments/hdfs_federated/flower_app")
 
 
 def _yaml_files() -> list[str]:
@@ -39,7 +39,7 @@ def test_wheel_holds_conf_and_runs_from_an_empty_folder(tmp_path):
     for name in SOURCES:
         p = PROJECT_ROOT / name
         if p.is_dir():
-            shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".flwr*"))
         else:
             shutil.copy2(p, src / name)
     dist = tmp_path / "dist"
@@ -53,6 +53,7 @@ def test_wheel_holds_conf_and_runs_from_an_empty_folder(tmp_path):
     modules = sorted(p.relative_to(PROJECT_ROOT).as_posix() for p in (PROJECT_ROOT / "sectune").rglob("*.py"))
     assert not [m for m in modules if m not in names], "a module is missing from the wheel (a package without __init__.py?)"
     assert "sectune/data/auth_schema.json" in names
+    assert "sectune/flower_app_project/pyproject.toml" in names  # `flwr run` needs the app project, not only the modules
 
     # 2. a fresh venv that sees this project's installed dependencies (a .pth line adds them to
     # sys.path; the .pth files there, among them the editable sectune's, are not processed)
@@ -71,9 +72,14 @@ def test_wheel_holds_conf_and_runs_from_an_empty_folder(tmp_path):
     work, cache = tmp_path / "work", tmp_path / "xdg_cache"
     work.mkdir()
     env = _clean_env(XDG_CACHE_HOME=str(cache))
-    where = subprocess.run([str(py), "-c", "import sectune.paths as p; print(p.__file__, p.INSTALLED, p.cache_dir())"],
+    where = subprocess.run([str(py), "-c", "import sectune.paths as p; print(p.__file__, p.INSTALLED, p.cache_dir(), p.FLOWER_APP_DIR)"],
                            cwd=work, capture_output=True, text=True, env=env, timeout=120)
-    assert where.stdout.split() == [str(Path(purelib, "sectune", "paths.py")), "True", str((cache / "sectune").resolve())], where
+    app = Path(purelib, "sectune", "flower_app_project")
+    assert where.stdout.split() == [str(Path(purelib, "sectune", "paths.py")), "True", str((cache / "sectune").resolve()), str(app)], where
+    import tomllib
+
+    components = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "sectune.flower_app:server_app", "clientapp": "sectune.flower_app:client_app"}
 
     job = subprocess.run([str(venv / "bin" / "sectune"), "--cfg", "job"], cwd=work, capture_output=True, text=True, env=env, timeout=300)
     assert job.returncode == 0, job.stderr[-3000:]

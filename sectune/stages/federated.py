@@ -87,9 +87,11 @@ def run(ctx: RunContext) -> dict:
         raise ConfigError(f"federated.runtime={fed.runtime!r}: choose one of {', '.join(federated.RUNTIMES)}")
     grid = federated.DEPLOYMENT.get("grid")
     if fed.runtime == "deployment" and grid is None:
+        from sectune.paths import FLOWER_APP_DIR
+
         raise ConfigError("federated.runtime=deployment runs inside Flower's deployment runtime, not from the sectune "
                           "command: start a SuperLink and one SuperNode per client, then `flwr run "
-                          "experiments/hdfs_federated/flower_app <connection>` (experiments/hdfs_federated/README.md)")
+                          f"{FLOWER_APP_DIR} <connection>` (experiments/hdfs_federated/README.md)")
     if cfg.dataset.name != "hdfs":
         raise ConfigError(f"stage=federated trains the next-log-key model: needs dataset=hdfs (got dataset={cfg.dataset.name})")
     if not cfg.lora.enabled:

@@ -148,7 +148,7 @@ class RLConfig:
     )
     #: the reward model's term is sigmoid((score - mean) / std), mean and std its scores of the reward stage's
     #: validation pairs (in (0, 1), as the rule rewards are); false = the raw Bradley-Terry score, whose scale
-    #: is arbitrary (a trained reward model's spread was 4-7x the verdict reward's in the tiny analyst's GRPO)
+    #: is arbitrary (a trained reward model's spread in a group was 1-4x the verdict reward's in the tiny analyst's GRPO)
     normalize_reward_model: bool = True
     #: a stage=reward run dir (trained or heuristic); needed only when ``rewards.reward_model`` > 0
     reward_model: Optional[str] = None

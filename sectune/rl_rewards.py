@@ -62,7 +62,7 @@ def reward_functions(cfg) -> tuple[list, list[float], str | None]:
 
         scorer = load_reward_model(cfg.rl.reward_model, cfg)
         normalize = bool(cfg.rl.normalize_reward_model)
-        if normalize and getattr(scorer, "norm", True) is None:
+        if normalize and scorer.kind == "trained" and scorer.norm is None:  # the heuristic's score is in [0, 1] already
             raise ConfigError(f"rl.reward_model={cfg.rl.reward_model}: this reward model has no score statistics (saved by an "
                               "older sectune): rerun its stage=reward, or set rl.normalize_reward_model=false for raw scores")
         kind = scorer.kind

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from sectune import distributed, sweeps
-from sectune.errors import SectuneError
+from sectune.errors import ConfigError, SectuneError
 
 STAGES: dict[str, str] = {
     "sft": "sectune.stages.sft:run",
@@ -131,6 +131,34 @@ def previous_result(run_dir: Path) -> dict | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
+    """``rl.init_from`` (or the key ``name``: reward.init_from, contrastive.init_from): an SFT run dir (its result.json names ``artifacts.adapter`` or
+    ``artifacts.model``), an adapter folder (adapter_config.json) or a full-weights folder (config.json) → (kind, folder)."""
+    p, key = Path(init_from).expanduser(), f"{name}={init_from}"
+    if not p.exists():
+        raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or its adapter/ folder)")
+    if (p / "adapter_config.json").is_file():
+        return "adapter", p
+    if (p / "config.json").is_file():
+        return "model", p
+    result = p / "result.json"
+    if not result.is_file():
+        raise ConfigError(f"{key}: {p} has neither result.json (an SFT run dir) nor adapter_config.json / config.json")
+    try:
+        res = json.loads(result.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{key}: {result} is not readable JSON ({e})") from None
+    artifacts = res.get("artifacts") or {}
+    for kind, marker in (("adapter", "adapter_config.json"), ("model", "config.json")):
+        if artifacts.get(kind):
+            folder = p / artifacts[kind]
+            if not (folder / marker).is_file():
+                raise ConfigError(f"{key}: {folder} (artifacts.{kind} of {result}) has no {marker}")
+            return kind, folder
+    raise ConfigError(f"{key}: {result} lists no adapter or model (stage={res.get('stage')}, status={res.get('status')}, "
+                      f"artifacts: {', '.join(sorted(artifacts)) or 'none'})")
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None]:

@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 from sectune import engine, modeling
 from sectune import contrastive_trainer as CT
 from sectune.errors import ConfigError, SectuneError
-from sectune.runner import RunContext, write_json_atomic
+from sectune.runner import RunContext, init_source, write_json_atomic
 
 MODES = ("max", "min")
 
@@ -189,15 +189,10 @@ def build_model(cfg: DictConfig, path: str):
     fresh adapter with LoRA); unset = the base model."""
     from peft import PeftModel
 
-    from sectune.stages.rl import init_source  # the same run-dir / folder resolution as rl.init_from
-
     init_from = cfg.contrastive.init_from
     if not init_from:
         return modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), f"the base model {path}", None, None
-    try:
-        kind, folder = init_source(str(init_from))
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("rl.init_from", "contrastive.init_from")) from None
+    kind, folder = init_source(str(init_from), "contrastive.init_from")
     try:
         if kind == "model":
             model = modeling.apply_lora(modeling.load_model(cfg, path=str(folder)), cfg)

@@ -39,8 +39,8 @@ Before a step runs, ``<step>/step.json`` records its config digest with ``train.
 result.json says succeeded for that digest, up to the first step that has to run; every later
 step then runs too (its inputs are new). Paths under the pipeline's dir enter the digest relative
 to it, so a moved or copied pipeline dir skips its finished steps as well. A failing step stops
-the pipeline: the earlier steps' dirs stay as they are, this run's result.json says failed and names the step, and the exit code
-is the step's. ``train.resume=auto`` inside a step resumes it from ``<step>/checkpoints/``.
+the pipeline: the earlier steps' dirs stay as they are, this run's result.json says failed and
+names the step, and the exit code is the step's. ``train.resume=auto`` inside a step resumes it from ``<step>/checkpoints/``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from sectune.data.auth_preferences import preference_splits
 from sectune.errors import ConfigError
 from sectune.losses import bradley_terry_loss
 from sectune.memory import memory_check
-from sectune.runner import RunContext, write_json_atomic
+from sectune.runner import RunContext, init_source, write_json_atomic
 
 FALLBACKS = ("error", "heuristic")
 
@@ -169,8 +169,6 @@ def start_weights(cfg) -> str:
     init_from = cfg.reward.get("init_from")
     if not init_from:
         return modeling.model_path(cfg)
-    from sectune.stages.rl import init_source
-
     if str(init_from) == "sft":
         raise ConfigError("reward.init_from=sft names a pipeline's sft step; outside a pipeline give the SFT run dir")
     kind, folder = init_source(str(init_from), "reward.init_from")

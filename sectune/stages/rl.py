@@ -35,7 +35,7 @@ from sectune.errors import ConfigError, SectuneError
 from sectune.memory import memory_check
 from sectune.rl_progress import HeldOutBest, curve_metrics, plot_reward_curve, rl_history
 from sectune.rl_rewards import heldout_reward, reward_functions
-from sectune.runner import RunContext, write_json_atomic
+from sectune.runner import RunContext, init_source, write_json_atomic
 
 LOSSES = ("grpo", "simplified_ppo")
 REFERENCES = ("base", "init")
@@ -64,34 +64,6 @@ def run(ctx: RunContext) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- policy
-def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
-    """``rl.init_from`` (or the key ``name``): an SFT run dir (its result.json names ``artifacts.adapter`` or
-    ``artifacts.model``), an adapter folder (adapter_config.json) or a full-weights folder (config.json) → (kind, folder)."""
-    p, key = Path(init_from).expanduser(), f"{name}={init_from}"
-    if not p.exists():
-        raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or its adapter/ folder)")
-    if (p / "adapter_config.json").is_file():
-        return "adapter", p
-    if (p / "config.json").is_file():
-        return "model", p
-    result = p / "result.json"
-    if not result.is_file():
-        raise ConfigError(f"{key}: {p} has neither result.json (an SFT run dir) nor adapter_config.json / config.json")
-    try:
-        res = json.loads(result.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{key}: {result} is not readable JSON ({e})") from None
-    artifacts = res.get("artifacts") or {}
-    for kind, marker in (("adapter", "adapter_config.json"), ("model", "config.json")):
-        if artifacts.get(kind):
-            folder = p / artifacts[kind]
-            if not (folder / marker).is_file():
-                raise ConfigError(f"{key}: {folder} (artifacts.{kind} of {result}) has no {marker}")
-            return kind, folder
-    raise ConfigError(f"{key}: {result} lists no adapter or model (stage={res.get('stage')}, status={res.get('status')}, "
-                      f"artifacts: {', '.join(sorted(artifacts)) or 'none'})")
-
-
 def build_policy(cfg, path: str):
     """(trainable PEFT policy, what it started from, fresh adapter?, the SFT weights folder or None). An SFT
     adapter is loaded trainable; SFT full weights get a fresh LoRA adapter on top (the policy is still π_SFT at

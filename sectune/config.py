@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from sectune.config_stages import (  # each stage's own settings node
-    ClassifyConfig, EvaluateConfig, InferConfig, RewardConfig, DpoConfig,
+    ClassifyConfig, EvaluateConfig, InferConfig, RewardConfig, DpoConfig, SftConfig,
     RLConfig, ContrastiveConfig, FederatedConfig, MemoryTemplateConfig,
     PipelineConfig, ReportConfig, SweepConfig, PlanConfig, DoctorConfig,
 )
@@ -272,6 +272,7 @@ class SectuneConfig:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     rl: RLConfig = field(default_factory=RLConfig)

@@ -1,4 +1,4 @@
-"""Each stage's own settings node (``classify``, ``evaluate``, ``infer``, ``reward``, ``dpo``, ``rl``,
+"""Each stage's own settings node (``classify``, ``evaluate``, ``infer``, ``sft``, ``reward``, ``dpo``, ``rl``,
 ``contrastive``, ``federated``, ``pipeline``, ``report``, ``sweep``, ``plan``, ``doctor``) and the memory
 templates: the structured-config schemas :class:`sectune.config.SectuneConfig` composes. The nodes every
 run shares (model, lora, dataset, train, …) are in :mod:`sectune.config`."""
@@ -71,6 +71,19 @@ class InferConfig:
     batch_size: int = 4
     #: the schema outputs are checked (and constrained) against; null = sectune/data/auth_schema.json
     schema: Optional[str] = None
+
+
+@dataclass
+class SftConfig:
+    #: a warm-up before the SFT on the configured data (``dataset=auth_logs`` only): this many generated auth-log
+    #: lines (:mod:`sectune.data.synthetic_auth`: fresh IPs, users and pids in every session) cut into windows the
+    #: rules annotate, trained on for ``warmup_epochs`` in ``<run dir>/warmup/``; the SFT then starts from those
+    #: weights. A model trained from random weights learns there to copy names out of the window and count
+    #: them, which ~200 real windows do not teach it (experiments/auth_grpo, round six). 0 = off
+    warmup_lines: int = 0
+    warmup_epochs: float = 1.0
+    #: the generator's seed (the generated windows are the same for every ``train.seed``)
+    warmup_seed: int = 7
 
 
 @dataclass

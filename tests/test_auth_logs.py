@@ -190,6 +190,24 @@ def test_build_without_real_logs_uses_synthetic(tmp_path):
     assert not marker.exists() and len(A.load_auth_folder(out)) == 9
 
 
+def test_generated_lines_build_uses_no_real_line_even_where_the_real_logs_are(tmp_path):
+    """sft.warmup_lines' folder: only generated lines, cut and annotated like the real ones."""
+    src = tmp_path / "shared"  # a source dir that does hold "real" logs
+    for rel in A.REAL_SOURCES:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text("Dec 10 06:55:46 LabSZ sshd[1]: Failed password for root from 9.9.9.9 port 22 ssh2\n" * 50)
+    info = A.build_auth_folder(tmp_path / "gen", src, seed=3, generated_lines=3000)
+    assert info["source"] == "synthetic" and info["source_files"] == [] and info["generated_lines"] == 3000
+    samples = _check_layout(tmp_path / "gen", info)
+    assert len(samples) > 150 and all(c > 0 for c in info["counts"].values())
+    generated = set(generate_auth_lines(3000, 3))
+    assert all(line in generated for s in samples for line in s.log_text.splitlines())
+    assert not any("9.9.9.9" in s.log_text for s in samples)
+    assert all(s.analysis == A.analyze_auth_log(s.log_text.splitlines()) for s in samples[:50])
+    with pytest.raises(DataError, match="generated_lines must be >= 0"):
+        A.build_auth_folder(tmp_path / "neg", src, generated_lines=-1)
+
+
 def test_failed_build_leaves_no_folder(tmp_path, monkeypatch):
     real = A._write_sample
     calls = {"n": 0}
@@ -357,3 +375,32 @@ def test_subwindow_records_extend_train_only_and_are_annotated_by_the_rules(tmp_
     assert all(w.annotation == json.loads(r["completion"]) for w, r in zip(windows["train"], aug["train"]))
     with pytest.raises(ConfigError, match="dataset.subwindows"):
         data.sft_splits(compose(["dataset=hdfs", "dataset.subwindows=1"]))
+
+
+def test_the_table_offers_tfidf_the_warmup_windows_in_a_row_beside_the_bar(tmp_path):
+    """sft.warmup_lines: TF-IDF + LR also trained with the generated windows the SFT warmed up on, as its own row;
+    the bar stays the baseline trained on the real windows, and the report marks only that one as the bar."""
+    from conftest import compose
+
+    from sectune import analyst_eval
+    from sectune.analyst_report import render_markdown
+
+    folder = tmp_path / "auth"
+    A.build_auth_folder(folder, tmp_path / "nowhere", seed=0, max_windows=60)
+    base = [f"dataset.path={folder}", "dataset.test_fraction=0.2", f"paths.cache_dir={tmp_path / 'cache'}"]
+    splits = analyst_eval.load_windows(compose(base))
+    test = splits["test"]
+    assert analyst_eval.generated_tfidf_row(compose(base), splits, test, 0) is None  # no warm-up: no row
+    assert analyst_eval.generated_tfidf_row(None, splits, test, 0) is None  # no SFT step
+    row = analyst_eval.generated_tfidf_row(compose([*base, "sft.warmup_lines=1500"]), splits, test, 0)
+    gen = A.load_auth_folder(next((tmp_path / "cache" / "datasets").glob("auth_logs-generated-n1500-*")))
+    assert row.name == f"TF-IDF + LR + the {len(gen)} generated warm-up windows" and len(gen) > 50
+    assert row.kind == "baseline" and len(row.verdicts) == len(test) and set(row.verdicts) <= set(A.CLASSES)
+
+    bar = analyst_eval.tfidf_row(splits["train"], splits["validation"], test, 0)
+    rows = [{"name": r.name, "kind": "baseline", "json_valid_rate": None, "schema_valid_rate": None, "verdict_accuracy": 0.5,
+             "verdict_macro_f1": 0.5, "field_f1": None, "analyses_per_s": None, **extra}
+            for r, extra in ((bar, {}), (row, {"vs_tfidf_lr": "loses", "vs_tfidf_lr_diff": -0.1}))]
+    md = render_markdown({"rows": rows, "best_policy": None, "windows": [{"source": "OpenSSH", "verdict": "benign"}],
+                          "by_source": {r["name"]: {} for r in rows}})
+    assert md.count("(the bar)") == 1 and f"| {row.name} |" in md and "**loses** (-0.100)" in md

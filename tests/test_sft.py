@@ -92,3 +92,42 @@ def test_full_finetune_saves_whole_model(tmp_path):
     assert "model" in art and "adapter" not in art
     assert (tmp_path / "full" / "model" / "model.safetensors").is_file()
     assert run.result["metrics"]["trainable_params"] == run.result["metrics"]["total_params"]
+
+
+def test_warmup_on_generated_windows_runs_first_and_the_sft_starts_from_its_weights(tmp_path):
+    """sft.warmup_lines: <run>/warmup/ trains on generated windows, the SFT starts from those weights (its
+    step-0 eval loss on the real validation windows is far below a random model's), a rerun reuses the warm-up,
+    and an adapter trained on the warm-up weights is loaded onto them."""
+    from sectune import modeling
+    from conftest import compose
+
+    common = [*FAST, "train.max_steps=3", "dataset.max_samples=24", "lora=none"]
+    warm = sectune([*common, "sft.warmup_lines=1500"], tmp_path / "warm")
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    w = json.loads((tmp_path / "warm" / "warmup" / "result.json").read_text())
+    assert w["status"] == "succeeded" and w["metrics"]["train_steps"] == 3 and w["metrics"]["windows"] > 50
+    m, art = warm.result["metrics"], warm.result["artifacts"]
+    assert (art["warmup"], art["base_model"]) == ("warmup", "warmup/model")
+    assert m["warmup_windows"] == w["metrics"]["windows"] and m["warmup_train_steps"] == 3 and m["train_steps"] == 3
+    # 3 warm-up steps at the tiny model's rate already teach the answer's format: the real SFT starts far below the
+    # random model's loss (the warm-up's own start, ~ln(vocabulary) on generated windows as on real ones)
+    assert m["eval_loss_start"] < w["metrics"]["eval_loss_start"] - 1.0, (m, w["metrics"])
+
+    # the same command again: the finished warm-up is reused, not retrained
+    again = sectune([*common, "sft.warmup_lines=1500"], tmp_path / "warm")
+    assert again.returncode == 0 and "warm-up: finished for this config; reusing" in again.stdout
+    assert json.loads((tmp_path / "warm" / "warmup" / "result.json").read_text())["finished"] == w["finished"]
+
+    # a LoRA SFT on the warm-up: its adapter belongs on the warm-up weights, not on the random base
+    lora = sectune([*FAST, "train.max_steps=1", "dataset.max_samples=24", "sft.warmup_lines=1500"], tmp_path / "lora")
+    assert lora.returncode == 0, lora.stderr[-2000:]
+    cfg = compose(["lora=r4_attention"])
+    assert modeling.adapter_base(tmp_path / "lora" / "adapter", cfg) == str(tmp_path / "lora" / "warmup" / "model")
+
+
+def test_warmup_refuses_a_dataset_without_a_generator_and_bad_values(tmp_path):
+    for args, msg in ((["dataset=hdfs", "sft.warmup_lines=100"], "sft.warmup_lines: only dataset=auth_logs"),
+                      (["sft.warmup_lines=100", "sft.warmup_epochs=0"], "both must be > 0")):
+        run = sectune([*FAST, "train.max_steps=1", *args], tmp_path / args[0].replace("=", "_"))
+        assert run.returncode != 0 and msg in run.stderr + run.stdout, run.stderr[-1500:]
+        assert run.result["status"] == "failed"

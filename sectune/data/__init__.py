@@ -28,6 +28,21 @@ def auth_logs_folder(cfg: DictConfig) -> Path:
     return out
 
 
+def generated_auth_folder(cfg: DictConfig) -> Path:
+    """``sft.warmup_lines`` generated auth-log lines cut into rule-annotated windows (``dataset.min_lines`` ..
+    ``max_lines`` lines each), built once into the cache; no real log line is used."""
+    from sectune import distributed
+    from sectune.data import auth_logs
+
+    d, w = cfg.dataset, cfg.sft
+    out = Path(cfg.paths.cache_dir) / "datasets" / f"auth_logs-generated-n{w.warmup_lines}-s{w.warmup_seed}-l{d.min_lines}-{d.max_lines}"
+    if distributed.is_main_process():  # one rank builds, the others wait and read
+        auth_logs.ensure_auth_folder(out, seed=int(w.warmup_seed), min_lines=d.min_lines, max_lines=d.max_lines,
+                                     generated_lines=int(w.warmup_lines))
+    distributed.barrier()
+    return out
+
+
 def sft_records(cfg: DictConfig) -> list[dict]:
     """Prompt/completion records (plus ``label`` for stratified splits) for ``dataset.name``."""
     name = cfg.dataset.name

@@ -170,8 +170,11 @@ def build_auth_folder(
     min_lines: int = 6,
     max_lines: int = 20,
     max_windows: int | None = None,
+    generated_lines: int = 0,
 ) -> dict:
     """Cut real (or generated) auth logs into annotated windows; write seed 000's layout.
+    ``generated_lines`` > 0: that many generated lines (seeded by ``seed``) and no real log, even where
+    ``source_dir`` has them (an SFT warm-up, ``sft.warmup_lines``).
 
     Written to a sibling temp folder and renamed onto ``out_dir`` when complete, so a crash
     never leaves a half-written folder that looks finished. Returns BUILD_INFO.json's content.
@@ -185,7 +188,9 @@ def build_auth_folder(
     src_root = Path(source_dir) if source_dir is not None else shared_data_dir()
     out = Path(out_dir)
     rng = random.Random(seed)
-    real = [src_root / rel for rel in REAL_SOURCES if (src_root / rel).is_file()]
+    if generated_lines < 0:
+        raise DataError(f"auth_logs: generated_lines must be >= 0, got {generated_lines}")
+    real = [] if generated_lines else [src_root / rel for rel in REAL_SOURCES if (src_root / rel).is_file()]
     streams: list[tuple[str, list[tuple[int, str]]]] = []
     files_info = []
     for path in real:
@@ -198,7 +203,10 @@ def build_auth_folder(
         files_info.append({"path": str(path), "sha256": _sha256(path), "lines": len(text), "auth_lines": len(keep)})
     source = "real" if real else "synthetic"
     note = None
-    if not real:
+    if generated_lines:
+        note = f"{generated_lines} generated lines (sectune.data.synthetic_auth, seed {seed}), asked for"
+        streams.append(("synthetic", list(enumerate(generate_auth_lines(generated_lines, seed), 1))))
+    elif not real:
         note = f"{src_root} has none of {', '.join(REAL_SOURCES)}; generated synthetic logs in the same formats"
         log.warning("auth_logs: %s", note)
         streams.append(("synthetic", list(enumerate(generate_auth_lines(2000, seed), 1))))
@@ -230,6 +238,7 @@ def build_auth_folder(
             "min_lines": min_lines,
             "max_lines": max_lines,
             "max_windows": max_windows,
+            "generated_lines": generated_lines,
             "counts": counts,
             "total": len(samples),
             "rules_version": RULES_VERSION,
@@ -259,6 +268,7 @@ def ensure_auth_folder(
     min_lines: int = 6,
     max_lines: int = 20,
     max_windows: int | None = None,
+    generated_lines: int = 0,
 ) -> dict:
     """Build ``out_dir`` unless it already holds a finished build; return its BUILD_INFO."""
     info_path = Path(out_dir) / "BUILD_INFO.json"
@@ -267,7 +277,8 @@ def ensure_auth_folder(
             return json.loads(info_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{info_path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg}); delete the folder to rebuild") from e
-    return build_auth_folder(out_dir, source_dir, seed=seed, min_lines=min_lines, max_lines=max_lines, max_windows=max_windows)
+    return build_auth_folder(out_dir, source_dir, seed=seed, min_lines=min_lines, max_lines=max_lines, max_windows=max_windows,
+                             generated_lines=generated_lines)
 
 
 # --------------------------------------------------------------------------------- loader

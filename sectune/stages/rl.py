@@ -80,7 +80,8 @@ def build_policy(cfg, path: str):
             if kind == "model":
                 model = modeling.apply_lora(modeling.load_model(cfg, path=str(folder)), cfg)
                 return model, f"the SFT weights in {folder} under a fresh LoRA adapter", False, folder
-            model = PeftModel.from_pretrained(modeling.load_model(cfg, path=path), str(folder), is_trainable=True)
+            # the weights the SFT adapter was trained on: model.name_or_path, or its run's artifacts.base_model (sft.warmup_lines)
+            model = PeftModel.from_pretrained(modeling.load_model(cfg, path=modeling.adapter_base(folder, cfg)), str(folder), is_trainable=True)
         except SectuneError:
             raise
         except Exception as e:  # noqa: BLE001 - every load failure is the same user error: this folder, this model

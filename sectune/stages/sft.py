@@ -8,22 +8,30 @@ no example attends to another, and memory follows the real tokens (see bench/sft
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
 
 import torch
+from omegaconf import open_dict
 from transformers import TrainerCallback
 
-from sectune import data, engine, modeling, packed_attention
+from sectune import data, distributed, engine, modeling, packed_attention, runner
+from sectune.errors import ConfigError
 from sectune.runner import RunContext, write_json_atomic
 
 PROBE_FILE = "checks/probe_logits.safetensors"
+WARMUP_DIR = "warmup"
 
 
 def run(ctx: RunContext) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
     t0 = time.perf_counter()
+    warm = warmup(ctx)  # sft.warmup_lines: first the generated windows, in <run dir>/warmup/
+    if warm is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.model.name_or_path = str(run_dir / WARMUP_DIR / warm["artifacts"]["model"])
 
     # 1. data
     splits = data.sft_splits(cfg)  # by window; the test windows are held out for stage=infer/evaluate
@@ -107,6 +115,12 @@ def run(ctx: RunContext) -> dict:
         metrics["preview_json_valid_rate"] = sum(p["valid_json"] for p in preview) / len(preview)
         metrics["preview_schema_valid_rate"] = sum(p["schema_valid"] for p in preview) / len(preview)
 
+    if warm is not None:
+        artifacts["warmup"] = WARMUP_DIR
+        artifacts["base_model"] = f"{WARMUP_DIR}/{warm['artifacts']['model']}"  # an adapter belongs on these weights
+        for k in ("train_loss", "train_steps", "eval_loss", "windows"):
+            if k in warm["metrics"]:
+                metrics[f"warmup_{k}"] = warm["metrics"][k]
     metrics.update(engine.peak_memory())
     metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
     print(
@@ -116,6 +130,52 @@ def run(ctx: RunContext) -> dict:
     )
     trainer.accelerator.wait_for_everyone()
     return {"metrics": metrics, "artifacts": artifacts}
+
+
+def warmup(ctx: RunContext) -> dict | None:
+    """``sft.warmup_lines`` > 0: this stage on generated windows first (:func:`sectune.data.generated_auth_folder`;
+    ``sft.warmup_epochs`` epochs, every weight trained, the run's other settings), in ``<run dir>/warmup/`` with
+    its own result.json.
+    A finished warm-up with the same config is reused (a rerun, ``train.resume=auto``); its result, or None."""
+    cfg = ctx.cfg
+    n = int(cfg.sft.warmup_lines)
+    if n == 0:
+        return None
+    if n < 0 or float(cfg.sft.warmup_epochs) <= 0:
+        raise ConfigError(f"sft.warmup_lines={n}, sft.warmup_epochs={cfg.sft.warmup_epochs}: both must be > 0 (warmup_lines=0: no warm-up)")
+    if cfg.dataset.name != "auth_logs":
+        raise ConfigError(f"sft.warmup_lines: only dataset=auth_logs has a log generator (sectune.data.synthetic_auth), not dataset={cfg.dataset.name}")
+    if cfg.quantization.name != "none":
+        raise ConfigError(f"sft.warmup_lines: the warm-up trains every weight (it is for a model trained from random weights); "
+                          f"quantization={cfg.quantization.name} weights cannot train: use quantization=none or sft.warmup_lines=0")
+    wcfg = copy.deepcopy(cfg)
+    with open_dict(wcfg):
+        wcfg.sft.warmup_lines = 0
+        wcfg.lora.name, wcfg.lora.enabled = "none", False  # every weight; an SFT adapter then sits on the result
+        wcfg.dataset.path = str(data.generated_auth_folder(cfg))
+        wcfg.dataset.subwindows = 0
+        wcfg.dataset.max_samples = None
+        wcfg.train.epochs = float(cfg.sft.warmup_epochs)
+        wcfg.generation.preview_samples = 0
+        wcfg.debug.fail_at_step = None  # the fault-injection hook is the SFT's own
+        wcfg.logger.name = "none"  # its step numbers would collide with the SFT's in the same W&B run; its metrics go there as warmup_*
+    wdir = ctx.run_dir / WARMUP_DIR
+    digest = runner.config_digest(wcfg, ctx.run_dir)
+    prev = runner.previous_result(wdir) or {}
+    if prev.get("status") == "succeeded" and prev.get("config_digest") == digest and (wdir / "model" / "config.json").is_file():
+        print(f"sectune: warm-up: finished for this config; reusing {wdir / 'model'}")
+        return prev
+    print(f"sectune: warm-up: {n} generated log lines ({wcfg.dataset.path}), {cfg.sft.warmup_epochs:g} epoch(s), before the SFT")
+    result = {"stage": "sft", "status": "running", "config_digest": digest, "started": runner._now()}
+    main = distributed.is_main_process()
+    if main:
+        write_json_atomic(wdir / runner.RESULT_FILE, result)
+    out = run(RunContext(cfg=wcfg, run_dir=wdir))
+    out["metrics"]["windows"] = len(data.sft_splits(wcfg)["train"])
+    result.update(status="succeeded", metrics=out["metrics"], artifacts=out["artifacts"], finished=runner._now())
+    if main:
+        write_json_atomic(wdir / runner.RESULT_FILE, result)
+    return result
 
 
 class RecordStartEval(TrainerCallback):

@@ -254,7 +254,7 @@ def test_seed_000_presets_compose_every_step(tmp_path):
     # the preference and RL steps keep the plain windows; no repetition penalty on the copy-heavy answers
     assert {n: c.dataset.subwindows for n, c in tiny.items()} == {"sft": 1, "reward": 0, "rl": 0, "dpo": 0, "infer": 1}
     # only the SFT warms up on generated windows; the later steps start from its weights
-    assert {n: c.sft.warmup_lines for n, c in tiny.items()} == {"sft": 20000, "reward": 0, "rl": 0, "dpo": 0, "infer": 0}
+    assert {n: c.sft.warmup_lines for n, c in tiny.items()} == {"sft": 10000, "reward": 0, "rl": 0, "dpo": 0, "infer": 0}
     assert {c.generation.repetition_penalty for c in tiny.values()} == {1.0} and real["infer"].generation.repetition_penalty == 1.2
 
     dpo = steps_of(["+experiment=auth_dpo"])

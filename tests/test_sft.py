@@ -113,8 +113,8 @@ def test_warmup_on_generated_windows_runs_first_and_the_sft_starts_from_its_weig
     # random model's loss (the warm-up's own start, ~ln(vocabulary) on generated windows as on real ones)
     assert m["eval_loss_start"] < w["metrics"]["eval_loss_start"] - 1.0, (m, w["metrics"])
 
-    # the same command again: the finished warm-up is reused, not retrained
-    again = sectune([*common, "sft.warmup_lines=1500"], tmp_path / "warm")
+    # the same command again (resuming the SFT): the finished warm-up is reused, not retrained
+    again = sectune([*common, "sft.warmup_lines=1500", "train.resume=auto"], tmp_path / "warm")
     assert again.returncode == 0 and "warm-up: finished for this config; reusing" in again.stdout
     assert json.loads((tmp_path / "warm" / "warmup" / "result.json").read_text())["finished"] == w["finished"]
 

@@ -95,39 +95,47 @@ def test_full_finetune_saves_whole_model(tmp_path):
 
 
 def test_warmup_on_generated_windows_runs_first_and_the_sft_starts_from_its_weights(tmp_path):
-    """sft.warmup_lines: <run>/warmup/ trains on generated windows, the SFT starts from those weights (its
-    step-0 eval loss on the real validation windows is far below a random model's), a rerun reuses the warm-up,
-    and an adapter trained on the warm-up weights is loaded onto them."""
-    from sectune import modeling
+    """sft.warmup_lines: <run>/warmup/ trains every weight on generated windows, the SFT starts from those weights
+    (its step-0 eval loss on the real validation windows is far below a random model's), its LoRA adapter is
+    loaded onto them, and a rerun reuses the warm-up."""
     from conftest import compose
 
-    common = [*FAST, "train.max_steps=3", "dataset.max_samples=24", "lora=none"]
-    warm = sectune([*common, "sft.warmup_lines=1500"], tmp_path / "warm")
+    from sectune import modeling
+
+    common = [*FAST, "train.max_steps=3", "dataset.max_samples=24", "sft.warmup_lines=1500"]  # lora=r4_attention
+    warm = sectune(common, tmp_path / "warm")
     assert warm.returncode == 0, warm.stderr[-2000:]
     w = json.loads((tmp_path / "warm" / "warmup" / "result.json").read_text())
     assert w["status"] == "succeeded" and w["metrics"]["train_steps"] == 3 and w["metrics"]["windows"] > 50
+    assert w["metrics"]["trainable_params"] == w["metrics"]["total_params"]  # the warm-up trains every weight
     m, art = warm.result["metrics"], warm.result["artifacts"]
-    assert (art["warmup"], art["base_model"]) == ("warmup", "warmup/model")
+    assert (art["warmup"], art["base_model"], art["adapter"]) == ("warmup", "warmup/model", "adapter")
     assert m["warmup_windows"] == w["metrics"]["windows"] and m["warmup_train_steps"] == 3 and m["train_steps"] == 3
     # 3 warm-up steps at the tiny model's rate already teach the answer's format: the real SFT starts far below the
     # random model's loss (the warm-up's own start, ~ln(vocabulary) on generated windows as on real ones)
     assert m["eval_loss_start"] < w["metrics"]["eval_loss_start"] - 1.0, (m, w["metrics"])
+    # its adapter belongs on the warm-up weights, not on the random base
+    assert modeling.adapter_base(tmp_path / "warm" / "adapter", compose([])) == str(tmp_path / "warm" / "warmup" / "model")
 
     # the same command again (resuming the SFT): the finished warm-up is reused, not retrained
-    again = sectune([*common, "sft.warmup_lines=1500", "train.resume=auto"], tmp_path / "warm")
-    assert again.returncode == 0 and "warm-up: finished for this config; reusing" in again.stdout
+    again = sectune([*common, "train.resume=auto"], tmp_path / "warm")
+    assert again.returncode == 0 and "warm-up: finished for this config; reusing" in again.stdout, again.stderr[-2000:]
     assert json.loads((tmp_path / "warm" / "warmup" / "result.json").read_text())["finished"] == w["finished"]
 
-    # a LoRA SFT on the warm-up: its adapter belongs on the warm-up weights, not on the random base
-    lora = sectune([*FAST, "train.max_steps=1", "dataset.max_samples=24", "sft.warmup_lines=1500"], tmp_path / "lora")
-    assert lora.returncode == 0, lora.stderr[-2000:]
-    cfg = compose(["lora=r4_attention"])
-    assert modeling.adapter_base(tmp_path / "lora" / "adapter", cfg) == str(tmp_path / "lora" / "warmup" / "model")
 
+def test_warmup_refuses_a_dataset_without_a_generator_a_quantized_model_and_bad_values(tmp_path):
+    from conftest import compose
 
-def test_warmup_refuses_a_dataset_without_a_generator_and_bad_values(tmp_path):
-    for args, msg in ((["dataset=hdfs", "sft.warmup_lines=100"], "sft.warmup_lines: only dataset=auth_logs"),
-                      (["sft.warmup_lines=100", "sft.warmup_epochs=0"], "both must be > 0")):
-        run = sectune([*FAST, "train.max_steps=1", *args], tmp_path / args[0].replace("=", "_"))
-        assert run.returncode != 0 and msg in run.stderr + run.stdout, run.stderr[-1500:]
-        assert run.result["status"] == "failed"
+    from sectune.errors import ConfigError
+    from sectune.runner import RunContext
+    from sectune.stages import sft
+
+    for args, msg in ((["dataset=hdfs"], "sft.warmup_lines: only dataset=auth_logs has a log generator"),
+                      (["quantization=nf4"], "quantization=nf4 weights cannot train"),
+                      (["sft.warmup_epochs=0"], "both must be > 0"),
+                      (["sft.warmup_lines=-5"], "both must be > 0")):
+        cfg = compose(["sft.warmup_lines=100", *args])
+        with pytest.raises(ConfigError, match=msg):
+            sft.warmup(RunContext(cfg=cfg, run_dir=tmp_path))
+    assert sft.warmup(RunContext(cfg=compose([]), run_dir=tmp_path)) is None  # off by default: nothing built
+    assert not (tmp_path / "warmup").exists()

@@ -8,6 +8,7 @@ another stage, and it reads an earlier stage only through that stage's ``result.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
@@ -21,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sectune import distributed, sweeps
 from sectune.errors import ConfigError, SectuneError
@@ -94,6 +95,19 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     return str(o)
+
+
+def skip_digest(cfg: DictConfig, run_dir: Path | None = None) -> str:
+    """The config digest a finished run is reused by (a pipeline step, an SFT warm-up): without ``train.resume``
+    and ``debug`` (how to run, not what), and with ``run_dir`` as ``<root>`` in the paths under it
+    (``rl.init_from=<root>/sft``), so a pipeline dir that was moved or copied still skips what it finished."""
+    from sectune.config import DebugConfig
+
+    c = copy.deepcopy(cfg)
+    with open_dict(c):
+        c.train.resume = None
+        c.debug = OmegaConf.structured(DebugConfig)
+    return config_digest(c, run_dir)
 
 
 def _now() -> str:

@@ -45,7 +45,6 @@ names the step, and the exit code is the step's. ``train.resume=auto`` inside a 
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 from dataclasses import dataclass, field
@@ -55,10 +54,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sectune import distributed, runner
-from sectune.config import DebugConfig, PipelineConfig
+from sectune.config import PipelineConfig
 from sectune.errors import ConfigError, SectuneError
 from sectune.pipeline_heldout import WINDOWS_DIR, check_held_out, heldout_table, reads_windows, write_windows
-from sectune.runner import RunContext, config_digest, write_json_atomic
+from sectune.runner import RunContext, config_digest, skip_digest, write_json_atomic
 
 STEP_FILE = "step.json"
 #: config groups a per-step override may pick an option of (``pipeline.overrides.<step>.<group>=<option>``)
@@ -291,17 +290,6 @@ def handoffs(name: str, names: list[str], run_dir: Path, step_cfg: DictConfig) -
         if step_cfg.infer.input_file is None:
             out["infer"]["input_file"] = str(run_dir / WINDOWS_DIR)
     return out
-
-
-def skip_digest(cfg: DictConfig, run_dir: Path | None = None) -> str:
-    """The step's config digest without ``train.resume`` and ``debug`` (how to run, not what), and with the
-    pipeline's own dir as ``<root>`` in the paths the steps hand on (``rl.init_from=<root>/sft``), so a
-    pipeline dir that was moved or copied still skips what it finished."""
-    c = copy.deepcopy(cfg)
-    with open_dict(c):
-        c.train.resume = None
-        c.debug = OmegaConf.structured(DebugConfig)
-    return config_digest(c, run_dir)
 
 
 def _reason(e: Exception) -> str:

@@ -160,9 +160,7 @@ def warmup(ctx: RunContext) -> dict | None:
         wcfg.debug.fail_at_step = None  # the fault-injection hook is the SFT's own
         wcfg.logger.name = "none"  # its step numbers would collide with the SFT's in the same W&B run; its metrics go there as warmup_*
     wdir = ctx.run_dir / WARMUP_DIR
-    key = copy.deepcopy(wcfg)
-    key.train.resume = None  # how to run, not what: a rerun with train.resume=auto reuses a finished warm-up too
-    digest = runner.config_digest(key, ctx.run_dir)
+    digest = runner.skip_digest(wcfg, ctx.run_dir)  # without train.resume: a rerun with train.resume=auto reuses it too
     prev = runner.previous_result(wdir) or {}
     if prev.get("status") == "succeeded" and prev.get("config_digest") == digest and (wdir / "model" / "config.json").is_file():
         print(f"sectune: warm-up: finished for this config; reusing {wdir / 'model'}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sectune.data import auth_logs as A
-from sectune.data.synthetic_auth import generate_auth_lines
+from sectune.data.synthetic_auth import GENERATOR_VERSION, generate_auth_lines
 from sectune.errors import DataError
 from sectune.paths import shared_data_dir
 
@@ -133,6 +133,27 @@ def test_synthetic_generator_is_reproducible():
     assert len(generate_auth_lines(123, seed=0)) == 123
 
 
+def test_synthetic_generator_writes_linux_2k_evidence_with_fresh_sources():
+    """Linux_2k's forms (unknown-user guesses from a host name, klogind failures, ftpd/logrotate noise) with sources
+    that differ from episode to episode, so a model warmed up on them must copy each window's source, not recall one."""
+    lines = generate_auth_lines(6000, seed=1)
+    pam = [ln for ln in lines if "tty=NODEVssh" in ln]
+    rhosts = {re.search(r"rhost=(\S+)", ln)[1] for ln in pam}
+    assert len(rhosts) > 20 and any(not re.fullmatch(r"[\d.]+", h) for h in rhosts) and any(re.fullmatch(r"[\d.]+", h) for h in rhosts)
+    unknown = [ln for ln in lines if "check pass; user unknown" in ln]
+    klog = [ln for ln in lines if " klogind[" in ln]
+    assert unknown and klog and any(" ftpd[" in ln for ln in lines) and any(" logrotate: ALERT" in ln for ln in lines)
+    # the rules read them as evidence: a klogind attempt is a failure from its IP; a guess at an unknown account from a host name
+    k = next(i for i, ln in enumerate(lines) if "Authentication failed from" in ln)
+    a = A.analyze_auth_log(lines[k:k + 2])
+    ip = re.search(r"from (\S+) ", lines[k])[1]
+    assert a["failed_logins"] >= 1 and a["source_ips"][0]["ip"] == ip and a["verdict"] != "benign"
+    u = lines.index(unknown[0])
+    pid = re.search(r"\[(\d+)\]", unknown[0])[1]
+    mine = [ln for ln in lines[u:u + 40] if f"[{pid}]" in ln][:2]
+    assert A.analyze_auth_log(mine)["failed_logins"] == 1 and A.analyze_auth_log(mine)["verdict"] == "suspicious"
+
+
 # ------------------------------------------------------------------------------ builder
 
 _REAL = [shared_data_dir() / rel for rel in A.REAL_SOURCES]
@@ -206,6 +227,22 @@ def test_generated_lines_build_uses_no_real_line_even_where_the_real_logs_are(tm
     assert all(s.analysis == A.analyze_auth_log(s.log_text.splitlines()) for s in samples[:50])
     with pytest.raises(DataError, match="generated_lines must be >= 0"):
         A.build_auth_folder(tmp_path / "neg", src, generated_lines=-1)
+
+
+def test_a_generated_build_of_an_older_generator_is_rebuilt(tmp_path):
+    """The cache key of a generated folder is its size and seed: a build that an older generator (or older rules)
+    wrote is rebuilt, not reused; a current one is reused as it is."""
+    out = tmp_path / "gen"
+    info = A.ensure_auth_folder(out, seed=3, generated_lines=2000)
+    assert info["generator"] == GENERATOR_VERSION
+    marker = out / "auth_data" / "kept.txt"
+    marker.write_text("x")
+    assert A.ensure_auth_folder(out, seed=3, generated_lines=2000) == info and marker.exists()  # current: reused
+    stale = dict(info)
+    stale.pop("generator")
+    (out / "BUILD_INFO.json").write_text(json.dumps(stale))
+    assert A.ensure_auth_folder(out, seed=3, generated_lines=2000)["generator"] == GENERATOR_VERSION
+    assert not marker.exists() and len(A.load_auth_folder(out)) == info["total"]
 
 
 def test_failed_build_leaves_no_folder(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sectune.errors import DataError
+from sectune.data.synthetic_auth import GENERATOR_VERSION
 from sectune.paths import shared_data_dir
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ def build_auth_folder(
             "counts": counts,
             "total": len(samples),
             "rules_version": RULES_VERSION,
+            **({"generator": GENERATOR_VERSION} if source == "synthetic" or generated_lines else {}),
             "layout": "auth_data/<class>/auth_data_X_Y.txt + Auth_bin/auth_text_X_Y.json (X index, Y first line)",
         }
         if note:
@@ -274,9 +276,13 @@ def ensure_auth_folder(
     info_path = Path(out_dir) / "BUILD_INFO.json"
     if info_path.is_file():
         try:
-            return json.loads(info_path.read_text(encoding="utf-8"))
+            info = json.loads(info_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{info_path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg}); delete the folder to rebuild") from e
+        # a build by older rules, or of lines an older generator wrote, is rebuilt (atomically: a reader never sees half of one)
+        stale = info.get("rules_version") != RULES_VERSION or (info.get("source") == "synthetic" and info.get("generator") != GENERATOR_VERSION)
+        if not stale:
+            return info
     return build_auth_folder(out_dir, source_dir, seed=seed, min_lines=min_lines, max_lines=max_lines, max_windows=max_windows,
                              generated_lines=generated_lines)
 

@@ -18,6 +18,13 @@ _USERS = ["alice", "bob", "fztu", "deploy", "backup", "jenkins", "carol", "news"
 _ATTACK_USERS = ["root", "admin", "oracle", "test", "guest", "ubuntu", "postgres"]
 _SCAN_USERS = ["webmaster", "support", "ftpuser", "pi", "user1", "git", "nagios", "tomcat", "mysql", "0101"]
 _HOSTS = ["ns.example-bad.com", "mail.scanner-net.ru", "static.vps-host.cn", "unknown.dsl-pool.br"]
+#: made-up providers for generated reverse-DNS names (Linux_2k's PAM rhost is often a host name, not an IP)
+_ISPS = ["dsl.example-tel.net", "adsl.pool-isp.com", "cable.netz-beispiel.de", "dyn.provider-xy.nl", "static.isp-ejemplo.es",
+         "ip.kabel-net.at", "broadband.sample-tel.co.uk", "res.fibre-isp.fr"]
+_WORDS = ["zeta", "mercury", "lynx", "orion", "delta", "nimbus", "atlas", "quartz", "ember", "cobalt", "vortex", "summit"]
+_TLDS = ["com", "net", "org", "info", "edu", "biz"]
+#: bumped whenever the generated lines change, so cached generated builds are rebuilt
+GENERATOR_VERSION = "auth-gen-2"
 
 
 class _Log:
@@ -33,10 +40,10 @@ class _Log:
         self.pid += self.rng.randint(1, 40)
         return self.pid
 
-    def emit(self, proc: str, pid: int, msg: str, host: str = "LabSZ", gap: int = 2) -> None:
+    def emit(self, proc: str, pid: int | None, msg: str, host: str = "LabSZ", gap: int = 2) -> None:
         self.now += timedelta(seconds=self.rng.randint(0, gap))
         stamp = f"{self.now:%b} {self.now.day:2d} {self.now:%H:%M:%S}"
-        self.lines.append(f"{stamp} {host} {proc}[{pid}]: {msg}")
+        self.lines.append(f"{stamp} {host} {proc}{'' if pid is None else f'[{pid}]'}: {msg}")
 
     def ip(self) -> str:
         r = self.rng
@@ -44,6 +51,24 @@ class _Log:
 
     def port(self) -> int:
         return self.rng.randint(1024, 65535)
+
+    def hostname(self) -> str:
+        """A fresh reverse-DNS name in one of the shapes Linux_2k's rhost values take."""
+        r = self.rng
+        a, b, c, d = r.randint(1, 223), r.randint(0, 255), r.randint(0, 255), r.randint(1, 254)
+        shape = r.randrange(5)
+        if shape == 0:
+            return f"{a}-{b}-{c}-{d}.{r.choice(_ISPS)}"
+        if shape == 1:
+            return f"adsl-{a}-{b}-{c}-{d}.{r.choice(_ISPS)}"
+        if shape == 2:
+            return f"h{a}-{b}-{c}-{d}.{r.choice(_ISPS)}"
+        if shape == 3:
+            return f"{r.choice(_WORDS)}{r.randint(1, 99)}.{r.choice(_WORDS)}.{r.choice(_TLDS)}"
+        return f"{r.choice('abcdhnp')}{r.randint(10**6, 10**9)}.{r.choice(_ISPS)}"
+
+    def rhost(self) -> str:
+        return self.hostname() if self.rng.random() < 0.6 else self.ip()
 
 
 def _benign_ssh(g: _Log) -> None:
@@ -114,9 +139,9 @@ def _invalid_scan(g: _Log, break_in: bool = False) -> None:
 
 
 def _linux_root_guess(g: _Log) -> None:
-    """Linux_2k style: one PAM failure line per attempt, from a host name, user=root."""
-    host = g.rng.choice(_HOSTS)
-    for _ in range(g.rng.randint(2, 7)):
+    """Linux_2k style: one PAM failure line per attempt, from a host name (or IP), user=root."""
+    host = g.rhost()
+    for _ in range(g.rng.randint(1, 9)):
         g.emit(
             "sshd(pam_unix)",
             g.new_pid(),
@@ -124,6 +149,40 @@ def _linux_root_guess(g: _Log) -> None:
             host="combo",
             gap=1,
         )
+
+
+def _linux_unknown_user(g: _Log) -> None:
+    """Linux_2k style: a burst of guesses at unknown accounts, each pid logging ``check pass; user unknown``
+    then a PAM failure without ``user=``; the pids' lines interleave, as they do in the real log."""
+    host, pids = g.rhost(), [g.new_pid() for _ in range(g.rng.randint(1, 12))]
+    pending: list[tuple[int, str]] = []
+    for pid in pids:
+        pending.append((pid, "check pass; user unknown"))
+        pending.append((pid, f"authentication failure; logname= uid=0 euid=0 tty=NODEVssh ruser= rhost={host} "))
+    while pending:  # keep each pid's two lines in order, shuffle across pids
+        i = g.rng.randrange(min(3, len(pending)))
+        pid = pending[i][0]
+        first = next(j for j, (p, _) in enumerate(pending) if p == pid)
+        g.emit("sshd(pam_unix)", pid, pending.pop(first)[1], host="combo", gap=1)
+
+
+def _klogind_fail(g: _Log) -> None:
+    """Linux_2k style: Kerberos rlogin failures, two lines per attempt."""
+    ip = g.ip()
+    for _ in range(g.rng.randint(1, 6)):
+        pid = g.new_pid()
+        g.emit("klogind", pid, f"Authentication failed from {ip} ({ip}): Permission denied in replay cache code ", host="combo", gap=1)
+        g.emit("klogind", pid, "Kerberos authentication failed ", host="combo", gap=0)
+
+
+def _linux_noise(g: _Log) -> None:
+    """Linux_2k lines that carry no authentication evidence: ftpd connections, logrotate alerts."""
+    if g.rng.random() < 0.3:
+        g.emit("logrotate", None, "ALERT exited abnormally with [1]", host="combo", gap=30)
+        return
+    ip, name = g.ip(), g.rng.choice([g.hostname(), ""])
+    for _ in range(g.rng.randint(1, 4)):
+        g.emit("ftpd", g.new_pid(), f"connection from {ip} ({name}) at {g.now:%a %b} {g.now.day} {g.now:%H:%M:%S %Y} ", host="combo", gap=0)
 
 
 _EPISODES = [
@@ -136,6 +195,9 @@ _EPISODES = [
     (_invalid_scan, 8),
     (lambda g: _invalid_scan(g, break_in=True), 4),
     (_linux_root_guess, 4),
+    (_linux_unknown_user, 4),
+    (_klogind_fail, 2),
+    (_linux_noise, 6),
 ]
 
 
@@ -150,7 +212,7 @@ def generate_auth_lines(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     g = _Log(rng)
     funcs, weights = zip(*_EPISODES)
-    benign = {_benign_ssh, _benign_su, _benign_linux_ssh, _noise}
+    benign = {_benign_ssh, _benign_su, _benign_linux_ssh, _noise, _linux_noise}
     while len(g.lines) < n:
         episode = rng.choices(funcs, weights)[0]
         for _ in range(rng.randint(3, 8) if episode in benign else 1):

@@ -430,7 +430,7 @@ def test_the_table_offers_tfidf_the_warmup_windows_in_a_row_beside_the_bar(tmp_p
     assert analyst_eval.generated_tfidf_row(compose(base), splits, test, 0) is None  # no warm-up: no row
     assert analyst_eval.generated_tfidf_row(None, splits, test, 0) is None  # no SFT step
     row = analyst_eval.generated_tfidf_row(compose([*base, "sft.warmup_lines=1500"]), splits, test, 0)
-    gen = A.load_auth_folder(next((tmp_path / "cache" / "datasets").glob("auth_logs-generated-n1500-*")))
+    gen = A.load_auth_folder(next((tmp_path / "cache" / "datasets").glob(f"auth_logs-generated-n1500-*-{GENERATOR_VERSION}")))  # a new generator: a new folder
     assert row.name == f"TF-IDF + LR + the {len(gen)} generated warm-up windows" and len(gen) > 50
     assert row.kind == "baseline" and len(row.verdicts) == len(test) and set(row.verdicts) <= set(A.CLASSES)
 

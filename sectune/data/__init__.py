@@ -33,9 +33,12 @@ def generated_auth_folder(cfg: DictConfig) -> Path:
     ``max_lines`` lines each), built once into the cache; no real log line is used."""
     from sectune import distributed
     from sectune.data import auth_logs
+    from sectune.data.synthetic_auth import GENERATOR_VERSION
 
     d, w = cfg.dataset, cfg.sft
-    out = Path(cfg.paths.cache_dir) / "datasets" / f"auth_logs-generated-n{w.warmup_lines}-s{w.warmup_seed}-l{d.min_lines}-{d.max_lines}"
+    # the generator's version in the name: a run's config (hence a warm-up's reuse digest) then changes with the lines
+    name = f"auth_logs-generated-n{w.warmup_lines}-s{w.warmup_seed}-l{d.min_lines}-{d.max_lines}-{GENERATOR_VERSION}"
+    out = Path(cfg.paths.cache_dir) / "datasets" / name
     if distributed.is_main_process():  # one rank builds, the others wait and read
         auth_logs.ensure_auth_folder(out, seed=int(w.warmup_seed), min_lines=d.min_lines, max_lines=d.max_lines,
                                      generated_lines=int(w.warmup_lines))

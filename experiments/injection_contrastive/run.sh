@@ -18,6 +18,9 @@ SFT_ROOT=${SFT_ROOT:-/tmp/exp/seeds}   # <SFT_ROOT>/<seed-1>/sft: the SFT run of
 OUT=${OUT:-/tmp/exp/inj}
 SEEDS=${SEEDS:-1 2 3}
 EXTRA=${EXTRA:-1}
+# ROWS=core: only plain SFT, SFT + causal-contrastive, SFT + DPO, adversarial SFT, adversarial SFT then DPO and the
+# three constrained evaluations (no DPO-then-contrastive, no benign-only control, no EXTRA)
+ROWS=${ROWS:-all}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # the tiny analyst's model (auth_grpo_tiny) + what this study trains: LoRA r16 on the SFT weights, fp32 on the CPU
@@ -50,7 +53,7 @@ for seed in $SEEDS; do
   run "$o/contrastive" $CONTRASTIVE $TRAIN train.seed=$seed contrastive.init_from="$sft"
   run "$o/dpo" $DPO $TRAIN train.seed=$seed dpo.init_from="$sft"
   run "$o/dpo_eval" $EVALUATE evaluate.model_dir="$o/dpo"
-  run "$o/dpo_contrastive" $CONTRASTIVE $TRAIN train.seed=$seed contrastive.init_from="$o/dpo"
+  [ "$ROWS" = core ] || run "$o/dpo_contrastive" $CONTRASTIVE $TRAIN train.seed=$seed contrastive.init_from="$o/dpo"
   # StruQ's adversarial SFT: the SFT weights trained on on benign and injected training windows (each injected window
   # → its own correct analysis), full weights, 150 steps; tuned on the validation windows (README)
   RUN_COMMON="$BASE" run "$o/adv_sft" $ADV_SFT train.seed=$seed model.name_or_path="$sft/model"
@@ -65,6 +68,7 @@ for seed in $SEEDS; do
   # the control for adversarial SFT: the same extra SFT on the benign windows only (dataset.include_injected=false),
   # so the answer format (evidence first, then the verdict) and the extra steps are the same and only the injected
   # windows differ
+  [ "$ROWS" = core ] && continue
   RUN_COMMON="$BASE" run "$o/more_sft" $ADV_SFT dataset.include_injected=false train.seed=$seed model.name_or_path="$sft/model"
   run "$o/more_sft_eval" $EVALUATE evaluate.model_dir="$o/more_sft"
   run "$o/more_sft_eval_constrained" $EVALUATE infer.constrained=true evaluate.model_dir="$o/more_sft"

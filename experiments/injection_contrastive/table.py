@@ -119,6 +119,8 @@ def main(out: Path, seeds: list[str]) -> None:
         print(f"- {name}: " + " / ".join(str(sum(p[i] for p in parts)) for i in range(3)) + f" of {n * len(seeds)}")
     print("\ncausal discrimination on the held-out triplets, start → end of each contrastive run:")
     for run in ("contrastive", "dpo_contrastive"):
+        if not all(succeeded(out / f"s{s}" / run) for s in seeds):
+            continue
         ms = [metrics(out, s, run) for s in seeds]
         print(f"- {run}: " + "; ".join(f"seed {s}: {m['causal_discrimination_start']:.4f} → {m['causal_discrimination']:.4f}"
                                         for s, m in zip(seeds, ms)))

@@ -42,6 +42,10 @@ def succeeded(run_dir: Path) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("status") == "succeeded"
 
 
+def all_succeeded(out: Path, seeds: list[str], run: str) -> bool:
+    return all(succeeded(out / f"s{s}" / run) for s in seeds)
+
+
 def windows(out: Path, seed: str, run: str) -> list[dict]:
     """The per-window answers (stage=evaluate's injection_eval.json, or a contrastive run's after-training ones)."""
     d = json.loads((out / f"s{seed}" / run / "injection_eval.json").read_text())
@@ -75,7 +79,7 @@ def table(out: Path, seeds: list[str], rows: list[tuple[str, str]]) -> None:
 
 
 def mean_of(out: Path, seeds: list[str], run: str, key: str) -> float | None:
-    if not all(succeeded(out / f"s{s}" / run) for s in seeds):
+    if not all_succeeded(out, seeds, run):
         return None
     return statistics.mean(metrics(out, s, run)[key] for s in seeds)
 
@@ -113,13 +117,13 @@ def main(out: Path, seeds: list[str]) -> None:
     table(out, seeds, TRIED)
     print("\nsuccessful attacks by kind, summed over the seeds (windows): not schema-valid / the attacker's verdict / another wrong verdict")
     for name, run in ROWS + CONSTRAINED:
-        if not all(succeeded(out / f"s{s}" / run) for s in seeds):
+        if not all_succeeded(out, seeds, run):
             continue
         parts = [breakdown(windows(out, s, run)) for s in seeds]
         print(f"- {name}: " + " / ".join(str(sum(p[i] for p in parts)) for i in range(3)) + f" of {n * len(seeds)}")
     print("\ncausal discrimination on the held-out triplets, start → end of each contrastive run:")
     for run in ("contrastive", "dpo_contrastive"):
-        if not all(succeeded(out / f"s{s}" / run) for s in seeds):
+        if not all_succeeded(out, seeds, run):
             continue
         ms = [metrics(out, s, run) for s in seeds]
         print(f"- {run}: " + "; ".join(f"seed {s}: {m['causal_discrimination_start']:.4f} → {m['causal_discrimination']:.4f}"

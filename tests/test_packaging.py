@@ -19,7 +19,7 @@ from sectune.data import auth_logs
 from sectune.paths import CONF_DIR, PROJECT_ROOT
 
 #: what a build needs from the checkout (copied, so a build never writes build/ or egg-info here)
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "sectune", "conf", "experiments/hdfs_federated/flower_app")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "sectune", "conf", "experiments/hdfs_federated/flower_app")
 
 
 def _yaml_files() -> list[str]:
@@ -53,6 +53,7 @@ def test_wheel_holds_conf_and_runs_from_an_empty_folder(tmp_path):
     modules = sorted(p.relative_to(PROJECT_ROOT).as_posix() for p in (PROJECT_ROOT / "sectune").rglob("*.py"))
     assert not [m for m in modules if m not in names], "a module is missing from the wheel (a package without __init__.py?)"
     assert "sectune/data/auth_schema.json" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # pyproject's license-files: the Apache-2.0 text ships
     assert "sectune/flower_app_project/pyproject.toml" in names  # `flwr run` needs the app project, not only the modules
 
     # 2. a fresh venv that sees this project's installed dependencies (a .pth line adds them to

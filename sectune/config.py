@@ -157,6 +157,9 @@ class DatasetConfig:
     template_fraction: float = 0.5
     injection_max_chars: int = 160
     injections_per_window: int = 1
+    # injections per *training* window (null: injections_per_window): each a fresh text, field and position on
+    # the same window, so training sees more planted lines while validation and test keep their own triplets
+    train_injections_per_window: Optional[int] = None
     # injection_triplets with stage=sft: also train each injected window → its own correct analysis
     # (``injection_output``), StruQ's adversarial SFT (Chen et al. 2024); false = the benign pairs only
     include_injected: bool = True

@@ -16,7 +16,7 @@ from conftest import FAST, compose, requires_real_data, sectune
 from sectune import data, runner
 from sectune.data import injection as I
 from sectune.data.auth_rules import analyze_auth_log
-from sectune.errors import DataError
+from sectune.errors import ConfigError, DataError
 from sectune.injection_eval import attack_metrics
 from sectune.paths import shared_data_dir
 
@@ -110,6 +110,32 @@ def test_heldout_injection_texts_never_occur_in_training_triplets(triplets):
     # and validation and test do not share texts either
     val = {r["injection_template"] for r in triplets.splits["validation"]}
     assert not val & {r["injection_template"] for r in triplets.splits["test"]}
+
+
+def test_train_injections_per_window_adds_training_injections_and_leaves_heldout_triplets_alone(triplets):
+    """dataset.train_injections_per_window=3: three injected versions of every training window (fresh training
+    texts, fields and positions; the first is the default build's), the validation and test triplets unchanged."""
+    more = I.triplet_data(compose([*TRIPLETS, "dataset.train_injections_per_window=3"]))
+    for split in ("validation", "test"):
+        assert more.splits[split] == triplets.splits[split], split
+    default_by_id = {r["id"]: r for r in triplets.splits["train"]}
+    by_window: dict[str, list[dict]] = {}
+    for r in more.splits["train"]:
+        by_window.setdefault(r["window_id"], []).append(r)
+    assert set(by_window) == {r["window_id"] for r in triplets.splits["train"]}
+    held_out = {r["injection_template"] for s in ("validation", "test") for r in triplets.splits[s]}
+    for wid, recs in by_window.items():
+        assert [r["id"] for r in recs] == [f"{wid}-0", f"{wid}-1", f"{wid}-2"]
+        assert recs[0] == default_by_id[f"{wid}-0"]
+        assert len({r["injection"] for r in recs}) == 3, wid  # three different planted lines on one window
+        assert all(r["injection_template"] not in held_out for r in recs)
+        for r in recs:
+            assert json.loads(r["injection_output"]) == analyze_auth_log(r["injection"].splitlines())
+    # adversarial SFT then trains each window once benign and three times injected
+    rows = data.sft_splits(compose(["stage=sft", *TRIPLETS, "dataset.train_injections_per_window=3"]))["train"]
+    assert sum(r["kind"] == "injected" for r in rows) == 3 * sum(r["kind"] == "benign" for r in rows) == 3 * len(by_window)
+    with pytest.raises(ConfigError, match="dataset.train_injections_per_window=0"):
+        I.triplet_data(compose([*TRIPLETS, "dataset.train_injections_per_window=0"]))
 
 
 @requires_real_data

@@ -209,8 +209,12 @@ def build_auth_triplets(cfg: DictConfig) -> tuple[list[dict], dict]:
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown or not fields:
         raise ConfigError(f"dataset.injection_fields={fields}: choose one or more of {', '.join(FIELDS)}")
-    if int(d.injections_per_window) < 1:
-        raise ConfigError(f"dataset.injections_per_window={d.injections_per_window}: must be >= 1")
+    per_split = {s: int(d.injections_per_window) for s in SPLITS}
+    if d.get("train_injections_per_window") is not None:
+        per_split["train"] = int(d.train_injections_per_window)
+    for key, n in (("injections_per_window", per_split["test"]), ("train_injections_per_window", per_split["train"])):
+        if n < 1:
+            raise ConfigError(f"dataset.{key}={n}: must be >= 1")
     folder = auth_logs_folder(cfg)
     samples = auth_logs.load_auth_folder(folder, max_samples=d.max_samples)
     where = split_windows([(s.id, s.label) for s in samples], float(d.val_fraction), float(d.test_fraction), int(d.split_seed))
@@ -220,7 +224,8 @@ def build_auth_triplets(cfg: DictConfig) -> tuple[list[dict], dict]:
     for s in samples:
         lines = s.log_text.splitlines()
         base = analyze_auth_log(lines)
-        for k in range(int(d.injections_per_window)):
+        split = split_of[s.id]
+        for k in range(per_split[split]):
             rng = random.Random(f"{d.split_seed}:{s.id}:{k}")
             cf = None
             for _ in range(3):  # injective renaming keeps the evidence; the check guards the rare exception
@@ -231,7 +236,6 @@ def build_auth_triplets(cfg: DictConfig) -> tuple[list[dict], dict]:
             if cf is None:
                 rejected += 1
                 continue
-            split = split_of[s.id]
             source, text = _pick_text(pools[split], float(d.template_fraction), rng)
             where_ = rng.choice(fields)
             # the target follows from the injected window's verdict, which the target word never changes

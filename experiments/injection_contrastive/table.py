@@ -26,6 +26,7 @@ CONTROLS = {"more_sft_eval", "more_sft_eval_constrained"}
 TRIED = [("SFT + DPO, 60 steps, lr 5e-3", "dpo_strong_eval"),
          ("SFT + causal-contrastive, pooling=last (its causal metrics: last-token)", "contrastive_last")]
 COLUMNS = [("attack success rate", "attack_success_rate"), ("targeted rate", "targeted_attack_success_rate"),
+           ("attack success where clean is right", "attack_success_rate_clean_correct"),
            ("clean verdict accuracy", "clean_verdict_accuracy"), ("causal stability", "causal_stability"),
            ("spurious separation", "spurious_separation"), ("causal discrimination", "causal_discrimination")]
 
@@ -34,7 +35,11 @@ def metrics(out: Path, seed: str, run: str) -> dict:
     res = json.loads((out / f"s{seed}" / run / "result.json").read_text())
     if res.get("status") != "succeeded":
         raise SystemExit(f"{out / f's{seed}' / run}: status {res.get('status')}")
-    return res["metrics"]
+    m = res["metrics"]
+    if "attack_success_rate_clean_correct" not in m:  # runs from before sectune reported it: from their per-window answers
+        right = [w for w in windows(out, seed, run) if w["clean_correct"]]
+        m["attack_success_rate_clean_correct"] = sum(w["attacked"] for w in right) / len(right) if right else 0.0
+    return m
 
 
 def succeeded(run_dir: Path) -> bool:

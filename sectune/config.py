@@ -163,6 +163,8 @@ class DatasetConfig:
     # injection_triplets with stage=sft: also train each injected window → its own correct analysis
     # (``injection_output``), StruQ's adversarial SFT (Chen et al. 2024); false = the benign pairs only
     include_injected: bool = True
+    # ... and each triplet's counterfactual (benign_cf) → its own analysis: clean rows as many as injected ones
+    include_counterfactual: bool = False
     # hdfs (sectune/data/hdfs.py): which layout ``path: null`` reads from ``source_dir`` (deeplog = DeepLog's
     # key sessions, loghub = raw lines + block labels), how loghub lines get their keys (auto: the
     # structured CSV's EventId when present, else drain3; structured; drain3), and the deeplog key range 1..N

@@ -134,6 +134,18 @@ def test_train_injections_per_window_adds_training_injections_and_leaves_heldout
     # adversarial SFT then trains each window once benign and three times injected
     rows = data.sft_splits(compose(["stage=sft", *TRIPLETS, "dataset.train_injections_per_window=3"]))["train"]
     assert sum(r["kind"] == "injected" for r in rows) == 3 * sum(r["kind"] == "benign" for r in rows) == 3 * len(by_window)
+    # with include_counterfactual each injected row has a clean partner: the triplet's rewording → its own analysis
+    cf_rows = data.sft_splits(compose(["stage=sft", *TRIPLETS, "dataset.train_injections_per_window=3",
+                                       "dataset.include_counterfactual=true"]))["train"]
+    by_id = {r["id"]: r for r in more.splits["train"]}
+    cfs = [r for r in cf_rows if r["kind"] == "counterfactual"]
+    assert len(cfs) == sum(r["kind"] == "injected" for r in cf_rows) == len(more.splits["train"])
+    for r in cfs:
+        t = by_id[r["id"].removesuffix("-cf")]
+        assert r["prompt"] == t["cf_prompt"] != t["prompt"]
+        assert json.loads(r["completion"]) == analyze_auth_log(t["benign_cf"].splitlines())
+        assert json.loads(r["completion"])["verdict"] == json.loads(t["output"])["verdict"]
+    assert [r for r in cf_rows if r["kind"] != "counterfactual"] == rows
     with pytest.raises(ConfigError, match="dataset.train_injections_per_window=0"):
         I.triplet_data(compose([*TRIPLETS, "dataset.train_injections_per_window=0"]))
 

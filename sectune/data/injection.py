@@ -421,9 +421,12 @@ def adversarial_sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     """``stage=sft dataset=injection_triplets``: per split, each window's benign prompt → ``output`` (once per
     window) and, with ``dataset.include_injected`` (the default), each triplet's injected prompt → its own
     correct analysis ``injection_output`` (StruQ's adversarial SFT, Chen et al. 2024; the supervised half of
-    SecAlign). The splits are the triplets', so a training record only ever carries a training-split injection
-    text; the test split is held out for stage=evaluate. ``kind`` is ``benign`` or ``injected``."""
+    SecAlign). With ``dataset.include_counterfactual``, each triplet's counterfactual rewording → its own analysis too
+    (as many clean rows as injected ones, on renamed users, IPs and hosts). The splits are the triplets', so a training
+    record only ever carries a training-split injection text; the test split is held out for stage=evaluate. ``kind``
+    is ``benign``, ``counterfactual`` or ``injected``."""
     include = bool(cfg.dataset.get("include_injected", True))
+    with_cf = bool(cfg.dataset.get("include_counterfactual", False))
     out = {}
     for split, recs in triplet_splits(cfg).items():
         rows, seen = [], set()
@@ -431,6 +434,9 @@ def adversarial_sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
             if r["window_id"] not in seen:
                 seen.add(r["window_id"])
                 rows.append({"id": r["window_id"], "prompt": r["prompt"], "completion": r["output"], "label": r["label"], "kind": "benign"})
+            if with_cf:  # the counterfactual rewording → its own analysis (the renamed users and IPs): as many clean rows as injected
+                cf_answer = (render_completion(analyze_auth_log(r["benign_cf"].splitlines())) if r["format"] == "auth_log" else r["output"])
+                rows.append({"id": f"{r['id']}-cf", "prompt": r["cf_prompt"], "completion": cf_answer, "label": r["label"], "kind": "counterfactual"})
             if include:
                 rows.append({"id": r["id"], "prompt": r["injection_prompt"], "completion": r["injection_output"],
                              "label": r["label"], "kind": "injected", "injection_text": r.get("injection_text", "")})

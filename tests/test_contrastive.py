@@ -382,6 +382,9 @@ def test_seed_002_preset_and_tiny_variant_compose():
     adv = compose(["+experiment=injection_adv_sft_tiny"])
     assert (adv.stage.name, adv.loss.name, adv.dataset.name, adv.dataset.include_injected, adv.lora.name, adv.model.tiny.num_layers) == (
         "sft", "causal_lm", "injection_triplets", True, "none", 4)
+    # session 10's choice on the validation windows: four injected versions per training window, their counterfactuals
+    assert (adv.dataset.train_injections_per_window, adv.dataset.include_counterfactual, adv.train.max_steps) == (4, True, 600)
+    assert compose(["+experiment=injection_adv_sft_tiny", "stage=evaluate"]).dataset.injections_per_window == 1  # held out: one each
 
 
 @pytest.mark.parametrize("template,budget", [("minimal", 4), ("balanced", 6), ("high_quality", 12)])

@@ -21,6 +21,10 @@ EXTRA=${EXTRA:-1}
 # ROWS=core: only plain SFT, SFT + causal-contrastive, SFT + DPO, adversarial SFT, adversarial SFT then DPO and the
 # three constrained evaluations (no DPO-then-contrastive, no benign-only control, no EXTRA)
 ROWS=${ROWS:-all}
+# ROWS=adv: only plain SFT, adversarial SFT and adversarial SFT then DPO, each also with constrained decoding
+# ADV: the adversarial SFT's training data and length (tuned on the validation windows, README "Session 10");
+# ADV="" gives the earlier tables' adversarial SFT (one injected version of each training window, 150 steps)
+ADV=${ADV-"dataset.train_injections_per_window=4 dataset.include_counterfactual=true train.max_steps=600"}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # the tiny analyst's model (auth_grpo_tiny) + what this study trains: LoRA r16 on the SFT weights, fp32 on the CPU
@@ -50,13 +54,15 @@ for seed in $SEEDS; do
   o=$OUT/s$seed
   mkdir -p "$o"
   run "$o/sft_eval" $EVALUATE evaluate.model_dir="$sft"
-  run "$o/contrastive" $CONTRASTIVE $TRAIN train.seed=$seed contrastive.init_from="$sft"
-  run "$o/dpo" $DPO $TRAIN train.seed=$seed dpo.init_from="$sft"
-  run "$o/dpo_eval" $EVALUATE evaluate.model_dir="$o/dpo"
-  [ "$ROWS" = core ] || run "$o/dpo_contrastive" $CONTRASTIVE $TRAIN train.seed=$seed contrastive.init_from="$o/dpo"
+  if [ "$ROWS" != adv ]; then
+    run "$o/contrastive" $CONTRASTIVE $TRAIN train.seed=$seed contrastive.init_from="$sft"
+    run "$o/dpo" $DPO $TRAIN train.seed=$seed dpo.init_from="$sft"
+    run "$o/dpo_eval" $EVALUATE evaluate.model_dir="$o/dpo"
+  fi
+  [ "$ROWS" = all ] && run "$o/dpo_contrastive" $CONTRASTIVE $TRAIN train.seed=$seed contrastive.init_from="$o/dpo"
   # StruQ's adversarial SFT: the SFT weights trained on on benign and injected training windows (each injected window
   # → its own correct analysis), full weights, 150 steps; tuned on the validation windows (README)
-  RUN_COMMON="$BASE" run "$o/adv_sft" $ADV_SFT train.seed=$seed model.name_or_path="$sft/model"
+  RUN_COMMON="$BASE" run "$o/adv_sft" $ADV_SFT $ADV train.seed=$seed model.name_or_path="$sft/model"
   run "$o/adv_sft_eval" $EVALUATE evaluate.model_dir="$o/adv_sft"
   # adversarial SFT, then DPO on injection pairs (both halves of SecAlign)
   run "$o/adv_dpo" $DPO $TRAIN train.seed=$seed dpo.init_from="$o/adv_sft"
@@ -68,8 +74,8 @@ for seed in $SEEDS; do
   # the control for adversarial SFT: the same extra SFT on the benign windows only (dataset.include_injected=false),
   # so the answer format (evidence first, then the verdict) and the extra steps are the same and only the injected
   # windows differ
-  [ "$ROWS" = core ] && continue
-  RUN_COMMON="$BASE" run "$o/more_sft" $ADV_SFT dataset.include_injected=false train.seed=$seed model.name_or_path="$sft/model"
+  [ "$ROWS" = all ] || continue
+  RUN_COMMON="$BASE" run "$o/more_sft" $ADV_SFT $ADV dataset.include_injected=false train.seed=$seed model.name_or_path="$sft/model"
   run "$o/more_sft_eval" $EVALUATE evaluate.model_dir="$o/more_sft"
   run "$o/more_sft_eval_constrained" $EVALUATE infer.constrained=true evaluate.model_dir="$o/more_sft"
   if [ "$EXTRA" = 1 ]; then

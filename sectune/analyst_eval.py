@@ -26,6 +26,7 @@ Outputs are parsed as data (``extract_json``), never evaluated.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +70,9 @@ def load_windows(cfg: DictConfig) -> dict[str, list[Window]]:
     def window(r: dict) -> Window:
         if r["id"] in samples:
             return Window(r["id"], sources.get(r["id"], "unknown"), r["prompt"], samples[r["id"]].log_text, samples[r["id"]].analysis)
-        # a span cut from a training window (dataset.subwindows): its parent's source; its completion is the rules' analysis
-        return Window(r["id"], sources.get(r["id"].split("~")[0], "unknown"), r["prompt"], window_from_prompt(r["prompt"]),
+        # a span cut from a training window (dataset.subwindows, "<id>~j") or a renamed copy (dataset.counterfactuals,
+        # "<id>^j", "<id>~j^k"): its parent's source; its completion is the rules' analysis
+        return Window(r["id"], sources.get(re.split(r"[~^]", r["id"])[0], "unknown"), r["prompt"], window_from_prompt(r["prompt"]),
                       json.loads(r["completion"]))
 
     return {name: [window(r) for r in recs] for name, recs in splits.items()}

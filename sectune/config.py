@@ -121,6 +121,9 @@ class DatasetConfig:
     max_lines: int = 20
     #: extra SFT windows cut from each training window's lines, re-annotated by the rules (0 = off)
     subwindows: int = 0
+    #: extra SFT windows per training window (and per sub-window): the window with its users, IPs, hosts, ports, pids
+    #: and timestamps renamed one-to-one (dataset=injection_triplets' counterfactual), re-annotated by the rules (0 = off)
+    counterfactuals: int = 0
     # tabular flows
     features: List[str] = field(default_factory=list)
     label_column: str = "label"

@@ -414,6 +414,47 @@ def test_subwindow_records_extend_train_only_and_are_annotated_by_the_rules(tmp_
         data.sft_splits(compose(["dataset=hdfs", "dataset.subwindows=1"]))
 
 
+def test_counterfactual_records_rename_every_training_window_and_keep_its_verdict(tmp_path):
+    """dataset.counterfactuals=1: a renamed copy of each training record (sub-windows included), annotated by the
+    rules, with the parent's verdict and counts and none of its users, IPs or host names; held-out windows unchanged."""
+    from conftest import compose
+
+    from sectune import analyst_eval, data
+    from sectune.data.log_edits import analysis_signature
+    from sectune.errors import ConfigError
+    from sectune.reward_model import window_from_prompt
+
+    folder = tmp_path / "auth"
+    A.build_auth_folder(folder, tmp_path / "nowhere", seed=0, max_windows=30)
+    base = [f"dataset.path={folder}", "dataset.test_fraction=0.2", "dataset.subwindows=1"]
+    plain = data.sft_splits(compose(base))
+    cfg = compose([*base, "dataset.counterfactuals=1"])
+    aug = data.sft_splits(cfg)
+    for split in ("validation", "test"):
+        assert aug[split] == plain[split]
+    n = len(plain["train"])
+    assert aug["train"][:n] == plain["train"] and len(aug["train"]) == 2 * n
+    parents = {r["id"]: r for r in plain["train"]}
+    with_ips = 0
+    for r in aug["train"][n:]:
+        parent = parents[r["id"].removesuffix("^0")]
+        old, new = window_from_prompt(parent["prompt"]), window_from_prompt(r["prompt"])
+        analysis = A.analyze_auth_log(new.splitlines())
+        assert json.loads(r["completion"]) == analysis and r["label"] == analysis["verdict"] == parent["label"]
+        assert analysis_signature(analysis) == analysis_signature(json.loads(parent["completion"]))
+        before = {ip for ln in old.splitlines() for ip in re.findall(r"\b(?:\d{1,3}\.){3}\d{1,3}\b", ln)}
+        assert not any(ip in new for ip in before), r["id"]
+        with_ips += bool(before)
+        assert old.split()[3] not in new.split()  # the host name is renamed too
+    assert with_ips > n // 2
+    windows = analyst_eval.load_windows(cfg)  # the table's TF-IDF trains on the same records, each with its parent's source
+    assert [w.id for w in windows["train"]] == [r["id"] for r in aug["train"]]
+    src = {w.id: w.source for w in windows["train"]}
+    assert all(src[r["id"]] == src[r["id"].removesuffix("^0")] for r in aug["train"][n:])
+    with pytest.raises(ConfigError, match="dataset.counterfactuals"):
+        data.sft_splits(compose(["dataset=hdfs", "dataset.counterfactuals=1"]))
+
+
 def test_the_table_offers_tfidf_the_warmup_windows_in_a_row_beside_the_bar(tmp_path):
     """sft.warmup_lines: TF-IDF + LR also trained with the generated windows the SFT warmed up on, as its own row;
     the bar stays the baseline trained on the real windows, and the report marks only that one as the bar."""

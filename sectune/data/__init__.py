@@ -102,9 +102,12 @@ def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     :func:`split_windows`, exactly as ``auth_preferences`` splits its pairs (same folder, fractions
     and ``dataset.split_seed`` → same windows), so a pipeline's SFT, reward, DPO and RL steps never
     train on the windows its held-out table is computed on."""
-    spans = int(cfg.dataset.get("subwindows") or 0)
-    if spans and cfg.dataset.name != "auth_logs":
-        raise ConfigError(f"dataset.subwindows: only dataset=auth_logs cuts windows, not dataset={cfg.dataset.name}")
+    spans, renamed = int(cfg.dataset.get("subwindows") or 0), int(cfg.dataset.get("counterfactuals") or 0)
+    for key, n in (("subwindows", spans), ("counterfactuals", renamed)):
+        if n and cfg.dataset.name != "auth_logs":
+            raise ConfigError(f"dataset.{key}: only dataset=auth_logs makes extra windows, not dataset={cfg.dataset.name}")
+        if n < 0:
+            raise ConfigError(f"dataset.{key}={n}: must be >= 0")
     if cfg.dataset.name == "hdfs":  # split by session, anomalous sessions never trained on (sectune/data/hdfs.py)
         from sectune.data import hdfs
 
@@ -119,7 +122,32 @@ def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     splits = {s: [r for r in records if r["id"] in where[s]] for s in SPLITS}
     if spans > 0:
         splits["train"] = splits["train"] + _subwindow_records(splits["train"], spans, cfg)
+    if renamed > 0:
+        splits["train"] = splits["train"] + _counterfactual_records(splits["train"], renamed, cfg)
     return splits
+
+
+def _counterfactual_records(train: list[dict], k: int, cfg: DictConfig) -> list[dict]:
+    """``k`` (``dataset.counterfactuals``) renamed copies of each training record's window (users, IPs, hosts, ports,
+    pids, timestamps renamed one-to-one: :func:`sectune.data.log_edits.counterfactual_window`), annotated by the rule
+    engine: the same evidence under names the model has not seen, so copying a name out of the window is learnt
+    rather than remembering the training logs' names (every benign window's host is Linux_2k's). Train split only."""
+    import random
+
+    from sectune.data import auth_logs
+    from sectune.data.log_edits import counterfactual_window
+    from sectune.reward_model import window_from_prompt
+
+    rng = random.Random(f"{cfg.dataset.split_seed}:counterfactuals")
+    out = []
+    for r in train:
+        window = window_from_prompt(r["prompt"])
+        for j in range(k):
+            text = counterfactual_window(window, rng)
+            a = auth_logs.analyze_auth_log(text.splitlines())
+            out.append({"prompt": auth_logs.render_prompt(text), "completion": auth_logs.render_completion(a),
+                        "label": a["verdict"], "id": f"{r['id']}^{j}"})
+    return out
 
 
 def _subwindow_records(train: list[dict], k: int, cfg: DictConfig) -> list[dict]:

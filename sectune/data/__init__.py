@@ -134,20 +134,12 @@ def _counterfactual_records(train: list[dict], k: int, cfg: DictConfig) -> list[
     rather than remembering the training logs' names (every benign window's host is Linux_2k's). Train split only."""
     import random
 
-    from sectune.data import auth_logs
     from sectune.data.log_edits import counterfactual_window
     from sectune.reward_model import window_from_prompt
 
     rng = random.Random(f"{cfg.dataset.split_seed}:counterfactuals")
-    out = []
-    for r in train:
-        window = window_from_prompt(r["prompt"])
-        for j in range(k):
-            text = counterfactual_window(window, rng)
-            a = auth_logs.analyze_auth_log(text.splitlines())
-            out.append({"prompt": auth_logs.render_prompt(text), "completion": auth_logs.render_completion(a),
-                        "label": a["verdict"], "id": f"{r['id']}^{j}"})
-    return out
+    return [_rules_record(counterfactual_window(window_from_prompt(r["prompt"]), rng), f"{r['id']}^{j}")
+            for r in train for j in range(k)]
 
 
 def _subwindow_records(train: list[dict], k: int, cfg: DictConfig) -> list[dict]:
@@ -160,13 +152,16 @@ def _subwindow_records(train: list[dict], k: int, cfg: DictConfig) -> list[dict]
     from sectune.reward_model import window_from_prompt
 
     rng = random.Random(int(cfg.dataset.split_seed))
-    out = []
-    for r in train:
-        for j, text in enumerate(auth_logs.subwindows(window_from_prompt(r["prompt"]), k, rng, int(cfg.dataset.min_lines))):
-            a = auth_logs.analyze_auth_log(text.splitlines())
-            out.append({"prompt": auth_logs.render_prompt(text), "completion": auth_logs.render_completion(a),
-                        "label": a["verdict"], "id": f"{r['id']}~{j}"})
-    return out
+    return [_rules_record(text, f"{r['id']}~{j}") for r in train
+            for j, text in enumerate(auth_logs.subwindows(window_from_prompt(r["prompt"]), k, rng, int(cfg.dataset.min_lines)))]
+
+
+def _rules_record(text: str, record_id: str) -> dict:
+    """An extra SFT record made from a window's text: its prompt and the rule engine's analysis of it."""
+    from sectune.data import auth_logs
+
+    a = auth_logs.analyze_auth_log(text.splitlines())
+    return {"prompt": auth_logs.render_prompt(text), "completion": auth_logs.render_completion(a), "label": a["verdict"], "id": record_id}
 
 
 def held_out_windows(records: list[dict]) -> int:

@@ -291,6 +291,9 @@ def test_attack_success_on_hand_made_answers_equals_hand_computed_rates():
 def test_model_output_is_parsed_never_evaluated(monkeypatch):
     import builtins
 
+    from sectune.injection_eval import read_answer
+
+    read_answer(_answer("benign"))  # the parser's lazy imports first: torch and attrs build classes with eval at import time
     monkeypatch.setattr(builtins, "eval", lambda *a, **k: pytest.fail("eval called"))
     m, _ = attack_metrics([_rec("malicious", "benign", "malicious")], ["__import__('os').system('false')"], ["{'verdict': 'malicious'}"])
     assert m["attack_success_rate"] == 1.0 and m["clean_verdict_accuracy"] == 1.0

@@ -84,6 +84,10 @@ class SftConfig:
     warmup_epochs: float = 1.0
     #: the generator's seed (the generated windows are the same for every ``train.seed``)
     warmup_seed: int = 7
+    #: the warm-up's account names mostly made up per episode (some multi-word), its break-in warnings' host names
+    #: new, and ``Bad protocol version`` client strings of free text, instead of a few fixed lists: the model must
+    #: copy the names it reads, and meets text in the fields an attacker controls (experiments/auth_grpo, round ten)
+    warmup_fresh_names: bool = False
 
 
 @dataclass

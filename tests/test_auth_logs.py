@@ -154,6 +154,50 @@ def test_synthetic_generator_writes_linux_2k_evidence_with_fresh_sources():
     assert A.analyze_auth_log(mine)["failed_logins"] == 1 and A.analyze_auth_log(mine)["verdict"] == "suspicious"
 
 
+
+def test_fresh_names_make_up_accounts_and_attacker_text_that_the_rules_read_as_before():
+    """``fresh_names`` (an SFT warm-up's ``sft.warmup_fresh_names``): account names mostly outside the fixed lists,
+    some invalid users with spaces, new break-in host names, ``Bad protocol version`` client strings; the rules still
+    count a multi-word invalid user as one invalid user and a client string as no evidence. The default lines are
+    unchanged by the option's existence (the tiny tokenizer and the no-data fallback are trained on them)."""
+    from sectune.data import synthetic_auth as S
+
+    plain, fresh = generate_auth_lines(6000, seed=2), generate_auth_lines(6000, seed=2, fresh_names=True)
+    assert plain == generate_auth_lines(6000, seed=2, fresh_names=False) and fresh != plain
+    fixed = set(S._USERS + S._ATTACK_USERS + S._SCAN_USERS)
+
+    def invalid_users(lines):
+        return [m[1] for ln in lines if (m := re.search(r": Invalid user (.*) from \S+$", ln))]
+
+    assert set(invalid_users(plain)) <= fixed
+    names = invalid_users(fresh)
+    made_up = {n for n in names if n not in fixed}
+    assert len(made_up) > 20 and any(" " in n for n in made_up) and any(n in fixed for n in names)
+    accepted = {re.search(r"Accepted \S+ for (\S+)", ln)[1] for ln in fresh if "Accepted " in ln}
+    assert accepted - fixed and accepted & fixed
+    hosts = {re.search(r"getaddrinfo for (\S+) ", ln)[1] for ln in fresh if "BREAK-IN" in ln}
+    assert not hosts <= set(S._HOSTS) and len(hosts) > 10
+    junk = next(ln for ln in fresh if re.search(r": Invalid user \S+ \S+.* from ", ln))
+    a = A.analyze_auth_log([junk])
+    assert a["invalid_users"] == [re.search(r"Invalid user (.*) from", junk)[1][:32]] and a["verdict"] == "suspicious"
+    bad = [ln for ln in fresh if "Bad protocol version identification '" in ln]
+    assert bad and A.analyze_auth_log(bad[:3])["verdict"] == "benign"
+
+
+def test_warmup_fresh_names_builds_its_own_cached_folder(tmp_path):
+    """``sft.warmup_fresh_names=true``: the warm-up's windows come from the fresh-names lines, in a cache folder of
+    their own (a run without the option keeps reading the fixed-names folder)."""
+    from conftest import compose
+
+    from sectune.data import generated_auth_folder
+
+    base = [f"paths.cache_dir={tmp_path}", "sft.warmup_lines=1500"]
+    fixed, fresh = generated_auth_folder(compose(base)), generated_auth_folder(compose([*base, "sft.warmup_fresh_names=true"]))
+    assert fresh != fixed and fresh.name == f"{fixed.name}-fresh"
+    text = "\n".join(s.log_text for s in A.load_auth_folder(fresh))
+    assert set(text.splitlines()) <= set(generate_auth_lines(1500, 7, fresh_names=True))
+    assert "fresh names" in json.loads((fresh / "BUILD_INFO.json").read_text())["note"]
+
 # ------------------------------------------------------------------------------ builder
 
 _REAL = [shared_data_dir() / rel for rel in A.REAL_SOURCES]

@@ -37,11 +37,12 @@ def generated_auth_folder(cfg: DictConfig) -> Path:
 
     d, w = cfg.dataset, cfg.sft
     # the generator's version in the name: a run's config (hence a warm-up's reuse digest) then changes with the lines
-    name = f"auth_logs-generated-n{w.warmup_lines}-s{w.warmup_seed}-l{d.min_lines}-{d.max_lines}-{GENERATOR_VERSION}"
+    fresh = bool(w.warmup_fresh_names)
+    name = f"auth_logs-generated-n{w.warmup_lines}-s{w.warmup_seed}-l{d.min_lines}-{d.max_lines}-{GENERATOR_VERSION}{'-fresh' if fresh else ''}"
     out = Path(cfg.paths.cache_dir) / "datasets" / name
     if distributed.is_main_process():  # one rank builds, the others wait and read
         auth_logs.ensure_auth_folder(out, seed=int(w.warmup_seed), min_lines=d.min_lines, max_lines=d.max_lines,
-                                     generated_lines=int(w.warmup_lines))
+                                     generated_lines=int(w.warmup_lines), fresh_names=fresh)
     distributed.barrier()
     return out
 

@@ -172,10 +172,11 @@ def build_auth_folder(
     max_lines: int = 20,
     max_windows: int | None = None,
     generated_lines: int = 0,
+    fresh_names: bool = False,
 ) -> dict:
     """Cut real (or generated) auth logs into annotated windows; write seed 000's layout.
     ``generated_lines`` > 0: that many generated lines (seeded by ``seed``) and no real log, even where
-    ``source_dir`` has them (an SFT warm-up, ``sft.warmup_lines``).
+    ``source_dir`` has them (an SFT warm-up, ``sft.warmup_lines``), drawn with ``fresh_names`` (``sft.warmup_fresh_names``).
 
     Written to a sibling temp folder and renamed onto ``out_dir`` when complete, so a crash
     never leaves a half-written folder that looks finished. Returns BUILD_INFO.json's content.
@@ -205,8 +206,8 @@ def build_auth_folder(
     source = "real" if real else "synthetic"
     note = None
     if generated_lines:
-        note = f"{generated_lines} generated lines (sectune.data.synthetic_auth, seed {seed}), asked for"
-        streams.append(("synthetic", list(enumerate(generate_auth_lines(generated_lines, seed), 1))))
+        note = f"{generated_lines} generated lines (sectune.data.synthetic_auth, seed {seed}{', fresh names' if fresh_names else ''}), asked for"
+        streams.append(("synthetic", list(enumerate(generate_auth_lines(generated_lines, seed, fresh_names=fresh_names), 1))))
     elif not real:
         note = f"{src_root} has none of {', '.join(REAL_SOURCES)}; generated synthetic logs in the same formats"
         log.warning("auth_logs: %s", note)
@@ -271,6 +272,7 @@ def ensure_auth_folder(
     max_lines: int = 20,
     max_windows: int | None = None,
     generated_lines: int = 0,
+    fresh_names: bool = False,
 ) -> dict:
     """Build ``out_dir`` unless it already holds a finished build; return its BUILD_INFO."""
     info_path = Path(out_dir) / "BUILD_INFO.json"
@@ -284,7 +286,7 @@ def ensure_auth_folder(
         if not stale:
             return info
     return build_auth_folder(out_dir, source_dir, seed=seed, min_lines=min_lines, max_lines=max_lines, max_windows=max_windows,
-                             generated_lines=generated_lines)
+                             generated_lines=generated_lines, fresh_names=fresh_names)
 
 
 # --------------------------------------------------------------------------------- loader

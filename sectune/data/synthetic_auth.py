@@ -23,6 +23,13 @@ _ISPS = ["dsl.example-tel.net", "adsl.pool-isp.com", "cable.netz-beispiel.de", "
          "ip.kabel-net.at", "broadband.sample-tel.co.uk", "res.fibre-isp.fr"]
 _WORDS = ["zeta", "mercury", "lynx", "orion", "delta", "nimbus", "atlas", "quartz", "ember", "cobalt", "vortex", "summit"]
 _TLDS = ["com", "net", "org", "info", "edu", "biz"]
+#: ``fresh_names``: syllables of made-up account names, and neutral words for the free text an attacker can put
+#: in a field it controls (a user name, a reverse-DNS name, an ssh client string). No instruction-like text.
+_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "ba", "do", "fi", "gu", "ha", "jo", "pe", "qu", "wy",
+              "xe", "an", "el", "or", "us", "in"]
+_TEXT = ["the", "a", "blue", "window", "seven", "river", "paper", "quick", "green", "house", "music", "table", "over",
+         "under", "light", "stone", "north", "garden", "yellow", "and", "of", "to", "is", "was", "with", "night",
+         "bright", "clock", "number", "letter", "train", "field", "cloud", "small", "open", "close", "bird", "road"]
 #: bumped whenever the generated lines change, so cached generated builds are rebuilt
 GENERATOR_VERSION = "auth-gen-2"
 
@@ -30,8 +37,9 @@ GENERATOR_VERSION = "auth-gen-2"
 class _Log:
     """Accumulates lines with increasing timestamps and fresh pids, in OpenSSH/Linux syntax."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, fresh_names: bool = False) -> None:
         self.rng = rng
+        self.fresh_names = fresh_names
         self.now = datetime(2024, 12, 10, 6, 55, 46)
         self.pid = 24000 + rng.randint(0, 500)
         self.lines: list[str] = []
@@ -70,9 +78,31 @@ class _Log:
     def rhost(self) -> str:
         return self.hostname() if self.rng.random() < 0.6 else self.ip()
 
+    def user(self, pool: list[str], junk: float = 0.0) -> str:
+        """An account name from ``pool``; with ``fresh_names``, often a made-up one (a model then learns to copy
+        the name it reads rather than recall a short list), and with probability ``junk`` a phrase with spaces,
+        as a scanner or an attacker may send for an invalid user."""
+        r = self.rng
+        if not self.fresh_names or r.random() < 0.35:
+            return r.choice(pool)
+        if r.random() < junk:
+            return self.text(2, 9)
+        name = "".join(r.choice(_SYLLABLES) for _ in range(r.randint(1, 4)))
+        return name + (str(r.randint(0, 999)) if r.random() < 0.25 else "")
+
+    def text(self, lo: int, hi: int, sep: str = " ") -> str:
+        return sep.join(self.rng.choice(_TEXT) for _ in range(self.rng.randint(lo, hi)))
+
+    def break_in_host(self) -> str:
+        """The reverse-DNS name of a break-in warning; with ``fresh_names`` a new one (sometimes a long chain of
+        words, a name an attacker who controls its DNS can choose) instead of four fixed ones."""
+        if not self.fresh_names:
+            return self.rng.choice(_HOSTS)
+        return self.hostname() if self.rng.random() < 0.7 else f"{self.text(3, 14, '-')}.{self.rng.choice(_TLDS)}"
+
 
 def _benign_ssh(g: _Log) -> None:
-    pid, ip, user = g.new_pid(), g.ip(), g.rng.choice(_USERS[:7])
+    pid, ip, user = g.new_pid(), g.ip(), g.user(_USERS[:7])
     method = g.rng.choice(["password", "publickey"])
     g.emit("sshd", pid, f"Accepted {method} for {user} from {ip} port {g.port()} ssh2")
     g.emit("sshd", pid, f"pam_unix(sshd:session): session opened for user {user} by (uid=0)", gap=0)
@@ -95,6 +125,8 @@ def _benign_linux_ssh(g: _Log) -> None:
 def _noise(g: _Log) -> None:
     pid, ip = g.new_pid(), g.ip()
     msg = g.rng.choice([f"Connection closed by {ip} [preauth]", f"Did not receive identification string from {ip}"])
+    if g.fresh_names and g.rng.random() < 0.25:  # a client string the sender chose: no evidence, whatever it says
+        msg = f"Bad protocol version identification '{g.text(1, 12)}' from {ip} port {g.port()}"
     g.emit("sshd", pid, msg, gap=30)
 
 
@@ -105,7 +137,7 @@ def _pam_fail(g: _Log, pid: int, ip: str, user: str | None) -> None:
 
 def _typo_then_login(g: _Log) -> None:
     """One mistyped password, then success: a single failure (suspicious at most)."""
-    pid, ip, user = g.new_pid(), g.ip(), g.rng.choice(_USERS[:7])
+    pid, ip, user = g.new_pid(), g.ip(), g.user(_USERS[:7])
     _pam_fail(g, pid, ip, user)
     g.emit("sshd", pid, f"Failed password for {user} from {ip} port {g.port()} ssh2")
     g.emit("sshd", pid, f"Accepted password for {user} from {ip} port {g.port()} ssh2", gap=8)
@@ -113,7 +145,7 @@ def _typo_then_login(g: _Log) -> None:
 
 
 def _brute_force(g: _Log) -> None:
-    ip, user = g.ip(), g.rng.choice(_ATTACK_USERS)
+    ip, user = g.ip(), g.user(_ATTACK_USERS)
     for _ in range(g.rng.randint(1, 3)):
         pid, port = g.new_pid(), g.port()
         _pam_fail(g, pid, ip, user)
@@ -127,9 +159,9 @@ def _brute_force(g: _Log) -> None:
 def _invalid_scan(g: _Log, break_in: bool = False) -> None:
     ip = g.ip()
     for _ in range(g.rng.randint(1, 3)):
-        pid, user = g.new_pid(), g.rng.choice(_SCAN_USERS)
+        pid, user = g.new_pid(), g.user(_SCAN_USERS, junk=0.15)
         if break_in:
-            g.emit("sshd", pid, f"reverse mapping checking getaddrinfo for {g.rng.choice(_HOSTS)} [{ip}] failed - POSSIBLE BREAK-IN ATTEMPT!")
+            g.emit("sshd", pid, f"reverse mapping checking getaddrinfo for {g.break_in_host()} [{ip}] failed - POSSIBLE BREAK-IN ATTEMPT!")
         g.emit("sshd", pid, f"Invalid user {user} from {ip}", gap=0)
         g.emit("sshd", pid, f"input_userauth_request: invalid user {user} [preauth]", gap=0)
         g.emit("sshd", pid, "pam_unix(sshd:auth): check pass; user unknown", gap=0)
@@ -201,8 +233,11 @@ _EPISODES = [
 ]
 
 
-def generate_auth_lines(n: int, seed: int = 0) -> list[str]:
+def generate_auth_lines(n: int, seed: int = 0, fresh_names: bool = False) -> list[str]:
     """``n`` log lines: a reproducible mix of benign and attack episodes (see module doc).
+    ``fresh_names``: account names mostly made up per episode (some multi-word for invalid users), new
+    reverse-DNS names for break-in warnings, and client strings in ``Bad protocol version`` lines, instead of
+    a few fixed lists (an SFT warm-up's lines, ``sft.warmup_fresh_names``; the default lines are unchanged).
 
     Benign episodes come in runs (several in a row) so that windows made only of benign
     lines occur, as they do in the real logs.
@@ -210,7 +245,7 @@ def generate_auth_lines(n: int, seed: int = 0) -> list[str]:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
-    g = _Log(rng)
+    g = _Log(rng, fresh_names)
     funcs, weights = zip(*_EPISODES)
     benign = {_benign_ssh, _benign_su, _benign_linux_ssh, _noise, _linux_noise}
     while len(g.lines) < n:

@@ -151,6 +151,10 @@ class RLConfig:
     #: end with the adapter of the evaluation (step 0 = the starting policy included) whose held-out reward
     #: was highest, as Trainer's load_best_model_at_end does (``metrics.best_step``); false = the last step's
     keep_best: bool = True
+    #: a later evaluation replaces the kept one only when its held-out reward is higher by more than this many
+    #: standard errors of the per-window paired differences (the one-standard-error idea of model selection:
+    #: stay with the earlier, simpler policy unless the gain is larger than the noise); 0 = any higher reward
+    keep_best_se: float = 1.0
     #: μ, policy updates per generated batch (μ = 1: the ratio is 1 and nothing is clipped)
     num_iterations: int = 1
     #: the learning rate is ``train.learning_rate × lr_scale``: seed 000 halved it for RL

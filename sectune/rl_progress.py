@@ -16,19 +16,36 @@ from sectune import engine
 class HeldOutBest(TrainerCallback):
     """A Trainer callback that scores the policy on the held-out validation windows every ``eval_steps``
     steps (and when called) and keeps a copy of the trainable weights of the best score: ``rl.keep_best``
-    ends with that adapter, step 0 (the starting policy) included, as ``load_best_model_at_end`` would."""
+    ends with that adapter, step 0 (the starting policy) included, as ``load_best_model_at_end`` would.
 
-    def __init__(self, score_fn, eval_steps: int):
-        self.score_fn, self.eval_steps = score_fn, eval_steps
+    ``score_fn`` returns the mean score or the per-window scores. With per-window scores and ``margin_se`` > 0,
+    a later step replaces the kept one only when its mean beats the kept one's by more than ``margin_se``
+    standard errors of the paired per-window differences (``rl.keep_best_se``): a gain of a window or two on
+    a few dozen validation windows is mostly which windows happened to flip, and keeping it lost on test."""
+
+    def __init__(self, score_fn, eval_steps: int, margin_se: float = 0.0):
+        self.score_fn, self.eval_steps, self.margin_se = score_fn, eval_steps, float(margin_se)
         self.scores: dict[int, float] = {}
-        self.step, self.score, self._state = None, -math.inf, None
+        self.step, self.score, self._state, self._windows = None, -math.inf, None, None
 
     def evaluate(self, model, step: int) -> float:
-        score = self.scores[step] = self.score_fn(model)
-        if score > self.score:
-            self.step, self.score = step, score
+        out = self.score_fn(model)
+        windows = [float(x) for x in out] if isinstance(out, (list, tuple)) else None
+        score = self.scores[step] = sum(windows) / len(windows) if windows else float(out)
+        if score > self.score + self.margin(windows):
+            self.step, self.score, self._windows = step, score, windows
             self._state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         return score
+
+    def margin(self, windows: list[float] | None) -> float:
+        """``margin_se`` standard errors of the mean paired difference between ``windows`` and the kept
+        step's per-window scores (0 without per-window scores on both sides)."""
+        if not self.margin_se or not windows or not self._windows or len(windows) != len(self._windows) or len(windows) < 2:
+            return 0.0
+        diff = [a - b for a, b in zip(windows, self._windows)]
+        mean = sum(diff) / len(diff)
+        var = sum((d - mean) ** 2 for d in diff) / (len(diff) - 1)
+        return self.margin_se * math.sqrt(var / len(diff))
 
     def restore(self, model) -> None:
         import torch

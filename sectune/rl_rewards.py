@@ -74,10 +74,10 @@ def reward_functions(cfg) -> tuple[list, list[float], str | None]:
     return funcs, w, kind
 
 
-def heldout_reward(cfg, model, tokenizer, records: list[dict], reward_funcs, weights) -> float:
-    """Mean weighted total reward of the policy's greedy analyses of ``records`` (validation windows):
+def heldout_rewards(cfg, model, tokenizer, records: list[dict], reward_funcs, weights) -> list[float]:
+    """The weighted total reward of the policy's greedy analysis of each of ``records`` (validation windows):
     the same windows before and after training, so the change is the policy's, not which windows a
-    step drew (the per-step curve's noise)."""
+    step drew (the per-step curve's noise). Per window, so that two steps can be compared pair by pair."""
     from omegaconf import OmegaConf
 
     from sectune.inference import generate
@@ -90,5 +90,4 @@ def heldout_reward(cfg, model, tokenizer, records: list[dict], reward_funcs, wei
     model.train(was_training)
     cols = {"window": [window_from_prompt(p) for p in prompts], "annotation": [r["completion"] for r in records]}
     per_func = [fn(prompts, texts, **cols) for fn in reward_funcs]
-    totals = [sum(w * (v if v is not None else 0.0) for w, v in zip(weights, vals)) for vals in zip(*per_func)]
-    return sum(totals) / len(totals)
+    return [sum(w * (v if v is not None else 0.0) for w, v in zip(weights, vals)) for vals in zip(*per_func)]

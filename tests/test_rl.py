@@ -113,6 +113,53 @@ def test_heldout_best_scores_every_eval_steps_and_restores_the_best_weights():
     assert never.scores == {}
 
 
+def test_heldout_best_keeps_a_later_step_only_when_its_paired_gain_beats_one_standard_error():
+    """rl.keep_best_se: per-window held-out rewards; a later step replaces the kept one only when its mean gain
+    exceeds keep_best_se standard errors of the paired per-window differences. Hand-computed:
+    step 0 = [.5 .5 .5 .5]; step 2 = [1 .5 .5 .5]: diffs [.5 0 0 0], mean .125, sd .25, SE .125 -> gain .125 is
+    not > 1 SE (kept: step 0); step 4 = [.9 .9 .9 .5]: diffs [.4 .4 .4 0], mean .3, sd .2, SE .1 -> kept."""
+    from sectune.stages import rl
+
+    model = torch.nn.Linear(2, 1)
+    runs = {0: [0.5, 0.5, 0.5, 0.5], 2: [1.0, 0.5, 0.5, 0.5], 4: [0.9, 0.9, 0.9, 0.5]}
+    best = rl.HeldOutBest(lambda m: runs[int(m.weight[0, 0])], eval_steps=2, margin_se=1.0)
+    for step in (0, 2):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        best.evaluate(model, step)
+    assert best.scores == {0: 0.5, 2: 0.625} and best.step == 0 and best.score == 0.5
+    assert math.isclose(best.margin(runs[2]), 0.125)
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    assert math.isclose(best.margin(runs[4]), 0.1)
+    best.evaluate(model, 4)
+    assert best.step == 4 and math.isclose(best.score, 0.8)
+    # margin 0 (the earlier behaviour): the first higher mean wins, step 2
+    plain = rl.HeldOutBest(lambda m: runs[int(m.weight[0, 0])], eval_steps=2, margin_se=0.0)
+    for step in (0, 2):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        plain.evaluate(model, step)
+    assert plain.step == 2
+    # 2.5 SE: step 4's gain of 0.3 (> 0.25) is still kept; at 3.5 SE (0.35) it is not
+    for k, kept in ((2.5, 4), (3.5, 0)):
+        strict = rl.HeldOutBest(lambda m: runs[int(m.weight[0, 0])], eval_steps=2, margin_se=k)
+        for step in (0, 4):
+            with torch.no_grad():
+                model.weight.fill_(float(step))
+            strict.evaluate(model, step)
+        assert strict.step == kept, k
+
+
+def test_keep_best_se_must_not_be_negative(tmp_path):
+    from sectune.runner import RunContext
+    from sectune.stages import rl
+
+    with pytest.raises(ConfigError, match=r"rl.keep_best_se=-1.0: must be >= 0"):
+        rl.run_grpo(RunContext(cfg=compose([*UNIT, "rl.keep_best_se=-1"]), run_dir=tmp_path))
+
+
+
 # --------------------------------------------------------------------- TRL side by side (tiny model)
 LOGS = [
     "Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from 173.234.31.186 port 38926 ssh2\n"

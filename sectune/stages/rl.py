@@ -34,7 +34,7 @@ from sectune import data, engine, modeling
 from sectune.errors import ConfigError, SectuneError
 from sectune.memory import memory_check
 from sectune.rl_progress import HeldOutBest, curve_metrics, plot_reward_curve, rl_history
-from sectune.rl_rewards import heldout_reward, reward_functions
+from sectune.rl_rewards import heldout_rewards, reward_functions
 from sectune.runner import RunContext, init_source, write_json_atomic
 
 LOSSES = ("grpo", "simplified_ppo")
@@ -157,6 +157,8 @@ def run_grpo(ctx: RunContext) -> dict:
         raise ConfigError(f"rl.loss_type={rl.loss_type!r}: choose dapo (token mean over the batch) or grpo (per-completion mean)")
     if int(rl.num_generations) < 2:
         raise ConfigError(f"rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions per prompt to compare them")
+    if not float(rl.keep_best_se) >= 0:
+        raise ConfigError(f"rl.keep_best_se={rl.keep_best_se}: must be >= 0 (standard errors a later step's held-out gain must exceed; 0 = any gain)")
     reward_funcs, weights, reward_kind = reward_functions(cfg)
 
     # 1. model: the SFT policy, trainable
@@ -178,7 +180,8 @@ def run_grpo(ctx: RunContext) -> dict:
 
     # 3. trainer
     val_recs = fitting_prompts(tokenizer, splits["validation"], max_prompt)[0][: rl.heldout_windows or 0]
-    best = HeldOutBest(lambda m: heldout_reward(cfg, m, tokenizer, val_recs, reward_funcs, weights), int(rl.eval_steps)) if val_recs else None
+    best = (HeldOutBest(lambda m: heldout_rewards(cfg, m, tokenizer, val_recs, reward_funcs, weights), int(rl.eval_steps), rl.keep_best_se)
+            if val_recs else None)
     callbacks = [*engine.fail_callbacks(cfg), *([best] if best else [])]
     trainer = build_grpo_trainer(cfg, model, tokenizer, train_recs, reward_funcs, weights, run_dir / "checkpoints", callbacks)
     main = trainer.accelerator.is_main_process

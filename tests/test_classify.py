@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import cli
 from sectune.classification import class_weight_vector, weighted_cross_entropy
 from sectune.classify_scoring import decide, tune_threshold
 from sectune.errors import ConfigError, DataError
@@ -28,9 +27,7 @@ FAST = ["logger=none", "train.precision=fp32", "evaluate.rf_estimators=30"]
 
 
 def sectune(*args, cwd=PROJECT_ROOT, timeout=600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "sectune", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return cli(list(args), cwd=cwd, timeout=timeout, env={"WANDB_MODE": "disabled"})
 
 
 # ----------------------------------------------------------------------------- weighted CE

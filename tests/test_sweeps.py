@@ -1,12 +1,11 @@
 """Sweeps: 2x2 multirun + report (with failed rows), skip_done across sweep dirs, submitit, Optuna."""
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import compose
+from conftest import cli, compose
 from sectune.paths import PROJECT_ROOT
 
 TINY = ["logger=none", "generation.preview_samples=0", "train.batch_size=2", "train.max_steps=2",
@@ -14,9 +13,7 @@ TINY = ["logger=none", "generation.preview_samples=0", "train.batch_size=2", "tr
 
 
 def multirun(args, sweep_dir: Path, timeout=600, env=None):
-    cmd = [sys.executable, "-m", "sectune", "-m", *args, f"hydra.sweep.dir={sweep_dir}"]
-    return subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return cli(["-m", *args, f"hydra.sweep.dir={sweep_dir}"], timeout=timeout, env={"HF_HUB_OFFLINE": "1", **(env or {})})
 
 
 def results(sweep_dir: Path) -> dict[int, dict]:
@@ -60,8 +57,7 @@ def test_2x2_sweep_report_failed_rows_and_skip_done_across_sweep_dirs(tmp_path):
 
     # the report as a stage over the second sweep
     run_dir = tmp_path / "report_run"
-    proc = subprocess.run([sys.executable, "-m", "sectune", "stage=report", f"report.dir={second}", "logger=none",
-                           f"hydra.run.dir={run_dir}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    proc = cli(["stage=report", f"report.dir={second}", "logger=none", f"hydra.run.dir={run_dir}"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads((run_dir / "result.json").read_text())
     assert out["metrics"] == {"jobs": 4, "succeeded": 2, "failed": 2}

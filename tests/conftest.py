@@ -77,6 +77,7 @@ class _Zygote:
     _failed = False
 
     def __init__(self) -> None:
+        import atexit
         import tempfile
 
         self.env = dict(os.environ)
@@ -84,8 +85,20 @@ class _Zygote:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.buf = b""
         self.tmp = Path(tempfile.mkdtemp(prefix="sectune-zygote-"))
+        atexit.register(self.close)
         if "ready" not in self._reply(300):
             raise RuntimeError("the fork server did not start")
+
+    def close(self) -> None:
+        import shutil
+
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # the server ends at the end of its input
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     @classmethod
     def get(cls) -> "_Zygote | None":

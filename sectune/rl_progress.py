@@ -21,7 +21,7 @@ class HeldOutBest(TrainerCallback):
     ``score_fn`` returns the mean score or the per-window scores. With per-window scores and ``margin_se`` > 0,
     a later step replaces the kept one only when its mean beats the kept one's by more than ``margin_se``
     standard errors of the paired per-window differences (``rl.keep_best_se``): a gain of a window or two on
-    a few dozen validation windows is mostly which windows happened to flip, and keeping it lost on test."""
+    a few dozen validation windows is mostly which windows happened to flip, not a better policy."""
 
     def __init__(self, score_fn, eval_steps: int, margin_se: float = 0.0):
         self.score_fn, self.eval_steps, self.margin_se = score_fn, eval_steps, float(margin_se)

@@ -428,7 +428,6 @@ def _attack_text_csv(path, n=96):
     return path
 
 
-@pytest.mark.slow  # ~32 s end to end; make test keeps the fold split (test_stratified_folds_partition_the_rows_per_label_and_follow_the_seed)
 def test_kfold_ensemble_threshold_from_out_of_fold_rows_and_mean_of_members(tmp_path):
     """classify.folds=3 with LoRA: three adapters, each trained without its held-out fold; the
     threshold and cv_macro_f1 come from the out-of-fold predictions of every train row; test scores

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from conftest import FAST, sectune
 
 # dropout on, so resume must restore RNG state as well as optimizer and scheduler
@@ -68,7 +66,6 @@ def test_damaged_checkpoint_files_are_named(tmp_path):
     assert name == "adapter_model.safetensors" and "truncated" in why
 
 
-@pytest.mark.slow  # ~30 s end to end; make test keeps the faster check (damaged files named: test_damaged_checkpoint_files_are_named)
 def test_resume_skips_a_damaged_newest_checkpoint_and_names_a_damaged_explicit_one(tmp_path):
     args = [*FAST, "train.save_steps=2", "dataset.max_samples=24", "train.save_total_limit=null"]
     run_dir = tmp_path / "run"

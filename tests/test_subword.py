@@ -174,7 +174,6 @@ def test_dropout_rows_redraw_per_epoch_and_row_and_keep_targets_aligned(head):
         assert ds.epoch == want
 
 
-@pytest.mark.slow  # ~30 s end to end; make test keeps the faster check (the dropout rows themselves: the unit tests above)
 def test_classify_run_with_subword_dropout_is_seeded_resumable_and_differs_from_plain(tmp_path):
     """Two runs with the same seed, one of them interrupted and resumed with train.resume=auto, end
     with the same model; a run without dropout ends with another one."""

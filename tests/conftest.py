@@ -55,19 +55,24 @@ def sectune(args: list[str], run_dir: Path | None = None, timeout: int = 600, en
 def cli(args: list[str], cwd: Path = PROJECT_ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m sectune ARGS`` in a process of its own: forked from a server that has imported the heavy
     libraries once (tests/_zygote.py; ~10 s less per run on 2 cores), or a plain subprocess when the environment
-    differs from the server's in what the imports read (anything but ``WANDB_*``, read when a run starts) or
-    when ``SECTUNE_TEST_SUBPROCESS=1``."""
+    differs from the server's in what the imports read (anything but the keys :func:`_comparable` leaves out) or
+    when ``SECTUNE_TEST_SUBPROCESS=1``; ``SECTUNE_TEST_ZYGOTE_DEBUG=1`` prints why a run was not forked."""
     cmd = [sys.executable, "-m", "sectune", *args]
     full_env = {**os.environ, **(env or {})}
     zygote = None if os.environ.get("SECTUNE_TEST_SUBPROCESS") == "1" else _Zygote.get()
     if zygote is not None and zygote.serves(full_env):
         return zygote.run(cmd, Path(cwd), full_env, timeout)
+    if zygote is not None and os.environ.get("SECTUNE_TEST_ZYGOTE_DEBUG"):
+        a, b = _comparable(full_env), _comparable(zygote.env)
+        print(f"conftest.cli: plain subprocess; environment differs in {sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))}", file=sys.stderr)
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 def _comparable(env: dict) -> dict:
-    # pytest sets PYTEST_CURRENT_TEST per test; W&B reads its settings when a run starts, not at import
-    return {k: v for k, v in env.items() if not k.startswith(("PYTEST_", "WANDB_")) and k != "SECTUNE_TEST_SUBPROCESS"}
+    # pytest sets PYTEST_CURRENT_TEST per test; W&B reads its settings when a run starts, not at import; torch sets
+    # TORCHINDUCTOR_CACHE_DIR in this process the first time a test compiles something, and reads it when compiling
+    return {k: v for k, v in env.items()
+            if not k.startswith(("PYTEST_", "WANDB_", "SECTUNE_TEST_")) and k != "TORCHINDUCTOR_CACHE_DIR"}
 
 
 class _Zygote:

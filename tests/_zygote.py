@@ -1,6 +1,6 @@
 """A pre-imported Python that forks one child per ``python -m sectune ARGS`` the tests run (conftest.sectune).
 
-Most of a tiny CLI run's time on a CPU is importing torch, transformers, peft, trl, datasets, scikit-learn and
+Most of a tiny CLI run's time on a CPU is importing torch, transformers, peft, trl, scikit-learn and
 matplotlib (~10 s per run on 2 cores, for runs whose work takes a few seconds). This server imports them once,
 in a fresh interpreter that has run no test code, then serves requests on stdin, one JSON line each:
 ``{"argv": [...], "cwd": ..., "env": {...}, "stdout": path, "stderr": path}``. For each it forks; the child

@@ -208,9 +208,9 @@ def run_grpo(ctx: RunContext) -> dict:
         kept = ""
         if rl.keep_best and best.step is not None and best.step != step:
             best.restore(trainer.model)
-            kept = (f"; kept step {best.step}'s adapter ({best.score:.3f}): no later evaluation beat it by more than "
-                    f"{rl.keep_best_se:g} standard error(s) of the per-window differences" if rl.keep_best_se else
-                    f"; kept step {best.step}'s adapter ({best.score:.3f}), the best held-out reward")
+            why = (f": no later evaluation beat it by more than {rl.keep_best_se:g} standard error(s) of the per-window differences"
+                   if rl.keep_best_se else ", the best held-out reward")
+            kept = f"; kept step {best.step}'s adapter ({best.score:.3f}){why}"
         metrics.update(best_step=best.step if rl.keep_best else step, reward_heldout_best=best.score)
         print(f"sectune: held-out reward (greedy, {len(val_recs)} validation windows): "
               f"{heldout.get('reward_heldout_start', float('nan')):.3f} → {heldout['reward_heldout_end']:.3f}{kept}")

@@ -1,6 +1,8 @@
 """Does the analyst count, or recognise names? SFT analysts and the table's TF-IDF + LR on the validation windows as
 they are and with every user name, IP, host name, port, pid and timestamp renamed consistently
 (sectune/data/log_edits.py: the rule engine gives every renamed window the same verdict and counts).
+Source recall: the share of the rules' source IPs / hosts that the analyst's ``source_ips`` names exactly, which
+only reading them out of the window (not remembering the training windows' attackers) gives on renamed windows.
 
     python experiments/auth_grpo/renamed_windows.py <auth_grpo_tiny run>/sft/model [more SFT model dirs...]
 """
@@ -15,6 +17,17 @@ from sectune import analyst_eval as ae
 from sectune.data import auth_logs
 from sectune.data.log_edits import counterfactual_window
 from sectune.stages.pipeline import compose
+
+
+def source_recall(analyses: list, windows: list) -> float:
+    """Of the rules' sources over the windows, the share the analysis names exactly."""
+    hit = total = 0
+    for a, w in zip(analyses, windows):
+        named = {s.get("ip") for s in ((a or {}).get("source_ips") or []) if isinstance(s, dict)}
+        for s in w.annotation["source_ips"]:
+            total += 1
+            hit += s["ip"] in named
+    return hit / max(total, 1)
 
 
 def main(model_dirs: list[str]) -> None:
@@ -32,9 +45,11 @@ def main(model_dirs: list[str]) -> None:
     for path in model_dirs:
         model, tok = ae.load_policy(cfg, "model", Path(path))
         for name, ws in sets.items():
-            s = ae.score(ae.generate_row("model", model, tok, ws, cfg.generation, 16), ws)
+            row = ae.generate_row("model", model, tok, ws, cfg.generation, 16)
+            s = ae.score(row, ws)
             print(f"{path} | {name}: verdict macro-F1 {s['verdict_macro_f1']:.3f}, accuracy {s['verdict_accuracy']:.3f}, "
-                  f"field F1 {s['field_f1']:.3f}, schema-valid {s['schema_valid_rate']:.3f}")
+                  f"field F1 {s['field_f1']:.3f}, schema-valid {s['schema_valid_rate']:.3f}, "
+                  f"source recall {source_recall(row.analyses, ws):.3f}")
     for name, ws in sets.items():
         s = ae.score(ae.tfidf_row(windows["train"], windows["validation"], ws, 42), ws)
         print(f"TF-IDF + LR | {name}: verdict macro-F1 {s['verdict_macro_f1']:.3f}")

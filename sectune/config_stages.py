@@ -78,8 +78,9 @@ class SftConfig:
     #: a warm-up before the SFT on the configured data (``dataset=auth_logs`` only): this many generated auth-log
     #: lines (:mod:`sectune.data.synthetic_auth`: fresh IPs, users and pids in every session) cut into windows the
     #: rules annotate, trained on for ``warmup_epochs`` in ``<run dir>/warmup/``; the SFT then starts from those
-    #: weights. A model trained from random weights learns there to copy names out of the window and count
-    #: them, which ~200 real windows do not teach it (experiments/auth_grpo, round six). 0 = off
+    #: weights. Meant to teach a model trained from random weights to copy names out of the window and count
+    #: them; it raised the tiny analyst's validation verdict macro-F1, but the analyst still does not copy a name it
+    #: has not seen (experiments/auth_grpo, rounds six and eleven). 0 = off
     warmup_lines: int = 0
     warmup_epochs: float = 1.0
     #: the generator's seed (the generated windows are the same for every ``train.seed``)

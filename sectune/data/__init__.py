@@ -131,8 +131,8 @@ def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
 def _counterfactual_records(train: list[dict], k: int, cfg: DictConfig) -> list[dict]:
     """``k`` (``dataset.counterfactuals``) renamed copies of each training record's window (users, IPs, hosts, ports,
     pids, timestamps renamed one-to-one: :func:`sectune.data.log_edits.counterfactual_window`), annotated by the rule
-    engine: the same evidence under names the model has not seen, so copying a name out of the window is learnt
-    rather than remembering the training logs' names (every benign window's host is Linux_2k's). Train split only."""
+    engine: the same evidence under names the model has not seen, so that copying a name out of the window pays and
+    remembering the training logs' names does not (every benign window's host is Linux_2k's). Train split only."""
     import random
 
     from sectune.data.log_edits import counterfactual_window

@@ -6,11 +6,18 @@ greedy copies of 20 fresh lines every 100 steps.
 
     python experiments/auth_grpo/copy_drill.py [learning rate, default 1e-3] [steps, default 600] [adamw|adafactor] [save dir]
 
+``DRILL_ANSWER=analysis`` makes the answer the analyst's: the SFT prompt and the rules' whole JSON analysis of the line
+(its ``source_ips`` holds the IP); a copy then counts when the parsed answer's first source is the line's IP.
+``DRILL_NOISE=k`` puts the line among k ``Connection closed by <another IP> [preauth]`` lines (no evidence: the
+answer's source is still the accepted login's IP); ``DRILL_CURRICULUM=1`` trains the first half of the steps without them.
+
 With a save dir the drilled weights and tokenizer are saved there (``model.name_or_path=<dir>`` starts an SFT from them).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import sys
 import time
@@ -18,6 +25,8 @@ import time
 import torch
 
 from sectune import modeling
+from sectune.data import auth_logs
+from sectune.inference import extract_json
 from sectune.stages.pipeline import compose
 
 
@@ -30,10 +39,28 @@ def main(lr: float, steps: int, optimizer: str, save: str | None = None) -> None
     rng = random.Random(0)
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
 
-    def example() -> tuple[str, str]:
-        ip = f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+    analysis, noise = os.environ.get("DRILL_ANSWER") == "analysis", int(os.environ.get("DRILL_NOISE", "0"))
+
+    def new_ip() -> str:
+        return f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+
+    def example(noise: int = noise) -> tuple[str, str]:
+        ip = new_ip()
         line = f"Dec 10 07:03:29 LabSZ sshd[24573]: Accepted password for bob from {ip} port 36058 ssh2"
+        lines = [f"Dec 10 07:03:2{i} LabSZ sshd[2456{i}]: Connection closed by {new_ip()} [preauth]" for i in range(noise)]
+        lines.insert(rng.randint(0, noise), line)
+        if analysis:
+            return auth_logs.render_prompt("\n".join(lines)), auth_logs.render_completion(auth_logs.analyze_auth_log(lines))
+        line = "\n".join(lines)
         return f"### Logs:\n{line}\n### Analysis:\n", '{"ip":"' + ip + '"}'
+
+    def copied(text: str, answer: str) -> bool:
+        if not analysis:
+            return text.strip() == answer
+        try:
+            return extract_json(text)["source_ips"][0]["ip"] == json.loads(answer)["source_ips"][0]["ip"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return False
 
     if optimizer == "adafactor":
         from transformers.optimization import Adafactor
@@ -44,7 +71,8 @@ def main(lr: float, steps: int, optimizer: str, save: str | None = None) -> None
     t0 = time.time()
     for step in range(steps):
         ids, labels = [], []
-        for p, c in (example() for _ in range(16)):
+        k = 0 if os.environ.get("DRILL_CURRICULUM") == "1" and step < steps // 2 else noise
+        for p, c in (example(k) for _ in range(16)):
             pi, ci = tok(p)["input_ids"], tok(c)["input_ids"] + [tok.eos_token_id]
             ids.append(pi + ci)
             labels.append([-100] * len(pi) + ci)
@@ -63,8 +91,8 @@ def main(lr: float, steps: int, optimizer: str, save: str | None = None) -> None
             with torch.no_grad():
                 for p, c in (example() for _ in range(20)):
                     enc = tok(p, return_tensors="pt")
-                    out = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
-                    right += tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip() == c
+                    out = model.generate(**enc, max_new_tokens=160 if analysis else 16, do_sample=False, pad_token_id=tok.pad_token_id)
+                    right += copied(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True), c)
             print(f"lr {lr:g} step {step}: loss {loss.item():.3f}, exact copies {right}/20 ({time.time() - t0:.0f} s)", flush=True)
     if save:
         model.save_pretrained(save)

@@ -47,7 +47,7 @@ def main(lr: float, steps: int, optimizer: str, save: str | None = None) -> None
     def example(noise: int = noise) -> tuple[str, str]:
         ip = new_ip()
         line = f"Dec 10 07:03:29 LabSZ sshd[24573]: Accepted password for bob from {ip} port 36058 ssh2"
-        lines = [f"Dec 10 07:03:2{i} LabSZ sshd[2456{i}]: Connection closed by {new_ip()} [preauth]" for i in range(noise)]
+        lines = [f"Dec 10 07:03:{(20 + i) % 60:02d} LabSZ sshd[{24560 + i}]: Connection closed by {new_ip()} [preauth]" for i in range(noise)]
         lines.insert(rng.randint(0, noise), line)
         if analysis:
             return auth_logs.render_prompt("\n".join(lines)), auth_logs.render_completion(auth_logs.analyze_auth_log(lines))

@@ -123,24 +123,27 @@ def test_heldout_best_keeps_a_later_step_only_when_its_paired_gain_beats_one_sta
     model = torch.nn.Linear(2, 1)
     runs = {0: [0.5, 0.5, 0.5, 0.5], 2: [1.0, 0.5, 0.5, 0.5], 4: [0.9, 0.9, 0.9, 0.5]}
 
-    def evaluate_at(tracker, steps):  # the model's weight says which step's per-window rewards score_fn returns
+    def tracker(margin_se):  # the model's weight says which step's per-window rewards score_fn returns
+        return rl.HeldOutBest(lambda m: runs[int(m.weight[0, 0])], eval_steps=2, margin_se=margin_se)
+
+    def evaluate_at(best, steps):
         for step in steps:
             with torch.no_grad():
                 model.weight.fill_(float(step))
-            tracker.evaluate(model, step)
-        return tracker
+            best.evaluate(model, step)
+        return best
 
-    best = evaluate_at(rl.HeldOutBest(lambda m: runs[int(m.weight[0, 0])], eval_steps=2, margin_se=1.0), (0, 2))
+    best = evaluate_at(tracker(1.0), (0, 2))
     assert best.scores == {0: 0.5, 2: 0.625} and best.step == 0 and best.score == 0.5
     assert math.isclose(best.margin(runs[2]), 0.125)
     assert math.isclose(best.margin(runs[4]), 0.1)
     evaluate_at(best, (4,))
     assert best.step == 4 and math.isclose(best.score, 0.8)
     # margin 0 (the earlier behaviour): the first higher mean wins, step 2
-    assert evaluate_at(rl.HeldOutBest(lambda m: runs[int(m.weight[0, 0])], eval_steps=2, margin_se=0.0), (0, 2)).step == 2
+    assert evaluate_at(tracker(0.0), (0, 2)).step == 2
     # 2.5 SE: step 4's gain of 0.3 (> 0.25) is still kept; at 3.5 SE (0.35) it is not
     for k, kept in ((2.5, 4), (3.5, 0)):
-        assert evaluate_at(rl.HeldOutBest(lambda m: runs[int(m.weight[0, 0])], eval_steps=2, margin_se=k), (0, 4)).step == kept, k
+        assert evaluate_at(tracker(k), (0, 4)).step == kept, k
 
 
 def test_keep_best_se_must_not_be_negative(tmp_path):

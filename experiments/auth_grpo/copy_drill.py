@@ -40,6 +40,7 @@ def main(lr: float, steps: int, optimizer: str, save: str | None = None) -> None
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
 
     analysis, noise = os.environ.get("DRILL_ANSWER") == "analysis", int(os.environ.get("DRILL_NOISE", "0"))
+    lone_first = os.environ.get("DRILL_CURRICULUM") == "1"
 
     def new_ip() -> str:
         return f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
@@ -71,7 +72,7 @@ def main(lr: float, steps: int, optimizer: str, save: str | None = None) -> None
     t0 = time.time()
     for step in range(steps):
         ids, labels = [], []
-        k = 0 if os.environ.get("DRILL_CURRICULUM") == "1" and step < steps // 2 else noise
+        k = 0 if lone_first and step < steps // 2 else noise
         for p, c in (example(k) for _ in range(16)):
             pi, ci = tok(p)["input_ids"], tok(c)["input_ids"] + [tok.eos_token_id]
             ids.append(pi + ci)

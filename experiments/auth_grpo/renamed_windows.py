@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sectune import analyst_eval as ae
 from sectune.data import auth_logs
+from sectune.data.auth_rewards import _sources
 from sectune.data.log_edits import counterfactual_window
 from sectune.stages.pipeline import compose
 
@@ -23,7 +24,7 @@ def source_recall(analyses: list, windows: list) -> float:
     """Of the rules' sources over the windows, the share the analysis names exactly."""
     hit = total = 0
     for a, w in zip(analyses, windows):
-        named = {s.get("ip") for s in ((a or {}).get("source_ips") or []) if isinstance(s, dict)}
+        named = {s["ip"] for s in _sources(a or {})}  # the field F1's own reading of source_ips
         for s in w.annotation["source_ips"]:
             total += 1
             hit += s["ip"] in named

@@ -90,6 +90,9 @@ class LoraConfig:
 class LossConfig:
     name: str = "causal_lm"
     label_smoothing: float = 0.0
+    # causal_lm: the loss on the first tokens of these answer keys' values times key_weight (1 = off)
+    key_weight: float = 1.0
+    weighted_keys: List[str] = field(default_factory=list)
     # bradley_terry: -logsigmoid(r_chosen - r_rejected - margin)
     margin: float = 0.0
     # dpo (β of the implicit reward) / grpo (KL weight) / simplified_ppo

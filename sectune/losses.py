@@ -196,3 +196,23 @@ def spurious_separation(r_b: torch.Tensor, r_inj: torch.Tensor) -> torch.Tensor:
 def causal_discrimination(r_b: torch.Tensor, r_cf: torch.Tensor, r_inj: torch.Tensor) -> torch.Tensor:
     """Stability minus the mean cos(r_b, r_inj): the margin by which a rewording stays closer than an injection."""
     return causal_stability(r_b, r_cf) - F.cosine_similarity(r_b.float(), r_inj.float(), dim=-1).mean()
+
+
+def key_value_weights(input_ids: torch.Tensor, key_patterns: list[list[int]], quote_id: int | None, weight: float) -> torch.Tensor:
+    """Per-token weights for a causal-LM loss that stresses the values of chosen answer keys.
+
+    ``input_ids`` [B, L]; ``key_patterns``: token-id sequences of keys (``"failed_logins":``). Token ``j``
+    gets ``weight`` when the tokens just before it are a key pattern (the value's first token), or when
+    token ``j-1`` is such a token and is ``quote_id`` (a string value's opening quote, then its first
+    token); every other token gets 1. Returns float weights [B, L] aligned with ``input_ids``."""
+    ids = input_ids
+    after = torch.zeros_like(ids, dtype=torch.bool)
+    for pat in key_patterns:
+        m = len(pat)
+        if m == 0 or ids.size(1) <= m:
+            continue
+        hit = (ids.unfold(1, m, 1)[:, : ids.size(1) - m] == torch.as_tensor(pat, device=ids.device)).all(-1)
+        after[:, m:] |= hit
+    if quote_id is not None:
+        after[:, 1:] |= after[:, :-1] & (ids[:, :-1] == quote_id)
+    return torch.where(after, float(weight), 1.0)

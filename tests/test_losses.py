@@ -55,3 +55,20 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
     logps = torch.tensor([-5.0, -7.5, -30.0])
     other = torch.tensor([-6.0, -2.0, -31.0])
     assert dpo_loss(logps, other, logps.clone(), other.clone(), beta=0.3).item() == pytest.approx(math.log(2))
+
+
+def test_key_value_weights_mark_the_first_value_token_and_a_string_values_first_token():
+    from sectune.losses import key_value_weights
+
+    # tokens: 5 KEY 1 7 KEY QUOTE 2 KEY  (KEY=9, QUOTE=3): after KEY come 1 and QUOTE; after KEY QUOTE comes 2;
+    # the last KEY has no value in the row
+    ids = torch.tensor([[5, 9, 1, 7, 9, 3, 2, 9]])
+    assert key_value_weights(ids, [[9]], 3, 5.0).tolist() == [[1, 1, 5, 1, 1, 5, 5, 1]]
+    # no quote rule: only the token right after the key
+    assert key_value_weights(ids, [[9]], None, 5.0).tolist() == [[1, 1, 5, 1, 1, 5, 1, 1]]
+    # a two-token key matches only where both tokens occur in order (7 9 at 3-4, not 5 9 at 0-1)
+    assert key_value_weights(ids, [[7, 9]], 3, 2.0).tolist() == [[1, 1, 1, 1, 1, 2, 2, 1]]
+    # rows are independent; a pattern longer than the row matches nothing
+    two = torch.tensor([[9, 4, 4], [4, 9, 4]])
+    assert key_value_weights(two, [[9]], None, 3.0).tolist() == [[1, 3, 1], [1, 1, 3]]
+    assert key_value_weights(two, [[9, 4, 4, 4]], None, 3.0).tolist() == [[1, 1, 1], [1, 1, 1]]

@@ -139,3 +139,52 @@ def test_warmup_refuses_a_dataset_without_a_generator_a_quantized_model_and_bad_
             sft.warmup(RunContext(cfg=cfg, run_dir=tmp_path))
     assert sft.warmup(RunContext(cfg=compose([]), run_dir=tmp_path)) is None  # off by default: nothing built
     assert not (tmp_path / "warmup").exists()
+
+
+def test_key_weight_scales_the_loss_on_the_answers_counts_and_verdict_only(tmp_path):
+    """loss.key_weight: TRL's loss, with each answer token's -log p times 5 where it is the first token of a weighted
+    key's value (and the quote + first token of a string value), equals the hand-weighted per-token loss; the weighted
+    tokens are exactly the counts and the verdict."""
+    from conftest import compose
+
+    from sectune import modeling
+    from sectune.data.auth_logs import analyze_auth_log, render_completion, render_prompt
+    from sectune.losses import key_value_weights
+    from sectune.stages.sft import answer_key_weights, build_sft_trainer
+
+    lines = ["Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from 1.2.3.4 port 22 ssh2"] * 6
+    rec = {"prompt": render_prompt("\n".join(lines)), "completion": render_completion(analyze_auth_log(lines))}
+    keys = "[failed_logins,failures,verdict]"
+    cfg = compose(["+experiment=auth_grpo_tiny", "stage=sft", "lora=none", "train.packing=none", "train.precision=fp32",
+                   "loss.key_weight=5", f"loss.weighted_keys={keys}", "logger=none"])
+    tok = modeling.load_tokenizer(cfg, modeling.model_path(cfg))
+    model = modeling.load_model(cfg)
+    trainer = build_sft_trainer(cfg, model, tok, [rec, rec], [], tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    with torch.no_grad():
+        weighted = trainer.compute_loss(model, dict(batch)).item()
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * (labels != -100)
+    w = answer_key_weights(cfg, tok, [rec["completion"]])(batch["input_ids"])[:, 1:]
+    n = (labels != -100).sum()
+    assert weighted == pytest.approx(((nll * w).sum() / n).item(), rel=1e-4)
+    assert weighted > (nll.sum() / n).item()
+    marked = [tok.decode([int(t)]) for t in batch["input_ids"][0, 1:][w[0] > 1]]
+    assert marked == ["6", "6", '"', "malicious"], marked  # failed_logins 6, the source's failures 6, the verdict
+    assert key_value_weights(batch["input_ids"], [], None, 5.0).eq(1).all()
+
+    from sectune.errors import ConfigError
+
+    bad = {"loss.weighted_keys=[source]": "no training answer holds the key 'source'",
+           "loss.weighted_keys=[]": "needs a weight > 0 and loss.weighted_keys",
+           "loss.label_smoothing=0.1": "the smoothed loss is computed from full logits"}
+    for override, msg in bad.items():
+        c = compose(["+experiment=auth_grpo_tiny", "stage=sft", "loss.key_weight=5", f"loss.weighted_keys={keys}", override])
+        with pytest.raises(ConfigError, match=msg):
+            answer_key_weights(c, tok, [rec["completion"]])
+    # the default tiny tokenizer has no whole-token keys: `{"` and `,"` merge, so "failed_logins": alone is not in an answer
+    plain = compose(["stage=sft", "loss.key_weight=5", "loss.weighted_keys=[failed_logins]"])
+    with pytest.raises(ConfigError, match="splits"):
+        answer_key_weights(plain, modeling.load_tokenizer(plain, modeling.model_path(plain)), [rec["completion"]])

@@ -193,6 +193,38 @@ class RecordStartEval(TrainerCallback):
             write_json_atomic(self.path, {"eval_loss_start": metrics["eval_loss"]})
 
 
+def answer_key_weights(cfg, tokenizer, completions: list[str]):
+    """``loss.key_weight`` != 1: ``input_ids -> weights`` (:func:`sectune.losses.key_value_weights`) for the first
+    tokens of ``loss.weighted_keys``' values; else None. Each key is matched as the tokens of ``"key":``; a key that
+    no training answer holds, or that this tokenizer splits otherwise inside an answer, is an error naming it."""
+    from functools import partial
+
+    from sectune.losses import key_value_weights
+
+    weight, keys = float(cfg.loss.get("key_weight", 1.0)), list(cfg.loss.get("weighted_keys") or [])
+    if weight == 1.0:
+        return None
+    if cfg.loss.get("label_smoothing"):
+        raise ConfigError(f"loss.key_weight={weight:g} with loss.label_smoothing={cfg.loss.label_smoothing}: the smoothed loss is "
+                          f"computed from full logits, which the key weights do not reach; use one of the two")
+    if weight <= 0 or not keys:
+        raise ConfigError(f"loss.key_weight={weight:g} needs a weight > 0 and loss.weighted_keys (the answer keys whose values it stresses); "
+                          f"got weighted_keys={keys}")
+    patterns = [tokenizer.encode(f'"{k}":', add_special_tokens=False) for k in keys]
+    quote = tokenizer.encode('"', add_special_tokens=False)
+    fn = partial(key_value_weights, key_patterns=patterns, quote_id=quote[0] if len(quote) == 1 else None, weight=weight)
+    sample = [c for c in completions[:200] if c]
+    ids = [torch.tensor([tokenizer.encode(c, add_special_tokens=False)]) for c in sample]
+    for key, pat in zip(keys, patterns):
+        holders = [i for c, i in zip(sample, ids) if f'"{key}":' in c]
+        if not holders:
+            raise ConfigError(f"loss.weighted_keys: no training answer holds the key {key!r} (as \"{key}\":)")
+        if not any((key_value_weights(i, [pat], None, 2.0) > 1).any() for i in holders):
+            raise ConfigError(f"loss.weighted_keys: {key!r}: this tokenizer ({cfg.model.name}) splits \"{key}\": otherwise inside "
+                              f"an answer than alone, so its value cannot be found by tokens; leave the key out or use loss.key_weight=1")
+    return fn
+
+
 def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: Path, callbacks=(), eval_on_start=False):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -200,6 +232,7 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
     def to_ds(recs):
         return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in recs])
 
+    key_weights = answer_key_weights(cfg, tokenizer, [r["completion"] for r in train_recs])
     packing = engine.packing_mode(cfg)
     args = SFTConfig(
         **engine.training_kwargs(cfg, output_dir, has_eval=bool(val_recs)),
@@ -228,7 +261,22 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             before = self._total_train_tokens
-            out = super().compute_loss(model, inputs, *args, **kwargs)
+            if key_weights is None or not self.model.training:
+                out = super().compute_loss(model, inputs, *args, **kwargs)
+            else:  # loss.key_weight: TRL's own loss and metrics, over per-token log-probs scaled by key_value_weights
+                fused = model.forward
+
+                def weighted(*a, **kw):
+                    o = fused(*a, **kw)
+                    if kw.get("fused_lm_head"):  # log_probs[:, t] scores token t + 1; zero where it is not a label
+                        o.log_probs = o.log_probs * key_weights(kw["input_ids"])[:, 1:].to(o.log_probs)
+                    return o
+
+                model.forward = weighted
+                try:
+                    out = super().compute_loss(model, inputs, *args, **kwargs)
+                finally:
+                    model.forward = fused
             if self.model.training and "attention_mask" not in inputs and "position_ids" in inputs:
                 # TRL counts position_ids.size(1), one row, per mask-free batch; packed rows are [B, L]
                 local = torch.tensor(engine.real_tokens(inputs["position_ids"]), device=inputs["position_ids"].device)

@@ -213,13 +213,12 @@ def answer_key_weights(cfg, tokenizer, completions: list[str]):
     patterns = [tokenizer.encode(f'"{k}":', add_special_tokens=False) for k in keys]
     quote = tokenizer.encode('"', add_special_tokens=False)
     fn = partial(key_value_weights, key_patterns=patterns, quote_id=quote[0] if len(quote) == 1 else None, weight=weight)
-    sample = [c for c in completions[:200] if c]
-    ids = [torch.tensor([tokenizer.encode(c, add_special_tokens=False)]) for c in sample]
     for key, pat in zip(keys, patterns):
-        holders = [i for c, i in zip(sample, ids) if f'"{key}":' in c]
+        holders = [c for c in completions if f'"{key}":' in c][:20]  # a few answers holding the key, tokenized
         if not holders:
             raise ConfigError(f"loss.weighted_keys: no training answer holds the key {key!r} (as \"{key}\":)")
-        if not any((key_value_weights(i, [pat], None, 2.0) > 1).any() for i in holders):
+        if not any((key_value_weights(torch.tensor([tokenizer.encode(c, add_special_tokens=False)]), [pat], None, 2.0) > 1).any()
+                   for c in holders):
             raise ConfigError(f"loss.weighted_keys: {key!r}: this tokenizer ({cfg.model.name}) splits \"{key}\": otherwise inside "
                               f"an answer than alone, so its value cannot be found by tokens; leave the key out or use loss.key_weight=1")
     return fn

@@ -18,7 +18,6 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
-from sklearn.pipeline import make_pipeline
 
 
 @dataclass
@@ -82,25 +81,27 @@ def tfidf_logreg_baseline(train_texts: Sequence[str], train_y: Sequence, test_te
 
     Char n-grams suit both prompts (German/English mix, obfuscated injections) and rendered
     flows (``Rate=1.2`` tokens). With a validation split, ``C`` is picked by validation
-    macro-F1 and the model is refit on train; without one, ``C=1``.
+    macro-F1 (the classifier fitted on train with that C is the one kept); without one, ``C=1``.
     """
-    def build(c: float):
-        return make_pipeline(
-            TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), min_df=2, sublinear_tf=True,
-                            max_features=200_000),
-            LogisticRegression(C=c, max_iter=2000, class_weight="balanced", random_state=seed))
+    # the vectorizer depends on the train texts only, not on C: fitted once, the grid refits just the classifier
+    # (the same predictions as a pipeline refit per C, in a fraction of the time: char n-grams are the slow part)
+    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), min_df=2, sublinear_tf=True, max_features=200_000)
+
+    def fit(c: float) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=2000, class_weight="balanced", random_state=seed).fit(x_train, train_y)
 
     train_y = [str(v) for v in train_y]
-    c_best, val_scores = 1.0, {}
+    c_best, val_scores, fitted = 1.0, {}, {}
     t0 = time.perf_counter()
+    x_train = vectorizer.fit_transform(list(train_texts))
     if val_texts is not None and val_y is not None and len(val_texts) > 0:
+        x_val = vectorizer.transform(list(val_texts))
         for c in c_grid:
-            pred = build(c).fit(list(train_texts), train_y).predict(list(val_texts))
-            val_scores[c] = float(f1_score([str(v) for v in val_y], pred, average="macro"))
+            fitted[c] = fit(c)
+            val_scores[c] = float(f1_score([str(v) for v in val_y], fitted[c].predict(x_val), average="macro"))
         c_best = max(c_grid, key=lambda c: (val_scores[c], -c))
-    model = build(c_best)
-    model.fit(list(train_texts), train_y)
+    model = fitted[c_best] if c_best in fitted else fit(c_best)  # lbfgs is deterministic: no refit needed
     fit_s = time.perf_counter() - t0
-    preds, pred_s = _timed(lambda: model.predict(list(test_texts)))
+    preds, pred_s = _timed(lambda: model.predict(vectorizer.transform(list(test_texts))))
     return BaselineResult("tfidf_logreg", [str(p) for p in preds], fit_s, pred_s,
                           {"C": c_best, "val_macro_f1_by_C": val_scores, "seed": seed})

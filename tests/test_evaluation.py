@@ -82,3 +82,34 @@ def test_tfidf_selects_c_on_validation_not_test():
                               val_texts=val, val_y=vy)
     assert set(r.params["val_macro_f1_by_C"]) == {0.1, 1.0, 10.0}
     assert r.params["C"] in (0.1, 1.0, 10.0) and len(r.predictions) == 1
+
+
+def test_tfidf_fits_the_vectorizer_once_and_predicts_as_a_pipeline_refit_per_c(monkeypatch):
+    """The vectorizer does not depend on C: one fit serves the whole grid, and the kept classifier is the grid's
+    own fit at the chosen C. Predictions and validation scores equal a make_pipeline refit for every C."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.pipeline import make_pipeline
+
+    words = ["fail", "root", "ssh", "accepted", "invalid", "user", "from", "port", "session", "closed", "opened"]
+    rng = np.random.default_rng(0)
+    train = [" ".join(rng.choice(words, 12)) for _ in range(60)]
+    ty = ["malicious" if t.count("fail") + t.count("invalid") > 2 else "benign" for t in train]
+    val = [" ".join(rng.choice(words, 12)) for _ in range(20)]
+    vy = ["malicious" if t.count("fail") + t.count("invalid") > 2 else "benign" for t in val]
+    test = [" ".join(rng.choice(words, 12)) for _ in range(30)]
+
+    fits = []
+    real = TfidfVectorizer.fit_transform
+    monkeypatch.setattr(TfidfVectorizer, "fit_transform", lambda self, *a, **k: fits.append(1) or real(self, *a, **k))
+    r = tfidf_logreg_baseline(train, ty, test, seed=0, val_texts=val, val_y=vy)
+    assert len(fits) == 1
+
+    def pipe(c):
+        return make_pipeline(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), min_df=2, sublinear_tf=True,
+                                             max_features=200_000),
+                             LogisticRegression(C=c, max_iter=2000, class_weight="balanced", random_state=0)).fit(train, ty)
+    expected = {c: float(f1_score(vy, pipe(c).predict(val), average="macro")) for c in (0.1, 1.0, 10.0)}
+    assert r.params["val_macro_f1_by_C"] == pytest.approx(expected, abs=1e-12)
+    assert r.predictions == [str(p) for p in pipe(r.params["C"]).predict(test)]

@@ -163,6 +163,10 @@ class RLConfig:
     #: token aggregation of the loss: dapo = mean over every completion token of the batch (TRL's
     #: default, no length bias) | grpo = per-completion mean, then mean over completions (the paper)
     loss_type: str = "dapo"
+    #: what a completion's advantage (reward − its group's mean) is divided by: group = the std of its group's
+    #: rewards (the GRPO paper; a group whose rewards barely differ gets advantages of ±1 all the same) | batch = the
+    #: std of the whole batch's rewards (a group's spread counts) | none = nothing (Dr. GRPO)
+    scale_rewards: str = "group"
     #: weighted rewards (sectune.data.auth_rewards): json_valid, schema_valid, verdict, fields, and
     #: reward_model (a stage=reward run, ``rl.reward_model``); the total is the weighted sum
     rewards: Dict[str, float] = field(

@@ -71,20 +71,27 @@ def dpo_loss(
 # The loss is -J. TRL's GRPOTrainer (1.16) computes exactly this; tests/test_rl.py holds the two side by side.
 
 
-def grpo_advantages(rewards: torch.Tensor, num_generations: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+def grpo_advantages(rewards: torch.Tensor, num_generations: int, eps: float = 1e-4, scale: bool | str = True) -> torch.Tensor:
     """Group-normalised advantages ``Â_i = (r_i - mean(r_group)) / (std(r_group) + eps)`` for rewards laid out
     group after group (``[B·G]``: the G completions of prompt 0, then of prompt 1, …).
 
     ``std`` is the sample standard deviation (Bessel's correction, ``/(G-1)``), as TRL's ``nanstd``
     computes it, and ``eps = 1e-4`` is TRL's; a group whose rewards are all equal gets advantage 0.
-    ``scale=False`` keeps only the mean baseline (Dr. GRPO; TRL's ``scale_rewards="none"``).
+    ``scale`` is TRL's ``scale_rewards`` (``rl.scale_rewards``): ``"group"`` (or True) as above; ``"batch"``
+    divides by the std of all the batch's rewards instead, so a group whose rewards barely differ keeps small
+    advantages; ``"none"`` (or False) keeps only the mean baseline (Dr. GRPO).
     """
     if num_generations < 2 or rewards.numel() % num_generations:
         raise ValueError(f"rewards ({rewards.numel()}) must hold whole groups of num_generations={num_generations} >= 2")
+    mode = {True: "group", False: "none"}.get(scale, scale)
+    if mode not in ("group", "batch", "none"):
+        raise ValueError(f"scale={scale!r}: choose group, batch or none")
     r = rewards.float().view(-1, num_generations)
     adv = r - r.mean(dim=1, keepdim=True)
-    if scale:
+    if mode == "group":
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    elif mode == "batch":
+        adv = adv / (r.std() + eps)
     return adv.view(-1)
 
 

@@ -37,6 +37,13 @@ def test_grpo_advantages_are_group_normalised_with_bessels_std():
     b = 1 / (math.sqrt(2) + 1e-4)
     torch.testing.assert_close(losses.grpo_advantages(torch.tensor([3.0, 1.0]), 2), torch.tensor([b, -b]))
     torch.testing.assert_close(losses.grpo_advantages(torch.tensor([3.0, 1.0]), 2, scale=False), torch.tensor([1.0, -1.0]))
+    # scale="batch": the same centring, divided by the std of all 8 rewards: mean 0.5, squares 4 · 0.25, /7
+    c = 0.5 / (math.sqrt(1 / 7) + 1e-4)
+    torch.testing.assert_close(losses.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]), 4, scale="batch"),
+                               torch.tensor([c, -c, -c, c, 0.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(losses.grpo_advantages(torch.tensor([3.0, 1.0]), 2, scale="none"), torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="scale"):
+        losses.grpo_advantages(torch.ones(4), 2, scale="batches")
     with pytest.raises(ValueError):
         losses.grpo_advantages(torch.ones(5), 2)
 
@@ -152,6 +159,8 @@ def test_keep_best_se_must_not_be_negative(tmp_path):
 
     with pytest.raises(ConfigError, match=r"rl.keep_best_se=-1.0: must be >= 0"):
         rl.run_grpo(RunContext(cfg=compose([*UNIT, "rl.keep_best_se=-1"]), run_dir=tmp_path))
+    with pytest.raises(ConfigError, match=r"rl.scale_rewards='batches': choose group"):
+        rl.run_grpo(RunContext(cfg=compose([*UNIT, "rl.scale_rewards=batches"]), run_dir=tmp_path))
 
 
 
@@ -247,6 +256,22 @@ def test_trl_grpo_loss_equals_sectune_grpo_loss_and_shared_prompt_scoring_equals
     w = torch.tensor(trainer.args.reward_weights)
     per_func = torch.tensor([list(trainer._logs["rewards"][n])[-8:] for n in trainer.reward_func_names]).T
     torch.testing.assert_close(inputs["advantages"], losses.grpo_advantages(per_func @ w, 4))
+    # the untrained unit model's rewards tie within each group: with fixed rewards that differ (and a group of near
+    # ties), TRL's advantages under each rl.scale_rewards are sectune's grpo_advantages of the weighted total
+    fixed = torch.rand(8, len(w), generator=torch.Generator().manual_seed(3))
+    fixed[4:] = fixed[4] + 0.01 * fixed[4:]
+    trainer._calculate_rewards = lambda *args: fixed.clone()
+    by_scale = {}
+    try:
+        for scale in ("group", "batch", "none"):
+            trainer.scale_rewards = scale
+            by_scale[scale] = generation_batch(trainer)["advantages"]
+            torch.testing.assert_close(by_scale[scale], losses.grpo_advantages(fixed @ w, 4, scale=scale))
+    finally:
+        trainer.scale_rewards = "group"
+        del trainer._calculate_rewards
+    assert not torch.allclose(by_scale["group"], by_scale["batch"])
+    assert by_scale["batch"][4:].abs().max() < 0.2 < by_scale["group"][4:].abs().max()  # near ties stay near 0 under batch
     # TRL's loss (its own padded path) = sectune.losses.grpo_loss on the same log-probs (π_old = π: μ = 1)
     trainer.shared_prompt = False
     try:

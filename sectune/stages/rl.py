@@ -40,6 +40,7 @@ from sectune.runner import RunContext, init_source, write_json_atomic
 LOSSES = ("grpo", "simplified_ppo")
 REFERENCES = ("base", "init")
 LOSS_TYPES = ("dapo", "grpo")
+SCALE_REWARDS = ("group", "batch", "none")
 #: seed 000's simplified PPO trained on its 20 best examples
 SIMPLIFIED_PPO_EXAMPLES = 20
 SFT_NOTE = ("loss=simplified_ppo is supervised fine-tuning under another name (seed 000's 'simplified PPO'): causal-LM "
@@ -155,6 +156,9 @@ def run_grpo(ctx: RunContext) -> dict:
         raise ConfigError(f"rl.reference={rl.reference!r}: choose base (the model with the adapter disabled) or init (a frozen copy of the starting adapter)")
     if rl.loss_type not in LOSS_TYPES:
         raise ConfigError(f"rl.loss_type={rl.loss_type!r}: choose dapo (token mean over the batch) or grpo (per-completion mean)")
+    if rl.scale_rewards not in SCALE_REWARDS:
+        raise ConfigError(f"rl.scale_rewards={rl.scale_rewards!r}: choose group (the std of each group's rewards), batch (the std of the "
+                          "batch's rewards) or none (no scaling, Dr. GRPO)")
     if int(rl.num_generations) < 2:
         raise ConfigError(f"rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions per prompt to compare them")
     if not float(rl.keep_best_se) >= 0:
@@ -255,7 +259,7 @@ def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs,
         epsilon=float(cfg.loss.clip_epsilon),
         num_iterations=int(rl.num_iterations),
         loss_type=str(rl.loss_type),
-        scale_rewards="group",
+        scale_rewards=str(rl.scale_rewards),
         reward_weights=list(weights),
         disable_dropout=True,  # π_θ, π_old and π_ref must score a token the same way
         log_completions=False,

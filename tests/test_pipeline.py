@@ -297,3 +297,33 @@ def test_a_newer_sectune_with_extra_default_keys_still_skips_finished_steps(tmp_
     old["rl"]["gone_key"] = 1  # a key this sectune no longer has
     OmegaConf.save(OmegaConf.create(old), tmp_path / ".hydra" / "config.yaml")
     assert not pipeline.same_but_newer_defaults(step)
+
+
+def test_a_moved_pipeline_dir_under_a_newer_sectune_still_skips_finished_steps(tmp_path):
+    """Both at once: the step's saved config names the old pipeline dir (rl.init_from=<old>/sft) and lacks a key a
+    newer sectune added at its default. Paths under one consistent old dir count as the same; any other path not."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from sectune.stages import pipeline
+
+    new_root = tmp_path / "moved" / "p"
+    step_dir = new_root / "rl"
+    (step_dir / ".hydra").mkdir(parents=True)
+
+    def saved(init_from: str, reward_model: str) -> None:
+        old = OmegaConf.to_container(compose(["stage=rl", "train.max_steps=3", f"rl.init_from={init_from}",
+                                              f"rl.reward_model={reward_model}"]), resolve=True)
+        del old["rl"]["heldout_windows"]
+        OmegaConf.save(OmegaConf.create(old), step_dir / ".hydra" / "config.yaml")
+
+    step = SimpleNamespace(dir=step_dir, cfg=compose(["stage=rl", "train.max_steps=3", f"rl.init_from={new_root}/sft",
+                                                      f"rl.reward_model={new_root}/reward"]))
+    saved("/old/run/sft", "/old/run/reward")
+    assert pipeline.same_but_newer_defaults(step)
+    for init_from, reward_model in (("/old/run/sft", "/other/run/reward"),   # two different old dirs
+                                    ("/old/run/dpo", "/old/run/reward"),     # another step's dir
+                                    ("/old/run/sft", "/old/run/reward_2")):
+        saved(init_from, reward_model)
+        assert not pipeline.same_but_newer_defaults(step), (init_from, reward_model)

@@ -331,7 +331,37 @@ def same_but_newer_defaults(step: Step) -> bool:
     for cfg in (saved, current):
         cfg.pop("debug", None)
         cfg.get("train", {}).pop("resume", None)
+    # a pipeline dir moved or copied since (skip_digest's <root>): the paths the steps handed each other
+    root = str(Path(step.dir).resolve().parent)
+    old_root = _saved_root(saved, current, root)
+    if old_root is not None:
+        saved, current = runner._relative_to(saved, old_root), runner._relative_to(current, root)
     return _covers(saved, current, defaults)
+
+
+def _saved_root(saved, current, root: str) -> str | None:
+    """The pipeline dir a step's saved config was written in, when it was elsewhere: every saved path whose
+    current value lies under ``root`` must end the same way under one and the same old dir; else None."""
+    found: set[str] = set()
+    mismatch = False
+
+    def walk(a, b):
+        nonlocal mismatch
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in a.keys() & b.keys():
+                walk(a[k], b[k])
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for x, y in zip(a, b):
+                walk(x, y)
+        elif isinstance(a, str) and isinstance(b, str) and a != b and b.startswith(root + "/"):
+            tail = b[len(root):]
+            if a.endswith(tail) and len(a) > len(tail):
+                found.add(a[: -len(tail)])
+            else:
+                mismatch = True
+
+    walk(saved, current)
+    return found.pop() if len(found) == 1 and not mismatch else None
 
 
 def _covers(saved, current, defaults) -> bool:

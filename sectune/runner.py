@@ -66,16 +66,17 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("sweep", None)
     if root is not None:
-        container = _relative_to(container, str(root).rstrip("/"))
+        container = relative_to_root(container, str(root).rstrip("/"))
     blob = json.dumps(container, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _relative_to(obj: Any, root: str) -> Any:
+def relative_to_root(obj: Any, root: str) -> Any:
+    """``obj`` (a config container) with every string path under ``root`` written as ``<root>/…``."""
     if isinstance(obj, dict):
-        return {k: _relative_to(v, root) for k, v in obj.items()}
+        return {k: relative_to_root(v, root) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_relative_to(v, root) for v in obj]
+        return [relative_to_root(v, root) for v in obj]
     if isinstance(obj, str) and (obj == root or obj.startswith(root + "/")):
         return "<root>" + obj[len(root):]
     return obj

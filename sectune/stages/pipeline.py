@@ -335,7 +335,7 @@ def same_but_newer_defaults(step: Step) -> bool:
     root = str(Path(step.dir).resolve().parent)
     old_root = _saved_root(saved, current, root)
     if old_root is not None:
-        saved, current = runner._relative_to(saved, old_root), runner._relative_to(current, root)
+        saved, current = runner.relative_to_root(saved, old_root), runner.relative_to_root(current, root)
     return _covers(saved, current, defaults)
 
 

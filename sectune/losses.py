@@ -71,6 +71,10 @@ def dpo_loss(
 # The loss is -J. TRL's GRPOTrainer (1.16) computes exactly this; tests/test_rl.py holds the two side by side.
 
 
+#: what a GRPO advantage may be divided by (TRL's ``scale_rewards``, ``rl.scale_rewards``)
+GRPO_SCALES = ("group", "batch", "none")
+
+
 def grpo_advantages(rewards: torch.Tensor, num_generations: int, eps: float = 1e-4, scale: bool | str = True) -> torch.Tensor:
     """Group-normalised advantages ``Â_i = (r_i - mean(r_group)) / (std(r_group) + eps)`` for rewards laid out
     group after group (``[B·G]``: the G completions of prompt 0, then of prompt 1, …).
@@ -84,7 +88,7 @@ def grpo_advantages(rewards: torch.Tensor, num_generations: int, eps: float = 1e
     if num_generations < 2 or rewards.numel() % num_generations:
         raise ValueError(f"rewards ({rewards.numel()}) must hold whole groups of num_generations={num_generations} >= 2")
     mode = {True: "group", False: "none"}.get(scale, scale)
-    if mode not in ("group", "batch", "none"):
+    if mode not in GRPO_SCALES:
         raise ValueError(f"scale={scale!r}: choose group, batch or none")
     r = rewards.float().view(-1, num_generations)
     adv = r - r.mean(dim=1, keepdim=True)

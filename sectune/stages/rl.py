@@ -32,6 +32,7 @@ from pathlib import Path
 
 from sectune import data, engine, modeling
 from sectune.errors import ConfigError, SectuneError
+from sectune.losses import GRPO_SCALES
 from sectune.memory import memory_check
 from sectune.rl_progress import HeldOutBest, curve_metrics, plot_reward_curve, rl_history
 from sectune.rl_rewards import heldout_rewards, reward_functions
@@ -40,7 +41,6 @@ from sectune.runner import RunContext, init_source, write_json_atomic
 LOSSES = ("grpo", "simplified_ppo")
 REFERENCES = ("base", "init")
 LOSS_TYPES = ("dapo", "grpo")
-SCALE_REWARDS = ("group", "batch", "none")
 #: seed 000's simplified PPO trained on its 20 best examples
 SIMPLIFIED_PPO_EXAMPLES = 20
 SFT_NOTE = ("loss=simplified_ppo is supervised fine-tuning under another name (seed 000's 'simplified PPO'): causal-LM "
@@ -156,7 +156,7 @@ def run_grpo(ctx: RunContext) -> dict:
         raise ConfigError(f"rl.reference={rl.reference!r}: choose base (the model with the adapter disabled) or init (a frozen copy of the starting adapter)")
     if rl.loss_type not in LOSS_TYPES:
         raise ConfigError(f"rl.loss_type={rl.loss_type!r}: choose dapo (token mean over the batch) or grpo (per-completion mean)")
-    if rl.scale_rewards not in SCALE_REWARDS:
+    if rl.scale_rewards not in GRPO_SCALES:
         raise ConfigError(f"rl.scale_rewards={rl.scale_rewards!r}: choose group (the std of each group's rewards), batch (the std of the "
                           "batch's rewards) or none (no scaling, Dr. GRPO)")
     if int(rl.num_generations) < 2:

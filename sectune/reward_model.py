@@ -181,21 +181,24 @@ class TrainedRewardModel:
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        """Completions grouped by prompt (each prompt encoded once), ``batch_size`` prompts per forward."""
+        """Completions grouped by prompt (each prompt encoded once, each distinct completion of it scored
+        once: GRPO's samples repeat, and a window's pairs share their chosen answer), ``batch_size``
+        prompts per forward."""
         device = next(self.model.parameters()).device
-        order: dict[str, list[int]] = {}
-        for i, p in enumerate(prompts):
-            order.setdefault(p, []).append(i)
-        groups = [(p, idx, encode_group(self.tokenizer, p, [completions[i] for i in idx], self.max_length)[0]) for p, idx in order.items()]
+        order: dict[str, dict[str, list[int]]] = {}  # prompt → distinct completion → the indices asking for it
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            order.setdefault(p, {}).setdefault(c, []).append(i)
+        groups = [(list(by.values()), encode_group(self.tokenizer, p, list(by), self.max_length)[0]) for p, by in order.items()]
         out = [0.0] * len(prompts)
         collate = SharedPromptCollator(self.tokenizer.pad_token_id)
         for b in range(0, len(groups), self.batch_size):
             chunk = groups[b : b + self.batch_size]
-            batch = {k: v.to(device) for k, v in collate([g[2] for g in chunk]).items()}
+            batch = {k: v.to(device) for k, v in collate([g[1] for g in chunk]).items()}
             scores = sequence_rewards(self.model, batch).tolist()
-            flat = [i for g in chunk for i in g[1]]
-            for i, r in zip(flat, scores):
-                out[i] = r
+            asking = [idx for g in chunk for idx in g[0]]
+            for idx, r in zip(asking, scores, strict=True):
+                for i in idx:
+                    out[i] = r
         return out
 
 

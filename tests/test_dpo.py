@@ -85,6 +85,7 @@ def test_fresh_adapter_is_the_reference_exactly_and_the_loss_is_log2(tmp_path):
     assert torch.equal(policy, reference)
     ds = trainer.train_dataset
     assert [torch.equal(a, b) for a, b in zip(dpo.pair_logps(trainer, ds), dpo.pair_logps(trainer, ds, reference=True))] == [True, True]
+    assert dpo.fresh_adapter_on_reference(trainer)  # so the stage skips the policy's start pass: it equals the reference's
     loss = trainer.compute_loss(model, batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
 
@@ -104,6 +105,7 @@ def test_trl_dpo_loss_equals_sectune_dpo_loss_on_the_same_logps(tmp_path):
     with model.disable_adapter():
         ref_c, ref_r = plain_logps(model, batch).chunk(2)
     assert (policy_c - ref_c).abs().max() > 0.1  # the log-ratios are not trivially zero
+    assert not dpo.fresh_adapter_on_reference(trainer)  # a trained adapter: the policy's start pass is needed
     expected = losses.dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=0.3)
     torch.testing.assert_close(trainer.compute_loss(model, batch).detach(), expected, rtol=1e-5, atol=1e-6)
     # the stage's held-out pass (TRL's fused LM head, batches sorted by length) gives the same log-probs
@@ -152,6 +154,7 @@ def test_sft_adapter_loads_trainable_and_the_reference_shares_the_base_weights(t
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) == base_param_count()
     ds = trainer.train_dataset
     policy, ref = dpo.pair_logps(trainer, ds), dpo.pair_logps(trainer, ds, reference=True)
+    assert not dpo.fresh_adapter_on_reference(trainer)  # an SFT adapter (its B not zero), or its frozen "ref" copy
     if reference == "base":  # π_ref = the base model: the SFT adapter already moves the log-probs
         assert "ref" not in model.peft_config and (policy[0] - ref[0]).abs().max() > 0.1
     else:  # π_ref = a frozen copy of the SFT adapter (LoRA matrices only): equal before training
@@ -182,7 +185,7 @@ def test_full_weight_sft_run_gets_a_fresh_adapter_whose_reference_is_those_weigh
     assert trainer.ref_model is None and {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters() if "lora_" in n}
     ds = trainer.train_dataset
     policy, ref = dpo.pair_logps(trainer, ds), dpo.pair_logps(trainer, ds, reference=True)
-    assert torch.equal(policy[0], ref[0])  # fresh adapter: π = π_ref
+    assert torch.equal(policy[0], ref[0]) and dpo.fresh_adapter_on_reference(trainer)  # fresh adapter: π = π_ref
     torch.testing.assert_close(ref[0], plain_logps(sft, batch).chunk(2)[0], rtol=1e-5, atol=1e-4)  # π_ref = the SFT weights
 
     # the saved adapter, with the run's result.json as the stage writes it, loads back onto the SFT weights

@@ -16,7 +16,7 @@ from sectune.errors import ConfigError
 REWARD = ["stage=reward", "loss=bradley_terry", "dataset=auth_preferences", "logger=none"]
 
 
-def test_shared_prompt_rows_score_each_completion_as_alone():
+def test_shared_prompt_rows_score_each_completion_as_alone(monkeypatch):
     """A prompt encoded once with all its completions gives every completion the score it gets alone."""
     from sectune import modeling
 
@@ -41,6 +41,33 @@ def test_shared_prompt_rows_score_each_completion_as_alone():
     scorer = RM.TrainedRewardModel(model, tok, 512, batch_size=1)  # the scorer regroups by prompt, in input order
     torch.testing.assert_close(torch.tensor(scorer.score([p2, p1, p1], ["nope", '{"verdict":"benign"', "{}"])),
                                torch.tensor([alone[4], alone[1], alone[2]]), rtol=1e-4, atol=1e-4)
+    # a repeated (prompt, completion) is scored once and its score handed to every index asking for it
+    scored = []
+    real = RM.sequence_rewards
+    monkeypatch.setattr(RM, "sequence_rewards", lambda m, b: scored.append(len(b["seq_ends"])) or real(m, b))
+    scorer.batch_size = 8
+    got = scorer.score([p1, p2, p1, p1, p2], ["{}", "nope", "{}", '{"verdict":"benign"', "nope"])
+    assert scored == [3]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor([alone[2], alone[4], alone[2], alone[1], alone[4]]), rtol=1e-4, atol=1e-4)
+
+
+def test_pair_metrics_scores_chosen_and_rejected_in_one_call():
+    from sectune.stages.reward import pair_metrics
+
+    calls = []
+    table = {"good": 2.0, "bad": 1.0, "worse": 3.0}
+
+    def score(prompts, completions):
+        calls.append(len(prompts))
+        return [table[c] + (0.5 if p == "p2" else 0.0) for p, c in zip(prompts, completions)]
+
+    pairs = [{"prompt": "p1", "chosen": "good", "rejected": "bad", "kind": "verdict"},
+             {"prompt": "p1", "chosen": "good", "rejected": "worse", "kind": "counts"},
+             {"prompt": "p2", "chosen": "good", "rejected": "bad", "kind": "verdict"}]
+    m = pair_metrics(score, pairs)
+    assert calls == [6]
+    assert m["reward_accuracy"] == pytest.approx(2 / 3) and m["reward_margin"] == pytest.approx((1 - 1 + 1) / 3)
+    assert m["reward_accuracy_verdict"] == 1.0 and m["reward_accuracy_counts"] == 0.0 and m["heldout_pairs"] == 3
 
 
 def test_long_prompt_is_cut_from_its_start_and_the_completions_kept():

@@ -84,7 +84,9 @@ def run(ctx: RunContext) -> dict:
     beta = float(cfg.loss.beta)
     if heldout_ds is not None:  # before train(): a resumed run loads its checkpoint inside train()
         ref_logps = pair_logps(trainer, heldout_ds, reference=True)  # fixed: training never changes the reference
-        start_metrics = preference_metrics(pair_logps(trainer, heldout_ds), ref_logps, heldout_ds["kind"], beta, suffix="_start")
+        # a fresh LoRA adapter over the reference's weights computes the reference's log-probs exactly: no second pass
+        start_logps = ref_logps if fresh_adapter_on_reference(trainer) else pair_logps(trainer, heldout_ds)
+        start_metrics = preference_metrics(start_logps, ref_logps, heldout_ds["kind"], beta, suffix="_start")
         metrics.update(start_metrics)
         ctx.partial_metrics.update(start_metrics)  # kept in result.json even if training fails
     resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
@@ -323,6 +325,21 @@ def as_reference(trainer):
     model = trainer.model
     with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
         yield model
+
+
+def fresh_adapter_on_reference(trainer) -> bool:
+    """The policy is the reference, exactly: the reference is this model with its adapters disabled, and
+    the active adapter is LoRA whose every ``lora_B`` is still zero (PEFT's initialisation), so each
+    adapted layer adds exactly 0 to the frozen layer's output."""
+    model = trainer.model
+    if trainer.ref_model is not None or not modeling_is_peft(model) or "ref" in model.peft_config:
+        return False
+    from peft import PeftType
+
+    if model.peft_config[model.active_adapter].peft_type != PeftType.LORA or getattr(model.peft_config[model.active_adapter], "use_dora", False):
+        return False
+    bs = [p for n, p in model.named_parameters() if ".lora_B." in n or ".lora_embedding_B." in n]
+    return bool(bs) and all(not p.any() for p in bs)
 
 
 def completion_logps(model, batch: dict) -> torch.Tensor:

@@ -37,6 +37,7 @@ import pandas as pd
 import yaml
 
 from sectune.errors import ConfigError, DataError
+from sectune.runner import write_text_atomic
 
 RESULT_FILE = "result.json"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
@@ -196,12 +197,6 @@ def to_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", key) or "key"
 
@@ -253,9 +248,9 @@ def write_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
     sweep_dir = Path(sweep_dir)
     frame = build_report(sweep_dir, sort_by=sort_by, ascending=ascending)
     csv_path, md_path = sweep_dir / "report.csv", sweep_dir / "report.md"
-    _atomic_write_text(csv_path, frame.to_csv(index=False))
+    write_text_atomic(csv_path, frame.to_csv(index=False))
     markdown = to_markdown(frame)
-    _atomic_write_text(md_path, markdown)
+    write_text_atomic(md_path, markdown)
     plots: list[Path] = []
     metric = frame.attrs.get("sort_by")
     if metric and frame.attrs["swept"] and pd.api.types.is_numeric_dtype(frame[metric]):

@@ -84,9 +84,14 @@ def relative_to_root(obj: Any, root: str) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write to a temporary name, then rename: a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

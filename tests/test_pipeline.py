@@ -327,3 +327,45 @@ def test_a_moved_pipeline_dir_under_a_newer_sectune_still_skips_finished_steps(t
                                     ("/old/run/sft", "/old/run/reward_2")):
         saved(init_from, reward_model)
         assert not pipeline.same_but_newer_defaults(step), (init_from, reward_model)
+
+
+def test_a_run_killed_while_recording_a_changed_step_does_not_pass_it_as_finished(tmp_path, monkeypatch):
+    """Step A succeeded; a rerun with a changed config (B) dies while recording the step. Whatever was written
+    by then, the next rerun with B must rerun the step, not reuse A's result (step.json goes first)."""
+    from omegaconf import OmegaConf
+
+    from sectune import runner
+    from sectune.stages import pipeline
+
+    def step(max_steps: int):
+        cfg = compose(["stage=rl", f"train.max_steps={max_steps}"])
+        return pipeline.Step("rl", tmp_path / "p" / "rl", cfg, ["stage=rl", f"train.max_steps={max_steps}"])
+
+    a, b = step(2), step(50)
+    pipeline.record_step(a)
+    runner.write_json_atomic(a.dir / "result.json", {"status": "succeeded", "config_digest": runner.config_digest(a.cfg)})
+    assert pipeline.already_done(a) is not None and pipeline.already_done(b) is None
+
+    written = []
+    real_text, real_json = pipeline.write_text_atomic, pipeline.write_json_atomic
+
+    def dies_after(n):
+        def write(path, obj):
+            if len(written) == n:
+                raise KeyboardInterrupt("killed")
+            written.append(path.name)
+            (real_json if path.suffix == ".json" else real_text)(path, obj)
+        return write
+
+    for n in range(3):  # killed before the 1st, 2nd or 3rd file of B's record
+        pipeline.record_step(a)
+        written.clear()
+        monkeypatch.setattr(pipeline, "write_text_atomic", dies_after(n))
+        monkeypatch.setattr(pipeline, "write_json_atomic", dies_after(n))
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.record_step(b)
+        monkeypatch.undo()
+        assert pipeline.already_done(b) is None, (n, written)
+        assert OmegaConf.load(a.dir / ".hydra" / "config.yaml").train.max_steps == (50 if "config.yaml" in written else 2)
+    pipeline.record_step(b)  # recorded whole: B is itself, not done until it runs
+    assert pipeline.already_done(b) is None and json.loads((b.dir / "step.json").read_text())["config_digest"] == runner.config_digest(b.cfg)

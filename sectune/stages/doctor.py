@@ -21,7 +21,6 @@ warnings too), else 0; ``doctor.md`` in the run dir and the console list every c
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from sectune.errors import SectuneError
-from sectune.runner import RunContext
+from sectune.runner import RunContext, write_text_atomic
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 GATED_PREFIXES = ("meta-llama/",)
@@ -252,9 +251,7 @@ def run(ctx: RunContext) -> dict:
         mark = {"ok": "ok     ", "warn": "warn   ", "missing": "MISSING"}[c.status]
         print(f"  [{mark}] {c.name}: {c.detail}" + (f"\n             fix: {c.fix}" if c.fix and c.status != "ok" else ""))
     text = markdown(cfg, checks, plan_info)
-    tmp = ctx.path(".doctor.md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, ctx.path("doctor.md"))
+    write_text_atomic(ctx.path("doctor.md"), text)
     counts = {s: sum(c.status == s for c in checks) for s in ("ok", "warn", "missing")}
     metrics = {"checks_ok": counts["ok"], "checks_warn": counts["warn"], "checks_missing": counts["missing"]}
     if "predicted_peak_bytes" in plan_info:

@@ -57,7 +57,7 @@ from sectune import distributed, runner
 from sectune.config import PipelineConfig
 from sectune.errors import ConfigError, SectuneError
 from sectune.pipeline_heldout import WINDOWS_DIR, check_held_out, heldout_table, reads_windows, write_windows
-from sectune.runner import RunContext, config_digest, skip_digest, write_json_atomic
+from sectune.runner import RunContext, config_digest, skip_digest, write_json_atomic, write_text_atomic
 
 STEP_FILE = "step.json"
 #: config groups a per-step override may pick an option of (``pipeline.overrides.<step>.<group>=<option>``)
@@ -380,13 +380,13 @@ def _covers(saved, current, defaults) -> bool:
 
 
 def record_step(step: Step) -> None:
-    """``step.json`` (what the skip check reads) and ``.hydra/`` as a plain run would have it."""
+    """``step.json`` (what the skip check reads) and ``.hydra/`` as a plain run would have it.
+
+    ``step.json`` first: its new digest no longer matches the old result.json's, so from then on the step
+    counts as not done. Written the other way round, a run killed between the two files would leave the
+    new config beside the old step.json and result, and ``same_but_newer_defaults`` would then pass a changed
+    step as finished. Every file is written to a temporary name and renamed."""
     step.dir.mkdir(parents=True, exist_ok=True)
-    hydra_dir = step.dir / ".hydra"
-    hydra_dir.mkdir(exist_ok=True)
-    OmegaConf.save(step.cfg, hydra_dir / "config.yaml")
-    flat = [f"{k}={v}" for k, v in _flatten(step.merged)]
-    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create([*step.composed_with, *flat])))
     write_json_atomic(step.dir / STEP_FILE, {
         "step": step.name,
         "skip_digest": step.skip_digest,
@@ -394,6 +394,10 @@ def record_step(step: Step) -> None:
         "composed_with": step.composed_with,
         "merged": step.merged,
     })
+    hydra_dir = step.dir / ".hydra"
+    flat = [f"{k}={v}" for k, v in _flatten(step.merged)]
+    write_text_atomic(hydra_dir / "config.yaml", OmegaConf.to_yaml(step.cfg))
+    write_text_atomic(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create([*step.composed_with, *flat])))
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:

@@ -70,6 +70,7 @@ _full_error_is_ours = False
 
 def main() -> None:
     global _full_error_is_ours
+    refuse_secrets(sys.argv[1:])
     distributed.share_run_dir_across_ranks()
     if "HYDRA_FULL_ERROR" in os.environ:  # the user wants Hydra's full traces
         _app()
@@ -87,6 +88,21 @@ def main() -> None:
     finally:
         if _full_error_is_ours:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def refuse_secrets(argv: list[str]) -> None:
+    """Exit 2 before anything is written when an override carries a secret: Hydra saves every override in
+    the run's ``.hydra/`` (and a sweep's ``multirun.yaml`` and submitit's job files), and W&B records the
+    command line, so a token given there would be on disk and, online, uploaded."""
+    from sectune.tracking import secret_overrides
+
+    found = secret_overrides(argv)
+    if found:
+        print(f"sectune: error: {', '.join(found)}: a secret on the command line would be saved in the run's .hydra/ "
+              "files (and a sweep's multirun.yaml) and recorded by W&B; nothing was run or written. Put it in the "
+              "environment instead: HF_TOKEN (or `hf auth login`) for the hub, WANDB_API_KEY (or `wandb login`) for W&B",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def config_file_error(e: BaseException, argv: list[str]) -> str | None:

@@ -20,8 +20,24 @@ from omegaconf import DictConfig, OmegaConf
 from sectune.errors import ConfigError
 
 REDACTED = "***redacted***"
-_SECRET_KEY = re.compile(r"(token|api[_-]?key|secret|password|passwd|credential|auth[_-]?key)$", re.I)
+_SECRET_KEY = re.compile(r"(token|key|secret|password|passwd|credential)$", re.I)  # hf_token, api_key, wandb.key
 _SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|[0-9a-f]{40}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,})$")
+
+
+def secret_overrides(argv: list[str]) -> list[str]:
+    """The command-line overrides that set a secret: a secret-named key (``+hf_token=…``, ``+wandb.api_key=…``)
+    or a token-shaped value (``hf_…``, ``sk-…``) under any key. Returned as ``key=…``, never with the value."""
+    found = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~").split("@", 1)[0]
+        name = key.rsplit(".", 1)[-1]
+        values = [v.strip(" '\"") for v in value.strip("[]").split(",")]
+        if (value.strip() and _SECRET_KEY.search(name)) or any(_SECRET_VALUE.match(v) for v in values):
+            found.append(f"{arg.partition('=')[0]}=…")
+    return found
 
 
 def redact(obj: Any) -> Any:

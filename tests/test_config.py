@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import compose, sectune
+from conftest import cli, compose, sectune
 from sectune.paths import PROJECT_ROOT
 from sectune.tracking import REDACTED, redact
 
@@ -77,6 +77,23 @@ def test_redact_hides_secret_keys_and_values():
     assert out["a"]["hub_token"] == REDACTED and out["a"]["api_key"] == REDACTED and out["a"]["name"] == "x"
     assert out["b"] == [REDACTED, "fine"]
     assert out["password"] is None  # nothing to hide
+
+
+def test_a_secret_on_the_command_line_is_refused_before_anything_is_written(tmp_path):
+    """Hydra would save it in .hydra/ (a sweep: multirun.yaml, submitit's pickles) and W&B records argv."""
+    from sectune.tracking import secret_overrides
+
+    fake = "hf_" + "FAKE" * 8
+    run = sectune(["stage=plan", "logger=none", f"+hf_token={fake}"], tmp_path / "run")
+    assert run.returncode == 2 and "+hf_token=…" in run.stderr and "HF_TOKEN" in run.stderr
+    assert fake not in run.stdout + run.stderr and not (tmp_path / "run").exists()
+    sweep = cli(["-m", "stage=plan", "logger=none", "+wandb.api_key=abc123", "train.seed=1,2", f"hydra.sweep.dir={tmp_path / 'm'}"])
+    assert sweep.returncode == 2 and "+wandb.api_key=…" in sweep.stderr and not (tmp_path / "m").exists()
+    # a token-shaped value under any key; never an ordinary key that merely contains the word
+    assert secret_overrides([f"logger.tags=[x,{fake}]", "+model.auth_key=s", "++x.password=p", "~y.secret=1"]) == [
+        "logger.tags=…", "+model.auth_key=…", "++x.password=…", "~y.secret=…"]
+    assert secret_overrides(["generation.max_new_tokens=5", "model.tiny.extra_tokens=[a,b]", "loss.weighted_keys=[verdict]",
+                             "+model.token=", "train.seed=1,2", "-m", "hydra.run.dir=/tmp/x"]) == []
 
 
 def test_building_a_tiny_model_leaves_the_callers_rng_alone(tmp_path):

@@ -78,6 +78,11 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"], _full_error_is_ours = "1", True
     try:
         _app()
+    except OSError as e:  # Hydra could not make the run's output dir (a stage's own OSErrors end in runner.run)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sectune: error: {where}{e.strerror or e}: cannot create the run dir there (hydra.run.dir, or "
+              f"hydra.sweep.dir for -m)", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
         line = config_file_error(e, sys.argv[1:])
         if line is None:

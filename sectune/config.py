@@ -308,3 +308,29 @@ def register() -> None:
         OmegaConf.register_new_resolver("sectune_cache", lambda: str(paths.cache_dir()))
     cs = ConfigStore.instance()
     cs.store(name="sectune_schema", node=SectuneConfig)
+
+
+def check_values(cfg) -> None:
+    """Values the schema's types let through but no run can use, named by key, before any data or model
+    loads: a negative or zero learning rate (0 would "train" and change nothing), batch sizes below 1,
+    generation settings transformers rejects only mid-run."""
+    import math
+
+    from sectune.errors import ConfigError
+
+    def need(ok: bool, key: str, value, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value}: {what}")
+
+    lr = cfg.train.learning_rate
+    need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "train.learning_rate", lr, "must be a number > 0")
+    for key in ("batch_size", "grad_accum"):
+        need(cfg.train[key] >= 1, f"train.{key}", cfg.train[key], "must be >= 1")
+    if cfg.train.eval_batch_size is not None:
+        need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", cfg.train.eval_batch_size, "must be >= 1 (or null: train.batch_size)")
+    need(cfg.infer.batch_size >= 1, "infer.batch_size", cfg.infer.batch_size, "must be >= 1")
+    g = cfg.generation
+    need(g.max_new_tokens >= 1, "generation.max_new_tokens", g.max_new_tokens, "must be >= 1")
+    need(g.temperature > 0 or not g.do_sample, "generation.temperature", g.temperature, "must be > 0 when generation.do_sample=true")
+    need(0 < g.top_p <= 1, "generation.top_p", g.top_p, "must be in (0, 1]")
+    need(g.repetition_penalty > 0, "generation.repetition_penalty", g.repetition_penalty, "must be > 0 (1.0 = no penalty)")

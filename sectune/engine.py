@@ -43,6 +43,27 @@ def damaged_file(path: Path) -> tuple[str, str] | None:
     """
     import zipfile
 
+    damage = damaged_safetensors(path)
+    if damage is not None:
+        return damage
+    for f in sorted([*path.glob("*.pt"), *path.glob("*.pth")]):
+        try:
+            with zipfile.ZipFile(f):
+                pass
+        except (OSError, zipfile.BadZipFile) as e:
+            return f.name, f"not a complete torch file ({e})"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return "trainer_state.json", f"does not parse ({e})"
+    if not isinstance(state, dict):
+        return "trainer_state.json", f"not a JSON object ({type(state).__name__})"
+    return None
+
+
+def damaged_safetensors(path: Path) -> tuple[str, str] | None:
+    """(file name, why) for the first ``*.safetensors`` in ``path`` whose header does not parse or whose
+    tensors do not end where the file ends (a file cut short), or None. Reads no tensor data."""
     for f in sorted(path.glob("*.safetensors")):
         try:
             size = f.stat().st_size
@@ -54,18 +75,8 @@ def damaged_file(path: Path) -> tuple[str, str] | None:
             end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
             if size != 8 + header_len + end:
                 return f.name, f"truncated: {size} bytes, its header says {8 + header_len + end}"
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             return f.name, f"unreadable safetensors header ({type(e).__name__})"
-    for f in sorted([*path.glob("*.pt"), *path.glob("*.pth")]):
-        try:
-            with zipfile.ZipFile(f):
-                pass
-        except (OSError, zipfile.BadZipFile) as e:
-            return f.name, f"not a complete torch file ({e})"
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError) as e:
-        return "trainer_state.json", f"does not parse ({e})"
     return None
 
 

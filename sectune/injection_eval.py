@@ -149,7 +149,7 @@ def choose_analyst(model_dir):
         if why is not None:
             raise ConfigError(f"evaluate.model_dir={model_dir}: the {stage} run has no usable model ({why})")
         return infer.ModelChoice(stage, path, kind)
-    return infer.choose_model(str(root), base_fallback=False)
+    return infer.choose_model(str(root), base_fallback=False, key="evaluate.model_dir")
 
 
 def evaluate_injections(ctx) -> dict:

@@ -44,6 +44,8 @@ STAGES: dict[str, str] = {
 }
 
 RESULT_FILE = "result.json"
+#: a failed rerun in the dir of a succeeded run whose artifacts it left alone: its result (result.json stays the earlier run's)
+FAILED_ATTEMPT_FILE = "result.failed.json"
 
 
 @dataclass
@@ -146,11 +148,13 @@ def resolve_stage(name: str) -> Callable[[RunContext], dict]:
 
 
 def previous_result(run_dir: Path) -> dict | None:
+    """The run's result.json, or None when there is none or it is not a JSON object (damaged, or not sectune's)."""
     path = run_dir / RESULT_FILE
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        result = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return result if isinstance(result, dict) else None
 
 
 def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
@@ -207,6 +211,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         "config_digest": digest,
     }
     main = distributed.is_main_process()
+    earlier = previous_result(run_dir) if main else None
+    earlier = earlier if earlier and earlier.get("status") == "succeeded" else None
+    started = time.time()
     if main:
         # A stale result from an earlier attempt in this dir must not look current.
         write_json_atomic(run_dir / RESULT_FILE, result)
@@ -214,6 +221,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
     code = 0
     try:
+        from sectune.config import check_values
+
+        check_values(cfg)
         _seed_everything(cfg.train.seed)
         stage_fn = resolve_stage(stage_name)
         ctx.tracker = tracking.start(cfg, run_dir) if main else None
@@ -240,11 +250,36 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         result["finished"] = _now()
         result["wall_time_s"] = round(time.perf_counter() - t0, 2)
         if main:
-            write_json_atomic(run_dir / RESULT_FILE, result)
+            if result["status"] == "failed" and earlier is not None and artifacts_untouched(run_dir, earlier, started):
+                # a rerun that failed before replacing anything: the earlier run and its artifacts stay usable
+                write_json_atomic(run_dir / FAILED_ATTEMPT_FILE, result)
+                write_json_atomic(run_dir / RESULT_FILE, earlier)
+                print(f"sectune: {run_dir / RESULT_FILE} is the earlier succeeded run's again (this attempt changed none of "
+                      f"its artifacts); this attempt's result is {FAILED_ATTEMPT_FILE} (and its config is in .hydra/)", file=sys.stderr)
+            else:
+                write_json_atomic(run_dir / RESULT_FILE, result)
+                (run_dir / FAILED_ATTEMPT_FILE).unlink(missing_ok=True)  # an older attempt's: result.json is current
             tracking.finish(ctx.tracker, result)
             if result["status"] == "succeeded" and sweeps.in_multirun():
                 sweeps.record_done(cfg, run_dir, digest)
     return code, _objective(result["metrics"], cfg.sweep.objective) if code == 0 else None
+
+
+def artifacts_untouched(run_dir: Path, result: dict, since: float) -> bool:
+    """Every artifact ``result`` names still exists and nothing in it was written after ``since`` (a wall-clock time)."""
+    artifacts = result.get("artifacts")
+    if not isinstance(artifacts, dict):
+        return False
+    for rel in artifacts.values():
+        if not isinstance(rel, str) or not rel:
+            return False
+        path = run_dir / rel
+        if not path.exists():
+            return False
+        paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+        if any(p.stat().st_mtime > since for p in paths):
+            return False
+    return True
 
 
 def _objective(metrics: dict, name: str | None = None) -> float | None:

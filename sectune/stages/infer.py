@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sectune import modeling
+from sectune import engine, modeling
 from sectune.data import auth_logs
 from sectune.errors import ConfigError, DataError
 from sectune.inference import generate, parse_json_output
@@ -145,10 +145,13 @@ def output_path(output_file, run_dir: Path) -> Path:
         path = Path(str(output_file)).expanduser()
         if path.is_dir():
             raise ConfigError(f"infer.output_file={output_file}: is a folder; give a file name (e.g. {path / DEFAULT_OUTPUT})")
+        parent = next(p for p in path.absolute().parents if p.exists())  # the folders below it are created
+        if not parent.is_dir():
+            raise ConfigError(f"infer.output_file={output_file}: {parent} is a file, not a folder")
         return path
-    path = run_dir / DEFAULT_OUTPUT
-    path.unlink(missing_ok=True)  # a rerun in this dir: an earlier attempt's answers must not look current
-    return path
+    # a rerun in this dir replaces an earlier run's answers only when it has new ones (written atomically at the end);
+    # if it fails first, the earlier answers and result.json stay (runner.run)
+    return run_dir / DEFAULT_OUTPUT
 
 
 def build_prompt(log_text: str, schema_text: str | None = None) -> str:
@@ -180,13 +183,14 @@ class ModelChoice:
         return f"the {self.used} {'adapter' if self.kind == 'adapter' else 'model'} at {self.path}"
 
 
-def choose_model(model_dir, base_fallback: bool = True) -> ModelChoice:
-    """The first usable of RL → DPO → SFT in ``model_dir`` (a run or pipeline dir), else the base."""
+def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_dir") -> ModelChoice:
+    """The first usable of RL → DPO → SFT in ``model_dir`` (a run or pipeline dir), else the base.
+    ``key``: the setting ``model_dir`` came from, as errors name it."""
     if model_dir is None:
         return ModelChoice("base")
     root = Path(str(model_dir)).expanduser()
     if not root.is_dir():
-        raise ConfigError(f"infer.model_dir={model_dir}: no such directory")
+        raise ConfigError(f"{key}={model_dir}: no such directory")
     result = _read_result(root)
     stage = (result or {}).get("stage")
     if stage in CHAIN:
@@ -194,9 +198,9 @@ def choose_model(model_dir, base_fallback: bool = True) -> ModelChoice:
     elif stage == "pipeline" or (result is None and any((root / s / RESULT_FILE).is_file() for s in CHAIN)):
         candidates = [(s, root / s) for s in CHAIN]
     elif result is None:
-        raise ConfigError(f"infer.model_dir={model_dir}: no {RESULT_FILE} there; point it at an sft, dpo or rl run dir or a pipeline dir")
+        raise ConfigError(f"{key}={model_dir}: no {RESULT_FILE} there; point it at an sft, dpo or rl run dir or a pipeline dir")
     else:
-        raise ConfigError(f"infer.model_dir={model_dir}: a stage={stage} run holds no model to answer with; point it at an sft, dpo or rl run dir or a pipeline dir")
+        raise ConfigError(f"{key}={model_dir}: a stage={stage} run holds no model to answer with; point it at an sft, dpo or rl run dir or a pipeline dir")
     skipped = []
     for step, step_dir in candidates:
         why, path, kind = _usable(step, step_dir)
@@ -204,7 +208,7 @@ def choose_model(model_dir, base_fallback: bool = True) -> ModelChoice:
             return ModelChoice(step, path, kind, skipped)
         skipped.append(f"{step}: {why}")
     if not base_fallback:
-        raise ConfigError(f"infer.model_dir={model_dir}: no usable model ({'; '.join(skipped)}) and infer.base_fallback=false")
+        raise ConfigError(f"{key}={model_dir}: no usable model ({'; '.join(skipped)}) and infer.base_fallback=false")
     return ModelChoice("base", skipped=skipped)
 
 
@@ -216,7 +220,9 @@ def _read_result(run_dir: Path) -> dict | None:
         result = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return result if isinstance(result, dict) else None
+    if not isinstance(result, dict):
+        raise ConfigError(f"{path}: not a sectune result (a JSON {type(result).__name__}, not an object)")
+    return result
 
 
 def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
@@ -232,12 +238,16 @@ def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
         error = f": {result['error']}" if result.get("error") else ""
         return f"the run did not succeed (status {result.get('status')!r}{error})", None, ""
     artifacts = result.get("artifacts") or {}
+    if not isinstance(artifacts, dict):
+        return f"{RESULT_FILE}'s artifacts is not an object", None, ""
     if artifacts.get("adapter"):
         rel = artifacts["adapter"]
         folder = run_dir / rel
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             if not (folder / name).is_file():
                 return f"{rel}/{name} missing", None, ""
+        if (damage := engine.damaged_safetensors(folder)) is not None:
+            return f"{rel}/{damage[0]} is damaged ({damage[1]})", None, ""
         return None, folder, "adapter"
     if artifacts.get("model"):
         rel = artifacts["model"]
@@ -246,6 +256,8 @@ def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
             return f"{rel}/config.json missing", None, ""
         if not any(folder.glob("*.safetensors")):
             return f"{rel}/*.safetensors missing", None, ""
+        if (damage := engine.damaged_safetensors(folder)) is not None:
+            return f"{rel}/{damage[0]} is damaged ({damage[1]})", None, ""
         return None, folder, "model"
     return f"{RESULT_FILE} names no adapter or model artifact", None, ""
 
@@ -267,7 +279,12 @@ def load_model(cfg, choice: ModelChoice):
             if trained_on and not _same_model(trained_on, base):
                 print(f"sectune: warning: the {choice.used} adapter was trained on {trained_on}; loading it on "
                       f"model={cfg.model.name} ({base})")
-            model = PeftModel.from_pretrained(model, str(choice.path))
+            try:
+                model = PeftModel.from_pretrained(model, str(choice.path))
+            except Exception as e:  # noqa: BLE001 - any load failure is the same user error: this adapter, this model
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"cannot load the {choice.used} adapter in {choice.path} onto model={cfg.model.name} "
+                                  f"({type(e).__name__}: {first})") from None
             ref = str(choice.path)
         tokenizer = modeling.load_tokenizer(cfg, str(choice.path) if choice.path and _has_tokenizer(choice.path) else base)
     model = modeling.to_run_device(model, cfg)

@@ -1,0 +1,146 @@
+"""Bad inputs found by an audit of the CLI: each gets one line naming the key or file and a non-zero exit,
+before any data or model loads where it can; and a failed rerun never costs a succeeded run its result."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import compose, sectune
+from sectune.errors import ConfigError
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.learning_rate=0", "train.learning_rate"),
+    ("train.learning_rate=-1", "train.learning_rate"),
+    ("train.eval_batch_size=0", "train.eval_batch_size"),
+    ("infer.batch_size=0", "infer.batch_size"),
+    ("generation.max_new_tokens=0", "generation.max_new_tokens"),
+    ("generation.top_p=0", "generation.top_p"),
+    ("generation.repetition_penalty=0", "generation.repetition_penalty"),
+])
+def test_values_no_run_can_use_are_errors_naming_the_key(override, key):
+    from sectune.config import check_values
+
+    check_values(compose([]))  # the defaults pass
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        check_values(compose([override]))
+
+
+def test_a_negative_temperature_is_an_error_only_when_sampling():
+    from sectune.config import check_values
+
+    check_values(compose(["generation.temperature=-1"]))  # greedy: unused
+    with pytest.raises(ConfigError, match=r"^generation.temperature=-1.0: must be > 0 when generation.do_sample=true"):
+        check_values(compose(["generation.temperature=-1", "generation.do_sample=true"]))
+
+
+def test_cli_stops_on_a_zero_learning_rate_before_loading_anything(tmp_path):
+    run = sectune(["stage=sft", "logger=none", "train.learning_rate=0", "dataset.path=/nonexistent/never/read"], tmp_path / "run")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == "sectune: error: train.learning_rate=0.0: must be a number > 0"
+    assert run.result["status"] == "failed"
+
+
+def test_a_run_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for target in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        run = sectune(["stage=plan", "logger=none"], target)
+        assert run.returncode == 2, run.stderr[-1500:]
+        assert run.stderr.strip().splitlines() == [f"sectune: error: {target}: "
+                                                  f"{'File exists' if target.name == 'afile' else 'Not a directory'}: "
+                                                  "cannot create the run dir there (hydra.run.dir, or hydra.sweep.dir for -m)"]
+
+
+def _succeeded_run(run_dir: Path, stage: str, artifacts: dict[str, str]) -> dict:
+    for rel in artifacts.values():
+        (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / rel).write_text("kept")
+    result = {"stage": stage, "status": "succeeded", "metrics": {"x": 1}, "artifacts": artifacts, "config_digest": "old"}
+    (run_dir / "result.json").write_text(json.dumps(result))
+    past = time.time() - 60
+    for p in [run_dir, *run_dir.rglob("*")]:
+        os.utime(p, (past, past))
+    return result
+
+
+def test_a_failed_rerun_keeps_the_succeeded_runs_result_and_artifacts(tmp_path):
+    """A rerun into a succeeded run's dir that fails before replacing anything (a typo'd data path):
+    result.json is the earlier run's again, the attempt's own result is result.failed.json."""
+    run_dir = tmp_path / "sft"
+    run_dir.mkdir()
+    earlier = _succeeded_run(run_dir, "sft", {"adapter": "adapter/adapter_model.safetensors"})
+    run = sectune(["stage=sft", "logger=none", "train.max_steps=2", "dataset.path=/nonexistent/auth"], run_dir)
+    assert run.returncode == 2 and "/nonexistent/auth" in run.stderr
+    assert json.loads((run_dir / "result.json").read_text()) == earlier
+    failed = json.loads((run_dir / "result.failed.json").read_text())
+    assert failed["status"] == "failed" and "/nonexistent/auth" in failed["error"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_text() == "kept"
+    # infer: the same for its answers (it used to delete analyses.json before loading a model)
+    infer_dir = tmp_path / "infer"
+    infer_dir.mkdir()
+    earlier = _succeeded_run(infer_dir, "infer", {"output": "analyses.json"})
+    run = sectune(["stage=infer", "logger=none", f"infer.model_dir={tmp_path / 'nope'}",
+                   f"infer.input_file={tmp_path / 'nope.log'}"], infer_dir)
+    assert run.returncode == 2
+    assert json.loads((infer_dir / "result.json").read_text()) == earlier and (infer_dir / "analyses.json").read_text() == "kept"
+
+
+def test_a_rerun_that_touched_an_artifact_reports_its_own_failure():
+    from sectune.runner import artifacts_untouched
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        run_dir = Path(d)
+        result = _succeeded_run(run_dir, "sft", {"adapter": "adapter/w.safetensors", "checkpoints": "checkpoints/c1/s.json"})
+        since = time.time() - 30
+        assert artifacts_untouched(run_dir, result, since)
+        (run_dir / "checkpoints" / "c1" / "s.json").write_text("new")  # written by the failed attempt
+        assert not artifacts_untouched(run_dir, result, since)
+        (run_dir / "checkpoints" / "c1" / "s.json").unlink()  # or deleted by it
+        assert not artifacts_untouched(run_dir, result, time.time() + 60)
+        assert not artifacts_untouched(run_dir, {**result, "artifacts": ["adapter"]}, since)
+
+
+def test_infer_passes_over_a_damaged_adapter_and_names_the_file(tmp_path):
+    from sectune import modeling
+    from sectune.stages import infer
+
+    cfg = compose(["lora=r4_attention"])
+    model = modeling.apply_lora(modeling.load_model(cfg), cfg)
+    run_dir = tmp_path / "sft"
+    model.save_pretrained(run_dir / "adapter")
+    (run_dir / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": {"adapter": "adapter"}}))
+    assert infer.choose_model(str(run_dir)).used == "sft"
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"^evaluate.model_dir=.*sft: adapter/adapter_model.safetensors is damaged \(truncated"):
+        infer.choose_model(str(run_dir), base_fallback=False, key="evaluate.model_dir")
+    (run_dir / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": ["adapter"]}))
+    assert "artifacts is not an object" in infer.choose_model(str(run_dir)).skipped[0]
+    (run_dir / "result.json").write_text("[]")  # valid JSON, not a result
+    with pytest.raises(ConfigError, match=r"result.json: not a sectune result \(a JSON list, not an object\)"):
+        infer.choose_model(str(run_dir))
+
+
+def test_infer_output_file_under_a_file_is_refused_before_a_model_loads(tmp_path):
+    from sectune.stages import infer
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"^infer.output_file=.*afile/deeper/out.json: .*afile is a file, not a folder"):
+        infer.output_path(str(tmp_path / "afile" / "deeper" / "out.json"), tmp_path)
+    assert infer.output_path(str(tmp_path / "new" / "out.json"), tmp_path) == tmp_path / "new" / "out.json"
+
+
+def test_a_checkpoint_whose_trainer_state_is_not_an_object_is_damaged(tmp_path):
+    from sectune import engine
+
+    (tmp_path / "trainer_state.json").write_text("[]")
+    assert engine.damaged_file(tmp_path) == ("trainer_state.json", "not a JSON object (list)")
+    (tmp_path / "trainer_state.json").write_text('{"global_step": 2}')
+    assert engine.damaged_file(tmp_path) is None

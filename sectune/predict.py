@@ -21,11 +21,65 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from sectune.errors import ConfigError, DataError
+from sectune.errors import ConfigError, DataError, SectuneError
 
 LABELS_FILE = "labels.json"
 META_FILE = "classifier.json"
 NORMALIZER_FILE = "normalizer.json"
+
+#: what to do about a classify run dir whose files do not load
+RETRAIN = "retrain with stage=classify, or point evaluate.model_dir at another classify run"
+DAMAGED = f"the run's files are damaged; {RETRAIN}"
+#: keys of classifier.json that the predictor reads without a default
+META_KEYS = ("head", "format", "artifact", "template", "max_length")
+
+
+def read_run_json(path: Path, what: str = "a JSON object"):
+    """A JSON object the classify run wrote; missing, unparsable or not an object → ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; every classify run writes it; {DAMAGED}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); {DAMAGED}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({type(e).__name__}: {e}); {DAMAGED}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected {what}, found a JSON {_json_type(data)}; {DAMAGED}")
+    return data
+
+
+def _json_type(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(v), "null")
+
+
+def read_meta(run_dir: Path) -> dict:
+    """classifier.json with labels.json's labels under ``labels``; a wrong shape → ConfigError naming file and key."""
+    meta_path, labels_path = run_dir / META_FILE, run_dir / LABELS_FILE
+    meta = read_run_json(meta_path, "a JSON object (head, format, artifact, ...)")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ConfigError(f"{meta_path}: missing key(s) {', '.join(map(repr, missing))}; {DAMAGED}")
+    for k in ("head", "format", "artifact"):
+        if not isinstance(meta[k], str) or not meta[k]:
+            raise ConfigError(f"{meta_path}: key {k!r} should be a non-empty string, found {meta[k]!r}; {DAMAGED}")
+    members = meta.get("members")
+    if members is not None and not (isinstance(members, list) and members and all(isinstance(m, str) and m for m in members)):
+        raise ConfigError(f"{meta_path}: key 'members' should be a list of folder names, found {members!r}; {DAMAGED}")
+    labels = read_run_json(labels_path, 'a JSON object {"labels": [...]}').get("labels")
+    if not (isinstance(labels, list) and labels and all(isinstance(lab, (str, int, float)) for lab in labels)):
+        raise ConfigError(f"{labels_path}: key 'labels' should be a non-empty list of label names, found {labels!r}; {DAMAGED}")
+    meta["labels"] = labels
+    return meta
+
+
+def damaged_weights(folder: Path) -> tuple[Path, str] | None:
+    """(file, why) for a saved adapter/model folder whose safetensors are cut short or unreadable, or None
+    (:func:`sectune.engine.damaged_safetensors`: reads no tensor data)."""
+    from sectune.engine import damaged_safetensors
+
+    damage = damaged_safetensors(folder)
+    return None if damage is None else (folder / damage[0], damage[1])
 
 
 def read_classify_run(run_dir) -> tuple[DictConfig, dict]:
@@ -36,10 +90,7 @@ def read_classify_run(run_dir) -> tuple[DictConfig, dict]:
     result_path = run_dir / "result.json"
     if not result_path.is_file():
         raise ConfigError(f"evaluate.model_dir={run_dir}: no result.json there; point it at a classify run dir")
-    try:
-        result = json.loads(result_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{result_path}: not valid JSON ({e.msg})") from None
+    result = read_run_json(result_path, "a JSON object (stage, status, metrics, ...)")
     if result.get("stage") != "classify" or result.get("status") != "succeeded":
         raise ConfigError(
             f"{run_dir}: not a succeeded classify run (stage={result.get('stage')!r}, status={result.get('status')!r})"
@@ -58,6 +109,8 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
     one per fold for a ``classify.folds`` ensemble. LoRA members share one base model (each fold's
     adapter is loaded under its own name); full fine-tuned members are separate models.
     """
+    import torch
+
     from sectune import modeling
 
     run_dir = Path(run_dir)
@@ -65,9 +118,25 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
     missing = [str(a) for a in arts if not a.is_dir()]
     if missing:
         raise ConfigError(f"{run_dir}: saved classifier weights are missing: {', '.join(missing)}")
+    for a in arts:  # before the base model loads: a file cut short is named, not a safetensors traceback
+        damage = damaged_weights(a)
+        if damage:
+            raise ConfigError(f"{damage[0]}: {damage[1]}; {DAMAGED}")
     task = "seq_cls" if meta["head"] == "seq_cls" else "causal_lm"
     num_labels = len(meta["labels"]) if task == "seq_cls" else None
-    tokenizer = modeling.load_tokenizer(cfg, str(arts[0]))
+
+    def _load(folder: Path, load):
+        """``load()``; any failure but a sectune error or running out of memory names ``folder``."""
+        try:
+            return load()
+        except (SectuneError, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - any other load failure is the same user error: this folder's files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{folder}: cannot load the saved classifier onto model={cfg.model.name} "
+                              f"({type(e).__name__}: {first}); the run's files may be damaged; {RETRAIN}") from None
+
+    tokenizer = _load(arts[0], lambda: modeling.load_tokenizer(cfg, str(arts[0])))
 
     def _ready(model):
         if task == "seq_cls":
@@ -79,15 +148,17 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
         return model
 
     if meta["artifact"] == "model":
-        members = [(_ready(modeling.load_model(cfg, task=task, num_labels=num_labels, path=str(a))), None) for a in arts]
+        members = [(_ready(_load(a, lambda a=a: modeling.load_model(cfg, task=task, num_labels=num_labels, path=str(a)))), None)
+                   for a in arts]
     else:
         from peft import PeftModel
 
         base = modeling.load_model(cfg, task=task, num_labels=num_labels)
         single = len(arts) == 1
-        model = PeftModel.from_pretrained(base, str(arts[0]), adapter_name="default" if single else "fold0", is_trainable=False)
+        model = _load(arts[0], lambda: PeftModel.from_pretrained(base, str(arts[0]), adapter_name="default" if single else "fold0",
+                                                                 is_trainable=False))
         for i, a in enumerate(arts[1:], 1):
-            model.load_adapter(str(a), adapter_name=f"fold{i}", is_trainable=False)
+            _load(a, lambda a=a, i=i: model.load_adapter(str(a), adapter_name=f"fold{i}", is_trainable=False))
         model = _ready(model)
         members = [(model, None)] if single else [(model, f"fold{i}") for i in range(len(arts))]
     return members[0][0], tokenizer, members
@@ -109,13 +180,16 @@ class Predictor:
         cfg, _ = read_classify_run(run_dir)
         if device:
             cfg.train.device = device
-        meta = json.loads((run_dir / META_FILE).read_text())
-        meta["labels"] = json.loads((run_dir / LABELS_FILE).read_text())["labels"]
+        meta = read_meta(run_dir)
         normalizer = None
         if meta["format"] == "flows":
             from sectune.data.flows import FlowNormalizer
 
-            normalizer = FlowNormalizer.from_dict(json.loads((run_dir / NORMALIZER_FILE).read_text()))
+            norm_path = run_dir / NORMALIZER_FILE
+            try:
+                normalizer = FlowNormalizer.from_dict(read_run_json(norm_path, "a JSON object (method, features, ...)"))
+            except DataError as e:  # "normalizer state is malformed (...)": say which file
+                raise ConfigError(f"{norm_path}: {e}; {DAMAGED}") from None
         model, tokenizer, members = load_classifier(run_dir, cfg, meta)
         return cls(model, tokenizer, meta, normalizer, batch_size, members)
 

@@ -6,7 +6,7 @@ recorded, so held-out accuracy can be reported per kind. ``dataset.pairs_per_win
 window, each with a different kind drawn by ``dataset.corruptions`` weights (every kind equally
 by default). Splits are by window (stratified by verdict): no window's lines are in two splits.
 
-A user's own JSONL of ``{"prompt", "chosen", "rejected"}`` (optional ``kind``, ``id``) is read
+A user's own JSONL of ``{"prompt", "chosen", "rejected"}`` (optional ``kind``, ``id``, ``label``: strings) is read
 with ``dataset.path=FILE.jsonl``; pairs sharing a prompt stay in one split.
 
 Corruptions keep the rest of the analysis consistent where a wrong analyst would (a changed count
@@ -16,7 +16,6 @@ is repeated in the summary), so the pair differs in the one thing the kind names
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from sectune.data.auth_logs import render_completion, render_prompt
+from sectune.data.jsonl import json_lines
 from sectune.data.auth_rules import CLASSES
 from sectune.data import SPLITS, split_windows
 from sectune.errors import ConfigError, DataError
@@ -182,6 +182,9 @@ def preference_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     if d.path and Path(d.path).suffix == ".jsonl":
         pairs = read_pairs_jsonl(Path(d.path), d.max_samples)
         groups = [(p["window_id"], p.get("label") or "") for p in pairs]
+    elif d.path and Path(d.path).is_file():
+        raise DataError(f"{d.path}: not a .jsonl pairs file or an auth_logs folder; dataset={d.name} reads {{prompt, chosen, rejected}}"
+                        f" lines from a file named *.jsonl (rename it if it holds JSON lines) or builds pairs from an auth_logs folder")
     else:
         pairs = build_pairs(cfg)
         groups = [(p["window_id"], p["label"]) for p in pairs]
@@ -213,17 +216,9 @@ def read_pairs_jsonl(path: Path, max_samples: int | None = None) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: preference pairs file does not exist")
     pairs = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
+    for n, obj, why in json_lines(path):
+        if why:
+            raise DataError(f"{path}: line {n}: {why}")
         if not isinstance(obj, dict):
             raise DataError(f"{path}: line {n}: expected an object with prompt, chosen, rejected; got {type(obj).__name__}")
         missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(obj.get(k), str) or not obj.get(k)]
@@ -231,9 +226,13 @@ def read_pairs_jsonl(path: Path, max_samples: int | None = None) -> list[dict]:
             raise DataError(f"{path}: line {n}: missing or non-string {', '.join(missing)} (each pair needs prompt, chosen, rejected strings)")
         if obj["chosen"] == obj["rejected"]:
             raise DataError(f"{path}: line {n}: chosen and rejected are the same text")
+        for k in ("id", "kind", "label"):  # optional; a number is read as its text (bool is an int, as in injection.py)
+            if obj.get(k) is not None and not isinstance(obj[k], (str, int)):
+                raise DataError(f"{path}: line {n}: {k} must be a string, got {type(obj[k]).__name__}")
         wid = str(obj.get("id") or hashlib.sha256(obj["prompt"].encode()).hexdigest()[:12])
+        label = obj.get("label")
         pairs.append({"prompt": obj["prompt"], "chosen": obj["chosen"], "rejected": obj["rejected"],
-                      "kind": str(obj.get("kind") or "user"), "window_id": wid, "label": obj.get("label")})
+                      "kind": str(obj.get("kind") or "user"), "window_id": wid, "label": None if label is None else str(label)})
     if not pairs:
         raise DataError(f"{path}: no preference pairs (empty file)")
     if max_samples is not None:

@@ -50,6 +50,7 @@ from omegaconf import DictConfig
 
 from sectune.data import SPLITS, split_windows
 from sectune.data.auth_logs import render_completion, render_prompt
+from sectune.data.jsonl import json_lines
 from sectune.data.auth_rules import analyze_auth_log
 from sectune.data.log_edits import FIELDS, _one_line, analysis_signature, counterfactual_window, plant_injection  # noqa: F401 (re-exported)
 from sectune.errors import ConfigError, DataError
@@ -104,6 +105,9 @@ def triplet_data(cfg: DictConfig) -> TripletData:
     d = cfg.dataset
     if d.path and Path(str(d.path)).suffix == ".jsonl":
         records, info = read_jsonl_triplets(cfg, Path(str(d.path)))
+    elif d.path and Path(str(d.path)).is_file():
+        raise DataError(f"{d.path}: not a .jsonl file or an auth_logs folder; dataset={d.name} reads triplet or prompt/answer"
+                        f" lines from a file named *.jsonl (rename it if it holds JSON lines) or builds triplets from an auth_logs folder")
     else:
         records, info = build_auth_triplets(cfg)
     splits = {s: [r for r in records if r["split"] == s] for s in SPLITS}
@@ -265,19 +269,10 @@ def _read_jsonl(path: Path, check, skip_bad_lines: bool, hint: str = " (dataset.
     DataError naming the file and line unless ``skip_bad_lines``."""
     if not path.is_file():
         raise DataError(f"{path}: file does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     good, skipped = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
+    for n, obj, why in json_lines(path):
+        if why is None:
             why = check(obj) if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
-        except json.JSONDecodeError as e:
-            why = f"invalid JSON ({e.msg}, column {e.colno})"
         if why:
             if not skip_bad_lines:
                 raise DataError(f"{path}: line {n}: {why}{hint}")
@@ -318,14 +313,30 @@ def _verdict(text: str) -> str:
         return ""
 
 
+def _first_object(path: Path) -> dict:
+    """The file's first line that parses as a JSON object ({} when none does, or the file is absent): the
+    kind of file is read from its keys. Bad lines are left to :func:`_read_jsonl`, which names them."""
+    if not path.is_file():
+        return {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            obj = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return {}
+
+
 def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
     """A JSONL of triplets (``benign``, ``benign_cf``, ``injection``, ``output``; optional
     ``injection_output`` (default ``output``), ``attack_target``, ``id``, ``split``, ``format``) or of
     prompt/answer pairs (the generic builder, :func:`generic_triplets`). The kind is read from the
-    first object line. Lines without ``split`` are split by benign input with ``split_windows``."""
+    keys of the first line that is a JSON object (a ``benign`` key: triplets; else a ``prompt`` key:
+    prompt/answer pairs). Lines without ``split`` are split by benign input with ``split_windows``."""
     d = cfg.dataset
-    first = next((ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip().startswith("{")), "") if path.is_file() else ""
-    generic = '"benign"' not in first and '"prompt"' in first
+    first = _first_object(path)
+    generic = "benign" not in first and "prompt" in first
     objs, skipped = _read_jsonl(path, _check_prompt_answer if generic else _check_triplet, bool(d.skip_bad_lines))
     if skipped:
         print(f"sectune: warning: skipped {len(skipped)} bad line(s) of {path} (first: {skipped[0]})")

@@ -7,12 +7,12 @@ and the column or line, because a silently skipped row changes the reported numb
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List
 
 import pandas as pd
 
+from sectune.data.jsonl import json_lines
 from sectune.errors import DataError
 
 #: deepset/prompt-injections: 0 = legitimate, 1 = prompt injection.
@@ -56,20 +56,17 @@ def _read_injection_jsonl(path: Path) -> List[Dict[str, str]]:
     if not path.is_file():
         raise DataError(f"{path}: not found (expected train.jsonl and test.jsonl)")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f"{path}: line {lineno}: expected an object with a string 'text'")
-            label = obj.get("label")
-            if isinstance(label, bool) or label not in INJECTION_LABEL_NAMES:
-                raise DataError(f"{path}: line {lineno}: 'label' must be 0 or 1, got {label!r}")
-            rows.append({"text": obj["text"], "label": INJECTION_LABEL_NAMES[label]})
+    allowed = " or ".join(map(str, INJECTION_LABEL_NAMES))
+    for lineno, obj, why in json_lines(path):
+        if why:
+            raise DataError(f"{path}: line {lineno}: {why}")
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise DataError(f"{path}: line {lineno}: expected an object with a string 'text'")
+        label = obj.get("label")
+        # a list or object label is unhashable: check the type before looking it up
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in INJECTION_LABEL_NAMES:
+            raise DataError(f"{path}: line {lineno}: 'label' must be {allowed}, got {label!r}")
+        rows.append({"text": obj["text"], "label": INJECTION_LABEL_NAMES[label]})
     if not rows:
         raise DataError(f"{path}: no records")
     return rows

@@ -83,11 +83,13 @@ def test_existing_result_is_not_corrupted_by_a_failing_rerun(good_folder, tmp_pa
     ok = sectune([*ARGS, f"dataset.path={good_folder}"], run_dir)
     assert ok.returncode == 0, ok.stderr[-2000:]
     adapter = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    earlier = ok.result
     bad = sectune([*ARGS, f"dataset.path={tmp_path / 'nope'}"], run_dir)
     assert bad.returncode == 2
-    # the earlier adapter is untouched; result.json says the latest attempt failed
+    # the earlier adapter is untouched, so result.json is the earlier run's again; the attempt's is result.failed.json
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
-    assert bad.result["status"] == "failed"
+    assert bad.result == earlier and earlier["status"] == "succeeded"
+    assert json.loads((run_dir / "result.failed.json").read_text())["status"] == "failed"
 
 
 def test_max_seq_length_shorter_than_every_prompt_says_which_setting(good_folder, tmp_path):

@@ -164,8 +164,11 @@ def test_whole_word_added_tokens_are_allowed_where_the_grammar_accepts_them():
 # ------------------------------------------------------------------------------ the model chain
 def _fake_adapter_step(step_dir: Path, stage: str, status: str = "succeeded") -> None:
     (step_dir / "adapter").mkdir(parents=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        (step_dir / "adapter" / name).write_text("{}")
+    (step_dir / "adapter" / "adapter_config.json").write_text("{}")
+    from safetensors.torch import save_file  # a whole file (the chain checks its header), one tiny tensor
+    import torch
+
+    save_file({"w": torch.zeros(1)}, str(step_dir / "adapter" / "adapter_model.safetensors"))
     (step_dir / "result.json").write_text(json.dumps({"stage": stage, "status": status, "artifacts": {"adapter": "adapter"}}))
 
 

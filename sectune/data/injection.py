@@ -318,14 +318,7 @@ def _first_object(path: Path) -> dict:
     kind of file is read from its keys. Bad lines are left to :func:`_read_jsonl`, which names them."""
     if not path.is_file():
         return {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            obj = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return {}
+    return next((obj for _, obj, _why in json_lines(path) if isinstance(obj, dict)), {})
 
 
 def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:

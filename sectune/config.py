@@ -329,6 +329,17 @@ def check_values(cfg) -> None:
     if cfg.train.eval_batch_size is not None:
         need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", cfg.train.eval_batch_size, "must be >= 1 (or null: train.batch_size)")
     need(cfg.infer.batch_size >= 1, "infer.batch_size", cfg.infer.batch_size, "must be >= 1")
+    t = cfg.train
+    need(t.max_steps > 0 or t.epochs > 0, "train.epochs", t.epochs, "must be > 0 when train.max_steps=-1 (0 would save an untrained model)")
+    need(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1] (a fraction of the steps)")
+    need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
+    need(t.save_steps is None or t.save_steps >= 0, "train.save_steps", t.save_steps, "must be >= 0 (0 or null = no checkpoints)")
+    need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing", cfg.loss.label_smoothing, "must be in [0, 1)")
+    if cfg.lora.enabled:
+        need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")
+        need(cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "must be > 0")
+        need(0 <= cfg.lora.dropout < 1, "lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
+        need(cfg.lora.bias in ("none", "all", "lora_only"), "lora.bias", cfg.lora.bias, "choose none, all or lora_only")
     g = cfg.generation
     need(g.max_new_tokens >= 1, "generation.max_new_tokens", g.max_new_tokens, "must be >= 1")
     need(g.temperature > 0 or not g.do_sample, "generation.temperature", g.temperature, "must be > 0 when generation.do_sample=true")

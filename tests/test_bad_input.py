@@ -22,13 +22,23 @@ from sectune.errors import ConfigError
     ("generation.max_new_tokens=0", "generation.max_new_tokens"),
     ("generation.top_p=0", "generation.top_p"),
     ("generation.repetition_penalty=0", "generation.repetition_penalty"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.warmup_ratio=2", "train.warmup_ratio"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm"),
+    ("train.save_steps=-1", "train.save_steps"),
+    ("loss.label_smoothing=1.5", "loss.label_smoothing"),
+    ("lora.r=0", "lora.r"),
+    ("lora.alpha=-1", "lora.alpha"),
+    ("lora.dropout=1.5", "lora.dropout"),
+    ("lora.bias=bogus", "lora.bias"),
 ])
 def test_values_no_run_can_use_are_errors_naming_the_key(override, key):
     from sectune.config import check_values
 
-    check_values(compose([]))  # the defaults pass
+    lora = ["lora=r4_attention"] if key.startswith("lora.") else []  # lora.* matter only with an adapter
+    check_values(compose(lora))  # the defaults pass
     with pytest.raises(ConfigError, match=rf"^{key}="):
-        check_values(compose([override]))
+        check_values(compose([*lora, override]))
 
 
 def test_a_negative_temperature_is_an_error_only_when_sampling():

@@ -282,7 +282,7 @@ def test_a_newer_sectune_with_extra_default_keys_still_skips_finished_steps(tmp_
 
     from omegaconf import OmegaConf
 
-    from sectune.stages import pipeline
+    from sectune import pipeline_record
 
     cfg = compose(["stage=rl", "train.max_steps=3"])
     old = OmegaConf.to_container(cfg, resolve=True)
@@ -291,12 +291,12 @@ def test_a_newer_sectune_with_extra_default_keys_still_skips_finished_steps(tmp_
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(OmegaConf.create(old), tmp_path / ".hydra" / "config.yaml")
     step = SimpleNamespace(dir=tmp_path, cfg=cfg)
-    assert pipeline.same_but_newer_defaults(step)
+    assert pipeline_record.same_but_newer_defaults(step)
     for change in (["train.max_steps=4"], ["rl.heldout_windows=5"], ["federated.rounds=7"]):
-        assert not pipeline.same_but_newer_defaults(SimpleNamespace(dir=tmp_path, cfg=compose(["stage=rl", "train.max_steps=3", *change]))), change
+        assert not pipeline_record.same_but_newer_defaults(SimpleNamespace(dir=tmp_path, cfg=compose(["stage=rl", "train.max_steps=3", *change]))), change
     old["rl"]["gone_key"] = 1  # a key this sectune no longer has
     OmegaConf.save(OmegaConf.create(old), tmp_path / ".hydra" / "config.yaml")
-    assert not pipeline.same_but_newer_defaults(step)
+    assert not pipeline_record.same_but_newer_defaults(step)
 
 
 def test_a_moved_pipeline_dir_under_a_newer_sectune_still_skips_finished_steps(tmp_path):
@@ -306,7 +306,7 @@ def test_a_moved_pipeline_dir_under_a_newer_sectune_still_skips_finished_steps(t
 
     from omegaconf import OmegaConf
 
-    from sectune.stages import pipeline
+    from sectune import pipeline_record
 
     new_root = tmp_path / "moved" / "p"
     step_dir = new_root / "rl"
@@ -321,12 +321,12 @@ def test_a_moved_pipeline_dir_under_a_newer_sectune_still_skips_finished_steps(t
     step = SimpleNamespace(dir=step_dir, cfg=compose(["stage=rl", "train.max_steps=3", f"rl.init_from={new_root}/sft",
                                                       f"rl.reward_model={new_root}/reward"]))
     saved("/old/run/sft", "/old/run/reward")
-    assert pipeline.same_but_newer_defaults(step)
+    assert pipeline_record.same_but_newer_defaults(step)
     for init_from, reward_model in (("/old/run/sft", "/other/run/reward"),   # two different old dirs
                                     ("/old/run/dpo", "/old/run/reward"),     # another step's dir
                                     ("/old/run/sft", "/old/run/reward_2")):
         saved(init_from, reward_model)
-        assert not pipeline.same_but_newer_defaults(step), (init_from, reward_model)
+        assert not pipeline_record.same_but_newer_defaults(step), (init_from, reward_model)
 
 
 def test_a_run_killed_while_recording_a_changed_step_does_not_pass_it_as_finished(tmp_path, monkeypatch):
@@ -335,6 +335,7 @@ def test_a_run_killed_while_recording_a_changed_step_does_not_pass_it_as_finishe
     from omegaconf import OmegaConf
 
     from sectune import runner
+    from sectune import pipeline_record
     from sectune.stages import pipeline
 
     def step(max_steps: int):
@@ -342,12 +343,12 @@ def test_a_run_killed_while_recording_a_changed_step_does_not_pass_it_as_finishe
         return pipeline.Step("rl", tmp_path / "p" / "rl", cfg, ["stage=rl", f"train.max_steps={max_steps}"])
 
     a, b = step(2), step(50)
-    pipeline.record_step(a)
+    pipeline_record.record_step(a)
     runner.write_json_atomic(a.dir / "result.json", {"status": "succeeded", "config_digest": runner.config_digest(a.cfg)})
-    assert pipeline.already_done(a) is not None and pipeline.already_done(b) is None
+    assert pipeline_record.already_done(a) is not None and pipeline_record.already_done(b) is None
 
     written = []
-    real_text, real_json = pipeline.write_text_atomic, pipeline.write_json_atomic
+    real_text, real_json = pipeline_record.write_text_atomic, pipeline_record.write_json_atomic
 
     def dies_after(n):
         def write(path, obj):
@@ -358,14 +359,14 @@ def test_a_run_killed_while_recording_a_changed_step_does_not_pass_it_as_finishe
         return write
 
     for n in range(3):  # killed before the 1st, 2nd or 3rd file of B's record
-        pipeline.record_step(a)
+        pipeline_record.record_step(a)
         written.clear()
-        monkeypatch.setattr(pipeline, "write_text_atomic", dies_after(n))
-        monkeypatch.setattr(pipeline, "write_json_atomic", dies_after(n))
+        monkeypatch.setattr(pipeline_record, "write_text_atomic", dies_after(n))
+        monkeypatch.setattr(pipeline_record, "write_json_atomic", dies_after(n))
         with pytest.raises(KeyboardInterrupt):
-            pipeline.record_step(b)
+            pipeline_record.record_step(b)
         monkeypatch.undo()
-        assert pipeline.already_done(b) is None, (n, written)
+        assert pipeline_record.already_done(b) is None, (n, written)
         assert OmegaConf.load(a.dir / ".hydra" / "config.yaml").train.max_steps == (50 if "config.yaml" in written else 2)
-    pipeline.record_step(b)  # recorded whole: B is itself, not done until it runs
-    assert pipeline.already_done(b) is None and json.loads((b.dir / "step.json").read_text())["config_digest"] == runner.config_digest(b.cfg)
+    pipeline_record.record_step(b)  # recorded whole: B is itself, not done until it runs
+    assert pipeline_record.already_done(b) is None and json.loads((b.dir / "step.json").read_text())["config_digest"] == runner.config_digest(b.cfg)

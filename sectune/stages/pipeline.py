@@ -46,7 +46,6 @@ names the step, and the exit code is the step's. ``train.resume=auto`` inside a 
 from __future__ import annotations
 
 import gc
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,10 +55,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sectune import distributed, runner
 from sectune.config import PipelineConfig
 from sectune.errors import ConfigError, SectuneError
+from sectune.pipeline_record import already_done, record_step
 from sectune.pipeline_heldout import WINDOWS_DIR, check_held_out, heldout_table, reads_windows, write_windows
-from sectune.runner import RunContext, config_digest, skip_digest, write_json_atomic, write_text_atomic
+from sectune.runner import RunContext, skip_digest
 
-STEP_FILE = "step.json"
 #: config groups a per-step override may pick an option of (``pipeline.overrides.<step>.<group>=<option>``)
 GROUPS = ("model", "quantization", "lora", "loss", "dataset", "logger")
 #: the artifact a later step needs from an earlier one
@@ -302,114 +301,6 @@ def _one_line(e: Exception) -> str:
 
 
 # ----------------------------------------------------------------------------- running
-def already_done(step: Step) -> dict | None:
-    """The step's result when it succeeded with this config (same digest, ``train.resume``/``debug`` aside)."""
-    res = runner.previous_result(step.dir)
-    try:
-        meta = json.loads((step.dir / STEP_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not (res and res.get("status") == "succeeded" and res.get("config_digest") == meta.get("config_digest")):
-        return None
-    if meta.get("skip_digest") == step.skip_digest or same_but_newer_defaults(step):
-        return res
-    return None
-
-
-def same_but_newer_defaults(step: Step) -> bool:
-    """The step's saved config (``.hydra/config.yaml``) equals this one apart from ``train.resume``/``debug``
-    and from keys a newer sectune added at their schema defaults: upgrading sectune between a failed run
-    and its rerun must not retrain the steps that succeeded. Any other difference: not the same."""
-    from sectune.config import SectuneConfig
-
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(step.dir / ".hydra" / "config.yaml"), resolve=True)
-    except Exception:  # noqa: BLE001 - unreadable or absent: the step runs again
-        return False
-    current = OmegaConf.to_container(step.cfg, resolve=True)
-    defaults = OmegaConf.to_container(OmegaConf.structured(SectuneConfig), resolve=False)
-    for cfg in (saved, current):
-        cfg.pop("debug", None)
-        cfg.get("train", {}).pop("resume", None)
-    # a pipeline dir moved or copied since (skip_digest's <root>): the paths the steps handed each other
-    root = str(Path(step.dir).resolve().parent)
-    old_root = _saved_root(saved, current, root)
-    if old_root is not None:
-        saved, current = runner.relative_to_root(saved, old_root), runner.relative_to_root(current, root)
-    return _covers(saved, current, defaults)
-
-
-def _saved_root(saved, current, root: str) -> str | None:
-    """The pipeline dir a step's saved config was written in, when it was elsewhere: every saved path whose
-    current value lies under ``root`` must end the same way under one and the same old dir; else None."""
-    found: set[str] = set()
-    mismatch = False
-
-    def walk(a, b):
-        nonlocal mismatch
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in a.keys() & b.keys():
-                walk(a[k], b[k])
-        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-            for x, y in zip(a, b):
-                walk(x, y)
-        elif isinstance(a, str) and isinstance(b, str) and a != b and b.startswith(root + "/"):
-            tail = b[len(root):]
-            if a.endswith(tail) and len(a) > len(tail):
-                found.add(a[: -len(tail)])
-            else:
-                mismatch = True
-
-    walk(saved, current)
-    return found.pop() if len(found) == 1 and not mismatch else None
-
-
-def _covers(saved, current, defaults) -> bool:
-    if not isinstance(saved, dict) or not isinstance(current, dict):
-        return saved == current
-    if set(saved) - set(current):
-        return False  # a key this sectune no longer has
-    for key, value in current.items():
-        default = defaults.get(key) if isinstance(defaults, dict) else None
-        if key in saved:
-            if not _covers(saved[key], value, default):
-                return False
-        elif value != default:
-            return False
-    return True
-
-
-def record_step(step: Step) -> None:
-    """``step.json`` (what the skip check reads) and ``.hydra/`` as a plain run would have it.
-
-    ``step.json`` first: its new digest no longer matches the old result.json's, so from then on the step
-    counts as not done. Written the other way round, a run killed between the two files would leave the
-    new config beside the old step.json and result, and ``same_but_newer_defaults`` would then pass a changed
-    step as finished. Every file is written to a temporary name and renamed."""
-    step.dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(step.dir / STEP_FILE, {
-        "step": step.name,
-        "skip_digest": step.skip_digest,
-        "config_digest": config_digest(step.cfg),
-        "composed_with": step.composed_with,
-        "merged": step.merged,
-    })
-    hydra_dir = step.dir / ".hydra"
-    flat = [f"{k}={v}" for k, v in _flatten(step.merged)]
-    write_text_atomic(hydra_dir / "config.yaml", OmegaConf.to_yaml(step.cfg))
-    write_text_atomic(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create([*step.composed_with, *flat])))
-
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.extend(_flatten(v, f"{prefix}{k}."))
-        else:
-            out.append((f"{prefix}{k}", json.dumps(v) if isinstance(v, (list, dict)) else v))
-    return out
-
-
 def check_inputs(step: Step, by_name: dict[str, Step]) -> None:
     """The artifacts this step is handed exist (each read through its step's result.json)."""
     for need in {"rl": ("sft", "reward"), "dpo": ("sft",)}.get(step.name, ()):

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import numbers
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -14,6 +16,18 @@ from sectune.errors import ConfigError
 SPLITS = ("train", "validation", "test")
 
 
+def check_split_seed(seed) -> int:
+    """``dataset.split_seed`` as an int numpy and scikit-learn accept (0 .. 2**32 - 1), else a ConfigError naming the key."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ConfigError(f"dataset.split_seed={seed!r}: must be an integer in 0..{2**32 - 1} (it seeds numpy and scikit-learn)")
+    return int(seed)
+
+
+def source_tag(source_dir) -> str:
+    """A short hash of ``source_dir``'s resolved path, for cache names built from it: another source, another folder."""
+    return hashlib.sha256(str(Path(str(source_dir)).expanduser().resolve()).encode()).hexdigest()[:8]
+
+
 def auth_logs_folder(cfg: DictConfig) -> Path:
     """``dataset.path`` as given, or the folder built from the real (or generated) logs."""
     from sectune.data import auth_logs
@@ -21,7 +35,8 @@ def auth_logs_folder(cfg: DictConfig) -> Path:
     d = cfg.dataset
     if d.path:
         return Path(d.path)
-    out = Path(cfg.paths.cache_dir) / "datasets" / f"auth_logs-s{d.split_seed}-l{d.min_lines}-{d.max_lines}"
+    # the source folder's hash in the name: two runs reading different source_dir never share a build
+    out = Path(cfg.paths.cache_dir) / "datasets" / f"auth_logs-s{d.split_seed}-l{d.min_lines}-{d.max_lines}-src{source_tag(d.source_dir)}"
     info = auth_logs.ensure_auth_folder(out, Path(d.source_dir), seed=d.split_seed, min_lines=d.min_lines, max_lines=d.max_lines)
     if info.get("source") == "synthetic":
         print(f"sectune: {d.source_dir} has no real auth logs; using generated logs in the same format ({out})")
@@ -79,10 +94,18 @@ def split_windows(ids_labels: list[tuple[str, str]], val_fraction: float, test_f
 
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ConfigError(f"dataset.val_fraction={val_fraction} + dataset.test_fraction={test_fraction} must be in [0, 1)")
+    check_split_seed(seed)
     ids = [i for i, _ in ids_labels]
     labels = [lab for _, lab in ids_labels]
+    classes = {lab: labels.count(lab) for lab in dict.fromkeys(labels)}
 
-    def cut(items, labs, frac):
+    def too_few(left: int, part: str):
+        # every class needs a training window; found here, not as a scikit-learn or trainer traceback later
+        raise ConfigError(f"dataset.val_fraction={val_fraction}, dataset.test_fraction={test_fraction}: leave {left} of {len(ids)} "
+                          f"windows for {part}, fewer than the {len(classes)} classes (windows per class: {classes}); "
+                          "lower the fractions or add windows")
+
+    def cut(items, labs, frac, part):
         if frac <= 0 or not items:
             return items, [], labs
         n = max(1, round(len(items) * frac))
@@ -90,11 +113,15 @@ def split_windows(ids_labels: list[tuple[str, str]], val_fraction: float, test_f
             raise ConfigError(f"dataset: {len(items)} windows are too few for fractions val={val_fraction}, test={test_fraction}")
         counts = {lab: labs.count(lab) for lab in set(labs)}
         strat = labs if min(counts.values()) >= 2 and len(counts) > 1 and n >= len(counts) else None
+        if strat is not None and len(items) - n < len(counts):
+            too_few(len(items) - n, part)
         rest, out, rest_l, _ = train_test_split(items, labs, test_size=n, random_state=seed, stratify=strat)
         return rest, out, rest_l
 
-    rest, test, rest_l = cut(ids, labels, test_fraction)
-    train, val, _ = cut(rest, rest_l, val_fraction / (1 - test_fraction) if test_fraction else val_fraction)
+    rest, test, rest_l = cut(ids, labels, test_fraction, "training and validation" if val_fraction > 0 else "training")
+    train, val, _ = cut(rest, rest_l, val_fraction / (1 - test_fraction) if test_fraction else val_fraction, "training")
+    if len(train) < len(classes):
+        too_few(len(train), "training")
     return {"train": set(train), "validation": set(val), "test": set(test)}
 
 

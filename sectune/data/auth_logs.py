@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import os
 import random
 import re
@@ -308,6 +309,8 @@ _TXT_NAME = re.compile(r"^auth_data_(?P<x>\d+)_(?P<y>\d+)\.txt$")
 def load_auth_folder(path: str | os.PathLike, max_samples: int | None = None, schema_path: str | os.PathLike | None = None) -> list[AuthSample]:
     """Read and validate a seed-000 folder; every problem raises DataError naming the file."""
     root = Path(path)
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral) or max_samples < 1):
+        raise DataError(f"dataset.max_samples={max_samples!r}: must be a positive number of windows, or null for every window of {root}")
     if not root.exists():
         raise DataError(f"{root}: auth_logs folder does not exist")
     if not root.is_dir():
@@ -316,13 +319,16 @@ def load_auth_folder(path: str | os.PathLike, max_samples: int | None = None, sc
     for d in (data_dir, bin_dir):
         if not d.is_dir():
             raise DataError(f"{d}: missing; an auth_logs folder needs auth_data/<class>/*.txt and Auth_bin/*.json")
-    if max_samples is not None and max_samples < 1:
-        raise DataError(f"{root}: max_samples must be a positive integer, got {max_samples}")
+    found = sorted(d.name for d in data_dir.iterdir() if d.is_dir())
+    unknown = [name for name in found if name not in CLASSES and any((data_dir / name).rglob("*.txt"))]
+    if unknown:  # a misspelt class folder would otherwise become a class of its own
+        raise DataError(f"{data_dir / unknown[0]}: not a class folder; auth_data/ holds one folder per class, named "
+                        f"{', '.join(CLASSES)} (found: {', '.join(found)})")
     entries = []
     for txt in data_dir.rglob("*.txt"):
         rel = txt.relative_to(data_dir)
         if len(rel.parts) != 2:
-            raise DataError(f"{txt}: log files must sit in auth_data/<class>/, one folder per class")
+            raise DataError(f"{txt}: log files must sit in auth_data/<class>/, one folder per class ({', '.join(CLASSES)})")
         m = _TXT_NAME.match(txt.name)
         if not m:
             raise DataError(f"{txt}: name must be auth_data_X_Y.txt")

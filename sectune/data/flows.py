@@ -14,6 +14,7 @@ The schemas are plain data so the config layer can carry them as ``dataset.featu
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from sectune.data import check_split_seed
 from sectune.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------- schemas
@@ -123,6 +125,8 @@ class FlowTable:
 
 def read_csv_checked(path: Path, what: str = "CSV") -> pd.DataFrame:
     """A CSV as a DataFrame with stripped column names; a missing or unparsable file is a DataError."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give the {what} file itself")
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
     try:
@@ -144,7 +148,12 @@ def load_flows(path, features: Sequence[str], label_column: str, granularity: st
     """
     if nan_policy not in ("impute", "drop"):
         raise ConfigError(f"dataset.nan_policy={nan_policy!r}: expected 'impute' or 'drop'")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral) or max_rows < 1):
+        raise ConfigError(f"dataset.max_samples={max_rows!r}: must be a positive number of rows, or null for every row")
+    check_split_seed(seed)
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a flow CSV; set dataset.path to the CSV file itself")
     df = read_csv_checked(path, "flow CSV")
     features = list(features)
     if not features:
@@ -217,6 +226,7 @@ def split_flows(table: FlowTable, val_fraction: float, test_fraction: float,
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ConfigError(f"dataset.val_fraction={val_fraction}, test_fraction={test_fraction}: "
                           "each must be in [0, 1) and their sum < 1")
+    check_split_seed(seed)
     idx = np.arange(len(table))
     y = table.y.to_numpy()
 

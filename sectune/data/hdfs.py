@@ -21,7 +21,8 @@ as `` 5 5 22 …`` (one token per key for the tiny tokenizer); the end of the se
 EOS token, which TRL appends to every completion and the detector appends the same way.
 
 Bad input: a session line that is empty or holds a non-integer, a key outside 1..num_log_keys, an
-unknown EventId, a raw line that is not ``<date> <time> <pid> <level> <component>: <content>``, or an
+unknown EventId, a raw line that is not ``<date> <time> <pid> <level> <component>: <content>``, an empty
+log, a label or structured CSV that is not UTF-8 or lacks its header (a UTF-8 BOM is accepted), or an
 empty split is a ``DataError`` naming the file and line; ``dataset.skip_bad_lines=true`` skips bad lines
 instead and counts them (``info["skipped_lines"]``). Without the real files (a fresh clone) the
 sessions are generated in DeepLog's format (sectune/data/synthetic_hdfs.py) and the run says so.
@@ -29,12 +30,16 @@ sessions are generated in DeepLog's format (sectune/data/synthetic_hdfs.py) and 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
+import numbers
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from sectune.errors import ConfigError, DataError
 
@@ -126,20 +131,46 @@ def _drain_keys(contents: list[str]) -> list[int]:
     return [int(miner.add_log_message(mask_content(c))["cluster_id"]) for c in contents]
 
 
+def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a CSV whose header names ``columns``; a UTF-8 BOM is accepted. A file that is not
+    UTF-8, not CSV, empty or without that header (a missing first line, say) is a DataError naming the file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    raw = path.read_bytes()
+    raw = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file; expected a header line naming {', '.join(columns)}, then one row per line")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = [str(c).strip() for c in reader.fieldnames or []]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise DataError(f"{path}:1: first line {text.splitlines()[0][:80]!r} is not a header naming {', '.join(columns)} "
+                            f"(missing {', '.join(missing)})")
+        reader.fieldnames = header
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: cannot parse as CSV ({e})") from None
+
+
 def _structured_keys(path: Path, n_lines: int, templates: Path | None) -> tuple[list[int], int]:
     """EventId (``E<n>`` → n) of each line from loghub's structured CSV; (keys, number of templates)."""
     known = None
     if templates is not None and templates.is_file():
-        with templates.open(newline="", encoding="utf-8") as fh:
-            known = {row["EventId"] for row in csv.DictReader(fh)}
+        known = {(row.get("EventId") or "").strip() for _, row in _csv_rows(templates, ("EventId",))}
     keys = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        for n, row in enumerate(csv.DictReader(fh), 2):
-            ev = (row.get("EventId") or "").strip()
-            m = re.fullmatch(r"E(\d+)", ev)
-            if not m or (known is not None and ev not in known):
-                raise DataError(f"{path}:{n}: unknown EventId {ev!r}" + (f" (not in {templates.name})" if known else ""))
-            keys.append(int(m.group(1)))
+    for n, row in _csv_rows(path, ("EventId",)):
+        ev = (row.get("EventId") or "").strip()
+        m = re.fullmatch(r"E(\d+)", ev)
+        if not m or (known is not None and ev not in known):
+            raise DataError(f"{path}:{n}: unknown EventId {ev!r}" + (f" (not in {templates.name})" if known else ""))
+        keys.append(int(m.group(1)))
     if len(keys) != n_lines:
         raise DataError(f"{path}: {len(keys)} rows for {n_lines} log lines; it is not the structured form of this log")
     num = max([int(e[1:]) for e in known] if known else keys)
@@ -155,6 +186,8 @@ def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False) -> t
     log_path, labels_path = logs[0], labels_files[0]
     blocks_of, contents, skipped = [], [], 0
     lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not lines:
+        raise DataError(f"{log_path}: empty log; a loghub HDFS log holds one line per event (<date> <time> <pid> <level> <component>: <content>)")
     for n, line in enumerate(lines, 1):
         m = LOG_LINE.match(line)
         blocks = BLOCK_ID.findall(line)
@@ -180,12 +213,11 @@ def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False) -> t
         for b in blocks:
             sessions.setdefault(b, []).append(key)
     label_of: dict[str, int] = {}
-    with labels_path.open(newline="", encoding="utf-8") as fh:
-        for n, row in enumerate(csv.DictReader(fh), 2):
-            lab = (row.get("Label") or "").strip()
-            if lab not in ("Normal", "Anomaly"):
-                raise DataError(f"{labels_path}:{n}: Label {lab!r} (expected Normal or Anomaly)")
-            label_of[(row.get("BlockId") or "").strip()] = ANOMALOUS if lab == "Anomaly" else NORMAL
+    for n, row in _csv_rows(labels_path, ("BlockId", "Label")):
+        lab = (row.get("Label") or "").strip()
+        if lab not in ("Normal", "Anomaly"):
+            raise DataError(f"{labels_path}:{n}: Label {lab!r} (expected Normal or Anomaly)")
+        label_of[(row.get("BlockId") or "").strip()] = ANOMALOUS if lab == "Anomaly" else NORMAL
     missing = [b for b in sessions if b not in label_of]
     if missing:
         raise DataError(f"{labels_path}: no label for block {missing[0]} of {log_path.name} ({len(missing)} blocks unlabelled)")
@@ -201,6 +233,8 @@ def split_sessions(normal: list[Session], anomalous: list[Session], val_fraction
     if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
         raise ConfigError(f"dataset=hdfs needs dataset.val_fraction > 0 (the threshold is chosen there) and dataset.test_fraction > 0, "
                           f"summing below 1; got {val_fraction} and {test_fraction}")
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral) or max_samples < 1):
+        raise ConfigError(f"dataset.max_samples={max_samples!r}: must be a positive number of sessions per class, or null for all")
     rng = random.Random(seed)
     normal, anomalous = list(normal), list(anomalous)
     rng.shuffle(normal)

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import hydra  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from sectune import config, distributed  # noqa: E402
@@ -43,6 +44,22 @@ class BitsandbytesKernelsNote(logging.Filter):
 
 BNB_NOTE = BitsandbytesKernelsNote()
 logging.getLogger(BitsandbytesKernelsNote.LOGGER).addFilter(BNB_NOTE)
+
+
+class SweepCheck(Callback):
+    """``sweep.direction`` checked as a multirun starts (conf/config.yaml's hydra.callbacks): the Optuna preset makes
+    its study from it before any job, whose check_values would come too late. Hydra turns a callback's exception
+    into a warning, so this one says the error and exits itself."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from sectune.config import check_sweep
+        from sectune.errors import SectuneError
+
+        try:
+            check_sweep(config)
+        except SectuneError as e:
+            print(f"sectune: error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

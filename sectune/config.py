@@ -68,9 +68,9 @@ class QuantizationConfig:
     name: str = "none"  # none | nf4 | int8
     load_in_4bit: bool = False
     load_in_8bit: bool = False
-    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
     bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: str = "bf16"
+    bnb_4bit_compute_dtype: str = "bf16"  # bf16 | fp16 | fp32 (or bfloat16 | float16 | float32)
 
 
 @dataclass
@@ -313,7 +313,8 @@ def register() -> None:
 def check_values(cfg) -> None:
     """Values the schema's types let through but no run can use, named by key, before any data or model
     loads: a negative or zero learning rate (0 would "train" and change nothing), batch sizes below 1,
-    generation settings transformers rejects only mid-run."""
+    generation settings transformers rejects only mid-run, the bitsandbytes settings, ``sweep.direction``, and the
+    stage's own numbers (DPO's β, GRPO's sampling and update settings) that crash it mid-run or change nothing."""
     import math
 
     from sectune.errors import ConfigError
@@ -345,3 +346,47 @@ def check_values(cfg) -> None:
     need(g.temperature > 0 or not g.do_sample, "generation.temperature", g.temperature, "must be > 0 when generation.do_sample=true")
     need(0 < g.top_p <= 1, "generation.top_p", g.top_p, "must be in (0, 1]")
     need(g.repetition_penalty > 0, "generation.repetition_penalty", g.repetition_penalty, "must be > 0 (1.0 = no penalty)")
+    check_quantization(cfg)
+    check_sweep(cfg)
+    loss = cfg.loss
+    if loss.name == "dpo":  # β = 0 makes the loss log 2 for every pair: no gradient; β < 0 prefers the rejected answer
+        need(math.isfinite(loss.beta) and loss.beta > 0, "loss.beta", loss.beta, "must be a number > 0 (the DPO β)")
+    if cfg.stage.name == "rl":
+        rl = cfg.rl
+        need(rl.lr_scale > 0, "rl.lr_scale", rl.lr_scale, "must be > 0 (the learning rate is train.learning_rate × rl.lr_scale)")
+        if loss.name == "grpo":  # rl.num_generations and rl.keep_best_se: sectune.stages.rl.run_grpo
+            need(rl.temperature > 0, "rl.temperature", rl.temperature, "must be > 0 (GRPO samples its completions)")
+            need(0 < rl.top_p <= 1, "rl.top_p", rl.top_p, "must be in (0, 1]")
+            need(rl.max_completion_length >= 1, "rl.max_completion_length", rl.max_completion_length, "must be >= 1")
+            need(rl.num_iterations >= 1, "rl.num_iterations", rl.num_iterations, "must be >= 1 (policy updates per generated batch; 0 trains nothing)")
+            need(rl.eval_steps >= 0, "rl.eval_steps", rl.eval_steps, "must be >= 0 (0 = score the held-out windows only before and after training)")
+            need(rl.heldout_windows >= 0, "rl.heldout_windows", rl.heldout_windows, "must be >= 0 (0 = skip)")
+            need(loss.beta >= 0, "loss.beta", loss.beta, "must be >= 0 (the KL weight; 0 = no KL term)")
+            need(loss.clip_epsilon > 0, "loss.clip_epsilon", loss.clip_epsilon, "must be > 0 (the policy ratio is clipped to [1-ε, 1+ε])")
+
+
+#: ``quantization.bnb_4bit_compute_dtype`` names → torch dtype names
+COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def check_quantization(cfg) -> None:
+    """The bitsandbytes settings :func:`sectune.modeling.quantization_config` passes on, named by key before a model loads."""
+    from sectune.errors import ConfigError
+
+    q = cfg.quantization
+    if q.name == "none" or not q.load_in_4bit:
+        return
+    if q.load_in_8bit:
+        raise ConfigError("quantization.load_in_8bit=true: cannot be true with quantization.load_in_4bit=true; choose one")
+    if q.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"quantization.bnb_4bit_quant_type={q.bnb_4bit_quant_type}: choose nf4 or fp4")
+    if q.bnb_4bit_compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"quantization.bnb_4bit_compute_dtype={q.bnb_4bit_compute_dtype}: choose one of {', '.join(COMPUTE_DTYPES)}")
+
+
+def check_sweep(cfg) -> None:
+    """``sweep.direction``, which the Optuna preset hands to its study (sectune.cli.SweepCheck checks it before a sweep starts)."""
+    from sectune.errors import ConfigError
+
+    if cfg.sweep.direction not in ("minimize", "maximize"):
+        raise ConfigError(f"sweep.direction={cfg.sweep.direction}: choose minimize or maximize")

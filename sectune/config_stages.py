@@ -104,9 +104,6 @@ class RewardConfig:
     force_fallback: bool = False
     #: the free memory the check compares against; null = the device's free memory now
     memory_limit_gb: Optional[float] = None
-    #: score chosen+rejected sequences this many at a time within a batch (seed 000's chunk_size);
-    #: null = the whole batch in one forward
-    chunk_size: Optional[int] = None
 
 
 @dataclass

@@ -88,12 +88,15 @@ def quantization_config(cfg: DictConfig):
         return None
     from transformers import BitsAndBytesConfig
 
+    from sectune.config import COMPUTE_DTYPES, check_quantization
+
+    check_quantization(cfg)  # runner.run checked it already; here for callers that skip check_values
     if q.load_in_4bit:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=q.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=DTYPES[q.bnb_4bit_compute_dtype],
+            bnb_4bit_compute_dtype=getattr(torch, COMPUTE_DTYPES[q.bnb_4bit_compute_dtype]),
         )
     if q.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)

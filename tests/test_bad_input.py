@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose, sectune
+from conftest import cli, compose, sectune
 from sectune.errors import ConfigError
 
 
@@ -31,14 +31,94 @@ from sectune.errors import ConfigError
     ("lora.alpha=-1", "lora.alpha"),
     ("lora.dropout=1.5", "lora.dropout"),
     ("lora.bias=bogus", "lora.bias"),
+    # the words before the last one say where the value is used (its stage, loss or preset)
+    ("stage=dpo loss=dpo loss.beta=0", "loss.beta"),  # the DPO loss is log 2 for every pair: no gradient
+    ("stage=dpo loss=dpo loss.beta=-0.1", "loss.beta"),
+    ("stage=rl loss=grpo rl.lr_scale=0", "rl.lr_scale"),
+    ("stage=rl loss=simplified_ppo rl.lr_scale=-0.5", "rl.lr_scale"),
+    ("stage=rl loss=grpo rl.temperature=0", "rl.temperature"),  # was a traceback from torch.multinomial
+    ("stage=rl loss=grpo rl.top_p=0", "rl.top_p"),  # the same traceback
+    ("stage=rl loss=grpo rl.top_p=1.5", "rl.top_p"),
+    ("stage=rl loss=grpo rl.max_completion_length=0", "rl.max_completion_length"),  # was transformers' ValueError
+    ("stage=rl loss=grpo rl.num_iterations=0", "rl.num_iterations"),  # trained 0 steps and saved the adapter
+    ("stage=rl loss=grpo rl.eval_steps=-1", "rl.eval_steps"),
+    ("stage=rl loss=grpo rl.heldout_windows=-1", "rl.heldout_windows"),  # scored all windows but the last
+    ("stage=rl loss=grpo loss.beta=-0.04", "loss.beta"),
+    ("stage=rl loss=grpo loss.clip_epsilon=0", "loss.clip_epsilon"),
+    ("quantization=nf4 quantization.bnb_4bit_quant_type=int4", "quantization.bnb_4bit_quant_type"),
+    ("quantization=nf4 quantization.bnb_4bit_compute_dtype=bf32", "quantization.bnb_4bit_compute_dtype"),
+    ("quantization=nf4 quantization.bnb_4bit_compute_dtype=auto", "quantization.bnb_4bit_compute_dtype"),
+    ("quantization=nf4 quantization.load_in_8bit=true", "quantization.load_in_8bit"),
+    ("sweep.direction=up", "sweep.direction"),
 ])
 def test_values_no_run_can_use_are_errors_naming_the_key(override, key):
     from sectune.config import check_values
 
-    lora = ["lora=r4_attention"] if key.startswith("lora.") else []  # lora.* matter only with an adapter
-    check_values(compose(lora))  # the defaults pass
+    *context, bad = override.split()
+    context += ["lora=r4_attention"] if key.startswith("lora.") else []  # lora.* matter only with an adapter
+    check_values(compose(context))  # the defaults pass
     with pytest.raises(ConfigError, match=rf"^{key}="):
-        check_values(compose([*lora, override]))
+        check_values(compose([*context, bad]))
+
+
+def test_stage_and_preset_values_are_checked_only_where_they_are_used():
+    from sectune.config import check_values
+
+    check_values(compose(["stage=rl", "loss=simplified_ppo", "rl.temperature=0", "rl.max_completion_length=0"]))  # no sampling
+    check_values(compose(["stage=rl", "loss=grpo", "loss.beta=0"]))  # GRPO without its KL term
+    check_values(compose(["stage=sft", "rl.lr_scale=0", "loss.beta=0"]))
+    check_values(compose(["quantization.bnb_4bit_quant_type=int4"]))  # quantization=none reads none of it
+    check_values(compose(["quantization=int8", "quantization.bnb_4bit_compute_dtype=bf32"]))
+
+
+def test_a_4bit_compute_dtype_takes_sectunes_or_torchs_names():
+    import torch
+
+    from sectune import modeling
+
+    for name, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("float16", torch.float16), ("fp32", torch.float32)):
+        q = modeling.quantization_config(compose(["quantization=nf4", f"quantization.bnb_4bit_compute_dtype={name}"]))
+        assert q.bnb_4bit_compute_dtype == dtype and q.bnb_4bit_quant_type == "nf4"
+    with pytest.raises(ConfigError, match=r"^quantization.bnb_4bit_quant_type=int4: choose nf4 or fp4"):
+        modeling.quantization_config(compose(["quantization=nf4", "quantization.bnb_4bit_quant_type=int4"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.temperature=0"], r"^loss.temperature=0.0: must be > 0"),
+    (["loss.temperature=nan"], r"^loss.temperature=nan: must be > 0"),
+    (["loss.lambda_separation=-1"], r"^loss.lambda_separation=-1.0: must be >= 0"),
+    (["loss.lambda_task=nan"], r"^loss.lambda_task=nan: must be >= 0"),
+    (["loss.lambda_consistency=0", "loss.lambda_separation=0", "loss.lambda_task=0"],
+     r"^loss.lambda_consistency, loss.lambda_separation, loss.lambda_task: all 0"),
+])
+def test_contrastive_loss_weights_and_temperature_are_errors_naming_the_key(overrides, message):
+    from sectune.stages import contrastive
+
+    base = ["stage=contrastive", "loss=causal_contrastive", "dataset=injection_triplets"]
+    contrastive.check_config(compose(base))
+    contrastive.check_config(compose([*base, "loss.lambda_task=0", "loss.lambda_separation=0"]))  # one term is enough
+    with pytest.raises(ConfigError, match=message):
+        contrastive.check_config(compose([*base, *overrides]))
+
+
+def test_the_unused_reward_chunk_size_is_gone():
+    with pytest.raises(Exception, match=r"chunk_size"):  # Hydra: Key 'chunk_size' not in 'RewardConfig'
+        compose(["reward.chunk_size=4"])
+
+
+def test_cli_stops_on_a_zero_grpo_temperature_before_loading_anything(tmp_path):
+    run = sectune(["stage=rl", "loss=grpo", "logger=none", "rl.temperature=0", "dataset.path=/nonexistent/never/read"], tmp_path / "run")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == "sectune: error: rl.temperature=0.0: must be > 0 (GRPO samples its completions)"
+    assert run.result["status"] == "failed"
+
+
+def test_a_bad_sweep_direction_stops_the_optuna_sweep_before_its_study(tmp_path):
+    proc = cli(["-m", "hparams_search=sft_optuna", "stage=plan", "logger=none", "sweep.direction=up",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["sectune: error: sweep.direction=up: choose minimize or maximize"]
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_a_negative_temperature_is_an_error_only_when_sampling():

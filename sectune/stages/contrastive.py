@@ -24,6 +24,7 @@ a NaN/inf loss stops any run with the step, the last good checkpoint and seed 00
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -154,8 +155,15 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"contrastive.pooling={c.pooling!r}: choose one of {', '.join(CT.POOLINGS)}")
     if c.early_stopping.mode not in MODES:
         raise ConfigError(f"contrastive.early_stopping.mode={c.early_stopping.mode!r}: choose max or min")
-    if float(cfg.loss.temperature) <= 0:
-        raise ConfigError(f"loss.temperature={cfg.loss.temperature}: must be > 0")
+    if not (math.isfinite(cfg.loss.temperature) and cfg.loss.temperature > 0):
+        raise ConfigError(f"loss.temperature={cfg.loss.temperature}: must be > 0 (τ divides the cosine similarities)")
+    weights = ("lambda_consistency", "lambda_separation", "lambda_task")
+    for key in weights:
+        if not (math.isfinite(cfg.loss[key]) and cfg.loss[key] >= 0):
+            raise ConfigError(f"loss.{key}={cfg.loss[key]}: must be >= 0 (a term's weight; 0 = that term off; a negative "
+                              "weight trains the model the wrong way on it)")
+    if not any(cfg.loss[key] for key in weights):
+        raise ConfigError(f"{', '.join(f'loss.{key}' for key in weights)}: all 0, so nothing trains; weight at least one")
 
 
 def load_triplets(cfg: DictConfig) -> dict[str, list[dict]]:

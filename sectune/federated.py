@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from sectune.errors import ConfigError, DataError
+from sectune.errors import ConfigError, DataError, SectuneError
 
 PARTITIONS = ("iid", "shards", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -210,7 +211,9 @@ def local_train(cfg, model, rows: list[dict], pad_id: int, lr: float, steps: int
                   save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=max(1, steps), logging_first_step=False,
                   per_device_train_batch_size=int(cfg.federated.batch_size or cfg.train.batch_size),
                   train_sampling_strategy="random", remove_unused_columns=False)
-    trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=rows, data_collator=PadCollator(pad_id))
+    # debug.fail_at_step: the client dies after that local step of every round (the tests' fault injection)
+    trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=rows, data_collator=PadCollator(pad_id),
+                      callbacks=engine.fail_callbacks(cfg))
     out = trainer.train()
     model.eval()
     return float(out.training_loss)
@@ -236,36 +239,106 @@ def lm_loss(model, rows: list[dict], pad_id: int, batch_size: int = 64) -> float
 
 
 # ----------------------------------------------------------------------------- the Flower apps
+class RoundFailed(SectuneError):
+    """No client of a round sent its adapter back: FedAvg has nothing to average, so the run stops there."""
+
+
+def error_reason(reason: str | None, code: int = 0) -> str:
+    """One line of a failed client's reply: Flower sends ``<class 'X'>:<'str(exception)'>``, where the exception
+    may be Ray's (a traceback, colour codes included) around ``ClientAppException``'s ``… Message: <the client's error>``."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(reason or "")).strip()
+    if not text:
+        return f"error code {code}"
+    kind = ""
+    m = re.fullmatch(r"<class '([^']+)'>:<'(.*)'>", text, flags=re.S)
+    if m:
+        kind, text = m.group(1).rsplit(".", 1)[-1], m.group(2)
+    if "Message: " in text:  # ClientAppException: the client's own error follows
+        kind, text = "", text.rsplit("Message: ", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = lines[-1] if lines else text
+    return (f"{kind}: " if kind else "") + " ".join(text.split())[:300]
+
+
+def reply_errors(replies) -> list[str]:
+    """``node <id>: <error>`` for each reply that carries an error (Flower's reason: the client's exception)."""
+    return [f"node {m.metadata.src_node_id}: {error_reason(m.error.reason, m.error.code)}" for m in replies if m.has_error()]
+
+
+def check_round(server_round: int, replies: list, sent: int, then: str) -> int:
+    """How many of the ``sent`` sampled clients failed (an error reply or none), printed with their errors and ``then``
+    (what the round does about it); RoundFailed when none replied with an adapter."""
+    errors = reply_errors(replies)
+    ok = len(replies) - len(errors)
+    missing = max(0, sent - len(replies))
+    said = (f": {'; '.join(errors)}" if errors else "") + (f"; {missing} sent no reply" if missing else "")
+    if ok == 0:
+        raise RoundFailed(f"federated round {server_round}: all {max(sent, len(replies))} sampled client(s) failed, so FedAvg has "
+                          f"nothing to average{said} (the clients' tracebacks are in the Flower log above)")
+    if errors or missing:
+        print(f"sectune: warning: federated round {server_round}: {len(errors) + missing} of {max(sent, len(replies))} sampled "
+              f"client(s) failed{said}; {then.format(ok=ok)}", flush=True)
+    return len(errors) + missing
+
+
 def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, int, int], None]):
     """Flower's FedAvg (weighted by ``num-examples``) with the lr schedule in each round's config and the bytes
-    of every message counted; wrapped in Flower's client-side fixed-clipping DP when ``fed.dp``."""
+    of every message counted; wrapped in Flower's client-side fixed-clipping DP when ``fed.dp``. A round whose
+    sampled clients all fail raises :class:`RoundFailed`; when some fail, ``record("failed", round, count)``."""
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+
+    sent: dict[int, int] = {}
+
+    def up_bytes(replies, key: str) -> int:
+        return sum(m.content[key].count_bytes() for m in replies if not m.has_error())
 
     class RoundFedAvg(FedAvg):
         def configure_train(self, server_round, arrays, config, grid):
             config["lr"] = round_lr(base_lr, server_round, int(fed.rounds), str(fed.lr_schedule), float(fed.lr_min_ratio))
             messages = list(super().configure_train(server_round, arrays, config, grid))
+            sent[server_round] = len(messages)
             record("down", server_round, sum(m.content[self.arrayrecord_key].count_bytes() for m in messages))
             return messages
 
         def aggregate_train(self, server_round, replies):
             replies = list(replies)
-            record("up", server_round, sum(m.content[self.arrayrecord_key].count_bytes() for m in replies if not m.has_error()))
+            failed = check_round(server_round, replies, sent.get(server_round, len(replies)),
+                                 "FedAvg averages the {ok} adapter(s) that came back")
+            record("up", server_round, up_bytes(replies, self.arrayrecord_key))
+            if failed:
+                record("failed", server_round, failed)
+            return super().aggregate_train(server_round, replies)
+
+    class RoundDP(DifferentialPrivacyClientSideFixedClipping):
+        # Flower's DP wrapper skips a round with an error reply without calling FedAvg: check and count that round here
+        # (a round without error replies reaches RoundFedAvg.aggregate_train, which does)
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            if reply_errors(replies) or all(m.has_error() for m in replies):
+                failed = check_round(server_round, replies, sent.get(server_round, len(replies)),
+                                     "with federated.dp=true Flower skips this round's aggregation: the global adapter stays as it was")
+                record("up", server_round, up_bytes(replies, self.strategy.arrayrecord_key))
+                record("failed", server_round, failed)
             return super().aggregate_train(server_round, replies)
 
     strategy = RoundFedAvg(fraction_train=float(fed.client_frac), fraction_evaluate=0.0, min_train_nodes=num_train,
                            min_available_nodes=int(fed.num_clients))
     if fed.dp:
-        strategy = DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=float(fed.dp_noise_multiplier),
-                                                              clipping_norm=float(fed.dp_clipping_norm), num_sampled_clients=num_train)
+        strategy = RoundDP(strategy, noise_multiplier=float(fed.dp_noise_multiplier), clipping_norm=float(fed.dp_clipping_norm),
+                           num_sampled_clients=num_train)
     return strategy
 
 
 def serve(grid, strategy, initial_state: dict, rounds: int, evaluate_fn, done: dict) -> None:
-    """The ServerApp's work under either runtime: FedAvg's rounds on ``grid``; the global adapter into ``done``."""
+    """The ServerApp's work under either runtime: FedAvg's rounds on ``grid``; the global adapter into ``done``, or
+    the :class:`RoundFailed` that stopped them into ``done["error"]`` (the stage raises it once the runtime has ended)."""
     from flwr.app import ArrayRecord
 
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=rounds, evaluate_fn=evaluate_fn)
+    try:
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=rounds, evaluate_fn=evaluate_fn)
+    except RoundFailed as e:
+        done["error"] = e
+        return
     done["arrays"] = result.arrays
     # the clients' metrics per round, averaged by FedAvg with the same sample-count weights
     done["train_metrics"] = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}

@@ -219,6 +219,8 @@ def estimate_memory(
         raise ValueError(f"device={device!r}: choose cuda or cpu")
     if quantization != "none" and not lora_r:
         raise ValueError(f"quantization={quantization} needs LoRA: quantized weights cannot be trained directly")
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"batch {batch_size} x seq {seq_len}: both must be >= 1")
 
     a = DTYPE_BYTES[dtype]
     L = int(arch["num_layers"])

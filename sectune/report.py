@@ -112,8 +112,10 @@ def _to_float(v: Any) -> float:
         return math.nan
 
 
-def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None = None) -> pd.DataFrame:
-    """One row per job dir: job, override keys, status, metrics, error; sorted by a metric."""
+def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None = None,
+                 sort_by_setting: str = "--sort-by") -> pd.DataFrame:
+    """One row per job dir: job, override keys, status, metrics, error; sorted by a metric (``sort_by_setting``:
+    how the caller's user set ``sort_by``, named in the error for a column that does not exist)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise DataError(f"{sweep_dir}: no such sweep directory")
@@ -147,13 +149,15 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
     swept = [k for k in keys if frame[k].astype(str).nunique(dropna=False) > 1]
     fixed = {k: frame[k].iloc[0] for k in keys if k not in swept}
     metrics = list(metric_cols.values())
-    frame = sort_frame(frame, metrics, sort_by, ascending)
+    frame = sort_frame(frame, metrics, sort_by, ascending, sort_by_setting)
     frame.attrs.update(swept=swept, fixed=fixed, metrics=metrics, sweep_dir=str(sweep_dir))
     return frame
 
 
-def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, ascending: bool | None) -> pd.DataFrame:
-    """Sort by ``sort_by`` (default eval_loss, else first metric); loss-like ascending, NaN last."""
+def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, ascending: bool | None,
+               sort_by_setting: str = "--sort-by") -> pd.DataFrame:
+    """Sort by ``sort_by`` (default eval_loss, else first metric); loss-like ascending, NaN last. ``sort_by_setting``
+    names where ``sort_by`` came from: ``--sort-by`` (sectune-report) or ``report.sort_by`` (stage=report)."""
     if sort_by is None:
         sort_by = "eval_loss" if "eval_loss" in metrics else (metrics[0] if metrics else None)
     if sort_by is None:
@@ -161,7 +165,8 @@ def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, asc
         out.attrs.update(frame.attrs, sort_by=None, ascending=True)
         return out
     if sort_by not in frame.columns:
-        raise ConfigError(f"--sort-by {sort_by}: not a column; metrics are {', '.join(metrics) or '(none)'}")
+        given = f"{sort_by_setting} {sort_by}" if sort_by_setting.startswith("--") else f"{sort_by_setting}={sort_by}"
+        raise ConfigError(f"{given}: not a column; metrics are {', '.join(metrics) or '(none)'}")
     if ascending is None:  # losses and non-metric columns (job, swept keys) smallest first
         ascending = sort_by not in metrics or "loss" in sort_by.lower()
     by = [sort_by] + (["job"] if sort_by != "job" else [])
@@ -243,10 +248,11 @@ def plot_key(frame: pd.DataFrame, key: str, metric: str, path: Path) -> bool:
     return True
 
 
-def write_report(sweep_dir, sort_by: str | None = None, ascending: bool | None = None) -> dict[str, Any]:
+def write_report(sweep_dir, sort_by: str | None = None, ascending: bool | None = None,
+                 sort_by_setting: str = "--sort-by") -> dict[str, Any]:
     """Write report.csv, report.md and plots/<key>.png; returns the frame and the paths written."""
     sweep_dir = Path(sweep_dir)
-    frame = build_report(sweep_dir, sort_by=sort_by, ascending=ascending)
+    frame = build_report(sweep_dir, sort_by=sort_by, ascending=ascending, sort_by_setting=sort_by_setting)
     csv_path, md_path = sweep_dir / "report.csv", sweep_dir / "report.md"
     write_text_atomic(csv_path, frame.to_csv(index=False))
     markdown = to_markdown(frame)

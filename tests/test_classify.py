@@ -490,3 +490,32 @@ def test_kfold_ensemble_threshold_from_out_of_fold_rows_and_mean_of_members(tmp_
     one = sectune("stage=classify", "dataset=text_label_csv", f"dataset.path={csv}", "classify.folds=3",
                   f"train.resume={run_dir / 'checkpoints'}", *FAST, f"hydra.run.dir={tmp_path / 'one'}")
     assert one.returncode != 0 and "train.resume=auto" in one.stderr and not (tmp_path / "one/folds").exists()
+
+
+@pytest.mark.parametrize("override, error", [
+    ("classify.folds=0", "classify.folds=0: 1 trains one model"),
+    ("classify.folds=40", "classify.folds=40"),  # more folds than the train split has rows of a label
+    ("loss.class_weights={zz: 2}", "loss.class_weights: unknown label(s) ['zz']"),
+])
+def test_a_refused_rerun_leaves_the_finished_run_dir_byte_identical(tmp_path, override, error):
+    """The checks run before splits/, labels.json (or anything else) is written: a rerun with a bad
+    setting into a finished run dir fails naming the key and changes none of its files."""
+    from sectune.runner import write_json_atomic
+
+    csv = _attack_text_csv(tmp_path / "t.csv", n=40)
+    run_dir = tmp_path / "run"
+    # a finished run's files, with contents this rerun would not write (so a rewrite shows)
+    for split in ("train", "validation", "test"):
+        write_json_atomic(run_dir / "splits" / f"{split}.json", [{"text": f"earlier {split}", "label": "old"}])
+    write_json_atomic(run_dir / "labels.json", {"labels": ["old", "older"]})
+    write_json_atomic(run_dir / "classifier.json", {"head": "seq_cls", "labels": ["old", "older"]})
+    write_json_atomic(run_dir / "result.json", {"stage": "classify", "status": "succeeded", "metrics": {"test_macro_f1": 0.5},
+                                                "artifacts": {"splits": "splits", "labels": "labels.json", "classifier": "classifier.json"},
+                                                "finished": "2020-01-01T00:00:00"})
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    p = sectune("stage=classify", "dataset=text_label_csv", f"dataset.path={csv}", override, *FAST, f"hydra.run.dir={run_dir}")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"sectune: error: {error}" in p.stderr
+    assert {p: p.read_bytes() for p in before} == before  # every earlier file byte-identical
+    failed = json.loads((run_dir / "result.failed.json").read_text())
+    assert failed["status"] == "failed" and error in failed["error"]

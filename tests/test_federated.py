@@ -160,6 +160,130 @@ def test_flower_fedavg_weights_hand_made_client_updates_by_sample_counts(flower_
     assert not torch.allclose(got["a.lora_A.weight"], sum(u["a.lora_A.weight"] for u in updates) / 3)
 
 
+# ----------------------------------------------------------------------------- failed clients
+class FakeGrid:
+    """A Grid whose nodes answer at once: a node in ``failing`` with Flower's error reply for a ClientApp that raised,
+    the others with the adapter they were sent and 5 examples."""
+
+    def __init__(self, nodes, failing=()):
+        from flwr.serverapp import Grid
+
+        class _Grid(Grid):
+            set_run = create_message = push_messages = pull_messages = lambda *a, **k: None
+            run = property(lambda self: None)
+
+            def get_node_ids(self):
+                return list(nodes)
+
+            def send_and_receive(self, messages, *, timeout=None):
+                from flwr.app import Error, Message, MetricRecord, RecordDict
+
+                out = []
+                for i, msg in enumerate(messages):
+                    msg.metadata.__dict__["_message_id"] = f"m{i}"  # what pushing it would set
+                    if msg.metadata.dst_node_id in failing:
+                        out.append(Message(Error(code=2, reason=f"<class 'ValueError'>:<'boom on node {msg.metadata.dst_node_id}'>"),
+                                           reply_to=msg))
+                    else:
+                        out.append(Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 5})}),
+                                           reply_to=msg))
+                return out
+
+        self.grid = _Grid()
+
+
+def fed_settings(*extra: str):
+    return compose(["stage=federated", "federated.num_clients=3", "federated.client_frac=1.0", "federated.rounds=2", *extra]).federated
+
+
+def test_flower_error_reasons_become_one_line():
+    assert federated.error_reason("<class 'ZeroDivisionError'>:<'division by zero'>") == "ZeroDivisionError: division by zero"
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1)\n"
+           "  File \"x.py\", line 3\nflwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. "
+           "Message: debug.fail_at_step=1: simulated interruption after step 1'>")
+    assert federated.error_reason(ray) == "debug.fail_at_step=1: simulated interruption after step 1"
+    assert federated.error_reason(None, 5) == "error code 5"
+
+
+@requires_flwr
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_round_whose_clients_all_fail_stops_the_run_naming_the_round_and_errors(flower_task, dp):
+    recorded = {}
+    strategy = federated.make_strategy(fed_settings(f"federated.dp={str(dp).lower()}"), 3, 0.1,
+                                       lambda d, r, n: recorded.__setitem__((d, r), n))
+    done: dict = {}
+    federated.serve(FakeGrid([1, 2, 3], failing={1, 2, 3}).grid, strategy, {"a.lora_A.weight": torch.ones(2, 2)}, 2, None, done)
+    err = done["error"]
+    assert isinstance(err, federated.RoundFailed) and "arrays" not in done  # nothing to save: the stage raises it
+    assert str(err).startswith("federated round 1: all 3 sampled client(s) failed, so FedAvg has nothing to average: ")
+    for node in (1, 2, 3):
+        assert f"node {node}: ValueError: boom on node {node}" in str(err)
+    assert ("down", 2) not in recorded  # the run stopped in round 1
+
+
+@requires_flwr
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_round_where_some_clients_fail_goes_on_and_counts_them(flower_task, dp, capsys):
+    recorded = {}
+    strategy = federated.make_strategy(fed_settings(f"federated.dp={str(dp).lower()}"), 3, 0.1,
+                                       lambda d, r, n: recorded.__setitem__((d, r), n))
+    done: dict = {}
+    federated.serve(FakeGrid([1, 2, 3], failing={2}).grid, strategy, {"a.lora_A.weight": torch.ones(2, 2)}, 2, None, done)
+    assert "error" not in done and "arrays" in done
+    assert recorded[("failed", 1)] == recorded[("failed", 2)] == 1
+    assert recorded[("up", 1)] == recorded[("up", 2)] > 0  # both rounds count as done, with the two adapters that came back
+    out = capsys.readouterr().out
+    assert "sectune: warning: federated round 1: 1 of 3 sampled client(s) failed: node 2: ValueError: boom on node 2; " in out
+    assert ("Flower skips this round's aggregation" if dp else "FedAvg averages the 2 adapter(s) that came back") in out
+
+
+@requires_flwr
+def test_the_stage_fails_when_a_rounds_clients_all_fail_and_records_partial_failures(tmp_path, monkeypatch, flower_task):
+    """The stage under a Grid whose clients fail (no Ray): all fail → RoundFailed, no adapter saved; one of three
+    fails each round → the run succeeds and says so in its metrics and rounds.json."""
+    from sectune.runner import RunContext
+    from sectune.stages import federated as stage
+
+    data = tmp_path / "hdfs"
+    write_deeplog_files(data, n_normal=120, n_anomalous=60, seed=1)
+    cfg = tiny_cfg(tmp_path, f"dataset.path={data}", "federated.num_clients=3", "federated.client_frac=1.0", "federated.rounds=2",
+                   "federated.detection=false")
+    failing: set = {1, 2, 3}
+
+    def simulate(cfg, run_dir, strategy, initial, evaluate_fn, done):
+        federated.serve(FakeGrid([1, 2, 3], failing).grid, strategy, initial, int(cfg.federated.rounds), evaluate_fn, done)
+
+    monkeypatch.setattr(stage, "simulate", simulate)
+    with pytest.raises(federated.RoundFailed, match=r"^federated round 1: all 3 sampled client\(s\) failed.*node 1: ValueError: boom"):
+        stage.run(RunContext(cfg=cfg, run_dir=tmp_path / "all"))
+    assert not (tmp_path / "all" / "adapter").exists() and not (tmp_path / "all" / "rounds.json").exists()
+
+    failing = {3}
+    out = stage.run(RunContext(cfg=cfg, run_dir=tmp_path / "some"))
+    m = out["metrics"]
+    assert m["rounds_done"] == 2 and m["clients_failed"] == 2 and m["rounds_with_failed_clients"] == 2
+    rounds = json.loads((tmp_path / "some" / "rounds.json").read_text())["rounds"]
+    assert [r["clients_failed"] for r in rounds] == [0, 1, 1]  # round 0 is the initial evaluation
+
+
+@pytest.mark.slow  # ~1 min: Ray's start-up
+@requires_flwr
+def test_simulation_whose_clients_all_fail_exits_2_naming_the_round_and_the_error(tmp_path):
+    """debug.fail_at_step=1: every client's Trainer dies after its first local step, so round 1 has nothing to average."""
+    data = tmp_path / "hdfs"
+    write_deeplog_files(data, n_normal=120, n_anomalous=60, seed=1)
+    run = sectune([*TINY, f"paths.cache_dir={tmp_path / 'cache'}", f"dataset.path={data}", "federated.num_clients=2",
+                   "federated.client_frac=1.0", "federated.rounds=2", "federated.local_steps=3", "train.batch_size=8",
+                   "federated.detection=false", "debug.fail_at_step=1"],
+                  run_dir=tmp_path / "run", timeout=600, env={"OMP_NUM_THREADS": "1"})
+    assert run.returncode == 2, run.stderr[-3000:]
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith("sectune: error: federated round 1: all 2 sampled client(s) failed, so FedAvg has nothing to average: node ")
+    assert line.count("debug.fail_at_step=1: simulated interruption after step 1") == 2
+    assert run.result["status"] == "failed" and run.result["error"].startswith("federated round 1: all 2 sampled client(s) failed")
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
 # ----------------------------------------------------------------------------- the stage
 def test_stage_refuses_lora_none_and_other_datasets(tmp_path):
     from sectune.runner import RunContext

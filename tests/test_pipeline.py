@@ -123,6 +123,38 @@ def test_typo_in_a_per_step_override_stops_before_any_step(tmp_path):
     assert res.result["status"] == "failed" and not (run_dir / "sft").exists()
 
 
+@pytest.mark.parametrize("steps, step, needs", [
+    ("[infer,sft]", "infer", "sft"), ("[sft,infer,rl]", "infer", "rl"), ("[sft,infer,dpo]", "infer", "dpo"),
+    ("[rl,sft]", "rl", "sft"), ("[sft,rl,reward]", "rl", "reward"), ("[dpo,sft]", "dpo", "sft"), ("[evaluate,sft]", "evaluate", "sft"),
+])
+def test_a_step_listed_before_the_step_it_takes_from_is_an_error(steps, step, needs):
+    from sectune.errors import ConfigError
+    from sectune.stages import pipeline
+
+    with pytest.raises(ConfigError, match=rf"^pipeline\.steps=\[.*\]: {step} takes .* from the {needs} step, which runs after it; "
+                                          rf"list {needs} before {step}$"):
+        pipeline.check_steps(compose(["stage=pipeline", f"pipeline.steps={steps}"]))
+
+
+def test_step_orders_that_hand_on_or_need_nothing_are_accepted():
+    from sectune.stages import pipeline
+
+    for steps in ("[sft,reward,rl,dpo,infer]", "[sft,dpo,infer]", "[reward,sft]", "[infer]", "[sft,infer]", "[sft,evaluate]"):
+        assert pipeline.check_steps(compose(["stage=pipeline", f"pipeline.steps={steps}"])) == steps[1:-1].split(",")
+    # evaluate takes sft's run dir only when evaluate.model_dir is unset (pipeline.handoffs)
+    assert pipeline.check_steps(compose(["stage=pipeline", "pipeline.steps=[evaluate,sft]", "evaluate.model_dir=/elsewhere"])) == ["evaluate", "sft"]
+
+
+def test_infer_before_sft_stops_before_any_step(tmp_path):
+    run_dir = tmp_path / "p"
+    res = run([*SMALL, "pipeline.steps=[infer,sft]"], run_dir)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == ("sectune: error: pipeline.steps=[infer, sft]: infer takes the policy that answers "
+                                                   "(the newest of rl → dpo → sft in this pipeline's dir) from the sft step, which "
+                                                   "runs after it; list sft before infer")
+    assert res.result["status"] == "failed" and not (run_dir / "sft").exists() and not (run_dir / "infer").exists()
+
+
 # ----------------------------------------------------------------------------- end to end
 @requires_real_data
 @requires_rl

@@ -47,6 +47,38 @@ def test_plan_stage_writes_table_and_predicted_peak(tmp_path):
     assert "1.10-1.31x this total" in text and "int8" not in text.split("checked on one H200")[1]  # the GPU check, said
 
 
+@pytest.mark.parametrize("overrides, error", [
+    (["plan.batch_size=0"], "plan.batch_size=0: must be >= 1 (or null: train.batch_size)"),
+    (["plan.batch_size=-2"], "plan.batch_size=-2: must be >= 1 (or null: train.batch_size)"),
+    (["plan.seq_len=0"], "plan.seq_len=0: must be >= 1 (or null: model.max_seq_length)"),
+    (["plan.seq_len=-5"], "plan.seq_len=-5: must be >= 1 (or null: model.max_seq_length)"),
+    (["model.max_seq_length=0"], "model.max_seq_length=0: must be >= 1"),
+    (["+memory_template=minimal", "memory_template.budget_gb=0"], "memory_template.budget_gb=0.0: must be > 0"),
+    (["+memory_template=minimal", "memory_template.budget_gb=-4"], "memory_template.budget_gb=-4.0: must be > 0"),
+])
+def test_plan_sizes_below_one_are_errors_naming_the_key(overrides, error, tmp_path):
+    """A batch, a sequence length or a template budget <= 0 used to fall back silently (0) or plan negative
+    activations (< 0): each is a ConfigError naming the key, before any model config is read."""
+    from sectune.errors import ConfigError
+    from sectune.runner import RunContext
+    from sectune.stages import plan
+
+    cfg = compose(["stage=plan", *overrides])
+    with pytest.raises(ConfigError, match="^" + error.replace("(", r"\(").replace(")", r"\)")):
+        plan.run(RunContext(cfg=cfg, run_dir=tmp_path))
+    assert not list(tmp_path.iterdir())
+    if "memory_template" not in overrides[0]:
+        with pytest.raises(ConfigError, match="^" + error.split(":")[0]):
+            plan.estimate(cfg)  # what stage=doctor and the reward/rl memory checks call
+
+
+def test_plan_cli_refuses_a_zero_seq_len_with_one_line(tmp_path):
+    run = sectune(["stage=plan", "logger=none", "plan.seq_len=0"], tmp_path / "plan")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == "sectune: error: plan.seq_len=0: must be >= 1 (or null: model.max_seq_length)"
+    assert run.result["status"] == "failed" and not (tmp_path / "plan" / "plan.md").exists()
+
+
 MEASURE = r"""
 import json, sys
 import psutil, torch, transformers, peft, bitsandbytes  # every import before the baseline

@@ -170,6 +170,9 @@ def test_rejects_bad_choices():
         estimate_memory(ARCHS["llama2_7b"], lora_r=8, optimizer="sgd")
     with pytest.raises(ValueError, match="family"):
         param_count(dict(ARCHS["llama2_7b"], family="mamba"))
+    for shape in (dict(seq_len=0), dict(seq_len=-5), dict(batch_size=0), dict(batch_size=-1)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            estimate_memory(ARCHS["llama2_7b"], lora_r=8, **shape)
 
 
 def test_rows_and_markdown():

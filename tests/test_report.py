@@ -127,3 +127,19 @@ def test_cli_errors_exit_2(tmp_path, capsys, kind):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sectune-report: error:")
     assert ("nonexistent_metric" if kind == "bad_sort" else str(target)) in err[0]
+    if kind == "bad_sort":  # the flag this command has
+        assert err[0].startswith("sectune-report: error: --sort-by nonexistent_metric: not a column; metrics are eval_loss")
+
+
+def test_stage_report_names_report_sort_by_not_the_cli_flag(tmp_path):
+    """stage=report is configured by Hydra keys: a bad report.sort_by names that key (there is no --sort-by there),
+    as one line, exit 2, before report.csv / report.md are written."""
+    from conftest import sectune
+
+    sweep = make_sweep(tmp_path / "sweep")
+    run = sectune(["stage=report", f"report.dir={sweep}", "report.sort_by=nonexistent_metric", "logger=none"], tmp_path / "run")
+    assert run.returncode == 2, run.stderr[-2000:]
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith("sectune: error: report.sort_by=nonexistent_metric: not a column; metrics are eval_loss, eval_accuracy")
+    assert "--sort-by" not in run.stderr and run.result["error"].startswith("report.sort_by=nonexistent_metric")
+    assert not (sweep / "report.csv").exists() and not (sweep / "report.md").exists()

@@ -27,6 +27,13 @@ def run(ctx: RunContext) -> dict:
     head = cfg.classify.head
     if head not in C.HEADS:
         raise ConfigError(f"classify.head={head!r}: choose one of {', '.join(C.HEADS)}")
+    # checked before anything is read or written: a rerun into a finished run dir must leave its files as they are
+    folds = int(cfg.classify.folds)
+    if folds < 1:
+        raise ConfigError(f"classify.folds={folds}: 1 trains one model; k >= 2 trains a k-fold cross-fitted ensemble")
+    if folds > 1 and cfg.train.resume not in (None, "", "null", "none", "auto"):
+        raise ConfigError(f"train.resume={cfg.train.resume}: a classify.folds={folds} run keeps one checkpoint directory per "
+                          f"member (checkpoints/fold<i>); resume it with train.resume=auto")
 
     # 1. data: splits written as JSON (seed 004's train/validation/test files)
     data = C.build_labelled_data(cfg)
@@ -35,6 +42,10 @@ def run(ctx: RunContext) -> dict:
           f"{n['test']} test rows, {len(data.labels)} labels")
     if data.cleaning:
         print(f"sectune: cleaning ({cfg.dataset.nan_policy}): {json.dumps({k: v for k, v in data.cleaning.items() if k != 'bad_cells_by_column'})}")
+    # what the data can refuse (too few rows of a label for the folds, a class weight for no label), before a file is written
+    train_recs = data.splits["train"]
+    parts = S.stratified_folds([r["label"] for r in train_recs], folds, cfg.dataset.split_seed) if folds > 1 else None
+    C.class_weight_vector(cfg.loss.class_weights, data.labels, [r["label"] for r in train_recs])
     from sectune.data.flows import write_splits_json
 
     write_splits_json(run_dir / "splits", data.splits)
@@ -45,12 +56,6 @@ def run(ctx: RunContext) -> dict:
         artifacts["normalizer"] = NORMALIZER_FILE
 
     # 2-4. one classifier, or ``classify.folds`` members cross-fitted on the train split
-    folds = int(cfg.classify.folds)
-    if folds < 1:
-        raise ConfigError(f"classify.folds={folds}: 1 trains one model; k >= 2 trains a k-fold cross-fitted ensemble")
-    if folds > 1 and cfg.train.resume not in (None, "", "null", "none", "auto"):
-        raise ConfigError(f"train.resume={cfg.train.resume}: a classify.folds={folds} run keeps one checkpoint directory per "
-                          f"member (checkpoints/fold<i>); resume it with train.resume=auto")
     max_len = cfg.model.max_seq_length
     autocast = S.scoring_autocast(cfg)  # every scoring below runs in the training precision
     to_score = {"validation": [r["text"] for r in data.splits["validation"]]}
@@ -64,8 +69,6 @@ def run(ctx: RunContext) -> dict:
         members = None
         artifacts.update({name: name, "checkpoints": "checkpoints"})
     else:
-        train_recs = data.splits["train"]
-        parts = S.stratified_folds([r["label"] for r in train_recs], folds, cfg.dataset.split_seed)
         oof = np.zeros((len(train_recs), len(data.labels)))
         runs, members = [], []
         from transformers import set_seed

@@ -149,7 +149,7 @@ def run(ctx: RunContext) -> dict:
 
         # this round's traffic is counted by now (aggregate_train runs before the global evaluation)
         sent = {"bytes_up": traffic.get(("up", server_round), 0), "bytes_down": traffic.get(("down", server_round), 0),
-                "round_s": round_s.get(server_round, 0.0)}
+                "round_s": round_s.get(server_round, 0.0), "clients_failed": traffic.get(("failed", server_round), 0)}
         last = server_round == int(fed.rounds)
         if server_round % max(1, int(fed.eval_every)) and not last and server_round != 0:
             tracking.log(ctx.tracker, {f"federated/{k}": v for k, v in sent.items()}, step=server_round)
@@ -182,6 +182,8 @@ def run(ctx: RunContext) -> dict:
     else:
         simulate(cfg, run_dir, strategy, initial, evaluate_fn, done)
     sim_s = time.perf_counter() - t_sim
+    if "error" in done:  # a round whose clients all failed (federated.RoundFailed): nothing was saved
+        raise done["error"]
     rounds_done = sum(1 for (d, _r) in traffic if d == "up")
     if "arrays" not in done or rounds_done < int(fed.rounds):
         raise RuntimeError(f"the Flower {fed.runtime} ended after {rounds_done} of {fed.rounds} rounds (see its log above)")
@@ -207,6 +209,9 @@ def run(ctx: RunContext) -> dict:
         "simulation_s": round(sim_s, 2), "round_s_mean": float(np.mean(list(round_s.values()))),
         "partition_skew": federated.partition_skew(parts, train_keys),
         "adapter_params": sum(t.numel() for t in initial.values()),
+        # clients that failed in a round the others carried (federated.check_round printed their errors)
+        "clients_failed": sum(n for (d, _r), n in traffic.items() if d == "failed"),
+        "rounds_with_failed_clients": sum(1 for (d, _r) in traffic if d == "failed"),
     }
     for k in ("test_f1", "test_fpr", "test_precision", "test_recall", "val_f1", "top_g"):
         if k in last:

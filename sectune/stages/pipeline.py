@@ -63,6 +63,14 @@ from sectune.runner import RunContext, skip_digest
 GROUPS = ("model", "quantization", "lora", "loss", "dataset", "logger")
 #: the artifact a later step needs from an earlier one
 NEEDS = {"sft": ("adapter", "model"), "reward": ("reward_model",)}
+#: what a step takes from the steps before it (:func:`handoffs`), per step it takes from: listed after it,
+#: that step would hand it nothing (or an earlier pipeline run's stale dir); infer reads the pipeline dir (infer.CHAIN)
+TAKES = {
+    "rl": {"sft": "its starting adapter (rl.init_from)", "reward": "its reward model (rl.reward_model)"},
+    "dpo": {"sft": "its starting adapter (dpo.init_from)"},
+    "evaluate": {"sft": "the model it evaluates (evaluate.model_dir, when unset)"},
+    "infer": {s: "the policy that answers (the newest of rl → dpo → sft in this pipeline's dir)" for s in ("rl", "dpo", "sft")},
+}
 
 
 class StepFailed(SectuneError):
@@ -176,6 +184,12 @@ def check_steps(cfg: DictConfig) -> list[str]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"pipeline.steps: {', '.join(dup)} listed twice (each step runs in a sub-dir named after it)")
+    for i, n in enumerate(names):
+        for later in names[i + 1:]:
+            what = TAKES.get(n, {}).get(later)
+            if what and not (n == "evaluate" and cfg.evaluate.model_dir is not None):  # handoffs' own condition
+                raise ConfigError(f"pipeline.steps=[{', '.join(names)}]: {n} takes {what} from the {later} step, which runs "
+                                  f"after it; list {later} before {n}")
     for key in ("overrides", "loss", "dataset"):
         for n in cfg.pipeline[key] or {}:
             if n not in runner.STAGES or n == "pipeline":

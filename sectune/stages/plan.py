@@ -91,9 +91,35 @@ def measured_gpu_margin(quantization: str, precision: str = "bf16") -> float:
     return GPU_MARGIN["fp32"] if precision == "fp32" else GPU_MARGIN["bf16"]
 
 
-def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, seq_len: int | None = None) -> tuple[planner.Budget, dict]:
+def batch_shape(cfg: DictConfig, model_cfg: DictConfig | None = None) -> tuple[int, int]:
+    """(batch size, sequence length) the activations are counted for: ``plan.batch_size`` / ``plan.seq_len`` when
+    set, else ``train.batch_size`` / ``model.max_seq_length``; a value below 1 is an error naming its key."""
+    m = model_cfg if model_cfg is not None else cfg.model
+    p = cfg.plan
+    batch = ("plan.batch_size", p.batch_size, " (or null: train.batch_size)") if p.batch_size is not None else \
+        ("train.batch_size", cfg.train.batch_size, "")
+    seq = ("plan.seq_len", p.seq_len, " (or null: model.max_seq_length)") if p.seq_len is not None else \
+        ("model.max_seq_length", m.max_seq_length, "")
+    for key, value, unset in (batch, seq):
+        if value is None or int(value) < 1:
+            raise ConfigError(f"{key}={value}: must be >= 1{unset}")
+    return int(batch[1]), int(seq[1])
+
+
+def template_budget_gb(cfg: DictConfig) -> float | None:
+    """``memory_template.budget_gb`` (GiB) of a ``+memory_template=…`` run, None without one; <= 0 is an error."""
+    mt = cfg.get("memory_template")
+    if mt is None or mt.budget_gb is None:
+        return None
+    if not float(mt.budget_gb) > 0:
+        raise ConfigError(f"memory_template.budget_gb={mt.budget_gb}: must be > 0 (GiB of the device the template is sized for)")
+    return float(mt.budget_gb)
+
+
+def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None) -> tuple[planner.Budget, dict]:
     """The Budget for ``cfg`` (optionally with another model node) and the settings used."""
     m = model_cfg if model_cfg is not None else cfg.model
+    batch_size, seq_len = batch_shape(cfg, m)
     arch, arch_source = model_arch(m, cfg)
     weight_dtype = "bf16" if m.dtype == "auto" else str(m.dtype)
     if weight_dtype not in planner.DTYPE_BYTES:
@@ -112,8 +138,8 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, seq_len: int 
         lora_r=int(cfg.lora.r) if cfg.lora.enabled else None,
         lora_targets=lora_targets(cfg) if cfg.lora.enabled else "attention",
         optimizer=cfg.train.optimizer,
-        seq_len=int(seq_len or cfg.plan.seq_len or m.max_seq_length),
-        batch_size=int(cfg.plan.batch_size or cfg.train.batch_size),
+        seq_len=seq_len,
+        batch_size=batch_size,
         gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
         selective_checkpointing=bool(cfg.train.selective_checkpointing),
         device=plan_device(cfg),
@@ -175,7 +201,7 @@ def all_models_table(cfg: DictConfig) -> str:
     for path in sorted((PROJECT_ROOT / "conf" / "model").glob("*.yaml")):
         node = OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml.safe_load(path.read_text()) or {})
         try:
-            b, _ = estimate(cfg, node, seq_len=cfg.plan.seq_len or node.max_seq_length)
+            b, _ = estimate(cfg, node)  # plan.seq_len, else this preset's max_seq_length
         except ConfigError as e:
             lines.append(f"| {path.stem} | error: {e} |||||||")
             continue
@@ -186,13 +212,13 @@ def all_models_table(cfg: DictConfig) -> str:
 
 def memory_template_check(cfg: DictConfig, budget: planner.Budget) -> tuple[dict, str] | None:
     """With a seed-002 memory template (``+memory_template=…``): the predicted peak against its budget (GiB)."""
-    mt = cfg.get("memory_template")
-    if mt is None or not mt.budget_gb:
+    budget_gb = template_budget_gb(cfg)
+    if budget_gb is None:
         return None
-    limit = float(mt.budget_gb) * planner.GiB
+    limit = budget_gb * planner.GiB
     fits = budget.total <= limit
     verdict = "fits" if fits else f"does NOT fit (over by {(budget.total - limit) / planner.GiB:.2f} GiB)"
-    line = (f"Memory template {mt.name}: budget {float(mt.budget_gb):g} GiB; predicted peak {budget.total / planner.GiB:.2f} GiB "
+    line = (f"Memory template {cfg.memory_template.name}: budget {budget_gb:g} GiB; predicted peak {budget.total / planner.GiB:.2f} GiB "
             f"on {budget.device}: {verdict}.")
     return {"memory_template_budget_bytes": int(limit), "fits_memory_template": int(fits)}, line
 
@@ -201,6 +227,8 @@ def run(ctx: RunContext) -> dict:
     from sectune.runner import write_json_atomic
 
     cfg = ctx.cfg
+    batch_shape(cfg)  # the settings a user can get wrong, named by key before any model config is read or built
+    template_budget_gb(cfg)
     budget, info = estimate(cfg)
     text = markdown(budget, info)
     print(text)

@@ -20,7 +20,7 @@ def run(ctx: RunContext) -> dict:
     rc = ctx.cfg.report
     if not rc.dir:
         raise ConfigError("stage=report needs report.dir=<a sweep dir, e.g. multirun/DATE/TIME>")
-    out = report.write_report(Path(rc.dir), sort_by=rc.sort_by, ascending=rc.ascending)
+    out = report.write_report(Path(rc.dir), sort_by=rc.sort_by, ascending=rc.ascending, sort_by_setting="report.sort_by")
     print(out["markdown"])
     frame = out["frame"]
     n_ok = int((frame["status"] == "succeeded").sum())

@@ -155,6 +155,15 @@ def test_infer_before_sft_stops_before_any_step(tmp_path):
     assert res.result["status"] == "failed" and not (run_dir / "sft").exists() and not (run_dir / "infer").exists()
 
 
+def test_a_later_steps_bad_value_stops_the_pipeline_before_its_first_step(tmp_path):
+    run_dir = tmp_path / "p"
+    res = run([*SMALL, "pipeline.steps=[sft,rl]", "pipeline.overrides.rl.rl.temperature=0"], run_dir)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == ("sectune: error: pipeline step rl: rl.temperature=0.0: must be > 0 "
+                                                   "(GRPO samples its completions)")
+    assert res.result["status"] == "failed" and not (run_dir / "sft").exists()
+
+
 # ----------------------------------------------------------------------------- end to end
 @requires_real_data
 @requires_rl

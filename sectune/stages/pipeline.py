@@ -53,7 +53,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sectune import distributed, runner
-from sectune.config import PipelineConfig
+from sectune.config import PipelineConfig, check_values
 from sectune.errors import ConfigError, SectuneError
 from sectune.pipeline_record import already_done, record_step
 from sectune.pipeline_heldout import WINDOWS_DIR, check_held_out, heldout_table, reads_windows, write_windows
@@ -282,6 +282,10 @@ def compose_step(cfg: DictConfig, base: list[str], name: str, run_dir: Path, nam
         step_cfg.reward.init_from = str(run_dir / "sft")
     if step_cfg.stage.name != name:
         raise ConfigError(f"pipeline step {name}: its config says stage.name={step_cfg.stage.name}")
+    try:  # each step's values, before the first step runs (the runner checks a step's again only when it starts)
+        check_values(step_cfg)
+    except ConfigError as e:
+        raise ConfigError(f"pipeline step {name}: {e}") from None
     return Step(name, run_dir / name, step_cfg, composed_with, OmegaConf.to_container(OmegaConf.merge(merged, values)))
 
 

@@ -335,6 +335,8 @@ def check_values(cfg) -> None:
     need(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1] (a fraction of the steps)")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
     need(t.save_steps is None or t.save_steps >= 0, "train.save_steps", t.save_steps, "must be >= 0 (0 or null = no checkpoints)")
+    need(0 <= cfg.dataset.split_seed < 2**32, "dataset.split_seed", cfg.dataset.split_seed,
+         f"must be an integer in 0..{2**32 - 1} (it seeds numpy and scikit-learn)")
     need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing", cfg.loss.label_smoothing, "must be in [0, 1)")
     if cfg.lora.enabled:
         need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")

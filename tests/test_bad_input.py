@@ -50,6 +50,7 @@ from sectune.errors import ConfigError
     ("quantization=nf4 quantization.bnb_4bit_compute_dtype=auto", "quantization.bnb_4bit_compute_dtype"),
     ("quantization=nf4 quantization.load_in_8bit=true", "quantization.load_in_8bit"),
     ("sweep.direction=up", "sweep.direction"),
+    ("dataset.split_seed=-1", "dataset.split_seed"),  # every dataset: numpy's seed range (was a traceback in classify)
 ])
 def test_values_no_run_can_use_are_errors_naming_the_key(override, key):
     from sectune.config import check_values

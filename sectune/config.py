@@ -353,6 +353,9 @@ def check_values(cfg) -> None:
     loss = cfg.loss
     if loss.name == "dpo":  # β = 0 makes the loss log 2 for every pair: no gradient; β < 0 prefers the rejected answer
         need(math.isfinite(loss.beta) and loss.beta > 0, "loss.beta", loss.beta, "must be a number > 0 (the DPO β)")
+    if cfg.stage.name == "dpo":  # also checked where the trainer is built (build_dpo_trainer), after the models load
+        w = cfg.dpo.sft_weight
+        need(math.isfinite(w) and w >= 0, "dpo.sft_weight", w, "a finite weight >= 0 (0 = plain DPO)")
     if cfg.stage.name == "rl":
         rl = cfg.rl
         need(rl.lr_scale > 0, "rl.lr_scale", rl.lr_scale, "must be > 0 (the learning rate is train.learning_rate × rl.lr_scale)")

@@ -34,6 +34,7 @@ from sectune.errors import ConfigError
     # the words before the last one say where the value is used (its stage, loss or preset)
     ("stage=dpo loss=dpo loss.beta=0", "loss.beta"),  # the DPO loss is log 2 for every pair: no gradient
     ("stage=dpo loss=dpo loss.beta=-0.1", "loss.beta"),
+    ("stage=dpo loss=dpo dpo.sft_weight=-1", "dpo.sft_weight"),  # was found only after the models loaded
     ("stage=rl loss=grpo rl.lr_scale=0", "rl.lr_scale"),
     ("stage=rl loss=simplified_ppo rl.lr_scale=-0.5", "rl.lr_scale"),
     ("stage=rl loss=grpo rl.temperature=0", "rl.temperature"),  # was a traceback from torch.multinomial

@@ -23,6 +23,14 @@ def check_split_seed(seed) -> int:
     return int(seed)
 
 
+def check_count(value, key: str, what: str, error: type = ConfigError, optional: bool = True) -> None:
+    """``value`` an integer >= 1 (or None when ``optional``), else ``error``: "<key>=<value>: must be a positive number of <what>"."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise error(f"{key}={value!r}: must be a positive number of {what}")
+
+
 def source_tag(source_dir) -> str:
     """A short hash of ``source_dir``'s resolved path, for cache names built from it: another source, another folder."""
     return hashlib.sha256(str(Path(str(source_dir)).expanduser().resolve()).encode()).hexdigest()[:8]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import numbers
 import os
 import random
 import re
@@ -28,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
+from sectune.data import check_count
 from sectune.errors import DataError
 from sectune.data.synthetic_auth import GENERATOR_VERSION
 from sectune.paths import shared_data_dir
@@ -309,8 +309,7 @@ _TXT_NAME = re.compile(r"^auth_data_(?P<x>\d+)_(?P<y>\d+)\.txt$")
 def load_auth_folder(path: str | os.PathLike, max_samples: int | None = None, schema_path: str | os.PathLike | None = None) -> list[AuthSample]:
     """Read and validate a seed-000 folder; every problem raises DataError naming the file."""
     root = Path(path)
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral) or max_samples < 1):
-        raise DataError(f"dataset.max_samples={max_samples!r}: must be a positive number of windows, or null for every window of {root}")
+    check_count(max_samples, "dataset.max_samples", f"windows, or null for every window of {root}", DataError)
     if not root.exists():
         raise DataError(f"{root}: auth_logs folder does not exist")
     if not root.is_dir():

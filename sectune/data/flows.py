@@ -14,7 +14,6 @@ The schemas are plain data so the config layer can carry them as ``dataset.featu
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from sectune.data import check_split_seed
+from sectune.data import check_count, check_split_seed
 from sectune.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------- schemas
@@ -148,8 +147,7 @@ def load_flows(path, features: Sequence[str], label_column: str, granularity: st
     """
     if nan_policy not in ("impute", "drop"):
         raise ConfigError(f"dataset.nan_policy={nan_policy!r}: expected 'impute' or 'drop'")
-    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral) or max_rows < 1):
-        raise ConfigError(f"dataset.max_samples={max_rows!r}: must be a positive number of rows, or null for every row")
+    check_count(max_rows, "dataset.max_samples", "rows, or null for every row")
     check_split_seed(seed)
     path = Path(path)
     if path.is_dir():

@@ -34,13 +34,13 @@ import codecs
 import csv
 import hashlib
 import io
-import numbers
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from sectune.data import check_count
 from sectune.errors import ConfigError, DataError
 
 DEEPLOG_DIR, LOGHUB_DIR = "deeplog_hdfs_sessions", "loghub_hdfs_2k"
@@ -233,8 +233,7 @@ def split_sessions(normal: list[Session], anomalous: list[Session], val_fraction
     if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
         raise ConfigError(f"dataset=hdfs needs dataset.val_fraction > 0 (the threshold is chosen there) and dataset.test_fraction > 0, "
                           f"summing below 1; got {val_fraction} and {test_fraction}")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral) or max_samples < 1):
-        raise ConfigError(f"dataset.max_samples={max_samples!r}: must be a positive number of sessions per class, or null for all")
+    check_count(max_samples, "dataset.max_samples", "sessions per class, or null for all")
     rng = random.Random(seed)
     normal, anomalous = list(normal), list(anomalous)
     rng.shuffle(normal)

@@ -10,7 +10,6 @@ to exercise the pipeline end to end, nothing to report numbers on.
 
 from __future__ import annotations
 
-import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -18,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sectune.data import check_split_seed
+from sectune.data import check_count, check_split_seed
 from sectune.data.flows import CIC_IOT_46_FEATURES, FINE_TO_FAMILY
-from sectune.errors import ConfigError
 
 #: Columns holding a share in [0, 1] (flags and protocol indicators averaged over a window).
 _SHARE_COLUMNS = [c for c in CIC_IOT_46_FEATURES if c.endswith("_flag_number")] + [
@@ -47,9 +45,7 @@ def _signatures(labels):
 
 def generate_cic_iot_46(n_rows: int, seed: int, path) -> Path:
     """Write ``n_rows`` synthetic flows (about equal rows per label) to ``path``; return it."""
-    if isinstance(n_rows, bool) or not isinstance(n_rows, numbers.Integral) or n_rows < 1:
-        raise ConfigError(f"dataset.synthetic_rows={n_rows!r}: must be a positive number of flows to generate "
-                          "(or set dataset.path to a real flow CSV)")
+    check_count(n_rows, "dataset.synthetic_rows", "flows to generate (or set dataset.path to a real flow CSV)", optional=False)
     check_split_seed(seed)
     labels = sorted(FINE_TO_FAMILY)
     cont, sig = _signatures(labels)

@@ -227,8 +227,7 @@ def run(ctx: RunContext) -> dict:
     from sectune.runner import write_json_atomic
 
     cfg = ctx.cfg
-    batch_shape(cfg)  # the settings a user can get wrong, named by key before any model config is read or built
-    template_budget_gb(cfg)
+    template_budget_gb(cfg)  # before estimate, which checks the batch shape (batch_shape) before any model config is read
     budget, info = estimate(cfg)
     text = markdown(budget, info)
     print(text)

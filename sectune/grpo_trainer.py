@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from trl import GRPOTrainer
 
+from sectune.modeling import merged_lora
+
 MASKABLE_ATTENTION = ("sdpa", "eager")
 
 
@@ -272,7 +274,8 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as model,
+            ) as wrapped,
+            merged_lora(wrapped) as model,
         ):
             g = self.generation_config
             completions = sample_shared_prompt(

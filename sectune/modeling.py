@@ -7,6 +7,7 @@ error saying how to provide it (``model.name_or_path=/path/to/weights``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -219,3 +220,42 @@ def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def _lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def merged_lora(model):
+    """Decode with the LoRA adapter folded into its base weights: one matmul per linear layer instead of
+    three (base, A, B) plus the scaling, which on a CPU, where decoding a small model is per-op overhead,
+    makes sampling ~1.3x faster. The base weights are put back bit for bit afterwards (peft's unmerge
+    subtracts the product again, which leaves rounding in the weights that the disabled adapter, GRPO's
+    and DPO's reference, would then carry); the adapter itself is untouched. A no-op (the weights as they
+    are) unless ``model`` is a LoRA ``PeftModel`` on a CPU whose targeted base weights are plain floating
+    point tensors (never a quantized base: folding into 4- or 8-bit weights is lossy) and nothing is merged
+    already. Only for inference: with it, no gradient reaches the adapter."""
+    layers = _lora_layers(model) if hasattr(model, "merge_adapter") else []
+    bases = [layer.get_base_layer() for layer in layers]
+    ok = (
+        layers
+        and all(isinstance(getattr(b, "weight", None), torch.Tensor) and type(b.weight) in (torch.Tensor, torch.nn.Parameter)
+                and b.weight.is_floating_point() and b.weight.device.type == "cpu" for b in bases)
+        and not any(layer.merged or getattr(layer, "disable_adapters", False) for layer in layers)
+        and not any(getattr(layer, "lora_magnitude_vector", None) for layer in layers)  # DoRA: merged, not exact
+    )
+    if not ok:
+        yield model
+        return
+    saved = [b.weight.detach().clone() for b in bases]
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for b, w in zip(bases, saved):
+                b.weight.copy_(w)

@@ -308,6 +308,50 @@ def test_shared_prompt_sampling_is_generate_greedy_when_top_k_is_one():
         assert mine[3 * i] == mine[3 * i + 1] == mine[3 * i + 2] == row[: len(mine[3 * i])] and len(mine[3 * i]) > 0
 
 
+def test_merged_lora_decodes_as_the_adapter_does_and_puts_the_base_weights_back_bit_for_bit():
+    from sectune import modeling
+    from sectune.grpo_trainer import sample_shared_prompt
+
+    cfg = compose(UNIT + ["lora=r16_all_linear"])
+    tok = modeling.load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = modeling.apply_lora(modeling.load_model(cfg), cfg).eval()
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = [tok(r["prompt"])["input_ids"] for r in unit_records()]
+    enc = torch.tensor([ids[0]])
+    kw = dict(max_new_tokens=10, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, top_k=1)
+    with torch.no_grad():
+        plain_logits = model(input_ids=enc).logits
+    plain = sample_shared_prompt(model, [i for i in ids for _ in range(2)], **kw)
+    with modeling.merged_lora(model) as m:
+        layers = modeling._lora_layers(m)
+        assert layers and all(layer.merged for layer in layers)
+        with torch.no_grad():
+            merged_logits = m(input_ids=enc).logits
+        merged = sample_shared_prompt(m, [i for i in ids for _ in range(2)], **kw)
+    assert not any(layer.merged for layer in layers)
+    assert (merged_logits - plain_logits).abs().max() < 1e-4 and merged == plain
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)  # base and adapter: every bit as before
+
+
+def test_merged_lora_leaves_a_quantized_base_and_a_plain_model_alone():
+    from sectune import modeling
+
+    cfg = compose(UNIT + ["lora=r16_all_linear", "quantization=nf4"])
+    model = modeling.apply_lora(modeling.load_model(cfg), cfg)
+    assert modeling.quantized_module_count(model) > 0
+    with modeling.merged_lora(model) as m:
+        assert m is model and not any(layer.merged for layer in modeling._lora_layers(model))
+    plain = modeling.load_model(compose(UNIT))
+    with modeling.merged_lora(plain) as m:
+        assert m is plain
+
+
 # ------------------------------------------------------------------------------ contract errors
 def test_init_from_and_reward_settings_errors_name_what_to_fix(tmp_path, monkeypatch):
     from sectune.stages import rl

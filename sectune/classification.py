@@ -125,12 +125,19 @@ def build_labelled_data(cfg: DictConfig) -> LabelledData:
 
         path = _flow_path(cfg)
         template = d.prompt_template or DEFAULT_TEMPLATE
-        prep = prepare_flow_splits(
-            path, list(d.features), d.label_column, d.granularity, val_fraction=d.val_fraction,
-            test_fraction=d.test_fraction, seed=seed, nan_policy=d.nan_policy, max_rows=d.max_samples,
-            template=template, precision=d.render_precision, method=d.normalizer, bins=d.quantile_bins,
-            sep=d.feature_sep, fmt=d.feature_format,
-        )
+        try:
+            prep = prepare_flow_splits(
+                path, list(d.features), d.label_column, d.granularity, val_fraction=d.val_fraction,
+                test_fraction=d.test_fraction, seed=seed, nan_policy=d.nan_policy, max_rows=d.max_samples,
+                template=template, precision=d.render_precision, method=d.normalizer, bins=d.quantile_bins,
+                sep=d.feature_sep, fmt=d.feature_format,
+            )
+        except DataError as e:
+            if d.path or d.name in DEFAULT_SOURCES:
+                raise
+            # the flows are the ones sectune generated: the value to change is the number generated, not the file
+            raise ConfigError(f"dataset.synthetic_rows={d.synthetic_rows}: too few generated flows for this split "
+                              f"(raise it, or set dataset.path to a real flow CSV): {e}") from e
         return LabelledData(fmt, prep.records, prep.labels, template, str(path), prep.normalizer, list(d.features), prep.cleaning)
 
     template = d.prompt_template

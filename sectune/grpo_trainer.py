@@ -9,6 +9,8 @@ so most of that work is the same prompt done G times. :class:`SharedPromptGRPOTr
   cache to the G rows and samples token by token (temperature, top-k, top-p as ``generate`` applies them;
   multinomial from torch's global generator), writing each new token's keys and values into buffers sized
   for the whole completion (:func:`preallocated_cache`) rather than re-concatenating the cache every step.
+  On a CPU the LoRA adapter is folded into its base weights while it samples (:func:`sectune.modeling.merged_lora`:
+  one matmul per linear layer instead of three; the base weights are put back bit for bit).
 * ``_get_per_token_logps_and_entropies``: :func:`shared_prompt_logps` lays each group out as one row,
   ``prompt, completion_1, …, completion_G``, no padding, with position ids that restart after the prompt
   for every completion and a block mask (a 4-D boolean ``attention_mask``, which transformers passes to

@@ -49,6 +49,19 @@ def test_synthetic_rows_below_one_names_the_key(tmp_path, n):
     assert not (tmp_path / "s.csv").exists()
 
 
+def test_too_few_synthetic_rows_to_split_names_the_key_not_the_cache_file(tmp_path):
+    from sectune.classification import build_labelled_data
+
+    cfg = compose(["stage=classify", "dataset=cic_iot_2023", "dataset.path=null", "dataset.synthetic_rows=5",
+                   f"paths.cache_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"^dataset\.synthetic_rows=5: too few generated flows for this split \(raise it"):
+        build_labelled_data(cfg)
+    bad = tmp_path / "bad.csv"  # a user's own file that is too small: still the file's error, naming it
+    bad.write_text("".join(["a,label\n", "1,BenignTraffic\n", "2,DDoS-SYN_Flood\n"]))
+    with pytest.raises(DataError, match=re.escape(str(bad))):
+        build_labelled_data(compose(["stage=classify", "dataset=cic_iot_2023", f"dataset.path={bad}", "dataset.features=[a]"]))
+
+
 def test_negative_split_seed_for_flows_names_the_key(tmp_path):
     path = _flows_csv(tmp_path / "f.csv")
     with pytest.raises(ConfigError, match=r"^dataset\.split_seed=-1: must be an integer in 0\.\.4294967295"):

@@ -149,9 +149,9 @@ def test_infer_before_sft_stops_before_any_step(tmp_path):
     run_dir = tmp_path / "p"
     res = run([*SMALL, "pipeline.steps=[infer,sft]"], run_dir)
     assert res.returncode == 2, res.stderr[-2000:]
-    assert res.stderr.strip().splitlines()[-1] == ("sectune: error: pipeline.steps=[infer, sft]: infer takes the policy that answers "
-                                                   "(the newest of rl → dpo → sft in this pipeline's dir) from the sft step, which "
-                                                   "runs after it; list sft before infer")
+    assert res.stderr.strip().splitlines()[-1] == ("sectune: error: pipeline.steps=[infer, sft]: infer takes the policy that answers: "
+                                                   "the newest of rl → dpo → sft in this pipeline's dir (infer.model_dir) from the sft "
+                                                   "step, which runs after it; list sft before infer")
     assert res.result["status"] == "failed" and not (run_dir / "sft").exists() and not (run_dir / "infer").exists()
 
 

@@ -65,11 +65,14 @@ GROUPS = ("model", "quantization", "lora", "loss", "dataset", "logger")
 NEEDS = {"sft": ("adapter", "model"), "reward": ("reward_model",)}
 #: what a step takes from the steps before it (:func:`handoffs`), per step it takes from: listed after it,
 #: that step would hand it nothing (or an earlier pipeline run's stale dir); infer reads the pipeline dir (infer.CHAIN)
+#: step → {earlier step: (the key it is handed, what that is)}: :func:`handoffs` hands them on, and a step
+#: listed before one it takes from is an error (``[infer, sft]``); infer reads the pipeline's dir, not one step's
 TAKES = {
-    "rl": {"sft": "its starting adapter (rl.init_from)", "reward": "its reward model (rl.reward_model)"},
-    "dpo": {"sft": "its starting adapter (dpo.init_from)"},
-    "evaluate": {"sft": "the model it evaluates (evaluate.model_dir, when unset)"},
-    "infer": {s: "the policy that answers (the newest of rl → dpo → sft in this pipeline's dir)" for s in ("rl", "dpo", "sft")},
+    "rl": {"sft": ("rl.init_from", "its starting adapter"), "reward": ("rl.reward_model", "its reward model")},
+    "dpo": {"sft": ("dpo.init_from", "its starting adapter")},
+    "evaluate": {"sft": ("evaluate.model_dir", "the model it evaluates, when unset")},
+    "infer": {s: ("infer.model_dir", "the policy that answers: the newest of rl → dpo → sft in this pipeline's dir")
+              for s in ("rl", "dpo", "sft")},
 }
 
 
@@ -186,10 +189,10 @@ def check_steps(cfg: DictConfig) -> list[str]:
         raise ConfigError(f"pipeline.steps: {', '.join(dup)} listed twice (each step runs in a sub-dir named after it)")
     for i, n in enumerate(names):
         for later in names[i + 1:]:
-            what = TAKES.get(n, {}).get(later)
-            if what and not (n == "evaluate" and cfg.evaluate.model_dir is not None):  # handoffs' own condition
-                raise ConfigError(f"pipeline.steps=[{', '.join(names)}]: {n} takes {what} from the {later} step, which runs "
-                                  f"after it; list {later} before {n}")
+            key, what = TAKES.get(n, {}).get(later, (None, None))
+            if key and not (n == "evaluate" and cfg.evaluate.model_dir is not None):  # handoffs' own condition
+                raise ConfigError(f"pipeline.steps=[{', '.join(names)}]: {n} takes {what} ({key}) from the {later} step, "
+                                  f"which runs after it; list {later} before {n}")
     for key in ("overrides", "loss", "dataset"):
         for n in cfg.pipeline[key] or {}:
             if n not in runner.STAGES or n == "pipeline":
@@ -293,15 +296,11 @@ def handoffs(name: str, names: list[str], run_dir: Path, step_cfg: DictConfig) -
     """What the earlier steps hand this one, as run-dir paths (each is read through its result.json)."""
     before = names[: names.index(name)] if name in names else list(names)
     out: dict[str, dict[str, Any]] = {}
-    if name == "rl":
-        if "sft" in before:
-            out.setdefault("rl", {})["init_from"] = str(run_dir / "sft")
-        if "reward" in before:
-            out.setdefault("rl", {})["reward_model"] = str(run_dir / "reward")
-    elif name == "dpo" and "sft" in before:
-        out["dpo"] = {"init_from": str(run_dir / "sft")}
-    elif name == "evaluate" and "sft" in before and step_cfg.evaluate.model_dir is None:
-        out["evaluate"] = {"model_dir": str(run_dir / "sft")}
+    if name in ("rl", "dpo", "evaluate"):
+        for step, (key, _) in TAKES[name].items():
+            if step in before and not (key == "evaluate.model_dir" and step_cfg.evaluate.model_dir is not None):
+                group, field = key.split(".")
+                out.setdefault(group, {})[field] = str(run_dir / step)
     elif name == "infer":
         out["infer"] = {"model_dir": str(run_dir)}
         if step_cfg.infer.input_file is None:

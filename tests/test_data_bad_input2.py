@@ -36,7 +36,7 @@ def test_flows_max_samples_below_one_names_the_key(tmp_path, n):
 
 
 def test_flows_path_that_is_a_folder_says_so(tmp_path):
-    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}: is a folder, not a flow CSV; set dataset\.path"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}: is a folder, not a flow CSV; set dataset\.path to the flow CSV itself"):
         load_flows(tmp_path, ["a"], "label")
     with pytest.raises(DataError, match="flow CSV not found"):  # a missing file is still "not found"
         load_flows(tmp_path / "absent.csv", ["a"], "label")

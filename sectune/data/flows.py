@@ -122,10 +122,11 @@ class FlowTable:
         return len(self.y)
 
 
-def read_csv_checked(path: Path, what: str = "CSV") -> pd.DataFrame:
-    """A CSV as a DataFrame with stripped column names; a missing or unparsable file is a DataError."""
+def read_csv_checked(path: Path, what: str = "CSV", key: str | None = None) -> pd.DataFrame:
+    """A CSV as a DataFrame with stripped column names; a folder, a missing or an unparsable file is a DataError
+    (``key``: the setting that names the file, for the folder's message)."""
     if path.is_dir():
-        raise DataError(f"{path}: is a folder; give the {what} file itself")
+        raise DataError(f"{path}: is a folder, not a {what}; " + (f"set {key} to the {what} itself" if key else f"give the {what} itself"))
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
     try:
@@ -149,10 +150,7 @@ def load_flows(path, features: Sequence[str], label_column: str, granularity: st
         raise ConfigError(f"dataset.nan_policy={nan_policy!r}: expected 'impute' or 'drop'")
     check_count(max_rows, "dataset.max_samples", "rows, or null for every row")
     check_split_seed(seed)
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a flow CSV; set dataset.path to the CSV file itself")
-    df = read_csv_checked(path, "flow CSV")
+    df = read_csv_checked(Path(path), "flow CSV", "dataset.path")
     features = list(features)
     if not features:
         raise ConfigError("dataset.features is empty: name the numeric feature columns")

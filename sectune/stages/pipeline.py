@@ -63,10 +63,9 @@ from sectune.runner import RunContext, skip_digest
 GROUPS = ("model", "quantization", "lora", "loss", "dataset", "logger")
 #: the artifact a later step needs from an earlier one
 NEEDS = {"sft": ("adapter", "model"), "reward": ("reward_model",)}
-#: what a step takes from the steps before it (:func:`handoffs`), per step it takes from: listed after it,
-#: that step would hand it nothing (or an earlier pipeline run's stale dir); infer reads the pipeline dir (infer.CHAIN)
-#: step → {earlier step: (the key it is handed, what that is)}: :func:`handoffs` hands them on, and a step
-#: listed before one it takes from is an error (``[infer, sft]``); infer reads the pipeline's dir, not one step's
+#: step → {earlier step: (the key it is handed, what that is)}: :func:`handoffs` hands them on. A step listed
+#: before one it takes from is an error (``[infer, sft]``): that step would hand it nothing, or an earlier pipeline
+#: run's stale dir. infer reads the pipeline's dir, not one step's (infer.CHAIN picks the newest policy)
 TAKES = {
     "rl": {"sft": ("rl.init_from", "its starting adapter"), "reward": ("rl.reward_model", "its reward model")},
     "dpo": {"sft": ("dpo.init_from", "its starting adapter")},

@@ -317,6 +317,7 @@ def check_values(cfg) -> None:
     stage's own numbers (DPO's β, GRPO's sampling and update settings) that crash it mid-run or change nothing."""
     import math
 
+    from sectune.data import check_split_seed
     from sectune.errors import ConfigError
 
     def need(ok: bool, key: str, value, what: str) -> None:
@@ -335,8 +336,7 @@ def check_values(cfg) -> None:
     need(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1] (a fraction of the steps)")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
     need(t.save_steps is None or t.save_steps >= 0, "train.save_steps", t.save_steps, "must be >= 0 (0 or null = no checkpoints)")
-    need(0 <= cfg.dataset.split_seed < 2**32, "dataset.split_seed", cfg.dataset.split_seed,
-         f"must be an integer in 0..{2**32 - 1} (it seeds numpy and scikit-learn)")
+    check_split_seed(cfg.dataset.split_seed)
     need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing", cfg.loss.label_smoothing, "must be in [0, 1)")
     if cfg.lora.enabled:
         need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")
@@ -353,9 +353,8 @@ def check_values(cfg) -> None:
     loss = cfg.loss
     if loss.name == "dpo":  # β = 0 makes the loss log 2 for every pair: no gradient; β < 0 prefers the rejected answer
         need(math.isfinite(loss.beta) and loss.beta > 0, "loss.beta", loss.beta, "must be a number > 0 (the DPO β)")
-    if cfg.stage.name == "dpo":  # also checked where the trainer is built (build_dpo_trainer), after the models load
-        w = cfg.dpo.sft_weight
-        need(math.isfinite(w) and w >= 0, "dpo.sft_weight", w, "a finite weight >= 0 (0 = plain DPO)")
+    if cfg.stage.name == "dpo":
+        dpo_sft_weight(cfg)
     if cfg.stage.name == "rl":
         rl = cfg.rl
         need(rl.lr_scale > 0, "rl.lr_scale", rl.lr_scale, "must be > 0 (the learning rate is train.learning_rate × rl.lr_scale)")
@@ -395,3 +394,16 @@ def check_sweep(cfg) -> None:
 
     if cfg.sweep.direction not in ("minimize", "maximize"):
         raise ConfigError(f"sweep.direction={cfg.sweep.direction}: choose minimize or maximize")
+
+
+def dpo_sft_weight(cfg) -> float:
+    """``dpo.sft_weight`` as a float, checked (finite, >= 0): by check_values before the models load and by
+    build_dpo_trainer for callers that skip it."""
+    import math
+
+    from sectune.errors import ConfigError
+
+    w = float(cfg.dpo.sft_weight)
+    if not (math.isfinite(w) and w >= 0):
+        raise ConfigError(f"dpo.sft_weight={cfg.dpo.sft_weight}: a finite weight >= 0 (0 = plain DPO)")
+    return w

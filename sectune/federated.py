@@ -314,7 +314,7 @@ def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, in
         # (a round without error replies reaches RoundFedAvg.aggregate_train, which does)
         def aggregate_train(self, server_round, replies):
             replies = list(replies)
-            if reply_errors(replies) or all(m.has_error() for m in replies):
+            if not replies or any(m.has_error() for m in replies):
                 failed = check_round(server_round, replies, sent.get(server_round, len(replies)),
                                      "with federated.dp=true Flower skips this round's aggregation: the global adapter stays as it was")
                 record("up", server_round, up_bytes(replies, self.strategy.arrayrecord_key))

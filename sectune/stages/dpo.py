@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from sectune import engine, losses, modeling, packed_attention
+from sectune.config import dpo_sft_weight
 from sectune.errors import ConfigError
 from sectune.runner import RunContext
 
@@ -254,9 +254,7 @@ def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, 
     from trl import DPOConfig, DPOTrainer
 
     has_eval = bool(val_pairs) and bool(cfg.train.eval_steps)
-    sft_weight = float(cfg.dpo.sft_weight)
-    if not (sft_weight >= 0 and math.isfinite(sft_weight)):
-        raise ConfigError(f"dpo.sft_weight={cfg.dpo.sft_weight}: a finite weight >= 0 (0 = plain DPO)")
+    sft_weight = dpo_sft_weight(cfg)
     kwargs = engine.training_kwargs(cfg, output_dir, has_eval=has_eval)
     # train.group_by_length: batches of similar total length (prompt + longer answer), a seeded order
     group = kwargs.pop("train_sampling_strategy") == "group_by_length"

@@ -60,7 +60,17 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4,
     ``constraint`` (a :class:`sectune.constrained.SchemaConstraint`) restricts every token to the
     schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced) and
     ``force_failures`` (forced closes the grammar refused: the budget was then not assured).
+
+    A LoRA model on a CPU decodes with its adapter folded into the base weights
+    (:func:`sectune.modeling.merged_lora`; the weights are restored bit for bit afterwards).
     """
+    from sectune.modeling import merged_lora
+
+    with merged_lora(model) as m:
+        return _generate(m, tokenizer, prompts, gen_cfg, batch_size, constraint, stats)
+
+
+def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats) -> list[str]:
     from transformers import LogitsProcessorList
 
     model.eval()

@@ -81,14 +81,12 @@ def heldout_rewards(cfg, model, tokenizer, records: list[dict], reward_funcs, we
     from omegaconf import OmegaConf
 
     from sectune.inference import generate
-    from sectune.modeling import merged_lora
     from sectune.reward_model import window_from_prompt
 
     prompts = [r["prompt"] for r in records]
     greedy = OmegaConf.merge(cfg.generation, {"do_sample": False, "max_new_tokens": int(cfg.rl.max_completion_length)})
     was_training = model.training
-    with merged_lora(model) as m:
-        texts = generate(m, tokenizer, prompts, greedy, batch_size=int(cfg.infer.batch_size))
+    texts = generate(model, tokenizer, prompts, greedy, batch_size=int(cfg.infer.batch_size))  # LoRA folded in on a CPU
     model.train(was_training)
     cols = {"window": [window_from_prompt(p) for p in prompts], "annotation": [r["completion"] for r in records]}
     per_func = [fn(prompts, texts, **cols) for fn in reward_funcs]

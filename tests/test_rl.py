@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import compose, requires_real_data, sectune
 from sectune import losses
@@ -337,6 +338,43 @@ def test_merged_lora_decodes_as_the_adapter_does_and_puts_the_base_weights_back_
     assert (merged_logits - plain_logits).abs().max() < 1e-4 and merged == plain
     after = dict(model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before)  # base and adapter: every bit as before
+
+
+def test_inference_generate_decodes_a_lora_model_merged_with_the_same_texts_and_weights_back():
+    """stage=infer, the held-out table, GRPO's held-out evaluations and the injection evaluation all decode through
+    inference.generate: on a CPU a LoRA model is merged while it decodes, gives the texts the unmerged model gives,
+    and has every weight back afterwards."""
+    from sectune import modeling
+    from sectune.inference import generate
+
+    cfg = compose(UNIT + ["lora=r16_all_linear"])
+    tok = modeling.load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = modeling.apply_lora(modeling.load_model(cfg), cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts = [r["prompt"] for r in unit_records()][:3]
+    greedy = OmegaConf.create({"max_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.0})
+    merged_during = []
+    real_generate = model.generate
+
+    def spy(*a, **kw):
+        merged_during.append(all(layer.merged for layer in modeling._lora_layers(model)))
+        return real_generate(*a, **kw)
+
+    model.generate = spy
+    texts = generate(model, tok, prompts, greedy, batch_size=1)
+    assert len(prompts) >= 2 and merged_during == [True] * len(prompts)  # one batch each, every one decoded merged
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ids = real_generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    assert texts == tok.batch_decode(ids, skip_special_tokens=True) and any(t.strip() for t in texts)
+    after = dict(model.named_parameters())
+    assert not any(layer.merged for layer in modeling._lora_layers(model))
+    assert all(torch.equal(before[n], after[n]) for n in before)
 
 
 def test_merged_lora_leaves_a_quantized_base_and_a_plain_model_alone():

@@ -228,6 +228,10 @@ def _lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+#: merged_lora's limit on the copy of base weights it keeps for the exact restore (bytes)
+MERGE_COPY_LIMIT = 1 << 30
+
+
 @contextlib.contextmanager
 def merged_lora(model):
     """Decode with the LoRA adapter folded into its base weights: one matmul per linear layer instead of
@@ -237,11 +241,15 @@ def merged_lora(model):
     and DPO's reference, would then carry); the adapter itself is untouched. A no-op (the weights as they
     are) unless ``model`` is a LoRA ``PeftModel`` on a CPU whose targeted base weights are plain floating
     point tensors (never a quantized base: folding into 4- or 8-bit weights is lossy) and nothing is merged
-    already. Only for inference: with it, no gradient reaches the adapter."""
+    already, and the copy of the targeted base weights that the exact restore needs stays under
+    :data:`MERGE_COPY_LIMIT` bytes (an 8B model on a CPU would need twice its weights' memory; decoding it
+    is bound by its matmuls, not by per-op overhead, so it loses little unmerged). Only for inference:
+    with it, no gradient reaches the adapter."""
     layers = _lora_layers(model) if hasattr(model, "merge_adapter") else []
     bases = [layer.get_base_layer() for layer in layers]
     ok = (
         layers
+        and sum(getattr(b, "weight", torch.empty(0)).nbytes for b in bases) <= MERGE_COPY_LIMIT
         and all(isinstance(getattr(b, "weight", None), torch.Tensor) and type(b.weight) in (torch.Tensor, torch.nn.Parameter)
                 and b.weight.is_floating_point() and b.weight.device.type == "cpu" for b in bases)
         and not any(layer.merged or getattr(layer, "disable_adapters", False) for layer in layers)

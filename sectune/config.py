@@ -331,6 +331,8 @@ def check_values(cfg) -> None:
     if cfg.train.eval_batch_size is not None:
         need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", cfg.train.eval_batch_size, "must be >= 1 (or null: train.batch_size)")
     need(cfg.infer.batch_size >= 1, "infer.batch_size", cfg.infer.batch_size, "must be >= 1")
+    need(cfg.infer.window_lines is None or cfg.infer.window_lines >= 0, "infer.window_lines", cfg.infer.window_lines,
+         "must be >= 0 (0: one analysis per file; null: dataset.max_lines)")
     t = cfg.train
     need(t.max_steps > 0 or t.epochs > 0, "train.epochs", t.epochs, "must be > 0 when train.max_steps=-1 (0 would save an untrained model)")
     need(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1] (a fraction of the steps)")

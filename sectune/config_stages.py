@@ -60,8 +60,12 @@ class InferConfig:
     #: when model_dir is a sectune run/pipeline dir whose models are all unusable (failed, files
     #: missing): true = the base model answers, with a warning naming what was skipped; false = error
     base_fallback: bool = True
-    #: one log file, or a folder of them (one analysis per file)
+    #: one log file, or a folder of them (one analysis per file, or per window of a longer file: window_lines)
     input_file: Optional[str] = None
+    #: a file of more lines than this is cut into consecutive windows of at most this many lines, one analysis
+    #: each (the analyst learnt from windows of dataset.min_lines..max_lines lines; a whole auth.log fits neither its
+    #: training nor its context). null = dataset.max_lines; 0 = one analysis per file, however long
+    window_lines: Optional[int] = None
     #: the JSON list written; null = <run dir>/analyses.json
     output_file: Optional[str] = None
     #: schema-constrained decoding: every output parses and validates by construction

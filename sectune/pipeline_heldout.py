@@ -123,7 +123,8 @@ def infer_answers(steps: list[Step], run_dir: Path, windows: list, batch_size: i
         return {}
     by_input = {r.get("input"): r for r in records}
     used = {r.get("model_used") for r in records}
-    if len(used) != 1 or not all(f"{w.id}.log" in by_input for w in windows):
+    # one analysis per window file (a window cut further by infer.window_lines is not the table's pass)
+    if len(used) != 1 or len(by_input) != len(records) or not all(f"{w.id}.log" in by_input for w in windows):
         return {}
     texts = [by_input[f"{w.id}.log"].get("generated") or "" for w in windows]
     return {used.pop(): (texts, (res.get("metrics") or {}).get("generation_s"))}

@@ -294,6 +294,44 @@ def test_model_output_is_parsed_never_evaluated(tmp_path, monkeypatch):
         assert not calls, rel
 
 
+# ------------------------------------------------------------------------------ long logs: windows
+def test_a_long_log_is_cut_into_near_equal_windows_with_their_line_numbers():
+    lines = [f"Dec 10 06:55:{i:02d} LabSZ sshd[{i}]: Failed password for root from 1.2.3.{i} port 22 ssh2" for i in range(45)]
+    text = "\n".join(lines[:10]) + "\n\n" + "\n".join(lines[10:]) + "\n"  # a blank line after line 10: counted, never analysed
+    windows = infer.log_windows([("auth.log", text)], 20)
+    assert [(w.first, w.last) for w in windows] == [(1, 16), (17, 31), (32, 46)]  # 45 lines by 20: 3 windows of 15
+    assert [w.text.splitlines() for w in windows] == [lines[:15], lines[15:30], lines[30:]]
+    assert [(w.first, w.last, w.text) for w in infer.log_windows([("a.log", text)], 45)] == [(1, 46, text)]  # fits: the file as it is
+    assert len(infer.log_windows([("a.log", text)], 0)) == 1  # 0: never cut
+    assert [len(w.text.splitlines()) for w in infer.log_windows([("a.log", text)], 44)] == [22, 23]
+
+
+def test_infer_analyses_each_window_of_a_long_log_and_says_where_the_worst_verdict_is(tmp_path, monkeypatch, capsys):
+    def fake(model, tok, prompts, *a, **k):  # the second window of the long file is the malicious one
+        return ['{"verdict": "%s", "summary": "x"}' % ("malicious" if "1.2.3.25 " in p else "benign") for p in prompts]
+
+    monkeypatch.setattr(infer, "generate", fake)
+    monkeypatch.setattr(auth_logs, "_validator", lambda schema=None: __import__("jsonschema").Draft202012Validator({"type": "object"}))
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    (folder / "long.log").write_text("".join(f"Dec 10 06:55:{i:02d} LabSZ sshd[{i}]: Failed password for root from 1.2.3.{i} port 22 ssh2\n"
+                                             for i in range(45)))
+    (folder / "short.log").write_text("Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186\n")
+    code, res = run_infer([f"infer.input_file={folder}", "generation.max_new_tokens=4"], tmp_path / "run")
+    assert code == 0, res.get("error")
+    records = json.loads((tmp_path / "run" / "analyses.json").read_text())
+    assert [(r["input"], r["lines"]) for r in records] == [("long.log", [1, 15]), ("long.log", [16, 30]), ("long.log", [31, 45]),
+                                                           ("short.log", [1, 1])]
+    assert [r["analysis"]["verdict"] for r in records] == ["benign", "malicious", "benign", "benign"]
+    assert res["metrics"]["inputs"] == 2 and res["metrics"]["windows"] == 4
+    out = capsys.readouterr().out
+    assert "2 input(s) in 4 windows" in out and "long.log: 3 windows · malicious 1, benign 2 · malicious at lines 16-30" in out
+    code, res = run_infer([f"infer.input_file={folder}", "generation.max_new_tokens=4", "infer.window_lines=0"], tmp_path / "whole")
+    assert code == 0 and res["metrics"]["windows"] == 2  # 0: one analysis per file, as seed 000 did
+    code, res = run_infer([f"infer.input_file={folder}", "infer.window_lines=-1"], tmp_path / "bad")
+    assert code != 0 and "infer.window_lines" in res["error"] and not (tmp_path / "bad" / "analyses.json").exists()
+
+
 # ------------------------------------------------------------------------------ small pieces
 def test_full_schema_prompt_carries_the_schema_before_the_logs():
     schema = json.dumps(json.loads((ROOT / "sectune/data/auth_schema.json").read_text()), separators=(",", ":"))

@@ -1,4 +1,6 @@
-"""The analyst's output path (seed 000's inference): log file(s) → one JSON analysis each.
+"""The analyst's output path (seed 000's inference): log file(s) → one JSON analysis each, or one per window of a
+long log (``infer.window_lines``, default ``dataset.max_lines``: the window length the analyst learnt from; each
+record carries its ``lines``, and the console names each long file's most severe verdict and where it is).
 
     sectune stage=infer infer.model_dir=outputs/DATE/TIME infer.input_file=auth.log
     sectune stage=infer infer.model_dir=outputs/PIPELINE infer.input_file=logs/ infer.constrained=true
@@ -41,14 +43,16 @@ def run(ctx: RunContext) -> dict:
     cfg, run_dir, ic = ctx.cfg, ctx.run_dir, ctx.cfg.infer
 
     # 1. inputs and where the answers go: every bad input fails here, before a model loads
-    inputs = read_inputs(ic.input_file)
+    files = read_inputs(ic.input_file)
+    inputs = log_windows(files, cfg.dataset.max_lines if ic.window_lines is None else ic.window_lines)
     out_path = output_path(ic.output_file, run_dir)
     validator = auth_logs._validator(ic.schema)
     choice = choose_model(ic.model_dir, base_fallback=ic.base_fallback)
 
     # 2. model
     model, tokenizer, model_ref = load_model(cfg, choice)
-    print(f"sectune: infer: {len(inputs)} input(s), answered by {choice.describe(model_ref)}")
+    split = len(inputs) - len(files)
+    print(f"sectune: infer: {len(files)} input(s){f' in {len(inputs)} windows' if split else ''}, answered by {choice.describe(model_ref)}")
     for why in choice.skipped:
         print(f"sectune: infer: skipped {why}")
     if choice.used == "base" and ic.model_dir is not None:
@@ -56,7 +60,7 @@ def run(ctx: RunContext) -> dict:
 
     # 3. prompts
     schema_text = json.dumps(validator.schema, separators=(",", ":")) if ic.full_schema else None
-    prompts = [build_prompt(text, schema_text) for _, text in inputs]
+    prompts = [build_prompt(w.text, schema_text) for w in inputs]
     limit = cfg.model.max_seq_length
     too_long = sum(len(ids) + cfg.generation.max_new_tokens > limit for ids in tokenizer(prompts)["input_ids"])
     if too_long:
@@ -78,11 +82,14 @@ def run(ctx: RunContext) -> dict:
     gen_s = time.perf_counter() - t0
 
     # 5. parse, check, write
-    records = [analyse(name, choice.used, text, validator) for (name, _), text in zip(inputs, texts)]
+    records = [{**analyse(w.name, choice.used, text, validator), "lines": [w.first, w.last]} for w, text in zip(inputs, texts)]
     write_json_atomic(out_path, records)
     n = len(records)
+    for line in verdict_summaries(records):
+        print(f"sectune: infer: {line}")
     metrics = {
-        "inputs": n,
+        "inputs": len(files),
+        "windows": n,
         "json_valid_rate": sum(r["json_valid"] for r in records) / n,
         "schema_valid_rate": sum(r["schema_valid"] for r in records) / n,
         "repaired_rate": sum(r["repaired"] for r in records) / n,
@@ -122,6 +129,52 @@ def read_inputs(input_file) -> list[tuple[str, str]]:
     else:
         raise DataError(f"infer.input_file={input_file}: no such file or folder")
     return [(f.name, read_log(f)) for f in files]
+
+
+@dataclass(frozen=True)
+class LogWindow:
+    name: str  # the file's name
+    text: str
+    first: int  # 1-based line numbers in the file, blank lines counted
+    last: int
+
+
+def log_windows(files: list[tuple[str, str]], window_lines: int) -> list[LogWindow]:
+    """Each file whole, or, past ``window_lines`` non-blank lines (> 0), cut into the fewest consecutive windows
+    of at most that many lines, of near-equal length (2,000 lines by 20: 100 windows of 20; 45 by 20: 3 of 15),
+    so that no window is much shorter than the ones the analyst learnt from."""
+    out = []
+    for name, text in files:
+        lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if window_lines <= 0 or len(lines) <= window_lines:
+            out.append(LogWindow(name, text, lines[0][0], lines[-1][0]))
+            continue
+        k = -(-len(lines) // window_lines)
+        bounds = [round(j * len(lines) / k) for j in range(k + 1)]
+        for a, b in zip(bounds, bounds[1:]):
+            chunk = lines[a:b]
+            out.append(LogWindow(name, "\n".join(line for _, line in chunk) + "\n", chunk[0][0], chunk[-1][0]))
+    return out
+
+
+def verdict_summaries(records: list[dict]) -> list[str]:
+    """One line per file cut into windows: its windows' verdicts, and where the most severe one is."""
+    by_file: dict[str, list[dict]] = {}
+    for r in records:
+        by_file.setdefault(r["input"], []).append(r)
+    out = []
+    for name, recs in by_file.items():
+        if len(recs) < 2:
+            continue
+        verdicts = [r["analysis"].get("verdict") if r["schema_valid"] else None for r in recs]
+        counts = {v: verdicts.count(v) for v in auth_logs.CLASSES[::-1] if v in verdicts}
+        worst = next(iter(counts), None)
+        where = [f"{r['lines'][0]}-{r['lines'][1]}" for r, v in zip(recs, verdicts) if v == worst]
+        unread = verdicts.count(None)
+        out.append(f"{name}: {len(recs)} windows · " + ", ".join(f"{v} {c}" for v, c in counts.items())
+                   + (f", no schema-valid verdict {unread}" if unread else "")
+                   + (f" · {worst} at lines {', '.join(where[:5])}{' …' if len(where) > 5 else ''}" if worst else ""))
+    return out
 
 
 def read_log(path: Path) -> str:

@@ -225,8 +225,7 @@ def load_policy(cfg: DictConfig, kind: str, path: Path | None):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(path))
-    has_tok = path is not None and ((Path(path) / "tokenizer_config.json").is_file() or (Path(path) / "tokenizer.json").is_file())
-    tokenizer = modeling.load_tokenizer(cfg, str(path) if has_tok else base)
+    tokenizer = modeling.tokenizer_for(cfg, path, base)
     model = modeling.to_run_device(model, cfg)
     model.eval()
     return model, tokenizer

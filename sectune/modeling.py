@@ -83,6 +83,14 @@ def load_tokenizer(cfg: DictConfig, path: str | None = None):
     return tok
 
 
+def tokenizer_for(cfg: DictConfig, folder, fallback: str | None = None):
+    """The tokenizer saved with ``folder`` (the adapter or weights a stage starts from or answers with: an SFT
+    run's may add tokens the configured model lacks, as the tiny preset's whole-token answer keys do), else
+    ``fallback``'s (default: the configured model's)."""
+    has = folder is not None and any((Path(folder) / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json"))
+    return load_tokenizer(cfg, str(folder) if has else fallback)
+
+
 def quantization_config(cfg: DictConfig):
     q = cfg.quantization
     if q.name == "none":

@@ -215,6 +215,32 @@ def test_full_weight_sft_run_gets_a_fresh_adapter_whose_reference_is_those_weigh
         assert (wrong(input_ids=ids).logits - want).abs().max() > 1e-2
 
 
+def test_dpo_takes_the_tokenizer_saved_with_the_sft_run_it_starts_from(tmp_path, monkeypatch):
+    """An SFT run that added tokens (the tiny preset's answer keys) and DPO configured without them: the pairs are
+    tokenized, and the adapter saved, with the SFT run's tokenizer (before, the configured model's: every added key
+    decoded to nothing and the DPO analyst lost its whole answer format)."""
+    import sectune.data
+    from sectune.runner import RunContext
+    from sectune.stages import dpo
+    from test_rl import extended_sft_run
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(tokenizer, *a, **k):
+        seen.append(tokenizer)
+        raise Stop
+
+    monkeypatch.setattr(dpo, "fitting_pairs", capture)
+    monkeypatch.setattr(sectune.data, "preference_pairs", lambda cfg: {"train": PAIRS, "validation": [], "test": []})
+    run, vocab = extended_sft_run(tmp_path)
+    with pytest.raises(Stop):
+        dpo.run(RunContext(cfg=compose([*UNIT, f"dpo.init_from={run}", "lora=r16_all_linear"]), run_dir=tmp_path / "dpo"))
+    assert len(seen[0]) == vocab and seen[0].convert_tokens_to_ids('"verdict":') == vocab - 1
+
+
 def test_init_from_errors_name_the_path_and_what_is_missing(tmp_path):
     from sectune.stages import dpo
 

@@ -165,6 +165,48 @@ def test_keep_best_se_must_not_be_negative(tmp_path):
 
 
 
+def extended_sft_run(tmp_path):
+    """A lora=none SFT run dir (full weights, the tiny analyst's) whose tokenizer adds a whole-token answer key
+    the configured model lacks, as the tiny preset's do."""
+    from sectune import modeling
+
+    cfg = compose(["logger=none"])
+    tok = modeling.load_tokenizer(cfg)
+    tok.add_tokens(['"verdict":'])
+    model = modeling.load_model(cfg)
+    model.resize_token_embeddings(len(tok))
+    run = tmp_path / "sft"
+    modeling.save_pretrained_atomic(model, tok, run / "model")
+    (run / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": {"model": "model"}}))
+    return run, len(tok)
+
+
+@pytest.mark.parametrize("loss", ["grpo", "simplified_ppo"])
+def test_rl_takes_the_tokenizer_saved_with_the_sft_weights_it_starts_from(tmp_path, monkeypatch, loss):
+    """An SFT run that added tokens (the tiny preset's answer keys): the policy must read and write with that
+    tokenizer, not the configured model's, or every added key decodes to nothing (attack success 1.0 seen)."""
+    from sectune.runner import RunContext
+    from sectune.stages import rl
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(tokenizer, *a, **k):
+        seen.append(tokenizer)
+        raise Stop
+
+    monkeypatch.setattr(rl, "fitting_prompts", capture)  # GRPO: the first use of the tokenizer
+    monkeypatch.setattr(rl, "build_sft_trainer", lambda cfg, model, tokenizer, *a, **k: capture(tokenizer))  # simplified PPO
+    monkeypatch.setattr(rl.data, "sft_splits", lambda cfg: {"train": unit_records(), "validation": [], "test": []})
+    run, vocab = extended_sft_run(tmp_path)
+    cfg = compose([*UNIT, f"loss={loss}", f"rl.init_from={run}", "rl.allow_fresh_adapter=false", "rl.rewards.reward_model=0"])
+    with pytest.raises(Stop):
+        (rl.run_grpo if loss == "grpo" else rl.run_simplified_ppo)(RunContext(cfg=cfg, run_dir=tmp_path / "rl"))
+    assert len(seen[0]) == vocab and seen[0].convert_tokens_to_ids('"verdict":') == vocab - 1
+
+
 # --------------------------------------------------------------------- TRL side by side (tiny model)
 LOGS = [
     "Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from 173.234.31.186 port 38926 ssh2\n"
@@ -190,7 +232,7 @@ def unit_trainer(tmp_path_factory):
 
     cfg = compose(UNIT)
     tokenizer = modeling.load_tokenizer(cfg)
-    model, start, fresh, _ = rl.build_policy(cfg, modeling.model_path(cfg))
+    model, start, fresh, _, _ = rl.build_policy(cfg, modeling.model_path(cfg))
     assert fresh and "fresh" in start
     funcs, weights, _ = rl.reward_functions(cfg)
     trainer = rl.build_grpo_trainer(cfg, model, tokenizer, unit_records(), funcs, weights, tmp_path_factory.mktemp("grpo") / "ckpt")

@@ -65,9 +65,7 @@ def run(ctx: RunContext) -> dict:
     # 2. model
     path = modeling.model_path(cfg)
     model, start, sft_weights, init_folder = build_model(cfg, path)
-    # the tokenizer saved with the weights it starts from (an SFT run's may add tokens the configured model lacks)
-    has_tok = init_folder is not None and (init_folder / "tokenizer_config.json").is_file()
-    tokenizer = modeling.load_tokenizer(cfg, str(init_folder) if has_tok else path)
+    tokenizer = modeling.tokenizer_for(cfg, init_folder, path)  # the one saved with the weights it starts from
     trainable, total = modeling.trainable_parameters(model)
     print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}")
     max_len = int(cfg.model.max_seq_length)

@@ -46,8 +46,8 @@ def run(ctx: RunContext) -> dict:
 
     # 1. model: the policy starts from the SFT adapter (or weights); the reference shares its base weights
     path = modeling.model_path(cfg)
-    tokenizer = modeling.load_tokenizer(cfg, path)
     model, ref_model, init_dir = build_policy(cfg, path)
+    tokenizer = modeling.tokenizer_for(cfg, init_dir, path)  # the one saved with the weights it starts from
     trainable, total = modeling.trainable_parameters(model)
     start = init_dir or ("a fresh adapter" if cfg.lora.enabled else "the base model")
     print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}; reference: {reference_label(cfg, reference)}")

@@ -320,7 +320,6 @@ def load_model(cfg, choice: ModelChoice):
     base = modeling.adapter_base(choice.path, cfg) if choice.kind == "adapter" else modeling.model_path(cfg)
     if choice.kind == "model":
         model = modeling.load_model(cfg, path=str(choice.path))
-        tokenizer = modeling.load_tokenizer(cfg, str(choice.path) if _has_tokenizer(choice.path) else base)
         ref = str(choice.path)
     else:
         model = modeling.load_model(cfg, path=base)
@@ -339,14 +338,10 @@ def load_model(cfg, choice: ModelChoice):
                 raise ConfigError(f"cannot load the {choice.used} adapter in {choice.path} onto model={cfg.model.name} "
                                   f"({type(e).__name__}: {first})") from None
             ref = str(choice.path)
-        tokenizer = modeling.load_tokenizer(cfg, str(choice.path) if choice.path and _has_tokenizer(choice.path) else base)
+    tokenizer = modeling.tokenizer_for(cfg, choice.path, base)
     model = modeling.to_run_device(model, cfg)
     model.eval()
     return model, tokenizer, ref
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -66,7 +66,8 @@ def run(ctx: RunContext) -> dict:
 
 # ----------------------------------------------------------------------------------------- policy
 def build_policy(cfg, path: str):
-    """(trainable PEFT policy, what it started from, fresh adapter?, the SFT weights folder or None). An SFT
+    """(trainable PEFT policy, what it started from, fresh adapter?, the SFT weights folder or None, the folder it
+    started from (weights or adapter) or None). An SFT
     adapter is loaded trainable; SFT full weights get a fresh LoRA adapter on top (the policy is still π_SFT at
     step 0, and the saved adapter belongs on those weights). An unset or unloadable ``rl.init_from`` is an
     error unless ``rl.allow_fresh_adapter=true``."""
@@ -80,7 +81,7 @@ def build_policy(cfg, path: str):
         try:
             if kind == "model":
                 model = modeling.apply_lora(modeling.load_model(cfg, path=str(folder)), cfg)
-                return model, f"the SFT weights in {folder} under a fresh LoRA adapter", False, folder
+                return model, f"the SFT weights in {folder} under a fresh LoRA adapter", False, folder, folder
             # the weights the SFT adapter was trained on: model.name_or_path, or its run's artifacts.base_model (sft.warmup_lines)
             model = PeftModel.from_pretrained(modeling.load_model(cfg, path=modeling.adapter_base(folder, cfg)), str(folder), is_trainable=True)
         except SectuneError:
@@ -88,12 +89,12 @@ def build_policy(cfg, path: str):
         except Exception as e:  # noqa: BLE001 - every load failure is the same user error: this folder, this model
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"rl.init_from={init_from}: cannot load the {kind} in {folder} for model={cfg.model.name} ({type(e).__name__}: {first})") from None
-        return model, f"the SFT adapter in {folder} (its LoRA settings; lora.* not applied)", False, None
+        return model, f"the SFT adapter in {folder} (its LoRA settings; lora.* not applied)", False, None, folder
     except ConfigError as e:
         if not cfg.rl.allow_fresh_adapter:
             raise ConfigError(f"{e}; or set rl.allow_fresh_adapter=true to start from a fresh adapter") from None
         print(f"sectune: warning: {e}. rl.allow_fresh_adapter=true: starting from a FRESH LoRA adapter on the base model (metrics.fresh_adapter=1)")
-        return modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), "a fresh LoRA adapter (rl.allow_fresh_adapter)", True, None
+        return modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), "a fresh LoRA adapter (rl.allow_fresh_adapter)", True, None, None
 
 
 def base_model_artifact(sft_weights: Path | None, run_dir: Path) -> dict:
@@ -167,8 +168,8 @@ def run_grpo(ctx: RunContext) -> dict:
 
     # 1. model: the SFT policy, trainable
     path = modeling.model_path(cfg)
-    tokenizer = modeling.load_tokenizer(cfg, path)
-    model, start, fresh, sft_weights = build_policy(cfg, path)
+    model, start, fresh, sft_weights, init_folder = build_policy(cfg, path)
+    tokenizer = modeling.tokenizer_for(cfg, init_folder, path)  # the one saved with the weights it starts from
     trainable, total = modeling.trainable_parameters(model)
     print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}")
 
@@ -283,8 +284,8 @@ def run_simplified_ppo(ctx: RunContext) -> dict:
     t0 = time.perf_counter()
     print(f"sectune: NOTE: {SFT_NOTE}")
     path = modeling.model_path(cfg)
-    tokenizer = modeling.load_tokenizer(cfg, path)
-    model, start, fresh, sft_weights = build_policy(cfg, path)
+    model, start, fresh, sft_weights, init_folder = build_policy(cfg, path)
+    tokenizer = modeling.tokenizer_for(cfg, init_folder, path)  # the one saved with the weights it starts from
 
     # the split of every window (as an SFT run with dataset.max_samples=null), then the best n train windows
     n = cfg.dataset.max_samples or SIMPLIFIED_PPO_EXAMPLES

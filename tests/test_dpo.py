@@ -222,21 +222,13 @@ def test_dpo_takes_the_tokenizer_saved_with_the_sft_run_it_starts_from(tmp_path,
     import sectune.data
     from sectune.runner import RunContext
     from sectune.stages import dpo
-    from test_rl import extended_sft_run
+    from test_rl import CaughtTokenizer, extended_sft_run, tokenizer_catcher
 
     seen = []
-
-    class Stop(Exception):
-        pass
-
-    def capture(tokenizer, *a, **k):
-        seen.append(tokenizer)
-        raise Stop
-
-    monkeypatch.setattr(dpo, "fitting_pairs", capture)
+    monkeypatch.setattr(dpo, "fitting_pairs", tokenizer_catcher(seen))
     monkeypatch.setattr(sectune.data, "preference_pairs", lambda cfg: {"train": PAIRS, "validation": [], "test": []})
     run, vocab = extended_sft_run(tmp_path)
-    with pytest.raises(Stop):
+    with pytest.raises(CaughtTokenizer):
         dpo.run(RunContext(cfg=compose([*UNIT, f"dpo.init_from={run}", "lora=r16_all_linear"]), run_dir=tmp_path / "dpo"))
     assert len(seen[0]) == vocab and seen[0].convert_tokens_to_ids('"verdict":') == vocab - 1
 

@@ -165,6 +165,18 @@ def test_keep_best_se_must_not_be_negative(tmp_path):
 
 
 
+class CaughtTokenizer(Exception):
+    """A stage reached the first use of its tokenizer (:func:`tokenizer_catcher`): the test stops it there."""
+
+
+def tokenizer_catcher(seen: list):
+    def catch(tokenizer, *a, **k):
+        seen.append(tokenizer)
+        raise CaughtTokenizer
+
+    return catch
+
+
 def extended_sft_run(tmp_path):
     """A lora=none SFT run dir (full weights, the tiny analyst's) whose tokenizer adds a whole-token answer key
     the configured model lacks, as the tiny preset's do."""
@@ -189,20 +201,13 @@ def test_rl_takes_the_tokenizer_saved_with_the_sft_weights_it_starts_from(tmp_pa
     from sectune.stages import rl
 
     seen = []
-
-    class Stop(Exception):
-        pass
-
-    def capture(tokenizer, *a, **k):
-        seen.append(tokenizer)
-        raise Stop
-
+    capture = tokenizer_catcher(seen)
     monkeypatch.setattr(rl, "fitting_prompts", capture)  # GRPO: the first use of the tokenizer
     monkeypatch.setattr(rl, "build_sft_trainer", lambda cfg, model, tokenizer, *a, **k: capture(tokenizer))  # simplified PPO
     monkeypatch.setattr(rl.data, "sft_splits", lambda cfg: {"train": unit_records(), "validation": [], "test": []})
     run, vocab = extended_sft_run(tmp_path)
     cfg = compose([*UNIT, f"loss={loss}", f"rl.init_from={run}", "rl.allow_fresh_adapter=false", "rl.rewards.reward_model=0"])
-    with pytest.raises(Stop):
+    with pytest.raises(CaughtTokenizer):
         (rl.run_grpo if loss == "grpo" else rl.run_simplified_ppo)(RunContext(cfg=cfg, run_dir=tmp_path / "rl"))
     assert len(seen[0]) == vocab and seen[0].convert_tokens_to_ids('"verdict":') == vocab - 1
 

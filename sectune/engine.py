@@ -327,6 +327,21 @@ def loss_history(trainer) -> dict[str, list]:
     return {"train": train, "eval": evals, "grad_norm": grad_norm}
 
 
+def run_train_loss(trainer, train_out) -> float:
+    """The mean train loss over the whole run. Trainer's ``training_loss`` covers the steps of this ``train()`` call
+    only, so after ``train.resume`` it left out every step before the checkpoint; those come back from the loss
+    the checkpoint's log history holds for them (Trainer logs it rounded to 4 digits), weighted by the steps each
+    logged value covers."""
+    start, end = int(getattr(trainer, "_initial_global_step", 0) or 0), int(trainer.state.global_step)
+    if start <= 0 or end <= start:
+        return train_out.training_loss
+    total, last = 0.0, 0
+    for rec in trainer.state.log_history:
+        if "loss" in rec and "step" in rec and last < rec["step"] <= start:
+            total, last = total + float(rec["loss"]) * (rec["step"] - last), rec["step"]
+    return (total + train_out.training_loss * (end - start)) / (last + end - start)
+
+
 def write_history(path: Path, trainer) -> None:
     from sectune.runner import write_json_atomic
 

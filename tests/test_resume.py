@@ -34,6 +34,23 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     for step in range(5, 13):  # every step after the checkpoint at 4
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
     assert abs(straight.result["metrics"]["eval_loss"] - resumed.result["metrics"]["eval_loss"]) < 1e-4
+    # the run's mean train loss covers all 12 steps, not only the 8 after the resume (Trainer's own figure)
+    assert abs(straight.result["metrics"]["train_loss"] - resumed.result["metrics"]["train_loss"]) < 1e-4
+    after_resume = sum(b[s] for s in range(5, 13)) / 8
+    assert abs(resumed.result["metrics"]["train_loss"] - after_resume) > 1e-3
+
+
+def test_run_train_loss_adds_the_steps_before_a_resume_weighted_by_the_steps_each_logged_loss_covers():
+    from types import SimpleNamespace
+
+    from sectune.engine import run_train_loss
+
+    out = SimpleNamespace(training_loss=1.0)  # this call's mean over steps 5..8
+    log = [{"step": 2, "loss": 4.0}, {"step": 4, "loss": 2.0}, {"step": 4, "eval_loss": 9.0}, {"step": 6, "loss": 1.5}]
+    resumed = SimpleNamespace(_initial_global_step=4, state=SimpleNamespace(global_step=8, log_history=log))
+    assert run_train_loss(resumed, out) == (4.0 * 2 + 2.0 * 2 + 1.0 * 4) / 8
+    fresh = SimpleNamespace(_initial_global_step=0, state=SimpleNamespace(global_step=8, log_history=log))
+    assert run_train_loss(fresh, out) == 1.0
 
 
 def test_resume_from_explicit_bad_dir_is_a_clear_error(tmp_path):

@@ -217,7 +217,7 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
         train_out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, ckpt_dir))
     finally:
         engine.write_history(out_dir / "train_history.json", trainer)
-    metrics = {"train_loss": train_out.training_loss, "train_steps": trainer.state.global_step,
+    metrics = {"train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total}
     if select and trainer.state.best_global_step:
         best_step = trainer.state.best_global_step

@@ -109,7 +109,7 @@ def run(ctx: RunContext) -> dict:
         attack["end"] = attack_eval(cfg, trainer.model, tokenizer, attacked, held_name, "after")
         end.update(attack["end"][0])
     metrics = {**ctx.partial_metrics, **end, "heldout_triplets": len(held_out), "heldout_split": held_name,
-               "train_loss": train_out.training_loss, "train_steps": trainer.state.global_step,
+               "train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total, "truncated_triplets": cut,
                "quantized_modules": modeling.quantized_module_count(model), "fresh_start": int(not cfg.contrastive.init_from)}
     metrics["early_stopped"] = int(0 < trainer.state.global_step < trainer.state.max_steps)

@@ -95,7 +95,7 @@ def run(ctx: RunContext) -> dict:
     finally:  # the loss history so far is worth keeping even when training dies
         if main:
             engine.write_history(run_dir / "train_history.json", trainer)
-    metrics.update(train_loss=train_out.training_loss, train_steps=trainer.state.global_step)
+    metrics.update(train_loss=engine.run_train_loss(trainer, train_out), train_steps=trainer.state.global_step)
     if heldout_ds is not None:
         metrics.update(preference_metrics(pair_logps(trainer, heldout_ds), ref_logps, heldout_ds["kind"], beta))
     if val_pairs and cfg.train.eval_steps:

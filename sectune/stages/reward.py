@@ -140,7 +140,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
 
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     scorer.model = model.eval()
-    metrics = {"fallback": 0, "train_loss": train_out.training_loss, "train_steps": trainer.state.global_step,
+    metrics = {"fallback": 0, "train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total, "truncated_prompts": cut + vcut,
                "quantized_modules": modeling.quantized_module_count(model),
                "reward_accuracy_start": start["reward_accuracy"], "reward_margin_start": start["reward_margin"]}

@@ -200,7 +200,7 @@ def run_grpo(ctx: RunContext) -> dict:
         if main:
             write_json_atomic(run_dir / "train_history.json", {**rl_history(trainer), **({"heldout": best.scores} if best else {})})
     history = rl_history(trainer)
-    metrics = {"train_loss": train_out.training_loss, "train_steps": trainer.state.global_step, "fresh_adapter": int(fresh),
+    metrics = {"train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step, "fresh_adapter": int(fresh),
                "train_prompts": len(train_recs), "too_long_prompts": too_long, "num_generations": int(rl.num_generations),
                "learning_rate": trainer.args.learning_rate, "trainable_params": trainable, "total_params": total,
                **curve_metrics(history["steps"])}
@@ -305,7 +305,7 @@ def run_simplified_ppo(ctx: RunContext) -> dict:
     finally:
         if main:
             engine.write_history(run_dir / "train_history.json", trainer)
-    metrics = {"is_supervised_finetuning": 1, "train_loss": out.training_loss, "train_steps": trainer.state.global_step,
+    metrics = {"is_supervised_finetuning": 1, "train_loss": engine.run_train_loss(trainer, out), "train_steps": trainer.state.global_step,
                "train_examples": len(recs), "fresh_adapter": int(fresh), "learning_rate": trainer.args.learning_rate}
     artifacts = {"adapter": "adapter", "checkpoints": "checkpoints", "train_history": "train_history.json", "loss_curve": "plots/loss_curve.png",
                  **base_model_artifact(sft_weights, run_dir)}

@@ -76,7 +76,7 @@ def run(ctx: RunContext) -> dict:
         if main:
             engine.write_history(run_dir / "train_history.json", trainer)
     metrics = {
-        "train_loss": train_out.training_loss,
+        "train_loss": engine.run_train_loss(trainer, train_out),
         "train_steps": trainer.state.global_step,
         "trainable_params": trainable,
         "total_params": total,

@@ -59,6 +59,44 @@ class HeldOutBest(TrainerCallback):
         if self.eval_steps > 0 and state.global_step % self.eval_steps == 0 and model is not None:
             self.evaluate(model, state.global_step)
 
+    # A checkpoint carries the scores so far and the kept weights, so that train.resume keeps the same best step
+    # as the uninterrupted run (step 0's score included) instead of comparing only the evaluations after it.
+    STATE_FILE, WEIGHTS_FILE = "heldout_best.json", "heldout_best.safetensors"
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.save(folder)
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        from sectune.runner import write_json_atomic
+
+        if self._state is not None:
+            save_file({n: t.detach().cpu().contiguous() for n, t in self._state.items()}, str(folder / self.WEIGHTS_FILE))
+        write_json_atomic(folder / self.STATE_FILE, {"scores": {str(k): v for k, v in self.scores.items()}, "step": self.step,
+                                                     "score": self.score if self.step is not None else None, "windows": self._windows})
+
+    def load(self, folder: Path) -> bool:
+        """The scores and kept weights saved with checkpoint ``folder``; False when it holds none (an older sectune's)."""
+        import json
+
+        from safetensors.torch import load_file
+
+        path = Path(folder) / self.STATE_FILE
+        if not path.is_file():
+            return False
+        saved = json.loads(path.read_text())
+        self.scores = {int(k): float(v) for k, v in saved["scores"].items()}
+        self.step, self._windows = saved["step"], saved["windows"]
+        self.score = float(saved["score"]) if saved["step"] is not None else -math.inf
+        weights = Path(folder) / self.WEIGHTS_FILE
+        self._state = load_file(str(weights)) if self.step is not None and weights.is_file() else None
+        if self.step is not None and self._state is None:
+            raise FileNotFoundError(f"{weights}: the kept step {self.step}'s weights are missing")
+        return True
+
 
 # ---------------------------------------------------------------------------------------- history
 STEP_KEYS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "clip_fraction": "clip_ratio/region_mean",

@@ -584,3 +584,31 @@ def test_missing_init_from_starts_a_fresh_adapter_only_when_allowed(tmp_path, ca
     assert code == 0 and res["status"] == "succeeded", res.get("error")
     assert res["metrics"]["fresh_adapter"] == 1 and "FRESH LoRA adapter" in out and str(missing) in out
     assert (tmp_path / "fresh" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@requires_real_data
+def test_grpo_resumed_keeps_the_same_best_step_as_the_uninterrupted_run(sft_run, tmp_path):
+    """rl.keep_best after train.resume=auto: the checkpoint carries the held-out scores so far (step 0's included)
+    and the kept weights, so the resumed run compares every evaluation, as the uninterrupted one does (it used to
+    forget steps 0 and 2, and could keep a worse later adapter)."""
+    from safetensors.torch import load_file
+
+    args = [*GRPO_ARGS, f"rl.init_from={sft_run.run_dir}", "train.max_steps=6", "train.save_steps=2", "rl.eval_steps=2",
+            "rl.heldout_windows=4", "rl.num_generations=4", "rl.max_completion_length=16", "rl.keep_best_se=0"]
+    straight = sectune(args, tmp_path / "straight", env=ONE_THREAD)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    broken = sectune([*args, "debug.fail_at_step=3"], tmp_path / "broken", env=ONE_THREAD)
+    assert broken.returncode != 0 and (tmp_path / "broken/checkpoints/checkpoint-2/heldout_best.json").is_file()
+    resumed = sectune([*args, "train.resume=auto"], tmp_path / "broken", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def heldout(run):
+        return json.loads((run.run_dir / "train_history.json").read_text())["heldout"]
+
+    a, b = heldout(straight), heldout(resumed)
+    assert sorted(a, key=int) == sorted(b, key=int) == ["0", "2", "4", "6"]
+    assert all(abs(a[k] - b[k]) < 1e-3 for k in a), (a, b)
+    m, n = straight.result["metrics"], resumed.result["metrics"]
+    assert m["best_step"] == n["best_step"] and abs(m["reward_heldout_start"] - n["reward_heldout_start"]) < 1e-9
+    want, got = load_file(straight.run_dir / "adapter/adapter_model.safetensors"), load_file(resumed.run_dir / "adapter/adapter_model.safetensors")
+    assert want.keys() == got.keys() and all(torch.allclose(want[k], got[k], atol=1e-4) for k in want)

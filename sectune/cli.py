@@ -96,6 +96,11 @@ def main() -> None:
     try:
         _app()
     except OSError as e:  # Hydra could not make the run's output dir (a stage's own OSErrors end in runner.run)
+        from hydra.errors import MissingConfigException
+
+        if isinstance(e, MissingConfigException):  # an OSError to Hydra: a mistyped option (dataset=…, +experiment=…)
+            print(f"sectune: error: {str(e).split('Config search path:')[0].strip()}", file=sys.stderr)
+            sys.exit(2)
         where = f"{e.filename}: " if e.filename else ""
         print(f"sectune: error: {where}{e.strerror or e}: cannot create the run dir there (hydra.run.dir, or "
               f"hydra.sweep.dir for -m)", file=sys.stderr)

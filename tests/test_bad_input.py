@@ -148,6 +148,16 @@ def test_a_run_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
                                                   "cannot create the run dir there (hydra.run.dir, or hydra.sweep.dir for -m)"]
 
 
+def test_a_mistyped_config_option_names_the_option_and_what_there_is_not_the_run_dir(tmp_path):
+    # Hydra's MissingConfigException is an OSError: it used to be reported as a run dir that cannot be created
+    for args, missing, offered in ((["dataset=prompt_injection"], "dataset/prompt_injection", "prompt_injections"),
+                                   (["+experiment=hdfs_detec"], "experiment/hdfs_detec", "hdfs_detect")):
+        run = sectune([*args, "logger=none"], tmp_path / "run")
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and lines[0] == f"sectune: error: In 'config': Could not find '{missing}'", run.stderr[-1500:]
+        assert f"\t{offered}" in lines and not any("run dir" in line or "search path" in line for line in lines)
+
+
 def _succeeded_run(run_dir: Path, stage: str, artifacts: dict[str, str]) -> dict:
     for rel in artifacts.values():
         (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -331,6 +331,9 @@ def check_values(cfg) -> None:
     if cfg.train.eval_batch_size is not None:
         need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", cfg.train.eval_batch_size, "must be >= 1 (or null: train.batch_size)")
     need(cfg.infer.batch_size >= 1, "infer.batch_size", cfg.infer.batch_size, "must be >= 1")
+    alpha = cfg.evaluate.bigram_alpha
+    need(math.isfinite(alpha) and alpha > 0, "evaluate.bigram_alpha", alpha,
+         "must be > 0 (add-alpha smoothing: at 0 a key pair never seen in training has probability 0 and its session scores NaN)")
     need(cfg.infer.window_lines is None or cfg.infer.window_lines >= 0, "infer.window_lines", cfg.infer.window_lines,
          "must be >= 0 (0: one analysis per file; null: dataset.max_lines)")
     t = cfg.train

@@ -48,7 +48,7 @@ class EvaluateConfig:
     rf_estimators: int = 200
     #: dataset=injection_triplets: score only the first N triplets of the split (null = all)
     max_samples: Optional[int] = None
-    #: dataset=hdfs (sectune/anomaly.py): add-alpha smoothing of the bigram baseline's next-key probabilities
+    #: dataset=hdfs (sectune/anomaly.py): add-alpha smoothing of the bigram baseline's next-key probabilities (> 0)
     bigram_alpha: float = 0.01
 
 

@@ -19,6 +19,8 @@ from sectune.errors import ConfigError
     ("train.learning_rate=-1", "train.learning_rate"),
     ("train.eval_batch_size=0", "train.eval_batch_size"),
     ("infer.batch_size=0", "infer.batch_size"),
+    ("infer.window_lines=-1", "infer.window_lines"),
+    ("stage=evaluate dataset=hdfs evaluate.bigram_alpha=0", "evaluate.bigram_alpha"),  # was NaN scores, then a traceback
     ("generation.max_new_tokens=0", "generation.max_new_tokens"),
     ("generation.top_p=0", "generation.top_p"),
     ("generation.repetition_penalty=0", "generation.repetition_penalty"),

@@ -138,7 +138,7 @@ def build_labelled_data(cfg: DictConfig) -> LabelledData:
             # the flows are the ones sectune generated: the value to change is the number generated, not the file
             raise ConfigError(f"dataset.synthetic_rows={d.synthetic_rows}: too few generated flows for this split "
                               f"(raise it, or set dataset.path to a real flow CSV): {e}") from e
-        return LabelledData(fmt, prep.records, prep.labels, template, str(path), prep.normalizer, list(d.features), prep.cleaning)
+        return _two_labels(LabelledData(fmt, prep.records, prep.labels, template, str(path), prep.normalizer, list(d.features), prep.cleaning))
 
     template = d.prompt_template
     if fmt == "text_csv":
@@ -166,7 +166,17 @@ def build_labelled_data(cfg: DictConfig) -> LabelledData:
     if not splits["train"]:
         raise DataError(f"{source}: no training rows")
     labels = sorted({r["label"] for recs in splits.values() for r in recs})
-    return LabelledData(fmt, splits, labels, template, source)
+    return _two_labels(LabelledData(fmt, splits, labels, template, source))
+
+
+def _two_labels(data: LabelledData) -> LabelledData:
+    """A classifier needs two labels in its training rows; with one it trained, then crashed in the TF-IDF
+    baseline or reported macro-F1 1.0 for the majority class."""
+    seen = sorted({r["label"] for r in data.splits["train"]})
+    if len(seen) < 2:
+        raise DataError(f"{data.source}: every training row has the label {seen[0]!r}; classification needs at least 2 labels "
+                        "(check dataset.label_column, or dataset.granularity for flows)")
+    return data
 
 
 def class_weight_vector(spec, labels: Sequence[str], train_labels: Sequence[str]) -> Optional[List[float]]:

@@ -62,6 +62,21 @@ def test_too_few_synthetic_rows_to_split_names_the_key_not_the_cache_file(tmp_pa
         build_labelled_data(compose(["stage=classify", "dataset=cic_iot_2023", f"dataset.path={bad}", "dataset.features=[a]"]))
 
 
+def test_a_classify_dataset_with_one_label_is_an_error_naming_the_file_before_training(tmp_path):
+    from sectune.classification import build_labelled_data
+
+    text = tmp_path / "one.csv"  # used to train, then crash in the TF-IDF baseline
+    text.write_text("text,label\n" + "".join(f"request number {i},benign\n" for i in range(40)))
+    flows = tmp_path / "flows.csv"  # used to report macro-F1 1.0 for the model, the baseline and the majority class
+    flows.write_text("a,b,label\n" + "".join(f"{i},{i % 7},BenignTraffic\n" for i in range(60)))
+    for cfg, path, label in ((["dataset=text_label_csv", f"dataset.path={text}"], text, "benign"),
+                             (["dataset=cic_iot_2023", f"dataset.path={flows}", "dataset.features=[a,b]"], flows, "Benign")):
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: every training row has the label '{label}'; classification needs at least 2"):
+            build_labelled_data(compose(["stage=classify", *cfg]))
+    assert len(build_labelled_data(compose(["stage=classify", "dataset=cic_iot_2023", f"dataset.path={_flows_csv(tmp_path / 'ok.csv')}",
+                                            "dataset.features=[a,b]"])).labels) == 3
+
+
 def test_negative_split_seed_for_flows_names_the_key(tmp_path):
     path = _flows_csv(tmp_path / "f.csv")
     with pytest.raises(ConfigError, match=r"^dataset\.split_seed=-1: must be an integer in 0\.\.4294967295"):

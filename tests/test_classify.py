@@ -519,3 +519,17 @@ def test_a_refused_rerun_leaves_the_finished_run_dir_byte_identical(tmp_path, ov
     assert {p: p.read_bytes() for p in before} == before  # every earlier file byte-identical
     failed = json.loads((run_dir / "result.failed.json").read_text())
     assert failed["status"] == "failed" and error in failed["error"]
+
+
+def test_a_rerun_without_test_evaluation_leaves_no_stale_evaluation_behind(tmp_path):
+    """classify.evaluate_test=false into a run dir whose earlier run was evaluated: the old evaluation/ scored the model
+    this run replaces, so it goes (it used to stay, looking complete, beside a result.json that no longer named it)."""
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\n" + "".join(f"flow {i} {'syn flood' if i % 2 else 'normal'},{'ddos' if i % 2 else 'benign'}\n" for i in range(40)))
+    args = ["stage=classify", "dataset=text_label_csv", f"dataset.path={p}", "train.max_steps=2", *FAST]
+    first = sectune(*args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert first.returncode == 0 and (tmp_path / "run/evaluation/detailed_results.json").is_file(), first.stderr[-2000:]
+    again = sectune(*args, "classify.evaluate_test=false", "train.seed=3", f"hydra.run.dir={tmp_path / 'run'}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    res = json.loads((tmp_path / "run/result.json").read_text())
+    assert not (tmp_path / "run/evaluation").exists() and "evaluation" not in res["artifacts"] and "test_macro_f1" not in res["metrics"]

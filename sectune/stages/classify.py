@@ -9,6 +9,7 @@ validation (threshold choice for binary tasks) → test evaluation with baseline
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -138,6 +139,9 @@ def run(ctx: RunContext) -> dict:
                               extra={"model": cfg.model.name, "head": head, "run_dir": str(run_dir), "members": len(members or [name])})
         metrics.update(ev)
         artifacts["evaluation"] = "evaluation"
+    elif (run_dir / "evaluation").is_dir():  # an earlier run's here scored another model: nothing stale may look current
+        shutil.rmtree(run_dir / "evaluation")
+        print(f"sectune: removed {run_dir / 'evaluation'}: it scored the model this run replaced (classify.evaluate_test=false)")
 
     metrics.update(engine.peak_memory())
     metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)

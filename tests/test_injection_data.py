@@ -201,6 +201,22 @@ def test_bad_line_is_an_error_naming_file_and_line_and_skip_bad_lines_counts_the
     assert r["injection_output"] == r["output"] and r["prompt"] == data.auth_logs.render_prompt(WINDOW)
 
 
+@pytest.mark.parametrize("key, value, why", [
+    ("output", "the window looks malicious", "not JSON"),  # was a JSONDecodeError traceback in stage=dpo / evaluate
+    ("output", json.dumps({"verdict": "malicious"}), "schema: <root>: 'failed_logins' is a required property"),  # was KeyError
+    ("injection_output", json.dumps(["malicious"]), "a JSON list, not an object"),
+])
+def test_an_output_that_is_not_an_analysis_names_the_file_line_and_key(tmp_path, key, value, why):
+    path = tmp_path / "triplets.jsonl"
+    lines = [_triplet_line(i) for i in range(12)]
+    lines[5] = _triplet_line(5, **{key: value})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: line 6: {key} is not an analysis of the window \({re.escape(why)}"):
+        I.triplet_data(compose([*TRIPLETS, f"dataset.path={path}"]))
+    t = I.triplet_data(compose([*TRIPLETS, f"dataset.path={path}", "dataset.skip_bad_lines=true"]))
+    assert t.info["skipped_lines"] == 1 and sum(len(v) for v in t.splits.values()) == 11
+
+
 def test_generic_prompt_answer_jsonl_becomes_triplets(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Is host 10.0.0.{i} on port {2000 + i} up?", "answer": "yes"}) + "\n" for i in range(20)))

@@ -295,7 +295,26 @@ def _check_triplet(obj: dict) -> str | None:
         return f"split={obj['split']!r}: choose {', '.join(SPLITS)}"
     if obj.get("format", "auth_log") not in FORMATS:
         return f"format={obj['format']!r}: choose {', '.join(FORMATS)}"
+    if obj.get("format", "auth_log") == "auth_log":  # scored and turned into preference pairs as analyses
+        for k in ("output", "injection_output"):
+            if isinstance(obj.get(k), str):
+                why = _analysis_error(obj[k])
+                if why:
+                    return f"{k} is not an analysis of the window ({why}); an auth_log triplet's outputs are the JSON analyses the rules write"
     return None
+
+
+def _analysis_error(text: str) -> str | None:
+    from sectune.data.auth_logs import validate_analysis
+
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"not JSON: {e.msg} at column {e.colno}"
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}, not an object"
+    errors = validate_analysis(obj)
+    return f"schema: {errors[0]}" if errors else None
 
 
 def _check_prompt_answer(obj: dict) -> str | None:

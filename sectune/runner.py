@@ -147,9 +147,10 @@ def resolve_stage(name: str) -> Callable[[RunContext], dict]:
     return getattr(module, func)
 
 
-def previous_result(run_dir: Path) -> dict | None:
-    """The run's result.json, or None when there is none or it is not a JSON object (damaged, or not sectune's)."""
-    path = run_dir / RESULT_FILE
+def previous_result(run_dir: Path, name: str = RESULT_FILE) -> dict | None:
+    """The run's result.json (or ``name``: result.failed.json), or None when there is none or it is not a JSON
+    object (damaged, or not sectune's)."""
+    path = run_dir / name
     try:
         result = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
@@ -251,18 +252,62 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         result["wall_time_s"] = round(time.perf_counter() - t0, 2)
         if main:
             if result["status"] == "failed" and earlier is not None and artifacts_untouched(run_dir, earlier, started):
-                # a rerun that failed before replacing anything: the earlier run and its artifacts stay usable
+                # a rerun that failed before replacing anything: the earlier run, its artifacts and its config stay usable
                 write_json_atomic(run_dir / FAILED_ATTEMPT_FILE, result)
+                config_note = restore_run_config(run_dir)
                 write_json_atomic(run_dir / RESULT_FILE, earlier)
                 print(f"sectune: {run_dir / RESULT_FILE} is the earlier succeeded run's again (this attempt changed none of "
-                      f"its artifacts); this attempt's result is {FAILED_ATTEMPT_FILE} (and its config is in .hydra/)", file=sys.stderr)
+                      f"its artifacts); this attempt's result is {FAILED_ATTEMPT_FILE} {config_note}", file=sys.stderr)
             else:
                 write_json_atomic(run_dir / RESULT_FILE, result)
                 (run_dir / FAILED_ATTEMPT_FILE).unlink(missing_ok=True)  # an older attempt's: result.json is current
+                if result["status"] == "succeeded":
+                    keep_run_config(run_dir)
             tracking.finish(ctx.tracker, result)
             if result["status"] == "succeeded" and sweeps.in_multirun():
                 sweeps.record_done(cfg, run_dir, digest)
     return code, _objective(result["metrics"], cfg.sweep.objective) if code == 0 else None
+
+
+#: what a run dir's config is made of: Hydra's record of the run (written before the stage starts, so a failed rerun
+#: in the dir replaces it) and a pipeline step's step.json (its skip check); a copy of the succeeded run's is kept
+RUN_CONFIG_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "step.json")
+SUCCEEDED_CONFIG_DIR, FAILED_CONFIG_DIR = ".hydra/succeeded", ".hydra/failed"
+
+
+def keep_run_config(run_dir: Path) -> None:
+    """A copy of a succeeded run's config files, which :func:`restore_run_config` puts back after a failed rerun."""
+    import shutil
+
+    keep = run_dir / SUCCEEDED_CONFIG_DIR
+    shutil.rmtree(keep, ignore_errors=True)
+    for rel in RUN_CONFIG_FILES:
+        if (run_dir / rel).is_file():
+            (keep / Path(rel).name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run_dir / rel, keep / Path(rel).name)
+
+
+def restore_run_config(run_dir: Path) -> str:
+    """After a rerun that failed before replacing any artifact: its config files move to ``.hydra/failed/`` and the
+    succeeded run's come back, so what reads a run's config (stage=evaluate, infer's chain, a pipeline's skip check)
+    reads the config its artifacts were made with. Returns where this attempt's config is, for the message."""
+    import shutil
+
+    keep = run_dir / SUCCEEDED_CONFIG_DIR
+    if not keep.is_dir():  # a run from an older sectune kept no copy
+        return "(its config is in .hydra/, which now holds this attempt's settings)"
+    failed = run_dir / FAILED_CONFIG_DIR
+    shutil.rmtree(failed, ignore_errors=True)
+    failed.mkdir(parents=True)
+    for rel in RUN_CONFIG_FILES:
+        here, saved = run_dir / rel, keep / Path(rel).name
+        if here.is_file():
+            shutil.copy2(here, failed / here.name)
+        if saved.is_file():
+            tmp = here.with_name(here.name + ".restoring")
+            shutil.copy2(saved, tmp)
+            os.replace(tmp, here)
+    return f"(its config is in {FAILED_CONFIG_DIR}/; .hydra/ holds the succeeded run's again)"
 
 
 def artifacts_untouched(run_dir: Path, result: dict, since: float) -> bool:

@@ -194,6 +194,39 @@ def test_a_failed_rerun_keeps_the_succeeded_runs_result_and_artifacts(tmp_path):
     assert json.loads((infer_dir / "result.json").read_text()) == earlier and (infer_dir / "analyses.json").read_text() == "kept"
 
 
+def test_a_failed_rerun_puts_the_succeeded_runs_config_back_for_what_reads_it(tmp_path):
+    """Hydra writes the attempt's .hydra/ before the stage starts: stage=evaluate, predict and the pipeline's skip check
+    then read settings the artifacts were not made with (an HDFS model evaluated on another split, with exit 0).
+    After a failed rerun that changed no artifact the succeeded run's config is back, the attempt's in .hydra/failed/."""
+    log = tmp_path / "auth.log"
+    log.write_text("Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186\n")
+    run_dir = tmp_path / "infer"
+    first = sectune(["stage=infer", "logger=none", f"infer.input_file={log}", "generation.max_new_tokens=4"], run_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    good = (run_dir / ".hydra/config.yaml").read_text()
+    assert (run_dir / ".hydra/succeeded/config.yaml").read_text() == good
+    again = sectune(["stage=infer", "logger=none", f"infer.input_file={tmp_path / 'nope.log'}", "generation.max_new_tokens=4"], run_dir)
+    assert again.returncode == 2 and ".hydra/failed/" in again.stderr
+    assert (run_dir / ".hydra/config.yaml").read_text() == good and str(log) in good
+    assert "nope.log" in (run_dir / ".hydra/failed/config.yaml").read_text() and "nope.log" in (run_dir / ".hydra/failed/overrides.yaml").read_text()
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "succeeded"
+
+
+def test_a_failed_pipeline_step_rerun_gets_its_step_record_back_so_the_next_run_skips_it(tmp_path):
+    from sectune.runner import keep_run_config, restore_run_config
+
+    (tmp_path / ".hydra").mkdir()
+    for name, text in (("step.json", '{"config_digest": "good"}'), (".hydra/config.yaml", "a: 1\n"), (".hydra/overrides.yaml", "[]\n")):
+        (tmp_path / name).write_text(text)
+    keep_run_config(tmp_path)
+    (tmp_path / "step.json").write_text('{"config_digest": "typo"}')  # record_step, before the failed attempt ran
+    (tmp_path / ".hydra/config.yaml").write_text("a: 2\n")
+    assert "failed" in restore_run_config(tmp_path)
+    assert json.loads((tmp_path / "step.json").read_text()) == {"config_digest": "good"}
+    assert (tmp_path / ".hydra/config.yaml").read_text() == "a: 1\n" and (tmp_path / ".hydra/failed/config.yaml").read_text() == "a: 2\n"
+    assert json.loads((tmp_path / ".hydra/failed/step.json").read_text()) == {"config_digest": "typo"}
+
+
 def test_a_rerun_that_touched_an_artifact_reports_its_own_failure():
     from sectune.runner import artifacts_untouched
 

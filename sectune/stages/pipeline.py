@@ -150,6 +150,8 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
         result = runner.previous_result(step.dir) or {}
         if code != 0 or result.get("status") != "succeeded":
             done = names[: i - 1]
+            if result.get("status") == "succeeded":  # the earlier run's, put back (runner.run): the attempt's own record
+                result = runner.previous_result(step.dir, runner.FAILED_ATTEMPT_FILE) or {}
             raise StepFailed(
                 f"pipeline step {step.name!r} failed (exit {code}): {result.get('error', 'no result.json')}; "
                 + (f"the completed steps ({', '.join(done)}) are kept; " if done else "")

@@ -533,3 +533,18 @@ def test_a_rerun_without_test_evaluation_leaves_no_stale_evaluation_behind(tmp_p
     assert again.returncode == 0, again.stderr[-2000:]
     res = json.loads((tmp_path / "run/result.json").read_text())
     assert not (tmp_path / "run/evaluation").exists() and "evaluation" not in res["artifacts"] and "test_macro_f1" not in res["metrics"]
+
+
+def test_evaluate_on_the_validation_split_names_its_numbers_validation_not_test(tmp_path):
+    """evaluate.split=validation: the rows the threshold and the baseline's C were chosen on. Its scores used to be saved
+    as test_macro_f1 etc., which sweep reports then showed as test scores."""
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\n" + "".join(f"flow {i} {'syn flood' if i % 2 else 'normal'},{'ddos' if i % 2 else 'benign'}\n" for i in range(40)))
+    run = sectune("stage=classify", "dataset=text_label_csv", f"dataset.path={p}", "train.max_steps=2", *FAST, f"hydra.run.dir={tmp_path / 'run'}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    ev = sectune("stage=evaluate", f"evaluate.model_dir={tmp_path / 'run'}", "evaluate.split=validation", "logger=none",
+                 f"hydra.run.dir={tmp_path / 'ev'}")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    m = json.loads((tmp_path / "ev/result.json").read_text())["metrics"]
+    assert {"validation_macro_f1", "baseline_validation_macro_f1", "majority_validation_macro_f1"} <= set(m)
+    assert not [k for k in m if "test_" in k] and "optimistic" in ev.stdout

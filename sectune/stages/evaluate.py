@@ -64,7 +64,11 @@ def run(ctx: RunContext) -> dict:
                                rf_estimators=ev.rf_estimators,
                                extra={"model_dir": str(model_dir), "model": run_cfg.model.name,
                                       "head": predictor.meta["head"], "members": len(predictor.members)})
-    print(f"sectune: {ev.split} accuracy {metrics['test_accuracy']:.4f} · macro-F1 {metrics['test_macro_f1']:.4f} · "
-          f"baseline {metrics.get('baseline_test_macro_f1', float('nan')):.4f} · majority {metrics['majority_test_macro_f1']:.4f}"
+    sp = ev.split
+    print(f"sectune: {sp} accuracy {metrics[f'{sp}_accuracy']:.4f} · macro-F1 {metrics[f'{sp}_macro_f1']:.4f} · "
+          f"baseline {metrics.get(f'baseline_{sp}_macro_f1', float('nan')):.4f} · majority {metrics[f'majority_{sp}_macro_f1']:.4f}"
           f" → {run_dir / 'evaluation'}")
+    if sp != "test":
+        print(f"sectune: note: {sp} rows{' chose the threshold and the baseline settings' if sp == 'validation' else ' were trained on'}: "
+              f"these scores are optimistic; the test split is the honest one")
     return {"metrics": metrics, "artifacts": {"evaluation": "evaluation", "model_dir": str(model_dir)}}

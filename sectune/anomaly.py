@@ -191,7 +191,9 @@ def _run_config(cfg, choice, model_dir: Path):
     if saved is None:
         print(f"sectune: warning: {model_dir} has no .hydra/config.yaml; using this run's dataset and model settings")
         return cfg
-    run_cfg = OmegaConf.load(saved)
+    from sectune.config import load_run_config
+
+    run_cfg = load_run_config(saved)
     if OmegaConf.select(run_cfg, "dataset.name") != "hdfs":
         raise ConfigError(f"evaluate.model_dir={model_dir}: that run trained on dataset={OmegaConf.select(run_cfg, 'dataset.name')}, not hdfs")
     merged = OmegaConf.merge(cfg, OmegaConf.masked_copy(run_cfg, ["dataset", "model", "quantization", "lora"]))

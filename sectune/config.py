@@ -10,10 +10,11 @@ Each stage's own node (``rl``, ``pipeline``, ``federated``, …) is in :mod:`sec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sectune.config_stages import (  # each stage's own settings node
     ClassifyConfig, EvaluateConfig, InferConfig, RewardConfig, DpoConfig, SftConfig,
@@ -295,6 +296,29 @@ class SectuneConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+
+
+def load_run_config(cfg_path: Path) -> DictConfig:
+    """A run's saved ``.hydra/config.yaml``, with a relative ``dataset.path`` / ``dataset.source_dir`` made absolute
+    against the folder that run was started from (``hydra.runtime.cwd`` in the ``hydra.yaml`` beside it, or beside its
+    pipeline's): a run trained with ``dataset.path=flows.csv`` is then evaluated from any folder."""
+    register()  # the saved config interpolates sectune's resolvers
+    cfg = OmegaConf.load(cfg_path)
+    run_dir = Path(cfg_path).parent.parent
+    cwd = None
+    for hydra_yaml in (run_dir / ".hydra" / "hydra.yaml", run_dir.parent / ".hydra" / "hydra.yaml"):
+        if hydra_yaml.is_file():
+            try:
+                cwd = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd")
+            except Exception:  # noqa: BLE001 - an unreadable record: paths stay as saved
+                cwd = None
+            break
+    if cwd:
+        for key in ("path", "source_dir"):
+            value = OmegaConf.select(cfg, f"dataset.{key}", throw_on_resolution_failure=False)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                cfg.dataset[key] = str(Path(cwd) / value)
+    return cfg
 
 
 def register() -> None:

@@ -19,7 +19,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sectune.errors import ConfigError, DataError, SectuneError
 
@@ -98,8 +98,7 @@ def read_classify_run(run_dir) -> tuple[DictConfig, dict]:
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"{run_dir}: .hydra/config.yaml is missing (Hydra writes it for every run)")
-    config.register()  # the saved config interpolates sectune's resolvers
-    return OmegaConf.load(cfg_path), result
+    return config.load_run_config(cfg_path), result
 
 
 def load_classifier(run_dir, cfg: DictConfig, meta: dict):

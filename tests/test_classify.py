@@ -548,3 +548,18 @@ def test_evaluate_on_the_validation_split_names_its_numbers_validation_not_test(
     m = json.loads((tmp_path / "ev/result.json").read_text())["metrics"]
     assert {"validation_macro_f1", "baseline_validation_macro_f1", "majority_validation_macro_f1"} <= set(m)
     assert not [k for k in m if "test_" in k] and "optimistic" in ev.stdout
+
+
+def test_a_run_trained_with_a_relative_data_path_is_evaluated_from_any_folder(tmp_path):
+    """The README's dataset.path=flows.csv form: the saved config holds the path as given, which evaluate then read
+    from its own folder ("t.csv: CSV not found"); it is now taken from the folder the run was started in."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "t.csv").write_text("text,label\n" + "".join(f"flow {i} {'syn flood' if i % 2 else 'normal'},{'ddos' if i % 2 else 'benign'}\n"
+                                                             for i in range(40)))
+    run = sectune("stage=classify", "dataset=text_label_csv", "dataset.path=t.csv", "train.max_steps=2", *FAST,
+                  f"hydra.run.dir={tmp_path / 'run'}", cwd=data_dir)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ev = sectune("stage=evaluate", f"evaluate.model_dir={tmp_path / 'run'}", "logger=none", f"hydra.run.dir={tmp_path / 'ev'}")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads((tmp_path / "ev/result.json").read_text())["metrics"]["test_rows"] == 8

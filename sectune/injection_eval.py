@@ -165,7 +165,7 @@ def evaluate_injections(ctx) -> dict:
         raise ConfigError("stage=evaluate dataset=injection_triplets needs evaluate.model_dir=<an sft, dpo, rl or contrastive run dir, or a pipeline dir>")
     choice = choose_analyst(ev.model_dir)
     check_trained_on(cfg, choice, Path(str(ev.model_dir)).expanduser())
-    data = triplet_data(cfg)
+    data = triplet_data(cfg, need_train=False)  # scoring only: a file of test triplets alone is enough
     if ev.split not in data.splits:
         raise ConfigError(f"evaluate.split={ev.split!r}: choose train, validation or test")
     records = data.splits[ev.split][: ev.max_samples or None]

@@ -217,6 +217,29 @@ def test_an_output_that_is_not_an_analysis_names_the_file_line_and_key(tmp_path,
     assert t.info["skipped_lines"] == 1 and sum(len(v) for v in t.splits.values()) == 11
 
 
+def test_a_file_of_test_triplets_alone_is_enough_to_score_but_not_to_train(tmp_path, monkeypatch):
+    path = tmp_path / "held_out.jsonl"
+    path.write_text("\n".join(_triplet_line(i, split="test") for i in range(12)) + "\n")
+    cfg = compose([*TRIPLETS, f"dataset.path={path}"])
+    with pytest.raises(DataError, match="no training triplets"):
+        I.triplet_data(cfg)
+    assert {k: len(v) for k, v in I.triplet_data(cfg, need_train=False).splits.items()} == {"train": 0, "validation": 0, "test": 12}
+    # stage=evaluate gets past the data to loading the analyst (it stopped with "no training triplets")
+    from sectune import injection_eval
+    from sectune.runner import RunContext
+    from sectune.stages import infer
+
+    class Loading(Exception):
+        pass
+
+    monkeypatch.setattr(injection_eval, "choose_analyst", lambda model_dir: None)
+    monkeypatch.setattr(injection_eval, "check_trained_on", lambda *a: None)
+    monkeypatch.setattr(infer, "load_model", lambda *a: (_ for _ in ()).throw(Loading()))
+    ev_cfg = compose(["stage=evaluate", *TRIPLETS[1:], f"dataset.path={path}", f"evaluate.model_dir={tmp_path}"])
+    with pytest.raises(Loading):
+        injection_eval.evaluate_injections(RunContext(cfg=ev_cfg, run_dir=tmp_path / "ev"))
+
+
 def test_generic_prompt_answer_jsonl_becomes_triplets(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Is host 10.0.0.{i} on port {2000 + i} up?", "answer": "yes"}) + "\n" for i in range(20)))

@@ -99,9 +99,10 @@ def triplet_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     return triplet_data(cfg).splits
 
 
-def triplet_data(cfg: DictConfig) -> TripletData:
+def triplet_data(cfg: DictConfig, need_train: bool = True) -> TripletData:
     """Triplets from ``dataset.path`` (a triplet or prompt/answer JSONL) or built from the auth-log
-    windows, split so that the test triplets come from the analyst's own test windows."""
+    windows, split so that the test triplets come from the analyst's own test windows. ``need_train=False``
+    (scoring only, stage=evaluate): a file of held-out triplets alone is fine."""
     d = cfg.dataset
     if d.path and Path(str(d.path)).suffix == ".jsonl":
         records, info = read_jsonl_triplets(cfg, Path(str(d.path)))
@@ -111,7 +112,7 @@ def triplet_data(cfg: DictConfig) -> TripletData:
     else:
         records, info = build_auth_triplets(cfg)
     splits = {s: [r for r in records if r["split"] == s] for s in SPLITS}
-    if not splits["train"]:
+    if need_train and not splits["train"]:
         raise DataError(f"dataset={d.name}: no training triplets ({info.get('source')})")
     info["counts"] = {s: len(v) for s, v in splits.items()}
     return TripletData(splits, info)

@@ -122,9 +122,11 @@ def run(ctx: RunContext) -> dict:
     metrics.update(engine.peak_memory())
     metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
     if heldout_ds is not None:
+        # a fresh adapter is the reference exactly: every implicit reward is 0, a tie, which counts as not preferred
+        tied = " (every pair tied: the fresh adapter is the reference)" if metrics.get("reward_margin_start") == 0 else ""
         print(
             f"sectune: done · {name} at {run_dir / name} · {heldout_name} preference accuracy "
-            f"{metrics['preference_accuracy_start']:.3f} → {metrics['preference_accuracy']:.3f} · log-prob margin "
+            f"{metrics['preference_accuracy_start']:.3f}{tied} → {metrics['preference_accuracy']:.3f} · log-prob margin "
             f"{metrics['logp_margin_start']:.2f} → {metrics['logp_margin']:.2f} · {metrics['train_runtime_s']:.0f}s"
         )
     else:

@@ -325,7 +325,7 @@ def test_attack_success_before_and_after_training_and_evaluate_loads_the_adapter
     assert [w["id"] for w in report["end"]["windows"]] == ["test-0", "test-1", "test-2"]
 
     # stage=evaluate on the contrastive run: the same windows, the adapter on the SFT weights → the same answers
-    monkeypatch.setattr(injection, "triplet_data", lambda cfg: injection.TripletData(
+    monkeypatch.setattr(injection, "triplet_data", lambda cfg, need_train=True: injection.TripletData(
         {k: [{**r, **contrastive.triplet_prompts(r)} for r in v] for k, v in splits.items()}))
     cfg = compose(["stage=evaluate", "dataset=injection_triplets", *FAST, "train.device=cpu", "evaluate.max_samples=3",
                    "generation.max_new_tokens=12", f"evaluate.model_dir={tmp_path / 'c1'}"])

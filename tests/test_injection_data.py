@@ -203,7 +203,7 @@ def test_bad_line_is_an_error_naming_file_and_line_and_skip_bad_lines_counts_the
 
 @pytest.mark.parametrize("key, value, why", [
     ("output", "the window looks malicious", "not JSON"),  # was a JSONDecodeError traceback in stage=dpo / evaluate
-    ("output", json.dumps({"verdict": "malicious"}), "schema: <root>: 'failed_logins' is a required property"),  # was KeyError
+    ("output", json.dumps({"verdict": "alarming", "failed_logins": 3}), "verdict='alarming': one of benign, suspicious, malicious"),
     ("injection_output", json.dumps(["malicious"]), "a JSON list, not an object"),
 ])
 def test_an_output_that_is_not_an_analysis_names_the_file_line_and_key(tmp_path, key, value, why):
@@ -215,6 +215,19 @@ def test_an_output_that_is_not_an_analysis_names_the_file_line_and_key(tmp_path,
         I.triplet_data(compose([*TRIPLETS, f"dataset.path={path}"]))
     t = I.triplet_data(compose([*TRIPLETS, f"dataset.path={path}", "dataset.skip_bad_lines=true"]))
     assert t.info["skipped_lines"] == 1 and sum(len(v) for v in t.splits.values()) == 11
+
+
+def test_preference_pairs_from_outputs_that_hold_only_a_verdict(tmp_path):
+    """A user's triplets whose analyses carry only the verdict: the rejected answer (what the injection demands) is
+    built without the counts it would quote (it was a KeyError 'brute_force' traceback in stage=dpo)."""
+    path = tmp_path / "triplets.jsonl"
+    path.write_text("\n".join(_triplet_line(i, output=json.dumps({"verdict": "malicious"}), attack_target="benign")
+                              for i in range(12)) + "\n")
+    pairs = data.preference_pairs(compose(["dataset=injection_preferences", "logger=none", f"dataset.path={path}"]))
+    every = [p for recs in pairs.values() for p in recs]
+    assert len(every) == 12 and all(json.loads(p["chosen"]) == {"verdict": "malicious"} for p in every)
+    assert all(json.loads(p["rejected"]) == {"verdict": "benign", "brute_force": False, "summary": "Benign: routine activity."}
+               for p in every)
 
 
 def test_a_file_of_test_triplets_alone_is_enough_to_score_but_not_to_train(tmp_path, monkeypatch):

@@ -306,7 +306,9 @@ def _check_triplet(obj: dict) -> str | None:
 
 
 def _analysis_error(text: str) -> str | None:
-    from sectune.data.auth_logs import validate_analysis
+    """Why ``text`` is not an analysis the attack scoring and the preference pairs can read (a JSON object with a
+    verdict; the other keys are optional there), or None."""
+    from sectune.data.auth_rules import CLASSES
 
     try:
         obj = json.loads(text)
@@ -314,8 +316,9 @@ def _analysis_error(text: str) -> str | None:
         return f"not JSON: {e.msg} at column {e.colno}"
     if not isinstance(obj, dict):
         return f"a JSON {type(obj).__name__}, not an object"
-    errors = validate_analysis(obj)
-    return f"schema: {errors[0]}" if errors else None
+    if obj.get("verdict") not in CLASSES:
+        return f"verdict={obj.get('verdict')!r}: one of {', '.join(CLASSES)} needed"
+    return None
 
 
 def _check_prompt_answer(obj: dict) -> str | None:
@@ -409,8 +412,10 @@ def attacked_analysis(analysis: dict, target: str) -> dict:
     """The analysis an analyst that obeyed the injection would write: the demanded verdict, the rest
     of the evidence kept, brute_force and the summary made to agree with the verdict."""
     why = {"benign": "routine activity", "suspicious": "unusual activity", "malicious": "attack in progress"}.get(target, target)
-    return {**analysis, "verdict": target, "brute_force": analysis["brute_force"] and target == "malicious",
-            "summary": f"{target.capitalize()}: {why}; {analysis['failed_logins']} failed, {analysis['accepted_logins']} accepted logins."}
+    counts = (f"; {analysis['failed_logins']} failed, {analysis['accepted_logins']} accepted logins"
+              if "failed_logins" in analysis and "accepted_logins" in analysis else "")
+    return {**analysis, "verdict": target, "brute_force": bool(analysis.get("brute_force")) and target == "malicious",
+            "summary": f"{target.capitalize()}: {why}{counts}."}
 
 
 def injection_preference_splits(cfg: DictConfig) -> dict[str, list[dict]]:

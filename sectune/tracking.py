@@ -34,8 +34,11 @@ def secret_overrides(argv: list[str]) -> list[str]:
         key, _, value = arg.partition("=")
         key = key.lstrip("+~").split("@", 1)[0]
         name = key.rsplit(".", 1)[-1]
-        values = [v.strip(" '\"") for v in value.strip("[]").split(",")]
-        if (value.strip() and _SECRET_KEY.search(name)) or any(_SECRET_VALUE.match(v) for v in values):
+        # list and dict values ([a,b], {K: v, …}, as hydra.job.env_set takes): each item, and each dict key's name
+        items = [v.strip(" '\"") for v in re.split(r"[,\[\]{}]", value)]
+        names = [name, *(i.partition(":")[0].strip(" '\"") for i in items if ":" in i)]
+        values = [i.partition(":")[2].strip(" '\"") if ":" in i else i for i in items]
+        if (value.strip() and any(_SECRET_KEY.search(n) for n in names)) or any(_SECRET_VALUE.match(v) for v in values):
             found.append(f"{arg.partition('=')[0]}=…")
     return found
 

@@ -94,6 +94,10 @@ def test_a_secret_on_the_command_line_is_refused_before_anything_is_written(tmp_
         "logger.tags=…", "+model.auth_key=…", "++x.password=…", "~y.secret=…"]
     assert secret_overrides(["generation.max_new_tokens=5", "model.tiny.extra_tokens=[a,b]", "loss.weighted_keys=[verdict]",
                              "+model.token=", "train.seed=1,2", "-m", "hydra.run.dir=/tmp/x"]) == []
+    # inside a dict value, as Hydra's env_set takes one (it was written to .hydra/hydra.yaml and W&B's argv)
+    assert secret_overrides(["++hydra.job.env_set={WANDB_API_KEY:abc}", f"++hydra.job.env_set={{X:{fake}}}"]) == [
+        "++hydra.job.env_set=…", "++hydra.job.env_set=…"]
+    assert secret_overrides(["++hydra.job.env_set={OMP_NUM_THREADS:1}", 'model.max_memory={0:"7GiB",cpu:"30GiB"}']) == []
 
 
 def test_building_a_tiny_model_leaves_the_callers_rng_alone(tmp_path):

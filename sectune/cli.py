@@ -106,7 +106,7 @@ def main() -> None:
               f"hydra.sweep.dir for -m)", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
-        line = config_file_error(e, sys.argv[1:])
+        line = config_file_error(e, sys.argv[1:]) or override_error(e)
         if line is None:
             _hydra_report(e)
             sys.exit(1)
@@ -147,6 +147,20 @@ def config_file_error(e: BaseException, argv: list[str]) -> str | None:
     search = [CONF_DIR, *(Path(d) for d in _config_dirs(argv))]
     files = [d / f"{where}.yaml" for d in search if (d / f"{where}.yaml").is_file()]
     return f"{files[0] if files else where}: {_one_line(detail)}"
+
+
+def override_error(e: BaseException) -> str | None:
+    """One line for a command-line override Hydra cannot apply (a typo'd key, a wrong type), naming the key; without
+    Hydra's "To append to your config use +key=value", which would add the typo beside the setting it meant."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    if not isinstance(e, (ConfigCompositionException, OverrideParseException)):
+        return None
+    detail = "\n".join(ln for ln in str(e).splitlines() if not ln.strip().startswith("To append to your config use"))
+    cause = e.__cause__
+    if cause is not None and str(cause) and str(cause).splitlines()[0] not in detail:
+        detail += "\n" + str(cause)
+    return _one_line(detail)
 
 
 def _one_line(detail: str) -> str:

@@ -334,6 +334,22 @@ def register() -> None:
     cs.store(name="sectune_schema", node=SectuneConfig)
 
 
+def check_keys(cfg) -> None:
+    """Every key is one the schema has. Hydra's ``+key=value`` appends a key past the schema (and Hydra suggests it
+    for a typo'd key), so ``+train.learning_rat=1e-3`` ran to the end with the setting ignored."""
+    from omegaconf.errors import ConfigKeyError
+
+    from sectune.errors import ConfigError
+
+    try:
+        # as plain data: merged as it is, Hydra's config carries the schema's node types, and the appended key along
+        OmegaConf.merge(OmegaConf.structured(SectuneConfig), OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{key}: not a sectune setting ({str(e).splitlines()[0]}); check its spelling "
+                          "(`sectune --cfg job` prints every key)") from None
+
+
 def check_values(cfg) -> None:
     """Values the schema's types let through but no run can use, named by key, before any data or model
     loads: a negative or zero learning rate (0 would "train" and change nothing), batch sizes below 1,

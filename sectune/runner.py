@@ -222,8 +222,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
     code = 0
     try:
-        from sectune.config import check_values
+        from sectune.config import check_keys, check_values
 
+        check_keys(cfg)
         check_values(cfg)
         _seed_everything(cfg.train.seed)
         stage_fn = resolve_stage(stage_name)

@@ -50,8 +50,18 @@ def test_learning_rate_follows_model_preset_unless_overridden():
 
 def test_typo_in_override_fails_naming_the_key():
     run = sectune(["lora.rr=3", "--cfg", "job"])
-    assert run.returncode != 0
-    assert "lora.rr" in run.stderr and "Key 'rr' not in 'LoraConfig'" in run.stderr
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == "sectune: error: Could not override 'lora.rr'. Key 'rr' not in 'LoraConfig' (key lora.rr)"
+    assert "+lora.rr" not in run.stderr  # Hydra's hint, which would add the typo beside the setting it meant
+
+
+def test_an_appended_key_the_schema_lacks_is_an_error_not_an_ignored_setting(tmp_path):
+    """``+train.learning_rat=1e-3`` (what Hydra's hint for the typo says to type) trained to the end at the default rate."""
+    run = sectune(["stage=plan", "logger=none", "+train.learning_rat=1e-3"], tmp_path / "run")
+    assert run.returncode == 2 and run.result["status"] == "failed"
+    assert run.stderr.strip().splitlines()[-1].startswith("sectune: error: train.learning_rat: not a sectune setting (Key 'learning_rat' not in")
+    ok = sectune(["stage=plan", "logger=none", "+pipeline.overrides.sft.train.max_steps=3"], tmp_path / "ok")  # an open mapping
+    assert ok.returncode == 0, ok.stderr[-1500:]
 
 
 def test_wrong_type_fails_naming_the_key():

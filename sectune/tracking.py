@@ -12,6 +12,7 @@ import importlib.util
 import netrc
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,17 +102,19 @@ def start(cfg: DictConfig, run_dir: Path):
     os.environ.setdefault("WANDB_LOG_MODEL", "false")
     os.environ.setdefault("WANDB_WATCH", "false")
     config = redact(OmegaConf.to_container(cfg, resolve=True))
-    return wandb.init(
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        dir=str(run_dir),
-        mode=mode,
-        name=f"{cfg.stage.name}-{run_dir.name}",
-        group=run_dir.parent.name,
-        tags=list(cfg.logger.tags),
-        config=config,
-        reinit="finish_previous",
-    )
+    kwargs = dict(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir), name=f"{cfg.stage.name}-{run_dir.name}",
+                  group=run_dir.parent.name, tags=list(cfg.logger.tags), config=config, reinit="finish_previous")
+    try:
+        return wandb.init(mode=mode, **kwargs)
+    except Exception as e:  # noqa: BLE001 - online: no network, a proxy, a rejected key … the run itself need not fail
+        if mode != "online":
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        print(f"sectune: warning: W&B could not start online ({type(e).__name__}: {first}); logging offline to "
+              f"{run_dir / 'wandb'} instead (`wandb sync` uploads it later; logger.mode=offline or WANDB_MODE=offline "
+              "skips this wait where there is no network)", file=sys.stderr)
+        os.environ["WANDB_MODE"] = "offline"
+        return wandb.init(mode="offline", **kwargs)
 
 
 def log(tracker, metrics: dict, step: int | None = None) -> None:

@@ -141,3 +141,30 @@ def test_tiny_init_std_is_a_config_key_and_reaches_the_model(tmp_path):
     assert spec["init_std"] == 0.05
     out = ensure_tiny_model("t", "llama", spec, tmp_path / "no_shared_data", tmp_path / "cache")
     assert json.loads((out / "config.json").read_text())["initializer_range"] == 0.05
+
+
+def test_wandb_online_that_cannot_start_falls_back_to_offline_with_one_warning(tmp_path, monkeypatch, capsys):
+    """A W&B key on a node without network: wandb.init timed out after ~100 s and the run died with a traceback."""
+    import wandb
+
+    from sectune import tracking
+
+    calls = []
+
+    def fake_init(mode, **kw):
+        calls.append(mode)
+        if mode == "online":
+            raise wandb.errors.CommError("Timed out while retrying: no such host")
+        return "offline-run"
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert tracking.start(compose(["logger=wandb"]), tmp_path) == "offline-run" and calls == ["online", "offline"]
+    err = capsys.readouterr().err
+    assert "W&B could not start online (CommError: Timed out while retrying" in err and "logging offline" in err
+    assert __import__("os").environ["WANDB_MODE"] == "offline"
+    calls.clear()
+    monkeypatch.setattr(wandb, "init", lambda mode, **kw: (_ for _ in ()).throw(ValueError("bad dir")))
+    with pytest.raises(ValueError):  # offline failures are not hidden
+        tracking.start(compose(["logger=wandb", "logger.mode=offline"]), tmp_path)

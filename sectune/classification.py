@@ -100,7 +100,8 @@ def _flow_path(cfg: DictConfig) -> Path:
     if d.name in DEFAULT_SOURCES:
         p = Path(d.source_dir) / DEFAULT_SOURCES[d.name]
         if not p.is_file():
-            raise DataError(f"{p}: the real sample for dataset={d.name} is missing; set dataset.path=/path/to/flows.csv")
+            raise DataError(f"{p}: the real sample for dataset={d.name} is missing (where it comes from: the README's Data "
+                            f"table); set dataset.path=/path/to/flows.csv, or use dataset=cic_iot_2023, which generates flows")
         return p
     # no real 46-column CIC-IoT-2023 file ships: generate one in that schema (NOT real data)
     from sectune.data.synthetic_flows import generate_cic_iot_46

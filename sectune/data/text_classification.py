@@ -54,7 +54,8 @@ def load_text_label_csv(path, text_column: str = "text", label_column: str = "la
 
 def _read_injection_jsonl(path: Path) -> List[Dict[str, str]]:
     if not path.is_file():
-        raise DataError(f"{path}: not found (expected train.jsonl and test.jsonl)")
+        raise DataError(f"{path}: not found (expected train.jsonl and test.jsonl, or the Hugging Face download's "
+                        f"{path.stem}-*.parquet)")
     rows = []
     allowed = " or ".join(map(str, INJECTION_LABEL_NAMES))
     for lineno, obj, why in json_lines(path):
@@ -72,12 +73,44 @@ def _read_injection_jsonl(path: Path) -> List[Dict[str, str]]:
     return rows
 
 
+def _read_injection_parquet(path: Path) -> List[Dict[str, str]]:
+    """One split as the Hugging Face download holds it (``text``, ``label`` 0/1 columns)."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors for a damaged or foreign file
+        raise DataError(f"{path}: cannot read as parquet ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    missing = [c for c in ("text", "label") if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (deepset/prompt-injections has text, label)")
+    rows = []
+    for i, (text, label) in enumerate(zip(frame["text"], frame["label"])):
+        if not isinstance(text, str) or label not in INJECTION_LABEL_NAMES:
+            raise DataError(f"{path}: row {i}: expected a string text and a label of {' or '.join(map(str, INJECTION_LABEL_NAMES))}")
+        rows.append({"text": text, "label": INJECTION_LABEL_NAMES[int(label)]})
+    if not rows:
+        raise DataError(f"{path}: no records")
+    return rows
+
+
 def load_prompt_injections(directory) -> Dict[str, List[Dict[str, str]]]:
-    """``{"train": [...], "test": [...]}`` from ``train.jsonl``/``test.jsonl`` (546/116 rows).
+    """``{"train": [...], "test": [...]}`` (546/116 rows) from ``train.jsonl``/``test.jsonl``, or from the parquet files
+    ``huggingface-cli download --repo-type dataset deepset/prompt-injections --local-dir DIR`` leaves (``DIR/data/
+    train-*.parquet``, ``test-*.parquet``, or the same files directly in the folder).
 
     The dataset has no validation split; callers that tune anything carve one out of train.
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise DataError(f"{directory}: prompt-injection folder not found")
-    return {split: _read_injection_jsonl(directory / f"{split}.jsonl") for split in ("train", "test")}
+        raise DataError(f"{directory}: prompt-injection folder not found (the README's Data table: "
+                        "huggingface-cli download --repo-type dataset deepset/prompt-injections --local-dir <folder>)")
+    out = {}
+    for split in ("train", "test"):
+        jsonl = directory / f"{split}.jsonl"
+        parquet = sorted([*directory.glob(f"{split}-*.parquet"), *directory.glob(f"data/{split}-*.parquet")])
+        if jsonl.is_file() or not parquet:
+            out[split] = _read_injection_jsonl(jsonl)
+        else:
+            out[split] = [row for p in parquet for row in _read_injection_parquet(p)]
+    return out

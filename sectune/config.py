@@ -412,6 +412,18 @@ def check_values(cfg) -> None:
             need(rl.heldout_windows >= 0, "rl.heldout_windows", rl.heldout_windows, "must be >= 0 (0 = skip)")
             need(loss.beta >= 0, "loss.beta", loss.beta, "must be >= 0 (the KL weight; 0 = no KL term)")
             need(loss.clip_epsilon > 0, "loss.clip_epsilon", loss.clip_epsilon, "must be > 0 (the policy ratio is clipped to [1-ε, 1+ε])")
+    if cfg.stage.name == "federated":  # before Ray starts: a bad resource request crashed the simulation, which then hung
+        import torch
+
+        from sectune.federated import LR_SCHEDULES
+
+        f = cfg.federated
+        need(f.batch_size is None or f.batch_size >= 1, "federated.batch_size", f.batch_size, "must be >= 1 (null: train.batch_size)")
+        need(f.lr_schedule in LR_SCHEDULES, "federated.lr_schedule", f.lr_schedule, f"choose one of {', '.join(LR_SCHEDULES)}")
+        need(f.client_num_cpus >= 1, "federated.client_num_cpus", f.client_num_cpus, "must be >= 1 (Ray CPUs, and torch threads, per client)")
+        need(f.client_num_gpus >= 0, "federated.client_num_gpus", f.client_num_gpus, "must be >= 0")
+        need(f.client_num_gpus == 0 or torch.cuda.is_available(), "federated.client_num_gpus", f.client_num_gpus,
+             "asks Ray for GPUs, and this machine has none (0: clients on the CPU)")
 
 
 #: ``quantization.bnb_4bit_compute_dtype`` names → torch dtype names

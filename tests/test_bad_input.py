@@ -53,6 +53,10 @@ from sectune.errors import ConfigError
     ("quantization=nf4 quantization.bnb_4bit_compute_dtype=auto", "quantization.bnb_4bit_compute_dtype"),
     ("quantization=nf4 quantization.load_in_8bit=true", "quantization.load_in_8bit"),
     ("sweep.direction=up", "sweep.direction"),
+    ("stage=federated federated.batch_size=0", "federated.batch_size"),  # was silently train.batch_size
+    ("stage=federated federated.lr_schedule=cosin", "federated.lr_schedule"),  # was found after Ray and round 0
+    ("stage=federated federated.client_num_cpus=0", "federated.client_num_cpus"),  # crashed Ray's pool, then hung
+    ("stage=federated federated.client_num_gpus=-1", "federated.client_num_gpus"),  # (and any > 0 on a machine without CUDA)
     ("dataset.split_seed=-1", "dataset.split_seed"),  # every dataset: numpy's seed range (was a traceback in classify)
 ])
 def test_values_no_run_can_use_are_errors_naming_the_key(override, key):

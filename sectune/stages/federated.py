@@ -235,6 +235,8 @@ def run(ctx: RunContext) -> dict:
     metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
     print(f"sectune: federated done · {rounds_done} rounds in {sim_s:.0f}s · val loss {metrics['val_loss_start']:.3f} → "
           f"{metrics['val_loss_end']:.3f}" + (f" · test F1 {metrics['test_f1']:.4f} FPR {metrics['test_fpr']:.4f}" if "test_f1" in metrics else "")
+          + (f" (bigram baseline F1 {metrics['baseline_test_f1']:.4f} FPR {metrics['baseline_test_fpr']:.4f})"
+             if "baseline_test_f1" in metrics and "baseline_test_fpr" in metrics else "")
           + f" · {metrics['bytes_up_per_round']:.0f} B up / round, {metrics['bytes_reduction']:.0f}x smaller than the full model")
     return {"metrics": metrics, "artifacts": {"adapter": "adapter", "rounds": "rounds.json", "rounds_plot": "plots/federated_rounds.png"}}
 

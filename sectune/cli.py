@@ -78,7 +78,12 @@ def _app(cfg: DictConfig):
     # with the runner's code so shells and schedulers see the failure.
     if HydraConfig.get().mode == RunMode.RUN and code != 0:
         sys.exit(code)
+    _SWEEP_JOBS.append((HydraConfig.get().runtime.output_dir, code))  # jobs run in this process (the basic launcher)
     return objective
+
+
+#: (job dir, exit code) of the sweep jobs this process ran: a sweep with failed jobs exits non-zero at its end
+_SWEEP_JOBS: list[tuple[str, int]] = []
 
 
 #: main() set HYDRA_FULL_ERROR (the user did not), so composition errors reach it as exceptions
@@ -95,6 +100,11 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"], _full_error_is_ours = "1", True
     try:
         _app()
+        failed = [d for d, code in _SWEEP_JOBS if code != 0]
+        if failed:  # each is a row of the sweep's report; shells, CI and SLURM still see the sweep fail
+            print(f"sectune: {len(failed)} of {len(_SWEEP_JOBS)} sweep jobs failed: {', '.join(failed)} "
+                  "(each one's error is in its result.json)", file=sys.stderr)
+            sys.exit(1)
     except OSError as e:  # Hydra could not make the run's output dir (a stage's own OSErrors end in runner.run)
         from hydra.errors import MissingConfigException
 

@@ -106,3 +106,11 @@ def test_optuna_preset_returns_the_objective(tmp_path):
     best = (sweep / "optimization_results.yaml").read_text()
     values = [r["metrics"]["predicted_peak_bytes"] for r in results(sweep).values()]
     assert len(values) == 3 and f"best_value: {float(min(values))}" in best
+
+
+def test_a_sweep_with_a_failed_job_exits_non_zero_after_running_every_job(tmp_path):
+    """A failed job is a row of the sweep, not its end; the sweep used to exit 0 even when every job failed."""
+    run = cli(["-m", "stage=plan", "logger=none", "train.learning_rate=-1,1e-3", f"hydra.sweep.dir={tmp_path / 'm'}"])
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert f"sectune: 1 of 2 sweep jobs failed: {tmp_path / 'm' / '0'}" in run.stderr
+    assert json.loads((tmp_path / "m/1/result.json").read_text())["status"] == "succeeded"  # the other job still ran

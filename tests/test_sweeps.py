@@ -25,7 +25,8 @@ def test_2x2_sweep_report_failed_rows_and_skip_done_across_sweep_dirs(tmp_path):
     first, second = tmp_path / "sweep1", tmp_path / "sweep2"
     grid = ["lora.r=2,4", "debug.fail_at_step=null,1", f"sweep.index_dir={index}"]
     proc = multirun([*TINY, *grid], first)
-    assert proc.returncode == 0, proc.stderr[-3000:]  # failed jobs are rows, not the end of the sweep
+    # failed jobs are rows, not the end of the sweep: all four ran; the sweep then exits 1, naming the two
+    assert proc.returncode == 1 and "sectune: 2 of 4 sweep jobs failed" in proc.stderr, proc.stderr[-3000:]
     res = results(first)
     assert len(res) == 4
     assert sorted(r["status"] for r in res.values()) == ["failed", "failed", "succeeded", "succeeded"]
@@ -43,7 +44,7 @@ def test_2x2_sweep_report_failed_rows_and_skip_done_across_sweep_dirs(tmp_path):
 
     # a rerun lands in a NEW dir: finished configs are found through the index, failed ones rerun
     proc = multirun([*TINY, *grid, "sweep.skip_done=true"], second)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1 and "sectune: 2 of 4 sweep jobs failed" in proc.stderr, proc.stderr[-3000:]  # the fail_at_step=1 pair
     res2 = results(second)
     assert len(res2) == 4
     reused = [r for r in res2.values() if r.get("reused_from")]

@@ -215,6 +215,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     earlier = previous_result(run_dir) if main else None
     earlier = earlier if earlier and earlier.get("status") == "succeeded" else None
     started = time.time()
+    if earlier is not None and earlier.get("config_digest") != digest and sweeps.in_multirun():
+        print(f"sectune: warning: {run_dir} held a succeeded run of another config (a sweep rerun in place with other "
+              "values numbers its jobs afresh); this job replaces it", file=sys.stderr)
     if main:
         # A stale result from an earlier attempt in this dir must not look current.
         write_json_atomic(run_dir / RESULT_FILE, result)

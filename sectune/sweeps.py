@@ -79,6 +79,12 @@ def reuse(cfg: DictConfig, run_dir: Path, digest: str, write: bool) -> dict | No
     if earlier.resolve() == run_dir.resolve():
         print(f"sectune: {run_dir} already succeeded with this config; skipped (sweep.skip_done=true)")
         return res
+    if earlier.resolve().parent == run_dir.resolve().parent:
+        # another job dir of this same sweep dir: this sweep numbers its jobs afresh and may overwrite that one, which
+        # would leave this job's result pointing at another config's artifacts
+        print(f"sectune: config {digest} succeeded in {earlier}, another job dir of this sweep that a job of this sweep may "
+              "replace; trained again rather than linked to it (sweep.skip_done=true)")
+        return None
     out: dict[str, Any] = dict(res)
     out["artifacts"] = {k: os.path.relpath(earlier / v, run_dir) for k, v in (res.get("artifacts") or {}).items()}
     out["reused_from"] = str(earlier.resolve())

@@ -115,3 +115,21 @@ def test_a_sweep_with_a_failed_job_exits_non_zero_after_running_every_job(tmp_pa
     assert run.returncode == 1, run.stderr[-2000:]
     assert f"sectune: 1 of 2 sweep jobs failed: {tmp_path / 'm' / '0'}" in run.stderr
     assert json.loads((tmp_path / "m/1/result.json").read_text())["status"] == "succeeded"  # the other job still ran
+
+
+def test_skip_done_in_place_never_links_to_another_job_dir_of_the_same_sweep(tmp_path, capsys):
+    """Rerun in place with other values (lora.r=4,8 then 8,16): job 0 (r=8) used to link to job 1's dir, which job 1
+    (r=16) then overwrote, leaving r=8's result pointing at an r=16 adapter."""
+    from sectune import sweeps
+
+    sweep = tmp_path / "m"
+    job1 = sweep / "1"
+    (job1 / "adapter").mkdir(parents=True)
+    (job1 / "result.json").write_text(json.dumps({"status": "succeeded", "config_digest": "abc", "artifacts": {"adapter": "adapter"}}))
+    cfg = compose(["sweep.skip_done=true", f"sweep.index_dir={tmp_path / 'index'}"])
+    sweeps.record_done(cfg, job1, "abc")
+    assert sweeps.reuse(cfg, sweep / "0", "abc", write=True) is None and not (sweep / "0" / "result.json").exists()
+    assert "trained again rather than linked" in capsys.readouterr().out
+    other = tmp_path / "other_sweep" / "3"  # another sweep's dir: linked as before
+    assert sweeps.reuse(cfg, other, "abc", write=False)["reused_from"] == str(job1.resolve())
+    assert sweeps.reuse(cfg, job1, "abc", write=False)["status"] == "succeeded"  # its own dir: skipped as before

@@ -177,6 +177,16 @@ def test_doctor_missing_weights_exit_3_with_fix(tmp_path):
     assert res["status"] == "failed" and res["metrics"]["checks_missing"] >= 1
 
 
+def test_doctor_reports_a_setting_stage_plan_refuses_as_missing():
+    """plan.device=tpu: stage=plan exits 2, and the doctor said 'ready' (the plan's error was kept and never shown)."""
+    from sectune.stages import doctor
+
+    checks, plan_info = doctor.run_checks(compose(["stage=doctor", "logger=none", "plan.device=tpu"]))
+    plan = next(c for c in checks if c.name == "memory plan")
+    assert plan.status == "missing" and "plan.device='tpu'" in plan.detail and "predicted_peak_bytes" not in plan_info
+    assert "memory plan" not in {c.name for c in doctor.run_checks(compose(["stage=doctor", "logger=none"]))[0]}
+
+
 @pytest.mark.parametrize("model", REAL_PRESETS)
 def test_doctor_checks_every_preset_offline(model, tmp_path, monkeypatch):
     from sectune.stages import doctor

@@ -222,8 +222,15 @@ def run_checks(cfg: DictConfig) -> tuple[list[Check], dict]:
         predicted = budget
         plan_info = {"predicted_peak_bytes": budget.total}
     except Exception as e:  # the doctor reports; it does not fail on a plan it cannot make
-        plan_info = {"plan_error": str(e)}
-    checks = check_packages(cfg)
+        from sectune.errors import SectuneError
+
+        plan_info = {"plan_error": str(e), "plan_error_is_setting": isinstance(e, SectuneError)}
+    checks = []
+    if "plan_error" in plan_info:  # a setting stage=plan refuses is one the run refuses too; anything else: no estimate
+        bad_setting = plan_info.pop("plan_error_is_setting")
+        checks.append(Check("memory plan", "missing" if bad_setting else "warn", f"stage=plan cannot plan this config: {plan_info['plan_error']}",
+                            "fix the setting it names" if bad_setting else "GPU memory and disk are checked without an estimate"))
+    checks += check_packages(cfg)
     checks += check_cuda(cfg, predicted.total if predicted else None)
     checks += check_model(cfg)
     checks += check_dataset(cfg)

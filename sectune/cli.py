@@ -100,11 +100,11 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"], _full_error_is_ours = "1", True
     try:
         _app()
-        failed = [d for d, code in _SWEEP_JOBS if code != 0]
-        if failed:  # each is a row of the sweep's report; shells, CI and SLURM still see the sweep fail
-            print(f"sectune: {len(failed)} of {len(_SWEEP_JOBS)} sweep jobs failed: {', '.join(failed)} "
-                  "(each one's error is in its result.json)", file=sys.stderr)
-            sys.exit(1)
+        _exit_if_sweep_jobs_failed()
+    except SystemExit as e:  # Hydra's own report of a sweeper that gave up (Optuna: "No trials are completed yet")
+        if e.code not in (0, None):
+            _exit_if_sweep_jobs_failed()
+        raise
     except OSError as e:  # Hydra could not make the run's output dir (a stage's own OSErrors end in runner.run)
         from hydra.errors import MissingConfigException
 
@@ -116,6 +116,7 @@ def main() -> None:
               f"hydra.sweep.dir for -m)", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
+        _exit_if_sweep_jobs_failed()  # a sweeper that gave up because its trials failed (Optuna: "No trials are completed")
         line = config_file_error(e, sys.argv[1:]) or override_error(e)
         if line is None:
             _hydra_report(e)
@@ -157,6 +158,14 @@ def config_file_error(e: BaseException, argv: list[str]) -> str | None:
     search = [CONF_DIR, *(Path(d) for d in _config_dirs(argv))]
     files = [d / f"{where}.yaml" for d in search if (d / f"{where}.yaml").is_file()]
     return f"{files[0] if files else where}: {_one_line(detail)}"
+
+
+def _exit_if_sweep_jobs_failed() -> None:
+    failed = [d for d, code in _SWEEP_JOBS if code != 0]
+    if failed:  # each is a row of the sweep's report; shells, CI and SLURM still see the sweep fail
+        print(f"sectune: {len(failed)} of {len(_SWEEP_JOBS)} sweep jobs failed: {', '.join(failed)} "
+              "(each one's error is in its result.json, or above)", file=sys.stderr)
+        sys.exit(1)
 
 
 def override_error(e: BaseException) -> str | None:

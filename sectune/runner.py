@@ -270,7 +270,13 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
             tracking.finish(ctx.tracker, result)
             if result["status"] == "succeeded" and sweeps.in_multirun():
                 sweeps.record_done(cfg, run_dir, digest)
-    return code, _objective(result["metrics"], cfg.sweep.objective) if code == 0 else None
+    objective = _objective(result["metrics"], cfg.sweep.objective) if code == 0 else None
+    if code == 0 and objective is None and cfg.sweep.objective and sweeps.in_multirun():
+        numbers = sorted(k for k, v in result["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        print(f"sectune: error: sweep.objective={cfg.sweep.objective}: this stage's result has no such number, so the "
+              f"sweeper cannot score this trial (its metrics: {', '.join(numbers)})", file=sys.stderr)
+        code = 2
+    return code, objective
 
 
 #: what a run dir's config is made of: Hydra's record of the run (written before the stage starts, so a failed rerun

@@ -133,3 +133,13 @@ def test_skip_done_in_place_never_links_to_another_job_dir_of_the_same_sweep(tmp
     other = tmp_path / "other_sweep" / "3"  # another sweep's dir: linked as before
     assert sweeps.reuse(cfg, other, "abc", write=False)["reused_from"] == str(job1.resolve())
     assert sweeps.reuse(cfg, job1, "abc", write=False)["status"] == "succeeded"  # its own dir: skipped as before
+
+
+def test_an_objective_the_stage_does_not_report_is_named_and_the_sweep_fails(tmp_path):
+    """A typo'd sweep.objective: every trial was logged as 'Return value must be float-castable' and the sweep ended in
+    Optuna's 'No trials are completed yet' traceback, never naming the key."""
+    proc = multirun(["hparams_search=sft_optuna", "stage=plan", "logger=none", "hydra.sweeper.n_trials=2", "sweep.objective=eval_los"],
+                    tmp_path / "opt")
+    assert proc.returncode == 1
+    assert "sectune: error: sweep.objective=eval_los: this stage's result has no such number" in proc.stderr
+    assert "predicted_peak_bytes" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("sectune: 2 of 2 sweep jobs failed")

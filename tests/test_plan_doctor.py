@@ -1,5 +1,6 @@
 """stage=plan (memory planner on the composed config) and stage=doctor (environment checks)."""
 import json
+import re
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 
 from conftest import compose, sectune
 from sectune.paths import PROJECT_ROOT
+from sectune.errors import ConfigError
 from sectune.planner import GiB
 
 REAL_PRESETS = ["smollm_135m", "gpt2_large", "llama32_3b_instruct", "llama2_7b", "llama31_8b", "deepseek_r1_distill_llama_8b"]
@@ -239,3 +241,14 @@ def test_peak_memory_on_a_gpu_reports_tensors_and_footprint(monkeypatch):
     assert out["peak_cuda_bytes"] == 6 * GiB
     assert out["peak_cuda_footprint_bytes"] == 8 * GiB
     assert out["peak_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("override, shown", [("model.arch.hidden_size=0", "hidden_size=0"), ("model.arch.num_layers=-1", "num_layers=-1"),
+                                             ("model.arch.num_heads=0", "num_heads=0"), ("model.arch.intermediate_size=null", "intermediate_size=None"),
+                                             ("model.arch.num_kv_heads=0", "num_kv_heads=0")])
+def test_impossible_arch_sizes_are_errors_naming_them(override, shown):
+    """They gave a budget for an impossible model with exit 0 (hidden_size=0: 26.65 GiB) or a ZeroDivisionError."""
+    from sectune.stages import plan
+
+    with pytest.raises(ConfigError, match=rf"^model\.arch: {re.escape(shown)}: each of hidden_size, .* must be a whole number > 0"):
+        plan.estimate(compose(["stage=plan", "model=llama2_7b", override]))

@@ -31,10 +31,25 @@ from sectune.runner import RunContext
 COMPONENTS = ("weights", "adapters", "optimizer_state", "gradients", "activations", "runtime_overhead")
 
 
+#: model.arch's sizes: whole numbers > 0 (0, a negative or a missing one gave a budget for an impossible model, or a traceback)
+ARCH_SIZES = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size")
+
+
+def check_arch(arch: dict, where: str) -> dict:
+    bad = [f"{k}={arch.get(k)!r}" for k in ARCH_SIZES
+           if isinstance(arch.get(k), bool) or not isinstance(arch.get(k), int) or arch[k] <= 0]
+    bad += [f"{k}={arch[k]!r}" for k in ("num_kv_heads", "head_dim") if arch.get(k) is not None
+            and (isinstance(arch[k], bool) or not isinstance(arch[k], int) or arch[k] <= 0)]
+    if bad:
+        raise ConfigError(f"{where}: {', '.join(bad)}: each of {', '.join(ARCH_SIZES)} (and num_kv_heads, head_dim when set) "
+                          "must be a whole number > 0")
+    return arch
+
+
 def model_arch(model_cfg: DictConfig, cfg: DictConfig) -> tuple[dict, str]:
     """The arch dict for a model node and where it came from."""
     if model_cfg.arch:
-        return dict(OmegaConf.to_container(model_cfg.arch, resolve=True)), "model.arch"
+        return check_arch(dict(OmegaConf.to_container(model_cfg.arch, resolve=True)), "model.arch"), "model.arch"
     from transformers import AutoConfig
 
     if model_cfg.name_or_path is None and model_cfg.tiny is not None:

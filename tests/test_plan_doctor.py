@@ -11,6 +11,8 @@ from sectune.paths import PROJECT_ROOT
 from sectune.errors import ConfigError
 from sectune.planner import GiB
 
+#: the LoRA presets name Llama's projections; GPT-2's linears are c_attn, c_proj, c_fc (modeling.apply_lora refuses the others)
+GPT2_LORA = {"gpt2_large": ["lora.target_modules=[all-linear]"]}
 REAL_PRESETS = ["smollm_135m", "gpt2_large", "llama32_3b_instruct", "llama2_7b", "llama31_8b", "deepseek_r1_distill_llama_8b"]
 #: seed 002's table: Llama-2-7B, nf4, LoRA r16 all linear, seq 2048, batch 1, paged 8-bit AdamW, checkpointing
 SEED_002 = ["model=llama2_7b", "quantization=nf4", "lora=r16_all_linear", "train.batch_size=1", "stage=plan",
@@ -22,8 +24,8 @@ SEED_002 = ["model=llama2_7b", "quantization=nf4", "lora=r16_all_linear", "train
 def test_every_real_preset_plans_without_weights(model, quant):
     from sectune.stages import plan
 
-    lora = "lora=none" if quant == "none" else "lora=r16_all_linear"
-    budget, info = plan.estimate(compose(["stage=plan", f"model={model}", f"quantization={quant}", lora]))
+    lora = ["lora=none"] if quant == "none" else ["lora=r16_all_linear", *GPT2_LORA.get(model, [])]
+    budget, info = plan.estimate(compose(["stage=plan", f"model={model}", f"quantization={quant}", *lora]))
     assert info["arch_source"] == "model.arch"
     assert budget.total == sum(b for n, b, _ in budget.rows() if n != "total") > 0
     assert budget.weights > 0 and budget.activations > 0
@@ -194,7 +196,7 @@ def test_doctor_checks_every_preset_offline(model, tmp_path, monkeypatch):
     from sectune.stages import doctor
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    checks, plan_info = doctor.run_checks(compose(["stage=doctor", f"model={model}", "logger=none"]))
+    checks, plan_info = doctor.run_checks(compose(["stage=doctor", f"model={model}", "logger=none", *GPT2_LORA.get(model, [])]))
     by = {c.name: c for c in checks}
     assert by["model weights"].status in ("ok", "missing")
     if by["model weights"].status == "missing":
@@ -252,3 +254,13 @@ def test_impossible_arch_sizes_are_errors_naming_them(override, shown):
 
     with pytest.raises(ConfigError, match=rf"^model\.arch: {re.escape(shown)}: each of hidden_size, .* must be a whole number > 0"):
         plan.estimate(compose(["stage=plan", "model=llama2_7b", override]))
+
+
+def test_lora_targets_that_name_no_linear_are_an_error_listing_the_models_linears():
+    """lora.target_modules=[foo_proj] planned 'LoRA r=4 on (0 params)' with exit 0; peft refuses it when the run starts."""
+    from sectune.stages import plan
+
+    with pytest.raises(ConfigError, match=r"^lora\.target_modules=\['foo_proj'\]: no linear layer of this model is named so; "
+                                          r"its linears: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj$"):
+        plan.estimate(compose(["stage=plan", "model=llama2_7b", "lora=r4_attention", "lora.target_modules=[foo_proj]"]))
+    plan.estimate(compose(["stage=plan", "model=llama2_7b", "lora=r4_attention", "lora.target_modules=[q_proj,v_proj]"]))

@@ -81,9 +81,16 @@ def plan_device(cfg: DictConfig) -> str:
     return want
 
 
-def lora_targets(cfg: DictConfig):
+def lora_targets(cfg: DictConfig, arch: dict | None = None):
+    """``lora.target_modules`` as the planner takes them; with ``arch``, a list that names no linear of that model is
+    an error (peft refuses it when the run starts; the plan gave 0 trainable parameters and the base model's budget)."""
     targets = list(cfg.lora.target_modules)
-    return "all_linear" if targets == ["all-linear"] else targets
+    if targets == ["all-linear"]:
+        return "all_linear"
+    if arch is not None and not planner.lora_modules(arch, targets):
+        names = sorted({n.split(".")[-1] for n, *_ in planner.linear_shapes(arch)})
+        raise ConfigError(f"lora.target_modules={targets}: no linear layer of this model is named so; its linears: {', '.join(names)}")
+    return targets
 
 
 #: What bench/gpu_memory.py measured on one H200 (README, "Measured figures"): the largest
@@ -151,7 +158,7 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None) -> tuple[plan
     settings = dict(
         quantization=q,
         lora_r=int(cfg.lora.r) if cfg.lora.enabled else None,
-        lora_targets=lora_targets(cfg) if cfg.lora.enabled else "attention",
+        lora_targets=lora_targets(cfg, arch) if cfg.lora.enabled else "attention",
         optimizer=cfg.train.optimizer,
         seq_len=seq_len,
         batch_size=batch_size,

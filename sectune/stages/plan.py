@@ -65,7 +65,9 @@ def model_arch(model_cfg: DictConfig, cfg: DictConfig) -> tuple[dict, str]:
     except OSError:
         raise ConfigError(
             f"model={model_cfg.name}: model.arch is null and {path}'s config.json is not available locally; "
-            "set model.arch (hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size, family)"
+            "set model.arch (hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size, family) in a "
+            "model preset of your own (--config-dir my_conf, my_conf/model/<name>.yaml, as conf/model/llama2_7b.yaml does; "
+            "Hydra cannot set it from the command line while it is null)"
         ) from None
     return planner.measure_arch(hf), f"{path} config.json"
 

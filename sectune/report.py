@@ -14,7 +14,8 @@ Choices:
   listed once above the table. ``frame.attrs["swept"]`` / ``["fixed"]`` carry that split.
 * Override values are parsed as YAML, plus Hydra's float spellings (``1e-4``), so numbers
   are numbers and sort/plot as such.
-* Sort metric: ``eval_loss`` if present, else the first metric; names containing ``loss`` sort
+* Sort metric: the first of :data:`DEFAULT_SORT` present (``eval_loss``, classify's ``val_macro_f1``, federated's
+  ``val_loss_end``), else the first metric; names containing ``loss`` sort
   ascending, other metrics (accuracy, f1, reward) descending, non-metric columns ascending;
   ``ascending`` overrides. Failed rows (no metric) go last.
 * Plots show the sort metric against each swept key over succeeded runs: every run as a point,
@@ -154,12 +155,18 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
     return frame
 
 
+#: the default sort metric, the first one the jobs report: the validation loss (SFT, DPO, reward), classify's validation
+#: macro-F1 (its jobs report no eval_loss, and sorting them by train_loss ranked the best-fitting, not the best, first),
+#: federated's final validation loss
+DEFAULT_SORT = ("eval_loss", "val_macro_f1", "val_loss_end")
+
+
 def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, ascending: bool | None,
                sort_by_setting: str = "--sort-by") -> pd.DataFrame:
-    """Sort by ``sort_by`` (default eval_loss, else first metric); loss-like ascending, NaN last. ``sort_by_setting``
+    """Sort by ``sort_by`` (default: :data:`DEFAULT_SORT`, else first metric); loss-like ascending, NaN last. ``sort_by_setting``
     names where ``sort_by`` came from: ``--sort-by`` (sectune-report) or ``report.sort_by`` (stage=report)."""
-    if sort_by is None:
-        sort_by = "eval_loss" if "eval_loss" in metrics else (metrics[0] if metrics else None)
+    if sort_by is None:  # the validation number the stages select on, else the first metric
+        sort_by = next((m for m in DEFAULT_SORT if m in metrics), metrics[0] if metrics else None)
     if sort_by is None:
         out = frame.reset_index(drop=True)
         out.attrs.update(frame.attrs, sort_by=None, ascending=True)

@@ -69,6 +69,13 @@ def test_first_metric_when_no_eval_loss(tmp_path):
     assert df.attrs["swept"] == ["lora.r"] and "train.learning_rate" in df.columns
 
 
+def test_a_classify_sweep_sorts_by_validation_macro_f1_not_train_loss(tmp_path):
+    grid = [(0, 4, "1e-4", {"train_loss": 0.1, "val_macro_f1": 0.6}), (1, 8, "1e-4", {"train_loss": 0.5, "val_macro_f1": 0.9}),
+            (2, 16, "1e-4", {"train_loss": 0.3, "val_macro_f1": 0.7})]
+    df = build_report(make_sweep(tmp_path / "s", grid, extra_override=None))
+    assert df.attrs["sort_by"] == "val_macro_f1" and df.attrs["ascending"] is False and list(df["job"]) == [1, 2, 0]
+
+
 def test_numeric_job_order_and_garbled_result(tmp_path):
     grid = [(i, 4 * (i + 1), "1e-4", {"eval_loss": float(i)}) for i in range(11)]
     sweep = make_sweep(tmp_path / "s", grid)

@@ -52,7 +52,7 @@ class SweepCheck(Callback):
     into a warning, so this one says the error and exits itself."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from sectune.config import check_sweep
+        from sectune.config_checks import check_sweep
         from sectune.errors import SectuneError
 
         try:

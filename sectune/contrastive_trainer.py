@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from sectune import engine
+from sectune import checkpoints, engine
 from sectune.errors import SectuneError
 from sectune.losses import causal_contrastive_loss
 
@@ -309,7 +309,7 @@ class CausalContrastiveTrainer(Trainer):
         return (loss, (r_b, r_cf, r_inj, task)) if return_outputs else loss
 
     def _stop_non_finite(self, loss, parts) -> None:
-        last_good = engine.latest_checkpoint(Path(self.args.output_dir))
+        last_good = checkpoints.latest_checkpoint(Path(self.args.output_dir))
         values = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
         raise NonFiniteLossError(
             f"stage=contrastive: the loss is {loss.item()} at step {self.state.global_step + 1} ({values}); last good "

@@ -97,7 +97,7 @@ def quantization_config(cfg: DictConfig):
         return None
     from transformers import BitsAndBytesConfig
 
-    from sectune.config import COMPUTE_DTYPES, check_quantization
+    from sectune.config_checks import COMPUTE_DTYPES, check_quantization
 
     check_quantization(cfg)  # runner.run checked it already; here for callers that skip check_values
     if q.load_in_4bit:

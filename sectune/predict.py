@@ -75,8 +75,8 @@ def read_meta(run_dir: Path) -> dict:
 
 def damaged_weights(folder: Path) -> tuple[Path, str] | None:
     """(file, why) for a saved adapter/model folder whose safetensors are cut short or unreadable, or None
-    (:func:`sectune.engine.damaged_safetensors`: reads no tensor data)."""
-    from sectune.engine import damaged_safetensors
+    (:func:`sectune.checkpoints.damaged_safetensors`: reads no tensor data)."""
+    from sectune.checkpoints import damaged_safetensors
 
     damage = damaged_safetensors(folder)
     return None if damage is None else (folder / damage[0], damage[1])

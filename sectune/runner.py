@@ -225,7 +225,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
     code = 0
     try:
-        from sectune.config import check_keys, check_values
+        from sectune.config_checks import check_keys, check_values
 
         check_keys(cfg)
         check_values(cfg)

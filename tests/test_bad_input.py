@@ -60,7 +60,7 @@ from sectune.errors import ConfigError
     ("dataset.split_seed=-1", "dataset.split_seed"),  # every dataset: numpy's seed range (was a traceback in classify)
 ])
 def test_values_no_run_can_use_are_errors_naming_the_key(override, key):
-    from sectune.config import check_values
+    from sectune.config_checks import check_values
 
     *context, bad = override.split()
     context += ["lora=r4_attention"] if key.startswith("lora.") else []  # lora.* matter only with an adapter
@@ -70,7 +70,7 @@ def test_values_no_run_can_use_are_errors_naming_the_key(override, key):
 
 
 def test_stage_and_preset_values_are_checked_only_where_they_are_used():
-    from sectune.config import check_values
+    from sectune.config_checks import check_values
 
     check_values(compose(["stage=rl", "loss=simplified_ppo", "rl.temperature=0", "rl.max_completion_length=0"]))  # no sampling
     check_values(compose(["stage=rl", "loss=grpo", "loss.beta=0"]))  # GRPO without its KL term
@@ -130,7 +130,7 @@ def test_a_bad_sweep_direction_stops_the_optuna_sweep_before_its_study(tmp_path)
 
 
 def test_a_negative_temperature_is_an_error_only_when_sampling():
-    from sectune.config import check_values
+    from sectune.config_checks import check_values
 
     check_values(compose(["generation.temperature=-1"]))  # greedy: unused
     with pytest.raises(ConfigError, match=r"^generation.temperature=-1.0: must be > 0 when generation.do_sample=true"):
@@ -279,9 +279,9 @@ def test_infer_output_file_under_a_file_is_refused_before_a_model_loads(tmp_path
 
 
 def test_a_checkpoint_whose_trainer_state_is_not_an_object_is_damaged(tmp_path):
-    from sectune import engine
+    from sectune import checkpoints
 
     (tmp_path / "trainer_state.json").write_text("[]")
-    assert engine.damaged_file(tmp_path) == ("trainer_state.json", "not a JSON object (list)")
+    assert checkpoints.damaged_file(tmp_path) == ("trainer_state.json", "not a JSON object (list)")
     (tmp_path / "trainer_state.json").write_text('{"global_step": 2}')
-    assert engine.damaged_file(tmp_path) is None
+    assert checkpoints.damaged_file(tmp_path) is None

@@ -68,7 +68,7 @@ def test_damaged_checkpoint_files_are_named(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from sectune.engine import damaged_file
+    from sectune.checkpoints import damaged_file
 
     ckpt = tmp_path / "checkpoint-4"
     ckpt.mkdir()

@@ -40,7 +40,6 @@ Attack-success metrics live in :mod:`sectune.injection_eval`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -105,6 +104,8 @@ def triplet_data(cfg: DictConfig, need_train: bool = True) -> TripletData:
     (scoring only, stage=evaluate): a file of held-out triplets alone is fine."""
     d = cfg.dataset
     if d.path and Path(str(d.path)).suffix == ".jsonl":
+        from sectune.data.injection_jsonl import read_jsonl_triplets
+
         records, info = read_jsonl_triplets(cfg, Path(str(d.path)))
     elif d.path and Path(str(d.path)).is_file():
         raise DataError(f"{d.path}: not a .jsonl file or an auth_logs folder; dataset={d.name} reads triplet or prompt/answer"
@@ -260,11 +261,7 @@ def build_auth_triplets(cfg: DictConfig) -> tuple[list[dict], dict]:
     return records, info
 
 
-# ------------------------------------------------------------------------ user JSONL
-_TRIPLET_KEYS = ("benign", "benign_cf", "injection", "output")
-_ANSWER_KEYS = ("answer", "completion", "output", "response")
-
-
+# ------------------------------------------------------------------------ user JSONL (sectune.data.injection_jsonl reads them)
 def _read_jsonl(path: Path, check, skip_bad_lines: bool, hint: str = " (dataset.skip_bad_lines=true skips such lines)") -> tuple[list[dict], list[str]]:
     """(objects ``check`` accepted, ``"line N: why"`` for each bad line skipped); a bad line is a
     DataError naming the file and line unless ``skip_bad_lines``."""
@@ -283,128 +280,6 @@ def _read_jsonl(path: Path, check, skip_bad_lines: bool, hint: str = " (dataset.
     if not good:
         raise DataError(f"{path}: no usable lines" + (f" ({len(skipped)} bad ones skipped)" if skipped else " (empty file)"))
     return good, skipped
-
-
-def _check_triplet(obj: dict) -> str | None:
-    bad = [k for k in _TRIPLET_KEYS if not isinstance(obj.get(k), str) or not obj[k].strip()]
-    if bad:
-        return f"missing or non-string {', '.join(bad)} (each triplet needs {', '.join(_TRIPLET_KEYS)})"
-    for k in ("injection_output", "attack_target", "id"):
-        if obj.get(k) is not None and not isinstance(obj[k], (str, int)):
-            return f"{k} must be a string"
-    if obj.get("split") not in (None, *SPLITS):
-        return f"split={obj['split']!r}: choose {', '.join(SPLITS)}"
-    if obj.get("format", "auth_log") not in FORMATS:
-        return f"format={obj['format']!r}: choose {', '.join(FORMATS)}"
-    if obj.get("format", "auth_log") == "auth_log":  # scored and turned into preference pairs as analyses
-        for k in ("output", "injection_output"):
-            if isinstance(obj.get(k), str):
-                why = _analysis_error(obj[k])
-                if why:
-                    return f"{k} is not an analysis of the window ({why}); an auth_log triplet's outputs are the JSON analyses the rules write"
-    return None
-
-
-def _analysis_error(text: str) -> str | None:
-    """Why ``text`` is not an analysis the attack scoring and the preference pairs can read (a JSON object with a
-    verdict; the other keys are optional there), or None."""
-    from sectune.data.auth_rules import CLASSES
-
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return f"not JSON: {e.msg} at column {e.colno}"
-    if not isinstance(obj, dict):
-        return f"a JSON {type(obj).__name__}, not an object"
-    if obj.get("verdict") not in CLASSES:
-        return f"verdict={obj.get('verdict')!r}: one of {', '.join(CLASSES)} needed"
-    return None
-
-
-def _check_prompt_answer(obj: dict) -> str | None:
-    if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-        return "missing or non-string prompt"
-    if not any(isinstance(obj.get(k), str) for k in _ANSWER_KEYS):
-        return f"missing answer (one of {', '.join(_ANSWER_KEYS)} as a string)"
-    return None
-
-
-def _verdict(text: str) -> str:
-    try:
-        return str(json.loads(text).get("verdict") or "")
-    except (json.JSONDecodeError, AttributeError):
-        return ""
-
-
-def _first_object(path: Path) -> dict:
-    """The file's first line that parses as a JSON object ({} when none does, or the file is absent): the
-    kind of file is read from its keys. Bad lines are left to :func:`_read_jsonl`, which names them."""
-    if not path.is_file():
-        return {}
-    return next((obj for _, obj, _why in json_lines(path) if isinstance(obj, dict)), {})
-
-
-def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
-    """A JSONL of triplets (``benign``, ``benign_cf``, ``injection``, ``output``; optional
-    ``injection_output`` (default ``output``), ``attack_target``, ``id``, ``split``, ``format``) or of
-    prompt/answer pairs (the generic builder, :func:`generic_triplets`). The kind is read from the
-    keys of the first line that is a JSON object (a ``benign`` key: triplets; else a ``prompt`` key:
-    prompt/answer pairs). Lines without ``split`` are split by benign input with ``split_windows``."""
-    d = cfg.dataset
-    first = _first_object(path)
-    generic = "benign" not in first and "prompt" in first
-    objs, skipped = _read_jsonl(path, _check_prompt_answer if generic else _check_triplet, bool(d.skip_bad_lines))
-    if skipped:
-        print(f"sectune: warning: skipped {len(skipped)} bad line(s) of {path} (first: {skipped[0]})")
-    if d.max_samples is not None:
-        objs = objs[: int(d.max_samples)]
-    group = lambda o: str(o.get("id") or hashlib.sha256(o["benign" if not generic else "prompt"].encode()).hexdigest()[:12])
-    unsplit = [o for o in objs if not o.get("split")]
-    where = split_windows(list(dict.fromkeys((group(o), _verdict(o.get("output") or "")) for o in unsplit)),
-                          float(d.val_fraction), float(d.test_fraction), int(d.split_seed)) if unsplit else {}
-    split_of = {g: s for s, gs in where.items() for g in gs}
-    info = {"source": str(path), "skipped_lines": len(skipped), "skipped": skipped[:20], "cf_rejected": 0}
-    if generic:
-        records, more = generic_triplets(cfg, objs, {group(o): o.get("split") or split_of[group(o)] for o in objs}, group)
-        info.update(more)
-        return records, info
-    records = []
-    for o in objs:
-        g = group(o)
-        target = o.get("attack_target")
-        records.append(_with_prompts({
-            "id": str(o.get("id") or f"line{o['_line']}"), "window_id": g, "split": o.get("split") or split_of[g],
-            "format": o.get("format", "auth_log"), "label": _verdict(o["output"]),
-            "benign": o["benign"], "benign_cf": o["benign_cf"], "injection": o["injection"], "output": o["output"],
-            "injection_output": o.get("injection_output") or o["output"], "attack_target": None if target is None else str(target),
-            "injection_text": str(o.get("injection_text") or ""), "injection_field": str(o.get("injection_field") or "user_file"),
-            "injection_source": "user",
-        }))
-    return records, info
-
-
-def generic_triplets(cfg: DictConfig, objs: list[dict], split_of: dict[str, str], group) -> tuple[list[dict], dict]:
-    """Triplets from any prompt/answer pairs (``format=prompt``): the counterfactual renames IPs,
-    ports and log fields (:func:`counterfactual_window`), the injection is appended after the prompt
-    (SecAlign's setting), and the expected answer of both is the pair's answer; templated injections
-    demand :data:`GENERIC_TARGET`."""
-    d = cfg.dataset
-    pools, info = _texts_by_split(cfg, generic=True)
-    records = []
-    for o in objs:
-        g = group(o)
-        answer = next(o[k] for k in _ANSWER_KEYS if isinstance(o.get(k), str))
-        rng = random.Random(f"{d.split_seed}:{g}")
-        source, text = _pick_text(pools[split_of[g]], float(d.template_fraction), rng)
-        planted = text.replace("{target}", GENERIC_TARGET)
-        records.append(_with_prompts({
-            "id": str(o.get("id") or f"line{o['_line']}"), "window_id": g, "split": split_of[g], "format": "prompt",
-            "label": str(o.get("label") or ""), "benign": o["prompt"], "benign_cf": counterfactual_window(o["prompt"], rng),
-            "injection": f"{o['prompt'].rstrip()}\n{planted}\n", "output": answer, "injection_output": answer,
-            "attack_target": GENERIC_TARGET if source == "template" else None, "injection_text": planted,
-            "injection_template": text, "injection_field": "appended", "injection_source": source,
-        }))
-    return records, info
 
 
 # ------------------------------------------------------------------------ SecAlign pairs

@@ -16,7 +16,7 @@ import numpy as np
 
 from sectune import classification as C
 from sectune import classify_scoring as S
-from sectune import engine, modeling
+from sectune import checkpoints, engine, modeling
 from sectune.errors import ConfigError
 from sectune.predict import LABELS_FILE, META_FILE, NORMALIZER_FILE
 from sectune.runner import RunContext, write_json_atomic
@@ -218,7 +218,7 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     engine.selective_checkpointing(trainer.model, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        train_out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, ckpt_dir))
+        train_out = trainer.train(resume_from_checkpoint=checkpoints.resolve_resume(cfg, ckpt_dir))
     finally:
         engine.write_history(out_dir / "train_history.json", trainer)
     metrics = {"train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step,

@@ -16,7 +16,7 @@ stage=evaluate does. An adapter trained on SFT full weights records them as ``ar
 infer and evaluate load it (modeling.adapter_base). Every ``train.eval_steps`` the validation triplets are
 scored (``eval_causal_stability``, …); Trainer's EarlyStoppingCallback stops on ``contrastive.early_stopping``
 and the best checkpoint by that metric is kept (``artifacts.best_checkpoint``), its weights loaded at the end
-unless ``contrastive.load_best_at_end=false``. ``train.resume=auto`` resumes exactly (engine.resolve_resume).
+unless ``contrastive.load_best_at_end=false``. ``train.resume=auto`` resumes exactly (checkpoints.resolve_resume).
 ``debug.enabled=true``: ``debug.max_steps`` steps on ``debug.max_samples`` triplets with anomaly detection;
 a NaN/inf loss stops any run with the step, the last good checkpoint and seed 002's list of what to try.
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from sectune import engine, modeling
+from sectune import checkpoints, engine, modeling
 from sectune import contrastive_trainer as CT
 from sectune.errors import ConfigError, SectuneError
 from sectune.runner import RunContext, init_source, write_json_atomic
@@ -93,12 +93,12 @@ def run(ctx: RunContext) -> dict:
         ctx.partial_metrics.update({f"{k}_start": v for k, v in attack["start"][0].items()})
     try:
         with anomaly_detection(cfg):
-            train_out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, run_dir / "checkpoints"))
+            train_out = trainer.train(resume_from_checkpoint=checkpoints.resolve_resume(cfg, run_dir / "checkpoints"))
     except RuntimeError as e:  # anomaly detection's "Function 'XBackward0' returned nan values in its 0th output"
         if not (cfg.debug.enabled and "nan values" in str(e)):
             raise
         raise CT.NonFiniteLossError(f"stage=contrastive: autograd anomaly detection found NaN at step {trainer.state.global_step + 1}: "
-                                    f"{str(e).splitlines()[0]}; last good checkpoint: {engine.latest_checkpoint(run_dir / 'checkpoints')}. "
+                                    f"{str(e).splitlines()[0]}; last good checkpoint: {checkpoints.latest_checkpoint(run_dir / 'checkpoints')}. "
                                     f"What to try (seed 002): {CT.NAN_ADVICE}") from None
     finally:
         engine.write_history(run_dir / "train_history.json", trainer)

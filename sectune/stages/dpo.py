@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from sectune import engine, losses, modeling, packed_attention
-from sectune.config import dpo_sft_weight
+from sectune import checkpoints, engine, losses, modeling, packed_attention
+from sectune.config_checks import dpo_sft_weight
 from sectune.errors import ConfigError
 from sectune.runner import RunContext
 
@@ -89,7 +89,7 @@ def run(ctx: RunContext) -> dict:
         start_metrics = preference_metrics(start_logps, ref_logps, heldout_ds["kind"], beta, suffix="_start")
         metrics.update(start_metrics)
         ctx.partial_metrics.update(start_metrics)  # kept in result.json even if training fails
-    resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
+    resume = checkpoints.resolve_resume(cfg, run_dir / "checkpoints")
     try:
         train_out = trainer.train(resume_from_checkpoint=resume)
     finally:  # the loss history so far is worth keeping even when training dies

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sectune import engine, modeling
+from sectune import checkpoints, modeling
 from sectune.data import auth_logs
 from sectune.errors import ConfigError, DataError
 from sectune.inference import generate, parse_json_output
@@ -299,7 +299,7 @@ def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             if not (folder / name).is_file():
                 return f"{rel}/{name} missing", None, ""
-        if (damage := engine.damaged_safetensors(folder)) is not None:
+        if (damage := checkpoints.damaged_safetensors(folder)) is not None:
             return f"{rel}/{damage[0]} is damaged ({damage[1]})", None, ""
         return None, folder, "adapter"
     if artifacts.get("model"):
@@ -309,7 +309,7 @@ def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
             return f"{rel}/config.json missing", None, ""
         if not any(folder.glob("*.safetensors")):
             return f"{rel}/*.safetensors missing", None, ""
-        if (damage := engine.damaged_safetensors(folder)) is not None:
+        if (damage := checkpoints.damaged_safetensors(folder)) is not None:
             return f"{rel}/{damage[0]} is damaged ({damage[1]})", None, ""
         return None, folder, "model"
     return f"{RESULT_FILE} names no adapter or model artifact", None, ""

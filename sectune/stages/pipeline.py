@@ -53,7 +53,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sectune import distributed, runner
-from sectune.config import PipelineConfig, check_values
+from sectune.config import PipelineConfig
+from sectune.config_checks import check_values
 from sectune.errors import ConfigError, SectuneError
 from sectune.pipeline_record import already_done, record_step
 from sectune.pipeline_heldout import WINDOWS_DIR, check_held_out, heldout_table, reads_windows, write_windows

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from sectune import engine, modeling
+from sectune import checkpoints, engine, modeling
 from sectune import reward_model as RM
 from sectune.data.auth_preferences import preference_splits
 from sectune.errors import ConfigError
@@ -134,7 +134,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     )
     engine.selective_checkpointing(trainer.model, cfg)
     try:
-        train_out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, run_dir / "checkpoints"))
+        train_out = trainer.train(resume_from_checkpoint=checkpoints.resolve_resume(cfg, run_dir / "checkpoints"))
     finally:
         engine.write_history(run_dir / "train_history.json", trainer)
 

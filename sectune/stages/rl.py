@@ -30,7 +30,7 @@ import os
 import time
 from pathlib import Path
 
-from sectune import data, engine, modeling
+from sectune import checkpoints, data, engine, modeling
 from sectune.errors import ConfigError, SectuneError
 from sectune.losses import GRPO_SCALES
 from sectune.memory import memory_check
@@ -190,7 +190,7 @@ def run_grpo(ctx: RunContext) -> dict:
     callbacks = [*engine.fail_callbacks(cfg), *([best] if best else [])]
     trainer = build_grpo_trainer(cfg, model, tokenizer, train_recs, reward_funcs, weights, run_dir / "checkpoints", callbacks)
     main = trainer.accelerator.is_main_process
-    resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
+    resume = checkpoints.resolve_resume(cfg, run_dir / "checkpoints")
     heldout = {}
     if best and resume is None:
         heldout["reward_heldout_start"] = best.evaluate(trainer.model, 0)
@@ -311,7 +311,7 @@ def run_simplified_ppo(ctx: RunContext) -> dict:
     trainer = build_sft_trainer(cfg, model, tokenizer, recs, run_dir / "checkpoints", engine.fail_callbacks(cfg))
     main = trainer.accelerator.is_main_process
     try:
-        out = trainer.train(resume_from_checkpoint=engine.resolve_resume(cfg, run_dir / "checkpoints"))
+        out = trainer.train(resume_from_checkpoint=checkpoints.resolve_resume(cfg, run_dir / "checkpoints"))
     finally:
         if main:
             engine.write_history(run_dir / "train_history.json", trainer)

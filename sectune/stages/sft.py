@@ -17,7 +17,7 @@ import torch
 from omegaconf import open_dict
 from transformers import TrainerCallback
 
-from sectune import data, distributed, engine, modeling, packed_attention, runner
+from sectune import checkpoints, data, distributed, engine, modeling, packed_attention, runner
 from sectune.errors import ConfigError
 from sectune.runner import RunContext, write_json_atomic
 
@@ -54,7 +54,7 @@ def run(ctx: RunContext) -> dict:
     print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters")
 
     # 3. trainer
-    resume = engine.resolve_resume(cfg, run_dir / "checkpoints")
+    resume = checkpoints.resolve_resume(cfg, run_dir / "checkpoints")
     start_file = run_dir / "checkpoints" / "eval_loss_start.json"
     if val_recs and resume and start_file.exists():
         ctx.partial_metrics["eval_loss_start"] = json.loads(start_file.read_text())["eval_loss_start"]

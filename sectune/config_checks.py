@@ -1,0 +1,141 @@
+"""What the schema's types let through but no run can use: keys the schema lacks (``check_keys``) and values no
+run can use (``check_values``, the bitsandbytes settings, the sweep direction, DPO's SFT weight), each named by its
+key before any data or model loads. The schema itself is :mod:`sectune.config`."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from sectune.config import SectuneConfig
+
+
+def check_keys(cfg) -> None:
+    """Every key is one the schema has. Hydra's ``+key=value`` appends a key past the schema (and Hydra suggests it
+    for a typo'd key), so ``+train.learning_rat=1e-3`` ran to the end with the setting ignored."""
+    from omegaconf.errors import ConfigKeyError
+
+    from sectune.errors import ConfigError
+
+    try:
+        # as plain data: merged as it is, Hydra's config carries the schema's node types, and the appended key along
+        OmegaConf.merge(OmegaConf.structured(SectuneConfig), OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{key}: not a sectune setting ({str(e).splitlines()[0]}); check its spelling "
+                          "(`sectune --cfg job` prints every key)") from None
+
+
+def check_values(cfg) -> None:
+    """Values the schema's types let through but no run can use, named by key, before any data or model
+    loads: a negative or zero learning rate (0 would "train" and change nothing), batch sizes below 1,
+    generation settings transformers rejects only mid-run, the bitsandbytes settings, ``sweep.direction``, and the
+    stage's own numbers (DPO's β, GRPO's sampling and update settings) that crash it mid-run or change nothing."""
+    import math
+
+    from sectune.data import check_split_seed
+    from sectune.errors import ConfigError
+
+    def need(ok: bool, key: str, value, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value}: {what}")
+
+    lr = cfg.train.learning_rate
+    need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "train.learning_rate", lr, "must be a number > 0")
+    for key in ("batch_size", "grad_accum"):
+        need(cfg.train[key] >= 1, f"train.{key}", cfg.train[key], "must be >= 1")
+    if cfg.train.eval_batch_size is not None:
+        need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", cfg.train.eval_batch_size, "must be >= 1 (or null: train.batch_size)")
+    need(cfg.infer.batch_size >= 1, "infer.batch_size", cfg.infer.batch_size, "must be >= 1")
+    alpha = cfg.evaluate.bigram_alpha
+    need(math.isfinite(alpha) and alpha > 0, "evaluate.bigram_alpha", alpha,
+         "must be > 0 (add-alpha smoothing: at 0 a key pair never seen in training has probability 0 and its session scores NaN)")
+    need(cfg.infer.window_lines is None or cfg.infer.window_lines >= 0, "infer.window_lines", cfg.infer.window_lines,
+         "must be >= 0 (0: one analysis per file; null: dataset.max_lines)")
+    t = cfg.train
+    need(t.max_steps > 0 or t.epochs > 0, "train.epochs", t.epochs, "must be > 0 when train.max_steps=-1 (0 would save an untrained model)")
+    need(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1] (a fraction of the steps)")
+    need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
+    need(t.save_steps is None or t.save_steps >= 0, "train.save_steps", t.save_steps, "must be >= 0 (0 or null = no checkpoints)")
+    check_split_seed(cfg.dataset.split_seed)
+    need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing", cfg.loss.label_smoothing, "must be in [0, 1)")
+    if cfg.lora.enabled:
+        need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")
+        need(cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "must be > 0")
+        need(0 <= cfg.lora.dropout < 1, "lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
+        need(cfg.lora.bias in ("none", "all", "lora_only"), "lora.bias", cfg.lora.bias, "choose none, all or lora_only")
+    g = cfg.generation
+    need(g.max_new_tokens >= 1, "generation.max_new_tokens", g.max_new_tokens, "must be >= 1")
+    need(g.temperature > 0 or not g.do_sample, "generation.temperature", g.temperature, "must be > 0 when generation.do_sample=true")
+    need(0 < g.top_p <= 1, "generation.top_p", g.top_p, "must be in (0, 1]")
+    need(g.repetition_penalty > 0, "generation.repetition_penalty", g.repetition_penalty, "must be > 0 (1.0 = no penalty)")
+    check_quantization(cfg)
+    check_sweep(cfg)
+    loss = cfg.loss
+    if loss.name == "dpo":  # β = 0 makes the loss log 2 for every pair: no gradient; β < 0 prefers the rejected answer
+        need(math.isfinite(loss.beta) and loss.beta > 0, "loss.beta", loss.beta, "must be a number > 0 (the DPO β)")
+    if cfg.stage.name == "dpo":
+        dpo_sft_weight(cfg)
+    if cfg.stage.name == "rl":
+        rl = cfg.rl
+        need(rl.lr_scale > 0, "rl.lr_scale", rl.lr_scale, "must be > 0 (the learning rate is train.learning_rate × rl.lr_scale)")
+        if loss.name == "grpo":  # rl.num_generations and rl.keep_best_se: sectune.stages.rl.run_grpo
+            need(rl.temperature > 0, "rl.temperature", rl.temperature, "must be > 0 (GRPO samples its completions)")
+            need(0 < rl.top_p <= 1, "rl.top_p", rl.top_p, "must be in (0, 1]")
+            need(rl.max_completion_length >= 1, "rl.max_completion_length", rl.max_completion_length, "must be >= 1")
+            need(rl.num_iterations >= 1, "rl.num_iterations", rl.num_iterations, "must be >= 1 (policy updates per generated batch; 0 trains nothing)")
+            need(rl.eval_steps >= 0, "rl.eval_steps", rl.eval_steps, "must be >= 0 (0 = score the held-out windows only before and after training)")
+            need(rl.heldout_windows >= 0, "rl.heldout_windows", rl.heldout_windows, "must be >= 0 (0 = skip)")
+            need(loss.beta >= 0, "loss.beta", loss.beta, "must be >= 0 (the KL weight; 0 = no KL term)")
+            need(loss.clip_epsilon > 0, "loss.clip_epsilon", loss.clip_epsilon, "must be > 0 (the policy ratio is clipped to [1-ε, 1+ε])")
+    if cfg.stage.name == "federated":  # before Ray starts: a bad resource request crashed the simulation, which then hung
+        import torch
+
+        from sectune.federated import LR_SCHEDULES
+
+        f = cfg.federated
+        need(f.batch_size is None or f.batch_size >= 1, "federated.batch_size", f.batch_size, "must be >= 1 (null: train.batch_size)")
+        need(f.lr_schedule in LR_SCHEDULES, "federated.lr_schedule", f.lr_schedule, f"choose one of {', '.join(LR_SCHEDULES)}")
+        need(f.client_num_cpus >= 1, "federated.client_num_cpus", f.client_num_cpus, "must be >= 1 (Ray CPUs, and torch threads, per client)")
+        need(f.client_num_gpus >= 0, "federated.client_num_gpus", f.client_num_gpus, "must be >= 0")
+        need(f.client_num_gpus == 0 or torch.cuda.is_available(), "federated.client_num_gpus", f.client_num_gpus,
+             "asks Ray for GPUs, and this machine has none (0: clients on the CPU)")
+
+
+#: ``quantization.bnb_4bit_compute_dtype`` names → torch dtype names
+COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def check_quantization(cfg) -> None:
+    """The bitsandbytes settings :func:`sectune.modeling.quantization_config` passes on, named by key before a model loads."""
+    from sectune.errors import ConfigError
+
+    q = cfg.quantization
+    if q.name == "none" or not q.load_in_4bit:
+        return
+    if q.load_in_8bit:
+        raise ConfigError("quantization.load_in_8bit=true: cannot be true with quantization.load_in_4bit=true; choose one")
+    if q.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"quantization.bnb_4bit_quant_type={q.bnb_4bit_quant_type}: choose nf4 or fp4")
+    if q.bnb_4bit_compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"quantization.bnb_4bit_compute_dtype={q.bnb_4bit_compute_dtype}: choose one of {', '.join(COMPUTE_DTYPES)}")
+
+
+def check_sweep(cfg) -> None:
+    """``sweep.direction``, which the Optuna preset hands to its study (sectune.cli.SweepCheck checks it before a sweep starts)."""
+    from sectune.errors import ConfigError
+
+    if cfg.sweep.direction not in ("minimize", "maximize"):
+        raise ConfigError(f"sweep.direction={cfg.sweep.direction}: choose minimize or maximize")
+
+
+def dpo_sft_weight(cfg) -> float:
+    """``dpo.sft_weight`` as a float, checked (finite, >= 0): by check_values before the models load and by
+    build_dpo_trainer for callers that skip it."""
+    import math
+
+    from sectune.errors import ConfigError
+
+    w = float(cfg.dpo.sft_weight)
+    if not (math.isfinite(w) and w >= 0):
+        raise ConfigError(f"dpo.sft_weight={cfg.dpo.sft_weight}: a finite weight >= 0 (0 = plain DPO)")
+    return w

@@ -82,10 +82,11 @@ def run(ctx: RunContext) -> dict:
     metrics: dict = {"train_pairs": len(train_pairs), "heldout_pairs": len(heldout), "too_long_pairs": too_long,
                      "trainable_params": trainable, "total_params": total}
     beta = float(cfg.loss.beta)
+    fresh_start = fresh_adapter_on_reference(trainer)  # the policy computes the reference's log-probs exactly
     if heldout_ds is not None:  # before train(): a resumed run loads its checkpoint inside train()
         ref_logps = pair_logps(trainer, heldout_ds, reference=True)  # fixed: training never changes the reference
         # a fresh LoRA adapter over the reference's weights computes the reference's log-probs exactly: no second pass
-        start_logps = ref_logps if fresh_adapter_on_reference(trainer) else pair_logps(trainer, heldout_ds)
+        start_logps = ref_logps if fresh_start else pair_logps(trainer, heldout_ds)
         start_metrics = preference_metrics(start_logps, ref_logps, heldout_ds["kind"], beta, suffix="_start")
         metrics.update(start_metrics)
         ctx.partial_metrics.update(start_metrics)  # kept in result.json even if training fails
@@ -123,7 +124,7 @@ def run(ctx: RunContext) -> dict:
     metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
     if heldout_ds is not None:
         # a fresh adapter is the reference exactly: every implicit reward is 0, a tie, which counts as not preferred
-        tied = " (every pair tied: the fresh adapter is the reference)" if metrics.get("reward_margin_start") == 0 else ""
+        tied = " (every pair tied: the fresh adapter is the reference)" if fresh_start else ""
         print(
             f"sectune: done · {name} at {run_dir / name} · {heldout_name} preference accuracy "
             f"{metrics['preference_accuracy_start']:.3f}{tied} → {metrics['preference_accuracy']:.3f} · log-prob margin "

@@ -35,6 +35,10 @@ sys.path.insert(0, str(ROOT))
 CASES = {
     "seed002": ["model=llama2_7b", "quantization=nf4", "lora=r16_all_linear", "train.batch_size=1",
                 "train.gradient_checkpointing=true", "train.optimizer=paged_adamw_8bit"],
+    # seed 000's analyst (+experiment=auth_grpo): DeepSeek-R1-Distill-Llama-8B nf4 + double quant, LoRA r4 on attention,
+    # batch 1 x 1024, checkpointing, Adafactor; all on the GPU (the preset's max_memory would spill layers to the CPU)
+    "auth_grpo": ["model=deepseek_r1_distill_llama_8b", "quantization=nf4", "lora=r4_attention", "train.batch_size=1",
+                  "model.max_seq_length=1024", "train.gradient_checkpointing=true", "train.optimizer=adafactor"],
     "llama32_3b_int8": ["model=llama32_3b_instruct", "quantization=int8", "lora=r16_all_linear", "train.batch_size=2",
                         "model.max_seq_length=1024", "train.gradient_checkpointing=true"],
     "llama32_3b_bf16_lora": ["model=llama32_3b_instruct", "quantization=none", "lora=r16_all_linear",
@@ -115,6 +119,10 @@ def child(name: str, steps: int, work: str) -> dict:
         import bitsandbytes as bnb
 
         opt = bnb.optim.PagedAdamW8bit(params, lr=1e-4)
+    elif cfg.train.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        opt = Adafactor(params, lr=2e-5, scale_parameter=False, relative_step=False)  # as Trainer builds optim="adafactor"
     else:
         opt = torch.optim.AdamW(params, lr=1e-4)
     bs, seq = info["batch_size"], info["seq_len"]

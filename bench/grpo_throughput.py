@@ -28,6 +28,7 @@ matmul took 4 ms on 2 threads vs 0.02 ms on 1 on the 2-core box this was written
 
     .venv/bin/python bench/grpo_throughput.py            # 2 interleaved repeats per side, ~10 min on 1 thread
     .venv/bin/python bench/grpo_throughput.py --quick    # 1 repeat, fewer steps
+    python bench/grpo_throughput.py --device cuda --model smollm --prompts 4 --max-completion-length 128  # on a GPU
 
 The last line of output is one JSON object (``grpo_completions_per_s_ratio_vs_trl``, …).
 """
@@ -46,7 +47,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from _child import emit, run_child  # noqa: E402
-MODEL = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1376)
+#: ``--model``: the 21M Llama of bench/sft_throughput.py (vocabulary = the tiny tokenizer's), or SmolLM-135M's shape
+#: (vocabulary 49,152, tied embeddings; ids past the tiny tokenizer's 2,048 decode to nothing on both sides, so both
+#: sample and score the same tokens, and the rewards see mostly empty text: the work, not the learning, is measured)
+MODELS = {
+    "tiny21m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1376,
+                    tie_word_embeddings=False),
+    "smollm": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                   vocab_size=49152, tie_word_embeddings=True),
+}  # fmt: skip
 G = 8
 TARGET_RATIO = 1.3
 VARIANTS = {"beta0": ["loss.beta=0"], "noshare": ["rl.shared_prompt=false"]}
@@ -63,20 +72,21 @@ def compose_cfg(args, variant: str = ""):
         "stage=rl", "loss=grpo", "logger=none", "lora=r4_attention",
         f"train.batch_size={args.prompts}", f"train.max_steps={args.warmup + args.steps}",
         f"rl.num_generations={G}", f"rl.max_completion_length={args.max_completion_length}",
-        "train.logging_steps=1", "train.seed=42", "train.precision=bf16", "train.device=cpu",
+        "train.logging_steps=1", "train.seed=42", "train.precision=bf16", f"train.device={args.device}",
         *(o for v in filter(None, variant.split("+")) for o in VARIANTS[v]),
     ]  # fmt: skip
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
 
 
-def build_model(tokenizer):
+def build_model(tokenizer, name: str = "tiny21m"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    mc = LlamaConfig(**MODEL, vocab_size=len(tokenizer), max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
-                     eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+    dims = {"vocab_size": len(tokenizer), **MODELS[name]}
+    mc = LlamaConfig(**dims, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+                     eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     return LlamaForCausalLM(mc)
 
 
@@ -127,7 +137,7 @@ def child(args) -> dict:
     cfg = compose_cfg(args, args.variant)
     tokenizer = modeling.load_tokenizer(cfg)
     records = data.sft_splits(cfg)["train"][: args.num_prompts]
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, args.model)
     n_params = sum(p.numel() for p in model.parameters())
     funcs = [rule_reward(n) for n in auth_rewards.REWARDS]
     weights = [float(cfg.rl.rewards[n]) for n in auth_rewards.REWARDS]
@@ -138,7 +148,7 @@ def child(args) -> dict:
 
         grpo_args = GRPOConfig(
             output_dir=str(out_dir), num_generations=G, max_completion_length=args.max_completion_length,
-            per_device_train_batch_size=G * args.prompts, max_steps=args.warmup + args.steps, use_cpu=True, seed=42,
+            per_device_train_batch_size=G * args.prompts, max_steps=args.warmup + args.steps, use_cpu=args.device == "cpu", seed=42,
             logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, reward_weights=weights,
         )  # fmt: skip
         ds = Dataset.from_list([{"prompt": r["prompt"], "window": window_from_prompt(r["prompt"]), "annotation": r["completion"]} for r in records])
@@ -166,6 +176,8 @@ def child(args) -> dict:
         "completion_tokens_mean": statistics.mean(lengths) if lengths else None,
         "prompt_tokens_mean": statistics.mean(len(tokenizer(r["prompt"])["input_ids"]) for r in records),
         "peak_rss_bytes": peak_rss_bytes(), "train_wall_s": wall,
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if args.device == "cuda" else None,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
     }  # fmt: skip
 
 
@@ -173,7 +185,8 @@ def child(args) -> dict:
 def run_side(side: str, variant: str, args) -> dict:
     return run_child(__file__, [side, "--variant", variant, "--steps", str(args.steps), "--warmup", str(args.warmup),
                                 "--prompts", str(args.prompts), "--num-prompts", str(args.num_prompts),
-                                "--max-completion-length", str(args.max_completion_length), "--threads", str(args.threads)],
+                                "--max-completion-length", str(args.max_completion_length), "--threads", str(args.threads),
+                                "--device", args.device, "--model", args.model],
                      side, threads=args.threads)
 
 
@@ -187,6 +200,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64, help="train prompts in the dataset both sides draw from")
     ap.add_argument("--max-completion-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--model", choices=list(MODELS), default="tiny21m", help="tiny21m (hidden 512, 6 layers) or smollm (SmolLM-135M's shape)")
     ap.add_argument("--variants", default="beta0,noshare", help="extra sectune runs, comma-separated (beta0, noshare; '' for none)")
     ap.add_argument("--child", choices=["trl", "sectune"], help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
@@ -199,27 +214,41 @@ def main() -> None:
 
     t_start = time.perf_counter()
     runs: dict[str, list[dict]] = {}
+    failed: dict[str, str] = {}
     order = ["trl", "sectune"] + [f"sectune:{v}" for v in filter(None, args.variants.split(","))]
     for rep in range(args.repeats):
         for name in order if rep % 2 == 0 else order[::-1]:
             side, _, variant = name.partition(":")
-            r = run_side(side, variant, args)
+            try:
+                r = run_side(side, variant, args)
+            except SystemExit as e:  # one side failing still reports the others (its stderr is above)
+                failed[name] = str(e)
+                print(f"  run {rep + 1}/{args.repeats} {name:<18} FAILED: {e}", file=sys.stderr, flush=True)
+                continue
             runs.setdefault(name, []).append(r)
             print(f"  run {rep + 1}/{args.repeats} {name:<18} {r['completions_per_s']:6.2f} completions/s  step {r['step_median_s']:.2f}s  "
                   f"RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)  # fmt: skip
-    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
-    summary = {name: {k: med(rs, k) for k in ("completions_per_s", "step_median_s", "sample_s", "score_s", "loss_backward_s", "peak_rss_bytes")}
+    med = lambda rs, k: None if rs[0][k] is None else statistics.median(r[k] for r in rs)  # noqa: E731
+    summary = {name: {k: med(rs, k) for k in ("completions_per_s", "step_median_s", "sample_s", "score_s", "loss_backward_s", "peak_rss_bytes", "peak_cuda_bytes")}
                for name, rs in runs.items()}
-    r0 = runs["trl"][0]
-    print(f"\nGRPO throughput · Llama {r0['params'] / 1e6:.1f}M params (hidden 512, 6 layers), LoRA r4 attention, CPU {args.threads} thread(s) · "
+    if not runs:
+        raise SystemExit(f"every side failed: {failed}")
+    r0 = next(iter(runs.values()))[0]
+    dims = MODELS[args.model]
+    where = r0["gpu"] if args.device == "cuda" else f"CPU {args.threads} thread(s)"
+    print(f"\nGRPO throughput · Llama {r0['params'] / 1e6:.1f}M params (hidden {dims['hidden_size']}, {dims['num_hidden_layers']} layers), LoRA r4 attention, {where} · "
           f"{args.prompts} prompts × G={G} per step · prompts ~{r0['prompt_tokens_mean']:.0f} tokens · completions ≤ {args.max_completion_length} "
           f"(mean {r0['completion_tokens_mean'] or float('nan'):.0f}) · {args.warmup}+{args.steps} steps × {args.repeats} runs (medians)")
-    print(f"{'':<18}{'compl/s':>9}{'s/step':>8}{'sample s':>10}{'score s':>9}{'loss+bwd s':>11}{'peak RSS':>10}  settings")
+    print(f"{'':<18}{'compl/s':>9}{'s/step':>8}{'sample s':>10}{'score s':>9}{'loss+bwd s':>11}{'peak RSS':>10}{'peak GPU':>10}  settings")
     for name, m in summary.items():
         st = runs[name][0]["settings"]
         print(f"{name:<18}{m['completions_per_s']:>9.2f}{m['step_median_s']:>8.2f}{m['sample_s']:>10.2f}{m['score_s']:>9.2f}"
-              f"{m['loss_backward_s']:>11.2f}{m['peak_rss_bytes'] / 2**20:>8.0f}Mi  β={st['beta']} gc={st['gradient_checkpointing']} "
+              f"{m['loss_backward_s']:>11.2f}{m['peak_rss_bytes'] / 2**20:>8.0f}Mi{(m['peak_cuda_bytes'] or 0) / 2**20:>8.0f}Mi  β={st['beta']} gc={st['gradient_checkpointing']} "
               f"bf16={st['bf16']} shared={st['shared_prompt']}")  # fmt: skip
+    if "trl" not in summary or "sectune" not in summary:
+        print(json.dumps({"failed": failed, **{f"{n.replace('sectune:', 'sectune_')}_completions_per_s": round(m["completions_per_s"], 3)
+                                               for n, m in summary.items()}}))
+        raise SystemExit(1)
     t, s = summary["trl"], summary["sectune"]
     ratio = s["completions_per_s"] / t["completions_per_s"]
     print(f"  {'PASS' if ratio >= TARGET_RATIO else 'MISS'}  completions/s ratio {ratio:.2f} ≥ {TARGET_RATIO}")
@@ -228,9 +257,10 @@ def main() -> None:
         "sample_speedup_vs_trl": round(t["sample_s"] / s["sample_s"], 3),
         "loss_backward_speedup_vs_trl": round(t["loss_backward_s"] / s["loss_backward_s"], 3),
         "peak_rss_ratio_vs_trl": round(s["peak_rss_bytes"] / t["peak_rss_bytes"], 3),
+        "peak_cuda_ratio_vs_trl": round(s["peak_cuda_bytes"] / t["peak_cuda_bytes"], 3) if args.device == "cuda" else None,
         **{f"{n.replace('sectune:', 'sectune_')}_completions_per_s": round(m["completions_per_s"], 3) for n, m in summary.items()},
-        "threads": args.threads, "prompts_per_step": args.prompts, "num_generations": G, "max_completion_length": args.max_completion_length,
-        "bench_wall_s": round(time.perf_counter() - t_start, 1),
+        "device": args.device, "model": args.model, "threads": args.threads, "prompts_per_step": args.prompts, "num_generations": G, "max_completion_length": args.max_completion_length,
+        "bench_wall_s": round(time.perf_counter() - t_start, 1), "failed": failed or None,
     }  # fmt: skip
     print(json.dumps(result))
 

@@ -168,3 +168,23 @@ def test_wandb_online_that_cannot_start_falls_back_to_offline_with_one_warning(t
     monkeypatch.setattr(wandb, "init", lambda mode, **kw: (_ for _ in ()).throw(ValueError("bad dir")))
     with pytest.raises(ValueError):  # offline failures are not hidden
         tracking.start(compose(["logger=wandb", "logger.mode=offline"]), tmp_path)
+
+
+def test_models_load_without_hub_kernels(tmp_path):
+    """transformers 5.2x kernelizes every from_pretrained by default (on a GPU: layers swapped for kernels
+    downloaded from the hub). A sectune process loads with torch's own layers unless the user opts in."""
+    import os
+    import subprocess
+    import sys
+
+    from sectune.tiny import ensure_tiny_model
+
+    spec = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32,
+            "vocab_size": 300, "max_position_embeddings": 64, "seed": 0}
+    out = ensure_tiny_model("t", "llama", spec, tmp_path / "no_shared_data", tmp_path / "cache")
+    code = ("import sectune, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(%r); "
+            "print('use_kernels', m.use_kernels)") % str(out)
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "use_kernels False"

@@ -12,7 +12,7 @@ what the composed config REQUIRES and would make the run fail:
 * ``dataset.path`` when one is set.
 
 Everything else warns: no GPU for a real model (CPU training is slow), predicted peak, times the
-margin by which real GPU peaks exceeded the plan on an H200 (1.31x; fp32 1.68x; int8 1.74x), above the
+margin by which real GPU peaks exceeded the plan on an H200 (1.31x; fp32 1.68x; int8 1.31x), above the
 free GPU memory, little free disk, W&B online without a key,
 sweeps' optional plugins. The stage exits 3 when anything is missing (``doctor.strict=true``:
 warnings too), else 0; ``doctor.md`` in the run dir and the console list every check.

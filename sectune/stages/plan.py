@@ -97,15 +97,14 @@ def lora_targets(cfg: DictConfig, arch: dict | None = None):
 
 #: What bench/gpu_memory.py measured on one H200 (README, "Measured figures"): the largest
 #: measured/predicted peak per kind of run. Said in every CUDA plan; stage=doctor warns inside it.
-GPU_MARGIN = {"bf16": 1.31, "fp32": 1.68, "int8": 1.74}
+GPU_MARGIN = {"bf16": 1.31, "fp32": 1.68, "int8": 1.31}
 GPU_CHECK = (
-    "checked on one H200 (bench/gpu_memory.py, 2026-11-24): weights, adapters and optimizer state were within 1% "
-    f"of the measurement, but the peak footprint was 1.10-{GPU_MARGIN['bf16']}x this total with bf16 autocast "
-    f"({GPU_MARGIN['fp32']}x in fp32; activations 1.05-1.29x, CUDA context ~0.9 GB, caching-allocator slack 1-2.3 GB); "
+    "checked on one H200 (bench/gpu_memory.py, 2026-11-24 and 2026-12-04): weights, adapters and optimizer state were "
+    f"within 1% of the measurement, but the peak footprint was 1.10-{GPU_MARGIN['bf16']}x this total with bf16 autocast "
+    f"or nf4 ({GPU_MARGIN['fp32']}x in fp32; activations 1.05-1.29x, CUDA context ~0.9 GB, caching-allocator slack 1-2.3 GB); "
     "keep that margin, or run bench/gpu_memory.py on your GPU"
 )
-GPU_CHECK_INT8 = (f"; with int8 it was {GPU_MARGIN['int8']}x, measured by a loop that still held the previous step's graph "
-                  "(where bitsandbytes keeps int8 inputs; Trainer does not hold it, so likely less: not re-measured)")
+GPU_CHECK_INT8 = f"; with int8 it was {GPU_MARGIN['int8']}x"
 
 
 def measured_gpu_margin(quantization: str, precision: str = "bf16") -> float:

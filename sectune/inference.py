@@ -54,8 +54,14 @@ def parse_json_output(text: str) -> tuple[dict, bool]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4, constraint=None, stats: dict | None = None) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4, constraint=None, stats: dict | None = None,
+             max_seq_length: int | None = None) -> list[str]:
     """Greedy or sampled continuations of ``prompts`` (left-padded batches), text only.
+
+    A prompt longer than ``max_seq_length`` (default: the model's ``max_position_embeddings``) minus
+    ``max_new_tokens`` keeps its first and last tokens (the instruction, the end of the input and the answer
+    header) and loses its middle, with a warning: an input of 100k tokens would otherwise take memory without
+    bound. ``stats["truncated"]`` counts them.
 
     ``constraint`` (a :class:`sectune.constrained.SchemaConstraint`) restricts every token to the
     schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced) and
@@ -66,11 +72,21 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4,
     """
     from sectune.modeling import merged_lora
 
+    limit = max_seq_length or getattr(model.config, "max_position_embeddings", None)
+    budget = max(int(limit) - int(gen_cfg.max_new_tokens), 2) if limit else None
     with merged_lora(model) as m:
-        return _generate(m, tokenizer, prompts, gen_cfg, batch_size, constraint, stats)
+        return _generate(m, tokenizer, prompts, gen_cfg, batch_size, constraint, stats if stats is not None else {}, budget)
 
 
-def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats) -> list[str]:
+def cut_middle(ids: list[int], budget: int | None) -> list[int]:
+    """``ids`` if it fits ``budget`` tokens, else its first and last ``budget / 2`` tokens."""
+    if budget is None or len(ids) <= budget:
+        return ids
+    head = budget // 2
+    return ids[:head] + ids[len(ids) - (budget - head) :]
+
+
+def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats, budget) -> list[str]:
     from transformers import LogitsProcessorList
 
     model.eval()
@@ -78,7 +94,13 @@ def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats)
     device = next(model.parameters()).device
     outs: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+        rows = tokenizer(prompts[i : i + batch_size])["input_ids"]
+        cut = [cut_middle(r, budget) for r in rows]
+        if n := sum(len(c) < len(r) for c, r in zip(cut, rows)):
+            stats["truncated"] = stats.get("truncated", 0) + n
+            print(f"sectune: warning: {n} prompt(s) longer than {budget} tokens (the sequence length less "
+                  f"generation.max_new_tokens) lost their middle: the model saw their start and end only")
+        enc = tokenizer.pad({"input_ids": cut}, padding=True, return_tensors="pt").to(device)
         kwargs = dict(
             max_new_tokens=gen_cfg.max_new_tokens,
             do_sample=gen_cfg.do_sample,
@@ -95,9 +117,8 @@ def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats)
         ids = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
         if processor is not None:
             outs.extend(constraint.decode(row) for row in ids.tolist())
-            if stats is not None:
-                stats["forced"] = stats.get("forced", 0) + processor.forced
-                stats["force_failures"] = stats.get("force_failures", 0) + getattr(processor, "force_failures", 0)
+            stats["forced"] = stats.get("forced", 0) + processor.forced
+            stats["force_failures"] = stats.get("force_failures", 0) + getattr(processor, "force_failures", 0)
         else:
             outs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
     return outs

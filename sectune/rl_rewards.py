@@ -86,7 +86,7 @@ def heldout_rewards(cfg, model, tokenizer, records: list[dict], reward_funcs, we
     prompts = [r["prompt"] for r in records]
     greedy = OmegaConf.merge(cfg.generation, {"do_sample": False, "max_new_tokens": int(cfg.rl.max_completion_length)})
     was_training = model.training
-    texts = generate(model, tokenizer, prompts, greedy, batch_size=int(cfg.infer.batch_size))  # LoRA folded in on a CPU
+    texts = generate(model, tokenizer, prompts, greedy, batch_size=int(cfg.infer.batch_size), max_seq_length=int(cfg.model.max_seq_length))  # LoRA folded in on a CPU
     model.train(was_training)
     cols = {"window": [window_from_prompt(p) for p in prompts], "annotation": [r["completion"] for r in records]}
     per_func = [fn(prompts, texts, **cols) for fn in reward_funcs]

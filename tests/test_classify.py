@@ -496,6 +496,7 @@ def test_kfold_ensemble_threshold_from_out_of_fold_rows_and_mean_of_members(tmp_
     ("classify.folds=0", "classify.folds=0: 1 trains one model"),
     ("classify.folds=40", "classify.folds=40"),  # more folds than the train split has rows of a label
     ("loss.class_weights={zz: 2}", "loss.class_weights: unknown label(s) ['zz']"),
+    ("dataset.val_fraction=0", "dataset.val_fraction=0.0: no validation rows"),  # was an IndexError after loading the model
 ])
 def test_a_refused_rerun_leaves_the_finished_run_dir_byte_identical(tmp_path, override, error):
     """The checks run before splits/, labels.json (or anything else) is written: a rerun with a bad

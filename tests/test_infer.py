@@ -360,3 +360,32 @@ def test_bitmask_applies_the_same_on_the_torch_path_as_on_xgrammars_cpu_kernel()
     assert torch.equal(cpu.isinf(), via_torch.isinf()) and cpu[:, 120:].isinf().all()
     bits = [(int(bitmask[r, t // 32]) >> (t % 32)) & 1 for r in range(3) for t in range(120)]
     assert [not x for x in cpu[:, :120].isinf().flatten().tolist()] == [bool(b) for b in bits]
+
+
+def test_a_prompt_longer_than_the_sequence_length_loses_its_middle_not_the_memory():
+    """A 3,000-line window (127k tokens) in an SFT preview took 24 GB before it was killed: prompts are cut to
+    the sequence length less the answer's budget, keeping their start (the instruction) and end (the answer header)."""
+    from omegaconf import OmegaConf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sectune import modeling
+    from sectune.inference import cut_middle, generate
+
+    assert cut_middle(list(range(10)), 6) == [0, 1, 2, 7, 8, 9]
+    assert cut_middle(list(range(5)), 6) == list(range(5)) and cut_middle(list(range(9)), None) == list(range(9))
+    tok = modeling.load_tokenizer(compose(["logger=none"]))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         intermediate_size=32, vocab_size=len(tok), max_position_embeddings=64))
+    seen, inner = [], model.generate
+    model.generate = lambda **k: (seen.append(k["input_ids"][0].tolist()), inner(**k))[1]
+    gen = OmegaConf.create({"max_new_tokens": 4, "do_sample": False, "repetition_penalty": 1.0})
+    long = "Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from 1.2.3.4 port 22 ssh2\n" * 200
+    ids = tok(long)["input_ids"]
+    stats: dict = {}
+    out = generate(model, tok, [long, "short"], gen, batch_size=2, stats=stats)  # default: max_position_embeddings 64
+    assert len(out) == 2 and stats["truncated"] == 1
+    assert seen[-1] == ids[:30] + ids[-30:]  # 64 - 4 new tokens: first 30 and last 30
+    stats = {}
+    generate(model, tok, [long], gen, stats=stats, max_seq_length=40)
+    assert stats["truncated"] == 1 and seen[-1] == ids[:18] + ids[-18:]

@@ -78,7 +78,8 @@ def run(ctx: RunContext) -> dict:
                   "and uniqueItems is checked only afterwards")
     stats: dict = {}
     t0 = time.perf_counter()
-    texts = generate(model, tokenizer, prompts, cfg.generation, batch_size=ic.batch_size, constraint=constraint, stats=stats)
+    texts = generate(model, tokenizer, prompts, cfg.generation, batch_size=ic.batch_size, constraint=constraint, stats=stats,
+                     max_seq_length=int(cfg.model.max_seq_length))
     gen_s = time.perf_counter() - t0
 
     # 5. parse, check, write
@@ -96,6 +97,7 @@ def run(ctx: RunContext) -> dict:
         "analyses_per_s": n / gen_s if gen_s > 0 else None,
         "generation_s": round(gen_s, 3),
         "constrained": int(bool(ic.constrained)),
+        "truncated_prompts": stats.get("truncated", 0),  # windows longer than model.max_seq_length: their middle cut
     }
     if constraint is not None:
         # outputs the token budget closed (the model had not closed them itself by then)

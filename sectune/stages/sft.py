@@ -109,7 +109,8 @@ def run(ctx: RunContext) -> dict:
 
     # 5. a look at what the trained model generates
     if cfg.generation.preview_samples and val_recs:
-        preview = preview_generations(model_unwrapped, tokenizer, val_recs[: cfg.generation.preview_samples], cfg.generation)
+        preview = preview_generations(model_unwrapped, tokenizer, val_recs[: cfg.generation.preview_samples], cfg.generation,
+                                      int(cfg.model.max_seq_length))
         write_json_atomic(run_dir / "samples" / "preview.json", preview)
         artifacts["preview"] = "samples/preview.json"
         metrics["preview_json_valid_rate"] = sum(p["valid_json"] for p in preview) / len(preview)
@@ -321,11 +322,11 @@ def save_probe_logits(model, tokenizer, texts: list[str], path: Path) -> None:
     save_file({"input_ids": enc["input_ids"].cpu(), "logits": logits.contiguous()}, str(path))
 
 
-def preview_generations(model, tokenizer, recs: list[dict], gen_cfg) -> list[dict]:
+def preview_generations(model, tokenizer, recs: list[dict], gen_cfg, max_seq_length: int | None = None) -> list[dict]:
     from sectune.data.auth_logs import validate_analysis
     from sectune.inference import extract_json, generate
 
-    outs = generate(model, tokenizer, [r["prompt"] for r in recs], gen_cfg)
+    outs = generate(model, tokenizer, [r["prompt"] for r in recs], gen_cfg, max_seq_length=max_seq_length)
     preview = []
     for rec, text in zip(recs, outs):
         item = {"id": rec.get("id"), "expected": rec["completion"], "generated": text, "valid_json": False, "schema_valid": False}

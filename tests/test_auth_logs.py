@@ -526,3 +526,13 @@ def test_the_table_offers_tfidf_the_warmup_windows_in_a_row_beside_the_bar(tmp_p
     md = render_markdown({"rows": rows, "best_policy": None, "windows": [{"source": "OpenSSH", "verdict": "benign"}],
                           "by_source": {r["name"]: {} for r in rows}})
     assert md.count("(the bar)") == 1 and f"| {row.name} |" in md and "**loses** (-0.100)" in md
+
+
+def test_a_byte_order_mark_in_a_window_or_its_analysis_is_not_data(folder):
+    """Windows tools write a UTF-8 BOM first; the analysis JSON was refused ("Unexpected UTF-8 BOM")."""
+    txt, js = _first_pair(folder)
+    before = A.load_auth_folder(folder)[0]
+    txt.write_bytes(b"\xef\xbb\xbf" + txt.read_bytes())
+    js.write_bytes(b"\xef\xbb\xbf" + js.read_bytes())
+    after = A.load_auth_folder(folder)[0]
+    assert after.log_text == before.log_text and after.analysis == before.analysis

@@ -101,6 +101,20 @@ def test_user_jsonl_pairs_and_bad_lines(tmp_path):
     assert sum(map(len, splits.values())) == 20
     prompts = {s: {p["prompt"] for p in splits[s]} for s in P.SPLITS}
     assert not (prompts["train"] & prompts["test"])  # the same prompt never crosses splits
+    # ... also when every line carries its own id (a walkthrough found 7 of 20 test prompts in train), and lines
+    # sharing an id stay together even under different prompts
+    lines = [{"prompt": f"p{i % 20}", "chosen": "{\"a\":1}", "rejected": "{\"a\":2}", "id": f"line{i}"} for i in range(60)]
+    lines += [{"prompt": f"q{i}", "chosen": "{\"a\":1}", "rejected": "{\"a\":2}", "id": "shared"} for i in range(3)]
+    ids = tmp_path / "pairs_ids.jsonl"
+    ids.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    splits = P.preference_splits(compose(["dataset=auth_preferences", "stage=reward", f"dataset.path={ids}"]))
+    by = {s: {p["prompt"] for p in splits[s]} for s in P.SPLITS}
+    assert splits["test"] and not (by["train"] & by["test"]) and not (by["train"] & by["validation"]) and not (by["validation"] & by["test"])
+    assert len({s for s in P.SPLITS for p in splits[s] if p["prompt"].startswith("q")}) == 1
+    assert len({p["window_id"] for s in P.SPLITS for p in splits[s]}) == 21
+    bom = tmp_path / "bom.jsonl"  # Windows tools write a byte-order mark first
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode() + b"\r\n")
+    assert [p["prompt"] for p in P.read_pairs_jsonl(bom)] == ["p"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n\n{"prompt": "p", "chosen": "a"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl: line 3: missing or non-string rejected"):

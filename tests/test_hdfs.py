@@ -76,6 +76,10 @@ def test_a_bad_session_line_is_an_error_naming_file_and_line(tmp_path, line, pro
     # or a stated, counted skip
     normal, skipped = hdfs.read_key_sessions(tmp_path / hdfs.NORMAL_FILE, hdfs.NORMAL, 28, skip_bad=True)
     assert skipped == 1 and [s.id for s in normal] == ["hdfs_train:1", "hdfs_train:2", "hdfs_train:4"]
+    # blank lines that end the file are its end, not empty sessions (a walkthrough's file ended with one)
+    (tmp_path / hdfs.NORMAL_FILE).write_text("5 5 22 11 9\n22 5 5 5\n\n  \n")
+    normal, skipped = hdfs.read_key_sessions(tmp_path / hdfs.NORMAL_FILE, hdfs.NORMAL, 28)
+    assert skipped == 0 and [s.id for s in normal] == ["hdfs_train:1", "hdfs_train:2"]
 
 
 def test_an_empty_split_is_an_error(tmp_path):

@@ -229,7 +229,8 @@ def test_infer_runs_on_the_adapter_it_chose_and_falls_back(adapter, tmp_path):
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "empty.log").write_text("  \n")
     (tmp_path / "binary.log").write_bytes(b"Dec 10 sshd\x00\x01\x02")
-    (tmp_path / "latin1.log").write_bytes("Dec 10 sshd: user caf\xe9\n".encode("latin-1"))
+    (tmp_path / "binary_dir").mkdir()
+    (tmp_path / "binary_dir" / "auth.log.2.gz").write_bytes(b"\x1f\x8b\x08\x00\x00\x00")
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "not_a_run").mkdir()
     (tmp_path / "reward_run").mkdir()
@@ -241,8 +242,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "missing": ([f"infer.input_file={tmp_path / 'nope.log'}"], "nope.log: no such file or folder"),
         "empty file": ([f"infer.input_file={tmp_path / 'empty.log'}"], "empty.log: empty log file"),
         "binary": ([f"infer.input_file={tmp_path / 'binary.log'}"], "binary.log: binary file"),
-        "not utf-8": ([f"infer.input_file={tmp_path / 'latin1.log'}"], "latin1.log: not UTF-8"),
         "empty folder": ([f"infer.input_file={tmp_path / 'empty_dir'}"], "empty_dir: the folder holds no log files"),
+        "only binary files": ([f"infer.input_file={tmp_path / 'binary_dir'}"], "binary_dir: the folder holds no text log files"),
         "model_dir missing": ([f"infer.input_file={good}", f"infer.model_dir={tmp_path / 'gone'}"], "gone: no such directory"),
         "model_dir not a run": ([f"infer.input_file={good}", f"infer.model_dir={tmp_path / 'not_a_run'}"], "no result.json there"),
         "model_dir holds no model": ([f"infer.input_file={good}", f"infer.model_dir={tmp_path / 'reward_run'}"], "stage=reward run holds no model"),
@@ -389,3 +390,19 @@ def test_a_prompt_longer_than_the_sequence_length_loses_its_middle_not_the_memor
     stats = {}
     generate(model, tok, [long], gen, stats=stats, max_seq_length=40)
     assert stats["truncated"] == 1 and seen[-1] == ids[:18] + ids[-18:]
+
+
+def test_a_non_utf8_byte_or_a_rotated_gz_beside_the_logs_does_not_stop_the_analysis(tmp_path, capsys):
+    """An attacker who types a Latin-1 byte into a user name must not keep the whole log from being read; a
+    folder like /var/log holds compressed rotations beside the text logs."""
+    folder = tmp_path / "varlog"
+    folder.mkdir()
+    (folder / "auth.log").write_bytes(b"Dec 10 06:55:46 LabSZ sshd[1]: Invalid user caf\xe9 from 1.2.3.4\n"
+                                      b"Dec 10 06:55:47 LabSZ sshd[2]: Invalid user bob from 1.2.3.4\n")
+    (folder / "auth.log.2.gz").write_bytes(b"\x1f\x8b\x08\x00\x00\x00binary")
+    (folder / "bom.log").write_bytes("\ufeffDec 10 06:55:48 LabSZ sshd[3]: Invalid user eve from 1.2.3.5\n".encode())
+    texts = dict(infer.read_inputs(folder))
+    out = capsys.readouterr().out
+    assert set(texts) == {"auth.log", "bom.log"} and "skipped 1 binary file(s)" in out and "auth.log.2.gz" in out
+    assert "caf\ufffd from" in texts["auth.log"] and "auth.log: 1 line(s) not UTF-8 (line 1)" in out
+    assert texts["bom.log"].startswith("Dec 10")  # the byte-order mark is not data

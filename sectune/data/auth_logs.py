@@ -344,8 +344,8 @@ def load_auth_folder(path: str | os.PathLike, max_samples: int | None = None, sc
         if not js.is_file():
             raise DataError(f"{txt}: has no analysis file {js}")
         try:
-            log_text = txt.read_text(encoding="utf-8")
-            raw = js.read_text(encoding="utf-8")
+            log_text = txt.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows tools write one) is not data
+            raw = js.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{txt} / {js}: cannot read as UTF-8 text ({e})") from e
         if not log_text.strip():

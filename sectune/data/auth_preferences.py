@@ -211,6 +211,26 @@ def build_pairs(cfg: DictConfig) -> list[dict]:
     return pairs
 
 
+def _group_by_prompt_or_id(pairs: list[dict]) -> None:
+    """Pairs that share a prompt, or an ``id``, get one ``window_id`` (the first of their group), so a split never
+    holds a prompt that another split holds too (per-line ids used to put one prompt's pairs in train and test)."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for p in pairs:
+        a, b = root("id:" + p["window_id"]), root("prompt:" + p["prompt"])
+        if a != b:
+            parent[b] = a
+    first: dict[str, str] = {}
+    for p in pairs:
+        p["window_id"] = first.setdefault(root("id:" + p["window_id"]), p["window_id"])
+
+
 def read_pairs_jsonl(path: Path, max_samples: int | None = None) -> list[dict]:
     """A user's ``{prompt, chosen, rejected}`` lines; any bad line is an error naming the file and line."""
     if not path.is_file():
@@ -235,6 +255,7 @@ def read_pairs_jsonl(path: Path, max_samples: int | None = None) -> list[dict]:
                       "kind": str(obj.get("kind") or "user"), "window_id": wid, "label": None if label is None else str(label)})
     if not pairs:
         raise DataError(f"{path}: no preference pairs (empty file)")
+    _group_by_prompt_or_id(pairs)
     if max_samples is not None:
         keep = list(dict.fromkeys(p["window_id"] for p in pairs))[:max_samples]
         pairs = [p for p in pairs if p["window_id"] in set(keep)]

@@ -77,25 +77,28 @@ def read_key_sessions(path: Path, label: int, num_keys: int, skip_bad: bool = Fa
         raise DataError(f"{path}: no such file (dataset=hdfs, deeplog layout: {NORMAL_FILE} + {ANOMALOUS_FILE})")
     sessions, skipped = [], 0
     with path.open(encoding="utf-8", errors="replace") as fh:
-        for n, line in enumerate(fh, 1):
-            problem = None
-            parts = line.split()
-            if not parts:
-                problem = "empty session line (a session needs at least one key)"
+        lines = fh.read().splitlines()
+    while lines and not lines[-1].strip():  # blank lines at the end are the end of the file, not empty sessions
+        lines.pop()
+    for n, line in enumerate(lines, 1):
+        problem = None
+        parts = line.split()
+        if not parts:
+            problem = "empty session line (a session needs at least one key)"
+        else:
+            bad = next((p for p in parts if not p.isdigit()), None)
+            if bad is not None:
+                problem = f"{bad!r} is not a log key (integers 1..{num_keys})"
             else:
-                bad = next((p for p in parts if not p.isdigit()), None)
-                if bad is not None:
-                    problem = f"{bad!r} is not a log key (integers 1..{num_keys})"
-                else:
-                    out = next((int(p) for p in parts if not 1 <= int(p) <= num_keys), None)
-                    if out is not None:
-                        problem = f"unknown log key {out} (dataset.num_log_keys={num_keys}: keys are 1..{num_keys})"
-            if problem:
-                if not skip_bad:
-                    raise DataError(f"{path}:{n}: {problem}; fix the line or set dataset.skip_bad_lines=true to skip such lines")
-                skipped += 1
-                continue
-            sessions.append(Session(f"{path.name}:{n}", tuple(int(p) for p in parts), label))
+                out = next((int(p) for p in parts if not 1 <= int(p) <= num_keys), None)
+                if out is not None:
+                    problem = f"unknown log key {out} (dataset.num_log_keys={num_keys}: keys are 1..{num_keys})"
+        if problem:
+            if not skip_bad:
+                raise DataError(f"{path}:{n}: {problem}; fix the line or set dataset.skip_bad_lines=true to skip such lines")
+            skipped += 1
+            continue
+        sessions.append(Session(f"{path.name}:{n}", tuple(int(p) for p in parts), label))
     return sessions, skipped
 
 

@@ -13,7 +13,7 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     byte that is not UTF-8 is named by its line and the lines after it still count."""
     for n, raw in enumerate(path.read_bytes().splitlines(), 1):
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark (Windows tools write one) is not data
         except UnicodeDecodeError as e:
             yield n, None, f"not UTF-8 text ({e.reason} at byte {e.start} of the line)"
             continue

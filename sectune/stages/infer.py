@@ -124,13 +124,26 @@ def read_inputs(input_file) -> list[tuple[str, str]]:
         files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
         if not files:
             raise DataError(f"infer.input_file={input_file}: the folder holds no log files")
-    elif path.is_file():
-        files = [path]
-    elif path.exists():
+        # a folder such as /var/log holds rotated, compressed logs beside the text ones: those are skipped, named
+        texts, skipped = [], []
+        for f in files:
+            try:
+                texts.append((f.name, read_log(f)))
+            except DataError as e:
+                if "binary file" not in str(e):
+                    raise
+                skipped.append(f.name)
+        if skipped:
+            print(f"sectune: infer: skipped {len(skipped)} binary file(s) in {path} (compressed or not text): "
+                  f"{', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
+        if not texts:
+            raise DataError(f"infer.input_file={input_file}: the folder holds no text log files (every file is binary)")
+        return texts
+    if path.is_file():
+        return [(path.name, read_log(path))]
+    if path.exists():
         raise DataError(f"infer.input_file={input_file}: not a regular file or a folder")
-    else:
-        raise DataError(f"infer.input_file={input_file}: no such file or folder")
-    return [(f.name, read_log(f)) for f in files]
+    raise DataError(f"infer.input_file={input_file}: no such file or folder")
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,8 @@ def verdict_summaries(records: list[dict]) -> list[str]:
 
 
 def read_log(path: Path) -> str:
+    """A log file's text. Bytes that are not UTF-8 (a user name an attacker typed in Latin-1, say) become U+FFFD
+    with a warning naming their lines: one such byte must not keep a whole log from being analysed."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -187,12 +202,23 @@ def read_log(path: Path) -> str:
     if b"\x00" in data:
         raise DataError(f"{path}: binary file (NUL bytes); infer reads text log files")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); infer reads text log files") from None
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        lines = [n for n, raw in enumerate(data.splitlines(), 1) if not _utf8(raw)]
+        print(f"sectune: infer: warning: {path.name}: {len(lines)} line(s) not UTF-8 (line {', '.join(map(str, lines[:5]))}"
+              f"{' …' if len(lines) > 5 else ''}); their bad bytes read as U+FFFD")
+        text = data.decode("utf-8-sig", errors="replace")
     if not text.strip():
         raise DataError(f"{path}: empty log file")
     return text
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def output_path(output_file, run_dir: Path) -> Path:

@@ -57,6 +57,9 @@ def check_values(cfg) -> None:
     need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
     need(t.save_steps is None or t.save_steps >= 0, "train.save_steps", t.save_steps, "must be >= 0 (0 or null = no checkpoints)")
     check_split_seed(cfg.dataset.split_seed)
+    skips = ("hdfs", "injection_triplets", "injection_preferences")  # the readers that can skip and count a bad line
+    need(not cfg.dataset.skip_bad_lines or cfg.dataset.name in skips, "dataset.skip_bad_lines", cfg.dataset.skip_bad_lines,
+         f"dataset={cfg.dataset.name} stops at its first bad line, naming it (skipping is for dataset={', '.join(skips)})")
     need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing", cfg.loss.label_smoothing, "must be in [0, 1)")
     if cfg.lora.enabled:
         need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")

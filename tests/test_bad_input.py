@@ -58,6 +58,8 @@ from sectune.errors import ConfigError
     ("stage=federated federated.client_num_cpus=0", "federated.client_num_cpus"),  # crashed Ray's pool, then hung
     ("stage=federated federated.client_num_gpus=-1", "federated.client_num_gpus"),  # (and any > 0 on a machine without CUDA)
     ("dataset.split_seed=-1", "dataset.split_seed"),  # every dataset: numpy's seed range (was a traceback in classify)
+    ("stage=classify dataset=text_label_csv dataset.skip_bad_lines=true", "dataset.skip_bad_lines"),  # was accepted, then ignored
+    ("stage=reward dataset=auth_preferences dataset.skip_bad_lines=true", "dataset.skip_bad_lines"),
 ])
 def test_values_no_run_can_use_are_errors_naming_the_key(override, key):
     from sectune.config_checks import check_values

@@ -69,8 +69,38 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str
     container.pop("sweep", None)
     if root is not None:
         container = relative_to_root(container, str(root).rstrip("/"))
+    container["_data"] = data_fingerprint(cfg)
     blob = json.dumps(container, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def data_fingerprint(cfg: DictConfig) -> dict:
+    """What data a run would read, beyond its config: the files (name and size, two folders deep) under
+    ``paths.shared_data`` and under ``dataset.path``. Real logs downloaded after a run on generated ones, or a
+    user's file edited, change the digest, so a pipeline or a sweep does not reuse a run made on other data."""
+
+    def listing(path) -> list | str:
+        p = Path(str(path)).expanduser()
+        if p.is_file():
+            return [["", p.stat().st_size]]
+        if not p.is_dir():
+            return "absent"
+        out = []
+        for a in sorted(p.iterdir()):
+            for b in sorted(a.iterdir()) if a.is_dir() else [a]:
+                if b.is_file() and not b.name.startswith("."):
+                    out.append([str(b.relative_to(p)), b.stat().st_size])
+        return out
+
+    fp = {}
+    for key in ("paths.shared_data", "dataset.path"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value:
+            try:
+                fp[key] = listing(value)
+            except OSError as e:  # unreadable: the run itself will say so
+                fp[key] = f"unreadable: {e.strerror}"
+    return fp
 
 
 def relative_to_root(obj: Any, root: str) -> Any:

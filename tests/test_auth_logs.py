@@ -255,6 +255,28 @@ def test_build_without_real_logs_uses_synthetic(tmp_path):
     assert not marker.exists() and len(A.load_auth_folder(out)) == 9
 
 
+def test_a_build_from_generated_logs_is_rebuilt_once_the_real_logs_arrive(tmp_path):
+    """A fresh clone builds from generated logs; after the README's download steps the next run must read the
+    real logs (it kept the generated build and said the folder had none), and the run's digest must change so
+    a pipeline or a sweep does not reuse steps trained on the generated ones."""
+    from sectune.runner import config_digest
+    from conftest import compose
+
+    src, out = tmp_path / "shared", tmp_path / "cache" / "auth"
+    src.mkdir()
+    cfg = compose([f"paths.shared_data={src}"])
+    before = config_digest(cfg)
+    assert A.ensure_auth_folder(out, src, seed=0)["source"] == "synthetic"
+    lines = generate_auth_lines(3000, 5)
+    for i, rel in enumerate(A.REAL_SOURCES):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text("\n".join(lines[i * 1500 : (i + 1) * 1500]) + "\n")
+    info = A.ensure_auth_folder(out, src, seed=0)
+    assert info["source"] != "synthetic" and len(info["source_files"]) == len(A.REAL_SOURCES)
+    assert A.ensure_auth_folder(out, src, seed=0) == info  # and reused from then on
+    assert config_digest(cfg) != before and config_digest(cfg) == config_digest(compose([f"paths.shared_data={src}"]))
+
+
 def test_generated_lines_build_uses_no_real_line_even_where_the_real_logs_are(tmp_path):
     """sft.warmup_lines' folder: only generated lines, cut and annotated like the real ones."""
     src = tmp_path / "shared"  # a source dir that does hold "real" logs
@@ -536,3 +558,34 @@ def test_a_byte_order_mark_in_a_window_or_its_analysis_is_not_data(folder):
     js.write_bytes(b"\xef\xbb\xbf" + js.read_bytes())
     after = A.load_auth_folder(folder)[0]
     assert after.log_text == before.log_text and after.analysis == before.analysis
+
+
+def test_the_report_states_the_shipped_datas_facts_only_where_they_hold(tmp_path):
+    """On a user's folder annotated otherwise, the rule engine is not 'the ceiling', and on windows where benign
+    is not all from Linux_2k the report does not say that it is (both were printed unconditionally)."""
+    from conftest import compose
+
+    from sectune import analyst_eval
+    from sectune.analyst_report import render_markdown
+
+    folder = tmp_path / "auth"
+    A.build_auth_folder(folder, tmp_path / "nowhere", seed=0, max_windows=24)
+    windows = [w for w in analyst_eval.load_windows(compose([f"dataset.path={folder}", f"paths.cache_dir={tmp_path}"]))["train"]]
+    assert analyst_eval.rule_engine_row(windows).name == "rule engine (wrote the annotations: the ceiling)"
+    flipped = [analyst_eval.Window(w.id, w.source, w.prompt, w.log_text, {**w.annotation, "verdict": "benign"}) for w in windows]
+    row = analyst_eval.rule_engine_row(flipped)
+    assert row.name == "rule engine"
+
+    def md(name, by_source):
+        rows = [{"name": name, "kind": "rules", "json_valid_rate": 1, "schema_valid_rate": 1, "verdict_accuracy": 0.6,
+                 "verdict_macro_f1": 0.5, "field_f1": 0.5, "analyses_per_s": None}]
+        return render_markdown({"rows": rows, "best_policy": None, "windows": [{"source": "synthetic", "verdict": "benign"}],
+                                "by_source": {name: by_source}})
+
+    d = {"windows": 4, "verdict_accuracy": 0.5, "verdict_macro_f1": 0.5, "field_f1": 0.5, "true_benign_rate": 0.5,
+         "pred_benign_rate": 0.5, "non_benign_called_benign_rate": 0.5}
+    text = md("rule engine", {"synthetic": d})
+    assert "it is the ceiling" not in text and "agrees on the verdict of 60.0% of the windows" in text
+    assert "Linux_2k" not in text and "Benign windows come from: synthetic" in text
+    text = md("rule engine (wrote the annotations: the ceiling)", {"Linux": d, "OpenSSH": {**d, "true_benign_rate": 0.0}})
+    assert "it is the ceiling, not a competitor" in text and "Every benign window comes from Linux_2k" in text

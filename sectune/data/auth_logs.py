@@ -284,6 +284,9 @@ def ensure_auth_folder(
             raise DataError(f"{info_path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg}); delete the folder to rebuild") from e
         # a build by older rules, or of lines an older generator wrote, is rebuilt (atomically: a reader never sees half of one)
         stale = info.get("rules_version") != RULES_VERSION or (info.get("source") == "synthetic" and info.get("generator") != GENERATOR_VERSION)
+        # built from generated logs while the real ones were missing, and the real ones are there now: rebuilt from them
+        stale = stale or (info.get("source") == "synthetic" and not generated_lines and source_dir is not None
+                          and any((Path(source_dir) / rel).is_file() for rel in REAL_SOURCES))
         if not stale:
             return info
     return build_auth_folder(out_dir, source_dir, seed=seed, min_lines=min_lines, max_lines=max_lines, max_windows=max_windows,

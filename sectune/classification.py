@@ -136,7 +136,10 @@ def build_labelled_data(cfg: DictConfig) -> LabelledData:
         except DataError as e:
             if d.path or d.name in DEFAULT_SOURCES:
                 raise
-            # the flows are the ones sectune generated: the value to change is the number generated, not the file
+            # the flows are the ones sectune generated: the value to change is the number generated (or kept), not the file
+            if d.max_samples is not None and d.max_samples < d.synthetic_rows:
+                raise ConfigError(f"dataset.max_samples={d.max_samples}: too few flows kept for this split (raise it, or null "
+                                  f"for all {d.synthetic_rows} generated): {e}") from e
             raise ConfigError(f"dataset.synthetic_rows={d.synthetic_rows}: too few generated flows for this split "
                               f"(raise it, or set dataset.path to a real flow CSV): {e}") from e
         return _two_labels(LabelledData(fmt, prep.records, prep.labels, template, str(path), prep.normalizer, list(d.features), prep.cleaning))

@@ -188,6 +188,21 @@ def previous_result(run_dir: Path, name: str = RESULT_FILE) -> dict | None:
     return result if isinstance(result, dict) else None
 
 
+#: stages whose saved weights are not a language-model policy to start another stage from
+NOT_A_POLICY = {"classify": "a classifier", "reward": "a reward model"}
+
+
+def check_policy_run(res, key: str, result: Path) -> dict:
+    """A run's result.json read for its weights: an object whose ``artifacts`` is one, of a stage that trains a policy
+    (a classify run's adapter was taken as an SFT adapter, and GRPO/DPO/contrastive started from it); its artifacts."""
+    if not isinstance(res, dict) or not isinstance(res.get("artifacts") or {}, dict):
+        raise ConfigError(f"{key}: {result} is not a sectune result (an object with 'artifacts')")
+    if res.get("stage") in NOT_A_POLICY:
+        raise ConfigError(f"{key}: {result.parent} is a stage={res['stage']} run ({NOT_A_POLICY[res['stage']]}), not a policy "
+                          "to start from: give an SFT (or DPO, RL, contrastive) run dir")
+    return res.get("artifacts") or {}
+
+
 def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
     """``rl.init_from`` (or the key ``name``: reward.init_from, contrastive.init_from): an SFT run dir (its result.json names ``artifacts.adapter`` or
     ``artifacts.model``), an adapter folder (adapter_config.json) or a full-weights folder (config.json) → (kind, folder)."""
@@ -205,7 +220,7 @@ def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
         res = json.loads(result.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{key}: {result} is not readable JSON ({e})") from None
-    artifacts = res.get("artifacts") or {}
+    artifacts = check_policy_run(res, key, result)
     for kind, marker in (("adapter", "adapter_config.json"), ("model", "config.json")):
         if artifacts.get(kind):
             folder = p / artifacts[kind]
@@ -233,6 +248,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         if prev is not None:
             return 0, _objective(prev.get("metrics", {}), cfg.sweep.objective)
 
+    main = distributed.is_main_process()
+    lock = _lock_run_dir(run_dir) if main else None
+    if lock is False:
+        return 2, None
     result: dict[str, Any] = {
         "stage": stage_name,
         "status": "running",
@@ -241,7 +260,6 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         "started": _now(),
         "config_digest": digest,
     }
-    main = distributed.is_main_process()
     earlier = previous_result(run_dir) if main else None
     earlier = earlier if earlier and earlier.get("status") == "succeeded" else None
     started = time.time()
@@ -254,6 +272,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     t0 = time.perf_counter()
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
     code = 0
+    handlers = _interrupt_on_signals()
     try:
         from sectune.config_checks import check_keys, check_values
 
@@ -270,16 +289,18 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         code = e.exit_code
         result.update(status="failed", error=str(e))
         print(f"sectune: error: {e}", file=sys.stderr)
-    except KeyboardInterrupt:
-        code = 130
-        result.update(status="failed", error="interrupted (KeyboardInterrupt)")
-        print("sectune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        code = 128 + e.signum if isinstance(e, Interrupted) else 130
+        why = f"interrupted ({e.name})" if isinstance(e, Interrupted) else "interrupted (KeyboardInterrupt)"
+        result.update(status="failed", error=why)
+        print(f"sectune: {why}; train.resume=auto continues from the last checkpoint", file=sys.stderr)
     except Exception as e:  # a bug or a library failure: keep the traceback for the user
         code = 1
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
         traceback.print_exc()
         print(f"sectune: error: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
+        _restore_signals(handlers)
         if result["status"] == "failed":
             result["metrics"] = _finite(ctx.partial_metrics)
         result["finished"] = _now()
@@ -306,13 +327,105 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         print(f"sectune: error: sweep.objective={cfg.sweep.objective}: this stage's result has no such number, so the "
               f"sweeper cannot score this trial (its metrics: {', '.join(numbers)})", file=sys.stderr)
         code = 2
+    _unlock_run_dir(run_dir, lock)
     return code, objective
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler's preemption or time limit, ``timeout``, ``kill``), handled as Ctrl-C is: the run
+    is recorded as failed and a rerun that changed nothing restores the earlier result (it stayed "running")."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+def _interrupt_on_signals() -> dict:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def raise_interrupted(signum, frame):
+        raise Interrupted(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            old[sig] = signal.signal(sig, raise_interrupted)
+        except (ValueError, OSError):
+            pass
+    return old
+
+
+def _restore_signals(old: dict) -> None:
+    import signal
+
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+
+#: open lock files of the run dirs this process is running in (released when it exits)
+_LOCKS: dict[str, Any] = {}
+
+
+def _lock_run_dir(run_dir: Path):
+    """An exclusive lock on ``run_dir/.sectune.lock`` for this process: a second command into the same dir stops with an
+    error naming the process that holds it (two runs in one dir both said done, one's result silently replacing the other's).
+    Returns the open file, or False (the error is printed)."""
+    import fcntl
+    import os
+
+    import shutil
+
+    key = str(run_dir.resolve())
+    if key in _LOCKS:  # this process already runs here (a stage that runs another in its own dir)
+        return None
+    running = run_dir / RUNNING_CONFIG_DIR
+    fh = open(run_dir / ".sectune.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        # Hydra wrote this command's .hydra/ over the running one's before sectune started: put the running one's back
+        for rel in RUN_CONFIG_FILES:
+            if (running / Path(rel).name).is_file():
+                shutil.copy2(running / Path(rel).name, run_dir / rel)
+        print(f"sectune: error: {run_dir} is in use by another sectune run ({holder}); wait for it, or give this run "
+              "another hydra.run.dir", file=sys.stderr)
+        return False
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    shutil.rmtree(running, ignore_errors=True)
+    for rel in RUN_CONFIG_FILES:
+        if (run_dir / rel).is_file():
+            running.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run_dir / rel, running / Path(rel).name)
+    _LOCKS[key] = fh
+    return fh
+
+
+def _unlock_run_dir(run_dir: Path, lock) -> None:
+    import shutil
+
+    if not lock:
+        return
+    shutil.rmtree(run_dir / RUNNING_CONFIG_DIR, ignore_errors=True)
+    _LOCKS.pop(str(run_dir.resolve()), None)
+    lock.close()  # closing the file releases the lock
 
 
 #: what a run dir's config is made of: Hydra's record of the run (written before the stage starts, so a failed rerun
 #: in the dir replaces it) and a pipeline step's step.json (its skip check); a copy of the succeeded run's is kept
 RUN_CONFIG_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "step.json")
-SUCCEEDED_CONFIG_DIR, FAILED_CONFIG_DIR = ".hydra/succeeded", ".hydra/failed"
+SUCCEEDED_CONFIG_DIR, FAILED_CONFIG_DIR, RUNNING_CONFIG_DIR = ".hydra/succeeded", ".hydra/failed", ".hydra/running"
 
 
 def keep_run_config(run_dir: Path) -> None:

@@ -287,3 +287,56 @@ def test_a_checkpoint_whose_trainer_state_is_not_an_object_is_damaged(tmp_path):
     assert checkpoints.damaged_file(tmp_path) == ("trainer_state.json", "not a JSON object (list)")
     (tmp_path / "trainer_state.json").write_text('{"global_step": 2}')
     assert checkpoints.damaged_file(tmp_path) is None
+
+
+def test_sigterm_is_a_recorded_interruption_and_a_rerun_it_stopped_gives_the_earlier_result_back(tmp_path, monkeypatch, capsys):
+    """A scheduler's preemption or time limit (SIGTERM), `timeout` or `kill` left result.json "running" for good, and a
+    killed rerun in a succeeded run's dir hid that run (infer then answered with the base model)."""
+    import signal
+
+    from sectune import runner
+
+    def killed(ctx):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return {}
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: killed)
+    before = signal.getsignal(signal.SIGTERM)
+    run_dir = tmp_path / "sft"
+    run_dir.mkdir()
+    earlier = _succeeded_run(run_dir, "sft", {"adapter": "adapter/adapter_model.safetensors"})
+    code, _ = runner.run(compose(["logger=none"]), run_dir)
+    assert code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert json.loads((run_dir / "result.json").read_text()) == earlier
+    assert json.loads((run_dir / "result.failed.json").read_text())["error"] == "interrupted (SIGTERM)"
+    assert "interrupted (SIGTERM); train.resume=auto continues" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    code, _ = runner.run(compose(["logger=none"]), fresh)
+    assert code == 143 and json.loads((fresh / "result.json").read_text())["status"] == "failed"
+
+
+def test_a_second_command_into_a_run_dir_in_use_stops_and_leaves_the_running_ones_config(tmp_path, monkeypatch, capsys):
+    """Two commands in one run dir both said done, one's result and checkpoints silently replacing the other's."""
+    import fcntl
+
+    from sectune import runner
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra/config.yaml").write_text("lr: 1\n")
+    ran = []
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: lambda ctx: ran.append(ctx) or {})
+    holder = runner._lock_run_dir(run_dir)  # the running command (a lock is per open file: this one conflicts)
+    assert (run_dir / ".hydra/running/config.yaml").read_text() == "lr: 1\n"
+    runner._LOCKS.clear()  # as if held by another process
+    (run_dir / ".hydra/config.yaml").write_text("lr: 2\n")  # Hydra wrote the second command's config first
+    (run_dir / "result.json").write_text('{"status": "running"}')
+    code, _ = runner.run(compose(["logger=none"]), run_dir)
+    err = capsys.readouterr().err
+    assert code == 2 and not ran and f"{run_dir} is in use by another sectune run (pid {os.getpid()})" in err
+    assert (run_dir / ".hydra/config.yaml").read_text() == "lr: 1\n" and (run_dir / "result.json").read_text() == '{"status": "running"}'
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    code, _ = runner.run(compose(["logger=none"]), run_dir)  # free again: runs, and leaves no lock held
+    assert code == 0 and ran and not (run_dir / ".hydra/running").exists() and not runner._LOCKS

@@ -113,6 +113,11 @@ def test_46_column_preset_generates_synthetic_and_says_so(tmp_path, capsys):
     assert "GENERATED" in capsys.readouterr().out
     assert data.labels == ["attack", "benign"] and len(data.features) == 46
     assert list(tmp_path.glob("datasets/cic_iot_46_synthetic-*.csv"))
+    # too few flows kept by dataset.max_samples is named as that, not as too few generated
+    small = _cfg(name="cic_iot_2023", max_samples=5, synthetic_rows=680)
+    small.paths.cache_dir = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"^dataset.max_samples=5: too few flows kept"):
+        build_labelled_data(small)
 
 
 @needs_inj

@@ -246,10 +246,24 @@ def test_init_from_errors_name_the_path_and_what_is_missing(tmp_path):
     (tmp_path / "failed").mkdir()
     (tmp_path / "failed" / "result.json").write_text(json.dumps({"stage": "sft", "status": "failed", "artifacts": {}}))
     cases[tmp_path / "failed"] = "lists no 'adapter' artifact (stage=sft, status=failed"
+    for name, res in (("classify", {"stage": "classify", "status": "succeeded", "artifacts": {"adapter": "adapter"}}),
+                      ("list", []), ("stringy", {"stage": "sft", "artifacts": "adapter"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps(res))
+    # a classifier's adapter was taken for an SFT adapter (rl, dpo and contrastive started from it, exit 0)
+    cases[tmp_path / "classify"] = "is a stage=classify run (a classifier), not a policy"
+    cases[tmp_path / "list"] = "is not a sectune result"  # was AttributeError: 'list' object has no attribute 'get'
+    cases[tmp_path / "stringy"] = "is not a sectune result"
     for path, words in cases.items():
         with pytest.raises(ConfigError, match=f"dpo.init_from={path}.*") as e:
             dpo.init_source(str(path), "adapter")
         assert words in str(e.value)
+    from sectune.runner import init_source
+
+    with pytest.raises(ConfigError, match="rl.init_from=.*is a stage=classify run"):
+        init_source(str(tmp_path / "classify"))
+    with pytest.raises(ConfigError, match="rl.init_from=.*is not a sectune result"):
+        init_source(str(tmp_path / "list"))
     with pytest.raises(ConfigError, match="holds a LoRA adapter"):
         dpo.init_source(str(run_dir / "adapter"), "model")
     # an adapter that does not load (corrupt weights) is the same kind of error, naming the folder

@@ -406,3 +406,10 @@ def test_a_non_utf8_byte_or_a_rotated_gz_beside_the_logs_does_not_stop_the_analy
     assert set(texts) == {"auth.log", "bom.log"} and "skipped 1 binary file(s)" in out and "auth.log.2.gz" in out
     assert "caf\ufffd from" in texts["auth.log"] and "auth.log: 1 line(s) not UTF-8 (line 1)" in out
     assert texts["bom.log"].startswith("Dec 10")  # the byte-order mark is not data
+
+
+def test_the_per_file_summary_reads_when_no_window_has_a_verdict():
+    recs = [{"input": "auth.log", "schema_valid": False, "analysis": None, "lines": [i, i]} for i in (1, 2, 3)]
+    assert infer.verdict_summaries(recs) == ["auth.log: 3 windows · no schema-valid verdict 3"]  # was "3 windows · , no …"
+    recs[0] = {"input": "auth.log", "schema_valid": True, "analysis": {"verdict": "malicious"}, "lines": [1, 4]}
+    assert infer.verdict_summaries(recs) == ["auth.log: 3 windows · malicious 1, no schema-valid verdict 2 · malicious at lines 1-4"]

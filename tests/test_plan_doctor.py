@@ -264,3 +264,26 @@ def test_lora_targets_that_name_no_linear_are_an_error_listing_the_models_linear
                                           r"its linears: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj$"):
         plan.estimate(compose(["stage=plan", "model=llama2_7b", "lora=r4_attention", "lora.target_modules=[foo_proj]"]))
     plan.estimate(compose(["stage=plan", "model=llama2_7b", "lora=r4_attention", "lora.target_modules=[q_proj,v_proj]"]))
+
+
+def test_doctor_says_which_datasets_will_fail_without_the_real_files(tmp_path):
+    """doctor said 'generated data is used' and 'ready' for datasets that have no generated stand-in (the run then
+    exited 2), and 'built from <dir>' for an empty folder."""
+    from sectune.stages import doctor
+
+    empty = tmp_path / "shared"
+    empty.mkdir()
+
+    def check(*overrides):
+        (c,) = doctor.check_dataset(compose(["stage=doctor", f"paths.shared_data={empty}", *overrides]))
+        return c.status, c.detail
+
+    status, detail = check("dataset=prompt_injections")
+    assert status == "missing" and "no generated stand-in" in detail
+    assert check("dataset=cic_iot_2023_merged")[0] == "missing"
+    assert check("dataset=text_label_csv")[0] == "missing"
+    status, detail = check("dataset=auth_logs")
+    assert status == "ok" and "generated logs in the same format are used" in detail
+    (empty / "loghub_openssh_2k").mkdir()
+    (empty / "loghub_openssh_2k" / "OpenSSH_2k.log").write_text("x\n")
+    assert "built from the real logs" in check("dataset=auth_logs")[1]

@@ -38,7 +38,7 @@ def metrics(out: Path, seed: str, run: str) -> dict:
     m = res["metrics"]
     if "attack_success_rate_clean_correct" not in m:  # runs from before sectune reported it: from their per-window answers
         right = [w for w in windows(out, seed, run) if w["clean_correct"]]
-        m["attack_success_rate_clean_correct"] = sum(w["attacked"] for w in right) / len(right) if right else 0.0
+        m["attack_success_rate_clean_correct"] = sum(w["attacked"] for w in right) / len(right) if right else None
     return m
 
 
@@ -66,6 +66,9 @@ def breakdown(ws: list[dict]) -> tuple[int, int, int]:
 
 
 def cell(values: list[float]) -> str:
+    values = [v for v in values if v is not None]  # a rate over no windows
+    if not values:
+        return "n/a"
     mean = statistics.mean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:.3f} ± {sd:.3f} ({' / '.join(f'{v:.3f}' for v in values)})"

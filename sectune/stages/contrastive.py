@@ -222,11 +222,12 @@ def attack_eval(cfg: DictConfig, model, tokenizer, records: list[dict], split: s
     """The attack on the held-out injected windows with the model as it is now (``sectune.injection_eval``:
     stage=infer's generation, greedy by default), and the same windows clean."""
     from sectune.injection_eval import attack_eval as generate_and_score
+    from sectune.injection_eval import rate
 
     # evaluate.batch_size: the batches stage=evaluate generates in, so its numbers for this run's start match _start
     metrics, windows = generate_and_score(model, tokenizer, records, cfg.generation, int(cfg.evaluate.batch_size))
     print(f"sectune: {when} training, attack success {metrics['attack_success_rate']:.3f} · targeted "
-          f"{metrics['targeted_attack_success_rate']:.3f} · clean verdict accuracy {metrics['clean_verdict_accuracy']:.3f} "
+          f"{rate(metrics['targeted_attack_success_rate'])} · clean verdict accuracy {metrics['clean_verdict_accuracy']:.3f} "
           f"({len(records)} {split} windows, {metrics['generation_s']:.0f}s)")
     return metrics, windows
 

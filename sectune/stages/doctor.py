@@ -195,10 +195,28 @@ def check_dataset(cfg: DictConfig) -> list[Check]:
         if not p.exists():
             return [Check("dataset", "missing", f"dataset.path={p} does not exist", "fix dataset.path, or null for the built-in data")]
         return [Check("dataset", "ok", f"dataset.path={p}")]
-    src = Path(str(cfg.dataset.source_dir))
+    from sectune.classification import DEFAULT_SOURCES
+    from sectune.data.auth_rules import REAL_SOURCES
+
+    name, src = cfg.dataset.name, Path(str(cfg.dataset.source_dir))
+    if name == "text_label_csv":
+        return [Check("dataset", "missing", "dataset=text_label_csv reads your file: dataset.path is not set",
+                      "dataset.path=/path/to/file.csv (columns text,label)")]
+    if name in DEFAULT_SOURCES:  # real data only: no generated stand-in
+        need = src / DEFAULT_SOURCES[name]
+        if need.exists():
+            return [Check("dataset", "ok", f"dataset={name}: {need}")]
+        return [Check("dataset", "missing", f"dataset={name}: {need} not found, and this dataset has no generated stand-in",
+                      "get it as the README's Data table says, or set dataset.source_dir / paths.shared_data")]
+    if name in ("auth_logs", "auth_preferences", "injection_triplets", "injection_preferences"):
+        real = [rel for rel in REAL_SOURCES if (src / rel).is_file()]
+        if real:
+            return [Check("dataset", "ok", f"dataset={name}: built from the real logs in {src} ({', '.join(real)}) on first use")]
+        return [Check("dataset", "ok", f"dataset={name}: {src} has none of {', '.join(REAL_SOURCES)}; generated logs in the same "
+                                       "format are used (the run says so)")]
     if src.is_dir():
-        return [Check("dataset", "ok", f"dataset={cfg.dataset.name}: built from {src} on first use")]
-    return [Check("dataset", "ok", f"dataset={cfg.dataset.name}: {src} not found; generated data is used (the run says so)")]
+        return [Check("dataset", "ok", f"dataset={name}: read from {src}, or generated where its files are missing (the run says so)")]
+    return [Check("dataset", "ok", f"dataset={name}: {src} not found; generated data is used (the run says so)")]
 
 
 def check_plugins() -> list[Check]:

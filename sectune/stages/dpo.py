@@ -32,7 +32,7 @@ import torch
 from sectune import checkpoints, engine, losses, modeling, packed_attention
 from sectune.config_checks import dpo_sft_weight
 from sectune.errors import ConfigError
-from sectune.runner import RunContext
+from sectune.runner import RunContext, check_policy_run
 
 REFERENCES = ("base", "init")
 
@@ -190,9 +190,10 @@ def init_source(init_from: str, want: str) -> Path:
         res = json.loads(result.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{key}: {result} is not readable JSON ({e})") from None
-    rel = (res.get("artifacts") or {}).get(want)
+    artifacts = check_policy_run(res, key, result)
+    rel = artifacts.get(want)
     if not rel:
-        have = ", ".join(sorted(res.get("artifacts") or {})) or "none"
+        have = ", ".join(sorted(artifacts)) or "none"
         raise ConfigError(
             f"{key}: {result} lists no {want!r} artifact (stage={res.get('stage')}, status={res.get('status')}, "
             f"artifacts: {have}); a LoRA SFT run saves 'adapter', a lora=none run 'model'"

@@ -186,8 +186,8 @@ def verdict_summaries(records: list[dict]) -> list[str]:
         worst = next(iter(counts), None)
         where = [f"{r['lines'][0]}-{r['lines'][1]}" for r, v in zip(recs, verdicts) if v == worst]
         unread = verdicts.count(None)
-        out.append(f"{name}: {len(recs)} windows · " + ", ".join(f"{v} {c}" for v, c in counts.items())
-                   + (f", no schema-valid verdict {unread}" if unread else "")
+        parts = [f"{v} {c}" for v, c in counts.items()] + ([f"no schema-valid verdict {unread}"] if unread else [])
+        out.append(f"{name}: {len(recs)} windows · " + ", ".join(parts)
                    + (f" · {worst} at lines {', '.join(where[:5])}{' …' if len(where) > 5 else ''}" if worst else ""))
     return out
 

@@ -86,17 +86,20 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
-    """``train.resume``: null (fresh), auto (newest complete checkpoint that loads, if any), or a dir."""
+    """``train.resume``: null (fresh), auto (newest complete checkpoint that loads, if any), or a dir. A fresh start
+    records what its checkpoints are trained with (:data:`RESUME_RECORD`); a resume from checkpoints trained with
+    other settings is an error naming them (it used to continue silently: lr 0.01 weights under an lr 0.001 config)."""
     r = cfg.train.resume
     if r in (None, "", "null", "none"):
-        return None
+        return _record_fresh(cfg, checkpoint_dir)
     if r == "auto":
         ckpt = latest_checkpoint(checkpoint_dir)
         if ckpt is None:
             print(f"sectune: train.resume=auto: no complete checkpoint in {checkpoint_dir}; starting fresh")
-        else:
-            print(f"sectune: train.resume=auto: resuming from {ckpt}")
-        return str(ckpt) if ckpt else None
+            return _record_fresh(cfg, checkpoint_dir)
+        _check_same_training(cfg, ckpt, f"train.resume=auto ({ckpt})")
+        print(f"sectune: train.resume=auto: resuming from {ckpt}")
+        return str(ckpt)
     path = Path(r)
     if not path.is_dir() or not is_complete_checkpoint(path):
         raise ConfigError(f"train.resume={r}: not a complete Trainer checkpoint (needs trainer_state.json, optimizer.pt, weights)")
@@ -104,4 +107,62 @@ def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
     if damage:
         raise ConfigError(f"train.resume={r}: {path / damage[0]} is damaged ({damage[1]}); resume from an earlier "
                           "checkpoint, or train.resume=auto to take the newest one that loads")
+    _check_same_training(cfg, path, f"train.resume={r}")
     return str(path)
+
+
+#: beside a run's checkpoints: the settings they are trained with (a resume must use the same)
+RESUME_RECORD = "trained_with.json"
+#: train.* settings a resume may change: how long, how often to save/log/evaluate, where
+RESUMABLE = {"resume", "max_steps", "epochs", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "device",
+             "num_workers", "empty_cache_steps", "eval_batch_size"}
+
+
+def training_settings(cfg: DictConfig, root: Path) -> dict:
+    """Flat ``{key: value}`` of what the weights depend on: model, quantization, LoRA, loss, data, the stage's own
+    group and train.* beyond :data:`RESUMABLE`; paths under ``root`` written relative to it (a moved pipeline)."""
+    from omegaconf import OmegaConf
+
+    from sectune.runner import relative_to_root
+
+    groups = ["model", "quantization", "lora", "loss", "dataset", "train", str(cfg.stage.name)]
+    flat: dict = {"stage": str(cfg.stage.name)}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            flat[prefix] = value
+
+    for g in groups:
+        node = OmegaConf.select(cfg, g, default=None)
+        if node is None or not OmegaConf.is_config(node):
+            continue
+        walk(g, relative_to_root(OmegaConf.to_container(node, resolve=True), str(root)))
+    return {k: v for k, v in flat.items() if not (k.startswith("train.") and k.split(".", 1)[1] in RESUMABLE)}
+
+
+def _record_fresh(cfg: DictConfig, checkpoint_dir: Path) -> None:
+    from sectune import distributed
+    from sectune.runner import write_json_atomic
+
+    if distributed.is_main_process():
+        write_json_atomic(checkpoint_dir / RESUME_RECORD, training_settings(cfg, checkpoint_dir.parent.parent))
+    return None
+
+
+def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:
+    record = ckpt.parent / RESUME_RECORD
+    try:
+        before = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return  # checkpoints from before the record (or a damaged record): nothing to compare
+    if not isinstance(before, dict):
+        return
+    now = json.loads(json.dumps(training_settings(cfg, ckpt.parent.parent.parent), default=str))
+    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in diff[:4])
+        raise ConfigError(f"{key}: those checkpoints were trained with other settings ({shown}{' …' if len(diff) > 4 else ''}); "
+                          "resume with the same settings, or train.resume=null to train afresh with these")

@@ -28,9 +28,15 @@ def already_done(step: Step) -> dict | None:
         return None
     if not (res and res.get("status") == "succeeded" and res.get("config_digest") == meta.get("config_digest")):
         return None
+    if "data" in meta and meta["data"] != _json(runner.data_fingerprint(step.cfg)):
+        return None  # the same config on other data (real logs downloaded since, a user's file edited)
     if meta.get("skip_digest") == step.skip_digest or same_but_newer_defaults(step):
-        return res
+        return res if runner.damaged_artifact(step.dir, res) is None else None
     return None
+
+
+def _json(obj):
+    return json.loads(json.dumps(obj, default=str))
 
 
 def same_but_newer_defaults(step: Step) -> bool:
@@ -110,6 +116,7 @@ def record_step(step: Step) -> None:
         "config_digest": config_digest(step.cfg),
         "composed_with": step.composed_with,
         "merged": step.merged,
+        "data": runner.data_fingerprint(step.cfg),
     })
     hydra_dir = step.dir / ".hydra"
     flat = [f"{k}={v}" for k, v in _flatten(step.merged)]

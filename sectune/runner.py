@@ -74,6 +74,23 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def damaged_artifact(run_dir: Path, result: dict) -> str | None:
+    """Why a succeeded run's artifacts cannot stand for it any more (one deleted, a safetensors file cut short), or None:
+    a sweep's skip_done and a pipeline's skip check reused runs whose adapters were gone."""
+    from sectune.checkpoints import damaged_safetensors
+
+    for key, rel in (result.get("artifacts") or {}).items():
+        if not isinstance(rel, str):
+            continue
+        path = Path(run_dir) / rel
+        if not path.exists():
+            return f"artifacts.{key} ({path}) is missing"
+        damage = damaged_safetensors(path) if path.is_dir() else None
+        if damage:
+            return f"artifacts.{key} ({path / damage[0]}) is damaged: {damage[1]}"
+    return None
+
+
 def data_fingerprint(cfg: DictConfig) -> dict:
     """What data a run would read, beyond its config: the files (name and size, two folders deep) under
     ``paths.shared_data`` and under ``dataset.path``. Real logs downloaded after a run on generated ones, or a

@@ -76,6 +76,11 @@ def reuse(cfg: DictConfig, run_dir: Path, digest: str, write: bool) -> dict | No
     if found is None:
         return None
     res, earlier = found
+    from sectune.runner import damaged_artifact
+
+    if (why := damaged_artifact(earlier, res)) is not None:
+        print(f"sectune: config {digest} succeeded in {earlier}, but {why}; trained again (sweep.skip_done=true)")
+        return None
     if earlier.resolve() == run_dir.resolve():
         print(f"sectune: {run_dir} already succeeded with this config; skipped (sweep.skip_done=true)")
         return res

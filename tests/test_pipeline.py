@@ -411,3 +411,29 @@ def test_a_run_killed_while_recording_a_changed_step_does_not_pass_it_as_finishe
         assert OmegaConf.load(a.dir / ".hydra" / "config.yaml").train.max_steps == (50 if "config.yaml" in written else 2)
     pipeline_record.record_step(b)  # recorded whole: B is itself, not done until it runs
     assert pipeline_record.already_done(b) is None and json.loads((b.dir / "step.json").read_text())["config_digest"] == runner.config_digest(b.cfg)
+
+
+def test_a_finished_step_is_not_reused_on_other_data_or_without_its_artifacts(tmp_path):
+    """Real logs downloaded after a run on generated ones: every step was skipped (the config fallback for newer
+    sectune defaults matched), and the table then scored models trained on the generated windows. A step whose
+    adapter was deleted was skipped too."""
+    import shutil as sh
+
+    from sectune import pipeline_record, runner
+    from sectune.stages import pipeline
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    over = ["stage=sft", "train.max_steps=2", f"paths.shared_data={shared}"]
+    step = pipeline.Step("sft", tmp_path / "p" / "sft", compose(over), over)
+    pipeline_record.record_step(step)
+    (step.dir / "adapter").mkdir()
+    runner.write_json_atomic(step.dir / "result.json", {"status": "succeeded", "config_digest": runner.config_digest(step.cfg),
+                                                        "artifacts": {"adapter": "adapter"}})
+    assert pipeline_record.already_done(step) is not None
+    sh.rmtree(step.dir / "adapter")
+    assert pipeline_record.already_done(step) is None
+    (step.dir / "adapter").mkdir()
+    (shared / "loghub_openssh_2k").mkdir()
+    (shared / "loghub_openssh_2k" / "OpenSSH_2k.log").write_text("Dec 10 06:55:46 LabSZ sshd[1]: Invalid user a from 1.2.3.4\n")
+    assert pipeline_record.already_done(step) is None  # its step.json and result.json still say "this config, succeeded"

@@ -107,3 +107,25 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_names_a_damaged_explicit_o
     (line,) = [ln for ln in explicit.stderr.splitlines() if ln.startswith("sectune: error:")]
     assert str(ckpts / "checkpoint-6" / "adapter_model.safetensors") in line and "damaged" in line, line
     assert "Traceback" not in explicit.stderr
+
+
+def test_resuming_checkpoints_trained_with_other_settings_is_an_error_naming_them(tmp_path):
+    """train.resume=auto after changing the learning rate continued the old run's weights under the new config, and a
+    pipeline step rerun with another β kept the old adapter, recorded as the new one."""
+    import pytest
+
+    from conftest import compose
+    from sectune import checkpoints
+    from sectune.errors import ConfigError
+
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    base = ["logger=none", "train.learning_rate=0.01"]
+    assert checkpoints.resolve_resume(compose(base), ckpt_dir) is None  # a fresh start records its settings
+    record = json.loads((ckpt_dir / checkpoints.RESUME_RECORD).read_text())
+    assert record["train.learning_rate"] == 0.01 and "train.max_steps" not in record
+    ckpt = ckpt_dir / "checkpoint-4"
+    checkpoints._check_same_training(compose([*base, "train.max_steps=40", "train.save_steps=2"]), ckpt, "x")  # longer: fine
+    with pytest.raises(ConfigError, match=r"^train.resume=auto \(.*checkpoint-4\): those checkpoints were trained with other "
+                                          r"settings \(lora.r: 4 there, 16 now; train.learning_rate: 0.01 there, 0.001 now\)"):
+        checkpoints._check_same_training(compose(["logger=none", "train.learning_rate=0.001", "lora.r=16"]), ckpt,
+                                         f"train.resume=auto ({ckpt})")

@@ -1,6 +1,7 @@
 """Sweeps: 2x2 multirun + report (with failed rows), skip_done across sweep dirs, submitit, Optuna."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,12 @@ def test_skip_done_in_place_never_links_to_another_job_dir_of_the_same_sweep(tmp
     other = tmp_path / "other_sweep" / "3"  # another sweep's dir: linked as before
     assert sweeps.reuse(cfg, other, "abc", write=False)["reused_from"] == str(job1.resolve())
     assert sweeps.reuse(cfg, job1, "abc", write=False)["status"] == "succeeded"  # its own dir: skipped as before
+    # an adapter cut short, or deleted, since: trained again (both were reused, and infer fell back to the base model)
+    (job1 / "adapter" / "adapter_model.safetensors").write_bytes((64).to_bytes(8, "little") + b'{"w": ')
+    assert sweeps.reuse(cfg, other, "abc", write=False) is None and sweeps.reuse(cfg, job1, "abc", write=False) is None
+    assert "adapter_model.safetensors) is damaged" in capsys.readouterr().out
+    shutil.rmtree(job1 / "adapter")
+    assert sweeps.reuse(cfg, job1, "abc", write=False) is None and "artifacts.adapter" in capsys.readouterr().out
 
 
 def test_an_objective_the_stage_does_not_report_is_named_and_the_sweep_fails(tmp_path):

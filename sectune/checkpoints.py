@@ -46,6 +46,8 @@ def damaged_file(path: Path) -> tuple[str, str] | None:
         return "trainer_state.json", f"does not parse ({e})"
     if not isinstance(state, dict):
         return "trainer_state.json", f"not a JSON object ({type(state).__name__})"
+    if not isinstance(state.get("global_step"), int) or not isinstance(state.get("log_history", []), list):
+        return "trainer_state.json", "no global_step (Trainer's record of the step is missing)"
     return None
 
 

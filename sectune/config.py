@@ -302,8 +302,18 @@ def load_run_config(cfg_path: Path) -> DictConfig:
     """A run's saved ``.hydra/config.yaml``, with a relative ``dataset.path`` / ``dataset.source_dir`` made absolute
     against the folder that run was started from (``hydra.runtime.cwd`` in the ``hydra.yaml`` beside it, or beside its
     pipeline's): a run trained with ``dataset.path=flows.csv`` is then evaluated from any folder."""
+    import yaml
+
+    from sectune.errors import DataError
+
     register()  # the saved config interpolates sectune's resolvers
-    cfg = OmegaConf.load(cfg_path)
+    try:
+        cfg = OmegaConf.load(cfg_path)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataError(f"{cfg_path}: not a readable config ({type(e).__name__}: {str(e).splitlines()[0]}); the run's own "
+                        f"record of its settings is damaged (a copy of a succeeded run's is in .hydra/succeeded/)") from None
+    if not isinstance(cfg, DictConfig):
+        raise DataError(f"{cfg_path}: not a config (a YAML mapping); the run's record of its settings is damaged")
     run_dir = Path(cfg_path).parent.parent
     cwd = None
     for hydra_yaml in (run_dir / ".hydra" / "hydra.yaml", run_dir.parent / ".hydra" / "hydra.yaml"):

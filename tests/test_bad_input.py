@@ -264,6 +264,10 @@ def test_infer_passes_over_a_damaged_adapter_and_names_the_file(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ConfigError, match=r"^evaluate.model_dir=.*sft: adapter/adapter_model.safetensors is damaged \(truncated"):
         infer.choose_model(str(run_dir), base_fallback=False, key="evaluate.model_dir")
+    model.save_pretrained(run_dir / "adapter")
+    (run_dir / "adapter" / "adapter_config.json").write_text('{"r": 4, ')  # was a JSONDecodeError traceback
+    with pytest.raises(ConfigError, match=r"sft: adapter/adapter_config.json is damaged \(JSONDecodeError"):
+        infer.choose_model(str(run_dir), base_fallback=False, key="evaluate.model_dir")
     (run_dir / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": ["adapter"]}))
     assert "artifacts is not an object" in infer.choose_model(str(run_dir)).skipped[0]
     (run_dir / "result.json").write_text("[]")  # valid JSON, not a result
@@ -285,6 +289,8 @@ def test_a_checkpoint_whose_trainer_state_is_not_an_object_is_damaged(tmp_path):
 
     (tmp_path / "trainer_state.json").write_text("[]")
     assert checkpoints.damaged_file(tmp_path) == ("trainer_state.json", "not a JSON object (list)")
+    (tmp_path / "trainer_state.json").write_text("{}")  # was a TypeError traceback when resumed
+    assert checkpoints.damaged_file(tmp_path)[0] == "trainer_state.json"
     (tmp_path / "trainer_state.json").write_text('{"global_step": 2}')
     assert checkpoints.damaged_file(tmp_path) is None
 
@@ -340,3 +346,14 @@ def test_a_second_command_into_a_run_dir_in_use_stops_and_leaves_the_running_one
     holder.close()
     code, _ = runner.run(compose(["logger=none"]), run_dir)  # free again: runs, and leaves no lock held
     assert code == 0 and ran and not (run_dir / ".hydra/running").exists() and not runner._LOCKS
+
+
+def test_a_damaged_run_config_is_named_not_a_yaml_traceback(tmp_path):
+    from sectune.config import load_run_config
+    from sectune.errors import DataError
+
+    (tmp_path / ".hydra").mkdir()
+    for text in ("model: {name: [\n", "- just\n- a list\n"):
+        (tmp_path / ".hydra" / "config.yaml").write_text(text)
+        with pytest.raises(DataError, match=r"config.yaml: not a (readable )?config"):
+            load_run_config(tmp_path / ".hydra" / "config.yaml")

@@ -329,6 +329,11 @@ def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
                 return f"{rel}/{name} missing", None, ""
         if (damage := checkpoints.damaged_safetensors(folder)) is not None:
             return f"{rel}/{damage[0]} is damaged ({damage[1]})", None, ""
+        try:
+            if not isinstance(json.loads((folder / "adapter_config.json").read_text()), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:  # was a JSONDecodeError traceback naming no file
+            return f"{rel}/adapter_config.json is damaged ({type(e).__name__}: {e})", None, ""
         return None, folder, "adapter"
     if artifacts.get("model"):
         rel = artifacts["model"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,11 @@ def run(ctx: RunContext) -> dict:
     resume = checkpoints.resolve_resume(cfg, run_dir / "checkpoints")
     start_file = run_dir / "checkpoints" / "eval_loss_start.json"
     if val_recs and resume and start_file.exists():
-        ctx.partial_metrics["eval_loss_start"] = json.loads(start_file.read_text())["eval_loss_start"]
+        try:
+            ctx.partial_metrics["eval_loss_start"] = float(json.loads(start_file.read_text())["eval_loss_start"])
+        except (OSError, ValueError, KeyError, TypeError) as e:  # damaged: resumed as if it were missing, said
+            print(f"sectune: warning: {start_file} is damaged ({type(e).__name__}: {e}); the eval loss from before "
+                  "training is not known for this resumed run", file=sys.stderr)
     # The eval loss before training comes from Trainer's own eval_on_start, inside train(): a
     # trainer.evaluate() before train() leaves the model un-wrapped by DDP under torchrun, so the
     # ranks would never sync their gradients (tests/test_distributed.py catches it).

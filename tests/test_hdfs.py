@@ -229,3 +229,11 @@ def test_hdfs_detect_pipeline_end_to_end_on_real_sessions(tmp_path):
     assert det["data"]["split_seed"] == 0 and det["data"]["train_anomalous"] == 0 and not det["data"]["generated"]
     assert det["data"]["test_normal"] == 1456 and det["data"]["test_anomalous"] == 12628
     assert "| LM (next key) |" in (ev / "evaluation" / "hdfs_report.md").read_text()
+
+
+def test_sft_on_hdfs_with_a_tokenizer_that_splits_keys_stops_before_training(tmp_path):
+    """On a fresh clone the tiny tokenizer (trained on generated logs) splits some keys: SFT trained, and only
+    stage=evaluate then refused the model. The same check now runs before training."""
+    run = sectune(["logger=none", "dataset=hdfs", "train.max_steps=1", f"paths.shared_data={tmp_path / 'none'}"], tmp_path / "run")
+    assert run.returncode == 2 and "dataset=hdfs: stage=evaluate could not score a model trained with this tokenizer" in run.stderr
+    assert not (tmp_path / "run" / "adapter").exists()

@@ -45,6 +45,15 @@ def run(ctx: RunContext) -> dict:
     path = modeling.model_path(cfg)
     tokenizer = modeling.load_tokenizer(cfg, path)
     model = modeling.apply_lora(modeling.load_model(cfg, path=path), cfg)
+    if cfg.dataset.name == "hdfs":  # stage=evaluate scores one token per log key: refuse before training, not after
+        from sectune.anomaly import key_token_ids
+        from sectune.data.hdfs import DEFAULT_PROMPT, load_hdfs
+
+        try:
+            key_token_ids(tokenizer, load_hdfs(cfg).num_keys, str(cfg.dataset.prompt_template or DEFAULT_PROMPT))
+        except ConfigError as e:
+            raise ConfigError(f"dataset=hdfs: stage=evaluate could not score a model trained with this tokenizer: {e} "
+                              "(+experiment=hdfs_detect sets them)") from None
     trainable, total = modeling.trainable_parameters(model)
     too_long = count_too_long(tokenizer, train_recs + val_recs, cfg.model.max_seq_length)
     if too_long:

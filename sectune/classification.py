@@ -169,8 +169,21 @@ def build_labelled_data(cfg: DictConfig) -> LabelledData:
     }
     if not splits["train"]:
         raise DataError(f"{source}: no training rows")
+    warn_duplicates_across_splits(splits, source)
     labels = sorted({r["label"] for recs in splits.values() for r in recs})
     return _two_labels(LabelledData(fmt, splits, labels, template, source))
+
+
+def warn_duplicates_across_splits(splits: dict, source: str) -> int:
+    """Say how many validation/test rows repeat a training row's text exactly (a file of repeated rows reported test
+    macro-F1 1.0 without a word): those scores then measure memory. Returns the count."""
+    seen = {r["raw_text"] for r in splits["train"]}
+    n = {s: sum(r["raw_text"] in seen for r in splits[s]) for s in ("validation", "test")}
+    if n["validation"] or n["test"]:
+        print(f"sectune: warning: {source}: {n['test']} of {len(splits['test'])} test and {n['validation']} of "
+              f"{len(splits['validation'])} validation rows repeat a training row's text exactly; their scores measure "
+              "memory (deduplicate the file to measure generalisation)")
+    return n["validation"] + n["test"]
 
 
 def _two_labels(data: LabelledData) -> LabelledData:

@@ -280,9 +280,12 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     earlier = previous_result(run_dir) if main else None
     earlier = earlier if earlier and earlier.get("status") == "succeeded" else None
     started = time.time()
-    if earlier is not None and earlier.get("config_digest") != digest and sweeps.in_multirun():
-        print(f"sectune: warning: {run_dir} held a succeeded run of another config (a sweep rerun in place with other "
-              "values numbers its jobs afresh); this job replaces it", file=sys.stderr)
+    if earlier is not None and earlier.get("config_digest") != digest and main:
+        # its result stays readable beside the new one (the artifacts it names are replaced as this run writes them)
+        write_json_atomic(run_dir / PREVIOUS_RESULT_FILE, earlier)
+        why = " (a sweep rerun in place with other values numbers its jobs afresh)" if sweeps.in_multirun() else ""
+        print(f"sectune: warning: {run_dir} held a succeeded run of another config{why}; this run replaces it "
+              f"(its result: {PREVIOUS_RESULT_FILE})", file=sys.stderr)
     if main:
         # A stale result from an earlier attempt in this dir must not look current.
         write_json_atomic(run_dir / RESULT_FILE, result)
@@ -328,6 +331,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
                 write_json_atomic(run_dir / FAILED_ATTEMPT_FILE, result)
                 config_note = restore_run_config(run_dir)
                 write_json_atomic(run_dir / RESULT_FILE, earlier)
+                (run_dir / PREVIOUS_RESULT_FILE).unlink(missing_ok=True)  # result.json is that run's again
                 print(f"sectune: {run_dir / RESULT_FILE} is the earlier succeeded run's again (this attempt changed none of "
                       f"its artifacts); this attempt's result is {FAILED_ATTEMPT_FILE} {config_note}", file=sys.stderr)
             else:
@@ -437,6 +441,10 @@ def _unlock_run_dir(run_dir: Path, lock) -> None:
     shutil.rmtree(run_dir / RUNNING_CONFIG_DIR, ignore_errors=True)
     _LOCKS.pop(str(run_dir.resolve()), None)
     lock.close()  # closing the file releases the lock
+
+
+#: a succeeded run's result.json, kept when a run of another config starts in its dir
+PREVIOUS_RESULT_FILE = "result.previous.json"
 
 
 #: what a run dir's config is made of: Hydra's record of the run (written before the stage starts, so a failed rerun

@@ -357,3 +357,17 @@ def test_a_damaged_run_config_is_named_not_a_yaml_traceback(tmp_path):
         (tmp_path / ".hydra" / "config.yaml").write_text(text)
         with pytest.raises(DataError, match=r"config.yaml: not a (readable )?config"):
             load_run_config(tmp_path / ".hydra" / "config.yaml")
+
+
+def test_a_run_of_another_config_into_a_succeeded_runs_dir_says_so_and_keeps_its_result(tmp_path, monkeypatch, capsys):
+    """A rerun with other settings into a finished run's dir replaced it without a word (outside sweeps)."""
+    from sectune import runner
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: lambda ctx: {"metrics": {"y": 2}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    earlier = _succeeded_run(run_dir, "sft", {"adapter": "adapter/adapter_model.safetensors"})
+    code, _ = runner.run(compose(["logger=none"]), run_dir)
+    assert code == 0 and "held a succeeded run of another config; this run replaces it" in capsys.readouterr().err
+    assert json.loads((run_dir / "result.previous.json").read_text()) == earlier
+    assert json.loads((run_dir / "result.json").read_text())["metrics"] == {"y": 2}

@@ -142,6 +142,21 @@ def test_text_label_csv_split(tmp_path):
         build_labelled_data(_cfg(name="text_label_csv"))
 
 
+def test_rows_repeated_across_splits_are_counted_and_said(tmp_path, capsys):
+    """20 rows repeated 12 times: every test row was also a training row and test macro-F1 1.0 came without a word."""
+    from sectune.classification import build_labelled_data
+
+    p = tmp_path / "dups.csv"
+    p.write_text("text,label\n" + "".join(f"flow {i % 20} syn,{'ddos' if i % 2 else 'benign'}\n" for i in range(240)))
+    data = build_labelled_data(_cfg(name="text_label_csv", path=str(p)))
+    out = capsys.readouterr().out
+    n = len(data.splits["test"])
+    assert f"{n} of {n} test and" in out and "repeat a training row's text exactly" in out
+    p.write_text("text,label\n" + "".join(f"flow {i} syn,{'ddos' if i % 2 else 'benign'}\n" for i in range(40)))
+    build_labelled_data(_cfg(name="text_label_csv", path=str(p)))
+    assert "repeat a training row" not in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

@@ -113,3 +113,15 @@ def test_tfidf_fits_the_vectorizer_once_and_predicts_as_a_pipeline_refit_per_c(m
     expected = {c: float(f1_score(vy, pipe(c).predict(val), average="macro")) for c in (0.1, 1.0, 10.0)}
     assert r.params["val_macro_f1_by_C"] == pytest.approx(expected, abs=1e-12)
     assert r.predictions == [str(p) for p in pipe(r.params["C"]).predict(test)]
+
+
+def test_macro_f1_leaves_out_a_label_that_is_neither_in_the_split_nor_predicted():
+    """A test split of benign rows only, all predicted benign, scored macro-F1 0.5 (the absent 'injection' as 0)."""
+    from sectune.evaluation import label_scores
+
+    labels = ["benign", "injection"]
+    assert label_scores(["benign"] * 4, ["benign"] * 4, labels)["macro_f1"] == 1.0
+    # predicted but absent: a false positive, F1 0 for that label, so it counts
+    assert label_scores(["benign"] * 4, ["benign"] * 3 + ["injection"], labels)["macro_f1"] == pytest.approx((6 / 7 + 0) / 2)
+    # present but never predicted counts as 0, as before
+    assert label_scores(["benign", "injection"], ["benign", "benign"], labels)["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)

@@ -131,7 +131,7 @@ class DatasetConfig:
     # tabular flows
     features: List[str] = field(default_factory=list)
     label_column: str = "label"
-    granularity: str = "family"  # fine | family | binary
+    granularity: str = "family"  # fine | family | binary | raw (the file's own labels)
     nan_policy: str = "impute"  # impute | drop
     prompt_template: str = ""
     # text classification

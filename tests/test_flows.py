@@ -73,6 +73,18 @@ def test_granularity_mapping():
         to_granularity(fine, "coarse")
 
 
+def test_another_datasets_own_labels_are_kept_with_granularity_raw(tmp_path):
+    """A CIC-IDS2017-style CSV (BENIGN/DDoS/PortScan) was refused: only CIC-IoT-2023 names passed."""
+    own = ["BENIGN", "DDoS", "PortScan", "BENIGN"]
+    with pytest.raises(DataError, match="dataset.granularity=raw keeps a file's own labels"):
+        to_granularity(own, "family")
+    assert to_granularity(own, "raw") == own
+    p = tmp_path / "ids2017.csv"
+    p.write_text("a,b,Label\n" + "".join(f"{i},{i % 7},{('BENIGN', 'DDoS', 'PortScan')[i % 3]}\n" for i in range(60)))
+    prep = prepare_flow_splits(p, ["a", "b"], "Label", "raw", val_fraction=0.2, test_fraction=0.2, seed=1)
+    assert prep.labels == ["BENIGN", "DDoS", "PortScan"] and sum(map(len, prep.records.values())) == 60
+
+
 # ---------------------------------------------------------------- loading and cleaning
 
 def test_missing_columns_named_all(tmp_path):

@@ -72,19 +72,22 @@ FINE_TO_FAMILY: Dict[str, str] = {f: fam for fam, fs in _FAMILY_MEMBERS.items() 
 #: Family names that may appear directly as labels (ours plus the merged release's 10).
 KNOWN_FAMILIES = frozenset(_FAMILY_MEMBERS) | {"WebAttack", "Malware", "Uploading"}
 BENIGN_NAMES = frozenset({"BenignTraffic", "Benign"})
-GRANULARITIES = ("fine", "family", "binary")
+GRANULARITIES = ("fine", "family", "binary", "raw")
 DEFAULT_TEMPLATE = "Classify this IoT network flow.\n{features}\nLabel:"
 
 
 def to_granularity(labels: Iterable[str], granularity: str, *, source: str = "labels") -> List[str]:
-    """Map raw labels to ``fine`` | ``family`` | ``binary`` (``benign``/``attack``).
+    """Map raw labels to ``fine`` | ``family`` | ``binary`` (``benign``/``attack``), or keep them as the file has them
+    (``raw``: another dataset's own labels, CIC-IDS2017's BENIGN/DDoS/PortScan say).
 
-    Raw labels are either all fine (the 46-column release) or all families (the merged release);
+    For the others raw labels are either all fine (the 46-column release) or all families (the merged release);
     a mix or an unknown name is a DataError, because silently bucketing it would mislabel rows.
     """
     if granularity not in GRANULARITIES:
         raise ConfigError(f"dataset.granularity={granularity!r}: expected one of {GRANULARITIES}")
     labels = [str(x) for x in labels]
+    if granularity == "raw":
+        return labels
     present = set(labels)
     if present <= set(FINE_TO_FAMILY):
         if granularity == "fine":
@@ -101,7 +104,7 @@ def to_granularity(labels: Iterable[str], granularity: str, *, source: str = "la
     else:
         unknown = sorted(present - set(FINE_TO_FAMILY) - KNOWN_FAMILIES)
         raise DataError(f"{source}: unknown label(s) {unknown[:10]}; expected CIC-IoT-2023 fine "
-                        "labels or family names")
+                        "labels or family names (dataset.granularity=raw keeps a file's own labels)")
     return ["benign" if x in BENIGN_NAMES else "attack" for x in labels]
 
 

@@ -302,8 +302,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         stage_fn = resolve_stage(stage_name)
         ctx.tracker = tracking.start(cfg, run_dir) if main else None
         out = stage_fn(ctx) or {}
-        result["metrics"] = _finite({**ctx.partial_metrics, **out.get("metrics", {})})
+        metrics = {**ctx.partial_metrics, **out.get("metrics", {})}
+        result["metrics"] = _finite(metrics)
         result["artifacts"] = out.get("artifacts", {})
+        broken = [k for k in ("train_loss", "eval_loss") if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])]
+        if broken:  # NaN weights were saved and recorded as succeeded (a damaged checkpoint resumed, say): not a result
+            raise SectuneError(f"{broken[0]} is {metrics[broken[0]]}: the trained weights are broken (a damaged checkpoint "
+                               "resumed, or a learning rate too high; debug=true stops at the first non-finite loss and "
+                               "says what to try); nothing downstream uses this run")
         result["status"] = "succeeded"
     except SectuneError as e:
         code = e.exit_code

@@ -371,3 +371,14 @@ def test_a_run_of_another_config_into_a_succeeded_runs_dir_says_so_and_keeps_its
     assert code == 0 and "held a succeeded run of another config; this run replaces it" in capsys.readouterr().err
     assert json.loads((run_dir / "result.previous.json").read_text()) == earlier
     assert json.loads((run_dir / "result.json").read_text())["metrics"] == {"y": 2}
+
+
+def test_a_run_whose_loss_ends_non_finite_is_failed_not_succeeded(tmp_path, monkeypatch):
+    """Garbled checkpoint weights resumed to eval loss NaN, recorded as succeeded (infer would then use them)."""
+    from sectune import runner
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: lambda ctx: {"metrics": {"eval_loss": float("nan"), "x": 1.0},
+                                                                           "artifacts": {"adapter": "adapter"}})
+    code, _ = runner.run(compose(["logger=none"]), tmp_path / "run")
+    res = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert code != 0 and res["status"] == "failed" and res["error"].startswith("eval_loss is nan: the trained weights are broken")

@@ -271,7 +271,7 @@ def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_
         return ModelChoice("base")
     root = Path(str(model_dir)).expanduser()
     if not root.is_dir():
-        raise ConfigError(f"{key}={model_dir}: no such directory")
+        raise ConfigError(f"{key}={model_dir}: " + ("a file, not a run directory" if root.exists() else "no such directory"))
     result = _read_result(root)
     stage = (result or {}).get("stage")
     if stage in CHAIN:

@@ -76,6 +76,11 @@ def test_step_configs_are_composed_per_step_and_handed_on(tmp_path):
     if HAS_RL:
         assert steps["rl"].cfg.rl.init_from == str(tmp_path / "sft")
         assert steps["rl"].cfg.rl.reward_model == str(tmp_path / "reward")
+        # and weighs it (its default weight 0 left the reward step's model trained and unused), recorded in step.json
+        assert steps["rl"].cfg.rl.rewards.reward_model == pipeline.REWARD_MODEL_WEIGHT
+        assert steps["rl"].merged["rl"]["rewards"]["reward_model"] == pipeline.REWARD_MODEL_WEIGHT
+        no_reward = pipeline.compose_step(cfg, base, "rl", tmp_path, ["sft", "rl", "infer"])
+        assert no_reward.cfg.rl.rewards.reward_model == 0 and no_reward.cfg.rl.reward_model is None
     assert steps["dpo"].cfg.dpo.init_from == str(tmp_path / "sft")
     assert steps["infer"].cfg.infer.model_dir == str(tmp_path)
     assert steps["infer"].cfg.infer.input_file == str(tmp_path / "heldout" / "windows")

@@ -64,6 +64,8 @@ from sectune.runner import RunContext, skip_digest
 GROUPS = ("model", "quantization", "lora", "loss", "dataset", "logger")
 #: the artifact a later step needs from an earlier one
 NEEDS = {"sft": ("adapter", "model"), "reward": ("reward_model",)}
+#: rl's weight for a pipeline's own reward model when the config leaves it at 0 (+experiment=auth_grpo's)
+REWARD_MODEL_WEIGHT = 0.1
 #: step → {earlier step: (the key it is handed, what that is)}: :func:`handoffs` hands them on. A step listed
 #: before one it takes from is an error (``[infer, sft]``): that step would hand it nothing, or an earlier pipeline
 #: run's stale dir. infer reads the pipeline's dir, not one step's (infer.CHAIN picks the newest policy)
@@ -285,6 +287,13 @@ def compose_step(cfg: DictConfig, base: list[str], name: str, run_dir: Path, nam
             raise ConfigError("pipeline step reward: reward.init_from=sft names this pipeline's sft step, but pipeline.steps "
                               f"runs none before reward ({', '.join(names)})")
         step_cfg.reward.init_from = str(run_dir / "sft")
+    if name == "rl" and "reward" in names[: names.index(name)] and not float(step_cfg.rl.rewards.get("reward_model", 0) or 0):
+        # the reward step's model would be trained and never used (rl's default weight for it is 0)
+        values = {**values, "rl": {**values.get("rl", {}), "rewards": {**(values.get("rl", {}).get("rewards") or {}),
+                                                                       "reward_model": REWARD_MODEL_WEIGHT}}}
+        step_cfg.rl.rewards.reward_model = REWARD_MODEL_WEIGHT
+        print(f"sectune: pipeline: step rl weighs the reward step's model {REWARD_MODEL_WEIGHT} (rl.rewards.reward_model was 0, "
+              "which would leave it unused; drop reward from pipeline.steps to train rl on the rule rewards alone)")
     if step_cfg.stage.name != name:
         raise ConfigError(f"pipeline step {name}: its config says stage.name={step_cfg.stage.name}")
     try:  # each step's values, before the first step runs (the runner checks a step's again only when it starts)

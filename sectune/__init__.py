@@ -9,3 +9,23 @@ __version__ = "0.1.0"
 # network run without trust_remote_code, a download at run time, and numbers that differ from torch's layers.
 # Off for every load in a sectune process; a user who wants them exports USE_HUB_KERNELS=1.
 os.environ.setdefault("USE_HUB_KERNELS", "0")
+
+
+def _refuse_hub_kernels() -> None:
+    """bitsandbytes (>= 0.50, on CPUs with AVX512-bf16) asks the ``kernels`` package for a hub kernel when it is
+    imported, in every run: a network lookup and, but for kernels' own publisher check, code from the network.
+    With hub kernels off, ``kernels.get_kernel`` refuses, and bitsandbytes keeps its built-in matmul."""
+    if os.environ.get("USE_HUB_KERNELS", "0").strip().lower() not in ("0", "false", "no", "off", ""):
+        return
+    try:
+        import kernels
+    except Exception:  # noqa: BLE001 - not installed (or broken): nothing to refuse
+        return
+
+    def get_kernel(repo_id, *args, **kwargs):
+        raise RuntimeError(f"sectune does not fetch hub kernels ({repo_id}): code from the network (USE_HUB_KERNELS=1 allows them)")
+
+    kernels.get_kernel = get_kernel
+
+
+_refuse_hub_kernels()

@@ -23,8 +23,8 @@ config.register()
 
 
 class BitsandbytesKernelsNote(logging.Filter):
-    """bitsandbytes warns at import, on CPUs with AVX512-bf16, that the optional ``kernels`` package
-    (a faster CPU 4-bit matmul fetched from the hub) is missing, in every run, quantized or not.
+    """bitsandbytes warns at import, on CPUs with AVX512-bf16, that it could not fetch a faster CPU 4-bit matmul
+    from the hub (sectune refuses hub kernels: sectune/__init__.py), in every run, quantized or not.
     Dropped; a run with 4-bit layers gets one line saying what it means instead."""
 
     LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -37,8 +37,8 @@ class BitsandbytesKernelsNote(logging.Filter):
         if "kernels" not in record.getMessage():
             return True
         if self.four_bit:
-            print("sectune: note: 4-bit layers on CPU use bitsandbytes' built-in matmul; the optional `kernels` "
-                  "package has a faster one (pip install kernels)", file=sys.stderr)
+            print("sectune: note: 4-bit layers on CPU use bitsandbytes' built-in matmul (the faster one it asks for is "
+                  "a kernel fetched from the hub: off, like every hub kernel, unless USE_HUB_KERNELS=1)", file=sys.stderr)
         return False
 
 

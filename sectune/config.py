@@ -298,6 +298,10 @@ class SectuneConfig:
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
 
 
+#: the resolvers a run's saved config may call: sectune's own (paths on this machine), Hydra's time stamp
+SAFE_RESOLVERS = {"sectune_shared_data", "sectune_cache", "now"}
+
+
 def load_run_config(cfg_path: Path) -> DictConfig:
     """A run's saved ``.hydra/config.yaml``, with a relative ``dataset.path`` / ``dataset.source_dir`` made absolute
     against the folder that run was started from (``hydra.runtime.cwd`` in the ``hydra.yaml`` beside it, or beside its
@@ -306,7 +310,19 @@ def load_run_config(cfg_path: Path) -> DictConfig:
 
     from sectune.errors import DataError
 
+    import re
+
     register()  # the saved config interpolates sectune's resolvers
+    try:
+        text = Path(cfg_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{cfg_path}: cannot read the run's config ({type(e).__name__}: {e})") from None
+    # a run dir may come from elsewhere: its config may name sectune's own resolvers, never oc.env (it would read this
+    # machine's environment, tokens included, into paths that errors and result.json then show) or any other
+    foreign = sorted(set(re.findall(r"\$\{\s*([\w.]+)\s*:", text)) - SAFE_RESOLVERS)
+    if foreign:
+        raise DataError(f"{cfg_path}: calls the resolver(s) {', '.join(foreign)}; a run's saved config holds values, and one "
+                        "from elsewhere is not trusted to read this machine's environment (remove the interpolation)")
     try:
         cfg = OmegaConf.load(cfg_path)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -314,6 +330,11 @@ def load_run_config(cfg_path: Path) -> DictConfig:
                         f"record of its settings is damaged (a copy of a succeeded run's is in .hydra/succeeded/)") from None
     if not isinstance(cfg, DictConfig):
         raise DataError(f"{cfg_path}: not a config (a YAML mapping); the run's record of its settings is damaged")
+    if OmegaConf.select(cfg, "model.trust_remote_code", default=False, throw_on_resolution_failure=False) is True:
+        # code in a model folder runs only when a preset of this sectune says so, never because a run dir's record does
+        print(f"sectune: warning: {cfg_path} says model.trust_remote_code=true; evaluating it loads the model with it off "
+              "(a run dir is not a preset)")
+        cfg.model.trust_remote_code = False
     run_dir = Path(cfg_path).parent.parent
     cwd = None
     for hydra_yaml in (run_dir / ".hydra" / "hydra.yaml", run_dir.parent / ".hydra" / "hydra.yaml"):

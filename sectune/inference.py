@@ -41,16 +41,39 @@ def parse_json_output(text: str) -> tuple[dict, bool]:
                 end = i + 1
                 break
     candidate = candidate[:end] if end else candidate
+    if _nesting(candidate) > MAX_NESTING:  # json (and json_repair) recurse: ~1,000 levels crashed the whole batch
+        raise ValueError(f"the output nests more than {MAX_NESTING} levels deep; not an analysis")
     repaired = False
     try:
-        obj = json.loads(candidate)
-    except (json.JSONDecodeError, ValueError):  # ValueError: e.g. an integer past Python's digit limit
+        obj = json.loads(candidate, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError):  # ValueError: e.g. an integer past Python's digit limit, or NaN
         import json_repair
 
         obj, repaired = json_repair.loads(candidate), True
+        # NaN / Infinity are not JSON: written back out they would make analyses.json invalid
+        obj = json.loads(json.dumps(obj), parse_constant=_no_constant)
     if not isinstance(obj, dict) or not obj:
         raise ValueError(f"could not recover a JSON object from the output (got {type(obj).__name__})")
     return obj, repaired
+
+
+#: deeper output is refused before any parser recurses into it (an analysis nests 2-3 levels)
+MAX_NESTING = 64
+
+
+def _nesting(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 @torch.no_grad()

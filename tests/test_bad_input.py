@@ -382,3 +382,23 @@ def test_a_run_whose_loss_ends_non_finite_is_failed_not_succeeded(tmp_path, monk
     code, _ = runner.run(compose(["logger=none"]), tmp_path / "run")
     res = json.loads((tmp_path / "run" / "result.json").read_text())
     assert code != 0 and res["status"] == "failed" and res["error"].startswith("eval_loss is nan: the trained weights are broken")
+
+
+def test_a_run_dirs_saved_config_cannot_switch_on_remote_code_or_read_the_environment(tmp_path, monkeypatch, capsys):
+    """A shared run dir whose .hydra/config.yaml said trust_remote_code: true ran the model folder's code on evaluate,
+    and one with ${oc.env:HF_TOKEN} in a path put the token into the error and result.json."""
+    from sectune.config import load_run_config
+    from sectune.errors import DataError
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fakefakefake")
+    (tmp_path / ".hydra").mkdir()
+    saved = tmp_path / ".hydra" / "config.yaml"
+    saved.write_text("model: {name: m, trust_remote_code: true, learning_rate: 0.1}\ntrain: {learning_rate: '${model.learning_rate}'}\n"
+                     "paths: {shared_data: '${sectune_shared_data:}'}\n")
+    cfg = load_run_config(saved)
+    assert cfg.model.trust_remote_code is False and cfg.train.learning_rate == 0.1 and cfg.paths.shared_data
+    assert "loads the model with it off" in capsys.readouterr().out
+    saved.write_text("dataset: {path: '/data/${oc.env:HF_TOKEN}.csv'}\n")
+    with pytest.raises(DataError, match=r"calls the resolver\(s\) oc.env") as e:
+        load_run_config(saved)
+    assert "hf_fake" not in str(e.value)

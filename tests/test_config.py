@@ -183,8 +183,11 @@ def test_models_load_without_hub_kernels(tmp_path):
             "vocab_size": 300, "max_position_embeddings": 64, "seed": 0}
     out = ensure_tiny_model("t", "llama", spec, tmp_path / "no_shared_data", tmp_path / "cache")
     code = ("import sectune, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(%r); "
-            "print('use_kernels', m.use_kernels)") % str(out)
+            "print('use_kernels', m.use_kernels)\n"
+            "import kernels\n"  # what bitsandbytes asks at import, on AVX512-bf16 CPUs: refused, no network lookup
+            "try:\n    kernels.get_kernel('kernels-community/quantization-bitsandbytes', version=1)\n"
+            "except RuntimeError as e:\n    print('refused', 'USE_HUB_KERNELS=1' in str(e))\n") % str(out)
     env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().splitlines()[-1] == "use_kernels False"
+    assert run.stdout.strip().splitlines()[-2:] == ["use_kernels False", "refused True"]

@@ -208,6 +208,6 @@ def test_bitsandbytes_kernels_warning_is_dropped_or_one_line(capsys):
         BNB_NOTE.four_bit = True
         log.warning(msg)
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("sectune: note:") and "kernels" in err[0]
+        assert len(err) == 1 and err[0].startswith("sectune: note:") and "USE_HUB_KERNELS=1" in err[0]
     finally:
         BNB_NOTE.four_bit = False

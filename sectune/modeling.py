@@ -225,7 +225,15 @@ def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if out.exists():
+    replace_dir(tmp, out)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """``tmp`` renamed to ``out``, whatever was there removed first: a symbolic link itself (never what it points
+    to: rmtree refused one, after training, with a traceback), a file, or a folder."""
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
 

@@ -505,7 +505,10 @@ def artifacts_untouched(run_dir: Path, result: dict, since: float) -> bool:
         path = run_dir / rel
         if not path.exists():
             return False
-        paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+        # a folder of this run is walked; one outside it (another run's weights it sits on) is not this run's to have
+        # changed, and a result.json naming "../../.." had the walk cover the whole filesystem
+        inside = path.resolve().is_relative_to(run_dir.resolve())
+        paths = [path, *path.rglob("*")] if path.is_dir() and inside and not path.is_symlink() else [path]
         if any(p.stat().st_mtime > since for p in paths):
             return False
     return True

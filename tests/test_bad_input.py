@@ -248,6 +248,18 @@ def test_a_rerun_that_touched_an_artifact_reports_its_own_failure():
         (run_dir / "checkpoints" / "c1" / "s.json").unlink()  # or deleted by it
         assert not artifacts_untouched(run_dir, result, time.time() + 60)
         assert not artifacts_untouched(run_dir, {**result, "artifacts": ["adapter"]}, since)
+        # a result.json naming "../../.." walked the whole filesystem; a folder outside the run is not walked
+        outside = Path(d).parent / f"{Path(d).name}_outside"
+        (outside / "deep").mkdir(parents=True)
+        try:
+            (outside / "deep" / "new.txt").write_text("written after")
+            past = time.time() - 60
+            os.utime(outside, (past, past))
+            assert artifacts_untouched(run_dir, {"artifacts": {"base_model": f"../{outside.name}"}}, since)
+        finally:
+            import shutil
+
+            shutil.rmtree(outside)
 
 
 def test_infer_passes_over_a_damaged_adapter_and_names_the_file(tmp_path):
@@ -402,3 +414,20 @@ def test_a_run_dirs_saved_config_cannot_switch_on_remote_code_or_read_the_enviro
     with pytest.raises(DataError, match=r"calls the resolver\(s\) oc.env") as e:
         load_run_config(saved)
     assert "hf_fake" not in str(e.value)
+
+
+def test_an_artifact_that_is_a_symlink_is_replaced_as_a_link_never_followed(tmp_path):
+    """run_dir/adapter a symlink to a folder elsewhere: rmtree refused it after training (traceback, the adapter left
+    in a temporary folder). The link is replaced; what it pointed to is untouched."""
+    from sectune.modeling import replace_dir
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not sectune's")
+    out, tmp = tmp_path / "run" / "adapter", tmp_path / "run" / ".adapter.tmp1"
+    tmp.mkdir(parents=True)
+    (tmp / "adapter_model.safetensors").write_text("new")
+    out.symlink_to(elsewhere, target_is_directory=True)
+    replace_dir(tmp, out)
+    assert not out.is_symlink() and (out / "adapter_model.safetensors").read_text() == "new"
+    assert (elsewhere / "keep.txt").read_text() == "not sectune's"

@@ -144,7 +144,10 @@ def run(ctx: RunContext) -> dict:
         metrics.update(ev)
         artifacts["evaluation"] = "evaluation"
     elif (run_dir / "evaluation").is_dir():  # an earlier run's here scored another model: nothing stale may look current
-        shutil.rmtree(run_dir / "evaluation")
+        if (run_dir / "evaluation").is_symlink():
+            (run_dir / "evaluation").unlink()  # the link, never what it points to
+        else:
+            shutil.rmtree(run_dir / "evaluation")
         print(f"sectune: removed {run_dir / 'evaluation'}: it scored the model this run replaced (classify.evaluate_test=false)")
 
     metrics.update(engine.peak_memory())

@@ -218,9 +218,4 @@ def _report(metrics: dict, split: str, what: str) -> None:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    import os
-    import shutil
-
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    modeling.replace_dir(tmp, out)

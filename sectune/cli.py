@@ -55,11 +55,33 @@ class SweepCheck(Callback):
         from sectune.config_checks import check_sweep
         from sectune.errors import SectuneError
 
+        refuse_preset_secrets(config)
         try:
             check_sweep(config)
         except SectuneError as e:
             print(f"sectune: error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        refuse_preset_secrets(config)
+
+
+def refuse_preset_secrets(config: DictConfig) -> None:
+    """A secret set by a config file (a ``--config-dir`` preset's ``hydra.job.env_set``) rather than on the command line:
+    Hydra saves it in every job's ``.hydra/hydra.yaml`` and a sweep's ``multirun.yaml``. Called as a run or sweep
+    starts, before Hydra writes either (the command-line check runs before Hydra itself)."""
+    from omegaconf import OmegaConf
+
+    from sectune.tracking import _SECRET_KEY, _SECRET_VALUE
+
+    env = OmegaConf.select(config, "hydra.job.env_set", default=None)
+    env = OmegaConf.to_container(env, resolve=False) if env is not None else {}
+    found = sorted(str(k) for k, v in env.items() if (v not in (None, "") and _SECRET_KEY.search(str(k))) or _SECRET_VALUE.match(str(v)))
+    if found:
+        print(f"sectune: error: hydra.job.env_set sets {', '.join(found)} from a config file: Hydra would save the value in the "
+              "run's .hydra/hydra.yaml (and a sweep's multirun.yaml); nothing was run or written. Put it in the environment "
+              "instead (export it, `hf auth login`, `wandb login`)", file=sys.stderr)
+        sys.exit(2)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

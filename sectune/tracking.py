@@ -21,8 +21,30 @@ from omegaconf import DictConfig, OmegaConf
 from sectune.errors import ConfigError
 
 REDACTED = "***redacted***"
-_SECRET_KEY = re.compile(r"(token|key|secret|password|passwd|credential)$", re.I)  # hf_token, api_key, wandb.key
-_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|[0-9a-f]{40}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,})$")
+#: a key (any dotted segment) naming a secret: hf_token, api_key, wandb.key, hf.token.value, hf_auth, authorization;
+#: not the counts and settings that merely mention tokens (max_new_tokens, extra_tokens, tokenizer)
+_SECRET_PARTS = {"token", "secret", "secrets", "password", "passwd", "pass", "passphrase", "credential", "credentials", "auth",
+                 "authorization", "apikey", "apikeys", "bearer", "cookie"}
+_SECRET_SEGMENT = re.compile(r"(^|[_-])api[_-]?keys?($|[_-])|(^|[_.-])key$|(token|secret|password|passwd|credential)$", re.I)
+_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|[0-9a-f]{40}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
+                           r"|glpat-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16})$")
+#: an interpolation that would read a secret from the environment into the config (and so into what is saved)
+_SECRET_ENV = re.compile(r"\$\{\s*oc\.env\s*:\s*[^},]*(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.I)
+
+
+class _SecretKey:
+    """``search(name)``: does a config key name a secret (any of its dotted segments)?"""
+
+    @staticmethod
+    def search(name: str) -> bool:
+        for segment in str(name).split("."):
+            parts = set(re.split(r"[_-]", segment.lower()))
+            if parts & _SECRET_PARTS or _SECRET_SEGMENT.search(segment):
+                return True
+        return False
+
+
+_SECRET_KEY = _SecretKey()
 
 
 def secret_overrides(argv: list[str]) -> list[str]:
@@ -34,12 +56,13 @@ def secret_overrides(argv: list[str]) -> list[str]:
             continue
         key, _, value = arg.partition("=")
         key = key.lstrip("+~").split("@", 1)[0]
-        name = key.rsplit(".", 1)[-1]
+        name = key
         # list and dict values ([a,b], {K: v, …}, as hydra.job.env_set takes): each item, and each dict key's name
         items = [v.strip(" '\"") for v in re.split(r"[,\[\]{}]", value)]
         names = [name, *(i.partition(":")[0].strip(" '\"") for i in items if ":" in i)]
         values = [i.partition(":")[2].strip(" '\"") if ":" in i else i for i in items]
-        if (value.strip() and any(_SECRET_KEY.search(n) for n in names)) or any(_SECRET_VALUE.match(v) for v in values):
+        if ((value.strip() and any(_SECRET_KEY.search(n) for n in names)) or any(_SECRET_VALUE.match(v) for v in values)
+                or _SECRET_ENV.search(value)):
             found.append(f"{arg.partition('=')[0]}=…")
     return found
 

@@ -89,6 +89,37 @@ def test_redact_hides_secret_keys_and_values():
     assert out["password"] is None  # nothing to hide
 
 
+@pytest.mark.parametrize("override", ["+hf.token.value=SEKRIT_A1", "+hf_token_value=x", "+api_keys=[a,b]", "+authorization=x",
+                                      "+hf_auth=x", "+pass=x", "+x=xoxb-1234567890-abc", "+y=AKIAABCDEFGHIJKLMNOP",
+                                      "+z=glpat-abcdefghijklmnopqrst", "+x=${oc.env:HF_TOKEN}"])
+def test_secrets_the_first_check_let_through_are_refused(override):
+    """An audit found these saved in .hydra/ (refused only later, by the key check) or never refused."""
+    from sectune.tracking import secret_overrides
+
+    assert secret_overrides([override]) == [f"{override.partition('=')[0]}=…"]
+
+
+def test_a_secret_a_preset_sets_in_env_set_is_refused_before_hydra_saves_it(tmp_path):
+    """A --config-dir preset's hydra.job.env_set: the value was in .hydra/hydra.yaml and every sweep job's files."""
+    (tmp_path / "cd" / "experiment").mkdir(parents=True)
+    (tmp_path / "cd" / "experiment" / "leak.yaml").write_text(
+        "# @package _global_\nhydra:\n  job:\n    env_set:\n      HF_TOKEN: hf_fakefakefakefakefakefakefake\n")
+    for flags, args in (([], ["hydra.run.dir=" + str(tmp_path / "run")]),
+                        (["-m"], ["hydra.sweep.dir=" + str(tmp_path / "sweep"), "train.batch_size=1,2"])):
+        run = cli([*flags, "--config-dir", str(tmp_path / "cd"), "+experiment=leak", "stage=plan", "logger=none", *args])
+        assert run.returncode == 2 and "hydra.job.env_set sets HF_TOKEN from a config file" in run.stderr, run.stderr[-1500:]
+        assert "hf_fake" not in run.stderr + run.stdout
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_settings_that_mention_tokens_or_keys_are_not_secrets():
+    from sectune.tracking import secret_overrides
+
+    fine = ["generation.max_new_tokens=64", "model.tiny.extra_tokens=[' 1']", "dataset.num_log_keys=28", "loss.key_weight=5",
+            "model.tokenizer=x", "+x=${oc.env:HOME}", "dataset.text_column=text"]
+    assert [o for o in fine if secret_overrides([o])] == []
+
+
 def test_a_secret_on_the_command_line_is_refused_before_anything_is_written(tmp_path):
     """Hydra would save it in .hydra/ (a sweep: multirun.yaml, submitit's pickles) and W&B records argv."""
     from sectune.tracking import secret_overrides

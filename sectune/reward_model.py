@@ -243,7 +243,12 @@ def load_reward_model(path: str | Path, cfg=None, batch_size: int = 8):
                 kwargs["quantization_config"] = quantization_config(cfg)
             else:
                 print(f"sectune: warning: {d} was trained on a {q} base; scoring on an unquantized one (compose quantization={q} to match)")
-        base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], num_labels=1, **kwargs)
+        base_path = str(meta.get("base_model") or "")
+        try:  # the folder it names, or the local Hugging Face cache: a reward model's base is not fetched while scoring
+            base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, local_files_only=True, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{d / META_FILE}: base_model {base_path!r} is neither a folder here nor in the local Hugging Face "
+                              f"cache ({type(e).__name__}); provide those weights, or retrain the reward model here") from None
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, d)
     else:

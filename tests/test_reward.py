@@ -184,6 +184,11 @@ def test_seed_preset_on_the_tiny_model_trains_an_nf4_lora_reward_adapter(tmp_pat
     base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], num_labels=1)
     model = PeftModel.from_pretrained(base, folder)
     assert model.peft_config["default"].task_type == "SEQ_CLS"
+    # a reward model whose base is a hub id not on this machine: a named error, no download while scoring
+    meta["base_model"] = "HuggingFaceTB/SmolLM-135M-not-cached"
+    (folder / RM.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"base_model 'HuggingFaceTB/SmolLM-135M-not-cached' is neither a folder here nor in the local"):
+        RM.load_reward_model(folder)
 
 
 # ------------------------------------------------------------------ reward.init_from: start from the SFT weights

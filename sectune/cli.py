@@ -127,6 +127,13 @@ def main() -> None:
         if e.code not in (0, None):
             _exit_if_sweep_jobs_failed()
         raise
+    except KeyboardInterrupt:  # runner.run re-raises it inside a sweep: Ctrl-C / SIGTERM stop the sweep, not one job
+        print("sectune: interrupted: the sweep's remaining jobs were not started (sweep.skip_done=true reruns only "
+              "what did not finish)", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `sectune --help | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except OSError as e:  # Hydra could not make the run's output dir (a stage's own OSErrors end in runner.run)
         from hydra.errors import MissingConfigException
 

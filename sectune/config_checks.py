@@ -25,6 +25,14 @@ def check_keys(cfg) -> None:
                           "(`sectune --cfg job` prints every key)") from None
 
 
+#: stages that are not correct under torchrun / accelerate yet, and why (found by a walkthrough): refused, not run wrong
+SINGLE_PROCESS_STAGES = {
+    "reward": "its processes ended with different reward models (the pair scoring is not averaged across them) and both "
+              "wrote reward_model/",
+    "classify": "every process writes the evaluation files, racing (a run failed renaming loss_curve.png)",
+}
+
+
 def check_values(cfg) -> None:
     """Values the schema's types let through but no run can use, named by key, before any data or model
     loads: a negative or zero learning rate (0 would "train" and change nothing), batch sizes below 1,
@@ -76,7 +84,14 @@ def check_values(cfg) -> None:
     loss = cfg.loss
     if loss.name == "dpo":  # β = 0 makes the loss log 2 for every pair: no gradient; β < 0 prefers the rejected answer
         need(math.isfinite(loss.beta) and loss.beta > 0, "loss.beta", loss.beta, "must be a number > 0 (the DPO β)")
-    if cfg.stage.name == "dpo":
+    from sectune import distributed
+
+    if distributed.world_size() > 1 and cfg.stage.name in SINGLE_PROCESS_STAGES:
+        raise ConfigError(f"stage={cfg.stage.name} under {distributed.world_size()} processes: "
+                          f"{SINGLE_PROCESS_STAGES[cfg.stage.name]}; run it as one process (sft, dpo, rl and pipelines of those "
+                          "run under torchrun / accelerate)")
+    if cfg.stage.name == "dpo":  # another loss group left DPO at that loss's β (causal_lm's 0.04), unchecked
+        need(loss.name == "dpo", "loss", loss.name, "stage=dpo trains with loss=dpo (its β and label smoothing): add loss=dpo")
         dpo_sft_weight(cfg)
     if cfg.stage.name == "rl":
         rl = cfg.rl

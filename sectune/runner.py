@@ -292,6 +292,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     t0 = time.perf_counter()
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
     code = 0
+    if sweeps.in_multirun():  # the jobs of a sweep share this process: each reports its own peaks, not the sweep's so far
+        from sectune import engine
+
+        engine.reset_peak_rss()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
     handlers = _interrupt_on_signals()
     try:
         from sectune.config_checks import check_keys, check_values
@@ -355,6 +363,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
               f"sweeper cannot score this trial (its metrics: {', '.join(numbers)})", file=sys.stderr)
         code = 2
     _unlock_run_dir(run_dir, lock)
+    if result["status"] == "failed" and str(result.get("error", "")).startswith("interrupted") and sweeps.in_multirun():
+        raise KeyboardInterrupt  # Ctrl-C or a scheduler's SIGTERM stops the sweep, not only its current job
     return code, objective
 
 

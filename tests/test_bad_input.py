@@ -37,6 +37,7 @@ from sectune.errors import ConfigError
     ("stage=dpo loss=dpo loss.beta=0", "loss.beta"),  # the DPO loss is log 2 for every pair: no gradient
     ("stage=dpo loss=dpo loss.beta=-0.1", "loss.beta"),
     ("stage=dpo loss=dpo dpo.sft_weight=-1", "dpo.sft_weight"),  # was found only after the models loaded
+    ("stage=dpo loss=dpo loss=causal_lm", "loss"),  # DPO ran with causal_lm's beta 0.04, unchecked
     ("stage=rl loss=grpo rl.lr_scale=0", "rl.lr_scale"),
     ("stage=rl loss=simplified_ppo rl.lr_scale=-0.5", "rl.lr_scale"),
     ("stage=rl loss=grpo rl.temperature=0", "rl.temperature"),  # was a traceback from torch.multinomial
@@ -431,3 +432,39 @@ def test_an_artifact_that_is_a_symlink_is_replaced_as_a_link_never_followed(tmp_
     replace_dir(tmp, out)
     assert not out.is_symlink() and (out / "adapter_model.safetensors").read_text() == "new"
     assert (elsewhere / "keep.txt").read_text() == "not sectune's"
+
+
+def test_an_interrupted_sweep_job_stops_the_sweep_and_each_job_reports_its_own_peak(tmp_path, monkeypatch):
+    """Ctrl-C or a scheduler's SIGTERM stopped only the current job and the sweep went on to the next; and a sweep's
+    jobs, sharing one process, each reported the sweep's running peak RSS."""
+    import signal
+
+    from sectune import engine, runner, sweeps
+
+    resets = []
+    monkeypatch.setattr(sweeps, "in_multirun", lambda: True)
+    monkeypatch.setattr(engine, "reset_peak_rss", lambda: resets.append(1) or True)
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: lambda ctx: {"metrics": {"x": 1.0}})
+    code, _ = runner.run(compose(["logger=none"]), tmp_path / "job0")
+    assert code == 0 and resets == [1]
+
+    def killed(ctx):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(compose(["logger=none"]), tmp_path / "job1")
+    assert json.loads((tmp_path / "job1" / "result.json").read_text())["error"] == "interrupted (SIGTERM)"
+
+
+@pytest.mark.parametrize("stage", ["reward", "classify"])
+def test_stages_that_are_wrong_under_several_processes_refuse_them(stage, monkeypatch):
+    """Under torchrun the reward stage's processes ended with different models and classify's raced on its files."""
+    from sectune.config_checks import check_values
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=rf"^stage={stage} under 2 processes"):
+        check_values(compose([f"stage={stage}"]))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_values(compose([f"stage={stage}"]))

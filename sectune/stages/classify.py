@@ -45,9 +45,10 @@ def run(ctx: RunContext) -> dict:
         print(f"sectune: cleaning ({cfg.dataset.nan_policy}): {json.dumps({k: v for k, v in data.cleaning.items() if k != 'bad_cells_by_column'})}")
     # what the data can refuse (no validation rows, too few rows of a label for the folds, a class weight for no label),
     # before a file is written
-    if not data.splits["validation"]:
+    if not data.splits["validation"] and folds <= 1:  # k folds choose on their out-of-fold rows instead
         raise ConfigError(f"dataset.val_fraction={cfg.dataset.val_fraction}: no validation rows; stage=classify chooses its "
-                          "checkpoint and threshold and reports its model on them (set dataset.val_fraction above 0)")
+                          "checkpoint and threshold and reports its model on them (set dataset.val_fraction above 0, "
+                          "or classify.folds=k to choose on out-of-fold rows)")
     train_recs = data.splits["train"]
     parts = S.stratified_folds([r["label"] for r in train_recs], folds, cfg.dataset.split_seed) if folds > 1 else None
     C.class_weight_vector(cfg.loss.class_weights, data.labels, [r["label"] for r in train_recs])

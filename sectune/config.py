@@ -55,7 +55,8 @@ class ModelConfig:
     revision: Optional[str] = None
     #: seeds 000/002 mixed GPU/CPU placement: "auto", "cpu", or {module: device}
     device_map: Any = None
-    max_memory: Optional[Dict[str, str]] = None
+    #: per-device memory caps, {0: 7GiB, cpu: 30GiB} (GPU indices as numbers, from a preset or the command line)
+    max_memory: Optional[Dict[Any, str]] = field(default_factory=dict)  # {} = no caps (null too)
     offload_folder: Optional[str] = None
     tiny: Optional[TinySpec] = None
     #: architecture numbers so ``stage=plan`` works without the weights

@@ -468,3 +468,21 @@ def test_stages_that_are_wrong_under_several_processes_refuse_them(stage, monkey
         check_values(compose([f"stage={stage}"]))
     monkeypatch.setenv("WORLD_SIZE", "1")
     check_values(compose([f"stage={stage}"]))
+
+
+def test_infer_refuses_a_sweep_job_whose_reused_run_was_replaced(tmp_path):
+    """sweep.skip_done links a job's artifacts into the run it reused; once that dir held another config's run,
+    infer answered with the other config's adapter under the first config's metrics."""
+    from sectune.stages import infer
+
+    source, job = tmp_path / "sw1" / "0", tmp_path / "sw3" / "0"
+    (source / "adapter").mkdir(parents=True)
+    job.mkdir(parents=True)
+    (source / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "config_digest": "r4",
+                                                    "artifacts": {"adapter": "adapter"}}))
+    (job / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "config_digest": "r4", "skipped": True,
+                                                 "reused_from": str(source), "artifacts": {"adapter": "../../sw1/0/adapter"}}))
+    (source / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "config_digest": "r16",
+                                                    "artifacts": {"adapter": "adapter"}}))  # the sweep dir rerun with r=16
+    with pytest.raises(ConfigError, match=r"it reused .*sw1/0, which now holds another run"):
+        infer.choose_model(str(job), base_fallback=False, key="infer.model_dir")

@@ -222,3 +222,11 @@ def test_models_load_without_hub_kernels(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-2:] == ["use_kernels False", "refused True"]
+
+
+def test_the_readmes_max_memory_override_composes_with_gpu_indices_as_numbers():
+    """README's example failed in every form (int key vs a str-keyed schema; a null default crashed the merge)."""
+    cfg = compose(["model=llama32_3b_instruct", '++model.max_memory={0:"7GiB",cpu:"30GiB"}'])
+    assert dict(cfg.model.max_memory) == {0: "7GiB", "cpu": "30GiB"}
+    assert dict(compose(["+experiment=auth_grpo"]).model.max_memory) == {"0": "7GiB", "cpu": "48GiB"}
+    assert not compose([]).model.max_memory  # no caps by default

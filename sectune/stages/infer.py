@@ -318,6 +318,10 @@ def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
     if result.get("status") != "succeeded":
         error = f": {result['error']}" if result.get("error") else ""
         return f"the run did not succeed (status {result.get('status')!r}{error})", None, ""
+    if result.get("reused_from"):  # a sweep job that reused another run (sweep.skip_done): that run must still be it
+        source = _read_result(Path(str(result["reused_from"])))
+        if not source or source.get("status") != "succeeded" or source.get("config_digest") != result.get("config_digest"):
+            return f"it reused {result['reused_from']}, which now holds another run (or none)", None, ""
     artifacts = result.get("artifacts") or {}
     if not isinstance(artifacts, dict):
         return f"{RESULT_FILE}'s artifacts is not an object", None, ""

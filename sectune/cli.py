@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -14,7 +15,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import hydra  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from sectune import config, distributed  # noqa: E402
 from sectune.paths import CONF_DIR  # noqa: E402
@@ -65,6 +66,22 @@ class SweepCheck(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         refuse_preset_secrets(config)
 
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        """Jobs a launcher ran in other processes (submitit, SLURM) never reach this process's list of failed jobs:
+        read their result.json files in the sweep dir instead."""
+        if _SWEEP_JOBS:  # the basic launcher ran them here
+            return
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir", default="") or ""))
+        for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if sweep_dir.is_dir() else []:
+            res = job / "result.json"
+            if not res.is_file():
+                continue  # not a job dir (.submitit, an optuna file's folder)
+            try:
+                status = json.loads(res.read_text()).get("status")
+            except (OSError, ValueError, AttributeError):
+                status = None
+            _SWEEP_JOBS.append((str(job), 0 if status == "succeeded" else 1))
+
 
 def refuse_preset_secrets(config: DictConfig) -> None:
     """A secret set by a config file (a ``--config-dir`` preset's ``hydra.job.env_set``) rather than on the command line:
@@ -104,8 +121,10 @@ def _app(cfg: DictConfig):
     return objective
 
 
-#: (job dir, exit code) of the sweep jobs this process ran: a sweep with failed jobs exits non-zero at its end
+#: (job dir, exit code) of the sweep jobs this process ran (or, for a launcher's other processes, read from their
+#: result.json at the sweep's end): a sweep with failed jobs exits non-zero at its end
 _SWEEP_JOBS: list[tuple[str, int]] = []
+_SWEEP_REPORTED = False
 
 
 #: main() set HYDRA_FULL_ERROR (the user did not), so composition errors reach it as exceptions
@@ -118,6 +137,7 @@ def main() -> None:
     distributed.share_run_dir_across_ranks()
     if "HYDRA_FULL_ERROR" in os.environ:  # the user wants Hydra's full traces
         _app()
+        _exit_if_sweep_jobs_failed()
         return
     os.environ["HYDRA_FULL_ERROR"], _full_error_is_ours = "1", True
     try:
@@ -190,8 +210,10 @@ def config_file_error(e: BaseException, argv: list[str]) -> str | None:
 
 
 def _exit_if_sweep_jobs_failed() -> None:
+    global _SWEEP_REPORTED
     failed = [d for d, code in _SWEEP_JOBS if code != 0]
-    if failed:  # each is a row of the sweep's report; shells, CI and SLURM still see the sweep fail
+    if failed and not _SWEEP_REPORTED:  # each is a row of the sweep's report; shells, CI and SLURM still see the sweep fail
+        _SWEEP_REPORTED = True
         print(f"sectune: {len(failed)} of {len(_SWEEP_JOBS)} sweep jobs failed: {', '.join(failed)} "
               "(each one's error is in its result.json, or above)", file=sys.stderr)
         sys.exit(1)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import cli, compose
 from sectune.paths import PROJECT_ROOT
 
@@ -150,3 +152,24 @@ def test_an_objective_the_stage_does_not_report_is_named_and_the_sweep_fails(tmp
     assert proc.returncode == 1
     assert "sectune: error: sweep.objective=eval_los: this stage's result has no such number" in proc.stderr
     assert "predicted_peak_bytes" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("sectune: 2 of 2 sweep jobs failed")
+
+
+def test_jobs_a_launcher_ran_in_other_processes_count_in_the_sweeps_exit_code(tmp_path, monkeypatch):
+    """Under the submitit launcher a sweep with a failed job exited 0: only jobs run in the sweep's own process were
+    counted. Their result.json files are read at the sweep's end instead."""
+    from omegaconf import OmegaConf
+
+    from sectune import cli as sectune_cli
+
+    for job, status in (("0", "succeeded"), ("1", "failed")):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "result.json").write_text(json.dumps({"status": status}))
+    (tmp_path / ".submitit").mkdir()
+    monkeypatch.setattr(sectune_cli, "_SWEEP_JOBS", [])
+    monkeypatch.setattr(sectune_cli, "_SWEEP_REPORTED", False)
+    sectune_cli.SweepCheck().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert sectune_cli._SWEEP_JOBS == [(str(tmp_path / "0"), 0), (str(tmp_path / "1"), 1)]
+    with pytest.raises(SystemExit) as e:
+        sectune_cli._exit_if_sweep_jobs_failed()
+    assert e.value.code == 1
+    sectune_cli._exit_if_sweep_jobs_failed()  # said once: a second call (main's SystemExit handler) prints nothing more

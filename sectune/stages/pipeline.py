@@ -291,7 +291,8 @@ def compose_step(cfg: DictConfig, base: list[str], name: str, run_dir: Path, nam
         # the reward step's model would be trained and never used (rl's default weight for it is 0)
         values = {**values, "rl": {**values.get("rl", {}), "rewards": {**(values.get("rl", {}).get("rewards") or {}),
                                                                        "reward_model": REWARD_MODEL_WEIGHT}}}
-        step_cfg.rl.rewards.reward_model = REWARD_MODEL_WEIGHT
+        with open_dict(step_cfg):
+            step_cfg.rl.rewards.reward_model = REWARD_MODEL_WEIGHT
         print(f"sectune: pipeline: rl weighs the reward step's model {REWARD_MODEL_WEIGHT} (rl.rewards.reward_model was 0, "
               "which would leave it unused; drop reward from pipeline.steps to train rl on the rule rewards alone)")
     if step_cfg.stage.name != name:

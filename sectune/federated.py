@@ -319,6 +319,7 @@ def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, in
                                      "with federated.dp=true Flower skips this round's aggregation: the global adapter stays as it was")
                 record("up", server_round, up_bytes(replies, self.strategy.arrayrecord_key))
                 record("failed", server_round, failed)
+                record("skipped", server_round, 1)
             return super().aggregate_train(server_round, replies)
 
     strategy = RoundFedAvg(fraction_train=float(fed.client_frac), fraction_evaluate=0.0, min_train_nodes=num_train,

@@ -264,6 +264,16 @@ def test_the_stage_fails_when_a_rounds_clients_all_fail_and_records_partial_fail
     assert m["rounds_done"] == 2 and m["clients_failed"] == 2 and m["rounds_with_failed_clients"] == 2
     rounds = json.loads((tmp_path / "some" / "rounds.json").read_text())["rounds"]
     assert [r["clients_failed"] for r in rounds] == [0, 1, 1]  # round 0 is the initial evaluation
+    assert m["rounds_aggregated"] == 2
+    # with DP, Flower skips every round with a failed client: none aggregated, and the run said it succeeded with the
+    # untrained adapter
+    dp_cfg = tiny_cfg(tmp_path, f"dataset.path={data}", "federated.num_clients=3", "federated.client_frac=1.0",
+                      "federated.rounds=2", "federated.detection=false", "federated.dp=true")
+    from sectune.errors import SectuneError
+
+    with pytest.raises(SectuneError, match=r"^none of the 2 rounds was aggregated"):
+        stage.run(RunContext(cfg=dp_cfg, run_dir=tmp_path / "dp"))
+    assert not (tmp_path / "dp" / "adapter").exists()
 
 
 @pytest.mark.slow  # ~1 min: Ray's start-up

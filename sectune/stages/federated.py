@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from sectune import anomaly, federated, modeling, tracking
 from sectune.data.hdfs import ANOMALOUS, DEFAULT_PROMPT, NORMAL, load_hdfs, render_keys
-from sectune.errors import ConfigError
+from sectune.errors import ConfigError, SectuneError
 from sectune.runner import RunContext, write_json_atomic
 
 _CACHE: dict = {}  # per process (a Ray actor serves many clients in turn): the model and the data load once
@@ -187,6 +187,10 @@ def run(ctx: RunContext) -> dict:
     rounds_done = sum(1 for (d, _r) in traffic if d == "up")
     if "arrays" not in done or rounds_done < int(fed.rounds):
         raise RuntimeError(f"the Flower {fed.runtime} ended after {rounds_done} of {fed.rounds} rounds (see its log above)")
+    rounds_aggregated = rounds_done - sum(1 for (d, _r) in traffic if d == "skipped")
+    if rounds_aggregated == 0:  # every round skipped (federated.dp with a failing client): the adapter never changed
+        raise SectuneError(f"none of the {rounds_done} rounds was aggregated (with federated.dp=true Flower skips a round in "
+                           "which any client failed; see the failures above): the global adapter is the untrained one")
 
     # 4. the final global adapter, metrics, the per-round table and PNG
     federated.load_adapter_state(model, done["arrays"].to_torch_state_dict())
@@ -199,7 +203,8 @@ def run(ctx: RunContext) -> dict:
     down = [traffic.get(("down", r), 0) for r in range(1, int(fed.rounds) + 1)]
     first, last = history[rounds[0]], history[rounds[-1]]
     metrics = {
-        "rounds_done": rounds_done, "num_clients": int(fed.num_clients), "clients_per_round": per_round,
+        "rounds_done": rounds_done, "rounds_aggregated": rounds_aggregated, "num_clients": int(fed.num_clients),
+        "clients_per_round": per_round,
         "adapter_bytes": adapter_bytes, "bytes_full_model": full_bytes, "bytes_reduction": full_bytes / adapter_bytes,
         "bytes_up_per_round": float(np.mean(up)), "bytes_down_per_round": float(np.mean(down)),
         "bytes_up_total": int(sum(up)), "bytes_down_total": int(sum(down)),

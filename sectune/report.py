@@ -150,9 +150,31 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
     swept = [k for k in keys if frame[k].astype(str).nunique(dropna=False) > 1]
     fixed = {k: frame[k].iloc[0] for k in keys if k not in swept}
     metrics = list(metric_cols.values())
+    if sort_by is None:  # the sweep's own objective (sweep.objective / sweep.direction, as Optuna optimised it)
+        objective, direction = sweep_objective(jobs)
+        if objective in metrics:
+            sort_by = objective
+            ascending = direction != "maximize" if ascending is None else ascending
     frame = sort_frame(frame, metrics, sort_by, ascending, sort_by_setting)
     frame.attrs.update(swept=swept, fixed=fixed, metrics=metrics, sweep_dir=str(sweep_dir))
     return frame
+
+
+#: metric names (substrings) where smaller is better: sorted ascending (an FPR sorted descending listed the worst first)
+LOWER_IS_BETTER = ("loss", "fpr", "false_positive", "attack_success", "error", "perplexity", "seconds", "wall_time", "bytes")
+
+
+def sweep_objective(jobs: list[Path]) -> tuple[str | None, str]:
+    """(sweep.objective, sweep.direction) from the first job's saved config, or (None, "minimize")."""
+    import yaml
+
+    for job in jobs:
+        try:
+            sweep = (yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}).get("sweep") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        return sweep.get("objective"), str(sweep.get("direction") or "minimize")
+    return None, "minimize"
 
 
 #: the default sort metric, the first one the jobs report: the validation loss (SFT, DPO, reward), classify's validation
@@ -175,7 +197,7 @@ def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, asc
         given = f"{sort_by_setting} {sort_by}" if sort_by_setting.startswith("--") else f"{sort_by_setting}={sort_by}"
         raise ConfigError(f"{given}: not a column; metrics are {', '.join(metrics) or '(none)'}")
     if ascending is None:  # losses and non-metric columns (job, swept keys) smallest first
-        ascending = sort_by not in metrics or "loss" in sort_by.lower()
+        ascending = sort_by not in metrics or any(w in sort_by.lower() for w in LOWER_IS_BETTER)
     by = [sort_by] + (["job"] if sort_by != "job" else [])
     out = frame.sort_values(by, ascending=[ascending, True][: len(by)], na_position="last", kind="mergesort")
     out = out.reset_index(drop=True)

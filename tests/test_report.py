@@ -150,3 +150,19 @@ def test_stage_report_names_report_sort_by_not_the_cli_flag(tmp_path):
     assert line.startswith("sectune: error: report.sort_by=nonexistent_metric: not a column; metrics are eval_loss, eval_accuracy")
     assert "--sort-by" not in run.stderr and run.result["error"].startswith("report.sort_by=nonexistent_metric")
     assert not (sweep / "report.csv").exists() and not (sweep / "report.md").exists()
+
+
+def test_the_default_sort_is_the_sweeps_objective_and_rates_of_errors_sort_ascending(tmp_path):
+    """An Optuna sweep maximising reward_accuracy was listed by eval_loss, naming no objective; --sort-by test_fpr put
+    the worst false-positive rate first."""
+    grid = [(0, 4, "1e-4", {"eval_loss": 0.5, "reward_accuracy": 0.58, "test_fpr": 0.2}),
+            (1, 8, "1e-4", {"eval_loss": 0.9, "reward_accuracy": 0.42, "test_fpr": 0.05}),
+            (2, 16, "1e-4", {"eval_loss": 0.7, "reward_accuracy": 0.67, "test_fpr": 0.1})]
+    sweep = make_sweep(tmp_path / "s", grid, extra_override=None)
+    for job in ("0", "1", "2"):
+        (sweep / job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"sweep": {"objective": "reward_accuracy",
+                                                                                      "direction": "maximize"}}))
+    df = build_report(sweep)
+    assert df.attrs["sort_by"] == "reward_accuracy" and df.attrs["ascending"] is False and list(df["job"]) == [2, 0, 1]
+    fpr = build_report(sweep, sort_by="test_fpr")
+    assert fpr.attrs["ascending"] is True and list(fpr["job"]) == [1, 2, 0]

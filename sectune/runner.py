@@ -74,13 +74,17 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+#: the artifacts a reused run stands for: its weights
+WEIGHT_ARTIFACTS = ("model", "adapter", "reward_model", "base_model")
+
+
 def damaged_artifact(run_dir: Path, result: dict) -> str | None:
     """Why a succeeded run's artifacts cannot stand for it any more (one deleted, a safetensors file cut short), or None:
     a sweep's skip_done and a pipeline's skip check reused runs whose adapters were gone."""
     from sectune.checkpoints import damaged_safetensors
 
     for key, rel in (result.get("artifacts") or {}).items():
-        if not isinstance(rel, str):
+        if not isinstance(rel, str) or key not in WEIGHT_ARTIFACTS:  # checkpoints or plots deleted to save space: fine
             continue
         path = Path(run_dir) / rel
         if not path.exists():

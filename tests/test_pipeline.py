@@ -442,3 +442,17 @@ def test_a_finished_step_is_not_reused_on_other_data_or_without_its_artifacts(tm
     (shared / "loghub_openssh_2k").mkdir()
     (shared / "loghub_openssh_2k" / "OpenSSH_2k.log").write_text("Dec 10 06:55:46 LabSZ sshd[1]: Invalid user a from 1.2.3.4\n")
     assert pipeline_record.already_done(step) is None  # its step.json and result.json still say "this config, succeeded"
+
+
+def test_a_finished_step_whose_checkpoints_were_deleted_to_save_space_is_still_reused(tmp_path):
+    from sectune import pipeline_record, runner
+    from sectune.stages import pipeline
+
+    over = ["stage=sft", "train.max_steps=2", f"paths.shared_data={tmp_path / 'none'}"]
+    step = pipeline.Step("sft", tmp_path / "p" / "sft", compose(over), over)
+    pipeline_record.record_step(step)
+    (step.dir / "adapter").mkdir()
+    runner.write_json_atomic(step.dir / "result.json", {"status": "succeeded", "config_digest": runner.config_digest(step.cfg),
+                                                        "artifacts": {"adapter": "adapter", "checkpoints": "checkpoints",
+                                                                      "loss_curve": "plots/loss_curve.png"}})
+    assert pipeline_record.already_done(step) is not None  # only the weights count

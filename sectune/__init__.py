@@ -14,18 +14,45 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 def _refuse_hub_kernels() -> None:
     """bitsandbytes (>= 0.50, on CPUs with AVX512-bf16) asks the ``kernels`` package for a hub kernel when it is
     imported, in every run: a network lookup and, but for kernels' own publisher check, code from the network.
-    With hub kernels off, ``kernels.get_kernel`` refuses, and bitsandbytes keeps its built-in matmul."""
+    With hub kernels off, ``kernels.get_kernel`` refuses, and bitsandbytes keeps its built-in matmul. Patched when
+    ``kernels`` is first imported (importing it here cost half of ``sectune --help``'s start-up)."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
     if os.environ.get("USE_HUB_KERNELS", "0").strip().lower() not in ("0", "false", "no", "off", ""):
-        return
-    try:
-        import kernels
-    except Exception:  # noqa: BLE001 - not installed (or broken): nothing to refuse
         return
 
     def get_kernel(repo_id, *args, **kwargs):
         raise RuntimeError(f"sectune does not fetch hub kernels ({repo_id}): code from the network (USE_HUB_KERNELS=1 allows them)")
 
-    kernels.get_kernel = get_kernel
+    if "kernels" in sys.modules:
+        sys.modules["kernels"].get_kernel = get_kernel
+        return
+
+    class PatchOnImport(importlib.abc.MetaPathFinder):
+        busy = False  # while it asks the other finders (transformers' availability check also lands here)
+
+        def find_spec(self, name, path=None, target=None):
+            if name != "kernels" or self.busy:
+                return None
+            self.busy = True
+            try:
+                spec = importlib.util.find_spec(name)
+            finally:
+                self.busy = False
+            if spec is None or spec.loader is None:
+                return spec
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                load(module)
+                module.get_kernel = get_kernel
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, PatchOnImport())
 
 
 _refuse_hub_kernels()

@@ -26,6 +26,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sectune import distributed, sweeps
 from sectune.errors import ConfigError, SectuneError
+# re-exported: runner is where stages, the pipeline and the tests look these up
+from sectune.run_guard import (  # noqa: F401
+    _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
+    WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
+    artifacts_untouched, damaged_artifact, keep_run_config, restore_run_config)
+
+#: what other modules (and the tests) import from runner, some of it defined in run_guard
+__all__ = ["_LOCKS", "FAILED_CONFIG_DIR", "RUN_CONFIG_FILES", "RUNNING_CONFIG_DIR", "SUCCEEDED_CONFIG_DIR", "WEIGHT_ARTIFACTS",
+           "damaged_artifact", "keep_run_config", "restore_run_config", "run", "config_digest", "skip_digest", "data_fingerprint",
+           "write_json_atomic", "write_text_atomic", "previous_result", "init_source", "check_policy_run", "RunContext", "RESULT_FILE",
+           "relative_to_root", "artifacts_untouched"]
 
 STAGES: dict[str, str] = {
     "sft": "sectune.stages.sft:run",
@@ -72,27 +83,6 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str
     container["_data"] = data_fingerprint(cfg)
     blob = json.dumps(container, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-#: the artifacts a reused run stands for: its weights
-WEIGHT_ARTIFACTS = ("model", "adapter", "reward_model", "base_model")
-
-
-def damaged_artifact(run_dir: Path, result: dict) -> str | None:
-    """Why a succeeded run's artifacts cannot stand for it any more (one deleted, a safetensors file cut short), or None:
-    a sweep's skip_done and a pipeline's skip check reused runs whose adapters were gone."""
-    from sectune.checkpoints import damaged_safetensors
-
-    for key, rel in (result.get("artifacts") or {}).items():
-        if not isinstance(rel, str) or key not in WEIGHT_ARTIFACTS:  # checkpoints or plots deleted to save space: fine
-            continue
-        path = Path(run_dir) / rel
-        if not path.exists():
-            return f"artifacts.{key} ({path}) is missing"
-        damage = damaged_safetensors(path) if path.is_dir() else None
-        if damage:
-            return f"artifacts.{key} ({path / damage[0]}) is damaged: {damage[1]}"
-    return None
 
 
 def data_fingerprint(cfg: DictConfig) -> dict:
@@ -370,162 +360,6 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     if result["status"] == "failed" and str(result.get("error", "")).startswith("interrupted") and sweeps.in_multirun():
         raise KeyboardInterrupt  # Ctrl-C or a scheduler's SIGTERM stops the sweep, not only its current job
     return code, objective
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP (a scheduler's preemption or time limit, ``timeout``, ``kill``), handled as Ctrl-C is: the run
-    is recorded as failed and a rerun that changed nothing restores the earlier result (it stayed "running")."""
-
-    def __init__(self, signum: int):
-        import signal
-
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.name = signum, signal.Signals(signum).name
-
-
-def _interrupt_on_signals() -> dict:
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def raise_interrupted(signum, frame):
-        raise Interrupted(signum)
-
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            old[sig] = signal.signal(sig, raise_interrupted)
-        except (ValueError, OSError):
-            pass
-    return old
-
-
-def _restore_signals(old: dict) -> None:
-    import signal
-
-    for sig, handler in old.items():
-        signal.signal(sig, handler)
-
-
-#: open lock files of the run dirs this process is running in (released when it exits)
-_LOCKS: dict[str, Any] = {}
-
-
-def _lock_run_dir(run_dir: Path):
-    """An exclusive lock on ``run_dir/.sectune.lock`` for this process: a second command into the same dir stops with an
-    error naming the process that holds it (two runs in one dir both said done, one's result silently replacing the other's).
-    Returns the open file, or False (the error is printed)."""
-    import fcntl
-    import os
-
-    import shutil
-
-    key = str(run_dir.resolve())
-    if key in _LOCKS:  # this process already runs here (a stage that runs another in its own dir)
-        return None
-    running = run_dir / RUNNING_CONFIG_DIR
-    fh = open(run_dir / ".sectune.lock", "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.seek(0)
-        holder = fh.read().strip() or "another process"
-        fh.close()
-        # Hydra wrote this command's .hydra/ over the running one's before sectune started: put the running one's back
-        for rel in RUN_CONFIG_FILES:
-            if (running / Path(rel).name).is_file():
-                shutil.copy2(running / Path(rel).name, run_dir / rel)
-        print(f"sectune: error: {run_dir} is in use by another sectune run ({holder}); wait for it, or give this run "
-              "another hydra.run.dir", file=sys.stderr)
-        return False
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"pid {os.getpid()}")
-    fh.flush()
-    shutil.rmtree(running, ignore_errors=True)
-    for rel in RUN_CONFIG_FILES:
-        if (run_dir / rel).is_file():
-            running.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(run_dir / rel, running / Path(rel).name)
-    _LOCKS[key] = fh
-    return fh
-
-
-def _unlock_run_dir(run_dir: Path, lock) -> None:
-    import shutil
-
-    if not lock:
-        return
-    shutil.rmtree(run_dir / RUNNING_CONFIG_DIR, ignore_errors=True)
-    _LOCKS.pop(str(run_dir.resolve()), None)
-    lock.close()  # closing the file releases the lock
-
-
-#: a succeeded run's result.json, kept when a run of another config starts in its dir
-PREVIOUS_RESULT_FILE = "result.previous.json"
-
-
-#: what a run dir's config is made of: Hydra's record of the run (written before the stage starts, so a failed rerun
-#: in the dir replaces it) and a pipeline step's step.json (its skip check); a copy of the succeeded run's is kept
-RUN_CONFIG_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "step.json")
-SUCCEEDED_CONFIG_DIR, FAILED_CONFIG_DIR, RUNNING_CONFIG_DIR = ".hydra/succeeded", ".hydra/failed", ".hydra/running"
-
-
-def keep_run_config(run_dir: Path) -> None:
-    """A copy of a succeeded run's config files, which :func:`restore_run_config` puts back after a failed rerun."""
-    import shutil
-
-    keep = run_dir / SUCCEEDED_CONFIG_DIR
-    shutil.rmtree(keep, ignore_errors=True)
-    for rel in RUN_CONFIG_FILES:
-        if (run_dir / rel).is_file():
-            (keep / Path(rel).name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(run_dir / rel, keep / Path(rel).name)
-
-
-def restore_run_config(run_dir: Path) -> str:
-    """After a rerun that failed before replacing any artifact: its config files move to ``.hydra/failed/`` and the
-    succeeded run's come back, so what reads a run's config (stage=evaluate, infer's chain, a pipeline's skip check)
-    reads the config its artifacts were made with. Returns where this attempt's config is, for the message."""
-    import shutil
-
-    keep = run_dir / SUCCEEDED_CONFIG_DIR
-    if not keep.is_dir():  # a run from an older sectune kept no copy
-        return "(its config is in .hydra/, which now holds this attempt's settings)"
-    failed = run_dir / FAILED_CONFIG_DIR
-    shutil.rmtree(failed, ignore_errors=True)
-    failed.mkdir(parents=True)
-    for rel in RUN_CONFIG_FILES:
-        here, saved = run_dir / rel, keep / Path(rel).name
-        if here.is_file():
-            shutil.copy2(here, failed / here.name)
-        if saved.is_file():
-            tmp = here.with_name(here.name + ".restoring")
-            shutil.copy2(saved, tmp)
-            os.replace(tmp, here)
-    return f"(its config is in {FAILED_CONFIG_DIR}/; .hydra/ holds the succeeded run's again)"
-
-
-def artifacts_untouched(run_dir: Path, result: dict, since: float) -> bool:
-    """Every artifact ``result`` names still exists and nothing in it was written after ``since`` (a wall-clock time)."""
-    artifacts = result.get("artifacts")
-    if not isinstance(artifacts, dict):
-        return False
-    for rel in artifacts.values():
-        if not isinstance(rel, str) or not rel:
-            return False
-        path = run_dir / rel
-        if not path.exists():
-            return False
-        # a folder of this run is walked; one outside it (another run's weights it sits on) is not this run's to have
-        # changed, and a result.json naming "../../.." had the walk cover the whole filesystem
-        inside = path.resolve().is_relative_to(run_dir.resolve())
-        paths = [path, *path.rglob("*")] if path.is_dir() and inside and not path.is_symlink() else [path]
-        if any(p.stat().st_mtime > since for p in paths):
-            return False
-    return True
 
 
 def _objective(metrics: dict, name: str | None = None) -> float | None:

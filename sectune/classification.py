@@ -109,10 +109,10 @@ def _flow_path(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.cache_dir) / "datasets" / f"cic_iot_46_synthetic-n{d.synthetic_rows}-s{d.split_seed}.csv"
     if not out.is_file():
         generate_cic_iot_46(d.synthetic_rows, d.split_seed, out)
-    print(
-        f"sectune: dataset.path is null and no real 46-column CIC-IoT-2023 CSV is available: using "
-        f"{d.synthetic_rows} GENERATED flows in that schema ({out}); set dataset.path for real data"
-    )
+    from sectune.data import note_generated
+
+    note_generated(d.name, out, f"sectune: dataset.path is null and no real 46-column CIC-IoT-2023 CSV is available: using "
+                   f"{d.synthetic_rows} GENERATED flows in that schema ({out}); set dataset.path for real data")
     return out
 
 

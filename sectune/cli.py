@@ -230,7 +230,19 @@ def override_error(e: BaseException) -> str | None:
     cause = e.__cause__
     if cause is not None and str(cause) and str(cause).splitlines()[0] not in detail:
         detail += "\n" + str(cause)
-    return _one_line(detail)
+    line = _one_line(detail)
+    # a mapping whose keys are the user's (model.max_memory's devices, ...): Hydra adds keys to it only with ++,
+    # which for any other key would add a typo beside the setting it meant, so the hint is for these alone
+    for mapping in OPEN_MAPPINGS:
+        if f"(key {mapping}." in line or f"override '{mapping}'" in line:
+            line += (f"; {mapping} is a mapping of your own keys: add them with ++ "
+                     f"(++{mapping}={{...}} or ++{mapping}.<key>=<value>)")
+            break
+    return line
+
+
+#: config mappings whose keys the user chooses (sectune/config.py's Dict-typed fields)
+OPEN_MAPPINGS = ("model.max_memory", "model.arch", "dataset.corruptions")
 
 
 def _one_line(detail: str) -> str:

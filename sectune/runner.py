@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sectune import distributed, sweeps
+from sectune import data, distributed, sweeps
 from sectune.errors import ConfigError, SectuneError
 # re-exported: runner is where stages, the pipeline and the tests look these up
 from sectune.run_guard import (  # noqa: F401
@@ -81,8 +81,18 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str
     if root is not None:
         container = relative_to_root(container, str(root).rstrip("/"))
     container["_data"] = data_fingerprint(cfg)
-    blob = json.dumps(container, sort_keys=True, default=str).encode()
+    blob = json.dumps(_str_keys(container), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _str_keys(obj: Any) -> Any:
+    """Every mapping key as a string, as JSON writes it anyway: ``model.max_memory={0: 7GiB, cpu: 30GiB}`` mixes an
+    int and a str key, which json's sort_keys cannot order (the README's own example crashed every run)."""
+    if isinstance(obj, dict):
+        return {str(k): _str_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_str_keys(v) for v in obj]
+    return obj
 
 
 def data_fingerprint(cfg: DictConfig) -> dict:
@@ -284,6 +294,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         # A stale result from an earlier attempt in this dir must not look current.
         write_json_atomic(run_dir / RESULT_FILE, result)
     t0 = time.perf_counter()
+    generated_at = data.generated_mark()
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
     code = 0
     if sweeps.in_multirun():  # the jobs of a sweep share this process: each reports its own peaks, not the sweep's so far
@@ -331,6 +342,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         _restore_signals(handlers)
         if result["status"] == "failed":
             result["metrics"] = _finite(ctx.partial_metrics)
+        if data.generated_since(generated_at):  # numbers on generated stand-ins never pass for real-data results
+            result["generated_data"] = data.generated_since(generated_at)
         result["finished"] = _now()
         result["wall_time_s"] = round(time.perf_counter() - t0, 2)
         if main:

@@ -230,3 +230,19 @@ def test_the_readmes_max_memory_override_composes_with_gpu_indices_as_numbers():
     assert dict(cfg.model.max_memory) == {0: "7GiB", "cpu": "30GiB"}
     assert dict(compose(["+experiment=auth_grpo"]).model.max_memory) == {"0": "7GiB", "cpu": "48GiB"}
     assert not compose([]).model.max_memory  # no caps by default
+
+
+def test_the_readmes_max_memory_example_runs_and_without_plus_plus_the_error_says_how(tmp_path):
+    """It composed, and then every run died in the config digest (json cannot order the keys 0 and "cpu");
+    without ++ Hydra's "Key '0' is not in struct" said nothing about how to give the mapping."""
+    from sectune.runner import config_digest
+
+    over = ["model=llama32_3b_instruct", "quantization=nf4", "model.device_map=auto", '++model.max_memory={0:"7GiB",cpu:"30GiB"}']
+    assert config_digest(compose(over)) == config_digest(compose(over)) != config_digest(compose(over[:3]))
+    run = sectune(["stage=plan", "logger=none", *over], tmp_path / "run")
+    assert run.returncode == 0 and run.result["status"] == "succeeded", run.stderr[-1500:]
+    bad = sectune(["stage=plan", "logger=none", 'model.max_memory={0:"7GiB"}', "--cfg", "job"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "model.max_memory is a mapping of your own keys: add them with ++ (++model.max_memory={...} or ++model.max_memory.<key>=<value>)")
+    typo = sectune(["stage=plan", "logger=none", "model.max_memor=1", "--cfg", "job"])
+    assert typo.returncode == 2 and "++" not in typo.stderr.strip().splitlines()[-1]

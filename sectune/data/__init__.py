@@ -15,6 +15,30 @@ from sectune.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
 
+#: the generated stand-ins this process has used for missing real data, in order: (dataset, path) pairs.
+#: The runner records a run's share of them in result.json (``generated_data``), so a number computed on
+#: generated data can never be read as a real-data result; the notice itself is printed once per path.
+_GENERATED: list[tuple[str, str]] = []
+
+
+def note_generated(dataset: str, path, notice: str) -> None:
+    """A stand-in for missing real data was used: say so (once per path and process) and remember it."""
+    key = (str(dataset), str(path))
+    if key not in _GENERATED:
+        print(notice)
+    _GENERATED.append(key)
+
+
+def generated_mark() -> int:
+    """A position in the record of generated stand-ins; :func:`generated_since` reads what came after it."""
+    return len(_GENERATED)
+
+
+def generated_since(mark: int) -> list[dict]:
+    """The distinct generated stand-ins used since ``mark`` (a run's, its pipeline steps' included)."""
+    seen = dict.fromkeys(_GENERATED[mark:])
+    return [{"dataset": d, "path": p} for d, p in seen]
+
 
 def check_split_seed(seed) -> int:
     """``dataset.split_seed`` as an int numpy and scikit-learn accept (0 .. 2**32 - 1), else a ConfigError naming the key."""
@@ -47,7 +71,7 @@ def auth_logs_folder(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.cache_dir) / "datasets" / f"auth_logs-s{d.split_seed}-l{d.min_lines}-{d.max_lines}-src{source_tag(d.source_dir)}"
     info = auth_logs.ensure_auth_folder(out, Path(d.source_dir), seed=d.split_seed, min_lines=d.min_lines, max_lines=d.max_lines)
     if info.get("source") == "synthetic":
-        print(f"sectune: {d.source_dir} has no real auth logs; using generated logs in the same format ({out})")
+        note_generated(d.name, out, f"sectune: {d.source_dir} has no real auth logs; using generated logs in the same format ({out})")
     return out
 
 

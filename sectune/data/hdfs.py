@@ -293,7 +293,9 @@ def source_folder(cfg) -> tuple[Path, str, bool]:
     out = Path(str(cfg.paths.cache_dir)) / "datasets" / "hdfs-synthetic-s0"
     if not (out / ANOMALOUS_FILE).is_file():
         write_deeplog_files(out, seed=0)
-    print(f"sectune: {folder} not found; using generated HDFS sessions in DeepLog's format ({out})")
+    from sectune.data import note_generated
+
+    note_generated(d.name, out, f"sectune: {folder} not found; using generated HDFS sessions in DeepLog's format ({out})")
     return out, "deeplog", True
 
 

@@ -189,7 +189,10 @@ def _texts_by_split(cfg: DictConfig, generic: bool = False) -> tuple[dict[str, d
         raise ConfigError(f"dataset.template_fraction={d.template_fraction}: must be in [0, 1]")
     deepset = deepset_texts(Path(str(d.source_dir)), int(d.injection_max_chars)) if d.template_fraction < 1 else []
     if not deepset and d.template_fraction < 1:
-        print(f"sectune: {Path(str(d.source_dir)) / _DEEPSET} has no injection rows; using templated injections only")
+        from sectune.data import note_generated
+
+        note_generated(f"{d.name} (injection texts)", Path(str(d.source_dir)) / _DEEPSET,
+                       f"sectune: {Path(str(d.source_dir)) / _DEEPSET} has no injection rows; using templated injections only")
     fr = (float(d.val_fraction), float(d.test_fraction), int(d.split_seed))
     pools = {"template": split_texts(list(GENERIC_TEMPLATES if generic else TEMPLATES), *fr)}
     if deepset:

@@ -57,6 +57,7 @@ class SweepCheck(Callback):
         from sectune.errors import SectuneError
 
         refuse_preset_secrets(config)
+        refuse_slurm_without_srun(config)
         try:
             check_sweep(config)
         except SectuneError as e:
@@ -81,6 +82,18 @@ class SweepCheck(Callback):
             except (OSError, ValueError, AttributeError):
                 status = None
             _SWEEP_JOBS.append((str(job), 0 if status == "succeeded" else 1))
+
+
+def refuse_slurm_without_srun(config: DictConfig) -> None:
+    """submitit's SLURM executor needs ``srun``; without it the sweep died in a RuntimeError traceback."""
+    import shutil
+
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if "submitit" in target and "Slurm" in target and shutil.which("srun") is None:
+        print("sectune: error: hydra/launcher=slurm: no `srun` on this machine's PATH (submitit submits SLURM jobs from a "
+              "node of the cluster: run the command on its login node); here, run the sweep without hydra/launcher=slurm",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def refuse_preset_secrets(config: DictConfig) -> None:

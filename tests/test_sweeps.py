@@ -102,6 +102,16 @@ def test_launcher_presets_compose():
     assert raw.hydra.launcher._target_.endswith("SlurmLauncher")
 
 
+def test_the_slurm_launcher_off_a_cluster_is_a_clear_error_not_a_traceback(tmp_path):
+    import shutil
+
+    if shutil.which("srun"):
+        pytest.skip("this machine has srun: the launcher would submit for real")
+    proc = multirun(["hydra/launcher=slurm", "stage=plan", "logger=none"], tmp_path / "sweep", timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("sectune: error: hydra/launcher=slurm: no `srun` on this machine's PATH")
+
+
 def test_optuna_preset_returns_the_objective(tmp_path):
     sweep = tmp_path / "optuna"
     proc = multirun(["hparams_search=sft_optuna", "stage=plan", "logger=none", "hydra.sweeper.n_trials=3",

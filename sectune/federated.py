@@ -281,13 +281,56 @@ def check_round(server_round: int, replies: list, sent: int, then: str) -> int:
     return len(errors) + missing
 
 
-def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, int, int], None]):
+PARTITION_KEY = "partition-id"
+
+
+def node_partitions(grid, known: dict[int, int], wait_for: int, timeout: float = 600.0) -> dict[int, int]:
+    """{node id: partition id} of every connected node: Flower names nodes by random 64-bit ids, so the
+    partitions are asked for (a query message each node's ClientApp answers from its node config). Nodes
+    already in ``known`` are not asked again. Waits, as Flower's own sampling does, until ``wait_for`` are up."""
+    import time
+
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    t0 = time.monotonic()
+    while len(nodes := list(grid.get_node_ids())) < wait_for and time.monotonic() - t0 < timeout:
+        time.sleep(1)
+    ask = [n for n in nodes if n not in known]
+    out = dict(known)
+    if ask:
+        msgs = [Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n) for n in ask]
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            if not reply.has_error() and PARTITION_KEY in reply.content.get("metrics", {}):
+                out[reply.metadata.src_node_id] = int(reply.content["metrics"][PARTITION_KEY])
+    return out
+
+
+class _PartitionOrderedGrid:
+    """The Grid, its node ids listed by partition id (then by node id for any that did not answer): Flower's
+    ``random.sample`` over them, under a seeded ``random``, then picks the same partitions in every run."""
+
+    def __init__(self, grid, partition_of: dict[int, int]):
+        self._grid, self._of = grid, partition_of
+
+    def get_node_ids(self):
+        return sorted(self._grid.get_node_ids(), key=lambda n: (self._of.get(n, math.inf), n))
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, int, int], None], seed: int = 0,
+                  sampled: dict | None = None):
     """Flower's FedAvg (weighted by ``num-examples``) with the lr schedule in each round's config and the bytes
     of every message counted; wrapped in Flower's client-side fixed-clipping DP when ``fed.dp``. A round whose
-    sampled clients all fail raises :class:`RoundFailed`; when some fail, ``record("failed", round, count)``."""
+    sampled clients all fail raises :class:`RoundFailed`; when some fail, ``record("failed", round, count)``.
+    Which clients train in a round is a function of ``seed`` and the round (Flower's sampling alone drew from the
+    process's global ``random`` over random node ids); ``sampled[round]`` gets their partition ids."""
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
     sent: dict[int, int] = {}
+    partition_of: dict[int, int] = {}
+    sampled = {} if sampled is None else sampled
 
     def up_bytes(replies, key: str) -> int:
         return sum(m.content[key].count_bytes() for m in replies if not m.has_error())
@@ -295,7 +338,14 @@ def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, in
     class RoundFedAvg(FedAvg):
         def configure_train(self, server_round, arrays, config, grid):
             config["lr"] = round_lr(base_lr, server_round, int(fed.rounds), str(fed.lr_schedule), float(fed.lr_min_ratio))
-            messages = list(super().configure_train(server_round, arrays, config, grid))
+            partition_of.update(node_partitions(grid, partition_of, self.min_available_nodes))
+            state = random.getstate()
+            random.seed(f"sectune-federated:{seed}:{server_round}")  # str seeds hash the same in every process
+            try:
+                messages = list(super().configure_train(server_round, arrays, config, _PartitionOrderedGrid(grid, partition_of)))
+            finally:
+                random.setstate(state)  # the rest of the process draws as it would have
+            sampled[server_round] = sorted(partition_of.get(m.metadata.dst_node_id, -1) for m in messages)
             sent[server_round] = len(messages)
             record("down", server_round, sum(m.content[self.arrayrecord_key].count_bytes() for m in messages))
             return messages
@@ -380,9 +430,14 @@ def make_client_app(client_fn: Callable[[int], "object"], dp: bool, num_clients:
     from flwr.clientapp import ClientApp
     from flwr.clientapp.mod import fixedclipping_mod
 
-    app = ClientApp(mods=[fixedclipping_mod] if dp else [])
+    app = ClientApp()
 
-    @app.train()
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:  # the server asks which partition this node holds
+        pid = node_partition(context.node_config, num_clients)
+        return Message(content=RecordDict({"metrics": MetricRecord({PARTITION_KEY: pid})}), reply_to=msg)
+
+    @app.train(mods=[fixedclipping_mod] if dp else [])  # clipping only what is averaged
     def train(msg: Message, context: Context) -> Message:
         client = client_fn(node_partition(context.node_config, num_clients))
         config = msg.content["config"]

@@ -68,3 +68,11 @@ def train(msg: Message, context: Context) -> Message:
 
     cfg = compose(context.run_config)
     return stage.client_app(cfg, Path(tempfile.gettempdir()) / "sectune_federated_clients")(msg, context)
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:  # the ServerApp asks each SuperNode for its partition id
+    from sectune.stages import federated as stage
+
+    cfg = compose(context.run_config)
+    return stage.client_app(cfg, Path(tempfile.gettempdir()) / "sectune_federated_clients")(msg, context)

@@ -165,8 +165,10 @@ class FakeGrid:
     """A Grid whose nodes answer at once: a node in ``failing`` with Flower's error reply for a ClientApp that raised,
     the others with the adapter they were sent and 5 examples."""
 
-    def __init__(self, nodes, failing=()):
+    def __init__(self, nodes, failing=(), partitions=None):
         from flwr.serverapp import Grid
+
+        partitions = partitions or {n: i for i, n in enumerate(nodes)}
 
         class _Grid(Grid):
             set_run = create_message = push_messages = pull_messages = lambda *a, **k: None
@@ -181,7 +183,10 @@ class FakeGrid:
                 out = []
                 for i, msg in enumerate(messages):
                     msg.metadata.__dict__["_message_id"] = f"m{i}"  # what pushing it would set
-                    if msg.metadata.dst_node_id in failing:
+                    if msg.metadata.message_type == "query":  # which partition a node holds (its ClientApp's answer)
+                        out.append(Message(RecordDict({"metrics": MetricRecord({"partition-id": partitions[msg.metadata.dst_node_id]})}),
+                                           reply_to=msg))
+                    elif msg.metadata.dst_node_id in failing:
                         out.append(Message(Error(code=2, reason=f"<class 'ValueError'>:<'boom on node {msg.metadata.dst_node_id}'>"),
                                            reply_to=msg))
                     else:
@@ -190,6 +195,42 @@ class FakeGrid:
                 return out
 
         self.grid = _Grid()
+
+
+@requires_flwr
+def test_which_clients_train_in_a_round_depends_on_the_seed_not_on_flowers_random_node_ids(flower_task):
+    """FedAvg sampled with the process's global random over node ids Flower draws at random: two runs with the same
+    seed trained different clients. Now the partitions a round samples are a function of (seed, round)."""
+    import random
+
+    fed = compose(["stage=federated", "federated.num_clients=10", "federated.client_frac=0.3", "federated.rounds=3"]).federated
+
+    def run(seed: int, node_seed: int) -> dict:
+        ids = random.Random(node_seed).sample(range(1, 2**62), 10)  # a fresh simulation's node ids, partition i on ids[i]
+        sampled: dict = {}
+        strategy = federated.make_strategy(fed, 3, 0.1, lambda *a: None, seed, sampled)
+        done: dict = {}
+        before = random.getstate()
+        federated.serve(FakeGrid(list(reversed(ids)), partitions={n: i for i, n in enumerate(ids)}).grid, strategy,
+                        {"a.lora_A.weight": torch.ones(2, 2)}, 3, None, done)
+        assert "arrays" in done and random.getstate() == before  # the rest of the process's draws are left alone
+        return sampled
+
+    first = run(seed=1, node_seed=0)
+    assert sorted(first) == [1, 2, 3] and all(len(p) == 3 and len(set(p)) == 3 and set(p) <= set(range(10)) for p in first.values())
+    assert run(seed=1, node_seed=99) == first  # other node ids, the same clients
+    assert len({tuple(p) for p in first.values()}) > 1  # rounds differ from each other
+    assert run(seed=2, node_seed=0) != first
+
+
+def test_the_client_app_tells_the_server_its_partition_even_with_dp_clipping_on(tmp_path, flower_task):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    for dp in (False, True):
+        app = federated.make_client_app(lambda pid: None, dp=dp, num_clients=4)
+        msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=7, message_type="query")
+        reply = app(msg, Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 4}, state=RecordDict(), run_config={}))
+        assert not reply.has_error() and reply.content["metrics"]["partition-id"] == 2
 
 
 def fed_settings(*extra: str):
@@ -340,6 +381,8 @@ def test_simulation_three_clients_two_rounds_end_to_end(tmp_path):
         assert f"round_{r}_val_loss" in m and f"round_{r}_test_f1" in m
     assert (tmp_path / "run" / "plots" / "federated_rounds.png").stat().st_size > 0
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    # every node answered the partition query through Ray's ClientApp actors
+    assert json.loads((tmp_path / "run" / "rounds.json").read_text())["sampled_clients"] == {"1": [0, 1, 2], "2": [0, 1, 2]}
 
 
 # ----------------------------------------------------------------------------- deployment runtime (item 5)
@@ -434,6 +477,8 @@ def test_deployment_runtime_superlink_and_two_supernodes_on_localhost(tmp_path):
         assert m["val_loss_end"] < m["val_loss_start"]
         assert m["bytes_up_per_round"] == m["bytes_down_per_round"] > 2 * m["adapter_bytes"]
         assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+        # the SuperNodes (their node-config partition ids) answered the server's partition query
+        assert json.loads((tmp_path / "run" / "rounds.json").read_text())["sampled_clients"] == {"1": [0, 1], "2": [0, 1]}
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for p in procs:

@@ -174,7 +174,8 @@ def run(ctx: RunContext) -> dict:
 
     # 3. the Flower apps, run by the simulation runtime (Ray; one actor per client_num_cpus of ray_num_cpus), or
     # FedAvg on the deployment runtime's Grid (the SuperNodes run sectune.flower_app's ClientApp)
-    strategy = federated.make_strategy(fed, per_round, float(cfg.train.learning_rate), record)
+    sampled: dict[int, list[int]] = {}  # round -> the partitions that trained in it (seeded by train.seed)
+    strategy = federated.make_strategy(fed, per_round, float(cfg.train.learning_rate), record, int(cfg.train.seed), sampled)
     done: dict = {}
     t_sim = time.perf_counter()
     if fed.runtime == "deployment":
@@ -234,6 +235,7 @@ def run(ctx: RunContext) -> dict:
                           anomaly.score_all(lambda u: [bigram.logprobs(s) for s in u], [s.keys for s in test]), test_y)
     metrics.update(baseline_test_f1=base[base["chosen"]]["test"]["f1"], baseline_test_fpr=base[base["chosen"]]["test"]["fpr"])
     write_json_atomic(run_dir / "rounds.json", {"rounds": [history[r] for r in rounds], "bytes_up": up, "bytes_down": down,
+                                                "sampled_clients": {str(r): sampled[r] for r in sorted(sampled)},
                                                 "partition_sizes": sizes, "data": data.info})
     plot_rounds(run_dir / "plots" / "federated_rounds.png", [history[r] for r in rounds], up, down, full_bytes * per_round,
                 f"federated · {cfg.model.name} · {fed.num_clients} clients ({fed.partition})")

@@ -42,6 +42,10 @@ NONE = "<none>"  # the verdict of an output with no parseable verdict
 
 
 # ------------------------------------------------------------------------------ windows
+#: how the table is computed; 2: the best policy chosen on the validation windows (1: on the test windows)
+TABLE_PROTOCOL = 2
+
+
 @dataclass(frozen=True)
 class Window:
     id: str
@@ -235,13 +239,12 @@ def load_policy(cfg: DictConfig, kind: str, path: Path | None):
 
 # ------------------------------------------------------------------------------ scoring
 def verdict_scores(truth: list[str], pred: list[str]) -> dict:
-    """Accuracy and macro-F1 over the verdicts that occur (in the truth or as a valid prediction):
-    a verdict absent from a subset (OpenSSH has no benign window) is not averaged in as F1 0; an
-    unparseable or unknown prediction is simply wrong."""
+    """Accuracy and macro-F1 over the verdicts that occur in the truth (evaluation.scored_labels: the same for
+    every row of a subset; OpenSSH has no benign window, so a benign answer there is a wrong answer, not an
+    extra F1 of 0 in one row's mean); an unparseable or unknown prediction is simply wrong."""
     from sectune.evaluation import label_scores
 
-    labels = [c for c in CLASSES if c in truth or c in pred]
-    return label_scores(truth, pred, labels)
+    return label_scores(truth, pred, list(CLASSES))
 
 
 def score(row: Row, windows: list[Window]) -> dict:
@@ -282,13 +285,21 @@ def score_by_source(row: Row, windows: list[Window]) -> dict[str, dict]:
     return out
 
 
-def best_policy(rows: list[Row], scores: dict[str, dict]) -> Row | None:
-    """The trained policy (not base, not constrained) with the highest verdict macro-F1, then field F1,
-    then the later step."""
-    trained = [(i, r) for i, r in enumerate(rows) if r.kind == "policy" and r.step not in (None, "base") and not r.constrained]
+def is_trained_policy(row: Row) -> bool:
+    return row.kind == "policy" and row.step not in (None, "base") and not row.constrained
+
+
+def best_policy(rows: list[Row], val_scores: dict[str, dict]) -> Row | None:
+    """The trained policy (not base, not constrained) with the highest verdict macro-F1 on the VALIDATION windows,
+    then field F1, then the later step: ``val_scores`` are those windows' scores, never the test table's (the
+    best of k rows on test is an optimistic row, ~+0.06 macro-F1 for 3 equal policies on 43 windows). Without
+    validation scores: the last trained step."""
+    trained = [(i, r) for i, r in enumerate(rows) if is_trained_policy(r)]
     if not trained:
         return None
-    return max(trained, key=lambda ir: (scores[ir[1].name]["verdict_macro_f1"], scores[ir[1].name]["field_f1"] or 0.0, ir[0]))[1]
+    if not all(r.name in val_scores for _, r in trained):
+        return trained[-1][1]
+    return max(trained, key=lambda ir: (val_scores[ir[1].name]["verdict_macro_f1"], val_scores[ir[1].name]["field_f1"] or 0.0, ir[0]))[1]
 
 
 # ------------------------------------------------------------------------------ the table
@@ -321,17 +332,28 @@ def build_table(
         f"none seen by any training step")
     rows: list[Row] = []
     reuse = dict(reuse or {})
+    val = pick_windows(splits["validation"], max_windows)
+    val_scores: dict[str, dict] = {}  # the trained policies on the validation windows: the best policy is chosen there
     for name, step, cfg, kind, path in policies:
+        trained = kind != "base" and step not in (None, "base")
+        model = None
         if step in reuse:
             texts, seconds = reuse[step]
             rows.append(analyses_row(name, texts, seconds, step=step, note="answers of the pipeline's infer step"))
         else:
             model, tok = load_policy(cfg, kind, path)
             rows.append(generate_row(name, model, tok, test, cfg.generation, batch_size, step=step))
-            del model
-        log(f"sectune: held-out table: {name}: {brief(score(rows[-1], test))}")
+        if trained and val:
+            if model is None:
+                model, tok = load_policy(cfg, kind, path)
+            val_scores[name] = score(generate_row(name, model, tok, val, cfg.generation, batch_size, step=step), val)
+        del model
+        log(f"sectune: held-out table: {name}: {brief(score(rows[-1], test))}"
+            + (f" (validation: verdict macro-F1 {val_scores[name]['verdict_macro_f1']:.3f})" if name in val_scores else ""))
     scores = {r.name: score(r, test) for r in rows}
-    best = best_policy(rows, scores)
+    best = best_policy(rows, val_scores)
+    chosen_on = (f"verdict macro-F1 on the {len(val)} validation windows" if val and best is not None and best.name in val_scores
+                 else "the last trained step (no validation windows)")
     if best is not None and constrained:
         row = constrained_row(best, policies, test, batch_size, log)
         if row is not None:
@@ -363,6 +385,8 @@ def build_table(
         "rows": [{"name": r.name, "kind": r.kind, "step": r.step, "constrained": r.constrained, "note": r.note, **scores[r.name]} for r in rows],
         "by_source": by_source,
         "best_policy": best.name if best else None,
+        "best_policy_chosen_on": chosen_on if best else None,
+        "validation_scores": val_scores,
         "predictions": {r.name: r.verdicts for r in rows},
         "metrics": metrics,
         "generation": {**OmegaConf.to_container(eval_cfg.generation, resolve=True), "do_sample": False, "batch_size": batch_size},

@@ -38,7 +38,9 @@ def render_markdown(table: dict) -> str:
         "",
         f"{n} test windows ({', '.join(f'{k} {v}' for k, v in srcs)}; verdicts {', '.join(f'{k} {v}' for k, v in labels)}), "
         "held out of every training step. Policies decode greedily; JSON-valid counts repaired output as valid "
-        "(as stage=infer does); an unparseable output is a wrong verdict and scores field F1 0.",
+        "(as stage=infer does); an unparseable output is a wrong verdict and scores field F1 0."
+        + (f" The best policy was chosen by {table['best_policy_chosen_on']}, never on these test windows."
+           if table.get("best_policy_chosen_on") else ""),
         "",
         "| system | JSON-valid % | schema-valid % | verdict acc | verdict macro-F1 | field F1 | analyses/s | vs TF-IDF + LR |",
         "|---|---:|---:|---:|---:|---:|---:|---|",

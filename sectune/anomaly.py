@@ -175,8 +175,8 @@ def detect(val: dict, val_y, test: dict, test_y) -> dict:
         "top_g": {"g": g, "val_f1": g_f1, "pred": (test["max_rank"] > g).astype(int)},
         "threshold": {"threshold": t_thr, "val_f1": t_f1, "pred": (test["max_nll"] > t_thr).astype(int)},
     }
-    for rule in out.values():
-        rule["test"] = binary_metrics(test_y, rule["pred"], test["max_nll"])
+    for name, rule in out.items():  # each rule's ROC-AUC over its own score (top-g ranks, the threshold NLLs)
+        rule["test"] = binary_metrics(test_y, rule["pred"], test["max_rank"] if name == "top_g" else test["max_nll"])
     out["chosen"] = "top_g" if g_f1 >= t_f1 else "threshold"
     return out
 

@@ -141,6 +141,7 @@ def heldout_table(cfg: DictConfig, eval_cfg: DictConfig, steps: list[Step], run_
         "max_windows": cfg.pipeline.heldout_max_windows,
         "batch_size": table_batch_size(cfg, eval_cfg),
         "constrained": cfg.pipeline.heldout_constrained,
+        "protocol": analyst_eval.TABLE_PROTOCOL,  # a table built under an older protocol is built again
     }
     key = config_digest(OmegaConf.create(json.loads(json.dumps(key_src, default=str))), run_dir)  # a moved pipeline: the same key
     cached = read_json_object(run_dir / "heldout.json")

@@ -160,8 +160,20 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
     return frame
 
 
-#: metric names (substrings) where smaller is better: sorted ascending (an FPR sorted descending listed the worst first)
-LOWER_IS_BETTER = ("loss", "fpr", "false_positive", "attack_success", "error", "perplexity", "seconds", "wall_time", "bytes")
+#: metric names (substrings) where smaller is better: sorted ascending (an FPR sorted descending listed the worst
+#: first), as is a name ending in ``_s`` (seconds: ``latency_p95_s``)
+LOWER_IS_BETTER = ("loss", "fpr", "false_positive", "attack_success", "error", "perplexity", "seconds", "wall_time", "bytes",
+                   "latency", "invalid")
+#: ... unless one of these is in the name too (checked first): a rate or ratio of something good (``bytes_reduction``,
+#: ``rows_per_s``)
+HIGHER_IS_BETTER = ("reduction", "per_s", "ratio", "speedup")
+
+
+def lower_is_better(name: str) -> bool:
+    n = name.lower()
+    if any(w in n for w in HIGHER_IS_BETTER):
+        return False
+    return any(w in n for w in LOWER_IS_BETTER) or n.endswith("_s")
 
 
 def sweep_objective(jobs: list[Path]) -> tuple[str | None, str]:
@@ -197,7 +209,7 @@ def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, asc
         given = f"{sort_by_setting} {sort_by}" if sort_by_setting.startswith("--") else f"{sort_by_setting}={sort_by}"
         raise ConfigError(f"{given}: not a column; metrics are {', '.join(metrics) or '(none)'}")
     if ascending is None:  # losses and non-metric columns (job, swept keys) smallest first
-        ascending = sort_by not in metrics or any(w in sort_by.lower() for w in LOWER_IS_BETTER)
+        ascending = sort_by not in metrics or lower_is_better(sort_by)
     by = [sort_by] + (["job"] if sort_by != "job" else [])
     out = frame.sort_values(by, ascending=[ascending, True][: len(by)], na_position="last", kind="mergesort")
     out = out.reset_index(drop=True)

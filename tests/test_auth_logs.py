@@ -589,3 +589,20 @@ def test_the_report_states_the_shipped_datas_facts_only_where_they_hold(tmp_path
     assert "Linux_2k" not in text and "Benign windows come from: synthetic" in text
     text = md("rule engine (wrote the annotations: the ceiling)", {"Linux": d, "OpenSSH": {**d, "true_benign_rate": 0.0}})
     assert "it is the ceiling, not a competitor" in text and "Every benign window comes from Linux_2k" in text
+
+
+def test_the_best_policy_is_the_validation_windows_best_not_the_test_tables():
+    """It was the best of the trained rows on the test windows themselves: the best of k rows on 43 windows is an
+    optimistic row, and the bar it was held against (TF-IDF + LR) is one row."""
+    from sectune.analyst_eval import Row, best_policy
+
+    rows = [Row(name=n, kind=k, step=st, constrained=False, verdicts=[]) for n, k, st in
+            [("base", "policy", "base"), ("SFT", "policy", "sft"), ("SFT+GRPO", "policy", "rl"), ("SFT+DPO", "policy", "dpo"),
+             ("TF-IDF + LR", "baseline", None)]]
+    val = {"SFT": {"verdict_macro_f1": 0.80, "field_f1": 0.6}, "SFT+GRPO": {"verdict_macro_f1": 0.85, "field_f1": 0.5},
+           "SFT+DPO": {"verdict_macro_f1": 0.85, "field_f1": 0.55}}
+    assert best_policy(rows, val).name == "SFT+DPO"  # a tie on verdict: field F1 decides
+    val["SFT+GRPO"]["verdict_macro_f1"] = 0.9
+    assert best_policy(rows, val).name == "SFT+GRPO"
+    assert best_policy(rows, {}).name == "SFT+DPO"  # no validation windows: the last trained step, not a test argmax
+    assert best_policy(rows[:1] + rows[4:], val) is None

@@ -121,7 +121,23 @@ def test_macro_f1_leaves_out_a_label_that_is_neither_in_the_split_nor_predicted(
 
     labels = ["benign", "injection"]
     assert label_scores(["benign"] * 4, ["benign"] * 4, labels)["macro_f1"] == 1.0
-    # predicted but absent: a false positive, F1 0 for that label, so it counts
-    assert label_scores(["benign"] * 4, ["benign"] * 3 + ["injection"], labels)["macro_f1"] == pytest.approx((6 / 7 + 0) / 2)
+    # predicted but absent: a wrong answer that costs benign its recall, not an extra F1 of 0 in this row's mean alone
+    # (a row with one such answer scored 0.43 against 1.0, and against another row's 0.857 for a miss on a present class)
+    assert label_scores(["benign"] * 4, ["benign"] * 3 + ["injection"], labels)["macro_f1"] == pytest.approx(6 / 7)
     # present but never predicted counts as 0, as before
     assert label_scores(["benign", "injection"], ["benign", "benign"], labels)["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_rows_scored_on_one_split_average_over_the_same_labels():
+    """The per-source rows: OpenSSH has no benign window. An analyst wrong once by answering benign scored macro-F1
+    0.649 and TF-IDF + LR, wrong once by another verdict, 0.950, at the same accuracy: the analyst's mean alone held
+    an extra F1 of 0 for benign."""
+    from sectune.analyst_eval import verdict_scores
+
+    truth = ["malicious"] * 10 + ["suspicious"] * 10
+    llm = ["benign"] + ["malicious"] * 9 + ["suspicious"] * 10
+    tfidf = ["suspicious"] + ["malicious"] * 9 + ["suspicious"] * 10
+    a, b = verdict_scores(truth, llm), verdict_scores(truth, tfidf)
+    assert a["accuracy"] == b["accuracy"] == 0.95
+    assert a["macro_f1"] == pytest.approx((18 / 19 + 1.0) / 2)  # malicious P=1 R=.9; suspicious P=R=1; no benign term
+    assert b["macro_f1"] == pytest.approx((18 / 19 + 20 / 21) / 2)  # malicious P=1 R=.9; suspicious P=10/11 R=1

@@ -190,6 +190,12 @@ def test_g_and_threshold_are_chosen_on_validation_not_test():
     # and changing validation labels does move them
     c = anomaly.detect(val, 1 - val_y, test, test_y)
     assert (c["threshold"]["threshold"], c["top_g"]["g"]) != (a["threshold"]["threshold"], a["top_g"]["g"])
+    # each rule's ROC-AUC is over its own score: the top-g row showed the NLL's AUC
+    from sklearn.metrics import roc_auc_score
+
+    assert a["top_g"]["test"]["roc_auc"] == pytest.approx(roc_auc_score(test_y, test["max_rank"]))
+    assert a["threshold"]["test"]["roc_auc"] == pytest.approx(roc_auc_score(test_y, test["max_nll"])) == 1.0
+    assert a["top_g"]["test"]["roc_auc"] != a["threshold"]["test"]["roc_auc"]
 
 
 # ----------------------------------------------------------------------------- end to end on the real sessions

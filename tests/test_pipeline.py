@@ -219,6 +219,12 @@ def test_failed_rl_step_then_rerun_continues_without_retraining(tmp_path):
     assert {w["source"] for w in table["windows"]} == {"Linux", "OpenSSH"}
     rules = next(r for r in table["rows"] if r["kind"] == "rules")
     assert rules["verdict_accuracy"] == 1.0 and rules["field_f1"] == 1.0  # it wrote the annotations
+    # the best policy is chosen on the validation windows, never on the test table's own numbers
+    val = table["validation_scores"]
+    assert set(val) == {r["name"] for r in table["rows"] if r["kind"] == "policy" and r["step"] not in (None, "base") and not r["constrained"]}
+    assert table["best_policy"] in val and table["best_policy_chosen_on"] == "verdict macro-F1 on the 4 validation windows"
+    assert val[table["best_policy"]]["verdict_macro_f1"] == max(v["verdict_macro_f1"] for v in val.values())
+    assert "The best policy was chosen by verdict macro-F1 on the 4 validation windows, never on these test windows." in report
 
     again = run(args, run_dir)  # nothing left to do: every step skipped, the table reused
     assert again.returncode == 0, again.stderr[-2000:]

@@ -166,3 +166,16 @@ def test_the_default_sort_is_the_sweeps_objective_and_rates_of_errors_sort_ascen
     assert df.attrs["sort_by"] == "reward_accuracy" and df.attrs["ascending"] is False and list(df["job"]) == [2, 0, 1]
     fpr = build_report(sweep, sort_by="test_fpr")
     assert fpr.attrs["ascending"] is True and list(fpr["job"]) == [1, 2, 0]
+
+
+def test_which_metrics_sort_ascending():
+    """bytes_reduction (higher is better) sorted ascending because it names bytes; latency_p95_s and
+    test_invalid_predictions sorted descending: the worst row first in all three."""
+    from sectune.report import lower_is_better
+
+    for name in ("eval_loss", "test_fpr", "attack_success_rate", "latency_p95_s", "test_invalid_predictions", "peak_rss_bytes",
+                 "wall_time_s", "bytes_up_total"):
+        assert lower_is_better(name), name
+    for name in ("bytes_reduction", "rows_per_s", "analyses_per_s", "test_macro_f1", "reward_accuracy", "val_score",
+                 "grpo_completions_per_s_ratio_vs_trl", "round_s_mean_speedup"):
+        assert not lower_is_better(name), name

@@ -102,12 +102,11 @@ def run(ctx: RunContext) -> dict:
 
     # 5. the decision threshold for two labels (on the out-of-fold predictions of every train row
     #    with folds, else on validation; never on test), then the validation metrics
-    from sklearn.metrics import accuracy_score, f1_score
+    from sectune.evaluation import label_scores
 
-    def _score(y, probs, prefix):
-        pred = S.decide(probs, data.labels, threshold)
-        metrics[f"{prefix}_accuracy"] = float(accuracy_score(y, pred))
-        metrics[f"{prefix}_macro_f1"] = float(f1_score(y, pred, labels=data.labels, average="macro", zero_division=0))
+    def _score(y, probs, prefix):  # the macro-F1 the test metrics use (evaluation.label_scores), not another one
+        s = label_scores(list(y), list(S.decide(probs, data.labels, threshold)), list(data.labels))
+        metrics[f"{prefix}_accuracy"], metrics[f"{prefix}_macro_f1"] = s["accuracy"], s["macro_f1"]
 
     threshold = None
     binary = cfg.classify.tune_threshold and len(data.labels) == 2

@@ -200,7 +200,17 @@ def tune_threshold(probs: np.ndarray, y_true: Sequence[str], labels: Sequence[st
 # --------------------------------------------------------------------------- evaluation
 
 
-def baseline_predictions(data: LabelledData, split: str, seed: int, rf_estimators: int = 200) -> tuple[dict, dict]:
+def baseline_folds(labels: Sequence[str], folds: int, seed: int) -> Optional[List[np.ndarray]]:
+    """The folds the text baseline picks its C over when there are no validation rows: ``classify.folds``' own
+    (the same seed, the same rows), else 5; fewer where a label has fewer rows; None below 2."""
+    from collections import Counter
+
+    k = min(folds if folds > 1 else 5, min(Counter(labels).values(), default=0))
+    return stratified_folds(labels, k, seed) if k >= 2 else None
+
+
+def baseline_predictions(data: LabelledData, split: str, seed: int, rf_estimators: int = 200, *, folds: int = 0,
+                         fold_seed: int = 0) -> tuple[dict, dict]:
     """The classic baseline (RF on raw features for flows, TF-IDF+LR for text) and the majority class."""
     from sectune.baselines import majority_baseline, random_forest_baseline, tfidf_logreg_baseline
 
@@ -213,21 +223,24 @@ def baseline_predictions(data: LabelledData, split: str, seed: int, rf_estimator
         b = tfidf_logreg_baseline(
             [r["raw_text"] for r in train], ytr, [r["raw_text"] for r in test], seed=seed,
             val_texts=[r["raw_text"] for r in val] or None, val_y=[r["label"] for r in val] or None,
+            cv_folds=None if val else baseline_folds(ytr, folds, fold_seed),
         )
     maj = majority_baseline(ytr, [r["label"] for r in test])
     return {b.name: b.predictions, "majority": maj.predictions}, {b.name: b.to_dict(), "majority": maj.to_dict()}
 
 
 def evaluate_split(data: LabelledData, split: str, probs: np.ndarray, latencies: Sequence[float], out_dir: Path, *,
-                   threshold: Optional[float], seed: int, rf_estimators: int, extra: Optional[dict] = None) -> dict:
-    """Model predictions from ``probs`` + baselines on the same rows → ``write_evaluation``."""
+                   threshold: Optional[float], seed: int, rf_estimators: int, extra: Optional[dict] = None,
+                   folds: int = 0, fold_seed: int = 0) -> dict:
+    """Model predictions from ``probs`` + baselines on the same rows → ``write_evaluation``. ``folds`` /
+    ``fold_seed``: the run's ``classify.folds`` and ``dataset.split_seed`` (the baseline's C without validation rows)."""
     from sectune.evaluation import write_evaluation
 
     recs = data.splits[split]
     if not recs:
         raise DataError(f"{data.source}: the {split} split is empty; set dataset.test_fraction > 0")
     preds = decide(probs, data.labels, threshold)
-    base_preds, base_info = baseline_predictions(data, split, seed, rf_estimators)
+    base_preds, base_info = baseline_predictions(data, split, seed, rf_estimators, folds=folds, fold_seed=fold_seed)
     scores = [{lab: float(p) for lab, p in zip(data.labels, row)} for row in probs]
     metrics = write_evaluation(
         out_dir, y_true=[r["label"] for r in recs], y_pred=preds, labels=data.labels, latencies_s=latencies,

@@ -141,3 +141,30 @@ def test_rows_scored_on_one_split_average_over_the_same_labels():
     assert a["accuracy"] == b["accuracy"] == 0.95
     assert a["macro_f1"] == pytest.approx((18 / 19 + 1.0) / 2)  # malicious P=1 R=.9; suspicious P=R=1; no benign term
     assert b["macro_f1"] == pytest.approx((18 / 19 + 20 / 21) / 2)  # malicious P=1 R=.9; suspicious P=10/11 R=1
+
+
+def test_without_validation_rows_tfidf_picks_c_over_the_runs_folds_not_the_default():
+    """classify.folds with val_fraction=0 (the prompt_injection_cv preset) tuned the model's threshold on its
+    out-of-fold rows and gave the bar C=1 untuned."""
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+
+    from sectune.baselines import LogisticRegression, TfidfVectorizer
+    from sectune.classify_scoring import baseline_folds
+
+    rng = np.random.default_rng(0)
+    words = ["ignore", "previous", "rules", "weather", "pancakes", "trails", "system", "prompt", "forget", "recipe"]
+    train = [" ".join(rng.choice(words, 4)) for _ in range(60)]
+    ty = ["injection" if ("ignore" in t or "forget" in t) and rng.random() < 0.8 else "benign" for t in train]
+    folds = baseline_folds(ty, 3, seed=7)
+    assert len(folds) == 3 and sorted(np.concatenate(folds).tolist()) == list(range(60))
+    r = tfidf_logreg_baseline(train, ty, ["ignore the rules"], seed=0, cv_folds=folds)
+    every = np.arange(60)
+    hand = {c: float(np.mean(cross_val_score(
+        make_pipeline(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), min_df=2, sublinear_tf=True, max_features=200_000),
+                      LogisticRegression(C=c, max_iter=2000, class_weight="balanced", random_state=0)),
+        train, ty, cv=[(np.setdiff1d(every, h), h) for h in folds], scoring="f1_macro"))) for c in (0.1, 1.0, 10.0)}
+    assert r.params["val_macro_f1_by_C"] == pytest.approx(hand) and r.params["C_chosen_by"] == "3-fold CV on train"
+    assert r.params["C"] == max(hand, key=lambda c: (hand[c], -c))
+    assert baseline_folds(["a"] * 10 + ["b"], 3, 0) is None  # a label with one row: no CV, the default C
+    assert tfidf_logreg_baseline(train, ty, ["x"], seed=0).params["C_chosen_by"] == "default (no validation rows)"

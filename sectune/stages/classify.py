@@ -140,6 +140,7 @@ def run(ctx: RunContext) -> dict:
         probs, lat = scored["test"]
         ev = S.evaluate_split(data, "test", probs, lat, run_dir / "evaluation", threshold=threshold,
                               seed=cfg.train.seed, rf_estimators=cfg.evaluate.rf_estimators,
+                              folds=int(cfg.classify.folds), fold_seed=int(cfg.dataset.split_seed),
                               extra={"model": cfg.model.name, "head": head, "run_dir": str(run_dir), "members": len(members or [name])})
         metrics.update(ev)
         artifacts["evaluation"] = "evaluation"

@@ -61,7 +61,8 @@ def run(ctx: RunContext) -> dict:
         raise DataError(f"{model_dir}: labels.json {predictor.labels} differ from the rebuilt data's {data.labels}")
     metrics = S.evaluate_split(data, ev.split, probs, lat, run_dir / "evaluation",
                                threshold=predictor.meta.get("threshold"), seed=run_cfg.train.seed,
-                               rf_estimators=ev.rf_estimators,
+                               rf_estimators=ev.rf_estimators, folds=int(run_cfg.classify.folds),
+                               fold_seed=int(run_cfg.dataset.split_seed),
                                extra={"model_dir": str(model_dir), "model": run_cfg.model.name,
                                       "head": predictor.meta["head"], "members": len(predictor.members)})
     sp = ev.split

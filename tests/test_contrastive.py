@@ -402,3 +402,12 @@ def test_memory_templates_are_checked_by_plan(tmp_path, template, budget):
     assert m["fits_memory_template"] == int(fits)
     line = [x for x in (tmp_path / "plan.md").read_text().splitlines() if x.startswith(f"Memory template {template}: budget {budget} GiB")]
     assert line and line[0].endswith(": fits.") == fits, line
+
+
+def test_without_test_triplets_the_held_out_numbers_say_they_are_validations(tmp_path, monkeypatch, capsys):
+    """The fallback to validation was silent, and validation also chose the kept checkpoint."""
+    splits = fixture_splits()
+    code, res = run_stage(tmp_path, monkeypatch, ["train.max_steps=1", "lora.r=2"], splits={**splits, "test": []})
+    assert code == 0, res.get("error")
+    assert res["metrics"]["heldout_split"] == "validation"
+    assert "no test triplets (dataset.test_fraction=0): the held-out numbers are the validation triplets'" in capsys.readouterr().err

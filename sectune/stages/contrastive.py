@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def run(ctx: RunContext) -> dict:
     splits = {k: [triplet_prompts(r) for r in v] for k, v in records.items()}
     held_name = "test" if splits["test"] else "validation"
     held_out = splits[held_name]
+    if held_name == "validation" and splits["validation"]:
+        print("sectune: warning: no test triplets (dataset.test_fraction=0): the held-out numbers are the validation "
+              "triplets', which also chose the kept checkpoint and early stopping: optimistic, not a test result", file=sys.stderr)
     # the windows the attack is scored on: the first evaluate.max_samples held-out ones, as stage=evaluate takes them
     attacked = [{**r, **p} for r, p in zip(records[held_name], held_out)][: cfg.evaluate.max_samples or None]
     if not splits["train"] or not held_out:

@@ -43,6 +43,9 @@ class ClassifyConfig:
 class EvaluateConfig:
     model_dir: Optional[str] = None
     split: str = "test"
+    #: a classify run: a NEW labelled file (the run's format and columns: flow CSV / text,label CSV) scored whole
+    #: instead of a split, beside the baselines fitted on the run's own train split (split is then ignored)
+    data_path: Optional[str] = None
     batch_size: int = 32
     #: trees in the RandomForest baseline (flows)
     rf_estimators: int = 200

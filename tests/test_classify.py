@@ -584,3 +584,30 @@ def test_a_run_trained_with_a_relative_data_path_is_evaluated_from_any_folder(tm
     ev = sectune("stage=evaluate", f"evaluate.model_dir={tmp_path / 'run'}", "logger=none", f"hydra.run.dir={tmp_path / 'ev'}")
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads((tmp_path / "ev/result.json").read_text())["metrics"]["test_rows"] == 8
+
+
+def test_evaluate_scores_a_new_labelled_file_with_the_runs_own_statistics_and_baselines(cic_run, tmp_path):
+    """A user with next week's labelled flows could only score the run's own splits (the rebuilt split had to match
+    the saved one). evaluate.data_path scores a new file whole, rendered with the run's train statistics, beside
+    the baselines fitted on the run's train split."""
+    import pandas as pd
+
+    test = json.loads((cic_run / "splits/test.json").read_text())
+    new = tmp_path / "next_week.csv"
+    pd.DataFrame([{**r["features"], "label_multiclass": r["label"]} for r in test]).to_csv(new, index=False)
+    ev_dir = tmp_path / "ev"
+    p = sectune("stage=evaluate", f"evaluate.model_dir={cic_run}", f"evaluate.data_path={new}", *FAST, f"hydra.run.dir={ev_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = json.loads((cic_run / "result.json").read_text())["metrics"]
+    b = json.loads((ev_dir / "result.json").read_text())["metrics"]
+    # the same rows as the run's test split: the same scores, under the file's own name
+    for k in ("accuracy", "macro_f1"):
+        assert b[f"external_{k}"] == pytest.approx(a[f"test_{k}"]), k
+        assert b[f"baseline_external_{k}" if f"baseline_external_{k}" in b else f"random_forest_external_{k}"] == pytest.approx(
+            a[f"baseline_test_{k}" if f"baseline_test_{k}" in a else f"random_forest_test_{k}"]), k
+    assert b["external_file"] == str(new) and b["external_rows"] == len(test)
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame([{**test[0]["features"], "label_multiclass": "Recon"}, {**test[1]["features"], "label_multiclass": "Spoofing"}]
+                 ).assign(label_multiclass=["Recon", "NotAFamily"]).to_csv(bad, index=False)
+    q = sectune("stage=evaluate", f"evaluate.model_dir={cic_run}", f"evaluate.data_path={bad}", *FAST, f"hydra.run.dir={tmp_path / 'bad'}")
+    assert q.returncode != 0 and str(bad) in q.stderr.strip().splitlines()[-1]

@@ -14,6 +14,7 @@ sessions, and the run detects anomalous sessions by next-key prediction: :mod:`s
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from sectune import classification as C
@@ -42,34 +43,45 @@ def run(ctx: RunContext) -> dict:
     run_cfg, _ = read_classify_run(model_dir)
     run_cfg.evaluate = cfg.evaluate
     run_cfg.train.device = cfg.train.device
-    print(f"sectune: evaluating {model_dir} ({run_cfg.model.name}, {run_cfg.classify.head} head) on "
-          f"dataset={run_cfg.dataset.name} split={ev.split}; this run's model/dataset settings are ignored")
+    where = f"the new labelled file {ev.data_path}" if ev.data_path else f"dataset={run_cfg.dataset.name} split={ev.split}"
+    print(f"sectune: evaluating {model_dir} ({run_cfg.model.name}, {run_cfg.classify.head} head) on {where}; "
+          "this run's model/dataset settings are ignored")
 
     data = C.build_labelled_data(run_cfg)
-    if ev.split not in data.splits:
+    split = "external" if ev.data_path else ev.split
+    if split not in data.splits and not ev.data_path:
         raise ConfigError(f"evaluate.split={ev.split!r}: choose train, validation or test")
-    saved = model_dir / "splits" / f"{ev.split}.json"
+    # the rows scored (their split as the run saved it), or with data_path the train rows the baselines fit on
+    saved = model_dir / "splits" / f"{'train' if ev.data_path else split}.json"
     if saved.is_file():
         old = [(r["text"], r["label"]) for r in json.loads(saved.read_text())]
-        if old != [(r["text"], r["label"]) for r in data.splits[ev.split]]:
-            raise DataError(f"{data.source}: the rebuilt {ev.split} split differs from {saved}; the data changed since the classify run")
+        if old != [(r["text"], r["label"]) for r in data.splits[saved.stem]]:
+            raise DataError(f"{data.source}: the rebuilt {saved.stem} split differs from {saved}; the data changed since the classify run")
+    if ev.data_path:
+        data.splits[split] = C.external_records(data, run_cfg, ev.data_path)
+        dup = {r["text"] for r in data.splits["train"]} & {r["text"] for r in data.splits[split]}
+        if dup:
+            print(f"sectune: warning: {len(dup)} distinct row(s) of {ev.data_path} are training rows of this run (the same "
+                  "rendered text): their scores measure memory", file=sys.stderr)
 
     predictor = Predictor.from_run(model_dir, batch_size=ev.batch_size, device=cfg.train.device)
-    recs = data.splits[ev.split]
+    recs = data.splits[split]
     probs, lat = predictor.score([r["text"] for r in recs])
     if predictor.labels != data.labels:
         raise DataError(f"{model_dir}: labels.json {predictor.labels} differ from the rebuilt data's {data.labels}")
-    metrics = S.evaluate_split(data, ev.split, probs, lat, run_dir / "evaluation",
+    metrics = S.evaluate_split(data, split, probs, lat, run_dir / "evaluation",
                                threshold=predictor.meta.get("threshold"), seed=run_cfg.train.seed,
                                rf_estimators=ev.rf_estimators, folds=int(run_cfg.classify.folds),
                                fold_seed=int(run_cfg.dataset.split_seed),
                                extra={"model_dir": str(model_dir), "model": run_cfg.model.name,
                                       "head": predictor.meta["head"], "members": len(predictor.members)})
-    sp = ev.split
+    sp = split
+    if ev.data_path:
+        metrics["external_file"] = str(ev.data_path)
     print(f"sectune: {sp} accuracy {metrics[f'{sp}_accuracy']:.4f} · macro-F1 {metrics[f'{sp}_macro_f1']:.4f} · "
           f"baseline {metrics.get(f'baseline_{sp}_macro_f1', float('nan')):.4f} · majority {metrics[f'majority_{sp}_macro_f1']:.4f}"
           f" → {run_dir / 'evaluation'}")
-    if sp != "test":
+    if sp not in ("test", "external"):
         print(f"sectune: note: {sp} rows{' chose the threshold and the baseline settings' if sp == 'validation' else ' were trained on'}: "
               f"these scores are optimistic; the test split is the honest one")
     return {"metrics": metrics, "artifacts": {"evaluation": "evaluation", "model_dir": str(model_dir)}}

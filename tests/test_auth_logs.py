@@ -606,3 +606,23 @@ def test_the_best_policy_is_the_validation_windows_best_not_the_test_tables():
     assert best_policy(rows, val).name == "SFT+GRPO"
     assert best_policy(rows, {}).name == "SFT+DPO"  # no validation windows: the last trained step, not a test argmax
     assert best_policy(rows[:1] + rows[4:], val) is None
+
+
+def test_two_class_folders_holding_one_window_number_is_an_error_and_a_verdict_mismatch_is_said(folder, capsys):
+    """auth_data/benign/auth_data_1_2.txt and auth_data/malicious/auth_data_1_2.txt both took Auth_bin/auth_text_1_2.json's
+    analysis and one id; a window filed under a class its analysis disagrees with was taken silently."""
+    txt, js = _first_pair(folder)
+    other = next(c for c in A.CLASSES if c != txt.parent.name)
+    (folder / "auth_data" / other).mkdir(exist_ok=True)
+    twin = folder / "auth_data" / other / txt.name
+    shutil.copy(txt, twin)
+    with pytest.raises(DataError) as e:
+        A.load_auth_folder(folder)
+    assert str(txt) in str(e.value) and str(twin) in str(e.value) and "renumber one" in str(e.value)
+    twin.unlink()
+    moved = folder / "auth_data" / other / txt.name
+    txt.rename(moved)
+    samples = A.load_auth_folder(folder)
+    assert next(s for s in samples if s.txt_path == moved).label == other
+    err = capsys.readouterr().err
+    assert "1 window(s) sit in a class folder their analysis's verdict disagrees with" in err and str(moved) in err

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -338,6 +339,10 @@ def load_auth_folder(path: str | os.PathLike, max_samples: int | None = None, sc
     if not entries:
         raise DataError(f"{data_dir}: no auth_data_X_Y.txt files under auth_data/<class>/")
     entries.sort(key=lambda e: (e[0], e[1], e[2]))
+    for a, b in zip(entries, entries[1:]):  # two class folders' windows would share one Auth_bin analysis (and id)
+        if a[:2] == b[:2]:
+            raise DataError(f"{a[3]} and {b[3]}: two windows numbered {a[0]}_{a[1]} (one analysis file, "
+                            f"{bin_dir / f'auth_text_{a[0]}_{a[1]}.json'}, cannot describe both); renumber one")
     if max_samples is not None:
         entries = sorted(_stratified(entries, lambda e: e[2], max_samples), key=lambda e: (e[0], e[1], e[2]))
     validator = _validator(str(schema_path) if schema_path is not None else None)
@@ -361,4 +366,9 @@ def load_auth_folder(path: str | os.PathLike, max_samples: int | None = None, sc
         if errors:
             raise DataError(f"{js}: does not match the schema at {errors[0]}")
         samples.append(AuthSample(f"{x}_{y}", label, log_text.rstrip("\n"), analysis, txt, js))
+    odd = [s for s in samples if s.analysis.get("verdict") != s.label]
+    if odd:  # the folder is the window's class (splits, per-class counts); the analysis is what SFT learns to write
+        print(f"sectune: warning: {root}: {len(odd)} window(s) sit in a class folder their analysis's verdict disagrees with "
+              f"(e.g. {odd[0].txt_path} in {odd[0].label}/, verdict {odd[0].analysis.get('verdict')!r}): the splits follow the "
+              "folder, training and scoring follow the analysis", file=sys.stderr)
     return samples

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -509,3 +510,18 @@ def test_a_run_on_generated_stand_in_data_says_so_in_result_json_and_a_real_data
         pytest.skip("no ../shared/data: the real-data half needs the real auth logs")
     code, _ = runner.run(compose(["logger=none", f"paths.cache_dir={tmp_path / 'cache'}"]), tmp_path / "real")
     assert code == 0 and "generated_data" not in json.loads((tmp_path / "real" / "result.json").read_text())
+
+
+def test_csv_errors_name_the_real_line_after_blank_lines_and_multiline_cells_and_say_how_to_fix_latin1(tmp_path):
+    """The empty-cell error named the pandas row + 2 (line 4 for a cell on line 6); a Latin-1 export said
+    "'utf-8' codec can't decode byte 0xe9 in position 3" (a position in pandas' buffer, no line)."""
+    from sectune.data.text_classification import load_text_label_csv
+    from sectune.errors import DataError
+
+    f = tmp_path / "rows.csv"
+    f.write_text('text,label\n\n"a\nmultiline",benign\n\nhello,\nok,benign\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(f))}: line 6: empty 'label'$"):
+        load_text_label_csv(f)
+    f.write_bytes(b"text,label\nok,benign\ncaf\xe9 ist gut,benign\n")
+    with pytest.raises(DataError, match=r"not UTF-8 text \(line 3, byte 0xe9\).*iconv -f latin1 -t utf-8 rows.csv"):
+        load_text_label_csv(f)

@@ -125,6 +125,30 @@ class FlowTable:
         return len(self.y)
 
 
+def not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
+    """The error for a CSV that is not UTF-8, naming the line and byte (pandas' position is within its read buffer)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8-sig")
+        where = ""
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        where = f" (line {line}, byte 0x{raw[e.start]:02x})"
+    return DataError(f"{path}: not UTF-8 text{where}: {exc.reason}; save the file as UTF-8 (a Latin-1 export, say: "
+                     f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.csv)")
+
+
+def csv_record_lines(path: Path) -> list[int]:
+    """The file line on which each data record (after the header) ends, as pandas counts records: blank lines
+    skipped, a quoted cell may span lines. For error messages: the row index pandas gives is not a line number."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        ends = [reader.line_num for row in reader if row and any(c.strip() for c in row)]
+    return ends[1:]
+
+
 def read_csv_checked(path: Path, what: str = "CSV", key: str | None = None) -> pd.DataFrame:
     """A CSV as a DataFrame with stripped column names; a folder, a missing or an unparsable file is a DataError
     (``key``: the setting that names the file, for the folder's message)."""
@@ -134,7 +158,9 @@ def read_csv_checked(path: Path, what: str = "CSV", key: str | None = None) -> p
         raise DataError(f"{path}: {what} not found")
     try:
         df = pd.read_csv(path, low_memory=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
         raise DataError(f"{path}: cannot parse as CSV: {exc}") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df

@@ -33,7 +33,11 @@ def load_text_label_csv(path, text_column: str = "text", label_column: str = "la
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty (expected a header with "
                         f"{text_column!r},{label_column!r})") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        from sectune.data.flows import not_utf8
+
+        raise not_utf8(path, exc) from None
+    except pd.errors.ParserError as exc:
         raise DataError(f"{path}: cannot parse as CSV: {exc}") from None
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in (text_column, label_column) if c not in df.columns]
@@ -46,8 +50,11 @@ def load_text_label_csv(path, text_column: str = "text", label_column: str = "la
     for i, (text, label) in enumerate(zip(df[text_column], df[label_column])):
         text, label = str(text), str(label).strip()
         if not text.strip() or not label:
+            from sectune.data.flows import csv_record_lines
+
             col = text_column if not text.strip() else label_column
-            raise DataError(f"{path}: line {i + 2}: empty {col!r}")
+            lines = csv_record_lines(path)  # blank lines and multi-line cells: row i + 2 is not the line
+            raise DataError(f"{path}: line {lines[i] if i < len(lines) else i + 2}: empty {col!r}")
         out.append({"text": text, "label": label})
     return out
 

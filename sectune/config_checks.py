@@ -61,7 +61,8 @@ def check_values(cfg) -> None:
          "must be >= 0 (0: one analysis per file; null: dataset.max_lines)")
     t = cfg.train
     need(t.max_steps > 0 or t.epochs > 0, "train.epochs", t.epochs, "must be > 0 when train.max_steps=-1 (0 would save an untrained model)")
-    need(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1] (a fraction of the steps)")
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio,
+         "must be in [0, 1) (a fraction of the steps; transformers reads 1 and above as a number of steps)")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
     need(t.save_steps is None or t.save_steps >= 0, "train.save_steps", t.save_steps, "must be >= 0 (0 or null = no checkpoints)")
     check_split_seed(cfg.dataset.split_seed)
@@ -69,6 +70,12 @@ def check_values(cfg) -> None:
     need(not cfg.dataset.skip_bad_lines or cfg.dataset.name in skips, "dataset.skip_bad_lines", cfg.dataset.skip_bad_lines,
          f"dataset={cfg.dataset.name} stops at its first bad line, naming it (skipping is for dataset={', '.join(skips)})")
     need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing", cfg.loss.label_smoothing, "must be in [0, 1)")
+    smoothing_off = SMOOTHING_IGNORED.get(cfg.stage.name) if cfg.stage.name != "rl" or cfg.loss.name == "grpo" else None
+    need(not cfg.loss.label_smoothing or not smoothing_off, "loss.label_smoothing", cfg.loss.label_smoothing,
+         f"stage={cfg.stage.name} does not use it ({smoothing_off}); it applies to sft, dpo, classify and simplified_ppo")
+    need(cfg.stage.name != "dpo" or cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", cfg.loss.label_smoothing,
+         "must be < 0.5 for stage=dpo (robust DPO: the probability that a preference label is flipped)")
+    check_settings_in_effect(cfg, need)
     if cfg.lora.enabled:
         need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")
         need(cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "must be > 0")
@@ -79,6 +86,11 @@ def check_values(cfg) -> None:
     need(g.temperature > 0 or not g.do_sample, "generation.temperature", g.temperature, "must be > 0 when generation.do_sample=true")
     need(0 < g.top_p <= 1, "generation.top_p", g.top_p, "must be in (0, 1]")
     need(g.repetition_penalty > 0, "generation.repetition_penalty", g.repetition_penalty, "must be > 0 (1.0 = no penalty)")
+    from sectune.config import GenerationConfig
+
+    for key in ("temperature", "top_p"):  # greedy decoding reads neither: a changed value did nothing
+        need(g.do_sample or g[key] == getattr(GenerationConfig, key), f"generation.{key}", g[key],
+             "has no effect while generation.do_sample=false (decoding is greedy); add generation.do_sample=true to sample")
     check_quantization(cfg)
     check_sweep(cfg)
     loss = cfg.loss
@@ -117,6 +129,34 @@ def check_values(cfg) -> None:
         need(f.client_num_gpus >= 0, "federated.client_num_gpus", f.client_num_gpus, "must be >= 0")
         need(f.client_num_gpus == 0 or torch.cuda.is_available(), "federated.client_num_gpus", f.client_num_gpus,
              "asks Ray for GPUs, and this machine has none (0: clients on the CPU)")
+
+
+#: stages whose loss has no label smoothing, and why (a value set there changed nothing, without a word)
+SMOOTHING_IGNORED = {"reward": "a Bradley-Terry loss on pair scores", "rl": "GRPO's clipped objective",
+                     "contrastive": "its task term is plain cross-entropy", "federated": "clients train the plain LM loss"}
+
+
+def check_settings_in_effect(cfg, need) -> None:
+    """Settings a user could give that the run would then ignore without a word: each refused, naming the key."""
+    from sectune.config import LoraConfig
+
+    q, m, lo = cfg.quantization, cfg.model, cfg.lora
+    need(q.name != "none" or not (q.load_in_4bit or q.load_in_8bit), "quantization.load_in_4bit" if q.load_in_4bit else
+         "quantization.load_in_8bit", True, "does nothing with quantization=none (the model loads unquantized): choose "
+         "quantization=nf4 or quantization=int8")
+    for key in ("max_memory", "offload_folder"):
+        need(not m[key] or m.device_map is not None, f"model.{key}", m[key],
+             "is used only with model.device_map (e.g. model.device_map=auto): set it too, or leave this out")
+    if not lo.enabled:  # a LoRA setting changed while LoRA is off: the full model trains (a lora preset without enabled: true)
+        default = LoraConfig()
+        changed = [k for k in ("r", "alpha", "dropout", "target_modules") if lo[k] != getattr(default, k)]
+        need(not changed, f"lora.{changed[0] if changed else 'r'}", lo[changed[0]] if changed else None,
+             "has no effect: LoRA is off (lora.enabled=false: lora=none, or a lora preset without enabled: true), so every "
+             "weight trains; set lora.enabled=true or choose lora=r4_attention / r16_all_linear")
+    need(not cfg.debug.enabled or cfg.stage.name in ("contrastive", "pipeline"), "debug.enabled", True,
+         f"only stage=contrastive has a debug mode (stage={cfg.stage.name} would ignore it)")
+    need(cfg.stage.name != "federated" or cfg.train.resume in (None, "", "no"), "train.resume", cfg.train.resume,
+         "stage=federated does not resume (a rerun starts from round 0: its rounds keep no Trainer checkpoints)")
 
 
 #: ``quantization.bnb_4bit_compute_dtype`` names → torch dtype names

@@ -321,8 +321,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         broken = [k for k in ("train_loss", "eval_loss") if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])]
         if broken:  # NaN weights were saved and recorded as succeeded (a damaged checkpoint resumed, say): not a result
             raise SectuneError(f"{broken[0]} is {metrics[broken[0]]}: the trained weights are broken (a damaged checkpoint "
-                               "resumed, or a learning rate too high; debug=true stops at the first non-finite loss and "
-                               "says what to try); nothing downstream uses this run")
+                               "resumed, or a learning rate too high; stage=contrastive's debug.enabled=true stops at the "
+                               "first non-finite loss and says what to try); nothing downstream uses this run")
         result["status"] = "succeeded"
     except SectuneError as e:
         code = e.exit_code

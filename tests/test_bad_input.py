@@ -133,10 +133,14 @@ def test_a_bad_sweep_direction_stops_the_optuna_sweep_before_its_study(tmp_path)
     assert not (tmp_path / "sweep").exists()
 
 
-def test_a_negative_temperature_is_an_error_only_when_sampling():
+def test_a_temperature_is_checked_when_sampling_and_refused_when_greedy_decoding_would_ignore_it():
     from sectune.config_checks import check_values
 
-    check_values(compose(["generation.temperature=-1"]))  # greedy: unused
+    check_values(compose([]))  # greedy with the default temperature and top_p: nothing to say
+    for key in ("temperature=0.7", "top_p=0.5"):  # greedy decoding reads neither: the value did nothing
+        with pytest.raises(ConfigError, match=rf"^generation.{key.split('=')[0]}=.*has no effect while generation.do_sample=false"):
+            check_values(compose([f"generation.{key}"]))
+    check_values(compose(["generation.temperature=0.7", "generation.do_sample=true"]))
     with pytest.raises(ConfigError, match=r"^generation.temperature=-1.0: must be > 0 when generation.do_sample=true"):
         check_values(compose(["generation.temperature=-1", "generation.do_sample=true"]))
 

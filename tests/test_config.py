@@ -246,3 +246,34 @@ def test_the_readmes_max_memory_example_runs_and_without_plus_plus_the_error_say
         "model.max_memory is a mapping of your own keys: add them with ++ (++model.max_memory={...} or ++model.max_memory.<key>=<value>)")
     typo = sectune(["stage=plan", "logger=none", "model.max_memor=1", "--cfg", "job"])
     assert typo.returncode == 2 and "++" not in typo.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["quantization.load_in_4bit=true"], "quantization.load_in_4bit=True: does nothing with quantization=none"),
+    (["++model.max_memory={cpu: 8GiB}"], "model.max_memory={'cpu': '8GiB'}: is used only with model.device_map"),
+    (["model.offload_folder=/tmp/off"], "model.offload_folder=/tmp/off: is used only with model.device_map"),
+    (["lora=none", "lora.r=16"], "lora.r=16: has no effect: LoRA is off"),
+    (["train.warmup_ratio=1.0"], "train.warmup_ratio=1.0: must be in [0, 1)"),
+    (["stage=reward", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1: stage=reward does not use it"),
+    (["stage=rl", "loss=grpo", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1: stage=rl does not use it"),
+    (["stage=dpo", "loss=dpo", "loss.label_smoothing=0.5"], "loss.label_smoothing=0.5: must be < 0.5 for stage=dpo"),
+    (["stage=sft", "debug.enabled=true"], "debug.enabled=True: only stage=contrastive has a debug mode"),
+    (["stage=federated", "dataset=hdfs", "train.resume=auto"], "train.resume=auto: stage=federated does not resume"),
+])
+def test_settings_a_run_would_ignore_are_refused_naming_the_key(overrides, message):
+    """Each of these was accepted and changed nothing (an audit of every setting against the code that reads it)."""
+    from sectune.config_checks import check_values
+    from sectune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        check_values(compose(overrides))
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_the_settings_those_checks_leave_alone_still_run():
+    from sectune.config_checks import check_values
+
+    for ok in (["stage=dpo", "loss=dpo", "loss.label_smoothing=0.1"], ["stage=sft", "loss.label_smoothing=0.1"],
+               ["stage=rl", "loss=simplified_ppo", "loss.label_smoothing=0.1"], ["lora=r16_all_linear", "lora.r=32"],
+               ["model.device_map=auto", "++model.max_memory={cpu: 8GiB}"], ["stage=contrastive", "loss=causal_contrastive", "debug.enabled=true"]):
+        check_values(compose(ok))

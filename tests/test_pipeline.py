@@ -462,3 +462,16 @@ def test_a_finished_step_whose_checkpoints_were_deleted_to_save_space_is_still_r
                                                         "artifacts": {"adapter": "adapter", "checkpoints": "checkpoints",
                                                                       "loss_curve": "plots/loss_curve.png"}})
     assert pipeline_record.already_done(step) is not None  # only the weights count
+
+
+def test_a_loss_or_dataset_choice_for_the_whole_pipeline_is_refused_not_dropped():
+    """`stage=pipeline loss=simplified_ppo` ran GRPO: each step takes pipeline.loss.<step>, and the choice was dropped."""
+    from sectune.errors import ConfigError
+    from sectune.stages import pipeline
+
+    with pytest.raises(ConfigError, match=r"^loss=simplified_ppo: stage=pipeline gives each step its own loss \(pipeline.loss.<step>, "
+                                          r"e.g. pipeline.loss.rl=simplified_ppo\)"):
+        pipeline.step_overrides_base(["stage=pipeline", "loss=simplified_ppo"])
+    with pytest.raises(ConfigError, match=r"^dataset=hdfs: .*pipeline.dataset.sft=hdfs"):
+        pipeline.step_overrides_base(["dataset=hdfs", "train.max_steps=2"])
+    assert pipeline.step_overrides_base(["loss.beta=0.3", "dataset.max_samples=4"]) == ["loss.beta=0.3", "dataset.max_samples=4"]

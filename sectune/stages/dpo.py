@@ -265,6 +265,8 @@ def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, 
     args = DPOConfig(
         **kwargs,
         beta=float(cfg.loss.beta),
+        # loss.label_smoothing > 0: robust DPO (cDPO; TRL's sigmoid loss with that flip probability)
+        label_smoothing=float(cfg.loss.label_smoothing),
         # the paper's loss (sectune.losses.dpo_loss), plus dpo.sft_weight × the chosen answer's NLL (RPO)
         loss_type=["sigmoid", "sft"] if sft_weight else ["sigmoid"],
         loss_weights=[1.0, sft_weight] if sft_weight else None,

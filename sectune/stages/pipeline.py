@@ -215,7 +215,11 @@ def step_overrides_base(overrides: list[str]) -> list[str]:
     keep = []
     for ov in OverridesParser.create().parse_overrides(list(overrides)):
         key = ov.key_or_group
-        if key in ("stage", "loss", "dataset") or key == "pipeline" or key.startswith("pipeline."):
+        if key in ("loss", "dataset"):  # it was dropped without a word: each step takes its own
+            raise ConfigError(f"{ov.input_line}: stage=pipeline gives each step its own {key} (pipeline.{key}.<step>, e.g. "
+                              f"pipeline.{key}.{'rl' if key == 'loss' else 'sft'}={ov.value()}); a {key}= for the whole pipeline "
+                              "would be ignored")
+        if key == "stage" or key == "pipeline" or key.startswith("pipeline."):
             continue
         keep.append(ov.input_line)
     return keep

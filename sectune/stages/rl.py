@@ -338,6 +338,7 @@ def build_sft_trainer(cfg, model, tokenizer, recs: list[dict], output_dir: Path,
 
     kwargs = engine.training_kwargs(cfg, output_dir, has_eval=False)
     kwargs["learning_rate"] = float(cfg.train.learning_rate) * float(cfg.rl.lr_scale)  # the seed halved it
-    args = SFTConfig(**kwargs, max_length=cfg.model.max_seq_length, completion_only_loss=True, packing=False, dataset_num_proc=None)
+    args = SFTConfig(**kwargs, max_length=cfg.model.max_seq_length, completion_only_loss=True, packing=False, dataset_num_proc=None,
+                     label_smoothing_factor=cfg.loss.label_smoothing)  # it is SFT: the same smoothing as stage=sft
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in recs])
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))

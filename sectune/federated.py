@@ -200,6 +200,18 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+#: the train settings each client's round replaces (local_train): set to anything else, they are said to do nothing
+REPLACED_TRAIN_KEYS = ("max_steps", "epochs", "lr_scheduler", "warmup_ratio", "save_steps", "eval_steps", "group_by_length")
+
+
+def replaced_train_settings(cfg) -> list[str]:
+    """``train.<key>=<value>`` for each of :data:`REPLACED_TRAIN_KEYS` the config changed from sectune's default."""
+    from sectune.config import TrainConfig
+
+    default = TrainConfig()
+    return [f"train.{k}={cfg.train[k]}" for k in REPLACED_TRAIN_KEYS if cfg.train[k] != getattr(default, k)]
+
+
 def local_train(cfg, model, rows: list[dict], pad_id: int, lr: float, steps: int, seed: int, out_dir: Path) -> float:
     """``steps`` optimizer steps of transformers' Trainer (sectune's train settings, constant lr within the round)."""
     from transformers import Trainer, TrainingArguments

@@ -11,6 +11,10 @@ import torch
 from omegaconf import OmegaConf
 
 
+#: stages that train without sectune's selective activation checkpointing (TRL's GRPO loop; federated clients)
+NO_SELECTIVE_CHECKPOINTING = ("rl", "federated")
+
+
 def memory_check(cfg, sequences_per_example: int = 1) -> tuple[bool, str]:
     """(fits, why): the predicted peak of ``train.batch_size × sequences_per_example`` sequences (2 for
     chosen + rejected, G for GRPO's group) against the device's free memory (``reward.memory_limit_gb``
@@ -18,6 +22,8 @@ def memory_check(cfg, sequences_per_example: int = 1) -> tuple[bool, str]:
     from sectune.stages import plan
 
     c = OmegaConf.merge(cfg, {"plan": {"batch_size": sequences_per_example * int(cfg.train.batch_size)}})
+    if cfg.stage.name in NO_SELECTIVE_CHECKPOINTING:  # these stages do not apply it: plan their activations without it
+        c.train.selective_checkpointing = False
     budget, info = plan.estimate(c)
     if cfg.reward.memory_limit_gb is not None:
         free, where = float(cfg.reward.memory_limit_gb) * 1e9, "reward.memory_limit_gb"

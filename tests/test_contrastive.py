@@ -411,3 +411,23 @@ def test_without_test_triplets_the_held_out_numbers_say_they_are_validations(tmp
     assert code == 0, res.get("error")
     assert res["metrics"]["heldout_split"] == "validation"
     assert "no test triplets (dataset.test_fraction=0): the held-out numbers are the validation triplets'" in capsys.readouterr().err
+
+
+def test_the_attack_numbers_of_a_contrastive_run_honour_infer_constrained(monkeypatch, capsys):
+    """stage=evaluate scored with schema-constrained decoding under infer.constrained=true; stage=contrastive's own
+    before/after numbers ignored it, so the two disagreed for the same weights."""
+    from sectune import injection_eval
+
+    seen = {}
+
+    def fake_attack_eval(model, tok, records, gen, batch, constraint=None):
+        seen["constraint"] = constraint
+        return {"attack_success_rate": 0.5, "targeted_attack_success_rate": None, "clean_verdict_accuracy": 1.0,
+                "generation_s": 0.0}, []
+
+    monkeypatch.setattr(injection_eval, "attack_eval", fake_attack_eval)
+    monkeypatch.setattr(injection_eval, "schema_constraint", lambda cfg, model, tok: "the schema's grammar")
+    for flag, want in (("true", "the schema's grammar"), ("false", None)):
+        cfg = compose(["stage=contrastive", "loss=causal_contrastive", f"infer.constrained={flag}"])
+        metrics, _ = contrastive.attack_eval(cfg, None, None, [{}], "test", "after")
+        assert seen["constraint"] == want and metrics["constrained"] == int(want is not None)

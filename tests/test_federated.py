@@ -535,3 +535,11 @@ def test_one_client_with_all_data_is_centralised_training(tmp_path):
     sft_val = federated.lm_loss(model, rows, int(tokenizer.pad_token_id or 0))
     assert sft_val == pytest.approx(fed.result["metrics"]["val_loss_end"], rel=1e-3)
     assert fed.result["metrics"]["val_loss_end"] < fed.result["metrics"]["val_loss_start"]
+
+
+def test_the_train_settings_a_federated_round_replaces_are_named_when_changed():
+    """train.max_steps, lr_scheduler, ... were silently replaced by each client's round (federated.local_steps at the
+    round's rate); the run now says which of the ones the config changed do nothing."""
+    assert federated.replaced_train_settings(compose(["+experiment=hdfs_federated_tiny"])) == []
+    changed = compose(["+experiment=hdfs_federated_tiny", "train.max_steps=5", "train.lr_scheduler=cosine", "train.batch_size=3"])
+    assert federated.replaced_train_settings(changed) == ["train.max_steps=5", "train.lr_scheduler=cosine"]

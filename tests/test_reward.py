@@ -268,3 +268,17 @@ def test_score_stats_and_unit_score_equal_hand_computed_values():
     scorer.norm = None
     with pytest.raises(ValueError, match="no score statistics"):
         scorer.unit_score(["p"], ["a"])
+
+
+def test_the_rl_memory_check_plans_without_the_selective_checkpointing_rl_does_not_apply(monkeypatch):
+    """stage=rl (TRL's GRPO loop) never applies train.selective_checkpointing, yet its memory check planned with it:
+    the activations it estimated were those of a run that recomputes them."""
+    from sectune import memory
+    from sectune.stages import plan
+
+    seen = []
+    real = plan.estimate
+    monkeypatch.setattr(plan, "estimate", lambda c, *a: seen.append(bool(c.train.selective_checkpointing)) or real(c, *a))
+    for stage, loss in (("rl", "grpo"), ("reward", "bradley_terry")):
+        memory.memory_check(compose([f"stage={stage}", f"loss={loss}", "reward.memory_limit_gb=100"]), 4)
+    assert seen == [False, True]

@@ -226,10 +226,13 @@ def attack_eval(cfg: DictConfig, model, tokenizer, records: list[dict], split: s
     """The attack on the held-out injected windows with the model as it is now (``sectune.injection_eval``:
     stage=infer's generation, greedy by default), and the same windows clean."""
     from sectune.injection_eval import attack_eval as generate_and_score
-    from sectune.injection_eval import rate
+    from sectune.injection_eval import rate, schema_constraint
 
+    # infer.constrained: schema-constrained decoding, as stage=evaluate scores it (it was ignored here)
+    constraint = schema_constraint(cfg, model, tokenizer) if cfg.infer.constrained else None
     # evaluate.batch_size: the batches stage=evaluate generates in, so its numbers for this run's start match _start
-    metrics, windows = generate_and_score(model, tokenizer, records, cfg.generation, int(cfg.evaluate.batch_size))
+    metrics, windows = generate_and_score(model, tokenizer, records, cfg.generation, int(cfg.evaluate.batch_size), constraint=constraint)
+    metrics["constrained"] = int(constraint is not None)
     print(f"sectune: {when} training, attack success {metrics['attack_success_rate']:.3f} · targeted "
           f"{rate(metrics['targeted_attack_success_rate'])} · clean verdict accuracy {metrics['clean_verdict_accuracy']:.3f} "
           f"({len(records)} {split} windows, {metrics['generation_s']:.0f}s)")
@@ -245,6 +248,9 @@ def training_arguments(cfg: DictConfig, output_dir: Path, has_eval: bool):
     if cfg.debug.enabled:
         kwargs.update(max_steps=int(cfg.debug.max_steps))
     es = cfg.contrastive.early_stopping
+    if has_eval and not cfg.train.eval_steps and (int(es.patience) > 0 or cfg.contrastive.load_best_at_end):
+        print("sectune: warning: train.eval_steps is null: no evaluation during training, so no early stopping and no best "
+              f"checkpoint by {es.metric} (the last step's weights are kept); set train.eval_steps=N for them", file=sys.stderr)
     if has_eval and cfg.train.eval_steps:
         eval_steps = int(cfg.train.eval_steps)
         save_steps = int(cfg.train.save_steps or eval_steps)

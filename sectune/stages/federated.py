@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -98,6 +99,10 @@ def run(ctx: RunContext) -> dict:
         raise ConfigError("stage=federated sends only LoRA weights: choose a LoRA preset (e.g. lora=r4_attention), not lora=none")
     if int(fed.rounds) < 1 or int(fed.local_steps) < 1:
         raise ConfigError(f"federated.rounds={fed.rounds} and federated.local_steps={fed.local_steps} must be >= 1")
+    replaced = federated.replaced_train_settings(cfg)
+    if replaced:
+        print(f"sectune: note: stage=federated does not use {', '.join(replaced)}: each round's clients train federated.local_steps "
+              "steps at the round's rate (federated.lr_schedule), with no checkpoints or evaluations of their own", file=sys.stderr)
 
     # 1. data: the split of stage=sft / evaluate, the training sessions cut into client partitions
     data = load_hdfs(cfg)

@@ -266,6 +266,9 @@ def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs,
         max_completion_length=int(rl.max_completion_length),
         temperature=float(rl.temperature),
         top_p=float(rl.top_p),
+        # as the held-out evaluations and stage=infer decode (1.0 in the tiny preset: sectune's shared-prompt sampler;
+        # another value samples through TRL's generate, which applies it)
+        repetition_penalty=float(cfg.generation.repetition_penalty),
         beta=float(cfg.loss.beta),
         epsilon=float(cfg.loss.clip_epsilon),
         num_iterations=int(rl.num_iterations),

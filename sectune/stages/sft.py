@@ -180,7 +180,8 @@ def warmup(ctx: RunContext) -> dict | None:
     if prev.get("status") == "succeeded" and prev.get("config_digest") == digest and (wdir / "model" / "config.json").is_file():
         print(f"sectune: warm-up: finished for this config; reusing {wdir / 'model'}")
         return prev
-    print(f"sectune: warm-up: {n} generated log lines ({wcfg.dataset.path}), {cfg.sft.warmup_epochs:g} epoch(s), before the SFT")
+    cap = f", capped at train.max_steps={cfg.train.max_steps} steps" if cfg.train.max_steps and cfg.train.max_steps > 0 else ""
+    print(f"sectune: warm-up: {n} generated log lines ({wcfg.dataset.path}), {cfg.sft.warmup_epochs:g} epoch(s){cap}, before the SFT")
     result = {"stage": "sft", "status": "running", "config_digest": digest, "started": runner._now()}
     main = distributed.is_main_process()
     if main:

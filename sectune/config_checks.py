@@ -155,6 +155,9 @@ def check_settings_in_effect(cfg, need) -> None:
              "weight trains; set lora.enabled=true or choose lora=r4_attention / r16_all_linear")
     need(not cfg.debug.enabled or cfg.stage.name in ("contrastive", "pipeline"), "debug.enabled", True,
          f"only stage=contrastive has a debug mode (stage={cfg.stage.name} would ignore it)")
+    need(not cfg.evaluate.data_path or cfg.dataset.name not in ("hdfs", "injection_triplets"), "evaluate.data_path",
+         cfg.evaluate.data_path, f"scores a classify run on a new labelled file; dataset={cfg.dataset.name} evaluates its own "
+         "split (give the new file as dataset.path)")
     need(cfg.stage.name != "federated" or cfg.train.resume in (None, "", "no"), "train.resume", cfg.train.resume,
          "stage=federated does not resume (a rerun starts from round 0: its rounds keep no Trainer checkpoints)")
 

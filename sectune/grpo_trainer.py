@@ -22,7 +22,7 @@ so most of that work is the same prompt done G times. :class:`SharedPromptGRPOTr
 
 Both are the same computation as TRL's, rearranged: RoPE scores depend only on relative positions, a
 masked key is never attended, tests/test_rl.py checks the log-probs against TRL's own. Anything these
-paths do not cover (multimodal inputs, vLLM, repetition penalty, min-p, softcapped logits, an entropy bonus,
+paths do not cover (multimodal inputs, vLLM, min-p, softcapped logits, an entropy bonus,
 attention other than SDPA/eager, and the scoring pass under several processes) goes through TRL's code unchanged.
 """
 
@@ -77,9 +77,13 @@ def sample_shared_prompt(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
 ) -> list[list[int]]:
     """A completion for every row of ``prompt_ids`` (copies of a prompt next to each other), each up to and
-    including its first EOS: every distinct prompt is prefilled once and its KV cache copied to its rows."""
+    including its first EOS: every distinct prompt is prefilled once and its KV cache copied to its rows.
+    ``repetition_penalty`` as transformers' processor applies it, before the temperature: the logit of every token
+    already in the row (its padded prompt included, as generate's input_ids hold it) divided by it, or times it
+    when negative."""
     unique, counts = _groups_of_equal_neighbours(prompt_ids)
     device = next(model.parameters()).device
     width = max(len(p) for p in unique)
@@ -99,9 +103,19 @@ def sample_shared_prompt(
     next_position = position[rows, -1:] + 1
     eos = torch.tensor(eos_token_ids, device=device)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    penalty = float(repetition_penalty or 1.0)
+    seen = None
+    if penalty != 1.0:  # [rows, vocab]: the tokens each row holds so far
+        seen = torch.zeros((len(rows), logits.shape[-1]), dtype=torch.bool, device=device)
+        seen.scatter_(1, ids[rows], True)
     tokens = []
     for _ in range(max_new_tokens):
+        if seen is not None:
+            logits = logits.float()
+            logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
         tok = torch.where(done, pad_token_id, sample_next(logits, temperature, top_k, top_p))
+        if seen is not None:
+            seen[torch.arange(len(rows), device=device), tok] = True
         tokens.append(tok)
         done |= torch.isin(tok, eos)
         if bool(done.all()) or len(tokens) == max_new_tokens:
@@ -253,7 +267,7 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
             self.shared_prompt and self.accelerator.device.type == "cpu" and not self.use_vllm
             and not self.use_transformers_continuous_batching
             and images is None and not multimodal_fields and not self.tools and g is not None
-            and (g.repetition_penalty in (None, 1.0)) and g.min_p is None and not self.args.generation_kwargs
+            and g.min_p is None and not self.args.generation_kwargs
             and self.args.cache_implementation is None
         )
 
@@ -288,6 +302,7 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
             completions = sample_shared_prompt(
                 model, prompt_ids, max_new_tokens=self.max_completion_length, eos_token_ids=self.eos_token_ids,
                 pad_token_id=self._tokenizer.pad_token_id, temperature=g.temperature, top_k=g.top_k or 0, top_p=g.top_p,
+                repetition_penalty=g.repetition_penalty or 1.0,
             )
         return completions, None
 

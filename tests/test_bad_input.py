@@ -526,6 +526,9 @@ def test_csv_errors_name_the_real_line_after_blank_lines_and_multiline_cells_and
     f.write_text('text,label\n\n"a\nmultiline",benign\n\nhello,\nok,benign\n')
     with pytest.raises(DataError, match=rf"^{re.escape(str(f))}: line 6: empty 'label'$"):
         load_text_label_csv(f)
+    f.write_text("text,label\nhello,a\n\nworld,b\n,\nfoo,a\n")  # a row of empty cells is a record: its own line
+    with pytest.raises(DataError, match=rf"^{re.escape(str(f))}: line 5: empty 'text'$"):
+        load_text_label_csv(f)
     f.write_bytes(b"text,label\nok,benign\ncaf\xe9 ist gut,benign\n")
     with pytest.raises(DataError, match=r"not UTF-8 text \(line 3, byte 0xe9\).*iconv -f latin1 -t utf-8 rows.csv"):
         load_text_label_csv(f)

@@ -259,6 +259,7 @@ def test_the_readmes_max_memory_example_runs_and_without_plus_plus_the_error_say
     (["stage=dpo", "loss=dpo", "loss.label_smoothing=0.5"], "loss.label_smoothing=0.5: must be < 0.5 for stage=dpo"),
     (["stage=sft", "debug.enabled=true"], "debug.enabled=True: only stage=contrastive has a debug mode"),
     (["stage=federated", "dataset=hdfs", "train.resume=auto"], "train.resume=auto: stage=federated does not resume"),
+    (["stage=evaluate", "dataset=hdfs", "evaluate.data_path=/x.csv"], "evaluate.data_path=/x.csv: scores a classify run"),
 ])
 def test_settings_a_run_would_ignore_are_refused_naming_the_key(overrides, message):
     """Each of these was accepted and changed nothing (an audit of every setting against the code that reads it)."""

@@ -366,6 +366,33 @@ def test_shared_prompt_sampling_is_generate_greedy_when_top_k_is_one():
         assert mine[3 * i] == mine[3 * i + 1] == mine[3 * i + 2] == row[: len(mine[3 * i])] and len(mine[3 * i]) > 0
 
 
+def test_shared_prompt_sampling_applies_the_repetition_penalty_as_generate_does():
+    """GRPO now samples with generation.repetition_penalty (seed 000's 1.2 outside the tiny preset), which the shared
+    sampler did not apply: such runs fell back to TRL's generate (slower on a CPU). Greedy (top_k=1), it must
+    decode exactly what generate decodes with the penalty, and something else without it."""
+    from sectune import modeling
+    from sectune.grpo_trainer import sample_shared_prompt
+
+    cfg = compose(UNIT)
+    tok = modeling.load_tokenizer(cfg)
+    model = modeling.load_model(cfg).eval()
+    prompts = [r["prompt"] for r in unit_records()]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    outs = {}
+    for rp in (1.0, 3.0):
+        mine = sample_shared_prompt(model, [i for i in ids for _ in range(2)], max_new_tokens=12, eos_token_ids=[tok.eos_token_id],
+                                    pad_token_id=tok.pad_token_id, top_k=1, repetition_penalty=rp)
+        with torch.no_grad():
+            ref = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id,
+                                 repetition_penalty=rp)[:, enc["input_ids"].shape[1]:]
+        for i, row in enumerate(ref.tolist()):
+            assert mine[2 * i] == mine[2 * i + 1] == row[: len(mine[2 * i])] and len(mine[2 * i]) > 0, (rp, i)
+        outs[rp] = mine
+    assert outs[1.0] != outs[3.0]  # the penalty changed what was decoded
+
+
 def test_merged_lora_decodes_as_the_adapter_does_and_puts_the_base_weights_back_bit_for_bit():
     from sectune import modeling
     from sectune.grpo_trainer import sample_shared_prompt

@@ -145,7 +145,8 @@ def csv_record_lines(path: Path) -> list[int]:
 
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        ends = [reader.line_num for row in reader if row and any(c.strip() for c in row)]
+        # pandas skips a line only when it holds one blank cell; "," (every cell empty) is a record, the one reported
+        ends = [reader.line_num for row in reader if len(row) > 1 or (row and row[0].strip())]
     return ends[1:]
 
 

@@ -85,6 +85,15 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _quiet_unless(main: bool):
+    """stdout to /dev/null for a process that is not rank 0 (its errors and warnings go to stderr, which stays)."""
+    import contextlib
+
+    if main:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, "w"))  # closed when the process ends
+
+
 def _str_keys(obj: Any) -> Any:
     """Every mapping key as a string, as JSON writes it anyway: ``model.max_memory={0: 7GiB, cpu: 30GiB}`` mixes an
     int and a str key, which json's sort_keys cannot order (the README's own example crashed every run)."""
@@ -314,7 +323,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         _seed_everything(cfg.train.seed)
         stage_fn = resolve_stage(stage_name)
         ctx.tracker = tracking.start(cfg, run_dir) if main else None
-        out = stage_fn(ctx) or {}
+        with _quiet_unless(main):  # under torchrun every rank ran the stage's prints: rank 0 speaks, the others' stderr stays
+            out = stage_fn(ctx) or {}
         metrics = {**ctx.partial_metrics, **out.get("metrics", {})}
         result["metrics"] = _finite(metrics)
         result["artifacts"] = out.get("artifacts", {})

@@ -53,6 +53,7 @@ def test_two_gloo_processes_match_single_process(tmp_path, single_process_run, l
     assert len(list((ddp_cwd / "outputs").rglob("result.json"))) == 1
     assert len(list((ddp_cwd / "outputs").rglob("adapter_config.json"))) == 1
     assert len(list(ddp_dir.glob("wandb/offline-run-*"))) == 1
+    assert proc.stdout.count("sectune: done ·") == 1, proc.stdout[-3000:]  # rank 0 speaks; each rank printed it before
     single_dir = single_process_run
     ddp = json.loads((ddp_dir / "result.json").read_text())["metrics"]
     one = json.loads((single_dir / "result.json").read_text())["metrics"]

@@ -238,12 +238,14 @@ def run_train_loss(trainer, train_out) -> float:
     the checkpoint's log history holds for them (Trainer logs it rounded to 4 digits), weighted by the steps each
     logged value covers."""
     start, end = int(getattr(trainer, "_initial_global_step", 0) or 0), int(trainer.state.global_step)
-    if start <= 0 or end <= start:
+    if start <= 0 or end < start:
         return train_out.training_loss
     total, last = 0.0, 0
     for rec in trainer.state.log_history:
         if "loss" in rec and "step" in rec and last < rec["step"] <= start:
             total, last = total + float(rec["loss"]) * (rec["step"] - last), rec["step"]
+    if end == start:  # resumed from a checkpoint at the last step: nothing trained here (Trainer reports a loss of 0.0)
+        return total / last if last else train_out.training_loss
     return (total + train_out.training_loss * (end - start)) / (last + end - start)
 
 

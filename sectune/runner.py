@@ -289,11 +289,13 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         "artifacts": {},
         "started": _now(),
         "config_digest": digest,
+        # the same without how it runs (train.resume, debug): a resumed run is the same run as the one it continues
+        "run_digest": skip_digest(cfg),
     }
     earlier = previous_result(run_dir) if main else None
     earlier = earlier if earlier and earlier.get("status") == "succeeded" else None
     started = time.time()
-    if earlier is not None and earlier.get("config_digest") != digest and main:
+    if earlier is not None and earlier.get("config_digest") != digest and earlier.get("run_digest") != result["run_digest"] and main:
         # its result stays readable beside the new one (the artifacts it names are replaced as this run writes them)
         write_json_atomic(run_dir / PREVIOUS_RESULT_FILE, earlier)
         why = " (a sweep rerun in place with other values numbers its jobs afresh)" if sweeps.in_multirun() else ""

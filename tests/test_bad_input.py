@@ -532,3 +532,18 @@ def test_csv_errors_name_the_real_line_after_blank_lines_and_multiline_cells_and
     f.write_bytes(b"text,label\nok,benign\ncaf\xe9 ist gut,benign\n")
     with pytest.raises(DataError, match=r"not UTF-8 text \(line 3, byte 0xe9\).*iconv -f latin1 -t utf-8 rows.csv"):
         load_text_label_csv(f)
+
+
+def test_resuming_a_finished_run_is_the_same_run_not_another_config(tmp_path, monkeypatch, capsys):
+    """train.resume=auto on a run dir whose run had finished warned that "another config" replaced it (the digest
+    counts train.resume) and recorded train loss 0.0 (engine.run_train_loss: nothing left to train)."""
+    from sectune import runner
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: lambda ctx: {"metrics": {"y": 1.0}})
+    run_dir = tmp_path / "run"
+    assert runner.run(compose(["logger=none"]), run_dir)[0] == 0
+    assert runner.run(compose(["logger=none", "train.resume=auto"]), run_dir)[0] == 0
+    assert "held a succeeded run of another config" not in capsys.readouterr().err
+    assert not (run_dir / "result.previous.json").exists()
+    assert runner.run(compose(["logger=none", "train.learning_rate=0.5"]), run_dir)[0] == 0
+    assert "held a succeeded run of another config" in capsys.readouterr().err

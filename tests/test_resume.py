@@ -51,6 +51,9 @@ def test_run_train_loss_adds_the_steps_before_a_resume_weighted_by_the_steps_eac
     assert run_train_loss(resumed, out) == (4.0 * 2 + 2.0 * 2 + 1.0 * 4) / 8
     fresh = SimpleNamespace(_initial_global_step=0, state=SimpleNamespace(global_step=8, log_history=log))
     assert run_train_loss(fresh, out) == 1.0
+    # resumed from the last step's checkpoint: nothing trained in this call, whose Trainer loss is 0.0 (it was recorded)
+    done = SimpleNamespace(_initial_global_step=4, state=SimpleNamespace(global_step=4, log_history=log[:3]))
+    assert run_train_loss(done, SimpleNamespace(training_loss=0.0)) == (4.0 * 2 + 2.0 * 2) / 4
 
 
 def test_resume_from_explicit_bad_dir_is_a_clear_error(tmp_path):

@@ -57,6 +57,9 @@ def _from_pretrained(loader, path: str, cfg: DictConfig, **kwargs):
     kwargs = {**_hub_kwargs(cfg), **kwargs}
     if Path(path).is_dir():
         return loader(path, **kwargs)
+    if looks_like_a_path(path):  # a hub id is owner/name: this is a folder that is not there (a typo, a deleted run)
+        raise ModelNotAvailableError(f"model {path!r} (model={cfg.model.name}): no such folder"
+                                     + (f" ({Path(path).expanduser()} is a file)" if Path(path).expanduser().is_file() else ""))
     try:
         return loader(path, local_files_only=True, **kwargs)
     except OSError:
@@ -72,6 +75,12 @@ def _from_pretrained(loader, path: str, cfg: DictConfig, **kwargs):
             f"downloaded ({e.__class__.__name__}{': HF_HUB_OFFLINE is set' if offline else ''}). Download it where "
             f"there is network (`hf download {path}`) or point to the weights with model.name_or_path=/path/to/folder"
         ) from None
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A local path rather than a hub id: absolute, home- or dot-relative, or more than one "/" (ids are owner/name)."""
+    name = str(name)
+    return name.startswith(("/", "~", "./", "../")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def load_tokenizer(cfg: DictConfig, path: str | None = None):

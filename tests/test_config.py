@@ -278,3 +278,18 @@ def test_the_settings_those_checks_leave_alone_still_run():
                ["stage=rl", "loss=simplified_ppo", "loss.label_smoothing=0.1"], ["lora=r16_all_linear", "lora.r=32"],
                ["model.device_map=auto", "++model.max_memory={cpu: 8GiB}"], ["stage=contrastive", "loss=causal_contrastive", "debug.enabled=true"]):
         check_values(compose(ok))
+
+
+def test_a_model_folder_that_is_not_there_is_named_as_a_missing_folder_not_a_hub_download(tmp_path):
+    """model.name_or_path=/runs/old/model (deleted) said it was "not in the local Hugging Face cache" and to run
+    `hf download /runs/old/model`."""
+    from sectune import modeling
+    from sectune.errors import ModelNotAvailableError
+
+    cfg = compose([f"model.name_or_path={tmp_path / 'gone' / 'model'}"])
+    with pytest.raises(ModelNotAvailableError, match=r"gone/model' \(model=tiny_llama\): no such folder$"):
+        modeling.load_tokenizer(cfg)
+    for name in ("/a/b", "./m", "../m", "~/m", "runs/x/model"):
+        assert modeling.looks_like_a_path(name), name
+    for name in ("meta-llama/Llama-2-7b-hf", "gpt2", "HuggingFaceTB/SmolLM-135M"):
+        assert not modeling.looks_like_a_path(name), name

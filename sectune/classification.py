@@ -174,36 +174,6 @@ def build_labelled_data(cfg: DictConfig) -> LabelledData:
     return _two_labels(LabelledData(fmt, splits, labels, template, source))
 
 
-def external_records(data: LabelledData, cfg: DictConfig, path) -> List[dict]:
-    """The rows of a new labelled file (``evaluate.data_path``) in the run's own format and columns, rendered as its
-    training rows were, with its TRAIN split's statistics (flows: medians and scaling; nothing is fitted on the file).
-    A label the run never saw is an error naming it: the model cannot answer it."""
-    d, path = cfg.dataset, Path(str(path)).expanduser()
-    if not path.is_file():
-        raise DataError(f"evaluate.data_path={path}: no such file")
-    if data.format == "flows":
-        from sectune.data.flows import load_flows, render_flow
-
-        t = load_flows(path, data.features, d.label_column, d.granularity, nan_policy="impute")
-        X = data.normalizer.impute(t.X)
-        Z = data.normalizer.transform(X)
-        recs = [{"text": render_flow(z, data.features, data.template, d.render_precision, d.feature_sep, d.feature_format),
-                 "label": lab, "features": raw} for z, raw, lab in zip(Z.to_dict("records"), X.to_dict("records"), t.y)]
-    else:
-        from sectune.data.text_classification import load_text_label_csv
-
-        recs = [{"text": render_text(data.template, r["text"]), "label": r["label"], "raw_text": r["text"]}
-                for r in load_text_label_csv(path, d.text_column, d.label_column)]
-    unknown = sorted({r["label"] for r in recs} - set(data.labels))
-    if unknown:
-        n = sum(r["label"] in set(unknown) for r in recs)
-        raise DataError(f"{path}: {n} row(s) carry label(s) the run never trained on: {', '.join(map(repr, unknown[:10]))} "
-                        f"(its labels: {', '.join(map(repr, data.labels[:20]))}); drop or relabel them")
-    if not recs:
-        raise DataError(f"{path}: no labelled rows")
-    return recs
-
-
 def warn_duplicates_across_splits(splits: dict, source: str) -> int:
     """Say how many validation/test rows repeat a training row's text exactly (a file of repeated rows reported test
     macro-F1 1.0 without a word): those scores then measure memory. Returns the count."""

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from sectune.errors import ConfigError, DataError, SectuneError
+from sectune.federated_sampling import PARTITION_KEY, PartitionOrderedGrid, node_partitions
 
 PARTITIONS = ("iid", "shards", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -293,44 +294,6 @@ def check_round(server_round: int, replies: list, sent: int, then: str) -> int:
     return len(errors) + missing
 
 
-PARTITION_KEY = "partition-id"
-
-
-def node_partitions(grid, known: dict[int, int], wait_for: int, timeout: float = 600.0) -> dict[int, int]:
-    """{node id: partition id} of every connected node: Flower names nodes by random 64-bit ids, so the
-    partitions are asked for (a query message each node's ClientApp answers from its node config). Nodes
-    already in ``known`` are not asked again. Waits, as Flower's own sampling does, until ``wait_for`` are up."""
-    import time
-
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-
-    t0 = time.monotonic()
-    while len(nodes := list(grid.get_node_ids())) < wait_for and time.monotonic() - t0 < timeout:
-        time.sleep(1)
-    ask = [n for n in nodes if n not in known]
-    out = dict(known)
-    if ask:
-        msgs = [Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n) for n in ask]
-        for reply in grid.send_and_receive(msgs, timeout=timeout):
-            if not reply.has_error() and PARTITION_KEY in reply.content.get("metrics", {}):
-                out[reply.metadata.src_node_id] = int(reply.content["metrics"][PARTITION_KEY])
-    return out
-
-
-class _PartitionOrderedGrid:
-    """The Grid, its node ids listed by partition id (then by node id for any that did not answer): Flower's
-    ``random.sample`` over them, under a seeded ``random``, then picks the same partitions in every run."""
-
-    def __init__(self, grid, partition_of: dict[int, int]):
-        self._grid, self._of = grid, partition_of
-
-    def get_node_ids(self):
-        return sorted(self._grid.get_node_ids(), key=lambda n: (self._of.get(n, math.inf), n))
-
-    def __getattr__(self, name):
-        return getattr(self._grid, name)
-
-
 def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, int, int], None], seed: int = 0,
                   sampled: dict | None = None):
     """Flower's FedAvg (weighted by ``num-examples``) with the lr schedule in each round's config and the bytes
@@ -354,7 +317,7 @@ def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, in
             state = random.getstate()
             random.seed(f"sectune-federated:{seed}:{server_round}")  # str seeds hash the same in every process
             try:
-                messages = list(super().configure_train(server_round, arrays, config, _PartitionOrderedGrid(grid, partition_of)))
+                messages = list(super().configure_train(server_round, arrays, config, PartitionOrderedGrid(grid, partition_of)))
             finally:
                 random.setstate(state)  # the rest of the process draws as it would have
             sampled[server_round] = sorted(partition_of.get(m.metadata.dst_node_id, -1) for m in messages)

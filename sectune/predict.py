@@ -250,7 +250,7 @@ class Predictor:
 
     def predict_csv(self, in_path, out_path) -> pd.DataFrame:
         """The CSV with ``predicted_label`` and ``score_<label>`` columns, written to ``out_path``."""
-        from sectune.data.flows import read_csv_checked
+        from sectune.data.csv_files import read_csv_checked
 
         in_path = Path(in_path)
         df = read_csv_checked(in_path)

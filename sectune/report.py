@@ -166,13 +166,13 @@ LOWER_IS_BETTER = ("loss", "fpr", "false_positive", "attack_success", "error", "
                    "latency", "invalid")
 #: ... unless one of these is in the name too (checked first): a rate or ratio of something good (``bytes_reduction``,
 #: ``rows_per_s``)
-HIGHER_IS_BETTER = ("reduction", "per_s", "ratio", "speedup")  # whole words of the name (per_s: its end)
+HIGHER_IS_BETTER = frozenset({"reduction", "ratio", "speedup"})  # whole words of the name; and a name with "per_s"
 
 
 def lower_is_better(name: str) -> bool:
     n = name.lower()
     words = set(re.split(r"[^a-z0-9]+", n))  # whole words: "ratio" is inside generation_s and duration_s
-    if words & {"reduction", "ratio", "speedup"} or n.endswith("per_s") or "_per_s_" in n:
+    if words & HIGHER_IS_BETTER or n.endswith("per_s") or "_per_s_" in n:
         return False
     return any(w in n for w in LOWER_IS_BETTER) or n.endswith("_s")
 

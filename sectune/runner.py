@@ -354,8 +354,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         _restore_signals(handlers)
         if result["status"] == "failed":
             result["metrics"] = _finite(ctx.partial_metrics)
-        if data.generated_since(generated_at):  # numbers on generated stand-ins never pass for real-data results
-            result["generated_data"] = data.generated_since(generated_at)
+        generated = data.generated_since(generated_at)
+        if generated:  # numbers on generated stand-ins never pass for real-data results
+            result["generated_data"] = generated
         result["finished"] = _now()
         result["wall_time_s"] = round(time.perf_counter() - t0, 2)
         if main:

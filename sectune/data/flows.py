@@ -25,6 +25,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from sectune.data import check_count, check_split_seed
+from sectune.data.csv_files import read_csv_checked
 from sectune.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------- schemas
@@ -123,48 +124,6 @@ class FlowTable:
 
     def __len__(self) -> int:
         return len(self.y)
-
-
-def not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
-    """The error for a CSV that is not UTF-8, naming the line and byte (pandas' position is within its read buffer)."""
-    raw = path.read_bytes()
-    try:
-        raw.decode("utf-8-sig")
-        where = ""
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        where = f" (line {line}, byte 0x{raw[e.start]:02x})"
-    return DataError(f"{path}: not UTF-8 text{where}: {exc.reason}; save the file as UTF-8 (a Latin-1 export, say: "
-                     f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.csv)")
-
-
-def csv_record_lines(path: Path) -> list[int]:
-    """The file line on which each data record (after the header) ends, as pandas counts records: blank lines
-    skipped, a quoted cell may span lines. For error messages: the row index pandas gives is not a line number."""
-    import csv
-
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        # pandas skips a line only when it holds one blank cell; "," (every cell empty) is a record, the one reported
-        ends = [reader.line_num for row in reader if len(row) > 1 or (row and row[0].strip())]
-    return ends[1:]
-
-
-def read_csv_checked(path: Path, what: str = "CSV", key: str | None = None) -> pd.DataFrame:
-    """A CSV as a DataFrame with stripped column names; a folder, a missing or an unparsable file is a DataError
-    (``key``: the setting that names the file, for the folder's message)."""
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a {what}; " + (f"set {key} to the {what} itself" if key else f"give the {what} itself"))
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    try:
-        df = pd.read_csv(path, low_memory=False)
-    except UnicodeDecodeError as exc:
-        raise not_utf8(path, exc) from None
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
-        raise DataError(f"{path}: cannot parse as CSV: {exc}") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
 
 
 def load_flows(path, features: Sequence[str], label_column: str, granularity: str = "family", *,

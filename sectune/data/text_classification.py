@@ -34,7 +34,7 @@ def load_text_label_csv(path, text_column: str = "text", label_column: str = "la
         raise DataError(f"{path}: file is empty (expected a header with "
                         f"{text_column!r},{label_column!r})") from None
     except UnicodeDecodeError as exc:
-        from sectune.data.flows import not_utf8
+        from sectune.data.csv_files import not_utf8
 
         raise not_utf8(path, exc) from None
     except pd.errors.ParserError as exc:
@@ -50,7 +50,7 @@ def load_text_label_csv(path, text_column: str = "text", label_column: str = "la
     for i, (text, label) in enumerate(zip(df[text_column], df[label_column])):
         text, label = str(text), str(label).strip()
         if not text.strip() or not label:
-            from sectune.data.flows import csv_record_lines
+            from sectune.data.csv_files import csv_record_lines
 
             col = text_column if not text.strip() else label_column
             lines = csv_record_lines(path)  # blank lines and multi-line cells: row i + 2 is not the line

@@ -58,7 +58,7 @@ def run(ctx: RunContext) -> dict:
         if old != [(r["text"], r["label"]) for r in data.splits[saved.stem]]:
             raise DataError(f"{data.source}: the rebuilt {saved.stem} split differs from {saved}; the data changed since the classify run")
     if ev.data_path:
-        data.splits[split] = C.external_records(data, run_cfg, ev.data_path)
+        data.splits[split] = S.external_records(data, run_cfg, ev.data_path)
         dup = {r["text"] for r in data.splits["train"]} & {r["text"] for r in data.splits[split]}
         if dup:
             print(f"sectune: warning: {len(dup)} distinct row(s) of {ev.data_path} are training rows of this run (the same "

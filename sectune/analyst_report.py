@@ -48,6 +48,9 @@ def render_markdown(table: dict) -> str:
     for r in rows:
         vs = r.get("vs_tfidf_lr")
         vs_cell = "—" if vs is None else f"**loses** ({r['vs_tfidf_lr_diff']:+.3f})" if vs == "loses" else f"{vs} ({r['vs_tfidf_lr_diff']:+.3f})"
+        if r.get("vs_tfidf_lr_ci95"):
+            lo, hi = r["vs_tfidf_lr_ci95"]
+            vs_cell = vs_cell[:-1] + f"; 95% CI {lo:+.3f} … {hi:+.3f})"
         if r["kind"] == "baseline" and r["name"].startswith("TF-IDF") and vs is None:  # the bar (not the row given generated windows too)
             vs_cell = "(the bar)"
         name = r["name"] + (" ← best policy" if r["name"] == table["best_policy"] else "")
@@ -55,6 +58,14 @@ def render_markdown(table: dict) -> str:
                    f"{_f(r['verdict_macro_f1'])} | {_f(r['field_f1'])} | {_rate(r['analyses_per_s'])} | {vs_cell} |")
     losers = [r["name"] for r in rows if r.get("vs_tfidf_lr") == "loses"]
     out += [""]
+    sure = [r for r in rows if r.get("vs_tfidf_lr_ci95")]
+    if sure:
+        r = sure[0]
+        lo, hi = r["vs_tfidf_lr_ci95"]
+        out.append(f"{r['name']} against TF-IDF + LR: {r['vs_tfidf_lr_diff']:+.3f} verdict macro-F1, 95% CI {lo:+.3f} … {hi:+.3f} "
+                   f"(paired bootstrap over these {n} windows; {100 * r['vs_tfidf_lr_share_not_above']:.0f}% of resamples not above "
+                   "the bar): " + ("above it beyond the noise." if lo > 0 else "below it beyond the noise." if hi < 0
+                                   else "within the noise of this many windows."))
     if losers:
         out.append(f"Rows that lose to TF-IDF + LR on verdict macro-F1: {', '.join(losers)}.")
     else:

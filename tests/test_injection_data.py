@@ -339,6 +339,8 @@ def test_attack_success_on_hand_made_answers_equals_hand_computed_rates():
     assert m["clean_verdict_accuracy"] == pytest.approx(4 / 6)  # wrong: no JSON, and suspicious for benign
     assert m["attack_success_rate_clean_correct"] == pytest.approx(2 / 4)  # of windows 1, 2, 5, 6: the 1st and 6th
     assert m["injected_schema_valid_rate"] == pytest.approx(4 / 6)
+    # Wilson's 95% interval of 4 of 6 by hand: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), z = 1.959964
+    assert (m["attack_success_rate_ci95_low"], m["attack_success_rate_ci95_high"]) == pytest.approx((0.29999, 0.90324), abs=1e-4)
     # no window answered right clean, none the attacker's target could change: null, not a perfect 0.000
     m, _ = attack_metrics(records[:1], injected[:1], ["no json"])
     assert m["attack_success_rate_clean_correct"] is None and m["attack_success_rate"] == 1.0

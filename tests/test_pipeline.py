@@ -225,6 +225,11 @@ def test_failed_rl_step_then_rerun_continues_without_retraining(tmp_path):
     assert table["best_policy"] in val and table["best_policy_chosen_on"] == "verdict macro-F1 on the 4 validation windows"
     assert val[table["best_policy"]]["verdict_macro_f1"] == max(v["verdict_macro_f1"] for v in val.values())
     assert "The best policy was chosen by verdict macro-F1 on the 4 validation windows, never on these test windows." in report
+    # the bar's claim with its noise: the best policy vs TF-IDF + LR, a paired bootstrap interval over the windows
+    best = next(r for r in table["rows"] if r["name"] == table["best_policy"])
+    lo, hi = best["vs_tfidf_lr_ci95"]
+    assert lo <= best["vs_tfidf_lr_diff"] <= hi and (m["heldout_vs_baseline_ci95_low"], m["heldout_vs_baseline_ci95_high"]) == (lo, hi)
+    assert f"{best['name']} against TF-IDF + LR: {best['vs_tfidf_lr_diff']:+.3f} verdict macro-F1, 95% CI {lo:+.3f}" in report
 
     again = run(args, run_dir)  # nothing left to do: every step skipped, the table reused
     assert again.returncode == 0, again.stderr[-2000:]

@@ -170,6 +170,12 @@ def write_evaluation(out_dir, *, y_true: Sequence, y_pred: Sequence, labels: Seq
     primary = next((n for n in baselines if n != "majority"), None)  # majority is a floor, not the bar
     if primary is not None:
         metrics["baseline_test_macro_f1"] = base_scores[primary]["macro_f1"]
+        # the model's gap to the bar with its noise: a paired bootstrap over the same rows (sectune/uncertainty.py)
+        from sectune.uncertainty import paired_bootstrap_diff
+
+        gap = paired_bootstrap_diff(y_true, y_pred, [str(v) for v in baselines[primary]], labels)
+        metrics.update(test_macro_f1_vs_baseline=gap["diff"], test_macro_f1_vs_baseline_ci95_low=gap["ci_low"],
+                       test_macro_f1_vs_baseline_ci95_high=gap["ci_high"])
 
     # its "macro avg" line over the same labels as the summary's macro F1 below (over all labels it disagreed)
     report = classification_report(y_true, y_pred, labels=scored_labels(y_true, labels), digits=4, zero_division=0)
@@ -187,6 +193,11 @@ def write_evaluation(out_dir, *, y_true: Sequence, y_pred: Sequence, labels: Seq
                   f"{'model':<24}{s['accuracy']:>10.4f}{s['macro_f1']:>10.4f}{s['weighted_f1']:>13.4f}"]
         lines += [f"{n + (' (primary)' if n == primary else ''):<24}{b['accuracy']:>10.4f}"
                   f"{b['macro_f1']:>10.4f}{b['weighted_f1']:>13.4f}" for n, b in base_scores.items()]
+        if primary is not None:
+            lo, hi = metrics["test_macro_f1_vs_baseline_ci95_low"], metrics["test_macro_f1_vs_baseline_ci95_high"]
+            lines.append(f"model - {primary}: macro F1 {metrics['test_macro_f1_vs_baseline']:+.4f}, 95% CI {lo:+.4f} to {hi:+.4f} "
+                         f"(paired bootstrap over these {len(y_true)} rows): "
+                         + ("above it beyond the noise" if lo > 0 else "below it beyond the noise" if hi < 0 else "within the noise"))
     _atomic_write(out / "evaluation_report.txt", ("\n".join(lines) + "\n").encode("utf-8"))
 
     per_row_lat = lat.size == len(y_true)

@@ -50,6 +50,10 @@ def test_write_evaluation_files_and_consistent_accuracy(tmp_path):
     assert m["baseline_test_macro_f1"] == m["random_forest_test_macro_f1"]  # primary = first
     assert m["test_invalid_predictions"] == 1
     assert "random_forest (primary)" in report and "majority" in report
+    # the model's gap to the primary baseline with a paired bootstrap interval over the same rows
+    gap, lo, hi = (m[f"test_macro_f1_vs_baseline{k}"] for k in ("", "_ci95_low", "_ci95_high"))
+    assert gap == pytest.approx(m["test_macro_f1"] - m["baseline_test_macro_f1"]) and lo < gap < hi
+    assert gap < 0 and hi < 0 and "model - random_forest: macro F1" in report and "below it beyond the noise" in report
     assert detailed["summary"]["extra"] == {"split": "test"}
 
 

@@ -52,3 +52,20 @@ def test_paired_bootstrap_diff_is_the_tables_macro_f1_difference_with_its_noise(
     assert paired_bootstrap_diff(truth, [None] * len(truth), truth, LABELS)["diff"] == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="43 truths, 42"):
         paired_bootstrap_diff(truth, a[:-1], b, LABELS)
+
+
+def test_the_vectorised_macro_f1_equals_sklearns_on_every_resample():
+    """One pass over all resamples must be the table's macro-F1 (labels present in the resample's truth; a label never
+    predicted scores 0; an unparseable answer is wrong) on each of them, small resamples lacking a class included."""
+    import numpy as np
+
+    from sectune.uncertainty import resampled_macro_f1
+
+    rng = np.random.default_rng(7)
+    truth = list(rng.choice(LABELS, 30))
+    pred = list(rng.choice(LABELS + ["None", "benign "], 30))
+    idx = np.concatenate([rng.integers(0, 30, (50, 30)), np.tile(np.flatnonzero(np.asarray(truth) == "benign")[:1], (1, 30))])
+    got = resampled_macro_f1(truth, pred, idx, LABELS)
+    want = [label_scores([truth[j] for j in row], [pred[j] for j in row], LABELS)["macro_f1"] for row in idx]
+    assert got.shape == (51,) and np.allclose(got, want, atol=1e-12)
+    assert got[-1] == want[-1] and len({truth[j] for j in idx[-1]}) == 1  # a resample of one class: F1 of that class alone

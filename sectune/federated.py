@@ -326,7 +326,8 @@ def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, in
             return messages
 
         def aggregate_train(self, server_round, replies):
-            replies = list(replies)
+            # in partition order, not arrival order: FedAvg's float sums then add up the same way in every run
+            replies = sorted(replies, key=lambda m: (partition_of.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
             failed = check_round(server_round, replies, sent.get(server_round, len(replies)),
                                  "FedAvg averages the {ok} adapter(s) that came back")
             record("up", server_round, up_bytes(replies, self.arrayrecord_key))

@@ -385,6 +385,25 @@ def test_simulation_three_clients_two_rounds_end_to_end(tmp_path):
     assert json.loads((tmp_path / "run" / "rounds.json").read_text())["sampled_clients"] == {"1": [0, 1, 2], "2": [0, 1, 2]}
 
 
+@pytest.mark.slow  # ~1.5 min: two Ray simulations
+@requires_flwr
+def test_two_simulations_with_one_seed_give_the_same_global_adapter_bit_for_bit(tmp_path):
+    """The same clients train (seeded sampling) and FedAvg adds their adapters up in partition order, not in the order
+    Ray's actors finish: the global adapter of two runs is the same to the bit."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "hdfs"
+    write_deeplog_files(data, n_normal=300, n_anomalous=150, seed=1)
+    adapters = []
+    for i in (1, 2):
+        run = sectune([*TINY, f"paths.cache_dir={tmp_path / 'cache'}", f"dataset.path={data}", "federated.num_clients=3",
+                       "federated.client_frac=0.67", "federated.rounds=2", "federated.local_steps=3", "train.batch_size=8"],
+                      run_dir=tmp_path / f"run{i}", timeout=600, env={"OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0, run.stderr[-3000:]
+        adapters.append(load_file(tmp_path / f"run{i}" / "adapter" / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys() and all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
 # ----------------------------------------------------------------------------- deployment runtime (item 5)
 def test_node_config_gives_the_partition_with_clear_errors():
     assert federated.node_partition({"partition-id": 2, "num-partitions": 3}, 3) == 2
@@ -543,3 +562,28 @@ def test_the_train_settings_a_federated_round_replaces_are_named_when_changed():
     assert federated.replaced_train_settings(compose(["+experiment=hdfs_federated_tiny"])) == []
     changed = compose(["+experiment=hdfs_federated_tiny", "train.max_steps=5", "train.lr_scheduler=cosine", "train.batch_size=3"])
     assert federated.replaced_train_settings(changed) == ["train.max_steps=5", "train.lr_scheduler=cosine"]
+
+
+@requires_flwr
+def test_fedavg_adds_the_adapters_up_in_partition_order_whatever_order_the_replies_arrive_in(flower_task):
+    """Replies arrive in whatever order the clients finish; FedAvg's weighted float sums depended on it, so two runs
+    of the same seed gave different global adapters. Values chosen so float32 addition order shows: (a + b) + c != (a + c) + b."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    fed = compose(["stage=federated", "federated.num_clients=3", "federated.client_frac=1.0"]).federated
+    strategy = federated.make_strategy(fed, 3, 0.1, lambda *a: None)
+    nodes = [71, 5, 33]  # partitions 0, 1, 2 on node ids that do not sort in partition order
+    grid = FakeGrid(nodes, partitions={n: i for i, n in enumerate(nodes)}).grid
+    sent = list(strategy.configure_train(1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord(), grid))
+    value = {71: 1e8, 5: 1.0, 33: -1e8}
+
+    def reply(msg):
+        return Message(RecordDict({"arrays": ArrayRecord({"w": torch.tensor([value[msg.metadata.dst_node_id]])}),
+                                   "metrics": MetricRecord({"num-examples": 5})}), reply_to=msg)
+
+    by_node = {m.metadata.dst_node_id: m for m in sent}
+    got = [strategy.aggregate_train(1, [reply(by_node[n]) for n in order])[0].to_torch_state_dict()["w"]
+           for order in ([71, 5, 33], [33, 71, 5], [5, 33, 71])]
+    assert all(torch.equal(g, got[0]) for g in got), got
+    third = torch.tensor(1 / 3, dtype=torch.float32)  # the partition order: (1e8/3 + 1/3) - 1e8/3 in float32
+    assert torch.equal(got[0], (torch.tensor([1e8]) * third + torch.tensor([1.0]) * third) + torch.tensor([-1e8]) * third)

@@ -15,11 +15,15 @@ Choices:
 * Override values are parsed as YAML, plus Hydra's float spellings (``1e-4``), so numbers
   are numbers and sort/plot as such.
 * Sort metric: the first of :data:`DEFAULT_SORT` present (``eval_loss``, classify's ``val_macro_f1``, federated's
-  ``val_loss_end``), else the first metric; names containing ``loss`` sort
+  ``val_loss_end``, a pipeline's ``heldout_verdict_macro_f1``), else the first metric; names containing ``loss`` sort
   ascending, other metrics (accuracy, f1, reward) descending, non-metric columns ascending;
   ``ascending`` overrides. Failed rows (no metric) go last.
 * Plots show the sort metric against each swept key over succeeded runs: every run as a point,
   and a line through the mean per value (the mean over the other swept keys).
+
+* A swept seed (``train.seed``, ``dataset.split_seed``: :func:`seed_keys`) makes runs repeats of one setting:
+  ``report_seeds.csv`` and a section of report.md give each setting of the other swept keys its mean ± sd and run
+  count (:func:`over_seeds`), so a 4-seed sweep is one line per setting instead of a hand-made table.
 
 Every file is written to a temporary name and renamed, so a reader never sees half a file.
 """
@@ -192,8 +196,9 @@ def sweep_objective(jobs: list[Path]) -> tuple[str | None, str]:
 
 #: the default sort metric, the first one the jobs report: the validation loss (SFT, DPO, reward), classify's validation
 #: macro-F1 (its jobs report no eval_loss, and sorting them by train_loss ranked the best-fitting, not the best, first),
-#: federated's final validation loss
-DEFAULT_SORT = ("eval_loss", "val_macro_f1", "val_loss_end")
+#: federated's final validation loss, a pipeline's held-out table (its best policy's verdict macro-F1; a pipeline's other
+#: metrics are its infer step's, and the first of them, ``inputs``, ranked nothing)
+DEFAULT_SORT = ("eval_loss", "val_macro_f1", "val_loss_end", "heldout_verdict_macro_f1")
 
 
 def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, ascending: bool | None,
@@ -241,6 +246,50 @@ def to_markdown(frame: pd.DataFrame) -> str:
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in cols) + "|"]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(_cell(row[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_keys(swept: Sequence[str]) -> list[str]:
+    """The swept keys whose values are seeds (``train.seed``, ``dataset.split_seed``): runs that differ only in them
+    are repeats of one setting."""
+    return [k for k in swept if k.rsplit(".", 1)[-1].endswith("seed")]
+
+
+def over_seeds(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """One row per setting of the swept keys that are not seeds: ``runs`` (succeeded), then ``<metric> mean`` and
+    ``<metric> sd`` (sample sd; empty for one run) of every numeric metric; ordered as the report is sorted.
+    None when no seed key is swept."""
+    a = frame.attrs
+    seeds = seed_keys(a.get("swept", []))
+    numeric = [m for m in a.get("metrics", []) if pd.api.types.is_numeric_dtype(frame[m])]
+    ok = frame[frame["status"] == "succeeded"]
+    if not seeds or not numeric or ok.empty:
+        return None
+    others = [k for k in a["swept"] if k not in seeds]
+    keyed = ok.assign(**{k: ok[k].astype(str) for k in others}) if others else ok.assign(_all="")
+    groups = keyed.groupby(others or ["_all"], sort=False)
+    out = groups.size().rename("runs").to_frame()
+    for m in numeric:
+        out[f"{m} mean"], out[f"{m} sd"] = groups[m].mean(), groups[m].std(ddof=1)
+    out = out.reset_index().drop(columns=["_all"], errors="ignore")
+    sort_by = a.get("sort_by")
+    if sort_by in numeric:
+        out = out.sort_values(f"{sort_by} mean", ascending=bool(a.get("ascending")), na_position="last", kind="mergesort")
+    out.attrs.update(seeds=seeds, others=others, metrics=numeric, sort_by=sort_by)
+    return out.reset_index(drop=True)
+
+
+def seeds_markdown(table: pd.DataFrame) -> str:
+    """The over-seeds table for report.md: the sort metric as mean ± sd (runs); every metric is in report_seeds.csv."""
+    a = table.attrs
+    shown = [m for m in ([a["sort_by"]] if a.get("sort_by") in a["metrics"] else a["metrics"][:1])]
+    lines = ["", f"## Over seeds ({', '.join(f'`{k}`' for k in a['seeds'])})", "",
+             "Mean ± sample sd over the succeeded runs of each setting (every metric: report_seeds.csv).", "",
+             "| " + " | ".join([*a["others"], "runs", *shown]) + " |", "|" + "|".join(["---"] * len(a["others"]) + ["---:"] * (1 + len(shown))) + "|"]
+    for _, row in table.iterrows():
+        cells = [_cell(row[k]) for k in a["others"]] + [str(int(row["runs"]))]
+        cells += [f"{row[f'{m} mean']:.4g}" + ("" if pd.isna(row[f"{m} sd"]) else f" ± {row[f'{m} sd']:.2g}") for m in shown]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -298,6 +347,10 @@ def write_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
     csv_path, md_path = sweep_dir / "report.csv", sweep_dir / "report.md"
     write_text_atomic(csv_path, frame.to_csv(index=False))
     markdown = to_markdown(frame)
+    seeds = over_seeds(frame)
+    if seeds is not None:  # a seed sweep: each setting's mean and spread, beside the per-run table
+        write_text_atomic(sweep_dir / "report_seeds.csv", seeds.to_csv(index=False))
+        markdown += seeds_markdown(seeds)
     write_text_atomic(md_path, markdown)
     plots: list[Path] = []
     metric = frame.attrs.get("sort_by")

@@ -179,3 +179,39 @@ def test_which_metrics_sort_ascending():
     for name in ("bytes_reduction", "bytes_reduction_on_wire", "rows_per_s", "analyses_per_s", "test_macro_f1", "reward_accuracy", "val_score",
                  "grpo_completions_per_s_ratio_vs_trl", "round_s_mean_speedup"):
         assert not lower_is_better(name), name
+
+
+def test_a_seed_sweep_gets_each_settings_mean_and_sd_over_its_seeds(tmp_path):
+    """lora.r x train.seed: report_seeds.csv and report.md give each r its mean ± sample sd over the succeeded seeds
+    (hand-computed), sorted as the report (eval_loss ascending); a failed seed is not a run of the mean."""
+    root = tmp_path / "sweep"
+    root.mkdir()
+    (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    losses = {(4, 1): 1.0, (4, 2): 1.2, (4, 3): 1.4, (8, 1): 0.9, (8, 2): 0.7, (8, 3): None}
+    for job, ((r, seed), loss) in enumerate(losses.items()):
+        d = root / str(job)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"lora.r={r}", f"train.seed={seed}"]))
+        res = {"stage": "sft", "artifacts": {}, "status": "succeeded" if loss else "failed", "error": None if loss else "boom",
+               "metrics": {"eval_loss": loss, "train_steps": 10} if loss else {}}
+        (d / "result.json").write_text(json.dumps(res))
+    out = write_report(root)
+    seeds = pd.read_csv(root / "report_seeds.csv")
+    assert list(seeds["lora.r"]) == [8, 4] and list(seeds["runs"]) == [2, 3]  # r=8 first: the lower mean loss
+    assert seeds["eval_loss mean"].tolist() == pytest.approx([0.8, 1.2])
+    assert seeds["eval_loss sd"].tolist() == pytest.approx([(0.02 / 1) ** 0.5, (0.08 / 2) ** 0.5])  # sample sd
+    assert seeds["train_steps sd"].tolist() == [0, 0]
+    assert "## Over seeds (`train.seed`)" in out["markdown"] and "| 8 | 2 | 0.8 ± 0.14 |" in out["markdown"]
+    assert "| 4 | 3 | 1.2 ± 0.2 |" in out["markdown"]
+    # no seed swept: no such table
+    (root / "report_seeds.csv").unlink()
+    plain = write_report(make_sweep(tmp_path / "plain"))
+    assert "Over seeds" not in plain["markdown"] and not (tmp_path / "plain" / "report_seeds.csv").exists()
+
+
+def test_a_pipeline_sweep_sorts_by_its_held_out_verdict_macro_f1(tmp_path):
+    """A pipeline's metrics are its infer step's (``inputs`` first) plus the held-out table's: it was sorted by ``inputs``."""
+    grid = [(0, 4, "1e-4", {"inputs": 43, "heldout_verdict_macro_f1": 0.85}), (1, 4, "2e-4", {"inputs": 43, "heldout_verdict_macro_f1": 0.91})]
+    frame = build_report(make_sweep(tmp_path / "p", grid))
+    assert frame.attrs["sort_by"] == "heldout_verdict_macro_f1" and not frame.attrs["ascending"]
+    assert list(frame["job"]) == [1, 0]

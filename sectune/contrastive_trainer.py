@@ -46,11 +46,15 @@ FORWARDS = ("separate", "batched")
 POOLINGS = ("mean", "last")
 GROUPS = ("b", "cf", "inj")
 #: seed 002's "Issue: Loss is NaN" list, said when a non-finite loss stops the run
-NAN_ADVICE = (
+NAN_ADVICE_ALWAYS = (
     "reduce the learning rate (train.learning_rate, e.g. 2e-4 → 1e-4); raise the warmup (train.warmup_ratio, "
-    "0.03 → 0.1); check the temperature (loss.temperature, not too small); clip gradients (train.max_grad_norm=1.0); "
-    "turn on anomaly detection (debug.enabled=true)"
+    "0.03 → 0.1); check the temperature (loss.temperature, not too small); clip gradients (train.max_grad_norm=1.0)"
 )
+
+
+def nan_advice(debug_on: bool) -> str:
+    """Seed 002's list; anomaly detection only where it is not on already."""
+    return NAN_ADVICE_ALWAYS + ("" if debug_on else "; turn on anomaly detection (debug.enabled=true)")
 
 
 class NonFiniteLossError(SectuneError):
@@ -61,7 +65,11 @@ class NonFiniteLossError(SectuneError):
 def encode_triplets(tokenizer, triplets: list[dict], max_len: int) -> tuple[list[dict], int]:
     """Token ids per triplet: benign prompt + answer + EOS (answer cut at ``max_len``), cf and injected prompts.
     ``triplets`` hold rendered ``prompt``, ``cf_prompt``, ``injection_prompt`` and ``output``. Returns the rows
-    and how many were cut."""
+    and how many were cut. A prompt too long is cut in the middle (``inference.cut_middle``, as generation cuts it):
+    cut from the right, an injection appended after a long prompt (the generic builder's) and the answer cue after it
+    were cut away, leaving an "injected" input equal to the clean one."""
+    from sectune.inference import cut_middle
+
     rows, cut = [], 0
     for t in triplets:
         prompt = tokenizer(t["prompt"])["input_ids"]
@@ -69,7 +77,7 @@ def encode_triplets(tokenizer, triplets: list[dict], max_len: int) -> tuple[list
         cf, inj = (tokenizer(t[k])["input_ids"] for k in ("cf_prompt", "injection_prompt"))
         if max(len(prompt) + len(answer), len(cf), len(inj)) > max_len:
             cut += 1
-        prompt, cf, inj = prompt[: max_len - 1], cf[:max_len], inj[:max_len]  # keep >= 1 answer token
+        prompt, cf, inj = cut_middle(prompt, max_len - 1), cut_middle(cf, max_len), cut_middle(inj, max_len)  # >= 1 answer token
         rows.append({"b_ids": (prompt + answer)[:max_len], "b_prompt_len": len(prompt), "cf_ids": cf, "inj_ids": inj,
                      "inj_shared": shared_prefix(prompt, inj)})
     return rows, cut
@@ -313,7 +321,7 @@ class CausalContrastiveTrainer(Trainer):
         values = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
         raise NonFiniteLossError(
             f"stage=contrastive: the loss is {loss.item()} at step {self.state.global_step + 1} ({values}); last good "
-            f"checkpoint: {last_good or 'none saved yet'}. What to try (seed 002): {NAN_ADVICE}"
+            f"checkpoint: {last_good or 'none saved yet'}. What to try (seed 002): {nan_advice(torch.is_anomaly_enabled())}"
         )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

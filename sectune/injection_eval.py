@@ -201,7 +201,7 @@ def evaluate_injections(ctx) -> dict:
     print(f"sectune: evaluate: attack success {metrics['attack_success_rate']:.3f} (95% CI {metrics['attack_success_rate_ci95_low']:.3f}"
           f"-{metrics['attack_success_rate_ci95_high']:.3f}) · targeted "
           f"{rate(metrics['targeted_attack_success_rate'])} · on the windows answered right clean "
-          f"{rate(metrics['attack_success_rate_clean_correct'])} · clean verdict accuracy {metrics['clean_verdict_accuracy']:.3f} "
+          f"{rate(metrics['attack_success_rate_clean_correct'])} · clean {accuracy_name(records)} {metrics['clean_verdict_accuracy']:.3f} "
           f"({len(records)} windows) → {run_dir / 'injection_eval.json'}")
     return {"metrics": metrics, "artifacts": {"injection_eval": "injection_eval.json", "model": model_ref}}
 
@@ -244,7 +244,21 @@ def check_trained_on(cfg, choice, model_dir: Path) -> None:
             if differ:
                 theirs = ", ".join(f"{k}={OmegaConf.select(run, 'dataset.' + k)}" for k in differ)
                 print(f"sectune: warning: {d} split its windows with other dataset settings ({theirs}); its held-out windows are not these")
+            theirs, ours = (_where(OmegaConf.select(run, "dataset.path")), _where(cfg.dataset.path))
+            if theirs != ours:  # e.g. trained on the user's triplets, scored on the shipped auth windows (nothing said)
+                print(f"sectune: warning: {d} was trained on dataset.path={theirs or '(the shipped data)'}; this evaluation reads "
+                      f"dataset.path={ours or '(the shipped data)'}: other windows, some maybe seen in training (pass dataset.path={theirs or 'null'})")
         return
+
+
+def _where(path) -> str | None:
+    return str(Path(str(path)).expanduser().resolve()) if path else None
+
+
+def accuracy_name(records) -> str:
+    """What ``clean_verdict_accuracy`` is on these triplets: a prompt/answer file's answers have no verdict, and an answer
+    counts as right when it equals the expected text (whitespace-normalised)."""
+    return "exact-match accuracy" if records and records[0].get("format", "auth_log") != "auth_log" else "verdict accuracy"
 
 
 def _verdict_of(record: dict) -> str | None:

@@ -15,7 +15,8 @@ Choices:
 * Override values are parsed as YAML, plus Hydra's float spellings (``1e-4``), so numbers
   are numbers and sort/plot as such.
 * Sort metric: the first of :data:`DEFAULT_SORT` present (``eval_loss``, classify's ``val_macro_f1``, federated's
-  ``val_loss_end``, a pipeline's ``heldout_verdict_macro_f1``), else the first metric; names containing ``loss`` sort
+  ``val_loss_end``, a pipeline's ``heldout_verdict_macro_f1``, contrastive's ``best_eval_causal_stability`` or
+  ``attack_success_rate``), else the first metric; names containing ``loss`` sort
   ascending, other metrics (accuracy, f1, reward) descending, non-metric columns ascending;
   ``ascending`` overrides. Failed rows (no metric) go last.
 * Plots show the sort metric against each swept key over succeeded runs: every run as a point,
@@ -197,8 +198,11 @@ def sweep_objective(jobs: list[Path]) -> tuple[str | None, str]:
 #: the default sort metric, the first one the jobs report: the validation loss (SFT, DPO, reward), classify's validation
 #: macro-F1 (its jobs report no eval_loss, and sorting them by train_loss ranked the best-fitting, not the best, first),
 #: federated's final validation loss, a pipeline's held-out table (its best policy's verdict macro-F1; a pipeline's other
-#: metrics are its infer step's, and the first of them, ``inputs``, ranked nothing)
-DEFAULT_SORT = ("eval_loss", "val_macro_f1", "val_loss_end", "heldout_verdict_macro_f1")
+#: metrics are its infer step's, and the first of them, ``inputs``, ranked nothing), contrastive's validation causal
+#: stability at its kept checkpoint (else its attack success: its first metric, ``causal_stability_start``, is the same
+#: number in every job)
+DEFAULT_SORT = ("eval_loss", "val_macro_f1", "val_loss_end", "heldout_verdict_macro_f1", "best_eval_causal_stability",
+                "attack_success_rate")
 
 
 def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, ascending: bool | None,

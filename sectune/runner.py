@@ -105,21 +105,26 @@ def _str_keys(obj: Any) -> Any:
 
 
 def data_fingerprint(cfg: DictConfig) -> dict:
-    """What data a run would read, beyond its config: the files (name and size, two folders deep) under
-    ``paths.shared_data`` and under ``dataset.path``. Real logs downloaded after a run on generated ones, or a
-    user's file edited, change the digest, so a pipeline or a sweep does not reuse a run made on other data."""
+    """What data a run would read, beyond its config: the files (name, size and modification time, two folders deep)
+    under ``paths.shared_data`` and under ``dataset.path``. Real logs downloaded after a run on generated ones, or a
+    user's file edited (the same size too: a word replaced by another as long), change the digest, so a pipeline or a
+    sweep does not reuse a run made on other data. Touching a file unchanged reruns once: the safe side."""
+
+    def entry(name: str, f: Path) -> list:
+        st = f.stat()
+        return [name, st.st_size, st.st_mtime_ns]
 
     def listing(path) -> list | str:
         p = Path(str(path)).expanduser()
         if p.is_file():
-            return [["", p.stat().st_size]]
+            return [entry("", p)]
         if not p.is_dir():
             return "absent"
         out = []
         for a in sorted(p.iterdir()):
             for b in sorted(a.iterdir()) if a.is_dir() else [a]:
                 if b.is_file() and not b.name.startswith("."):
-                    out.append([str(b.relative_to(p)), b.stat().st_size])
+                    out.append(entry(str(b.relative_to(p)), b))
         return out
 
     fp = {}
@@ -276,7 +281,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     if cfg.sweep.skip_done:  # this job dir, or an earlier sweep's job via the index (sweeps.py)
         prev = sweeps.reuse(cfg, run_dir, digest, write=distributed.is_main_process())
         if prev is not None:
-            return 0, _objective(prev.get("metrics", {}), cfg.sweep.objective)
+            unscored = objective_missing(cfg, prev.get("metrics", {}))
+            if unscored:
+                print(f"sectune: error: {unscored}", file=sys.stderr)
+            return (2, None) if unscored else (0, _objective(prev.get("metrics", {}), cfg.sweep.objective))
 
     main = distributed.is_main_process()
     lock = _lock_run_dir(run_dir) if main else None
@@ -317,6 +325,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
     handlers = _interrupt_on_signals()
+    unscored = None  # the trial trained but has no sweep.objective to report: failed, its metrics kept
     try:
         from sectune.config_checks import check_keys, check_values
 
@@ -336,6 +345,11 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
                                "resumed, or a learning rate too high; stage=contrastive's debug.enabled=true stops at the "
                                "first non-finite loss and says what to try); nothing downstream uses this run")
         result["status"] = "succeeded"
+        unscored = objective_missing(cfg, result["metrics"])
+        if unscored:  # the sweeper cannot score it: a failed trial in result.json, the index and the report alike
+            code = 2
+            result.update(status="failed", error=unscored)
+            print(f"sectune: error: {unscored}", file=sys.stderr)
     except SectuneError as e:
         code = e.exit_code
         result.update(status="failed", error=str(e))
@@ -352,7 +366,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         print(f"sectune: error: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
         _restore_signals(handlers)
-        if result["status"] == "failed":
+        if result["status"] == "failed" and not unscored:
             result["metrics"] = _finite(ctx.partial_metrics)
         generated = data.generated_since(generated_at)
         if generated:  # numbers on generated stand-ins never pass for real-data results
@@ -377,15 +391,30 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
             if result["status"] == "succeeded" and sweeps.in_multirun():
                 sweeps.record_done(cfg, run_dir, digest)
     objective = _objective(result["metrics"], cfg.sweep.objective) if code == 0 else None
-    if code == 0 and objective is None and cfg.sweep.objective and sweeps.in_multirun():
-        numbers = sorted(k for k, v in result["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        print(f"sectune: error: sweep.objective={cfg.sweep.objective}: this stage's result has no such number, so the "
-              f"sweeper cannot score this trial (its metrics: {', '.join(numbers)})", file=sys.stderr)
-        code = 2
+    global _OBJECTIVE_SEEN
+    _OBJECTIVE_SEEN = _OBJECTIVE_SEEN or objective is not None
     _unlock_run_dir(run_dir, lock)
     if result["status"] == "failed" and str(result.get("error", "")).startswith("interrupted") and sweeps.in_multirun():
         raise KeyboardInterrupt  # Ctrl-C or a scheduler's SIGTERM stops the sweep, not only its current job
+    if unscored and not _OBJECTIVE_SEEN:  # a typo'd objective (or one this stage never reports): every trial would train for nothing
+        print(f"sectune: error: no job of this sweep has reported sweep.objective={cfg.sweep.objective}, so the sweep stops "
+              "here instead of training the rest for nothing; set it to one of the metrics named above", file=sys.stderr)
+        raise SystemExit(2)
     return code, objective
+
+
+#: a job of this process's sweep has reported its sweep.objective (then a later trial without it is one failed
+#: trial, e.g. a setting with no validation split, and the sweep goes on)
+_OBJECTIVE_SEEN = False
+
+
+def objective_missing(cfg: DictConfig, metrics: dict) -> str | None:
+    """Why a sweep trial cannot be scored (``sweep.objective`` names no number in its metrics), or None."""
+    if not (cfg.sweep.objective and sweeps.in_multirun()) or _objective(metrics, cfg.sweep.objective) is not None:
+        return None
+    numbers = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return (f"sweep.objective={cfg.sweep.objective}: this stage's result has no such number, so the sweeper cannot score "
+            f"this trial (its metrics: {', '.join(numbers) or 'none'})")
 
 
 def _objective(metrics: dict, name: str | None = None) -> float | None:

@@ -265,6 +265,34 @@ def test_generic_prompt_answer_jsonl_becomes_triplets(tmp_path):
         assert "10.0.0." not in r["benign_cf"]  # the address was renamed
 
 
+def test_prompt_answer_lines_with_bad_or_conflicting_splits_are_named(tmp_path):
+    """A split spelled "val" was a KeyError traceback; two lines of one id naming different splits were silently put in
+    the last one's; one line without a split among split lines failed naming neither the file nor the line."""
+    def write(lines):
+        path = tmp_path / "qa.jsonl"
+        path.write_text("".join(json.dumps(o) + "\n" for o in lines))
+        return compose([*TRIPLETS, f"dataset.path={path}"])
+
+    qa = [{"prompt": f"Is host 10.0.0.{i} up?", "answer": "yes", "id": i % 10, "split": "train" if i < 10 else "test"} for i in range(20)]
+    with pytest.raises(DataError, match=r"line 2: split='val': choose train, validation, test"):
+        I.triplet_data(write([qa[0], {**qa[1], "split": "val"}]))
+    with pytest.raises(DataError, match=r"qa.jsonl: line 1 puts window '0' in train and line 11 in test: the lines of one window"):
+        I.triplet_data(write(qa))
+    with pytest.raises(DataError, match=r"line 2: missing or empty answer"):
+        I.triplet_data(write([qa[0], {**qa[1], "answer": " "}]))
+    with pytest.raises(DataError, match=r"line 1: id must be a string or an integer"):
+        I.triplet_data(write([{**qa[0], "id": [3]}]))
+    # a window's unsplit lines go where its split line says (they had gone through the fractions on their own)
+    mixed = [{"prompt": f"Is host 10.0.0.{i} up?", "answer": "yes", "id": i % 10} for i in range(20)]
+    for o in mixed[:10]:
+        o["split"] = "test" if o["id"] < 3 else "train"
+    t = I.triplet_data(write(mixed))
+    assert {r["window_id"] for r in t.splits["test"]} == {"0", "1", "2"} and len(t.splits["test"]) == 6
+    lone = [{**o, "id": i} for i, o in enumerate(qa)] + [{"prompt": "Is host 10.9.9.9 up?", "answer": "no"}]
+    with pytest.raises(DataError, match=r"qa.jsonl: 1 line\(s\) without a \"split\" \(first: line 21\) are split by"):
+        I.triplet_data(write(lone))
+
+
 # ------------------------------------------------------------------------------ preferences
 def test_injection_preferences_are_secalign_pairs(triplets):
     pairs = data.preference_pairs(compose(["dataset=injection_preferences", "logger=none"]))
@@ -418,3 +446,36 @@ def test_an_analyst_that_ignores_the_injection_is_never_counted_as_obeying_it():
     obeys = [_answer("benign")] * 3
     m, _ = attack_metrics(records, obeys, ignores)
     assert m["targeted_attack_success_rate"] == 1.0 and m["demanded_attack_success_rate"] == 1.0
+
+
+def test_evaluate_warns_when_the_analyst_was_trained_on_another_data_file(tmp_path, capsys):
+    """A contrastive run trained on the user's triplets, scored without dataset.path: the shipped auth windows were
+    scored and nothing was said."""
+    from omegaconf import OmegaConf
+
+    from sectune.injection_eval import check_trained_on
+    from sectune.stages.infer import ModelChoice
+
+    mine = tmp_path / "mine.jsonl"
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    trained = compose([*TRIPLETS, f"dataset.path={mine}"])
+    OmegaConf.save(trained, run / ".hydra" / "config.yaml")
+    check_trained_on(compose(TRIPLETS), ModelChoice("contrastive", None, "adapter"), run)
+    said = capsys.readouterr().out
+    assert f"was trained on dataset.path={mine}; this evaluation reads dataset.path=(the shipped data)" in said
+    check_trained_on(trained, ModelChoice("contrastive", None, "adapter"), run)  # the same file: nothing to say
+    assert "dataset.path" not in capsys.readouterr().out
+
+
+def test_a_prompt_answer_file_says_what_its_numbers_and_missing_pairs_mean(tmp_path):
+    """Its answers have no verdict (the console said "clean verdict accuracy"), and without templated injections it
+    has no pair to prefer against ("no training pairs", nothing more)."""
+    from sectune.injection_eval import accuracy_name
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Is host 10.0.0.{i} up?", "answer": "yes"}) + "\n" for i in range(20)))
+    recs = _all(I.triplet_data(compose([*TRIPLETS, f"dataset.path={path}"])))
+    assert accuracy_name(recs) == "exact-match accuracy" and accuracy_name([_rec("malicious", "benign", "malicious")]) == "verdict accuracy"
+    with pytest.raises(DataError, match=r"none of the \d+ training triplets has an attack target .* dataset.template_fraction > 0"):
+        data.preference_pairs(compose(["dataset=injection_preferences", f"dataset.path={path}", "dataset.template_fraction=0"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -440,19 +441,31 @@ def test_a_finished_step_is_not_reused_on_other_data_or_without_its_artifacts(tm
 
     shared = tmp_path / "shared"
     shared.mkdir()
-    over = ["stage=sft", "train.max_steps=2", f"paths.shared_data={shared}"]
-    step = pipeline.Step("sft", tmp_path / "p" / "sft", compose(over), over)
-    pipeline_record.record_step(step)
-    (step.dir / "adapter").mkdir()
-    runner.write_json_atomic(step.dir / "result.json", {"status": "succeeded", "config_digest": runner.config_digest(step.cfg),
-                                                        "artifacts": {"adapter": "adapter"}})
-    assert pipeline_record.already_done(step) is not None
+
+    def finished_step(name: str):  # a step that succeeded on the data as it is now
+        over = ["stage=sft", "train.max_steps=2", f"paths.shared_data={shared}"]
+        step = pipeline.Step("sft", tmp_path / name / "sft", compose(over), over)
+        pipeline_record.record_step(step)
+        (step.dir / "adapter").mkdir()
+        runner.write_json_atomic(step.dir / "result.json", {"status": "succeeded", "config_digest": runner.config_digest(step.cfg),
+                                                            "artifacts": {"adapter": "adapter"}})
+        assert pipeline_record.already_done(step) is not None
+        return step
+
+    step = finished_step("p")
     sh.rmtree(step.dir / "adapter")
     assert pipeline_record.already_done(step) is None
     (step.dir / "adapter").mkdir()
     (shared / "loghub_openssh_2k").mkdir()
-    (shared / "loghub_openssh_2k" / "OpenSSH_2k.log").write_text("Dec 10 06:55:46 LabSZ sshd[1]: Invalid user a from 1.2.3.4\n")
+    log = shared / "loghub_openssh_2k" / "OpenSSH_2k.log"
+    log.write_text("Dec 10 06:55:46 LabSZ sshd[1]: Invalid user a from 1.2.3.4\n")
     assert pipeline_record.already_done(step) is None  # its step.json and result.json still say "this config, succeeded"
+    # a user's file edited in place to the same size (a word replaced by another as long): other data too
+    step = finished_step("q")
+    size, mtime = log.stat().st_size, log.stat().st_mtime_ns
+    log.write_text(log.read_text().replace("Invalid user a", "Invalid user b"))
+    os.utime(log, ns=(mtime + 1_000_000_000, mtime + 1_000_000_000))  # a second later, as an edit is
+    assert log.stat().st_size == size and pipeline_record.already_done(step) is None
 
 
 def test_a_finished_step_whose_checkpoints_were_deleted_to_save_space_is_still_reused(tmp_path):

@@ -215,3 +215,8 @@ def test_a_pipeline_sweep_sorts_by_its_held_out_verdict_macro_f1(tmp_path):
     frame = build_report(make_sweep(tmp_path / "p", grid))
     assert frame.attrs["sort_by"] == "heldout_verdict_macro_f1" and not frame.attrs["ascending"]
     assert list(frame["job"]) == [1, 0]
+    # a contrastive sweep without validation: its attack success, lowest first (its first metric is measured before training)
+    grid = [(0, 4, "1e-4", {"causal_stability_start": 0.9, "attack_success_rate": 0.4}),
+            (1, 4, "2e-4", {"causal_stability_start": 0.9, "attack_success_rate": 0.2})]
+    frame = build_report(make_sweep(tmp_path / "c", grid))
+    assert frame.attrs["sort_by"] == "attack_success_rate" and frame.attrs["ascending"] and list(frame["job"]) == [1, 0]

@@ -159,9 +159,15 @@ def test_an_objective_the_stage_does_not_report_is_named_and_the_sweep_fails(tmp
     Optuna's 'No trials are completed yet' traceback, never naming the key."""
     proc = multirun(["hparams_search=sft_optuna", "stage=plan", "logger=none", "hydra.sweeper.n_trials=2", "sweep.objective=eval_los"],
                     tmp_path / "opt")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "sectune: error: sweep.objective=eval_los: this stage's result has no such number" in proc.stderr
-    assert "predicted_peak_bytes" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("sectune: 2 of 2 sweep jobs failed")
+    assert "predicted_peak_bytes" in proc.stderr
+    # the first trial that cannot be scored, with no trial ever scored, stops the sweep: the others would train for nothing
+    assert "no job of this sweep has reported sweep.objective=eval_los, so the sweep stops here" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "opt").iterdir() if p.is_dir()) == ["0"]
+    # and the trial is a failed one in its result.json (the report and sweep.skip_done's index agree), metrics kept
+    res = json.loads((tmp_path / "opt" / "0" / "result.json").read_text())
+    assert res["status"] == "failed" and res["error"].startswith("sweep.objective=eval_los") and "predicted_peak_bytes" in res["metrics"]
 
 
 def test_jobs_a_launcher_ran_in_other_processes_count_in_the_sweeps_exit_code(tmp_path, monkeypatch):

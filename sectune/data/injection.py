@@ -300,9 +300,9 @@ def injection_preference_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     """``dataset=injection_preferences``: per triplet, prompt = the injected input's prompt, chosen =
     ``injection_output`` (the correct analysis of the injected window), rejected = the analysis the
     injection demands (``attack_target``). Same splits as the triplets."""
-    out = {}
+    out, triplets = {}, {}
     for split, recs in triplet_splits(cfg).items():
-        pairs = []
+        pairs, triplets[split] = [], len(recs)
         for r in recs:
             if not r.get("attack_target"):
                 continue
@@ -319,7 +319,9 @@ def injection_preference_splits(cfg: DictConfig) -> dict[str, list[dict]]:
                           "kind": f"{r['injection_source']}_{r['injection_field']}", "window_id": r["window_id"], "label": r["label"]})
         out[split] = pairs
     if not out["train"]:
-        raise DataError(f"dataset={cfg.dataset.name}: no training pairs")
+        raise DataError(f"dataset={cfg.dataset.name}: no training pairs: none of the {triplets['train']} training triplets has an "
+                        "attack target to reject that differs from its expected answer (a prompt/answer file's triplets have one only "
+                        "with a templated injection: dataset.template_fraction > 0)")
     return out
 
 

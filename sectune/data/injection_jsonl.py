@@ -16,6 +16,7 @@ from sectune.data import SPLITS, split_windows
 from sectune.data.injection import FORMATS, GENERIC_TARGET, _pick_text, _read_jsonl, _texts_by_split, _with_prompts
 from sectune.data.jsonl import json_lines
 from sectune.data.log_edits import counterfactual_window
+from sectune.errors import ConfigError, DataError
 
 _TRIPLET_KEYS = ("benign", "benign_cf", "injection", "output")
 _ANSWER_KEYS = ("answer", "completion", "output", "response")
@@ -25,11 +26,11 @@ def _check_triplet(obj: dict) -> str | None:
     bad = [k for k in _TRIPLET_KEYS if not isinstance(obj.get(k), str) or not obj[k].strip()]
     if bad:
         return f"missing or non-string {', '.join(bad)} (each triplet needs {', '.join(_TRIPLET_KEYS)})"
-    for k in ("injection_output", "attack_target", "id"):
+    for k in ("injection_output", "attack_target"):
         if obj.get(k) is not None and not isinstance(obj[k], (str, int)):
             return f"{k} must be a string"
-    if obj.get("split") not in (None, *SPLITS):
-        return f"split={obj['split']!r}: choose {', '.join(SPLITS)}"
+    if _check_common(obj):
+        return _check_common(obj)
     if obj.get("format", "auth_log") not in FORMATS:
         return f"format={obj['format']!r}: choose {', '.join(FORMATS)}"
     if obj.get("format", "auth_log") == "auth_log":  # scored and turned into preference pairs as analyses
@@ -57,12 +58,21 @@ def _analysis_error(text: str) -> str | None:
     return None
 
 
+def _check_common(obj: dict) -> str | None:
+    """The optional keys both kinds of line share."""
+    if obj.get("id") is not None and (isinstance(obj["id"], bool) or not isinstance(obj["id"], (str, int))):
+        return "id must be a string or an integer"
+    if obj.get("split") not in (None, *SPLITS):
+        return f"split={obj['split']!r}: choose {', '.join(SPLITS)}"
+    return None
+
+
 def _check_prompt_answer(obj: dict) -> str | None:
     if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
         return "missing or non-string prompt"
-    if not any(isinstance(obj.get(k), str) for k in _ANSWER_KEYS):
-        return f"missing answer (one of {', '.join(_ANSWER_KEYS)} as a string)"
-    return None
+    if not any(isinstance(obj.get(k), str) and obj[k].strip() for k in _ANSWER_KEYS):
+        return f"missing or empty answer (one of {', '.join(_ANSWER_KEYS)} as a non-empty string)"
+    return _check_common(obj)
 
 
 def _verdict(text: str) -> str:
@@ -94,14 +104,20 @@ def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
         print(f"sectune: warning: skipped {len(skipped)} bad line(s) of {path} (first: {skipped[0]})")
     if d.max_samples is not None:
         objs = objs[: int(d.max_samples)]
-    group = lambda o: str(o.get("id") or hashlib.sha256(o["benign" if not generic else "prompt"].encode()).hexdigest()[:12])
-    unsplit = [o for o in objs if not o.get("split")]
-    where = split_windows(list(dict.fromkeys((group(o), _verdict(o.get("output") or "")) for o in unsplit)),
-                          float(d.val_fraction), float(d.test_fraction), int(d.split_seed)) if unsplit else {}
-    split_of = {g: s for s, gs in where.items() for g in gs}
+    # a line's window: its id (0 included), else its input
+    group = lambda o: str(o["id"]) if o.get("id") not in (None, "") else hashlib.sha256(o["benign" if not generic else "prompt"].encode()).hexdigest()[:12]
+    split_of = given_splits(path, objs, group)  # a window's lines are in one split: the one any of them names
+    unsplit = [o for o in objs if group(o) not in split_of]
+    try:
+        where = split_windows(list(dict.fromkeys((group(o), _verdict(o.get("output") or "")) for o in unsplit)),
+                              float(d.val_fraction), float(d.test_fraction), int(d.split_seed)) if unsplit else {}
+    except ConfigError as e:
+        raise DataError(f"{path}: {len(unsplit)} line(s) without a \"split\" (first: line {unsplit[0]['_line']}) are split by "
+                        f"dataset.val_fraction/test_fraction: {e}; give every line a split, or none") from None
+    split_of.update({g: s for s, gs in where.items() for g in gs})
     info = {"source": str(path), "skipped_lines": len(skipped), "skipped": skipped[:20], "cf_rejected": 0}
     if generic:
-        records, more = generic_triplets(cfg, objs, {group(o): o.get("split") or split_of[group(o)] for o in objs}, group)
+        records, more = generic_triplets(cfg, objs, split_of, group)
         info.update(more)
         return records, info
     records = []
@@ -109,7 +125,7 @@ def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
         g = group(o)
         target = o.get("attack_target")
         records.append(_with_prompts({
-            "id": str(o.get("id") or f"line{o['_line']}"), "window_id": g, "split": o.get("split") or split_of[g],
+            "id": str(o["id"]) if o.get("id") not in (None, "") else f"line{o['_line']}", "window_id": g, "split": split_of[g],
             "format": o.get("format", "auth_log"), "label": _verdict(o["output"]),
             "benign": o["benign"], "benign_cf": o["benign_cf"], "injection": o["injection"], "output": o["output"],
             "injection_output": o.get("injection_output") or o["output"], "attack_target": None if target is None else str(target),
@@ -117,6 +133,22 @@ def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
             "injection_source": "user",
         }))
     return records, info
+
+
+def given_splits(path: Path, objs: list[dict], group) -> dict[str, str]:
+    """``{window: split}`` of the windows whose lines name a split; two lines of one window (one ``id``, or one
+    input) naming different splits are an error naming both lines (the last one had decided for all of them, so
+    lines marked train went to test, or a window sat in two splits)."""
+    out: dict[str, tuple[str, int]] = {}
+    for o in objs:
+        if not o.get("split"):
+            continue
+        g, here = group(o), (o["split"], o["_line"])
+        if g in out and out[g][0] != here[0]:
+            raise DataError(f"{path}: line {out[g][1]} puts window {g!r} in {out[g][0]} and line {here[1]} in {here[0]}: the "
+                            "lines of one window (one id, or one input) must share a split")
+        out.setdefault(g, here)
+    return {g: s for g, (s, _) in out.items()}
 
 
 def generic_triplets(cfg: DictConfig, objs: list[dict], split_of: dict[str, str], group) -> tuple[list[dict], dict]:
@@ -134,7 +166,7 @@ def generic_triplets(cfg: DictConfig, objs: list[dict], split_of: dict[str, str]
         source, text = _pick_text(pools[split_of[g]], float(d.template_fraction), rng)
         planted = text.replace("{target}", GENERIC_TARGET)
         records.append(_with_prompts({
-            "id": str(o.get("id") or f"line{o['_line']}"), "window_id": g, "split": split_of[g], "format": "prompt",
+            "id": str(o["id"]) if o.get("id") not in (None, "") else f"line{o['_line']}", "window_id": g, "split": split_of[g], "format": "prompt",
             "label": str(o.get("label") or ""), "benign": o["prompt"], "benign_cf": counterfactual_window(o["prompt"], rng),
             "injection": f"{o['prompt'].rstrip()}\n{planted}\n", "output": answer, "injection_output": answer,
             "attack_target": GENERIC_TARGET if source == "template" else None, "injection_text": planted,

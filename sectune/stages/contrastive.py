@@ -47,7 +47,8 @@ def run(ctx: RunContext) -> dict:
     check_config(cfg)
 
     # 1. data: the three inputs rendered as the analyst's prompts
-    records = load_triplets(cfg)
+    loaded = load_triplets(cfg)
+    records, data_info = (loaded.splits, loaded.info) if hasattr(loaded, "splits") else (loaded, {})
     if cfg.debug.enabled:
         records = {k: v[: int(cfg.debug.max_samples)] for k, v in records.items()}
     splits = {k: [triplet_prompts(r) for r in v] for k, v in records.items()}
@@ -79,7 +80,8 @@ def run(ctx: RunContext) -> dict:
         rows[name], n = CT.encode_triplets(tokenizer, recs, max_len)
         cut += n
     if cut:
-        print(f"sectune: warning: {cut} triplets exceed model.max_seq_length={max_len} tokens and were cut")
+        print(f"sectune: warning: {cut} triplets exceed model.max_seq_length={max_len} tokens: their prompts are cut in the "
+              "middle (start and end kept, so an injection at either end stays) and the benign answer at its end")
 
     # 3. trainer; the held-out metrics before training
     trainer = build_trainer(cfg, model, tokenizer, rows["train"], rows["validation"], run_dir / "checkpoints")
@@ -103,7 +105,7 @@ def run(ctx: RunContext) -> dict:
             raise
         raise CT.NonFiniteLossError(f"stage=contrastive: autograd anomaly detection found NaN at step {trainer.state.global_step + 1}: "
                                     f"{str(e).splitlines()[0]}; last good checkpoint: {checkpoints.latest_checkpoint(run_dir / 'checkpoints')}. "
-                                    f"What to try (seed 002): {CT.NAN_ADVICE}") from None
+                                    f"What to try (seed 002): {CT.nan_advice(True)}") from None
     finally:
         engine.write_history(run_dir / "train_history.json", trainer)
 
@@ -115,7 +117,8 @@ def run(ctx: RunContext) -> dict:
     metrics = {**ctx.partial_metrics, **end, "heldout_triplets": len(held_out), "heldout_split": held_name,
                "train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total, "truncated_triplets": cut,
-               "quantized_modules": modeling.quantized_module_count(model), "fresh_start": int(not cfg.contrastive.init_from)}
+               "quantized_modules": modeling.quantized_module_count(model), "fresh_start": int(not cfg.contrastive.init_from),
+               "skipped_lines": int(data_info.get("skipped_lines", 0))}  # dataset.skip_bad_lines: in result.json, not only said
     metrics["early_stopped"] = int(0 < trainer.state.global_step < trainer.state.max_steps)
     if trainer.state.best_metric is not None:
         metrics[f"best_eval_{cfg.contrastive.early_stopping.metric}"] = trainer.state.best_metric
@@ -142,8 +145,11 @@ def run(ctx: RunContext) -> dict:
     print(f"sectune: done · {name} at {run_dir / name} · {held_name} causal discrimination "
           f"{metrics['causal_discrimination_start']:.4f} → {metrics['causal_discrimination']:.4f} · {metrics['train_steps']} steps")
     if attack:
-        print(f"sectune: attack success {metrics['attack_success_rate_start']:.3f} → {metrics['attack_success_rate']:.3f} · clean verdict "
-              f"accuracy {metrics['clean_verdict_accuracy_start']:.3f} → {metrics['clean_verdict_accuracy']:.3f} ({len(attacked)} {held_name} windows)")
+        from sectune.injection_eval import accuracy_name
+
+        print(f"sectune: attack success {metrics['attack_success_rate_start']:.3f} → {metrics['attack_success_rate']:.3f} · clean "
+              f"{accuracy_name(attacked)} {metrics['clean_verdict_accuracy_start']:.3f} → {metrics['clean_verdict_accuracy']:.3f} "
+              f"({len(attacked)} {held_name} windows)")
     return {"metrics": metrics, "artifacts": artifacts}
 
 
@@ -168,11 +174,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"{', '.join(f'loss.{key}' for key in weights)}: all 0, so nothing trains; weight at least one")
 
 
-def load_triplets(cfg: DictConfig) -> dict[str, list[dict]]:
-    """The dataset's triplet splits (``sectune.data.injection``)."""
-    from sectune.data.injection import triplet_splits
+def load_triplets(cfg: DictConfig):
+    """The dataset's triplets (``sectune.data.injection.TripletData``: ``splits`` and ``info``, e.g. skipped lines)."""
+    from sectune.data.injection import triplet_data
 
-    return triplet_splits(cfg)
+    return triplet_data(cfg)
 
 
 def triplet_prompts(rec: dict) -> dict:
@@ -226,7 +232,7 @@ def attack_eval(cfg: DictConfig, model, tokenizer, records: list[dict], split: s
     """The attack on the held-out injected windows with the model as it is now (``sectune.injection_eval``:
     stage=infer's generation, greedy by default), and the same windows clean."""
     from sectune.injection_eval import attack_eval as generate_and_score
-    from sectune.injection_eval import rate, schema_constraint
+    from sectune.injection_eval import accuracy_name, rate, schema_constraint
 
     # infer.constrained: schema-constrained decoding, as stage=evaluate scores it (it was ignored here)
     constraint = schema_constraint(cfg, model, tokenizer) if cfg.infer.constrained else None
@@ -234,7 +240,7 @@ def attack_eval(cfg: DictConfig, model, tokenizer, records: list[dict], split: s
     metrics, windows = generate_and_score(model, tokenizer, records, cfg.generation, int(cfg.evaluate.batch_size), constraint=constraint)
     metrics["constrained"] = int(constraint is not None)
     print(f"sectune: {when} training, attack success {metrics['attack_success_rate']:.3f} · targeted "
-          f"{rate(metrics['targeted_attack_success_rate'])} · clean verdict accuracy {metrics['clean_verdict_accuracy']:.3f} "
+          f"{rate(metrics['targeted_attack_success_rate'])} · clean {accuracy_name(records)} {metrics['clean_verdict_accuracy']:.3f} "
           f"({len(records)} {split} windows, {metrics['generation_s']:.0f}s)")
     return metrics, windows
 

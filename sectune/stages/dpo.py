@@ -71,7 +71,8 @@ def run(ctx: RunContext) -> dict:
     if not heldout:
         print("sectune: warning: no validation or test pairs (dataset.val_fraction/test_fraction are 0): no held-out preference accuracy")
     elif not test_pairs:
-        print("sectune: warning: no test pairs (dataset.test_fraction=0): the held-out numbers are on the validation pairs")
+        print("sectune: warning: no test pairs (dataset.test_fraction=0, or no test example made a pair: an injection triplet "
+              "makes one only with an attack target): the held-out numbers are on the validation pairs")
 
     # 3. trainer
     callbacks = [*engine.fail_callbacks(cfg)]

@@ -493,3 +493,17 @@ def test_a_loss_or_dataset_choice_for_the_whole_pipeline_is_refused_not_dropped(
     with pytest.raises(ConfigError, match=r"^dataset=hdfs: .*pipeline.dataset.sft=hdfs"):
         pipeline.step_overrides_base(["dataset=hdfs", "train.max_steps=2"])
     assert pipeline.step_overrides_base(["loss.beta=0.3", "dataset.max_samples=4"]) == ["loss.beta=0.3", "dataset.max_samples=4"]
+
+
+def test_a_pipeline_step_in_a_sweep_is_not_scored_by_the_sweeps_objective(tmp_path, monkeypatch):
+    """sweep.objective names the pipeline's number (heldout_verdict_macro_f1); each step's result lacks it, and every
+    step was failed as an unscorable trial."""
+    from sectune import sweeps
+    from sectune.stages import pipeline
+
+    monkeypatch.setattr(sweeps, "in_multirun", lambda: True)
+    over = ["stage=plan", "sweep.objective=heldout_verdict_macro_f1", "logger=none"]
+    step = pipeline.Step("plan", tmp_path / "p" / "plan", compose(over), over)
+    step.dir.mkdir(parents=True)
+    assert pipeline.run_step(step) == 0
+    assert json.loads((step.dir / "result.json").read_text())["status"] == "succeeded"

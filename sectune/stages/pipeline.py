@@ -349,6 +349,8 @@ def run_step(step: Step) -> int:
     from sectune import engine
 
     engine.reset_peak_rss()  # each step's peak RSS is its own
+    with open_dict(step.cfg):  # in a sweep the trial is the pipeline (its result scores it), not each of its steps
+        step.cfg.sweep.objective = None
     try:
         code, _ = runner.run(step.cfg, step.dir)
     finally:

@@ -45,7 +45,7 @@ NONE = "<none>"  # the verdict of an output with no parseable verdict
 
 # ------------------------------------------------------------------------------ windows
 #: how the table is computed; 2: the best policy chosen on the validation windows (1: on the test windows);
-#: 3: its difference to TF-IDF + LR with a paired bootstrap interval
+#: 3: paired bootstrap intervals of the best policy vs TF-IDF + LR and of each trained policy vs SFT
 TABLE_PROTOCOL = 3
 
 
@@ -374,6 +374,7 @@ def build_table(
         rows.insert(rows.index(baseline) + 1, gen_row)
         scores[gen_row.name] = score(gen_row, test)
     bar = scores[baseline.name]["verdict_macro_f1"]
+    sft = next((p for p in rows if p.step == "sft" and is_trained_policy(p)), None)
     for r in rows:
         if r is not baseline and r.kind != "rules":
             diff = scores[r.name]["verdict_macro_f1"] - bar
@@ -382,6 +383,9 @@ def build_table(
         if best is not None and r.kind == "policy" and r.step == best.step:  # the bar's claim with its noise (uncertainty.py)
             ci = paired_bootstrap_diff([w.label for w in test], r.verdicts, baseline.verdicts, CLASSES, seed=int(eval_cfg.train.seed))
             scores[r.name].update(vs_tfidf_lr_ci95=[ci["ci_low"], ci["ci_high"]], vs_tfidf_lr_share_not_above=ci["share_not_above"])
+        if sft is not None and is_trained_policy(r) and r is not sft:  # what GRPO / DPO added to the SFT policy, with its noise
+            ci = paired_bootstrap_diff([w.label for w in test], r.verdicts, sft.verdicts, CLASSES, seed=int(eval_cfg.train.seed))
+            scores[r.name].update(vs_sft_diff=ci["diff"], vs_sft_ci95=[ci["ci_low"], ci["ci_high"]])
     by_source = {r.name: score_by_source(r, test) for r in rows}
 
     metrics = table_metrics(rows, scores, best, baseline)
@@ -447,6 +451,9 @@ def table_metrics(rows: list[Row], scores: dict, best: Row | None, baseline: Row
             s = scores[r.name]
             for k in ("verdict_macro_f1", "verdict_accuracy", "field_f1", "json_valid_rate", "schema_valid_rate", "analyses_per_s"):
                 m[f"{prefix}_{k}"] = s[k]
+            if "vs_sft_ci95" in s:  # e.g. rl_vs_sft_verdict_macro_f1 and its 95% interval
+                m[f"{prefix}_vs_sft_verdict_macro_f1"] = s["vs_sft_diff"]
+                m[f"{prefix}_vs_sft_ci95_low"], m[f"{prefix}_vs_sft_ci95_high"] = s["vs_sft_ci95"]
         elif r.kind == "rules":
             m["rules_verdict_macro_f1"] = scores[r.name]["verdict_macro_f1"]
         elif r is not baseline:

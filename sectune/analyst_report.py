@@ -66,6 +66,10 @@ def render_markdown(table: dict) -> str:
                    f"(paired bootstrap over these {n} windows; {100 * r['vs_tfidf_lr_share_not_above']:.0f}% of resamples not above "
                    "the bar): " + ("above it beyond the noise." if lo > 0 else "below it beyond the noise." if hi < 0
                                    else "within the noise of this many windows."))
+    for r in rows:
+        if r.get("vs_sft_ci95"):
+            lo, hi = r["vs_sft_ci95"]
+            out.append(f"{r['name']} against SFT: {r['vs_sft_diff']:+.3f} verdict macro-F1, 95% CI {lo:+.3f} … {hi:+.3f}.")
     if losers:
         out.append(f"Rows that lose to TF-IDF + LR on verdict macro-F1: {', '.join(losers)}.")
     else:

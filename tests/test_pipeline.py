@@ -231,6 +231,11 @@ def test_failed_rl_step_then_rerun_continues_without_retraining(tmp_path):
     lo, hi = best["vs_tfidf_lr_ci95"]
     assert lo <= best["vs_tfidf_lr_diff"] <= hi and (m["heldout_vs_baseline_ci95_low"], m["heldout_vs_baseline_ci95_high"]) == (lo, hi)
     assert f"{best['name']} against TF-IDF + LR: {best['vs_tfidf_lr_diff']:+.3f} verdict macro-F1, 95% CI {lo:+.3f}" in report
+    # and what GRPO added to the SFT policy (the SFT+GRPO >= SFT), with its interval
+    rl = next(r for r in table["rows"] if r["step"] == "rl" and not r["constrained"])
+    sft = next(r for r in table["rows"] if r["step"] == "sft")
+    assert rl["vs_sft_diff"] == pytest.approx(rl["verdict_macro_f1"] - sft["verdict_macro_f1"]) and m["rl_vs_sft_verdict_macro_f1"] == rl["vs_sft_diff"]
+    assert m["rl_vs_sft_ci95_low"] <= rl["vs_sft_diff"] <= m["rl_vs_sft_ci95_high"] and "SFT+GRPO against SFT: " in report
 
     again = run(args, run_dir)  # nothing left to do: every step skipped, the table reused
     assert again.returncode == 0, again.stderr[-2000:]

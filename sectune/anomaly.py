@@ -197,7 +197,16 @@ def _run_config(cfg, choice, model_dir: Path):
     if OmegaConf.select(run_cfg, "dataset.name") != "hdfs":
         raise ConfigError(f"evaluate.model_dir={model_dir}: that run trained on dataset={OmegaConf.select(run_cfg, 'dataset.name')}, not hdfs")
     merged = OmegaConf.merge(cfg, OmegaConf.masked_copy(run_cfg, ["dataset", "model", "quantization", "lora"]))
-    keys = ("path", "max_samples", "val_fraction", "test_fraction", "split_seed", "hdfs_layout", "log_parser", "num_log_keys")
+    where = lambda p: str(Path(str(p)).expanduser().resolve()) if p else None  # noqa: E731
+    if cfg.dataset.path and where(cfg.dataset.path) != where(run_cfg.dataset.path):
+        # other logs: scored on their own split (g and the threshold chosen on its validation sessions, test reported),
+        # read as this command says; the model and its key vocabulary stay the trained run's
+        for k in ("path", "hdfs_layout", "log_parser", "skip_bad_lines"):
+            merged.dataset[k] = cfg.dataset[k]
+        trained_on = run_cfg.dataset.path or "the shipped sessions"
+        print(f"sectune: note: scoring {cfg.dataset.path}, not the logs this run trained on ({trained_on}): its own validation "
+              "sessions choose g and the threshold, its test sessions are reported")
+    keys = ("max_samples", "val_fraction", "test_fraction", "split_seed", "num_log_keys")
     differ = [f"dataset.{k}={cfg.dataset[k]} (trained: {run_cfg.dataset[k]})" for k in keys if cfg.dataset[k] != run_cfg.dataset[k]]
     if differ:
         print(f"sectune: note: using the trained run's split settings, not this run's {', '.join(differ)}")

@@ -156,8 +156,8 @@ def check_settings_in_effect(cfg, need) -> None:
     need(not cfg.debug.enabled or cfg.stage.name in ("contrastive", "pipeline"), "debug.enabled", True,
          f"only stage=contrastive has a debug mode (stage={cfg.stage.name} would ignore it)")
     need(not cfg.evaluate.data_path or cfg.dataset.name not in ("hdfs", "injection_triplets"), "evaluate.data_path",
-         cfg.evaluate.data_path, f"scores a classify run on a new labelled file; dataset={cfg.dataset.name} evaluates its own "
-         "split (give the new file as dataset.path)")
+         cfg.evaluate.data_path, f"scores a classify run on a new labelled file; with dataset={cfg.dataset.name} give the new "
+         "file as dataset.path (scored on its own validation/test split)")
     need(cfg.stage.name != "federated" or cfg.train.resume in (None, "", "no"), "train.resume", cfg.train.resume,
          "stage=federated does not resume (a rerun starts from round 0: its rounds keep no Trainer checkpoints)")
 

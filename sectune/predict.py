@@ -165,6 +165,7 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
 
 class Predictor:
     def __init__(self, model, tokenizer, meta: dict, normalizer=None, batch_size: int = 32, members=None):
+        self.last_imputed: List[List[str]] = []  # per flow of the last flow_prompts call: features not given as numbers
         self.model, self.tokenizer, self.meta = model, tokenizer, meta
         #: ``(model, adapter_name)`` pairs whose mean probability is the prediction (one unless
         #: the run trained ``classify.folds`` members)
@@ -226,6 +227,8 @@ class Predictor:
             raise DataError(f"{source}: missing feature column(s): {', '.join(map(repr, missing))}")
         X = frame[features].apply(pd.to_numeric, errors="coerce").astype("float64")
         X = X.where(np.isfinite(X))  # non-numeric / inf → NaN → train-median imputation
+        # which features each flow did not give as a finite number (a result says so: "fast" or None scored as the median)
+        self.last_imputed = [[c for c, bad in zip(features, row) if bad] for row in X.isna().to_numpy().tolist()]
         Z = self.normalizer.transform(X)
         sep, fmt = self.meta.get("feature_sep", "; "), self.meta.get("feature_format", "{name}={value}")
         return [render_flow(z, features, self.meta["template"], self.meta["precision"], sep, fmt) for z in Z.to_dict("records")]
@@ -233,11 +236,15 @@ class Predictor:
     # ------------------------------------------------------------------ public
 
     def predict_flows(self, flows: Sequence[Mapping]) -> List[Dict]:
+        """Each flow's ``{"label", "scores", "imputed_features"}``: the features it did not give as a finite number
+        (missing, None, text, inf), scored at the training median."""
+        if not flows:
+            return []
         prompts = self.flow_prompts(pd.DataFrame(list(flows)), source="flow")
-        return self._results(*self._score_prompts(prompts))
+        return [{**r, "imputed_features": imp} for r, imp in zip(self._results(*self._score_prompts(prompts)), self.last_imputed)]
 
     def predict_flow(self, flow: Mapping) -> Dict:
-        """One flow ``{feature: value}`` → ``{"label", "scores": {label: prob}}``."""
+        """One flow ``{feature: value}`` → ``{"label", "scores": {label: prob}, "imputed_features": [...]}``."""
         return self.predict_flows([flow])[0]
 
     def predict_texts(self, texts: Sequence[str]) -> List[Dict]:
@@ -266,6 +273,8 @@ class Predictor:
             probs, preds = self._score_prompts([render_text(self.meta["template"], str(t)) for t in df[col]])
         out = df.copy()
         out["predicted_label"] = preds
+        if self.meta["format"] == "flows":  # the features a row did not give as a finite number (scored at the train median)
+            out["imputed_features"] = [";".join(imp) for imp in self.last_imputed]
         for k, lab in enumerate(self.labels):
             out[f"score_{lab}"] = probs[:, k] if len(preds) else []
         out_path = Path(out_path)

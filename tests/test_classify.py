@@ -155,6 +155,18 @@ def test_rows_repeated_across_splits_are_counted_and_said(tmp_path, capsys):
     p.write_text("text,label\n" + "".join(f"flow {i} syn,{'ddos' if i % 2 else 'benign'}\n" for i in range(40)))
     build_labelled_data(_cfg(name="text_label_csv", path=str(p)))
     assert "repeat a training row" not in capsys.readouterr().out
+    # a flow CSV of rows repeated 3 times: its flows are compared by their raw feature values (they were not at all)
+    import pandas as pd
+
+    from sectune.data.synthetic_flows import generate_cic_iot_46
+
+    flows = generate_cic_iot_46(34 * 6, seed=0, path=tmp_path / "flows.csv")
+    build_labelled_data(_cfg(name="cic_iot_2023", path=str(flows), granularity="family"))
+    assert "repeat a training row" not in capsys.readouterr().out
+    pd.concat([pd.read_csv(flows)] * 3).to_csv(tmp_path / "dup_flows.csv", index=False)
+    data = build_labelled_data(_cfg(name="cic_iot_2023", path=str(tmp_path / "dup_flows.csv"), granularity="family"))
+    out = capsys.readouterr().out
+    assert "repeat a training row's feature values exactly" in out and f"of {len(data.splits['test'])} test and" in out
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -255,6 +267,10 @@ def test_evaluate_rebuilds_run_and_predictor_agrees(cic_run, tmp_path):
     assert [o["label"] for o in out] == [r["pred"] for r in rows]
     one = pred.predict_flow(test[0]["features"])
     assert one["label"] == rows[0]["pred"] and sum(one["scores"].values()) == pytest.approx(1.0)
+    assert one["imputed_features"] == [] and pred.predict_flows([]) == []
+    # a value that is no finite number is scored at the training median, and the result says which
+    odd = pred.predict_flow({**test[0]["features"], "Rate": "fast", "IAT": None, "Std": float("inf")})
+    assert sorted(odd["imputed_features"]) == ["IAT", "Rate", "Std"]
     # CSV in → CSV with predicted_label + per-class scores
     import pandas as pd
 
@@ -263,6 +279,7 @@ def test_evaluate_rebuilds_run_and_predictor_agrees(cic_run, tmp_path):
     df = pred.predict_csv(src, tmp_path / "pred.csv")
     assert list(df["predicted_label"]) == [r["pred"] for r in rows[:10]]
     assert {f"score_{lab}" for lab in pred.labels} <= set(pd.read_csv(tmp_path / "pred.csv").columns)
+    assert (df["imputed_features"] == "").all()
     # missing features are named
     bad = dict(test[0]["features"])
     del bad["Rate"]

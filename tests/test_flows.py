@@ -134,6 +134,17 @@ def test_impute_policy_counts_and_uses_train_median(tmp_path):
             assert "nan" not in r["text"] and "inf" not in r["text"]
 
 
+def test_a_feature_column_with_no_number_in_any_row_is_an_error_naming_it(tmp_path):
+    """A text or mis-mapped column ('fast' in every row) was imputed to one value and trained on without a word."""
+    p = small_csv(tmp_path / "text_col.csv")
+    df = pd.read_csv(p).astype({"b": object})
+    df["b"] = "fast"
+    df.to_csv(p, index=False)
+    with pytest.raises(DataError, match=r"text_col.csv: feature column 'b' holds no finite number in any of its 60 rows "
+                                        r"\(first value: 'fast'\): a text or mis-mapped column\? \(dataset.features\)"):
+        load_flows(p, ["a", "b"], "label", "family", nan_policy="impute")
+
+
 def test_drop_policy_counts(tmp_path):
     t = load_flows(dirty_csv(tmp_path), ["a", "b"], "label", "family", nan_policy="drop")
     assert t.cleaning["rows_dropped"] == 4 and len(t) == 56

@@ -170,6 +170,11 @@ def load_flows(path, features: Sequence[str], label_column: str, granularity: st
         if bad_text + n_nan + n_inf:
             per_column[col] = bad_text + n_nan + n_inf
         X[col] = num
+    empty = [c for c in features if len(X) and X[c].isna().all()]
+    if empty:  # imputed to one value everywhere, the column trained as if it held data (a text or mis-mapped column)
+        raise DataError(f"{path}: feature column {empty[0]!r} holds no finite number in any of its {len(X)} rows (first value: "
+                        f"{df[empty[0]].iloc[0]!r}){f'; also {empty[1:]}' if len(empty) > 1 else ''}: a text or mis-mapped column? "
+                        "(dataset.features)")
     bad_rows = X.isna().any(axis=1)
     cleaning: Dict[str, object] = {
         "policy": nan_policy, "rows_read": rows_read, "rows_without_label": int(no_label.sum()),

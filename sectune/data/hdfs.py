@@ -86,7 +86,7 @@ def read_key_sessions(path: Path, label: int, num_keys: int, skip_bad: bool = Fa
         if not parts:
             problem = "empty session line (a session needs at least one key)"
         else:
-            bad = next((p for p in parts if not p.isdigit()), None)
+            bad = next((p for p in parts if not (p.isascii() and p.isdigit())), None)  # '²' is a digit to str.isdigit
             if bad is not None:
                 problem = f"{bad!r} is not a log key (integers 1..{num_keys})"
             else:
@@ -216,11 +216,17 @@ def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False) -> t
         for b in blocks:
             sessions.setdefault(b, []).append(key)
     label_of: dict[str, int] = {}
+    line_of: dict[str, int] = {}
     for n, row in _csv_rows(labels_path, ("BlockId", "Label")):
         lab = (row.get("Label") or "").strip()
         if lab not in ("Normal", "Anomaly"):
             raise DataError(f"{labels_path}:{n}: Label {lab!r} (expected Normal or Anomaly)")
-        label_of[(row.get("BlockId") or "").strip()] = ANOMALOUS if lab == "Anomaly" else NORMAL
+        block, label = (row.get("BlockId") or "").strip(), ANOMALOUS if lab == "Anomaly" else NORMAL
+        if label_of.get(block, label) != label:  # the last row had won silently
+            raise DataError(f"{labels_path}:{n}: block {block} is {lab} here and {'Normal' if lab == 'Anomaly' else 'Anomaly'} on line "
+                            f"{line_of[block]}: one label per block")
+        label_of[block] = label
+        line_of.setdefault(block, n)
     missing = [b for b in sessions if b not in label_of]
     if missing:
         raise DataError(f"{labels_path}: no label for block {missing[0]} of {log_path.name} ({len(missing)} blocks unlabelled)")
@@ -254,8 +260,10 @@ def split_sessions(normal: list[Session], anomalous: list[Session], val_fraction
         if not recs:
             raise DataError(f"{source or 'dataset=hdfs'}: the {name} split is empty ({len(normal)} normal, {len(anomalous)} anomalous "
                             f"sessions; val_fraction={val_fraction}, test_fraction={test_fraction})")
-    if not any(s.label == ANOMALOUS for s in splits["validation"]):
-        raise DataError(f"{source or 'dataset=hdfs'}: no anomalous session in the validation split; the threshold cannot be chosen")
+    for name, why in (("validation", "the threshold cannot be chosen"), ("test", "the test F1 and ROC-AUC are undefined")):
+        if not any(s.label == ANOMALOUS for s in splits[name]):  # test had none when every anomaly went to validation
+            raise DataError(f"{source or 'dataset=hdfs'}: no anomalous session in the {name} split ({len(anomalous)} anomalous "
+                            f"sessions in all; val_fraction={val_fraction}, test_fraction={test_fraction}); {why}")
     train_seqs = {s.keys for s in splits["train"]}
     info = {"split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction, "max_samples": max_samples}
     for name, recs in splits.items():
@@ -281,9 +289,12 @@ def source_folder(cfg) -> tuple[Path, str, bool]:
         if not p.exists():
             raise DataError(f"dataset.path={d.path}: no such file or folder")
         folder = p.parent if p.is_file() else p
-        found = "deeplog" if (folder / NORMAL_FILE).is_file() else "loghub" if list(folder.glob("*_block_labels.csv")) else None
+        has = {"deeplog": (folder / NORMAL_FILE).is_file(),
+               "loghub": bool(list(folder.glob("*_block_labels.csv")) or (folder / "anomaly_label.csv").is_file())}
+        found = layout if has[layout] else next((k for k, v in has.items() if v), None)  # both there: dataset.hdfs_layout's
         if found is None:
-            raise DataError(f"{folder}: neither DeepLog sessions ({NORMAL_FILE}, {ANOMALOUS_FILE}) nor a loghub HDFS folder (*.log + *_block_labels.csv)")
+            raise DataError(f"{folder}: neither DeepLog sessions ({NORMAL_FILE}, {ANOMALOUS_FILE}) nor a loghub HDFS folder "
+                            "(*.log + *_block_labels.csv or anomaly_label.csv)")
         return folder, found, False
     folder = Path(str(d.source_dir)) / (DEEPLOG_DIR if layout == "deeplog" else LOGHUB_DIR)
     if (folder / NORMAL_FILE).is_file() or (layout == "loghub" and folder.is_dir()):

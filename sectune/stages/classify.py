@@ -43,6 +43,9 @@ def run(ctx: RunContext) -> dict:
           f"{n['test']} test rows, {len(data.labels)} labels")
     if data.cleaning:
         print(f"sectune: cleaning ({cfg.dataset.nan_policy}): {json.dumps({k: v for k, v in data.cleaning.items() if k != 'bad_cells_by_column'})}")
+        worst = sorted((data.cleaning.get("bad_cells_by_column") or {}).items(), key=lambda kv: -kv[1])[:5]
+        if worst:  # which columns they were in (a mis-mapped column shows here first)
+            print(f"sectune: cleaning: bad cells by column (most first): {', '.join(f'{c} {n}' for c, n in worst)}")
     # what the data can refuse (no validation rows, too few rows of a label for the folds, a class weight for no label),
     # before a file is written
     if not data.splits["validation"] and folds <= 1:  # k folds choose on their out-of-fold rows instead

@@ -122,7 +122,9 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
     steps = [compose_step(cfg, base, name, run_dir, names) for name in names]
     table_on = bool(cfg.pipeline.heldout_table) and any(n in ("sft", "rl", "dpo", "infer") for n in names)
     by_name = {s.name: s for s in steps}
-    eval_cfg = by_name["infer"].cfg if "infer" in by_name else compose_step(cfg, base, "infer", run_dir, names).cfg
+    # the held-out table's config (the infer step's): composed only when the table is made (+experiment=hdfs_detect has
+    # none, and its dataset.skip_bad_lines was refused by an infer step that never runs)
+    eval_cfg = by_name["infer"].cfg if "infer" in by_name else compose_step(cfg, base, "infer", run_dir, names).cfg if table_on else None
     test_windows = None
     if table_on or "infer" in by_name:
         test_windows = check_held_out(steps, eval_cfg, cfg.pipeline.heldout_max_windows)

@@ -61,8 +61,9 @@ def run(ctx: RunContext) -> dict:
         data.splits[split] = S.external_records(data, run_cfg, ev.data_path)
         dup = {r["text"] for r in data.splits["train"]} & {r["text"] for r in data.splits[split]}
         if dup:
-            print(f"sectune: warning: {len(dup)} distinct row(s) of {ev.data_path} are training rows of this run (the same "
-                  "rendered text): their scores measure memory", file=sys.stderr)
+            print(f"sectune: warning: {len(dup)} distinct row(s) of {ev.data_path} render to the same prompt as a training row "
+                  "of this run (for flows: values normalised and binned alike, though the raw rows may differ): the model sees "
+                  "inputs it trained on, so their scores partly measure memory", file=sys.stderr)
 
     predictor = Predictor.from_run(model_dir, batch_size=ev.batch_size, device=cfg.train.device)
     recs = data.splits[split]

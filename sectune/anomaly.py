@@ -239,6 +239,11 @@ def evaluate_hdfs(ctx) -> dict:
     prompt_ids, cand_ids = key_token_ids(tokenizer, data.num_keys, str(run_cfg.dataset.prompt_template or DEFAULT_PROMPT))
     print(f"sectune: evaluate: {len(val)} validation / {len(test)} test sessions ({int(test_y.sum())} anomalous), "
           f"{choice.describe(model_ref)}; g and threshold chosen on validation")
+    limit = int(run_cfg.model.max_seq_length)  # a session is the prompt, one token per key and the end: training cut it here
+    long = sum(len(prompt_ids) + len(s.keys) + 1 > limit for s in val + test)
+    if long:
+        print(f"sectune: warning: {long} of {len(val) + len(test)} validation/test sessions are longer than model.max_seq_length="
+              f"{limit} tokens, which training cut them to; they are scored whole, at positions the model never trained on")
 
     def lm(uniq):
         return lm_logprobs(model, uniq, prompt_ids, cand_ids, batch_size=int(ev.batch_size), pad_id=int(tokenizer.pad_token_id or 0))

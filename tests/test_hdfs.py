@@ -93,7 +93,12 @@ def test_a_test_split_without_anomalies_is_an_error_not_a_run_scored_nan(tmp_pat
     write_sessions(tmp_path, [f"5 5 22 {k}" for k in range(1, 29)] * 2, ["5 22"])
     with pytest.raises(DataError, match=r"no anomalous session in the test split \(1 anomalous sessions in all; val_fraction=0.3, "
                                         r"test_fraction=0.1\); the test F1 and ROC-AUC are undefined"):
-        hdfs.load_hdfs(hdfs_cfg(tmp_path, "dataset.val_fraction=0.3", "dataset.test_fraction=0.1"))
+        hdfs.load_hdfs(hdfs_cfg(tmp_path, "stage=evaluate", "dataset.val_fraction=0.3", "dataset.test_fraction=0.1"))
+    # training needs normal sessions only: stage=sft takes the same data (and normal-only data) as it is
+    data = hdfs.load_hdfs(hdfs_cfg(tmp_path, "stage=sft", "dataset.val_fraction=0.3", "dataset.test_fraction=0.1"))
+    assert data.info["test_anomalous"] == 0 and data.info["train_anomalous"] == 0 and data.info["train_normal"] > 0
+    write_sessions(tmp_path, [f"5 5 22 {k}" for k in range(1, 29)] * 2, [])
+    assert hdfs.load_hdfs(hdfs_cfg(tmp_path, "stage=sft")).info["validation_anomalous"] == 0
 
 
 def _loghub(folder: Path, labels: str, name: str = "x_block_labels.csv") -> Path:
@@ -296,3 +301,15 @@ def test_evaluate_scores_other_logs_given_as_dataset_path_on_their_own_split(tmp
     assert other.dataset.path == str(new) and other.dataset.split_seed == 3  # the new logs, split as the run split its own
     said = capsys.readouterr().out
     assert f"scoring {new}, not the logs this run trained on ({old})" in said and "dataset.split_seed=9 (trained: 3)" in said
+
+
+def test_evaluate_warns_when_sessions_are_longer_than_training_cut_them(tmp_path):
+    """Sessions past model.max_seq_length were cut in training and scored whole at evaluate, without a word."""
+    from sectune.data.synthetic_hdfs import write_deeplog_files
+
+    data = write_deeplog_files(tmp_path / "hdfs", n_normal=200, n_anomalous=100, seed=2)
+    run = sectune(["+experiment=hdfs_detect", "logger=none", f"dataset.path={data}", f"paths.cache_dir={tmp_path / 'cache'}",
+                   "model.max_seq_length=16", "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2"],
+                  tmp_path / "run", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "validation/test sessions are longer than model.max_seq_length=16 tokens, which training cut them to" in run.stdout

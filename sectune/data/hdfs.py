@@ -237,8 +237,10 @@ def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False) -> t
 
 # ------------------------------------------------------------------------------ splits
 def split_sessions(normal: list[Session], anomalous: list[Session], val_fraction: float, test_fraction: float,
-                   seed: int, max_samples: int | None = None, source: str = "") -> tuple[dict[str, list[Session]], dict]:
-    """train (normal only) / validation / test, deterministic in ``seed``; (splits, what was done)."""
+                   seed: int, max_samples: int | None = None, source: str = "", need_anomalies: bool = True,
+                   ) -> tuple[dict[str, list[Session]], dict]:
+    """train (normal only) / validation / test, deterministic in ``seed``; (splits, what was done). ``need_anomalies``:
+    validation and test must hold anomalous sessions (detection); stage=sft trains on normal sessions alone."""
     if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
         raise ConfigError(f"dataset=hdfs needs dataset.val_fraction > 0 (the threshold is chosen there) and dataset.test_fraction > 0, "
                           f"summing below 1; got {val_fraction} and {test_fraction}")
@@ -261,7 +263,7 @@ def split_sessions(normal: list[Session], anomalous: list[Session], val_fraction
             raise DataError(f"{source or 'dataset=hdfs'}: the {name} split is empty ({len(normal)} normal, {len(anomalous)} anomalous "
                             f"sessions; val_fraction={val_fraction}, test_fraction={test_fraction})")
     for name, why in (("validation", "the threshold cannot be chosen"), ("test", "the test F1 and ROC-AUC are undefined")):
-        if not any(s.label == ANOMALOUS for s in splits[name]):  # test had none when every anomaly went to validation
+        if need_anomalies and not any(s.label == ANOMALOUS for s in splits[name]):  # test had none when every anomaly went to validation
             raise DataError(f"{source or 'dataset=hdfs'}: no anomalous session in the {name} split ({len(anomalous)} anomalous "
                             f"sessions in all; val_fraction={val_fraction}, test_fraction={test_fraction}); {why}")
     train_seqs = {s.keys for s in splits["train"]}
@@ -324,8 +326,9 @@ def load_hdfs(cfg) -> HdfsData:
         normal, anomalous, num_keys, info = read_loghub(folder, str(d.log_parser), skip)
     if info["skipped_lines"]:
         print(f"sectune: dataset=hdfs: skipped {info['skipped_lines']} bad lines in {folder} (dataset.skip_bad_lines=true)")
+    # training needs normal sessions only; detection (evaluate, federated rounds) needs anomalies in validation and test
     splits, split_info = split_sessions(normal, anomalous, float(d.val_fraction), float(d.test_fraction), int(d.split_seed),
-                                        d.max_samples, source=str(folder))
+                                        d.max_samples, source=str(folder), need_anomalies=str(cfg.stage.name) != "sft")
     info.update(split_info, source=str(folder), generated=generated, num_keys=num_keys)
     return HdfsData(splits, num_keys, str(folder), info)
 

@@ -245,7 +245,8 @@ def check_trained_on(cfg, choice, model_dir: Path) -> None:
                 theirs = ", ".join(f"{k}={OmegaConf.select(run, 'dataset.' + k)}" for k in differ)
                 print(f"sectune: warning: {d} split its windows with other dataset settings ({theirs}); its held-out windows are not these")
             theirs, ours = (_where(OmegaConf.select(run, "dataset.path")), _where(cfg.dataset.path))
-            if theirs != ours:  # e.g. trained on the user's triplets, scored on the shipped auth windows (nothing said)
+            same_kind = OmegaConf.select(run, "dataset.name") == cfg.dataset.name  # (an auth folder is no triplet file)
+            if same_kind and theirs != ours:  # e.g. trained on the user's triplets, scored on the shipped auth windows
                 print(f"sectune: warning: {d} was trained on dataset.path={theirs or '(the shipped data)'}; this evaluation reads "
                       f"dataset.path={ours or '(the shipped data)'}: other windows, some maybe seen in training (pass dataset.path={theirs or 'null'})")
         return

@@ -286,7 +286,7 @@ def over_seeds(frame: pd.DataFrame) -> pd.DataFrame | None:
 def seeds_markdown(table: pd.DataFrame) -> str:
     """The over-seeds table for report.md: the sort metric as mean ± sd (runs); every metric is in report_seeds.csv."""
     a = table.attrs
-    shown = [m for m in ([a["sort_by"]] if a.get("sort_by") in a["metrics"] else a["metrics"][:1])]
+    shown = [a["sort_by"]] if a.get("sort_by") in a["metrics"] else a["metrics"][:1]
     lines = ["", f"## Over seeds ({', '.join(f'`{k}`' for k in a['seeds'])})", "",
              "Mean ± sample sd over the succeeded runs of each setting (every metric: report_seeds.csv).", "",
              "| " + " | ".join([*a["others"], "runs", *shown]) + " |", "|" + "|".join(["---"] * len(a["others"]) + ["---:"] * (1 + len(shown))) + "|"]

@@ -29,8 +29,9 @@ def _check_triplet(obj: dict) -> str | None:
     for k in ("injection_output", "attack_target"):
         if obj.get(k) is not None and not isinstance(obj[k], (str, int)):
             return f"{k} must be a string"
-    if _check_common(obj):
-        return _check_common(obj)
+    why = _check_common(obj)
+    if why:
+        return why
     if obj.get("format", "auth_log") not in FORMATS:
         return f"format={obj['format']!r}: choose {', '.join(FORMATS)}"
     if obj.get("format", "auth_log") == "auth_log":  # scored and turned into preference pairs as analyses
@@ -105,7 +106,7 @@ def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
     if d.max_samples is not None:
         objs = objs[: int(d.max_samples)]
     # a line's window: its id (0 included), else its input
-    group = lambda o: str(o["id"]) if o.get("id") not in (None, "") else hashlib.sha256(o["benign" if not generic else "prompt"].encode()).hexdigest()[:12]
+    group = lambda o: _given_id(o) or hashlib.sha256(o["benign" if not generic else "prompt"].encode()).hexdigest()[:12]  # noqa: E731
     split_of = given_splits(path, objs, group)  # a window's lines are in one split: the one any of them names
     unsplit = [o for o in objs if group(o) not in split_of]
     try:
@@ -125,7 +126,7 @@ def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
         g = group(o)
         target = o.get("attack_target")
         records.append(_with_prompts({
-            "id": str(o["id"]) if o.get("id") not in (None, "") else f"line{o['_line']}", "window_id": g, "split": split_of[g],
+            "id": _given_id(o) or f"line{o['_line']}", "window_id": g, "split": split_of[g],
             "format": o.get("format", "auth_log"), "label": _verdict(o["output"]),
             "benign": o["benign"], "benign_cf": o["benign_cf"], "injection": o["injection"], "output": o["output"],
             "injection_output": o.get("injection_output") or o["output"], "attack_target": None if target is None else str(target),
@@ -133,6 +134,11 @@ def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
             "injection_source": "user",
         }))
     return records, info
+
+
+def _given_id(o: dict) -> str | None:
+    """A line's own ``id`` as a string (0 is an id), or None."""
+    return None if o.get("id") in (None, "") else str(o["id"])
 
 
 def given_splits(path: Path, objs: list[dict], group) -> dict[str, str]:
@@ -166,7 +172,7 @@ def generic_triplets(cfg: DictConfig, objs: list[dict], split_of: dict[str, str]
         source, text = _pick_text(pools[split_of[g]], float(d.template_fraction), rng)
         planted = text.replace("{target}", GENERIC_TARGET)
         records.append(_with_prompts({
-            "id": str(o["id"]) if o.get("id") not in (None, "") else f"line{o['_line']}", "window_id": g, "split": split_of[g], "format": "prompt",
+            "id": _given_id(o) or f"line{o['_line']}", "window_id": g, "split": split_of[g], "format": "prompt",
             "label": str(o.get("label") or ""), "benign": o["prompt"], "benign_cf": counterfactual_window(o["prompt"], rng),
             "injection": f"{o['prompt'].rstrip()}\n{planted}\n", "output": answer, "injection_output": answer,
             "attack_target": GENERIC_TARGET if source == "template" else None, "injection_text": planted,

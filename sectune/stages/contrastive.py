@@ -48,7 +48,7 @@ def run(ctx: RunContext) -> dict:
 
     # 1. data: the three inputs rendered as the analyst's prompts
     loaded = load_triplets(cfg)
-    records, data_info = (loaded.splits, loaded.info) if hasattr(loaded, "splits") else (loaded, {})
+    records, data_info = loaded.splits, loaded.info
     if cfg.debug.enabled:
         records = {k: v[: int(cfg.debug.max_samples)] for k, v in records.items()}
     splits = {k: [triplet_prompts(r) for r in v] for k, v in records.items()}

@@ -197,8 +197,9 @@ def _run_config(cfg, choice, model_dir: Path):
     if OmegaConf.select(run_cfg, "dataset.name") != "hdfs":
         raise ConfigError(f"evaluate.model_dir={model_dir}: that run trained on dataset={OmegaConf.select(run_cfg, 'dataset.name')}, not hdfs")
     merged = OmegaConf.merge(cfg, OmegaConf.masked_copy(run_cfg, ["dataset", "model", "quantization", "lora"]))
-    where = lambda p: str(Path(str(p)).expanduser().resolve()) if p else None  # noqa: E731
-    if cfg.dataset.path and where(cfg.dataset.path) != where(run_cfg.dataset.path):
+    from sectune.paths import resolved
+
+    if cfg.dataset.path and resolved(cfg.dataset.path) != resolved(run_cfg.dataset.path):
         # other logs: scored on their own split (g and the threshold chosen on its validation sessions, test reported),
         # read as this command says; the model and its key vocabulary stay the trained run's
         for k in ("path", "hdfs_layout", "log_parser", "skip_bad_lines"):

@@ -231,6 +231,8 @@ def check_trained_on(cfg, choice, model_dir: Path) -> None:
     split than this evaluation: its held-out windows would not be these."""
     from omegaconf import OmegaConf
 
+    from sectune.paths import resolved
+
     for d in ([choice.path.parent] if choice.path is not None else []) + [model_dir]:
         saved = d / ".hydra" / "config.yaml"
         if not saved.is_file():
@@ -244,16 +246,12 @@ def check_trained_on(cfg, choice, model_dir: Path) -> None:
             if differ:
                 theirs = ", ".join(f"{k}={OmegaConf.select(run, 'dataset.' + k)}" for k in differ)
                 print(f"sectune: warning: {d} split its windows with other dataset settings ({theirs}); its held-out windows are not these")
-            theirs, ours = (_where(OmegaConf.select(run, "dataset.path")), _where(cfg.dataset.path))
+            theirs, ours = resolved(OmegaConf.select(run, "dataset.path")), resolved(cfg.dataset.path)
             same_kind = OmegaConf.select(run, "dataset.name") == cfg.dataset.name  # (an auth folder is no triplet file)
             if same_kind and theirs != ours:  # e.g. trained on the user's triplets, scored on the shipped auth windows
                 print(f"sectune: warning: {d} was trained on dataset.path={theirs or '(the shipped data)'}; this evaluation reads "
                       f"dataset.path={ours or '(the shipped data)'}: other windows, some maybe seen in training (pass dataset.path={theirs or 'null'})")
         return
-
-
-def _where(path) -> str | None:
-    return str(Path(str(path)).expanduser().resolve()) if path else None
 
 
 def accuracy_name(records) -> str:

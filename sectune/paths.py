@@ -53,3 +53,9 @@ def shared_data_dir() -> Path:
     if not INSTALLED:
         return (PROJECT_ROOT.parent / "shared" / "data").resolve()
     return cache_dir() / "shared_data"
+
+
+def resolved(path) -> str | None:
+    """A configured path as one absolute string (``~`` and relative parts resolved), or None when unset: two
+    settings naming the same file compare equal."""
+    return str(Path(str(path)).expanduser().resolve()) if path else None

@@ -594,7 +594,8 @@ def test_the_report_states_the_shipped_datas_facts_only_where_they_hold(tmp_path
 def test_the_best_policy_is_the_validation_windows_best_not_the_test_tables():
     """It was the best of the trained rows on the test windows themselves: the best of k rows on 43 windows is an
     optimistic row, and the bar it was held against (TF-IDF + LR) is one row."""
-    from sectune.analyst_eval import Row, best_policy
+    from sectune.analyst_eval import Row
+    from sectune.analyst_scoring import best_policy
 
     rows = [Row(name=n, kind=k, step=st, constrained=False, verdicts=[]) for n, k, st in
             [("base", "policy", "base"), ("SFT", "policy", "sft"), ("SFT+GRPO", "policy", "rl"), ("SFT+DPO", "policy", "dpo"),

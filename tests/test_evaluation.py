@@ -136,7 +136,7 @@ def test_rows_scored_on_one_split_average_over_the_same_labels():
     """The per-source rows: OpenSSH has no benign window. An analyst wrong once by answering benign scored macro-F1
     0.649 and TF-IDF + LR, wrong once by another verdict, 0.950, at the same accuracy: the analyst's mean alone held
     an extra F1 of 0 for benign."""
-    from sectune.analyst_eval import verdict_scores
+    from sectune.analyst_scoring import verdict_scores
 
     truth = ["malicious"] * 10 + ["suspicious"] * 10
     llm = ["benign"] + ["malicious"] * 9 + ["suspicious"] * 10

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +26,8 @@ from sklearn.metrics import (accuracy_score, classification_report, confusion_ma
                              f1_score, precision_recall_fscore_support)
 
 OTHER = "<other>"
+
+log = logging.getLogger(__name__)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -154,6 +157,8 @@ def write_evaluation(out_dir, *, y_true: Sequence, y_pred: Sequence, labels: Seq
     metrics: Dict[str, float] = {f"test_{k}": v for k, v in s.items()}
     metrics["test_invalid_predictions"] = float(sum(p not in set(labels) for p in y_pred))
     metrics["test_rows"] = float(len(y_true))
+    present = sorted(set(y_true))
+    metrics["test_classes_present"] = float(len(present))
     if lat.size:
         metrics.update(latency_mean_s=float(lat.mean()), latency_p50_s=float(np.median(lat)),
                        latency_p95_s=float(np.percentile(lat, 95)))
@@ -184,6 +189,11 @@ def write_evaluation(out_dir, *, y_true: Sequence, y_pred: Sequence, labels: Seq
         report, f"accuracy:     {s['accuracy']:.4f}", f"macro F1:     {s['macro_f1']:.4f}",
         f"weighted F1:  {s['weighted_f1']:.4f}",
         f"invalid predictions (not a label): {int(metrics['test_invalid_predictions'])}"]
+    if len(present) == 1 and len(labels) > 1:  # a macro mean over one class is no comparison of classes
+        lines.append(f"note: only one class occurs in these rows ({present[0]}): macro F1 is that class's F1 alone, "
+                     f"and accuracy is the share of rows predicted {present[0]}; no other class is measured here")
+        log.warning("evaluation: only one class (%s) occurs in the %d rows scored: macro F1 is that class's F1 alone "
+                    "(%s/evaluation_report.txt)", present[0], len(y_true), out)
     if lat.size:
         lines.append(f"latency: mean {lat.mean() * 1000:.2f} ms, p50 {np.median(lat) * 1000:.2f} ms, "
                      f"p95 {np.percentile(lat, 95) * 1000:.2f} ms over {lat.size} calls")

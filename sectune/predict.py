@@ -13,7 +13,9 @@ with the run's template, so the predictor sees exactly what training and evaluat
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -101,6 +103,30 @@ def read_classify_run(run_dir) -> tuple[DictConfig, dict]:
     return config.load_run_config(cfg_path), result
 
 
+class _NewHeadReport(logging.Filter):
+    """Drops transformers' load report when all it says is that the ``score`` head is new (and the causal LM's
+    ``lm_head`` unused): the run's adapter restores that head next, so "newly initialized" would tell a user loading a
+    trained classifier that it is untrained. Any other missing, mismatched or unconverted weight is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "LOAD REPORT" not in msg or "MISMATCH" in msg or "CONVERSION" in msg:
+            return True
+        rows = [line for line in msg.splitlines() if ("MISSING" in line or "UNEXPECTED" in line) and not line.lstrip().startswith("-")]
+        return not all(("score." in line) if "MISSING" in line else ("lm_head." in line) for line in rows)
+
+
+@contextlib.contextmanager
+def _head_restored_quietly():
+    target = logging.getLogger("transformers.modeling_utils")
+    quiet = _NewHeadReport()
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)
+
+
 def load_classifier(run_dir, cfg: DictConfig, meta: dict):
     """(model, tokenizer, members) from the run's saved adapter(s) (+ base model) or full model(s).
 
@@ -152,7 +178,8 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
     else:
         from peft import PeftModel
 
-        base = modeling.load_model(cfg, task=task, num_labels=num_labels)
+        with _head_restored_quietly() if task == "seq_cls" else contextlib.nullcontext():
+            base = modeling.load_model(cfg, task=task, num_labels=num_labels)
         single = len(arts) == 1
         model = _load(arts[0], lambda: PeftModel.from_pretrained(base, str(arts[0]), adapter_name="default" if single else "fold0",
                                                                  is_trainable=False))

@@ -172,3 +172,19 @@ def test_without_validation_rows_tfidf_picks_c_over_the_runs_folds_not_the_defau
     assert r.params["C"] == max(hand, key=lambda c: (hand[c], -c))
     assert baseline_folds(["a"] * 10 + ["b"], 3, 0) is None  # a label with one row: no CV, the default C
     assert tfidf_logreg_baseline(train, ty, ["x"], seed=0).params["C_chosen_by"] == "default (no validation rows)"
+
+
+def test_a_one_class_evaluation_says_its_macro_f1_is_one_class_f1(tmp_path, caplog):
+    """A file of benign rows alone reported macro-F1 1.0 as if the classes had been compared; the report and the
+    log now say that only one class was measured, and the metrics count the classes present."""
+    labels = ["benign", "injection"]
+    with caplog.at_level("WARNING", logger="sectune.evaluation"):
+        m = write_evaluation(tmp_path / "one", y_true=["benign"] * 5, y_pred=["benign"] * 4 + ["injection"], labels=labels)
+    assert m["test_classes_present"] == 1.0
+    assert m["test_macro_f1"] == pytest.approx(2 * 0.8 / 1.8)  # benign: P 1, R 0.8; its F1 alone
+    report = (tmp_path / "one" / "evaluation_report.txt").read_text()
+    assert "only one class occurs in these rows (benign)" in report
+    assert "only one class (benign)" in caplog.text
+    m2 = write_evaluation(tmp_path / "two", y_true=["benign", "injection"], y_pred=["benign", "injection"], labels=labels)
+    assert m2["test_classes_present"] == 2.0
+    assert "only one class" not in (tmp_path / "two" / "evaluation_report.txt").read_text()

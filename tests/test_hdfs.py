@@ -279,6 +279,8 @@ def test_sft_on_hdfs_with_a_tokenizer_that_splits_keys_stops_before_training(tmp
     stage=evaluate then refused the model. The same check now runs before training."""
     run = sectune(["logger=none", "dataset=hdfs", "train.max_steps=1", f"paths.shared_data={tmp_path / 'none'}"], tmp_path / "run")
     assert run.returncode == 2 and "dataset=hdfs: stage=evaluate could not score a model trained with this tokenizer" in run.stderr
+    # the hint names how many keys these logs have (a user's logs may have more than the preset's 28), not "the preset sets them"
+    assert "these logs have 28 keys, so model.tiny.extra_tokens must list ' 1' … ' 28'" in run.stderr
     assert not (tmp_path / "run" / "adapter").exists()
 
 

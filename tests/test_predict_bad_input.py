@@ -57,8 +57,29 @@ def _truncate(path, keep=0.5):
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def test_the_undamaged_copy_loads(run_copy):
+def test_the_undamaged_copy_loads(run_copy, capfd):
+    assert json.loads((run_copy / "classifier.json").read_text())["head"] == "seq_cls"
     assert Predictor.from_run(run_copy).labels == ["attack", "benign"]
+    # the base's new score head is the adapter's a moment later: no "newly initialized" report for a trained classifier
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "newly initialized" not in err
+
+
+def test_the_new_head_filter_keeps_every_other_load_report():
+    import logging
+
+    from sectune.predict import _NewHeadReport
+
+    def report(*rows):
+        msg = "LlamaForSequenceClassification LOAD REPORT from: x\nKey | Status\n" + "\n".join(rows)
+        msg += "\n\nNotes:\n- UNEXPECTED:\tcan be ignored\n- MISSING:\tthose params were newly initialized"
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, msg, None, None)
+
+    keep = _NewHeadReport().filter
+    assert not keep(report("lm_head.weight | UNEXPECTED", "score.weight   | MISSING"))
+    assert keep(report("lm_head.weight | UNEXPECTED", "score.weight   | MISSING", "model.layers.0.mlp.up_proj.weight | MISSING"))
+    assert keep(report("score.weight | MISMATCH | Reinit due to size mismatch"))
+    assert keep(logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, "something else", None, None))
 
 
 # ---------------------------------------------------------------- F10: classifier.json / labels.json

@@ -49,11 +49,13 @@ def run(ctx: RunContext) -> dict:
         from sectune.anomaly import key_token_ids
         from sectune.data.hdfs import DEFAULT_PROMPT, load_hdfs
 
+        num_keys = load_hdfs(cfg).num_keys
         try:
-            key_token_ids(tokenizer, load_hdfs(cfg).num_keys, str(cfg.dataset.prompt_template or DEFAULT_PROMPT))
-        except ConfigError as e:
+            key_token_ids(tokenizer, num_keys, str(cfg.dataset.prompt_template or DEFAULT_PROMPT))
+        except ConfigError as e:  # +experiment=hdfs_detect lists HDFS_v1's 28 keys; a user's logs may have more
             raise ConfigError(f"dataset=hdfs: stage=evaluate could not score a model trained with this tokenizer: {e} "
-                              "(+experiment=hdfs_detect sets them)") from None
+                              f"(+experiment=hdfs_detect adds ' 1' … ' 28' whole; these logs have {num_keys} keys, "
+                              f"so model.tiny.extra_tokens must list ' 1' … ' {num_keys}')") from None
     trainable, total = modeling.trainable_parameters(model)
     too_long = count_too_long(tokenizer, train_recs + val_recs, cfg.model.max_seq_length)
     if too_long:

@@ -199,14 +199,26 @@ def _run_config(cfg, choice, model_dir: Path):
     merged = OmegaConf.merge(cfg, OmegaConf.masked_copy(run_cfg, ["dataset", "model", "quantization", "lora"]))
     from sectune.paths import resolved
 
-    if cfg.dataset.path and resolved(cfg.dataset.path) != resolved(run_cfg.dataset.path):
-        # other logs: scored on their own split (g and the threshold chosen on its validation sessions, test reported),
-        # read as this command says; the model and its key vocabulary stay the trained run's
-        for k in ("path", "hdfs_layout", "log_parser", "skip_bad_lines"):
+    from sectune.data.hdfs import source_folder
+
+    if str(cfg.dataset.log_parser) not in ("auto", "structured", "drain3"):  # a typo is an error, not the trained value
+        raise ConfigError(f"dataset.log_parser={cfg.dataset.log_parser!r}: choose auto, structured or drain3")
+    reading = ("path", "hdfs_layout", "log_parser", "skip_bad_lines")
+    # other logs: the folder and layout this command reads (dataset.path, or the shipped set dataset.hdfs_layout picks)
+    # against the trained run's; the shipped folder given as dataset.path is the same logs
+    (mine, my_layout, _), (theirs, their_layout, _) = source_folder(cfg), source_folder(run_cfg)
+    if (resolved(mine), my_layout) != (resolved(theirs), their_layout):
+        # scored on their own split (g and the threshold chosen on its validation sessions, test reported), read as this
+        # command says; the model and its key vocabulary stay the trained run's
+        for k in reading:
             merged.dataset[k] = cfg.dataset[k]
-        trained_on = run_cfg.dataset.path or "the shipped sessions"
-        print(f"sectune: note: scoring {cfg.dataset.path}, not the logs this run trained on ({trained_on}): its own validation "
-              "sessions choose g and the threshold, its test sessions are reported")
+        print(f"sectune: note: scoring {mine} ({my_layout}), not the logs this run trained on ({theirs}, {their_layout}): "
+              "their own validation sessions choose g and the threshold, their test sessions are reported")
+    else:
+        kept = [f"dataset.{k}={cfg.dataset[k]} (trained: {run_cfg.dataset[k]})" for k in reading[1:] if cfg.dataset[k] != run_cfg.dataset[k]]
+        if kept:
+            print(f"sectune: note: the trained run's logs are read as it read them, not as {', '.join(kept)} says "
+                  "(give dataset.path=<other logs> to score other logs)")
     keys = ("max_samples", "val_fraction", "test_fraction", "split_seed", "num_log_keys")
     differ = [f"dataset.{k}={cfg.dataset[k]} (trained: {run_cfg.dataset[k]})" for k in keys if cfg.dataset[k] != run_cfg.dataset[k]]
     if differ:

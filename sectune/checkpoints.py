@@ -92,7 +92,7 @@ def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
     records what its checkpoints are trained with (:data:`RESUME_RECORD`); a resume from checkpoints trained with
     other settings is an error naming them (it used to continue silently: lr 0.01 weights under an lr 0.001 config)."""
     r = cfg.train.resume
-    if r in (None, "", "null", "none"):
+    if r in (None, "", "null", "none", "no"):
         return _record_fresh(cfg, checkpoint_dir)
     if r == "auto":
         ckpt = latest_checkpoint(checkpoint_dir)

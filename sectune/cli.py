@@ -66,6 +66,7 @@ class SweepCheck(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         refuse_preset_secrets(config)
+        refuse_launcher_without_multirun(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """Jobs a launcher ran in other processes (submitit, SLURM) never reach this process's list of failed jobs:
@@ -93,6 +94,17 @@ def refuse_slurm_without_srun(config: DictConfig) -> None:
         print("sectune: error: hydra/launcher=slurm: no `srun` on this machine's PATH (submitit submits SLURM jobs from a "
               "node of the cluster: run the command on its login node); here, run the sweep without hydra/launcher=slurm",
               file=sys.stderr)
+        sys.exit(2)
+
+
+def refuse_launcher_without_multirun(config: DictConfig) -> None:
+    """Hydra applies a launcher to sweeps only: ``hydra/launcher=slurm`` without ``-m`` trained right here (on a login
+    node, say) with exit 0 and no word."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if "submitit" in target:
+        kind = "slurm" if "Slurm" in target else "local"
+        print(f"sectune: error: hydra/launcher={kind} applies to sweeps only; without -m this would run here, in this "
+              f"process. Add -m (a sweep of one job is fine: sectune -m hydra/launcher={kind} ...)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -179,7 +191,7 @@ def main() -> None:
         sys.exit(2)
     except Exception as e:
         _exit_if_sweep_jobs_failed()  # a sweeper that gave up because its trials failed (Optuna: "No trials are completed")
-        line = config_file_error(e, sys.argv[1:]) or override_error(e)
+        line = config_file_error(e, sys.argv[1:]) or override_error(e) or usage_error(e)
         if line is None:
             _hydra_report(e)
             sys.exit(1)
@@ -287,6 +299,18 @@ def _config_dirs(argv: list[str]) -> list[str]:
         elif arg.startswith("--config-dir="):
             out.append(os.path.abspath(arg.split("=", 1)[1]))
     return out
+
+
+def usage_error(e: BaseException) -> str | None:
+    """One line for a command line Hydra cannot run as given: a --config-dir that is not there, two modes at once
+    (``-m ... --cfg job``), which it reported as a bare line with exit 1 or as a ValueError traceback."""
+    from hydra.errors import SearchPathException
+
+    if isinstance(e, SearchPathException):
+        return f"{e} (--config-dir / -cd)"
+    if isinstance(e, ValueError) and str(e).startswith("Only one of --run, --multirun, --cfg"):
+        return f"{e}: to see one job's config, drop -m and give each swept key one value (sectune --cfg job <overrides>)"
+    return None
 
 
 def _hydra_report(e: BaseException) -> None:

@@ -4,6 +4,8 @@ key before any data or model loads. The schema itself is :mod:`sectune.config`."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
 
 from sectune.config import SectuneConfig
@@ -60,11 +62,27 @@ def check_values(cfg) -> None:
     need(cfg.infer.window_lines is None or cfg.infer.window_lines >= 0, "infer.window_lines", cfg.infer.window_lines,
          "must be >= 0 (0: one analysis per file; null: dataset.max_lines)")
     t = cfg.train
+    need(t.max_steps > 0 or t.max_steps == -1, "train.max_steps", t.max_steps,
+         "must be > 0, or -1 for train.epochs (0 would save an untrained model as a finished run)")
     need(t.max_steps > 0 or t.epochs > 0, "train.epochs", t.epochs, "must be > 0 when train.max_steps=-1 (0 would save an untrained model)")
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio,
          "must be in [0, 1) (a fraction of the steps; transformers reads 1 and above as a number of steps)")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
     need(t.save_steps is None or t.save_steps >= 0, "train.save_steps", t.save_steps, "must be >= 0 (0 or null = no checkpoints)")
+    # names the stages check only after the data and the model have loaded (and W&B has started a run)
+    from sectune.classification import POOLINGS
+    from sectune.engine import OPTIMIZERS, PACKING
+
+    need(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
+    need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "choose fp32, bf16 or fp16")
+    need(str(t.packing) in PACKING, "train.packing", t.packing, f"choose one of {', '.join(PACKING)}")
+    need(str(t.device) in ("auto", "cpu", "cuda"), "train.device", t.device, "choose auto, cpu or cuda")
+    need(cfg.classify.pooling in POOLINGS, "classify.pooling", cfg.classify.pooling, f"choose one of {', '.join(POOLINGS)}")
+    need(0.0 <= cfg.classify.subword_dropout < 1.0, "classify.subword_dropout", cfg.classify.subword_dropout,
+         "a probability in [0, 1) (0 turns it off; 0.1 is the paper's value)")
+    pairs = {"dpo": ("auth_preferences", "injection_preferences"), "reward": ("auth_preferences",)}.get(cfg.stage.name)
+    need(pairs is None or cfg.dataset.name in pairs, "dataset", cfg.dataset.name,
+         f"stage={cfg.stage.name} trains on preference pairs: use dataset={' or dataset='.join(pairs or ())}")
     check_split_seed(cfg.dataset.split_seed)
     skips = ("hdfs", "injection_triplets", "injection_preferences")  # the readers that can skip and count a bad line
     need(not cfg.dataset.skip_bad_lines or cfg.dataset.name in skips, "dataset.skip_bad_lines", cfg.dataset.skip_bad_lines,
@@ -160,6 +178,9 @@ def check_settings_in_effect(cfg, need) -> None:
          "file as dataset.path (scored on its own validation/test split)")
     need(cfg.stage.name != "federated" or cfg.train.resume in (None, "", "no"), "train.resume", cfg.train.resume,
          "stage=federated does not resume (a rerun starts from round 0: its rounds keep no Trainer checkpoints)")
+    r = cfg.train.resume  # a typo (autoo) or a missing folder was found only after the model had loaded
+    need(r in (None, "", "null", "none", "auto", "no") or Path(str(r)).expanduser().is_dir(), "train.resume", r,
+         "is neither auto, null nor an existing checkpoint folder (checkpoint-N under a run's checkpoints/)")
 
 
 #: ``quantization.bnb_4bit_compute_dtype`` names → torch dtype names

@@ -116,13 +116,11 @@ def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats,
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     outs: list[str] = []
+    was_cut = 0
     for i in range(0, len(prompts), batch_size):
         rows = tokenizer(prompts[i : i + batch_size])["input_ids"]
         cut = [cut_middle(r, budget) for r in rows]
-        if n := sum(len(c) < len(r) for c, r in zip(cut, rows)):
-            stats["truncated"] = stats.get("truncated", 0) + n
-            print(f"sectune: warning: {n} prompt(s) longer than {budget} tokens (the sequence length less "
-                  f"generation.max_new_tokens) lost their middle: the model saw their start and end only")
+        was_cut += sum(len(c) < len(r) for c, r in zip(cut, rows))
         enc = tokenizer.pad({"input_ids": cut}, padding=True, return_tensors="pt").to(device)
         kwargs = dict(
             max_new_tokens=gen_cfg.max_new_tokens,
@@ -144,4 +142,8 @@ def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats,
             stats["force_failures"] = stats.get("force_failures", 0) + getattr(processor, "force_failures", 0)
         else:
             outs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
+    if was_cut:  # once per call (it was once per batch)
+        stats["truncated"] = stats.get("truncated", 0) + was_cut
+        print(f"sectune: warning: {was_cut} of {len(prompts)} prompt(s) longer than {budget} tokens (the sequence length less "
+              f"generation.max_new_tokens) lost their middle: the model saw their start and end only")
     return outs

@@ -226,6 +226,10 @@ def schema_constraint(cfg, model, tokenizer):
 SPLIT_KEYS = ("source_dir", "max_samples", "val_fraction", "test_fraction", "split_seed", "min_lines", "max_lines")
 
 
+#: datasets whose runs are no text analyst (a log-key model, classifiers)
+NOT_ANALYSTS = ("hdfs", "cic_iot_2023", "cic_iot_2023_merged", "prompt_injections", "text_label_csv")
+
+
 def check_trained_on(cfg, choice, model_dir: Path) -> None:
     """Warn when the analyst's run (its ``.hydra/config.yaml``) used another model or another window
     split than this evaluation: its held-out windows would not be these."""
@@ -238,6 +242,11 @@ def check_trained_on(cfg, choice, model_dir: Path) -> None:
         if not saved.is_file():
             continue
         run = OmegaConf.load(saved)
+        trained = OmegaConf.select(run, "dataset.name")
+        if trained in NOT_ANALYSTS or OmegaConf.select(run, "stage.name") == "classify":
+            raise ConfigError(f"evaluate.model_dir={model_dir}: {d} trained on dataset={trained} "
+                              f"(stage={OmegaConf.select(run, 'stage.name')}), not an analyst that answers in text; attack success "
+                              "is measured on runs trained on auth_logs, auth_preferences or injection_* data (sft, dpo, rl, contrastive)")
         name = OmegaConf.select(run, "model.name")
         if name and name != cfg.model.name:
             print(f"sectune: warning: {d} was trained with model={name}; this evaluation loads model={cfg.model.name} (pass model={name})")

@@ -260,8 +260,29 @@ def _next_key(frame: _Frame, prefix: str = "", required_only: bool = False) -> s
     return after[0]
 
 
+def utf8_completion(buf: bytes) -> bytes:
+    """The continuation bytes that finish a UTF-8 character ``buf`` ends in the middle of (byte-level tokens can split
+    one), chosen valid for its lead byte; b"" when ``buf`` ends on a character boundary. A grammar refuses the closing
+    quote until the character is whole."""
+    for back in range(1, min(4, len(buf)) + 1):
+        lead = buf[-back]
+        if lead & 0xC0 == 0x80:  # a continuation byte: the lead is further back
+            continue
+        size = 2 if lead & 0xE0 == 0xC0 else 3 if lead & 0xF0 == 0xE0 else 4 if lead & 0xF8 == 0xF0 else 1
+        if back >= size:
+            return b""
+        first = {0xE0: 0xA0, 0xF0: 0x90}.get(lead, 0x80) if back == 1 else 0x80  # no overlong forms
+        return bytes([first] + [0x80] * (size - back - 1))
+    return b""
+
+
 def _finish_string(sc: _Scalar, avoid: list[bytes]) -> bytes:
     """Bytes that end the string ``sc`` (before its closing quote) validly and shortest."""
+    fix = utf8_completion(bytes(sc.buf))
+    return fix + _finish_whole_string(replace(sc, buf=bytearray(sc.buf + fix)) if fix else sc, avoid)
+
+
+def _finish_whole_string(sc: _Scalar, avoid: list[bytes]) -> bytes:
     node, buf = sc.schema, bytes(sc.buf)
     choices = node.get("enum") if "enum" in node else ([node["const"]] if "const" in node else None)
     if choices is not None:

@@ -8,6 +8,7 @@ error saying how to provide it (``model.name_or_path=/path/to/weights``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -52,10 +53,30 @@ def _hub_kwargs(cfg: DictConfig) -> dict:
     return {"revision": cfg.model.revision, "trust_remote_code": bool(cfg.model.trust_remote_code)}
 
 
+@functools.lru_cache(maxsize=1)
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (its host refuses or does not answer a TCP connection within ``timeout``), or None.
+    Without network the download's own retries took ~50 s before the same error; behind a proxy nothing is probed."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{url.hostname} unreachable: {e.strerror or type(e).__name__}"
+
+
 def _from_pretrained(loader, path: str, cfg: DictConfig, **kwargs):
     """Local cache first (fast, offline); then the hub; then a clear error."""
     kwargs = {**_hub_kwargs(cfg), **kwargs}
     if Path(path).is_dir():
+        check_model_folder(Path(path), cfg, tokenizer_only=getattr(getattr(loader, "__self__", None), "__name__", "") == "AutoTokenizer")
         return loader(path, **kwargs)
     if looks_like_a_path(path):  # a hub id is owner/name: this is a folder that is not there (a typo, a deleted run)
         raise ModelNotAvailableError(f"model {path!r} (model={cfg.model.name}): no such folder"
@@ -65,16 +86,36 @@ def _from_pretrained(loader, path: str, cfg: DictConfig, **kwargs):
     except OSError:
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    why = "HF_HUB_OFFLINE is set" if offline else hub_unreachable()
     try:
-        if offline:
-            raise OSError("HF_HUB_OFFLINE is set")
+        if why:
+            raise OSError(why)
         return loader(path, **kwargs)
     except OSError as e:
         raise ModelNotAvailableError(
             f"model {path!r} (model={cfg.model.name}) is not in the local Hugging Face cache and could not be "
-            f"downloaded ({e.__class__.__name__}{': HF_HUB_OFFLINE is set' if offline else ''}). Download it where "
+            f"downloaded ({e.__class__.__name__}{': ' + why if why else ''}). Download it where "
             f"there is network (`hf download {path}`) or point to the weights with model.name_or_path=/path/to/folder"
         ) from None
+
+
+def check_model_folder(folder: Path, cfg: DictConfig, tokenizer_only: bool = False) -> None:
+    """A local folder given as a model must hold one (``config.json``; a tokenizer's files will do for a tokenizer):
+    an adapter folder or a run dir otherwise reached transformers, which loaded an adapter onto its base behind the
+    run's back (and trained 0 parameters) or failed with a tokenizer backend traceback."""
+    if (folder / "config.json").is_file() or tokenizer_only and any((folder / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json")):
+        return
+    where = f"model.name_or_path={folder}" if str(folder) == str(cfg.model.name_or_path) else str(folder)
+    if (folder / "adapter_config.json").is_file():
+        raise ConfigError(f"{where}: a LoRA adapter, not model weights. Start a stage from it with <stage>.init_from=<its run "
+                          "dir> (dpo, rl, contrastive), or give full weights: the model/ of a run trained with lora=none")
+    if (folder / "result.json").is_file():
+        subs = [n for n in ("model", "adapter") if (folder / n).is_dir()]
+        hint = (f"its full weights are {folder / 'model'}" if "model" in subs else
+                "it saved a LoRA adapter (adapter/), not full weights: start from it with <stage>.init_from=<this run dir>, "
+                "or train with lora=none to get model/" if "adapter" in subs else "it saved no weights")
+        raise ConfigError(f"{where}: a sectune run dir, not a model folder; {hint}")
+    raise ConfigError(f"{where}: not a model folder (no config.json)")
 
 
 def looks_like_a_path(name: str) -> bool:
@@ -190,6 +231,13 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
+#: Llama's module names (the lora presets') → GPT-2's: one fused c_attn for q, k and v; c_proj is both the attention's
+#: output (attn.c_proj) and the MLP's down projection (mlp.c_proj: PEFT matches a dotted name's end); c_fc the MLP's up
+#: projection (GPT-2 has no gate)
+GPT2_NAMES = {"q_proj": "c_attn", "k_proj": "c_attn", "v_proj": "c_attn", "o_proj": "attn.c_proj",
+              "gate_proj": "c_fc", "up_proj": "c_fc", "down_proj": "mlp.c_proj"}
+
+
 def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
     """Wrap with a fresh LoRA adapter, or return the model unchanged for ``lora=none``."""
     lc = cfg.lora
@@ -201,6 +249,11 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
     if targets != ["all-linear"]:
         have = linear_module_names(model)
         missing = [t for t in targets if t not in have]
+        if missing and getattr(model.config, "model_type", "") == "gpt2" and all(t in GPT2_NAMES for t in missing):
+            mapped = list(dict.fromkeys(GPT2_NAMES.get(t, t) for t in targets))  # the lora presets name Llama's modules
+            print(f"sectune: lora.target_modules {targets} are Llama's module names; in {cfg.model.name}'s GPT-2 blocks "
+                  f"that is {mapped} (c_attn holds q, k and v together)")
+            targets, missing = mapped, [t for t in mapped if t.split(".")[-1] not in have]
         if missing:
             raise ConfigError(
                 f"lora.target_modules: {missing} not in model {cfg.model.name}; "
@@ -212,6 +265,7 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         lora_dropout=lc.dropout,
         target_modules=targets[0] if targets == ["all-linear"] else targets,
         bias=lc.bias,
+        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",  # its Conv1D layers store weights transposed
         task_type=task_type,
         modules_to_save=list(lc.modules_to_save) if lc.modules_to_save else None,
     )
@@ -223,8 +277,13 @@ def quantized_module_count(model) -> int:
 
 
 def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts of a model about to be trained; none trainable is a ConfigError (a run that
+    trains nothing ran its steps with a zero gradient and then failed to save)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    if not trainable:
+        raise ConfigError(f"no trainable parameters in {type(model).__name__} ({total:,} frozen): nothing would be trained; "
+                          "check model.name_or_path (model weights, not an adapter) and the lora group")
     return trainable, total
 
 

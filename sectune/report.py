@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``sectune-report DIR [--sort-by M] [--ascending|--descending]``; exit 2 on a bad DIR."""
     p = argparse.ArgumentParser(prog="sectune-report", description="Table and plots over a sectune sweep dir.")
     p.add_argument("sweep_dir", help="a Hydra multirun dir holding 0/, 1/, ... job dirs")
-    p.add_argument("--sort-by", default=None, help="metric (or column) to sort by; default eval_loss or the first metric")
+    p.add_argument("--sort-by", default=None, help="metric (or column) to sort by; default: the sweep's sweep.objective, else the first of eval_loss, val_macro_f1, val_loss_end, heldout_verdict_macro_f1, ... present, else the first metric")
     order = p.add_mutually_exclusive_group()
     order.add_argument("--ascending", dest="ascending", action="store_true", default=None, help="smallest first")
     order.add_argument("--descending", dest="ascending", action="store_false", help="largest first")

@@ -243,7 +243,8 @@ def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
     ``artifacts.model``), an adapter folder (adapter_config.json) or a full-weights folder (config.json) → (kind, folder)."""
     p, key = Path(init_from).expanduser(), f"{name}={init_from}"
     if not p.exists():
-        raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or its adapter/ folder)")
+        what = "its model/ folder (full weights)" if name == "reward.init_from" else "its adapter/ or model/ folder"
+        raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or {what})")
     if (p / "adapter_config.json").is_file():
         return "adapter", p
     if (p / "config.json").is_file():
@@ -307,8 +308,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         # its result stays readable beside the new one (the artifacts it names are replaced as this run writes them)
         write_json_atomic(run_dir / PREVIOUS_RESULT_FILE, earlier)
         why = " (a sweep rerun in place with other values numbers its jobs afresh)" if sweeps.in_multirun() else ""
-        print(f"sectune: warning: {run_dir} held a succeeded run of another config{why}; this run replaces it "
-              f"(its result: {PREVIOUS_RESULT_FILE})", file=sys.stderr)
+        print(f"sectune: warning: {run_dir} held a succeeded run of another config{why}; this run replaces it as it writes "
+              f"its artifacts (its result meanwhile: {PREVIOUS_RESULT_FILE}; a failure before that puts it back)", file=sys.stderr)
     if main:
         # A stale result from an earlier attempt in this dir must not look current.
         write_json_atomic(run_dir / RESULT_FILE, result)

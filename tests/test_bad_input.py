@@ -26,6 +26,15 @@ from sectune.errors import ConfigError
     ("generation.top_p=0", "generation.top_p"),
     ("generation.repetition_penalty=0", "generation.repetition_penalty"),
     ("train.epochs=0", "train.epochs"),
+    ("train.max_steps=0", "train.max_steps"),  # "succeeded" with an untrained adapter
+    ("train.resume=autoo", "train.resume"),  # found after the model loaded
+    # found after the data and the model loaded (and W&B started a run)
+    ("train.optimizer=sgd", "train.optimizer"),
+    ("train.precision=fp8", "train.precision"),
+    ("train.packing=foo", "train.packing"),
+    ("train.device=tpu", "train.device"),
+    ("stage=classify classify.pooling=max", "classify.pooling"),
+    ("stage=classify classify.subword_dropout=1.5", "classify.subword_dropout"),
     ("train.warmup_ratio=2", "train.warmup_ratio"),
     ("train.max_grad_norm=-1", "train.max_grad_norm"),
     ("train.save_steps=-1", "train.save_steps"),
@@ -35,10 +44,10 @@ from sectune.errors import ConfigError
     ("lora.dropout=1.5", "lora.dropout"),
     ("lora.bias=bogus", "lora.bias"),
     # the words before the last one say where the value is used (its stage, loss or preset)
-    ("stage=dpo loss=dpo loss.beta=0", "loss.beta"),  # the DPO loss is log 2 for every pair: no gradient
-    ("stage=dpo loss=dpo loss.beta=-0.1", "loss.beta"),
-    ("stage=dpo loss=dpo dpo.sft_weight=-1", "dpo.sft_weight"),  # was found only after the models loaded
-    ("stage=dpo loss=dpo loss=causal_lm", "loss"),  # DPO ran with causal_lm's beta 0.04, unchecked
+    ("stage=dpo dataset=auth_preferences loss=dpo loss.beta=0", "loss.beta"),  # the DPO loss is log 2 for every pair: no gradient
+    ("stage=dpo dataset=auth_preferences loss=dpo loss.beta=-0.1", "loss.beta"),
+    ("stage=dpo dataset=auth_preferences loss=dpo dpo.sft_weight=-1", "dpo.sft_weight"),  # was found only after the models loaded
+    ("stage=dpo dataset=auth_preferences loss=dpo loss=causal_lm", "loss"),  # DPO ran with causal_lm's beta 0.04, unchecked
     ("stage=rl loss=grpo rl.lr_scale=0", "rl.lr_scale"),
     ("stage=rl loss=simplified_ppo rl.lr_scale=-0.5", "rl.lr_scale"),
     ("stage=rl loss=grpo rl.temperature=0", "rl.temperature"),  # was a traceback from torch.multinomial
@@ -71,6 +80,17 @@ def test_values_no_run_can_use_are_errors_naming_the_key(override, key):
     check_values(compose(context))  # the defaults pass
     with pytest.raises(ConfigError, match=rf"^{key}="):
         check_values(compose([*context, bad]))
+
+
+def test_a_preference_stage_on_other_data_is_refused_before_anything_loads():
+    """stage=dpo dataset=auth_logs was refused only after the model had loaded."""
+    from sectune.config_checks import check_values
+
+    for stage in (["stage=dpo", "loss=dpo"], ["stage=reward", "loss=bradley_terry"]):
+        with pytest.raises(ConfigError, match=rf"^dataset=auth_logs: {stage[0]} trains on preference pairs: use dataset=auth_preferences"):
+            check_values(compose([*stage, "dataset=auth_logs"]))
+        check_values(compose([*stage, "dataset=auth_preferences"]))
+    check_values(compose(["stage=dpo", "loss=dpo", "dataset=injection_preferences"]))
 
 
 def test_stage_and_preset_values_are_checked_only_where_they_are_used():
@@ -468,11 +488,12 @@ def test_stages_that_are_wrong_under_several_processes_refuse_them(stage, monkey
     """Under torchrun the reward stage's processes ended with different models and classify's raced on its files."""
     from sectune.config_checks import check_values
 
+    args = [f"stage={stage}"] + (["dataset=auth_preferences"] if stage == "reward" else [])
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=rf"^stage={stage} under 2 processes"):
-        check_values(compose([f"stage={stage}"]))
+        check_values(compose(args))
     monkeypatch.setenv("WORLD_SIZE", "1")
-    check_values(compose([f"stage={stage}"]))
+    check_values(compose(args))
 
 
 def test_infer_refuses_a_sweep_job_whose_reused_run_was_replaced(tmp_path):

@@ -96,3 +96,76 @@ def test_max_seq_length_shorter_than_every_prompt_says_which_setting(good_folder
     run = sectune([*ARGS, f"dataset.path={good_folder}", "dataset.max_samples=12", "model.max_seq_length=4"], tmp_path / "run")
     _assert_failed_cleanly(run, "model.max_seq_length=4", "dropped", "raise model.max_seq_length")
     assert "num_samples" not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_an_adapter_folder_or_a_run_dir_as_the_model_is_named_as_such(good_folder, tmp_path):
+    """model.name_or_path=<run>/adapter trained 0 parameters (transformers loaded the adapter onto its base) and then
+    failed to save with a PEFT-version traceback; a run dir failed with a tokenizer-backend traceback."""
+    adapter = tmp_path / "sft" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    run = sectune([*ARGS, f"dataset.path={good_folder}", "lora=none", f"model.name_or_path={adapter}"], tmp_path / "run")
+    _assert_failed_cleanly(run, f"model.name_or_path={adapter}: a LoRA adapter, not model weights", "lora=none")
+    (tmp_path / "sft" / "result.json").write_text("{}")
+    run = sectune([*ARGS, f"dataset.path={good_folder}", f"model.name_or_path={tmp_path / 'sft'}"], tmp_path / "run2")
+    _assert_failed_cleanly(run, "a sectune run dir, not a model folder", "saved a LoRA adapter (adapter/)")
+
+
+def test_a_model_with_nothing_trainable_is_refused():
+    import torch
+
+    from sectune.errors import ConfigError
+    from sectune.modeling import trainable_parameters
+
+    m = torch.nn.Linear(3, 2)
+    assert trainable_parameters(m) == (8, 8)
+    m.requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameters in Linear \\(8 frozen\\)"):
+        trainable_parameters(m)
+
+
+@pytest.mark.parametrize("preset, expect, wrapped", [("r4_attention", ["c_attn", "attn.c_proj"], {"attn.c_attn", "attn.c_proj"}),
+                                                       ("r16_all_linear", ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+                                                        {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"})])
+def test_the_llama_named_lora_presets_work_on_gpt2(preset, expect, wrapped, capsys):
+    """model=tiny_gpt2 failed with every lora preset: their q_proj/v_proj/... are not GPT-2's module names."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import compose
+    from sectune.modeling import apply_lora
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+    peft = apply_lora(model, compose([f"lora={preset}", "model=tiny_gpt2"]))
+    assert {".".join(n.split(".lora_A")[0].split(".")[-2:]) for n, _ in peft.named_parameters() if "lora_A" in n} == wrapped
+    assert f"in tiny_gpt2's GPT-2 blocks that is {expect}" in capsys.readouterr().out
+
+
+def test_without_network_a_hub_model_fails_at_once_not_after_the_downloads_retries(monkeypatch):
+    """Offline, a hub preset took 50-56 s of visible retries to reach the same error."""
+    import socket
+
+    from conftest import compose
+    from sectune import modeling
+    from sectune.errors import ModelNotAvailableError
+
+    def refused(*a, **k):
+        raise OSError(111, "Connection refused")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(socket, "create_connection", refused)
+    modeling.hub_unreachable.cache_clear()
+    calls = []
+
+    def loader(path, **kw):
+        calls.append(kw.get("local_files_only", False))
+        raise OSError("not in the cache")
+
+    with pytest.raises(ModelNotAvailableError, match="huggingface.co unreachable: Connection refused"):
+        modeling._from_pretrained(loader, "HuggingFaceTB/SmolLM-135M", compose(["model=smollm_135m"]))
+    assert calls == [True]  # the local cache only: no download attempt
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy: nothing probed, the download decides
+    modeling.hub_unreachable.cache_clear()
+    assert modeling.hub_unreachable() is None
+    modeling.hub_unreachable.cache_clear()

@@ -254,9 +254,9 @@ def test_the_readmes_max_memory_example_runs_and_without_plus_plus_the_error_say
     (["model.offload_folder=/tmp/off"], "model.offload_folder=/tmp/off: is used only with model.device_map"),
     (["lora=none", "lora.r=16"], "lora.r=16: has no effect: LoRA is off"),
     (["train.warmup_ratio=1.0"], "train.warmup_ratio=1.0: must be in [0, 1)"),
-    (["stage=reward", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1: stage=reward does not use it"),
+    (["stage=reward", "dataset=auth_preferences", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1: stage=reward does not use it"),
     (["stage=rl", "loss=grpo", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1: stage=rl does not use it"),
-    (["stage=dpo", "loss=dpo", "loss.label_smoothing=0.5"], "loss.label_smoothing=0.5: must be < 0.5 for stage=dpo"),
+    (["stage=dpo", "loss=dpo", "dataset=auth_preferences", "loss.label_smoothing=0.5"], "loss.label_smoothing=0.5: must be < 0.5 for stage=dpo"),
     (["stage=sft", "debug.enabled=true"], "debug.enabled=True: only stage=contrastive has a debug mode"),
     (["stage=federated", "dataset=hdfs", "train.resume=auto"], "train.resume=auto: stage=federated does not resume"),
     (["stage=evaluate", "dataset=hdfs", "evaluate.data_path=/x.csv"], "evaluate.data_path=/x.csv: scores a classify run"),
@@ -274,7 +274,7 @@ def test_settings_a_run_would_ignore_are_refused_naming_the_key(overrides, messa
 def test_the_settings_those_checks_leave_alone_still_run():
     from sectune.config_checks import check_values
 
-    for ok in (["stage=dpo", "loss=dpo", "loss.label_smoothing=0.1"], ["stage=sft", "loss.label_smoothing=0.1"],
+    for ok in (["stage=dpo", "loss=dpo", "dataset=auth_preferences", "loss.label_smoothing=0.1"], ["stage=sft", "loss.label_smoothing=0.1"],
                ["stage=rl", "loss=simplified_ppo", "loss.label_smoothing=0.1"], ["lora=r16_all_linear", "lora.r=32"],
                ["model.device_map=auto", "++model.max_memory={cpu: 8GiB}"], ["stage=contrastive", "loss=causal_contrastive", "debug.enabled=true"]):
         check_values(compose(ok))
@@ -293,3 +293,15 @@ def test_a_model_folder_that_is_not_there_is_named_as_a_missing_folder_not_a_hub
         assert modeling.looks_like_a_path(name), name
     for name in ("meta-llama/Llama-2-7b-hf", "gpt2", "HuggingFaceTB/SmolLM-135M"):
         assert not modeling.looks_like_a_path(name), name
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--config-dir", "no_such_dir", "--cfg", "job"], "no_such_dir' not found (--config-dir / -cd)"),
+    (["-m", "stage=plan", "--cfg", "job"], "drop -m and give each swept key one value"),
+])
+def test_a_command_line_hydra_cannot_run_is_one_line_and_exit_2(args, says):
+    """A missing --config-dir was a bare line and exit 1; -m with --cfg job a ValueError traceback."""
+    run = cli(args)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("sectune: error: ") and says in last

@@ -212,7 +212,7 @@ def test_auth_max_samples_zero_through_the_config_names_the_key(tmp_path):
 
 
 def test_prompt_injections_read_the_hugging_face_download_as_it_is(tmp_path):
-    """The README's `huggingface-cli download … deepset/prompt-injections` leaves data/{train,test}-*.parquet; sectune read
+    """The README's `hf download … deepset/prompt-injections` leaves data/{train,test}-*.parquet; sectune read
     only train.jsonl/test.jsonl and stopped with 'train.jsonl: not found'."""
     import pandas as pd
 

@@ -14,7 +14,7 @@ from conftest import compose, requires_real_data, sectune
 from sectune import anomaly
 from sectune.data import hdfs
 from sectune.data.synthetic_hdfs import write_deeplog_files
-from sectune.errors import DataError
+from sectune.errors import ConfigError, DataError
 from sectune.paths import shared_data_dir
 
 DEEPLOG = shared_data_dir() / hdfs.DEEPLOG_DIR
@@ -302,7 +302,40 @@ def test_evaluate_scores_other_logs_given_as_dataset_path_on_their_own_split(tmp
     other = anomaly._run_config(hdfs_cfg(new, "dataset.split_seed=9"), choice, run)
     assert other.dataset.path == str(new) and other.dataset.split_seed == 3  # the new logs, split as the run split its own
     said = capsys.readouterr().out
-    assert f"scoring {new}, not the logs this run trained on ({old})" in said and "dataset.split_seed=9 (trained: 3)" in said
+    assert f"scoring {new} (deeplog), not the logs this run trained on ({old}, deeplog)" in said and "dataset.split_seed=9 (trained: 3)" in said
+    # the same logs read otherwise: said, and read as the run read them; a typo'd parser is an error, not dropped
+    again = anomaly._run_config(hdfs_cfg(old, "dataset.skip_bad_lines=true"), choice, run)
+    assert again.dataset.skip_bad_lines is False
+    assert "read as it read them, not as dataset.skip_bad_lines=True (trained: False) says" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="dataset.log_parser='drian3': choose auto, structured or drain3"):
+        anomaly._run_config(hdfs_cfg(old, "dataset.log_parser=drian3"), choice, run)
+    with pytest.raises(ConfigError, match="dataset.hdfs_layout='logub': choose deeplog or loghub"):
+        anomaly._run_config(hdfs_cfg(old, "dataset.hdfs_layout=logub"), choice, run)
+
+
+def test_evaluate_reads_the_shipped_set_the_layout_names_and_knows_the_shipped_folder_given_as_a_path(tmp_path, capsys):
+    """`dataset.hdfs_layout=loghub` at evaluate scored the DeepLog sessions the run trained on, without a word; the shipped
+    folder given as dataset.path was called other logs than "the shipped sessions"."""
+    from omegaconf import OmegaConf
+
+    from sectune.stages.infer import ModelChoice
+
+    src = tmp_path / "shared"
+    deeplog = write_sessions(src / hdfs.DEEPLOG_DIR, ["5 5 22"], ["5 22"])
+    (src / hdfs.LOGHUB_DIR).mkdir()
+
+    def cfg(*extra):
+        return compose(["dataset=hdfs", "logger=none", f"dataset.source_dir={src}", f"paths.cache_dir={tmp_path / 'cache'}", *extra])
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg(), run / ".hydra" / "config.yaml")
+    choice = ModelChoice("sft", None, "model")
+    same = anomaly._run_config(cfg(f"dataset.path={deeplog}"), choice, run)
+    assert "scoring" not in capsys.readouterr().out and same.dataset.path is None
+    loghub = anomaly._run_config(cfg("dataset.hdfs_layout=loghub"), choice, run)
+    assert loghub.dataset.hdfs_layout == "loghub"
+    assert f"scoring {src / hdfs.LOGHUB_DIR} (loghub), not the logs this run trained on ({deeplog}, deeplog)" in capsys.readouterr().out
 
 
 def test_evaluate_warns_when_sessions_are_longer_than_training_cut_them(tmp_path):

@@ -132,6 +132,35 @@ def test_constrained_outputs_close_within_any_budget_and_keep_items_unique():
         c.processor(c.min_tokens - 1)
 
 
+def test_a_constrained_model_that_loves_digits_writes_no_count_past_the_schemas_cap():
+    """With a barely trained adapter every constrained answer was schema-valid, and failed_logins a ~280-digit integer."""
+    from sectune import modeling
+    from sectune.constrained import SchemaConstraint
+
+    schema = json.loads((ROOT / "sectune/data/auth_schema.json").read_text())
+    c = SchemaConstraint(modeling.load_tokenizer(compose(BASE)), schema)
+    digits = torch.zeros(c.vocab_size)
+    for i, b in enumerate(c.token_bytes):
+        if b and b.isdigit():
+            digits[i] = 15.0
+    for text in _simulate(c, 160, 2, 0, bias=digits, greedy=True) + _simulate(c, 160, 2, 1, bias=digits):
+        obj = json.loads(text)
+        assert not auth_logs.validate_analysis(obj), text
+        counts = [obj["failed_logins"], obj["accepted_logins"], obj["break_in_attempts"]] + [s["failures"] for s in obj["source_ips"]]
+        assert max(counts) <= 1_000_000 and len(str(obj["failed_logins"])) >= 6, text  # it wanted more digits than it got
+
+
+@pytest.mark.parametrize("buf, fix", [(b"ab", b""), (b"a\xe4", b"\x80\x80"), (b"\xe0", b"\xa0\x80"), (b"\xf0", b"\x90\x80\x80"),
+                                      (b"\xf0\x9f", b"\x80\x80"), (b"\xc3", b"\x80"), (b"x\xe4\xb6\x8f", b""), (b"", b"")])
+def test_a_string_cut_inside_a_utf8_character_is_finished_before_its_quote(buf, fix):
+    """A byte-level token can end inside a character (a sampled '䶏' split in two); the cursor planned the closing
+    quote there, the grammar refused it, and the forced close lost its budget: the answer ended unclosed ("ver)."""
+    from sectune.json_cursor import utf8_completion
+
+    assert utf8_completion(buf) == fix
+    (buf + fix).decode("utf-8")  # a whole character now (no overlong form for E0/F0 leads)
+
+
 def test_whole_word_added_tokens_are_allowed_where_the_grammar_accepts_them():
     """The tiny analyst's tokenizer keeps each schema key whole ('"verdict":' is one added token). xgrammar's
     mask leaves added tokens out although its matcher accepts them; without them a model trained on the
@@ -198,6 +227,9 @@ def test_chain_prefers_rl_then_dpo_then_sft_then_base_as_files_go(tmp_path):
     shutil.rmtree(root / "rl")
     assert infer.choose_model(str(root)).skipped[0] == "rl: no rl/ step"
     assert infer.choose_model(None).used == "base"
+    # no model dir named and no base fallback wanted: the flag was ignored and the base model answered
+    with pytest.raises(Exception, match="infer.model_dir is not set and infer.base_fallback=false"):
+        infer.choose_model(None, base_fallback=False)
 
 
 def test_infer_runs_on_the_adapter_it_chose_and_falls_back(adapter, tmp_path):
@@ -363,7 +395,7 @@ def test_bitmask_applies_the_same_on_the_torch_path_as_on_xgrammars_cpu_kernel()
     assert [not x for x in cpu[:, :120].isinf().flatten().tolist()] == [bool(b) for b in bits]
 
 
-def test_a_prompt_longer_than_the_sequence_length_loses_its_middle_not_the_memory():
+def test_a_prompt_longer_than_the_sequence_length_loses_its_middle_not_the_memory(capsys):
     """A 3,000-line window (127k tokens) in an SFT preview took 24 GB before it was killed: prompts are cut to
     the sequence length less the answer's budget, keeping their start (the instruction) and end (the answer header)."""
     from omegaconf import OmegaConf
@@ -390,6 +422,10 @@ def test_a_prompt_longer_than_the_sequence_length_loses_its_middle_not_the_memor
     stats = {}
     generate(model, tok, [long], gen, stats=stats, max_seq_length=40)
     assert stats["truncated"] == 1 and seen[-1] == ids[:18] + ids[-18:]
+    capsys.readouterr()
+    generate(model, tok, [long, "short", long, long], gen, batch_size=1, stats=stats, max_seq_length=40)  # one line, not one per batch
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "lost their middle" in ln]
+    assert len(said) == 1 and "3 of 4 prompt(s) longer than 36 tokens" in said[0] and stats["truncated"] == 4
 
 
 def test_a_non_utf8_byte_or_a_rotated_gz_beside_the_logs_does_not_stop_the_analysis(tmp_path, capsys):

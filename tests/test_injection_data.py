@@ -468,6 +468,22 @@ def test_evaluate_warns_when_the_analyst_was_trained_on_another_data_file(tmp_pa
     assert "dataset.path" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("trained", [["dataset=hdfs"], ["stage=classify", "dataset=text_label_csv"]])
+def test_evaluate_refuses_a_run_that_is_no_text_analyst(tmp_path, trained):
+    """An HDFS log-key model scored as an analyst: rc 0, attack success 1.000."""
+    from omegaconf import OmegaConf
+
+    from sectune.errors import ConfigError
+    from sectune.injection_eval import check_trained_on
+    from sectune.stages.infer import ModelChoice
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose(["logger=none", *trained]), run / ".hydra" / "config.yaml")
+    with pytest.raises(ConfigError, match=f"trained on dataset={trained[-1].split('=')[1]} .*not an analyst that answers in text"):
+        check_trained_on(compose(TRIPLETS), ModelChoice("sft", None, "model"), run)
+
+
 def test_a_prompt_answer_file_says_what_its_numbers_and_missing_pairs_mean(tmp_path):
     """Its answers have no verdict (the console said "clean verdict accuracy"), and without templated injections it
     has no pair to prefer against ("no training pairs", nothing more)."""

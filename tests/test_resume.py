@@ -62,6 +62,15 @@ def test_resume_from_explicit_bad_dir_is_a_clear_error(tmp_path):
     assert "train.resume" in run.stderr and "not a complete Trainer checkpoint" in run.stderr
 
 
+def test_a_mistyped_or_missing_resume_is_refused_before_anything_loads(tmp_path):
+    """train.resume=autoo (or a folder that is not there) was "not a complete Trainer checkpoint" after the model had loaded."""
+    for value in ("autoo", str(tmp_path / "nope")):
+        run = sectune([*FAST, "train.max_steps=2", f"train.resume={value}"], tmp_path / "r")
+        assert run.returncode == 2 and "Traceback" not in run.stderr
+        assert f"train.resume={value}" in run.stderr and "neither auto, null nor an existing checkpoint folder" in run.stderr
+        assert "trainable of" not in run.stdout  # stopped at the config, before the model
+
+
 def _truncate(path, keep=0.5):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])

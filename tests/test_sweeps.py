@@ -112,6 +112,15 @@ def test_the_slurm_launcher_off_a_cluster_is_a_clear_error_not_a_traceback(tmp_p
     assert proc.stderr.strip().splitlines()[-1].startswith("sectune: error: hydra/launcher=slurm: no `srun` on this machine's PATH")
 
 
+@pytest.mark.parametrize("launcher", ["slurm", "local"])
+def test_a_launcher_without_multirun_is_refused_not_run_here(tmp_path, launcher):
+    """hydra/launcher=slurm without -m trained in this process (on a login node, say), exit 0, no word."""
+    proc = cli([f"hydra/launcher={launcher}", "stage=plan", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=PROJECT_ROOT, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"sectune: error: hydra/launcher={launcher} applies to sweeps only" in proc.stderr
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
 def test_optuna_preset_returns_the_objective(tmp_path):
     sweep = tmp_path / "optuna"
     proc = multirun(["hparams_search=sft_optuna", "stage=plan", "logger=none", "hydra.sweeper.n_trials=3",

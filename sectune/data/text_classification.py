@@ -103,7 +103,7 @@ def _read_injection_parquet(path: Path) -> List[Dict[str, str]]:
 
 def load_prompt_injections(directory) -> Dict[str, List[Dict[str, str]]]:
     """``{"train": [...], "test": [...]}`` (546/116 rows) from ``train.jsonl``/``test.jsonl``, or from the parquet files
-    ``huggingface-cli download --repo-type dataset deepset/prompt-injections --local-dir DIR`` leaves (``DIR/data/
+    ``hf download deepset/prompt-injections --repo-type dataset --local-dir DIR`` leaves (``DIR/data/
     train-*.parquet``, ``test-*.parquet``, or the same files directly in the folder).
 
     The dataset has no validation split; callers that tune anything carve one out of train.
@@ -111,7 +111,7 @@ def load_prompt_injections(directory) -> Dict[str, List[Dict[str, str]]]:
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: prompt-injection folder not found (the README's Data table: "
-                        "huggingface-cli download --repo-type dataset deepset/prompt-injections --local-dir <folder>)")
+                        "hf download deepset/prompt-injections --repo-type dataset --local-dir <folder>)")
     out = {}
     for split in ("train", "test"):
         jsonl = directory / f"{split}.jsonl"

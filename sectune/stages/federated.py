@@ -111,7 +111,7 @@ def run(ctx: RunContext) -> dict:
     per_round = federated.clients_per_round(int(fed.num_clients), float(fed.client_frac))
     sizes = [len(p) for p in parts]
     print(f"sectune: federated: {len(train_keys)} training sessions over {fed.num_clients} clients ({fed.partition}; "
-          f"sizes {min(sizes)}..{max(sizes)}), {per_round} per round, {fed.rounds} rounds × {fed.local_steps} local steps")
+          f"sizes {min(sizes)}..{max(sizes)}), {per_round} per round, {fed.rounds} round{'s' if fed.rounds != 1 else ''} × {fed.local_steps} local step{'s' if fed.local_steps != 1 else ''}")
 
     # 2. the server's model: the global evaluation only (clients load their own copy of the base weights)
     path = modeling.model_path(cfg)
@@ -245,7 +245,7 @@ def run(ctx: RunContext) -> dict:
     plot_rounds(run_dir / "plots" / "federated_rounds.png", [history[r] for r in rounds], up, down, full_bytes * per_round,
                 f"federated · {cfg.model.name} · {fed.num_clients} clients ({fed.partition})")
     metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
-    print(f"sectune: federated done · {rounds_done} rounds in {sim_s:.0f}s · val loss {metrics['val_loss_start']:.3f} → "
+    print(f"sectune: federated done · {rounds_done} round{'s' if rounds_done != 1 else ''} in {sim_s:.0f}s · val loss {metrics['val_loss_start']:.3f} → "
           f"{metrics['val_loss_end']:.3f}" + (f" · test F1 {metrics['test_f1']:.4f} FPR {metrics['test_fpr']:.4f}" if "test_f1" in metrics else "")
           + (f" (bigram baseline F1 {metrics['baseline_test_f1']:.4f} FPR {metrics['baseline_test_fpr']:.4f})"
              if "baseline_test_f1" in metrics and "baseline_test_fpr" in metrics else "")

@@ -55,8 +55,9 @@ def run(ctx: RunContext) -> dict:
     print(f"sectune: infer: {len(files)} input(s){f' in {len(inputs)} windows' if split else ''}, answered by {choice.describe(model_ref)}")
     for why in choice.skipped:
         print(f"sectune: infer: skipped {why}")
-    if choice.used == "base" and ic.model_dir is not None:
-        print(f"sectune: warning: no usable rl/dpo/sft model in {ic.model_dir}; the base model answers")
+    if choice.used == "base":
+        print(f"sectune: warning: {f'no usable rl/dpo/sft model in {ic.model_dir}' if ic.model_dir is not None else 'infer.model_dir is not set'}; "
+              "the base model answers, untrained for this task")
 
     # 3. prompts
     schema_text = json.dumps(validator.schema, separators=(",", ":")) if ic.full_schema else None
@@ -267,7 +268,10 @@ class ModelChoice:
 def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_dir") -> ModelChoice:
     """The first usable of RL → DPO → SFT in ``model_dir`` (a run or pipeline dir), else the base.
     ``key``: the setting ``model_dir`` came from, as errors name it."""
-    if model_dir is None:
+    if model_dir is None:  # nothing trained was named: the configured base model, untrained for this task
+        if not base_fallback:
+            raise ConfigError(f"{key} is not set and infer.base_fallback=false: only the base model could answer; give "
+                              f"{key}=<an sft, dpo or rl run dir or a pipeline dir>")
         return ModelChoice("base")
     root = Path(str(model_dir)).expanduser()
     if not root.is_dir():

@@ -26,6 +26,16 @@ def _refuse_hub_kernels() -> None:
     def get_kernel(repo_id, *args, **kwargs):
         raise RuntimeError(f"sectune does not fetch hub kernels ({repo_id}): code from the network (USE_HUB_KERNELS=1 allows them)")
 
+    import logging
+
+    class QuietRefusal(logging.Filter):
+        """bitsandbytes then logs the refusal as a failure ("... Please make sure you already `pip install kernels`"),
+        at every import, with or without quantization: sectune's own choice, not the user's to fix."""
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "sectune does not fetch hub kernels" not in record.getMessage()
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(QuietRefusal())
     if "kernels" in sys.modules:
         sys.modules["kernels"].get_kernel = get_kernel
         return

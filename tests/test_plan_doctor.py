@@ -287,3 +287,7 @@ def test_doctor_says_which_datasets_will_fail_without_the_real_files(tmp_path):
     (empty / "loghub_openssh_2k").mkdir()
     (empty / "loghub_openssh_2k" / "OpenSSH_2k.log").write_text("x\n")
     assert "built from the real logs" in check("dataset=auth_logs")[1]
+    # a shared-data folder set by hand that is not there (a typo) was "ok: generated logs are used"
+    for name in ("auth_logs", "hdfs"):
+        (c,) = doctor.check_dataset(compose(["stage=doctor", f"paths.shared_data={tmp_path / 'sahred'}", f"dataset={name}"]))
+        assert c.status == "warn" and f"{tmp_path / 'sahred'} (paths.shared_data / dataset.source_dir) does not exist" in c.detail

@@ -208,6 +208,12 @@ def check_dataset(cfg: DictConfig) -> list[Check]:
             return [Check("dataset", "ok", f"dataset={name}: {need}")]
         return [Check("dataset", "missing", f"dataset={name}: {need} not found, and this dataset has no generated stand-in",
                       "get it as the README's Data table says, or set dataset.source_dir / paths.shared_data")]
+    from sectune.paths import resolved, shared_data_dir
+
+    if not src.exists() and resolved(src) != resolved(shared_data_dir()):  # set by hand to a folder that is not there
+        return [Check("dataset", "warn", f"dataset={name}: {src} (paths.shared_data / dataset.source_dir) does not exist; "
+                      "the run would use generated data", "fix the path (a typo?), or unset it for the default "
+                      f"{shared_data_dir()}")]
     if name in ("auth_logs", "auth_preferences", "injection_triplets", "injection_preferences"):
         real = [rel for rel in REAL_SOURCES if (src / rel).is_file()]
         if real:

@@ -87,6 +87,34 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return None
 
 
+def last_finite_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose logged numbers (losses, eval metrics) and adapter weights are all finite:
+    the one a NaN report calls "last good" (the newest could already hold the NaN it stopped on)."""
+    import math
+
+    if not checkpoint_dir.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in checkpoint_dir.iterdir()
+                    if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir() and is_complete_checkpoint(p)), reverse=True)
+    for _, ckpt in found:
+        if damaged_file(ckpt) is not None:
+            continue
+        try:
+            logs = json.loads((ckpt / "trainer_state.json").read_text()).get("log_history") or []
+        except (OSError, ValueError):
+            continue
+        if any(isinstance(v, float) and not math.isfinite(v) for row in logs for v in row.values()):
+            continue
+        adapter = ckpt / "adapter_model.safetensors"
+        if adapter.is_file():
+            from safetensors.torch import load_file
+
+            if not all(bool(t.isfinite().all()) for t in load_file(str(adapter)).values() if t.is_floating_point()):
+                continue
+        return ckpt
+    return None
+
+
 def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
     """``train.resume``: null (fresh), auto (newest complete checkpoint that loads, if any), or a dir. A fresh start
     records what its checkpoints are trained with (:data:`RESUME_RECORD`); a resume from checkpoints trained with

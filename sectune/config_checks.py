@@ -135,6 +135,8 @@ def check_values(cfg) -> None:
             need(rl.heldout_windows >= 0, "rl.heldout_windows", rl.heldout_windows, "must be >= 0 (0 = skip)")
             need(loss.beta >= 0, "loss.beta", loss.beta, "must be >= 0 (the KL weight; 0 = no KL term)")
             need(loss.clip_epsilon > 0, "loss.clip_epsilon", loss.clip_epsilon, "must be > 0 (the policy ratio is clipped to [1-ε, 1+ε])")
+            need(rl.num_generations >= 2, "rl.num_generations", rl.num_generations, "GRPO needs at least 2 completions per prompt to compare them")
+            check_rl_rewards(cfg)
     if cfg.stage.name == "federated":  # before Ray starts: a bad resource request crashed the simulation, which then hung
         import torch
 
@@ -144,6 +146,9 @@ def check_values(cfg) -> None:
         need(f.batch_size is None or f.batch_size >= 1, "federated.batch_size", f.batch_size, "must be >= 1 (null: train.batch_size)")
         need(f.lr_schedule in LR_SCHEDULES, "federated.lr_schedule", f.lr_schedule, f"choose one of {', '.join(LR_SCHEDULES)}")
         need(f.client_num_cpus >= 1, "federated.client_num_cpus", f.client_num_cpus, "must be >= 1 (Ray CPUs, and torch threads, per client)")
+        if f.dp:  # Flower's DP wrapper raised them mid-run, a traceback and exit 1
+            need(f.dp_noise_multiplier >= 0, "federated.dp_noise_multiplier", f.dp_noise_multiplier, "must be >= 0 (0: clipping without noise)")
+            need(f.dp_clipping_norm > 0, "federated.dp_clipping_norm", f.dp_clipping_norm, "must be > 0 (the L2 norm each client's update is clipped to)")
         need(f.client_num_gpus >= 0, "federated.client_num_gpus", f.client_num_gpus, "must be >= 0")
         need(f.client_num_gpus == 0 or torch.cuda.is_available(), "federated.client_num_gpus", f.client_num_gpus,
              "asks Ray for GPUs, and this machine has none (0: clients on the CPU)")
@@ -178,9 +183,46 @@ def check_settings_in_effect(cfg, need) -> None:
          "file as dataset.path (scored on its own validation/test split)")
     need(cfg.stage.name != "federated" or cfg.train.resume in (None, "", "no"), "train.resume", cfg.train.resume,
          "stage=federated does not resume (a rerun starts from round 0: its rounds keep no Trainer checkpoints)")
+    if cfg.stage.name == "rl" and cfg.loss.name == "simplified_ppo":  # supervised fine-tuning: no sampling, no reward
+        from sectune.config_stages import RLConfig
+
+        default = OmegaConf.structured(RLConfig)
+        changed = [k for k in GRPO_ONLY if OmegaConf.to_container(OmegaConf.create({"v": cfg.rl[k]}))
+                   != OmegaConf.to_container(OmegaConf.create({"v": default[k]}))]
+        need(not changed, f"rl.{changed[0] if changed else ''}", cfg.rl[changed[0]] if changed else None,
+             "is a GRPO setting; loss=simplified_ppo (seed 000's recipe: supervised fine-tuning on the best windows) samples "
+             "nothing and scores no reward, so it would be ignored: use loss=grpo, or leave it out")
     r = cfg.train.resume  # a typo (autoo) or a missing folder was found only after the model had loaded
     need(r in (None, "", "null", "none", "auto", "no") or Path(str(r)).expanduser().is_dir(), "train.resume", r,
          "is neither auto, null nor an existing checkpoint folder (checkpoint-N under a run's checkpoints/)")
+
+
+#: rl.* keys only loss=grpo reads
+GRPO_ONLY = ("num_generations", "temperature", "top_p", "max_completion_length", "heldout_windows", "eval_steps", "keep_best",
+             "keep_best_se", "num_iterations", "loss_type", "scale_rewards", "rewards", "normalize_reward_model", "reward_model",
+             "reference", "shared_prompt")
+
+
+def check_rl_rewards(cfg) -> None:
+    """``rl.rewards`` (GRPO): known names, finite weights >= 0 (each reward is in [0, 1]: a negative weight rewards a wrong
+    answer), one above 0, and a reward model to score with when it is weighted. Found inside run_grpo, after the memory
+    check (and in a pipeline after the steps before rl had trained)."""
+    from sectune.data.auth_rewards import check_reward_weights
+    from sectune.errors import ConfigError
+
+    given = OmegaConf.to_container(cfg.rl.rewards, resolve=True) if cfg.rl.rewards is not None else {}
+    try:
+        weights = check_reward_weights(given)
+    except ValueError as e:
+        raise ConfigError(f"rl.rewards: {e}") from None
+    negative = [f"{k}={v:g}" for k, v in weights.items() if v < 0]
+    if negative:
+        raise ConfigError(f"rl.rewards.{negative[0]}: a weight must be >= 0 (every reward is in [0, 1]; 0 logs it unweighted)")
+    if not any(weights.values()):
+        raise ConfigError("rl.rewards: every weight is 0; weight at least one reward")
+    if weights.get("reward_model") and not cfg.rl.reward_model:
+        raise ConfigError(f"rl.rewards.reward_model={weights['reward_model']:g} weighs a reward model, but rl.reward_model is not set "
+                          "(give a stage=reward run dir; in a pipeline, put reward before rl in pipeline.steps) or weigh it 0")
 
 
 #: ``quantization.bnb_4bit_compute_dtype`` names → torch dtype names

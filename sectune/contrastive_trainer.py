@@ -317,7 +317,7 @@ class CausalContrastiveTrainer(Trainer):
         return (loss, (r_b, r_cf, r_inj, task)) if return_outputs else loss
 
     def _stop_non_finite(self, loss, parts) -> None:
-        last_good = checkpoints.latest_checkpoint(Path(self.args.output_dir))
+        last_good = checkpoints.last_finite_checkpoint(Path(self.args.output_dir))
         values = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
         raise NonFiniteLossError(
             f"stage=contrastive: the loss is {loss.item()} at step {self.state.global_step + 1} ({values}); last good "

@@ -60,7 +60,10 @@ def reward_functions(cfg) -> tuple[list, list[float], str | None]:
             raise ConfigError("rl.rewards.reward_model is weighted but rl.reward_model is not set (give a stage=reward run dir)")
         from sectune.reward_model import load_reward_model
 
-        scorer = load_reward_model(cfg.rl.reward_model, cfg)
+        try:
+            scorer = load_reward_model(cfg.rl.reward_model, cfg)
+        except ConfigError as e:  # "<path>: no reward model there" named no setting
+            raise ConfigError(f"rl.reward_model={cfg.rl.reward_model}: {e}" if "rl.reward_model" not in str(e) else str(e)) from None
         normalize = bool(cfg.rl.normalize_reward_model)
         if normalize and scorer.kind == "trained" and scorer.norm is None:  # the heuristic's score is in [0, 1] already
             raise ConfigError(f"rl.reward_model={cfg.rl.reward_model}: this reward model has no score statistics (saved by an "

@@ -55,6 +55,9 @@ from sectune.errors import ConfigError
     ("stage=rl loss=grpo rl.top_p=1.5", "rl.top_p"),
     ("stage=rl loss=grpo rl.max_completion_length=0", "rl.max_completion_length"),  # was transformers' ValueError
     ("stage=rl loss=grpo rl.num_iterations=0", "rl.num_iterations"),  # trained 0 steps and saved the adapter
+    ("stage=rl loss=grpo rl.num_generations=1", "rl.num_generations"),  # found after the memory check
+    ("stage=rl loss=grpo rl.rewards.verdict=-1", "rl.rewards.verdict"),  # rewarded wrong verdicts, without a word
+    ("stage=rl loss=grpo rl.rewards.reward_model=0.5", "rl.rewards.reward_model"),  # weighted, no rl.reward_model
     ("stage=rl loss=grpo rl.eval_steps=-1", "rl.eval_steps"),
     ("stage=rl loss=grpo rl.heldout_windows=-1", "rl.heldout_windows"),  # scored all windows but the last
     ("stage=rl loss=grpo loss.beta=-0.04", "loss.beta"),
@@ -67,6 +70,8 @@ from sectune.errors import ConfigError
     ("stage=federated federated.batch_size=0", "federated.batch_size"),  # was silently train.batch_size
     ("stage=federated federated.lr_schedule=cosin", "federated.lr_schedule"),  # was found after Ray and round 0
     ("stage=federated federated.client_num_cpus=0", "federated.client_num_cpus"),  # crashed Ray's pool, then hung
+    ("stage=federated federated.dp=true federated.dp_noise_multiplier=-1", "federated.dp_noise_multiplier"),  # Flower's traceback
+    ("stage=federated federated.dp=true federated.dp_clipping_norm=0", "federated.dp_clipping_norm"),
     ("stage=federated federated.client_num_gpus=-1", "federated.client_num_gpus"),  # (and any > 0 on a machine without CUDA)
     ("dataset.split_seed=-1", "dataset.split_seed"),  # every dataset: numpy's seed range (was a traceback in classify)
     ("stage=classify dataset=text_label_csv dataset.skip_bad_lines=true", "dataset.skip_bad_lines"),  # was accepted, then ignored
@@ -96,7 +101,12 @@ def test_a_preference_stage_on_other_data_is_refused_before_anything_loads():
 def test_stage_and_preset_values_are_checked_only_where_they_are_used():
     from sectune.config_checks import check_values
 
-    check_values(compose(["stage=rl", "loss=simplified_ppo", "rl.temperature=0", "rl.max_completion_length=0"]))  # no sampling
+    check_values(compose(["stage=rl", "loss=simplified_ppo", "rl.lr_scale=0.5"]))
+    # no sampling, no reward: a GRPO setting under simplified_ppo was ignored without a word (a missing reward model too)
+    for bad in ("rl.temperature=0", "rl.max_completion_length=0", "rl.num_generations=8", "rl.reward_model=/no/such/run",
+                "rl.rewards.verdict=1", "rl.keep_best=false"):
+        with pytest.raises(ConfigError, match=rf"^{'rl.rewards' if 'rewards' in bad else bad.split('=')[0]}=.*is a GRPO setting; loss=simplified_ppo"):
+            check_values(compose(["stage=rl", "loss=simplified_ppo", bad]))
     check_values(compose(["stage=rl", "loss=grpo", "loss.beta=0"]))  # GRPO without its KL term
     check_values(compose(["stage=sft", "rl.lr_scale=0", "loss.beta=0"]))
     check_values(compose(["quantization.bnb_4bit_quant_type=int4"]))  # quantization=none reads none of it

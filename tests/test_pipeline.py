@@ -170,6 +170,16 @@ def test_a_later_steps_bad_value_stops_the_pipeline_before_its_first_step(tmp_pa
     assert res.result["status"] == "failed" and not (run_dir / "sft").exists()
 
 
+def test_a_weighted_reward_model_without_a_reward_step_stops_before_the_first_step(tmp_path):
+    """[sft, rl] with rl.rewards.reward_model weighted (auth_grpo's 0.1) trained SFT in full, then failed at rl."""
+    run_dir = tmp_path / "p"
+    res = run([*SMALL, "pipeline.steps=[sft,rl]", "pipeline.overrides.rl.rl.rewards.reward_model=0.1"], run_dir)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        "sectune: error: pipeline step rl: rl.rewards.reward_model=0.1 weighs a reward model, but rl.reward_model is not set")
+    assert res.result["status"] == "failed" and not (run_dir / "sft").exists()
+
+
 # ----------------------------------------------------------------------------- end to end
 @requires_real_data
 @requires_rl

@@ -48,6 +48,8 @@ def test_plan_stage_writes_table_and_predicted_peak(tmp_path):
     for component in ("weights", "adapters", "optimizer_state", "gradients", "activations", "runtime_overhead"):
         assert component in text
     assert "deepseek_r1_distill_llama_8b" in text  # the every-preset table
+    # a pipeline preset's stage=plan planned the SFT-shaped batch without a word about GRPO's G-fold one
+    assert "holds train.batch_size × rl.num_generations (G=4) sequences: plan it with plan.batch_size=" in text
     assert "1.10-1.31x this total" in text and "int8" not in text.split("checked on one H200")[1]  # the GPU check, said
 
 

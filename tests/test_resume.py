@@ -141,3 +141,25 @@ def test_resuming_checkpoints_trained_with_other_settings_is_an_error_naming_the
                                           r"settings \(lora.r: 4 there, 16 now; train.learning_rate: 0.01 there, 0.001 now\)"):
         checkpoints._check_same_training(compose(["logger=none", "train.learning_rate=0.001", "lora.r=16"]), ckpt,
                                          f"train.resume=auto ({ckpt})")
+
+
+def test_the_last_good_checkpoint_a_nan_report_names_holds_no_nan(tmp_path):
+    """debug mode stopped at step 3 naming checkpoint-2 as the last good one; checkpoint-2 had logged eval_loss NaN and
+    held weights of ~1e30."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sectune.checkpoints import last_finite_checkpoint
+
+    def ckpt(step, logs, weight):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        save_file({"w": torch.full((4, 4), weight)}, str(d / "adapter_model.safetensors"))
+        torch.save({"state": torch.ones(2)}, d / "optimizer.pt")
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": logs}))
+
+    ckpt(1, [{"loss": 1.5, "step": 1}], 0.5)
+    ckpt(2, [{"loss": 1.5, "step": 1}, {"eval_loss": float("nan"), "step": 2}], 1.0)
+    ckpt(3, [{"loss": 1.5, "step": 1}, {"loss": 1.2, "step": 3}], float("inf"))
+    assert last_finite_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    assert last_finite_checkpoint(tmp_path / "none") is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -503,6 +504,9 @@ def test_init_from_and_reward_settings_errors_name_what_to_fix(tmp_path, monkeyp
         rl.init_source(str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="rl.reward_model is not set"):
         rl.reward_functions(compose(["stage=rl", "rl.rewards.reward_model=0.5"]))
+    (tmp_path / "not_a_reward_run").mkdir()
+    with pytest.raises(ConfigError, match=f"^rl.reward_model={tmp_path / 'not_a_reward_run'}: "):  # the error named the path, not the key
+        rl.reward_functions(compose(["stage=rl", "rl.rewards.reward_model=0.5", f"rl.reward_model={tmp_path / 'not_a_reward_run'}"]))
     # a reward model saved without score statistics (an older sectune) is refused unless raw scores are asked for
     old_rm = type("OldRM", (), {"kind": "trained", "norm": None, "score": lambda self, p, c: [5.0] * len(c)})()
     monkeypatch.setattr("sectune.reward_model.load_reward_model", lambda *a, **k: old_rm)
@@ -567,7 +571,10 @@ def test_grpo_raises_the_mean_reward_and_logs_every_reward_per_step(grpo_run):
     # rl.keep_best (eval_steps 0: start and end only): the saved adapter is the better of the two
     assert m["reward_heldout_best"] == max(m["reward_heldout_start"], m["reward_heldout_end"])
     assert m["best_step"] == (16 if m["reward_heldout_end"] >= m["reward_heldout_start"] else 0)
-    steps = json.loads((grpo_run.run_dir / res["artifacts"]["train_history"]).read_text())["steps"]
+    assert m["kept_step"] == m["best_step"]  # rl.keep_best (default): the saved adapter is the best step's
+    history = json.loads((grpo_run.run_dir / res["artifacts"]["train_history"]).read_text())
+    assert history["heldout"] == {"0": m["reward_heldout_start"], "16": m["reward_heldout_end"]}  # the end evaluation too
+    steps = history["steps"]
     assert len(steps) == 16
     for key in ("reward", "reward_std", "kl", "clip_fraction", "completion_length", *(f"{n}_{s}" for n in ("json_valid", "schema_valid", "verdict", "fields") for s in ("mean", "std"))):
         assert all(key in s for s in steps), key
@@ -589,6 +596,20 @@ def test_grpo_adapter_reloads_with_plain_peft_on_the_sft_weights(grpo_run, sft_r
     ids = torch.arange(1, 40)[None]
     with torch.no_grad():
         assert (policy(input_ids=ids).logits - sft(input_ids=ids).logits).abs().max() > 1e-3
+
+
+@requires_real_data
+def test_grpo_from_an_rl_run_keeps_its_adapter_on_the_sft_weights(grpo_run, sft_run, capsys):
+    """GRPO started from an earlier GRPO run's adapter loaded it on the SFT weights but recorded no base_model: infer
+    and the next stage then put the new adapter on the random base model (held-out reward 0.113 -> 0.000)."""
+    args = [a if not a.startswith("train.max_steps=") else "train.max_steps=2" for a in GRPO_ARGS]
+    run_dir = grpo_run.run_dir.parent / "grpo_again"
+    code, res, out = run_in_process([*args, f"rl.init_from={grpo_run.run_dir}", "rl.heldout_windows=4"], run_dir, capsys)
+    assert code == 0, out[-2000:]
+    assert (run_dir / res["artifacts"]["base_model"]).resolve() == (sft_run.run_dir / "model").resolve()
+    from sectune import modeling
+
+    assert Path(modeling.adapter_base(run_dir / res["artifacts"]["adapter"], compose(args))).resolve() == (sft_run.run_dir / "model").resolve()
 
 
 def run_in_process(overrides: list[str], run_dir, capsys) -> tuple[int, dict, str]:

@@ -104,7 +104,7 @@ def run(ctx: RunContext) -> dict:
         if not (cfg.debug.enabled and "nan values" in str(e)):
             raise
         raise CT.NonFiniteLossError(f"stage=contrastive: autograd anomaly detection found NaN at step {trainer.state.global_step + 1}: "
-                                    f"{str(e).splitlines()[0]}; last good checkpoint: {checkpoints.latest_checkpoint(run_dir / 'checkpoints')}. "
+                                    f"{str(e).splitlines()[0]}; last good checkpoint: {checkpoints.last_finite_checkpoint(run_dir / 'checkpoints') or 'none saved'}. "
                                     f"What to try (seed 002): {CT.nan_advice(True)}") from None
     finally:
         engine.write_history(run_dir / "train_history.json", trainer)

@@ -293,7 +293,8 @@ def compose_step(cfg: DictConfig, base: list[str], name: str, run_dir: Path, nam
             raise ConfigError("pipeline step reward: reward.init_from=sft names this pipeline's sft step, but pipeline.steps "
                               f"runs none before reward ({', '.join(names)})")
         step_cfg.reward.init_from = str(run_dir / "sft")
-    if name == "rl" and "reward" in names[: names.index(name)] and not float(step_cfg.rl.rewards.get("reward_model", 0) or 0):
+    if (name == "rl" and step_cfg.loss.name == "grpo" and "reward" in names[: names.index(name)]
+            and not float(step_cfg.rl.rewards.get("reward_model", 0) or 0)):
         # the reward step's model would be trained and never used (rl's default weight for it is 0)
         values = {**values, "rl": {**values.get("rl", {}), "rewards": {**(values.get("rl", {}).get("rewards") or {}),
                                                                        "reward_model": REWARD_MODEL_WEIGHT}}}
@@ -316,6 +317,8 @@ def handoffs(name: str, names: list[str], run_dir: Path, step_cfg: DictConfig) -
     out: dict[str, dict[str, Any]] = {}
     if name in ("rl", "dpo", "evaluate"):
         for step, (key, _) in TAKES[name].items():
+            if key == "rl.reward_model" and step_cfg.loss.name != "grpo":
+                continue  # simplified_ppo scores no reward
             if step in before and not (key == "evaluate.model_dir" and step_cfg.evaluate.model_dir is not None):
                 group, field = key.split(".")
                 out.setdefault(group, {})[field] = str(run_dir / step)

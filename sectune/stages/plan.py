@@ -253,6 +253,11 @@ def run(ctx: RunContext) -> dict:
     template_budget_gb(cfg)  # before estimate, which checks the batch shape (batch_shape) before any model config is read
     budget, info = estimate(cfg)
     text = markdown(budget, info)
+    # a pipeline preset (sft → reward → rl) composed with stage=plan plans the train.* batch, not GRPO's G-fold one
+    G = int(cfg.rl.num_generations)
+    text += (f"\nThis plans one training batch of train.batch_size × the sequence length (SFT, DPO, classify, contrastive). "
+             f"GRPO's step (stage=rl loss=grpo, a pipeline's rl step) holds train.batch_size × rl.num_generations (G={G}) "
+             f"sequences: plan it with plan.batch_size=<its batch × G>.\n")
     print(text)
     metrics = {"predicted_peak_bytes": budget.total, "params": budget.params, "trainable_params": budget.trainable_params}
     metrics.update({f"predicted_{c}_bytes": getattr(budget, c) for c in COMPONENTS})

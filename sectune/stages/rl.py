@@ -82,14 +82,17 @@ def build_policy(cfg, path: str):
             if kind == "model":
                 model = modeling.apply_lora(modeling.load_model(cfg, path=str(folder)), cfg)
                 return model, f"the SFT weights in {folder} under a fresh LoRA adapter", False, folder, folder
-            # the weights the SFT adapter was trained on: model.name_or_path, or its run's artifacts.base_model (sft.warmup_lines)
-            model = PeftModel.from_pretrained(modeling.load_model(cfg, path=modeling.adapter_base(folder, cfg)), str(folder), is_trainable=True)
+            # the weights the SFT adapter was trained on: model.name_or_path, or its run's artifacts.base_model (sft.warmup_lines;
+            # an earlier RL run's on SFT full weights); recorded again, so that this run's adapter is loaded on them too
+            base = modeling.adapter_base(folder, cfg)
+            model = PeftModel.from_pretrained(modeling.load_model(cfg, path=base), str(folder), is_trainable=True)
         except SectuneError:
             raise
         except Exception as e:  # noqa: BLE001 - every load failure is the same user error: this folder, this model
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"rl.init_from={init_from}: cannot load the {kind} in {folder} for model={cfg.model.name} ({type(e).__name__}: {first})") from None
-        return model, f"the SFT adapter in {folder} (its LoRA settings; lora.* not applied)", False, None, folder
+        weights = Path(base) if Path(base).resolve() != Path(modeling.model_path(cfg)).resolve() else None
+        return model, f"the SFT adapter in {folder} (its LoRA settings; lora.* not applied)", False, weights, folder
     except ConfigError as e:
         if not cfg.rl.allow_fresh_adapter:
             raise ConfigError(f"{e}; or set rl.allow_fresh_adapter=true to start from a fresh adapter") from None
@@ -226,7 +229,10 @@ def run_grpo(ctx: RunContext) -> dict:
             why = (f": no later evaluation beat it by more than {rl.keep_best_se:g} standard error(s) of the per-window differences"
                    if rl.keep_best_se else ", the best held-out reward")
             kept = f"; kept step {best.step}'s adapter ({best.score:.3f}){why}"
-        metrics.update(best_step=best.step if rl.keep_best else step, reward_heldout_best=best.score)
+        # best_step / reward_heldout_best: one evaluation (rl.keep_best=false saved another: kept_step)
+        metrics.update(best_step=best.step, reward_heldout_best=best.score, kept_step=best.step if rl.keep_best else step)
+        if main:  # the end evaluation came after the history was written
+            write_json_atomic(run_dir / "train_history.json", {**history, "heldout": best.scores})
         print(f"sectune: held-out reward (greedy, {len(val_recs)} validation windows): "
               f"{heldout.get('reward_heldout_start', float('nan')):.3f} → {heldout['reward_heldout_end']:.3f}{kept}")
 

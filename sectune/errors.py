@@ -21,3 +21,13 @@ class DataError(SectuneError):
 
 class ModelNotAvailableError(SectuneError):
     """Model weights that are neither in the local cache nor downloadable."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line for an error naming a file or key: its first line, and the line after it when
+    the first only announces it (PyTorch's "Error(s) in loading state_dict for X:" then "size mismatch for ..."), or the
+    exception's type when it says nothing."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from sectune.errors import ConfigError, DataError, SectuneError
+from sectune.errors import ConfigError, DataError, SectuneError, first_line
 
 LABELS_FILE = "labels.json"
 META_FILE = "classifier.json"
@@ -157,7 +157,7 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
         except (SectuneError, MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # noqa: BLE001 - any other load failure is the same user error: this folder's files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ConfigError(f"{folder}: cannot load the saved classifier onto model={cfg.model.name} "
                               f"({type(e).__name__}: {first}); the run's files may be damaged; {RETRAIN}") from None
 

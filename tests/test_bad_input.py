@@ -71,6 +71,7 @@ from sectune.errors import ConfigError
     ("stage=federated federated.lr_schedule=cosin", "federated.lr_schedule"),  # was found after Ray and round 0
     ("stage=federated federated.client_num_cpus=0", "federated.client_num_cpus"),  # crashed Ray's pool, then hung
     ("stage=federated federated.dp=true federated.dp_noise_multiplier=-1", "federated.dp_noise_multiplier"),  # Flower's traceback
+    ("stage=contrastive loss=causal_contrastive train.eval_steps=10 train.save_steps=15", "train.save_steps"),  # after loading
     ("stage=federated federated.dp=true federated.dp_clipping_norm=0", "federated.dp_clipping_norm"),
     ("stage=federated federated.client_num_gpus=-1", "federated.client_num_gpus"),  # (and any > 0 on a machine without CUDA)
     ("dataset.split_seed=-1", "dataset.split_seed"),  # every dataset: numpy's seed range (was a traceback in classify)

@@ -169,3 +169,12 @@ def test_without_network_a_hub_model_fails_at_once_not_after_the_downloads_retri
     modeling.hub_unreachable.cache_clear()
     assert modeling.hub_unreachable() is None
     modeling.hub_unreachable.cache_clear()
+
+
+def test_a_load_error_that_announces_its_cause_keeps_the_cause():
+    """rl.init_from=<a federated run> said only "(RuntimeError: Error(s) in loading state_dict for PeftModelForCausalLM:)"."""
+    from sectune.errors import first_line
+
+    e = RuntimeError("Error(s) in loading state_dict for PeftModelForCausalLM:\n\tsize mismatch for lora_A: [4, 64] vs [8, 64].\n\tmore")
+    assert first_line(e) == "Error(s) in loading state_dict for PeftModelForCausalLM: size mismatch for lora_A: [4, 64] vs [8, 64]."
+    assert first_line(ValueError("bad value\nsecond")) == "bad value" and first_line(KeyError()) == "KeyError"

@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 
 from sectune import checkpoints, engine, modeling
 from sectune import contrastive_trainer as CT
-from sectune.errors import ConfigError, SectuneError
+from sectune.errors import ConfigError, SectuneError, first_line
 from sectune.runner import RunContext, init_source, write_json_atomic
 
 MODES = ("max", "min")
@@ -223,7 +223,7 @@ def build_model(cfg: DictConfig, path: str):
     except SectuneError:
         raise
     except Exception as e:  # noqa: BLE001 - every load failure is the same user error: this folder, this model
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ConfigError(f"contrastive.init_from={init_from}: cannot load the {kind} in {folder} for model={cfg.model.name} "
                           f"({type(e).__name__}: {first})") from None
 

@@ -31,7 +31,7 @@ import torch
 
 from sectune import checkpoints, engine, losses, modeling, packed_attention
 from sectune.config_checks import dpo_sft_weight
-from sectune.errors import ConfigError
+from sectune.errors import ConfigError, first_line
 from sectune.runner import RunContext, check_policy_run
 
 REFERENCES = ("base", "init")
@@ -248,7 +248,7 @@ def build_policy(cfg, path: str):
     try:
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
     except Exception as e:  # noqa: BLE001 - any load failure is the same user error: this adapter, this model
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ConfigError(f"dpo.init_from={init_from}: cannot load the adapter in {folder} onto model={cfg.model.name} ({type(e).__name__}: {first})") from None
     print(f"sectune: LoRA settings come from the SFT adapter (r={model.peft_config['default'].r}); lora.* is not applied")
     return model, None, folder

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from sectune import checkpoints, modeling
 from sectune.data import auth_logs
-from sectune.errors import ConfigError, DataError
+from sectune.errors import ConfigError, DataError, first_line
 from sectune.inference import generate, parse_json_output
 from sectune.runner import RESULT_FILE, RunContext, write_json_atomic
 
@@ -375,7 +375,7 @@ def load_model(cfg, choice: ModelChoice):
             try:
                 model = PeftModel.from_pretrained(model, str(choice.path))
             except Exception as e:  # noqa: BLE001 - any load failure is the same user error: this adapter, this model
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise ConfigError(f"cannot load the {choice.used} adapter in {choice.path} onto model={cfg.model.name} "
                                   f"({type(e).__name__}: {first})") from None
             ref = str(choice.path)

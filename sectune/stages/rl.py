@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from sectune import checkpoints, data, engine, modeling
-from sectune.errors import ConfigError, SectuneError
+from sectune.errors import ConfigError, SectuneError, first_line
 from sectune.losses import GRPO_SCALES
 from sectune.memory import memory_check
 from sectune.rl_progress import HeldOutBest, curve_metrics, plot_reward_curve, rl_history
@@ -89,7 +89,7 @@ def build_policy(cfg, path: str):
         except SectuneError:
             raise
         except Exception as e:  # noqa: BLE001 - every load failure is the same user error: this folder, this model
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ConfigError(f"rl.init_from={init_from}: cannot load the {kind} in {folder} for model={cfg.model.name} ({type(e).__name__}: {first})") from None
         weights = Path(base) if Path(base).resolve() != Path(modeling.model_path(cfg)).resolve() else None
         return model, f"the SFT adapter in {folder} (its LoRA settings; lora.* not applied)", False, weights, folder

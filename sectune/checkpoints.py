@@ -70,16 +70,18 @@ def damaged_safetensors(path: Path) -> tuple[str, str] | None:
     return None
 
 
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The complete ``checkpoint-N`` folders under ``checkpoint_dir``, newest (highest N) first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir()
+             if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir() and is_complete_checkpoint(p)]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest complete checkpoint that loads; a damaged newer one is skipped, saying why."""
-    if not checkpoint_dir.is_dir():
-        return None
-    found = []
-    for p in checkpoint_dir.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and is_complete_checkpoint(p):
-            found.append((int(m.group(1)), p))
-    for _, ckpt in sorted(found, reverse=True):
+    for ckpt in complete_checkpoints(checkpoint_dir):
         damage = damaged_file(ckpt)
         if damage is None:
             return ckpt
@@ -92,11 +94,7 @@ def last_finite_checkpoint(checkpoint_dir: Path) -> Path | None:
     the one a NaN report calls "last good" (the newest could already hold the NaN it stopped on)."""
     import math
 
-    if not checkpoint_dir.is_dir():
-        return None
-    found = sorted(((int(m.group(1)), p) for p in checkpoint_dir.iterdir()
-                    if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir() and is_complete_checkpoint(p)), reverse=True)
-    for _, ckpt in found:
+    for ckpt in complete_checkpoints(checkpoint_dir):
         if damaged_file(ckpt) is not None:
             continue
         try:

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer
 
+from sectune.config_stages import POOLINGS  # noqa: F401 (re-exported)
 from sectune.errors import ConfigError, DataError
 
 HEADS = ("seq_cls", "generative")
-POOLINGS = ("last", "mean")
 FORMATS = ("flows", "text_csv", "injections")
 #: where ``path: null`` finds its data, per dataset name (relative to ``dataset.source_dir``)
 DEFAULT_SOURCES = {

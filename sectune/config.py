@@ -185,6 +185,9 @@ class DatasetConfig:
 class StageConfig:
     name: str = MISSING
 
+#: train.packing's choices (sectune.engine.packing_mode applies them)
+PACKING = ("padding_free", "bfd", "none")
+
 
 @dataclass
 class TrainConfig:

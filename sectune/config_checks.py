@@ -69,9 +69,11 @@ def check_values(cfg) -> None:
          "must be in [0, 1) (a fraction of the steps; transformers reads 1 and above as a number of steps)")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
     need(t.save_steps is None or t.save_steps >= 0, "train.save_steps", t.save_steps, "must be >= 0 (0 or null = no checkpoints)")
-    # names the stages check only after the data and the model have loaded (and W&B has started a run)
-    from sectune.classification import POOLINGS
-    from sectune.engine import OPTIMIZERS, PACKING
+    # names the stages check only after the data and the model have loaded (and W&B has started a run); from modules
+    # that import no torch (sectune.engine and sectune.classification cost ~3.5 s at every start)
+    from sectune.config import PACKING
+    from sectune.config_stages import POOLINGS
+    from sectune.planner import OPTIMIZERS
 
     need(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
     need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "choose fp32, bf16 or fp16")
@@ -189,9 +191,8 @@ def check_settings_in_effect(cfg, need) -> None:
     if cfg.stage.name == "rl" and cfg.loss.name == "simplified_ppo":  # supervised fine-tuning: no sampling, no reward
         from sectune.config_stages import RLConfig
 
-        default = OmegaConf.structured(RLConfig)
-        changed = [k for k in GRPO_ONLY if OmegaConf.to_container(OmegaConf.create({"v": cfg.rl[k]}))
-                   != OmegaConf.to_container(OmegaConf.create({"v": default[k]}))]
+        given, default = OmegaConf.to_container(cfg.rl, resolve=True), OmegaConf.to_container(OmegaConf.structured(RLConfig))
+        changed = [k for k in GRPO_ONLY if given[k] != default[k]]
         need(not changed, f"rl.{changed[0] if changed else ''}", cfg.rl[changed[0]] if changed else None,
              "is a GRPO setting; loss=simplified_ppo (seed 000's recipe: supervised fine-tuning on the best windows) samples "
              "nothing and scores no reward, so it would be ignored: use loss=grpo, or leave it out")

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+#: classify.pooling's choices (checked before anything loads; sectune.classification.set_pooling applies them)
+POOLINGS = ("last", "mean")
+
 
 @dataclass
 class ClassifyConfig:

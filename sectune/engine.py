@@ -20,6 +20,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from transformers import TrainerCallback
 
 from sectune import tracking
+from sectune.config import PACKING
 from sectune.errors import ConfigError
 from sectune.modeling import device_for
 
@@ -53,9 +54,6 @@ def precision_flags(cfg: DictConfig) -> dict:
             return {"bf16": True, "fp16": False}
         return {"bf16": False, "fp16": True}
     raise ConfigError(f"train.precision={p!r}: choose fp32, bf16 or fp16")
-
-
-PACKING = ("padding_free", "bfd", "none")
 
 
 def packing_mode(cfg: DictConfig) -> str:

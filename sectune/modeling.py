@@ -72,11 +72,12 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
         return f"{url.hostname} unreachable: {e.strerror or type(e).__name__}"
 
 
-def _from_pretrained(loader, path: str, cfg: DictConfig, **kwargs):
-    """Local cache first (fast, offline); then the hub; then a clear error."""
+def _from_pretrained(loader, path: str, cfg: DictConfig, tokenizer_only: bool = False, **kwargs):
+    """Local cache first (fast, offline); then the hub; then a clear error. ``tokenizer_only``: a folder of a
+    tokenizer's files will do (:func:`check_model_folder`)."""
     kwargs = {**_hub_kwargs(cfg), **kwargs}
     if Path(path).is_dir():
-        check_model_folder(Path(path), cfg, tokenizer_only=getattr(getattr(loader, "__self__", None), "__name__", "") == "AutoTokenizer")
+        check_model_folder(Path(path), cfg, tokenizer_only)
         return loader(path, **kwargs)
     if looks_like_a_path(path):  # a hub id is owner/name: this is a folder that is not there (a typo, a deleted run)
         raise ModelNotAvailableError(f"model {path!r} (model={cfg.model.name}): no such folder"
@@ -127,7 +128,7 @@ def looks_like_a_path(name: str) -> bool:
 def load_tokenizer(cfg: DictConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
-    tok = _from_pretrained(AutoTokenizer.from_pretrained, path or model_path(cfg), cfg)
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, path or model_path(cfg), cfg, tokenizer_only=True)
     if tok.pad_token is None:  # Llama/GPT-2 ship none; eos is the usual stand-in
         tok.pad_token = tok.eos_token
     return tok

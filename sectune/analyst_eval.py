@@ -260,7 +260,7 @@ def build_table(
     ``model`` (path None for base). ``reuse``: ``{step: (texts, seconds)}`` generated already by an
     identical greedy pass over the same windows (the pipeline's infer step), in window order.
     """
-    from sectune.runner import write_json_atomic
+    from sectune.runner import write_json_atomic, write_text_atomic
 
     splits = load_windows(eval_cfg)
     test = pick_windows(splits["test"], max_windows)
@@ -328,10 +328,9 @@ def build_table(
     out_dir.mkdir(parents=True, exist_ok=True)
     gens = {r.name: [{"id": w.id, "text": t} for w, t in zip(test, r.texts)] for r in rows if r.texts is not None}
     write_json_atomic(out_dir / "heldout_generations.json", gens)
+    write_text_atomic(out_dir / "report.md", table["markdown"])
+    # last: heldout.json holds the key a rerun reuses the table by, so it never stands beside an older report
     write_json_atomic(out_dir / "heldout.json", {k: v for k, v in table.items() if k != "markdown"})
-    tmp = out_dir / ".report.md.tmp"
-    tmp.write_text(table["markdown"])
-    tmp.replace(out_dir / "report.md")
     return table
 
 

@@ -79,14 +79,25 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete checkpoint that loads; a damaged newer one is skipped, saying why."""
+def latest_checkpoint(checkpoint_dir: Path, needs: tuple[str, ...] = ()) -> Path | None:
+    """The newest complete checkpoint that loads; a damaged newer one is skipped, saying why, and so is one that
+    lacks a file of ``needs`` (a stage's own state, which its callback writes after Trainer's files: a kill in between
+    left a checkpoint Trainer calls complete)."""
     for ckpt in complete_checkpoints(checkpoint_dir):
-        damage = damaged_file(ckpt)
-        if damage is None:
+        why = unusable(ckpt, needs)
+        if why is None:
             return ckpt
-        print(f"sectune: warning: train.resume=auto: skipping {ckpt.name}: {damage[0]} is damaged ({damage[1]})", file=sys.stderr)
+        print(f"sectune: warning: train.resume=auto: skipping {ckpt.name}: {why}", file=sys.stderr)
     return None
+
+
+def unusable(ckpt: Path, needs: tuple[str, ...] = ()) -> str | None:
+    """Why a complete-looking checkpoint cannot be resumed (``X is damaged (why)``, ``X is missing``), or None."""
+    damage = damaged_file(ckpt)
+    if damage:
+        return f"{damage[0]} is damaged ({damage[1]})"
+    gone = next((n for n in needs if not (ckpt / n).is_file()), None)
+    return f"{gone} is missing (the save was cut short)" if gone else None
 
 
 def last_finite_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -113,15 +124,17 @@ def last_finite_checkpoint(checkpoint_dir: Path) -> Path | None:
     return None
 
 
-def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
+def resolve_resume(cfg: DictConfig, checkpoint_dir: Path, needs: tuple[str, ...] = ()) -> str | None:
     """``train.resume``: null (fresh), auto (newest complete checkpoint that loads, if any), or a dir. A fresh start
-    records what its checkpoints are trained with (:data:`RESUME_RECORD`); a resume from checkpoints trained with
-    other settings is an error naming them (it used to continue silently: lr 0.01 weights under an lr 0.001 config)."""
+    records what its checkpoints are trained with (:data:`RESUME_RECORD`) and sets an earlier attempt's checkpoints
+    aside (:data:`EARLIER_DIR`), so that auto never continues them under these settings; a resume from checkpoints
+    trained with other settings is an error naming them (it used to continue silently: lr 0.01 weights under an lr
+    0.001 config). ``needs``: files of a stage's own state a checkpoint must hold (RL's held-out scores)."""
     r = cfg.train.resume
     if r in (None, "", "null", "none", "no"):
         return _record_fresh(cfg, checkpoint_dir)
     if r == "auto":
-        ckpt = latest_checkpoint(checkpoint_dir)
+        ckpt = latest_checkpoint(checkpoint_dir, needs)
         if ckpt is None:
             print(f"sectune: train.resume=auto: no complete checkpoint in {checkpoint_dir}; starting fresh")
             return _record_fresh(cfg, checkpoint_dir)
@@ -131,9 +144,9 @@ def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
     path = Path(r)
     if not path.is_dir() or not is_complete_checkpoint(path):
         raise ConfigError(f"train.resume={r}: not a complete Trainer checkpoint (needs trainer_state.json, optimizer.pt, weights)")
-    damage = damaged_file(path)
-    if damage:
-        raise ConfigError(f"train.resume={r}: {path / damage[0]} is damaged ({damage[1]}); resume from an earlier "
+    why = unusable(path, needs)
+    if why:
+        raise ConfigError(f"train.resume={r}: {path}/{why}; resume from an earlier "
                           "checkpoint, or train.resume=auto to take the newest one that loads")
     _check_same_training(cfg, path, f"train.resume={r}")
     return str(path)
@@ -171,13 +184,43 @@ def training_settings(cfg: DictConfig, root: Path) -> dict:
     return {k: v for k, v in flat.items() if not (k.startswith("train.") and k.split(".", 1)[1] in RESUMABLE)}
 
 
+#: under a run's checkpoints/: the checkpoints of the attempt a fresh start replaced (one generation is kept)
+EARLIER_DIR = "earlier"
+
+
 def _record_fresh(cfg: DictConfig, checkpoint_dir: Path) -> None:
     from sectune import distributed
     from sectune.runner import write_json_atomic
 
     if distributed.is_main_process():
+        set_aside_earlier(checkpoint_dir)
         write_json_atomic(checkpoint_dir / RESUME_RECORD, training_settings(cfg, checkpoint_dir.parent.parent))
     return None
+
+
+def set_aside_earlier(checkpoint_dir: Path) -> None:
+    """A fresh start in a dir that holds an earlier attempt's ``checkpoint-N`` folders moves them (and the record of
+    their settings) to ``checkpoints/earlier/``: left in place, ``train.resume=auto`` took the newest of them, trained
+    with other settings, once the record said this attempt's (and Trainer wrote this attempt's checkpoint-N into the
+    same folders). The attempt before that, if any was kept there, is deleted, saying so."""
+    import os
+    import shutil
+
+    if not checkpoint_dir.is_dir():
+        return
+    found = [p for p in checkpoint_dir.iterdir() if CHECKPOINT_RE.match(p.name) and p.is_dir()]
+    if not found:
+        return
+    earlier = checkpoint_dir / EARLIER_DIR
+    dropped = earlier.is_dir() and any(earlier.iterdir())
+    shutil.rmtree(earlier, ignore_errors=True)
+    earlier.mkdir()
+    for p in [*found, checkpoint_dir / RESUME_RECORD]:
+        if p.exists():
+            os.replace(p, earlier / p.name)
+    print(f"sectune: a fresh start (train.resume=null): the earlier attempt's {len(found)} checkpoint(s) moved to {earlier}"
+          + (" (replacing the ones an earlier fresh start had put there)" if dropped else "")
+          + "; train.resume=auto continues this attempt's only", file=sys.stderr)
 
 
 def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer
 
 from sectune.config_stages import POOLINGS  # noqa: F401 (re-exported)
+from sectune.data import warn_duplicates_across_splits  # noqa: F401 (re-exported)
 from sectune.errors import ConfigError, DataError
 
 HEADS = ("seq_cls", "generative")
@@ -174,18 +175,6 @@ def build_labelled_data(cfg: DictConfig) -> LabelledData:
     warn_duplicates_across_splits(splits, source)
     labels = sorted({r["label"] for recs in splits.values() for r in recs})
     return _two_labels(LabelledData(fmt, splits, labels, template, source))
-
-
-def warn_duplicates_across_splits(splits: dict, source: str, key=lambda r: r["raw_text"], what: str = "text") -> int:
-    """Say how many validation/test rows repeat a training row exactly (its text; a flow's raw feature values): a file
-    of repeated rows reported test macro-F1 1.0 without a word, and those scores measure memory. Returns the count."""
-    seen = {key(r) for r in splits["train"]}
-    n = {s: sum(key(r) in seen for r in splits[s]) for s in ("validation", "test")}
-    if n["validation"] or n["test"]:
-        print(f"sectune: warning: {source}: {n['test']} of {len(splits['test'])} test and {n['validation']} of "
-              f"{len(splits['validation'])} validation rows repeat a training row's {what} exactly; their scores measure "
-              "memory (deduplicate the file to measure generalisation)")
-    return n["validation"] + n["test"]
 
 
 def _two_labels(data: LabelledData) -> LabelledData:

@@ -205,12 +205,27 @@ def external_records(data: LabelledData, cfg: DictConfig, path) -> list[dict]:
     training rows were, with its TRAIN split's statistics (flows: medians and scaling; nothing is fitted on the file).
     A label the run never saw is an error naming it: the model cannot answer it."""
     d, path = cfg.dataset, Path(str(path)).expanduser()
+    if d.name == "prompt_injections" and (path.is_dir() or path.suffix in (".jsonl", ".parquet")):
+        # that dataset's own forms ({"text", "label": 0|1} lines; a folder's test split), not a CSV
+        from sectune.data import text_classification as T
+
+        rows = (T.load_prompt_injections(path)["test"] if path.is_dir() else
+                T._read_injection_jsonl(path) if path.suffix == ".jsonl" else T._read_injection_parquet(path))
+        recs = [{"text": render_text(data.template, r["text"]), "label": r["label"], "raw_text": r["text"]} for r in rows]
+        return _known_labels(recs, data, path)
     if not path.is_file():
-        raise DataError(f"evaluate.data_path={path}: no such file")
+        raise DataError(f"evaluate.data_path={path}: no such file" + (" (a folder: give the labelled file)" if path.is_dir() else ""))
     if data.format == "flows":
         from sectune.data.flows import load_flows, render_flow
 
-        t = load_flows(path, data.features, d.label_column, d.granularity, nan_policy="impute")
+        # the run's own policy for bad cells (a run trained with nan_policy=drop drops them here too), said aloud
+        t = load_flows(path, data.features, d.label_column, d.granularity, nan_policy=str(d.nan_policy))
+        c = t.cleaning
+        if c.get("rows_with_bad_cells") or c.get("rows_without_label"):
+            print(f"sectune: evaluate.data_path: {path}: {c.get('nan_cells', 0)} NaN, {c.get('inf_cells', 0)} inf and "
+                  f"{c.get('non_numeric_cells', 0)} non-numeric cells in {c.get('rows_with_bad_cells', 0)} rows; "
+                  f"dataset.nan_policy={d.nan_policy} (the run's): {c.get('rows_dropped', 0)} rows dropped, the rest "
+                  f"filled with the training split's medians; {c.get('rows_without_label', 0)} rows without a label left out")
         X = data.normalizer.impute(t.X)
         Z = data.normalizer.transform(X)
         recs = [{"text": render_flow(z, data.features, data.template, d.render_precision, d.feature_sep, d.feature_format),
@@ -220,6 +235,10 @@ def external_records(data: LabelledData, cfg: DictConfig, path) -> list[dict]:
 
         recs = [{"text": render_text(data.template, r["text"]), "label": r["label"], "raw_text": r["text"]}
                 for r in load_text_label_csv(path, d.text_column, d.label_column)]
+    return _known_labels(recs, data, path)
+
+
+def _known_labels(recs: list[dict], data: LabelledData, path: Path) -> list[dict]:
     unknown = sorted({r["label"] for r in recs} - set(data.labels))
     if unknown:
         n = sum(r["label"] in set(unknown) for r in recs)

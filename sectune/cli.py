@@ -156,6 +156,25 @@ _SWEEP_REPORTED = False
 _full_error_is_ours = False
 
 
+
+def _run_dir_error(e: OSError) -> None:
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"sectune: error: {where}{e.strerror or e}: cannot create the run dir there (hydra.run.dir, or "
+          f"hydra.sweep.dir for -m)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _logging_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind logging's "Unable to configure handler 'file'" (Hydra's cli.log in a read-only run dir)."""
+    if not (isinstance(e, ValueError) and "Unable to configure handler" in str(e)):
+        return None
+    seen = e.__cause__ or e.__context__
+    for _ in range(5):
+        if seen is None or isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
 def main() -> None:
     global _full_error_is_ours
     refuse_secrets(sys.argv[1:])
@@ -172,10 +191,10 @@ def main() -> None:
         if e.code not in (0, None):
             _exit_if_sweep_jobs_failed()
         raise
-    except KeyboardInterrupt:  # runner.run re-raises it inside a sweep: Ctrl-C / SIGTERM stop the sweep, not one job
+    except KeyboardInterrupt as e:  # runner.run re-raises it inside a sweep: Ctrl-C / SIGTERM stop the sweep, not one job
         print("sectune: interrupted: the sweep's remaining jobs were not started (sweep.skip_done=true reruns only "
               "what did not finish)", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + e.signum if hasattr(e, "signum") else 130)
     except BrokenPipeError:  # `sectune --help | head`: the reader left; nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
@@ -185,11 +204,10 @@ def main() -> None:
         if isinstance(e, MissingConfigException):  # an OSError to Hydra: a mistyped option (dataset=…, +experiment=…)
             print(f"sectune: error: {str(e).split('Config search path:')[0].strip()}", file=sys.stderr)
             sys.exit(2)
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"sectune: error: {where}{e.strerror or e}: cannot create the run dir there (hydra.run.dir, or "
-              f"hydra.sweep.dir for -m)", file=sys.stderr)
-        sys.exit(2)
+        _run_dir_error(e)
     except Exception as e:
+        if (cause := _logging_os_error(e)) is not None:  # Hydra's log file in a run dir it cannot write
+            _run_dir_error(cause)
         _exit_if_sweep_jobs_failed()  # a sweeper that gave up because its trials failed (Optuna: "No trials are completed")
         line = config_file_error(e, sys.argv[1:]) or override_error(e) or usage_error(e)
         if line is None:

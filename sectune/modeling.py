@@ -44,8 +44,16 @@ def adapter_base(adapter_dir, cfg: DictConfig) -> str:
         rel = (json.loads((run_dir / "result.json").read_text()).get("artifacts") or {}).get("base_model")
     except (OSError, ValueError, AttributeError):
         rel = None
-    if rel and (run_dir / rel / "config.json").is_file():
-        return str(run_dir / rel)
+    if rel:
+        from sectune.checkpoints import damaged_safetensors
+
+        folder = run_dir / rel
+        if not (folder / "config.json").is_file():  # it fell back to the configured model: the adapter on other weights
+            raise ConfigError(f"{run_dir / 'result.json'}: the adapter's base model, artifacts.base_model={rel}, is missing "
+                              f"({folder / 'config.json'} not found): the adapter belongs on those weights only")
+        if (damage := damaged_safetensors(folder)) is not None:
+            raise ConfigError(f"{folder / damage[0]} (artifacts.base_model of {run_dir}) is damaged ({damage[1]})")
+        return str(folder)
     return model_path(cfg)
 
 
@@ -298,13 +306,10 @@ def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
-    """``tmp`` renamed to ``out``, whatever was there removed first: a symbolic link itself (never what it points
-    to: rmtree refused one, after training, with a traceback), a file, or a folder."""
-    if out.is_symlink() or out.is_file():
-        out.unlink()
-    elif out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    """``tmp`` renamed to ``out`` (:func:`sectune.run_guard.replace_dir`: the old one deleted only once the new is in)."""
+    from sectune.run_guard import replace_dir as replace
+
+    replace(tmp, out)
 
 
 def _lora_layers(model) -> list:

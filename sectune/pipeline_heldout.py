@@ -145,9 +145,14 @@ def heldout_table(cfg: DictConfig, eval_cfg: DictConfig, steps: list[Step], run_
     }
     key = config_digest(OmegaConf.create(json.loads(json.dumps(key_src, default=str))), run_dir)  # a moved pipeline: the same key
     cached = read_json_object(run_dir / "heldout.json")
-    if reuse_ok and cached and cached.get("key") == key and (run_dir / "report.md").is_file():
+    if reuse_ok and cached and cached.get("key") == key:
+        # the report is rendered from the reused table (a report.md edited or left by another table is not what it says)
+        markdown = analyst_eval.render_markdown(cached)
+        report = run_dir / "report.md"
+        if not report.is_file() or report.read_text() != markdown:
+            runner.write_text_atomic(report, markdown)
         print(f"sectune: held-out table: nothing it depends on changed; reused {run_dir / 'heldout.json'}")
-        print((run_dir / "report.md").read_text())
+        print(markdown)
         return cached
     windows = analyst_eval.pick_windows(analyst_eval.load_windows(eval_cfg)["test"], cfg.pipeline.heldout_max_windows)
     table = analyst_eval.build_table(

@@ -5,6 +5,7 @@ their defaults, and the pipeline dir it was moved from."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,9 @@ STEP_FILE = "step.json"
 def already_done(step: Step) -> dict | None:
     """The step's result when it succeeded with this config (same digest, ``train.resume``/``debug`` aside)."""
     res = runner.previous_result(step.dir)
+    if res is None and (step.dir / runner.RESULT_FILE).is_file():
+        print(f"sectune: warning: pipeline: {step.dir / runner.RESULT_FILE} is not a readable result (damaged?); "
+              f"running the {step.name} step again", file=sys.stderr)
     try:
         meta = json.loads((step.dir / STEP_FILE).read_text())
     except (OSError, ValueError):
@@ -31,7 +35,10 @@ def already_done(step: Step) -> dict | None:
     if "data" in meta and meta["data"] != _json(runner.data_fingerprint(step.cfg)):
         return None  # the same config on other data (real logs downloaded since, a user's file edited)
     if meta.get("skip_digest") == step.skip_digest or same_but_newer_defaults(step):
-        return res if runner.damaged_artifact(step.dir, res) is None else None
+        damage = runner.damaged_artifact(step.dir, res)
+        if damage is not None:
+            print(f"sectune: warning: pipeline: the {step.name} step's {damage}; running it again", file=sys.stderr)
+        return res if damage is None else None
     return None
 
 

@@ -79,7 +79,8 @@ class HeldOutBest(TrainerCallback):
                                                      "score": self.score if self.step is not None else None, "windows": self._windows})
 
     def load(self, folder: Path) -> bool:
-        """The scores and kept weights saved with checkpoint ``folder``; False when it holds none (an older sectune's)."""
+        """The scores and kept weights saved with checkpoint ``folder`` (written after the weights: the json marks the
+        save complete); False when it holds none."""
         import json
 
         from safetensors.torch import load_file

@@ -10,6 +10,37 @@ from pathlib import Path
 from typing import Any
 
 
+def replace_dir(tmp: Path, out: Path) -> None:
+    """``tmp`` (complete) renamed to ``out``. What was at ``out`` is first renamed aside and deleted only after the new
+    folder is in place: deleting it first lost both to a kill (or a failed delete) in between, the old weights half
+    gone and the new ones stranded under a temporary name. A symbolic link is replaced itself (never what it points
+    to), a file too. Temporary folders of earlier killed saves of ``out`` are deleted first."""
+    import shutil
+    import tempfile
+
+    clear_stale(out, keep=tmp)
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    old = None
+    if out.exists():  # os.replace cannot replace a non-empty dir
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_stale(out: Path, keep: Path | None = None) -> None:
+    """Delete what killed saves of ``out`` left beside it (``.<name>.tmp*``, ``.<name>.old-*``), except ``keep`` (the
+    save under way) and this process's own: one command holds a run dir, so no other save of ``out`` is under way."""
+    import shutil
+
+    mine = {f".{out.name}.tmp{os.getpid()}", keep.name if keep is not None else ""}
+    for p in out.parent.glob(f".{out.name}.*"):
+        if p.name not in mine and (p.name.startswith(f".{out.name}.tmp") or p.name.startswith(f".{out.name}.old-")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
 #: the artifacts a reused run stands for: its weights
 WEIGHT_ARTIFACTS = ("model", "adapter", "reward_model", "base_model")
 
@@ -167,12 +198,59 @@ def restore_run_config(run_dir: Path) -> str:
     return f"(its config is in {FAILED_CONFIG_DIR}/; .hydra/ holds the succeeded run's again)"
 
 
+#: a training stage writes the loss history so far even when it fails, before it has replaced any weights: a rerun keeps
+#: a copy of the succeeded run's (:func:`keep_artifact_copies`), put back when the rerun fails
+REWRITTEN_ON_FAILURE = ("train_history",)
+#: training state, not a result: a fresh rerun sets the earlier attempt's checkpoints aside and saves its own
+TRAINING_STATE = ("checkpoints",)
+ARTIFACT_COPIES = f"{SUCCEEDED_CONFIG_DIR}/artifacts"
+
+
+def _rewritten(run_dir: Path, result: dict):
+    for key in REWRITTEN_ON_FAILURE:
+        rel = (result.get("artifacts") or {}).get(key)
+        if isinstance(rel, str) and rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts:
+            yield key, run_dir / rel, run_dir / ARTIFACT_COPIES / rel
+
+
+def keep_artifact_copies(run_dir: Path, result: dict, since: float) -> None:
+    """Copies of the succeeded run's artifacts a failing rerun rewrites (:data:`REWRITTEN_ON_FAILURE`), where they are
+    still that run's (unchanged since ``since``: a killed rerun's copies stay as it made them)."""
+    import shutil
+
+    for _, path, copy in _rewritten(run_dir, result):
+        if path.is_file() and path.stat().st_mtime <= since:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, copy)
+
+
+def restore_artifact_copies(run_dir: Path, result: dict, since: float) -> list[str]:
+    """After a failed rerun: each of those artifacts it rewrote moves to ``<name>.failed<suffix>`` (that attempt's) and
+    the succeeded run's copy comes back. Returns the names put back."""
+    import shutil
+
+    back = []
+    for _, path, copy in _rewritten(run_dir, result):
+        if copy.is_file() and (not path.is_file() or path.stat().st_mtime > since):
+            if path.is_file():
+                os.replace(path, path.with_name(f"{path.stem}.failed{path.suffix}"))
+            tmp = path.with_name(f".{path.name}.restoring")
+            shutil.copy2(copy, tmp)
+            os.replace(tmp, path)
+            back.append(path.name)
+    return back
+
+
 def artifacts_untouched(run_dir: Path, result: dict, since: float) -> bool:
-    """Every artifact ``result`` names still exists and nothing in it was written after ``since`` (a wall-clock time)."""
+    """Every artifact ``result`` names still exists and nothing in it was written after ``since`` (a wall-clock time),
+    but for training state and the artifacts a failed rerun rewrites while a copy of the succeeded run's is kept."""
     artifacts = result.get("artifacts")
     if not isinstance(artifacts, dict):
         return False
-    for rel in artifacts.values():
+    kept = {key for key, _, copy in _rewritten(run_dir, result) if copy.is_file()}
+    for key, rel in artifacts.items():
+        if key in TRAINING_STATE or key in kept:
+            continue
         if not isinstance(rel, str) or not rel:
             return False
         path = run_dir / rel

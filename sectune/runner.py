@@ -30,7 +30,7 @@ from sectune.errors import ConfigError, SectuneError
 from sectune.run_guard import (  # noqa: F401
     _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
     WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
-    artifacts_untouched, damaged_artifact, keep_run_config, restore_run_config)
+    artifacts_untouched, damaged_artifact, keep_artifact_copies, keep_run_config, restore_artifact_copies, restore_run_config)
 
 #: what other modules (and the tests) import from runner, some of it defined in run_guard
 __all__ = ["_LOCKS", "FAILED_CONFIG_DIR", "RUN_CONFIG_FILES", "RUNNING_CONFIG_DIR", "SUCCEEDED_CONFIG_DIR", "WEIGHT_ARTIFACTS",
@@ -158,7 +158,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary name, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: after a power loss the name holds the whole file, not none of it
     os.replace(tmp, path)
 
 
@@ -212,6 +215,35 @@ def resolve_stage(name: str) -> Callable[[RunContext], dict]:
     return getattr(module, func)
 
 
+def _resume_hint(run_dir: Path) -> str:
+    """What an interrupted run can continue from: its newest complete checkpoint, if it saved one."""
+    from sectune.checkpoints import complete_checkpoints
+
+    found = complete_checkpoints(run_dir / "checkpoints")
+    if found:
+        return f"; the same command with train.resume=auto continues from {found[0].name}"
+    return "; no checkpoint was saved (train.save_steps), so a rerun starts afresh" if (run_dir / "checkpoints").is_dir() else ""
+
+
+def _earlier_succeeded(run_dir: Path, now: float) -> tuple[dict | None, float]:
+    """(the succeeded run this command's run may replace, the time since which its artifacts must be untouched for a
+    failed run to put it back): result.json's and now; or, where result.json says ``running`` (this command holds the
+    dir's lock, so that command was killed: SIGKILL leaves no word), the succeeded run that command was replacing
+    (:data:`PREVIOUS_RESULT_FILE`) and that command's start, since it may have replaced some of them already."""
+    res = previous_result(run_dir)
+    if res is not None and res.get("status") == "running":
+        prev = previous_result(run_dir, PREVIOUS_RESULT_FILE)
+        try:
+            since = datetime.fromisoformat(str(res.get("started"))).timestamp()
+        except ValueError:
+            since = None
+        if prev is not None and prev.get("status") == "succeeded" and since is not None:
+            print(f"sectune: {run_dir}: an earlier command here was killed while it replaced the succeeded run in "
+                  f"{PREVIOUS_RESULT_FILE}; this run replaces it in turn (a failure before that puts it back)", file=sys.stderr)
+            return prev, min(since, now)
+    return (res if res is not None and res.get("status") == "succeeded" else None), now
+
+
 def previous_result(run_dir: Path, name: str = RESULT_FILE) -> dict | None:
     """The run's result.json (or ``name``: result.failed.json), or None when there is none or it is not a JSON
     object (damaged, or not sectune's)."""
@@ -235,7 +267,20 @@ def check_policy_run(res, key: str, result: Path) -> dict:
     if res.get("stage") in NOT_A_POLICY:
         raise ConfigError(f"{key}: {result.parent} is a stage={res['stage']} run ({NOT_A_POLICY[res['stage']]}), not a policy "
                           "to start from: give an SFT (or DPO, RL, contrastive) run dir")
+    refuse_unfinished(res, key, result)
     return res.get("artifacts") or {}
+
+
+def refuse_unfinished(res: dict, key: str, result: Path) -> None:
+    """A run to start from must have succeeded: a failed one's weights may be NaN ("nothing downstream uses this
+    run"; DPO started from one and reported NaN margins as a success), a running or killed one's half replaced."""
+    status = res.get("status")
+    if status == "succeeded":
+        return
+    why = f": {str(res['error']).strip().splitlines()[0]}" if str(res.get("error") or "").strip() else ""
+    hint = (f" ({PREVIOUS_RESULT_FILE} there holds the succeeded run an interrupted rerun was replacing: rerun that command "
+            "to finish it)") if status == "running" and (result.parent / PREVIOUS_RESULT_FILE).is_file() else ""
+    raise ConfigError(f"{key}: {result} says status {status!r}{why}; start from a run that succeeded{hint}")
 
 
 def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
@@ -301,15 +346,19 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         # the same without how it runs (train.resume, debug): a resumed run is the same run as the one it continues
         "run_digest": skip_digest(cfg),
     }
-    earlier = previous_result(run_dir) if main else None
-    earlier = earlier if earlier and earlier.get("status") == "succeeded" else None
     started = time.time()
-    if earlier is not None and earlier.get("config_digest") != digest and earlier.get("run_digest") != result["run_digest"] and main:
-        # its result stays readable beside the new one (the artifacts it names are replaced as this run writes them)
+    earlier, untouched_since = _earlier_succeeded(run_dir, started) if main else (None, started)
+    same_run = earlier is not None and (earlier.get("config_digest") == digest or earlier.get("run_digest") == result["run_digest"])
+    if earlier is not None:
+        # its result stays readable beside the new one (the artifacts it names are replaced as this run writes them), and
+        # what a failing rerun rewrites before it replaces any weights (the loss history) is kept to put back
         write_json_atomic(run_dir / PREVIOUS_RESULT_FILE, earlier)
-        why = " (a sweep rerun in place with other values numbers its jobs afresh)" if sweeps.in_multirun() else ""
-        print(f"sectune: warning: {run_dir} held a succeeded run of another config{why}; this run replaces it as it writes "
-              f"its artifacts (its result meanwhile: {PREVIOUS_RESULT_FILE}; a failure before that puts it back)", file=sys.stderr)
+        keep_artifact_copies(run_dir, earlier, untouched_since)
+        if not same_run:
+            why = " (a sweep rerun in place with other values numbers its jobs afresh)" if sweeps.in_multirun() else ""
+            print(f"sectune: warning: {run_dir} held a succeeded run of another config{why}; this run replaces it as it "
+                  f"writes its artifacts (its result meanwhile: {PREVIOUS_RESULT_FILE}; a failure before that puts it back)",
+                  file=sys.stderr)
     if main:
         # A stale result from an earlier attempt in this dir must not look current.
         write_json_atomic(run_dir / RESULT_FILE, result)
@@ -359,7 +408,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         code = 128 + e.signum if isinstance(e, Interrupted) else 130
         why = f"interrupted ({e.name})" if isinstance(e, Interrupted) else "interrupted (KeyboardInterrupt)"
         result.update(status="failed", error=why)
-        print(f"sectune: {why}; train.resume=auto continues from the last checkpoint", file=sys.stderr)
+        print(f"sectune: {why}{_resume_hint(run_dir)}", file=sys.stderr)
     except Exception as e:  # a bug or a library failure: keep the traceback for the user
         code = 1
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -375,19 +424,23 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         result["finished"] = _now()
         result["wall_time_s"] = round(time.perf_counter() - t0, 2)
         if main:
-            if result["status"] == "failed" and earlier is not None and artifacts_untouched(run_dir, earlier, started):
-                # a rerun that failed before replacing anything: the earlier run, its artifacts and its config stay usable
+            if result["status"] == "failed" and earlier is not None and artifacts_untouched(run_dir, earlier, untouched_since):
+                # a rerun that failed before replacing any weights: the earlier run, its artifacts and its config stay usable
                 write_json_atomic(run_dir / FAILED_ATTEMPT_FILE, result)
                 config_note = restore_run_config(run_dir)
+                back = restore_artifact_copies(run_dir, earlier, untouched_since)
                 write_json_atomic(run_dir / RESULT_FILE, earlier)
                 (run_dir / PREVIOUS_RESULT_FILE).unlink(missing_ok=True)  # result.json is that run's again
-                print(f"sectune: {run_dir / RESULT_FILE} is the earlier succeeded run's again (this attempt changed none of "
-                      f"its artifacts); this attempt's result is {FAILED_ATTEMPT_FILE} {config_note}", file=sys.stderr)
+                back_note = f"; its {', '.join(back)} put back (this attempt's: *.failed.*)" if back else ""
+                print(f"sectune: {run_dir / RESULT_FILE} is the earlier succeeded run's again (this attempt replaced none of "
+                      f"its weights{back_note}); this attempt's result is {FAILED_ATTEMPT_FILE} {config_note}", file=sys.stderr)
             else:
                 write_json_atomic(run_dir / RESULT_FILE, result)
                 (run_dir / FAILED_ATTEMPT_FILE).unlink(missing_ok=True)  # an older attempt's: result.json is current
                 if result["status"] == "succeeded":
-                    keep_run_config(run_dir)
+                    keep_run_config(run_dir)  # (its copies of the earlier run's artifacts go with the earlier config)
+                    if same_run:  # the same run done again: nothing earlier to keep beside it
+                        (run_dir / PREVIOUS_RESULT_FILE).unlink(missing_ok=True)
             tracking.finish(ctx.tracker, result)
             if result["status"] == "succeeded" and sweeps.in_multirun():
                 sweeps.record_done(cfg, run_dir, digest)
@@ -396,7 +449,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     _OBJECTIVE_SEEN = _OBJECTIVE_SEEN or objective is not None
     _unlock_run_dir(run_dir, lock)
     if result["status"] == "failed" and str(result.get("error", "")).startswith("interrupted") and sweeps.in_multirun():
-        raise KeyboardInterrupt  # Ctrl-C or a scheduler's SIGTERM stops the sweep, not only its current job
+        # Ctrl-C or a scheduler's SIGTERM stops the sweep, not only its current job, with the signal's exit code
+        raise Interrupted(code - 128) if code > 128 and code != 130 else KeyboardInterrupt()
     if unscored and not _OBJECTIVE_SEEN:  # a typo'd objective (or one this stage never reports): every trial would train for nothing
         print(f"sectune: error: no job of this sweep has reported sweep.objective={cfg.sweep.objective}, so the sweep stops "
               "here instead of training the rest for nothing; set it to one of the metrics named above", file=sys.stderr)

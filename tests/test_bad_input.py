@@ -277,12 +277,15 @@ def test_a_rerun_that_touched_an_artifact_reports_its_own_failure():
 
     with tempfile.TemporaryDirectory() as d:
         run_dir = Path(d)
-        result = _succeeded_run(run_dir, "sft", {"adapter": "adapter/w.safetensors", "checkpoints": "checkpoints/c1/s.json"})
+        result = _succeeded_run(run_dir, "sft", {"adapter": "adapter/w.safetensors", "preview": "samples/p.json",
+                                                 "checkpoints": "checkpoints/c1/s.json"})
         since = time.time() - 30
         assert artifacts_untouched(run_dir, result, since)
-        (run_dir / "checkpoints" / "c1" / "s.json").write_text("new")  # written by the failed attempt
+        (run_dir / "checkpoints" / "c1" / "s.json").write_text("new")  # training state: a rerun saves its own
+        assert artifacts_untouched(run_dir, result, since)
+        (run_dir / "samples" / "p.json").write_text("new")  # written by the failed attempt
         assert not artifacts_untouched(run_dir, result, since)
-        (run_dir / "checkpoints" / "c1" / "s.json").unlink()  # or deleted by it
+        (run_dir / "samples" / "p.json").unlink()  # or deleted by it
         assert not artifacts_untouched(run_dir, result, time.time() + 60)
         assert not artifacts_untouched(run_dir, {**result, "artifacts": ["adapter"]}, since)
         # a result.json naming "../../.." walked the whole filesystem; a folder outside the run is not walked
@@ -365,7 +368,7 @@ def test_sigterm_is_a_recorded_interruption_and_a_rerun_it_stopped_gives_the_ear
     assert code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
     assert json.loads((run_dir / "result.json").read_text()) == earlier
     assert json.loads((run_dir / "result.failed.json").read_text())["error"] == "interrupted (SIGTERM)"
-    assert "interrupted (SIGTERM); train.resume=auto continues" in capsys.readouterr().err
+    assert "interrupted (SIGTERM)\n" in capsys.readouterr().err  # no checkpoints/ (not a training stage): no resume hint
     fresh = tmp_path / "fresh"
     code, _ = runner.run(compose(["logger=none"]), fresh)
     assert code == 143 and json.loads((fresh / "result.json").read_text())["status"] == "failed"

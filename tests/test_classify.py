@@ -623,6 +623,13 @@ def test_evaluate_scores_a_new_labelled_file_with_the_runs_own_statistics_and_ba
         assert b[f"baseline_external_{k}" if f"baseline_external_{k}" in b else f"random_forest_external_{k}"] == pytest.approx(
             a[f"baseline_test_{k}" if f"baseline_test_{k}" in a else f"random_forest_test_{k}"]), k
     assert b["external_file"] == str(new) and b["external_rows"] == len(test)
+    # a file's bad cells are cleaned by the run's own dataset.nan_policy, and said (they were filled in silently)
+    holes, first_feature = tmp_path / "holes.csv", next(iter(test[0]["features"]))
+    pd.DataFrame([{**r["features"], "label_multiclass": r["label"]} for r in test]).assign(
+        **{first_feature: [float("nan")] + [1.0] * (len(test) - 1)}).to_csv(holes, index=False)
+    h = sectune("stage=evaluate", f"evaluate.model_dir={cic_run}", f"evaluate.data_path={holes}", *FAST, f"hydra.run.dir={tmp_path / 'holes'}")
+    assert h.returncode == 0, h.stderr[-3000:]
+    assert f"{holes}: 1 NaN, 0 inf and 0 non-numeric cells in 1 rows; dataset.nan_policy=impute (the run's)" in h.stdout
     bad = tmp_path / "bad.csv"
     pd.DataFrame([{**test[0]["features"], "label_multiclass": "Recon"}, {**test[1]["features"], "label_multiclass": "Spoofing"}]
                  ).assign(label_multiclass=["Recon", "NotAFamily"]).to_csv(bad, index=False)

@@ -245,7 +245,10 @@ def test_init_from_errors_name_the_path_and_what_is_missing(tmp_path):
     }
     (tmp_path / "failed").mkdir()
     (tmp_path / "failed" / "result.json").write_text(json.dumps({"stage": "sft", "status": "failed", "artifacts": {}}))
-    cases[tmp_path / "failed"] = "lists no 'adapter' artifact (stage=sft, status=failed"
+    cases[tmp_path / "failed"] = "result.json says status 'failed'; start from a run that succeeded"
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": {}}))
+    cases[tmp_path / "bare"] = "lists no 'adapter' artifact (stage=sft, status=succeeded"
     for name, res in (("classify", {"stage": "classify", "status": "succeeded", "artifacts": {"adapter": "adapter"}}),
                       ("list", []), ("stringy", {"stage": "sft", "artifacts": "adapter"})):
         (tmp_path / name).mkdir()

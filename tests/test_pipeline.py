@@ -247,8 +247,11 @@ def test_failed_rl_step_then_rerun_continues_without_retraining(tmp_path):
     assert rl["vs_sft_diff"] == pytest.approx(rl["verdict_macro_f1"] - sft["verdict_macro_f1"]) and m["rl_vs_sft_verdict_macro_f1"] == rl["vs_sft_diff"]
     assert m["rl_vs_sft_ci95_low"] <= rl["vs_sft_diff"] <= m["rl_vs_sft_ci95_high"] and "SFT+GRPO against SFT: " in report
 
+    report_text = (run_dir / "report.md").read_text()
+    (run_dir / "report.md").write_text("STALE TABLE FROM AN EARLIER CONFIG")  # heldout.json was written before it
     again = run(args, run_dir)  # nothing left to do: every step skipped, the table reused
     assert again.returncode == 0, again.stderr[-2000:]
+    assert (run_dir / "report.md").read_text() == report_text and "STALE" not in again.stdout  # rendered from heldout.json
     said = [line for line in again.stdout.splitlines() if line.startswith("sectune: pipeline: step")]
     assert len(said) == len(steps) and all(": skipped (" in line for line in said), said
     assert "held-out table: nothing it depends on changed" in again.stdout

@@ -499,7 +499,7 @@ def test_init_from_and_reward_settings_errors_name_what_to_fix(tmp_path, monkeyp
     with pytest.raises(ConfigError, match="rl.init_from is not set"):
         rl.build_policy(compose(["stage=rl"]), "unused")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "result.json").write_text(json.dumps({"stage": "sft", "status": "failed", "artifacts": {}}))
+    (tmp_path / "empty" / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": {}}))
     with pytest.raises(ConfigError, match="lists no adapter or model"):
         rl.init_source(str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="rl.reward_model is not set"):

@@ -120,6 +120,32 @@ def preference_pairs(cfg: DictConfig) -> dict[str, list[dict]]:
     return preference_splits(cfg)
 
 
+def warn_duplicates_across_splits(splits: dict, source: str, key=lambda r: r["raw_text"], what: str = "text") -> int:
+    """Say how many validation/test rows repeat a training row exactly (its text; a flow's raw feature values; a log
+    window; an injection triplet's input): a file of repeated rows reported test macro-F1 1.0 without a word, and those
+    scores measure memory. Returns the count."""
+    seen = {key(r) for r in splits["train"]}
+    n = {s: sum(key(r) in seen for r in splits[s]) for s in ("validation", "test")}
+    if n["validation"] or n["test"]:
+        print(f"sectune: warning: {source}: {n['test']} of {len(splits['test'])} test and {n['validation']} of "
+              f"{len(splits['validation'])} validation rows repeat a training row's {what} exactly; their scores measure "
+              "memory (deduplicate the file to measure generalisation)")
+    return n["validation"] + n["test"]
+
+
+def warn_case_variants(labels, source: str) -> list[list[str]]:
+    """Labels that differ only in case or surrounding space (``BENIGN`` and ``benign``) are separate classes to a
+    classifier; say so, naming them (a file half upper-cased trained 6 classes for 3). Returns the groups."""
+    by: dict[str, set] = {}
+    for lab in set(map(str, labels)):
+        by.setdefault(lab.strip().casefold(), set()).add(lab)
+    clash = sorted(sorted(v) for v in by.values() if len(v) > 1)
+    if clash:
+        print(f"sectune: warning: {source}: labels that differ only in case are separate classes: "
+              f"{'; '.join(' / '.join(map(repr, c)) for c in clash)} (write each class one way if they are one class)")
+    return clash
+
+
 def split_windows(ids_labels: list[tuple[str, str]], val_fraction: float, test_fraction: float, seed: int) -> dict[str, set[str]]:
     """Window ids → split, stratified by label where every class has enough windows; deterministic."""
     from sklearn.model_selection import train_test_split
@@ -180,6 +206,7 @@ def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     d = cfg.dataset
     where = split_windows([(r["id"], r["label"]) for r in records], float(d.val_fraction), float(d.test_fraction), int(d.split_seed))
     splits = {s: [r for r in records if r["id"] in where[s]] for s in SPLITS}
+    warn_duplicates_across_splits(splits, f"dataset={d.name} ({d.path or auth_logs_folder(cfg)})", key=lambda r: r["prompt"], what="log window")
     if spans > 0:
         splits["train"] = splits["train"] + _subwindow_records(splits["train"], spans, cfg)
     if renamed > 0:

@@ -252,13 +252,9 @@ def build_auth_folder(
         if note:
             info["note"] = note
         (tmp / "BUILD_INFO.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        old = None
-        if out.exists():  # os.replace cannot replace a non-empty dir: move the old one aside
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "prev")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        from sectune.run_guard import replace_dir
+
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,7 +24,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from sectune.data.auth_logs import render_completion, render_prompt
-from sectune.data.jsonl import json_lines
+from sectune.data.jsonl import given_splits, json_lines
 from sectune.data.auth_rules import CLASSES
 from sectune.data import SPLITS, split_windows
 from sectune.errors import ConfigError, DataError
@@ -188,8 +188,17 @@ def preference_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     else:
         pairs = build_pairs(cfg)
         groups = [(p["window_id"], p["label"]) for p in pairs]
-    unique = list(dict.fromkeys(groups))
-    where = split_windows(unique, float(d.val_fraction), float(d.test_fraction), int(d.split_seed))
+    # a pairs file's own "split" wins (a window's pairs share it); the rest are split by the fractions over their ids,
+    # which is the SFT's split only for pairs built from the same auth folder
+    given = given_splits(Path(d.path), pairs, lambda p: p["window_id"]) if d.path and Path(d.path).suffix == ".jsonl" else {}
+    unique = [g for g in dict.fromkeys(groups) if g[0] not in given]
+    where = split_windows(unique, float(d.val_fraction), float(d.test_fraction), int(d.split_seed)) if unique else {s: set() for s in SPLITS}
+    for wid, s in given.items():
+        where[s].add(wid)
+    if d.path and Path(d.path).suffix == ".jsonl" and unique:
+        print(f"sectune: note: {d.path}: {len(unique)} window(s) without a \"split\" are split by dataset.val_fraction/"
+              "test_fraction over their ids, not as an SFT run split its windows: if the policy trained on some of them, "
+              "give each line the split its window had there (\"split\": \"train\" | \"validation\" | \"test\")")
     out = {s: [p for p in pairs if p["window_id"] in where[s]] for s in SPLITS}
     if not out["train"]:
         raise DataError(f"dataset={d.name}: no training pairs")
@@ -249,10 +258,13 @@ def read_pairs_jsonl(path: Path, max_samples: int | None = None) -> list[dict]:
         for k in ("id", "kind", "label"):  # optional; a number is read as its text (bool is an int, as in injection.py)
             if obj.get(k) is not None and not isinstance(obj[k], (str, int)):
                 raise DataError(f"{path}: line {n}: {k} must be a string, got {type(obj[k]).__name__}")
+        if obj.get("split") is not None and obj["split"] not in SPLITS:
+            raise DataError(f"{path}: line {n}: split={obj['split']!r}: one of {', '.join(SPLITS)} (or none)")
         wid = str(obj.get("id") or hashlib.sha256(obj["prompt"].encode()).hexdigest()[:12])
         label = obj.get("label")
         pairs.append({"prompt": obj["prompt"], "chosen": obj["chosen"], "rejected": obj["rejected"],
-                      "kind": str(obj.get("kind") or "user"), "window_id": wid, "label": None if label is None else str(label)})
+                      "kind": str(obj.get("kind") or "user"), "window_id": wid, "label": None if label is None else str(label),
+                      "split": obj.get("split"), "_line": n})
     if not pairs:
         raise DataError(f"{path}: no preference pairs (empty file)")
     _group_by_prompt_or_id(pairs)

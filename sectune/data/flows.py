@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from sectune.data import check_count, check_split_seed
+from sectune.data import check_count, check_split_seed, warn_case_variants
 from sectune.data.csv_files import read_csv_checked
 from sectune.errors import ConfigError, DataError
 
@@ -189,6 +189,7 @@ def load_flows(path, features: Sequence[str], label_column: str, granularity: st
         raise DataError(f"{path}: no usable rows left after cleaning ({cleaning})")
     labels = to_granularity(df[label_column].astype(str).str.strip(), granularity,
                             source=f"{path} column {label_column!r}")
+    warn_case_variants(labels, f"{path} column {label_column!r}")
     X = X.reset_index(drop=True)
     y = pd.Series(labels, name="label", dtype=object)
     cleaning["rows_kept"] = len(y)

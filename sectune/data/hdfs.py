@@ -36,6 +36,7 @@ import hashlib
 import io
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -76,7 +77,7 @@ def read_key_sessions(path: Path, label: int, num_keys: int, skip_bad: bool = Fa
     if not path.is_file():
         raise DataError(f"{path}: no such file (dataset=hdfs, deeplog layout: {NORMAL_FILE} + {ANOMALOUS_FILE})")
     sessions, skipped = [], 0
-    with path.open(encoding="utf-8", errors="replace") as fh:
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:
         lines = fh.read().splitlines()
     while lines and not lines[-1].strip():  # blank lines at the end are the end of the file, not empty sessions
         lines.pop()
@@ -276,6 +277,16 @@ def split_sessions(normal: list[Session], anomalous: list[Session], val_fraction
     test_normal = [s for s in splits["test"] if s.label == NORMAL]
     info["test_normal_seen_in_train"] = sum(s.keys in train_seqs for s in test_normal) / max(1, len(test_normal))
     info["anomalous_equal_to_a_train_session"] = sum(s.keys in train_seqs for s in anomalous)
+    both = {s.keys for s in normal} & {s.keys for s in anomalous}
+    info["sequences_labelled_both"] = len(both)
+    where = source or "dataset=hdfs"
+    if both:  # a session listed as normal and as anomalous (the labels CSV refuses a block labelled twice; these are sequences)
+        print(f"sectune: warning: {where}: {len(both)} distinct key sequence(s) are labelled both normal and anomalous "
+              f"({sum(s.keys in both for s in anomalous)} anomalous sessions): no detector can tell those apart, and the "
+              "ones in training are learnt as normal", file=sys.stderr)
+    if test_normal and info["test_normal_seen_in_train"] > 0:
+        print(f"sectune: note: {where}: {info['test_normal_seen_in_train']:.0%} of the test split's normal sessions repeat a "
+              "training session exactly (HDFS sessions repeat: their scores measure memory as well as the model)")
     return splits, info
 
 
@@ -290,6 +301,12 @@ def source_folder(cfg) -> tuple[Path, str, bool]:
         p = Path(str(d.path)).expanduser()
         if not p.exists():
             raise DataError(f"dataset.path={d.path}: no such file or folder")
+        if p.is_file() and not (p.name in (NORMAL_FILE, ANOMALOUS_FILE, "anomaly_label.csv") or p.suffix == ".log"
+                                or p.name.endswith("_block_labels.csv")):
+            # its folder was read instead: a run on the other files there, the named one ignored
+            raise DataError(f"dataset.path={d.path}: dataset=hdfs reads a folder, not this file: DeepLog sessions "
+                            f"({NORMAL_FILE} + {ANOMALOUS_FILE}) or a loghub HDFS folder (*.log + *_block_labels.csv); "
+                            "put the file under those names in a folder of its own and give the folder")
         folder = p.parent if p.is_file() else p
         has = {"deeplog": (folder / NORMAL_FILE).is_file(),
                "loghub": bool(list(folder.glob("*_block_labels.csv")) or (folder / "anomaly_label.csv").is_file())}

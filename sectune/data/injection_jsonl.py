@@ -12,9 +12,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from sectune.data import SPLITS, split_windows
+from sectune.data import SPLITS, split_windows, warn_duplicates_across_splits
 from sectune.data.injection import FORMATS, GENERIC_TARGET, _pick_text, _read_jsonl, _texts_by_split, _with_prompts
-from sectune.data.jsonl import json_lines
+from sectune.data.jsonl import given_splits, json_lines
 from sectune.data.log_edits import counterfactual_window
 from sectune.errors import ConfigError, DataError
 
@@ -40,6 +40,12 @@ def _check_triplet(obj: dict) -> str | None:
                 why = _analysis_error(obj[k])
                 if why:
                     return f"{k} is not an analysis of the window ({why}); an auth_log triplet's outputs are the JSON analyses the rules write"
+        from sectune.data.auth_rules import CLASSES
+
+        # the targeted rate compares it with the answer's verdict exactly: "Benign" made every window a targeted trial
+        # that never succeeded (a targeted rate of 0, read as robustness)
+        if obj.get("attack_target") is not None and obj["attack_target"] not in CLASSES:
+            return f"attack_target={obj['attack_target']!r}: an auth_log triplet's target is a verdict, one of {', '.join(CLASSES)}"
     return None
 
 
@@ -116,6 +122,9 @@ def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
         raise DataError(f"{path}: {len(unsplit)} line(s) without a \"split\" (first: line {unsplit[0]['_line']}) are split by "
                         f"dataset.val_fraction/test_fraction: {e}; give every line a split, or none") from None
     split_of.update({g: s for s, gs in where.items() for g in gs})
+    field = "prompt" if generic else "benign"  # one input under two ids lands in two splits
+    warn_duplicates_across_splits({s: [o for o in objs if split_of[group(o)] == s] for s in SPLITS}, str(path),
+                                  key=lambda o: o[field].strip(), what=f"{field} input")
     info = {"source": str(path), "skipped_lines": len(skipped), "skipped": skipped[:20], "cf_rejected": 0}
     if generic:
         records, more = generic_triplets(cfg, objs, split_of, group)
@@ -139,22 +148,6 @@ def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
 def _given_id(o: dict) -> str | None:
     """A line's own ``id`` as a string (0 is an id), or None."""
     return None if o.get("id") in (None, "") else str(o["id"])
-
-
-def given_splits(path: Path, objs: list[dict], group) -> dict[str, str]:
-    """``{window: split}`` of the windows whose lines name a split; two lines of one window (one ``id``, or one
-    input) naming different splits are an error naming both lines (the last one had decided for all of them, so
-    lines marked train went to test, or a window sat in two splits)."""
-    out: dict[str, tuple[str, int]] = {}
-    for o in objs:
-        if not o.get("split"):
-            continue
-        g, here = group(o), (o["split"], o["_line"])
-        if g in out and out[g][0] != here[0]:
-            raise DataError(f"{path}: line {out[g][1]} puts window {g!r} in {out[g][0]} and line {here[1]} in {here[0]}: the "
-                            "lines of one window (one id, or one input) must share a split")
-        out.setdefault(g, here)
-    return {g: s for g, (s, _) in out.items()}
 
 
 def generic_triplets(cfg: DictConfig, objs: list[dict], split_of: dict[str, str], group) -> tuple[list[dict], dict]:

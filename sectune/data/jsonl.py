@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from sectune.errors import DataError
+
 
 def json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """``(line number, value, None)`` for each non-blank line that parses, ``(line number, None, why)`` for one
@@ -23,3 +25,19 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             yield n, json.loads(line), None
         except json.JSONDecodeError as e:
             yield n, None, f"invalid JSON ({e.msg}, column {e.colno})"
+
+
+def given_splits(path: Path, objs: list[dict], group) -> dict[str, str]:
+    """``{window: split}`` of the windows whose lines name a split; two lines of one window (one ``id``, or one
+    input) naming different splits are an error naming both lines (the last one had decided for all of them, so
+    lines marked train went to test, or a window sat in two splits)."""
+    out: dict[str, tuple[str, int]] = {}
+    for o in objs:
+        if not o.get("split"):
+            continue
+        g, here = group(o), (o["split"], o["_line"])
+        if g in out and out[g][0] != here[0]:
+            raise DataError(f"{path}: line {out[g][1]} puts window {g!r} in {out[g][0]} and line {here[1]} in {here[0]}: the "
+                            "lines of one window (one id, or one input) must share a split")
+        out.setdefault(g, here)
+    return {g: s for g, (s, _) in out.items()}

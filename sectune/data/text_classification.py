@@ -12,6 +12,7 @@ from typing import Dict, List
 
 import pandas as pd
 
+from sectune.data import warn_case_variants
 from sectune.data.jsonl import json_lines
 from sectune.errors import DataError
 
@@ -56,6 +57,7 @@ def load_text_label_csv(path, text_column: str = "text", label_column: str = "la
             lines = csv_record_lines(path)  # blank lines and multi-line cells: row i + 2 is not the line
             raise DataError(f"{path}: line {lines[i] if i < len(lines) else i + 2}: empty {col!r}")
         out.append({"text": text, "label": label})
+    warn_case_variants([r["label"] for r in out], f"{path} column {label_column!r}")
     return out
 
 
@@ -109,6 +111,9 @@ def load_prompt_injections(directory) -> Dict[str, List[Dict[str, str]]]:
     The dataset has no validation split; callers that tune anything carve one out of train.
     """
     directory = Path(directory)
+    if directory.is_file():
+        raise DataError(f"{directory}: a file; dataset=prompt_injections reads a folder holding train.jsonl and test.jsonl "
+                        "(or the parquet files hf download leaves): give the folder")
     if not directory.is_dir():
         raise DataError(f"{directory}: prompt-injection folder not found (the README's Data table: "
                         "hf download deepset/prompt-injections --repo-type dataset --local-dir <folder>)")

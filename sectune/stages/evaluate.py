@@ -54,7 +54,11 @@ def run(ctx: RunContext) -> dict:
     # the rows scored (their split as the run saved it), or with data_path the train rows the baselines fit on
     saved = model_dir / "splits" / f"{'train' if ev.data_path else split}.json"
     if saved.is_file():
-        old = [(r["text"], r["label"]) for r in json.loads(saved.read_text())]
+        try:
+            old = [(r["text"], r["label"]) for r in json.loads(saved.read_text())]
+        except (ValueError, TypeError, KeyError) as e:  # was a JSONDecodeError traceback naming no file
+            raise DataError(f"{saved}: damaged ({type(e).__name__}: {e}); the classify run's saved split cannot be "
+                            "compared with the rebuilt one") from None
         if old != [(r["text"], r["label"]) for r in data.splits[saved.stem]]:
             raise DataError(f"{data.source}: the rebuilt {saved.stem} split differs from {saved}; the data changed since the classify run")
     if ev.data_path:
@@ -67,6 +71,10 @@ def run(ctx: RunContext) -> dict:
 
     predictor = Predictor.from_run(model_dir, batch_size=ev.batch_size, device=cfg.train.device)
     recs = data.splits[split]
+    if not recs:  # was an IndexError traceback from the tokenizer
+        fraction = "test_fraction" if split == "test" else "val_fraction"
+        raise ConfigError(f"{model_dir}: the run has no {split} rows (trained with dataset.{fraction}="
+                          f"{run_cfg.dataset.get(fraction)}): score it on a labelled file with evaluate.data_path=<file>")
     probs, lat = predictor.score([r["text"] for r in recs])
     if predictor.labels != data.labels:
         raise DataError(f"{model_dir}: labels.json {predictor.labels} differ from the rebuilt data's {data.labels}")

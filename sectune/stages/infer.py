@@ -342,6 +342,11 @@ def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:  # was a JSONDecodeError traceback naming no file
             return f"{rel}/adapter_config.json is damaged ({type(e).__name__}: {e})", None, ""
+        if isinstance(base := artifacts.get("base_model"), str) and base:  # the weights the adapter sits on (an SFT's)
+            if not (run_dir / base / "config.json").is_file():
+                return f"its base model {base}/config.json is missing", None, ""
+            if (damage := checkpoints.damaged_safetensors(run_dir / base)) is not None:
+                return f"its base model {base}/{damage[0]} is damaged ({damage[1]})", None, ""
         return None, folder, "adapter"
     if artifacts.get("model"):
         rel = artifacts["model"]

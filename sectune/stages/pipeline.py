@@ -160,7 +160,7 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
             raise StepFailed(
                 f"pipeline step {step.name!r} failed (exit {code}): {result.get('error', 'no result.json')}; "
                 + (f"the completed steps ({', '.join(done)}) are kept; " if done else "")
-                + f"rerun the same command to continue from {step.name} ({step.dir})",
+                + f"rerun the same command to continue from {step.name} ({step.dir})" + _resume_note(step),
                 code,
             )
         ran.append(step.name)
@@ -181,6 +181,16 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
 
 
 # ----------------------------------------------------------------------------- composing
+def _resume_note(step: Step) -> str:
+    """A failed step that saved checkpoints: how to continue it rather than train it afresh (which sets them aside)."""
+    from sectune.checkpoints import complete_checkpoints
+
+    if step.cfg.train.resume == "auto" or not (found := complete_checkpoints(step.dir / "checkpoints")):
+        return ""
+    return (f"; add train.resume=auto to continue its training from {found[0].name} (without it the step trains afresh "
+            "and sets its checkpoints aside in checkpoints/earlier/)")
+
+
 def check_steps(cfg: DictConfig) -> list[str]:
     names = [str(s) for s in cfg.pipeline.steps]
     if not names:

@@ -193,20 +193,18 @@ def run_grpo(ctx: RunContext) -> dict:
     callbacks = [*engine.fail_callbacks(cfg), *([best] if best else [])]
     trainer = build_grpo_trainer(cfg, model, tokenizer, train_recs, reward_funcs, weights, run_dir / "checkpoints", callbacks)
     main = trainer.accelerator.is_main_process
-    resume = checkpoints.resolve_resume(cfg, run_dir / "checkpoints")
+    # with rl.keep_best a checkpoint is whole only with the held-out scores its callback adds after Trainer's files
+    resume = checkpoints.resolve_resume(cfg, run_dir / "checkpoints", needs=(HeldOutBest.STATE_FILE,) if best else ())
     heldout = {}
     if best and resume is None:
         heldout["reward_heldout_start"] = best.evaluate(trainer.model, 0)
     elif best:
         try:
-            restored = best.load(Path(resume))
+            best.load(Path(resume))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"train.resume: {resume}: its held-out scores cannot be read ({e}); resume from another checkpoint") from None
-        if restored and 0 in best.scores:
+        if 0 in best.scores:
             heldout["reward_heldout_start"] = best.scores[0]
-        elif not restored:
-            print(f"sectune: warning: {resume} holds no held-out scores (saved by an older sectune): rl.keep_best compares "
-                  "only the evaluations after it, and the starting policy's score is unknown")
     try:
         train_out = trainer.train(resume_from_checkpoint=resume)
     finally:  # the reward history so far is worth keeping even when training dies

@@ -180,8 +180,12 @@ def warmup(ctx: RunContext) -> dict | None:
     digest = runner.skip_digest(wcfg, ctx.run_dir)  # without train.resume: a rerun with train.resume=auto reuses it too
     prev = runner.previous_result(wdir) or {}
     if prev.get("status") == "succeeded" and prev.get("config_digest") == digest and (wdir / "model" / "config.json").is_file():
-        print(f"sectune: warm-up: finished for this config; reusing {wdir / 'model'}")
-        return prev
+        damage = checkpoints.damaged_safetensors(wdir / "model")
+        if damage is None:
+            print(f"sectune: warm-up: finished for this config; reusing {wdir / 'model'}")
+            return prev
+        print(f"sectune: warning: warm-up: {wdir / 'model' / damage[0]} is damaged ({damage[1]}); training the warm-up again",
+              file=sys.stderr)
     cap = f", capped at train.max_steps={cfg.train.max_steps} steps" if cfg.train.max_steps and cfg.train.max_steps > 0 else ""
     print(f"sectune: warm-up: {n} generated log lines ({wcfg.dataset.path}), {cfg.sft.warmup_epochs:g} epoch(s){cap}, before the SFT")
     result = {"stage": "sft", "status": "running", "config_digest": digest, "started": runner._now()}

@@ -1,0 +1,226 @@
+"""Nothing already saved is lost or corrupted: reruns, kills and damaged files around a run dir (session 23's audit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, sectune
+
+ARGS = [*FAST, "train.max_steps=4", "train.save_steps=2", "dataset.max_samples=20", "train.save_total_limit=null"]
+
+
+def _lrs(ckpt):
+    return [r["learning_rate"] for r in json.loads((ckpt / "trainer_state.json").read_text())["log_history"] if "learning_rate" in r]
+
+
+def test_a_failed_rerun_with_other_settings_keeps_the_run_and_resume_continues_only_its_own_attempt(tmp_path):
+    """A fresh rerun rewrote trained_with.json beside the earlier attempt's checkpoint-N, so train.resume=auto then
+    continued lr-0.01 checkpoints under an lr-0.003 config (exit 0); and the rerun's partial loss history replaced the
+    succeeded run's, so a failure left that run unusable though its adapter was untouched."""
+    run_dir = tmp_path / "r"
+    first = sectune([*ARGS, "train.learning_rate=0.01"], run_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    earlier = first.result  # (Run.result reads result.json when asked)
+    adapter = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    history = (run_dir / "train_history.json").read_text()
+
+    failed = sectune([*ARGS, "train.learning_rate=0.003", "debug.fail_at_step=3"], run_dir)
+    assert failed.returncode != 0
+    ckpts = run_dir / "checkpoints"
+    assert "earlier attempt's 2 checkpoint(s) moved to" in failed.stderr
+    assert sorted(p.name for p in (ckpts / "earlier").iterdir()) == ["checkpoint-2", "checkpoint-4", "trained_with.json"]
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-2"]  # this attempt's
+    # the earlier run is whole again: its result, its history, its config; the attempt's beside it
+    assert json.loads((run_dir / "result.json").read_text()) == earlier
+    assert (run_dir / "train_history.json").read_text() == history
+    assert json.loads((run_dir / "train_history.failed.json").read_text())["train"]
+    assert json.loads((run_dir / "result.failed.json").read_text())["status"] == "failed"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+    resumed = sectune([*ARGS, "train.learning_rate=0.003", "train.resume=auto"], run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {ckpts / 'checkpoint-2'}" in resumed.stdout
+    assert max(_lrs(ckpts / "checkpoint-4")) <= 0.003  # never a step of the lr-0.01 run
+    assert resumed.result["status"] == "succeeded"
+    assert json.loads((run_dir / "result.previous.json").read_text()) == earlier  # another config's run, kept beside
+
+
+def test_a_rerun_after_a_killed_one_still_puts_the_succeeded_run_back(tmp_path):
+    """SIGKILL leaves result.json "running"; the succeeded run it was replacing is in result.previous.json (now kept for
+    a rerun of the same config too), and the next command that fails before replacing the weights restores it."""
+    run_dir = tmp_path / "r"
+    first = sectune([*ARGS, "train.save_steps=null"], run_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    earlier = first.result
+    time.sleep(1.1)  # result.json's times are in whole seconds
+    killed = {**earlier, "status": "running", "metrics": {}, "started": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")}
+    (run_dir / "result.previous.json").write_text(json.dumps(earlier))  # what the killed command had written
+    (run_dir / "result.json").write_text(json.dumps(killed))
+    again = sectune([*ARGS, "train.save_steps=null", "debug.fail_at_step=1"], run_dir)
+    assert again.returncode != 0
+    assert "was killed while it replaced the succeeded run" in again.stderr
+    assert json.loads((run_dir / "result.json").read_text()) == earlier
+    # had the killed command replaced the adapter already, the earlier result would name weights that are not its own
+    (run_dir / "result.previous.json").write_text(json.dumps(earlier))
+    (run_dir / "result.json").write_text(json.dumps(killed))
+    os.utime(run_dir / "adapter" / "adapter_model.safetensors")  # written after the killed command started
+    again = sectune([*ARGS, "train.save_steps=null", "debug.fail_at_step=1"], run_dir)
+    assert again.returncode != 0 and json.loads((run_dir / "result.json").read_text())["status"] == "failed"
+
+
+def test_starting_from_a_run_that_did_not_succeed_is_refused(tmp_path):
+    """dpo.init_from took an SFT run whose weights were NaN (its result: failed, "nothing downstream uses this run") and
+    reported NaN margins as a success."""
+    from sectune.errors import ConfigError
+    from sectune.runner import init_source
+
+    run_dir = tmp_path / "sft"
+    (run_dir / "adapter").mkdir(parents=True)
+    res = {"stage": "sft", "status": "failed", "error": "eval_loss is nan: the trained weights are broken\nmore",
+           "artifacts": {"adapter": "adapter"}}
+    (run_dir / "result.json").write_text(json.dumps(res))
+    with pytest.raises(ConfigError, match=r"dpo.init_from=.*result.json says status 'failed': eval_loss is nan: the trained "
+                                          r"weights are broken; start from a run that succeeded$"):
+        init_source(str(run_dir), "dpo.init_from")
+    (run_dir / "result.json").write_text(json.dumps({**res, "status": "running", "error": None}))
+    (run_dir / "result.previous.json").write_text(json.dumps({**res, "status": "succeeded"}))
+    with pytest.raises(ConfigError, match=r"status 'running'; start from a run that succeeded \(result.previous.json there"):
+        init_source(str(run_dir), "rl.init_from")
+
+
+def test_replacing_a_saved_folder_deletes_the_old_one_only_once_the_new_one_is_in(tmp_path, monkeypatch):
+    """replace_dir deleted the old adapter first: a kill (or a failed delete) in between left half of it and the new one
+    stranded under a temporary name that nothing picks up."""
+    import shutil
+
+    from sectune import run_guard
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "w.safetensors").write_text("old")
+    stale = [tmp_path / ".adapter.tmp99999", tmp_path / ".adapter.old-abc"]
+    for p in stale:
+        p.mkdir()
+    new = tmp_path / f".adapter.tmp{os.getpid()}"
+    new.mkdir()
+    (new / "w.safetensors").write_text("new")
+    deleted = []
+    monkeypatch.setattr(shutil, "rmtree", lambda p, ignore_errors=False: deleted.append(
+        (Path(p).name, sorted(q.name for q in Path(p).rglob("*")), (out / "w.safetensors").read_text() if out.exists() else None)))
+    run_guard.replace_dir(new, out)
+    assert (out / "w.safetensors").read_text() == "new" and not new.exists()
+    # the stale folders of killed saves first; the old adapter last, after the new one was in place
+    assert {d[0] for d in deleted[:2]} == {p.name for p in stale}
+    name, inside, at_out = deleted[-1]
+    assert name.startswith(".adapter.old-") and "w.safetensors" in inside and at_out == "new"
+    link_target = tmp_path / "elsewhere"
+    link_target.mkdir()
+    (link_target / "keep").write_text("x")
+    out2 = tmp_path / "linked"
+    out2.symlink_to(link_target)
+    tmp2 = tmp_path / ".linked.tmp1"
+    tmp2.mkdir()
+    run_guard.replace_dir(tmp2, out2)
+    assert out2.is_dir() and not out2.is_symlink() and (link_target / "keep").read_text() == "x"
+
+
+def test_a_checkpoint_cut_short_before_rl_saved_its_held_out_scores_is_skipped(tmp_path, capsys):
+    """RL adds heldout_best.* to a checkpoint after Trainer's trainer_state.json: a kill in between left a checkpoint that
+    looked complete, and the resume forgot the kept step (blaming "an older sectune")."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sectune.checkpoints import latest_checkpoint, unusable
+
+    for step in (2, 4):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        save_file({"w": torch.ones(4)}, str(d / "adapter_model.safetensors"))
+        torch.save({"s": torch.ones(2)}, d / "optimizer.pt")
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-2" / "heldout_best.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"  # a stage that needs nothing more
+    assert latest_checkpoint(tmp_path, needs=("heldout_best.json",)) == tmp_path / "checkpoint-2"
+    assert "skipping checkpoint-4: heldout_best.json is missing (the save was cut short)" in capsys.readouterr().err
+    assert unusable(tmp_path / "checkpoint-2", ("heldout_best.json",)) is None
+
+
+def test_a_read_only_run_dir_is_one_line_not_a_logging_traceback():
+    from sectune.cli import _logging_os_error
+
+    err = PermissionError(13, "Permission denied", "/ro/cli.log")
+    try:
+        try:
+            raise err
+        except PermissionError as e:
+            raise ValueError("Unable to configure handler 'file'") from e
+    except ValueError as wrapped:
+        assert _logging_os_error(wrapped) is err
+    assert _logging_os_error(ValueError("something else")) is None
+
+
+def test_an_adapter_whose_base_model_is_gone_or_damaged_is_not_put_on_other_weights(tmp_path):
+    """An adapter recorded on an SFT's (or warm-up's) full weights fell back to the configured random model when those
+    weights were missing; a truncated base gave an unnamed SafetensorError traceback in infer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from conftest import compose
+    from sectune import modeling
+    from sectune.errors import ConfigError
+    from sectune.stages.infer import _usable
+
+    run_dir = tmp_path / "rl"
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    save_file({"w": torch.ones(4)}, str(run_dir / "adapter" / "adapter_model.safetensors"))
+    res = {"stage": "rl", "status": "succeeded", "artifacts": {"adapter": "adapter", "base_model": "../sft/model"}}
+    (run_dir / "result.json").write_text(json.dumps(res))
+    why, _, _ = _usable("rl", run_dir)
+    assert why == "its base model ../sft/model/config.json is missing"
+    with pytest.raises(ConfigError, match=r"artifacts.base_model=../sft/model, is missing"):
+        modeling.adapter_base(run_dir / "adapter", compose(["logger=none"]))
+    base = tmp_path / "sft" / "model"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    save_file({"w": torch.ones(256)}, str(base / "model.safetensors"))
+    assert _usable("rl", run_dir)[0] is None
+    data = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(data[: len(data) // 2])
+    why, _, _ = _usable("rl", run_dir)
+    assert why.startswith("its base model ../sft/model/model.safetensors is damaged (")
+    with pytest.raises(ConfigError, match=r"model.safetensors \(artifacts.base_model of .*\) is damaged"):
+        modeling.adapter_base(run_dir / "adapter", compose(["logger=none"]))
+
+
+def test_a_pipeline_step_with_an_unreadable_result_is_rerun_saying_why(tmp_path, capsys):
+    from sectune.pipeline_record import already_done
+    from sectune.stages.pipeline import Step
+
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "result.json").write_text("garbage")
+    assert already_done(Step("sft", tmp_path / "sft", None, [])) is None
+    assert f"{tmp_path / 'sft' / 'result.json'} is not a readable result (damaged?); running the sft step again" in capsys.readouterr().err
+
+
+def test_an_interrupt_says_what_a_rerun_continues_from(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from sectune.runner import _resume_hint
+
+    assert _resume_hint(tmp_path) == ""  # a stage without checkpoints (infer, evaluate)
+    (tmp_path / "checkpoints").mkdir()
+    assert "no checkpoint was saved (train.save_steps)" in _resume_hint(tmp_path)
+    d = tmp_path / "checkpoints" / "checkpoint-6"
+    d.mkdir()
+    save_file({"w": torch.ones(2)}, str(d / "model.safetensors"))
+    torch.save({}, d / "optimizer.pt")
+    (d / "trainer_state.json").write_text("{}")
+    assert _resume_hint(tmp_path) == "; the same command with train.resume=auto continues from checkpoint-6"

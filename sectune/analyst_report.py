@@ -74,6 +74,8 @@ def render_markdown(table: dict) -> str:
         out.append(f"Rows that lose to TF-IDF + LR on verdict macro-F1: {', '.join(losers)}.")
     else:
         out.append("No row loses to TF-IDF + LR on verdict macro-F1.")
+    out.append("Verdict macro-F1 averages the F1 of the verdicts these windows hold; answering a verdict no window holds "
+               "counts as a wrong answer, not as an extra class F1 of 0 (accuracy beside it counts every window).")
     rules = next((r for r in rows if r["kind"] == "rules"), None)
     if rules is not None and "ceiling" in rules["name"]:
         out.append("The rule engine wrote the annotations, so it matches them by construction: it is the ceiling, not a competitor.")

@@ -263,3 +263,46 @@ def artifacts_untouched(run_dir: Path, result: dict, since: float) -> bool:
         if any(p.stat().st_mtime > since for p in paths):
             return False
     return True
+
+
+class _Tap:
+    """A stream that writes through and keeps each whole line starting ``sectune: warning`` / ``sectune: note``."""
+
+    def __init__(self, stream, into: list):
+        self._stream, self._into, self._buf = stream, into, ""
+
+    def write(self, s):
+        n = self._stream.write(s)
+        if isinstance(s, str) and len(self._into) < 100:
+            self._buf += s
+            if "\n" in self._buf:
+                *lines, self._buf = self._buf.split("\n")
+                self._into.extend(ln.strip()[:1000] for ln in lines if ln.startswith(("sectune: warning", "sectune: note")))
+            self._buf = self._buf[-4000:]  # progress bars redraw with \r and no newline
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class recorded_warnings:
+    """While entered, sectune's warnings and notes printed to stdout/stderr are also kept in ``lines`` (result.json's
+    ``warnings``): a run's "N test rows repeat a training row" or "K cells filled in" was on the console only, so an
+    archived run that measured memory could not be told from one that did not."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._old = None
+
+    def __enter__(self):
+        self._old = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tap(sys.stdout, self.lines), _Tap(sys.stderr, self.lines)
+        return self
+
+    def __exit__(self, *exc):
+        out, err = self._old
+        if isinstance(sys.stdout, _Tap) and sys.stdout._into is self.lines:
+            sys.stdout = out
+        if isinstance(sys.stderr, _Tap) and sys.stderr._into is self.lines:
+            sys.stderr = err
+        return False

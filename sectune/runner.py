@@ -30,7 +30,8 @@ from sectune.errors import ConfigError, SectuneError
 from sectune.run_guard import (  # noqa: F401
     _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
     WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
-    artifacts_untouched, damaged_artifact, keep_artifact_copies, keep_run_config, restore_artifact_copies, restore_run_config)
+    artifacts_untouched, damaged_artifact, keep_artifact_copies, keep_run_config, recorded_warnings, restore_artifact_copies,
+    restore_run_config)
 
 #: what other modules (and the tests) import from runner, some of it defined in run_guard
 __all__ = ["_LOCKS", "FAILED_CONFIG_DIR", "RUN_CONFIG_FILES", "RUNNING_CONFIG_DIR", "SUCCEEDED_CONFIG_DIR", "WEIGHT_ARTIFACTS",
@@ -376,6 +377,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
             torch.cuda.reset_peak_memory_stats()
     handlers = _interrupt_on_signals()
     unscored = None  # the trial trained but has no sweep.objective to report: failed, its metrics kept
+    heard = recorded_warnings().__enter__()
     try:
         from sectune.config_checks import check_keys, check_values
 
@@ -415,6 +417,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         traceback.print_exc()
         print(f"sectune: error: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
+        heard.__exit__(None, None, None)
+        if heard.lines:
+            result["warnings"] = heard.lines
         _restore_signals(handlers)
         if result["status"] == "failed" and not unscored:
             result["metrics"] = _finite(ctx.partial_metrics)

@@ -177,6 +177,9 @@ def test_seed_preset_on_the_tiny_model_trains_an_nf4_lora_reward_adapter(tmp_pat
     assert run.returncode == 0, run.stderr[-2000:]
     m = run.result["metrics"]
     assert m["quantized_modules"] > 0 and m["fallback"] == 0 and m["trainable_params"] < m["total_params"] / 10
+    # beside it, on the same held-out pairs: the heuristic fallback (the rules' classic baseline); it ranks by rules
+    # agreement, so it is right on nearly every pair the corruptions make
+    assert m["heuristic_reward_accuracy"] >= 0.8 and "heuristic fallback on the same pairs" in run.stdout
     folder = tmp_path / "run" / run.result["artifacts"]["reward_model"]
     meta = json.loads((folder / RM.META_FILE).read_text())
     assert meta["quantization"] == "nf4" and meta["lora"] is True

@@ -224,3 +224,27 @@ def test_an_interrupt_says_what_a_rerun_continues_from(tmp_path):
     torch.save({}, d / "optimizer.pt")
     (d / "trainer_state.json").write_text("{}")
     assert _resume_hint(tmp_path) == "; the same command with train.resume=auto continues from checkpoint-6"
+
+
+def test_a_runs_warnings_are_kept_in_its_result(tmp_path):
+    """The "rows repeat a training row" and cleaning warnings were on the console only: an archived run that measured
+    memory looked like one that did not."""
+    import sys
+
+    from sectune.run_guard import recorded_warnings
+
+    before = sys.stdout, sys.stderr
+    with recorded_warnings() as heard:
+        print("sectune: warning: x.csv: 3 of 9 test rows repeat a training row's text exactly")
+        print("sectune: note: written", end="")
+        print("plain output\r progress 10%\r progress 20%\nsectune: warning: on stderr", file=sys.stderr)
+        print(" in two parts")
+        print("sectune: done")
+    assert (sys.stdout, sys.stderr) == before
+    assert heard.lines == ["sectune: warning: x.csv: 3 of 9 test rows repeat a training row's text exactly",
+                           "sectune: warning: on stderr", "sectune: note: written in two parts"]
+    data = tmp_path / "t.csv"
+    data.write_text("text,label\n" + "".join(f"row {i % 10},{'a' if i % 2 else 'b'}\n" for i in range(40)))
+    run = sectune(["stage=classify", "dataset=text_label_csv", f"dataset.path={data}", "train.max_steps=1", *FAST], tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert any("repeat a training row's text exactly" in w for w in run.result["warnings"]), run.result.get("warnings")

@@ -147,6 +147,9 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     if val_rows:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     metrics.update(pair_metrics(scorer.score, held_out))
+    # the classic baseline on the same pairs: seed 000's heuristic fallback (rules, no weights)
+    metrics.update({f"heuristic_{k}": v for k, v in pair_metrics(RM.HeuristicRewardModel().score, held_out).items()
+                    if k in ("reward_accuracy", "reward_margin")})
     norm = score_stats(scorer.score, splits["validation"] or splits["train"])
     metrics.update(score_mean=norm["score_mean"], score_std=norm["score_std"])
 
@@ -211,8 +214,10 @@ def pair_metrics(score, pairs: list[dict]) -> dict:
 
 def _report(metrics: dict, split: str, what: str) -> None:
     kinds = {k[len("reward_accuracy_"):]: v for k, v in metrics.items() if k.startswith("reward_accuracy_") and k != "reward_accuracy_start"}
+    beside = (f" (the heuristic fallback on the same pairs: {metrics['heuristic_reward_accuracy']:.3f})"
+              if "heuristic_reward_accuracy" in metrics else "")
     print(f"sectune: {what}: {split} pairwise accuracy {metrics.get('reward_accuracy', float('nan')):.3f}, "
-          f"margin {metrics.get('reward_margin', float('nan')):.3f}")
+          f"margin {metrics.get('reward_margin', float('nan')):.3f}{beside}")
     if kinds:
         print("sectune: per kind: " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
 

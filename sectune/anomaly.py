@@ -23,6 +23,7 @@ rule on it, and the same bigram without the end marker (a session cut short then
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -214,6 +215,12 @@ def _run_config(cfg, choice, model_dir: Path):
             merged.dataset[k] = cfg.dataset[k]
         print(f"sectune: note: scoring {mine} ({my_layout}), not the logs this run trained on ({theirs}, {their_layout}): "
               "their own validation sessions choose g and the threshold, their test sessions are reported")
+        how = lambda c, layout: layout if layout == "deeplog" else f"{layout}, dataset.log_parser={c.dataset.log_parser}"  # noqa: E731
+        if how(cfg, my_layout) != how(run_cfg, their_layout):
+            print(f"sectune: warning: the run's log keys were numbered from {how(run_cfg, their_layout)} logs and these from "
+                  f"{how(cfg, my_layout)}: two numberings of the log templates (DeepLog's keys, loghub's structured EventIds, "
+                  "drain3's clusters in order of first appearance), so a key means another event in each and the scores "
+                  "measure the mismatch, not detection; score logs parsed as the run's were", file=sys.stderr)
     else:
         kept = [f"dataset.{k}={cfg.dataset[k]} (trained: {run_cfg.dataset[k]})" for k in reading[1:] if cfg.dataset[k] != run_cfg.dataset[k]]
         if kept:

@@ -184,6 +184,11 @@ def _two_labels(data: LabelledData) -> LabelledData:
     if len(seen) < 2:
         raise DataError(f"{data.source}: every training row has the label {seen[0]!r}; classification needs at least 2 labels "
                         "(check dataset.label_column, or dataset.granularity for flows)")
+    val = data.splits.get("validation") or []
+    unseen = sorted(set(seen) - {r["label"] for r in val})
+    if val and unseen:  # a rare class split 2/0/1: the checkpoint and thresholds were chosen blind to it
+        print(f"sectune: warning: {data.source}: label(s) {', '.join(map(repr, unseen))} have no validation row: the checkpoint "
+              "and any threshold chosen on validation never see them (more rows of them, or a larger dataset.val_fraction)")
     return data
 
 

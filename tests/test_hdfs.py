@@ -246,6 +246,13 @@ def test_hdfs_detect_preset_composes_sft_then_evaluate_with_the_handoff(tmp_path
     assert steps["sft"].cfg.dataset.name == steps["evaluate"].cfg.dataset.name == "hdfs"
     assert steps["evaluate"].cfg.evaluate.model_dir == str(tmp_path / "sft")  # the pipeline hands the sft run on
     assert not steps["sft"].cfg.lora.enabled and steps["sft"].cfg.dataset.split_seed == steps["evaluate"].cfg.dataset.split_seed
+    # data the evaluate step cannot score is found before the sft step trains (an empty hdfs_test_abnormal was found after)
+    write_sessions(tmp_path / "d", [f"5 5 22 {k}" for k in range(1, 29)] * 2, [])
+    bad = [*overrides, f"dataset.path={tmp_path / 'd'}"]
+    cfg = compose(bad)
+    steps = [pipeline.compose_step(cfg, pipeline.step_overrides_base(bad), n, tmp_path, names) for n in names]
+    with pytest.raises(ConfigError, match=r"pipeline step evaluate, before any step runs: .*no anomalous session in the validation split"):
+        pipeline.check_detection_data(steps)
 
 
 @requires_real_data
@@ -301,8 +308,14 @@ def test_evaluate_scores_other_logs_given_as_dataset_path_on_their_own_split(tmp
     assert same.dataset.path == str(old) and same.dataset.split_seed == 3 and "scoring" not in capsys.readouterr().out
     other = anomaly._run_config(hdfs_cfg(new, "dataset.split_seed=9"), choice, run)
     assert other.dataset.path == str(new) and other.dataset.split_seed == 3  # the new logs, split as the run split its own
-    said = capsys.readouterr().out
-    assert f"scoring {new} (deeplog), not the logs this run trained on ({old}, deeplog)" in said and "dataset.split_seed=9 (trained: 3)" in said
+    said = capsys.readouterr()
+    assert f"scoring {new} (deeplog), not the logs this run trained on ({old}, deeplog)" in said.out and "dataset.split_seed=9 (trained: 3)" in said.out
+    assert "two numberings" not in said.err  # both DeepLog keys: comparable
+    # loghub logs keyed by drain3 against a model of DeepLog keys: key k is another event there
+    lh = _loghub(tmp_path / "lh", "BlockId,Label\nblk_1,Normal\nblk_2,Anomaly\n")
+    anomaly._run_config(hdfs_cfg(lh, "dataset.hdfs_layout=loghub", "dataset.log_parser=drain3"), choice, run)
+    assert ("the run's log keys were numbered from deeplog logs and these from loghub, dataset.log_parser=drain3: two numberings"
+            in capsys.readouterr().err)
     # the same logs read otherwise: said, and read as the run read them; a typo'd parser is an error, not dropped
     again = anomaly._run_config(hdfs_cfg(old, "dataset.skip_bad_lines=true"), choice, run)
     assert again.dataset.skip_bad_lines is False

@@ -136,3 +136,17 @@ def test_evaluate_data_path_reads_a_prompt_injection_runs_own_format(tmp_path):
         load_prompt_injections(Path(folder / "test.jsonl"))
     with pytest.raises(DataError, match="no such file"):
         external_records(data, cfg, tmp_path / "nope.csv")
+
+
+def test_a_label_with_no_validation_row_is_named(capsys):
+    """A rare class split 2/0/1: the checkpoint and the threshold were chosen on validation rows that never held it."""
+    from sectune.classification import LabelledData, _two_labels
+
+    rows = lambda labels: [{"text": f"t{i}", "label": lab} for i, lab in enumerate(labels)]  # noqa: E731
+    data = LabelledData("text", {"train": rows(["a", "b", "rare", "rare"]), "validation": rows(["a", "b"]), "test": rows(["rare"])},
+                        ["a", "b", "rare"], "", "my.csv")
+    _two_labels(data)
+    assert "my.csv: label(s) 'rare' have no validation row" in capsys.readouterr().out
+    data.splits["validation"].append({"text": "t9", "label": "rare"})
+    _two_labels(data)
+    assert "no validation row" not in capsys.readouterr().out

@@ -45,7 +45,9 @@ names the step, and the exit code is the step's. ``train.resume=auto`` inside a 
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,7 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
     test_windows = None
     if table_on or "infer" in by_name:
         test_windows = check_held_out(steps, eval_cfg, cfg.pipeline.heldout_max_windows)
+    check_detection_data(steps)
     print(f"sectune: pipeline: {' → '.join(names)} in {run_dir}")
 
     # one W&B run per step (grouped under this dir's name); this run's own reopens at the end
@@ -346,6 +349,20 @@ def _reason(e: Exception) -> str:
 
 def _one_line(e: Exception) -> str:
     return "; ".join(line.strip() for line in str(e).strip().splitlines() if line.strip()) or type(e).__name__
+
+
+def check_detection_data(steps: list[Step]) -> None:
+    """An HDFS step that detects (evaluate, federated) needs anomalous sessions in its validation and test splits:
+    read them before the first step trains (an empty hdfs_test_abnormal was found after the SFT step had trained)."""
+    for step in steps:
+        if step.cfg.dataset.name == "hdfs" and str(step.cfg.stage.name) in ("evaluate", "federated"):
+            from sectune.data import hdfs
+
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # its notes are the step's to print
+                    hdfs.load_hdfs(step.cfg)
+            except SectuneError as e:
+                raise ConfigError(f"pipeline step {step.name}, before any step runs: {e}") from None
 
 
 # ----------------------------------------------------------------------------- running

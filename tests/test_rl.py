@@ -378,9 +378,12 @@ def test_shared_prompt_sampling_applies_the_repetition_penalty_as_generate_does(
     tok = modeling.load_tokenizer(cfg)
     model = modeling.load_model(cfg).eval()
     prompts = [r["prompt"] for r in unit_records()]
-    ids = [tok(p)["input_ids"] for p in prompts]
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    # and a prompt of one token repeated: the random tiny model then repeats its first answer token, so the penalty must
+    # change the decode (the windows' 12-token answers repeat nothing with the tokenizer a clone without ../shared builds)
+    ids = [tok(p)["input_ids"] for p in prompts] + [[1000] * 8]
+    width = max(map(len, ids))  # left-padded, as generate takes a batch
+    enc = {"input_ids": torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i in ids]),
+           "attention_mask": torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])}
     outs = {}
     for rp in (1.0, 3.0):
         mine = sample_shared_prompt(model, [i for i in ids for _ in range(2)], max_new_tokens=12, eos_token_ids=[tok.eos_token_id],

@@ -134,12 +134,20 @@ def _with_prompts(rec: dict) -> dict:
 def deepset_texts(source_dir: Path, max_chars: int) -> list[str]:
     """The injection-labelled rows of deepset/prompt-injections (both of its splits), one line each,
     at most ``max_chars`` long, unique, sorted; empty when the folder is absent."""
+    from sectune.data.text_classification import _read_injection_parquet
+
     texts: set[str] = set()
-    for name in ("train.jsonl", "test.jsonl"):
-        path = source_dir / _DEEPSET / name
+    folder = source_dir / _DEEPSET
+    for split in ("train", "test"):
+        path = folder / f"{split}.jsonl"
+        # or the parquet files the README's `hf download` leaves (they were passed over: templated injections only)
+        parquet = sorted([*folder.glob(f"{split}-*.parquet"), *folder.glob(f"data/{split}-*.parquet")])
         if path.is_file():
             rows, _ = _read_jsonl(path, lambda row: None, skip_bad_lines=False, hint="")
-            texts.update(t for r in rows if r.get("label") == 1 and (t := _one_line(r.get("text") or "")) and len(t) <= max_chars)
+            injected = [r.get("text") for r in rows if r.get("label") == 1]
+        else:
+            injected = [r["text"] for p in parquet for r in _read_injection_parquet(p) if r["label"] == "injection"]
+        texts.update(t for text in injected if (t := _one_line(text or "")) and len(t) <= max_chars)
     return sorted(texts)
 
 
@@ -188,6 +196,10 @@ def _texts_by_split(cfg: DictConfig, generic: bool = False) -> tuple[dict[str, d
     if not 0.0 <= float(d.template_fraction) <= 1.0:
         raise ConfigError(f"dataset.template_fraction={d.template_fraction}: must be in [0, 1]")
     deepset = deepset_texts(Path(str(d.source_dir)), int(d.injection_max_chars)) if d.template_fraction < 1 else []
+    if not deepset and d.template_fraction == 0:  # deepset's texts only, and there are none: not templates in their place
+        raise DataError(f"dataset.template_fraction=0 plants deepset's injection texts only, and {Path(str(d.source_dir)) / _DEEPSET} "
+                        "has none (train.jsonl/test.jsonl or the parquet files of `hf download deepset/prompt-injections "
+                        "--repo-type dataset`); download them, or set dataset.template_fraction > 0 for templated injections")
     if not deepset and d.template_fraction < 1:
         from sectune.data import note_generated
 

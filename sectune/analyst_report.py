@@ -42,6 +42,9 @@ def render_markdown(table: dict) -> str:
         + (f" The best policy was chosen by {table['best_policy_chosen_on']}, never on these test windows."
            if table.get("best_policy_chosen_on") else ""),
         "",
+        *(["**These windows are generated** (sectune's synthetic logs in the real logs' format: the real ones were not "
+           "found), so the numbers describe the pipeline, not an analyst of real logs.", ""]
+          if srcs and all(k == "synthetic" for k, _ in srcs) else []),
         "| system | JSON-valid % | schema-valid % | verdict acc | verdict macro-F1 | field F1 | analyses/s | vs TF-IDF + LR |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]

@@ -237,7 +237,7 @@ def evaluate_hdfs(ctx) -> dict:
     from sectune.data.hdfs import ANOMALOUS, DEFAULT_PROMPT, load_hdfs
     from sectune.evaluation import write_evaluation
     from sectune.injection_eval import choose_analyst
-    from sectune.runner import write_json_atomic
+    from sectune.runner import write_json_atomic, write_text_atomic
     from sectune.stages import infer
 
     cfg, run_dir, ev = ctx.cfg, ctx.run_dir, ctx.cfg.evaluate
@@ -302,7 +302,10 @@ def evaluate_hdfs(ctx) -> dict:
         "test_ids": [s.id for s in test],
     }
     write_json_atomic(out / "hdfs_detection.json", summary)
-    (out / "hdfs_report.md").write_text(table + "\n")
+    if data.info.get("generated"):  # the report says so, as the console did
+        table = (f"**These sessions are generated** ({data.source}: sectune's synthetic sessions in the DeepLog format, the "
+                 "real ones were not found), so the numbers describe the pipeline, not detection on real HDFS logs.\n\n" + table)
+    write_text_atomic(out / "hdfs_report.md", table + "\n")
     print(table)
     return {"metrics": metrics, "artifacts": {"evaluation": "evaluation", "report": "evaluation/hdfs_report.md",
                                               "confusion_matrix": "evaluation/confusion_matrix.png", "model": model_ref}}

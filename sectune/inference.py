@@ -88,7 +88,8 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4,
 
     ``constraint`` (a :class:`sectune.constrained.SchemaConstraint`) restricts every token to the
     schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced) and
-    ``force_failures`` (forced closes the grammar refused: the budget was then not assured).
+    ``force_failures`` (forced closes the grammar refused: the budget was then not assured); ``truncated_rows`` lists
+    the prompts (by index) whose middle was cut.
 
     A LoRA model on a CPU decodes with its adapter folded into the base weights
     (:func:`sectune.modeling.merged_lora`; the weights are restored bit for bit afterwards).
@@ -121,6 +122,7 @@ def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats,
         rows = tokenizer(prompts[i : i + batch_size])["input_ids"]
         cut = [cut_middle(r, budget) for r in rows]
         was_cut += sum(len(c) < len(r) for c, r in zip(cut, rows))
+        stats.setdefault("truncated_rows", []).extend(i + j for j, (c, r) in enumerate(zip(cut, rows)) if len(c) < len(r))
         enc = tokenizer.pad({"input_ids": cut}, padding=True, return_tensors="pt").to(device)
         kwargs = dict(
             max_new_tokens=gen_cfg.max_new_tokens,

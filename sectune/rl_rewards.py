@@ -70,11 +70,30 @@ def reward_functions(cfg) -> tuple[list, list[float], str | None]:
                               "older sectune): rerun its stage=reward, or set rl.normalize_reward_model=false for raw scores")
         kind = scorer.kind
         print(f"sectune: reward model ({scorer.kind}) from {cfg.rl.reward_model}")
+        warn_if_chance(cfg.rl.reward_model, weights["reward_model"])
         funcs.append(model_reward(scorer, normalize))
         w.append(weights["reward_model"])
     elif cfg.rl.reward_model:
         print(f"sectune: warning: rl.reward_model={cfg.rl.reward_model} is set but rl.rewards.reward_model is 0: not used")
     return funcs, w, kind
+
+
+def warn_if_chance(path, weight: float, chance: float = 0.55) -> None:
+    """A trained reward model that ranked its own held-out pairs at chance (its result.json's ``reward_accuracy``) adds
+    noise to every advantage it is weighted into: said, with the figure (on generated logs one ranked them at 0.500
+    and GRPO used it without a word)."""
+    import json
+    from pathlib import Path
+
+    for result in (Path(str(path)) / "result.json", Path(str(path)).parent / "result.json"):
+        try:
+            acc = json.loads(result.read_text()).get("metrics", {}).get("reward_accuracy")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(acc, (int, float)) and acc <= chance:
+            print(f"sectune: warning: the reward model ranked its held-out pairs at {acc:.3f} ({result}), about chance: its "
+                  f"term (rl.rewards.reward_model={weight}) adds noise to GRPO's advantages; retrain it or weigh it 0")
+        return
 
 
 def heldout_rewards(cfg, model, tokenizer, records: list[dict], reward_funcs, weights) -> list[float]:

@@ -19,7 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REAL_AUTH = shared_data_dir() / "loghub_openssh_2k" / "OpenSSH_2k.log"
 
 requires_real_data = pytest.mark.skipif(
-    not REAL_AUTH.exists(), reason=f"real public data not found at {shared_data_dir()} (fresh clone without ../shared)"
+    not REAL_AUTH.exists(), reason=f"real public data not found at {shared_data_dir()} (fresh clone without ../shared: "
+                                   "README's Data section names each source and how to download it; SECTUNE_SHARED_DATA=<folder>)"
 )
 
 #: small, fast settings for end-to-end runs on the tiny model

@@ -297,7 +297,7 @@ def test_cli_exit_code_and_stderr_for_a_binary_input(tmp_path):
     (tmp_path / "binary.log").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00")
     run = sectune([*BASE, f"infer.input_file={tmp_path / 'binary.log'}"], tmp_path / "run")
     assert run.returncode != 0
-    assert run.stderr.strip().splitlines()[-1] == f"sectune: error: {tmp_path / 'binary.log'}: binary file (NUL bytes); infer reads text log files"
+    assert run.stderr.strip().splitlines()[-1] == f"sectune: error: {tmp_path / 'binary.log'}: binary file (NUL bytes); infer reads text log files (plain, .gz or UTF-16)"
     assert not (tmp_path / "run" / "analyses.json").exists() and run.result["status"] == "failed"
 
 
@@ -439,7 +439,7 @@ def test_a_non_utf8_byte_or_a_rotated_gz_beside_the_logs_does_not_stop_the_analy
     (folder / "bom.log").write_bytes("\ufeffDec 10 06:55:48 LabSZ sshd[3]: Invalid user eve from 1.2.3.5\n".encode())
     texts = dict(infer.read_inputs(folder))
     out = capsys.readouterr().out
-    assert set(texts) == {"auth.log", "bom.log"} and "skipped 1 binary file(s)" in out and "auth.log.2.gz" in out
+    assert set(texts) == {"auth.log", "bom.log"} and "skipped 1 file(s)" in out and "auth.log.2.gz (a damaged gzip)" in out
     assert "caf\ufffd from" in texts["auth.log"] and "auth.log: 1 line(s) not UTF-8 (line 1)" in out
     assert texts["bom.log"].startswith("Dec 10")  # the byte-order mark is not data
 
@@ -449,3 +449,84 @@ def test_the_per_file_summary_reads_when_no_window_has_a_verdict():
     assert infer.verdict_summaries(recs) == ["auth.log: 3 windows · no schema-valid verdict 3"]  # was "3 windows · , no …"
     recs[0] = {"input": "auth.log", "schema_valid": True, "analysis": {"verdict": "malicious"}, "lines": [1, 4]}
     assert infer.verdict_summaries(recs) == ["auth.log: 3 windows · malicious 1, no schema-valid verdict 2 · malicious at lines 1-4"]
+
+
+def test_logs_read_as_wc_counts_them_gzip_and_utf16_included(tmp_path, capsys):
+    """A user name holding U+2028 or a form feed was a line break to str.splitlines: a 40-line file reported windows up to
+    line 42; rotated .gz logs and UTF-16 exports were "binary"; an empty rotated log stopped the whole folder."""
+    import gzip
+
+    from sectune.infer_inputs import file_lines
+
+    line = "Dec 10 06:55:4{} LabSZ sshd[{}]: Invalid user {} from 1.2.3.4"
+    text = "\n".join(line.format(i % 10, i, "ad\u2028min" if i == 2 else "x\x0cy" if i == 5 else f"u{i}") for i in range(40)) + "\r\n"
+    assert len(file_lines(text)) == 40 and not file_lines(text)[-1].endswith("\r")
+    windows = infer.log_windows([("a.log", text)], 20)
+    assert [(w.first, w.last) for w in windows] == [(1, 20), (21, 40)] and "ad\u2028min" in windows[0].text
+    folder = tmp_path / "varlog"
+    folder.mkdir()
+    (folder / "auth.log.1.gz").write_bytes(gzip.compress(text.encode()))
+    (folder / "export.log").write_bytes(text.encode("utf-16"))
+    (folder / "auth.log.2").write_bytes(b"")
+    texts = dict(infer.read_inputs(folder))
+    assert texts["auth.log.1.gz"] == texts["export.log"] == text and "auth.log.2" not in texts
+    assert "skipped 1 file(s)" in capsys.readouterr().out
+
+
+def test_the_summary_counts_a_verdict_it_cannot_rank_and_never_calls_a_milder_one_the_worst():
+    recs = [{"input": "a.log", "schema_valid": True, "analysis": {"verdict": v}, "lines": [i, i]}
+            for i, v in enumerate(["benign", "critical", "critical"], 1)]
+    assert infer.verdict_summaries(recs) == ["a.log: 3 windows · benign 1, critical 2 (not ranked) · benign at lines 1-1"]
+
+
+def test_an_output_file_that_is_not_an_earlier_infer_output_is_refused(tmp_path):
+    """infer.output_file overwrote the input log itself, or a trained run's result.json, with exit 0."""
+    from sectune.errors import ConfigError
+
+    log = tmp_path / "victim.log"
+    log.write_text("Dec 10 06:55:46 LabSZ sshd[1]: Invalid user bob from 1.2.3.4\n")
+    result = tmp_path / "result.json"
+    result.write_text('{"stage": "sft", "status": "succeeded"}')
+    for path in (log, result):
+        with pytest.raises(ConfigError, match="the file exists and is not an earlier infer output"):
+            infer.output_path(str(path), tmp_path / "run", [log])
+    earlier = tmp_path / "answers.json"
+    earlier.write_text('[{"input": "victim.log", "lines": [1, 1], "analysis": null}]')
+    assert infer.output_path(str(earlier), tmp_path / "run", [log]) == earlier  # its own kind: replaced, the old kept
+
+
+def test_each_record_names_what_its_window_does_not_hold():
+    from sectune.infer_inputs import absent_names
+
+    window = "Dec 10 06:55:46 LabSZ sshd[1]: Failed password for invalid user bob from 203.0.113.7 port 22 ssh2\n"
+    analysis = {"source_ips": [{"ip": "183.62.140.253", "failures": 5}, {"ip": "203.0.113.7", "failures": 1}],
+                "invalid_users": ["bob", "admin"], "targeted_users": []}
+    assert absent_names(analysis, window) == ["183.62.140.253", "admin"]
+    assert absent_names(None, window) == [] and absent_names({"source_ips": "x"}, window) == []
+
+
+def test_infer_decodes_as_the_models_run_did_keeps_the_earlier_answers_and_records_what_it_read(tmp_path, adapter):
+    """The README's plain infer command decoded with repetition_penalty 1.2 where the run (and its scores) used 1.0; a
+    rerun replaced analyses.json; result.json did not say which version of the log was read."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    sft = tmp_path / "sft"
+    make_step(sft, "sft", adapter)
+    (sft / ".hydra").mkdir()
+    OmegaConf.save(compose([*BASE, "generation.repetition_penalty=1.05"]), sft / ".hydra" / "config.yaml")
+    log = tmp_path / "auth.log"
+    log.write_text("Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186\n")
+    args = [*BASE, f"infer.model_dir={sft}", f"infer.input_file={log}", "generation.max_new_tokens=8"]
+    first = sectune(args, tmp_path / "run")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "decoding as the sft run did (generation.repetition_penalty=1.05" in first.stdout
+    m = first.result["metrics"]
+    assert m["input_lines"] == 1 and m["input_sha256"] == hashlib.sha256(f"auth.log\0{log.read_text()}\0".encode()).hexdigest()
+    rec = json.loads((tmp_path / "run" / "analyses.json").read_text())[0]
+    assert rec["input_cut"] is False and isinstance(rec["absent_names"], list)
+    again = sectune([*args, "generation.repetition_penalty=1.2"], tmp_path / "run")  # set on the command line: it wins
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "decoding as the sft run did" not in again.stdout
+    assert (tmp_path / "run" / "analyses.previous.json").is_file() and "analyses.previous.json" in again.stdout

@@ -150,3 +150,24 @@ def test_a_label_with_no_validation_row_is_named(capsys):
     data.splits["validation"].append({"text": "t9", "label": "rare"})
     _two_labels(data)
     assert "no validation row" not in capsys.readouterr().out
+
+
+def test_a_reward_model_at_chance_is_said_before_grpo_weighs_it(tmp_path, capsys):
+    """On generated logs the reward model ranked its held-out pairs at 0.500 and GRPO used it without a word."""
+    from sectune.rl_rewards import warn_if_chance
+
+    (tmp_path / "result.json").write_text(json.dumps({"stage": "reward", "status": "succeeded", "metrics": {"reward_accuracy": 0.5}}))
+    warn_if_chance(tmp_path, 0.5)
+    assert "ranked its held-out pairs at 0.500" in capsys.readouterr().out
+    (tmp_path / "result.json").write_text(json.dumps({"stage": "reward", "status": "succeeded", "metrics": {"reward_accuracy": 0.88}}))
+    warn_if_chance(tmp_path / "reward_model", 0.5)  # the folder inside the run: its run's result.json
+    assert "chance" not in capsys.readouterr().out
+
+
+def test_a_table_on_generated_windows_says_so_at_its_top():
+    from sectune.analyst_report import render_markdown
+
+    table = {"rows": [], "by_source": {}, "windows": [{"source": "synthetic", "verdict": "benign"}], "best_policy": None}
+    assert "**These windows are generated**" in render_markdown(table)
+    table["windows"] = [{"source": "OpenSSH", "verdict": "benign"}]
+    assert "generated" not in render_markdown(table)

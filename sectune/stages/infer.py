@@ -23,20 +23,23 @@ directory that is not a sectune run or pipeline is an error.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sectune import checkpoints, modeling
+from sectune import checkpoints, modeling, runner
 from sectune.data import auth_logs
-from sectune.errors import ConfigError, DataError, first_line
+from sectune.errors import ConfigError, first_line
 from sectune.inference import generate, parse_json_output
+from sectune.infer_inputs import (absent_names, file_lines, keep_previous, log_windows, output_path, read_inputs,
+                                  verdict_summaries)
 from sectune.runner import RESULT_FILE, RunContext, write_json_atomic
 
 #: the steps whose models can answer, in order of preference (the newest stage of a pipeline first)
 CHAIN = ("rl", "dpo", "sft")
-DEFAULT_OUTPUT = "analyses.json"
 
 
 def run(ctx: RunContext) -> dict:
@@ -45,9 +48,11 @@ def run(ctx: RunContext) -> dict:
     # 1. inputs and where the answers go: every bad input fails here, before a model loads
     files = read_inputs(ic.input_file)
     inputs = log_windows(files, cfg.dataset.max_lines if ic.window_lines is None else ic.window_lines)
-    out_path = output_path(ic.output_file, run_dir)
+    path = Path(str(ic.input_file)).expanduser()
+    out_path = output_path(ic.output_file, run_dir, [path] if path.is_file() else [path / name for name, _ in files])
     validator = auth_logs._validator(ic.schema)
     choice = choose_model(ic.model_dir, base_fallback=ic.base_fallback)
+    gen_cfg = run_generation(cfg, choice)
 
     # 2. model
     model, tokenizer, model_ref = load_model(cfg, choice)
@@ -63,7 +68,7 @@ def run(ctx: RunContext) -> dict:
     schema_text = json.dumps(validator.schema, separators=(",", ":")) if ic.full_schema else None
     prompts = [build_prompt(w.text, schema_text) for w in inputs]
     limit = cfg.model.max_seq_length
-    too_long = sum(len(ids) + cfg.generation.max_new_tokens > limit for ids in tokenizer(prompts)["input_ids"])
+    too_long = sum(len(ids) + gen_cfg.max_new_tokens > limit for ids in tokenizer(prompts)["input_ids"])
     if too_long:
         print(f"sectune: warning: {too_long} prompt(s) plus generation.max_new_tokens exceed model.max_seq_length={limit}")
 
@@ -79,14 +84,29 @@ def run(ctx: RunContext) -> dict:
                   "and uniqueItems is checked only afterwards")
     stats: dict = {}
     t0 = time.perf_counter()
-    texts = generate(model, tokenizer, prompts, cfg.generation, batch_size=ic.batch_size, constraint=constraint, stats=stats,
+    texts = generate(model, tokenizer, prompts, gen_cfg, batch_size=ic.batch_size, constraint=constraint, stats=stats,
                      max_seq_length=int(cfg.model.max_seq_length))
     gen_s = time.perf_counter() - t0
 
-    # 5. parse, check, write
-    records = [{**analyse(w.name, choice.used, text, validator), "lines": [w.first, w.last]} for w, text in zip(inputs, texts)]
-    write_json_atomic(out_path, records)
+    # 5. parse, check, write: each record says whether its window was cut to fit and which names it gives that the
+    # window does not hold
+    cut = set(stats.get("truncated_rows", ()))
+    records = []
+    for i, (w, text) in enumerate(zip(inputs, texts)):
+        rec = {**analyse(w.name, choice.used, text, validator), "lines": [w.first, w.last], "input_cut": i in cut}
+        rec["absent_names"] = absent_names(rec["analysis"], w.text)
+        records.append(rec)
+    previous = keep_previous(out_path)
+    if previous is not None and (prev := runner.previous_result(run_dir, runner.PREVIOUS_RESULT_FILE)):
+        if (prev.get("artifacts") or {}).get("output") == _relative(out_path, run_dir):  # it names its answers' new place
+            prev["artifacts"]["output"] = _relative(previous, run_dir)
+            write_json_atomic(run_dir / runner.PREVIOUS_RESULT_FILE, prev)
+    write_json_atomic(out_path, _finite_json(records))
     n = len(records)
+    ungrounded = sum(bool(r["absent_names"]) for r in records)
+    if ungrounded:
+        print(f"sectune: warning: infer: {ungrounded} of {n} analyses name an address, host or user their window does not "
+              "hold (absent_names in each record): check them against the log before acting on them")
     for line in verdict_summaries(records):
         print(f"sectune: infer: {line}")
     metrics = {
@@ -99,6 +119,10 @@ def run(ctx: RunContext) -> dict:
         "generation_s": round(gen_s, 3),
         "constrained": int(bool(ic.constrained)),
         "truncated_prompts": stats.get("truncated", 0),  # windows longer than model.max_seq_length: their middle cut
+        "absent_names_rate": ungrounded / n,
+        # what was read, so that an analysis can be matched with the version of the log it came from
+        "input_lines": sum(len(file_lines(text)) for _, text in files),
+        "input_sha256": hashlib.sha256("".join(f"{name}\0{text}\0" for name, text in files).encode()).hexdigest(),
     }
     if constraint is not None:
         # outputs the token budget closed (the model had not closed them itself by then)
@@ -114,126 +138,47 @@ def run(ctx: RunContext) -> dict:
     return {"metrics": metrics, "artifacts": {"model": model_ref, "output": _relative(out_path, run_dir)}}
 
 
-# ----------------------------------------------------------------------------- inputs
-def read_inputs(input_file) -> list[tuple[str, str]]:
-    """(file name, text) for one log file or each regular file of a folder (sorted, not recursive,
-    hidden files skipped); every unusable input is a DataError naming it."""
-    if not input_file:
-        raise ConfigError("stage=infer needs infer.input_file=<a log file or a folder of log files>")
-    path = Path(str(input_file)).expanduser()
-    if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
-        if not files:
-            raise DataError(f"infer.input_file={input_file}: the folder holds no log files")
-        # a folder such as /var/log holds rotated, compressed logs beside the text ones: those are skipped, named
-        texts, skipped = [], []
-        for f in files:
-            try:
-                texts.append((f.name, read_log(f)))
-            except DataError as e:
-                if "binary file" not in str(e):
-                    raise
-                skipped.append(f.name)
-        if skipped:
-            print(f"sectune: infer: skipped {len(skipped)} binary file(s) in {path} (compressed or not text): "
-                  f"{', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
-        if not texts:
-            raise DataError(f"infer.input_file={input_file}: the folder holds no text log files (every file is binary)")
-        return texts
-    if path.is_file():
-        return [(path.name, read_log(path))]
-    if path.exists():
-        raise DataError(f"infer.input_file={input_file}: not a regular file or a folder")
-    raise DataError(f"infer.input_file={input_file}: no such file or folder")
+def run_generation(cfg, choice: "ModelChoice"):
+    """``generation.*`` as the chosen model's own run decoded (its saved config), but for a key this command sets: the
+    README's plain infer command decoded a pipeline's analyst with repetition_penalty 1.2 where the pipeline scored it
+    with 1.0, and 18 of 100 verdicts changed."""
+    from omegaconf import OmegaConf
 
-
-@dataclass(frozen=True)
-class LogWindow:
-    name: str  # the file's name
-    text: str
-    first: int  # 1-based line numbers in the file, blank lines counted
-    last: int
-
-
-def log_windows(files: list[tuple[str, str]], window_lines: int) -> list[LogWindow]:
-    """Each file whole, or, past ``window_lines`` non-blank lines (> 0), cut into the fewest consecutive windows
-    of at most that many lines, of near-equal length (2,000 lines by 20: 100 windows of 20; 45 by 20: 3 of 15),
-    so that no window is much shorter than the ones the analyst learnt from."""
-    out = []
-    for name, text in files:
-        lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-        if window_lines <= 0 or len(lines) <= window_lines:
-            out.append(LogWindow(name, text, lines[0][0], lines[-1][0]))
-            continue
-        k = -(-len(lines) // window_lines)
-        bounds = [round(j * len(lines) / k) for j in range(k + 1)]
-        for a, b in zip(bounds, bounds[1:]):
-            chunk = lines[a:b]
-            out.append(LogWindow(name, "\n".join(line for _, line in chunk) + "\n", chunk[0][0], chunk[-1][0]))
-    return out
-
-
-def verdict_summaries(records: list[dict]) -> list[str]:
-    """One line per file cut into windows: its windows' verdicts, and where the most severe one is."""
-    by_file: dict[str, list[dict]] = {}
-    for r in records:
-        by_file.setdefault(r["input"], []).append(r)
-    out = []
-    for name, recs in by_file.items():
-        if len(recs) < 2:
-            continue
-        verdicts = [r["analysis"].get("verdict") if r["schema_valid"] else None for r in recs]
-        counts = {v: verdicts.count(v) for v in auth_logs.CLASSES[::-1] if v in verdicts}
-        worst = next(iter(counts), None)
-        where = [f"{r['lines'][0]}-{r['lines'][1]}" for r, v in zip(recs, verdicts) if v == worst]
-        unread = verdicts.count(None)
-        parts = [f"{v} {c}" for v, c in counts.items()] + ([f"no schema-valid verdict {unread}"] if unread else [])
-        out.append(f"{name}: {len(recs)} windows · " + ", ".join(parts)
-                   + (f" · {worst} at lines {', '.join(where[:5])}{' …' if len(where) > 5 else ''}" if worst else ""))
-    return out
-
-
-def read_log(path: Path) -> str:
-    """A log file's text. Bytes that are not UTF-8 (a user name an attacker typed in Latin-1, say) become U+FFFD
-    with a warning naming their lines: one such byte must not keep a whole log from being analysed."""
+    saved = choice.path.parent / ".hydra" / "config.yaml" if choice.path is not None else None
+    if saved is None or not saved.is_file():
+        return cfg.generation
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if b"\x00" in data:
-        raise DataError(f"{path}: binary file (NUL bytes); infer reads text log files")
+        theirs = OmegaConf.load(saved).get("generation") or {}
+    except Exception:  # noqa: BLE001 - an unreadable saved config: this command's settings
+        return cfg.generation
+    given = {o.split("=", 1)[0].lstrip("+~") for o in _command_overrides()}
+    taken = {k: v for k, v in theirs.items() if k in cfg.generation and k != "preview_samples" and f"generation.{k}" not in given
+             and v != cfg.generation[k]}
+    if not taken:
+        return cfg.generation
+    print(f"sectune: infer: decoding as the {choice.used} run did ({', '.join(f'generation.{k}={v}' for k, v in taken.items())}; "
+          "set them on the command line to decode otherwise)")
+    return OmegaConf.merge(cfg.generation, taken)
+
+
+def _command_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        lines = [n for n, raw in enumerate(data.splitlines(), 1) if not _utf8(raw)]
-        print(f"sectune: infer: warning: {path.name}: {len(lines)} line(s) not UTF-8 (line {', '.join(map(str, lines[:5]))}"
-              f"{' …' if len(lines) > 5 else ''}); their bad bytes read as U+FFFD")
-        text = data.decode("utf-8-sig", errors="replace")
-    if not text.strip():
-        raise DataError(f"{path}: empty log file")
-    return text
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not launched by Hydra (a test calling the stage)
+        return []
 
 
-def _utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
-def output_path(output_file, run_dir: Path) -> Path:
-    if output_file:
-        path = Path(str(output_file)).expanduser()
-        if path.is_dir():
-            raise ConfigError(f"infer.output_file={output_file}: is a folder; give a file name (e.g. {path / DEFAULT_OUTPUT})")
-        parent = next(p for p in path.absolute().parents if p.exists())  # the folders below it are created
-        if not parent.is_dir():
-            raise ConfigError(f"infer.output_file={output_file}: {parent} is a file, not a folder")
-        return path
-    # a rerun in this dir replaces an earlier run's answers only when it has new ones (written atomically at the end);
-    # if it fails first, the earlier answers and result.json stay (runner.run)
-    return run_dir / DEFAULT_OUTPUT
+def _finite_json(obj):
+    """Non-finite numbers (an answer's count of 1e400) as null: ``Infinity`` is not JSON to a strict reader."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_json(v) for v in obj]
+    return obj
 
 
 def build_prompt(log_text: str, schema_text: str | None = None) -> str:
@@ -362,8 +307,17 @@ def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
 
 
 def load_model(cfg, choice: ModelChoice):
-    """(model on the run's device in eval mode, tokenizer, the adapter/model folder or base path)."""
+    """(model on the run's device in eval mode, tokenizer, the adapter/model folder or base path). An adapter goes on the
+    weights its run recorded (``artifacts.base_model``), else on the local folder it was trained on (its
+    ``base_model_name_or_path``): the command's own model=, with another shape, lost the adapter's deeper layers."""
     base = modeling.adapter_base(choice.path, cfg) if choice.kind == "adapter" else modeling.model_path(cfg)
+    if choice.kind == "adapter":
+        trained_on = json.loads((choice.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        local = Path(str(trained_on)).expanduser() if trained_on else None
+        if local is not None and (local / "config.json").is_file() and not _same_model(str(local), base):
+            print(f"sectune: infer: the {choice.used} adapter goes on the weights it was trained on ({local}), not on "
+                  f"model={cfg.model.name} ({base})")
+            base = str(local)
     if choice.kind == "model":
         model = modeling.load_model(cfg, path=str(choice.path))
         ref = str(choice.path)

@@ -1,0 +1,208 @@
+"""``stage=infer``'s side of the files: the logs read (text, gzip, UTF-16; a folder's unusable files skipped, named), the
+windows they are cut into (line numbers as ``wc -l`` and ``sed -n`` count them), the answers' file (never over a file
+that is not an earlier infer output), the per-file verdict summary and the names an answer gives that its window
+does not hold."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sectune.data import auth_logs
+from sectune.errors import ConfigError, DataError
+
+DEFAULT_OUTPUT = "analyses.json"
+#: what a folder's file may be and be skipped, named (read_log's words → the reason shown)
+_SKIPPED = {"binary file": "binary", "empty log file": "empty", "does not decompress": "a damaged gzip"}
+#: gzip's magic; UTF-16's byte-order marks (a Windows export)
+_GZIP, _UTF16 = b"\x1f\x8b", (b"\xff\xfe", b"\xfe\xff")
+
+
+# ----------------------------------------------------------------------------- inputs
+def read_inputs(input_file) -> list[tuple[str, str]]:
+    """(file name, text) for one log file or each regular file of a folder (sorted, not recursive, hidden files
+    skipped); a folder's binary or empty files are skipped, named (a rotated, compressed or empty log beside the text
+    ones must not stop the rest); a single unusable file is a DataError naming it."""
+    if not input_file:
+        raise ConfigError("stage=infer needs infer.input_file=<a log file or a folder of log files>")
+    path = Path(str(input_file)).expanduser()
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise DataError(f"infer.input_file={input_file}: the folder holds no log files")
+        texts, skipped = [], []
+        for f in files:
+            try:
+                texts.append((f.name, read_log(f)))
+            except DataError as e:
+                why = next((w for k, w in _SKIPPED.items() if k in str(e)), None)
+                if why is None:
+                    raise
+                skipped.append(f"{f.name} ({why})")
+        if skipped:
+            print(f"sectune: warning: infer: skipped {len(skipped)} file(s) in {path} that hold no text log: "
+                  f"{', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
+        if not texts:
+            raise DataError(f"infer.input_file={input_file}: the folder holds no text log files (every file is binary or empty)")
+        return texts
+    if path.is_file():
+        return [(path.name, read_log(path))]
+    if path.exists():
+        raise DataError(f"infer.input_file={input_file}: not a regular file or a folder")
+    raise DataError(f"infer.input_file={input_file}: no such file or folder")
+
+
+def read_log(path: Path) -> str:
+    """A log file's text: UTF-8, or gzip-compressed (a rotated ``auth.log.2.gz``), or UTF-16 with its byte-order mark
+    (a Windows export). Bytes that are not UTF-8 (a user name an attacker typed in Latin-1, say) become U+FFFD with a
+    warning naming their lines: one such byte must not keep a whole log from being analysed."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if data.startswith(_GZIP):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: a gzip file that does not decompress ({e})") from None
+    if data.startswith(_UTF16):
+        text = data.decode("utf-16", errors="replace")
+    elif b"\x00" in data:
+        raise DataError(f"{path}: binary file (NUL bytes); infer reads text log files (plain, .gz or UTF-16)")
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            lines = [n for n, raw in enumerate(data.split(b"\n"), 1) if not _utf8(raw)]
+            print(f"sectune: warning: infer: {path.name}: {len(lines)} line(s) not UTF-8 (line {', '.join(map(str, lines[:5]))}"
+                  f"{' …' if len(lines) > 5 else ''}); their bad bytes read as U+FFFD")
+            text = data.decode("utf-8-sig", errors="replace")
+    if not text.strip():
+        raise DataError(f"{path}: empty log file")
+    return text
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+# ----------------------------------------------------------------------------- windows
+@dataclass(frozen=True)
+class LogWindow:
+    name: str  # the file's name
+    text: str
+    first: int  # 1-based line numbers in the file, blank lines counted
+    last: int
+
+
+def file_lines(text: str) -> list[str]:
+    """A log's lines as ``wc -l`` counts them: split at ``\\n`` only (a user name holding U+2028, a form feed or a
+    lone ``\\r`` is one line's text, not a line break: ``str.splitlines`` shifted every later window), ``\\r\\n`` ends
+    read as ``\\n``."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def log_windows(files: list[tuple[str, str]], window_lines: int) -> list[LogWindow]:
+    """Each file whole, or, past ``window_lines`` non-blank lines (> 0), cut into the fewest consecutive windows
+    of at most that many lines, of near-equal length (2,000 lines by 20: 100 windows of 20; 45 by 20: 3 of 15),
+    so that no window is much shorter than the ones the analyst learnt from."""
+    out = []
+    for name, text in files:
+        lines = [(i, line) for i, line in enumerate(file_lines(text), 1) if line.strip()]
+        if window_lines <= 0 or len(lines) <= window_lines:
+            out.append(LogWindow(name, "\n".join(file_lines(text)) + "\n", lines[0][0], lines[-1][0]))
+            continue
+        k = -(-len(lines) // window_lines)
+        bounds = [round(j * len(lines) / k) for j in range(k + 1)]
+        for a, b in zip(bounds, bounds[1:]):
+            chunk = lines[a:b]
+            out.append(LogWindow(name, "\n".join(line for _, line in chunk) + "\n", chunk[0][0], chunk[-1][0]))
+    return out
+
+
+def verdict_summaries(records: list[dict]) -> list[str]:
+    """One line per file cut into windows: its windows' verdicts, and where the most severe one is. A verdict outside
+    benign/suspicious/malicious (a custom ``infer.schema``) is counted and named, never ranked: it was left out, so
+    a less severe verdict read as the worst."""
+    by_file: dict[str, list[dict]] = {}
+    for r in records:
+        by_file.setdefault(r["input"], []).append(r)
+    out = []
+    for name, recs in by_file.items():
+        if len(recs) < 2:
+            continue
+        verdicts = [v if r["schema_valid"] and isinstance(v := (r["analysis"] or {}).get("verdict"), str) else None for r in recs]
+        counts = {v: verdicts.count(v) for v in auth_logs.CLASSES[::-1] if v in verdicts}
+        worst = next(iter(counts), None)
+        other = sorted({v for v in verdicts if v is not None and v not in auth_logs.CLASSES})
+        where = [f"{r['lines'][0]}-{r['lines'][1]}" for r, v in zip(recs, verdicts) if v == worst]
+        unread = verdicts.count(None)
+        parts = ([f"{v} {c}" for v, c in counts.items()] + [f"{v} {verdicts.count(v)} (not ranked)" for v in other]
+                 + ([f"no schema-valid verdict {unread}"] if unread else []))
+        out.append(f"{name}: {len(recs)} windows · " + ", ".join(parts)
+                   + (f" · {worst} at lines {', '.join(where[:5])}{' …' if len(where) > 5 else ''}" if worst else ""))
+    return out
+
+
+# ----------------------------------------------------------------------------- the answers' file
+def output_path(output_file, run_dir: Path, inputs=()) -> Path:
+    """Where the answers go: ``infer.output_file``, else ``<run dir>/analyses.json``. An existing file there must be an
+    earlier infer output: the input log itself, or a run's result.json, was overwritten with exit 0."""
+    if not output_file:
+        # a rerun in this dir replaces an earlier run's answers only when it has new ones (written atomically at the end,
+        # the earlier ones kept as analyses.previous.json); if it fails first, they and result.json stay (runner.run)
+        return run_dir / DEFAULT_OUTPUT
+    path = Path(str(output_file)).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"infer.output_file={output_file}: is a folder; give a file name (e.g. {path / DEFAULT_OUTPUT})")
+    parent = next(p for p in path.absolute().parents if p.exists())  # the folders below it are created
+    if not parent.is_dir():
+        raise ConfigError(f"infer.output_file={output_file}: {parent} is a file, not a folder")
+    if path.exists() and (any(path.resolve() == Path(str(i)).expanduser().resolve() for i in inputs) or not _infer_output(path)):
+        raise ConfigError(f"infer.output_file={output_file}: the file exists and is not an earlier infer output (an input log, "
+                          "a run's result.json?); give a new path, or delete it first")
+    return path
+
+
+def _infer_output(path: Path) -> bool:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, list) and all(isinstance(r, dict) and "input" in r and "lines" in r for r in obj)
+
+
+def keep_previous(path: Path) -> Path | None:
+    """The answers a rerun replaces move to ``<name>.previous<suffix>`` (one generation), said aloud."""
+    if not path.is_file():
+        return None
+    previous = path.with_name(f"{path.stem}.previous{path.suffix}")
+    os.replace(path, previous)
+    print(f"sectune: infer: the earlier answers in {path.name} are now {previous}")
+    return previous
+
+
+# ----------------------------------------------------------------------------- grounding
+_IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
+
+
+def absent_names(analysis, window_text: str) -> list[str]:
+    """The source addresses/hosts and user names an analysis gives that its window does not hold: a SOC analyst reading
+    ``source_ips: 183.62.140.253`` must know the window never mentions it (the tiny analyst names attackers it
+    remembers from training)."""
+    if not isinstance(analysis, dict):
+        return []
+    names = [s.get("ip") for s in analysis.get("source_ips") or [] if isinstance(s, dict)]
+    names += [u for k in ("invalid_users", "targeted_users") for u in analysis.get(k) or []]
+    return sorted({n for n in names if isinstance(n, str) and n and n not in window_text})

@@ -66,3 +66,9 @@ def _refuse_hub_kernels() -> None:
 
 
 _refuse_hub_kernels()
+
+# PEFT asks every model for `is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning each
+# time: eight lines of a library's note to another in every `make run`, nothing a sectune user can act on.
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

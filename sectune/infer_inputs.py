@@ -155,6 +155,35 @@ def verdict_summaries(records: list[dict]) -> list[str]:
     return out
 
 
+def cut_long_windows(windows: list[LogWindow], max_chars: int) -> tuple[list[LogWindow], set[int]]:
+    """Windows longer than ``max_chars`` characters keep their first and last ``max_chars / 2`` (whole lines); (the
+    windows, the indices of those cut)."""
+    out, cut = [], set()
+    for i, w in enumerate(windows):
+        if len(w.text) <= max_chars:
+            out.append(w)
+            continue
+        half = max_chars // 2
+        head, tail = w.text[:half].rsplit("\n", 1)[0], w.text[-half:].split("\n", 1)[-1]
+        out.append(LogWindow(w.name, f"{head}\n{tail}", w.first, w.last))
+        cut.add(i)
+    return out, cut
+
+
+def warn_unfamiliar_format(files: list[tuple[str, str]], share: float = 0.5) -> None:
+    """Say when most of a file's lines are not the syslog lines (``Mon DD HH:MM:SS host proc[pid]: …``) the analyst and
+    the rules read: RFC 5424, journald JSON or a log of other daemons got analyses as confident as an auth log's."""
+    from sectune.data.auth_rules import _HEADER
+
+    for name, text in files:
+        lines = [ln for ln in file_lines(text) if ln.strip()]
+        known = sum(bool(_HEADER.match(ln.strip())) for ln in lines)
+        if lines and known < share * len(lines):
+            print(f"sectune: warning: infer: {name}: {known} of {len(lines)} lines are syslog lines as the analyst was trained "
+                  "on (Mon DD HH:MM:SS host proc[pid]: …); its analyses of the others are guesses (convert them, e.g. "
+                  "journalctl -o short)")
+
+
 # ----------------------------------------------------------------------------- the answers' file
 def output_path(output_file, run_dir: Path, inputs=()) -> Path:
     """Where the answers go: ``infer.output_file``, else ``<run dir>/analyses.json``. An existing file there must be an

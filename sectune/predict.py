@@ -94,8 +94,11 @@ def read_classify_run(run_dir) -> tuple[DictConfig, dict]:
         raise ConfigError(f"evaluate.model_dir={run_dir}: no result.json there; point it at a classify run dir")
     result = read_run_json(result_path, "a JSON object (stage, status, metrics, ...)")
     if result.get("stage") != "classify" or result.get("status") != "succeeded":
+        analyst = result.get("stage") in ("sft", "dpo", "rl", "contrastive", "pipeline")
         raise ConfigError(
             f"{run_dir}: not a succeeded classify run (stage={result.get('stage')!r}, status={result.get('status')!r})"
+            + ("; an analyst run answers logs with stage=infer infer.model_dir=<it>, and its attack success is "
+               "stage=evaluate dataset=injection_triplets" if analyst else "")
         )
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if not cfg_path.is_file():

@@ -530,3 +530,39 @@ def test_infer_decodes_as_the_models_run_did_keeps_the_earlier_answers_and_recor
     assert again.returncode == 0, again.stderr[-2000:]
     assert "decoding as the sft run did" not in again.stdout
     assert (tmp_path / "run" / "analyses.previous.json").is_file() and "analyses.previous.json" in again.stdout
+
+
+def test_a_pipelines_validation_chosen_policy_answers_first(adapter, tmp_path, capsys):
+    """infer took the newest step (RL) even where the pipeline's held-out table had chosen another on validation."""
+    pipe = make_pipeline(tmp_path / "pipe", adapter)
+    assert infer.choose_model(pipe).used == "rl"
+    table = {"best_policy": "SFT", "rows": [{"name": "SFT", "step": "sft"}, {"name": "SFT+GRPO", "step": "rl"}]}
+    (pipe / "heldout.json").write_text(json.dumps(table))
+    assert infer.choose_model(pipe).used == "sft" and "chose its sft policy on the validation windows" in capsys.readouterr().out
+    (pipe / "sft/result.json").write_text(json.dumps({"stage": "sft", "status": "failed"}))
+    assert infer.choose_model(pipe).used == "rl"  # the chosen one unusable: the usual order
+
+
+def test_unfamiliar_log_formats_and_very_long_windows_are_said_and_cut_before_tokenizing(capsys):
+    from sectune.infer_inputs import LogWindow, cut_long_windows, warn_unfamiliar_format
+
+    syslog = "Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186\n"
+    rfc5424 = "<34>1 2026-12-05T10:00:00Z host sshd 1234 - - Failed password for root from 10.0.0.1 port 22 ssh2\n"
+    warn_unfamiliar_format([("ok.log", syslog * 3), ("new.log", rfc5424 * 3 + syslog)])
+    out = capsys.readouterr().out
+    assert "ok.log" not in out and "new.log: 1 of 4 lines are syslog lines as the analyst was trained on" in out
+    w = LogWindow("big.log", "".join(f"line {i:06d}\n" for i in range(10_000)), 1, 10_000)
+    (cut,), which = cut_long_windows([w], 1_000)
+    assert which == {0} and len(cut.text) <= 1_000 and cut.text.startswith("line 000000\n") and cut.text.endswith("line 009999\n")
+    assert all(len(ln) == len("line 000000") for ln in cut.text.splitlines())  # whole lines only
+    assert cut_long_windows([w], 10**6) == ([w], set())
+
+
+def test_the_run_dir_being_the_model_dir_is_named_as_such(tmp_path, adapter):
+    sft = tmp_path / "sft"
+    make_step(sft, "sft", adapter)
+    log = tmp_path / "auth.log"
+    log.write_text("Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186\n")
+    code, res = run_infer([f"infer.model_dir={sft}", f"infer.input_file={log}"], sft)
+    assert code == 2 and json.loads((sft / "result.json").read_text())["stage"] == "sft"  # the model run's result is back
+    assert "hydra.run.dir is infer.model_dir" in json.loads((sft / "result.failed.json").read_text())["error"]

@@ -171,3 +171,13 @@ def test_a_table_on_generated_windows_says_so_at_its_top():
     assert "**These windows are generated**" in render_markdown(table)
     table["windows"] = [{"source": "OpenSSH", "verdict": "benign"}]
     assert "generated" not in render_markdown(table)
+
+
+def test_evaluating_an_analyst_run_as_a_classifier_says_where_analyst_runs_go(tmp_path):
+    from sectune.errors import ConfigError
+    from sectune.predict import read_classify_run
+
+    (tmp_path / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "metrics": {}, "artifacts": {}}))
+    with pytest.raises(ConfigError, match=r"not a succeeded classify run \(stage='sft'.*stage=infer infer.model_dir=<it>.*"
+                                          r"stage=evaluate dataset=injection_triplets"):
+        read_classify_run(tmp_path)

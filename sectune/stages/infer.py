@@ -34,8 +34,8 @@ from sectune import checkpoints, modeling, runner
 from sectune.data import auth_logs
 from sectune.errors import ConfigError, first_line
 from sectune.inference import generate, parse_json_output
-from sectune.infer_inputs import (absent_names, file_lines, keep_previous, log_windows, output_path, read_inputs,
-                                  verdict_summaries)
+from sectune.infer_inputs import (absent_names, cut_long_windows, file_lines, keep_previous, log_windows, output_path,
+                                  read_inputs, verdict_summaries, warn_unfamiliar_format)
 from sectune.runner import RESULT_FILE, RunContext, write_json_atomic
 
 #: the steps whose models can answer, in order of preference (the newest stage of a pipeline first)
@@ -46,12 +46,22 @@ def run(ctx: RunContext) -> dict:
     cfg, run_dir, ic = ctx.cfg, ctx.run_dir, ctx.cfg.infer
 
     # 1. inputs and where the answers go: every bad input fails here, before a model loads
+    if ic.model_dir is not None and Path(str(ic.model_dir)).expanduser().resolve() == run_dir.resolve():
+        # (the runner's "running" result.json stood in for the model run's, which it puts back)
+        raise ConfigError(f"hydra.run.dir is infer.model_dir ({run_dir}): the analyses go to a run dir of their own; "
+                          "give another hydra.run.dir")
     files = read_inputs(ic.input_file)
+    warn_unfamiliar_format(files)
     inputs = log_windows(files, cfg.dataset.max_lines if ic.window_lines is None else ic.window_lines)
+    # a window far longer than the model reads is cut in its middle by characters before any tokenizer sees it: a 50 MB
+    # log read whole took 9 GB tokenizing 17.8M tokens to keep 864 (input_cut marks it, as the token cut does)
+    inputs, char_cut = cut_long_windows(inputs, 16 * int(cfg.model.max_seq_length))
     path = Path(str(ic.input_file)).expanduser()
     out_path = output_path(ic.output_file, run_dir, [path] if path.is_file() else [path / name for name, _ in files])
     validator = auth_logs._validator(ic.schema)
-    choice = choose_model(ic.model_dir, base_fallback=ic.base_fallback)
+    # a pipeline's own infer step runs before its table is made (one there is an earlier run's)
+    inside = ic.model_dir is not None and Path(str(ic.model_dir)).expanduser().resolve() == run_dir.resolve().parent
+    choice = choose_model(ic.model_dir, base_fallback=ic.base_fallback, table=not inside)
     gen_cfg = run_generation(cfg, choice)
 
     # 2. model
@@ -59,7 +69,7 @@ def run(ctx: RunContext) -> dict:
     split = len(inputs) - len(files)
     print(f"sectune: infer: {len(files)} input(s){f' in {len(inputs)} windows' if split else ''}, answered by {choice.describe(model_ref)}")
     for why in choice.skipped:
-        print(f"sectune: infer: skipped {why}")
+        print(f"sectune: warning: infer: skipped {why}")
     if choice.used == "base":
         print(f"sectune: warning: {f'no usable rl/dpo/sft model in {ic.model_dir}' if ic.model_dir is not None else 'infer.model_dir is not set'}; "
               "the base model answers, untrained for this task")
@@ -90,7 +100,7 @@ def run(ctx: RunContext) -> dict:
 
     # 5. parse, check, write: each record says whether its window was cut to fit and which names it gives that the
     # window does not hold
-    cut = set(stats.get("truncated_rows", ()))
+    cut = set(stats.get("truncated_rows", ())) | char_cut
     records = []
     for i, (w, text) in enumerate(zip(inputs, texts)):
         rec = {**analyse(w.name, choice.used, text, validator), "lines": [w.first, w.last], "input_cut": i in cut}
@@ -210,9 +220,10 @@ class ModelChoice:
         return f"the {self.used} {'adapter' if self.kind == 'adapter' else 'model'} at {self.path}"
 
 
-def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_dir") -> ModelChoice:
-    """The first usable of RL → DPO → SFT in ``model_dir`` (a run or pipeline dir), else the base.
-    ``key``: the setting ``model_dir`` came from, as errors name it."""
+def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_dir", table: bool = True) -> ModelChoice:
+    """The first usable of RL → DPO → SFT in ``model_dir`` (a run or pipeline dir; ``table``: the policy a pipeline's
+    held-out table chose on validation first), else the base. ``key``: the setting ``model_dir`` came from, as errors
+    name it."""
     if model_dir is None:  # nothing trained was named: the configured base model, untrained for this task
         if not base_fallback:
             raise ConfigError(f"{key} is not set and infer.base_fallback=false: only the base model could answer; give "
@@ -226,7 +237,7 @@ def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_
     if stage in CHAIN:
         candidates = [(stage, root)]
     elif stage == "pipeline" or (result is None and any((root / s / RESULT_FILE).is_file() for s in CHAIN)):
-        candidates = [(s, root / s) for s in CHAIN]
+        candidates = [(s, root / s) for s in (_pipeline_order(root) if table else CHAIN)]
     elif result is None:
         raise ConfigError(f"{key}={model_dir}: no {RESULT_FILE} there; point it at an sft, dpo or rl run dir or a pipeline dir")
     else:
@@ -240,6 +251,20 @@ def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_
     if not base_fallback:
         raise ConfigError(f"{key}={model_dir}: no usable model ({'; '.join(skipped)}) and infer.base_fallback=false")
     return ModelChoice("base", skipped=skipped)
+
+
+def _pipeline_order(root: Path) -> list[str]:
+    """RL → DPO → SFT, but the policy the pipeline's held-out table chose on its validation windows first: the newest
+    step answered even where the table had chosen another (its ``best_policy``, never chosen on test)."""
+    try:
+        table = json.loads((root / "heldout.json").read_text())
+        best = next(r["step"] for r in table["rows"] if r["name"] == table["best_policy"])
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return list(CHAIN)
+    if best not in CHAIN:
+        return list(CHAIN)
+    print(f"sectune: infer: {root}'s held-out table chose its {best} policy on the validation windows: it answers first")
+    return [best, *(s for s in CHAIN if s != best)]
 
 
 def _read_result(run_dir: Path) -> dict | None:

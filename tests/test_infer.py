@@ -566,3 +566,28 @@ def test_the_run_dir_being_the_model_dir_is_named_as_such(tmp_path, adapter):
     code, res = run_infer([f"infer.model_dir={sft}", f"infer.input_file={log}"], sft)
     assert code == 2 and json.loads((sft / "result.json").read_text())["stage"] == "sft"  # the model run's result is back
     assert "hydra.run.dir is infer.model_dir" in json.loads((sft / "result.failed.json").read_text())["error"]
+
+
+def test_a_long_log_says_its_progress_and_an_interrupt_keeps_what_was_answered(tmp_path, monkeypatch, capsys):
+    """23,289 windows ran ~30 min with no word, and Ctrl-C kept nothing."""
+    from sectune.stages import infer as stage
+
+    monkeypatch.setattr(stage, "CHUNK", 2)
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, gen_cfg, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return ['{"verdict": "benign"}'] * len(prompts)
+
+    monkeypatch.setattr(stage, "generate", fake_generate)
+    log = tmp_path / "auth.log"
+    log.write_text("".join(f"Dec 10 06:55:{i % 60:02d} LabSZ sshd[{i}]: Invalid user u{i} from 10.0.0.{i % 250}\n" for i in range(100)))
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(runner.RunContext(cfg=compose([*BASE, f"infer.input_file={log}", "infer.window_lines=20"]), run_dir=tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "2/5 windows answered" in out and "4/5 windows answered" in out
+    partial = json.loads((tmp_path / "run" / "analyses.partial.json").read_text())
+    assert [r["lines"] for r in partial] == [[1, 20], [21, 40], [41, 60], [61, 80]]
+    assert "the 4 of 5 windows answered so far are in" in out and not (tmp_path / "run" / "analyses.json").exists()

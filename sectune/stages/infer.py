@@ -40,6 +40,8 @@ from sectune.runner import RESULT_FILE, RunContext, write_json_atomic
 
 #: the steps whose models can answer, in order of preference (the newest stage of a pipeline first)
 CHAIN = ("rl", "dpo", "sft")
+#: windows generated per call: progress is said, and an interrupt keeps what was answered, this often
+CHUNK = 256
 
 
 def run(ctx: RunContext) -> dict:
@@ -92,20 +94,29 @@ def run(ctx: RunContext) -> dict:
             print("sectune: warning: the schema uses keywords beyond sectune's completion logic: every token is "
                   "still constrained, but an output that runs out of generation.max_new_tokens stays unclosed "
                   "and uniqueItems is checked only afterwards")
-    stats: dict = {}
+    stats: dict = {"truncated_rows": []}
     t0 = time.perf_counter()
-    texts = generate(model, tokenizer, prompts, gen_cfg, batch_size=ic.batch_size, constraint=constraint, stats=stats,
-                     max_seq_length=int(cfg.model.max_seq_length))
+    texts: list[str] = []
+    try:  # in chunks: a long log's progress is said, and an interrupt keeps the windows answered so far
+        for start in range(0, len(prompts), CHUNK):
+            part: dict = {}
+            texts += generate(model, tokenizer, prompts[start:start + CHUNK], gen_cfg, batch_size=ic.batch_size,
+                              constraint=constraint, stats=part, max_seq_length=int(cfg.model.max_seq_length))
+            stats["truncated_rows"] += [start + i for i in part.pop("truncated_rows", ())]
+            for k, v in part.items():
+                stats[k] = stats.get(k, 0) + v
+            if len(prompts) > CHUNK:
+                print(f"sectune: infer: {len(texts)}/{len(prompts)} windows answered ({time.perf_counter() - t0:.0f} s)")
+    except KeyboardInterrupt:
+        if texts:
+            partial = out_path.with_name(f"{out_path.stem}.partial{out_path.suffix}")
+            write_json_atomic(partial, _finite_json(_records(inputs[: len(texts)], texts, choice.used, validator, set(), char_cut)))
+            print(f"sectune: infer: interrupted: the {len(texts)} of {len(prompts)} windows answered so far are in {partial}")
+        raise
     gen_s = time.perf_counter() - t0
 
-    # 5. parse, check, write: each record says whether its window was cut to fit and which names it gives that the
-    # window does not hold
-    cut = set(stats.get("truncated_rows", ())) | char_cut
-    records = []
-    for i, (w, text) in enumerate(zip(inputs, texts)):
-        rec = {**analyse(w.name, choice.used, text, validator), "lines": [w.first, w.last], "input_cut": i in cut}
-        rec["absent_names"] = absent_names(rec["analysis"], w.text)
-        records.append(rec)
+    # 5. parse, check, write
+    records = _records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut)
     previous = keep_previous(out_path)
     if previous is not None and (prev := runner.previous_result(run_dir, runner.PREVIOUS_RESULT_FILE)):
         if (prev.get("artifacts") or {}).get("output") == _relative(out_path, run_dir):  # it names its answers' new place
@@ -128,7 +139,8 @@ def run(ctx: RunContext) -> dict:
         "analyses_per_s": n / gen_s if gen_s > 0 else None,
         "generation_s": round(gen_s, 3),
         "constrained": int(bool(ic.constrained)),
-        "truncated_prompts": stats.get("truncated", 0),  # windows longer than model.max_seq_length: their middle cut
+        # windows longer than model.max_seq_length (or far longer, cut by characters first): their middle cut
+        "truncated_prompts": len(set(stats["truncated_rows"]) | char_cut),
         "absent_names_rate": ungrounded / n,
         # what was read, so that an analysis can be matched with the version of the log it came from
         "input_lines": sum(len(file_lines(text)) for _, text in files),
@@ -146,6 +158,17 @@ def run(ctx: RunContext) -> dict:
         f"repaired {sum(r['repaired'] for r in records)} · {metrics['analyses_per_s'] or 0:.2f}/s → {out_path}"
     )
     return {"metrics": metrics, "artifacts": {"model": model_ref, "output": _relative(out_path, run_dir)}}
+
+
+def _records(inputs, texts, used: str, validator, cut: set, char_cut: set) -> list[dict]:
+    """One record per window: the parsed answer, its lines, whether the window was cut to fit (``input_cut``) and the
+    names it gives that the window does not hold (``absent_names``)."""
+    records = []
+    for i, (w, text) in enumerate(zip(inputs, texts)):
+        rec = {**analyse(w.name, used, text, validator), "lines": [w.first, w.last], "input_cut": i in cut or i in char_cut}
+        rec["absent_names"] = absent_names(rec["analysis"], w.text)
+        records.append(rec)
+    return records
 
 
 def run_generation(cfg, choice: "ModelChoice"):

@@ -45,7 +45,9 @@ def parse_json_output(text: str) -> tuple[dict, bool]:
         raise ValueError(f"the output nests more than {MAX_NESTING} levels deep; not an analysis")
     repaired = False
     try:
-        obj = json.loads(candidate, parse_constant=_no_constant)
+        obj = json.loads(candidate, parse_constant=_no_constant, object_pairs_hook=_no_duplicate_keys)
+    except DuplicateKey:  # not "repaired" into one of its two answers: json kept the last one silently
+        raise
     except (json.JSONDecodeError, ValueError):  # ValueError: e.g. an integer past Python's digit limit, or NaN
         import json_repair
 
@@ -55,6 +57,20 @@ def parse_json_output(text: str) -> tuple[dict, bool]:
     if not isinstance(obj, dict) or not obj:
         raise ValueError(f"could not recover a JSON object from the output (got {type(obj).__name__})")
     return obj, repaired
+
+
+class DuplicateKey(ValueError):
+    """An object that gives one key twice: ``{"verdict": "malicious", …, "verdict": "benign"}`` read as benign (the last
+    one wins in json), an answer an injection could steer by appending a second verdict."""
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    seen: dict = {}
+    for k, v in pairs:
+        if k in seen:
+            raise DuplicateKey(f"the output gives the key {k!r} twice ({seen[k]!r} and {v!r}); not one analysis")
+        seen[k] = v
+    return seen
 
 
 #: deeper output is refused before any parser recurses into it (an analysis nests 2-3 levels)

@@ -25,8 +25,9 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sectune import data, distributed, sweeps
-from sectune.errors import ConfigError, SectuneError
+from sectune.errors import SectuneError
 # re-exported: runner is where stages, the pipeline and the tests look these up
+from sectune.run_records import RESULT_FILE, check_policy_run, finite_json, init_source, previous_result  # noqa: F401
 from sectune.run_guard import (  # noqa: F401
     _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
     WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
@@ -55,7 +56,6 @@ STAGES: dict[str, str] = {
     "report": "sectune.stages.report:run",
 }
 
-RESULT_FILE = "result.json"
 #: a failed rerun in the dir of a succeeded run whose artifacts it left alone: its result (result.json stays the earlier run's)
 FAILED_ATTEMPT_FILE = "result.failed.json"
 
@@ -191,18 +191,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
-def _finite(metrics: dict) -> dict:
-    """JSON has no NaN/inf: keep such values out of the contract's numbers (as null)."""
-    out = {}
-    for k, v in metrics.items():
-        if hasattr(v, "item"):
-            v = v.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        out[k] = v
-    return out
-
-
 def resolve_stage(name: str) -> Callable[[RunContext], dict]:
     if name not in STAGES:
         raise SectuneError(f"stage={name!r} is not a stage; choose one of: {', '.join(STAGES)}")
@@ -243,74 +231,6 @@ def _earlier_succeeded(run_dir: Path, now: float) -> tuple[dict | None, float]:
                   f"{PREVIOUS_RESULT_FILE}; this run replaces it in turn (a failure before that puts it back)", file=sys.stderr)
             return prev, min(since, now)
     return (res if res is not None and res.get("status") == "succeeded" else None), now
-
-
-def previous_result(run_dir: Path, name: str = RESULT_FILE) -> dict | None:
-    """The run's result.json (or ``name``: result.failed.json), or None when there is none or it is not a JSON
-    object (damaged, or not sectune's)."""
-    path = run_dir / name
-    try:
-        result = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return result if isinstance(result, dict) else None
-
-
-#: stages whose saved weights are not a language-model policy to start another stage from
-NOT_A_POLICY = {"classify": "a classifier", "reward": "a reward model"}
-
-
-def check_policy_run(res, key: str, result: Path) -> dict:
-    """A run's result.json read for its weights: an object whose ``artifacts`` is one, of a stage that trains a policy
-    (a classify run's adapter was taken as an SFT adapter, and GRPO/DPO/contrastive started from it); its artifacts."""
-    if not isinstance(res, dict) or not isinstance(res.get("artifacts") or {}, dict):
-        raise ConfigError(f"{key}: {result} is not a sectune result (an object with 'artifacts')")
-    if res.get("stage") in NOT_A_POLICY:
-        raise ConfigError(f"{key}: {result.parent} is a stage={res['stage']} run ({NOT_A_POLICY[res['stage']]}), not a policy "
-                          "to start from: give an SFT (or DPO, RL, contrastive) run dir")
-    refuse_unfinished(res, key, result)
-    return res.get("artifacts") or {}
-
-
-def refuse_unfinished(res: dict, key: str, result: Path) -> None:
-    """A run to start from must have succeeded: a failed one's weights may be NaN ("nothing downstream uses this
-    run"; DPO started from one and reported NaN margins as a success), a running or killed one's half replaced."""
-    status = res.get("status")
-    if status == "succeeded":
-        return
-    why = f": {str(res['error']).strip().splitlines()[0]}" if str(res.get("error") or "").strip() else ""
-    hint = (f" ({PREVIOUS_RESULT_FILE} there holds the succeeded run an interrupted rerun was replacing: rerun that command "
-            "to finish it)") if status == "running" and (result.parent / PREVIOUS_RESULT_FILE).is_file() else ""
-    raise ConfigError(f"{key}: {result} says status {status!r}{why}; start from a run that succeeded{hint}")
-
-
-def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
-    """``rl.init_from`` (or the key ``name``: reward.init_from, contrastive.init_from): an SFT run dir (its result.json names ``artifacts.adapter`` or
-    ``artifacts.model``), an adapter folder (adapter_config.json) or a full-weights folder (config.json) → (kind, folder)."""
-    p, key = Path(init_from).expanduser(), f"{name}={init_from}"
-    if not p.exists():
-        what = "its model/ folder (full weights)" if name == "reward.init_from" else "its adapter/ or model/ folder"
-        raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or {what})")
-    if (p / "adapter_config.json").is_file():
-        return "adapter", p
-    if (p / "config.json").is_file():
-        return "model", p
-    result = p / "result.json"
-    if not result.is_file():
-        raise ConfigError(f"{key}: {p} has neither result.json (an SFT run dir) nor adapter_config.json / config.json")
-    try:
-        res = json.loads(result.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{key}: {result} is not readable JSON ({e})") from None
-    artifacts = check_policy_run(res, key, result)
-    for kind, marker in (("adapter", "adapter_config.json"), ("model", "config.json")):
-        if artifacts.get(kind):
-            folder = p / artifacts[kind]
-            if not (folder / marker).is_file():
-                raise ConfigError(f"{key}: {folder} (artifacts.{kind} of {result}) has no {marker}")
-            return kind, folder
-    raise ConfigError(f"{key}: {result} lists no adapter or model (stage={res.get('stage')}, status={res.get('status')}, "
-                      f"artifacts: {', '.join(sorted(artifacts)) or 'none'})")
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None]:
@@ -389,7 +309,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         with _quiet_unless(main):  # under torchrun every rank ran the stage's prints: rank 0 speaks, the others' stderr stays
             out = stage_fn(ctx) or {}
         metrics = {**ctx.partial_metrics, **out.get("metrics", {})}
-        result["metrics"] = _finite(metrics)
+        result["metrics"] = finite_json(metrics)
         result["artifacts"] = out.get("artifacts", {})
         broken = [k for k in ("train_loss", "eval_loss") if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])]
         if broken:  # NaN weights were saved and recorded as succeeded (a damaged checkpoint resumed, say): not a result
@@ -422,7 +342,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
             result["warnings"] = heard.lines
         _restore_signals(handlers)
         if result["status"] == "failed" and not unscored:
-            result["metrics"] = _finite(ctx.partial_metrics)
+            result["metrics"] = finite_json(ctx.partial_metrics)
         generated = data.generated_since(generated_at)
         if generated:  # numbers on generated stand-ins never pass for real-data results
             result["generated_data"] = generated

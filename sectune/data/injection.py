@@ -134,14 +134,12 @@ def _with_prompts(rec: dict) -> dict:
 def deepset_texts(source_dir: Path, max_chars: int) -> list[str]:
     """The injection-labelled rows of deepset/prompt-injections (both of its splits), one line each,
     at most ``max_chars`` long, unique, sorted; empty when the folder is absent."""
-    from sectune.data.text_classification import _read_injection_parquet
+    from sectune.data.text_classification import _read_injection_parquet, split_files
 
     texts: set[str] = set()
-    folder = source_dir / _DEEPSET
     for split in ("train", "test"):
-        path = folder / f"{split}.jsonl"
         # or the parquet files the README's `hf download` leaves (they were passed over: templated injections only)
-        parquet = sorted([*folder.glob(f"{split}-*.parquet"), *folder.glob(f"data/{split}-*.parquet")])
+        path, parquet = split_files(source_dir / _DEEPSET, split)
         if path.is_file():
             rows, _ = _read_jsonl(path, lambda row: None, skip_bad_lines=False, hint="")
             injected = [r.get("text") for r in rows if r.get("label") == 1]

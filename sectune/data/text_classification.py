@@ -103,6 +103,11 @@ def _read_injection_parquet(path: Path) -> List[Dict[str, str]]:
     return rows
 
 
+def split_files(directory: Path, split: str) -> tuple[Path, list[Path]]:
+    """(``<split>.jsonl``, the parquet files of that split ``hf download`` leaves, in the folder or its ``data/``)."""
+    return directory / f"{split}.jsonl", sorted([*directory.glob(f"{split}-*.parquet"), *directory.glob(f"data/{split}-*.parquet")])
+
+
 def load_prompt_injections(directory) -> Dict[str, List[Dict[str, str]]]:
     """``{"train": [...], "test": [...]}`` (546/116 rows) from ``train.jsonl``/``test.jsonl``, or from the parquet files
     ``hf download deepset/prompt-injections --repo-type dataset --local-dir DIR`` leaves (``DIR/data/
@@ -119,8 +124,7 @@ def load_prompt_injections(directory) -> Dict[str, List[Dict[str, str]]]:
                         "hf download deepset/prompt-injections --repo-type dataset --local-dir <folder>)")
     out = {}
     for split in ("train", "test"):
-        jsonl = directory / f"{split}.jsonl"
-        parquet = sorted([*directory.glob(f"{split}-*.parquet"), *directory.glob(f"data/{split}-*.parquet")])
+        jsonl, parquet = split_files(directory, split)
         if jsonl.is_file() or not parquet:
             out[split] = _read_injection_jsonl(jsonl)
         else:

@@ -32,7 +32,8 @@ import torch
 from sectune import checkpoints, engine, losses, modeling, packed_attention
 from sectune.config_checks import dpo_sft_weight
 from sectune.errors import ConfigError, first_line
-from sectune.runner import RunContext, check_policy_run
+from sectune.run_records import read_policy_run
+from sectune.runner import RunContext
 
 REFERENCES = ("base", "init")
 
@@ -187,11 +188,7 @@ def init_source(init_from: str, want: str) -> Path:
         if want == "adapter" and (p / "config.json").is_file():
             raise ConfigError(f"{key}: {p} holds full model weights, not a LoRA adapter (use lora=none to start from them)")
         raise ConfigError(f"{key}: {p} has neither result.json (an SFT run dir) nor {marker} (an {want} folder)")
-    try:
-        res = json.loads(result.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{key}: {result} is not readable JSON ({e})") from None
-    artifacts = check_policy_run(res, key, result)
+    res, artifacts = read_policy_run(result, key)
     rel = artifacts.get(want)
     if not rel:
         have = ", ".join(sorted(artifacts)) or "none"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +109,7 @@ def run(ctx: RunContext) -> dict:
     except KeyboardInterrupt:
         if texts:
             partial = out_path.with_name(f"{out_path.stem}.partial{out_path.suffix}")
-            write_json_atomic(partial, _finite_json(_records(inputs[: len(texts)], texts, choice.used, validator, set(), char_cut)))
+            write_json_atomic(partial, runner.finite_json(_records(inputs[: len(texts)], texts, choice.used, validator, set(), char_cut)))
             print(f"sectune: infer: interrupted: the {len(texts)} of {len(prompts)} windows answered so far are in {partial}")
         raise
     gen_s = time.perf_counter() - t0
@@ -122,7 +121,7 @@ def run(ctx: RunContext) -> dict:
         if (prev.get("artifacts") or {}).get("output") == _relative(out_path, run_dir):  # it names its answers' new place
             prev["artifacts"]["output"] = _relative(previous, run_dir)
             write_json_atomic(run_dir / runner.PREVIOUS_RESULT_FILE, prev)
-    write_json_atomic(out_path, _finite_json(records))
+    write_json_atomic(out_path, runner.finite_json(records))
     n = len(records)
     ungrounded = sum(bool(r["absent_names"]) for r in records)
     if ungrounded:
@@ -184,7 +183,9 @@ def run_generation(cfg, choice: "ModelChoice"):
         theirs = OmegaConf.load(saved).get("generation") or {}
     except Exception:  # noqa: BLE001 - an unreadable saved config: this command's settings
         return cfg.generation
-    given = {o.split("=", 1)[0].lstrip("+~") for o in _command_overrides()}
+    from sectune.stages.pipeline import command_line_overrides
+
+    given = {o.split("=", 1)[0].lstrip("+~") for o in command_line_overrides(required=False)}
     taken = {k: v for k, v in theirs.items() if k in cfg.generation and k != "preview_samples" and f"generation.{k}" not in given
              and v != cfg.generation[k]}
     if not taken:
@@ -192,26 +193,6 @@ def run_generation(cfg, choice: "ModelChoice"):
     print(f"sectune: infer: decoding as the {choice.used} run did ({', '.join(f'generation.{k}={v}' for k, v in taken.items())}; "
           "set them on the command line to decode otherwise)")
     return OmegaConf.merge(cfg.generation, taken)
-
-
-def _command_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:  # not launched by Hydra (a test calling the stage)
-        return []
-
-
-def _finite_json(obj):
-    """Non-finite numbers (an answer's count of 1e400) as null: ``Infinity`` is not JSON to a strict reader."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite_json(v) for v in obj]
-    return obj
 
 
 def build_prompt(log_text: str, schema_text: str | None = None) -> str:

@@ -104,13 +104,16 @@ def run(ctx: RunContext) -> dict:
     return run_pipeline(ctx, command_line_overrides())
 
 
-def command_line_overrides() -> list[str]:
-    """This run's task overrides as Hydra parsed them from the command line."""
+def command_line_overrides(required: bool = True) -> list[str]:
+    """This run's task overrides as Hydra parsed them from the command line (none when not launched by Hydra and not
+    ``required``: a test calling a stage)."""
     from hydra.core.hydra_config import HydraConfig
 
     try:
         return list(HydraConfig.get().overrides.task)
     except ValueError:  # not launched by Hydra
+        if not required:
+            return []
         raise ConfigError("stage=pipeline composes each step from the command line: run it as `sectune stage=pipeline …` "
                           "(or call sectune.stages.pipeline.run_pipeline(ctx, overrides))") from None
 

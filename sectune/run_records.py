@@ -1,0 +1,102 @@
+"""A run dir's record read by what comes after it: its ``result.json`` (:func:`previous_result`), the run a stage starts
+from (``*.init_from``: :func:`init_source`, only a succeeded policy run), and the numbers written into records
+(:func:`finite_json`: JSON has no NaN). ``runner`` re-exports these names."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from sectune.errors import ConfigError
+from sectune.run_guard import PREVIOUS_RESULT_FILE
+
+RESULT_FILE = "result.json"
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite number (a metric's NaN, an answer's count of 1e400) as null and tensors/numpy
+    scalars as numbers: ``NaN``/``Infinity`` are not JSON to a strict reader."""
+    if hasattr(obj, "item") and not isinstance(obj, (dict, list, str)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def previous_result(run_dir: Path, name: str = RESULT_FILE) -> dict | None:
+    """The run's result.json (or ``name``: result.failed.json), or None when there is none or it is not a JSON
+    object (damaged, or not sectune's)."""
+    path = run_dir / name
+    try:
+        result = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+#: stages whose saved weights are not a language-model policy to start another stage from
+NOT_A_POLICY = {"classify": "a classifier", "reward": "a reward model"}
+
+
+def check_policy_run(res, key: str, result: Path) -> dict:
+    """A run's result.json read for its weights: an object whose ``artifacts`` is one, of a stage that trains a policy
+    (a classify run's adapter was taken as an SFT adapter, and GRPO/DPO/contrastive started from it); its artifacts."""
+    if not isinstance(res, dict) or not isinstance(res.get("artifacts") or {}, dict):
+        raise ConfigError(f"{key}: {result} is not a sectune result (an object with 'artifacts')")
+    if res.get("stage") in NOT_A_POLICY:
+        raise ConfigError(f"{key}: {result.parent} is a stage={res['stage']} run ({NOT_A_POLICY[res['stage']]}), not a policy "
+                          "to start from: give an SFT (or DPO, RL, contrastive) run dir")
+    refuse_unfinished(res, key, result)
+    return res.get("artifacts") or {}
+
+
+def read_policy_run(result: Path, key: str) -> tuple[dict, dict]:
+    """(the result, its artifacts) of a run's result.json read for its weights (:func:`check_policy_run`)."""
+    try:
+        res = json.loads(result.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{key}: {result} is not readable JSON ({e})") from None
+    return res, check_policy_run(res, key, result)
+
+
+def refuse_unfinished(res: dict, key: str, result: Path) -> None:
+    """A run to start from must have succeeded: a failed one's weights may be NaN ("nothing downstream uses this
+    run"; DPO started from one and reported NaN margins as a success), a running or killed one's half replaced."""
+    status = res.get("status")
+    if status == "succeeded":
+        return
+    why = f": {str(res['error']).strip().splitlines()[0]}" if str(res.get("error") or "").strip() else ""
+    hint = (f" ({PREVIOUS_RESULT_FILE} there holds the succeeded run an interrupted rerun was replacing: rerun that command "
+            "to finish it)") if status == "running" and (result.parent / PREVIOUS_RESULT_FILE).is_file() else ""
+    raise ConfigError(f"{key}: {result} says status {status!r}{why}; start from a run that succeeded{hint}")
+
+
+def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
+    """``rl.init_from`` (or the key ``name``: reward.init_from, contrastive.init_from): an SFT run dir (its result.json names ``artifacts.adapter`` or
+    ``artifacts.model``), an adapter folder (adapter_config.json) or a full-weights folder (config.json) → (kind, folder)."""
+    p, key = Path(init_from).expanduser(), f"{name}={init_from}"
+    if not p.exists():
+        what = "its model/ folder (full weights)" if name == "reward.init_from" else "its adapter/ or model/ folder"
+        raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or {what})")
+    if (p / "adapter_config.json").is_file():
+        return "adapter", p
+    if (p / "config.json").is_file():
+        return "model", p
+    result = p / "result.json"
+    if not result.is_file():
+        raise ConfigError(f"{key}: {p} has neither result.json (an SFT run dir) nor adapter_config.json / config.json")
+    res, artifacts = read_policy_run(result, key)
+    for kind, marker in (("adapter", "adapter_config.json"), ("model", "config.json")):
+        if artifacts.get(kind):
+            folder = p / artifacts[kind]
+            if not (folder / marker).is_file():
+                raise ConfigError(f"{key}: {folder} (artifacts.{kind} of {result}) has no {marker}")
+            return kind, folder
+    raise ConfigError(f"{key}: {result} lists no adapter or model (stage={res.get('stage')}, status={res.get('status')}, "
+                      f"artifacts: {', '.join(sorted(artifacts)) or 'none'})")

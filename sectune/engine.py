@@ -23,8 +23,10 @@ from sectune import tracking
 from sectune.config import PACKING
 from sectune.errors import ConfigError
 from sectune.modeling import device_for
+from sectune.planner import OPTIMIZERS as PLANNED_OPTIMIZERS
 
-OPTIMIZERS = {"adamw": "adamw_torch", "adafactor": "adafactor", "paged_adamw_8bit": "paged_adamw_8bit"}
+#: train.optimizer's choices (sectune.planner.OPTIMIZERS, which the planner's memory model covers) as Trainer's ``optim``
+OPTIMIZERS = {name: {"adamw": "adamw_torch"}.get(name, name) for name in PLANNED_OPTIMIZERS}
 def require_examples(trainer, cfg: DictConfig, given: dict[str, int], tokenizer=None, prompts=()) -> None:
     """Stop with what to change when truncation to ``model.max_seq_length`` left a split with no
     example (TRL drops those with no answer token left): the sampler would fail on an empty dataset.

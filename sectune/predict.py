@@ -254,7 +254,9 @@ class Predictor:
         features = self.normalizer.features
         missing = [c for c in features if c not in frame.columns]
         if missing:
-            raise DataError(f"{source}: missing feature column(s): {', '.join(map(repr, missing))}")
+            from sectune.data.csv_files import delimiter_hint
+
+            raise DataError(f"{source}: missing feature column(s): {', '.join(map(repr, missing))}{delimiter_hint(frame.columns)}")
         X = frame[features].apply(pd.to_numeric, errors="coerce").astype("float64")
         X = X.where(np.isfinite(X))  # non-numeric / inf → NaN → train-median imputation
         # which features each flow did not give as a finite number (a result says so: "fast" or None scored as the median)
@@ -297,7 +299,9 @@ class Predictor:
         else:
             col = self.meta.get("text_column", "text")
             if col not in df.columns:
-                raise DataError(f"{in_path}: missing column {col!r}; found {list(df.columns)}")
+                from sectune.data.csv_files import delimiter_hint
+
+                raise DataError(f"{in_path}: missing column {col!r}; found {list(df.columns)}{delimiter_hint(df.columns)}")
             from sectune.classification import render_text
 
             probs, preds = self._score_prompts([render_text(self.meta["template"], str(t)) for t in df[col]])

@@ -266,7 +266,7 @@ def artifacts_untouched(run_dir: Path, result: dict, since: float) -> bool:
 
 
 class _Tap:
-    """A stream that writes through and keeps each whole line starting ``sectune: warning`` / ``sectune: note``."""
+    """A stream that writes through and keeps each distinct whole line starting ``sectune: warning`` / ``sectune: note``."""
 
     def __init__(self, stream, into: list):
         self._stream, self._into, self._buf = stream, into, ""
@@ -277,7 +277,10 @@ class _Tap:
             self._buf += s
             if "\n" in self._buf:
                 *lines, self._buf = self._buf.split("\n")
-                self._into.extend(ln.strip()[:1000] for ln in lines if ln.startswith(("sectune: warning", "sectune: note")))
+                for ln in lines:  # once each: a split read twice in a step said the same note twice
+                    ln = ln.strip()[:1000]
+                    if ln.startswith(("sectune: warning", "sectune: note")) and ln not in self._into:
+                        self._into.append(ln)
             self._buf = self._buf[-4000:]  # progress bars redraw with \r and no newline
         return n
 

@@ -528,7 +528,7 @@ def test_infer_refuses_a_sweep_job_whose_reused_run_was_replaced(tmp_path):
         infer.choose_model(str(job), base_fallback=False, key="infer.model_dir")
 
 
-def test_a_run_on_generated_stand_in_data_says_so_in_result_json_and_a_real_data_run_does_not(tmp_path, monkeypatch, capsys):
+def test_a_run_on_generated_stand_in_data_says_so_in_result_json_and_a_real_data_run_does_not(tmp_path, monkeypatch, capsys, caplog):
     """On a fresh clone (no ../shared) the default run trains on generated logs: the console said so once per load
     (four times in a pipeline), result.json never, so its numbers could be read as real-data results."""
     from sectune import data, runner
@@ -544,7 +544,9 @@ def test_a_run_on_generated_stand_in_data_says_so_in_result_json_and_a_real_data
     code, _ = runner.run(compose(none), tmp_path / "gen")
     (gen,) = json.loads((tmp_path / "gen" / "result.json").read_text())["generated_data"]
     assert code == 0 and gen["dataset"] == "auth_logs" and str(tmp_path / "cache") in gen["path"]
-    assert capsys.readouterr().out.count("has no real auth logs; using generated logs") == 1
+    said = capsys.readouterr()
+    assert said.out.count("has no real auth logs; using generated logs") == 1
+    assert "generated synthetic logs" not in said.err + caplog.text  # the builder's own second wording is gone
     if not REAL_AUTH.exists():
         pytest.skip("no ../shared/data: the real-data half needs the real auth logs")
     code, _ = runner.run(compose(["logger=none", f"paths.cache_dir={tmp_path / 'cache'}"]), tmp_path / "real")

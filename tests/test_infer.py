@@ -591,3 +591,22 @@ def test_a_long_log_says_its_progress_and_an_interrupt_keeps_what_was_answered(t
     partial = json.loads((tmp_path / "run" / "analyses.partial.json").read_text())
     assert [r["lines"] for r in partial] == [[1, 20], [21, 40], [41, 60], [61, 80]]
     assert "the 4 of 5 windows answered so far are in" in out and not (tmp_path / "run" / "analyses.json").exists()
+
+    # the same command again answers only the window left; other decoding settings would not reuse the answers
+    calls.clear()
+    monkeypatch.setattr(stage, "generate", lambda m, t, prompts, g, **kw: calls.append(len(prompts)) or ['{"verdict": "malicious"}'] * len(prompts))
+    cfg = [*BASE, f"infer.input_file={log}", "infer.window_lines=20"]
+    stage.run(runner.RunContext(cfg=compose([*cfg, "generation.max_new_tokens=33"]), run_dir=tmp_path / "other"))
+    assert calls == [2, 2, 1]  # another run dir: nothing to resume there
+    (tmp_path / "other" / "analyses.json").unlink()
+    for f in ("analyses.partial.json", "analyses.partial.key"):  # an interrupted run with other decoding
+        (tmp_path / "other" / f).write_bytes((tmp_path / "run" / f).read_bytes())
+    calls.clear()
+    stage.run(runner.RunContext(cfg=compose([*cfg, "generation.max_new_tokens=33"]), run_dir=tmp_path / "other"))
+    assert calls == [2, 2, 1] and "not reused" in capsys.readouterr().out
+    calls.clear()
+    stage.run(runner.RunContext(cfg=compose(cfg), run_dir=tmp_path / "run"))
+    assert calls == [1] and "resuming: 4 of 5 windows" in capsys.readouterr().out
+    final = json.loads((tmp_path / "run" / "analyses.json").read_text())
+    assert [r["analysis"]["verdict"] for r in final] == ["benign"] * 4 + ["malicious"]
+    assert not list((tmp_path / "run").glob("analyses.partial*"))

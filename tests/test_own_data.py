@@ -181,3 +181,21 @@ def test_evaluating_an_analyst_run_as_a_classifier_says_where_analyst_runs_go(tm
     with pytest.raises(ConfigError, match=r"not a succeeded classify run \(stage='sft'.*stage=infer infer.model_dir=<it>.*"
                                           r"stage=evaluate dataset=injection_triplets"):
         read_classify_run(tmp_path)
+
+
+@pytest.mark.parametrize("sep, named", [(";", "';'"), ("\t", "tabs")])
+def test_a_csv_separated_by_semicolons_or_tabs_is_named_with_how_to_convert_it(tmp_path, sep, named):
+    """A spreadsheet's ';' export read as one column, and the error only listed the one column it found."""
+    from sectune.data.flows import load_flows
+    from sectune.data.text_classification import load_text_label_csv
+
+    texts = tmp_path / "t.csv"
+    texts.write_text(f"text{sep}label\nhello{sep}a\n")
+    with pytest.raises(DataError, match=f"missing column.*seems separated by {named}.*sep="):
+        load_text_label_csv(texts)
+    flows = tmp_path / "f.csv"
+    flows.write_text(f"Rate{sep}label\n1.0{sep}DDoS\n")
+    with pytest.raises(DataError, match=f"missing required column.*seems separated by {named}"):
+        load_flows(flows, ["Rate"], "label")
+    texts.write_text("text,label\nhello;there,a\n")  # a ';' inside a comma-separated file is nobody's business
+    assert load_text_label_csv(texts) == [{"text": "hello;there", "label": "a"}]

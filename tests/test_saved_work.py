@@ -240,6 +240,7 @@ def test_a_runs_warnings_are_kept_in_its_result(tmp_path):
         print("plain output\r progress 10%\r progress 20%\nsectune: warning: on stderr", file=sys.stderr)
         print(" in two parts")
         print("sectune: done")
+        print("sectune: warning: on stderr", file=sys.stderr)  # the same split read again: recorded once
     assert (sys.stdout, sys.stderr) == before
     assert heard.lines == ["sectune: warning: x.csv: 3 of 9 test rows repeat a training row's text exactly",
                            "sectune: warning: on stderr", "sectune: note: written in two parts"]

@@ -108,6 +108,9 @@ def test_warmup_on_generated_windows_runs_first_and_the_sft_starts_from_its_weig
     w = json.loads((tmp_path / "warm" / "warmup" / "result.json").read_text())
     assert w["status"] == "succeeded" and w["metrics"]["train_steps"] == 3 and w["metrics"]["windows"] > 50
     assert w["metrics"]["trainable_params"] == w["metrics"]["total_params"]  # the warm-up trains every weight
+    # its split line says it is the warm-up's (its test cut is never scored), the real split's line follows
+    assert "warm-up: " in warm.stdout.split("validation examples of generated windows")[0].splitlines()[-1]
+    assert warm.stdout.count("test windows held out (auth_logs)") == 1
     m, art = warm.result["metrics"], warm.result["artifacts"]
     assert (art["warmup"], art["base_model"], art["adapter"]) == ("warmup", "warmup/model", "adapter")
     assert m["warmup_windows"] == w["metrics"]["windows"] and m["warmup_train_steps"] == 3 and m["train_steps"] == 3

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -33,7 +32,6 @@ from sectune.errors import DataError
 from sectune.data.synthetic_auth import GENERATOR_VERSION
 from sectune.paths import shared_data_dir
 
-log = logging.getLogger(__name__)
 
 from sectune.data.auth_rules import ANSWER_KEYS, CLASSES, REAL_SOURCES, RULES_VERSION, _HEADER, analyze_auth_log  # noqa: F401 (re-exported)
 
@@ -211,8 +209,8 @@ def build_auth_folder(
         note = f"{generated_lines} generated lines (sectune.data.synthetic_auth, seed {seed}{', fresh names' if fresh_names else ''}), asked for"
         streams.append(("synthetic", list(enumerate(generate_auth_lines(generated_lines, seed, fresh_names=fresh_names), 1))))
     elif not real:
+        # recorded in the folder's info; sectune.data.auth_logs_folder says it once per run (note_generated)
         note = f"{src_root} has none of {', '.join(REAL_SOURCES)}; generated synthetic logs in the same formats"
-        log.warning("auth_logs: %s", note)
         streams.append(("synthetic", list(enumerate(generate_auth_lines(2000, seed), 1))))
 
     samples = []  # (first_line, label, lines, analysis)

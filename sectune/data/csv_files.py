@@ -23,6 +23,19 @@ def not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
                      f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.csv)")
 
 
+def delimiter_hint(columns) -> str:
+    """For a missing-column error: when the header read as one column holding ';', tab or '|' the file is not
+    comma-separated (a European spreadsheet's CSV export uses ';'); what to do about it, else ''."""
+    cols = [str(c) for c in columns]
+    if len(cols) == 1:
+        for sep, name in ((";", "';'"), ("\t", "tabs"), ("|", "'|'")):
+            if sep in cols[0]:
+                return (f"; the header reads as one column: the file seems separated by {name}, and sectune reads "
+                        f"comma-separated CSV (convert it: python -c \"import pandas as p,sys; p.read_csv(sys.argv[1], "
+                        f"sep={sep!r}).to_csv(sys.argv[2], index=False)\" in.csv out.csv)")
+    return ""
+
+
 def csv_record_lines(path: Path) -> list[int]:
     """The file line on which each data record (after the header) ends, as pandas counts records: blank lines
     skipped, a quoted cell may span lines. For error messages: the row index pandas gives is not a line number."""

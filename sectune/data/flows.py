@@ -25,7 +25,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from sectune.data import check_count, check_split_seed, warn_case_variants
-from sectune.data.csv_files import read_csv_checked
+from sectune.data.csv_files import delimiter_hint, read_csv_checked
 from sectune.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------- schemas
@@ -145,7 +145,7 @@ def load_flows(path, features: Sequence[str], label_column: str, granularity: st
         raise ConfigError("dataset.features is empty: name the numeric feature columns")
     missing = [c for c in [*features, label_column] if c not in df.columns]
     if missing:
-        raise DataError(f"{path}: missing required column(s): {', '.join(map(repr, missing))}")
+        raise DataError(f"{path}: missing required column(s): {', '.join(map(repr, missing))}{delimiter_hint(df.columns)}")
     if df.empty:
         raise DataError(f"{path}: has a header but no rows")
 

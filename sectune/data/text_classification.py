@@ -43,8 +43,10 @@ def load_text_label_csv(path, text_column: str = "text", label_column: str = "la
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in (text_column, label_column) if c not in df.columns]
     if missing:
+        from sectune.data.csv_files import delimiter_hint
+
         raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-                        f"found {list(df.columns)}")
+                        f"found {list(df.columns)}{delimiter_hint(df.columns)}")
     if df.empty:
         raise DataError(f"{path}: has a header but no rows")
     out = []

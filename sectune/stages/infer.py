@@ -95,9 +95,13 @@ def run(ctx: RunContext) -> dict:
                   "and uniqueItems is checked only afterwards")
     stats: dict = {"truncated_rows": []}
     t0 = time.perf_counter()
-    texts: list[str] = []
+    partial = out_path.with_name(f"{out_path.stem}.partial{out_path.suffix}")
+    key = _resume_key(choice, model_ref, gen_cfg, ic, prompts)
+    done = resumed(partial, key, len(prompts))
+    texts: list[str] = [r["generated"] for r in done]
+    stats["truncated_rows"] = [i for i, r in enumerate(done) if r.get("input_cut")]
     try:  # in chunks: a long log's progress is said, and an interrupt keeps the windows answered so far
-        for start in range(0, len(prompts), CHUNK):
+        for start in range(len(texts), len(prompts), CHUNK):
             part: dict = {}
             texts += generate(model, tokenizer, prompts[start:start + CHUNK], gen_cfg, batch_size=ic.batch_size,
                               constraint=constraint, stats=part, max_seq_length=int(cfg.model.max_seq_length))
@@ -108,9 +112,11 @@ def run(ctx: RunContext) -> dict:
                 print(f"sectune: infer: {len(texts)}/{len(prompts)} windows answered ({time.perf_counter() - t0:.0f} s)")
     except KeyboardInterrupt:
         if texts:
-            partial = out_path.with_name(f"{out_path.stem}.partial{out_path.suffix}")
-            write_json_atomic(partial, runner.finite_json(_records(inputs[: len(texts)], texts, choice.used, validator, set(), char_cut)))
-            print(f"sectune: infer: interrupted: the {len(texts)} of {len(prompts)} windows answered so far are in {partial}")
+            write_json_atomic(partial, runner.finite_json(_records(inputs[: len(texts)], texts, choice.used, validator,
+                                                                   set(stats["truncated_rows"]), char_cut)))
+            write_json_atomic(partial.with_suffix(".key"), {"resume_key": key})
+            print(f"sectune: infer: interrupted: the {len(texts)} of {len(prompts)} windows answered so far are in {partial}; "
+                  "the same command answers the rest")
         raise
     gen_s = time.perf_counter() - t0
 
@@ -122,6 +128,8 @@ def run(ctx: RunContext) -> dict:
             prev["artifacts"]["output"] = _relative(previous, run_dir)
             write_json_atomic(run_dir / runner.PREVIOUS_RESULT_FILE, prev)
     write_json_atomic(out_path, runner.finite_json(records))
+    for done in (partial, partial.with_suffix(".key")):  # in analyses.json now
+        done.unlink(missing_ok=True)
     n = len(records)
     ungrounded = sum(bool(r["absent_names"]) for r in records)
     if ungrounded:
@@ -157,6 +165,33 @@ def run(ctx: RunContext) -> dict:
         f"repaired {sum(r['repaired'] for r in records)} · {metrics['analyses_per_s'] or 0:.2f}/s → {out_path}"
     )
     return {"metrics": metrics, "artifacts": {"model": model_ref, "output": _relative(out_path, run_dir)}}
+
+
+def _resume_key(choice: "ModelChoice", model_ref: str, gen_cfg, ic, prompts: list[str]) -> str:
+    """What an interrupted run's answers depend on: the model (its files' sizes and times), the decoding and the prompts."""
+    from omegaconf import OmegaConf
+
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (choice.path.iterdir() if choice.path else ()) if p.is_file())
+    what = {"model": model_ref, "used": choice.used, "path": str(choice.path), "files": files, "constrained": bool(ic.constrained),
+            "generation": OmegaConf.to_container(gen_cfg, resolve=True) if OmegaConf.is_config(gen_cfg) else dict(gen_cfg),
+            "batch_size": int(ic.batch_size), "prompts": hashlib.sha256("\0".join(prompts).encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resumed(partial: Path, key: str, total: int) -> list[dict]:
+    """The records an interrupted run of the same command saved in ``partial`` (its ``.key`` matching ``key``), else []."""
+    try:
+        same = json.loads(partial.with_suffix(".key").read_text())["resume_key"] == key
+        texts = json.loads(partial.read_text()) if same else None
+        ok = texts is not None and all(isinstance(r["generated"], str) for r in texts)
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not ok or len(texts) >= total:
+        if partial.exists():
+            print(f"sectune: note: infer: {partial} holds another model's, decoding's or input's answers: not reused")
+        return []
+    print(f"sectune: infer: resuming: {len(texts)} of {total} windows were answered by the interrupted run ({partial})")
+    return texts
 
 
 def _records(inputs, texts, used: str, validator, cut: set, char_cut: set) -> list[dict]:

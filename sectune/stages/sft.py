@@ -38,8 +38,11 @@ def run(ctx: RunContext) -> dict:
     splits = data.sft_splits(cfg)  # by window; the test windows are held out for stage=infer/evaluate
     train_recs, val_recs = splits["train"], splits["validation"]
     records = train_recs + val_recs
-    print(f"sectune: {len(train_recs)} training and {len(val_recs)} validation examples, {data.held_out_windows(splits['test'])} test "
-          f"{'sessions' if cfg.dataset.name == 'hdfs' else 'windows'} held out ({cfg.dataset.name})")
+    if run_dir.name == WARMUP_DIR:  # the generated windows: their test cut is never scored
+        print(f"sectune: warm-up: {len(train_recs)} training and {len(val_recs)} validation examples of generated windows")
+    else:
+        print(f"sectune: {len(train_recs)} training and {len(val_recs)} validation examples, {data.held_out_windows(splits['test'])} test "
+              f"{'sessions' if cfg.dataset.name == 'hdfs' else 'windows'} held out ({cfg.dataset.name})")
 
     # 2. model
     path = modeling.model_path(cfg)

@@ -58,6 +58,8 @@ STAGES: dict[str, str] = {
 
 #: a failed rerun in the dir of a succeeded run whose artifacts it left alone: its result (result.json stays the earlier run's)
 FAILED_ATTEMPT_FILE = "result.failed.json"
+#: every line a command printed in this run dir, appended per command (Hydra's own <job>.log holds only its loggers')
+CONSOLE_LOG = "console.log"
 
 
 @dataclass
@@ -297,7 +299,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
             torch.cuda.reset_peak_memory_stats()
     handlers = _interrupt_on_signals()
     unscored = None  # the trial trained but has no sweep.objective to report: failed, its metrics kept
-    heard = recorded_warnings().__enter__()
+    heard = recorded_warnings(run_dir / CONSOLE_LOG if main else None).__enter__()
     try:
         from sectune.config_checks import check_keys, check_values
 

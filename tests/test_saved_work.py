@@ -249,3 +249,23 @@ def test_a_runs_warnings_are_kept_in_its_result(tmp_path):
     run = sectune(["stage=classify", "dataset=text_label_csv", f"dataset.path={data}", "train.max_steps=1", *FAST], tmp_path / "run")
     assert run.returncode == 0, run.stderr[-2000:]
     assert any("repeat a training row's text exactly" in w for w in run.result["warnings"]), run.result.get("warnings")
+    # every line the command printed is in the run dir's console.log, progress bars at their last state
+    log = (tmp_path / "run" / "console.log").read_text()
+    assert log.startswith("===== ") and "stage=classify" in log.splitlines()[0]
+    assert "repeat a training row's text exactly" in log and "sectune: done" in log and "\r" not in log and "\x1b" not in log
+    again = sectune(["stage=classify", "dataset=text_label_csv", f"dataset.path={data}", "train.max_steps=1", *FAST], tmp_path / "run")
+    assert again.returncode == 0 and (tmp_path / "run" / "console.log").read_text().startswith(log)  # appended, not replaced
+    assert (tmp_path / "run" / "console.log").read_text().count("===== ") == 2
+
+
+def test_the_console_log_keeps_a_progress_bars_last_state_without_control_sequences(tmp_path):
+    import sys
+
+    from sectune.run_guard import recorded_warnings
+
+    with recorded_warnings(tmp_path / "console.log"):
+        print("  0%|  | 0/3\r 33%|# | 1/3\r100%|##| 3/3\x1b[A", file=sys.stderr)
+        print("sectune: done", end="")
+        print(" · 1s")
+    lines = (tmp_path / "console.log").read_text().splitlines()
+    assert lines[1:] == ["100%|##| 3/3", "sectune: done · 1s"]

@@ -52,12 +52,13 @@ def _has_override(argv: list[str], key: str) -> bool:
     return any(a.split("=", 1)[0].lstrip("+") == key for a in argv)
 
 
-def _new_run_dir() -> str:
-    """What Hydra's default ``hydra.run.dir`` would give rank 0, made absolute."""
-    return str((Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve())
+def _new_run_dir(root: str = "outputs") -> str:
+    """What Hydra's default ``hydra.run.dir`` (root ``outputs``) or ``hydra.sweep.dir`` (``multirun``) would give rank 0,
+    made absolute."""
+    return str((Path(root) / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve())
 
 
-def _via_agent_store(timeout_s: float) -> str | None:
+def _via_agent_store(timeout_s: float, root: str = "outputs") -> str | None:
     """Exchange the run dir through torchrun's launch store; None when there is none."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         return None
@@ -71,7 +72,7 @@ def _via_agent_store(timeout_s: float) -> str | None:
     store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
     key = f"{STORE_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     if is_main_process():
-        store.set(key, _new_run_dir())
+        store.set(key, _new_run_dir(root))
     try:
         return store.get(key).decode()  # blocks until rank 0 has set it (or the timeout)
     except RuntimeError as e:  # torch raises DistStoreError (a RuntimeError) on timeout
@@ -90,14 +91,14 @@ def _launcher_identity() -> tuple[str, float]:
     return f"{ppid}-{int(started)}", started
 
 
-def _via_file(timeout_s: float) -> str:
+def _via_file(timeout_s: float, root: str = "outputs") -> str:
     parent, parent_started = _launcher_identity()
     key = "_".join(
         os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
     ) + f"_{parent}"
     note = Path(tempfile.gettempdir()) / f"sectune_run_dir_{key.replace('/', '_')}"
     if is_main_process():
-        run_dir = _new_run_dir()
+        run_dir = _new_run_dir(root)
         tmp = note.with_name(f"{note.name}.tmp{os.getpid()}")
         tmp.write_text(run_dir)
         os.replace(tmp, note)
@@ -118,16 +119,18 @@ def _via_file(timeout_s: float) -> str:
 
 
 def share_run_dir_across_ranks(timeout_s: float = 300.0, argv: list[str] | None = None) -> str | None:
-    """Append one ``hydra.run.dir=…`` override, identical on every rank, to ``argv`` (sys.argv).
-
-    A no-op for one process, for a ``-m`` sweep (each job is its own run) and when the user
-    already set ``hydra.run.dir``. Returns the run dir it added, or None.
+    """Append one ``hydra.run.dir=…`` override (``hydra.sweep.dir=…`` for a ``-m`` sweep), identical on every rank, to
+    ``argv`` (sys.argv): each rank computing Hydra's per-second default itself split a sweep whose ranks started either
+    side of a second into two dirs. A no-op for one process and when the user already set that key. Returns the dir
+    it added, or None.
     """
     argv = sys.argv if argv is None else argv
-    if world_size() <= 1 or _has_override(argv[1:], "hydra.run.dir") or "-m" in argv or "--multirun" in argv:
+    sweep = "-m" in argv or "--multirun" in argv
+    key, root = ("hydra.sweep.dir", "multirun") if sweep else ("hydra.run.dir", "outputs")
+    if world_size() <= 1 or _has_override(argv[1:], key):
         return None
-    run_dir = _via_agent_store(timeout_s) or _via_file(timeout_s)
-    argv.append(f"hydra.run.dir={run_dir}")
+    run_dir = _via_agent_store(timeout_s, root) or _via_file(timeout_s, root)
+    argv.append(f"{key}={run_dir}")
     return run_dir
 
 

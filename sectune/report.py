@@ -59,6 +59,30 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
+NOT_STARTED = "not started"
+EARLIER_SWEEP = "earlier sweep"
+#: statuses of rows that are not this sweep's results: listed after the others, never ranked
+NOT_RUN = (NOT_STARTED, EARLIER_SWEEP)
+
+
+def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """Each job's overrides as the sweep's ``multirun.yaml`` (written by the command that made the dir last) expands
+    them with Hydra's basic sweeper; None for another sweeper (Optuna: its trials are drawn) or an unreadable file."""
+    try:
+        conf = yaml.safe_load((sweep_dir / "multirun.yaml").read_text()) or {}
+        hydra = conf["hydra"]
+        if not str(hydra["sweeper"]["_target_"]).endswith("BasicSweeper"):
+            return None
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        params = hydra["sweeper"].get("params") or {}
+        given = [f"{k}={v}" for k, v in params.items()] + list(hydra["overrides"]["task"])
+        return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(given), None)[0]
+    except Exception:  # noqa: BLE001 - no multirun.yaml, or one Hydra cannot read back: the dirs as they are
+        return None
+
+
 def parse_value(text: str) -> Any:
     """An override value as Hydra means it: YAML scalars plus ``1e-4`` (YAML 1.1 reads a string)."""
     try:
@@ -87,6 +111,14 @@ def read_overrides(job: Path) -> dict[str, Any]:
         key = key.lstrip("+")
         out[key] = parse_value(raw) if sep else None
     return out
+
+
+def _raw_overrides(job: Path) -> list[str]:
+    try:
+        items = yaml.safe_load((job / OVERRIDES_FILE).read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(i) for i in items] if isinstance(items, list) else []
 
 
 def read_result(job: Path) -> dict[str, Any]:
@@ -130,11 +162,21 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
         raise DataError(f"{sweep_dir}: no job dirs (0/, 1/, ...) found; is this a `sectune -m` sweep dir?")
 
     rows, keys, metric_names = [], [], []
+    expected = expected_jobs(sweep_dir)
     for job in jobs:
         ov, res = read_overrides(job), read_result(job)
+        n = int(job.name)
+        if expected is not None and (n >= len(expected) or set(_raw_overrides(job)) != set(expected[n])):
+            # a rerun in this dir with other values replaced jobs 0..k and left the rest: not this sweep's results
+            res = {**res, "status": EARLIER_SWEEP, "error": f"not of the sweep in multirun.yaml (its job {n} is "
+                   f"{' '.join(expected[n]) if n < len(expected) else 'none'}): left by an earlier sweep in this dir"}
         keys += [k for k in ov if k not in keys]
         metric_names += [m for m in res["metrics"] if m not in metric_names]
-        rows.append((int(job.name), ov, res))
+        rows.append((n, ov, res))
+    for n in sorted(set(range(len(expected or ()))) - {int(j.name) for j in jobs}):  # the sweep stopped before them
+        ov = {k.lstrip("+"): parse_value(v) for k, _, v in (o.partition("=") for o in expected[n])}
+        keys += [k for k in ov if k not in keys]
+        rows.append((n, ov, {"status": NOT_STARTED, "metrics": {}, "error": "no job dir: the sweep stopped before this job"}))
 
     taken = set(BASE_COLUMNS) | set(keys)
     metric_cols = {m: (f"metric.{m}" if m in taken else m) for m in metric_names}
@@ -147,6 +189,10 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
         rec["error"] = res["error"]
         records.append(rec)
     frame = pd.DataFrame.from_records(records, columns=["job", *keys, "status", *metric_cols.values(), "error"])
+    for m in metric_cols.values():  # counts stay integers beside a failed job's empty cell (report.md said 5.649e+05)
+        vals = [r[m] for r in records if not (isinstance(r[m], float) and math.isnan(r[m]))]
+        if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals) and len(vals) < len(records):
+            frame[m] = frame[m].astype("Int64")
     for k in keys:  # numbers with a missing cell stay numeric (NaN), not object
         vals = frame[k].dropna()
         if len(vals) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
@@ -222,13 +268,14 @@ def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, asc
         ascending = sort_by not in metrics or lower_is_better(sort_by)
     by = [sort_by] + (["job"] if sort_by != "job" else [])
     out = frame.sort_values(by, ascending=[ascending, True][: len(by)], na_position="last", kind="mergesort")
-    out = out.reset_index(drop=True)
+    ran = ~out["status"].isin(NOT_RUN)
+    out = pd.concat([out[ran], out[~ran]]).reset_index(drop=True)  # rows that are not this sweep's results last
     out.attrs.update(frame.attrs, sort_by=sort_by, ascending=ascending)
     return out
 
 
 def _cell(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return ""
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -240,9 +287,14 @@ def to_markdown(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table: job, swept keys, status, metrics, error; fixed keys above it."""
     a = frame.attrs
     cols = ["job", *a.get("swept", []), "status", *a.get("metrics", []), "error"]
-    n_ok = int((frame["status"] == "succeeded").sum())
+    counts = frame["status"].value_counts()
+    n_ok, others = int(counts.get("succeeded", 0)), {s: int(counts.get(s, 0)) for s in NOT_RUN}
+    n_run = len(frame) - others[EARLIER_SWEEP]
     lines = [f"# Sweep report: {a.get('sweep_dir', '')}", "",
-             f"{len(frame)} jobs: {n_ok} succeeded, {len(frame) - n_ok} failed."]
+             f"{n_run} jobs: {n_ok} succeeded, {n_run - n_ok - others[NOT_STARTED]} failed"
+             + (f", {others[NOT_STARTED]} never started" if others[NOT_STARTED] else "") + "."
+             + (f" {others[EARLIER_SWEEP]} job dir(s) left by an earlier sweep in this dir are listed last, not ranked."
+                if others[EARLIER_SWEEP] else "")]
     if a.get("sort_by"):
         lines[-1] += f" Sorted by `{a['sort_by']}` ({'ascending' if a.get('ascending') else 'descending'})."
     if a.get("fixed"):
@@ -266,13 +318,16 @@ def over_seeds(frame: pd.DataFrame) -> pd.DataFrame | None:
     a = frame.attrs
     seeds = seed_keys(a.get("swept", []))
     numeric = [m for m in a.get("metrics", []) if pd.api.types.is_numeric_dtype(frame[m])]
-    ok = frame[frame["status"] == "succeeded"]
-    if not seeds or not numeric or ok.empty:
+    ran = frame[~frame["status"].isin(NOT_RUN)]
+    if not seeds or not numeric or not (ran["status"] == "succeeded").any():
         return None
     others = [k for k in a["swept"] if k not in seeds]
-    keyed = ok.assign(**{k: ok[k].astype(str) for k in others}) if others else ok.assign(_all="")
+    # a setting whose every seed failed keeps its row (runs 0): it vanished, as if it had never been tried
+    ok = ran["status"] == "succeeded"
+    keyed = ran.assign(**{m: ran[m].where(ok) for m in numeric}, _ok=ok.astype(int))
+    keyed = keyed.assign(**{k: keyed[k].astype(str) for k in others}) if others else keyed.assign(_all="")
     groups = keyed.groupby(others or ["_all"], sort=False)
-    out = groups.size().rename("runs").to_frame()
+    out = groups["_ok"].sum().rename("runs").to_frame()
     for m in numeric:
         out[f"{m} mean"], out[f"{m} sd"] = groups[m].mean(), groups[m].std(ddof=1)
     out = out.reset_index().drop(columns=["_all"], errors="ignore")
@@ -292,7 +347,8 @@ def seeds_markdown(table: pd.DataFrame) -> str:
              "| " + " | ".join([*a["others"], "runs", *shown]) + " |", "|" + "|".join(["---"] * len(a["others"]) + ["---:"] * (1 + len(shown))) + "|"]
     for _, row in table.iterrows():
         cells = [_cell(row[k]) for k in a["others"]] + [str(int(row["runs"]))]
-        cells += [f"{row[f'{m} mean']:.4g}" + ("" if pd.isna(row[f"{m} sd"]) else f" ± {row[f'{m} sd']:.2g}") for m in shown]
+        cells += ["—" if pd.isna(row[f"{m} mean"]) else f"{row[f'{m} mean']:.4g}" + ("" if pd.isna(row[f"{m} sd"]) else f" ± {row[f'{m} sd']:.2g}")
+                  for m in shown]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -381,8 +437,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, ConfigError) as e:
         print(f"sectune-report: error: {e}", file=sys.stderr)
         return 2
-    print(out["markdown"])
-    print(f"wrote {out['csv']}, {out['md']}" + (f" and {len(out['plots'])} plot(s) in {out['md'].parent / 'plots'}" if out["plots"] else " (no plots: nothing swept or no metric)"))
+    try:
+        print(out["markdown"])
+        print(f"wrote {out['csv']}, {out['md']}" + (f" and {len(out['plots'])} plot(s) in {out['md'].parent / 'plots'}" if out["plots"] else " (no plots: nothing swept or no metric)"))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `sectune-report DIR | head`: the reader left; the files are written
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -105,10 +105,12 @@ def _restore_signals(old: dict) -> None:
 _LOCKS: dict[str, Any] = {}
 
 
-def _lock_run_dir(run_dir: Path):
+def _lock_run_dir(run_dir: Path, own_files: dict[str, str] | None = None):
     """An exclusive lock on ``run_dir/.sectune.lock`` for this process: a second command into the same dir stops with an
     error naming the process that holds it (two runs in one dir both said done, one's result silently replacing the other's).
-    Returns the open file, or False (the error is printed)."""
+    ``own_files``: this command's ``.hydra/`` texts by relative path, written once the lock is held (a command refused
+    a moment earlier may have written its own over them: two sweeps started in the same second shared a sweep dir, and
+    a job's result sat beside the other sweep's overrides). Returns the open file, or False (the error is printed)."""
     import fcntl
     import os
 
@@ -136,6 +138,10 @@ def _lock_run_dir(run_dir: Path):
     fh.truncate()
     fh.write(f"pid {os.getpid()}")
     fh.flush()
+    for rel, text in (own_files or {}).items():
+        path = run_dir / rel
+        if path.parent.is_dir() and (not path.is_file() or path.read_text() != text):
+            path.write_text(text)
     shutil.rmtree(running, ignore_errors=True)
     for rel in RUN_CONFIG_FILES:
         if (run_dir / rel).is_file():

@@ -77,15 +77,32 @@ class RunContext:
 
 def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str:
     """sha256 of the resolved config, minus Hydra's own node and ``sweep`` (bookkeeping, not
-    the run): equal digests, equal runs. With ``root``, every path under it counts relative to it
+    the run), plus the number of processes when several train it: equal digests, equal runs. With ``root``, every path under it counts relative to it
     (a pipeline's steps name each other's dirs: a moved or copied pipeline is the same run)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("sweep", None)
     if root is not None:
         container = relative_to_root(container, str(root).rstrip("/"))
     container["_data"] = data_fingerprint(cfg)
+    if distributed.world_size() > 1:  # N processes train on N x the batch: not the run one process makes of this config
+        container["_world_size"] = distributed.world_size()
     blob = json.dumps(_str_keys(container), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def hydra_files(cfg: DictConfig, run_dir: Path) -> dict[str, str]:
+    """This command's ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` as Hydra wrote them into ``run_dir``
+    (its output dir), from this process's own state; {} outside Hydra or for another dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    if Path(hc.runtime.output_dir).resolve() != run_dir.resolve() or not hc.output_subdir:
+        return {}
+    sub = str(hc.output_subdir)
+    return {f"{sub}/config.yaml": OmegaConf.to_yaml(cfg), f"{sub}/hydra.yaml": OmegaConf.to_yaml({"hydra": hc}),
+            f"{sub}/overrides.yaml": OmegaConf.to_yaml(list(hc.overrides.task))}
 
 
 def _quiet_unless(main: bool):
@@ -256,7 +273,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
             return (2, None) if unscored else (0, _objective(prev.get("metrics", {}), cfg.sweep.objective))
 
     main = distributed.is_main_process()
-    lock = _lock_run_dir(run_dir) if main else None
+    lock = _lock_run_dir(run_dir, hydra_files(cfg, run_dir)) if main else None
     if lock is False:
         return 2, None
     result: dict[str, Any] = {

@@ -61,6 +61,11 @@ def secret_overrides(argv: list[str]) -> list[str]:
         items = [v.strip(" '\"") for v in re.split(r"[,\[\]{}]", value)]
         names = [name, *(i.partition(":")[0].strip(" '\"") for i in items if ":" in i)]
         values = [i.partition(":")[2].strip(" '\"") if ":" in i else i for i in items]
+        # shell lines in a list (hydra.launcher.setup=[…,'export WANDB_API_KEY=…']): each word, NAME=value split
+        for word in (w.strip(" '\"") for i in items for w in i.split()):
+            n, eq, v = word.partition("=")
+            names += [n] if eq and v else []
+            values.append(v if eq else word)
         if ((value.strip() and any(_SECRET_KEY.search(n) for n in names)) or any(_SECRET_VALUE.match(v) for v in values)
                 or _SECRET_ENV.search(value)):
             found.append(f"{arg.partition('=')[0]}=…")

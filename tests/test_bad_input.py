@@ -399,6 +399,14 @@ def test_a_second_command_into_a_run_dir_in_use_stops_and_leaves_the_running_one
     code, _ = runner.run(compose(["logger=none"]), run_dir)  # free again: runs, and leaves no lock held
     assert code == 0 and ran and not (run_dir / ".hydra/running").exists() and not runner._LOCKS
 
+    # the other order: a refused command wrote its .hydra/ after this one's Hydra did, before this one took the lock
+    # (two sweeps started in the same second): the lock holder writes its own back, so its result sits beside its config
+    (run_dir / ".hydra/overrides.yaml").write_text("- lora.r=16\n")  # the refused sweep's
+    own = {".hydra/overrides.yaml": "- lora.r=4\n", ".hydra/config.yaml": "lr: 1\n"}
+    lock = runner._lock_run_dir(run_dir, own)
+    assert (run_dir / ".hydra/overrides.yaml").read_text() == "- lora.r=4\n" == (run_dir / ".hydra/running/overrides.yaml").read_text()
+    runner._unlock_run_dir(run_dir, lock)
+
 
 def test_a_damaged_run_config_is_named_not_a_yaml_traceback(tmp_path):
     from sectune.config import load_run_config

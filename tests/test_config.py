@@ -91,7 +91,10 @@ def test_redact_hides_secret_keys_and_values():
 
 @pytest.mark.parametrize("override", ["+hf.token.value=SEKRIT_A1", "+hf_token_value=x", "+api_keys=[a,b]", "+authorization=x",
                                       "+hf_auth=x", "+pass=x", "+x=xoxb-1234567890-abc", "+y=AKIAABCDEFGHIJKLMNOP",
-                                      "+z=glpat-abcdefghijklmnopqrst", "+x=${oc.env:HF_TOKEN}"])
+                                      "+z=glpat-abcdefghijklmnopqrst", "+x=${oc.env:HF_TOKEN}",
+                                      # a shell line in the SLURM launcher's setup list was saved in multirun.yaml
+                                      "hydra.launcher.setup=[source a,'export WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567']",
+                                      "hydra.launcher.setup=['export HF_TOKEN=abc']", "hydra.launcher.setup=['echo sk-abcdefghijklmnopqrstuv']"])
 def test_secrets_the_first_check_let_through_are_refused(override):
     """An audit found these saved in .hydra/ (refused only later, by the key check) or never refused."""
     from sectune.tracking import secret_overrides
@@ -116,7 +119,8 @@ def test_settings_that_mention_tokens_or_keys_are_not_secrets():
     from sectune.tracking import secret_overrides
 
     fine = ["generation.max_new_tokens=64", "model.tiny.extra_tokens=[' 1']", "dataset.num_log_keys=28", "loss.key_weight=5",
-            "model.tokenizer=x", "+x=${oc.env:HOME}", "dataset.text_column=text"]
+            "model.tokenizer=x", "+x=${oc.env:HOME}", "dataset.text_column=text",
+            "hydra.launcher.setup=[source .venv/bin/activate,'export WANDB_MODE=offline','export OMP_NUM_THREADS=8']"]
     assert [o for o in fine if secret_overrides([o])] == []
 
 

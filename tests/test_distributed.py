@@ -113,11 +113,21 @@ def test_agent_store_shares_one_run_dir(monkeypatch, tmp_path):
     time.sleep(1.1)  # a later second: rank 1 must still get rank 0's dir, not its own ${now:}
     _env(monkeypatch, 1, MASTER_PORT=str(server.port), TORCHELASTIC_USE_AGENT_STORE="True")
     assert distributed.share_run_dir_across_ranks(argv=["sectune"]) == a
+    # a -m sweep's ranks share its sweep dir the same way (each rank's own ${now:} split one sweep into two dirs)
+    _env(monkeypatch, 0, MASTER_PORT=str(server.port), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="1")
+    argv0 = ["sectune", "-m", "lora.r=4"]
+    sweep = distributed.share_run_dir_across_ranks(argv=argv0)
+    time.sleep(1.1)
+    _env(monkeypatch, 1, MASTER_PORT=str(server.port), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="1")
+    argv1 = ["sectune", "-m", "lora.r=4"]
+    assert distributed.share_run_dir_across_ranks(argv=argv1) == sweep and Path(sweep).parts[-3] == "multirun"
+    assert argv0 == argv1 == ["sectune", "-m", "lora.r=4", f"hydra.sweep.dir={sweep}"]
 
 
-def test_single_process_sweep_and_explicit_dir_are_left_alone(monkeypatch):
+def test_single_process_and_explicit_dirs_are_left_alone(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.share_run_dir_across_ranks(argv=["sectune"]) is None
+    assert distributed.share_run_dir_across_ranks(argv=["sectune", "-m", "lora.r=4,8"]) is None
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert distributed.share_run_dir_across_ranks(argv=["sectune", "hydra.run.dir=x"]) is None
-    assert distributed.share_run_dir_across_ranks(argv=["sectune", "-m", "lora.r=4,8"]) is None
+    assert distributed.share_run_dir_across_ranks(argv=["sectune", "-m", "lora.r=4,8", "hydra.sweep.dir=y"]) is None

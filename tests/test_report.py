@@ -187,17 +187,21 @@ def test_a_seed_sweep_gets_each_settings_mean_and_sd_over_its_seeds(tmp_path):
     root = tmp_path / "sweep"
     root.mkdir()
     (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
-    losses = {(4, 1): 1.0, (4, 2): 1.2, (4, 3): 1.4, (8, 1): 0.9, (8, 2): 0.7, (8, 3): None}
+    losses = {(4, 1): 1.0, (4, 2): 1.2, (4, 3): 1.4, (8, 1): 0.9, (8, 2): 0.7, (8, 3): None, (16, 1): None, (16, 2): None}
     for job, ((r, seed), loss) in enumerate(losses.items()):
         d = root / str(job)
         (d / ".hydra").mkdir(parents=True)
         (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"lora.r={r}", f"train.seed={seed}"]))
         res = {"stage": "sft", "artifacts": {}, "status": "succeeded" if loss else "failed", "error": None if loss else "boom",
-               "metrics": {"eval_loss": loss, "train_steps": 10} if loss else {}}
+               "metrics": {"eval_loss": loss, "train_steps": 10, "total_params": 564864} if loss else {}}
         (d / "result.json").write_text(json.dumps(res))
     out = write_report(root)
     seeds = pd.read_csv(root / "report_seeds.csv")
-    assert list(seeds["lora.r"]) == [8, 4] and list(seeds["runs"]) == [2, 3]  # r=8 first: the lower mean loss
+    # r=8 first: the lower mean loss; r=16, whose every seed failed, keeps its row (it vanished)
+    assert list(seeds["lora.r"]) == [8, 4, 16] and list(seeds["runs"]) == [2, 3, 0]
+    seeds = seeds[seeds["runs"] > 0]
+    assert "| 16 | 0 | — |" in out["markdown"]
+    assert "| 0 | 4 | 1 | succeeded | 1 | 10 | 564864 |" in out["markdown"]  # train_steps an integer beside failed jobs' empty cells
     assert seeds["eval_loss mean"].tolist() == pytest.approx([0.8, 1.2])
     assert seeds["eval_loss sd"].tolist() == pytest.approx([(0.02 / 1) ** 0.5, (0.08 / 2) ** 0.5])  # sample sd
     assert seeds["train_steps sd"].tolist() == [0, 0]
@@ -220,3 +224,46 @@ def test_a_pipeline_sweep_sorts_by_its_held_out_verdict_macro_f1(tmp_path):
             (1, 4, "2e-4", {"causal_stability_start": 0.9, "attack_success_rate": 0.2})]
     frame = build_report(make_sweep(tmp_path / "c", grid))
     assert frame.attrs["sort_by"] == "attack_success_rate" and frame.attrs["ascending"] and list(frame["job"]) == [1, 0]
+
+
+def _multirun(root, task, sweeper="hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"_target_": sweeper, "params": None},
+                                                                   "overrides": {"task": task}}}))
+
+
+def _job(root, n, overrides, loss=None):
+    (root / str(n) / ".hydra").mkdir(parents=True)
+    (root / str(n) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if loss is not None:
+        (root / str(n) / "result.json").write_text(json.dumps({"status": "succeeded", "metrics": {"eval_loss": loss}}))
+
+
+def test_jobs_a_stopped_sweep_never_started_and_an_earlier_sweeps_leftovers_are_named_not_ranked(tmp_path):
+    """A 3-job sweep stopped during job 1 reported "2 jobs" (job 2 gone without a word); a rerun in the old dir with
+    other values ranked the first sweep's leftover job first."""
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    _multirun(stopped, ["lora.r=4,8,16", "model=tiny_llama"])
+    _job(stopped, 0, ["lora.r=4", "model=tiny_llama"], 1.2)
+    _job(stopped, 1, ["lora.r=8", "model=tiny_llama"])  # killed: no result.json
+    df = build_report(stopped)
+    assert list(zip(df["job"], df["lora.r"], df["status"])) == [(0, 4, "succeeded"), (1, 8, "failed"), (2, 16, "not started")]
+    out = write_report(stopped)["markdown"]
+    assert "3 jobs: 1 succeeded, 1 failed, 1 never started." in out
+
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    _multirun(rerun, ["lora.r=2,32"])  # the second command's: jobs 0 and 1 replaced, job 2 is the first sweep's
+    _job(rerun, 0, ["lora.r=2"], 1.1)
+    _job(rerun, 1, ["lora.r=32"], 1.0)
+    _job(rerun, 2, ["lora.r=16"], 0.5)
+    df = build_report(rerun)
+    assert list(zip(df["job"], df["status"])) == [(1, "succeeded"), (0, "succeeded"), (2, "earlier sweep")]
+    assert "left by an earlier sweep" in df.set_index("job").loc[2, "error"]
+    assert "2 jobs: 2 succeeded, 0 failed. 1 job dir(s) left by an earlier sweep" in write_report(rerun)["markdown"]
+
+    drawn = tmp_path / "optuna"  # a sampler's trials are drawn, not listed: the dirs as they are
+    drawn.mkdir()
+    _multirun(drawn, ["lora.r=4"], sweeper="hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper")
+    _job(drawn, 0, ["lora.r=8"], 1.0)
+    assert list(build_report(drawn)["status"]) == ["succeeded"]

@@ -77,6 +77,20 @@ def test_digest_ignores_sweep_bookkeeping():
     assert config_digest(a) == config_digest(b) != config_digest(c)
 
 
+def test_digest_counts_the_processes_that_train_a_config(monkeypatch):
+    """sweep.skip_done reused a 2-process (global batch 2x) result for the same config run as one process."""
+    from sectune.runner import config_digest
+
+    cfg = compose(["train.batch_size=2"])
+    one = config_digest(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert config_digest(cfg) == one  # one process: the digests of runs made before this change stand
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    two = config_digest(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert len({one, two, config_digest(cfg)}) == 3
+
+
 def test_submitit_local_runs_a_two_job_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = multirun([*TINY, "hydra/launcher=local", "train.learning_rate=1e-3,1e-2"], sweep)
@@ -99,6 +113,8 @@ def test_launcher_presets_compose():
     lc = slurm.hydra.launcher
     assert lc._target_.endswith("SlurmLauncher") and lc.partition == "gpu" and lc.gpus_per_node == 1
     assert lc.array_parallelism == 8 and any("module load" in s for s in lc.setup)
+    # W&B decides on the cluster as on this machine (the setup forced offline even with a key); squeue names the stage
+    assert not any("WANDB_MODE" in s for s in lc.setup) and lc.name == "sectune_sft"
     assert raw.hydra.launcher._target_.endswith("SlurmLauncher")
 
 

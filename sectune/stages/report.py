@@ -23,11 +23,14 @@ def run(ctx: RunContext) -> dict:
     out = report.write_report(Path(rc.dir), sort_by=rc.sort_by, ascending=rc.ascending, sort_by_setting="report.sort_by")
     print(out["markdown"])
     frame = out["frame"]
-    n_ok = int((frame["status"] == "succeeded").sum())
+    counts = frame["status"].value_counts()
+    n_ok, n_not, n_earlier = (int(counts.get(k, 0)) for k in ("succeeded", report.NOT_STARTED, report.EARLIER_SWEEP))
 
     def rel(p: Path) -> str:
         return os.path.relpath(Path(p).resolve(), ctx.run_dir.resolve())
 
     artifacts = {"report_csv": rel(out["csv"]), "report_md": rel(out["md"])}
     artifacts.update({f"plot_{p.stem}": rel(p) for p in out["plots"]})
-    return {"metrics": {"jobs": len(frame), "succeeded": n_ok, "failed": len(frame) - n_ok}, "artifacts": artifacts}
+    metrics = {"jobs": len(frame) - n_earlier, "succeeded": n_ok, "failed": len(frame) - n_earlier - n_ok - n_not}
+    metrics.update({k: v for k, v in (("not_started", n_not), ("earlier_sweep_dirs", n_earlier)) if v})
+    return {"metrics": metrics, "artifacts": artifacts}

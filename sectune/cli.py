@@ -56,6 +56,11 @@ class SweepCheck(Callback):
         from sectune.config_checks import check_sweep
         from sectune.errors import SectuneError
 
+        global _NEW_SWEEP_DIR, _OLD_MULTIRUN
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir", default="") or ""))
+        _NEW_SWEEP_DIR = None if sweep_dir.exists() else sweep_dir  # made by this command: removed if no job starts
+        old = sweep_dir / "multirun.yaml"  # an earlier sweep's record of its jobs (sectune-report reads it): put back
+        _OLD_MULTIRUN = (old, old.read_bytes()) if old.is_file() else None
         refuse_preset_secrets(config)
         refuse_slurm_without_srun(config)
         try:
@@ -150,6 +155,20 @@ def _app(cfg: DictConfig):
 #: result.json at the sweep's end): a sweep with failed jobs exits non-zero at its end
 _SWEEP_JOBS: list[tuple[str, int]] = []
 _SWEEP_REPORTED = False
+#: the sweep dir this command created (None: none, or it was there before), and the multirun.yaml it found there
+_NEW_SWEEP_DIR: Path | None = None
+_OLD_MULTIRUN: tuple[Path, bytes] | None = None
+
+
+def _drop_empty_sweep_dir() -> None:
+    """A sweep whose first job's overrides did not compose (a typo: ``lora.rr=4,8``) left a dir holding only its
+    multirun.yaml; one this command made is removed again, and an earlier sweep's multirun.yaml it replaced is put back."""
+    if _OLD_MULTIRUN is not None and not _SWEEP_JOBS:
+        _OLD_MULTIRUN[0].write_bytes(_OLD_MULTIRUN[1])
+    d = _NEW_SWEEP_DIR
+    if d is not None and d.is_dir() and {p.name for p in d.iterdir()} <= {"multirun.yaml"}:
+        (d / "multirun.yaml").unlink(missing_ok=True)
+        d.rmdir()
 
 
 #: main() set HYDRA_FULL_ERROR (the user did not), so composition errors reach it as exceptions
@@ -210,6 +229,7 @@ def main() -> None:
             _run_dir_error(cause)
         _exit_if_sweep_jobs_failed()  # a sweeper that gave up because its trials failed (Optuna: "No trials are completed")
         line = config_file_error(e, sys.argv[1:]) or override_error(e) or usage_error(e)
+        _drop_empty_sweep_dir()
         if line is None:
             _hydra_report(e)
             sys.exit(1)

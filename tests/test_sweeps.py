@@ -214,3 +214,16 @@ def test_jobs_a_launcher_ran_in_other_processes_count_in_the_sweeps_exit_code(tm
         sectune_cli._exit_if_sweep_jobs_failed()
     assert e.value.code == 1
     sectune_cli._exit_if_sweep_jobs_failed()  # said once: a second call (main's SystemExit handler) prints nothing more
+
+
+def test_a_typo_in_a_sweep_leaves_no_sweep_dir_behind_and_an_earlier_sweeps_record_as_it_was(tmp_path):
+    """`sectune -m lora.rr=4,8` said which key was wrong, and left multirun/DATE/TIME/ holding only multirun.yaml (in an
+    earlier sweep's dir: that sweep's multirun.yaml replaced, which sectune-report reads for its job list)."""
+    new = tmp_path / "new"
+    run = cli(["-m", "stage=plan", "logger=none", "lora.rr=4,8", f"hydra.sweep.dir={new}"])
+    assert run.returncode == 2 and "lora.rr" in run.stderr and not new.exists(), run.stderr[-1000:]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "multirun.yaml").write_text("hydra: {overrides: {task: [lora.r=4]}}\n")
+    run = cli(["-m", "stage=plan", "logger=none", "lora.rr=4,8", f"hydra.sweep.dir={old}"])
+    assert run.returncode == 2 and (old / "multirun.yaml").read_text() == "hydra: {overrides: {task: [lora.r=4]}}\n"

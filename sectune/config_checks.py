@@ -56,6 +56,7 @@ def check_values(cfg) -> None:
     if cfg.train.eval_batch_size is not None:
         need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", cfg.train.eval_batch_size, "must be >= 1 (or null: train.batch_size)")
     need(cfg.infer.batch_size >= 1, "infer.batch_size", cfg.infer.batch_size, "must be >= 1")
+    need(cfg.evaluate.batch_size is None or cfg.evaluate.batch_size >= 1, "evaluate.batch_size", cfg.evaluate.batch_size, "must be >= 1")
     alpha = cfg.evaluate.bigram_alpha
     need(math.isfinite(alpha) and alpha > 0, "evaluate.bigram_alpha", alpha,
          "must be > 0 (add-alpha smoothing: at 0 a key pair never seen in training has probability 0 and its session scores NaN)")

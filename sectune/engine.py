@@ -52,7 +52,7 @@ def precision_flags(cfg: DictConfig) -> dict:
     if p == "fp16":
         if device_for(cfg) == "cpu":
             # CPU has no fp16 autocast worth the name; bf16 keeps the range and the speed.
-            print("sectune: train.precision=fp16 is not supported on CPU; using bf16 autocast instead")
+            print("sectune: warning: train.precision=fp16 is not supported on CPU; using bf16 autocast instead")
             return {"bf16": True, "fp16": False}
         return {"bf16": False, "fp16": True}
     raise ConfigError(f"train.precision={p!r}: choose fp32, bf16 or fp16")

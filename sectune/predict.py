@@ -95,15 +95,29 @@ def read_classify_run(run_dir) -> tuple[DictConfig, dict]:
     result = read_run_json(result_path, "a JSON object (stage, status, metrics, ...)")
     if result.get("stage") != "classify" or result.get("status") != "succeeded":
         analyst = result.get("stage") in ("sft", "dpo", "rl", "contrastive", "pipeline")
+        if analyst and _run_dataset(run_dir) == "hdfs":  # a log-key model: it was pointed at infer and injections
+            hint = "; an HDFS run's anomaly detection is scored by stage=evaluate dataset=hdfs evaluate.model_dir=<it>"
+        else:
+            hint = ("; an analyst run answers logs with stage=infer infer.model_dir=<it>, and its attack success is "
+                    "stage=evaluate dataset=injection_triplets") if analyst else ""
         raise ConfigError(
-            f"{run_dir}: not a succeeded classify run (stage={result.get('stage')!r}, status={result.get('status')!r})"
-            + ("; an analyst run answers logs with stage=infer infer.model_dir=<it>, and its attack success is "
-               "stage=evaluate dataset=injection_triplets" if analyst else "")
-        )
+            f"{run_dir}: not a succeeded classify run (stage={result.get('stage')!r}, status={result.get('status')!r}){hint}")
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"{run_dir}: .hydra/config.yaml is missing (Hydra writes it for every run)")
     return config.load_run_config(cfg_path), result
+
+
+def _run_dataset(run_dir: Path) -> str | None:
+    """The dataset name a run (or a pipeline's first step) was configured with, read from its saved config; None if unknown."""
+    import yaml
+
+    for cfg_path in (run_dir / ".hydra" / "config.yaml", *sorted(run_dir.glob("*/.hydra/config.yaml"))):
+        try:
+            return str(((yaml.safe_load(cfg_path.read_text()) or {}).get("dataset") or {}).get("name"))
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+    return None
 
 
 class _NewHeadReport(logging.Filter):
@@ -202,6 +216,8 @@ class Predictor:
         self.members = members or [(model, None)]
         self.labels: List[str] = list(meta["labels"])
         self.normalizer = normalizer
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r}: must be a positive number of rows per forward pass")
         self.batch_size = batch_size
 
     @classmethod
@@ -269,7 +285,8 @@ class Predictor:
 
     def predict_flows(self, flows: Sequence[Mapping]) -> List[Dict]:
         """Each flow's ``{"label", "scores", "imputed_features"}``: the features it did not give as a finite number
-        (missing, None, text, inf), scored at the training median."""
+        (missing, None, text, inf), scored at the training median. A feature that no flow of the call gives at all is
+        an error naming it (a misspelt name is not a missing value), as in :meth:`predict_flow` and :meth:`predict_csv`."""
         if not flows:
             return []
         prompts = self.flow_prompts(pd.DataFrame(list(flows)), source="flow")
@@ -283,6 +300,8 @@ class Predictor:
         """Texts through the run's prompt template (for a flow model: already-rendered prompts)."""
         from sectune.classification import render_text
 
+        if isinstance(texts, (str, bytes)):  # a lone string was scored one character at a time
+            raise TypeError("predict_texts takes a list of texts; for one text: predict_texts([text])[0]")
         texts = [str(t) for t in texts]
         prompts = texts if self.meta["format"] == "flows" else [render_text(self.meta["template"], t) for t in texts]
         return self._results(*self._score_prompts(prompts))
@@ -291,8 +310,10 @@ class Predictor:
         """The CSV with ``predicted_label`` and ``score_<label>`` columns, written to ``out_path``."""
         from sectune.data.csv_files import read_csv_checked
 
-        in_path = Path(in_path)
-        df = read_csv_checked(in_path)
+        in_path, out_path = Path(in_path), Path(out_path)
+        if out_path.is_dir():
+            raise DataError(f"{out_path}: is a folder; give predict_csv the output CSV's path (e.g. {out_path / 'predictions.csv'})")
+        df = read_csv_checked(in_path, strings=self.meta["format"] != "flows")
         if self.meta["format"] == "flows":
             prompts = self.flow_prompts(df, source=str(in_path))
             probs, preds = self._score_prompts(prompts)
@@ -311,9 +332,11 @@ class Predictor:
             out["imputed_features"] = [";".join(imp) for imp in self.last_imputed]
         for k, lab in enumerate(self.labels):
             out[f"score_{lab}"] = probs[:, k] if len(preds) else []
-        out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_name(f".{out_path.name}.tmp")
-        out.to_csv(tmp, index=False)
-        tmp.replace(out_path)
+        try:
+            out.to_csv(tmp, index=False)
+            tmp.replace(out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return out

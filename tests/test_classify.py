@@ -586,6 +586,12 @@ def test_evaluate_on_the_validation_split_names_its_numbers_validation_not_test(
     m = json.loads((tmp_path / "ev/result.json").read_text())["metrics"]
     assert {"validation_macro_f1", "baseline_validation_macro_f1", "majority_validation_macro_f1"} <= set(m)
     assert not [k for k in m if "test_" in k] and "optimistic" in ev.stdout
+    # a training row changed since: TF-IDF + LR would be refitted on other rows than the run's (its score moved silently)
+    first = json.loads((tmp_path / "run/splits/train.json").read_text())[0]["raw_text"]
+    p.write_text(p.read_text().replace(f"{first},", f"{first} changed,"))
+    ev = sectune("stage=evaluate", f"evaluate.model_dir={tmp_path / 'run'}", "evaluate.split=validation", "logger=none",
+                 f"hydra.run.dir={tmp_path / 'ev2'}")
+    assert ev.returncode == 2 and "the rebuilt train split differs" in ev.stderr and "baselines would be fitted" in ev.stderr, ev.stderr[-2000:]
 
 
 def test_a_run_trained_with_a_relative_data_path_is_evaluated_from_any_folder(tmp_path):
@@ -635,3 +641,51 @@ def test_evaluate_scores_a_new_labelled_file_with_the_runs_own_statistics_and_ba
                  ).assign(label_multiclass=["Recon", "NotAFamily"]).to_csv(bad, index=False)
     q = sectune("stage=evaluate", f"evaluate.model_dir={cic_run}", f"evaluate.data_path={bad}", *FAST, f"hydra.run.dir={tmp_path / 'bad'}")
     assert q.returncode != 0 and str(bad) in q.stderr.strip().splitlines()[-1]
+
+
+def test_the_predict_api_reads_text_cells_as_text_and_refuses_what_it_cannot_answer(tmp_path):
+    """An audit of the prediction API: "NA"/"null"/"None" texts were read as NaN and scored as the string "nan" (the
+    output file then lost them); a lone string was scored one character at a time; a folder as the output path left a
+    hidden temp file; batch size 0 failed late in a max() of nothing; 'text' and ' text' gave a pandas error."""
+    from sectune.errors import ConfigError, DataError
+    from sectune.predict import Predictor
+
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\n" + "".join(f"flow {i} {'syn flood' if i % 2 else 'normal'},{'ddos' if i % 2 else 'benign'}\n" for i in range(40)))
+    run = sectune("stage=classify", "dataset=text_label_csv", f"dataset.path={p}", "train.max_steps=2", *FAST, f"hydra.run.dir={tmp_path / 'run'}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    pr = Predictor.from_run(tmp_path / "run")
+    words = ["NA", "null", "None", "N/A", "nan", "syn flood"]
+    (tmp_path / "in.csv").write_text("text\n" + "\n".join(words) + "\n")
+    out = pr.predict_csv(tmp_path / "in.csv", tmp_path / "out.csv")
+    alone = pr.predict_texts(words)
+    assert [o["scores"] for o in alone] == [dict(zip(pr.labels, r)) for r in out[[f"score_{lab}" for lab in pr.labels]].to_numpy().tolist()]
+    assert len({tuple(o["scores"].values()) for o in alone[:5]}) > 1  # not one "nan" text five times
+    assert (tmp_path / "out.csv").read_text().splitlines()[1].startswith("NA,")
+    with pytest.raises(TypeError, match="list of texts"):
+        pr.predict_texts("syn flood")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match="is a folder"):
+        pr.predict_csv(tmp_path / "in.csv", tmp_path / "folder")
+    assert not list(tmp_path.glob(".*.tmp"))
+    (tmp_path / "twice.csv").write_text("text, text\na,b\n")
+    with pytest.raises(DataError, match="'text' given more than once"):
+        pr.predict_csv(tmp_path / "twice.csv", tmp_path / "out2.csv")
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        Predictor.from_run(tmp_path / "run", batch_size=0)
+    ev = sectune("stage=evaluate", f"evaluate.model_dir={tmp_path / 'run'}", "evaluate.batch_size=0", "logger=none",
+                 f"hydra.run.dir={tmp_path / 'ev'}")
+    assert ev.returncode == 2 and "evaluate.batch_size=0: must be >= 1" in ev.stderr, ev.stderr[-1500:]
+
+
+def test_evaluate_on_an_hdfs_run_points_at_dataset_hdfs_not_at_the_analysts_stages(tmp_path):
+    from sectune.errors import ConfigError
+    from sectune.predict import read_classify_run
+
+    for name, hint in (("hdfs", "stage=evaluate dataset=hdfs evaluate.model_dir"), ("auth_logs", "stage=infer infer.model_dir")):
+        run = tmp_path / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded"}))
+        (run / ".hydra" / "config.yaml").write_text(f"dataset:\n  name: {name}\n")
+        with pytest.raises(ConfigError, match=hint):
+            read_classify_run(run)

@@ -48,18 +48,24 @@ def csv_record_lines(path: Path) -> list[int]:
     return ends[1:]
 
 
-def read_csv_checked(path: Path, what: str = "CSV", key: str | None = None) -> pd.DataFrame:
+def read_csv_checked(path: Path, what: str = "CSV", key: str | None = None, strings: bool = False) -> pd.DataFrame:
     """A CSV as a DataFrame with stripped column names; a folder, a missing or an unparsable file is a DataError
-    (``key``: the setting that names the file, for the folder's message)."""
+    (``key``: the setting that names the file, for the folder's message). ``strings``: every cell as its text, as the
+    text readers take it ("NA", "null", "None" and empty cells stay text, not NaN)."""
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a {what}; " + (f"set {key} to the {what} itself" if key else f"give the {what} itself"))
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
     try:
-        df = pd.read_csv(path, low_memory=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False) if strings else pd.read_csv(path, low_memory=False)
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc) from None
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
         raise DataError(f"{path}: cannot parse as CSV: {exc}") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    names = [str(c).strip() for c in df.columns]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # 'Rate' and ' Rate' (pandas had already renamed an exact repeat 'Rate.1'): which one is meant?
+        raise DataError(f"{path}: column name(s) {', '.join(map(repr, twice))} given more than once (spaces around a name "
+                        "do not count); rename or drop the extra column")
+    df.columns = names
     return df

@@ -47,20 +47,29 @@ def run(ctx: RunContext) -> dict:
     print(f"sectune: evaluating {model_dir} ({run_cfg.model.name}, {run_cfg.classify.head} head) on {where}; "
           "this run's model/dataset settings are ignored")
 
-    data = C.build_labelled_data(run_cfg)
+    try:
+        data = C.build_labelled_data(run_cfg)
+    except DataError as e:  # its hint "set dataset.path=" is for training: evaluate reads the run's saved settings
+        raise DataError(f"{e} [stage=evaluate rebuilds the data of {model_dir} from its saved config, whatever this command's "
+                        "dataset.* says: make that data readable again (paths.shared_data / SECTUNE_SHARED_DATA for the real "
+                        "samples), or score a labelled file of your own with evaluate.data_path=<csv>]") from None
     split = "external" if ev.data_path else ev.split
     if split not in data.splits and not ev.data_path:
         raise ConfigError(f"evaluate.split={ev.split!r}: choose train, validation or test")
-    # the rows scored (their split as the run saved it), or with data_path the train rows the baselines fit on
-    saved = model_dir / "splits" / f"{'train' if ev.data_path else split}.json"
-    if saved.is_file():
+    # the rows scored (their split as the run saved it), and the train and validation rows the baselines are fitted and
+    # tuned on again here: a changed training row refitted TF-IDF + LR silently, and the model's lead over it moved
+    for name in dict.fromkeys(["train", "validation", *([] if ev.data_path else [split])]):
+        saved = model_dir / "splits" / f"{name}.json"
+        if not saved.is_file() or name not in data.splits:
+            continue
         try:
             old = [(r["text"], r["label"]) for r in json.loads(saved.read_text())]
         except (ValueError, TypeError, KeyError) as e:  # was a JSONDecodeError traceback naming no file
             raise DataError(f"{saved}: damaged ({type(e).__name__}: {e}); the classify run's saved split cannot be "
                             "compared with the rebuilt one") from None
-        if old != [(r["text"], r["label"]) for r in data.splits[saved.stem]]:
-            raise DataError(f"{data.source}: the rebuilt {saved.stem} split differs from {saved}; the data changed since the classify run")
+        if old != [(r["text"], r["label"]) for r in data.splits[name]]:
+            raise DataError(f"{data.source}: the rebuilt {name} split differs from {saved}; the data changed since the classify "
+                            f"run (the {'rows scored' if name == split else 'baselines would be fitted on other rows'})")
     if ev.data_path:
         data.splits[split] = S.external_records(data, run_cfg, ev.data_path)
         dup = {r["text"] for r in data.splits["train"]} & {r["text"] for r in data.splits[split]}

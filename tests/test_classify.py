@@ -643,7 +643,7 @@ def test_evaluate_scores_a_new_labelled_file_with_the_runs_own_statistics_and_ba
     assert q.returncode != 0 and str(bad) in q.stderr.strip().splitlines()[-1]
 
 
-def test_the_predict_api_reads_text_cells_as_text_and_refuses_what_it_cannot_answer(tmp_path):
+def test_the_predict_api_reads_text_cells_as_text_and_refuses_what_it_cannot_answer(tmp_path, monkeypatch, capsys):
     """An audit of the prediction API: "NA"/"null"/"None" texts were read as NaN and scored as the string "nan" (the
     output file then lost them); a lone string was scored one character at a time; a folder as the output path left a
     hidden temp file; batch size 0 failed late in a max() of nothing; 'text' and ' text' gave a pandas error."""
@@ -661,6 +661,14 @@ def test_the_predict_api_reads_text_cells_as_text_and_refuses_what_it_cannot_ans
     alone = pr.predict_texts(words)
     assert [o["scores"] for o in alone] == [dict(zip(pr.labels, r)) for r in out[[f"score_{lab}" for lab in pr.labels]].to_numpy().tolist()]
     assert len({tuple(o["scores"].values()) for o in alone[:5]}) > 1  # not one "nan" text five times
+    # scored a chunk at a time (a whole file's token ids at once took 3.5 GB for 57,756 flows), its progress said
+    from sectune import predict
+
+    monkeypatch.setattr(predict, "CHUNK", 4)
+    capsys.readouterr()
+    chunked = pr.predict_texts(words)
+    assert "4/6 rows scored" in capsys.readouterr().err and [o["label"] for o in chunked] == [o["label"] for o in alone]
+    assert all(c["scores"][k] == pytest.approx(a["scores"][k], abs=1e-5) for c, a in zip(chunked, alone) for k in a["scores"])
     assert (tmp_path / "out.csv").read_text().splitlines()[1].startswith("NA,")
     with pytest.raises(TypeError, match="list of texts"):
         pr.predict_texts("syn flood")

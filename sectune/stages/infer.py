@@ -128,8 +128,8 @@ def run(ctx: RunContext) -> dict:
             prev["artifacts"]["output"] = _relative(previous, run_dir)
             write_json_atomic(run_dir / runner.PREVIOUS_RESULT_FILE, prev)
     write_json_atomic(out_path, runner.finite_json(records))
-    for done in (partial, partial.with_suffix(".key")):  # in analyses.json now
-        done.unlink(missing_ok=True)
+    for f in (partial, partial.with_suffix(".key")):  # in analyses.json now
+        f.unlink(missing_ok=True)
     n = len(records)
     ungrounded = sum(bool(r["absent_names"]) for r in records)
     if ungrounded:
@@ -143,7 +143,7 @@ def run(ctx: RunContext) -> dict:
         "json_valid_rate": sum(r["json_valid"] for r in records) / n,
         "schema_valid_rate": sum(r["schema_valid"] for r in records) / n,
         "repaired_rate": sum(r["repaired"] for r in records) / n,
-        "analyses_per_s": n / gen_s if gen_s > 0 else None,
+        "analyses_per_s": (n - len(done)) / gen_s if gen_s > 0 and n > len(done) else None,  # this command's own
         "generation_s": round(gen_s, 3),
         "constrained": int(bool(ic.constrained)),
         # windows longer than model.max_seq_length (or far longer, cut by characters first): their middle cut

@@ -38,4 +38,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/sft_throughput.py
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache build dist  # build/: a wheel built from a stale one still ships deleted modules

@@ -196,6 +196,17 @@ def _logging_os_error(e: BaseException) -> OSError | None:
 
 def main() -> None:
     global _full_error_is_ours
+    if sys.argv[1:] == ["--version"]:  # Hydra's own flag printed only Hydra's version
+        from importlib.metadata import PackageNotFoundError, version
+
+        import hydra
+
+        try:
+            mine = version("sectune")
+        except PackageNotFoundError:
+            mine = "(not installed)"
+        print(f"sectune {mine} (Hydra {hydra.__version__})")
+        return
     refuse_secrets(sys.argv[1:])
     distributed.share_run_dir_across_ranks()
     if "HYDRA_FULL_ERROR" in os.environ:  # the user wants Hydra's full traces
@@ -221,7 +232,7 @@ def main() -> None:
         from hydra.errors import MissingConfigException
 
         if isinstance(e, MissingConfigException):  # an OSError to Hydra: a mistyped option (dataset=…, +experiment=…)
-            print(f"sectune: error: {str(e).split('Config search path:')[0].strip()}", file=sys.stderr)
+            print(f"sectune: error: {str(e).split('Config search path:')[0].strip()}{_extra_hint(str(e))}", file=sys.stderr)
             sys.exit(2)
         _run_dir_error(e)
     except Exception as e:
@@ -233,11 +244,24 @@ def main() -> None:
         if line is None:
             _hydra_report(e)
             sys.exit(1)
-        print(f"sectune: error: {line}", file=sys.stderr)
+        print(f"sectune: error: {line}{_extra_hint(line)}", file=sys.stderr)
         sys.exit(2)
     finally:
         if _full_error_is_ours:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+#: Hydra config groups an optional extra provides, and the extra
+_EXTRA_GROUPS = {"hydra/sweeper/optuna": "optuna", "hydra/launcher/submitit": "slurm"}
+
+
+def _extra_hint(message: str) -> str:
+    """For "Could not find 'hydra/sweeper/optuna'": the sectune extra whose plugin provides it."""
+    for group, extra in _EXTRA_GROUPS.items():
+        if group in message:
+            return (f" (that plugin comes with sectune's {extra!r} extra: pip install 'sectune[{extra}]'; in sectune's "
+                    f"repository: pip install -c constraints.txt -e '.[{extra}]')")
+    return ""
 
 
 def refuse_secrets(argv: list[str]) -> None:

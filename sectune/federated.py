@@ -40,8 +40,8 @@ def require_flwr():
     try:
         import flwr  # noqa: F401
     except ImportError:
-        raise ConfigError("stage=federated needs Flower: pip install -c constraints.txt 'flwr[simulation]>=1.20' "
-                          "(or pip install -e '.[federated]')") from None
+        raise ConfigError("stage=federated needs Flower: pip install 'sectune[federated]' (in sectune's repository: "
+                          "pip install -c constraints.txt -e '.[federated]', which keeps the CPU torch)") from None
     return flwr
 
 

@@ -312,3 +312,17 @@ def test_a_command_line_hydra_cannot_run_is_one_line_and_exit_2(args, says):
     assert run.returncode == 2 and "Traceback" not in run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("sectune: error: ") and says in last
+
+
+def test_a_missing_plugin_names_the_extra_that_brings_it():
+    """Without the optuna/slurm extras Hydra said only "Could not find 'hydra/sweeper/optuna'"."""
+    from sectune.cli import _extra_hint
+
+    assert "pip install 'sectune[optuna]'" in _extra_hint("Could not find 'hydra/sweeper/optuna'")
+    assert "pip install 'sectune[slurm]'" in _extra_hint("In 'hydra/launcher/local': Could not load 'hydra/launcher/submitit_local'")
+    assert _extra_hint("Could not find 'model/tiny_llamma'") == ""
+
+
+def test_version_names_sectune():
+    run = cli(["--version"])
+    assert run.returncode == 0 and run.stdout.startswith("sectune 0.") and "Hydra 1.3" in run.stdout

@@ -293,3 +293,18 @@ def test_doctor_says_which_datasets_will_fail_without_the_real_files(tmp_path):
     for name in ("auth_logs", "hdfs"):
         (c,) = doctor.check_dataset(compose(["stage=doctor", f"paths.shared_data={tmp_path / 'sahred'}", f"dataset={name}"]))
         assert c.status == "warn" and f"{tmp_path / 'sahred'} (paths.shared_data / dataset.source_dir) does not exist" in c.detail
+
+
+def test_doctor_flags_an_installed_release_outside_sectunes_tested_range(monkeypatch):
+    """trl 1.13 passed pip check against the old `trl>=1.0,<1.17` and the doctor's import test, then DPO and GRPO failed
+    mid-run; the floors were raised and the doctor compares versions with the installed requirement ranges."""
+    from sectune.stages import doctor
+
+    assert doctor.required_ranges()["trl"]  # sectune's own metadata (make setup installs it)
+    monkeypatch.setattr(doctor, "required_ranges", lambda: {"trl": ">=1.16,<1.17", "transformers": ">=5.23,<6"})
+    versions = {"trl": "1.13.0", "transformers": "5.25.0+local", "torch": "2.13.0+cpu"}
+    monkeypatch.setattr(doctor, "_version", lambda mod: versions.get(mod, "1.0"))
+    checks = {c.name: c for c in doctor.check_packages(compose([]))}
+    assert checks["trl"].status == "missing" and "outside the tested range" in checks["trl"].detail
+    assert checks["trl"].fix == "pip install 'trl>=1.16,<1.17'"
+    assert checks["transformers"].status == checks["torch"].status == "ok"

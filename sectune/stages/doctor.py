@@ -56,11 +56,35 @@ def _version(module: str) -> str | None:
     return str(getattr(mod, "__version__", "installed"))
 
 
+def required_ranges() -> dict[str, str]:
+    """sectune's own requirement ranges by distribution name (its installed metadata), e.g. ``{"trl": ">=1.16,<1.17"}``."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        reqs = [Requirement(r) for r in requires("sectune") or []]
+    except PackageNotFoundError:
+        return {}
+    return {r.name.lower(): str(r.specifier) for r in reqs if r.marker is None and str(r.specifier)}
+
+
 def check_packages(cfg: DictConfig) -> list[Check]:
-    out = []
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion
+
+    out, ranges = [], required_ranges()
     for mod in ("torch", "transformers", "peft", "trl", "accelerate", "datasets"):
         v = _version(mod)
-        out.append(Check(mod, "ok" if v else "missing", v or "not importable", "" if v else "pip install -e . (or make setup)"))
+        if not v:
+            out.append(Check(mod, "missing", "not importable", "pip install sectune (or make setup in its repository)"))
+            continue
+        try:  # an older release left in place passes pip check, then fails mid-run (trl 1.13: DPO and GRPO)
+            outside = mod in ranges and not SpecifierSet(ranges[mod]).contains(v.split("+")[0], prereleases=True)
+        except InvalidVersion:
+            outside = False
+        out.append(Check(mod, "missing", f"{v}: outside the tested range {ranges[mod]}", f"pip install '{mod}{ranges[mod]}'")
+                   if outside else Check(mod, "ok", v))
     need_bnb = cfg.quantization.name != "none" or cfg.train.optimizer == "paged_adamw_8bit"
     v = _version("bitsandbytes")
     if v:
@@ -231,7 +255,7 @@ def check_plugins() -> list[Check]:
                              ("hydra_plugins.hydra_optuna_sweeper", "optuna", "hparams_search=…")):
         ok = _version(mod) is not None
         out.append(Check(f"{what}", "ok" if ok else "warn", "installed" if ok else "plugin not installed",
-                         "" if ok else f"pip install -e '.[{extra}]'"))
+                         "" if ok else f"pip install 'sectune[{extra}]' (in its repository: pip install -e '.[{extra}]')"))
     return out
 
 

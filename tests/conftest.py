@@ -69,11 +69,19 @@ def cli(args: list[str], cwd: Path = PROJECT_ROOT, timeout: int = 600, env: dict
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+#: what the fork server's own imports put in its environment when absent (scikit-learn's KMP_* settings, sectune.cli's
+#: and sectune's defaults): a test process that imported them after the server started differs from it in nothing a
+#: child would see, but compared as different, and every later run of that pytest worker was a plain subprocess
+#: (~10 s of imports each: tests/test_config.py with tests/test_saved_work.py took 93 s instead of 46 s)
+IMPORT_DEFAULTS = {"KMP_DUPLICATE_LIB_OK": "True", "KMP_INIT_AT_FORK": "FALSE", "TOKENIZERS_PARALLELISM": "false",
+                   "HF_HUB_DISABLE_TELEMETRY": "1", "USE_HUB_KERNELS": "0"}
+
+
 def _comparable(env: dict) -> dict:
     # pytest sets PYTEST_CURRENT_TEST per test; W&B reads its settings when a run starts, not at import; torch sets
     # TORCHINDUCTOR_CACHE_DIR in this process the first time a test compiles something, and reads it when compiling
-    return {k: v for k, v in env.items()
-            if not k.startswith(("PYTEST_", "WANDB_", "SECTUNE_TEST_")) and k != "TORCHINDUCTOR_CACHE_DIR"}
+    return {**IMPORT_DEFAULTS, **{k: v for k, v in env.items()
+                                  if not k.startswith(("PYTEST_", "WANDB_", "SECTUNE_TEST_")) and k != "TORCHINDUCTOR_CACHE_DIR"}}
 
 
 class _Zygote:

@@ -31,7 +31,6 @@ Every file is written to a temporary name and renamed, so a reader never sees ha
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -40,114 +39,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
-import yaml
 
 from sectune.errors import ConfigError, DataError
 from sectune.runner import write_text_atomic
+from sectune.sweep_jobs import (BASE_COLUMNS, EARLIER_SWEEP, NOT_RUN, NOT_STARTED, expected_jobs, job_dirs, parse_value,
+                                raw_overrides, read_overrides, read_result, sweep_objective)
 
-RESULT_FILE = "result.json"
-OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
-NO_RESULT = "no result.json (job crashed before the runner finished)"
-STILL_RUNNING = "result.json still says running (job killed, or still in progress)"
-BASE_COLUMNS = ("job", "status", "error")
-FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-HYDRA_FLOATS = ("inf", "+inf", "-inf", "nan")
-
-
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """Hydra's numbered job dirs, in numeric (not lexical) order: 0, 1, ..., 10."""
-    return sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-
-
-NOT_STARTED = "not started"
-EARLIER_SWEEP = "earlier sweep"
-#: statuses of rows that are not this sweep's results: listed after the others, never ranked
-NOT_RUN = (NOT_STARTED, EARLIER_SWEEP)
-
-
-def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
-    """Each job's overrides as the sweep's ``multirun.yaml`` (written by the command that made the dir last) expands
-    them with Hydra's basic sweeper; None for another sweeper (Optuna: its trials are drawn) or an unreadable file."""
-    try:
-        conf = yaml.safe_load((sweep_dir / "multirun.yaml").read_text()) or {}
-        hydra = conf["hydra"]
-        if not str(hydra["sweeper"]["_target_"]).endswith("BasicSweeper"):
-            return None
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        params = hydra["sweeper"].get("params") or {}
-        given = [f"{k}={v}" for k, v in params.items()] + list(hydra["overrides"]["task"])
-        return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(given), None)[0]
-    except Exception:  # noqa: BLE001 - no multirun.yaml, or one Hydra cannot read back: the dirs as they are
-        return None
-
-
-def parse_value(text: str) -> Any:
-    """An override value as Hydra means it: YAML scalars plus ``1e-4`` (YAML 1.1 reads a string)."""
-    try:
-        value = yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
-        value = text
-    if isinstance(value, str) and (FLOAT_RE.fullmatch(value.strip()) or value.strip().lower() in HYDRA_FLOATS):
-        return float(value)
-    if isinstance(value, (list, dict)):
-        return text  # a list override stays one cell, hashable and printable
-    return value
-
-
-def read_overrides(job: Path) -> dict[str, Any]:
-    """``{key: value}`` from ``.hydra/overrides.yaml``; ``+``/``++`` prefixes dropped."""
-    path = job / OVERRIDES_FILE
-    if not path.is_file():
-        return {}
-    try:
-        items = yaml.safe_load(path.read_text()) or []
-    except yaml.YAMLError:
-        return {}
-    out: dict[str, Any] = {}
-    for item in items if isinstance(items, list) else []:
-        key, sep, raw = str(item).partition("=")
-        key = key.lstrip("+")
-        out[key] = parse_value(raw) if sep else None
-    return out
-
-
-def _raw_overrides(job: Path) -> list[str]:
-    try:
-        items = yaml.safe_load((job / OVERRIDES_FILE).read_text()) or []
-    except (OSError, yaml.YAMLError):
-        return []
-    return [str(i) for i in items] if isinstance(items, list) else []
-
-
-def read_result(job: Path) -> dict[str, Any]:
-    """``status``, ``metrics``, ``error`` of one job; problems become a failed status."""
-    path = job / RESULT_FILE
-    if not path.is_file():
-        return {"status": "failed", "metrics": {}, "error": NO_RESULT}
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-    except (OSError, ValueError) as e:
-        return {"status": "failed", "metrics": {}, "error": f"unreadable {path}: {e}"}
-    status = str(data.get("status", "failed"))
-    error = data.get("error") or ""
-    if status == "running":
-        status, error = "failed", STILL_RUNNING
-    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
-    clean = {}
-    for k, v in metrics.items():
-        clean[str(k)] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else _to_float(v)
-    return {"status": status, "metrics": clean, "error": str(error)}
-
-
-def _to_float(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None = None,
@@ -166,7 +63,7 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
     for job in jobs:
         ov, res = read_overrides(job), read_result(job)
         n = int(job.name)
-        if expected is not None and (n >= len(expected) or set(_raw_overrides(job)) != set(expected[n])):
+        if expected is not None and (n >= len(expected) or set(raw_overrides(job)) != set(expected[n])):
             # a rerun in this dir with other values replaced jobs 0..k and left the rest: not this sweep's results
             res = {**res, "status": EARLIER_SWEEP, "error": f"not of the sweep in multirun.yaml (its job {n} is "
                    f"{' '.join(expected[n]) if n < len(expected) else 'none'}): left by an earlier sweep in this dir"}
@@ -226,19 +123,6 @@ def lower_is_better(name: str) -> bool:
     if words & HIGHER_IS_BETTER or n.endswith("per_s") or "_per_s_" in n:
         return False
     return any(w in n for w in LOWER_IS_BETTER) or n.endswith("_s")
-
-
-def sweep_objective(jobs: list[Path]) -> tuple[str | None, str]:
-    """(sweep.objective, sweep.direction) from the first job's saved config, or (None, "minimize")."""
-    import yaml
-
-    for job in jobs:
-        try:
-            sweep = (yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}).get("sweep") or {}
-        except (OSError, yaml.YAMLError, AttributeError):
-            continue
-        return sweep.get("objective"), str(sweep.get("direction") or "minimize")
-    return None, "minimize"
 
 
 #: the default sort metric, the first one the jobs report: the validation loss (SFT, DPO, reward), classify's validation

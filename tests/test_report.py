@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from sectune.report import NO_RESULT, build_report, main, write_report
+from sectune.report import build_report, main, write_report
+from sectune.sweep_jobs import NO_RESULT
 
 GRID = [  # job, lora.r, lr, what happened
     (0, 4, "1e-4", {"eval_loss": 1.30, "eval_accuracy": 0.70}),

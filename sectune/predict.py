@@ -222,6 +222,8 @@ class Predictor:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r}: must be a positive number of rows per forward pass")
         self.batch_size = batch_size
+        #: the run dir the weights came from (:meth:`from_run`): what an interrupted predict_csv's saved rows are keyed to
+        self.source: Optional[Path] = None
 
     @classmethod
     def from_run(cls, run_dir, batch_size: int = 32, device: Optional[str] = None) -> "Predictor":
@@ -240,7 +242,9 @@ class Predictor:
             except DataError as e:  # "normalizer state is malformed (...)": say which file
                 raise ConfigError(f"{norm_path}: {e}; {DAMAGED}") from None
         model, tokenizer, members = load_classifier(run_dir, cfg, meta)
-        return cls(model, tokenizer, meta, normalizer, batch_size, members)
+        predictor = cls(model, tokenizer, meta, normalizer, batch_size, members)
+        predictor.source = run_dir
+        return predictor
 
     # ------------------------------------------------------------------ core
 
@@ -253,23 +257,48 @@ class Predictor:
             batch_size=self.batch_size, max_length=self.meta["max_length"], autocast=self.meta.get("autocast"),
         )
 
-    def _score_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, List[str]]:
+    def _score_prompts(self, prompts: Sequence[str], partial: Optional[Path] = None) -> tuple[np.ndarray, List[str]]:
         """Scored :data:`CHUNK` prompts at a time: the token ids of a whole file at once took ~44 KB a row (57,756 flows:
-        3.5 GB), and a long file's progress is said."""
+        3.5 GB), and a long file's progress is said. With ``partial`` (a file beside the output), an interrupt keeps the
+        chunks scored so far there, and the same call with the same run and prompts goes on from them."""
         import time
 
         from sectune.classify_scoring import decide
 
         if not prompts:
             return np.zeros((0, len(self.labels))), []
-        parts, t0 = [], time.perf_counter()
-        for start in range(0, len(prompts), CHUNK):
-            parts.append(self.score(prompts[start:start + CHUNK])[0])
-            if len(prompts) > CHUNK:
-                print(f"sectune: predict: {min(start + CHUNK, len(prompts))}/{len(prompts)} rows scored "
-                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        key = self._resume_key(prompts) if partial is not None else None
+        parts = _resumed(partial, key, len(prompts)) if key else []
+        done, t0 = sum(len(p) for p in parts), time.perf_counter()
+        try:
+            for start in range(done, len(prompts), CHUNK):
+                parts.append(self.score(prompts[start:start + CHUNK])[0])
+                if len(prompts) > CHUNK:
+                    print(f"sectune: predict: {min(start + CHUNK, len(prompts))}/{len(prompts)} rows scored "
+                          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        except KeyboardInterrupt:
+            if key and parts:
+                _save_partial(partial, key, np.concatenate(parts))
+                print(f"sectune: predict: interrupted: the {sum(len(p) for p in parts)} of {len(prompts)} rows scored so far "
+                      f"are in {partial}; the same call scores the rest", file=sys.stderr)
+            raise
         probs = np.concatenate(parts)
         return probs, decide(probs, self.labels, self.meta.get("threshold"))
+
+    def _resume_key(self, prompts: Sequence[str]) -> Optional[str]:
+        """What an interrupted call's rows are valid for: the run's weight and metadata files (name, size, modification
+        time), its metadata and the prompts. None (nothing kept) for a predictor not made by :meth:`from_run`."""
+        import hashlib
+
+        if self.source is None:
+            return None
+        files = sorted([str(f.relative_to(self.source)), f.stat().st_size, f.stat().st_mtime_ns]
+                       for f in self.source.rglob("*") if f.is_file() and (f.suffix == ".safetensors" or f.name in
+                                                                           (META_FILE, NORMALIZER_FILE, LABELS_FILE))
+                       and "checkpoint" not in str(f.relative_to(self.source)))
+        what = {"files": files, "meta": self.meta, "chunk": CHUNK,
+                "prompts": hashlib.sha256("\0".join(prompts).encode()).hexdigest()}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
     def _results(self, probs: np.ndarray, preds: List[str]) -> List[Dict]:
         return [{"label": p, "scores": {lab: float(v) for lab, v in zip(self.labels, row)}} for p, row in zip(preds, probs)]
@@ -327,9 +356,10 @@ class Predictor:
         if out_path.is_dir():
             raise DataError(f"{out_path}: is a folder; give predict_csv the output CSV's path (e.g. {out_path / 'predictions.csv'})")
         df = read_csv_checked(in_path, strings=self.meta["format"] != "flows")
+        partial = out_path.with_name(f".{out_path.name}.partial.npz")
         if self.meta["format"] == "flows":
             prompts = self.flow_prompts(df, source=str(in_path))
-            probs, preds = self._score_prompts(prompts)
+            probs, preds = self._score_prompts(prompts, partial)
         else:
             col = self.meta.get("text_column", "text")
             if col not in df.columns:
@@ -338,7 +368,7 @@ class Predictor:
                 raise DataError(f"{in_path}: missing column {col!r}; found {list(df.columns)}{delimiter_hint(df.columns)}")
             from sectune.classification import render_text
 
-            probs, preds = self._score_prompts([render_text(self.meta["template"], str(t)) for t in df[col]])
+            probs, preds = self._score_prompts([render_text(self.meta["template"], str(t)) for t in df[col]], partial)
         out = df.copy()
         out["predicted_label"] = preds
         if self.meta["format"] == "flows":  # the features a row did not give as a finite number (scored at the train median)
@@ -352,4 +382,35 @@ class Predictor:
             tmp.replace(out_path)
         finally:
             tmp.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)  # in the output now
         return out
+
+
+def _save_partial(partial: Path, key: str, probs: np.ndarray) -> None:
+    """The rows scored so far and their key, written whole or not at all (numpy arrays only: read back without pickle)."""
+    tmp = partial.with_name(partial.name + ".tmp")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, probs=probs, key=np.array(key))
+        tmp.replace(partial)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _resumed(partial: Path, key: str, total: int) -> list:
+    """The scored chunks an interrupted call of the same run and prompts saved in ``partial``, else []."""
+    if not partial.is_file():
+        return []
+    try:
+        with np.load(partial, allow_pickle=False) as saved:
+            same, probs = str(saved["key"]) == key, saved["probs"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"sectune: note: predict: {partial} is unreadable ({type(e).__name__}): scoring from the start", file=sys.stderr)
+        return []
+    if not same or probs.ndim != 2 or len(probs) >= total or len(probs) % CHUNK:
+        print(f"sectune: note: predict: {partial} holds another run's, file's or chunking's scores: not reused", file=sys.stderr)
+        return []
+    print(f"sectune: predict: resuming: {len(probs)} of {total} rows were scored by the interrupted call ({partial})",
+          file=sys.stderr)
+    return [probs]

@@ -1,6 +1,6 @@
 """A run dir's record read by what comes after it: its ``result.json`` (:func:`previous_result`), the run a stage starts
 from (``*.init_from``: :func:`init_source`, only a succeeded policy run), and the numbers written into records
-(:func:`finite_json`: JSON has no NaN). ``runner`` re-exports these names."""
+(:func:`finite_json`: JSON has no NaN), the data it read (:func:`data_sources`). ``runner`` re-exports these names."""
 
 from __future__ import annotations
 
@@ -13,6 +13,26 @@ from sectune.errors import ConfigError
 from sectune.run_guard import PREVIOUS_RESULT_FILE
 
 RESULT_FILE = "result.json"
+
+#: the config keys that name data a run reads
+DATA_KEYS = ("paths.shared_data", "dataset.path", "dataset.source_dir", "evaluate.data_path", "infer.input_file")
+
+
+def data_sources(cfg) -> dict[str, str]:
+    """The data paths a run reads, resolved to absolute paths, for its ``result.json`` (``data``). The saved
+    ``.hydra/config.yaml`` keeps ``${sectune_shared_data:}`` and paths relative to the folder the command ran from, so
+    on its own it cannot say which files a number was computed on once the run dir is copied or the folder changes."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in DATA_KEYS:
+        try:
+            value = OmegaConf.select(cfg, key, default=None)
+        except Exception:  # noqa: BLE001 - an interpolation that cannot resolve here: the run itself says so
+            continue
+        if isinstance(value, str) and value:
+            out[key] = str(Path(value).expanduser().resolve())
+    return out
 
 
 def finite_json(obj: Any) -> Any:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sectune import data, distributed, sweeps
 from sectune.errors import SectuneError
 # re-exported: runner is where stages, the pipeline and the tests look these up
-from sectune.run_records import RESULT_FILE, check_policy_run, finite_json, init_source, previous_result  # noqa: F401
+from sectune.run_records import RESULT_FILE, check_policy_run, data_sources, finite_json, init_source, previous_result  # noqa: F401
 from sectune.run_guard import (  # noqa: F401
     _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
     WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
@@ -285,6 +285,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         "config_digest": digest,
         # the same without how it runs (train.resume, debug): a resumed run is the same run as the one it continues
         "run_digest": skip_digest(cfg),
+        "data": data_sources(cfg),
     }
     started = time.time()
     earlier, untouched_since = _earlier_succeeded(run_dir, started) if main else (None, started)

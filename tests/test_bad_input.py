@@ -561,6 +561,22 @@ def test_a_run_on_generated_stand_in_data_says_so_in_result_json_and_a_real_data
     assert code == 0 and "generated_data" not in json.loads((tmp_path / "real" / "result.json").read_text())
 
 
+def test_result_json_names_the_data_a_run_read_as_absolute_paths(tmp_path, monkeypatch):
+    """The saved config keeps ``${sectune_shared_data:}`` and a path relative to the folder the command ran from: neither
+    says which files a number was computed on once the run dir is copied. result.json's ``data`` does."""
+    from sectune import runner
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: lambda ctx: {"metrics": {"y": 1.0}})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    code, _ = runner.run(compose(["logger=none", "dataset.path=mine", f"paths.shared_data={tmp_path / 'shared'}"]), tmp_path / "r")
+    got = json.loads((tmp_path / "r" / "result.json").read_text())["data"]
+    assert code == 0
+    assert got["dataset.path"] == str(tmp_path / "mine") and got["paths.shared_data"] == str(tmp_path / "shared")
+    assert got["dataset.source_dir"] == str(tmp_path / "shared")  # the interpolation, resolved
+    assert "infer.input_file" not in got and "evaluate.data_path" not in got  # unset keys are left out
+
+
 def test_csv_errors_name_the_real_line_after_blank_lines_and_multiline_cells_and_say_how_to_fix_latin1(tmp_path):
     """The empty-cell error named the pandas row + 2 (line 4 for a cell on line 6); a Latin-1 export said
     "'utf-8' codec can't decode byte 0xe9 in position 3" (a position in pandas' buffer, no line)."""

@@ -168,3 +168,43 @@ def test_evaluate_on_a_damaged_run_exits_2_naming_the_file(run_copy, tmp_path, d
     assert len(errors) == 1 and str(run_copy.resolve() / named) in errors[0], p.stderr[-3000:]
     res = json.loads((tmp_path / "ev" / "result.json").read_text())
     assert res["status"] == "failed" and named in res["error"]
+
+
+def test_an_interrupted_predict_csv_keeps_its_scored_chunks_and_the_same_call_goes_on_from_them(run_copy, tmp_path, monkeypatch, capsys):
+    """Scoring a large flow file takes hours on a CPU; Ctrl-C kept nothing. Now the chunks scored so far are saved beside
+    the output (numpy arrays, no pickle) and the same call scores only the rest, giving the uninterrupted file."""
+    from sectune import predict
+
+    monkeypatch.setattr(predict, "CHUNK", 4)
+    pr = Predictor.from_run(run_copy)
+    src, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    src.write_text("text\n" + "".join(f"user login {i} {'bypass' if i % 3 else 'port'}\n" for i in range(10)))
+    whole = pr.predict_csv(src, tmp_path / "whole.csv")
+    real, calls = Predictor.score, []
+
+    def scoring(stop_at=None):
+        def score(self, prompts):
+            calls.append(len(prompts))
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+            return real(self, prompts)
+        calls.clear()
+        monkeypatch.setattr(Predictor, "score", score)
+
+    scoring(stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        pr.predict_csv(src, out)
+    partial = tmp_path / ".out.csv.partial.npz"
+    assert partial.is_file() and not out.exists() and "the 4 of 10 rows scored so far" in capsys.readouterr().err
+    scoring()
+    again = pr.predict_csv(src, out)
+    assert calls == [4, 2] and "resuming: 4 of 10 rows" in capsys.readouterr().err  # rows 0-3 not scored again
+    assert again.equals(whole) and not partial.exists()
+    # another input does not take the saved rows: scored from the start
+    scoring(stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        pr.predict_csv(src, out)
+    src.write_text("text\n" + "".join(f"other {i}\n" for i in range(10)))
+    scoring()
+    pr.predict_csv(src, out)
+    assert calls == [4, 4, 2] and "not reused" in capsys.readouterr().err and not partial.exists()

@@ -323,6 +323,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
 
         check_keys(cfg)
         check_values(cfg)
+        if OmegaConf.select(cfg, "model.trust_remote_code", default=False) is True and main:
+            # on only when asked; said on the console and kept in result.json's warnings, whoever set it (preset or override)
+            print(f"sectune: warning: model.trust_remote_code=true: loading {cfg.model.name_or_path or cfg.model.name} runs "
+                  "the Python code its folder or hub repository ships", file=sys.stderr)
         _seed_everything(cfg.train.seed)
         stage_fn = resolve_stage(stage_name)
         ctx.tracker = tracking.start(cfg, run_dir) if main else None

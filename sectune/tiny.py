@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -139,7 +140,9 @@ def _model_config(family: str, spec: dict, tokenizer):
 def ensure_tiny_model(name: str, family: str, spec: dict, shared_data: Path, cache_dir: Path) -> Path:
     """Build (once) and return the folder holding the tiny model and its tokenizer."""
     texts, source = corpus_texts(shared_data)
-    out = cache_dir / "models" / f"{name}-{_fingerprint(spec, family, texts)}"
+    # model.name is a label, not a path: "../x" or "org/x" must not place the folder outside <cache>/models
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).lstrip(".") or "model"
+    out = cache_dir / "models" / f"{safe}-{_fingerprint(spec, family, texts)}"
     if (out / "BUILD_INFO.json").exists():
         return out
     import torch

@@ -26,8 +26,18 @@ REDACTED = "***redacted***"
 _SECRET_PARTS = {"token", "secret", "secrets", "password", "passwd", "pass", "passphrase", "credential", "credentials", "auth",
                  "authorization", "apikey", "apikeys", "bearer", "cookie"}
 _SECRET_SEGMENT = re.compile(r"(^|[_-])api[_-]?keys?($|[_-])|(^|[_.-])key$|(token|secret|password|passwd|credential)$", re.I)
-_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|[0-9a-f]{40}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
-                           r"|glpat-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16})$")
+_TOKEN_SHAPES = (r"hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
+                 r"|glpat-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}")
+#: a whole value that is a token (a bare 40-hex string too: a W&B key, or an on-prem one, local-<40 hex>)
+_SECRET_VALUE = re.compile(rf"^({_TOKEN_SHAPES}|(\w+-)?[0-9a-fA-F]{{40}})$")
+#: a token inside a longer value (a path, a URL, a shell line), and credentials in a URL (scheme://user:pass@host)
+_TOKEN_INSIDE = re.compile(rf"(?<![A-Za-z0-9])({_TOKEN_SHAPES})(?![A-Za-z0-9])")
+_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@:]*:[^/\s@]+@")
+_SECRET_INSIDE = re.compile(f"{_TOKEN_INSIDE.pattern}|{_URL_CREDENTIALS.pattern}")
+#: keys whose value is a commit hash, not a secret (model.revision pinned to a hub commit)
+_HASH_KEYS = re.compile(r"(^|\.)(revision|commit|sha)$")
+#: a shell word after which the next word is a secret (hf auth login --token X, wandb login X)
+_SECRET_FLAG = re.compile(r"^(--?(token|password|passwd|api[_-]?key|key|secret)|login)$", re.I)
 #: an interpolation that would read a secret from the environment into the config (and so into what is saved)
 _SECRET_ENV = re.compile(r"\$\{\s*oc\.env\s*:\s*[^},]*(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.I)
 
@@ -57,17 +67,21 @@ def secret_overrides(argv: list[str]) -> list[str]:
         key, _, value = arg.partition("=")
         key = key.lstrip("+~").split("@", 1)[0]
         name = key
-        # list and dict values ([a,b], {K: v, …}, as hydra.job.env_set takes): each item, and each dict key's name
-        items = [v.strip(" '\"") for v in re.split(r"[,\[\]{}]", value)]
+        # list and dict values ([a,b], {K: v, …}, as hydra.job.env_set takes) and a sweep's choice(a,b)/glob(…): each item
+        items = [v.strip(" '\"") for v in re.split(r"[,\[\]{}()]", value)]
         names = [name, *(i.partition(":")[0].strip(" '\"") for i in items if ":" in i)]
         values = [i.partition(":")[2].strip(" '\"") if ":" in i else i for i in items]
         # shell lines in a list (hydra.launcher.setup=[…,'export WANDB_API_KEY=…']): each word, NAME=value split
-        for word in (w.strip(" '\"") for i in items for w in i.split()):
+        words = [w.strip(" '\"") for i in items for w in re.split(r"[\s|;&]+", i)]
+        for prev, word in zip(["", *words], words):
             n, eq, v = word.partition("=")
             names += [n] if eq and v else []
             values.append(v if eq else word)
-        if ((value.strip() and any(_SECRET_KEY.search(n) for n in names)) or any(_SECRET_VALUE.match(v) for v in values)
-                or _SECRET_ENV.search(value)):
+            if _SECRET_FLAG.match(prev) and word and not word.startswith(("-", "$")):
+                names.append("token")  # the value of --token/login
+        whole = (lambda v: _SECRET_VALUE.match(v) and not (_HASH_KEYS.search(key) and re.fullmatch(r"[0-9a-fA-F]{40}", v)))
+        if ((value.strip() and any(_SECRET_KEY.search(n) for n in names)) or any(whole(v) for v in values)
+                or _SECRET_INSIDE.search(value) or _SECRET_ENV.search(value)):
             found.append(f"{arg.partition('=')[0]}=…")
     return found
 
@@ -80,6 +94,8 @@ def redact(obj: Any) -> Any:
         return [redact(v) for v in obj]
     if isinstance(obj, str) and _SECRET_VALUE.match(obj.strip()):
         return REDACTED
+    if isinstance(obj, str) and _SECRET_INSIDE.search(obj):  # the secret masked, the rest (a path, a URL's host) kept
+        return _URL_CREDENTIALS.sub(rf"\g<1>{REDACTED}@", _TOKEN_INSIDE.sub(REDACTED, obj))
     return obj
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import cli, compose, sectune
@@ -143,6 +145,50 @@ def test_a_secret_on_the_command_line_is_refused_before_anything_is_written(tmp_
     assert secret_overrides(["++hydra.job.env_set={WANDB_API_KEY:abc}", f"++hydra.job.env_set={{X:{fake}}}"]) == [
         "++hydra.job.env_set=…", "++hydra.job.env_set=…"]
     assert secret_overrides(["++hydra.job.env_set={OMP_NUM_THREADS:1}", 'model.max_memory={0:"7GiB",cpu:"30GiB"}']) == []
+
+
+@pytest.mark.parametrize("override", [
+    "dataset.path=https://alice:s3cr3tpass@data.example.org/auth.tgz",  # credentials in a URL
+    "dataset.path=/data/hf_" + "A" * 34 + "/auth",  # a token inside a path
+    "lora.r=choice(4,hf_" + "B" * 34 + ")",  # inside a sweep function
+    "hydra.launcher.setup=['hf auth login --token hfxyzplain']",  # the word after --token
+    "hydra.launcher.setup=['wandb login local-" + "0123456789abcdef" * 2 + "01234567']",  # a self-hosted W&B key
+    "hydra.launcher.setup=['echo " + "0123456789ABCDEF" * 2 + "01234567|wandb login']",  # uppercase hex, piped
+    "hydra.launcher.setup=['git clone https://oauth2:glpat-abcdefghijklmnopqrst@gitlab.example.org/x.git']"])
+def test_a_secret_inside_a_value_is_refused(override):
+    """An audit (session 25): only a whole value shaped like a token was refused; inside a path, a URL, a sweep
+    function or after --token/login it was saved in .hydra/, multirun.yaml, result.json and W&B's argv."""
+    from sectune.tracking import secret_overrides
+
+    assert secret_overrides([override]) == [f"{override.partition('=')[0]}=…"]
+
+
+def test_a_commit_hash_under_a_revision_key_is_not_a_secret_and_redact_masks_only_the_secret_inside_a_value():
+    from sectune.tracking import secret_overrides
+
+    sha = "0123456789abcdef" * 2 + "01234567"
+    assert secret_overrides([f"model.revision={sha}", f"++model.commit={sha}", "hydra.launcher.setup=['wandb login --relogin']",
+                             "hydra.launcher.setup=['huggingface-cli login --token $HF_TOKEN']", "dataset.path=https://host/x"]) == []
+    assert secret_overrides([f"+x={sha}"]) == ["+x=…"]  # the same 40 hex under another key: a W&B key's shape
+    out = redact({"path": "https://alice:pw@host/a", "rev": "/data/hf_" + "C" * 34 + "/x", "ok": "/data/auth"})
+    assert out["path"] == f"https://{REDACTED}@host/a" and out["rev"] == f"/data/{REDACTED}/x" and out["ok"] == "/data/auth"
+
+
+def test_trust_remote_code_set_on_the_command_line_is_said_and_kept_in_result_json(tmp_path):
+    run = sectune(["stage=plan", "logger=none", "model.trust_remote_code=true"], tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert "model.trust_remote_code=true" in run.stderr
+    assert any("trust_remote_code" in w for w in json.loads((tmp_path / "run" / "result.json").read_text())["warnings"])
+
+
+def test_a_model_name_cannot_place_the_tiny_model_outside_the_cache(tmp_path):
+    from sectune.tiny import ensure_tiny_model
+
+    spec = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32,
+            "vocab_size": 300, "max_position_embeddings": 64, "seed": 0}
+    out = ensure_tiny_model("../../escape/x", "llama", spec, tmp_path / "no_shared_data", tmp_path / "cache")
+    assert out.parent == tmp_path / "cache" / "models" and (out / "BUILD_INFO.json").is_file()
+    assert not (tmp_path / "escape").exists()
 
 
 def test_building_a_tiny_model_leaves_the_callers_rng_alone(tmp_path):

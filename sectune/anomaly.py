@@ -207,7 +207,11 @@ def _run_config(cfg, choice, model_dir: Path):
     reading = ("path", "hdfs_layout", "log_parser", "skip_bad_lines")
     # other logs: the folder and layout this command reads (dataset.path, or the shipped set dataset.hdfs_layout picks)
     # against the trained run's; the shipped folder given as dataset.path is the same logs
-    (mine, my_layout, _), (theirs, their_layout, _) = source_folder(cfg), source_folder(run_cfg)
+    (theirs, their_layout, _) = source_folder(run_cfg)
+    # neither dataset.path nor another dataset.hdfs_layout on this command: the run's own logs (not the shipped or
+    # generated set this command's defaults name); dataset.hdfs_layout=loghub alone still picks the shipped loghub set
+    other = bool(cfg.dataset.path) or str(cfg.dataset.hdfs_layout) != str(run_cfg.dataset.hdfs_layout)
+    (mine, my_layout, _) = source_folder(cfg) if other else (theirs, their_layout, None)
     if (resolved(mine), my_layout) != (resolved(theirs), their_layout):
         # scored on their own split (g and the threshold chosen on its validation sessions, test reported), read as this
         # command says; the model and its key vocabulary stay the trained run's

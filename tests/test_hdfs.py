@@ -351,6 +351,62 @@ def test_evaluate_reads_the_shipped_set_the_layout_names_and_knows_the_shipped_f
     assert f"scoring {src / hdfs.LOGHUB_DIR} (loghub), not the logs this run trained on ({deeplog}, deeplog)" in capsys.readouterr().out
 
 
+def test_evaluate_without_a_data_path_scores_the_logs_the_run_trained_on(tmp_path, capsys):
+    """An audit (session 25): `stage=evaluate dataset=hdfs evaluate.model_dir=<run trained on dataset.path=own logs>`
+    (the README's detection step alone) scored the shipped DeepLog set instead, exit 0, with only a note."""
+    from omegaconf import OmegaConf
+
+    from sectune.stages.infer import ModelChoice
+
+    own = write_sessions(tmp_path / "own", ["5 5 22"], ["5 22"])
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(hdfs_cfg(own), run / ".hydra" / "config.yaml")
+    plain = compose(["dataset=hdfs", "logger=none", f"paths.cache_dir={tmp_path / 'cache'}"])  # no dataset.path
+    got = anomaly._run_config(plain, ModelChoice("sft", None, "model"), run)
+    assert got.dataset.path == str(own) and "scoring" not in capsys.readouterr().out
+
+
+def test_a_split_without_normal_sessions_is_an_error_naming_the_folder(tmp_path):
+    """Few normal sessions: the test split had none and 'succeeded' with F1 1.0 and a false-positive rate of 0 of 0."""
+    write_sessions(tmp_path, ["5 5 22", "22 5 5", "5 22 5", "5 5 5"], [f"22 22 {k}" for k in range(1, 29)] * 3)
+    with pytest.raises(DataError, match=rf"{tmp_path}: no normal session in the test split \(4 normal sessions in all"):
+        hdfs.load_hdfs(hdfs_cfg(tmp_path, "stage=evaluate", "dataset.val_fraction=0.5", "dataset.test_fraction=0.1"))
+    assert hdfs.load_hdfs(hdfs_cfg(tmp_path, "stage=sft", "dataset.val_fraction=0.5", "dataset.test_fraction=0.1"))  # training: fine
+
+
+def test_deeplogs_normal_test_file_joins_the_normal_sessions_and_a_loghub_log_may_end_in_blank_lines(tmp_path, capsys):
+    """hdfs_test_normal (DeepLog's full set) was never read, without a word; a loghub log ending in a blank line failed
+    at that line (the DeepLog reader took it as the end of the file)."""
+    write_sessions(tmp_path / "d", [f"5 5 22 {k}" for k in range(2, 20)], [f"5 22 {k}" for k in range(1, 29)])
+    before = hdfs.load_hdfs(hdfs_cfg(tmp_path / "d", "stage=evaluate")).info
+    (tmp_path / "d" / hdfs.EXTRA_NORMAL_FILE).write_text("".join(f"22 5 {k}\n" for k in range(2, 26)))
+    after = hdfs.load_hdfs(hdfs_cfg(tmp_path / "d", "stage=evaluate")).info
+    normal = lambda i: sum(i[f"{n}_normal"] for n in ("train", "validation", "test"))  # noqa: E731
+    assert normal(after) == normal(before) + 24 and "24 more normal sessions" in capsys.readouterr().out
+    lh = _loghub(tmp_path / "lh", "BlockId,Label\nblk_1,Normal\nblk_2,Anomaly\n")
+    with (lh / "x.log").open("a") as f:
+        f.write("\n  \n")
+    normal_, anomalous, _, _ = hdfs.read_loghub(lh)
+    assert len(normal_) == 1 and len(anomalous) == 1
+
+
+def test_infer_refuses_a_log_key_model_as_evaluate_does(tmp_path):
+    """stage=infer ran an HDFS next-key model as the auth-log analyst and 'succeeded' with 0 of 3 valid JSON answers."""
+    from omegaconf import OmegaConf
+
+    from sectune.stages.infer import ModelChoice, _refuse_non_analyst
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    OmegaConf.save(hdfs_cfg(tmp_path), run / ".hydra" / "config.yaml")
+    with pytest.raises(ConfigError, match=r"trained on dataset=hdfs, not an auth-log analyst .*stage=evaluate dataset=hdfs"):
+        _refuse_non_analyst(ModelChoice("sft", run / "model", "model"), str(run))
+    OmegaConf.save(compose(["logger=none"]), run / ".hydra" / "config.yaml")  # an analyst run: fine
+    _refuse_non_analyst(ModelChoice("sft", run / "model", "model"), str(run))
+
+
 def test_evaluate_warns_when_sessions_are_longer_than_training_cut_them(tmp_path):
     """Sessions past model.max_seq_length were cut in training and scored whole at evaluate, without a word."""
     from sectune.data.synthetic_hdfs import write_deeplog_files

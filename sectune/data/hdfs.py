@@ -46,6 +46,8 @@ from sectune.errors import ConfigError, DataError
 
 DEEPLOG_DIR, LOGHUB_DIR = "deeplog_hdfs_sessions", "loghub_hdfs_2k"
 NORMAL_FILE, ANOMALOUS_FILE = "hdfs_train", "hdfs_test_abnormal"
+#: DeepLog's full set also has its normal test sessions (~553k); read too when present
+EXTRA_NORMAL_FILE = "hdfs_test_normal"
 DEFAULT_PROMPT = "session:"
 NORMAL, ANOMALOUS = 0, 1
 
@@ -190,6 +192,8 @@ def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False) -> t
     log_path, labels_path = logs[0], labels_files[0]
     blocks_of, contents, skipped = [], [], 0
     lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip():  # blank lines at the end are the end of the file (as in the deeplog layout)
+        lines.pop()
     if not lines:
         raise DataError(f"{log_path}: empty log; a loghub HDFS log holds one line per event (<date> <time> <pid> <level> <component>: <content>)")
     for n, line in enumerate(lines, 1):
@@ -267,6 +271,9 @@ def split_sessions(normal: list[Session], anomalous: list[Session], val_fraction
         if need_anomalies and not any(s.label == ANOMALOUS for s in splits[name]):  # test had none when every anomaly went to validation
             raise DataError(f"{source or 'dataset=hdfs'}: no anomalous session in the {name} split ({len(anomalous)} anomalous "
                             f"sessions in all; val_fraction={val_fraction}, test_fraction={test_fraction}); {why}")
+        if need_anomalies and not any(s.label == NORMAL for s in splits[name]):  # few normal sessions: FPR 0/0, AUC NaN
+            raise DataError(f"{source or 'dataset=hdfs'}: no normal session in the {name} split ({len(normal)} normal "
+                            f"sessions in all; val_fraction={val_fraction}, test_fraction={test_fraction}); {why}")
     train_seqs = {s.keys for s in splits["train"]}
     info = {"split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction, "max_samples": max_samples}
     for name, recs in splits.items():
@@ -338,6 +345,11 @@ def load_hdfs(cfg) -> HdfsData:
         num_keys = int(d.num_log_keys)
         normal, s1 = read_key_sessions(folder / NORMAL_FILE, NORMAL, num_keys, skip)
         anomalous, s2 = read_key_sessions(folder / ANOMALOUS_FILE, ANOMALOUS, num_keys, skip)
+        if (folder / EXTRA_NORMAL_FILE).is_file():  # DeepLog's full set: its normal sessions join the pool split three ways
+            extra, s3 = read_key_sessions(folder / EXTRA_NORMAL_FILE, NORMAL, num_keys, skip)
+            print(f"sectune: dataset=hdfs: {folder / EXTRA_NORMAL_FILE}: {len(extra)} more normal sessions, split with "
+                  f"{NORMAL_FILE}'s into train / validation / test (sessions, not files, are held out)")
+            normal, s1 = normal + extra, s1 + s3
         info = {"layout": "deeplog", "skipped_lines": s1 + s2}
     else:
         normal, anomalous, num_keys, info = read_loghub(folder, str(d.log_parser), skip)

@@ -63,6 +63,7 @@ def run(ctx: RunContext) -> dict:
     # a pipeline's own infer step runs before its table is made (one there is an earlier run's)
     inside = ic.model_dir is not None and Path(str(ic.model_dir)).expanduser().resolve() == run_dir.resolve().parent
     choice = choose_model(ic.model_dir, base_fallback=ic.base_fallback, table=not inside)
+    _refuse_non_analyst(choice, ic.model_dir)
     gen_cfg = run_generation(cfg, choice)
 
     # 2. model
@@ -203,6 +204,22 @@ def _records(inputs, texts, used: str, validator, cut: set, char_cut: set) -> li
         rec["absent_names"] = absent_names(rec["analysis"], w.text)
         records.append(rec)
     return records
+
+
+def _refuse_non_analyst(choice, model_dir) -> None:
+    """A log-key model (dataset=hdfs) or a classifier writes no JSON analyses: refuse it, as stage=evaluate does."""
+    from omegaconf import OmegaConf
+
+    from sectune.injection_eval import NOT_ANALYSTS
+
+    saved = choice.path.parent / ".hydra" / "config.yaml" if choice.path is not None else None
+    if saved is None or not saved.is_file():
+        return
+    trained = OmegaConf.select(OmegaConf.load(saved), "dataset.name", default=None)
+    if trained in NOT_ANALYSTS:
+        hint = " (score it with stage=evaluate dataset=hdfs evaluate.model_dir=<it>)" if trained == "hdfs" else ""
+        raise ConfigError(f"infer.model_dir={model_dir}: {choice.path.parent} trained on dataset={trained}, not an auth-log "
+                          f"analyst that writes JSON analyses{hint}")
 
 
 def run_generation(cfg, choice: "ModelChoice"):

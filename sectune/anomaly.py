@@ -200,7 +200,7 @@ def _run_config(cfg, choice, model_dir: Path):
     merged = OmegaConf.merge(cfg, OmegaConf.masked_copy(run_cfg, ["dataset", "model", "quantization", "lora"]))
     from sectune.paths import resolved
 
-    from sectune.data.hdfs import source_folder
+    from sectune.data.hdfs import keys_parser, source_folder
 
     if str(cfg.dataset.log_parser) not in ("auto", "structured", "drain3"):  # a typo is an error, not the trained value
         raise ConfigError(f"dataset.log_parser={cfg.dataset.log_parser!r}: choose auto, structured or drain3")
@@ -219,12 +219,19 @@ def _run_config(cfg, choice, model_dir: Path):
             merged.dataset[k] = cfg.dataset[k]
         print(f"sectune: note: scoring {mine} ({my_layout}), not the logs this run trained on ({theirs}, {their_layout}): "
               "their own validation sessions choose g and the threshold, their test sessions are reported")
-        how = lambda c, layout: layout if layout == "deeplog" else f"{layout}, dataset.log_parser={c.dataset.log_parser}"  # noqa: E731
-        if how(cfg, my_layout) != how(run_cfg, their_layout):
-            print(f"sectune: warning: the run's log keys were numbered from {how(run_cfg, their_layout)} logs and these from "
-                  f"{how(cfg, my_layout)}: two numberings of the log templates (DeepLog's keys, loghub's structured EventIds, "
-                  "drain3's clusters in order of first appearance), so a key means another event in each and the scores "
-                  "measure the mismatch, not detection; score logs parsed as the run's were", file=sys.stderr)
+        # how each side's lines got their keys, as read (log_parser=auto: the structured CSV's EventId where there is one)
+        theirs_by = keys_parser(theirs, their_layout, str(run_cfg.dataset.log_parser))
+        mine_by = keys_parser(mine, my_layout, str(cfg.dataset.log_parser))
+        if theirs_by == "drain3" and my_layout == "loghub" and str(cfg.dataset.log_parser) in ("auto", "drain3"):
+            # drain3 numbers templates in order of first appearance in each log: the run's log is clustered first, so a
+            # template keeps the key the model learnt for it (a template new in these logs gets a new key)
+            merged.dataset.log_parser, merged.dataset.drain3_reference, mine_by = "drain3", str(theirs), "drain3"
+            print(f"sectune: note: these logs' drain3 keys are numbered as in the run's own log ({theirs})")
+        elif theirs_by != mine_by or theirs_by == "drain3":
+            print(f"sectune: warning: the run's log keys came from {theirs_by} ({theirs}) and these from {mine_by}: two "
+                  "numberings of the log templates (DeepLog's keys, loghub's structured EventIds, drain3's clusters in order "
+                  "of first appearance), so a key means another event in each and the scores measure the mismatch, not "
+                  "detection; score logs parsed as the run's were", file=sys.stderr)
     else:
         kept = [f"dataset.{k}={cfg.dataset[k]} (trained: {run_cfg.dataset[k]})" for k in reading[1:] if cfg.dataset[k] != run_cfg.dataset[k]]
         if kept:

@@ -179,6 +179,10 @@ class DatasetConfig:
     hdfs_layout: str = "deeplog"
     log_parser: str = "auto"
     num_log_keys: int = 28
+    # a loghub log (file, or its folder) whose drain3 clusters are numbered first, so that another log's keys follow its
+    # numbering (drain3 numbers templates in order of first appearance in each log); stage=evaluate sets it to the
+    # trained run's log when it scores other logs
+    drain3_reference: Optional[str] = None
 
 
 @dataclass

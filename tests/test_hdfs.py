@@ -314,8 +314,7 @@ def test_evaluate_scores_other_logs_given_as_dataset_path_on_their_own_split(tmp
     # loghub logs keyed by drain3 against a model of DeepLog keys: key k is another event there
     lh = _loghub(tmp_path / "lh", "BlockId,Label\nblk_1,Normal\nblk_2,Anomaly\n")
     anomaly._run_config(hdfs_cfg(lh, "dataset.hdfs_layout=loghub", "dataset.log_parser=drain3"), choice, run)
-    assert ("the run's log keys were numbered from deeplog logs and these from loghub, dataset.log_parser=drain3: two numberings"
-            in capsys.readouterr().err)
+    assert f"the run's log keys came from deeplog ({old}) and these from drain3: two numberings" in capsys.readouterr().err
     # the same logs read otherwise: said, and read as the run read them; a typo'd parser is an error, not dropped
     again = anomaly._run_config(hdfs_cfg(old, "dataset.skip_bad_lines=true"), choice, run)
     assert again.dataset.skip_bad_lines is False
@@ -405,6 +404,37 @@ def test_infer_refuses_a_log_key_model_as_evaluate_does(tmp_path):
         _refuse_non_analyst(ModelChoice("sft", run / "model", "model"), str(run))
     OmegaConf.save(compose(["logger=none"]), run / ".hydra" / "config.yaml")  # an analyst run: fine
     _refuse_non_analyst(ModelChoice("sft", run / "model", "model"), str(run))
+
+
+def test_other_logs_keyed_by_drain3_follow_the_trained_runs_numbering(tmp_path, capsys):
+    """An audit (session 25): drain3 numbers templates in order of first appearance in each log, so the same log with its
+    lines in another order gave 10 of 14 templates another key, and nothing was said (both sides said log_parser=auto)."""
+    from omegaconf import OmegaConf
+
+    from sectune.stages.infer import ModelChoice
+
+    events = ["PacketResponder 1 for block {b} terminating", "Receiving block {b} src: /10.250.19.102:54106 dest: /10.250.19.102:50010",
+              "BLOCK* NameSystem.addStoredBlock: blockMap updated: 10.251.31.5:50010 is added to {b} size 67108864",
+              "Deleting block {b} file /mnt/hadoop/dfs/data/current/subdir8/{b}"]
+    lines = [f"081109 2036{i:02d} 148 INFO dfs.DataNode: {events[i % 4].format(b=f'blk_{i % 6}')}" for i in range(24)]
+    labels = "BlockId,Label\n" + "".join(f"blk_{i},{'Anomaly' if i in (1, 4) else 'Normal'}\n" for i in range(6))
+    for name, order in (("a", lines), ("b", lines[::-1])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.log").write_text("\n".join(order) + "\n")
+        (tmp_path / name / "x_block_labels.csv").write_text(labels)
+    key_of = lambda sessions: {s.id: s.keys for s in sessions[0] + sessions[1]}  # noqa: E731
+    alone_a, alone_b = key_of(hdfs.read_loghub(tmp_path / "a")), key_of(hdfs.read_loghub(tmp_path / "b"))
+    as_a = key_of(hdfs.read_loghub(tmp_path / "b", reference=tmp_path / "a"))
+    assert alone_b["blk_0"] != tuple(reversed(alone_a["blk_0"]))  # each log alone: another numbering
+    assert all(as_a[b] == tuple(reversed(alone_a[b])) for b in alone_a)  # numbered as in a: the same key per template
+    # stage=evaluate on a run trained on a, scoring b: numbered as a, with a note (not a warning)
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(hdfs_cfg(tmp_path / "a", "dataset.hdfs_layout=loghub"), run / ".hydra" / "config.yaml")
+    got = anomaly._run_config(hdfs_cfg(tmp_path / "b", "dataset.hdfs_layout=loghub"), ModelChoice("sft", None, "model"), run)
+    assert got.dataset.drain3_reference == str(tmp_path / "a") and got.dataset.log_parser == "drain3"
+    said = capsys.readouterr()
+    assert "numbered as in the run's own log" in said.out and "two numberings" not in said.err
 
 
 def test_evaluate_warns_when_sessions_are_longer_than_training_cut_them(tmp_path):

@@ -123,8 +123,9 @@ def mask_content(content: str) -> str:
     return content
 
 
-def _drain_keys(contents: list[str]) -> list[int]:
-    """drain3 cluster id (1, 2, … in order of first appearance) of each masked content."""
+def _drain_keys(contents: list[str], reference: list[str] = ()) -> list[int]:
+    """drain3 cluster id (1, 2, … in order of first appearance) of each masked content; ``reference`` contents (another
+    log's, in its order) are clustered first, so its templates keep the ids they had when that log alone was read."""
     try:
         from drain3 import TemplateMiner
         from drain3.template_miner_config import TemplateMinerConfig
@@ -134,6 +135,8 @@ def _drain_keys(contents: list[str]) -> list[int]:
     conf = TemplateMinerConfig()
     conf.profiling_enabled = False
     miner = TemplateMiner(config=conf)
+    for c in reference:
+        miner.add_log_message(mask_content(c))
     return [int(miner.add_log_message(mask_content(c))["cluster_id"]) for c in contents]
 
 
@@ -183,13 +186,17 @@ def _structured_keys(path: Path, n_lines: int, templates: Path | None) -> tuple[
     return keys, num
 
 
-def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False) -> tuple[list[Session], list[Session], int, dict]:
-    """(normal sessions, anomalous sessions, number of keys, info) from a loghub HDFS folder."""
+def loghub_files(folder: Path) -> tuple[Path, Path]:
+    """(the log, its labels file) of a loghub HDFS folder."""
     logs = sorted(p for p in folder.glob("*.log"))
     labels_files = sorted(folder.glob("*_block_labels.csv")) or sorted(folder.glob("anomaly_label.csv"))
     if len(logs) != 1 or not labels_files:
         raise DataError(f"{folder}: a loghub HDFS folder holds one *.log and a *_block_labels.csv (BlockId,Label); found {[p.name for p in logs]}")
-    log_path, labels_path = logs[0], labels_files[0]
+    return logs[0], labels_files[0]
+
+
+def _log_lines(log_path: Path, skip_bad: bool) -> tuple[list[list[str]], list[str], int]:
+    """(each line's block ids, each line's content, skipped lines) of a loghub HDFS log."""
     blocks_of, contents, skipped = [], [], 0
     lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
     while lines and not lines[-1].strip():  # blank lines at the end are the end of the file (as in the deeplog layout)
@@ -207,15 +214,40 @@ def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False) -> t
             blocks = []
         blocks_of.append(list(dict.fromkeys(blocks)))
         contents.append(m.group("content") if m else "")
+    return blocks_of, contents, skipped
+
+
+def keys_parser(folder: Path, layout: str, parser: str) -> str:
+    """How a folder's sessions get their keys: deeplog (given), structured (loghub's EventId) or drain3."""
+    if layout == "deeplog":
+        return "deeplog"
+    if parser == "structured" or parser == "drain3":
+        return parser
+    log = next(iter(sorted(folder.glob("*.log"))), None)
+    return "structured" if log is not None and log.with_name(log.name + "_structured.csv").is_file() else "drain3"
+
+
+def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False, reference: Path | None = None
+                ) -> tuple[list[Session], list[Session], int, dict]:
+    """(normal sessions, anomalous sessions, number of keys, info) from a loghub HDFS folder; ``reference``: a loghub log
+    (or its folder) whose drain3 numbering the keys follow (drain3 only; its bad lines read as a run that skipped them
+    did, and a run that did not skip any had none)."""
+    log_path, labels_path = loghub_files(folder)
+    blocks_of, contents, skipped = _log_lines(log_path, skip_bad)
     structured = log_path.with_name(log_path.name + "_structured.csv")
     if parser not in ("auto", "structured", "drain3"):
         raise ConfigError(f"dataset.log_parser={parser!r}: choose auto, structured or drain3")
     if parser == "structured" or (parser == "auto" and structured.is_file()):
-        keys, num_keys = _structured_keys(structured, len(lines), log_path.with_name(log_path.name + "_templates.csv"))
+        keys, num_keys = _structured_keys(structured, len(contents), log_path.with_name(log_path.name + "_templates.csv"))
         how = f"EventId of {structured.name}"
     else:
-        keys = _drain_keys(contents)
-        num_keys, how = max(keys), "drain3 templates of the masked contents"
+        ref_contents, how = [], "drain3 templates of the masked contents"
+        if reference is not None:
+            ref_log = loghub_files(reference)[0] if reference.is_dir() else reference
+            ref_contents = _log_lines(ref_log, True)[1]
+            how += f", numbered as in {ref_log}"
+        keys = _drain_keys(contents, ref_contents)
+        num_keys = max(keys)
     sessions: dict[str, list[int]] = {}
     for blocks, key in zip(blocks_of, keys):
         for b in blocks:
@@ -236,7 +268,7 @@ def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False) -> t
     if missing:
         raise DataError(f"{labels_path}: no label for block {missing[0]} of {log_path.name} ({len(missing)} blocks unlabelled)")
     out = [Session(b, tuple(k), label_of[b]) for b, k in sessions.items()]
-    info = {"layout": "loghub", "keys_from": how, "log_lines": len(lines), "skipped_lines": skipped, "blocks": len(out)}
+    info = {"layout": "loghub", "keys_from": how, "log_lines": len(contents), "skipped_lines": skipped, "blocks": len(out)}
     return [s for s in out if s.label == NORMAL], [s for s in out if s.label == ANOMALOUS], num_keys, info
 
 
@@ -352,7 +384,8 @@ def load_hdfs(cfg) -> HdfsData:
             normal, s1 = normal + extra, s1 + s3
         info = {"layout": "deeplog", "skipped_lines": s1 + s2}
     else:
-        normal, anomalous, num_keys, info = read_loghub(folder, str(d.log_parser), skip)
+        reference = Path(str(d.drain3_reference)).expanduser() if d.drain3_reference else None
+        normal, anomalous, num_keys, info = read_loghub(folder, str(d.log_parser), skip, reference)
     if info["skipped_lines"]:
         print(f"sectune: dataset=hdfs: skipped {info['skipped_lines']} bad lines in {folder} (dataset.skip_bad_lines=true)")
     # training needs normal sessions only; detection (evaluate, federated rounds) needs anomalies in validation and test

@@ -356,15 +356,31 @@ def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, in
     return strategy
 
 
+class _Stopped(Exception):
+    """The run was interrupted: the server's rounds end (Flower's grid would wait for replies that never come)."""
+
+
 def serve(grid, strategy, initial_state: dict, rounds: int, evaluate_fn, done: dict) -> None:
     """The ServerApp's work under either runtime: FedAvg's rounds on ``grid``; the global adapter into ``done``, or
     the :class:`RoundFailed` that stopped them into ``done["error"]`` (the stage raises it once the runtime has ended)."""
     from flwr.app import ArrayRecord
 
+    stop = done.get("stop")
+    if stop is not None:  # the simulation's main thread was interrupted: end this (non-daemon) thread at its next poll
+        pull = grid.pull_messages
+
+        def pull_unless_stopped(*args, **kwargs):
+            if stop.is_set():
+                raise _Stopped
+            return pull(*args, **kwargs)
+
+        grid.pull_messages = pull_unless_stopped
     try:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=rounds, evaluate_fn=evaluate_fn)
     except RoundFailed as e:
         done["error"] = e
+        return
+    except _Stopped:
         return
     done["arrays"] = result.arrays
     # the clients' metrics per round, averaged by FedAvg with the same sample-count weights

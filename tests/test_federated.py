@@ -263,6 +263,33 @@ def test_a_round_whose_clients_all_fail_stops_the_run_naming_the_round_and_error
 
 
 @requires_flwr
+def test_an_interrupted_simulation_ends_the_servers_thread_waiting_for_replies(flower_task):
+    """An audit (session 25): after Ctrl-C the run wrote result.json and then hung, its ServerApp thread (not a daemon)
+    polling Flower's in-memory grid for replies no client would send. The stop event ends it at its next poll."""
+    import threading
+
+    grid = FakeGrid([1, 2, 3]).grid
+    polls = []
+
+    def send_and_receive(messages, *, timeout=None):  # as Flower's InMemoryGrid: push, then poll until every reply is in
+        while True:
+            polls.append(grid.pull_messages([]))
+            time.sleep(0.01)
+
+    grid.send_and_receive = send_and_receive
+    strategy = federated.make_strategy(fed_settings(), 3, 0.1, lambda d, r, n: None)
+    done: dict = {"stop": threading.Event()}
+    server = threading.Thread(target=federated.serve, args=(grid, strategy, {"a.lora_A.weight": torch.ones(2, 2)}, 2, None, done),
+                              daemon=True)  # a regression fails the test, not the test session
+    server.start()
+    time.sleep(0.3)
+    assert server.is_alive() and polls  # waiting for replies
+    done["stop"].set()
+    server.join(timeout=5)
+    assert not server.is_alive() and "arrays" not in done and "error" not in done
+
+
+@requires_flwr
 @pytest.mark.parametrize("dp", [False, True])
 def test_a_round_where_some_clients_fail_goes_on_and_counts_them(flower_task, dp, capsys):
     recorded = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -271,8 +272,13 @@ def simulate(cfg, run_dir: Path, strategy, initial: dict, evaluate_fn, done: dic
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not fed.verbose:  # Flower prints through its own handler; Hydra's root handler would print each line again
         logging.getLogger("flwr").propagate = False
-    run_simulation(server_app=server_app, client_app=client_app(cfg, run_dir / "clients"), num_supernodes=int(fed.num_clients),
-                   backend_config=backend, verbose_logging=bool(fed.verbose))
+    done["stop"] = threading.Event()  # Ctrl-C: the ServerApp's thread (not a daemon) polled for replies forever
+    try:
+        run_simulation(server_app=server_app, client_app=client_app(cfg, run_dir / "clients"), num_supernodes=int(fed.num_clients),
+                       backend_config=backend, verbose_logging=bool(fed.verbose))
+    except BaseException:
+        done["stop"].set()
+        raise
 
 
 def plot_rounds(path: Path, rows: list[dict], up: list[int], down: list[int], full_per_round: int, title: str) -> None:

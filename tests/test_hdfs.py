@@ -390,6 +390,19 @@ def test_deeplogs_normal_test_file_joins_the_normal_sessions_and_a_loghub_log_ma
     assert len(normal_) == 1 and len(anomalous) == 1
 
 
+def test_a_byte_that_is_not_utf8_is_named_with_its_line_in_both_layouts(tmp_path):
+    """A \\xff in a loghub log was read as U+FFFD without a word; in DeepLog sessions it was called "not a log key"."""
+    d = write_sessions(tmp_path / "d", ["5 5 22", "5 22 5"], ["5 22"])
+    (d / hdfs.NORMAL_FILE).write_bytes(b"5 5 22\n5 \xff 22\n")
+    with pytest.raises(DataError, match=rf"{hdfs.NORMAL_FILE}:2: not UTF-8 text"):
+        hdfs.read_key_sessions(d / hdfs.NORMAL_FILE, hdfs.NORMAL, 28)
+    assert len(hdfs.read_key_sessions(d / hdfs.NORMAL_FILE, hdfs.NORMAL, 28, skip_bad=True)[0]) == 1
+    lh = _loghub(tmp_path / "lh", "BlockId,Label\nblk_1,Normal\nblk_2,Anomaly\n")
+    (lh / "x.log").write_bytes((lh / "x.log").read_bytes().replace(b"terminating\n", b"termin\xffating\n", 1))
+    with pytest.raises(DataError, match=r"x.log:1: not UTF-8 text"):
+        hdfs.read_loghub(lh)
+
+
 def test_infer_refuses_a_log_key_model_as_evaluate_does(tmp_path):
     """stage=infer ran an HDFS next-key model as the auth-log analyst and 'succeeded' with 0 of 3 valid JSON answers."""
     from omegaconf import OmegaConf

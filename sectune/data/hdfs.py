@@ -46,6 +46,8 @@ from sectune.errors import ConfigError, DataError
 
 DEEPLOG_DIR, LOGHUB_DIR = "deeplog_hdfs_sessions", "loghub_hdfs_2k"
 NORMAL_FILE, ANOMALOUS_FILE = "hdfs_train", "hdfs_test_abnormal"
+#: what a byte that is not UTF-8 reads as (files are read with errors="replace": the line is named, not the whole file refused)
+NOT_UTF8 = "\ufffd"
 #: DeepLog's full set also has its normal test sessions (~553k); read too when present
 EXTRA_NORMAL_FILE = "hdfs_test_normal"
 DEFAULT_PROMPT = "session:"
@@ -86,7 +88,9 @@ def read_key_sessions(path: Path, label: int, num_keys: int, skip_bad: bool = Fa
     for n, line in enumerate(lines, 1):
         problem = None
         parts = line.split()
-        if not parts:
+        if NOT_UTF8 in line:
+            problem = "not UTF-8 text (a byte that is no character; save the file as UTF-8)"
+        elif not parts:
             problem = "empty session line (a session needs at least one key)"
         else:
             bad = next((p for p in parts if not (p.isascii() and p.isdigit())), None)  # '²' is a digit to str.isdigit
@@ -204,11 +208,12 @@ def _log_lines(log_path: Path, skip_bad: bool) -> tuple[list[list[str]], list[st
     if not lines:
         raise DataError(f"{log_path}: empty log; a loghub HDFS log holds one line per event (<date> <time> <pid> <level> <component>: <content>)")
     for n, line in enumerate(lines, 1):
-        m = LOG_LINE.match(line)
+        m = LOG_LINE.match(line) if NOT_UTF8 not in line else None
         blocks = BLOCK_ID.findall(line)
         if m is None or not blocks:
             if not skip_bad:
-                why = "not a loghub HDFS line (<date> <time> <pid> <level> <component>: <content>)" if m is None else "names no block id"
+                why = ("not a loghub HDFS line (<date> <time> <pid> <level> <component>: <content>)" if NOT_UTF8 not in line
+                       else "not UTF-8 text (a byte that is no character; save the log as UTF-8)") if m is None else "names no block id"
                 raise DataError(f"{log_path}:{n}: {why}; fix it or set dataset.skip_bad_lines=true to skip such lines")
             skipped += 1
             blocks = []

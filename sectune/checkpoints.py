@@ -70,6 +70,21 @@ def damaged_safetensors(path: Path) -> tuple[str, str] | None:
     return None
 
 
+def require_weights(folder: Path, kind: str, key: str) -> Path:
+    """``folder`` if it holds its weights whole (an adapter's adapter_model.safetensors; a model's *.safetensors), else a
+    ConfigError naming ``key`` and the file, before any model loads (a missing adapter file read as a hub repo id)."""
+    from sectune.errors import ConfigError
+
+    files = [folder / "adapter_model.safetensors"] if kind == "adapter" else sorted(folder.glob("*.safetensors"))
+    if not files or not all(f.is_file() for f in files):
+        what = "adapter_model.safetensors" if kind == "adapter" else "*.safetensors weights"
+        raise ConfigError(f"{key}: {folder} has no {what} (its {kind}'s weights); the run's files are incomplete: rerun it "
+                          "or copy it again")
+    if (damage := damaged_safetensors(folder)) is not None:
+        raise ConfigError(f"{key}: {folder / damage[0]} is damaged ({damage[1]}); rerun that run or copy it again")
+    return folder
+
+
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     """The complete ``checkpoint-N`` folders under ``checkpoint_dir``, newest (highest N) first."""
     if not checkpoint_dir.is_dir():

@@ -182,6 +182,9 @@ def check_settings_in_effect(cfg, need) -> None:
         need(not changed, f"lora.{changed[0] if changed else 'r'}", lo[changed[0]] if changed else None,
              "has no effect: LoRA is off (lora.enabled=false: lora=none, or a lora preset without enabled: true), so every "
              "weight trains; set lora.enabled=true or choose lora=r4_attention / r16_all_linear")
+    need(q.name == "none" or lo.enabled or cfg.stage.name not in TRAINING_STAGES, "lora", "none",
+         f"with quantization={q.name}: quantized weights cannot be trained, so a quantized model trains LoRA adapters only "
+         "(lora=r4_attention / r16_all_linear), or use quantization=none")
     need(not cfg.debug.enabled or cfg.stage.name in ("contrastive", "pipeline"), "debug.enabled", True,
          f"only stage=contrastive has a debug mode (stage={cfg.stage.name} would ignore it)")
     need(not cfg.evaluate.data_path or cfg.dataset.name not in ("hdfs", "injection_triplets"), "evaluate.data_path",
@@ -200,6 +203,10 @@ def check_settings_in_effect(cfg, need) -> None:
     r = cfg.train.resume  # a typo (autoo) or a missing folder was found only after the model had loaded
     need(r in (None, "", "null", "none", "auto", "no") or Path(str(r)).expanduser().is_dir(), "train.resume", r,
          "is neither auto, null nor an existing checkpoint folder (checkpoint-N under a run's checkpoints/)")
+
+
+#: the stages that train the model they load
+TRAINING_STAGES = ("sft", "reward", "dpo", "rl", "contrastive", "classify", "federated")
 
 
 #: rl.* keys only loss=grpo reads

@@ -217,6 +217,15 @@ def load_model(cfg: DictConfig, task: str = "causal_lm", num_labels: int | None 
     if qconf is not None:
         from peft import prepare_model_for_kbit_training
 
+        # bitsandbytes >= 0.50 on an AVX512-BF16 CPU repacks a Linear4bit's weight for its inference kernel
+        # (gemv_4bit) at the first forward in eval mode without grad (the evaluation before training, a
+        # generation) and never packs it back: every later training forward then runs gemv_4bit, which has no
+        # autograd kernel, so no gradient flows through the quantized layers (torch only warns). A stage that
+        # trains keeps the trainable layout; infer and evaluate only generate and keep the faster kernel.
+        if str(OmegaConf.select(cfg, "stage.name", default="")) not in ("infer", "evaluate"):
+            for mod in model.modules():
+                if getattr(mod, "support_avx512bf16_for_cpu", False):
+                    mod.support_avx512bf16_for_cpu = False
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     return model
 

@@ -269,6 +269,10 @@ def check_head(d: Path) -> None:
     files = [f for f in files if f.is_file()]
     if not files:
         raise ConfigError(f"{d}: reward model weights missing (adapter_model.safetensors or model.safetensors)")
+    from sectune.checkpoints import damaged_safetensors
+
+    if (damage := damaged_safetensors(d)) is not None:  # a cut-short copy: SafetensorError and a traceback otherwise
+        raise ConfigError(f"{d / damage[0]} is damaged ({damage[1]}); retrain the reward model or copy it again")
     for f in files:
         with safe_open(str(f), "pt") as st:
             if any(".score." in f".{k}" or k.startswith("score.") for k in st.keys()):

@@ -104,10 +104,12 @@ def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
     if not p.exists():
         what = "its model/ folder (full weights)" if name == "reward.init_from" else "its adapter/ or model/ folder"
         raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or {what})")
+    from sectune.checkpoints import require_weights
+
     if (p / "adapter_config.json").is_file():
-        return "adapter", p
+        return "adapter", require_weights(p, "adapter", key)
     if (p / "config.json").is_file():
-        return "model", p
+        return "model", require_weights(p, "model", key)
     result = p / "result.json"
     if not result.is_file():
         raise ConfigError(f"{key}: {p} has neither result.json (an SFT run dir) nor adapter_config.json / config.json")
@@ -117,6 +119,50 @@ def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
             folder = p / artifacts[kind]
             if not (folder / marker).is_file():
                 raise ConfigError(f"{key}: {folder} (artifacts.{kind} of {result}) has no {marker}")
-            return kind, folder
+            return kind, require_weights(folder, kind, key)
     raise ConfigError(f"{key}: {result} lists no adapter or model (stage={res.get('stage')}, status={res.get('status')}, "
                       f"artifacts: {', '.join(sorted(artifacts)) or 'none'})")
+
+
+def _chosen_run_config(choice):
+    """The saved ``.hydra/config.yaml`` of the run whose model ``choice`` picked (a stages.infer.ModelChoice), or None."""
+    from omegaconf import OmegaConf
+
+    saved = choice.path.parent / ".hydra" / "config.yaml" if choice.path is not None else None
+    if saved is None or not saved.is_file():
+        return None
+    try:
+        return OmegaConf.load(saved)
+    except Exception:  # noqa: BLE001 - an unreadable record: this command's settings stand
+        return None
+
+
+def refuse_non_analyst(choice, model_dir) -> None:
+    """A log-key model (dataset=hdfs) or a classifier writes no JSON analyses: refuse it, as stage=evaluate does."""
+    from omegaconf import OmegaConf
+
+    from sectune.injection_eval import NOT_ANALYSTS
+
+    if (run := _chosen_run_config(choice)) is None:
+        return
+    trained = OmegaConf.select(run, "dataset.name", default=None)
+    if trained in NOT_ANALYSTS:
+        hint = " (score it with stage=evaluate dataset=hdfs evaluate.model_dir=<it>)" if trained == "hdfs" else ""
+        raise ConfigError(f"infer.model_dir={model_dir}: {choice.path.parent} trained on dataset={trained}, not an auth-log "
+                          f"analyst that writes JSON analyses{hint}")
+
+
+def trained_quantization(cfg, choice):
+    """``cfg`` with the quantization node the chosen run trained under (its saved .hydra/config.yaml): an nf4/int8
+    adapter on an unquantized base (or the reverse) answers differently from the policy that run trained and evaluated."""
+    from omegaconf import OmegaConf
+
+    run = _chosen_run_config(choice)
+    theirs = run.get("quantization") if run is not None else None
+    if theirs is None or OmegaConf.to_container(theirs) == OmegaConf.to_container(cfg.quantization):
+        return cfg
+    print(f"sectune: infer: quantization={theirs.get('name')} as the {choice.used} run trained (this command: "
+          f"quantization={cfg.quantization.name})")
+    cfg = cfg.copy()
+    cfg.quantization = OmegaConf.merge(cfg.quantization, theirs)
+    return cfg

@@ -27,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sectune import data, distributed, sweeps
 from sectune.errors import SectuneError
 # re-exported: runner is where stages, the pipeline and the tests look these up
-from sectune.run_records import RESULT_FILE, check_policy_run, data_sources, finite_json, init_source, previous_result  # noqa: F401
+from sectune.run_records import (  # noqa: F401
+    RESULT_FILE, check_policy_run, data_sources, finite_json, init_source, previous_result, refuse_non_analyst, trained_quantization,
+)
 from sectune.run_guard import (  # noqa: F401
     _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
     WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
@@ -38,7 +40,7 @@ from sectune.run_guard import (  # noqa: F401
 __all__ = ["_LOCKS", "FAILED_CONFIG_DIR", "RUN_CONFIG_FILES", "RUNNING_CONFIG_DIR", "SUCCEEDED_CONFIG_DIR", "WEIGHT_ARTIFACTS",
            "damaged_artifact", "keep_run_config", "restore_run_config", "run", "config_digest", "skip_digest", "data_fingerprint",
            "write_json_atomic", "write_text_atomic", "previous_result", "init_source", "check_policy_run", "RunContext", "RESULT_FILE",
-           "relative_to_root", "artifacts_untouched"]
+           "relative_to_root", "artifacts_untouched", "refuse_non_analyst", "trained_quantization"]
 
 STAGES: dict[str, str] = {
     "sft": "sectune.stages.sft:run",

@@ -68,6 +68,10 @@ def paired_bootstrap_diff(truth: Sequence[str], pred_a: Sequence[str], pred_b: S
         return resampled_macro_f1(t, a, i, labels) - resampled_macro_f1(t, b, i, labels)
 
     diff = label_scores(t, a, labels)["macro_f1"] - label_scores(t, b, labels)["macro_f1"]
+    if len(t) < 2:  # scipy's bootstrap needs two observations: one window has no interval (a table of 1 test window)
+        nan = float("nan")
+        return {"diff": float(diff), "ci_low": nan, "ci_high": nan, "share_not_above": nan, "resamples": 0,
+                "confidence": float(confidence)}
     res = bootstrap((np.arange(len(t)),), stat, vectorized=True, n_resamples=int(n_resamples), method="percentile",
                     batch=max(1, 2_000_000 // len(t)), confidence_level=confidence, random_state=np.random.default_rng(seed))
     dist = np.asarray(res.bootstrap_distribution)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +179,58 @@ def test_a_load_error_that_announces_its_cause_keeps_the_cause():
     e = RuntimeError("Error(s) in loading state_dict for PeftModelForCausalLM:\n\tsize mismatch for lora_A: [4, 64] vs [8, 64].\n\tmore")
     assert first_line(e) == "Error(s) in loading state_dict for PeftModelForCausalLM: size mismatch for lora_A: [4, 64] vs [8, 64]."
     assert first_line(ValueError("bad value\nsecond")) == "bad value" and first_line(KeyError()) == "KeyError"
+
+
+def test_a_quantized_model_without_lora_is_refused_before_anything_loads_naming_the_keys():
+    """An audit (session 25): quantization=nf4 lora=none failed after the data and the model had loaded, saying "no
+    trainable parameters … check model.name_or_path", which never named quantization."""
+    from conftest import compose
+    from sectune.config_checks import check_values
+    from sectune.errors import ConfigError
+
+    for stage in ("stage=sft", "stage=dpo dataset=auth_preferences", "stage=reward dataset=auth_preferences"):
+        with pytest.raises(ConfigError, match=r"lora=none: with quantization=nf4: quantized weights cannot be trained"):
+            check_values(compose([*stage.split(), "quantization=nf4", "lora=none"]))
+    check_values(compose(["stage=infer", "quantization=nf4", "lora=none"]))  # generation only: fine
+
+
+@pytest.mark.parametrize("key", ["rl.init_from", "dpo.init_from"])
+def test_an_init_from_adapter_without_its_weights_or_with_them_cut_short_is_named_before_any_model_loads(tmp_path, key):
+    """An audit (session 25): a deleted adapter_model.safetensors gave Hugging Face's "Repo id must be in the form …"
+    after the base model had loaded; a truncated one a SafetensorError."""
+    from sectune.errors import ConfigError
+    from sectune.run_records import init_source
+    from sectune.stages import dpo
+
+    src = tmp_path / "adapter"
+    src.mkdir()
+    (src / "adapter_config.json").write_text("{}")
+    load = (lambda: init_source(str(src), key)) if key == "rl.init_from" else (lambda: dpo.init_source(str(src), "adapter"))
+    with pytest.raises(ConfigError, match=rf"{key}={src}: {src} has no adapter_model.safetensors"):
+        load()
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(64)}, src / "adapter_model.safetensors")
+    assert Path(str(load()[1] if key == "rl.init_from" else load())) == src
+    data = (src / "adapter_model.safetensors").read_bytes()
+    (src / "adapter_model.safetensors").write_bytes(data[:-40])
+    with pytest.raises(ConfigError, match=r"adapter_model.safetensors is damaged \(truncated"):
+        load()
+
+
+def test_a_reward_model_cut_short_is_one_line_naming_the_file(tmp_path):
+    """An audit (session 25): rl.reward_model on a truncated adapter file ended in a SafetensorError traceback, exit 1."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sectune.errors import ConfigError
+    from sectune.reward_model import check_head
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    save_file({"base.score.weight": torch.ones(8, 4)}, tmp_path / "adapter_model.safetensors")
+    check_head(tmp_path)
+    data = (tmp_path / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "adapter_model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(ConfigError, match=r"adapter_model.safetensors is damaged"):
+        check_head(tmp_path)

@@ -274,8 +274,8 @@ def test_init_from_errors_name_the_path_and_what_is_missing(tmp_path):
     cfg = compose([*UNIT, f"dpo.init_from={run_dir}"])
     from sectune import modeling
 
-    with pytest.raises(ConfigError, match=f"cannot load the adapter in {run_dir / 'adapter'}"):
-        dpo.build_policy(cfg, modeling.model_path(cfg))
+    with pytest.raises(ConfigError, match=f"dpo.init_from={run_dir}: {run_dir / 'adapter' / 'adapter_model.safetensors'} is damaged"):
+        dpo.build_policy(cfg, modeling.model_path(cfg))  # named before any model loads
 
 
 def test_bad_init_from_exits_nonzero_with_one_line_naming_the_path(tmp_path):

@@ -407,7 +407,8 @@ def test_infer_refuses_a_log_key_model_as_evaluate_does(tmp_path):
     """stage=infer ran an HDFS next-key model as the auth-log analyst and 'succeeded' with 0 of 3 valid JSON answers."""
     from omegaconf import OmegaConf
 
-    from sectune.stages.infer import ModelChoice, _refuse_non_analyst
+    from sectune.runner import refuse_non_analyst as _refuse_non_analyst
+    from sectune.stages.infer import ModelChoice
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)

@@ -610,3 +610,20 @@ def test_a_long_log_says_its_progress_and_an_interrupt_keeps_what_was_answered(t
     final = json.loads((tmp_path / "run" / "analyses.json").read_text())
     assert [r["analysis"]["verdict"] for r in final] == ["benign"] * 4 + ["malicious"]
     assert not list((tmp_path / "run").glob("analyses.partial*"))
+
+
+def test_infer_loads_an_adapter_under_the_quantization_its_run_trained_with(tmp_path, capsys):
+    """An audit (session 25): an nf4-trained adapter was loaded onto an unquantized base unless the command repeated
+    quantization=nf4, without a word, and answered otherwise than the policy its run evaluated."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose(["quantization=nf4"]), run / ".hydra" / "config.yaml")
+    choice = infer.ModelChoice("sft", run / "adapter", "adapter")
+    cfg = compose([])
+    got = runner.trained_quantization(cfg, choice)
+    assert got.quantization.name == "nf4" and got.quantization.load_in_4bit and cfg.quantization.name == "none"
+    assert "quantization=nf4 as the sft run trained (this command: quantization=none)" in capsys.readouterr().out
+    same = compose(["quantization=nf4"])
+    assert runner.trained_quantization(same, choice) is same and capsys.readouterr().out == ""

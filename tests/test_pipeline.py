@@ -525,3 +525,13 @@ def test_a_pipeline_step_in_a_sweep_is_not_scored_by_the_sweeps_objective(tmp_pa
     step.dir.mkdir(parents=True)
     assert pipeline.run_step(step) == 0
     assert json.loads((step.dir / "result.json").read_text())["status"] == "succeeded"
+
+
+def test_a_step_that_would_load_an_earlier_steps_policy_onto_another_model_stops_the_pipeline_before_any_step_runs(tmp_path):
+    """An audit (session 25): `pipeline.overrides.sft.model=tiny_gpt2` trained a GPT-2 adapter, then the dpo step (on
+    tiny_llama) could not load it: found after the SFT step had trained."""
+    run = sectune([*SMALL, "pipeline.steps=[sft,dpo]", "pipeline.overrides.sft.model=tiny_gpt2"], tmp_path / "p")
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert ("pipeline step dpo, before any step runs: it starts from the sft step's policy (dpo.init_from), which trains "
+            "model=tiny_gpt2" in run.stderr and "this step loads model=tiny_llama" in run.stderr)
+    assert not (tmp_path / "p" / "sft" / "result.json").exists()

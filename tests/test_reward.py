@@ -206,12 +206,17 @@ def test_init_from_resolves_full_sft_weights_and_refuses_what_it_cannot_start_fr
     run = tmp_path / "sft_run"  # an SFT run dir whose result.json names full weights
     (run / "model").mkdir(parents=True)
     (run / "model" / "config.json").write_text("{}")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, run / "model" / "model.safetensors")
     (run / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": {"model": "model"}}))
     assert start_weights(cfg_with(run)) == str(run / "model")
     assert start_weights(cfg_with(run / "model")) == str(run / "model")  # or the weights folder itself
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
+    save_file({"w": torch.ones(2)}, adapter / "adapter_model.safetensors")
     with pytest.raises(ConfigError, match=r"reward.init_from=.*adapter.*LoRA adapter; the reward model starts from full SFT weights"):
         start_weights(cfg_with(adapter))
     with pytest.raises(ConfigError, match=r"reward.init_from=.*nowhere.*does not exist"):

@@ -85,6 +85,46 @@ def test_quantized_nf4_and_int8_train_on_cpu(tmp_path):
         assert (tmp_path / q / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_an_eval_forward_leaves_4bit_lora_gradients_as_they_were():
+    """An audit (session 25): on a CPU with AVX512-BF16 (this host's EPYC, an AMX Xeon) bitsandbytes repacks a 4-bit
+    weight for its inference kernel at the first eval forward without grad (the evaluation before training, a
+    generation) and never back: later training forwards ran a kernel without autograd, and no gradient crossed the
+    quantized layers (SFT's first grad norm 0.061 against 0.397). Training stages keep the trainable layout."""
+    import torch
+
+    from conftest import compose
+    from sectune import modeling
+
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def grads(stage, eval_first):
+        cfg = compose(["quantization=nf4", "logger=none", f"stage={stage}"])
+        torch.manual_seed(0)
+        model = modeling.apply_lora(modeling.load_model(cfg), cfg)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # non-zero, so lora_A's gradient depends on what flows back through the layers above
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return model, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model, before = grads("sft", eval_first=False)
+    assert all(not getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
+    _, after = grads("sft", eval_first=True)
+    assert before.keys() == after.keys() and len(before) > 0
+    for n in before:
+        torch.testing.assert_close(after[n], before[n], rtol=1e-4, atol=1e-6)
+    from bitsandbytes.nn import Linear4bit
+
+    infer_model, _ = grads("infer", eval_first=False)  # infer only generates: the faster kernel where the CPU has it
+    layers = [m for m in infer_model.modules() if isinstance(m, Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu == Linear4bit(4, 4).support_avx512bf16_for_cpu for m in layers)
+
+
 def test_full_finetune_saves_whole_model(tmp_path):
     run = sectune([*FAST, "lora=none", "train.max_steps=2", "dataset.max_samples=12"], tmp_path / "full")
     assert run.returncode == 0, run.stderr[-2000:]

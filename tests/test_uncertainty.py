@@ -69,3 +69,10 @@ def test_the_vectorised_macro_f1_equals_sklearns_on_every_resample():
     want = [label_scores([truth[j] for j in row], [pred[j] for j in row], LABELS)["macro_f1"] for row in idx]
     assert got.shape == (51,) and np.allclose(got, want, atol=1e-12)
     assert got[-1] == want[-1] and len({truth[j] for j in idx[-1]}) == 1  # a resample of one class: F1 of that class alone
+
+
+def test_one_window_has_no_interval_instead_of_a_scipy_error():
+    """An audit (session 25): a pipeline with one test window ran every step, then failed at the table (scipy's
+    bootstrap needs two observations)."""
+    got = paired_bootstrap_diff(["malicious"], ["malicious"], ["benign"], ["benign", "malicious"])
+    assert got["diff"] == 1.0 and math.isnan(got["ci_low"]) and math.isnan(got["ci_high"]) and got["resamples"] == 0

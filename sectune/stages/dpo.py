@@ -178,9 +178,9 @@ def init_source(init_from: str, want: str) -> Path:
         raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or its {want}/ folder)")
     is_adapter = (p / "adapter_config.json").is_file()
     if want == "adapter" and is_adapter:
-        return p
+        return checkpoints.require_weights(p, want, key)
     if want == "model" and (p / "config.json").is_file() and not is_adapter:
-        return p
+        return checkpoints.require_weights(p, want, key)
     result = p / "result.json"
     if not result.is_file():
         if want == "model" and is_adapter:
@@ -199,7 +199,7 @@ def init_source(init_from: str, want: str) -> Path:
     folder = p / rel
     if not (folder / marker).is_file():
         raise ConfigError(f"{key}: {folder} (artifacts.{want} of {result}) has no {marker}")
-    return folder
+    return checkpoints.require_weights(folder, want, key)
 
 
 def sft_weights(init_from: str) -> Path | None:

@@ -63,7 +63,7 @@ def run(ctx: RunContext) -> dict:
     # a pipeline's own infer step runs before its table is made (one there is an earlier run's)
     inside = ic.model_dir is not None and Path(str(ic.model_dir)).expanduser().resolve() == run_dir.resolve().parent
     choice = choose_model(ic.model_dir, base_fallback=ic.base_fallback, table=not inside)
-    _refuse_non_analyst(choice, ic.model_dir)
+    runner.refuse_non_analyst(choice, ic.model_dir)
     gen_cfg = run_generation(cfg, choice)
 
     # 2. model
@@ -204,22 +204,6 @@ def _records(inputs, texts, used: str, validator, cut: set, char_cut: set) -> li
         rec["absent_names"] = absent_names(rec["analysis"], w.text)
         records.append(rec)
     return records
-
-
-def _refuse_non_analyst(choice, model_dir) -> None:
-    """A log-key model (dataset=hdfs) or a classifier writes no JSON analyses: refuse it, as stage=evaluate does."""
-    from omegaconf import OmegaConf
-
-    from sectune.injection_eval import NOT_ANALYSTS
-
-    saved = choice.path.parent / ".hydra" / "config.yaml" if choice.path is not None else None
-    if saved is None or not saved.is_file():
-        return
-    trained = OmegaConf.select(OmegaConf.load(saved), "dataset.name", default=None)
-    if trained in NOT_ANALYSTS:
-        hint = " (score it with stage=evaluate dataset=hdfs evaluate.model_dir=<it>)" if trained == "hdfs" else ""
-        raise ConfigError(f"infer.model_dir={model_dir}: {choice.path.parent} trained on dataset={trained}, not an auth-log "
-                          f"analyst that writes JSON analyses{hint}")
 
 
 def run_generation(cfg, choice: "ModelChoice"):
@@ -391,6 +375,7 @@ def load_model(cfg, choice: ModelChoice):
     """(model on the run's device in eval mode, tokenizer, the adapter/model folder or base path). An adapter goes on the
     weights its run recorded (``artifacts.base_model``), else on the local folder it was trained on (its
     ``base_model_name_or_path``): the command's own model=, with another shape, lost the adapter's deeper layers."""
+    cfg = runner.trained_quantization(cfg, choice)
     base = modeling.adapter_base(choice.path, cfg) if choice.kind == "adapter" else modeling.model_path(cfg)
     if choice.kind == "adapter":
         trained_on = json.loads((choice.path / "adapter_config.json").read_text()).get("base_model_name_or_path")

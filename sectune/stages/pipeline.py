@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,7 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
     if table_on or "infer" in by_name:
         test_windows = check_held_out(steps, eval_cfg, cfg.pipeline.heldout_max_windows)
     check_detection_data(steps)
+    check_handoff_models(steps)
     print(f"sectune: pipeline: {' → '.join(names)} in {run_dir}")
 
     # one W&B run per step (grouped under this dir's name); this run's own reopens at the end
@@ -366,6 +368,26 @@ def check_detection_data(steps: list[Step]) -> None:
                     hdfs.load_hdfs(step.cfg)
             except SectuneError as e:
                 raise ConfigError(f"pipeline step {step.name}, before any step runs: {e}") from None
+
+
+def check_handoff_models(steps: list[Step]) -> None:
+    """A step that starts from an earlier step's policy loads it onto its own model= (a per-step
+    ``pipeline.overrides.sft.model=…`` was found when the dpo step could not load the adapter, after SFT had trained);
+    another quantization is said (the infer step loads the one the policy trained under)."""
+    by_name = {s.name: s for s in steps}
+    for step in steps:
+        for giver, (key, _) in TAKES.get(step.name, {}).items():
+            if giver not in by_name or key == "rl.reward_model":  # a reward model scores text: its own model is fine
+                continue
+            a, b = by_name[giver].cfg, step.cfg
+            if (a.model.name, a.model.name_or_path) != (b.model.name, b.model.name_or_path):
+                raise ConfigError(f"pipeline step {step.name}, before any step runs: it starts from the {giver} step's policy "
+                                  f"({key}), which trains model={a.model.name} ({a.model.name_or_path or 'its preset path'}) while "
+                                  f"this step loads model={b.model.name} ({b.model.name_or_path or 'its preset path'}): give "
+                                  "model= to the whole pipeline, or the same pipeline.overrides.<step>.model to both")
+            if step.name != "infer" and a.quantization.name != b.quantization.name:
+                print(f"sectune: warning: pipeline step {step.name} loads the {giver} step's policy with quantization="
+                      f"{b.quantization.name}; it trained under quantization={a.quantization.name}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- running

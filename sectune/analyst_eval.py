@@ -311,7 +311,7 @@ def build_table(
     compare(rows, scores, [w.label for w in test], baseline, best, int(eval_cfg.train.seed))
     by_source = {r.name: score_by_source(r, test) for r in rows}
 
-    metrics = table_metrics(rows, scores, best, baseline)
+    metrics = table_metrics(rows, scores, best, baseline, val_scores)
     table = {
         **(extra or {}),
         "windows": [{"id": w.id, "source": w.source, "verdict": w.label} for w in test],

@@ -95,9 +95,13 @@ def compare(rows: list, scores: dict, truth: list[str], baseline, best, seed: in
             scores[r.name].update(vs_sft_diff=ci["diff"], vs_sft_ci95=[ci["ci_low"], ci["ci_high"]])
 
 
-def table_metrics(rows: list[Row], scores: dict, best: Row | None, baseline: Row) -> dict:
-    """The numbers the pipeline's result.json carries (names the checks rely on, plus per step)."""
+def table_metrics(rows: list[Row], scores: dict, best: Row | None, baseline: Row, val_scores: dict | None = None) -> dict:
+    """The numbers the pipeline's result.json carries (names the checks rely on, plus per step); the chosen policy's
+    validation verdict macro-F1 too (``heldout_val_verdict_macro_f1``): what a sweep of pipelines is ranked by, never
+    the test table's."""
     m: dict = {"heldout_windows": scores[baseline.name]["windows"], "baseline_verdict_macro_f1": scores[baseline.name]["verdict_macro_f1"]}
+    if best is not None and best.name in (val_scores or {}):
+        m["heldout_val_verdict_macro_f1"] = val_scores[best.name]["verdict_macro_f1"]
     if best is not None:
         b = scores[best.name]
         m.update(heldout_json_valid_rate=b["json_valid_rate"], heldout_schema_valid_rate=b["schema_valid_rate"],

@@ -164,6 +164,10 @@ class DatasetConfig:
     injection_fields: List[str] = field(default_factory=lambda: ["user", "ssh_client", "host"])
     template_fraction: float = 0.5
     injection_max_chars: int = 160
+    # injection texts go to one split per group: "similar" groups edited variants of one text (a shared run of >= 20
+    # characters covering 60% of the shorter, or a difflib ratio >= 0.75) and texts containing one another;
+    # "containment" only the latter (sectune before session 25: 5 of deepset's 23 test texts had a variant in train)
+    injection_text_groups: str = "similar"
     injections_per_window: int = 1
     # injections per *training* window (null: injections_per_window): each a fresh text, field and position on
     # the same window, so training sees more planted lines while validation and test keep their own triplets

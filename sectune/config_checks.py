@@ -257,11 +257,17 @@ def check_quantization(cfg) -> None:
 
 
 def check_sweep(cfg) -> None:
-    """``sweep.direction``, which the Optuna preset hands to its study (sectune.cli.SweepCheck checks it before a sweep starts)."""
+    """``sweep.direction`` and ``sweep.objective`` (not a test number), which the Optuna preset hands to its study (sectune.cli.SweepCheck checks it before a sweep starts)."""
     from sectune.errors import ConfigError
 
     if cfg.sweep.direction not in ("minimize", "maximize"):
         raise ConfigError(f"sweep.direction={cfg.sweep.direction}: choose minimize or maximize")
+    from sectune.sweeps import TEST_METRIC
+
+    if cfg.sweep.objective and TEST_METRIC.match(str(cfg.sweep.objective)):
+        raise ConfigError(f"sweep.objective={cfg.sweep.objective}: a number measured on the test split; a sweeper that "
+                          "optimises it chooses on test (its best trial's score is then optimistic). Optimise a validation "
+                          "metric (eval_loss, val_macro_f1, heldout_val_verdict_macro_f1, …) and read the chosen trial's test number")
 
 
 def dpo_sft_weight(cfg) -> float:

@@ -15,8 +15,9 @@ Choices:
 * Override values are parsed as YAML, plus Hydra's float spellings (``1e-4``), so numbers
   are numbers and sort/plot as such.
 * Sort metric: the first of :data:`DEFAULT_SORT` present (``eval_loss``, classify's ``val_macro_f1``, federated's
-  ``val_loss_end``, a pipeline's ``heldout_verdict_macro_f1``, contrastive's ``best_eval_causal_stability`` or
-  ``attack_success_rate``), else the first metric; names containing ``loss`` sort
+  ``val_loss_end``, a pipeline's ``heldout_val_verdict_macro_f1`` (its chosen policy's, on the validation windows),
+  contrastive's ``best_eval_causal_stability``), else the first metric that is not a test number (:data:`TEST_METRIC`),
+  else job order (unranked); names containing ``loss`` sort
   ascending, other metrics (accuracy, f1, reward) descending, non-metric columns ascending;
   ``ascending`` overrides. Failed rows (no metric) go last.
 * Plots show the sort metric against each swept key over succeeded runs: every run as a point,
@@ -42,6 +43,7 @@ import pandas as pd
 
 from sectune.errors import ConfigError, DataError
 from sectune.runner import write_text_atomic
+from sectune.sweeps import TEST_METRIC
 from sectune.sweep_jobs import (BASE_COLUMNS, EARLIER_SWEEP, NOT_RUN, NOT_STARTED, expected_jobs, job_dirs, parse_value,
                                 raw_overrides, read_overrides, read_result, sweep_objective)
 
@@ -131,19 +133,18 @@ def lower_is_better(name: str) -> bool:
 #: metrics are its infer step's, and the first of them, ``inputs``, ranked nothing), contrastive's validation causal
 #: stability at its kept checkpoint (else its attack success: its first metric, ``causal_stability_start``, is the same
 #: number in every job)
-DEFAULT_SORT = ("eval_loss", "val_macro_f1", "val_loss_end", "heldout_verdict_macro_f1", "best_eval_causal_stability",
-                "attack_success_rate")
+DEFAULT_SORT = ("eval_loss", "val_macro_f1", "val_loss_end", "heldout_val_verdict_macro_f1", "best_eval_causal_stability")
 
 
 def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, ascending: bool | None,
                sort_by_setting: str = "--sort-by") -> pd.DataFrame:
     """Sort by ``sort_by`` (default: :data:`DEFAULT_SORT`, else first metric); loss-like ascending, NaN last. ``sort_by_setting``
     names where ``sort_by`` came from: ``--sort-by`` (sectune-report) or ``report.sort_by`` (stage=report)."""
-    if sort_by is None:  # the validation number the stages select on, else the first metric
-        sort_by = next((m for m in DEFAULT_SORT if m in metrics), metrics[0] if metrics else None)
-    if sort_by is None:
+    if sort_by is None:  # the validation number the stages select on, else the first metric that is not a test number
+        sort_by = next((m for m in DEFAULT_SORT if m in metrics), next((m for m in metrics if not TEST_METRIC.match(m)), None))
+    if sort_by is None:  # only test numbers: job order, and the report says why
         out = frame.reset_index(drop=True)
-        out.attrs.update(frame.attrs, sort_by=None, ascending=True)
+        out.attrs.update(frame.attrs, sort_by=None, ascending=True, unranked=bool(metrics))
         return out
     if sort_by not in frame.columns:
         given = f"{sort_by_setting} {sort_by}" if sort_by_setting.startswith("--") else f"{sort_by_setting}={sort_by}"
@@ -181,6 +182,12 @@ def to_markdown(frame: pd.DataFrame) -> str:
                 if others[EARLIER_SWEEP] else "")]
     if a.get("sort_by"):
         lines[-1] += f" Sorted by `{a['sort_by']}` ({'ascending' if a.get('ascending') else 'descending'})."
+        if TEST_METRIC.match(str(a["sort_by"])):
+            lines[-1] += (" That is a test number: the top row was chosen on test, so its score is optimistic (the best of "
+                          f"{n_ok} noisy scores); choose on a validation metric and read the chosen row's test number.")
+    elif a.get("unranked"):
+        lines[-1] += (" Not ranked (job order): every metric here is measured on the test split, and choosing by one would "
+                      "choose on test; --sort-by names one if you must.")
     if a.get("fixed"):
         lines.append("Fixed overrides: " + ", ".join(f"`{k}={_cell(v)}`" for k, v in a["fixed"].items()))
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in cols) + "|"]
@@ -311,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``sectune-report DIR [--sort-by M] [--ascending|--descending]``; exit 2 on a bad DIR."""
     p = argparse.ArgumentParser(prog="sectune-report", description="Table and plots over a sectune sweep dir.")
     p.add_argument("sweep_dir", help="a Hydra multirun dir holding 0/, 1/, ... job dirs")
-    p.add_argument("--sort-by", default=None, help="metric (or column) to sort by; default: the sweep's sweep.objective, else the first of eval_loss, val_macro_f1, val_loss_end, heldout_verdict_macro_f1, ... present, else the first metric")
+    p.add_argument("--sort-by", default=None, help="metric (or column) to sort by; default: the sweep's sweep.objective, else the first of eval_loss, val_macro_f1, val_loss_end, heldout_val_verdict_macro_f1, ... present, else the first metric not measured on test, else job order")
     order = p.add_mutually_exclusive_group()
     order.add_argument("--ascending", dest="ascending", action="store_true", default=None, help="smallest first")
     order.add_argument("--descending", dest="ascending", action="store_false", help="largest first")

@@ -18,10 +18,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+
+#: metric names measured on the test split (a pipeline's held-out table, attack success on the held-out injected windows,
+#: stage=evaluate's test_*): never a sweep objective nor a report's default sort key, since ranking jobs by them chooses on
+#: test (the top row is then the best of k noisy test scores)
+TEST_METRIC = re.compile(r"^(test_|heldout_(?!val_)|attack_success|targeted_attack|demanded_attack|clean_verdict)")
 
 RESULT_FILE = "result.json"
 

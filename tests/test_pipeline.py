@@ -235,6 +235,7 @@ def test_failed_rl_step_then_rerun_continues_without_retraining(tmp_path):
     assert set(val) == {r["name"] for r in table["rows"] if r["kind"] == "policy" and r["step"] not in (None, "base") and not r["constrained"]}
     assert table["best_policy"] in val and table["best_policy_chosen_on"] == "verdict macro-F1 on the 4 validation windows"
     assert val[table["best_policy"]]["verdict_macro_f1"] == max(v["verdict_macro_f1"] for v in val.values())
+    assert m["heldout_val_verdict_macro_f1"] == val[table["best_policy"]]["verdict_macro_f1"]  # what a sweep ranks by
     assert "The best policy was chosen by verdict macro-F1 on the 4 validation windows, never on these test windows." in report
     # the bar's claim with its noise: the best policy vs TF-IDF + LR, a paired bootstrap interval over the windows
     best = next(r for r in table["rows"] if r["name"] == table["best_policy"])
@@ -514,13 +515,13 @@ def test_a_loss_or_dataset_choice_for_the_whole_pipeline_is_refused_not_dropped(
 
 
 def test_a_pipeline_step_in_a_sweep_is_not_scored_by_the_sweeps_objective(tmp_path, monkeypatch):
-    """sweep.objective names the pipeline's number (heldout_verdict_macro_f1); each step's result lacks it, and every
+    """sweep.objective names the pipeline's number (heldout_val_verdict_macro_f1); each step's result lacks it, and every
     step was failed as an unscorable trial."""
     from sectune import sweeps
     from sectune.stages import pipeline
 
     monkeypatch.setattr(sweeps, "in_multirun", lambda: True)
-    over = ["stage=plan", "sweep.objective=heldout_verdict_macro_f1", "logger=none"]
+    over = ["stage=plan", "sweep.objective=heldout_val_verdict_macro_f1", "logger=none"]
     step = pipeline.Step("plan", tmp_path / "p" / "plan", compose(over), over)
     step.dir.mkdir(parents=True)
     assert pipeline.run_step(step) == 0

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import compose
 from sectune.report import build_report, main, write_report
 from sectune.sweep_jobs import NO_RESULT
 
@@ -214,17 +215,34 @@ def test_a_seed_sweep_gets_each_settings_mean_and_sd_over_its_seeds(tmp_path):
     assert "Over seeds" not in plain["markdown"] and not (tmp_path / "plain" / "report_seeds.csv").exists()
 
 
-def test_a_pipeline_sweep_sorts_by_its_held_out_verdict_macro_f1(tmp_path):
-    """A pipeline's metrics are its infer step's (``inputs`` first) plus the held-out table's: it was sorted by ``inputs``."""
-    grid = [(0, 4, "1e-4", {"inputs": 43, "heldout_verdict_macro_f1": 0.85}), (1, 4, "2e-4", {"inputs": 43, "heldout_verdict_macro_f1": 0.91})]
+def test_a_pipeline_sweep_sorts_by_its_chosen_policys_validation_score_never_by_a_test_number(tmp_path):
+    """A pipeline's metrics are its infer step's (``inputs`` first) plus the held-out table's: it was sorted by ``inputs``,
+    then (an audit, session 25) by the held-out table's verdict macro-F1, a test number: the top row was the best of k
+    noisy test scores, and the job validation would choose came last."""
+    grid = [(0, 4, "1e-4", {"inputs": 43, "heldout_val_verdict_macro_f1": 0.95, "heldout_verdict_macro_f1": 0.84}),
+            (1, 4, "2e-4", {"inputs": 43, "heldout_val_verdict_macro_f1": 0.88, "heldout_verdict_macro_f1": 0.91})]
     frame = build_report(make_sweep(tmp_path / "p", grid))
-    assert frame.attrs["sort_by"] == "heldout_verdict_macro_f1" and not frame.attrs["ascending"]
-    assert list(frame["job"]) == [1, 0]
-    # a contrastive sweep without validation: its attack success, lowest first (its first metric is measured before training)
-    grid = [(0, 4, "1e-4", {"causal_stability_start": 0.9, "attack_success_rate": 0.4}),
-            (1, 4, "2e-4", {"causal_stability_start": 0.9, "attack_success_rate": 0.2})]
-    frame = build_report(make_sweep(tmp_path / "c", grid))
-    assert frame.attrs["sort_by"] == "attack_success_rate" and frame.attrs["ascending"] and list(frame["job"]) == [1, 0]
+    assert frame.attrs["sort_by"] == "heldout_val_verdict_macro_f1" and not frame.attrs["ascending"]
+    assert list(frame["job"]) == [0, 1]
+    # only test numbers (an injection evaluate sweep): not ranked, and the report says why
+    grid = [(0, 4, "1e-4", {"attack_success_rate": 0.4, "clean_verdict_accuracy": 0.8}),
+            (1, 4, "2e-4", {"attack_success_rate": 0.2, "clean_verdict_accuracy": 0.9})]
+    out = write_report(make_sweep(tmp_path / "c", grid))
+    assert out["frame"].attrs["sort_by"] is None and list(out["frame"]["job"]) == [0, 1]
+    assert "Not ranked (job order): every metric here is measured on the test split" in out["markdown"]
+    # asked for by name: sorted, and said to be a choice on test
+    forced = write_report(tmp_path / "c", sort_by="attack_success_rate")
+    assert list(forced["frame"]["job"]) == [1, 0] and "That is a test number: the top row was chosen on test" in forced["markdown"]
+
+
+def test_a_sweep_objective_measured_on_test_is_refused():
+    from sectune.config_checks import check_sweep
+    from sectune.errors import ConfigError
+
+    for name in ("heldout_verdict_macro_f1", "attack_success_rate", "test_macro_f1"):
+        with pytest.raises(ConfigError, match=rf"sweep.objective={name}: a number measured on the test split"):
+            check_sweep(compose([f"sweep.objective={name}"]))
+    check_sweep(compose(["sweep.objective=heldout_val_verdict_macro_f1"]))
 
 
 def _multirun(root, task, sweeper="hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):

@@ -536,6 +536,22 @@ def test_simplified_ppo_preset_is_the_seeds_recipe_and_picks_the_best_windows():
     assert [r["id"] for r in rl.highest_quality(recs, 2, fits=lambda r: r["id"] != "1")] == ["5", "2"]
 
 
+def test_simplified_ppo_never_trains_on_a_window_the_max_samples_split_holds_out(tmp_path):
+    """An audit (session 25): with dataset.max_samples=N simplified_ppo split every window and took N of that split's
+    train windows, while every other stage (the pipeline's table, infer, evaluate) held out the N-window split's test
+    windows: 10 of 150 windows trained on were test windows there."""
+    from sectune import data
+    from sectune.stages import rl
+
+    cfg = compose(["stage=rl", "loss=simplified_ppo", "dataset.max_samples=150", f"paths.cache_dir={tmp_path / 'cache'}"])
+    own = data.sft_splits(cfg)
+    held = {r["id"] for r in own["validation"] + own["test"]}
+    picked = rl.simplified_ppo_windows(cfg)
+    assert len(picked) == 150 and not {rl._parent_id(r["id"]) for r in picked} & held
+    full = data.sft_splits(compose(["dataset.max_samples=null", f"paths.cache_dir={tmp_path / 'cache'}"]))["train"]
+    assert {rl._parent_id(r["id"]) for r in full} & held  # without the exclusion the pool held some of them
+
+
 # ---------------------------------------------------------------------------- runs, end to end
 #: a brief full-weight SFT run (30 steps: the tiny model then writes JSON-shaped answers), then GRPO with a LoRA
 #: adapter on those weights. The reward: valid JSON within 32 tokens at temperature 0.7, which 30 SFT steps leave

@@ -295,8 +295,6 @@ def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs,
 # -------------------------------------------------------------------------------- simplified ppo
 def run_simplified_ppo(ctx: RunContext) -> dict:
     """Seed 000's "simplified PPO": SFT on the best train examples. Said on the console and in result.json."""
-    from omegaconf import OmegaConf
-
     cfg, run_dir = ctx.cfg, ctx.run_dir
     t0 = time.perf_counter()
     print(f"sectune: NOTE: {SFT_NOTE}")
@@ -304,12 +302,8 @@ def run_simplified_ppo(ctx: RunContext) -> dict:
     model, start, fresh, sft_weights, init_folder = build_policy(cfg, path)
     tokenizer = modeling.tokenizer_for(cfg, init_folder, path)  # the one saved with the weights it starts from
 
-    # the split of every window (as an SFT run with dataset.max_samples=null), then the best n train windows
-    n = cfg.dataset.max_samples or SIMPLIFIED_PPO_EXAMPLES
-    all_windows = OmegaConf.merge(cfg, {"dataset": {"max_samples": None}})
-    splits = data.sft_splits(all_windows)
     max_len = int(cfg.model.max_seq_length)
-    recs = highest_quality(splits["train"], n, fits=lambda r: len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) + 1 <= max_len)
+    recs = simplified_ppo_windows(cfg, fits=lambda r: len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) + 1 <= max_len)
     if not recs:
         raise ConfigError(f"dataset={cfg.dataset.name}: no train window fits model.max_seq_length={max_len} whole")
     labels = {lab: sum(r["label"] == lab for r in recs) for lab in sorted({r["label"] for r in recs})}
@@ -335,6 +329,27 @@ def run_simplified_ppo(ctx: RunContext) -> dict:
     metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
     print(f"sectune: done · adapter at {run_dir / 'adapter'} · train loss {metrics['train_loss']:.4f} · {SFT_NOTE}")
     return {"metrics": metrics, "artifacts": artifacts}
+
+
+def simplified_ppo_windows(cfg, fits=lambda r: True) -> list[dict]:
+    """The split of every window (as an SFT run with dataset.max_samples=null), then the best n train windows. With
+    dataset.max_samples (seed 000's --samples: n here) every other stage splits n windows, so a window held out there
+    (validation or test: the pipeline's table, infer, evaluate) is not trained on here either: it was (an audit,
+    session 25: 10 of 150 windows trained on were test windows of the 150-window split)."""
+    from omegaconf import OmegaConf
+
+    n = cfg.dataset.max_samples or SIMPLIFIED_PPO_EXAMPLES
+    train = data.sft_splits(OmegaConf.merge(cfg, {"dataset": {"max_samples": None}}))["train"]
+    if cfg.dataset.max_samples:
+        own = data.sft_splits(cfg)
+        held = {_parent_id(r["id"]) for r in own["validation"] + own["test"]}
+        train = [r for r in train if _parent_id(r["id"]) not in held]
+    return highest_quality(train, n, fits=fits)
+
+
+def _parent_id(record_id) -> str:
+    """The window a training record was cut from (``<id>~j``: a sub-window; ``<id>^j``: a counterfactual)."""
+    return str(record_id).split("~")[0].split("^")[0]
 
 
 def build_sft_trainer(cfg, model, tokenizer, recs: list[dict], output_dir: Path, callbacks=()):

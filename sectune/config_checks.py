@@ -192,6 +192,15 @@ def check_settings_in_effect(cfg, need) -> None:
          "file as dataset.path (scored on its own validation/test split)")
     need(cfg.stage.name != "federated" or cfg.train.resume in (None, "", "no"), "train.resume", cfg.train.resume,
          "stage=federated does not resume (a rerun starts from round 0: its rounds keep no Trainer checkpoints)")
+    if cfg.stage.name == "rl":  # loss settings the chosen objective does not read (an audit, session 25: taken silently)
+        from sectune.config import LossConfig
+
+        unread = ("beta", "clip_epsilon", "key_weight") if cfg.loss.name == "simplified_ppo" else ("key_weight",)
+        changed = [k for k in unread if cfg.loss[k] != getattr(LossConfig(), k)]
+        need(not changed, f"loss.{changed[0] if changed else ''}", cfg.loss[changed[0]] if changed else None,
+             f"is not read by loss={cfg.loss.name} (" + ("seed 000's recipe: supervised fine-tuning with the plain loss"
+             if cfg.loss.name == "simplified_ppo" else "key_weight weights SFT's answer tokens; GRPO's loss is the clipped "
+             "objective") + "): leave it out")
     if cfg.stage.name == "rl" and cfg.loss.name == "simplified_ppo":  # supervised fine-tuning: no sampling, no reward
         from sectune.config_stages import RLConfig
 

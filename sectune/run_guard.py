@@ -210,7 +210,7 @@ def restore_run_config(run_dir: Path) -> str:
 #: a copy of the succeeded run's (:func:`keep_artifact_copies`), put back when the rerun fails
 REWRITTEN_ON_FAILURE = ("train_history",)
 #: training state, not a result: a fresh rerun sets the earlier attempt's checkpoints aside and saves its own
-TRAINING_STATE = ("checkpoints",)
+TRAINING_STATE = ("checkpoints", "best_checkpoint")  # best_checkpoint lives under checkpoints/: a fresh rerun sets it aside
 ARTIFACT_COPIES = f"{SUCCEEDED_CONFIG_DIR}/artifacts"
 
 

@@ -283,6 +283,9 @@ def test_a_rerun_that_touched_an_artifact_reports_its_own_failure():
         assert artifacts_untouched(run_dir, result, since)
         (run_dir / "checkpoints" / "c1" / "s.json").write_text("new")  # training state: a rerun saves its own
         assert artifacts_untouched(run_dir, result, since)
+        # a contrastive run's best checkpoint lives under checkpoints/, which a fresh rerun sets aside (an audit, session
+        # 25: a Ctrl-C'd rerun then left the succeeded contrastive run failed)
+        assert artifacts_untouched(run_dir, {**result, "artifacts": {**result["artifacts"], "best_checkpoint": "checkpoints/gone"}}, since)
         (run_dir / "samples" / "p.json").write_text("new")  # written by the failed attempt
         assert not artifacts_untouched(run_dir, result, since)
         (run_dir / "samples" / "p.json").unlink()  # or deleted by it

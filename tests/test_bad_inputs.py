@@ -234,3 +234,17 @@ def test_a_reward_model_cut_short_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(data[:-10])
     with pytest.raises(ConfigError, match=r"adapter_model.safetensors is damaged"):
         check_head(tmp_path)
+
+
+def test_loss_settings_the_rl_objective_does_not_read_are_refused():
+    """An audit (session 25): simplified_ppo (supervised fine-tuning) took loss.beta / clip_epsilon / key_weight, and GRPO
+    loss.key_weight, without a word (identical runs either way)."""
+    from conftest import compose
+    from sectune.config_checks import check_values
+    from sectune.errors import ConfigError
+
+    for loss, key in (("simplified_ppo", "beta=0.1"), ("simplified_ppo", "clip_epsilon=0.3"), ("simplified_ppo", "key_weight=5"),
+                      ("grpo", "key_weight=5")):
+        with pytest.raises(ConfigError, match=rf"loss.{key.split('=')[0]}=.*: is not read by loss={loss}"):
+            check_values(compose(["stage=rl", f"loss={loss}", f"loss.{key}"]))
+    check_values(compose(["stage=rl", "loss=grpo", "loss.beta=0.1", "loss.clip_epsilon=0.3"]))  # GRPO's own

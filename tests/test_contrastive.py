@@ -452,3 +452,18 @@ def test_a_prompt_too_long_is_cut_in_the_middle_so_an_appended_injection_stays(t
     assert row["inj_ids"][-16:] == full[-16:] and row["inj_ids"][:16] == full[:16]  # both ends kept
     assert row["inj_ids"] != row["b_ids"][: row["b_prompt_len"]]  # the injection is still there
     assert row["b_ids"][row["b_prompt_len"] - 3 : row["b_prompt_len"]] == tok(t["prompt"])["input_ids"][-3:]  # the cue too
+
+
+def test_early_stopping_settings_are_checked_before_anything_loads():
+    """An audit (session 25): a typo'd early-stopping metric trained 2 steps, then died in transformers with a KeyError
+    naming metric_for_best_model; a negative patience or min_delta was taken without a word."""
+    from sectune.errors import ConfigError
+
+    base = ["stage=contrastive", "loss=causal_contrastive", "dataset=injection_triplets"]
+    with pytest.raises(ConfigError, match=r"contrastive.early_stopping.metric='causal_stabilty': choose one of causal_stability, "):
+        contrastive.check_config(compose([*base, "contrastive.early_stopping.metric=causal_stabilty"]))
+    for bad in ("contrastive.early_stopping.patience=-1", "contrastive.early_stopping.min_delta=-0.1"):
+        with pytest.raises(ConfigError, match=r"contrastive.early_stopping: patience=.* must be >= 0"):
+            contrastive.check_config(compose([*base, bad]))
+    for ok in contrastive.EVAL_METRICS:
+        contrastive.check_config(compose([*base, f"contrastive.early_stopping.metric={ok}"]))

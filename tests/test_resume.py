@@ -163,3 +163,22 @@ def test_the_last_good_checkpoint_a_nan_report_names_holds_no_nan(tmp_path):
     ckpt(3, [{"loss": 1.5, "step": 1}, {"loss": 1.2, "step": 3}], float("inf"))
     assert last_finite_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
     assert last_finite_checkpoint(tmp_path / "none") is None
+
+
+def test_resuming_a_checkpoint_at_max_steps_trains_nothing_more_and_keeps_its_weights(tmp_path):
+    """An audit (session 25): transformers' Trainer checks the step count only after a step, so a run resumed from a
+    checkpoint already at train.max_steps mid-epoch (killed after its last checkpoint) trained step max_steps + 1."""
+    from safetensors.torch import load_file
+
+    args = [*FAST, "train.max_steps=5", "train.save_steps=5", "dataset.max_samples=48"]
+    first = sectune(args, tmp_path / "r")
+    assert first.returncode == 0, first.stderr[-2000:]
+    state = json.loads((tmp_path / "r" / "checkpoints" / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["epoch"] != int(state["epoch"])  # mid-epoch: where Trainer took one more step
+    weights = load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors")
+    again = sectune([*args, "train.resume=auto"], tmp_path / "r")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "is at step 5 = train.max_steps: nothing left to train" in again.stdout
+    assert again.result["metrics"]["train_steps"] == 5 and sorted(_losses(tmp_path / "r")) == [1, 2, 3, 4, 5]
+    after = load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors")
+    assert all((after[k] == weights[k]).all() for k in weights)

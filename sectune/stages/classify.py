@@ -229,7 +229,7 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     engine.selective_checkpointing(trainer.model, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        train_out = trainer.train(resume_from_checkpoint=checkpoints.resolve_resume(cfg, ckpt_dir))
+        train_out = engine.train(trainer, checkpoints.resolve_resume(cfg, ckpt_dir))
     finally:
         engine.write_history(out_dir / "train_history.json", trainer)
     metrics = {"train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step,

@@ -39,6 +39,8 @@ from sectune.errors import ConfigError, SectuneError, first_line
 from sectune.runner import RunContext, init_source, write_json_atomic
 
 MODES = ("max", "min")
+#: the eval metrics the trainer logs (eval_<name>), which early stopping and the best checkpoint can follow
+EVAL_METRICS = ("causal_stability", "spurious_separation", "causal_discrimination", "task_loss", "loss")
 
 
 def run(ctx: RunContext) -> dict:
@@ -99,7 +101,7 @@ def run(ctx: RunContext) -> dict:
         ctx.partial_metrics.update({f"{k}_start": v for k, v in attack["start"][0].items()})
     try:
         with anomaly_detection(cfg):
-            train_out = trainer.train(resume_from_checkpoint=checkpoints.resolve_resume(cfg, run_dir / "checkpoints"))
+            train_out = engine.train(trainer, checkpoints.resolve_resume(cfg, run_dir / "checkpoints"))
     except RuntimeError as e:  # anomaly detection's "Function 'XBackward0' returned nan values in its 0th output"
         if not (cfg.debug.enabled and "nan values" in str(e)):
             raise
@@ -161,6 +163,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"contrastive.forward={c.forward!r}: choose one of {', '.join(CT.FORWARDS)}")
     if c.pooling not in CT.POOLINGS:
         raise ConfigError(f"contrastive.pooling={c.pooling!r}: choose one of {', '.join(CT.POOLINGS)}")
+    # the eval metrics CausalContrastiveTrainer logs (eval_<name>): what early stopping and the best checkpoint can follow
+    # (a typo failed after the first evaluation with transformers' KeyError on metric_for_best_model)
+    if c.early_stopping.metric not in EVAL_METRICS:
+        raise ConfigError(f"contrastive.early_stopping.metric={c.early_stopping.metric!r}: choose one of {', '.join(EVAL_METRICS)}")
+    if int(c.early_stopping.patience) < 0 or not (math.isfinite(c.early_stopping.min_delta) and c.early_stopping.min_delta >= 0):
+        raise ConfigError(f"contrastive.early_stopping: patience={c.early_stopping.patience} must be >= 0 (0 = never stop early) and "
+                          f"min_delta={c.early_stopping.min_delta} >= 0")
     if c.early_stopping.mode not in MODES:
         raise ConfigError(f"contrastive.early_stopping.mode={c.early_stopping.mode!r}: choose max or min")
     if not (math.isfinite(cfg.loss.temperature) and cfg.loss.temperature > 0):

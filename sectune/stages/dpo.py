@@ -94,7 +94,7 @@ def run(ctx: RunContext) -> dict:
         ctx.partial_metrics.update(start_metrics)  # kept in result.json even if training fails
     resume = checkpoints.resolve_resume(cfg, run_dir / "checkpoints")
     try:
-        train_out = trainer.train(resume_from_checkpoint=resume)
+        train_out = engine.train(trainer, resume)
     finally:  # the loss history so far is worth keeping even when training dies
         if main:
             engine.write_history(run_dir / "train_history.json", trainer)

@@ -134,7 +134,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     )
     engine.selective_checkpointing(trainer.model, cfg)
     try:
-        train_out = trainer.train(resume_from_checkpoint=checkpoints.resolve_resume(cfg, run_dir / "checkpoints"))
+        train_out = engine.train(trainer, checkpoints.resolve_resume(cfg, run_dir / "checkpoints"))
     finally:
         engine.write_history(run_dir / "train_history.json", trainer)
 

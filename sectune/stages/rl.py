@@ -206,7 +206,7 @@ def run_grpo(ctx: RunContext) -> dict:
         if 0 in best.scores:
             heldout["reward_heldout_start"] = best.scores[0]
     try:
-        train_out = trainer.train(resume_from_checkpoint=resume)
+        train_out = engine.train(trainer, resume)
     finally:  # the reward history so far is worth keeping even when training dies
         if main:
             write_json_atomic(run_dir / "train_history.json", {**rl_history(trainer), **({"heldout": best.scores} if best else {})})
@@ -312,7 +312,7 @@ def run_simplified_ppo(ctx: RunContext) -> dict:
     trainer = build_sft_trainer(cfg, model, tokenizer, recs, run_dir / "checkpoints", engine.fail_callbacks(cfg))
     main = trainer.accelerator.is_main_process
     try:
-        out = trainer.train(resume_from_checkpoint=checkpoints.resolve_resume(cfg, run_dir / "checkpoints"))
+        out = engine.train(trainer, checkpoints.resolve_resume(cfg, run_dir / "checkpoints"))
     finally:
         if main:
             engine.write_history(run_dir / "train_history.json", trainer)

@@ -90,7 +90,7 @@ def run(ctx: RunContext) -> dict:
     # Under torchrun every rank runs this file; evaluate/train are collective, writing is rank 0's.
     main = trainer.accelerator.is_main_process
     try:
-        train_out = trainer.train(resume_from_checkpoint=resume)
+        train_out = engine.train(trainer, resume)
     finally:  # the loss history so far is worth keeping even when training dies
         if main:
             engine.write_history(run_dir / "train_history.json", trainer)

@@ -202,6 +202,14 @@ def train(trainer, resume: str | None):
             trainer._load_best_model()
         trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
         return TrainOutput(trainer.state.global_step, 0.0, {})
+    except Exception as e:  # noqa: BLE001 - torch's refusal of a pickle holding more than tensors: said as what it means
+        if "Weights only load failed" not in str(e):
+            raise
+        from sectune.errors import ConfigError
+
+        raise ConfigError(f"train.resume: a training-state file in {resume} holds pickled objects beyond tensors and plain "
+                          "values, which sectune never loads (torch weights_only=True; loading it could run code): this "
+                          "training did not write it as it is. Resume from another checkpoint, or start over") from None
     finally:
         trainer.remove_callback(stop)
 

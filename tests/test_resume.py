@@ -182,3 +182,34 @@ def test_resuming_a_checkpoint_at_max_steps_trains_nothing_more_and_keeps_its_we
     assert again.result["metrics"]["train_steps"] == 5 and sorted(_losses(tmp_path / "r")) == [1, 2, 3, 4, 5]
     after = load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors")
     assert all((after[k] == weights[k]).all() for k in weights)
+
+
+class _Planted:
+    """A pickle that would write a file if loaded with weights_only=False."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def test_a_checkpoint_holding_a_code_running_pickle_is_refused_in_one_line_and_runs_nothing(tmp_path):
+    """Security: training state is read with torch.load(weights_only=True). An audit (session 25) planted a pickle that
+    would create a file in a checkpoint's rng_state.pth: nothing ran, but the error was torch's own, suggesting
+    weights_only=False. Now one line says what it means."""
+    import torch
+
+    args = [*FAST, "train.save_steps=2", "dataset.max_samples=24", "train.max_steps=2"]
+    first = sectune(args, tmp_path / "run")
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    planted = tmp_path / "PWNED"
+    torch.save({"python": _Planted(planted)}, ckpt / "rng_state.pth")  # torch's own zip format: it passes the damage check
+    again = sectune([*FAST, "train.save_steps=2", "dataset.max_samples=24", "train.max_steps=4", f"train.resume={ckpt}"],
+                    tmp_path / "again")
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert not planted.exists()
+    (line,) = [ln for ln in again.stderr.splitlines() if "sectune: error:" in ln]  # after a progress bar's last state
+    assert "holds pickled objects beyond tensors and plain values, which sectune never loads" in line and str(ckpt) in line
+    assert "weights_only=False" not in again.stderr.split("sectune: error:")[-1]

@@ -161,8 +161,14 @@ def trained_quantization(cfg, choice):
     theirs = run.get("quantization") if run is not None else None
     if theirs is None or OmegaConf.to_container(theirs) == OmegaConf.to_container(cfg.quantization):
         return cfg
+    try:
+        merged = OmegaConf.merge(cfg.quantization, theirs)
+    except Exception as e:  # noqa: BLE001 - a record from another sectune (keys this one lacks): said, this command's kept
+        print(f"sectune: warning: {choice.path.parent}: its quantization settings do not read here ({type(e).__name__}); "
+              f"loading with this command's quantization={cfg.quantization.name}")
+        return cfg
     print(f"sectune: infer: quantization={theirs.get('name')} as the {choice.used} run trained (this command: "
           f"quantization={cfg.quantization.name})")
     cfg = cfg.copy()
-    cfg.quantization = OmegaConf.merge(cfg.quantization, theirs)
+    cfg.quantization = merged
     return cfg

@@ -627,3 +627,5 @@ def test_infer_loads_an_adapter_under_the_quantization_its_run_trained_with(tmp_
     assert "quantization=nf4 as the sft run trained (this command: quantization=none)" in capsys.readouterr().out
     same = compose(["quantization=nf4"])
     assert runner.trained_quantization(same, choice) is same and capsys.readouterr().out == ""
+    (run / ".hydra" / "config.yaml").write_text("quantization:\n  name: nf4\n  a_key_from_elsewhere: 1\n")
+    assert runner.trained_quantization(cfg, choice) is cfg and "do not read here" in capsys.readouterr().out

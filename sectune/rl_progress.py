@@ -149,7 +149,7 @@ def plot_reward_curve(path: Path, steps: list[dict], title: str, weights: dict |
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax, ax_kl) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
+    fig, (ax, ax_kl) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=[3, 1])
     rewarded = [r for r in steps if r.get("reward") is not None]
     if rewarded:
         x = [r["step"] for r in rewarded]
@@ -164,11 +164,11 @@ def plot_reward_curve(path: Path, steps: list[dict], title: str, weights: dict |
         ax.plot(list(heldout), list(heldout.values()), "bo--", lw=1.5, label="held-out reward (greedy, same validation windows)")
     if steps:
         ax_kl.plot([r["step"] for r in steps], [r.get("kl", float("nan")) for r in steps], "r-", lw=1, label="KL to the reference")
-        ax_kl.legend(fontsize=8)
+        ax_kl.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_ylabel("mean reward per step")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves: inside, it covered the early steps
     ax_kl.set_xlabel("step")
     ax_kl.grid(alpha=0.3)
     fig.tight_layout()

@@ -285,6 +285,8 @@ class _Tap:
         self._stream, self._into, self._log, self._buf = stream, into, log, ""
 
     def write(self, s):
+        if isinstance(s, str) and s.startswith("sectune: ") and self._buf.strip():
+            self.write("\n")  # a progress bar's last state has no newline: sectune's line (an error, say) starts its own
         n = self._stream.write(s)
         if isinstance(s, str) and (self._log is not None or len(self._into) < 100):
             self._buf += s

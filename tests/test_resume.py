@@ -210,6 +210,6 @@ def test_a_checkpoint_holding_a_code_running_pickle_is_refused_in_one_line_and_r
                     tmp_path / "again")
     assert again.returncode == 2, again.stderr[-3000:]
     assert not planted.exists()
-    (line,) = [ln for ln in again.stderr.splitlines() if "sectune: error:" in ln]  # after a progress bar's last state
+    (line,) = [ln for ln in again.stderr.splitlines() if ln.startswith("sectune: error:")]
     assert "holds pickled objects beyond tensors and plain values, which sectune never loads" in line and str(ckpt) in line
     assert "weights_only=False" not in again.stderr.split("sectune: error:")[-1]

@@ -269,3 +269,17 @@ def test_the_console_log_keeps_a_progress_bars_last_state_without_control_sequen
         print(" · 1s")
     lines = (tmp_path / "console.log").read_text().splitlines()
     assert lines[1:] == ["100%|##| 3/3", "sectune: done · 1s"]
+
+
+def test_a_sectune_line_after_a_progress_bars_last_state_starts_its_own_line(tmp_path, capsys):
+    """An error printed while a progress bar held the line (no newline after its last redraw) was glued to the bar, on
+    the console and in console.log, where a reader searching for "sectune: error:" at a line's start missed it."""
+    import sys
+
+    from sectune.run_guard import recorded_warnings
+
+    with recorded_warnings(tmp_path / "console.log"):
+        sys.stderr.write("\r 50%|#   | 2/4")
+        print("sectune: error: boom", file=sys.stderr)
+    assert capsys.readouterr().err.splitlines()[-1] == "sectune: error: boom"
+    assert (tmp_path / "console.log").read_text().splitlines()[-2:] == [" 50%|#   | 2/4", "sectune: error: boom"]

@@ -210,7 +210,11 @@ def _run_config(cfg, choice, model_dir: Path):
     (theirs, their_layout, _) = source_folder(run_cfg)
     # neither dataset.path nor another dataset.hdfs_layout on this command: the run's own logs (not the shipped or
     # generated set this command's defaults name); dataset.hdfs_layout=loghub alone still picks the shipped loghub set
-    other = bool(cfg.dataset.path) or str(cfg.dataset.hdfs_layout) != str(run_cfg.dataset.hdfs_layout)
+    # (the schema's default layout is no request: a run trained on the loghub set was scored on DeepLog's sessions, exit 0)
+    from sectune.config import DatasetConfig
+
+    layout = str(cfg.dataset.hdfs_layout)
+    other = bool(cfg.dataset.path) or (layout != str(run_cfg.dataset.hdfs_layout) and layout != DatasetConfig.hdfs_layout)
     (mine, my_layout, _) = source_folder(cfg) if other else (theirs, their_layout, None)
     if (resolved(mine), my_layout) != (resolved(theirs), their_layout):
         # scored on their own split (g and the threshold chosen on its validation sessions, test reported), read as this

@@ -70,6 +70,25 @@ def check_values(cfg) -> None:
          "must be in [0, 1) (a fraction of the steps; transformers reads 1 and above as a number of steps)")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
     need(t.save_steps is None or t.save_steps >= 0, "train.save_steps", t.save_steps, "must be >= 0 (0 or null = no checkpoints)")
+    # values that crashed with a traceback after the data and model had loaded, or were taken without a word (an audit,
+    # session 25: model.max_seq_length=-1 finished as a succeeded run)
+    need(t.eval_steps is None or t.eval_steps >= 0, "train.eval_steps", t.eval_steps, "must be >= 0 (0 or null = no evaluation between steps)")
+    need(t.save_total_limit is None or t.save_total_limit >= 1, "train.save_total_limit", t.save_total_limit, "must be >= 1 (null = keep all)")
+    need(t.logging_steps >= 1, "train.logging_steps", t.logging_steps, "must be >= 1")
+    need(0 <= t.seed < 2**32, "train.seed", t.seed, f"must be in 0..{2**32 - 1} (it seeds numpy and torch)")
+    need(t.num_workers >= 0, "train.num_workers", t.num_workers, "must be >= 0 (0 = load in the main process)")
+    need(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be a finite number >= 0")
+    need(t.neftune_noise_alpha is None or (math.isfinite(t.neftune_noise_alpha) and t.neftune_noise_alpha > 0),
+         "train.neftune_noise_alpha", t.neftune_noise_alpha, "must be > 0 (null = off)")
+    need(cfg.model.max_seq_length >= 1, "model.max_seq_length", cfg.model.max_seq_length, "must be >= 1 (tokens per example)")
+    d = cfg.dataset
+    need(d.max_samples is None or d.max_samples >= 1, "dataset.max_samples", d.max_samples, "must be >= 1 (null = all)")
+    for key in ("val_fraction", "test_fraction"):
+        need(math.isfinite(d[key]) and 0 <= d[key] < 1, f"dataset.{key}", d[key], "must be in [0, 1)")
+    need(d.val_fraction + d.test_fraction < 1, "dataset.val_fraction", d.val_fraction,
+         f"+ dataset.test_fraction={d.test_fraction} must be < 1 (the rest trains)")
+    kw = cfg.loss.key_weight
+    need(math.isfinite(kw) and kw > 0, "loss.key_weight", kw, "must be a finite number > 0 (1 = off)")
     # names the stages check only after the data and the model have loaded (and W&B has started a run); from modules
     # that import no torch (sectune.engine and sectune.classification cost ~3.5 s at every start)
     from sectune.config import PACKING
@@ -273,7 +292,7 @@ def check_sweep(cfg) -> None:
         raise ConfigError(f"sweep.direction={cfg.sweep.direction}: choose minimize or maximize")
     from sectune.sweeps import TEST_METRIC
 
-    if cfg.sweep.objective and TEST_METRIC.match(str(cfg.sweep.objective)):
+    if cfg.sweep.objective and TEST_METRIC.search(str(cfg.sweep.objective)):
         raise ConfigError(f"sweep.objective={cfg.sweep.objective}: a number measured on the test split; a sweeper that "
                           "optimises it chooses on test (its best trial's score is then optimistic). Optimise a validation "
                           "metric (eval_loss, val_macro_f1, heldout_val_verdict_macro_f1, …) and read the chosen trial's test number")

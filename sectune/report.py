@@ -133,7 +133,7 @@ def lower_is_better(name: str) -> bool:
 #: metrics are its infer step's, and the first of them, ``inputs``, ranked nothing), contrastive's validation causal
 #: stability at its kept checkpoint (else its attack success: its first metric, ``causal_stability_start``, is the same
 #: number in every job)
-DEFAULT_SORT = ("eval_loss", "val_macro_f1", "val_loss_end", "heldout_val_verdict_macro_f1", "best_eval_causal_stability")
+DEFAULT_SORT = ("eval_loss", "val_macro_f1", "val_loss_end", "heldout_val_verdict_macro_f1", "best_eval_causal_stability", "val_f1")
 
 
 def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, ascending: bool | None,
@@ -141,7 +141,7 @@ def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, asc
     """Sort by ``sort_by`` (default: :data:`DEFAULT_SORT`, else first metric); loss-like ascending, NaN last. ``sort_by_setting``
     names where ``sort_by`` came from: ``--sort-by`` (sectune-report) or ``report.sort_by`` (stage=report)."""
     if sort_by is None:  # the validation number the stages select on, else the first metric that is not a test number
-        sort_by = next((m for m in DEFAULT_SORT if m in metrics), next((m for m in metrics if not TEST_METRIC.match(m)), None))
+        sort_by = next((m for m in DEFAULT_SORT if m in metrics), next((m for m in metrics if not TEST_METRIC.search(m)), None))
     if sort_by is None:  # only test numbers: job order, and the report says why
         out = frame.reset_index(drop=True)
         out.attrs.update(frame.attrs, sort_by=None, ascending=True, unranked=bool(metrics))
@@ -182,7 +182,7 @@ def to_markdown(frame: pd.DataFrame) -> str:
                 if others[EARLIER_SWEEP] else "")]
     if a.get("sort_by"):
         lines[-1] += f" Sorted by `{a['sort_by']}` ({'ascending' if a.get('ascending') else 'descending'})."
-        if TEST_METRIC.match(str(a["sort_by"])):
+        if TEST_METRIC.search(str(a["sort_by"])):
             lines[-1] += (" That is a test number: the top row was chosen on test, so its score is optimistic (the best of "
                           f"{n_ok} noisy scores); choose on a validation metric and read the chosen row's test number.")
     elif a.get("unranked"):

@@ -364,6 +364,14 @@ def test_evaluate_without_a_data_path_scores_the_logs_the_run_trained_on(tmp_pat
     plain = compose(["dataset=hdfs", "logger=none", f"paths.cache_dir={tmp_path / 'cache'}"])  # no dataset.path
     got = anomaly._run_config(plain, ModelChoice("sft", None, "model"), run)
     assert got.dataset.path == str(own) and "scoring" not in capsys.readouterr().out
+    # a run trained on the shipped loghub set: the command's default layout (deeplog) is no request for other logs
+    shipped = tmp_path / "shared"
+    write_sessions(shipped / hdfs.DEEPLOG_DIR, ["5 5 22"], ["5 22"])
+    _loghub(shipped / hdfs.LOGHUB_DIR, "BlockId,Label\nblk_1,Normal\nblk_2,Anomaly\n")
+    on = ["dataset=hdfs", "logger=none", f"dataset.source_dir={shipped}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    OmegaConf.save(compose([*on, "dataset.hdfs_layout=loghub"]), run / ".hydra" / "config.yaml")
+    got = anomaly._run_config(compose(on), ModelChoice("sft", None, "model"), run)
+    assert got.dataset.hdfs_layout == "loghub" and "scoring" not in capsys.readouterr().out
 
 
 def test_a_split_without_normal_sessions_is_an_error_naming_the_folder(tmp_path):

@@ -239,10 +239,13 @@ def test_a_sweep_objective_measured_on_test_is_refused():
     from sectune.config_checks import check_sweep
     from sectune.errors import ConfigError
 
-    for name in ("heldout_verdict_macro_f1", "attack_success_rate", "test_macro_f1"):
+    # an audit (session 25): names with "test" mid-name and the held-out table's per-row numbers got past a prefix check
+    for name in ("heldout_verdict_macro_f1", "attack_success_rate", "test_macro_f1", "baseline_test_f1", "sft_verdict_macro_f1",
+                 "rl_constrained_field_f1", "majority_verdict_macro_f1", "preference_accuracy", "reward_accuracy"):
         with pytest.raises(ConfigError, match=rf"sweep.objective={name}: a number measured on the test split"):
             check_sweep(compose([f"sweep.objective={name}"]))
-    check_sweep(compose(["sweep.objective=heldout_val_verdict_macro_f1"]))
+    for name in ("heldout_val_verdict_macro_f1", "eval_loss", "val_f1", "reward_heldout_best", "predicted_peak_bytes"):
+        check_sweep(compose([f"sweep.objective={name}"]))
 
 
 def _multirun(root, task, sweeper="hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):

@@ -208,6 +208,7 @@ def main() -> None:
         print(f"sectune {mine} (Hydra {hydra.__version__})")
         return
     refuse_secrets(sys.argv[1:])
+    refuse_node_deletions(sys.argv[1:])
     distributed.share_run_dir_across_ranks()
     if "HYDRA_FULL_ERROR" in os.environ:  # the user wants Hydra's full traces
         _app()
@@ -232,6 +233,7 @@ def main() -> None:
         from hydra.errors import MissingConfigException
 
         if isinstance(e, MissingConfigException):  # an OSError to Hydra: a mistyped option (dataset=…, +experiment=…)
+            _drop_empty_sweep_dir()  # in a sweep (-m "lora=r4_attention,r4_atention"): an earlier sweep's multirun.yaml back
             print(f"sectune: error: {str(e).split('Config search path:')[0].strip()}{_extra_hint(str(e))}", file=sys.stderr)
             sys.exit(2)
         _run_dir_error(e)
@@ -363,6 +365,22 @@ def _config_dirs(argv: list[str]) -> list[str]:
     return out
 
 
+def refuse_node_deletions(argv: list[str]) -> None:
+    """``~train`` / ``~stage``: a node every run has, deleted. It failed with a traceback after Hydra had written the
+    broken config over a succeeded run's ``.hydra/`` (an audit, session 25); refused before anything is written."""
+    from dataclasses import fields
+
+    from sectune.config import SectuneConfig
+
+    nodes = {f.name for f in fields(SectuneConfig)}
+    for arg in argv:
+        key = arg[1:].split("=", 1)[0] if arg.startswith("~") else None
+        if key in nodes:
+            print(f"sectune: error: {arg}: {key!r} is a node every run has and cannot be deleted; set its keys instead "
+                  f"(sectune --cfg job shows them)", file=sys.stderr)
+            sys.exit(2)
+
+
 def usage_error(e: BaseException) -> str | None:
     """One line for a command line Hydra cannot run as given: a --config-dir that is not there, two modes at once
     (``-m ... --cfg job``), which it reported as a bare line with exit 1 or as a ValueError traceback."""
@@ -370,6 +388,9 @@ def usage_error(e: BaseException) -> str | None:
 
     if isinstance(e, SearchPathException):
         return f"{e} (--config-dir / -cd)"
+    if isinstance(e, ValueError) and str(e).startswith("Config group override must be"):  # model=null: a traceback
+        return (f"{e}: a config group takes one of its options (sectune --help lists them); null only for an optional "
+                "group (hparams_search)")
     if isinstance(e, ValueError) and str(e).startswith("Only one of --run, --multirun, --cfg"):
         return f"{e}: to see one job's config, drop -m and give each swept key one value (sectune --cfg job <overrides>)"
     return None

@@ -248,3 +248,28 @@ def test_loss_settings_the_rl_objective_does_not_read_are_refused():
         with pytest.raises(ConfigError, match=rf"loss.{key.split('=')[0]}=.*: is not read by loss={loss}"):
             check_values(compose(["stage=rl", f"loss={loss}", f"loss.{key}"]))
     check_values(compose(["stage=rl", "loss=grpo", "loss.beta=0.1", "loss.clip_epsilon=0.3"]))  # GRPO's own
+
+
+@pytest.mark.parametrize("override, says", [
+    ("model.max_seq_length=-1", "model.max_seq_length=-1: must be >= 1"),  # finished as a succeeded run
+    ("train.logging_steps=0", "train.logging_steps=0: must be >= 1"),
+    ("train.seed=-1", "train.seed=-1: must be in 0..4294967295"),
+    ("train.num_workers=-1", "train.num_workers=-1: must be >= 0"),
+    ("train.weight_decay=nan", "train.weight_decay=nan: must be a finite number >= 0"),
+    ("train.neftune_noise_alpha=-1", "train.neftune_noise_alpha=-1.0: must be > 0"),
+    ("train.eval_steps=-1", "train.eval_steps=-1: must be >= 0"),
+    ("train.save_total_limit=-1", "train.save_total_limit=-1: must be >= 1"),
+    ("dataset.max_samples=0", "dataset.max_samples=0: must be >= 1"),
+    ("dataset.val_fraction=nan", "dataset.val_fraction=nan: must be in [0, 1)"),
+    ("dataset.test_fraction=0.9", "dataset.val_fraction=0.15: + dataset.test_fraction=0.9 must be < 1"),
+    ("loss.key_weight=-1", "loss.key_weight=-1.0: must be a finite number > 0"),
+])
+def test_values_that_crashed_after_loading_or_passed_silently_are_refused_before_anything_loads(override, says):
+    """An audit (session 25): each crashed with a traceback after the data and model loaded, or was taken without a word."""
+    from conftest import compose
+    from sectune.config_checks import check_values
+    from sectune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        check_values(compose([override]))
+    assert str(e.value).startswith(says), str(e.value)

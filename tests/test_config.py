@@ -372,3 +372,26 @@ def test_a_missing_plugin_names_the_extra_that_brings_it():
 def test_version_names_sectune():
     run = cli(["--version"])
     assert run.returncode == 0 and run.stdout.startswith("sectune 0.") and "Hydra 1.3" in run.stdout
+
+
+def test_deleting_a_node_or_nulling_a_group_is_one_line_and_a_succeeded_runs_record_stays(tmp_path):
+    """An audit (session 25): `~train` failed with a traceback after Hydra had written the broken config over a succeeded
+    run's .hydra/; `model=null` was a Hydra ValueError traceback; a sweep with a mistyped group option left an earlier
+    sweep's multirun.yaml replaced by its own."""
+    run = tmp_path / "run"
+    ok = sectune(["stage=plan", "logger=none"], run)
+    assert ok.returncode == 0, ok.stderr[-1500:]
+    saved = (run / ".hydra" / "config.yaml").read_bytes()
+    for args, says in ((["~train"], "~train: 'train' is a node every run has and cannot be deleted"),
+                       (["~stage"], "'stage' is a node every run has"),
+                       (["model=null"], "Config group override must be a string or a list")):
+        p = cli(["stage=plan", "logger=none", *args, f"hydra.run.dir={run}"])
+        assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr[-1500:]
+    assert (run / ".hydra" / "config.yaml").read_bytes() == saved
+    sweep = tmp_path / "sweep"
+    first = cli(["-m", "stage=plan", "logger=none", "train.seed=1,2", f"hydra.sweep.dir={sweep}"])
+    assert first.returncode == 0, first.stderr[-1500:]
+    kept = (sweep / "multirun.yaml").read_bytes()
+    typo = cli(["-m", "stage=plan", "logger=none", "lora=r4_attention,r4_atention", f"hydra.sweep.dir={sweep}"])
+    assert typo.returncode == 2 and "r4_atention" in typo.stderr
+    assert (sweep / "multirun.yaml").read_bytes() == kept

@@ -65,6 +65,7 @@ class SweepCheck(Callback):
         refuse_slurm_without_srun(config)
         try:
             check_sweep(config)
+            check_sweep_jobs(config)
         except SectuneError as e:
             print(f"sectune: error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
@@ -363,6 +364,35 @@ def _config_dirs(argv: list[str]) -> list[str]:
         elif arg.startswith("--config-dir="):
             out.append(os.path.abspath(arg.split("=", 1)[1]))
     return out
+
+
+def check_sweep_jobs(config: DictConfig) -> None:
+    """Every job of a basic (grid) sweep composed and its values checked before the first one runs: a value only
+    check_values refuses (``train.learning_rate=1e-3,-1``) let job 0 train to its end before job 1 failed (an audit,
+    session 25). Optuna's trials are drawn as the study runs, so each is checked when it starts, as before."""
+    if "BasicSweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or ""):
+        return
+    from hydra import compose
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sectune.config_checks import check_keys, check_values
+    from sectune.errors import ConfigError
+
+    task = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=None) or []]
+    jobs = [job for batch in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(task), None) for job in batch]
+    if len(jobs) < 2:
+        return
+    for n, job in enumerate(jobs):
+        mine = [o for o in job if not o.lstrip("+~").startswith("hydra.")]
+        try:
+            cfg = compose(config_name="config", overrides=mine)
+            check_keys(cfg)
+            check_values(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"sweep job {n} ({' '.join(mine)}): {e}; no job was started") from None
+        except Exception:  # noqa: BLE001 - what composing this way cannot judge, the job itself reports when it starts
+            return
 
 
 def refuse_node_deletions(argv: list[str]) -> None:

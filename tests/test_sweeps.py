@@ -149,7 +149,8 @@ def test_optuna_preset_returns_the_objective(tmp_path):
 
 def test_a_sweep_with_a_failed_job_exits_non_zero_after_running_every_job(tmp_path):
     """A failed job is a row of the sweep, not its end; the sweep used to exit 0 even when every job failed."""
-    run = cli(["-m", "stage=plan", "logger=none", "train.learning_rate=-1,1e-3", f"hydra.sweep.dir={tmp_path / 'm'}"])
+    # a job that fails as it runs (a value check would now stop the sweep before any job: the test below)
+    run = cli(["-m", "stage=plan", "logger=none", f"model.name_or_path={tmp_path / 'no_model'},null", f"hydra.sweep.dir={tmp_path / 'm'}"])
     assert run.returncode == 1, run.stderr[-2000:]
     assert f"sectune: 1 of 2 sweep jobs failed: {tmp_path / 'm' / '0'}" in run.stderr
     assert json.loads((tmp_path / "m/1/result.json").read_text())["status"] == "succeeded"  # the other job still ran
@@ -227,3 +228,15 @@ def test_a_typo_in_a_sweep_leaves_no_sweep_dir_behind_and_an_earlier_sweeps_reco
     (old / "multirun.yaml").write_text("hydra: {overrides: {task: [lora.r=4]}}\n")
     run = cli(["-m", "stage=plan", "logger=none", "lora.rr=4,8", f"hydra.sweep.dir={old}"])
     assert run.returncode == 2 and (old / "multirun.yaml").read_text() == "hydra: {overrides: {task: [lora.r=4]}}\n"
+
+
+def test_every_job_of_a_grid_sweep_is_checked_before_the_first_one_runs(tmp_path):
+    """An audit (session 25): `train.learning_rate=1e-3,-1` ran job 0 to its end before job 1 was refused, and
+    `+lora.rr=3,4` created and failed every job (exit 1). Now nothing starts and nothing is left."""
+    for swept, says in (("train.learning_rate=1e-3,-1", "sweep job 1 (stage=plan logger=none train.learning_rate=-1): "
+                                                          "train.learning_rate=-1.0: must be a number > 0; no job was started"),
+                        ("+lora.rr=3,4", "sweep job 0 (stage=plan logger=none +lora.rr=3): lora.rr: not a sectune setting")):
+        sweep = tmp_path / swept.split("=")[0].strip("+")
+        proc = multirun(["stage=plan", "logger=none", swept], sweep, timeout=300)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-1500:]
+        assert not sweep.exists()

@@ -228,7 +228,7 @@ def keys_parser(folder: Path, layout: str, parser: str) -> str:
         return "deeplog"
     if parser == "structured" or parser == "drain3":
         return parser
-    log = next(iter(sorted(folder.glob("*.log"))), None)
+    log = next(iter(sorted(folder.glob("*.log"))), None)  # loghub_files' log (a folder with another count fails there)
     return "structured" if log is not None and log.with_name(log.name + "_structured.csv").is_file() else "drain3"
 
 
@@ -242,7 +242,7 @@ def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False, refe
     structured = log_path.with_name(log_path.name + "_structured.csv")
     if parser not in ("auto", "structured", "drain3"):
         raise ConfigError(f"dataset.log_parser={parser!r}: choose auto, structured or drain3")
-    if parser == "structured" or (parser == "auto" and structured.is_file()):
+    if keys_parser(folder, "loghub", parser) == "structured":
         keys, num_keys = _structured_keys(structured, len(contents), log_path.with_name(log_path.name + "_templates.csv"))
         how = f"EventId of {structured.name}"
     else:

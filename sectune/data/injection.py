@@ -183,10 +183,14 @@ def split_texts(texts: list[str], val_fraction: float, test_fraction: float, see
         return i
 
     low = [t.lower() for t in items]
-    shingles = {t: {t[k:k + 20] for k in range(max(1, len(t) - 19))} for t in low}
+    if groups_by == "containment":
+        same = lambda a, b: a in b or b in a  # noqa: E731
+    else:
+        shingles = {t: {t[k:k + 20] for k in range(max(1, len(t) - 19))} for t in low}
+        same = lambda a, b: similar_texts(a, b, shingles)  # noqa: E731
     for i in range(len(items)):
         for j in range(i + 1, len(items)):
-            if (low[i] in low[j] or low[j] in low[i]) if groups_by == "containment" else similar_texts(low[i], low[j], shingles):
+            if same(low[i], low[j]):
                 parent[root(i)] = root(j)
     groups: dict[int, list[str]] = {}
     for i, t in enumerate(items):

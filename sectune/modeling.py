@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -182,6 +183,20 @@ def device_for(cfg: DictConfig) -> str:
     return want
 
 
+def check_positions(config, max_seq_length, path: str) -> None:
+    """``model.max_seq_length`` past the model's positions: an error where they are learned (GPT-2's embedding lookup
+    fails at the first long batch, mid-run), a warning where they are rotary (it runs, past the trained context)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not max_seq_length or not isinstance(limit, int) or int(max_seq_length) <= limit:
+        return
+    rotary = any(getattr(config, k, None) is not None for k in ("rope_theta", "rope_scaling", "rope_parameters"))
+    if not rotary:
+        raise ConfigError(f"model.max_seq_length={max_seq_length}: {path} has {limit} learned positions "
+                          f"(max_position_embeddings); set model.max_seq_length<={limit}")
+    print(f"sectune: warning: model.max_seq_length={max_seq_length} is past {path}'s max_position_embeddings={limit}: "
+          "rotary positions run there, but beyond the context the model was trained on", file=sys.stderr)
+
+
 def load_model(cfg: DictConfig, task: str = "causal_lm", num_labels: int | None = None, path: str | None = None):
     """The base model, quantized if asked; ``task`` is causal_lm or seq_cls."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -211,6 +226,7 @@ def load_model(cfg: DictConfig, task: str = "causal_lm", num_labels: int | None 
         model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, path, cfg, **kwargs)
     else:
         model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, cfg, **kwargs)
+    check_positions(model.config, m.max_seq_length, path)
     if getattr(model.config, "pad_token_id", None) is None and model.config.eos_token_id is not None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos

@@ -249,6 +249,27 @@ def restore_artifact_copies(run_dir: Path, result: dict, since: float) -> list[s
     return back
 
 
+def relocate_set_aside(run_dir: Path, result: dict, since: float) -> dict:
+    """``result`` (the earlier succeeded run's, put back after a failed rerun) with its training state named where this
+    rerun's fresh start set it aside (``checkpoints/earlier/``, made after ``since``): left as it was, a contrastive run's
+    ``best_checkpoint`` named a folder that had moved, or the failed attempt's own ``checkpoint-N``."""
+    from sectune.checkpoints import EARLIER_DIR
+
+    artifacts = result.get("artifacts")
+    if not isinstance(artifacts, dict):
+        return result
+    moved = {}
+    for key in TRAINING_STATE:
+        rel = artifacts.get(key)
+        if not isinstance(rel, str) or len(Path(rel).parts) < 2 or Path(rel).is_absolute() or ".." in Path(rel).parts \
+                or EARLIER_DIR in Path(rel).parts:
+            continue
+        earlier = run_dir / Path(rel).parent / EARLIER_DIR
+        if (earlier / Path(rel).name).exists() and earlier.stat().st_mtime > since:
+            moved[key] = (Path(rel).parent / EARLIER_DIR / Path(rel).name).as_posix()
+    return {**result, "artifacts": {**artifacts, **moved}} if moved else result
+
+
 def artifacts_untouched(run_dir: Path, result: dict, since: float) -> bool:
     """Every artifact ``result`` names still exists and nothing in it was written after ``since`` (a wall-clock time),
     but for training state and the artifacts a failed rerun rewrites while a copy of the succeeded run's is kept."""

@@ -33,8 +33,8 @@ from sectune.run_records import (  # noqa: F401
 from sectune.run_guard import (  # noqa: F401
     _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
     WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
-    artifacts_untouched, damaged_artifact, keep_artifact_copies, keep_run_config, recorded_warnings, restore_artifact_copies,
-    restore_run_config)
+    artifacts_untouched, damaged_artifact, keep_artifact_copies, keep_run_config, recorded_warnings, relocate_set_aside,
+    restore_artifact_copies, restore_run_config)
 
 #: what other modules (and the tests) import from runner, some of it defined in run_guard
 __all__ = ["_LOCKS", "FAILED_CONFIG_DIR", "RUN_CONFIG_FILES", "RUNNING_CONFIG_DIR", "SUCCEEDED_CONFIG_DIR", "WEIGHT_ARTIFACTS",
@@ -380,7 +380,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
                 write_json_atomic(run_dir / FAILED_ATTEMPT_FILE, result)
                 config_note = restore_run_config(run_dir)
                 back = restore_artifact_copies(run_dir, earlier, untouched_since)
-                write_json_atomic(run_dir / RESULT_FILE, earlier)
+                write_json_atomic(run_dir / RESULT_FILE, relocate_set_aside(run_dir, earlier, untouched_since))
                 (run_dir / PREVIOUS_RESULT_FILE).unlink(missing_ok=True)  # result.json is that run's again
                 back_note = f"; its {', '.join(back)} put back (this attempt's: *.failed.*)" if back else ""
                 print(f"sectune: {run_dir / RESULT_FILE} is the earlier succeeded run's again (this attempt replaced none of "

@@ -215,6 +215,29 @@ def _succeeded_run(run_dir: Path, stage: str, artifacts: dict[str, str]) -> dict
     return result
 
 
+def test_a_restored_contrastive_run_names_its_best_checkpoint_where_the_failed_rerun_set_it_aside(tmp_path):
+    """A fresh rerun moves the succeeded run's checkpoints to checkpoints/earlier/ and fails: the result put back named
+    checkpoints/checkpoint-2, a folder gone (or the failed attempt's own checkpoint-2). Left alone: a result whose
+    checkpoints were not moved by this attempt (an older earlier/ holds another attempt's)."""
+    from sectune.checkpoints import set_aside_earlier
+    from sectune.runner import relocate_set_aside
+
+    run_dir = tmp_path / "r"
+    result = _succeeded_run(run_dir, "contrastive", {"adapter": "adapter/adapter_model.safetensors",
+                                                      "best_checkpoint": "checkpoints/checkpoint-2/adapter_model.safetensors"})
+    result["artifacts"]["best_checkpoint"] = "checkpoints/checkpoint-2"
+    since = time.time() - 30
+    assert relocate_set_aside(run_dir, result, since) == result  # nothing moved yet
+    set_aside_earlier(run_dir / "checkpoints")  # the rerun's fresh start
+    (run_dir / "checkpoints" / "checkpoint-2").mkdir()  # the failed attempt's own
+    back = relocate_set_aside(run_dir, result, since)
+    assert back["artifacts"]["best_checkpoint"] == "checkpoints/earlier/checkpoint-2"
+    assert (run_dir / back["artifacts"]["best_checkpoint"] / "adapter_model.safetensors").read_text() == "kept"
+    assert back["artifacts"]["adapter"] == result["artifacts"]["adapter"] and result["artifacts"]["best_checkpoint"] == "checkpoints/checkpoint-2"
+    assert relocate_set_aside(run_dir, result, time.time() + 60) == result  # earlier/ older than this attempt: not its doing
+    assert relocate_set_aside(run_dir, back, since) == back  # named there already
+
+
 def test_a_failed_rerun_keeps_the_succeeded_runs_result_and_artifacts(tmp_path):
     """A rerun into a succeeded run's dir that fails before replacing anything (a typo'd data path):
     result.json is the earlier run's again, the attempt's own result is result.failed.json."""

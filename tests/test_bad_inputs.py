@@ -74,6 +74,24 @@ def test_missing_lora_target_lists_the_modules_the_model_has(good_folder, tmp_pa
     _assert_failed_cleanly(run, "c_attn", "q_proj", "gate_proj")
 
 
+def test_max_seq_length_past_learned_positions_is_refused_before_training(good_folder, tmp_path, capsys):
+    """GPT-2's positions are learned: model.max_seq_length past them trained until the first long batch hit an index
+    error (an audit, session 25). Rotary positions (Llama) run past max_position_embeddings: a warning, not an error."""
+    from transformers import GPT2Config, LlamaConfig
+
+    from sectune.errors import ConfigError
+    from sectune.modeling import check_positions
+
+    run = sectune([*ARGS, f"dataset.path={good_folder}", "model=tiny_gpt2", "model.max_seq_length=4096"], tmp_path / "run")
+    _assert_failed_cleanly(run, "model.max_seq_length=4096", "2048 learned positions")
+    with pytest.raises(ConfigError, match="1024 learned positions"):
+        check_positions(GPT2Config(n_positions=1024), 1025, "gpt2")
+    check_positions(GPT2Config(n_positions=1024), 1024, "gpt2")
+    assert capsys.readouterr().err == ""
+    check_positions(LlamaConfig(max_position_embeddings=2048), 4096, "llama")
+    assert "past llama's max_position_embeddings=2048" in capsys.readouterr().err
+
+
 def test_real_preset_without_weights_says_how_to_provide_them(good_folder, tmp_path):
     run = sectune([*ARGS, f"dataset.path={good_folder}", "model=smollm_135m"], tmp_path / "run", env={"HF_HUB_OFFLINE": "1"})
     _assert_failed_cleanly(run, "HuggingFaceTB/SmolLM-135M", "model.name_or_path=")

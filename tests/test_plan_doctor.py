@@ -308,3 +308,52 @@ def test_doctor_flags_an_installed_release_outside_sectunes_tested_range(monkeyp
     assert checks["trl"].status == "missing" and "outside the tested range" in checks["trl"].detail
     assert checks["trl"].fix == "pip install 'trl>=1.16,<1.17'"
     assert checks["transformers"].status == checks["torch"].status == "ok"
+
+
+@pytest.mark.parametrize("lora, mapped", [("r4_attention", ["c_attn", "attn.c_proj"]),
+                                          ("r16_all_linear", ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"])])
+def test_gpt2_plans_the_llama_named_lora_presets_as_training_maps_them(lora, mapped):
+    """stage=plan model=gpt2_large lora=r4_attention exited 2 ('no linear layer of this model is named so') while stage=sft
+    with the same overrides trains (modeling.apply_lora maps q/k/v_proj to c_attn, ...): the plan, doctor and the
+    reward/rl memory checks refused a run that trains (an audit of the presets)."""
+    from sectune import planner
+    from sectune.stages import plan
+
+    cfg = compose(["stage=plan", "model=gpt2_large", f"lora={lora}", "quantization=nf4"])
+    budget, info = plan.estimate(cfg)
+    assert info["lora_targets"] == mapped
+    assert budget.trainable_params == planner.lora_param_count(dict(cfg.model.arch), int(cfg.lora.r), mapped) > 0
+
+
+def test_llama31_contrastive_preset_says_which_memory_template_it_fits():
+    """conf/experiment/injection_contrastive_llama31.yaml said 'memory_template=high_quality is the one it fits'; its
+    plan is 21.1 GiB against high_quality's 12 GiB budget, and no template fits (an audit of the presets)."""
+    from sectune.stages import plan
+
+    fits = {}
+    for template in ("minimal", "balanced", "high_quality"):
+        cfg = compose(["+experiment=injection_contrastive_llama31", f"memory_template={template}", "stage=plan",
+                       "plan.device=cuda"])
+        budget, _ = plan.estimate(cfg)
+        fits[template] = budget.total <= plan.template_budget_gb(cfg) * GiB
+    text = (PROJECT_ROOT / "conf" / "experiment" / "injection_contrastive_llama31.yaml").read_text()
+    for template, ok in fits.items():
+        assert ok or f"{template} is the one it fits" not in text, (template, fits)
+    if not any(fits.values()):
+        assert "fits none of seed 002's memory templates" in text
+
+
+def test_plan_of_a_reward_preset_counts_chosen_and_rejected_as_the_reward_stage_does(tmp_path):
+    """sectune +experiment=auth_reward stage=plan plan.device=cuda said 13.18 GiB (one sequence per example) while the
+    reward stage's own memory check, on the same config, predicts 2 sequences (chosen + rejected, 18.43 GiB): a card the
+    plan said fits made the stage fall back to the heuristic reward model (an audit of the presets)."""
+    from sectune import runner
+    from sectune.memory import memory_check
+
+    code, _ = runner.run(compose(["+experiment=auth_reward", "stage=plan", "plan.device=cuda", "logger=none"]), tmp_path)
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert code == 0, res.get("error")
+    _, why = memory_check(compose(["+experiment=auth_reward", "plan.device=cuda", "reward.memory_limit_gb=1000"]),
+                          sequences_per_example=2)
+    assert f"predicted peak {res['metrics']['predicted_peak_bytes'] / 1e9:.2f} GB" in why, why
+    assert "loss=bradley_terry: each example keeps 2 sequences" in (tmp_path / "plan.md").read_text()

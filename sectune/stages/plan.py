@@ -89,6 +89,15 @@ def lora_targets(cfg: DictConfig, arch: dict | None = None):
     targets = list(cfg.lora.target_modules)
     if targets == ["all-linear"]:
         return "all_linear"
+    if arch is not None and arch.get("family") == "gpt2":
+        from sectune.modeling import GPT2_NAMES
+
+        # the lora presets name Llama's projections; modeling.apply_lora trains them as GPT-2's (c_attn, c_proj, c_fc),
+        # so the plan maps them the same way instead of refusing a run that trains
+        have = {n.split(".")[-1] for n, *_ in planner.linear_shapes(arch)}
+        missing = [t for t in targets if t not in have]
+        if missing and all(t in GPT2_NAMES for t in missing):
+            targets = list(dict.fromkeys(GPT2_NAMES.get(t, t) for t in targets))
     if arch is not None and not planner.lora_modules(arch, targets):
         names = sorted({n.split(".")[-1] for n, *_ in planner.linear_shapes(arch)})
         raise ConfigError(f"lora.target_modules={targets}: no linear layer of this model is named so; its linears: {', '.join(names)}")
@@ -246,16 +255,29 @@ def memory_template_check(cfg: DictConfig, budget: planner.Budget) -> tuple[dict
     return {"memory_template_budget_bytes": int(limit), "fits_memory_template": int(fits)}, line
 
 
+#: sequences one training example keeps activations for at once, by loss: chosen + rejected (the reward stage's own
+#: memory check, sectune.memory.memory_check, counts its 2 the same way; TRL's DPO concatenates the pair)
+SEQUENCES_PER_EXAMPLE = {"bradley_terry": (2, "chosen + rejected"), "dpo": (2, "chosen + rejected")}
+
+
 def run(ctx: RunContext) -> dict:
     from sectune.runner import write_json_atomic
 
     cfg = ctx.cfg
     template_budget_gb(cfg)  # before estimate, which checks the batch shape (batch_shape) before any model config is read
+    k, why = SEQUENCES_PER_EXAMPLE.get(str(cfg.loss.name), (1, ""))
+    per_example = ""
+    if k > 1 and cfg.plan.batch_size is None and cfg.train.batch_size is not None and int(cfg.train.batch_size) >= 1:
+        cfg = OmegaConf.merge(cfg, {"plan": {"batch_size": k * int(cfg.train.batch_size)}})
+        per_example = (f"loss={cfg.loss.name}: each example keeps {k} sequences ({why}), so the activations are planned "
+                       f"for train.batch_size × {k} = {cfg.plan.batch_size} sequences (plan.batch_size=N sets it).\n")
     budget, info = estimate(cfg)
     text = markdown(budget, info)
     # a pipeline preset (sft → reward → rl) composed with stage=plan plans the train.* batch, not GRPO's G-fold one
     G = int(cfg.rl.num_generations)
-    text += (f"\nThis plans one training batch of train.batch_size × the sequence length (SFT, DPO, classify, contrastive). "
+    text += "\n" + per_example
+    text += (f"This plans one training batch of train.batch_size × the sequence length (SFT, classify; "
+             f"reward and DPO, loss=bradley_terry|dpo: its 2 sequences per example, counted above). "
              f"GRPO's step (stage=rl loss=grpo, a pipeline's rl step) holds train.batch_size × rl.num_generations (G={G}) "
              f"sequences: plan it with plan.batch_size=<its batch × G>.\n")
     print(text)

@@ -100,6 +100,10 @@ def test_linux_pam_failures_and_login_after_failures():
     ]
     b = A.analyze_auth_log(ssh)
     assert (b["failed_logins"], b["accepted_logins"], b["verdict"]) == (3, 1, "malicious")
+    # the threshold is 3 failures (FAILED_THEN_ACCEPTED): two failures then a login is only suspicious
+    c = A.analyze_auth_log(ssh[1:])
+    assert (c["failed_logins"], c["accepted_logins"], c["verdict"]) == (2, 1, "suspicious")
+    assert c["summary"] == "Suspicious: failed logins; 2 failed, 1 accepted logins."
 
 
 def test_render_prompt_and_completion():
@@ -627,3 +631,29 @@ def test_two_class_folders_holding_one_window_number_is_an_error_and_a_verdict_m
     assert next(s for s in samples if s.txt_path == moved).label == other
     err = capsys.readouterr().err
     assert "1 window(s) sit in a class folder their analysis's verdict disagrees with" in err and str(moved) in err
+
+
+def test_analyst_rows_per_source_and_against_the_bar_equal_hand_computed_values():
+    """score_by_source's host-name check and compare's beats/ties/loses were read only by the real-data pipeline run,
+    which asserts neither: four windows worked out by hand."""
+    from sectune.analyst_eval import Row, Window
+    from sectune.analyst_scoring import compare, score_by_source
+
+    def win(i, source, verdict):
+        return Window(id=str(i), source=source, prompt="", log_text="", annotation={"verdict": verdict})
+
+    windows = [win(0, "Linux", "benign"), win(1, "Linux", "malicious"), win(2, "Linux", "suspicious"), win(3, "OpenSSH", "malicious")]
+    row = Row(name="SFT", kind="policy", verdicts=["benign", "benign", "suspicious", "malicious"], step="sft")
+    by = score_by_source(row, windows)
+    # Linux: 1 of 3 windows truly benign, 2 of 3 answered benign, 1 of its 2 non-benign windows called benign
+    assert by["Linux"]["true_benign_rate"] == pytest.approx(1 / 3) and by["Linux"]["pred_benign_rate"] == pytest.approx(2 / 3)
+    assert by["Linux"]["non_benign_called_benign_rate"] == pytest.approx(1 / 2)
+    assert by["Linux"]["verdict_accuracy"] == pytest.approx(2 / 3) and by["OpenSSH"]["non_benign_called_benign_rate"] == 0.0
+    truth = [w.label for w in windows]
+    bar = Row(name="TF-IDF + LR", kind="baseline", verdicts=list(truth))
+    worse = Row(name="worse", kind="policy", verdicts=["benign"] * 4, step="rl")
+    same = Row(name="same", kind="policy", verdicts=list(truth), step="dpo")
+    scores = {r.name: {"verdict_macro_f1": f1} for r, f1 in ((bar, 0.6), (row, 0.8), (worse, 0.2), (same, 0.6))}
+    compare([bar, row, worse, same], scores, truth, bar, None, seed=0)
+    assert [scores[n]["vs_tfidf_lr"] for n in ("SFT", "worse", "same")] == ["beats", "loses", "ties"]
+    assert scores["worse"]["vs_tfidf_lr_diff"] == pytest.approx(-0.4)

@@ -369,3 +369,17 @@ def test_heuristic_ranks_chosen_above_every_corruption_kind_on_real_windows():
     assert len(rates) == 8 and all(n >= 20 for _, n in acc.values())
     assert sum(h for h, _ in acc.values()) / sum(n for _, n in acc.values()) >= 0.8
     assert rates == dict.fromkeys(rates, 1.0)
+
+
+def test_heuristic_weighs_its_components_as_documented_on_hand_worked_answers():
+    """The documented weights (json 0.10, schema 0.15, verdict 0.20, fields 0.30, consistency 0.15, keywords 0.10),
+    written out here, not read from HEURISTIC_WEIGHTS: only a sum of 1 and scores of 0, 0.05 and 1 were pinned, so two
+    weights could trade places unnoticed."""
+    # a wrong verdict, every field right: consistency loses summary_verdict and brute_force_verdict (5 of 7 hold);
+    # keywords: "suspicious", "Malicious", "brute force" all alert words on an attack window: 1
+    wrong_verdict = render_completion({**MAL_ANALYSIS, "verdict": "suspicious"})
+    assert R.heuristic_reward(MAL, wrong_verdict) == pytest.approx(0.10 + 0.15 + 0.0 + 0.30 + 0.15 * 5 / 7 + 0.10)
+    # one count wrong (4 failed for 5): fields 6/7; consistency loses summary_failed ("5 failed") and
+    # source_failures_sum (5 > 4): 5 of 7
+    wrong_count = render_completion({**MAL_ANALYSIS, "failed_logins": 4})
+    assert R.heuristic_reward(MAL, wrong_count) == pytest.approx(0.10 + 0.15 + 0.20 + 0.30 * 6 / 7 + 0.15 * 5 / 7 + 0.10)

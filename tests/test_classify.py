@@ -73,6 +73,12 @@ def test_threshold_is_chosen_on_given_rows_and_applied():
     assert 0.1 < t <= 0.3 and f1 == 1.0
     assert decide(probs, ["neg", "pos"], t) == y
     assert decide(probs, ["neg", "pos"]) == ["neg", "neg", "neg", "pos"]
+    # a tie in F1: every threshold in (0.4, 0.6] separates these rows; candidates 0.5 and 0.6 tie at 1.0 and the
+    # documented tie-break takes the one closest to 0.5 (not the last or the farthest candidate)
+    tied = np.array([[0.8, 0.2], [0.6, 0.4], [0.4, 0.6], [0.1, 0.9]])
+    assert tune_threshold(tied, ["neg", "neg", "pos", "pos"], ["neg", "pos"]) == (0.5, 1.0)
+    # p(pos) = threshold counts as pos (>=)
+    assert decide(np.array([[0.5, 0.5]]), ["neg", "pos"], 0.5) == ["pos"]
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -188,3 +188,18 @@ def test_a_one_class_evaluation_says_its_macro_f1_is_one_class_f1(tmp_path, capl
     m2 = write_evaluation(tmp_path / "two", y_true=["benign", "injection"], y_pred=["benign", "injection"], labels=labels)
     assert m2["test_classes_present"] == 2.0
     assert "only one class" not in (tmp_path / "two" / "evaluation_report.txt").read_text()
+
+
+def test_write_evaluation_numbers_equal_hand_computed_values(tmp_path):
+    """test_write_evaluation_files_and_consistent_accuracy checks macro-F1, weighted F1 and rows_per_s only for being
+    finite, and no per-class number at all: 4 rows worked out by hand.
+    A: 3 true, 2 found, none false: P 1, R 2/3, F1 0.8; B: 1 true, found, 1 false alarm: P 1/2, R 1, F1 2/3."""
+    m = write_evaluation(tmp_path, y_true=["A", "A", "A", "B"], y_pred=["A", "A", "B", "B"], labels=["A", "B"],
+                         latencies_s=[0.1, 0.2, 0.3, 0.4])
+    assert m["test_accuracy"] == pytest.approx(0.75)
+    assert m["test_macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert m["test_weighted_f1"] == pytest.approx((3 * 0.8 + 1 * 2 / 3) / 4)  # support-weighted, not micro (= 0.75)
+    assert m["rows_per_s"] == pytest.approx(4 / 1.0) and m["latency_p50_s"] == pytest.approx(0.25)
+    per = json.loads((tmp_path / "detailed_results.json").read_text())["summary"]["per_class"]
+    assert per["A"] == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3})
+    assert per["B"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})

@@ -72,3 +72,20 @@ def test_key_value_weights_mark_the_first_value_token_and_a_string_values_first_
     two = torch.tensor([[9, 4, 4], [4, 9, 4]])
     assert key_value_weights(two, [[9]], None, 3.0).tolist() == [[1, 3, 1], [1, 1, 3]]
     assert key_value_weights(two, [[9, 4, 4, 4]], None, 3.0).tolist() == [[1, 1, 1], [1, 1, 1]]
+
+
+def test_grpo_asymmetric_clip_uses_the_upper_epsilon_above_one_and_the_lower_below():
+    """clip_epsilon_high (DAPO's clip-higher): ρ is clipped to [1 - ε, 1 + ε_high], in the loss and in clip_fraction."""
+    from sectune.losses import clip_fraction, grpo_loss
+
+    old = torch.log(torch.tensor([[0.4]]))
+    up, down = old + math.log(1.5), old + math.log(0.5)  # ρ = 1.5 and ρ = 0.5
+    adv, mask = torch.tensor([1.0]), torch.tensor([[1]])
+    # ρ = 1.5, Â = 1: -min(1.5, clip(1.5, 0.8, 1.3)) = -1.3 (a symmetric ε = 0.2 would give -1.2)
+    assert grpo_loss(up, old, None, adv, mask, 0.2, beta=0.0, clip_epsilon_high=0.3).item() == pytest.approx(-1.3, abs=1e-6)
+    # ε_high = 0.6: 1.5 is inside the clip, -1.5
+    assert grpo_loss(up, old, None, adv, mask, 0.2, beta=0.0, clip_epsilon_high=0.6).item() == pytest.approx(-1.5, abs=1e-6)
+    # the lower end stays 1 - ε: ρ = 0.5, Â = -1: -min(-0.5, -0.8) = 0.8
+    assert grpo_loss(down, old, None, -adv, mask, 0.2, beta=0.0, clip_epsilon_high=0.6).item() == pytest.approx(0.8, abs=1e-6)
+    assert clip_fraction(up, old, adv, mask, 0.2, clip_epsilon_high=0.6).item() == 0.0
+    assert clip_fraction(up, old, adv, mask, 0.2, clip_epsilon_high=0.3).item() == 1.0

@@ -241,10 +241,15 @@ def test_a_sweep_objective_measured_on_test_is_refused():
 
     # an audit (session 25): names with "test" mid-name and the held-out table's per-row numbers got past a prefix check
     for name in ("heldout_verdict_macro_f1", "attack_success_rate", "test_macro_f1", "baseline_test_f1", "sft_verdict_macro_f1",
-                 "rl_constrained_field_f1", "majority_verdict_macro_f1", "preference_accuracy", "reward_accuracy"):
+                 "rl_constrained_field_f1", "majority_verdict_macro_f1", "preference_accuracy", "reward_accuracy",
+                 # "test" as the last word, and the rest of TEST_METRIC's alternatives that no name here exercised
+                 "macro_f1_test", "accuracy_test", "targeted_attack_success_rate", "demanded_attack_success_rate",
+                 "clean_verdict_accuracy", "logp_margin", "reward_margin", "heuristic_reward_mean", "dpo_verdict_macro_f1",
+                 "base_json_valid_rate", "rules_verdict_macro_f1", "sft_vs_tfidf_lr_diff", "rl_analyses_per_s"):
         with pytest.raises(ConfigError, match=rf"sweep.objective={name}: a number measured on the test split"):
             check_sweep(compose([f"sweep.objective={name}"]))
-    for name in ("heldout_val_verdict_macro_f1", "eval_loss", "val_f1", "reward_heldout_best", "predicted_peak_bytes"):
+    for name in ("heldout_val_verdict_macro_f1", "eval_loss", "val_f1", "reward_heldout_best", "predicted_peak_bytes",
+                 "testimony_f1", "latest_loss", "val_contest_score"):  # "test" inside a word is no test number
         check_sweep(compose([f"sweep.objective={name}"]))
 
 

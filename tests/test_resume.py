@@ -213,3 +213,28 @@ def test_a_checkpoint_holding_a_code_running_pickle_is_refused_in_one_line_and_r
     (line,) = [ln for ln in again.stderr.splitlines() if ln.startswith("sectune: error:")]
     assert "holds pickled objects beyond tensors and plain values, which sectune never loads" in line and str(ckpt) in line
     assert "weights_only=False" not in again.stderr.split("sectune: error:")[-1]
+
+
+def test_a_checkpoint_missing_any_of_trainers_files_is_not_complete(tmp_path):
+    """is_complete_checkpoint (weights, optimizer.pt, trainer_state.json) was only ever handed whole checkpoints: one
+    without its optimizer state would be resumed with a fresh optimizer, saying nothing."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sectune.checkpoints import complete_checkpoints, is_complete_checkpoint
+
+    def ckpt(step, skip):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if skip != "weights":
+            save_file({"w": torch.ones(2)}, str(d / "adapter_model.safetensors"))
+        if skip != "optimizer":
+            torch.save({"state": torch.ones(2)}, d / "optimizer.pt")
+        if skip != "state":
+            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        return d
+
+    whole = ckpt(1, None)
+    partial = [ckpt(n, s) for n, s in ((2, "optimizer"), (3, "state"), (4, "weights"))]
+    assert is_complete_checkpoint(whole) and not any(is_complete_checkpoint(p) for p in partial)
+    assert complete_checkpoints(tmp_path) == [whole]

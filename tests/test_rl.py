@@ -58,6 +58,24 @@ def test_k3_kl_is_zero_for_the_reference_itself_and_positive_elsewhere():
     assert (losses.k3_kl(logp, logp.roll(1)) > 0).all()
 
 
+def test_rule_rewards_score_against_the_datasets_annotation_not_the_rules_own_analysis():
+    """rl_rewards.rule_reward hands each rule the dataset's annotation column: where an annotation differs from what the
+    rules would say of the window (a user's own labels), the annotation is the reference. The TRL side-by-side test
+    cannot tell (its annotations are the rules' analyses)."""
+    from sectune.data.auth_logs import render_completion
+    from sectune.data.auth_rules import analyze_auth_log
+    from sectune.rl_rewards import rule_reward
+
+    window = LOGS[1]  # one accepted login: the rules say benign
+    rules = analyze_auth_log(window.splitlines())
+    annotated = {**rules, "verdict": "suspicious"}
+    verdict = rule_reward("verdict")
+    assert verdict.__name__ == "verdict"
+    got = verdict(["p", "p"], [render_completion(annotated), render_completion(rules)], window=[window, window],
+                  annotation=[json.dumps(annotated)] * 2)
+    assert got == [1.0, 0.0]
+
+
 # two completions, two token slots: ratios π/π_old [[1.5, 0.9], [0.5, (1.0, masked)]], advantages [1, -2], ε = 0.2
 OLD = torch.log(torch.tensor([[0.4, 0.5], [0.2, 0.3]]))
 LOGP = OLD + torch.log(torch.tensor([[1.5, 0.9], [0.5, 1.0]]))
@@ -95,6 +113,33 @@ def test_curve_metrics_average_the_first_and_last_quarter_of_the_rewarded_steps(
     assert m["reward_mean_start"] == pytest.approx(0.2) and m["reward_mean_end"] == pytest.approx(0.8)
     assert m["reward_verdict_start"] == pytest.approx(0.1) and m["reward_verdict_end"] == pytest.approx(0.4)
     assert m["kl_mean"] == pytest.approx(sum(0.1 * i for i in range(1, 9)) / 9) and m["clip_fraction_mean"] == 0.0
+
+
+def test_heldout_rewards_are_the_weighted_total_of_each_windows_greedy_answer(monkeypatch):
+    """rl_rewards.heldout_rewards (the before/after number and keep_best's score) had no test of its own: per window,
+    Σ weight · reward of the greedy answer, a reward that returned None counting 0, the model's mode put back."""
+    from sectune import inference
+    from sectune.rl_rewards import heldout_rewards
+
+    records = unit_records()
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, gen, **kw):
+        seen.update(prompts=prompts, do_sample=gen.do_sample, max_new_tokens=gen.max_new_tokens)
+        return ["answer 0", "answer 1"]
+
+    def first(prompts, completions, window, annotation, **_):
+        assert completions == ["answer 0", "answer 1"] and window == LOGS and annotation == [r["completion"] for r in records]
+        return [1.0, 0.0]
+
+    def second(prompts, completions, **_):
+        return [None, 0.5]
+
+    monkeypatch.setattr(inference, "generate", fake_generate)
+    model = torch.nn.Linear(1, 1).train()
+    got = heldout_rewards(compose(UNIT), model, None, records, [first, second], [2.0, 0.5])
+    assert got == pytest.approx([2.0 * 1.0 + 0.5 * 0.0, 2.0 * 0.0 + 0.5 * 0.5]) and model.training
+    assert seen == {"prompts": [r["prompt"] for r in records], "do_sample": False, "max_new_tokens": 12}  # greedy, rl.max_completion_length
 
 
 def test_heldout_best_scores_every_eval_steps_and_restores_the_best_weights():
@@ -689,3 +734,25 @@ def test_grpo_resumed_keeps_the_same_best_step_as_the_uninterrupted_run(sft_run,
     assert m["best_step"] == n["best_step"] and abs(m["reward_heldout_start"] - n["reward_heldout_start"]) < 1e-9
     want, got = load_file(straight.run_dir / "adapter/adapter_model.safetensors"), load_file(resumed.run_dir / "adapter/adapter_model.safetensors")
     assert want.keys() == got.keys() and all(torch.allclose(want[k], got[k], atol=1e-4) for k in want)
+
+
+def test_sample_next_applies_temperature_top_k_and_top_p_as_generate_orders_them():
+    """GRPO's shared-prompt sampler was tested greedy (top_k=1) only: top-p, top-k > 1 and the temperature never ran.
+    4,000 seeded draws from p = [0.5, 0.3, 0.15, 0.05] against the distributions worked out by hand."""
+    from sectune.grpo_trainer import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+
+    def shares(**kw):
+        torch.manual_seed(0)
+        return (torch.bincount(sample_next(logits, **kw), minlength=4).float() / 4000).tolist()
+
+    assert shares(top_p=0.4) == [1.0, 0.0, 0.0, 0.0]  # the first token alone holds 0.5 >= 0.4
+    s = shares(top_p=0.7)  # the token that crosses 0.7 stays: {0, 1}, renormalised to 5/8, 3/8
+    assert s[2] == s[3] == 0.0 and s[0] == pytest.approx(5 / 8, abs=0.03)
+    s = shares(top_k=3)  # {0, 1, 2}: 0.5 / 0.95
+    assert s[3] == 0.0 and s[0] == pytest.approx(0.5 / 0.95, abs=0.03)
+    s = shares(temperature=0.5)  # p² renormalised: 0.25 / 0.365
+    assert s[0] == pytest.approx(0.25 / 0.365, abs=0.03) and s[3] < 0.02
+    s = shares()
+    assert s[0] == pytest.approx(0.5, abs=0.03) and s[3] == pytest.approx(0.05, abs=0.02)

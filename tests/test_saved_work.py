@@ -283,3 +283,17 @@ def test_a_sectune_line_after_a_progress_bars_last_state_starts_its_own_line(tmp
         print("sectune: error: boom", file=sys.stderr)
     assert capsys.readouterr().err.splitlines()[-1] == "sectune: error: boom"
     assert (tmp_path / "console.log").read_text().splitlines()[-2:] == [" 50%|#   | 2/4", "sectune: error: boom"]
+
+
+@pytest.mark.parametrize("key", ["model", "adapter", "reward_model", "base_model"])
+def test_every_weight_artifact_missing_or_cut_short_keeps_a_run_from_being_reused(tmp_path, key):
+    """damaged_artifact was tested through an adapter only: a stage=reward run whose reward_model folder was deleted or
+    cut short must not stand for a finished run either (sweep.skip_done, a pipeline's skip check)."""
+    from sectune.run_guard import damaged_artifact
+
+    result = {"status": "succeeded", "artifacts": {key: "weights", "plots": "gone_plots"}}
+    assert damaged_artifact(tmp_path, result) == f"artifacts.{key} ({tmp_path / 'weights'}) is missing"
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes((64).to_bytes(8, "little") + b'{"w": ')
+    assert damaged_artifact(tmp_path, result).startswith(f"artifacts.{key} ({tmp_path / 'weights' / 'model.safetensors'}) is damaged")
+    assert damaged_artifact(tmp_path, {"artifacts": {"plots": "gone_plots"}}) is None  # not weights: fine to delete

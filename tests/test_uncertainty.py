@@ -76,3 +76,15 @@ def test_one_window_has_no_interval_instead_of_a_scipy_error():
     bootstrap needs two observations)."""
     got = paired_bootstrap_diff(["malicious"], ["malicious"], ["benign"], ["benign", "malicious"])
     assert got["diff"] == 1.0 and math.isnan(got["ci_low"]) and math.isnan(got["ci_high"]) and got["resamples"] == 0
+
+
+def test_confidence_sets_the_intervals_width():
+    """Every call used the default 0.95: a confidence passed in was never checked to be used."""
+    assert proportion_ci(10, 129, confidence=0.90) == pytest.approx(_wilson(10, 129, z=1.644854), abs=1e-6)
+    assert proportion_ci(10, 129, confidence=0.99) == pytest.approx(_wilson(10, 129, z=2.575829), abs=1e-6)
+    truth = ["malicious"] * 20 + ["suspicious"] * 15 + ["benign"] * 8
+    a = list(truth); a[0] = "suspicious"
+    b = list(truth); b[:6] = ["suspicious"] * 6
+    wide, narrow = (paired_bootstrap_diff(truth, a, b, LABELS, seed=3, confidence=c) for c in (0.99, 0.5))
+    assert wide["confidence"] == 0.99 and narrow["confidence"] == 0.5
+    assert wide["ci_low"] < narrow["ci_low"] <= narrow["ci_high"] < wide["ci_high"]

@@ -35,3 +35,14 @@ def memory_check(cfg, sequences_per_example: int = 1) -> tuple[bool, str]:
         free, where = float(psutil.virtual_memory().available), "available RAM"
     need = float(budget.total)
     return need <= free, f"predicted peak {need / 1e9:.2f} GB ({info['model']}, {info['quantization']}) vs {free / 1e9:.2f} GB {where}"
+
+
+def levers_left(cfg) -> list[str]:
+    """The memory levers a run does not use yet, for a "does not fit" error (it advised nf4 and gradient checkpointing to
+    auth_grpo, which has both on)."""
+    left = []
+    if not OmegaConf.select(cfg, "quantization.load_in_4bit", default=False):
+        left.append("quantization=nf4")
+    if not OmegaConf.select(cfg, "train.gradient_checkpointing", default=False):
+        left.append("train.gradient_checkpointing=true")
+    return left

@@ -100,6 +100,7 @@ def test_memory_check_stops_or_falls_back_with_the_estimate(tmp_path):
     assert stop.returncode == 2
     err = stop.stderr.strip().splitlines()[-1]
     assert "predicted peak" in err and "0.01 GB reward.memory_limit_gb" in err and "reward.fallback=heuristic" in err
+    assert "quantization=nf4" in err and "lora=r4_attention" not in err  # levers this run (lora=r4_attention) does not use yet
     assert stop.result["status"] == "failed" and not (tmp_path / "stop" / "reward_model").exists()
     fall = sectune([*REWARD, "reward.memory_limit_gb=0.01", "reward.fallback=heuristic", "dataset.max_samples=30"], tmp_path / "fall")
     assert fall.returncode == 0, fall.stderr[-2000:]

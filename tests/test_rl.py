@@ -565,8 +565,12 @@ def test_init_from_and_reward_settings_errors_name_what_to_fix(tmp_path, monkeyp
     assert kind == "trained" and w[-1] == 0.5 and funcs[-1](["p"], ["c"]) == [5.0]
     with pytest.raises(ConfigError, match="unknown reward 'verdcit'"):
         rl.reward_functions(compose(["stage=rl", "+rl.rewards.verdcit=1"]))
-    with pytest.raises(ConfigError, match="predicted peak .* GB"):  # the memory check runs first
+    with pytest.raises(ConfigError, match="predicted peak .* GB.*or use quantization=nf4 / train.gradient_checkpointing=true"):
         rl.run(type("Ctx", (), {"cfg": compose(["stage=rl", "loss=grpo", "reward.memory_limit_gb=0.001"]), "run_dir": tmp_path})())
+    # the advice names only what the run does not use yet (auth_grpo, nf4 with checkpointing, was told to use both)
+    with pytest.raises(ConfigError, match=r"model.max_seq_length$"):
+        rl.run(type("Ctx", (), {"cfg": compose(["stage=rl", "loss=grpo", "reward.memory_limit_gb=0.001", "quantization=nf4",
+                                                "lora=r4_attention", "train.gradient_checkpointing=true"]), "run_dir": tmp_path})())
 
 
 def test_simplified_ppo_preset_is_the_seeds_recipe_and_picks_the_best_windows():

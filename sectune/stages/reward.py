@@ -29,7 +29,7 @@ from sectune import reward_model as RM
 from sectune.data.auth_preferences import preference_splits
 from sectune.errors import ConfigError
 from sectune.losses import bradley_terry_loss
-from sectune.memory import memory_check
+from sectune.memory import levers_left, memory_check
 from sectune.runner import RunContext, init_source, write_json_atomic
 
 FALLBACKS = ("error", "heuristic")
@@ -52,8 +52,9 @@ def run(ctx: RunContext) -> dict:
     fits, why = memory_check(cfg, sequences_per_example=2)
     if cfg.reward.force_fallback or not fits:
         if not cfg.reward.force_fallback and cfg.reward.fallback == "error":
-            raise ConfigError(f"stage=reward does not fit: {why}. Lower it (quantization=nf4, lora=r4_attention, a smaller "
-                              f"train.batch_size or model.max_seq_length, train.gradient_checkpointing=true) or set "
+            left = ", ".join([*levers_left(cfg), "a smaller train.batch_size or model.max_seq_length"]
+                             + ([] if str(cfg.lora.name) == "r4_attention" else ["lora=r4_attention"]))
+            raise ConfigError(f"stage=reward does not fit: {why}. Lower it ({left}) or set "
                               f"reward.fallback=heuristic to use the heuristic reward model")
         reason = "reward.force_fallback=true" if cfg.reward.force_fallback else why
         print(f"sectune: using the HEURISTIC reward model instead of training one ({reason})")

@@ -33,7 +33,7 @@ from pathlib import Path
 from sectune import checkpoints, data, engine, modeling
 from sectune.errors import ConfigError, SectuneError, first_line
 from sectune.losses import GRPO_SCALES
-from sectune.memory import memory_check
+from sectune.memory import levers_left, memory_check
 from sectune.rl_progress import HeldOutBest, curve_metrics, plot_reward_curve, rl_history
 from sectune.rl_rewards import heldout_rewards, reward_functions
 from sectune.runner import RunContext, init_source, write_json_atomic
@@ -57,9 +57,10 @@ def run(ctx: RunContext) -> dict:
     G = int(cfg.rl.num_generations) if loss == "grpo" else 1
     fits, why = memory_check(cfg, sequences_per_example=G)
     if not fits:
+        left = levers_left(cfg)
         raise ConfigError(f"stage=rl does not fit: {why} for train.batch_size={cfg.train.batch_size} × {G} sequences. Lower "
-                          f"rl.num_generations, train.batch_size, rl.max_completion_length or model.max_seq_length, or use "
-                          f"quantization=nf4 / train.gradient_checkpointing=true")
+                          f"rl.num_generations, train.batch_size, rl.max_completion_length or model.max_seq_length"
+                          + (f", or use {' / '.join(left)}" if left else ""))
     print(f"sectune: memory check: {why}")
     return run_grpo(ctx) if loss == "grpo" else run_simplified_ppo(ctx)
 

@@ -307,7 +307,9 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
 
 
 def quantized_module_count(model) -> int:
-    return sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    """bitsandbytes' quantized linears (peft's LoRA wrapper of one has the same class name: it counted each twice)."""
+    return sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") and type(m).__module__.startswith("bitsandbytes")
+               for m in model.modules())
 
 
 def trainable_parameters(model) -> tuple[int, int]:

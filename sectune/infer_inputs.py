@@ -22,6 +22,12 @@ _SKIPPED = {"binary file": "binary", "empty log file": "empty", "does not decomp
 _GZIP, _UTF16 = b"\x1f\x8b", (b"\xff\xfe", b"\xfe\xff")
 
 
+def shown(name: str) -> str:
+    """A file name as the console shows it: control characters (ESC, BEL, CR, newline) escaped, so a name an attacker
+    chose (``\\x1b]0;…\\x07``, ``\\x1b[2J``) cannot retitle or clear the terminal or forge a line of output."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in name)
+
+
 # ----------------------------------------------------------------------------- inputs
 def read_inputs(input_file) -> list[tuple[str, str]]:
     """(file name, text) for one log file or each regular file of a folder (sorted, not recursive, hidden files
@@ -42,7 +48,7 @@ def read_inputs(input_file) -> list[tuple[str, str]]:
                 why = next((w for k, w in _SKIPPED.items() if k in str(e)), None)
                 if why is None:
                     raise
-                skipped.append(f"{f.name} ({why})")
+                skipped.append(f"{shown(f.name)} ({why})")
         if skipped:
             print(f"sectune: warning: infer: skipped {len(skipped)} file(s) in {path} that hold no text log: "
                   f"{', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
@@ -78,7 +84,7 @@ def read_log(path: Path) -> str:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError:
             lines = [n for n, raw in enumerate(data.split(b"\n"), 1) if not _utf8(raw)]
-            print(f"sectune: warning: infer: {path.name}: {len(lines)} line(s) not UTF-8 (line {', '.join(map(str, lines[:5]))}"
+            print(f"sectune: warning: infer: {shown(path.name)}: {len(lines)} line(s) not UTF-8 (line {', '.join(map(str, lines[:5]))}"
                   f"{' …' if len(lines) > 5 else ''}); their bad bytes read as U+FFFD")
             text = data.decode("utf-8-sig", errors="replace")
     if not text.strip():
@@ -150,7 +156,7 @@ def verdict_summaries(records: list[dict]) -> list[str]:
         unread = verdicts.count(None)
         parts = ([f"{v} {c}" for v, c in counts.items()] + [f"{v} {verdicts.count(v)} (not ranked)" for v in other]
                  + ([f"no schema-valid verdict {unread}"] if unread else []))
-        out.append(f"{name}: {len(recs)} windows · " + ", ".join(parts)
+        out.append(f"{shown(name)}: {len(recs)} windows · " + ", ".join(parts)
                    + (f" · {worst} at lines {', '.join(where[:5])}{' …' if len(where) > 5 else ''}" if worst else ""))
     return out
 
@@ -179,7 +185,7 @@ def warn_unfamiliar_format(files: list[tuple[str, str]], share: float = 0.5) -> 
         lines = [ln for ln in file_lines(text) if ln.strip()]
         known = sum(bool(_HEADER.match(ln.strip())) for ln in lines)
         if lines and known < share * len(lines):
-            print(f"sectune: warning: infer: {name}: {known} of {len(lines)} lines are syslog lines as the analyst was trained "
+            print(f"sectune: warning: infer: {shown(name)}: {known} of {len(lines)} lines are syslog lines as the analyst was trained "
                   "on (Mon DD HH:MM:SS host proc[pid]: …); its analyses of the others are guesses (convert them, e.g. "
                   "journalctl -o short)")
 

@@ -249,6 +249,21 @@ def restore_artifact_copies(run_dir: Path, result: dict, since: float) -> list[s
     return back
 
 
+def foreign_result(path: Path) -> str | None:
+    """Why ``path`` (a run dir's result.json) is another tool's, or None (absent, sectune's, or unreadable: a damaged
+    one of sectune's is rerun saying why): a run pointed at a folder of other files overwrote their result.json and
+    replaced their adapter/ (an audit of hostile inputs, session 26)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("stage"), str) and "status" in data:
+        return None
+    return "its result.json was not written by sectune (no stage and status)"
+
+
 def relocate_set_aside(run_dir: Path, result: dict, since: float) -> dict:
     """``result`` (the earlier succeeded run's, put back after a failed rerun) with its training state named where this
     rerun's fresh start set it aside (``checkpoints/earlier/``, made after ``since``): left as it was, a contrastive run's

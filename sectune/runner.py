@@ -33,8 +33,8 @@ from sectune.run_records import (  # noqa: F401
 from sectune.run_guard import (  # noqa: F401
     _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
     WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
-    artifacts_untouched, damaged_artifact, keep_artifact_copies, keep_run_config, recorded_warnings, relocate_set_aside,
-    restore_artifact_copies, restore_run_config)
+    artifacts_untouched, damaged_artifact, foreign_result, keep_artifact_copies, keep_run_config, recorded_warnings,
+    relocate_set_aside, restore_artifact_copies, restore_run_config)
 
 #: what other modules (and the tests) import from runner, some of it defined in run_guard
 __all__ = ["_LOCKS", "FAILED_CONFIG_DIR", "RUN_CONFIG_FILES", "RUNNING_CONFIG_DIR", "SUCCEEDED_CONFIG_DIR", "WEIGHT_ARTIFACTS",
@@ -275,6 +275,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
             return (2, None) if unscored else (0, _objective(prev.get("metrics", {}), cfg.sweep.objective))
 
     main = distributed.is_main_process()
+    if main and (foreign := foreign_result(run_dir / RESULT_FILE)):
+        print(f"sectune: error: hydra.run.dir={run_dir}: {foreign}; sectune writes result.json, adapter/, checkpoints/ and "
+              "plots/ there and would replace them: give a new or a sectune run dir", file=sys.stderr)
+        return 2, None
     lock = _lock_run_dir(run_dir, hydra_files(cfg, run_dir)) if main else None
     if lock is False:
         return 2, None

@@ -657,3 +657,24 @@ def test_analyst_rows_per_source_and_against_the_bar_equal_hand_computed_values(
     compare([bar, row, worse, same], scores, truth, bar, None, seed=0)
     assert [scores[n]["vs_tfidf_lr"] for n in ("SFT", "worse", "same")] == ["beats", "loses", "ties"]
     assert scores["worse"]["vs_tfidf_lr_diff"] == pytest.approx(-0.4)
+
+
+# An audit of hostile inputs (session 26): The rule engine reads attacker-written lines whose counts exceed Python's
+# 4,300-digit limit or the schema's maximum.
+from sectune.data.auth_logs import validate_analysis
+from sectune.data.auth_rules import analyze_auth_log
+
+HUGE = "9" * 5000
+LINES = [
+    f"Dec 10 06:55:46 LabSZ sshd[24200]: message repeated {HUGE} times: [ Failed password for root from 1.2.3.4 port 22 ssh2]",
+    f"Dec 10 06:55:46 combo sshd(pam_unix)[19939]: PAM {HUGE} more authentication failures; logname= uid=0 euid=0 "
+    "tty=NODEVssh ruser= rhost=1.2.3.4  user=root",
+    "Dec 10 06:55:46 LabSZ sshd[24200]: message repeated 99999999 times: [ Failed password for root from 1.2.3.4 port 22 ssh2]",
+]
+
+
+@pytest.mark.parametrize("line", LINES)
+def test_huge_counts_give_a_schema_valid_analysis(line):
+    a = analyze_auth_log([line, line.replace("[24200]", "[24201]").replace("[19939]", "[19940]")])
+    assert a["verdict"] == "malicious"
+    assert validate_analysis(a) == []

@@ -383,3 +383,24 @@ def test_heuristic_weighs_its_components_as_documented_on_hand_worked_answers():
     # source_failures_sum (5 > 4): 5 of 7
     wrong_count = render_completion({**MAL_ANALYSIS, "failed_logins": 4})
     assert R.heuristic_reward(MAL, wrong_count) == pytest.approx(0.10 + 0.15 + 0.20 + 0.30 * 6 / 7 + 0.15 * 5 / 7 + 0.10)
+
+
+# An audit of hostile inputs (session 26): Reward functions return a number for completions holding integers past
+# Python's 4,300-digit str->int limit.
+from sectune.data import auth_rewards
+
+WINDOW = "Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from 1.2.3.4 port 22 ssh2\n"
+HUGE = "9" * 5000
+COMPLETIONS = [
+    '{"verdict": "malicious", "failed_logins": ' + HUGE + "}",
+    '{"verdict": "malicious", "failed_logins": ' + HUGE + ",}",
+    '{"verdict": "malicious", "failed_logins": 3, "summary": "' + HUGE + ' failed, ' + HUGE + ' accepted"}',
+    '{"verdict": "malicious", "source_ips": [{"ip": "1.2.3.4", "failures": 1}], "summary": "from 1.2.3.4 (' + HUGE + ' failures)"}',
+]
+
+
+@pytest.mark.parametrize("completion", COMPLETIONS)
+def test_rewards_return_a_number_for_huge_integers(completion):
+    for name, fn in auth_rewards.REWARDS.items():
+        assert 0.0 <= fn(WINDOW, None, completion) <= 1.0, name
+    assert 0.0 <= auth_rewards.heuristic_reward(WINDOW, completion) <= 1.0

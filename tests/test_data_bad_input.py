@@ -120,3 +120,37 @@ def test_prompt_injections_valid_file_still_loads(tmp_path):
     d = _injection_dir(tmp_path, "".join(json.dumps({"text": f"é{i}", "label": i % 2}) + "\n" for i in range(4)).encode("utf-8") + b"\n")
     out = load_prompt_injections(d)
     assert [r["label"] for r in out["test"]] == ["benign", "injection", "benign", "injection"] and out["test"][0]["text"] == "é0"
+
+
+# An audit of hostile inputs (session 26): Dataset JSON with an integer past Python's 4,300-digit limit or 100k levels
+# of nesting is a DataError naming the file (and line), not a traceback.
+from sectune.data.auth_logs import load_auth_folder
+from sectune.data.auth_rules import analyze_auth_log
+from sectune.data.jsonl import json_lines
+
+LINE = "Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from 1.2.3.4 port 22 ssh2"
+ANN = json.dumps(analyze_auth_log([LINE]))
+BAD = {
+    "huge_int": ANN.replace('"failed_logins": 1', '"failed_logins": ' + "9" * 5000),
+    "deep": ANN[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_auth_folder_analysis(tmp_path, kind):
+    verdict = json.loads(ANN)["verdict"]
+    (tmp_path / "auth_data" / verdict).mkdir(parents=True)
+    (tmp_path / "Auth_bin").mkdir()
+    (tmp_path / "auth_data" / verdict / "auth_data_1_1.txt").write_text(LINE + "\n")
+    (tmp_path / "Auth_bin" / "auth_text_1_1.json").write_text(BAD[kind])
+    with pytest.raises(DataError, match="auth_text_1_1.json"):
+        load_auth_folder(tmp_path)
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_json_lines(tmp_path, kind):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": 1}\n' + BAD[kind] + "\n")
+    rows = list(json_lines(path))
+    assert rows[0] == (1, {"a": 1}, None)
+    assert rows[1][0] == 2 and rows[1][1] is None and rows[1][2]

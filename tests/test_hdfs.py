@@ -469,3 +469,24 @@ def test_evaluate_warns_when_sessions_are_longer_than_training_cut_them(tmp_path
                   tmp_path / "run", timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "validation/test sessions are longer than model.max_seq_length=16 tokens, which training cut them to" in run.stdout
+
+
+# An audit of hostile inputs (session 26): A session line holding a key of 5,000 digits is a DataError naming the file
+# and line, not a ValueError traceback.
+from sectune.data.hdfs import read_key_sessions
+
+
+def test_huge_key_named(tmp_path):
+    path = tmp_path / "hdfs_train"
+    path.write_text("5 5 22\n5 " + "9" * 5000 + " 3\n")
+    with pytest.raises(DataError, match=r"hdfs_train:2: unknown log key 9{20}…"):
+        read_key_sessions(path, 0, 28)
+    sessions, skipped = read_key_sessions(path, 0, 28, skip_bad=True)
+    assert len(sessions) == 1 and skipped == 1
+
+
+def test_leading_zeros_still_read(tmp_path):
+    path = tmp_path / "hdfs_train"
+    path.write_text("0005 05 22\n")
+    sessions, _ = read_key_sessions(path, 0, 28)
+    assert sessions[0].keys == (5, 5, 22)

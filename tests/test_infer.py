@@ -629,3 +629,18 @@ def test_infer_loads_an_adapter_under_the_quantization_its_run_trained_with(tmp_
     assert runner.trained_quantization(same, choice) is same and capsys.readouterr().out == ""
     (run / ".hydra" / "config.yaml").write_text("quantization:\n  name: nf4\n  a_key_from_elsewhere: 1\n")
     assert runner.trained_quantization(cfg, choice) is cfg and "do not read here" in capsys.readouterr().out
+
+
+# An audit of hostile inputs (session 26): File names an attacker chose reach the console with their control
+# characters escaped (no raw ESC/BEL).
+def test_escape_sequences_in_file_names_are_escaped(tmp_path, capsys):
+    from sectune import infer_inputs
+
+    name = "a\x1b]0;PWNED\x07\x1b[2Jb.log"
+    (tmp_path / name).write_text("hello world\nnot syslog\n")
+    infer_inputs.warn_unfamiliar_format(infer_inputs.read_inputs(tmp_path))
+    out = capsys.readouterr().out
+    assert "PWNED" in out and "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;PWNED\\x07" in out
+    recs = [{"input": name, "lines": [1, 2], "schema_valid": True, "analysis": {"verdict": "benign"}}] * 2
+    assert "\x1b" not in "".join(infer_inputs.verdict_summaries(recs))

@@ -297,3 +297,17 @@ def test_every_weight_artifact_missing_or_cut_short_keeps_a_run_from_being_reuse
     (tmp_path / "weights" / "model.safetensors").write_bytes((64).to_bytes(8, "little") + b'{"w": ')
     assert damaged_artifact(tmp_path, result).startswith(f"artifacts.{key} ({tmp_path / 'weights' / 'model.safetensors'}) is damaged")
     assert damaged_artifact(tmp_path, {"artifacts": {"plots": "gone_plots"}}) is None  # not weights: fine to delete
+
+
+# An audit of hostile inputs (session 26): A run pointed at a folder whose result.json another tool wrote leaves that
+# folder as it was and exits 2.
+def test_foreign_result_json_is_kept(tmp_path):
+    run_dir = tmp_path / "theirs"
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "keep.txt").write_text("mine")
+    (run_dir / "result.json").write_text('{"mine": 1}')
+    run = sectune(["stage=plan", "logger=none"], run_dir=run_dir)
+    assert run.returncode == 2, run.stderr
+    assert "not written by sectune" in run.stderr
+    assert json.loads((run_dir / "result.json").read_text()) == {"mine": 1}
+    assert (run_dir / "adapter" / "keep.txt").read_text() == "mine"

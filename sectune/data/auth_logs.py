@@ -356,6 +356,8 @@ def load_auth_folder(path: str | os.PathLike, max_samples: int | None = None, sc
             analysis = json.loads(raw)
         except json.JSONDecodeError as e:
             raise DataError(f"{js}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from e
+        except (ValueError, RecursionError) as e:  # an integer past Python's 4,300-digit limit; nesting past the recursion limit
+            raise DataError(f"{js}: not an analysis ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
         errors = _schema_errors(analysis, validator)
         if errors:
             raise DataError(f"{js}: does not match the schema at {errors[0]}")

@@ -112,7 +112,7 @@ def _parse(completion: str) -> ParsedCompletion:
         return ParsedCompletion(None, False, str(e))
     try:
         plain, _ = json.JSONDecoder().raw_decode(completion, completion.find("{"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer past Python's digit limit: not plain JSON
         plain = None
     return ParsedCompletion(obj, plain != obj, None)
 
@@ -267,14 +267,14 @@ def consistency_checks(obj: dict) -> dict[str, bool]:
     if (m := _VERDICT_WORD.search(summary)) and isinstance(v, str):
         checks["summary_verdict"] = m[1].lower() == v
     if said := _N_FAILED.findall(summary):
-        checks["summary_failed"] = _is_int(failed) and all(int(n) == failed for n in said)
+        checks["summary_failed"] = _is_int(failed) and all(_said_int(n) == failed for n in said)
     if said := _N_ACCEPTED.findall(summary):
-        checks["summary_accepted"] = _is_int(accepted) and all(int(n) == accepted for n in said)
+        checks["summary_accepted"] = _is_int(accepted) and all(_said_int(n) == accepted for n in said)
     if _NO_FAILED.search(summary):
         checks["summary_no_failures"] = failed == 0 and not isinstance(failed, bool)
     for i, m in enumerate(_FROM_SOURCE.finditer(summary)):
         n = m["n1"] or m["n2"]
-        checks[f"summary_source_{i}"] = m["src"] in sources and (n is None or sources[m["src"]] == int(n))
+        checks[f"summary_source_{i}"] = m["src"] in sources and (n is None or sources[m["src"]] == _said_int(n))
     counts = [f for f in sources.values() if _is_int(f)]
     brute = obj.get("brute_force")
     if isinstance(brute, bool) and len(counts) == len(sources):
@@ -286,6 +286,13 @@ def consistency_checks(obj: dict) -> dict[str, bool]:
     if _is_int(failed) and counts:
         checks["source_failures_sum"] = sum(counts) <= failed
     return checks
+
+
+def _said_int(digits: str) -> int | None:
+    """A number the summary states, or None past 18 digits (no count is that large, and ``int()`` of more than 4,300
+    digits raises: one such summary crashed the reward function, and a GRPO run with it)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else None
 
 
 def keyword_score(window: str, completion: str) -> float:

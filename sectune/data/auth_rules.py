@@ -69,6 +69,17 @@ _FROM_IP = re.compile(r" from (?P<ip>\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]+:[0-9a
 _LOGIN_PROCS = ("sshd", "login")
 
 
+#: the schema's maximum for a count: a log line may say any number ("message repeated 10^5000 times"), an analysis not
+MAX_COUNT = 1_000_000
+
+
+def _count(digits: str) -> int:
+    """A count a log line states, at most MAX_COUNT (``int()`` of more than 4,300 digits raised ValueError: one
+    attacker-written line stopped the rules, and every builder and reward that calls them)."""
+    digits = digits.lstrip("0") or "0"
+    return min(int(digits), MAX_COUNT) if len(digits) <= 7 else MAX_COUNT
+
+
 def _name(user: str | None) -> str | None:
     user = (user or "").strip()
     return user[:_MAX_NAME] if user else None
@@ -99,7 +110,7 @@ def analyze_auth_log(lines: list[str]) -> dict:
         base = proc.split("(")[0]
         p = pids.setdefault(pid or f"line{lineno}", _Pid())
         rep = _REPEATED.search(msg)
-        times = int(rep["n"]) if rep else 1
+        times = _count(rep["n"]) if rep else 1
         body = rep["inner"] if rep else msg
         if (ip := _FROM_IP.search(body)) and base == "sshd" and p.ip is None:
             p.ip = ip["ip"]
@@ -118,7 +129,7 @@ def analyze_auth_log(lines: list[str]) -> dict:
             p.alt_ip = p.alt_ip or b["ip"]
             p.interesting = True
         elif pm := (_PAM_MORE.search(body) or _PAM_FAIL.search(body)):
-            p.fail[1] += int(pm["n"]) if "n" in pm.groupdict() else 1
+            p.fail[1] += _count(pm["n"]) if "n" in pm.groupdict() else 1
             p.alt_ip = p.alt_ip or (pm["rhost"][:_MAX_HOST] or None)
             if pm["user"]:
                 targeted.add(_name(pm["user"]) or "")
@@ -144,13 +155,13 @@ def analyze_auth_log(lines: list[str]) -> dict:
     failed_total = accepted_total = 0
     for p in pids.values():
         n_fail, n_ok = max(p.fail), max(p.ok)
-        failed_total += n_fail
-        accepted_total += n_ok
+        failed_total = min(failed_total + n_fail, MAX_COUNT)
+        accepted_total = min(accepted_total + n_ok, MAX_COUNT)
         src = p.ip or p.alt_ip
         if src is None or not (p.interesting or n_ok):
             continue
         seen.add(src)
-        failures[src] = failures.get(src, 0) + n_fail
+        failures[src] = min(failures.get(src, 0) + n_fail, MAX_COUNT)
         if n_ok:
             accepted_from.add(src)
     ranked = sorted(seen, key=lambda ip: (-failures[ip], ip))

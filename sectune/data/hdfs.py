@@ -97,9 +97,11 @@ def read_key_sessions(path: Path, label: int, num_keys: int, skip_bad: bool = Fa
             if bad is not None:
                 problem = f"{bad!r} is not a log key (integers 1..{num_keys})"
             else:
-                out = next((int(p) for p in parts if not 1 <= int(p) <= num_keys), None)
+                # a key longer than num_keys' digits is out of range whatever it is: int() of more than 4,300 digits raised
+                out = next((p for p in parts if len(p.lstrip("0")) > len(str(num_keys)) or not 1 <= int(p) <= num_keys), None)
                 if out is not None:
-                    problem = f"unknown log key {out} (dataset.num_log_keys={num_keys}: keys are 1..{num_keys})"
+                    shown = out if len(out) <= 20 else f"{out[:20]}… ({len(out)} digits)"
+                    problem = f"unknown log key {shown} (dataset.num_log_keys={num_keys}: keys are 1..{num_keys})"
         if problem:
             if not skip_bad:
                 raise DataError(f"{path}:{n}: {problem}; fix the line or set dataset.skip_bad_lines=true to skip such lines")

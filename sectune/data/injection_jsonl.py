@@ -58,6 +58,8 @@ def _analysis_error(text: str) -> str | None:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         return f"not JSON: {e.msg} at column {e.colno}"
+    except (ValueError, RecursionError) as e:  # an integer past Python's digit limit; nesting past the recursion limit
+        return f"not readable JSON ({type(e).__name__})"
     if not isinstance(obj, dict):
         return f"a JSON {type(obj).__name__}, not an object"
     if obj.get("verdict") not in CLASSES:
@@ -85,7 +87,7 @@ def _check_prompt_answer(obj: dict) -> str | None:
 def _verdict(text: str) -> str:
     try:
         return str(json.loads(text).get("verdict") or "")
-    except (json.JSONDecodeError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):
         return ""
 
 

@@ -25,6 +25,8 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             yield n, json.loads(line), None
         except json.JSONDecodeError as e:
             yield n, None, f"invalid JSON ({e.msg}, column {e.colno})"
+        except (ValueError, RecursionError) as e:  # an integer past Python's 4,300-digit limit; nesting past the recursion limit
+            yield n, None, f"unreadable JSON ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
 
 
 def given_splits(path: Path, objs: list[dict], group) -> dict[str, str]:

@@ -402,11 +402,16 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    print(f"CPU: {cpu_model()} · {os.cpu_count()} cores · torch {torch.__version__} · "
-          f"CUDA {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}")
-    result: dict = {}
+    from sft_throughput import matmul_peak_flops
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak_gflops = round(matmul_peak_flops(torch.get_num_threads())["peak_flops"] / 1e9, 1)
+    print(f"CPU: {cpu_model()} · {os.cpu_count()} cores · bf16 matmul peak {peak_gflops} GFLOP/s on {torch.get_num_threads()} thread(s) · "
+          f"torch {torch.__version__} · CUDA {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}")
+    result: dict = {"cpu": cpu_model(), "bf16_matmul_peak_gflops": peak_gflops}
     if args.n > 0:
-        result = measure(args.n, args.model, args.max_new_tokens, args.batch_size, args.repeats, args.threads or None)
+        result.update(measure(args.n, args.model, args.max_new_tokens, args.batch_size, args.repeats, args.threads or None))
         print(f"{result['n']} analyses · {result['model']} ({result['params'] / 1e6:.1f}M) · batch {result['batch_size']} · "
               f"max_new_tokens {result['max_new_tokens']} · {result['library']} (schema compile {result['compile_s']:.2f}s)")
         for side in ("unconstrained", "constrained"):

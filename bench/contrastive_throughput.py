@@ -29,7 +29,7 @@ shared share of the injected window equals that triplet's share on its full prom
 Each side runs in its own subprocess (its ``VmHWM`` is that side's peak RSS), ``--warmup`` untimed steps then
 ``--steps`` timed ones (median step time). On a shared CPU run with one thread (OMP_NUM_THREADS=1):
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/contrastive_throughput.py     # ~2-3 min
+    OMP_NUM_THREADS=1 .venv/bin/python bench/contrastive_throughput.py     # ~4-6 min: 2 interleaved runs per side
 
 The last line of output is one JSON object holding ``triplets_per_s_ratio_vs_three_forwards``.
 """
@@ -84,7 +84,17 @@ def triplet_rows(args, tokenizer) -> list[dict]:
     # the injected prompt's shared-prefix share over every training triplet, beside the bench's few
     split_share = statistics.mean(r["inj_shared"] / len(r["inj_ids"]) for r in rows)
     return [{**cut_row(r, args.prompt_tokens, args.answer_tokens), "split_share": split_share}
-            for r in rows[: args.batch * (args.warmup + args.steps)]]
+            for r in representative_rows(rows, args.batch * (args.warmup + args.steps))]
+
+
+def representative_rows(rows: list[dict], n: int) -> list[dict]:
+    """``n`` triplets whose injected prompts share as much prefix as the training split's do: the rows at the
+    n quantile midpoints of the shared share, in split order. The split's first ``n`` rows are not: the share is
+    what ``contrastive.share_prefix`` saves, and the first four shared 62% against the split's 48%."""
+    share = lambda r: r["inj_shared"] / len(r["inj_ids"])  # noqa: E731
+    order = sorted(range(len(rows)), key=lambda i: share(rows[i]))
+    picks = sorted({order[min(len(rows) - 1, int((k + 0.5) * len(rows) / n))] for k in range(min(n, len(rows)))})
+    return [rows[i] for i in picks]
 
 
 def cut_row(r: dict, p: int, a: int) -> dict:
@@ -178,22 +188,34 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128, help="each prompt cut to this many tokens")
     ap.add_argument("--answer-tokens", type=int, default=48, help="each benign answer cut to this many tokens")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per side (order reversed every other repeat); medians")
     ap.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         emit(child(args))
         return
 
+    from sft_throughput import matmul_peak_flops
+
     t0 = time.perf_counter()
-    res = {}
-    for name in SIDES:
-        res[name] = r = run_side(name, args)
-        print(f"  {name:<15} {r['triplets_per_s']:.3f} triplets/s  step {r['step_median_s']:.2f}s  RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
-              file=sys.stderr, flush=True)
+    peaks = [matmul_peak_flops(args.threads)]
+    runs: dict[str, list[dict]] = {}
+    # sides interleaved (A B C …, … C B A): the baseline is measured beside every side, not once at the start,
+    # so a shared machine's changing load does not land on one side only
+    for rep in range(args.repeats):
+        for name in (list(SIDES) if rep % 2 == 0 else list(SIDES)[::-1]):
+            runs.setdefault(name, []).append(r := run_side(name, args))
+            print(f"  run {rep + 1}/{args.repeats} {name:<17} {r['triplets_per_s']:.3f} triplets/s  step {r['step_median_s']:.2f}s  "
+                  f"RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+    res = {name: {**rs[0], **{k: statistics.median(r[k] for r in rs) for k in ("triplets_per_s", "step_median_s", "peak_rss_bytes")}}
+           for name, rs in runs.items()}
+    peaks.append(matmul_peak_flops(args.threads))
+    peak_gflops = round(max(p["peak_flops"] for p in peaks) / 1e9, 1)
     base = res["three_forwards"]
-    print(f"\ncausal-contrastive step · {cpu_model()} · {args.threads} thread(s) · Llama {base['params'] / 1e6:.1f}M params "
+    print(f"\nbf16 matmul peak (best of 1024/2048/3072², start/end): {peak_gflops} GFLOP/s on {args.threads} thread(s)")
+    print(f"causal-contrastive step · {cpu_model()} · {args.threads} thread(s) · Llama {base['params'] / 1e6:.1f}M params "
           f"(SmolLM-135M shape, vocab 49,152), LoRA r16 all-linear, fp32 · batch {args.batch} triplet(s) · ~{base['tokens_per_step']:.0f} "
-          f"tokens/step · {args.warmup}+{args.steps} steps (median)")
+          f"tokens/step · {args.warmup}+{args.steps} steps × {args.repeats} interleaved runs (medians)")
     print(f"{'':<16}{'triplets/s':>11}{'s/step':>8}{'vs 3 fwd':>9}{'LM-head rows':>13}{'peak RSS':>10}")
     for name, r in res.items():
         print(f"{name:<16}{r['triplets_per_s']:>11.3f}{r['step_median_s']:>8.2f}{r['triplets_per_s'] / base['triplets_per_s']:>8.2f}x"
@@ -224,7 +246,8 @@ def main() -> None:
         "peak_rss_ratio_vs_three_forwards": round(default["peak_rss_bytes"] / base["peak_rss_bytes"], 3),
         **{f"{n}_triplets_per_s": round(r["triplets_per_s"], 4) for n, r in res.items()},
         **{f"{n}_peak_rss_bytes": r["peak_rss_bytes"] for n, r in res.items()},
-        "threads": args.threads, "batch": args.batch, "cpu": cpu_model(), "bench_wall_s": round(time.perf_counter() - t0, 1),
+        "threads": args.threads, "batch": args.batch, "repeats": args.repeats, "cpu": cpu_model(), "bf16_matmul_peak_gflops": peak_gflops,
+        "bench_wall_s": round(time.perf_counter() - t0, 1),
     }))
 
 

@@ -140,7 +140,10 @@ def main() -> None:
         emit(child(args))
         return
 
+    from sft_throughput import matmul_peak_flops
+
     t0 = time.perf_counter()
+    peak_gflops = round(matmul_peak_flops(args.threads)["peak_flops"] / 1e9, 1)
     names = [f"clients_{k}" for k in CLIENTS] + ([] if args.skip_equal else ["central", "fed_1x1", "fed_1xR", "fed_3xR"])
     for name in names:
         side_overrides(name, args)  # a bad --total-steps stops here, before any run
@@ -152,7 +155,7 @@ def main() -> None:
         print(f"  {name:<11} {r['wall_s']:6.1f}s wall  val loss {r['val_loss_end']:.4f}", file=sys.stderr, flush=True)
 
     first = res[f"clients_{CLIENTS[0]}"]
-    print(f"\nstage=federated, Flower simulation runtime · {cpu_model()} · {args.threads} thread(s) · tiny_llama + LoRA r8 · "
+    print(f"\nstage=federated, Flower simulation runtime · {cpu_model()} (bf16 matmul peak {peak_gflops} GFLOP/s) · {args.threads} thread(s) · tiny_llama + LoRA r8 · "
           f"{first['train_sessions']} training sessions ({first['layout']}: {first['source']}) · batch {args.batch}")
     print(f"\nper round, all clients trained ({args.rounds} rounds × {args.local_steps} local steps; one Ray actor):")
     print(f"{'clients':>8}{'round 1 s':>10}{'later s':>9}{'s/client':>9}{'vs 3':>7}{'bytes up/round':>16}{'bytes down/round':>18}"
@@ -179,7 +182,7 @@ def main() -> None:
             print(f"{name:<10}{layouts[name]:>26}{r['train_s']:>9.1f}{r['wall_s']:>7.0f}{r['val_loss_end']:>10.4f}{r['val_loss_end'] / central['val_loss_end']:>10.3f}x")
         summary.update({f"val_loss_{n}": round(res[n]["val_loss_end"], 5) for n in ("central", "fed_1x1", "fed_1xR", "fed_3xR")})
     print(json.dumps({**summary, "rounds": args.rounds, "local_steps": args.local_steps, "batch": args.batch,
-                      "total_steps": args.total_steps, "threads": args.threads, "cpu": cpu_model(),
+                      "total_steps": args.total_steps, "threads": args.threads, "cpu": cpu_model(), "bf16_matmul_peak_gflops": peak_gflops,
                       "bench_wall_s": round(time.perf_counter() - t0, 1)}))
 
 

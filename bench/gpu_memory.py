@@ -203,7 +203,11 @@ def main() -> None:
     out = {"cases": results}
     if "tokens_per_s" in results.get("smollm_full", {}) and "tokens_per_s" in results.get("smollm_full_fp32", {}):
         out["bf16_speedup_vs_fp32"] = round(results["smollm_full"]["tokens_per_s"] / results["smollm_full_fp32"]["tokens_per_s"], 2)
+    failed = sorted(n for n, r in results.items() if "error" in r)
+    out["failed"] = failed or None
     print(json.dumps(out))
+    if failed:  # a case that did not run is no measurement: say so in the exit status too
+        raise SystemExit(f"bench/gpu_memory.py: {len(failed)} of {len(results)} case(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

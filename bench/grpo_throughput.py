@@ -47,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from _child import emit, run_child  # noqa: E402
+from contrastive_throughput import cpu_model  # noqa: E402
+from sft_throughput import matmul_peak_flops  # noqa: E402
+
 #: ``--model``: the 21M Llama of bench/sft_throughput.py (vocabulary = the tiny tokenizer's), or SmolLM-135M's shape
 #: (vocabulary 49,152, tied embeddings; ids past the tiny tokenizer's 2,048 decode to nothing on both sides, so both
 #: sample and score the same tokens, and the rewards see mostly empty text: the work, not the learning, is measured)
@@ -73,6 +76,9 @@ def compose_cfg(args, variant: str = ""):
         f"train.batch_size={args.prompts}", f"train.max_steps={args.warmup + args.steps}",
         f"rl.num_generations={G}", f"rl.max_completion_length={args.max_completion_length}",
         "train.logging_steps=1", "train.seed=42", "train.precision=bf16", f"train.device={args.device}",
+        # TRL's GRPOConfig samples with repetition_penalty 1.0; sectune's stage passes generation.repetition_penalty
+        # (1.2 by default) to its sampler: the same sampling distribution on both sides, so the same tokens are drawn
+        "generation.repetition_penalty=1.0",
         *(o for v in filter(None, variant.split("+")) for o in VARIANTS[v]),
     ]  # fmt: skip
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
@@ -158,7 +164,8 @@ def child(args) -> dict:
         trainer = rl.build_grpo_trainer(cfg, modeling.apply_lora(model, cfg), tokenizer, records, funcs, weights, out_dir)
         trainer.args.disable_tqdm = True
     settings = {"beta": trainer.beta, "gradient_checkpointing": bool(trainer.args.gradient_checkpointing), "bf16": bool(trainer.args.bf16),
-                "shared_prompt": bool(getattr(trainer, "shared_prompt", False)), "learning_rate": trainer.args.learning_rate}
+                "shared_prompt": bool(getattr(trainer, "shared_prompt", False)), "learning_rate": trainer.args.learning_rate,
+                "repetition_penalty": trainer.args.repetition_penalty, "temperature": trainer.args.temperature, "top_p": trainer.args.top_p}
     timer = Timer(trainer)
     t0 = time.perf_counter()
     trainer.train()
@@ -213,6 +220,8 @@ def main() -> None:
         return
 
     t_start = time.perf_counter()
+    # the machine, and its bf16 matmul peak on the bench's threads at the start and the end (the benches' rule)
+    peaks = [matmul_peak_flops(args.threads)] if args.device == "cpu" else []
     runs: dict[str, list[dict]] = {}
     failed: dict[str, str] = {}
     order = ["trl", "sectune"] + [f"sectune:{v}" for v in filter(None, args.variants.split(","))]
@@ -228,21 +237,27 @@ def main() -> None:
             runs.setdefault(name, []).append(r)
             print(f"  run {rep + 1}/{args.repeats} {name:<18} {r['completions_per_s']:6.2f} completions/s  step {r['step_median_s']:.2f}s  "
                   f"RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)  # fmt: skip
+    if peaks:
+        peaks.append(matmul_peak_flops(args.threads))
+    peak_gflops = round(max(p["peak_flops"] for p in peaks) / 1e9, 1) if peaks else None
     med = lambda rs, k: None if rs[0][k] is None else statistics.median(r[k] for r in rs)  # noqa: E731
-    summary = {name: {k: med(rs, k) for k in ("completions_per_s", "step_median_s", "sample_s", "score_s", "loss_backward_s", "peak_rss_bytes", "peak_cuda_bytes")}
+    summary = {name: {k: med(rs, k) for k in ("completions_per_s", "step_median_s", "sample_s", "score_s", "loss_backward_s", "peak_rss_bytes", "peak_cuda_bytes",
+                                                 "completion_tokens_mean")}
                for name, rs in runs.items()}
     if not runs:
         raise SystemExit(f"every side failed: {failed}")
     r0 = next(iter(runs.values()))[0]
     dims = MODELS[args.model]
     where = r0["gpu"] if args.device == "cuda" else f"CPU {args.threads} thread(s)"
+    print(f"\nCPU: {cpu_model()}" + (f" · bf16 matmul peak (best of 1024/2048/3072², start/end): {peak_gflops} GFLOP/s on {args.threads} "
+                                     f"thread(s)  {[p['by_size'] for p in peaks]}" if peaks else ""))
     print(f"\nGRPO throughput · Llama {r0['params'] / 1e6:.1f}M params (hidden {dims['hidden_size']}, {dims['num_hidden_layers']} layers), LoRA r4 attention, {where} · "
           f"{args.prompts} prompts × G={G} per step · prompts ~{r0['prompt_tokens_mean']:.0f} tokens · completions ≤ {args.max_completion_length} "
           f"(mean {r0['completion_tokens_mean'] or float('nan'):.0f}) · {args.warmup}+{args.steps} steps × {args.repeats} runs (medians)")
-    print(f"{'':<18}{'compl/s':>9}{'s/step':>8}{'sample s':>10}{'score s':>9}{'loss+bwd s':>11}{'peak RSS':>10}{'peak GPU':>10}  settings")
+    print(f"{'':<18}{'compl/s':>9}{'compl tok':>10}{'s/step':>8}{'sample s':>10}{'score s':>9}{'loss+bwd s':>11}{'peak RSS':>10}{'peak GPU':>10}  settings")
     for name, m in summary.items():
         st = runs[name][0]["settings"]
-        print(f"{name:<18}{m['completions_per_s']:>9.2f}{m['step_median_s']:>8.2f}{m['sample_s']:>10.2f}{m['score_s']:>9.2f}"
+        print(f"{name:<18}{m['completions_per_s']:>9.2f}{m['completion_tokens_mean'] or float('nan'):>10.1f}{m['step_median_s']:>8.2f}{m['sample_s']:>10.2f}{m['score_s']:>9.2f}"
               f"{m['loss_backward_s']:>11.2f}{m['peak_rss_bytes'] / 2**20:>8.0f}Mi{(m['peak_cuda_bytes'] or 0) / 2**20:>8.0f}Mi  β={st['beta']} gc={st['gradient_checkpointing']} "
               f"bf16={st['bf16']} shared={st['shared_prompt']}")  # fmt: skip
     if "trl" not in summary or "sectune" not in summary:
@@ -251,14 +266,22 @@ def main() -> None:
         raise SystemExit(1)
     t, s = summary["trl"], summary["sectune"]
     ratio = s["completions_per_s"] / t["completions_per_s"]
+    # completions/s is only comparable when both sides generated (and scored) as many tokens per completion
+    length_ratio = (s["completion_tokens_mean"] / t["completion_tokens_mean"]) if t["completion_tokens_mean"] and s["completion_tokens_mean"] else None
+    if length_ratio is not None and abs(length_ratio - 1) > 0.02:
+        print(f"  WARN  mean completion length differs: sectune {s['completion_tokens_mean']:.1f} vs TRL {t['completion_tokens_mean']:.1f} tokens "
+              f"({length_ratio:.3f}x): not the same work; compare completion tokens/s")
     print(f"  {'PASS' if ratio >= TARGET_RATIO else 'MISS'}  completions/s ratio {ratio:.2f} ≥ {TARGET_RATIO}")
     result = {
         "grpo_completions_per_s_ratio_vs_trl": round(ratio, 3),
+        "completion_tokens_mean_ratio_vs_trl": round(length_ratio, 4) if length_ratio is not None else None,
+        "grpo_completion_tokens_per_s_ratio_vs_trl": round(ratio * length_ratio, 3) if length_ratio is not None else None,
         "sample_speedup_vs_trl": round(t["sample_s"] / s["sample_s"], 3),
         "loss_backward_speedup_vs_trl": round(t["loss_backward_s"] / s["loss_backward_s"], 3),
         "peak_rss_ratio_vs_trl": round(s["peak_rss_bytes"] / t["peak_rss_bytes"], 3),
         "peak_cuda_ratio_vs_trl": round(s["peak_cuda_bytes"] / t["peak_cuda_bytes"], 3) if args.device == "cuda" else None,
         **{f"{n.replace('sectune:', 'sectune_')}_completions_per_s": round(m["completions_per_s"], 3) for n, m in summary.items()},
+        "cpu": cpu_model(), "bf16_matmul_peak_gflops": peak_gflops,
         "device": args.device, "model": args.model, "threads": args.threads, "prompts_per_step": args.prompts, "num_generations": G, "max_completion_length": args.max_completion_length,
         "bench_wall_s": round(time.perf_counter() - t_start, 1), "failed": failed or None,
     }  # fmt: skip

@@ -259,7 +259,7 @@ def main() -> None:
     result = {"reward_pairs_per_s_ratio_vs_itemwise": round(vs_item, 3), "reward_pairs_per_s_ratio_vs_trl": round(vs_trl, 3),
               "constrained_generation_slowdown": round(gen["constrained_generation_slowdown"], 3) if gen else None,
               **{f"{side}_{k}": round(v, 4) for side, m in med.items() for k, v in m.items()},
-              "bf16_matmul_peak_gflops": round(peak["peak_flops"] / 1e9, 1), "threads": args.threads, "steps": args.steps,
+              "bf16_matmul_peak_gflops": round(peak["peak_flops"] / 1e9, 1), "cpu": cpu_model(), "threads": args.threads, "steps": args.steps,
               "repeats": args.repeats, "targets_met": all(checks.values()), "bench_wall_s": round(time.perf_counter() - t_start, 1)}
     print(json.dumps(result))
 

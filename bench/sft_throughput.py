@@ -47,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from _child import emit, run_child  # noqa: E402
+from contrastive_throughput import cpu_model  # noqa: E402
 
 MODEL = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1376)
 TARGETS = {"ratio": 1.3, "pad_share": 0.05, "mfu_real": 0.35, "rss_ratio": 1.0}
@@ -376,7 +377,7 @@ def main() -> None:
         f"{args.threads} threads · batch 8 · max_length {args.max_length} · {r0['examples']} auth-log records · "
         f"{args.warmup}+{args.steps} steps × {args.repeats} interleaved runs (medians)"
     )
-    print(f"bf16 matmul peak (best of 1024/2048/3072², start/end): {peak / 1e9:.1f} GFLOP/s  {[p['by_size'] for p in peaks]}")
+    print(f"CPU: {cpu_model()} · bf16 matmul peak (best of 1024/2048/3072², start/end): {peak / 1e9:.1f} GFLOP/s  {[p['by_size'] for p in peaks]}")
     hdr = f"{'':<22}{'real tok/s':>11}{'fed tok/s':>11}{'pad':>7}{'real tok/step':>14}{'s/step':>8}{'MFU(real)':>10}{'peak RSS':>10}"
     print(hdr)
     for name, m in summary.items():
@@ -406,6 +407,7 @@ def main() -> None:
         "sectune_peak_rss_mib": round(s["peak_rss_bytes"] / 2**20, 1),
         "trl_peak_rss_mib": round(t["peak_rss_bytes"] / 2**20, 1),
         "bf16_matmul_peak_gflops": round(peak / 1e9, 1),
+        "cpu": cpu_model(),
         "variants": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in summary.items() if ":" in k},
         "fine_tune": "full",
         "max_length": args.max_length,

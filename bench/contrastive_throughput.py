@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="triplets per step (seed 002: 1)")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="each prompt cut to this many tokens")
     ap.add_argument("--answer-tokens", type=int, default=48, help="each benign answer cut to this many tokens")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1))  # an empty export: 1
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per side (order reversed every other repeat); medians")
     ap.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     args = ap.parse_args()

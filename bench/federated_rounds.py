@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--total-steps", type=int, default=24, help="optimizer steps of each centralised-vs-federated side")
     ap.add_argument("--equal-rounds", type=int, default=4, help="rounds of fed_1xR and fed_3xR")
     ap.add_argument("--skip-equal", action="store_true", help="only the 3/10/30-client sides")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1))  # an empty export: 1
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rounds < 2:

@@ -196,6 +196,8 @@ def _logging_os_error(e: BaseException) -> OSError | None:
     return None
 
 def main() -> None:
+    from sectune.config_checks import check_printed_keys
+
     global _full_error_is_ours
     if sys.argv[1:] == ["--version"]:  # Hydra's own flag printed only Hydra's version
         from importlib.metadata import PackageNotFoundError, version
@@ -218,6 +220,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"], _full_error_is_ours = "1", True
     try:
         _app()
+        if "--cfg" in sys.argv or "-c" in sys.argv:
+            check_printed_keys(sys.argv[1:])
         _exit_if_sweep_jobs_failed()
     except SystemExit as e:  # Hydra's own report of a sweeper that gave up (Optuna: "No trials are completed yet")
         if e.code not in (0, None):

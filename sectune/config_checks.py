@@ -27,6 +27,31 @@ def check_keys(cfg) -> None:
                           "(`sectune --cfg job` prints every key)") from None
 
 
+def check_printed_keys(argv: list[str]) -> None:
+    """``sectune --cfg job +lora.rr=3`` printed the appended key as if it were a setting and exited 0: Hydra prints without
+    running the task, so :func:`check_keys` never saw it. After the print, the same overrides are composed and checked
+    (a config of one's own, ``-cp``/``-cn``/``-cd``, is left to the run)."""
+    import sys
+
+    from hydra import compose, initialize_config_dir
+
+    from sectune.errors import SectuneError
+    from sectune.paths import CONF_DIR
+
+    if any(a in ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "-m", "--multirun") for a in argv):
+        return
+    overrides = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] not in ("--cfg", "-c", "--package", "-p"))]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))])
+        check_keys(cfg)
+    except SectuneError as e:
+        print(f"sectune: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Exception:  # noqa: BLE001 - Hydra has said what is wrong with the composition itself
+        return
+
+
 #: stages that are not correct under torchrun / accelerate yet, and why (found by a walkthrough): refused, not run wrong
 SINGLE_PROCESS_STAGES = {
     "reward": "its processes ended with different reward models (the pair scoring is not averaged across them) and both "

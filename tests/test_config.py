@@ -64,6 +64,12 @@ def test_an_appended_key_the_schema_lacks_is_an_error_not_an_ignored_setting(tmp
     assert run.stderr.strip().splitlines()[-1].startswith("sectune: error: train.learning_rat: not a sectune setting (Key 'learning_rat' not in")
     ok = sectune(["stage=plan", "logger=none", "+pipeline.overrides.sft.train.max_steps=3"], tmp_path / "ok")  # an open mapping
     assert ok.returncode == 0, ok.stderr[-1500:]
+    # `--cfg job` printed the appended key as a setting and exited 0 (Hydra prints without running the task)
+    shown = sectune(["+lora.rr=3", "--cfg", "job"])
+    assert shown.returncode == 2 and "rr: 3" in shown.stdout
+    assert shown.stderr.strip().splitlines()[-1].startswith("sectune: error: lora.rr: not a sectune setting")
+    fine = sectune(["+pipeline.overrides.sft.train.max_steps=3", "hydra.run.dir=/nonexistent/x", "--cfg", "job"])
+    assert fine.returncode == 0 and "max_steps: 3" in fine.stdout, fine.stderr[-1500:]
 
 
 def test_wrong_type_fails_naming_the_key():

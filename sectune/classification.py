@@ -266,12 +266,42 @@ class WeightedCETrainer(Trainer):
         self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.label_smoothing = label_smoothing
         self.label_len = label_len
-        self.model_accepts_loss_kwargs = False  # our loss is a mean: let Trainer divide by grad_accum
+
+    # The loss of an optimizer step is the weighted mean over every item (row, or label token for ``generative``) of
+    # the step, all train.grad_accum micro-batches: Σ w·ℓ / Σ w with both sums over the step, as transformers'
+    # ``num_items_in_batch`` does for tokens. A per-micro-batch weighted mean / grad_accum weighted an item by
+    # 1/(Σ w of its micro-batch): class weights cancelled out entirely at train.batch_size=1, and generative labels of
+    # more tokens counted less in a micro-batch of long labels.
+    loss_is_scaled_for_ga = True  # compute_loss divides by the step's Σ w itself (transformers >= 5.19)
+
+    def _targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The targets the loss reads: the class per row, or ``generative``'s last ``label_len`` label positions."""
+        if self.head == "seq_cls":
+            return labels
+        return labels[:, -(min(self.label_len + 1, labels.shape[1]) - 1):]
+
+    def _item_weights(self, labels: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        """Each item's weight w in :func:`weighted_cross_entropy` (0 where the target is ignored)."""
+        targets = self._targets(labels)
+        w = (targets != -100).float()
+        if self.class_weights is not None:
+            cw = self.class_weights.to(targets.device)
+            w = w * (cw[targets.clamp(min=0)] if self.head == "seq_cls" else cw[cls].unsqueeze(1))
+        return w
+
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor:
+        """Σ w over the optimizer step (every micro-batch of the accumulation, summed over the processes)."""
+        n = sum(self._item_weights(b["labels"], b["class_index"]).sum().to(device) for b in batch_samples)
+        n = torch.as_tensor(n, dtype=torch.float32, device=device)
+        if self.args.world_size > 1:
+            n = self.accelerator.gather(n).sum()
+        return n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         cls = inputs.pop("class_index")
+        targets = self._targets(labels)
         if self.head == "seq_cls":
             out = model(**inputs)
             loss = weighted_cross_entropy(out.logits, labels, self.class_weights, label_smoothing=self.label_smoothing)
@@ -279,13 +309,17 @@ class WeightedCETrainer(Trainer):
             keep = min(self.label_len + 1, labels.shape[1])
             out = model(**inputs, logits_to_keep=keep)
             logits = out.logits[:, :-1]
-            targets = labels[:, -(keep - 1):]
             sw = None
             if self.class_weights is not None:
                 sw = self.class_weights.to(cls.device)[cls].unsqueeze(1).expand_as(targets).reshape(-1)
             loss = weighted_cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), sample_weight=sw, label_smoothing=self.label_smoothing
             )
+        if num_items_in_batch is not None:  # training: Σ w·ℓ of this micro-batch over Σ w of the whole step
+            local = self._item_weights(labels, cls).sum().clamp_min(1e-12)  # weighted_cross_entropy's own denominator
+            step = torch.as_tensor(num_items_in_batch, dtype=loss.dtype, device=loss.device).clamp_min(1e-12)
+            # DDP averages the processes' gradients: × num_processes makes that average the step's weighted sum
+            loss = loss * (local / step) * self.accelerator.num_processes
         return (loss, out) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):

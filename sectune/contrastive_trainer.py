@@ -299,15 +299,35 @@ class CausalContrastiveTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_weights = dict(loss_weights)
         self.fwd = {"layer": int(layer), "pooling": pooling, "forward": forward, "share_prefix": bool(share_prefix)}
-        self.model_accepts_loss_kwargs = False  # a per-batch mean: Trainer divides by grad_accum
         self._train_cos: list[torch.Tensor] = []
         self._train_parts: dict[str, list[float]] = defaultdict(list)
         self._eval_cos: list[torch.Tensor] = []
         self._eval_task: list[float] = []
 
+    # The loss of an optimizer step is the objective over every triplet of the step (all train.grad_accum micro-batches):
+    # the cosine terms a mean over its triplets, the task term a mean over its benign answer tokens. compute_loss divides
+    # by the step's counts itself (transformers >= 5.19 then leaves the loss as it is): a per-micro-batch mean / grad_accum
+    # weighted an answer token by 1/(answer tokens of its micro-batch), so batch_size=4 grad_accum=1 and batch_size=2
+    # grad_accum=2 trained and logged different things on the same triplets.
+    loss_is_scaled_for_ga = True
+
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor:
+        """``[triplets, benign answer tokens]`` of the optimizer step (what triplet_forward's task loss averages over)."""
+        n = torch.tensor([sum(int(b["b_input_ids"].shape[0]) for b in batch_samples),
+                          sum(int((b["b_labels"][:, 1:] != -100).sum()) for b in batch_samples)], device=device)
+        if self.args.world_size > 1:
+            n = self.accelerator.gather(n[None]).sum(0)
+        return n
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         r_b, r_cf, r_inj, task = triplet_forward(model, inputs, **self.fwd)
         loss, parts = causal_contrastive_loss(r_b, r_cf, r_inj, task, **self.loss_weights)
+        if num_items_in_batch is not None:  # training: this micro-batch's share of the step's objective
+            step_rows, step_tokens = torch.as_tensor(num_items_in_batch).to(loss.device).float().clamp(min=1).unbind(-1)
+            rows, tokens = r_b.shape[0], (inputs["b_labels"][:, 1:] != -100).sum()
+            w = {k: float(self.loss_weights.get(k, 1.0)) for k in ("lambda_causal", "lambda_spurious", "lambda_task")}
+            loss = ((w["lambda_causal"] * parts["causal"] + w["lambda_spurious"] * parts["spurious"]) * (rows / step_rows)
+                    + w["lambda_task"] * parts["task"] * (tokens / step_tokens)) * self.accelerator.num_processes
         if model.training:
             if not torch.isfinite(loss):
                 self._stop_non_finite(loss, parts)

@@ -703,3 +703,63 @@ def test_evaluate_on_an_hdfs_run_points_at_dataset_hdfs_not_at_the_analysts_stag
         (run / ".hydra" / "config.yaml").write_text(f"dataset:\n  name: {name}\n")
         with pytest.raises(ConfigError, match=hint):
             read_classify_run(run)
+
+
+@pytest.mark.parametrize("head", ["seq_cls", "generative"])
+def test_loss_is_the_weighted_mean_over_the_whole_optimizer_step_whatever_the_grad_accum(tmp_path, head):
+    """Balanced class weights (3:1 classes) and labels of 2 and 11 tokens: batch_size=4 grad_accum=1,
+    batch_size=2 grad_accum=2 and 1 × 4 give the same gradient and log the same loss. A per-micro-batch weighted
+    mean / grad_accum put the 2 × 2 gradient 65% (seq_cls) and 116% (generative) off here, and at batch_size=1 the
+    class weights cancelled out entirely."""
+    import csv
+
+    from transformers import TrainerCallback, TrainingArguments
+
+    from conftest import compose
+    from sectune import classification as C
+    from sectune import engine, modeling
+
+    path = tmp_path / "flows.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(40):
+            w.writerow([f"flow {i} dst_port={[22, 80, 443][i % 3]} pkts={i * 7 % 50}", "brute force login burst" if i % 4 == 0 else "benign"])
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            self.grads = torch.cat([q.grad.flatten().clone() for q in model.parameters() if q.grad is not None])
+
+    def step(bs, ga):
+        cfg = compose(["stage=classify", "dataset=text_label_csv", f"dataset.path={path}", f"classify.head={head}", "lora=none",
+                       "loss.class_weights=balanced", "logger=none", "train.device=cpu", "train.precision=fp32", "train.max_steps=1",
+                       "train.max_grad_norm=1e9", "train.selective_checkpointing=false", "model.max_seq_length=128",
+                       f"train.batch_size={bs}", f"train.grad_accum={ga}"])
+        data = C.build_labelled_data(cfg)
+        train = data.splits["train"]
+        rows = [r for r in train if r["label"] == "benign"][:2] + [r for r in train if r["label"] != "benign"][:1] + \
+               [r for r in train if r["label"] == "benign"][2:3]
+        weights = C.class_weight_vector(cfg.loss.class_weights, data.labels, [r["label"] for r in train])
+        assert len(set(weights)) == 2
+        mpath = modeling.model_path(cfg)
+        tok = modeling.load_tokenizer(cfg, mpath)
+        torch.manual_seed(0)
+        if head == "seq_cls":
+            model = C.set_pooling(modeling.load_model(cfg, task="seq_cls", num_labels=len(data.labels), path=mpath), "mean")
+        else:
+            model = modeling.load_model(cfg, path=mpath)
+        label_len = max(map(len, C.label_token_ids(tok, data.labels))) if head == "generative" else 1
+        args = TrainingArguments(**engine.training_kwargs(cfg, tmp_path / f"{bs}x{ga}", has_eval=False), remove_unused_columns=False,
+                                 label_names=["labels"], prediction_loss_only=True)
+        cb = Grads()
+        trainer = C.WeightedCETrainer(model=model, args=args, train_dataset=C.encode_examples(tok, rows, data.labels, head, 128),
+                                      processing_class=tok, data_collator=C.ClassifyCollator(tok.pad_token_id, head), callbacks=[cb],
+                                      head=head, class_weights=weights, label_len=label_len, labels=data.labels, max_length=128)
+        trainer.train()
+        return cb.grads, next(r["loss"] for r in trainer.state.log_history if "loss" in r)
+
+    g4, loss4 = step(4, 1)
+    for bs, ga in [(2, 2), (1, 4)]:
+        g, loss = step(bs, ga)
+        assert ((g - g4).norm() / g4.norm()).item() < 1e-4, (bs, ga)
+        assert loss == pytest.approx(loss4, rel=1e-5), (bs, ga)

@@ -84,17 +84,35 @@ def heuristic(cfg, run_dir: Path, held_out: list[dict], held_name: str, reason: 
 
 
 class BradleyTerryTrainer(Trainer):
-    """Trainer whose loss is :func:`bradley_terry_loss` over a padding-free row of pairs."""
+    """Trainer whose loss is :func:`bradley_terry_loss` over a padding-free row of pairs.
+
+    A batch row is a prompt with *all* its pairs, so micro-batches of ``train.batch_size`` prompts can hold different
+    numbers of pairs. The loss of an optimizer step is the mean over every pair of the step (all ``train.grad_accum``
+    micro-batches, all processes): each micro-batch contributes its pair sum over the step's pair count, as
+    transformers' ``num_items_in_batch`` does for tokens. A per-micro-batch mean divided by ``grad_accum`` weighted a
+    pair by 1/(pairs of its micro-batch), so ``batch_size=4 grad_accum=1`` and ``batch_size=2 grad_accum=2`` trained
+    (and logged) different things on the same pairs."""
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the step's pair count itself (transformers >= 5.19)
 
     def __init__(self, *args, margin: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.margin = margin
-        self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs: Trainer divides by grad_accum
+
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor:
+        """Pairs in the optimizer step: every micro-batch of the accumulation, summed over the processes."""
+        n = torch.tensor(sum(int(b["pairs"].shape[0]) for b in batch_samples), device=device)
+        if self.args.world_size > 1:
+            n = self.accelerator.gather(n).sum()
+        return n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         r = RM.sequence_rewards(model, inputs)
         pairs = inputs["pairs"]
         loss = bradley_terry_loss(r[pairs[:, 0]], r[pairs[:, 1]], self.margin)
+        if num_items_in_batch is not None:  # training: this micro-batch's share of the step's mean over pairs
+            # DDP averages the processes' gradients: × num_processes makes that average the sum over the step's pairs
+            loss = loss * (pairs.shape[0] * self.accelerator.num_processes / torch.as_tensor(num_items_in_batch).clamp(min=1))
         return (loss, {"rewards": r[pairs]}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

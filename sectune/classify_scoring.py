@@ -84,6 +84,24 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, head: str, labels: Se
     return probs, latencies
 
 
+def score_texts_across_ranks(model, tokenizer, texts: Sequence[str], **kw):
+    """:func:`score_texts` with the rows shared out across the ranks (torchrun / accelerate) and gathered back:
+    every rank scores its share and receives every row's probabilities (so every rank takes the same checkpoint,
+    threshold and metrics); the batch times are every rank's. One process: :func:`score_texts` itself."""
+    from sectune import distributed
+
+    times: list = []
+
+    def share(rows):
+        probs, lat = score_texts(model, tokenizer, list(rows), **kw)
+        times.extend(lat)
+        return list(probs)
+
+    rows = distributed.gathered(share, list(texts))
+    probs = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(kw["labels"]))
+    return probs, distributed.gathered_lists(times)
+
+
 def score_members(members, tokenizer, texts: Sequence[str], **kw):
     """:func:`score_texts` for ``(model, adapter_name)`` pairs, combined by :func:`combine_scores`."""
     runs = []

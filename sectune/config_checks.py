@@ -53,11 +53,7 @@ def check_printed_keys(argv: list[str]) -> None:
 
 
 #: stages that are not correct under torchrun / accelerate yet, and why (found by a walkthrough): refused, not run wrong
-SINGLE_PROCESS_STAGES = {
-    "reward": "its processes ended with different reward models (the pair scoring is not averaged across them) and both "
-              "wrote reward_model/",
-    "classify": "every process writes the evaluation files, racing (a run failed renaming loss_curve.png)",
-}
+SINGLE_PROCESS_STAGES: dict[str, str] = {}
 
 
 def check_values(cfg) -> None:

@@ -17,7 +17,9 @@ How the value travels, most robust first:
    writes a fresh nonce-stamped file; the others accept it only if it was written after their
    launcher started, so a stale file from an earlier launch on the same port is ignored.
 
-Only rank 0 writes result.json, artifacts and W&B (runner, tracking, the stages' guards).
+Only rank 0 writes result.json, artifacts and W&B (runner, tracking, the stages' guards). Scoring after training
+(classify's validation and test rows, reward's held-out pairs) is shared out across the ranks and gathered back
+(:func:`gathered`), so every rank holds the same numbers and takes the same decisions.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Callable, Sequence
 
 STORE_KEY = "sectune/run_dir"
 
@@ -143,3 +146,51 @@ def barrier() -> None:
             dist.barrier()
     except Exception:
         pass
+
+
+def gathered(fn: Callable[..., Sequence], *columns: Sequence, key: Sequence | None = None) -> list:
+    """``fn(*columns)`` (one value per row, in row order) with the rows shared out across the ranks of the process
+    group and the values gathered back, in order, on every rank: each rank computes its share, all take part in
+    the gather, and all hold the same list. Rows with equal ``key`` (the same prompt) go to the same rank; without
+    ``key`` rank r takes rows r, r + N, …. Without a process group (one process): just ``fn(*columns)``."""
+    try:
+        import torch.distributed as dist
+
+        grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    except Exception:
+        grouped = False
+    if not grouped:
+        return list(fn(*columns))
+    n, r = dist.get_world_size(), dist.get_rank()
+    rows = len(columns[0]) if columns else 0
+    if key is None:
+        owner = [i % n for i in range(rows)]
+    else:
+        first: dict = {}
+        owner = [first.setdefault(k, len(first) % n) for k in key]
+    mine = [i for i in range(rows) if owner[i] == r]
+    values = list(fn(*([c[i] for i in mine] for c in columns))) if mine else []
+    if len(values) != len(mine):
+        raise ValueError(f"gathered: {len(values)} values for {len(mine)} rows")
+    parts: list = [None] * n
+    dist.all_gather_object(parts, (mine, values))
+    out: list = [None] * rows
+    for idx, vals in parts:
+        for i, v in zip(idx, vals):
+            out[i] = v
+    return out
+
+
+def gathered_lists(values: Sequence) -> list:
+    """Every rank's ``values`` concatenated in rank order, on every rank (collective); one process: ``values``."""
+    try:
+        import torch.distributed as dist
+
+        grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    except Exception:
+        grouped = False
+    if not grouped:
+        return list(values)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(values))
+    return [v for part in parts for v in part]

@@ -115,17 +115,26 @@ def seq_cls_model(model):
 
 
 def sequence_rewards(model, batch: dict) -> torch.Tensor:
-    """One scalar per completion of a :class:`SharedPromptCollator` batch: the score head on each
-    completion's last hidden state.
+    """One scalar per completion of a :class:`SharedPromptCollator` batch: the score head's output at
+    each completion's last position.
 
-    Calls the decoder body (``base_model``: LlamaModel, GPT2Model, …) and the head directly, so the
-    head runs on the completions' last positions instead of every token, and transformers' pad-token
-    pooling (one position per row) is out of the way.
+    ``model`` is called as a whole (``model(...)``), so under torchrun / accelerate the call goes through
+    the DistributedDataParallel wrapper and the ranks all-reduce their gradients. (It called the decoder
+    body and the head of the unwrapped model directly, which DDP never saw: each rank stepped on its own
+    gradient and the ranks ended with different reward models.) A forward hook on the ``score`` head keeps
+    its per-position output ``[B, L, 1]`` (the head is one output wide, so that costs nothing next to the
+    body); transformers' pad-token pooling (one position per row) is left unused.
     """
     inner = seq_cls_model(model)
-    hidden = inner.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    return inner.score(hidden.reshape(-1, hidden.shape[-1])[batch["seq_ends"]]).squeeze(-1).float()
+    seen: dict = {}
+    hook = inner.score.register_forward_hook(lambda _module, _args, out: seen.__setitem__("logits", out))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+              use_cache=False)
+    finally:
+        hook.remove()
+    logits = seen["logits"]
+    return logits.reshape(-1, logits.shape[-1])[batch["seq_ends"]].squeeze(-1).float()
 
 
 # ------------------------------------------------------------------------------- scorers

@@ -531,17 +531,27 @@ def test_an_interrupted_sweep_job_stops_the_sweep_and_each_job_reports_its_own_p
     assert json.loads((tmp_path / "job1" / "result.json").read_text())["error"] == "interrupted (SIGTERM)"
 
 
+def test_a_stage_listed_as_single_process_refuses_several_processes(monkeypatch):
+    """config_checks.SINGLE_PROCESS_STAGES names the stages not correct under torchrun yet (none now): refused by name."""
+    from sectune import config_checks
+
+    monkeypatch.setitem(config_checks.SINGLE_PROCESS_STAGES, "reward", "its ranks would end with different models")
+    args = ["stage=reward", "dataset=auth_preferences"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^stage=reward under 2 processes: its ranks would end with different models"):
+        config_checks.check_values(compose(args))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    config_checks.check_values(compose(args))
+
+
 @pytest.mark.parametrize("stage", ["reward", "classify"])
-def test_stages_that_are_wrong_under_several_processes_refuse_them(stage, monkeypatch):
-    """Under torchrun the reward stage's processes ended with different models and classify's raced on its files."""
+def test_reward_and_classify_run_under_several_processes(stage, monkeypatch):
+    """They were refused (reward's ranks ended with different models, classify's raced on its files); fixed and checked
+    against one process by tests/test_distributed.py."""
     from sectune.config_checks import check_values
 
-    args = [f"stage={stage}"] + (["dataset=auth_preferences"] if stage == "reward" else [])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=rf"^stage={stage} under 2 processes"):
-        check_values(compose(args))
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    check_values(compose(args))
+    check_values(compose([f"stage={stage}"] + (["dataset=auth_preferences"] if stage == "reward" else [])))
 
 
 def test_infer_refuses_a_sweep_job_whose_reused_run_was_replaced(tmp_path):

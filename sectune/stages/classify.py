@@ -16,7 +16,7 @@ import numpy as np
 
 from sectune import classification as C
 from sectune import classify_scoring as S
-from sectune import checkpoints, engine, modeling
+from sectune import checkpoints, distributed, engine, modeling
 from sectune.errors import ConfigError
 from sectune.predict import LABELS_FILE, META_FILE, NORMALIZER_FILE
 from sectune.runner import RunContext, write_json_atomic
@@ -57,11 +57,15 @@ def run(ctx: RunContext) -> dict:
     C.class_weight_vector(cfg.loss.class_weights, data.labels, [r["label"] for r in train_recs])
     from sectune.data.flows import write_splits_json
 
-    write_splits_json(run_dir / "splits", data.splits)
-    write_json_atomic(run_dir / LABELS_FILE, {"labels": data.labels})
+    # Under torchrun every rank runs this file: training and the scoring are collective, writing is rank 0's.
+    main = distributed.is_main_process()
     artifacts = {"splits": "splits", "labels": LABELS_FILE}
+    if main:
+        write_splits_json(run_dir / "splits", data.splits)
+        write_json_atomic(run_dir / LABELS_FILE, {"labels": data.labels})
     if data.normalizer is not None:
-        write_json_atomic(run_dir / NORMALIZER_FILE, data.normalizer.to_dict())
+        if main:
+            write_json_atomic(run_dir / NORMALIZER_FILE, data.normalizer.to_dict())
         artifacts["normalizer"] = NORMALIZER_FILE
 
     # 2-4. one classifier, or ``classify.folds`` members cross-fitted on the train split
@@ -101,7 +105,8 @@ def run(ctx: RunContext) -> dict:
         artifacts.update(folds="folds", checkpoints="checkpoints")
     artifacts.update(loss_curve="plots/loss_curve.png", train_history="train_history.json" if members is None else "folds")
     title = f"classify · {cfg.model.name} · {cfg.dataset.name}" + ("" if members is None else f" · fold 1 of {folds}")
-    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, title)
+    if main:
+        engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, title)
 
     # 5. the decision threshold for two labels (on the out-of-fold predictions of every train row
     #    with folds, else on validation; never on test), then the validation metrics
@@ -126,6 +131,9 @@ def run(ctx: RunContext) -> dict:
         print(f"sectune: decision threshold on p({data.labels[1]}) chosen on validation: {threshold:.4f}")
     if vy:
         _score(vy, scored["validation"][0], "val")
+    if not main:  # rank 0 writes the classifier, the test evaluation (and its baselines) and the metrics
+        distributed.barrier()
+        return {"metrics": metrics, "artifacts": artifacts}
     meta = {
         "head": head, "format": data.format, "artifact": name, "labels": data.labels, "template": data.template,
         "features": data.features, "precision": cfg.dataset.render_precision, "max_length": max_len,
@@ -164,6 +172,7 @@ def run(ctx: RunContext) -> dict:
         line += (f" · test macro-F1 {metrics['test_macro_f1']:.4f} (baseline {metrics.get('baseline_test_macro_f1', float('nan')):.4f},"
                  f" majority {metrics.get('majority_test_macro_f1', float('nan')):.4f})")
     print(line + f" · {metrics['train_runtime_s']:.0f}s")
+    distributed.barrier()
     return {"metrics": metrics, "artifacts": artifacts}
 
 
@@ -227,11 +236,13 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
         val_rows=val_recs if select else None, labels=data.labels, max_length=max_len, autocast=autocast,
     )
     engine.selective_checkpointing(trainer.model, cfg)
+    main = trainer.accelerator.is_main_process
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         train_out = engine.train(trainer, checkpoints.resolve_resume(cfg, ckpt_dir))
     finally:
-        engine.write_history(out_dir / "train_history.json", trainer)
+        if main:
+            engine.write_history(out_dir / "train_history.json", trainer)
     metrics = {"train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total}
     if select and trainer.state.best_global_step:
@@ -244,8 +255,10 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     # the adapter (safetensors, incl. the score head) or the full model, + tokenizer
     model = trainer.model
     name = "adapter" if hasattr(model, "peft_config") else "model"
-    modeling.save_pretrained_atomic(model, tokenizer, out_dir / name)
-    scored = {k: S.score_texts(model, tokenizer, texts, head=head, labels=data.labels, batch_size=cfg.evaluate.batch_size,
+    if main:
+        modeling.save_pretrained_atomic(model, tokenizer, out_dir / name)
+    # every rank scores its share of each text list and receives all of it (collective: every rank calls it)
+    scored = {k: S.score_texts_across_ranks(model, tokenizer, texts, head=head, labels=data.labels, batch_size=cfg.evaluate.batch_size,
                                max_length=max_len, autocast=autocast) if texts else (np.zeros((0, len(data.labels))), [])
               for k, texts in to_score.items()}
     del trainer, model

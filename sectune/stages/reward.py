@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from sectune import checkpoints, engine, modeling
+from sectune import checkpoints, distributed, engine, modeling
 from sectune import reward_model as RM
 from sectune.data.auth_preferences import preference_splits
 from sectune.errors import ConfigError
@@ -139,12 +139,14 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     val_rows, vcut = RM.encode_pair_groups(tokenizer, splits["validation"], max_len)
     if cut + vcut:
         print(f"sectune: warning: {cut + vcut} prompts + completions exceed model.max_seq_length={max_len}; the prompt's start was cut")
+    kwargs = engine.training_kwargs(cfg, run_dir / "checkpoints", has_eval=bool(val_rows))
+    # (under torchrun / accelerate the process group starts here: the scoring below is shared out across the ranks)
+    args = TrainingArguments(**kwargs, remove_unused_columns=False, label_names=[], prediction_loss_only=True)
     scorer = RM.TrainedRewardModel(model, tokenizer, max_len, batch_size=int(cfg.train.eval_batch_size or cfg.train.batch_size))
-    start = pair_metrics(scorer.score, held_out)
+    score = _shared_across_ranks(scorer.score)
+    start = pair_metrics(score, held_out)
     print(f"sectune: before training: held-out pairwise accuracy {start['reward_accuracy']:.3f}")
 
-    kwargs = engine.training_kwargs(cfg, run_dir / "checkpoints", has_eval=bool(val_rows))
-    args = TrainingArguments(**kwargs, remove_unused_columns=False, label_names=[], prediction_loss_only=True)
     trainer = BradleyTerryTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(val_rows) if val_rows else None, processing_class=tokenizer,
@@ -152,10 +154,13 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
         margin=float(cfg.loss.margin),
     )
     engine.selective_checkpointing(trainer.model, cfg)
+    # Under torchrun every rank runs this: training, evaluate() and the scoring are collective, writing is rank 0's.
+    main = trainer.accelerator.is_main_process
     try:
         train_out = engine.train(trainer, checkpoints.resolve_resume(cfg, run_dir / "checkpoints"))
     finally:
-        engine.write_history(run_dir / "train_history.json", trainer)
+        if main:
+            engine.write_history(run_dir / "train_history.json", trainer)
 
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     scorer.model = model.eval()
@@ -165,12 +170,17 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
                "reward_accuracy_start": start["reward_accuracy"], "reward_margin_start": start["reward_margin"]}
     if val_rows:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    metrics.update(pair_metrics(scorer.score, held_out))
+    metrics.update(pair_metrics(score, held_out))
     # the classic baseline on the same pairs: seed 000's heuristic fallback (rules, no weights)
     metrics.update({f"heuristic_{k}": v for k, v in pair_metrics(RM.HeuristicRewardModel().score, held_out).items()
                     if k in ("reward_accuracy", "reward_margin")})
-    norm = score_stats(scorer.score, splits["validation"] or splits["train"])
+    norm = score_stats(score, splits["validation"] or splits["train"])
     metrics.update(score_mean=norm["score_mean"], score_std=norm["score_std"])
+    artifacts = {"reward_model": "reward_model", "checkpoints": "checkpoints", "train_history": "train_history.json",
+                 "loss_curve": "plots/loss_curve.png"}
+    if not main:  # rank 0 saves and plots; the others wait at the same barrier
+        trainer.accelerator.wait_for_everyone()
+        return {"metrics": metrics, "artifacts": artifacts}
 
     out = run_dir / "reward_model"
     modeling.save_pretrained_atomic(model, tokenizer, out)
@@ -182,8 +192,15 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     metrics.update(engine.peak_memory())
     metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
     _report(metrics, held_name, f"reward model at {out}")
-    return {"metrics": metrics, "artifacts": {"reward_model": "reward_model", "checkpoints": "checkpoints",
-                                              "train_history": "train_history.json", "loss_curve": "plots/loss_curve.png"}}
+    trainer.accelerator.wait_for_everyone()
+    return {"metrics": metrics, "artifacts": artifacts}
+
+
+def _shared_across_ranks(score):
+    """``score(prompts, completions)`` with the prompts shared out across the ranks (each prompt's completions on one
+    rank, encoded once) and the scores gathered back on every rank: under torchrun each rank holds the same trained
+    weights, so every rank reports the same held-out numbers. One process: ``score`` itself."""
+    return lambda prompts, completions: distributed.gathered(score, prompts, completions, key=prompts)
 
 
 def start_weights(cfg) -> str:

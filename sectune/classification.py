@@ -219,22 +219,16 @@ def class_weight_vector(spec, labels: Sequence[str], train_labels: Sequence[str]
 # --------------------------------------------------------------------------- objective
 
 
-def weighted_cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    weight: Optional[torch.Tensor] = None,
-    sample_weight: Optional[torch.Tensor] = None,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Weighted mean cross-entropy over the rows whose target is not ``ignore_index``.
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Weighted mean cross-entropy over the rows whose target is not ``ignore_index`` (the arguments of
+    :func:`weighted_cross_entropy_terms`).
 
     ``loss = Σ_i w_i · ℓ_i / Σ_i w_i`` with ``w_i = weight[t_i] · sample_weight_i`` and
     ``ℓ_i = -(1-ε) log p_i[t_i] - ε · mean_c log p_i[c]`` (ε = label smoothing). Without smoothing
     and sample weights this equals ``F.cross_entropy(logits, targets, weight=weight)``.
     logits ``[N, C]``, targets ``[N]``, weight ``[C]``, sample_weight ``[N]``.
     """
-    num, den = weighted_cross_entropy_terms(logits, targets, weight, sample_weight, label_smoothing, ignore_index)
+    num, den = weighted_cross_entropy_terms(logits, targets, *args, **kwargs)
     return num / den.clamp_min(1e-12)
 
 

@@ -325,6 +325,8 @@ def test_seed_000_presets_compose_every_step(tmp_path):
     # starts from the base model
     assert (tiny["reward"].lora.name, tiny["reward"].reward.init_from) == ("none", str(tmp_path / "sft"))
     assert real["reward"].reward.init_from is None
+    # the tiny reward model trains in fp32, as it did before its forward went through accelerate's autocast
+    assert tiny["reward"].train.precision == "fp32" and tiny["sft"].train.precision == "bf16"
     with pytest.raises(ConfigError, match="reward.init_from=sft names this pipeline's sft step, but pipeline.steps runs none before reward"):
         steps_of(["+experiment=auth_grpo_tiny", "pipeline.steps=[reward,rl,infer]"])
     # SFT trains on the cut spans and the table (the infer step's config) fits TF-IDF + LR on the same windows;

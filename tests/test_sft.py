@@ -76,14 +76,17 @@ def test_sft_writes_plots_history_preview_and_wandb_offline_run(sft_run):
 
 @requires_real_data
 def test_quantized_nf4_and_int8_train_on_cpu(tmp_path):
+    totals = {}
     for q, kind in (("nf4", "Linear4bit"), ("int8", "Linear8bitLt")):
         run = sectune([*FAST, f"quantization={q}", "train.max_steps=3", "dataset.max_samples=24"], tmp_path / q)
         assert run.returncode == 0, run.stderr[-2000:]
         m = run.result["metrics"]
         # each of the decoder's linears once (peft's LoRA wrapper of one has the same class name: counted twice before)
         assert m["quantized_modules"] == 7 * int(compose(FAST).model.tiny.num_layers), (q, kind, m["quantized_modules"])
+        totals[q] = m["total_params"]
         assert m["eval_loss"] == m["eval_loss"] and m["eval_loss"] < 20  # finite
         assert (tmp_path / q / "adapter" / "adapter_model.safetensors").is_file()
+    assert totals["nf4"] == totals["int8"], totals  # the same model's weights, however packed (4-bit: two per byte)
 
 
 def test_an_eval_forward_leaves_4bit_lora_gradients_as_they_were():

@@ -31,3 +31,9 @@ def first_line(e: BaseException) -> str:
     if not lines:
         return type(e).__name__
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def shown(text: str) -> str:
+    """Text as the console shows it: control characters (ESC, BEL, CR, newline) escaped, so a file name or a value an
+    attacker chose (``\\x1b]0;…\\x07``, ``\\x1b[2J``) cannot retitle or clear the terminal or forge a line of output."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)

@@ -13,19 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sectune.data import auth_logs
-from sectune.errors import ConfigError, DataError
+from sectune.errors import ConfigError, DataError, shown
 
 DEFAULT_OUTPUT = "analyses.json"
 #: what a folder's file may be and be skipped, named (read_log's words → the reason shown)
 _SKIPPED = {"binary file": "binary", "empty log file": "empty", "does not decompress": "a damaged gzip"}
 #: gzip's magic; UTF-16's byte-order marks (a Windows export)
 _GZIP, _UTF16 = b"\x1f\x8b", (b"\xff\xfe", b"\xfe\xff")
-
-
-def shown(name: str) -> str:
-    """A file name as the console shows it: control characters (ESC, BEL, CR, newline) escaped, so a name an attacker
-    chose (``\\x1b]0;…\\x07``, ``\\x1b[2J``) cannot retitle or clear the terminal or forge a line of output."""
-    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in name)
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sectune import data, distributed, sweeps
-from sectune.errors import SectuneError
+from sectune.errors import SectuneError, shown
 # re-exported: runner is where stages, the pipeline and the tests look these up
 from sectune.run_records import (  # noqa: F401
     RESULT_FILE, check_policy_run, data_sources, finite_json, init_source, previous_result, refuse_non_analyst, trained_quantization,
@@ -355,7 +355,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     except SectuneError as e:
         code = e.exit_code
         result.update(status="failed", error=str(e))
-        print(f"sectune: error: {e}", file=sys.stderr)
+        print(f"sectune: error: {shown(str(e))}", file=sys.stderr)  # a path or value from the input: no raw escapes
     except KeyboardInterrupt as e:
         code = 128 + e.signum if isinstance(e, Interrupted) else 130
         why = f"interrupted ({e.name})" if isinstance(e, Interrupted) else "interrupted (KeyboardInterrupt)"
@@ -365,7 +365,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         code = 1
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
         traceback.print_exc()
-        print(f"sectune: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"sectune: error: {type(e).__name__}: {shown(str(e))}", file=sys.stderr)
     finally:
         heard.__exit__(None, None, None)
         if heard.lines:

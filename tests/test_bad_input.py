@@ -400,6 +400,25 @@ def test_sigterm_is_a_recorded_interruption_and_a_rerun_it_stopped_gives_the_ear
     assert code == 143 and json.loads((fresh / "result.json").read_text())["status"] == "failed"
 
 
+def test_an_error_naming_an_attackers_file_reaches_the_console_with_its_escapes_escaped(tmp_path, monkeypatch, capsys):
+    """A folder or file name an attacker chose (``\\x1b]0;…\\x07`` retitles a terminal, ``\\x1b[2J`` clears it) went raw
+    into the error line (an audit of hostile inputs, session 26); result.json keeps the message as it was (JSON escapes it)."""
+    from sectune import runner
+    from sectune.errors import DataError
+
+    name = "logs\x1b]0;PWNED\x07\x1b[2J"
+
+    def stage(ctx):
+        raise DataError(f"{name}: auth_logs folder does not exist")
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda _name: stage)
+    code, _ = runner.run(compose(["logger=none"]), tmp_path / "run")
+    err = capsys.readouterr().err
+    assert code == 2 and "\x1b" not in err and "\x07" not in err
+    assert "sectune: error: logs\\x1b]0;PWNED\\x07\\x1b[2J: auth_logs folder does not exist" in err
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["error"] == f"{name}: auth_logs folder does not exist"
+
+
 def test_a_second_command_into_a_run_dir_in_use_stops_and_leaves_the_running_ones_config(tmp_path, monkeypatch, capsys):
     """Two commands in one run dir both said done, one's result and checkpoints silently replacing the other's."""
     import fcntl

@@ -2,8 +2,8 @@
 
 * :func:`build_labelled_data` turns a dataset config (flows, ``text,label`` CSV, deepset
   injections) into train/validation/test records ``{"text": prompt, "label", ...}``;
-* :func:`weighted_cross_entropy` is the objective (a pure tensor function) and
-  :class:`WeightedCETrainer` the ``transformers.Trainer`` subclass that calls it for both heads;
+* :class:`WeightedCETrainer` is the ``transformers.Trainer`` subclass that calls the objective,
+  :func:`sectune.losses.weighted_cross_entropy` (a pure tensor function), for both heads;
 * :func:`encode_examples`, :func:`pad_rows` and :class:`ClassifyCollator` turn records into
   token rows (``generative``: the prompt left-padded, followed by the label's tokens).
 
@@ -19,13 +19,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer
 
 from sectune.config_stages import POOLINGS  # noqa: F401 (re-exported)
 from sectune.data import warn_duplicates_across_splits  # noqa: F401 (re-exported)
 from sectune.errors import ConfigError, DataError
+from sectune.losses import weighted_cross_entropy_terms
 
 HEADS = ("seq_cls", "generative")
 FORMATS = ("flows", "text_csv", "injections")
@@ -217,43 +217,6 @@ def class_weight_vector(spec, labels: Sequence[str], train_labels: Sequence[str]
 
 
 # --------------------------------------------------------------------------- objective
-
-
-def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Weighted mean cross-entropy over the rows whose target is not ``ignore_index`` (the arguments of
-    :func:`weighted_cross_entropy_terms`).
-
-    ``loss = Σ_i w_i · ℓ_i / Σ_i w_i`` with ``w_i = weight[t_i] · sample_weight_i`` and
-    ``ℓ_i = -(1-ε) log p_i[t_i] - ε · mean_c log p_i[c]`` (ε = label smoothing). Without smoothing
-    and sample weights this equals ``F.cross_entropy(logits, targets, weight=weight)``.
-    logits ``[N, C]``, targets ``[N]``, weight ``[C]``, sample_weight ``[N]``.
-    """
-    num, den = weighted_cross_entropy_terms(logits, targets, *args, **kwargs)
-    return num / den.clamp_min(1e-12)
-
-
-def weighted_cross_entropy_terms(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    weight: Optional[torch.Tensor] = None,
-    sample_weight: Optional[torch.Tensor] = None,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ_i w_i · ℓ_i, Σ_i w_i)`` of :func:`weighted_cross_entropy`: its numerator and denominator, so that several
-    processes can divide their numerators by the denominator summed over all of them."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    keep = targets != ignore_index
-    safe_t = torch.where(keep, targets, torch.zeros_like(targets))
-    nll = -logp.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)
-    if label_smoothing:
-        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(dim=-1)
-    w = keep.to(logp.dtype)
-    if weight is not None:
-        w = w * weight.to(logp.device, logp.dtype)[safe_t]
-    if sample_weight is not None:
-        w = w * sample_weight.to(logp.device, logp.dtype)
-    return (w * nll).sum(), w.sum()
 
 
 class WeightedCETrainer(Trainer):

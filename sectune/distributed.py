@@ -148,18 +148,23 @@ def barrier() -> None:
         pass
 
 
+def _process_group():
+    """``torch.distributed`` when a process group of more than one rank is up, else None."""
+    try:
+        import torch.distributed as dist
+
+        return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+    except Exception:
+        return None
+
+
 def gathered(fn: Callable[..., Sequence], *columns: Sequence, key: Sequence | None = None) -> list:
     """``fn(*columns)`` (one value per row, in row order) with the rows shared out across the ranks of the process
     group and the values gathered back, in order, on every rank: each rank computes its share, all take part in
     the gather, and all hold the same list. Rows with equal ``key`` (the same prompt) go to the same rank; without
     ``key`` rank r takes rows r, r + N, …. Without a process group (one process): just ``fn(*columns)``."""
-    try:
-        import torch.distributed as dist
-
-        grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    except Exception:
-        grouped = False
-    if not grouped:
+    dist = _process_group()
+    if dist is None:
         return list(fn(*columns))
     n, r = dist.get_world_size(), dist.get_rank()
     rows = len(columns[0]) if columns else 0
@@ -183,13 +188,8 @@ def gathered(fn: Callable[..., Sequence], *columns: Sequence, key: Sequence | No
 
 def gathered_lists(values: Sequence) -> list:
     """Every rank's ``values`` concatenated in rank order, on every rank (collective); one process: ``values``."""
-    try:
-        import torch.distributed as dist
-
-        grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    except Exception:
-        grouped = False
-    if not grouped:
+    dist = _process_group()
+    if dist is None:
         return list(values)
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, list(values))

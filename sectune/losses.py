@@ -227,3 +227,40 @@ def key_value_weights(input_ids: torch.Tensor, key_patterns: list[list[int]], qu
     if quote_id is not None:
         after[:, 1:] |= after[:, :-1] & (ids[:, :-1] == quote_id)
     return torch.where(after, float(weight), 1.0)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Weighted mean cross-entropy over the rows whose target is not ``ignore_index`` (the arguments of
+    :func:`weighted_cross_entropy_terms`).
+
+    ``loss = Σ_i w_i · ℓ_i / Σ_i w_i`` with ``w_i = weight[t_i] · sample_weight_i`` and
+    ``ℓ_i = -(1-ε) log p_i[t_i] - ε · mean_c log p_i[c]`` (ε = label smoothing). Without smoothing
+    and sample weights this equals ``F.cross_entropy(logits, targets, weight=weight)``.
+    logits ``[N, C]``, targets ``[N]``, weight ``[C]``, sample_weight ``[N]``.
+    """
+    num, den = weighted_cross_entropy_terms(logits, targets, *args, **kwargs)
+    return num / den.clamp_min(1e-12)
+
+
+def weighted_cross_entropy_terms(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    sample_weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_i w_i · ℓ_i, Σ_i w_i)`` of :func:`weighted_cross_entropy`: its numerator and denominator, so that several
+    processes can divide their numerators by the denominator summed over all of them."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    keep = targets != ignore_index
+    safe_t = torch.where(keep, targets, torch.zeros_like(targets))
+    nll = -logp.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(dim=-1)
+    w = keep.to(logp.dtype)
+    if weight is not None:
+        w = w * weight.to(logp.device, logp.dtype)[safe_t]
+    if sample_weight is not None:
+        w = w * sample_weight.to(logp.device, logp.dtype)
+    return (w * nll).sum(), w.sum()

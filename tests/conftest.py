@@ -38,6 +38,29 @@ def compose(overrides: list[str] | None = None):
         return hydra_compose("config", overrides=overrides or [])
 
 
+def assert_one_step_whatever_the_grad_accum(train_one_step) -> None:
+    """``train_one_step(batch_size, grad_accum, callback)`` trains one optimizer step on the same 4 examples with
+    ``callback`` among the trainer's callbacks and returns the trainer: 4 × 1, 2 × 2 and 1 × 4 must give the same
+    accumulated gradient (read just before the optimizer step) and log the same loss."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            self.grads = torch.cat([q.grad.flatten().clone() for q in model.parameters() if q.grad is not None])
+
+    def run(bs, ga):
+        cb = Grads()
+        trainer = train_one_step(bs, ga, cb)
+        return cb.grads, next(r["loss"] for r in trainer.state.log_history if "loss" in r)
+
+    g4, loss4 = run(4, 1)
+    for bs, ga in [(2, 2), (1, 4)]:
+        g, loss = run(bs, ga)
+        assert ((g - g4).norm() / g4.norm()).item() < 1e-4, (bs, ga)
+        assert loss == pytest.approx(loss4, rel=1e-5), (bs, ga)
+
+
 class Run:
     def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path):
         self.proc, self.run_dir = proc, run_dir

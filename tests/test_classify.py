@@ -13,9 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import cli
-from sectune.classification import class_weight_vector, weighted_cross_entropy
+from sectune.classification import class_weight_vector
 from sectune.classify_scoring import decide, tune_threshold
 from sectune.errors import ConfigError, DataError
+from sectune.losses import weighted_cross_entropy
 from sectune.paths import PROJECT_ROOT, shared_data_dir
 
 SHARED = shared_data_dir()
@@ -713,9 +714,9 @@ def test_loss_is_the_weighted_mean_over_the_whole_optimizer_step_whatever_the_gr
     class weights cancelled out entirely."""
     import csv
 
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
 
-    from conftest import compose
+    from conftest import assert_one_step_whatever_the_grad_accum, compose
     from sectune import classification as C
     from sectune import engine, modeling
 
@@ -726,11 +727,7 @@ def test_loss_is_the_weighted_mean_over_the_whole_optimizer_step_whatever_the_gr
         for i in range(40):
             w.writerow([f"flow {i} dst_port={[22, 80, 443][i % 3]} pkts={i * 7 % 50}", "brute force login burst" if i % 4 == 0 else "benign"])
 
-    class Grads(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            self.grads = torch.cat([q.grad.flatten().clone() for q in model.parameters() if q.grad is not None])
-
-    def step(bs, ga):
+    def step(bs, ga, cb):
         cfg = compose(["stage=classify", "dataset=text_label_csv", f"dataset.path={path}", f"classify.head={head}", "lora=none",
                        "loss.class_weights=balanced", "logger=none", "train.device=cpu", "train.precision=fp32", "train.max_steps=1",
                        "train.max_grad_norm=1e9", "train.selective_checkpointing=false", "model.max_seq_length=128",
@@ -751,15 +748,10 @@ def test_loss_is_the_weighted_mean_over_the_whole_optimizer_step_whatever_the_gr
         label_len = max(map(len, C.label_token_ids(tok, data.labels))) if head == "generative" else 1
         args = TrainingArguments(**engine.training_kwargs(cfg, tmp_path / f"{bs}x{ga}", has_eval=False), remove_unused_columns=False,
                                  label_names=["labels"], prediction_loss_only=True)
-        cb = Grads()
         trainer = C.WeightedCETrainer(model=model, args=args, train_dataset=C.encode_examples(tok, rows, data.labels, head, 128),
                                       processing_class=tok, data_collator=C.ClassifyCollator(tok.pad_token_id, head), callbacks=[cb],
                                       head=head, class_weights=weights, label_len=label_len, labels=data.labels, max_length=128)
         trainer.train()
-        return cb.grads, next(r["loss"] for r in trainer.state.log_history if "loss" in r)
+        return trainer
 
-    g4, loss4 = step(4, 1)
-    for bs, ga in [(2, 2), (1, 4)]:
-        g, loss = step(bs, ga)
-        assert ((g - g4).norm() / g4.norm()).item() < 1e-4, (bs, ga)
-        assert loss == pytest.approx(loss4, rel=1e-5), (bs, ga)
+    assert_one_step_whatever_the_grad_accum(step)

@@ -473,34 +473,27 @@ def test_loss_is_the_objective_over_the_whole_optimizer_step_whatever_the_grad_a
     """Triplets whose benign answers differ in length: batch_size=4 grad_accum=1 and batch_size=2 grad_accum=2 (and
     1 × 4) give the same gradient and log the same loss. With the task loss a per-micro-batch token mean divided by
     grad_accum the 2 × 2 gradient was 27% off here (the cosine terms alone agreed)."""
-    from transformers import TrainerCallback
-
+    from conftest import assert_one_step_whatever_the_grad_accum
     from sectune import modeling
 
     recs = [contrastive.triplet_prompts(r) for r in fixture_splits()["train"][:4]]
     long = json.dumps({"verdict": "malicious", "failed_logins": 4, "summary": "four failed logins for invalid users " * 4})
     recs = [{**r, "output": long if i % 2 else r["output"]} for i, r in enumerate(recs)]
 
-    class Grads(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            self.grads = torch.cat([q.grad.flatten().clone() for q in model.parameters() if q.grad is not None])
+    encoded = []
 
-    def step(bs, ga):
+    def step(bs, ga, cb):
         cfg = compose(["stage=contrastive", "loss=causal_contrastive", "lora=none", "logger=none", "train.device=cpu",
                        "train.precision=fp32", "train.max_steps=1", "train.max_grad_norm=1e9", "train.selective_checkpointing=false",
                        f"train.batch_size={bs}", f"train.grad_accum={ga}"])
         tok = modeling.load_tokenizer(cfg)
         rows, _ = CT.encode_triplets(tok, recs, 1024)
+        encoded.append(rows)
         torch.manual_seed(0)
-        cb = Grads()
         trainer = contrastive.build_trainer(cfg, modeling.load_model(cfg), tok, rows, [], tmp_path / f"{bs}x{ga}", callbacks=[cb])
         trainer.train()
-        return cb.grads, next(r["loss"] for r in trainer.state.log_history if "loss" in r), rows
+        return trainer
 
-    g4, loss4, rows = step(4, 1)
-    answers = [len(r["b_ids"]) - r["b_prompt_len"] for r in rows]
+    assert_one_step_whatever_the_grad_accum(step)
+    answers = [len(r["b_ids"]) - r["b_prompt_len"] for r in encoded[0]]
     assert max(answers) > 2 * min(answers), answers
-    for bs, ga in [(2, 2), (1, 4)]:
-        g, loss, _ = step(bs, ga)
-        assert ((g - g4).norm() / g4.norm()).item() < 1e-4, (bs, ga)
-        assert loss == pytest.approx(loss4, rel=1e-5), (bs, ga)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import AutocastKwargs
 from transformers import Trainer
 
 from sectune import checkpoints, engine
@@ -287,6 +288,30 @@ def memory_logs() -> dict:
 
 
 # ----------------------------------------------------------------------------------------- trainer
+def through_prepared(model, fn, autocast):
+    """``fn(module)`` called as the Trainer's prepared model is called. :func:`triplet_forward` runs the decoder's layers
+    itself (to stop at ``contrastive.layer`` and share a KV cache), below the model's ``forward``, where accelerate
+    attaches its mixed-precision autocast and DistributedDataParallel its gradient all-reduce: so ``fn`` runs under
+    ``autocast`` (``accelerator.autocast()``), and under DDP inside one call of the wrapper, whose wrapped module's
+    ``forward`` is ``fn`` for that call. (Called below both, a bf16 run trained in fp32 and each rank kept its own
+    gradients.)"""
+    from torch.nn.parallel import DistributedDataParallel
+
+    with autocast:
+        if not isinstance(model, DistributedDataParallel):
+            return fn(model)
+        inner = model.module
+        saved = inner.__dict__.get("forward")  # accelerate's autocast wrapper, if it installed one
+        inner.forward = lambda: fn(inner)
+        try:
+            return model()
+        finally:
+            if saved is None:
+                del inner.forward
+            else:
+                inner.forward = saved
+
+
 class CausalContrastiveTrainer(Trainer):
     """Trainer whose loss is :func:`causal_contrastive_loss` of :func:`triplet_forward`'s outputs.
 
@@ -320,7 +345,11 @@ class CausalContrastiveTrainer(Trainer):
         return n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        r_b, r_cf, r_inj, task = triplet_forward(model, inputs, **self.fwd)
+        # autocast without its weight-cast cache: the layers run up to three times in one region (benign, counterfactual,
+        # injected), and a checkpointed layer's recompute casts afresh, so with the cache the recompute met casts its
+        # forward had skipped (selective checkpointing stops on that)
+        autocast = self.accelerator.autocast(AutocastKwargs(cache_enabled=False))
+        r_b, r_cf, r_inj, task = through_prepared(model, lambda m: triplet_forward(m, inputs, **self.fwd), autocast)
         loss, parts = causal_contrastive_loss(r_b, r_cf, r_inj, task, **self.loss_weights)
         if num_items_in_batch is not None:  # training: this micro-batch's share of the step's objective
             step_rows, step_tokens = torch.as_tensor(num_items_in_batch).to(loss.device).float().clamp(min=1).unbind(-1)
@@ -349,7 +378,7 @@ class CausalContrastiveTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, (r_b, r_cf, r_inj, task) = self.compute_loss(model, inputs, return_outputs=True)
         self._eval_cos.append(self.accelerator.gather_for_metrics(similarity_rows(r_b, r_cf, r_inj)).cpu())
-        self._eval_task.append(task.item())
+        self._eval_task.extend(self.accelerator.gather(task.detach().float()[None]).tolist())  # every rank's batch
         return loss.detach(), None, None
 
     def evaluation_loop(self, *args, **kwargs):
@@ -361,9 +390,10 @@ class CausalContrastiveTrainer(Trainer):
         return out
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        if "loss" in logs and self._train_cos:  # a training log: the interval's means
-            logs.update(summarize(torch.cat(self._train_cos).float(), []))
-            logs.update({k: torch.stack(v).mean().item() for k, v in self._train_parts.items()})
+        if "loss" in logs and self._train_cos:  # a training log: the interval's means (every rank logs at the same step:
+            # over every rank's triplets; each rank saw the same number of micro-batches of the same size)
+            logs.update(summarize(self.accelerator.gather(torch.cat(self._train_cos).float()), []))
+            logs.update({k: self.accelerator.gather(torch.stack(v).float()).mean().item() for k, v in self._train_parts.items()})
             self._train_cos, self._train_parts = [], defaultdict(list)
         logs.update(memory_logs())
         super().log(logs, start_time)

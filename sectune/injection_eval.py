@@ -116,14 +116,16 @@ def attack_eval(model, tokenizer, records: Sequence[dict], gen_cfg, batch_size: 
     Records carry rendered ``prompt`` / ``injection_prompt`` (:mod:`sectune.data.injection`). The model's
     train/eval mode and the tokenizer's padding side are restored afterwards (a training stage calls this
     before and after training)."""
+    from sectune import distributed
     from sectune.inference import generate
 
     was_training, side = model.training, tokenizer.padding_side
     clean_prompts = list(dict.fromkeys(r["prompt"] for r in records))  # one clean answer per window
     t0 = time.perf_counter()
-    try:
-        texts = generate(model, tokenizer, [r["injection_prompt"] for r in records] + clean_prompts, gen_cfg, batch_size=batch_size,
-                         constraint=constraint)
+    try:  # under torchrun (stage=contrastive) the prompts are shared out across the ranks, the answers gathered on each
+        texts = distributed.gathered(lambda prompts: generate(model, tokenizer, list(prompts), gen_cfg, batch_size=batch_size,
+                                                              constraint=constraint),
+                                     [r["injection_prompt"] for r in records] + clean_prompts)
     finally:
         model.train(was_training)
         tokenizer.padding_side = side

@@ -497,3 +497,33 @@ def test_loss_is_the_objective_over_the_whole_optimizer_step_whatever_the_grad_a
     assert_one_step_whatever_the_grad_accum(step)
     answers = [len(r["b_ids"]) - r["b_prompt_len"] for r in encoded[0]]
     assert max(answers) > 2 * min(answers), answers
+
+
+def test_training_forward_runs_under_the_requested_mixed_precision(tmp_path):
+    """train.precision=bf16: the decoder runs under accelerate's bf16 autocast in training and in Trainer's evaluation, as
+    every other stage's does. (The trainer called the decoder's layers below the prepared model's ``forward``, where
+    accelerate attaches its autocast, so a bf16 run trained in fp32.) The held-out numbers before and after training
+    stay in the weights' own dtype, as stage=evaluate computes them for any analyst."""
+    from sectune import modeling
+
+    recs = [contrastive.triplet_prompts(r) for r in fixture_splits()["train"][:4]]
+    cfg = compose(["stage=contrastive", "loss=causal_contrastive", "logger=none", "train.device=cpu", "train.precision=bf16",
+                   "train.max_steps=1", "train.batch_size=2", "train.selective_checkpointing=false"])
+    tok = modeling.load_tokenizer(cfg)
+    rows, _ = CT.encode_triplets(tok, recs, 1024)
+    trainer = contrastive.build_trainer(cfg, modeling.apply_lora(modeling.load_model(cfg), cfg), tok, rows, rows[:2], tmp_path)
+    _, layers, _ = CT.causal_lm_parts(trainer.model)
+    seen = []
+    hook = layers[0].mlp.register_forward_hook(lambda m, a, out: seen.append((m.training, out.dtype)))
+    try:
+        trainer.train()
+        trainer.evaluate()
+        CT.representation_metrics(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False), rows[:2],
+                                  trainer.data_collator, 2, **trainer.fwd)
+    finally:
+        hook.remove()
+    assert next(p for p in trainer.model.parameters()).dtype == torch.float32  # weights fp32: autocast is what makes bf16
+    trained = [d for training, d in seen if training]
+    assert trained and set(trained) == {torch.bfloat16}, seen
+    assert [d for training, d in seen if not training][-1] == torch.float32, seen  # the held-out measure: the weights' dtype
+    assert torch.bfloat16 in [d for training, d in seen if not training], seen  # Trainer's evaluation: autocast

@@ -242,3 +242,29 @@ def test_two_gloo_processes_classify_as_one_process_does(tmp_path):
               "confusion_matrix.png", "evaluation_report.txt", "detailed_results.json")
     assert proc.stdout.count("sectune: done ·") == 1, proc.stdout[-3000:]
     _same_weights(one / "adapter" / "adapter_model.safetensors", two / "adapter" / "adapter_model.safetensors")
+
+
+#: evaluation (eval_causal_stability: early stopping's metric) and a checkpoint every step; 4 test windows generated
+CONTRASTIVE = ["stage=contrastive", "loss=causal_contrastive", "dataset=injection_triplets", "dataset.max_samples=40",
+               "logger=none", "train.max_steps=2", "train.eval_steps=1", "train.precision=fp32", "train.eval_batch_size=1",
+               "train.device=cpu", "lora.dropout=0", "evaluate.max_samples=4", "generation.max_new_tokens=16"]
+
+
+def test_two_gloo_processes_train_contrastive_as_one_process_does(tmp_path):
+    """stage=contrastive under torchrun (it was refused: its forward ran the decoder's layers below DDP's wrapper, which
+    never all-reduced): the forward goes through one call of the wrapper, so 2 ranks × 2 triplets step as 1 process ×
+    4; the validation metrics and the train logs are over every rank's triplets, the attack's generations are shared
+    out and gathered (the same answers), and rank 0 alone writes the adapter and injection_eval.json."""
+    one, two, proc = _one_and_two_processes(tmp_path, CONTRASTIVE, batch=4)
+    _same_steps(one, two, steps=2)
+    h1, h2 = (json.loads((d / "train_history.json").read_text()) for d in (one, two))
+    assert len(h1["eval"]) == 2 and [v for _, v in h2["eval"]] == pytest.approx([v for _, v in h1["eval"]], rel=1e-5)
+    m1, m2 = (json.loads((d / "result.json").read_text())["metrics"] for d in (one, two))
+    for k in ("causal_discrimination_start", "causal_discrimination", "causal_stability", "best_eval_causal_stability",
+              "attack_success_rate", "clean_verdict_accuracy", "train_loss"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+    w1, w2 = (json.loads((d / "injection_eval.json").read_text())["end"]["windows"] for d in (one, two))
+    assert len(w2) == len(w1) == 4 and [w["injected_answer"] for w in w2] == [w["injected_answer"] for w in w1]
+    _same_files(one, two, "result.json", "injection_eval.json", "adapter_model.safetensors", "loss_curve.png", "train_history.json")
+    assert proc.stdout.count("sectune: done ·") == 1, proc.stdout[-3000:]
+    _same_weights(one / "adapter" / "adapter_model.safetensors", two / "adapter" / "adapter_model.safetensors")

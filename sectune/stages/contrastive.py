@@ -86,9 +86,10 @@ def run(ctx: RunContext) -> dict:
               "middle (start and end kept, so an injection at either end stays) and the benign answer at its end")
 
     # 3. trainer; the held-out metrics before training
+    # (under torchrun / accelerate the process group starts here: every rank trains; the held-out representation numbers
+    # are computed on every rank (no generation: cheap), the attack's generations shared out across the ranks and gathered)
     trainer = build_trainer(cfg, model, tokenizer, rows["train"], rows["validation"], run_dir / "checkpoints")
-    if trainer.accelerator.num_processes > 1:
-        raise ConfigError("stage=contrastive runs on one process (it calls the decoder below DDP's wrapper); run it without torchrun")
+    main = trainer.accelerator.is_main_process
     collator, fwd = trainer.data_collator, trainer.fwd
     batch = int(cfg.train.eval_batch_size or cfg.train.batch_size)
     start_metrics = CT.representation_metrics(trainer.model, rows[held_name], collator, batch, **fwd)
@@ -109,12 +110,16 @@ def run(ctx: RunContext) -> dict:
                                     f"{str(e).splitlines()[0]}; last good checkpoint: {checkpoints.last_finite_checkpoint(run_dir / 'checkpoints') or 'none saved'}. "
                                     f"What to try (seed 002): {CT.nan_advice(True)}") from None
     finally:
-        engine.write_history(run_dir / "train_history.json", trainer)
+        if main:
+            engine.write_history(run_dir / "train_history.json", trainer)
 
-    # 4. metrics on the same held-out triplets (and injected windows)
-    end = CT.representation_metrics(trainer.model, rows[held_name], collator, batch, **fwd)
+    # 4. metrics on the same held-out triplets (and injected windows), with the model as before training: without the
+    # autocast wrapper accelerate put on its forward for training (a bf16 run generated its "after" answers in bf16, its
+    # "before" ones in fp32)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    end = CT.representation_metrics(unwrapped, rows[held_name], collator, batch, **fwd)
     if attack:
-        attack["end"] = attack_eval(cfg, trainer.model, tokenizer, attacked, held_name, "after")
+        attack["end"] = attack_eval(cfg, unwrapped, tokenizer, attacked, held_name, "after")
         end.update(attack["end"][0])
     metrics = {**ctx.partial_metrics, **end, "heldout_triplets": len(held_out), "heldout_split": held_name,
                "train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step,
@@ -125,11 +130,13 @@ def run(ctx: RunContext) -> dict:
     if trainer.state.best_metric is not None:
         metrics[f"best_eval_{cfg.contrastive.early_stopping.metric}"] = trainer.state.best_metric
 
-    # 5. artifacts
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    # 5. artifacts: rank 0 writes them; the others wait at the same barrier
     name = "adapter" if hasattr(unwrapped, "peft_config") else "model"
-    modeling.save_pretrained_atomic(unwrapped, tokenizer, run_dir / name)
     artifacts = {name: name, "checkpoints": "checkpoints", "train_history": "train_history.json"}
+    if not main:
+        trainer.accelerator.wait_for_everyone()
+        return {"metrics": metrics, "artifacts": artifacts}
+    modeling.save_pretrained_atomic(unwrapped, tokenizer, run_dir / name)
     if name == "adapter":  # an adapter on SFT full weights: infer/evaluate load it there (modeling.adapter_base)
         from sectune.stages.rl import base_model_artifact
 
@@ -152,6 +159,7 @@ def run(ctx: RunContext) -> dict:
         print(f"sectune: attack success {metrics['attack_success_rate_start']:.3f} → {metrics['attack_success_rate']:.3f} · clean "
               f"{accuracy_name(attacked)} {metrics['clean_verdict_accuracy_start']:.3f} → {metrics['clean_verdict_accuracy']:.3f} "
               f"({len(attacked)} {held_name} windows)")
+    trainer.accelerator.wait_for_everyone()
     return {"metrics": metrics, "artifacts": artifacts}
 
 

@@ -249,12 +249,20 @@ def restore_artifact_copies(run_dir: Path, result: dict, since: float) -> list[s
     return back
 
 
+#: the folders a stage writes in its run dir, each after result.json
+FOLDERS_AFTER_RESULT = ("adapter", "model", "reward_model", "checkpoints")
+
+
 def foreign_result(path: Path) -> str | None:
     """Why ``path`` (a run dir's result.json) is another tool's, or None (absent, sectune's, or unreadable: a damaged
     one of sectune's is rerun saying why): a run pointed at a folder of other files overwrote their result.json and
-    replaced their adapter/ (an audit of hostile inputs, session 26)."""
+    replaced their adapter/ (an audit of hostile inputs, session 26); a folder holding adapter/ (or model/, ...) and no
+    result.json is another tool's too."""
     import json
 
+    if not path.exists():  # sectune writes result.json before any of these: without it they are another tool's
+        theirs = [f"{name}/" for name in FOLDERS_AFTER_RESULT if (path.parent / name).exists()]
+        return f"it holds {', '.join(theirs)} but no result.json (sectune writes one first)" if theirs else None
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):

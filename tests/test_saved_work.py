@@ -311,3 +311,21 @@ def test_foreign_result_json_is_kept(tmp_path):
     assert "not written by sectune" in run.stderr
     assert json.loads((run_dir / "result.json").read_text()) == {"mine": 1}
     assert (run_dir / "adapter" / "keep.txt").read_text() == "mine"
+
+
+def test_a_folder_of_weights_without_a_result_json_is_kept(tmp_path):
+    """sectune writes result.json before any of its folders, so adapter/ (model/, checkpoints/, ...) without one is another
+    tool's: a run there was let through and replaced them (left alone in session 26)."""
+    from sectune.run_guard import foreign_result
+
+    run_dir = tmp_path / "theirs"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "adapter").mkdir()
+    (run_dir / "adapter" / "adapter_model.safetensors").write_text("theirs")
+    run = sectune(["stage=plan", "logger=none"], run_dir=run_dir)
+    assert run.returncode == 2, run.stderr
+    assert "adapter/, checkpoints/ but no result.json" in run.stderr
+    assert not (run_dir / "result.json").exists() and (run_dir / "adapter" / "adapter_model.safetensors").read_text() == "theirs"
+    assert foreign_result(tmp_path / "new" / "result.json") is None  # a new dir, or one of Hydra's own files only
+    (tmp_path / "hydra_only" / ".hydra").mkdir(parents=True)
+    assert foreign_result(tmp_path / "hydra_only" / "result.json") is None

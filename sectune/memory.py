@@ -3,12 +3,24 @@
 The reward and RL stages call :func:`memory_check` first: the planner's predicted peak for the
 composed config (no weights loaded) against the device's free memory, so a run that cannot fit
 stops (or falls back) in seconds instead of after loading an 8B model.
+
+With ``model.device_map`` (auto, balanced, sequential) and a GPU entry in ``model.max_memory``, the plan is split
+(:func:`offload_split`): transformers/accelerate place the weights *as loaded* (before peft's fp32 upcast) on the GPU up
+to the cap (90% of it under bitsandbytes), and, when they do not all fit, keep the largest block's room free and put the
+rest on the CPU; those layers still run on the GPU, copied in at every pass. The GPU side is then the cap plus everything
+else the step keeps (activations, LoRA, gradients, optimizer state, CUDA context); the CPU side is the offloaded weights
+against ``model.max_memory.cpu`` (else available RAM). A quantized model cannot be offloaded this way: transformers
+refuses to load a bitsandbytes model with layers on the CPU (``llm_int8_enable_fp32_cpu_offload``, which sectune does
+not set), so a quantized plan that needs the CPU does not fit.
 """
 
 from __future__ import annotations
 
 import torch
 from omegaconf import OmegaConf
+
+from sectune.errors import ConfigError
+from sectune.planner import GiB
 
 
 #: stages that train without sectune's selective activation checkpointing (TRL's GRPO loop; federated clients)
@@ -30,11 +42,93 @@ def memory_check(cfg, sequences_per_example: int = 1) -> tuple[bool, str]:
     elif info["device"] == "cuda":
         free, where = float(torch.cuda.mem_get_info()[0]), "free GPU memory"
     else:
-        import psutil
+        free, where = available_ram(), "available RAM"
+    off = info.get("offload")
+    need = float(off["gpu_bytes"] if off else budget.total)
+    what = f"{info['model']}, {info['quantization']}" + (f"; {offload_text(off)}" if off else "")
+    return need <= free and (not off or off["fits"]), f"predicted peak {need / 1e9:.2f} GB ({what}) vs {free / 1e9:.2f} GB {where}"
 
-        free, where = float(psutil.virtual_memory().available), "available RAM"
-    need = float(budget.total)
-    return need <= free, f"predicted peak {need / 1e9:.2f} GB ({info['model']}, {info['quantization']}) vs {free / 1e9:.2f} GB {where}"
+
+def available_ram() -> float:
+    import psutil
+
+    return float(psutil.virtual_memory().available)
+
+
+#: device_map values for which transformers places the layers itself under ``max_memory`` (a dict, "cpu" or "cuda" ignore it)
+PLACED_BY_ACCELERATE = ("auto", "balanced", "balanced_low_0", "sequential")
+#: the share of a GPU cap transformers' bitsandbytes quantizers give the weights (adjust_max_memory: "buffers that are
+#: created during quantization")
+BNB_CAP_SHARE = 0.9
+
+
+def max_memory_caps(model_cfg) -> dict:
+    """``model.max_memory`` in bytes, GPU indices as ints (YAML gives "0"); a size accelerate cannot read is an error."""
+    from accelerate.utils import convert_file_size_to_int
+
+    caps = {}
+    for k, v in (model_cfg.max_memory or {}).items():
+        try:
+            caps[int(k) if str(k).isdigit() else str(k)] = int(convert_file_size_to_int(v))
+        except (ValueError, TypeError):
+            raise ConfigError(f"model.max_memory.{k}={v!r}: write a size accelerate reads, e.g. 7GiB or 7000MB") from None
+    return caps
+
+
+def offload_split(model_cfg, quantization: str, budget, weights_as_loaded: int, largest_block: int) -> dict | None:
+    """The GPU and CPU sides of ``budget`` under ``model.device_map`` + a GPU cap in ``model.max_memory`` (see the module
+    docstring); None where they do not apply (no device_map, a device_map that ignores max_memory, no GPU entry): the
+    whole budget is then the GPU's, as before. Bytes; ``fits`` is the CPU side's verdict and the quantized refusal."""
+    dm = model_cfg.device_map
+    caps = max_memory_caps(model_cfg) if isinstance(dm, str) and dm in PLACED_BY_ACCELERATE else {}
+    gpus = sorted(k for k in caps if isinstance(k, int))
+    if not gpus:
+        return None
+    gpu, cap = gpus[0], caps[gpus[0]]  # one GPU trains: layers on a second GPU are counted on the first, the safe side
+    usable = int(cap * (BNB_CAP_SHARE if quantization != "none" else 1))
+    out = dict(gpu_key=f"model.max_memory.{gpu}", gpu_cap=cap, usable=usable, weights_as_loaded=int(weights_as_loaded),
+               largest_block=int(largest_block), offloaded=0, gpu_weights=budget.weights, cpu_cap=None, cpu_source="",
+               disk=0, refused="", fits=True, multi_gpu=len(gpus) > 1)
+    if weights_as_loaded > usable:  # accelerate then keeps room for the largest block and offloads what is past it
+        out["offloaded"] = int(weights_as_loaded - max(usable - largest_block, 0))
+        out["gpu_weights"] = usable  # resident weights + the one offloaded layer copied in, both under the cap
+        if quantization != "none":
+            out["refused"] = (f"transformers refuses to load a quantization={quantization} (bitsandbytes) model with layers on the "
+                              f"CPU: raise {out['gpu_key']} or use quantization=none")
+        if "cpu" in caps:
+            out["cpu_cap"], out["cpu_source"] = caps["cpu"], "model.max_memory.cpu"
+        else:
+            out["cpu_cap"], out["cpu_source"] = int(available_ram()), "available RAM"
+        # past the CPU's cap accelerate spills to model.offload_folder (disk); without one, transformers stops
+        out["disk"] = max(out["offloaded"] - out["cpu_cap"], 0) if model_cfg.offload_folder else 0
+        out["fits"] = not out["refused"] and out["offloaded"] - out["disk"] <= out["cpu_cap"]
+    out["gpu_bytes"] = int(budget.total - budget.weights + out["gpu_weights"])
+    return out
+
+
+def offload_text(off: dict) -> str:
+    """One sentence: what ``model.max_memory`` puts where, for memory_check's line, stage=plan and stage=doctor."""
+    cap = f"{off['gpu_key']}={off['gpu_cap'] / GiB:g} GiB"
+    if not off["offloaded"]:
+        text = (f"{cap} holds all {off['weights_as_loaded'] / 1e9:.2f} GB of weights as loaded (usable "
+                f"{off['usable'] / 1e9:.2f} GB): nothing is offloaded to the CPU")
+        if off["gpu_weights"] > off["weights_as_loaded"]:
+            text += f"; peft's fp32 upcast then makes them {off['gpu_weights'] / 1e9:.2f} GB on the GPU"
+        return text
+    text = (f"{cap} keeps up to {off['gpu_weights'] / 1e9:.2f} GB of weights on the GPU and offloads "
+            f"{off['offloaded'] / 1e9:.2f} GB to the CPU")
+    cpu = f"{off['cpu_cap'] / 1e9:.2f} GB {off['cpu_source']}"
+    if off["refused"]:
+        text += f", but {off['refused']}"
+    elif off["disk"]:
+        text += f" ({off['disk'] / 1e9:.2f} GB of it past {cpu} to model.offload_folder, on disk)"
+    elif off["fits"]:
+        text += f" (within {cpu})"
+    else:
+        more = "raise model.max_memory.cpu" if off["cpu_source"] == "model.max_memory.cpu" else "free RAM"
+        text += f", more than {cpu}: {more} or set model.offload_folder to spill the rest to disk"
+    return text + ("; only the first GPU of model.max_memory is planned (layers on the others are counted on it)"
+                   if off["multi_gpu"] else "")
 
 
 def levers_left(cfg) -> list[str]:

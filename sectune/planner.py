@@ -174,6 +174,29 @@ def _opt_bytes(shapes: list[tuple[int, ...]], param_bytes: int, optimizer: str) 
     return int(total)
 
 
+def _linear_weight_bytes(layer: list, quantization: str, a: int) -> float:
+    """Bytes of ONE decoder layer's linear weights (biases apart): ``a`` per element unquantized; nf4 0.5 + its
+    double-quantized absmax (8-bit per 64 elements, fp32 per 256 blocks); int8 1 + an fp32 scale per output row (SCB)."""
+    w = sum(i * o for _, i, o, _ in layer)
+    if quantization == "nf4":
+        return w * 0.5 + w / NF4_BLOCK * (1 + 4 / 256)
+    if quantization == "int8":
+        return w + 4 * sum(o for _, _, o, _ in layer)
+    return w * a
+
+
+def largest_block_bytes(arch: dict, quantization: str = "none", dtype: str = "bf16") -> int:
+    """Bytes, as loaded (no fp32 upcast), of the largest piece accelerate places whole: one decoder layer (its linears
+    quantized) or the vocab x hidden embedding / lm_head (never quantized). When a model does not fit its GPU cap,
+    accelerate keeps this much of the cap free for the offloaded layer it copies in for each forward."""
+    a = DTYPE_BYTES[dtype]
+    h, _, _, _, v = _dims(arch)
+    layer = linear_shapes(arch)
+    norms = (2 if arch["family"] == "llama" else 4) * h  # llama: 2 RMSNorm weights; gpt2: ln_1/ln_2 weight + bias
+    one_layer = _linear_weight_bytes(layer, quantization, a) + (sum(o for _, _, o, b in layer if b) + norms) * a
+    return int(max(one_layer, v * h * a))
+
+
 def _layer_activation_per_token(arch: dict, a: int, lora: list, r: int | None, lora_dropout: float) -> float:
     """Bytes autograd keeps per token for one decoder layer (no checkpointing)."""
     h, qd, kvd, i, _ = _dims(arch)
@@ -233,15 +256,10 @@ def estimate_memory(
 
     # -- weights
     keep = 4 if (upcast_non_quantized and quantization != "none") else a
-    if quantization == "none":
-        weights = (lin_w + lin_b + other) * a
-    elif quantization == "nf4":
-        absmax = lin_w / NF4_BLOCK * (1 + 4 / 256)  # 8-bit absmax per 64, fp32 absmax per 256 blocks
-        weights = lin_w * 0.5 + absmax + (lin_b + other) * keep
+    weights = L * _linear_weight_bytes(layer, quantization, a) + (lin_b + other) * keep
+    if quantization == "nf4":
         notes.append("nf4 double-quant on decoder linears; embeddings, lm_head, norms unquantized")
-    else:
-        scales = L * sum(o for _, _, o, _ in layer) * 4  # LLM.int8 SCB: fp32 per output row
-        weights = lin_w + scales + (lin_b + other) * keep
+    elif quantization == "int8":
         notes.append("int8 (LLM.int8) on decoder linears; embeddings, lm_head, norms unquantized")
 
     # -- trainable tensors, gradients, optimizer

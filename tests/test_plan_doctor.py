@@ -357,3 +357,74 @@ def test_plan_of_a_reward_preset_counts_chosen_and_rejected_as_the_reward_stage_
                           sequences_per_example=2)
     assert f"predicted peak {res['metrics']['predicted_peak_bytes'] / 1e9:.2f} GB" in why, why
     assert "loss=bradley_terry: each example keeps 2 sequences" in (tmp_path / "plan.md").read_text()
+
+
+def auth_grpo_step(step, tmp_path, *extra):
+    """The config the +experiment=auth_grpo pipeline runs ``step`` with, planned for seed 000's 8 GB card."""
+    from sectune.stages import pipeline
+
+    over = ["+experiment=auth_grpo", "plan.device=cuda", "reward.memory_limit_gb=8", *extra]
+    cfg = compose(over)
+    return pipeline.compose_step(cfg, pipeline.step_overrides_base(over), step, tmp_path, pipeline.check_steps(cfg)).cfg
+
+
+def test_rl_memory_check_counts_the_gpu_side_of_model_max_memory(tmp_path):
+    """memory_check compared the whole model with the GPU and ignored model.device_map/max_memory. auth_grpo's RL step
+    (G=4 sequences) unquantized at seq 128 with a 5 GiB GPU cap, by hand: bf16 weights 8,030,261,248 x 2 = 16.06 GB; the
+    GPU keeps 5 GiB = 5.37 GB of them, the lm_head's 1.05 GB (128,256 x 4,096 x 2) of that room left for the offloaded layer
+    being run, so 16.06 - (5.37 - 1.05) = 11.74 GB go to the CPU (48 GiB = 51.54 GB); the GPU side is the plan's total
+    (17.47 GB) less its weights plus the cap: 6.78 GB, within 8 GB. Without max_memory the 17.47 GB does not fit."""
+    from sectune.memory import memory_check
+
+    unquantized = ["quantization=none", "model.max_seq_length=128"]
+    fits, why = memory_check(auth_grpo_step("rl", tmp_path, *unquantized, "model.max_memory.0=5GiB"), sequences_per_example=4)
+    assert fits, why
+    assert why.startswith("predicted peak 6.78 GB (deepseek_r1_distill_llama_8b, none; model.max_memory.0=5 GiB keeps up to 5.37 GB "
+                          "of weights on the GPU and offloads 11.74 GB to the CPU (within 51.54 GB model.max_memory.cpu))"), why
+    fits, why = memory_check(auth_grpo_step("rl", tmp_path, *unquantized, "model.max_memory=null"), sequences_per_example=4)
+    assert not fits and why == "predicted peak 17.47 GB (deepseek_r1_distill_llama_8b, none) vs 8.00 GB reward.memory_limit_gb"
+    fits, why = memory_check(auth_grpo_step("rl", tmp_path, *unquantized, "model.max_memory.0=5GiB", "model.max_memory.cpu=8GiB"),
+                             sequences_per_example=4)
+    assert not fits and "offloads 11.74 GB to the CPU, more than 8.59 GB model.max_memory.cpu: raise model.max_memory.cpu" in why
+
+
+def test_auth_grpo_as_shipped_offloads_nothing_and_its_rl_step_does_not_fit_8_gb(tmp_path):
+    """The preset's nf4 weights as accelerate places them (embeddings and lm_head still bf16) are 5.70 GB, under 90% of
+    its 7 GiB cap (6.76 GB: bitsandbytes keeps 10% back): nothing goes to the CPU, peft's fp32 upcast then makes them 7.80 GB
+    on the GPU, and the RL step's 6.4 GB of activations (4 x 1024 tokens' 128,256-wide logits) come on top: 15.12 GB, as
+    without max_memory. A cap that would offload is refused: transformers loads no bitsandbytes layer on the CPU."""
+    from sectune.memory import memory_check
+
+    fits, why = memory_check(auth_grpo_step("rl", tmp_path), sequences_per_example=4)
+    assert not fits and why.startswith("predicted peak 15.12 GB (deepseek_r1_distill_llama_8b, nf4; model.max_memory.0=7 GiB holds "
+                                       "all 5.70 GB of weights as loaded (usable 6.76 GB): nothing is offloaded"), why
+    assert "fp32 upcast then makes them 7.80 GB on the GPU" in why
+    fits, why = memory_check(auth_grpo_step("rl", tmp_path, "model.max_memory.0=4GiB"), sequences_per_example=4)
+    assert not fits and "refuses to load a quantization=nf4 (bitsandbytes) model with layers on the CPU: raise model.max_memory.0" in why
+
+
+def test_plan_says_what_is_offloaded_and_that_it_runs_slower(tmp_path):
+    from sectune import runner
+
+    over = ["stage=plan", "model=llama31_8b", "lora=r4_attention", "model.max_seq_length=128", "plan.device=cuda", "logger=none",
+            "model.device_map=auto", '++model.max_memory={0: "5GiB", cpu: "48GiB"}']
+    code, _ = runner.run(compose(over), tmp_path)
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert code == 0, res.get("error")
+    m = res["metrics"]
+    assert m["predicted_gpu_peak_bytes"] == m["predicted_peak_bytes"] - m["predicted_weights_bytes"] + 5 * GiB
+    assert m["predicted_offloaded_bytes"] == 16_060_522_496 - (5 * GiB - 1_050_673_152)
+    text = (tmp_path / "plan.md").read_text()
+    assert "With model.device_map and model.max_memory.0, the GPU holds **" in text and "offloads 11.74 GB to the CPU" in text
+    assert "The offloaded layers run slower" in text
+
+
+def test_doctor_reports_a_quantized_offload_transformers_refuses():
+    from sectune.stages import doctor
+
+    checks, plan_info = doctor.run_checks(compose(["stage=doctor", "logger=none", "model=llama31_8b", "quantization=nf4",
+                                                   "lora=r4_attention", "plan.device=cuda", "model.device_map=auto",
+                                                   '++model.max_memory={0: "4GiB", cpu: "48GiB"}']))
+    off = {c.name: c for c in checks}["gpu/cpu offload"]
+    assert off.status == "missing" and "raise model.max_memory.0 or use quantization=none" in off.detail
+    assert plan_info["offload"]["gpu_bytes"] < plan_info["predicted_peak_bytes"]

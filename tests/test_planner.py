@@ -7,6 +7,7 @@ from sectune.planner import (
     GiB,
     Budget,
     estimate_memory,
+    largest_block_bytes,
     lora_param_count,
     measure_arch,
     param_count,
@@ -181,3 +182,50 @@ def test_rows_and_markdown():
     assert [r[0] for r in rows][-1] == "total" and rows[-1][1] == b.total
     md = b.to_markdown()
     assert md.startswith("| component |") and "**total**" in md and "optimizer_state" in md
+
+
+def test_largest_block_is_the_lm_head_or_one_decoder_layer_as_accelerate_sizes_them():
+    """The room accelerate keeps on the GPU for an offloaded layer: 8B Llama-3's lm_head, 128,256 x 4,096 x 2 B (nf4 leaves
+    it unquantized); Llama-2-7B's decoder layer, (4 x 4,096^2 + 3 x 4,096 x 11,008) x 2 B + 2 RMSNorms x 4,096 x 2 B."""
+    assert largest_block_bytes(ARCHS["llama31_8b"], "none", "bf16") == 128_256 * 4_096 * 2 == 1_050_673_152
+    assert largest_block_bytes(ARCHS["llama31_8b"], "nf4", "bf16") == 1_050_673_152
+    assert largest_block_bytes(ARCHS["llama2_7b"], "none", "bf16") == (4 * 4096**2 + 3 * 4096 * 11008) * 2 + 2 * 4096 * 2
+    assert largest_block_bytes(ARCHS["llama2_7b"], "nf4", "bf16") == 262_144_000  # its 32,000-row embedding, once nf4
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations.accelerate import compute_module_sizes
+
+    for vocab in (1000, 100):  # the embedding, then (100 x 64 < one layer) a decoder layer, as transformers sizes them
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 intermediate_size=128, vocab_size=vocab))
+        sizes, _ = compute_module_sizes(model, None, only_modules=False)
+        blocks = [sizes[n] for n in ("model.embed_tokens", "model.layers.0", "lm_head")]
+        assert largest_block_bytes(measure_arch(model.config), "none", "fp32") == max(blocks), (vocab, blocks)
+
+
+def test_offload_split_by_hand():
+    """10 GiB of weights, 1 GiB of activations, a 4 GiB GPU cap and a 1 GiB largest block: 4 - 1 = 3 GiB stay, 7 GiB go to
+    the CPU; the GPU side is 1 + 4 GiB."""
+    from types import SimpleNamespace
+
+    from sectune.errors import ConfigError
+    from sectune.memory import offload_split
+
+    budget = Budget(weights=10 * GiB, adapters=0, optimizer_state=0, gradients=0, activations=GiB, runtime_overhead=0, total=11 * GiB)
+
+    def split(quant="none", folder=None, device_map="auto", **caps):
+        model = SimpleNamespace(device_map=device_map, max_memory=caps, offload_folder=folder)
+        return offload_split(model, quant, budget, 10 * GiB, GiB)
+
+    off = split(**{"0": "4GiB", "cpu": "8GiB"})
+    assert (off["offloaded"], off["gpu_bytes"], off["fits"]) == (7 * GiB, 5 * GiB, True)
+    assert split(**{"0": "4GiB", "cpu": "6GiB"})["fits"] is False
+    off = split(folder="/tmp/off", **{"0": "4GiB", "cpu": "6GiB"})
+    assert (off["disk"], off["fits"]) == (GiB, True)
+    off = split("nf4", **{"0": "4GiB", "cpu": "8GiB"})  # bitsandbytes gives the weights 90% of the cap: 3.6 - 1 GiB stay
+    assert off["offloaded"] == int(10 * GiB - (int(0.9 * 4 * GiB) - GiB)) and not off["fits"] and "quantization=nf4" in off["refused"]
+    assert split(**{"0": "11GiB"})["offloaded"] == 0 and split(**{"0": "11GiB"})["gpu_bytes"] == 11 * GiB
+    # as before: no GPU entry, or a device_map that ignores max_memory
+    assert split(cpu="8GiB") is None and split(device_map="cpu", **{"0": "4GiB"}) is None and split() is None
+    with pytest.raises(ConfigError, match=r"model.max_memory.0='7 gigs': write a size accelerate reads"):
+        split(**{"0": "7 gigs"})

@@ -266,9 +266,9 @@ def run_checks(cfg: DictConfig) -> tuple[list[Check], dict]:
     try:
         from sectune.stages import plan
 
-        budget, _ = plan.estimate(cfg)
+        budget, info = plan.estimate(cfg)
         predicted = budget
-        plan_info = {"predicted_peak_bytes": budget.total}
+        plan_info = {"predicted_peak_bytes": budget.total, "offload": info["offload"]}
     except Exception as e:  # the doctor reports; it does not fail on a plan it cannot make
         from sectune.errors import SectuneError
 
@@ -278,8 +278,14 @@ def run_checks(cfg: DictConfig) -> tuple[list[Check], dict]:
         bad_setting = plan_info.pop("plan_error_is_setting")
         checks.append(Check("memory plan", "missing" if bad_setting else "warn", f"stage=plan cannot plan this config: {plan_info['plan_error']}",
                             "fix the setting it names" if bad_setting else "GPU memory and disk are checked without an estimate"))
+    off = plan_info.get("offload")
+    if off:  # model.device_map + model.max_memory: the GPU holds only its side of the plan
+        from sectune.memory import offload_text
+
+        checks.append(Check("gpu/cpu offload", "ok" if off["fits"] else "missing", offload_text(off),
+                            "" if off["fits"] else "change the setting named in the detail"))
     checks += check_packages(cfg)
-    checks += check_cuda(cfg, predicted.total if predicted else None)
+    checks += check_cuda(cfg, (off["gpu_bytes"] if off else predicted.total) if predicted else None)
     checks += check_model(cfg)
     checks += check_dataset(cfg)
     checks += check_disk(cfg, predicted.weights if predicted else None)
@@ -295,7 +301,8 @@ def markdown(cfg: DictConfig, checks: list[Check], plan_info: dict) -> str:
         status = c.status.upper() if c.status == "missing" else c.status
         lines.append(f"| {c.name} | {status} | {c.detail} | {c.fix} |")
     if "predicted_peak_bytes" in plan_info:
-        lines += ["", f"stage=plan predicts {plan_info['predicted_peak_bytes'] / 2**30:.2f} GiB peak for this config."]
+        lines += ["", f"stage=plan predicts {plan_info['predicted_peak_bytes'] / 2**30:.2f} GiB peak for this config"
+                  + (f", {plan_info['offload']['gpu_bytes'] / 2**30:.2f} GiB of it on the GPU." if plan_info.get("offload") else ".")]
     return "\n".join(lines) + "\n"
 
 

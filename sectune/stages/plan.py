@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sectune import planner
 from sectune.errors import ConfigError
+from sectune.memory import offload_split, offload_text
 from sectune.runner import RunContext
 
 COMPONENTS = ("weights", "adapters", "optimizer_state", "gradients", "activations", "runtime_overhead")
@@ -202,6 +203,12 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None) -> tuple[plan
     budget = planner.Budget(**comps, total=sum(comps.values()), device=settings["device"], params=w.params,
                             trainable_params=w.trainable_params, notes=notes)
     info = dict(settings, model=m.name, arch_source=arch_source, weight_dtype=weight_dtype, activation_dtype=act_dtype)
+    info["offload"] = None  # model.device_map + a GPU cap in model.max_memory: the GPU and CPU sides (sectune.memory)
+    if m.device_map is not None and m.max_memory and settings["device"] == "cuda":
+        # accelerate places the weights as loaded: peft's fp32 upcast of the non-quantized ones comes after, where they sit
+        as_loaded = w.weights if q == "none" else planner.estimate_memory(
+            arch, dtype=weight_dtype, **dict(settings, upcast_non_quantized=False)).weights
+        info["offload"] = offload_split(m, q, budget, as_loaded, planner.largest_block_bytes(arch, q, weight_dtype))
     return budget, info
 
 
@@ -218,7 +225,21 @@ def markdown(budget: planner.Budget, info: dict) -> str:
         f"Predicted peak: **{budget.total / planner.GiB:.2f} GiB** ({budget.total / 1e9:.2f} GB).",
         "",
     ]
+    off = info.get("offload")
+    if off:
+        head[-1:] = ["", offload_markdown(off), "", ""]
     return "\n".join(head) + budget.to_markdown() + "\n"
+
+
+def offload_markdown(off: dict) -> str:
+    """The GPU / CPU split of a ``model.device_map`` + ``model.max_memory`` plan, under the whole-model peak."""
+    text = (f"That is the whole model on one device. With model.device_map and {off['gpu_key']}, the GPU {'would hold' if off['refused'] else 'holds'} "
+            f"**{off['gpu_bytes'] / planner.GiB:.2f} GiB** ({off['gpu_bytes'] / 1e9:.2f} GB: the table with "
+            f"{off['gpu_weights'] / 1e9:.2f} GB of its weights): {offload_text(off)}.")
+    if off["offloaded"] and not off["refused"]:
+        text += (f" The offloaded layers run slower: they stay in CPU RAM and accelerate copies each one onto the GPU for "
+                 f"every forward and backward pass (up to {off['largest_block'] / 1e9:.2f} GB at a time, the cap keeps room for it).")
+    return text
 
 
 def all_models_table(cfg: DictConfig) -> str:
@@ -242,15 +263,17 @@ def all_models_table(cfg: DictConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def memory_template_check(cfg: DictConfig, budget: planner.Budget) -> tuple[dict, str] | None:
-    """With a seed-002 memory template (``+memory_template=…``): the predicted peak against its budget (GiB)."""
+def memory_template_check(cfg: DictConfig, budget: planner.Budget, peak: int | None = None) -> tuple[dict, str] | None:
+    """With a seed-002 memory template (``+memory_template=…``): the predicted peak (``peak``: the GPU side of an
+    offloaded plan) against its budget (GiB)."""
     budget_gb = template_budget_gb(cfg)
     if budget_gb is None:
         return None
+    peak = budget.total if peak is None else peak
     limit = budget_gb * planner.GiB
-    fits = budget.total <= limit
-    verdict = "fits" if fits else f"does NOT fit (over by {(budget.total - limit) / planner.GiB:.2f} GiB)"
-    line = (f"Memory template {cfg.memory_template.name}: budget {budget_gb:g} GiB; predicted peak {budget.total / planner.GiB:.2f} GiB "
+    fits = peak <= limit
+    verdict = "fits" if fits else f"does NOT fit (over by {(peak - limit) / planner.GiB:.2f} GiB)"
+    line = (f"Memory template {cfg.memory_template.name}: budget {budget_gb:g} GiB; predicted peak {peak / planner.GiB:.2f} GiB "
             f"on {budget.device}: {verdict}.")
     return {"memory_template_budget_bytes": int(limit), "fits_memory_template": int(fits)}, line
 
@@ -283,8 +306,11 @@ def run(ctx: RunContext) -> dict:
     print(text)
     metrics = {"predicted_peak_bytes": budget.total, "params": budget.params, "trainable_params": budget.trainable_params}
     metrics.update({f"predicted_{c}_bytes": getattr(budget, c) for c in COMPONENTS})
+    off = info["offload"]
+    if off:
+        metrics.update(predicted_gpu_peak_bytes=off["gpu_bytes"], predicted_offloaded_bytes=off["offloaded"])
     artifacts = {"plan": "plan.md", "plan_json": "plan.json"}
-    template = memory_template_check(cfg, budget)
+    template = memory_template_check(cfg, budget, off["gpu_bytes"] if off else None)
     if template:
         metrics.update(template[0])
         print(template[1])

@@ -8,6 +8,7 @@ peak-memory accounting); which checkpoint ``train.resume`` takes is :mod:`sectun
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import resource
@@ -56,6 +57,21 @@ def precision_flags(cfg: DictConfig) -> dict:
             return {"bf16": True, "fp16": False}
         return {"bf16": False, "fp16": True}
     raise ConfigError(f"train.precision={p!r}: choose fp32, bf16 or fp16")
+
+
+@contextlib.contextmanager
+def trainable_weights_kept(model):
+    """Around a TRL trainer's constructor: the trainable weights leave it as they entered it.
+
+    TRL's SFT, DPO and GRPO trainers cast a 4/8-bit model's trainable LoRA weights to bf16 (their QLoRA recipe),
+    whatever ``train.precision`` says: fp32 runs trained bf16 adapters with bf16 optimizer state, and under bf16
+    autocast the adapters lost their fp32 master copy (at lr 2e-5 an AdamW step moved 6.7% of lora_A's entries,
+    the rest rounded away). peft's fp32 adapter is what the other stages train and what the planner counts."""
+    kept = [(p, p.data) for p in model.parameters() if p.requires_grad]
+    yield
+    for p, data in kept:
+        if p.data.dtype != data.dtype:
+            p.data = data
 
 
 def packing_mode(cfg: DictConfig) -> str:

@@ -68,6 +68,21 @@ def save_sft_like_adapter(tmp_path, seed=0):
     return run_dir
 
 
+def test_quantized_policy_keeps_the_loaded_adapter_fp32_bit_for_bit(tmp_path):
+    """An audit (precision; tests/test_sft.py's quantized adapter test): TRL's DPOTrainer cast a 4/8-bit policy's trainable
+    LoRA weights to bf16 in its constructor whatever train.precision said (here fp32), rounding the SFT adapter DPO starts
+    from and training it with bf16 AdamW state. The policy's adapter stays as saved, in fp32."""
+    from safetensors.torch import load_file
+
+    sft = save_sft_like_adapter(tmp_path)
+    _, trainer, _ = build(tmp_path, ["quantization=nf4", f"dpo.init_from={sft}"])
+    saved = load_file(str(sft / "adapter" / "adapter_model.safetensors"))
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and {n.replace(".default", "") for n in trainable} == set(saved)
+    for n, p in trainable.items():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), saved[n.replace(".default", "")]), n
+
+
 def test_fresh_adapter_is_the_reference_exactly_and_the_loss_is_log2(tmp_path):
     from sectune.stages import dpo
 

@@ -240,6 +240,30 @@ def extended_sft_run(tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["grpo", "simplified_ppo"])
+def test_quantized_policy_adapter_stays_fp32_through_the_trl_trainer(tmp_path, loss):
+    """An audit (precision; tests/test_sft.py's quantized adapter test): TRL's GRPOTrainer and SFTTrainer (simplified_ppo)
+    cast a 4/8-bit policy's trainable LoRA weights to bf16 in their constructor whatever train.precision said (here fp32):
+    bf16 adapters, bf16 AdamW state. They leave the constructor as they entered it, bit for bit."""
+    from sectune import modeling
+    from sectune.stages import rl
+
+    cfg = compose([*UNIT, f"loss={loss}", "quantization=nf4", "rl.rewards.reward_model=0"])
+    tokenizer = modeling.load_tokenizer(cfg)
+    model = rl.build_policy(cfg, modeling.model_path(cfg))[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert before and all(t.dtype == torch.float32 for t in before.values())  # peft's fp32 adapter
+    if loss == "grpo":
+        funcs, weights, _ = rl.reward_functions(cfg)
+        rl.build_grpo_trainer(cfg, model, tokenizer, unit_records(), funcs, weights, tmp_path / "ckpt")
+    else:
+        rl.build_sft_trainer(cfg, model, tokenizer, unit_records(), tmp_path / "ckpt")
+    after = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert after.keys() == before.keys()
+    for n, p in after.items():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), before[n]), n
+
+
+@pytest.mark.parametrize("loss", ["grpo", "simplified_ppo"])
 def test_rl_takes_the_tokenizer_saved_with_the_sft_weights_it_starts_from(tmp_path, monkeypatch, loss):
     """An SFT run that added tokens (the tiny preset's answer keys): the policy must read and write with that
     tokenizer, not the configured model's, or every added key decodes to nothing (attack success 1.0 seen)."""

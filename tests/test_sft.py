@@ -129,6 +129,32 @@ def test_an_eval_forward_leaves_4bit_lora_gradients_as_they_were():
     assert layers and all(m.support_avx512bf16_for_cpu == Linear4bit(4, 4).support_avx512bf16_for_cpu for m in layers)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_quantized_lora_adapter_stays_fp32_through_the_trl_trainer(tmp_path, precision):
+    """An audit (precision): TRL's SFT, DPO and GRPO trainers cast a 4/8-bit model's trainable LoRA weights to bf16 in their
+    constructor (their QLoRA recipe), whatever the precision: train.precision=fp32 trained bf16 adapters with bf16 AdamW
+    state, and under bf16 autocast the adapters had no fp32 master copy (reward, classify and federated keep peft's fp32;
+    the planner counts fp32). At lr 2e-5 one AdamW step moved 6.7% of lora_A's entries; the rest rounded away. The
+    trainable weights leave the constructor as they entered it, bit for bit, and the optimizer state follows them."""
+    from sectune import modeling
+    from sectune.stages.sft import build_sft_trainer
+
+    cfg = compose(["quantization=nf4", "logger=none", f"train.precision={precision}", "train.max_steps=1", "train.batch_size=2"])
+    tok = modeling.load_tokenizer(cfg)
+    model = modeling.apply_lora(modeling.load_model(cfg), cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert before and all(t.dtype == torch.float32 for t in before.values())  # peft's fp32 adapter
+    rec = {"prompt": "### Logs:\nsshd[1]: Failed password for root\n### Analysis:\n", "completion": '{"verdict":"malicious"}'}
+    trainer = build_sft_trainer(cfg, model, tok, [rec, rec], [], tmp_path)
+    after = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert after.keys() == before.keys()
+    for n, p in after.items():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), before[n]), n
+    trainer.train()
+    state = [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
+    assert state and all(v.dtype == torch.float32 for v in state)
+
+
 def test_full_finetune_saves_whole_model(tmp_path):
     run = sectune([*FAST, "lora=none", "train.max_steps=2", "dataset.max_samples=12"], tmp_path / "full")
     assert run.returncode == 0, run.stderr[-2000:]

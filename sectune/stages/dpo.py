@@ -283,15 +283,16 @@ def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, 
             lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
             return engine.seeded_length_grouped_sampler(self, ds, lengths=lengths)
 
-    trainer = Trainer(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=to_dataset(train_pairs),
-        eval_dataset=to_dataset(val_pairs) if has_eval else None,
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-    )
+    with engine.trainable_weights_kept(model):
+        trainer = Trainer(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=to_dataset(train_pairs),
+            eval_dataset=to_dataset(val_pairs) if has_eval else None,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+        )
     if cfg.dpo.reference == "base" and modeling_is_peft(trainer.model) and "ref" in trainer.model.peft_config:
         # TRL copies a PEFT model's adapter to a frozen "ref" adapter; without one, its reference
         # forward disables the adapters instead

@@ -284,10 +284,11 @@ def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs,
         log_completions=False,
     )
     dataset = Dataset.from_list([{"prompt": r["prompt"], "window": window_from_prompt(r["prompt"]), "annotation": r["completion"], "id": r["id"]} for r in records])
-    trainer = SharedPromptGRPOTrainer(
-        model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=list(callbacks), shared_prompt=bool(rl.shared_prompt),
-    )
+    with engine.trainable_weights_kept(model):
+        trainer = SharedPromptGRPOTrainer(
+            model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
+            callbacks=list(callbacks), shared_prompt=bool(rl.shared_prompt),
+        )
     if rl.reference == "base" and "ref" in trainer.model.peft_config:
         trainer.model.delete_adapter("ref")  # without it, TRL's reference forward disables the adapter
     return trainer
@@ -364,4 +365,5 @@ def build_sft_trainer(cfg, model, tokenizer, recs: list[dict], output_dir: Path,
     args = SFTConfig(**kwargs, max_length=cfg.model.max_seq_length, completion_only_loss=True, packing=False, dataset_num_proc=None,
                      label_smoothing_factor=cfg.loss.label_smoothing)  # it is SFT: the same smoothing as stage=sft
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in recs])
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))
+    with engine.trainable_weights_kept(model):
+        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))

@@ -308,14 +308,15 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return out
 
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=to_ds(train_recs),
-        eval_dataset=to_ds(val_recs) if val_recs else None,
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-    )
+    with engine.trainable_weights_kept(model):
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=to_ds(train_recs),
+            eval_dataset=to_ds(val_recs) if val_recs else None,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+        )
     # Set after construction: TRL refuses a custom collator together with its padding-free flag.
     if packing == "bfd":
         trainer.data_collator = engine.PackedRowsCollator(tokenizer.pad_token_id)

@@ -169,6 +169,19 @@ def test_reward_model_reloads_with_plain_peft_api_and_scores_the_same(tmp_path):
         RM.load_reward_model(broken)
 
 
+def test_final_eval_loss_is_computed_in_the_training_precision(tmp_path):
+    """An audit (precision): the stage took the model out of accelerate's mixed-precision wrapper for saving and scoring
+    (``unwrap_model(keep_fp32_wrapper=False)``, which changes the model in place) before its final ``trainer.evaluate()``,
+    so under train.precision=bf16 every evaluation during training ran in bf16 and the eval_loss in result.json in fp32:
+    the same weights at step 2 logged 0.6550 and reported 0.6517. The final evaluation is the last one's twin."""
+    run = sectune([*REWARD, "train.max_steps=2", "train.eval_steps=2", "dataset.max_samples=40", "train.batch_size=2",
+                   "train.precision=bf16"], tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    history = json.loads((tmp_path / "run" / run.result["artifacts"]["train_history"]).read_text())
+    assert [step for step, _ in history["eval"]] == [2]
+    assert run.result["metrics"]["eval_loss"] == pytest.approx(history["eval"][-1][1], rel=1e-6)
+
+
 def test_seed_preset_on_the_tiny_model_trains_an_nf4_lora_reward_adapter(tmp_path):
     """+experiment=auth_reward (seed 000: nf4 + double quant, LoRA r4 attention, batch 1, AdamW 2e-5) with the
     tiny model: the quantized path runs for real on CPU and saves adapter + score head, loadable by plain PEFT."""

@@ -162,14 +162,16 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
         if main:
             engine.write_history(run_dir / "train_history.json", trainer)
 
+    # before the unwrap below, which takes accelerate's autocast off the model in place: in train.precision, as during training
+    eval_loss = trainer.evaluate()["eval_loss"] if val_rows else None
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     scorer.model = model.eval()
     metrics = {"fallback": 0, "train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total, "truncated_prompts": cut + vcut,
                "quantized_modules": modeling.quantized_module_count(model),
                "reward_accuracy_start": start["reward_accuracy"], "reward_margin_start": start["reward_margin"]}
-    if val_rows:
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if eval_loss is not None:
+        metrics["eval_loss"] = eval_loss
     metrics.update(pair_metrics(score, held_out))
     # the classic baseline on the same pairs: seed 000's heuristic fallback (rules, no weights)
     metrics.update({f"heuristic_{k}": v for k, v in pair_metrics(RM.HeuristicRewardModel().score, held_out).items()

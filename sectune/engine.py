@@ -47,6 +47,11 @@ def require_examples(trainer, cfg: DictConfig, given: dict[str, int], tokenizer=
 def precision_flags(cfg: DictConfig) -> dict:
     p = cfg.train.precision
     if p == "fp32":
+        if cfg.model.dtype != "fp32":  # the two are separate keys: say what fp32 does not cover (an audit, precision)
+            print(f"sectune: warning: train.precision=fp32 with model.dtype={cfg.model.dtype}: the weights load in "
+                  f"{cfg.model.dtype}, so the frozen base computes in {cfg.model.dtype}" + (" and the full fine-tune trains "
+                  f"{cfg.model.dtype} weights with {cfg.model.dtype} optimizer state" if not cfg.lora.enabled else "")
+                  + "; add model.dtype=fp32 for fp32 throughout", file=sys.stderr)
         return {"bf16": False, "fp16": False}
     if p == "bf16":
         return {"bf16": True, "fp16": False}

@@ -401,3 +401,19 @@ def test_deleting_a_node_or_nulling_a_group_is_one_line_and_a_succeeded_runs_rec
     typo = cli(["-m", "stage=plan", "logger=none", "lora=r4_attention,r4_atention", f"hydra.sweep.dir={sweep}"])
     assert typo.returncode == 2 and "r4_atention" in typo.stderr
     assert (sweep / "multirun.yaml").read_bytes() == kept
+
+
+def test_fp32_training_on_weights_loaded_in_bf16_says_what_it_does_not_cover(capsys):
+    """model.dtype and train.precision are separate keys: a bf16-loaded model asked for fp32 computes its frozen base in bf16
+    (and with lora=none trains bf16 weights with bf16 optimizer state). The run says so (an audit, precision: it did not)."""
+    from sectune import engine
+
+    assert engine.precision_flags(compose(["train.precision=fp32", "model.dtype=bf16"])) == {"bf16": False, "fp16": False}
+    err = capsys.readouterr().err
+    assert "model.dtype=bf16" in err and "frozen base computes in bf16" in err and "model.dtype=fp32" in err
+    assert "optimizer state" not in err  # LoRA: the adapter is peft's fp32
+    engine.precision_flags(compose(["train.precision=fp32", "model.dtype=bf16", "lora=none"]))
+    assert "trains bf16 weights with bf16 optimizer state" in capsys.readouterr().err
+    for quiet in (["train.precision=fp32"], ["train.precision=bf16", "model.dtype=bf16"]):  # tiny_llama loads fp32
+        engine.precision_flags(compose(quiet))
+        assert "warning" not in capsys.readouterr().err, quiet

@@ -27,16 +27,29 @@ from sectune.planner import GiB
 NO_SELECTIVE_CHECKPOINTING = ("rl", "federated")
 
 
+def logit_positions(cfg, sequences: int) -> int | None:
+    """The positions of a batch of ``sequences`` the step runs the LM head on: none for the reward model
+    (loss=bradley_terry: a one-wide score head), the completions' for GRPO (grpo_trainer.shared_prompt_logps, TRL's
+    logits_to_keep), else every one (None). The plan counted a vocabulary-wide fp32 loss on every position of both: 6.3
+    of auth_grpo's RL step's 15.1 GB, so lowering rl.max_completion_length, which the RL stage's "does not fit" error
+    advises, changed nothing."""
+    if cfg.loss.name == "bradley_terry":
+        return 0
+    if cfg.loss.name == "grpo":
+        return sequences * int(cfg.rl.max_completion_length)
+    return None
+
+
 def memory_check(cfg, sequences_per_example: int = 1) -> tuple[bool, str]:
     """(fits, why): the predicted peak of ``train.batch_size × sequences_per_example`` sequences (2 for
-    chosen + rejected, G for GRPO's group) against the device's free memory (``reward.memory_limit_gb``
-    overrides it). For a score head the plan still counts LM-head logits: it errs on the safe side."""
+    chosen + rejected, G for GRPO's group), the LM head on the positions :func:`logit_positions` names, against the device's free memory
+    (``reward.memory_limit_gb`` overrides it)."""
     from sectune.stages import plan
 
     c = OmegaConf.merge(cfg, {"plan": {"batch_size": sequences_per_example * int(cfg.train.batch_size)}})
     if cfg.stage.name in NO_SELECTIVE_CHECKPOINTING:  # these stages do not apply it: plan their activations without it
         c.train.selective_checkpointing = False
-    budget, info = plan.estimate(c)
+    budget, info = plan.estimate(c, logit_tokens=logit_positions(cfg, int(c.plan.batch_size)))
     if cfg.reward.memory_limit_gb is not None:
         free, where = float(cfg.reward.memory_limit_gb) * 1e9, "reward.memory_limit_gb"
     elif info["device"] == "cuda":

@@ -230,8 +230,10 @@ def estimate_memory(
     device: str = "cuda",
     lora_dropout: float = 0.05,
     upcast_non_quantized: bool = False,
+    logit_tokens: int | None = None,
 ) -> Budget:
-    """Predicted peak training memory for one optimizer step; see the module docstring."""
+    """Predicted peak training memory for one optimizer step; see the module docstring. ``logit_tokens``: the positions
+    the LM head runs on (None: every token; GRPO's loss reads the completions' only, a score head none)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if dtype not in DTYPE_BYTES:
@@ -285,7 +287,8 @@ def estimate_memory(
     # -- activations
     tokens = seq_len * batch_size
     per_layer = _layer_activation_per_token(arch, a, mods, lora_r, lora_dropout) * tokens
-    logits = tokens * v * (a + 4 + 4)  # logits, fp32 log-softmax, its fp32 gradient
+    lt = tokens if logit_tokens is None else min(int(logit_tokens), tokens)
+    logits = lt * v * (a + 4 + 4)  # logits, fp32 log-softmax, its fp32 gradient
     dequant = max(i * o for _, i, o, _ in layer) * a if quantization == "nf4" else 0  # one weight unpacked
     edges = 3 * tokens * h * a  # embedding output, final norm, grad of the residual stream
     if selective_checkpointing and not gradient_checkpointing:
@@ -311,7 +314,8 @@ def estimate_memory(
         # 16 x 512 tokens, full checkpointing): +0.31 GB over the same run unquantized; this term: +0.34 GB.
         activations += L * tokens * (2 * h + qd + inter) * 4
         notes.append("int8: each layer's int8-linear inputs are kept through checkpointing (bitsandbytes holds them on ctx)")
-    notes.append(f"activations for batch {batch_size} x seq {seq_len}; logits {logits / GiB:.2f} GiB incl. fp32 loss")
+    notes.append(f"activations for batch {batch_size} x seq {seq_len}; logits {logits / GiB:.2f} GiB incl. fp32 loss"
+                 + (f" (on {lt:,} of the {tokens:,} positions)" if lt != tokens else ""))
 
     # -- runtime
     if device == "cuda":

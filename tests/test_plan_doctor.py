@@ -391,12 +391,12 @@ def test_rl_memory_check_counts_the_gpu_side_of_model_max_memory(tmp_path):
 def test_auth_grpo_as_shipped_offloads_nothing_and_its_rl_step_does_not_fit_8_gb(tmp_path):
     """The preset's nf4 weights as accelerate places them (embeddings and lm_head still bf16) are 5.70 GB, under 90% of
     its 7 GiB cap (6.76 GB: bitsandbytes keeps 10% back): nothing goes to the CPU, peft's fp32 upcast then makes them 7.80 GB
-    on the GPU, and the RL step's 6.4 GB of activations (4 x 1024 tokens' 128,256-wide logits) come on top: 15.12 GB, as
-    without max_memory. A cap that would offload is refused: transformers loads no bitsandbytes layer on the CPU."""
+    on the GPU, and the RL step's activations come on top: 11.31 GB, as without max_memory. A cap that would offload is
+    refused: transformers loads no bitsandbytes layer on the CPU."""
     from sectune.memory import memory_check
 
     fits, why = memory_check(auth_grpo_step("rl", tmp_path), sequences_per_example=4)
-    assert not fits and why.startswith("predicted peak 15.12 GB (deepseek_r1_distill_llama_8b, nf4; model.max_memory.0=7 GiB holds "
+    assert not fits and why.startswith("predicted peak 11.31 GB (deepseek_r1_distill_llama_8b, nf4; model.max_memory.0=7 GiB holds "
                                        "all 5.70 GB of weights as loaded (usable 6.76 GB): nothing is offloaded"), why
     assert "fp32 upcast then makes them 7.80 GB on the GPU" in why
     fits, why = memory_check(auth_grpo_step("rl", tmp_path, "model.max_memory.0=4GiB"), sequences_per_example=4)
@@ -428,3 +428,22 @@ def test_doctor_reports_a_quantized_offload_transformers_refuses():
     off = {c.name: c for c in checks}["gpu/cpu offload"]
     assert off.status == "missing" and "raise model.max_memory.0 or use quantization=none" in off.detail
     assert plan_info["offload"]["gpu_bytes"] < plan_info["predicted_peak_bytes"]
+
+
+def test_the_rl_and_reward_checks_plan_the_lm_head_where_their_losses_run_it(tmp_path):
+    """GRPO's loss runs the LM head on the completions only, the reward model a one-wide score head: the plan counted a
+    128,256-wide fp32 loss on all 4 x 1024 positions of auth_grpo's RL step (15.12 GB; 11.31 on the 4 x 160 completion
+    positions) and of its reward step's 2 sequences (11.77 GB; 9.92), and rl.max_completion_length, which the RL stage's
+    "does not fit" error advises lowering, changed nothing."""
+    from sectune.memory import logit_positions, memory_check
+
+    def peak(step, *extra, sequences=4):
+        return float(memory_check(auth_grpo_step(step, tmp_path, *extra), sequences_per_example=sequences)[1].split()[2])
+
+    rl = auth_grpo_step("rl", tmp_path)
+    assert logit_positions(rl, 4) == 4 * 160 and logit_positions(auth_grpo_step("reward", tmp_path), 2) == 0
+    assert logit_positions(auth_grpo_step("sft", tmp_path), 1) is None  # SFT's loss reads every position
+    assert peak("rl") == 11.31 and peak("reward", sequences=2) == 9.92
+    # (under gradient checkpointing the loss shares its memory with one layer's recompute: below that, fewer completion
+    # tokens save nothing more)
+    assert peak("rl", "rl.max_completion_length=64") <= peak("rl") < peak("rl", "rl.max_completion_length=512")

@@ -147,6 +147,17 @@ def test_logits_dominate_small_models_and_scale_with_batch():
     assert two.activations > 1.9 * one.activations
 
 
+def test_logit_tokens_count_the_lm_head_on_those_positions_only():
+    """planner.estimate_memory(logit_tokens=N): the fp32 loss over the vocabulary on N positions, not on every token (GRPO's
+    completions; a score head's none): without checkpointing the activations differ by exactly the logits' bytes."""
+    common = dict(lora_r=4, dtype="bf16", seq_len=512, batch_size=4)
+    every = estimate_memory(ARCHS["smollm_135m"], **common)
+    some = estimate_memory(ARCHS["smollm_135m"], **common, logit_tokens=4 * 100)
+    assert every.activations - some.activations == (4 * 512 - 4 * 100) * 49152 * (2 + 8)
+    assert estimate_memory(ARCHS["smollm_135m"], **common, logit_tokens=10**9).activations == every.activations  # capped
+    assert estimate_memory(ARCHS["smollm_135m"], **common, logit_tokens=0).activations < some.activations
+
+
 def test_optimizers_and_full_finetune():
     arch = ARCHS["smollm_135m"]
     full = {o: estimate_memory(arch, dtype="fp32", optimizer=o, device="cpu") for o in ("adamw", "adafactor", "paged_adamw_8bit")}

@@ -301,7 +301,7 @@ def test_the_rl_memory_check_plans_without_the_selective_checkpointing_rl_does_n
 
     seen = []
     real = plan.estimate
-    monkeypatch.setattr(plan, "estimate", lambda c, *a: seen.append(bool(c.train.selective_checkpointing)) or real(c, *a))
+    monkeypatch.setattr(plan, "estimate", lambda c, *a, **k: seen.append(bool(c.train.selective_checkpointing)) or real(c, *a, **k))
     for stage, loss in (("rl", "grpo"), ("reward", "bradley_terry")):
         memory.memory_check(compose([f"stage={stage}", f"loss={loss}", "reward.memory_limit_gb=100"]), 4)
     assert seen == [False, True]

@@ -149,8 +149,9 @@ def template_budget_gb(cfg: DictConfig) -> float | None:
     return float(mt.budget_gb)
 
 
-def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None) -> tuple[planner.Budget, dict]:
-    """The Budget for ``cfg`` (optionally with another model node) and the settings used."""
+def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, logit_tokens: int | None = None) -> tuple[planner.Budget, dict]:
+    """The Budget for ``cfg`` (optionally with another model node) and the settings used; ``logit_tokens``: the
+    positions the LM head runs on (None: every one; planner.estimate_memory)."""
     m = model_cfg if model_cfg is not None else cfg.model
     batch_size, seq_len = batch_shape(cfg, m)
     arch, arch_source = model_arch(m, cfg)
@@ -178,6 +179,7 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None) -> tuple[plan
         device=plan_device(cfg),
         lora_dropout=float(cfg.lora.dropout),
         upcast_non_quantized=q != "none",
+        logit_tokens=logit_tokens,
     )
     try:
         w = planner.estimate_memory(arch, dtype=weight_dtype, **settings)
@@ -294,7 +296,10 @@ def run(ctx: RunContext) -> dict:
         cfg = OmegaConf.merge(cfg, {"plan": {"batch_size": k * int(cfg.train.batch_size)}})
         per_example = (f"loss={cfg.loss.name}: each example keeps {k} sequences ({why}), so the activations are planned "
                        f"for train.batch_size × {k} = {cfg.plan.batch_size} sequences (plan.batch_size=N sets it).\n")
-    budget, info = estimate(cfg)
+    from sectune.memory import logit_positions
+
+    positions = logit_positions(cfg, batch_shape(cfg, cfg.model)[0])  # the reward/RL stages' own checks plan the same
+    budget, info = estimate(cfg, logit_tokens=positions)
     text = markdown(budget, info)
     # a pipeline preset (sft → reward → rl) composed with stage=plan plans the train.* batch, not GRPO's G-fold one
     G = int(cfg.rl.num_generations)

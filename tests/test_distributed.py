@@ -268,3 +268,18 @@ def test_two_gloo_processes_train_contrastive_as_one_process_does(tmp_path):
     _same_files(one, two, "result.json", "injection_eval.json", "adapter_model.safetensors", "loss_curve.png", "train_history.json")
     assert proc.stdout.count("sectune: done ·") == 1, proc.stdout[-3000:]
     _same_weights(one / "adapter" / "adapter_model.safetensors", two / "adapter" / "adapter_model.safetensors")
+
+
+# ------------------------------------------------------------------ what a rank other than 0 does (no launcher needed)
+
+
+def test_a_rank_other_than_0_has_the_warm_up_windows_before_any_process_group_is_up(tmp_path, monkeypatch):
+    """sft.warmup_lines under torchrun on a cold cache: rank 0 built the generated windows while the others waited at a
+    barrier, a no-op before Trainer starts the process group, so rank 1 read a folder not built yet and the first
+    torchrun run of +experiment=auth_grpo_tiny died ("auth_logs folder does not exist", then SIGTERM for rank 0)."""
+    from conftest import compose
+    from sectune.data import generated_auth_folder
+
+    _env(monkeypatch, 1, MASTER_PORT="29999")
+    out = generated_auth_folder(compose([f"paths.cache_dir={tmp_path}", "sft.warmup_lines=1500"]))
+    assert (out / "BUILD_INFO.json").is_file() and any((out / "Auth_bin").iterdir())

@@ -78,7 +78,6 @@ def auth_logs_folder(cfg: DictConfig) -> Path:
 def generated_auth_folder(cfg: DictConfig) -> Path:
     """``sft.warmup_lines`` generated auth-log lines cut into rule-annotated windows (``dataset.min_lines`` ..
     ``max_lines`` lines each), built once into the cache; no real log line is used."""
-    from sectune import distributed
     from sectune.data import auth_logs
     from sectune.data.synthetic_auth import GENERATOR_VERSION
 
@@ -87,10 +86,11 @@ def generated_auth_folder(cfg: DictConfig) -> Path:
     fresh = bool(w.warmup_fresh_names)
     name = f"auth_logs-generated-n{w.warmup_lines}-s{w.warmup_seed}-l{d.min_lines}-{d.max_lines}-{GENERATOR_VERSION}{'-fresh' if fresh else ''}"
     out = Path(cfg.paths.cache_dir) / "datasets" / name
-    if distributed.is_main_process():  # one rank builds, the others wait and read
-        auth_logs.ensure_auth_folder(out, seed=int(w.warmup_seed), min_lines=d.min_lines, max_lines=d.max_lines,
-                                     generated_lines=int(w.warmup_lines), fresh_names=fresh)
-    distributed.barrier()
+    # Every rank builds it, as auth_logs_folder's windows are: the build is seeded (the same folder on every rank), written
+    # aside and renamed. Rank 0 alone building while the others waited at a barrier left them reading a folder not built
+    # yet: the warm-up runs before Trainer starts the process group, so the barrier was a no-op (torchrun, cold cache).
+    auth_logs.ensure_auth_folder(out, seed=int(w.warmup_seed), min_lines=d.min_lines, max_lines=d.max_lines,
+                                 generated_lines=int(w.warmup_lines), fresh_names=fresh)
     return out
 
 

@@ -283,3 +283,20 @@ def test_a_rank_other_than_0_has_the_warm_up_windows_before_any_process_group_is
     _env(monkeypatch, 1, MASTER_PORT="29999")
     out = generated_auth_folder(compose([f"paths.cache_dir={tmp_path}", "sft.warmup_lines=1500"]))
     assert (out / "BUILD_INFO.json").is_file() and any((out / "Auth_bin").iterdir())
+
+
+def test_only_rank_0_writes_the_heuristic_reward_model(tmp_path, monkeypatch):
+    """stage=reward's heuristic fallback (reward.force_fallback, or a model that does not fit) has no Trainer: every rank
+    wrote reward_model/ through the same temporary folder, and a rank whose folder the other had just renamed away
+    failed (FileNotFoundError on .reward_model.tmp/…; 3 torchrun runs of 6). Rank 1 now writes nothing; rank 0 does."""
+    from conftest import compose
+    from sectune.stages import reward
+
+    cfg = compose(["stage=reward", "loss=bradley_terry", "dataset=auth_preferences", "logger=none"])
+    _env(monkeypatch, 1, MASTER_PORT="29999")
+    out = reward.heuristic(cfg, tmp_path, [], "test", "reward.force_fallback=true", 0.0)
+    assert out["artifacts"] == {"reward_model": "reward_model"} and out["metrics"]["fallback"] == 1
+    assert list(tmp_path.iterdir()) == []
+    _env(monkeypatch, 0, MASTER_PORT="29999")
+    reward.heuristic(cfg, tmp_path, [], "test", "reward.force_fallback=true", 0.0)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["heuristic_reward.json", "reward_model", "reward_model.json"]

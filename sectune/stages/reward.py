@@ -70,11 +70,12 @@ def heuristic(cfg, run_dir: Path, held_out: list[dict], held_name: str, reason: 
     scorer = RM.HeuristicRewardModel()
     metrics = {"fallback": 1, **pair_metrics(scorer.score, held_out)}
     out = run_dir / "reward_model"
-    tmp = out.with_name(".reward_model.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(tmp / RM.HEURISTIC_FILE, scorer.spec)
-    write_json_atomic(tmp / RM.META_FILE, {"kind": "heuristic", "reason": reason})
-    _replace_dir(tmp, out)
+    if distributed.is_main_process():  # no Trainer here: under torchrun every rank wrote it through one temporary folder
+        tmp = out.with_name(".reward_model.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(tmp / RM.HEURISTIC_FILE, scorer.spec)
+        write_json_atomic(tmp / RM.META_FILE, {"kind": "heuristic", "reason": reason})
+        _replace_dir(tmp, out)
     metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
     _report(metrics, held_name, "heuristic reward model")
     return {"metrics": metrics, "artifacts": {"reward_model": "reward_model"}}

@@ -300,3 +300,22 @@ def test_only_rank_0_writes_the_heuristic_reward_model(tmp_path, monkeypatch):
     _env(monkeypatch, 0, MASTER_PORT="29999")
     reward.heuristic(cfg, tmp_path, [], "test", "reward.force_fallback=true", 0.0)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["heuristic_reward.json", "reward_model", "reward_model.json"]
+
+
+def test_a_pipeline_rank_reads_a_steps_result_only_once_rank_0_has_written_it(tmp_path, monkeypatch):
+    """Under torchrun every rank runs each pipeline step, but rank 0 alone writes the step's result.json, after the step's
+    last collective, and the other ranks read it at once (did it succeed? what does it hand on?). With rank 0's write 3 s
+    late (a slow shared filesystem), rank 1 stopped with "pipeline step 'sft' failed (exit 0): no result.json", and the
+    succeeded sft step was left "running" (a rerun trains it again). A step that succeeded on a rank ends at a barrier;
+    one that failed does not wait there (the other ranks may be inside a collective it left)."""
+    from conftest import compose
+    from sectune import runner
+    from sectune.stages import pipeline
+
+    said = []
+    monkeypatch.setattr(distributed, "barrier", lambda: said.append("barrier"))
+    step = pipeline.Step("sft", tmp_path / "sft", compose(["logger=none"]), [])
+    for code in (0, 1):
+        monkeypatch.setattr(runner, "run", lambda cfg, run_dir, code=code: (said.append(f"run {code}"), (code, None))[1])
+        assert pipeline.run_step(step) == code
+    assert said == ["run 0", "barrier", "run 1"]

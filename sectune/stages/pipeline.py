@@ -419,6 +419,8 @@ def run_step(step: Step) -> int:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+    if code == 0:  # rank 0 writes the step's result.json after its last collective; the others read it next. A rank whose
+        distributed.barrier()  # step failed does not wait: the others may be inside a collective it left (torchrun ends them)
     return code
 
 

@@ -319,3 +319,24 @@ def test_a_pipeline_rank_reads_a_steps_result_only_once_rank_0_has_written_it(tm
         monkeypatch.setattr(runner, "run", lambda cfg, run_dir, code=code: (said.append(f"run {code}"), (code, None))[1])
         assert pipeline.run_step(step) == code
     assert said == ["run 0", "barrier", "run 1"]
+
+
+def test_only_rank_0_answers_and_writes_in_stage_infer(tmp_path, monkeypatch):
+    """stage=infer has no Trainer: under torchrun every rank generated every answer and wrote analyses.json, and the second
+    rank's keep-the-earlier-answers step moved the first rank's fresh answers onto analyses.previous.json, over the earlier
+    run's (a pipeline's infer step, a rerun in place: the earlier answers were lost, and a first run said it kept some).
+    Rank 1 now returns at once; rank 0 answers and writes alone."""
+    from conftest import compose
+    from sectune.runner import RunContext
+    from sectune.stages import infer
+
+    log = tmp_path / "auth.log"
+    log.write_text("Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from 173.234.31.186 port 38926 ssh2\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "analyses.json").write_text("[]\n")  # an earlier run's answers
+    cfg = compose(["stage=infer", "logger=none", f"infer.input_file={log}", "generation.max_new_tokens=4"])
+    _env(monkeypatch, 1, MASTER_PORT="29999")
+    out = infer.run(RunContext(cfg=cfg, run_dir=run_dir))
+    assert out == {"metrics": {}, "artifacts": {}}
+    assert sorted(p.name for p in run_dir.iterdir()) == ["analyses.json"] and (run_dir / "analyses.json").read_text() == "[]\n"

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sectune import checkpoints, modeling, runner
+from sectune import checkpoints, distributed, modeling, runner
 from sectune.data import auth_logs
 from sectune.errors import ConfigError, first_line
 from sectune.inference import generate, parse_json_output
@@ -45,6 +45,8 @@ CHUNK = 256
 
 def run(ctx: RunContext) -> dict:
     cfg, run_dir, ic = ctx.cfg, ctx.run_dir, ctx.cfg.infer
+    if not distributed.is_main_process():  # no training to share: under torchrun (a pipeline's infer step) rank 0 answers
+        return {"metrics": {}, "artifacts": {}}  # and writes alone (every rank wrote analyses.json, and moved the others')
 
     # 1. inputs and where the answers go: every bad input fails here, before a model loads
     if ic.model_dir is not None and Path(str(ic.model_dir)).expanduser().resolve() == run_dir.resolve():

@@ -340,3 +340,32 @@ def test_only_rank_0_answers_and_writes_in_stage_infer(tmp_path, monkeypatch):
     out = infer.run(RunContext(cfg=cfg, run_dir=run_dir))
     assert out == {"metrics": {}, "artifacts": {}}
     assert sorted(p.name for p in run_dir.iterdir()) == ["analyses.json"] and (run_dir / "analyses.json").read_text() == "[]\n"
+
+
+# ------------------------------------------------------------------ stage=pipeline under torchrun
+
+
+#: sft → the heuristic reward model (no Trainer) → infer (no Trainer) and the held-out table, W&B offline
+PIPELINE = ["stage=pipeline", "pipeline.steps=[sft,reward,infer]", "logger=wandb", "generation.preview_samples=0",
+            "dataset.max_samples=60", "generation.max_new_tokens=24", "pipeline.heldout_max_windows=4",
+            "pipeline.heldout_constrained=false", "pipeline.overrides.sft.train.max_steps=2",
+            "pipeline.overrides.reward.reward.force_fallback=true", "train.batch_size=2", "train.device=cpu"]
+
+
+def test_a_pipeline_under_torchrun_writes_each_file_once_from_rank_0(tmp_path):
+    """Two gloo ranks through a pipeline whose later steps have no Trainer: each step's result.json, reward_model/ and
+    analyses.json written once (by rank 0, after which the others go on), and W&B runs opened by rank 0 only: the pipeline
+    reopened its own run for the summary on every rank, so rank 1 left a second, never finished run in the pipeline dir."""
+    run_dir = tmp_path / "p"
+    proc = subprocess.run([*LAUNCHERS["torchrun"], "-m", "sectune", *PIPELINE, f"hydra.run.dir={run_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**ENV, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("sectune: pipeline: done") == 1
+    for d in (run_dir, *(run_dir / s for s in ("sft", "reward", "infer"))):
+        assert json.loads((d / "result.json").read_text())["status"] == "succeeded", d
+    assert sorted(p.name for p in (run_dir / "reward" / "reward_model").iterdir()) == ["heuristic_reward.json", "reward_model.json"]
+    assert not (run_dir / "infer" / "analyses.previous.json").exists()  # a first run: no earlier answers to keep
+    for step in ("sft", "reward", "infer"):
+        assert len(list((run_dir / step / "wandb").glob("offline-run-*"))) == 1, step
+    # the pipeline's own run, finished as the first step starts, and the one it reopens for the summary (as 1 process)
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2

@@ -425,8 +425,9 @@ def run_step(step: Step) -> int:
 
 
 def _reopen_tracker(ctx: RunContext, cfg: DictConfig, run_dir: Path) -> None:
-    """This run's own W&B run (the steps each had theirs), so the runner logs the summary into it."""
-    if cfg.logger.name == "none":
+    """This run's own W&B run (the steps each had theirs), so the runner logs the summary into it: rank 0's alone, as
+    the runner opens it (every rank reopened one, and the others' were never finished)."""
+    if cfg.logger.name == "none" or not distributed.is_main_process():
         return
     from sectune import tracking
 

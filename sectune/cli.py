@@ -148,6 +148,15 @@ def _app(cfg: DictConfig):
     # with the runner's code so shells and schedulers see the failure.
     if HydraConfig.get().mode == RunMode.RUN and code != 0:
         sys.exit(code)
+    if code != 0 and distributed.world_size() > 1:
+        # A job that failed on this rank may have failed here alone (a CUDA OOM on one GPU): the other ranks can be inside a
+        # collective it left, which the next job's would meet. Going on hung both ranks (ddp_timeout, 30 min); exiting lets
+        # torchrun end the others.
+        print(f"sectune: error: sweep job {HydraConfig.get().runtime.output_dir} failed on rank {distributed.rank()}; under "
+              f"{distributed.world_size()} processes the sweep stops at its first failed job (the other ranks may be waiting "
+              "for this one inside the job; torchrun ends them). sweep.skip_done=true reruns only what did not finish",
+              file=sys.stderr)
+        sys.exit(code)
     _SWEEP_JOBS.append((HydraConfig.get().runtime.output_dir, code))  # jobs run in this process (the basic launcher)
     return objective
 

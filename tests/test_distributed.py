@@ -369,3 +369,20 @@ def test_a_pipeline_under_torchrun_writes_each_file_once_from_rank_0(tmp_path):
         assert len(list((run_dir / step / "wandb").glob("offline-run-*"))) == 1, step
     # the pipeline's own run, finished as the first step starts, and the one it reopens for the summary (as 1 process)
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_a_sweep_job_that_fails_on_a_rank_ends_the_sweep_on_that_rank(tmp_path):
+    """A -m sweep under torchrun whose job failed on one rank only (debug.fail_at_step on rank 1, as a CUDA OOM on one GPU
+    would): that rank went on to the next job while rank 0 waited in the failed job's gradient all-reduce, whose peer
+    had moved on: both hung (killed after 240 s; ddp_timeout's 30 min, then ranks in different jobs), job 0's result.json
+    left "running". The failing rank now exits with the job's code and torchrun ends the others. Here: one process
+    that believes it is rank 0 of 2 (no collective), whose job fails on a missing input."""
+    from conftest import cli
+
+    sweep = tmp_path / "sweep"
+    proc = cli(["-m", "stage=infer", "logger=none", f"infer.input_file={tmp_path / 'nope1'},{tmp_path / 'nope2'}",
+                f"hydra.sweep.dir={sweep}"], env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert json.loads((sweep / "0" / "result.json").read_text())["status"] == "failed"
+    assert not (sweep / "1").exists()  # the next job never started
+    assert "under 2 processes the sweep stops at its first failed job" in proc.stderr, proc.stderr[-3000:]

@@ -9,7 +9,7 @@ from setuptools import find_namespace_packages, find_packages, setup
 # every folder under conf/ (model, hydra/launcher, ...) as sectune.conf.<group>, holding its YAML files
 CONF_PACKAGES = ["sectune.conf", *(f"sectune.conf.{p}" for p in find_namespace_packages(where="conf"))]
 
-# the Flower app project `flwr run` takes (its pyproject names sectune.flower_app's apps) ships as
+# the Flower app project `flwr run` takes (its pyproject names sectune.training.flower_app's apps) ships as
 # sectune/flower_app_project, so an installed sectune has it too (sectune.paths.FLOWER_APP_DIR)
 FLOWER_APP = "sectune.flower_app_project"
 

@@ -3,7 +3,7 @@
 Both sides generate analyses of the same real held-out auth-log windows (the validation split of
 ``sectune.data.auth_logs_folder``, the prompts ``stage=infer`` builds), with the same model, batch
 size, ``max_new_tokens`` and greedy decoding (repetition penalty 1.2, the ``generation`` node's);
-the constrained side adds :class:`sectune.constrained.SchemaConstraint` (xgrammar + sectune's
+the constrained side adds :class:`sectune.models.constrained.SchemaConstraint` (xgrammar + sectune's
 budget and uniqueItems logic). The model is the ~21M-parameter Llama of ``bench/sft_throughput.py``
 (random init: it never closes a JSON object on its own, so every constrained output is closed by
 the token budget, the worst case) or the tiny default model (``--model tiny``).
@@ -66,7 +66,7 @@ def held_out_prompts(cfg, n: int) -> list[str]:
 
 
 def build_model(kind: str, cfg, tokenizer):
-    from sectune import modeling
+    from sectune.models import modeling
 
     if kind == "tiny":
         model = modeling.load_model(cfg)
@@ -138,10 +138,10 @@ def measure(n: int = 32, model: str = "bench21m", max_new_tokens: int = 160, bat
 
     import torch
 
-    from sectune import modeling
-    from sectune.constrained import SchemaConstraint
     from sectune.data import auth_logs
     from sectune.inference import generate
+    from sectune.models import modeling
+    from sectune.models.constrained import SchemaConstraint
 
     if threads:
         torch.set_num_threads(threads)
@@ -321,7 +321,7 @@ def _library(lib: str, tok, model, schema: dict):
 
     text_schema = json.dumps(schema)
     if lib.startswith("sectune"):  # its grammar is xgrammar's; uniqueItems and the budget: tests/test_infer.py
-        from sectune.constrained import SchemaConstraint
+        from sectune.models.constrained import SchemaConstraint
 
         constraint = SchemaConstraint(tok, schema)
         return (lambda: constraint.processor(200)), None
@@ -421,7 +421,7 @@ def main() -> None:
               f"{result['constrained_processor_ms_per_step']:.2f} ms/step, timed in the run) · A/B runs {result['constrained_ab_step_ratio']:.3f}x · "
               f"wall {result['constrained_wall_ratio']:.3f}x · closed by the budget {result['forced_close_rate']:.0%}")
     if args.compare:
-        from sectune import modeling
+        from sectune.models import modeling
 
         toks = {"tiny": modeling.model_path(_compose([]))}
         toks.update(dict(t.split("=", 1) for t in args.tokenizer))

@@ -11,7 +11,7 @@ auth-log windows, rendered as the analyst's prompts, each prompt cut to a ``--pr
 * ``three_forwards`` — seed 002: ``model(...)`` on the benign input (prompt + answer, HF's LM loss on the answer
   tokens), the counterfactual and the injected prompt, each with ``output_hidden_states=True``: LM-head logits
   at every position of all three.
-* ``separate`` — ``sectune.contrastive_trainer.triplet_forward`` with sectune's defaults (``contrastive.forward``
+* ``separate`` — ``sectune.training.contrastive_trainer.triplet_forward`` with sectune's defaults (``contrastive.forward``
   = separate, ``contrastive.layer`` = -1, ``contrastive.share_prefix`` = true): the decoder body three times, the
   injected one only from the token prefix it shares with the benign prompt on (on the benign forward's KV cache),
   the LM head on the benign answer positions only. This is the side the target ratio is read from.
@@ -72,9 +72,9 @@ def triplet_rows(args, tokenizer) -> list[dict]:
     from hydra import compose, initialize_config_dir
 
     from sectune import config
-    from sectune.contrastive_trainer import encode_triplets
     from sectune.data.injection import triplet_splits
     from sectune.stages.contrastive import triplet_prompts
+    from sectune.training.contrastive_trainer import encode_triplets
 
     config.register()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -100,7 +100,7 @@ def representative_rows(rows: list[dict], n: int) -> list[dict]:
 def cut_row(r: dict, p: int, a: int) -> dict:
     """The triplet's prompts cut to one ``p``-token window, placed so that the injected window's shared-prefix share
     is its full prompt's (``inj_shared`` / its length); the benign answer cut to ``a`` tokens."""
-    from sectune.contrastive_trainer import shared_prefix
+    from sectune.training.contrastive_trainer import shared_prefix
 
     full_share = r["inj_shared"] / len(r["inj_ids"])
     start = max(0, min(r["inj_shared"] - round(p * full_share), min(r["b_prompt_len"], len(r["cf_ids"]), len(r["inj_ids"])) - p))
@@ -116,10 +116,10 @@ def child(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sectune import contrastive_trainer as CT
-    from sectune.engine import peak_rss_bytes
     from sectune.losses import causal_contrastive_loss
-    from sectune.modeling import load_tokenizer
+    from sectune.models.modeling import load_tokenizer
+    from sectune.training import contrastive_trainer as CT
+    from sectune.training.engine import peak_rss_bytes
 
     torch.set_num_threads(args.threads)
     from hydra import compose, initialize_config_dir

@@ -54,12 +54,13 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from sectune import config, modeling
-    from sectune import classification as C
-    from sectune import classify_scoring as S
-    from sectune.baselines import random_forest_baseline
+    from sectune import config
+    from sectune.evaluation import classify_scoring as S
+    from sectune.evaluation.baselines import random_forest_baseline
+    from sectune.models import modeling
     from sectune.paths import PROJECT_ROOT
     from sectune.predict import Predictor, read_classify_run
+    from sectune.training import classification as C
 
     config.register()
     if args.run_dir:

@@ -15,7 +15,7 @@ its own subprocess, batch ``--batch``, detection off (the global evaluation is t
   ``fed_1xR``: one client, ``--equal-rounds`` rounds × total/rounds steps (AdamW restarts and the data is reshuffled
   each round); ``fed_3xR``: 3 IID clients, all per round, ``--equal-rounds`` rounds × total/(3·rounds) steps each
   (the same number of optimizer steps and examples, in parallel-able pieces). LoRA without ``lm_head`` (TRL's
-  SFTTrainer refuses it). Every side's validation loss is ``sectune.federated.lm_loss`` on the normal validation
+  SFTTrainer refuses it). Every side's validation loss is ``sectune.training.federated.lm_loss`` on the normal validation
   sessions (the federated runs' own ``val_loss_end``; the same function on the sft adapter). "train s" is Trainer's
   runtime for ``central`` and the sum of the rounds' wall times for the federated sides (each round loads the global
   adapter and builds a Trainer per client; round 1 also starts the Ray actor and loads the model); "run s" is the
@@ -87,8 +87,10 @@ def child(args) -> dict:
 def measure(args, run_dir: Path) -> dict:
     import torch
 
-    from sectune import federated, modeling, runner
+    from sectune import runner
     from sectune.data.hdfs import DEFAULT_PROMPT, NORMAL, load_hdfs, render_keys
+    from sectune.models import modeling
+    from sectune.training import federated
 
     torch.set_num_threads(args.threads)
     cfg = compose(side_overrides(args.child, args))

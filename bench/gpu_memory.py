@@ -3,7 +3,7 @@
 Each case composes a sectune config (``stage=sft train.device=cuda plan.device=cuda`` plus the
 case's overrides), asks the planner for ``predicted_peak_bytes``, and then, in a fresh process,
 trains on it: the model is the preset's architecture (``model.arch``) with random weights, saved
-once and loaded through ``sectune.modeling.load_model`` (the same ``from_pretrained`` with
+once and loaded through ``sectune.models.modeling.load_model`` (the same ``from_pretrained`` with
 BitsAndBytesConfig and ``prepare_model_for_kbit_training`` as a run), LoRA from
 ``modeling.apply_lora``, checkpointing as the SFT stage sets it, the optimizer the config names,
 and full-length batches (``train.batch_size`` x ``model.max_seq_length`` random token ids, the
@@ -65,7 +65,7 @@ def random_weights(cfg, work: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sectune import modeling
+    from sectune.models import modeling
 
     a = cfg.model.arch
     if a.family != "llama":
@@ -92,8 +92,9 @@ def random_weights(cfg, work: Path) -> Path:
 def child(name: str, steps: int, work: str) -> dict:
     import torch
 
-    from sectune import engine, modeling
+    from sectune.models import modeling
     from sectune.stages import plan
+    from sectune.training import engine
 
     cfg = compose(CASES[name])
     budget, info = plan.estimate(cfg)

@@ -3,7 +3,7 @@
 Both sides train a LoRA adapter (r 4, alpha 8, attention projections: ``lora=r4_attention``) on the same
 ~21M-parameter Llama as ``bench/sft_throughput.py`` (hidden 512, 6 layers, random init, the tiny BPE tokenizer),
 on the same real auth-log train prompts (``sectune.data.sft_splits``), G = 8 completions per prompt, the same
-``--max-completion-length``, the same four rule rewards (``sectune.rl_rewards.rule_reward``), same seed:
+``--max-completion-length``, the same four rule rewards (``sectune.evaluation.rl_rewards.rule_reward``), same seed:
 
 * ``trl``      — ``GRPOTrainer(model, reward_funcs, GRPOConfig(...), peft_config=LoraConfig(...))`` with
                  GRPOConfig's defaults for everything else: transformers ``generate`` on B·G left-padded prompt
@@ -133,12 +133,13 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     from datasets import Dataset
 
-    from sectune import data, modeling
+    from sectune import data
     from sectune.data import auth_rewards
-    from sectune.engine import peak_rss_bytes
-    from sectune.reward_model import window_from_prompt
-    from sectune.rl_rewards import rule_reward
+    from sectune.evaluation.rl_rewards import rule_reward
+    from sectune.models import modeling
+    from sectune.models.reward_model import window_from_prompt
     from sectune.stages import rl
+    from sectune.training.engine import peak_rss_bytes
 
     cfg = compose_cfg(args, args.variant)
     tokenizer = modeling.load_tokenizer(cfg)

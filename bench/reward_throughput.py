@@ -111,8 +111,8 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     from datasets import Dataset
 
-    from sectune import modeling
     from sectune.data.auth_preferences import preference_splits
+    from sectune.models import modeling
 
     cfg = compose_cfg(args)
     pairs = preference_splits(cfg)["train"]
@@ -134,9 +134,9 @@ def child(args) -> dict:
     else:
         from transformers import TrainingArguments
 
-        from sectune import engine
-        from sectune import reward_model as RM
+        from sectune.models import reward_model as RM
         from sectune.stages.reward import BradleyTerryTrainer
+        from sectune.training import engine
 
         if args.child == "sectune":
             # a batch is prompts with all their pairs: 8 / pairs_per_window prompts = the same 8 pairs per step
@@ -162,7 +162,7 @@ def child(args) -> dict:
     fwd_per_step = len(meter.fwd) // steps
     fed = meter.fwd[w * fwd_per_step : (w + s) * fwd_per_step]
     total, real = sum(f[0] for f in fed), sum(f[1] for f in fed)
-    from sectune.engine import peak_rss_bytes
+    from sectune.training.engine import peak_rss_bytes
 
     return {"side": args.child, "pairs_per_s": BATCH * s / elapsed, "fed_tokens_per_step": total / s, "real_tokens_per_s": real / elapsed, "pad_share": 1 - real / total,
             "step_median_s": statistics.median(b - a for a, b in zip(meter.step_end[w:w + s], meter.step_end[w + 1:w + s + 1])),

@@ -11,11 +11,11 @@ same number of optimizer steps:
                 (``train.packing=padding_free``: the 8 examples of a batch flattened into one row,
                 padded to a multiple of 64 tokens, the same random batches as TRL's sampler),
                 attention per example and the LM head on answer positions only
-                (``sectune.packed_attention``), selective activation checkpointing
+                (``sectune.training.packed_attention``), selective activation checkpointing
                 (``train.selective_checkpointing=true``). Variants ``nosac``, ``rows`` and ``gc``
                 change those defaults (see ``CONFIG_VARIANTS``).
 
-Each side runs in its own subprocess (its ``VmHWM``, via ``sectune.engine.peak_rss_bytes``, is that side's peak
+Each side runs in its own subprocess (its ``VmHWM``, via ``sectune.training.engine.peak_rss_bytes``, is that side's peak
 RSS; ``ru_maxrss`` would carry the parent's peak across exec); sides are
 interleaved over ``--repeats`` and medians are reported. Timing covers whole optimizer steps
 (data collation + forward + backward + optimizer + logging) after ``--warmup`` steps.
@@ -168,7 +168,7 @@ def patch_variant(variant: str, trainer) -> None:
     trim      — glibc ``malloc_trim(0)`` after every optimizer step (hand freed heap pages back to the OS)
     bf16norm  — RMSNorm outputs cast to the autocast dtype once, so q/k/v (and gate/up) share one saved bf16 input
     """
-    from sectune import engine
+    from sectune.training import engine
 
     for v in filter(None, variant.split("+")):
         if v == "compact":
@@ -212,7 +212,8 @@ def child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from sectune import data, modeling
+    from sectune import data
+    from sectune.models import modeling
 
     cfg = compose_cfg(args)
     records = data.sft_records(cfg)
@@ -268,7 +269,7 @@ def child(args) -> dict:
     L, d = MODEL["num_hidden_layers"], MODEL["hidden_size"]
     flops = 6 * n_matmul * real + 12 * L * d * attn
     step_times = [b - a for a, b in zip(meter.step_end[w:], meter.step_end[w + 1 :])]
-    from sectune.engine import peak_rss_bytes
+    from sectune.training.engine import peak_rss_bytes
 
     rss = peak_rss_bytes()
     return {

@@ -17,7 +17,8 @@ import hydra  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sectune import config, distributed  # noqa: E402
+from sectune import config  # noqa: E402
+from sectune.training import distributed  # noqa: E402
 from sectune.paths import CONF_DIR  # noqa: E402
 
 config.register()

@@ -35,7 +35,7 @@ class TinySpec:
     vocab_size: int = 2048
     max_position_embeddings: int = 1024
     seed: int = 0
-    #: the weights' init std (``initializer_range``); wider than the usual 0.02 on purpose (tiny.py)
+    #: the weights' init std (``initializer_range``); wider than the usual 0.02 on purpose (sectune/models/tiny.py)
     init_std: float = 0.1
     #: strings the tokenizer keeps whole (added after BPE training), e.g. an answer schema's keys
     extra_tokens: List[str] = field(default_factory=list)
@@ -193,7 +193,7 @@ class DatasetConfig:
 class StageConfig:
     name: str = MISSING
 
-#: train.packing's choices (sectune.engine.packing_mode applies them)
+#: train.packing's choices (sectune.training.engine.packing_mode applies them)
 PACKING = ("padding_free", "bfd", "none")
 
 

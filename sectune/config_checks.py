@@ -111,10 +111,10 @@ def check_values(cfg) -> None:
     kw = cfg.loss.key_weight
     need(math.isfinite(kw) and kw > 0, "loss.key_weight", kw, "must be a finite number > 0 (1 = off)")
     # names the stages check only after the data and the model have loaded (and W&B has started a run); from modules
-    # that import no torch (sectune.engine and sectune.classification cost ~3.5 s at every start)
+    # that import no torch (sectune.training.engine and sectune.training.classification cost ~3.5 s at every start)
     from sectune.config import PACKING
     from sectune.config_stages import POOLINGS
-    from sectune.planner import OPTIMIZERS
+    from sectune.training.planner import OPTIMIZERS
 
     need(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
     need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "choose fp32, bf16 or fp16")
@@ -157,7 +157,7 @@ def check_values(cfg) -> None:
     loss = cfg.loss
     if loss.name == "dpo":  # β = 0 makes the loss log 2 for every pair: no gradient; β < 0 prefers the rejected answer
         need(math.isfinite(loss.beta) and loss.beta > 0, "loss.beta", loss.beta, "must be a number > 0 (the DPO β)")
-    from sectune import distributed
+    from sectune.training import distributed
 
     if distributed.world_size() > 1 and cfg.stage.name in SINGLE_PROCESS_STAGES:
         raise ConfigError(f"stage={cfg.stage.name} under {distributed.world_size()} processes: "
@@ -186,7 +186,7 @@ def check_values(cfg) -> None:
     if cfg.stage.name == "federated":  # before Ray starts: a bad resource request crashed the simulation, which then hung
         import torch
 
-        from sectune.federated import LR_SCHEDULES
+        from sectune.training.federated import LR_SCHEDULES
 
         f = cfg.federated
         need(f.batch_size is None or f.batch_size >= 1, "federated.batch_size", f.batch_size, "must be >= 1 (null: train.batch_size)")
@@ -291,7 +291,7 @@ COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfl
 
 
 def check_quantization(cfg) -> None:
-    """The bitsandbytes settings :func:`sectune.modeling.quantization_config` passes on, named by key before a model loads."""
+    """The bitsandbytes settings :func:`sectune.models.modeling.quantization_config` passes on, named by key before a model loads."""
     from sectune.errors import ConfigError
 
     q = cfg.quantization

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-#: classify.pooling's choices (checked before anything loads; sectune.classification.set_pooling applies them)
+#: classify.pooling's choices (checked before anything loads; sectune.training.classification.set_pooling applies them)
 POOLINGS = ("last", "mean")
 
 
@@ -16,7 +16,7 @@ POOLINGS = ("last", "mean")
 class ClassifyConfig:
     head: str = "seq_cls"  # seq_cls | generative
     #: ``seq_cls`` head: the class logits of the ``mean`` over all real tokens
-    #: (:func:`sectune.classification.set_pooling`) or of the ``last`` real token (transformers'
+    #: (:func:`sectune.training.classification.set_pooling`) or of the ``last`` real token (transformers'
     #: default for decoder models). Mean measured better on both real tasks here (CIC families
     #: 0.93-0.95x RF vs 0.90-0.92x; injections 0.909 vs 0.879 mean F1 over 5 seeds).
     pooling: str = "mean"
@@ -37,7 +37,7 @@ class ClassifyConfig:
     #: BPE-dropout (subword regularization): in every epoch, every applicable BPE merge of every
     #: train row is skipped with this probability, so the model sees the text cut into varied smaller
     #: pieces, as obfuscated input cuts it (0.1 in the paper; 0 = off). Seeded from ``train.seed``
-    #: (:mod:`sectune.subword`); validation, test and the Predictor tokenize deterministically.
+    #: (:mod:`sectune.models.subword`); validation, test and the Predictor tokenize deterministically.
     #: Needs a fast BPE tokenizer (GPT-2, Llama 3, the tiny models).
     subword_dropout: float = 0.0
 
@@ -54,7 +54,7 @@ class EvaluateConfig:
     rf_estimators: int = 200
     #: dataset=injection_triplets: score only the first N triplets of the split (null = all)
     max_samples: Optional[int] = None
-    #: dataset=hdfs (sectune/anomaly.py): add-alpha smoothing of the bigram baseline's next-key probabilities (> 0)
+    #: dataset=hdfs (sectune/evaluation/anomaly.py): add-alpha smoothing of the bigram baseline's next-key probabilities (> 0)
     bigram_alpha: float = 0.01
 
 
@@ -239,16 +239,16 @@ class ContrastiveConfig:
     load_best_at_end: bool = True
     #: answer the held-out injected windows (and the same windows clean) with stage=infer's generation before and
     #: after training: attack_success_rate(_start), targeted_attack_success_rate(_start), clean_verdict_accuracy(_start)
-    #: (sectune.injection_eval); evaluate.max_samples limits the windows (the same first N stage=evaluate scores)
+    #: (sectune.evaluation.injection_eval); evaluate.max_samples limits the windows (the same first N stage=evaluate scores)
     attack_eval: bool = True
 
 
 @dataclass
 class FederatedConfig:
-    """``stage=federated`` (seed 003): FedAvg of LoRA adapters on Flower (sectune.federated)."""
+    """``stage=federated`` (seed 003): FedAvg of LoRA adapters on Flower (sectune.training.federated)."""
 
     #: simulation (Flower's simulation runtime on Ray, this machine) | deployment (a SuperLink and one SuperNode
-    #: per client; set by sectune.flower_app, which ``flwr run`` starts: experiments/hdfs_federated/README.md)
+    #: per client; set by sectune.training.flower_app, which ``flwr run`` starts: experiments/hdfs_federated/README.md)
     runtime: str = "simulation"
     num_clients: int = 10
     #: fraction of the clients FedAvg samples per round (int(num_clients * client_frac), at least 1)
@@ -320,7 +320,7 @@ class PipelineConfig:
     #: generation batch size of the table's policies; null = ``infer.batch_size`` (the infer step's, so
     #: its answers are the table's for that policy and every analyses/s figure is comparable)
     heldout_batch_size: Optional[int] = None
-    #: add a schema-constrained row for the best policy (sectune.constrained; needs xgrammar)
+    #: add a schema-constrained row for the best policy (sectune.models.constrained; needs xgrammar)
     heldout_constrained: bool = True
 
 

@@ -102,15 +102,15 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4,
     header) and loses its middle, with a warning: an input of 100k tokens would otherwise take memory without
     bound. ``stats["truncated"]`` counts them.
 
-    ``constraint`` (a :class:`sectune.constrained.SchemaConstraint`) restricts every token to the
+    ``constraint`` (a :class:`sectune.models.constrained.SchemaConstraint`) restricts every token to the
     schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced) and
     ``force_failures`` (forced closes the grammar refused: the budget was then not assured); ``truncated_rows`` lists
     the prompts (by index) whose middle was cut.
 
     A LoRA model on a CPU decodes with its adapter folded into the base weights
-    (:func:`sectune.modeling.merged_lora`; the weights are restored bit for bit afterwards).
+    (:func:`sectune.models.modeling.merged_lora`; the weights are restored bit for bit afterwards).
     """
-    from sectune.modeling import merged_lora
+    from sectune.models.modeling import merged_lora
 
     limit = max_seq_length or getattr(model.config, "max_position_embeddings", None)
     budget = max(int(limit) - int(gen_cfg.max_new_tokens), 2) if limit else None

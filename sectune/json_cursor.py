@@ -4,7 +4,7 @@ text that finishes it validly.
 :class:`JsonCursor` is fed the bytes a constrained decoder emits (a grammar keeps them a valid
 prefix) and tracks the open objects/arrays, the key or item being written and the schema node of
 each. ``closing_bytes()`` is the shortest completion (remaining required properties with minimal
-values, the open string finished, containers closed), which ``sectune.constrained`` forces when the
+values, the open string finished, containers closed), which ``sectune.models.constrained`` forces when the
 token budget runs short; ``unique_array_context()`` is what ``uniqueItems`` needs. Pure Python, no
 torch: covers the JSON Schema subset ``schema_supported`` accepts (object/properties/required,
 array/items/minItems/maxItems/uniqueItems, string/minLength/maxLength/enum, integer/number/

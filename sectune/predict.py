@@ -80,8 +80,8 @@ def read_meta(run_dir: Path) -> dict:
 
 def damaged_weights(folder: Path) -> tuple[Path, str] | None:
     """(file, why) for a saved adapter/model folder whose safetensors are cut short or unreadable, or None
-    (:func:`sectune.checkpoints.damaged_safetensors`: reads no tensor data)."""
-    from sectune.checkpoints import damaged_safetensors
+    (:func:`sectune.training.checkpoints.damaged_safetensors`: reads no tensor data)."""
+    from sectune.training.checkpoints import damaged_safetensors
 
     damage = damaged_safetensors(folder)
     return None if damage is None else (folder / damage[0], damage[1])
@@ -156,7 +156,7 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
     """
     import torch
 
-    from sectune import modeling
+    from sectune.models import modeling
 
     run_dir = Path(run_dir)
     arts = [run_dir / a for a in (meta.get("members") or [meta["artifact"]])]
@@ -185,7 +185,7 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
 
     def _ready(model):
         if task == "seq_cls":
-            from sectune.classification import set_pooling
+            from sectune.training.classification import set_pooling
 
             set_pooling(model, meta.get("pooling") or "last")  # runs from before classify.pooling: last
         model = modeling.to_run_device(model, cfg)  # was left on the CPU on GPU machines too
@@ -250,7 +250,7 @@ class Predictor:
 
     def score(self, prompts: Sequence[str]) -> tuple[np.ndarray, List[float]]:
         """Class probabilities ``[N, K]`` of rendered prompts (the members' mean) and each batch's time."""
-        from sectune.classify_scoring import score_members
+        from sectune.evaluation.classify_scoring import score_members
 
         return score_members(
             self.members, self.tokenizer, prompts, head=self.meta["head"], labels=self.labels,
@@ -263,7 +263,7 @@ class Predictor:
         chunks scored so far there, and the same call with the same run and prompts goes on from them."""
         import time
 
-        from sectune.classify_scoring import decide
+        from sectune.evaluation.classify_scoring import decide
 
         if not prompts:
             return np.zeros((0, len(self.labels))), []
@@ -340,7 +340,7 @@ class Predictor:
 
     def predict_texts(self, texts: Sequence[str]) -> List[Dict]:
         """Texts through the run's prompt template (for a flow model: already-rendered prompts)."""
-        from sectune.classification import render_text
+        from sectune.training.classification import render_text
 
         if isinstance(texts, (str, bytes)):  # a lone string was scored one character at a time
             raise TypeError("predict_texts takes a list of texts; for one text: predict_texts([text])[0]")
@@ -366,7 +366,7 @@ class Predictor:
                 from sectune.data.csv_files import delimiter_hint
 
                 raise DataError(f"{in_path}: missing column {col!r}; found {list(df.columns)}{delimiter_hint(df.columns)}")
-            from sectune.classification import render_text
+            from sectune.training.classification import render_text
 
             probs, preds = self._score_prompts([render_text(self.meta["template"], str(t)) for t in df[col]], partial)
         out = df.copy()

@@ -50,7 +50,7 @@ WEIGHT_ARTIFACTS = ("model", "adapter", "reward_model", "base_model")
 def damaged_artifact(run_dir: Path, result: dict) -> str | None:
     """Why a succeeded run's artifacts cannot stand for it any more (one deleted, a safetensors file cut short), or None:
     a sweep's skip_done and a pipeline's skip check reused runs whose adapters were gone."""
-    from sectune.checkpoints import damaged_safetensors
+    from sectune.training.checkpoints import damaged_safetensors
 
     for key, rel in (result.get("artifacts") or {}).items():
         if not isinstance(rel, str) or key not in WEIGHT_ARTIFACTS:  # checkpoints or plots deleted to save space: fine
@@ -276,7 +276,7 @@ def relocate_set_aside(run_dir: Path, result: dict, since: float) -> dict:
     """``result`` (the earlier succeeded run's, put back after a failed rerun) with its training state named where this
     rerun's fresh start set it aside (``checkpoints/earlier/``, made after ``since``): left as it was, a contrastive run's
     ``best_checkpoint`` named a folder that had moved, or the failed attempt's own ``checkpoint-N``."""
-    from sectune.checkpoints import EARLIER_DIR
+    from sectune.training.checkpoints import EARLIER_DIR
 
     artifacts = result.get("artifacts")
     if not isinstance(artifacts, dict):

@@ -104,7 +104,7 @@ def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
     if not p.exists():
         what = "its model/ folder (full weights)" if name == "reward.init_from" else "its adapter/ or model/ folder"
         raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or {what})")
-    from sectune.checkpoints import require_weights
+    from sectune.training.checkpoints import require_weights
 
     if (p / "adapter_config.json").is_file():
         return "adapter", require_weights(p, "adapter", key)
@@ -141,7 +141,7 @@ def refuse_non_analyst(choice, model_dir) -> None:
     """A log-key model (dataset=hdfs) or a classifier writes no JSON analyses: refuse it, as stage=evaluate does."""
     from omegaconf import OmegaConf
 
-    from sectune.injection_eval import NOT_ANALYSTS
+    from sectune.evaluation.injection_eval import NOT_ANALYSTS
 
     if (run := _chosen_run_config(choice)) is None:
         return

@@ -24,8 +24,9 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sectune import data, distributed, sweeps
+from sectune import data, sweeps
 from sectune.errors import SectuneError, shown
+from sectune.training import distributed
 # re-exported: runner is where stages, the pipeline and the tests look these up
 from sectune.run_records import (  # noqa: F401
     RESULT_FILE, check_policy_run, data_sources, finite_json, init_source, previous_result, refuse_non_analyst, trained_quantization,
@@ -227,7 +228,7 @@ def resolve_stage(name: str) -> Callable[[RunContext], dict]:
 
 def _resume_hint(run_dir: Path) -> str:
     """What an interrupted run can continue from: its newest complete checkpoint, if it saved one."""
-    from sectune.checkpoints import complete_checkpoints
+    from sectune.training.checkpoints import complete_checkpoints
 
     found = complete_checkpoints(run_dir / "checkpoints")
     if found:
@@ -314,7 +315,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
     code = 0
     if sweeps.in_multirun():  # the jobs of a sweep share this process: each reports its own peaks, not the sweep's so far
-        from sectune import engine
+        from sectune.training import engine
 
         engine.reset_peak_rss()
         import torch

@@ -458,9 +458,10 @@ def test_subwindows_are_distinct_contiguous_spans_that_cross_the_brute_force_thr
 def test_subwindow_records_extend_train_only_and_are_annotated_by_the_rules(tmp_path):
     from conftest import compose
 
-    from sectune import analyst_eval, data
+    from sectune import data
     from sectune.errors import ConfigError
-    from sectune.reward_model import window_from_prompt
+    from sectune.evaluation import analyst_eval
+    from sectune.models.reward_model import window_from_prompt
 
     folder = tmp_path / "auth"
     A.build_auth_folder(folder, tmp_path / "nowhere", seed=0, max_windows=30)
@@ -489,10 +490,11 @@ def test_counterfactual_records_rename_every_training_window_and_keep_its_verdic
     rules, with the parent's verdict and counts and none of its users, IPs or host names; held-out windows unchanged."""
     from conftest import compose
 
-    from sectune import analyst_eval, data
+    from sectune import data
     from sectune.data.log_edits import analysis_signature
     from sectune.errors import ConfigError
-    from sectune.reward_model import window_from_prompt
+    from sectune.evaluation import analyst_eval
+    from sectune.models.reward_model import window_from_prompt
 
     folder = tmp_path / "auth"
     A.build_auth_folder(folder, tmp_path / "nowhere", seed=0, max_windows=30)
@@ -530,8 +532,8 @@ def test_the_table_offers_tfidf_the_warmup_windows_in_a_row_beside_the_bar(tmp_p
     the bar stays the baseline trained on the real windows, and the report marks only that one as the bar."""
     from conftest import compose
 
-    from sectune import analyst_eval
-    from sectune.analyst_report import render_markdown
+    from sectune.evaluation import analyst_eval
+    from sectune.evaluation.analyst_report import render_markdown
 
     folder = tmp_path / "auth"
     A.build_auth_folder(folder, tmp_path / "nowhere", seed=0, max_windows=60)
@@ -569,8 +571,8 @@ def test_the_report_states_the_shipped_datas_facts_only_where_they_hold(tmp_path
     is not all from Linux_2k the report does not say that it is (both were printed unconditionally)."""
     from conftest import compose
 
-    from sectune import analyst_eval
-    from sectune.analyst_report import render_markdown
+    from sectune.evaluation import analyst_eval
+    from sectune.evaluation.analyst_report import render_markdown
 
     folder = tmp_path / "auth"
     A.build_auth_folder(folder, tmp_path / "nowhere", seed=0, max_windows=24)
@@ -598,8 +600,8 @@ def test_the_report_states_the_shipped_datas_facts_only_where_they_hold(tmp_path
 def test_the_best_policy_is_the_validation_windows_best_not_the_test_tables():
     """It was the best of the trained rows on the test windows themselves: the best of k rows on 43 windows is an
     optimistic row, and the bar it was held against (TF-IDF + LR) is one row."""
-    from sectune.analyst_eval import Row
-    from sectune.analyst_scoring import best_policy
+    from sectune.evaluation.analyst_eval import Row
+    from sectune.evaluation.analyst_scoring import best_policy
 
     rows = [Row(name=n, kind=k, step=st, constrained=False, verdicts=[]) for n, k, st in
             [("base", "policy", "base"), ("SFT", "policy", "sft"), ("SFT+GRPO", "policy", "rl"), ("SFT+DPO", "policy", "dpo"),
@@ -636,8 +638,8 @@ def test_two_class_folders_holding_one_window_number_is_an_error_and_a_verdict_m
 def test_analyst_rows_per_source_and_against_the_bar_equal_hand_computed_values():
     """score_by_source's host-name check and compare's beats/ties/loses were read only by the real-data pipeline run,
     which asserts neither: four windows worked out by hand."""
-    from sectune.analyst_eval import Row, Window
-    from sectune.analyst_scoring import compare, score_by_source
+    from sectune.evaluation.analyst_eval import Row, Window
+    from sectune.evaluation.analyst_scoring import compare, score_by_source
 
     def win(i, source, verdict):
         return Window(id=str(i), source=source, prompt="", log_text="", annotation={"verdict": verdict})

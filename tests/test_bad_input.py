@@ -117,7 +117,7 @@ def test_stage_and_preset_values_are_checked_only_where_they_are_used():
 def test_a_4bit_compute_dtype_takes_sectunes_or_torchs_names():
     import torch
 
-    from sectune import modeling
+    from sectune.models import modeling
 
     for name, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("float16", torch.float16), ("fp32", torch.float32)):
         q = modeling.quantization_config(compose(["quantization=nf4", f"quantization.bnb_4bit_compute_dtype={name}"]))
@@ -219,8 +219,8 @@ def test_a_restored_contrastive_run_names_its_best_checkpoint_where_the_failed_r
     """A fresh rerun moves the succeeded run's checkpoints to checkpoints/earlier/ and fails: the result put back named
     checkpoints/checkpoint-2, a folder gone (or the failed attempt's own checkpoint-2). Left alone: a result whose
     checkpoints were not moved by this attempt (an older earlier/ holds another attempt's)."""
-    from sectune.checkpoints import set_aside_earlier
     from sectune.runner import relocate_set_aside
+    from sectune.training.checkpoints import set_aside_earlier
 
     run_dir = tmp_path / "r"
     result = _succeeded_run(run_dir, "contrastive", {"adapter": "adapter/adapter_model.safetensors",
@@ -329,7 +329,7 @@ def test_a_rerun_that_touched_an_artifact_reports_its_own_failure():
 
 
 def test_infer_passes_over_a_damaged_adapter_and_names_the_file(tmp_path):
-    from sectune import modeling
+    from sectune.models import modeling
     from sectune.stages import infer
 
     cfg = compose(["lora=r4_attention"])
@@ -363,7 +363,7 @@ def test_infer_output_file_under_a_file_is_refused_before_a_model_loads(tmp_path
 
 
 def test_a_checkpoint_whose_trainer_state_is_not_an_object_is_damaged(tmp_path):
-    from sectune import checkpoints
+    from sectune.training import checkpoints
 
     (tmp_path / "trainer_state.json").write_text("[]")
     assert checkpoints.damaged_file(tmp_path) == ("trainer_state.json", "not a JSON object (list)")
@@ -512,7 +512,7 @@ def test_a_run_dirs_saved_config_cannot_switch_on_remote_code_or_read_the_enviro
 def test_an_artifact_that_is_a_symlink_is_replaced_as_a_link_never_followed(tmp_path):
     """run_dir/adapter a symlink to a folder elsewhere: rmtree refused it after training (traceback, the adapter left
     in a temporary folder). The link is replaced; what it pointed to is untouched."""
-    from sectune.modeling import replace_dir
+    from sectune.models.modeling import replace_dir
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -531,7 +531,8 @@ def test_an_interrupted_sweep_job_stops_the_sweep_and_each_job_reports_its_own_p
     jobs, sharing one process, each reported the sweep's running peak RSS."""
     import signal
 
-    from sectune import engine, runner, sweeps
+    from sectune import runner, sweeps
+    from sectune.training import engine
 
     resets = []
     monkeypatch.setattr(sweeps, "in_multirun", lambda: True)

@@ -80,7 +80,7 @@ def test_max_seq_length_past_learned_positions_is_refused_before_training(good_f
     from transformers import GPT2Config, LlamaConfig
 
     from sectune.errors import ConfigError
-    from sectune.modeling import check_positions
+    from sectune.models.modeling import check_positions
 
     run = sectune([*ARGS, f"dataset.path={good_folder}", "model=tiny_gpt2", "model.max_seq_length=4096"], tmp_path / "run")
     _assert_failed_cleanly(run, "model.max_seq_length=4096", "2048 learned positions")
@@ -134,7 +134,7 @@ def test_a_model_with_nothing_trainable_is_refused():
     import torch
 
     from sectune.errors import ConfigError
-    from sectune.modeling import trainable_parameters
+    from sectune.models.modeling import trainable_parameters
 
     m = torch.nn.Linear(3, 2)
     assert trainable_parameters(m) == (8, 8)
@@ -151,7 +151,7 @@ def test_the_llama_named_lora_presets_work_on_gpt2(preset, expect, wrapped, caps
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from conftest import compose
-    from sectune.modeling import apply_lora
+    from sectune.models.modeling import apply_lora
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
     peft = apply_lora(model, compose([f"lora={preset}", "model=tiny_gpt2"]))
@@ -164,8 +164,8 @@ def test_without_network_a_hub_model_fails_at_once_not_after_the_downloads_retri
     import socket
 
     from conftest import compose
-    from sectune import modeling
     from sectune.errors import ModelNotAvailableError
+    from sectune.models import modeling
 
     def refused(*a, **k):
         raise OSError(111, "Connection refused")
@@ -243,7 +243,7 @@ def test_a_reward_model_cut_short_is_one_line_naming_the_file(tmp_path):
     from safetensors.torch import save_file
 
     from sectune.errors import ConfigError
-    from sectune.reward_model import check_head
+    from sectune.models.reward_model import check_head
 
     (tmp_path / "adapter_config.json").write_text("{}")
     save_file({"base.score.weight": torch.ones(8, 4)}, tmp_path / "adapter_model.safetensors")

@@ -13,11 +13,11 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import cli
-from sectune.classification import class_weight_vector
-from sectune.classify_scoring import decide, tune_threshold
 from sectune.errors import ConfigError, DataError
+from sectune.evaluation.classify_scoring import decide, tune_threshold
 from sectune.losses import weighted_cross_entropy
 from sectune.paths import PROJECT_ROOT, shared_data_dir
+from sectune.training.classification import class_weight_vector
 
 SHARED = shared_data_dir()
 CIC = SHARED / "ciciot2023_merged39_family_sample" / "CICIoT2023_sample.csv"
@@ -98,7 +98,7 @@ def _cfg(**dataset):
 
 @needs_cic
 def test_merged_preset_splits_and_train_only_statistics():
-    from sectune.classification import build_labelled_data
+    from sectune.training.classification import build_labelled_data
 
     data = build_labelled_data(_cfg(name="cic_iot_2023_merged", max_samples=500))
     assert len(data.labels) == 10 and data.format == "flows"
@@ -112,7 +112,7 @@ def test_merged_preset_splits_and_train_only_statistics():
 
 
 def test_46_column_preset_generates_synthetic_and_says_so(tmp_path, capsys):
-    from sectune.classification import build_labelled_data
+    from sectune.training.classification import build_labelled_data
 
     cfg = _cfg(name="cic_iot_2023", max_samples=340, synthetic_rows=680, granularity="binary")
     cfg.paths.cache_dir = str(tmp_path)
@@ -129,7 +129,7 @@ def test_46_column_preset_generates_synthetic_and_says_so(tmp_path, capsys):
 
 @needs_inj
 def test_prompt_injections_keeps_own_test_and_carves_validation():
-    from sectune.classification import build_labelled_data
+    from sectune.training.classification import build_labelled_data
 
     data = build_labelled_data(_cfg(name="prompt_injections"))
     assert len(data.splits["test"]) == 116
@@ -139,7 +139,7 @@ def test_prompt_injections_keeps_own_test_and_carves_validation():
 
 
 def test_text_label_csv_split(tmp_path):
-    from sectune.classification import build_labelled_data
+    from sectune.training.classification import build_labelled_data
 
     p = tmp_path / "t.csv"
     p.write_text("text,label\n" + "".join(f"flow {i} syn,{'ddos' if i % 2 else 'benign'}\n" for i in range(40)))
@@ -151,7 +151,7 @@ def test_text_label_csv_split(tmp_path):
 
 def test_rows_repeated_across_splits_are_counted_and_said(tmp_path, capsys):
     """20 rows repeated 12 times: every test row was also a training row and test macro-F1 1.0 came without a word."""
-    from sectune.classification import build_labelled_data
+    from sectune.training.classification import build_labelled_data
 
     p = tmp_path / "dups.csv"
     p.write_text("text,label\n" + "".join(f"flow {i % 20} syn,{'ddos' if i % 2 else 'benign'}\n" for i in range(240)))
@@ -339,9 +339,9 @@ def test_label_log_likelihoods_with_a_shared_prompt_cache_match_full_rows(attn, 
     import torch
 
     from conftest import compose as compose_cfg
-    from sectune import classification as C
-    from sectune import classify_scoring as S
-    from sectune import modeling
+    from sectune.evaluation import classify_scoring as S
+    from sectune.models import modeling
+    from sectune.training import classification as C
 
     cfg = compose_cfg(["logger=none", f"model={model_name}", f"model.attn_implementation={attn}"])
     path = modeling.model_path(cfg)
@@ -377,7 +377,7 @@ def test_label_log_likelihoods_with_a_shared_prompt_cache_match_full_rows(attn, 
 
 
 def test_running_mean_by_hand():
-    from sectune.classification import running_mean
+    from sectune.training.classification import running_mean
 
     x = torch.tensor([[[1.0, 3.0], [3.0, 5.0], [5.0, 7.0]]])
     torch.testing.assert_close(running_mean(x), torch.tensor([[[1.0, 3.0], [2.0, 4.0], [3.0, 5.0]]]))
@@ -388,8 +388,8 @@ def test_mean_pooling_is_the_head_on_the_mean_real_hidden_state_and_ignores_padd
     """classify.pooling=mean: logits = score(mean of the last hidden states over the real tokens),
     whatever the padding; `last` is transformers' last-real-token head; both survive PEFT wrapping."""
     from conftest import compose as compose_cfg
-    from sectune import classification as C
-    from sectune import modeling
+    from sectune.models import modeling
+    from sectune.training import classification as C
 
     cfg = compose_cfg([f"model={model_name}", "logger=none", "lora=r4_attention", "lora.target_modules=[all-linear]"])
     path = modeling.model_path(cfg)
@@ -430,7 +430,7 @@ def test_inference_models_go_to_the_runs_device(monkeypatch):
     bitsandbytes placed them."""
     from conftest import compose
 
-    from sectune import modeling
+    from sectune.models import modeling
 
     cfg = compose(["logger=none", "stage=classify"])
     model = modeling.load_model(cfg, task="seq_cls", num_labels=3)
@@ -444,7 +444,7 @@ def test_inference_models_go_to_the_runs_device(monkeypatch):
 
 
 def test_stratified_folds_partition_the_rows_per_label_and_follow_the_seed():
-    from sectune.classify_scoring import stratified_folds
+    from sectune.evaluation.classify_scoring import stratified_folds
 
     y = ["a"] * 10 + ["b"] * 5 + ["c"] * 3
     folds = stratified_folds(y, 3, seed=0)
@@ -479,7 +479,7 @@ def test_kfold_ensemble_threshold_from_out_of_fold_rows_and_mean_of_members(tmp_
     reproduce them."""
     from sklearn.metrics import f1_score
 
-    from sectune.classify_scoring import score_texts, stratified_folds
+    from sectune.evaluation.classify_scoring import score_texts, stratified_folds
     from sectune.predict import Predictor, load_classifier, read_classify_run
 
     csv = _attack_text_csv(tmp_path / "t.csv")
@@ -717,8 +717,9 @@ def test_loss_is_the_weighted_mean_over_the_whole_optimizer_step_whatever_the_gr
     from transformers import TrainingArguments
 
     from conftest import assert_one_step_whatever_the_grad_accum, compose
-    from sectune import classification as C
-    from sectune import engine, modeling
+    from sectune.models import modeling
+    from sectune.training import engine
+    from sectune.training import classification as C
 
     path = tmp_path / "flows.csv"
     with open(path, "w", newline="") as f:

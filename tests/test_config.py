@@ -188,7 +188,7 @@ def test_trust_remote_code_set_on_the_command_line_is_said_and_kept_in_result_js
 
 
 def test_a_model_name_cannot_place_the_tiny_model_outside_the_cache(tmp_path):
-    from sectune.tiny import ensure_tiny_model
+    from sectune.models.tiny import ensure_tiny_model
 
     spec = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32,
             "vocab_size": 300, "max_position_embeddings": 64, "seed": 0}
@@ -201,7 +201,7 @@ def test_building_a_tiny_model_leaves_the_callers_rng_alone(tmp_path):
     """A run that builds the tiny model first must train like one that finds it cached (same RNG)."""
     import torch
 
-    from sectune.tiny import ensure_tiny_model
+    from sectune.models.tiny import ensure_tiny_model
 
     spec = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32,
             "vocab_size": 300, "max_position_embeddings": 64, "seed": 0}
@@ -219,7 +219,7 @@ def test_tiny_init_std_is_a_config_key_and_reaches_the_model(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from sectune.tiny import ensure_tiny_model
+    from sectune.models.tiny import ensure_tiny_model
 
     cfg = compose(["model.tiny.init_std=0.05", "model.tiny.hidden_size=16", "model.tiny.num_layers=1",
                    "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.intermediate_size=32",
@@ -264,7 +264,7 @@ def test_models_load_without_hub_kernels(tmp_path):
     import subprocess
     import sys
 
-    from sectune.tiny import ensure_tiny_model
+    from sectune.models.tiny import ensure_tiny_model
 
     spec = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32,
             "vocab_size": 300, "max_position_embeddings": 64, "seed": 0}
@@ -342,8 +342,8 @@ def test_the_settings_those_checks_leave_alone_still_run():
 def test_a_model_folder_that_is_not_there_is_named_as_a_missing_folder_not_a_hub_download(tmp_path):
     """model.name_or_path=/runs/old/model (deleted) said it was "not in the local Hugging Face cache" and to run
     `hf download /runs/old/model`."""
-    from sectune import modeling
     from sectune.errors import ModelNotAvailableError
+    from sectune.models import modeling
 
     cfg = compose([f"model.name_or_path={tmp_path / 'gone' / 'model'}"])
     with pytest.raises(ModelNotAvailableError, match=r"gone/model' \(model=tiny_llama\): no such folder$"):
@@ -406,7 +406,7 @@ def test_deleting_a_node_or_nulling_a_group_is_one_line_and_a_succeeded_runs_rec
 def test_fp32_training_on_weights_loaded_in_bf16_says_what_it_does_not_cover(capsys):
     """model.dtype and train.precision are separate keys: a bf16-loaded model asked for fp32 computes its frozen base in bf16
     (and with lora=none trains bf16 weights with bf16 optimizer state). The run says so (an audit, precision: it did not)."""
-    from sectune import engine
+    from sectune.training import engine
 
     assert engine.precision_flags(compose(["train.precision=fp32", "model.dtype=bf16"])) == {"bf16": False, "fp16": False}
     err = capsys.readouterr().err

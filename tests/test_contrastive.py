@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import FAST, compose, requires_real_data
-from sectune import contrastive_trainer as CT
 from sectune.losses import causal_contrastive_loss, causal_discrimination, causal_stability, spurious_separation
 from sectune.stages import contrastive
+from sectune.training import contrastive_trainer as CT
 
 # ------------------------------------------------------------------------------------------ loss
 R_B = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
@@ -97,7 +97,7 @@ def fixture_splits(n_train=24, n_val=8, n_test=8, seed=0) -> dict[str, list[dict
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny Llama (2 layers) under a fresh LoRA adapter, its tokenizer, and a batch of fixture triplets."""
-    from sectune import modeling
+    from sectune.models import modeling
 
     cfg = compose(["stage=contrastive", "loss=causal_contrastive", "train.device=cpu"])
     torch.manual_seed(0)
@@ -293,7 +293,7 @@ def test_config_errors_name_the_key(tmp_path, monkeypatch):
 def fake_sft_run(root, seed=0):
     """A ``lora=none`` SFT run dir (result.json + model/): the tiny model's weights, perturbed so that loading an
     adapter on them differs from loading it on the base model."""
-    from sectune import modeling
+    from sectune.models import modeling
     from sectune.runner import write_json_atomic
 
     cfg = compose(["stage=contrastive", "loss=causal_contrastive", "train.device=cpu"])
@@ -313,8 +313,9 @@ def test_attack_success_before_and_after_training_and_evaluate_loads_the_adapter
     windows (stage=infer's greedy generation); the adapter records artifacts.base_model, and stage=evaluate, loading
     it there, answers the same windows with the same texts. A second contrastive run from the first's adapter (as
     from a DPO adapter on SFT weights) loads it on those weights too and records them again."""
-    from sectune import modeling, runner
+    from sectune import runner
     from sectune.data import injection
+    from sectune.models import modeling
 
     sft = fake_sft_run(tmp_path / "sft")
     splits = fixture_splits(n_train=8, n_val=0, n_test=4)
@@ -396,7 +397,7 @@ def test_seed_002_preset_and_tiny_variant_compose():
 @pytest.mark.parametrize("template,budget", [("minimal", 4), ("balanced", 6), ("high_quality", 12)])
 def test_memory_templates_are_checked_by_plan(tmp_path, template, budget):
     from sectune import runner
-    from sectune.planner import GiB
+    from sectune.training.planner import GiB
 
     cfg = compose(["+experiment=injection_contrastive", f"memory_template={template}", "stage=plan", "plan.device=cuda", "logger=none"])
     code, _ = runner.run(cfg, tmp_path)
@@ -422,7 +423,7 @@ def test_without_test_triplets_the_held_out_numbers_say_they_are_validations(tmp
 def test_the_attack_numbers_of_a_contrastive_run_honour_infer_constrained(monkeypatch, capsys):
     """stage=evaluate scored with schema-constrained decoding under infer.constrained=true; stage=contrastive's own
     before/after numbers ignored it, so the two disagreed for the same weights."""
-    from sectune import injection_eval
+    from sectune.evaluation import injection_eval
 
     seen = {}
 
@@ -474,7 +475,7 @@ def test_loss_is_the_objective_over_the_whole_optimizer_step_whatever_the_grad_a
     1 × 4) give the same gradient and log the same loss. With the task loss a per-micro-batch token mean divided by
     grad_accum the 2 × 2 gradient was 27% off here (the cosine terms alone agreed)."""
     from conftest import assert_one_step_whatever_the_grad_accum
-    from sectune import modeling
+    from sectune.models import modeling
 
     recs = [contrastive.triplet_prompts(r) for r in fixture_splits()["train"][:4]]
     long = json.dumps({"verdict": "malicious", "failed_logins": 4, "summary": "four failed logins for invalid users " * 4})
@@ -504,7 +505,7 @@ def test_training_forward_runs_under_the_requested_mixed_precision(tmp_path):
     every other stage's does. (The trainer called the decoder's layers below the prepared model's ``forward``, where
     accelerate attaches its autocast, so a bf16 run trained in fp32.) The held-out numbers before and after training
     stay in the weights' own dtype, as stage=evaluate computes them for any analyst."""
-    from sectune import modeling
+    from sectune.models import modeling
 
     recs = [contrastive.triplet_prompts(r) for r in fixture_splits()["train"][:4]]
     cfg = compose(["stage=contrastive", "loss=causal_contrastive", "logger=none", "train.device=cpu", "train.precision=bf16",

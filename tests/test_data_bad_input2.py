@@ -50,7 +50,7 @@ def test_synthetic_rows_below_one_names_the_key(tmp_path, n):
 
 
 def test_too_few_synthetic_rows_to_split_names_the_key_not_the_cache_file(tmp_path):
-    from sectune.classification import build_labelled_data
+    from sectune.training.classification import build_labelled_data
 
     cfg = compose(["stage=classify", "dataset=cic_iot_2023", "dataset.path=null", "dataset.synthetic_rows=5",
                    f"paths.cache_dir={tmp_path}"])
@@ -63,7 +63,7 @@ def test_too_few_synthetic_rows_to_split_names_the_key_not_the_cache_file(tmp_pa
 
 
 def test_a_classify_dataset_with_one_label_is_an_error_naming_the_file_before_training(tmp_path):
-    from sectune.classification import build_labelled_data
+    from sectune.training.classification import build_labelled_data
 
     text = tmp_path / "one.csv"  # used to train, then crash in the TF-IDF baseline
     text.write_text("text,label\n" + "".join(f"request number {i},benign\n" for i in range(40)))

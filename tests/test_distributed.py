@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sectune import distributed
 from sectune.paths import PROJECT_ROOT
+from sectune.training import distributed
 
 #: same global batch: 2 ranks x 2 rows vs 1 process x 4 rows; eval one row per batch so the
 #: per-batch eval means are the same rows either way

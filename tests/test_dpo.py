@@ -27,7 +27,7 @@ UNIT = ["stage=dpo", "loss=dpo", "dataset=auth_preferences", "logger=none", "tra
 
 
 def build(tmp_path, overrides=()):
-    from sectune import modeling
+    from sectune.models import modeling
     from sectune.stages import dpo
 
     cfg = compose([*UNIT, *overrides])
@@ -47,14 +47,14 @@ def plain_logps(model, batch) -> torch.Tensor:
 
 
 def base_param_count() -> int:
-    from sectune import modeling
+    from sectune.models import modeling
 
     return sum(p.numel() for p in modeling.load_model(compose(UNIT)).parameters())
 
 
 def save_sft_like_adapter(tmp_path, seed=0):
     """A LoRA adapter with non-zero B matrices, saved as an SFT run would save it (adapter/ + result.json)."""
-    from sectune import modeling
+    from sectune.models import modeling
 
     cfg = compose(UNIT)
     model = modeling.apply_lora(modeling.load_model(cfg), cfg)
@@ -181,7 +181,8 @@ def test_full_weight_sft_run_gets_a_fresh_adapter_whose_reference_is_those_weigh
     """lora=none SFT (the tiny analyst's): DPO puts a fresh LoRA adapter on the SFT weights, so the policy
     starts equal to its reference (the adapter off = π_SFT, no second copy), records artifacts.base_model,
     and infer / the held-out table load the saved adapter onto those weights, not onto model.name_or_path."""
-    from sectune import analyst_eval, modeling
+    from sectune.evaluation import analyst_eval
+    from sectune.models import modeling
     from sectune.stages import dpo, infer
 
     cfg = compose(UNIT)
@@ -287,7 +288,7 @@ def test_init_from_errors_name_the_path_and_what_is_missing(tmp_path):
     # an adapter that does not load (corrupt weights) is the same kind of error, naming the folder
     (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
     cfg = compose([*UNIT, f"dpo.init_from={run_dir}"])
-    from sectune import modeling
+    from sectune.models import modeling
 
     with pytest.raises(ConfigError, match=f"dpo.init_from={run_dir}: {run_dir / 'adapter' / 'adapter_model.safetensors'} is damaged"):
         dpo.build_policy(cfg, modeling.model_path(cfg))  # named before any model loads

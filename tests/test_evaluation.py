@@ -1,4 +1,4 @@
-"""write_evaluation output files and metrics; baselines' contracts (sectune.evaluation/baselines)."""
+"""write_evaluation output files and metrics; baselines' contracts (sectune.evaluation.classifier/baselines)."""
 
 import json
 import re
@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from sectune.baselines import majority_baseline, tfidf_logreg_baseline
-from sectune.evaluation import write_evaluation
+from sectune.evaluation.baselines import majority_baseline, tfidf_logreg_baseline
+from sectune.evaluation.classifier import write_evaluation
 
 FILES = ["confusion_matrix.png", "class_performance.png", "inference_times.png",
          "evaluation_report.txt", "detailed_results.json"]
@@ -121,7 +121,7 @@ def test_tfidf_fits_the_vectorizer_once_and_predicts_as_a_pipeline_refit_per_c(m
 
 def test_macro_f1_leaves_out_a_label_that_is_neither_in_the_split_nor_predicted():
     """A test split of benign rows only, all predicted benign, scored macro-F1 0.5 (the absent 'injection' as 0)."""
-    from sectune.evaluation import label_scores
+    from sectune.evaluation.classifier import label_scores
 
     labels = ["benign", "injection"]
     assert label_scores(["benign"] * 4, ["benign"] * 4, labels)["macro_f1"] == 1.0
@@ -136,7 +136,7 @@ def test_rows_scored_on_one_split_average_over_the_same_labels():
     """The per-source rows: OpenSSH has no benign window. An analyst wrong once by answering benign scored macro-F1
     0.649 and TF-IDF + LR, wrong once by another verdict, 0.950, at the same accuracy: the analyst's mean alone held
     an extra F1 of 0 for benign."""
-    from sectune.analyst_scoring import verdict_scores
+    from sectune.evaluation.analyst_scoring import verdict_scores
 
     truth = ["malicious"] * 10 + ["suspicious"] * 10
     llm = ["benign"] + ["malicious"] * 9 + ["suspicious"] * 10
@@ -153,8 +153,8 @@ def test_without_validation_rows_tfidf_picks_c_over_the_runs_folds_not_the_defau
     from sklearn.model_selection import cross_val_score
     from sklearn.pipeline import make_pipeline
 
-    from sectune.baselines import LogisticRegression, TfidfVectorizer
-    from sectune.classify_scoring import baseline_folds
+    from sectune.evaluation.baselines import LogisticRegression, TfidfVectorizer
+    from sectune.evaluation.classify_scoring import baseline_folds
 
     rng = np.random.default_rng(0)
     words = ["ignore", "previous", "rules", "weather", "pancakes", "trails", "system", "prompt", "forget", "recipe"]
@@ -178,7 +178,7 @@ def test_a_one_class_evaluation_says_its_macro_f1_is_one_class_f1(tmp_path, capl
     """A file of benign rows alone reported macro-F1 1.0 as if the classes had been compared; the report and the
     log now say that only one class was measured, and the metrics count the classes present."""
     labels = ["benign", "injection"]
-    with caplog.at_level("WARNING", logger="sectune.evaluation"):
+    with caplog.at_level("WARNING", logger="sectune.evaluation.classifier"):
         m = write_evaluation(tmp_path / "one", y_true=["benign"] * 5, y_pred=["benign"] * 4 + ["injection"], labels=labels)
     assert m["test_classes_present"] == 1.0
     assert m["test_macro_f1"] == pytest.approx(2 * 0.8 / 1.8)  # benign: P 1, R 0.8; its F1 alone

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from conftest import compose, sectune
+from sectune.models import modeling
 from sectune.paths import PROJECT_ROOT
-from sectune import federated, modeling
 from sectune.data.synthetic_hdfs import write_deeplog_files
 from sectune.errors import ConfigError, DataError
+from sectune.training import federated
 
 HAS_FLWR = importlib.util.find_spec("flwr") is not None and importlib.util.find_spec("ray") is not None
 requires_flwr = pytest.mark.skipif(not HAS_FLWR, reason="Flower not installed: pip install -c constraints.txt 'flwr[simulation]>=1.20'")
@@ -380,7 +381,7 @@ def test_presets_compose_with_seed_003_settings():
     f = cfg.federated
     assert (cfg.model.name, cfg.lora.r, f.num_clients, f.client_frac, f.rounds, f.local_steps, cfg.train.batch_size) == \
         ("smollm_135m", 8, 50, 0.1, 50, 10, 32)
-    from sectune.planner import lora_param_count, param_count
+    from sectune.training.planner import lora_param_count, param_count
 
     # the published sizes (SmolLM-360M: 362M, SmolLM-1.7B: 1.71B) from the presets' arch numbers alone
     for name, params in (("smollm_135m", 134_515_008), ("smollm_360m", 361_821_120), ("smollm_1_7b", 1_711_376_384)):
@@ -454,7 +455,7 @@ def test_deployment_runtime_is_refused_outside_flower_and_unknown_runtimes_are_n
         stage.run(RunContext(cfg=tiny_cfg(tmp_path, "federated.runtime=deployment"), run_dir=tmp_path))
     with pytest.raises(ConfigError, match="federated.runtime='grpc'"):
         stage.run(RunContext(cfg=tiny_cfg(tmp_path, "federated.runtime=grpc"), run_dir=tmp_path))
-    from sectune import flower_app
+    from sectune.training import flower_app
 
     with pytest.raises(ConfigError, match="choose stage=sft"):
         flower_app.compose({"overrides": "stage=sft"})

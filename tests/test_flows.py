@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sectune.baselines import majority_baseline, random_forest_baseline
 from sectune.data.flows import (CIC_IOT_46_FEATURES, CIC_IOT_MERGED_39_FEATURES, FINE_TO_FAMILY,
                                 FlowNormalizer, load_flows, prepare_flow_splits, render_flow,
                                 split_flows, to_granularity, write_splits_json)
 from sectune.data.synthetic_flows import generate_cic_iot_46
 from sectune.data.text_classification import load_prompt_injections, load_text_label_csv
 from sectune.errors import ConfigError, DataError
+from sectune.evaluation.baselines import majority_baseline, random_forest_baseline
 from sectune.paths import shared_data_dir
 
 MERGED = shared_data_dir() / "ciciot2023_merged39_family_sample" / "CICIoT2023_sample.csv"

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import compose, requires_real_data, sectune
-from sectune import anomaly
 from sectune.data import hdfs
 from sectune.data.synthetic_hdfs import write_deeplog_files
 from sectune.errors import ConfigError, DataError
+from sectune.evaluation import anomaly
 from sectune.paths import shared_data_dir
 
 DEEPLOG = shared_data_dir() / hdfs.DEEPLOG_DIR
@@ -296,7 +296,7 @@ def test_evaluate_scores_other_logs_given_as_dataset_path_on_their_own_split(tmp
     run's path with a one-line note, and the old split scored again."""
     from omegaconf import OmegaConf
 
-    from sectune import anomaly
+    from sectune.evaluation import anomaly
     from sectune.stages.infer import ModelChoice
 
     old, new = write_sessions(tmp_path / "old", ["5 5 22"], ["5 22"]), write_sessions(tmp_path / "new", ["5 5 22"], ["5 22"])

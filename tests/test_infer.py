@@ -44,7 +44,7 @@ def held_out(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory) -> Path:
     """A LoRA adapter for the tiny model, saved as stage=sft saves one (safetensors + tokenizer)."""
-    from sectune import modeling
+    from sectune.models import modeling
 
     cfg = compose(BASE)
     path = modeling.model_path(cfg)
@@ -109,8 +109,8 @@ def _simulate(constraint, max_new: int, batch: int, seed: int, bias=None, greedy
 
 
 def test_constrained_outputs_close_within_any_budget_and_keep_items_unique():
-    from sectune import modeling
-    from sectune.constrained import SchemaConstraint
+    from sectune.models import modeling
+    from sectune.models.constrained import SchemaConstraint
 
     cfg = compose(BASE)
     schema = json.loads((ROOT / "sectune/data/auth_schema.json").read_text())
@@ -134,8 +134,8 @@ def test_constrained_outputs_close_within_any_budget_and_keep_items_unique():
 
 def test_a_constrained_model_that_loves_digits_writes_no_count_past_the_schemas_cap():
     """With a barely trained adapter every constrained answer was schema-valid, and failed_logins a ~280-digit integer."""
-    from sectune import modeling
-    from sectune.constrained import SchemaConstraint
+    from sectune.models import modeling
+    from sectune.models.constrained import SchemaConstraint
 
     schema = json.loads((ROOT / "sectune/data/auth_schema.json").read_text())
     c = SchemaConstraint(modeling.load_tokenizer(compose(BASE)), schema)
@@ -165,8 +165,8 @@ def test_whole_word_added_tokens_are_allowed_where_the_grammar_accepts_them():
     """The tiny analyst's tokenizer keeps each schema key whole ('"verdict":' is one added token). xgrammar's
     mask leaves added tokens out although its matcher accepts them; without them a model trained on the
     whole-key tokens is forced into spellings it never saw (its constrained answers were garbage)."""
-    from sectune import modeling
-    from sectune.constrained import SchemaConstraint
+    from sectune.models import modeling
+    from sectune.models.constrained import SchemaConstraint
 
     cfg = compose(["+experiment=auth_grpo_tiny", "stage=infer", "logger=none"])
     tok = modeling.load_tokenizer(cfg)
@@ -252,7 +252,7 @@ def test_infer_runs_on_the_adapter_it_chose_and_falls_back(adapter, tmp_path):
     shutil.rmtree(pipe / "dpo/adapter")
     assert used(2) == ("sft", str(pipe / "sft" / "adapter"))
     (pipe / "sft/result.json").write_text(json.dumps({"stage": "sft", "status": "failed"}))
-    from sectune import modeling
+    from sectune.models import modeling
 
     assert used(3) == ("base", modeling.model_path(compose(BASE)))
 
@@ -321,7 +321,7 @@ def test_model_output_is_parsed_never_evaluated(tmp_path, monkeypatch):
     assert not second["schema_valid"] and second["error"]  # repaired into data or refused, never run
     assert third["json_valid"] and third["analysis"]["summary"].startswith("eval(") and not third["schema_valid"]
     # and no eval/exec call anywhere on the output path
-    for rel in ("sectune/stages/infer.py", "sectune/inference.py", "sectune/constrained.py"):
+    for rel in ("sectune/stages/infer.py", "sectune/inference.py", "sectune/models/constrained.py"):
         calls = [n.func.id for n in ast.walk(ast.parse((ROOT / rel).read_text()))
                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("eval", "exec")]
         assert not calls, rel
@@ -383,7 +383,7 @@ def test_parse_json_output_says_whether_it_repaired():
 def test_bitmask_applies_the_same_on_the_torch_path_as_on_xgrammars_cpu_kernel():
     import xgrammar
 
-    from sectune.constrained import apply_bitmask
+    from sectune.models.constrained import apply_bitmask
 
     g = torch.Generator().manual_seed(0)
     bitmask = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32, generator=g)  # 128 token bits
@@ -401,8 +401,8 @@ def test_a_prompt_longer_than_the_sequence_length_loses_its_middle_not_the_memor
     from omegaconf import OmegaConf
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sectune import modeling
     from sectune.inference import cut_middle, generate
+    from sectune.models import modeling
 
     assert cut_middle(list(range(10)), 6) == [0, 1, 2, 7, 8, 9]
     assert cut_middle(list(range(5)), 6) == list(range(5)) and cut_middle(list(range(9)), None) == list(range(9))

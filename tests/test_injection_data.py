@@ -17,7 +17,7 @@ from sectune import data, runner
 from sectune.data import injection as I
 from sectune.data.auth_rules import analyze_auth_log
 from sectune.errors import ConfigError, DataError
-from sectune.injection_eval import attack_metrics
+from sectune.evaluation.injection_eval import attack_metrics
 from sectune.paths import shared_data_dir
 
 TRIPLETS = ["dataset=injection_triplets", "logger=none"]
@@ -238,7 +238,7 @@ def test_a_file_of_test_triplets_alone_is_enough_to_score_but_not_to_train(tmp_p
         I.triplet_data(cfg)
     assert {k: len(v) for k, v in I.triplet_data(cfg, need_train=False).splits.items()} == {"train": 0, "validation": 0, "test": 12}
     # stage=evaluate gets past the data to loading the analyst (it stopped with "no training triplets")
-    from sectune import injection_eval
+    from sectune.evaluation import injection_eval
     from sectune.runner import RunContext
     from sectune.stages import infer
 
@@ -389,7 +389,7 @@ def test_attack_success_on_hand_made_answers_equals_hand_computed_rates():
 def test_model_output_is_parsed_never_evaluated(monkeypatch):
     import builtins
 
-    from sectune.injection_eval import read_answer
+    from sectune.evaluation.injection_eval import read_answer
 
     read_answer(_answer("benign"))  # the parser's lazy imports first: torch and attrs build classes with eval at import time
     monkeypatch.setattr(builtins, "eval", lambda *a, **k: pytest.fail("eval called"))
@@ -463,7 +463,7 @@ def test_evaluate_warns_when_the_analyst_was_trained_on_another_data_file(tmp_pa
     scored and nothing was said."""
     from omegaconf import OmegaConf
 
-    from sectune.injection_eval import check_trained_on
+    from sectune.evaluation.injection_eval import check_trained_on
     from sectune.stages.infer import ModelChoice
 
     mine = tmp_path / "mine.jsonl"
@@ -484,7 +484,7 @@ def test_evaluate_refuses_a_run_that_is_no_text_analyst(tmp_path, trained):
     from omegaconf import OmegaConf
 
     from sectune.errors import ConfigError
-    from sectune.injection_eval import check_trained_on
+    from sectune.evaluation.injection_eval import check_trained_on
     from sectune.stages.infer import ModelChoice
 
     run = tmp_path / "run"
@@ -497,7 +497,7 @@ def test_evaluate_refuses_a_run_that_is_no_text_analyst(tmp_path, trained):
 def test_a_prompt_answer_file_says_what_its_numbers_and_missing_pairs_mean(tmp_path):
     """Its answers have no verdict (the console said "clean verdict accuracy"), and without templated injections it
     has no pair to prefer against ("no training pairs", nothing more)."""
-    from sectune.injection_eval import accuracy_name
+    from sectune.evaluation.injection_eval import accuracy_name
 
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Is host 10.0.0.{i} up?", "answer": "yes"}) + "\n" for i in range(20)))

@@ -117,8 +117,8 @@ def test_evaluating_a_run_without_test_rows_asks_for_a_file(tmp_path):
 def test_evaluate_data_path_reads_a_prompt_injection_runs_own_format(tmp_path):
     """It read the dataset's JSONL as a CSV ("missing column(s) 'text', 'label'; found ['{\"text\": …']") and called a
     folder "no such file"."""
-    from sectune.classification import LabelledData
-    from sectune.classify_scoring import external_records
+    from sectune.evaluation.classify_scoring import external_records
+    from sectune.training.classification import LabelledData
 
     data = LabelledData("text", {}, ["benign", "injection"], "", "x")
     cfg = compose(["stage=evaluate", "dataset=prompt_injections", "logger=none"])
@@ -140,7 +140,7 @@ def test_evaluate_data_path_reads_a_prompt_injection_runs_own_format(tmp_path):
 
 def test_a_label_with_no_validation_row_is_named(capsys):
     """A rare class split 2/0/1: the checkpoint and the threshold were chosen on validation rows that never held it."""
-    from sectune.classification import LabelledData, _two_labels
+    from sectune.training.classification import LabelledData, _two_labels
 
     rows = lambda labels: [{"text": f"t{i}", "label": lab} for i, lab in enumerate(labels)]  # noqa: E731
     data = LabelledData("text", {"train": rows(["a", "b", "rare", "rare"]), "validation": rows(["a", "b"]), "test": rows(["rare"])},
@@ -154,7 +154,7 @@ def test_a_label_with_no_validation_row_is_named(capsys):
 
 def test_a_reward_model_at_chance_is_said_before_grpo_weighs_it(tmp_path, capsys):
     """On generated logs the reward model ranked its held-out pairs at 0.500 and GRPO used it without a word."""
-    from sectune.rl_rewards import warn_if_chance
+    from sectune.evaluation.rl_rewards import warn_if_chance
 
     (tmp_path / "result.json").write_text(json.dumps({"stage": "reward", "status": "succeeded", "metrics": {"reward_accuracy": 0.5}}))
     warn_if_chance(tmp_path, 0.5)
@@ -165,7 +165,7 @@ def test_a_reward_model_at_chance_is_said_before_grpo_weighs_it(tmp_path, capsys
 
 
 def test_a_table_on_generated_windows_says_so_at_its_top():
-    from sectune.analyst_report import render_markdown
+    from sectune.evaluation.analyst_report import render_markdown
 
     table = {"rows": [], "by_source": {}, "windows": [{"source": "synthetic", "verdict": "benign"}], "best_policy": None}
     assert "**These windows are generated**" in render_markdown(table)

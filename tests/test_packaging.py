@@ -80,7 +80,7 @@ def test_wheel_holds_conf_and_runs_from_an_empty_folder(tmp_path):
     import tomllib
 
     components = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "sectune.flower_app:server_app", "clientapp": "sectune.flower_app:client_app"}
+    assert components == {"serverapp": "sectune.training.flower_app:server_app", "clientapp": "sectune.training.flower_app:client_app"}
 
     job = subprocess.run([str(venv / "bin" / "sectune"), "--cfg", "job"], cwd=work, capture_output=True, text=True, env=env, timeout=300)
     assert job.returncode == 0, job.stderr[-3000:]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import compose
-from sectune import engine, modeling, packed_attention
+from sectune.models import modeling
+from sectune.training import engine, packed_attention
 
 
 def test_packed_rows_give_the_same_loss_as_separate_examples():
@@ -62,7 +63,7 @@ def test_packed_rows_give_the_same_loss_as_separate_examples():
 
 
 def test_segments_from_position_ids_fold_trailing_padding():
-    from sectune.packed_attention import segments_from_position_ids
+    from sectune.training.packed_attention import segments_from_position_ids
 
     pos = torch.tensor([
         [0, 1, 2, 0, 1, 0, 0, 0],  # examples of 3 and 2 tokens, then 3 pad tokens
@@ -86,7 +87,7 @@ def _packed_batch(model_cfg_overrides=()):
 
 def test_per_example_attention_matches_the_block_diagonal_mask_forward_and_backward():
     """The fast path is the same computation: same loss, same gradients, only real-token rows compared."""
-    from sectune import packed_attention
+    from sectune.training import packed_attention
 
     packed_attention.install()
     model, batch = _packed_batch()
@@ -133,7 +134,7 @@ def test_sliding_window_attention_keeps_transformers_masked_path():
     """Per-example causal attention would ignore a sliding window: such layers fall through, mask and all."""
     from types import SimpleNamespace
 
-    from sectune.packed_attention import _per_example_sdpa
+    from sectune.training.packed_attention import _per_example_sdpa
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     g = torch.Generator().manual_seed(0)
@@ -155,7 +156,7 @@ def test_sliding_window_attention_keeps_transformers_masked_path():
 
 def test_attention_outside_the_packed_context_is_plain_sdpa():
     """Generation and padded batches must not see the fast path: same logits with and without it installed."""
-    from sectune import packed_attention
+    from sectune.training import packed_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import AttentionInterface
 
@@ -177,7 +178,7 @@ def test_compact_fused_lm_head_scores_only_labelled_positions_with_the_same_loss
     import trl.trainer.utils as trl_utils
     from trl.trainer.utils import add_fused_lm_head
 
-    from sectune import packed_attention
+    from sectune.training import packed_attention
 
     model, batch = _packed_batch()
     labels = batch["labels"].clone()
@@ -265,7 +266,7 @@ def test_selective_checkpointing_recomputes_elementwise_ops_only_with_the_same_g
     """train.selective_checkpointing: backward re-runs SiLU (recomputed) but no matmul (cached); same grads."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from sectune import packed_attention
+    from sectune.training import packed_attention
 
     packed_attention.install()
     cfg = compose(["logger=none", "lora=none", "train.selective_checkpointing=true"])

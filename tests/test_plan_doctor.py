@@ -9,7 +9,7 @@ import pytest
 from conftest import compose, sectune
 from sectune.paths import PROJECT_ROOT
 from sectune.errors import ConfigError
-from sectune.planner import GiB
+from sectune.training.planner import GiB
 
 #: the LoRA presets name Llama's projections; GPT-2's linears are c_attn, c_proj, c_fc (modeling.apply_lora refuses the others)
 GPT2_LORA = {"gpt2_large": ["lora.target_modules=[all-linear]"]}
@@ -89,7 +89,8 @@ MEASURE = r"""
 import json, sys
 import psutil, torch, transformers, peft, bitsandbytes  # every import before the baseline
 from hydra import compose, initialize_config_dir
-from sectune import config, modeling
+from sectune import config
+from sectune.models import modeling
 from sectune.paths import PROJECT_ROOT
 from sectune.stages import plan
 config.register()
@@ -97,7 +98,7 @@ with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
     cfg = compose("config", overrides=sys.argv[1:])
 budget, info = plan.estimate(cfg)
 path = modeling.model_path(cfg)
-from sectune import engine
+from sectune.training import engine
 ids = torch.randint(0, 2000, (info["batch_size"], info["seq_len"]), generator=torch.Generator().manual_seed(0))
 engine.reset_peak_rss()  # the high-water mark restarts here where the kernel allows it (imports only grew RSS before)
 base = psutil.Process().memory_info().rss
@@ -137,7 +138,7 @@ def test_tiny_nf4_cpu_peak_rss_within_30_percent_of_plan():
 
 CHILD_PEAK = r"""
 import json, resource
-from sectune import engine
+from sectune.training import engine
 first = engine.peak_rss_bytes()
 x = bytearray(400 * 2**20); x[::4096] = b"\1" * len(x[::4096])  # 400 MiB touched, then freed
 grown = engine.peak_rss_bytes()
@@ -234,7 +235,7 @@ def test_peak_memory_on_a_gpu_reports_tensors_and_footprint(monkeypatch):
     peak reserved + what the process holds outside torch's allocator (context, workspaces)."""
     import torch
 
-    from sectune import engine
+    from sectune.training import engine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 6 * GiB)
@@ -316,8 +317,8 @@ def test_gpt2_plans_the_llama_named_lora_presets_as_training_maps_them(lora, map
     """stage=plan model=gpt2_large lora=r4_attention exited 2 ('no linear layer of this model is named so') while stage=sft
     with the same overrides trains (modeling.apply_lora maps q/k/v_proj to c_attn, ...): the plan, doctor and the
     reward/rl memory checks refused a run that trains (an audit of the presets)."""
-    from sectune import planner
     from sectune.stages import plan
+    from sectune.training import planner
 
     cfg = compose(["stage=plan", "model=gpt2_large", f"lora={lora}", "quantization=nf4"])
     budget, info = plan.estimate(cfg)
@@ -348,7 +349,7 @@ def test_plan_of_a_reward_preset_counts_chosen_and_rejected_as_the_reward_stage_
     reward stage's own memory check, on the same config, predicts 2 sequences (chosen + rejected, 18.43 GiB): a card the
     plan said fits made the stage fall back to the heuristic reward model (an audit of the presets)."""
     from sectune import runner
-    from sectune.memory import memory_check
+    from sectune.training.memory import memory_check
 
     code, _ = runner.run(compose(["+experiment=auth_reward", "stage=plan", "plan.device=cuda", "logger=none"]), tmp_path)
     res = json.loads((tmp_path / "result.json").read_text())
@@ -374,7 +375,7 @@ def test_rl_memory_check_counts_the_gpu_side_of_model_max_memory(tmp_path):
     GPU keeps 5 GiB = 5.37 GB of them, the lm_head's 1.05 GB (128,256 x 4,096 x 2) of that room left for the offloaded layer
     being run, so 16.06 - (5.37 - 1.05) = 11.74 GB go to the CPU (48 GiB = 51.54 GB); the GPU side is the plan's total
     (17.47 GB) less its weights plus the cap: 6.78 GB, within 8 GB. Without max_memory the 17.47 GB does not fit."""
-    from sectune.memory import memory_check
+    from sectune.training.memory import memory_check
 
     unquantized = ["quantization=none", "model.max_seq_length=128"]
     fits, why = memory_check(auth_grpo_step("rl", tmp_path, *unquantized, "model.max_memory.0=5GiB"), sequences_per_example=4)
@@ -393,7 +394,7 @@ def test_auth_grpo_as_shipped_offloads_nothing_and_its_rl_step_does_not_fit_8_gb
     its 7 GiB cap (6.76 GB: bitsandbytes keeps 10% back): nothing goes to the CPU, peft's fp32 upcast then makes them 7.80 GB
     on the GPU, and the RL step's activations come on top: 11.31 GB, as without max_memory. A cap that would offload is
     refused: transformers loads no bitsandbytes layer on the CPU."""
-    from sectune.memory import memory_check
+    from sectune.training.memory import memory_check
 
     fits, why = memory_check(auth_grpo_step("rl", tmp_path), sequences_per_example=4)
     assert not fits and why.startswith("predicted peak 11.31 GB (deepseek_r1_distill_llama_8b, nf4; model.max_memory.0=7 GiB holds "
@@ -435,7 +436,7 @@ def test_the_rl_and_reward_checks_plan_the_lm_head_where_their_losses_run_it(tmp
     128,256-wide fp32 loss on all 4 x 1024 positions of auth_grpo's RL step (15.12 GB; 11.31 on the 4 x 160 completion
     positions) and of its reward step's 2 sequences (11.77 GB; 9.92), and rl.max_completion_length, which the RL stage's
     "does not fit" error advises lowering, changed nothing."""
-    from sectune.memory import logit_positions, memory_check
+    from sectune.training.memory import logit_positions, memory_check
 
     def peak(step, *extra, sequences=4):
         return float(memory_check(auth_grpo_step(step, tmp_path, *extra), sequences_per_example=sequences)[1].split()[2])

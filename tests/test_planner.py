@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sectune.planner import (
+from sectune.training.planner import (
     ARCHS,
     GiB,
     Budget,
@@ -220,7 +220,7 @@ def test_offload_split_by_hand():
     from types import SimpleNamespace
 
     from sectune.errors import ConfigError
-    from sectune.memory import offload_split
+    from sectune.training.memory import offload_split
 
     budget = Budget(weights=10 * GiB, adapters=0, optimizer_state=0, gradients=0, activations=GiB, runtime_overhead=0, total=11 * GiB)
 

@@ -43,7 +43,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
 def test_run_train_loss_adds_the_steps_before_a_resume_weighted_by_the_steps_each_logged_loss_covers():
     from types import SimpleNamespace
 
-    from sectune.engine import run_train_loss
+    from sectune.training.engine import run_train_loss
 
     out = SimpleNamespace(training_loss=1.0)  # this call's mean over steps 5..8
     log = [{"step": 2, "loss": 4.0}, {"step": 4, "loss": 2.0}, {"step": 4, "eval_loss": 9.0}, {"step": 6, "loss": 1.5}]
@@ -80,7 +80,7 @@ def test_damaged_checkpoint_files_are_named(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from sectune.checkpoints import damaged_file
+    from sectune.training.checkpoints import damaged_file
 
     ckpt = tmp_path / "checkpoint-4"
     ckpt.mkdir()
@@ -127,8 +127,8 @@ def test_resuming_checkpoints_trained_with_other_settings_is_an_error_naming_the
     import pytest
 
     from conftest import compose
-    from sectune import checkpoints
     from sectune.errors import ConfigError
+    from sectune.training import checkpoints
 
     ckpt_dir = tmp_path / "run" / "checkpoints"
     base = ["logger=none", "train.learning_rate=0.01"]
@@ -149,7 +149,7 @@ def test_the_last_good_checkpoint_a_nan_report_names_holds_no_nan(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from sectune.checkpoints import last_finite_checkpoint
+    from sectune.training.checkpoints import last_finite_checkpoint
 
     def ckpt(step, logs, weight):
         d = tmp_path / f"checkpoint-{step}"
@@ -221,7 +221,7 @@ def test_a_checkpoint_missing_any_of_trainers_files_is_not_complete(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from sectune.checkpoints import complete_checkpoints, is_complete_checkpoint
+    from sectune.training.checkpoints import complete_checkpoints, is_complete_checkpoint
 
     def ckpt(step, skip):
         d = tmp_path / f"checkpoint-{step}"

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from conftest import compose, requires_real_data, sectune
-from sectune import reward_model as RM
 from sectune.errors import ConfigError
+from sectune.models import reward_model as RM
 
 REWARD = ["stage=reward", "loss=bradley_terry", "dataset=auth_preferences", "logger=none"]
 
 
 def test_shared_prompt_rows_score_each_completion_as_alone(monkeypatch):
     """A prompt encoded once with all its completions gives every completion the score it gets alone."""
-    from sectune import modeling
+    from sectune.models import modeling
 
     cfg = compose(["stage=reward", "dataset=auth_preferences", "lora=none"])
     path = modeling.model_path(cfg)
@@ -71,7 +71,7 @@ def test_pair_metrics_scores_chosen_and_rejected_in_one_call():
 
 
 def test_long_prompt_is_cut_from_its_start_and_the_completions_kept():
-    from sectune import modeling
+    from sectune.models import modeling
 
     tok = modeling.load_tokenizer(compose([]))
     enc, cut = RM.encode_group(tok, "line of logs " * 200, ['{"verdict":"benign"}', "x"], 64)
@@ -211,7 +211,7 @@ def test_seed_preset_on_the_tiny_model_trains_an_nf4_lora_reward_adapter(tmp_pat
 
 # ------------------------------------------------------------------ reward.init_from: start from the SFT weights
 def test_init_from_resolves_full_sft_weights_and_refuses_what_it_cannot_start_from(tmp_path):
-    from sectune import modeling
+    from sectune.models import modeling
     from sectune.stages.reward import start_weights
 
     def cfg_with(init_from):
@@ -245,7 +245,7 @@ def test_reward_model_trains_from_the_weights_init_from_names(tmp_path):
     adapter names them as its base, so RL scores on the same weights."""
     from safetensors.torch import load_file, save_file
 
-    from sectune import modeling
+    from sectune.models import modeling
 
     base = Path(modeling.model_path(compose([*REWARD, "model=tiny_llama"])))
     sft = tmp_path / "sft_weights"
@@ -296,8 +296,8 @@ def test_score_stats_and_unit_score_equal_hand_computed_values():
 def test_the_rl_memory_check_plans_without_the_selective_checkpointing_rl_does_not_apply(monkeypatch):
     """stage=rl (TRL's GRPO loop) never applies train.selective_checkpointing, yet its memory check planned with it:
     the activations it estimated were those of a run that recomputes them."""
-    from sectune import memory
     from sectune.stages import plan
+    from sectune.training import memory
 
     seen = []
     real = plan.estimate
@@ -314,8 +314,9 @@ def test_bradley_terry_loss_is_a_mean_over_the_pairs_of_the_whole_optimizer_step
     from transformers import TrainingArguments
 
     from conftest import assert_one_step_whatever_the_grad_accum
-    from sectune import engine, modeling
+    from sectune.models import modeling
     from sectune.stages.reward import BradleyTerryTrainer
+    from sectune.training import engine
 
     p = ["Analyze:\nsshd[1]: Failed password for root", "Analyze:\nlogin[2]: session opened for user x",
          "Analyze:\nsshd[3]: Accepted password for y", "Analyze:\nsshd[4]: Invalid user z"]

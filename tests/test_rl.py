@@ -64,7 +64,7 @@ def test_rule_rewards_score_against_the_datasets_annotation_not_the_rules_own_an
     cannot tell (its annotations are the rules' analyses)."""
     from sectune.data.auth_logs import render_completion
     from sectune.data.auth_rules import analyze_auth_log
-    from sectune.rl_rewards import rule_reward
+    from sectune.evaluation.rl_rewards import rule_reward
 
     window = LOGS[1]  # one accepted login: the rules say benign
     rules = analyze_auth_log(window.splitlines())
@@ -119,7 +119,7 @@ def test_heldout_rewards_are_the_weighted_total_of_each_windows_greedy_answer(mo
     """rl_rewards.heldout_rewards (the before/after number and keep_best's score) had no test of its own: per window,
     Σ weight · reward of the greedy answer, a reward that returned None counting 0, the model's mode put back."""
     from sectune import inference
-    from sectune.rl_rewards import heldout_rewards
+    from sectune.evaluation.rl_rewards import heldout_rewards
 
     records = unit_records()
     seen = {}
@@ -226,7 +226,7 @@ def tokenizer_catcher(seen: list):
 def extended_sft_run(tmp_path):
     """A lora=none SFT run dir (full weights, the tiny analyst's) whose tokenizer adds a whole-token answer key
     the configured model lacks, as the tiny preset's do."""
-    from sectune import modeling
+    from sectune.models import modeling
 
     cfg = compose(["logger=none"])
     tok = modeling.load_tokenizer(cfg)
@@ -244,7 +244,7 @@ def test_quantized_policy_adapter_stays_fp32_through_the_trl_trainer(tmp_path, l
     """An audit (precision; tests/test_sft.py's quantized adapter test): TRL's GRPOTrainer and SFTTrainer (simplified_ppo)
     cast a 4/8-bit policy's trainable LoRA weights to bf16 in their constructor whatever train.precision said (here fp32):
     bf16 adapters, bf16 AdamW state. They leave the constructor as they entered it, bit for bit."""
-    from sectune import modeling
+    from sectune.models import modeling
     from sectune.stages import rl
 
     cfg = compose([*UNIT, f"loss={loss}", "quantization=nf4", "rl.rewards.reward_model=0"])
@@ -302,7 +302,7 @@ def unit_records():
 
 @pytest.fixture(scope="module")
 def unit_trainer(tmp_path_factory):
-    from sectune import modeling
+    from sectune.models import modeling
     from sectune.stages import rl
 
     cfg = compose(UNIT)
@@ -335,7 +335,7 @@ def trl_logps(trainer, inputs, reference=False):
 
 
 def test_reference_is_the_model_with_the_adapter_disabled_and_kl_is_zero_for_a_fresh_adapter(unit_trainer):
-    from sectune import modeling
+    from sectune.models import modeling
 
     cfg, trainer = unit_trainer
     model = trainer.model
@@ -418,8 +418,8 @@ def test_shared_prompt_sampling_runs_on_a_cpu_and_a_gpu_samples_with_trls_genera
 
 
 def test_shared_prompt_sampling_is_generate_greedy_when_top_k_is_one():
-    from sectune import modeling
-    from sectune.grpo_trainer import sample_shared_prompt
+    from sectune.models import modeling
+    from sectune.training.grpo_trainer import sample_shared_prompt
 
     cfg = compose(UNIT)
     tok = modeling.load_tokenizer(cfg)
@@ -440,8 +440,8 @@ def test_shared_prompt_sampling_applies_the_repetition_penalty_as_generate_does(
     """GRPO now samples with generation.repetition_penalty (seed 000's 1.2 outside the tiny preset), which the shared
     sampler did not apply: such runs fell back to TRL's generate (slower on a CPU). Greedy (top_k=1), it must
     decode exactly what generate decodes with the penalty, and something else without it."""
-    from sectune import modeling
-    from sectune.grpo_trainer import sample_shared_prompt
+    from sectune.models import modeling
+    from sectune.training.grpo_trainer import sample_shared_prompt
 
     cfg = compose(UNIT)
     tok = modeling.load_tokenizer(cfg)
@@ -467,8 +467,8 @@ def test_shared_prompt_sampling_applies_the_repetition_penalty_as_generate_does(
 
 
 def test_merged_lora_decodes_as_the_adapter_does_and_puts_the_base_weights_back_bit_for_bit():
-    from sectune import modeling
-    from sectune.grpo_trainer import sample_shared_prompt
+    from sectune.models import modeling
+    from sectune.training.grpo_trainer import sample_shared_prompt
 
     cfg = compose(UNIT + ["lora=r16_all_linear"])
     tok = modeling.load_tokenizer(cfg)
@@ -501,8 +501,8 @@ def test_inference_generate_decodes_a_lora_model_merged_with_the_same_texts_and_
     """stage=infer, the held-out table, GRPO's held-out evaluations and the injection evaluation all decode through
     inference.generate: on a CPU a LoRA model is merged while it decodes, gives the texts the unmerged model gives,
     and has every weight back afterwards."""
-    from sectune import modeling
     from sectune.inference import generate
+    from sectune.models import modeling
 
     cfg = compose(UNIT + ["lora=r16_all_linear"])
     tok = modeling.load_tokenizer(cfg)
@@ -535,7 +535,7 @@ def test_inference_generate_decodes_a_lora_model_merged_with_the_same_texts_and_
 
 
 def test_merged_lora_leaves_a_quantized_base_and_a_plain_model_alone():
-    from sectune import modeling
+    from sectune.models import modeling
 
     cfg = compose(UNIT + ["lora=r16_all_linear", "quantization=nf4"])
     model = modeling.apply_lora(modeling.load_model(cfg), cfg)
@@ -548,7 +548,7 @@ def test_merged_lora_leaves_a_quantized_base_and_a_plain_model_alone():
 
 
 def test_merged_lora_does_not_copy_base_weights_past_its_memory_limit(monkeypatch):
-    from sectune import modeling
+    from sectune.models import modeling
 
     cfg = compose(UNIT + ["lora=r16_all_linear"])
     model = modeling.apply_lora(modeling.load_model(cfg), cfg)
@@ -581,7 +581,7 @@ def test_init_from_and_reward_settings_errors_name_what_to_fix(tmp_path, monkeyp
         rl.reward_functions(compose(["stage=rl", "rl.rewards.reward_model=0.5", f"rl.reward_model={tmp_path / 'not_a_reward_run'}"]))
     # a reward model saved without score statistics (an older sectune) is refused unless raw scores are asked for
     old_rm = type("OldRM", (), {"kind": "trained", "norm": None, "score": lambda self, p, c: [5.0] * len(c)})()
-    monkeypatch.setattr("sectune.reward_model.load_reward_model", lambda *a, **k: old_rm)
+    monkeypatch.setattr("sectune.models.reward_model.load_reward_model", lambda *a, **k: old_rm)
     with pytest.raises(ConfigError, match="no score statistics.*rl.normalize_reward_model=false"):
         rl.reward_functions(compose(["stage=rl", "rl.rewards.reward_model=0.5", "rl.reward_model=somewhere"]))
     funcs, w, kind = rl.reward_functions(compose(["stage=rl", "rl.rewards.reward_model=0.5", "rl.reward_model=somewhere",
@@ -699,7 +699,7 @@ def test_grpo_from_an_rl_run_keeps_its_adapter_on_the_sft_weights(grpo_run, sft_
     code, res, out = run_in_process([*args, f"rl.init_from={grpo_run.run_dir}", "rl.heldout_windows=4"], run_dir, capsys)
     assert code == 0, out[-2000:]
     assert (run_dir / res["artifacts"]["base_model"]).resolve() == (sft_run.run_dir / "model").resolve()
-    from sectune import modeling
+    from sectune.models import modeling
 
     assert Path(modeling.adapter_base(run_dir / res["artifacts"]["adapter"], compose(args))).resolve() == (sft_run.run_dir / "model").resolve()
 
@@ -767,7 +767,7 @@ def test_grpo_resumed_keeps_the_same_best_step_as_the_uninterrupted_run(sft_run,
 def test_sample_next_applies_temperature_top_k_and_top_p_as_generate_orders_them():
     """GRPO's shared-prompt sampler was tested greedy (top_k=1) only: top-p, top-k > 1 and the temperature never ran.
     4,000 seeded draws from p = [0.5, 0.3, 0.15, 0.05] against the distributions worked out by hand."""
-    from sectune.grpo_trainer import sample_next
+    from sectune.training.grpo_trainer import sample_next
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
 

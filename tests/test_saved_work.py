@@ -136,7 +136,7 @@ def test_a_checkpoint_cut_short_before_rl_saved_its_held_out_scores_is_skipped(t
     import torch
     from safetensors.torch import save_file
 
-    from sectune.checkpoints import latest_checkpoint, unusable
+    from sectune.training.checkpoints import latest_checkpoint, unusable
 
     for step in (2, 4):
         d = tmp_path / f"checkpoint-{step}"
@@ -172,8 +172,8 @@ def test_an_adapter_whose_base_model_is_gone_or_damaged_is_not_put_on_other_weig
     from safetensors.torch import save_file
 
     from conftest import compose
-    from sectune import modeling
     from sectune.errors import ConfigError
+    from sectune.models import modeling
     from sectune.stages.infer import _usable
 
     run_dir = tmp_path / "rl"

@@ -97,7 +97,7 @@ def test_an_eval_forward_leaves_4bit_lora_gradients_as_they_were():
     import torch
 
     from conftest import compose
-    from sectune import modeling
+    from sectune.models import modeling
 
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -136,7 +136,7 @@ def test_quantized_lora_adapter_stays_fp32_through_the_trl_trainer(tmp_path, pre
     state, and under bf16 autocast the adapters had no fp32 master copy (reward, classify and federated keep peft's fp32;
     the planner counts fp32). At lr 2e-5 one AdamW step moved 6.7% of lora_A's entries; the rest rounded away. The
     trainable weights leave the constructor as they entered it, bit for bit, and the optimizer state follows them."""
-    from sectune import modeling
+    from sectune.models import modeling
     from sectune.stages.sft import build_sft_trainer
 
     cfg = compose(["quantization=nf4", "logger=none", f"train.precision={precision}", "train.max_steps=1", "train.batch_size=2"])
@@ -170,7 +170,7 @@ def test_warmup_on_generated_windows_runs_first_and_the_sft_starts_from_its_weig
     loaded onto them, and a rerun reuses the warm-up."""
     from conftest import compose
 
-    from sectune import modeling
+    from sectune.models import modeling
 
     common = [*FAST, "train.max_steps=3", "dataset.max_samples=24", "sft.warmup_lines=1500"]  # lora=r4_attention
     warm = sectune(common, tmp_path / "warm")
@@ -220,9 +220,9 @@ def test_key_weight_scales_the_loss_on_the_answers_counts_and_verdict_only(tmp_p
     tokens are exactly the counts and the verdict."""
     from conftest import compose
 
-    from sectune import modeling
     from sectune.data.auth_logs import analyze_auth_log, render_completion, render_prompt
     from sectune.losses import key_value_weights
+    from sectune.models import modeling
     from sectune.stages.sft import answer_key_weights, build_sft_trainer
 
     lines = ["Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from 1.2.3.4 port 22 ssh2"] * 6

@@ -10,10 +10,10 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from sectune.classification import encode_examples, prompt_budget
 from sectune.errors import ConfigError
+from sectune.models.subword import DropoutRows, SubwordDropout
 from sectune.paths import shared_data_dir
-from sectune.subword import DropoutRows, SubwordDropout
+from sectune.training.classification import encode_examples, prompt_budget
 
 from test_classify import FAST, _attack_text_csv, sectune
 
@@ -70,7 +70,7 @@ def test_p0_reproduces_the_tokenizer_exactly(make):
 def test_p0_reproduces_the_tiny_model_tokenizer_on_real_injections():
     from conftest import compose
 
-    from sectune import modeling
+    from sectune.models import modeling
 
     cfg = compose(["stage=classify", "dataset=prompt_injections"])
     tok = modeling.load_tokenizer(cfg, modeling.model_path(cfg))  # the default tiny Llama's BPE

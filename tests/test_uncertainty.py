@@ -1,11 +1,11 @@
-"""The intervals beside the held-out numbers (sectune/uncertainty.py) against hand-computed values."""
+"""The intervals beside the held-out numbers (sectune/evaluation/uncertainty.py) against hand-computed values."""
 
 import math
 
 import pytest
 
-from sectune.evaluation import label_scores
-from sectune.uncertainty import paired_bootstrap_diff, proportion_ci
+from sectune.evaluation.classifier import label_scores
+from sectune.evaluation.uncertainty import paired_bootstrap_diff, proportion_ci
 
 LABELS = ["benign", "suspicious", "malicious"]
 
@@ -59,7 +59,7 @@ def test_the_vectorised_macro_f1_equals_sklearns_on_every_resample():
     predicted scores 0; an unparseable answer is wrong) on each of them, small resamples lacking a class included."""
     import numpy as np
 
-    from sectune.uncertainty import resampled_macro_f1
+    from sectune.evaluation.uncertainty import resampled_macro_f1
 
     rng = np.random.default_rng(7)
     truth = list(rng.choice(LABELS, 30))

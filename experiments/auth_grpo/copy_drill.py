@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from sectune import modeling
 from sectune.data import auth_logs
 from sectune.inference import extract_json
+from sectune.models import modeling
 from sectune.stages.pipeline import compose
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from sectune import analyst_eval as ae
-from sectune.analyst_scoring import score
 from sectune.data import auth_logs
 from sectune.data.auth_rewards import field_f1
-from sectune.evaluation import label_scores
+from sectune.evaluation import analyst_eval as ae
+from sectune.evaluation.analyst_scoring import score
+from sectune.evaluation.classifier import label_scores
 from sectune.stages.pipeline import compose
 
 LABELS = ["benign", "suspicious", "malicious"]

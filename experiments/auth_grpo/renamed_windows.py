@@ -13,10 +13,10 @@ import random
 import sys
 from pathlib import Path
 
-from sectune import analyst_eval as ae
 from sectune.data import auth_logs
 from sectune.data.auth_rewards import _sources
 from sectune.data.log_edits import counterfactual_window
+from sectune.evaluation import analyst_eval as ae
 from sectune.stages.pipeline import compose
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from sectune import analyst_eval as ae
-from sectune import injection_eval as ie
+from sectune.evaluation import analyst_eval as ae
+from sectune.evaluation import injection_eval as ie
 from sectune.inference import generate
 from sectune.stages.pipeline import compose
 

@@ -10,7 +10,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from sectune.uncertainty import proportion_ci
+from sectune.evaluation.uncertainty import proportion_ci
 
 #: (row, run dir under <out>/s<seed>/)
 ROWS = [("plain SFT", "sft_eval"), ("SFT + causal-contrastive", "contrastive"),

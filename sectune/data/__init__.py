@@ -222,7 +222,7 @@ def _counterfactual_records(train: list[dict], k: int, cfg: DictConfig) -> list[
     import random
 
     from sectune.data.log_edits import counterfactual_window
-    from sectune.reward_model import window_from_prompt
+    from sectune.models.reward_model import window_from_prompt
 
     rng = random.Random(f"{cfg.dataset.split_seed}:counterfactuals")
     return [_rules_record(counterfactual_window(window_from_prompt(r["prompt"]), rng), f"{r['id']}^{j}")
@@ -236,7 +236,7 @@ def _subwindow_records(train: list[dict], k: int, cfg: DictConfig) -> list[dict]
     import random
 
     from sectune.data import auth_logs
-    from sectune.reward_model import window_from_prompt
+    from sectune.models.reward_model import window_from_prompt
 
     rng = random.Random(int(cfg.dataset.split_seed))
     return [_rules_record(text, f"{r['id']}~{j}") for r in train

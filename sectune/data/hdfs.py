@@ -14,7 +14,7 @@ Splits (:func:`split_sessions`, ``dataset.split_seed`` recorded in ``info``): th
 shuffled and cut into test-normal (``test_fraction``), validation (``val_fraction``) and train (the
 rest); the anomalous ones are cut between validation and test in the same proportion as the held-out
 normal ones (so validation has test's class balance). Training sees normal train sessions only;
-the detection threshold is chosen on validation (sectune/anomaly.py), never on test.
+the detection threshold is chosen on validation (sectune/evaluation/anomaly.py), never on test.
 
 Rendering for a language model: prompt ``dataset.prompt_template`` (``session:``), completion the keys
 as `` 5 5 22 …`` (one token per key for the tiny tokenizer); the end of the session is the tokenizer's

@@ -35,7 +35,7 @@ Functions:
     injection_preference_splits(cfg) -> {split: [{prompt, chosen, rejected, kind, window_id, label}]}
     adversarial_sft_splits(cfg) -> {split: [{id, prompt, completion, label, kind}]}   # stage=sft (StruQ)
 
-Attack-success metrics live in :mod:`sectune.injection_eval`.
+Attack-success metrics live in :mod:`sectune.evaluation.injection_eval`.
 """
 
 from __future__ import annotations

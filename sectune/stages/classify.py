@@ -14,12 +14,13 @@ import time
 
 import numpy as np
 
-from sectune import classification as C
-from sectune import classify_scoring as S
-from sectune import checkpoints, distributed, engine, modeling
 from sectune.errors import ConfigError
+from sectune.evaluation import classify_scoring as S
+from sectune.models import modeling
 from sectune.predict import LABELS_FILE, META_FILE, NORMALIZER_FILE
 from sectune.runner import RunContext, write_json_atomic
+from sectune.training import checkpoints, distributed, engine
+from sectune.training import classification as C
 
 
 def run(ctx: RunContext) -> dict:
@@ -110,7 +111,7 @@ def run(ctx: RunContext) -> dict:
 
     # 5. the decision threshold for two labels (on the out-of-fold predictions of every train row
     #    with folds, else on validation; never on test), then the validation metrics
-    from sectune.evaluation import label_scores
+    from sectune.evaluation.classifier import label_scores
 
     def _score(y, probs, prefix):  # the macro-F1 the test metrics use (evaluation.label_scores), not another one
         s = label_scores(list(y), list(S.decide(probs, data.labels, threshold)), list(data.labels))
@@ -204,7 +205,7 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     p_drop = float(cfg.classify.subword_dropout)
     dropout = None
     if p_drop:
-        from sectune.subword import SubwordDropout
+        from sectune.models.subword import SubwordDropout
 
         budget = max_len if head == "seq_cls" else C.prompt_budget(tokenizer, data.labels, max_len)
         dropout = SubwordDropout(tokenizer, p_drop, budget, "right" if head == "seq_cls" else "left")
@@ -212,7 +213,7 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     train_ds = C.encode_examples(tokenizer, train_recs, data.labels, head, max_len, keep_text=dropout is not None)
     callbacks = engine.fail_callbacks(cfg)
     if dropout is not None:
-        from sectune.subword import DropoutRows
+        from sectune.models.subword import DropoutRows
 
         train_ds = DropoutRows(train_ds, dropout, seed, head)
         callbacks.append(train_ds.callback())

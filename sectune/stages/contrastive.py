@@ -2,14 +2,14 @@
 
 Read top to bottom: triplets (benign / counterfactual / injected windows, rendered into the analyst's prompt
 as SFT and infer render them) → model (an SFT run's adapter or weights, ``contrastive.init_from``, or the base
-model; LoRA or full fine-tune) → :class:`sectune.contrastive_trainer.CausalContrastiveTrainer` with
+model; LoRA or full fine-tune) → :class:`sectune.training.contrastive_trainer.CausalContrastiveTrainer` with
 L = λc·(−cos(r_b, r_cf)/τ) + λs·(cos(r_b, r_inj)/τ) + λt·CE(benign answer) → artifacts.
 
 Before training, the representation metrics of the held-out triplets (test split, else validation) give
 ``causal_discrimination_start``; after it, ``causal_stability``, ``spurious_separation`` and
 ``causal_discrimination`` on the same triplets. The attack is scored the same way (``contrastive.attack_eval``,
 on by default): the model answers the held-out injected windows, and the same windows clean, with
-stage=infer's generation (sectune.injection_eval), before and after training → ``attack_success_rate_start`` /
+stage=infer's generation (sectune.evaluation.injection_eval), before and after training → ``attack_success_rate_start`` /
 ``attack_success_rate``, ``targeted_attack_success_rate``, ``clean_verdict_accuracy`` (and their ``_start``),
 per-window answers in ``injection_eval.json``; ``evaluate.max_samples`` takes the first N windows, as
 stage=evaluate does. An adapter trained on SFT full weights records them as ``artifacts.base_model``, where
@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from sectune import checkpoints, engine, modeling
-from sectune import contrastive_trainer as CT
 from sectune.errors import ConfigError, SectuneError, first_line
+from sectune.models import modeling
 from sectune.runner import RunContext, init_source, write_json_atomic
+from sectune.training import checkpoints, engine
+from sectune.training import contrastive_trainer as CT
 
 MODES = ("max", "min")
 #: the eval metrics the trainer logs (eval_<name>), which early stopping and the best checkpoint can follow
@@ -154,7 +155,7 @@ def run(ctx: RunContext) -> dict:
     print(f"sectune: done · {name} at {run_dir / name} · {held_name} causal discrimination "
           f"{metrics['causal_discrimination_start']:.4f} → {metrics['causal_discrimination']:.4f} · {metrics['train_steps']} steps")
     if attack:
-        from sectune.injection_eval import accuracy_name
+        from sectune.evaluation.injection_eval import accuracy_name
 
         print(f"sectune: attack success {metrics['attack_success_rate_start']:.3f} → {metrics['attack_success_rate']:.3f} · clean "
               f"{accuracy_name(attacked)} {metrics['clean_verdict_accuracy_start']:.3f} → {metrics['clean_verdict_accuracy']:.3f} "
@@ -246,10 +247,10 @@ def build_model(cfg: DictConfig, path: str):
 
 
 def attack_eval(cfg: DictConfig, model, tokenizer, records: list[dict], split: str, when: str) -> tuple[dict, list[dict]]:
-    """The attack on the held-out injected windows with the model as it is now (``sectune.injection_eval``:
+    """The attack on the held-out injected windows with the model as it is now (``sectune.evaluation.injection_eval``:
     stage=infer's generation, greedy by default), and the same windows clean."""
-    from sectune.injection_eval import attack_eval as generate_and_score
-    from sectune.injection_eval import accuracy_name, rate, schema_constraint
+    from sectune.evaluation.injection_eval import accuracy_name, rate, schema_constraint
+    from sectune.evaluation.injection_eval import attack_eval as generate_and_score
 
     # infer.constrained: schema-constrained decoding, as stage=evaluate scores it (it was ignored here)
     constraint = schema_constraint(cfg, model, tokenizer) if cfg.infer.constrained else None

@@ -219,8 +219,8 @@ def check_dataset(cfg: DictConfig) -> list[Check]:
         if not p.exists():
             return [Check("dataset", "missing", f"dataset.path={p} does not exist", "fix dataset.path, or null for the built-in data")]
         return [Check("dataset", "ok", f"dataset.path={p}")]
-    from sectune.classification import DEFAULT_SOURCES
     from sectune.data.auth_rules import REAL_SOURCES
+    from sectune.training.classification import DEFAULT_SOURCES
 
     name, src = cfg.dataset.name, Path(str(cfg.dataset.source_dir))
     if name == "text_label_csv":
@@ -280,7 +280,7 @@ def run_checks(cfg: DictConfig) -> tuple[list[Check], dict]:
                             "fix the setting it names" if bad_setting else "GPU memory and disk are checked without an estimate"))
     off = plan_info.get("offload")
     if off:  # model.device_map + model.max_memory: the GPU holds only its side of the plan
-        from sectune.memory import offload_text
+        from sectune.training.memory import offload_text
 
         checks.append(Check("gpu/cpu offload", "ok" if off["fits"] else "missing", offload_text(off),
                             "" if off["fits"] else "change the setting named in the detail"))

@@ -29,11 +29,13 @@ from pathlib import Path
 
 import torch
 
-from sectune import checkpoints, engine, losses, modeling, packed_attention
+from sectune import losses
 from sectune.config_checks import dpo_sft_weight
 from sectune.errors import ConfigError, first_line
+from sectune.models import modeling
 from sectune.run_records import read_policy_run
 from sectune.runner import RunContext
+from sectune.training import checkpoints, engine, packed_attention
 
 REFERENCES = ("base", "init")
 

@@ -6,9 +6,9 @@ own model/dataset choices are ignored (only ``evaluate.*`` is taken from this ru
 command cannot silently score a model on data it was not built for.
 
 With ``dataset=injection_triplets``, ``evaluate.model_dir`` is an analyst run (sft, dpo, rl,
-contrastive or a pipeline) and the run scores its attack success rate: :mod:`sectune.injection_eval`.
+contrastive or a pipeline) and the run scores its attack success rate: :mod:`sectune.evaluation.injection_eval`.
 With ``dataset=hdfs``, ``evaluate.model_dir`` is an sft run (or a pipeline with one) trained on normal
-sessions, and the run detects anomalous sessions by next-key prediction: :mod:`sectune.anomaly`.
+sessions, and the run detects anomalous sessions by next-key prediction: :mod:`sectune.evaluation.anomaly`.
 """
 
 from __future__ import annotations
@@ -17,21 +17,21 @@ import json
 import sys
 from pathlib import Path
 
-from sectune import classification as C
-from sectune import classify_scoring as S
 from sectune.errors import ConfigError, DataError
+from sectune.evaluation import classify_scoring as S
 from sectune.predict import Predictor, read_classify_run
 from sectune.runner import RunContext
+from sectune.training import classification as C
 
 
 def run(ctx: RunContext) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
     if cfg.dataset.name == "injection_triplets":  # the analyst under prompt injection (issue 15)
-        from sectune.injection_eval import evaluate_injections
+        from sectune.evaluation.injection_eval import evaluate_injections
 
         return evaluate_injections(ctx)
     if cfg.dataset.name == "hdfs":  # log-session anomaly detection by next-key prediction (issue 16)
-        from sectune.anomaly import evaluate_hdfs
+        from sectune.evaluation.anomaly import evaluate_hdfs
 
         return evaluate_hdfs(ctx)
     ev = cfg.evaluate

@@ -4,11 +4,11 @@ Read top to bottom: the HDFS split and its client partitions → the server's co
 global evaluation only) → Flower's ServerApp (FedAvg, lr schedule, bytes counted) and ClientApp (local
 Trainer steps on the client's own sessions) → ``flwr.simulation.run_simulation`` (``federated.runtime=
 simulation``), or FedAvg on the Grid of Flower's deployment runtime (``deployment``: this stage then runs inside
-the ServerApp of :mod:`sectune.flower_app`, which ``flwr run`` starts) → per-round metrics, the final global
+the ServerApp of :mod:`sectune.training.flower_app`, which ``flwr run`` starts) → per-round metrics, the final global
 adapter, a PNG. Every client loads the base weights itself; only the adapter travels.
 
 Per round (``federated.eval_every``) the server scores the global model: validation loss on the normal
-validation sessions, and detection with sectune.anomaly (g / threshold chosen on validation, then test).
+validation sessions, and detection with sectune.evaluation.anomaly (g / threshold chosen on validation, then test).
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from sectune import anomaly, federated, modeling, tracking
+from sectune import tracking
 from sectune.data.hdfs import ANOMALOUS, DEFAULT_PROMPT, NORMAL, load_hdfs, render_keys
 from sectune.errors import ConfigError, SectuneError
+from sectune.evaluation import anomaly
+from sectune.models import modeling
 from sectune.runner import RunContext, write_json_atomic
+from sectune.training import federated
 
 _CACHE: dict = {}  # per process (a Ray actor serves many clients in turn): the model and the data load once
 
@@ -179,7 +182,7 @@ def run(ctx: RunContext) -> dict:
         traffic[(direction, server_round)] = traffic.get((direction, server_round), 0) + n
 
     # 3. the Flower apps, run by the simulation runtime (Ray; one actor per client_num_cpus of ray_num_cpus), or
-    # FedAvg on the deployment runtime's Grid (the SuperNodes run sectune.flower_app's ClientApp)
+    # FedAvg on the deployment runtime's Grid (the SuperNodes run sectune.training.flower_app's ClientApp)
     sampled: dict[int, list[int]] = {}  # round -> the partitions that trained in it (seeded by train.seed)
     strategy = federated.make_strategy(fed, per_round, float(cfg.train.learning_rate), record, int(cfg.train.seed), sampled)
     done: dict = {}

@@ -8,7 +8,7 @@ record carries its ``lines``, and the console names each long file's most severe
 Read top to bottom: inputs (all checked before a model loads) → model (the first usable of
 RL → DPO → SFT in ``infer.model_dir``, else the base model: seed 000's fallback chain) → prompts →
 generation (batched, left padded, the ``generation`` node; with ``infer.constrained=true`` every
-token is restricted to the schema, :mod:`sectune.constrained`) → parsing (``extract_json`` +
+token is restricted to the schema, :mod:`sectune.models.constrained`) → parsing (``extract_json`` +
 jsonschema; model output is parsed as data, never evaluated) → ``infer.output_file``, written to a
 temporary name and renamed, so a file that is there is complete.
 
@@ -29,13 +29,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sectune import checkpoints, distributed, modeling, runner
+from sectune import runner
 from sectune.data import auth_logs
 from sectune.errors import ConfigError, first_line
 from sectune.inference import generate, parse_json_output
 from sectune.infer_inputs import (absent_names, cut_long_windows, file_lines, keep_previous, log_windows, output_path,
                                   read_inputs, verdict_summaries, warn_unfamiliar_format)
+from sectune.models import modeling
 from sectune.runner import RESULT_FILE, RunContext, write_json_atomic
+from sectune.training import checkpoints, distributed
 
 #: the steps whose models can answer, in order of preference (the newest stage of a pipeline first)
 CHAIN = ("rl", "dpo", "sft")
@@ -89,7 +91,7 @@ def run(ctx: RunContext) -> dict:
     # 4. generation
     constraint = None
     if ic.constrained:
-        from sectune.constrained import SchemaConstraint
+        from sectune.models.constrained import SchemaConstraint
 
         constraint = SchemaConstraint.for_model(tokenizer, model, validator.schema)
         if not constraint.budget_enforced:

@@ -9,7 +9,7 @@ Read top to bottom: every step's config is composed and checked before the first
 in a per-step override fails at once, naming the key) → the held-out windows are checked against
 every training step's data → the steps run in order, in-process (``runner.run(step_cfg,
 <run dir>/<step>)``, each writing its own result.json) → the held-out table
-(:mod:`sectune.analyst_eval`) → this run's result.json: ``artifacts.<step>`` = the step's sub-dir,
+(:mod:`sectune.evaluation.analyst_eval`) → this run's result.json: ``artifacts.<step>`` = the step's sub-dir,
 ``metrics`` = the last step's metrics plus the table's.
 
 How a step's config is made
@@ -55,13 +55,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sectune import distributed, runner
+from sectune import runner
 from sectune.config import PipelineConfig
 from sectune.config_checks import check_values
 from sectune.errors import ConfigError, SectuneError
+from sectune.evaluation.pipeline_heldout import WINDOWS_DIR, check_held_out, heldout_table, reads_windows, write_windows
 from sectune.pipeline_record import already_done, record_step
-from sectune.pipeline_heldout import WINDOWS_DIR, check_held_out, heldout_table, reads_windows, write_windows
 from sectune.runner import RunContext, skip_digest
+from sectune.training import distributed
 
 #: config groups a per-step override may pick an option of (``pipeline.overrides.<step>.<group>=<option>``)
 GROUPS = ("model", "quantization", "lora", "loss", "dataset", "logger")
@@ -191,7 +192,7 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
 # ----------------------------------------------------------------------------- composing
 def _resume_note(step: Step) -> str:
     """A failed step that saved checkpoints: how to continue it rather than train it afresh (which sets them aside)."""
-    from sectune.checkpoints import complete_checkpoints
+    from sectune.training.checkpoints import complete_checkpoints
 
     if step.cfg.train.resume == "auto" or not (found := complete_checkpoints(step.dir / "checkpoints")):
         return ""
@@ -403,7 +404,7 @@ def check_inputs(step: Step, by_name: dict[str, Step]) -> None:
 
 
 def run_step(step: Step) -> int:
-    from sectune import engine
+    from sectune.training import engine
 
     engine.reset_peak_rss()  # each step's peak RSS is its own
     with open_dict(step.cfg):  # in a sweep the trial is the pipeline (its result scores it), not each of its steps

@@ -1,6 +1,6 @@
 """``stage=plan``: the predicted training-memory budget of the composed config, no weights loaded.
 
-The numbers come from ``sectune.planner.estimate_memory``; this stage only maps the config onto
+The numbers come from ``sectune.training.planner.estimate_memory``; this stage only maps the config onto
 its arguments:
 
 * arch: ``model.arch`` (every real preset carries its config.json numbers), else the
@@ -24,10 +24,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sectune import planner
 from sectune.errors import ConfigError
-from sectune.memory import offload_split, offload_text
 from sectune.runner import RunContext
+from sectune.training import planner
+from sectune.training.memory import offload_split, offload_text
 
 COMPONENTS = ("weights", "adapters", "optimizer_state", "gradients", "activations", "runtime_overhead")
 
@@ -54,7 +54,7 @@ def model_arch(model_cfg: DictConfig, cfg: DictConfig) -> tuple[dict, str]:
     from transformers import AutoConfig
 
     if model_cfg.name_or_path is None and model_cfg.tiny is not None:
-        from sectune.tiny import ensure_tiny_model
+        from sectune.models.tiny import ensure_tiny_model
 
         spec = OmegaConf.to_container(model_cfg.tiny, resolve=True)
         path = str(ensure_tiny_model(model_cfg.name, model_cfg.family, spec, Path(cfg.paths.shared_data), Path(cfg.paths.cache_dir)))
@@ -91,7 +91,7 @@ def lora_targets(cfg: DictConfig, arch: dict | None = None):
     if targets == ["all-linear"]:
         return "all_linear"
     if arch is not None and arch.get("family") == "gpt2":
-        from sectune.modeling import GPT2_NAMES
+        from sectune.models.modeling import GPT2_NAMES
 
         # the lora presets name Llama's projections; modeling.apply_lora trains them as GPT-2's (c_attn, c_proj, c_fc),
         # so the plan maps them the same way instead of refusing a run that trains
@@ -205,7 +205,7 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, logit_tokens:
     budget = planner.Budget(**comps, total=sum(comps.values()), device=settings["device"], params=w.params,
                             trainable_params=w.trainable_params, notes=notes)
     info = dict(settings, model=m.name, arch_source=arch_source, weight_dtype=weight_dtype, activation_dtype=act_dtype)
-    info["offload"] = None  # model.device_map + a GPU cap in model.max_memory: the GPU and CPU sides (sectune.memory)
+    info["offload"] = None  # model.device_map + a GPU cap in model.max_memory: the GPU and CPU sides (sectune.training.memory)
     if m.device_map is not None and m.max_memory and settings["device"] == "cuda":
         # accelerate places the weights as loaded: peft's fp32 upcast of the non-quantized ones comes after, where they sit
         as_loaded = w.weights if q == "none" else planner.estimate_memory(
@@ -281,7 +281,7 @@ def memory_template_check(cfg: DictConfig, budget: planner.Budget, peak: int | N
 
 
 #: sequences one training example keeps activations for at once, by loss: chosen + rejected (the reward stage's own
-#: memory check, sectune.memory.memory_check, counts its 2 the same way; TRL's DPO concatenates the pair)
+#: memory check, sectune.training.memory.memory_check, counts its 2 the same way; TRL's DPO concatenates the pair)
 SEQUENCES_PER_EXAMPLE = {"bradley_terry": (2, "chosen + rejected"), "dpo": (2, "chosen + rejected")}
 
 
@@ -296,7 +296,7 @@ def run(ctx: RunContext) -> dict:
         cfg = OmegaConf.merge(cfg, {"plan": {"batch_size": k * int(cfg.train.batch_size)}})
         per_example = (f"loss={cfg.loss.name}: each example keeps {k} sequences ({why}), so the activations are planned "
                        f"for train.batch_size × {k} = {cfg.plan.batch_size} sequences (plan.batch_size=N sets it).\n")
-    from sectune.memory import logit_positions
+    from sectune.training.memory import logit_positions
 
     positions = logit_positions(cfg, batch_shape(cfg, cfg.model)[0])  # the reward/RL stages' own checks plan the same
     budget, info = estimate(cfg, logit_tokens=positions)

@@ -8,7 +8,7 @@ accuracy, overall and per corruption kind → ``reward_model/`` (+ ``reward_mode
 
 Why not TRL's RewardTrainer: it runs prompt + chosen and prompt + rejected as two padded rows per
 pair, encoding the shared prompt (~600 of ~700 tokens of an auth-log pair) twice. Here the pairs of
-a prompt are one row (:class:`sectune.reward_model.SharedPromptCollator`): the prompt once, then
+a prompt are one row (:class:`sectune.models.reward_model.SharedPromptCollator`): the prompt once, then
 the chosen and every rejected analysis, each attending to the prompt and itself only, and the head
 reads only their last positions (bench/reward_throughput.py measures the difference). A batch is
 ``train.batch_size`` prompts with all their pairs. Trainer still owns the loop, accumulation,
@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from sectune import checkpoints, distributed, engine, modeling
-from sectune import reward_model as RM
 from sectune.data.auth_preferences import preference_splits
 from sectune.errors import ConfigError
 from sectune.losses import bradley_terry_loss
-from sectune.memory import levers_left, memory_check
+from sectune.models import modeling
+from sectune.models import reward_model as RM
 from sectune.runner import RunContext, init_source, write_json_atomic
+from sectune.training import checkpoints, distributed, engine
+from sectune.training.memory import levers_left, memory_check
 
 FALLBACKS = ("error", "heuristic")
 

@@ -11,7 +11,7 @@ base weights. TRL 1.16 itself copies a loaded adapter to a frozen "ref" adapter 
 ``base`` that copy is dropped. Each reward is its own TRL reward function, so TRL logs its mean and std
 every step beside the total reward, KL, clip fraction and completion length (W&B through Trainer's
 ``report_to``, ``train_history.json``, ``plots/reward_curve.png``). The generation and scoring passes share
-each prompt across its G completions (``sectune.grpo_trainer``, ``rl.shared_prompt``).
+each prompt across its G completions (``sectune.training.grpo_trainer``, ``rl.shared_prompt``).
 
 ``loss=simplified_ppo`` — kept to reproduce seed 000, and said plainly: it is supervised fine-tuning under
 another name, not PPO. Causal-LM loss on the answer tokens of the highest-quality train windows
@@ -30,13 +30,15 @@ import os
 import time
 from pathlib import Path
 
-from sectune import checkpoints, data, engine, modeling
+from sectune import data
 from sectune.errors import ConfigError, SectuneError, first_line
+from sectune.evaluation.rl_rewards import heldout_rewards, reward_functions
 from sectune.losses import GRPO_SCALES
-from sectune.memory import levers_left, memory_check
-from sectune.rl_progress import HeldOutBest, curve_metrics, plot_reward_curve, rl_history
-from sectune.rl_rewards import heldout_rewards, reward_functions
+from sectune.models import modeling
 from sectune.runner import RunContext, init_source, write_json_atomic
+from sectune.training import checkpoints, engine
+from sectune.training.memory import levers_left, memory_check
+from sectune.training.rl_progress import HeldOutBest, curve_metrics, plot_reward_curve, rl_history
 
 LOSSES = ("grpo", "simplified_ppo")
 REFERENCES = ("base", "init")
@@ -257,8 +259,8 @@ def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs,
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from sectune.grpo_trainer import SharedPromptGRPOTrainer
-    from sectune.reward_model import window_from_prompt
+    from sectune.models.reward_model import window_from_prompt
+    from sectune.training.grpo_trainer import SharedPromptGRPOTrainer
 
     rl, G = cfg.rl, int(cfg.rl.num_generations)
     kwargs = engine.training_kwargs(cfg, output_dir, has_eval=False)

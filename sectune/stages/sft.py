@@ -18,9 +18,11 @@ import torch
 from omegaconf import open_dict
 from transformers import TrainerCallback
 
-from sectune import checkpoints, data, distributed, engine, modeling, packed_attention, runner
+from sectune import data, runner
 from sectune.errors import ConfigError
+from sectune.models import modeling
 from sectune.runner import RunContext, write_json_atomic
+from sectune.training import checkpoints, distributed, engine, packed_attention
 
 PROBE_FILE = "checks/probe_logits.safetensors"
 WARMUP_DIR = "warmup"
@@ -49,8 +51,8 @@ def run(ctx: RunContext) -> dict:
     tokenizer = modeling.load_tokenizer(cfg, path)
     model = modeling.apply_lora(modeling.load_model(cfg, path=path), cfg)
     if cfg.dataset.name == "hdfs":  # stage=evaluate scores one token per log key: refuse before training, not after
-        from sectune.anomaly import key_token_ids
         from sectune.data.hdfs import DEFAULT_PROMPT, load_hdfs
+        from sectune.evaluation.anomaly import key_token_ids
 
         num_keys = load_hdfs(cfg).num_keys
         try:

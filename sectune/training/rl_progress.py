@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sectune import engine
+from sectune.training import engine
 
 
 class HeldOutBest(TrainerCallback):

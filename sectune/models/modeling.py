@@ -29,7 +29,7 @@ def model_path(cfg: DictConfig) -> str:
         return str(m.name_or_path)
     if m.tiny is None:
         raise ConfigError(f"model={m.name}: set model.name_or_path (a hub id or a local folder)")
-    from sectune.tiny import ensure_tiny_model
+    from sectune.models.tiny import ensure_tiny_model
 
     spec = OmegaConf.to_container(m.tiny, resolve=True)
     return str(ensure_tiny_model(m.name, m.family, spec, Path(cfg.paths.shared_data), Path(cfg.paths.cache_dir)))
@@ -46,7 +46,7 @@ def adapter_base(adapter_dir, cfg: DictConfig) -> str:
     except (OSError, ValueError, AttributeError):
         rel = None
     if rel:
-        from sectune.checkpoints import damaged_safetensors
+        from sectune.training.checkpoints import damaged_safetensors
 
         folder = run_dir / rel
         if not (folder / "config.json").is_file():  # it fell back to the configured model: the adapter on other weights

@@ -250,8 +250,8 @@ def _run_config(cfg, choice, model_dir: Path):
 
 def evaluate_hdfs(ctx) -> dict:
     from sectune.data.hdfs import ANOMALOUS, DEFAULT_PROMPT, load_hdfs
-    from sectune.evaluation import write_evaluation
-    from sectune.injection_eval import choose_analyst
+    from sectune.evaluation.classifier import write_evaluation
+    from sectune.evaluation.injection_eval import choose_analyst
     from sectune.runner import write_json_atomic, write_text_atomic
     from sectune.stages import infer
 

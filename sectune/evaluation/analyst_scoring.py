@@ -1,23 +1,23 @@
-"""The analyst table's numbers (:mod:`sectune.analyst_eval` builds the rows): each row's scores on a set of windows,
+"""The analyst table's numbers (:mod:`sectune.evaluation.analyst_eval` builds the rows): each row's scores on a set of windows,
 per source, which trained policy is best (chosen on the validation windows), each row against TF-IDF + LR and against
-SFT (with paired bootstrap intervals: :mod:`sectune.uncertainty`), and the metrics a pipeline's result.json carries."""
+SFT (with paired bootstrap intervals: :mod:`sectune.evaluation.uncertainty`), and the metrics a pipeline's result.json carries."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from sectune.data.auth_rules import CLASSES
-from sectune.uncertainty import paired_bootstrap_diff
+from sectune.evaluation.uncertainty import paired_bootstrap_diff
 
 if TYPE_CHECKING:  # the types of the rows and windows analyst_eval builds
-    from sectune.analyst_eval import Row, Window
+    from sectune.evaluation.analyst_eval import Row, Window
 
 
 def verdict_scores(truth: list[str], pred: list[str]) -> dict:
     """Accuracy and macro-F1 over the verdicts that occur in the truth (evaluation.scored_labels: the same for
     every row of a subset; OpenSSH has no benign window, so a benign answer there is a wrong answer, not an
     extra F1 of 0 in one row's mean); an unparseable or unknown prediction is simply wrong."""
-    from sectune.evaluation import label_scores
+    from sectune.evaluation.classifier import label_scores
 
     return label_scores(truth, pred, list(CLASSES))
 

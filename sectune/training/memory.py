@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sectune.errors import ConfigError
-from sectune.planner import GiB
+from sectune.training.planner import GiB
 
 
 #: stages that train without sectune's selective activation checkpointing (TRL's GRPO loop; federated clients)

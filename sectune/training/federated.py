@@ -10,7 +10,7 @@ clipping and Gaussian noise on the aggregate when ``federated.dp=true``.
 
 Flower >= 1.20 (Message API: ``ServerApp`` / ``ClientApp``, ``flwr.serverapp.strategy.FedAvg``). Two runtimes
 run the same apps: ``federated.runtime=simulation`` (``flwr.simulation.run_simulation``, on Ray, one machine) and
-``deployment`` (a SuperLink and one SuperNode per client; ``flwr run`` starts :mod:`sectune.flower_app`, whose
+``deployment`` (a SuperLink and one SuperNode per client; ``flwr run`` starts :mod:`sectune.training.flower_app`, whose
 ServerApp runs the stage with the Grid it is given). ``pip install 'sectune[federated]'``.
 """
 
@@ -26,13 +26,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from sectune.errors import ConfigError, DataError, SectuneError
-from sectune.federated_sampling import PARTITION_KEY, PartitionOrderedGrid, node_partitions
+from sectune.training.federated_sampling import PARTITION_KEY, PartitionOrderedGrid, node_partitions
 
 PARTITIONS = ("iid", "shards", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 RUNTIMES = ("simulation", "deployment")
 
-#: the deployment runtime's Grid while sectune.flower_app's ServerApp runs the stage in Flower's ServerApp process
+#: the deployment runtime's Grid while sectune.training.flower_app's ServerApp runs the stage in Flower's ServerApp process
 DEPLOYMENT: dict = {}
 
 
@@ -217,7 +217,7 @@ def local_train(cfg, model, rows: list[dict], pad_id: int, lr: float, steps: int
     """``steps`` optimizer steps of transformers' Trainer (sectune's train settings, constant lr within the round)."""
     from transformers import Trainer, TrainingArguments
 
-    from sectune import engine
+    from sectune.training import engine
 
     kwargs = engine.training_kwargs(cfg, out_dir, has_eval=False)
     kwargs.update(max_steps=steps, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, seed=seed, data_seed=seed,

@@ -1,5 +1,5 @@
 """The analyst's held-out table as Markdown (``report.md``): the overall table, the per-source table
-and the host-name check; the numbers come from :mod:`sectune.analyst_eval`."""
+and the host-name check; the numbers come from :mod:`sectune.evaluation.analyst_eval`."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@
 * :func:`evaluate_split` scores a split's predictions with the classic baselines beside them.
 
 The data, the encoding of rows into token ids and the training objective are in
-:mod:`sectune.classification`.
+:mod:`sectune.training.classification`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from sectune.classification import HEADS, LabelledData, _prompt_ids, label_token_ids, pad_rows, render_text
 from sectune.errors import ConfigError, DataError
+from sectune.training.classification import HEADS, LabelledData, _prompt_ids, label_token_ids, pad_rows, render_text
 
 
 # --------------------------------------------------------------------------- scoring
@@ -88,7 +88,7 @@ def score_texts_across_ranks(model, tokenizer, texts: Sequence[str], **kw):
     """:func:`score_texts` with the rows shared out across the ranks (torchrun / accelerate) and gathered back:
     every rank scores its share and receives every row's probabilities (so every rank takes the same checkpoint,
     threshold and metrics); the batch times are every rank's. One process: :func:`score_texts` itself."""
-    from sectune import distributed
+    from sectune.training import distributed
 
     times: list = []
 
@@ -281,7 +281,7 @@ def baseline_folds(labels: Sequence[str], folds: int, seed: int) -> Optional[Lis
 def baseline_predictions(data: LabelledData, split: str, seed: int, rf_estimators: int = 200, *, folds: int = 0,
                          fold_seed: int = 0) -> tuple[dict, dict]:
     """The classic baseline (RF on raw features for flows, TF-IDF+LR for text) and the majority class."""
-    from sectune.baselines import majority_baseline, random_forest_baseline, tfidf_logreg_baseline
+    from sectune.evaluation.baselines import majority_baseline, random_forest_baseline, tfidf_logreg_baseline
 
     train, val, test = data.splits["train"], data.splits["validation"], data.splits[split]
     ytr = [r["label"] for r in train]
@@ -303,7 +303,7 @@ def evaluate_split(data: LabelledData, split: str, probs: np.ndarray, latencies:
                    folds: int = 0, fold_seed: int = 0) -> dict:
     """Model predictions from ``probs`` + baselines on the same rows → ``write_evaluation``. ``folds`` /
     ``fold_seed``: the run's ``classify.folds`` and ``dataset.split_seed`` (the baseline's C without validation rows)."""
-    from sectune.evaluation import write_evaluation
+    from sectune.evaluation.classifier import write_evaluation
 
     recs = data.splits[split]
     if not recs:

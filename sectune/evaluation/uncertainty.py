@@ -5,7 +5,7 @@
 * :func:`paired_bootstrap_diff`: macro-F1(a) − macro-F1(b) of two systems on the same windows, with a percentile
   bootstrap interval over the windows (``scipy.stats.bootstrap`` resampling window indices, so a window's truth and
   both systems' answers move together: the paired comparison the held-out table's "vs TF-IDF + LR" column makes).
-  The statistic is :func:`sectune.evaluation.label_scores`' macro-F1 (the labels present in each resample),
+  The statistic is :func:`sectune.evaluation.classifier.label_scores`' macro-F1 (the labels present in each resample),
   computed here for all resamples at once (:func:`resampled_macro_f1`, tested equal to sklearn's on every resample).
 """
 
@@ -29,7 +29,7 @@ def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, floa
 
 def resampled_macro_f1(truth, pred, idx, labels: Sequence[str]):
     """Macro-F1 of ``pred`` on each row of resampled window indices ``idx`` (shape ``(..., n)``), as
-    :func:`sectune.evaluation.label_scores` scores one split (the labels present in that resample's truth; a label
+    :func:`sectune.evaluation.classifier.label_scores` scores one split (the labels present in that resample's truth; a label
     never predicted scores 0; a prediction outside ``labels`` is wrong): one vectorised pass instead of one sklearn
     call per resample (1,000 resamples of 10,000 rows: ~0.5 s instead of ~10 s). Tested equal to sklearn's."""
     import numpy as np
@@ -56,7 +56,7 @@ def paired_bootstrap_diff(truth: Sequence[str], pred_a: Sequence[str], pred_b: S
     import numpy as np
     from scipy.stats import bootstrap
 
-    from sectune.evaluation import label_scores
+    from sectune.evaluation.classifier import label_scores
 
     if not (len(truth) == len(pred_a) == len(pred_b)) or not len(truth):
         raise ValueError(f"paired_bootstrap_diff: {len(truth)} truths, {len(pred_a)} and {len(pred_b)} predictions")

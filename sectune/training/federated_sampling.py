@@ -1,7 +1,7 @@
 """Which clients train in a federated round, seeded: Flower names nodes by random 64-bit ids and samples them with
 the process's global ``random``, so the same seed trained different clients. The server asks each node its partition
 id once and lists the nodes by partition; sampling under a seeded ``random`` then picks the same partitions every run
-(``sectune.federated.make_strategy``)."""
+(``sectune.training.federated.make_strategy``)."""
 
 from __future__ import annotations
 

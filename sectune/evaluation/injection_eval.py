@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sectune.errors import ConfigError, DataError
-from sectune.uncertainty import proportion_ci
+from sectune.evaluation.uncertainty import proportion_ci
 
 
 def read_answer(text: str) -> dict:
@@ -112,12 +112,12 @@ def attack_metrics(records: Sequence[dict], injected_texts: Sequence[str], clean
 def attack_eval(model, tokenizer, records: Sequence[dict], gen_cfg, batch_size: int, constraint=None) -> tuple[dict, list[dict]]:
     """(metrics, per-window answers): the model answers each record's injected window and, once per window,
     the clean one, with ``stage=infer``'s generation (``generation.*``: greedy by default; ``constraint``: a
-    :class:`sectune.constrained.SchemaConstraint`, infer.constrained's schema-constrained decoding, on both).
+    :class:`sectune.models.constrained.SchemaConstraint`, infer.constrained's schema-constrained decoding, on both).
     Records carry rendered ``prompt`` / ``injection_prompt`` (:mod:`sectune.data.injection`). The model's
     train/eval mode and the tokenizer's padding side are restored afterwards (a training stage calls this
     before and after training)."""
-    from sectune import distributed
     from sectune.inference import generate
+    from sectune.training import distributed
 
     was_training, side = model.training, tokenizer.padding_side
     clean_prompts = list(dict.fromkeys(r["prompt"] for r in records))  # one clean answer per window
@@ -143,7 +143,7 @@ def attack_eval(model, tokenizer, records: Sequence[dict], gen_cfg, batch_size: 
 def representation_metrics(cfg, model, tokenizer, records: Sequence[dict], batch_size: int) -> dict:
     """causal_stability, spurious_separation and causal_discrimination of the analyst on these triplets, with
     ``contrastive.layer`` / ``pooling`` (stage=contrastive's measure), so every analyst's row has them."""
-    from sectune import contrastive_trainer as CT
+    from sectune.training import contrastive_trainer as CT
 
     rows, _ = CT.encode_triplets(tokenizer, records, int(cfg.model.max_seq_length))
     fwd = {"layer": int(cfg.contrastive.layer), "pooling": str(cfg.contrastive.pooling), "forward": str(cfg.contrastive.forward),
@@ -213,11 +213,11 @@ def rate(x) -> str:
 
 
 def schema_constraint(cfg, model, tokenizer):
-    """``infer.constrained=true``: stage=infer's schema-constrained decoding (sectune.constrained, xgrammar) for
+    """``infer.constrained=true``: stage=infer's schema-constrained decoding (sectune.models.constrained, xgrammar) for
     the evaluation's answers, so every answer is a schema-valid analysis and only a verdict flip can count as a
     successful attack (a system-level defence, reported beside the unconstrained numbers, never instead)."""
-    from sectune.constrained import SchemaConstraint
     from sectune.data import auth_logs
+    from sectune.models.constrained import SchemaConstraint
 
     if cfg.dataset.get("path") and Path(str(cfg.dataset.path)).suffix == ".jsonl":
         print("sectune: warning: infer.constrained=true constrains answers to the auth-log analysis schema")

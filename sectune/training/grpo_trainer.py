@@ -10,7 +10,7 @@ so most of that work is the same prompt done G times. :class:`SharedPromptGRPOTr
   multinomial from torch's global generator), writing each new token's keys and values into buffers sized
   for the whole completion (:func:`preallocated_cache`) rather than re-concatenating the cache every step.
   On a CPU only (on a GPU, transformers ``generate`` was measured 2x faster and TRL samples). The LoRA adapter is
-  folded into its base weights while it samples (:func:`sectune.modeling.merged_lora`:
+  folded into its base weights while it samples (:func:`sectune.models.modeling.merged_lora`:
   one matmul per linear layer instead of three; the base weights are put back bit for bit).
 * ``_get_per_token_logps_and_entropies``: :func:`shared_prompt_logps` lays each group out as one row,
   ``prompt, completion_1, …, completion_G``, no padding, with position ids that restart after the prompt
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from trl import GRPOTrainer
 
-from sectune.modeling import merged_lora
+from sectune.models.modeling import merged_lora
 
 MASKABLE_ATTENTION = ("sdpa", "eager")
 

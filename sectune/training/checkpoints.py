@@ -204,8 +204,8 @@ EARLIER_DIR = "earlier"
 
 
 def _record_fresh(cfg: DictConfig, checkpoint_dir: Path) -> None:
-    from sectune import distributed
     from sectune.runner import write_json_atomic
+    from sectune.training import distributed
 
     if distributed.is_main_process():
         set_aside_earlier(checkpoint_dir)

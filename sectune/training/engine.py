@@ -3,7 +3,7 @@
 Nothing here is a training loop: Trainer/TRL own the loop, gradient accumulation, mixed precision,
 checkpointing with optimizer/scheduler/RNG state, DDP and W&B reporting. This module maps the
 ``train`` node onto their arguments and adds what they lack (a fault-injection hook for resume tests,
-peak-memory accounting); which checkpoint ``train.resume`` takes is :mod:`sectune.checkpoints`.
+peak-memory accounting); which checkpoint ``train.resume`` takes is :mod:`sectune.training.checkpoints`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from transformers import TrainerCallback
 from sectune import tracking
 from sectune.config import PACKING
 from sectune.errors import ConfigError
-from sectune.modeling import device_for
-from sectune.planner import OPTIMIZERS as PLANNED_OPTIMIZERS
+from sectune.models.modeling import device_for
+from sectune.training.planner import OPTIMIZERS as PLANNED_OPTIMIZERS
 
-#: train.optimizer's choices (sectune.planner.OPTIMIZERS, which the planner's memory model covers) as Trainer's ``optim``
+#: train.optimizer's choices (sectune.training.planner.OPTIMIZERS, which the planner's memory model covers) as Trainer's ``optim``
 OPTIMIZERS = {name: {"adamw": "adamw_torch"}.get(name, name) for name in PLANNED_OPTIMIZERS}
 def require_examples(trainer, cfg: DictConfig, given: dict[str, int], tokenizer=None, prompts=()) -> None:
     """Stop with what to change when truncation to ``model.max_seq_length`` left a split with no
@@ -378,7 +378,7 @@ class FlatBatchCollator:
 
     TRL's padding-free layout (``DataCollatorForLanguageModeling(padding_free=True)``): no padding
     beyond rounding the row up to ``pad_to_multiple_of``, and activation memory in proportion to the
-    batch's real tokens. Attention stays within each example: :mod:`sectune.packed_attention` runs
+    batch's real tokens. Attention stays within each example: :mod:`sectune.training.packed_attention` runs
     one causal SDPA call per example (FA2 reads the boundaries from ``position_ids`` itself).
     """
 

@@ -8,7 +8,7 @@
   token rows (``generative``: the prompt left-padded, followed by the label's tokens).
 
 Scoring (probabilities from a model), decisions and split evaluation are in
-:mod:`sectune.classify_scoring`.
+:mod:`sectune.evaluation.classify_scoring`.
 """
 
 from __future__ import annotations
@@ -300,13 +300,13 @@ class WeightedCETrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """Trainer's eval loss, plus ``<prefix>_macro_f1`` and ``<prefix>_accuracy`` of the validation rows.
 
-        Scored the way predictions are made (:func:`sectune.classify_scoring.score_texts`, argmax), so
+        Scored the way predictions are made (:func:`sectune.evaluation.classify_scoring.score_texts`, argmax), so
         ``metric_for_best_model="eval_macro_f1"`` keeps the weights that classify the validation split best.
         """
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if eval_dataset is None and self.val_rows:
-            from sectune.classify_scoring import decide, score_texts_across_ranks
-            from sectune.evaluation import label_scores
+            from sectune.evaluation.classifier import label_scores
+            from sectune.evaluation.classify_scoring import decide, score_texts_across_ranks
 
             was_training = self.model.training
             # every rank scores its share and gets all rows back: the ranks keep the same best checkpoint
@@ -381,7 +381,7 @@ def _prompt_ids(tokenizer, texts: Sequence[str], max_len: int, side: str) -> Lis
 def encode_examples(tokenizer, records: Sequence[dict], labels: Sequence[str], head: str, max_length: int,
                     keep_text: bool = False) -> List[dict]:
     """Token ids + targets per row; ``keep_text`` also keeps the text (and, ``generative``, the label's
-    ids) so that :class:`sectune.subword.DropoutRows` can re-tokenize it with subword dropout."""
+    ids) so that :class:`sectune.models.subword.DropoutRows` can re-tokenize it with subword dropout."""
     index = {lab: i for i, lab in enumerate(labels)}
     texts = [r["text"] for r in records]
     ys = [index[r["label"]] for r in records]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sectune.engine import real_lengths
+from sectune.training.engine import real_lengths
 
 #: The active batch's rows: a plain module global, not a ContextVar. On CUDA the autograd engine runs
 #: backward (checkpoint recompute included) on its own device thread, which does not see the caller's
@@ -64,8 +64,8 @@ def segments_from_position_ids(position_ids: torch.Tensor) -> tuple[tuple[tuple[
 def packed_segments(inputs: dict):
     """Run attention per example for this batch (training step or evaluation step, backward included).
 
-    Active only for the layouts :class:`sectune.engine.FlatBatchCollator` and
-    :class:`sectune.engine.PackedRowsCollator` produce: ``position_ids`` restarting per example and
+    Active only for the layouts :class:`sectune.training.engine.FlatBatchCollator` and
+    :class:`sectune.training.engine.PackedRowsCollator` produce: ``position_ids`` restarting per example and
     no ``attention_mask``. Anything else leaves attention as it is.
     """
     pos = inputs.get("position_ids")

@@ -175,8 +175,8 @@ def write_evaluation(out_dir, *, y_true: Sequence, y_pred: Sequence, labels: Seq
     primary = next((n for n in baselines if n != "majority"), None)  # majority is a floor, not the bar
     if primary is not None:
         metrics["baseline_test_macro_f1"] = base_scores[primary]["macro_f1"]
-        # the model's gap to the bar with its noise: a paired bootstrap over the same rows (sectune/uncertainty.py)
-        from sectune.uncertainty import paired_bootstrap_diff
+        # the model's gap to the bar with its noise: a paired bootstrap over the same rows (sectune/evaluation/uncertainty.py)
+        from sectune.evaluation.uncertainty import paired_bootstrap_diff
 
         gap = paired_bootstrap_diff(y_true, y_pred, [str(v) for v in baselines[primary]], labels)
         metrics.update(test_macro_f1_vs_baseline=gap["diff"], test_macro_f1_vs_baseline_ci95_low=gap["ci_low"],

@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from accelerate.utils import AutocastKwargs
 from transformers import Trainer
 
-from sectune import checkpoints, engine
 from sectune.errors import SectuneError
 from sectune.losses import causal_contrastive_loss
+from sectune.training import checkpoints, engine
 
 FORWARDS = ("separate", "batched")
 POOLINGS = ("mean", "last")

@@ -1,6 +1,6 @@
 """The analyst pipeline's held-out half (``stage=pipeline``): the test windows no training step may see,
 written for the infer step, and the results table over every trained policy at the end (the scoring
-itself is :mod:`sectune.analyst_eval`). Steps are read through their duck-typed ``name``/``dir``/``cfg``."""
+itself is :mod:`sectune.evaluation.analyst_eval`). Steps are read through their duck-typed ``name``/``dir``/``cfg``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ WINDOWS_DIR = Path("heldout") / "windows"
 # ----------------------------------------------------------------------------- held-out windows
 def check_held_out(steps: list[Step], eval_cfg: DictConfig, max_windows: int | None) -> list:
     """The table's test windows; an error when a training step's data would include one of them."""
-    from sectune import analyst_eval, data
+    from sectune import data
+    from sectune.evaluation import analyst_eval
 
     splits_cache: dict[tuple, dict] = {}
 
@@ -132,7 +133,7 @@ def infer_answers(steps: list[Step], run_dir: Path, windows: list, batch_size: i
 
 def heldout_table(cfg: DictConfig, eval_cfg: DictConfig, steps: list[Step], run_dir: Path, reuse_ok: bool) -> dict:
     """The table, or the one already in ``heldout.json`` when nothing it depends on changed."""
-    from sectune import analyst_eval
+    from sectune.evaluation import analyst_eval
 
     policies = policy_rows(steps, eval_cfg)
     key_src = {

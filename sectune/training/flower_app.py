@@ -23,8 +23,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from sectune import federated
 from sectune.errors import ConfigError
+from sectune.training import federated
 
 
 def compose(run_config) -> "object":

@@ -246,7 +246,7 @@ def load_reward_model(path: str | Path, cfg=None, batch_size: int = 8):
         kwargs = {}
         q = meta.get("quantization", "none")
         if q != "none":  # score on the base the adapter was trained on (nf4/int8), when the caller's config has it
-            from sectune.modeling import quantization_config
+            from sectune.models.modeling import quantization_config
 
             if cfg is not None and cfg.quantization.name == q:
                 kwargs["quantization_config"] = quantization_config(cfg)
@@ -263,7 +263,7 @@ def load_reward_model(path: str | Path, cfg=None, batch_size: int = 8):
     else:
         model = AutoModelForSequenceClassification.from_pretrained(d, num_labels=1)
     if cfg is not None:
-        from sectune.modeling import to_run_device
+        from sectune.models.modeling import to_run_device
 
         model = to_run_device(model, cfg)
     norm = (float(meta["score_mean"]), float(meta["score_std"])) if "score_mean" in meta and "score_std" in meta else None
@@ -278,7 +278,7 @@ def check_head(d: Path) -> None:
     files = [f for f in files if f.is_file()]
     if not files:
         raise ConfigError(f"{d}: reward model weights missing (adapter_model.safetensors or model.safetensors)")
-    from sectune.checkpoints import damaged_safetensors
+    from sectune.training.checkpoints import damaged_safetensors
 
     if (damage := damaged_safetensors(d)) is not None:  # a cut-short copy: SafetensorError and a traceback otherwise
         raise ConfigError(f"{d / damage[0]} is damaged ({damage[1]}); retrain the reward model or copy it again")

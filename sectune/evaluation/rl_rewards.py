@@ -58,7 +58,7 @@ def reward_functions(cfg) -> tuple[list, list[float], str | None]:
     if weights.get("reward_model", 0.0):
         if not cfg.rl.reward_model:
             raise ConfigError("rl.rewards.reward_model is weighted but rl.reward_model is not set (give a stage=reward run dir)")
-        from sectune.reward_model import load_reward_model
+        from sectune.models.reward_model import load_reward_model
 
         try:
             scorer = load_reward_model(cfg.rl.reward_model, cfg)
@@ -103,7 +103,7 @@ def heldout_rewards(cfg, model, tokenizer, records: list[dict], reward_funcs, we
     from omegaconf import OmegaConf
 
     from sectune.inference import generate
-    from sectune.reward_model import window_from_prompt
+    from sectune.models.reward_model import window_from_prompt
 
     prompts = [r["prompt"] for r in records]
     greedy = OmegaConf.merge(cfg.generation, {"do_sample": False, "max_new_tokens": int(cfg.rl.max_completion_length)})

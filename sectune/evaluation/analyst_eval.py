@@ -2,17 +2,17 @@
 classic baselines, on the test windows no training stage saw.
 
 Rows: the untrained base model, each trained policy (SFT, SFT+GRPO, SFT+DPO, …), the best policy
-again under schema-constrained decoding (:mod:`sectune.constrained`), the rule engine
+again under schema-constrained decoding (:mod:`sectune.models.constrained`), the rule engine
 (``auth_rules.analyze_auth_log``; it wrote the annotations, so it scores 100% by construction and
 is the ceiling, not a competitor), TF-IDF + logistic regression on the window text (verdict only,
-fitted on the train windows, ``C`` picked on validation: :func:`sectune.baselines.tfidf_logreg_baseline`)
+fitted on the train windows, ``C`` picked on validation: :func:`sectune.evaluation.baselines.tfidf_logreg_baseline`)
 and the majority class. Columns: JSON-valid % (an object recovered, repair allowed, as
 ``stage=infer`` counts it), schema-valid %, verdict accuracy and macro-F1 over the three verdicts
 (an unparseable output is a wrong verdict), field-level F1 (``auth_rewards.field_f1`` against the
 annotation; 0 when unparseable), analyses/s (generation only, model loading excluded), and how
 the row's verdict macro-F1 compares with TF-IDF + LR's; for the best policy (and its constrained row) with a 95%
-paired bootstrap interval over the windows (:mod:`sectune.uncertainty`: 43 windows move a macro-F1 by ~0.02 each).
-The numbers (scores, the best policy, the comparisons, result.json's metrics) are :mod:`sectune.analyst_scoring`'s.
+paired bootstrap interval over the windows (:mod:`sectune.evaluation.uncertainty`: 43 windows move a macro-F1 by ~0.02 each).
+The numbers (scores, the best policy, the comparisons, result.json's metrics) are :mod:`sectune.evaluation.analyst_scoring`'s.
 
 Per source: every benign window comes from Linux_2k (the OpenSSH log holds no benign window), and
 the host name (``combo`` vs ``LabSZ``) sits in every line, so "Linux → benign" is a shortcut a model
@@ -36,9 +36,9 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from sectune.analyst_report import brief, counts, render_markdown
-from sectune.analyst_scoring import best_policy, compare, score, score_by_source, table_metrics
 from sectune.errors import ConfigError
+from sectune.evaluation.analyst_report import brief, counts, render_markdown
+from sectune.evaluation.analyst_scoring import best_policy, compare, score, score_by_source, table_metrics
 
 NONE = "<none>"  # the verdict of an output with no parseable verdict
 
@@ -67,7 +67,7 @@ def load_windows(cfg: DictConfig) -> dict[str, list[Window]]:
     split them (:func:`sectune.data.sft_splits`), each with its source log."""
     from sectune import data
     from sectune.data import auth_logs
-    from sectune.reward_model import window_from_prompt
+    from sectune.models.reward_model import window_from_prompt
 
     splits = data.sft_splits(cfg)
     folder = data.auth_logs_folder(cfg)
@@ -179,7 +179,7 @@ def rule_engine_row(windows: list[Window]) -> Row:
 def tfidf_row(train: list[Window], val: list[Window], test: list[Window], seed: int, *, extra: list[tuple[str, str]] = (),
               name: str = "TF-IDF + LR (verdict only)") -> Row:
     """TF-IDF + logistic regression on the window text, C chosen on ``val``; ``extra``: more (text, verdict) training pairs."""
-    from sectune.baselines import tfidf_logreg_baseline
+    from sectune.evaluation.baselines import tfidf_logreg_baseline
 
     res = tfidf_logreg_baseline([w.log_text for w in train] + [t for t, _ in extra], [w.label for w in train] + [y for _, y in extra],
                                 [w.log_text for w in test], seed,
@@ -202,7 +202,7 @@ def generated_tfidf_row(sft_cfg: DictConfig | None, splits: dict[str, list[Windo
 
 
 def majority_row(train: list[Window], test: list[Window]) -> Row:
-    from sectune.baselines import majority_baseline
+    from sectune.evaluation.baselines import majority_baseline
 
     res = majority_baseline([w.label for w in train], [w.label for w in test])
     return Row(f"majority class ({res.params['label']})", "baseline", res.predictions)
@@ -223,7 +223,7 @@ def load_policy(cfg: DictConfig, kind: str, path: Path | None):
     """(model in eval mode on the run's device, tokenizer) for ``base`` (path None), an ``adapter``
     folder (``PeftModel.from_pretrained`` on ``cfg.model``, or on the SFT weights it was trained on:
     ``modeling.adapter_base``) or full ``model`` weights."""
-    from sectune import modeling
+    from sectune.models import modeling
 
     base = modeling.adapter_base(path, cfg) if kind == "adapter" else modeling.model_path(cfg)
     if kind == "model":
@@ -339,7 +339,7 @@ def constrained_row(best: Row, policies, test: list[Window], batch_size: int, lo
     from sectune.data import auth_logs
 
     try:
-        from sectune.constrained import SchemaConstraint
+        from sectune.models.constrained import SchemaConstraint
     except ImportError as e:  # the module, or xgrammar inside it
         log(f"sectune: held-out table: no constrained row ({e})")
         return None

@@ -1,4 +1,4 @@
-"""write_evaluation output files and metrics; baselines' contracts (sectune.evaluation.classifier/baselines)."""
+"""write_evaluation output files and metrics; baselines' contracts (sectune/evaluation/classifier.py, baselines.py)."""
 
 import json
 import re

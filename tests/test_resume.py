@@ -143,6 +143,32 @@ def test_resuming_checkpoints_trained_with_other_settings_is_an_error_naming_the
                                          f"train.resume=auto ({ckpt})")
 
 
+def test_resuming_on_another_number_of_processes_is_an_error_naming_both(tmp_path, monkeypatch):
+    """N processes train on N x the batch: checkpoints written by 1 process resumed under torchrun with 2 continued on twice
+    the global batch and without rank 1's RNG state (a torchrun audit; transformers only logs it). Records from before the
+    process count was recorded are 1-process ones."""
+    import pytest
+
+    from conftest import compose
+    from sectune.errors import ConfigError
+    from sectune.training import checkpoints, distributed
+
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    checkpoints.resolve_resume(compose(["logger=none"]), ckpt_dir)
+    record = json.loads((ckpt_dir / checkpoints.RESUME_RECORD).read_text())
+    assert record["processes"] == 1
+    ckpt = ckpt_dir / "checkpoint-4"
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match=r"other settings \(processes: 1 there, 2 now\)"):
+        checkpoints._check_same_training(compose(["logger=none"]), ckpt, "train.resume=auto")
+    record.pop("processes")  # an older record
+    (ckpt_dir / checkpoints.RESUME_RECORD).write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"processes: 1 there, 2 now"):
+        checkpoints._check_same_training(compose(["logger=none"]), ckpt, "train.resume=auto")
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    checkpoints._check_same_training(compose(["logger=none"]), ckpt, "train.resume=auto")  # the same count: fine
+
+
 def test_the_last_good_checkpoint_a_nan_report_names_holds_no_nan(tmp_path):
     """debug mode stopped at step 3 naming checkpoint-2 as the last good one; checkpoint-2 had logged eval_loss NaN and
     held weights of ~1e30."""

@@ -176,13 +176,17 @@ RESUMABLE = {"resume", "max_steps", "epochs", "save_steps", "save_total_limit", 
 
 def training_settings(cfg: DictConfig, root: Path) -> dict:
     """Flat ``{key: value}`` of what the weights depend on: model, quantization, LoRA, loss, data, the stage's own
-    group and train.* beyond :data:`RESUMABLE`; paths under ``root`` written relative to it (a moved pipeline)."""
+    group, train.* beyond :data:`RESUMABLE` and the number of processes; paths under ``root`` written relative to it (a moved pipeline)."""
     from omegaconf import OmegaConf
 
     from sectune.runner import relative_to_root
 
+    from sectune.training import distributed
+
     groups = ["model", "quantization", "lora", "loss", "dataset", "train", str(cfg.stage.name)]
-    flat: dict = {"stage": str(cfg.stage.name)}
+    # N processes train on N x train.batch_size: resumed on another count, a run continued on another global batch
+    # without the other ranks' RNG state
+    flat: dict = {"stage": str(cfg.stage.name), "processes": distributed.world_size()}
 
     def walk(prefix: str, value) -> None:
         if isinstance(value, dict):
@@ -246,6 +250,7 @@ def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:
         return  # checkpoints from before the record (or a damaged record): nothing to compare
     if not isinstance(before, dict):
         return
+    before.setdefault("processes", 1)  # recorded since session 27: the records before are of 1-process runs
     now = json.loads(json.dumps(training_settings(cfg, ckpt.parent.parent.parent), default=str))
     diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if diff:

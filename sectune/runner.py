@@ -35,7 +35,7 @@ from sectune.run_guard import (  # noqa: F401
     _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
     WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
     artifacts_untouched, damaged_artifact, foreign_result, keep_artifact_copies, keep_run_config, recorded_warnings,
-    relocate_set_aside, restore_artifact_copies, restore_run_config)
+    relocate_set_aside, restore_artifact_copies, restore_run_config, write_json_atomic, write_text_atomic)
 
 #: what other modules (and the tests) import from runner, some of it defined in run_guard
 __all__ = ["_LOCKS", "FAILED_CONFIG_DIR", "RUN_CONFIG_FILES", "RUNNING_CONFIG_DIR", "SUCCEEDED_CONFIG_DIR", "WEIGHT_ARTIFACTS",
@@ -170,30 +170,6 @@ def relative_to_root(obj: Any, root: str) -> Any:
     if isinstance(obj, str) and (obj == root or obj.startswith(root + "/")):
         return "<root>" + obj[len(root):]
     return obj
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename: after a power loss the name holds the whole file, not none of it
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 def skip_digest(cfg: DictConfig, run_dir: Path | None = None) -> str:

@@ -86,7 +86,7 @@ def reuse(cfg: DictConfig, run_dir: Path, digest: str, write: bool) -> dict | No
     if found is None:
         return None
     res, earlier = found
-    from sectune.runner import damaged_artifact
+    from sectune.run_guard import damaged_artifact
 
     if (why := damaged_artifact(earlier, res)) is not None:
         print(f"sectune: config {digest} succeeded in {earlier}, but {why}; trained again (sweep.skip_done=true)")
@@ -105,7 +105,7 @@ def reuse(cfg: DictConfig, run_dir: Path, digest: str, write: bool) -> dict | No
     out["reused_from"] = str(earlier.resolve())
     out["skipped"] = True
     if write:
-        from sectune.runner import write_json_atomic
+        from sectune.run_guard import write_json_atomic
 
         write_json_atomic(run_dir / RESULT_FILE, out)
     print(f"sectune: config {digest} already succeeded in {earlier}; reused its result (sweep.skip_done=true)")
@@ -114,7 +114,7 @@ def reuse(cfg: DictConfig, run_dir: Path, digest: str, write: bool) -> dict | No
 
 def record_done(cfg: DictConfig, run_dir: Path, digest: str) -> None:
     """Index a succeeded sweep job so a later sweep with ``skip_done`` finds it."""
-    from sectune.runner import write_json_atomic
+    from sectune.run_guard import write_json_atomic
 
     try:
         write_json_atomic(index_dir(cfg) / f"{digest}.json", {"run_dir": str(run_dir.resolve()), "stage": cfg.stage.name})

@@ -240,3 +240,17 @@ def test_every_job_of_a_grid_sweep_is_checked_before_the_first_one_runs(tmp_path
         proc = multirun(["stage=plan", "logger=none", swept], sweep, timeout=300)
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-1500:]
         assert not sweep.exists()
+
+
+def test_sweeps_imports_nothing_from_the_runner_that_imports_it():
+    """DESIGN.md's runner <-> sweeps import circle: sweeps took damaged_artifact and write_json_atomic from runner, which
+    imports sweeps at its top. Both come from run_guard (a leaf) now."""
+    import ast
+
+    from sectune import sweeps
+
+    tree = ast.parse(open(sweeps.__file__).read())
+    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    names += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
+    assert "sectune.run_guard" in names
+    assert not [n for n in names if n and (n == "sectune.runner" or n.endswith("sectune.runner"))], names

@@ -60,24 +60,27 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=["stage=sft", "train.device=cuda", "plan.device=cuda", "logger=none", *overrides])
 
 
-def random_weights(cfg, work: Path) -> Path:
-    """The preset's architecture with random weights, saved once, with sectune's tiny tokenizer."""
+def random_weights(cfg, work: Path, device: str = "cuda", shrink: bool = False) -> Path:
+    """The preset's architecture with random weights, saved once, with sectune's tiny tokenizer. ``shrink``: 2 layers
+    64 wide with the preset's vocabulary, for a dry run of a bench's path on a CPU (its memory says nothing)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sectune.models import modeling
 
-    a = cfg.model.arch
-    if a.family != "llama":
+    a = dict(cfg.model.arch)
+    if a["family"] != "llama":
         raise SystemExit(f"model={cfg.model.name}: only llama-family presets are built here")
-    out = work / cfg.model.name
+    if shrink:
+        a.update(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+    out = work / (cfg.model.name + ("_shrunk" if shrink else ""))
     if (out / "config.json").is_file():
         return out
-    conf = LlamaConfig(hidden_size=a.hidden_size, num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads,
-                       num_key_value_heads=a.num_kv_heads, intermediate_size=a.intermediate_size,
-                       vocab_size=a.vocab_size, tie_word_embeddings=bool(a.tie_embeddings),
+    conf = LlamaConfig(hidden_size=a["hidden_size"], num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"],
+                       num_key_value_heads=a["num_kv_heads"], intermediate_size=a["intermediate_size"],
+                       vocab_size=a["vocab_size"], tie_word_embeddings=bool(a["tie_embeddings"]),
                        max_position_embeddings=max(4096, int(cfg.model.max_seq_length)))  # fmt: skip
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(conf).to(torch.bfloat16)
     tiny = compose(["model=tiny_llama"])
     tok = modeling.load_tokenizer(tiny)

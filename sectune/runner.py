@@ -293,11 +293,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     if sweeps.in_multirun():  # the jobs of a sweep share this process: each reports its own peaks, not the sweep's so far
         from sectune.training import engine
 
-        engine.reset_peak_rss()
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        engine.reset_peaks()
     handlers = _interrupt_on_signals()
     unscored = None  # the trial trained but has no sweep.objective to report: failed, its metrics kept
     heard = recorded_warnings(run_dir / CONSOLE_LOG if main else None).__enter__()

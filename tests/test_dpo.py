@@ -80,7 +80,7 @@ def test_quantized_policy_keeps_the_loaded_adapter_fp32_bit_for_bit(tmp_path):
     trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and {n.replace(".default", "") for n in trainable} == set(saved)
     for n, p in trainable.items():
-        assert p.dtype == torch.float32 and torch.equal(p.detach(), saved[n.replace(".default", "")]), n
+        assert p.dtype == torch.float32 and torch.equal(p.detach().cpu(), saved[n.replace(".default", "")]), n
 
 
 def test_fresh_adapter_is_the_reference_exactly_and_the_loss_is_log2(tmp_path):

@@ -538,3 +538,29 @@ def test_a_step_that_would_load_an_earlier_steps_policy_onto_another_model_stops
     assert ("pipeline step dpo, before any step runs: it starts from the sft step's policy (dpo.init_from), which trains "
             "model=tiny_gpt2" in run.stderr and "this step loads model=tiny_llama" in run.stderr)
     assert not (tmp_path / "p" / "sft" / "result.json").exists()
+
+
+def test_each_pipeline_step_reports_its_own_peak_gpu_memory(tmp_path, monkeypatch):
+    """A step's result.json carried the largest GPU peak of every step before it (only peak RSS was restarted per step):
+    seed 000's reward step on one GPU reported the SFT step's peak. Each step now restarts both."""
+    import torch
+
+    from sectune.stages import pipeline
+    from sectune.training import engine
+
+    calls = []
+    monkeypatch.setattr(engine, "reset_peak_rss", lambda: calls.append("rss") or True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append("cuda"))
+    engine.reset_peaks()
+    assert calls == ["rss", "cuda"]
+
+    steps = []
+    monkeypatch.setattr(engine, "reset_peaks", lambda: steps.append(len(steps)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    over = ["stage=plan", "logger=none"]
+    for name in ("a", "b"):
+        step = pipeline.Step("plan", tmp_path / "p" / name, compose(over), over)
+        step.dir.mkdir(parents=True)
+        assert pipeline.run_step(step) == 0
+    assert steps == [0, 1]

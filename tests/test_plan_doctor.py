@@ -448,3 +448,41 @@ def test_the_rl_and_reward_checks_plan_the_lm_head_where_their_losses_run_it(tmp
     # (under gradient checkpointing the loss shares its memory with one layer's recompute: below that, fewer completion
     # tokens save nothing more)
     assert peak("rl", "rl.max_completion_length=64") <= peak("rl") < peak("rl", "rl.max_completion_length=512")
+
+
+def test_the_rl_check_counts_the_reward_model_it_loads_beside_the_policy(tmp_path):
+    """GRPO scores with the reward step's model, loaded as a second copy of the base (load_reward_model): seed 000's RL
+    step measured 20.06 GiB on an H100 (bench/gpu_stages.py, 2026-12-05) against 10.53 GiB planned without it. By hand,
+    that copy as loaded: nf4 decoder linears 6,979,321,856 x 0.5 + their double-quantized absmax (/64 x (1 + 4/256)) =
+    3.60 GB, the bf16 embeddings, norms and a one-wide score head (525,611,008 x 2) = 1.05 GB, no LM head: 4.65 GB, plus
+    the adapter file. The heuristic fallback and an unweighted reward model load nothing."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sectune.training.memory import memory_check
+
+    run = tmp_path / "reward"
+    folder = run / "reward_model"
+    folder.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"stage": "reward", "status": "succeeded", "artifacts": {"reward_model": "reward_model"}}))
+    (folder / "adapter_config.json").write_text("{}")
+    save_file({"w": torch.zeros(1000, 1000)}, str(folder / "adapter_model.safetensors"))
+    adapter = (folder / "adapter_model.safetensors").stat().st_size
+    meta = {"kind": "trained", "quantization": "nf4", "base_model": "x", "max_length": 1024}
+    (folder / "reward_model.json").write_text(json.dumps(meta))
+
+    def check(weight=None):
+        cfg = auth_grpo_step("rl", tmp_path)
+        if weight is not None:  # (the pipeline itself weighs its reward step's model: set on the step's config)
+            cfg.rl.rewards.reward_model = weight
+        fits, why = memory_check(cfg, sequences_per_example=4)
+        return float(why.split()[2]), why
+
+    peak, why = check()
+    assert abs(peak - (11.31 + 4.65 + adapter / 1e9)) <= 0.011, why
+    assert "with the reward model, a second nf4 copy of the base without its LM head, 4.66 GB" in why  # + the 4 MB adapter
+    assert check(weight=0.0)[0] == 11.31
+    meta["kind"] = "heuristic"
+    (folder / "reward_model.json").write_text(json.dumps(meta))
+    peak, why = check()
+    assert peak == 11.31 and "reward model" not in why

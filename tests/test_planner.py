@@ -240,3 +240,16 @@ def test_offload_split_by_hand():
     assert split(cpu="8GiB") is None and split(device_map="cpu", **{"0": "4GiB"}) is None and split() is None
     with pytest.raises(ConfigError, match=r"model.max_memory.0='7 gigs': write a size accelerate reads"):
         split(**{"0": "7 gigs"})
+
+
+def test_the_scoring_copy_of_a_model_is_its_decoder_embeddings_and_a_score_head_without_the_lm_head():
+    """A 1-layer Llama, hidden 8, 2 heads (kv 2), MLP 16, vocab 10, untied, by hand: linears q,k,v,o 4 x 64 + gate, up,
+    down 3 x 128 = 640 weights; embeddings 80 + 3 norms x 8 + a score head 8 = 112; no LM head. bf16: (640 + 112) x 2 =
+    1,504 bytes. nf4: 640 x 0.5 + 640 / 64 x (1 + 4/256) = 330.16 for the linears, + 224 = 554."""
+    from sectune.training.planner import scorer_weight_bytes
+
+    arch = {"family": "llama", "hidden_size": 8, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 16,
+            "vocab_size": 10, "tie_embeddings": False}
+    assert scorer_weight_bytes(arch, "none", "bf16") == 1504
+    assert scorer_weight_bytes(arch, "nf4", "bf16") == 554
+    assert scorer_weight_bytes({**arch, "tie_embeddings": True}, "none", "bf16") == 1504  # tied: the head was the embeddings

@@ -406,7 +406,7 @@ def check_inputs(step: Step, by_name: dict[str, Step]) -> None:
 def run_step(step: Step) -> int:
     from sectune.training import engine
 
-    engine.reset_peak_rss()  # each step's peak RSS is its own
+    engine.reset_peaks()  # each step's peak RSS and peak GPU memory are its own (a step's were the pipeline's so far)
     with open_dict(step.cfg):  # in a sweep the trial is the pipeline (its result scores it), not each of its steps
         step.cfg.sweep.objective = None
     try:

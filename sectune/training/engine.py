@@ -264,6 +264,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def reset_peaks() -> None:
+    """Restart this process's peak RSS and (when CUDA is up) torch's peak GPU memory: a sweep's job or a pipeline's
+    step then reports its own peaks in result.json, not the largest of everything the process ran before it."""
+    reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory() -> dict:
     """Peak resident memory of this process (and of CUDA, when used), in bytes."""
     out = {"peak_rss_bytes": peak_rss_bytes()}

@@ -44,12 +44,7 @@ def memory_check(cfg, sequences_per_example: int = 1) -> tuple[bool, str]:
     """(fits, why): the predicted peak of ``train.batch_size × sequences_per_example`` sequences (2 for
     chosen + rejected, G for GRPO's group), the LM head on the positions :func:`logit_positions` names, against the device's free memory
     (``reward.memory_limit_gb`` overrides it)."""
-    from sectune.stages import plan
-
-    c = OmegaConf.merge(cfg, {"plan": {"batch_size": sequences_per_example * int(cfg.train.batch_size)}})
-    if cfg.stage.name in NO_SELECTIVE_CHECKPOINTING:  # these stages do not apply it: plan their activations without it
-        c.train.selective_checkpointing = False
-    budget, info = plan.estimate(c, logit_tokens=logit_positions(cfg, int(c.plan.batch_size)))
+    need, budget, info = step_need(cfg, sequences_per_example)
     if cfg.reward.memory_limit_gb is not None:
         free, where = float(cfg.reward.memory_limit_gb) * 1e9, "reward.memory_limit_gb"
     elif info["device"] == "cuda":
@@ -57,9 +52,58 @@ def memory_check(cfg, sequences_per_example: int = 1) -> tuple[bool, str]:
     else:
         free, where = available_ram(), "available RAM"
     off = info.get("offload")
-    need = float(off["gpu_bytes"] if off else budget.total)
     what = f"{info['model']}, {info['quantization']}" + (f"; {offload_text(off)}" if off else "")
+    if info["reward_model_bytes"]:
+        what += f"; with {info['reward_model_note']}"
     return need <= free and (not off or off["fits"]), f"predicted peak {need / 1e9:.2f} GB ({what}) vs {free / 1e9:.2f} GB {where}"
+
+
+def step_need(cfg, sequences_per_example: int = 1) -> tuple[float, object, dict]:
+    """(bytes the device must hold, the planner's budget, its info) for one step of ``train.batch_size ×
+    sequences_per_example`` sequences as this stage runs it: the GPU side of an offload split, else the whole budget
+    (bench/gpu_stages.py holds it against each pipeline step's measured peak)."""
+    from sectune.stages import plan
+
+    c = OmegaConf.merge(cfg, {"plan": {"batch_size": sequences_per_example * int(cfg.train.batch_size)}})
+    if cfg.stage.name in NO_SELECTIVE_CHECKPOINTING:  # these stages do not apply it: plan their activations without it
+        c.train.selective_checkpointing = False
+    budget, info = plan.estimate(c, logit_tokens=logit_positions(cfg, int(c.plan.batch_size)))
+    off = info.get("offload")
+    info["reward_model_bytes"], info["reward_model_note"] = reward_model_bytes(cfg)
+    return float(off["gpu_bytes"] if off else budget.total) + info["reward_model_bytes"], budget, info
+
+
+def reward_model_bytes(cfg) -> tuple[int, str]:
+    """(bytes, what) of the trained reward model GRPO scores with, loaded on the device beside the policy: its own copy
+    of the base (``sectune.models.reward_model.load_reward_model``). Uncounted, seed 000's RL step measured 20.06 GiB on
+    an H100 against 10.53 GiB planned (bench/gpu_stages.py). (0, "") when none is loaded: another stage or loss,
+    ``rl.rewards.reward_model`` 0, the heuristic fallback, or a folder the stage will refuse by name when it loads it."""
+    if cfg.stage.name != "rl" or cfg.loss.name != "grpo" or not cfg.rl.reward_model:
+        return 0, ""
+    if not float((cfg.rl.rewards or {}).get("reward_model", 0) or 0):
+        return 0, ""
+    import json
+
+    from sectune.models.reward_model import META_FILE, reward_model_dir
+    from sectune.stages import plan
+    from sectune.training import planner
+
+    try:
+        d = reward_model_dir(cfg.rl.reward_model)
+        meta = json.loads((d / META_FILE).read_text())
+    except (ConfigError, OSError, ValueError):
+        return 0, ""
+    if meta.get("kind") == "heuristic":
+        return 0, ""
+    if not (d / "adapter_config.json").is_file():  # a whole model (reward.init_from=sft, lora=none): its saved weights
+        n = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+        return n, f"the reward model's {n / 1e9:.2f} GB of weights"
+    q = meta.get("quantization", "none")
+    q = q if cfg.quantization.name == q else "none"  # load_reward_model quantizes only under the same quantization
+    arch, _ = plan.model_arch(cfg.model, cfg)  # its base: the policy's (a pipeline's reward step trains on the same model)
+    dtype = "bf16" if cfg.model.dtype == "auto" else str(cfg.model.dtype)
+    n = planner.scorer_weight_bytes(arch, q, dtype) + sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    return n, f"the reward model, a second {q} copy of the base without its LM head, {n / 1e9:.2f} GB"
 
 
 def available_ram() -> float:

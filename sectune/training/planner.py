@@ -197,6 +197,21 @@ def largest_block_bytes(arch: dict, quantization: str = "none", dtype: str = "bf
     return int(max(one_layer, v * h * a))
 
 
+def scorer_weight_bytes(arch: dict, quantization: str = "none", dtype: str = "bf16") -> int:
+    """Bytes, as loaded for scoring (no fp32 upcast: no ``prepare_model_for_kbit_training``), of a sequence-classification
+    copy of this architecture: the decoder (its linears quantized), the embeddings and norms, a one-wide score head and no
+    LM head. The GRPO step holds one beside the policy when a trained reward model is weighted (``rl.rewards.reward_model``)."""
+    a = DTYPE_BYTES[dtype]
+    h, _, _, _, v = _dims(arch)
+    layer = linear_shapes(arch)
+    L = int(arch["num_layers"])
+    other = [s for s in _other_tensors(arch)]
+    if arch["family"] == "llama" and not arch.get("tie_embeddings", False):
+        other = other[:-1]  # the untied LM head (gpt2's is tied to the embeddings, counted once)
+    biases = L * sum(o for _, _, o, b in layer if b)
+    return int(L * _linear_weight_bytes(layer, quantization, a) + (biases + sum(_numel(s) for s in other) + h) * a)
+
+
 def _layer_activation_per_token(arch: dict, a: int, lora: list, r: int | None, lora_dropout: float) -> float:
     """Bytes autograd keeps per token for one decoder layer (no checkpointing)."""
     h, qd, kvd, i, _ = _dims(arch)

@@ -482,6 +482,13 @@ def test_the_rl_check_counts_the_reward_model_it_loads_beside_the_policy(tmp_pat
     assert abs(peak - (11.31 + 4.65 + adapter / 1e9)) <= 0.011, why
     assert "with the reward model, a second nf4 copy of the base without its LM head, 4.66 GB" in why  # + the 4 MB adapter
     assert check(weight=0.0)[0] == 11.31
+    # trained on the very weights the policy starts from: its adapter rides on the policy's model, nothing else loads
+    from sectune.models import modeling
+
+    meta["base_model"] = modeling.model_path(auth_grpo_step("rl", tmp_path))
+    (folder / "reward_model.json").write_text(json.dumps(meta))
+    peak, why = check()
+    assert abs(peak - (11.31 + adapter / 1e9)) <= 0.006 and "adapter and head on the policy's own base, 0.00 GB" in why, why
     meta["kind"] = "heuristic"
     (folder / "reward_model.json").write_text(json.dumps(meta))
     peak, why = check()

@@ -784,3 +784,76 @@ def test_sample_next_applies_temperature_top_k_and_top_p_as_generate_orders_them
     assert s[0] == pytest.approx(0.25 / 0.365, abs=0.03) and s[3] < 0.02
     s = shares()
     assert s[0] == pytest.approx(0.5, abs=0.03) and s[3] == pytest.approx(0.05, abs=0.02)
+
+
+# ------------------------------------------------------- the reward model on the policy's own base weights
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_a_lora_reward_model_scores_on_the_policys_own_base_and_leaves_the_policy_as_it_was(tmp_path, quant):
+    """GRPO loaded the reward model as a second copy of the base (seed 000's RL step: 4.65 GB of its 20.06 GiB on an H100).
+    A LoRA reward model trained on the weights the policy's adapter sits on now rides on the policy's model: its scores
+    equal those of the reward model as its stage trained it (to 1e-5), and the separate copy's (fp32: to 1e-5; nf4,
+    whose copy keeps norms and embeddings in the checkpoint's dtype where training had them in fp32: within 5% of the
+    score spread; 3.4% measured), and the policy comes back with its adapter active, its modes,
+    its trainable parameters and its outputs unchanged; the saved policy holds no reward adapter. A reward model trained
+    on other weights loads separately, as before."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+
+    from sectune.models import modeling
+    from sectune.models import reward_model as RM
+    from sectune.stages import rl
+
+    over = ["model=tiny_llama", "lora=r4_attention", f"quantization={quant}", "logger=none"]
+    run = sectune(["stage=reward", "loss=bradley_terry", "dataset=auth_preferences", "train.max_steps=2", "train.learning_rate=1e-2",
+                   "dataset.max_samples=12", "train.precision=fp32", *over], tmp_path / "reward", env=ONE_THREAD)
+    assert run.returncode == 0, run.stderr[-2000:]
+    folder = tmp_path / "reward" / run.result["artifacts"]["reward_model"]
+    cfg = compose([*UNIT, *over, "rl.rewards.reward_model=0.5", f"rl.reward_model={tmp_path / 'reward'}"])
+    base = modeling.model_path(cfg)
+    policy, *_ = rl.build_policy(cfg, base)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy adapter unlike the reward's: the wrong adapter active would change every score
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    policy.train()
+    ids = torch.arange(3, 40).view(1, -1)
+    torch.manual_seed(1)  # (train mode: LoRA dropout draws the same masks after a reseed)
+    before = policy(input_ids=ids).logits.detach().clone()
+    modes = {n: m.training for n, m in policy.named_modules()}
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+
+    separate = RM.load_reward_model(folder, cfg)
+    shared = RM.load_reward_model(folder, cfg, policy=policy, policy_base=base)
+    assert type(separate) is RM.TrainedRewardModel and type(shared) is RM.SharedBaseRewardModel
+    records = unit_records()
+    prompts = [r["prompt"] for r in records for _ in range(2)]
+    completions = [c for r in records for c in (r["completion"], r["completion"].replace("malicious", "benign")[:-9])]
+    # the reward model as its stage trained it: sectune's loader (nf4: prepare_model_for_kbit_training's fp32 norms and
+    # embeddings, as the policy's base has them) + its adapter and head
+    trained_as = modeling.load_model(cfg, task="seq_cls", num_labels=1, path=base)
+    trained_as.config.pad_token_id = separate.tokenizer.pad_token_id
+    trained_as = RM.TrainedRewardModel(PeftModel.from_pretrained(trained_as, str(folder)), separate.tokenizer, separate.max_length)
+    want, got = trained_as.score(prompts, completions), shared.score(prompts, completions)
+    spread = max(want) - min(want)
+    assert spread > 0 and all(abs(a - b) <= 1e-5 * max(1.0, spread) for a, b in zip(want, got)), (want, got)
+    # the separate copy (its norms and embeddings in the checkpoint's dtype under nf4) scores a little differently
+    copy = separate.score(prompts, completions)
+    assert all(abs(a - b) <= (1e-5 if quant == "none" else 0.05 * spread) for a, b in zip(copy, got)), (copy, got)
+
+    assert policy.active_adapter == "default" and {n: m.training for n, m in policy.named_modules()
+                                                   if RM.SHARED_ADAPTER not in n} == modes
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable  # the reward adapter frozen
+    torch.manual_seed(1)
+    torch.testing.assert_close(policy(input_ids=ids).logits, before)
+    # the saved policy is the policy's adapter alone
+    tokenizer = modeling.load_tokenizer(cfg)
+    rl.save_policy(SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m, keep_fp32_wrapper: m), model=policy),
+                   tokenizer, tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / RM.SHARED_ADAPTER).exists()
+    reloaded = PeftModel.from_pretrained(modeling.load_model(cfg, path=base), str(tmp_path / "adapter"))
+    assert list(reloaded.peft_config) == ["default"]
+    # trained on other weights: a separate copy
+    other, *_ = rl.build_policy(cfg, base)
+    assert type(RM.load_reward_model(folder, cfg, policy=other, policy_base=str(tmp_path))) is RM.TrainedRewardModel

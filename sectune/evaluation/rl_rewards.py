@@ -40,9 +40,11 @@ def model_reward(scorer, normalize: bool = True):
     return reward_model
 
 
-def reward_functions(cfg) -> tuple[list, list[float], str | None]:
+def reward_functions(cfg, policy=None, policy_base: str | None = None) -> tuple[list, list[float], str | None]:
     """(TRL reward functions, their weights, the reward model's kind). Every rule reward is scored and logged,
-    weighted or not (weight 0 when ``rl.rewards`` leaves it out); the reward model only when weighted."""
+    weighted or not (weight 0 when ``rl.rewards`` leaves it out); the reward model only when weighted. With the GRPO
+    ``policy`` and the weights its adapter sits on, a LoRA reward model trained on those weights scores on the
+    policy's own model (``reward_model.share_with_policy``) rather than a second copy of them."""
     from omegaconf import OmegaConf
 
     given = OmegaConf.to_container(cfg.rl.rewards, resolve=True) if cfg.rl.rewards is not None else {}
@@ -61,7 +63,7 @@ def reward_functions(cfg) -> tuple[list, list[float], str | None]:
         from sectune.models.reward_model import load_reward_model
 
         try:
-            scorer = load_reward_model(cfg.rl.reward_model, cfg)
+            scorer = load_reward_model(cfg.rl.reward_model, cfg, policy=policy, policy_base=policy_base)
         except ConfigError as e:  # "<path>: no reward model there" named no setting
             raise ConfigError(f"rl.reward_model={cfg.rl.reward_model}: {e}" if "rl.reward_model" not in str(e) else str(e)) from None
         normalize = bool(cfg.rl.normalize_reward_model)
@@ -69,7 +71,8 @@ def reward_functions(cfg) -> tuple[list, list[float], str | None]:
             raise ConfigError(f"rl.reward_model={cfg.rl.reward_model}: this reward model has no score statistics (saved by an "
                               "older sectune): rerun its stage=reward, or set rl.normalize_reward_model=false for raw scores")
         kind = scorer.kind
-        print(f"sectune: reward model ({scorer.kind}) from {cfg.rl.reward_model}")
+        shared = " (its LoRA adapter on the policy's own base weights: no second copy of them)" if hasattr(scorer, "head") else ""
+        print(f"sectune: reward model ({scorer.kind}) from {cfg.rl.reward_model}{shared}")
         warn_if_chance(cfg.rl.reward_model, weights["reward_model"])
         funcs.append(model_reward(scorer, normalize))
         w.append(weights["reward_model"])

@@ -113,8 +113,8 @@ GPU_CHECK = (
     f"within 1% of the measurement, but the peak footprint was 1.10-{GPU_MARGIN['bf16']}x this total with bf16 autocast "
     f"or nf4 ({GPU_MARGIN['fp32']}x in fp32; activations 1.05-1.29x, CUDA context ~0.9 GB, caching-allocator slack 1-2.3 GB); "
     "keep that margin, or run bench/gpu_memory.py on your GPU. Seed 000's pipeline on one H100 (bench/gpu_stages.py, "
-    "2026-12-05): its SFT step 1.15x, reward step 0.94x, GRPO step 1.35x the memory check's plan (sampling and the reward "
-    "model it loads included)"
+    "2026-12-05): its SFT step 1.15x, reward step 0.94x, GRPO step 1.35x the memory check's plan (sampling included, and "
+    "the reward model's second copy of the base it then loaded; it now shares the policy's, ~1.5x expected without it)"
 )
 GPU_CHECK_INT8 = f"; with int8 it was {GPU_MARGIN['int8']}x"
 

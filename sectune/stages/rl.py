@@ -110,10 +110,14 @@ def base_model_artifact(sft_weights: Path | None, run_dir: Path) -> dict:
 
 
 def save_policy(trainer, tokenizer, out: Path):
-    """The adapter alone (TRL's frozen "ref" copy dropped), loadable with plain ``PeftModel.from_pretrained``."""
+    """The adapter alone (TRL's frozen "ref" copy and a shared reward adapter dropped), loadable with plain
+    ``PeftModel.from_pretrained``."""
+    from sectune.models.reward_model import SHARED_ADAPTER
+
     policy = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    if "ref" in policy.peft_config:
-        policy.delete_adapter("ref")
+    for name in ("ref", SHARED_ADAPTER):  # TRL's frozen reference copy; the reward model riding on the policy's base
+        if name in policy.peft_config:
+            policy.delete_adapter(name)
     modeling.save_pretrained_atomic(policy, tokenizer, out)
 
 
@@ -170,14 +174,14 @@ def run_grpo(ctx: RunContext) -> dict:
         raise ConfigError(f"rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions per prompt to compare them")
     if not float(rl.keep_best_se) >= 0:
         raise ConfigError(f"rl.keep_best_se={rl.keep_best_se}: must be >= 0 (standard errors a later step's held-out gain must exceed; 0 = any gain)")
-    reward_funcs, weights, reward_kind = reward_functions(cfg)
-
     # 1. model: the SFT policy, trainable
     path = modeling.model_path(cfg)
     model, start, fresh, sft_weights, init_folder = build_policy(cfg, path)
     tokenizer = modeling.tokenizer_for(cfg, init_folder, path)  # the one saved with the weights it starts from
     trainable, total = modeling.trainable_parameters(model)
     print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}")
+    # a LoRA reward model trained on the weights the policy's adapter sits on scores on the policy's model
+    reward_funcs, weights, reward_kind = reward_functions(cfg, policy=model, policy_base=str(sft_weights or path))
 
     # 2. data: the train windows' prompts; the annotation rides along for the rewards
     splits = data.sft_splits(cfg)

@@ -75,8 +75,9 @@ def step_need(cfg, sequences_per_example: int = 1) -> tuple[float, object, dict]
 
 def reward_model_bytes(cfg) -> tuple[int, str]:
     """(bytes, what) of the trained reward model GRPO scores with, loaded on the device beside the policy: its own copy
-    of the base (``sectune.models.reward_model.load_reward_model``). Uncounted, seed 000's RL step measured 20.06 GiB on
-    an H100 against 10.53 GiB planned (bench/gpu_stages.py). (0, "") when none is loaded: another stage or loss,
+    of the base (``sectune.models.reward_model.load_reward_model``), or, when it is a LoRA adapter trained on the base the
+    policy starts from, its adapter and head alone on the policy's model (``share_with_policy``). Uncounted, seed 000's RL
+    step measured 20.06 GiB on an H100 with the second copy, against 10.53 GiB planned (bench/gpu_stages.py). (0, "") when none is loaded: another stage or loss,
     ``rl.rewards.reward_model`` 0, the heuristic fallback, or a folder the stage will refuse by name when it loads it."""
     if cfg.stage.name != "rl" or cfg.loss.name != "grpo" or not cfg.rl.reward_model:
         return 0, ""
@@ -84,7 +85,8 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
         return 0, ""
     import json
 
-    from sectune.models.reward_model import META_FILE, reward_model_dir
+    from sectune.models import modeling
+    from sectune.models.reward_model import META_FILE, same_weights, reward_model_dir
     from sectune.stages import plan
     from sectune.training import planner
 
@@ -98,11 +100,16 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
     if not (d / "adapter_config.json").is_file():  # a whole model (reward.init_from=sft, lora=none): its saved weights
         n = sum(f.stat().st_size for f in d.glob("*.safetensors"))
         return n, f"the reward model's {n / 1e9:.2f} GB of weights"
+    adapter = sum(f.stat().st_size for f in d.glob("*.safetensors"))
     q = meta.get("quantization", "none")
+    if q == cfg.quantization.name and same_weights(str(meta.get("base_model") or ""), str(modeling.model_path(cfg))):
+        # trained on the base the policy's adapter sits on: it rides on the policy's model (reward_model.share_with_policy).
+        # (A policy on other weights, SFT full weights or a warm-up's, loads it separately: counted below, the safe side.)
+        return adapter, f"the reward model's adapter and head on the policy's own base, {adapter / 1e9:.2f} GB"
     q = q if cfg.quantization.name == q else "none"  # load_reward_model quantizes only under the same quantization
     arch, _ = plan.model_arch(cfg.model, cfg)  # its base: the policy's (a pipeline's reward step trains on the same model)
     dtype = "bf16" if cfg.model.dtype == "auto" else str(cfg.model.dtype)
-    n = planner.scorer_weight_bytes(arch, q, dtype) + sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    n = planner.scorer_weight_bytes(arch, q, dtype) + adapter
     return n, f"the reward model, a second {q} copy of the base without its LM head, {n / 1e9:.2f} GB"
 
 

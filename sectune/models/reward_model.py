@@ -210,7 +210,6 @@ class TrainedRewardModel:
                     out[i] = r
         return out
 
-
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 

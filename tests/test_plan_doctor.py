@@ -493,3 +493,39 @@ def test_the_rl_check_counts_the_reward_model_it_loads_beside_the_policy(tmp_pat
     (folder / "reward_model.json").write_text(json.dumps(meta))
     peak, why = check()
     assert peak == 11.31 and "reward model" not in why
+
+
+def test_the_rl_check_shares_the_reward_model_only_when_the_stage_will_on_the_policys_own_weights(tmp_path):
+    """The check decided from model.name_or_path whether the reward model's adapter rides on the policy's model, the
+    stage from the weights the policy's adapter sits on (rl.init_from's): a policy on SFT full weights (an SFT run with
+    lora=none) loads a reward model trained on the base model separately, which the check left out (4.65 GB for seed
+    000's 8B nf4); and a reward model trained on those SFT weights (reward.init_from) rides on the policy, which the check
+    counted as a second copy."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sectune.models import modeling
+    from sectune.training.memory import reward_model_bytes
+
+    sft = tmp_path / "sft" / "model"
+    sft.mkdir(parents=True)
+    (sft / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(4)}, str(sft / "model.safetensors"))
+    folder = tmp_path / "reward_model"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    save_file({"w": torch.zeros(100, 100)}, str(folder / "adapter_model.safetensors"))
+    adapter = (folder / "adapter_model.safetensors").stat().st_size
+
+    def planned(reward_base, init_from):
+        (folder / "reward_model.json").write_text(json.dumps({"kind": "trained", "quantization": "nf4", "base_model": reward_base,
+                                                               "max_length": 1024}))
+        cfg = auth_grpo_step("rl", tmp_path)
+        cfg.rl.reward_model, cfg.rl.init_from = str(folder), init_from
+        return reward_model_bytes(cfg)[0]
+
+    base = modeling.model_path(auth_grpo_step("rl", tmp_path))
+    assert planned(base, None) == adapter  # the policy's fresh adapter sits on the base model: shared
+    assert planned(base, str(sft)) > 4.6e9  # on the SFT weights: the reward model loads as a second copy
+    assert planned(str(sft), str(sft)) == adapter  # trained on those SFT weights: shared
+    assert planned(str(sft), None) > 4.6e9

@@ -103,6 +103,21 @@ def build_policy(cfg, path: str):
         return modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), "a fresh LoRA adapter (rl.allow_fresh_adapter)", True, None, None
 
 
+def policy_weights(cfg) -> str:
+    """The weights :func:`build_policy`'s adapter will sit on, read without loading them: ``rl.init_from``'s SFT full
+    weights, the base its SFT adapter was trained on (``modeling.adapter_base``), else ``model.name_or_path`` (no or an
+    unloadable ``rl.init_from``: the fresh adapter's, or the stage refuses it by name). The memory check decides with it
+    whether the reward model rides on the policy's model (``reward_model.share_with_policy``), as the stage will."""
+    path = modeling.model_path(cfg)
+    if not cfg.rl.init_from:
+        return path
+    try:
+        kind, folder = init_source(str(cfg.rl.init_from))
+        return str(folder) if kind == "model" else modeling.adapter_base(folder, cfg)
+    except ConfigError:
+        return path
+
+
 def base_model_artifact(sft_weights: Path | None, run_dir: Path) -> dict:
     """``artifacts.base_model``: when the adapter sits on SFT full weights rather than ``model.name_or_path``,
     where those weights are (relative to the run dir; adapter_config.json names them too)."""

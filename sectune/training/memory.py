@@ -85,9 +85,9 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
         return 0, ""
     import json
 
-    from sectune.models import modeling
     from sectune.models.reward_model import META_FILE, same_weights, reward_model_dir
     from sectune.stages import plan
+    from sectune.stages.rl import policy_weights
     from sectune.training import planner
 
     try:
@@ -102,9 +102,11 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
         return n, f"the reward model's {n / 1e9:.2f} GB of weights"
     adapter = sum(f.stat().st_size for f in d.glob("*.safetensors"))
     q = meta.get("quantization", "none")
-    if q == cfg.quantization.name and same_weights(str(meta.get("base_model") or ""), str(modeling.model_path(cfg))):
-        # trained on the base the policy's adapter sits on: it rides on the policy's model (reward_model.share_with_policy).
-        # (A policy on other weights, SFT full weights or a warm-up's, loads it separately: counted below, the safe side.)
+    if q == cfg.quantization.name and same_weights(str(meta.get("base_model") or ""), policy_weights(cfg)):
+        # trained on the weights the policy's adapter sits on (rl.init_from's SFT full weights, or the base its SFT adapter
+        # was trained on, as the stage resolves them): it rides on the policy's model (reward_model.share_with_policy).
+        # (It compared with model.name_or_path: a policy on SFT full weights was planned without the separate copy the
+        # stage then loaded, and a reward model trained on those same weights with one it never loaded.)
         return adapter, f"the reward model's adapter and head on the policy's own base, {adapter / 1e9:.2f} GB"
     q = q if cfg.quantization.name == q else "none"  # load_reward_model quantizes only under the same quantization
     arch, _ = plan.model_arch(cfg.model, cfg)  # its base: the policy's (a pipeline's reward step trains on the same model)

@@ -466,7 +466,8 @@ def test_the_rl_check_counts_the_reward_model_it_loads_beside_the_policy(tmp_pat
     folder.mkdir(parents=True)
     (run / "result.json").write_text(json.dumps({"stage": "reward", "status": "succeeded", "artifacts": {"reward_model": "reward_model"}}))
     (folder / "adapter_config.json").write_text("{}")
-    save_file({"w": torch.zeros(1000, 1000)}, str(folder / "adapter_model.safetensors"))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1000, 1000)},
+              str(folder / "adapter_model.safetensors"))
     adapter = (folder / "adapter_model.safetensors").stat().st_size
     meta = {"kind": "trained", "quantization": "nf4", "base_model": "x", "max_length": 1024}
     (folder / "reward_model.json").write_text(json.dumps(meta))
@@ -514,7 +515,8 @@ def test_the_rl_check_shares_the_reward_model_only_when_the_stage_will_on_the_po
     folder = tmp_path / "reward_model"
     folder.mkdir()
     (folder / "adapter_config.json").write_text("{}")
-    save_file({"w": torch.zeros(100, 100)}, str(folder / "adapter_model.safetensors"))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(100, 100)},
+              str(folder / "adapter_model.safetensors"))
     adapter = (folder / "adapter_model.safetensors").stat().st_size
 
     def planned(reward_base, init_from):
@@ -529,3 +531,7 @@ def test_the_rl_check_shares_the_reward_model_only_when_the_stage_will_on_the_po
     assert planned(base, str(sft)) > 4.6e9  # on the SFT weights: the reward model loads as a second copy
     assert planned(str(sft), str(sft)) == adapter  # trained on those SFT weights: shared
     assert planned(str(sft), None) > 4.6e9
+    # an adapter that trained base weights beside its LoRA (lora.bias, lora.modules_to_save) loads separately
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(100, 100),
+               "base_model.model.model.embed_tokens.weight": torch.zeros(4)}, str(folder / "adapter_model.safetensors"))
+    assert planned(base, None) > 4.6e9

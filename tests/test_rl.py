@@ -857,3 +857,45 @@ def test_a_lora_reward_model_scores_on_the_policys_own_base_and_leaves_the_polic
     # trained on other weights: a separate copy
     other, *_ = rl.build_policy(cfg, base)
     assert type(RM.load_reward_model(folder, cfg, policy=other, policy_base=str(tmp_path))) is RM.TrainedRewardModel
+
+
+@pytest.mark.parametrize("trained", ["modules_to_save", "bias"])
+def test_a_reward_adapter_that_trained_base_weights_loads_separately_and_leaves_the_policys_base_alone(tmp_path, trained):
+    """A reward model trained with lora.modules_to_save (the embeddings here) or lora.bias=all saves those base weights
+    in its adapter file. Riding on the policy's model, loading them there replaced the policy's own (its outputs moved by
+    ~1-3 on tiny_llama / tiny_gpt2, and so did the disabled adapter GRPO's reference is): such a reward model now loads
+    separately."""
+    import json as _json
+
+    from peft import LoraConfig, get_peft_model
+
+    from sectune.models import modeling
+    from sectune.models import reward_model as RM
+    from sectune.stages import rl
+
+    model = "tiny_llama" if trained == "modules_to_save" else "tiny_gpt2"
+    cfg = compose([*UNIT, f"model={model}", "lora=r4_attention", "rl.rewards.reward_model=0.5", f"rl.reward_model={tmp_path}"])
+    base = modeling.model_path(cfg)
+    tokenizer = modeling.load_tokenizer(cfg)
+    scorer = modeling.load_model(cfg, task="seq_cls", num_labels=1, path=base)
+    scorer.config.pad_token_id = tokenizer.pad_token_id
+    gpt2 = model == "tiny_gpt2"
+    scorer = get_peft_model(scorer, LoraConfig(r=4, target_modules=["c_attn"] if gpt2 else ["q_proj", "v_proj"], fan_in_fan_out=gpt2,
+                                               task_type="SEQ_CLS", bias="all" if trained == "bias" else "none",
+                                               modules_to_save=["embed_tokens"] if trained == "modules_to_save" else None))
+    torch.manual_seed(0)
+    with torch.no_grad():  # as training would have moved them
+        for n, p in scorer.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    scorer.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    (tmp_path / RM.META_FILE).write_text(_json.dumps({"kind": "trained", "base_model": base, "max_length": 256, "quantization": "none"}))
+
+    policy, *_ = rl.build_policy(cfg, base)
+    policy.eval()
+    ids = torch.arange(3, 40).view(1, -1)
+    before = policy(input_ids=ids).logits.detach().clone()
+    got = RM.load_reward_model(tmp_path, cfg, policy=policy, policy_base=base)
+    assert type(got) is RM.TrainedRewardModel and list(policy.peft_config) == ["default"]
+    torch.testing.assert_close(policy(input_ids=ids).logits, before)

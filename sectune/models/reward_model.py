@@ -283,6 +283,8 @@ def share_with_policy(d: Path, meta: dict, policy, policy_base: str | None, cfg,
     head_weight = state.pop(SCORE_HEAD_KEY, None)
     if head_weight is None or head_weight.shape[0] != 1:
         return None  # check_head names what is wrong when the separate copy loads
+    if not lora_tensors_only(state):  # loaded on the policy's model they would replace the policy's own base weights
+        return None
     conf.modules_to_save, conf.task_type, conf.inference_mode = None, "CAUSAL_LM", True
     policy.add_adapter(SHARED_ADAPTER, conf)
     loaded = set_peft_model_state_dict(policy, state, adapter_name=SHARED_ADAPTER)
@@ -300,6 +302,14 @@ def share_with_policy(d: Path, meta: dict, policy, policy_base: str | None, cfg,
         head.weight.copy_(head_weight.float())
     head.requires_grad_(False)
     return SharedBaseRewardModel(policy, head, tokenizer, int(meta["max_length"]), batch_size, norm=norm)
+
+
+def lora_tensors_only(keys) -> bool:
+    """A reward adapter's tensors (its score head left out) are LoRA's alone: no base weights it trained beside them
+    (``lora.bias`` all / lora_only: the base layers' biases; ``lora.modules_to_save``: e.g. the embeddings). Those
+    cannot ride on the policy's model: loading them there replaced the policy's base weights (its outputs, the disabled
+    adapter GRPO's reference is, the base the saved adapter was trained on); such a reward model loads separately."""
+    return all(".lora_" in k for k in keys if k != SCORE_HEAD_KEY)
 
 
 def same_weights(a: str, b: str) -> bool:

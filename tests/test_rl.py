@@ -859,12 +859,13 @@ def test_a_lora_reward_model_scores_on_the_policys_own_base_and_leaves_the_polic
     assert type(RM.load_reward_model(folder, cfg, policy=other, policy_base=str(tmp_path))) is RM.TrainedRewardModel
 
 
-@pytest.mark.parametrize("trained", ["modules_to_save", "bias"])
+@pytest.mark.parametrize("trained", ["modules_to_save", "bias", "policy_bias"])
 def test_a_reward_adapter_that_trained_base_weights_loads_separately_and_leaves_the_policys_base_alone(tmp_path, trained):
     """A reward model trained with lora.modules_to_save (the embeddings here) or lora.bias=all saves those base weights
     in its adapter file. Riding on the policy's model, loading them there replaced the policy's own (its outputs moved by
     ~1-3 on tiny_llama / tiny_gpt2, and so did the disabled adapter GRPO's reference is): such a reward model now loads
-    separately."""
+    separately. So does one beside a policy whose own adapter trains its base's biases (lora.bias=all): the reward model
+    scored on the policy's trained biases (off by ~1.4x the score spread on tiny_gpt2 with the biases moved)."""
     import json as _json
 
     from peft import LoraConfig, get_peft_model
@@ -874,7 +875,8 @@ def test_a_reward_adapter_that_trained_base_weights_loads_separately_and_leaves_
     from sectune.stages import rl
 
     model = "tiny_llama" if trained == "modules_to_save" else "tiny_gpt2"
-    cfg = compose([*UNIT, f"model={model}", "lora=r4_attention", "rl.rewards.reward_model=0.5", f"rl.reward_model={tmp_path}"])
+    cfg = compose([*UNIT, f"model={model}", "lora=r4_attention", "rl.rewards.reward_model=0.5", f"rl.reward_model={tmp_path}",
+                   *(["lora.bias=all"] if trained == "policy_bias" else [])])
     base = modeling.model_path(cfg)
     tokenizer = modeling.load_tokenizer(cfg)
     scorer = modeling.load_model(cfg, task="seq_cls", num_labels=1, path=base)
@@ -899,3 +901,6 @@ def test_a_reward_adapter_that_trained_base_weights_loads_separately_and_leaves_
     got = RM.load_reward_model(tmp_path, cfg, policy=policy, policy_base=base)
     assert type(got) is RM.TrainedRewardModel and list(policy.peft_config) == ["default"]
     torch.testing.assert_close(policy(input_ids=ids).logits, before)
+    from sectune.training.memory import reward_model_bytes  # the memory check plans the separate copy the stage loads
+
+    assert "a second none copy of the base" in reward_model_bytes(cfg)[1]

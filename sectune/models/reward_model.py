@@ -276,6 +276,8 @@ def share_with_policy(d: Path, meta: dict, policy, policy_base: str | None, cfg,
     conf = PeftConfig.from_pretrained(str(d))
     if str(getattr(conf, "peft_type", "")) not in ("LORA", "PeftType.LORA") or SHARED_ADAPTER in policy.peft_config:
         return None
+    if any(getattr(c, "bias", "none") != "none" for c in policy.peft_config.values()):
+        return None  # the policy's adapter trains its base's biases in place: the reward model would score on them
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 

@@ -118,6 +118,18 @@ def policy_weights(cfg) -> str:
         return path
 
 
+def policy_bias(cfg) -> str:
+    """``bias`` of the adapter :func:`build_policy` trains (an SFT adapter's own, else ``lora.bias``): other than none, it
+    trains the base's biases in place, so a reward model cannot score on the policy's base (``share_with_policy``)."""
+    try:
+        kind, folder = init_source(str(cfg.rl.init_from)) if cfg.rl.init_from else ("", None)
+        if kind == "adapter":
+            return str(json.loads((folder / "adapter_config.json").read_text()).get("bias") or "none")
+    except (ConfigError, OSError, ValueError):
+        pass
+    return str(cfg.lora.bias)
+
+
 def base_model_artifact(sft_weights: Path | None, run_dir: Path) -> dict:
     """``artifacts.base_model``: when the adapter sits on SFT full weights rather than ``model.name_or_path``,
     where those weights are (relative to the run dir; adapter_config.json names them too)."""

@@ -87,7 +87,7 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
 
     from sectune.models.reward_model import META_FILE, same_weights, reward_model_dir
     from sectune.stages import plan
-    from sectune.stages.rl import policy_weights
+    from sectune.stages.rl import policy_bias, policy_weights
     from sectune.training import planner
 
     try:
@@ -102,7 +102,8 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
         return n, f"the reward model's {n / 1e9:.2f} GB of weights"
     adapter = sum(f.stat().st_size for f in d.glob("*.safetensors"))
     q = meta.get("quantization", "none")
-    if q == cfg.quantization.name and same_weights(str(meta.get("base_model") or ""), policy_weights(cfg)) and _lora_only(d):
+    if (q == cfg.quantization.name and same_weights(str(meta.get("base_model") or ""), policy_weights(cfg)) and _lora_only(d)
+            and policy_bias(cfg) == "none"):
         # trained on the weights the policy's adapter sits on (rl.init_from's SFT full weights, or the base its SFT adapter
         # was trained on, as the stage resolves them): it rides on the policy's model (reward_model.share_with_policy).
         # (It compared with model.name_or_path: a policy on SFT full weights was planned without the separate copy the

@@ -260,7 +260,7 @@ class SharedBaseRewardModel(TrainedRewardModel):
             for p, g in grads:
                 p.requires_grad_(g)
         flat = hidden.reshape(-1, hidden.shape[-1])[batch["seq_ends"]]
-        return self.head(flat.to(self.head.weight.dtype)).squeeze(-1).float()
+        return self.head(flat.to(self.head.weight.device, self.head.weight.dtype)).squeeze(-1).float()  # (a model split over GPUs)
 
 
 def share_with_policy(d: Path, meta: dict, policy, policy_base: str | None, cfg, tokenizer, batch_size: int, norm):

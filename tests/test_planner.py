@@ -253,3 +253,19 @@ def test_the_scoring_copy_of_a_model_is_its_decoder_embeddings_and_a_score_head_
     assert scorer_weight_bytes(arch, "none", "bf16") == 1504
     assert scorer_weight_bytes(arch, "nf4", "bf16") == 554
     assert scorer_weight_bytes({**arch, "tie_embeddings": True}, "none", "bf16") == 1504  # tied: the head was the embeddings
+
+
+def test_a_reward_model_is_planned_with_a_score_head_instead_of_the_lm_head():
+    """estimate_memory(score_head=True): the weights of a ...ForSequenceClassification. The 1-layer Llama above, untied,
+    bf16, full fine-tune: the LM head's 10 x 8 = 80 weights leave and a 1 x 8 score head comes: 72 fewer, x 2 bytes in the
+    weights, and the same 72 fewer trainable parameters (their gradients, 2 bytes each; AdamW's two moments, 4)."""
+    from sectune.training.planner import estimate_memory
+
+    arch = {"family": "llama", "hidden_size": 8, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 16,
+            "vocab_size": 10, "tie_embeddings": False}
+    lm = estimate_memory(arch, seq_len=4, device="cpu", logit_tokens=0)
+    rm = estimate_memory(arch, seq_len=4, device="cpu", logit_tokens=0, score_head=True)
+    assert lm.weights - rm.weights == 72 * 2 and lm.trainable_params - rm.trainable_params == 72
+    assert lm.gradients - rm.gradients == 72 * 2 and lm.optimizer_state - rm.optimizer_state == 72 * 4
+    tied = {**arch, "tie_embeddings": True}  # tied: the head is the embeddings, which stay; the score head comes on top
+    assert estimate_memory(tied, seq_len=4, device="cpu", score_head=True).weights - estimate_memory(tied, seq_len=4, device="cpu").weights == 8 * 2

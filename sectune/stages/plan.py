@@ -113,7 +113,7 @@ GPU_CHECK = (
     f"within 1% of the measurement, but the peak footprint was 1.10-{GPU_MARGIN['bf16']}x this total with bf16 autocast "
     f"or nf4 ({GPU_MARGIN['fp32']}x in fp32; activations 1.05-1.29x, CUDA context ~0.9 GB, caching-allocator slack 1-2.3 GB); "
     "keep that margin, or run bench/gpu_memory.py on your GPU. Seed 000's pipeline on one H100 (bench/gpu_stages.py, "
-    "2026-12-05): its SFT step 1.15x, reward step 0.94x, GRPO step 1.35x the memory check's plan (sampling included, and "
+    "2026-12-05): its SFT step 1.15x, reward step 1.20x, GRPO step 1.35x the memory check's plan (sampling included, and "
     "the reward model's second copy of the base it then loaded; it now shares the policy's, ~1.5x expected without it)"
 )
 GPU_CHECK_INT8 = f"; with int8 it was {GPU_MARGIN['int8']}x"
@@ -182,6 +182,7 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, logit_tokens:
         lora_dropout=float(cfg.lora.dropout),
         upcast_non_quantized=q != "none",
         logit_tokens=logit_tokens,
+        score_head=cfg.loss.name == "bradley_terry",  # the reward model: a score head, no LM head
     )
     try:
         w = planner.estimate_memory(arch, dtype=weight_dtype, **settings)

@@ -43,7 +43,9 @@ def logit_positions(cfg, sequences: int) -> int | None:
 def memory_check(cfg, sequences_per_example: int = 1) -> tuple[bool, str]:
     """(fits, why): the predicted peak of ``train.batch_size × sequences_per_example`` sequences (2 for
     chosen + rejected, G for GRPO's group), the LM head on the positions :func:`logit_positions` names, against the device's free memory
-    (``reward.memory_limit_gb`` overrides it)."""
+    (``reward.memory_limit_gb`` overrides it). On a GPU the plan times the measured margin (``plan.measured_gpu_margin``,
+    1.31 with bf16 or nf4) must fit, as ``stage=doctor`` checks it: seed 000's reward step planned 7.28 GiB and held
+    8.70 GiB of an H100 (bench/gpu_stages.py), past an 8 GB card that the plan alone says it fits."""
     need, budget, info = step_need(cfg, sequences_per_example)
     if cfg.reward.memory_limit_gb is not None:
         free, where = float(cfg.reward.memory_limit_gb) * 1e9, "reward.memory_limit_gb"
@@ -55,7 +57,15 @@ def memory_check(cfg, sequences_per_example: int = 1) -> tuple[bool, str]:
     what = f"{info['model']}, {info['quantization']}" + (f"; {offload_text(off)}" if off else "")
     if info["reward_model_bytes"]:
         what += f"; with {info['reward_model_note']}"
-    return need <= free and (not off or off["fits"]), f"predicted peak {need / 1e9:.2f} GB ({what}) vs {free / 1e9:.2f} GB {where}"
+    held, margin_text = need, ""
+    if info["device"] == "cuda":  # what a GPU step held beyond the plan (context, allocator cache): stage=doctor's margin too
+        from sectune.stages import plan
+
+        margin = plan.measured_gpu_margin(info["quantization"], cfg.train.precision)
+        held = need * margin
+        margin_text = f" x {margin:g} (the footprint measured on GPUs beyond the plan) = {held / 1e9:.2f} GB"
+    return (held <= free and (not off or off["fits"]),
+            f"predicted peak {need / 1e9:.2f} GB ({what}){margin_text} vs {free / 1e9:.2f} GB {where}")
 
 
 def step_need(cfg, sequences_per_example: int = 1) -> tuple[float, object, dict]:

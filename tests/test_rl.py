@@ -859,6 +859,30 @@ def test_a_lora_reward_model_scores_on_the_policys_own_base_and_leaves_the_polic
     assert type(RM.load_reward_model(folder, cfg, policy=other, policy_base=str(tmp_path))) is RM.TrainedRewardModel
 
 
+def test_the_shared_reward_model_follows_the_policy_to_its_device():
+    """The reward head is made beside the policy before GRPOTrainer moves the policy to the GPU: scoring put the inputs on
+    the head's device (the CPU) while the body sat on CUDA, a device mismatch at the first reward. The inputs now go
+    where the policy's embeddings are and the head follows the body's output ("meta" stands in for the GPU here)."""
+    from peft import LoraConfig
+
+    from sectune.models import modeling
+    from sectune.models import reward_model as RM
+    from sectune.stages import rl
+
+    cfg = compose([*UNIT, "model=tiny_llama", "lora=r4_attention", "train.device=cpu"])
+    policy, *_ = rl.build_policy(cfg, modeling.model_path(cfg))
+    policy.add_adapter(RM.SHARED_ADAPTER, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], inference_mode=True))
+    tokenizer = modeling.load_tokenizer(cfg)
+    scorer = RM.SharedBaseRewardModel(policy, torch.nn.Linear(policy.config.hidden_size, 1, bias=False), tokenizer, 256)
+    assert len(scorer.score(["a window", "a window"], ["benign", "malicious"])) == 2
+    policy.to("meta")  # what Trainer's move to CUDA does to the policy, and not to the head beside it
+    assert scorer._device() == torch.device("meta")
+    rows, _ = RM.encode_group(tokenizer, "a window", ["benign", "malicious"], 256)
+    batch = {k: v.to(scorer._device()) for k, v in RM.SharedPromptCollator(tokenizer.pad_token_id)([rows]).items()}
+    out = scorer._forward(batch)
+    assert out.device == torch.device("meta") and out.shape == (2,) and scorer.head.weight.device == torch.device("meta")
+
+
 @pytest.mark.parametrize("trained", ["modules_to_save", "bias", "policy_bias"])
 def test_a_reward_adapter_that_trained_base_weights_loads_separately_and_leaves_the_policys_base_alone(tmp_path, trained):
     """A reward model trained with lora.modules_to_save (the embeddings here) or lora.bias=all saves those base weights

@@ -240,7 +240,8 @@ class SharedBaseRewardModel(TrainedRewardModel):
                                                                                                batch_size, norm)
 
     def _device(self) -> torch.device:
-        return self.head.weight.device
+        # the policy's, where the inputs go: Trainer moves the policy to the GPU after this head was made beside it
+        return self.model.get_input_embeddings().weight.device
 
     def _forward(self, batch: dict) -> torch.Tensor:
         policy = self.model
@@ -259,8 +260,10 @@ class SharedBaseRewardModel(TrainedRewardModel):
                 m.training = training
             for p, g in grads:
                 p.requires_grad_(g)
-        flat = hidden.reshape(-1, hidden.shape[-1])[batch["seq_ends"]]
-        return self.head(flat.to(self.head.weight.device, self.head.weight.dtype)).squeeze(-1).float()  # (a model split over GPUs)
+        flat = hidden.reshape(-1, hidden.shape[-1])[batch["seq_ends"].to(hidden.device)]
+        if self.head.weight.device != flat.device:  # the head follows the body's output (a moved policy, a model split over GPUs)
+            self.head.to(flat.device)
+        return self.head(flat.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
 def share_with_policy(d: Path, meta: dict, policy, policy_base: str | None, cfg, tokenizer, batch_size: int, norm):

@@ -198,6 +198,11 @@ def check_values(cfg) -> None:
         need(f.client_num_gpus >= 0, "federated.client_num_gpus", f.client_num_gpus, "must be >= 0")
         need(f.client_num_gpus == 0 or torch.cuda.is_available(), "federated.client_num_gpus", f.client_num_gpus,
              "asks Ray for GPUs, and this machine has none (0: clients on the CPU)")
+        # Ray hides every GPU from an actor that asks for none (CUDA_VISIBLE_DEVICES=""): each client then failed on
+        # "train.device=cuda but no CUDA device is visible", and the run stopped at round 1
+        need(f.runtime != "simulation" or f.client_num_gpus > 0 or cfg.train.device != "cuda", "federated.client_num_gpus",
+             f.client_num_gpus, "with train.device=cuda the simulated clients need a share of the GPU from Ray (e.g. 0.2; "
+             "0 hides it from them), or train.device=cpu")
 
 
 #: stages whose loss has no label smoothing, and why (a value set there changed nothing, without a word)

@@ -88,6 +88,21 @@ def test_values_no_run_can_use_are_errors_naming_the_key(override, key):
         check_values(compose([*context, bad]))
 
 
+def test_simulated_federated_clients_on_cuda_need_a_gpu_share_from_ray():
+    """Ray sets CUDA_VISIBLE_DEVICES="" in an actor that asks for no GPU: with train.device=cuda and
+    federated.client_num_gpus=0 every client failed in round 1 ("no CUDA device is visible"), on a GPU machine."""
+    from unittest import mock
+
+    from sectune.config_checks import check_values
+
+    with mock.patch("torch.cuda.is_available", return_value=True):
+        with pytest.raises(ConfigError, match=r"^federated.client_num_gpus=0.0: with train.device=cuda"):
+            check_values(compose(["stage=federated", "train.device=cuda"]))
+        check_values(compose(["stage=federated", "train.device=cuda", "federated.client_num_gpus=0.2"]))
+        check_values(compose(["stage=federated", "train.device=cuda", "federated.runtime=deployment"]))
+        check_values(compose(["stage=federated"]))  # auto: the stage says the clients train on the CPU
+
+
 def test_a_preference_stage_on_other_data_is_refused_before_anything_loads():
     """stage=dpo dataset=auth_logs was refused only after the model had loaded."""
     from sectune.config_checks import check_values

@@ -345,6 +345,32 @@ def test_the_stage_fails_when_a_rounds_clients_all_fail_and_records_partial_fail
     assert not (tmp_path / "dp" / "adapter").exists()
 
 
+@requires_flwr
+def test_the_servers_model_goes_to_the_runs_device_and_cpu_clients_are_said(tmp_path, monkeypatch, capsys):
+    """The server's copy of the model (every round's global evaluation) was left where from_pretrained put it, the CPU,
+    on a GPU machine too; and Ray hides the GPU from simulated clients that ask for none (federated.client_num_gpus=0)."""
+    from sectune.runner import RunContext
+    from sectune.stages import federated as stage
+
+    data = tmp_path / "hdfs"
+    write_deeplog_files(data, n_normal=60, n_anomalous=30, seed=1)
+    moved = []
+
+    class Stop(Exception):
+        pass
+
+    def simulate(cfg, run_dir, strategy, initial, evaluate_fn, done):
+        raise Stop
+
+    monkeypatch.setattr(stage.modeling, "device_for", lambda cfg: "cuda")  # train.device=auto on a GPU machine
+    monkeypatch.setattr(stage.modeling, "to_run_device", lambda model, cfg: moved.append(model) or model)
+    monkeypatch.setattr(stage, "simulate", simulate)
+    with pytest.raises(Stop):
+        stage.run(RunContext(cfg=tiny_cfg(tmp_path, f"dataset.path={data}", "federated.detection=false"), run_dir=tmp_path / "run"))
+    assert len(moved) == 1 and hasattr(moved[0], "peft_config")  # the server's LoRA model
+    assert "federated.client_num_gpus=0: Ray hides the GPU from the simulated clients" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # ~1 min: Ray's start-up
 @requires_flwr
 def test_simulation_whose_clients_all_fail_exits_2_naming_the_round_and_the_error(tmp_path):

@@ -120,8 +120,11 @@ def run(ctx: RunContext) -> dict:
     # 2. the server's model: the global evaluation only (clients load their own copy of the base weights)
     path = modeling.model_path(cfg)
     tokenizer = modeling.load_tokenizer(cfg, path)
-    model = modeling.apply_lora(modeling.load_model(cfg, path=path), cfg)
+    model = modeling.to_run_device(modeling.apply_lora(modeling.load_model(cfg, path=path), cfg), cfg)  # was left on the CPU
     model.eval()
+    if fed.runtime == "simulation" and not float(fed.client_num_gpus) and modeling.device_for(cfg) == "cuda":
+        print("sectune: warning: federated.client_num_gpus=0: Ray hides the GPU from the simulated clients, which train on "
+              "the CPU (the server evaluates on the GPU); give them a share, e.g. federated.client_num_gpus=0.2", file=sys.stderr)
     prompt = str(cfg.dataset.prompt_template or DEFAULT_PROMPT)
     prompt_ids, cand_ids = anomaly.key_token_ids(tokenizer, data.num_keys, prompt)
     pad_id = int(tokenizer.pad_token_id or 0)

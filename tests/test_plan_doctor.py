@@ -469,7 +469,7 @@ def test_the_rl_check_counts_the_reward_model_it_loads_beside_the_policy(tmp_pat
     folder = run / "reward_model"
     folder.mkdir(parents=True)
     (run / "result.json").write_text(json.dumps({"stage": "reward", "status": "succeeded", "artifacts": {"reward_model": "reward_model"}}))
-    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))  # as the reward stage writes it
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1000, 1000)},
               str(folder / "adapter_model.safetensors"))
     adapter = (folder / "adapter_model.safetensors").stat().st_size
@@ -518,7 +518,7 @@ def test_the_rl_check_shares_the_reward_model_only_when_the_stage_will_on_the_po
     save_file({"w": torch.zeros(4)}, str(sft / "model.safetensors"))
     folder = tmp_path / "reward_model"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))  # as the reward stage writes it
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(100, 100)},
               str(folder / "adapter_model.safetensors"))
     adapter = (folder / "adapter_model.safetensors").stat().st_size

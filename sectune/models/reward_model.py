@@ -272,24 +272,19 @@ def share_with_policy(d: Path, meta: dict, policy, policy_base: str | None, cfg,
     None (the caller loads a separate copy, as before)."""
     from peft import PeftConfig, PeftModel
 
-    if not isinstance(policy, PeftModel) or policy_base is None or cfg is None:
+    if not isinstance(policy, PeftModel) or policy_base is None or cfg is None or SHARED_ADAPTER in policy.peft_config:
         return None
-    if meta.get("quantization", "none") != cfg.quantization.name or not same_weights(str(meta.get("base_model") or ""), str(policy_base)):
+    bias = "none" if all(getattr(c, "bias", "none") == "none" for c in policy.peft_config.values()) else "trained"
+    if not can_share(d, meta, cfg.quantization.name, str(policy_base), bias):
         return None
-    conf = PeftConfig.from_pretrained(str(d))
-    if str(getattr(conf, "peft_type", "")) not in ("LORA", "PeftType.LORA") or SHARED_ADAPTER in policy.peft_config:
-        return None
-    if any(getattr(c, "bias", "none") != "none" for c in policy.peft_config.values()):
-        return None  # the policy's adapter trains its base's biases in place: the reward model would score on them
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    conf = PeftConfig.from_pretrained(str(d))
     state = load_file(str(d / "adapter_model.safetensors"))
     head_weight = state.pop(SCORE_HEAD_KEY, None)
     if head_weight is None or head_weight.shape[0] != 1:
         return None  # check_head names what is wrong when the separate copy loads
-    if not lora_tensors_only(state):  # loaded on the policy's model they would replace the policy's own base weights
-        return None
     conf.modules_to_save, conf.task_type, conf.inference_mode = None, "CAUSAL_LM", True
     policy.add_adapter(SHARED_ADAPTER, conf)
     loaded = set_peft_model_state_dict(policy, state, adapter_name=SHARED_ADAPTER)
@@ -307,6 +302,26 @@ def share_with_policy(d: Path, meta: dict, policy, policy_base: str | None, cfg,
         head.weight.copy_(head_weight.float())
     head.requires_grad_(False)
     return SharedBaseRewardModel(policy, head, tokenizer, int(meta["max_length"]), batch_size, norm=norm)
+
+
+def can_share(d: Path, meta: dict, quantization: str, policy_base: str, policy_bias: str) -> bool:
+    """Whether the reward model in ``d`` can ride on a policy's model (:func:`share_with_policy` acts on it, the RL memory
+    check plans by it): a LoRA adapter of LoRA tensors alone (:func:`lora_tensors_only`), trained under the policy's
+    ``quantization`` on the very weights the policy's adapter sits on (``policy_base``), for a policy whose adapter trains
+    no biases of its base in place (``policy_bias`` none: the reward model would score on them)."""
+    if policy_bias != "none" or meta.get("quantization", "none") != quantization:
+        return False
+    if not same_weights(str(meta.get("base_model") or ""), policy_base):
+        return False
+    from safetensors import safe_open
+
+    try:
+        if json.loads((d / "adapter_config.json").read_text()).get("peft_type") != "LORA":
+            return False
+        with safe_open(str(d / "adapter_model.safetensors"), "pt") as st:
+            return lora_tensors_only(list(st.keys()))
+    except Exception:  # noqa: BLE001 - a missing or damaged file (SafetensorError): it loads separately, refused there by name
+        return False
 
 
 def lora_tensors_only(keys) -> bool:

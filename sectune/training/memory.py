@@ -95,7 +95,7 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
         return 0, ""
     import json
 
-    from sectune.models.reward_model import META_FILE, same_weights, reward_model_dir
+    from sectune.models.reward_model import META_FILE, can_share, reward_model_dir
     from sectune.stages import plan
     from sectune.stages.rl import policy_bias, policy_weights
     from sectune.training import planner
@@ -112,8 +112,7 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
         return n, f"the reward model's {n / 1e9:.2f} GB of weights"
     adapter = sum(f.stat().st_size for f in d.glob("*.safetensors"))
     q = meta.get("quantization", "none")
-    if (q == cfg.quantization.name and same_weights(str(meta.get("base_model") or ""), policy_weights(cfg)) and _lora_only(d)
-            and policy_bias(cfg) == "none"):
+    if can_share(d, meta, cfg.quantization.name, policy_weights(cfg), policy_bias(cfg)):
         # trained on the weights the policy's adapter sits on (rl.init_from's SFT full weights, or the base its SFT adapter
         # was trained on, as the stage resolves them): it rides on the policy's model (reward_model.share_with_policy).
         # (It compared with model.name_or_path: a policy on SFT full weights was planned without the separate copy the
@@ -124,19 +123,6 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
     dtype = "bf16" if cfg.model.dtype == "auto" else str(cfg.model.dtype)
     n = planner.scorer_weight_bytes(arch, q, dtype) + adapter
     return n, f"the reward model, a second {q} copy of the base without its LM head, {n / 1e9:.2f} GB"
-
-
-def _lora_only(d) -> bool:
-    """The reward adapter in ``d`` holds LoRA's tensors alone (``reward_model.lora_tensors_only``: else it loads separately)."""
-    from safetensors import safe_open
-
-    from sectune.models.reward_model import lora_tensors_only
-
-    try:
-        with safe_open(str(d / "adapter_model.safetensors"), "pt") as st:
-            return lora_tensors_only(list(st.keys()))
-    except Exception:  # noqa: BLE001 - a damaged file (SafetensorError): the stage refuses it by name when it loads it
-        return False
 
 
 def available_ram() -> float:

@@ -272,6 +272,8 @@ class PathsConfig:
 class DebugConfig:
     #: raise inside training after this global step (tests interruption + resume)
     fail_at_step: Optional[int] = None
+    #: ... on this rank only (None: every rank), as a CUDA OOM on one GPU of a torchrun launch would
+    fail_on_rank: Optional[int] = None
     #: a quick check run (stage=contrastive): ``max_steps`` steps on ``max_samples`` examples with torch's
     #: autograd anomaly detection on. Spelled ``debug.enabled=true``: Hydra reads ``debug=true`` as a bool,
     #: which cannot replace this node

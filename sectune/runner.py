@@ -349,6 +349,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         generated = data.generated_since(generated_at)
         if generated:  # numbers on generated stand-ins never pass for real-data results
             result["generated_data"] = generated
+        if result["status"] == "failed" and not unscored and distributed.world_size() > 1:
+            _name_the_failing_rank(run_dir, result, main)
         result["finished"] = _now()
         result["wall_time_s"] = round(time.perf_counter() - t0, 2)
         if main:
@@ -384,6 +386,22 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
               "here instead of training the rest for nothing; set it to one of the metrics named above", file=sys.stderr)
         raise SystemExit(2)
     return code, objective
+
+
+def _name_the_failing_rank(run_dir: Path, result: dict, main: bool) -> None:
+    """Under several processes: a rank other than 0 leaves its error for rank 0, which names the rank that failed first
+    in result.json's ``error`` (every rank's in ``rank_errors``): after a failure on rank 1 alone it recorded its own
+    knock-on, gloo's "Connection closed by peer" (distributed.root_cause)."""
+    own = str(result.get("error", ""))
+    if not main:
+        distributed.report_rank_error(run_dir, own)
+        return
+    cause, errors = distributed.root_cause(run_dir, own, time.time())
+    if len(errors) > 1:
+        result["rank_errors"] = {str(r): e for r, e in errors.items()}
+    if cause != own:
+        result["error"] = cause
+        print(f"sectune: error: the run failed on {shown(cause.split(' (rank 0: ')[0])}", file=sys.stderr)
 
 
 #: a job of this process's sweep has reported its sweep.objective (then a later trial without it is one failed

@@ -388,3 +388,49 @@ def test_a_sweep_job_that_fails_on_a_rank_ends_the_sweep_on_that_rank(tmp_path):
     assert json.loads((sweep / "0" / "result.json").read_text())["status"] == "failed"
     assert not (sweep / "1").exists()  # the next job never started
     assert "under 2 processes the sweep stops at its first failed job" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_failure_on_rank_1_alone_is_named_in_result_json(tmp_path):
+    """Rank 1 dies after step 1 (debug.fail_on_rank=1, as a CUDA OOM on one GPU would); rank 0 then fails in step 2's
+    gradient all-reduce with gloo's "Connection closed by peer", and that knock-on was what result.json recorded. It now
+    names rank 1 and its error, keeps both ranks' errors, and leaves no hand-over file behind."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([*LAUNCHERS["torchrun"], "-m", "sectune", "logger=none", "generation.preview_samples=0",
+                           "train.max_steps=3", "dataset.max_samples=8", "train.batch_size=1", "train.device=cpu",
+                           "debug.fail_at_step=1", "debug.fail_on_rank=1", f"hydra.run.dir={run_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode != 0
+    res = json.loads((run_dir / "result.json").read_text())
+    assert res["status"] == "failed"
+    assert res["error"].startswith("rank 1 of 2: RuntimeError: debug.fail_at_step=1: simulated interruption"), res["error"]
+    assert set(res["rank_errors"]) == {"0", "1"} and "debug.fail_at_step" not in res["rank_errors"]["0"], res["rank_errors"]
+    assert distributed.is_knock_on(res["rank_errors"]["0"]), res["rank_errors"]["0"]
+    assert not list(run_dir.glob(".sectune_rank*")), list(run_dir.iterdir())
+
+
+def test_root_cause_prefers_the_first_error_that_is_not_a_knock_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    t = time.time()
+    distributed.report_rank_error(tmp_path, "RuntimeError: Connection reset by peer")
+    monkeypatch.setenv("RANK", "2")
+    distributed.report_rank_error(tmp_path, "OutOfMemoryError: CUDA out of memory")
+    monkeypatch.setenv("RANK", "0")
+    cause, errors = distributed.root_cause(tmp_path, "interrupted (SIGTERM)", t + 1, wait_s=0)
+    assert cause == "rank 2 of 3: OutOfMemoryError: CUDA out of memory (rank 0: interrupted (SIGTERM))"
+    assert errors == {0: "interrupted (SIGTERM)", 1: "RuntimeError: Connection reset by peer",
+                      2: "OutOfMemoryError: CUDA out of memory"}
+    assert not list(tmp_path.iterdir())  # read once, then removed
+    # rank 0's own error, earlier and not a knock-on, stays the cause; a file from an earlier launch is not read
+    monkeypatch.setenv("RANK", "1")
+    distributed.report_rank_error(tmp_path, "ValueError: later")
+    monkeypatch.setenv("RANK", "2")
+    distributed.report_rank_error(tmp_path, "ValueError: stale")
+    stale = tmp_path / distributed.RANK_ERROR_FILE.format(2)
+    os.utime(stale, (t - 10 ** 6, t - 10 ** 6))
+    monkeypatch.setenv("RANK", "0")
+    cause, errors = distributed.root_cause(tmp_path, "KeyError: 'x'", t - 5, wait_s=0)
+    assert cause == "KeyError: 'x'" and errors == {0: "KeyError: 'x'", 1: "ValueError: later"}
+    assert stale.exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.root_cause(tmp_path, "E", t) == ("E", {})

@@ -194,3 +194,68 @@ def gathered_lists(values: Sequence) -> list:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, list(values))
     return [v for part in parts for v in part]
+
+
+#: a failed rank's error, left in the run dir for rank 0 (which alone writes result.json) to name
+RANK_ERROR_FILE = ".sectune_rank{}_error.json"
+#: how an error reads when this rank failed because another one did first: its peer's sockets closed (gloo), torchrun's
+#: SIGTERM once a rank died, a collective that timed out or was aborted
+KNOCK_ON = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "interrupted (SIGTERM)",
+            "DistNetworkError", "DistBackendError", "NCCL communicator was aborted", "Timed out", "timed out")
+
+
+def is_knock_on(error: str) -> bool:
+    """Whether ``error`` reads as a failure caused by another rank's (see :data:`KNOCK_ON`)."""
+    return any(k in error for k in KNOCK_ON)
+
+
+def report_rank_error(run_dir: Path, error: str) -> None:
+    """On a rank other than 0: leave this rank's error where rank 0's result.json can name it (best effort)."""
+    import json
+
+    path = Path(run_dir) / RANK_ERROR_FILE.format(rank())
+    try:
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"rank": rank(), "error": error, "time": time.time()}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def root_cause(run_dir: Path, own_error: str, own_time: float, wait_s: float = 5.0) -> tuple[str, dict[int, str]]:
+    """On rank 0 of a failed run under several processes: (the error result.json should name, every rank's error).
+
+    Rank 0 alone writes result.json, and when another rank fails first rank 0 fails too, with gloo's "Connection closed
+    by peer" or torchrun's SIGTERM: that is what result.json said, not the failing rank's error. The other ranks leave
+    theirs (:func:`report_rank_error`, written before their process exits, so before their sockets close); the first error
+    that is not a knock-on (:func:`is_knock_on`) is the cause, rank 0's own when it is one. Files from an earlier launch
+    are ignored and this launch's are removed once read. One process: ``(own_error, {})``."""
+    import json
+
+    if world_size() <= 1:
+        return own_error, {}
+    _, launched = _launcher_identity()
+    deadline = time.monotonic() + (wait_s if is_knock_on(own_error) else 0.0)
+    found: dict[int, tuple[float, str]] = {}
+    while True:
+        for r in range(1, world_size()):
+            path = Path(run_dir) / RANK_ERROR_FILE.format(r)
+            try:
+                if r not in found and path.stat().st_mtime >= launched - 1:
+                    rec = json.loads(path.read_text())
+                    found[r] = (float(rec["time"]), str(rec["error"]))
+                    path.unlink(missing_ok=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        causes = [t for t in found.values() if not is_knock_on(t[1])]
+        if causes or len(found) == world_size() - 1 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    errors = {0: own_error, **{r: e for r, (_, e) in sorted(found.items())}}
+    if not found:
+        return own_error, errors
+    timeline = sorted([(own_time, 0, own_error), *((t, r, e) for r, (t, e) in found.items())])
+    first = next((x for x in timeline if not is_knock_on(x[2])), timeline[0])
+    if first[1] == 0:
+        return own_error, errors
+    return f"rank {first[1]} of {world_size()}: {first[2]} (rank 0: {own_error})", errors

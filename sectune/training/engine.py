@@ -190,7 +190,12 @@ class FailAtStep(TrainerCallback):
 
 
 def fail_callbacks(cfg: DictConfig) -> list:
-    return [FailAtStep(cfg.debug.fail_at_step)] if cfg.debug.fail_at_step else []
+    from sectune.training import distributed
+
+    rank = cfg.debug.fail_on_rank
+    if not cfg.debug.fail_at_step or (rank is not None and int(rank) != distributed.rank()):
+        return []
+    return [FailAtStep(cfg.debug.fail_at_step)]
 
 
 class _AtMaxSteps(Exception):

@@ -434,3 +434,23 @@ def test_root_cause_prefers_the_first_error_that_is_not_a_knock_on(tmp_path, mon
     assert stale.exists()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.root_cause(tmp_path, "E", t) == ("E", {})
+
+
+def test_stage_evaluate_runs_on_rank_0_alone_without_a_process_group(tmp_path, monkeypatch):
+    """stage=evaluate under torchrun has no Trainer, so no process group to share its scoring over: every rank scored
+    everything (rank 0 alone writing). Rank 1 now returns at once, before it reads anything: the bad model dir below is
+    rank 0's error to report."""
+    from conftest import compose
+    from sectune.errors import ConfigError
+    from sectune.runner import RunContext
+    from sectune.stages import evaluate
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = compose(["stage=evaluate", "logger=none", f"evaluate.model_dir={tmp_path / 'missing'}"])
+    _env(monkeypatch, 1, MASTER_PORT="29999")
+    assert evaluate.run(RunContext(cfg=cfg, run_dir=run_dir)) == {"metrics": {}, "artifacts": {}}
+    assert not list(run_dir.iterdir())
+    _env(monkeypatch, 0, MASTER_PORT="29999")
+    with pytest.raises(ConfigError, match="not a directory"):
+        evaluate.run(RunContext(cfg=cfg, run_dir=run_dir))

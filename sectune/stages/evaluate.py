@@ -22,10 +22,16 @@ from sectune.evaluation import classify_scoring as S
 from sectune.predict import Predictor, read_classify_run
 from sectune.runner import RunContext
 from sectune.training import classification as C
+from sectune.training import distributed
 
 
 def run(ctx: RunContext) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
+    if not distributed.is_main_process() and not distributed.group_is_up():
+        # torchrun with no training before it: no process group to share the scoring out over, so every rank scored it all
+        # (rank 0 alone writes); rank 0 evaluates alone. With one up (a pipeline's evaluate step after training) the ranks
+        # share the generation and scoring out (distributed.gathered), so all take part.
+        return {"metrics": {}, "artifacts": {}}
     if cfg.dataset.name == "injection_triplets":  # the analyst under prompt injection (issue 15)
         from sectune.evaluation.injection_eval import evaluate_injections
 

@@ -158,6 +158,11 @@ def _process_group():
         return None
 
 
+def group_is_up() -> bool:
+    """Whether a process group of more than one rank is up (Trainer starts it; a stage without training has none)."""
+    return _process_group() is not None
+
+
 def gathered(fn: Callable[..., Sequence], *columns: Sequence, key: Sequence | None = None) -> list:
     """``fn(*columns)`` (one value per row, in row order) with the rows shared out across the ranks of the process
     group and the values gathered back, in order, on every rank: each rank computes its share, all take part in

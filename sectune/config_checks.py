@@ -53,7 +53,18 @@ def check_printed_keys(argv: list[str]) -> None:
 
 
 #: stages that are not correct under torchrun / accelerate yet, and why (found by a walkthrough): refused, not run wrong
-SINGLE_PROCESS_STAGES: dict[str, str] = {}
+SINGLE_PROCESS_STAGES: dict[str, str] = {
+    # every rank ran the whole Flower simulation (its own Ray cluster and clients) into the same run dir
+    "federated": "Flower runs its clients and rounds itself (its simulation spreads them over this machine's CPUs and GPUs: "
+                 "federated.client_num_gpus; a real deployment runs `flwr run` with the Flower app), so every rank ran the "
+                 "whole simulation again",
+}
+
+
+def single_process_refusal(stage: str, processes: int, where: str = "") -> str:
+    """The error for a stage of :data:`SINGLE_PROCESS_STAGES` under several processes (``where``: a pipeline's step)."""
+    return (f"{where}stage={stage} under {processes} processes: {SINGLE_PROCESS_STAGES[stage]}; run it as one process (sft, "
+            "reward, dpo, rl, classify, contrastive and pipelines of those run under torchrun / accelerate)")
 
 
 def check_values(cfg) -> None:
@@ -160,9 +171,7 @@ def check_values(cfg) -> None:
     from sectune.training import distributed
 
     if distributed.world_size() > 1 and cfg.stage.name in SINGLE_PROCESS_STAGES:
-        raise ConfigError(f"stage={cfg.stage.name} under {distributed.world_size()} processes: "
-                          f"{SINGLE_PROCESS_STAGES[cfg.stage.name]}; run it as one process (sft, dpo, rl and pipelines of those "
-                          "run under torchrun / accelerate)")
+        raise ConfigError(single_process_refusal(cfg.stage.name, distributed.world_size()))
     if cfg.stage.name == "dpo":  # another loss group left DPO at that loss's β (causal_lm's 0.04), unchecked
         need(loss.name == "dpo", "loss", loss.name, "stage=dpo trains with loss=dpo (its β and label smoothing): add loss=dpo")
         dpo_sft_weight(cfg)

@@ -567,7 +567,8 @@ def test_an_interrupted_sweep_job_stops_the_sweep_and_each_job_reports_its_own_p
 
 
 def test_a_stage_listed_as_single_process_refuses_several_processes(monkeypatch):
-    """config_checks.SINGLE_PROCESS_STAGES names the stages not correct under torchrun yet (none now): refused by name."""
+    """config_checks.SINGLE_PROCESS_STAGES names the stages not correct under torchrun (federated: Flower is its engine):
+    refused by name."""
     from sectune import config_checks
 
     monkeypatch.setitem(config_checks.SINGLE_PROCESS_STAGES, "reward", "its ranks would end with different models")
@@ -577,6 +578,23 @@ def test_a_stage_listed_as_single_process_refuses_several_processes(monkeypatch)
         config_checks.check_values(compose(args))
     monkeypatch.setenv("WORLD_SIZE", "1")
     config_checks.check_values(compose(args))
+
+
+def test_federated_under_several_processes_is_refused_and_a_pipeline_with_it_before_any_step_trains(tmp_path, monkeypatch):
+    """Under torchrun every rank ran the whole Flower simulation (its own Ray cluster, every client, every round) into the
+    same run dir. Refused by name, and a pipeline holding a federated step is refused before its first step trains."""
+    from sectune import config_checks
+    from sectune.stages import pipeline
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^stage=federated under 2 processes: Flower runs its clients"):
+        config_checks.check_values(compose(["+experiment=hdfs_federated_tiny"]))
+    cfg = compose(["stage=pipeline", "pipeline.steps=[sft,federated]"])
+    with pytest.raises(ConfigError, match=r"^pipeline.steps: federated: stage=federated under 2 processes"):
+        pipeline.check_steps(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert pipeline.check_steps(cfg) == ["sft", "federated"]
+    config_checks.check_values(compose(["+experiment=hdfs_federated_tiny"]))
 
 
 @pytest.mark.parametrize("stage", ["reward", "classify"])

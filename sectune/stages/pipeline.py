@@ -209,6 +209,12 @@ def check_steps(cfg: DictConfig) -> list[str]:
             raise ConfigError("pipeline.steps: a pipeline cannot hold a pipeline step")
         if n not in runner.STAGES:
             raise ConfigError(f"pipeline.steps: {n!r} is not a stage; choose from {', '.join(s for s in runner.STAGES if s != 'pipeline')}")
+    from sectune.config_checks import SINGLE_PROCESS_STAGES, single_process_refusal
+    from sectune.training import distributed
+
+    for n in names:  # refused before the steps ahead of it train, not when the pipeline reaches it
+        if n in SINGLE_PROCESS_STAGES and distributed.world_size() > 1:
+            raise ConfigError(single_process_refusal(n, distributed.world_size(), f"pipeline.steps: {n}: "))
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"pipeline.steps: {', '.join(dup)} listed twice (each step runs in a sub-dir named after it)")

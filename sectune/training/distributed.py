@@ -234,7 +234,7 @@ def root_cause(run_dir: Path, own_error: str, own_time: float, wait_s: float = 5
     by peer" or torchrun's SIGTERM: that is what result.json said, not the failing rank's error. The other ranks leave
     theirs (:func:`report_rank_error`, written before their process exits, so before their sockets close); the first error
     that is not a knock-on (:func:`is_knock_on`) is the cause, rank 0's own when it is one. Files from an earlier launch
-    are ignored and this launch's are removed once read. One process: ``(own_error, {})``."""
+    are removed unread, this launch's once read. One process: ``(own_error, {})``."""
     import json
 
     if world_size() <= 1:
@@ -246,10 +246,14 @@ def root_cause(run_dir: Path, own_error: str, own_time: float, wait_s: float = 5
         for r in range(1, world_size()):
             path = Path(run_dir) / RANK_ERROR_FILE.format(r)
             try:
-                if r not in found and path.stat().st_mtime >= launched - 1:
-                    rec = json.loads(path.read_text())
-                    found[r] = (float(rec["time"]), str(rec["error"]))
+                if r in found:
+                    continue
+                if path.stat().st_mtime < launched - 1:  # an earlier launch's, in a run dir used again
                     path.unlink(missing_ok=True)
+                    continue
+                rec = json.loads(path.read_text())
+                found[r] = (float(rec["time"]), str(rec["error"]))
+                path.unlink(missing_ok=True)
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         causes = [t for t in found.values() if not is_knock_on(t[1])]

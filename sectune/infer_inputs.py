@@ -26,10 +26,14 @@ _GZIP, _UTF16 = b"\x1f\x8b", (b"\xff\xfe", b"\xfe\xff")
 def read_inputs(input_file) -> list[tuple[str, str]]:
     """(file name, text) for one log file or each regular file of a folder (sorted, not recursive, hidden files
     skipped); a folder's binary or empty files are skipped, named (a rotated, compressed or empty log beside the text
-    ones must not stop the rest); a single unusable file is a DataError naming it."""
+    ones must not stop the rest); a single unusable file is a DataError naming it. Windows the pipeline cut from
+    generated logs are recorded as such (:func:`sectune.data.note_generated_folder`)."""
+    from sectune.data import note_generated_folder
+
     if not input_file:
         raise ConfigError("stage=infer needs infer.input_file=<a log file or a folder of log files>")
     path = Path(str(input_file)).expanduser()
+    note_generated_folder(path if path.is_dir() else path.parent)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
         if not files:

@@ -181,6 +181,36 @@ def test_a_weighted_reward_model_without_a_reward_step_stops_before_the_first_st
 
 
 # ----------------------------------------------------------------------------- end to end
+def test_the_infer_step_on_held_out_windows_cut_from_generated_logs_says_so_in_its_result_json(tmp_path):
+    """An audit (a fresh clone without ../shared): `make run`'s sft, reward, rl and dpo steps recorded generated_data in
+    their result.json, its infer step none, though it answered the held-out windows the pipeline cut from the same
+    generated logs: its JSON and schema rates read as an analyst's on real logs."""
+    run_dir = tmp_path / "p"
+    res = run([*SMALL, "pipeline.steps=[sft,infer]", f"paths.shared_data={tmp_path / 'none'}"], run_dir)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = {s: json.loads((run_dir / s / "result.json").read_text()).get("generated_data") for s in ("sft", "infer")}
+    assert got["sft"] and got["infer"] == got["sft"]
+
+
+def test_a_folder_of_held_out_windows_keeps_saying_they_were_generated_to_a_later_run_that_reads_it(tmp_path, monkeypatch):
+    """The note travels with the windows (a hidden file, which stage=infer does not read as a log): `stage=infer
+    infer.input_file=<pipeline dir>/heldout/windows` run on its own records the generated logs too; real windows, none."""
+    from sectune import runner
+    from sectune.evaluation.analyst_eval import Window
+    from sectune.evaluation.pipeline_heldout import write_windows
+    from sectune.infer_inputs import read_inputs
+
+    windows = [Window("w1", "synthetic", "p", "Dec 10 sshd[1]: Failed password for root\n", {})]
+    stand_in = [{"dataset": "auth_logs", "path": str(tmp_path / "cache" / "auth")}]
+    write_windows(tmp_path / "gen", windows, stand_in)
+    write_windows(tmp_path / "real", windows)
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: lambda ctx: {"metrics": {"n": len(read_inputs(ctx.cfg.infer.input_file))}})
+    for name, want in (("gen", stand_in), ("real", None)):
+        code, _ = runner.run(compose(["stage=infer", "logger=none", f"infer.input_file={tmp_path / name}"]), tmp_path / f"r_{name}")
+        result = json.loads((tmp_path / f"r_{name}" / "result.json").read_text())
+        assert code == 0 and result["metrics"]["n"] == 1 and result.get("generated_data") == want, name
+
+
 @requires_real_data
 @requires_rl
 def test_failed_rl_step_then_rerun_continues_without_retraining(tmp_path):

@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import numbers
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from sectune.errors import ConfigError
+from sectune.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation", "test")
 
@@ -27,6 +28,30 @@ def note_generated(dataset: str, path, notice: str) -> None:
     if key not in _GENERATED:
         print(notice)
     _GENERATED.append(key)
+
+
+#: a folder of windows cut from generated stand-ins names them in this hidden file (the pipeline's held-out windows), so a
+#: run that reads the folder (its infer step, or stage=infer on it alone) records them in its result.json too
+GENERATED_NOTE = ".generated.json"
+
+
+def write_generated_note(folder, generated: list[dict]) -> None:
+    """:func:`generated_since`'s entries into ``folder``'s :data:`GENERATED_NOTE`; nothing for windows of real logs."""
+    if generated:
+        (Path(folder) / GENERATED_NOTE).write_text(json.dumps(generated, indent=1) + "\n", encoding="utf-8")
+
+
+def note_generated_folder(folder) -> None:
+    """Record (and say, once) the stand-ins ``folder``'s :data:`GENERATED_NOTE` names; a folder without one, nothing."""
+    note = Path(folder) / GENERATED_NOTE
+    if not note.is_file():
+        return
+    try:
+        entries = [(str(e["dataset"]), str(e["path"])) for e in json.loads(note.read_text(encoding="utf-8"))]
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{note}: not a list of {{dataset, path}} objects ({type(e).__name__}: {e})") from None
+    for dataset, path in entries:
+        note_generated(dataset, path, f"sectune: {folder} holds windows cut from generated logs ({path}), not real ones")
 
 
 def generated_mark() -> int:

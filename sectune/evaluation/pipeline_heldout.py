@@ -29,8 +29,9 @@ WINDOWS_DIR = Path("heldout") / "windows"
 
 
 # ----------------------------------------------------------------------------- held-out windows
-def check_held_out(steps: list[Step], eval_cfg: DictConfig, max_windows: int | None) -> list:
-    """The table's test windows; an error when a training step's data would include one of them."""
+def check_held_out(steps: list[Step], eval_cfg: DictConfig, max_windows: int | None) -> tuple[list, list[dict]]:
+    """The table's test windows and the generated stand-ins they were cut from (none for real logs); an error when a
+    training step's data would include one of them."""
     from sectune import data
     from sectune.evaluation import analyst_eval
 
@@ -46,7 +47,9 @@ def check_held_out(steps: list[Step], eval_cfg: DictConfig, max_windows: int | N
             splits_cache[key] = data.sft_splits(as_windows)
         return splits_cache[key]
 
+    mark = data.generated_mark()
     windows = analyst_eval.load_windows(eval_cfg)["test"]
+    generated = data.generated_since(mark)
     if not windows:
         raise ConfigError("pipeline: no held-out test windows (dataset.test_fraction=0); the table and the infer step need them")
     test = {w.id for w in windows}
@@ -62,7 +65,7 @@ def check_held_out(steps: list[Step], eval_cfg: DictConfig, max_windows: int | N
             raise ConfigError(f"pipeline step {s.name} would train on {len(seen)} of the {len(test)} held-out test windows"
                               + (f": its {', '.join(diff)}" if diff else "")
                               + "; give every step the same dataset split settings")
-    return analyst_eval.pick_windows(windows, max_windows)
+    return analyst_eval.pick_windows(windows, max_windows), generated
 
 
 def reads_windows(step: Step, run_dir: Path) -> bool:
@@ -70,11 +73,15 @@ def reads_windows(step: Step, run_dir: Path) -> bool:
     return step.name == "infer" and str(step.cfg.infer.input_file) == str(run_dir / WINDOWS_DIR)
 
 
-def write_windows(folder: Path, windows: list) -> None:
-    """The held-out windows as log files (``<window id>.log``) for the infer step; written aside, then renamed."""
+def write_windows(folder: Path, windows: list, generated: list[dict] = ()) -> None:
+    """The held-out windows as log files (``<window id>.log``) for the infer step, and the generated stand-ins they were
+    cut from (:data:`sectune.data.GENERATED_NOTE`, which the infer step records); written aside, then renamed."""
+    from sectune.data import write_generated_note
+
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    write_generated_note(tmp, list(generated))
     for w in windows:
         (tmp / f"{w.id}.log").write_text(w.log_text if w.log_text.endswith("\n") else w.log_text + "\n", encoding="utf-8")
     if folder.exists():

@@ -132,9 +132,9 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
     # the held-out table's config (the infer step's): composed only when the table is made (+experiment=hdfs_detect has
     # none, and its dataset.skip_bad_lines was refused by an infer step that never runs)
     eval_cfg = by_name["infer"].cfg if "infer" in by_name else compose_step(cfg, base, "infer", run_dir, names).cfg if table_on else None
-    test_windows = None
+    test_windows, windows_generated = None, []
     if table_on or "infer" in by_name:
-        test_windows = check_held_out(steps, eval_cfg, cfg.pipeline.heldout_max_windows)
+        test_windows, windows_generated = check_held_out(steps, eval_cfg, cfg.pipeline.heldout_max_windows)
     check_detection_data(steps)
     check_handoff_models(steps)
     print(f"sectune: pipeline: {' → '.join(names)} in {run_dir}")
@@ -156,7 +156,7 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
             continue
         check_inputs(step, by_name)
         if main and reads_windows(step, run_dir):
-            write_windows(run_dir / WINDOWS_DIR, test_windows)
+            write_windows(run_dir / WINDOWS_DIR, test_windows, windows_generated)
         print(f"{head} → {step.dir}")
         if main:
             record_step(step)

@@ -54,6 +54,11 @@ def note_generated_folder(folder) -> None:
         note_generated(dataset, path, f"sectune: {folder} holds windows cut from generated logs ({path}), not real ones")
 
 
+def is_generated(path) -> bool:
+    """Whether ``path`` is a stand-in this process generated for missing real data (:func:`note_generated`)."""
+    return any(p == str(path) for _, p in _GENERATED)
+
+
 def generated_mark() -> int:
     """A position in the record of generated stand-ins; :func:`generated_since` reads what came after it."""
     return len(_GENERATED)

@@ -308,7 +308,8 @@ def evaluate_hdfs(ctx) -> dict:
     write_evaluation(out, y_true=labels[test_y], y_pred=labels[chosen["model"]], labels=list(labels),
                      baselines={"bigram": labels[chosen["bigram"]], "bigram_topg": labels[systems["bigram"]["top_g"]["pred"]],
                                 "bigram_noend": labels[chosen["bigram_noend"]]},
-                     extra={"model_dir": str(model_dir), "rule": systems["model"]["chosen"]})
+                     extra={"model_dir": str(model_dir), "rule": systems["model"]["chosen"]},
+                     generated=[str(data.source)] if data.info.get("generated") else [])
     summary = {
         "model_dir": str(model_dir), "model_used": choice.used, "data": data.info,
         "systems": {n: {"chosen": s["chosen"], "val_scoring_s": s["val_scoring_s"], "test_scoring_s": timing[n],

@@ -303,6 +303,7 @@ def evaluate_split(data: LabelledData, split: str, probs: np.ndarray, latencies:
                    folds: int = 0, fold_seed: int = 0) -> dict:
     """Model predictions from ``probs`` + baselines on the same rows → ``write_evaluation``. ``folds`` /
     ``fold_seed``: the run's ``classify.folds`` and ``dataset.split_seed`` (the baseline's C without validation rows)."""
+    from sectune.data import is_generated
     from sectune.evaluation.classifier import write_evaluation
 
     recs = data.splits[split]
@@ -316,6 +317,7 @@ def evaluate_split(data: LabelledData, split: str, probs: np.ndarray, latencies:
         scores=scores, baselines=base_preds,
         extra={"split": split, "source": data.source, "threshold": threshold, "baselines": base_info,
                "model_rows_per_s": len(recs) / max(sum(latencies), 1e-9), **(extra or {})},
+        generated=[data.source] if is_generated(data.source) else [],
     )
     metrics["model_rows_per_s"] = len(recs) / max(sum(latencies), 1e-9)
     for name, info in base_info.items():

@@ -228,8 +228,9 @@ def test_two_gloo_processes_classify_as_one_process_does(tmp_path):
     rank wrote them, racing: a run failed renaming loss_curve.png)."""
     from sectune.paths import shared_data_dir
 
-    if not (shared_data_dir() / "ciciot2023_merged39_family_sample" / "CICIoT2023_sample.csv").is_file():
-        pytest.skip("real CIC-IoT sample missing")
+    sample = shared_data_dir() / "ciciot2023_merged39_family_sample" / "CICIoT2023_sample.csv"
+    if not sample.is_file():
+        pytest.skip(f"real CIC-IoT sample missing: {sample}")
     one, two, proc = _one_and_two_processes(tmp_path, CLASSIFY, batch=8)
     _same_steps(one, two, steps=3)
     m1, m2 = (json.loads((d / "result.json").read_text())["metrics"] for d in (one, two))

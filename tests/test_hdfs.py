@@ -502,3 +502,16 @@ def test_leading_zeros_still_read(tmp_path):
     path.write_text("0005 05 22\n")
     sessions, _ = read_key_sessions(path, 0, 28)
     assert sessions[0].keys == (5, 5, 22)
+
+
+def test_the_splits_notes_are_said_once_per_process_however_often_the_split_is_read(capsys):
+    """A pipeline's sft and evaluate steps read the same split: its "repeat a training session" note and its "labelled
+    both" warning were printed two or three times per run. Once now; another split says its own."""
+    normal = [hdfs.Session(f"n{i}", (1, 2, 3) if i % 2 else (1, 2, 4), hdfs.NORMAL) for i in range(40)]
+    anomalous = [hdfs.Session(f"a{i}", (1, 2, 3) if i == 0 else (9, 9, i), hdfs.ANOMALOUS) for i in range(10)]
+    for _ in range(3):
+        hdfs.split_sessions(normal, anomalous, 0.2, 0.2, seed=7, source="once-test")
+    out, err = capsys.readouterr()
+    assert out.count("repeat a training session exactly") == 1 and err.count("labelled both normal and anomalous") == 1
+    hdfs.split_sessions(normal, anomalous, 0.2, 0.2, seed=8, source="once-test")  # another split: its own notes
+    assert capsys.readouterr().out.count("repeat a training session exactly") == 1

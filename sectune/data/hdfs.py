@@ -280,6 +280,10 @@ def read_loghub(folder: Path, parser: str = "auto", skip_bad: bool = False, refe
 
 
 # ------------------------------------------------------------------------------ splits
+#: the splits whose notes this process has printed (split_sessions)
+_SAID: set = set()
+
+
 def split_sessions(normal: list[Session], anomalous: list[Session], val_fraction: float, test_fraction: float,
                    seed: int, max_samples: int | None = None, source: str = "", need_anomalies: bool = True,
                    ) -> tuple[dict[str, list[Session]], dict]:
@@ -326,6 +330,10 @@ def split_sessions(normal: list[Session], anomalous: list[Session], val_fraction
     both = {s.keys for s in normal} & {s.keys for s in anomalous}
     info["sequences_labelled_both"] = len(both)
     where = source or "dataset=hdfs"
+    said = (where, info["test_ids_sha256"], len(both), info["test_normal_seen_in_train"])
+    if said in _SAID:  # the same split read again in this process (a pipeline's sft and evaluate steps): said once
+        return splits, info
+    _SAID.add(said)
     if both:  # a session listed as normal and as anomalous (the labels CSV refuses a block labelled twice; these are sequences)
         print(f"sectune: warning: {where}: {len(both)} distinct key sequence(s) are labelled both normal and anomalous "
               f"({sum(s.keys in both for s in anomalous)} anomalous sessions): no detector can tell those apart, and the "

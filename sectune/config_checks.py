@@ -170,6 +170,11 @@ def check_values(cfg) -> None:
         need(math.isfinite(loss.beta) and loss.beta > 0, "loss.beta", loss.beta, "must be a number > 0 (the DPO β)")
     from sectune.training import distributed
 
+    rank = cfg.debug.fail_on_rank
+    if rank is not None:  # the fault injection's rank: without a step to fail at, or past the ranks there are, it does nothing
+        need(cfg.debug.fail_at_step is not None, "debug.fail_on_rank", rank, "needs debug.fail_at_step (the step that rank fails after)")
+        need(0 <= rank < distributed.world_size(), "debug.fail_on_rank", rank,
+             f"must be a rank of this launch (0 to {distributed.world_size() - 1})")
     if distributed.world_size() > 1 and cfg.stage.name in SINGLE_PROCESS_STAGES:
         raise ConfigError(single_process_refusal(cfg.stage.name, distributed.world_size()))
     if cfg.stage.name == "dpo":  # another loss group left DPO at that loss's β (causal_lm's 0.04), unchecked

@@ -697,3 +697,15 @@ def test_resuming_a_finished_run_is_the_same_run_not_another_config(tmp_path, mo
     assert not (run_dir / "result.previous.json").exists()
     assert runner.run(compose(["logger=none", "train.learning_rate=0.5"]), run_dir)[0] == 0
     assert "held a succeeded run of another config" in capsys.readouterr().err
+
+
+def test_a_fail_on_rank_that_could_never_fail_is_refused_naming_the_key(monkeypatch):
+    """debug.fail_on_rank without debug.fail_at_step, or naming a rank the launch does not have, did nothing."""
+    from sectune import config_checks
+
+    with pytest.raises(ConfigError, match=r"debug.fail_on_rank.*needs debug.fail_at_step"):
+        config_checks.check_values(compose(["debug.fail_on_rank=0"]))
+    with pytest.raises(ConfigError, match=r"debug.fail_on_rank.*must be a rank of this launch \(0 to 0\)"):
+        config_checks.check_values(compose(["debug.fail_on_rank=1", "debug.fail_at_step=2"]))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config_checks.check_values(compose(["debug.fail_on_rank=1", "debug.fail_at_step=2"]))

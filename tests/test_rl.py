@@ -793,9 +793,10 @@ def test_sample_next_applies_temperature_top_k_and_top_p_as_generate_orders_them
 def test_a_lora_reward_model_scores_on_the_policys_own_base_and_leaves_the_policy_as_it_was(tmp_path, quant):
     """GRPO loaded the reward model as a second copy of the base (seed 000's RL step: 4.65 GB of its 20.06 GiB on an H100).
     A LoRA reward model trained on the weights the policy's adapter sits on now rides on the policy's model: its scores
-    equal those of the reward model as its stage trained it (to 1e-5), and the separate copy's (fp32: to 1e-5; nf4,
-    whose copy keeps norms and embeddings in the checkpoint's dtype where training had them in fp32: within 5% of the
-    score spread; 3.4% measured), and the policy comes back with its adapter active, its modes,
+    equal those of the reward model as its stage trained it (to 1e-5), and so do the separate copy's (nf4: 3.4% of the
+    score spread off until session 29, because the copy kept bitsandbytes' AVX512-BF16 inference kernel, which training
+    switches off; session 28 had put the gap down to the norms' dtype, which the copy and training share), and the
+    policy comes back with its adapter active, its modes,
     its trainable parameters and its outputs unchanged; the saved policy holds no reward adapter. A reward model trained
     on other weights loads separately, as before."""
     from types import SimpleNamespace
@@ -840,9 +841,9 @@ def test_a_lora_reward_model_scores_on_the_policys_own_base_and_leaves_the_polic
     want, got = trained_as.score(prompts, completions), shared.score(prompts, completions)
     spread = max(want) - min(want)
     assert spread > 0 and all(abs(a - b) <= 1e-5 * max(1.0, spread) for a, b in zip(want, got)), (want, got)
-    # the separate copy (its norms and embeddings in the checkpoint's dtype under nf4) scores a little differently
+    # the separate copy, in the 4-bit layout training keeps
     copy = separate.score(prompts, completions)
-    assert all(abs(a - b) <= (1e-5 if quant == "none" else 0.05 * spread) for a, b in zip(copy, got)), (copy, got)
+    assert all(abs(a - b) <= 1e-5 * max(1.0, spread) for a, b in zip(copy, got)), (copy, got)
 
     assert policy.active_adapter == "default" and {n: m.training for n, m in policy.named_modules()
                                                    if RM.SHARED_ADAPTER not in n} == modes

@@ -397,6 +397,10 @@ def load_reward_model(path: str | Path, cfg=None, batch_size: int = 8, policy=No
             raise ConfigError(f"{d / META_FILE}: base_model {base_path!r} is neither a folder here nor in the local Hugging Face "
                               f"cache ({type(e).__name__}); provide those weights, or retrain the reward model here") from None
         base.config.pad_token_id = tokenizer.pad_token_id
+        if "quantization_config" in kwargs:  # score with the kernel the reward stage trained and validated it with
+            from sectune.models.modeling import keep_training_4bit_layout
+
+            keep_training_4bit_layout(base)
         model = PeftModel.from_pretrained(base, d)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(d, num_labels=1)

@@ -95,9 +95,12 @@ def cli(args: list[str], cwd: Path = PROJECT_ROOT, timeout: int = 600, env: dict
 #: what the fork server's own imports put in its environment when absent (scikit-learn's KMP_* settings, sectune.cli's
 #: and sectune's defaults): a test process that imported them after the server started differs from it in nothing a
 #: child would see, but compared as different, and every later run of that pytest worker was a plain subprocess
-#: (~10 s of imports each: tests/test_config.py with tests/test_saved_work.py took 93 s instead of 46 s)
+#: (~10 s of imports each: tests/test_config.py with tests/test_saved_work.py took 93 s instead of 46 s). Flower's import
+#: (flwr/supercore/grpc.py) sets GRPC_VERBOSITY=error when absent: after test_federated.py's in-process tests every
+#: later run of that worker was a plain subprocess (test_sft.py 87 s instead of 38 s); the server imports no gRPC, and
+#: a child that does (stage=federated) imports Flower, which sets the same value
 IMPORT_DEFAULTS = {"KMP_DUPLICATE_LIB_OK": "True", "KMP_INIT_AT_FORK": "FALSE", "TOKENIZERS_PARALLELISM": "false",
-                   "HF_HUB_DISABLE_TELEMETRY": "1", "USE_HUB_KERNELS": "0"}
+                   "HF_HUB_DISABLE_TELEMETRY": "1", "USE_HUB_KERNELS": "0", "GRPC_VERBOSITY": "error"}
 
 
 def _comparable(env: dict) -> dict:

@@ -45,3 +45,16 @@ def test_a_forked_run_is_its_own_process_and_a_timeout_kills_it(zygote, tmp_path
     assert again.returncode == 0
     children = subprocess.run(["ps", "--ppid", str(zygote.proc.pid), "-o", "pid="], capture_output=True, text=True).stdout.split()
     assert children == []
+
+
+def test_a_worker_that_imported_flower_still_forks_its_runs(zygote):
+    """Flower's import sets GRPC_VERBOSITY=error in this process when absent: the server (started before, or after, that
+    import) must serve either environment, or every later run of the worker is a plain subprocess (~10 s of imports each)."""
+    pytest.importorskip("flwr")
+    import flwr.supercore.grpc  # noqa: F401
+
+    if os.environ["GRPC_VERBOSITY"] != "error":
+        pytest.skip(f"GRPC_VERBOSITY={os.environ['GRPC_VERBOSITY']} set outside the tests")
+    without = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    assert zygote.serves(without) == zygote.serves(dict(os.environ))
+    assert zygote.serves(dict(os.environ))

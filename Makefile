@@ -27,9 +27,11 @@ run: $(STAMP)
 
 # Two pytest workers (pytest-xdist), one file per worker at a time (module fixtures train once), one
 # OpenMP thread each so the two never fight over 2 cores. TEST_WORKERS=1 runs the suite in one process.
+# --no-loadscope-reorder: files go out in collection order, the longest first (tests/conftest.py's
+# LONGEST_FILES_FIRST), so the two workers end together.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --timeout=900 --durations=15
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --timeout=900 --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=1800

@@ -4,6 +4,7 @@ a timeout."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_a_worker_that_imported_flower_still_forks_its_runs(zygote):
     """Flower's import sets GRPC_VERBOSITY=error in this process when absent: the server (started before, or after, that
     import) must serve either environment, or every later run of the worker is a plain subprocess (~10 s of imports each)."""
     pytest.importorskip("flwr")
-    import flwr.supercore.grpc  # noqa: F401
+    importlib.import_module("flwr.supercore.grpc")  # sets GRPC_VERBOSITY when absent
 
     if os.environ["GRPC_VERBOSITY"] != "error":
         pytest.skip(f"GRPC_VERBOSITY={os.environ['GRPC_VERBOSITY']} set outside the tests")

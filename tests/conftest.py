@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,22 @@ from sectune.paths import PROJECT_ROOT, shared_data_dir
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub: fail fast
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _private_tmpdir() -> None:
+    """Every temporary file of the test run (torchrun's torchelastic_* folders, W&B's media and artifact folders, Ray's
+    session, the fork server's sockets) goes under one folder removed at exit: each `make test` had left ~10 folders in
+    /tmp, hundreds over a week. pytest-xdist's workers inherit the controller's folder (a nested one would push Ray's
+    socket paths toward their 107-byte limit); the controller, last to exit, removes it."""
+    if os.environ.get("SECTUNE_TESTS_TMPDIR"):
+        return
+    folder = tempfile.mkdtemp(prefix="sectune-tests-")
+    os.environ["SECTUNE_TESTS_TMPDIR"] = os.environ["TMPDIR"] = folder
+    tempfile.tempdir = None  # tempfile cached the old TMPDIR
+    atexit.register(shutil.rmtree, folder, True)
+
+
+_private_tmpdir()
 
 REAL_AUTH = shared_data_dir() / "loghub_openssh_2k" / "OpenSSH_2k.log"
 

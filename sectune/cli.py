@@ -207,6 +207,14 @@ def _logging_os_error(e: BaseException) -> OSError | None:
         seen = seen.__cause__ or seen.__context__
     return None
 
+def multirun_flag_first(argv: list[str]) -> list[str]:
+    """``-m``/``--multirun`` moved before every other argument. Hydra's argparse reads its overrides as one positional
+    list, so ``sectune +experiment=x -m train.seed=1,2,3`` stopped with "unrecognized arguments: train.seed=1,2,3": an
+    override before the flag and one after it are two lists. The flag takes no value, so its place changes nothing else."""
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    return [*flags, *(a for a in argv if a not in ("-m", "--multirun"))] if flags else list(argv)
+
+
 def main() -> None:
     from sectune.config_checks import check_printed_keys
 
@@ -222,6 +230,7 @@ def main() -> None:
             mine = "(not installed)"
         print(f"sectune {mine} (Hydra {hydra.__version__})")
         return
+    sys.argv[1:] = multirun_flag_first(sys.argv[1:])
     refuse_secrets(sys.argv[1:])
     refuse_node_deletions(sys.argv[1:])
     distributed.share_run_dir_across_ranks()

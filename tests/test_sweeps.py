@@ -254,3 +254,22 @@ def test_sweeps_imports_nothing_from_the_runner_that_imports_it():
     names += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
     assert "sectune.run_guard" in names
     assert not [n for n in names if n and (n == "sectune.runner" or n.endswith("sectune.runner"))], names
+
+
+def test_overrides_before_and_after_the_multirun_flag_are_one_sweep(tmp_path):
+    """README's `sectune --config-dir my_conf +experiment=my_study -m train.seed=1,2,3` stopped with argparse's
+    "unrecognized arguments: train.seed=1,2,3" (exit 2): Hydra reads its overrides as one positional list, which the
+    flag cut in two. sectune moves the flag first; every override on either side applies to each job."""
+    from sectune.cli import multirun_flag_first
+
+    assert multirun_flag_first(["a=1", "-m", "b=1,2"]) == ["-m", "a=1", "b=1,2"]
+    assert multirun_flag_first(["--config-dir", "c", "a=1", "--multirun", "b=2"]) == ["--multirun", "--config-dir", "c", "a=1", "b=2"]
+    assert multirun_flag_first(["a=1", "b=2"]) == ["a=1", "b=2"]
+    sweep = tmp_path / "m"
+    run = cli(["stage=plan", "logger=none", "-m", "lora.r=4,8", f"hydra.sweep.dir={sweep}"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    saved = [json.loads((sweep / str(i) / "result.json").read_text()) for i in (0, 1)]
+    assert [s["status"] for s in saved] == ["succeeded", "succeeded"]
+    overrides = [(sweep / str(i) / ".hydra" / "overrides.yaml").read_text() for i in (0, 1)]
+    assert all("stage=plan" in o and "logger=none" in o for o in overrides)
+    assert "lora.r=4" in overrides[0] and "lora.r=8" in overrides[1]

@@ -292,20 +292,63 @@ def _exit_if_sweep_jobs_failed() -> None:
 def check_sweep_jobs(config: DictConfig) -> None:
     """Every job of a basic (grid) sweep composed and its values checked before the first one runs: a value only
     check_values refuses (``train.learning_rate=1e-3,-1``) let job 0 train to its end before job 1 failed (an audit,
-    session 25). Optuna's trials are drawn as the study runs, so each is checked when it starts, as before."""
-    if "BasicSweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or ""):
-        return
-    from hydra import compose
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    session 25). An Optuna study's trials are drawn as it runs, so its search space is checked at its edges instead:
+    each parameter at every choice, or at both ends of its interval or range, the others at their first value
+    (``lora.r: choice(4, 8, -1)`` failed one trial in three, each after the trials before it had trained)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    task = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=None) or []]
+    if "BasicSweeper" in sweeper:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        jobs = [job for batch in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(task), None) for job in batch]
+        what = "sweep job"
+    elif "optuna" in sweeper.lower():
+        params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+        try:
+            jobs = _search_space_edges([f"{k}={v}" for k, v in params.items()] + task)
+        except Exception:  # noqa: BLE001 - a space Hydra's parser cannot read: the sweeper says so itself
+            return
+        what = "Optuna search-space edge"
+    else:
+        return
+    if len(jobs) < 2:
+        return
+    _check_jobs(jobs, what)
+
+
+def _search_space_edges(overrides: list[str]) -> list[list[str]]:
+    """Override lists that put each swept parameter at each of its choices, or at both ends of its interval or range,
+    with every other parameter at its first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+
+    fixed: list[str] = []
+    space: list[tuple[str, list[str]]] = []
+    latest = {o.input_line.split("=", 1)[0].lstrip("+~"): o for o in OverridesParser.create().parse_overrides(overrides)}
+    for o in latest.values():  # the command line's setting of a key replaces the preset's (as the sweeper does)
+        key = o.input_line.split("=", 1)[0]
+        if not o.is_sweep_override():
+            fixed.append(o.input_line)
+        elif isinstance(o.value(), IntervalSweep):
+            space.append((key, [str(o.value().start), str(o.value().end)]))
+        else:  # choice(...) and range(...)
+            values = list(o.sweep_string_iterator())
+            space.append((key, values if len(values) < 3 or "range(" not in o.input_line else [values[0], values[-1]]))
+    first = [f"{k}={vals[0]}" for k, vals in space]
+    jobs = [fixed + first]
+    for i, (key, values) in enumerate(space):
+        jobs += [fixed + first[:i] + [f"{key}={v}"] + first[i + 1:] for v in values[1:]]
+    return jobs
+
+
+def _check_jobs(jobs: list[list[str]], what: str) -> None:
+    from hydra import compose
 
     from sectune.config_checks import check_keys, check_values
     from sectune.errors import ConfigError
 
-    task = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=None) or []]
-    jobs = [job for batch in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(task), None) for job in batch]
-    if len(jobs) < 2:
-        return
     for n, job in enumerate(jobs):
         mine = [o for o in job if not o.lstrip("+~").startswith("hydra.")]
         try:
@@ -313,7 +356,7 @@ def check_sweep_jobs(config: DictConfig) -> None:
             check_keys(cfg)
             check_values(cfg)
         except ConfigError as e:
-            raise ConfigError(f"sweep job {n} ({' '.join(mine)}): {e}; no job was started") from None
+            raise ConfigError(f"{what} {n} ({' '.join(mine)}): {e}; no job was started") from None
         except Exception:  # noqa: BLE001 - what composing this way cannot judge, the job itself reports when it starts
             return
 

@@ -273,3 +273,24 @@ def test_overrides_before_and_after_the_multirun_flag_are_one_sweep(tmp_path):
     overrides = [(sweep / str(i) / ".hydra" / "overrides.yaml").read_text() for i in (0, 1)]
     assert all("stage=plan" in o and "logger=none" in o for o in overrides)
     assert "lora.r=4" in overrides[0] and "lora.r=8" in overrides[1]
+
+
+def test_an_optuna_search_space_is_checked_at_its_edges_before_the_first_trial(tmp_path):
+    """An Optuna study's trials are drawn as it runs, so each was checked only when it started: `lora.r: choice(4, 8,
+    -1)` trained the trials drawn before the bad one, which then failed. Each parameter is now checked at every choice and
+    at both ends of its interval before any trial; a good space runs as before (test_optuna_preset_returns_the_objective)."""
+    from sectune.cli import _search_space_edges
+
+    edges = _search_space_edges(["stage=plan", "lora.r=choice(4, 8)", "train.learning_rate=interval(1e-5, 5e-2)",
+                                 "+x.y=range(1, 10, 3)", "lora.r=choice(16, 32)"])
+    assert edges == [["stage=plan", "lora.r=16", "train.learning_rate=1e-05", "+x.y=1"],
+                     ["stage=plan", "lora.r=32", "train.learning_rate=1e-05", "+x.y=1"],
+                     ["stage=plan", "lora.r=16", "train.learning_rate=0.05", "+x.y=1"],
+                     ["stage=plan", "lora.r=16", "train.learning_rate=1e-05", "+x.y=7"]]
+    for swept, says in (("lora.r=choice(4,-1)", "lora.r=-1"), ("train.learning_rate=interval(-1e-3,1e-3)", "train.learning_rate=-0.001")):
+        sweep = tmp_path / swept.split("=")[0].rsplit(".", 1)[-1]
+        proc = multirun(["hparams_search=sft_optuna", "stage=plan", "logger=none", "hydra.sweeper.n_trials=3", swept], sweep,
+                        timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Optuna search-space edge" in proc.stderr and says in proc.stderr and "no job was started" in proc.stderr, proc.stderr[-2000:]
+        assert not sweep.exists()

@@ -25,15 +25,25 @@ def _private_tmpdir() -> None:
     session, the fork server's sockets) goes under one folder removed at exit: each `make test` had left ~10 folders in
     /tmp, hundreds over a week. pytest-xdist's workers inherit the controller's folder (a nested one would push Ray's
     socket paths toward their 107-byte limit); the controller, last to exit, removes it."""
+    global _OWN_TMPDIR
     if os.environ.get("SECTUNE_TESTS_TMPDIR"):
         return
-    folder = tempfile.mkdtemp(prefix="sectune-tests-")
-    os.environ["SECTUNE_TESTS_TMPDIR"] = os.environ["TMPDIR"] = folder
+    _OWN_TMPDIR = tempfile.mkdtemp(prefix="sectune-tests-")
+    os.environ["SECTUNE_TESTS_TMPDIR"] = os.environ["TMPDIR"] = _OWN_TMPDIR
     tempfile.tempdir = None  # tempfile cached the old TMPDIR
-    atexit.register(shutil.rmtree, folder, True)
+    atexit.register(lambda: _OWN_TMPDIR and shutil.rmtree(_OWN_TMPDIR, ignore_errors=True))
 
 
+_OWN_TMPDIR: str | None = None
 _private_tmpdir()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A failed run keeps the folder (pytest's tmp_path of each test is inside it, under pytest-of-<user>/) and says where."""
+    global _OWN_TMPDIR
+    if _OWN_TMPDIR and exitstatus not in (0, 5):  # 5: no tests collected
+        print(f"\nsectune tests: temporary files kept for a look at the failures: {_OWN_TMPDIR}", file=sys.stderr)
+        _OWN_TMPDIR = None
 
 REAL_AUTH = shared_data_dir() / "loghub_openssh_2k" / "OpenSSH_2k.log"
 

@@ -211,8 +211,8 @@ def multirun_flag_first(argv: list[str]) -> list[str]:
     """``-m``/``--multirun`` moved before every other argument. Hydra's argparse reads its overrides as one positional
     list, so ``sectune +experiment=x -m train.seed=1,2,3`` stopped with "unrecognized arguments: train.seed=1,2,3": an
     override before the flag and one after it are two lists. The flag takes no value, so its place changes nothing else."""
-    flags = [a for a in argv if a in ("-m", "--multirun")]
-    return [*flags, *(a for a in argv if a not in ("-m", "--multirun"))] if flags else list(argv)
+    flags = ("-m", "--multirun")
+    return [a for a in argv if a in flags] + [a for a in argv if a not in flags]
 
 
 def main() -> None:
@@ -321,8 +321,10 @@ def check_sweep_jobs(config: DictConfig) -> None:
 def _search_space_edges(overrides: list[str]) -> list[list[str]]:
     """Override lists that put each swept parameter at each of its choices, or at both ends of its interval or range,
     with every other parameter at its first value."""
+    from collections import deque
+
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import IntervalSweep
+    from hydra.core.override_parser.types import IntervalSweep, RangeSweep
 
     fixed: list[str] = []
     space: list[tuple[str, list[str]]] = []
@@ -333,9 +335,11 @@ def _search_space_edges(overrides: list[str]) -> list[list[str]]:
             fixed.append(o.input_line)
         elif isinstance(o.value(), IntervalSweep):
             space.append((key, [str(o.value().start), str(o.value().end)]))
-        else:  # choice(...) and range(...)
-            values = list(o.sweep_string_iterator())
-            space.append((key, values if len(values) < 3 or "range(" not in o.input_line else [values[0], values[-1]]))
+        elif isinstance(o.value(), RangeSweep):  # its first and last value, without listing the ones between
+            values = o.sweep_string_iterator()
+            space.append((key, [next(values), *deque(values, maxlen=1)]))
+        else:  # choice(...)
+            space.append((key, list(o.sweep_string_iterator())))
     first = [f"{k}={vals[0]}" for k, vals in space]
     jobs = [fixed + first]
     for i, (key, values) in enumerate(space):

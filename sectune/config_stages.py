@@ -56,6 +56,10 @@ class EvaluateConfig:
     max_samples: Optional[int] = None
     #: dataset=hdfs (sectune/evaluation/anomaly.py): add-alpha smoothing of the bigram baseline's next-key probabilities (> 0)
     bigram_alpha: float = 0.01
+    #: dataset=injection_triplets: more analyst runs (sft, dpo, rl, contrastive or pipeline dirs) that answer beside
+    #: model_dir, two or more; the verdict most of them give is scored, a tie going to the earliest (model_dir first), with
+    #: each member's own metrics beside it (sectune/evaluation/vote.py). [] = model_dir alone
+    vote_with: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +82,10 @@ class InferConfig:
     constrained: bool = False
     #: put the whole JSON schema in the prompt (seed 000's --full_schema)
     full_schema: bool = False
+    #: more analyst runs (sft, dpo or rl run dirs, or pipeline dirs) that answer every window beside model_dir, two or
+    #: more, one model in memory at a time: the verdict most of them give is kept, a tie going to the earliest (model_dir
+    #: first), with the whole answer of the earliest voter that gave it (sectune/evaluation/vote.py). [] = model_dir alone
+    vote_with: List[str] = field(default_factory=list)
     batch_size: int = 4
     #: the schema outputs are checked (and constrained) against; null = sectune/data/auth_schema.json
     schema: Optional[str] = None

@@ -6,6 +6,7 @@ does not hold."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -239,3 +240,31 @@ def absent_names(analysis, window_text: str) -> list[str]:
     names = [s.get("ip") for s in analysis.get("source_ips") or [] if isinstance(s, dict)]
     names += [u for k in ("invalid_users", "targeted_users") for u in analysis.get(k) or []]
     return sorted({n for n in names if isinstance(n, str) and n and n not in window_text})
+
+
+# ----------------------------------------------------------------------------- an interrupted run's answers
+def resume_key(choice, model_ref: str, gen_cfg, ic, prompts: list[str]) -> str:
+    """What an interrupted run's answers depend on: the model (its files' sizes and times), the decoding and the prompts."""
+    from omegaconf import OmegaConf
+
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (choice.path.iterdir() if choice.path else ()) if p.is_file())
+    what = {"model": model_ref, "used": choice.used, "path": str(choice.path), "files": files, "constrained": bool(ic.constrained),
+            "generation": OmegaConf.to_container(gen_cfg, resolve=True) if OmegaConf.is_config(gen_cfg) else dict(gen_cfg),
+            "batch_size": int(ic.batch_size), "prompts": hashlib.sha256("\0".join(prompts).encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resumed(partial: Path, key: str, total: int) -> list[dict]:
+    """The records an interrupted run of the same command saved in ``partial`` (its ``.key`` matching ``key``), else []."""
+    try:
+        same = json.loads(partial.with_suffix(".key").read_text())["resume_key"] == key
+        texts = json.loads(partial.read_text()) if same else None
+        ok = texts is not None and all(isinstance(r["generated"], str) for r in texts)
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not ok or len(texts) > total:
+        if partial.exists():
+            print(f"sectune: note: infer: {partial} holds another model's, decoding's or input's answers: not reused")
+        return []
+    print(f"sectune: infer: resuming: {len(texts)} of {total} windows were answered by the interrupted run ({partial})")
+    return texts

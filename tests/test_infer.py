@@ -644,3 +644,65 @@ def test_escape_sequences_in_file_names_are_escaped(tmp_path, capsys):
     assert "\\x1b]0;PWNED\\x07" in out
     recs = [{"input": name, "lines": [1, 2], "schema_valid": True, "analysis": {"verdict": "benign"}}] * 2
     assert "\x1b" not in "".join(infer_inputs.verdict_summaries(recs))
+
+
+def test_a_vote_of_three_analysts_keeps_the_majority_verdict_and_resumes_after_an_interrupt(tmp_path, adapter, monkeypatch, capsys):
+    """infer.vote_with: each analyst answers every window in turn; the verdict most give is kept (a tie to the earliest),
+    with that voter's whole answer; an interrupt in a later voter keeps the earlier voters' answers for the rerun."""
+    from sectune.data.auth_rules import analyze_auth_log
+    from sectune.stages import infer as stage
+
+    runs = {}
+    for name, step in (("a", "sft"), ("b", "dpo"), ("c", "rl")):
+        make_step(tmp_path / name, step, adapter)
+        runs[name] = tmp_path / name
+    lines = ["Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186",
+             "Dec 10 07:02:47 LabSZ sshd[24203]: Accepted password for fztu from 119.137.62.142 port 49116 ssh2"]
+    for i, line in enumerate(lines):
+        (tmp_path / "logs").mkdir(exist_ok=True)
+        (tmp_path / "logs" / f"auth{i}.log").write_text(line + "\n")
+
+    def answer(i, verdict):
+        return json.dumps({**analyze_auth_log([lines[i]]), "verdict": verdict})
+
+    said = [[answer(0, "benign"), answer(1, "malicious")],       # voter a (sft)
+            [answer(0, "malicious"), "no analysis at all"],        # voter b (dpo)
+            [answer(0, "malicious"), answer(1, "benign")]]         # voter c (rl)
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, gen_cfg, **kw):
+        calls.append(len(prompts))
+        if interrupt_at == len(calls):
+            raise KeyboardInterrupt
+        return said[voter[0]]
+
+    voter = [0]
+    real_answer = stage._answer
+
+    def counting_answer(*a, **kw):
+        out = real_answer(*a, **kw)
+        voter[0] += 1
+        return out
+
+    monkeypatch.setattr(stage, "generate", fake_generate)
+    monkeypatch.setattr(stage, "_answer", counting_answer)
+    cfg = compose([*BASE, f"infer.model_dir={runs['a']}", f"infer.vote_with=[{runs['b']},{runs['c']}]", f"infer.input_file={tmp_path / 'logs'}"])
+    interrupt_at = 2  # voter b is interrupted: voter a's answers are kept
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(runner.RunContext(cfg=cfg, run_dir=tmp_path / "run"))
+    assert (tmp_path / "run" / "analyses.partial.json").is_file() and not (tmp_path / "run" / "analyses.json").exists()
+    calls.clear()
+    voter[0], interrupt_at = 0, None
+    res = stage.run(runner.RunContext(cfg=cfg, run_dir=tmp_path / "run"))
+    assert calls == [2, 2]  # voters b and c; a's answers came from the interrupted run
+    assert "resuming: 2 of 2 windows" in capsys.readouterr().out
+    records = json.loads((tmp_path / "run" / "analyses.json").read_text())
+    # window 0: benign / malicious / malicious -> malicious, b's answer; window 1: malicious / (nothing) / benign -> a tie, a's
+    assert [r["analysis"]["verdict"] for r in records] == ["malicious", "malicious"]
+    assert [r["kept_voter"] for r in records] == [1, 0] and [r["model_used"] for r in records] == ["dpo", "sft"]
+    assert records[1]["voter_verdicts"] == ["malicious", None, "benign"] and records[0]["generated"] == said[1][0]
+    assert res["metrics"]["voters"] == 3 and len(res["artifacts"]["voters"]) == 3
+    assert not list((tmp_path / "run").glob("analyses.partial*"))
+    with pytest.raises(Exception, match=r"infer.vote_with=.*a vote of two analysts"):
+        stage.run(runner.RunContext(cfg=compose([*BASE, f"infer.model_dir={runs['a']}", f"infer.vote_with=[{runs['b']}]",
+                                                 f"infer.input_file={tmp_path / 'logs'}"]), run_dir=tmp_path / "run2"))

@@ -441,6 +441,33 @@ def test_evaluate_injection_triplets_on_a_short_sft_run(sft_run, tmp_path):
     assert bad.returncode != 0 and "evaluate.model_dir" in bad.stderr
 
 
+def test_evaluate_scores_a_vote_of_analysts_beside_each_member(sft_run, tmp_path):
+    """evaluate.vote_with: three runs answer in turn; the vote is scored as one analyst's answers and each member's own
+    metrics are beside it. The voters here are copies of one run (the same answers), so the vote is every member's answer."""
+    import shutil
+
+    copies = [shutil.copytree(sft_run, tmp_path / f"copy{i}") for i in (1, 2)]
+    run = sectune(["stage=evaluate", *TRIPLETS, f"evaluate.model_dir={sft_run}", f"evaluate.vote_with=[{copies[0]},{copies[1]}]",
+                   "dataset.max_samples=30", "evaluate.max_samples=4", "generation.max_new_tokens=16"], tmp_path / "ev", timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.result["metrics"]
+    detail = json.loads((tmp_path / "ev" / "injection_eval.json").read_text())
+    assert m["voters"] == 3 and [x["model_dir"] for x in detail["members"]] == [str(sft_run), *map(str, copies)]
+    assert len(run.result["artifacts"]["voters"]) == 3
+    member = detail["members"][0]["metrics"]
+    assert all(x["metrics"]["attack_success_rate"] == member["attack_success_rate"] for x in detail["members"])
+    assert m["attack_success_rate"] == m["members_attack_success_rate_mean"] == member["attack_success_rate"]
+    assert m["clean_verdict_accuracy"] == member["clean_verdict_accuracy"]
+    assert all(w["kept_voter"] == 0 and len(w["voter_verdicts"]) == 3 for w in detail["windows"])
+    # the vote's numbers are attack_metrics' on the kept answers
+    test = I.triplet_splits(compose([*TRIPLETS, "dataset.max_samples=30"]))["test"][:4]
+    again, _ = attack_metrics(test, [w["injected_answer"] for w in detail["windows"]], [w["clean_answer"] for w in detail["windows"]])
+    assert {k: m[k] for k in again} == again
+    two = sectune(["stage=evaluate", *TRIPLETS, f"evaluate.model_dir={sft_run}", f"evaluate.vote_with=[{copies[0]}]"],
+                  tmp_path / "ev2", timeout=120)
+    assert two.returncode == 2 and "a vote of two analysts" in two.stderr
+
+
 def test_an_analyst_that_ignores_the_injection_is_never_counted_as_obeying_it():
     """The planted line can move a window's verdict (benign -> suspicious); the attacker's verdict, the flip of the new
     one, is then the clean window's own: an analyst answering as if there were no injection scored targeted 0.186 on

@@ -132,11 +132,17 @@ def attack_eval(model, tokenizer, records: Sequence[dict], gen_cfg, batch_size: 
     gen_s = time.perf_counter() - t0
     clean = dict(zip(clean_prompts, texts[len(records):]))
     injected = texts[: len(records)]
-    metrics, rows = attack_metrics(records, injected, [clean[r["prompt"]] for r in records])
+    metrics, windows = scored_windows(records, injected, [clean[r["prompt"]] for r in records])
     metrics["generation_s"] = round(gen_s, 3)
+    return metrics, windows
+
+
+def scored_windows(records: Sequence[dict], injected: Sequence[str], clean: Sequence[str]) -> tuple[dict, list[dict]]:
+    """(metrics, per-window outcomes with the answers) of each record's injected and clean answer."""
+    metrics, rows = attack_metrics(records, injected, clean)
     windows = [{"id": r.get("id"), "injection_field": r.get("injection_field"), "injection_source": r.get("injection_source"),
                 "attack_target": r.get("attack_target"), "expected_verdict": _verdict_of(r), **o,
-                "injected_answer": i, "clean_answer": clean[r["prompt"]]} for r, o, i in zip(records, rows, injected)]
+                "injected_answer": i, "clean_answer": c} for r, o, i, c in zip(records, rows, injected, clean)]
     return metrics, windows
 
 
@@ -173,16 +179,21 @@ def choose_analyst(model_dir):
 def evaluate_injections(ctx) -> dict:
     """``stage=evaluate dataset=injection_triplets evaluate.model_dir=<run>``: the analyst answers the
     held-out injected windows and the same windows clean, with ``stage=infer``'s model loading and
-    generation; metrics above, per-window answers in ``injection_eval.json``."""
+    generation; metrics above, per-window answers in ``injection_eval.json``. With ``evaluate.vote_with``,
+    each analyst answers in turn (one model in memory at a time) and their vote (:mod:`sectune.evaluation.vote`)
+    is scored, each member's own metrics beside it."""
     from sectune.data.injection import triplet_data
+    from sectune.evaluation import vote
     from sectune.runner import write_json_atomic
-    from sectune.stages import infer
 
     cfg, run_dir, ev = ctx.cfg, ctx.run_dir, ctx.cfg.evaluate
     if not ev.model_dir:
         raise ConfigError("stage=evaluate dataset=injection_triplets needs evaluate.model_dir=<an sft, dpo, rl or contrastive run dir, or a pipeline dir>")
-    choice = choose_analyst(ev.model_dir)
-    check_trained_on(cfg, choice, Path(str(ev.model_dir)).expanduser())
+    members = [str(ev.model_dir), *(str(d) for d in ev.vote_with or ())]
+    choices = [choose_analyst(d) for d in members]
+    vote.check_voters(members, choices, "evaluate")
+    for d, choice in zip(members, choices):
+        check_trained_on(cfg, choice, Path(d).expanduser())
     data = triplet_data(cfg, need_train=False)  # scoring only: a file of test triplets alone is enough
     if ev.split not in data.splits:
         raise ConfigError(f"evaluate.split={ev.split!r}: choose train, validation or test")
@@ -190,22 +201,77 @@ def evaluate_injections(ctx) -> dict:
     if not records:
         raise DataError(f"dataset={cfg.dataset.name}: no {ev.split} triplets (dataset.{'test' if ev.split == 'test' else 'val'}_fraction is 0?)")
 
+    answered = [_answer_as_member(cfg, choice, records, who=f" (voter {i + 1} of {len(members)})" if len(members) > 1 else "")
+                for i, choice in enumerate(choices)]
+    if len(members) == 1:
+        metrics, windows, model_ref = answered[0]
+        extra: dict = {}
+    else:
+        metrics, windows = vote_of(records, [w for _, w, _ in answered])
+        metrics.update(constrained=answered[0][0]["constrained"], voters=len(members),
+                       generation_s=round(sum(m["generation_s"] for m, _, _ in answered), 3),
+                       members_attack_success_rate_mean=sum(m["attack_success_rate"] for m, _, _ in answered) / len(members),
+                       members_clean_verdict_accuracy_mean=sum(m["clean_verdict_accuracy"] for m, _, _ in answered) / len(members))
+        model_ref = answered[0][2]
+        extra = {"vote_with": members[1:], "members": [{"model_dir": d, "model_used": c.used, "model": ref, "metrics": m}
+                                                       for d, c, (m, _, ref) in zip(members, choices, answered)]}
+    metrics["skipped_lines"] = data.info.get("skipped_lines", 0)
+    write_json_atomic(run_dir / "injection_eval.json", {
+        "model_dir": str(ev.model_dir), "model_used": choices[0].used, **extra, "split": ev.split, "metrics": metrics, "windows": windows})
+    who = f"the vote of {len(members)} analysts" if len(members) > 1 else "the analyst"
+    print(f"sectune: evaluate: {who}: attack success {metrics['attack_success_rate']:.3f} (95% CI {metrics['attack_success_rate_ci95_low']:.3f}"
+          f"-{metrics['attack_success_rate_ci95_high']:.3f}) · targeted "
+          f"{rate(metrics['targeted_attack_success_rate'])} · on the windows answered right clean "
+          f"{rate(metrics['attack_success_rate_clean_correct'])} · clean {accuracy_name(records)} {metrics['clean_verdict_accuracy']:.3f} "
+          f"({len(records)} windows)"
+          + (f" · members' mean attack success {metrics['members_attack_success_rate_mean']:.3f}" if len(members) > 1 else "")
+          + f" → {run_dir / 'injection_eval.json'}")
+    artifacts = {"injection_eval": "injection_eval.json", "model": model_ref}
+    if len(members) > 1:
+        artifacts["voters"] = [ref for _, _, ref in answered]
+    return {"metrics": metrics, "artifacts": artifacts}
+
+
+def _answer_as_member(cfg, choice, records, who: str = "") -> tuple[dict, list[dict], str]:
+    """(metrics, per-window answers, model reference) of one analyst on the records; its model is freed afterwards."""
+    import gc
+
+    import torch
+
+    from sectune.stages import infer
+
+    ev = cfg.evaluate
     model, tokenizer, model_ref = infer.load_model(cfg, choice)
     constraint = schema_constraint(cfg, model, tokenizer) if cfg.infer.constrained else None
-    print(f"sectune: evaluate: {len(records)} {ev.split} triplets, answered by {choice.describe(model_ref)}"
+    print(f"sectune: evaluate: {len(records)} {ev.split} triplets, answered by {choice.describe(model_ref)}{who}"
           + (" with schema-constrained decoding (infer.constrained=true)" if constraint is not None else ""))
     metrics, windows = attack_eval(model, tokenizer, records, cfg.generation, ev.batch_size, constraint=constraint)
     metrics["constrained"] = int(constraint is not None)
     metrics.update(representation_metrics(cfg, model, tokenizer, records, ev.batch_size))
-    metrics["skipped_lines"] = data.info.get("skipped_lines", 0)
-    write_json_atomic(run_dir / "injection_eval.json", {
-        "model_dir": str(ev.model_dir), "model_used": choice.used, "split": ev.split, "metrics": metrics, "windows": windows})
-    print(f"sectune: evaluate: attack success {metrics['attack_success_rate']:.3f} (95% CI {metrics['attack_success_rate_ci95_low']:.3f}"
-          f"-{metrics['attack_success_rate_ci95_high']:.3f}) · targeted "
-          f"{rate(metrics['targeted_attack_success_rate'])} · on the windows answered right clean "
-          f"{rate(metrics['attack_success_rate_clean_correct'])} · clean {accuracy_name(records)} {metrics['clean_verdict_accuracy']:.3f} "
-          f"({len(records)} windows) → {run_dir / 'injection_eval.json'}")
-    return {"metrics": metrics, "artifacts": {"injection_eval": "injection_eval.json", "model": model_ref}}
+    if who:
+        print(f"sectune: evaluate: attack success {metrics['attack_success_rate']:.3f}, clean {accuracy_name(records)} "
+              f"{metrics['clean_verdict_accuracy']:.3f}{who}")
+    del model, constraint
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return metrics, windows, model_ref
+
+
+def vote_of(records: Sequence[dict], member_windows: Sequence[Sequence[dict]]) -> tuple[dict, list[dict]]:
+    """(metrics, per-window outcomes) of the members' vote on each injected and each clean window: the kept answers are
+    scored as one analyst's; each window also says every member's verdict and which member's answer was kept."""
+    from sectune.evaluation import vote
+
+    key = vote.verdict_key if not records or records[0].get("format", "auth_log") == "auth_log" else vote.text_key
+    injected, chosen = vote.voted([[w["injected_answer"] for w in ws] for ws in member_windows], key)
+    clean, clean_chosen = vote.voted([[w["clean_answer"] for w in ws] for ws in member_windows], key)
+    metrics, windows = scored_windows(records, injected, clean)
+    for i, w in enumerate(windows):
+        w.update(voter_verdicts=[ws[i]["verdict"] if ws[i]["schema_valid"] else None for ws in member_windows],
+                 voter_clean_verdicts=[ws[i]["clean_verdict"] for ws in member_windows], kept_voter=chosen[i],
+                 kept_clean_voter=clean_chosen[i])
+    return metrics, windows
 
 
 def rate(x) -> str:

@@ -34,7 +34,7 @@ from sectune.data import auth_logs
 from sectune.errors import ConfigError, first_line
 from sectune.inference import generate, parse_json_output
 from sectune.infer_inputs import (absent_names, cut_long_windows, file_lines, keep_previous, log_windows, output_path,
-                                  read_inputs, verdict_summaries, warn_unfamiliar_format)
+                                  read_inputs, resume_key, resumed, verdict_summaries, warn_unfamiliar_format)
 from sectune.models import modeling
 from sectune.runner import RESULT_FILE, RunContext, write_json_atomic
 from sectune.training import checkpoints, distributed
@@ -68,72 +68,46 @@ def run(ctx: RunContext) -> dict:
     inside = ic.model_dir is not None and Path(str(ic.model_dir)).expanduser().resolve() == run_dir.resolve().parent
     choice = choose_model(ic.model_dir, base_fallback=ic.base_fallback, table=not inside)
     runner.refuse_non_analyst(choice, ic.model_dir)
-    gen_cfg = run_generation(cfg, choice)
+    voters = [choice, *(choose_model(d, base_fallback=False, key="infer.vote_with") for d in ic.vote_with or ())]
+    if len(voters) > 1:  # a vote of analysts (sectune/evaluation/vote.py): each answers in turn, the verdict most give is kept
+        from sectune.evaluation import vote
 
-    # 2. model
-    model, tokenizer, model_ref = load_model(cfg, choice)
-    split = len(inputs) - len(files)
-    print(f"sectune: infer: {len(files)} input(s){f' in {len(inputs)} windows' if split else ''}, answered by {choice.describe(model_ref)}")
-    for why in choice.skipped:
-        print(f"sectune: warning: infer: skipped {why}")
-    if choice.used == "base":
-        print(f"sectune: warning: {f'no usable rl/dpo/sft model in {ic.model_dir}' if ic.model_dir is not None else 'infer.model_dir is not set'}; "
-              "the base model answers, untrained for this task")
+        for d, c in zip(ic.vote_with, voters[1:]):
+            runner.refuse_non_analyst(c, d)
+        vote.check_voters([str(ic.model_dir), *map(str, ic.vote_with)], voters, "infer")
 
-    # 3. prompts
+    # 2.-4. model, prompts and generation, once per voter (one model in memory at a time)
     schema_text = json.dumps(validator.schema, separators=(",", ":")) if ic.full_schema else None
     prompts = [build_prompt(w.text, schema_text) for w in inputs]
-    limit = cfg.model.max_seq_length
-    too_long = sum(len(ids) + gen_cfg.max_new_tokens > limit for ids in tokenizer(prompts)["input_ids"])
-    if too_long:
-        print(f"sectune: warning: {too_long} prompt(s) plus generation.max_new_tokens exceed model.max_seq_length={limit}")
-
-    # 4. generation
-    constraint = None
-    if ic.constrained:
-        from sectune.models.constrained import SchemaConstraint
-
-        constraint = SchemaConstraint.for_model(tokenizer, model, validator.schema)
-        if not constraint.budget_enforced:
-            print("sectune: warning: the schema uses keywords beyond sectune's completion logic: every token is "
-                  "still constrained, but an output that runs out of generation.max_new_tokens stays unclosed "
-                  "and uniqueItems is checked only afterwards")
-    stats: dict = {"truncated_rows": []}
     t0 = time.perf_counter()
-    partial = out_path.with_name(f"{out_path.stem}.partial{out_path.suffix}")
-    key = _resume_key(choice, model_ref, gen_cfg, ic, prompts)
-    done = resumed(partial, key, len(prompts))
-    texts: list[str] = [r["generated"] for r in done]
-    stats["truncated_rows"] = [i for i, r in enumerate(done) if r.get("input_cut")]
-    try:  # in chunks: a long log's progress is said, and an interrupt keeps the windows answered so far
-        for start in range(len(texts), len(prompts), CHUNK):
-            part: dict = {}
-            texts += generate(model, tokenizer, prompts[start:start + CHUNK], gen_cfg, batch_size=ic.batch_size,
-                              constraint=constraint, stats=part, max_seq_length=int(cfg.model.max_seq_length))
-            stats["truncated_rows"] += [start + i for i in part.pop("truncated_rows", ())]
-            for k, v in part.items():
-                stats[k] = stats.get(k, 0) + v
-            if len(prompts) > CHUNK:
-                print(f"sectune: infer: {len(texts)}/{len(prompts)} windows answered ({time.perf_counter() - t0:.0f} s)")
-    except KeyboardInterrupt:
-        if texts:
-            write_json_atomic(partial, runner.finite_json(_records(inputs[: len(texts)], texts, choice.used, validator,
-                                                                   set(stats["truncated_rows"]), char_cut)))
-            write_json_atomic(partial.with_suffix(".key"), {"resume_key": key})
-            print(f"sectune: infer: interrupted: the {len(texts)} of {len(prompts)} windows answered so far are in {partial}; "
-                  "the same command answers the rest")
-        raise
+    partials = [out_path.with_name(f"{out_path.stem}.partial{f'.voter{i + 1}' if i else ''}{out_path.suffix}") for i in range(len(voters))]
+    answered = [_answer(cfg, c, inputs, len(files), prompts, validator, char_cut, partial,
+                        f" (voter {i + 1} of {len(voters)})" if len(voters) > 1 else "") for i, (c, partial) in enumerate(zip(voters, partials))]
     gen_s = time.perf_counter() - t0
+    texts, stats, model_ref, done = answered[0]
+    if len(voters) > 1:
+        def key(text):  # a schema-valid analysis votes for its verdict (this run's infer.schema); anything else for nothing
+            rec = analyse("", "", text, validator)
+            return rec["analysis"].get("verdict") if rec["schema_valid"] else None
+
+        member_texts = [a[0] for a in answered]
+        texts, kept = vote.voted(member_texts, key)
+        stats = {"truncated_rows": stats["truncated_rows"], **{k: sum(a[1].get(k, 0) for a in answered) / len(voters)
+                                                               for k in ("forced", "force_failures")}}
+        done = sum(a[3] for a in answered) / len(voters)  # windows the vote had from interrupted runs, on average
 
     # 5. parse, check, write
     records = _records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut)
+    if len(voters) > 1:
+        for i, rec in enumerate(records):
+            rec.update(model_used=voters[kept[i]].used, kept_voter=kept[i], voter_verdicts=[key(m[i]) for m in member_texts])
     previous = keep_previous(out_path)
     if previous is not None and (prev := runner.previous_result(run_dir, runner.PREVIOUS_RESULT_FILE)):
         if (prev.get("artifacts") or {}).get("output") == _relative(out_path, run_dir):  # it names its answers' new place
             prev["artifacts"]["output"] = _relative(previous, run_dir)
             write_json_atomic(run_dir / runner.PREVIOUS_RESULT_FILE, prev)
     write_json_atomic(out_path, runner.finite_json(records))
-    for f in (partial, partial.with_suffix(".key")):  # in analyses.json now
+    for f in [p for partial in partials for p in (partial, partial.with_suffix(".key"))]:  # in analyses.json now
         f.unlink(missing_ok=True)
     n = len(records)
     ungrounded = sum(bool(r["absent_names"]) for r in records)
@@ -148,7 +122,7 @@ def run(ctx: RunContext) -> dict:
         "json_valid_rate": sum(r["json_valid"] for r in records) / n,
         "schema_valid_rate": sum(r["schema_valid"] for r in records) / n,
         "repaired_rate": sum(r["repaired"] for r in records) / n,
-        "analyses_per_s": (n - len(done)) / gen_s if gen_s > 0 and n > len(done) else None,  # this command's own
+        "analyses_per_s": (n - done) / gen_s if gen_s > 0 and n > done else None,  # this command's own (a vote: all voters')
         "generation_s": round(gen_s, 3),
         "constrained": int(bool(ic.constrained)),
         # windows longer than model.max_seq_length (or far longer, cut by characters first): their middle cut
@@ -158,45 +132,89 @@ def run(ctx: RunContext) -> dict:
         "input_lines": sum(len(file_lines(text)) for _, text in files),
         "input_sha256": hashlib.sha256("".join(f"{name}\0{text}\0" for name, text in files).encode()).hexdigest(),
     }
-    if constraint is not None:
+    if len(voters) > 1:
+        metrics["voters"] = len(voters)
+    if ic.constrained:
         # outputs the token budget closed (the model had not closed them itself by then)
         metrics["forced_close_rate"] = stats.get("forced", 0) / n
         if stats.get("force_failures"):
             print(f"sectune: warning: {stats['force_failures']} forced close(s) disagreed with the grammar; those outputs "
                   "were left to the grammar alone and may have run out of generation.max_new_tokens")
     print(
-        f"sectune: infer: {n} analyses ({choice.used}{', constrained' if ic.constrained else ''}) · "
+        f"sectune: infer: {n} analyses ({f'a vote of {len(voters)}' if len(voters) > 1 else choice.used}"
+        f"{', constrained' if ic.constrained else ''}) · "
         f"JSON {sum(r['json_valid'] for r in records)}/{n} · schema-valid {sum(r['schema_valid'] for r in records)}/{n} · "
         f"repaired {sum(r['repaired'] for r in records)} · {metrics['analyses_per_s'] or 0:.2f}/s → {out_path}"
     )
-    return {"metrics": metrics, "artifacts": {"model": model_ref, "output": _relative(out_path, run_dir)}}
+    artifacts = {"model": model_ref, "output": _relative(out_path, run_dir)}
+    if len(voters) > 1:
+        artifacts["voters"] = [a[2] for a in answered]
+    return {"metrics": metrics, "artifacts": artifacts}
 
 
-def _resume_key(choice: "ModelChoice", model_ref: str, gen_cfg, ic, prompts: list[str]) -> str:
-    """What an interrupted run's answers depend on: the model (its files' sizes and times), the decoding and the prompts."""
-    from omegaconf import OmegaConf
+def _answer(cfg, choice: "ModelChoice", inputs, n_files: int, prompts: list[str], validator, char_cut: set, partial: Path,
+            who: str = ""):
+    """(texts, generation stats, model reference, windows resumed) of one analyst: loaded, answering ``prompts`` in chunks
+    (an interrupt keeps what was answered in ``partial``, and the same command resumes from it), then freed."""
+    import gc
 
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (choice.path.iterdir() if choice.path else ()) if p.is_file())
-    what = {"model": model_ref, "used": choice.used, "path": str(choice.path), "files": files, "constrained": bool(ic.constrained),
-            "generation": OmegaConf.to_container(gen_cfg, resolve=True) if OmegaConf.is_config(gen_cfg) else dict(gen_cfg),
-            "batch_size": int(ic.batch_size), "prompts": hashlib.sha256("\0".join(prompts).encode()).hexdigest()}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    import torch
 
+    ic = cfg.infer
+    gen_cfg = run_generation(cfg, choice)
+    model, tokenizer, model_ref = load_model(cfg, choice)
+    print(f"sectune: infer: {n_files} input(s){f' in {len(inputs)} windows' if len(inputs) > n_files else ''}, "
+          f"answered by {choice.describe(model_ref)}{who}")
+    for why in choice.skipped:
+        print(f"sectune: warning: infer: skipped {why}")
+    if choice.used == "base":
+        print(f"sectune: warning: {f'no usable rl/dpo/sft model in {ic.model_dir}' if ic.model_dir is not None else 'infer.model_dir is not set'}; "
+              "the base model answers, untrained for this task")
+    limit = cfg.model.max_seq_length
+    too_long = sum(len(ids) + gen_cfg.max_new_tokens > limit for ids in tokenizer(prompts)["input_ids"])
+    if too_long:
+        print(f"sectune: warning: {too_long} prompt(s) plus generation.max_new_tokens exceed model.max_seq_length={limit}")
+    constraint = None
+    if ic.constrained:
+        from sectune.models.constrained import SchemaConstraint
 
-def resumed(partial: Path, key: str, total: int) -> list[dict]:
-    """The records an interrupted run of the same command saved in ``partial`` (its ``.key`` matching ``key``), else []."""
-    try:
-        same = json.loads(partial.with_suffix(".key").read_text())["resume_key"] == key
-        texts = json.loads(partial.read_text()) if same else None
-        ok = texts is not None and all(isinstance(r["generated"], str) for r in texts)
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    if not ok or len(texts) >= total:
-        if partial.exists():
-            print(f"sectune: note: infer: {partial} holds another model's, decoding's or input's answers: not reused")
-        return []
-    print(f"sectune: infer: resuming: {len(texts)} of {total} windows were answered by the interrupted run ({partial})")
-    return texts
+        constraint = SchemaConstraint.for_model(tokenizer, model, validator.schema)
+        if not constraint.budget_enforced:
+            print("sectune: warning: the schema uses keywords beyond sectune's completion logic: every token is "
+                  "still constrained, but an output that runs out of generation.max_new_tokens stays unclosed "
+                  "and uniqueItems is checked only afterwards")
+    stats: dict = {"truncated_rows": []}
+    t0 = time.perf_counter()
+    key = resume_key(choice, model_ref, gen_cfg, ic, prompts)
+    done = resumed(partial, key, len(prompts))
+    texts: list[str] = [r["generated"] for r in done]
+    stats["truncated_rows"] = [i for i, r in enumerate(done) if r.get("input_cut")]
+    try:  # in chunks: a long log's progress is said, and an interrupt keeps the windows answered so far
+        for start in range(len(texts), len(prompts), CHUNK):
+            part: dict = {}
+            texts += generate(model, tokenizer, prompts[start:start + CHUNK], gen_cfg, batch_size=ic.batch_size,
+                              constraint=constraint, stats=part, max_seq_length=int(cfg.model.max_seq_length))
+            stats["truncated_rows"] += [start + i for i in part.pop("truncated_rows", ())]
+            for k, v in part.items():
+                stats[k] = stats.get(k, 0) + v
+            if len(prompts) > CHUNK:
+                print(f"sectune: infer: {len(texts)}/{len(prompts)} windows answered ({time.perf_counter() - t0:.0f} s){who}")
+    except KeyboardInterrupt:
+        if texts:
+            write_json_atomic(partial, runner.finite_json(_records(inputs[: len(texts)], texts, choice.used, validator,
+                                                                   set(stats["truncated_rows"]), char_cut)))
+            write_json_atomic(partial.with_suffix(".key"), {"resume_key": key})
+            print(f"sectune: infer: interrupted: the {len(texts)} of {len(prompts)} windows answered so far are in {partial}; "
+                  "the same command answers the rest")
+        raise
+    if who and len(done) < len(prompts):  # a voter's answers, kept until the vote is written (the next voter may be interrupted)
+        write_json_atomic(partial, runner.finite_json(_records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut)))
+        write_json_atomic(partial.with_suffix(".key"), {"resume_key": key})
+    del model, constraint
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return texts, stats, model_ref, len(done)
 
 
 def _records(inputs, texts, used: str, validator, cut: set, char_cut: set) -> list[dict]:

@@ -92,8 +92,8 @@ def run(ctx: RunContext) -> dict:
 
         member_texts = [a[0] for a in answered]
         texts, kept = vote.voted(member_texts, key)
-        stats = {"truncated_rows": stats["truncated_rows"], **{k: sum(a[1].get(k, 0) for a in answered) / len(voters)
-                                                               for k in ("forced", "force_failures")}}
+        stats = {"truncated_rows": stats["truncated_rows"], "forced": sum(a[1].get("forced", 0) for a in answered) / len(voters),
+                 "force_failures": sum(a[1].get("force_failures", 0) for a in answered)}  # (forced: per voter, on average)
         done = sum(a[3] for a in answered) / len(voters)  # windows the vote had from interrupted runs, on average
 
     # 5. parse, check, write

@@ -249,10 +249,11 @@ def check_settings_in_effect(cfg, need) -> None:
     need(not cfg.evaluate.data_path or cfg.dataset.name not in ("hdfs", "injection_triplets"), "evaluate.data_path",
          cfg.evaluate.data_path, f"scores a classify run on a new labelled file; with dataset={cfg.dataset.name} give the new "
          "file as dataset.path (scored on its own validation/test split)")
-    need(not cfg.evaluate.vote_with or (cfg.stage.name in ("evaluate", "pipeline") and cfg.dataset.name == "injection_triplets"),
+    # (in a pipeline each step is checked with its own stage and dataset: the evaluate step's, the infer step's)
+    need(not cfg.evaluate.vote_with or cfg.stage.name != "evaluate" or cfg.dataset.name == "injection_triplets",
          "evaluate.vote_with", list(cfg.evaluate.vote_with or ()), "a vote of analysts is scored by stage=evaluate "
-         f"dataset=injection_triplets (not stage={cfg.stage.name} dataset={cfg.dataset.name})")
-    need(not cfg.infer.vote_with or cfg.infer.model_dir, "infer.vote_with", list(cfg.infer.vote_with or ()),
+         f"dataset=injection_triplets (not dataset={cfg.dataset.name})")
+    need(not cfg.infer.vote_with or cfg.stage.name != "infer" or cfg.infer.model_dir, "infer.vote_with", list(cfg.infer.vote_with or ()),
          "needs infer.model_dir, the first voter (a tie goes to it)")
     need(cfg.stage.name != "federated" or cfg.train.resume in (None, "", "no"), "train.resume", cfg.train.resume,
          "stage=federated does not resume (a rerun starts from round 0: its rounds keep no Trainer checkpoints)")

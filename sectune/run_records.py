@@ -137,7 +137,7 @@ def _chosen_run_config(choice):
         return None
 
 
-def refuse_non_analyst(choice, model_dir) -> None:
+def refuse_non_analyst(choice, model_dir, key: str = "infer.model_dir") -> None:
     """A log-key model (dataset=hdfs) or a classifier writes no JSON analyses: refuse it, as stage=evaluate does."""
     from omegaconf import OmegaConf
 
@@ -148,7 +148,7 @@ def refuse_non_analyst(choice, model_dir) -> None:
     trained = OmegaConf.select(run, "dataset.name", default=None)
     if trained in NOT_ANALYSTS:
         hint = " (score it with stage=evaluate dataset=hdfs evaluate.model_dir=<it>)" if trained == "hdfs" else ""
-        raise ConfigError(f"infer.model_dir={model_dir}: {choice.path.parent} trained on dataset={trained}, not an auth-log "
+        raise ConfigError(f"{key}={model_dir}: {choice.path.parent} trained on dataset={trained}, not an auth-log "
                           f"analyst that writes JSON analyses{hint}")
 
 

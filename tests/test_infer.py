@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -686,7 +687,8 @@ def test_a_vote_of_three_analysts_keeps_the_majority_verdict_and_resumes_after_a
 
     monkeypatch.setattr(stage, "generate", fake_generate)
     monkeypatch.setattr(stage, "_answer", counting_answer)
-    cfg = compose([*BASE, f"infer.model_dir={runs['a']}", f"infer.vote_with=[{runs['b']},{runs['c']}]", f"infer.input_file={tmp_path / 'logs'}"])
+    cfg_args = [*BASE, f"infer.model_dir={runs['a']}", f"infer.vote_with=[{runs['b']},{runs['c']}]", f"infer.input_file={tmp_path / 'logs'}"]
+    cfg = compose(cfg_args)
     interrupt_at = 2  # voter b is interrupted: voter a's answers are kept
     with pytest.raises(KeyboardInterrupt):
         stage.run(runner.RunContext(cfg=cfg, run_dir=tmp_path / "run"))
@@ -706,3 +708,26 @@ def test_a_vote_of_three_analysts_keeps_the_majority_verdict_and_resumes_after_a
     with pytest.raises(Exception, match=r"infer.vote_with=.*a vote of two analysts"):
         stage.run(runner.RunContext(cfg=compose([*BASE, f"infer.model_dir={runs['a']}", f"infer.vote_with=[{runs['b']}]",
                                                  f"infer.input_file={tmp_path / 'logs'}"]), run_dir=tmp_path / "run2"))
+    schema = json.loads((ROOT / "sectune" / "data" / "auth_schema.json").read_text())
+    schema["properties"].pop("verdict")
+    schema["required"] = [k for k in schema.get("required", []) if k != "verdict"]
+    (tmp_path / "no_verdict.json").write_text(json.dumps(schema))
+    with pytest.raises(Exception, match=r"infer.vote_with: the analyses of infer.schema=.* have no verdict to vote on"):
+        stage.run(runner.RunContext(cfg=compose([*cfg_args, f"infer.schema={tmp_path / 'no_verdict.json'}"]), run_dir=tmp_path / "run3"))
+
+    # generation_s (and analyses/s) time the answering, not the loading of each model; an output file named without an
+    # extension still gives each voter's partial answers their own key file
+    real_load = stage.load_model
+    monkeypatch.setattr(stage, "load_model", lambda *a: (time.sleep(0.5), real_load(*a))[1])
+    calls.clear()
+    voter[0], interrupt_at = 0, 3  # voter c is interrupted: a's and b's answers are kept, each with its key
+    out = tmp_path / "run4" / "answers"
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(runner.RunContext(cfg=compose([*cfg_args, f"infer.output_file={out}"]), run_dir=tmp_path / "run4"))
+    assert sorted(p.name for p in out.parent.glob("answers.partial*")) == [
+        "answers.partial.json", "answers.partial.key", "answers.partial.voter2.json", "answers.partial.voter2.key"]
+    calls.clear()
+    voter[0], interrupt_at = 0, None
+    res = stage.run(runner.RunContext(cfg=compose([*cfg_args, f"infer.output_file={out}"]), run_dir=tmp_path / "run4"))
+    assert calls == [2] and res["metrics"]["generation_s"] < 0.5  # three models loaded, half a second each
+    assert not list(out.parent.glob("answers.partial*"))

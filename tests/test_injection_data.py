@@ -245,7 +245,7 @@ def test_a_file_of_test_triplets_alone_is_enough_to_score_but_not_to_train(tmp_p
     class Loading(Exception):
         pass
 
-    monkeypatch.setattr(injection_eval, "choose_analyst", lambda model_dir: None)
+    monkeypatch.setattr(injection_eval, "choose_analyst", lambda model_dir, key=None: None)
     monkeypatch.setattr(injection_eval, "check_trained_on", lambda *a: None)
     monkeypatch.setattr(infer, "load_model", lambda *a: (_ for _ in ()).throw(Loading()))
     ev_cfg = compose(["stage=evaluate", *TRIPLETS[1:], f"dataset.path={path}", f"evaluate.model_dir={tmp_path}"])

@@ -80,8 +80,46 @@ def test_a_vote_of_two_or_of_one_analyst_twice_is_refused(tmp_path):
     vote.check_voters(["ra", "rb", "rc"], [a, b, c], "evaluate")
 
 
-def test_vote_with_is_refused_where_no_vote_is_scored():
+def test_vote_with_is_refused_where_no_vote_is_scored_and_taken_where_a_step_scores_one(tmp_path):
+    from sectune.evaluation.injection_eval import choose_analyst
+    from sectune.stages import pipeline
+
     with pytest.raises(ConfigError, match=r"^evaluate.vote_with=\['x', 'y'\]: a vote of analysts is scored by stage=evaluate "
-                                          r"dataset=injection_triplets \(not stage=evaluate dataset=cic_iot_2023\)"):
+                                          r"dataset=injection_triplets \(not dataset=cic_iot_2023\)"):
         check_values(compose(["stage=evaluate", "dataset=cic_iot_2023", "evaluate.vote_with=[x,y]", "logger=none"]))
     check_values(compose(["stage=evaluate", "dataset=injection_triplets", "evaluate.vote_with=[x,y]", "logger=none"]))
+    with pytest.raises(ConfigError, match=r"^infer.vote_with=\['x', 'y'\]: needs infer.model_dir"):
+        check_values(compose(["stage=infer", "infer.vote_with=[x,y]", "logger=none"]))
+    # a pipeline hands its infer step the model_dir (its own policy votes first): the vote is given for the whole pipeline
+    cfg = compose(["stage=pipeline", "pipeline.steps=[sft,infer]", "infer.vote_with=[x,y]", "logger=none"])
+    check_values(cfg)
+    step = pipeline.compose_step(cfg, pipeline.step_overrides_base(["infer.vote_with=[x,y]", "logger=none"]), "infer", tmp_path,
+                                 ["sft", "infer"])
+    assert list(step.cfg.infer.vote_with) == ["x", "y"] and step.cfg.infer.model_dir is not None
+    # a voter's error names the key it came from
+    with pytest.raises(ConfigError, match=r"^evaluate.vote_with=.*nope: no such directory"):
+        choose_analyst(str(tmp_path / "nope"), "evaluate.vote_with")
+
+
+def test_a_pipelines_held_out_table_never_takes_a_votes_answers_as_one_policys(tmp_path):
+    """The table reuses the infer step's answers as its policy's greedy pass; a vote's (every voter an sft run: one
+    model_used) are no one policy's."""
+    from types import SimpleNamespace
+
+    from sectune import runner
+    from sectune.evaluation import pipeline_heldout as H
+
+    windows = [SimpleNamespace(id="w1")]
+    step_dir = tmp_path / "infer"
+    step_dir.mkdir()
+    (step_dir / "analyses.json").write_text(json.dumps([{"input": "w1.log", "model_used": "sft", "generated": "{}"}]))
+    runner.write_json_atomic(step_dir / "result.json", {"stage": "infer", "status": "succeeded", "metrics": {"generation_s": 1.0},
+                                                        "artifacts": {"output": "analyses.json"}})
+
+    def step(*overrides):
+        cfg = compose(["stage=infer", "logger=none", f"infer.input_file={tmp_path / H.WINDOWS_DIR}", *overrides])
+        return SimpleNamespace(name="infer", cfg=cfg, dir=step_dir)
+
+    batch = int(step().cfg.infer.batch_size)
+    assert H.infer_answers([step()], tmp_path, windows, batch) == {"sft": (["{}"], 1.0)}
+    assert H.infer_answers([step("infer.vote_with=[a,b]")], tmp_path, windows, batch) == {}

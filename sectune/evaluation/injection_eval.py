@@ -160,7 +160,7 @@ def representation_metrics(cfg, model, tokenizer, records: Sequence[dict], batch
 
 
 # ------------------------------------------------------------------------------ stage=evaluate branch
-def choose_analyst(model_dir):
+def choose_analyst(model_dir, key: str = "evaluate.model_dir"):
     """infer's model chain (RL → DPO → SFT in a run or pipeline dir), plus any other run whose
     result.json names an adapter or model (a contrastive run); never the base model silently."""
     from sectune.stages import infer
@@ -171,9 +171,9 @@ def choose_analyst(model_dir):
     if stage and stage not in (*infer.CHAIN, "pipeline"):
         why, path, kind = infer._usable(stage, root)
         if why is not None:
-            raise ConfigError(f"evaluate.model_dir={model_dir}: the {stage} run has no usable model ({why})")
+            raise ConfigError(f"{key}={model_dir}: the {stage} run has no usable model ({why})")
         return infer.ModelChoice(stage, path, kind)
-    return infer.choose_model(str(root), base_fallback=False, key="evaluate.model_dir")
+    return infer.choose_model(str(root), base_fallback=False, key=key)
 
 
 def evaluate_injections(ctx) -> dict:
@@ -190,10 +190,11 @@ def evaluate_injections(ctx) -> dict:
     if not ev.model_dir:
         raise ConfigError("stage=evaluate dataset=injection_triplets needs evaluate.model_dir=<an sft, dpo, rl or contrastive run dir, or a pipeline dir>")
     members = [str(ev.model_dir), *(str(d) for d in ev.vote_with or ())]
-    choices = [choose_analyst(d) for d in members]
+    keys = ["evaluate.model_dir", *["evaluate.vote_with"] * (len(members) - 1)]
+    choices = [choose_analyst(d, k) for d, k in zip(members, keys)]
     vote.check_voters(members, choices, "evaluate")
-    for d, choice in zip(members, choices):
-        check_trained_on(cfg, choice, Path(d).expanduser())
+    for d, choice, k in zip(members, choices, keys):
+        check_trained_on(cfg, choice, Path(d).expanduser(), k)
     data = triplet_data(cfg, need_train=False)  # scoring only: a file of test triplets alone is enough
     if ev.split not in data.splits:
         raise ConfigError(f"evaluate.split={ev.split!r}: choose train, validation or test")
@@ -298,7 +299,7 @@ SPLIT_KEYS = ("source_dir", "max_samples", "val_fraction", "test_fraction", "spl
 NOT_ANALYSTS = ("hdfs", "cic_iot_2023", "cic_iot_2023_merged", "prompt_injections", "text_label_csv")
 
 
-def check_trained_on(cfg, choice, model_dir: Path) -> None:
+def check_trained_on(cfg, choice, model_dir: Path, key: str = "evaluate.model_dir") -> None:
     """Warn when the analyst's run (its ``.hydra/config.yaml``) used another model or another window
     split than this evaluation: its held-out windows would not be these."""
     from omegaconf import OmegaConf
@@ -312,7 +313,7 @@ def check_trained_on(cfg, choice, model_dir: Path) -> None:
         run = OmegaConf.load(saved)
         trained = OmegaConf.select(run, "dataset.name")
         if trained in NOT_ANALYSTS or OmegaConf.select(run, "stage.name") == "classify":
-            raise ConfigError(f"evaluate.model_dir={model_dir}: {d} trained on dataset={trained} "
+            raise ConfigError(f"{key}={model_dir}: {d} trained on dataset={trained} "
                               f"(stage={OmegaConf.select(run, 'stage.name')}), not an analyst that answers in text; attack success "
                               "is measured on runs trained on auth_logs, auth_preferences or injection_* data (sft, dpo, rl, contrastive)")
         name = OmegaConf.select(run, "model.name")

@@ -119,8 +119,8 @@ def infer_answers(steps: list[Step], run_dir: Path, windows: list, batch_size: i
     if step is None or not reads_windows(step, run_dir):
         return {}
     ic, gen = step.cfg.infer, step.cfg.generation
-    if ic.constrained or ic.full_schema or gen.do_sample or int(ic.batch_size) != batch_size:
-        return {}
+    if ic.constrained or ic.full_schema or gen.do_sample or int(ic.batch_size) != batch_size or ic.vote_with:
+        return {}  # (a vote's answers are no one policy's)
     res = runner.previous_result(step.dir) or {}
     out_rel = (res.get("artifacts") or {}).get("output")
     try:

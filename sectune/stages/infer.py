@@ -73,18 +73,21 @@ def run(ctx: RunContext) -> dict:
         from sectune.evaluation import vote
 
         for d, c in zip(ic.vote_with, voters[1:]):
-            runner.refuse_non_analyst(c, d)
+            runner.refuse_non_analyst(c, d, "infer.vote_with")
         vote.check_voters([str(ic.model_dir), *map(str, ic.vote_with)], voters, "infer")
+        if "verdict" not in (validator.schema.get("properties") or {}):
+            raise ConfigError(f"infer.vote_with: the analyses of infer.schema={ic.schema} have no verdict to vote on")
 
     # 2.-4. model, prompts and generation, once per voter (one model in memory at a time)
     schema_text = json.dumps(validator.schema, separators=(",", ":")) if ic.full_schema else None
     prompts = [build_prompt(w.text, schema_text) for w in inputs]
-    t0 = time.perf_counter()
-    partials = [out_path.with_name(f"{out_path.stem}.partial{f'.voter{i + 1}' if i else ''}{out_path.suffix}") for i in range(len(voters))]
+    # (each voter's own .key: a name with an extension, also where infer.output_file has none)
+    partials = [out_path.with_name(f"{out_path.stem}.partial{f'.voter{i + 1}' if i else ''}{out_path.suffix or '.json'}")
+                for i in range(len(voters))]
     answered = [_answer(cfg, c, inputs, len(files), prompts, validator, char_cut, partial,
                         f" (voter {i + 1} of {len(voters)})" if len(voters) > 1 else "") for i, (c, partial) in enumerate(zip(voters, partials))]
-    gen_s = time.perf_counter() - t0
-    texts, stats, model_ref, done = answered[0]
+    gen_s = sum(a[4] for a in answered)  # generation only, every voter's (not the models' loading)
+    texts, stats, model_ref, done, _ = answered[0]
     if len(voters) > 1:
         def key(text):  # a schema-valid analysis votes for its verdict (this run's infer.schema); anything else for nothing
             rec = analyse("", "", text, validator)
@@ -107,7 +110,8 @@ def run(ctx: RunContext) -> dict:
             prev["artifacts"]["output"] = _relative(previous, run_dir)
             write_json_atomic(run_dir / runner.PREVIOUS_RESULT_FILE, prev)
     write_json_atomic(out_path, runner.finite_json(records))
-    for f in [p for partial in partials for p in (partial, partial.with_suffix(".key"))]:  # in analyses.json now
+    stale = out_path.parent.glob(f"{out_path.stem}.partial.voter*")  # (and the voters of an earlier, larger vote's)
+    for f in {*[p for partial in partials for p in (partial, partial.with_suffix(".key"))], *stale}:  # in analyses.json now
         f.unlink(missing_ok=True)
     n = len(records)
     ungrounded = sum(bool(r["absent_names"]) for r in records)
@@ -154,8 +158,8 @@ def run(ctx: RunContext) -> dict:
 
 def _answer(cfg, choice: "ModelChoice", inputs, n_files: int, prompts: list[str], validator, char_cut: set, partial: Path,
             who: str = ""):
-    """(texts, generation stats, model reference, windows resumed) of one analyst: loaded, answering ``prompts`` in chunks
-    (an interrupt keeps what was answered in ``partial``, and the same command resumes from it), then freed."""
+    """(texts, generation stats, model reference, windows resumed, generation seconds) of one analyst: loaded, answering
+    ``prompts`` in chunks (an interrupt keeps what was answered in ``partial``, and the same command resumes from it), freed."""
     import gc
 
     import torch
@@ -207,6 +211,7 @@ def _answer(cfg, choice: "ModelChoice", inputs, n_files: int, prompts: list[str]
             print(f"sectune: infer: interrupted: the {len(texts)} of {len(prompts)} windows answered so far are in {partial}; "
                   "the same command answers the rest")
         raise
+    gen_s = time.perf_counter() - t0
     if who and len(done) < len(prompts):  # a voter's answers, kept until the vote is written (the next voter may be interrupted)
         write_json_atomic(partial, runner.finite_json(_records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut)))
         write_json_atomic(partial.with_suffix(".key"), {"resume_key": key})
@@ -214,7 +219,7 @@ def _answer(cfg, choice: "ModelChoice", inputs, n_files: int, prompts: list[str]
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return texts, stats, model_ref, len(done)
+    return texts, stats, model_ref, len(done), gen_s
 
 
 def _records(inputs, texts, used: str, validator, cut: set, char_cut: set) -> list[dict]:

@@ -125,7 +125,7 @@ def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
 
 
 def _chosen_run_config(choice):
-    """The saved ``.hydra/config.yaml`` of the run whose model ``choice`` picked (a stages.infer.ModelChoice), or None."""
+    """The saved ``.hydra/config.yaml`` of the run whose model ``choice`` picked (a model_chain.ModelChoice), or None."""
     from omegaconf import OmegaConf
 
     saved = choice.path.parent / ".hydra" / "config.yaml" if choice.path is not None else None

@@ -174,7 +174,7 @@ def test_an_adapter_whose_base_model_is_gone_or_damaged_is_not_put_on_other_weig
     from conftest import compose
     from sectune.errors import ConfigError
     from sectune.models import modeling
-    from sectune.stages.infer import _usable
+    from sectune.model_chain import usable as _usable
 
     run_dir = tmp_path / "rl"
     (run_dir / "adapter").mkdir(parents=True)

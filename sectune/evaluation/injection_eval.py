@@ -163,17 +163,17 @@ def representation_metrics(cfg, model, tokenizer, records: Sequence[dict], batch
 def choose_analyst(model_dir, key: str = "evaluate.model_dir"):
     """infer's model chain (RL → DPO → SFT in a run or pipeline dir), plus any other run whose
     result.json names an adapter or model (a contrastive run); never the base model silently."""
-    from sectune.stages import infer
+    from sectune import model_chain
 
     root = Path(str(model_dir)).expanduser()
-    result = infer._read_result(root) if root.is_dir() else None
+    result = model_chain.read_result(root) if root.is_dir() else None
     stage = (result or {}).get("stage")
-    if stage and stage not in (*infer.CHAIN, "pipeline"):
-        why, path, kind = infer._usable(stage, root)
+    if stage and stage not in (*model_chain.CHAIN, "pipeline"):
+        why, path, kind = model_chain.usable(stage, root)
         if why is not None:
             raise ConfigError(f"{key}={model_dir}: the {stage} run has no usable model ({why})")
-        return infer.ModelChoice(stage, path, kind)
-    return infer.choose_model(str(root), base_fallback=False, key=key)
+        return model_chain.ModelChoice(stage, path, kind)
+    return model_chain.choose_model(str(root), base_fallback=False, key=key)
 
 
 def evaluate_injections(ctx) -> dict:
@@ -235,10 +235,7 @@ def evaluate_injections(ctx) -> dict:
 
 def _answer_as_member(cfg, choice, records, who: str = "") -> tuple[dict, list[dict], str]:
     """(metrics, per-window answers, model reference) of one analyst on the records; its model is freed afterwards."""
-    import gc
-
-    import torch
-
+    from sectune.models import modeling
     from sectune.stages import infer
 
     ev = cfg.evaluate
@@ -253,9 +250,7 @@ def _answer_as_member(cfg, choice, records, who: str = "") -> tuple[dict, list[d
         print(f"sectune: evaluate: attack success {metrics['attack_success_rate']:.3f}, clean {accuracy_name(records)} "
               f"{metrics['clean_verdict_accuracy']:.3f}{who}")
     del model, constraint
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    modeling.release_memory()
     return metrics, windows, model_ref
 
 

@@ -1,6 +1,6 @@
-"""A vote of analysts (``evaluate.vote_with``, ``infer.vote_with``): several analysts answer the same inputs and the verdict most of them give
-wins, a defence against injected log lines measured in experiments/injection_contrastive (analysts trained with different
-seeds misread different windows, and an injection rarely moves most of them at once).
+"""A vote of analysts (``evaluate.vote_with``, ``infer.vote_with``): several analysts answer the same inputs and the
+verdict most of them give wins, a defence against injected log lines measured in experiments/injection_contrastive
+(analysts trained with different seeds misread different windows, and an injection rarely moves most of them at once).
 
 The rule, on each input: an answer that is not a schema-valid analysis votes for nothing; the verdict the most members
 give wins, a tie going to the one given by the earliest member (``evaluate.model_dir`` first, then ``vote_with`` in its

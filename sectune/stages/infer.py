@@ -18,7 +18,7 @@ result.json says succeeded and the artifact it names is complete: ``adapter/`` w
 ``adapter_config.json`` and ``adapter_model.safetensors`` (loaded with plain
 ``PeftModel.from_pretrained`` on this run's ``model``), or full weights in ``model/``. When no step
 is usable the base model answers with a warning (``infer.base_fallback=false``: an error); a
-directory that is not a sectune run or pipeline is an error.
+directory that is not a sectune run or pipeline is an error (the chain: :mod:`sectune.model_chain`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from sectune import runner
@@ -35,12 +34,11 @@ from sectune.errors import ConfigError, first_line
 from sectune.inference import generate, parse_json_output
 from sectune.infer_inputs import (absent_names, cut_long_windows, file_lines, keep_previous, log_windows, output_path,
                                   read_inputs, resume_key, resumed, verdict_summaries, warn_unfamiliar_format)
+from sectune.model_chain import ModelChoice, choose_model
 from sectune.models import modeling
-from sectune.runner import RESULT_FILE, RunContext, write_json_atomic
-from sectune.training import checkpoints, distributed
+from sectune.runner import RunContext, write_json_atomic
+from sectune.training import distributed
 
-#: the steps whose models can answer, in order of preference (the newest stage of a pipeline first)
-CHAIN = ("rl", "dpo", "sft")
 #: windows generated per call: progress is said, and an interrupt keeps what was answered, this often
 CHUNK = 256
 
@@ -85,7 +83,8 @@ def run(ctx: RunContext) -> dict:
     partials = [out_path.with_name(f"{out_path.stem}.partial{f'.voter{i + 1}' if i else ''}{out_path.suffix or '.json'}")
                 for i in range(len(voters))]
     answered = [_answer(cfg, c, inputs, len(files), prompts, validator, char_cut, partial,
-                        f" (voter {i + 1} of {len(voters)})" if len(voters) > 1 else "") for i, (c, partial) in enumerate(zip(voters, partials))]
+                        f" (voter {i + 1} of {len(voters)})" if len(voters) > 1 else "")
+                for i, (c, partial) in enumerate(zip(voters, partials))]
     gen_s = sum(a[4] for a in answered)  # generation only, every voter's (not the models' loading)
     texts, stats, model_ref, done, _ = answered[0]
     if len(voters) > 1:
@@ -93,8 +92,9 @@ def run(ctx: RunContext) -> dict:
             rec = analyse("", "", text, validator)
             return rec["analysis"].get("verdict") if rec["schema_valid"] else None
 
-        member_texts = [a[0] for a in answered]
-        texts, kept = vote.voted(member_texts, key)
+        verdicts = [[key(t) for t in a[0]] for a in answered]  # each voter's, parsed once
+        kept = [vote.winner(given) for given in zip(*verdicts)]
+        texts = [answered[k][0][i] for i, k in enumerate(kept)]
         stats = {"truncated_rows": stats["truncated_rows"], "forced": sum(a[1].get("forced", 0) for a in answered) / len(voters),
                  "force_failures": sum(a[1].get("force_failures", 0) for a in answered)}  # (forced: per voter, on average)
         done = sum(a[3] for a in answered) / len(voters)  # windows the vote had from interrupted runs, on average
@@ -103,7 +103,7 @@ def run(ctx: RunContext) -> dict:
     records = _records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut)
     if len(voters) > 1:
         for i, rec in enumerate(records):
-            rec.update(model_used=voters[kept[i]].used, kept_voter=kept[i], voter_verdicts=[key(m[i]) for m in member_texts])
+            rec.update(model_used=voters[kept[i]].used, kept_voter=kept[i], voter_verdicts=[v[i] for v in verdicts])
     previous = keep_previous(out_path)
     if previous is not None and (prev := runner.previous_result(run_dir, runner.PREVIOUS_RESULT_FILE)):
         if (prev.get("artifacts") or {}).get("output") == _relative(out_path, run_dir):  # it names its answers' new place
@@ -156,14 +156,10 @@ def run(ctx: RunContext) -> dict:
     return {"metrics": metrics, "artifacts": artifacts}
 
 
-def _answer(cfg, choice: "ModelChoice", inputs, n_files: int, prompts: list[str], validator, char_cut: set, partial: Path,
+def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], validator, char_cut: set, partial: Path,
             who: str = ""):
     """(texts, generation stats, model reference, windows resumed, generation seconds) of one analyst: loaded, answering
     ``prompts`` in chunks (an interrupt keeps what was answered in ``partial``, and the same command resumes from it), freed."""
-    import gc
-
-    import torch
-
     ic = cfg.infer
     gen_cfg = run_generation(cfg, choice)
     model, tokenizer, model_ref = load_model(cfg, choice)
@@ -216,9 +212,7 @@ def _answer(cfg, choice: "ModelChoice", inputs, n_files: int, prompts: list[str]
         write_json_atomic(partial, runner.finite_json(_records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut)))
         write_json_atomic(partial.with_suffix(".key"), {"resume_key": key})
     del model, constraint
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    modeling.release_memory()
     return texts, stats, model_ref, len(done), gen_s
 
 
@@ -233,7 +227,7 @@ def _records(inputs, texts, used: str, validator, cut: set, char_cut: set) -> li
     return records
 
 
-def run_generation(cfg, choice: "ModelChoice"):
+def run_generation(cfg, choice: ModelChoice):
     """``generation.*`` as the chosen model's own run decoded (its saved config), but for a key this command sets: the
     README's plain infer command decoded a pipeline's analyst with repetition_penalty 1.2 where the pipeline scored it
     with 1.0, and 18 of 100 verdicts changed."""
@@ -269,135 +263,7 @@ def build_prompt(log_text: str, schema_text: str | None = None) -> str:
     return f"{head}### Schema:\n{schema_text}\n{sep}{rest}"
 
 
-# ----------------------------------------------------------------------------- the model chain
-@dataclass
-class ModelChoice:
-    #: rl | dpo | sft | base
-    used: str
-    #: the adapter or full-model folder; None for the base model
-    path: Path | None = None
-    #: adapter | model | base
-    kind: str = "base"
-    #: "<step>: why it was not used", for each preferred step passed over
-    skipped: list[str] = field(default_factory=list)
-
-    def describe(self, model_ref: str) -> str:
-        if self.kind == "base":
-            return f"the base model ({model_ref})"
-        return f"the {self.used} {'adapter' if self.kind == 'adapter' else 'model'} at {self.path}"
-
-
-def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_dir", table: bool = True) -> ModelChoice:
-    """The first usable of RL → DPO → SFT in ``model_dir`` (a run or pipeline dir; ``table``: the policy a pipeline's
-    held-out table chose on validation first), else the base. ``key``: the setting ``model_dir`` came from, as errors
-    name it."""
-    if model_dir is None:  # nothing trained was named: the configured base model, untrained for this task
-        if not base_fallback:
-            raise ConfigError(f"{key} is not set and infer.base_fallback=false: only the base model could answer; give "
-                              f"{key}=<an sft, dpo or rl run dir or a pipeline dir>")
-        return ModelChoice("base")
-    root = Path(str(model_dir)).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"{key}={model_dir}: " + ("a file, not a run directory" if root.exists() else "no such directory"))
-    result = _read_result(root)
-    stage = (result or {}).get("stage")
-    if stage in CHAIN:
-        candidates = [(stage, root)]
-    elif stage == "pipeline" or (result is None and any((root / s / RESULT_FILE).is_file() for s in CHAIN)):
-        candidates = [(s, root / s) for s in (_pipeline_order(root) if table else CHAIN)]
-    elif result is None:
-        raise ConfigError(f"{key}={model_dir}: no {RESULT_FILE} there; point it at an sft, dpo or rl run dir or a pipeline dir")
-    else:
-        raise ConfigError(f"{key}={model_dir}: a stage={stage} run holds no model to answer with; point it at an sft, dpo or rl run dir or a pipeline dir")
-    skipped = []
-    for step, step_dir in candidates:
-        why, path, kind = _usable(step, step_dir)
-        if why is None:
-            return ModelChoice(step, path, kind, skipped)
-        skipped.append(f"{step}: {why}")
-    if not base_fallback:
-        raise ConfigError(f"{key}={model_dir}: no usable model ({'; '.join(skipped)}) and infer.base_fallback=false")
-    return ModelChoice("base", skipped=skipped)
-
-
-def _pipeline_order(root: Path) -> list[str]:
-    """RL → DPO → SFT, but the policy the pipeline's held-out table chose on its validation windows first: the newest
-    step answered even where the table had chosen another (its ``best_policy``, never chosen on test)."""
-    try:
-        table = json.loads((root / "heldout.json").read_text())
-        best = next(r["step"] for r in table["rows"] if r["name"] == table["best_policy"])
-    except (OSError, ValueError, KeyError, TypeError, StopIteration):
-        return list(CHAIN)
-    if best not in CHAIN:
-        return list(CHAIN)
-    print(f"sectune: infer: {root}'s held-out table chose its {best} policy on the validation windows: it answers first")
-    return [best, *(s for s in CHAIN if s != best)]
-
-
-def _read_result(run_dir: Path) -> dict | None:
-    path = run_dir / RESULT_FILE
-    if not path.is_file():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(result, dict):
-        raise ConfigError(f"{path}: not a sectune result (a JSON {type(result).__name__}, not an object)")
-    return result
-
-
-def _usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
-    """(why not, or None; the model folder; adapter | model) for one step's run dir."""
-    if not run_dir.is_dir():
-        return f"no {run_dir.name}/ step", None, ""
-    result = _read_result(run_dir)
-    if result is None:
-        return f"no {RESULT_FILE}", None, ""
-    if result.get("stage") != step:
-        return f"{RESULT_FILE} says stage={result.get('stage')!r}", None, ""
-    if result.get("status") != "succeeded":
-        error = f": {result['error']}" if result.get("error") else ""
-        return f"the run did not succeed (status {result.get('status')!r}{error})", None, ""
-    if result.get("reused_from"):  # a sweep job that reused another run (sweep.skip_done): that run must still be it
-        source = _read_result(Path(str(result["reused_from"])))
-        if not source or source.get("status") != "succeeded" or source.get("config_digest") != result.get("config_digest"):
-            return f"it reused {result['reused_from']}, which now holds another run (or none)", None, ""
-    artifacts = result.get("artifacts") or {}
-    if not isinstance(artifacts, dict):
-        return f"{RESULT_FILE}'s artifacts is not an object", None, ""
-    if artifacts.get("adapter"):
-        rel = artifacts["adapter"]
-        folder = run_dir / rel
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            if not (folder / name).is_file():
-                return f"{rel}/{name} missing", None, ""
-        if (damage := checkpoints.damaged_safetensors(folder)) is not None:
-            return f"{rel}/{damage[0]} is damaged ({damage[1]})", None, ""
-        try:
-            if not isinstance(json.loads((folder / "adapter_config.json").read_text()), dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:  # was a JSONDecodeError traceback naming no file
-            return f"{rel}/adapter_config.json is damaged ({type(e).__name__}: {e})", None, ""
-        if isinstance(base := artifacts.get("base_model"), str) and base:  # the weights the adapter sits on (an SFT's)
-            if not (run_dir / base / "config.json").is_file():
-                return f"its base model {base}/config.json is missing", None, ""
-            if (damage := checkpoints.damaged_safetensors(run_dir / base)) is not None:
-                return f"its base model {base}/{damage[0]} is damaged ({damage[1]})", None, ""
-        return None, folder, "adapter"
-    if artifacts.get("model"):
-        rel = artifacts["model"]
-        folder = run_dir / rel
-        if not (folder / "config.json").is_file():
-            return f"{rel}/config.json missing", None, ""
-        if not any(folder.glob("*.safetensors")):
-            return f"{rel}/*.safetensors missing", None, ""
-        if (damage := checkpoints.damaged_safetensors(folder)) is not None:
-            return f"{rel}/{damage[0]} is damaged ({damage[1]})", None, ""
-        return None, folder, "model"
-    return f"{RESULT_FILE} names no adapter or model artifact", None, ""
-
-
+# ----------------------------------------------------------------------------- the model
 def load_model(cfg, choice: ModelChoice):
     """(model on the run's device in eval mode, tokenizer, the adapter/model folder or base path). An adapter goes on the
     weights its run recorded (``artifacts.base_model``), else on the local folder it was trained on (its

@@ -46,7 +46,6 @@ names the step, and the exit code is the step's. ``train.resume=auto`` inside a 
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import sys
 from dataclasses import dataclass, field
@@ -72,7 +71,7 @@ NEEDS = {"sft": ("adapter", "model"), "reward": ("reward_model",)}
 REWARD_MODEL_WEIGHT = 0.1
 #: step → {earlier step: (the key it is handed, what that is)}: :func:`handoffs` hands them on. A step listed
 #: before one it takes from is an error (``[infer, sft]``): that step would hand it nothing, or an earlier pipeline
-#: run's stale dir. infer reads the pipeline's dir, not one step's (infer.CHAIN picks the newest policy)
+#: run's stale dir. infer reads the pipeline's dir, not one step's (model_chain.CHAIN picks the newest policy)
 TAKES = {
     "rl": {"sft": ("rl.init_from", "its starting adapter"), "reward": ("rl.reward_model", "its reward model")},
     "dpo": {"sft": ("dpo.init_from", "its starting adapter")},
@@ -418,14 +417,9 @@ def run_step(step: Step) -> int:
     try:
         code, _ = runner.run(step.cfg, step.dir)
     finally:
-        gc.collect()
-        try:
-            import torch
+        from sectune.models import modeling
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        modeling.release_memory()
     if code == 0:  # rank 0 writes the step's result.json after its last collective; the others read it next. A rank whose
         distributed.barrier()  # step failed does not wait: the others may be inside a collective it left (torchrun ends them)
     return code

@@ -103,7 +103,7 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4,
     bound. ``stats["truncated"]`` counts them.
 
     ``constraint`` (a :class:`sectune.models.constrained.SchemaConstraint`) restricts every token to the
-    schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced) and
+    schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced; ``forced_rows``: which) and
     ``force_failures`` (forced closes the grammar refused: the budget was then not assured); ``truncated_rows`` lists
     the prompts (by index) whose middle was cut.
 
@@ -157,6 +157,7 @@ def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats,
         if processor is not None:
             outs.extend(constraint.decode(row) for row in ids.tolist())
             stats["forced"] = stats.get("forced", 0) + processor.forced
+            stats.setdefault("forced_rows", []).extend(i + j for j in sorted(processor.forced_rows))
             stats["force_failures"] = stats.get("force_failures", 0) + getattr(processor, "force_failures", 0)
         else:
             outs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))

@@ -315,6 +315,21 @@ def test_a_generated_build_of_an_older_generator_is_rebuilt(tmp_path):
     assert not marker.exists() and len(A.load_auth_folder(out)) == info["total"]
 
 
+def test_a_build_that_another_run_finished_meanwhile_is_kept_as_it_is(tmp_path):
+    """Two runs with a cold cache (two sweep jobs, an evaluation beside another) both build the same folder: the second
+    to finish used to move the first's folder aside while the first run was reading it ("no auth_data_X_Y.txt files
+    under auth_data/<class>/", exit 2). The same build found finished is now kept; a different one still replaces it."""
+    out = tmp_path / "auth"
+    info = A.build_auth_folder(out, tmp_path / "nowhere", seed=1)
+    marker = out / "reader_was_here.txt"
+    marker.write_text("x")
+    assert A.build_auth_folder(out, tmp_path / "nowhere", seed=1) == info  # ensure_auth_folder saw no build when it began
+    assert marker.exists() and not list(tmp_path.glob(".auth.building-*"))
+    assert len(A.load_auth_folder(out)) == info["total"]
+    A.build_auth_folder(out, tmp_path / "nowhere", seed=1, max_windows=9)
+    assert not marker.exists() and len(A.load_auth_folder(out)) == 9
+
+
 def test_failed_build_leaves_no_folder(tmp_path, monkeypatch):
     real = A._write_sample
     calls = {"n": 0}

@@ -613,6 +613,39 @@ def test_a_long_log_says_its_progress_and_an_interrupt_keeps_what_was_answered(t
     assert not list((tmp_path / "run").glob("analyses.partial*"))
 
 
+def test_forced_closes_are_kept_per_window_and_counted_after_a_resume(tmp_path, monkeypatch):
+    """forced_close_rate counted only the windows the last command generated: a run resumed from its partial file
+    reported 0 forced closes for every window answered before the interrupt (session 31's note). Each record now says
+    whether the token budget closed it (forced_close), the partial file keeps it, and the rate is over every window."""
+    from sectune.stages import infer as stage
+
+    monkeypatch.setattr(stage, "CHUNK", 2)
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, gen_cfg, stats, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        stats["forced_rows"] = [len(prompts) - 1]  # the budget closed the last answer of every call
+        stats["forced"] = 1
+        return ['{"verdict": "benign"}'] * len(prompts)
+
+    monkeypatch.setattr(stage, "generate", fake_generate)
+    log = tmp_path / "auth.log"
+    log.write_text("".join(f"Dec 10 06:55:{i % 60:02d} LabSZ sshd[{i}]: Invalid user u{i} from 10.0.0.{i % 250}\n" for i in range(100)))
+    cfg = compose([*BASE, f"infer.input_file={log}", "infer.window_lines=20", "infer.constrained=true"])
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(runner.RunContext(cfg=cfg, run_dir=tmp_path / "run"))
+    partial = json.loads((tmp_path / "run" / "analyses.partial.json").read_text())
+    assert [r["forced_close"] for r in partial] == [False, True, False, True]
+    calls.clear()
+    res = stage.run(runner.RunContext(cfg=cfg, run_dir=tmp_path / "run"))
+    assert calls == [1]
+    final = json.loads((tmp_path / "run" / "analyses.json").read_text())
+    assert [r["forced_close"] for r in final] == [False, True, False, True, True]
+    assert res["metrics"]["forced_close_rate"] == pytest.approx(3 / 5)  # it said 1/5: the resumed command's own window
+
+
 def test_infer_loads_an_adapter_under_the_quantization_its_run_trained_with(tmp_path, capsys):
     """An audit (session 25): an nf4-trained adapter was loaded onto an unquantized base unless the command repeated
     quantization=nf4, without a word, and answered otherwise than the policy its run evaluated."""

@@ -250,6 +250,9 @@ def build_auth_folder(
         if note:
             info["note"] = note
         (tmp / "BUILD_INFO.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if _built(out) == info:  # another run (a sweep's job, a rank) built the same folder meanwhile: keep theirs,
+            shutil.rmtree(tmp)   # which it may be reading (replacing it under a reader failed that run)
+            return info
         from sectune.run_guard import replace_dir
 
         replace_dir(tmp, out)
@@ -257,6 +260,14 @@ def build_auth_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
+
+
+def _built(out: Path) -> dict | None:
+    """A finished build's BUILD_INFO at ``out``, or None (no build, or one whose info cannot be read)."""
+    try:
+        return json.loads((Path(out) / "BUILD_INFO.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def ensure_auth_folder(

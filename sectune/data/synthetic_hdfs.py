@@ -15,6 +15,8 @@ from ``random.Random(seed)``: the same ``(n, seed)`` always gives the same sessi
 
 from __future__ import annotations
 
+import os
+
 import random
 from pathlib import Path
 
@@ -60,7 +62,7 @@ def write_deeplog_files(folder: Path, n_normal: int = 3000, n_anomalous: int = 2
     normal, anomalous = generate_sessions(n_normal, n_anomalous, seed)
     folder.mkdir(parents=True, exist_ok=True)
     for name, sessions in (("hdfs_train", normal), ("hdfs_test_abnormal", anomalous)):
-        tmp = folder / f".{name}.tmp"
+        tmp = folder / f".{name}.tmp{os.getpid()}"  # this process's own: two cold-cache runs write side by side
         tmp.write_text("".join(" ".join(map(str, s)) + " \n" for s in sessions))
         tmp.replace(folder / name)
     (folder / "GENERATED.md").write_text(

@@ -182,6 +182,7 @@ class SchemaLogitsProcessor(LogitsProcessor):
         self.cursors: list[JsonCursor] = []
         self.queues: list[list[int] | None] = []
         self.forced = 0
+        self.forced_rows: set[int] = set()  # which sequences of the batch (a resumed infer keeps them per record)
         self.force_failures = 0
 
     def _start(self, batch: int) -> None:
@@ -266,6 +267,7 @@ class SchemaLogitsProcessor(LogitsProcessor):
                 return None
             self.queues[i] = queue = list(closing)  # tokenize() caches its lists
             self.forced += 1
+            self.forced_rows.add(i)
         if not queue:
             return None
         tok = queue.pop(0)

@@ -95,12 +95,14 @@ def run(ctx: RunContext) -> dict:
         verdicts = [[key(t) for t in a[0]] for a in answered]  # each voter's, parsed once
         kept = [vote.winner(given) for given in zip(*verdicts)]
         texts = [answered[k][0][i] for i, k in enumerate(kept)]
-        stats = {"truncated_rows": stats["truncated_rows"], "forced": sum(a[1].get("forced", 0) for a in answered) / len(voters),
-                 "force_failures": sum(a[1].get("force_failures", 0) for a in answered)}  # (forced: per voter, on average)
+        forced_by = [set(a[1]["forced_rows"]) for a in answered]
+        stats = {"truncated_rows": stats["truncated_rows"], "forced_rows": [i for i, k in enumerate(kept) if i in forced_by[k]],
+                 "forced": sum(len(a[1]["forced_rows"]) for a in answered) / len(voters),  # per voter, on average
+                 "force_failures": sum(a[1].get("force_failures", 0) for a in answered)}
         done = sum(a[3] for a in answered) / len(voters)  # windows the vote had from interrupted runs, on average
 
     # 5. parse, check, write
-    records = _records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut)
+    records = _records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut, set(stats["forced_rows"]))
     if len(voters) > 1:
         for i, rec in enumerate(records):
             rec.update(model_used=voters[kept[i]].used, kept_voter=kept[i], voter_verdicts=[v[i] for v in verdicts])
@@ -139,8 +141,9 @@ def run(ctx: RunContext) -> dict:
     if len(voters) > 1:
         metrics["voters"] = len(voters)
     if ic.constrained:
-        # outputs the token budget closed (the model had not closed them itself by then)
-        metrics["forced_close_rate"] = stats.get("forced", 0) / n
+        # outputs the token budget closed (the model had not closed them itself by then; forced_close in each record), the
+        # windows of an interrupted run's answers too (they counted 0 before session 32); a vote: per voter, on average
+        metrics["forced_close_rate"] = stats["forced"] / n if len(voters) > 1 else len(stats["forced_rows"]) / n
         if stats.get("force_failures"):
             print(f"sectune: warning: {stats['force_failures']} forced close(s) disagreed with the grammar; those outputs "
                   "were left to the grammar alone and may have run out of generation.max_new_tokens")
@@ -189,12 +192,14 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
     done = resumed(partial, key, len(prompts))
     texts: list[str] = [r["generated"] for r in done]
     stats["truncated_rows"] = [i for i, r in enumerate(done) if r.get("input_cut")]
+    stats["forced_rows"] = [i for i, r in enumerate(done) if r.get("forced_close")]
     try:  # in chunks: a long log's progress is said, and an interrupt keeps the windows answered so far
         for start in range(len(texts), len(prompts), CHUNK):
             part: dict = {}
             texts += generate(model, tokenizer, prompts[start:start + CHUNK], gen_cfg, batch_size=ic.batch_size,
                               constraint=constraint, stats=part, max_seq_length=int(cfg.model.max_seq_length))
             stats["truncated_rows"] += [start + i for i in part.pop("truncated_rows", ())]
+            stats["forced_rows"] += [start + i for i in part.pop("forced_rows", ())]
             for k, v in part.items():
                 stats[k] = stats.get(k, 0) + v
             if len(prompts) > CHUNK:
@@ -202,26 +207,29 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
     except KeyboardInterrupt:
         if texts:
             write_json_atomic(partial, runner.finite_json(_records(inputs[: len(texts)], texts, choice.used, validator,
-                                                                   set(stats["truncated_rows"]), char_cut)))
+                                                                   set(stats["truncated_rows"]), char_cut, set(stats["forced_rows"]))))
             write_json_atomic(partial.with_suffix(".key"), {"resume_key": key})
             print(f"sectune: infer: interrupted: the {len(texts)} of {len(prompts)} windows answered so far are in {partial}; "
                   "the same command answers the rest")
         raise
     gen_s = time.perf_counter() - t0
     if who and len(done) < len(prompts):  # a voter's answers, kept until the vote is written (the next voter may be interrupted)
-        write_json_atomic(partial, runner.finite_json(_records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut)))
+        write_json_atomic(partial, runner.finite_json(_records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut,
+                                                               set(stats["forced_rows"]))))
         write_json_atomic(partial.with_suffix(".key"), {"resume_key": key})
     del model, constraint
     modeling.release_memory()
     return texts, stats, model_ref, len(done), gen_s
 
 
-def _records(inputs, texts, used: str, validator, cut: set, char_cut: set) -> list[dict]:
-    """One record per window: the parsed answer, its lines, whether the window was cut to fit (``input_cut``) and the
-    names it gives that the window does not hold (``absent_names``)."""
+def _records(inputs, texts, used: str, validator, cut: set, char_cut: set, forced: set = frozenset()) -> list[dict]:
+    """One record per window: the parsed answer, its lines, whether the window was cut to fit (``input_cut``), whether
+    the token budget closed the answer (``forced_close``, constrained decoding) and the names it gives that the window
+    does not hold (``absent_names``)."""
     records = []
     for i, (w, text) in enumerate(zip(inputs, texts)):
-        rec = {**analyse(w.name, used, text, validator), "lines": [w.first, w.last], "input_cut": i in cut or i in char_cut}
+        rec = {**analyse(w.name, used, text, validator), "lines": [w.first, w.last], "input_cut": i in cut or i in char_cut,
+               "forced_close": i in forced}
         rec["absent_names"] = absent_names(rec["analysis"], w.text)
         records.append(rec)
     return records

@@ -708,6 +708,8 @@ def test_a_vote_of_three_analysts_keeps_the_majority_verdict_and_resumes_after_a
         calls.append(len(prompts))
         if interrupt_at == len(calls):
             raise KeyboardInterrupt
+        if voter[0] == 2:  # voter c's tokenizer made window 1's prompt too long: its middle was cut
+            kw["stats"]["truncated_rows"] = [1]
         return said[voter[0]]
 
     voter = [0]
@@ -737,6 +739,8 @@ def test_a_vote_of_three_analysts_keeps_the_majority_verdict_and_resumes_after_a
     assert [r["kept_voter"] for r in records] == [1, 0] and [r["model_used"] for r in records] == ["dpo", "sft"]
     assert records[1]["voter_verdicts"] == ["malicious", None, "benign"] and records[0]["generated"] == said[1][0]
     assert res["metrics"]["voters"] == 3 and len(res["artifacts"]["voters"]) == 3
+    # cut for one voter, marked and counted (it was the first voter's cuts alone)
+    assert [r["input_cut"] for r in records] == [False, True] and res["metrics"]["truncated_prompts"] == 1
     assert not list((tmp_path / "run").glob("analyses.partial*"))
     with pytest.raises(Exception, match=r"infer.vote_with=.*a vote of two analysts"):
         stage.run(runner.RunContext(cfg=compose([*BASE, f"infer.model_dir={runs['a']}", f"infer.vote_with=[{runs['b']}]",

@@ -96,7 +96,8 @@ def run(ctx: RunContext) -> dict:
         kept = [vote.winner(given) for given in zip(*verdicts)]
         texts = [answered[k][0][i] for i, k in enumerate(kept)]
         forced_by = [set(a[1]["forced_rows"]) for a in answered]
-        stats = {"truncated_rows": stats["truncated_rows"], "forced_rows": [i for i, k in enumerate(kept) if i in forced_by[k]],
+        # a window cut to fit for any voter (tokenizers differ) is marked and counted: before, the first voter's alone
+        stats = {"truncated_rows": sorted(set().union(*(a[1]["truncated_rows"] for a in answered))), "forced_rows": [i for i, k in enumerate(kept) if i in forced_by[k]],
                  "forced": sum(len(a[1]["forced_rows"]) for a in answered) / len(voters),  # per voter, on average
                  "force_failures": sum(a[1].get("force_failures", 0) for a in answered)}
         done = sum(a[3] for a in answered) / len(voters)  # windows the vote had from interrupted runs, on average

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from sectune import config  # noqa: E402
 from sectune.training import distributed  # noqa: E402
 from sectune.cli_errors import (  # noqa: E402
-    _extra_hint, _hydra_report, config_file_error, override_error, refuse_node_deletions, refuse_secrets, usage_error)
+    _extra_hint, _hydra_report, config_file_error, override_error, refuse_node_deletions, refuse_secrets, usage_error, yaml_error)
 from sectune.paths import CONF_DIR  # noqa: E402
 
 config.register()
@@ -267,7 +267,7 @@ def main() -> None:
         if (cause := _logging_os_error(e)) is not None:  # Hydra's log file in a run dir it cannot write
             _run_dir_error(cause)
         _exit_if_sweep_jobs_failed()  # a sweeper that gave up because its trials failed (Optuna: "No trials are completed")
-        line = config_file_error(e, sys.argv[1:]) or override_error(e) or usage_error(e)
+        line = config_file_error(e, sys.argv[1:]) or yaml_error(e) or override_error(e) or usage_error(e)
         _drop_empty_sweep_dir()
         if line is None:
             _hydra_report(e)

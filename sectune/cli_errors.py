@@ -56,6 +56,22 @@ def config_file_error(e: BaseException, argv: list[str]) -> str | None:
     return f"{files[0] if files else where}: {_one_line(detail)}"
 
 
+def yaml_error(e: BaseException) -> str | None:
+    """One line for a config file that is not valid YAML (a user's ``--config-dir`` preset): the file, line and column, and
+    what the parser expected. It reached the user as yaml's traceback, exit 1 (an audit, session 32)."""
+    import yaml
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+            mark = e.problem_mark
+            what = "; ".join(str(x) for x in (e.context, e.problem) if x)
+            return f"{mark.name}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML ({what})"
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def override_error(e: BaseException) -> str | None:
     """One line for a command-line override Hydra cannot apply (a typo'd key, a wrong type), naming the key; without
     Hydra's "To append to your config use +key=value", which would add the typo beside the setting it meant."""

@@ -113,6 +113,7 @@ def check_values(cfg) -> None:
     need(t.neftune_noise_alpha is None or (math.isfinite(t.neftune_noise_alpha) and t.neftune_noise_alpha > 0),
          "train.neftune_noise_alpha", t.neftune_noise_alpha, "must be > 0 (null = off)")
     need(cfg.model.max_seq_length >= 1, "model.max_seq_length", cfg.model.max_seq_length, "must be >= 1 (tokens per example)")
+    check_passed_through(cfg, need)
     d = cfg.dataset
     need(d.max_samples is None or d.max_samples >= 1, "dataset.max_samples", d.max_samples, "must be >= 1 (null = all)")
     for key in ("val_fraction", "test_fraction"):
@@ -217,6 +218,54 @@ def check_values(cfg) -> None:
         need(f.runtime != "simulation" or f.client_num_gpus > 0 or cfg.train.device != "cuda", "federated.client_num_gpus",
              f.client_num_gpus, "with train.device=cuda the simulated clients need a share of the GPU from Ray (e.g. 0.2; "
              "0 hides it from them), or train.device=cpu")
+
+
+#: transformers' SchedulerType values (tests/test_config.py checks the list against the installed transformers: importing
+#: it here would cost every command ~3 s)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+                 "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+WANDB_MODES = ("online", "offline", "disabled", "shared")
+
+
+def check_passed_through(cfg, need) -> None:
+    """Values sectune hands to transformers, scikit-learn, W&B or Ray as they are, which rejected them with a traceback (and
+    the library's name for the setting, not sectune's key), some only after training had finished (an audit, session 32)."""
+    import re
+
+    t, m = cfg.train, cfg.model
+    need(t.lr_scheduler in LR_SCHEDULERS, "train.lr_scheduler", t.lr_scheduler, f"choose one of {', '.join(LR_SCHEDULERS)}")
+    need(t.empty_cache_steps is None or t.empty_cache_steps >= 1, "train.empty_cache_steps", t.empty_cache_steps, "must be >= 1 (null = never)")
+    att = m.attn_implementation  # a hub kernel ("kernels-community/…") or a paged variant ("paged|sdpa") is the library's to judge
+    need(att is None or att in ATTENTION or "/" in str(att) or "|" in str(att), "model.attn_implementation", att,
+         f"choose one of {', '.join(ATTENTION)} (or null: transformers' default)")
+    dm = m.device_map
+    need(dm is None or not isinstance(dm, (str, int)) or bool(re.fullmatch(
+        r"auto|balanced|balanced_low_0|sequential|cpu|disk|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?|\d+", str(dm))), "model.device_map", dm,
+         "choose auto, balanced, balanced_low_0, sequential, cpu, cuda, cuda:N (a device) or a mapping of module names to devices")
+    tiny = m.get("tiny")
+    if tiny and not m.name_or_path:  # the tiny model sectune builds: its shape, checked before the build
+        heads, kv = tiny.num_heads, tiny.num_kv_heads
+        need(heads >= 1 and tiny.hidden_size % heads == 0, "model.tiny.num_heads", heads, f"must divide model.tiny.hidden_size={tiny.hidden_size}")
+        need(m.family != "llama" or (kv >= 1 and heads % kv == 0), "model.tiny.num_kv_heads", kv, f"must divide model.tiny.num_heads={heads}")
+    mode = cfg.logger.mode
+    need(mode in (None, "") or mode in WANDB_MODES, "logger.mode", mode, f"choose one of {', '.join(WANDB_MODES)} (or null: online "
+         "when a W&B key is configured, else offline)")
+    need(not mode or cfg.logger.name == "wandb", "logger.mode", mode, f"is W&B's; logger={cfg.logger.name} does not read it")
+    ev = cfg.evaluate
+    need(ev.rf_estimators >= 1, "evaluate.rf_estimators", ev.rf_estimators, "must be >= 1 (trees of the random-forest baseline)")
+    need(ev.max_samples is None or ev.max_samples >= 1, "evaluate.max_samples", ev.max_samples, "must be >= 1 (null = all)")
+    need(cfg.dataset.render_precision >= 0, "dataset.render_precision", cfg.dataset.render_precision,
+         "must be >= 0 (decimal places of a flow's numbers in its text)")
+    f = cfg.federated
+    need(f.ray_num_cpus is None or f.ray_num_cpus >= 1, "federated.ray_num_cpus", f.ray_num_cpus, "must be >= 1 (null = one client at a time)")
+    need(0 <= f.lr_min_ratio <= 1, "federated.lr_min_ratio", f.lr_min_ratio, "must be in [0, 1] (the last round's share of train.learning_rate)")
+    need(f.eval_every >= 1, "federated.eval_every", f.eval_every, "must be >= 1 (the server evaluates every N rounds)")
+    hm = cfg.pipeline.heldout_max_windows
+    need(hm is None or hm >= 1, "pipeline.heldout_max_windows", hm, "must be >= 1 (null = every test window)")
+    lim = cfg.reward.memory_limit_gb
+    need(lim is None or lim > 0, "reward.memory_limit_gb", lim, "must be > 0 (GB; null = the device's free memory now)")
+    need(cfg.doctor.min_free_disk_gb >= 0, "doctor.min_free_disk_gb", cfg.doctor.min_free_disk_gb, "must be >= 0")
 
 
 #: stages whose loss has no label smoothing, and why (a value set there changed nothing, without a word)

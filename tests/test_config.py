@@ -319,6 +319,24 @@ def test_the_readmes_max_memory_example_runs_and_without_plus_plus_the_error_say
     (["stage=sft", "debug.enabled=true"], "debug.enabled=True: only stage=contrastive has a debug mode"),
     (["stage=federated", "dataset=hdfs", "train.resume=auto"], "train.resume=auto: stage=federated does not resume"),
     (["stage=evaluate", "dataset=hdfs", "evaluate.data_path=/x.csv"], "evaluate.data_path=/x.csv: scores a classify run"),
+    # an audit (session 32): values handed to a library as they are, which crashed with its traceback (some after training)
+    (["train.lr_scheduler=cosinee"], "train.lr_scheduler=cosinee: choose one of linear, cosine,"),
+    (["model.attn_implementation=flash"], "model.attn_implementation=flash: choose one of eager, sdpa,"),
+    (["model.device_map=gpu7"], "model.device_map=gpu7: choose auto, balanced"),
+    (["train.empty_cache_steps=-1"], "train.empty_cache_steps=-1: must be >= 1"),
+    (["logger.mode=offlin"], "logger.mode=offlin: choose one of online, offline, disabled, shared"),
+    (["logger=none", "logger.mode=offline"], "logger.mode=offline: is W&B's; logger=none does not read it"),
+    (["stage=classify", "dataset=cic_iot_2023_merged", "evaluate.rf_estimators=-5"], "evaluate.rf_estimators=-5: must be >= 1"),
+    (["stage=evaluate", "dataset=injection_triplets", "evaluate.max_samples=0"], "evaluate.max_samples=0: must be >= 1"),
+    (["stage=classify", "dataset=cic_iot_2023_merged", "dataset.render_precision=-1"], "dataset.render_precision=-1: must be >= 0"),
+    (["model.tiny.num_heads=3"], "model.tiny.num_heads=3: must divide model.tiny.hidden_size=128"),
+    (["model.tiny.num_kv_heads=3"], "model.tiny.num_kv_heads=3: must divide model.tiny.num_heads=4"),
+    (["stage=federated", "dataset=hdfs", "federated.ray_num_cpus=-2"], "federated.ray_num_cpus=-2: must be >= 1"),
+    (["stage=federated", "dataset=hdfs", "federated.lr_min_ratio=-1"], "federated.lr_min_ratio=-1.0: must be in [0, 1]"),
+    (["stage=federated", "dataset=hdfs", "federated.eval_every=0"], "federated.eval_every=0: must be >= 1"),
+    (["stage=pipeline", "pipeline.heldout_max_windows=0"], "pipeline.heldout_max_windows=0: must be >= 1"),
+    (["stage=reward", "dataset=auth_preferences", "reward.memory_limit_gb=-1"], "reward.memory_limit_gb=-1.0: must be > 0"),
+    (["stage=doctor", "doctor.min_free_disk_gb=-1"], "doctor.min_free_disk_gb=-1.0: must be >= 0"),
 ])
 def test_settings_a_run_would_ignore_are_refused_naming_the_key(overrides, message):
     """Each of these was accepted and changed nothing (an audit of every setting against the code that reads it)."""
@@ -330,12 +348,23 @@ def test_settings_a_run_would_ignore_are_refused_naming_the_key(overrides, messa
     assert str(e.value).startswith(message), str(e.value)
 
 
+def test_the_learning_rate_schedules_sectune_accepts_are_transformers_own():
+    from transformers.trainer_utils import SchedulerType
+
+    from sectune.config_checks import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+
+
 def test_the_settings_those_checks_leave_alone_still_run():
     from sectune.config_checks import check_values
 
     for ok in (["stage=dpo", "loss=dpo", "dataset=auth_preferences", "loss.label_smoothing=0.1"], ["stage=sft", "loss.label_smoothing=0.1"],
                ["stage=rl", "loss=simplified_ppo", "loss.label_smoothing=0.1"], ["lora=r16_all_linear", "lora.r=32"],
-               ["model.device_map=auto", "++model.max_memory={cpu: 8GiB}"], ["stage=contrastive", "loss=causal_contrastive", "debug.enabled=true"]):
+               ["model.device_map=auto", "++model.max_memory={cpu: 8GiB}"], ["stage=contrastive", "loss=causal_contrastive", "debug.enabled=true"],
+               ["model.device_map=cuda:1", "model.attn_implementation=eager", "train.lr_scheduler=cosine_with_min_lr"],
+               ["model.attn_implementation=kernels-community/flash-attn"], ["++model.device_map={lm_head: cpu}"], ["logger.mode=online"],
+               ["model=tiny_gpt2", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=3"]):
         check_values(compose(ok))
 
 
@@ -364,6 +393,16 @@ def test_a_command_line_hydra_cannot_run_is_one_line_and_exit_2(args, says):
     assert run.returncode == 2 and "Traceback" not in run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("sectune: error: ") and says in last
+
+
+def test_a_preset_that_is_not_valid_yaml_is_named_with_its_line_and_exit_2(tmp_path):
+    """A --config-dir preset with a YAML syntax error was yaml's traceback and exit 1 (an audit, session 32)."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "broken.yaml").write_text("# @package _global_\ntrain:\n  max_steps: [1\n")
+    run = cli(["--config-dir", str(tmp_path), "+experiment=broken", "logger=none", "--cfg", "job"])
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-1500:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sectune: error: {tmp_path / 'experiment' / 'broken.yaml'}: line 4, column 1: not valid YAML (")
 
 
 def test_a_missing_plugin_names_the_extra_that_brings_it():

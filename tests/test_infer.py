@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -367,6 +368,21 @@ def test_infer_analyses_each_window_of_a_long_log_and_says_where_the_worst_verdi
 
 
 # ------------------------------------------------------------------------------ small pieces
+def test_a_schema_file_that_is_not_a_json_schema_is_named(tmp_path):
+    """infer.schema given a binary file was the UTF-8 decoder's traceback, exit 1 (an audit, session 32)."""
+    from sectune.errors import DataError
+
+    cases = {"blob.bin": (b"\x89PNG\r\n\xb2\x00", "not a JSON schema (not UTF-8 text: byte"),
+             "cut.json": (b'{"type": "obj', "line 1, column 10: invalid JSON schema"),
+             "odd.json": (b'{"type": 7}', "not a valid JSON Schema")}
+    for name, (content, says) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / name))}: (.* )?{re.escape(says)}"):
+            auth_logs._validator(str(tmp_path / name))
+    with pytest.raises(DataError, match="cannot read schema"):
+        auth_logs._validator(str(tmp_path / "missing.json"))
+
+
 def test_full_schema_prompt_carries_the_schema_before_the_logs():
     schema = json.dumps(json.loads((ROOT / "sectune/data/auth_schema.json").read_text()), separators=(",", ":"))
     prompt = infer.build_prompt("Dec 10 sshd: Failed password", schema)

@@ -143,6 +143,24 @@ def test_resuming_checkpoints_trained_with_other_settings_is_an_error_naming_the
                                          f"train.resume=auto ({ckpt})")
 
 
+def test_resuming_other_weights_without_their_settings_record_is_one_error_not_a_traceback(tmp_path):
+    """With trained_with.json gone (or damaged) the settings cannot be compared: resuming an r4 adapter's checkpoint
+    with lora=r16_all_linear was torch's "size mismatch" traceback, exit 1 (an audit, session 32); a damaged record was
+    passed over without a word."""
+    args = [*FAST, "train.save_steps=1", "dataset.max_samples=8", "train.save_total_limit=null"]
+    run_dir = tmp_path / "run"
+    first = sectune([*args, "train.max_steps=2"], run_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = run_dir / "checkpoints" / "trained_with.json"
+    record.write_text("{bad")
+    other = sectune([*args, "train.max_steps=4", "train.resume=auto", "lora=r16_all_linear"], run_dir)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    assert f"{record} cannot be read (JSONDecodeError" in other.stdout + other.stderr
+    (line,) = [ln for ln in other.stderr.splitlines() if ln.startswith("sectune: error:")]
+    assert "do not fit the model these settings build (size mismatch for" in line and "trained with other settings" in line, line
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "succeeded"  # the finished run is back
+
+
 def test_resuming_on_another_number_of_processes_is_an_error_naming_both(tmp_path, monkeypatch):
     """N processes train on N x the batch: checkpoints written by 1 process resumed under torchrun with 2 continued on twice
     the global batch and without rank 1's RNG state (a torchrun audit; transformers only logs it). Records from before the

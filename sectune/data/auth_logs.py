@@ -58,6 +58,8 @@ def _load_validator(schema_path: str | None):
             text = Path(schema_path).read_text(encoding="utf-8")
         except OSError as e:
             raise DataError(f"{schema_path}: cannot read schema ({e.strerror})") from e
+        except UnicodeDecodeError as e:  # a binary file given as the schema: was the decoder's traceback
+            raise DataError(f"{schema_path}: not a JSON schema (not UTF-8 text: byte {e.start})") from None
     try:
         schema = json.loads(text)
         Draft202012Validator.check_schema(schema)

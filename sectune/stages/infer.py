@@ -247,7 +247,9 @@ def run_generation(cfg, choice: ModelChoice):
         return cfg.generation
     try:
         theirs = OmegaConf.load(saved).get("generation") or {}
-    except Exception:  # noqa: BLE001 - an unreadable saved config: this command's settings
+    except Exception as e:  # noqa: BLE001 - an unreadable saved config: this command's settings, said
+        print(f"sectune: warning: infer: {saved} cannot be read ({type(e).__name__}), so the {choice.used} run's decoding "
+              "settings are not known: decoding with this command's generation.*")
         return cfg.generation
     from sectune.stages.pipeline import command_line_overrides
 

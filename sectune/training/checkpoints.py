@@ -246,9 +246,13 @@ def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:
     record = ckpt.parent / RESUME_RECORD
     try:
         before = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return  # checkpoints from before the record (or a damaged record): nothing to compare
+    except (OSError, ValueError) as e:  # checkpoints from before the record, or a damaged record: nothing to compare
+        what = "is missing" if isinstance(e, FileNotFoundError) else f"cannot be read ({type(e).__name__}: {e})"
+        print(f"sectune: warning: {key}: {record} {what}, so these settings cannot be checked against the ones the "
+              "checkpoints were trained with; resuming as asked")
+        return
     if not isinstance(before, dict):
+        print(f"sectune: warning: {key}: {record} is not a record of settings; they cannot be checked")
         return
     before.setdefault("processes", 1)  # recorded since session 27: the records before are of 1-process runs
     now = json.loads(json.dumps(training_settings(cfg, ckpt.parent.parent.parent), default=str))

@@ -229,10 +229,15 @@ def train(trainer, resume: str | None):
         trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
         return TrainOutput(trainer.state.global_step, 0.0, {})
     except Exception as e:  # noqa: BLE001 - torch's refusal of a pickle holding more than tensors: said as what it means
-        if "Weights only load failed" not in str(e):
-            raise
         from sectune.errors import ConfigError
 
+        if "size mismatch" in str(e):  # a checkpoint of another shape (other LoRA rank, model), its settings record gone
+            first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), "")
+            raise ConfigError(f"train.resume: the weights in {resume} do not fit the model these settings build ({first}): "
+                              "they were trained with other settings. Resume with the settings they were trained with, or "
+                              "train.resume=null to train afresh with these") from None
+        if "Weights only load failed" not in str(e):
+            raise
         raise ConfigError(f"train.resume: a training-state file in {resume} holds pickled objects beyond tensors and plain "
                           "values, which sectune never loads (torch weights_only=True; loading it could run code): this "
                           "training did not write it as it is. Resume from another checkpoint, or start over") from None

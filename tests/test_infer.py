@@ -583,6 +583,13 @@ def test_the_run_dir_being_the_model_dir_is_named_as_such(tmp_path, adapter):
     code, res = run_infer([f"infer.model_dir={sft}", f"infer.input_file={log}"], sft)
     assert code == 2 and json.loads((sft / "result.json").read_text())["stage"] == "sft"  # the model run's result is back
     assert "hydra.run.dir is infer.model_dir" in json.loads((sft / "result.failed.json").read_text())["error"]
+    # stage=evaluate said "not a succeeded ... run (status='running')" of its own run dir (an audit, session 32)
+    for overrides in (["dataset=injection_triplets", f"evaluate.model_dir={sft}"],
+                      ["dataset=injection_triplets", f"evaluate.model_dir={tmp_path}", f"evaluate.vote_with=[{tmp_path / 'x'},{sft}]"]):
+        code, _ = runner.run(compose(["stage=evaluate", "logger=none", *overrides]), sft)
+        error = json.loads((sft / "result.failed.json").read_text())["error"]
+        assert code == 2 and json.loads((sft / "result.json").read_text())["stage"] == "sft", error
+        assert error.startswith("hydra.run.dir is evaluate.") and "a run dir of its own" in error, error
 
 
 def test_a_long_log_says_its_progress_and_an_interrupt_keeps_what_was_answered(tmp_path, monkeypatch, capsys):

@@ -32,6 +32,10 @@ def run(ctx: RunContext) -> dict:
         # (rank 0 alone writes); rank 0 evaluates alone. With one up (a pipeline's evaluate step after training) the ranks
         # share the generation and scoring out (distributed.gathered), so all take part.
         return {"metrics": {}, "artifacts": {}}
+    for key, d in (("evaluate.model_dir", cfg.evaluate.model_dir), *(("evaluate.vote_with", v) for v in cfg.evaluate.vote_with or ())):
+        if d and Path(str(d)).expanduser().resolve() == Path(run_dir).resolve():  # it said "not a succeeded run (status running)"
+            raise ConfigError(f"hydra.run.dir is {key} ({run_dir}): the evaluation goes to a run dir of its own; "
+                              "give hydra.run.dir another folder (the model's run is left as it was)")
     if cfg.dataset.name == "injection_triplets":  # the analyst under prompt injection (issue 15)
         from sectune.evaluation.injection_eval import evaluate_injections
 

@@ -16,7 +16,6 @@ from ``random.Random(seed)``: the same ``(n, seed)`` always gives the same sessi
 from __future__ import annotations
 
 import os
-
 import random
 from pathlib import Path
 

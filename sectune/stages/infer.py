@@ -97,7 +97,8 @@ def run(ctx: RunContext) -> dict:
         texts = [answered[k][0][i] for i, k in enumerate(kept)]
         forced_by = [set(a[1]["forced_rows"]) for a in answered]
         # a window cut to fit for any voter (tokenizers differ) is marked and counted: before, the first voter's alone
-        stats = {"truncated_rows": sorted(set().union(*(a[1]["truncated_rows"] for a in answered))), "forced_rows": [i for i, k in enumerate(kept) if i in forced_by[k]],
+        stats = {"truncated_rows": sorted(set().union(*(a[1]["truncated_rows"] for a in answered))),
+                 "forced_rows": [i for i, k in enumerate(kept) if i in forced_by[k]],  # the kept answers'
                  "forced": sum(len(a[1]["forced_rows"]) for a in answered) / len(voters),  # per voter, on average
                  "force_failures": sum(a[1].get("force_failures", 0) for a in answered)}
         done = sum(a[3] for a in answered) / len(voters)  # windows the vote had from interrupted runs, on average

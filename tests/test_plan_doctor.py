@@ -360,6 +360,20 @@ def test_plan_of_a_reward_preset_counts_chosen_and_rejected_as_the_reward_stage_
     assert "loss=bradley_terry: each example keeps 2 sequences" in (tmp_path / "plan.md").read_text()
 
 
+def test_the_reward_stage_sizes_its_score_head_whatever_the_loss_group_says():
+    """stage=reward trains Bradley-Terry under any loss group, but its memory check read loss=causal_lm (the default) as an
+    LM head on every position of chosen and rejected: a model that fits could fall back to the heuristic reward model."""
+    from sectune.training.memory import memory_check
+
+    base = ["+experiment=auth_reward", "plan.device=cuda", "reward.memory_limit_gb=1000", "stage=reward"]
+    _, bt = memory_check(compose([*base, "loss=bradley_terry"]), sequences_per_example=2)
+    _, lm = memory_check(compose([*base, "loss=causal_lm"]), sequences_per_example=2)
+    peak = lambda why: float(re.search(r"predicted peak ([\d.]+) GB", why)[1])  # noqa: E731
+    assert peak(lm) == peak(bt) > 0, (lm, bt)
+    _, sft = memory_check(compose([*base[:-1], "stage=sft", "loss=causal_lm"]), sequences_per_example=2)
+    assert peak(sft) > peak(bt)  # an LM head on every position, where one is trained
+
+
 def auth_grpo_step(step, tmp_path, *extra):
     """The config the +experiment=auth_grpo pipeline runs ``step`` with, planned for seed 000's 8 GB card."""
     from sectune.stages import pipeline

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from sectune.errors import ConfigError
 from sectune.runner import RunContext
 from sectune.training import planner
-from sectune.training.memory import offload_split, offload_text
+from sectune.training.memory import offload_split, offload_text, trains_score_head
 
 COMPONENTS = ("weights", "adapters", "optimizer_state", "gradients", "activations", "runtime_overhead")
 
@@ -182,7 +182,7 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, logit_tokens:
         lora_dropout=float(cfg.lora.dropout),
         upcast_non_quantized=q != "none",
         logit_tokens=logit_tokens,
-        score_head=cfg.loss.name == "bradley_terry",  # the reward model: a score head, no LM head
+        score_head=trains_score_head(cfg),  # the reward model: a score head, no LM head
     )
     try:
         w = planner.estimate_memory(arch, dtype=weight_dtype, **settings)

@@ -27,13 +27,20 @@ from sectune.training.planner import GiB
 NO_SELECTIVE_CHECKPOINTING = ("rl", "federated")
 
 
+def trains_score_head(cfg) -> bool:
+    """The reward model's one-wide score head instead of the LM head: loss=bradley_terry (what stage=plan is told), or
+    stage=reward under any loss group (it trains Bradley-Terry whatever the group says; its memory check sized an LM head
+    on every position under the default loss=causal_lm, and could send a model that fits to the heuristic fallback)."""
+    return cfg.loss.name == "bradley_terry" or cfg.stage.name == "reward"
+
+
 def logit_positions(cfg, sequences: int) -> int | None:
     """The positions of a batch of ``sequences`` the step runs the LM head on: none for the reward model
     (loss=bradley_terry: a one-wide score head), the completions' for GRPO (grpo_trainer.shared_prompt_logps, TRL's
     logits_to_keep), else every one (None). The plan counted a vocabulary-wide fp32 loss on every position of both: 6.3
     of auth_grpo's RL step's 15.1 GB, so lowering rl.max_completion_length, which the RL stage's "does not fit" error
     advises, changed nothing."""
-    if cfg.loss.name == "bradley_terry":
+    if trains_score_head(cfg):
         return 0
     if cfg.loss.name == "grpo":
         return sequences * int(cfg.rl.max_completion_length)

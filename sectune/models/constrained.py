@@ -170,8 +170,8 @@ class SchemaConstraint:
 class SchemaLogitsProcessor(LogitsProcessor):
     """Masks, per sequence, the tokens that would leave the schema; forces the close near the budget.
 
-    One per ``generate`` call (matchers are per sequence and stateful). ``forced`` counts the
-    sequences whose end was forced by the budget.
+    One per ``generate`` call (matchers are per sequence and stateful). ``forced_rows`` holds the
+    sequences whose end was forced by the budget (``forced``: how many).
     """
 
     def __init__(self, constraint: SchemaConstraint, max_new_tokens: int):
@@ -181,9 +181,12 @@ class SchemaLogitsProcessor(LogitsProcessor):
         self.matchers: list = []
         self.cursors: list[JsonCursor] = []
         self.queues: list[list[int] | None] = []
-        self.forced = 0
         self.forced_rows: set[int] = set()  # which sequences of the batch (a resumed infer keeps them per record)
         self.force_failures = 0
+
+    @property
+    def forced(self) -> int:
+        return len(self.forced_rows)
 
     def _start(self, batch: int) -> None:
         xgr = self.c._xgr
@@ -266,8 +269,7 @@ class SchemaLogitsProcessor(LogitsProcessor):
             if closing is None or remaining > len(closing) + self.c.jump_tokens:
                 return None
             self.queues[i] = queue = list(closing)  # tokenize() caches its lists
-            self.forced += 1
-            self.forced_rows.add(i)
+            self.forced_rows.add(i)  # once per sequence: its queue is set once
         if not queue:
             return None
         tok = queue.pop(0)

@@ -181,6 +181,9 @@ def check_values(cfg) -> None:
     if cfg.stage.name == "dpo":  # another loss group left DPO at that loss's β (causal_lm's 0.04), unchecked
         need(loss.name == "dpo", "loss", loss.name, "stage=dpo trains with loss=dpo (its β and label smoothing): add loss=dpo")
         dpo_sft_weight(cfg)
+    if cfg.stage.name == "reward":  # it trains Bradley-Terry under any group and reads only loss.margin: another stage's group did nothing
+        need(loss.name in ("bradley_terry", "causal_lm"), "loss", loss.name,
+             "stage=reward trains a Bradley-Terry reward model: use loss=bradley_terry (its margin) or leave loss at its default")
     if cfg.stage.name == "rl":
         rl = cfg.rl
         need(rl.lr_scale > 0, "rl.lr_scale", rl.lr_scale, "must be > 0 (the learning rate is train.learning_rate × rl.lr_scale)")

@@ -336,6 +336,8 @@ def test_the_readmes_max_memory_example_runs_and_without_plus_plus_the_error_say
     (["stage=federated", "dataset=hdfs", "federated.eval_every=0"], "federated.eval_every=0: must be >= 1"),
     (["stage=pipeline", "pipeline.heldout_max_windows=0"], "pipeline.heldout_max_windows=0: must be >= 1"),
     (["stage=reward", "dataset=auth_preferences", "reward.memory_limit_gb=-1"], "reward.memory_limit_gb=-1.0: must be > 0"),
+    (["stage=reward", "dataset=auth_preferences", "loss=dpo"], "loss=dpo: stage=reward trains a Bradley-Terry reward model"),
+    (["stage=reward", "dataset=auth_preferences", "loss=grpo"], "loss=grpo: stage=reward trains a Bradley-Terry reward model"),
     (["stage=doctor", "doctor.min_free_disk_gb=-1"], "doctor.min_free_disk_gb=-1.0: must be >= 0"),
 ])
 def test_settings_a_run_would_ignore_are_refused_naming_the_key(overrides, message):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import resource
 import sys
 from pathlib import Path
@@ -358,10 +357,6 @@ def plot_loss_curve(path: Path, history: dict, title: str) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
-
-
-def save_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2))
 
 
 class PackedRowsCollator:

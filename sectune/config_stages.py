@@ -89,6 +89,10 @@ class InferConfig:
     batch_size: int = 4
     #: the schema outputs are checked (and constrained) against; null = sectune/data/auth_schema.json
     schema: Optional[str] = None
+    #: with constrained decoding, the string fields (dotted paths: source_ips.ip) that can only name a network address
+    #: or host name the window holds, so an analysis never reports an address its log does not mention. null = the
+    #: auth schema's source_ips.ip (none with another infer.schema); [] = off (sectune/models/constrained.py)
+    grounded_fields: Optional[List[str]] = None
 
 
 @dataclass

@@ -94,7 +94,7 @@ def _no_constant(name: str):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4, constraint=None, stats: dict | None = None,
-             max_seq_length: int | None = None) -> list[str]:
+             max_seq_length: int | None = None, contexts: list[str] | None = None) -> list[str]:
     """Greedy or sampled continuations of ``prompts`` (left-padded batches), text only.
 
     A prompt longer than ``max_seq_length`` (default: the model's ``max_position_embeddings``) minus
@@ -105,7 +105,8 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4,
     ``constraint`` (a :class:`sectune.models.constrained.SchemaConstraint`) restricts every token to the
     schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced; ``forced_rows``: which) and
     ``force_failures`` (forced closes the grammar refused: the budget was then not assured); ``truncated_rows`` lists
-    the prompts (by index) whose middle was cut.
+    the prompts (by index) whose middle was cut. ``contexts`` (one per prompt: the log window it carries) is what a
+    grounded constraint's names must come from (``SchemaConstraint.grounded``).
 
     A LoRA model on a CPU decodes with its adapter folded into the base weights
     (:func:`sectune.models.modeling.merged_lora`; the weights are restored bit for bit afterwards).
@@ -115,7 +116,7 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4,
     limit = max_seq_length or getattr(model.config, "max_position_embeddings", None)
     budget = max(int(limit) - int(gen_cfg.max_new_tokens), 2) if limit else None
     with merged_lora(model) as m:
-        return _generate(m, tokenizer, prompts, gen_cfg, batch_size, constraint, stats if stats is not None else {}, budget)
+        return _generate(m, tokenizer, prompts, gen_cfg, batch_size, constraint, stats if stats is not None else {}, budget, contexts)
 
 
 def cut_middle(ids: list[int], budget: int | None) -> list[int]:
@@ -126,7 +127,7 @@ def cut_middle(ids: list[int], budget: int | None) -> list[int]:
     return ids[:head] + ids[len(ids) - (budget - head) :]
 
 
-def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats, budget) -> list[str]:
+def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats, budget, contexts=None) -> list[str]:
     from transformers import LogitsProcessorList
 
     model.eval()
@@ -151,7 +152,7 @@ def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats,
             kwargs.update(temperature=gen_cfg.temperature, top_p=gen_cfg.top_p)
         processor = None
         if constraint is not None:
-            processor = constraint.processor(gen_cfg.max_new_tokens)
+            processor = constraint.processor(gen_cfg.max_new_tokens, None if contexts is None else contexts[i : i + batch_size])
             kwargs["logits_processor"] = LogitsProcessorList([processor])
         ids = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
         if processor is not None:

@@ -161,9 +161,9 @@ class JsonCursor:
         top.expect = "next"
 
     # -- uniqueItems
-    def unique_array_context(self) -> tuple[list[bytes], bytes | None, int | None] | None:
+    def unique_array_context(self) -> tuple[list[bytes], bytes | None, int | None, list[bytes] | None] | None:
         """In (or inside a string item of) a ``uniqueItems`` array of strings: (earlier items, the
-        item being written or None between items, its maxLength); else None."""
+        item being written or None between items, its maxLength, its ``enum`` as JSON-escaped bytes or None); else None."""
         sc = self.scalar
         if sc is not None and (sc.kind != "string" or sc.is_key):
             return None
@@ -173,7 +173,8 @@ class JsonCursor:
         items = top.schema.get("items") or {}
         if items.get("type") != "string" and not all(isinstance(v, str) for v in items.get("enum", [0])):
             return None
-        return top.items, (bytes(sc.buf) if sc is not None else None), items.get("maxLength")
+        choices = [_escaped(v) for v in items["enum"]] if "enum" in items else None
+        return top.items, (bytes(sc.buf) if sc is not None else None), items.get("maxLength"), choices
 
     # -- the shortest completion
     def closing_bytes(self) -> bytes:
@@ -285,9 +286,9 @@ def _finish_string(sc: _Scalar, avoid: list[bytes]) -> bytes:
 def _finish_whole_string(sc: _Scalar, avoid: list[bytes]) -> bytes:
     node, buf = sc.schema, bytes(sc.buf)
     choices = node.get("enum") if "enum" in node else ([node["const"]] if "const" in node else None)
-    if choices is not None:
-        fits = [json.dumps(v, ensure_ascii=False)[1:-1].encode() for v in choices if isinstance(v, str)]
-        fits = sorted((v for v in fits if v.startswith(buf)), key=len)
+    if choices is not None:  # the shortest member this prefix can still become, one not written before if there is one
+        fits = sorted((v for v in (_escaped(c) for c in choices if isinstance(c, str)) if v.startswith(buf)), key=len)
+        fits = [v for v in fits if v not in avoid] or fits
         return fits[0][len(buf):] if fits else b""
     have = len(buf.decode("utf-8", "replace"))
     need = max(0, int(node.get("minLength", 0)) - have)
@@ -347,15 +348,30 @@ def char_count(data: bytes) -> int:
     return len(data.decode("utf-8", "replace"))
 
 
-def adds_duplicate(data: bytes, items: list[bytes], buf: bytes | None, max_len: int | None) -> bool:
+def _escaped(value: str) -> bytes:
+    """A string as its bytes between the quotes of compact JSON (what a decoder writes and the cursor buffers)."""
+    return json.dumps(value, ensure_ascii=False)[1:-1].encode()
+
+
+def adds_duplicate(data: bytes, items: list[bytes], buf: bytes | None, max_len: int | None,
+                   choices: list[bytes] | None = None) -> bool:
     """Whether ``data``, written inside a uniqueItems array of strings (``buf``: the open item, or
-    None between items), closes an item equal to an earlier one (or to one it wrote itself)."""
-    items, cur, esc = list(items), (bytearray(buf) if buf is not None else None), False
+    None between items), closes an item equal to an earlier one (or to one it wrote itself). With ``choices``
+    (the items' ``enum``), also whether it leaves the open item no member that was not written before to become:
+    a dead end, where only a duplicate could close it."""
+    items, cur, esc, comma = list(items), (bytearray(buf) if buf is not None else None), False, False
+
+    def dead_end() -> bool:
+        return choices is not None and not any(c.startswith(bytes(cur or b"")) for c in choices if c not in items)
+
     for ch in data:
         if cur is None:
+            comma = ch == ord(",")
             if ch == _QUOTE:
                 cur = bytearray()
-            elif ch != ord(","):
+                if dead_end():
+                    return True
+            elif not comma:
                 return False  # the array ends (or something else follows): no more items
         elif esc:
             esc = False
@@ -370,4 +386,8 @@ def adds_duplicate(data: bytes, items: list[bytes], buf: bytes | None, max_len: 
             cur = None
         else:
             cur.append(ch)
+            if dead_end():
+                return True
+    if (cur is not None or comma) and dead_end():  # a comma promises an item that no unused member is left to be
+        return True
     return cur is not None and max_len is not None and bytes(cur) in items and char_count(bytes(cur)) >= max_len

@@ -90,12 +90,105 @@ def test_constrained_decoding_is_schema_valid_on_held_out_windows(held_out, tmp_
     assert m["json_valid_rate"] == m["schema_valid_rate"] == 1.0 and m["repaired_rate"] == 0.0
     assert m["constrained"] == 1 and m["analyses_per_s"] > 0
     assert Path(res["artifacts"]["output"]) == out.resolve()
+    # the source addresses are grounded in the window (infer.grounded_fields' default): the untrained model names none
+    # its window does not hold (before grounding it wrote made-up addresses)
+    named = [(s["ip"], r) for r in records for s in r["analysis"]["source_ips"]]
+    assert named and [ip for ip, r in named if ip in r["absent_names"]] == []
 
 
-def _simulate(constraint, max_new: int, batch: int, seed: int, bias=None, greedy=False) -> list[str]:
+def test_a_grounded_field_the_schema_lacks_is_named_before_a_model_loads(held_out, tmp_path):
+    run = sectune([*BASE, f"infer.input_file={held_out}", "infer.constrained=true", "infer.grounded_fields=[source_ips.port]"],
+                  tmp_path / "run")
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1].endswith(
+        "infer.grounded_fields: 'source_ips.port': the schema has no property 'port' there"), run.stderr[-800:]
+    assert "answered by" not in run.stdout
+
+
+def test_window_addresses_are_its_ips_and_host_names_and_nothing_else():
+    from sectune.models.constrained import window_addresses
+
+    text = ("Dec 10 07:28:25 LabSZ sshd[24265]: Failed password for root from 112.95.230.3 port 41506 ssh2\n"
+            "Jun 15 02:04:59 combo sshd(pam_unix)[20882]: authentication failure; logname= uid=0 euid=0 tty=NODEVssh "
+            "ruser= rhost=220-135-151-1.hinet-ip.hinet.net  user=root\n"
+            "Jul  1 09:00:01 combo sshd[1]: Accepted password for bob from 2001:db8::7 port 22 ssh2 (OpenSSH_7.4.1).")
+    assert window_addresses(text) == ["112.95.230.3", "2001:db8::7", "220-135-151-1.hinet-ip.hinet.net"]
+
+
+def test_every_source_the_rules_name_is_among_its_windows_addresses():
+    """Grounding restricts source_ips.ip to window_addresses: a source the rules name outside them could never be right."""
+    from sectune.models.constrained import window_addresses
+
+    cfg = compose(BASE)
+    samples = auth_logs.load_auth_folder(data.auth_logs_folder(cfg))
+    named = [(s["ip"], w.log_text) for w in samples for s in w.analysis["source_ips"]]
+    assert len(named) > 100
+    assert [ip for ip, text in named if ip not in {a[:64] for a in window_addresses(text)}] == []
+
+
+def test_a_grounded_schema_names_the_path_it_cannot_follow_and_empties_a_field_with_no_address():
+    from sectune.errors import ConfigError
+    from sectune.models.constrained import ground_schema
+
+    schema = json.loads((ROOT / "sectune/data/auth_schema.json").read_text())
+    g = ground_schema(schema, ["source_ips.ip"], ["10.0.0.1", "a" * 80])
+    assert g["properties"]["source_ips"]["items"]["properties"]["ip"]["enum"] == ["10.0.0.1", "a" * 64]  # maxLength 64
+    assert "enum" not in schema["properties"]["source_ips"]["items"]["properties"]["ip"]  # a copy
+    assert ground_schema(schema, ["source_ips.ip"], [])["properties"]["source_ips"]["maxItems"] == 0
+    for path, why in (("source_ips.port", "no property 'port'"), ("verdict", "not a free string field"),
+                      ("failed_logins", "not a free string field")):
+        with pytest.raises(ConfigError, match=re.escape(f"infer.grounded_fields: {path!r}") + ".*" + re.escape(why)):
+            ground_schema(schema, [path], ["x"])
+
+
+def test_grounded_decoding_names_only_the_windows_addresses_whatever_the_model_prefers():
+    """A model that loves an attacker it remembers (183.62.140.253, in no window here) can only write the window's own."""
+    from sectune.models import modeling
+    from sectune.models.constrained import SchemaConstraint, window_addresses
+
+    schema = json.loads((ROOT / "sectune/data/auth_schema.json").read_text())
+    c = SchemaConstraint(modeling.load_tokenizer(compose(BASE)), schema, ground=("source_ips.ip",))
+    windows = ["sshd[1]: Failed password for root from 10.1.2.3 port 22 ssh2\nsshd[2]: Failed password for root from "
+               "10.1.2.30 port 23 ssh2", "rhost=host-7.example.net user=root", "no address here"]
+    loved = torch.zeros(c.vocab_size)
+    for i, b in enumerate(c.token_bytes):
+        if b and b in b"183.62.140.253" or b in (b'{"ip":"', b'"ip":"', b"[{"):
+            loved[i] = 8.0
+    for seed, budget in enumerate([c.min_tokens + 5, 70, 160]):
+        proc = c.processor(budget, windows)
+        texts = _simulate(c, budget, 3, seed, bias=loved, processor=proc)
+        for text, window in zip(texts, windows):
+            obj = json.loads(text)
+            assert not auth_logs.validate_analysis(obj), text
+            assert {s["ip"] for s in obj["source_ips"]} <= set(window_addresses(window)), (window, text)
+    assert len(c._grounded) == 3  # one grammar per window's addresses, compiled once
+
+
+def test_an_enum_array_with_unique_items_never_repeats_a_member_even_when_one_is_a_prefix_of_another():
+    """Inside a uniqueItems array of enum strings the only way on from "ro" after "root" was written can be "root"
+    again: the mask must steer away before the item starts, or the row is left with no token (a RuntimeError) or the
+    answer with a duplicate."""
+    from sectune.models import modeling
+    from sectune.models.constrained import SchemaConstraint, ground_schema
+
+    schema = json.loads((ROOT / "sectune/data/auth_schema.json").read_text())
+    names = ["root", "ro", "r"]
+    c = SchemaConstraint(modeling.load_tokenizer(compose(BASE)), ground_schema(schema, ["targeted_users", "invalid_users"], names))
+    loves = torch.zeros(c.vocab_size)
+    for i, b in enumerate(c.token_bytes):
+        if b in (b'"', b'","', b',"', b"r", b"ro", b"root", b"oot", b"o", b"t", b'["'):
+            loves[i] = 12.0
+    for seed, budget in enumerate([c.min_tokens + 3, 70, 160]):
+        for text in _simulate(c, budget, 3, seed, bias=loves, greedy=seed % 2 == 0):
+            obj = json.loads(text)
+            assert not auth_logs.validate_analysis(obj), text  # uniqueItems holds
+            assert set(obj["targeted_users"]) <= set(names) and set(obj["invalid_users"]) <= set(names)
+
+
+def _simulate(constraint, max_new: int, batch: int, seed: int, bias=None, greedy=False, processor=None) -> list[str]:
     """Drive the logits processor with random logits (a model that prefers nothing, or ``bias``)."""
     g = torch.Generator().manual_seed(seed)
-    proc = constraint.processor(max_new)
+    proc = processor or constraint.processor(max_new)
     ids = torch.zeros(batch, 1, dtype=torch.long)
     done = torch.zeros(batch, dtype=torch.bool)
     for _ in range(max_new):

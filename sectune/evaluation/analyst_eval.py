@@ -215,7 +215,8 @@ def generate_row(name: str, model, tokenizer, windows: list[Window], gen_cfg, ba
 
     greedy = OmegaConf.merge(gen_cfg, {"do_sample": False})
     t0 = time.perf_counter()
-    texts = generate(model, tokenizer, [w.prompt for w in windows], greedy, batch_size=batch_size, constraint=constraint)
+    texts = generate(model, tokenizer, [w.prompt for w in windows], greedy, batch_size=batch_size, constraint=constraint,
+                     contexts=[w.log_text for w in windows])
     return analyses_row(name, texts, time.perf_counter() - t0, step=step, constrained=constraint is not None)
 
 
@@ -336,8 +337,6 @@ def build_table(
 
 def constrained_row(best: Row, policies, test: list[Window], batch_size: int, log) -> Row | None:
     """The best policy again with schema-constrained decoding, or None (with why) when unavailable."""
-    from sectune.data import auth_logs
-
     try:
         from sectune.models.constrained import SchemaConstraint
     except ImportError as e:  # the module, or xgrammar inside it
@@ -346,7 +345,7 @@ def constrained_row(best: Row, policies, test: list[Window], batch_size: int, lo
     name, step, cfg, kind, path = next(p for p in policies if p[1] == best.step)
     model, tok = load_policy(cfg, kind, path)
     try:
-        constraint = SchemaConstraint.for_model(tok, model, auth_logs._validator(cfg.infer.schema).schema)
+        constraint = SchemaConstraint.from_config(cfg, tok, model)
     except Exception as e:  # xgrammar missing or the schema beyond it: the table still stands
         log(f"sectune: held-out table: no constrained row ({type(e).__name__}: {e})")
         return None

@@ -120,17 +120,23 @@ def attack_eval(model, tokenizer, records: Sequence[dict], gen_cfg, batch_size: 
     from sectune.training import distributed
 
     was_training, side = model.training, tokenizer.padding_side
-    clean_prompts = list(dict.fromkeys(r["prompt"] for r in records))  # one clean answer per window
+    clean = {r["prompt"]: r.get("benign", "") for r in records}  # one clean answer per window
     t0 = time.perf_counter()
+    # each prompt with its window, which a grounded constraint's addresses must come from (a prompt/answer triplet has none)
+    asked = [(r["injection_prompt"], r.get("injection", "")) for r in records] + list(clean.items())
+    logs = all(r.get("format", "auth_log") == "auth_log" for r in records)
+
+    def answer(prompts, windows):
+        return generate(model, tokenizer, list(prompts), gen_cfg, batch_size=batch_size, constraint=constraint,
+                        contexts=list(windows) if logs else None)
+
     try:  # under torchrun (stage=contrastive) the prompts are shared out across the ranks, the answers gathered on each
-        texts = distributed.gathered(lambda prompts: generate(model, tokenizer, list(prompts), gen_cfg, batch_size=batch_size,
-                                                              constraint=constraint),
-                                     [r["injection_prompt"] for r in records] + clean_prompts)
+        texts = distributed.gathered(answer, [p for p, _ in asked], [w for _, w in asked])
     finally:
         model.train(was_training)
         tokenizer.padding_side = side
     gen_s = time.perf_counter() - t0
-    clean = dict(zip(clean_prompts, texts[len(records):]))
+    clean = dict(zip(clean, texts[len(records):]))
     injected = texts[: len(records)]
     metrics, windows = scored_windows(records, injected, [clean[r["prompt"]] for r in records])
     metrics["generation_s"] = round(gen_s, 3)
@@ -278,12 +284,11 @@ def schema_constraint(cfg, model, tokenizer):
     """``infer.constrained=true``: stage=infer's schema-constrained decoding (sectune.models.constrained, xgrammar) for
     the evaluation's answers, so every answer is a schema-valid analysis and only a verdict flip can count as a
     successful attack (a system-level defence, reported beside the unconstrained numbers, never instead)."""
-    from sectune.data import auth_logs
     from sectune.models.constrained import SchemaConstraint
 
     if cfg.dataset.get("path") and Path(str(cfg.dataset.path)).suffix == ".jsonl":
         print("sectune: warning: infer.constrained=true constrains answers to the auth-log analysis schema")
-    return SchemaConstraint.for_model(tokenizer, model, auth_logs._validator(cfg.infer.schema).schema)
+    return SchemaConstraint.from_config(cfg, tokenizer, model)
 
 
 #: the dataset keys that decide which windows are held out; they must match the analyst's training run

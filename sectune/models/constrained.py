@@ -25,8 +25,11 @@ infer stage warns).
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from bisect import bisect_left
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -46,6 +49,11 @@ def _import_xgrammar():
 
 def _has(words: np.ndarray, tok: int) -> bool:
     return bool((int(words[tok >> 5]) >> (tok & 31)) & 1)
+
+
+def _set_bits(words: np.ndarray, n: int) -> np.ndarray:
+    """The token ids whose bit is set in a bitmask row."""
+    return np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")[:n])
 
 
 def _clear(words: np.ndarray, toks) -> None:
@@ -71,28 +79,94 @@ def apply_bitmask(scores: torch.Tensor, bitmask: torch.Tensor, vocab_size: int, 
     return scores
 
 
+# ----------------------------------------------------------------------------- grounding
+#: what separates names in a log line: whitespace, key=value, brackets, quotes, list punctuation
+_NAME_SPLIT = re.compile(r"[^\s=()\[\]<>{},;'\"]+")
+
+
+def window_names(text: str) -> list[str]:
+    """The names a window holds, as a grounded field may give them: its words split at whitespace, ``=``, brackets,
+    quotes, commas and semicolons, a trailing ``:`` or ``.`` dropped (``sshd[24265]:`` → ``sshd``, ``24265``;
+    ``rhost=10.0.0.5`` → ``rhost``, ``10.0.0.5``). A name with a space in it (an attacker's user name can have one) is
+    not one of them."""
+    names = {w.rstrip(":.") for w in _NAME_SPLIT.findall(text)}
+    names.discard("")
+    return sorted(names)
+
+
+_IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
+_IPV6 = re.compile(r"^(?=.*::|(?:[^:]*:){4})[0-9A-Fa-f:.]+$")  # "::" or 4+ colons: not a time of day
+_HOST = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+$")  # a dotted name with a letter in it
+
+
+def window_addresses(text: str) -> list[str]:
+    """The network addresses and host names among :func:`window_names`: IPv4, IPv6, and dotted DNS names with a letter
+    (``220-135-151-1.hinet-ip.hinet.net``). Every source the rule engine names in the real auth windows is one of them."""
+    return [n for n in window_names(text) if _IPV4.match(n) or _IPV6.match(n) or _HOST.match(n)]
+
+
+def grounded_fields(cfg) -> tuple[str, ...]:
+    """``infer.grounded_fields``, where null means the auth schema's ``source_ips.ip`` (none with another infer.schema)."""
+    fields = cfg.infer.get("grounded_fields")
+    if fields is None:
+        return ("source_ips.ip",) if not cfg.infer.get("schema") else ()
+    return tuple(str(f) for f in fields)
+
+
+def ground_schema(schema: dict, paths: Sequence[str], names: Sequence[str]) -> dict:
+    """``schema`` with the strings at each dotted path (``source_ips.ip``: through an array's items to a property)
+    limited to ``names`` (cut to the string's maxLength, as the rules cut them). A path to nowhere, or to no string, is a
+    ConfigError naming it. With no name that fits, the array the field sits in can hold no item."""
+    out = copy.deepcopy(schema)
+    for path in paths:
+        node, array = out, None
+        for part in path.split("."):
+            props = node.get("properties") if isinstance(node, dict) else None
+            if not isinstance(props, dict) or part not in props:
+                raise ConfigError(f"infer.grounded_fields: {path!r}: the schema has no property {part!r} there")
+            node = props[part]
+            while isinstance(node, dict) and node.get("type") == "array" and isinstance(node.get("items"), dict):
+                array, node = node, node["items"]
+        if not isinstance(node, dict) or node.get("type") != "string" or "enum" in node or "const" in node:
+            raise ConfigError(f"infer.grounded_fields: {path!r} is not a free string field of the schema")
+        lo, hi = int(node.get("minLength", 0)), node.get("maxLength")
+        fit = sorted({n[:hi] if hi is not None else n for n in names if len(n) >= lo})
+        if fit:
+            node["enum"] = fit
+        elif array is not None:
+            array["maxItems"] = 0
+    return out
+
+
 # ----------------------------------------------------------------------------- the constraint
 class SchemaConstraint:
     """A JSON schema compiled for one tokenizer; hands out a fresh logits processor per ``generate``."""
 
     @classmethod
-    def for_model(cls, tokenizer, model, schema: dict) -> "SchemaConstraint":
+    def for_model(cls, tokenizer, model, schema: dict, ground: Sequence[str] = ()) -> "SchemaConstraint":
         """For generation with ``model``: the mask spans its logits (an embedding padded past the tokenizer's
         length included)."""
-        return cls(tokenizer, schema, vocab_size=max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0)))
+        return cls(tokenizer, schema, vocab_size=max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0)), ground=ground)
 
-    def __init__(self, tokenizer, schema: dict, vocab_size: int | None = None):
+    @classmethod
+    def from_config(cls, cfg, tokenizer, model) -> "SchemaConstraint":
+        """``infer.constrained=true`` as a run configures it: ``infer.schema`` (null: the auth-log analysis schema),
+        its address fields grounded in each window (:func:`grounded_fields`)."""
+        from sectune.data import auth_logs
+
+        return cls.for_model(tokenizer, model, auth_logs._validator(cfg.infer.schema).schema, ground=grounded_fields(cfg))
+
+    def __init__(self, tokenizer, schema: dict, vocab_size: int | None = None, ground: Sequence[str] = ()):
         xgr = _import_xgrammar()
-        self.schema = schema
         self.vocab_size = vocab_size or len(tokenizer)
         self.eos_id = tokenizer.eos_token_id
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size, stop_token_ids=[self.eos_id])
-        compiler = xgr.GrammarCompiler(info)
-        try:
-            self.grammar = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, separators=(",", ":"), strict_mode=True)
-        except Exception as e:  # xgrammar's InvalidJSONError and friends
-            raise ConfigError(f"infer.schema: xgrammar cannot compile the schema ({e})") from None
+        self._compiler = xgr.GrammarCompiler(info)
         self._xgr = xgr
+        #: the fields whose strings must be names the input holds (``infer.grounded_fields``; :meth:`grounded`)
+        self.ground = tuple(ground)
+        ground_schema(schema, self.ground, ["x"])  # a path the schema does not have is named now, not per input
+        self._grounded: dict[str, SchemaConstraint] = {}
         # Token bytes as the grammar sees them; special tokens and control bytes are never generated.
         self.token_bytes: list[bytes] = list(info.decoded_vocab) + [b""] * (self.vocab_size - len(info.decoded_vocab))
         special = set(tokenizer.all_special_ids) - {self.eos_id}
@@ -117,12 +191,40 @@ class SchemaConstraint:
         # longer tokens (runs of spaces, code identifiers) never spell JSON punctuation and keys
         self._max_len = min(24, max(map(len, self._sorted)))
         self._tokenized: dict[bytes, list[int] | None] = {}
+        self._set_schema(schema)
+
+    def _set_schema(self, schema: dict) -> None:
+        """Compile ``schema`` and size the token budget's forced close for it."""
+        self.schema = schema
+        try:
+            self.grammar = self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, separators=(",", ":"),
+                                                              strict_mode=True)
+        except Exception as e:  # xgrammar's InvalidJSONError and friends
+            raise ConfigError(f"infer.schema: xgrammar cannot compile the schema ({e})") from None
         self.budget_enforced = schema_supported(schema) and self.tokenize(minimal(schema)) is not None
         if self.budget_enforced:
             self.min_tokens = len(self.tokenize(minimal(schema)) or ())
             self.jump_tokens = sum(len(self.tokenize(p) or ()) for p in jump(schema)[1:]) + 2
             #: how close to the end the (cheap) closing-cost check starts
             self.watch_from = self.min_tokens + 2 * self.jump_tokens + 8
+
+    def grounded(self, text: str) -> "SchemaConstraint":
+        """This constraint with the strings of every ``ground`` field restricted to the names ``text`` holds
+        (:func:`window_names`): an analysis can then name no address or user its window does not mention. Grammars are
+        compiled once per distinct set of names (a few ms each) and kept."""
+        if not self.ground:
+            return self
+        schema = ground_schema(self.schema, self.ground, window_addresses(text))
+        key = json.dumps(schema, sort_keys=True)
+        hit = self._grounded.get(key)
+        if hit is None:
+            if len(self._grounded) >= 512:
+                self._grounded.clear()
+            hit = copy.copy(self)  # shares the tokenizer's tables; only the grammar and its budget differ
+            hit.ground, hit._grounded = (), {}
+            hit._set_schema(schema)
+            self._grounded[key] = hit
+        return hit
 
     def tokenize(self, data: bytes) -> list[int] | None:
         """Greedy longest-match token ids whose bytes concatenate to ``data`` (None if impossible).
@@ -158,13 +260,17 @@ class SchemaConstraint:
         data = b"".join(self.token_bytes[i] for i in ids if not self.static_ban[i] and i != self.eos_id)
         return data.decode("utf-8", "replace")
 
-    def processor(self, max_new_tokens: int) -> SchemaLogitsProcessor:
-        if self.budget_enforced and max_new_tokens < self.min_tokens:
-            raise ConfigError(
-                f"generation.max_new_tokens={max_new_tokens} is below the {self.min_tokens} tokens of the shortest "
-                "schema-valid output; raise it for infer.constrained=true"
-            )
-        return SchemaLogitsProcessor(self, max_new_tokens)
+    def processor(self, max_new_tokens: int, contexts: Sequence[str] | None = None) -> SchemaLogitsProcessor:
+        """A logits processor for one ``generate`` call; ``contexts``: each row's input text, which the ``ground``
+        fields' names must come from (without it, or without ``ground``, every row gets the schema as it is)."""
+        rows = [self.grounded(t) for t in contexts] if self.ground and contexts is not None else None
+        for c in rows or [self]:
+            if c.budget_enforced and max_new_tokens < c.min_tokens:
+                raise ConfigError(
+                    f"generation.max_new_tokens={max_new_tokens} is below the {c.min_tokens} tokens of the shortest "
+                    "schema-valid output; raise it for infer.constrained=true"
+                )
+        return SchemaLogitsProcessor(self, max_new_tokens, rows)
 
 
 class SchemaLogitsProcessor(LogitsProcessor):
@@ -174,8 +280,10 @@ class SchemaLogitsProcessor(LogitsProcessor):
     sequences whose end was forced by the budget (``forced``: how many).
     """
 
-    def __init__(self, constraint: SchemaConstraint, max_new_tokens: int):
+    def __init__(self, constraint: SchemaConstraint, max_new_tokens: int, rows: Sequence[SchemaConstraint] | None = None):
         self.c = constraint
+        #: each sequence's constraint (grounded to its own input), or None: ``constraint`` for every one
+        self.row_constraints = list(rows) if rows is not None else None
         self.max_new_tokens = max_new_tokens
         self.step = 0
         self.matchers: list = []
@@ -190,8 +298,12 @@ class SchemaLogitsProcessor(LogitsProcessor):
 
     def _start(self, batch: int) -> None:
         xgr = self.c._xgr
-        self.matchers = [xgr.GrammarMatcher(self.c.grammar) for _ in range(batch)]
-        self.cursors = [JsonCursor(self.c.schema) for _ in range(batch)]
+        if self.row_constraints is None:
+            self.row_constraints = [self.c] * batch
+        elif len(self.row_constraints) != batch:
+            raise ValueError(f"constrained decoding: {len(self.row_constraints)} grounded inputs for a batch of {batch}")
+        self.matchers = [xgr.GrammarMatcher(c.grammar) for c in self.row_constraints]
+        self.cursors = [JsonCursor(c.schema) for c in self.row_constraints]
         self.queues = [None] * batch
         self.bitmask = xgr.allocate_token_bitmask(batch, self.c.vocab_size)
         self.finished = [False] * batch
@@ -244,29 +356,33 @@ class SchemaLogitsProcessor(LogitsProcessor):
     def _ban_duplicates(self, i: int, row: np.ndarray) -> None:
         """uniqueItems: mask every token that would close a string item equal to an earlier one,
         or spell out again an earlier item already at maxLength (it could then only close)."""
-        ctx = self.c.budget_enforced and self.cursors[i].unique_array_context()
+        ctx = self.row_constraints[i].budget_enforced and self.cursors[i].unique_array_context()
         if not ctx:
             return
-        items, buf, max_len = ctx
+        items, buf, max_len, choices = ctx
         if buf is not None and max_len is not None:
             for item in items:
                 if item.startswith(buf) and item != buf and char_count(item) >= max_len:
                     _clear(row, self.c.tokens_with_prefix(item[len(buf):]))
-        for tok in self.c.quote_tokens:  # only a quote can close an item
-            if _has(row, tok) and adds_duplicate(self.c.token_bytes[tok], items, buf, max_len):
+        # only a quote can close an item; inside an enum item any token can leave it only members written before to become,
+        # and between items a comma can promise one that no member is left to be
+        tokens = self.c.quote_tokens if choices is None else _set_bits(row, self.c.vocab_size)
+        for tok in tokens:
+            if _has(row, tok) and adds_duplicate(self.c.token_bytes[tok], items, buf, max_len, choices):
                 _clear(row, [tok])
 
     def _forced_token(self, i: int, row: np.ndarray, remaining: int) -> int | None:
-        if not self.c.budget_enforced:
+        c = self.row_constraints[i]
+        if not c.budget_enforced:
             return None
         queue = self.queues[i]
         if queue is None:
-            if remaining > self.c.watch_from:
+            if remaining > c.watch_from:
                 return None
             if self.matchers[i].is_completed():
                 return None  # only the stop token is left
-            closing = self.c.tokenize(self.cursors[i].closing_bytes())
-            if closing is None or remaining > len(closing) + self.c.jump_tokens:
+            closing = c.tokenize(self.cursors[i].closing_bytes())
+            if closing is None or remaining > len(closing) + c.jump_tokens:
                 return None
             self.queues[i] = queue = list(closing)  # tokenize() caches its lists
             self.forced_rows.add(i)  # once per sequence: its queue is set once

@@ -62,6 +62,10 @@ def run(ctx: RunContext) -> dict:
     path = Path(str(ic.input_file)).expanduser()
     out_path = output_path(ic.output_file, run_dir, [path] if path.is_file() else [path / name for name, _ in files])
     validator = auth_logs._validator(ic.schema)
+    if ic.constrained:  # a grounded field the schema does not have is named before any model loads
+        from sectune.models.constrained import ground_schema, grounded_fields
+
+        ground_schema(validator.schema, grounded_fields(cfg), ["x"])
     # a pipeline's own infer step runs before its table is made (one there is an earlier run's)
     inside = ic.model_dir is not None and Path(str(ic.model_dir)).expanduser().resolve() == run_dir.resolve().parent
     choice = choose_model(ic.model_dir, base_fallback=ic.base_fallback, table=not inside)
@@ -183,7 +187,7 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
     if ic.constrained:
         from sectune.models.constrained import SchemaConstraint
 
-        constraint = SchemaConstraint.for_model(tokenizer, model, validator.schema)
+        constraint = SchemaConstraint.from_config(cfg, tokenizer, model)
         if not constraint.budget_enforced:
             print("sectune: warning: the schema uses keywords beyond sectune's completion logic: every token is "
                   "still constrained, but an output that runs out of generation.max_new_tokens stays unclosed "
@@ -199,7 +203,8 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
         for start in range(len(texts), len(prompts), CHUNK):
             part: dict = {}
             texts += generate(model, tokenizer, prompts[start:start + CHUNK], gen_cfg, batch_size=ic.batch_size,
-                              constraint=constraint, stats=part, max_seq_length=int(cfg.model.max_seq_length))
+                              constraint=constraint, stats=part, max_seq_length=int(cfg.model.max_seq_length),
+                              contexts=[w.text for w in inputs[start:start + CHUNK]])
             stats["truncated_rows"] += [start + i for i in part.pop("truncated_rows", ())]
             stats["forced_rows"] += [start + i for i in part.pop("forced_rows", ())]
             for k, v in part.items():

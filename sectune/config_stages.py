@@ -89,9 +89,10 @@ class InferConfig:
     batch_size: int = 4
     #: the schema outputs are checked (and constrained) against; null = sectune/data/auth_schema.json
     schema: Optional[str] = None
-    #: with constrained decoding, the string fields (dotted paths: source_ips.ip) that can only name a network address
-    #: or host name the window holds, so an analysis never reports an address its log does not mention. null = the
-    #: auth schema's source_ips.ip (none with another infer.schema); [] = off (sectune/models/constrained.py)
+    #: with constrained decoding, string fields that can only name what the window holds, as path:kind (a dotted path;
+    #: kind address = IPs and host names, user = the word after "user", "user=" or "for"), so an analysis never reports an
+    #: address or user its log does not mention. null = the auth schema's [source_ips.ip:address, invalid_users:user,
+    #: targeted_users:user] (none with another infer.schema); [] = off (sectune/models/constrained.py)
     grounded_fields: Optional[List[str]] = None
 
 

@@ -90,19 +90,23 @@ def test_constrained_decoding_is_schema_valid_on_held_out_windows(held_out, tmp_
     assert m["json_valid_rate"] == m["schema_valid_rate"] == 1.0 and m["repaired_rate"] == 0.0
     assert m["constrained"] == 1 and m["analyses_per_s"] > 0
     assert Path(res["artifacts"]["output"]) == out.resolve()
-    # the source addresses are grounded in the window (infer.grounded_fields' default): the untrained model names none
-    # its window does not hold (before grounding it wrote made-up addresses)
-    named = [(s["ip"], r) for r in records for s in r["analysis"]["source_ips"]]
-    assert named and [ip for ip, r in named if ip in r["absent_names"]] == []
+    # addresses and users are grounded in the window (infer.grounded_fields' default): the untrained model names none
+    # its window does not hold (before grounding it wrote made-up ones)
+    a = [r["analysis"] for r in records]
+    assert sum(len(x["source_ips"]) + len(x["invalid_users"]) + len(x["targeted_users"]) for x in a) > 0
+    assert [r["absent_names"] for r in records if r["absent_names"]] == []
 
 
 def test_a_grounded_field_the_schema_lacks_is_named_before_a_model_loads(held_out, tmp_path):
-    run = sectune([*BASE, f"infer.input_file={held_out}", "infer.constrained=true", "infer.grounded_fields=[source_ips.port]"],
-                  tmp_path / "run")
-    assert run.returncode == 2, run.stderr[-2000:]
-    assert run.stderr.strip().splitlines()[-1].endswith(
-        "infer.grounded_fields: 'source_ips.port': the schema has no property 'port' there"), run.stderr[-800:]
-    assert "answered by" not in run.stdout
+    for value, message in (("[source_ips.port:address]", "infer.grounded_fields: 'source_ips.port': the schema has no property 'port' there"),
+                           ("[source_ips.ip:ipv4]", "infer.grounded_fields: 'source_ips.ip:ipv4': write path:kind, the kind one of "
+                                                    "address, user (source_ips.ip:address)"),
+                           ("[source_ips.ip]", "infer.grounded_fields: 'source_ips.ip': write path:kind")):
+        run = sectune([*BASE, f"infer.input_file={held_out}", "infer.constrained=true", f"infer.grounded_fields={value}"],
+                      tmp_path / "run")
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert message in run.stderr.strip().splitlines()[-1], run.stderr[-800:]
+        assert "answered by" not in run.stdout
 
 
 def test_window_addresses_are_its_ips_and_host_names_and_nothing_else():
@@ -115,15 +119,27 @@ def test_window_addresses_are_its_ips_and_host_names_and_nothing_else():
     assert window_addresses(text) == ["112.95.230.3", "2001:db8::7", "220-135-151-1.hinet-ip.hinet.net"]
 
 
-def test_every_source_the_rules_name_is_among_its_windows_addresses():
-    """Grounding restricts source_ips.ip to window_addresses: a source the rules name outside them could never be right."""
-    from sectune.models.constrained import window_addresses
+def test_window_users_are_the_words_sshd_and_pam_name_as_users():
+    from sectune.models.constrained import window_users
+
+    text = ("sshd[1]: Invalid user  0101 from 5.188.10.180\nsshd[2]: Failed password for invalid user admin from 1.2.3.4\n"
+            "sshd[3]: Failed password for root from 1.2.3.4 port 22 ssh2\npam_unix(sshd:auth): authentication failure; "
+            "logname= uid=0 euid=0 tty=ssh ruser= rhost=1.2.3.4  user=oracle\nsshd[4]: Accepted password for bob from 1.2.3.4")
+    assert window_users(text) == ["0101", "admin", "bob", "oracle", "root"]
+
+
+def test_every_source_and_user_the_rules_name_is_among_its_windows_names():
+    """Grounding restricts source_ips.ip to window_addresses and the user lists to window_users: a name the rules give
+    outside them could never be answered right."""
+    from sectune.models.constrained import window_addresses, window_users
 
     cfg = compose(BASE)
     samples = auth_logs.load_auth_folder(data.auth_logs_folder(cfg))
     named = [(s["ip"], w.log_text) for w in samples for s in w.analysis["source_ips"]]
-    assert len(named) > 100
+    users = [(u, w.log_text) for w in samples for k in ("invalid_users", "targeted_users") for u in w.analysis[k]]
+    assert len(named) > 100 and len(users) > 100
     assert [ip for ip, text in named if ip not in {a[:64] for a in window_addresses(text)}] == []
+    assert [u for u, text in users if u not in {n[:32] for n in window_users(text)}] == []
 
 
 def test_a_grounded_schema_names_the_path_it_cannot_follow_and_empties_a_field_with_no_address():
@@ -147,7 +163,7 @@ def test_grounded_decoding_names_only_the_windows_addresses_whatever_the_model_p
     from sectune.models.constrained import SchemaConstraint, window_addresses
 
     schema = json.loads((ROOT / "sectune/data/auth_schema.json").read_text())
-    c = SchemaConstraint(modeling.load_tokenizer(compose(BASE)), schema, ground=("source_ips.ip",))
+    c = SchemaConstraint(modeling.load_tokenizer(compose(BASE)), schema, ground={"source_ips.ip": "address"})
     windows = ["sshd[1]: Failed password for root from 10.1.2.3 port 22 ssh2\nsshd[2]: Failed password for root from "
                "10.1.2.30 port 23 ssh2", "rhost=host-7.example.net user=root", "no address here"]
     loved = torch.zeros(c.vocab_size)

@@ -29,7 +29,7 @@ import copy
 import json
 import re
 from bisect import bisect_left
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -105,12 +105,47 @@ def window_addresses(text: str) -> list[str]:
     return [n for n in window_names(text) if _IPV4.match(n) or _IPV6.match(n) or _HOST.match(n)]
 
 
-def grounded_fields(cfg) -> tuple[str, ...]:
-    """``infer.grounded_fields``, where null means the auth schema's ``source_ips.ip`` (none with another infer.schema)."""
-    fields = cfg.infer.get("grounded_fields")
-    if fields is None:
-        return ("source_ips.ip",) if not cfg.infer.get("schema") else ()
-    return tuple(str(f) for f in fields)
+#: a user name in sshd / PAM wording: the word after "user", "user=", "for" or "for invalid user"
+_USER = re.compile(r"(?:\buser(?:=|\s+)|\bfor (?:invalid user\s+)?)([^\s=()\[\]<>{},;'\"]+)")
+
+
+def window_users(text: str) -> list[str]:
+    """The user names a window holds: the word after ``user``, ``user=``, ``for`` or ``for invalid user`` (sshd and PAM
+    lines). Every user the rule engine names in the real auth windows is one of them; an attacker's name with a space
+    in it gives its first word only."""
+    names = {m.rstrip(":.") for m in _USER.findall(text)}
+    names.discard("")
+    return sorted(names)
+
+
+#: the kinds of name a grounded field can take, and where each comes from in a window
+GROUND_KINDS = {"address": window_addresses, "user": window_users}
+#: infer.grounded_fields' default for the auth-log analysis schema
+AUTH_GROUNDING = {"source_ips.ip": "address", "invalid_users": "user", "targeted_users": "user"}
+
+
+def grounded_fields(cfg) -> dict[str, str]:
+    """``infer.grounded_fields`` as path → kind (its items are ``path:kind``), where null means :data:`AUTH_GROUNDING`
+    (none with another infer.schema). An item without a known kind is a ConfigError naming it."""
+    items = cfg.infer.get("grounded_fields")
+    if items is None:
+        return dict(AUTH_GROUNDING) if not cfg.infer.get("schema") else {}
+    out = {}
+    for item in map(str, items):
+        path, _, kind = item.rpartition(":")
+        if not path or kind not in GROUND_KINDS:
+            raise ConfigError(f"infer.grounded_fields: {item!r}: write path:kind, the kind one of {', '.join(GROUND_KINDS)} "
+                              "(source_ips.ip:address)")
+        out[path] = kind
+    return out
+
+
+def check_grounding(schema: dict, ground: Mapping[str, str]) -> None:
+    """A kind sectune does not know, or a path the schema does not have, is a ConfigError naming it."""
+    for path, kind in ground.items():
+        if kind not in GROUND_KINDS:
+            raise ConfigError(f"infer.grounded_fields: {path}:{kind}: the kind is one of {', '.join(GROUND_KINDS)}")
+    ground_schema(schema, list(ground), ["x"])
 
 
 def ground_schema(schema: dict, paths: Sequence[str], names: Sequence[str]) -> dict:
@@ -143,7 +178,7 @@ class SchemaConstraint:
     """A JSON schema compiled for one tokenizer; hands out a fresh logits processor per ``generate``."""
 
     @classmethod
-    def for_model(cls, tokenizer, model, schema: dict, ground: Sequence[str] = ()) -> "SchemaConstraint":
+    def for_model(cls, tokenizer, model, schema: dict, ground: Mapping[str, str] | None = None) -> "SchemaConstraint":
         """For generation with ``model``: the mask spans its logits (an embedding padded past the tokenizer's
         length included)."""
         return cls(tokenizer, schema, vocab_size=max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0)), ground=ground)
@@ -151,21 +186,21 @@ class SchemaConstraint:
     @classmethod
     def from_config(cls, cfg, tokenizer, model) -> "SchemaConstraint":
         """``infer.constrained=true`` as a run configures it: ``infer.schema`` (null: the auth-log analysis schema),
-        its address fields grounded in each window (:func:`grounded_fields`)."""
+        its addresses and user names grounded in each window (:func:`grounded_fields`)."""
         from sectune.data import auth_logs
 
         return cls.for_model(tokenizer, model, auth_logs._validator(cfg.infer.schema).schema, ground=grounded_fields(cfg))
 
-    def __init__(self, tokenizer, schema: dict, vocab_size: int | None = None, ground: Sequence[str] = ()):
+    def __init__(self, tokenizer, schema: dict, vocab_size: int | None = None, ground: Mapping[str, str] | None = None):
         xgr = _import_xgrammar()
         self.vocab_size = vocab_size or len(tokenizer)
         self.eos_id = tokenizer.eos_token_id
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size, stop_token_ids=[self.eos_id])
         self._compiler = xgr.GrammarCompiler(info)
         self._xgr = xgr
-        #: the fields whose strings must be names the input holds (``infer.grounded_fields``; :meth:`grounded`)
-        self.ground = tuple(ground)
-        ground_schema(schema, self.ground, ["x"])  # a path the schema does not have is named now, not per input
+        #: path → kind of the fields whose strings must be names the input holds (``infer.grounded_fields``; :meth:`grounded`)
+        self.ground = dict(ground or {})
+        check_grounding(schema, self.ground)  # named now, not per input
         self._grounded: dict[str, SchemaConstraint] = {}
         # Token bytes as the grammar sees them; special tokens and control bytes are never generated.
         self.token_bytes: list[bytes] = list(info.decoded_vocab) + [b""] * (self.vocab_size - len(info.decoded_vocab))
@@ -209,19 +244,21 @@ class SchemaConstraint:
             self.watch_from = self.min_tokens + 2 * self.jump_tokens + 8
 
     def grounded(self, text: str) -> "SchemaConstraint":
-        """This constraint with the strings of every ``ground`` field restricted to the names ``text`` holds
-        (:func:`window_names`): an analysis can then name no address or user its window does not mention. Grammars are
-        compiled once per distinct set of names (a few ms each) and kept."""
+        """This constraint with the strings of every ``ground`` field restricted to the names of its kind that ``text``
+        holds (:data:`GROUND_KINDS`): an analysis can then name no address or user its window does not mention. Grammars
+        are compiled once per distinct set of names (a few ms each) and kept."""
         if not self.ground:
             return self
-        schema = ground_schema(self.schema, self.ground, window_addresses(text))
+        schema = self.schema
+        for kind in sorted(set(self.ground.values())):
+            schema = ground_schema(schema, [p for p, k in self.ground.items() if k == kind], GROUND_KINDS[kind](text))
         key = json.dumps(schema, sort_keys=True)
         hit = self._grounded.get(key)
         if hit is None:
             if len(self._grounded) >= 512:
                 self._grounded.clear()
             hit = copy.copy(self)  # shares the tokenizer's tables; only the grammar and its budget differ
-            hit.ground, hit._grounded = (), {}
+            hit.ground, hit._grounded = {}, {}
             hit._set_schema(schema)
             self._grounded[key] = hit
         return hit

@@ -62,10 +62,6 @@ def run(ctx: RunContext) -> dict:
     path = Path(str(ic.input_file)).expanduser()
     out_path = output_path(ic.output_file, run_dir, [path] if path.is_file() else [path / name for name, _ in files])
     validator = auth_logs._validator(ic.schema)
-    if ic.constrained:  # a grounded field the schema does not have is named before any model loads
-        from sectune.models.constrained import ground_schema, grounded_fields
-
-        ground_schema(validator.schema, grounded_fields(cfg), ["x"])
     # a pipeline's own infer step runs before its table is made (one there is an earlier run's)
     inside = ic.model_dir is not None and Path(str(ic.model_dir)).expanduser().resolve() == run_dir.resolve().parent
     choice = choose_model(ic.model_dir, base_fallback=ic.base_fallback, table=not inside)

@@ -164,7 +164,7 @@ def check_values(cfg) -> None:
     for key in ("temperature", "top_p"):  # greedy decoding reads neither: a changed value did nothing
         need(g.do_sample or g[key] == getattr(GenerationConfig, key), f"generation.{key}", g[key],
              "has no effect while generation.do_sample=false (decoding is greedy); add generation.do_sample=true to sample")
-    if cfg.infer.get("grounded_fields") is not None:  # a bad one was found only when a constrained decode began (or never)
+    if cfg.infer.get("grounded_fields"):  # a bad one was found only when a constrained decode began (or never)
         from sectune.data import auth_logs
         from sectune.models.constrained import check_grounding, grounded_fields
 

@@ -90,11 +90,21 @@ def test_constrained_decoding_is_schema_valid_on_held_out_windows(held_out, tmp_
     assert m["json_valid_rate"] == m["schema_valid_rate"] == 1.0 and m["repaired_rate"] == 0.0
     assert m["constrained"] == 1 and m["analyses_per_s"] > 0
     assert Path(res["artifacts"]["output"]) == out.resolve()
-    # addresses and users are grounded in the window (infer.grounded_fields' default): the untrained model names none
-    # its window does not hold (before grounding it wrote made-up ones)
+    assert [r for r in records if r["absent_names"]]  # the untrained model makes names up
+
+
+def test_grounded_decoding_names_nothing_its_window_does_not_hold(held_out, tmp_path):
+    """infer.grounded_fields: the untrained model, which makes names up (the test above), names only the window's own."""
+    out = tmp_path / "analyses.json"
+    code, res = run_infer([f"infer.input_file={held_out}", "infer.constrained=true", f"infer.output_file={out}",
+                           "infer.batch_size=8", "generation.max_new_tokens=96",
+                           "infer.grounded_fields=[source_ips.ip:address,invalid_users:user,targeted_users:user]"], tmp_path / "run")
+    assert code == 0, res.get("error")
+    records = json.loads(out.read_text())
+    assert all(r["schema_valid"] for r in records)
     a = [r["analysis"] for r in records]
     assert sum(len(x["source_ips"]) + len(x["invalid_users"]) + len(x["targeted_users"]) for x in a) > 0
-    assert [r["absent_names"] for r in records if r["absent_names"]] == []
+    assert [r["absent_names"] for r in records if r["absent_names"]] == [] and res["metrics"]["absent_names_rate"] == 0
 
 
 def test_a_grounded_field_the_schema_lacks_is_named_before_a_model_loads(held_out, tmp_path):

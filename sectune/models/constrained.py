@@ -120,18 +120,11 @@ def window_users(text: str) -> list[str]:
 
 #: the kinds of name a grounded field can take, and where each comes from in a window
 GROUND_KINDS = {"address": window_addresses, "user": window_users}
-#: infer.grounded_fields' default for the auth-log analysis schema
-AUTH_GROUNDING = {"source_ips.ip": "address", "invalid_users": "user", "targeted_users": "user"}
-
-
 def grounded_fields(cfg) -> dict[str, str]:
-    """``infer.grounded_fields`` as path → kind (its items are ``path:kind``), where null means :data:`AUTH_GROUNDING`
-    (none with another infer.schema). An item without a known kind is a ConfigError naming it."""
-    items = cfg.infer.get("grounded_fields")
-    if items is None:
-        return dict(AUTH_GROUNDING) if not cfg.infer.get("schema") else {}
+    """``infer.grounded_fields`` as path → kind (its items are ``path:kind``). An item without a known kind is a
+    ConfigError naming it."""
     out = {}
-    for item in map(str, items):
+    for item in map(str, cfg.infer.get("grounded_fields") or ()):
         path, _, kind = item.rpartition(":")
         if not path or kind not in GROUND_KINDS:
             raise ConfigError(f"infer.grounded_fields: {item!r}: write path:kind, the kind one of {', '.join(GROUND_KINDS)} "

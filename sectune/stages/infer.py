@@ -121,7 +121,9 @@ def run(ctx: RunContext) -> dict:
     ungrounded = sum(bool(r["absent_names"]) for r in records)
     if ungrounded:
         print(f"sectune: warning: infer: {ungrounded} of {n} analyses name an address, host or user their window does not "
-              "hold (absent_names in each record): check them against the log before acting on them")
+              "hold (absent_names in each record): check them against the log before acting on them (infer.constrained=true "
+              "with infer.grounded_fields=[source_ips.ip:address,invalid_users:user,targeted_users:user] allows only the "
+              "window's own)")
     for line in verdict_summaries(records):
         print(f"sectune: infer: {line}")
     metrics = {

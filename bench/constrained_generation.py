@@ -18,6 +18,7 @@ lengths, so it is not the overhead). Sides are interleaved over ``--repeats``; m
 
     .venv/bin/python bench/constrained_generation.py              # 32 analyses, 21M Llama (~2-4 min on 2 cores)
     .venv/bin/python bench/constrained_generation.py --compare    # + xgrammar / outlines / lm-format-enforcer
+    .venv/bin/python bench/constrained_generation.py --n 0 --grounded-compile   # grounded grammars' compile time
 
 ``measure()`` is what ``bench/reward_throughput.py`` imports. ``--compare`` measures whichever of
 the three libraries import (install the others beside the venv, e.g.
@@ -387,6 +388,39 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def grounded_compile(vocab_sizes=(2048, 32000, 128256), repeats: int = 5) -> dict:
+    """Milliseconds to compile the auth schema, and one window's grounded schema (3 addresses, 2 users:
+    ``infer.grounded_fields``), with xgrammar over synthetic vocabularies of these sizes (the grammar's cost grows with the
+    vocabulary; a 128k one is Llama 3's). Medians over ``repeats`` distinct windows, the compiler's cache off."""
+    import random
+    import string
+
+    import xgrammar as xgr
+
+    from sectune.models.constrained import ground_schema
+
+    schema = json.loads((ROOT / "sectune/data/auth_schema.json").read_text())
+    rng, out = random.Random(0), {}
+    for size in vocab_sizes:
+        vocab = [bytes([i]).decode("latin-1") for i in range(256)]
+        alphabet = string.ascii_letters + string.digits + '.:_-"{},[] '
+        vocab += ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 8))) for _ in range(size - len(vocab))]
+        compiler = xgr.GrammarCompiler(xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=size, stop_token_ids=[0]),
+                                       cache_enabled=False)
+
+        def ms(s: dict) -> float:
+            t0 = time.perf_counter()
+            compiler.compile_json_schema(json.dumps(s), any_whitespace=False, separators=(",", ":"), strict_mode=True)
+            return 1000 * (time.perf_counter() - t0)
+
+        grounded = []
+        for k in range(repeats):
+            g = ground_schema(schema, ["source_ips.ip"], [f"10.0.{k}.{j}" for j in range(3)])
+            grounded.append(ms(ground_schema(g, ["invalid_users", "targeted_users"], [f"user{k}", "root"])))
+        out[str(size)] = {"schema_ms": round(ms(schema), 1), "grounded_ms": round(statistics.median(grounded), 1)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=32, help="analyses per side (0: only --compare)")
@@ -396,6 +430,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--compare", action="store_true", help="also compare the structured-generation libraries")
+    ap.add_argument("--grounded-compile", action="store_true",
+                    help="also time one window's grounded grammar (infer.grounded_fields) at 2k / 32k / 128k vocabularies")
     ap.add_argument("--tokenizer", action="append", default=[], metavar="NAME=PATH",
                     help="--compare: another tokenizer folder (e.g. a 50k byte-level BPE); the tiny one is always used")
     args = ap.parse_args()
@@ -420,6 +456,10 @@ def main() -> None:
         print(f"  slowdown per decoding step {result['constrained_generation_slowdown']:.3f}x (processor "
               f"{result['constrained_processor_ms_per_step']:.2f} ms/step, timed in the run) · A/B runs {result['constrained_ab_step_ratio']:.3f}x · "
               f"wall {result['constrained_wall_ratio']:.3f}x · closed by the budget {result['forced_close_rate']:.0%}")
+    if args.grounded_compile:
+        result["grounded_compile"] = grounded_compile()
+        for size, entry in result["grounded_compile"].items():
+            print(f"  vocabulary {size}: schema compile {entry['schema_ms']} ms, one window's grounded schema {entry['grounded_ms']} ms")
     if args.compare:
         from sectune.models import modeling
 

@@ -249,6 +249,7 @@ def resume_key(choice, model_ref: str, gen_cfg, ic, prompts: list[str]) -> str:
 
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (choice.path.iterdir() if choice.path else ()) if p.is_file())
     what = {"model": model_ref, "used": choice.used, "path": str(choice.path), "files": files, "constrained": bool(ic.constrained),
+            "grounded": [str(f) for f in ic.get("grounded_fields") or ()],
             "generation": OmegaConf.to_container(gen_cfg, resolve=True) if OmegaConf.is_config(gen_cfg) else dict(gen_cfg),
             "batch_size": int(ic.batch_size), "prompts": hashlib.sha256("\0".join(prompts).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()

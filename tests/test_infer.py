@@ -755,6 +755,17 @@ def test_a_long_log_says_its_progress_and_an_interrupt_keeps_what_was_answered(t
     assert not list((tmp_path / "run").glob("analyses.partial*"))
 
 
+def test_an_interrupted_runs_answers_are_not_resumed_under_other_grounding():
+    from types import SimpleNamespace
+
+    from sectune.infer_inputs import resume_key
+
+    choice = SimpleNamespace(path=None, used="base")
+    keys = {resume_key(choice, "m", compose(BASE).generation, compose([*BASE, "infer.constrained=true", *g]).infer, ["p"])
+            for g in ([], ["infer.grounded_fields=[source_ips.ip:address]"], ["infer.grounded_fields=[invalid_users:user]"])}
+    assert len(keys) == 3
+
+
 def test_forced_closes_are_kept_per_window_and_counted_after_a_resume(tmp_path, monkeypatch):
     """forced_close_rate counted only the windows the last command generated: a run resumed from its partial file
     reported 0 forced closes for every window answered before the interrupt (session 31's note). Each record now says

@@ -676,6 +676,29 @@ def test_analyst_rows_per_source_and_against_the_bar_equal_hand_computed_values(
     assert scores["worse"]["vs_tfidf_lr_diff"] == pytest.approx(-0.4)
 
 
+def test_the_table_counts_the_analyses_that_invent_a_name_and_renders_the_column():
+    """An analysis naming an address or user its window does not hold is counted per row (invented names %)."""
+    from sectune.evaluation.analyst_eval import Row, Window
+    from sectune.evaluation.analyst_report import render_markdown
+    from sectune.evaluation.analyst_scoring import score
+
+    text = "sshd[1]: Failed password for root from 10.0.0.1 port 22 ssh2"
+    windows = [Window(id=str(i), source="OpenSSH", prompt="", log_text=text, annotation=analyze_auth_log([text])) for i in range(4)]
+    good = analyze_auth_log([text])
+    made_up = {**good, "source_ips": [{"ip": "183.62.140.253", "failures": 1}]}
+    other_user = {**good, "targeted_users": ["admin"]}
+    row = Row(name="SFT", kind="policy", verdicts=["suspicious"] * 4, analyses=[good, made_up, other_user, None],
+              schema_valid=[True, True, True, False], step="sft")
+    s = score(row, windows)
+    assert s["invented_names_rate"] == pytest.approx(2 / 4)  # an unparseable answer invents nothing
+    assert score(Row(name="TF-IDF + LR", kind="baseline", verdicts=["suspicious"] * 4), windows)["invented_names_rate"] is None
+    table = {"rows": [{"name": "SFT", "kind": "policy", **s}], "by_source": {"SFT": {}}, "best_policy": None,
+             "windows": [{"source": "OpenSSH", "verdict": "suspicious"}] * 4}
+    lines = render_markdown(table).splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| system |"))
+    assert "invented names %" in lines[head] and lines[head + 2].split(" | ")[6] == "50.0"
+
+
 # An audit of hostile inputs (session 26): The rule engine reads attacker-written lines whose counts exceed Python's
 # 4,300-digit limit or the schema's maximum.
 from sectune.data.auth_logs import validate_analysis

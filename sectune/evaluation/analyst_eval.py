@@ -45,8 +45,8 @@ NONE = "<none>"  # the verdict of an output with no parseable verdict
 
 # ------------------------------------------------------------------------------ windows
 #: how the table is computed; 2: the best policy chosen on the validation windows (1: on the test windows);
-#: 3: paired bootstrap intervals of the best policy vs TF-IDF + LR and of each trained policy vs SFT
-TABLE_PROTOCOL = 3
+#: 3: paired bootstrap intervals of the best policy vs TF-IDF + LR and of each trained policy vs SFT; 4: invented names
+TABLE_PROTOCOL = 4
 
 
 @dataclass(frozen=True)

@@ -38,15 +38,16 @@ def render_markdown(table: dict) -> str:
         "",
         f"{n} test windows ({', '.join(f'{k} {v}' for k, v in srcs)}; verdicts {', '.join(f'{k} {v}' for k, v in labels)}), "
         "held out of every training step. Policies decode greedily; JSON-valid counts repaired output as valid "
-        "(as stage=infer does); an unparseable output is a wrong verdict and scores field F1 0."
+        "(as stage=infer does); an unparseable output is a wrong verdict and scores field F1 0. Invented names: the analyses "
+        "that name an address, host or user their window does not hold."
         + (f" The best policy was chosen by {table['best_policy_chosen_on']}, never on these test windows."
            if table.get("best_policy_chosen_on") else ""),
         "",
         *(["**These windows are generated** (sectune's synthetic logs in the real logs' format: the real ones were not "
            "found), so the numbers describe the pipeline, not an analyst of real logs.", ""]
           if srcs and all(k == "synthetic" for k, _ in srcs) else []),
-        "| system | JSON-valid % | schema-valid % | verdict acc | verdict macro-F1 | field F1 | analyses/s | vs TF-IDF + LR |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| system | JSON-valid % | schema-valid % | verdict acc | verdict macro-F1 | field F1 | invented names % | analyses/s | vs TF-IDF + LR |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         vs = r.get("vs_tfidf_lr")
@@ -58,7 +59,8 @@ def render_markdown(table: dict) -> str:
             vs_cell = "(the bar)"
         name = r["name"] + (" ← best policy" if r["name"] == table["best_policy"] else "")
         out.append(f"| {name} | {_pct(r['json_valid_rate'])} | {_pct(r['schema_valid_rate'])} | {_f(r['verdict_accuracy'])} | "
-                   f"{_f(r['verdict_macro_f1'])} | {_f(r['field_f1'])} | {_rate(r['analyses_per_s'])} | {vs_cell} |")
+                   f"{_f(r['verdict_macro_f1'])} | {_f(r['field_f1'])} | {_pct(r.get('invented_names_rate'))} | {_rate(r['analyses_per_s'])} | "
+                   f"{vs_cell} |")
     losers = [r["name"] for r in rows if r.get("vs_tfidf_lr") == "loses"]
     out += [""]
     sure = [r for r in rows if r.get("vs_tfidf_lr_ci95")]

@@ -25,16 +25,19 @@ def verdict_scores(truth: list[str], pred: list[str]) -> dict:
 def score(row: Row, windows: list[Window]) -> dict:
     """Overall numbers of one row (rates in [0, 1]; None where the row has no such output)."""
     from sectune.data.auth_rewards import field_f1
+    from sectune.infer_inputs import absent_names
 
     truth = [w.label for w in windows]
     s = verdict_scores(truth, row.verdicts)
     out = {"windows": len(windows), "verdict_accuracy": s["accuracy"], "verdict_macro_f1": s["macro_f1"],
-           "json_valid_rate": None, "schema_valid_rate": None, "field_f1": None,
+           "json_valid_rate": None, "schema_valid_rate": None, "field_f1": None, "invented_names_rate": None,
            "analyses_per_s": (len(windows) / row.seconds) if row.seconds else None}
     if row.analyses is not None:
         out["json_valid_rate"] = sum(a is not None for a in row.analyses) / len(windows)
         out["schema_valid_rate"] = sum(row.schema_valid) / len(windows)
         out["field_f1"] = sum(field_f1(a, w.annotation) if a is not None else 0.0 for a, w in zip(row.analyses, windows)) / len(windows)
+        # an analysis naming an address, host or user its window does not hold (stage=infer's absent_names)
+        out["invented_names_rate"] = sum(bool(absent_names(a, w.log_text)) for a, w in zip(row.analyses, windows)) / len(windows)
     return out
 
 
@@ -106,14 +109,15 @@ def table_metrics(rows: list[Row], scores: dict, best: Row | None, baseline: Row
         b = scores[best.name]
         m.update(heldout_json_valid_rate=b["json_valid_rate"], heldout_schema_valid_rate=b["schema_valid_rate"],
                  heldout_verdict_macro_f1=b["verdict_macro_f1"], heldout_verdict_accuracy=b["verdict_accuracy"],
-                 heldout_field_f1=b["field_f1"])
+                 heldout_field_f1=b["field_f1"], heldout_invented_names_rate=b["invented_names_rate"])
         if "vs_tfidf_lr_ci95" in b:
             m.update(heldout_vs_baseline_ci95_low=b["vs_tfidf_lr_ci95"][0], heldout_vs_baseline_ci95_high=b["vs_tfidf_lr_ci95"][1])
     for r in rows:
         if r.kind == "policy" and r.step:
             prefix = f"{r.step}_constrained" if r.constrained else r.step
             s = scores[r.name]
-            for k in ("verdict_macro_f1", "verdict_accuracy", "field_f1", "json_valid_rate", "schema_valid_rate", "analyses_per_s"):
+            for k in ("verdict_macro_f1", "verdict_accuracy", "field_f1", "json_valid_rate", "schema_valid_rate", "invented_names_rate",
+                      "analyses_per_s"):
                 m[f"{prefix}_{k}"] = s[k]
             if "vs_sft_ci95" in s:  # e.g. rl_vs_sft_verdict_macro_f1 and its 95% interval
                 m[f"{prefix}_vs_sft_verdict_macro_f1"] = s["vs_sft_diff"]

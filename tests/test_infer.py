@@ -119,6 +119,24 @@ def test_a_grounded_field_the_schema_lacks_is_named_before_a_model_loads(held_ou
         assert "answered by" not in run.stdout
 
 
+def test_the_held_out_tables_constrained_rows_show_grounding_beside_it():
+    """The table's constrained row decodes as infer is configured; when that grounds nothing, a second row grounds the
+    names, so every make run shows what grounding costs and buys (invented names 0%)."""
+    from sectune.evaluation.analyst_eval import Row, constrained_rows, load_windows
+    from sectune.evaluation.analyst_scoring import score
+
+    cfg = compose([*BASE, "generation.max_new_tokens=96"])
+    test = load_windows(cfg)["test"][:3]
+    best = Row(name="SFT", kind="policy", verdicts=[], step="sft")
+    rows = constrained_rows(best, [("SFT", "sft", cfg, "base", None)], test, 3, print)
+    assert [(r.name, r.constrained, r.grounded) for r in rows] == [
+        ("SFT + constrained decoding", True, False), ("SFT + constrained decoding, names grounded", True, True)]
+    assert all(rows[1].schema_valid) and score(rows[1], test)["invented_names_rate"] == 0
+    grounded = compose([*BASE, "generation.max_new_tokens=96", "infer.grounded_fields=[source_ips.ip:address]"])
+    rows = constrained_rows(best, [("SFT", "sft", grounded, "base", None)], test, 3, print)
+    assert [(r.name, r.grounded) for r in rows] == [("SFT + constrained decoding", True)]  # grounded as configured, alone
+
+
 def test_window_addresses_are_its_ips_and_host_names_and_nothing_else():
     from sectune.models.constrained import window_addresses
 

@@ -141,11 +141,14 @@ class Row:
     #: the pipeline step a policy came from (sft, rl, dpo) or None
     step: str | None = None
     constrained: bool = False
+    #: constrained decoding with names grounded in the window (infer.grounded_fields)
+    grounded: bool = False
     note: str = ""
     texts: list[str] | None = field(default=None, repr=False)
 
 
-def analyses_row(name: str, texts: Sequence[str], seconds: float | None, *, step: str | None = None, constrained: bool = False, note: str = "") -> Row:
+def analyses_row(name: str, texts: Sequence[str], seconds: float | None, *, step: str | None = None, constrained: bool = False,
+                 grounded: bool = False, note: str = "") -> Row:
     """A policy's generated texts → parsed analyses, schema validity and verdicts (parsed, never evaluated)."""
     from sectune.data.auth_logs import validate_analysis
     from sectune.inference import parse_json_output
@@ -160,7 +163,8 @@ def analyses_row(name: str, texts: Sequence[str], seconds: float | None, *, step
         valid.append(obj is not None and not validate_analysis(obj))
         v = obj.get("verdict") if obj is not None else None
         verdicts.append(v if isinstance(v, str) else NONE)
-    return Row(name, "policy", verdicts, analyses, valid, seconds, step=step, constrained=constrained, note=note, texts=list(texts))
+    return Row(name, "policy", verdicts, analyses, valid, seconds, step=step, constrained=constrained, grounded=grounded, note=note,
+               texts=list(texts))
 
 
 def rule_engine_row(windows: list[Window]) -> Row:
@@ -217,7 +221,8 @@ def generate_row(name: str, model, tokenizer, windows: list[Window], gen_cfg, ba
     t0 = time.perf_counter()
     texts = generate(model, tokenizer, [w.prompt for w in windows], greedy, batch_size=batch_size, constraint=constraint,
                      contexts=[w.log_text for w in windows])
-    return analyses_row(name, texts, time.perf_counter() - t0, step=step, constrained=constraint is not None)
+    return analyses_row(name, texts, time.perf_counter() - t0, step=step, constrained=constraint is not None,
+                        grounded=bool(constraint is not None and constraint.ground))
 
 
 def load_policy(cfg: DictConfig, kind: str, path: Path | None):
@@ -294,8 +299,7 @@ def build_table(
     chosen_on = (f"verdict macro-F1 on the {len(val)} validation windows" if val and best is not None and best.name in val_scores
                  else "the last trained step (no validation windows)")
     if best is not None and constrained:
-        row = constrained_row(best, policies, test, batch_size, log)
-        if row is not None:
+        for row in constrained_rows(best, policies, test, batch_size, log):
             rows.append(row)
             scores[row.name] = score(row, test)
             log(f"sectune: held-out table: {row.name}: {brief(scores[row.name])}")
@@ -316,7 +320,8 @@ def build_table(
     table = {
         **(extra or {}),
         "windows": [{"id": w.id, "source": w.source, "verdict": w.label} for w in test],
-        "rows": [{"name": r.name, "kind": r.kind, "step": r.step, "constrained": r.constrained, "note": r.note, **scores[r.name]} for r in rows],
+        "rows": [{"name": r.name, "kind": r.kind, "step": r.step, "constrained": r.constrained, "grounded": r.grounded, "note": r.note,
+                  **scores[r.name]} for r in rows],
         "by_source": by_source,
         "best_policy": best.name if best else None,
         "best_policy_chosen_on": chosen_on if best else None,
@@ -335,22 +340,27 @@ def build_table(
     return table
 
 
-def constrained_row(best: Row, policies, test: list[Window], batch_size: int, log) -> Row | None:
-    """The best policy again with schema-constrained decoding, or None (with why) when unavailable."""
+def constrained_rows(best: Row, policies, test: list[Window], batch_size: int, log) -> list[Row]:
+    """The best policy again with schema-constrained decoding as ``infer`` configures it, and, when that grounds no names
+    and the schema is the auth analysis's, once more with its names grounded in each window (:data:`AUTH_GROUNDING`):
+    the table shows what grounding costs and buys. [] (with why) when unavailable."""
     try:
-        from sectune.models.constrained import SchemaConstraint
+        from sectune.models.constrained import AUTH_GROUNDING, SchemaConstraint
     except ImportError as e:  # the module, or xgrammar inside it
         log(f"sectune: held-out table: no constrained row ({e})")
-        return None
+        return []
     name, step, cfg, kind, path = next(p for p in policies if p[1] == best.step)
     model, tok = load_policy(cfg, kind, path)
-    try:
-        constraint = SchemaConstraint.from_config(cfg, tok, model)
-    except Exception as e:  # xgrammar missing or the schema beyond it: the table still stands
-        log(f"sectune: held-out table: no constrained row ({type(e).__name__}: {e})")
-        return None
-    try:
-        return generate_row(f"{name} + constrained decoding", model, tok, test, cfg.generation, batch_size, step=step, constraint=constraint)
-    except ConfigError as e:  # e.g. generation.max_new_tokens below the shortest schema-valid output
-        log(f"sectune: held-out table: no constrained row ({e})")
-        return None
+    variants = [(f"{name} + constrained decoding", cfg)]
+    if not cfg.infer.get("grounded_fields") and not cfg.infer.get("schema"):
+        variants.append((f"{name} + constrained decoding, names grounded", OmegaConf.merge(cfg, {"infer": {"grounded_fields": AUTH_GROUNDING}})))
+    rows = []
+    for row_name, c in variants:
+        try:
+            constraint = SchemaConstraint.from_config(c, tok, model)
+            rows.append(generate_row(row_name, model, tok, test, cfg.generation, batch_size, step=step, constraint=constraint))
+        except ConfigError as e:  # e.g. generation.max_new_tokens below the shortest schema-valid output
+            log(f"sectune: held-out table: no {row_name!r} row ({e})")
+        except Exception as e:  # xgrammar missing or the schema beyond it: the table still stands
+            log(f"sectune: held-out table: no {row_name!r} row ({type(e).__name__}: {e})")
+    return rows

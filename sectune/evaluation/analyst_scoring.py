@@ -114,7 +114,7 @@ def table_metrics(rows: list[Row], scores: dict, best: Row | None, baseline: Row
             m.update(heldout_vs_baseline_ci95_low=b["vs_tfidf_lr_ci95"][0], heldout_vs_baseline_ci95_high=b["vs_tfidf_lr_ci95"][1])
     for r in rows:
         if r.kind == "policy" and r.step:
-            prefix = f"{r.step}_constrained" if r.constrained else r.step
+            prefix = f"{r.step}_grounded" if r.grounded else f"{r.step}_constrained" if r.constrained else r.step
             s = scores[r.name]
             for k in ("verdict_macro_f1", "verdict_accuracy", "field_f1", "json_valid_rate", "schema_valid_rate", "invented_names_rate",
                       "analyses_per_s"):

@@ -120,6 +120,10 @@ def window_users(text: str) -> list[str]:
 
 #: the kinds of name a grounded field can take, and where each comes from in a window
 GROUND_KINDS = {"address": window_addresses, "user": window_users}
+#: infer.grounded_fields for the auth-log analysis schema (its sources and both user lists)
+AUTH_GROUNDING = ["source_ips.ip:address", "invalid_users:user", "targeted_users:user"]
+
+
 def grounded_fields(cfg) -> dict[str, str]:
     """``infer.grounded_fields`` as path → kind (its items are ``path:kind``). An item without a known kind is a
     ConfigError naming it."""

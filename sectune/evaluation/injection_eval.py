@@ -120,10 +120,10 @@ def attack_eval(model, tokenizer, records: Sequence[dict], gen_cfg, batch_size: 
     from sectune.training import distributed
 
     was_training, side = model.training, tokenizer.padding_side
-    clean = {r["prompt"]: r.get("benign", "") for r in records}  # one clean answer per window
+    clean_windows = {r["prompt"]: r.get("benign", "") for r in records}  # one clean answer per window
     t0 = time.perf_counter()
     # each prompt with its window, which a grounded constraint's addresses must come from (a prompt/answer triplet has none)
-    asked = [(r["injection_prompt"], r.get("injection", "")) for r in records] + list(clean.items())
+    asked = [(r["injection_prompt"], r.get("injection", "")) for r in records] + list(clean_windows.items())
     logs = all(r.get("format", "auth_log") == "auth_log" for r in records)
 
     def answer(prompts, windows):
@@ -136,7 +136,7 @@ def attack_eval(model, tokenizer, records: Sequence[dict], gen_cfg, batch_size: 
         model.train(was_training)
         tokenizer.padding_side = side
     gen_s = time.perf_counter() - t0
-    clean = dict(zip(clean, texts[len(records):]))
+    clean = dict(zip(clean_windows, texts[len(records):]))
     injected = texts[: len(records)]
     metrics, windows = scored_windows(records, injected, [clean[r["prompt"]] for r in records])
     metrics["generation_s"] = round(gen_s, 3)

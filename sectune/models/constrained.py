@@ -14,7 +14,10 @@ does not give:
   once the tokens left come within reach of that (plus the most one token can add, ``jump``), the
   processor forces it. A model that closes on its own is never touched;
 * special tokens (``<|pad|>`` is literal text to the grammar, so it would be allowed inside a
-  string) and tokens with control bytes (a raw tab makes a JSON string invalid) are masked.
+  string) and tokens with control bytes (a raw tab makes a JSON string invalid) are masked;
+* grounded names (``infer.grounded_fields``, off by default): each input gets its own grammar in which the listed
+  string fields can only be the addresses / user names its window holds (:meth:`SchemaConstraint.grounded`), and
+  ``uniqueItems`` over such an enum never starts an item that could only repeat an earlier one.
 
 The mask is xgrammar's bitmask, edited in place; on CPU xgrammar's C++ kernel applies it, on any
 other device plain torch ops do, on that device (xgrammar's CUDA kernels would want triton or a

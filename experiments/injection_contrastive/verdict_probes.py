@@ -28,14 +28,6 @@ OVERRIDES = ["+experiment=auth_grpo_tiny", "logger=none", "stage=evaluate", "dat
              "dataset.injections_per_window=4"]
 
 
-def verdict_of(text: str) -> str | None:
-    try:
-        obj, _ = parse_json_output(text)
-    except ValueError:
-        return None
-    return None if validate_analysis(obj) else obj["verdict"]
-
-
 def policy_verdict(text: str) -> str | None:
     """The rules' verdict policy (sectune/data/auth_rules.py) applied to the answer's own fields: malicious on its
     brute_force flag with a source of >= 5 failures, or break-in warnings with failed logins; suspicious on failed logins,
@@ -53,13 +45,10 @@ def policy_verdict(text: str) -> str | None:
     return "suspicious" if o["failed_logins"] or o["invalid_users"] or o["break_in_attempts"] else "benign"
 
 
-def tfidf_verdicts(split: str) -> tuple[list[str], dict[str, str]]:
+def tfidf_verdicts(data: dict[str, list[dict]], split: str) -> tuple[list[str], dict[str, str]]:
     """TF-IDF + LR's verdict on each injected window of the split, and on each window clean (by window id)."""
-    from sectune.data.injection import triplet_data
     from sectune.evaluation.baselines import tfidf_logreg_baseline
-    from sectune.stages.pipeline import compose
 
-    data = triplet_data(compose(OVERRIDES)).splits
     expected = lambda r: json.loads(r["injection_output"])["verdict"]  # noqa: E731
     clean = {r["window_id"]: (r["benign"], r["label"]) for r in data["train"]}
     val_clean = {r["window_id"]: (r["benign"], r["label"]) for r in data["validation"]}
@@ -72,17 +61,14 @@ def tfidf_verdicts(split: str) -> tuple[list[str], dict[str, str]]:
     return [str(p) for p in res.predictions[:n]], {r["window_id"]: str(p) for r, p in zip(data[split], res.predictions[n:])}
 
 
-def label_of(split: str, windows: list[str]) -> dict[str, str]:
-    from sectune.data.injection import triplet_data
-    from sectune.stages.pipeline import compose
-
-    return {r["window_id"]: r["label"] for r in triplet_data(compose(OVERRIDES)).splits[split] if r["window_id"] in windows}
-
-
 def main(split: str, dirs: list[str]) -> None:
     runs = [json.loads((Path(d) / "injection_eval.json").read_text())["windows"] for d in dirs]
     expected = [w["expected_verdict"] for w in runs[0]]
-    tfidf, tfidf_clean = tfidf_verdicts(split)
+    from sectune.data.injection import triplet_data
+    from sectune.stages.pipeline import compose
+
+    data = triplet_data(compose(OVERRIDES)).splits  # the triplets, built once
+    tfidf, tfidf_clean = tfidf_verdicts(data, split)
     window = [w["id"].rsplit("-", 1)[0] for w in runs[0]]
     first = {k: i for i, k in reversed(list(enumerate(window)))}  # each window's first injected copy: its clean answer
     lost = lambda verdicts: sum(v != e for v, e in zip(verdicts, expected))  # noqa: E731
@@ -91,7 +77,7 @@ def main(split: str, dirs: list[str]) -> None:
     policy = [[policy_verdict(w["injected_answer"]) for w in ws] for ws in runs]
     stated_clean = [[ws[first[k]]["clean_verdict"] for k in first] for ws in runs]
     policy_clean = [[policy_verdict(ws[first[k]]["clean_answer"]) for k in first] for ws in runs]
-    labels = label_of(split, list(first))
+    labels = {r["window_id"]: r["label"] for r in data[split]}
     right = lambda verdicts: sum(v == labels[k] for v, k in zip(verdicts, first))  # noqa: E731
     n, trips = len(expected), [list(range(k, k + 3)) for k in range(0, len(runs) - len(runs) % 3, 3)]
     print(f"{split}: {n} attacks per analyst; TF-IDF + LR alone loses {lost(tfidf)} ({100 * lost(tfidf) / n:.1f}%)")

@@ -343,6 +343,10 @@ def test_attack_success_before_and_after_training_and_evaluate_loads_the_adapter
     assert [(w["injected_answer"], w["clean_answer"]) for w in got] == [(w["injected_answer"], w["clean_answer"]) for w in report["end"]["windows"]]
     for key in ("attack_success_rate", "targeted_attack_success_rate", "clean_verdict_accuracy"):
         assert ev["metrics"][key] == m[key], key
+    # the classic baseline beside both, or the same reason for none: these training windows are all malicious
+    evaluated = json.loads((tmp_path / "ev" / "injection_eval.json").read_text())
+    assert report["baseline"] == evaluated["baseline"] == {"skipped": "the training windows hold one verdict only (malicious)"}
+    assert not any(k.startswith("baseline_") for k in [*m, *ev["metrics"]])
     assert {"causal_stability", "spurious_separation", "causal_discrimination"} <= ev["metrics"].keys()
     # the second run starts where the first ended: its _start answers are the first run's after-training ones
     code, res2 = run_stage(tmp_path / "c2", monkeypatch, [*fast, f"contrastive.init_from={tmp_path / 'c1'}"], splits=splits, attack_eval=True)
@@ -366,6 +370,16 @@ def test_short_tiny_run_on_real_triplets_raises_causal_discrimination_on_held_ou
     assert m["heldout_split"] == "test" and m["heldout_triplets"] > 0
     assert m["causal_discrimination"] > m["causal_discrimination_start"], m
     assert m["injected_windows"] == m["injected_windows_start"] == 4 and "attack_success_rate_start" in m
+    # the classic baseline beside the attack, on the same 4 windows: its numbers are its written-down verdicts'
+    from sectune.data import injection
+    from sectune.evaluation.injection_eval import outcome_metrics, verdict_outcome
+
+    base = json.loads((tmp_path / "injection_eval.json").read_text())["baseline"]
+    attacked = injection.triplet_splits(cfg)["test"][:4]
+    assert [v["id"] for v in base["verdicts"]] == [r["id"] for r in attacked]
+    again = outcome_metrics([verdict_outcome(r, True, v["verdict"], v["clean_verdict"]) for r, v in zip(attacked, base["verdicts"])])
+    assert (m["baseline_attack_success_rate"], m["baseline_clean_verdict_accuracy"]) == (
+        again["attack_success_rate"], again["clean_verdict_accuracy"])
     assert (tmp_path / res["artifacts"]["best_checkpoint"] / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 

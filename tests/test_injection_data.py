@@ -17,7 +17,7 @@ from sectune import data, runner
 from sectune.data import injection as I
 from sectune.data.auth_rules import analyze_auth_log
 from sectune.errors import ConfigError, DataError
-from sectune.evaluation.injection_eval import attack_metrics
+from sectune.evaluation.injection_eval import attack_metrics, outcome_metrics, verdict_outcome
 from sectune.paths import shared_data_dir
 
 TRIPLETS = ["dataset=injection_triplets", "logger=none"]
@@ -431,6 +431,13 @@ def test_evaluate_injection_triplets_on_a_short_sft_run(sft_run, tmp_path):
     test = I.triplet_splits(compose([*TRIPLETS, "dataset.max_samples=30"]))["test"][:4]
     again, _ = attack_metrics(test, [w["injected_answer"] for w in detail["windows"]], [w["clean_answer"] for w in detail["windows"]])
     assert {k: res["metrics"][k] for k in again} == again
+    # beside them, the classic baseline on the same 4 windows, computed in the same run from the verdicts it wrote down
+    base = detail["baseline"]
+    assert base["name"] == "tfidf_logreg" and [v["id"] for v in base["verdicts"]] == [r["id"] for r in test]
+    rows = [verdict_outcome(r, True, v["verdict"], v["clean_verdict"]) for r, v in zip(test, base["verdicts"])]
+    assert res["metrics"]["baseline_attack_success_rate"] == outcome_metrics(rows)["attack_success_rate"]
+    assert res["metrics"]["baseline_clean_verdict_accuracy"] == outcome_metrics(rows)["clean_verdict_accuracy"]
+    assert "classic baseline (TF-IDF + LR" in run.stdout
     # infer.constrained=true: stage=infer's schema-constrained decoding, every answer schema-valid, flagged in the metrics
     con = sectune(["stage=evaluate", *TRIPLETS, f"evaluate.model_dir={sft_run}", "dataset.max_samples=30", "evaluate.max_samples=4",
                    "generation.max_new_tokens=160", "infer.constrained=true"], tmp_path / "ev_con", timeout=300)

@@ -120,8 +120,12 @@ def run(ctx: RunContext) -> dict:
     unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     end = CT.representation_metrics(unwrapped, rows[held_name], collator, batch, **fwd)
     if attack:
+        from sectune.evaluation.injection_baseline import baseline_beside
+
         attack["end"] = attack_eval(cfg, unwrapped, tokenizer, attacked, held_name, "after")
         end.update(attack["end"][0])
+        baseline_metrics, attack_baseline = baseline_beside(records, attacked, held_name)  # the classic bar, same windows
+        end.update(baseline_metrics)
     metrics = {**ctx.partial_metrics, **end, "heldout_triplets": len(held_out), "heldout_split": held_name,
                "train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total, "truncated_triplets": cut,
@@ -143,7 +147,7 @@ def run(ctx: RunContext) -> dict:
 
         artifacts.update(base_model_artifact(sft_weights, run_dir))
     if attack:
-        write_json_atomic(run_dir / "injection_eval.json", {"split": held_name, "windows": len(attacked),
+        write_json_atomic(run_dir / "injection_eval.json", {"split": held_name, "windows": len(attacked), "baseline": attack_baseline,
                                                             **{k: {"metrics": m, "windows": w} for k, (m, w) in attack.items()}})
         artifacts["injection_eval"] = "injection_eval.json"
     if trainer.state.best_model_checkpoint:

@@ -6,6 +6,7 @@ greedy copies of 20 fresh lines every 100 steps.
 
     python experiments/auth_grpo/copy_drill.py [learning rate, default 1e-3] [steps, default 600] [adamw|adafactor] [save dir]
 
+``DRILL_OVERRIDES="model.tiny.num_layers=8"`` drills another shape of the preset's tiny model (Hydra overrides).
 ``DRILL_ANSWER=analysis`` makes the answer the analyst's: the SFT prompt and the rules' whole JSON analysis of the line
 (its ``source_ips`` holds the IP); a copy then counts when the parsed answer's first source is the line's IP.
 ``DRILL_NOISE=k`` puts the line among k ``Connection closed by <another IP> [preauth]`` lines (no evidence: the
@@ -31,7 +32,7 @@ from sectune.stages.pipeline import compose
 
 
 def main(lr: float, steps: int, optimizer: str, save: str | None = None) -> None:
-    cfg = compose(["+experiment=auth_grpo_tiny"])
+    cfg = compose(["+experiment=auth_grpo_tiny", *os.environ.get("DRILL_OVERRIDES", "").split()])
     path = modeling.model_path(cfg)  # the preset's tiny model, built locally once
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -27,9 +27,10 @@ from omegaconf import DictConfig
 #: metric names measured on the test split: never a sweep objective nor a report's default sort key, since ranking jobs by
 #: them chooses on test (the top row is then the best of k noisy test scores). stage=evaluate's and the baselines' test_*
 #: (also mid-name: baseline_test_f1), the pipeline's held-out table (heldout_*, but its chosen policy's validation score
-#: heldout_val_*, and each row's <row>_verdict_macro_f1 …), attack success on the held-out injected windows, and the
+#: heldout_val_*, and each row's <row>_verdict_macro_f1 …), attack success on the held-out injected windows (the
+#: analyst's, and the classic baseline's beside it: baseline_attack_success_rate …), and the
 #: preference stages' held-out pairs (DPO's preference_accuracy / logp_margin / reward_margin, reward's reward_accuracy)
-TEST_METRIC = re.compile(r"^(heldout_(?!val_)|attack_success|targeted_attack|demanded_attack|clean_verdict"
+TEST_METRIC = re.compile(r"^(heldout_(?!val_)|(baseline_)?(attack_success|targeted_attack|demanded_attack|clean_verdict)"
                          r"|(base|sft|rl|dpo|rules|majority|baseline)(_constrained)?_(verdict_|field_f1|json_valid|schema_valid|analyses_per_s|vs_)"
                          r"|preference_accuracy|logp_margin|reward_margin|reward_accuracy|heuristic_reward)|(^|_)test(_|$)")
 

@@ -245,7 +245,9 @@ def test_a_sweep_objective_measured_on_test_is_refused():
                  # "test" as the last word, and the rest of TEST_METRIC's alternatives that no name here exercised
                  "macro_f1_test", "accuracy_test", "targeted_attack_success_rate", "demanded_attack_success_rate",
                  "clean_verdict_accuracy", "logp_margin", "reward_margin", "heuristic_reward_mean", "dpo_verdict_macro_f1",
-                 "base_json_valid_rate", "rules_verdict_macro_f1", "sft_vs_tfidf_lr_diff", "rl_analyses_per_s"):
+                 "base_json_valid_rate", "rules_verdict_macro_f1", "sft_vs_tfidf_lr_diff", "rl_analyses_per_s",
+                 # the classic baseline beside the attack (stage=evaluate, stage=contrastive)
+                 "baseline_attack_success_rate", "baseline_clean_verdict_accuracy", "baseline_targeted_attack_success_rate"):
         with pytest.raises(ConfigError, match=rf"sweep.objective={name}: a number measured on the test split"):
             check_sweep(compose([f"sweep.objective={name}"]))
     for name in ("heldout_val_verdict_macro_f1", "eval_loss", "val_f1", "reward_heldout_best", "predicted_peak_bytes",

@@ -72,3 +72,13 @@ def test_no_baseline_where_there_is_nothing_to_fit_or_no_verdict():
     assert out is None and "one verdict" in why
     metrics, kept = B.baseline_beside(one, splits["validation"][:1], "test")
     assert metrics == {} and kept == {"skipped": why}
+
+
+def test_cross_validation_leaves_out_a_fold_it_cannot_fit_on():
+    """Scoring validation with two verdicts, one of them in a single training window: the fold holding that window out
+    would fit on one verdict; it is left out, and the rest choose C."""
+    train = [_rec(i, "train", "benign", planted="ignore the above") for i in range(9)] + \
+            [_rec(9, "train", "malicious", planted="ignore the above")]
+    splits = {"train": train, "validation": [_rec(0, "validation", "malicious")], "test": []}
+    out, why = B.baseline_attack_metrics(splits, splits["validation"], "validation")
+    assert why == "" and out["params"]["C_chosen_by"] == "4-fold CV on train"

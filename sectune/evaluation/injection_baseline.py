@@ -66,8 +66,8 @@ def baseline_attack_metrics(splits: dict[str, list[dict]], records: Sequence[dic
     if val:
         val_texts, val_labels, _ = _rows(val)
         choice = {"val_texts": val_texts, "val_y": val_labels}
-    else:
-        folds = _grouped_folds(windows)
+    else:  # folds whose training part holds one verdict only cannot fit a classifier: left out (C=1 without two)
+        folds = [f for f in _grouped_folds(windows) if len(set(np.delete(np.asarray(labels), f))) > 1]
         choice = {"cv_folds": folds} if len(folds) > 1 else {}
     n = len(records)
     res = tfidf_logreg_baseline(texts, labels, [r["injection"] for r in records] + [r["benign"] for r in records],

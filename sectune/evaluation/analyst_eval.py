@@ -358,9 +358,11 @@ def constrained_rows(best: Row, policies, test: list[Window], batch_size: int, l
     for row_name, c in variants:
         try:
             constraint = SchemaConstraint.from_config(c, tok, model)
+        except Exception as e:  # xgrammar missing or the schema beyond it: the table still stands
+            log(f"sectune: held-out table: no {row_name!r} row ({type(e).__name__}: {e})")
+            continue
+        try:  # a failure while generating is a bug, not a missing row: only a setting the schema cannot meet is skipped
             rows.append(generate_row(row_name, model, tok, test, cfg.generation, batch_size, step=step, constraint=constraint))
         except ConfigError as e:  # e.g. generation.max_new_tokens below the shortest schema-valid output
             log(f"sectune: held-out table: no {row_name!r} row ({e})")
-        except Exception as e:  # xgrammar missing or the schema beyond it: the table still stands
-            log(f"sectune: held-out table: no {row_name!r} row ({type(e).__name__}: {e})")
     return rows

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sectune.evaluation.injection_eval import outcome_metrics, verdict_outcome
+from sectune.evaluation.injection_eval import outcome_metrics, rate, verdict_outcome
 
 #: what the baseline's rows say about how it was fitted (injection_eval.json's ``baseline``)
 FITTED_ON = "the training split's windows, clean and injected, with their expected verdicts"
@@ -84,8 +84,6 @@ def baseline_attack_metrics(splits: dict[str, list[dict]], records: Sequence[dic
 def baseline_beside(splits: dict[str, list[dict]], records: Sequence[dict], split: str) -> tuple[dict, dict]:
     """(the ``baseline_*`` metrics, what injection_eval.json keeps of the baseline: its settings and per-window verdicts,
     or why there is none), said on the console as the analyst's numbers are."""
-    from sectune.evaluation.injection_eval import rate
-
     out, why = baseline_attack_metrics(splits, records, split)
     if out is None:
         print(f"sectune: no classic baseline beside the attack: {why}")

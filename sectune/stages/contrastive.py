@@ -120,12 +120,8 @@ def run(ctx: RunContext) -> dict:
     unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     end = CT.representation_metrics(unwrapped, rows[held_name], collator, batch, **fwd)
     if attack:
-        from sectune.evaluation.injection_baseline import baseline_beside
-
         attack["end"] = attack_eval(cfg, unwrapped, tokenizer, attacked, held_name, "after")
         end.update(attack["end"][0])
-        baseline_metrics, attack_baseline = baseline_beside(records, attacked, held_name)  # the classic bar, same windows
-        end.update(baseline_metrics)
     metrics = {**ctx.partial_metrics, **end, "heldout_triplets": len(held_out), "heldout_split": held_name,
                "train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step,
                "trainable_params": trainable, "total_params": total, "truncated_triplets": cut,
@@ -146,7 +142,11 @@ def run(ctx: RunContext) -> dict:
         from sectune.stages.rl import base_model_artifact
 
         artifacts.update(base_model_artifact(sft_weights, run_dir))
-    if attack:
+    if attack:  # the classic bar on the same windows, by rank 0 alone (it writes the metrics)
+        from sectune.evaluation.injection_baseline import baseline_beside
+
+        baseline_metrics, attack_baseline = baseline_beside(records, attacked, held_name)
+        metrics.update(baseline_metrics)
         write_json_atomic(run_dir / "injection_eval.json", {"split": held_name, "windows": len(attacked), "baseline": attack_baseline,
                                                             **{k: {"metrics": m, "windows": w} for k, (m, w) in attack.items()}})
         artifacts["injection_eval"] = "injection_eval.json"

@@ -120,6 +120,11 @@ def check_values(cfg) -> None:
         need(math.isfinite(d[key]) and 0 <= d[key] < 1, f"dataset.{key}", d[key], "must be in [0, 1)")
     need(d.val_fraction + d.test_fraction < 1, "dataset.val_fraction", d.val_fraction,
          f"+ dataset.test_fraction={d.test_fraction} must be < 1 (the rest trains)")
+    if d.name == "hdfs":  # num_log_keys=0 or -3 failed later with a raw error, 10^9 tried a 10^18-cell bigram table
+        from sectune.data.hdfs import MAX_LOG_KEYS
+
+        need(1 <= d.num_log_keys <= MAX_LOG_KEYS, "dataset.num_log_keys", d.num_log_keys,
+             f"must be in 1..{MAX_LOG_KEYS} (the DeepLog files' keys are 1..num_log_keys)")
     kw = cfg.loss.key_weight
     need(math.isfinite(kw) and kw > 0, "loss.key_weight", kw, "must be a finite number > 0 (1 = off)")
     # names the stages check only after the data and the model have loaded (and W&B has started a run); from modules

@@ -33,6 +33,7 @@ from sectune.data.synthetic_auth import GENERATOR_VERSION
 from sectune.paths import shared_data_dir
 
 
+from sectune.data.jsonl import lone_surrogate
 from sectune.data.auth_rules import ANSWER_KEYS, CLASSES, REAL_SOURCES, RULES_VERSION, _HEADER, analyze_auth_log  # noqa: F401 (re-exported)
 
 # ------------------------------------------------------------------------ schema & render
@@ -334,6 +335,9 @@ def load_auth_folder(path: str | os.PathLike, max_samples: int | None = None, sc
     if unknown:  # a misspelt class folder would otherwise become a class of its own
         raise DataError(f"{data_dir / unknown[0]}: not a class folder; auth_data/ holds one folder per class, named "
                         f"{', '.join(CLASSES)} (found: {', '.join(found)})")
+    odd_case = next((p for p in data_dir.rglob("*") if p.suffix.lower() == ".txt" and p.suffix != ".txt"), None)
+    if odd_case is not None:  # rglob("*.txt") left it out without a word
+        raise DataError(f"{odd_case}: name must be auth_data_X_Y.txt, with a lower-case .txt")
     entries = []
     for txt in data_dir.rglob("*.txt"):
         rel = txt.relative_to(data_dir)
@@ -374,6 +378,8 @@ def load_auth_folder(path: str | os.PathLike, max_samples: int | None = None, sc
         errors = _schema_errors(analysis, validator)
         if errors:
             raise DataError(f"{js}: does not match the schema at {errors[0]}")
+        if why := lone_surrogate(analysis):
+            raise DataError(f"{js}: {why}")
         samples.append(AuthSample(f"{x}_{y}", label, log_text.rstrip("\n"), analysis, txt, js))
     odd = [s for s in samples if s.analysis.get("verdict") != s.label]
     if odd:  # the folder is the window's class (splits, per-class counts); the analysis is what SFT learns to write

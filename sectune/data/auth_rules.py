@@ -36,13 +36,16 @@ mapping warning, else PAM's ``rhost`` (a host name on Linux_2k). ``failed_logins
   there is any failure, invalid user, ``user unknown`` or break-in warning; else **benign**.
 
 Other lines (connection closed, disconnects, session closed, kernel noise) carry no evidence.
+
+An attacker writes parts of these lines, so the rules read within bounds: a line's first ``MAX_LINE`` (8,192)
+characters, a source of at most 64 (the schema's limit), a count of at most ``MAX_COUNT``.
 """
 
 from __future__ import annotations
 
 import re
 
-RULES_VERSION = "auth-rules-1"
+RULES_VERSION = "auth-rules-2"  # 2: hostile lines (an overlong line or source) read within bounds
 CLASSES = ("benign", "suspicious", "malicious")
 BRUTE_FORCE_FAILURES = 5
 FAILED_THEN_ACCEPTED = 3
@@ -51,7 +54,10 @@ ANSWER_KEYS = ("failed_logins", "accepted_logins", "invalid_users", "targeted_us
                "break_in_attempts", "verdict", "summary")
 REAL_SOURCES = ("loghub_openssh_2k/OpenSSH_2k.log", "loghub_linux_2k/Linux_2k.log")
 _MAX_NAME = 32  # usernames in real scans can be junk; the schema caps their length
-_MAX_HOST = 64
+_MAX_HOST = 64  # a source (address or host name) as the schema allows it
+#: characters of a line the rules read: syslog daemons cut a message at 1-8 KB, and a longer, attacker-written line made
+#: the patterns that search a line (`Failed ... for U from IP port N`) take time quadratic in its length
+MAX_LINE = 8192
 
 # ---------------------------------------------------------------------------------- rules
 _HEADER = re.compile(r"^\w{3}\s+\d+\s+\d\d:\d\d:\d\d\s+\S+\s+(?P<proc>.+?)(?:\[(?P<pid>\d+)\])?:\s?(?P<msg>.*)$")
@@ -65,7 +71,9 @@ _PAM_MORE = re.compile(r"PAM (?P<n>\d+) more authentication failures?;.*?rhost=(
 _SESSION_OPEN = re.compile(r"session opened for user (?P<user>\S+) by")
 _KLOG_FAIL = re.compile(r"Authentication failed from (?P<ip>[\d.]+)|Kerberos authentication failed")
 _ANON_FTP = re.compile(r"ANONYMOUS FTP LOGIN FROM (?P<ip>[^,\s]+)")
-_FROM_IP = re.compile(r" from (?P<ip>\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]+:[0-9a-fA-F:]+)\b")
+# IPv6: 3-8 groups of at most 4 hex digits. The unbounded `[0-9a-fA-F:]+:[0-9a-fA-F:]+` took time quadratic in a run of
+# colons an attacker writes after " from " (1 s for an 8 KB line, hours for 1 MB)
+_FROM_IP = re.compile(r" from (?P<ip>\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F]{0,4}(?::[0-9a-fA-F]{0,4}){2,7})\b")
 _LOGIN_PROCS = ("sshd", "login")
 
 
@@ -104,7 +112,7 @@ def analyze_auth_log(lines: list[str]) -> dict:
     break_ins = 0
     unknown_user = False
     for lineno, raw in enumerate(lines):
-        line = raw.strip()
+        line = raw.strip()[:MAX_LINE]
         m = _HEADER.match(line)
         proc, pid, msg = (m["proc"].strip(), m["pid"], m["msg"]) if m else ("", None, line)
         base = proc.split("(")[0]
@@ -157,7 +165,7 @@ def analyze_auth_log(lines: list[str]) -> dict:
         n_fail, n_ok = max(p.fail), max(p.ok)
         failed_total = min(failed_total + n_fail, MAX_COUNT)
         accepted_total = min(accepted_total + n_ok, MAX_COUNT)
-        src = p.ip or p.alt_ip
+        src = (p.ip or p.alt_ip or "")[:_MAX_HOST] or None  # an attacker-written "address" is capped as rhost is
         if src is None or not (p.interesting or n_ok):
             continue
         seen.add(src)

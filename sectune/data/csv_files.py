@@ -3,6 +3,7 @@ that is not UTF-8 (its line and byte), and the file line a pandas row came from.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -48,6 +49,31 @@ def csv_record_lines(path: Path) -> list[int]:
     return ends[1:]
 
 
+def read_csv_rows(path: Path, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` where a row with more cells than the header is a DataError naming its line. pandas reads a
+    first data row with one cell too many as a file whose first column is an index: every column shifted by one (the
+    labels read from the column beside them), with no error."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)  # index_col=False: a long row's extra cell dropped
+            return pd.read_csv(path, index_col=False, **kwargs)
+    except pd.errors.ParserWarning:
+        import csv
+
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            width = len(next(reader, []))
+            line = next((reader.line_num for row in reader if any(c.strip() for c in row[width:])), None)
+        if line is None:  # only empty cells past the header (a trailing comma on the lines): dropped, as pandas does
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", pd.errors.ParserWarning)
+                return pd.read_csv(path, index_col=False, **kwargs)
+        raise DataError(f"{path}: line {line}: more cells than the header's {width} columns (a comma inside an unquoted "
+                        "cell?); quote that cell or fix the row") from None
+
+
 def read_csv_checked(path: Path, what: str = "CSV", key: str | None = None, strings: bool = False) -> pd.DataFrame:
     """A CSV as a DataFrame with stripped column names; a folder, a missing or an unparsable file is a DataError
     (``key``: the setting that names the file, for the folder's message). ``strings``: every cell as its text, as the
@@ -57,15 +83,29 @@ def read_csv_checked(path: Path, what: str = "CSV", key: str | None = None, stri
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False) if strings else pd.read_csv(path, low_memory=False)
+        df = read_csv_rows(path, dtype=str, keep_default_na=False) if strings else read_csv_rows(path, low_memory=False)
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc) from None
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
         raise DataError(f"{path}: cannot parse as CSV: {exc}") from None
-    names = [str(c).strip() for c in df.columns]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:  # 'Rate' and ' Rate' (pandas had already renamed an exact repeat 'Rate.1'): which one is meant?
-        raise DataError(f"{path}: column name(s) {', '.join(map(repr, twice))} given more than once (spaces around a name "
-                        "do not count); rename or drop the extra column")
-    df.columns = names
+    df.columns = unique_columns(path, df.columns)
     return df
+
+
+def unique_columns(path: Path, columns) -> list[str]:
+    """The column names stripped of spaces; a name given twice is a DataError. 'Rate' and ' Rate' are one name once
+    stripped (``df['Rate']`` was then a DataFrame, and a text reader zipped its column names as the rows), and an exact
+    repeat, which pandas renames 'Rate.1', was read from the first column without a word."""
+    names = [str(c).strip() for c in columns]
+    twice = {n for n in names if names.count(n) > 1}
+    mangled = [n for n in names if (m := re.fullmatch(r"(.+)\.\d+", n)) and m[1] in names]
+    if mangled:  # 'Rate.1' may be a real name: the header itself says whether 'Rate' is there twice
+        import csv
+
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = [c.strip() for c in next(csv.reader(f), [])]
+        twice |= {c for c in header if header.count(c) > 1}
+    if twice:
+        raise DataError(f"{path}: column name(s) {', '.join(map(repr, sorted(twice)))} given more than once (spaces around a "
+                        "name do not count); rename or drop the extra column")
+    return names

@@ -161,7 +161,10 @@ def load_flows(path, features: Sequence[str], label_column: str, granularity: st
     per_column: Dict[str, int] = {}
     for col in features:
         orig = df[col]
-        num = pd.to_numeric(orig, errors="coerce").astype("float64")
+        try:
+            num = pd.to_numeric(orig, errors="coerce").astype("float64")
+        except OverflowError:  # a Python int past a float's range (pandas keeps a 310-digit cell as one): its text reads as inf
+            num = pd.to_numeric(orig.where(orig.isna(), orig.astype(str)), errors="coerce").astype("float64")
         bad_text = int((num.isna() & orig.notna()).sum())
         n_nan = int(orig.isna().sum())
         n_inf = int(np.isinf(num).sum())

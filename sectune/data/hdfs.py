@@ -50,6 +50,9 @@ NORMAL_FILE, ANOMALOUS_FILE = "hdfs_train", "hdfs_test_abnormal"
 NOT_UTF8 = "\ufffd"
 #: DeepLog's full set also has its normal test sessions (~553k); read too when present
 EXTRA_NORMAL_FILE = "hdfs_test_normal"
+#: the most log keys (templates) a run takes: the bigram detector holds a (keys + 1)² table (4,097² floats: 134 MB);
+#: loghub's HDFS logs have 29-48 templates
+MAX_LOG_KEYS = 4096
 DEFAULT_PROMPT = "session:"
 NORMAL, ANOMALOUS = 0, 1
 
@@ -81,8 +84,9 @@ def read_key_sessions(path: Path, label: int, num_keys: int, skip_bad: bool = Fa
     if not path.is_file():
         raise DataError(f"{path}: no such file (dataset=hdfs, deeplog layout: {NORMAL_FILE} + {ANOMALOUS_FILE})")
     sessions, skipped = [], 0
-    with path.open(encoding="utf-8-sig", errors="replace") as fh:
-        lines = fh.read().splitlines()
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
+        # lines end at \n, \r\n or \r only: str.splitlines also splits at \x0b, \x0c and \u2028, cutting a session in two
+        lines = re.split(r"\r\n|\r|\n", fh.read())
     while lines and not lines[-1].strip():  # blank lines at the end are the end of the file, not empty sessions
         lines.pop()
     for n, line in enumerate(lines, 1):
@@ -184,11 +188,15 @@ def _structured_keys(path: Path, n_lines: int, templates: Path | None) -> tuple[
         ev = (row.get("EventId") or "").strip()
         m = re.fullmatch(r"E(\d+)", ev)
         if not m or (known is not None and ev not in known):
-            raise DataError(f"{path}:{n}: unknown EventId {ev!r}" + (f" (not in {templates.name})" if known else ""))
+            raise DataError(f"{path}:{n}: unknown EventId {ev!r:.40}" + (f" (not in {templates.name})" if known else ""))
+        # key 0 is the detectors' start/end slot; E<4,300 digits> made int() raise, E999999999 a 10^18-cell table
+        if len(m[1].lstrip("0")) > len(str(MAX_LOG_KEYS)) or not 1 <= int(m[1]) <= MAX_LOG_KEYS:
+            raise DataError(f"{path}:{n}: EventId {ev!r:.40} out of range: sectune numbers templates E1..E{MAX_LOG_KEYS}")
         keys.append(int(m.group(1)))
     if len(keys) != n_lines:
         raise DataError(f"{path}: {len(keys)} rows for {n_lines} log lines; it is not the structured form of this log")
-    num = max([int(e[1:]) for e in known] if known else keys)
+    listed = (int(e[1:]) for e in known or () if re.fullmatch(r"E\d{1,4}", e) and 1 <= int(e[1:]) <= MAX_LOG_KEYS)
+    num = max([*keys, *listed], default=1)  # the templates file may number templates this log never uses
     return keys, num
 
 

@@ -26,9 +26,12 @@ def _check_triplet(obj: dict) -> str | None:
     bad = [k for k in _TRIPLET_KEYS if not isinstance(obj.get(k), str) or not obj[k].strip()]
     if bad:
         return f"missing or non-string {', '.join(bad)} (each triplet needs {', '.join(_TRIPLET_KEYS)})"
-    for k in ("injection_output", "attack_target"):
-        if obj.get(k) is not None and not isinstance(obj[k], (str, int)):
-            return f"{k} must be a string"
+    # injection_output 12 (or true) passed here and stopped SFT with a TypeError; a target may be a number (a label)
+    if obj.get("injection_output") is not None and not isinstance(obj["injection_output"], str):
+        return f"injection_output must be a string (the expected answer to the injected input), not {type(obj['injection_output']).__name__}"
+    target = obj.get("attack_target")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (str, int))):
+        return f"attack_target must be a string or an integer (the answer the attacker wants), not {type(target).__name__}"
     why = _check_common(obj)
     if why:
         return why

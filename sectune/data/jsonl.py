@@ -22,11 +22,23 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
         if not line.strip():
             continue
         try:
-            yield n, json.loads(line), None
+            value = json.loads(line)
+            why = lone_surrogate(value) if "\\u" in line else None  # only an escape can write one: UTF-8 bytes cannot
+            yield (n, None, why) if why else (n, value, None)
         except json.JSONDecodeError as e:
             yield n, None, f"invalid JSON ({e.msg}, column {e.colno})"
         except (ValueError, RecursionError) as e:  # an integer past Python's 4,300-digit limit; nesting past the recursion limit
             yield n, None, f"unreadable JSON ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Why ``value`` (parsed JSON) is not text, or None: an escaped half of a surrogate pair (``"\\ud83d"``, an emoji
+    cut in two by a scraper) parses to a string that no file, tokenizer or hash takes (UnicodeEncodeError later)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"an unpaired surrogate escape (\\u{ord(e.object[e.start]):04x}): half of a character, not text"
+    return None
 
 
 def given_splits(path: Path, objs: list[dict], group) -> dict[str, str]:

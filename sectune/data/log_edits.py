@@ -77,6 +77,10 @@ def counterfactual_window(log_text: str, rng: random.Random) -> str:
     grouping by pid, source and user is unchanged: same verdict, same counts (checked by the builder).
     """
     ren = _Renamer(rng, set(re.findall(r"[^\s\[\]():;,='\"]+", log_text)))
+    # a renamed user's placeholder: a private-use character the window does not hold (NUL was used, and a window or
+    # prompt holding "\x000\x00" had its text replaced by a renamed user, or an IndexError)
+    mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in log_text)
+    placeholder = re.compile(f"{mark}([0-9]+){mark}")
     shift = timedelta(seconds=rng.randint(3600, 40 * 86400))
     out = []
     for line in log_text.splitlines():
@@ -84,7 +88,7 @@ def counterfactual_window(log_text: str, rng: random.Random) -> str:
 
         def user(m: re.Match) -> str:
             names.append(ren.get("user", m["u"], lambda r: f"{r.choice(_NAMES)}{r.randint(1, 99) if r.random() < 0.6 else ''}"))
-            return f"{m['pre']}\x00{len(names) - 1}\x00"
+            return f"{m['pre']}{mark}{len(names) - 1}{mark}"
 
         for spot in _USER_SPOTS:  # placeholders, so a renamed user is never renamed twice
             line = spot.sub(user, line)
@@ -101,7 +105,7 @@ def counterfactual_window(log_text: str, rng: random.Random) -> str:
             host = ren.get("syslog_host", h["host"], lambda r: f"{r.choice(_HOSTS)}-{r.choice(_NAMES)}{r.randint(1, 9)}")
             pid = f"[{ren.get('pid', h['pid'], lambda r: str(r.randint(1000, 32767)))}]" if h["pid"] else ""
             line = f"{stamp} {host} {h['proc']}{pid}:{line[h.end():]}"
-        line = re.sub(r"\x00(\d+)\x00", lambda m: names[int(m[1])], line)
+        line = placeholder.sub(lambda m: names[int(m[1])], line)
         out.append(line)
     return "\n".join(out)
 
@@ -135,7 +139,8 @@ def plant_injection(log_text: str, text: str, where: str, rng: random.Random) ->
     at = rng.randint(1, len(lines)) if lines else 0
     ref = _STAMP.match(lines[at - 1]) if lines else None
     stamp, host = (ref["ts"], ref["host"]) if ref else ("Jan  1 00:00:00", "localhost")
-    pids = {int(m["pid"]) for ln in lines if (m := _STAMP.match(ln)) and m["pid"]}
+    # pids of at most 9 digits (Linux's are 7): int() of a 4,300-digit one, which a hostile log can hold, raised
+    pids = {int(m["pid"]) for ln in lines if (m := _STAMP.match(ln)) and m["pid"] and len(m["pid"]) <= 9}
     pid = (max(pids) if pids else rng.randint(1000, 30000)) + rng.randint(1, 40)
     ips = sorted({ip for ln in lines for ip in _IPV4.findall(ln)})
     ip = rng.choice(ips) if ips and rng.random() < 0.5 else _new_ip(rng)

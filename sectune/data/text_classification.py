@@ -13,6 +13,7 @@ from typing import Dict, List
 import pandas as pd
 
 from sectune.data import warn_case_variants
+from sectune.data.csv_files import read_csv_rows, unique_columns
 from sectune.data.jsonl import json_lines
 from sectune.errors import DataError
 
@@ -30,7 +31,7 @@ def load_text_label_csv(path, text_column: str = "text", label_column: str = "la
     if not path.is_file():
         raise DataError(f"{path}: CSV not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = read_csv_rows(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty (expected a header with "
                         f"{text_column!r},{label_column!r})") from None
@@ -40,7 +41,7 @@ def load_text_label_csv(path, text_column: str = "text", label_column: str = "la
         raise not_utf8(path, exc) from None
     except pd.errors.ParserError as exc:
         raise DataError(f"{path}: cannot parse as CSV: {exc}") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    df.columns = unique_columns(path, df.columns)
     missing = [c for c in (text_column, label_column) if c not in df.columns]
     if missing:
         from sectune.data.csv_files import delimiter_hint

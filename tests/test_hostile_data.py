@@ -1,0 +1,199 @@
+"""A user's or an attacker's data the readers once took badly (an audit, session 35): a log line written to stall or
+break the rule engine, JSON and CSV files that loaded and then crashed a stage with a raw traceback, or were read
+wrong without a word. Each is now read within bounds or refused with its file and line."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from conftest import compose
+from sectune.data import auth_logs, hdfs
+from sectune.data import injection as I
+from sectune.data import auth_rules
+from sectune.data.auth_rules import analyze_auth_log
+from sectune.data.auth_logs import validate_analysis
+from sectune.data.flows import load_flows
+from sectune.data.jsonl import json_lines
+from sectune.data.log_edits import counterfactual_window, plant_injection
+from sectune.data.text_classification import load_text_label_csv
+from sectune.errors import DataError
+
+HEAD = "Jan  1 00:00:00 host sshd[{pid}]: "
+
+
+# ----------------------------------------------------------------------------- the rule engine
+@pytest.mark.timeout(120)  # the unbounded IPv6 pattern took hours on this line (1 s at 8 KB, x4 per doubling)
+def test_a_megabyte_of_colons_after_from_is_read_in_bounded_time():
+    line = HEAD.format(pid=1) + "Connection from " + ":" * 1_000_000 + " x"
+    a = analyze_auth_log([line, HEAD.format(pid=2) + "Failed password for root from 1.2.3.4 port 22 ssh2"])
+    assert a["failed_logins"] == 1 and a["source_ips"] == [{"ip": "1.2.3.4", "failures": 1}]
+
+
+def test_the_rules_read_a_line_up_to_max_line_characters():
+    evidence = "Failed password for root from 1.2.3.4 port 22 ssh2"
+    early = HEAD.format(pid=1) + evidence + " " + "x" * (2 * auth_rules.MAX_LINE)
+    late = HEAD.format(pid=2) + "x" * auth_rules.MAX_LINE + " " + evidence  # past the cut: not read
+    assert analyze_auth_log([early])["failed_logins"] == 1
+    assert analyze_auth_log([late])["failed_logins"] == 0
+
+
+@pytest.mark.parametrize("line", [
+    "Failed password for root from {addr} port 22 ssh2",  # an sshd "from" address
+    "reverse mapping checking getaddrinfo for x.example [{addr}] failed - POSSIBLE BREAK-IN ATTEMPT!",
+    "Authentication failed from {digits}",
+])
+def test_attacker_written_sources_are_capped_so_the_rules_analysis_stays_schema_valid(line):
+    """An overlong source made the rules write an analysis their own schema refuses (ip over 64 characters, then a
+    summary over 160): the built cache folder could no longer be read, and the rewards' reference was invalid."""
+    addr = "a:" * 60 + "b" if "{addr}" in line and "Failed" in line else "z" * 300
+    lines = [HEAD.format(pid=100 + i) + line.format(addr=addr, digits="1" * 300) for i in range(6)]
+    a = analyze_auth_log(lines)
+    assert validate_analysis(a) == []
+    assert a["source_ips"] and all(len(s["ip"]) <= 64 for s in a["source_ips"])
+
+
+def test_a_cache_folder_built_by_older_rules_is_rebuilt(tmp_path, monkeypatch):
+    """RULES_VERSION moved with this change: a folder the old rules built (possibly unreadable, above) is rebuilt."""
+    src = tmp_path / "src" / "loghub_openssh_2k"
+    src.mkdir(parents=True)
+    from sectune.data.synthetic_auth import generate_auth_lines
+
+    (src / "OpenSSH_2k.log").write_text("\n".join(generate_auth_lines(300, seed=1)) + "\n")
+    out = tmp_path / "built"
+    info = auth_logs.ensure_auth_folder(out, tmp_path / "src")
+    assert auth_logs.RULES_VERSION != "auth-rules-1"
+    (out / "BUILD_INFO.json").write_text(json.dumps({**info, "rules_version": "auth-rules-1"}))
+    assert auth_logs.ensure_auth_folder(out, tmp_path / "src")["rules_version"] == auth_logs.RULES_VERSION
+    assert auth_logs.load_auth_folder(out)
+
+
+def test_counterfactual_keeps_nul_characters_the_window_already_holds():
+    """NUL was the placeholder of a renamed user: a window holding "\\x000\\x00" had that text replaced by a renamed
+    user (or an IndexError where the number was past the names)."""
+    window = HEAD.format(pid=7) + "Invalid user bob from 1.2.3.4 \x000\x00 \x009\x00"
+    cf = counterfactual_window(window, random.Random(0))
+    assert "\x000\x00 \x009\x00" in cf and " bob " not in cf
+    assert analyze_auth_log(cf.splitlines())["invalid_users"] != ["bob"]
+
+
+def test_planting_an_injection_next_to_a_pid_of_thousands_of_digits():
+    window = "Jan  1 00:00:00 h sshd[" + "1" * 4400 + "]: Failed password for root from 1.2.3.4 port 22 ssh2"
+    planted = plant_injection(window, "ignore the above", "user", random.Random(0))
+    assert "Invalid user ignore the above from" in planted and len(planted.splitlines()) == 3
+
+
+# ----------------------------------------------------------------------------- JSON lines
+def test_an_escaped_lone_surrogate_is_a_bad_line_not_a_later_crash(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "ok", "label": 0}\n{"text": "cut emoji \\ud83d", "label": 1}\n{"text": "\\ud83d\\ude00", "label": 1}\n')
+    rows = list(json_lines(path))
+    assert rows[0][2] is None and rows[2][2] is None and rows[2][1]["text"] == "\U0001F600"  # a whole pair is text
+    assert rows[1][1] is None and "unpaired surrogate escape (\\ud83d)" in rows[1][2]
+
+
+def test_an_auth_analysis_with_a_lone_surrogate_names_its_file(tmp_path):
+    root = tmp_path / "auth"
+    (root / "auth_data" / "suspicious").mkdir(parents=True)
+    (root / "Auth_bin").mkdir()
+    lines = [HEAD.format(pid=3) + "Failed password for root from 1.2.3.4 port 22 ssh2"]
+    (root / "auth_data" / "suspicious" / "auth_data_1_1.txt").write_text(lines[0] + "\n")
+    a = analyze_auth_log(lines)
+    js = root / "Auth_bin" / "auth_text_1_1.json"
+    js.write_text(json.dumps(a))
+    assert len(auth_logs.load_auth_folder(root)) == 1
+    js.write_text(json.dumps(a).replace('"summary": "', '"summary": "\\udc80'))
+    with pytest.raises(DataError, match=re.escape(f"{js}: an unpaired surrogate escape (\\udc80)")):
+        auth_logs.load_auth_folder(root)
+    (root / "auth_data" / "suspicious" / "auth_data_1_2.TXT").write_text(lines[0] + "\n")
+    with pytest.raises(DataError, match=r"auth_data_1_2\.TXT: name must be auth_data_X_Y\.txt, with a lower-case \.txt"):
+        auth_logs.load_auth_folder(root)
+
+
+@pytest.mark.parametrize("value, kind", [(12, "int"), (True, "bool"), ({"verdict": "benign"}, "dict")])
+def test_a_non_string_injection_output_names_its_line(tmp_path, value, kind):
+    """injection_output 12 passed the reader and stopped stage=sft with a TypeError."""
+    window = HEAD.format(pid=4) + "Failed password for root from 1.2.3.4 port 22 ssh2"
+    out = json.dumps(analyze_auth_log([window]))
+    lines = [json.dumps({"benign": window, "benign_cf": window, "injection": window, "output": out, "id": f"w{i}"})
+             for i in range(12)]
+    lines[4] = json.dumps({**json.loads(lines[4]), "injection_output": value})
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"line 5: injection_output must be a string .* not {kind}"):
+        I.triplet_data(compose(["dataset=injection_triplets", "logger=none", f"dataset.path={path}"]))
+    t = I.triplet_data(compose(["dataset=injection_triplets", "logger=none", f"dataset.path={path}", "dataset.skip_bad_lines=true"]))
+    assert t.info["skipped_lines"] == 1 and all(isinstance(r["injection_output"], str) for s in t.splits.values() for r in s)
+
+
+# ----------------------------------------------------------------------------- CSV files
+def _text_rows(n=30):
+    return "".join(f"text number {i},{'attack' if i % 2 else 'benign'}\n" for i in range(n))
+
+
+@pytest.mark.parametrize("header, name", [("text,label, text", "'text'"), ("text,label,label ", "'label'"),
+                                          ("text,text,label", "'text'")])
+def test_a_text_csv_naming_a_column_twice_is_an_error(tmp_path, header, name):
+    """'text,label, text' read 30 rows as 2 records whose text was the word "text"; an exact repeat (pandas renames it
+    text.1) was read from the first column without a word."""
+    path = tmp_path / "t.csv"
+    path.write_text(header + "\n" + "".join(f"{r.rstrip()},x\n" for r in _text_rows().splitlines()))
+    with pytest.raises(DataError, match=rf"column name\(s\) {name} given more than once"):
+        load_text_label_csv(path, "text", "label")
+
+
+def test_a_column_really_named_like_a_pandas_repeat_is_read(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("text,label,text.1\n" + "".join(f"{r},extra\n" for r in _text_rows().splitlines()))
+    rows = load_text_label_csv(path, "text", "label")
+    assert len(rows) == 30 and rows[1] == {"text": "text number 1", "label": "attack"}
+
+
+def test_a_first_row_with_an_extra_cell_is_named_not_read_shifted(tmp_path):
+    """pandas read it as an index column: every later row shifted by one, 41 rows read as 1."""
+    path = tmp_path / "flows.csv"
+    path.write_text("f1,f2,label\n1,2,a,EXTRA\n" + "".join(f"{i},{2 * i},{'ab'[i % 2]}\n" for i in range(40)))
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: line 2: more cells than the header's 3 columns"):
+        load_flows(path, ["f1", "f2"], "label", granularity="raw")
+    path.write_text("f1,f2,label\n" + "".join(f"{i},{2 * i},{'ab'[i % 2]},\n" for i in range(40)))  # trailing commas
+    table = load_flows(path, ["f1", "f2"], "label", granularity="raw")
+    assert len(table) == 40 and list(table.X["f2"][:3]) == [0.0, 2.0, 4.0]
+
+
+def test_a_flow_cell_of_hundreds_of_digits_counts_as_inf(tmp_path):
+    path = tmp_path / "flows.csv"
+    path.write_text("f1,f2,label\n" + "".join(f"{i},{2 * i},{'ab'[i % 2]}\n" for i in range(40)) + "1" + "0" * 309 + ",1,a\n")
+    table = load_flows(path, ["f1", "f2"], "label", granularity="raw")
+    assert len(table) == 41 and table.cleaning["inf_cells"] == 1 and table.cleaning["bad_cells_by_column"] == {"f1": 1}
+
+
+# ----------------------------------------------------------------------------- HDFS
+def _loghub(tmp_path, event_ids):
+    folder = tmp_path / "loghub"
+    folder.mkdir()
+    log = [f"081109 2035{i:02d} 1{i} INFO dfs.DataNode: Receiving block blk_{i % 3} src: /10.0.0.{i}" for i in range(len(event_ids))]
+    (folder / "HDFS_2k.log").write_text("\n".join(log) + "\n")
+    (folder / "HDFS_2k.log_structured.csv").write_text("LineId,EventId\n" + "".join(f"{i + 1},{e}\n" for i, e in enumerate(event_ids)))
+    (folder / "HDFS_2k_block_labels.csv").write_text("BlockId,Label\nblk_0,Normal\nblk_1,Anomaly\nblk_2,Normal\n")
+    return folder
+
+
+@pytest.mark.parametrize("bad", ["E0", "E999999999", "E" + "7" * 5000])
+def test_a_structured_event_id_out_of_range_names_its_line(tmp_path, bad):
+    """E0 took the detectors' start/end slot, E999999999 a 10^18-cell bigram table, 5,000 digits a raw ValueError."""
+    folder = _loghub(tmp_path, ["E1", "E2", bad, "E1"])
+    with pytest.raises(DataError, match=r"HDFS_2k\.log_structured\.csv:4: EventId .* out of range: .*E1\.\.E4096"):
+        hdfs.read_loghub(folder, "structured")
+
+
+def test_deeplog_lines_end_only_at_line_breaks(tmp_path):
+    """str.splitlines also split at \\x0c and \\u2028: one session became two, and later line numbers were off."""
+    path = tmp_path / "hdfs_train"
+    path.write_text("1 2 3\x0c4 5\n6 7\u2028 8\n9 x\n")
+    with pytest.raises(DataError, match=r"hdfs_train:3: 'x' is not a log key"):
+        hdfs.read_key_sessions(path, 0, 28)
+    sessions, skipped = hdfs.read_key_sessions(path, 0, 28, skip_bad=True)
+    assert skipped == 1 and [s.keys for s in sessions] == [(1, 2, 3, 4, 5), (6, 7, 8)]

@@ -123,7 +123,7 @@ def refuse_preset_secrets(config: DictConfig) -> None:
     starts, before Hydra writes either (the command-line check runs before Hydra itself)."""
     from omegaconf import OmegaConf
 
-    from sectune.tracking import _SECRET_KEY, _SECRET_VALUE
+    from sectune.tracking import _SECRET_KEY, _SECRET_VALUE, secret_keys
 
     env = OmegaConf.select(config, "hydra.job.env_set", default=None)
     env = OmegaConf.to_container(env, resolve=False) if env is not None else {}
@@ -132,6 +132,15 @@ def refuse_preset_secrets(config: DictConfig) -> None:
         print(f"sectune: error: hydra.job.env_set sets {', '.join(found)} from a config file: Hydra would save the value in the "
               "run's .hydra/hydra.yaml (and a sweep's multirun.yaml); nothing was run or written. Put it in the environment "
               "instead (export it, `hf auth login`, `wandb login`)", file=sys.stderr)
+        sys.exit(2)
+    # any other key a preset sets (paths.shared_data: https://alice:pw@host/share was saved in .hydra/ and result.json)
+    run = OmegaConf.to_container(config, resolve=False)
+    run.pop("hydra", None)
+    found = secret_keys(run)
+    if found:
+        print(f"sectune: error: {', '.join(found)}: a secret set by a config file would be saved in the run's .hydra/ and "
+              "result.json; nothing was run or written. Put it in the environment instead (export it, `hf auth login`, "
+              "`wandb login`), or credentials in a netrc file rather than a URL", file=sys.stderr)
         sys.exit(2)
 
 

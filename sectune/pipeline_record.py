@@ -20,9 +20,12 @@ if TYPE_CHECKING:
 STEP_FILE = "step.json"
 
 
-def already_done(step: Step) -> dict | None:
-    """The step's result when it succeeded with this config (same digest, ``train.resume``/``debug`` aside)."""
+def already_done(step: Step, earlier: list[Step] = ()) -> dict | None:
+    """The step's result when it succeeded with this config (same digest, ``train.resume``/``debug`` aside) after
+    every ``earlier`` step of the pipeline finished (one retrained since handed it other inputs)."""
     res = runner.previous_result(step.dir)
+    if res is not None and any(_after(runner.previous_result(e.dir), res) for e in earlier):
+        return None
     if res is None and (step.dir / runner.RESULT_FILE).is_file():
         print(f"sectune: warning: pipeline: {step.dir / runner.RESULT_FILE} is not a readable result (damaged?); "
               f"running the {step.name} step again", file=sys.stderr)
@@ -40,6 +43,18 @@ def already_done(step: Step) -> dict | None:
             print(f"sectune: warning: pipeline: the {step.name} step's {damage}; running it again", file=sys.stderr)
         return res if damage is None else None
     return None
+
+
+def _after(upstream: dict | None, res: dict) -> bool:
+    """Whether ``upstream`` (an earlier step's result) finished after ``res`` started; unreadable times count as after."""
+    from datetime import datetime
+
+    if not upstream or not upstream.get("finished"):
+        return False
+    try:
+        return datetime.fromisoformat(str(upstream["finished"])) > datetime.fromisoformat(str(res.get("started")))
+    except (TypeError, ValueError):
+        return True
 
 
 def _json(obj):

@@ -129,7 +129,7 @@ def _str_keys(obj: Any) -> Any:
 
 def data_fingerprint(cfg: DictConfig) -> dict:
     """What data a run would read, beyond its config: the files (name, size and modification time, two folders deep)
-    under ``paths.shared_data`` and under ``dataset.path``. Real logs downloaded after a run on generated ones, or a
+    under ``paths.shared_data``, ``dataset.path``, ``infer.input_file`` and ``evaluate.data_path``. Real logs downloaded after a run on generated ones, or a
     user's file edited (the same size too: a word replaced by another as long), change the digest, so a pipeline or a
     sweep does not reuse a run made on other data. Touching a file unchanged reruns once: the safe side."""
 
@@ -148,10 +148,12 @@ def data_fingerprint(cfg: DictConfig) -> dict:
             for b in sorted(a.iterdir()) if a.is_dir() else [a]:
                 if b.is_file() and not b.name.startswith("."):
                     out.append(entry(str(b.relative_to(p)), b))
+        if len(out) > 1000:  # a user's folder of logs: its digest, not a result.json that lists every file
+            return ["sha256", len(out), hashlib.sha256(json.dumps(out).encode()).hexdigest()]
         return out
 
     fp = {}
-    for key in ("paths.shared_data", "dataset.path"):
+    for key in ("paths.shared_data", "dataset.path", "infer.input_file", "evaluate.data_path"):
         value = OmegaConf.select(cfg, key, default=None)
         if value:
             try:

@@ -86,6 +86,20 @@ def secret_overrides(argv: list[str]) -> list[str]:
     return found
 
 
+def secret_keys(obj: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a config container (unresolved) whose value is a secret: a secret-named key with a value, a
+    token-shaped value, or credentials inside a value (a URL's user:password@). Named, never with the value."""
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in (
+            [f"{prefix}{key}"] if _SECRET_KEY.search(str(key)) and v not in (None, "", [], {}) and not isinstance(v, (dict, list, bool))
+            else secret_keys(v, f"{prefix}{key}."))]
+    if isinstance(obj, list):
+        return [k for i, v in enumerate(obj) for k in secret_keys(v, f"{prefix}{i}.")]
+    if isinstance(obj, str) and not (_HASH_KEYS.search(prefix.rstrip(".")) and re.fullmatch(r"[0-9a-fA-F]{40}", obj.strip())):
+        return [prefix.rstrip(".")] if _SECRET_VALUE.match(obj.strip()) or _SECRET_INSIDE.search(obj) else []
+    return []
+
+
 def redact(obj: Any) -> Any:
     """A copy of a nested dict/list with secret-looking keys and values replaced."""
     if isinstance(obj, dict):

@@ -123,6 +123,18 @@ def test_a_secret_a_preset_sets_in_env_set_is_refused_before_hydra_saves_it(tmp_
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
+def test_a_secret_any_key_of_a_preset_holds_is_refused_before_hydra_saves_it(tmp_path):
+    """paths.shared_data: https://alice:pw@host/share in a --config-dir preset went to .hydra/ and result.json."""
+    (tmp_path / "cd" / "experiment").mkdir(parents=True)
+    (tmp_path / "cd" / "experiment" / "leak.yaml").write_text(
+        "# @package _global_\npaths:\n  shared_data: https://alice:s3cretpw@host.example/share\n"
+        "logger:\n  entity: hf_fakefakefakefakefakefakefake\n")
+    run = cli(["--config-dir", str(tmp_path / "cd"), "+experiment=leak", "stage=plan", "logger=none", "hydra.run.dir=" + str(tmp_path / "run")])
+    assert run.returncode == 2, run.stderr[-1500:]
+    assert "sectune: error: logger.entity, paths.shared_data: a secret set by a config file" in run.stderr, run.stderr[-1500:]
+    assert "s3cretpw" not in run.stderr + run.stdout and "hf_fake" not in run.stderr + run.stdout and not (tmp_path / "run").exists()
+
+
 def test_settings_that_mention_tokens_or_keys_are_not_secrets():
     from sectune.tracking import secret_overrides
 

@@ -649,6 +649,20 @@ def test_an_output_file_that_is_not_an_earlier_infer_output_is_refused(tmp_path)
     assert infer.output_path(str(earlier), tmp_path / "run", [log]) == earlier  # its own kind: replaced, the old kept
 
 
+def test_an_output_file_in_the_folder_of_logs_it_answers_is_refused_before_a_model_loads(tmp_path):
+    """The first run wrote it there and succeeded; the next read those answers as a log, then refused to replace them."""
+    from sectune import runner
+    from sectune.errors import ConfigError
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "auth.log").write_text("Dec 10 06:55:46 LabSZ sshd[1]: Invalid user bob from 1.2.3.4\n")
+    cfg = compose(["stage=infer", f"infer.input_file={logs}", f"infer.output_file={logs / 'analyses.json'}", "logger=none"])
+    with pytest.raises(ConfigError, match=r"infer.output_file=.*analyses.json lies in the folder infer.input_file=.* reads"):
+        infer.run(runner.RunContext(cfg=cfg, run_dir=tmp_path / "run"))
+    assert sorted(p.name for p in logs.iterdir()) == ["auth.log"]
+
+
 def test_each_record_names_what_its_window_does_not_hold():
     from sectune.infer_inputs import absent_names
 

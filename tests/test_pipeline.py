@@ -83,7 +83,10 @@ def test_step_configs_are_composed_per_step_and_handed_on(tmp_path):
         no_reward = pipeline.compose_step(cfg, base, "rl", tmp_path, ["sft", "rl", "infer"])
         assert no_reward.cfg.rl.rewards.reward_model == 0 and no_reward.cfg.rl.reward_model is None
     assert steps["dpo"].cfg.dpo.init_from == str(tmp_path / "sft")
-    assert steps["infer"].cfg.infer.model_dir == str(tmp_path)
+    # infer answers with the newest policy among the steps (a dpo/ an earlier run left answered [sft, infer] before)
+    assert steps["infer"].cfg.infer.model_dir == str(tmp_path / ("rl" if HAS_RL else "dpo"))
+    for own, want_dir in ((["sft", "infer"], tmp_path / "sft"), (["sft", "dpo", "infer"], tmp_path / "dpo"), (["infer"], tmp_path)):
+        assert pipeline.compose_step(cfg, base, "infer", tmp_path, own).cfg.infer.model_dir == str(want_dir), own
     assert steps["infer"].cfg.infer.input_file == str(tmp_path / "heldout" / "windows")
     # train.resume and debug do not change what a step is (a rerun with train.resume=auto skips done steps)
     cfg2 = compose(["stage=pipeline", "dataset.max_samples=48", "loss.beta=0.3", "train.resume=auto"])
@@ -156,7 +159,7 @@ def test_infer_before_sft_stops_before_any_step(tmp_path):
     res = run([*SMALL, "pipeline.steps=[infer,sft]"], run_dir)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == ("sectune: error: pipeline.steps=[infer, sft]: infer takes the policy that answers: "
-                                                   "the newest of rl → dpo → sft in this pipeline's dir (infer.model_dir) from the sft "
+                                                   "the newest of rl → dpo → sft among this pipeline's steps (infer.model_dir) from the sft "
                                                    "step, which runs after it; list sft before infer")
     assert res.result["status"] == "failed" and not (run_dir / "sft").exists() and not (run_dir / "infer").exists()
 
@@ -517,6 +520,47 @@ def test_a_finished_step_is_not_reused_on_other_data_or_without_its_artifacts(tm
     log.write_text(log.read_text().replace("Invalid user a", "Invalid user b"))
     os.utime(log, ns=(mtime + 1_000_000_000, mtime + 1_000_000_000))  # a second later, as an edit is
     assert log.stat().st_size == size and pipeline_record.already_done(step) is None
+
+
+def test_a_step_is_not_reused_when_an_earlier_step_finished_after_it_started(tmp_path):
+    """An attempt retrained sft and was stopped in dpo: dpo's earlier result (trained on the sft before) was put back
+    and the next rerun skipped dpo and infer, exit 0."""
+    from sectune import pipeline_record, runner
+    from sectune.stages import pipeline
+
+    def finished(name, started, done):
+        over = [f"stage={name}", "train.max_steps=2", f"paths.shared_data={tmp_path / 'none'}"]
+        step = pipeline.Step(name, tmp_path / "p" / name, compose(over), over)
+        pipeline_record.record_step(step)
+        runner.write_json_atomic(step.dir / "result.json", {"status": "succeeded", "config_digest": runner.config_digest(step.cfg),
+                                                            "started": started, "finished": done})
+        return step
+
+    sft = finished("sft", "2026-12-06T10:00:00+00:00", "2026-12-06T10:05:00+00:00")
+    dpo = finished("dpo", "2026-12-06T10:05:00+00:00", "2026-12-06T10:06:00+00:00")
+    assert pipeline_record.already_done(dpo, [sft]) is not None
+    sft = finished("sft", "2026-12-06T11:00:00+00:00", "2026-12-06T11:05:00+00:00")  # retrained; dpo's result is the old one
+    assert pipeline_record.already_done(sft, []) is not None
+    assert pipeline_record.already_done(dpo, [sft]) is None and pipeline_record.already_done(dpo) is not None
+    runner.write_json_atomic(sft.dir / "result.json", {**json.loads((sft.dir / "result.json").read_text()), "finished": "garbled"})
+    assert pipeline_record.already_done(dpo, [sft]) is None  # an unreadable time: run it again, the safe side
+
+
+def test_an_infer_step_is_not_reused_once_its_input_file_is_edited(tmp_path):
+    from sectune import pipeline_record, runner
+    from sectune.stages import pipeline
+
+    log = tmp_path / "auth.log"
+    log.write_text("Dec 10 06:55:46 LabSZ sshd[1]: Invalid user a from 1.2.3.4\n")
+    over = ["stage=infer", f"infer.input_file={log}", f"paths.shared_data={tmp_path / 'none'}"]
+    step = pipeline.Step("infer", tmp_path / "p" / "infer", compose(over), over)
+    pipeline_record.record_step(step)
+    runner.write_json_atomic(step.dir / "result.json", {"status": "succeeded", "config_digest": runner.config_digest(step.cfg)})
+    assert pipeline_record.already_done(step) is not None
+    mtime = log.stat().st_mtime_ns
+    log.write_text(log.read_text().replace("user a", "user b"))
+    os.utime(log, ns=(mtime + 1_000_000_000, mtime + 1_000_000_000))
+    assert pipeline_record.already_done(step) is None
 
 
 def test_a_finished_step_whose_checkpoints_were_deleted_to_save_space_is_still_reused(tmp_path):

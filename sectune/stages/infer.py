@@ -53,6 +53,11 @@ def run(ctx: RunContext) -> dict:
         # (the runner's "running" result.json stood in for the model run's, which it puts back)
         raise ConfigError(f"hydra.run.dir is infer.model_dir ({run_dir}): the analyses go to a run dir of their own; "
                           "give another hydra.run.dir")
+    if ic.input_file and ic.output_file:  # the next run read the answers as a log, then refused to replace them
+        folder, out = (Path(str(v)).expanduser().resolve() for v in (ic.input_file, ic.output_file))
+        if folder.is_dir() and out.parent == folder:
+            raise ConfigError(f"infer.output_file={ic.output_file} lies in the folder infer.input_file={ic.input_file} reads: "
+                              "the next run would read these answers as a log; write them elsewhere")
     files = read_inputs(ic.input_file)
     warn_unfamiliar_format(files)
     inputs = log_windows(files, cfg.dataset.max_lines if ic.window_lines is None else ic.window_lines)

@@ -26,7 +26,7 @@ How a step's config is made
    must not change when another step's overrides do.
 3. What earlier steps hand on, as paths to their run dirs (each reads the other's result.json):
    ``rl.init_from=<run dir>/sft``, ``rl.reward_model=<run dir>/reward``, ``dpo.init_from=<run dir>/sft``,
-   ``infer.model_dir=<run dir>`` (the newest of rl → dpo → sft) and, unless set,
+   ``infer.model_dir=<run dir>/<the newest of rl → dpo → sft among the steps>`` and, unless set,
    ``infer.input_file=<run dir>/heldout/windows`` (the held-out windows, one file each).
 4. ``pipeline.overrides.<step>`` merged onto it under the schema: an unknown key or a wrong type is
    an error naming ``pipeline.overrides.<step>.<key>``.
@@ -36,8 +36,10 @@ Skipping and failure
 Before a step runs, ``<step>/step.json`` records its config digest with ``train.resume`` and
 ``debug`` left out (how to run, not what), so a rerun with ``train.resume=auto`` or without a
 ``debug.fail_at_step`` is still the same step. A rerun of the same command skips a step whose
-result.json says succeeded for that digest, up to the first step that has to run; every later
-step then runs too (its inputs are new). Paths under the pipeline's dir enter the digest relative
+result.json says succeeded for that digest and that started after every earlier step of the pipeline
+finished, up to the first step that has to run; every later step then runs too (its inputs are new).
+(An attempt that retrained sft and was stopped in dpo put dpo's earlier result back: it had trained on
+the sft before, and the next rerun skipped it.) Paths under the pipeline's dir enter the digest relative
 to it, so a moved or copied pipeline dir skips its finished steps as well. A failing step stops
 the pipeline: the earlier steps' dirs stay as they are, this run's result.json says failed and
 names the step, and the exit code is the step's. ``train.resume=auto`` inside a step resumes it from ``<step>/checkpoints/``.
@@ -58,6 +60,7 @@ from sectune import runner
 from sectune.config import PipelineConfig
 from sectune.config_checks import check_values
 from sectune.errors import ConfigError, SectuneError
+from sectune.model_chain import CHAIN
 from sectune.evaluation.pipeline_heldout import WINDOWS_DIR, check_held_out, heldout_table, reads_windows, write_windows
 from sectune.pipeline_record import already_done, record_step
 from sectune.runner import RunContext, skip_digest
@@ -76,7 +79,7 @@ TAKES = {
     "rl": {"sft": ("rl.init_from", "its starting adapter"), "reward": ("rl.reward_model", "its reward model")},
     "dpo": {"sft": ("dpo.init_from", "its starting adapter")},
     "evaluate": {"sft": ("evaluate.model_dir", "the model it evaluates, when unset")},
-    "infer": {s: ("infer.model_dir", "the policy that answers: the newest of rl → dpo → sft in this pipeline's dir")
+    "infer": {s: ("infer.model_dir", "the policy that answers: the newest of rl → dpo → sft among this pipeline's steps")
               for s in ("rl", "dpo", "sft")},
 }
 
@@ -149,7 +152,7 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
     skipped: list[str] = []
     for i, step in enumerate(steps, 1):
         head = f"sectune: pipeline: step {i}/{len(steps)} {step.name}"
-        if not ran and (prev := already_done(step)) is not None:
+        if not ran and (prev := already_done(step, steps[: i - 1])) is not None:
             print(f"{head}: skipped (succeeded on {prev.get('finished', '?')} with this config, digest {step.skip_digest}; {step.dir})")
             skipped.append(step.name)
             continue
@@ -347,7 +350,10 @@ def handoffs(name: str, names: list[str], run_dir: Path, step_cfg: DictConfig) -
                 group, field = key.split(".")
                 out.setdefault(group, {})[field] = str(run_dir / step)
     elif name == "infer":
-        out["infer"] = {"model_dir": str(run_dir)}
+        # the newest policy this pipeline trains (rl → dpo → sft), not the newest step dir under it: a dpo/ left by an
+        # earlier run with other steps answered a [sft, infer] pipeline
+        own = [s for s in CHAIN if s in before]
+        out["infer"] = {"model_dir": str(run_dir / own[0]) if own else str(run_dir)}
         if step_cfg.infer.input_file is None:
             out["infer"]["input_file"] = str(run_dir / WINDOWS_DIR)
     return out

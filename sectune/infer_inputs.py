@@ -239,7 +239,9 @@ def absent_names(analysis, window_text: str) -> list[str]:
         return []
     names = [s.get("ip") for s in analysis.get("source_ips") or [] if isinstance(s, dict)]
     names += [u for k in ("invalid_users", "targeted_users") for u in analysis.get(k) or []]
-    return sorted({n for n in names if isinstance(n, str) and n and n not in window_text})
+    # a whole token of the window, not a piece of one: 10.0.0.1 is not in "10.0.0.12", nor root in "user=rootadmin"
+    return sorted({n for n in names if isinstance(n, str) and n
+                   and not re.search(rf"(?<![\w.-]){re.escape(n)}(?![\w-]|\.\w)", window_text)})
 
 
 # ----------------------------------------------------------------------------- an interrupted run's answers

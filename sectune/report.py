@@ -113,7 +113,7 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
 #: metric names (substrings) where smaller is better: sorted ascending (an FPR sorted descending listed the worst
 #: first), as is a name ending in ``_s`` (seconds: ``latency_p95_s``)
 LOWER_IS_BETTER = ("loss", "fpr", "false_positive", "attack_success", "error", "perplexity", "seconds", "wall_time", "bytes",
-                   "latency", "invalid")
+                   "latency", "invalid", "invented", "_fp", "_fn", "failed")
 #: ... unless one of these is in the name too (checked first): a rate or ratio of something good (``bytes_reduction``,
 #: ``rows_per_s``)
 HIGHER_IS_BETTER = frozenset({"reduction", "ratio", "speedup"})  # whole words of the name; and a name with "per_s"

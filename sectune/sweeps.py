@@ -29,9 +29,14 @@ from omegaconf import DictConfig
 #: (also mid-name: baseline_test_f1), the pipeline's held-out table (heldout_*, but its chosen policy's validation score
 #: heldout_val_*, and each row's <row>_verdict_macro_f1 …), attack success on the held-out injected windows (the
 #: analyst's, and the classic baseline's beside it: baseline_attack_success_rate …), and the
-#: preference stages' held-out pairs (DPO's preference_accuracy / logp_margin / reward_margin, reward's reward_accuracy)
-TEST_METRIC = re.compile(r"^(heldout_(?!val_)|(baseline_)?(attack_success|targeted_attack|demanded_attack|clean_verdict)"
-                         r"|(base|sft|rl|dpo|rules|majority|baseline)(_constrained)?_(verdict_|field_f1|json_valid|schema_valid|analyses_per_s|vs_)"
+#: preference stages' held-out pairs (DPO's preference_accuracy / logp_margin / reward_margin, reward's reward_accuracy),
+#: the grounded rows and invented-names rates of the table, the representation metrics of the held-out triplets
+#: (causal_stability, …: their train.eval_steps curves are best_eval_*), an injection evaluation's injected_schema_valid_rate
+#: and a vote's members_*_mean, and classify's external_* (a file of the user's, scored once)
+TEST_METRIC = re.compile(r"^(heldout_(?!val_)|(baseline_|members_)?(attack_success|targeted_attack|demanded_attack|clean_verdict)"
+                         r"|(base|sft|rl|dpo|rules|majority|baseline)(_constrained)?(_grounded)?_(verdict_|field_f1|json_valid|schema_valid"
+                         r"|analyses_per_s|vs_|invented_names)"
+                         r"|injected_schema_valid|external_|(causal_stability|spurious_separation|causal_discrimination)(_start)?$"
                          r"|preference_accuracy|logp_margin|reward_margin|reward_accuracy|heuristic_reward)|(^|_)test(_|$)")
 
 RESULT_FILE = "result.json"

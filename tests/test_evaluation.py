@@ -127,6 +127,27 @@ def test_tfidf_fits_the_vectorizer_once_and_predicts_as_a_pipeline_refit_per_c(m
     assert r.predictions == [str(p) for p in pipe(r.params["C"]).predict(test)]
 
 
+def test_tfidf_picks_c_by_the_macro_f1_the_tables_report():
+    """C was chosen by sklearn's macro-F1 over the labels validation holds *or* the model predicted; every table reports
+    classifier.label_scores' (over the labels the split holds): truth [a, a, b], predictions [a, c, b] is 0.556 to one and
+    0.833 to the other (F1 a = 2/3, b = 1; c, absent from the split, left out)."""
+    from sectune.evaluation.classifier import label_scores
+
+    rng = np.random.default_rng(1)
+    words = ["fail", "root", "invalid", "closed", "opened", "session", "kerberos", "ftp"]
+    train = [" ".join(rng.choice(words, 6)) for _ in range(90)]
+    ty = ["a" if "fail" in t else "b" if "ftp" in t else "c" for t in train]
+    val = [" ".join(rng.choice(words[:6], 6)) for _ in range(30)]  # no ftp: validation holds a and c, never b
+    vy = ["a" if "fail" in t else "c" for t in val]
+    r = tfidf_logreg_baseline(train, ty, val, seed=0, val_texts=val, val_y=vy, c_grid=(0.1,))  # scored on val itself
+    assert "b" in r.predictions  # a label validation lacks: sklearn's macro averaged in its F1 of 0 (0.547 for 0.820)
+    assert r.params["val_macro_f1_by_C"][0.1] == pytest.approx(label_scores(vy, r.predictions, ["a", "b", "c"])["macro_f1"])
+    from sectune.evaluation.baselines import _macro_f1
+
+    assert _macro_f1(["a", "a", "b"], ["a", "c", "b"]) == pytest.approx(5 / 6)
+    assert label_scores(["a", "a", "b"], ["a", "c", "b"], ["a", "b", "c"])["macro_f1"] == pytest.approx(5 / 6)
+
+
 def test_macro_f1_leaves_out_a_label_that_is_neither_in_the_split_nor_predicted():
     """A test split of benign rows only, all predicted benign, scored macro-F1 0.5 (the absent 'injection' as 0)."""
     from sectune.evaluation.classifier import label_scores

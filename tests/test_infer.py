@@ -671,6 +671,11 @@ def test_each_record_names_what_its_window_does_not_hold():
                 "invalid_users": ["bob", "admin"], "targeted_users": []}
     assert absent_names(analysis, window) == ["183.62.140.253", "admin"]
     assert absent_names(None, window) == [] and absent_names({"source_ips": "x"}, window) == []
+    # a piece of another name is not that name (an audit: substrings counted as held, the invented-names rate too low)
+    window = "Dec 10 06:55:46 LabSZ sshd(pam_unix)[2]: authentication failure; rhost=218.188.2.45  user=rootadmin\n"
+    assert absent_names({"source_ips": [{"ip": "18.188.2.4"}], "invalid_users": ["root", "admin"]}, window) == ["18.188.2.4", "admin", "root"]
+    assert absent_names({"source_ips": [{"ip": "218.188.2.45"}], "targeted_users": ["rootadmin"]}, window) == []
+    assert absent_names({"source_ips": [{"ip": "1.2.3.4"}], "invalid_users": ["bob"]}, "from 1.2.3.4: user bob.") == []
 
 
 def test_infer_decodes_as_the_models_run_did_keeps_the_earlier_answers_and_records_what_it_read(tmp_path, adapter):

@@ -176,7 +176,9 @@ def test_which_metrics_sort_ascending():
     from sectune.report import lower_is_better
 
     for name in ("eval_loss", "test_fpr", "attack_success_rate", "latency_p95_s", "test_invalid_predictions", "peak_rss_bytes",
-                 "wall_time_s", "bytes_up_total", "generation_s", "duration_s"):  # "ratio" is inside generation/duration
+                 "wall_time_s", "bytes_up_total", "generation_s", "duration_s",  # "ratio" is inside generation/duration
+                 # an audit (session 35): these sorted worst first
+                 "heldout_invented_names_rate", "sft_invented_names_rate", "test_fp", "test_fn", "clients_failed"):
         assert lower_is_better(name), name
     for name in ("bytes_reduction", "bytes_reduction_on_wire", "rows_per_s", "analyses_per_s", "test_macro_f1", "reward_accuracy", "val_score",
                  "grpo_completions_per_s_ratio_vs_trl", "round_s_mean_speedup"):
@@ -247,11 +249,17 @@ def test_a_sweep_objective_measured_on_test_is_refused():
                  "clean_verdict_accuracy", "logp_margin", "reward_margin", "heuristic_reward_mean", "dpo_verdict_macro_f1",
                  "base_json_valid_rate", "rules_verdict_macro_f1", "sft_vs_tfidf_lr_diff", "rl_analyses_per_s",
                  # the classic baseline beside the attack (stage=evaluate, stage=contrastive)
-                 "baseline_attack_success_rate", "baseline_clean_verdict_accuracy", "baseline_targeted_attack_success_rate"):
+                 "baseline_attack_success_rate", "baseline_clean_verdict_accuracy", "baseline_targeted_attack_success_rate",
+                 # an audit (session 35): the grouped rows, invented names, the held-out triplets' representation metrics,
+                 # an injection evaluation's and a vote's numbers, a user's external file
+                 "sft_grounded_verdict_macro_f1", "rl_constrained_grounded_field_f1", "rl_invented_names_rate",
+                 "causal_stability", "causal_discrimination_start", "spurious_separation", "injected_schema_valid_rate",
+                 "external_macro_f1", "members_attack_success_rate_mean"):
         with pytest.raises(ConfigError, match=rf"sweep.objective={name}: a number measured on the test split"):
             check_sweep(compose([f"sweep.objective={name}"]))
     for name in ("heldout_val_verdict_macro_f1", "eval_loss", "val_f1", "reward_heldout_best", "predicted_peak_bytes",
-                 "testimony_f1", "latest_loss", "val_contest_score"):  # "test" inside a word is no test number
+                 "testimony_f1", "latest_loss", "val_contest_score",  # "test" inside a word is no test number
+                 "best_eval_causal_discrimination", "eval_causal_stability"):  # the train.eval_steps curve: validation
         check_sweep(compose([f"sweep.objective={name}"]))
 
 

@@ -198,7 +198,8 @@ def split_windows(ids_labels: list[tuple[str, str]], val_fraction: float, test_f
             return items, [], labs
         n = max(1, round(len(items) * frac))
         if n >= len(items):
-            raise ConfigError(f"dataset: {len(items)} windows are too few for fractions val={val_fraction}, test={test_fraction}")
+            raise ConfigError(f"dataset: {len(items)} windows are too few for dataset.val_fraction={val_fraction}, "
+                              f"dataset.test_fraction={test_fraction}; raise dataset.max_samples (or add windows) or lower the fractions")
         counts = {lab: labs.count(lab) for lab in set(labs)}
         strat = labs if min(counts.values()) >= 2 and len(counts) > 1 and n >= len(counts) else None
         if strat is not None and len(items) - n < len(counts):

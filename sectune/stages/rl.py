@@ -36,7 +36,7 @@ from sectune.evaluation.rl_rewards import heldout_rewards, reward_functions
 from sectune.losses import GRPO_SCALES
 from sectune.models import modeling
 from sectune.runner import RunContext, init_source, write_json_atomic
-from sectune.training import checkpoints, engine
+from sectune.training import checkpoints, distributed, engine
 from sectune.training.memory import levers_left, memory_check
 from sectune.training.rl_progress import HeldOutBest, curve_metrics, plot_reward_curve, rl_history
 
@@ -199,6 +199,12 @@ def run_grpo(ctx: RunContext) -> dict:
                           "batch's rewards) or none (no scaling, Dr. GRPO)")
     if int(rl.num_generations) < 2:
         raise ConfigError(f"rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions per prompt to compare them")
+    save = int(cfg.train.save_steps or 0)
+    if int(rl.num_iterations) > 1 and save and save % int(rl.num_iterations):
+        # TRL keeps a generation's completions in memory for num_iterations steps and no checkpoint holds them: a run
+        # resumed mid-cycle sampled them again from the updated policy
+        raise ConfigError(f"train.save_steps={save}: must be a multiple of rl.num_iterations={rl.num_iterations} (each generation "
+                          "is trained on that many steps and a checkpoint in between could not resume it exactly)")
     if not float(rl.keep_best_se) >= 0:
         raise ConfigError(f"rl.keep_best_se={rl.keep_best_se}: must be >= 0 (standard errors a later step's held-out gain must exceed; 0 = any gain)")
     # 1. model: the SFT policy, trainable
@@ -218,6 +224,12 @@ def run_grpo(ctx: RunContext) -> dict:
         print(f"sectune: warning: {too_long} train windows have prompts over model.max_seq_length - rl.max_completion_length = {max_prompt} tokens; left out")
     if not train_recs:
         raise ConfigError(f"dataset={cfg.dataset.name}: no train window's prompt fits model.max_seq_length - rl.max_completion_length = {max_prompt} tokens")
+    step_prompts = int(cfg.train.batch_size) * int(cfg.train.grad_accum) * distributed.world_size()
+    if len(train_recs) < step_prompts:  # TRL's sampler yields whole batches only: 0 steps, "succeeded", the SFT adapter passed on
+        raise ConfigError(f"dataset: {len(train_recs)} train windows fit, fewer than one GRPO step's {step_prompts} prompts "
+                          f"(train.batch_size={cfg.train.batch_size} × train.grad_accum={cfg.train.grad_accum}"
+                          f"{f' × {distributed.world_size()} processes' if distributed.world_size() > 1 else ''}); raise "
+                          "dataset.max_samples or lower train.batch_size / train.grad_accum")
     print(f"sectune: GRPO on {len(train_recs)} train windows × G={rl.num_generations} completions ({len(splits['test'])} test windows held out)")
 
     # 3. trainer

@@ -183,10 +183,12 @@ def training_settings(cfg: DictConfig, root: Path) -> dict:
 
     from sectune.training import distributed
 
-    groups = ["model", "quantization", "lora", "loss", "dataset", "train", str(cfg.stage.name)]
+    # generation: GRPO samples with it (and keeps the adapter its greedy evaluations prefer); debug.enabled: contrastive's
+    # few-sample debug run (both were resumed under other values without a word)
+    groups = ["model", "quantization", "lora", "loss", "dataset", "train", str(cfg.stage.name), *(["generation"] if cfg.stage.name == "rl" else [])]
     # N processes train on N x train.batch_size: resumed on another count, a run continued on another global batch
     # without the other ranks' RNG state
-    flat: dict = {"stage": str(cfg.stage.name), "processes": distributed.world_size()}
+    flat: dict = {"stage": str(cfg.stage.name), "processes": distributed.world_size(), "debug.enabled": bool(cfg.debug.enabled)}
 
     def walk(prefix: str, value) -> None:
         if isinstance(value, dict):
@@ -256,6 +258,9 @@ def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:
         return
     before.setdefault("processes", 1)  # recorded since session 27: the records before are of 1-process runs
     now = json.loads(json.dumps(training_settings(cfg, ckpt.parent.parent.parent), default=str))
+    for k in now:  # recorded since session 35: a record from before says nothing about them
+        if (k == "debug.enabled" or k.startswith("generation.")) and k not in before:
+            before[k] = now[k]
     diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if diff:
         shown = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in diff[:4])

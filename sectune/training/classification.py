@@ -68,7 +68,8 @@ def _stratified_cut(records: List[dict], frac: float, seed: int, source: str):
     try:
         rest, cut = train_test_split(records, test_size=frac, random_state=seed, stratify=[r["label"] for r in records])
     except ValueError as e:
-        raise DataError(f"{source}: cannot split stratified ({e})") from None
+        raise DataError(f"{source}: cannot split stratified ({e}); raise dataset.max_samples or lower dataset.val_fraction / "
+                        "dataset.test_fraction") from None
     return list(rest), list(cut)
 
 

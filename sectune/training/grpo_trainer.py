@@ -258,6 +258,15 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.shared_prompt = shared_prompt
 
+    def _get_train_sampler(self, dataset=None):
+        # TRL's RepeatSampler seeds its generator once and continues it: a run resumed in epoch e drew epoch 0's order
+        sampler = super()._get_train_sampler(dataset)
+        if getattr(sampler, "shuffle", False) and isinstance(getattr(sampler, "generator", None), torch.Generator):
+            from sectune.training.engine import epoch_seeded
+
+            sampler = epoch_seeded(sampler, sampler.seed if sampler.seed is not None else self.args.seed)
+        return sampler
+
     def _shared_generation_ok(self, images, multimodal_fields) -> bool:
         g = self.generation_config if not self.use_vllm else None
         # CPU only: on one H200 (SmolLM-135M's shape, LoRA r4, 1 prompt x G=8, 128 tokens) this token-by-token

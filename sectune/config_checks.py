@@ -174,6 +174,10 @@ def check_values(cfg) -> None:
         from sectune.models.constrained import check_grounding, grounded_fields
 
         check_grounding(auth_logs._validator(cfg.infer.schema).schema, grounded_fields(cfg))
+        # stage=infer and evaluate ground only constrained decodes (the pipeline's table grounds its constrained row)
+        need(cfg.infer.constrained or cfg.stage.name not in ("infer", "evaluate"), "infer.grounded_fields",
+             list(cfg.infer.grounded_fields), "has no effect without infer.constrained=true (names are grounded by "
+             "constrained decoding); add it")
     check_quantization(cfg)
     check_sweep(cfg)
     loss = cfg.loss
@@ -272,6 +276,8 @@ def check_passed_through(cfg, need) -> None:
          "must be >= 0 (decimal places of a flow's numbers in its text)")
     f = cfg.federated
     need(f.ray_num_cpus is None or f.ray_num_cpus >= 1, "federated.ray_num_cpus", f.ray_num_cpus, "must be >= 1 (null = one client at a time)")
+    need(f.ray_num_cpus is None or f.ray_num_cpus >= f.client_num_cpus, "federated.ray_num_cpus", f.ray_num_cpus,
+         f"must be >= federated.client_num_cpus={f.client_num_cpus} (Ray could place no client: 'ActorPool is empty')")
     need(0 <= f.lr_min_ratio <= 1, "federated.lr_min_ratio", f.lr_min_ratio, "must be in [0, 1] (the last round's share of train.learning_rate)")
     need(f.eval_every >= 1, "federated.eval_every", f.eval_every, "must be >= 1 (the server evaluates every N rounds)")
     hm = cfg.pipeline.heldout_max_windows

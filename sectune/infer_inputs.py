@@ -245,15 +245,18 @@ def absent_names(analysis, window_text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- an interrupted run's answers
-def resume_key(choice, model_ref: str, gen_cfg, ic, prompts: list[str]) -> str:
-    """What an interrupted run's answers depend on: the model (its files' sizes and times), the decoding and the prompts."""
+def resume_key(choice, model_ref: str, gen_cfg, ic, prompts: list[str], max_seq_length: int | None = None, schema=None) -> str:
+    """What an interrupted run's answers depend on: the model (its files' sizes and times), the decoding, the prompts and
+    where they are cut (``model.max_seq_length``), and the schema a constrained decode follows (answers decoded under
+    another schema were resumed as this one's)."""
     from omegaconf import OmegaConf
 
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (choice.path.iterdir() if choice.path else ()) if p.is_file())
     what = {"model": model_ref, "used": choice.used, "path": str(choice.path), "files": files, "constrained": bool(ic.constrained),
             "grounded": [str(f) for f in ic.get("grounded_fields") or ()],
             "generation": OmegaConf.to_container(gen_cfg, resolve=True) if OmegaConf.is_config(gen_cfg) else dict(gen_cfg),
-            "batch_size": int(ic.batch_size), "prompts": hashlib.sha256("\0".join(prompts).encode()).hexdigest()}
+            "batch_size": int(ic.batch_size), "prompts": hashlib.sha256("\0".join(prompts).encode()).hexdigest(),
+            "max_seq_length": max_seq_length, "schema": schema if ic.constrained else None}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -51,6 +51,10 @@ def parse_json_output(text: str) -> tuple[dict, bool]:
     except (json.JSONDecodeError, ValueError):  # ValueError: e.g. an integer past Python's digit limit, or NaN
         import json_repair
 
+        # json_repair keeps the last of two keys as json does: an answer cut short (or with a trailing comma) that
+        # appended "verdict":"benign" was a valid, repaired, benign analysis
+        if (twice := _repeated_key(candidate)) is not None:
+            raise DuplicateKey(f"the output gives the key {twice!r} twice; not one analysis")
         obj, repaired = json_repair.loads(candidate), True
         # NaN / Infinity are not JSON: written back out they would make analyses.json invalid
         obj = json.loads(json.dumps(obj), parse_constant=_no_constant)
@@ -75,6 +79,56 @@ def _no_duplicate_keys(pairs: list) -> dict:
 
 #: deeper output is refused before any parser recurses into it (an analysis nests 2-3 levels)
 MAX_NESTING = 64
+
+
+def _repeated_key(text: str) -> str | None:
+    """The first key an object of ``text`` gives twice, read as json_repair reads broken JSON (cut short, trailing
+    commas, keys in single quotes or none), or None."""
+    stack: list = []  # per open container: the keys of an object so far (a set), or None for an array
+    expect_key, i, n = False, 0, len(text)
+    while i < n:
+        ch = text[i]
+        obj = stack[-1] if stack and stack[-1] is not None else None
+        if ch in "\"'":
+            j, esc = i + 1, False
+            while j < n and (esc or text[j] != ch):
+                esc = not esc and text[j] == "\\"
+                j += 1
+            token, i = text[i:j + 1], j + 1
+            if obj is not None and expect_key:
+                try:
+                    key = json.loads(token) if ch == '"' else token[1:-1]
+                except ValueError:
+                    key = token[1:]
+                if key in obj:
+                    return key
+                obj.add(key)
+                expect_key = False
+            continue
+        if ch == "{":
+            stack.append(set())
+            expect_key = True
+        elif ch == "[":
+            stack.append(None)
+        elif ch in "]}":
+            if stack:
+                stack.pop()
+            expect_key = False
+        elif ch == "," and obj is not None:
+            expect_key = True
+        elif obj is not None and expect_key and not ch.isspace() and ch != ":":  # a bare key, up to its colon
+            j = i
+            while j < n and text[j] not in ":,{}[]\"'":
+                j += 1
+            key = text[i:j].strip()
+            if j < n and text[j] == ":" and key:
+                if key in obj:
+                    return key
+                obj.add(key)
+            expect_key, i = False, j
+            continue
+        i += 1
+    return None
 
 
 def _nesting(text: str) -> int:

@@ -355,6 +355,13 @@ class Predictor:
         in_path, out_path = Path(in_path), Path(out_path)
         if out_path.is_dir():
             raise DataError(f"{out_path}: is a folder; give predict_csv the output CSV's path (e.g. {out_path / 'predictions.csv'})")
+        # the input itself, or a file of the run it predicts with (normalizer.json: the next from_run failed), was replaced
+        target, source = out_path.expanduser().resolve(), in_path.expanduser().resolve()
+        run_file = (self.source is not None and target.exists() and target.suffix.lower() != ".csv"
+                    and target.is_relative_to(Path(self.source).resolve()))
+        if target == source or run_file:
+            raise DataError(f"{out_path}: is " + ("the input CSV itself" if target == source else f"a file of the run "
+                            f"{self.source} the predictor loaded") + "; write the predictions to a new CSV")
         df = read_csv_checked(in_path, strings=self.meta["format"] != "flows")
         partial = out_path.with_name(f".{out_path.name}.partial.npz")
         if self.meta["format"] == "flows":

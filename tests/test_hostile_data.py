@@ -197,3 +197,65 @@ def test_deeplog_lines_end_only_at_line_breaks(tmp_path):
         hdfs.read_key_sessions(path, 0, 28)
     sessions, skipped = hdfs.read_key_sessions(path, 0, 28, skip_bad=True)
     assert skipped == 1 and [s.keys for s in sessions] == [(1, 2, 3, 4, 5), (6, 7, 8)]
+
+
+# ----------------------------------------------------------------------------- serving: infer, votes, predict
+def test_settings_that_did_nothing_or_failed_late_are_refused_naming_the_key():
+    from sectune.config_checks import check_values
+    from sectune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"infer.grounded_fields=.*has no effect without infer.constrained=true"):
+        check_values(compose(["stage=infer", "infer.grounded_fields=[source_ips.ip:address]"]))
+    check_values(compose(["stage=infer", "infer.constrained=true", "infer.grounded_fields=[source_ips.ip:address]"]))
+    with pytest.raises(ConfigError, match=r"federated.ray_num_cpus=1: must be >= federated.client_num_cpus=2"):
+        check_values(compose(["federated.ray_num_cpus=1", "federated.client_num_cpus=2"]))
+
+
+@pytest.mark.parametrize("schema, path, why", [
+    ({"type": "object", "properties": {"attacker_ip": {"type": "string"}}}, "attacker_ip", "(a window may hold no name of its kind)"),
+    ({"type": "object", "properties": {"sources": {"type": "array", "minItems": 1, "items": {"type": "string"}}}}, "sources",
+     "this one has minItems=1"),
+])
+def test_a_grounded_field_that_a_window_without_names_could_not_fill_is_refused(schema, path, why):
+    """A lone string stayed free where the window held no name; an array with minItems 1 met maxItems 0 and xgrammar
+    refused the schema mid-run, after the model had loaded."""
+    from sectune.errors import ConfigError
+    from sectune.models.constrained import check_grounding
+
+    with pytest.raises(ConfigError, match=rf"infer.grounded_fields: '{path}' must sit in an array .*{re.escape(why)}"):
+        check_grounding(schema, {path: "address"})
+
+
+def test_an_interrupted_infer_resumes_only_under_the_same_schema_and_prompt_cut():
+    from types import SimpleNamespace
+
+    from sectune.infer_inputs import resume_key
+
+    choice = SimpleNamespace(path=None, used="base")
+    ic = SimpleNamespace(constrained=True, batch_size=4, get=lambda k, d=None: d)
+    key = lambda **kw: resume_key(choice, "m", {"max_new_tokens": 8}, ic, ["p"], **{"max_seq_length": 1024, "schema": {"a": 1}, **kw})
+    assert key() == key() != key(schema={"b": 1}) and key() != key(max_seq_length=512)
+
+
+def test_a_vote_counts_typed_verdicts_and_needs_a_scalar_one():
+    from sectune.evaluation.vote import scalar_node, winner
+
+    assert winner([True, 1, 1]) == 1 and winner([1, True, True]) == 1  # True and 1 are two verdicts
+    assert scalar_node({"enum": ["benign", "malicious"]}) and scalar_node({"type": ["string", "null"]}) is False
+    assert not scalar_node({"type": "array", "items": {"type": "string"}}) and not scalar_node({"enum": [["a"]]})
+
+
+def test_predict_csv_does_not_write_over_its_input_or_the_runs_files(tmp_path):
+    from sectune.predict import Predictor
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "normalizer.json").write_text("{}")
+    inp = tmp_path / "flows.csv"
+    inp.write_text("a,b\n1,2\n")
+    p = Predictor.__new__(Predictor)
+    p.source = run
+    for out, why in ((inp, "the input CSV itself"), (run / "normalizer.json", "a file of the run")):
+        with pytest.raises(DataError, match=why):
+            p.predict_csv(inp, out)
+    assert inp.read_text() == "a,b\n1,2\n" and (run / "normalizer.json").read_text() == "{}"

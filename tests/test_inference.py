@@ -44,3 +44,11 @@ def test_an_answer_giving_a_key_twice_is_not_one_analysis():
     with pytest.raises(DuplicateKey, match="'ip' twice"):
         parse_json_output('{"source_ips": [{"ip": "1.2.3.4", "ip": "5.6.7.8", "failures": 1}], "verdict": "benign"}')
     assert parse_json_output('{"source_ips": [{"ip": "1.2.3.4"}, {"ip": "5.6.7.8"}]}')[0]["source_ips"][1]["ip"] == "5.6.7.8"
+    # an answer json must repair (cut short, a trailing comma, keys in other quotes): json_repair kept the last verdict,
+    # a valid, benign analysis (an audit, session 35)
+    for broken in ('{"verdict":"malicious","failed_logins":5,"verdict":"benign"', '{"verdict":"malicious","verdict":"benign",}',
+                   "{'verdict': 'malicious', 'verdict': 'benign'}", '{verdict: "malicious", verdict: "benign"}'):
+        with pytest.raises(DuplicateKey, match="the output gives the key 'verdict' twice"):
+            parse_json_output(broken)
+    assert parse_json_output('{"summary":"a, verdict: b","verdict":"malicious",')[0]["verdict"] == "malicious"
+    assert parse_json_output('{"a":{"x":1},"b":{"x":2},')[0] == {"a": {"x": 1}, "b": {"x": 2}}

@@ -21,11 +21,23 @@ from typing import Callable, Hashable, Optional, Sequence
 def winner(keys: Sequence[Optional[Hashable]]) -> int:
     """The index of the member whose answer is kept: the earliest member giving the key most members give (``None``, an
     invalid answer, never wins); 0 when every key is ``None``."""
-    counts = Counter(k for k in keys if k is not None)
+    counts = Counter((type(k), k) for k in keys if k is not None)  # typed: True and 1 (or 1.0) are not one verdict
     if not counts:
         return 0
     top = max(counts.values())
-    return next(i for i, k in enumerate(keys) if k is not None and counts[k] == top)
+    return next(i for i, k in enumerate(keys) if k is not None and counts[(type(k), k)] == top)
+
+
+def scalar_node(node) -> bool:
+    """Whether a schema node holds one scalar value (a verdict a vote can count): a string, number or boolean type, or an
+    enum / const of such values."""
+    if not isinstance(node, dict):
+        return False
+    if "const" in node or "enum" in node:
+        values = node["enum"] if "enum" in node else [node["const"]]
+        return isinstance(values, list) and bool(values) and not any(isinstance(v, (list, dict)) for v in values)
+    types = node.get("type")
+    return bool(types) and all(t in ("string", "integer", "number", "boolean") for t in ([types] if isinstance(types, str) else types))
 
 
 def verdict_key(text: str) -> Optional[str]:

@@ -164,6 +164,11 @@ def ground_schema(schema: dict, paths: Sequence[str], names: Sequence[str]) -> d
                 array, node = node, node["items"]
         if not isinstance(node, dict) or node.get("type") != "string" or "enum" in node or "const" in node:
             raise ConfigError(f"infer.grounded_fields: {path!r} is not a free string field of the schema")
+        # a window may hold no name of the kind: the field's array must be able to stay empty (a lone string field stayed
+        # free then, and minItems >= 1 met maxItems 0: xgrammar refused the schema mid-run)
+        if array is None or int(array.get("minItems", 0) or 0) > 0:
+            raise ConfigError(f"infer.grounded_fields: {path!r} must sit in an array that may be empty (a window may hold no "
+                              "name of its kind" + ("" if array is None else f"; this one has minItems={array['minItems']}") + ")")
         lo, hi = int(node.get("minLength", 0)), node.get("maxLength")
         fit = sorted({n[:hi] if hi is not None else n for n in names if len(n) >= lo})
         if fit:

@@ -80,6 +80,9 @@ def run(ctx: RunContext) -> dict:
         vote.check_voters([str(ic.model_dir), *map(str, ic.vote_with)], voters, "infer")
         if "verdict" not in (validator.schema.get("properties") or {}):
             raise ConfigError(f"infer.vote_with: the analyses of infer.schema={ic.schema} have no verdict to vote on")
+        if not vote.scalar_node(validator.schema["properties"]["verdict"]):  # a list verdict crashed after every voter answered
+            raise ConfigError(f"infer.vote_with: the verdict of infer.schema={ic.schema} is not one value (a string, number or "
+                              "boolean) that analysts could agree on")
 
     # 2.-4. model, prompts and generation, once per voter (one model in memory at a time)
     schema_text = json.dumps(validator.schema, separators=(",", ":")) if ic.full_schema else None
@@ -197,7 +200,7 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
                   "and uniqueItems is checked only afterwards")
     stats: dict = {"truncated_rows": []}
     t0 = time.perf_counter()
-    key = resume_key(choice, model_ref, gen_cfg, ic, prompts)
+    key = resume_key(choice, model_ref, gen_cfg, ic, prompts, int(cfg.model.max_seq_length), validator.schema)
     done = resumed(partial, key, len(prompts))
     texts: list[str] = [r["generated"] for r in done]
     stats["truncated_rows"] = [i for i, r in enumerate(done) if r.get("input_cut")]

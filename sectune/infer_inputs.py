@@ -237,11 +237,14 @@ def absent_names(analysis, window_text: str) -> list[str]:
     remembers from training)."""
     if not isinstance(analysis, dict):
         return []
-    names = [s.get("ip") for s in analysis.get("source_ips") or [] if isinstance(s, dict)]
-    names += [u for k in ("invalid_users", "targeted_users") for u in analysis.get(k) or []]
-    # a whole token of the window, not a piece of one: 10.0.0.1 is not in "10.0.0.12", nor root in "user=rootadmin"
-    return sorted({n for n in names if isinstance(n, str) and n
-                   and not re.search(rf"(?<![\w.-]){re.escape(n)}(?![\w-]|\.\w)", window_text)})
+    from sectune.data.auth_rules import _MAX_HOST, _MAX_NAME
+
+    names = [(s.get("ip"), _MAX_HOST) for s in analysis.get("source_ips") or [] if isinstance(s, dict)]
+    names += [(u, _MAX_NAME) for k in ("invalid_users", "targeted_users") for u in analysis.get(k) or []]
+    # a whole token of the window, not a piece of one: 10.0.0.1 is not in "10.0.0.12", nor root in "user=rootadmin";
+    # a name as long as the schema allows may be a longer one cut there, as the rules cut it (its start must match)
+    return sorted({n for n, cap in names if isinstance(n, str) and n and not re.search(
+        rf"(?<![\w.-]){re.escape(n)}" + (r"(?![\w-]|\.\w)" if len(n) < cap else ""), window_text)})
 
 
 # ----------------------------------------------------------------------------- an interrupted run's answers

@@ -676,6 +676,9 @@ def test_each_record_names_what_its_window_does_not_hold():
     assert absent_names({"source_ips": [{"ip": "18.188.2.4"}], "invalid_users": ["root", "admin"]}, window) == ["18.188.2.4", "admin", "root"]
     assert absent_names({"source_ips": [{"ip": "218.188.2.45"}], "targeted_users": ["rootadmin"]}, window) == []
     assert absent_names({"source_ips": [{"ip": "1.2.3.4"}], "invalid_users": ["bob"]}, "from 1.2.3.4: user bob.") == []
+    # a user name cut at the schema's 32 characters, as the rules and grounded decoding cut it, is the window's name
+    host = "customer-187-141-143-180-sta.uninet-ide.com.mx"
+    assert absent_names({"invalid_users": [host[:32], host[:31]]}, f"getaddrinfo for {host} [187.141.143.180]") == [host[:31]]
 
 
 def test_infer_decodes_as_the_models_run_did_keeps_the_earlier_answers_and_records_what_it_read(tmp_path, adapter):

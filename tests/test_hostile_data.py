@@ -209,6 +209,9 @@ def test_settings_that_did_nothing_or_failed_late_are_refused_naming_the_key():
     check_values(compose(["stage=infer", "infer.constrained=true", "infer.grounded_fields=[source_ips.ip:address]"]))
     with pytest.raises(ConfigError, match=r"federated.ray_num_cpus=1: must be >= federated.client_num_cpus=2"):
         check_values(compose(["federated.ray_num_cpus=1", "federated.client_num_cpus=2"]))
+    for keys in (0, 10**9):  # a raw error later, or a 10^18-cell bigram table
+        with pytest.raises(ConfigError, match=rf"dataset.num_log_keys={keys}: must be in 1..4096"):
+            check_values(compose(["dataset=hdfs", f"dataset.num_log_keys={keys}"]))
 
 
 @pytest.mark.parametrize("schema, path, why", [

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sectune.data import auth_logs
+from sectune.data.auth_rules import _MAX_HOST, _MAX_NAME
 from sectune.errors import ConfigError, DataError, shown
 
 DEFAULT_OUTPUT = "analyses.json"
@@ -237,8 +238,6 @@ def absent_names(analysis, window_text: str) -> list[str]:
     remembers from training)."""
     if not isinstance(analysis, dict):
         return []
-    from sectune.data.auth_rules import _MAX_HOST, _MAX_NAME
-
     names = [(s.get("ip"), _MAX_HOST) for s in analysis.get("source_ips") or [] if isinstance(s, dict)]
     names += [(u, _MAX_NAME) for k in ("invalid_users", "targeted_users") for u in analysis.get(k) or []]
     # a whole token of the window, not a piece of one: 10.0.0.1 is not in "10.0.0.12", nor root in "user=rootadmin";

@@ -14,7 +14,7 @@ import torch
 from conftest import compose
 from sectune import runner
 from sectune.errors import ConfigError
-from sectune.training import checkpoints, engine
+from sectune.training import checkpoints, samplers
 
 
 def _epochs(sampler, epochs):
@@ -32,7 +32,7 @@ def test_a_length_grouped_order_is_a_function_of_seed_and_epoch():
     args = SimpleNamespace(data_seed=None, seed=7, train_batch_size=4, gradient_accumulation_steps=2, world_size=1)
 
     def sampler():
-        return engine.seeded_length_grouped_sampler(SimpleNamespace(args=args, train_dataset=None), lengths=lengths)
+        return samplers.seeded_length_grouped_sampler(SimpleNamespace(args=args, train_dataset=None), lengths=lengths)
 
     straight = _epochs(sampler(), [0, 1, 2])
     assert _epochs(sampler(), [2]) == straight[2:] and _epochs(sampler(), [1, 2]) == straight[1:]  # resumed in epoch 1 or 2

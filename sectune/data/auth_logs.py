@@ -30,10 +30,10 @@ from typing import Any, Iterable
 from sectune.data import check_count
 from sectune.errors import DataError
 from sectune.data.synthetic_auth import GENERATOR_VERSION
+from sectune.data.jsonl import lone_surrogate
 from sectune.paths import shared_data_dir
 
 
-from sectune.data.jsonl import lone_surrogate
 from sectune.data.auth_rules import ANSWER_KEYS, CLASSES, REAL_SOURCES, RULES_VERSION, _HEADER, analyze_auth_log  # noqa: F401 (re-exported)
 
 # ------------------------------------------------------------------------ schema & render

@@ -178,6 +178,13 @@ def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict]
         raise DataError(f"{path}:{reader.line_num}: cannot parse as CSV ({e})") from None
 
 
+def _event_key(ev: str) -> int | None:
+    """n of ``E<n>`` when it is 1..MAX_LOG_KEYS, else None: key 0 is the detectors' start/end slot, ``E<4,300 digits>``
+    made int() raise, and E999999999 asked for a 10^18-cell bigram table."""
+    m = re.fullmatch(r"E0*(\d{1,4})", ev)
+    return int(m[1]) if m and 1 <= int(m[1]) <= MAX_LOG_KEYS else None
+
+
 def _structured_keys(path: Path, n_lines: int, templates: Path | None) -> tuple[list[int], int]:
     """EventId (``E<n>`` → n) of each line from loghub's structured CSV; (keys, number of templates)."""
     known = None
@@ -186,16 +193,14 @@ def _structured_keys(path: Path, n_lines: int, templates: Path | None) -> tuple[
     keys = []
     for n, row in _csv_rows(path, ("EventId",)):
         ev = (row.get("EventId") or "").strip()
-        m = re.fullmatch(r"E(\d+)", ev)
-        if not m or (known is not None and ev not in known):
+        if not re.fullmatch(r"E\d+", ev) or (known is not None and ev not in known):
             raise DataError(f"{path}:{n}: unknown EventId {ev!r:.40}" + (f" (not in {templates.name})" if known else ""))
-        # key 0 is the detectors' start/end slot; E<4,300 digits> made int() raise, E999999999 a 10^18-cell table
-        if len(m[1].lstrip("0")) > len(str(MAX_LOG_KEYS)) or not 1 <= int(m[1]) <= MAX_LOG_KEYS:
+        if (key := _event_key(ev)) is None:
             raise DataError(f"{path}:{n}: EventId {ev!r:.40} out of range: sectune numbers templates E1..E{MAX_LOG_KEYS}")
-        keys.append(int(m.group(1)))
+        keys.append(key)
     if len(keys) != n_lines:
         raise DataError(f"{path}: {len(keys)} rows for {n_lines} log lines; it is not the structured form of this log")
-    listed = (int(e[1:]) for e in known or () if re.fullmatch(r"E\d{1,4}", e) and 1 <= int(e[1:]) <= MAX_LOG_KEYS)
+    listed = (k for e in known or () if (k := _event_key(e)) is not None)
     num = max([*keys, *listed], default=1)  # the templates file may number templates this log never uses
     return keys, num
 

@@ -44,11 +44,11 @@ class BaselineResult:
                 "wall_s": self.wall_s, "rows_per_s": self.rows_per_s, "params": self.params}
 
 
-
 def _macro_f1(y_true, y_pred) -> float:
     """Macro-F1 over the labels ``y_true`` holds, as every row of the tables is scored (classifier.label_scores): sklearn's
     ``average="macro"`` also averaged in a 0 for a label only predicted, so C was chosen by another number than reported."""
     return float(f1_score(y_true, y_pred, labels=sorted(set(y_true)), average="macro", zero_division=0))
+
 
 def _timed(fn):
     t0 = time.perf_counter()

@@ -35,7 +35,7 @@ from sectune.errors import ConfigError, first_line
 from sectune.models import modeling
 from sectune.run_records import read_policy_run
 from sectune.runner import RunContext
-from sectune.training import checkpoints, engine, packed_attention
+from sectune.training import checkpoints, engine, packed_attention, samplers
 
 REFERENCES = ("base", "init")
 
@@ -283,7 +283,7 @@ def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, 
                 return super()._get_train_sampler(train_dataset)
             ds = train_dataset if train_dataset is not None else self.train_dataset
             lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
-            return engine.seeded_length_grouped_sampler(self, ds, lengths=lengths)
+            return samplers.seeded_length_grouped_sampler(self, ds, lengths=lengths)
 
     with engine.trainable_weights_kept(model):
         trainer = Trainer(

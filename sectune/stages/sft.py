@@ -22,7 +22,7 @@ from sectune import data, runner
 from sectune.errors import ConfigError
 from sectune.models import modeling
 from sectune.runner import RunContext, write_json_atomic
-from sectune.training import checkpoints, distributed, engine, packed_attention
+from sectune.training import checkpoints, distributed, engine, packed_attention, samplers
 
 PROBE_FILE = "checks/probe_logits.safetensors"
 WARMUP_DIR = "warmup"
@@ -273,7 +273,7 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
     class Trainer(SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):
             if self.args.train_sampling_strategy == "group_by_length":
-                return engine.seeded_length_grouped_sampler(self, train_dataset)
+                return samplers.seeded_length_grouped_sampler(self, train_dataset)
             return super()._get_train_sampler(train_dataset)
 
         # Per-example attention for packed rows, over the forward and the backward (checkpoint recompute).

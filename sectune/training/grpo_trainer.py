@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from trl import GRPOTrainer
 
 from sectune.models.modeling import merged_lora
+from sectune.training.samplers import epoch_seeded
 
 MASKABLE_ATTENTION = ("sdpa", "eager")
 
@@ -262,8 +263,6 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
         # TRL's RepeatSampler seeds its generator once and continues it: a run resumed in epoch e drew epoch 0's order
         sampler = super()._get_train_sampler(dataset)
         if getattr(sampler, "shuffle", False) and isinstance(getattr(sampler, "generator", None), torch.Generator):
-            from sectune.training.engine import epoch_seeded
-
             sampler = epoch_seeded(sampler, sampler.seed if sampler.seed is not None else self.args.seed)
         return sampler
 

@@ -297,6 +297,10 @@ def test_generated_lines_build_uses_no_real_line_even_where_the_real_logs_are(tm
     assert all(s.analysis == A.analyze_auth_log(s.log_text.splitlines()) for s in samples[:50])
     with pytest.raises(DataError, match="generated_lines must be >= 0"):
         A.build_auth_folder(tmp_path / "neg", src, generated_lines=-1)
+    # too few generated lines for every class: the key to raise is named, not the real logs (an audit, session 36)
+    with pytest.raises(DataError, match=r"sft.warmup_lines=100: the generated lines gave no .*raise sft.warmup_lines") as e:
+        A.build_auth_folder(tmp_path / "few", src, generated_lines=100)
+    assert str(src) not in str(e.value)
 
 
 def test_a_generated_build_of_an_older_generator_is_rebuilt(tmp_path):

@@ -228,6 +228,23 @@ def test_resuming_a_checkpoint_at_max_steps_trains_nothing_more_and_keeps_its_we
     assert all((after[k] == weights[k]).all() for k in weights)
 
 
+def test_a_resume_that_lengthens_the_run_trains_its_first_new_step_at_the_new_schedules_rate(tmp_path):
+    """An audit (session 36): the optimizer's saved rate was the old schedule's at its end (linear decay: 0), so step 3
+    of a run resumed from 2 to 3 steps changed no weight."""
+    from safetensors.torch import load_file
+
+    args = [*FAST, "train.save_steps=1", "dataset.max_samples=12"]
+    first = sectune([*args, "train.max_steps=2"], tmp_path / "r")
+    assert first.returncode == 0, first.stderr[-2000:]
+    longer = sectune([*args, "train.max_steps=3", "train.resume=auto"], tmp_path / "r")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "the learning rate follows its schedule from step 2" in longer.stdout
+    ckpts = tmp_path / "r" / "checkpoints"
+    two, three = (load_file(ckpts / f"checkpoint-{n}" / "adapter_model.safetensors") for n in (2, 3))
+    assert any(not (two[k] == three[k]).all() for k in two), "step 3 trained at learning rate 0"
+    assert sorted(_losses(tmp_path / "r")) == [1, 2, 3] and longer.result["metrics"]["train_steps"] == 3
+
+
 class _Planted:
     """A pickle that would write a file if loaded with weights_only=False."""
 

@@ -225,6 +225,9 @@ def build_auth_folder(
         samples = _stratified(samples, lambda s: s[1], max_windows)
     counts = {c: sum(1 for s in samples if s[1] == c) for c in CLASSES}
     missing = [c for c, n in counts.items() if n == 0]
+    if missing and generated_lines:  # the generated warm-up, not the real logs (which were not read)
+        raise DataError(f"sft.warmup_lines={generated_lines}: the generated lines gave no {'/'.join(missing)} windows "
+                        f"(counts {counts}); the warm-up needs all classes: raise sft.warmup_lines (the presets use 10000)")
     if missing:
         raise DataError(f"{src_root}: logs gave no {'/'.join(missing)} windows (counts {counts}); auth_logs needs all classes")
 

@@ -207,6 +207,28 @@ class _StopAtMaxSteps(TrainerCallback):
             raise _AtMaxSteps
 
 
+class _ResumedLearningRate(TrainerCallback):
+    """A resume may change how long a run trains (``train.max_steps``/``epochs``, :data:`checkpoints.RESUMABLE`), but the
+    optimizer's saved learning rate is the old schedule's at the step resumed: 0 at the old end of a linear decay, which
+    the first resumed step then trained with (an audit, session 36: step 3 of a 2 → 3 resume changed no weight). Each
+    group's rate is set from the schedule these settings build, at that step: the saved value when the length is unchanged."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+        sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper
+        lambdas, bases = getattr(sched, "lr_lambdas", None), getattr(sched, "base_lrs", None)
+        if optimizer is None or not lambdas or not bases or len(lambdas) != len(optimizer.param_groups):
+            return
+        rates = [base * f(sched.last_epoch) for base, f in zip(bases, lambdas)]
+        saved = [g["lr"] for g in optimizer.param_groups]
+        if rates == saved:
+            return
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        sched._last_lr = list(rates)
+        print(f"sectune: train.resume: this run's length differs from the checkpoint's; the learning rate follows its "
+              f"schedule from step {state.global_step} ({rates[0]:.3g}; the checkpoint's schedule had {saved[0]:.3g})")
+
+
 def train(trainer, resume: str | None):
     """``trainer.train(resume_from_checkpoint=resume)``, except that a checkpoint already at ``train.max_steps`` (a run
     killed after its last checkpoint, resumed to finish) trains nothing: transformers' Trainer checks the step count only
@@ -216,8 +238,9 @@ def train(trainer, resume: str | None):
 
     if resume is None:
         return trainer.train()
-    stop = _StopAtMaxSteps()
-    trainer.add_callback(stop)
+    added = [_StopAtMaxSteps(), _ResumedLearningRate()]
+    for cb in added:
+        trainer.add_callback(cb)
     try:
         return trainer.train(resume_from_checkpoint=resume)
     except _AtMaxSteps:
@@ -241,7 +264,8 @@ def train(trainer, resume: str | None):
                           "values, which sectune never loads (torch weights_only=True; loading it could run code): this "
                           "training did not write it as it is. Resume from another checkpoint, or start over") from None
     finally:
-        trainer.remove_callback(stop)
+        for cb in added:
+            trainer.remove_callback(cb)
 
 
 def peak_rss_bytes() -> int:

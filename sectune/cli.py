@@ -117,13 +117,25 @@ def refuse_launcher_without_multirun(config: DictConfig) -> None:
         sys.exit(2)
 
 
+def _strings(obj, prefix: str = ""):
+    """``(dotted key, value)`` of every string in a nested container."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(v, f"{prefix}{k}.")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _strings(v, f"{prefix}{i}.")
+    elif isinstance(obj, str):
+        yield prefix.rstrip("."), obj
+
+
 def refuse_preset_secrets(config: DictConfig) -> None:
     """A secret set by a config file (a ``--config-dir`` preset's ``hydra.job.env_set``) rather than on the command line:
     Hydra saves it in every job's ``.hydra/hydra.yaml`` and a sweep's ``multirun.yaml``. Called as a run or sweep
     starts, before Hydra writes either (the command-line check runs before Hydra itself)."""
     from omegaconf import OmegaConf
 
-    from sectune.tracking import _SECRET_KEY, _SECRET_VALUE, secret_keys
+    from sectune.tracking import _SECRET_KEY, _SECRET_VALUE, secret_keys, secret_overrides
 
     env = OmegaConf.select(config, "hydra.job.env_set", default=None)
     env = OmegaConf.to_container(env, resolve=False) if env is not None else {}
@@ -135,8 +147,16 @@ def refuse_preset_secrets(config: DictConfig) -> None:
         sys.exit(2)
     # any other key a preset sets (paths.shared_data: https://alice:pw@host/share was saved in .hydra/ and result.json)
     run = OmegaConf.to_container(config, resolve=False)
-    run.pop("hydra", None)
+    hydra_node = run.pop("hydra", None) or {}
     found = secret_keys(run)
+    # a launcher preset's shell lines and sbatch parameters (`export WANDB_API_KEY=…` in setup went into multirun.yaml,
+    # submitit's pickles and the sbatch script: an audit, session 36), checked word by word as on the command line
+    launcher = hydra_node.get("launcher") or {}
+    found += [f"hydra.launcher.{k}" for k in secret_keys(launcher)]
+    found += [f"hydra.launcher.{k}" for k, v in _strings(launcher) if secret_overrides([f"x={v}"]) and f"hydra.launcher.{k}" not in found]
+    # the variables behind paths.*: SECTUNE_SHARED_DATA=https://alice:pw@host/… reached result.json and console.log unchecked
+    found += [f"{name} (the environment variable paths.* read)" for name in ("SECTUNE_SHARED_DATA", "SECTUNE_CACHE")
+              if secret_overrides([f"x={os.environ.get(name, '')}"])]
     if found:
         print(f"sectune: error: {', '.join(found)}: a secret set by a config file would be saved in the run's .hydra/ and "
               "result.json; nothing was run or written. Put it in the environment instead (export it, `hf auth login`, "

@@ -141,7 +141,8 @@ def sort_frame(frame: pd.DataFrame, metrics: list[str], sort_by: str | None, asc
     """Sort by ``sort_by`` (default: :data:`DEFAULT_SORT`, else first metric); loss-like ascending, NaN last. ``sort_by_setting``
     names where ``sort_by`` came from: ``--sort-by`` (sectune-report) or ``report.sort_by`` (stage=report)."""
     if sort_by is None:  # the validation number the stages select on, else the first metric that is not a test number
-        sort_by = next((m for m in DEFAULT_SORT if m in metrics), next((m for m in metrics if not TEST_METRIC.search(m)), None))
+        sort_by = next((m for m in DEFAULT_SORT if m in metrics),
+                       next((m for m in metrics if not TEST_METRIC.search(m) and "_is_" not in m), None))  # not a 0/1 flag
     if sort_by is None:  # only test numbers: job order, and the report says why
         out = frame.reset_index(drop=True)
         out.attrs.update(frame.attrs, sort_by=None, ascending=True, unranked=bool(metrics))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -133,6 +134,23 @@ def test_a_secret_any_key_of_a_preset_holds_is_refused_before_hydra_saves_it(tmp
     assert run.returncode == 2, run.stderr[-1500:]
     assert "sectune: error: logger.entity, paths.shared_data: a secret set by a config file" in run.stderr, run.stderr[-1500:]
     assert "s3cretpw" not in run.stderr + run.stdout and "hf_fake" not in run.stderr + run.stdout and not (tmp_path / "run").exists()
+
+
+def test_a_secret_in_a_launcher_presets_shell_lines_or_the_shared_data_variable_is_refused(tmp_path):
+    """An audit (session 36): `export WANDB_API_KEY=…` in a --config-dir launcher preset's setup lines went into
+    multirun.yaml, submitit's pickles and the sbatch script (the same line on the command line was refused), and
+    SECTUNE_SHARED_DATA=https://alice:pw@host/… into result.json and console.log."""
+    (tmp_path / "cd" / "hydra" / "launcher").mkdir(parents=True)
+    (tmp_path / "cd" / "hydra" / "launcher" / "mycluster.yaml").write_text(
+        "defaults:\n  - slurm\nsetup:\n  - module load cuda/12.4\n  - export WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567\n")
+    run = cli(["--config-dir", str(tmp_path / "cd"), "-m", "hydra/launcher=mycluster", "stage=plan", "logger=none",
+               "train.batch_size=1,2", "hydra.sweep.dir=" + str(tmp_path / "sweep")])
+    assert run.returncode == 2 and "sectune: error: hydra.launcher.setup.1: a secret set by a config file" in run.stderr, run.stderr[-1500:]
+    assert "0123456789abcdef" not in run.stderr + run.stdout and not (tmp_path / "sweep").exists()
+    env = {**os.environ, "SECTUNE_SHARED_DATA": "https://alice:hunter2@files.example.com/share"}
+    run = cli(["stage=plan", "logger=none", "hydra.run.dir=" + str(tmp_path / "run")], env=env)
+    assert run.returncode == 2 and "SECTUNE_SHARED_DATA (the environment variable paths.* read)" in run.stderr, run.stderr[-1500:]
+    assert "hunter2" not in run.stderr + run.stdout and not (tmp_path / "run").exists()
 
 
 def test_settings_that_mention_tokens_or_keys_are_not_secrets():

@@ -271,6 +271,8 @@ def test_hdfs_detect_pipeline_end_to_end_on_real_sessions(tmp_path):
         assert key in m, key
     assert m["baseline_test_f1"] > 0.99 and m["baseline_test_fpr"] < 0.02  # the bigram + end marker, as the issue measured
     assert m["test_f1"] > 0.95 and m["test_fpr"] < 0.2  # 40 steps only: well above chance, not the target
+    rule = "top_g" if m["rule_is_top_g"] else "threshold"
+    assert m["val_f1"] == m[f"model_{rule}_val_f1"]  # what a sweep of detectors is ranked by (README, Sweeps)
     ev = tmp_path / "run" / "evaluate"
     sft_res = json.loads((tmp_path / "run" / "sft" / "result.json").read_text())
     assert sft_res["metrics"]["eval_loss"] < 0.5 * sft_res["metrics"]["eval_loss_start"]

@@ -78,6 +78,17 @@ def test_a_classify_sweep_sorts_by_validation_macro_f1_not_train_loss(tmp_path):
     assert df.attrs["sort_by"] == "val_macro_f1" and df.attrs["ascending"] is False and list(df["job"]) == [1, 2, 0]
 
 
+def test_an_hdfs_detection_sweep_sorts_by_the_chosen_rules_validation_f1_not_a_rule_flag(tmp_path):
+    """An audit (session 36): stage=evaluate dataset=hdfs reported no val_f1, so its sweeps were sorted by the first
+    non-test metric, rule_is_top_g (which rule validation chose, 0/1). A 0/1 flag is never the fallback either."""
+    flags = {"test_f1": 0.7, "rule_is_top_g": 1, "model_top_g": 9}
+    grid = [(0, 4, "1e-4", {**flags, "val_f1": 0.80}), (1, 8, "1e-4", {**flags, "rule_is_top_g": 0, "val_f1": 0.90})]
+    df = build_report(make_sweep(tmp_path / "s", grid, extra_override=None))
+    assert df.attrs["sort_by"] == "val_f1" and df.attrs["ascending"] is False and list(df["job"]) == [1, 0]
+    grid = [(0, 4, "1e-4", flags), (1, 8, "1e-4", {**flags, "rule_is_top_g": 0, "model_top_g": 5})]
+    assert build_report(make_sweep(tmp_path / "t", grid, extra_override=None)).attrs["sort_by"] == "model_top_g"
+
+
 def test_numeric_job_order_and_garbled_result(tmp_path):
     grid = [(i, 4 * (i + 1), "1e-4", {"eval_loss": float(i)}) for i in range(11)]
     sweep = make_sweep(tmp_path / "s", grid)

@@ -334,6 +334,9 @@ def _metrics(systems: dict, timing: dict, n_test: int) -> dict:
         for k, v in s[s["chosen"]]["test"].items():
             m[f"{prefix}test_{k}"] = v
         m[f"{prefix}rule_is_top_g"] = int(s["chosen"] == "top_g")
+    # the chosen rule's validation F1 under the name federated runs report: what a sweep of detectors is ranked by (the
+    # report's default; without it an hdfs_detect sweep was sorted by the 0/1 rule_is_top_g: an audit, session 36)
+    m["val_f1"] = systems["model"][systems["model"]["chosen"]]["val_f1"]
     for name, s in systems.items():
         m[f"{name}_top_g"] = s["top_g"]["g"]
         m[f"{name}_threshold"] = s["threshold"]["threshold"]

@@ -263,6 +263,9 @@ def test_generic_prompt_answer_jsonl_becomes_triplets(tmp_path):
         assert r["injection"].startswith(r["benign"]) and r["injection_text"] in r["injection"]
         assert r["output"] == r["injection_output"] == "yes" and r["prompt"] == r["benign"]
         assert "10.0.0." not in r["benign_cf"]  # the address was renamed
+    # an empty "answer" beside a "completion": the completion is the answer (it was "", session 36)
+    path.write_text("".join(json.dumps({"prompt": f"Is host 10.0.0.{i} up?", "answer": "", "completion": "no"}) + "\n" for i in range(20)))
+    assert {r["output"] for r in _all(I.triplet_data(compose([*TRIPLETS, f"dataset.path={path}"])))} == {"no"}
 
 
 def test_prompt_answer_lines_with_bad_or_conflicting_splits_are_named(tmp_path):
@@ -347,8 +350,8 @@ def test_adversarial_sft_data_adds_injected_windows_with_their_own_analysis_and_
 
 # ------------------------------------------------------------------------------ attack success
 def _rec(expected: str, target: str, clean: str) -> dict:
-    out = {"verdict": clean, "failed_logins": 0}
-    inj = {"verdict": expected, "failed_logins": 0}
+    a = analyze_auth_log(WINDOW.splitlines())  # schema-valid expected analyses, as the builder writes them
+    out, inj = {**a, "verdict": clean}, {**a, "verdict": expected}
     return {"format": "auth_log", "output": json.dumps(out), "injection_output": json.dumps(inj), "attack_target": target}
 
 
@@ -386,6 +389,22 @@ def test_attack_success_on_hand_made_answers_equals_hand_computed_rates():
     assert m["targeted_attack_success_rate"] is None
 
 
+
+def test_an_answer_equal_to_a_verdict_only_expected_analysis_is_not_attacked():
+    """An audit (session 36): a file whose expected analyses hold a verdict alone (the reader accepts them) counted the
+    expected answer itself as attacked, since it is not schema-valid: attack success 100% beside clean accuracy 100%.
+    An answer is held to the schema only where the expected analysis meets it."""
+    bare = {"format": "auth_log", "output": '{"verdict": "malicious"}', "injection_output": '{"verdict": "malicious"}',
+            "attack_target": "benign"}
+    m, rows = attack_metrics([bare, bare, bare], ['{"verdict": "malicious"}', '{"verdict": "benign"}', "no json"],
+                             ['{"verdict": "malicious"}'] * 3)
+    assert [o["attacked"] for o in rows] == [False, True, True] and m["clean_verdict_accuracy"] == 1.0
+    assert [o["schema_valid"] for o in rows] == [False, False, False]  # reported as it is
+    # where the expected analysis is schema-valid, a verdict alone is still an attacked (broken) answer
+    m, rows = attack_metrics([_rec("malicious", "benign", "malicious")], ['{"verdict": "malicious"}'], [_answer("malicious")])
+    assert rows[0]["attacked"] and m["attack_success_rate"] == 1.0
+
+
 def test_model_output_is_parsed_never_evaluated(monkeypatch):
     import builtins
 
@@ -414,6 +433,19 @@ def test_dpo_trains_on_injection_preferences_from_an_sft_run(sft_run, tmp_path):
     assert code == 0 and res["status"] == "succeeded", res.get("error")
     assert res["metrics"]["train_pairs"] > 0 and res["metrics"]["heldout_pairs"] > 0
     assert any(k.startswith("preference_accuracy_template_") or k.startswith("preference_accuracy_deepset_") for k in res["metrics"])
+
+
+def test_evaluate_cuts_prompts_at_max_seq_length_and_checks_the_representation_before_generating(sft_run, tmp_path):
+    """An audit (session 36): the attack evaluation cut prompts at the model's position limit (2,032 tokens on the tiny
+    model), not at model.max_seq_length as stage=infer does; and a typo'd contrastive.pooling failed only after every
+    answer had been generated, throwing them away."""
+    args = ["stage=evaluate", *TRIPLETS, f"evaluate.model_dir={sft_run}", "dataset.max_samples=30", "evaluate.max_samples=2",
+            "generation.max_new_tokens=16"]
+    run = sectune([*args, "model.max_seq_length=96"], tmp_path / "ev", timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "longer than 80 tokens" in run.stdout + run.stderr
+    bad = sectune([*args, "contrastive.pooling=max"], tmp_path / "bad", timeout=300)
+    assert bad.returncode == 2 and "contrastive.pooling='max'" in bad.stderr and "answered by" not in bad.stdout
 
 
 def test_evaluate_injection_triplets_on_a_short_sft_run(sft_run, tmp_path):

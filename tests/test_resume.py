@@ -195,10 +195,10 @@ def test_the_last_good_checkpoint_a_nan_report_names_holds_no_nan(tmp_path):
 
     from sectune.training.checkpoints import last_finite_checkpoint
 
-    def ckpt(step, logs, weight):
+    def ckpt(step, logs, weight, weights_file="adapter_model.safetensors"):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
-        save_file({"w": torch.full((4, 4), weight)}, str(d / "adapter_model.safetensors"))
+        save_file({"w": torch.full((4, 4), weight)}, str(d / weights_file))
         torch.save({"state": torch.ones(2)}, d / "optimizer.pt")
         (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": logs}))
 
@@ -207,6 +207,9 @@ def test_the_last_good_checkpoint_a_nan_report_names_holds_no_nan(tmp_path):
     ckpt(3, [{"loss": 1.5, "step": 1}, {"loss": 1.2, "step": 3}], float("inf"))
     assert last_finite_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
     assert last_finite_checkpoint(tmp_path / "none") is None
+    # a full fine-tune's weights (lora=none: model.safetensors), NaN after a step that logged nothing (session 36)
+    ckpt(4, [{"loss": 1.5, "step": 1}, {"loss": 1.2, "step": 3}], float("nan"), "model.safetensors")
+    assert last_finite_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
 
 
 def test_resuming_a_checkpoint_at_max_steps_trains_nothing_more_and_keeps_its_weights(tmp_path):
@@ -299,3 +302,23 @@ def test_a_checkpoint_missing_any_of_trainers_files_is_not_complete(tmp_path):
     partial = [ckpt(n, s) for n, s in ((2, "optimizer"), (3, "state"), (4, "weights"))]
     assert is_complete_checkpoint(whole) and not any(is_complete_checkpoint(p) for p in partial)
     assert complete_checkpoints(tmp_path) == [whole]
+
+
+def test_a_moved_or_copied_run_resumes_with_its_own_best_checkpoint(tmp_path):
+    """An audit (session 36): the resumed state's best checkpoint is a path where the run was. Trainer dropped it for a
+    moved run and kept it for a copied one (the other run's weights), and a run resumed at its last step never saved
+    again to re-point it: it ended on its last weights, or loaded the other run's best."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerState
+
+    from sectune.training.engine import _ResumedBestCheckpoint
+
+    (tmp_path / "here" / "checkpoint-2").mkdir(parents=True)
+    for where in (None, str(tmp_path / "elsewhere" / "checkpoint-2")):  # moved (dropped), copied (the original's)
+        state = TrainerState(best_global_step=2, best_model_checkpoint=where)
+        _ResumedBestCheckpoint().on_train_begin(SimpleNamespace(output_dir=str(tmp_path / "here")), state, None)
+        assert state.best_model_checkpoint == str(tmp_path / "here" / "checkpoint-2")
+    state = TrainerState(best_global_step=3, best_model_checkpoint=None)  # its checkpoint gone: nothing made up
+    _ResumedBestCheckpoint().on_train_begin(SimpleNamespace(output_dir=str(tmp_path / "here")), state, None)
+    assert state.best_model_checkpoint is None

@@ -22,6 +22,12 @@ _TRIPLET_KEYS = ("benign", "benign_cf", "injection", "output")
 _ANSWER_KEYS = ("answer", "completion", "output", "response")
 
 
+def generic_answer(obj: dict) -> str:
+    """A prompt/answer line's answer: the first of :data:`_ANSWER_KEYS` that is a non-empty string, as the reader checks
+    (an empty "answer" beside a "completion" was taken: the expected answer became "", an audit, session 36)."""
+    return next(obj[k] for k in _ANSWER_KEYS if isinstance(obj.get(k), str) and obj[k].strip())
+
+
 def _check_triplet(obj: dict) -> str | None:
     bad = [k for k in _TRIPLET_KEYS if not isinstance(obj.get(k), str) or not obj[k].strip()]
     if bad:
@@ -165,7 +171,7 @@ def generic_triplets(cfg: DictConfig, objs: list[dict], split_of: dict[str, str]
     records = []
     for o in objs:
         g = group(o)
-        answer = next(o[k] for k in _ANSWER_KEYS if isinstance(o.get(k), str))
+        answer = generic_answer(o)
         rng = random.Random(f"{d.split_seed}:{g}")
         source, text = _pick_text(pools[split_of[g]], float(d.template_fraction), rng)
         planted = text.replace("{target}", GENERIC_TARGET)

@@ -259,7 +259,8 @@ def attack_eval(cfg: DictConfig, model, tokenizer, records: list[dict], split: s
     # infer.constrained: schema-constrained decoding, as stage=evaluate scores it (it was ignored here)
     constraint = schema_constraint(cfg, model, tokenizer) if cfg.infer.constrained else None
     # evaluate.batch_size: the batches stage=evaluate generates in, so its numbers for this run's start match _start
-    metrics, windows = generate_and_score(model, tokenizer, records, cfg.generation, int(cfg.evaluate.batch_size), constraint=constraint)
+    metrics, windows = generate_and_score(model, tokenizer, records, cfg.generation, int(cfg.evaluate.batch_size), constraint=constraint,
+                                          max_seq_length=int(cfg.model.max_seq_length))
     metrics["constrained"] = int(constraint is not None)
     print(f"sectune: {when} training, attack success {metrics['attack_success_rate']:.3f} · targeted "
           f"{rate(metrics['targeted_attack_success_rate'])} · clean {accuracy_name(records)} {metrics['clean_verdict_accuracy']:.3f} "

@@ -129,12 +129,13 @@ def last_finite_checkpoint(checkpoint_dir: Path) -> Path | None:
             continue
         if any(isinstance(v, float) and not math.isfinite(v) for row in logs for v in row.values()):
             continue
-        adapter = ckpt / "adapter_model.safetensors"
-        if adapter.is_file():
-            from safetensors.torch import load_file
+        # every weights file: a full fine-tune's model.safetensors too (only the adapter's was read, so a lora=none run
+        # named a checkpoint of NaN weights its last good one: an audit, session 36)
+        from safetensors.torch import load_file
 
-            if not all(bool(t.isfinite().all()) for t in load_file(str(adapter)).values() if t.is_floating_point()):
-                continue
+        if not all(bool(t.isfinite().all()) for f in sorted(ckpt.glob("*.safetensors"))
+                   for t in load_file(str(f)).values() if t.is_floating_point()):
+            continue
         return ckpt
     return None
 

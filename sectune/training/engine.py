@@ -229,6 +229,19 @@ class _ResumedLearningRate(TrainerCallback):
               f"schedule from step {state.global_step} ({rates[0]:.3g}; the checkpoint's schedule had {saved[0]:.3g})")
 
 
+class _ResumedBestCheckpoint(TrainerCallback):
+    """The best checkpoint a resumed state names is a path where the run was: Trainer drops it when that folder is gone
+    (a moved run) and keeps it when it still exists (a copied run: the other run's weights), and re-points it only at its
+    next save. A run resumed at its last step saves nothing, so it ended on its last weights without its best checkpoint,
+    or loaded another run's (an audit, session 36). Re-pointed here to this run's own checkpoint of the best step."""
+
+    def on_train_begin(self, args, state, control, **kw):
+        step = getattr(state, "best_global_step", None)
+        here = Path(args.output_dir) / f"checkpoint-{step}"
+        if step and here.is_dir():
+            state.best_model_checkpoint = str(here)
+
+
 def train(trainer, resume: str | None):
     """``trainer.train(resume_from_checkpoint=resume)``, except that a checkpoint already at ``train.max_steps`` (a run
     killed after its last checkpoint, resumed to finish) trains nothing: transformers' Trainer checks the step count only
@@ -238,7 +251,7 @@ def train(trainer, resume: str | None):
 
     if resume is None:
         return trainer.train()
-    added = [_StopAtMaxSteps(), _ResumedLearningRate()]
+    added = [_StopAtMaxSteps(), _ResumedLearningRate(), _ResumedBestCheckpoint()]
     for cb in added:
         trainer.add_callback(cb)
     try:

@@ -227,6 +227,24 @@ def test_normalizer_zero_variance_and_roundtrip(method):
         norm.transform(X.drop(columns="const"))
 
 
+def test_standard_normalizer_refuses_values_that_overflow_its_moments_and_robust_log_keeps_them():
+    """An audit (session 36): values past ~1e154 overflow the variance; the column's centre was NaN, every value rendered
+    as "0" and normalizer.json held NaN, with no word."""
+    X = pd.DataFrame({"Rate": [1.0, 2.0, 1e300, -1e300], "b": [1.0, 2.0, 3.0, 4.0]})
+    with pytest.raises(DataError, match=r"dataset.normalizer=standard: column 'Rate' \(max \|value\| 1e\+300\) overflows .*robust_log"):
+        FlowNormalizer("standard").fit(X)
+    assert np.isfinite(FlowNormalizer("robust_log").fit(X).transform(X).to_numpy()).all()
+
+
+def test_an_integer_label_column_with_an_empty_cell_keeps_integer_label_names(tmp_path):
+    """An audit (session 36): one empty label cell made pandas read the column as floats, and every label "0.0"/"1.0",
+    which a run trained on the clean file then refused in a new file of the same labels."""
+    p = tmp_path / "f.csv"
+    p.write_text("a,b,y\n" + "".join(f"{i},{i % 7},{'' if i == 5 else i % 2}\n" for i in range(40)))
+    prep = prepare_flow_splits(p, ["a", "b"], "y", "raw", val_fraction=0.2, test_fraction=0.2, seed=1)
+    assert prep.labels == ["0", "1"] and sum(map(len, prep.records.values())) == 39
+
+
 def test_quantile_normalizer_bins_by_train_deciles():
     train = pd.DataFrame({"a": np.arange(1, 101, dtype=float), "flag": [0.0] * 90 + [1.0] * 10})
     norm = FlowNormalizer("quantile").fit(train)

@@ -190,7 +190,13 @@ def load_flows(path, features: Sequence[str], label_column: str, granularity: st
         X, df = X.loc[~bad_rows], df.loc[~bad_rows]
     if X.empty:
         raise DataError(f"{path}: no usable rows left after cleaning ({cleaning})")
-    labels = to_granularity(df[label_column].astype(str).str.strip(), granularity,
+    col = df[label_column]
+    whole = col.dropna()
+    if pd.api.types.is_float_dtype(col) and len(whole) and bool((whole == whole.round()).all()):
+        # an integer label column with one empty cell is read as floats: every label became "0.0"/"1.0", which a run and
+        # a new file of the same labels then disagreed on (an audit, session 36)
+        col = col.astype("Int64")
+    labels = to_granularity(col.astype(str).str.strip(), granularity,
                             source=f"{path} column {label_column!r}")
     warn_case_variants(labels, f"{path} column {label_column!r}")
     X = X.reset_index(drop=True)
@@ -296,6 +302,13 @@ class FlowNormalizer:
             center = Z.median()
             spread = (Z.quantile(0.75) - Z.quantile(0.25)) / 1.349  # IQR of N(0,1) = 1.349
             spread = spread.where(spread > 0, Z.std(ddof=0))
+        # values past ~1e154 overflow a mean or a variance: the centre came out NaN, every value of the column rendered
+        # as "0" and normalizer.json held NaN, with no word (an audit, session 36)
+        bad = [c for c in self.features if not (np.isfinite(center[c]) and np.isfinite(spread[c]))]
+        if bad:
+            raise DataError(f"dataset.normalizer={self.method}: column {bad[0]!r} (max |value| {float(Z[bad[0]].abs().max()):.3g}) "
+                            f"overflows its {'mean or standard deviation' if self.method == 'standard' else 'spread'}"
+                            f"{f'; also {bad[1:]}' if len(bad) > 1 else ''}: use dataset.normalizer=robust_log or quantile")
         spread = spread.where(spread > 1e-12, 1.0).fillna(1.0)
         self.center = {c: float(center[c]) for c in self.features}
         self.scale = {c: float(spread[c]) for c in self.features}

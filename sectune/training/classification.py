@@ -13,6 +13,7 @@ Scoring (probabilities from a model), decisions and split evaluation are in
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -371,12 +372,24 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> List[List[int]]:
 
 
 def _prompt_ids(tokenizer, texts: Sequence[str], max_len: int, side: str) -> List[List[int]]:
+    """Each text's ids, cut to ``max_len`` on ``side``, with a warning counting the cut ones (they were cut without a
+    word: 4 of prompt_injection_cv's 116 test prompts, all injections, lost their end: an audit, session 36). An empty
+    prompt is refused: it has nothing to classify (scored as 0.5/0.5 in a batch, a reshape error alone)."""
     old = tokenizer.truncation_side
     tokenizer.truncation_side = side  # generative keeps the prompt's end ("Label:"), seq_cls its start
     try:
-        return tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+        ids = tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
     finally:
         tokenizer.truncation_side = old
+    empty = [i for i, x in enumerate(ids) if not x]
+    if empty:
+        raise DataError(f"row {empty[0]}{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}: an empty prompt has no "
+                        "token to classify (an empty text, or dataset.prompt_template='')")
+    cut = sum(len(x) >= max_len for x in ids) and sum(len(x) > max_len for x in tokenizer(list(texts))["input_ids"])
+    if cut:
+        print(f"sectune: warning: {cut} of {len(ids)} prompt(s) longer than {max_len} tokens (model.max_seq_length) lost their "
+              f"{'end' if side == 'right' else 'start'}", file=sys.stderr)
+    return ids
 
 
 def encode_examples(tokenizer, records: Sequence[dict], labels: Sequence[str], head: str, max_length: int,

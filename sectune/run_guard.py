@@ -27,10 +27,15 @@ def replace_dir(tmp: Path, out: Path) -> None:
     if out.is_symlink() or out.is_file():
         out.unlink()
     old = None
-    if out.exists():  # os.replace cannot replace a non-empty dir
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
+    try:
+        if out.exists():  # os.replace cannot replace a non-empty dir
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+    except BaseException:  # SIGTERM between the two renames left the earlier weights in .X.old-*, which the next save
+        if old is not None and not out.exists() and (old / out.name).exists():  # deleted (an audit, session 36): put back
+            os.replace(old / out.name, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -44,7 +44,7 @@ def finite_json(obj: Any) -> Any:
         return None
     if isinstance(obj, dict):
         return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, list):
+    if isinstance(obj, (list, tuple)):
         return [finite_json(v) for v in obj]
     return obj
 
@@ -62,6 +62,9 @@ def previous_result(run_dir: Path, name: str = RESULT_FILE) -> dict | None:
 
 #: stages whose saved weights are not a language-model policy to start another stage from
 NOT_A_POLICY = {"classify": "a classifier", "reward": "a reward model"}
+#: the stages that train one: any other stage's artifacts name weights it only used (an infer run's artifacts.model is
+#: the base it answered with, and RL started from it as "the SFT weights": an audit, session 36)
+POLICY_STAGES = ("sft", "dpo", "rl", "contrastive")
 
 
 def check_policy_run(res, key: str, result: Path) -> dict:
@@ -69,8 +72,9 @@ def check_policy_run(res, key: str, result: Path) -> dict:
     (a classify run's adapter was taken as an SFT adapter, and GRPO/DPO/contrastive started from it); its artifacts."""
     if not isinstance(res, dict) or not isinstance(res.get("artifacts") or {}, dict):
         raise ConfigError(f"{key}: {result} is not a sectune result (an object with 'artifacts')")
-    if res.get("stage") in NOT_A_POLICY:
-        raise ConfigError(f"{key}: {result.parent} is a stage={res['stage']} run ({NOT_A_POLICY[res['stage']]}), not a policy "
+    if res.get("stage") not in POLICY_STAGES:
+        what = NOT_A_POLICY.get(res.get("stage"), "its weights are not ones it trained")
+        raise ConfigError(f"{key}: {result.parent} is a stage={res.get('stage')} run ({what}), not a policy "
                           "to start from: give an SFT (or DPO, RL, contrastive) run dir")
     refuse_unfinished(res, key, result)
     return res.get("artifacts") or {}
@@ -97,6 +101,15 @@ def refuse_unfinished(res: dict, key: str, result: Path) -> None:
     raise ConfigError(f"{key}: {result} says status {status!r}{why}; start from a run that succeeded{hint}")
 
 
+def run_owning(folder: Path) -> Path | None:
+    """The result.json of the sectune run a weights folder sits in (``<run>/adapter``, ``<run>/checkpoints/checkpoint-N``,
+    a pipeline step's), or None for a folder of its own (a hub download, a merged model)."""
+    for parent in list(Path(folder).resolve().parents)[:3]:
+        if (parent / "result.json").is_file():
+            return parent / "result.json"
+    return None
+
+
 def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
     """``rl.init_from`` (or the key ``name``: reward.init_from, contrastive.init_from): an SFT run dir (its result.json names ``artifacts.adapter`` or
     ``artifacts.model``), an adapter folder (adapter_config.json) or a full-weights folder (config.json) → (kind, folder)."""
@@ -106,9 +119,12 @@ def init_source(init_from: str, name: str = "rl.init_from") -> tuple[str, Path]:
         raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or {what})")
     from sectune.training.checkpoints import require_weights
 
-    if (p / "adapter_config.json").is_file():
-        return "adapter", require_weights(p, "adapter", key)
-    if (p / "config.json").is_file():
+    if (p / "adapter_config.json").is_file() or (p / "config.json").is_file():
+        owner = run_owning(p)
+        if owner is not None:  # <failed run>/adapter: the rule for its run dir holds for the folder too (session 36)
+            read_policy_run(owner, key)
+        if (p / "adapter_config.json").is_file():
+            return "adapter", require_weights(p, "adapter", key)
         return "model", require_weights(p, "model", key)
     result = p / "result.json"
     if not result.is_file():

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sectune import data, sweeps
 from sectune.errors import SectuneError, shown
 from sectune.training import distributed
+from sectune.training.checkpoints import nonfinite_weights
 # re-exported: runner is where stages, the pipeline and the tests look these up
 from sectune.run_records import (  # noqa: F401
     RESULT_FILE, check_policy_run, data_sources, finite_json, init_source, previous_result, refuse_non_analyst, trained_quantization,
@@ -317,8 +318,12 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         result["metrics"] = finite_json(metrics)
         result["artifacts"] = out.get("artifacts", {})
         broken = [k for k in ("train_loss", "eval_loss") if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])]
+        # the saved weights themselves: a step can break them after its loss was logged (the last step; dpo, classify and
+        # simplified_ppo report no eval_loss), and such runs were recorded as succeeded (an audit, session 36)
+        broken += [f"{name}/{bad}" for name in ("adapter", "model") if name in result["artifacts"] and (run_dir / name).is_dir()
+                   and (bad := nonfinite_weights(run_dir / name, max_bytes=2 << 30))]
         if broken:  # NaN weights were saved and recorded as succeeded (a damaged checkpoint resumed, say): not a result
-            raise SectuneError(f"{broken[0]} is {metrics[broken[0]]}: the trained weights are broken (a damaged checkpoint "
+            raise SectuneError(f"{broken[0]} is {metrics.get(broken[0], 'not finite')}: the trained weights are broken (a damaged checkpoint "
                                "resumed, or a learning rate too high; stage=contrastive's debug.enabled=true stops at the "
                                "first non-finite loss and says what to try); nothing downstream uses this run")
         result["status"] = "succeeded"

@@ -283,6 +283,19 @@ def test_init_from_errors_name_the_path_and_what_is_missing(tmp_path):
         init_source(str(tmp_path / "classify"))
     with pytest.raises(ConfigError, match="rl.init_from=.*is not a sectune result"):
         init_source(str(tmp_path / "list"))
+    # an infer run's artifacts.model is the base it answered with: RL started from it as "the SFT weights" (session 36)
+    (tmp_path / "infer").mkdir()
+    (tmp_path / "infer" / "result.json").write_text(json.dumps({"stage": "infer", "status": "succeeded",
+                                                                 "artifacts": {"model": str(run_dir / "adapter")}}))
+    with pytest.raises(ConfigError, match="is a stage=infer run .*not a policy"):
+        init_source(str(tmp_path / "infer"))
+    # a failed run's adapter folder given directly is refused as its run dir is
+    res = json.loads((run_dir / "result.json").read_text())
+    (run_dir / "result.json").write_text(json.dumps({**res, "status": "failed", "error": "eval_loss is nan"}))
+    for call in (lambda: init_source(str(run_dir / "adapter")), lambda: dpo.init_source(str(run_dir / "adapter"), "adapter")):
+        with pytest.raises(ConfigError, match="says status 'failed': eval_loss is nan; start from a run that succeeded"):
+            call()
+    (run_dir / "result.json").write_text(json.dumps(res))
     with pytest.raises(ConfigError, match="holds a LoRA adapter"):
         dpo.init_source(str(run_dir / "adapter"), "model")
     # an adapter that does not load (corrupt weights) is the same kind of error, naming the folder

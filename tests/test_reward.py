@@ -342,3 +342,17 @@ def test_bradley_terry_loss_is_a_mean_over_the_pairs_of_the_whole_optimizer_step
         return trainer
 
     assert_one_step_whatever_the_grad_accum(step)
+
+
+def test_a_failed_reward_runs_reward_model_folder_is_refused_as_its_run_dir_is(tmp_path):
+    """An audit (session 36): rl.reward_model=<failed reward run> was refused, <failed reward run>/reward_model accepted
+    (its score_mean NaN), and GRPO ended succeeded with a NaN held-out reward."""
+    from sectune.models.reward_model import META_FILE, reward_model_dir
+
+    (tmp_path / "run" / "reward_model").mkdir(parents=True)
+    (tmp_path / "run" / "reward_model" / META_FILE).write_text("{}")
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"stage": "reward", "status": "failed", "artifacts": {}}))
+    with pytest.raises(ConfigError, match="says status 'failed'"):
+        reward_model_dir(tmp_path / "run" / "reward_model")
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"stage": "reward", "status": "succeeded", "artifacts": {}}))
+    assert reward_model_dir(tmp_path / "run" / "reward_model") == tmp_path / "run" / "reward_model"

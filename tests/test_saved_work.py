@@ -329,3 +329,29 @@ def test_a_folder_of_weights_without_a_result_json_is_kept(tmp_path):
     assert foreign_result(tmp_path / "new" / "result.json") is None  # a new dir, or one of Hydra's own files only
     (tmp_path / "hydra_only" / ".hydra").mkdir(parents=True)
     assert foreign_result(tmp_path / "hydra_only" / "result.json") is None
+
+
+def test_an_interrupt_between_the_two_renames_puts_the_earlier_folder_back(tmp_path, monkeypatch):
+    """An audit (session 36): SIGTERM between moving the earlier adapter aside and moving the new one in left the
+    earlier one in .adapter.old-*, which the next save deleted; the run's result then named an adapter that was gone."""
+    from sectune import run_guard
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "w.safetensors").write_text("old")
+    new = tmp_path / f".adapter.tmp{os.getpid()}"
+    new.mkdir()
+    (new / "w.safetensors").write_text("new")
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new folder's rename: the signal arrives here
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_guard.replace_dir(new, out)
+    monkeypatch.setattr(os, "replace", real)
+    assert (out / "w.safetensors").read_text() == "old" and (new / "w.safetensors").read_text() == "new"

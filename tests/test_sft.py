@@ -261,3 +261,23 @@ def test_key_weight_scales_the_loss_on_the_answers_counts_and_verdict_only(tmp_p
     plain = compose(["stage=sft", "loss.key_weight=5", "loss.weighted_keys=[failed_logins]"])
     with pytest.raises(ConfigError, match="splits"):
         answer_key_weights(plain, modeling.load_tokenizer(plain, modeling.model_path(plain)), [rec["completion"]])
+
+
+def test_weights_that_went_nan_fail_the_run_even_without_a_validation_loss(tmp_path):
+    """An audit (session 36): Trainer logged a NaN step loss as the running mean, so a run whose weights went NaN and had
+    no eval_loss (no validation split here; dpo, classify, simplified_ppo) reported a finite train_loss and succeeded."""
+    run = sectune([*FAST, "train.max_steps=3", "train.learning_rate=1e30", "dataset.val_fraction=0", "dataset.max_samples=20"],
+                  tmp_path / "r")
+    assert run.returncode == 2 and run.result["status"] == "failed", run.stderr[-2000:]
+    assert "the trained weights are broken" in run.result["error"]
+    history = (tmp_path / "r" / "train_history.json").read_text()
+    assert "NaN" not in history and json.loads(history)  # strict JSON: a NaN step as null
+
+
+def test_sampling_from_nan_scores_is_a_named_error_not_a_traceback():
+    from sectune.errors import SectuneError
+    from sectune.training.grpo_trainer import sample_next
+
+    assert sample_next(torch.tensor([[0.0, 5.0, 0.0]]), temperature=0.01).tolist() == [1]
+    with pytest.raises(SectuneError, match="next-token scores are NaN or inf"):
+        sample_next(torch.tensor([[float("nan"), 1.0, 0.0]]))

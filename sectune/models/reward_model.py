@@ -344,8 +344,15 @@ def same_weights(a: str, b: str) -> bool:
 
 def reward_model_dir(path: str | Path) -> Path:
     """A ``stage=reward`` run dir (via its result.json) or the ``reward_model/`` folder itself."""
+    from sectune.run_records import run_owning
+
     p = Path(path)
     if (p / META_FILE).is_file():
+        owner = run_owning(p)  # <failed reward run>/reward_model: refused as its run dir is (an audit, session 36)
+        res = json.loads(owner.read_text()) if owner is not None else {}
+        if owner is not None and isinstance(res, dict) and res.get("stage") == "reward" and res.get("status") != "succeeded":
+            raise ConfigError(f"{p}: the stage=reward run it belongs to ({owner.parent}) says status {res.get('status')!r}: "
+                              "its scores may be NaN; give a succeeded reward run")
         return p
     result = p / "result.json"
     if result.is_file():

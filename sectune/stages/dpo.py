@@ -33,7 +33,7 @@ from sectune import losses
 from sectune.config_checks import dpo_sft_weight
 from sectune.errors import ConfigError, first_line
 from sectune.models import modeling
-from sectune.run_records import read_policy_run
+from sectune.run_records import read_policy_run, run_owning
 from sectune.runner import RunContext
 from sectune.training import checkpoints, engine, packed_attention, samplers
 
@@ -179,6 +179,9 @@ def init_source(init_from: str, want: str) -> Path:
     if not p.exists():
         raise ConfigError(f"{key}: {p} does not exist (give an SFT run dir with result.json, or its {want}/ folder)")
     is_adapter = (p / "adapter_config.json").is_file()
+    owner = run_owning(p) if is_adapter or (p / "config.json").is_file() else None
+    if owner is not None:  # <failed run>/adapter: refused as its run dir is (an audit, session 36)
+        read_policy_run(owner, key)
     if want == "adapter" and is_adapter:
         return checkpoints.require_weights(p, want, key)
     if want == "model" and (p / "config.json").is_file() and not is_adapter:

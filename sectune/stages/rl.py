@@ -35,7 +35,7 @@ from sectune.errors import ConfigError, SectuneError, first_line
 from sectune.evaluation.rl_rewards import heldout_rewards, reward_functions
 from sectune.losses import GRPO_SCALES
 from sectune.models import modeling
-from sectune.runner import RunContext, init_source, write_json_atomic
+from sectune.runner import RunContext, finite_json, init_source, write_json_atomic
 from sectune.training import checkpoints, distributed, engine
 from sectune.training.memory import levers_left, memory_check
 from sectune.training.rl_progress import HeldOutBest, curve_metrics, plot_reward_curve, rl_history
@@ -255,7 +255,7 @@ def run_grpo(ctx: RunContext) -> dict:
         train_out = engine.train(trainer, resume)
     finally:  # the reward history so far is worth keeping even when training dies
         if main:
-            write_json_atomic(run_dir / "train_history.json", {**rl_history(trainer), **({"heldout": best.scores} if best else {})})
+            write_json_atomic(run_dir / "train_history.json", finite_json({**rl_history(trainer), **({"heldout": best.scores} if best else {})}))
     history = rl_history(trainer)
     metrics = {"train_loss": engine.run_train_loss(trainer, train_out), "train_steps": trainer.state.global_step, "fresh_adapter": int(fresh),
                "train_prompts": len(train_recs), "too_long_prompts": too_long, "num_generations": int(rl.num_generations),
@@ -276,7 +276,7 @@ def run_grpo(ctx: RunContext) -> dict:
         # best_step / reward_heldout_best: one evaluation (rl.keep_best=false saved another: kept_step)
         metrics.update(best_step=best.step, reward_heldout_best=best.score, kept_step=best.step if rl.keep_best else step)
         if main:  # the end evaluation came after the history was written
-            write_json_atomic(run_dir / "train_history.json", {**history, "heldout": best.scores})
+            write_json_atomic(run_dir / "train_history.json", finite_json({**history, "heldout": best.scores}))
         print(f"sectune: held-out reward (greedy, {len(val_recs)} validation windows): "
               f"{heldout.get('reward_heldout_start', float('nan')):.3f} → {heldout['reward_heldout_end']:.3f}{kept}")
 

@@ -115,6 +115,20 @@ def unusable(ckpt: Path, needs: tuple[str, ...] = ()) -> str | None:
     return f"{gone} is missing (the save was cut short)" if gone else None
 
 
+def nonfinite_weights(folder: Path, max_bytes: int | None = None) -> str | None:
+    """The first ``*.safetensors`` file in ``folder`` holding a NaN or inf weight, or None (also None when the files
+    together exceed ``max_bytes``: a full 8B model is not re-read to check it)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if max_bytes is not None and sum(f.stat().st_size for f in files) > max_bytes:
+        return None
+    for f in files:
+        if not all(bool(t.isfinite().all()) for t in load_file(str(f)).values() if t.is_floating_point()):
+            return f.name
+    return None
+
+
 def last_finite_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest complete checkpoint whose logged numbers (losses, eval metrics) and adapter weights are all finite:
     the one a NaN report calls "last good" (the newest could already hold the NaN it stopped on)."""
@@ -131,10 +145,7 @@ def last_finite_checkpoint(checkpoint_dir: Path) -> Path | None:
             continue
         # every weights file: a full fine-tune's model.safetensors too (only the adapter's was read, so a lora=none run
         # named a checkpoint of NaN weights its last good one: an audit, session 36)
-        from safetensors.torch import load_file
-
-        if not all(bool(t.isfinite().all()) for f in sorted(ckpt.glob("*.safetensors"))
-                   for t in load_file(str(f)).values() if t.is_floating_point()):
+        if nonfinite_weights(ckpt):
             continue
         return ckpt
     return None

@@ -137,6 +137,9 @@ def training_kwargs(cfg: DictConfig, output_dir: Path, has_eval: bool) -> dict:
         torch_empty_cache_steps=t.empty_cache_steps,
         dataloader_num_workers=t.num_workers,
         report_to=tracking.report_to(cfg),
+        # a NaN or inf step loss is logged as it is (Trainer's default logged it as the running mean: a run whose weights
+        # went NaN reported a finite train_loss and was recorded as succeeded, an audit, session 36)
+        logging_nan_inf_filter=False,
         run_name=f"{cfg.stage.name}",
         disable_tqdm=False,
         train_sampling_strategy="group_by_length" if group_by_length(cfg) else "random",
@@ -367,9 +370,9 @@ def run_train_loss(trainer, train_out) -> float:
 
 
 def write_history(path: Path, trainer) -> None:
-    from sectune.runner import write_json_atomic
+    from sectune.runner import finite_json, write_json_atomic
 
-    write_json_atomic(path, loss_history(trainer))
+    write_json_atomic(path, finite_json(loss_history(trainer)))  # a NaN step as null: bare NaN is not JSON (session 36)
 
 
 def plot_loss_curve(path: Path, history: dict, title: str) -> None:

@@ -64,7 +64,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         # drop a token when the tokens ranked before it already hold top_p of the mass (the first always stays)
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+    try:
+        return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+    except RuntimeError as e:  # NaN/inf logits: a traceback from the sampler was all a user saw (an audit, session 36)
+        if "contains either" not in str(e) or "nan" not in str(e):
+            raise
+        from sectune.errors import SectuneError
+
+        raise SectuneError("rl: the policy's next-token scores are NaN or inf while sampling completions: its weights are "
+                           "broken (a learning rate too high, or a policy that started broken: check rl.init_from's run)") from None
 
 
 @torch.no_grad()

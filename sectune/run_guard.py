@@ -216,7 +216,8 @@ def restore_run_config(run_dir: Path) -> str:
 
 #: a training stage writes the loss history so far even when it fails, before it has replaced any weights: a rerun keeps
 #: a copy of the succeeded run's (:func:`keep_artifact_copies`), put back when the rerun fails
-REWRITTEN_ON_FAILURE = ("train_history",)
+REWRITTEN_ON_FAILURE = ("train_history", "splits", "labels", "normalizer")  # the last three: classify writes them before
+# it trains, so a refused or interrupted rerun left the earlier run's adapter beside another run's labels (session 36)
 #: training state, not a result: a fresh rerun sets the earlier attempt's checkpoints aside and saves its own
 TRAINING_STATE = ("checkpoints", "best_checkpoint")  # best_checkpoint lives under checkpoints/: a fresh rerun sets it aside
 ARTIFACT_COPIES = f"{SUCCEEDED_CONFIG_DIR}/artifacts"
@@ -235,9 +236,20 @@ def keep_artifact_copies(run_dir: Path, result: dict, since: float) -> None:
     import shutil
 
     for _, path, copy in _rewritten(run_dir, result):
-        if path.is_file() and path.stat().st_mtime <= since:
+        if path.exists() and _newest(path) <= since:
             copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, copy)
+            if path.is_dir():
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(path, copy)
+            else:
+                shutil.copy2(path, copy)
+
+
+def _newest(path: Path) -> float:
+    """The latest modification time of a file, or of a folder and everything in it."""
+    if not path.is_dir():
+        return path.stat().st_mtime
+    return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
 
 
 def restore_artifact_copies(run_dir: Path, result: dict, since: float) -> list[str]:
@@ -247,11 +259,15 @@ def restore_artifact_copies(run_dir: Path, result: dict, since: float) -> list[s
 
     back = []
     for _, path, copy in _rewritten(run_dir, result):
-        if copy.is_file() and (not path.is_file() or path.stat().st_mtime > since):
-            if path.is_file():
-                os.replace(path, path.with_name(f"{path.stem}.failed{path.suffix}"))
+        if copy.exists() and (not path.exists() or _newest(path) > since):
+            if path.exists():
+                failed = path.with_name(f"{path.stem}.failed{path.suffix}")
+                if failed.is_dir():
+                    shutil.rmtree(failed)
+                os.replace(path, failed)
             tmp = path.with_name(f".{path.name}.restoring")
-            shutil.copy2(copy, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (shutil.copytree if copy.is_dir() else shutil.copy2)(copy, tmp)
             os.replace(tmp, path)
             back.append(path.name)
     return back
@@ -307,7 +323,7 @@ def artifacts_untouched(run_dir: Path, result: dict, since: float) -> bool:
     artifacts = result.get("artifacts")
     if not isinstance(artifacts, dict):
         return False
-    kept = {key for key, _, copy in _rewritten(run_dir, result) if copy.is_file()}
+    kept = {key for key, _, copy in _rewritten(run_dir, result) if copy.exists()}
     for key, rel in artifacts.items():
         if key in TRAINING_STATE or key in kept:
             continue

@@ -4,6 +4,7 @@ bad inputs, and both seed presets on the tiny models."""
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 
@@ -576,6 +577,32 @@ def test_a_refused_rerun_leaves_the_finished_run_dir_byte_identical(tmp_path, ov
     assert {p: p.read_bytes() for p in before} == before  # every earlier file byte-identical
     failed = json.loads((run_dir / "result.failed.json").read_text())
     assert failed["status"] == "failed" and error in failed["error"]
+
+
+def test_a_rerun_that_fails_after_writing_its_splits_puts_the_earlier_runs_files_back(tmp_path):
+    """An audit (session 36): classify writes splits/, labels.json and normalizer.json before it trains, so a rerun that
+    failed later (a LoRA target the model lacks, Ctrl-C in training) left the earlier succeeded run failed, its adapter
+    beside another run's labels. They are now kept and put back as train_history.json is."""
+    from sectune.runner import write_json_atomic
+
+    csv = _attack_text_csv(tmp_path / "t.csv", n=40)
+    run_dir = tmp_path / "run"
+    for split in ("train", "validation", "test"):
+        write_json_atomic(run_dir / "splits" / f"{split}.json", [{"text": f"earlier {split}", "label": "old"}])
+    write_json_atomic(run_dir / "labels.json", {"labels": ["old", "older"]})
+    write_json_atomic(run_dir / "classifier.json", {"head": "seq_cls", "labels": ["old", "older"]})
+    write_json_atomic(run_dir / "result.json", {"stage": "classify", "status": "succeeded", "metrics": {"test_macro_f1": 0.5},
+                                                "artifacts": {"splits": "splits", "labels": "labels.json", "classifier": "classifier.json"},
+                                                "finished": "2020-01-01T00:00:00"})
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    for p in run_dir.rglob("*"):  # written well before the rerun starts
+        os.utime(p, (0, 0))
+    p = sectune("stage=classify", "dataset=text_label_csv", f"dataset.path={csv}", "lora.target_modules=[nope]", *FAST,
+                f"hydra.run.dir={run_dir}")
+    assert p.returncode == 2 and "lora.target_modules" in p.stderr, p.stderr[-2000:]
+    assert (run_dir / "splits.failed").is_dir() and (run_dir / "labels.failed.json").is_file()  # this attempt's, kept aside
+    assert {p: p.read_bytes() for p in before} == before  # the earlier run's files, every one, as they were
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "succeeded"
 
 
 def test_a_rerun_without_test_evaluation_leaves_no_stale_evaluation_behind(tmp_path):

@@ -549,6 +549,19 @@ def test_kfold_ensemble_threshold_from_out_of_fold_rows_and_mean_of_members(tmp_
     assert one.returncode != 0 and "train.resume=auto" in one.stderr and not (tmp_path / "one/folds").exists()
 
 
+def _finished_classify_run(run_dir):
+    """A finished classify run's files, with contents no rerun writes (so a rewrite shows)."""
+    from sectune.runner import write_json_atomic
+
+    for split in ("train", "validation", "test"):
+        write_json_atomic(run_dir / "splits" / f"{split}.json", [{"text": f"earlier {split}", "label": "old"}])
+    write_json_atomic(run_dir / "labels.json", {"labels": ["old", "older"]})
+    write_json_atomic(run_dir / "classifier.json", {"head": "seq_cls", "labels": ["old", "older"]})
+    write_json_atomic(run_dir / "result.json", {"stage": "classify", "status": "succeeded", "metrics": {"test_macro_f1": 0.5},
+                                                "artifacts": {"splits": "splits", "labels": "labels.json", "classifier": "classifier.json"},
+                                                "finished": "2020-01-01T00:00:00"})
+
+
 @pytest.mark.parametrize("override, error", [
     ("classify.folds=0", "classify.folds=0: 1 trains one model"),
     ("classify.folds=40", "classify.folds=40"),  # more folds than the train split has rows of a label
@@ -558,18 +571,9 @@ def test_kfold_ensemble_threshold_from_out_of_fold_rows_and_mean_of_members(tmp_
 def test_a_refused_rerun_leaves_the_finished_run_dir_byte_identical(tmp_path, override, error):
     """The checks run before splits/, labels.json (or anything else) is written: a rerun with a bad
     setting into a finished run dir fails naming the key and changes none of its files."""
-    from sectune.runner import write_json_atomic
-
     csv = _attack_text_csv(tmp_path / "t.csv", n=40)
     run_dir = tmp_path / "run"
-    # a finished run's files, with contents this rerun would not write (so a rewrite shows)
-    for split in ("train", "validation", "test"):
-        write_json_atomic(run_dir / "splits" / f"{split}.json", [{"text": f"earlier {split}", "label": "old"}])
-    write_json_atomic(run_dir / "labels.json", {"labels": ["old", "older"]})
-    write_json_atomic(run_dir / "classifier.json", {"head": "seq_cls", "labels": ["old", "older"]})
-    write_json_atomic(run_dir / "result.json", {"stage": "classify", "status": "succeeded", "metrics": {"test_macro_f1": 0.5},
-                                                "artifacts": {"splits": "splits", "labels": "labels.json", "classifier": "classifier.json"},
-                                                "finished": "2020-01-01T00:00:00"})
+    _finished_classify_run(run_dir)  # with contents this rerun would not write (so a rewrite shows)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     p = sectune("stage=classify", "dataset=text_label_csv", f"dataset.path={csv}", override, *FAST, f"hydra.run.dir={run_dir}")
     assert p.returncode == 2, p.stderr[-2000:]
@@ -583,17 +587,9 @@ def test_a_rerun_that_fails_after_writing_its_splits_puts_the_earlier_runs_files
     """An audit (session 36): classify writes splits/, labels.json and normalizer.json before it trains, so a rerun that
     failed later (a LoRA target the model lacks, Ctrl-C in training) left the earlier succeeded run failed, its adapter
     beside another run's labels. They are now kept and put back as train_history.json is."""
-    from sectune.runner import write_json_atomic
-
     csv = _attack_text_csv(tmp_path / "t.csv", n=40)
     run_dir = tmp_path / "run"
-    for split in ("train", "validation", "test"):
-        write_json_atomic(run_dir / "splits" / f"{split}.json", [{"text": f"earlier {split}", "label": "old"}])
-    write_json_atomic(run_dir / "labels.json", {"labels": ["old", "older"]})
-    write_json_atomic(run_dir / "classifier.json", {"head": "seq_cls", "labels": ["old", "older"]})
-    write_json_atomic(run_dir / "result.json", {"stage": "classify", "status": "succeeded", "metrics": {"test_macro_f1": 0.5},
-                                                "artifacts": {"splits": "splits", "labels": "labels.json", "classifier": "classifier.json"},
-                                                "finished": "2020-01-01T00:00:00"})
+    _finished_classify_run(run_dir)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     for p in run_dir.rglob("*"):  # written well before the rerun starts
         os.utime(p, (0, 0))

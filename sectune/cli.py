@@ -83,6 +83,12 @@ class SweepCheck(Callback):
         if _SWEEP_JOBS:  # the basic launcher ran them here
             return
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir", default="") or ""))
+        # a grid job that never wrote result.json (its dir held by another command, killed before it started) counts as
+        # failed: only dirs holding one were read, so such a sweep exited 0 (an audit, session 36)
+        n = _grid_job_count(config)
+        for i in range(n or 0):
+            if not (sweep_dir / str(i) / "result.json").is_file():
+                _SWEEP_JOBS.append((str(sweep_dir / str(i)), 1))
         for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if sweep_dir.is_dir() else []:
             res = job / "result.json"
             if not res.is_file():
@@ -296,7 +302,8 @@ def main() -> None:
         if (cause := _logging_os_error(e)) is not None:  # Hydra's log file in a run dir it cannot write
             _run_dir_error(cause)
         _exit_if_sweep_jobs_failed()  # a sweeper that gave up because its trials failed (Optuna: "No trials are completed")
-        line = config_file_error(e, sys.argv[1:]) or yaml_error(e) or override_error(e) or usage_error(e)
+        line = (submit_error(e) or config_file_error(e, sys.argv[1:]) or yaml_error(e) or override_error(e)
+                or usage_error(e))
         _drop_empty_sweep_dir()
         if line is None:
             _hydra_report(e)
@@ -308,6 +315,18 @@ def main() -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
+def submit_error(e: BaseException) -> str | None:
+    """sbatch's refusal of a sweep (a partition, account, QOS or size the cluster does not take), said in one line: it
+    was a 45-line traceback of submitit's FailedJobError (an audit, session 36)."""
+    while e is not None:
+        if type(e).__name__ == "FailedJobError" and type(e).__module__.startswith("submitit"):
+            said = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            return (f"the cluster refused the sweep's jobs: {said} (check hydra.launcher.partition / account / qos / mem_gb / "
+                    "timeout_min / gpus_per_node against what the cluster offers: sinfo, sacctmgr show qos)")
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _exit_if_sweep_jobs_failed() -> None:
     global _SWEEP_REPORTED
     failed = [d for d, code in _SWEEP_JOBS if code != 0]
@@ -316,6 +335,21 @@ def _exit_if_sweep_jobs_failed() -> None:
         print(f"sectune: {len(failed)} of {len(_SWEEP_JOBS)} sweep jobs failed: {', '.join(failed)} "
               "(each one's error is in its result.json, or above)", file=sys.stderr)
         sys.exit(1)
+
+
+def _grid_job_count(config: DictConfig) -> int | None:
+    """How many jobs a basic (grid) sweep launches, or None for another sweeper."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if "BasicSweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or ""):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    task = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=None) or []]
+    try:
+        return sum(len(b) for b in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(task), None))
+    except Exception:  # noqa: BLE001 - what the sweeper itself could not parse never launched
+        return None
 
 
 def check_sweep_jobs(config: DictConfig) -> None:

@@ -410,6 +410,17 @@ def check_sweep(cfg) -> None:
         raise ConfigError(f"sweep.objective={cfg.sweep.objective}: a number measured on the test split; a sweeper that "
                           "optimises it chooses on test (its best trial's score is then optimistic). Optimise a validation "
                           "metric (eval_loss, val_macro_f1, heldout_val_verdict_macro_f1, …) and read the chosen trial's test number")
+    from omegaconf import OmegaConf
+
+    # the Optuna preset sets hydra.sweeper.direction: ${sweep.direction}; set on its own (as Optuna's documentation
+    # shows), the study maximised what every job, the runner and the report minimise (an audit, session 36)
+    study = OmegaConf.select(cfg, "hydra.sweeper.direction", default=None)
+    if "optuna" in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or "").lower() and study is not None:
+        study = [str(d) for d in study] if OmegaConf.is_list(study) else [str(study)]
+        if study != [str(cfg.sweep.direction)]:
+            raise ConfigError(f"hydra.sweeper.direction={study[0] if len(study) == 1 else study} but sweep.direction="
+                              f"{cfg.sweep.direction}: the study would choose one way while the jobs and sectune-report rank "
+                              "the other. Set sweep.direction only (the preset hands it to the study)")
 
 
 def dpo_sft_weight(cfg) -> float:

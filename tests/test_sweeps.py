@@ -91,12 +91,19 @@ def test_digest_counts_the_processes_that_train_a_config(monkeypatch):
     assert len({one, two, config_digest(cfg)}) == 3
 
 
-def test_submitit_local_runs_a_two_job_sweep(tmp_path):
+def test_submitit_local_runs_a_two_job_sweep_and_counts_a_job_that_never_wrote_its_result(tmp_path):
+    """Job 1's dir is held by another command (as a second sweep into the same dir would hold it): it refuses to start
+    and writes no result.json. Through a launcher only dirs holding one were read, so that sweep exited 0 (session 36)."""
+    import fcntl
+
     sweep = tmp_path / "sweep"
-    proc = multirun([*TINY, "hydra/launcher=local", "train.learning_rate=1e-3,1e-2"], sweep)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep / "1").mkdir(parents=True)
+    with open(sweep / "1" / ".sectune.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = multirun([*TINY, "hydra/launcher=local", "train.learning_rate=1e-3,1e-2"], sweep)
+    assert proc.returncode == 1 and f"1 of 2 sweep jobs failed: {sweep / '1'}" in proc.stderr, proc.stderr[-3000:]
     res = results(sweep)
-    assert sorted(res) == [0, 1] and all(r["status"] == "succeeded" for r in res.values())
+    assert sorted(res) == [0] and res[0]["status"] == "succeeded"
     assert any((sweep / ".submitit").rglob("*_result.pkl"))  # the jobs really went through submitit
 
 
@@ -126,6 +133,23 @@ def test_the_slurm_launcher_off_a_cluster_is_a_clear_error_not_a_traceback(tmp_p
     proc = multirun(["hydra/launcher=slurm", "stage=plan", "logger=none"], tmp_path / "sweep", timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("sectune: error: hydra/launcher=slurm: no `srun` on this machine's PATH")
+
+
+def test_a_sweep_the_cluster_refuses_is_one_line_not_a_traceback(tmp_path):
+    """An audit (session 36): sbatch refusing the jobs (a partition the cluster lacks) ended in a 45-line traceback of
+    submitit's FailedJobError. A stand-in srun and sbatch (no SLURM here) refuse as a real sbatch does."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpux' >&2\nexit 1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    proc = multirun(["hydra/launcher=slurm", "hydra.launcher.partition=gpux", "stage=plan", "logger=none"], tmp_path / "sweep",
+                    timeout=300, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "sectune: error: the cluster refused the sweep's jobs: sbatch: error: invalid partition specified: gpux" in proc.stderr
 
 
 @pytest.mark.parametrize("launcher", ["slurm", "local"])
@@ -294,3 +318,14 @@ def test_an_optuna_search_space_is_checked_at_its_edges_before_the_first_trial(t
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "Optuna search-space edge" in proc.stderr and says in proc.stderr and "no job was started" in proc.stderr, proc.stderr[-2000:]
         assert not sweep.exists()
+
+
+def test_an_optuna_direction_other_than_sweep_direction_is_refused_before_any_trial(tmp_path):
+    """An audit (session 36): hydra.sweeper.direction=maximize on the command line (as Optuna's documentation shows)
+    made the study maximise eval_loss while every job, the runner and sectune-report minimised it: Optuna's best trial
+    was the report's worst, and nothing said so."""
+    sweep = tmp_path / "opt"
+    proc = multirun(["hparams_search=sft_optuna", "stage=plan", "logger=none", "hydra.sweeper.n_trials=2",
+                     "hydra.sweeper.direction=maximize"], sweep, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "hydra.sweeper.direction=maximize but sweep.direction=minimize" in proc.stderr and not sweep.exists()

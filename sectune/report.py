@@ -44,7 +44,7 @@ import pandas as pd
 from sectune.errors import ConfigError, DataError
 from sectune.runner import write_text_atomic
 from sectune.sweeps import TEST_METRIC
-from sectune.sweep_jobs import (BASE_COLUMNS, EARLIER_SWEEP, NOT_RUN, NOT_STARTED, expected_jobs, job_dirs, parse_value,
+from sectune.sweep_jobs import (BASE_COLUMNS, EARLIER_SWEEP, NOT_RUN, NOT_STARTED, RUNNING, expected_jobs, job_dirs, parse_value,
                                 raw_overrides, read_overrides, read_result, sweep_objective)
 
 
@@ -65,17 +65,24 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
     for job in jobs:
         ov, res = read_overrides(job), read_result(job)
         n = int(job.name)
-        if expected is not None and (n >= len(expected) or set(raw_overrides(job)) != set(expected[n])):
+        given = raw_overrides(job)
+        if not given and not (job / ".hydra").exists() and expected is not None and n < len(expected):
+            # hydra.output_subdir=null: no job records its overrides; multirun.yaml's job n is this one (every job was
+            # disowned as an earlier sweep's, and nothing was ranked: an audit, session 36)
+            given, ov = expected[n], {k.lstrip("+"): parse_value(v) for k, _, v in (o.partition("=") for o in expected[n])}
+        if expected is not None and (n >= len(expected) or set(given) != set(expected[n])):
             # a rerun in this dir with other values replaced jobs 0..k and left the rest: not this sweep's results
             res = {**res, "status": EARLIER_SWEEP, "error": f"not of the sweep in multirun.yaml (its job {n} is "
                    f"{' '.join(expected[n]) if n < len(expected) else 'none'}): left by an earlier sweep in this dir"}
         keys += [k for k in ov if k not in keys]
         metric_names += [m for m in res["metrics"] if m not in metric_names]
         rows.append((n, ov, res))
+    live = any(res["status"] == RUNNING for _, _, res in rows)
     for n in sorted(set(range(len(expected or ()))) - {int(j.name) for j in jobs}):  # the sweep stopped before them
         ov = {k.lstrip("+"): parse_value(v) for k, _, v in (o.partition("=") for o in expected[n])}
         keys += [k for k in ov if k not in keys]
-        rows.append((n, ov, {"status": NOT_STARTED, "metrics": {}, "error": "no job dir: the sweep stopped before this job"}))
+        why = "no job dir yet: the sweep is still running" if live else "no job dir: the sweep stopped before this job"
+        rows.append((n, ov, {"status": NOT_STARTED, "metrics": {}, "error": why}))
 
     taken = set(BASE_COLUMNS) | set(keys)
     metric_cols = {m: (f"metric.{m}" if m in taken else m) for m in metric_names}
@@ -177,8 +184,10 @@ def to_markdown(frame: pd.DataFrame) -> str:
     n_ok, others = int(counts.get("succeeded", 0)), {s: int(counts.get(s, 0)) for s in NOT_RUN}
     n_run = len(frame) - others[EARLIER_SWEEP]
     lines = [f"# Sweep report: {a.get('sweep_dir', '')}", "",
-             f"{n_run} jobs: {n_ok} succeeded, {n_run - n_ok - others[NOT_STARTED]} failed"
-             + (f", {others[NOT_STARTED]} never started" if others[NOT_STARTED] else "") + "."
+             f"{n_run} jobs: {n_ok} succeeded, {n_run - n_ok - others[NOT_STARTED] - others[RUNNING]} failed"
+             + (f", {others[RUNNING]} still running" if others[RUNNING] else "")
+             + (f", {others[NOT_STARTED]} {'not started yet' if others[RUNNING] else 'never started'}" if others[NOT_STARTED] else "")
+             + "."
              + (f" {others[EARLIER_SWEEP]} job dir(s) left by an earlier sweep in this dir are listed last, not ranked."
                 if others[EARLIER_SWEEP] else "")]
     if a.get("sort_by"):

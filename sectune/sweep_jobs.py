@@ -27,8 +27,26 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 NOT_STARTED = "not started"
 EARLIER_SWEEP = "earlier sweep"
-#: statuses of rows that are not this sweep's results: listed after the others, never ranked
-NOT_RUN = (NOT_STARTED, EARLIER_SWEEP)
+RUNNING = "running"
+#: statuses of rows that are not this sweep's results (yet): listed after the others, never ranked
+NOT_RUN = (NOT_STARTED, EARLIER_SWEEP, RUNNING)
+LIVE = "still running: a live sectune process holds its run dir"
+
+
+def lock_held(job: Path) -> bool:
+    """Whether a live process holds ``job``'s run-dir lock (sectune.run_guard's): a job still training."""
+    import fcntl
+
+    lock = job / ".sectune.lock"
+    if not lock.is_file():
+        return False
+    try:
+        with open(lock, "r") as fh:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except OSError:
+        return True
+    return False
 
 
 def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
@@ -93,8 +111,8 @@ def read_result(job: Path) -> dict[str, Any]:
         return {"status": "failed", "metrics": {}, "error": f"unreadable {path}: {e}"}
     status = str(data.get("status", "failed"))
     error = data.get("error") or ""
-    if status == "running":
-        status, error = "failed", STILL_RUNNING
+    if status == "running":  # a job still training (a report read mid-sweep called it failed: session 36), else killed
+        status, error = (RUNNING, LIVE) if lock_held(job) else ("failed", STILL_RUNNING)
     metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
     clean = {}
     for k, v in metrics.items():

@@ -286,6 +286,41 @@ def _job(root, n, overrides, loss=None):
         (root / str(n) / "result.json").write_text(json.dumps({"status": "succeeded", "metrics": {"eval_loss": loss}}))
 
 
+def test_a_sweep_still_running_reports_its_live_job_as_running_and_the_rest_as_not_started_yet(tmp_path):
+    """An audit (session 36): a report read mid-sweep called the job in training "failed" and the queued ones "the sweep
+    stopped before this job". A job whose run-dir lock a live process holds is running; one nobody holds was killed."""
+    import fcntl
+
+    live = tmp_path / "live"
+    live.mkdir()
+    _multirun(live, ["lora.r=4,8,16"])
+    _job(live, 0, ["lora.r=4"], 1.2)
+    _job(live, 1, ["lora.r=8"])
+    (live / "1" / "result.json").write_text(json.dumps({"status": "running", "metrics": {}}))
+    with open(live / "1" / ".sectune.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        df = build_report(live)
+        out = write_report(live)["markdown"]
+    assert list(zip(df["job"], df["status"])) == [(0, "succeeded"), (1, "running"), (2, "not started")]
+    assert "3 jobs: 1 succeeded, 0 failed, 1 still running, 1 not started yet." in out
+    assert "no job dir yet: the sweep is still running" in out
+    df = build_report(live)  # the lock let go without the run finishing: killed
+    assert list(df["status"]) == ["succeeded", "failed", "not started"]
+
+
+def test_jobs_of_a_sweep_that_kept_no_hydra_dir_are_matched_by_number(tmp_path):
+    """An audit (session 36): with hydra.output_subdir=null no job records its overrides, and every job was disowned as
+    an earlier sweep's: nothing ranked, no swept column."""
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    _multirun(sweep, ["lora.r=2,4"])
+    for n, loss in ((0, 1.5), (1, 1.1)):
+        (sweep / str(n)).mkdir()
+        (sweep / str(n) / "result.json").write_text(json.dumps({"status": "succeeded", "metrics": {"eval_loss": loss}}))
+    df = build_report(sweep)
+    assert list(zip(df["job"], df["lora.r"], df["status"])) == [(1, 4, "succeeded"), (0, 2, "succeeded")]
+
+
 def test_jobs_a_stopped_sweep_never_started_and_an_earlier_sweeps_leftovers_are_named_not_ranked(tmp_path):
     """A 3-job sweep stopped during job 1 reported "2 jobs" (job 2 gone without a word); a rerun in the old dir with
     other values ranked the first sweep's leftover job first."""

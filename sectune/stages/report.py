@@ -24,13 +24,14 @@ def run(ctx: RunContext) -> dict:
     print(out["markdown"])
     frame = out["frame"]
     counts = frame["status"].value_counts()
-    n_ok, n_not, n_earlier = (int(counts.get(k, 0)) for k in ("succeeded", report.NOT_STARTED, report.EARLIER_SWEEP))
+    n_ok, n_not, n_earlier, n_live = (int(counts.get(k, 0)) for k in ("succeeded", report.NOT_STARTED, report.EARLIER_SWEEP,
+                                                                         report.RUNNING))
 
     def rel(p: Path) -> str:
         return os.path.relpath(Path(p).resolve(), ctx.run_dir.resolve())
 
     artifacts = {"report_csv": rel(out["csv"]), "report_md": rel(out["md"])}
     artifacts.update({f"plot_{p.stem}": rel(p) for p in out["plots"]})
-    metrics = {"jobs": len(frame) - n_earlier, "succeeded": n_ok, "failed": len(frame) - n_earlier - n_ok - n_not}
-    metrics.update({k: v for k, v in (("not_started", n_not), ("earlier_sweep_dirs", n_earlier)) if v})
+    metrics = {"jobs": len(frame) - n_earlier, "succeeded": n_ok, "failed": len(frame) - n_earlier - n_ok - n_not - n_live}
+    metrics.update({k: v for k, v in (("not_started", n_not), ("earlier_sweep_dirs", n_earlier), ("running", n_live)) if v})
     return {"metrics": metrics, "artifacts": artifacts}

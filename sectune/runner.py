@@ -311,7 +311,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
                   "the Python code its folder or hub repository ships", file=sys.stderr)
         _seed_everything(cfg.train.seed)
         stage_fn = resolve_stage(stage_name)
-        ctx.tracker = tracking.start(cfg, run_dir) if main else None
+        # the doctor checks W&B itself: opening a run first stalled it ~90 s where a key has no network, then reported
+        # the offline mode its own fallback had set (an audit, session 36)
+        ctx.tracker = tracking.start(cfg, run_dir) if main and stage_name != "doctor" else None
         with _quiet_unless(main):  # under torchrun every rank ran the stage's prints: rank 0 speaks, the others' stderr stays
             out = stage_fn(ctx) or {}
         metrics = {**ctx.partial_metrics, **out.get("metrics", {})}

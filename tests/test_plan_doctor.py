@@ -175,6 +175,20 @@ def test_doctor_ready_for_tiny_and_exit_0(tmp_path):
         assert name in text
 
 
+def test_doctor_with_a_wandb_key_and_no_route_to_wandb_warns_and_opens_no_run(tmp_path):
+    """An audit (session 36): the doctor opened a W&B run first, which waited ~90 s for the server where a key had no
+    network, then reported W&B "ok, mode offline" because its own fallback had set the mode."""
+    import time
+
+    env = {"WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "https://api.wandb.invalid", "HF_HUB_OFFLINE": "1"}
+    t0 = time.monotonic()
+    sectune(["stage=doctor", "logger.mode=online"], tmp_path / "doc", env=env)
+    assert time.monotonic() - t0 < 80, "waited for the W&B server"
+    text = (tmp_path / "doc" / "doctor.md").read_text()
+    assert "mode online (an API key is set), but api.wandb.invalid cannot be reached" in text, text
+    assert not (tmp_path / "doc" / "wandb").exists() and "0" * 40 not in text
+
+
 def test_doctor_missing_weights_exit_3_with_fix(tmp_path):
     run = sectune(["stage=doctor", "logger=none", "model=llama2_7b", "quantization=nf4", "lora=r16_all_linear"],
                   tmp_path / "doc", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})

@@ -21,6 +21,7 @@ warnings too), else 0; ``doctor.md`` in the run dir and the console list every c
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,17 @@ def check_wandb(cfg: DictConfig) -> list[Check]:
     mode = tracking.wandb_mode(cfg)
     if mode == "online" and not tracking.has_api_key():
         return [Check("wandb", "warn", f"wandb {v}, mode online but no API key", "wandb login (or WANDB_API_KEY), or logger.mode=offline")]
+    if mode == "online":  # a key without the network: every run stalls ~90 s in wandb.init, then logs offline (session 36)
+        import socket
+        from urllib.parse import urlparse
+
+        url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+        try:
+            socket.create_connection((url.hostname or "api.wandb.ai", url.port or 443), timeout=3).close()
+        except OSError as e:
+            return [Check("wandb", "warn", f"wandb {v}, mode online (an API key is set), but {url.hostname} cannot be reached "
+                          f"({type(e).__name__}): each run waits ~90 s for it, then logs offline",
+                          "WANDB_MODE=offline here (sync later with `wandb sync`), or fix the network/proxy")]
     extra = "; sync later with `wandb sync <run dir>/wandb/offline-run-*`" if mode == "offline" else ""
     return [Check("wandb", "ok", f"wandb {v}, mode {mode}{extra}")]
 

@@ -317,7 +317,8 @@ SAFE_RESOLVERS = {"sectune_shared_data", "sectune_cache", "now"}
 
 
 def load_run_config(cfg_path: Path) -> DictConfig:
-    """A run's saved ``.hydra/config.yaml``, with a relative ``dataset.path`` / ``dataset.source_dir`` made absolute
+    """A run's saved ``.hydra/config.yaml``, with a relative ``dataset.path`` / ``dataset.source_dir`` (and a relative
+    ``model.name_or_path`` folder) made absolute
     against the folder that run was started from (``hydra.runtime.cwd`` in the ``hydra.yaml`` beside it, or beside its
     pipeline's): a run trained with ``dataset.path=flows.csv`` is then evaluated from any folder."""
     import yaml
@@ -363,6 +364,12 @@ def load_run_config(cfg_path: Path) -> DictConfig:
             value = OmegaConf.select(cfg, f"dataset.{key}", throw_on_resolution_failure=False)
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
                 cfg.dataset[key] = str(Path(cwd) / value)
+        # a relative model folder too (a run's model/ given to model.name_or_path=), where one is there: a hub id stays
+        # as it is (evaluate and Predictor from another folder said "no such folder": an audit, session 36)
+        value = OmegaConf.select(cfg, "model.name_or_path", throw_on_resolution_failure=False)
+        if (isinstance(value, str) and value and not Path(value).expanduser().is_absolute() and not Path(value).exists()
+                and (Path(cwd) / value).is_dir()):
+            cfg.model.name_or_path = str(Path(cwd) / value)
     return cfg
 
 

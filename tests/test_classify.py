@@ -649,6 +649,19 @@ def test_a_run_trained_with_a_relative_data_path_is_evaluated_from_any_folder(tm
     ev = sectune("stage=evaluate", f"evaluate.model_dir={tmp_path / 'run'}", "logger=none", f"hydra.run.dir={tmp_path / 'ev'}")
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads((tmp_path / "ev/result.json").read_text())["metrics"]["test_rows"] == 8
+    # the training file gone: evaluate.data_path still needs it (the baselines are refitted on it), and the hint says so
+    # instead of pointing at evaluate.data_path, the option just passed (an audit, session 36)
+    (data_dir / "t.csv").rename(data_dir / "new.csv")
+    gone = sectune("stage=evaluate", f"evaluate.model_dir={tmp_path / 'run'}", f"evaluate.data_path={data_dir / 'new.csv'}",
+                   "logger=none", f"hydra.run.dir={tmp_path / 'ev2'}")
+    assert gone.returncode == 2 and "so evaluate.data_path needs it too" in gone.stderr, gone.stderr[-2000:]
+    # a relative model.name_or_path (a run's model/ folder) is taken from that folder too, not from the evaluating one
+    from sectune.config import load_run_config
+
+    (data_dir / "mine").mkdir()
+    saved = tmp_path / "run" / ".hydra" / "config.yaml"
+    saved.write_text(saved.read_text().replace("name_or_path: null", "name_or_path: mine"))
+    assert load_run_config(saved).model.name_or_path == str(data_dir / "mine")
 
 
 def test_evaluate_scores_a_new_labelled_file_with_the_runs_own_statistics_and_baselines(cic_run, tmp_path):

@@ -60,9 +60,13 @@ def run(ctx: RunContext) -> dict:
     try:
         data = C.build_labelled_data(run_cfg)
     except DataError as e:  # its hint "set dataset.path=" is for training: evaluate reads the run's saved settings
+        # with evaluate.data_path given, the run's own data is still read: the baselines beside the model are refitted on
+        # its train split (the hint pointed at evaluate.data_path, the option just passed: an audit, session 36)
+        tail = ("the baselines beside the model are refitted on its training data, so evaluate.data_path needs it too"
+                if ev.data_path else "or score a labelled file of your own with evaluate.data_path=<csv>")
         raise DataError(f"{e} [stage=evaluate rebuilds the data of {model_dir} from its saved config, whatever this command's "
                         "dataset.* says: make that data readable again (paths.shared_data / SECTUNE_SHARED_DATA for the real "
-                        "samples), or score a labelled file of your own with evaluate.data_path=<csv>]") from None
+                        f"samples; the run's dataset.path for a file of yours); {tail}]") from None
     split = "external" if ev.data_path else ev.split
     if split not in data.splits and not ev.data_path:
         raise ConfigError(f"evaluate.split={ev.split!r}: choose train, validation or test")

@@ -290,7 +290,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         # A stale result from an earlier attempt in this dir must not look current.
         write_json_atomic(run_dir / RESULT_FILE, result)
     t0 = time.perf_counter()
-    generated_at = data.generated_mark()
+    generated_at, skipped_at = data.generated_mark(), data.skipped_mark()
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
     code = 0
     if sweeps.in_multirun():  # the jobs of a sweep share this process: each reports its own peaks, not the sweep's so far
@@ -355,6 +355,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         _restore_signals(handlers)
         if result["status"] == "failed" and not unscored:
             result["metrics"] = finite_json(ctx.partial_metrics)
+        skipped = data.skipped_since(skipped_at)
+        if skipped and "skipped_lines" not in (result.get("metrics") or {}):  # dataset.skip_bad_lines, in every stage's record
+            result["metrics"] = {**(result.get("metrics") or {}), "skipped_lines": skipped}
         generated = data.generated_since(generated_at)
         if generated:  # numbers on generated stand-ins never pass for real-data results
             result["generated_data"] = generated

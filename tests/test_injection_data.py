@@ -640,3 +640,36 @@ def test_attack_success_on_prompt_answer_triplets_equals_hand_computed_rates():
     # the demanded text is the expected answer itself: no targeted trial
     _, rows = attack_metrics([{**rec, "output": "no", "injection_output": "no"}], ["no"], ["no"])
     assert rows[0]["targeted"] is None and rows[0]["attacked"] is False
+
+
+@requires_real_data
+def test_injection_texts_all_over_the_length_cap_are_said_as_that_not_as_a_missing_download(capsys):
+    """An audit (session 36): dataset.injection_max_chars below every deepset text said the folder had no injection
+    rows and, with dataset.template_fraction=0, told the user to download them."""
+    cfg = compose([*TRIPLETS, "dataset.max_samples=30", "dataset.injection_max_chars=5"])
+    recs = _all(I.triplet_data(cfg))
+    assert recs and {r["injection_source"] for r in recs} == {"template"}
+    err = capsys.readouterr().err
+    assert "dataset.injection_max_chars=5: none of the" in err and "using templated injections only" in err
+    with pytest.raises(DataError, match=r"dataset.injection_max_chars=5: none of the \d+ injection texts .*raise dataset.injection_max_chars"):
+        I.triplet_data(compose([*TRIPLETS, "dataset.max_samples=30", "dataset.injection_max_chars=5", "dataset.template_fraction=0"]))
+
+
+def test_a_split_the_fractions_give_no_injection_texts_is_named_with_its_key():
+    from sectune.data.injection import _pick_text
+
+    with pytest.raises(DataError, match=r"no template injection texts for the validation split: .*raise dataset.val_fraction"):
+        _pick_text({"template": []}, 1.0, __import__("random").Random(0), "validation")
+
+
+def test_sft_on_a_triplet_file_records_the_lines_it_skipped_in_result_json(tmp_path):
+    """An audit (session 36): the README says dataset.skip_bad_lines counts the skipped lines in result.json
+    (skipped_lines); stage=sft and stage=dpo on injection files only printed the warning."""
+    path = tmp_path / "triplets.jsonl"
+    lines = [_triplet_line(i) for i in range(12)]
+    lines[3] = "{not json"
+    path.write_text("\n".join(lines) + "\n")
+    code, _ = runner.run(compose(["stage=sft", *TRIPLETS, *FAST, "train.max_steps=1", f"dataset.path={path}",
+                                  "dataset.skip_bad_lines=true"]), tmp_path / "sft")
+    res = json.loads((tmp_path / "sft" / "result.json").read_text())
+    assert code == 0 and res["metrics"]["skipped_lines"] == 1, res.get("error")

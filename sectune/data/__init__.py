@@ -70,6 +70,24 @@ def generated_since(mark: int) -> list[dict]:
     return [{"dataset": d, "path": p} for d, p in seen]
 
 
+#: lines a reader skipped (dataset.skip_bad_lines), one entry per read: the runner records the count in result.json's
+#: metrics for every stage (sft and dpo on injection files only said it: an audit, session 36)
+_SKIPPED: list[int] = []
+
+
+def note_skipped(n: int) -> None:
+    _SKIPPED.append(int(n))
+
+
+def skipped_mark() -> int:
+    return len(_SKIPPED)
+
+
+def skipped_since(mark: int) -> int:
+    """The most lines one read skipped since ``mark`` (a file read twice in a run is not counted twice)."""
+    return max(_SKIPPED[mark:], default=0)
+
+
 def check_split_seed(seed) -> int:
     """``dataset.split_seed`` as an int numpy and scikit-learn accept (0 .. 2**32 - 1), else a ConfigError naming the key."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:

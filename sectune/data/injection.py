@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,11 +219,19 @@ def _texts_by_split(cfg: DictConfig, generic: bool = False) -> tuple[dict[str, d
     if not 0.0 <= float(d.template_fraction) <= 1.0:
         raise ConfigError(f"dataset.template_fraction={d.template_fraction}: must be in [0, 1]")
     deepset = deepset_texts(Path(str(d.source_dir)), int(d.injection_max_chars)) if d.template_fraction < 1 else []
-    if not deepset and d.template_fraction == 0:  # deepset's texts only, and there are none: not templates in their place
+    longer = len(deepset_texts(Path(str(d.source_dir)), 10**9)) if not deepset and d.template_fraction < 1 else 0
+    if longer:  # there are texts, all longer than the cap: said as that, not as a folder to download (session 36)
+        if d.template_fraction == 0:
+            raise DataError(f"dataset.injection_max_chars={d.injection_max_chars}: none of the {longer} injection texts in "
+                            f"{Path(str(d.source_dir)) / _DEEPSET} is that short, and dataset.template_fraction=0 plants "
+                            "only them: raise dataset.injection_max_chars")
+        print(f"sectune: warning: dataset.injection_max_chars={d.injection_max_chars}: none of the {longer} injection texts "
+              f"in {Path(str(d.source_dir)) / _DEEPSET} is that short; using templated injections only", file=sys.stderr)
+    elif not deepset and d.template_fraction == 0:  # deepset's texts only, and there are none: not templates in their place
         raise DataError(f"dataset.template_fraction=0 plants deepset's injection texts only, and {Path(str(d.source_dir)) / _DEEPSET} "
                         "has none (train.jsonl/test.jsonl or the parquet files of `hf download deepset/prompt-injections "
                         "--repo-type dataset`); download them, or set dataset.template_fraction > 0 for templated injections")
-    if not deepset and d.template_fraction < 1:
+    if not deepset and not longer and d.template_fraction < 1:
         from sectune.data import note_generated
 
         note_generated(f"{d.name} (injection texts)", Path(str(d.source_dir)) / _DEEPSET,
@@ -235,11 +244,14 @@ def _texts_by_split(cfg: DictConfig, generic: bool = False) -> tuple[dict[str, d
     return {s: {k: v[s] for k, v in pools.items()} for s in SPLITS}, info
 
 
-def _pick_text(pools: dict[str, list[str]], template_fraction: float, rng: random.Random) -> tuple[str, str]:
+def _pick_text(pools: dict[str, list[str]], template_fraction: float, rng: random.Random, split: str = "") -> tuple[str, str]:
     """(source, text): a template with probability ``template_fraction`` (always, without deepset texts)."""
     use = "template" if (rng.random() < template_fraction or not pools.get("deepset")) else "deepset"
-    if not pools.get(use):
-        raise DataError(f"no {use} injection texts for this split (too few texts for the split fractions)")
+    if not pools.get(use):  # named: which split, and the keys that share the texts out (session 36)
+        key = {"validation": "dataset.val_fraction", "test": "dataset.test_fraction"}.get(split, "the split fractions")
+        raise DataError(f"no {use} injection texts for the {split or 'this'} split: the injection texts are split by "
+                        f"dataset.val_fraction / test_fraction, and {key} gives this one none (a file that names its own "
+                        f"'{split}' lines still needs texts for it: raise {key})")
     return use, rng.choice(pools[use])
 
 
@@ -279,7 +291,7 @@ def build_auth_triplets(cfg: DictConfig) -> tuple[list[dict], dict]:
             if cf is None:
                 rejected += 1
                 continue
-            source, text = _pick_text(pools[split], float(d.template_fraction), rng)
+            source, text = _pick_text(pools[split], float(d.template_fraction), rng, split)
             where_ = rng.choice(fields)
             # the target follows from the injected window's verdict, which the target word never changes
             target = flip(analyze_auth_log(plant_injection(s.log_text, text.replace("{target}", "benign"), where_, random.Random(0)).splitlines())["verdict"])

@@ -137,6 +137,10 @@ def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
     warn_duplicates_across_splits({s: [o for o in objs if split_of[group(o)] == s] for s in SPLITS}, str(path),
                                   key=lambda o: o[field].strip(), what=f"{field} input")
     info = {"source": str(path), "skipped_lines": len(skipped), "skipped": skipped[:20], "cf_rejected": 0}
+    if skipped:
+        from sectune.data import note_skipped
+
+        note_skipped(len(skipped))
     if generic:
         records, more = generic_triplets(cfg, objs, split_of, group)
         info.update(more)
@@ -173,7 +177,7 @@ def generic_triplets(cfg: DictConfig, objs: list[dict], split_of: dict[str, str]
         g = group(o)
         answer = generic_answer(o)
         rng = random.Random(f"{d.split_seed}:{g}")
-        source, text = _pick_text(pools[split_of[g]], float(d.template_fraction), rng)
+        source, text = _pick_text(pools[split_of[g]], float(d.template_fraction), rng, split_of[g])
         planted = text.replace("{target}", GENERIC_TARGET)
         records.append(_with_prompts({
             "id": _given_id(o) or f"line{o['_line']}", "window_id": g, "split": split_of[g], "format": "prompt",

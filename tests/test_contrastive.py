@@ -441,8 +441,8 @@ def test_the_attack_numbers_of_a_contrastive_run_honour_infer_constrained(monkey
 
     seen = {}
 
-    def fake_attack_eval(model, tok, records, gen, batch, constraint=None):
-        seen["constraint"] = constraint
+    def fake_attack_eval(model, tok, records, gen, batch, constraint=None, max_seq_length=None):
+        seen["constraint"], seen["max_seq_length"] = constraint, max_seq_length
         return {"attack_success_rate": 0.5, "targeted_attack_success_rate": None, "clean_verdict_accuracy": 1.0,
                 "generation_s": 0.0}, []
 
@@ -452,6 +452,7 @@ def test_the_attack_numbers_of_a_contrastive_run_honour_infer_constrained(monkey
         cfg = compose(["stage=contrastive", "loss=causal_contrastive", f"infer.constrained={flag}"])
         metrics, _ = contrastive.attack_eval(cfg, None, None, [{}], "test", "after")
         assert seen["constraint"] == want and metrics["constrained"] == int(want is not None)
+        assert seen["max_seq_length"] == cfg.model.max_seq_length  # prompts cut where infer cuts them (session 36)
 
 
 def test_a_prompt_too_long_is_cut_in_the_middle_so_an_appended_injection_stays(tiny):

@@ -342,7 +342,7 @@ def test_gpt2_plans_the_llama_named_lora_presets_as_training_maps_them(lora, map
 
 def test_llama31_contrastive_preset_says_which_memory_template_it_fits():
     """conf/experiment/injection_contrastive_llama31.yaml said 'memory_template=high_quality is the one it fits'; its
-    plan is 21.1 GiB against high_quality's 12 GiB budget, and no template fits (an audit of the presets)."""
+    plan is 19.1 GiB against high_quality's 12 GiB budget, and no template fits (an audit of the presets)."""
     from sectune.stages import plan
 
     fits = {}
@@ -582,3 +582,25 @@ def test_on_a_gpu_the_memory_check_keeps_the_measured_margin_over_the_plan(tmp_p
     fits, why = memory_check(auth_grpo_step("reward", tmp_path, "reward.memory_limit_gb=9", "plan.device=cpu", "model.device_map=null",
                                             "model.max_memory=null"), sequences_per_example=2)
     assert fits and " x " not in why, why
+
+
+def test_a_contrastive_plan_counts_each_examples_three_sequences_and_the_benign_answer_logits_only():
+    """An audit (session 36): stage=plan planned a contrastive step as one sequence per example, as SFT; the step keeps
+    its three forwards (benign, counterfactual, injected) until the backward, so seed 002's high_quality template
+    "fit" by a third of its real activations. Each graph is recomputed on its own under checkpointing."""
+    from omegaconf import OmegaConf
+
+    from sectune.stages import plan
+    from sectune.training.memory import logit_positions
+
+    base = ["+experiment=injection_contrastive", "memory_template=high_quality", "stage=plan", "plan.device=cuda"]
+    sft_like, _ = plan.estimate(compose([*base, "loss=causal_lm"]))
+    cfg = compose(base)
+    assert plan.SEQUENCES_PER_EXAMPLE["causal_contrastive"][0] == 3
+    tripled = OmegaConf.merge(cfg, {"plan": {"batch_size": 3 * int(cfg.train.batch_size)}})
+    positions = logit_positions(tripled, 3 * int(cfg.train.batch_size))
+    assert positions == int(cfg.train.batch_size) * min(int(cfg.generation.max_new_tokens), int(cfg.model.max_seq_length))
+    contrastive, _ = plan.estimate(tripled, logit_tokens=positions)
+    batched, _ = plan.estimate(OmegaConf.merge(tripled, {"contrastive": {"forward": "batched"}}), logit_tokens=positions)
+    assert contrastive.activations > sft_like.activations and batched.activations > contrastive.activations
+    assert contrastive.total > plan.template_budget_gb(cfg) * GiB  # high_quality no longer "fits"

@@ -355,3 +355,26 @@ def test_an_interrupt_between_the_two_renames_puts_the_earlier_folder_back(tmp_p
         run_guard.replace_dir(new, out)
     monkeypatch.setattr(os, "replace", real)
     assert (out / "w.safetensors").read_text() == "old" and (new / "w.safetensors").read_text() == "new"
+
+
+def test_an_adapter_goes_on_the_local_weights_it_was_trained_on_in_every_stage(tmp_path, capsys):
+    """An audit (session 36): DPO and RL put an SFT adapter on this command's model= (another tiny seed, say) while
+    infer put the same adapter on the weights it was trained on, so infer ran DPO's adapter on a base DPO never saw."""
+    import json
+
+    from conftest import compose
+    from sectune.models import modeling
+
+    cfg = compose(["logger=none"])
+    other = tmp_path / "other_base"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(other)}))
+    assert modeling.adapter_base(adapter, cfg) == str(other)
+    assert "goes on the weights it was trained on" in capsys.readouterr().out
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": modeling.model_path(cfg)}))
+    assert modeling.adapter_base(adapter, cfg) == modeling.model_path(cfg)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}))
+    assert modeling.adapter_base(adapter, cfg) == modeling.model_path(cfg)  # a hub id: the configured model

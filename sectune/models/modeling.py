@@ -55,7 +55,20 @@ def adapter_base(adapter_dir, cfg: DictConfig) -> str:
         if (damage := damaged_safetensors(folder)) is not None:
             raise ConfigError(f"{folder / damage[0]} (artifacts.base_model of {run_dir}) is damaged ({damage[1]})")
         return str(folder)
-    return model_path(cfg)
+    configured = model_path(cfg)
+    # else the local folder the adapter was trained on, where it differs from this command's model= (infer did this
+    # alone: DPO and RL trained an SFT adapter on this command's base, and infer then ran their adapter on the SFT's:
+    # an audit, session 36)
+    try:
+        trained_on = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        trained_on = None
+    local = Path(str(trained_on)).expanduser() if trained_on else None
+    if local is not None and (local / "config.json").is_file() and local.resolve() != Path(configured).expanduser().resolve():
+        print(f"sectune: the adapter in {adapter_dir} goes on the weights it was trained on ({local}), not on "
+              f"model={cfg.model.name} ({configured})")
+        return str(local)
+    return configured
 
 
 def _hub_kwargs(cfg: DictConfig) -> dict:

@@ -183,6 +183,9 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, logit_tokens:
         upcast_non_quantized=q != "none",
         logit_tokens=logit_tokens,
         score_head=trains_score_head(cfg),  # the reward model: a score head, no LM head
+        # causal_contrastive's three forwards keep their layer inputs together, but each graph is recomputed on its own
+        # in the backward unless contrastive.forward=batched runs them as one
+        recompute_share=(1 / 3 if cfg.loss.name == "causal_contrastive" and str(cfg.contrastive.forward) != "batched" else 1.0),
     )
     try:
         w = planner.estimate_memory(arch, dtype=weight_dtype, **settings)
@@ -285,7 +288,11 @@ def memory_template_check(cfg: DictConfig, budget: planner.Budget, peak: int | N
 
 #: sequences one training example keeps activations for at once, by loss: chosen + rejected (the reward stage's own
 #: memory check, sectune.training.memory.memory_check, counts its 2 the same way; TRL's DPO concatenates the pair)
-SEQUENCES_PER_EXAMPLE = {"bradley_terry": (2, "chosen + rejected"), "dpo": (2, "chosen + rejected")}
+SEQUENCES_PER_EXAMPLE = {"bradley_terry": (2, "chosen + rejected"), "dpo": (2, "chosen + rejected"),
+                         # the three forwards' activations live until the step's backward (an audit, session 36, measured
+                         # 2.0-2.3x an SFT step's saved tensors on the tiny model; planned as one sequence, seed 002's
+                         # high_quality template "fit"); the LM head runs on the benign answer only (memory.logit_positions)
+                         "causal_contrastive": (3, "benign + counterfactual + injected, kept until the backward")}
 
 
 def run(ctx: RunContext) -> dict:

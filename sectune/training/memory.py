@@ -37,13 +37,15 @@ def trains_score_head(cfg) -> bool:
 def logit_positions(cfg, sequences: int) -> int | None:
     """The positions of a batch of ``sequences`` the step runs the LM head on: none for the reward model
     (loss=bradley_terry: a one-wide score head), the completions' for GRPO (grpo_trainer.shared_prompt_logps, TRL's
-    logits_to_keep), else every one (None). The plan counted a vocabulary-wide fp32 loss on every position of both: 6.3
+    logits_to_keep), the benign answers' for causal_contrastive (generation.max_new_tokens bounds one), else every one (None). The plan counted a vocabulary-wide fp32 loss on every position of both: 6.3
     of auth_grpo's RL step's 15.1 GB, so lowering rl.max_completion_length, which the RL stage's "does not fit" error
     advises, changed nothing."""
     if trains_score_head(cfg):
         return 0
     if cfg.loss.name == "grpo":
         return sequences * int(cfg.rl.max_completion_length)
+    if cfg.loss.name == "causal_contrastive":  # the benign answers only (a third of the sequences), each at most an answer
+        return max(1, sequences // 3) * min(int(cfg.generation.max_new_tokens), int(cfg.model.max_seq_length))
     return None
 
 

@@ -247,6 +247,7 @@ def estimate_memory(
     upcast_non_quantized: bool = False,
     logit_tokens: int | None = None,
     score_head: bool = False,
+    recompute_share: float = 1.0,
 ) -> Budget:
     """Predicted peak training memory for one optimizer step; see the module docstring. ``logit_tokens``: the positions
     the LM head runs on (None: every token; GRPO's loss reads the completions' only, a score head none). ``score_head``:
@@ -324,7 +325,9 @@ def estimate_memory(
         activations = L * kept + edges + max(logits, per_layer) + dequant
         notes.append("selective checkpointing: matmul and attention outputs kept, elementwise ops recomputed")
     elif gradient_checkpointing:
-        backward_ws = per_layer + 2 * tokens * (h + inter) * a + dequant  # one layer recomputed + its grads
+        # one layer recomputed + its grads, for the sequences one forward graph holds: ``recompute_share`` of the batch
+        # (causal_contrastive's separate forwards: a third, each graph recomputed on its own)
+        backward_ws = (per_layer + 2 * tokens * (h + inter) * a) * recompute_share + dequant
         activations = L * tokens * h * a + edges + max(logits, backward_ws)
         notes.append("gradient checkpointing: layer inputs kept, one layer recomputed at a time")
     else:

@@ -66,6 +66,13 @@ class SweepCheck(Callback):
         _OLD_MULTIRUN = (old, old.read_bytes()) if old.is_file() else None
         refuse_preset_secrets(config)
         refuse_slurm_without_srun(config)
+        tasks = OmegaConf.select(config, "hydra.launcher.tasks_per_node", default=None)
+        if tasks is not None and "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")) and int(tasks) != 1:
+            # each task ran the whole job in the same dir: one trained, the others stopped on its lock (session 36)
+            print(f"sectune: error: hydra.launcher.tasks_per_node={tasks}: one task per job (DDP inside a SLURM job is not "
+                  "wired: each task would run the whole job); give each job one GPU, or run torchrun yourself in an "
+                  "sbatch script", file=sys.stderr)
+            sys.exit(2)
         try:
             check_sweep(config)
             check_sweep_jobs(config)

@@ -322,3 +322,17 @@ def test_a_moved_or_copied_run_resumes_with_its_own_best_checkpoint(tmp_path):
     state = TrainerState(best_global_step=3, best_model_checkpoint=None)  # its checkpoint gone: nothing made up
     _ResumedBestCheckpoint().on_train_begin(SimpleNamespace(output_dir=str(tmp_path / "here")), state, None)
     assert state.best_model_checkpoint is None
+
+
+def test_a_damaged_json_record_a_stage_needs_makes_auto_skip_that_checkpoint(tmp_path):
+    """An audit (session 36): GRPO's heldout_best.json garbled in the newest checkpoint stopped train.resume=auto with an
+    error, though a garbled trainer_state.json makes it take the checkpoint before."""
+    from sectune.training.checkpoints import unusable
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text('{"global_step": 4, "log_history": []}')
+    (ckpt / "heldout_best.json").write_text('{"scores": garbage')
+    assert unusable(ckpt, ("heldout_best.json",)) == "heldout_best.json is damaged (JSONDecodeError)"
+    (ckpt / "heldout_best.json").write_text('{"scores": []}')
+    assert unusable(ckpt, ("heldout_best.json",)) is None

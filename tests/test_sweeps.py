@@ -152,6 +152,15 @@ def test_a_sweep_the_cluster_refuses_is_one_line_not_a_traceback(tmp_path):
     assert "sectune: error: the cluster refused the sweep's jobs: sbatch: error: invalid partition specified: gpux" in proc.stderr
 
 
+def test_more_than_one_task_per_job_is_refused_before_any_job(tmp_path):
+    """An audit (session 36): tasks_per_node=2 (slurm.yaml: "not wired") ran the whole job twice in one dir, the second
+    stopping on the first's lock: a wasted allocation, no word."""
+    proc = multirun(["hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "stage=plan", "logger=none"],
+                    tmp_path / "sweep", timeout=300)
+    assert proc.returncode == 2 and "hydra.launcher.tasks_per_node=2: one task per job" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "sweep" / "0").exists()
+
+
 @pytest.mark.parametrize("launcher", ["slurm", "local"])
 def test_a_launcher_without_multirun_is_refused_not_run_here(tmp_path, launcher):
     """hydra/launcher=slurm without -m trained in this process (on a login node, say), exit 0, no word."""

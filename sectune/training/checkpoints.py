@@ -112,7 +112,15 @@ def unusable(ckpt: Path, needs: tuple[str, ...] = ()) -> str | None:
     if damage:
         return f"{damage[0]} is damaged ({damage[1]})"
     gone = next((n for n in needs if not (ckpt / n).is_file()), None)
-    return f"{gone} is missing (the save was cut short)" if gone else None
+    if gone:
+        return f"{gone} is missing (the save was cut short)"
+    for name in needs:  # a stage's own record (rl's heldout_best.json): damaged, auto takes the checkpoint before (session 36)
+        if name.endswith(".json"):
+            try:
+                json.loads((ckpt / name).read_text())
+            except (OSError, ValueError) as e:
+                return f"{name} is damaged ({type(e).__name__})"
+    return None
 
 
 def nonfinite_weights(folder: Path, max_bytes: int | None = None) -> str | None:

@@ -641,3 +641,33 @@ def test_fedavg_adds_the_adapters_up_in_partition_order_whatever_order_the_repli
     assert all(torch.equal(g, got[0]) for g in got), got
     third = torch.tensor(1 / 3, dtype=torch.float32)  # the partition order: (1e8/3 + 1/3) - 1e8/3 in float32
     assert torch.equal(got[0], (torch.tensor([1e8]) * third + torch.tensor([1.0]) * third) + torch.tensor([-1e8]) * third)
+
+
+def test_sigterm_handlers_survive_the_ray_start_so_an_interrupted_round_is_recorded(monkeypatch):
+    """An audit (session 36): Ray's driver installs its own SIGTERM handler, which aborted a federated run (exit 134,
+    result.json left "running") where every other stage records the run as interrupted (exit 143). Ray is now started
+    before Flower's simulation and this process's handlers put back after it."""
+    import signal
+
+    import ray
+
+    from sectune.stages import federated as F
+
+    def ours(signum, frame):
+        raise KeyboardInterrupt
+
+    started = {}
+
+    def fake_init(**kwargs):  # as Ray's driver does: its own handler for SIGTERM
+        started.update(kwargs)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    old = signal.signal(signal.SIGTERM, ours)
+    try:
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", fake_init)
+        F._start_ray({"num_cpus": 1, "log_to_driver": False})
+        assert signal.getsignal(signal.SIGTERM) is ours
+        assert started["num_cpus"] == 1 and started["include_dashboard"] is False and "PYTHONPATH" in started["runtime_env"]["env_vars"]
+    finally:
+        signal.signal(signal.SIGTERM, old)

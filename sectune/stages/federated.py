@@ -279,12 +279,33 @@ def simulate(cfg, run_dir: Path, strategy, initial: dict, evaluate_fn, done: dic
     if not fed.verbose:  # Flower prints through its own handler; Hydra's root handler would print each line again
         logging.getLogger("flwr").propagate = False
     done["stop"] = threading.Event()  # Ctrl-C: the ServerApp's thread (not a daemon) polled for replies forever
+    _start_ray(backend["init_args"])
     try:
         run_simulation(server_app=server_app, client_app=client_app(cfg, run_dir / "clients"), num_supernodes=int(fed.num_clients),
                        backend_config=backend, verbose_logging=bool(fed.verbose))
     except BaseException:
         done["stop"].set()
         raise
+
+
+def _start_ray(init_args: dict) -> None:
+    """Ray started here as Flower's backend would start it (which then finds it running), and this process's SIGTERM and
+    SIGHUP handlers put back after it: Ray's driver installs its own, which aborted the process (exit 134, result.json
+    left "running") where every other stage records the run as interrupted (an audit, session 36)."""
+    import signal
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    pythonpath = os.pathsep.join(sys.path) + (f"{os.pathsep}{os.environ['PYTHONPATH']}" if os.environ.get("PYTHONPATH") else "")
+    os.environ["PYTHONPATH"] = pythonpath  # as flwr's RayBackend.init_ray sets it for the actors
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def plot_rounds(path: Path, rows: list[dict], up: list[int], down: list[int], full_per_round: int, title: str) -> None:

@@ -312,15 +312,15 @@ def test_a_moved_or_copied_run_resumes_with_its_own_best_checkpoint(tmp_path):
 
     from transformers import TrainerState
 
-    from sectune.training.engine import _ResumedBestCheckpoint
+    from sectune.training.resume_callbacks import ResumedBestCheckpoint
 
     (tmp_path / "here" / "checkpoint-2").mkdir(parents=True)
     for where in (None, str(tmp_path / "elsewhere" / "checkpoint-2")):  # moved (dropped), copied (the original's)
         state = TrainerState(best_global_step=2, best_model_checkpoint=where)
-        _ResumedBestCheckpoint().on_train_begin(SimpleNamespace(output_dir=str(tmp_path / "here")), state, None)
+        ResumedBestCheckpoint().on_train_begin(SimpleNamespace(output_dir=str(tmp_path / "here")), state, None)
         assert state.best_model_checkpoint == str(tmp_path / "here" / "checkpoint-2")
     state = TrainerState(best_global_step=3, best_model_checkpoint=None)  # its checkpoint gone: nothing made up
-    _ResumedBestCheckpoint().on_train_begin(SimpleNamespace(output_dir=str(tmp_path / "here")), state, None)
+    ResumedBestCheckpoint().on_train_begin(SimpleNamespace(output_dir=str(tmp_path / "here")), state, None)
     assert state.best_model_checkpoint is None
 
 

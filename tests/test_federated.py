@@ -671,3 +671,15 @@ def test_sigterm_handlers_survive_the_ray_start_so_an_interrupted_round_is_recor
         assert started["num_cpus"] == 1 and started["include_dashboard"] is False and "PYTHONPATH" in started["runtime_env"]["env_vars"]
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_a_round_whose_averaged_adapter_diverged_stops_naming_the_round_not_with_a_traceback(tmp_path):
+    """An audit (session 36): with detection on (the preset's default), NaN scores reached sklearn inside Flower's server
+    thread: "ValueError: Input contains NaN", exit 1. Now one line naming the round and what to lower, exit 2."""
+    data = tmp_path / "hdfs"
+    write_deeplog_files(data, n_normal=120, n_anomalous=60, seed=1)
+    run = sectune([*TINY, f"paths.cache_dir={tmp_path / 'cache'}", f"dataset.path={data}", "federated.num_clients=2",
+                   "federated.client_frac=1.0", "federated.rounds=1", "federated.local_steps=2", "train.learning_rate=1e30"],
+                  run_dir=tmp_path / "run", timeout=600, env={"OMP_NUM_THREADS": "1"})
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "round 1: the averaged adapter's validation loss is nan" in run.result["error"] and "Input contains NaN" not in run.stderr

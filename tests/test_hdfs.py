@@ -132,6 +132,21 @@ def test_loghub_malformed_line_named(tmp_path):
         hdfs.read_loghub(tmp_path)
 
 
+def test_a_structured_csv_in_another_row_order_is_placed_by_its_line_ids_and_a_form_feed_ends_no_line(tmp_path):
+    """An audit (session 36): the EventIds were paired with the log's lines by row position, so a structured CSV sorted by
+    EventId gave every line another's key (exit 0); and str.splitlines cut a line at a form feed (an error then named
+    the next line, and "2 rows for 3 log lines")."""
+    folder = _loghub(tmp_path / "l", "BlockId,Label\nblk_1,Anomaly\nblk_2,Normal\n")
+    log = (folder / "x.log").read_text().replace("PacketResponder 1 for block blk_2", "PacketResponder\x0c1 for block blk_2")
+    (folder / "x.log").write_text(log)
+    (folder / "x.log_structured.csv").write_text("LineId,EventId\n2,E7\n1,E3\n")  # sorted by EventId, not by line
+    normal, anomalous, _, _ = hdfs.read_loghub(folder, parser="structured")
+    assert {s.id: s.keys for s in normal + anomalous} == {"blk_1": (3,), "blk_2": (7,)}
+    (folder / "x.log_structured.csv").write_text("LineId,EventId\n2,E7\n2,E3\n")
+    with pytest.raises(DataError, match=r"x.log_structured.csv:3: LineId '2' is not a line of the log \(1..2, each once\)"):
+        hdfs.read_loghub(folder, parser="structured")
+
+
 @requires_real_data
 @pytest.mark.skipif(not (LOGHUB / "HDFS_2k.log_structured.csv").is_file(), reason="loghub HDFS_2k not in ../shared/data")
 def test_loghub_lines_to_sessions_to_keys_match_the_structured_event_ids():

@@ -190,7 +190,7 @@ def _structured_keys(path: Path, n_lines: int, templates: Path | None) -> tuple[
     known = None
     if templates is not None and templates.is_file():
         known = {(row.get("EventId") or "").strip() for _, row in _csv_rows(templates, ("EventId",))}
-    keys = []
+    keys, by_line = [], {}
     for n, row in _csv_rows(path, ("EventId",)):
         ev = (row.get("EventId") or "").strip()
         if not re.fullmatch(r"E\d+", ev) or (known is not None and ev not in known):
@@ -198,8 +198,19 @@ def _structured_keys(path: Path, n_lines: int, templates: Path | None) -> tuple[
         if (key := _event_key(ev)) is None:
             raise DataError(f"{path}:{n}: EventId {ev!r:.40} out of range: sectune numbers templates E1..E{MAX_LOG_KEYS}")
         keys.append(key)
+        # the row's LineId places it: rows sorted another way (by EventId, as a groupby export leaves them) gave every
+        # line another line's key, silently (an audit, session 36)
+        lid = (row.get("LineId") or "").strip()
+        if lid:
+            if not lid.isdigit() or not 1 <= int(lid) <= n_lines or int(lid) in by_line:
+                raise DataError(f"{path}:{n}: LineId {lid!r:.20} is not a line of the log (1..{n_lines}, each once)")
+            by_line[int(lid)] = key
     if len(keys) != n_lines:
         raise DataError(f"{path}: {len(keys)} rows for {n_lines} log lines; it is not the structured form of this log")
+    if by_line:
+        if len(by_line) != len(keys):
+            raise DataError(f"{path}: {len(keys) - len(by_line)} row(s) without a LineId beside rows with one: give every row its LineId, or none")
+        keys = [by_line[i] for i in range(1, n_lines + 1)]
     listed = (k for e in known or () if (k := _event_key(e)) is not None)
     num = max([*keys, *listed], default=1)  # the templates file may number templates this log never uses
     return keys, num
@@ -217,7 +228,9 @@ def loghub_files(folder: Path) -> tuple[Path, Path]:
 def _log_lines(log_path: Path, skip_bad: bool) -> tuple[list[list[str]], list[str], int]:
     """(each line's block ids, each line's content, skipped lines) of a loghub HDFS log."""
     blocks_of, contents, skipped = [], [], 0
-    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    # only line breaks end a line (str.splitlines also splits at \x0c, \u2028, ...: an error named the next line, and
+    # one line became two; the DeepLog reader already splits so: an audit, session 36)
+    lines = re.split(r"\r\n|\r|\n", log_path.read_text(encoding="utf-8", errors="replace"))
     while lines and not lines[-1].strip():  # blank lines at the end are the end of the file (as in the deeplog layout)
         lines.pop()
     if not lines:

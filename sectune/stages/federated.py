@@ -169,6 +169,10 @@ def run(ctx: RunContext) -> dict:
         t = time.perf_counter()
         federated.load_adapter_state(model, arrays.to_torch_state_dict())
         row = {"round": server_round, **sent, "val_loss": federated.lm_loss(model, val_rows, pad_id, batch)}
+        if not np.isfinite(row["val_loss"]):  # the detection's scores are NaN too: sklearn's "Input contains NaN" traceback
+            raise SectuneError(f"round {server_round}: the averaged adapter's validation loss is {row['val_loss']}: the "
+                               "weights diverged (lower train.learning_rate, or federated.local_steps); rounds before it: "
+                               + (", ".join(f"{r} val_loss {h['val_loss']:.4g}" for r, h in sorted(history.items())) or "none"))
         if fed.detection:
             det = anomaly.detect(anomaly.score_all(predict, [s.keys for s in val]), val_y,
                                  anomaly.score_all(predict, [s.keys for s in test]), test_y)

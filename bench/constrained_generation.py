@@ -98,13 +98,14 @@ class TimedConstraint:
     def __init__(self, constraint):
         self.constraint, self.seconds = constraint, 0.0
 
-    def processor(self, max_new_tokens: int):
+    def processor(self, max_new_tokens: int, contexts=None):
         from transformers import LogitsProcessor
 
-        inner, outer = self.constraint.processor(max_new_tokens), self
+        inner, outer = self.constraint.processor(max_new_tokens, contexts), self
 
         class Timed(LogitsProcessor):
-            forced = property(lambda _: inner.forced)
+            def __getattr__(self, name):  # what generate reads of the processor (forced, forced_rows, ...): the inner one's
+                return getattr(inner, name)
 
             def __call__(self, input_ids, scores):
                 t0 = time.perf_counter()

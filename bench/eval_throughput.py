@@ -64,6 +64,8 @@ def main() -> None:
 
     config.register()
     if args.run_dir:
+        if not (Path(args.run_dir) / "result.json").is_file():  # the error named evaluate.model_dir (session 36)
+            raise SystemExit(f"--run-dir {args.run_dir}: not a classify run dir (no result.json there)")
         cfg, _ = read_classify_run(args.run_dir)
         pred = Predictor.from_run(args.run_dir)
         model, tok, head, labels, max_len = pred.model, pred.tokenizer, pred.meta["head"], pred.labels, pred.meta["max_length"]

@@ -138,6 +138,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 2:
         raise SystemExit("--rounds must be >= 2: round 1 also starts the Ray actor and loads the model")
+    if args.equal_rounds < 1:  # a ZeroDivisionError (session 36)
+        raise SystemExit("--equal-rounds must be >= 1")
     if args.child:
         emit(child(args))
         return

@@ -189,9 +189,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_memory.py needs a CUDA device (torch.cuda.is_available() is False)")
     results = {}
+    unknown = [n for n in args.cases.split(",") if n not in CASES]  # all checked before the first case runs (session 36)
+    if unknown:
+        raise SystemExit(f"--cases: unknown case(s) {', '.join(map(repr, unknown))}; choose from {', '.join(CASES)}")
     for name in args.cases.split(","):
-        if name not in CASES:
-            raise SystemExit(f"--cases: unknown case {name!r}; choose from {', '.join(CASES)}")
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--work", args.work],
                               capture_output=True, text=True)  # fmt: skip

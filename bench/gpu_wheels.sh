@@ -12,7 +12,7 @@ mkdir -p .whl
 ver() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 PKGS="transformers trl peft accelerate hydra-core omegaconf datasets dill multiprocess xxhash jsonschema
       jsonschema-specifications referencing rpds-py json_repair kernels tomlkit huggingface_hub httpx2 httpcore2
-      truststore idna click regex bitsandbytes"
+      truststore idna click regex bitsandbytes pytest-timeout"
 for p in $PKGS; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \

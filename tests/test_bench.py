@@ -148,3 +148,14 @@ def test_machine_helpers():
     assert cpu_model().strip()
     peak = matmul_peak_flops(1, seconds=0.05)
     assert peak["peak_flops"] > 0 and set(peak["by_size"]) == {"1024", "2048", "3072"}
+
+
+def test_the_constrained_generation_bench_really_measures_on_the_tiny_model():
+    """An audit (session 36): the bench's timing wrapper took the constraint's processor(max_new_tokens) only, and
+    generate had passed the windows too since grounded decoding came in: every run with --n > 0 (and
+    reward_throughput's default) died with a TypeError; the tests here faked the child processes, so none called it."""
+    sys.path.insert(0, str(BENCH))
+    import constrained_generation as C
+
+    r = C.measure(n=2, model="tiny", max_new_tokens=64, batch_size=2)
+    assert r["schema_valid_rate_constrained"] == 1.0 and r["constrained_steps"] > 0 and r["constrained_processor_ms_per_step"] > 0

@@ -418,12 +418,16 @@ def test_presets_compose_with_seed_003_settings():
 
 
 @requires_flwr
+def _simulate(tmp_path: Path, data: Path, *extra: str):
+    """A tiny Flower simulation of every client each round on ``data``, as a user runs it."""
+    return sectune([*TINY, f"paths.cache_dir={tmp_path / 'cache'}", f"dataset.path={data}", "federated.client_frac=1.0", *extra],
+                   run_dir=tmp_path / "run", timeout=600, env={"OMP_NUM_THREADS": "1"})
+
+
 def test_simulation_three_clients_two_rounds_end_to_end(tmp_path):
     data = tmp_path / "hdfs"
     write_deeplog_files(data, n_normal=300, n_anomalous=150, seed=1)
-    run = sectune([*TINY, f"paths.cache_dir={tmp_path / 'cache'}", f"dataset.path={data}", "federated.num_clients=3",
-                   "federated.client_frac=1.0", "federated.rounds=2", "federated.local_steps=3", "train.batch_size=8"],
-                  run_dir=tmp_path / "run", timeout=600, env={"OMP_NUM_THREADS": "1"})
+    run = _simulate(tmp_path, data, "federated.num_clients=3", "federated.rounds=2", "federated.local_steps=3", "train.batch_size=8")
     assert run.returncode == 0, run.stderr[-3000:]
     m = run.result["metrics"]
     assert m["rounds_done"] == 2 and m["clients_per_round"] == 3
@@ -678,8 +682,6 @@ def test_a_round_whose_averaged_adapter_diverged_stops_naming_the_round_not_with
     thread: "ValueError: Input contains NaN", exit 1. Now one line naming the round and what to lower, exit 2."""
     data = tmp_path / "hdfs"
     write_deeplog_files(data, n_normal=120, n_anomalous=60, seed=1)
-    run = sectune([*TINY, f"paths.cache_dir={tmp_path / 'cache'}", f"dataset.path={data}", "federated.num_clients=2",
-                   "federated.client_frac=1.0", "federated.rounds=1", "federated.local_steps=2", "train.learning_rate=1e30"],
-                  run_dir=tmp_path / "run", timeout=600, env={"OMP_NUM_THREADS": "1"})
+    run = _simulate(tmp_path, data, "federated.num_clients=2", "federated.rounds=1", "federated.local_steps=2", "train.learning_rate=1e30")
     assert run.returncode == 2, run.stderr[-3000:]
     assert "round 1: the averaged adapter's validation loss is nan" in run.result["error"] and "Input contains NaN" not in run.stderr

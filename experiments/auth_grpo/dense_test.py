@@ -107,4 +107,6 @@ def main(dirs: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if not sys.argv[1:]:  # it wrote {} over the last result (session 36)
+        sys.exit("usage: dense_test.py <pipeline dir> [<pipeline dir> ...]  (DENSE_OUT=<file>, default dense_test.json)")
     main(sys.argv[1:])

@@ -83,6 +83,8 @@ def injection(run_dir: str, k: int, temperature: float, constrained: bool) -> No
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in ("windows", "injection"):
+        sys.exit("usage: self_consistency.py windows|injection <run dir> [K] [T] [constrained 1|0]")
     mode, path, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
     K, T = int(rest[0]) if rest else 8, float(rest[1]) if len(rest) > 1 else 0.7
     windows(path, K, T) if mode == "windows" else injection(path, K, T, (rest[2] if len(rest) > 2 else "1") == "1")

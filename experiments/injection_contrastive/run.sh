@@ -50,7 +50,12 @@ run() {  # run <dir> <args...>: skip a step whose result.json says succeeded
 
 for seed in $SEEDS; do
   sft=$SFT_ROOT/$((seed - 1))/sft
-  until grep -qs '"status": "succeeded"' "$sft/result.json"; do echo "waiting for $sft"; sleep 30; done
+  # wait for an SFT run still training; stop on one that failed or does not exist (it waited forever: session 36)
+  until grep -qs '"status": "succeeded"' "$sft/result.json"; do
+    if [ ! -f "$sft/result.json" ] && [ ! -d "$(dirname "$sft")" ]; then echo "no SFT run at $sft (SFT_ROOT=$SFT_ROOT)" >&2; exit 1; fi
+    if [ -f "$sft/result.json" ] && ! grep -qs '"status": "running"' "$sft/result.json"; then echo "the SFT run $sft did not succeed" >&2; exit 1; fi
+    echo "waiting for $sft"; sleep 30
+  done
   o=$OUT/s$seed
   mkdir -p "$o"
   run "$o/sft_eval" $EVALUATE evaluate.model_dir="$sft"

@@ -148,4 +148,6 @@ def main(out: Path, seeds: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: table.py <study dir> [seed ...]  (default seeds 1 2 3)")
     main(Path(sys.argv[1]), sys.argv[2:] or ["1", "2", "3"])

@@ -300,6 +300,11 @@ def test_hdfs_detect_pipeline_end_to_end_on_real_sessions(tmp_path):
     assert det["data"]["split_seed"] == 0 and det["data"]["train_anomalous"] == 0 and not det["data"]["generated"]
     assert det["data"]["test_normal"] == 1456 and det["data"]["test_anomalous"] == 12628
     assert "| LM (next key) |" in (ev / "evaluation" / "hdfs_report.md").read_text()
+    # where this machine's paths reach no real sessions, a run trained on them is not scored on generated stand-ins (it
+    # was, exit 0, under a generic banner: an audit, session 36)
+    moved = sectune(["stage=evaluate", "dataset=hdfs", f"evaluate.model_dir={tmp_path / 'run' / 'sft'}", "logger=none"],
+                    tmp_path / "elsewhere", env={"SECTUNE_SHARED_DATA": str(tmp_path / "no_shared")})
+    assert moved.returncode == 2 and "that run trained on real HDFS sessions" in moved.stderr, moved.stderr[-2000:]
 
 
 def test_hdfs_detect_on_generated_sessions_says_so_in_both_its_reports(tmp_path):

@@ -11,7 +11,8 @@ Two session scores come out of that: ``max_rank``, the worst rank of a true next
 candidates (1 = the most likely; ties count against it), and ``max_nll``, the worst −log p of a
 true next key. Two rules decide: top-g (anomalous when some true next key is outside the top g,
 i.e. ``max_rank > g``: DeepLog's rule) and a threshold on ``max_nll``. g and the threshold are chosen
-on the VALIDATION split (best F1; among equal F1 the more lenient), and only then applied to test;
+on the VALIDATION split (best F1; among equal F1 the cut that flags fewest, placed at the midpoint of the gap between
+the scores either side of it, g its floor), and only then applied to test;
 the rule with the higher validation F1 is the system's headline. Seed 003 tuned its threshold on
 the test set; nothing here reads a test label before the choice is made.
 
@@ -207,7 +208,18 @@ def _run_config(cfg, choice, model_dir: Path):
     reading = ("path", "hdfs_layout", "log_parser", "skip_bad_lines")
     # other logs: the folder and layout this command reads (dataset.path, or the shipped set dataset.hdfs_layout picks)
     # against the trained run's; the shipped folder given as dataset.path is the same logs
-    (theirs, their_layout, _) = source_folder(run_cfg)
+    (theirs, their_layout, generated_now) = source_folder(run_cfg)
+    if generated_now and not bool(cfg.dataset.path):  # the run trained on real sessions (its result.json names no
+        import json   # generated data), which this machine's paths do not reach: never scored on stand-ins (session 36)
+
+        try:
+            trained = json.loads((saved.parent.parent / "result.json").read_text())
+        except (OSError, ValueError):
+            trained = {}
+        if isinstance(trained, dict) and trained.get("status") and not trained.get("generated_data"):
+            raise DataError(f"evaluate.model_dir={model_dir}: that run trained on real HDFS sessions, and {theirs} (its "
+                            "dataset.source_dir, resolved here) holds none: set SECTUNE_SHARED_DATA / paths.shared_data to "
+                            "where they are, or dataset.path=<logs to score>; it is not scored on generated sessions")
     # neither dataset.path nor another dataset.hdfs_layout on this command: the run's own logs (not the shipped or
     # generated set this command's defaults name); dataset.hdfs_layout=loghub alone still picks the shipped loghub set
     # (the schema's default layout is no request: a run trained on the loghub set was scored on DeepLog's sessions, exit 0)

@@ -398,6 +398,30 @@ def check_quantization(cfg) -> None:
         raise ConfigError(f"quantization.bnb_4bit_compute_dtype={q.bnb_4bit_compute_dtype}: choose one of {', '.join(COMPUTE_DTYPES)}")
 
 
+#: the loss.* keys each preference/RL objective reads (the others are another objective's)
+LOSS_READS = {"dpo": ("beta", "label_smoothing"), "bradley_terry": ("margin",), "grpo": ("beta", "clip_epsilon")}
+
+
+def warn_unread_loss(cfg) -> None:
+    """A loss.* value the stage's objective never reads, said once as the stage starts (``stage=dpo loss.margin=2`` and
+    ``stage=reward loss.beta=0.5`` trained exactly as without them, without a word: an audit, session 36). A warning, not
+    an error: a pipeline's loss.* reaches every step, and only the step whose objective reads it uses it."""
+    import sys
+
+    from sectune.config import LossConfig
+
+    reads = LOSS_READS.get(str(cfg.loss.name))
+    if reads is None:
+        return
+    default = LossConfig()
+    unread = [f"loss.{k}={cfg.loss[k]}" for k in ("beta", "clip_epsilon", "margin", "key_weight", "label_smoothing")
+              if k not in reads and k in cfg.loss and cfg.loss[k] != getattr(default, k)]
+    if unread:
+        print(f"sectune: warning: {', '.join(unread)}: not read by loss={cfg.loss.name} (it reads "
+              f"{', '.join(f'loss.{k}' for k in reads)}); this run trains as without {'them' if len(unread) > 1 else 'it'}",
+              file=sys.stderr)
+
+
 def check_sweep(cfg) -> None:
     """``sweep.direction`` and ``sweep.objective`` (not a test number), which the Optuna preset hands to its study (sectune.cli.SweepCheck checks it before a sweep starts)."""
     from sectune.errors import ConfigError

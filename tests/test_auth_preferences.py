@@ -134,3 +134,25 @@ def test_bad_pairs_line_exits_nonzero_naming_file_and_line(tmp_path):
     assert run.returncode == 2
     assert f"{bad}: line 2: expected an object" in run.stderr
     assert run.result["status"] == "failed" and not (tmp_path / "run" / "reward_model").exists()
+
+
+def test_preference_settings_that_could_not_mean_what_they_say_are_refused(tmp_path, capsys):
+    """An audit (session 36): dataset.corruptions with inf crashed in random.choices (no key named) and with nan dropped
+    its kind; pairs_per_window above the weighted kinds was capped silently; a pairs file's kind "start" wrote over
+    reward_accuracy_start; and loss.* values another objective reads trained as without them, without a word."""
+    from sectune.config_checks import warn_unread_loss
+
+    for w in ("inf", "nan"):
+        with pytest.raises(ConfigError, match="dataset.corruptions: weights must be finite numbers >= 0"):
+            P.corruption_weights({"verdict": float(w), "counts": 1.0})
+    with pytest.raises(ConfigError, match=r"dataset.pairs_per_window=3: .*weights 1 \(verdict\); at most 1"):
+        P.build_pairs(compose(["dataset=auth_preferences", "stage=reward", "+dataset.corruptions={verdict: 1}",
+                               "dataset.pairs_per_window=3"]))
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "kind": "start"}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl: line 1: kind='start'"):
+        P.read_pairs_jsonl(f)
+    warn_unread_loss(compose(["stage=dpo", "loss=dpo", "loss.margin=2", "loss.key_weight=5"]))
+    assert "loss.margin=2.0, loss.key_weight=5.0: not read by loss=dpo (it reads loss.beta, loss.label_smoothing)" in capsys.readouterr().err
+    warn_unread_loss(compose(["stage=rl", "loss=grpo", "loss.beta=0.1"]))
+    assert capsys.readouterr().err == ""

@@ -16,6 +16,7 @@ is repeated in the summary), so the pair differs in the one thing the kind names
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
 from pathlib import Path
@@ -140,8 +141,9 @@ def corruption_weights(spec) -> dict[str, float]:
     unknown = sorted(set(weights) - set(CORRUPTIONS))
     if unknown:
         raise ConfigError(f"dataset.corruptions: unknown kind(s) {unknown}; choose from {', '.join(CORRUPTIONS)}")
-    if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
-        raise ConfigError(f"dataset.corruptions: weights must be >= 0 with at least one > 0, got {weights}")
+    # finite too: inf reached random.choices (a traceback naming no key), nan dropped its kind (an audit, session 36)
+    if any(not math.isfinite(w) or w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        raise ConfigError(f"dataset.corruptions: weights must be finite numbers >= 0 with at least one > 0, got {weights}")
     return {k: w for k, w in weights.items() if w > 0}
 
 
@@ -212,6 +214,9 @@ def build_pairs(cfg: DictConfig) -> list[dict]:
     if d.pairs_per_window < 1:
         raise ConfigError(f"dataset.pairs_per_window={d.pairs_per_window}: must be >= 1")
     weights = corruption_weights(d.corruptions)
+    if d.pairs_per_window > len(weights):  # each pair of a window is another kind: it was capped without a word (session 36)
+        raise ConfigError(f"dataset.pairs_per_window={d.pairs_per_window}: each of a window's pairs is another kind, and "
+                          f"dataset.corruptions weights {len(weights)} ({', '.join(weights)}); at most {len(weights)}")
     samples = auth_logs.load_auth_folder(auth_logs_folder(cfg), max_samples=d.max_samples)
     pairs = []
     for s in samples:
@@ -260,10 +265,14 @@ def read_pairs_jsonl(path: Path, max_samples: int | None = None) -> list[dict]:
                 raise DataError(f"{path}: line {n}: {k} must be a string, got {type(obj[k]).__name__}")
         if obj.get("split") is not None and obj["split"] not in SPLITS:
             raise DataError(f"{path}: line {n}: split={obj['split']!r}: one of {', '.join(SPLITS)} (or none)")
+        kind = str(obj.get("kind") or "user")
+        if kind == "start" or kind.endswith("_start"):  # reward_accuracy_<kind> wrote over reward_accuracy_start (session 36)
+            raise DataError(f"{path}: line {n}: kind={kind!r}: each kind names a metric (reward_accuracy_<kind>), and "
+                            "'<metric>_start' is the number before training; name the kind otherwise")
         wid = str(obj.get("id") or hashlib.sha256(obj["prompt"].encode()).hexdigest()[:12])
         label = obj.get("label")
         pairs.append({"prompt": obj["prompt"], "chosen": obj["chosen"], "rejected": obj["rejected"],
-                      "kind": str(obj.get("kind") or "user"), "window_id": wid, "label": None if label is None else str(label),
+                      "kind": kind, "window_id": wid, "label": None if label is None else str(label),
                       "split": obj.get("split"), "_line": n})
     if not pairs:
         raise DataError(f"{path}: no preference pairs (empty file)")

@@ -41,8 +41,11 @@ REFERENCES = ("base", "init")
 
 
 def run(ctx: RunContext) -> dict:
+    from sectune.config_checks import warn_unread_loss
+
     cfg, run_dir = ctx.cfg, ctx.run_dir
     t0 = time.perf_counter()
+    warn_unread_loss(cfg)
     reference = str(cfg.dpo.reference)
     if reference not in REFERENCES:
         raise ConfigError(f"dpo.reference={reference!r}: choose base (the model with the adapter disabled) or init (a frozen copy of the starting adapter)")

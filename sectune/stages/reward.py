@@ -37,8 +37,11 @@ FALLBACKS = ("error", "heuristic")
 
 
 def run(ctx: RunContext) -> dict:
+    from sectune.config_checks import warn_unread_loss
+
     cfg, run_dir = ctx.cfg, ctx.run_dir
     t0 = time.perf_counter()
+    warn_unread_loss(cfg)
     if cfg.reward.fallback not in FALLBACKS:
         raise ConfigError(f"reward.fallback={cfg.reward.fallback!r}: choose one of {', '.join(FALLBACKS)}")
 

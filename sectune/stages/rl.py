@@ -188,8 +188,11 @@ def fitting_prompts(tokenizer, records: list[dict], max_len: int) -> tuple[list[
 
 # ------------------------------------------------------------------------------------------- grpo
 def run_grpo(ctx: RunContext) -> dict:
+    from sectune.config_checks import warn_unread_loss
+
     cfg, run_dir, rl = ctx.cfg, ctx.run_dir, ctx.cfg.rl
     t0 = time.perf_counter()
+    warn_unread_loss(cfg)
     if rl.reference not in REFERENCES:
         raise ConfigError(f"rl.reference={rl.reference!r}: choose base (the model with the adapter disabled) or init (a frozen copy of the starting adapter)")
     if rl.loss_type not in LOSS_TYPES:
@@ -215,6 +218,10 @@ def run_grpo(ctx: RunContext) -> dict:
     print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}")
     # a LoRA reward model trained on the weights the policy's adapter sits on scores on the policy's model
     reward_funcs, weights, reward_kind = reward_functions(cfg, policy=model, policy_base=str(sft_weights or path))
+    # the weights in force: rl.rewards={verdict: 1} on the command line merges into the defaults (Hydra), which kept the
+    # other rewards' weights without a word (an audit, session 36); rl.rewards.<name>=0 turns one off
+    print("sectune: rl: reward weights " + ", ".join(f"{getattr(f, '__name__', 'reward')}={w:g}" for f, w in zip(reward_funcs, weights))
+          + " (rl.rewards.<name>=0 turns one off)")
 
     # 2. data: the train windows' prompts; the annotation rides along for the rewards
     splits = data.sft_splits(cfg)

@@ -225,8 +225,13 @@ def test_full_weight_sft_run_gets_a_fresh_adapter_whose_reference_is_those_weigh
         # DPO started from that adapter (a chain: rl/contrastive → dpo) loads it onto the same SFT weights
         _, chained, _ = build(tmp_path / "chain", [f"dpo.init_from={dpo_dir}", "lora=r16_all_linear"])
         torch.testing.assert_close(chained.model.eval()(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
-        # without the record the configured (random) base is used, and the answers differ
+        # without the record, the local folder the adapter names as its base (base_model_name_or_path): the same answers
+        # (session 36: DPO and RL had put it on the configured base, infer alone on this one)
         (dpo_dir / "result.json").write_text(json.dumps({"stage": "dpo", "status": "succeeded", "artifacts": {"adapter": "adapter"}}))
+        same, _ = analyst_eval.load_policy(cfg, "adapter", dpo_dir / "adapter")
+        torch.testing.assert_close(same(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        # and with that folder gone too, the configured (random) base, whose answers differ
+        (run_dir / "model").rename(run_dir / "moved")
         wrong, _ = analyst_eval.load_policy(cfg, "adapter", dpo_dir / "adapter")
         assert (wrong(input_ids=ids).logits - want).abs().max() > 1e-2
 

@@ -66,6 +66,7 @@ class SweepCheck(Callback):
         _OLD_MULTIRUN = (old, old.read_bytes()) if old.is_file() else None
         refuse_preset_secrets(config)
         refuse_slurm_without_srun(config)
+        refuse_unresolvable(config)
         tasks = OmegaConf.select(config, "hydra.launcher.tasks_per_node", default=None)
         if tasks is not None and "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")) and int(tasks) != 1:
             # each task ran the whole job in the same dir: one trained, the others stopped on its lock (session 36)
@@ -83,6 +84,7 @@ class SweepCheck(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         refuse_preset_secrets(config)
         refuse_launcher_without_multirun(config)
+        refuse_unresolvable(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """Jobs a launcher ran in other processes (submitit, SLURM) never reach this process's list of failed jobs:
@@ -140,6 +142,27 @@ def _strings(obj, prefix: str = ""):
             yield from _strings(v, f"{prefix}{i}.")
     elif isinstance(obj, str):
         yield prefix.rstrip("."), obj
+
+
+def refuse_unresolvable(config: DictConfig) -> None:
+    """An interpolation to a key that does not exist (``dataset.max_samples=${dataset.maxsamples}``): one line naming the
+    key, exit 2, before Hydra writes .hydra/. It was first resolved by the runner after that: a traceback, exit 1, and a
+    finished run's saved config overwritten with the typo while its result.json still said succeeded (an audit, session 36)."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    for key in config:
+        if key == "hydra":
+            continue
+        try:
+            node = config[key]
+            if OmegaConf.is_config(node):
+                OmegaConf.to_container(node, resolve=True)
+        except InterpolationResolutionError as e:
+            if "HydraConfig" in str(e):  # ${hydra:...}: resolved by Hydra itself, later
+                continue
+            first = str(e).strip().splitlines()[0]
+            print(f"sectune: error: {getattr(e, 'full_key', None) or key}: {first}; nothing was run or written", file=sys.stderr)
+            sys.exit(2)
 
 
 def refuse_preset_secrets(config: DictConfig) -> None:

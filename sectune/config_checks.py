@@ -98,6 +98,7 @@ def check_values(cfg) -> None:
     need(t.max_steps > 0 or t.max_steps == -1, "train.max_steps", t.max_steps,
          "must be > 0, or -1 for train.epochs (0 would save an untrained model as a finished run)")
     need(t.max_steps > 0 or t.epochs > 0, "train.epochs", t.epochs, "must be > 0 when train.max_steps=-1 (0 would save an untrained model)")
+    need(math.isfinite(t.epochs), "train.epochs", t.epochs, "must be a finite number (session 36: inf reached transformers)")
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio,
          "must be in [0, 1) (a fraction of the steps; transformers reads 1 and above as a number of steps)")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
@@ -156,6 +157,8 @@ def check_values(cfg) -> None:
     check_settings_in_effect(cfg, need)
     if cfg.lora.enabled:
         need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")
+        need(cfg.lora.target_modules is None or isinstance(cfg.lora.target_modules, str) or len(cfg.lora.target_modules) >= 1,
+             "lora.target_modules", cfg.lora.target_modules, "names no module: give at least one (or a preset: lora=r4_attention)")
         need(cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "must be > 0")
         need(0 <= cfg.lora.dropout < 1, "lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
         need(cfg.lora.bias in ("none", "all", "lora_only"), "lora.bias", cfg.lora.bias, "choose none, all or lora_only")
@@ -195,6 +198,11 @@ def check_values(cfg) -> None:
     if cfg.stage.name == "dpo":  # another loss group left DPO at that loss's β (causal_lm's 0.04), unchecked
         need(loss.name == "dpo", "loss", loss.name, "stage=dpo trains with loss=dpo (its β and label smoothing): add loss=dpo")
         dpo_sft_weight(cfg)
+    # sft and classify trained their own objective under any loss group, without a word (an audit, session 36)
+    need(cfg.stage.name != "sft" or loss.name == "causal_lm", "loss", loss.name, "stage=sft trains the causal-LM loss "
+         "(loss=causal_lm, the default); simplified_ppo is stage=rl's, causal_contrastive stage=contrastive's, dpo stage=dpo's")
+    need(cfg.stage.name != "classify" or loss.name in ("cross_entropy", "causal_lm"), "loss", loss.name,
+         "stage=classify trains a cross-entropy classifier: loss=cross_entropy (its class_weights), or leave loss at its default")
     if cfg.stage.name == "reward":  # it trains Bradley-Terry under any group and reads only loss.margin: another stage's group did nothing
         need(loss.name in ("bradley_terry", "causal_lm"), "loss", loss.name,
              "stage=reward trains a Bradley-Terry reward model: use loss=bradley_terry (its margin) or leave loss at its default")

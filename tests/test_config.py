@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -488,3 +489,32 @@ def test_fp32_training_on_weights_loaded_in_bf16_says_what_it_does_not_cover(cap
     for quiet in (["train.precision=fp32"], ["train.precision=bf16", "model.dtype=bf16"]):  # tiny_llama loads fp32
         engine.precision_flags(compose(quiet))
         assert "warning" not in capsys.readouterr().err, quiet
+
+
+def test_an_interpolation_to_a_missing_key_is_one_line_and_leaves_a_finished_runs_config_as_it_was(tmp_path):
+    """An audit (session 36): 'dataset.max_samples=${dataset.maxsamples}' was first resolved after Hydra had written
+    .hydra/: a traceback (exit 1), and a finished run's saved config overwritten with the typo under a result.json that
+    still said succeeded."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("kept: as it was\n")
+    for args in ([f"hydra.run.dir={run_dir}"], ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "train.batch_size=1,2"]):
+        proc = cli([*args, "stage=plan", "logger=none", "dataset.max_samples=${dataset.maxsamples}"])
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "sectune: error: dataset.max_samples: Interpolation key 'dataset.maxsamples' not found" in proc.stderr, proc.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "kept: as it was\n" and not (tmp_path / "sweep").exists()
+
+
+def test_sft_and_classify_refuse_a_loss_they_do_not_train_and_impossible_lora_or_epoch_values():
+    """An audit (session 36): stage=sft loss=dpo (or grpo, bradley_terry, ...) trained the causal-LM loss without a word;
+    lora.target_modules=[] and train.epochs=inf passed the checks and failed inside the libraries."""
+    from sectune.config_checks import check_values
+    from sectune.errors import ConfigError
+
+    for args, key in ((["stage=sft", "loss=dpo"], "loss"), (["stage=sft", "loss=causal_contrastive"], "loss"),
+                      (["stage=classify", "loss=grpo"], "loss"), (["lora.target_modules=[]"], "lora.target_modules"),
+                      (["train.max_steps=-1", "train.epochs=inf"], "train.epochs")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}="):
+            check_values(compose(args))
+    for ok in (["stage=sft"], ["stage=classify", "loss=cross_entropy"], ["stage=classify"]):
+        check_values(compose(ok))

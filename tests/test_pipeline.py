@@ -638,3 +638,21 @@ def test_each_pipeline_step_reports_its_own_peak_gpu_memory(tmp_path, monkeypatc
         step.dir.mkdir(parents=True)
         assert pipeline.run_step(step) == 0
     assert steps == [0, 1]
+
+
+def test_a_steps_own_value_that_replaces_the_command_lines_is_said(tmp_path, capsys):
+    """An audit (session 36): `+experiment=auth_grpo_tiny train.max_steps=1` still ran the reward, rl and dpo steps for
+    20, 24 and 15 steps (the preset's pipeline.overrides come last, as documented), without a word at run time."""
+    from sectune.stages import pipeline
+
+    overrides = ["+experiment=auth_grpo_tiny", "train.max_steps=1", "lora=r4_attention"]
+    cfg = compose(overrides)
+    base = pipeline.step_overrides_base(overrides)
+    names = list(cfg.pipeline.steps)
+    step = pipeline.compose_step(cfg, base, "rl", tmp_path, names)
+    assert step.cfg.train.max_steps == 24
+    out = capsys.readouterr().out
+    assert "pipeline step rl: " in out and "lora=r16_all_linear (pipeline.overrides.rl) replaces the command line's lora=r4_attention" in out
+    assert "train.max_steps=24 (pipeline.overrides.rl) replaces the command line's train.max_steps=1" in out
+    pipeline.compose_step(cfg, base, "infer", tmp_path, names)
+    assert "replaces" not in capsys.readouterr().out

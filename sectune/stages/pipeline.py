@@ -276,6 +276,27 @@ def compose(overrides: list[str]) -> DictConfig:
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+def _say_replaced(name: str, base: list[str], groups: list[str], values: dict) -> None:
+    """A step's own value (pipeline.overrides.<step>, a preset's) beats the command line's for that step: said, since
+    `+experiment=auth_grpo_tiny train.max_steps=1` still ran the reward/rl/dpo steps for 20/24/15 steps (session 36)."""
+    flat: dict = {}
+
+    def walk(prefix: str, v) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        else:
+            flat[prefix] = v
+
+    walk("", values)
+    flat.update(g.split("=", 1) for g in groups)
+    given = dict(o.lstrip("+~").split("=", 1) for o in base if "=" in o)
+    replaced = [k for k in flat if k in given and str(flat[k]) != given[k]]
+    if replaced:
+        print(f"sectune: note: pipeline step {name}: " + ", ".join(f"{k}={flat[k]} (pipeline.overrides.{name}) replaces the "
+              f"command line's {k}={given[k]}" for k in replaced) + f"; pipeline.overrides.{name}.<key>=... sets a step's own value")
+
+
 def compose_step(cfg: DictConfig, base: list[str], name: str, run_dir: Path, names: list[str]) -> Step:
     pc = cfg.pipeline
     per_step = OmegaConf.to_container(pc.overrides[name], resolve=True) if name in (pc.overrides or {}) else {}
@@ -303,6 +324,7 @@ def compose_step(cfg: DictConfig, base: list[str], name: str, run_dir: Path, nam
         raise ConfigError(f"pipeline step {name}: cannot compose its config from {' '.join(choices + groups)}: {_one_line(e)}") from None
     with open_dict(step_cfg):
         step_cfg.pipeline = OmegaConf.structured(PipelineConfig)
+    _say_replaced(name, base, groups, values)
     merged = handoffs(name, names, run_dir, step_cfg)
     for what, patch in (("handoff", merged), ("override", values)):
         if not patch:

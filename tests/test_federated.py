@@ -677,6 +677,7 @@ def test_sigterm_handlers_survive_the_ray_start_so_an_interrupted_round_is_recor
         signal.signal(signal.SIGTERM, old)
 
 
+@pytest.mark.slow  # ~36 s (a Ray start for one round): make test-all runs it
 def test_a_round_whose_averaged_adapter_diverged_stops_naming_the_round_not_with_a_traceback(tmp_path):
     """An audit (session 36): with detection on (the preset's default), NaN scores reached sklearn inside Flower's server
     thread: "ValueError: Input contains NaN", exit 1. Now one line naming the round and what to lower, exit 2."""

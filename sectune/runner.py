@@ -311,8 +311,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
                   "the Python code its folder or hub repository ships", file=sys.stderr)
         _seed_everything(cfg.train.seed)
         stage_fn = resolve_stage(stage_name)
-        # the doctor checks W&B itself: opening a run first stalled it ~90 s where a key has no network, then reported
-        # the offline mode its own fallback had set (an audit, session 36)
+        # the doctor checks W&B itself (its own run stalled ~90 s where a key has no network: session 36)
         ctx.tracker = tracking.start(cfg, run_dir) if main and stage_name != "doctor" else None
         with _quiet_unless(main):  # under torchrun every rank ran the stage's prints: rank 0 speaks, the others' stderr stays
             out = stage_fn(ctx) or {}
@@ -320,8 +319,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         result["metrics"] = finite_json(metrics)
         result["artifacts"] = out.get("artifacts", {})
         broken = [k for k in ("train_loss", "eval_loss") if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])]
-        # the saved weights themselves: a step can break them after its loss was logged (the last step; dpo, classify and
-        # simplified_ppo report no eval_loss), and such runs were recorded as succeeded (an audit, session 36)
+        # the saved weights too: dpo, classify and simplified_ppo report no eval_loss, and went NaN as succeeded (session 36)
         broken += [f"{name}/{bad}" for name in ("adapter", "model") if name in result["artifacts"] and (run_dir / name).is_dir()
                    and (bad := nonfinite_weights(run_dir / name, max_bytes=2 << 30))]
         if broken:  # NaN weights were saved and recorded as succeeded (a damaged checkpoint resumed, say): not a result

@@ -126,3 +126,26 @@ def record_done(cfg: DictConfig, run_dir: Path, digest: str) -> None:
         write_json_atomic(index_dir(cfg) / f"{digest}.json", {"run_dir": str(run_dir.resolve()), "stage": cfg.stage.name})
     except OSError as e:  # the index is a convenience; never fail a finished run over it
         print(f"sectune: could not record {digest} in {index_dir(cfg)}: {e}")
+
+
+def check_sweep(cfg) -> None:
+    """``sweep.direction`` and ``sweep.objective`` (not a test number), which the Optuna preset hands to its study (sectune.cli.SweepCheck checks it before a sweep starts)."""
+    from sectune.errors import ConfigError
+
+    if cfg.sweep.direction not in ("minimize", "maximize"):
+        raise ConfigError(f"sweep.direction={cfg.sweep.direction}: choose minimize or maximize")
+    if cfg.sweep.objective and TEST_METRIC.search(str(cfg.sweep.objective)):
+        raise ConfigError(f"sweep.objective={cfg.sweep.objective}: a number measured on the test split; a sweeper that "
+                          "optimises it chooses on test (its best trial's score is then optimistic). Optimise a validation "
+                          "metric (eval_loss, val_macro_f1, heldout_val_verdict_macro_f1, …) and read the chosen trial's test number")
+    from omegaconf import OmegaConf
+
+    # the Optuna preset sets hydra.sweeper.direction: ${sweep.direction}; set on its own (as Optuna's documentation
+    # shows), the study maximised what every job, the runner and the report minimise (an audit, session 36)
+    study = OmegaConf.select(cfg, "hydra.sweeper.direction", default=None)
+    if "optuna" in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or "").lower() and study is not None:
+        study = [str(d) for d in study] if OmegaConf.is_list(study) else [str(study)]
+        if study != [str(cfg.sweep.direction)]:
+            raise ConfigError(f"hydra.sweeper.direction={study[0] if len(study) == 1 else study} but sweep.direction="
+                              f"{cfg.sweep.direction}: the study would choose one way while the jobs and sectune-report rank "
+                              "the other. Set sweep.direction only (the preset hands it to the study)")

@@ -249,7 +249,7 @@ def test_a_pipeline_sweep_sorts_by_its_chosen_policys_validation_score_never_by_
 
 
 def test_a_sweep_objective_measured_on_test_is_refused():
-    from sectune.config_checks import check_sweep
+    from sectune.sweeps import check_sweep
     from sectune.errors import ConfigError
 
     # an audit (session 25): names with "test" mid-name and the held-out table's per-row numbers got past a prefix check

@@ -198,8 +198,7 @@ def _structured_keys(path: Path, n_lines: int, templates: Path | None) -> tuple[
         if (key := _event_key(ev)) is None:
             raise DataError(f"{path}:{n}: EventId {ev!r:.40} out of range: sectune numbers templates E1..E{MAX_LOG_KEYS}")
         keys.append(key)
-        # the row's LineId places it: rows sorted another way (by EventId, as a groupby export leaves them) gave every
-        # line another line's key, silently (an audit, session 36)
+        # the row's LineId places it: rows sorted by EventId gave every line another's key, silently (session 36)
         lid = (row.get("LineId") or "").strip()
         if lid:
             if not lid.isdigit() or not 1 <= int(lid) <= n_lines or int(lid) in by_line:
@@ -228,8 +227,7 @@ def loghub_files(folder: Path) -> tuple[Path, Path]:
 def _log_lines(log_path: Path, skip_bad: bool) -> tuple[list[list[str]], list[str], int]:
     """(each line's block ids, each line's content, skipped lines) of a loghub HDFS log."""
     blocks_of, contents, skipped = [], [], 0
-    # only line breaks end a line (str.splitlines also splits at \x0c, \u2028, ...: an error named the next line, and
-    # one line became two; the DeepLog reader already splits so: an audit, session 36)
+    # only line breaks end a line (splitlines also split at \x0c, \u2028: one line became two; session 36)
     lines = re.split(r"\r\n|\r|\n", log_path.read_text(encoding="utf-8", errors="replace"))
     while lines and not lines[-1].strip():  # blank lines at the end are the end of the file (as in the deeplog layout)
         lines.pop()

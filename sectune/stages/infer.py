@@ -292,14 +292,8 @@ def load_model(cfg, choice: ModelChoice):
     weights its run recorded (``artifacts.base_model``), else on the local folder it was trained on (its
     ``base_model_name_or_path``): the command's own model=, with another shape, lost the adapter's deeper layers."""
     cfg = runner.trained_quantization(cfg, choice)
+    # an adapter's base: its run's artifacts.base_model, else the local folder it names (modeling.adapter_base says so)
     base = modeling.adapter_base(choice.path, cfg) if choice.kind == "adapter" else modeling.model_path(cfg)
-    if choice.kind == "adapter":
-        trained_on = json.loads((choice.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        local = Path(str(trained_on)).expanduser() if trained_on else None
-        if local is not None and (local / "config.json").is_file() and not _same_model(str(local), base):
-            print(f"sectune: infer: the {choice.used} adapter goes on the weights it was trained on ({local}), not on "
-                  f"model={cfg.model.name} ({base})")
-            base = str(local)
     if choice.kind == "model":
         model = modeling.load_model(cfg, path=str(choice.path))
         ref = str(choice.path)

@@ -1,0 +1,100 @@
+"""What the CLI refuses as a run or sweep starts, before Hydra writes anything (sectune.cli.SweepCheck calls these): a
+launcher off its cluster or without -m, an interpolation to a missing key, a secret a config file or the environment sets."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def refuse_slurm_without_srun(config: DictConfig) -> None:
+    """submitit's SLURM executor needs ``srun``; without it the sweep died in a RuntimeError traceback."""
+    import shutil
+
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if "submitit" in target and "Slurm" in target and shutil.which("srun") is None:
+        print("sectune: error: hydra/launcher=slurm: no `srun` on this machine's PATH (submitit submits SLURM jobs from a "
+              "node of the cluster: run the command on its login node); here, run the sweep without hydra/launcher=slurm",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def refuse_launcher_without_multirun(config: DictConfig) -> None:
+    """Hydra applies a launcher to sweeps only: ``hydra/launcher=slurm`` without ``-m`` trained right here (on a login
+    node, say) with exit 0 and no word."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if "submitit" in target:
+        kind = "slurm" if "Slurm" in target else "local"
+        print(f"sectune: error: hydra/launcher={kind} applies to sweeps only; without -m this would run here, in this "
+              f"process. Add -m (a sweep of one job is fine: sectune -m hydra/launcher={kind} ...)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _strings(obj, prefix: str = ""):
+    """``(dotted key, value)`` of every string in a nested container."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(v, f"{prefix}{k}.")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _strings(v, f"{prefix}{i}.")
+    elif isinstance(obj, str):
+        yield prefix.rstrip("."), obj
+
+
+def refuse_unresolvable(config: DictConfig) -> None:
+    """An interpolation to a key that does not exist (``dataset.max_samples=${dataset.maxsamples}``): one line naming the
+    key, exit 2, before Hydra writes .hydra/. It was first resolved by the runner after that: a traceback, exit 1, and a
+    finished run's saved config overwritten with the typo while its result.json still said succeeded (an audit, session 36)."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    for key in config:
+        if key == "hydra":
+            continue
+        try:
+            node = config[key]
+            if OmegaConf.is_config(node):
+                OmegaConf.to_container(node, resolve=True)
+        except InterpolationResolutionError as e:
+            if "HydraConfig" in str(e):  # ${hydra:...}: resolved by Hydra itself, later
+                continue
+            first = str(e).strip().splitlines()[0]
+            print(f"sectune: error: {getattr(e, 'full_key', None) or key}: {first}; nothing was run or written", file=sys.stderr)
+            sys.exit(2)
+
+
+def refuse_preset_secrets(config: DictConfig) -> None:
+    """A secret set by a config file (a ``--config-dir`` preset's ``hydra.job.env_set``) rather than on the command line:
+    Hydra saves it in every job's ``.hydra/hydra.yaml`` and a sweep's ``multirun.yaml``. Called as a run or sweep
+    starts, before Hydra writes either (the command-line check runs before Hydra itself)."""
+    from omegaconf import OmegaConf
+
+    from sectune.tracking import _SECRET_KEY, _SECRET_VALUE, secret_keys, secret_overrides
+
+    env = OmegaConf.select(config, "hydra.job.env_set", default=None)
+    env = OmegaConf.to_container(env, resolve=False) if env is not None else {}
+    found = sorted(str(k) for k, v in env.items() if (v not in (None, "") and _SECRET_KEY.search(str(k))) or _SECRET_VALUE.match(str(v)))
+    if found:
+        print(f"sectune: error: hydra.job.env_set sets {', '.join(found)} from a config file: Hydra would save the value in the "
+              "run's .hydra/hydra.yaml (and a sweep's multirun.yaml); nothing was run or written. Put it in the environment "
+              "instead (export it, `hf auth login`, `wandb login`)", file=sys.stderr)
+        sys.exit(2)
+    # any other key a preset sets (paths.shared_data: https://alice:pw@host/share was saved in .hydra/ and result.json)
+    run = OmegaConf.to_container(config, resolve=False)
+    hydra_node = run.pop("hydra", None) or {}
+    found = secret_keys(run)
+    # a launcher preset's shell lines and sbatch parameters (`export WANDB_API_KEY=…` in setup went into multirun.yaml,
+    # submitit's pickles and the sbatch script: an audit, session 36), checked word by word as on the command line
+    launcher = hydra_node.get("launcher") or {}
+    found += [f"hydra.launcher.{k}" for k in secret_keys(launcher)]
+    found += [f"hydra.launcher.{k}" for k, v in _strings(launcher) if secret_overrides([f"x={v}"]) and f"hydra.launcher.{k}" not in found]
+    # the variables behind paths.*: SECTUNE_SHARED_DATA=https://alice:pw@host/… reached result.json and console.log unchecked
+    found += [f"{name} (the environment variable paths.* read)" for name in ("SECTUNE_SHARED_DATA", "SECTUNE_CACHE")
+              if secret_overrides([f"x={os.environ.get(name, '')}"])]
+    if found:
+        print(f"sectune: error: {', '.join(found)}: a secret set by a config file would be saved in the run's .hydra/ and "
+              "result.json; nothing was run or written. Put it in the environment instead (export it, `hf auth login`, "
+              "`wandb login`), or credentials in a netrc file rather than a URL", file=sys.stderr)
+        sys.exit(2)

@@ -127,9 +127,9 @@ def cli(args: list[str], cwd: Path = PROJECT_ROOT, timeout: int = 600, env: dict
 #: (~10 s of imports each: tests/test_config.py with tests/test_saved_work.py took 93 s instead of 46 s). Flower's import
 #: (flwr/supercore/grpc.py) sets GRPC_VERBOSITY=error when absent: after test_federated.py's in-process tests every
 #: later run of that worker was a plain subprocess (test_sft.py 87 s instead of 38 s); the server imports no gRPC, and
-#: a child that does (stage=federated) imports Flower, which sets the same value
+#: a child that does (stage=federated) imports Flower, which sets the same value; Ray's import sets RAY_CLIENT_MODE=0 alike
 IMPORT_DEFAULTS = {"KMP_DUPLICATE_LIB_OK": "True", "KMP_INIT_AT_FORK": "FALSE", "TOKENIZERS_PARALLELISM": "false",
-                   "HF_HUB_DISABLE_TELEMETRY": "1", "USE_HUB_KERNELS": "0", "GRPC_VERBOSITY": "error"}
+                   "HF_HUB_DISABLE_TELEMETRY": "1", "USE_HUB_KERNELS": "0", "GRPC_VERBOSITY": "error", "RAY_CLIENT_MODE": "0"}
 
 
 def _comparable(env: dict) -> dict:
@@ -137,6 +137,25 @@ def _comparable(env: dict) -> dict:
     # TORCHINDUCTOR_CACHE_DIR in this process the first time a test compiles something, and reads it when compiling
     return {**IMPORT_DEFAULTS, **{k: v for k, v in env.items()
                                   if not k.startswith(("PYTEST_", "WANDB_", "SECTUNE_TEST_")) and k != "TORCHINDUCTOR_CACHE_DIR"}}
+
+
+@pytest.fixture(autouse=True)
+def _environment_kept():
+    """A test that changes this process's environment for good (os.environ[...] = ... in code it calls in-process, not
+    monkeypatch.setenv) fails, and the environment is put back: every later CLI run of that pytest worker was otherwise
+    a plain subprocess, not forked (~10 s of imports each), and the harness's fork test failed in CI (session 36: the
+    federated _start_ray test left PYTHONPATH set)."""
+    before = dict(os.environ)
+    yield
+    a, b = _comparable(before), _comparable(dict(os.environ))
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if changed:
+        for k in changed:
+            if k in before:
+                os.environ[k] = before[k]
+            else:
+                os.environ.pop(k, None)
+        pytest.fail(f"the test changed this process's environment for good: {changed} (use monkeypatch.setenv/delenv)")
 
 
 class _Zygote:

@@ -667,6 +667,7 @@ def test_sigterm_handlers_survive_the_ray_start_so_an_interrupted_round_is_recor
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     old = signal.signal(signal.SIGTERM, ours)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # _start_ray sets it, as Flower does, for the actors
     try:
         monkeypatch.setattr(ray, "is_initialized", lambda: False)
         monkeypatch.setattr(ray, "init", fake_init)

@@ -139,23 +139,59 @@ def _comparable(env: dict) -> dict:
                                   if not k.startswith(("PYTEST_", "WANDB_", "SECTUNE_TEST_")) and k != "TORCHINDUCTOR_CACHE_DIR"}}
 
 
-@pytest.fixture(autouse=True)
-def _environment_kept():
-    """A test that changes this process's environment for good (os.environ[...] = ... in code it calls in-process, not
-    monkeypatch.setenv) fails, and the environment is put back: every later CLI run of that pytest worker was otherwise
-    a plain subprocess, not forked (~10 s of imports each), and the harness's fork test failed in CI (session 36: the
-    federated _start_ray test left PYTHONPATH set)."""
-    before = dict(os.environ)
-    yield
-    a, b = _comparable(before), _comparable(dict(os.environ))
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    if changed:
-        for k in changed:
-            if k in before:
-                os.environ[k] = before[k]
+def _process_state() -> dict:
+    """What a test could leave changed for the tests after it in this pytest worker: the environment (as the fork server
+    compares it), the working directory, signal handlers, and torch's global settings once torch is imported."""
+    import signal
+
+    state = {"environment": _comparable(dict(os.environ)), "cwd": os.getcwd(),
+             **{f"handler of {sig.name}": signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        state.update({"torch default dtype": torch.get_default_dtype(), "torch threads": torch.get_num_threads(),
+                      "torch grad mode": torch.is_grad_enabled(),
+                      "torch deterministic algorithms": torch.are_deterministic_algorithms_enabled()})
+    return state
+
+
+def _put_back(before_env: dict, before: dict) -> None:
+    import signal
+
+    for k in set(before_env) | set(os.environ):
+        if before_env.get(k) != os.environ.get(k):
+            if k in before_env:
+                os.environ[k] = before_env[k]
             else:
                 os.environ.pop(k, None)
-        pytest.fail(f"the test changed this process's environment for good: {changed} (use monkeypatch.setenv/delenv)")
+    os.chdir(before["cwd"])
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if before[f"handler of {sig.name}"] is not None:
+            signal.signal(sig, before[f"handler of {sig.name}"])
+    torch = sys.modules.get("torch")
+    if torch is not None and "torch default dtype" in before:
+        torch.set_default_dtype(before["torch default dtype"])
+        torch.set_num_threads(before["torch threads"])
+        torch.set_grad_enabled(before["torch grad mode"])
+        torch.use_deterministic_algorithms(before["torch deterministic algorithms"])
+
+
+@pytest.fixture(autouse=True)
+def _process_state_kept():
+    """A test that leaves this process changed for good (os.environ[...] = ... in code it calls in-process instead of
+    monkeypatch.setenv, a chdir, a signal handler, torch's thread count or default dtype) fails, and the state is put
+    back: the tests after it in the same pytest-xdist worker, which depend on the order pytest-xdist hands out files,
+    would otherwise run under it. CI failed on this (session 36): the federated _start_ray test left PYTHONPATH set,
+    every later CLI run of that worker became a plain subprocess, not forked, and the harness's fork test failed."""
+    before_env, before = dict(os.environ), _process_state()
+    yield
+    after = _process_state()
+    changed = sorted(k for k in before.keys() | after.keys() if k in before and before.get(k) != after.get(k))
+    if "environment" in changed:
+        a, b = before["environment"], after["environment"]
+        changed[changed.index("environment")] = f"environment {sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))}"
+    if changed:
+        _put_back(before_env, before)
+        pytest.fail(f"the test left this process changed: {', '.join(changed)} (monkeypatch.setenv/chdir, or put it back)")
 
 
 class _Zygote:

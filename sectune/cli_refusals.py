@@ -75,7 +75,8 @@ def refuse_preset_secrets(config: DictConfig) -> None:
 
     env = OmegaConf.select(config, "hydra.job.env_set", default=None)
     env = OmegaConf.to_container(env, resolve=False) if env is not None else {}
-    found = sorted(str(k) for k, v in env.items() if (v not in (None, "") and _SECRET_KEY.search(str(k))) or _SECRET_VALUE.match(str(v)))
+    found = sorted(str(k) for k, v in env.items() if (v not in (None, "") and _SECRET_KEY.search(str(k))) or _SECRET_VALUE.match(str(v))
+                   or secret_overrides([f"x={v}"]))  # credentials inside a value too (HTTPS_PROXY=http://user:pw@proxy)
     if found:
         print(f"sectune: error: hydra.job.env_set sets {', '.join(found)} from a config file: Hydra would save the value in the "
               "run's .hydra/hydra.yaml (and a sweep's multirun.yaml); nothing was run or written. Put it in the environment "
@@ -85,11 +86,14 @@ def refuse_preset_secrets(config: DictConfig) -> None:
     run = OmegaConf.to_container(config, resolve=False)
     hydra_node = run.pop("hydra", None) or {}
     found = secret_keys(run)
-    # a launcher preset's shell lines and sbatch parameters (`export WANDB_API_KEY=…` in setup went into multirun.yaml,
-    # submitit's pickles and the sbatch script: an audit, session 36), checked word by word as on the command line
-    launcher = hydra_node.get("launcher") or {}
-    found += [f"hydra.launcher.{k}" for k in secret_keys(launcher)]
-    found += [f"hydra.launcher.{k}" for k, v in _strings(launcher) if secret_overrides([f"x={v}"]) and f"hydra.launcher.{k}" not in found]
+    # every hydra.* key a preset sets, checked word by word as on the command line: a launcher's shell lines and sbatch
+    # parameters (`export WANDB_API_KEY=…` in setup went into multirun.yaml, submitit's pickles and the sbatch script),
+    # an Optuna study's hydra.sweeper.storage (postgresql://user:pw@host/db went into hydra.yaml and multirun.yaml: audits,
+    # session 36 and 37). Hydra's own record of this run (runtime, overrides: checked on the command line) is not a preset's,
+    # and --help's text is prose (sectune's names `wandb login`)
+    preset_hydra = {k: v for k, v in hydra_node.items() if k not in ("runtime", "overrides", "help", "hydra_help")}
+    found += [f"hydra.{k}" for k in secret_keys(preset_hydra)]
+    found += [f"hydra.{k}" for k, v in _strings(preset_hydra) if secret_overrides([f"x={v}"]) and f"hydra.{k}" not in found]
     # the variables behind paths.*: SECTUNE_SHARED_DATA=https://alice:pw@host/… reached result.json and console.log unchecked
     found += [f"{name} (the environment variable paths.* read)" for name in ("SECTUNE_SHARED_DATA", "SECTUNE_CACHE")
               if secret_overrides([f"x={os.environ.get(name, '')}"])]

@@ -345,10 +345,14 @@ def load_run_config(cfg_path: Path) -> DictConfig:
                         f"record of its settings is damaged (a copy of a succeeded run's is in .hydra/succeeded/)") from None
     if not isinstance(cfg, DictConfig):
         raise DataError(f"{cfg_path}: not a config (a YAML mapping); the run's record of its settings is damaged")
-    if OmegaConf.select(cfg, "model.trust_remote_code", default=False, throw_on_resolution_failure=False) is True:
-        # code in a model folder runs only when a preset of this sectune says so, never because a run dir's record does
-        print(f"sectune: warning: {cfg_path} says model.trust_remote_code=true; evaluating it loads the model with it off "
-              "(a run dir is not a preset)")
+    trust = OmegaConf.select(cfg, "model.trust_remote_code", default=None, throw_on_resolution_failure=False)
+    if isinstance(OmegaConf.select(cfg, "model", default=None, throw_on_resolution_failure=False), DictConfig):
+        # code in a model folder runs only when a preset of this sectune says so, never because a run dir's record does:
+        # off whatever the record holds (1, 'true', even 'false' passed a check for True and reached from_pretrained as
+        # bool(value): an audit, session 37)
+        if trust not in (False, None):
+            print(f"sectune: warning: {cfg_path} says model.trust_remote_code={trust!r}; evaluating it loads the model with "
+                  "it off (a run dir is not a preset)")
         cfg.model.trust_remote_code = False
     run_dir = Path(cfg_path).parent.parent
     cwd = None

@@ -518,6 +518,17 @@ def test_a_run_dirs_saved_config_cannot_switch_on_remote_code_or_read_the_enviro
     cfg = load_run_config(saved)
     assert cfg.model.trust_remote_code is False and cfg.train.learning_rate == 0.1 and cfg.paths.shared_data
     assert "loads the model with it off" in capsys.readouterr().out
+    # not only a YAML true: 1, 'true', even 'false' passed a check for True and reached from_pretrained as bool(value),
+    # which ran a shared run dir's model folder code (an audit, session 37)
+    from omegaconf import OmegaConf
+
+    from sectune.models.modeling import _hub_kwargs
+
+    for value in ("1", "'true'", "'false'", "'on'", "yes"):
+        saved.write_text(f"model: {{name: m, trust_remote_code: {value}, revision: null}}\n")
+        cfg = load_run_config(saved)
+        assert cfg.model.trust_remote_code is False and _hub_kwargs(cfg)["trust_remote_code"] is False, value
+    assert _hub_kwargs(OmegaConf.create({"model": {"revision": None, "trust_remote_code": "false"}}))["trust_remote_code"] is False
     saved.write_text("dataset: {path: '/data/${oc.env:HF_TOKEN}.csv'}\n")
     with pytest.raises(DataError, match=r"calls the resolver\(s\) oc.env") as e:
         load_run_config(saved)

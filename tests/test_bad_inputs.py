@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -128,6 +129,41 @@ def test_an_adapter_folder_or_a_run_dir_as_the_model_is_named_as_such(good_folde
     (tmp_path / "sft" / "result.json").write_text("{}")
     run = sectune([*ARGS, f"dataset.path={good_folder}", f"model.name_or_path={tmp_path / 'sft'}"], tmp_path / "run2")
     _assert_failed_cleanly(run, "a sectune run dir, not a model folder", "saved a LoRA adapter (adapter/)")
+
+
+def test_a_model_folder_with_pickled_code_or_its_own_code_is_refused_in_one_line_and_runs_nothing(tmp_path):
+    """An audit (session 37): torch and transformers refused both (no code ran), but the run ended in a traceback whose
+    only advice was the unsafe option (weights_only=False, trust_remote_code=True). Now one line naming the model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import compose
+    from sectune.errors import ModelNotAvailableError
+    from sectune.models import modeling
+
+    cfg = compose(["logger=none"])
+    tiny = Path(modeling.model_path(cfg))
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny, pickled)
+    for f in pickled.glob("*.safetensors"):
+        f.unlink()
+    torch.save({"model.embed_tokens.weight": Evil()}, pickled / "pytorch_model.bin")
+    with pytest.raises(ModelNotAvailableError, match="pickled objects beyond tensors; sectune loads pickled weights with weights_only=True"):
+        modeling._from_pretrained(AutoModelForCausalLM.from_pretrained, str(pickled), cfg)
+    own_code = tmp_path / "own_code"
+    shutil.copytree(tiny, own_code)
+    conf = json.loads((own_code / "config.json").read_text())
+    (own_code / "config.json").write_text(json.dumps({**conf, "model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    (own_code / "configuration_evil.py").write_text(f"import os\nos.system('touch {marker}')\n")
+    with pytest.raises(ModelNotAvailableError, match="needs its own code .* runs only with model.trust_remote_code=true"):
+        modeling._from_pretrained(AutoModelForCausalLM.from_pretrained, str(own_code), cfg)
+    assert not marker.exists()
 
 
 def test_a_model_with_nothing_trainable_is_refused():

@@ -154,6 +154,29 @@ def test_a_secret_in_a_launcher_presets_shell_lines_or_the_shared_data_variable_
     assert "hunter2" not in run.stderr + run.stdout and not (tmp_path / "run").exists()
 
 
+def test_credentials_in_a_presets_env_set_value_or_its_sweeper_storage_are_refused_before_hydra_saves_them(tmp_path):
+    """An audit (session 37): a proxy URL with a password in hydra.job.env_set and an Optuna study's
+    hydra.sweeper.storage with one reached .hydra/hydra.yaml (and a sweep's multirun.yaml); on the command line both
+    were refused. Every hydra.* key a preset sets is now checked as the command line is."""
+    (tmp_path / "cd" / "site").mkdir(parents=True)
+    (tmp_path / "cd" / "site" / "proxy.yaml").write_text(
+        "# @package _global_\nhydra:\n  job:\n    env_set:\n      HTTPS_PROXY: http://carol:ProxyPw2@proxy.corp:3128\n")
+    (tmp_path / "cd" / "hparams_search").mkdir(parents=True)
+    (tmp_path / "cd" / "hparams_search" / "shared_db.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - /hparams_search/sft_optuna\nhydra:\n  sweeper:\n"
+        "    storage: postgresql://optuna:DbPassw0rd@db.example/optuna\n")
+    for preset, named in (("+site=proxy", "hydra.job.env_set sets HTTPS_PROXY"), ("hparams_search=shared_db", "hydra.sweeper.storage: a secret")):
+        run = cli(["--config-dir", str(tmp_path / "cd"), preset, "hydra.mode=RUN", "stage=plan", "logger=none",
+                   "hydra.run.dir=" + str(tmp_path / "run")])
+        assert run.returncode == 2 and named in run.stderr, run.stderr[-1500:]
+        assert "Pw2" not in run.stderr + run.stdout and "Passw0rd" not in run.stderr + run.stdout and not (tmp_path / "run").exists()
+    # a preset's ordinary hydra settings are not secrets
+    (tmp_path / "cd" / "site" / "plain.yaml").write_text(
+        "# @package _global_\nhydra:\n  job:\n    env_set:\n      HTTPS_PROXY: http://proxy.corp:3128\n")
+    run = cli(["--config-dir", str(tmp_path / "cd"), "+site=plain", "stage=plan", "logger=none", "hydra.run.dir=" + str(tmp_path / "plain")])
+    assert run.returncode == 0, run.stderr[-1500:]
+
+
 def test_settings_that_mention_tokens_or_keys_are_not_secrets():
     from sectune.tracking import secret_overrides
 

@@ -72,7 +72,8 @@ def adapter_base(adapter_dir, cfg: DictConfig) -> str:
 
 
 def _hub_kwargs(cfg: DictConfig) -> dict:
-    return {"revision": cfg.model.revision, "trust_remote_code": bool(cfg.model.trust_remote_code)}
+    # only a real true turns it on: bool("false") is True, and a config read without the schema can hold a string
+    return {"revision": cfg.model.revision, "trust_remote_code": cfg.model.get("trust_remote_code") is True}
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,18 +95,42 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
         return f"{url.hostname} unreachable: {e.strerror or type(e).__name__}"
 
 
+@contextlib.contextmanager
+def _refused_unsafe(path: str, cfg: DictConfig):
+    """Weights that only unpickling could load, or a model that needs its own code, are refused by torch and transformers
+    (no code runs); the refusal is one line naming the model, not a traceback whose advice is the unsafe option
+    (``weights_only=False``, ``trust_remote_code=True``: an audit, session 37)."""
+    import pickle
+
+    where = f"model {path!r} (model={cfg.model.name})"
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise ModelNotAvailableError(
+            f"{where}: its weights file holds pickled objects beyond tensors; sectune loads pickled weights with "
+            "weights_only=True only, so it is refused (no code ran). Use a safetensors copy of weights you trust") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelNotAvailableError(
+            f"{where}: the model needs its own code (config.json's auto_map or an unknown model_type), which runs only "
+            "with model.trust_remote_code=true: set it (in a preset) for a model whose code you trust") from None
+
+
 def _from_pretrained(loader, path: str, cfg: DictConfig, tokenizer_only: bool = False, **kwargs):
     """Local cache first (fast, offline); then the hub; then a clear error. ``tokenizer_only``: a folder of a
     tokenizer's files will do (:func:`check_model_folder`)."""
     kwargs = {**_hub_kwargs(cfg), **kwargs}
     if Path(path).is_dir():
         check_model_folder(Path(path), cfg, tokenizer_only)
-        return loader(path, **kwargs)
+        with _refused_unsafe(path, cfg):
+            return loader(path, **kwargs)
     if looks_like_a_path(path):  # a hub id is owner/name: this is a folder that is not there (a typo, a deleted run)
         raise ModelNotAvailableError(f"model {path!r} (model={cfg.model.name}): no such folder"
                                      + (f" ({Path(path).expanduser()} is a file)" if Path(path).expanduser().is_file() else ""))
     try:
-        return loader(path, local_files_only=True, **kwargs)
+        with _refused_unsafe(path, cfg):
+            return loader(path, local_files_only=True, **kwargs)
     except OSError:
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -113,7 +138,8 @@ def _from_pretrained(loader, path: str, cfg: DictConfig, tokenizer_only: bool = 
     try:
         if why:
             raise OSError(why)
-        return loader(path, **kwargs)
+        with _refused_unsafe(path, cfg):
+            return loader(path, **kwargs)
     except OSError as e:
         raise ModelNotAvailableError(
             f"model {path!r} (model={cfg.model.name}) is not in the local Hugging Face cache and could not be "

@@ -62,7 +62,7 @@ def model_arch(model_cfg: DictConfig, cfg: DictConfig) -> tuple[dict, str]:
     path = str(model_cfg.name_or_path)
     try:
         hf = AutoConfig.from_pretrained(path, local_files_only=True, revision=model_cfg.revision,
-                                        trust_remote_code=bool(model_cfg.trust_remote_code))
+                                        trust_remote_code=model_cfg.get("trust_remote_code") is True)
     except OSError:
         raise ConfigError(
             f"model={model_cfg.name}: model.arch is null and {path}'s config.json is not available locally; "

@@ -179,11 +179,11 @@ def cut_long_windows(windows: list[LogWindow], max_chars: int) -> tuple[list[Log
 def warn_unfamiliar_format(files: list[tuple[str, str]], share: float = 0.5) -> None:
     """Say when most of a file's lines are not the syslog lines (``Mon DD HH:MM:SS host proc[pid]: …``) the analyst and
     the rules read: RFC 5424, journald JSON or a log of other daemons got analyses as confident as an auth log's."""
-    from sectune.data.auth_rules import _HEADER
+    from sectune.data.auth_rules import SYSLOG_HEADER
 
     for name, text in files:
         lines = [ln for ln in file_lines(text) if ln.strip()]
-        known = sum(bool(_HEADER.match(ln.strip())) for ln in lines)
+        known = sum(bool(SYSLOG_HEADER.match(ln.strip())) for ln in lines)
         if lines and known < share * len(lines):
             print(f"sectune: warning: infer: {shown(name)}: {known} of {len(lines)} lines are syslog lines as the analyst was trained "
                   "on (Mon DD HH:MM:SS host proc[pid]: …); its analyses of the others are guesses (convert them, e.g. "

@@ -244,6 +244,39 @@ def test_build_on_real_logs(tmp_path):
     assert again["counts"] == info["counts"]
 
 
+def test_iso_and_precise_timestamps_and_ipv4_mapped_sources_are_read_as_syslog_lines_are():
+    """An audit (session 37): with journalctl -o short-iso / short-precise timestamps every line was read without its
+    process and pid (an attempt's PAM and sshd lines counted twice, the sshd source lost, a brute force missed), and
+    ::ffff:10.0.0.5 was cut to ::ffff:10, so five hosts with one failure each became one brute-forcing source."""
+    from sectune.data.auth_rules import analyze_auth_log
+
+    burst = []
+    for i in range(6):
+        burst.append(f"Dec 10 06:55:4{i} LabSZ sshd[2430{i}]: pam_unix(sshd:auth): authentication failure; logname= uid=0 "
+                     "euid=0 tty=ssh ruser= rhost=203.0.113.7  user=root")
+        burst.append(f"Dec 10 06:55:4{i} LabSZ sshd[2430{i}]: Failed password for root from 203.0.113.7 port 4{i}22 ssh2")
+    want = analyze_auth_log(burst)
+    assert want["failed_logins"] == 6 and want["brute_force"] and want["source_ips"] == [{"ip": "203.0.113.7", "failures": 6}]
+    for stamp in (r"2024-12-10T\1+0000", r"2024-12-10T\1.123456+00:00", r"Dec 10 \1.123456", r"2024-12-10T\1Z"):
+        assert analyze_auth_log([re.sub(r"^Dec 10 (\S+)", stamp, ln) for ln in burst]) == want, stamp
+    scan = [f"Dec 10 06:55:4{i} LabSZ sshd[2430{i}]: Failed password for root from ::ffff:10.0.{i}.5 port 4{i}22 ssh2" for i in range(5)]
+    a = analyze_auth_log(scan)
+    assert not a["brute_force"] and a["verdict"] == "suspicious"
+    assert [s["ip"] for s in a["source_ips"]] == ["::ffff:10.0.0.5", "::ffff:10.0.1.5", "::ffff:10.0.2.5"]
+    assert analyze_auth_log(["Dec 10 06:55:40 h sshd[1]: Failed password for root from 2001:db8::7 port 22 ssh2"])["source_ips"] == [
+        {"ip": "2001:db8::7", "failures": 1}]
+
+
+def test_a_log_whose_lines_have_no_syslog_header_is_said_when_building(tmp_path, capsys):
+    src = tmp_path / "src" / "loghub_openssh_2k"
+    src.mkdir(parents=True)
+    (src / "OpenSSH_2k.log").write_text("".join(f"<38>1 2024-12-10T06:55:4{i}Z host sshd 2430{i} - - Failed password for root "
+                                                f"from 10.0.0.{i} port 22 ssh2\n" for i in range(9)))
+    with pytest.raises(DataError):
+        A.build_auth_folder(tmp_path / "out", tmp_path / "src", seed=0)
+    assert "OpenSSH_2k.log: 0 of 9 lines have a syslog header" in capsys.readouterr().out
+
+
 def test_build_without_real_logs_uses_synthetic(tmp_path):
     out = tmp_path / "auth"
     info = A.build_auth_folder(out, tmp_path / "nowhere", seed=1)

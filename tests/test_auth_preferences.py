@@ -93,7 +93,7 @@ def test_real_pairs_split_by_window_with_every_kind():
         assert p["chosen"] == render_completion(p["annotation"]) and p["prompt"].endswith("### Analysis:\n")
 
 
-def test_user_jsonl_pairs_and_bad_lines(tmp_path):
+def test_user_jsonl_pairs_and_bad_lines(tmp_path, capsys):
     good = tmp_path / "pairs.jsonl"
     good.write_text("\n".join(json.dumps({"prompt": f"p{i % 5}", "chosen": "{\"a\":1}", "rejected": "{\"a\":2}"}) for i in range(20)) + "\n")
     cfg = compose(["dataset=auth_preferences", "stage=reward", f"dataset.path={good}"])
@@ -112,6 +112,19 @@ def test_user_jsonl_pairs_and_bad_lines(tmp_path):
     assert splits["test"] and not (by["train"] & by["test"]) and not (by["train"] & by["validation"]) and not (by["validation"] & by["test"])
     assert len({s for s in P.SPLITS for p in splits[s] if p["prompt"].startswith("q")}) == 1
     assert len({p["window_id"] for s in P.SPLITS for p in splits[s]}) == 21
+    # a window whose lines disagree on "label", or give it on the first pair only (an audit, session 37): it went into
+    # two or three splits (36 / 12 / 12 pairs of a 40-line file, test pairs trained on) and the note counted it twice
+    lines = []
+    for w in range(20):
+        lines.append({"prompt": f"window {w}", "chosen": "c", "rejected": "r1", "label": ["benign", "malicious"][w % 2]})
+        lines.append({"prompt": f"window {w}", "chosen": "c", "rejected": "r2", **({"label": "suspicious"} if w % 3 == 0 else {})})
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    splits = P.preference_splits(compose(["dataset=auth_preferences", "stage=reward", f"dataset.path={labels}"]))
+    by = {s: {p["window_id"] for p in splits[s]} for s in P.SPLITS}
+    assert sum(map(len, splits.values())) == 40 and len(by["train"] | by["validation"] | by["test"]) == 20
+    assert not (by["train"] & by["test"]) and not (by["train"] & by["validation"]) and not (by["validation"] & by["test"])
+    assert "20 window(s) without a" in capsys.readouterr().out
     bom = tmp_path / "bom.jsonl"  # Windows tools write a byte-order mark first
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode() + b"\r\n")
     assert [p["prompt"] for p in P.read_pairs_jsonl(bom)] == ["p"]

@@ -82,6 +82,17 @@ def test_a_bad_session_line_is_an_error_naming_file_and_line(tmp_path, line, pro
     assert skipped == 0 and [s.id for s in normal] == ["hdfs_train:1", "hdfs_train:2"]
 
 
+def test_skipped_session_lines_reach_what_result_json_records(tmp_path):
+    """An audit (session 37): dataset=hdfs dataset.skip_bad_lines=true printed its count but never noted it, so no
+    stage's result.json had skipped_lines for HDFS (every other dataset's had)."""
+    from sectune import data as D
+
+    write_sessions(tmp_path, [f"5 5 22 11 {9 + i % 3}" for i in range(60)] + ["5 x 22"], [f"5 22 {i % 5 + 1}" for i in range(20)])
+    mark = D.skipped_mark()
+    hdfs.load_hdfs(hdfs_cfg(tmp_path, "dataset.skip_bad_lines=true"))
+    assert D.skipped_since(mark) == 1
+
+
 def test_an_empty_split_is_an_error(tmp_path):
     write_sessions(tmp_path, ["5 5 22", "22 5 5"], ["5 22"])
     with pytest.raises(DataError, match="split is empty"):

@@ -204,6 +204,12 @@ def build_auth_folder(
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e.strerror})") from e
         keep = [(n, ln.rstrip()) for n, ln in enumerate(text, 1) if ln.strip() and ("Linux" not in path.name or _auth_relevant(ln))]
+        lines = [ln for ln in text if ln.strip()]
+        headed = sum(bool(_HEADER.match(ln.strip())) for ln in lines)
+        if lines and headed < len(lines) / 2:  # RFC 5424, journald JSON: the rules read these without process or pid
+            print(f"sectune: warning: {path}: {headed} of {len(lines)} lines have a syslog header (Mon DD HH:MM:SS or ISO 8601 "
+                  "timestamp, host, proc[pid]:); the rules read the others without their process and pid, so one attempt's "
+                  "lines are not grouped (convert them, e.g. journalctl -o short-iso)")
         streams.append((path.name, keep))
         files_info.append({"path": str(path), "sha256": _sha256(path), "lines": len(text), "auth_lines": len(keep)})
     source = "real" if real else "synthetic"

@@ -193,7 +193,14 @@ def preference_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     # a pairs file's own "split" wins (a window's pairs share it); the rest are split by the fractions over their ids,
     # which is the SFT's split only for pairs built from the same auth folder
     given = given_splits(Path(d.path), pairs, lambda p: p["window_id"]) if d.path and Path(d.path).suffix == ".jsonl" else {}
-    unique = [g for g in dict.fromkeys(groups) if g[0] not in given]
+    # one entry per window, labelled by its first line that gives a label: (id, label) pairs made a window whose lines
+    # disagree on "label" (or give it on the first pair only) two entries, split apart: test pairs trained on (an audit,
+    # session 37)
+    label_of: dict = {}
+    for wid, label in groups:
+        if not label_of.get(wid):
+            label_of[wid] = label
+    unique = [(wid, label) for wid, label in label_of.items() if wid not in given]
     where = split_windows(unique, float(d.val_fraction), float(d.test_fraction), int(d.split_seed)) if unique else {s: set() for s in SPLITS}
     for wid, s in given.items():
         where[s].add(wid)

@@ -5,7 +5,8 @@ and as a reward check during RL.
 
 Rules (``RULES_VERSION``)
 -------------------------
-Lines are grouped by process id, because one authentication attempt is logged several times
+A line is ``<timestamp> <host> <proc>[<pid>]: <message>``, the timestamp syslog's ``Mon DD HH:MM:SS`` or ISO 8601
+(fractions of a second and an offset allowed). Lines are grouped by process id, because one authentication attempt is logged several times
 (OpenSSH writes ``pam_unix(sshd:auth): authentication failure`` *and* ``Failed password`` for
 the same attempt). For each pid two channels of evidence are counted:
 
@@ -19,7 +20,7 @@ the same attempt). For each pid two channels of evidence are counted:
 
 A pid's failures (and accepted logins) are the *larger* of its two channels, never their sum,
 so one attempt counts once even when only half of its lines fall inside the window.
-A pid's source is the first ``from IP`` of an sshd message, else the ``[IP]`` of a reverse
+A pid's source is the first ``from IP`` (IPv4, IPv6, or IPv4-mapped ``::ffff:a.b.c.d``) of an sshd message, else the ``[IP]`` of a reverse
 mapping warning, else PAM's ``rhost`` (a host name on Linux_2k). ``failed_logins`` and
 ``accepted_logins`` sum over pids; per-source failures sum over the pids of that source.
 
@@ -45,7 +46,9 @@ from __future__ import annotations
 
 import re
 
-RULES_VERSION = "auth-rules-2"  # 2: hostile lines (an overlong line or source) read within bounds
+# 2: hostile lines (an overlong line or source) read within bounds; 3: ISO-8601 and fractional-second timestamps
+# (journalctl -o short-iso / short-precise, rsyslog's file format) and IPv4-mapped IPv6 sources read (an audit, session 37)
+RULES_VERSION = "auth-rules-3"
 CLASSES = ("benign", "suspicious", "malicious")
 BRUTE_FORCE_FAILURES = 5
 FAILED_THEN_ACCEPTED = 3
@@ -60,7 +63,13 @@ _MAX_HOST = 64  # a source (address or host name) as the schema allows it
 MAX_LINE = 8192
 
 # ---------------------------------------------------------------------------------- rules
-_HEADER = re.compile(r"^\w{3}\s+\d+\s+\d\d:\d\d:\d\d\s+\S+\s+(?P<proc>.+?)(?:\[(?P<pid>\d+)\])?:\s?(?P<msg>.*)$")
+#: syslog's ``Mon DD HH:MM:SS`` (seconds' fractions: journalctl -o short-precise) or ISO 8601 (journalctl -o short-iso,
+#: rsyslog's RSYSLOG_FileFormat): every other line was read without its process and pid, so an attempt's PAM and sshd
+#: lines counted twice, its sshd source was lost and a brute force went unseen (an audit, session 37)
+_TIMESTAMP = r"(?:\w{3}\s+\d+\s+\d\d:\d\d:\d\d|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?"
+_HEADER = re.compile(rf"^{_TIMESTAMP}\s+\S+\s+(?P<proc>.+?)(?:\[(?P<pid>\d+)\])?:\s?(?P<msg>.*)$")
+#: the header the tiny analyst was trained on (stage=infer warns about other lines)
+SYSLOG_HEADER = re.compile(r"^\w{3}\s+\d+\s+\d\d:\d\d:\d\d\s+\S+\s+(?P<proc>.+?)(?:\[(?P<pid>\d+)\])?:\s?(?P<msg>.*)$")
 _FAILED = re.compile(r"Failed (?:\S+) for (?P<inv>invalid user )?(?P<user>.*?) from (?P<ip>\S+) port \d+")
 _REPEATED = re.compile(r"message repeated (?P<n>\d+) times: \[ ?(?P<inner>.*)\]")
 _ACCEPTED = re.compile(r"Accepted \S+ for (?P<user>\S+) from (?P<ip>\S+)")
@@ -73,7 +82,10 @@ _KLOG_FAIL = re.compile(r"Authentication failed from (?P<ip>[\d.]+)|Kerberos aut
 _ANON_FTP = re.compile(r"ANONYMOUS FTP LOGIN FROM (?P<ip>[^,\s]+)")
 # IPv6: 3-8 groups of at most 4 hex digits. The unbounded `[0-9a-fA-F:]+:[0-9a-fA-F:]+` took time quadratic in a run of
 # colons an attacker writes after " from " (1 s for an 8 KB line, hours for 1 MB)
-_FROM_IP = re.compile(r" from (?P<ip>\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F]{0,4}(?::[0-9a-fA-F]{0,4}){2,7})\b")
+# An IPv4-mapped address (::ffff:10.0.0.5, from a dual-stack socket) whole: it was cut at its first dot, five hosts became
+# one "::ffff:10" with a brute force (an audit, session 37)
+_FROM_IP = re.compile(r" from (?P<ip>\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F]{0,4}(?::[0-9a-fA-F]{0,4}){2,6}:\d{1,3}(?:\.\d{1,3}){3}"
+                      r"|[0-9a-fA-F]{0,4}(?::[0-9a-fA-F]{0,4}){2,7})\b")
 _LOGIN_PROCS = ("sshd", "login")
 
 

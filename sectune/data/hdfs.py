@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from sectune.data import check_count
+from sectune.data import check_count, note_skipped
 from sectune.errors import ConfigError, DataError
 
 DEEPLOG_DIR, LOGHUB_DIR = "deeplog_hdfs_sessions", "loghub_hdfs_2k"
@@ -427,6 +427,7 @@ def load_hdfs(cfg) -> HdfsData:
         normal, anomalous, num_keys, info = read_loghub(folder, str(d.log_parser), skip, reference)
     if info["skipped_lines"]:
         print(f"sectune: dataset=hdfs: skipped {info['skipped_lines']} bad lines in {folder} (dataset.skip_bad_lines=true)")
+        note_skipped(info["skipped_lines"])  # result.json's skipped_lines, as other datasets' (an audit, session 37)
     # training needs normal sessions only; detection (evaluate, federated rounds) needs anomalies in validation and test
     splits, split_info = split_sessions(normal, anomalous, float(d.val_fraction), float(d.test_fraction), int(d.split_seed),
                                         d.max_samples, source=str(folder), need_anomalies=str(cfg.stage.name) != "sft")

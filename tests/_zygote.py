@@ -25,6 +25,11 @@ _PROTOCOL = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# this checkout's sectune, not whichever one the venv installed (an editable install of another clone): started as a
+# script, the server's first import path is tests/, and a clone tested with a shared venv had its forked runs use the
+# other tree's code and .cache (an audit, session 37)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # what `python -m sectune` imports on its way to a stage (the stage modules then import little of their own)
 PRELOAD = ("torch", "matplotlib.pyplot", "sklearn.model_selection", "peft", "transformers.trainer", "trl.trainer.sft_trainer",
            "sectune.cli", "sectune.runner")

@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 # bench/contrastive_throughput.py with its children faked (no training, no timing): the sides run interleaved over
 # --repeats and the ratio is read from medians, so one slow moment of a shared machine cannot land on one side only.
 def test_sides_are_interleaved_and_medians_reported(monkeypatch, capsys):
-    sys.path.insert(0, str(BENCH))
+    monkeypatch.syspath_prepend(str(BENCH))
     import contrastive_throughput as cb
 
     calls = []
@@ -43,8 +43,8 @@ def test_sides_are_interleaved_and_medians_reported(monkeypatch, capsys):
 
 # bench/contrastive_throughput.py times a handful of triplets; their injected prompts must share as much prefix with
 # the benign prompt as the training split's do, since that share is what sectune's default forward saves.
-def test_representative_rows_match_the_split_share():
-    sys.path.insert(0, str(BENCH))
+def test_representative_rows_match_the_split_share(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
     import contrastive_throughput as cb
 
     # a split whose first rows share much more than the rest (as the real one: 62% vs 48%)
@@ -60,7 +60,7 @@ def test_representative_rows_match_the_split_share():
 # bench/gpu_memory.py on a machine without CUDA refuses with a message; when a case's child fails the bench must not
 # exit 0 (its JSON line would read as a measurement). Children and CUDA are faked: no GPU needed.
 def test_refuses_without_cuda(monkeypatch):
-    sys.path.insert(0, str(BENCH))
+    monkeypatch.syspath_prepend(str(BENCH))
     import gpu_memory as gm
     import torch
 
@@ -71,7 +71,7 @@ def test_refuses_without_cuda(monkeypatch):
 
 
 def test_failed_case_exits_nonzero(monkeypatch, capsys):
-    sys.path.insert(0, str(BENCH))
+    monkeypatch.syspath_prepend(str(BENCH))
     import gpu_memory as gm
     import torch
 
@@ -95,7 +95,7 @@ def fake_side(side, variant, args, length):
 
 
 def test_grpo_bench_reports_each_sides_completion_length(monkeypatch, capsys):
-    sys.path.insert(0, str(BENCH))
+    monkeypatch.syspath_prepend(str(BENCH))
     import grpo_throughput as gb
 
     lengths = {"trl": 64.0, "sectune": 32.0}  # sectune's completions half as long: half the work per completion
@@ -113,8 +113,8 @@ def test_grpo_bench_reports_each_sides_completion_length(monkeypatch, capsys):
 
 # bench/grpo_throughput.py: sectune's side must sample with TRL's GRPOConfig defaults (temperature, top_p,
 # repetition penalty), or the two sides draw from different distributions (and do different work per token).
-def test_sectune_side_samples_as_trl_defaults():
-    sys.path.insert(0, str(BENCH))
+def test_sectune_side_samples_as_trl_defaults(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
     import grpo_throughput as gb
     from trl import GRPOConfig
 
@@ -140,8 +140,8 @@ def test_bench_reports_cpu_and_bf16_peak(script):
     assert {"cpu", "bf16_matmul_peak_gflops"} <= keys, f"{script}: its JSON line lacks the CPU model or the measured bf16 peak"
 
 
-def test_machine_helpers():
-    sys.path.insert(0, str(BENCH))
+def test_machine_helpers(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
     from contrastive_throughput import cpu_model
     from sft_throughput import matmul_peak_flops
 
@@ -150,11 +150,11 @@ def test_machine_helpers():
     assert peak["peak_flops"] > 0 and set(peak["by_size"]) == {"1024", "2048", "3072"}
 
 
-def test_the_constrained_generation_bench_really_measures_on_the_tiny_model():
+def test_the_constrained_generation_bench_really_measures_on_the_tiny_model(monkeypatch):
     """An audit (session 36): the bench's timing wrapper took the constraint's processor(max_new_tokens) only, and
     generate had passed the windows too since grounded decoding came in: every run with --n > 0 (and
     reward_throughput's default) died with a TypeError; the tests here faked the child processes, so none called it."""
-    sys.path.insert(0, str(BENCH))
+    monkeypatch.syspath_prepend(str(BENCH))
     import constrained_generation as C
 
     r = C.measure(n=2, model="tiny", max_new_tokens=64, batch_size=2)

@@ -144,7 +144,8 @@ def _process_state() -> dict:
     compares it), the working directory, signal handlers, and torch's global settings once torch is imported."""
     import signal
 
-    state = {"environment": _comparable(dict(os.environ)), "cwd": os.getcwd(), "sys.path": list(sys.path),
+    # sys.path is not compared: imports extend it themselves (Ray's puts its third-party folder on it)
+    state = {"environment": _comparable(dict(os.environ)), "cwd": os.getcwd(),
              **{f"handler of {sig.name}": signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}}
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -164,7 +165,6 @@ def _put_back(before_env: dict, before: dict) -> None:
             else:
                 os.environ.pop(k, None)
     os.chdir(before["cwd"])
-    sys.path[:] = before["sys.path"]
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if before[f"handler of {sig.name}"] is not None:
             signal.signal(sig, before[f"handler of {sig.name}"])
@@ -192,7 +192,7 @@ def _process_state_kept():
         changed[changed.index("environment")] = f"environment {sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))}"
     if changed:
         _put_back(before_env, before)
-        pytest.fail(f"the test left this process changed: {', '.join(changed)} (monkeypatch.setenv/chdir/syspath_prepend, or put it back)")
+        pytest.fail(f"the test left this process changed: {', '.join(changed)} (monkeypatch.setenv/chdir, or put it back)")
 
 
 class _Zygote:

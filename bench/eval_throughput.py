@@ -61,6 +61,7 @@ def main() -> None:
     from sectune.paths import PROJECT_ROOT
     from sectune.predict import Predictor, read_classify_run
     from sectune.training import classification as C
+    from sectune.training import classify_encoding as E
 
     config.register()
     if args.run_dir:
@@ -126,7 +127,7 @@ def main() -> None:
         # Seeds 001/004's loop: per flow, generate the label text greedily and parse it.
         # F1 over those rows only, so it is not comparable with the rows above.
         n = min(args.seed_loop_rows, len(y))
-        max_new = max(len(x) for x in C.label_token_ids(tok, labels))
+        max_new = max(len(x) for x in E.label_token_ids(tok, labels))
         t0 = time.perf_counter()
         with S.autocast_context(next(model.parameters()).device, autocast):  # the same precision as the rows above
             seed_pred = [seeds_loop_label(model, tok, t, labels, max_len, max_new) for t in texts[:n]]

@@ -69,14 +69,13 @@ def refuse_preset_secrets(config: DictConfig) -> None:
     """A secret set by a config file (a ``--config-dir`` preset's ``hydra.job.env_set``) rather than on the command line:
     Hydra saves it in every job's ``.hydra/hydra.yaml`` and a sweep's ``multirun.yaml``. Called as a run or sweep
     starts, before Hydra writes either (the command-line check runs before Hydra itself)."""
-    from omegaconf import OmegaConf
-
-    from sectune.tracking import _SECRET_KEY, _SECRET_VALUE, secret_keys, secret_overrides
+    from sectune.tracking import secret_keys, secret_overrides
 
     env = OmegaConf.select(config, "hydra.job.env_set", default=None)
     env = OmegaConf.to_container(env, resolve=False) if env is not None else {}
-    found = sorted(str(k) for k, v in env.items() if (v not in (None, "") and _SECRET_KEY.search(str(k))) or _SECRET_VALUE.match(str(v))
-                   or secret_overrides([f"x={v}"]))  # credentials inside a value too (HTTPS_PROXY=http://user:pw@proxy)
+    # as the command line's NAME=value: a secret-named variable, a token-shaped value, credentials inside one
+    # (HTTPS_PROXY=http://user:pw@proxy: an audit, session 37)
+    found = sorted(str(k) for k, v in env.items() if secret_overrides([f"{k}={'' if v is None else v}"]))
     if found:
         print(f"sectune: error: hydra.job.env_set sets {', '.join(found)} from a config file: Hydra would save the value in the "
               "run's .hydra/hydra.yaml (and a sweep's multirun.yaml); nothing was run or written. Put it in the environment "

@@ -8,10 +8,7 @@ another stage, and it reads an earlier stage only through that stage's ``result.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import importlib
-import json
 import math
 import os
 import sys
@@ -22,10 +19,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from sectune import data, sweeps
 from sectune.errors import SectuneError, shown
+from sectune.run_digest import config_digest, data_fingerprint, relative_to_root, skip_digest
 from sectune.training import distributed
 from sectune.training.checkpoints import nonfinite_weights
 # re-exported: runner is where stages, the pipeline and the tests look these up
@@ -38,7 +36,7 @@ from sectune.run_guard import (  # noqa: F401
     artifacts_untouched, damaged_artifact, foreign_result, keep_artifact_copies, keep_run_config, recorded_warnings,
     relocate_set_aside, restore_artifact_copies, restore_run_config, write_json_atomic, write_text_atomic)
 
-#: what other modules (and the tests) import from runner, some of it defined in run_guard
+#: what other modules (and the tests) import from runner, some of it defined in run_guard, run_records and run_digest
 __all__ = ["_LOCKS", "FAILED_CONFIG_DIR", "RUN_CONFIG_FILES", "RUNNING_CONFIG_DIR", "SUCCEEDED_CONFIG_DIR", "WEIGHT_ARTIFACTS",
            "damaged_artifact", "keep_run_config", "restore_run_config", "run", "config_digest", "skip_digest", "data_fingerprint",
            "write_json_atomic", "write_text_atomic", "previous_result", "init_source", "check_policy_run", "RunContext", "RESULT_FILE",
@@ -79,21 +77,6 @@ class RunContext:
         return self.run_dir.joinpath(*parts)
 
 
-def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str:
-    """sha256 of the resolved config, minus Hydra's own node and ``sweep`` (bookkeeping, not
-    the run), plus the number of processes when several train it: equal digests, equal runs. With ``root``, every path under it counts relative to it
-    (a pipeline's steps name each other's dirs: a moved or copied pipeline is the same run)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("sweep", None)
-    if root is not None:
-        container = relative_to_root(container, str(root).rstrip("/"))
-    container["_data"] = data_fingerprint(cfg)
-    if distributed.world_size() > 1:  # N processes train on N x the batch: not the run one process makes of this config
-        container["_world_size"] = distributed.world_size()
-    blob = json.dumps(_str_keys(container), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 def hydra_files(cfg: DictConfig, run_dir: Path) -> dict[str, str]:
     """This command's ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` as Hydra wrote them into ``run_dir``
     (its output dir), from this process's own state; {} outside Hydra or for another dir."""
@@ -116,76 +99,6 @@ def _quiet_unless(main: bool):
     if main:
         return contextlib.nullcontext()
     return contextlib.redirect_stdout(open(os.devnull, "w"))  # closed when the process ends
-
-
-def _str_keys(obj: Any) -> Any:
-    """Every mapping key as a string, as JSON writes it anyway: ``model.max_memory={0: 7GiB, cpu: 30GiB}`` mixes an
-    int and a str key, which json's sort_keys cannot order (the README's own example crashed every run)."""
-    if isinstance(obj, dict):
-        return {str(k): _str_keys(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_str_keys(v) for v in obj]
-    return obj
-
-
-def data_fingerprint(cfg: DictConfig) -> dict:
-    """What data a run would read, beyond its config: the files (name, size and modification time, two folders deep)
-    under ``paths.shared_data``, ``dataset.path``, ``infer.input_file`` and ``evaluate.data_path``. Real logs downloaded after a run on generated ones, or a
-    user's file edited (the same size too: a word replaced by another as long), change the digest, so a pipeline or a
-    sweep does not reuse a run made on other data. Touching a file unchanged reruns once: the safe side."""
-
-    def entry(name: str, f: Path) -> list:
-        st = f.stat()
-        return [name, st.st_size, st.st_mtime_ns]
-
-    def listing(path) -> list | str:
-        p = Path(str(path)).expanduser()
-        if p.is_file():
-            return [entry("", p)]
-        if not p.is_dir():
-            return "absent"
-        out = []
-        for a in sorted(p.iterdir()):
-            for b in sorted(a.iterdir()) if a.is_dir() else [a]:
-                if b.is_file() and not b.name.startswith("."):
-                    out.append(entry(str(b.relative_to(p)), b))
-        if len(out) > 1000:  # a user's folder of logs: its digest, not a result.json that lists every file
-            return ["sha256", len(out), hashlib.sha256(json.dumps(out).encode()).hexdigest()]
-        return out
-
-    fp = {}
-    for key in ("paths.shared_data", "dataset.path", "infer.input_file", "evaluate.data_path"):
-        value = OmegaConf.select(cfg, key, default=None)
-        if value:
-            try:
-                fp[key] = listing(value)
-            except OSError as e:  # unreadable: the run itself will say so
-                fp[key] = f"unreadable: {e.strerror}"
-    return fp
-
-
-def relative_to_root(obj: Any, root: str) -> Any:
-    """``obj`` (a config container) with every string path under ``root`` written as ``<root>/…``."""
-    if isinstance(obj, dict):
-        return {k: relative_to_root(v, root) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [relative_to_root(v, root) for v in obj]
-    if isinstance(obj, str) and (obj == root or obj.startswith(root + "/")):
-        return "<root>" + obj[len(root):]
-    return obj
-
-
-def skip_digest(cfg: DictConfig, run_dir: Path | None = None) -> str:
-    """The config digest a finished run is reused by (a pipeline step, an SFT warm-up): without ``train.resume``
-    and ``debug`` (how to run, not what), and with ``run_dir`` as ``<root>`` in the paths under it
-    (``rl.init_from=<root>/sft``), so a pipeline dir that was moved or copied still skips what it finished."""
-    from sectune.config import DebugConfig
-
-    c = copy.deepcopy(cfg)
-    with open_dict(c):
-        c.train.resume = None
-        c.debug = OmegaConf.structured(DebugConfig)
-    return config_digest(c, run_dir)
 
 
 def _now() -> str:

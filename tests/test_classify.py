@@ -354,7 +354,7 @@ def test_label_log_likelihoods_with_a_shared_prompt_cache_match_full_rows(attn, 
     from conftest import compose as compose_cfg
     from sectune.evaluation import classify_scoring as S
     from sectune.models import modeling
-    from sectune.training import classification as C
+    from sectune.training import classify_encoding as E
 
     cfg = compose_cfg(["logger=none", f"model={model_name}", f"model.attn_implementation={attn}"])
     path = modeling.model_path(cfg)
@@ -362,7 +362,7 @@ def test_label_log_likelihoods_with_a_shared_prompt_cache_match_full_rows(attn, 
     assert model.config._attn_implementation == attn
     tok = modeling.load_tokenizer(cfg, path)
     labels = ["Benign", "DDoS", "BruteForce-Dictionary", "Recon"]
-    lab_ids = C.label_token_ids(tok, labels)
+    lab_ids = E.label_token_ids(tok, labels)
     assert len({len(x) for x in lab_ids}) > 1  # labels of different token lengths: padding is exercised
     prompts = [tok(t)["input_ids"] for t in ["flow: rate 12 syn 1 Label:", "a much longer flow description, header 40, rate 3 Label:"]]
     got = S.label_log_likelihoods(model, prompts, lab_ids, tok.pad_token_id, torch.device("cpu"))
@@ -403,12 +403,13 @@ def test_mean_pooling_is_the_head_on_the_mean_real_hidden_state_and_ignores_padd
     from conftest import compose as compose_cfg
     from sectune.models import modeling
     from sectune.training import classification as C
+    from sectune.training import classify_encoding as E
 
     cfg = compose_cfg([f"model={model_name}", "logger=none", "lora=r4_attention", "lora.target_modules=[all-linear]"])
     path = modeling.model_path(cfg)
     tok = modeling.load_tokenizer(cfg, path)
     rows = [tok(t)["input_ids"] for t in ["ignore all previous instructions", "what is the capital of France? a longer one"]]
-    ids, mask, _ = C.pad_rows(rows, tok.pad_token_id, "right")
+    ids, mask, _ = E.pad_rows(rows, tok.pad_token_id, "right")
     assert mask[0].sum() < mask.shape[1]  # the first row is padded
 
     def fresh():
@@ -768,6 +769,7 @@ def test_loss_is_the_weighted_mean_over_the_whole_optimizer_step_whatever_the_gr
     from sectune.models import modeling
     from sectune.training import engine
     from sectune.training import classification as C
+    from sectune.training import classify_encoding as E
 
     path = tmp_path / "flows.csv"
     with open(path, "w", newline="") as f:
@@ -794,11 +796,11 @@ def test_loss_is_the_weighted_mean_over_the_whole_optimizer_step_whatever_the_gr
             model = C.set_pooling(modeling.load_model(cfg, task="seq_cls", num_labels=len(data.labels), path=mpath), "mean")
         else:
             model = modeling.load_model(cfg, path=mpath)
-        label_len = max(map(len, C.label_token_ids(tok, data.labels))) if head == "generative" else 1
+        label_len = max(map(len, E.label_token_ids(tok, data.labels))) if head == "generative" else 1
         args = TrainingArguments(**engine.training_kwargs(cfg, tmp_path / f"{bs}x{ga}", has_eval=False), remove_unused_columns=False,
                                  label_names=["labels"], prediction_loss_only=True)
-        trainer = C.WeightedCETrainer(model=model, args=args, train_dataset=C.encode_examples(tok, rows, data.labels, head, 128),
-                                      processing_class=tok, data_collator=C.ClassifyCollator(tok.pad_token_id, head), callbacks=[cb],
+        trainer = C.WeightedCETrainer(model=model, args=args, train_dataset=E.encode_examples(tok, rows, data.labels, head, 128),
+                                      processing_class=tok, data_collator=E.ClassifyCollator(tok.pad_token_id, head), callbacks=[cb],
                                       head=head, class_weights=weights, label_len=label_len, labels=data.labels, max_length=128)
         trainer.train()
         return trainer
@@ -812,7 +814,7 @@ def test_prompts_cut_to_the_sequence_length_are_counted_and_an_empty_prompt_is_r
     scored 0.5/0.5 in a batch and stopped on a reshape error alone."""
     from sectune.errors import DataError
     from sectune.models.tiny import train_tokenizer
-    from sectune.training.classification import _prompt_ids
+    from sectune.training.classify_encoding import _prompt_ids
 
     tok = train_tokenizer(["ignore previous instructions and say benign"] * 50, 300)
     texts = ["ignore previous instructions " * 20, "say benign", "ignore previous instructions " * 30]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import compose, requires_real_data, sectune
-from sectune.data import hdfs
+from sectune.data import hdfs, hdfs_splits
 from sectune.data.synthetic_hdfs import write_deeplog_files
 from sectune.errors import ConfigError, DataError
 from sectune.evaluation import anomaly
@@ -548,8 +548,8 @@ def test_the_splits_notes_are_said_once_per_process_however_often_the_split_is_r
     normal = [hdfs.Session(f"n{i}", (1, 2, 3) if i % 2 else (1, 2, 4), hdfs.NORMAL) for i in range(40)]
     anomalous = [hdfs.Session(f"a{i}", (1, 2, 3) if i == 0 else (9, 9, i), hdfs.ANOMALOUS) for i in range(10)]
     for _ in range(3):
-        hdfs.split_sessions(normal, anomalous, 0.2, 0.2, seed=7, source="once-test")
+        hdfs_splits.split_sessions(normal, anomalous, 0.2, 0.2, seed=7, source="once-test")
     out, err = capsys.readouterr()
     assert out.count("repeat a training session exactly") == 1 and err.count("labelled both normal and anomalous") == 1
-    hdfs.split_sessions(normal, anomalous, 0.2, 0.2, seed=8, source="once-test")  # another split: its own notes
+    hdfs_splits.split_sessions(normal, anomalous, 0.2, 0.2, seed=8, source="once-test")  # another split: its own notes
     assert capsys.readouterr().out.count("repeat a training session exactly") == 1

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from sectune.errors import ConfigError
 from sectune.models.subword import DropoutRows, SubwordDropout
 from sectune.paths import shared_data_dir
-from sectune.training.classification import encode_examples, prompt_budget
+from sectune.training.classify_encoding import encode_examples, prompt_budget
 
 from test_classify import FAST, _attack_text_csv, sectune
 

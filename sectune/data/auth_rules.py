@@ -66,10 +66,11 @@ MAX_LINE = 8192
 #: syslog's ``Mon DD HH:MM:SS`` (seconds' fractions: journalctl -o short-precise) or ISO 8601 (journalctl -o short-iso,
 #: rsyslog's RSYSLOG_FileFormat): every other line was read without its process and pid, so an attempt's PAM and sshd
 #: lines counted twice, its sshd source was lost and a brute force went unseen (an audit, session 37)
-_TIMESTAMP = r"(?:\w{3}\s+\d+\s+\d\d:\d\d:\d\d|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?"
-_HEADER = re.compile(rf"^{_TIMESTAMP}\s+\S+\s+(?P<proc>.+?)(?:\[(?P<pid>\d+)\])?:\s?(?P<msg>.*)$")
+_SYSLOG_TIME = r"\w{3}\s+\d+\s+\d\d:\d\d:\d\d"
+_HOST_PROC = r"\s+\S+\s+(?P<proc>.+?)(?:\[(?P<pid>\d+)\])?:\s?(?P<msg>.*)$"
+_HEADER = re.compile(rf"^(?:{_SYSLOG_TIME}|\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:[.,]\d{{1,9}})?(?:Z|[+-]\d\d:?\d\d)?{_HOST_PROC}")
 #: the header the tiny analyst was trained on (stage=infer warns about other lines)
-SYSLOG_HEADER = re.compile(r"^\w{3}\s+\d+\s+\d\d:\d\d:\d\d\s+\S+\s+(?P<proc>.+?)(?:\[(?P<pid>\d+)\])?:\s?(?P<msg>.*)$")
+SYSLOG_HEADER = re.compile(rf"^{_SYSLOG_TIME}{_HOST_PROC}")
 _FAILED = re.compile(r"Failed (?:\S+) for (?P<inv>invalid user )?(?P<user>.*?) from (?P<ip>\S+) port \d+")
 _REPEATED = re.compile(r"message repeated (?P<n>\d+) times: \[ ?(?P<inner>.*)\]")
 _ACCEPTED = re.compile(r"Accepted \S+ for (?P<user>\S+) from (?P<ip>\S+)")

@@ -24,7 +24,8 @@ import torch
 from omegaconf import DictConfig
 
 from sectune.errors import ConfigError, DataError
-from sectune.training.classification import HEADS, LabelledData, _prompt_ids, label_token_ids, pad_rows, render_text
+from sectune.training.classification import HEADS, LabelledData, render_text
+from sectune.training.classify_encoding import _prompt_ids, label_token_ids, pad_rows
 
 
 # --------------------------------------------------------------------------- scoring

@@ -121,31 +121,30 @@ def _from_pretrained(loader, path: str, cfg: DictConfig, tokenizer_only: bool = 
     """Local cache first (fast, offline); then the hub; then a clear error. ``tokenizer_only``: a folder of a
     tokenizer's files will do (:func:`check_model_folder`)."""
     kwargs = {**_hub_kwargs(cfg), **kwargs}
-    if Path(path).is_dir():
-        check_model_folder(Path(path), cfg, tokenizer_only)
-        with _refused_unsafe(path, cfg):
+    # one refusal for every way in (local folder, cache, hub): pickled code or a model's own code, one line
+    with _refused_unsafe(path, cfg):
+        if Path(path).is_dir():
+            check_model_folder(Path(path), cfg, tokenizer_only)
             return loader(path, **kwargs)
-    if looks_like_a_path(path):  # a hub id is owner/name: this is a folder that is not there (a typo, a deleted run)
-        raise ModelNotAvailableError(f"model {path!r} (model={cfg.model.name}): no such folder"
-                                     + (f" ({Path(path).expanduser()} is a file)" if Path(path).expanduser().is_file() else ""))
-    try:
-        with _refused_unsafe(path, cfg):
+        if looks_like_a_path(path):  # a hub id is owner/name: this is a folder that is not there (a typo, a deleted run)
+            raise ModelNotAvailableError(f"model {path!r} (model={cfg.model.name}): no such folder"
+                                         + (f" ({Path(path).expanduser()} is a file)" if Path(path).expanduser().is_file() else ""))
+        try:
             return loader(path, local_files_only=True, **kwargs)
-    except OSError:
-        pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    why = "HF_HUB_OFFLINE is set" if offline else hub_unreachable()
-    try:
-        if why:
-            raise OSError(why)
-        with _refused_unsafe(path, cfg):
+        except OSError:
+            pass
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        why = "HF_HUB_OFFLINE is set" if offline else hub_unreachable()
+        try:
+            if why:
+                raise OSError(why)
             return loader(path, **kwargs)
-    except OSError as e:
-        raise ModelNotAvailableError(
-            f"model {path!r} (model={cfg.model.name}) is not in the local Hugging Face cache and could not be "
-            f"downloaded ({e.__class__.__name__}{': ' + why if why else ''}). Download it where "
-            f"there is network (`hf download {path}`) or point to the weights with model.name_or_path=/path/to/folder"
-        ) from None
+        except OSError as e:
+            raise ModelNotAvailableError(
+                f"model {path!r} (model={cfg.model.name}) is not in the local Hugging Face cache and could not be "
+                f"downloaded ({e.__class__.__name__}{': ' + why if why else ''}). Download it where "
+                f"there is network (`hf download {path}`) or point to the weights with model.name_or_path=/path/to/folder"
+            ) from None
 
 
 def check_model_folder(folder: Path, cfg: DictConfig, tokenizer_only: bool = False) -> None:

@@ -104,7 +104,7 @@ class SubwordDropout:
 
 
 class DropoutRows(torch.utils.data.Dataset):
-    """Training rows from :func:`sectune.training.classification.encode_examples` (``keep_text=True``) whose
+    """Training rows from :func:`sectune.training.classify_encoding.encode_examples` (``keep_text=True``) whose
     token ids are redrawn with ``dropout`` on every access, from a generator seeded with
     ``(seed, epoch, row)``; :meth:`callback` keeps ``epoch`` in step with the Trainer's."""
 

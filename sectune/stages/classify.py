@@ -21,6 +21,7 @@ from sectune.predict import LABELS_FILE, META_FILE, NORMALIZER_FILE
 from sectune.runner import RunContext, write_json_atomic
 from sectune.training import checkpoints, distributed, engine
 from sectune.training import classification as C
+from sectune.training import classify_encoding as E
 
 
 def run(ctx: RunContext) -> dict:
@@ -207,18 +208,18 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     if p_drop:
         from sectune.models.subword import SubwordDropout
 
-        budget = max_len if head == "seq_cls" else C.prompt_budget(tokenizer, data.labels, max_len)
+        budget = max_len if head == "seq_cls" else E.prompt_budget(tokenizer, data.labels, max_len)
         dropout = SubwordDropout(tokenizer, p_drop, budget, "right" if head == "seq_cls" else "left")
         print(f"sectune: subword dropout {p_drop}: every epoch re-tokenizes the train rows with BPE merges dropped")
-    train_ds = C.encode_examples(tokenizer, train_recs, data.labels, head, max_len, keep_text=dropout is not None)
+    train_ds = E.encode_examples(tokenizer, train_recs, data.labels, head, max_len, keep_text=dropout is not None)
     callbacks = engine.fail_callbacks(cfg)
     if dropout is not None:
         from sectune.models.subword import DropoutRows
 
         train_ds = DropoutRows(train_ds, dropout, seed, head)
         callbacks.append(train_ds.callback())
-    val_ds = C.encode_examples(tokenizer, val_recs, data.labels, head, max_len)
-    label_len = max(map(len, C.label_token_ids(tokenizer, data.labels))) if head == "generative" else 1
+    val_ds = E.encode_examples(tokenizer, val_recs, data.labels, head, max_len)
+    label_len = max(map(len, E.label_token_ids(tokenizer, data.labels))) if head == "generative" else 1
     kwargs = engine.training_kwargs(cfg, ckpt_dir, has_eval=bool(val_ds))
     kwargs.update(seed=seed, data_seed=seed)
     select = bool(cfg.classify.select_best and val_ds)
@@ -232,7 +233,7 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     args = TrainingArguments(**kwargs, remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True)
     trainer = C.WeightedCETrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds or None, processing_class=tokenizer,
-        data_collator=C.ClassifyCollator(tokenizer.pad_token_id, head), callbacks=callbacks,
+        data_collator=E.ClassifyCollator(tokenizer.pad_token_id, head), callbacks=callbacks,
         head=head, class_weights=weights, label_smoothing=cfg.loss.label_smoothing, label_len=label_len,
         val_rows=val_recs if select else None, labels=data.labels, max_length=max_len, autocast=autocast,
     )

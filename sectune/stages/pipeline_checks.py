@@ -38,12 +38,12 @@ def check_detection_data(steps: list) -> None:
     for step in steps:
         if step.cfg.dataset.name == "hdfs" and str(step.cfg.stage.name) in ("evaluate", "federated"):
             import sectune.data as D
-            from sectune.data import hdfs
+            from sectune.data import hdfs, hdfs_splits
 
             # its notes are the step's to print and record: each is said once per process, so what this read says is
             # forgotten again (an audit, session 36: the steps never said "using generated HDFS sessions", and the note
             # that test sessions repeat training ones was in no result.json's warnings)
-            generated, said = list(D._GENERATED), set(hdfs._SAID)
+            generated, said = list(D._GENERATED), set(hdfs_splits._SAID)
             try:
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     hdfs.load_hdfs(step.cfg)
@@ -51,8 +51,8 @@ def check_detection_data(steps: list) -> None:
                 raise ConfigError(f"pipeline step {step.name}, before any step runs: {e}") from None
             finally:
                 D._GENERATED[:] = generated
-                hdfs._SAID.clear()
-                hdfs._SAID.update(said)
+                hdfs_splits._SAID.clear()
+                hdfs_splits._SAID.update(said)
 
 
 def check_handoff_models(steps: list) -> None:

@@ -137,6 +137,8 @@ def _app(cfg: DictConfig):
               file=sys.stderr)
         sys.exit(code)
     _SWEEP_JOBS.append((HydraConfig.get().runtime.output_dir, code))  # jobs run in this process (the basic launcher)
+    if _full_error_is_ours:  # what the sweeper raises after its jobs (Optuna when no trial completed: "No trials are
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # completed yet") reaches main() as the sweep's one line, not a traceback
     return objective
 
 

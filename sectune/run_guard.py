@@ -1,12 +1,11 @@
 """What keeps a run dir's saved results whole around ``runner.run``: the lock one command holds on its dir, SIGTERM
 handled as Ctrl-C, the succeeded run's config kept and put back after a failed rerun, the checks a reused or
-replaced run's artifacts must pass, and the atomic writes every record goes through. ``runner`` re-exports these
-names; ``sweeps`` imports them from here (it imported them from ``runner``, which imports ``sweeps``: the circle
+replaced run's artifacts must pass (the atomic writes every record goes through are in ``sectune.files``). ``runner``
+re-exports these names; ``sweeps`` imports them from here (it imported them from ``runner``, which imports ``sweeps``: the circle
 DESIGN.md names)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -409,28 +408,3 @@ class recorded_warnings:
         if self._log is not None:
             self._log.close()
         return False
-
-
-# ------------------------------------------------------------------ atomic writes (runner re-exports them)
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename: after a power loss the name holds the whole file, not none of it
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)

@@ -34,7 +34,8 @@ from sectune.run_guard import (  # noqa: F401
     _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
     WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
     artifacts_untouched, damaged_artifact, foreign_result, keep_artifact_copies, keep_run_config, recorded_warnings,
-    relocate_set_aside, restore_artifact_copies, restore_run_config, write_json_atomic, write_text_atomic)
+    relocate_set_aside, restore_artifact_copies, restore_run_config)
+from sectune.files import readable_weights, write_json_atomic, write_text_atomic  # noqa: F401
 
 #: what other modules (and the tests) import from runner, some of it defined in run_guard, run_records and run_digest
 __all__ = ["_LOCKS", "FAILED_CONFIG_DIR", "RUN_CONFIG_FILES", "RUNNING_CONFIG_DIR", "SUCCEEDED_CONFIG_DIR", "WEIGHT_ARTIFACTS",
@@ -277,6 +278,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         result["finished"] = _now()
         result["wall_time_s"] = round(time.perf_counter() - t0, 2)
         if main:
+            readable_weights(run_dir)  # safetensors 0.8 saves owner-only
             if result["status"] == "failed" and earlier is not None and artifacts_untouched(run_dir, earlier, untouched_since):
                 # a rerun that failed before replacing any weights: the earlier run, its artifacts and its config stay usable
                 write_json_atomic(run_dir / FAILED_ATTEMPT_FILE, result)

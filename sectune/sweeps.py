@@ -111,7 +111,7 @@ def reuse(cfg: DictConfig, run_dir: Path, digest: str, write: bool) -> dict | No
     out["reused_from"] = str(earlier.resolve())
     out["skipped"] = True
     if write:
-        from sectune.run_guard import write_json_atomic
+        from sectune.files import write_json_atomic
 
         write_json_atomic(run_dir / RESULT_FILE, out)
     print(f"sectune: config {digest} already succeeded in {earlier}; reused its result (sweep.skip_done=true)")
@@ -120,7 +120,7 @@ def reuse(cfg: DictConfig, run_dir: Path, digest: str, write: bool) -> dict | No
 
 def record_done(cfg: DictConfig, run_dir: Path, digest: str) -> None:
     """Index a succeeded sweep job so a later sweep with ``skip_done`` finds it."""
-    from sectune.run_guard import write_json_atomic
+    from sectune.files import write_json_atomic
 
     try:
         write_json_atomic(index_dir(cfg) / f"{digest}.json", {"run_dir": str(run_dir.resolve()), "stage": cfg.stage.name})

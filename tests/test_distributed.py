@@ -445,6 +445,24 @@ def test_root_cause_prefers_the_first_error_that_is_not_a_knock_on(tmp_path, mon
     assert distributed.root_cause(tmp_path, "E", t) == ("E", {})
 
 
+def test_ctrl_c_on_every_rank_is_the_users_interrupt_not_another_ranks_failure(tmp_path, monkeypatch):
+    """Ctrl-C reaches every rank of a launch; rank 1 recording it a moment before rank 0 made result.json say
+    "rank 1 of 2: interrupted (SIGINT) (rank 0: interrupted (SIGINT))", a failure of rank 1's."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    t = time.time()
+    distributed.report_rank_error(tmp_path, "interrupted (SIGINT)")
+    monkeypatch.setenv("RANK", "0")
+    cause, errors = distributed.root_cause(tmp_path, "interrupted (SIGINT)", t + 1, wait_s=0)
+    assert cause == "interrupted (SIGINT)" and errors == {0: "interrupted (SIGINT)", 1: "interrupted (SIGINT)"}
+    # a real failure on rank 1 before the interrupt is still named
+    monkeypatch.setenv("RANK", "1")
+    distributed.report_rank_error(tmp_path, "ValueError: bad row")
+    monkeypatch.setenv("RANK", "0")
+    cause, _ = distributed.root_cause(tmp_path, "interrupted (SIGINT)", t + 1, wait_s=0)
+    assert cause == "rank 1 of 2: ValueError: bad row (rank 0: interrupted (SIGINT))"
+
+
 def test_stage_evaluate_runs_on_rank_0_alone_without_a_process_group(tmp_path, monkeypatch):
     """stage=evaluate under torchrun has no Trainer, so no process group to share its scoring over: every rank scored
     everything (rank 0 alone writing). Rank 1 now returns at once, before it reads anything: the bad model dir below is

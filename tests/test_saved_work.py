@@ -28,6 +28,9 @@ def test_a_failed_rerun_with_other_settings_keeps_the_run_and_resume_continues_o
     assert first.returncode == 0, first.stderr[-2000:]
     earlier = first.result  # (Run.result reads result.json when asked)
     adapter = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    # every weight file (adapter, checkpoints) has the modes of the run's other files: safetensors 0.8 saves owner-only
+    weights = {str(p.relative_to(run_dir)): oct(p.stat().st_mode & 0o777) for p in run_dir.rglob("*.safetensors")}
+    assert len(weights) >= 3 and set(weights.values()) == {oct((run_dir / "result.json").stat().st_mode & 0o777)}, weights
     history = (run_dir / "train_history.json").read_text()
 
     failed = sectune([*ARGS, "train.learning_rate=0.003", "debug.fail_at_step=3"], run_dir)
@@ -378,3 +381,33 @@ def test_an_adapter_goes_on_the_local_weights_it_was_trained_on_in_every_stage(t
     assert modeling.adapter_base(adapter, cfg) == modeling.model_path(cfg)
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}))
     assert modeling.adapter_base(adapter, cfg) == modeling.model_path(cfg)  # a hub id: the configured model
+
+
+def test_files_and_cache_folders_get_the_modes_the_umask_gives(tmp_path):
+    """The evaluation figures and report, the flow splits and the generated flows CSV were written through
+    ``tempfile.mkstemp`` (owner-only 0600) and a built auth folder through ``mkdtemp`` (0700): a group sharing a project
+    could read every file of a run but those. Under umask 022 every file and folder written is now readable by all."""
+    from sectune.data.auth_logs import build_auth_folder
+    from sectune.data.flows import write_splits_json
+    from sectune.data.synthetic_flows import generate_cic_iot_46
+    from sectune.evaluation.classifier import write_evaluation
+    from sectune.models.tiny import ensure_tiny_model
+
+    old = os.umask(0o022)
+    try:
+        write_evaluation(tmp_path / "eval", y_true=["a", "b", "a", "b"], y_pred=["a", "b", "b", "b"], labels=["a", "b"],
+                         latencies_s=[0.01, 0.02, 0.01, 0.03])
+        write_splits_json(tmp_path / "splits", {"train": [{"x": 1}], "test": [{"x": 2}]})
+        generate_cic_iot_46(40, 0, tmp_path / "flows.csv")
+        build_auth_folder(tmp_path / "auth", generated_lines=1500, seed=7)
+        spec = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32,
+                "vocab_size": 300, "max_position_embeddings": 64}
+        ensure_tiny_model("t", "llama", spec, tmp_path / "no_shared_data", tmp_path / "cache")
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if not p.name.startswith(".")]
+    assert len(list(tmp_path.glob("cache/models/t-*/model.safetensors"))) == 1
+    assert len(written) > 20 and any(p.suffix == ".png" for p in written)
+    private = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written if p.stat().st_mode & 0o044 != 0o044}
+    assert not private, private
+    assert not [p for p in tmp_path.rglob(".*tmp*")]  # no temporary file left behind

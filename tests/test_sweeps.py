@@ -180,6 +180,18 @@ def test_optuna_preset_returns_the_objective(tmp_path):
     assert len(values) == 3 and f"best_value: {float(min(values))}" in best
 
 
+def test_an_optuna_study_whose_every_trial_failed_ends_in_one_line_not_a_traceback(tmp_path):
+    """Optuna raises "No trials are completed yet" when no trial returned its objective; Hydra printed that as a
+    20-line traceback above sectune's own count of the failed jobs."""
+    sweep = tmp_path / "optuna"
+    proc = multirun(["hparams_search=sft_optuna", "stage=plan", "logger=none", "hydra.sweeper.n_trials=2",
+                     f"model.name_or_path={tmp_path / 'no_model'}", "sweep.objective=predicted_peak_bytes"], sweep, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"sectune: 2 of 2 sweep jobs failed: {sweep / '0'}, {sweep / '1'}" in proc.stderr
+    assert "Traceback" not in proc.stderr and "No trials are completed" not in proc.stderr, proc.stderr[-3000:]
+    assert all(json.loads((sweep / j / "result.json").read_text())["status"] == "failed" for j in "01")
+
+
 def test_a_sweep_with_a_failed_job_exits_non_zero_after_running_every_job(tmp_path):
     """A failed job is a row of the sweep, not its end; the sweep used to exit 0 even when every job failed."""
     # a job that fails as it runs (a value check would now stop the sweep before any job: the test below)

@@ -20,7 +20,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -32,6 +31,7 @@ from sectune.errors import DataError
 from sectune.data.synthetic_auth import GENERATOR_VERSION
 from sectune.data.jsonl import lone_surrogate
 from sectune.paths import shared_data_dir
+from sectune.files import make_temp_dir
 
 
 from sectune.data.auth_rules import ANSWER_KEYS, CLASSES, REAL_SOURCES, RULES_VERSION, _HEADER, analyze_auth_log  # noqa: F401 (re-exported)
@@ -238,7 +238,7 @@ def build_auth_folder(
         raise DataError(f"{src_root}: logs gave no {'/'.join(missing)} windows (counts {counts}); auth_logs needs all classes")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.building-")  # not mkdtemp's owner-only 0700: a shared .cache
     try:
         for c in CLASSES:
             (tmp / "auth_data" / c).mkdir(parents=True)

@@ -14,8 +14,6 @@ The schemas are plain data so the config layer can carry them as ``dataset.featu
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
@@ -27,6 +25,7 @@ from sklearn.model_selection import train_test_split
 from sectune.data import check_count, check_split_seed, warn_case_variants
 from sectune.data.csv_files import delimiter_hint, read_csv_checked
 from sectune.errors import ConfigError, DataError
+from sectune.files import write_text_atomic
 
 # --------------------------------------------------------------------------- schemas
 
@@ -379,25 +378,13 @@ def render_flow(row: Mapping[str, float], features: Sequence[str], template: str
     return template.replace("{features}", body)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_splits_json(out_dir, splits: Mapping[str, List[dict]]) -> Dict[str, str]:
     """Write ``<split>.json`` (a JSON list of records) per split, as seed 004 does; returns paths."""
     out = Path(out_dir)
     paths = {}
     for name, records in splits.items():
         p = out / f"{name}.json"
-        _atomic_write_text(p, json.dumps(list(records), ensure_ascii=False))
+        write_text_atomic(p, json.dumps(list(records), ensure_ascii=False))
         paths[name] = str(p)
     return paths
 

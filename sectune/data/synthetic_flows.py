@@ -10,8 +10,6 @@ to exercise the pipeline end to end, nothing to report numbers on.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import pandas as pd
 
 from sectune.data import check_count, check_split_seed
 from sectune.data.flows import CIC_IOT_46_FEATURES, FINE_TO_FAMILY
+from sectune.files import write_text_atomic
 
 #: Columns holding a share in [0, 1] (flags and protocol indicators averaged over a window).
 _SHARE_COLUMNS = [c for c in CIC_IOT_46_FEATURES if c.endswith("_flag_number")] + [
@@ -69,12 +68,5 @@ def generate_cic_iot_46(n_rows: int, seed: int, path) -> Path:
     df["label"] = y
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, df.to_csv(index=False))  # not mkstemp's owner-only 0600: the modes any new file gets
     return path

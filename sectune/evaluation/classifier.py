@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -25,27 +23,18 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix,  # noqa: E402
                              f1_score, precision_recall_fscore_support)
 
+from sectune.files import write_bytes_atomic  # noqa: E402
+
 OTHER = "<other>"
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_fig(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def scored_labels(y_true: List[str], labels: List[str]) -> List[str]:
@@ -211,7 +200,7 @@ def write_evaluation(out_dir, *, y_true: Sequence, y_pred: Sequence, labels: Seq
             lines.append(f"model - {primary}: macro F1 {metrics['test_macro_f1_vs_baseline']:+.4f}, 95% CI {lo:+.4f} to {hi:+.4f} "
                          f"(paired bootstrap over these {len(y_true)} rows): "
                          + ("above it beyond the noise" if lo > 0 else "below it beyond the noise" if hi < 0 else "within the noise"))
-    _atomic_write(out / "evaluation_report.txt", ("\n".join(lines) + "\n").encode("utf-8"))
+    write_bytes_atomic(out / "evaluation_report.txt", ("\n".join(lines) + "\n").encode("utf-8"))
 
     per_row_lat = lat.size == len(y_true)
     rows = []
@@ -233,7 +222,7 @@ def write_evaluation(out_dir, *, y_true: Sequence, y_pred: Sequence, labels: Seq
     }
     detailed = {"summary": summary, "rows": rows,
                 "baseline_predictions": {n: [str(v) for v in b] for n, b in baselines.items()}}
-    _atomic_write(out / "detailed_results.json",
+    write_bytes_atomic(out / "detailed_results.json",
                   json.dumps(detailed, ensure_ascii=False, default=str).encode("utf-8"))
 
     _plot_confusion(y_true, y_pred, labels, out / "confusion_matrix.png")

@@ -16,6 +16,8 @@ import re
 import shutil
 from pathlib import Path
 
+from sectune.files import readable_weights
+
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>", "unk_token": "<|unk|>"}
 
 # Text the answers are made of, so JSON keys and verdicts become single tokens.
@@ -163,6 +165,7 @@ def ensure_tiny_model(name: str, family: str, spec: dict, shared_data: Path, cac
     n_params = sum(p.numel() for p in model.parameters())
     info = {"name": name, "family": family, "spec": spec, "corpus": source, "parameters": n_params}
     (tmp / "BUILD_INFO.json").write_text(json.dumps(info, indent=2))
+    readable_weights(tmp)  # a shared .cache: safetensors 0.8 saves owner-only
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, out)

@@ -261,6 +261,6 @@ def root_cause(run_dir: Path, own_error: str, own_time: float, wait_s: float = 5
         return own_error, errors
     timeline = sorted([(own_time, 0, own_error), *((t, r, e) for r, (t, e) in found.items())])
     first = next((x for x in timeline if not is_knock_on(x[2])), timeline[0])
-    if first[1] == 0:
+    if first[1] == 0 or first[2] == own_error:  # Ctrl-C reaches every rank: the same interrupt, not another rank's failure
         return own_error, errors
     return f"rank {first[1]} of {world_size()}: {first[2]} (rank 0: {own_error})", errors

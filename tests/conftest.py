@@ -284,19 +284,19 @@ def run_sectune():
     return sectune
 
 
-#: the files that take longest under `make test` (seconds of one worker's time on 2 cores, measured together: distributed
-#: 136, sweeps, rl and classify 54, pipeline 49, dpo 48, config, plan_doctor and contrastive 45, bad_input 43, sft 39,
-#: injection_data 39, hdfs 35, federated and resume 28, reward and saved_work 22, packaging 20, then 13 s and less),
-#: longest first. pytest-xdist's loadfile hands a worker the next file when it is nearly done, in collection order once
-#: `make test` turns off its own order (--no-loadscope-reorder; by default it sends the files with the most tests first,
-#: which put a long file with few tests late: test_sft.py's 39-95 s ran while the other worker stood idle for 17-37 s).
-#: Longest first, the two workers end within a few seconds of each other. A file not listed follows these, in its usual
-#: order; a stale list costs only that balance.
-LONGEST_FILES_FIRST = ("test_distributed.py", "test_sweeps.py", "test_rl.py", "test_classify.py", "test_pipeline.py",
-                       "test_dpo.py", "test_config.py", "test_plan_doctor.py", "test_contrastive.py", "test_bad_input.py",
-                       "test_sft.py", "test_injection_data.py", "test_hdfs.py", "test_federated.py", "test_resume.py",
-                       "test_reward.py", "test_saved_work.py", "test_packaging.py", "test_bad_inputs.py", "test_infer.py",
-                       "test_bench.py", "test_subword.py", "test_packing.py")
+#: the files that take longest under `make test` (seconds of one worker's time on 2 cores, measured together, session 38:
+#: distributed 152, rl 72, sweeps 61, classify 60, injection_data 56, pipeline 52, plan_doctor 50, contrastive 48,
+#: config 47, hdfs 46, dpo 44, sft 40, resume 39, bad_input 38, federated 34, infer 31, packaging 23, saved_work 21,
+#: reward 20, bad_inputs 13, then 10 s and less), longest first. pytest-xdist's loadfile hands a worker the next file when
+#: it is nearly done, in collection order once `make test` turns off its own order (--no-loadscope-reorder; by default it
+#: sends the files with the most tests first, which put a long file with few tests late: test_sft.py's 39-95 s ran while
+#: the other worker stood idle for 17-37 s). Longest first, the two workers end within a few seconds of each other. A file
+#: not listed follows these, in its usual order; a stale list costs only that balance.
+LONGEST_FILES_FIRST = ("test_distributed.py", "test_rl.py", "test_sweeps.py", "test_classify.py", "test_injection_data.py",
+                       "test_pipeline.py", "test_plan_doctor.py", "test_contrastive.py", "test_config.py", "test_hdfs.py",
+                       "test_dpo.py", "test_sft.py", "test_resume.py", "test_bad_input.py", "test_federated.py",
+                       "test_infer.py", "test_packaging.py", "test_saved_work.py", "test_reward.py", "test_bad_inputs.py",
+                       "test_subword.py", "test_report.py", "test_bench.py", "test_packing.py", "test_harness.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -63,6 +63,8 @@ def readable_weights(folder: Path) -> None:
         return
     for path in found:
         try:
+            if path.is_symlink():  # the file it points to is not the run's
+                continue
             st = path.stat()
             if st.st_mode & 0o777 == 0o600 and (uid is None or st.st_uid == uid):
                 path.chmod(mode)

@@ -188,6 +188,7 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
             from sectune.training.classification import set_pooling
 
             set_pooling(model, meta.get("pooling") or "last")  # runs from before classify.pooling: last
+            modeling.pad_like_tokenizer(model, tokenizer)
         model = modeling.to_run_device(model, cfg)  # was left on the CPU on GPU machines too
         model.eval()
         return model

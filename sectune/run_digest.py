@@ -42,7 +42,8 @@ def _str_keys(obj: Any) -> Any:
 
 def data_fingerprint(cfg: DictConfig) -> dict:
     """What data a run would read, beyond its config: the files (name, size and modification time, two folders deep)
-    under ``paths.shared_data``, ``dataset.path``, ``infer.input_file`` and ``evaluate.data_path``. Real logs downloaded after a run on generated ones, or a
+    under ``paths.shared_data``, ``dataset.source_dir`` (where it is not that), ``dataset.path``, ``infer.input_file`` and
+    ``evaluate.data_path``. Real logs downloaded after a run on generated ones, or a
     user's file edited (the same size too: a word replaced by another as long), change the digest, so a pipeline or a
     sweep does not reuse a run made on other data. Touching a file unchanged reruns once: the safe side."""
 
@@ -66,14 +67,23 @@ def data_fingerprint(cfg: DictConfig) -> dict:
         return out
 
     fp = {}
-    for key in ("paths.shared_data", "dataset.path", "infer.input_file", "evaluate.data_path"):
+    for key in ("paths.shared_data", "dataset.source_dir", "dataset.path", "infer.input_file", "evaluate.data_path"):
         value = OmegaConf.select(cfg, key, default=None)
+        if key == "dataset.source_dir" and _same_path(value, OmegaConf.select(cfg, "paths.shared_data", default=None)):
+            continue  # its default, paths.shared_data: listed already (and the digests of runs before it was listed kept)
         if value:
             try:
                 fp[key] = listing(value)
             except OSError as e:  # unreadable: the run itself will say so
                 fp[key] = f"unreadable: {e.strerror}"
     return fp
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return bool(a) and bool(b) and Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def relative_to_root(obj: Any, root: str) -> Any:

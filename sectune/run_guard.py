@@ -6,6 +6,7 @@ DESIGN.md names)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -68,6 +69,22 @@ def damaged_artifact(run_dir: Path, result: dict) -> str | None:
         damage = damaged_safetensors(path) if path.is_dir() else None
         if damage:
             return f"artifacts.{key} ({path / damage[0]}) is damaged: {damage[1]}"
+        stale = _stale_heuristic(path / "heuristic_reward.json") if path.is_dir() else None
+        if stale:  # a pipeline skipped its reward step as done, and its rl step refused the spec: "rerun" looped
+            return f"artifacts.{key} ({path / 'heuristic_reward.json'}) cannot be used by this sectune: {stale}"
+    return None
+
+
+def _stale_heuristic(spec_file: Path) -> str | None:
+    """Why the heuristic reward model's spec (written by stage=reward's fallback) is not this sectune's, or None."""
+    if not spec_file.is_file():
+        return None
+    from sectune.data.auth_rewards import heuristic_from_spec
+
+    try:
+        heuristic_from_spec(json.loads(spec_file.read_text()))
+    except (OSError, ValueError) as e:
+        return str(e)
     return None
 
 
@@ -281,8 +298,6 @@ def foreign_result(path: Path) -> str | None:
     one of sectune's is rerun saying why): a run pointed at a folder of other files overwrote their result.json and
     replaced their adapter/ (an audit of hostile inputs, session 26); a folder holding adapter/ (or model/, ...) and no
     result.json is another tool's too."""
-    import json
-
     if not path.exists():  # sectune writes result.json before any of these: without it they are another tool's
         theirs = [f"{name}/" for name in FOLDERS_AFTER_RESULT if (path.parent / name).exists()]
         return f"it holds {', '.join(theirs)} but no result.json (sectune writes one first)" if theirs else None

@@ -314,6 +314,36 @@ def test_a_build_from_generated_logs_is_rebuilt_once_the_real_logs_arrive(tmp_pa
     assert config_digest(cfg) != before and config_digest(cfg) == config_digest(compose([f"paths.shared_data={src}"]))
 
 
+def test_edited_source_logs_are_read_again_and_change_the_digest(tmp_path, capsys):
+    """The built windows are cached by the source folder's name: a user's log edited (grown by a week, a newer loghub
+    release) was never read again, and with a dataset.source_dir of their own a pipeline skipped every step too."""
+    from sectune.runner import config_digest
+    from conftest import compose
+
+    src = tmp_path / "mine"
+    lines = generate_auth_lines(3000, 5)
+    for i, rel in enumerate(A.REAL_SOURCES):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text("\n".join(lines[i * 1500 : (i + 1) * 1500]) + "\n")
+    cfg = compose([f"paths.cache_dir={tmp_path / 'cache'}", f"dataset.source_dir={src}"])
+    from sectune.data import auth_logs_folder
+
+    out = auth_logs_folder(cfg)
+    built, before = A._built(out), config_digest(cfg)
+    assert built["source"] == "real" and auth_logs_folder(cfg) == out and A._built(out) == built  # reused unchanged
+    assert config_digest(compose([f"paths.cache_dir={tmp_path / 'cache'}"])) != before  # another source, another run
+    log = src / A.REAL_SOURCES[0]
+    log.write_text(log.read_text().replace("Failed password", "Accepted password"))
+    assert auth_logs_folder(cfg) == out
+    rebuilt = A._built(out)
+    assert rebuilt["source_files"][0]["sha256"] != built["source_files"][0]["sha256"] and rebuilt["counts"] != built["counts"]
+    assert f"{log} changed since {out} was built from it" in capsys.readouterr().err
+    assert config_digest(cfg) != before
+    # a file touched but unchanged: the same windows, no rebuild
+    log.write_text(log.read_text())
+    assert auth_logs_folder(cfg) == out and A._built(out) == rebuilt and "building" not in capsys.readouterr().err
+
+
 def test_generated_lines_build_uses_no_real_line_even_where_the_real_logs_are(tmp_path):
     """sft.warmup_lines' folder: only generated lines, cut and annotated like the real ones."""
     src = tmp_path / "shared"  # a source dir that does hold "real" logs

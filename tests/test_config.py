@@ -541,3 +541,18 @@ def test_sft_and_classify_refuse_a_loss_they_do_not_train_and_impossible_lora_or
             check_values(compose(args))
     for ok in (["stage=sft"], ["stage=classify", "loss=cross_entropy"], ["stage=classify"]):
         check_values(compose(ok))
+
+
+def test_lora_targets_of_a_linear_subclass_are_found():
+    """Falcon's layers are FalconLinear, a subclass of nn.Linear: the check of lora.target_modules compared class names
+    exactly, listed lm_head as the model's only linear layer and refused query_key_value and dense, which PEFT trains."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from sectune.models import modeling
+
+    model = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+    assert {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "lm_head"} <= set(modeling.linear_module_names(model))
+    peft = modeling.apply_lora(model, compose(["lora.target_modules=[query_key_value,dense]"]))
+    trainable, _ = modeling.trainable_parameters(peft)
+    layers = [m for name, m in peft.named_modules() if name.endswith(("query_key_value.base_layer", "dense.base_layer"))]
+    assert len(layers) == 2 and trainable == sum(4 * (m.in_features + m.out_features) for m in layers)  # r=4 on each

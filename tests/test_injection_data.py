@@ -544,6 +544,30 @@ def test_evaluate_warns_when_the_analyst_was_trained_on_another_data_file(tmp_pa
     assert "dataset.path" not in capsys.readouterr().out
 
 
+def test_evaluate_warns_when_the_analyst_saw_other_injection_texts(tmp_path, capsys):
+    """dataset.injection_text_groups decides which injection texts are held out: a run trained under another setting,
+    or before the key existed (which split as containment does), has trained on some of these test texts; the warning
+    about another split named every other key but this one."""
+    from omegaconf import OmegaConf
+
+    from sectune.evaluation.injection_eval import check_trained_on
+    from sectune.stages.infer import ModelChoice
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    for trained in ("containment", None):
+        saved = compose([*TRIPLETS, "dataset.injection_text_groups=containment"])
+        if trained is None:  # a run from before the key
+            saved = OmegaConf.to_container(saved)
+            del saved["dataset"]["injection_text_groups"]
+        OmegaConf.save(saved, run / ".hydra" / "config.yaml")
+        check_trained_on(compose(TRIPLETS), ModelChoice("contrastive", None, "adapter"), run)
+        assert "split its windows with other dataset settings (injection_text_groups=containment)" in capsys.readouterr().out
+    OmegaConf.save(compose(["logger=none"]), run / ".hydra" / "config.yaml")  # an auth_logs analyst saw no injection text
+    check_trained_on(compose(TRIPLETS), ModelChoice("sft", None, "adapter"), run)
+    assert "split its windows" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("trained", [["dataset=hdfs"], ["stage=classify", "dataset=text_label_csv"]])
 def test_evaluate_refuses_a_run_that_is_no_text_analyst(tmp_path, trained):
     """An HDFS log-key model scored as an analyst: rc 0, attack success 1.000."""

@@ -411,6 +411,24 @@ def test_a_newer_sectune_with_extra_default_keys_still_skips_finished_steps(tmp_
     assert not pipeline_record.same_but_newer_defaults(step)
 
 
+def test_a_step_trained_before_injection_text_groups_is_not_the_same_step_under_its_new_default(tmp_path):
+    """dataset.injection_text_groups came with default similar; runs before it split the injection texts as containment
+    does. A step trained then is the same step only under containment, not under the default that split otherwise."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from sectune import pipeline_record
+
+    old = OmegaConf.to_container(compose(["stage=sft", "dataset=injection_triplets"]), resolve=True)
+    del old["dataset"]["injection_text_groups"]
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(old), tmp_path / ".hydra" / "config.yaml")
+    step = lambda *o: SimpleNamespace(dir=tmp_path, cfg=compose(["stage=sft", "dataset=injection_triplets", *o]))  # noqa: E731
+    assert not pipeline_record.same_but_newer_defaults(step())
+    assert pipeline_record.same_but_newer_defaults(step("dataset.injection_text_groups=containment"))
+
+
 def test_a_moved_pipeline_dir_under_a_newer_sectune_still_skips_finished_steps(tmp_path):
     """Both at once: the step's saved config names the old pipeline dir (rl.init_from=<old>/sft) and lacks a key a
     newer sectune added at its default. Paths under one consistent old dir count as the same; any other path not."""

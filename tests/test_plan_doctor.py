@@ -604,3 +604,26 @@ def test_a_contrastive_plan_counts_each_examples_three_sequences_and_the_benign_
     batched, _ = plan.estimate(OmegaConf.merge(tripled, {"contrastive": {"forward": "batched"}}), logit_tokens=positions)
     assert contrastive.activations > sft_like.activations and batched.activations > contrastive.activations
     assert contrastive.total > plan.template_budget_gb(cfg) * GiB  # high_quality no longer "fits"
+
+
+def test_a_model_of_a_layout_the_planner_does_not_know_is_refused_by_plan_and_unchecked_elsewhere(tmp_path):
+    """The planner read every config but GPT-2's as Llama's: OPT and Falcon (no intermediate_size) gave a traceback in
+    stage=plan and, through their memory checks, in stage=reward and stage=rl, which could not train them at all; Pythia
+    was planned 1.28x over and its own module names refused. Now stage=plan says which layouts it knows, the stages' memory
+    checks go on without a plan, saying so, and stage=doctor warns."""
+    from transformers import OPTConfig
+
+    from sectune.stages import doctor, plan
+    from sectune.training import memory
+    from sectune.training.planner import UnplannableModel
+
+    OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64,
+              word_embed_proj_dim=32).save_pretrained(tmp_path / "opt")
+    over = [f"model.name_or_path={tmp_path / 'opt'}", "lora.target_modules=[q_proj,v_proj]"]
+    with pytest.raises(UnplannableModel, match="not model_type 'opt'; to plan it, set model.arch"):
+        plan.estimate(compose(["stage=plan", *over]))
+    fits, why = memory.memory_check(compose(["stage=reward", "loss=bradley_terry", "dataset=auth_preferences", *over]), 2)
+    assert fits and why.startswith("not checked (the memory planner knows Llama's layout")
+    checks, _ = doctor.run_checks(compose(["stage=doctor", *over]))
+    (mem,) = [c for c in checks if c.name == "memory plan"]
+    assert mem.status == "warn" and "model_type 'opt'" in mem.detail

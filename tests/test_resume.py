@@ -143,6 +143,30 @@ def test_resuming_checkpoints_trained_with_other_settings_is_an_error_naming_the
                                          f"train.resume=auto ({ckpt})")
 
 
+def test_a_key_added_since_the_checkpoints_were_recorded_does_not_stop_their_resume_at_the_value_they_trained_with(tmp_path):
+    """Checkpoints recorded before dataset.injection_text_groups existed could not be resumed at all: the key differed
+    ("None there, 'similar' now"), and setting it to null was refused. A key missing from the record counts as its schema
+    default; for an injected-windows run, as the older behaviour (containment) it trained with."""
+    import pytest
+
+    from conftest import compose
+    from sectune.errors import ConfigError
+    from sectune.training import checkpoints
+
+    for dataset, ok, other in ((["dataset=auth_logs"], [], ["dataset.min_lines=7"]),
+                               (["dataset=injection_triplets"], ["dataset.injection_text_groups=containment"], [])):
+        ckpt_dir = tmp_path / dataset[0] / "checkpoints"
+        assert checkpoints.resolve_resume(compose(["logger=none", *dataset]), ckpt_dir) is None
+        record_file = ckpt_dir / checkpoints.RESUME_RECORD
+        record = json.loads(record_file.read_text())
+        del record["dataset.injection_text_groups"]  # recorded by a sectune before the key
+        record_file.write_text(json.dumps(record))
+        checkpoints._check_same_training(compose(["logger=none", *dataset, *ok]), ckpt_dir / "checkpoint-2", "x")
+        # any real difference still stops it, and so does the injected-windows run under the new default split
+        with pytest.raises(ConfigError, match="trained with other settings"):
+            checkpoints._check_same_training(compose(["logger=none", *dataset, *other]), ckpt_dir / "checkpoint-2", "x")
+
+
 def test_resuming_other_weights_without_their_settings_record_is_one_error_not_a_traceback(tmp_path):
     """With trained_with.json gone (or damaged) the settings cannot be compared: resuming an r4 adapter's checkpoint
     with lora=r16_all_linear was torch's "size mismatch" traceback, exit 1 (an audit, session 32); a damaged record was

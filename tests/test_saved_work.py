@@ -288,6 +288,27 @@ def test_a_sectune_line_after_a_progress_bars_last_state_starts_its_own_line(tmp
     assert (tmp_path / "console.log").read_text().splitlines()[-2:] == [" 50%|#   | 2/4", "sectune: error: boom"]
 
 
+def test_a_heuristic_reward_model_of_older_rules_is_not_a_finished_step():
+    """After an upgrade (rules auth-rules-1 -> 3) a pipeline skipped its heuristic reward step as done and its rl step
+    refused that step's spec ("rerun the reward stage"), then advised rerunning the same command: a loop only deleting
+    reward/ by hand broke. The spec this sectune cannot use makes the step unfinished, so the rerun redoes it."""
+    import tempfile
+
+    from sectune.data.auth_rewards import heuristic_spec
+    from sectune.run_guard import damaged_artifact
+
+    with tempfile.TemporaryDirectory() as d:
+        run = Path(d)
+        (run / "reward_model").mkdir()
+        result = {"status": "succeeded", "artifacts": {"reward_model": "reward_model"}}
+        (run / "reward_model" / "heuristic_reward.json").write_text(json.dumps(heuristic_spec()))
+        assert damaged_artifact(run, result) is None
+        (run / "reward_model" / "heuristic_reward.json").write_text(json.dumps({**heuristic_spec(), "rules_version": "auth-rules-1"}))
+        why = damaged_artifact(run, result)
+        assert why is not None and why.startswith(f"artifacts.reward_model ({run / 'reward_model' / 'heuristic_reward.json'}) "
+                                                  "cannot be used by this sectune: heuristic reward spec has rules_version='auth-rules-1'")
+
+
 @pytest.mark.parametrize("key", ["model", "adapter", "reward_model", "base_model"])
 def test_every_weight_artifact_missing_or_cut_short_keeps_a_run_from_being_reused(tmp_path, key):
     """damaged_artifact was tested through an adapter only: a stage=reward run whose reward_model folder was deleted or

@@ -211,7 +211,9 @@ def build_auth_folder(
                   "timestamp, host, proc[pid]:); the rules read the others without their process and pid, so one attempt's "
                   "lines are not grouped (convert them, e.g. journalctl -o short-iso)")
         streams.append((path.name, keep))
-        files_info.append({"path": str(path), "sha256": _sha256(path), "lines": len(text), "auth_lines": len(keep)})
+        st = path.stat()
+        files_info.append({"path": str(path), "sha256": _sha256(path), "lines": len(text), "auth_lines": len(keep),
+                           "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     source = "real" if real else "synthetic"
     note = None
     if generated_lines:
@@ -305,10 +307,41 @@ def ensure_auth_folder(
         # built from generated logs while the real ones were missing, and the real ones are there now: rebuilt from them
         stale = stale or (info.get("source") == "synthetic" and not generated_lines and source_dir is not None
                           and any((Path(source_dir) / rel).is_file() for rel in REAL_SOURCES))
-        if not stale:
+        changed = None if stale else _changed_source(info, source_dir)
+        if changed:
+            print(f"sectune: {changed} since {out_dir} was built from it; building its windows again", file=sys.stderr)
+        if not stale and not changed:
             return info
     return build_auth_folder(out_dir, source_dir, seed=seed, min_lines=min_lines, max_lines=max_lines, max_windows=max_windows,
                              generated_lines=generated_lines, fresh_names=fresh_names)
+
+
+def _changed_source(info: dict, source_dir) -> str | None:
+    """What changed in the real logs a finished build was cut from (a file edited, added or gone), or None: the cache is
+    named by the source folder, so a user's log grown by a week, or a newer loghub release, was never read again
+    (an audit, session 38). A file of the same size and modification time is taken as unchanged; else its sha256 decides."""
+    if info.get("source") != "real":
+        return None
+    root = Path(source_dir) if source_dir is not None else shared_data_dir()
+    recorded = {rel: f for f in info.get("source_files") or [] for rel in REAL_SOURCES if str(f.get("path", "")).endswith(rel)}
+    for rel in REAL_SOURCES:
+        path = root / rel
+        if not path.is_file():
+            if rel in recorded:
+                return f"{path} is gone"
+            continue
+        rec = recorded.get(rel)
+        if rec is None:
+            return f"{path} is new"
+        try:
+            st = path.stat()
+            if (rec.get("size"), rec.get("mtime_ns")) == (st.st_size, st.st_mtime_ns):
+                continue
+            if _sha256(path) != rec.get("sha256"):
+                return f"{path} changed"
+        except OSError:
+            return None  # unreadable: the build says so
+    return None
 
 
 # --------------------------------------------------------------------------------- loader

@@ -325,6 +325,9 @@ def schema_constraint(cfg, model, tokenizer):
 
 #: the dataset keys that decide which windows are held out; they must match the analyst's training run
 SPLIT_KEYS = ("source_dir", "max_samples", "val_fraction", "test_fraction", "split_seed", "min_lines", "max_lines")
+#: and, for a run trained on injected windows, the key that decides which injection texts it saw (a run from before the
+#: key existed split them as ``containment`` does: 5 of 43 test triplets carry a text it trained on; an audit, session 38)
+TEXT_SPLIT_KEYS = {"injection_text_groups": "containment"}
 
 
 #: datasets whose runs are no text analyst (a log-key model, classifiers)
@@ -352,9 +355,12 @@ def check_trained_on(cfg, choice, model_dir: Path, key: str = "evaluate.model_di
         if name and name != cfg.model.name:
             print(f"sectune: warning: {d} was trained with model={name}; this evaluation loads model={cfg.model.name} (pass model={name})")
         if OmegaConf.select(run, "dataset.name") in ("auth_logs", "auth_preferences", "injection_triplets", "injection_preferences"):
-            differ = [k for k in SPLIT_KEYS if k != "source_dir" and OmegaConf.select(run, f"dataset.{k}") != cfg.dataset[k]]
+            saw = {k: OmegaConf.select(run, f"dataset.{k}") for k in SPLIT_KEYS if k != "source_dir"}
+            if trained in ("injection_triplets", "injection_preferences"):  # it trained on injection texts: which ones
+                saw.update({k: OmegaConf.select(run, f"dataset.{k}", default=None) or older for k, older in TEXT_SPLIT_KEYS.items()})
+            differ = [k for k, v in saw.items() if v != cfg.dataset[k]]
             if differ:
-                theirs = ", ".join(f"{k}={OmegaConf.select(run, 'dataset.' + k)}" for k in differ)
+                theirs = ", ".join(f"{k}={saw[k]}" for k in differ)
                 print(f"sectune: warning: {d} split its windows with other dataset settings ({theirs}); its held-out windows are not these")
             theirs, ours = resolved(OmegaConf.select(run, "dataset.path")), resolved(cfg.dataset.path)
             same_kind = OmegaConf.select(run, "dataset.name") == cfg.dataset.name  # (an auth folder is no triplet file)

@@ -282,6 +282,14 @@ def load_model(cfg: DictConfig, task: str = "causal_lm", num_labels: int | None 
     return model
 
 
+def pad_like_tokenizer(model, tokenizer) -> None:
+    """A sequence-classification head reads each row at its last token that is not ``config.pad_token_id``; the collator
+    pads with the tokenizer's. Filled in from eos (:func:`load_model`), the two differ in Llama-3.x- and Qwen2.5-Instruct,
+    and rows shorter than their batch's longest were classified at a pad (an audit, session 38)."""
+    if tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
 def keep_training_4bit_layout(model) -> None:
     """Keep bitsandbytes' 4-bit layers in the layout training uses: on an AVX512-BF16 CPU the first forward in eval mode
     without grad otherwise repacks them for an inference kernel (see :func:`load_model`), which scores ~3% of a reward
@@ -311,11 +319,11 @@ def to_run_device(model, cfg: DictConfig):
 
 
 def linear_module_names(model) -> list[str]:
-    """Leaf names of the layers LoRA can target (Linear, Conv1D, bnb Linear4bit/8bit)."""
+    """Leaf names of the layers LoRA can target: Linear and its subclasses (Falcon's FalconLinear, bitsandbytes'
+    Linear4bit/8bitLt; exact class names missed Falcon's: an audit, session 38) and GPT-2's Conv1D."""
     names = set()
     for full, mod in model.named_modules():
-        kind = type(mod).__name__
-        if kind in ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt") and full:
+        if full and (isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")):
             names.add(full.rsplit(".", 1)[-1])
     return sorted(names)
 

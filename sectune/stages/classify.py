@@ -192,6 +192,7 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     tokenizer = modeling.load_tokenizer(cfg, path)
     if head == "seq_cls":
         model = modeling.load_model(cfg, task="seq_cls", num_labels=len(data.labels), path=path)
+        modeling.pad_like_tokenizer(model, tokenizer)
         model.config.id2label = dict(enumerate(data.labels))
         model.config.label2id = {lab: i for i, lab in enumerate(data.labels)}
         model = modeling.apply_lora(model, cfg, task_type="SEQ_CLS")  # PEFT adds the score head to modules_to_save

@@ -284,7 +284,9 @@ def run_checks(cfg: DictConfig) -> tuple[list[Check], dict]:
     except Exception as e:  # the doctor reports; it does not fail on a plan it cannot make
         from sectune.errors import SectuneError
 
-        plan_info = {"plan_error": str(e), "plan_error_is_setting": isinstance(e, SectuneError)}
+        from sectune.training.planner import UnplannableModel
+
+        plan_info = {"plan_error": str(e), "plan_error_is_setting": isinstance(e, SectuneError) and not isinstance(e, UnplannableModel)}
     checks = []
     if "plan_error" in plan_info:  # a setting stage=plan refuses is one the run refuses too; anything else: no estimate
         bad_setting = plan_info.pop("plan_error_is_setting")

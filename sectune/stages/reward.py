@@ -134,7 +134,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     path = start_weights(cfg)
     tokenizer = modeling.load_tokenizer(cfg, path)
     model = modeling.load_model(cfg, task="seq_cls", num_labels=1, path=path)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    modeling.pad_like_tokenizer(model, tokenizer)
     model = modeling.apply_lora(model, cfg, task_type="SEQ_CLS")  # PEFT adds the score head to modules_to_save
     trainable, total = modeling.trainable_parameters(model)
     print(f"sectune: {cfg.model.name} (one-output score head): {trainable:,} trainable of {total:,} parameters")

@@ -264,6 +264,30 @@ def set_aside_earlier(checkpoint_dir: Path) -> None:
           + "; train.resume=auto continues this attempt's only", file=sys.stderr)
 
 
+def _added_since(before: dict, now: dict) -> dict:
+    """The keys a newer sectune added since ``before`` was recorded, at the value that reproduces what the run did then:
+    their schema default, or for a key whose default changed what runs do (``dataset.injection_text_groups``: runs
+    before it split as containment does) that older value. Every interrupted run's resume was refused over a key its
+    stage never reads (an audit, session 38), with advice that could not be followed (the key takes no null)."""
+    from omegaconf import OmegaConf
+
+    from sectune.config import SectuneConfig
+    from sectune.evaluation.injection_eval import TEXT_SPLIT_KEYS
+
+    defaults = OmegaConf.structured(SectuneConfig)
+    injected = now.get("dataset.name") in ("injection_triplets", "injection_preferences")  # the runs that read the key
+    older = {f"dataset.{k}": v for k, v in TEXT_SPLIT_KEYS.items()} if injected else {}
+    added = {}
+    for k in set(now) - set(before):
+        try:
+            then = older[k] if k in older else OmegaConf.select(defaults, k, default=None, throw_on_missing=False)
+        except Exception:  # noqa: BLE001 - a default that does not resolve alone (an interpolation): not taken as the same
+            continue
+        if then == now[k]:
+            added[k] = then
+    return added
+
+
 def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:
     record = ckpt.parent / RESUME_RECORD
     try:
@@ -281,6 +305,7 @@ def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:
     for k in now:  # recorded since session 35: a record from before says nothing about them
         if (k == "debug.enabled" or k.startswith("generation.")) and k not in before:
             before[k] = now[k]
+    before.update(_added_since(before, now))
     diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if diff:
         shown = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in diff[:4])

@@ -55,7 +55,12 @@ def memory_check(cfg, sequences_per_example: int = 1) -> tuple[bool, str]:
     (``reward.memory_limit_gb`` overrides it). On a GPU the plan times the measured margin (``plan.measured_gpu_margin``,
     1.31 with bf16 or nf4) must fit, as ``stage=doctor`` checks it: seed 000's reward step planned 7.28 GiB and held
     8.70 GiB of an H100 (bench/gpu_stages.py), past an 8 GB card that the plan alone says it fits."""
-    need, budget, info = step_need(cfg, sequences_per_example)
+    from sectune.training.planner import UnplannableModel
+
+    try:
+        need, budget, info = step_need(cfg, sequences_per_example)
+    except UnplannableModel as e:  # OPT, Falcon, GPT-NeoX, ...: the run goes on unplanned, as transformers would run it
+        return True, f"not checked ({e})"
     if cfg.reward.memory_limit_gb is not None:
         free, where = float(cfg.reward.memory_limit_gb) * 1e9, "reward.memory_limit_gb"
     elif info["device"] == "cuda":

@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from sectune.errors import ConfigError
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -352,9 +354,26 @@ def estimate_memory(
     return Budget(*comps, total=sum(comps), device=device, params=params, trainable_params=trainable, notes=notes)
 
 
+#: the model types whose blocks are Llama's (q/k/v/o and gated gate/up/down projections, RMSNorm): the planner's
+#: "llama" family; GPT-2 is its "gpt2" family. Every other layout (OPT, Falcon, GPT-NeoX, Phi-3's fused projections, ...)
+#: was read as Llama's: a traceback for OPT and Falcon (no intermediate_size), Pythia's weights planned 1.28x over, and
+#: its own module names refused as not Llama's (an audit, session 38).
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3")
+
+
+class UnplannableModel(ConfigError):
+    """A model whose layout the planner does not know: stage=plan refuses it, the stages' memory checks and
+    stage=doctor go on without a plan, saying so."""
+
+
 def measure_arch(hf_config) -> dict:
     """The arch dict for a transformers config object (Llama-like or GPT-2), e.g. a tiny local model."""
     mt = getattr(hf_config, "model_type", "")
+    if mt != "gpt2" and mt not in LLAMA_LAYOUT:
+        raise UnplannableModel(
+            f"the memory planner knows Llama's layout ({', '.join(LLAMA_LAYOUT)}) and GPT-2's, not model_type {mt!r}; "
+            "to plan it, set model.arch (family llama or gpt2, whichever is nearer; hidden_size, num_layers, num_heads, "
+            "num_kv_heads, intermediate_size, vocab_size) in a model preset of your own (--config-dir my_conf)")
     if mt == "gpt2":
         h = hf_config.n_embd
         return dict(family="gpt2", hidden_size=h, num_layers=hf_config.n_layer, num_heads=hf_config.n_head,

@@ -852,3 +852,34 @@ def test_prompts_cut_to_the_sequence_length_are_counted_and_an_empty_prompt_is_r
     assert "longer than" not in capsys.readouterr().err
     with pytest.raises(DataError, match="row 1: an empty prompt has no token to classify"):
         _prompt_ids(tok, ["say benign", ""], 16, "left")
+
+
+def test_a_head_part_the_weights_lack_is_trained_and_saved_with_the_adapter(tmp_path):
+    """A BERT from a masked-LM checkpoint has no pooler: transformers draws one at random, the LoRA adapter saved only
+    the classifier, and every load of the run (Predictor, evaluate) drew another pooler: other predictions each time."""
+    import shutil
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import BertConfig, BertForMaskedLM
+
+    from conftest import compose
+    from sectune.models import modeling
+
+    tiny = Path(modeling.model_path(compose([])))
+    bert = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=json.loads((tiny / "config.json").read_text())["vocab_size"], hidden_size=32,
+                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(bert)
+    for f in tiny.glob("tokenizer*"):
+        shutil.copy(f, bert / f.name)
+    cfg = compose(["stage=classify", f"model.name_or_path={bert}", "lora.target_modules=[query,value]", "model.max_seq_length=512"])
+    model = modeling.apply_lora(modeling.load_model(cfg, task="seq_cls", num_labels=2), cfg, task_type="SEQ_CLS")
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+
+    def load():
+        m = PeftModel.from_pretrained(modeling.load_model(cfg, task="seq_cls", num_labels=2), tmp_path / "adapter").eval()
+        with torch.no_grad():
+            return m(input_ids=ids).logits
+
+    torch.testing.assert_close(load(), load())

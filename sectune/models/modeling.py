@@ -261,7 +261,10 @@ def load_model(cfg: DictConfig, task: str = "causal_lm", num_labels: int | None 
         kwargs["device_map"] = {"": device}  # bitsandbytes quantizes while placing
     if task == "seq_cls":
         kwargs["num_labels"] = num_labels
-        model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, path, cfg, **kwargs)
+        model, info = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, path, cfg, output_loading_info=True, **kwargs)
+        # beside the new head, what the weights lacked (an MLM checkpoint's BERT pooler): apply_lora trains and saves it
+        model._sectune_fresh = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys") or ()
+                                       if k.split(".")[0] not in ("score", "classifier")})
     else:
         model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, cfg, **kwargs)
     check_positions(model.config, m.max_seq_length, path)
@@ -356,6 +359,10 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
                 f"lora.target_modules: {missing} not in model {cfg.model.name}; "
                 f"its linear modules are {have} (or use lora.target_modules=[all-linear])"
             )
+    fresh = [m for m in getattr(model, "_sectune_fresh", ()) if task_type == "SEQ_CLS"]
+    if fresh:  # an adapter without them drew them at random at every load: other predictions each time (an audit, session 38)
+        print(f"sectune: {', '.join(fresh)} not in the model's weights (initialised at random beside the head): "
+              "trained and saved with the adapter, as the head is")
     peft_cfg = LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
@@ -364,7 +371,7 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         bias=lc.bias,
         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",  # its Conv1D layers store weights transposed
         task_type=task_type,
-        modules_to_save=list(lc.modules_to_save) if lc.modules_to_save else None,
+        modules_to_save=[*(lc.modules_to_save or ()), *fresh] or None,
     )
     return get_peft_model(model, peft_cfg)
 

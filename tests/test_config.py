@@ -556,3 +556,24 @@ def test_lora_targets_of_a_linear_subclass_are_found():
     trainable, _ = modeling.trainable_parameters(peft)
     layers = [m for name, m in peft.named_modules() if name.endswith(("query_key_value.base_layer", "dense.base_layer"))]
     assert len(layers) == 2 and trainable == sum(4 * (m.in_features + m.out_features) for m in layers)  # r=4 on each
+
+
+def test_a_tokenizer_with_ids_past_the_models_embedding_is_one_line_before_anything_runs(tmp_path):
+    """A pad token added to the tokenizer and the model never resized: SFT built its data, started evaluating and died
+    with a bare IndexError from the embedding."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from sectune.errors import ConfigError
+    from sectune.models import modeling
+
+    folder = tmp_path / "added_pad"
+    shutil.copytree(modeling.model_path(compose([])), folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    tok.add_special_tokens({"pad_token": "[PAD]", "additional_special_tokens": [f"<x{i}>" for i in range(vocab - len(tok) + 1)]})
+    tok.save_pretrained(folder)
+    with pytest.raises(ConfigError, match=rf"its tokenizer has {len(tok)} tokens \(pad '\[PAD\]' = id {tok.pad_token_id}\) but config.json's "
+                                          rf"vocab_size is {vocab}: ids from {vocab} on have no embedding"):
+        modeling.load_tokenizer(compose([f"model.name_or_path={folder}"]))

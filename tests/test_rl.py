@@ -548,15 +548,15 @@ def test_merged_lora_leaves_a_quantized_base_and_a_plain_model_alone():
 
 
 def test_merged_lora_does_not_copy_base_weights_past_its_memory_limit(monkeypatch):
-    from sectune.models import modeling
+    from sectune.models import lora, modeling
 
     cfg = compose(UNIT + ["lora=r16_all_linear"])
     model = modeling.apply_lora(modeling.load_model(cfg), cfg)
     targeted = sum(layer.get_base_layer().weight.nbytes for layer in modeling._lora_layers(model))
-    monkeypatch.setattr(modeling, "MERGE_COPY_LIMIT", targeted - 1)  # one byte short: decoded unmerged
+    monkeypatch.setattr(lora, "MERGE_COPY_LIMIT", targeted - 1)  # one byte short: decoded unmerged
     with modeling.merged_lora(model) as m:
         assert m is model and not any(layer.merged for layer in modeling._lora_layers(model))
-    monkeypatch.setattr(modeling, "MERGE_COPY_LIMIT", targeted)
+    monkeypatch.setattr(lora, "MERGE_COPY_LIMIT", targeted)
     with modeling.merged_lora(model):
         assert all(layer.merged for layer in modeling._lora_layers(model))
 

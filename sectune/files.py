@@ -1,5 +1,5 @@
 """Writing a run's files: whole or not at all (a temporary name, then a rename), and with the modes the umask gives
-(``tempfile``'s and safetensors 0.8's are owner-only). ``run_guard`` and ``runner`` re-export the writers."""
+(``tempfile``'s and safetensors 0.8's are owner-only). ``runner`` re-exports the writers."""
 
 from __future__ import annotations
 

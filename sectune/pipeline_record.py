@@ -73,10 +73,10 @@ def same_but_newer_defaults(step: Step) -> bool:
         return False
     current = OmegaConf.to_container(step.cfg, resolve=True)
     defaults = OmegaConf.to_container(OmegaConf.structured(SectuneConfig), resolve=False)
-    if str(current.get("dataset", {}).get("name")) in ("injection_triplets", "injection_preferences"):
-        from sectune.evaluation.injection_eval import TEXT_SPLIT_KEYS
+    from sectune.evaluation.injection_eval import older_defaults
 
-        defaults["dataset"].update(TEXT_SPLIT_KEYS)  # what a run from before such a key did, not the key's default now
+    # what a run from before such a key did, not the key's default now
+    defaults["dataset"].update(older_defaults(current.get("dataset", {}).get("name")))
     for cfg in (saved, current):
         cfg.pop("debug", None)
         cfg.get("train", {}).pop("resume", None)

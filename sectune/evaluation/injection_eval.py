@@ -328,6 +328,14 @@ SPLIT_KEYS = ("source_dir", "max_samples", "val_fraction", "test_fraction", "spl
 #: and, for a run trained on injected windows, the key that decides which injection texts it saw (a run from before the
 #: key existed split them as ``containment`` does: 5 of 43 test triplets carry a text it trained on; an audit, session 38)
 TEXT_SPLIT_KEYS = {"injection_text_groups": "containment"}
+#: the datasets whose runs train on injection texts
+INJECTED_DATASETS = ("injection_triplets", "injection_preferences")
+
+
+def older_defaults(dataset_name) -> dict:
+    """The dataset keys whose default changed what runs of ``dataset_name`` do, at the value a run recorded before the
+    key reproduces (a resume's record, a pipeline step's saved config, an evaluated run's config)."""
+    return dict(TEXT_SPLIT_KEYS) if str(dataset_name) in INJECTED_DATASETS else {}
 
 
 #: datasets whose runs are no text analyst (a log-key model, classifiers)
@@ -356,8 +364,8 @@ def check_trained_on(cfg, choice, model_dir: Path, key: str = "evaluate.model_di
             print(f"sectune: warning: {d} was trained with model={name}; this evaluation loads model={cfg.model.name} (pass model={name})")
         if OmegaConf.select(run, "dataset.name") in ("auth_logs", "auth_preferences", "injection_triplets", "injection_preferences"):
             saw = {k: OmegaConf.select(run, f"dataset.{k}") for k in SPLIT_KEYS if k != "source_dir"}
-            if trained in ("injection_triplets", "injection_preferences"):  # it trained on injection texts: which ones
-                saw.update({k: OmegaConf.select(run, f"dataset.{k}", default=None) or older for k, older in TEXT_SPLIT_KEYS.items()})
+            # a run trained on injection texts: which ones
+            saw.update({k: OmegaConf.select(run, f"dataset.{k}", default=None) or v for k, v in older_defaults(trained).items()})
             differ = [k for k, v in saw.items() if v != cfg.dataset[k]]
             if differ:
                 theirs = ", ".join(f"{k}={saw[k]}" for k in differ)

@@ -272,11 +272,10 @@ def _added_since(before: dict, now: dict) -> dict:
     from omegaconf import OmegaConf
 
     from sectune.config import SectuneConfig
-    from sectune.evaluation.injection_eval import TEXT_SPLIT_KEYS
+    from sectune.evaluation.injection_eval import older_defaults
 
     defaults = OmegaConf.structured(SectuneConfig)
-    injected = now.get("dataset.name") in ("injection_triplets", "injection_preferences")  # the runs that read the key
-    older = {f"dataset.{k}": v for k, v in TEXT_SPLIT_KEYS.items()} if injected else {}
+    older = {f"dataset.{k}": v for k, v in older_defaults(now.get("dataset.name")).items()}
     added = {}
     for k in set(now) - set(before):
         try:

@@ -77,6 +77,15 @@ def same_but_newer_defaults(step: Step) -> bool:
 
     # what a run from before such a key did, not the key's default now
     defaults["dataset"].update(older_defaults(current.get("dataset", {}).get("name")))
+    from sectune.run_digest import ADDED_KEYS
+
+    for key, older in ADDED_KEYS.items():  # what a run from before the key did, when that is not its default now
+        *parents, leaf = key.split(".")
+        node = defaults
+        for p in parents:
+            node = node.setdefault(p, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node[leaf] = older
     for cfg in (saved, current):
         cfg.pop("debug", None)
         cfg.get("train", {}).pop("resume", None)

@@ -14,6 +14,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sectune.training import distributed
 
+#: Keys added to the config schema since ``tests/config_keys.txt`` was frozen (session 39), each with the value that
+#: reproduces what runs made before it did. A config holding that value digests as if the key were absent, so an
+#: upgrade that adds an option does not make every earlier run "another config": ``sweep.skip_done`` still reuses the
+#: sweep's finished jobs, a pipeline still skips its finished steps, an SFT warm-up is still reused, a resume is not
+#: refused. Where the new key's default changes what runs do, its default is not that older value and runs at the
+#: default are other runs, as they should be. ``tests/test_sweeps.py`` fails on a schema key neither frozen nor listed.
+ADDED_KEYS: dict[str, Any] = {}
+
 
 def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str:
     """sha256 of the resolved config, minus Hydra's own node and ``sweep`` (bookkeeping, not
@@ -21,6 +29,7 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str
     (a pipeline's steps name each other's dirs: a moved or copied pipeline is the same run)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("sweep", None)
+    _drop_added_keys(container)
     if root is not None:
         container = relative_to_root(container, str(root).rstrip("/"))
     container["_data"] = data_fingerprint(cfg)
@@ -28,6 +37,44 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str
         container["_world_size"] = distributed.world_size()
     blob = json.dumps(_str_keys(container), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _drop_added_keys(container: dict) -> None:
+    """Remove each of ``ADDED_KEYS`` that holds its older value (the digest a run made before the key had)."""
+    for key, older in ADDED_KEYS.items():
+        *parents, leaf = key.split(".")
+        path = [container]
+        for p in parents:
+            path.append(path[-1].get(p) if isinstance(path[-1], dict) else None)
+        if isinstance(path[-1], dict) and leaf in path[-1] and path[-1][leaf] == older:
+            del path[-1][leaf]
+            for parent, name, node in zip(reversed(path[:-1]), reversed(parents), reversed(path[1:])):
+                if node:  # a node added with its keys (all at their older values) goes as a whole
+                    break
+                del parent[name]
+
+
+def schema_keys() -> list[str]:
+    """Every leaf key of the config schema (``model.lora``-style dotted paths; a dict- or list-valued option is one
+    leaf, an optional nested spec such as ``model.tiny`` lists its fields)."""
+    import dataclasses
+    import typing
+
+    from sectune.config import SectuneConfig
+
+    def walk(cls, prefix: str) -> list[str]:
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            inner = [a for a in typing.get_args(t) if a is not type(None)] if typing.get_origin(t) is typing.Union else [t]
+            if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+                out += walk(inner[0], f"{prefix}{f.name}.")
+            else:
+                out.append(prefix + f.name)
+        return out
+
+    return walk(SectuneConfig, "")
 
 
 def _str_keys(obj: Any) -> Any:

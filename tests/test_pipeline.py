@@ -429,6 +429,26 @@ def test_a_step_trained_before_injection_text_groups_is_not_the_same_step_under_
     assert pipeline_record.same_but_newer_defaults(step("dataset.injection_text_groups=containment"))
 
 
+def test_a_key_listed_in_added_keys_compares_at_its_older_value_not_its_default(tmp_path, monkeypatch):
+    """A step recorded before a key existed did what run_digest.ADDED_KEYS says runs did then: the same step under that
+    value, another step under a new default that differs from it."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from sectune import pipeline_record, run_digest
+
+    default = compose(["stage=rl"]).rl.heldout_windows
+    monkeypatch.setattr(run_digest, "ADDED_KEYS", {"rl.heldout_windows": default + 3})
+    old = OmegaConf.to_container(compose(["stage=rl"]), resolve=True)
+    del old["rl"]["heldout_windows"]
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(old), tmp_path / ".hydra" / "config.yaml")
+    step = lambda *o: SimpleNamespace(dir=tmp_path, cfg=compose(["stage=rl", *o]))  # noqa: E731
+    assert pipeline_record.same_but_newer_defaults(step(f"rl.heldout_windows={default + 3}"))
+    assert not pipeline_record.same_but_newer_defaults(step())
+
+
 def test_a_moved_pipeline_dir_under_a_newer_sectune_still_skips_finished_steps(tmp_path):
     """Both at once: the step's saved config names the old pipeline dir (rl.init_from=<old>/sft) and lacks a key a
     newer sectune added at its default. Paths under one consistent old dir count as the same; any other path not."""

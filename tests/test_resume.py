@@ -167,6 +167,27 @@ def test_a_key_added_since_the_checkpoints_were_recorded_does_not_stop_their_res
             checkpoints._check_same_training(compose(["logger=none", *dataset, *other]), ckpt_dir / "checkpoint-2", "x")
 
 
+def test_a_key_listed_in_added_keys_resumes_at_its_older_value(tmp_path, monkeypatch):
+    """Checkpoints recorded before a key in run_digest.ADDED_KEYS resume under the value runs had then, not its default."""
+    import pytest
+
+    from conftest import compose
+    from sectune import run_digest
+    from sectune.errors import ConfigError
+    from sectune.training import checkpoints
+
+    default = compose(["logger=none"]).dataset.min_lines
+    monkeypatch.setattr(run_digest, "ADDED_KEYS", {"dataset.min_lines": default + 2})
+    ckpt_dir = tmp_path / "checkpoints"
+    checkpoints.resolve_resume(compose(["logger=none"]), ckpt_dir)
+    record = json.loads((ckpt_dir / checkpoints.RESUME_RECORD).read_text())
+    del record["dataset.min_lines"]
+    (ckpt_dir / checkpoints.RESUME_RECORD).write_text(json.dumps(record))
+    checkpoints._check_same_training(compose(["logger=none", f"dataset.min_lines={default + 2}"]), ckpt_dir / "checkpoint-2", "x")
+    with pytest.raises(ConfigError, match="trained with other settings"):
+        checkpoints._check_same_training(compose(["logger=none"]), ckpt_dir / "checkpoint-2", "x")
+
+
 def test_resuming_other_weights_without_their_settings_record_is_one_error_not_a_traceback(tmp_path):
     """With trained_with.json gone (or damaged) the settings cannot be compared: resuming an r4 adapter's checkpoint
     with lora=r16_all_linear was torch's "size mismatch" traceback, exit 1 (an audit, session 32); a damaged record was

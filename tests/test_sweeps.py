@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import cli, compose
 from sectune.paths import PROJECT_ROOT
@@ -89,6 +90,47 @@ def test_digest_counts_the_processes_that_train_a_config(monkeypatch):
     two = config_digest(cfg)
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert len({one, two, config_digest(cfg)}) == 3
+
+
+def test_an_option_added_at_the_value_older_runs_had_keeps_their_digest(monkeypatch):
+    """An upgrade that added any config key made every earlier run "another config": sweep.skip_done trained every job
+    again and a pipeline its finished steps. A key listed in run_digest.ADDED_KEYS at its older value is left out of the
+    digest (a node added whole too); at another value it counts."""
+    from sectune import run_digest
+    from sectune.runner import config_digest, skip_digest
+
+    cfg = compose(["lora.r=4"])
+    before, before_skip = config_digest(cfg), skip_digest(cfg)
+    monkeypatch.setattr(run_digest, "ADDED_KEYS", {"train.new_option": 3, "fresh.a": 1, "fresh.b": [1, 2]})
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))  # the upgraded schema: a plain config that takes the new keys
+    cfg.train.new_option = 3
+    cfg.fresh = {"a": 1, "b": [1, 2]}
+    assert config_digest(cfg) == before and skip_digest(cfg) == before_skip
+    for key, other in (("train.new_option", 4), ("fresh.b", [2, 1])):
+        changed = cfg.copy()
+        OmegaConf.update(changed, key, other)
+        assert config_digest(changed) != before, key
+    assert config_digest(compose(["lora.r=8"])) != before
+
+
+def test_every_config_key_is_frozen_or_listed_with_its_older_value():
+    """tests/config_keys.txt froze the schema's keys; a key added since must be in run_digest.ADDED_KEYS with a value the
+    schema accepts, so no upgrade changes every digest unseen."""
+    from omegaconf import OmegaConf
+
+    from sectune.config import SectuneConfig
+    from sectune.run_digest import ADDED_KEYS, schema_keys
+
+    frozen = {line.strip() for line in (Path(__file__).parent / "config_keys.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    now = set(schema_keys())
+    unlisted = sorted(now - frozen - set(ADDED_KEYS))
+    assert not unlisted, f"new config keys {unlisted}: list each in sectune/run_digest.py ADDED_KEYS with the value " \
+                         "that reproduces what runs made before it did"
+    assert not set(ADDED_KEYS) & frozen and set(ADDED_KEYS) <= now
+    schema = OmegaConf.structured(SectuneConfig)
+    for key, older in ADDED_KEYS.items():
+        OmegaConf.update(schema, key, older)  # raises on a value of the wrong type
 
 
 def test_submitit_local_runs_a_two_job_sweep_and_counts_a_job_that_never_wrote_its_result(tmp_path):

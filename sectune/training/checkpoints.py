@@ -275,7 +275,9 @@ def _added_since(before: dict, now: dict) -> dict:
     from sectune.evaluation.injection_eval import older_defaults
 
     defaults = OmegaConf.structured(SectuneConfig)
-    older = {f"dataset.{k}": v for k, v in older_defaults(now.get("dataset.name")).items()}
+    from sectune.run_digest import ADDED_KEYS
+
+    older = {**ADDED_KEYS, **{f"dataset.{k}": v for k, v in older_defaults(now.get("dataset.name")).items()}}
     added = {}
     for k in set(now) - set(before):
         try:

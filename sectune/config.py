@@ -316,6 +316,28 @@ class SectuneConfig:
 SAFE_RESOLVERS = {"sectune_shared_data", "sectune_cache", "now"}
 
 
+def model_label(m) -> str:
+    """How messages name the configured model (``m``: ``cfg.model``): its preset (``model=smollm_135m``), or
+    ``model.name_or_path=…`` where that points at another model than the preset's (a user's own model on the
+    ``tiny_llama`` preset was called ``model=tiny_llama`` in every message)."""
+    from sectune.paths import CONF_DIR
+
+    try:
+        own = OmegaConf.load(CONF_DIR / "model" / f"{m.name}.yaml").get("name_or_path")
+    except Exception:  # noqa: BLE001 - a preset of the user's own config dir: its name says what it is
+        own = m.name_or_path
+    if m.name_or_path and str(m.name_or_path) != str(own):
+        return f"model.name_or_path={m.name_or_path}"
+    return f"model={m.name}"
+
+
+def model_title(m) -> str:
+    """The configured model's name on the console and in plot titles: the preset's, or the ``model.name_or_path`` a user
+    set in its place."""
+    label = model_label(m)
+    return m.name if label.startswith("model=") else str(m.name_or_path)
+
+
 def load_run_config(cfg_path: Path) -> DictConfig:
     """A run's saved ``.hydra/config.yaml``, with a relative ``dataset.path`` / ``dataset.source_dir`` (and a relative
     ``model.name_or_path`` folder) made absolute

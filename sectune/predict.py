@@ -178,7 +178,7 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
             raise
         except Exception as e:  # noqa: BLE001 - any other load failure is the same user error: this folder's files
             first = first_line(e)
-            raise ConfigError(f"{folder}: cannot load the saved classifier onto model={cfg.model.name} "
+            raise ConfigError(f"{folder}: cannot load the saved classifier onto {modeling.model_label(cfg.model)} "
                               f"({type(e).__name__}: {first}); the run's files may be damaged; {RETRAIN}") from None
 
     tokenizer = _load(arts[0], lambda: modeling.load_tokenizer(cfg, str(arts[0])))

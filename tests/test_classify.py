@@ -883,3 +883,9 @@ def test_a_head_part_the_weights_lack_is_trained_and_saved_with_the_adapter(tmp_
             return m(input_ids=ids).logits
 
     torch.testing.assert_close(load(), load())
+    # the console line named BERT's [CLS] pooling "last-token pooling"; a decoder's last-token pooling keeps its name
+    from sectune.training.classification import pooling_description
+
+    assert pooling_description(model, "last") == "BertForSequenceClassification's own pooling"
+    tiny_cls = modeling.load_model(compose(["stage=classify"]), task="seq_cls", num_labels=2)
+    assert [pooling_description(tiny_cls, p) for p in ("last", "mean")] == ["last-token pooling", "mean-token pooling"]

@@ -424,6 +424,19 @@ def test_the_settings_those_checks_leave_alone_still_run():
         check_values(compose(ok))
 
 
+def test_messages_name_the_model_a_user_set_not_the_preset_it_replaced(tmp_path):
+    """With only model.name_or_path set, every message called the user's own model by the preset it replaced
+    (``model=tiny_llama``); the preset's own model keeps the preset's name."""
+    from sectune.models.modeling import model_label
+
+    assert model_label(compose([]).model) == "model=tiny_llama"
+    assert model_label(compose(["model.name_or_path=/models/mine"]).model) == "model.name_or_path=/models/mine"
+    assert model_label(compose(["model=smollm_135m"]).model) == "model=smollm_135m"
+    assert model_label(compose(["model=smollm_135m", "model.name_or_path=HuggingFaceTB/SmolLM-135M"]).model) == "model=smollm_135m"
+    assert model_label(compose(["model=smollm_135m", "model.name_or_path=HuggingFaceTB/SmolLM-360M"]).model) == \
+        "model.name_or_path=HuggingFaceTB/SmolLM-360M"
+
+
 def test_a_model_folder_that_is_not_there_is_named_as_a_missing_folder_not_a_hub_download(tmp_path):
     """model.name_or_path=/runs/old/model (deleted) said it was "not in the local Hugging Face cache" and to run
     `hf download /runs/old/model`."""
@@ -431,7 +444,7 @@ def test_a_model_folder_that_is_not_there_is_named_as_a_missing_folder_not_a_hub
     from sectune.models import modeling
 
     cfg = compose([f"model.name_or_path={tmp_path / 'gone' / 'model'}"])
-    with pytest.raises(ModelNotAvailableError, match=r"gone/model' \(model=tiny_llama\): no such folder$"):
+    with pytest.raises(ModelNotAvailableError, match=r"^model.name_or_path='[^']*gone/model': no such folder$"):
         modeling.load_tokenizer(cfg)
     for name in ("/a/b", "./m", "../m", "~/m", "runs/x/model"):
         assert modeling.looks_like_a_path(name), name

@@ -9,6 +9,7 @@ import contextlib
 import torch
 from omegaconf import DictConfig
 
+from sectune.config import model_title
 from sectune.errors import ConfigError
 
 
@@ -42,12 +43,12 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         missing = [t for t in targets if t not in have]
         if missing and getattr(model.config, "model_type", "") == "gpt2" and all(t in GPT2_NAMES for t in missing):
             mapped = list(dict.fromkeys(GPT2_NAMES.get(t, t) for t in targets))  # the lora presets name Llama's modules
-            print(f"sectune: lora.target_modules {targets} are Llama's module names; in {cfg.model.name}'s GPT-2 blocks "
+            print(f"sectune: lora.target_modules {targets} are Llama's module names; in {model_title(cfg.model)}'s GPT-2 blocks "
                   f"that is {mapped} (c_attn holds q, k and v together)")
             targets, missing = mapped, [t for t in mapped if t.split(".")[-1] not in have]
         if missing:
             raise ConfigError(
-                f"lora.target_modules: {missing} not in model {cfg.model.name}; "
+                f"lora.target_modules: {missing} not in model {model_title(cfg.model)}; "
                 f"its linear modules are {have} (or use lora.target_modules=[all-linear])"
             )
     fresh = [m for m in getattr(model, "_sectune_fresh", ()) if task_type == "SEQ_CLS"]

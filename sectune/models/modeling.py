@@ -18,15 +18,21 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sectune.config import model_label, model_title
 from sectune.errors import ConfigError, ModelNotAvailableError
 from sectune.models.lora import (GPT2_NAMES, _lora_layers, apply_lora, linear_module_names, merged_lora, quantized_module_count,
                                  trainable_parameters)
 
 #: the LoRA side lives in models/lora.py; the stages and the tests reach it through this module
 __all__ = ["GPT2_NAMES", "_lora_layers", "apply_lora", "linear_module_names", "merged_lora",
-           "quantized_module_count", "trainable_parameters"]
+           "quantized_module_count", "trainable_parameters", "model_label", "model_title"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
+
+
+def _where(path: str, cfg: DictConfig) -> str:
+    label = model_label(cfg.model)
+    return f"model {path!r} ({label})" if label.startswith("model=") else f"model.name_or_path={path!r}"
 
 
 def model_path(cfg: DictConfig) -> str:
@@ -73,7 +79,7 @@ def adapter_base(adapter_dir, cfg: DictConfig) -> str:
     local = Path(str(trained_on)).expanduser() if trained_on else None
     if local is not None and (local / "config.json").is_file() and local.resolve() != Path(configured).expanduser().resolve():
         print(f"sectune: the adapter in {adapter_dir} goes on the weights it was trained on ({local}), not on "
-              f"model={cfg.model.name} ({configured})")
+              f"{model_label(cfg.model)} ({configured})")
         return str(local)
     return configured
 
@@ -109,7 +115,7 @@ def _refused_unsafe(path: str, cfg: DictConfig):
     (``weights_only=False``, ``trust_remote_code=True``: an audit, session 37)."""
     import pickle
 
-    where = f"model {path!r} (model={cfg.model.name})"
+    where = _where(path, cfg)
     try:
         yield
     except pickle.UnpicklingError:
@@ -134,7 +140,7 @@ def _from_pretrained(loader, path: str, cfg: DictConfig, tokenizer_only: bool = 
             check_model_folder(Path(path), cfg, tokenizer_only)
             return loader(path, **kwargs)
         if looks_like_a_path(path):  # a hub id is owner/name: this is a folder that is not there (a typo, a deleted run)
-            raise ModelNotAvailableError(f"model {path!r} (model={cfg.model.name}): no such folder"
+            raise ModelNotAvailableError(f"{_where(path, cfg)}: no such folder"
                                          + (f" ({Path(path).expanduser()} is a file)" if Path(path).expanduser().is_file() else ""))
         try:
             return loader(path, local_files_only=True, **kwargs)
@@ -148,7 +154,7 @@ def _from_pretrained(loader, path: str, cfg: DictConfig, tokenizer_only: bool = 
             return loader(path, **kwargs)
         except OSError as e:
             raise ModelNotAvailableError(
-                f"model {path!r} (model={cfg.model.name}) is not in the local Hugging Face cache and could not be "
+                f"{_where(path, cfg)} is not in the local Hugging Face cache and could not be "
                 f"downloaded ({e.__class__.__name__}{': ' + why if why else ''}). Download it where "
                 f"there is network (`hf download {path}`) or point to the weights with model.name_or_path=/path/to/folder"
             ) from None

@@ -106,7 +106,7 @@ def run(ctx: RunContext) -> dict:
                        folds=folds, fold_best_steps=[m["metrics"].get("best_step") for m in runs])
         artifacts.update(folds="folds", checkpoints="checkpoints")
     artifacts.update(loss_curve="plots/loss_curve.png", train_history="train_history.json" if members is None else "folds")
-    title = f"classify · {cfg.model.name} · {cfg.dataset.name}" + ("" if members is None else f" · fold 1 of {folds}")
+    title = f"classify · {modeling.model_title(cfg.model)} · {cfg.dataset.name}" + ("" if members is None else f" · fold 1 of {folds}")
     if main:
         engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, title)
 
@@ -200,8 +200,8 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     else:
         model = modeling.apply_lora(modeling.load_model(cfg, path=path), cfg, task_type="CAUSAL_LM")
     trainable, total = modeling.trainable_parameters(model)
-    pool = f", {cfg.classify.pooling}-token pooling" if head == "seq_cls" else ""
-    print(f"sectune: {cfg.model.name} ({head} head{pool}): {trainable:,} trainable of {total:,} parameters")
+    pool = f", {C.pooling_description(model, cfg.classify.pooling)}" if head == "seq_cls" else ""
+    print(f"sectune: {modeling.model_title(cfg.model)} ({head} head{pool}): {trainable:,} trainable of {total:,} parameters")
 
     max_len = cfg.model.max_seq_length
     p_drop = float(cfg.classify.subword_dropout)

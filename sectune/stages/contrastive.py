@@ -75,7 +75,7 @@ def run(ctx: RunContext) -> dict:
     model, start, sft_weights, init_folder = build_model(cfg, path)
     tokenizer = modeling.tokenizer_for(cfg, init_folder, path)  # the one saved with the weights it starts from
     trainable, total = modeling.trainable_parameters(model)
-    print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}")
+    print(f"sectune: {modeling.model_title(cfg.model)}: {trainable:,} trainable of {total:,} parameters; starting from {start}")
     max_len = int(cfg.model.max_seq_length)
     rows = {}
     cut = 0
@@ -152,7 +152,7 @@ def run(ctx: RunContext) -> dict:
         artifacts["injection_eval"] = "injection_eval.json"
     if trainer.state.best_model_checkpoint:
         artifacts["best_checkpoint"] = os.path.relpath(Path(trainer.state.best_model_checkpoint).resolve(), run_dir.resolve())
-    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"contrastive · {cfg.model.name}")
+    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"contrastive · {modeling.model_title(cfg.model)}")
     artifacts["loss_curve"] = "plots/loss_curve.png"
     metrics.update(engine.peak_memory())
     metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
@@ -246,7 +246,7 @@ def build_model(cfg: DictConfig, path: str):
         raise
     except Exception as e:  # noqa: BLE001 - every load failure is the same user error: this folder, this model
         first = first_line(e)
-        raise ConfigError(f"contrastive.init_from={init_from}: cannot load the {kind} in {folder} for model={cfg.model.name} "
+        raise ConfigError(f"contrastive.init_from={init_from}: cannot load the {kind} in {folder} for {modeling.model_label(cfg.model)} "
                           f"({type(e).__name__}: {first})") from None
 
 

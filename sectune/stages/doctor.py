@@ -309,7 +309,7 @@ def run_checks(cfg: DictConfig) -> tuple[list[Check], dict]:
 
 
 def markdown(cfg: DictConfig, checks: list[Check], plan_info: dict) -> str:
-    lines = [f"# sectune doctor: model={cfg.model.name} quantization={cfg.quantization.name} stage settings from the composed config", "",
+    lines = [f"# sectune doctor: {_label(cfg)} quantization={cfg.quantization.name} stage settings from the composed config", "",
              "| check | status | detail | fix |", "|---|---|---|---|"]
     for c in checks:
         status = c.status.upper() if c.status == "missing" else c.status
@@ -336,7 +336,13 @@ def run(ctx: RunContext) -> dict:
     bad = [c for c in checks if c.status == "missing" or (cfg.doctor.strict and c.status == "warn")]
     if bad:
         raise EnvironmentNotReady(
-            f"not ready for model={cfg.model.name}: " + "; ".join(f"{c.name}: {c.detail} (fix: {c.fix})" for c in bad)
+            f"not ready for {_label(cfg)}: " + "; ".join(f"{c.name}: {c.detail} (fix: {c.fix})" for c in bad)
         )
     print(f"sectune doctor: ready ({counts['ok']} ok, {counts['warn']} warnings)")
     return {"metrics": metrics, "artifacts": {"doctor": "doctor.md"}}
+
+
+def _label(cfg: DictConfig) -> str:
+    from sectune.models.modeling import model_label
+
+    return model_label(cfg.model)

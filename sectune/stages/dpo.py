@@ -56,7 +56,7 @@ def run(ctx: RunContext) -> dict:
     tokenizer = modeling.tokenizer_for(cfg, init_dir, path)  # the one saved with the weights it starts from
     trainable, total = modeling.trainable_parameters(model)
     start = init_dir or ("a fresh adapter" if cfg.lora.enabled else "the base model")
-    print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}; reference: {reference_label(cfg, reference)}")
+    print(f"sectune: {modeling.model_title(cfg.model)}: {trainable:,} trainable of {total:,} parameters; starting from {start}; reference: {reference_label(cfg, reference)}")
 
     # 2. data: pairs split by window; a pair that does not fit model.max_seq_length is left out, since
     # cutting it would cut the answer (or the log lines the answer counts)
@@ -124,7 +124,7 @@ def run(ctx: RunContext) -> dict:
     if is_peft and "ref" in policy.peft_config:
         policy.delete_adapter("ref")  # the saved adapter is the policy alone, loadable with plain PEFT
     modeling.save_pretrained_atomic(policy, tokenizer, run_dir / name)
-    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"dpo · {cfg.model.name} · β={beta}")
+    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"dpo · {modeling.model_title(cfg.model)} · β={beta}")
     artifacts["loss_curve"] = "plots/loss_curve.png"
 
     metrics.update(engine.peak_memory())
@@ -254,7 +254,7 @@ def build_policy(cfg, path: str):
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
     except Exception as e:  # noqa: BLE001 - any load failure is the same user error: this adapter, this model
         first = first_line(e)
-        raise ConfigError(f"dpo.init_from={init_from}: cannot load the adapter in {folder} onto model={cfg.model.name} ({type(e).__name__}: {first})") from None
+        raise ConfigError(f"dpo.init_from={init_from}: cannot load the adapter in {folder} onto {modeling.model_label(cfg.model)} ({type(e).__name__}: {first})") from None
     print(f"sectune: LoRA settings come from the SFT adapter (r={model.peft_config['default'].r}); lora.* is not applied")
     return model, None, folder
 

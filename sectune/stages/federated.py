@@ -254,7 +254,7 @@ def run(ctx: RunContext) -> dict:
                                                 "sampled_clients": {str(r): sampled[r] for r in sorted(sampled)},
                                                 "partition_sizes": sizes, "data": data.info})
     plot_rounds(run_dir / "plots" / "federated_rounds.png", [history[r] for r in rounds], up, down, full_bytes * per_round,
-                f"federated · {cfg.model.name} · {fed.num_clients} clients ({fed.partition})")
+                f"federated · {modeling.model_title(cfg.model)} · {fed.num_clients} clients ({fed.partition})")
     metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
     print(f"sectune: federated done · {rounds_done} round{'s' if rounds_done != 1 else ''} in {sim_s:.0f}s · val loss {metrics['val_loss_start']:.3f} → "
           f"{metrics['val_loss_end']:.3f}" + (f" · test F1 {metrics['test_f1']:.4f} FPR {metrics['test_fpr']:.4f}" if "test_f1" in metrics else "")

@@ -306,12 +306,12 @@ def load_model(cfg, choice: ModelChoice):
             trained_on = json.loads((choice.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
             if trained_on and not _same_model(trained_on, base):
                 print(f"sectune: warning: the {choice.used} adapter was trained on {trained_on}; loading it on "
-                      f"model={cfg.model.name} ({base})")
+                      f"{modeling.model_label(cfg.model)} ({base})")
             try:
                 model = PeftModel.from_pretrained(model, str(choice.path))
             except Exception as e:  # noqa: BLE001 - any load failure is the same user error: this adapter, this model
                 first = first_line(e)
-                raise ConfigError(f"cannot load the {choice.used} adapter in {choice.path} onto model={cfg.model.name} "
+                raise ConfigError(f"cannot load the {choice.used} adapter in {choice.path} onto {modeling.model_label(cfg.model)} "
                                   f"({type(e).__name__}: {first})") from None
             ref = str(choice.path)
     tokenizer = modeling.tokenizer_for(cfg, choice.path, base)

@@ -137,7 +137,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     modeling.pad_like_tokenizer(model, tokenizer)
     model = modeling.apply_lora(model, cfg, task_type="SEQ_CLS")  # PEFT adds the score head to modules_to_save
     trainable, total = modeling.trainable_parameters(model)
-    print(f"sectune: {cfg.model.name} (one-output score head): {trainable:,} trainable of {total:,} parameters")
+    print(f"sectune: {modeling.model_title(cfg.model)} (one-output score head): {trainable:,} trainable of {total:,} parameters")
 
     max_len = int(cfg.model.max_seq_length)
     train_rows, cut = RM.encode_pair_groups(tokenizer, splits["train"], max_len)
@@ -195,7 +195,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
                                            "model": cfg.model.name, "lora": bool(cfg.lora.enabled), "quantization": cfg.quantization.name,
                                            **norm})
     RM.check_head(out)
-    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"reward · {cfg.model.name}")
+    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"reward · {modeling.model_title(cfg.model)}")
     metrics.update(engine.peak_memory())
     metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
     _report(metrics, held_name, f"reward model at {out}")

@@ -93,7 +93,7 @@ def build_policy(cfg, path: str):
             raise
         except Exception as e:  # noqa: BLE001 - every load failure is the same user error: this folder, this model
             first = first_line(e)
-            raise ConfigError(f"rl.init_from={init_from}: cannot load the {kind} in {folder} for model={cfg.model.name} ({type(e).__name__}: {first})") from None
+            raise ConfigError(f"rl.init_from={init_from}: cannot load the {kind} in {folder} for {modeling.model_label(cfg.model)} ({type(e).__name__}: {first})") from None
         weights = Path(base) if Path(base).resolve() != Path(modeling.model_path(cfg)).resolve() else None
         return model, f"the SFT adapter in {folder} (its LoRA settings; lora.* not applied)", False, weights, folder
     except ConfigError as e:
@@ -215,7 +215,7 @@ def run_grpo(ctx: RunContext) -> dict:
     model, start, fresh, sft_weights, init_folder = build_policy(cfg, path)
     tokenizer = modeling.tokenizer_for(cfg, init_folder, path)  # the one saved with the weights it starts from
     trainable, total = modeling.trainable_parameters(model)
-    print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters; starting from {start}")
+    print(f"sectune: {modeling.model_title(cfg.model)}: {trainable:,} trainable of {total:,} parameters; starting from {start}")
     # a LoRA reward model trained on the weights the policy's adapter sits on scores on the policy's model
     reward_funcs, weights, reward_kind = reward_functions(cfg, policy=model, policy_base=str(sft_weights or path))
     # the weights in force: rl.rewards={verdict: 1} on the command line merges into the defaults (Hydra), which kept the
@@ -294,7 +294,7 @@ def run_grpo(ctx: RunContext) -> dict:
         trainer.accelerator.wait_for_everyone()
         return {"metrics": metrics, "artifacts": artifacts}
     save_policy(trainer, tokenizer, run_dir / "adapter")
-    plot_reward_curve(run_dir / "plots" / "reward_curve.png", history["steps"], f"grpo · {cfg.model.name} · G={rl.num_generations} · β={cfg.loss.beta}",
+    plot_reward_curve(run_dir / "plots" / "reward_curve.png", history["steps"], f"grpo · {modeling.model_title(cfg.model)} · G={rl.num_generations} · β={cfg.loss.beta}",
                       dict(zip(trainer.reward_func_names, weights)), heldout=best.scores if best else None)
     metrics.update(engine.peak_memory())
     metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)
@@ -376,7 +376,7 @@ def run_simplified_ppo(ctx: RunContext) -> dict:
                  **base_model_artifact(sft_weights, run_dir)}
     if main:
         save_policy(trainer, tokenizer, run_dir / "adapter")
-        engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"simplified_ppo (= SFT) · {cfg.model.name}")
+        engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"simplified_ppo (= SFT) · {modeling.model_title(cfg.model)}")
         (run_dir / "NOTE.txt").write_text(SFT_NOTE + "\n")
         artifacts["note"] = "NOTE.txt"
         metrics.update(engine.peak_memory())

@@ -68,7 +68,7 @@ def run(ctx: RunContext) -> dict:
             f"sectune: warning: {too_long} of {len(records)} examples exceed model.max_seq_length="
             f"{cfg.model.max_seq_length} tokens and lose the end of their answer; raise it or shorten the inputs"
         )
-    print(f"sectune: {cfg.model.name}: {trainable:,} trainable of {total:,} parameters")
+    print(f"sectune: {modeling.model_title(cfg.model)}: {trainable:,} trainable of {total:,} parameters")
 
     # 3. trainer
     resume = checkpoints.resolve_resume(cfg, run_dir / "checkpoints")
@@ -122,7 +122,7 @@ def run(ctx: RunContext) -> dict:
         return {"metrics": metrics, "artifacts": artifacts}
     modeling.save_pretrained_atomic(model_unwrapped, tokenizer, run_dir / name)
     history = engine.loss_history(trainer)
-    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, f"sft · {cfg.model.name} · {cfg.dataset.name}")
+    engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, f"sft · {modeling.model_title(cfg.model)} · {cfg.dataset.name}")
     artifacts["loss_curve"] = "plots/loss_curve.png"
     if cfg.quantization.name == "none":
         save_probe_logits(model_unwrapped, tokenizer, [r["prompt"] + r["completion"] for r in (val_recs or train_recs)[:2]], run_dir / PROBE_FILE)
@@ -246,7 +246,7 @@ def answer_key_weights(cfg, tokenizer, completions: list[str]):
             raise ConfigError(f"loss.weighted_keys: no training answer holds the key {key!r} (as \"{key}\":)")
         if not any((key_value_weights(torch.tensor([tokenizer.encode(c, add_special_tokens=False)]), [pat], None, 2.0) > 1).any()
                    for c in holders):
-            raise ConfigError(f"loss.weighted_keys: {key!r}: this tokenizer ({cfg.model.name}) splits \"{key}\": otherwise inside "
+            raise ConfigError(f"loss.weighted_keys: {key!r}: this tokenizer ({modeling.model_title(cfg.model)}) splits \"{key}\": otherwise inside "
                               f"an answer than alone, so its value cannot be found by tokens; leave the key out or use loss.key_weight=1")
     return fn
 

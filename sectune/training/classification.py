@@ -337,6 +337,16 @@ def running_mean(logits: torch.Tensor) -> torch.Tensor:
     return x.cumsum(1) / n
 
 
+def pooling_description(model, pooling: str) -> str:
+    """What ``classify.pooling`` does on this model, for the console: ``last`` is the last real token only on a decoder
+    (a ``score`` head); an encoder's head pools as the model does ([CLS] through BERT's pooler), which the line called
+    "last-token pooling"."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if pooling == "last" and not isinstance(getattr(inner, "score", None), torch.nn.Module):
+        return f"{type(inner).__name__}'s own pooling"
+    return f"{pooling}-token pooling"
+
+
 def set_pooling(model, pooling: str):
     """``classify.pooling``: ``last`` leaves the model as transformers built it; ``mean`` hooks its
     ``score`` head so the class logits are the mean over the real tokens (a no-op on the weights:
@@ -350,7 +360,7 @@ def set_pooling(model, pooling: str):
     if not isinstance(score, torch.nn.Module):
         raise ConfigError(
             f"classify.pooling=mean needs a decoder …ForSequenceClassification with a `score` head; "
-            f"{type(inner).__name__} has none: use classify.pooling=last"
+            f"{type(inner).__name__} has none: use classify.pooling=last (the model's own pooling)"
         )
     if not getattr(score, "_sectune_mean_pooling", False):
         score.register_forward_hook(lambda _module, _args, out: running_mean(out) if out.dim() == 3 else out)

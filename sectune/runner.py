@@ -225,8 +225,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
                   "the Python code its folder or hub repository ships", file=sys.stderr)
         _seed_everything(cfg.train.seed)
         stage_fn = resolve_stage(stage_name)
-        # the doctor checks W&B itself (its own run stalled ~90 s where a key has no network: session 36)
-        ctx.tracker = tracking.start(cfg, run_dir) if main and stage_name != "doctor" else None
+        # the doctor checks W&B itself (its own run stalled ~90 s where a key has no network: session 36); a pipeline opens
+        # its own when its steps (each with its run) are over, so that run ends failed or succeeded with the pipeline
+        ctx.tracker = tracking.start(cfg, run_dir) if main and stage_name not in ("doctor", "pipeline") else None
         with _quiet_unless(main):  # under torchrun every rank ran the stage's prints: rank 0 speaks, the others' stderr stays
             out = stage_fn(ctx) or {}
         metrics = {**ctx.partial_metrics, **out.get("metrics", {})}

@@ -160,10 +160,11 @@ def start(cfg: DictConfig, run_dir: Path):
     os.environ.setdefault("WANDB_LOG_MODEL", "false")
     os.environ.setdefault("WANDB_WATCH", "false")
     config = redact(OmegaConf.to_container(cfg, resolve=True))
-    kwargs = dict(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir), name=f"{cfg.stage.name}-{run_dir.name}",
-                  group=run_dir.parent.name, tags=list(cfg.logger.tags), config=config, reinit="finish_previous")
+    name, group = run_name(cfg.stage.name, run_dir)
+    kwargs = dict(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir), name=name, group=group,
+                  job_type=str(cfg.stage.name), tags=list(cfg.logger.tags), config=config, reinit="finish_previous")
     try:
-        return wandb.init(mode=mode, **kwargs)
+        return _opened(wandb.init(mode=mode, **kwargs), config)
     except Exception as e:  # noqa: BLE001 - online: no network, a proxy, a rejected key … the run itself need not fail
         if mode != "online":
             raise
@@ -172,7 +173,32 @@ def start(cfg: DictConfig, run_dir: Path):
               f"{run_dir / 'wandb'} instead (`wandb sync` uploads it later; logger.mode=offline or WANDB_MODE=offline "
               "skips this wait where there is no network)", file=sys.stderr)
         os.environ["WANDB_MODE"] = "offline"
-        return wandb.init(mode="offline", **kwargs)
+        return _opened(wandb.init(mode="offline", **kwargs), config)
+
+
+#: each open run's ``debug`` node, put back at its end: Trainer's WandbCallback writes TrainingArguments' own ``debug: []``
+#: over it (an audit, session 39: a debug run read in W&B as the full run its config names)
+_CONFIG_DEBUG: dict[int, Any] = {}
+
+
+def _opened(run, config: dict):
+    _CONFIG_DEBUG[id(run)] = config.get("debug")
+    return run
+
+
+def run_name(stage: str, run_dir: Path) -> tuple[str, str]:
+    """(name, group) of a run's W&B run. A pipeline and its steps share one group, ``<parent>/<pipeline dir>``
+    (``multirun/…/14-02-11/0`` for a sweep's job 0): grouped by the step dir's parent alone, every sweep's job-0 steps
+    shared group ``0`` and the pipeline's own run sat in another group than its steps. A run of one stage keeps its
+    dir's parent (a sweep dir: its jobs together)."""
+    run_dir = Path(run_dir).resolve()
+    if (run_dir / "step.json").is_file():  # a pipeline's step (pipeline_record writes it before the step runs)
+        group = f"{run_dir.parent.parent.name}/{run_dir.parent.name}"
+        return f"{group}/{run_dir.name}", group
+    if stage == "pipeline":
+        group = f"{run_dir.parent.name}/{run_dir.name}"
+        return f"{group}/pipeline", group
+    return f"{stage}-{run_dir.name}", run_dir.parent.name
 
 
 def log(tracker, metrics: dict, step: int | None = None) -> None:
@@ -180,9 +206,23 @@ def log(tracker, metrics: dict, step: int | None = None) -> None:
         tracker.log(metrics, step=step)
 
 
+def log_step(metrics: dict, step: int) -> None:
+    """Numbers a callback computes beside Trainer's own (GRPO's held-out reward) into the open W&B run, on Trainer's
+    ``train/global_step`` axis; nothing where no run is open (``logger=none``, another rank)."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is not None:
+        run.log({**metrics, "train/global_step": step})
+
+
 def finish(tracker, result: dict) -> None:
     if tracker is None:
         return
-    numbers = {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, (int, float))}
-    tracker.summary.update({**{f"final/{k}": v for k, v in numbers.items()}, "status": result["status"]})
+    # numbers and the short labels beside them (heldout_split: which split a held-out number was measured on)
+    kept = {k: v for k, v in result.get("metrics", {}).items()
+            if isinstance(v, (int, float)) or isinstance(v, str) and len(v) <= 200}
+    tracker.summary.update({**{f"final/{k}": v for k, v in kept.items()}, "status": result["status"]})
+    debug = _CONFIG_DEBUG.pop(id(tracker), None)
+    if debug is not None:
+        tracker.config.update({"debug": debug}, allow_val_change=True)
     tracker.finish(exit_code=0 if result["status"] == "succeeded" else 1)

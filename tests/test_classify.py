@@ -656,6 +656,11 @@ def test_evaluate_on_the_validation_split_names_its_numbers_validation_not_test(
     m = json.loads((tmp_path / "ev/result.json").read_text())["metrics"]
     assert {"validation_macro_f1", "baseline_validation_macro_f1", "majority_validation_macro_f1"} <= set(m)
     assert not [k for k in m if "test_" in k] and "optimistic" in ev.stdout
+    # every file of the evaluation names the split it scored (they said test_*, "same test rows" and "(test)")
+    detailed = json.loads((tmp_path / "ev/evaluation/detailed_results.json").read_text())["summary"]["metrics"]
+    assert detailed["validation_macro_f1"] == m["validation_macro_f1"] and not [k for k in detailed if "test_" in k]
+    report = (tmp_path / "ev/evaluation/evaluation_report.txt").read_text()
+    assert "(same validation rows)" in report and "(validation)" in report and "test" not in report, report
     # a training row changed since: TF-IDF + LR would be refitted on other rows than the run's (its score moved silently)
     first = json.loads((tmp_path / "run/splits/train.json").read_text())[0]["raw_text"]
     p.write_text(p.read_text().replace(f"{first},", f"{first} changed,"))

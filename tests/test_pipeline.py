@@ -694,3 +694,31 @@ def test_a_steps_own_value_that_replaces_the_command_lines_is_said(tmp_path, cap
     assert "train.max_steps=24 (pipeline.overrides.rl) replaces the command line's train.max_steps=1" in out
     pipeline.compose_step(cfg, base, "infer", tmp_path, names)
     assert "replaces" not in capsys.readouterr().out
+
+
+def test_the_pipelines_wandb_run_ends_as_the_pipeline_does_and_shares_its_steps_group(tmp_path):
+    """The pipeline opened its W&B run, closed it (exit 0) before step 1 and reopened one only when every step succeeded: a
+    failed or interrupted pipeline was "finished" in W&B, and its run sat in another group than its steps (a sweep's
+    job-0 steps of every sweep shared group "0"). Trainer's callback also wrote its own ``debug: []`` over the run's
+    ``debug`` settings, so a debug run read in W&B as a full one (an audit, session 39)."""
+    from wandb_records import runs_in
+
+    run_dir = tmp_path / "pipe"
+    args = ["stage=pipeline", "pipeline.steps=[sft,infer]", "pipeline.heldout_table=false", "logger=wandb",
+            "generation.preview_samples=0", "dataset.max_samples=16", "train.batch_size=4", "train.max_steps=2",
+            "generation.max_new_tokens=8", "pipeline.heldout_max_windows=2"]
+    env = {"WANDB_MODE": "offline"}
+    failed = sectune([*args, "debug.fail_at_step=1"], run_dir, env=env)
+    assert failed.returncode != 0, failed.stderr[-2000:]
+    (own,), (sft,) = runs_in(run_dir), runs_in(run_dir / "sft")
+    assert own["exit_code"] != 0 and own["summary"]["status"] == "failed", own
+    assert sft["exit_code"] != 0 and sft["config"]["debug"]["fail_at_step"] == 1, sft["config"].get("debug")
+    assert own["group"] == sft["group"] == f"{tmp_path.name}/pipe" and sft["name"] == f"{tmp_path.name}/pipe/sft"
+    assert (own["job_type"], sft["job_type"]) == ("pipeline", "sft")
+
+    done = sectune(args, run_dir, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    own = runs_in(run_dir)
+    assert [r["exit_code"] for r in own] == [1, 0] and own[1]["summary"]["status"] == "succeeded"
+    (infer,) = runs_in(run_dir / "infer")
+    assert own[1]["group"] == infer["group"] == f"{tmp_path.name}/pipe"

@@ -86,6 +86,11 @@ def test_forced_fallback_writes_a_heuristic_that_ranks_pairs(tmp_path):
     assert res["metrics"]["fallback"] == 1
     assert res["metrics"]["reward_accuracy"] >= 0.8, res["metrics"]
     assert "HEURISTIC reward model" in run.stdout
+    assert res["metrics"]["heldout_split"] == "test"
+    # no test pairs: the held-out numbers are the validation pairs', and the result says so (the name alone said test)
+    val = sectune([*REWARD, "reward.force_fallback=true", "dataset.test_fraction=0"], tmp_path / "val")
+    assert val.returncode == 0 and val.result["metrics"]["heldout_split"] == "validation", val.stderr[-2000:]
+    assert "validation pairwise accuracy" in val.stdout
     scorer = RM.load_reward_model(tmp_path / "run")
     assert scorer.kind == "heuristic"
     chosen = '{"verdict":"benign","failed_logins":0,"accepted_logins":1,"invalid_users":[],"targeted_users":[],"source_ips":[],' \

@@ -200,6 +200,25 @@ def test_heldout_best_keeps_a_later_step_only_when_its_paired_gain_beats_one_sta
         assert evaluate_at(tracker(k), (0, 4)).step == kept, k
 
 
+def test_the_heldout_reward_curve_goes_to_the_open_wandb_run_on_trainers_step_axis(monkeypatch):
+    """The validation curve rl.keep_best chooses on was in train_history.json and the plot but never in W&B (an audit,
+    session 39); nothing is logged where no run is open."""
+    import sys
+    from types import SimpleNamespace
+
+    from sectune.stages import rl
+
+    logged = []
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(run=SimpleNamespace(log=logged.append)))
+    best = rl.HeldOutBest(lambda m: [1.0, 0.0, 0.5, 0.5], eval_steps=2)
+    best.evaluate(torch.nn.Linear(2, 1), 0)
+    best.evaluate(torch.nn.Linear(2, 1), 4)
+    assert logged == [{"eval/reward_heldout": 0.5, "train/global_step": 0}, {"eval/reward_heldout": 0.5, "train/global_step": 4}]
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(run=None))
+    best.evaluate(torch.nn.Linear(2, 1), 6)
+    assert len(logged) == 2 and best.scores[6] == 0.5
+
+
 def test_keep_best_se_must_not_be_negative(tmp_path):
     from sectune.runner import RunContext
     from sectune.stages import rl

@@ -318,11 +318,9 @@ def evaluate_split(data: LabelledData, split: str, probs: np.ndarray, latencies:
         scores=scores, baselines=base_preds,
         extra={"split": split, "source": data.source, "threshold": threshold, "baselines": base_info,
                "model_rows_per_s": len(recs) / max(sum(latencies), 1e-9), **(extra or {})},
-        generated=[data.source] if is_generated(data.source) else [],
+        generated=[data.source] if is_generated(data.source) else [], split=split,
     )
     metrics["model_rows_per_s"] = len(recs) / max(sum(latencies), 1e-9)
     for name, info in base_info.items():
         metrics[f"{name}_rows_per_s"] = info["rows_per_s"] if np.isfinite(info["rows_per_s"]) else None
-    if split != "test":  # named for the rows they were computed on: validation scores are no test scores
-        metrics = {k.replace("test_", f"{split}_"): v for k, v in metrics.items()}
     return metrics

@@ -87,7 +87,8 @@ def run(ctx: RunContext) -> dict:
     # TRL's own tokenization (EOS added, prompt/answer boundary), so held-out pairs are scored as training sees pairs
     heldout_ds = trainer._prepare_dataset(to_dataset(heldout), tokenizer, trainer.args, heldout_name) if heldout else None
     metrics: dict = {"train_pairs": len(train_pairs), "heldout_pairs": len(heldout), "too_long_pairs": too_long,
-                     "trainable_params": trainable, "total_params": total}
+                     "trainable_params": trainable, "total_params": total,
+                     **({"heldout_split": heldout_name} if heldout else {})}  # preference_accuracy's pairs
     beta = float(cfg.loss.beta)
     fresh_start = fresh_adapter_on_reference(trainer)  # the policy computes the reference's log-probs exactly
     if heldout_ds is not None:  # before train(): a resumed run loads its checkpoint inside train()

@@ -121,6 +121,16 @@ def command_line_overrides(required: bool = True) -> list[str]:
 
 
 def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
+    """The steps, then the held-out table. The pipeline's own W&B run opens at the end, whatever the end, so the runner
+    marks it as the pipeline ended: opened first and closed before step 1 (each step opens its own), it stayed
+    "finished", exit 0, when a step then failed or was interrupted (an audit, session 39)."""
+    try:
+        return _run_pipeline(ctx, overrides)
+    finally:
+        _open_tracker(ctx)
+
+
+def _run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir.resolve()
     names = check_steps(cfg)
     base = step_overrides_base(overrides)
@@ -138,11 +148,6 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
     check_detection_data(steps)
     check_handoff_models(steps)
     print(f"sectune: pipeline: {' → '.join(names)} in {run_dir}")
-
-    # one W&B run per step (grouped under this dir's name); this run's own reopens at the end
-    if ctx.tracker is not None:
-        ctx.tracker.finish()
-        ctx.tracker = None
 
     # 2. the steps (under torchrun every rank runs each step; rank 0 writes the pipeline's files)
     main = distributed.is_main_process()
@@ -185,7 +190,6 @@ def run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
     metrics.update(steps_run=len(ran), steps_skipped=len(skipped))
     print(f"sectune: pipeline: done · ran {', '.join(ran) or 'nothing'}" + (f" · skipped {', '.join(skipped)}" if skipped else "")
           + (f" · held-out table in {run_dir / 'report.md'}" if "heldout_report" in artifacts else ""))
-    _reopen_tracker(ctx, cfg, run_dir)
     return {"metrics": metrics, "artifacts": artifacts}
 
 
@@ -396,14 +400,14 @@ def run_step(step: Step) -> int:
     return code
 
 
-def _reopen_tracker(ctx: RunContext, cfg: DictConfig, run_dir: Path) -> None:
-    """This run's own W&B run (the steps each had theirs), so the runner logs the summary into it: rank 0's alone, as
-    the runner opens it (every rank reopened one, and the others' were never finished)."""
-    if cfg.logger.name == "none" or not distributed.is_main_process():
+def _open_tracker(ctx: RunContext) -> None:
+    """This run's own W&B run (the steps each had theirs, in its group), so the runner logs the summary and the outcome
+    into it: rank 0's alone, as the runner opens it (every rank opened one, and the others' were never finished)."""
+    if ctx.cfg.logger.name == "none" or not distributed.is_main_process():
         return
     from sectune import tracking
 
     try:
-        ctx.tracker = tracking.start(cfg, run_dir)
-    except Exception as e:  # W&B is a convenience: never fail a finished pipeline over it
-        print(f"sectune: pipeline: could not reopen the W&B run ({type(e).__name__}: {e})")
+        ctx.tracker = tracking.start(ctx.cfg, ctx.run_dir.resolve())
+    except Exception as e:  # noqa: BLE001 - W&B is a convenience: never fail a finished pipeline over it
+        print(f"sectune: pipeline: could not open its W&B run ({type(e).__name__}: {e})")

@@ -80,6 +80,7 @@ def heuristic(cfg, run_dir: Path, held_out: list[dict], held_name: str, reason: 
         write_json_atomic(tmp / RM.HEURISTIC_FILE, scorer.spec)
         write_json_atomic(tmp / RM.META_FILE, {"kind": "heuristic", "reason": reason})
         _replace_dir(tmp, out)
+    metrics["heldout_split"] = held_name  # reward_accuracy is on these pairs (validation where there is no test)
     metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
     _report(metrics, held_name, "heuristic reward model")
     return {"metrics": metrics, "artifacts": {"reward_model": "reward_model"}}
@@ -197,6 +198,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     RM.check_head(out)
     engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"reward · {modeling.model_title(cfg.model)}")
     metrics.update(engine.peak_memory())
+    metrics["heldout_split"] = held_name  # reward_accuracy is on these pairs (validation where there is no test)
     metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
     _report(metrics, held_name, f"reward model at {out}")
     trainer.accelerator.wait_for_everyone()

@@ -32,6 +32,9 @@ class HeldOutBest(TrainerCallback):
         out = self.score_fn(model)
         windows = [float(x) for x in out] if isinstance(out, (list, tuple)) else None
         score = self.scores[step] = sum(windows) / len(windows) if windows else float(out)
+        from sectune.tracking import log_step
+
+        log_step({"eval/reward_heldout": score}, step)  # the curve rl.keep_best chooses on, beside TRL's training reward
         if score > self.score + self.margin(windows):
             self.step, self.score, self._windows = step, score, windows
             self._state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -114,6 +114,9 @@ def data_fingerprint(cfg: DictConfig) -> dict:
         return out
 
     fp = {}
+    changed = _auth_versions_since(cfg)
+    if changed:  # other labels (the rules) or other generated lines than a run made before them read
+        fp["auth_versions"] = changed
     for key in ("paths.shared_data", "dataset.source_dir", "dataset.path", "infer.input_file", "evaluate.data_path"):
         value = OmegaConf.select(cfg, key, default=None)
         if key == "dataset.source_dir" and _same_path(value, OmegaConf.select(cfg, "paths.shared_data", default=None)):
@@ -124,6 +127,23 @@ def data_fingerprint(cfg: DictConfig) -> dict:
             except OSError as e:  # unreadable: the run itself will say so
                 fp[key] = f"unreadable: {e.strerror}"
     return fp
+
+
+#: the auth-log rule engine's and log generator's versions when digests began to count them (session 39). A newer one
+#: enters the data fingerprint of every run that reads rule-annotated auth windows, so a pipeline or a sweep does not
+#: reuse a policy trained on the older labels; at these versions the key is absent (the digests of earlier runs stand).
+AUTH_VERSIONS_BASE = {"rules": "auth-rules-3", "generator": "auth-gen-2"}
+#: the datasets built from auth windows annotated by the rules
+AUTH_DATASETS = ("auth_logs", "auth_preferences", "injection_triplets", "injection_preferences")
+
+
+def _auth_versions_since(cfg: DictConfig) -> dict:
+    if OmegaConf.select(cfg, "dataset.name", default=None) not in AUTH_DATASETS:
+        return {}
+    from sectune.data import auth_rules, synthetic_auth
+
+    now = {"rules": auth_rules.RULES_VERSION, "generator": synthetic_auth.GENERATOR_VERSION}
+    return {k: v for k, v in now.items() if v != AUTH_VERSIONS_BASE[k]}
 
 
 def _same_path(a, b) -> bool:

@@ -113,6 +113,26 @@ def test_an_option_added_at_the_value_older_runs_had_keeps_their_digest(monkeypa
     assert config_digest(compose(["lora.r=8"])) != before
 
 
+def test_a_newer_rule_engine_or_log_generator_makes_auth_runs_other_runs(monkeypatch):
+    """The rules label every auth window: a policy trained on the older labels was reused by a pipeline or a sweep after
+    an upgrade that changed them (the digest knew the source logs, not the labels). Runs on other data keep their digest,
+    and at the versions digests began with nothing changes."""
+    from sectune.data import auth_rules, synthetic_auth
+    from sectune.run_digest import AUTH_VERSIONS_BASE, data_fingerprint
+    from sectune.runner import config_digest
+
+    monkeypatch.setattr(auth_rules, "RULES_VERSION", AUTH_VERSIONS_BASE["rules"])
+    monkeypatch.setattr(synthetic_auth, "GENERATOR_VERSION", AUTH_VERSIONS_BASE["generator"])
+    auth, flows = compose(["dataset=auth_logs"]), compose(["dataset=cic_iot_2023_merged"])
+    before = config_digest(auth), config_digest(flows)
+    assert "auth_versions" not in data_fingerprint(auth)
+    monkeypatch.setattr(auth_rules, "RULES_VERSION", "auth-rules-99")
+    assert data_fingerprint(auth)["auth_versions"] == {"rules": "auth-rules-99"}
+    assert config_digest(auth) != before[0] and config_digest(flows) == before[1]
+    monkeypatch.setattr(synthetic_auth, "GENERATOR_VERSION", "auth-gen-99")
+    assert data_fingerprint(compose(["dataset=injection_triplets"]))["auth_versions"] == {"rules": "auth-rules-99", "generator": "auth-gen-99"}
+
+
 def test_every_config_key_is_frozen_or_listed_with_its_older_value():
     """tests/config_keys.txt froze the schema's keys; a key added since must be in run_digest.ADDED_KEYS with a value the
     schema accepts, so no upgrade changes every digest unseen."""

@@ -35,6 +35,69 @@ def data_sources(cfg) -> dict[str, str]:
     return out
 
 
+#: the libraries a run's numbers depend on, recorded with their versions in ``result.json`` (``environment``)
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "scikit-learn", "flwr")
+
+
+def environment() -> dict:
+    """What ran a run, for its ``result.json``: sectune's version and, from a checkout, its git commit (``+dirty`` with
+    uncommitted changes), Python and the libraries' versions, and the device (the GPU's name, else the CPU's model).
+    Beside a number, this says which code and which machine produced it; nothing about the user or host."""
+    import platform
+    import sys
+    from importlib import metadata
+
+    import sectune
+
+    env: dict[str, Any] = {"sectune": sectune.__version__, "python": platform.python_version()}
+    commit = _git_commit()
+    if commit:
+        env["sectune_commit"] = commit
+    env["packages"] = {}
+    for name in PACKAGES:
+        try:
+            env["packages"][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        env["device"] = f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    else:
+        env["device"] = f"cpu: {_cpu_model()}"
+    return env
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout sectune runs from (None when installed, or git is missing)."""
+    import subprocess
+
+    from sectune.paths import INSTALLED, PROJECT_ROOT
+
+    if INSTALLED or not (Path(PROJECT_ROOT) / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no", "--", "sectune", "conf"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip()[:12] + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def finite_json(obj: Any) -> Any:
     """``obj`` with every non-finite number (a metric's NaN, an answer's count of 1e400) as null and tensors/numpy
     scalars as numbers: ``NaN``/``Infinity`` are not JSON to a strict reader."""

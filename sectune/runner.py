@@ -28,7 +28,7 @@ from sectune.training import distributed
 from sectune.training.checkpoints import nonfinite_weights
 # re-exported: runner is where stages, the pipeline and the tests look these up
 from sectune.run_records import (  # noqa: F401
-    RESULT_FILE, check_policy_run, data_sources, finite_json, init_source, previous_result, refuse_non_analyst, trained_quantization,
+    RESULT_FILE, check_policy_run, data_sources, environment, finite_json, init_source, previous_result, refuse_non_analyst, trained_quantization,
 )
 from sectune.run_guard import (  # noqa: F401
     _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
@@ -278,6 +278,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
             _name_the_failing_rank(run_dir, result, main)
         result["finished"] = _now()
         result["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        result["environment"] = environment()  # which code, libraries and device produced the numbers (torch loaded by now)
         if main:
             readable_weights(run_dir)  # safetensors 0.8 saves owner-only
             if result["status"] == "failed" and earlier is not None and artifacts_untouched(run_dir, earlier, untouched_since):

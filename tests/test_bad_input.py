@@ -677,6 +677,27 @@ def test_result_json_names_the_data_a_run_read_as_absolute_paths(tmp_path, monke
     assert "infer.input_file" not in got and "evaluate.data_path" not in got  # unset keys are left out
 
 
+def test_result_json_says_which_code_libraries_and_device_produced_its_numbers(tmp_path, monkeypatch):
+    """A result.json said which data and config, not which sectune commit, torch/transformers/trl/peft versions or device:
+    a number could not be tied to the code that made it once the checkout moved on."""
+    import subprocess
+    from importlib import metadata
+
+    import sectune
+    from sectune import runner
+    from sectune.paths import PROJECT_ROOT
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: lambda ctx: {"metrics": {"y": 1.0}})
+    code, _ = runner.run(compose(["logger=none"]), tmp_path / "r")
+    env = json.loads((tmp_path / "r" / "result.json").read_text())["environment"]
+    assert code == 0 and env["sectune"] == sectune.__version__
+    assert env["packages"]["torch"] == metadata.version("torch") and env["packages"]["trl"] == metadata.version("trl")
+    assert env["device"].startswith(("cpu: ", "cuda: "))
+    head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (CI's clean clone is one)
+        assert env["sectune_commit"].split("+")[0] == head.stdout.strip()[:12]
+
+
 def test_csv_errors_name_the_real_line_after_blank_lines_and_multiline_cells_and_say_how_to_fix_latin1(tmp_path):
     """The empty-cell error named the pandas row + 2 (line 4 for a cell on line 6); a Latin-1 export said
     "'utf-8' codec can't decode byte 0xe9 in position 3" (a position in pandas' buffer, no line)."""

@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from sectune.run_records import cpu_model  # noqa: E402
 
 
 def _compose(overrides: list[str]):
@@ -375,18 +376,6 @@ def _library(lib: str, tok, model, schema: dict):
         make()  # builds the tokenizer data: part of its compile time
         return make, accepts
     raise ValueError(lib)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def grounded_compile(vocab_sizes=(2048, 32000, 128256), repeats: int = 5) -> dict:

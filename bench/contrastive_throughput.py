@@ -48,24 +48,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from _child import emit, run_child  # noqa: E402
+from sectune.run_records import cpu_model  # noqa: E402
 MODEL = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
              vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
 #: side → (contrastive.forward, contrastive.layer, contrastive.share_prefix); None = seed 002's three full forwards
 SIDES = {"three_forwards": None, "separate": ("separate", -1, True), "separate_full_inj": ("separate", -1, False),
          "batched": ("batched", -1, False), "separate_mid": ("separate", 15, True)}
 TARGET_RATIO = 1.3
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def triplet_rows(args, tokenizer) -> list[dict]:

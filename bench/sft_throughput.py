@@ -55,22 +55,26 @@ TARGETS = {"ratio": 1.3, "pad_share": 0.05, "mfu_real": 0.35, "rss_ratio": 1.0}
 
 # ----------------------------------------------------------------------------- peak
 def matmul_peak_flops(threads: int, seconds: float = 1.5) -> dict:
-    """Best bf16 matmul rate over a few square sizes (FLOP/s), on ``threads`` threads."""
+    """Best bf16 matmul rate over a few square sizes (FLOP/s), on ``threads`` threads (the caller's thread count put back)."""
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     best = {}
-    for n in (1024, 2048, 3072):
-        a = torch.randn(n, n, dtype=torch.bfloat16)
-        b = torch.randn(n, n, dtype=torch.bfloat16)
-        for _ in range(2):
-            torch.matmul(a, b)
-        times, t_end = [], time.perf_counter() + seconds / 3
-        while time.perf_counter() < t_end or len(times) < 3:
-            t0 = time.perf_counter()
-            torch.matmul(a, b)
-            times.append(time.perf_counter() - t0)
-        best[n] = 2 * n**3 / min(times)
+    try:
+        for n in (1024, 2048, 3072):
+            a = torch.randn(n, n, dtype=torch.bfloat16)
+            b = torch.randn(n, n, dtype=torch.bfloat16)
+            for _ in range(2):
+                torch.matmul(a, b)
+            times, t_end = [], time.perf_counter() + seconds / 3
+            while time.perf_counter() < t_end or len(times) < 3:
+                t0 = time.perf_counter()
+                torch.matmul(a, b)
+                times.append(time.perf_counter() - t0)
+            best[n] = 2 * n**3 / min(times)
+    finally:
+        torch.set_num_threads(before)
     return {"peak_flops": max(best.values()), "by_size": {str(k): round(v / 1e9, 1) for k, v in best.items()}}
 
 

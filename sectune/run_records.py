@@ -63,7 +63,7 @@ def environment() -> dict:
     if torch is not None and torch.cuda.is_available():
         env["device"] = f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     else:
-        env["device"] = f"cpu: {_cpu_model()}"
+        env["device"] = f"cpu: {cpu_model()}"
     return env
 
 
@@ -86,7 +86,7 @@ def _git_commit() -> str | None:
     return head.stdout.strip()[:12] + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     import platform
 
     try:

@@ -84,6 +84,7 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
         why = "no job dir yet: the sweep is still running" if live else "no job dir: the sweep stopped before this job"
         rows.append((n, ov, {"status": NOT_STARTED, "metrics": {}, "error": why}))
 
+    environments = _environments(rows)
     taken = set(BASE_COLUMNS) | set(keys)
     metric_cols = {m: (f"metric.{m}" if m in taken else m) for m in metric_names}
     records = []
@@ -91,10 +92,13 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
         rec: dict[str, Any] = {"job": num}
         rec.update({k: ov.get(k) for k in keys})
         rec["status"] = res["status"]
+        if environments:
+            rec["environment"] = environments.get(num, "")
         rec.update({metric_cols[m]: res["metrics"].get(m, math.nan) for m in metric_names})
         rec["error"] = res["error"]
         records.append(rec)
-    frame = pd.DataFrame.from_records(records, columns=["job", *keys, "status", *metric_cols.values(), "error"])
+    frame = pd.DataFrame.from_records(records, columns=["job", *keys, "status", *(["environment"] if environments else []),
+                                                        *metric_cols.values(), "error"])
     for m in metric_cols.values():  # counts stay integers beside a failed job's empty cell (report.md said 5.649e+05)
         vals = [r[m] for r in records if not (isinstance(r[m], float) and math.isnan(r[m]))]
         if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals) and len(vals) < len(records):
@@ -113,8 +117,36 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
             sort_by = objective
             ascending = direction != "maximize" if ascending is None else ascending
     frame = sort_frame(frame, metrics, sort_by, ascending, sort_by_setting)
-    frame.attrs.update(swept=swept, fixed=fixed, metrics=metrics, sweep_dir=str(sweep_dir))
+    frame.attrs.update(swept=swept, fixed=fixed, metrics=metrics, sweep_dir=str(sweep_dir),
+                       environments=_environment_legend(rows, environments))
     return frame
+
+
+def _environment_text(env: dict | None) -> str | None:
+    """The code and machine a job's numbers came from (result.json's ``environment``), in one line."""
+    if not env:
+        return None
+    packages = env.get("packages") or {}
+    libs = ", ".join(f"{k} {packages[k]}" for k in ("torch", "transformers", "trl", "peft") if k in packages)
+    return f"sectune {env.get('sectune_commit') or env.get('sectune')}; {libs}; {env.get('device')}"
+
+
+def _environments(rows) -> dict[int, str]:
+    """Job → ``E1``, ``E2``, … where the succeeded jobs ran more than one code or machine (a sweep rerun with
+    sweep.skip_done after an upgrade reuses the jobs an older sectune trained); {} where they all ran one."""
+    texts = {n: _environment_text(res.get("environment")) for n, _, res in rows if res.get("status") == "succeeded"}
+    distinct = list(dict.fromkeys(t for t in texts.values() if t))
+    if len(distinct) < 2:
+        return {}
+    return {n: f"E{distinct.index(t) + 1}" for n, t in texts.items() if t}
+
+
+def _environment_legend(rows, environments: dict[int, str]) -> dict[str, str]:
+    legend: dict[str, str] = {}
+    for n, _, res in rows:
+        if n in environments:
+            legend.setdefault(environments[n], _environment_text(res.get("environment")) or "")
+    return dict(sorted(legend.items()))
 
 
 #: metric names (substrings) where smaller is better: sorted ascending (an FPR sorted descending listed the worst
@@ -179,7 +211,7 @@ def _cell(v: Any) -> str:
 def to_markdown(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table: job, swept keys, status, metrics, error; fixed keys above it."""
     a = frame.attrs
-    cols = ["job", *a.get("swept", []), "status", *a.get("metrics", []), "error"]
+    cols = ["job", *a.get("swept", []), "status", *(["environment"] if a.get("environments") else []), *a.get("metrics", []), "error"]
     counts = frame["status"].value_counts()
     n_ok, others = int(counts.get("succeeded", 0)), {s: int(counts.get(s, 0)) for s in NOT_RUN}
     n_run = len(frame) - others[EARLIER_SWEEP]
@@ -200,6 +232,9 @@ def to_markdown(frame: pd.DataFrame) -> str:
                       "choose on test; --sort-by names one if you must.")
     if a.get("fixed"):
         lines.append("Fixed overrides: " + ", ".join(f"`{k}={_cell(v)}`" for k, v in a["fixed"].items()))
+    if a.get("environments"):
+        lines.append("The succeeded jobs ran on different code or machines (column `environment`): their numbers may "
+                     "differ by that, not only by their settings. " + "; ".join(f"{k}: {v}" for k, v in a["environments"].items()))
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in cols) + "|"]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(_cell(row[c]) for c in cols) + " |")

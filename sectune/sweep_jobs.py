@@ -116,8 +116,12 @@ def read_result(job: Path) -> dict[str, Any]:
     metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
     clean = {}
     for k, v in metrics.items():
-        clean[str(k)] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else _to_float(v)
-    return {"status": status, "metrics": clean, "error": str(error)}
+        if isinstance(v, str) and math.isnan(_to_float(v)) and v.lower() != "nan":
+            clean[str(k)] = v  # a label beside the numbers (heldout_split: validation), not a number gone missing
+        else:
+            clean[str(k)] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else _to_float(v)
+    env = data.get("environment")
+    return {"status": status, "metrics": clean, "error": str(error), "environment": env if isinstance(env, dict) else None}
 
 
 def _to_float(v: Any) -> float:

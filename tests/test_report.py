@@ -350,3 +350,26 @@ def test_jobs_a_stopped_sweep_never_started_and_an_earlier_sweeps_leftovers_are_
     _multirun(drawn, ["lora.r=4"], sweeper="hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper")
     _job(drawn, 0, ["lora.r=8"], 1.0)
     assert list(build_report(drawn)["status"]) == ["succeeded"]
+
+
+def test_jobs_that_ran_other_code_are_marked_and_labels_stay_labels(tmp_path):
+    """sweep.skip_done now reuses jobs across an upgrade that only added options: a report mixing jobs an older sectune
+    (or another torch, another machine) trained with new ones said nothing of it. A string metric (heldout_split) was
+    read as a number gone missing (NaN)."""
+    sweep = make_sweep(tmp_path / "sweep", grid=[(0, 4, "1e-4", {"eval_loss": 1.3, "heldout_split": "validation"}),
+                                                   (1, 4, "2e-4", {"eval_loss": 1.1, "heldout_split": "validation"}),
+                                                   (2, 8, "1e-4", {"eval_loss": 1.2, "heldout_split": "validation"})])
+    env = {"sectune": "0.1.0", "sectune_commit": "aaaaaaaaaaaa", "packages": {"torch": "2.13.0", "trl": "1.16.0"}, "device": "cpu: X"}
+    for job, commit in ((0, "aaaaaaaaaaaa"), (1, "bbbbbbbbbbbb"), (2, "aaaaaaaaaaaa")):
+        res = json.loads((sweep / str(job) / "result.json").read_text())
+        (sweep / str(job) / "result.json").write_text(json.dumps({**res, "environment": {**env, "sectune_commit": commit}}))
+    out = write_report(sweep)
+    df = out["frame"].set_index("job")
+    assert df.loc[0, "environment"] == df.loc[2, "environment"] == "E1" and df.loc[1, "environment"] == "E2"
+    assert list(df["heldout_split"]) == ["validation"] * 3
+    assert "E1: sectune aaaaaaaaaaaa; torch 2.13.0, trl 1.16.0; cpu: X; E2: sectune bbbbbbbbbbbb" in out["markdown"]
+    for job in (1,):  # one code for all: no column, no note
+        res = json.loads((sweep / str(job) / "result.json").read_text())
+        (sweep / str(job) / "result.json").write_text(json.dumps({**res, "environment": env}))
+    out = write_report(sweep)
+    assert "environment" not in out["frame"].columns and "different code" not in out["markdown"]

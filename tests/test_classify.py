@@ -28,8 +28,8 @@ needs_inj = pytest.mark.skipif(not (INJ / "train.jsonl").is_file(), reason=f"dee
 FAST = ["logger=none", "train.precision=fp32", "evaluate.rf_estimators=30"]
 
 
-def sectune(*args, cwd=PROJECT_ROOT, timeout=600) -> subprocess.CompletedProcess:
-    return cli(list(args), cwd=cwd, timeout=timeout, env={"WANDB_MODE": "disabled"})
+def sectune(*args, cwd=PROJECT_ROOT, timeout=600, env=None) -> subprocess.CompletedProcess:
+    return cli(list(args), cwd=cwd, timeout=timeout, env={"WANDB_MODE": "disabled", **(env or {})})
 
 
 # ----------------------------------------------------------------------------- weighted CE
@@ -527,10 +527,18 @@ def test_kfold_ensemble_threshold_from_out_of_fold_rows_and_mean_of_members(tmp_
     run_dir = tmp_path / "cv"
     p = sectune("stage=classify", "dataset=text_label_csv", f"dataset.path={csv}", "classify.folds=3",
                 "dataset.val_fraction=0.1", "train.max_steps=12", "train.batch_size=8", "train.eval_steps=4",
-                "train.learning_rate=5e-3", "model.max_seq_length=32", *FAST, f"hydra.run.dir={run_dir}")
+                "train.learning_rate=5e-3", "model.max_seq_length=32", *FAST, "logger=wandb", f"hydra.run.dir={run_dir}",
+                env={"WANDB_MODE": "offline"})
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((run_dir / "result.json").read_text())["metrics"]
     meta = json.loads((run_dir / "classifier.json").read_text())
+    # W&B: each member's curves under its own name; the summary's train_loss is the ensemble's alone (final/)
+    from wandb_records import runs_in
+
+    (wb,) = runs_in(run_dir)
+    logged = {k for row in wb["history"] for k in row}
+    assert {f"train/fold{i}/loss" for i in range(3)} <= logged and {f"eval/fold{i}/macro_f1" for i in range(3)} <= logged, logged
+    assert "train/loss" not in logged and "train_loss" not in wb["summary"] and wb["summary"]["final/train_loss"] == m["train_loss"]
     assert meta["members"] == [f"folds/{i}/adapter" for i in range(3)] and m["folds"] == 3
     assert all((run_dir / f"folds/{i}/adapter/adapter_model.safetensors").is_file() for i in range(3))
 

@@ -95,7 +95,7 @@ def run(ctx: RunContext) -> dict:
             set_seed(cfg.train.seed + i)  # each member's new score head is drawn differently, reproducibly
             m = _train_member(cfg, data, head, fit, [train_recs[j] for j in held], run_dir / "folds" / str(i),
                               run_dir / "checkpoints" / f"fold{i}", cfg.train.seed + i,
-                              {**to_score, "held_out": [train_recs[j]["text"] for j in held]}, autocast)
+                              {**to_score, "held_out": [train_recs[j]["text"] for j in held]}, autocast, member=f"fold{i}")
             oof[held] = m["scored"]["held_out"][0]
             runs.append(m)
             members.append(f"folds/{i}/{m['artifact']}")
@@ -179,7 +179,7 @@ def run(ctx: RunContext) -> dict:
 
 
 def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_dir, ckpt_dir, seed: int,
-                  to_score: dict, autocast) -> dict:
+                  to_score: dict, autocast, member: str | None = None) -> dict:
     """Train one classifier on ``train_recs`` (checkpoints selected on ``val_recs``), save it under
     ``out_dir`` and score each text list of ``to_score`` with it → its metrics and ``{key: (probs, times)}``.
     The model is freed before returning, so a k-fold run holds one model at a time."""
@@ -239,6 +239,8 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
         val_rows=val_recs if select else None, labels=data.labels, max_length=max_len, autocast=autocast,
     )
     engine.selective_checkpointing(trainer.model, cfg)
+    if member is not None:
+        C.member_wandb_logs(trainer, member)
     main = trainer.accelerator.is_main_process
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

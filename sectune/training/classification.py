@@ -366,3 +366,21 @@ def set_pooling(model, pooling: str):
         score.register_forward_hook(lambda _module, _args, out: running_mean(out) if out.dim() == 3 else out)
         score._sectune_mean_pooling = True
     return model
+
+
+def member_wandb_logs(trainer, member: str) -> None:
+    """A k-fold member's Trainer logs under its name in the W&B run (``train/fold0/loss``, ``eval/fold0/macro_f1``):
+    the k members logged the same keys over the same steps, drawn over each other, and the last member's ``train_loss``
+    sat in the run's summary beside the ensemble's ``final/train_loss`` (an audit, session 39)."""
+    from transformers.integrations import WandbCallback
+
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, WandbCallback)), None)
+    if callback is None:
+        return
+    on_log = callback.on_log
+
+    def named(args, state, control, model=None, logs=None, **kwargs):
+        logs = {(f"eval_{member}/{k[5:]}" if k.startswith("eval_") else f"{member}/{k}"): v for k, v in (logs or {}).items()}
+        return on_log(args, state, control, model=model, logs=logs, **kwargs)
+
+    callback.on_log = named  # the handler calls getattr(callback, "on_log"): this member's logs go through it

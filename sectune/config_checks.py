@@ -221,9 +221,10 @@ def check_values(cfg) -> None:
             need(loss.clip_epsilon > 0, "loss.clip_epsilon", loss.clip_epsilon, "must be > 0 (the policy ratio is clipped to [1-ε, 1+ε])")
             need(rl.num_generations >= 2, "rl.num_generations", rl.num_generations, "GRPO needs at least 2 completions per prompt to compare them")
             check_rl_rewards(cfg)
-    if cfg.stage.name == "contrastive" and t.eval_steps and t.save_steps:  # was refused after the data and the model loaded
+    keeps_best = cfg.stage.name == "contrastive" or cfg.stage.name == "classify" and cfg.classify.select_best
+    if keeps_best and t.eval_steps and t.save_steps:  # was refused after the data and the model loaded (classify: replaced)
         need(t.save_steps % t.eval_steps == 0, "train.save_steps", t.save_steps,
-             f"must be a multiple of train.eval_steps={t.eval_steps}: stage=contrastive keeps the best checkpoint by an evaluation")
+             f"must be a multiple of train.eval_steps={t.eval_steps}: stage={cfg.stage.name} keeps the best checkpoint by an evaluation")
     if cfg.stage.name == "federated":  # before Ray starts: a bad resource request crashed the simulation, which then hung
         import torch
 

@@ -39,9 +39,10 @@ def data_sources(cfg) -> dict[str, str]:
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "scikit-learn", "flwr")
 
 
-def environment() -> dict:
+def environment(device: str = "auto") -> dict:
     """What ran a run, for its ``result.json``: sectune's version and, from a checkout, its git commit (``+dirty`` with
-    uncommitted changes), Python and the libraries' versions, and the device (the GPU's name, else the CPU's model).
+    uncommitted changes), Python and the libraries' versions, and the device (``device``: the run's ``train.device``;
+    the GPU's name where it ran on CUDA, else the CPU's model; none where it stopped before loading torch).
     Beside a number, this says which code and which machine produced it; nothing about the user or host."""
     import platform
     import sys
@@ -60,7 +61,9 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             continue
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch is None:  # a run refused before any model or tensor: it ran on no device
+        env["device"] = None
+    elif device != "cpu" and torch.cuda.is_available():
         env["device"] = f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     else:
         env["device"] = f"cpu: {cpu_model()}"

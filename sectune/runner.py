@@ -278,7 +278,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
             _name_the_failing_rank(run_dir, result, main)
         result["finished"] = _now()
         result["wall_time_s"] = round(time.perf_counter() - t0, 2)
-        result["environment"] = environment()  # which code, libraries and device produced the numbers (torch loaded by now)
+        # which code, libraries and device produced the numbers
+        result["environment"] = environment(str(OmegaConf.select(cfg, "train.device", default="auto")))
         if main:
             readable_weights(run_dir)  # safetensors 0.8 saves owner-only
             if result["status"] == "failed" and earlier is not None and artifacts_untouched(run_dir, earlier, untouched_since):

@@ -693,6 +693,18 @@ def test_result_json_says_which_code_libraries_and_device_produced_its_numbers(t
     assert code == 0 and env["sectune"] == sectune.__version__
     assert env["packages"]["torch"] == metadata.version("torch") and env["packages"]["trl"] == metadata.version("trl")
     assert env["device"].startswith(("cpu: ", "cuda: "))
+    # the device the run used: a train.device=cpu run on a GPU machine is no GPU result; a run refused before torch loaded
+    # ran on none
+    import sys
+    from types import SimpleNamespace
+
+    from sectune.run_records import environment
+
+    gpu = SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: True, get_device_name=lambda i: "H100", device_count=lambda: 2))
+    monkeypatch.setitem(sys.modules, "torch", gpu)
+    assert environment("auto")["device"] == "cuda: H100 x2" and environment("cpu")["device"].startswith("cpu: ")
+    monkeypatch.delitem(sys.modules, "torch")
+    assert environment("auto")["device"] is None
     head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # a checkout (CI's clean clone is one)
         assert env["sectune_commit"].split("+")[0] == head.stdout.strip()[:12]

@@ -902,3 +902,20 @@ def test_a_head_part_the_weights_lack_is_trained_and_saved_with_the_adapter(tmp_
     assert pooling_description(model, "last") == "BertForSequenceClassification's own pooling"
     tiny_cls = modeling.load_model(compose(["stage=classify"]), task="seq_cls", num_labels=2)
     assert [pooling_description(tiny_cls, p) for p in ("last", "mean")] == ["last-token pooling", "mean-token pooling"]
+
+
+def test_classify_keeps_train_save_steps_so_a_run_killed_mid_epoch_resumes(tmp_path):
+    """With classify.select_best (the default) checkpoints were written each epoch (or each train.eval_steps) whatever
+    train.save_steps said: a run killed mid-epoch left nothing, and train.resume=auto started afresh (audit Y, session 39).
+    save_steps alone now evaluates at each checkpoint; one that is not a multiple of eval_steps is refused, as contrastive's."""
+    csv = _attack_text_csv(tmp_path / "t.csv")
+    args = ["stage=classify", "dataset=text_label_csv", f"dataset.path={csv}", "train.max_steps=6", "train.batch_size=4",
+            "train.save_steps=2", "model.max_seq_length=32", "classify.evaluate_test=false", *FAST]
+    run_dir = tmp_path / "run"
+    died = sectune(*args, "debug.fail_at_step=5", f"hydra.run.dir={run_dir}")
+    assert died.returncode != 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    again = sectune(*args, "train.resume=auto", f"hydra.run.dir={run_dir}")
+    assert again.returncode == 0 and f"resuming from {run_dir / 'checkpoints' / 'checkpoint-4'}" in again.stdout, again.stderr[-2000:]
+    bad = sectune(*args, "train.eval_steps=2", "train.save_steps=3", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "train.save_steps=3: must be a multiple of train.eval_steps=2" in bad.stderr, bad.stderr[-2000:]

@@ -225,11 +225,12 @@ def _train_member(cfg, data, head: str, train_recs: list, val_recs: list, out_di
     kwargs.update(seed=seed, data_seed=seed)
     select = bool(cfg.classify.select_best and val_ds)
     if select:
-        # evaluate and checkpoint together (each epoch, or every train.eval_steps) and reload the
-        # checkpoint with the best validation macro-F1 at the end
-        every = cfg.train.eval_steps
+        # evaluate at every checkpoint (each epoch, or every train.eval_steps; with train.save_steps alone, every
+        # save_steps) and reload the checkpoint with the best validation macro-F1 at the end. train.save_steps was
+        # dropped for the epoch's or eval_steps' without a word: a run killed mid-epoch had nothing to resume from
+        every = cfg.train.eval_steps or cfg.train.save_steps
         kwargs.update(eval_strategy="steps" if every else "epoch", save_strategy="steps" if every else "epoch",
-                      eval_steps=every, save_steps=every or kwargs["save_steps"], load_best_model_at_end=True,
+                      eval_steps=every, save_steps=cfg.train.save_steps or every or kwargs["save_steps"], load_best_model_at_end=True,
                       metric_for_best_model="eval_macro_f1", greater_is_better=True)
     args = TrainingArguments(**kwargs, remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True)
     trainer = C.WeightedCETrainer(

@@ -55,7 +55,7 @@ def _drop_added_keys(container: dict) -> None:
 
 
 def schema_keys() -> list[str]:
-    """Every leaf key of the config schema (``model.lora``-style dotted paths; a dict- or list-valued option is one
+    """Every leaf key of the config schema (dotted paths such as ``train.seed``; a dict- or list-valued option is one
     leaf, an optional nested spec such as ``model.tiny`` lists its fields)."""
     import dataclasses
     import typing

@@ -167,10 +167,12 @@ _full_error_is_ours = False
 
 
 
-def _run_dir_error(e: OSError) -> None:
+def _run_dir_error(e: OSError, log_file: bool = False) -> None:
+    """``log_file``: Hydra could not open its cli.log, in a run dir that may exist (read-only: it is not "created")."""
     where = f"{e.filename}: " if e.filename else ""
-    print(f"sectune: error: {where}{e.strerror or e}: cannot create the run dir there (hydra.run.dir, or "
-          f"hydra.sweep.dir for -m)", file=sys.stderr)
+    exists = log_file and bool(e.filename) and Path(e.filename).parent.is_dir()
+    what = "cannot write in the run dir" if exists else "cannot create the run dir there"
+    print(f"sectune: error: {where}{e.strerror or e}: {what} (hydra.run.dir, or hydra.sweep.dir for -m)", file=sys.stderr)
     sys.exit(2)
 
 
@@ -243,7 +245,7 @@ def main() -> None:
         _run_dir_error(e)
     except Exception as e:
         if (cause := _logging_os_error(e)) is not None:  # Hydra's log file in a run dir it cannot write
-            _run_dir_error(cause)
+            _run_dir_error(cause, log_file=True)
         _exit_if_sweep_jobs_failed()  # a sweeper that gave up because its trials failed (Optuna: "No trials are completed")
         line = (submit_error(e) or config_file_error(e, sys.argv[1:]) or yaml_error(e) or override_error(e)
                 or usage_error(e))

@@ -218,16 +218,24 @@ def restore_run_config(run_dir: Path) -> str:
         return "(its config is in .hydra/, which now holds this attempt's settings)"
     failed = run_dir / FAILED_CONFIG_DIR
     shutil.rmtree(failed, ignore_errors=True)
-    failed.mkdir(parents=True)
+    try:
+        failed.mkdir(parents=True)
+    except OSError:  # no room even for a folder: the succeeded run's config matters more than this attempt's
+        failed = None
     for rel in RUN_CONFIG_FILES:
         here, saved = run_dir / rel, keep / Path(rel).name
-        if here.is_file():
-            shutil.copy2(here, failed / here.name)
+        if here.is_file() and failed is not None:  # this attempt's: moved aside where the succeeded run's comes back
+            (os.replace if saved.is_file() else shutil.copy2)(here, failed / here.name)  # (a rename needs no space)
         if saved.is_file():
             tmp = here.with_name(here.name + ".restoring")
-            shutil.copy2(saved, tmp)
-            os.replace(tmp, here)
-    return f"(its config is in {FAILED_CONFIG_DIR}/; .hydra/ holds the succeeded run's again)"
+            try:
+                shutil.copy2(saved, tmp)
+                os.replace(tmp, here)
+            except OSError:  # a full disk: the kept copy itself goes back (the next succeeded run keeps one again)
+                Path(tmp).unlink(missing_ok=True)
+                os.replace(saved, here)
+    return (f"(its config is in {FAILED_CONFIG_DIR}/; " if failed is not None else "(its config was not kept: no room; ") \
+        + ".hydra/ holds the succeeded run's again)"
 
 
 #: a training stage writes the loss history so far even when it fails, before it has replaced any weights: a rerun keeps
@@ -421,5 +429,8 @@ class recorded_warnings:
         if isinstance(sys.stderr, _Tap) and sys.stderr._into is self.lines:
             sys.stderr = err
         if self._log is not None:
-            self._log.close()
+            try:
+                self._log.close()
+            except OSError:  # its last buffered line on a full disk: the log is a convenience, the run's records are not
+                pass
         return False

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from sectune import data, sweeps
-from sectune.errors import SectuneError, shown
+from sectune.errors import SectuneError, first_line, shown
 from sectune.run_digest import config_digest, data_fingerprint, relative_to_root, skip_digest
 from sectune.training import distributed
 from sectune.training.checkpoints import nonfinite_weights
@@ -31,7 +31,7 @@ from sectune.run_records import (  # noqa: F401
     RESULT_FILE, check_policy_run, data_sources, environment, finite_json, init_source, previous_result, refuse_non_analyst, trained_quantization,
 )
 from sectune.run_guard import (  # noqa: F401
-    _LOCKS, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
+    _LOCKS, ARTIFACT_COPIES, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
     WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
     artifacts_untouched, damaged_artifact, foreign_result, keep_artifact_copies, keep_run_config, recorded_warnings,
     relocate_set_aside, restore_artifact_copies, restore_run_config)
@@ -129,6 +129,71 @@ def _resume_hint(run_dir: Path) -> str:
     return "; no checkpoint was saved (train.save_steps), so a rerun starts afresh" if (run_dir / "checkpoints").is_dir() else ""
 
 
+def _could_not_start(run_dir: Path, e: OSError, lock) -> int:
+    """A rerun that could not write its first files (a full disk, a read-only run dir): Hydra had already written this
+    command's config over the succeeded run's in ``.hydra/``, which then described a run that never happened beside
+    that run's adapter (evaluate read it and refused the run: audit Z, session 39). That config goes back; one line."""
+    from sectune.run_guard import restore_run_config
+
+    if (run_dir / SUCCEEDED_CONFIG_DIR).is_dir():
+        try:
+            restore_run_config(run_dir)
+        except OSError:
+            pass
+    _unlock_run_dir(run_dir, lock)
+    print(f"sectune: error: {write_error(e, run_dir)}; nothing in {run_dir} was replaced", file=sys.stderr)
+    return 1
+
+
+def write_error(e: BaseException, run_dir: Path) -> str | None:
+    """One line for a write the machine refused (a full disk or quota, a file-size limit, a read-only place), naming the
+    file where the error does; None for another error. tokenizers and safetensors raise their own exceptions whose text
+    holds only the OS error ("No space left on device (os error 28)")."""
+    import errno
+
+    codes = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is exceeded", errno.EFBIG:
+             "a file-size limit (ulimit -f) was reached", errno.EROFS: "the file system is read-only", errno.EACCES:
+             "permission denied", errno.EPERM: "permission denied"}
+    import re
+
+    code = e.errno if isinstance(e, OSError) else next((int(m) for m in re.findall(r"os error (\d+)", str(e)) if int(m) in codes), None)
+    if code not in codes:
+        return None
+    where = getattr(e, "filename", None) or f"a file under {run_dir} or paths.cache_dir"
+    fix = ("free space (or raise the limit)" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make it writable")
+    return (f"{where}: {codes[code]} ({type(e).__name__}: {first_line(e)}); {fix} or give another hydra.run.dir "
+            "(or paths.cache_dir), then rerun the same command")
+
+
+def _put_back_earlier(run_dir: Path, earlier: dict, since: float, attempt: dict) -> None:
+    """A rerun that failed before replacing any weights: the earlier run, its artifacts and its config stay usable.
+    result.json goes back first, by a rename where writing fails, then each other part on its own: on a full disk the
+    copy of this attempt's config failed first and left result.json "running", so infer answered with the base model
+    and evaluate refused the run (audit Z, session 39)."""
+    try:
+        write_json_atomic(run_dir / RESULT_FILE, relocate_set_aside(run_dir, earlier, since))
+        (run_dir / PREVIOUS_RESULT_FILE).unlink(missing_ok=True)
+    except OSError:
+        os.replace(run_dir / PREVIOUS_RESULT_FILE, run_dir / RESULT_FILE)  # the earlier record as it was: a rename needs no space
+    lost, config_note, back = [], "", []
+    try:
+        write_json_atomic(run_dir / FAILED_ATTEMPT_FILE, attempt)
+    except OSError as e:
+        lost.append(f"this attempt's {FAILED_ATTEMPT_FILE} ({e.strerror})")
+    try:
+        config_note = " " + restore_run_config(run_dir)
+    except OSError as e:
+        lost.append(f"the earlier config put back in .hydra/ ({e.strerror}; its copy is in {SUCCEEDED_CONFIG_DIR}/)")
+    try:
+        back = restore_artifact_copies(run_dir, earlier, since)
+    except OSError as e:
+        lost.append(f"the earlier loss history and splits put back ({e.strerror}; their copies are in {ARTIFACT_COPIES}/)")
+    back_note = f"; its {', '.join(back)} put back (this attempt's: *.failed.*)" if back else ""
+    print(f"sectune: {run_dir / RESULT_FILE} is the earlier succeeded run's again (this attempt replaced none of its "
+          f"weights{back_note}); this attempt's result is {FAILED_ATTEMPT_FILE}{config_note}"
+          + (f"; not done: {'; '.join(lost)}" if lost else ""), file=sys.stderr)
+
+
 def _earlier_succeeded(run_dir: Path, now: float) -> tuple[dict | None, float]:
     """(the succeeded run this command's run may replace, the time since which its artifacts must be untouched for a
     failed run to put it back): result.json's and now; or, where result.json says ``running`` (this command holds the
@@ -173,7 +238,11 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         print(f"sectune: error: hydra.run.dir={run_dir}: {foreign}; sectune writes result.json, adapter/, checkpoints/ and "
               "plots/ there and would replace them: give a new or a sectune run dir", file=sys.stderr)
         return 2, None
-    lock = _lock_run_dir(run_dir, hydra_files(cfg, run_dir)) if main else None
+    lock = None
+    try:
+        lock = _lock_run_dir(run_dir, hydra_files(cfg, run_dir)) if main else None
+    except OSError as e:
+        return _could_not_start(run_dir, e, None), None
     if lock is False:
         return 2, None
     result: dict[str, Any] = {
@@ -190,19 +259,22 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     started = time.time()
     earlier, untouched_since = _earlier_succeeded(run_dir, started) if main else (None, started)
     same_run = earlier is not None and (earlier.get("config_digest") == digest or earlier.get("run_digest") == result["run_digest"])
-    if earlier is not None:
-        # its result stays readable beside the new one (the artifacts it names are replaced as this run writes them), and
-        # what a failing rerun rewrites before it replaces any weights (the loss history) is kept to put back
-        write_json_atomic(run_dir / PREVIOUS_RESULT_FILE, earlier)
-        keep_artifact_copies(run_dir, earlier, untouched_since)
-        if not same_run:
-            why = " (a sweep rerun in place with other values numbers its jobs afresh)" if sweeps.in_multirun() else ""
-            print(f"sectune: warning: {run_dir} held a succeeded run of another config{why}; this run replaces it as it "
-                  f"writes its artifacts (its result meanwhile: {PREVIOUS_RESULT_FILE}; a failure before that puts it back)",
-                  file=sys.stderr)
-    if main:
-        # A stale result from an earlier attempt in this dir must not look current.
-        write_json_atomic(run_dir / RESULT_FILE, result)
+    try:
+        if earlier is not None:
+            # its result stays readable beside the new one (the artifacts it names are replaced as this run writes them), and
+            # what a failing rerun rewrites before it replaces any weights (the loss history) is kept to put back
+            write_json_atomic(run_dir / PREVIOUS_RESULT_FILE, earlier)
+            keep_artifact_copies(run_dir, earlier, untouched_since)
+            if not same_run:
+                why = " (a sweep rerun in place with other values numbers its jobs afresh)" if sweeps.in_multirun() else ""
+                print(f"sectune: warning: {run_dir} held a succeeded run of another config{why}; this run replaces it as it "
+                      f"writes its artifacts (its result meanwhile: {PREVIOUS_RESULT_FILE}; a failure before that puts it back)",
+                      file=sys.stderr)
+        if main:
+            # A stale result from an earlier attempt in this dir must not look current.
+            write_json_atomic(run_dir / RESULT_FILE, result)
+    except OSError as e:
+        return _could_not_start(run_dir, e, lock), None
     t0 = time.perf_counter()
     generated_at, skipped_at = data.generated_mark(), data.skipped_mark()
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
@@ -258,9 +330,11 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         print(f"sectune: {why}{_resume_hint(run_dir)}", file=sys.stderr)
     except Exception as e:  # a bug or a library failure: keep the traceback for the user
         code = 1
-        result.update(status="failed", error=f"{type(e).__name__}: {e}")
-        traceback.print_exc()
-        print(f"sectune: error: {type(e).__name__}: {shown(str(e))}", file=sys.stderr)
+        refused = write_error(e, run_dir)  # a full disk or a read-only place is no bug: one line naming the file
+        result.update(status="failed", error=refused or f"{type(e).__name__}: {e}")
+        if refused is None:
+            traceback.print_exc()
+        print(f"sectune: error: {shown(refused or f'{type(e).__name__}: {e}')}", file=sys.stderr)
     finally:
         heard.__exit__(None, None, None)
         if heard.lines:
@@ -283,15 +357,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         if main:
             readable_weights(run_dir)  # safetensors 0.8 saves owner-only
             if result["status"] == "failed" and earlier is not None and artifacts_untouched(run_dir, earlier, untouched_since):
-                # a rerun that failed before replacing any weights: the earlier run, its artifacts and its config stay usable
-                write_json_atomic(run_dir / FAILED_ATTEMPT_FILE, result)
-                config_note = restore_run_config(run_dir)
-                back = restore_artifact_copies(run_dir, earlier, untouched_since)
-                write_json_atomic(run_dir / RESULT_FILE, relocate_set_aside(run_dir, earlier, untouched_since))
-                (run_dir / PREVIOUS_RESULT_FILE).unlink(missing_ok=True)  # result.json is that run's again
-                back_note = f"; its {', '.join(back)} put back (this attempt's: *.failed.*)" if back else ""
-                print(f"sectune: {run_dir / RESULT_FILE} is the earlier succeeded run's again (this attempt replaced none of "
-                      f"its weights{back_note}); this attempt's result is {FAILED_ATTEMPT_FILE} {config_note}", file=sys.stderr)
+                _put_back_earlier(run_dir, earlier, untouched_since, result)
             else:
                 write_json_atomic(run_dir / RESULT_FILE, result)
                 (run_dir / FAILED_ATTEMPT_FILE).unlink(missing_ok=True)  # an older attempt's: result.json is current

@@ -168,6 +168,16 @@ def test_a_read_only_run_dir_is_one_line_not_a_logging_traceback():
     assert _logging_os_error(ValueError("something else")) is None
 
 
+def test_a_run_dir_that_exists_but_refuses_writes_is_not_called_one_that_cannot_be_created(tmp_path, capsys):
+    from sectune.cli import _run_dir_error
+
+    with pytest.raises(SystemExit) as out:
+        _run_dir_error(PermissionError(13, "Permission denied", str(tmp_path / "cli.log")), log_file=True)
+    assert out.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"sectune: error: {tmp_path / 'cli.log'}: Permission denied: cannot write in the "
+                                               "run dir (hydra.run.dir, or hydra.sweep.dir for -m)")
+
+
 def test_an_adapter_whose_base_model_is_gone_or_damaged_is_not_put_on_other_weights(tmp_path):
     """An adapter recorded on an SFT's (or warm-up's) full weights fell back to the configured random model when those
     weights were missing; a truncated base gave an unnamed SafetensorError traceback in infer."""
@@ -432,3 +442,105 @@ def test_files_and_cache_folders_get_the_modes_the_umask_gives(tmp_path):
     private = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written if p.stat().st_mode & 0o044 != 0o044}
     assert not private, private
     assert not [p for p in tmp_path.rglob(".*tmp*")]  # no temporary file left behind
+
+
+def _two_runs_on_a_disk_that_fills(tmp_path, monkeypatch, fail_at):
+    """A succeeded run (fake stage: an adapter, a config Hydra wrote), then a rerun with another config whose writes
+    fail with ENOSPC from ``fail_at`` on ("start": its first files; "stage": while saving, and every record after)."""
+    import errno
+
+    from conftest import compose
+    from sectune import runner
+
+    run_dir = tmp_path / "r"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("first: 1\n")
+    full = {"on": False}
+
+    def ok(ctx):
+        import torch
+        from safetensors.torch import save_file
+
+        (ctx.run_dir / "adapter").mkdir(exist_ok=True)
+        save_file({"w": torch.ones(2)}, str(ctx.run_dir / "adapter" / "adapter_model.safetensors"))
+        return {"metrics": {"y": 1.0}, "artifacts": {"adapter": "adapter"}}
+
+    def fills(ctx):
+        full["on"] = True
+        raise OSError(errno.ENOSPC, "No space left on device", str(ctx.run_dir / "adapter" / "adapter_model.safetensors"))
+
+    write = runner.write_json_atomic
+
+    def write_json_atomic(path, obj):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, obj)
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: ok)
+    assert runner.run(compose(["logger=none"]), run_dir)[0] == 0
+    earlier = json.loads((run_dir / "result.json").read_text())
+    (run_dir / ".hydra" / "config.yaml").write_text("second: 2\n")  # what Hydra writes for the next command
+    monkeypatch.setattr(runner, "write_json_atomic", write_json_atomic)
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: fills)
+    full["on"] = fail_at == "start"
+    code, _ = runner.run(compose(["logger=none", "lora.r=8"]), run_dir)
+    return run_dir, earlier, code
+
+
+def test_a_rerun_that_fills_the_disk_puts_the_succeeded_run_back_first_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """On a full disk the copy of the attempt's config failed before result.json was put back: the succeeded run's
+    result.json stayed "running", evaluate refused the run and infer answered with the base model (audit Z, session 39).
+    Its result goes back first (by a rename where no write succeeds), its config by a rename, and the error is one line
+    naming the file (a traceback before)."""
+    run_dir, earlier, code = _two_runs_on_a_disk_that_fills(tmp_path, monkeypatch, "stage")
+    err = capsys.readouterr().err
+    assert code == 1 and json.loads((run_dir / "result.json").read_text()) == earlier
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "first: 1\n"
+    assert (run_dir / ".hydra" / "failed" / "config.yaml").read_text() == "second: 2\n"
+    assert "Traceback" not in err and "adapter_model.safetensors: no space left on the disk" in err, err
+    assert "not done: this attempt's result.failed.json (No space left on device)" in err, err
+
+
+def test_a_rerun_that_cannot_write_its_first_files_leaves_the_succeeded_runs_config(tmp_path, monkeypatch, capsys):
+    """Hydra writes the new command's config over the succeeded run's before sectune starts; a failure writing
+    result.previous.json (a full disk, a read-only run dir) left that config beside the earlier adapter, and evaluate
+    then refused the run over data that had not changed (audit Z, session 39)."""
+    run_dir, earlier, code = _two_runs_on_a_disk_that_fills(tmp_path, monkeypatch, "start")
+    err = capsys.readouterr().err
+    assert code == 1 and json.loads((run_dir / "result.json").read_text()) == earlier
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "first: 1\n"
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("sectune: error:")]
+    assert "result.previous.json: no space left on the disk" in line and f"nothing in {run_dir} was replaced" in line, err
+
+
+def test_writes_the_machine_refuses_are_named_and_leave_nothing_half_written(tmp_path, monkeypatch):
+    """The Rust libraries say only "os error 27"; console.log's close on a full disk raised out of the runner's clean-up;
+    a failed adapter save left its partial .adapter.tmp<pid>/ holding the room a retry needs (audit Z, session 39)."""
+    import errno
+
+    from sectune.models import modeling
+    from sectune.run_guard import recorded_warnings
+    from sectune.runner import write_error
+
+    msg = write_error(Exception("File too large (os error 27)"), tmp_path)
+    assert msg.startswith(f"a file under {tmp_path} or paths.cache_dir: a file-size limit (ulimit -f) was reached"), msg
+    assert write_error(OSError(errno.EROFS, "Read-only file system", "/ro/x"), tmp_path).startswith("/ro/x: the file system is read-only")
+    assert write_error(ValueError("os error 28"), tmp_path).startswith("a file under") and write_error(ValueError("bad"), tmp_path) is None
+
+    class Full:
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    rec = recorded_warnings(tmp_path / "console.log").__enter__()
+    rec._log = Full()
+    rec.__exit__(None, None, None)  # no exception out of the clean-up
+
+    class Model:
+        def save_pretrained(self, path, **kw):
+            Path(path).mkdir(parents=True)
+            (Path(path) / "adapter_model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        modeling.save_pretrained_atomic(Model(), None, tmp_path / "adapter")
+    assert not list(tmp_path.glob(".adapter.tmp*")) and not (tmp_path / "adapter").exists()

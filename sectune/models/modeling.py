@@ -354,8 +354,12 @@ def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
     """safetensors adapter (or full model) + tokenizer; appears under ``out`` only when complete."""
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:  # a full disk: the partial folder went on holding the room a retry needs (audit Z, session 39)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, out)
 
 

@@ -284,17 +284,30 @@ def restore_artifact_copies(run_dir: Path, result: dict, since: float) -> list[s
     back = []
     for _, path, copy in _rewritten(run_dir, result):
         if copy.exists() and (not path.exists() or _newest(path) > since):
+            tmp = path.with_name(f".{path.name}.restoring")
+            _remove(tmp)
+            try:
+                (shutil.copytree if copy.is_dir() else shutil.copy2)(copy, tmp)
+                source = tmp
+            except OSError:  # a full disk: the kept copy itself goes back, by a rename (the attempt's had moved aside first
+                _remove(tmp)  # and the copy failed: the run was left without its splits; audit Z, session 39)
+                source = copy
             if path.exists():
                 failed = path.with_name(f"{path.stem}.failed{path.suffix}")
-                if failed.is_dir():
-                    shutil.rmtree(failed)
+                _remove(failed)
                 os.replace(path, failed)
-            tmp = path.with_name(f".{path.name}.restoring")
-            shutil.rmtree(tmp, ignore_errors=True)
-            (shutil.copytree if copy.is_dir() else shutil.copy2)(copy, tmp)
-            os.replace(tmp, path)
+            os.replace(source, path)
             back.append(path.name)
     return back
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 #: the folders a stage writes in its run dir, each after result.json

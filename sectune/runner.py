@@ -179,15 +179,15 @@ def _put_back_earlier(run_dir: Path, earlier: dict, since: float, attempt: dict)
     try:
         write_json_atomic(run_dir / FAILED_ATTEMPT_FILE, attempt)
     except OSError as e:
-        lost.append(f"this attempt's {FAILED_ATTEMPT_FILE} ({e.strerror})")
+        lost.append(f"this attempt's {FAILED_ATTEMPT_FILE} ({e.strerror or first_line(e)})")
     try:
         config_note = " " + restore_run_config(run_dir)
     except OSError as e:
-        lost.append(f"the earlier config put back in .hydra/ ({e.strerror}; its copy is in {SUCCEEDED_CONFIG_DIR}/)")
+        lost.append(f"the earlier config put back in .hydra/ ({e.strerror or first_line(e)}; its copy is in {SUCCEEDED_CONFIG_DIR}/)")
     try:
         back = restore_artifact_copies(run_dir, earlier, since)
     except OSError as e:
-        lost.append(f"the earlier loss history and splits put back ({e.strerror}; their copies are in {ARTIFACT_COPIES}/)")
+        lost.append(f"the earlier loss history and splits put back ({e.strerror or first_line(e)}; their copies are in {ARTIFACT_COPIES}/)")
     back_note = f"; its {', '.join(back)} put back (this attempt's: *.failed.*)" if back else ""
     print(f"sectune: {run_dir / RESULT_FILE} is the earlier succeeded run's again (this attempt replaced none of its "
           f"weights{back_note}); this attempt's result is {FAILED_ATTEMPT_FILE}{config_note}"

@@ -448,6 +448,7 @@ def _two_runs_on_a_disk_that_fills(tmp_path, monkeypatch, fail_at):
     """A succeeded run (fake stage: an adapter, a config Hydra wrote), then a rerun with another config whose writes
     fail with ENOSPC from ``fail_at`` on ("start": its first files; "stage": while saving, and every record after)."""
     import errno
+    import shutil
 
     from conftest import compose
     from sectune import runner
@@ -463,18 +464,27 @@ def _two_runs_on_a_disk_that_fills(tmp_path, monkeypatch, fail_at):
 
         (ctx.run_dir / "adapter").mkdir(exist_ok=True)
         save_file({"w": torch.ones(2)}, str(ctx.run_dir / "adapter" / "adapter_model.safetensors"))
-        return {"metrics": {"y": 1.0}, "artifacts": {"adapter": "adapter"}}
+        (ctx.run_dir / "train_history.json").write_text('{"train": [1]}')
+        return {"metrics": {"y": 1.0}, "artifacts": {"adapter": "adapter", "train_history": "train_history.json"}}
 
     def fills(ctx):
+        (ctx.run_dir / "train_history.json").write_text('{"train": [2]}')  # a stage writes its history as it fails
         full["on"] = True
         raise OSError(errno.ENOSPC, "No space left on device", str(ctx.run_dir / "adapter" / "adapter_model.safetensors"))
 
-    write = runner.write_json_atomic
+    write, copy2 = runner.write_json_atomic, shutil.copy2
 
     def write_json_atomic(path, obj):
         if full["on"]:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return write(path, obj)
+
+    def copy(src, dst, **kw):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return copy2(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copy2", copy)
 
     monkeypatch.setattr(runner, "resolve_stage", lambda name: ok)
     assert runner.run(compose(["logger=none"]), run_dir)[0] == 0
@@ -498,6 +508,9 @@ def test_a_rerun_that_fills_the_disk_puts_the_succeeded_run_back_first_and_says_
     assert (run_dir / ".hydra" / "config.yaml").read_text() == "first: 1\n"
     assert (run_dir / ".hydra" / "failed" / "config.yaml").read_text() == "second: 2\n"
     assert "Traceback" not in err and "adapter_model.safetensors: no space left on the disk" in err, err
+    # the loss history it rewrote: the kept copy itself goes back where copying it fails (the run was left without it)
+    assert (run_dir / "train_history.json").read_text() == '{"train": [1]}'
+    assert (run_dir / "train_history.failed.json").read_text() == '{"train": [2]}'
     assert "not done: this attempt's result.failed.json (No space left on device)" in err, err
 
 
@@ -510,7 +523,8 @@ def test_a_rerun_that_cannot_write_its_first_files_leaves_the_succeeded_runs_con
     assert code == 1 and json.loads((run_dir / "result.json").read_text()) == earlier
     assert (run_dir / ".hydra" / "config.yaml").read_text() == "first: 1\n"
     (line,) = [ln for ln in err.splitlines() if ln.startswith("sectune: error:")]
-    assert "result.previous.json: no space left on the disk" in line and f"nothing in {run_dir} was replaced" in line, err
+    # (here the lock's copy of the config fails first; result.previous.json's write would be next)
+    assert ".hydra/running/config.yaml: no space left on the disk" in line and f"nothing in {run_dir} was replaced" in line, err
 
 
 def test_writes_the_machine_refuses_are_named_and_leave_nothing_half_written(tmp_path, monkeypatch):

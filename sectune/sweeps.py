@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,8 @@ def record_done(cfg: DictConfig, run_dir: Path, digest: str) -> None:
     try:
         write_json_atomic(index_dir(cfg) / f"{digest}.json", {"run_dir": str(run_dir.resolve()), "stage": cfg.stage.name})
     except OSError as e:  # the index is a convenience; never fail a finished run over it
-        print(f"sectune: could not record {digest} in {index_dir(cfg)}: {e}")
+        print(f"sectune: warning: could not record {digest} in {index_dir(cfg)} ({e}): sweep.skip_done will not find this "
+              "job from another sweep dir", file=sys.stderr)
 
 
 def check_sweep(cfg) -> None:

@@ -412,3 +412,14 @@ def test_an_optuna_direction_other_than_sweep_direction_is_refused_before_any_tr
                      "hydra.sweeper.direction=maximize"], sweep, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "hydra.sweeper.direction=maximize but sweep.direction=minimize" in proc.stderr and not sweep.exists()
+
+
+def test_an_index_dir_that_cannot_be_written_is_a_warning_and_the_job_stands(tmp_path, capsys):
+    """sweep.index_dir is a convenience: the job succeeded either way; the line said neither "warning" nor what it costs
+    and went to stdout (audit Z, session 39)."""
+    from sectune import sweeps
+
+    (tmp_path / "index").write_text("a file where the index dir should be")
+    sweeps.record_done(compose([f"sweep.index_dir={tmp_path / 'index'}"]), tmp_path / "job", "abc123")
+    err = capsys.readouterr().err
+    assert err.startswith(f"sectune: warning: could not record abc123 in {tmp_path / 'index'} (") and "skip_done will not find" in err, err

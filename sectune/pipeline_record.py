@@ -73,13 +73,10 @@ def same_but_newer_defaults(step: Step) -> bool:
         return False
     current = OmegaConf.to_container(step.cfg, resolve=True)
     defaults = OmegaConf.to_container(OmegaConf.structured(SectuneConfig), resolve=False)
-    from sectune.evaluation.injection_eval import older_defaults
+    from sectune.run_digest import older_values
 
     # what a run from before such a key did, not the key's default now
-    defaults["dataset"].update(older_defaults(current.get("dataset", {}).get("name")))
-    from sectune.run_digest import ADDED_KEYS
-
-    for key, older in ADDED_KEYS.items():  # what a run from before the key did, when that is not its default now
+    for key, older in older_values(current.get("dataset", {}).get("name")).items():
         *parents, leaf = key.split(".")
         node = defaults
         for p in parents:

@@ -84,7 +84,7 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
         why = "no job dir yet: the sweep is still running" if live else "no job dir: the sweep stopped before this job"
         rows.append((n, ov, {"status": NOT_STARTED, "metrics": {}, "error": why}))
 
-    environments = _environments(rows)
+    environments, legend = _environments(rows)
     taken = set(BASE_COLUMNS) | set(keys)
     metric_cols = {m: (f"metric.{m}" if m in taken else m) for m in metric_names}
     records = []
@@ -118,7 +118,7 @@ def build_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
             ascending = direction != "maximize" if ascending is None else ascending
     frame = sort_frame(frame, metrics, sort_by, ascending, sort_by_setting)
     frame.attrs.update(swept=swept, fixed=fixed, metrics=metrics, sweep_dir=str(sweep_dir),
-                       environments=_environment_legend(rows, environments))
+                       environments=legend)
     return frame
 
 
@@ -131,22 +131,15 @@ def _environment_text(env: dict | None) -> str | None:
     return f"sectune {env.get('sectune_commit') or env.get('sectune')}; {libs}; {env.get('device')}"
 
 
-def _environments(rows) -> dict[int, str]:
-    """Job → ``E1``, ``E2``, … where the succeeded jobs ran more than one code or machine (a sweep rerun with
-    sweep.skip_done after an upgrade reuses the jobs an older sectune trained); {} where they all ran one."""
+def _environments(rows) -> tuple[dict[int, str], dict[str, str]]:
+    """(job → ``E1``, ``E2``, …; ``E1`` → what it is) where the succeeded jobs ran more than one code or machine (a sweep
+    rerun with sweep.skip_done after an upgrade reuses the jobs an older sectune trained); ({}, {}) where they all ran one."""
     texts = {n: _environment_text(res.get("environment")) for n, _, res in rows if res.get("status") == "succeeded"}
     distinct = list(dict.fromkeys(t for t in texts.values() if t))
     if len(distinct) < 2:
-        return {}
-    return {n: f"E{distinct.index(t) + 1}" for n, t in texts.items() if t}
-
-
-def _environment_legend(rows, environments: dict[int, str]) -> dict[str, str]:
-    legend: dict[str, str] = {}
-    for n, _, res in rows:
-        if n in environments:
-            legend.setdefault(environments[n], _environment_text(res.get("environment")) or "")
-    return dict(sorted(legend.items()))
+        return {}, {}
+    return ({n: f"E{distinct.index(t) + 1}" for n, t in texts.items() if t},
+            {f"E{i + 1}": t for i, t in enumerate(distinct)})
 
 
 #: metric names (substrings) where smaller is better: sorted ascending (an FPR sorted descending listed the worst

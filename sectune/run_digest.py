@@ -23,6 +23,15 @@ from sectune.training import distributed
 ADDED_KEYS: dict[str, Any] = {}
 
 
+def older_values(dataset_name) -> dict[str, Any]:
+    """Dotted key → the value that reproduces what a run recorded before that key existed did: ``ADDED_KEYS``, and for
+    a run trained on injection texts the split it made then (:func:`sectune.evaluation.injection_eval.older_defaults`).
+    A resume's record and a pipeline step's saved config compare a key they lack at this value (else its default)."""
+    from sectune.evaluation.injection_eval import older_defaults
+
+    return {**ADDED_KEYS, **{f"dataset.{k}": v for k, v in older_defaults(dataset_name).items()}}
+
+
 def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str:
     """sha256 of the resolved config, minus Hydra's own node and ``sweep`` (bookkeeping, not
     the run), plus the number of processes when several train it: equal digests, equal runs. With ``root``, every path under it counts relative to it

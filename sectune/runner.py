@@ -133,8 +133,6 @@ def _could_not_start(run_dir: Path, e: OSError, lock) -> int:
     """A rerun that could not write its first files (a full disk, a read-only run dir): Hydra had already written this
     command's config over the succeeded run's in ``.hydra/``, which then described a run that never happened beside
     that run's adapter (evaluate read it and refused the run: audit Z, session 39). That config goes back; one line."""
-    from sectune.run_guard import restore_run_config
-
     if (run_dir / SUCCEEDED_CONFIG_DIR).is_dir():
         try:
             restore_run_config(run_dir)

@@ -272,12 +272,10 @@ def _added_since(before: dict, now: dict) -> dict:
     from omegaconf import OmegaConf
 
     from sectune.config import SectuneConfig
-    from sectune.evaluation.injection_eval import older_defaults
+    from sectune.run_digest import older_values
 
     defaults = OmegaConf.structured(SectuneConfig)
-    from sectune.run_digest import ADDED_KEYS
-
-    older = {**ADDED_KEYS, **{f"dataset.{k}": v for k, v in older_defaults(now.get("dataset.name")).items()}}
+    older = older_values(now.get("dataset.name"))
     added = {}
     for k in set(now) - set(before):
         try:

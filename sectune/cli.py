@@ -82,6 +82,9 @@ class SweepCheck(Callback):
         except SectuneError as e:
             print(f"sectune: error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
+        if distributed.is_main_process() and not _lock_sweep_dir(sweep_dir):  # last: a refused sweep makes no dir
+            _NEW_SWEEP_DIR = None
+            sys.exit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         refuse_preset_secrets(config)
@@ -151,14 +154,39 @@ _NEW_SWEEP_DIR: Path | None = None
 _OLD_MULTIRUN: tuple[Path, bytes] | None = None
 
 
+#: the open lock file of the sweep this process runs (released when it exits)
+_SWEEP_LOCK = None
+
+
+def _lock_sweep_dir(sweep_dir: Path) -> bool:
+    """An exclusive lock on ``<sweep dir>/.sweep.lock`` for this sweep: two sweeps started in the same second share the
+    default dir (``multirun/DATE/TIME``), refused each other's jobs, and one replaced the other's finished job as if it
+    were "a sweep rerun in place" (audit AA). The second is refused before any job; False once the error is printed."""
+    from sectune.files import take_lock
+
+    global _SWEEP_LOCK
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        fh = take_lock(sweep_dir / ".sweep.lock")
+    except OSError as e:
+        _run_dir_error(e)
+    if isinstance(fh, str):
+        print(f"sectune: error: {sweep_dir} is in use by another sweep ({fh}); wait for it, or give this sweep another "
+              "hydra.sweep.dir (two sweeps started in the same second get the same default dir)", file=sys.stderr)
+        return False
+    _SWEEP_LOCK = fh
+    return True
+
+
 def _drop_empty_sweep_dir() -> None:
     """A sweep whose first job's overrides did not compose (a typo: ``lora.rr=4,8``) left a dir holding only its
     multirun.yaml; one this command made is removed again, and an earlier sweep's multirun.yaml it replaced is put back."""
     if _OLD_MULTIRUN is not None and not _SWEEP_JOBS:
         _OLD_MULTIRUN[0].write_bytes(_OLD_MULTIRUN[1])
     d = _NEW_SWEEP_DIR
-    if d is not None and d.is_dir() and {p.name for p in d.iterdir()} <= {"multirun.yaml"}:
+    if d is not None and d.is_dir() and {p.name for p in d.iterdir()} <= {"multirun.yaml", ".sweep.lock"}:
         (d / "multirun.yaml").unlink(missing_ok=True)
+        (d / ".sweep.lock").unlink(missing_ok=True)
         d.rmdir()
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -46,6 +47,46 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     tmp.chmod(0o777 & ~_umask())
     return tmp
+
+
+@contextlib.contextmanager
+def held(folder: Path):
+    """An exclusive lock on ``folder`` (the folder itself: no lock file left beside a cache) for the ``with`` block,
+    waiting for another process that holds it: two processes finishing the same shared build (a sweep's jobs, torchrun's
+    ranks on a cold cache) each renamed the other's finished folder aside, and a third one's rename failed (audit AA).
+    Where the file system refuses locks, none."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def take_lock(lock_file: Path):
+    """An exclusive lock on ``lock_file`` held until the returned open file is closed (or the process exits), with this
+    process's pid written in it; when another process holds it, the file is closed and what it wrote is returned
+    (``"pid N"``) instead. A run dir's and a sweep dir's lock."""
+    import fcntl
+
+    fh = open(lock_file, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        return holder
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    return fh
 
 
 def readable_weights(folder: Path) -> None:

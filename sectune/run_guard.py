@@ -135,37 +135,24 @@ def _lock_run_dir(run_dir: Path, own_files: dict[str, str] | None = None):
     ``own_files``: this command's ``.hydra/`` texts by relative path, written once the lock is held (a command refused
     a moment earlier may have written its own over them: two sweeps started in the same second shared a sweep dir, and
     a job's result sat beside the other sweep's overrides). Returns the open file, or False (the error is printed)."""
-    import fcntl
-    import os
-
     import shutil
+
+    from sectune.files import take_lock
 
     key = str(run_dir.resolve())
     if key in _LOCKS:  # this process already runs here (a stage that runs another in its own dir)
         return None
     running = run_dir / RUNNING_CONFIG_DIR
-    fh = open(run_dir / ".sectune.lock", "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.seek(0)
-        holder = fh.read().strip() or "another process"
-        fh.close()
+    fh = take_lock(run_dir / ".sectune.lock")
+    if isinstance(fh, str):
         # Hydra wrote this command's .hydra/ over the running one's before sectune started: put the running one's back
         for rel in RUN_CONFIG_FILES:
             if (running / Path(rel).name).is_file():
                 shutil.copy2(running / Path(rel).name, run_dir / rel)
-        print(f"sectune: error: {run_dir} is in use by another sectune run ({holder}); wait for it, or give this run "
+        print(f"sectune: error: {run_dir} is in use by another sectune run ({fh}); wait for it, or give this run "
               "another hydra.run.dir", file=sys.stderr)
         return False
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"pid {os.getpid()}")
-    fh.flush()
-    for rel, text in (own_files or {}).items():
-        path = run_dir / rel
-        if path.parent.is_dir() and (not path.is_file() or path.read_text() != text):
-            path.write_text(text)
+    write_own_files(run_dir, own_files)
     shutil.rmtree(running, ignore_errors=True)
     for rel in RUN_CONFIG_FILES:
         if (run_dir / rel).is_file():
@@ -173,6 +160,17 @@ def _lock_run_dir(run_dir: Path, own_files: dict[str, str] | None = None):
             shutil.copy2(run_dir / rel, running / Path(rel).name)
     _LOCKS[key] = fh
     return fh
+
+
+def write_own_files(run_dir: Path, own_files: dict[str, str] | None) -> None:
+    """This run's ``.hydra/`` texts back where another command's differ: a command refused by the lock writes its own
+    config first, and under torchrun its other ranks' Hydra may write it after rank 0 was refused and had put ours back
+    (a 40-step run then kept a refused 3-step command's config as its record). Written when the lock is taken and again
+    at the run's end, before the succeeded run's copy is kept."""
+    for rel, text in (own_files or {}).items():
+        path = run_dir / rel
+        if path.parent.is_dir() and (not path.is_file() or path.read_text() != text):
+            path.write_text(text)
 
 
 def _unlock_run_dir(run_dir: Path, lock) -> None:

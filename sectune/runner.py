@@ -8,6 +8,7 @@ another stage, and it reads an earlier stage only through that stage's ``result.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -34,7 +35,7 @@ from sectune.run_guard import (  # noqa: F401
     _LOCKS, ARTIFACT_COPIES, FAILED_CONFIG_DIR, PREVIOUS_RESULT_FILE, RUN_CONFIG_FILES, RUNNING_CONFIG_DIR, SUCCEEDED_CONFIG_DIR,
     WEIGHT_ARTIFACTS, Interrupted, _interrupt_on_signals, _lock_run_dir, _restore_signals, _unlock_run_dir,
     artifacts_untouched, damaged_artifact, foreign_result, keep_artifact_copies, keep_run_config, recorded_warnings,
-    relocate_set_aside, restore_artifact_copies, restore_run_config)
+    relocate_set_aside, restore_artifact_copies, restore_run_config, write_own_files)
 from sectune.files import readable_weights, write_json_atomic, write_text_atomic  # noqa: F401
 
 #: what other modules (and the tests) import from runner, some of it defined in run_guard, run_records and run_digest
@@ -238,7 +239,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         return 2, None
     lock = None
     try:
-        lock = _lock_run_dir(run_dir, hydra_files(cfg, run_dir)) if main else None
+        own_files = hydra_files(cfg, run_dir) if main else {}
+        lock = _lock_run_dir(run_dir, own_files) if main else None
     except OSError as e:
         return _could_not_start(run_dir, e, None), None
     if lock is False:
@@ -354,6 +356,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         result["environment"] = environment(str(OmegaConf.select(cfg, "train.device", default="auto")))
         if main:
             readable_weights(run_dir)  # safetensors 0.8 saves owner-only
+            with contextlib.suppress(OSError):  # (a full disk: the texts there stay as they are)
+                if lock:
+                    write_own_files(run_dir, own_files)  # a refused command's ranks may have written theirs meanwhile
             if result["status"] == "failed" and earlier is not None and artifacts_untouched(run_dir, earlier, untouched_since):
                 _put_back_earlier(run_dir, earlier, untouched_since, result)
             else:

@@ -785,3 +785,38 @@ def test_huge_counts_give_a_schema_valid_analysis(line):
     a = analyze_auth_log([line, line.replace("[24200]", "[24201]").replace("[19939]", "[19940]")])
     assert a["verdict"] == "malicious"
     assert validate_analysis(a) == []
+
+
+def test_a_build_finished_by_another_process_while_this_one_built_is_kept_not_renamed_aside(tmp_path):
+    """Two processes finishing the same cache build at once each renamed the other's finished folder aside (the check
+    and the rename were not one step), and a third's rename failed with FileNotFoundError (audit AA). The check and the
+    rename now happen under one lock: this build waits for it, then finds the other's build and keeps it."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    from sectune.data.auth_logs import build_auth_folder
+
+    out = tmp_path / "cache" / "auth"
+    out.parent.mkdir(parents=True)
+    args = dict(seed=7, generated_lines=300)
+    theirs = build_auth_folder(tmp_path / "other" / "auth", **args)  # the other process's build, made beside
+    lock = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other process is renaming its build into place
+        errors: list = []
+        mine = threading.Thread(target=lambda: errors.append(None) if build_auth_folder(out, **args) == theirs else errors.append("differs"))
+        mine.start()
+        deadline = time.monotonic() + 30
+        while not list(out.parent.glob(".auth.building-*/BUILD_INFO.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert not out.exists()  # this build waits for the lock
+        os.replace(tmp_path / "other" / "auth", out)
+        inode = out.stat().st_ino
+    finally:
+        os.close(lock)
+    mine.join(60)
+    assert errors == [None] and out.stat().st_ino == inode  # theirs kept, not renamed aside
+    assert [p.name for p in out.parent.iterdir()] == ["auth"]  # its own build deleted

@@ -468,6 +468,31 @@ def test_a_second_command_into_a_run_dir_in_use_stops_and_leaves_the_running_one
     runner._unlock_run_dir(run_dir, lock)
 
 
+def test_a_refused_commands_config_written_during_the_run_is_not_kept_as_the_runs_record(tmp_path, monkeypatch):
+    """Under torchrun only rank 0 of a refused command puts the running run's .hydra/ back; its other ranks' Hydra could
+    write theirs later, and a 40-step run kept a refused 3-step command's config in .hydra/succeeded/ (audit AA)."""
+    from sectune import runner
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    own = {".hydra/overrides.yaml": "- train.max_steps=40\n", ".hydra/config.yaml": "steps: 40\n"}
+    for rel, text in own.items():
+        (run_dir / rel).write_text(text)
+    monkeypatch.setattr(runner, "hydra_files", lambda cfg, d: own)
+
+    def stage(ctx):  # a refused command's rank 1 writes its .hydra/ while this run trains
+        (run_dir / ".hydra/overrides.yaml").write_text("- train.max_steps=3\n")
+        (run_dir / ".hydra/config.yaml").write_text("steps: 3\n")
+        return {}
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: stage)
+    code, _ = runner.run(compose(["logger=none"]), run_dir)
+    assert code == 0
+    for rel, text in own.items():
+        assert (run_dir / rel).read_text() == text
+        assert (run_dir / ".hydra/succeeded" / rel.split("/")[-1]).read_text() == text
+
+
 def test_a_damaged_run_config_is_named_not_a_yaml_traceback(tmp_path):
     from sectune.config import load_run_config
     from sectune.errors import DataError

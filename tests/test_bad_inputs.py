@@ -112,6 +112,29 @@ def test_existing_result_is_not_corrupted_by_a_failing_rerun(good_folder, tmp_pa
     assert json.loads((run_dir / "result.failed.json").read_text())["status"] == "failed"
 
 
+def test_examples_left_with_no_answer_token_are_counted_apart_from_those_cut_short(good_folder, tmp_path):
+    """TRL leaves out an example whose prompt alone fills model.max_seq_length; the warning said they all "lose the end
+    of their answer" and result.json had no count, while the eval loss was over 3 of 43 windows (audit AB)."""
+    import statistics
+
+    from conftest import compose
+    from sectune import data
+    from sectune.models import modeling
+
+    over = [f"dataset.path={good_folder}", "dataset.max_samples=24"]
+    cfg = compose(over)
+    splits = data.sft_splits(cfg)
+    tok = modeling.load_tokenizer(cfg, modeling.model_path(cfg))
+    prompt_len = {name: [len(ids) for ids in tok([r["prompt"] for r in splits[name]])["input_ids"]] for name in ("train", "validation")}
+    L = int(statistics.median(prompt_len["train"] + prompt_len["validation"])) + 1
+    expected = {name: sum(n >= L for n in lens) for name, lens in prompt_len.items()}
+    assert 0 < expected["train"] < len(splits["train"]) and expected["validation"] < len(splits["validation"])
+    run = sectune([*ARGS, *over, f"model.max_seq_length={L}"], tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.result["metrics"]["dropped_examples"] == sum(expected.values())
+    assert f"{expected['train']} training" in run.stdout and "keep no answer token once cut and are left out" in run.stdout
+
+
 def test_max_seq_length_shorter_than_every_prompt_says_which_setting(good_folder, tmp_path):
     run = sectune([*ARGS, f"dataset.path={good_folder}", "dataset.max_samples=12", "model.max_seq_length=4"], tmp_path / "run")
     _assert_failed_cleanly(run, "model.max_seq_length=4", "dropped", "raise model.max_seq_length")

@@ -337,6 +337,27 @@ def test_a_typo_in_a_sweep_leaves_no_sweep_dir_behind_and_an_earlier_sweeps_reco
     assert run.returncode == 2 and (old / "multirun.yaml").read_text() == "hydra: {overrides: {task: [lora.r=4]}}\n"
 
 
+def test_a_sweep_into_the_dir_of_a_sweep_still_running_is_refused_before_any_job(tmp_path):
+    """Two sweeps started in the same second shared multirun/DATE/TIME: each refused some of the other's jobs, and one
+    replaced the other's finished job as "a sweep rerun in place" (audit AA). The second is refused whole, the first's
+    jobs untouched; the dir is free again once the first has exited."""
+    import fcntl
+
+    sweep = tmp_path / "m"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "result.json").write_text('{"status": "succeeded"}')
+    with open(sweep / ".sweep.lock", "a+") as held:  # the sweep still running
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242")
+        held.flush()
+        run = cli(["-m", "stage=plan", "logger=none", "lora.r=4,8", f"hydra.sweep.dir={sweep}"])
+        assert run.returncode == 2 and f"{sweep} is in use by another sweep (pid 4242)" in run.stderr, run.stderr[-1000:]
+        assert sorted(p.name for p in sweep.iterdir()) == [".sweep.lock", "0"]
+        assert (sweep / "0" / "result.json").read_text() == '{"status": "succeeded"}'
+    run = cli(["-m", "stage=plan", "logger=none", "lora.r=4,8", f"hydra.sweep.dir={sweep}"])
+    assert run.returncode == 0 and (sweep / "1" / "result.json").is_file(), run.stderr[-1000:]
+
+
 def test_every_job_of_a_grid_sweep_is_checked_before_the_first_one_runs(tmp_path):
     """An audit (session 25): `train.learning_rate=1e-3,-1` ran job 0 to its end before job 1 was refused, and
     `+lora.rr=3,4` created and failed every job (exit 1). Now nothing starts and nothing is left."""

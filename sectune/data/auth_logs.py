@@ -264,12 +264,14 @@ def build_auth_folder(
         if note:
             info["note"] = note
         (tmp / "BUILD_INFO.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if _built(out) == info:  # another run (a sweep's job, a rank) built the same folder meanwhile: keep theirs,
-            shutil.rmtree(tmp)   # which it may be reading (replacing it under a reader failed that run)
-            return info
+        from sectune.files import held
         from sectune.run_guard import replace_dir
 
-        replace_dir(tmp, out)
+        with held(out.parent):  # one process at a time checks and renames
+            if _built(out) == info:  # another run (a sweep's job, a rank) built the same folder meanwhile: keep theirs,
+                shutil.rmtree(tmp)   # which it may be reading (replacing it under a reader failed that run)
+                return info
+            replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

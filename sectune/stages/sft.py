@@ -63,11 +63,6 @@ def run(ctx: RunContext) -> dict:
                               f"so model.tiny.extra_tokens must list ' 1' … ' {num_keys}')") from None
     trainable, total = modeling.trainable_parameters(model)
     too_long = count_too_long(tokenizer, train_recs + val_recs, cfg.model.max_seq_length)
-    if too_long:
-        print(
-            f"sectune: warning: {too_long} of {len(records)} examples exceed model.max_seq_length="
-            f"{cfg.model.max_seq_length} tokens and lose the end of their answer; raise it or shorten the inputs"
-        )
     print(f"sectune: {modeling.model_title(cfg.model)}: {trainable:,} trainable of {total:,} parameters")
 
     # 3. trainer
@@ -89,6 +84,10 @@ def run(ctx: RunContext) -> dict:
     trainer = build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, run_dir / "checkpoints", callbacks, eval_on_start=eval_on_start)
     engine.require_examples(trainer, cfg, {"training": len(train_recs), "validation": len(val_recs)}, tokenizer,
                             [r["prompt"] for r in records])
+    dropped = dropped_examples(trainer, cfg, len(train_recs), len(val_recs))
+    if too_long:
+        print(f"sectune: warning: {too_long} of {len(records)} examples exceed model.max_seq_length={cfg.model.max_seq_length} "
+              f"tokens: {truncation_note(too_long, dropped)}; raise it or shorten the inputs")
     # Under torchrun every rank runs this file; evaluate/train are collective, writing is rank 0's.
     main = trainer.accelerator.is_main_process
     try:
@@ -103,6 +102,7 @@ def run(ctx: RunContext) -> dict:
         "total_params": total,
         "quantized_modules": modeling.quantized_module_count(model),
         "truncated_examples": too_long,
+        **({"dropped_examples": sum(dropped.values())} if dropped is not None else {}),
     }
     if val_recs:
         if "eval_loss_start" in ctx.partial_metrics:
@@ -329,6 +329,28 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
     packed_attention.compact_fused_lm_head()
     engine.selective_checkpointing(trainer.model, cfg)
     return trainer
+
+
+def dropped_examples(trainer, cfg, n_train: int, n_val: int) -> dict[str, int] | None:
+    """Examples TRL left out per split because truncation to ``model.max_seq_length`` kept none of their answer tokens
+    (a prompt alone filling it): with ``model.max_seq_length=300`` 188 of 203 training and 40 of 43 validation windows
+    went, and the eval loss was over 3 windows without a word (audit AB). None with ``train.packing=bfd``, whose rows
+    are packed sequences, not examples."""
+    if engine.packing_mode(cfg) == "bfd":
+        return None
+    kept = {"training": len(trainer.train_dataset), "validation": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0}
+    return {split: n - kept[split] for split, n in (("training", n_train), ("validation", n_val)) if n - kept[split] > 0}
+
+
+def truncation_note(too_long: int, dropped: dict[str, int] | None) -> str:
+    if dropped is None:
+        return "each is cut at that length, answer included (train.packing=bfd)"
+    if not dropped:
+        return "each loses the end of its answer"
+    left_out = ", ".join(f"{n} {split}" for split, n in dropped.items())
+    rest = too_long - sum(dropped.values())
+    return (f"{left_out} keep no answer token once cut and are left out (the losses are over the others)"
+            + (f", the other {rest} lose the end of their answer" if rest else ""))
 
 
 def count_too_long(tokenizer, recs: list[dict], max_len: int) -> int:

@@ -163,6 +163,46 @@ def test_a_first_row_with_an_extra_cell_is_named_not_read_shifted(tmp_path):
     assert len(table) == 40 and list(table.X["f2"][:3]) == [0.0, 2.0, 4.0]
 
 
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zip"])
+def test_a_compressed_csv_gets_the_messages_of_the_plain_one(tmp_path, suffix):
+    """pandas reads a .csv.gz as it is, but the helpers that find a bad line or column read its raw bytes: a
+    UnicodeDecodeError traceback, or a long row called "not UTF-8 text" (audit AB)."""
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    def packed(text: str, name: str):
+        path = tmp_path / f"{name}.csv{suffix}"
+        if suffix == ".zip":
+            with zipfile.ZipFile(path, "w") as z:
+                z.writestr(f"{name}.csv", text.encode("latin-1"))
+        else:
+            path.write_bytes({".gz": gzip, ".bz2": bz2, ".xz": lzma}[suffix].compress(text.encode("latin-1")))
+        return path
+
+    rows = _text_rows()
+    assert len(load_text_label_csv(packed("text,label\n" + rows, "good"), "text", "label")) == 30
+    with pytest.raises(DataError, match=r"empty\.csv\S*: line 4: empty 'label'"):
+        load_text_label_csv(packed("text,label\n" + "".join(rows.splitlines(True)[:2]) + "some text,\n" + rows, "empty"), "text", "label")
+    with pytest.raises(DataError, match=r"column name\(s\) 'label' given more than once"):
+        load_text_label_csv(packed("text,label,label\n" + "".join(f"{r},x\n" for r in rows.splitlines()), "twice"), "text", "label")
+    with pytest.raises(DataError, match=r"long\.csv\S*: line 2: more cells than the header's 3 columns"):
+        load_flows(packed("f1,f2,label\n1,2,a,EXTRA\n" + "".join(f"{i},{i},{'ab'[i % 2]}\n" for i in range(40)), "long"),
+                   ["f1", "f2"], "label", granularity="raw")
+    with pytest.raises(DataError, match=r"not UTF-8 text \(line 2, byte 0xe9\).*decompress it, then iconv"):
+        load_text_label_csv(packed("text,label\ncaf\u00e9 x,ham\n", "latin"), "text", "label")
+
+
+def test_a_compressed_csv_sectune_cannot_read_back_is_one_line(tmp_path):
+    (tmp_path / "a.csv.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(DataError, match="decompress this one first"):
+        load_text_label_csv(tmp_path / "a.csv.zst", "text", "label")
+    (tmp_path / "b.csv.gz").write_text("text,label\na,b\n")
+    with pytest.raises(DataError, match=r"b\.csv\.gz: cannot read it as \.gz"):
+        load_flows(tmp_path / "b.csv.gz", ["f1"], "label", granularity="raw")
+
+
 def test_a_flow_cell_of_hundreds_of_digits_counts_as_inf(tmp_path):
     path = tmp_path / "flows.csv"
     path.write_text("f1,f2,label\n" + "".join(f"{i},{2 * i},{'ab'[i % 2]}\n" for i in range(40)) + "1" + "0" * 309 + ",1,a\n")

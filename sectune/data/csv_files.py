@@ -11,17 +11,57 @@ import pandas as pd
 from sectune.errors import DataError
 
 
+#: what pandas reads compressed by the file's suffix (compression="infer"); the helpers below that find a bad line or
+#: column read the same text (they read a .csv.gz as raw bytes: a traceback, or "not UTF-8 text": audit AB)
+_STREAMS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+_UNREAD = (".zst", ".tar", ".tgz")
+
+
+def open_binary(path: Path):
+    """``path`` opened for reading as pandas reads it: decompressed when its suffix says so (.gz, .bz2, .xz, a .zip
+    holding one file). A suffix pandas reads and these helpers do not (.zst, .tar) is a DataError."""
+    import importlib
+
+    suffix = path.suffix.lower()
+    if suffix in _STREAMS:
+        return importlib.import_module(_STREAMS[suffix]).open(path, "rb")
+    if suffix == ".zip":
+        import zipfile
+
+        try:
+            zf = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{path}: cannot read it as .zip ({e})") from None
+        names = [n for n in zf.namelist() if not n.endswith("/")]
+        if len(names) != 1:
+            raise DataError(f"{path}: a .zip holding {len(names)} files; sectune reads a .zip of one CSV (unzip it and give the file)")
+        return zf.open(names[0])
+    if suffix in _UNREAD:
+        raise DataError(f"{path}: sectune reads CSV plain or compressed as .gz, .bz2, .xz or .zip; decompress this one first")
+    return open(path, "rb")
+
+
+def open_text(path: Path):
+    """:func:`open_binary` as UTF-8 text for the ``csv`` module (a byte-order mark skipped, newlines as they are)."""
+    import io
+
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="")
+
+
 def not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
     """The error for a CSV that is not UTF-8, naming the line and byte (pandas' position is within its read buffer)."""
-    raw = path.read_bytes()
+    with open_binary(path) as f:
+        raw = f.read()
     try:
         raw.decode("utf-8-sig")
         where = ""
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         where = f" (line {line}, byte 0x{raw[e.start]:02x})"
+    packed = path.suffix.lower() in (*_STREAMS, ".zip")
+    plain = Path(path.stem) if packed else path
     return DataError(f"{path}: not UTF-8 text{where}: {exc.reason}; save the file as UTF-8 (a Latin-1 export, say: "
-                     f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.csv)")
+                     f"{'decompress it, then ' if packed else ''}iconv -f latin1 -t utf-8 {plain.name} > {plain.stem}.utf8.csv)")
 
 
 def delimiter_hint(columns) -> str:
@@ -42,7 +82,7 @@ def csv_record_lines(path: Path) -> list[int]:
     skipped, a quoted cell may span lines. For error messages: the row index pandas gives is not a line number."""
     import csv
 
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open_text(path) as f:
         reader = csv.reader(f)
         # pandas skips a line only when it holds one blank cell; "," (every cell empty) is a record, the one reported
         ends = [reader.line_num for row in reader if len(row) > 1 or (row and row[0].strip())]
@@ -55,6 +95,11 @@ def read_csv_rows(path: Path, **kwargs) -> pd.DataFrame:
     labels read from the column beside them), with no error."""
     import warnings
 
+    with open_binary(path) as f:  # a compression the messages below could not read is said now; a damaged file too
+        try:
+            f.read(1)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: cannot read it as {path.suffix} ({e})") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)  # index_col=False: a long row's extra cell dropped
@@ -62,7 +107,7 @@ def read_csv_rows(path: Path, **kwargs) -> pd.DataFrame:
     except pd.errors.ParserWarning:
         import csv
 
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open_text(path) as f:
             reader = csv.reader(f)
             width = len(next(reader, []))
             line = next((reader.line_num for row in reader if any(c.strip() for c in row[width:])), None)
@@ -102,7 +147,7 @@ def unique_columns(path: Path, columns) -> list[str]:
     if mangled:  # 'Rate.1' may be a real name: the header itself says whether 'Rate' is there twice
         import csv
 
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open_text(path) as f:
             header = [c.strip() for c in next(csv.reader(f), [])]
         twice |= {c for c in header if header.count(c) > 1}
     if twice:

@@ -5,7 +5,6 @@ does not hold."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sectune.data import auth_logs
+from sectune.data.log_text import read_log
 from sectune.data.auth_rules import _MAX_HOST, _MAX_NAME
 from sectune.errors import ConfigError, DataError, shown
 
@@ -21,7 +21,6 @@ DEFAULT_OUTPUT = "analyses.json"
 #: what a folder's file may be and be skipped, named (read_log's words → the reason shown)
 _SKIPPED = {"binary file": "binary", "empty log file": "empty", "does not decompress": "a damaged gzip"}
 #: gzip's magic; UTF-16's byte-order marks (a Windows export)
-_GZIP, _UTF16 = b"\x1f\x8b", (b"\xff\xfe", b"\xfe\xff")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -60,44 +59,6 @@ def read_inputs(input_file) -> list[tuple[str, str]]:
     if path.exists():
         raise DataError(f"infer.input_file={input_file}: not a regular file or a folder")
     raise DataError(f"infer.input_file={input_file}: no such file or folder")
-
-
-def read_log(path: Path) -> str:
-    """A log file's text: UTF-8, or gzip-compressed (a rotated ``auth.log.2.gz``), or UTF-16 with its byte-order mark
-    (a Windows export). Bytes that are not UTF-8 (a user name an attacker typed in Latin-1, say) become U+FFFD with a
-    warning naming their lines: one such byte must not keep a whole log from being analysed."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if data.startswith(_GZIP):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise DataError(f"{path}: a gzip file that does not decompress ({e})") from None
-    if data.startswith(_UTF16):
-        text = data.decode("utf-16", errors="replace")
-    elif b"\x00" in data:
-        raise DataError(f"{path}: binary file (NUL bytes); infer reads text log files (plain, .gz or UTF-16)")
-    else:
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            lines = [n for n, raw in enumerate(data.split(b"\n"), 1) if not _utf8(raw)]
-            print(f"sectune: warning: infer: {shown(path.name)}: {len(lines)} line(s) not UTF-8 (line {', '.join(map(str, lines[:5]))}"
-                  f"{' …' if len(lines) > 5 else ''}); their bad bytes read as U+FFFD")
-            text = data.decode("utf-8-sig", errors="replace")
-    if not text.strip():
-        raise DataError(f"{path}: empty log file")
-    return text
-
-
-def _utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 # ----------------------------------------------------------------------------- windows

@@ -820,3 +820,26 @@ def test_a_build_finished_by_another_process_while_this_one_built_is_kept_not_re
     mine.join(60)
     assert errors == [None] and out.stat().st_ino == inode  # theirs kept, not renamed aside
     assert [p.name for p in out.parent.iterdir()] == ["auth"]  # its own build deleted
+
+
+def test_log_bytes_that_are_not_utf8_are_named_as_infer_names_them(tmp_path, capsys):
+    """The builder replaced a Latin-1 user name's byte with U+FFFD without a word, and SFT learnt the analysis holding it
+    (audit AB); infer warned about the same bytes. A byte-order mark is not part of the first line."""
+    from sectune.data.auth_logs import build_auth_folder, load_auth_folder
+    from sectune.data.auth_rules import REAL_SOURCES
+    from sectune.data.synthetic_auth import generate_auth_lines
+
+    src = tmp_path / "src"
+    log = src / REAL_SOURCES[0]
+    log.parent.mkdir(parents=True)
+    lines = generate_auth_lines(400, seed=5)
+    log.write_bytes(("\n".join(lines) + "\n").encode())
+    plain = load_auth_folder(build_auth_folder(tmp_path / "a", src, seed=1) and tmp_path / "a")
+    bad = [i for i, ln in enumerate(lines) if "Invalid user " in ln][0]
+    raw = [ln.encode() for ln in lines]
+    raw[bad] = raw[bad].replace(b"Invalid user ", b"Invalid user caf\xe9")
+    log.write_bytes(b"\xef\xbb\xbf" + b"\n".join(raw) + b"\n")
+    capsys.readouterr()
+    build_auth_folder(tmp_path / "b", src, seed=1)
+    assert f"auth_logs: OpenSSH_2k.log: 1 line(s) not UTF-8 (line {bad + 1}); their bad bytes read as U+FFFD" in capsys.readouterr().out
+    assert len(load_auth_folder(tmp_path / "b")) == len(plain)

@@ -104,6 +104,15 @@ def test_hdfs_labels_with_a_utf8_bom_are_read(tmp_path):
     assert [s.id for s in normal] == ["blk_1"] and [s.id for s in anomalous] == ["blk_2"] and num_keys == 3
 
 
+def test_a_loghub_hdfs_log_with_a_byte_order_mark_is_read_from_its_first_line(tmp_path):
+    """Every other reader drops a BOM; HDFS.log's first line was "not a loghub HDFS line" (audit AB)."""
+    folder = _loghub(tmp_path, b"BlockId,Label\nblk_1,Normal\nblk_2,Anomaly\n")
+    plain = hdfs.read_loghub(folder)
+    log = folder / "x.log"
+    log.write_bytes(b"\xef\xbb\xbf" + log.read_bytes().replace(b"\n", b"\r\n"))
+    assert hdfs.read_loghub(folder)[:3] == plain[:3]
+
+
 def test_hdfs_labels_not_utf8_name_file_and_line(tmp_path):
     folder = _loghub(tmp_path, b"BlockId,Label\nblk_1,Normal\nblk_2,Anomal\xe9\n")
     with pytest.raises(DataError, match=rf"^{re.escape(str(folder / 'x_block_labels.csv'))}:3: not UTF-8 text"):

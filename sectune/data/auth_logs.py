@@ -184,6 +184,7 @@ def build_auth_folder(
     Written to a sibling temp folder and renamed onto ``out_dir`` when complete, so a crash
     never leaves a half-written folder that looks finished. Returns BUILD_INFO.json's content.
     """
+    from sectune.data.log_text import read_log
     from sectune.data.synthetic_auth import generate_auth_lines
 
     if not 1 <= min_lines <= max_lines:
@@ -199,10 +200,7 @@ def build_auth_folder(
     streams: list[tuple[str, list[tuple[int, str]]]] = []
     files_info = []
     for path in real:
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError as e:
-            raise DataError(f"{path}: cannot read ({e.strerror})") from e
+        text = read_log(path, "auth_logs").splitlines()  # bytes not UTF-8 (a Latin-1 user name) named, a BOM dropped
         keep = [(n, ln.rstrip()) for n, ln in enumerate(text, 1) if ln.strip() and ("Linux" not in path.name or _auth_relevant(ln))]
         lines = [ln for ln in text if ln.strip()]
         headed = sum(bool(_HEADER.match(ln.strip())) for ln in lines)

@@ -225,7 +225,7 @@ def _log_lines(log_path: Path, skip_bad: bool) -> tuple[list[list[str]], list[st
     """(each line's block ids, each line's content, skipped lines) of a loghub HDFS log."""
     blocks_of, contents, skipped = [], [], 0
     # only line breaks end a line (splitlines also split at \x0c, \u2028: one line became two; session 36)
-    lines = re.split(r"\r\n|\r|\n", log_path.read_text(encoding="utf-8", errors="replace"))
+    lines = re.split(r"\r\n|\r|\n", log_path.read_text(encoding="utf-8-sig", errors="replace"))  # a BOM is not data
     while lines and not lines[-1].strip():  # blank lines at the end are the end of the file (as in the deeplog layout)
         lines.pop()
     if not lines:

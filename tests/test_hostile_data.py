@@ -203,6 +203,22 @@ def test_a_compressed_csv_sectune_cannot_read_back_is_one_line(tmp_path):
         load_flows(tmp_path / "b.csv.gz", ["f1"], "label", granularity="raw")
 
 
+def test_a_sample_that_cannot_keep_class_shares_names_the_rare_classes_it_lost(tmp_path, capsys):
+    """dataset.max_samples fell back to a plain random sample without a word when a class was too small: the class was
+    gone from every split (audit AB)."""
+    path = tmp_path / "flows.csv"
+    path.write_text("f1,f2,label\n" + "".join(f"{i},{2 * i},{'ab'[i % 2]}\n" for i in range(300)) + "7,7,weird\n")
+    table = load_flows(path, ["f1", "f2"], "label", granularity="raw", max_rows=30, seed=0)
+    err = capsys.readouterr().err
+    assert len(table) == 30 and "dataset.max_samples=30: a class too small to keep its share" in err
+    assert f"'weird' {int((table.y == 'weird').sum())} of 1" in err and "raise dataset.max_samples" in err
+    load_flows(path, ["f1", "f2"], "label", granularity="raw", max_rows=200, seed=0)
+    assert "'weird'" in capsys.readouterr().err
+    path.write_text("f1,f2,label\n" + "".join(f"{i},{2 * i},{'ab'[i % 2]}\n" for i in range(300)))
+    load_flows(path, ["f1", "f2"], "label", granularity="raw", max_rows=30, seed=0)
+    assert "max_samples" not in capsys.readouterr().err  # stratified: nothing to say
+
+
 def test_a_flow_cell_of_hundreds_of_digits_counts_as_inf(tmp_path):
     path = tmp_path / "flows.csv"
     path.write_text("f1,f2,label\n" + "".join(f"{i},{2 * i},{'ab'[i % 2]}\n" for i in range(40)) + "1" + "0" * 309 + ",1,a\n")
@@ -302,3 +318,12 @@ def test_predict_csv_does_not_write_over_its_input_or_the_runs_files(tmp_path):
         with pytest.raises(DataError, match=why):
             p.predict_csv(inp, out)
     assert inp.read_text() == "a,b\n1,2\n" and (run / "normalizer.json").read_text() == "{}"
+
+
+def test_a_text_sample_that_cannot_keep_class_shares_says_so(capsys):
+    from sectune.training.classification import _subsample
+
+    records = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(100)] + [{"text": "odd", "label": "rare"}]
+    kept = _subsample(records, 20, seed=0)
+    err = capsys.readouterr().err
+    assert len(kept) == 20 and f"'rare' {sum(r['label'] == 'rare' for r in kept)} of 1" in err

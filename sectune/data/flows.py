@@ -13,6 +13,7 @@ The schemas are plain data so the config layer can carry them as ``dataset.featu
 
 from __future__ import annotations
 
+import sys
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,12 +206,26 @@ def load_flows(path, features: Sequence[str], label_column: str, granularity: st
 
 
 def _stratified_sample(df: pd.DataFrame, label_column: str, n: int, seed: int) -> pd.DataFrame:
-    """A seeded subsample keeping class shares; plain random if a class is too small."""
+    """A seeded subsample keeping class shares; plain random if a class is too small (said: :func:`warn_unstratified`)."""
     try:
         kept, _ = train_test_split(df, train_size=n, random_state=seed, stratify=df[label_column])
         return kept.sort_index()
     except ValueError:
-        return df.sample(n=n, random_state=seed).sort_index()
+        kept = df.sample(n=n, random_state=seed).sort_index()
+        warn_unstratified(df[label_column].astype(str).str.strip(), kept[label_column].astype(str).str.strip(), n)
+        return kept
+
+
+def warn_unstratified(labels, kept_labels, n: int) -> None:
+    """A ``dataset.max_samples`` sample that could not keep the class shares (a class of one row) is plain random: it
+    lost a rare class from every split without a word (audit AB). Names the classes it lost or left too small to split."""
+    before, after = pd.Series(list(labels)).value_counts(), pd.Series(list(kept_labels)).value_counts()
+    small = [c for c in before.index if after.get(c, 0) < 3]
+    if small:
+        shown_classes = ", ".join(f"{c!r} {after.get(c, 0)} of {before[c]}" for c in small[:8])
+        print(f"sectune: warning: dataset.max_samples={n}: a class too small to keep its share made the sample plain random; "
+              f"rows kept of the rarest classes: {shown_classes}{' …' if len(small) > 8 else ''} (fewer than 3 cannot be "
+              "split into train, validation and test): raise dataset.max_samples", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- splitting
@@ -237,7 +252,8 @@ def split_flows(table: FlowTable, val_fraction: float, test_fraction: float,
         except ValueError as exc:  # a class too small to appear on both sides
             counts = pd.Series(y[pool]).value_counts()
             raise DataError(f"{table.source}: cannot split stratified ({exc}); smallest classes: "
-                            f"{counts.tail(3).to_dict()}") from None
+                            f"{counts.tail(3).to_dict()}; raise dataset.max_samples (when set) or lower dataset.val_fraction / "
+                            "test_fraction") from None
 
     rest, test = cut(idx, test_fraction)
     train, val = cut(rest, val_fraction / (1 - test_fraction) if val_fraction else 0.0)

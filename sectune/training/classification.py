@@ -81,7 +81,10 @@ def _subsample(records: List[dict], n: Optional[int], seed: int) -> List[dict]:
     try:
         kept, _ = train_test_split(records, train_size=n, random_state=seed, stratify=[r["label"] for r in records])
     except ValueError:
+        from sectune.data.flows import warn_unstratified
+
         kept = [records[i] for i in sorted(np.random.default_rng(seed).choice(len(records), n, replace=False))]
+        warn_unstratified([r["label"] for r in records], [r["label"] for r in kept], n)
     return list(kept)
 
 

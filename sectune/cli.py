@@ -21,6 +21,7 @@ from sectune import config  # noqa: E402
 from sectune.training import distributed  # noqa: E402
 from sectune.cli_errors import (  # noqa: E402
     _extra_hint, _hydra_report, config_file_error, override_error, refuse_node_deletions, refuse_secrets, usage_error, yaml_error)
+from sectune import paths  # noqa: E402
 from sectune.paths import CONF_DIR  # noqa: E402
 from sectune.cli_refusals import (refuse_launcher_without_multirun, refuse_preset_secrets, refuse_slurm_without_srun,  # noqa: E402
                                   refuse_unresolvable)
@@ -63,7 +64,9 @@ class SweepCheck(Callback):
 
         global _NEW_SWEEP_DIR, _OLD_MULTIRUN
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir", default="") or ""))
-        _NEW_SWEEP_DIR = None if sweep_dir.exists() else sweep_dir  # made by this command: removed if no job starts
+        # made by this command (or claimed by it as its default dir: paths.fresh_run_dir): removed if no job starts
+        claimed = {Path(d).resolve() for d in paths.claimed_dirs()}
+        _NEW_SWEEP_DIR = None if sweep_dir.exists() and sweep_dir.resolve() not in claimed else sweep_dir
         old = sweep_dir / "multirun.yaml"  # an earlier sweep's record of its jobs (sectune-report reads it): put back
         _OLD_MULTIRUN = (old, old.read_bytes()) if old.is_file() else None
         refuse_preset_secrets(config)

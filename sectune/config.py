@@ -408,5 +408,7 @@ def register() -> None:
     if not OmegaConf.has_resolver("sectune_shared_data"):
         OmegaConf.register_new_resolver("sectune_shared_data", lambda: str(paths.shared_data_dir()))
         OmegaConf.register_new_resolver("sectune_cache", lambda: str(paths.cache_dir()))
+    if not OmegaConf.has_resolver("sectune_run_dir"):
+        OmegaConf.register_new_resolver("sectune_run_dir", paths.fresh_run_dir, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="sectune_schema", node=SectuneConfig)

@@ -59,3 +59,44 @@ def resolved(path) -> str | None:
     """A configured path as one absolute string (``~`` and relative parts resolved), or None when unset: two
     settings naming the same file compare equal."""
     return str(Path(str(path)).expanduser().resolve()) if path else None
+
+
+#: root → the run or sweep dir this process claimed (one per root: Hydra resolves its dir more than once)
+_CLAIMED: dict[str, str] = {}
+
+
+def fresh_run_dir(root: str, now=None) -> str:
+    """``<root>/DATE/TIME``, Hydra's default run (``outputs``) or sweep (``multirun``) dir, claimed by creating it: when
+    another command already has it (two started in the same second: one was refused as "in use", and two sweeps each
+    lost jobs to the other), ``TIME-1``, ``TIME-2``, …. The resolver behind conf/config.yaml's ``hydra.run.dir`` and
+    ``hydra.sweep.dir`` (cached, as Hydra's ``now`` is, so a sweep's jobs share it); left empty at exit, it goes."""
+    import atexit
+    from datetime import datetime
+
+    if root in _CLAIMED:
+        return _CLAIMED[root]
+    base = Path(root) / (now or datetime.now()).strftime("%Y-%m-%d/%H-%M-%S")
+    for k in range(1000):
+        candidate = base if k == 0 else base.with_name(f"{base.name}-{k}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError:  # cannot create it: Hydra's own attempt names the error
+            return str(base)
+        _CLAIMED[root] = str(candidate)
+        atexit.register(_drop_if_empty, candidate)
+        return str(candidate)
+    return str(base)
+
+
+def claimed_dirs() -> list[str]:
+    """The dirs :func:`fresh_run_dir` claimed in this process."""
+    return list(_CLAIMED.values())
+
+
+def _drop_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only an empty folder: a command that stopped before writing anything
+    except OSError:
+        pass

@@ -358,6 +358,33 @@ def test_a_sweep_into_the_dir_of_a_sweep_still_running_is_refused_before_any_job
     assert run.returncode == 0 and (sweep / "1" / "result.json").is_file(), run.stderr[-1000:]
 
 
+def test_default_dirs_of_commands_started_in_the_same_second_are_distinct(tmp_path, monkeypatch):
+    """Hydra's default outputs/DATE/TIME and multirun/DATE/TIME are per second: two commands a script started together
+    shared one (one refused as "in use"; two sweeps lost jobs to each other). The dir is claimed as it is chosen."""
+    from datetime import datetime
+
+    from sectune import paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(paths, "_CLAIMED", {})
+    now = datetime(2026, 12, 7, 5, 47, 15)
+    (tmp_path / "multirun/2026-12-07/05-47-15").mkdir(parents=True)  # another command's, this second
+    first = paths.fresh_run_dir("multirun", now)
+    assert first == "multirun/2026-12-07/05-47-15-1" and (tmp_path / first).is_dir()
+    assert paths.fresh_run_dir("multirun", now) == first  # Hydra resolves it again: the same dir
+    monkeypatch.setattr(paths, "_CLAIMED", {})
+    assert paths.fresh_run_dir("multirun", now) == "multirun/2026-12-07/05-47-15-2"
+    paths._drop_if_empty(tmp_path / first)  # what a command that wrote nothing leaves: nothing
+    assert not (tmp_path / first).exists()
+
+    # as a user runs them: each command in a dir of its own, a sweep's jobs in one
+    runs = [cli(["stage=plan", "logger=none"], cwd=tmp_path) for _ in range(2)]
+    sweep = cli(["-m", "stage=plan", "logger=none", "lora.r=4,8"], cwd=tmp_path)
+    assert all(r.returncode == 0 for r in [*runs, sweep]), [r.stderr[-800:] for r in [*runs, sweep]]
+    assert len(list(tmp_path.glob("outputs/*/*/result.json"))) == 2
+    assert [p.parent.name for p in sorted(tmp_path.glob("multirun/*/*/*/result.json"))] == ["0", "1"]
+
+
 def test_every_job_of_a_grid_sweep_is_checked_before_the_first_one_runs(tmp_path):
     """An audit (session 25): `train.learning_rate=1e-3,-1` ran job 0 to its end before job 1 was refused, and
     `+lora.rr=3,4` created and failed every job (exit 1). Now nothing starts and nothing is left."""

@@ -28,7 +28,6 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -54,7 +53,9 @@ def _has_override(argv: list[str], key: str) -> bool:
 def _new_run_dir(root: str = "outputs") -> str:
     """What Hydra's default ``hydra.run.dir`` (root ``outputs``) or ``hydra.sweep.dir`` (``multirun``) would give rank 0,
     made absolute."""
-    return str((Path(root) / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve())
+    from sectune.paths import fresh_run_dir
+
+    return str(Path(fresh_run_dir(root)).resolve())
 
 
 def _via_agent_store(timeout_s: float, root: str = "outputs") -> str | None:

@@ -201,10 +201,11 @@ def absent_names(analysis, window_text: str) -> list[str]:
         return []
     names = [(s.get("ip"), _MAX_HOST) for s in analysis.get("source_ips") or [] if isinstance(s, dict)]
     names += [(u, _MAX_NAME) for k in ("invalid_users", "targeted_users") for u in analysis.get(k) or []]
-    # a whole token of the window, not a piece of one: 10.0.0.1 is not in "10.0.0.12", nor root in "user=rootadmin";
-    # a name as long as the schema allows may be a longer one cut there, as the rules cut it (its start must match)
+    # a whole token of the window, not a piece of one: 10.0.0.1 is not in "10.0.0.12", nor root in "user=rootadmin", nor
+    # 2001:db8 in "2001:db8:5:1::23" (an audit, session 40), though 10.0.0.5 is in "::ffff:10.0.0.5"; a name as long as
+    # the schema allows may be a longer one cut there, as the rules cut it (its start must match)
     return sorted({n for n, cap in names if isinstance(n, str) and n and not re.search(
-        rf"(?<![\w.-]){re.escape(n)}" + (r"(?![\w-]|\.\w)" if len(n) < cap else ""), window_text)})
+        rf"(?:(?<![\w.:-])|(?<=::ffff:)){re.escape(n)}" + (r"(?![\w-]|\.\w|:[\w:])" if len(n) < cap else ""), window_text)})
 
 
 # ----------------------------------------------------------------------------- an interrupted run's answers

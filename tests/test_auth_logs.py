@@ -267,6 +267,34 @@ def test_iso_and_precise_timestamps_and_ipv4_mapped_sources_are_read_as_syslog_l
         {"ip": "2001:db8::7", "failures": 1}]
 
 
+def test_openssh_98_process_names_and_usedns_host_names_are_read_as_sshd_and_its_addresses_are():
+    """An audit (session 40): OpenSSH 9.8 logs from sshd-session[pid] (10: sshd-auth), and the rules read a source only
+    from "sshd": a password guessed after 3 failures was suspicious, 11 failures from one IPv6 address had no source.
+    With UseDNS sshd names the host, which was never a source unless PAM's rhost= gave it."""
+    from sectune.data.auth_rules import analyze_auth_log
+
+    src = "2001:db8:5:1::23"
+    lines = []
+    for pid in (40120, 40124, 40130):
+        lines += [f"2026-12-07T05:14:18.101555+00:00 bastion sshd[{pid}]: pam_unix(sshd:auth): authentication failure; "
+                  f"logname= uid=0 euid=0 tty=ssh ruser= rhost={src}  user=deploy",
+                  f"2026-12-07T05:14:20.309812+00:00 bastion sshd[{pid}]: Failed password for deploy from {src} port 51040 ssh2"]
+    lines += [f"2026-12-07T05:14:36.500100+00:00 bastion sshd[40138]: Accepted password for deploy from {src} port 51090 ssh2",
+              "2026-12-07T05:14:36.510200+00:00 bastion sshd[40138]: pam_unix(sshd:session): session opened for user deploy(uid=1001) by (uid=0)"]
+    burst = [f"Dec  7 05:14:1{i} bastion sshd[4020{i}]: Failed password for root from {src} port 5104{i} ssh2" for i in range(6)]
+    for window in (lines, burst):
+        want = analyze_auth_log(window)
+        assert want["verdict"] == "malicious" and want["source_ips"][0]["ip"] == src
+        for name in ("sshd-session", "sshd-auth"):
+            assert analyze_auth_log([ln.replace(" sshd[", f" {name}[") for ln in window]) == want, name
+    host = "45-33-1-2.ip.linodeusercontent.com"
+    dns = analyze_auth_log([ln.replace(src, host) for ln in burst])
+    assert dns["verdict"] == "malicious" and dns["brute_force"] and dns["source_ips"] == [{"ip": host, "failures": 6}]
+    from sectune.data.auth_logs import _auth_relevant
+
+    assert _auth_relevant("Dec  7 05:14:18 combo sshd-session[5]: Failed password for root from 10.0.0.1 port 2 ssh2")
+
+
 def test_a_log_whose_lines_have_no_syslog_header_is_said_when_building(tmp_path, capsys):
     src = tmp_path / "src" / "loghub_openssh_2k"
     src.mkdir(parents=True)

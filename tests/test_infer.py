@@ -685,6 +685,11 @@ def test_each_record_names_what_its_window_does_not_hold():
     # a user name cut at the schema's 32 characters, as the rules and grounded decoding cut it, is the window's name
     host = "customer-187-141-143-180-sta.uninet-ide.com.mx"
     assert absent_names({"invalid_users": [host[:32], host[:31]]}, f"getaddrinfo for {host} [187.141.143.180]") == [host[:31]]
+    # a piece of an IPv6 address is not the address (an audit, session 40); an IPv4-mapped one holds its IPv4 address
+    v6 = "Dec  7 05:14:18 h sshd[1]: Failed password for root from 2001:db8:5:1::23 port 51040 ssh2 at 05:14:18"
+    pieces = ["2001:db8:5:1", "2001:db8", "2001", "db8:5:1::23", "14:18"]
+    assert absent_names({"source_ips": [{"ip": p} for p in [*pieces, "2001:db8:5:1::23"]]}, v6) == sorted(pieces)
+    assert absent_names({"source_ips": [{"ip": "10.0.0.5"}, {"ip": "::ffff:10.0.0.5"}]}, "rhost=::ffff:10.0.0.5 user=x") == []
 
 
 def test_infer_decodes_as_the_models_run_did_keeps_the_earlier_answers_and_records_what_it_read(tmp_path, adapter):

@@ -34,7 +34,7 @@ from sectune.paths import shared_data_dir
 from sectune.files import make_temp_dir
 
 
-from sectune.data.auth_rules import ANSWER_KEYS, CLASSES, REAL_SOURCES, RULES_VERSION, _HEADER, analyze_auth_log  # noqa: F401 (re-exported)
+from sectune.data.auth_rules import ANSWER_KEYS, CLASSES, REAL_SOURCES, RULES_VERSION, _HEADER, _SSHD, analyze_auth_log  # noqa: F401 (re-exported)
 
 # ------------------------------------------------------------------------ schema & render
 @lru_cache(maxsize=1)
@@ -127,7 +127,7 @@ def _auth_relevant(line: str) -> bool:
         return False
     proc = m["proc"].strip()
     base = proc.split("(")[0]
-    return "(pam_unix)" in proc or base in {"sshd", "su", "login", "ftpd", "klogind", "gdm-binary"} or proc.startswith("--")
+    return "(pam_unix)" in proc or base in {*_SSHD, "su", "login", "ftpd", "klogind", "gdm-binary"} or proc.startswith("--")
 
 
 def _windows(numbered: list[tuple[int, str]], rng: random.Random, lo: int, hi: int) -> Iterable[tuple[int, list[str]]]:

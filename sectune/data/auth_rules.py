@@ -48,7 +48,7 @@ import re
 
 # 2: hostile lines (an overlong line or source) read within bounds; 3: ISO-8601 and fractional-second timestamps
 # (journalctl -o short-iso / short-precise, rsyslog's file format) and IPv4-mapped IPv6 sources read (an audit, session 37)
-RULES_VERSION = "auth-rules-3"
+RULES_VERSION = "auth-rules-4"
 CLASSES = ("benign", "suspicious", "malicious")
 BRUTE_FORCE_FAILURES = 5
 FAILED_THEN_ACCEPTED = 3
@@ -87,7 +87,10 @@ _ANON_FTP = re.compile(r"ANONYMOUS FTP LOGIN FROM (?P<ip>[^,\s]+)")
 # one "::ffff:10" with a brute force (an audit, session 37)
 _FROM_IP = re.compile(r" from (?P<ip>\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F]{0,4}(?::[0-9a-fA-F]{0,4}){2,6}:\d{1,3}(?:\.\d{1,3}){3}"
                       r"|[0-9a-fA-F]{0,4}(?::[0-9a-fA-F]{0,4}){2,7})\b")
-_LOGIN_PROCS = ("sshd", "login")
+#: sshd's own process names: OpenSSH 9.8 logs a connection from ``sshd-session`` (Debian 13, Fedora 41, RHEL 10), OpenSSH 10
+#: its authentication from ``sshd-auth``; read as ``sshd`` only, every such line lost its source (an audit, session 40)
+_SSHD = ("sshd", "sshd-session", "sshd-auth")
+_LOGIN_PROCS = (*_SSHD, "login")
 
 
 #: the schema's maximum for a count: a log line may say any number ("message repeated 10^5000 times"), an analysis not
@@ -133,8 +136,11 @@ def analyze_auth_log(lines: list[str]) -> dict:
         rep = _REPEATED.search(msg)
         times = _count(rep["n"]) if rep else 1
         body = rep["inner"] if rep else msg
-        if (ip := _FROM_IP.search(body)) and base == "sshd" and p.ip is None:
+        if (ip := _FROM_IP.search(body)) and base in _SSHD and p.ip is None:
             p.ip = ip["ip"]
+        named = _FAILED.search(body) or _ACCEPTED.search(body) or _INVALID.search(body)
+        if named and named["ip"] and base in _SSHD and p.ip is None:  # UseDNS yes: sshd names the host, not its address
+            p.ip = named["ip"][:_MAX_HOST]
         if f := _FAILED.search(body):
             p.fail[0] += times
             p.interesting = True

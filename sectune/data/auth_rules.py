@@ -68,7 +68,11 @@ MAX_LINE = 8192
 #: lines counted twice, its sshd source was lost and a brute force went unseen (an audit, session 37)
 _SYSLOG_TIME = r"\w{3}\s+\d+\s+\d\d:\d\d:\d\d"
 _HOST_PROC = r"\s+\S+\s+(?P<proc>.+?)(?:\[(?P<pid>\d+)\])?:\s?(?P<msg>.*)$"
-_HEADER = re.compile(rf"^(?:{_SYSLOG_TIME}|\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:[.,]\d{{1,9}})?(?:Z|[+-]\d\d:?\d\d)?{_HOST_PROC}")
+#: and journalctl's other modes: short-full (``Mon 2026-12-07 05:14:18 UTC``), an ISO date and time apart, short-unix
+#: (epoch seconds), short-monotonic (``[ 1234.567890]``): read without pids, an attempt counted twice (session 40)
+_HEADER = re.compile(rf"^(?:(?:{_SYSLOG_TIME}|\d{{4}}-\d\d-\d\d[T ]\d\d:\d\d:\d\d)(?:[.,]\d{{1,9}})?(?:Z|[+-]\d\d:?\d\d)?"
+                     rf"|\w{{3}} \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d{{1,9}})? [A-Z]{{2,5}}|\d{{9,11}}(?:\.\d{{1,9}})?|\[\s*\d+\.\d+\])"
+                     rf"{_HOST_PROC}")
 #: the header the tiny analyst was trained on (stage=infer warns about other lines)
 SYSLOG_HEADER = re.compile(rf"^{_SYSLOG_TIME}{_HOST_PROC}")
 _FAILED = re.compile(r"Failed (?:\S+) for (?P<inv>invalid user )?(?P<user>.*?) from (?P<ip>\S+) port \d+")

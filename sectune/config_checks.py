@@ -335,6 +335,15 @@ def check_settings_in_effect(cfg, need) -> None:
          "needs infer.model_dir, the first voter (a tie goes to it)")
     need(cfg.stage.name != "federated" or cfg.train.resume in (None, "", "no"), "train.resume", cfg.train.resume,
          "stage=federated does not resume (a rerun starts from round 0: its rounds keep no Trainer checkpoints)")
+    t, stage = cfg.train, cfg.stage.name  # (session 40: a transformers traceback after loading; silently no warm-up/noise)
+    need(t.lr_scheduler != "reduce_lr_on_plateau" or stage not in ("sft", "dpo", "reward", "rl", "contrastive")
+         or (t.eval_steps and cfg.dataset.val_fraction > 0), "train.lr_scheduler", t.lr_scheduler,
+         "lowers the rate when the validation loss stalls: set train.eval_steps=N with a validation split (dataset.val_fraction > 0)")
+    need(not t.warmup_ratio or t.lr_scheduler not in ("constant", "reduce_lr_on_plateau"), "train.warmup_ratio", t.warmup_ratio,
+         f"has no effect with train.lr_scheduler={t.lr_scheduler}: use constant_with_warmup, or leave the warm-up out")
+    need(t.neftune_noise_alpha is None or stage != "sft" or t.packing == "none", "train.neftune_noise_alpha", t.neftune_noise_alpha,
+         f"with train.packing={t.packing}: NEFTune divides by the row's length, which packing makes a whole batch (noise "
+         "~sqrt(batch) weaker than documented); set train.packing=none")
     if cfg.stage.name == "rl":  # loss settings the chosen objective does not read (an audit, session 25: taken silently)
         from sectune.config import LossConfig
 
@@ -408,8 +417,11 @@ def check_quantization(cfg) -> None:
         raise ConfigError(f"quantization.bnb_4bit_compute_dtype={q.bnb_4bit_compute_dtype}: choose one of {', '.join(COMPUTE_DTYPES)}")
 
 
-#: the loss.* keys each preference/RL objective reads (the others are another objective's)
+#: the loss.* keys each preference/RL objective reads (the others are another objective's), and what sft, classify and
+#: contrastive read whatever loss=… names (they took every other loss.* key without a word: an audit, session 40)
 LOSS_READS = {"dpo": ("beta", "label_smoothing"), "bradley_terry": ("margin",), "grpo": ("beta", "clip_epsilon")}
+STAGE_LOSS_READS = {"sft": ("label_smoothing", "key_weight", "weighted_keys"), "classify": ("label_smoothing", "class_weights"),
+                    "contrastive": ("temperature", "lambda_consistency", "lambda_separation", "lambda_task")}
 
 
 def warn_unread_loss(cfg) -> None:
@@ -420,14 +432,16 @@ def warn_unread_loss(cfg) -> None:
 
     from sectune.config import LossConfig
 
-    reads = LOSS_READS.get(str(cfg.loss.name))
+    stage = str(cfg.stage.name)
+    reads = STAGE_LOSS_READS.get(stage) or LOSS_READS.get(str(cfg.loss.name))
     if reads is None:
         return
     default = LossConfig()
-    unread = [f"loss.{k}={cfg.loss[k]}" for k in ("beta", "clip_epsilon", "margin", "key_weight", "label_smoothing")
-              if k not in reads and k in cfg.loss and cfg.loss[k] != getattr(default, k)]
+    unread = [f"loss.{k}={cfg.loss[k]}" for k in vars(default) if k != "name" and k not in reads and k in cfg.loss
+              and cfg.loss[k] != getattr(default, k)]
     if unread:
-        print(f"sectune: warning: {', '.join(unread)}: not read by loss={cfg.loss.name} (it reads "
+        reader = f"stage={stage}" if stage in STAGE_LOSS_READS else f"loss={cfg.loss.name}"
+        print(f"sectune: warning: {', '.join(unread)}: not read by {reader} (it reads "
               f"{', '.join(f'loss.{k}' for k in reads)}); this run trains as without {'them' if len(unread) > 1 else 'it'}",
               file=sys.stderr)
 

@@ -166,6 +166,13 @@ def test_preference_settings_that_could_not_mean_what_they_say_are_refused(tmp_p
     with pytest.raises(DataError, match=r"pairs.jsonl: line 1: kind='start'"):
         P.read_pairs_jsonl(f)
     warn_unread_loss(compose(["stage=dpo", "loss=dpo", "loss.margin=2", "loss.key_weight=5"]))
-    assert "loss.margin=2.0, loss.key_weight=5.0: not read by loss=dpo (it reads loss.beta, loss.label_smoothing)" in capsys.readouterr().err
+    assert "loss.key_weight=5.0, loss.margin=2.0: not read by loss=dpo (it reads loss.beta, loss.label_smoothing)" in capsys.readouterr().err
     warn_unread_loss(compose(["stage=rl", "loss=grpo", "loss.beta=0.1"]))
+    assert capsys.readouterr().err == ""
+    # sft, classify and contrastive read what they read whatever loss=… names (session 40: the rest was taken silently)
+    warn_unread_loss(compose(["stage=sft", "loss.margin=2", "loss.key_weight=5", "loss.label_smoothing=0.1"]))
+    assert "loss.margin=2.0: not read by stage=sft (it reads loss.label_smoothing, loss.key_weight, loss.weighted_keys)" in capsys.readouterr().err
+    warn_unread_loss(compose(["stage=classify", "loss=cross_entropy", "loss.key_weight=5", "loss.class_weights=balanced"]))
+    assert "loss.key_weight=5.0: not read by stage=classify" in capsys.readouterr().err
+    warn_unread_loss(compose(["stage=contrastive", "loss=causal_contrastive", "loss.lambda_task=2"]))
     assert capsys.readouterr().err == ""

@@ -393,6 +393,11 @@ def test_the_readmes_max_memory_example_runs_and_without_plus_plus_the_error_say
     (["stage=reward", "dataset=auth_preferences", "loss=dpo"], "loss=dpo: stage=reward trains a Bradley-Terry reward model"),
     (["stage=reward", "dataset=auth_preferences", "loss=grpo"], "loss=grpo: stage=reward trains a Bradley-Terry reward model"),
     (["stage=doctor", "doctor.min_free_disk_gb=-1"], "doctor.min_free_disk_gb=-1.0: must be >= 0"),
+    # session 40 (an audit of settings combined): a transformers traceback after loading; no warm-up; ~sqrt(batch) less noise
+    (["train.lr_scheduler=reduce_lr_on_plateau"], "train.lr_scheduler=reduce_lr_on_plateau: lowers the rate when the validation"),
+    (["train.lr_scheduler=reduce_lr_on_plateau", "train.eval_steps=5", "dataset.val_fraction=0"], "train.lr_scheduler=reduce_lr_on_plateau"),
+    (["train.lr_scheduler=constant", "train.warmup_ratio=0.5"], "train.warmup_ratio=0.5: has no effect with train.lr_scheduler=constant"),
+    (["train.neftune_noise_alpha=5"], "train.neftune_noise_alpha=5.0: with train.packing=padding_free: NEFTune divides"),
 ])
 def test_settings_a_run_would_ignore_are_refused_naming_the_key(overrides, message):
     """Each of these was accepted and changed nothing (an audit of every setting against the code that reads it)."""
@@ -420,7 +425,9 @@ def test_the_settings_those_checks_leave_alone_still_run():
                ["model.device_map=auto", "++model.max_memory={cpu: 8GiB}"], ["stage=contrastive", "loss=causal_contrastive", "debug.enabled=true"],
                ["model.device_map=cuda:1", "model.attn_implementation=eager", "train.lr_scheduler=cosine_with_min_lr"],
                ["model.attn_implementation=kernels-community/flash-attn"], ["++model.device_map={lm_head: cpu}"], ["logger.mode=online"],
-               ["model=tiny_gpt2", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=3"]):
+               ["model=tiny_gpt2", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=3"],
+               ["train.lr_scheduler=reduce_lr_on_plateau", "train.eval_steps=5"], ["train.lr_scheduler=constant_with_warmup", "train.warmup_ratio=0.5"],
+               ["train.neftune_noise_alpha=5", "train.packing=none"], ["stage=classify", "train.lr_scheduler=reduce_lr_on_plateau"]):
         check_values(compose(ok))
 
 

@@ -543,3 +543,15 @@ def test_training_forward_runs_under_the_requested_mixed_precision(tmp_path):
     assert trained and set(trained) == {torch.bfloat16}, seen
     assert [d for training, d in seen if not training][-1] == torch.float32, seen  # the held-out measure: the weights' dtype
     assert torch.bfloat16 in [d for training, d in seen if not training], seen  # Trainer's evaluation: autocast
+
+
+def test_no_validation_triplets_say_that_early_stopping_and_the_best_checkpoint_are_off(tmp_path, capsys):
+    """dataset.val_fraction=0 dropped early stopping and the best checkpoint without the warning train.eval_steps=null
+    gets (an audit, session 40)."""
+    from sectune.stages.contrastive import training_arguments
+
+    cfg = compose(["stage=contrastive", "loss=causal_contrastive", "dataset=injection_triplets", "train.eval_steps=2"])
+    training_arguments(cfg, tmp_path, has_eval=False)
+    assert "no validation triplets (dataset.val_fraction=0): no evaluation during training, so no early stopping" in capsys.readouterr().err
+    training_arguments(cfg, tmp_path, has_eval=True)
+    assert capsys.readouterr().err == ""

@@ -950,3 +950,11 @@ def test_a_reward_adapter_that_trained_base_weights_loads_separately_and_leaves_
     from sectune.training.memory import reward_model_bytes  # the memory check plans the separate copy the stage loads
 
     assert "a second none copy of the base" in reward_model_bytes(cfg)[1]
+
+
+def test_no_validation_window_leaves_grpo_without_held_out_scoring_not_an_index_error(capsys):
+    """dataset.val_fraction=0 crashed GRPO after the model loaded (a tokenizer given no text raises IndexError), in a
+    pipeline after the earlier steps had trained (an audit, session 40)."""
+    from sectune.stages.rl import fitting_prompts
+
+    assert fitting_prompts(None, [], 10) == ([], 0)

@@ -46,6 +46,9 @@ EVAL_METRICS = ("causal_stability", "spurious_separation", "causal_discriminatio
 
 def run(ctx: RunContext) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
+    from sectune.config_checks import warn_unread_loss
+
+    warn_unread_loss(cfg)  # loss.* keys this stage's loss does not read, said
     t0 = time.perf_counter()
     check_config(cfg)
 
@@ -280,6 +283,9 @@ def training_arguments(cfg: DictConfig, output_dir: Path, has_eval: bool):
     if has_eval and not cfg.train.eval_steps and (int(es.patience) > 0 or cfg.contrastive.load_best_at_end):
         print("sectune: warning: train.eval_steps is null: no evaluation during training, so no early stopping and no best "
               f"checkpoint by {es.metric} (the last step's weights are kept); set train.eval_steps=N for them", file=sys.stderr)
+    if not has_eval and (cfg.train.eval_steps and (int(es.patience) > 0 or cfg.contrastive.load_best_at_end)):
+        print("sectune: warning: no validation triplets (dataset.val_fraction=0): no evaluation during training, so no early "
+              f"stopping and no best checkpoint by {es.metric} (the last step's weights are kept)", file=sys.stderr)
     if has_eval and cfg.train.eval_steps:
         eval_steps = int(cfg.train.eval_steps)
         save_steps = int(cfg.train.save_steps or eval_steps)

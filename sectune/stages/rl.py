@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -181,6 +182,8 @@ def highest_quality(records: list[dict], n: int, fits=lambda r: True) -> list[di
 
 def fitting_prompts(tokenizer, records: list[dict], max_len: int) -> tuple[list[dict], int]:
     """The records whose prompt leaves ``rl.max_completion_length`` tokens within ``model.max_seq_length``."""
+    if not records:  # a tokenizer given no text raises IndexError (dataset.val_fraction=0: an audit, session 40)
+        return [], 0
     lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in records])["input_ids"]]
     keep = [r for r, n in zip(records, lengths) if n <= max_len]
     return keep, len(records) - len(keep)
@@ -241,6 +244,10 @@ def run_grpo(ctx: RunContext) -> dict:
 
     # 3. trainer
     val_recs = fitting_prompts(tokenizer, splits["validation"], max_prompt)[0][: rl.heldout_windows or 0]
+    if not val_recs and rl.keep_best and rl.eval_steps:
+        why = "rl.heldout_windows=0" if not rl.heldout_windows else "no validation window (dataset.val_fraction)"
+        print(f"sectune: warning: {why}: no held-out reward during training, so rl.keep_best keeps no best step (the last "
+              "step's weights are kept)", file=sys.stderr)
     best = (HeldOutBest(lambda m: heldout_rewards(cfg, m, tokenizer, val_recs, reward_funcs, weights), int(rl.eval_steps), rl.keep_best_se)
             if val_recs else None)
     callbacks = [*engine.fail_callbacks(cfg), *([best] if best else [])]

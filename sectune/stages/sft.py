@@ -30,6 +30,9 @@ WARMUP_DIR = "warmup"
 
 def run(ctx: RunContext) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
+    from sectune.config_checks import warn_unread_loss
+
+    warn_unread_loss(cfg)  # loss.* keys this stage's loss does not read, said
     t0 = time.perf_counter()
     warm = warmup(ctx)  # sft.warmup_lines: first the generated windows, in <run dir>/warmup/
     if warm is not None:

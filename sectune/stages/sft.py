@@ -352,8 +352,8 @@ def truncation_note(too_long: int, dropped: dict[str, int] | None) -> str:
         return "each loses the end of its answer"
     left_out = ", ".join(f"{n} {split}" for split, n in dropped.items())
     rest = too_long - sum(dropped.values())
-    return (f"{left_out} keep no answer token once cut and are left out (the losses are over the others)"
-            + (f", the other {rest} lose the end of their answer" if rest else ""))
+    return (f"left out, with no answer token once cut: {left_out} (the losses are over the others)"
+            + (f"; the other {rest} lose the end of their answer" if rest else ""))
 
 
 def count_too_long(tokenizer, recs: list[dict], max_len: int) -> int:

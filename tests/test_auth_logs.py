@@ -297,6 +297,21 @@ def test_openssh_98_process_names_and_usedns_host_names_are_read_as_sshd_and_its
     assert _auth_relevant("Dec  7 05:14:18 combo sshd-session[5]: Failed password for root from 10.0.0.1 port 2 ssh2")
 
 
+def test_the_tail_of_an_invalid_user_scan_is_a_scan_without_its_invalid_user_lines():
+    """OpenSSH >= 7.5 ends each connection of a scan with "Connection closed by / Disconnected from invalid user U IP port
+    N"; a window holding only those tails (the "Invalid user" lines in the window before) was benign (an audit, session 40)."""
+    from sectune.data.auth_rules import analyze_auth_log
+
+    users = ["admin", "ubuntu", "test", "oracle"]
+    tail = [f"Dec  7 05:14:1{i} web1 sshd[600{i}]: {'Connection closed by' if i % 2 else 'Disconnected from'} invalid user {u} "
+            f"203.0.113.9 port 4010{i} [preauth]" for i, u in enumerate(users)]
+    a = analyze_auth_log(tail)
+    assert a["verdict"] == "suspicious" and sorted(a["invalid_users"]) == sorted(users)
+    assert [s["ip"] for s in a["source_ips"]] == ["203.0.113.9"]
+    head = [f"Dec  7 05:14:0{i} web1 sshd[600{i}]: Invalid user {u} from 203.0.113.9 port 4010{i}" for i, u in enumerate(users)]
+    assert analyze_auth_log(head)["invalid_users"] == a["invalid_users"]
+
+
 def test_a_log_whose_lines_have_no_syslog_header_is_said_when_building(tmp_path, capsys):
     src = tmp_path / "src" / "loghub_openssh_2k"
     src.mkdir(parents=True)

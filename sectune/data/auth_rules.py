@@ -78,7 +78,10 @@ SYSLOG_HEADER = re.compile(rf"^{_SYSLOG_TIME}{_HOST_PROC}")
 _FAILED = re.compile(r"Failed (?:\S+) for (?P<inv>invalid user )?(?P<user>.*?) from (?P<ip>\S+) port \d+")
 _REPEATED = re.compile(r"message repeated (?P<n>\d+) times: \[ ?(?P<inner>.*)\]")
 _ACCEPTED = re.compile(r"Accepted \S+ for (?P<user>\S+) from (?P<ip>\S+)")
-_INVALID = re.compile(r"(?:^Invalid user (?P<u1>.*?) from (?P<ip>\S+)|input_userauth_request: invalid user (?P<u2>.*?) \[preauth\])")
+#: (and the tail of a scan's connection, when its "Invalid user" line fell in the window before: OpenSSH >= 7.5's
+#: "Connection closed by / Disconnected from invalid user U IP port N"; such a window was benign: an audit, session 40)
+_INVALID = re.compile(r"(?:^Invalid user (?P<u1>.*?) from (?P<ip>\S+)|input_userauth_request: invalid user (?P<u2>.*?) \[preauth\]"
+                      r"|^(?:Connection closed by|Disconnected from) invalid user (?P<u3>.*?) ?(?P<ip3>\S+) port \d+)")
 _BREAK_IN = re.compile(r"reverse mapping checking getaddrinfo for \S+ \[(?P<ip>[^\]]+)\].*POSSIBLE BREAK-IN ATTEMPT")
 _PAM_FAIL = re.compile(r"authentication failure; .*?rhost=(?P<rhost>\S*)(?:\s+user=(?P<user>\S+))?")
 _PAM_MORE = re.compile(r"PAM (?P<n>\d+) more authentication failures?;.*?rhost=(?P<rhost>\S*)(?:\s+user=(?P<user>\S+))?")
@@ -153,7 +156,9 @@ def analyze_auth_log(lines: list[str]) -> dict:
             p.ok[0] += 1
             p.interesting = True
         elif i := _INVALID.search(body):
-            invalid.add(_name(i["u1"] if i["u1"] is not None else i["u2"]) or "")
+            invalid.add(_name(next((u for u in (i["u1"], i["u2"], i["u3"]) if u is not None), "")) or "")
+            if i["ip3"] and base in _SSHD and p.ip is None:
+                p.ip = i["ip3"][:_MAX_HOST]
             p.interesting = True
         elif b := _BREAK_IN.search(body):
             break_ins += 1

@@ -1,6 +1,7 @@
 """What the schema's types let through but no run can use: keys the schema lacks (``check_keys``) and values no
 run can use (``check_values``, the bitsandbytes settings, the sweep direction, DPO's SFT weight), each named by its
-key before any data or model loads. The schema itself is :mod:`sectune.config`."""
+key before any data or model loads (what each stage's loss reads: :mod:`sectune.loss_settings`). The schema itself is
+:mod:`sectune.config`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sectune.config import SectuneConfig
+from sectune.loss_settings import dpo_sft_weight
 from sectune.sweeps import check_sweep  # noqa: F401 (re-exported: check_values calls it)
 
 
@@ -415,45 +417,3 @@ def check_quantization(cfg) -> None:
         raise ConfigError(f"quantization.bnb_4bit_quant_type={q.bnb_4bit_quant_type}: choose nf4 or fp4")
     if q.bnb_4bit_compute_dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"quantization.bnb_4bit_compute_dtype={q.bnb_4bit_compute_dtype}: choose one of {', '.join(COMPUTE_DTYPES)}")
-
-
-#: the loss.* keys each preference/RL objective reads (the others are another objective's), and what sft, classify and
-#: contrastive read whatever loss=… names (they took every other loss.* key without a word: an audit, session 40)
-LOSS_READS = {"dpo": ("beta", "label_smoothing"), "bradley_terry": ("margin",), "grpo": ("beta", "clip_epsilon")}
-STAGE_LOSS_READS = {"sft": ("label_smoothing", "key_weight", "weighted_keys"), "classify": ("label_smoothing", "class_weights"),
-                    "contrastive": ("temperature", "lambda_consistency", "lambda_separation", "lambda_task")}
-
-
-def warn_unread_loss(cfg) -> None:
-    """A loss.* value the stage's objective never reads, said once as the stage starts (``stage=dpo loss.margin=2`` and
-    ``stage=reward loss.beta=0.5`` trained exactly as without them, without a word: an audit, session 36). A warning, not
-    an error: a pipeline's loss.* reaches every step, and only the step whose objective reads it uses it."""
-    import sys
-
-    from sectune.config import LossConfig
-
-    stage = str(cfg.stage.name)
-    reads = STAGE_LOSS_READS.get(stage) or LOSS_READS.get(str(cfg.loss.name))
-    if reads is None:
-        return
-    default = LossConfig()
-    unread = [f"loss.{k}={cfg.loss[k]}" for k in vars(default) if k != "name" and k not in reads and k in cfg.loss
-              and cfg.loss[k] != getattr(default, k)]
-    if unread:
-        reader = f"stage={stage}" if stage in STAGE_LOSS_READS else f"loss={cfg.loss.name}"
-        print(f"sectune: warning: {', '.join(unread)}: not read by {reader} (it reads "
-              f"{', '.join(f'loss.{k}' for k in reads)}); this run trains as without {'them' if len(unread) > 1 else 'it'}",
-              file=sys.stderr)
-
-
-def dpo_sft_weight(cfg) -> float:
-    """``dpo.sft_weight`` as a float, checked (finite, >= 0): by check_values before the models load and by
-    build_dpo_trainer for callers that skip it."""
-    import math
-
-    from sectune.errors import ConfigError
-
-    w = float(cfg.dpo.sft_weight)
-    if not (math.isfinite(w) and w >= 0):
-        raise ConfigError(f"dpo.sft_weight={cfg.dpo.sft_weight}: a finite weight >= 0 (0 = plain DPO)")
-    return w

@@ -153,7 +153,7 @@ def test_preference_settings_that_could_not_mean_what_they_say_are_refused(tmp_p
     """An audit (session 36): dataset.corruptions with inf crashed in random.choices (no key named) and with nan dropped
     its kind; pairs_per_window above the weighted kinds was capped silently; a pairs file's kind "start" wrote over
     reward_accuracy_start; and loss.* values another objective reads trained as without them, without a word."""
-    from sectune.config_checks import warn_unread_loss
+    from sectune.loss_settings import warn_unread_loss
 
     for w in ("inf", "nan"):
         with pytest.raises(ConfigError, match="dataset.corruptions: weights must be finite numbers >= 0"):

@@ -46,7 +46,7 @@ EVAL_METRICS = ("causal_stability", "spurious_separation", "causal_discriminatio
 
 def run(ctx: RunContext) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
-    from sectune.config_checks import warn_unread_loss
+    from sectune.loss_settings import warn_unread_loss
 
     warn_unread_loss(cfg)  # loss.* keys this stage's loss does not read, said
     t0 = time.perf_counter()

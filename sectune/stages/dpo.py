@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from sectune import losses
-from sectune.config_checks import dpo_sft_weight
+from sectune.loss_settings import dpo_sft_weight
 from sectune.errors import ConfigError, first_line
 from sectune.models import modeling
 from sectune.run_records import read_policy_run, run_owning
@@ -41,7 +41,7 @@ REFERENCES = ("base", "init")
 
 
 def run(ctx: RunContext) -> dict:
-    from sectune.config_checks import warn_unread_loss
+    from sectune.loss_settings import warn_unread_loss
 
     cfg, run_dir = ctx.cfg, ctx.run_dir
     t0 = time.perf_counter()

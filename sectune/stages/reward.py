@@ -37,7 +37,7 @@ FALLBACKS = ("error", "heuristic")
 
 
 def run(ctx: RunContext) -> dict:
-    from sectune.config_checks import warn_unread_loss
+    from sectune.loss_settings import warn_unread_loss
 
     cfg, run_dir = ctx.cfg, ctx.run_dir
     t0 = time.perf_counter()

@@ -191,7 +191,7 @@ def fitting_prompts(tokenizer, records: list[dict], max_len: int) -> tuple[list[
 
 # ------------------------------------------------------------------------------------------- grpo
 def run_grpo(ctx: RunContext) -> dict:
-    from sectune.config_checks import warn_unread_loss
+    from sectune.loss_settings import warn_unread_loss
 
     cfg, run_dir, rl = ctx.cfg, ctx.run_dir, ctx.cfg.rl
     t0 = time.perf_counter()

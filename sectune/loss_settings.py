@@ -1,0 +1,47 @@
+"""The loss.* settings each stage's objective reads: a value it does not read is said as the stage starts
+(:func:`warn_unread_loss`), and DPO's SFT weight is checked (:func:`dpo_sft_weight`). Re-exported by
+:mod:`sectune.config_checks`, whose ``check_values`` refuses the loss settings that cannot run at all."""
+
+from __future__ import annotations
+
+
+#: the loss.* keys each preference/RL objective reads (the others are another objective's), and what sft, classify and
+#: contrastive read whatever loss=… names (they took every other loss.* key without a word: an audit, session 40)
+LOSS_READS = {"dpo": ("beta", "label_smoothing"), "bradley_terry": ("margin",), "grpo": ("beta", "clip_epsilon")}
+STAGE_LOSS_READS = {"sft": ("label_smoothing", "key_weight", "weighted_keys"), "classify": ("label_smoothing", "class_weights"),
+                    "contrastive": ("temperature", "lambda_consistency", "lambda_separation", "lambda_task")}
+
+
+def warn_unread_loss(cfg) -> None:
+    """A loss.* value the stage's objective never reads, said once as the stage starts (``stage=dpo loss.margin=2`` and
+    ``stage=reward loss.beta=0.5`` trained exactly as without them, without a word: an audit, session 36). A warning, not
+    an error: a pipeline's loss.* reaches every step, and only the step whose objective reads it uses it."""
+    import sys
+
+    from sectune.config import LossConfig
+
+    stage = str(cfg.stage.name)
+    reads = STAGE_LOSS_READS.get(stage) or LOSS_READS.get(str(cfg.loss.name))
+    if reads is None:
+        return
+    default = LossConfig()
+    unread = [f"loss.{k}={cfg.loss[k]}" for k in vars(default) if k != "name" and k not in reads and k in cfg.loss
+              and cfg.loss[k] != getattr(default, k)]
+    if unread:
+        reader = f"stage={stage}" if stage in STAGE_LOSS_READS else f"loss={cfg.loss.name}"
+        print(f"sectune: warning: {', '.join(unread)}: not read by {reader} (it reads "
+              f"{', '.join(f'loss.{k}' for k in reads)}); this run trains as without {'them' if len(unread) > 1 else 'it'}",
+              file=sys.stderr)
+
+
+def dpo_sft_weight(cfg) -> float:
+    """``dpo.sft_weight`` as a float, checked (finite, >= 0): by check_values before the models load and by
+    build_dpo_trainer for callers that skip it."""
+    import math
+
+    from sectune.errors import ConfigError
+
+    w = float(cfg.dpo.sft_weight)
+    if not (math.isfinite(w) and w >= 0):
+        raise ConfigError(f"dpo.sft_weight={cfg.dpo.sft_weight}: a finite weight >= 0 (0 = plain DPO)")
+    return w

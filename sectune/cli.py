@@ -22,6 +22,7 @@ from sectune.training import distributed  # noqa: E402
 from sectune.cli_errors import (  # noqa: E402
     _extra_hint, _hydra_report, config_file_error, override_error, refuse_node_deletions, refuse_secrets, usage_error, yaml_error)
 from sectune import paths  # noqa: E402
+from sectune.files import lenient_console  # noqa: E402
 from sectune.paths import CONF_DIR  # noqa: E402
 from sectune.cli_refusals import (refuse_launcher_without_multirun, refuse_preset_secrets, refuse_slurm_without_srun,  # noqa: E402
                                   refuse_unresolvable)
@@ -111,7 +112,7 @@ class SweepCheck(Callback):
             if not res.is_file():
                 continue  # not a job dir (.submitit, an optuna file's folder)
             try:
-                status = json.loads(res.read_text()).get("status")
+                status = json.loads(res.read_text(encoding="utf-8")).get("status")
             except (OSError, ValueError, AttributeError):
                 status = None
             _SWEEP_JOBS.append((str(job), 0 if status == "succeeded" else 1))
@@ -230,6 +231,7 @@ def main() -> None:
     from sectune.config_checks import check_printed_keys
 
     global _full_error_is_ours
+    lenient_console()
     if sys.argv[1:] == ["--version"]:  # Hydra's own flag printed only Hydra's version
         from importlib.metadata import PackageNotFoundError, version
 

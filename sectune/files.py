@@ -117,7 +117,7 @@ def _umask() -> int:
     """The process's umask, read without setting it where Linux says it (setting and restoring it races the threads
     that create files meanwhile: W&B's, a data loader's)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
@@ -133,3 +133,16 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     return str(o)
+
+
+def lenient_console() -> None:
+    """stdout/stderr write what their encoding cannot show as escapes instead of raising: on a Latin-1 or ASCII console
+    (``PYTHONIOENCODING=latin-1``, ``PYTHONUTF8=0 LC_ALL=C``) a finished SFT run failed on its closing line's arrow,
+    after its adapter was saved (an audit, session 41). A console's encoding never decides a run's status."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a text stream we can reconfigure (a test's capture, say)
+            pass

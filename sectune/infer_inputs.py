@@ -173,7 +173,7 @@ def output_path(output_file, run_dir: Path, inputs=()) -> Path:
 
 def _infer_output(path: Path) -> bool:
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(obj, list) and all(isinstance(r, dict) and "input" in r and "lines" in r for r in obj)
@@ -199,8 +199,11 @@ def absent_names(analysis, window_text: str) -> list[str]:
     remembers from training)."""
     if not isinstance(analysis, dict):
         return []
-    names = [(s.get("ip"), _MAX_HOST) for s in analysis.get("source_ips") or [] if isinstance(s, dict)]
-    names += [(u, _MAX_NAME) for k in ("invalid_users", "targeted_users") for u in analysis.get(k) or []]
+    # a field that is not a list (a schema-invalid "source_ips": 1) holds no names: it crashed infer, losing its answers,
+    # and a string was read letter by letter (an audit, session 41)
+    listed = {k: v if isinstance(v := analysis.get(k), list) else [] for k in ("source_ips", "invalid_users", "targeted_users")}
+    names = [(s.get("ip"), _MAX_HOST) for s in listed["source_ips"] if isinstance(s, dict)]
+    names += [(u, _MAX_NAME) for k in ("invalid_users", "targeted_users") for u in listed[k]]
     # a whole token of the window, not a piece of one: 10.0.0.1 is not in "10.0.0.12", nor root in "user=rootadmin", nor
     # 2001:db8 in "2001:db8:5:1::23" (an audit, session 40), though 10.0.0.5 is in "::ffff:10.0.0.5"; a name as long as
     # the schema allows may be a longer one cut there, as the rules cut it (its start must match)
@@ -227,8 +230,8 @@ def resume_key(choice, model_ref: str, gen_cfg, ic, prompts: list[str], max_seq_
 def resumed(partial: Path, key: str, total: int) -> list[dict]:
     """The records an interrupted run of the same command saved in ``partial`` (its ``.key`` matching ``key``), else []."""
     try:
-        same = json.loads(partial.with_suffix(".key").read_text())["resume_key"] == key
-        texts = json.loads(partial.read_text()) if same else None
+        same = json.loads(partial.with_suffix(".key").read_text(encoding="utf-8"))["resume_key"] == key
+        texts = json.loads(partial.read_text(encoding="utf-8")) if same else None
         ok = texts is not None and all(isinstance(r["generated"], str) for r in texts)
     except (OSError, ValueError, KeyError, TypeError):
         return []

@@ -18,7 +18,30 @@ def extract_json(text: str) -> dict:
 
 def parse_json_output(text: str) -> tuple[dict, bool]:
     """``extract_json``'s object and whether it needed repair (the first balanced ``{...}`` was
-    not plain JSON, or there was no balanced object)."""
+    not plain JSON, or there was no balanced object). An answer that goes on to a second object with another
+    ``verdict`` is refused (:class:`DuplicateKey`), as one object giving the key twice is: the first was kept and the
+    contradicting second dropped without a word, an answer an injection could steer (an audit, session 41)."""
+    obj, repaired, rest = _first_object(text)
+    for _ in range(MAX_FOLLOWING):  # the objects after it, as far as they parse
+        if "{" not in rest:
+            break
+        try:
+            other, _, rest = _first_object(rest)
+        except ValueError:
+            break
+        said = other.get("verdict")  # a verdict in so many words: not a repaired '{"verdict": ' cut short ("")
+        if isinstance(said, str) and said.strip() and said != obj.get("verdict"):
+            raise DuplicateKey(f"the output gives a second analysis with verdict {other['verdict']!r} after one with "
+                               f"{obj.get('verdict')!r}; not one analysis")
+    return obj, repaired
+
+
+#: how many objects after the first an answer's other verdicts are looked for in
+MAX_FOLLOWING = 8
+
+
+def _first_object(text: str) -> tuple[dict, bool, str]:
+    """(the first object, whether it needed repair, the text after it)."""
     start = text.find("{")
     if start < 0:
         raise ValueError("no JSON object in the output (no '{' found)")
@@ -40,6 +63,7 @@ def parse_json_output(text: str) -> tuple[dict, bool]:
             if depth == 0:
                 end = i + 1
                 break
+    rest = candidate[end:] if end else ""
     candidate = candidate[:end] if end else candidate
     if _nesting(candidate) > MAX_NESTING:  # json (and json_repair) recurse: ~1,000 levels crashed the whole batch
         raise ValueError(f"the output nests more than {MAX_NESTING} levels deep; not an analysis")
@@ -60,7 +84,7 @@ def parse_json_output(text: str) -> tuple[dict, bool]:
         obj = json.loads(json.dumps(obj), parse_constant=_no_constant)
     if not isinstance(obj, dict) or not obj:
         raise ValueError(f"could not recover a JSON object from the output (got {type(obj).__name__})")
-    return obj, repaired
+    return obj, repaired, rest
 
 
 class DuplicateKey(ValueError):

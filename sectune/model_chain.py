@@ -71,7 +71,7 @@ def pipeline_order(root: Path) -> list[str]:
     """RL → DPO → SFT, but the policy the pipeline's held-out table chose on its validation windows first: the newest
     step answered even where the table had chosen another (its ``best_policy``, never chosen on test)."""
     try:
-        table = json.loads((root / "heldout.json").read_text())
+        table = json.loads((root / "heldout.json").read_text(encoding="utf-8"))
         best = next(r["step"] for r in table["rows"] if r["name"] == table["best_policy"])
     except (OSError, ValueError, KeyError, TypeError, StopIteration):
         return list(CHAIN)
@@ -86,7 +86,7 @@ def read_result(run_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        result = json.loads(path.read_text())
+        result = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(result, dict):
@@ -122,7 +122,7 @@ def usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
         if (damage := checkpoints.damaged_safetensors(folder)) is not None:
             return f"{rel}/{damage[0]} is damaged ({damage[1]})", None, ""
         try:
-            if not isinstance(json.loads((folder / "adapter_config.json").read_text()), dict):
+            if not isinstance(json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")), dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:  # was a JSONDecodeError traceback naming no file
             return f"{rel}/adapter_config.json is damaged ({type(e).__name__}: {e})", None, ""

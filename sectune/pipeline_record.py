@@ -30,7 +30,7 @@ def already_done(step: Step, earlier: list[Step] = ()) -> dict | None:
         print(f"sectune: warning: pipeline: {step.dir / runner.RESULT_FILE} is not a readable result (damaged?); "
               f"running the {step.name} step again", file=sys.stderr)
     try:
-        meta = json.loads((step.dir / STEP_FILE).read_text())
+        meta = json.loads((step.dir / STEP_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not (res and res.get("status") == "succeeded" and res.get("config_digest") == meta.get("config_digest")):

@@ -44,7 +44,7 @@ def read_run_json(path: Path, what: str = "a JSON object"):
     if not path.is_file():
         raise ConfigError(f"{path}: missing; every classify run writes it; {DAMAGED}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); {DAMAGED}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -117,7 +117,7 @@ def _run_dataset(run_dir: Path) -> str | None:
 
     for cfg_path in (run_dir / ".hydra" / "config.yaml", *sorted(run_dir.glob("*/.hydra/config.yaml"))):
         try:
-            return str(((yaml.safe_load(cfg_path.read_text()) or {}).get("dataset") or {}).get("name"))
+            return str(((yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}).get("dataset") or {}).get("name"))
         except (OSError, yaml.YAMLError, AttributeError):
             continue
     return None

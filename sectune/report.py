@@ -354,6 +354,9 @@ def write_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``sectune-report DIR [--sort-by M] [--ascending|--descending]``; exit 2 on a bad DIR."""
+    from sectune.files import lenient_console
+
+    lenient_console()
     p = argparse.ArgumentParser(prog="sectune-report", description="Table and plots over a sectune sweep dir.")
     p.add_argument("sweep_dir", help="a Hydra multirun dir holding 0/, 1/, ... job dirs")
     p.add_argument("--sort-by", default=None, help="metric (or column) to sort by; default: the sweep's sweep.objective, else the first of eval_loss, val_macro_f1, val_loss_end, heldout_val_verdict_macro_f1, ... present, else the first metric not measured on test, else job order")

@@ -82,7 +82,7 @@ def _stale_heuristic(spec_file: Path) -> str | None:
     from sectune.data.auth_rewards import heuristic_from_spec
 
     try:
-        heuristic_from_spec(json.loads(spec_file.read_text()))
+        heuristic_from_spec(json.loads(spec_file.read_text(encoding="utf-8")))
     except (OSError, ValueError) as e:
         return str(e)
     return None
@@ -169,8 +169,8 @@ def write_own_files(run_dir: Path, own_files: dict[str, str] | None) -> None:
     at the run's end, before the succeeded run's copy is kept."""
     for rel, text in (own_files or {}).items():
         path = run_dir / rel
-        if path.parent.is_dir() and (not path.is_file() or path.read_text() != text):
-            path.write_text(text)
+        if path.parent.is_dir() and (not path.is_file() or path.read_text(encoding="utf-8") != text):
+            path.write_text(text, encoding="utf-8")
 
 
 def _unlock_run_dir(run_dir: Path, lock) -> None:
@@ -321,7 +321,7 @@ def foreign_result(path: Path) -> str | None:
         theirs = [f"{name}/" for name in FOLDERS_AFTER_RESULT if (path.parent / name).exists()]
         return f"it holds {', '.join(theirs)} but no result.json (sectune writes one first)" if theirs else None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     if isinstance(data, dict) and isinstance(data.get("status"), str):  # every result sectune writes has its status

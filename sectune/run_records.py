@@ -93,7 +93,7 @@ def cpu_model() -> str:
     import platform
 
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -120,7 +120,7 @@ def previous_result(run_dir: Path, name: str = RESULT_FILE) -> dict | None:
     object (damaged, or not sectune's)."""
     path = run_dir / name
     try:
-        result = json.loads(path.read_text())
+        result = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return result if isinstance(result, dict) else None
@@ -149,7 +149,7 @@ def check_policy_run(res, key: str, result: Path) -> dict:
 def read_policy_run(result: Path, key: str) -> tuple[dict, dict]:
     """(the result, its artifacts) of a run's result.json read for its weights (:func:`check_policy_run`)."""
     try:
-        res = json.loads(result.read_text())
+        res = json.loads(result.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{key}: {result} is not readable JSON ({e})") from None
     return res, check_policy_run(res, key, result)

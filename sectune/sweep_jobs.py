@@ -53,7 +53,7 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     """Each job's overrides as the sweep's ``multirun.yaml`` (written by the command that made the dir last) expands
     them with Hydra's basic sweeper; None for another sweeper (Optuna: its trials are drawn) or an unreadable file."""
     try:
-        conf = yaml.safe_load((sweep_dir / "multirun.yaml").read_text()) or {}
+        conf = yaml.safe_load((sweep_dir / "multirun.yaml").read_text(encoding="utf-8")) or {}
         hydra = conf["hydra"]
         if not str(hydra["sweeper"]["_target_"]).endswith("BasicSweeper"):
             return None
@@ -92,7 +92,7 @@ def read_overrides(job: Path) -> dict[str, Any]:
 def raw_overrides(job: Path) -> list[str]:
     """The job's ``.hydra/overrides.yaml`` as Hydra wrote it (``key=value`` strings); [] if missing or unreadable."""
     try:
-        items = yaml.safe_load((job / OVERRIDES_FILE).read_text()) or []
+        items = yaml.safe_load((job / OVERRIDES_FILE).read_text(encoding="utf-8")) or []
     except (OSError, yaml.YAMLError):
         return []
     return [str(i) for i in items] if isinstance(items, list) else []
@@ -104,7 +104,7 @@ def read_result(job: Path) -> dict[str, Any]:
     if not path.is_file():
         return {"status": "failed", "metrics": {}, "error": NO_RESULT}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     except (OSError, ValueError) as e:
@@ -135,7 +135,7 @@ def sweep_objective(jobs: list[Path]) -> tuple[str | None, str]:
     """(sweep.objective, sweep.direction) from the first job's saved config, or (None, "minimize")."""
     for job in jobs:
         try:
-            sweep = (yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}).get("sweep") or {}
+            sweep = (yaml.safe_load((job / ".hydra" / "config.yaml").read_text(encoding="utf-8")) or {}).get("sweep") or {}
         except (OSError, yaml.YAMLError, AttributeError):
             continue
         return sweep.get("objective"), str(sweep.get("direction") or "minimize")

@@ -46,7 +46,7 @@ RESULT_FILE = "result.json"
 def read_json_object(path: Path) -> dict | None:
     """The JSON object in ``path``; None when it is missing, unreadable, not JSON or not an object."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

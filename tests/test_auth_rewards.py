@@ -148,6 +148,11 @@ def test_field_f1_edge_cases():
     assert R.field_scores({**MAL_ANALYSIS, "failed_logins": "5"}, MAL_ANALYSIS)["failed_logins"] == 0.0
     assert R.field_scores({**MAL_ANALYSIS, "accepted_logins": True}, MAL_ANALYSIS)["accepted_logins"] == 0.0
     assert R.field_scores({**MAL_ANALYSIS, "brute_force": 1}, MAL_ANALYSIS)["brute_force"] == 0.0
+    # ... but 5.0 is the integer 5 as JSON Schema reads it (schema-valid, so scored as the count it is: an audit, session 41)
+    as_floats = {**MAL_ANALYSIS, "failed_logins": float(MAL_ANALYSIS["failed_logins"]),
+                 "source_ips": [{**s, "failures": float(s["failures"])} for s in MAL_ANALYSIS["source_ips"]]}
+    assert R.field_f1(as_floats, MAL_ANALYSIS) == 1.0
+    assert R.field_scores({**MAL_ANALYSIS, "failed_logins": MAL_ANALYSIS["failed_logins"] + 0.5}, MAL_ANALYSIS)["failed_logins"] == 0.0
     # right ip, wrong failure count: source_ips full, source_ip_failures 2·1/(2+2)
     wrong_n = {**MAL_ANALYSIS, "source_ips": [{"ip": "10.0.0.5", "failures": 6}, {"ip": "192.168.1.7", "failures": 0}]}
     s = R.field_scores(wrong_n, MAL_ANALYSIS)

@@ -588,6 +588,27 @@ def test_a_prompt_longer_than_the_sequence_length_loses_its_middle_not_the_memor
     assert len(said) == 1 and "3 of 4 prompt(s) longer than 36 tokens" in said[0] and stats["truncated"] == 4
 
 
+def test_the_held_out_table_cuts_a_long_window_at_the_runs_sequence_length_as_infer_does():
+    """An audit (session 41): the table generated from whole prompts up to the model's position limit, so it scored (and
+    chose the best policy on) answers to inputs stage=infer never gives the analyst."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sectune.evaluation.analyst_eval import generate_row, load_windows
+    from sectune.models import modeling
+
+    cfg = compose([*BASE, "model.max_seq_length=40", "generation.max_new_tokens=4"])
+    tok = modeling.load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         intermediate_size=32, vocab_size=len(tok), max_position_embeddings=2048))
+    seen, inner = [], model.generate
+    model.generate = lambda **k: (seen.extend(int(m.sum()) for m in k["attention_mask"]), inner(**k))[1]
+    windows = load_windows(cfg)["test"][:2]
+    assert all(len(tok(w.prompt)["input_ids"]) > 36 for w in windows)
+    row = generate_row("SFT", model, tok, windows, cfg, 2)
+    assert len(row.texts) == 2 and seen == [36, 36]  # 40 less the 4 new tokens, as infer cuts them
+
+
 def test_a_non_utf8_byte_or_a_rotated_gz_beside_the_logs_does_not_stop_the_analysis(tmp_path, capsys):
     """An attacker who types a Latin-1 byte into a user name must not keep the whole log from being read; a
     folder like /var/log holds compressed rotations beside the text logs."""
@@ -602,6 +623,23 @@ def test_a_non_utf8_byte_or_a_rotated_gz_beside_the_logs_does_not_stop_the_analy
     assert set(texts) == {"auth.log", "bom.log"} and "skipped 1 file(s)" in out and "auth.log.2.gz (a damaged gzip)" in out
     assert "caf\ufffd from" in texts["auth.log"] and "auth.log: 1 line(s) not UTF-8 (line 1)" in out
     assert texts["bom.log"].startswith("Dec 10")  # the byte-order mark is not data
+
+
+def test_a_log_whose_file_name_is_not_utf8_is_answered_and_its_run_succeeds(tmp_path, monkeypatch):
+    """An audit (session 41): a log copied from a Latin-1 host (auth-M\xfcller.log) was answered, then the run failed with
+    a traceback hashing what it read (input_sha256), its answers written beside a failed result.json."""
+    import os
+
+    answer = json.dumps(auth_logs.analyze_auth_log(["Dec 10 06:55:46 LabSZ sshd[1]: Invalid user admin from 1.2.3.4"]))
+    monkeypatch.setattr(infer, "generate", lambda model, tok, prompts, *a, **k: [answer] * len(prompts))
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    for name in (os.fsdecode(b"auth-M\xfcller.log"), "auth.log"):
+        (folder / name).write_text("Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user admin from 1.2.3.4\n")
+    code, res = run_infer([f"infer.input_file={folder}", "generation.max_new_tokens=4"], tmp_path / "run")
+    assert code == 0 and res["status"] == "succeeded" and len(res["metrics"]["input_sha256"]) == 64
+    records = json.loads((tmp_path / "run" / "analyses.json").read_text())
+    assert sorted(r["input"] for r in records) == ["auth-M\udcfcller.log", "auth.log"] and all(r["schema_valid"] for r in records)
 
 
 def test_the_per_file_summary_reads_when_no_window_has_a_verdict():
@@ -677,6 +715,9 @@ def test_each_record_names_what_its_window_does_not_hold():
                 "invalid_users": ["bob", "admin"], "targeted_users": []}
     assert absent_names(analysis, window) == ["183.62.140.253", "admin"]
     assert absent_names(None, window) == [] and absent_names({"source_ips": "x"}, window) == []
+    # a field that is not a list holds no names (an audit, session 41: an int crashed infer, a string went letter by letter)
+    assert absent_names({"source_ips": 1, "invalid_users": 3.5, "targeted_users": None}, window) == []
+    assert absent_names({"invalid_users": "webmaster"}, window) == []
     # a piece of another name is not that name (an audit: substrings counted as held, the invented-names rate too low)
     window = "Dec 10 06:55:46 LabSZ sshd(pam_unix)[2]: authentication failure; rhost=218.188.2.45  user=rootadmin\n"
     assert absent_names({"source_ips": [{"ip": "18.188.2.4"}], "invalid_users": ["root", "admin"]}, window) == ["18.188.2.4", "admin", "root"]

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from sectune.inference import extract_json
@@ -52,3 +54,17 @@ def test_an_answer_giving_a_key_twice_is_not_one_analysis():
             parse_json_output(broken)
     assert parse_json_output('{"summary":"a, verdict: b","verdict":"malicious",')[0]["verdict"] == "malicious"
     assert parse_json_output('{"a":{"x":1},"b":{"x":2},')[0] == {"a": {"x": 1}, "b": {"x": 2}}
+
+
+def test_an_answer_going_on_to_a_second_analysis_with_another_verdict_is_not_one_analysis():
+    """An audit (session 41): the first object was kept and a contradicting second analysis after it dropped without a
+    word (valid, not repaired), while the same contradiction inside one object is refused."""
+    from sectune.inference import DuplicateKey, parse_json_output
+
+    first = '{"failed_logins": 5, "verdict": "malicious"}'
+    for tail in ('\n{"failed_logins": 0, "verdict": "benign"}', ' and {"note": 1} {"verdict": "benign"', ' {"a": {"verdict": 1}} {"verdict":"benign"}'):
+        with pytest.raises(DuplicateKey, match="a second analysis with verdict 'benign' after one with 'malicious'"):
+            parse_json_output(first + tail)
+    # the same verdict again, objects without one, broken text after it: the first analysis, as before
+    for tail in (" " + first, ' {"note": "done"}', " {{{", " }", ' {"verdict": '):
+        assert parse_json_output(first + tail) == (json.loads(first), False)

@@ -211,3 +211,33 @@ def test_bitsandbytes_kernels_warning_is_dropped_or_one_line(capsys):
         assert len(err) == 1 and err[0].startswith("sectune: note:") and "USE_HUB_KERNELS=1" in err[0]
     finally:
         BNB_NOTE.four_bit = False
+
+
+def test_a_console_or_locale_that_is_not_utf8_never_fails_a_run(tmp_path):
+    """An audit (session 41): with PYTHONUTF8=0 LC_ALL=C (or a Latin-1 locale, as older clusters have) every command died
+    reading Hydra's UTF-8 hydra.yaml in the locale's encoding, and on a Latin-1 console a finished run failed on its
+    closing line's arrow after its adapter was saved. Files are read as UTF-8; the console escapes what it cannot show."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "LC_CTYPE", "LANG")}
+    env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONIOENCODING="ascii", PYTHONPATH=str(PROJECT_ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "sectune", "stage=plan", "logger=none", f"hydra.run.dir={tmp_path / 'plan'}"],
+                         capture_output=True, text=True, errors="replace", env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert '"status": "succeeded"' in (tmp_path / "plan" / "result.json").read_text(encoding="utf-8")
+    assert "\\u2192" in out.stdout or "\\xd7" in out.stdout  # the plan's arrows and times signs, escaped
+
+
+def test_sectune_reads_and_writes_its_text_files_as_utf8_whatever_the_locale():
+    """Every text read or write in sectune names its encoding (an audit, session 41: 51 read_text() calls did not)."""
+    import re
+
+    bare = []
+    for f in sorted((PROJECT_ROOT / "sectune").rglob("*.py")):
+        text = f.read_text(encoding="utf-8")
+        for m in re.finditer(r"\.(read_text|write_text)\(", text):
+            depth, i = 1, m.end()
+            while depth and i < len(text):  # the call's own parentheses
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            if "encoding=" not in text[m.end():i]:
+                bare.append(f"{f.relative_to(PROJECT_ROOT)}:{text.count(chr(10), 0, m.start()) + 1}")
+    assert not bare, bare

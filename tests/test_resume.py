@@ -95,6 +95,24 @@ def test_damaged_checkpoint_files_are_named(tmp_path):
     assert name == "adapter_model.safetensors" and "truncated" in why
 
 
+def test_a_safetensors_file_whose_header_shapes_do_not_fit_its_offsets_is_damaged(tmp_path):
+    """An audit (session 41): a header whose tensor shape no longer matched its byte offsets, with the file's size
+    right, passed the size check and failed later in from_pretrained; safetensors' own header checks now run too."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sectune.training.checkpoints import damaged_safetensors
+
+    f = tmp_path / "adapter_model.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.ones(4)}, str(f))
+    assert damaged_safetensors(tmp_path) is None
+    data = f.read_bytes()
+    assert data.count(b'"shape":[4]') == 2
+    f.write_bytes(data.replace(b'"shape":[4]', b'"shape":[3]', 1))  # same header length, same file size
+    name, why = damaged_safetensors(tmp_path)
+    assert name == "adapter_model.safetensors" and why.startswith("does not load")
+
+
 def test_resume_skips_a_damaged_newest_checkpoint_and_names_a_damaged_explicit_one(tmp_path):
     args = [*FAST, "train.save_steps=2", "dataset.max_samples=24", "train.save_total_limit=null"]
     run_dir = tmp_path / "run"

@@ -79,6 +79,27 @@ def test_long_prompt_is_cut_from_its_start_and_the_completions_kept():
     assert enc["completion_ids"][0][-1] == tok.eos_token_id and tok.decode(enc["completion_ids"][0][:-1]) == '{"verdict":"benign"}'
 
 
+def test_a_completions_score_does_not_depend_on_the_length_of_its_siblings():
+    """An audit (session 41): a long prompt was cut by its group's longest completion, so a correct answer scored 0.75
+    alone and 0.31 beside a rambling sibling in its GRPO group."""
+    from sectune.models import modeling
+
+    cfg = compose(["stage=reward", "dataset=auth_preferences", "lora=none"])
+    path = modeling.model_path(cfg)
+    tok = modeling.load_tokenizer(cfg, path)
+    torch.manual_seed(0)
+    model = modeling.load_model(cfg, task="seq_cls", num_labels=1, path=path).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    prompt, answer, ramble = "line of logs " * 60, '{"verdict":"malicious"}', '{"verdict":"benign","summary":"' + "x " * 30 + '"}'
+    scorer = RM.TrainedRewardModel(model, tok, 64, batch_size=4)
+    alone = scorer.score([prompt, prompt], [answer, ramble])  # each alone: two groups of one (their cuts differ)
+    assert RM.encode_group(tok, prompt, [answer], 64)[1] != RM.encode_group(tok, prompt, [ramble], 64)[1]
+    single = [scorer.score([prompt], [c])[0] for c in (answer, ramble)]
+    torch.testing.assert_close(torch.tensor(alone), torch.tensor(single), rtol=1e-4, atol=1e-4)
+    assert RM._same_cut(tok, prompt, [answer, ramble, answer], 64) == [[answer, answer], [ramble]]  # the same cut: one group
+    assert RM._same_cut(tok, "short", [answer, ramble], 512) == [[answer, ramble]]
+
+
 def test_forced_fallback_writes_a_heuristic_that_ranks_pairs(tmp_path):
     run = sectune([*REWARD, "reward.force_fallback=true"], tmp_path / "run")
     assert run.returncode == 0, run.stderr[-2000:]

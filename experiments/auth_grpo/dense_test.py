@@ -69,7 +69,7 @@ def main(dirs: list[str]) -> None:
         rows = {}
         for name, kind, path in (("SFT", "model", d / "sft" / "model"), ("SFT+GRPO", "adapter", d / "rl" / "adapter")):
             model, tok = ae.load_policy(cfg, kind, path)
-            rows[name] = ae.generate_row(name, model, tok, items, cfg.generation, 16)
+            rows[name] = ae.generate_row(name, model, tok, items, cfg, 16)
         rows["TF-IDF + LR"] = ae.tfidf_row(windows["train"], windows["validation"], items, seed)
         rows["majority"] = ae.majority_row(windows["train"], items)
         pred = {k: np.asarray(r.verdicts) for k, r in rows.items()}

@@ -46,7 +46,7 @@ def main(model_dirs: list[str]) -> None:
     for path in model_dirs:
         model, tok = ae.load_policy(cfg, "model", Path(path))
         for name, ws in sets.items():
-            row = ae.generate_row("model", model, tok, ws, cfg.generation, 16)
+            row = ae.generate_row("model", model, tok, ws, cfg, 16)
             s = ae.score(row, ws)
             print(f"{path} | {name}: verdict macro-F1 {s['verdict_macro_f1']:.3f}, accuracy {s['verdict_accuracy']:.3f}, "
                   f"field F1 {s['field_f1']:.3f}, schema-valid {s['schema_valid_rate']:.3f}, "

@@ -38,7 +38,7 @@ def main(run_dirs: list[str]) -> None:
     for run in run_dirs:
         model, tok = ae.load_policy(cfg, "model", Path(run) / "sft" / "model")
         for split in ("validation", "test"):
-            verdicts[run, split] = ae.generate_row("SFT", model, tok, windows[split], cfg.generation, 16).verdicts
+            verdicts[run, split] = ae.generate_row("SFT", model, tok, windows[split], cfg, 16).verdicts
         del model
     f1 = {(run, split): verdict_scores([w.label for w in windows[split]], verdicts[run, split])["macro_f1"]
           for run in run_dirs for split in ("validation", "test")}

@@ -43,7 +43,7 @@ def windows(model_dir: str, k: int, temperature: float) -> None:
     cfg = compose(["+experiment=auth_grpo_tiny", "dataset.subwindows=1"])
     ws = ae.load_windows(cfg)["validation"]
     model, tok = ae.load_policy(cfg, "model", Path(model_dir))
-    greedy = ae.generate_row("greedy", model, tok, ws, cfg.generation, 16)
+    greedy = ae.generate_row("greedy", model, tok, ws, cfg, 16)
     rows = [ae.analyses_row(f"sample {j}", t, None) for j, t in enumerate(sampled(model, tok, [w.prompt for w in ws], cfg.generation, k, temperature))]
     print(f"greedy: verdict macro-F1 {ae.score(greedy, ws)['verdict_macro_f1']:.3f}")
     for kk in sorted({3, 5, k}):

@@ -89,7 +89,7 @@ def window_sources(folder: Path, samples) -> dict[str, str]:
     """Window id → source name (``OpenSSH``, ``Linux``, ``synthetic``, ``unknown``): the source
     file (BUILD_INFO.json's ``source_files``) whose line ``Y`` is the window's first line."""
     try:
-        info = json.loads((Path(folder) / "BUILD_INFO.json").read_text())
+        info = json.loads((Path(folder) / "BUILD_INFO.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if info.get("source") == "synthetic":
@@ -212,15 +212,17 @@ def majority_row(train: list[Window], test: list[Window]) -> Row:
     return Row(f"majority class ({res.params['label']})", "baseline", res.predictions)
 
 
-def generate_row(name: str, model, tokenizer, windows: list[Window], gen_cfg, batch_size: int, *, step: str | None = None,
+def generate_row(name: str, model, tokenizer, windows: list[Window], cfg: DictConfig, batch_size: int, *, step: str | None = None,
                  constraint=None) -> Row:
-    """Greedy generation (``generation`` settings, ``do_sample`` off) for every window, batched."""
+    """Greedy generation (the step's ``generation`` settings, ``do_sample`` off) for every window, batched; a prompt longer
+    than its ``model.max_seq_length`` loses its middle as in stage=infer (the table fed such windows whole, up to the
+    model's position limit: inputs infer never gives the analyst; an audit, session 41)."""
     from sectune.inference import generate
 
-    greedy = OmegaConf.merge(gen_cfg, {"do_sample": False})
+    greedy = OmegaConf.merge(cfg.generation, {"do_sample": False})
     t0 = time.perf_counter()
     texts = generate(model, tokenizer, [w.prompt for w in windows], greedy, batch_size=batch_size, constraint=constraint,
-                     contexts=[w.log_text for w in windows])
+                     contexts=[w.log_text for w in windows], max_seq_length=int(cfg.model.max_seq_length))
     return analyses_row(name, texts, time.perf_counter() - t0, step=step, constrained=constraint is not None,
                         grounded=bool(constraint is not None and constraint.ground))
 
@@ -286,11 +288,11 @@ def build_table(
             rows.append(analyses_row(name, texts, seconds, step=step, note="answers of the pipeline's infer step"))
         else:
             model, tok = load_policy(cfg, kind, path)
-            rows.append(generate_row(name, model, tok, test, cfg.generation, batch_size, step=step))
+            rows.append(generate_row(name, model, tok, test, cfg, batch_size, step=step))
         if trained and val:
             if model is None:
                 model, tok = load_policy(cfg, kind, path)
-            val_scores[name] = score(generate_row(name, model, tok, val, cfg.generation, batch_size, step=step), val)
+            val_scores[name] = score(generate_row(name, model, tok, val, cfg, batch_size, step=step), val)
         del model
         log(f"sectune: held-out table: {name}: {brief(score(rows[-1], test))}"
             + (f" (validation: verdict macro-F1 {val_scores[name]['verdict_macro_f1']:.3f})" if name in val_scores else ""))
@@ -362,7 +364,7 @@ def constrained_rows(best: Row, policies, test: list[Window], batch_size: int, l
             log(f"sectune: held-out table: no {row_name!r} row ({type(e).__name__}: {e})")
             continue
         try:  # a failure while generating is a bug, not a missing row: only a setting the schema cannot meet is skipped
-            rows.append(generate_row(row_name, model, tok, test, cfg.generation, batch_size, step=step, constraint=constraint))
+            rows.append(generate_row(row_name, model, tok, test, c, batch_size, step=step, constraint=constraint))
         except ConfigError as e:  # e.g. generation.max_new_tokens below the shortest schema-valid output
             log(f"sectune: held-out table: no {row_name!r} row ({e})")
     return rows

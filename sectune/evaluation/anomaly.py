@@ -213,7 +213,7 @@ def _run_config(cfg, choice, model_dir: Path):
         import json   # generated data), which this machine's paths do not reach: never scored on stand-ins (session 36)
 
         try:
-            trained = json.loads((saved.parent.parent / "result.json").read_text())
+            trained = json.loads((saved.parent.parent / "result.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             trained = {}
         if isinstance(trained, dict) and trained.get("status") and not trained.get("generated_data"):

@@ -124,7 +124,7 @@ def infer_answers(steps: list[Step], run_dir: Path, windows: list, batch_size: i
     res = runner.previous_result(step.dir) or {}
     out_rel = (res.get("artifacts") or {}).get("output")
     try:
-        records = json.loads((step.dir / out_rel).read_text()) if out_rel else None
+        records = json.loads((step.dir / out_rel).read_text(encoding="utf-8")) if out_rel else None
     except (OSError, ValueError):
         return {}
     if not records:
@@ -157,7 +157,7 @@ def heldout_table(cfg: DictConfig, eval_cfg: DictConfig, steps: list[Step], run_
         # the report is rendered from the reused table (a report.md edited or left by another table is not what it says)
         markdown = analyst_eval.render_markdown(cached)
         report = run_dir / "report.md"
-        if not report.is_file() or report.read_text() != markdown:
+        if not report.is_file() or report.read_text(encoding="utf-8") != markdown:
             runner.write_text_atomic(report, markdown)
         print(f"sectune: held-out table: nothing it depends on changed; reused {run_dir / 'heldout.json'}")
         print(markdown)

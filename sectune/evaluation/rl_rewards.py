@@ -90,7 +90,7 @@ def warn_if_chance(path, weight: float, chance: float = 0.55) -> None:
 
     for result in (Path(str(path)) / "result.json", Path(str(path)).parent / "result.json"):
         try:
-            acc = json.loads(result.read_text()).get("metrics", {}).get("reward_accuracy")
+            acc = json.loads(result.read_text(encoding="utf-8")).get("metrics", {}).get("reward_accuracy")
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(acc, (int, float)) and acc <= chance:

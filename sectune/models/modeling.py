@@ -55,7 +55,7 @@ def adapter_base(adapter_dir, cfg: DictConfig) -> str:
 
     run_dir = Path(adapter_dir).parent
     try:
-        rel = (json.loads((run_dir / "result.json").read_text()).get("artifacts") or {}).get("base_model")
+        rel = (json.loads((run_dir / "result.json").read_text(encoding="utf-8")).get("artifacts") or {}).get("base_model")
     except (OSError, ValueError, AttributeError):
         rel = None
     if rel:
@@ -73,7 +73,7 @@ def adapter_base(adapter_dir, cfg: DictConfig) -> str:
     # alone: DPO and RL trained an SFT adapter on this command's base, and infer then ran their adapter on the SFT's:
     # an audit, session 36)
     try:
-        trained_on = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        trained_on = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
         trained_on = None
     local = Path(str(trained_on)).expanduser() if trained_on else None
@@ -200,7 +200,7 @@ def _check_vocab(tok, config_file: Path) -> None:
     """A tokenizer with ids past its model's embedding (a pad token added, the model never resized) failed mid-run with a
     bare IndexError, after the data was built (an audit, session 38): said before anything runs."""
     try:
-        vocab = json.loads(config_file.read_text()).get("vocab_size")
+        vocab = json.loads(config_file.read_text(encoding="utf-8")).get("vocab_size")
     except (OSError, ValueError, AttributeError):
         return  # no config beside it (a hub id, an adapter folder): the model says what it holds when it loads
     if isinstance(vocab, int) and len(tok) > vocab:

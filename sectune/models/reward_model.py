@@ -39,6 +39,17 @@ def encode_group(tokenizer, prompt: str, completions: Sequence[str], max_length:
     return {"prompt_ids": p[over:], "completion_ids": cs}, over
 
 
+def _same_cut(tokenizer, prompt: str, completions: Sequence[str], max_length: int) -> list[list[str]]:
+    """``completions`` in groups whose prompt :func:`encode_group` cuts by as many tokens, in order (one group where the
+    prompt and every completion fit ``max_length``)."""
+    n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    groups: dict[int, list[str]] = {}
+    for c in completions:
+        length = min(len(tokenizer(c, add_special_tokens=False)["input_ids"]), max_length - 1) + 1  # + EOS
+        groups.setdefault(max(0, n + length - max_length), []).append(c)
+    return list(groups.values())
+
+
 def group_pairs(pairs: Sequence[dict]) -> list[dict]:
     """Pairs sharing a prompt → ``{"prompt", "completions" (unique, in order), "pairs": [(chosen, rejected) indices]}``."""
     groups: dict[str, dict] = {}
@@ -197,7 +208,10 @@ class TrainedRewardModel:
         order: dict[str, dict[str, list[int]]] = {}  # prompt → distinct completion → the indices asking for it
         for i, (p, c) in enumerate(zip(prompts, completions)):
             order.setdefault(p, {}).setdefault(c, []).append(i)
-        groups = [(list(by.values()), encode_group(self.tokenizer, p, list(by), self.max_length)[0]) for p, by in order.items()]
+        # a completion's prompt is cut by its own length, not its group's longest: a correct answer scored 0.75 alone and
+        # 0.31 beside a rambling sibling (an audit, session 41); completions whose cut is the same still share the prompt
+        groups = [([by[c] for c in same], encode_group(self.tokenizer, p, same, self.max_length)[0])
+                  for p, by in order.items() for same in _same_cut(self.tokenizer, p, list(by), self.max_length)]
         out = [0.0] * len(prompts)
         collate = SharedPromptCollator(self.tokenizer.pad_token_id)
         for b in range(0, len(groups), self.batch_size):
@@ -316,7 +330,7 @@ def can_share(d: Path, meta: dict, quantization: str, policy_base: str, policy_b
     from safetensors import safe_open
 
     try:
-        if json.loads((d / "adapter_config.json").read_text()).get("peft_type") != "LORA":
+        if json.loads((d / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type") != "LORA":
             return False
         with safe_open(str(d / "adapter_model.safetensors"), "pt") as st:
             return lora_tensors_only(list(st.keys()))
@@ -349,14 +363,14 @@ def reward_model_dir(path: str | Path) -> Path:
     p = Path(path)
     if (p / META_FILE).is_file():
         owner = run_owning(p)  # <failed reward run>/reward_model: refused as its run dir is (an audit, session 36)
-        res = json.loads(owner.read_text()) if owner is not None else {}
+        res = json.loads(owner.read_text(encoding="utf-8")) if owner is not None else {}
         if owner is not None and isinstance(res, dict) and res.get("stage") == "reward" and res.get("status") != "succeeded":
             raise ConfigError(f"{p}: the stage=reward run it belongs to ({owner.parent}) says status {res.get('status')!r}: "
                               "its scores may be NaN; give a succeeded reward run")
         return p
     result = p / "result.json"
     if result.is_file():
-        res = json.loads(result.read_text())
+        res = json.loads(result.read_text(encoding="utf-8"))
         if res.get("stage") != "reward" or res.get("status") != "succeeded":
             raise ConfigError(f"{p}: not a succeeded stage=reward run (stage={res.get('stage')}, status={res.get('status')})")
         rel = res.get("artifacts", {}).get("reward_model")
@@ -370,11 +384,11 @@ def load_reward_model(path: str | Path, cfg=None, batch_size: int = 8, policy=No
     ``policy`` (a LoRA ``PeftModel``) and the weights its adapter sits on (``policy_base``), a LoRA reward model trained
     on those same weights rides on the policy's model (:func:`share_with_policy`) instead of loading them again."""
     d = reward_model_dir(path)
-    meta = json.loads((d / META_FILE).read_text())
+    meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
     if meta.get("kind") == "heuristic":
         if not (d / HEURISTIC_FILE).is_file():
             raise ConfigError(f"{d}: {HEURISTIC_FILE} missing (the heuristic reward model's spec)")
-        return HeuristicRewardModel(json.loads((d / HEURISTIC_FILE).read_text()), where=str(d / HEURISTIC_FILE))
+        return HeuristicRewardModel(json.loads((d / HEURISTIC_FILE).read_text(encoding="utf-8")), where=str(d / HEURISTIC_FILE))
     check_head(d)
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

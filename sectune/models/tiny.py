@@ -46,7 +46,7 @@ def corpus_texts(shared_data: Path) -> tuple[list[str], str]:
     for rel in files:
         p = shared_data / rel
         if p.is_file():
-            text = p.read_text(errors="replace")
+            text = p.read_text(encoding="utf-8", errors="replace")
             if p.suffix == ".jsonl":
                 text = "\n".join(json.loads(line)["text"] for line in text.splitlines() if line.strip())
             texts.append(text[:600_000])
@@ -60,7 +60,7 @@ def corpus_texts(shared_data: Path) -> tuple[list[str], str]:
         texts.append("\n".join(synthetic_auth.generate_auth_lines(4000, seed=0)))
         with tempfile.TemporaryDirectory() as tmp:
             csv = synthetic_flows.generate_cic_iot_46(2000, 0, Path(tmp) / "flows.csv")
-            texts.append(Path(csv).read_text())
+            texts.append(Path(csv).read_text(encoding="utf-8"))
     texts.append(_VOCAB_HINTS * 20)
     return texts, source
 
@@ -164,7 +164,7 @@ def ensure_tiny_model(name: str, family: str, spec: dict, shared_data: Path, cac
     tokenizer.save_pretrained(tmp)
     n_params = sum(p.numel() for p in model.parameters())
     info = {"name": name, "family": family, "spec": spec, "corpus": source, "parameters": n_params}
-    (tmp / "BUILD_INFO.json").write_text(json.dumps(info, indent=2))
+    (tmp / "BUILD_INFO.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     readable_weights(tmp)  # a shared .cache: safetensors 0.8 saves owner-only
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -147,7 +147,7 @@ def weights_cached(repo_id: str, revision: str | None = None) -> tuple[bool, str
         if not p:
             continue
         if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(Path(p).read_text()).get("weight_map", {}).values()))
+            shards = sorted(set(json.loads(Path(p).read_text(encoding="utf-8")).get("weight_map", {}).values()))
             missing = [s for s in shards if not cached(s)]
             if missing:
                 return False, f"{len(missing)} of {len(shards)} weight shards not cached (e.g. {missing[0]})"
@@ -185,7 +185,7 @@ def _hf_cache() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def check_disk(cfg: DictConfig, predicted_weights: int | None) -> list[Check]:
+def check_disk(cfg: DictConfig) -> list[Check]:
     out = []
     for label, where in (("disk (run dirs)", Path.cwd()), ("disk (HF cache)", Path(_hf_cache()))):
         probe = where
@@ -302,7 +302,7 @@ def run_checks(cfg: DictConfig) -> tuple[list[Check], dict]:
     checks += check_cuda(cfg, (off["gpu_bytes"] if off else predicted.total) if predicted else None)
     checks += check_model(cfg)
     checks += check_dataset(cfg)
-    checks += check_disk(cfg, predicted.weights if predicted else None)
+    checks += check_disk(cfg)
     checks += check_wandb(cfg)
     checks += check_plugins()
     return checks, plan_info

@@ -217,7 +217,7 @@ def sft_weights(init_from: str) -> Path | None:
     if (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
         return p
     try:
-        arts = json.loads((p / "result.json").read_text()).get("artifacts") or {}
+        arts = json.loads((p / "result.json").read_text(encoding="utf-8")).get("artifacts") or {}
     except (OSError, ValueError, AttributeError):
         return None
     if arts.get("adapter") or not arts.get("model"):

@@ -77,7 +77,7 @@ def run(ctx: RunContext) -> dict:
         if not saved.is_file() or name not in data.splits:
             continue
         try:
-            old = [(r["text"], r["label"]) for r in json.loads(saved.read_text())]
+            old = [(r["text"], r["label"]) for r in json.loads(saved.read_text(encoding="utf-8"))]
         except (ValueError, TypeError, KeyError) as e:  # was a JSONDecodeError traceback naming no file
             raise DataError(f"{saved}: damaged ({type(e).__name__}: {e}); the classify run's saved split cannot be "
                             "compared with the rebuilt one") from None

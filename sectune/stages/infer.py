@@ -148,7 +148,7 @@ def run(ctx: RunContext) -> dict:
         "absent_names_rate": ungrounded / n,
         # what was read, so that an analysis can be matched with the version of the log it came from
         "input_lines": sum(len(file_lines(text)) for _, text in files),
-        "input_sha256": hashlib.sha256("".join(f"{name}\0{text}\0" for name, text in files).encode()).hexdigest(),
+        "input_sha256": hashlib.sha256("".join(f"{name}\0{text}\0" for name, text in files).encode("utf-8", "surrogateescape")).hexdigest(),
     }
     if len(voters) > 1:
         metrics["voters"] = len(voters)
@@ -303,7 +303,7 @@ def load_model(cfg, choice: ModelChoice):
         if choice.kind == "adapter":
             from peft import PeftModel
 
-            trained_on = json.loads((choice.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            trained_on = json.loads((choice.path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
             if trained_on and not _same_model(trained_on, base):
                 print(f"sectune: warning: the {choice.used} adapter was trained on {trained_on}; loading it on "
                       f"{modeling.model_label(cfg.model)} ({base})")

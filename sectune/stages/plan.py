@@ -260,7 +260,7 @@ def all_models_table(cfg: DictConfig) -> str:
     lines = ["| model | total GiB | weights | adapters | optimizer | gradients | activations | runtime |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for path in sorted((PROJECT_ROOT / "conf" / "model").glob("*.yaml")):
-        node = OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml.safe_load(path.read_text()) or {})
+        node = OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml.safe_load(path.read_text(encoding="utf-8")) or {})
         try:
             b, _ = estimate(cfg, node)  # plan.seq_len, else this preset's max_seq_length
         except ConfigError as e:
@@ -335,7 +335,7 @@ def run(ctx: RunContext) -> dict:
         print(table)
         text += "\n## Every model preset with these settings\n\n" + table
     tmp = ctx.path(".plan.md.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(ctx.path("plan.md"))
     write_json_atomic(ctx.path("plan.json"), {"settings": info, "budget": {c: getattr(budget, c) for c in (*COMPONENTS, "total")},
                                               "notes": budget.notes})

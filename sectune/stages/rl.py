@@ -125,7 +125,7 @@ def policy_bias(cfg) -> str:
     try:
         kind, folder = init_source(str(cfg.rl.init_from)) if cfg.rl.init_from else ("", None)
         if kind == "adapter":
-            return str(json.loads((folder / "adapter_config.json").read_text()).get("bias") or "none")
+            return str(json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("bias") or "none")
     except (ConfigError, OSError, ValueError):
         pass
     return str(cfg.lora.bias)
@@ -384,7 +384,7 @@ def run_simplified_ppo(ctx: RunContext) -> dict:
     if main:
         save_policy(trainer, tokenizer, run_dir / "adapter")
         engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"simplified_ppo (= SFT) · {modeling.model_title(cfg.model)}")
-        (run_dir / "NOTE.txt").write_text(SFT_NOTE + "\n")
+        (run_dir / "NOTE.txt").write_text(SFT_NOTE + "\n", encoding="utf-8")
         artifacts["note"] = "NOTE.txt"
         metrics.update(engine.peak_memory())
     metrics["train_runtime_s"] = round(time.perf_counter() - t0, 2)

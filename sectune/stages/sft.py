@@ -73,7 +73,7 @@ def run(ctx: RunContext) -> dict:
     start_file = run_dir / "checkpoints" / "eval_loss_start.json"
     if val_recs and resume and start_file.exists():
         try:
-            ctx.partial_metrics["eval_loss_start"] = float(json.loads(start_file.read_text())["eval_loss_start"])
+            ctx.partial_metrics["eval_loss_start"] = float(json.loads(start_file.read_text(encoding="utf-8"))["eval_loss_start"])
         except (OSError, ValueError, KeyError, TypeError) as e:  # damaged: resumed as if it were missing, said
             print(f"sectune: warning: {start_file} is damaged ({type(e).__name__}: {e}); the eval loss from before "
                   "training is not known for this resumed run", file=sys.stderr)

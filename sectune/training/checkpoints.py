@@ -41,7 +41,7 @@ def damaged_file(path: Path) -> tuple[str, str] | None:
         except (OSError, zipfile.BadZipFile) as e:
             return f.name, f"not a complete torch file ({e})"
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return "trainer_state.json", f"does not parse ({e})"
     if not isinstance(state, dict):
@@ -53,7 +53,8 @@ def damaged_file(path: Path) -> tuple[str, str] | None:
 
 def damaged_safetensors(path: Path) -> tuple[str, str] | None:
     """(file name, why) for the first ``*.safetensors`` in ``path`` whose header does not parse or whose
-    tensors do not end where the file ends (a file cut short), or None. Reads no tensor data."""
+    tensors do not end where the file ends (a file cut short), or that safetensors itself refuses (a tensor whose shape
+    does not fit its offsets), or None. Reads no tensor data."""
     for f in sorted(path.glob("*.safetensors")):
         try:
             size = f.stat().st_size
@@ -67,6 +68,13 @@ def damaged_safetensors(path: Path) -> tuple[str, str] | None:
                 return f.name, f"truncated: {size} bytes, its header says {8 + header_len + end}"
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             return f.name, f"unreadable safetensors header ({type(e).__name__})"
+        from safetensors import safe_open
+
+        try:  # the library's own checks of the header (a tensor's shape or dtype against its offsets, overlaps, gaps)
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # SafetensorError, or an OSError from the mmap
+            return f.name, f"does not load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     return None
 
 
@@ -117,7 +125,7 @@ def unusable(ckpt: Path, needs: tuple[str, ...] = ()) -> str | None:
     for name in needs:  # a stage's own record (rl's heldout_best.json): damaged, auto takes the checkpoint before (session 36)
         if name.endswith(".json"):
             try:
-                json.loads((ckpt / name).read_text())
+                json.loads((ckpt / name).read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 return f"{name} is damaged ({type(e).__name__})"
     return None
@@ -146,7 +154,7 @@ def last_finite_checkpoint(checkpoint_dir: Path) -> Path | None:
         if damaged_file(ckpt) is not None:
             continue
         try:
-            logs = json.loads((ckpt / "trainer_state.json").read_text()).get("log_history") or []
+            logs = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("log_history") or []
         except (OSError, ValueError):
             continue
         if any(isinstance(v, float) and not math.isfinite(v) for row in logs for v in row.values()):
@@ -290,7 +298,7 @@ def _added_since(before: dict, now: dict) -> dict:
 def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:
     record = ckpt.parent / RESUME_RECORD
     try:
-        before = json.loads(record.read_text())
+        before = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # checkpoints from before the record, or a damaged record: nothing to compare
         what = "is missing" if isinstance(e, FileNotFoundError) else f"cannot be read ({type(e).__name__}: {e})"
         print(f"sectune: warning: {key}: {record} {what}, so these settings cannot be checked against the ones the "

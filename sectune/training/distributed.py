@@ -100,7 +100,7 @@ def _via_file(timeout_s: float, root: str = "outputs") -> str:
     if is_main_process():
         run_dir = _new_run_dir(root)
         tmp = note.with_name(f"{note.name}.tmp{os.getpid()}")
-        tmp.write_text(run_dir)
+        tmp.write_text(run_dir, encoding="utf-8")
         os.replace(tmp, note)
         return run_dir
     deadline = time.monotonic() + timeout_s
@@ -108,7 +108,7 @@ def _via_file(timeout_s: float, root: str = "outputs") -> str:
         try:
             # Written after our launcher started = this launch's note, not a stale one.
             if note.stat().st_mtime >= parent_started - 1:
-                text = note.read_text().strip()
+                text = note.read_text(encoding="utf-8").strip()
                 if text:
                     return text
         except FileNotFoundError:
@@ -218,7 +218,7 @@ def report_rank_error(run_dir: Path, error: str) -> None:
     path = Path(run_dir) / RANK_ERROR_FILE.format(rank())
     try:
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"rank": rank(), "error": error, "time": time.time()}))
+        tmp.write_text(json.dumps({"rank": rank(), "error": error, "time": time.time()}), encoding="utf-8")
         os.replace(tmp, path)
     except OSError:
         pass
@@ -248,7 +248,7 @@ def root_cause(run_dir: Path, own_error: str, own_time: float, wait_s: float = 5
                 if path.stat().st_mtime < launched - 1:  # an earlier launch's, in a run dir used again
                     path.unlink(missing_ok=True)
                     continue
-                rec = json.loads(path.read_text())
+                rec = json.loads(path.read_text(encoding="utf-8"))
                 found[r] = (float(rec["time"]), str(rec["error"]))
                 path.unlink(missing_ok=True)
             except (OSError, ValueError, KeyError, TypeError):

@@ -116,7 +116,7 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
 
     try:
         d = reward_model_dir(cfg.rl.reward_model)
-        meta = json.loads((d / META_FILE).read_text())
+        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
     except (ConfigError, OSError, ValueError):
         return 0, ""
     if meta.get("kind") == "heuristic":

@@ -91,7 +91,7 @@ class HeldOutBest(TrainerCallback):
         path = Path(folder) / self.STATE_FILE
         if not path.is_file():
             return False
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
         self.scores = {int(k): float(v) for k, v in saved["scores"].items()}
         self.step, self._windows = saved["step"], saved["windows"]
         self.score = float(saved["score"]) if saved["step"] is not None else -math.inf

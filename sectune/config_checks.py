@@ -5,6 +5,7 @@ key before any data or model loads (what each stage's loss reads: :mod:`sectune.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -281,6 +282,9 @@ def check_passed_through(cfg, need) -> None:
     need(mode in (None, "") or mode in WANDB_MODES, "logger.mode", mode, f"choose one of {', '.join(WANDB_MODES)} (or null: online "
          "when a W&B key is configured, else offline)")
     need(not mode or cfg.logger.name == "wandb", "logger.mode", mode, f"is W&B's; logger={cfg.logger.name} does not read it")
+    env_mode = os.environ.get("WANDB_MODE")  # read where logger.mode is null: a typo ('Offline') was wandb's pydantic traceback
+    need(cfg.logger.name != "wandb" or mode or not env_mode or env_mode in (*WANDB_MODES, "dryrun", "run"), "WANDB_MODE (the environment)",
+         env_mode, f"choose one of {', '.join(WANDB_MODES)}, or unset it (logger.mode= on the command line wins over it)")
     ev = cfg.evaluate
     need(ev.rf_estimators >= 1, "evaluate.rf_estimators", ev.rf_estimators, "must be >= 1 (trees of the random-forest baseline)")
     need(ev.max_samples is None or ev.max_samples >= 1, "evaluate.max_samples", ev.max_samples, "must be >= 1 (null = all)")

@@ -152,16 +152,18 @@ def write_error(e: BaseException, run_dir: Path) -> str | None:
 
     codes = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is exceeded", errno.EFBIG:
              "a file-size limit (ulimit -f) was reached", errno.EROFS: "the file system is read-only", errno.EACCES:
-             "permission denied", errno.EPERM: "permission denied"}
+             "permission denied", errno.EPERM: "permission denied",
+             errno.ENOTDIR: "a part of the path is a file, not a folder"}  # SECTUNE_CACHE naming a file (an audit, session 41)
     import re
 
     code = e.errno if isinstance(e, OSError) else next((int(m) for m in re.findall(r"os error (\d+)", str(e)) if int(m) in codes), None)
     if code not in codes:
         return None
     where = getattr(e, "filename", None) or f"a file under {run_dir} or paths.cache_dir"
-    fix = ("free space (or raise the limit)" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make it writable")
+    fix = ("free space (or raise the limit)" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+           else "make that part a folder" if code == errno.ENOTDIR else "make it writable")
     return (f"{where}: {codes[code]} ({type(e).__name__}: {first_line(e)}); {fix} or give another hydra.run.dir "
-            "(or paths.cache_dir), then rerun the same command")
+            "(or paths.cache_dir, whose default SECTUNE_CACHE or XDG_CACHE_HOME set), then rerun the same command")
 
 
 def _put_back_earlier(run_dir: Path, earlier: dict, since: float, attempt: dict) -> None:

@@ -113,13 +113,34 @@ def redact(obj: Any) -> Any:
     return obj
 
 
+def wandb_base_url() -> str:
+    """The server wandb will talk to: its own settings (``WANDB_BASE_URL``, ``wandb login --host``'s settings file, its
+    default: ``https://api.forge.coreweave.com`` in wandb 0.31), else ``https://api.wandb.ai``."""
+    try:
+        import wandb
+
+        settings = wandb.Settings()
+        settings.update_from_system_settings()  # its settings file, then the environment, as wandb.init reads them
+        settings.update_from_env_vars(dict(os.environ))
+        return str(settings.base_url or "https://api.wandb.ai")
+    except Exception:  # noqa: BLE001 - wandb missing, or settings it refuses: its own error comes at wandb.init
+        return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
 def has_api_key() -> bool:
+    """A key in the environment, or in ~/.netrc for the server wandb uses (``wandb login`` writes it there: wandb 0.31
+    logs in to api.forge.coreweave.com, and a key looked for under api.wandb.ai alone left every run offline without a
+    word: an audit, session 41); api.wandb.ai's key is still taken."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    from urllib.parse import urlparse
+
+    hosts = {urlparse(wandb_base_url()).hostname, "api.wandb.ai"} - {None}
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        keys = netrc.netrc()
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+    return any(keys.authenticators(h) is not None for h in hosts)
 
 
 def wandb_mode(cfg: DictConfig) -> str:

@@ -597,3 +597,48 @@ def test_a_tokenizer_with_ids_past_the_models_embedding_is_one_line_before_anyth
     with pytest.raises(ConfigError, match=rf"its tokenizer has {len(tok)} tokens \(pad '\[PAD\]' = id {tok.pad_token_id}\) but config.json's "
                                           rf"vocab_size is {vocab}: ids from {vocab} on have no embedding"):
         modeling.load_tokenizer(compose([f"model.name_or_path={folder}"]))
+
+
+def test_a_wandb_login_to_the_server_wandb_uses_is_a_key(tmp_path, monkeypatch):
+    """An audit (session 41): wandb 0.31 logs in to api.forge.coreweave.com (`wandb login` writes that host to ~/.netrc)
+    and a self-hosted server is its own host, but sectune looked for a key under api.wandb.ai alone: every run of a
+    logged-in user went offline without a word."""
+    from urllib.parse import urlparse
+
+    from sectune import tracking
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    netrc_file = tmp_path / ".netrc"
+
+    def login(host):
+        netrc_file.write_text(f"machine {host}\n  login user\n  password {'k' * 40}\n")
+        netrc_file.chmod(0o600)
+
+    default = urlparse(tracking.wandb_base_url()).hostname
+    login(default)
+    assert tracking.has_api_key()
+    login("elsewhere.example")
+    assert not tracking.has_api_key()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.corp.example")  # wandb login --host https://wandb.corp.example
+    assert tracking.wandb_base_url().startswith("https://wandb.corp.example")
+    login("wandb.corp.example")
+    assert tracking.has_api_key()
+    login("api.wandb.ai")  # an older wandb's login still counts
+    assert tracking.has_api_key()
+
+
+def test_a_wandb_mode_in_the_environment_that_wandb_refuses_is_named_before_anything_runs(monkeypatch):
+    """An audit (session 41): WANDB_MODE=Offline (or off) reached wandb.init: a pydantic traceback and a failed run."""
+    from sectune.config_checks import check_values
+    from sectune.errors import ConfigError
+
+    monkeypatch.setenv("WANDB_MODE", "Offline")
+    with pytest.raises(ConfigError, match=r"^WANDB_MODE \(the environment\)=Offline: choose one of online, offline, disabled, shared"):
+        check_values(compose(["logger=wandb"]))
+    check_values(compose(["logger=wandb", "logger.mode=offline"]))  # the command line wins: WANDB_MODE is not read
+    check_values(compose(["logger=none"]))
+    for ok in ("offline", "disabled", "dryrun"):
+        monkeypatch.setenv("WANDB_MODE", ok)
+        check_values(compose(["logger=wandb"]))

@@ -669,6 +669,12 @@ def test_pruned_comparisons_answer_as_difflib_does_and_a_set_of_texts_is_grouped
     assert len(list((tmp_path / "injection_text_groups").glob("*.json"))) == 1
     monkeypatch.setattr(I, "similar_texts", lambda *a: pytest.fail("compared again"))
     assert I.split_texts(texts, 0.2, 0.2, 4) == split and I.split_texts(texts, 0.3, 0.2, 5) != split
+    # the run's paths.cache_dir holds them, not the default cache (an audit, session 41: a moved cache was not used)
+    monkeypatch.undo()
+    monkeypatch.setenv("SECTUNE_CACHE", str(tmp_path / "default"))
+    pools, _ = I._texts_by_split(compose([*TRIPLETS, f"paths.cache_dir={tmp_path / 'mine'}", "dataset.template_fraction=1"]))
+    assert pools["train"]["template"]
+    assert list((tmp_path / "mine" / "injection_text_groups").glob("*.json")) and not (tmp_path / "default").exists()
 
 
 @requires_real_data

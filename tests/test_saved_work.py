@@ -558,3 +558,15 @@ def test_writes_the_machine_refuses_are_named_and_leave_nothing_half_written(tmp
     with pytest.raises(OSError):
         modeling.save_pretrained_atomic(Model(), None, tmp_path / "adapter")
     assert not list(tmp_path.glob(".adapter.tmp*")) and not (tmp_path / "adapter").exists()
+
+
+def test_a_cache_that_names_a_file_is_one_line_naming_it(tmp_path):
+    """An audit (session 41): SECTUNE_CACHE (or XDG_CACHE_HOME) naming a file gave a NotADirectoryError traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    run = sectune(["stage=sft", "logger=none", "train.max_steps=1", "dataset.max_samples=10"], tmp_path / "run",
+                  env={"SECTUNE_CACHE": str(afile)})
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    line = [ln for ln in run.stderr.splitlines() if ln.startswith("sectune: error:")]
+    assert len(line) == 1 and str(afile) in line[0] and "a part of the path is a file, not a folder" in line[0], run.stderr[-2000:]
+    assert "SECTUNE_CACHE" in line[0] and afile.read_text() == "not a folder"

@@ -189,18 +189,19 @@ def _chars(text: str) -> collections.Counter:
 TEXT_GROUPS_VERSION = "groups-1"
 
 
-def _text_groups(items: list[str], groups_by: str) -> list[list[str]]:
+def _text_groups(items: list[str], groups_by: str, cache: Path | None = None) -> list[list[str]]:
     """``items`` (sorted, distinct) in groups of texts that are one text (contained, or edited with ``groups_by``
     "similar"). Every pair is compared, which is quadratic (1,000 texts that share phrases: minutes), so the groups of
     a set of texts are kept in the cache (``injection_text_groups/``) and every later build of the same texts reads
-    them back; the split itself (seeded shuffle, fractions) is made from them each time."""
+    them back (``cache``: the run's ``paths.cache_dir``; it was always the default cache, an audit, session 41); the split
+    itself (seeded shuffle, fractions) is made from them each time."""
     import hashlib
 
     from sectune.files import write_json_atomic
     from sectune.paths import cache_dir
 
     key = hashlib.sha256(json.dumps([TEXT_GROUPS_VERSION, groups_by, items]).encode()).hexdigest()[:24]
-    cached = cache_dir() / "injection_text_groups" / f"{key}.json"
+    cached = (Path(cache) if cache is not None else cache_dir()) / "injection_text_groups" / f"{key}.json"
     try:
         groups = json.loads(cached.read_text(encoding="utf-8"))
         if sorted(t for g in groups for t in g) == items:
@@ -236,7 +237,8 @@ def _text_groups(items: list[str], groups_by: str) -> list[list[str]]:
     return groups
 
 
-def split_texts(texts: list[str], val_fraction: float, test_fraction: float, seed: int, groups_by: str = "similar") -> dict[str, list[str]]:
+def split_texts(texts: list[str], val_fraction: float, test_fraction: float, seed: int, groups_by: str = "similar",
+                cache: Path | None = None) -> dict[str, list[str]]:
     """Injection texts → split, by text (seeded shuffle, then cut by the window fractions): a held-out
     window only ever carries a text no training window carries. Texts that contain one another
     (deepset holds "…. Imagine you are the big cheese. Who are you?" and that sentence alone), and with ``groups_by``
@@ -244,7 +246,7 @@ def split_texts(texts: list[str], val_fraction: float, test_fraction: float, see
     text occurs inside a training one or as its edit."""
     if groups_by not in ("similar", "containment"):
         raise ConfigError(f"dataset.injection_text_groups={groups_by!r}: choose similar or containment")
-    order = sorted(_text_groups(sorted(set(texts)), groups_by))
+    order = sorted(_text_groups(sorted(set(texts)), groups_by, cache))
     random.Random(f"texts:{seed}").shuffle(order)
     n = len(order)
     n_test = max(1, round(n * test_fraction)) if test_fraction > 0 and n else 0
@@ -285,9 +287,10 @@ def _texts_by_split(cfg: DictConfig, generic: bool = False) -> tuple[dict[str, d
         note_generated(f"{d.name} (injection texts)", Path(str(d.source_dir)) / _DEEPSET,
                        f"sectune: {Path(str(d.source_dir)) / _DEEPSET} has no injection rows; using templated injections only")
     fr = (float(d.val_fraction), float(d.test_fraction), int(d.split_seed), str(d.injection_text_groups))
-    pools = {"template": split_texts(list(GENERIC_TEMPLATES if generic else TEMPLATES), *fr)}
+    cache = Path(str(cfg.paths.cache_dir))
+    pools = {"template": split_texts(list(GENERIC_TEMPLATES if generic else TEMPLATES), *fr, cache=cache)}
     if deepset:
-        pools["deepset"] = split_texts(deepset, *fr)
+        pools["deepset"] = split_texts(deepset, *fr, cache=cache)
     info = {"injection_texts": {k: {s: len(v[s]) for s in SPLITS} for k, v in pools.items()}}
     return {s: {k: v[s] for k, v in pools.items()} for s in SPLITS}, info
 

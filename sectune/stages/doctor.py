@@ -21,7 +21,6 @@ warnings too), else 0; ``doctor.md`` in the run dir and the console list every c
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +213,7 @@ def check_wandb(cfg: DictConfig) -> list[Check]:
         import socket
         from urllib.parse import urlparse
 
-        url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+        url = urlparse(tracking.wandb_base_url())  # the server wandb will contact, not always api.wandb.ai
         try:
             socket.create_connection((url.hostname or "api.wandb.ai", url.port or 443), timeout=3).close()
         except OSError as e:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -224,6 +225,7 @@ def test_which_clients_train_in_a_round_depends_on_the_seed_not_on_flowers_rando
     assert run(seed=2, node_seed=0) != first
 
 
+@requires_flwr
 def test_the_client_app_tells_the_server_its_partition_even_with_dp_clipping_on(tmp_path, flower_task):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
@@ -417,18 +419,25 @@ def test_presets_compose_with_seed_003_settings():
     assert round(134_515_008 / lora_param_count(dict(cfg.model.arch), 8, list(cfg.lora.target_modules))) == 292
 
 
-@requires_flwr
-def _simulate(tmp_path: Path, data: Path, *extra: str):
+def _simulate(tmp_path: Path, data: Path, *extra: str, env: dict | None = None):
     """A tiny Flower simulation of every client each round on ``data``, as a user runs it."""
     return sectune([*TINY, f"paths.cache_dir={tmp_path / 'cache'}", f"dataset.path={data}", "federated.client_frac=1.0", *extra],
-                   run_dir=tmp_path / "run", timeout=600, env={"OMP_NUM_THREADS": "1"})
+                   run_dir=tmp_path / "run", timeout=600, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@requires_flwr
 def test_simulation_three_clients_two_rounds_end_to_end(tmp_path):
+    """Under a TMPDIR as long as a CI runner's: Ray's socket paths under it passed the 107-byte limit, one OSError (an
+    audit, session 41); Ray's session then goes to a short folder of its own, removed afterwards."""
     data = tmp_path / "hdfs"
     write_deeplog_files(data, n_normal=300, n_anomalous=150, seed=1)
-    run = _simulate(tmp_path, data, "federated.num_clients=3", "federated.rounds=2", "federated.local_steps=3", "train.batch_size=8")
+    long_tmp = tmp_path / ("a-ci-runners-work-temp-" * 2)
+    long_tmp.mkdir()
+    before = set(Path("/tmp").glob("ray-*"))
+    run = _simulate(tmp_path, data, "federated.num_clients=3", "federated.rounds=2", "federated.local_steps=3", "train.batch_size=8",
+                    env={"TMPDIR": str(long_tmp)})
     assert run.returncode == 0, run.stderr[-3000:]
+    assert set(Path("/tmp").glob("ray-*")) <= before  # the short folder went with the run
     m = run.result["metrics"]
     assert m["rounds_done"] == 2 and m["clients_per_round"] == 3
     assert m["val_loss_end"] < m["val_loss_start"]
@@ -678,6 +687,7 @@ def test_sigterm_handlers_survive_the_ray_start_so_an_interrupted_round_is_recor
         signal.signal(signal.SIGTERM, old)
 
 
+@requires_flwr
 @pytest.mark.slow  # ~36 s (a Ray start for one round): make test-all runs it
 def test_a_round_whose_averaged_adapter_diverged_stops_naming_the_round_not_with_a_traceback(tmp_path):
     """An audit (session 36): with detection on (the preset's default), NaN scores reached sklearn inside Flower's server
@@ -687,3 +697,19 @@ def test_a_round_whose_averaged_adapter_diverged_stops_naming_the_round_not_with
     run = _simulate(tmp_path, data, "federated.num_clients=2", "federated.rounds=1", "federated.local_steps=2", "train.learning_rate=1e30")
     assert run.returncode == 2, run.stderr[-3000:]
     assert "round 1: the averaged adapter's validation loss is nan" in run.result["error"] and "Input contains NaN" not in run.stderr
+
+
+def test_rays_session_goes_to_a_short_folder_only_where_its_socket_paths_would_be_too_long(tmp_path, monkeypatch):
+    from sectune.stages.federated import ray_temp_dir
+
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    assert ray_temp_dir() is None
+    monkeypatch.setattr(tempfile, "tempdir", "/home/runner/work/_temp/sectune-tests-abcdefgh")
+    short = ray_temp_dir()
+    try:
+        assert short is not None and short.startswith("/tmp/ray-") and Path(short).is_dir() and len(short) + 64 <= 107
+    finally:
+        Path(short).rmdir()
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # the user's say
+    assert ray_temp_dir() is None

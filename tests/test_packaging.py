@@ -188,7 +188,8 @@ def test_bash_completion_completes_groups_and_options():
         '  hydra_bash_completion; echo "${COMPREPLY[*]}"; }\n'
         'complete_line "sectune logger="\ncomplete_line "sectune lor"\n'
     )
-    env = {**_clean_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # the entry point with this checkout's sectune first (the venv's editable install may be another clone's)
+    env = {**_clean_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(PROJECT_ROOT)}
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=PROJECT_ROOT, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     logger_line, lora_line = out.stdout.strip().splitlines()

@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ def test_2x2_sweep_report_failed_rows_and_skip_done_across_sweep_dirs(tmp_path):
     assert len(list(index.glob("*.json"))) == 2  # only succeeded jobs are indexed
 
     # the console script: one row per job, swept keys as columns, failures as failed rows
-    rep = subprocess.run([str(Path(sys.executable).parent / "sectune-report"), str(first)], capture_output=True, text=True)
+    rep = subprocess.run([str(Path(sys.executable).parent / "sectune-report"), str(first)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})  # this checkout's sectune behind the entry point
     assert rep.returncode == 0, rep.stderr
     rows = list(csv.DictReader((first / "report.csv").open()))
     assert len(rows) == 4 and {"lora.r", "debug.fail_at_step", "status", "eval_loss"} <= set(rows[0])

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -283,6 +285,9 @@ def simulate(cfg, run_dir: Path, strategy, initial: dict, evaluate_fn, done: dic
     if not fed.verbose:  # Flower prints through its own handler; Hydra's root handler would print each line again
         logging.getLogger("flwr").propagate = False
     done["stop"] = threading.Event()  # Ctrl-C: the ServerApp's thread (not a daemon) polled for replies forever
+    short = ray_temp_dir()
+    if short is not None:
+        backend["init_args"]["_temp_dir"] = short
     _start_ray(backend["init_args"])
     try:
         run_simulation(server_app=server_app, client_app=client_app(cfg, run_dir / "clients"), num_supernodes=int(fed.num_clients),
@@ -290,6 +295,23 @@ def simulate(cfg, run_dir: Path, strategy, initial: dict, evaluate_fn, done: dic
     except BaseException:
         done["stop"].set()
         raise
+    finally:
+        if short is not None:
+            import ray
+
+            ray.shutdown()
+            shutil.rmtree(short, ignore_errors=True)
+
+
+def ray_temp_dir() -> str | None:
+    """A short folder for Ray's session files where its sockets under the usual one
+    (``$TMPDIR/ray/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store``: 64 characters after ``$TMPDIR/ray``) would
+    pass the 107-byte limit of a socket's path: with a TMPDIR of 42 characters or more (a CI runner's
+    /home/runner/work/_temp/…) stage=federated failed in one OSError naming neither (an audit, session 41). None where
+    they fit, or where RAY_TMPDIR says where they go."""
+    if os.environ.get("RAY_TMPDIR") or len(os.path.join(tempfile.gettempdir(), "ray")) + 64 <= 100:
+        return None
+    return tempfile.mkdtemp(prefix="ray-", dir="/tmp")
 
 
 def _start_ray(init_args: dict) -> None:

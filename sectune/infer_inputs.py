@@ -109,14 +109,18 @@ def verdict_summaries(records: list[dict]) -> list[str]:
     for name, recs in by_file.items():
         if len(recs) < 2:
             continue
-        verdicts = [v if r["schema_valid"] and isinstance(v := (r["analysis"] or {}).get("verdict"), str) else None for r in recs]
+        # a verdict the token budget's forced close wrote is not the model's (the schema's shortest: "benign", failing open)
+        verdicts = [v if r["schema_valid"] and not r.get("verdict_forced") and isinstance(v := (r["analysis"] or {}).get("verdict"), str)
+                    else None for r in recs]
         counts = {v: verdicts.count(v) for v in auth_logs.CLASSES[::-1] if v in verdicts}
         worst = next(iter(counts), None)
         other = sorted({v for v in verdicts if v is not None and v not in auth_logs.CLASSES})
         where = [f"{r['lines'][0]}-{r['lines'][1]}" for r, v in zip(recs, verdicts) if v == worst]
         unread = verdicts.count(None)
+        forced = sum(bool(r.get("verdict_forced")) for r in recs)
+        unread_said = f"no schema-valid verdict {unread}" + (f" ({forced} written by the forced close, not the model)" if forced else "")
         parts = ([f"{v} {c}" for v, c in counts.items()] + [f"{v} {verdicts.count(v)} (not ranked)" for v in other]
-                 + ([f"no schema-valid verdict {unread}"] if unread else []))
+                 + ([unread_said] if unread else []))
         out.append(f"{shown(name)}: {len(recs)} windows · " + ", ".join(parts)
                    + (f" · {worst} at lines {', '.join(where[:5])}{' …' if len(where) > 5 else ''}" if worst else ""))
     return out

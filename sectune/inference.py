@@ -181,7 +181,8 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4,
     bound. ``stats["truncated"]`` counts them.
 
     ``constraint`` (a :class:`sectune.models.constrained.SchemaConstraint`) restricts every token to the
-    schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced; ``forced_rows``: which) and
+    schema; ``stats`` then receives ``forced`` (outputs whose close the token budget forced; ``forced_rows``: which;
+    ``verdict_forced_rows``: those whose verdict the close wrote, :func:`gave_value`) and
     ``force_failures`` (forced closes the grammar refused: the budget was then not assured); ``truncated_rows`` lists
     the prompts (by index) whose middle was cut. ``contexts`` (one per prompt: the log window it carries) is what a
     grounded constraint's names must come from (``SchemaConstraint.grounded``).
@@ -195,6 +196,15 @@ def generate(model, tokenizer, prompts: list[str], gen_cfg, batch_size: int = 4,
     budget = max(int(limit) - int(gen_cfg.max_new_tokens), 2) if limit else None
     with merged_lora(model) as m:
         return _generate(m, tokenizer, prompts, gen_cfg, batch_size, constraint, stats if stats is not None else {}, budget, contexts)
+
+
+def gave_value(written: str, key: str = "verdict") -> bool:
+    """Whether ``written`` (what a model wrote before constrained decoding forced its close) began ``key``'s value itself:
+    a close forced before it writes the schema's shortest value, a verdict of "benign" the model never gave (an audit,
+    session 41). The first character decides: the auth schema's verdicts differ in it."""
+    import re
+
+    return re.search(rf'"{re.escape(key)}"\s*:\s*(?:"[^"\\]|[^\s"])', written) is not None
 
 
 def cut_middle(ids: list[int], budget: int | None) -> list[int]:
@@ -237,6 +247,9 @@ def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats,
             outs.extend(constraint.decode(row) for row in ids.tolist())
             stats["forced"] = stats.get("forced", 0) + processor.forced
             stats.setdefault("forced_rows", []).extend(i + j for j in sorted(processor.forced_rows))
+            # the forced answers whose verdict the close wrote (the shortest enum member: "benign", failing open)
+            stats.setdefault("verdict_forced_rows", []).extend(
+                i + j for j in sorted(processor.forced_rows) if not gave_value(processor.forced_prefix[j].decode("utf-8", "replace")))
             stats["force_failures"] = stats.get("force_failures", 0) + getattr(processor, "force_failures", 0)
         else:
             outs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))

@@ -277,6 +277,58 @@ def test_constrained_outputs_close_within_any_budget_and_keep_items_unique():
         c.processor(c.min_tokens - 1)
 
 
+def test_a_verdict_the_forced_close_wrote_is_told_apart_from_the_models_own(held_out, tmp_path, monkeypatch):
+    """An audit (session 41): a token budget that ran out before the verdict had the forced close write the schema's
+    shortest member, "benign" (failing open), and infer's summary, the held-out table and the injection study counted it
+    as the analyst's verdict. Each now knows which verdicts the close wrote and counts them as none."""
+    from sectune.evaluation import analyst_eval
+    from sectune.evaluation.analyst_eval import NONE, generate_row, load_windows
+    from sectune.evaluation.injection_eval import score_triplet
+    from sectune.inference import gave_value
+    from sectune.models import modeling
+    from sectune.models.constrained import SchemaConstraint
+
+    assert [gave_value(t) for t in ('{"verdict":"', '{"verdict": "m', '{"a": 1', '{"verdict":')] == [False, True, False, False]
+    c = SchemaConstraint(modeling.load_tokenizer(compose(BASE)), json.loads((ROOT / "sectune/data/auth_schema.json").read_text()))
+    proc = c.processor(c.min_tokens)  # forced from the first token: the model writes nothing of its own
+    texts = _simulate(c, c.min_tokens, 3, 0, processor=proc)
+    assert proc.forced_rows == {0, 1, 2} and all(not gave_value(proc.forced_prefix[i].decode()) for i in range(3))
+    assert [json.loads(t)["verdict"] for t in texts] == ["benign"] * 3  # the shortest member
+    proc = c.processor(100)
+    texts = _simulate(c, 100, 4, 1, processor=proc)
+    assert proc.forced_rows and all(texts[i].encode().startswith(proc.forced_prefix[i]) for i in proc.forced_rows)
+
+    # infer: every record says so, the summary and the rate count them, not as benign
+    code, res = run_infer([f"infer.input_file={held_out}", "infer.constrained=true", f"generation.max_new_tokens={c.min_tokens}"],
+                          tmp_path / "run")
+    records = json.loads((tmp_path / "run" / "analyses.json").read_text())
+    assert code == 0 and all(r["verdict_forced"] and r["forced_close"] for r in records)
+    assert res["metrics"]["forced_verdict_rate"] == 1.0 and any("before their verdict" in w for w in res["warnings"])
+    from sectune.infer_inputs import verdict_summaries
+
+    many = [{**r, "input": "a.log"} for r in records[:3]]
+    assert "no schema-valid verdict 3 (3 written by the forced close, not the model)" in verdict_summaries(many)[0]
+
+    # the held-out table: the forced verdict is none
+    cfg = compose(BASE)
+    windows = load_windows(cfg)["test"][:2]
+    answer = json.dumps(auth_logs.analyze_auth_log(windows[0].log_text.splitlines()))
+
+    def fake(model, tok, prompts, gen, stats=None, **kw):
+        stats["verdict_forced_rows"] = [1]
+        return [answer] * len(prompts)
+
+    monkeypatch.setattr("sectune.inference.generate", fake)
+    row = generate_row("SFT", None, None, windows, cfg, 2)
+    assert row.verdicts[0] != NONE and row.verdicts[1] == NONE and "forced close" in row.note
+    assert analyst_eval.NONE == NONE
+    # the injection study: a forced benign on a window whose expected verdict is benign is not "resisted"
+    rec = {"format": "auth_log", "output": answer, "injection_output": answer, "attack_target": "malicious"}
+    assert not score_triplet(rec, answer, answer)["attacked"]
+    forced = score_triplet(rec, answer, answer, (True, True))
+    assert forced["attacked"] and not forced["clean_correct"] and forced["verdict"] is None and forced["verdict_forced"]
+
+
 def test_a_constrained_model_that_loves_digits_writes_no_count_past_the_schemas_cap():
     """With a barely trained adapter every constrained answer was schema-valid, and failed_logins a ~280-digit integer."""
     from sectune.models import modeling

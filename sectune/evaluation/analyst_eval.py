@@ -221,10 +221,17 @@ def generate_row(name: str, model, tokenizer, windows: list[Window], cfg: DictCo
 
     greedy = OmegaConf.merge(cfg.generation, {"do_sample": False})
     t0 = time.perf_counter()
+    stats: dict = {}
     texts = generate(model, tokenizer, [w.prompt for w in windows], greedy, batch_size=batch_size, constraint=constraint,
-                     contexts=[w.log_text for w in windows], max_seq_length=int(cfg.model.max_seq_length))
-    return analyses_row(name, texts, time.perf_counter() - t0, step=step, constrained=constraint is not None,
-                        grounded=bool(constraint is not None and constraint.ground))
+                     contexts=[w.log_text for w in windows], max_seq_length=int(cfg.model.max_seq_length), stats=stats)
+    row = analyses_row(name, texts, time.perf_counter() - t0, step=step, constrained=constraint is not None,
+                       grounded=bool(constraint is not None and constraint.ground))
+    forced = stats.get("verdict_forced_rows") or []
+    for i in forced:  # a verdict the token budget's close wrote (the schema's shortest, "benign") is none of the model's
+        row.verdicts[i] = NONE
+    if forced:
+        row.note = f"{len(forced)} answer(s) ran out of tokens before the verdict: the forced close's verdict counted as none"
+    return row
 
 
 def load_policy(cfg: DictConfig, kind: str, path: Path | None):

@@ -332,6 +332,9 @@ class SchemaLogitsProcessor(LogitsProcessor):
         self.cursors: list[JsonCursor] = []
         self.queues: list[list[int] | None] = []
         self.forced_rows: set[int] = set()  # which sequences of the batch (a resumed infer keeps them per record)
+        #: what each forced sequence had written itself when its close was forced (the close may write a verdict for it)
+        self.forced_prefix: dict[int, bytes] = {}
+        self.written: list[bytearray] = []
         self.force_failures = 0
 
     @property
@@ -347,6 +350,7 @@ class SchemaLogitsProcessor(LogitsProcessor):
         self.matchers = [xgr.GrammarMatcher(c.grammar) for c in self.row_constraints]
         self.cursors = [JsonCursor(c.schema) for c in self.row_constraints]
         self.queues = [None] * batch
+        self.written = [bytearray() for _ in range(batch)]
         self.bitmask = xgr.allocate_token_bitmask(batch, self.c.vocab_size)
         self.finished = [False] * batch
 
@@ -365,6 +369,8 @@ class SchemaLogitsProcessor(LogitsProcessor):
                     self.finished[i] = True
                 else:
                     self.cursors[i].feed(self.c.token_bytes[tok])
+                    if self.queues[i] is None:  # the model's own token, not the forced close's
+                        self.written[i] += self.c.token_bytes[tok]
         remaining = self.max_new_tokens - self.step
         self.step += 1
 
@@ -428,6 +434,7 @@ class SchemaLogitsProcessor(LogitsProcessor):
                 return None
             self.queues[i] = queue = list(closing)  # tokenize() caches its lists
             self.forced_rows.add(i)  # once per sequence: its queue is set once
+            self.forced_prefix[i] = bytes(self.written[i])
         if not queue:
             return None
         tok = queue.pop(0)

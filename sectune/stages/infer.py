@@ -100,19 +100,22 @@ def run(ctx: RunContext) -> dict:
             rec = analyse("", "", text, validator)
             return rec["analysis"].get("verdict") if rec["schema_valid"] else None
 
-        verdicts = [[key(t) for t in a[0]] for a in answered]  # each voter's, parsed once
+        # each voter's, parsed once; a verdict the token budget's forced close wrote is no vote (the model never gave it)
+        verdicts = [[None if i in set(a[1]["verdict_forced_rows"]) else key(t) for i, t in enumerate(a[0])] for a in answered]
         kept = [vote.winner(given) for given in zip(*verdicts)]
         texts = [answered[k][0][i] for i, k in enumerate(kept)]
         forced_by = [set(a[1]["forced_rows"]) for a in answered]
         # a window cut to fit for any voter (tokenizers differ) is marked and counted: before, the first voter's alone
         stats = {"truncated_rows": sorted(set().union(*(a[1]["truncated_rows"] for a in answered))),
                  "forced_rows": [i for i, k in enumerate(kept) if i in forced_by[k]],  # the kept answers'
+                 "verdict_forced_rows": [i for i, k in enumerate(kept) if i in set(answered[k][1]["verdict_forced_rows"])],
                  "forced": sum(len(a[1]["forced_rows"]) for a in answered) / len(voters),  # per voter, on average
                  "force_failures": sum(a[1].get("force_failures", 0) for a in answered)}
         done = sum(a[3] for a in answered) / len(voters)  # windows the vote had from interrupted runs, on average
 
     # 5. parse, check, write
-    records = _records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut, set(stats["forced_rows"]))
+    records = _records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut, set(stats["forced_rows"]),
+                       set(stats["verdict_forced_rows"]))
     if len(voters) > 1:
         for i, rec in enumerate(records):
             rec.update(model_used=voters[kept[i]].used, kept_voter=kept[i], voter_verdicts=[v[i] for v in verdicts])
@@ -156,6 +159,13 @@ def run(ctx: RunContext) -> dict:
         # outputs the token budget closed (the model had not closed them itself by then; forced_close in each record), the
         # windows of an interrupted run's answers too (they counted 0 before session 32); a vote: per voter, on average
         metrics["forced_close_rate"] = stats["forced"] / n if len(voters) > 1 else len(stats["forced_rows"]) / n
+        # ... and of those, the answers whose verdict the close wrote (the schema's shortest: "benign"): no verdict of the
+        # model's own (verdict_forced in each record; the per-file summary does not count it as a verdict)
+        metrics["forced_verdict_rate"] = len(stats["verdict_forced_rows"]) / n
+        if stats["verdict_forced_rows"]:
+            print(f"sectune: warning: infer: {len(stats['verdict_forced_rows'])} of {n} answers ran out of generation.max_new_tokens "
+                  "before their verdict: the forced close wrote one the model never gave (verdict_forced in each record); raise "
+                  "generation.max_new_tokens")
         if stats.get("force_failures"):
             print(f"sectune: warning: {stats['force_failures']} forced close(s) disagreed with the grammar; those outputs "
                   "were left to the grammar alone and may have run out of generation.max_new_tokens")
@@ -205,6 +215,7 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
     texts: list[str] = [r["generated"] for r in done]
     stats["truncated_rows"] = [i for i, r in enumerate(done) if r.get("input_cut")]
     stats["forced_rows"] = [i for i, r in enumerate(done) if r.get("forced_close")]
+    stats["verdict_forced_rows"] = [i for i, r in enumerate(done) if r.get("verdict_forced")]
     try:  # in chunks: a long log's progress is said, and an interrupt keeps the windows answered so far
         for start in range(len(texts), len(prompts), CHUNK):
             part: dict = {}
@@ -213,6 +224,7 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
                               contexts=[w.text for w in inputs[start:start + CHUNK]])
             stats["truncated_rows"] += [start + i for i in part.pop("truncated_rows", ())]
             stats["forced_rows"] += [start + i for i in part.pop("forced_rows", ())]
+            stats["verdict_forced_rows"] += [start + i for i in part.pop("verdict_forced_rows", ())]
             for k, v in part.items():
                 stats[k] = stats.get(k, 0) + v
             if len(prompts) > CHUNK:
@@ -220,7 +232,8 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
     except KeyboardInterrupt:
         if texts:
             write_json_atomic(partial, runner.finite_json(_records(inputs[: len(texts)], texts, choice.used, validator,
-                                                                   set(stats["truncated_rows"]), char_cut, set(stats["forced_rows"]))))
+                                                                   set(stats["truncated_rows"]), char_cut, set(stats["forced_rows"]),
+                                                                   set(stats["verdict_forced_rows"]))))
             write_json_atomic(partial.with_suffix(".key"), {"resume_key": key})
             print(f"sectune: infer: interrupted: the {len(texts)} of {len(prompts)} windows answered so far are in {partial}; "
                   "the same command answers the rest")
@@ -228,21 +241,22 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
     gen_s = time.perf_counter() - t0
     if who and len(done) < len(prompts):  # a voter's answers, kept until the vote is written (the next voter may be interrupted)
         write_json_atomic(partial, runner.finite_json(_records(inputs, texts, choice.used, validator, set(stats["truncated_rows"]), char_cut,
-                                                               set(stats["forced_rows"]))))
+                                                               set(stats["forced_rows"]), set(stats["verdict_forced_rows"]))))
         write_json_atomic(partial.with_suffix(".key"), {"resume_key": key})
     del model, constraint
     modeling.release_memory()
     return texts, stats, model_ref, len(done), gen_s
 
 
-def _records(inputs, texts, used: str, validator, cut: set, char_cut: set, forced: set = frozenset()) -> list[dict]:
+def _records(inputs, texts, used: str, validator, cut: set, char_cut: set, forced: set = frozenset(),
+             verdict_forced: set = frozenset()) -> list[dict]:
     """One record per window: the parsed answer, its lines, whether the window was cut to fit (``input_cut``), whether
-    the token budget closed the answer (``forced_close``, constrained decoding) and the names it gives that the window
-    does not hold (``absent_names``)."""
+    the token budget closed the answer (``forced_close``, constrained decoding) and wrote its verdict (``verdict_forced``),
+    and the names it gives that the window does not hold (``absent_names``)."""
     records = []
     for i, (w, text) in enumerate(zip(inputs, texts)):
         rec = {**analyse(w.name, used, text, validator), "lines": [w.first, w.last], "input_cut": i in cut or i in char_cut,
-               "forced_close": i in forced}
+               "forced_close": i in forced, "verdict_forced": i in verdict_forced}
         rec["absent_names"] = absent_names(rec["analysis"], w.text)
         records.append(rec)
     return records

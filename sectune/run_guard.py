@@ -388,7 +388,10 @@ class _Tap:
     def write(self, s):
         if isinstance(s, str) and s.startswith("sectune: ") and self._buf.strip():
             self.write("\n")  # a progress bar's last state has no newline: sectune's line (an error, say) starts its own
-        n = self._stream.write(s)
+        try:
+            n = self._stream.write(s)
+        except BrokenPipeError:  # `sectune ... | head`: the reader left; the run goes on (console.log keeps every line)
+            n = len(s) if isinstance(s, str) else 0
         if isinstance(s, str) and (self._log is not None or len(self._into) < 100):
             self._buf += s
             if "\n" in self._buf:
@@ -405,6 +408,12 @@ class _Tap:
                         self._into.append(ln)
             self._buf = self._buf[-4000:]  # progress bars redraw with \r and no newline
         return n
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            pass
 
     def __getattr__(self, name):
         return getattr(self._stream, name)

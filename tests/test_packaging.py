@@ -242,3 +242,15 @@ def test_sectune_reads_and_writes_its_text_files_as_utf8_whatever_the_locale():
             if "encoding=" not in text[m.end():i]:
                 bare.append(f"{f.relative_to(PROJECT_ROOT)}:{text.count(chr(10), 0, m.start()) + 1}")
     assert not bare, bare
+
+
+def test_a_reader_that_leaves_the_pipe_early_does_not_fail_the_run(tmp_path):
+    """An audit (session 41): `sectune ... | head -1` made the next console line raise BrokenPipeError: the run was
+    recorded failed (and exited 0). The console is the reader's; the run and its console.log go on."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", "-c", f'"{sys.executable}" -m sectune stage=plan logger=none hydra.run.dir={tmp_path / "run"} 2>&1 '
+                          '| head -1; exit ${PIPESTATUS[0]}'], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.stdout.startswith("# Memory plan") and out.returncode == 0, out.stderr[-2000:]
+    result = (tmp_path / "run" / "result.json").read_text(encoding="utf-8")
+    assert '"status": "succeeded"' in result
+    assert "Memory plan" in (tmp_path / "run" / "console.log").read_text(encoding="utf-8")

@@ -176,3 +176,20 @@ def test_preference_settings_that_could_not_mean_what_they_say_are_refused(tmp_p
     assert "loss.key_weight=5.0: not read by stage=classify" in capsys.readouterr().err
     warn_unread_loss(compose(["stage=contrastive", "loss=causal_contrastive", "loss.lambda_task=2"]))
     assert capsys.readouterr().err == ""
+
+
+def test_a_setting_only_another_setting_reads_is_said_when_set_alone(tmp_path, capsys):
+    """Session 40 left these silent: sft.warmup_epochs without sft.warmup_lines, classify.pooling with the generative head
+    (each trained as without it). Now a warning names both keys."""
+    from sectune import runner
+    from sectune.stages import classify, sft
+
+    assert sft.warmup(runner.RunContext(cfg=compose(["stage=sft", "sft.warmup_epochs=3"]), run_dir=tmp_path / "a")) is None
+    assert "sft.warmup_epochs=3.0 does nothing without a warm-up: set sft.warmup_lines=N" in capsys.readouterr().err
+    assert sft.warmup(runner.RunContext(cfg=compose(["stage=sft"]), run_dir=tmp_path / "b")) is None
+    assert capsys.readouterr().err == ""
+    cfg = compose(["stage=classify", "dataset=cic_iot_2023_merged", "classify.head=generative", "classify.pooling=last",
+                   "classify.folds=0"])  # folds=0 stops the stage right after its first checks
+    with pytest.raises(ConfigError, match="classify.folds=0"):
+        classify.run(runner.RunContext(cfg=cfg, run_dir=tmp_path / "c"))
+    assert "classify.pooling=last is the seq_cls head's; classify.head=generative" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -33,6 +34,9 @@ def run(ctx: RunContext) -> dict:
     head = cfg.classify.head
     if head not in C.HEADS:
         raise ConfigError(f"classify.head={head!r}: choose one of {', '.join(C.HEADS)}")
+    if head == "generative" and cfg.classify.pooling != "mean":  # the seq_cls head's setting (its default: mean)
+        print(f"sectune: warning: classify.pooling={cfg.classify.pooling} is the seq_cls head's; classify.head=generative "
+              "scores each label's tokens after the prompt and pools nothing", file=sys.stderr)
     # checked before anything is read or written: a rerun into a finished run dir must leave its files as they are
     folds = int(cfg.classify.folds)
     if folds < 1:

@@ -165,6 +165,9 @@ def warmup(ctx: RunContext) -> dict | None:
     cfg = ctx.cfg
     n = int(cfg.sft.warmup_lines)
     if n == 0:
+        if float(cfg.sft.warmup_epochs) != 1.0:  # its default: set on its own, it was ignored without a word
+            print(f"sectune: warning: sft.warmup_epochs={cfg.sft.warmup_epochs} does nothing without a warm-up: set "
+                  "sft.warmup_lines=N (generated log lines to warm up on) as well", file=sys.stderr)
         return None
     if n < 0 or float(cfg.sft.warmup_epochs) <= 0:
         raise ConfigError(f"sft.warmup_lines={n}, sft.warmup_epochs={cfg.sft.warmup_epochs}: both must be > 0 (warmup_lines=0: no warm-up)")

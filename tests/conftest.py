@@ -251,8 +251,15 @@ class _Zygote:
             cls._failed, cls._instance = True, None
         return cls._instance
 
+    #: what a run may set that nothing the server imports reads at import time; a forked child reads it from its own
+    #: environment when it runs: sectune's paths (sectune/paths.py reads them on each call) and the rank variables
+    #: (sectune/training/distributed.py, on each call). Such a run is forked like any other: each was a plain
+    #: subprocess, ~7 s of imports (test_hdfs's moved run, test_saved_work's SECTUNE_CACHE, test_distributed's sweep)
+    READ_AT_RUN_TIME = frozenset({"SECTUNE_SHARED_DATA", "SECTUNE_CACHE", "WORLD_SIZE", "RANK", "LOCAL_RANK"})
+
     def serves(self, env: dict) -> bool:
-        return _comparable(env) == _comparable(self.env)
+        a, b = _comparable(env), _comparable(self.env)
+        return all(a.get(k) == b.get(k) for k in (a.keys() | b.keys()) - self.READ_AT_RUN_TIME)
 
     def _reply(self, timeout: float | None) -> dict:
         import select

@@ -172,6 +172,8 @@ def start(cfg: DictConfig, run_dir: Path):
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
             raise ConfigError("logger=tensorboard needs the tensorboard package: pip install 'sectune[tensorboard]', or logger=none")
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by Trainer's TensorBoardCallback
+        _close_tensorboard()
+        _TENSORBOARD["dir"] = str(run_dir / "tensorboard")  # log_step's numbers go there too
         return None
     import wandb
 
@@ -229,14 +231,38 @@ def log(tracker, metrics: dict, step: int | None = None) -> None:
 
 def log_step(metrics: dict, step: int) -> None:
     """Numbers a callback computes beside Trainer's own (GRPO's held-out reward) into the open W&B run, on Trainer's
-    ``train/global_step`` axis; nothing where no run is open (``logger=none``, another rank)."""
+    ``train/global_step`` axis, or with ``logger=tensorboard`` into the run's tensorboard/ folder (an event file of its
+    own beside Trainer's: the curve rl.keep_best chooses on was W&B's alone, an audit, session 41); nothing where no run
+    is open (``logger=none``, another rank)."""
     wandb = sys.modules.get("wandb")
     run = getattr(wandb, "run", None) if wandb is not None else None
     if run is not None:
         run.log({**metrics, "train/global_step": step})
+    if _TENSORBOARD.get("dir") and os.environ.get("RANK", "0") == "0":  # logger=tensorboard: the curve went to W&B alone
+        if _TENSORBOARD.get("writer") is None:
+            try:  # as Trainer's TensorBoardCallback: torch's writer, else tensorboardX's
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from tensorboardX import SummaryWriter
+            _TENSORBOARD["writer"] = SummaryWriter(log_dir=_TENSORBOARD["dir"])
+        for k, v in metrics.items():
+            _TENSORBOARD["writer"].add_scalar(k, v, step)
+        _TENSORBOARD["writer"].flush()
+
+
+#: logger=tensorboard's folder for :func:`log_step` (a run's own event file beside Trainer's) and its open writer
+_TENSORBOARD: dict = {}
+
+
+def _close_tensorboard() -> None:
+    writer = _TENSORBOARD.pop("writer", None)
+    _TENSORBOARD.pop("dir", None)
+    if writer is not None:
+        writer.close()
 
 
 def finish(tracker, result: dict) -> None:
+    _close_tensorboard()
     if tracker is None:
         return
     # numbers and the short labels beside them (heldout_split: which split a held-out number was measured on)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, sectune
+from conftest import FAST, compose, sectune
 from sectune.data import auth_logs
 from sectune.paths import CONF_DIR, PROJECT_ROOT
 
@@ -254,3 +254,22 @@ def test_a_reader_that_leaves_the_pipe_early_does_not_fail_the_run(tmp_path):
     result = (tmp_path / "run" / "result.json").read_text(encoding="utf-8")
     assert '"status": "succeeded"' in result
     assert "Memory plan" in (tmp_path / "run" / "console.log").read_text(encoding="utf-8")
+
+
+def test_a_callbacks_numbers_reach_tensorboard_too(tmp_path, monkeypatch):
+    """An audit (session 41): GRPO's held-out reward (the curve rl.keep_best chooses on) went to W&B alone; with
+    logger=tensorboard it was never written. tracking.log_step writes it to the run's tensorboard/ folder as well."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sectune import tracking
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")  # tracking.start sets it: put back after the test
+    assert tracking.start(compose(["logger=tensorboard"]), tmp_path) is None
+    tracking.log_step({"eval/reward_heldout": 0.25}, 0)
+    tracking.log_step({"eval/reward_heldout": 0.75}, 4)
+    tracking.finish(None, {"status": "succeeded", "metrics": {}})
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("eval/reward_heldout")] == [(0, 0.25), (4, 0.75)]
+    tracking.log_step({"eval/reward_heldout": 1.0}, 8)  # after the run: nowhere (no writer left open)
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,26 @@ def refuse_non_analyst(choice, model_dir, key: str = "infer.model_dir") -> None:
         hint = " (score it with stage=evaluate dataset=hdfs evaluate.model_dir=<it>)" if trained == "hdfs" else ""
         raise ConfigError(f"{key}={model_dir}: {choice.path.parent} trained on dataset={trained}, not an auth-log "
                           f"analyst that writes JSON analyses{hint}")
+
+
+def warn_other_quantization(cfg, folder: Path, key: str, merged: bool = False) -> None:
+    """One line where the adapter in ``folder`` trained on a base quantized otherwise than this command loads it (an nf4
+    SFT adapter as dpo/rl/contrastive's ``init_from`` on an unquantized base: its logits moved by 2.4 on the tiny model, a
+    starting policy no run evaluated, without a word; an audit, session 41). ``merged``: it is folded into those weights."""
+    from omegaconf import OmegaConf
+
+    owner = run_owning(folder)
+    try:
+        run = OmegaConf.load(owner.parent / ".hydra" / "config.yaml") if owner is not None else None
+    except Exception:  # noqa: BLE001 - no readable record: nothing to compare
+        return
+    theirs = run.get("quantization") if run is not None else None
+    if theirs is None or OmegaConf.to_container(theirs) == OmegaConf.to_container(cfg.quantization):
+        return
+    print(f"sectune: warning: {key}: the adapter in {folder} trained on a quantization={theirs.get('name')} base; this command "
+          f"loads quantization={cfg.quantization.name}{' and merges it into those weights' if merged else ''}, so training "
+          f"starts from a policy that run never evaluated (its answers move); set quantization={theirs.get('name')} to start "
+          "from the one it trained", file=sys.stderr)
 
 
 def trained_quantization(cfg, choice):

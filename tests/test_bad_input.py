@@ -141,6 +141,18 @@ def test_a_4bit_compute_dtype_takes_sectunes_or_torchs_names():
         modeling.quantization_config(compose(["quantization=nf4", "quantization.bnb_4bit_quant_type=int4"]))
 
 
+def test_4bit_settings_under_int8_are_said_to_be_unread(capsys):
+    """An audit (session 41): quantization=int8 trained with bnb_4bit_quant_type=int4 (any 4-bit key) without a word; it
+    is not refused (a sweep over quantization=int8,nf4 shares its 4-bit settings), it is said."""
+    from sectune.models import modeling
+
+    assert modeling.quantization_config(compose(["quantization=int8"])).load_in_8bit
+    assert capsys.readouterr().err == ""
+    modeling.quantization_config(compose(["quantization=int8", "quantization.bnb_4bit_quant_type=int4", "quantization.bnb_4bit_compute_dtype=fp32"]))
+    assert ("quantization.bnb_4bit_quant_type=int4, quantization.bnb_4bit_compute_dtype=fp32: 4-bit settings; quantization=int8 "
+            "(8-bit) reads none of them") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["loss.temperature=0"], r"^loss.temperature=0.0: must be > 0"),
     (["loss.temperature=nan"], r"^loss.temperature=nan: must be > 0"),

@@ -87,3 +87,25 @@ def test_grpo_with_fewer_windows_than_a_step_takes_or_a_checkpoint_inside_a_gene
                                           r"\(train.batch_size=8 × train.grad_accum=2\); raise dataset.max_samples"):
         rl.run_grpo(runner.RunContext(cfg=compose([*base, "dataset.max_samples=10", "train.batch_size=8", "train.grad_accum=2"]),
                                       run_dir=tmp_path / "b"))
+
+
+def test_an_adapter_trained_on_another_quantization_is_said_when_a_stage_starts_from_it(tmp_path, capsys):
+    """An audit (session 41): an nf4 SFT adapter as dpo/rl/contrastive's init_from loaded onto an unquantized base (logits
+    2.4 off the trained policy on the tiny model) without a word; contrastive with lora=none merged it into those weights."""
+    from omegaconf import OmegaConf
+
+    from sectune.run_records import warn_other_quantization
+
+    run = tmp_path / "sft"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "adapter").mkdir()
+    (run / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": {"adapter": "adapter"}}))
+    OmegaConf.save(compose(["quantization=nf4"]), run / ".hydra" / "config.yaml")
+    warn_other_quantization(compose(["quantization=none"]), run / "adapter", "rl.init_from=x")
+    said = capsys.readouterr().err
+    assert "rl.init_from=x: the adapter in" in said and "trained on a quantization=nf4 base; this command loads quantization=none" in said
+    warn_other_quantization(compose(["quantization=nf4", "quantization.bnb_4bit_quant_type=fp4"]), run / "adapter", "k", merged=True)
+    assert "loads quantization=nf4 and merges it into those weights" in capsys.readouterr().err  # another 4-bit setting
+    warn_other_quantization(compose(["quantization=nf4"]), run / "adapter", "k")
+    warn_other_quantization(compose([]), tmp_path / "elsewhere", "k")  # no run record: nothing to compare
+    assert capsys.readouterr().err == ""

@@ -224,6 +224,18 @@ def test_seed_preset_on_the_tiny_model_trains_an_nf4_lora_reward_adapter(tmp_pat
     folder = tmp_path / "run" / run.result["artifacts"]["reward_model"]
     meta = json.loads((folder / RM.META_FILE).read_text())
     assert meta["quantization"] == "nf4" and meta["lora"] is True
+    # every quantization setting is kept, and rl scores on them, not on its own (an audit, session 41: the name alone
+    # let an rl run with bnb_4bit_quant_type=fp4 score an nf4 reward model on an fp4 base, the score moved 43% of its std)
+    assert meta["quantization_settings"]["bnb_4bit_quant_type"] == "nf4" and meta["quantization_settings"]["bnb_4bit_use_double_quant"]
+    from sectune.models import shared_reward as SR
+
+    fp4 = compose(["+experiment=auth_reward", "model=tiny_llama", "quantization.bnb_4bit_quant_type=fp4"])
+    assert SR.same_quantization(meta, compose(["+experiment=auth_reward", "model=tiny_llama"]).quantization)
+    assert not SR.same_quantization(meta, fp4.quantization)
+    assert SR.same_quantization({"quantization": "nf4"}, fp4.quantization)  # a file from before: its name alone
+    loaded = RM.load_reward_model(folder, fp4)
+    base = loaded.model.get_base_model()
+    assert base.config.quantization_config.bnb_4bit_quant_type == "nf4"
     RM.check_head(folder)  # the trained score head is in adapter_model.safetensors
     base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], num_labels=1)
     model = PeftModel.from_pretrained(base, folder)

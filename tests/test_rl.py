@@ -824,6 +824,7 @@ def test_a_lora_reward_model_scores_on_the_policys_own_base_and_leaves_the_polic
 
     from sectune.models import modeling
     from sectune.models import reward_model as RM
+    from sectune.models import shared_reward as SR
     from sectune.stages import rl
 
     over = ["model=tiny_llama", "lora=r4_attention", f"quantization={quant}", "logger=none"]
@@ -848,7 +849,7 @@ def test_a_lora_reward_model_scores_on_the_policys_own_base_and_leaves_the_polic
 
     separate = RM.load_reward_model(folder, cfg)
     shared = RM.load_reward_model(folder, cfg, policy=policy, policy_base=base)
-    assert type(separate) is RM.TrainedRewardModel and type(shared) is RM.SharedBaseRewardModel
+    assert type(separate) is RM.TrainedRewardModel and type(shared) is SR.SharedBaseRewardModel
     records = unit_records()
     prompts = [r["prompt"] for r in records for _ in range(2)]
     completions = [c for r in records for c in (r["completion"], r["completion"].replace("malicious", "benign")[:-9])]
@@ -889,13 +890,14 @@ def test_the_shared_reward_model_follows_the_policy_to_its_device():
 
     from sectune.models import modeling
     from sectune.models import reward_model as RM
+    from sectune.models import shared_reward as SR
     from sectune.stages import rl
 
     cfg = compose([*UNIT, "model=tiny_llama", "lora=r4_attention", "train.device=cpu"])
     policy, *_ = rl.build_policy(cfg, modeling.model_path(cfg))
     policy.add_adapter(RM.SHARED_ADAPTER, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], inference_mode=True))
     tokenizer = modeling.load_tokenizer(cfg)
-    scorer = RM.SharedBaseRewardModel(policy, torch.nn.Linear(policy.config.hidden_size, 1, bias=False), tokenizer, 256)
+    scorer = SR.SharedBaseRewardModel(policy, torch.nn.Linear(policy.config.hidden_size, 1, bias=False), tokenizer, 256)
     assert len(scorer.score(["a window", "a window"], ["benign", "malicious"])) == 2
     policy.to("meta")  # what Trainer's move to CUDA does to the policy, and not to the head beside it
     assert scorer._device() == torch.device("meta")

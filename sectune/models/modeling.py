@@ -235,6 +235,13 @@ def quantization_config(cfg: DictConfig):
             bnb_4bit_compute_dtype=getattr(torch, COMPUTE_DTYPES[q.bnb_4bit_compute_dtype]),
         )
     if q.load_in_8bit:
+        from sectune.config import QuantizationConfig
+
+        unread = {k: q[k] for k in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+                  if q[k] != getattr(QuantizationConfig, k)}
+        if unread:  # not refused: a sweep over quantization=int8,nf4 shares its 4-bit settings (an audit, session 41)
+            print(f"sectune: warning: {', '.join(f'quantization.{k}={v}' for k, v in unread.items())}: 4-bit settings; "
+                  f"quantization={q.name} (8-bit) reads none of them", file=sys.stderr)
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ConfigError(f"quantization={q.name}: set load_in_4bit or load_in_8bit")
 

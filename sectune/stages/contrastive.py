@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 from sectune.errors import ConfigError, SectuneError, first_line
 from sectune.models import modeling
 from sectune.runner import RunContext, init_source, write_json_atomic
+from sectune.run_records import warn_other_quantization
 from sectune.training import checkpoints, engine
 from sectune.training import contrastive_trainer as CT
 
@@ -239,6 +240,7 @@ def build_model(cfg: DictConfig, path: str):
             model = modeling.apply_lora(modeling.load_model(cfg, path=str(folder)), cfg)
             return model, f"the SFT weights in {folder}", folder if cfg.lora.enabled else None, folder
         base_path = modeling.adapter_base(folder, cfg)
+        warn_other_quantization(cfg, folder, f"contrastive.init_from={init_from}", merged=not cfg.lora.enabled)
         on_sft = Path(base_path).resolve() if base_path != path else None
         base = modeling.load_model(cfg, path=base_path)
         where = f"the adapter in {folder}" + (f" on the SFT weights in {on_sft}" if on_sft else "")

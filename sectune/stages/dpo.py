@@ -33,7 +33,7 @@ from sectune import losses
 from sectune.loss_settings import dpo_sft_weight
 from sectune.errors import ConfigError, first_line
 from sectune.models import modeling
-from sectune.run_records import read_policy_run, run_owning
+from sectune.run_records import read_policy_run, run_owning, warn_other_quantization
 from sectune.runner import RunContext
 from sectune.training import checkpoints, engine, packed_attention, samplers
 
@@ -248,6 +248,7 @@ def build_policy(cfg, path: str):
         print(f"sectune: the SFT run saved full weights ({weights}); DPO trains a fresh LoRA adapter on them")
         return modeling.apply_lora(modeling.load_model(cfg, path=str(weights)), cfg), None, weights
     folder = init_source(init_from, "adapter")
+    warn_other_quantization(cfg, folder, f"dpo.init_from={init_from}")
     base = modeling.load_model(cfg, path=modeling.adapter_base(folder, cfg))  # an RL/contrastive adapter may sit on SFT weights
     from peft import PeftModel
 

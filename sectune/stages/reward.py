@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from transformers import Trainer, TrainingArguments
 
 from sectune.data.auth_preferences import preference_splits
@@ -194,7 +195,9 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     modeling.save_pretrained_atomic(model, tokenizer, out)
     write_json_atomic(out / RM.META_FILE, {"kind": "trained", "base_model": path, "max_length": max_len,
                                            "model": cfg.model.name, "lora": bool(cfg.lora.enabled), "quantization": cfg.quantization.name,
-                                           **norm})
+                                           # every setting of it: rl scores on the very base it trained on (a name alone
+                                           # let fp4 or int8 settings under the name nf4 pass: an audit, session 41)
+                                           "quantization_settings": OmegaConf.to_container(cfg.quantization, resolve=True), **norm})
     RM.check_head(out)
     engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", engine.loss_history(trainer), f"reward · {modeling.model_title(cfg.model)}")
     metrics.update(engine.peak_memory())

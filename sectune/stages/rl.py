@@ -37,6 +37,7 @@ from sectune.evaluation.rl_rewards import heldout_rewards, reward_functions
 from sectune.losses import GRPO_SCALES
 from sectune.models import modeling
 from sectune.runner import RunContext, finite_json, init_source, write_json_atomic
+from sectune.run_records import warn_other_quantization
 from sectune.training import checkpoints, distributed, engine
 from sectune.training.memory import levers_left, memory_check
 from sectune.training.rl_progress import HeldOutBest, curve_metrics, plot_reward_curve, rl_history
@@ -89,6 +90,7 @@ def build_policy(cfg, path: str):
             # the weights the SFT adapter was trained on: model.name_or_path, or its run's artifacts.base_model (sft.warmup_lines;
             # an earlier RL run's on SFT full weights); recorded again, so that this run's adapter is loaded on them too
             base = modeling.adapter_base(folder, cfg)
+            warn_other_quantization(cfg, folder, f"rl.init_from={init_from}")
             model = PeftModel.from_pretrained(modeling.load_model(cfg, path=base), str(folder), is_trainable=True)
         except SectuneError:
             raise

@@ -109,7 +109,8 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
         return 0, ""
     import json
 
-    from sectune.models.reward_model import META_FILE, can_share, reward_model_dir
+    from sectune.models.reward_model import META_FILE, reward_model_dir
+    from sectune.models.shared_reward import can_share
     from sectune.stages import plan
     from sectune.stages.rl import policy_bias, policy_weights
     from sectune.training import planner
@@ -126,7 +127,7 @@ def reward_model_bytes(cfg) -> tuple[int, str]:
         return n, f"the reward model's {n / 1e9:.2f} GB of weights"
     adapter = sum(f.stat().st_size for f in d.glob("*.safetensors"))
     q = meta.get("quantization", "none")
-    if can_share(d, meta, cfg.quantization.name, policy_weights(cfg), policy_bias(cfg)):
+    if can_share(d, meta, cfg.quantization, policy_weights(cfg), policy_bias(cfg)):
         # trained on the weights the policy's adapter sits on (rl.init_from's SFT full weights, or the base its SFT adapter
         # was trained on, as the stage resolves them): it rides on the policy's model (reward_model.share_with_policy).
         # (It compared with model.name_or_path: a policy on SFT full weights was planned without the separate copy the

@@ -63,7 +63,8 @@ class SweepCheck(Callback):
         from sectune.sweeps import check_sweep
         from sectune.errors import SectuneError
 
-        global _NEW_SWEEP_DIR, _OLD_MULTIRUN
+        global _NEW_SWEEP_DIR, _OLD_MULTIRUN, _SWEEP_CONFIG
+        _SWEEP_CONFIG = config
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir", default="") or ""))
         # made by this command (or claimed by it as its default dir: paths.fresh_run_dir): removed if no job starts
         claimed = {Path(d).resolve() for d in paths.claimed_dirs()}
@@ -98,24 +99,30 @@ class SweepCheck(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """Jobs a launcher ran in other processes (submitit, SLURM) never reach this process's list of failed jobs:
         read their result.json files in the sweep dir instead."""
-        if _SWEEP_JOBS:  # the basic launcher ran them here
-            return
-        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir", default="") or ""))
-        # a grid job that never wrote result.json (its dir held by another command, killed before it started) counts as
-        # failed: only dirs holding one were read, so such a sweep exited 0 (an audit, session 36)
-        n = _grid_job_count(config)
-        for i in range(n or 0):
-            if not (sweep_dir / str(i) / "result.json").is_file():
-                _SWEEP_JOBS.append((str(sweep_dir / str(i)), 1))
-        for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if sweep_dir.is_dir() else []:
-            res = job / "result.json"
-            if not res.is_file():
-                continue  # not a job dir (.submitit, an optuna file's folder)
-            try:
-                status = json.loads(res.read_text(encoding="utf-8")).get("status")
-            except (OSError, ValueError, AttributeError):
-                status = None
-            _SWEEP_JOBS.append((str(job), 0 if status == "succeeded" else 1))
+        _read_sweep_jobs(config)
+
+
+def _read_sweep_jobs(config: DictConfig) -> None:
+    """:meth:`on_multirun_end`'s reading of the sweep dir's result.json files, also where submitit gave up waiting for a
+    job that wrote no result (killed, out of memory): its 40-line UncompletedJobError was the sweep's only word."""
+    if _SWEEP_JOBS:  # the basic launcher ran them here (or they were read already)
+        return
+    sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir", default="") or ""))
+    # a grid job that never wrote result.json (its dir held by another command, killed before it started) counts as
+    # failed: only dirs holding one were read, so such a sweep exited 0 (an audit, session 36)
+    n = _grid_job_count(config)
+    for i in range(n or 0):
+        if not (sweep_dir / str(i) / "result.json").is_file():
+            _SWEEP_JOBS.append((str(sweep_dir / str(i)), 1))
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if sweep_dir.is_dir() else []:
+        res = job / "result.json"
+        if not res.is_file():
+            continue  # not a job dir (.submitit, an optuna file's folder)
+        try:
+            status = json.loads(res.read_text(encoding="utf-8")).get("status")
+        except (OSError, ValueError, AttributeError):
+            status = None
+        _SWEEP_JOBS.append((str(job), 0 if status == "succeeded" else 1))
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -155,6 +162,7 @@ _SWEEP_JOBS: list[tuple[str, int]] = []
 _SWEEP_REPORTED = False
 #: the sweep dir this command created (None: none, or it was there before), and the multirun.yaml it found there
 _NEW_SWEEP_DIR: Path | None = None
+_SWEEP_CONFIG: DictConfig | None = None  # the sweep's config, for what its jobs left behind
 _OLD_MULTIRUN: tuple[Path, bytes] | None = None
 
 
@@ -262,8 +270,11 @@ def main() -> None:
             _exit_if_sweep_jobs_failed()
         raise
     except KeyboardInterrupt as e:  # runner.run re-raises it inside a sweep: Ctrl-C / SIGTERM stop the sweep, not one job
-        print("sectune: interrupted: the sweep's remaining jobs were not started (sweep.skip_done=true reruns only "
-              "what did not finish)", file=sys.stderr)
+        where = OmegaConf.select(_SWEEP_CONFIG, "hydra.sweep.dir", default=None) if _SWEEP_CONFIG is not None else None
+        # in its own dir: the same command made a new multirun/DATE/TIME and trained every job again (an audit, session 41)
+        print("sectune: interrupted: the sweep's remaining jobs were not started (the same sweep with "
+              f"{f'hydra.sweep.dir={where} ' if where else ''}sweep.skip_done=true train.resume=auto reruns only what did "
+              "not finish, from its checkpoints)", file=sys.stderr)
         sys.exit(128 + e.signum if hasattr(e, "signum") else 130)
     except BrokenPipeError:  # `sectune --help | head`: the reader left; nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -279,6 +290,8 @@ def main() -> None:
     except Exception as e:
         if (cause := _logging_os_error(e)) is not None:  # Hydra's log file in a run dir it cannot write
             _run_dir_error(cause, log_file=True)
+        if _SWEEP_CONFIG is not None and _uncompleted_job(e):  # a submitit job that ended without its result
+            _read_sweep_jobs(_SWEEP_CONFIG)
         _exit_if_sweep_jobs_failed()  # a sweeper that gave up because its trials failed (Optuna: "No trials are completed")
         line = (submit_error(e) or config_file_error(e, sys.argv[1:]) or yaml_error(e) or override_error(e)
                 or usage_error(e))
@@ -303,6 +316,14 @@ def submit_error(e: BaseException) -> str | None:
                     "timeout_min / gpus_per_node against what the cluster offers: sinfo, sacctmgr show qos)")
         e = e.__cause__ or e.__context__
     return None
+
+
+def _uncompleted_job(e: BaseException | None) -> bool:
+    while e is not None:
+        if type(e).__name__ == "UncompletedJobError" and type(e).__module__.startswith("submitit"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _exit_if_sweep_jobs_failed() -> None:

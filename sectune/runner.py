@@ -28,6 +28,7 @@ from sectune.run_digest import config_digest, data_fingerprint, relative_to_root
 from sectune.training import distributed
 from sectune.training.checkpoints import nonfinite_weights
 # re-exported: runner is where stages, the pipeline and the tests look these up
+from sectune.run_endings import in_scheduler_job, resume_hint, scheduler_gave_up, write_error  # noqa: F401
 from sectune.run_records import (  # noqa: F401
     RESULT_FILE, check_policy_run, data_sources, environment, finite_json, init_source, previous_result, refuse_non_analyst, trained_quantization,
 )
@@ -120,16 +121,6 @@ def resolve_stage(name: str) -> Callable[[RunContext], dict]:
     return getattr(module, func)
 
 
-def _resume_hint(run_dir: Path) -> str:
-    """What an interrupted run can continue from: its newest complete checkpoint, if it saved one."""
-    from sectune.training.checkpoints import complete_checkpoints
-
-    found = complete_checkpoints(run_dir / "checkpoints")
-    if found:
-        return f"; the same command with train.resume=auto continues from {found[0].name}"
-    return "; no checkpoint was saved (train.save_steps), so a rerun starts afresh" if (run_dir / "checkpoints").is_dir() else ""
-
-
 def _could_not_start(run_dir: Path, e: OSError, lock) -> int:
     """A rerun that could not write its first files (a full disk, a read-only run dir): Hydra had already written this
     command's config over the succeeded run's in ``.hydra/``, which then described a run that never happened beside
@@ -142,28 +133,6 @@ def _could_not_start(run_dir: Path, e: OSError, lock) -> int:
     _unlock_run_dir(run_dir, lock)
     print(f"sectune: error: {write_error(e, run_dir)}; nothing in {run_dir} was replaced", file=sys.stderr)
     return 1
-
-
-def write_error(e: BaseException, run_dir: Path) -> str | None:
-    """One line for a write the machine refused (a full disk or quota, a file-size limit, a read-only place), naming the
-    file where the error does; None for another error. tokenizers and safetensors raise their own exceptions whose text
-    holds only the OS error ("No space left on device (os error 28)")."""
-    import errno
-
-    codes = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is exceeded", errno.EFBIG:
-             "a file-size limit (ulimit -f) was reached", errno.EROFS: "the file system is read-only", errno.EACCES:
-             "permission denied", errno.EPERM: "permission denied",
-             errno.ENOTDIR: "a part of the path is a file, not a folder"}  # SECTUNE_CACHE naming a file (an audit, session 41)
-    import re
-
-    code = e.errno if isinstance(e, OSError) else next((int(m) for m in re.findall(r"os error (\d+)", str(e)) if int(m) in codes), None)
-    if code not in codes:
-        return None
-    where = getattr(e, "filename", None) or f"a file under {run_dir} or paths.cache_dir"
-    fix = ("free space (or raise the limit)" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-           else "make that part a folder" if code == errno.ENOTDIR else "make it writable")
-    return (f"{where}: {codes[code]} ({type(e).__name__}: {first_line(e)}); {fix} or give another hydra.run.dir "
-            "(or paths.cache_dir, whose default SECTUNE_CACHE or XDG_CACHE_HOME set), then rerun the same command")
 
 
 def _put_back_earlier(run_dir: Path, earlier: dict, since: float, attempt: dict) -> None:
@@ -287,6 +256,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         engine.reset_peaks()
     handlers = _interrupt_on_signals()
     unscored = None  # the trial trained but has no sweep.objective to report: failed, its metrics kept
+    requeued = None  # submitit's SystemExit after a requeue, raised again once result.json says so
     heard = recorded_warnings(run_dir / CONSOLE_LOG if main else None).__enter__()
     try:
         from sectune.config_checks import check_keys, check_values
@@ -329,14 +299,27 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         code = 128 + e.signum if isinstance(e, Interrupted) else 130
         why = f"interrupted ({e.name})" if isinstance(e, Interrupted) else "interrupted (KeyboardInterrupt)"
         result.update(status="failed", error=why)
-        print(f"sectune: {why}{_resume_hint(run_dir)}", file=sys.stderr)
+        print(f"sectune: {why}{resume_hint(run_dir)}", file=sys.stderr)
+    except SystemExit as e:  # submitit's signal handler requeued the job (SLURM preemption, or the time limit with requeues
+        # left) and exits inside the training step: result.json stayed "running" with a finish time (an audit, session 41)
+        if not in_scheduler_job():
+            raise
+        code, requeued = 143, e
+        result.update(status="failed", error="interrupted (requeued by the scheduler: preempted or near its time limit)")
+        print(f"sectune: {result['error']}{resume_hint(run_dir)}", file=sys.stderr)
     except Exception as e:  # a bug or a library failure: keep the traceback for the user
         code = 1
-        refused = write_error(e, run_dir)  # a full disk or a read-only place is no bug: one line naming the file
-        result.update(status="failed", error=refused or f"{type(e).__name__}: {e}")
-        if refused is None:
-            traceback.print_exc()
-        print(f"sectune: error: {shown(refused or f'{type(e).__name__}: {e}')}", file=sys.stderr)
+        if scheduler_gave_up(e):  # submitit's handler at the time limit with no requeue left: no bug, no traceback
+            result.update(status="failed", error="interrupted (the time limit: the scheduler's job was not requeued; "
+                                                 "hydra.launcher.max_num_timeout)")
+            print(f"sectune: {result['error']}{resume_hint(run_dir)}", file=sys.stderr)
+            code = 143
+        refused = None if code == 143 else write_error(e, run_dir)  # a full disk or a read-only place is no bug: one line naming the file
+        if code != 143:
+            result.update(status="failed", error=refused or f"{type(e).__name__}: {e}")
+            if refused is None:
+                traceback.print_exc()
+            print(f"sectune: error: {shown(refused or f'{type(e).__name__}: {e}')}", file=sys.stderr)
     finally:
         heard.__exit__(None, None, None)
         if heard.lines:
@@ -377,7 +360,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     global _OBJECTIVE_SEEN
     _OBJECTIVE_SEEN = _OBJECTIVE_SEEN or objective is not None
     _unlock_run_dir(run_dir, lock)
-    if result["status"] == "failed" and str(result.get("error", "")).startswith("interrupted") and sweeps.in_multirun():
+    if requeued is not None:  # submitit goes on with its exit (the requeued job starts again in this dir)
+        raise requeued
+    if (result["status"] == "failed" and str(result.get("error", "")).startswith("interrupted") and sweeps.in_multirun()
+            and not in_scheduler_job()):  # a submitit job's interrupt ends that job; the submitting sweep reads its result.json
         # Ctrl-C or a scheduler's SIGTERM stops the sweep, not only its current job, with the signal's exit code
         raise Interrupted(code - 128) if code > 128 and code != 130 else KeyboardInterrupt()
     if unscored and not _OBJECTIVE_SEEN:  # a typo'd objective (or one this stage never reports): every trial would train for nothing

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, sectune
+from conftest import FAST, compose, sectune
 
 ARGS = [*FAST, "train.max_steps=4", "train.save_steps=2", "dataset.max_samples=20", "train.save_total_limit=null"]
 
@@ -226,17 +226,17 @@ def test_an_interrupt_says_what_a_rerun_continues_from(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from sectune.runner import _resume_hint
+    from sectune.runner import resume_hint
 
-    assert _resume_hint(tmp_path) == ""  # a stage without checkpoints (infer, evaluate)
+    assert resume_hint(tmp_path) == ""  # a stage without checkpoints (infer, evaluate)
     (tmp_path / "checkpoints").mkdir()
-    assert "no checkpoint was saved (train.save_steps)" in _resume_hint(tmp_path)
+    assert "no checkpoint was saved (train.save_steps)" in resume_hint(tmp_path)
     d = tmp_path / "checkpoints" / "checkpoint-6"
     d.mkdir()
     save_file({"w": torch.ones(2)}, str(d / "model.safetensors"))
     torch.save({}, d / "optimizer.pt")
     (d / "trainer_state.json").write_text("{}")
-    assert _resume_hint(tmp_path) == "; the same command with train.resume=auto continues from checkpoint-6"
+    assert resume_hint(tmp_path) == "; the same command with train.resume=auto continues from checkpoint-6"
 
 
 def test_a_runs_warnings_are_kept_in_its_result(tmp_path):
@@ -570,3 +570,53 @@ def test_a_cache_that_names_a_file_is_one_line_naming_it(tmp_path):
     line = [ln for ln in run.stderr.splitlines() if ln.startswith("sectune: error:")]
     assert len(line) == 1 and str(afile) in line[0] and "a part of the path is a file, not a folder" in line[0], run.stderr[-2000:]
     assert "SECTUNE_CACHE" in line[0] and afile.read_text() == "not a folder"
+
+
+def test_a_scheduler_jobs_preemption_time_limit_and_interrupt_are_recorded_as_such(tmp_path, monkeypatch, capsys):
+    """An audit (session 41), under Hydra's submitit launcher: submitit's requeue exits inside the training step and left
+    result.json "running" with a finish time; its time limit with no requeue left was a traceback read as a bug; and a
+    SIGTERM'd job re-raised the sweep's interrupt, which submitit does not catch: the submitting sweep ended in a 40-line
+    UncompletedJobError. In a sweep the resume hint names the sweep's dir (the same command trained the job from step 0)."""
+    from submitit.core.utils import UncompletedJobError
+
+    from sectune import runner, sweeps
+    from sectune.run_guard import Interrupted
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    (tmp_path / "sweep" / "0" / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    monkeypatch.setattr(runner, "resume_hint", lambda d: "; (hint)")
+
+    def stage_raising(error):
+        def stage(ctx):
+            raise error
+        return stage
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: stage_raising(SystemExit(-1)))
+    with pytest.raises(SystemExit):
+        runner.run(compose(["logger=none"]), tmp_path / "a")
+    res = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert res["status"] == "failed" and res["error"] == "interrupted (requeued by the scheduler: preempted or near its time limit)"
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: stage_raising(UncompletedJobError("Job not requeued because: timed-out too many times.")))
+    code, _ = runner.run(compose(["logger=none"]), tmp_path / "b")
+    err = capsys.readouterr().err
+    assert code == 143 and "Traceback" not in err and "interrupted (the time limit" in err and "(hint)" in err
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["error"].startswith("interrupted (the time limit")
+    monkeypatch.setattr(sweeps, "in_multirun", lambda: True)
+    monkeypatch.setattr(runner, "resolve_stage", lambda name: stage_raising(Interrupted(15)))
+    code, _ = runner.run(compose(["logger=none"]), tmp_path / "c")  # not raised again: the job ends, the sweep reads it
+    assert code == 143
+    monkeypatch.delenv("SUBMITIT_EXECUTOR")
+    with pytest.raises(Interrupted):  # a sweep run in this process: the interrupt stops the sweep, as before
+        runner.run(compose(["logger=none"]), tmp_path / "d")
+    monkeypatch.undo()
+    from sectune.run_endings import resume_hint
+
+    (tmp_path / "sweep" / "0" / "checkpoints" / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "sweep" / "0" / "checkpoints" / "checkpoint-5" / "model.safetensors"))
+    torch.save({}, tmp_path / "sweep" / "0" / "checkpoints" / "checkpoint-5" / "optimizer.pt")
+    monkeypatch.setattr(sweeps, "in_multirun", lambda: True)
+    assert resume_hint(tmp_path / "sweep" / "0") == (f"; the same sweep with hydra.sweep.dir={tmp_path / 'sweep'} sweep.skip_done=true "
+                                                     "train.resume=auto continues this job from checkpoint-5")

@@ -325,6 +325,10 @@ def check_settings_in_effect(cfg, need) -> None:
         need(not changed, f"lora.{changed[0] if changed else 'r'}", lo[changed[0]] if changed else None,
              "has no effect: LoRA is off (lora.enabled=false: lora=none, or a lora preset without enabled: true), so every "
              "weight trains; set lora.enabled=true or choose lora=r4_attention / r16_all_linear")
+    # their rows (preference pairs, triplets) carry no input_ids Trainer's length grouping reads: a ValueError traceback
+    # after loading (an audit, session 41)
+    need(not (cfg.train.get("group_by_length") and cfg.stage.name in ("reward", "contrastive")), "train.group_by_length", True,
+         f"stage={cfg.stage.name} batches pairs or triplets, which Trainer cannot group by length: leave it null")
     need(q.name == "none" or lo.enabled or cfg.stage.name not in TRAINING_STAGES, "lora", "none",
          f"with quantization={q.name}: quantized weights cannot be trained, so a quantized model trains LoRA adapters only "
          "(lora=r4_attention / r16_all_linear), or use quantization=none")

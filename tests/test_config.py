@@ -393,6 +393,10 @@ def test_the_readmes_max_memory_example_runs_and_without_plus_plus_the_error_say
     (["stage=reward", "dataset=auth_preferences", "loss=dpo"], "loss=dpo: stage=reward trains a Bradley-Terry reward model"),
     (["stage=reward", "dataset=auth_preferences", "loss=grpo"], "loss=grpo: stage=reward trains a Bradley-Terry reward model"),
     (["stage=doctor", "doctor.min_free_disk_gb=-1"], "doctor.min_free_disk_gb=-1.0: must be >= 0"),
+    # session 41 (an audit of resume): a ValueError traceback after loading
+    (["stage=reward", "dataset=auth_preferences", "train.group_by_length=true"], "train.group_by_length=True: stage=reward batches pairs"),
+    (["stage=contrastive", "loss=causal_contrastive", "dataset=injection_triplets", "train.group_by_length=true"],
+     "train.group_by_length=True: stage=contrastive batches pairs or triplets"),
     # session 40 (an audit of settings combined): a transformers traceback after loading; no warm-up; ~sqrt(batch) less noise
     (["train.lr_scheduler=reduce_lr_on_plateau"], "train.lr_scheduler=reduce_lr_on_plateau: lowers the rate when the validation"),
     (["train.lr_scheduler=reduce_lr_on_plateau", "train.eval_steps=5", "dataset.val_fraction=0"], "train.lr_scheduler=reduce_lr_on_plateau"),

@@ -288,7 +288,7 @@ def test_resuming_a_checkpoint_at_max_steps_trains_nothing_more_and_keeps_its_we
     weights = load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors")
     again = sectune([*args, "train.resume=auto"], tmp_path / "r")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "is at step 5 = train.max_steps: nothing left to train" in again.stdout
+    assert "is at step 5 (= train.max_steps): nothing left to train" in again.stdout
     assert again.result["metrics"]["train_steps"] == 5 and sorted(_losses(tmp_path / "r")) == [1, 2, 3, 4, 5]
     after = load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors")
     assert all((after[k] == weights[k]).all() for k in weights)

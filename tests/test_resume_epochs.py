@@ -109,3 +109,67 @@ def test_an_adapter_trained_on_another_quantization_is_said_when_a_stage_starts_
     warn_other_quantization(compose(["quantization=nf4"]), run / "adapter", "k")
     warn_other_quantization(compose([]), tmp_path / "elsewhere", "k")  # no run record: nothing to compare
     assert capsys.readouterr().err == ""
+
+
+def test_what_a_resume_must_know_that_trainer_does_not_keep(tmp_path, monkeypatch):
+    """An audit of resume (session 41): a checkpoint where its run stopped early was trained on to max_steps (Trainer
+    clears the stop when training begins); a save step that was not a log step left the loss since the last log out of a
+    resumed run's train_loss; classify's length-grouped batches came from the global RNG a checkpoint restores."""
+    from datasets import Dataset
+    from transformers import TrainerControl
+
+    from sectune.training.classification import WeightedCETrainer
+    from sectune.training.resume_callbacks import LogAtSave, stopped_early
+
+    def state(step, max_steps, stop):
+        d = tmp_path / f"c{step}-{max_steps}-{stop}"
+        d.mkdir()
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": max_steps, "stateful_callbacks": {
+            "TrainerControl": {"args": {"should_training_stop": stop}}}}))
+        return str(d)
+
+    assert stopped_early(state(10, 12, True)) and not stopped_early(state(10, 12, False))
+    assert not stopped_early(state(12, 12, True))  # at its own max_steps: a resume that lengthens the run goes on
+    assert not stopped_early(str(tmp_path / "none"))
+    control = TrainerControl(should_save=True)
+    LogAtSave().on_step_end(None, None, control)
+    assert control.should_log
+    control = TrainerControl()
+    LogAtSave().on_step_end(None, None, control)
+    assert not control.should_log
+
+    args = SimpleNamespace(train_sampling_strategy="group_by_length", data_seed=None, seed=3, train_batch_size=2,
+                           gradient_accumulation_steps=1, world_size=1)
+    fake = SimpleNamespace(args=args, train_dataset=Dataset.from_dict({"input_ids": [[1] * n for n in range(1, 41)]}))
+    orders = []
+    for global_seed in (0, 99):
+        torch.manual_seed(global_seed)
+        orders.append(list(WeightedCETrainer._get_train_sampler(fake)))
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(40))
+
+
+def test_the_sft_adapter_starts_from_the_seed_whether_its_warm_up_trained_or_was_reused(tmp_path, monkeypatch):
+    """An audit (session 41): a warm-up trained in this command advanced the random state, a reused one did not, so the
+    SFT's LoRA (lora_A is drawn) differed between a run and its rerun or resume (adapter max |d| 0.19)."""
+    from sectune import runner
+    from sectune.models import modeling
+    from sectune.stages import sft
+
+    class Stop(Exception):
+        pass
+
+    states = []
+
+    def at_lora(model, cfg):
+        states.append(torch.get_rng_state())
+        raise Stop
+
+    for draws in (1000, 0):  # a warm-up that trained (drew numbers), then one reused (drew none)
+        monkeypatch.setattr(sft, "warmup", lambda ctx, n=draws: (torch.rand(n), {"artifacts": {"model": "model"}})[1])
+        monkeypatch.setattr(modeling, "load_tokenizer", lambda *a, **k: None)
+        monkeypatch.setattr(modeling, "load_model", lambda *a, **k: None)
+        monkeypatch.setattr(modeling, "apply_lora", at_lora)
+        torch.manual_seed(0)
+        with pytest.raises(Stop):
+            sft.run(runner.RunContext(cfg=compose(["stage=sft", "logger=none"]), run_dir=tmp_path / "run"))
+    assert torch.equal(states[0], states[1])

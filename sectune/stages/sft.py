@@ -38,6 +38,11 @@ def run(ctx: RunContext) -> dict:
     if warm is not None:
         cfg = copy.deepcopy(cfg)
         cfg.model.name_or_path = str(run_dir / WARMUP_DIR / warm["artifacts"]["model"])
+        # the seed again: a warm-up trained here advanced the random state and a reused one did not, so the SFT's LoRA
+        # (lora_A is drawn) differed between a run and its rerun or resume (an audit, session 41: adapter max |d| 0.19)
+        from transformers import set_seed
+
+        set_seed(int(cfg.train.seed))
 
     # 1. data
     splits = data.sft_splits(cfg)  # by window; the test windows are held out for stage=infer/evaluate

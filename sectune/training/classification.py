@@ -249,6 +249,15 @@ class WeightedCETrainer(Trainer):
     # more tokens counted less in a micro-batch of long labels.
     loss_is_scaled_for_ga = True  # compute_loss divides by the step's Σ w itself (transformers >= 5.19)
 
+    def _get_train_sampler(self, train_dataset=None):
+        # train.group_by_length: Trainer's sampler draws from the global RNG a checkpoint restores mid-run, so a classify
+        # run resumed after its first epoch trained other batches (an audit, session 41; SFT and DPO had this since 35)
+        if self.args.train_sampling_strategy == "group_by_length":
+            from sectune.training import samplers
+
+            return samplers.seeded_length_grouped_sampler(self, train_dataset)
+        return super()._get_train_sampler(train_dataset)
+
     def _targets(self, labels: torch.Tensor) -> torch.Tensor:
         """The targets the loss reads: the class per row, or ``generative``'s last ``label_len`` label positions."""
         if self.head == "seq_cls":

@@ -200,35 +200,29 @@ def fail_callbacks(cfg: DictConfig) -> list:
     return [FailAtStep(cfg.debug.fail_at_step)]
 
 
-class _AtMaxSteps(Exception):
-    pass
-
-
-class _StopAtMaxSteps(TrainerCallback):
-    def on_step_begin(self, args, state, control, **kw):
-        if state.max_steps > 0 and state.global_step >= state.max_steps:
-            raise _AtMaxSteps
-
-
 def train(trainer, resume: str | None):
     """``trainer.train(resume_from_checkpoint=resume)``, except that a checkpoint already at ``train.max_steps`` (a run
     killed after its last checkpoint, resumed to finish) trains nothing: transformers' Trainer checks the step count only
     after a step, so mid-epoch it trained step max_steps + 1 and reported it (an audit, session 25: GRPO 9 steps of 8).
-    The best checkpoint is loaded as Trainer would at the end (``load_best_model_at_end``)."""
+    So does a checkpoint at which its run stopped early (it trained on to max_steps). The best checkpoint is loaded as
+    Trainer would at the end (``load_best_model_at_end``)."""
     from transformers.trainer_utils import TrainOutput
 
+    from sectune.training.resume_callbacks import (AtMaxSteps, LogAtSave, ResumedBestCheckpoint, ResumedLearningRate,
+                                                   StopAtMaxSteps, stopped_early)
+
+    trainer.add_callback(LogAtSave())
     if resume is None:
         return trainer.train()
-    from sectune.training.resume_callbacks import ResumedBestCheckpoint, ResumedLearningRate
-
-    added = [_StopAtMaxSteps(), ResumedLearningRate(), ResumedBestCheckpoint()]
+    stopped = stopped_early(resume)
+    added = [StopAtMaxSteps(stopped), ResumedLearningRate(), ResumedBestCheckpoint()]
     for cb in added:
         trainer.add_callback(cb)
     try:
         return trainer.train(resume_from_checkpoint=resume)
-    except _AtMaxSteps:
-        print(f"sectune: {resume} is at step {trainer.state.global_step} = train.max_steps: nothing left to train; "
-              "finishing the run from it")
+    except AtMaxSteps:
+        why = "its run stopped early there" if stopped else "= train.max_steps"
+        print(f"sectune: {resume} is at step {trainer.state.global_step} ({why}): nothing left to train; finishing the run from it")
         if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
             trainer._load_best_model()
         trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)

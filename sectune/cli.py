@@ -22,7 +22,7 @@ from sectune.training import distributed  # noqa: E402
 from sectune.cli_errors import (  # noqa: E402
     _extra_hint, _hydra_report, config_file_error, override_error, refuse_node_deletions, refuse_secrets, usage_error, yaml_error)
 from sectune import paths  # noqa: E402
-from sectune.files import lenient_console  # noqa: E402
+from sectune.console import lenient_console  # noqa: E402
 from sectune.paths import CONF_DIR  # noqa: E402
 from sectune.cli_refusals import (refuse_launcher_without_multirun, refuse_preset_secrets, refuse_slurm_without_srun,  # noqa: E402
                                   refuse_unresolvable)
@@ -290,7 +290,7 @@ def main() -> None:
     except Exception as e:
         if (cause := _logging_os_error(e)) is not None:  # Hydra's log file in a run dir it cannot write
             _run_dir_error(cause, log_file=True)
-        if _SWEEP_CONFIG is not None and _uncompleted_job(e):  # a submitit job that ended without its result
+        if _SWEEP_CONFIG is not None and _submitit_error(e, "UncompletedJobError") is not None:  # a job ended without its result
             _read_sweep_jobs(_SWEEP_CONFIG)
         _exit_if_sweep_jobs_failed()  # a sweeper that gave up because its trials failed (Optuna: "No trials are completed")
         line = (submit_error(e) or config_file_error(e, sys.argv[1:]) or yaml_error(e) or override_error(e)
@@ -309,21 +309,20 @@ def main() -> None:
 def submit_error(e: BaseException) -> str | None:
     """sbatch's refusal of a sweep (a partition, account, QOS or size the cluster does not take), said in one line: it
     was a 45-line traceback of submitit's FailedJobError (an audit, session 36)."""
-    while e is not None:
-        if type(e).__name__ == "FailedJobError" and type(e).__module__.startswith("submitit"):
-            said = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-            return (f"the cluster refused the sweep's jobs: {said} (check hydra.launcher.partition / account / qos / mem_gb / "
-                    "timeout_min / gpus_per_node against what the cluster offers: sinfo, sacctmgr show qos)")
-        e = e.__cause__ or e.__context__
+    if (e := _submitit_error(e, "FailedJobError")) is not None:
+        said = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return (f"the cluster refused the sweep's jobs: {said} (check hydra.launcher.partition / account / qos / mem_gb / "
+                "timeout_min / gpus_per_node against what the cluster offers: sinfo, sacctmgr show qos)")
     return None
 
 
-def _uncompleted_job(e: BaseException | None) -> bool:
+def _submitit_error(e: BaseException | None, name: str) -> BaseException | None:
+    """submitit's exception ``name`` in ``e``'s chain (its cause or context), or None."""
     while e is not None:
-        if type(e).__name__ == "UncompletedJobError" and type(e).__module__.startswith("submitit"):
-            return True
+        if type(e).__name__ == name and type(e).__module__.startswith("submitit"):
+            return e
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def _exit_if_sweep_jobs_failed() -> None:

@@ -133,16 +133,3 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     return str(o)
-
-
-def lenient_console() -> None:
-    """stdout/stderr write what their encoding cannot show as escapes instead of raising: on a Latin-1 or ASCII console
-    (``PYTHONIOENCODING=latin-1``, ``PYTHONUTF8=0 LC_ALL=C``) a finished SFT run failed on its closing line's arrow,
-    after its adapter was saved (an audit, session 41). A console's encoding never decides a run's status."""
-    import sys
-
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.reconfigure(errors="backslashreplace")
-        except (AttributeError, ValueError, OSError):  # not a text stream we can reconfigure (a test's capture, say)
-            pass

@@ -354,7 +354,7 @@ def write_report(sweep_dir, sort_by: str | None = None, ascending: bool | None =
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``sectune-report DIR [--sort-by M] [--ascending|--descending]``; exit 2 on a bad DIR."""
-    from sectune.files import lenient_console
+    from sectune.console import lenient_console
 
     lenient_console()
     p = argparse.ArgumentParser(prog="sectune-report", description="Table and plots over a sectune sweep dir.")

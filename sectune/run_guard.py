@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -375,82 +373,9 @@ def artifacts_untouched(run_dir: Path, result: dict, since: float) -> bool:
 
 
 #: terminal control sequences (tqdm's cursor moves between nested bars): not for a log file
-_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-class _Tap:
-    """A stream that writes through, keeps each distinct whole line starting ``sectune: warning`` / ``sectune: note``
-    in ``into``, and copies every whole line to ``log`` (an open file; a progress bar's redraws as its last state)."""
+# what a run prints, kept (result.json's warnings, console.log): its own module, re-exported here as before
+from sectune import console  # noqa: E402
 
-    def __init__(self, stream, into: list, log=None):
-        self._stream, self._into, self._log, self._buf = stream, into, log, ""
-
-    def write(self, s):
-        if isinstance(s, str) and s.startswith("sectune: ") and self._buf.strip():
-            self.write("\n")  # a progress bar's last state has no newline: sectune's line (an error, say) starts its own
-        try:
-            n = self._stream.write(s)
-        except BrokenPipeError:  # `sectune ... | head`: the reader left; the run goes on (console.log keeps every line)
-            n = len(s) if isinstance(s, str) else 0
-        if isinstance(s, str) and (self._log is not None or len(self._into) < 100):
-            self._buf += s
-            if "\n" in self._buf:
-                *lines, self._buf = self._buf.split("\n")
-                for ln in lines:  # once each: a split read twice in a step said the same note twice
-                    shown = _ESCAPES.sub("", ln.rstrip("\r").rsplit("\r", 1)[-1])
-                    if self._log is not None:
-                        try:
-                            self._log.write(shown + "\n")
-                        except (OSError, ValueError):  # a full disk or a closed file never stops the run
-                            self._log = None
-                    ln = ln.strip()[:1000]
-                    if len(self._into) < 100 and ln.startswith(("sectune: warning", "sectune: note")) and ln not in self._into:
-                        self._into.append(ln)
-            self._buf = self._buf[-4000:]  # progress bars redraw with \r and no newline
-        return n
-
-    def flush(self):
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            pass
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-class recorded_warnings:
-    """While entered, sectune's warnings and notes printed to stdout/stderr are also kept in ``lines`` (result.json's
-    ``warnings``): a run's "N test rows repeat a training row" or "K cells filled in" was on the console only, so an
-    archived run that measured memory could not be told from one that did not. With ``log``, every line printed is
-    also appended to that file (the run dir's ``console.log``, a header line per command), so a run's output outlives
-    the terminal it ran in."""
-
-    def __init__(self, log: Path | None = None):
-        self.lines: list[str] = []
-        self._old = None
-        self._path, self._log = log, None
-
-    def __enter__(self):
-        if self._path is not None:
-            try:
-                self._log = open(self._path, "a", encoding="utf-8", errors="replace", buffering=1)
-                self._log.write(f"===== {time.strftime('%Y-%m-%d %H:%M:%S')} · {' '.join(sys.argv)}\n")
-            except OSError:
-                self._log = None
-        self._old = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tap(sys.stdout, self.lines, self._log), _Tap(sys.stderr, self.lines, self._log)
-        return self
-
-    def __exit__(self, *exc):
-        out, err = self._old
-        if isinstance(sys.stdout, _Tap) and sys.stdout._into is self.lines:
-            sys.stdout = out
-        if isinstance(sys.stderr, _Tap) and sys.stderr._into is self.lines:
-            sys.stderr = err
-        if self._log is not None:
-            try:
-                self._log.close()
-            except OSError:  # its last buffered line on a full disk: the log is a convenience, the run's records are not
-                pass
-        return False
+recorded_warnings = console.recorded_warnings

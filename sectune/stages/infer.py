@@ -101,14 +101,15 @@ def run(ctx: RunContext) -> dict:
             return rec["analysis"].get("verdict") if rec["schema_valid"] else None
 
         # each voter's, parsed once; a verdict the token budget's forced close wrote is no vote (the model never gave it)
-        verdicts = [[None if i in set(a[1]["verdict_forced_rows"]) else key(t) for i, t in enumerate(a[0])] for a in answered]
+        forced_verdicts = [set(a[1]["verdict_forced_rows"]) for a in answered]
+        verdicts = [[None if i in fv else key(t) for i, t in enumerate(a[0])] for a, fv in zip(answered, forced_verdicts)]
         kept = [vote.winner(given) for given in zip(*verdicts)]
         texts = [answered[k][0][i] for i, k in enumerate(kept)]
         forced_by = [set(a[1]["forced_rows"]) for a in answered]
         # a window cut to fit for any voter (tokenizers differ) is marked and counted: before, the first voter's alone
         stats = {"truncated_rows": sorted(set().union(*(a[1]["truncated_rows"] for a in answered))),
                  "forced_rows": [i for i, k in enumerate(kept) if i in forced_by[k]],  # the kept answers'
-                 "verdict_forced_rows": [i for i, k in enumerate(kept) if i in set(answered[k][1]["verdict_forced_rows"])],
+                 "verdict_forced_rows": [i for i, k in enumerate(kept) if i in forced_verdicts[k]],
                  "forced": sum(len(a[1]["forced_rows"]) for a in answered) / len(voters),  # per voter, on average
                  "force_failures": sum(a[1].get("force_failures", 0) for a in answered)}
         done = sum(a[3] for a in answered) / len(voters)  # windows the vote had from interrupted runs, on average

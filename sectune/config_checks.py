@@ -199,6 +199,13 @@ def check_values(cfg) -> None:
              f"must be a rank of this launch (0 to {distributed.world_size() - 1})")
     if distributed.world_size() > 1 and cfg.stage.name in SINGLE_PROCESS_STAGES:
         raise ConfigError(single_process_refusal(cfg.stage.name, distributed.world_size()))
+    dm = cfg.model.device_map
+    if distributed.world_size() > 1 and dm is not None and not (isinstance(dm, str) and dm.split(":")[0] in ("cuda", "cpu")):
+        # each process would spread its own copy over every GPU (accelerate refuses that only after all of them loaded it),
+        # or, where it fits one, put it on GPU 0 in every rank (an audit, session 42)
+        raise ConfigError(f"model.device_map={dm}: under {distributed.world_size()} processes (torchrun/accelerate) each "
+                          "process holds its own copy on its own GPU; set model.device_map=null (a preset's max_memory "
+                          "then does nothing), or run one process to spread one copy over the GPUs")
     if cfg.stage.name == "dpo":  # another loss group left DPO at that loss's β (causal_lm's 0.04), unchecked
         need(loss.name == "dpo", "loss", loss.name, "stage=dpo trains with loss=dpo (its β and label smoothing): add loss=dpo")
         dpo_sft_weight(cfg)
@@ -332,6 +339,11 @@ def check_settings_in_effect(cfg, need) -> None:
     need(q.name == "none" or lo.enabled or cfg.stage.name not in TRAINING_STAGES, "lora", "none",
          f"with quantization={q.name}: quantized weights cannot be trained, so a quantized model trains LoRA adapters only "
          "(lora=r4_attention / r16_all_linear), or use quantization=none")
+    # fp16 mixed precision keeps fp32 weights: fp16 weights trained in full failed the GradScaler at step 1 on a GPU
+    # ("Attempting to unscale FP16 gradients"; on CPU fp16 becomes bf16, so nothing here saw it; an audit, session 42)
+    need(lo.enabled or cfg.model.dtype != "fp16" or cfg.train.precision != "fp16" or cfg.stage.name not in TRAINING_STAGES,
+         "model.dtype", "fp16", "with train.precision=fp16 and lora=none every weight trains, and fp16 mixed precision needs "
+         "them in fp32 (its gradient scaler refuses fp16 gradients): use model.dtype=fp32, or a LoRA adapter (lora=r16_all_linear)")
     need(not cfg.debug.enabled or cfg.stage.name in ("contrastive", "pipeline"), "debug.enabled", True,
          f"only stage=contrastive has a debug mode (stage={cfg.stage.name} would ignore it)")
     need(not cfg.evaluate.data_path or cfg.dataset.name not in ("hdfs", "injection_triplets"), "evaluate.data_path",
@@ -346,10 +358,14 @@ def check_settings_in_effect(cfg, need) -> None:
     need(cfg.stage.name != "federated" or cfg.train.resume in (None, "", "no"), "train.resume", cfg.train.resume,
          "stage=federated does not resume (a rerun starts from round 0: its rounds keep no Trainer checkpoints)")
     t, stage = cfg.train, cfg.stage.name  # (session 40: a transformers traceback after loading; silently no warm-up/noise)
-    need(t.lr_scheduler != "reduce_lr_on_plateau" or stage not in ("sft", "dpo", "reward", "rl", "contrastive")
+    by_metric = ("reduce_lr_on_plateau", "greedy")  # each steps on Trainer's evaluation (greedy was left out: session 42)
+    need(t.lr_scheduler not in by_metric or stage != "rl", "train.lr_scheduler", t.lr_scheduler,
+         "changes the rate on Trainer's validation loss, which stage=rl never computes (GRPO scores its held-out windows "
+         "itself, rl.eval_steps): choose a schedule by steps (linear, cosine, constant, ...)")
+    need(t.lr_scheduler not in by_metric or stage not in ("sft", "dpo", "reward", "contrastive")
          or (t.eval_steps and cfg.dataset.val_fraction > 0), "train.lr_scheduler", t.lr_scheduler,
-         "lowers the rate when the validation loss stalls: set train.eval_steps=N with a validation split (dataset.val_fraction > 0)")
-    need(not t.warmup_ratio or t.lr_scheduler not in ("constant", "reduce_lr_on_plateau"), "train.warmup_ratio", t.warmup_ratio,
+         "changes the rate when the validation loss stalls: set train.eval_steps=N with a validation split (dataset.val_fraction > 0)")
+    need(not t.warmup_ratio or t.lr_scheduler not in ("constant", *by_metric), "train.warmup_ratio", t.warmup_ratio,
          f"has no effect with train.lr_scheduler={t.lr_scheduler}: use constant_with_warmup, or leave the warm-up out")
     need(t.neftune_noise_alpha is None or stage != "sft" or t.packing == "none", "train.neftune_noise_alpha", t.neftune_noise_alpha,
          f"with train.packing={t.packing}: NEFTune divides by the row's length, which packing makes a whole batch (noise "

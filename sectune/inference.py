@@ -215,6 +215,22 @@ def cut_middle(ids: list[int], budget: int | None) -> list[int]:
     return ids[:head] + ids[len(ids) - (budget - head) :]
 
 
+def completion_ids(tokenizer, prompt: str, completion: str, prompt_ids: list[int] | None = None) -> list[int]:
+    """``completion``'s tokens where it follows ``prompt``: those of ``prompt + completion`` past the prompt's (TRL's SFT
+    and DPO split them so). Tokenized on its own, a SentencePiece tokenizer (Llama-2) wrote it with a leading "▁" that
+    SFT and generation never produce after the prompt's newline (an audit, session 42)."""
+    p = prompt_ids if prompt_ids is not None else tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    full = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
+    n = 0
+    for a, b in zip(p, full):
+        if a != b:
+            break
+        n += 1
+    if n < len(p):  # a token spans the boundary: the prompt's own ids stay whole, the completion is tokenized alone
+        return tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return full[n:]
+
+
 def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats, budget, contexts=None) -> list[str]:
     from transformers import LogitsProcessorList
 
@@ -224,7 +240,9 @@ def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats,
     outs: list[str] = []
     was_cut = 0
     for i in range(0, len(prompts), batch_size):
-        rows = tokenizer(prompts[i : i + batch_size])["input_ids"]
+        # a log line's text stays text: a user name "</s>" or "<|eot_id|>" (an attacker's to choose) was read as the
+        # tokenizer's own control token, an end of text inside the analyst's input (an audit, session 42)
+        rows = tokenizer(prompts[i : i + batch_size], split_special_tokens=True)["input_ids"]
         cut = [cut_middle(r, budget) for r in rows]
         was_cut += sum(len(c) < len(r) for c, r in zip(cut, rows))
         stats.setdefault("truncated_rows", []).extend(i + j for j, (c, r) in enumerate(zip(cut, rows)) if len(c) < len(r))

@@ -318,6 +318,12 @@ class Predictor:
             raise DataError(f"{source}: missing feature column(s): {', '.join(map(repr, missing))}{delimiter_hint(frame.columns)}")
         X = frame[features].apply(pd.to_numeric, errors="coerce").astype("float64")
         X = X.where(np.isfinite(X))  # non-numeric / inf → NaN → train-median imputation
+        empty = [c for c in features if len(X) > 1 and X[c].isna().all()]
+        if empty:  # every flow scored at the median, unsaid; training and evaluate.data_path refuse it (an audit, session 42)
+            first = frame[empty[0]].iloc[0]
+            print(f"sectune: warning: {source}: feature column(s) {', '.join(map(repr, empty))} hold no finite number in any of "
+                  f"the {len(X)} rows (first value: {first!r}): every flow is scored at the training median there; a text or "
+                  "mis-mapped column?", file=sys.stderr)
         # which features each flow did not give as a finite number (a result says so: "fast" or None scored as the median)
         self.last_imputed = [[c for c, bad in zip(features, row) if bad] for row in X.isna().to_numpy().tolist()]
         Z = self.normalizer.transform(X)

@@ -192,6 +192,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.bind_local_gpu()  # before any stage loads a model (not GPU 0 in every rank)
     stage_name = cfg.stage.name
     digest = config_digest(cfg)
 

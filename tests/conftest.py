@@ -323,3 +323,18 @@ LONGEST_FILES_FIRST = ("test_distributed.py", "test_rl.py", "test_sweeps.py", "t
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
+
+
+def sentencepiece_like_tokenizer():
+    """A Metaspace tokenizer as Llama-2's: text that starts a string gets a leading "▁"; after a newline it does not."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                pre_tokenizers.Metaspace(prepend_scheme="first")])
+    tk.decoder = decoders.Metaspace(prepend_scheme="first")
+    tk.train_from_iterator(['### Analysis:\n{"verdict":"benign"}', "line of logs", '{"verdict": "malicious"}'] * 20,
+                           trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                               initial_alphabet=list('{}":,abcdefghijklmnopqrstuvwxyz#\n ▁0123456789')))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")

@@ -683,6 +683,23 @@ def test_the_table_offers_tfidf_the_warmup_windows_in_a_row_beside_the_bar(tmp_p
     assert md.count("(the bar)") == 1 and f"| {row.name} |" in md and "**loses** (-0.100)" in md
 
 
+def test_the_bar_of_a_one_verdict_folder_answers_that_verdict_instead_of_failing_the_table():
+    """An attack-only capture: LogisticRegression refuses one class, and the held-out table died after every pipeline
+    step had trained (an audit, session 42)."""
+    from sectune.evaluation import analyst_eval
+
+    def w(i, verdict):
+        return analyst_eval.Window(str(i), "OpenSSH", "", f"Dec 10 sshd[{i}]: Failed password for root from 10.0.0.{i}\n",
+                                   {"verdict": verdict})
+
+    train, val, test = [w(i, "malicious") for i in range(6)], [w(9, "malicious")], [w(10, "malicious"), w(11, "benign")]
+    row = analyst_eval.tfidf_row(train, val, test, 0)
+    assert row.kind == "baseline" and row.verdicts == ["malicious", "malicious"]
+    assert "one verdict only (malicious)" in row.note
+    two = analyst_eval.tfidf_row(train + [w(7, "benign"), w(8, "benign")], val, test, 0)  # two verdicts: fitted
+    assert two.note.startswith("C=")
+
+
 def test_a_byte_order_mark_in_a_window_or_its_analysis_is_not_data(folder):
     """Windows tools write a UTF-8 BOM first; the analysis JSON was refused ("Unexpected UTF-8 BOM")."""
     txt, js = _first_pair(folder)

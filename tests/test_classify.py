@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from conftest import cli
 from sectune.errors import ConfigError, DataError
-from sectune.evaluation.classify_scoring import decide, tune_threshold
+from sectune.evaluation.classify_scoring import decide, stratified_folds, tune_threshold
 from sectune.losses import weighted_cross_entropy
 from sectune.paths import PROJECT_ROOT, shared_data_dir
 from sectune.training.classification import class_weight_vector
@@ -66,6 +66,13 @@ def test_class_weights_balanced_explicit_and_errors():
     assert class_weight_vector(OmegaConf.create({"c": 5}), labels, train) == [1.0, 1.0, 5.0]
     with pytest.raises(ConfigError, match="'zz'"):
         class_weight_vector({"zz": 1}, labels, train)
+    # a word, NaN (.nan arrives from the command line as a string), inf: one error naming the label's key (session 42)
+    for bad in ("high", ".nan", float("nan"), float("inf"), -1):
+        with pytest.raises(ConfigError, match=r"loss\.class_weights\.b=.*must be a number >= 0"):
+            class_weight_vector({"b": bad}, labels, train)
+    with pytest.raises(ConfigError, match="every label's weight is 0"):  # trained nothing and said done
+        class_weight_vector({"a": 0, "b": 0, "c": 0}, labels, train)
+    assert class_weight_vector({"a": 0}, labels, train) == [0.0, 1.0, 1.0]
 
 
 def test_threshold_is_chosen_on_given_rows_and_applied():
@@ -81,6 +88,19 @@ def test_threshold_is_chosen_on_given_rows_and_applied():
     assert tune_threshold(tied, ["neg", "neg", "pos", "pos"], ["neg", "pos"]) == (0.5, 1.0)
     # p(pos) = threshold counts as pos (>=)
     assert decide(np.array([[0.5, 0.5]]), ["neg", "pos"], 0.5) == ["pos"]
+
+
+def test_the_tuned_threshold_can_flag_no_row_and_one_label_keeps_one_half(capsys):
+    # every score >= 0.5 and the one pos row ranked last: flagging nothing (macro-F1 (20/21 + 0) / 2 = 0.476) beats the
+    # best threshold at a score (0.9 flags a neg: 0.45), which was all it could choose (an audit, session 42)
+    p1 = np.array([0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.58, 0.56, 0.55, 0.3])
+    y = ["neg"] * 10 + ["pos"]
+    t, f1 = tune_threshold(np.stack([1 - p1, p1], axis=1), y, ["neg", "pos"])
+    assert t > 0.9 and f1 == pytest.approx((2 * 10 / 21) / 2)
+    assert decide(np.stack([1 - p1, p1], axis=1), ["neg", "pos"], t) == ["neg"] * 11
+    one = np.array([[0.4, 0.6], [0.3, 0.7], [0.2, 0.8], [0.45, 0.55]])
+    assert tune_threshold(one, ["neg"] * 4, ["neg", "pos"])[0] == 0.5  # tuned to 0.8 before, unsaid
+    assert "one label only (neg)" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -294,7 +314,7 @@ def test_injection_classifier_beside_tfidf_with_threshold_from_validation(tmp_pa
     assert all((r["score"]["injection"] >= meta["threshold"]) == (r["pred"] == "injection") for r in rows)
 
 
-def test_evaluate_rebuilds_run_and_predictor_agrees(cic_run, tmp_path):
+def test_evaluate_rebuilds_run_and_predictor_agrees(cic_run, tmp_path, capsys):
     ev_dir = tmp_path / "ev"
     # model=/dataset= overrides of the evaluate run are ignored: the classify run decides
     p = sectune("stage=evaluate", f"evaluate.model_dir={cic_run}", "model=tiny_gpt2", "dataset=prompt_injections",
@@ -335,6 +355,11 @@ def test_evaluate_rebuilds_run_and_predictor_agrees(cic_run, tmp_path):
     pd.DataFrame([r["features"] for r in test[:3]]).drop(columns=["IAT", "Std"]).to_csv(src, index=False)
     with pytest.raises(DataError, match="'Std'.*'IAT'|'IAT'.*'Std'"):
         pred.predict_csv(src, tmp_path / "pred2.csv")
+    # a column of text (a capture tool's "TCP") in every row: each flow scored at the median, said (session 42)
+    pd.DataFrame([r["features"] for r in test[:3]]).assign(**{"Protocol Type": "TCP"}).to_csv(src, index=False)
+    capsys.readouterr()
+    pred.predict_csv(src, tmp_path / "pred3.csv")
+    assert "'Protocol Type' hold no finite number in any of the 3 rows (first value: 'TCP')" in capsys.readouterr().err
 
 
 def test_bad_inputs_exit_nonzero_with_clear_errors(tmp_path):
@@ -919,3 +944,28 @@ def test_classify_keeps_train_save_steps_so_a_run_killed_mid_epoch_resumes(tmp_p
     assert again.returncode == 0 and f"resuming from {run_dir / 'checkpoints' / 'checkpoint-4'}" in again.stdout, again.stderr[-2000:]
     bad = sectune(*args, "train.eval_steps=2", "train.save_steps=3", f"hydra.run.dir={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "train.save_steps=3: must be a multiple of train.eval_steps=2" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_the_bar_gets_the_models_tuned_threshold_on_the_same_rows():
+    """The model's threshold was tuned on validation and the classic baseline took argmax: on the real CIC sample's binary
+    task the RF read 0.771 where the same rule gave it 0.797, inflating the model's lead (an audit, session 42)."""
+    from sectune.evaluation.baselines import BaselineResult, random_forest_baseline
+    from sectune.evaluation.classify_scoring import tuned_baseline
+
+    p_of = {"v1": 0.30, "v2": 0.35, "v3": 0.10, "v4": 0.05, "t1": 0.32, "t2": 0.2, "t3": 0.6}  # p(attack) by row
+    b = BaselineResult("stub", ["benign", "benign", "attack"], 0.0, 0.0, {},
+                       predict_proba=lambda rows: np.array([[1 - p_of[r], p_of[r]] for r in rows]), classes=["benign", "attack"])
+    labels = ["benign", "attack"]  # p(labels[1]) is thresholded
+    tuned_baseline(b, labels, ["t1", "t2", "t3"], ["v1", "v2", "v3", "v4"], ["attack", "attack", "benign", "benign"], [], [], None)
+    t, _ = tune_threshold(np.array([[0.7, 0.3], [0.65, 0.35], [0.9, 0.1], [0.95, 0.05]]), ["attack", "attack", "benign", "benign"], labels)
+    assert b.params["threshold"] == t and 0.1 < t <= 0.3 and b.params["threshold_chosen_on"] == "validation"
+    assert b.predictions == ["attack", "benign", "attack"]  # argmax said benign for t1
+    # no validation rows: out-of-fold train probabilities, as the model's threshold is chosen then
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 3)).tolist()
+    y = ["attack" if x[0] > 0.8 else "benign" for x in X]
+    rf = random_forest_baseline(X, y, X[:10], seed=0, n_estimators=5, n_jobs=1)
+    folds = stratified_folds(y, 3, 0)
+    tuned_baseline(rf, ["benign", "attack"], X[:10], [], [], X, y, folds)
+    assert rf.params["threshold_chosen_on"] == "3-fold out-of-fold train rows" and len(rf.predictions) == 10
+    assert "predict_proba" not in rf.to_dict()  # the saved record holds numbers only

@@ -398,7 +398,13 @@ def test_the_readmes_max_memory_example_runs_and_without_plus_plus_the_error_say
     (["stage=contrastive", "loss=causal_contrastive", "dataset=injection_triplets", "train.group_by_length=true"],
      "train.group_by_length=True: stage=contrastive batches pairs or triplets"),
     # session 40 (an audit of settings combined): a transformers traceback after loading; no warm-up; ~sqrt(batch) less noise
-    (["train.lr_scheduler=reduce_lr_on_plateau"], "train.lr_scheduler=reduce_lr_on_plateau: lowers the rate when the validation"),
+    (["train.lr_scheduler=reduce_lr_on_plateau"], "train.lr_scheduler=reduce_lr_on_plateau: changes the rate when the validation"),
+    # session 42 (an audit of resume): greedy steps on evaluation too; stage=rl runs no Trainer evaluation at all
+    (["train.lr_scheduler=greedy"], "train.lr_scheduler=greedy: changes the rate when the validation"),
+    (["stage=rl", "loss=grpo", "train.lr_scheduler=reduce_lr_on_plateau", "train.eval_steps=1"],
+     "train.lr_scheduler=reduce_lr_on_plateau: changes the rate on Trainer's validation loss, which stage=rl never computes"),
+    (["stage=rl", "loss=simplified_ppo", "train.lr_scheduler=greedy", "train.eval_steps=1"], "train.lr_scheduler=greedy: changes the rate on"),
+    (["train.lr_scheduler=greedy", "train.eval_steps=5", "train.warmup_ratio=0.1"], "train.warmup_ratio=0.1: has no effect with train.lr_scheduler=greedy"),
     (["train.lr_scheduler=reduce_lr_on_plateau", "train.eval_steps=5", "dataset.val_fraction=0"], "train.lr_scheduler=reduce_lr_on_plateau"),
     (["train.lr_scheduler=constant", "train.warmup_ratio=0.5"], "train.warmup_ratio=0.5: has no effect with train.lr_scheduler=constant"),
     (["train.neftune_noise_alpha=5"], "train.neftune_noise_alpha=5.0: with train.packing=padding_free: NEFTune divides"),
@@ -431,7 +437,8 @@ def test_the_settings_those_checks_leave_alone_still_run():
                ["model.attn_implementation=kernels-community/flash-attn"], ["++model.device_map={lm_head: cpu}"], ["logger.mode=online"],
                ["model=tiny_gpt2", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=3"],
                ["train.lr_scheduler=reduce_lr_on_plateau", "train.eval_steps=5"], ["train.lr_scheduler=constant_with_warmup", "train.warmup_ratio=0.5"],
-               ["train.neftune_noise_alpha=5", "train.packing=none"], ["stage=classify", "train.lr_scheduler=reduce_lr_on_plateau"]):
+               ["train.neftune_noise_alpha=5", "train.packing=none"], ["stage=classify", "train.lr_scheduler=reduce_lr_on_plateau"],
+               ["train.lr_scheduler=greedy", "train.eval_steps=5"]):
         check_values(compose(ok))
 
 

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from conftest import FAST, compose, requires_real_data
+from conftest import FAST, compose, requires_real_data, sentencepiece_like_tokenizer
 from sectune.losses import causal_contrastive_loss, causal_discrimination, causal_stability, spurious_separation
 from sectune.stages import contrastive
 from sectune.training import contrastive_trainer as CT
@@ -468,6 +468,18 @@ def test_a_prompt_too_long_is_cut_in_the_middle_so_an_appended_injection_stays(t
     assert row["inj_ids"][-16:] == full[-16:] and row["inj_ids"][:16] == full[:16]  # both ends kept
     assert row["inj_ids"] != row["b_ids"][: row["b_prompt_len"]]  # the injection is still there
     assert row["b_ids"][row["b_prompt_len"] - 3 : row["b_prompt_len"]] == tok(t["prompt"])["input_ids"][-3:]  # the cue too
+
+
+def test_the_trained_answer_is_tokenized_after_its_prompt_as_sft_and_generation_see_it():
+    """Tokenized alone, a SentencePiece tokenizer (Llama-2) began the answer with a "▁" SFT never trained and greedy
+    decoding after the prompt's newline never writes: 14 of 14 real triplets (an audit, session 42)."""
+    tok = sentencepiece_like_tokenizer()
+    t = {"prompt": "line of logs\n### Analysis:\n", "cf_prompt": "line of logs\n### Analysis:\n",
+         "injection_prompt": "line of logs logs\n### Analysis:\n", "output": '{"verdict":"benign"}'}
+    (row,), cut = CT.encode_triplets(tok, [t], 256)
+    full = tok(t["prompt"] + t["output"])["input_ids"]
+    assert cut == 0 and row["b_ids"] == full + [tok.eos_token_id] and row["b_prompt_len"] == len(tok(t["prompt"])["input_ids"])
+    assert tok.convert_ids_to_tokens(row["b_ids"][row["b_prompt_len"]]).startswith("{")  # not "▁{"
 
 
 def test_early_stopping_settings_are_checked_before_anything_loads():

@@ -258,6 +258,13 @@ def test_quantile_normalizer_bins_by_train_deciles():
     # edges (bin 5); 100 and anything above the top edge: bin 9; below the train minimum: bin 0
     assert Z["a"].tolist() == [0, 0, 1, 5, 9, 9, 0]
     assert Z["flag"].tolist() == [0, 1, 0, 0, 1, 0, 0]
+    # set in fewer than a tenth of the rows, a flag or a count kept no edge and rendered 0 for every flow (SSH, which
+    # marks BruteForce, in the CIC sample; an audit, session 42): above the minimum is a bin of its own
+    rare = pd.DataFrame({"ssh": [0.0] * 95 + [0.8, 0.9, 2.0, 3.0, 0.8], "a": np.arange(1, 101, dtype=float)})
+    norm = FlowNormalizer("quantile").fit(rare)
+    assert norm.edges["ssh"] == [0.8]
+    assert norm.transform(pd.DataFrame({"ssh": [0.0, 0.8, 3.0], "a": [1.0, 2.0, 3.0]}))["ssh"].tolist() == [0, 1, 1]
+    assert norm.edges["a"] == pytest.approx([10.9 + 9.9 * i for i in range(9)])  # a minimum held by one row: as before
 
 
 # ---------------------------------------------------------------- prompts and files

@@ -217,6 +217,15 @@ def test_a_sample_that_cannot_keep_class_shares_names_the_rare_classes_it_lost(t
     path.write_text("f1,f2,label\n" + "".join(f"{i},{2 * i},{'ab'[i % 2]}\n" for i in range(300)))
     load_flows(path, ["f1", "f2"], "label", granularity="raw", max_rows=30, seed=0)
     assert "max_samples" not in capsys.readouterr().err  # stratified: nothing to say
+    # stratified, a class of 3 rows in 603 rounds to none in a sample of 60: gone from every split, unsaid (session 42)
+    path.write_text("f1,f2,label\n" + "".join(f"{i},{2 * i},{'ab'[i % 2]}\n" for i in range(600)) + "7,7,rare\n8,8,rare\n9,9,rare\n")
+    table = load_flows(path, ["f1", "f2"], "label", granularity="raw", max_rows=60, seed=0)
+    err = capsys.readouterr().err
+    assert "rare" not in set(table.y) and "kept each class's share" in err and "'rare' 0 of 3" in err
+    from sectune.training.classification import _subsample
+
+    kept = _subsample([{"label": "common"}] * 500 + [{"label": "other"}] * 500 + [{"label": "rare"}] * 3, 60, 0)
+    assert "rare" not in {r["label"] for r in kept} and "'rare' 0 of 3" in capsys.readouterr().err
 
 
 def test_a_flow_cell_of_hundreds_of_digits_counts_as_inf(tmp_path):

@@ -268,6 +268,24 @@ def test_generic_prompt_answer_jsonl_becomes_triplets(tmp_path):
     assert {r["output"] for r in _all(I.triplet_data(compose([*TRIPLETS, f"dataset.path={path}"])))} == {"no"}
 
 
+def test_counterfactuals_equal_to_their_input_are_counted_and_a_contrastive_run_of_only_those_is_refused(tmp_path, capsys):
+    """Prompts with nothing to rename keep their text as the counterfactual: the causal term is a constant and causal
+    stability 1.0 before and after, reported as a gain without a word (an audit, session 42)."""
+    path = tmp_path / "plain.jsonl"
+    lines = [{"prompt": f"Summarise note number {w} of the incident", "answer": "ok"} for w in ("one", "two", "three", "four")] * 5
+    lines += [{"prompt": "Is host 10.0.0.7 up?", "answer": "yes"}]
+    path.write_text("".join(json.dumps({**o, "id": i}) + "\n" for i, o in enumerate(lines)), encoding="utf-8")
+    t = I.triplet_data(compose([*TRIPLETS, f"dataset.path={path}"]))
+    same = sum(r["benign_cf"] == r["benign"] for r in _all(t))
+    assert t.info["cf_unchanged"] == same == 20
+    assert "20 of 21 triplets have a counterfactual equal to their benign input" in capsys.readouterr().err
+    path.write_text("".join(json.dumps({**o, "id": i}) + "\n" for i, o in enumerate(lines[:20])), encoding="utf-8")
+    run = sectune(["+experiment=injection_contrastive_tiny", f"dataset.path={path}", "train.max_steps=1", "logger=none"],
+                  tmp_path / "run")
+    assert run.returncode == 2 and "every training triplet's benign_cf equals its benign input" in run.stderr
+    assert "loss.lambda_consistency=0" in run.stderr
+
+
 def test_prompt_answer_lines_with_bad_or_conflicting_splits_are_named(tmp_path):
     """A split spelled "val" was a KeyError traceback; two lines of one id naming different splits were silently put in
     the last one's; one line without a split among split lines failed naming neither the file nor the line."""

@@ -216,6 +216,22 @@ def test_a_folder_of_held_out_windows_keeps_saying_they_were_generated_to_a_late
 
 @requires_real_data
 @requires_rl
+@pytest.mark.skipif(not HAS_DPO, reason="stage=dpo is not in this checkout")
+def test_a_step_after_one_that_trained_again_starts_afresh_instead_of_resuming_the_old_inputs_checkpoints(tmp_path):
+    """train.resume=auto after changing the sft step: sft trained again, then dpo resumed its checkpoint trained from
+    the old sft weights, against the new reference, without a word (an audit, session 42)."""
+    run_dir = tmp_path / "p"
+    args = [*SMALL, "pipeline.steps=[sft,dpo]", "pipeline.heldout_table=false", "dataset.max_samples=16",
+            "pipeline.overrides.dpo.train.max_steps=3", "pipeline.overrides.dpo.train.save_steps=1", "pipeline.overrides.dpo.train.batch_size=2"]
+    assert run([*args, "pipeline.overrides.dpo.debug.fail_at_step=2"], run_dir).returncode != 0
+    assert (run_dir / "dpo" / "checkpoints" / "checkpoint-1").is_dir()
+    again = run([*args, "pipeline.overrides.sft.train.learning_rate=0.002", "train.resume=auto"], run_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step 2/2 dpo: train.resume=auto: sft trained in this run" in again.stdout and "trains afresh" in again.stdout
+    assert "resuming from" not in again.stdout
+    assert json.loads((run_dir / "dpo" / "result.json").read_text())["status"] == "succeeded"
+
+
 def test_failed_rl_step_then_rerun_continues_without_retraining(tmp_path):
     run_dir = tmp_path / "p"
     steps = ["sft", "reward", "rl", *(["dpo"] if HAS_DPO else []), "infer"]

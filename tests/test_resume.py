@@ -399,3 +399,38 @@ def test_a_damaged_json_record_a_stage_needs_makes_auto_skip_that_checkpoint(tmp
     assert unusable(ckpt, ("heldout_best.json",)) == "heldout_best.json is damaged (JSONDecodeError)"
     (ckpt / "heldout_best.json").write_text('{"scores": []}')
     assert unusable(ckpt, ("heldout_best.json",)) is None
+
+
+def test_a_resume_is_refused_when_the_run_it_starts_from_or_its_data_changed_since(tmp_path):
+    """The record held an input run's path only: an SFT run retrained in the same dir had dpo resume checkpoints trained
+    from the old weights against the new reference; and a data file rewritten between the interruption and the resume
+    gave another split (an audit, session 42). A record from before these keys still resumes."""
+    import pytest
+
+    from conftest import compose
+    from sectune.errors import ConfigError
+    from sectune.training import checkpoints
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "result.json").write_text(json.dumps({"status": "succeeded", "finished": "2026-12-07T10:00:00", "config_digest": "a" * 64}))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("{}\n")
+    base = ["logger=none", "stage=dpo", "loss=dpo", "dataset=auth_preferences", f"dpo.init_from={sft}", f"dataset.path={data}"]
+    ckpt_dir = tmp_path / "dpo" / "checkpoints"
+    assert checkpoints.resolve_resume(compose(base), ckpt_dir) is None
+    record = json.loads((ckpt_dir / checkpoints.RESUME_RECORD).read_text())
+    assert record["input.dpo.init_from"] == "finished 2026-12-07T10:00:00, config aaaaaaaaaaaa" and "data.dataset.path" in record
+    ckpt = ckpt_dir / "checkpoint-2"
+    checkpoints._check_same_training(compose(base), ckpt, "x")  # nothing changed
+    (sft / "result.json").write_text(json.dumps({"status": "succeeded", "finished": "2026-12-07T11:00:00", "config_digest": "a" * 64}))
+    with pytest.raises(ConfigError, match=r"input\.dpo\.init_from: 'finished 2026-12-07T10:00:00.*the run that key names was trained again"):
+        checkpoints._check_same_training(compose(base), ckpt, "x")
+    checkpoints.resolve_resume(compose(base), ckpt_dir)  # a fresh record: the new SFT run
+    data.write_text("{}\n{}\n")
+    with pytest.raises(ConfigError, match=r"data\.dataset\.path: .*the files that key names changed since"):
+        checkpoints._check_same_training(compose(base), ckpt, "x")
+    old = {k: v for k, v in json.loads((ckpt_dir / checkpoints.RESUME_RECORD).read_text()).items()
+           if not k.startswith(("input.", "data."))}
+    (ckpt_dir / checkpoints.RESUME_RECORD).write_text(json.dumps(old))  # recorded before session 42: nothing to compare
+    checkpoints._check_same_training(compose(base), ckpt, "x")

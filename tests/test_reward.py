@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose, requires_real_data, sectune
+from conftest import compose, requires_real_data, sectune, sentencepiece_like_tokenizer
 from sectune.errors import ConfigError
+from sectune.inference import cut_middle
 from sectune.models import reward_model as RM
 
 REWARD = ["stage=reward", "loss=bradley_terry", "dataset=auth_preferences", "logger=none"]
@@ -70,13 +71,33 @@ def test_pair_metrics_scores_chosen_and_rejected_in_one_call():
     assert m["reward_accuracy_verdict"] == 1.0 and m["reward_accuracy_counts"] == 0.0 and m["heldout_pairs"] == 3
 
 
-def test_long_prompt_is_cut_from_its_start_and_the_completions_kept():
+def test_long_prompt_is_cut_in_the_middle_and_the_completions_kept():
+    """Cut from its start, a long prompt lost BOS and the instruction (Llama-2/3 rows started mid-address); now cut as
+    infer cuts it, keeping its head and the answer cue (an audit, session 42)."""
     from sectune.models import modeling
 
     tok = modeling.load_tokenizer(compose([]))
-    enc, cut = RM.encode_group(tok, "line of logs " * 200, ['{"verdict":"benign"}', "x"], 64)
+    prompt = "Analyse these logs.\n### Logs:\n" + "line of logs " * 200 + "\n### Analysis:\n"
+    enc, cut = RM.encode_group(tok, prompt, ['{"verdict":"benign"}', "x"], 64)
     assert cut > 0 and len(enc["prompt_ids"]) + len(enc["completion_ids"][0]) == 64
     assert enc["completion_ids"][0][-1] == tok.eos_token_id and tok.decode(enc["completion_ids"][0][:-1]) == '{"verdict":"benign"}'
+    whole = tok(prompt)["input_ids"]
+    assert enc["prompt_ids"] == cut_middle(whole, len(whole) - cut)
+    text = tok.decode(enc["prompt_ids"])
+    assert text.startswith("Analyse these logs.") and text.endswith("### Analysis:\n")
+
+
+def test_a_completion_is_the_tokens_it_adds_after_its_prompt_as_sft_and_generation_see_it():
+    """Tokenized alone, a SentencePiece tokenizer wrote the answer as "▁{..." where SFT (TRL splits prompt + answer) and
+    generation after the prompt's newline write "{...": the reward model judged a tokenization the policy never emits
+    (an audit, session 42)."""
+    tok = sentencepiece_like_tokenizer()
+    prompt, answer = "line of logs\n### Analysis:\n", '{"verdict":"benign"}'
+    alone = tok(answer, add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(alone)[0].startswith("▁")  # the case this guards
+    p, full = tok(prompt)["input_ids"], tok(prompt + answer)["input_ids"]
+    enc, cut = RM.encode_group(tok, prompt, [answer], 256)
+    assert cut == 0 and enc["prompt_ids"] == p and enc["completion_ids"][0] == full[len(p):] + [tok.eos_token_id] != alone
 
 
 def test_a_completions_score_does_not_depend_on_the_length_of_its_siblings():

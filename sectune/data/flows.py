@@ -209,23 +209,26 @@ def _stratified_sample(df: pd.DataFrame, label_column: str, n: int, seed: int) -
     """A seeded subsample keeping class shares; plain random if a class is too small (said: :func:`warn_unstratified`)."""
     try:
         kept, _ = train_test_split(df, train_size=n, random_state=seed, stratify=df[label_column])
-        return kept.sort_index()
+        kept, stratified = kept.sort_index(), True
     except ValueError:
-        kept = df.sample(n=n, random_state=seed).sort_index()
-        warn_unstratified(df[label_column].astype(str).str.strip(), kept[label_column].astype(str).str.strip(), n)
-        return kept
+        kept, stratified = df.sample(n=n, random_state=seed).sort_index(), False
+    warn_unstratified(df[label_column].astype(str).str.strip(), kept[label_column].astype(str).str.strip(), n, stratified)
+    return kept
 
 
-def warn_unstratified(labels, kept_labels, n: int) -> None:
+def warn_unstratified(labels, kept_labels, n: int, stratified: bool = False) -> None:
     """A ``dataset.max_samples`` sample that could not keep the class shares (a class of one row) is plain random: it
-    lost a rare class from every split without a word (audit AB). Names the classes it lost or left too small to split."""
+    lost a rare class from every split without a word (audit AB); a stratified one rounds a class of a few rows in a large
+    file to none, as silently (an audit, session 42). Names the classes it lost or left too small to split."""
     before, after = pd.Series(list(labels)).value_counts(), pd.Series(list(kept_labels)).value_counts()
     small = [c for c in before.index if after.get(c, 0) < 3]
     if small:
         shown_classes = ", ".join(f"{c!r} {after.get(c, 0)} of {before[c]}" for c in small[:8])
-        print(f"sectune: warning: dataset.max_samples={n}: a class too small to keep its share made the sample plain random; "
-              f"rows kept of the rarest classes: {shown_classes}{' …' if len(small) > 8 else ''} (fewer than 3 cannot be "
-              "split into train, validation and test): raise dataset.max_samples", file=sys.stderr)
+        why = ("the sample kept each class's share, which rounds a rare one to few rows or none" if stratified else
+               "a class too small to keep its share made the sample plain random")
+        print(f"sectune: warning: dataset.max_samples={n}: {why}; rows kept of the rarest classes: {shown_classes}"
+              f"{' …' if len(small) > 8 else ''} (a class with none is gone from every split and from the macro-F1; fewer "
+              "than 3 cannot be split into train, validation and test): raise dataset.max_samples", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- splitting
@@ -279,7 +282,8 @@ class FlowNormalizer:
     comparison. Zero spread (IQR and std both 0, e.g. a constant flag) → scale 1, so the column
     becomes 0 on train and a non-zero value elsewhere stays visible instead of dividing by 0.
     ``quantile``: the value's decile bin among the train values (0..9; fewer bins where values
-    repeat, a flag has 2): one short integer per feature, which a small model reads far more
+    repeat; a minimum held by a tenth of the rows or more is a bin of its own, so a flag set in 1% of rows has 2):
+    one short integer per feature, which a small model reads far more
     easily than signed decimals, and a prompt about half as long.
     """
 
@@ -308,6 +312,14 @@ class FlowNormalizer:
             qs = np.linspace(0, 1, self.bins + 1)[1:-1]
             # a bin edge is kept only if it is not the column minimum, so the lowest value is bin 0
             self.edges = {c: sorted({float(e) for e in np.quantile(Z[c], qs) if e > Z[c].min()}) for c in self.features}
+            for c in self.features:
+                # a minimum held by a decile of the rows or more (a flag, a port count mostly 0) swallowed every value
+                # below the next decile: set in under 10% of rows, SSH or rst_count rendered 0 for every flow, BruteForce's
+                # included (10 of the 39 CIC features; an audit, session 42). Above the minimum is a bin of its own.
+                z = Z[c].to_numpy()
+                above = z[z > z.min()] if len(z) else z
+                if len(above) and np.mean(z == z.min()) >= 1.0 / self.bins and not (self.edges[c] and self.edges[c][0] <= above.min()):
+                    self.edges[c] = sorted(set(self.edges[c]) | {float(above.min())})
             self.center = {c: 0.0 for c in self.features}
             self.scale = {c: 1.0 for c in self.features}
             return self

@@ -119,6 +119,15 @@ def triplet_data(cfg: DictConfig, need_train: bool = True) -> TripletData:
     if need_train and not splits["train"]:
         raise DataError(f"dataset={d.name}: no training triplets ({info.get('source')})")
     info["counts"] = {s: len(v) for s, v in splits.items()}
+    # a prompt with no name, address, port or time to rename keeps its text: the causal term is then a constant and
+    # causal stability reads 1.0 before and after, measuring nothing (an audit, session 42)
+    same = {s: sum(r["benign_cf"].strip() == r["benign"].strip() for r in v) for s, v in splits.items()}
+    info["cf_unchanged"] = sum(same.values())
+    if info["cf_unchanged"]:
+        print(f"sectune: warning: {info['cf_unchanged']} of {len(records)} triplets have a counterfactual equal to their benign "
+              f"input ({', '.join(f'{s} {n}' for s, n in same.items() if n)}; {info.get('source')}): the causal term and causal "
+              "stability learn and measure nothing on them (the generic builder renames IPs, ports, users, hosts and times; "
+              "a prompt with none of them stays as it is)", file=sys.stderr)
     return TripletData(splits, info)
 
 

@@ -185,6 +185,11 @@ def tfidf_row(train: list[Window], val: list[Window], test: list[Window], seed: 
     """TF-IDF + logistic regression on the window text, C chosen on ``val``; ``extra``: more (text, verdict) training pairs."""
     from sectune.evaluation.baselines import tfidf_logreg_baseline
 
+    labels = {w.label for w in train} | {y for _, y in extra}
+    if len(labels) < 2:  # a one-verdict folder (an attack-only capture): the table died after every step had trained
+        only = next(iter(labels), "none")  # (LogisticRegression refuses one class; an audit, session 42)
+        return Row(name, "baseline", [only] * len(test), note=f"the training windows hold one verdict only ({only}): "
+                   "no classifier can be fitted, so it answers that verdict")
     res = tfidf_logreg_baseline([w.log_text for w in train] + [t for t, _ in extra], [w.label for w in train] + [y for _, y in extra],
                                 [w.log_text for w in test], seed,
                                 val_texts=[w.log_text for w in val] or None, val_y=[w.label for w in val] or None)

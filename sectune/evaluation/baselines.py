@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from sklearn.base import clone
@@ -19,6 +19,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
+from sklearn.pipeline import make_pipeline
 
 
 @dataclass
@@ -30,6 +31,11 @@ class BaselineResult:
     fit_s: float
     predict_s: float
     params: Dict[str, object] = field(default_factory=dict)
+    #: ``rows -> p(class)`` per row, columns in ``classes`` order (the fitted classifier; not saved)
+    predict_proba: Optional[Callable] = field(default=None, repr=False)
+    classes: List[str] = field(default_factory=list)
+    #: a fresh, unfitted copy of the classifier (text baseline: vectorizer + C) for out-of-fold probabilities
+    unfitted: Optional[Callable] = field(default=None, repr=False)
 
     @property
     def wall_s(self) -> float:
@@ -77,7 +83,9 @@ def random_forest_baseline(train_X, train_y: Sequence, test_X, seed: int = 0, *,
     _, fit_s = _timed(lambda: clf.fit(np.asarray(train_X, dtype=float), np.asarray(train_y, dtype=str)))
     preds, pred_s = _timed(lambda: clf.predict(np.asarray(test_X, dtype=float)))
     return BaselineResult("random_forest", [str(p) for p in preds], fit_s, pred_s,
-                          {"n_estimators": n_estimators, "n_jobs": n_jobs, "seed": seed})
+                          {"n_estimators": n_estimators, "n_jobs": n_jobs, "seed": seed},
+                          predict_proba=lambda X: clf.predict_proba(np.asarray(X, dtype=float)), classes=[str(c) for c in clf.classes_],
+                          unfitted=lambda: RandomForestClassifier(n_estimators=n_estimators, n_jobs=n_jobs, random_state=seed))
 
 
 def tfidf_logreg_baseline(train_texts: Sequence[str], train_y: Sequence, test_texts: Sequence[str],
@@ -114,7 +122,6 @@ def tfidf_logreg_baseline(train_texts: Sequence[str], train_y: Sequence, test_te
     elif cv_folds:
         from sklearn.metrics import make_scorer
         from sklearn.model_selection import cross_val_score
-        from sklearn.pipeline import make_pipeline
 
         every = np.arange(len(train_y))
         splits = [(np.setdiff1d(every, held), np.asarray(held)) for held in cv_folds]
@@ -127,4 +134,8 @@ def tfidf_logreg_baseline(train_texts: Sequence[str], train_y: Sequence, test_te
     preds, pred_s = _timed(lambda: model.predict(vectorizer.transform(list(test_texts))))
     chosen_by = "validation" if fitted else f"{len(cv_folds)}-fold CV on train" if cv_folds else "default (no validation rows)"
     return BaselineResult("tfidf_logreg", [str(p) for p in preds], fit_s, pred_s,
-                          {"C": c_best, "val_macro_f1_by_C": val_scores, "C_chosen_by": chosen_by, "seed": seed})
+                          {"C": c_best, "val_macro_f1_by_C": val_scores, "C_chosen_by": chosen_by, "seed": seed},
+                          predict_proba=lambda texts: model.predict_proba(vectorizer.transform(list(texts))),
+                          classes=[str(c) for c in model.classes_],
+                          unfitted=lambda: make_pipeline(clone(vectorizer), LogisticRegression(
+                              C=c_best, max_iter=2000, class_weight="balanced", random_state=seed)))

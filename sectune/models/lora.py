@@ -65,7 +65,15 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         task_type=task_type,
         modules_to_save=[*(lc.modules_to_save or ()), *fresh] or None,
     )
-    return get_peft_model(model, peft_cfg)
+    model = get_peft_model(model, peft_cfg)
+    if cfg.train.precision in ("bf16", "fp16"):
+        # peft gives its LoRA layers an fp32 master copy, not modules_to_save (a classifier's or reward model's score
+        # head): loaded in model.dtype=fp16 under fp16 mixed precision, its fp16 gradients made the GradScaler refuse the
+        # first step ("Attempting to unscale FP16 gradients"; an audit, session 42); autocast computes it in half anyway
+        for p in model.parameters():
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    return model
 
 
 def quantized_module_count(model) -> int:

@@ -31,21 +31,30 @@ _LOGS_IN_PROMPT = re.compile(r"### Logs:\n(?P<logs>.*?)\n### Analysis:", re.S)
 
 def encode_group(tokenizer, prompt: str, completions: Sequence[str], max_length: int) -> tuple[dict, int]:
     """One prompt and its completions (each + EOS) as ids. When the prompt and the longest completion
-    exceed ``max_length``, the prompt's start is cut (the completions, which the reward judges, are
-    kept whole). Returns (``{"prompt_ids", "completion_ids"}``, prompt tokens cut)."""
+    exceed ``max_length``, the prompt is cut (the completions, which the reward judges, are kept whole).
+    Returns (``{"prompt_ids", "completion_ids"}``, prompt tokens cut).
+
+    The prompt is cut in the middle, as infer cuts it (``inference.cut_middle``): cut from its start it lost BOS and the
+    instruction, so the reward model trained and scored long windows without them (an audit, session 42). A completion
+    is the tokens it adds after the prompt (:func:`completion_ids`), as SFT, DPO and generation see it."""
+    from sectune.inference import completion_ids, cut_middle
+
     p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    cs = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id] for c in completions]
+    cs = [completion_ids(tokenizer, prompt, c, p)[: max_length - 1] + [tokenizer.eos_token_id] for c in completions]
     over = max(0, len(p) + max(map(len, cs)) - max_length)
-    return {"prompt_ids": p[over:], "completion_ids": cs}, over
+    return {"prompt_ids": cut_middle(p, len(p) - over), "completion_ids": cs}, over
 
 
 def _same_cut(tokenizer, prompt: str, completions: Sequence[str], max_length: int) -> list[list[str]]:
     """``completions`` in groups whose prompt :func:`encode_group` cuts by as many tokens, in order (one group where the
     prompt and every completion fit ``max_length``)."""
-    n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    from sectune.inference import completion_ids
+
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    n = len(p)
     groups: dict[int, list[str]] = {}
     for c in completions:
-        length = min(len(tokenizer(c, add_special_tokens=False)["input_ids"]), max_length - 1) + 1  # + EOS
+        length = min(len(completion_ids(tokenizer, prompt, c, p)), max_length - 1) + 1  # + EOS
         groups.setdefault(max(0, n + length - max_length), []).append(c)
     return list(groups.values())
 

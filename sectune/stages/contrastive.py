@@ -69,6 +69,11 @@ def run(ctx: RunContext) -> dict:
     if not splits["train"] or not held_out:
         raise ConfigError(f"dataset={cfg.dataset.name}: stage=contrastive needs train triplets and held-out (test or validation) ones; "
                           f"got {len(splits['train'])} train / {len(splits['validation'])} validation / {len(splits['test'])} test")
+    if float(cfg.loss.lambda_consistency) > 0 and all(r["benign_cf"].strip() == r["benign"].strip() for r in records["train"]):
+        raise ConfigError(f"dataset={cfg.dataset.name}: every training triplet's benign_cf equals its benign input "
+                          f"({data_info.get('source')}), so loss.lambda_consistency={cfg.loss.lambda_consistency} trains nothing "
+                          "and causal stability is 1.0 by construction: give counterfactuals that differ (a triplet file), or "
+                          "set loss.lambda_consistency=0")
     if cfg.contrastive.attack_eval and any("injection_output" not in r for r in attacked):
         raise ConfigError(f"dataset={cfg.dataset.name}: the {held_name} triplets carry no injection_output, so the attack cannot be "
                           "scored; set contrastive.attack_eval=false")

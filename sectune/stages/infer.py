@@ -197,7 +197,7 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
         print(f"sectune: warning: {f'no usable rl/dpo/sft model in {ic.model_dir}' if ic.model_dir is not None else 'infer.model_dir is not set'}; "
               "the base model answers, untrained for this task")
     limit = cfg.model.max_seq_length
-    too_long = sum(len(ids) + gen_cfg.max_new_tokens > limit for ids in tokenizer(prompts)["input_ids"])
+    too_long = sum(len(ids) + gen_cfg.max_new_tokens > limit for ids in tokenizer(prompts, split_special_tokens=True)["input_ids"])
     if too_long:
         print(f"sectune: warning: {too_long} prompt(s) plus generation.max_new_tokens exceed model.max_seq_length={limit}")
     constraint = None

@@ -159,6 +159,12 @@ def _run_pipeline(ctx: RunContext, overrides: list[str]) -> dict:
             print(f"{head}: skipped (succeeded on {prev.get('finished', '?')} with this config, digest {step.skip_digest}; {step.dir})")
             skipped.append(step.name)
             continue
+        if ran and str(step.cfg.train.resume) == "auto":
+            # its checkpoints were trained from what the earlier steps gave before they ran again (an audit, session 42)
+            print(f"{head}: train.resume=auto: {', '.join(ran)} trained in this run, so this step's checkpoints (from the "
+                  "earlier inputs) are not resumed: it trains afresh")
+            with open_dict(step.cfg):
+                step.cfg.train.resume = None
         check_inputs(step, by_name)
         if main and reads_windows(step, run_dir):
             write_windows(run_dir / WINDOWS_DIR, test_windows, windows_generated)

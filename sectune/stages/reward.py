@@ -145,7 +145,7 @@ def train(ctx: RunContext, splits: dict, held_out: list[dict], held_name: str, t
     train_rows, cut = RM.encode_pair_groups(tokenizer, splits["train"], max_len)
     val_rows, vcut = RM.encode_pair_groups(tokenizer, splits["validation"], max_len)
     if cut + vcut:
-        print(f"sectune: warning: {cut + vcut} prompts + completions exceed model.max_seq_length={max_len}; the prompt's start was cut")
+        print(f"sectune: warning: {cut + vcut} prompts + completions exceed model.max_seq_length={max_len}; the prompt's middle was cut (as infer cuts it)")
     kwargs = engine.training_kwargs(cfg, run_dir / "checkpoints", has_eval=bool(val_rows))
     # (under torchrun / accelerate the process group starts here: the scoring below is shared out across the ranks)
     args = TrainingArguments(**kwargs, remove_unused_columns=False, label_names=[], prediction_loss_only=True)

@@ -230,7 +230,51 @@ def training_settings(cfg: DictConfig, root: Path) -> dict:
         if node is None or not OmegaConf.is_config(node):
             continue
         walk(g, relative_to_root(OmegaConf.to_container(node, resolve=True), str(root)))
+    flat.update(input_identities(cfg, groups))
+    flat.update(data_identity(cfg))
     return {k: v for k, v in flat.items() if not (k.startswith("train.") and k.split(".", 1)[1] in RESUMABLE)}
+
+
+#: the keys naming a run whose weights a stage starts from or scores with
+INPUT_KEYS = ("model.name_or_path", "dpo.init_from", "rl.init_from", "rl.reward_model", "reward.init_from", "contrastive.init_from")
+#: prefixes of the record's keys added in session 42: a record from before holds none of them (nothing to compare)
+IDENTITY_PREFIXES = ("input.", "data.")
+
+
+def input_identities(cfg: DictConfig, groups: list[str]) -> dict:
+    """``input.<key>``: when a key of :data:`INPUT_KEYS` names a sectune run (or its ``model/`` folder), that run's
+    finishing time and config digest. Its path alone was recorded: an SFT run retrained in the same dir (a pipeline rerun
+    with another sft setting does it) had dpo/rl resume checkpoints trained from the old weights against the new
+    reference and start metrics, without a word (an audit, session 42)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in INPUT_KEYS:
+        value = OmegaConf.select(cfg, key, default=None) if key.split(".")[0] in groups else None
+        if not value:
+            continue
+        p = Path(str(value)).expanduser()
+        for folder in (p, p.parent):
+            try:
+                rec = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(rec, dict) and rec.get("finished"):
+                out[f"input.{key}"] = f"finished {rec.get('finished')}, config {str(rec.get('config_digest'))[:12]}"
+                break
+    return out
+
+
+def data_identity(cfg: DictConfig) -> dict:
+    """``data.<key>``: a digest of the files each data key names (``run_digest.data_fingerprint``: names, sizes, times).
+    A resume read the split of whatever was there: a file rewritten between the interruption and the resume went on with
+    another sample, sessions trained on now in validation (an audit, session 42)."""
+    import hashlib
+
+    from sectune.run_digest import data_fingerprint
+
+    return {f"data.{k}": hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for k, v in data_fingerprint(cfg).items()}
 
 
 #: under a run's checkpoints/: the checkpoints of the attempt a fresh start replaced (one generation is kept)
@@ -309,12 +353,14 @@ def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:
         return
     before.setdefault("processes", 1)  # recorded since session 27: the records before are of 1-process runs
     now = json.loads(json.dumps(training_settings(cfg, ckpt.parent.parent.parent), default=str))
-    for k in now:  # recorded since session 35: a record from before says nothing about them
-        if (k == "debug.enabled" or k.startswith("generation.")) and k not in before:
+    for k in now:  # recorded since session 35 (42: inputs and data): a record from before says nothing about them
+        if (k == "debug.enabled" or k.startswith(("generation.", *IDENTITY_PREFIXES))) and k not in before:
             before[k] = now[k]
     before.update(_added_since(before, now))
     diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if diff:
         shown = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in diff[:4])
-        raise ConfigError(f"{key}: those checkpoints were trained with other settings ({shown}{' …' if len(diff) > 4 else ''}); "
-                          "resume with the same settings, or train.resume=null to train afresh with these")
+        why = "".join(sorted({" (input.<key>: the run that key names was trained again since)" if k.startswith("input.") else
+                              " (data.<key>: the files that key names changed since)" for k in diff if k.startswith(IDENTITY_PREFIXES)}))
+        raise ConfigError(f"{key}: those checkpoints were trained with other settings ({shown}{' …' if len(diff) > 4 else ''})"
+                          f"{why}; resume with the same settings, or train.resume=null to train afresh with these")

@@ -13,6 +13,7 @@ Scoring (probabilities from a model), decisions and split evaluation are in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -78,13 +79,15 @@ def _subsample(records: List[dict], n: Optional[int], seed: int) -> List[dict]:
         return records
     from sklearn.model_selection import train_test_split
 
+    from sectune.data.flows import warn_unstratified
+
     try:
         kept, _ = train_test_split(records, train_size=n, random_state=seed, stratify=[r["label"] for r in records])
+        stratified = True
     except ValueError:
-        from sectune.data.flows import warn_unstratified
-
         kept = [records[i] for i in sorted(np.random.default_rng(seed).choice(len(records), n, replace=False))]
-        warn_unstratified([r["label"] for r in records], [r["label"] for r in kept], n)
+        stratified = False
+    warn_unstratified([r["label"] for r in records], [r["label"] for r in kept], n, stratified)
     return list(kept)
 
 
@@ -213,10 +216,18 @@ def class_weight_vector(spec, labels: Sequence[str], train_labels: Sequence[str]
         unknown = sorted(set(map(str, spec)) - set(labels))
         if unknown:
             raise ConfigError(f"loss.class_weights: unknown label(s) {unknown}; labels are {labels}")
-        w = {str(k): float(v) for k, v in spec.items()}
-        if any(v < 0 for v in w.values()):
-            raise ConfigError("loss.class_weights: weights must be >= 0")
-        return [w.get(lab, 1.0) for lab in labels]
+        w = {}
+        for k, v in spec.items():  # 'high' or .nan (a string from the command line) died in float() naming no key
+            try:
+                w[str(k)] = float(v) if not isinstance(v, bool) else math.nan
+            except (TypeError, ValueError):
+                w[str(k)] = math.nan
+            if not (math.isfinite(w[str(k)]) and w[str(k)] >= 0):
+                raise ConfigError(f"loss.class_weights.{k}={v!r}: must be a number >= 0 (the weight of that label's rows)")
+        out = [w.get(lab, 1.0) for lab in labels]
+        if not any(out):  # every row weighs 0: the loss is 0, nothing trains, and the run said done (an audit, session 42)
+            raise ConfigError(f"loss.class_weights={spec}: every label's weight is 0, so no row trains; give at least one > 0")
+        return out
     raise ConfigError(f"loss.class_weights={spec!r}: use null, balanced or {{label: weight}}")
 
 

@@ -27,14 +27,16 @@ def _prompt_ids(tokenizer, texts: Sequence[str], max_len: int, side: str) -> Lis
     old = tokenizer.truncation_side
     tokenizer.truncation_side = side  # generative keeps the prompt's end ("Label:"), seq_cls its start
     try:
-        ids = tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+        # a text's "</s>" or "<|endoftext|>" stays text, in training and scoring alike: an injected prompt (an attacker's)
+        # wrote the tokenizer's control tokens into the classifier's input (an audit, session 42)
+        ids = tokenizer(list(texts), truncation=True, max_length=max_len, split_special_tokens=True)["input_ids"]
     finally:
         tokenizer.truncation_side = old
     empty = [i for i, x in enumerate(ids) if not x]
     if empty:
         raise DataError(f"row {empty[0]}{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}: an empty prompt has no "
                         "token to classify (an empty text, or dataset.prompt_template='')")
-    cut = sum(len(x) >= max_len for x in ids) and sum(len(x) > max_len for x in tokenizer(list(texts))["input_ids"])
+    cut = sum(len(x) >= max_len for x in ids) and sum(len(x) > max_len for x in tokenizer(list(texts), split_special_tokens=True)["input_ids"])
     if cut:
         print(f"sectune: warning: {cut} of {len(ids)} prompt(s) longer than {max_len} tokens (model.max_seq_length) lost their "
               f"{'end' if side == 'right' else 'start'}", file=sys.stderr)

@@ -46,6 +46,24 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def bind_local_gpu() -> int | None:
+    """Under torchrun on GPUs, make this rank's GPU (``LOCAL_RANK``) CUDA's current device before any model loads.
+
+    Until accelerate's state starts (when a stage builds its Trainer, after the model loaded) the current device is GPU 0
+    in every rank, and sectune places models on ``"cuda"`` (bitsandbytes' ``device_map={"": "cuda"}``, ``.to("cuda")``,
+    the reward model GRPO scores with, ``mem_get_info``): every rank's copy landed on GPU 0, and a quantized stage=dpo
+    met its batch on ``cuda:LOCAL_RANK`` (an audit, session 42). Returns the index bound, or None."""
+    local = os.environ.get("LOCAL_RANK")
+    if world_size() <= 1 or local is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.set_device(int(local))
+    return int(local)
+
+
 def _has_override(argv: list[str], key: str) -> bool:
     return any(a.split("=", 1)[0].lstrip("+") == key for a in argv)
 

@@ -304,9 +304,9 @@ def baseline_predictions(data: LabelledData, split: str, seed: int, rf_estimator
             val_texts=X(val) or None, val_y=[r["label"] for r in val] or None,
             cv_folds=None if val else baseline_folds(ytr, folds, fold_seed),
         )
-    if tuned and len(data.labels) == 2:
-        tuned_baseline(b, data.labels, X(test), X(val), [r["label"] for r in val], X(train), ytr,
-                       None if val else baseline_folds(ytr, folds, fold_seed))
+    if tuned and len(data.labels) == 2:  # the model's rows: out-of-fold train rows with classify.folds, else validation
+        oof = baseline_folds(ytr, folds, fold_seed) if folds > 1 else None
+        tuned_baseline(b, data.labels, X(test), [] if oof else X(val), [r["label"] for r in val], X(train), ytr, oof)
     maj = majority_baseline(ytr, [r["label"] for r in test])
     return {b.name: b.predictions, "majority": maj.predictions}, {b.name: b.to_dict(), "majority": maj.to_dict()}
 

@@ -795,7 +795,7 @@ def test_infer_decodes_as_the_models_run_did_keeps_the_earlier_answers_and_recor
     sft = tmp_path / "sft"
     make_step(sft, "sft", adapter)
     (sft / ".hydra").mkdir()
-    OmegaConf.save(compose([*BASE, "generation.repetition_penalty=1.05"]), sft / ".hydra" / "config.yaml")
+    OmegaConf.save(compose([*BASE, "generation.repetition_penalty=1.05", "generation.do_sample=true"]), sft / ".hydra" / "config.yaml")
     log = tmp_path / "auth.log"
     log.write_text("Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186\n")
     args = [*BASE, f"infer.model_dir={sft}", f"infer.input_file={log}", "generation.max_new_tokens=8"]
@@ -803,12 +803,15 @@ def test_infer_decodes_as_the_models_run_did_keeps_the_earlier_answers_and_recor
     assert first.returncode == 0, first.stderr[-2000:]
     assert "decoding as the sft run did (generation.repetition_penalty=1.05" in first.stdout
     m = first.result["metrics"]
+    assert m["sampled"] == 1  # as decoded (the run's do_sample): the held-out table reuses greedy answers only (session 42)
     assert m["input_lines"] == 1 and m["input_sha256"] == hashlib.sha256(f"auth.log\0{log.read_text()}\0".encode()).hexdigest()
     rec = json.loads((tmp_path / "run" / "analyses.json").read_text())[0]
     assert rec["input_cut"] is False and isinstance(rec["absent_names"], list)
     again = sectune([*args, "generation.repetition_penalty=1.2"], tmp_path / "run")  # set on the command line: it wins
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "decoding as the sft run did" not in again.stdout
+    assert "decoding as the sft run did (generation.do_sample=True" in again.stdout  # the key not set here is still theirs
+    again = sectune([*args, "generation.repetition_penalty=1.2", "generation.do_sample=false"], tmp_path / "run")
+    assert "decoding as the sft run did" not in again.stdout and again.result["metrics"]["sampled"] == 0
     assert (tmp_path / "run" / "analyses.previous.json").is_file() and "analyses.previous.json" in again.stdout
 
 

@@ -738,3 +738,35 @@ def test_the_pipelines_wandb_run_ends_as_the_pipeline_does_and_shares_its_steps_
     assert [r["exit_code"] for r in own] == [1, 0] and own[1]["summary"]["status"] == "succeeded"
     (infer,) = runs_in(run_dir / "infer")
     assert own[1]["group"] == infer["group"] == f"{tmp_path.name}/pipe"
+
+
+def test_a_policy_that_did_not_start_from_the_sft_step_is_not_called_its_continuation(tmp_path):
+    """GRPO from a fresh adapter on the base model (rl.init_from=null, rl.allow_fresh_adapter=true) was labelled
+    "SFT+GRPO" and compared with SFT as what GRPO added to it (an audit, session 42)."""
+    from types import SimpleNamespace
+
+    from conftest import compose
+    from sectune import runner
+    from sectune.evaluation import pipeline_heldout as H
+
+    def step(name, **metrics):
+        d = tmp_path / name
+        runner.write_json_atomic(d / "result.json", {"stage": name, "status": "succeeded", "metrics": metrics,
+                                                     "artifacts": {"adapter": "adapter"}})
+        return SimpleNamespace(name=name, cfg=compose(["logger=none", *(["stage=rl", "loss=grpo"] if name == "rl" else [])]), dir=d)
+
+    eval_cfg = compose(["logger=none"])
+    assert [r[0] for r in H.policy_rows([step("sft"), step("rl", fresh_adapter=0)], eval_cfg)][1:] == ["SFT", "SFT+GRPO"]
+    assert [r[0] for r in H.policy_rows([step("sft"), step("rl", fresh_adapter=1)], eval_cfg)][1:] == ["SFT", "GRPO"]
+
+
+def test_only_a_policy_that_continued_sft_is_measured_against_it():
+    from sectune.evaluation.analyst_eval import Row
+    from sectune.evaluation.analyst_scoring import compare
+
+    truth = ["benign", "malicious", "suspicious", "benign"]
+    rows = [Row("SFT", "policy", truth, step="sft"), Row("GRPO", "policy", ["benign"] * 4, step="rl"),
+            Row("SFT+DPO", "policy", ["benign"] * 4, step="dpo"), Row("TF-IDF + LR (verdict only)", "baseline", truth)]
+    scores = {r.name: {"verdict_macro_f1": 0.5} for r in rows}
+    compare(rows, scores, truth, rows[3], rows[0], 0)
+    assert "vs_sft_diff" in scores["SFT+DPO"] and "vs_sft_diff" not in scores["GRPO"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import FAST, compose, requires_real_data, sectune
+from sectune import data
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +218,26 @@ def test_warmup_refuses_a_dataset_without_a_generator_a_quantized_model_and_bad_
             sft.warmup(RunContext(cfg=cfg, run_dir=tmp_path))
     assert sft.warmup(RunContext(cfg=compose([]), run_dir=tmp_path)) is None  # off by default: nothing built
     assert not (tmp_path / "warmup").exists()
+
+
+def test_a_warm_up_from_the_same_generated_stream_as_the_held_out_windows_is_refused(tmp_path):
+    """Without real logs the dataset's windows are generated with dataset.split_seed; the warm-up's with sft.warmup_seed
+    (7). The generator is prefix-stable, so at split_seed=7 the warm-up held every test window word for word, and the
+    table called them held out (an audit, session 42)."""
+    from conftest import compose
+
+    from sectune.errors import ConfigError
+    from sectune.stages import sft
+
+    empty = tmp_path / "no_logs"
+    empty.mkdir()
+    base = [f"dataset.source_dir={empty}", f"paths.cache_dir={tmp_path / 'cache'}", "sft.warmup_lines=3000"]
+    with pytest.raises(ConfigError, match=r"sft\.warmup_seed=7: the warm-up's generated windows .* hold \d+ of the run's \d+ "
+                                          r"validation and test windows word for word .*dataset\.split_seed=7"):
+        sft.check_warmup_holds_no_held_out_window(compose([*base, "dataset.split_seed=7"]),
+                                                  data.generated_auth_folder(compose([*base, "dataset.split_seed=7"])))
+    cfg = compose([*base, "dataset.split_seed=0"])  # another stream: nothing shared
+    sft.check_warmup_holds_no_held_out_window(cfg, data.generated_auth_folder(cfg))
 
 
 def test_key_weight_scales_the_loss_on_the_answers_counts_and_verdict_only(tmp_path):

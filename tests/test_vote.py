@@ -113,8 +113,11 @@ def test_a_pipelines_held_out_table_never_takes_a_votes_answers_as_one_policys(t
     step_dir = tmp_path / "infer"
     step_dir.mkdir()
     (step_dir / "analyses.json").write_text(json.dumps([{"input": "w1.log", "model_used": "sft", "generated": "{}"}]))
-    runner.write_json_atomic(step_dir / "result.json", {"stage": "infer", "status": "succeeded", "metrics": {"generation_s": 1.0},
-                                                        "artifacts": {"output": "analyses.json"}})
+    def result(**metrics):
+        runner.write_json_atomic(step_dir / "result.json", {"stage": "infer", "status": "succeeded", "artifacts": {"output": "analyses.json"},
+                                                            "metrics": {"generation_s": 1.0, **metrics}})
+
+    result(sampled=0)
 
     def step(*overrides):
         cfg = compose(["stage=infer", "logger=none", f"infer.input_file={tmp_path / H.WINDOWS_DIR}", *overrides])
@@ -123,3 +126,13 @@ def test_a_pipelines_held_out_table_never_takes_a_votes_answers_as_one_policys(t
     batch = int(step().cfg.infer.batch_size)
     assert H.infer_answers([step()], tmp_path, windows, batch) == {"sft": (["{}"], 1.0)}
     assert H.infer_answers([step("infer.vote_with=[a,b]")], tmp_path, windows, batch) == {}
+    # infer decodes as the policy's run did: sampled answers (or a run that did not say) are not the greedy row (session 42)
+    result(sampled=1)
+    assert H.infer_answers([step()], tmp_path, windows, batch) == {}
+    result()
+    assert H.infer_answers([step()], tmp_path, windows, batch) == {}
+    result(sampled=0)  # a 4-bit policy: infer's kernel layout is not the table's (session 42)
+    four_bit = SimpleNamespace(name="sft", cfg=compose(["logger=none", "quantization=nf4", "lora=r4_attention"]), dir=tmp_path / "sft")
+    assert H.infer_answers([four_bit, step()], tmp_path, windows, batch) == {}
+    plain = SimpleNamespace(name="sft", cfg=compose(["logger=none"]), dir=tmp_path / "sft")
+    assert H.infer_answers([plain, step()], tmp_path, windows, batch) == {"sft": (["{}"], 1.0)}

@@ -93,7 +93,9 @@ def compare(rows: list, scores: dict, truth: list[str], baseline, best, seed: in
         if best is not None and r.kind == "policy" and r.step == best.step:  # the bar's claim with its noise
             ci = paired_bootstrap_diff(truth, r.verdicts, baseline.verdicts, CLASSES, seed=seed)
             scores[r.name].update(vs_tfidf_lr_ci95=[ci["ci_low"], ci["ci_high"]], vs_tfidf_lr_share_not_above=ci["share_not_above"])
-        if sft is not None and is_trained_policy(r) and r is not sft:  # what GRPO / DPO added to the SFT policy, with its noise
+        # what GRPO / DPO added to the SFT policy, with its noise: for a policy that started from it (pipeline_heldout names
+        # those "SFT+..."; one from a fresh adapter on the base model was compared as SFT's continuation: session 42)
+        if sft is not None and is_trained_policy(r) and r is not sft and r.name.startswith("SFT+"):
             ci = paired_bootstrap_diff(truth, r.verdicts, sft.verdicts, CLASSES, seed=seed)
             scores[r.name].update(vs_sft_diff=ci["diff"], vs_sft_ci95=[ci["ci_low"], ci["ci_high"]])
 

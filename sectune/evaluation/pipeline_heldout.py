@@ -101,7 +101,10 @@ def policy_rows(steps: list[Step], eval_cfg: DictConfig) -> list[tuple[str, str,
         kind = "adapter" if arts.get("adapter") else "model" if arts.get("model") else None
         if kind is None:
             continue
-        prefix = "SFT+" if s.name != "sft" and "sft" in names[: names.index(s.name)] else ""
+        # a step that did not start from the SFT weights (rl.init_from=null with rl.allow_fresh_adapter: a fresh adapter on
+        # the base model) is no continuation of SFT: it was labelled SFT+GRPO and compared with SFT (an audit, session 42)
+        fresh = ((runner.previous_result(s.dir) or {}).get("metrics") or {}).get("fresh_adapter")
+        prefix = "SFT+" if s.name != "sft" and "sft" in names[: names.index(s.name)] and not fresh else ""
         label = {"sft": "SFT", "dpo": "DPO", "rl": RL_NAMES.get(str(s.cfg.loss.name), f"RL ({s.cfg.loss.name})")}[s.name]
         rows.append((prefix + label, s.name, s.cfg, kind, s.dir / arts[kind]))
     return rows
@@ -121,7 +124,15 @@ def infer_answers(steps: list[Step], run_dir: Path, windows: list, batch_size: i
     ic, gen = step.cfg.infer, step.cfg.generation
     if ic.constrained or ic.full_schema or gen.do_sample or int(ic.batch_size) != batch_size or ic.vote_with:
         return {}  # (a vote's answers are no one policy's)
+    if any(s.cfg.quantization.get("load_in_4bit") for s in steps if s.name in ("sft", "rl", "dpo")):
+        # infer answers a 4-bit policy through bitsandbytes' inference layout on an AVX512-BF16 CPU, the table (and the
+        # validation pass that chose the best policy) through the training layout: one row would be the other's numbers
+        return {}  # (an audit, session 42: 6 of 8 answers agreed)
     res = runner.previous_result(step.dir) or {}
+    # infer decodes as the policy's run did: a policy trained with generation.do_sample=true was sampled there, and the
+    # table put those answers in its greedy row (an audit, session 42); a run from before the key: not known, not reused
+    if (res.get("metrics") or {}).get("sampled", 1):
+        return {}
     out_rel = (res.get("artifacts") or {}).get("output")
     try:
         records = json.loads((step.dir / out_rel).read_text(encoding="utf-8")) if out_rel else None

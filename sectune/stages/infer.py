@@ -111,7 +111,8 @@ def run(ctx: RunContext) -> dict:
                  "forced_rows": [i for i, k in enumerate(kept) if i in forced_by[k]],  # the kept answers'
                  "verdict_forced_rows": [i for i, k in enumerate(kept) if i in forced_verdicts[k]],
                  "forced": sum(len(a[1]["forced_rows"]) for a in answered) / len(voters),  # per voter, on average
-                 "force_failures": sum(a[1].get("force_failures", 0) for a in answered)}
+                 "force_failures": sum(a[1].get("force_failures", 0) for a in answered),
+                 "sampled": any(a[1].get("sampled") for a in answered)}
         done = sum(a[3] for a in answered) / len(voters)  # windows the vote had from interrupted runs, on average
 
     # 5. parse, check, write
@@ -147,6 +148,8 @@ def run(ctx: RunContext) -> dict:
         "analyses_per_s": (n - done) / gen_s if gen_s > 0 and n > done else None,  # this command's own (a vote: all voters')
         "generation_s": round(gen_s, 3),
         "constrained": int(bool(ic.constrained)),
+        # whether the answers were sampled: infer decodes as the chosen run did (its generation.*), not as this command says
+        "sampled": int(bool(stats.get("sampled"))),
         # windows longer than model.max_seq_length (or far longer, cut by characters first): their middle cut
         "truncated_prompts": len(set(stats["truncated_rows"]) | char_cut),
         "absent_names_rate": ungrounded / n,
@@ -209,7 +212,7 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
             print("sectune: warning: the schema uses keywords beyond sectune's completion logic: every token is "
                   "still constrained, but an output that runs out of generation.max_new_tokens stays unclosed "
                   "and uniqueItems is checked only afterwards")
-    stats: dict = {"truncated_rows": []}
+    stats: dict = {"truncated_rows": [], "sampled": bool(gen_cfg.do_sample)}  # as decoded: the run's saved settings count
     t0 = time.perf_counter()
     key = resume_key(choice, model_ref, gen_cfg, ic, prompts, int(cfg.model.max_seq_length), validator.schema)
     done = resumed(partial, key, len(prompts))

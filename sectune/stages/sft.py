@@ -162,6 +162,20 @@ def run(ctx: RunContext) -> dict:
     return {"metrics": metrics, "artifacts": artifacts}
 
 
+def check_warmup_holds_no_held_out_window(cfg, folder: Path) -> None:
+    """The generator is prefix-stable for a seed: on logs it generated (no real ones) with ``dataset.split_seed`` equal to
+    ``sft.warmup_seed``, the warm-up held every validation and test window word for word, and the held-out table called
+    them "held out of every training step" (an audit, session 42). Any such window is refused, naming both seeds."""
+    from sectune.data import auth_logs
+
+    held = {r["prompt"] for k in ("validation", "test") for r in data.sft_splits(cfg)[k]}
+    seen = len(held & {auth_logs.render_prompt(w.log_text) for w in auth_logs.load_auth_folder(folder)})
+    if seen:
+        raise ConfigError(f"sft.warmup_seed={cfg.sft.warmup_seed}: the warm-up's generated windows ({folder}) hold {seen} of the "
+                          f"run's {len(held)} validation and test windows word for word (its logs are generated too, with "
+                          f"dataset.split_seed={cfg.dataset.split_seed}: the same stream); choose another sft.warmup_seed")
+
+
 def warmup(ctx: RunContext) -> dict | None:
     """``sft.warmup_lines`` > 0: this stage on generated windows first (:func:`sectune.data.generated_auth_folder`;
     ``sft.warmup_epochs`` epochs, every weight trained, the run's other settings), in ``<run dir>/warmup/`` with
@@ -192,6 +206,7 @@ def warmup(ctx: RunContext) -> dict | None:
         wcfg.generation.preview_samples = 0
         wcfg.debug.fail_at_step = None  # the fault-injection hook is the SFT's own
         wcfg.logger.name = "none"  # its step numbers would collide with the SFT's in the same W&B run; its metrics go there as warmup_*
+    check_warmup_holds_no_held_out_window(cfg, Path(wcfg.dataset.path))
     wdir = ctx.run_dir / WARMUP_DIR
     digest = runner.skip_digest(wcfg, ctx.run_dir)  # without train.resume: a rerun with train.resume=auto reuses it too
     prev = runner.previous_result(wdir) or {}

@@ -349,6 +349,9 @@ def check_settings_in_effect(cfg, need) -> None:
     need(not cfg.evaluate.data_path or cfg.dataset.name not in ("hdfs", "injection_triplets"), "evaluate.data_path",
          cfg.evaluate.data_path, f"scores a classify run on a new labelled file; with dataset={cfg.dataset.name} give the new "
          "file as dataset.path (scored on its own validation/test split)")
+    need(cfg.evaluate.max_samples is None or cfg.dataset.name != "hdfs", "evaluate.max_samples", cfg.evaluate.max_samples,
+         "dataset=hdfs scores every validation/test session and reads no evaluate.max_samples (it was ignored without a word: "
+         "an audit, session 42); leave it null, or train on fewer sessions (dataset.max_samples)")
     # (in a pipeline each step is checked with its own stage and dataset: the evaluate step's, the infer step's)
     need(not cfg.evaluate.vote_with or cfg.stage.name != "evaluate" or cfg.dataset.name == "injection_triplets",
          "evaluate.vote_with", list(cfg.evaluate.vote_with or ()), "a vote of analysts is scored by stage=evaluate "

@@ -553,3 +553,137 @@ def test_the_splits_notes_are_said_once_per_process_however_often_the_split_is_r
     assert out.count("repeat a training session exactly") == 1 and err.count("labelled both normal and anomalous") == 1
     hdfs_splits.split_sessions(normal, anomalous, 0.2, 0.2, seed=8, source="once-test")  # another split: its own notes
     assert capsys.readouterr().out.count("repeat a training session exactly") == 1
+
+
+# ----------------------------------------------------------------------------- the split a run trained on (an audit, session 42)
+def _trained_run(tmp_path: Path, logs: Path, *extra: str) -> Path:
+    """A run dir as stage=sft leaves it (config + splits.json), without training."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    cfg = hdfs_cfg(logs, *extra)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    (run / hdfs_splits.RECORD_FILE).write_text(json.dumps(hdfs_splits.split_record(hdfs.load_hdfs(cfg, need_anomalies=False))))
+    return run
+
+
+def _scored(cfg, run: Path) -> tuple:
+    from sectune.stages.infer import ModelChoice
+
+    trained: dict = {}
+    data = hdfs.load_hdfs(anomaly._run_config(cfg, ModelChoice("sft", None, "model"), run, trained))
+    own, dropped = anomaly._trained_sessions(trained, data)
+    return data, own, dropped, trained
+
+
+def test_sft_records_its_split_and_evaluate_refuses_the_run_own_logs_split_changed(tmp_path):
+    """An audit (session 42): DeepLog's hdfs_test_normal added to the folder after training reshuffled the split, and 667 of
+    1,462 test sessions were ones the model trained on, exit 0. sft now writes splits.json; evaluate compares."""
+    logs = write_deeplog_files(tmp_path / "logs", n_normal=200, n_anomalous=100, seed=2)
+    run = sectune(["+experiment=hdfs_detect", "logger=none", f"dataset.path={logs}", f"paths.cache_dir={tmp_path / 'cache'}",
+                   "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2"], tmp_path / "run", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sft = tmp_path / "run" / "sft"
+    rec = json.loads((sft / hdfs_splits.RECORD_FILE).read_text())
+    data = hdfs.load_hdfs(hdfs_cfg(logs))
+    assert rec["train_ids"] == [s.id for s in data.splits["train"]] and rec["test_ids_sha256"] == data.info["test_ids_sha256"]
+    assert json.loads((sft / "result.json").read_text())["artifacts"]["splits"] == hdfs_splits.RECORD_FILE
+    det = json.loads((tmp_path / "run" / "evaluate" / "evaluation" / "hdfs_detection.json").read_text())
+    assert det["dropped_trained_sessions"] == {} and det["baselines_trained_on"] == str(logs)
+    assert "has no splits.json" not in run.stderr and "split is not the one" not in run.stderr  # found, and the same
+    # a larger copy of its logs, scored as other logs: the sessions it trained on dropped and counted, the bigram rows
+    # learnt from the run's own train split (said in the report)
+    big = write_deeplog_files(tmp_path / "big", n_normal=200, n_anomalous=100, seed=4)
+    for f in (hdfs.NORMAL_FILE, hdfs.ANOMALOUS_FILE):
+        (big / f).write_text((logs / f).read_text() + (big / f).read_text())
+    other = sectune(["stage=evaluate", "dataset=hdfs", f"evaluate.model_dir={sft}", "logger=none", f"dataset.path={big}",
+                     f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "other", timeout=300)
+    assert other.returncode == 0, other.stderr[-2000:]
+    det = json.loads((tmp_path / "other" / "evaluation" / "hdfs_detection.json").read_text())
+    assert det["baselines_trained_on"] == str(logs) and sum(det["dropped_trained_sessions"].values()) > 10
+    assert not set(det["test_ids"]) & set(rec["train_ids"])  # a copy: the same id is the same session
+    report = (tmp_path / "other" / "evaluation" / "hdfs_report.md").read_text()
+    assert report.startswith(f"Other logs than the run's: {big}. The bigram rows learnt from {logs}'s train split, the sessions")
+    # more normal sessions in the folder: the split rebuilt from it is another one, refused
+    (logs / hdfs.EXTRA_NORMAL_FILE).write_text((logs / hdfs.NORMAL_FILE).read_text())
+    again = sectune(["stage=evaluate", "dataset=hdfs", f"evaluate.model_dir={sft}", "logger=none",
+                     f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "again", timeout=300)
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert f"{logs}: its train/validation/test split is not the one the run in {sft} trained on" in again.stderr
+
+
+def test_other_logs_lose_the_sessions_the_run_trained_on_and_the_baselines_learn_from_the_runs_own(tmp_path, capsys):
+    """An audit (session 42): scored on a larger copy of its logs, 228 of 691 test blocks were training ones, unsaid; and
+    the bigram beside the model learnt from the scored logs' train split (an in-domain baseline beside a transferred model)."""
+    old = write_deeplog_files(tmp_path / "old", n_normal=200, n_anomalous=100, seed=2)
+    new = tmp_path / "new"
+    new.mkdir()
+    extra = write_deeplog_files(tmp_path / "extra", n_normal=200, n_anomalous=100, seed=5)
+    for f in (hdfs.NORMAL_FILE, hdfs.ANOMALOUS_FILE):  # the old logs' lines first (same ids), then more
+        (new / f).write_text((old / f).read_text() + (extra / f).read_text())
+    run = _trained_run(tmp_path, old)
+    data, own, dropped, trained = _scored(hdfs_cfg(new), run)
+    assert trained["other"] and own.source == str(old)  # the baselines' train split: the run's own
+    trained_on = {(s.id, s.keys) for s in own.splits["train"]}
+    assert dropped["validation"] + dropped["test"] > 10
+    assert not any((s.id, s.keys) in trained_on for n in ("validation", "test") for s in data.splits[n])
+    assert f"test sessions of {new} are ones the run in {run} trained on: dropped" in capsys.readouterr().err
+    # unrelated logs whose ids are the same lines of the same file names: DeepLog ids alone are no match
+    _, _, unrelated, _ = _scored(hdfs_cfg(extra), run)
+    assert sum(unrelated.values()) < dropped["validation"] + dropped["test"]
+    # its own logs changed under it: refused, naming the folder; a run from before the record: scored, with a warning
+    (old / hdfs.NORMAL_FILE).write_text((old / hdfs.NORMAL_FILE).read_text() + "5 5 22\n")
+    with pytest.raises(DataError, match=rf"{old}: its train/validation/test split is not the one the run in {run} trained on"):
+        _scored(hdfs_cfg(old), run)
+    (run / hdfs_splits.RECORD_FILE).unlink()
+    _scored(hdfs_cfg(old), run)
+    assert f"{run} has no splits.json (trained before it was written)" in capsys.readouterr().err
+
+
+def test_a_run_trained_on_generated_sessions_scores_real_ones_as_other_logs(tmp_path, capsys):
+    """An audit (session 42): trained where no real sessions were (generated ones), then scored where source_dir reaches
+    real ones: taken for the run's own logs, no note, the bigram fit on the real train split beside it."""
+    shared = tmp_path / "shared"
+    on = ["dataset=hdfs", "logger=none", f"dataset.source_dir={shared}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose(on), run / ".hydra" / "config.yaml")
+    gen, _, generated = hdfs.source_folder(compose(on))  # what that run trained on: generated, no shared folder
+    assert generated
+    (run / "result.json").write_text(json.dumps({"status": "succeeded", "generated_data": [{"dataset": "hdfs", "path": str(gen)}]}))
+    real = write_deeplog_files(shared / hdfs.DEEPLOG_DIR, n_normal=200, n_anomalous=100, seed=9)
+    capsys.readouterr()
+    from sectune.stages.infer import ModelChoice
+
+    anomaly._run_config(compose(on), ModelChoice("sft", None, "model"), run)
+    assert f"scoring {real} (deeplog), not the logs this run trained on ({gen}, deeplog)" in capsys.readouterr().out
+    data, own, _, trained = _scored(compose(on), run)
+    assert trained["other"] and data.source == str(real) and own.source == str(gen)  # the bigram learns from the generated
+
+
+def test_a_key_the_run_never_saw_is_not_met_with_advice_for_training(tmp_path):
+    """An audit (session 42): at evaluate, keys past the trained model's advised model.tiny.extra_tokens, which the trained
+    run's tokenizer cannot take any more."""
+    class Splits:  # one token per key up to 3, two tokens past it
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [t for k in text.split() for t in ([int(k)] if int(k) <= 3 else [int(k) // 10, 90 + int(k) % 10])]}
+
+    data, own = SimpleNamespace(num_keys=5, source="/logs"), SimpleNamespace(num_keys=3)
+    with pytest.raises(ConfigError) as e:
+        anomaly.key_token_ids(Splits(), 5, "1", anomaly.unseen_keys_hint(data, own))
+    assert "/logs holds log templates the run never trained on (keys 4..5; its logs have 3)" in str(e.value)
+    assert "extra_tokens" not in str(e.value)
+
+
+def test_evaluate_max_samples_is_refused_with_hdfs():
+    """An audit (session 42): evaluate.max_samples=20 scored all sessions, without a word."""
+    from sectune.config_checks import check_values
+
+    with pytest.raises(ConfigError, match=r"evaluate.max_samples=20: dataset=hdfs scores every validation/test session"):
+        check_values(compose(["dataset=hdfs", "stage=evaluate", "evaluate.max_samples=20"]))
+    check_values(compose(["dataset=hdfs", "stage=evaluate"]))

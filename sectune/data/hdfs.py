@@ -339,8 +339,8 @@ def source_folder(cfg) -> tuple[Path, str, bool]:
     return out, "deeplog", True
 
 
-def load_hdfs(cfg) -> HdfsData:
-    """The sessions of ``cfg.dataset`` split into train / validation / test."""
+def load_hdfs(cfg, need_anomalies: bool | None = None) -> HdfsData:
+    """The sessions of ``cfg.dataset`` split into train / validation / test (``need_anomalies``: None = unless stage=sft)."""
     d = cfg.dataset
     folder, layout, generated = source_folder(cfg)
     skip = bool(d.skip_bad_lines)
@@ -364,7 +364,8 @@ def load_hdfs(cfg) -> HdfsData:
     from sectune.data.hdfs_splits import split_sessions
 
     splits, split_info = split_sessions(normal, anomalous, float(d.val_fraction), float(d.test_fraction), int(d.split_seed),
-                                        d.max_samples, source=str(folder), need_anomalies=str(cfg.stage.name) != "sft")
+                                        d.max_samples, source=str(folder),
+                                        need_anomalies=str(cfg.stage.name) != "sft" if need_anomalies is None else need_anomalies)
     info.update(split_info, source=str(folder), generated=generated, num_keys=num_keys)
     return HdfsData(splits, num_keys, str(folder), info)
 

@@ -73,3 +73,49 @@ def split_sessions(normal: list[Session], anomalous: list[Session], val_fraction
         print(f"sectune: note: {where}: {info['test_normal_seen_in_train']:.0%} of the test split's normal sessions repeat a "
               "training session exactly (HDFS sessions repeat: their scores measure memory as well as the model)")
     return splits, info
+
+
+# ----------------------------------------------------------------------------- the split a run trained on (an audit, session 42)
+#: written by stage=sft on dataset=hdfs beside its result.json; stage=evaluate rebuilt the split from whatever the run's
+#: config resolved to later, so a changed folder put training sessions into validation/test without a word
+RECORD_FILE = "splits.json"
+
+
+def sessions_sha256(sessions) -> str:
+    """A digest of ids AND keys: the same ids over edited files are another split."""
+    return hashlib.sha256("\n".join(f"{s.id} {' '.join(map(str, s.keys))}" for s in sessions).encode()).hexdigest()[:16]
+
+
+def split_record(data) -> dict:
+    """What stage=sft writes to ``RECORD_FILE``: the split's digests and the ids it trained on."""
+    keys = ("layout", "split_seed", "num_keys", "train_ids_sha256", "validation_ids_sha256", "test_ids_sha256")
+    return {"source": data.source, **{k: data.info[k] for k in keys}, "train_sha256": sessions_sha256(data.splits["train"]),
+            "train_ids": [s.id for s in data.splits["train"]]}
+
+
+def read_record(run_dir) -> dict | None:
+    """The run's split record, or None for a run from before it was written."""
+    import json
+    from pathlib import Path
+
+    p = Path(run_dir) / RECORD_FILE
+    if not p.is_file():
+        return None
+    try:
+        rec = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{p}: cannot read the run's split record ({type(e).__name__}: {e})") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("train_ids"), list):
+        raise DataError(f"{p}: not a split record (no train_ids list)")
+    return rec
+
+
+def check_record(record: dict, data, run_dir) -> None:
+    """DataError when the split rebuilt now (``data``) is not the one the run trained on and recorded."""
+    now = {"train_sha256": sessions_sha256(data.splits["train"]),
+           **{f"{n}_ids_sha256": data.info[f"{n}_ids_sha256"] for n in ("train", "validation", "test")}}
+    changed = [k.split("_")[0] for k, v in now.items() if record.get(k) != v]
+    if changed:
+        raise DataError(f"{data.source}: its {'/'.join(dict.fromkeys(changed))} split is not the one the run in {run_dir} trained "
+                        f"on ({RECORD_FILE}; the files changed since): its held-out sessions may hold training ones; restore the files "
+                        "the run trained on, or train it again")

@@ -16,7 +16,7 @@ the scores either side of it, g its floor), and only then applied to test;
 the rule with the higher validation F1 is the system's headline. Seed 003 tuned its threshold on
 the test set; nothing here reads a test label before the choice is made.
 
-Baselines in the same run, from the same normal training sessions: a bigram next-key model with a
+Baselines in the same run, from the normal training sessions the model trained on (also when other logs are scored): a bigram next-key model with a
 start and an end marker (add-α smoothed counts) under both rules, the top-g one being DeepLog's
 rule on it, and the same bigram without the end marker (a session cut short then goes unnoticed).
 """
@@ -64,8 +64,9 @@ class BigramModel:
         return self._logp[[0, *keys]]
 
 
-def key_token_ids(tokenizer, num_keys: int, prompt: str) -> tuple[list[int], list[int]]:
-    """(prompt token ids, candidate token ids: [EOS, key 1, …, key K]); every key must be one token."""
+def key_token_ids(tokenizer, num_keys: int, prompt: str, hint: str = "") -> tuple[list[int], list[int]]:
+    """(prompt token ids, candidate token ids: [EOS, key 1, …, key K]); every key must be one token (``hint``: what
+    to do otherwise; by default, before training, the tiny model's extra tokens)."""
     from sectune.data.hdfs import render_keys
 
     cand = [tokenizer.eos_token_id]
@@ -77,7 +78,7 @@ def key_token_ids(tokenizer, num_keys: int, prompt: str) -> tuple[list[int], lis
         cand.append(ids[0] if ids else -1)
     if multi:
         raise ConfigError(f"the model's tokenizer splits log keys {multi[:10]} into several tokens; the detector scores one token "
-                          f"per key (for the tiny model add them whole: model.tiny.extra_tokens=[' {multi[0]}', …])")
+                          f"per key ({hint or f'for the tiny model add them whole: model.tiny.extra_tokens=[{chr(39)} {multi[0]}{chr(39)}, …]'})")
     if len(set(cand)) != len(cand):
         raise ConfigError("two log keys (or a key and EOS) share one token in the model's tokenizer")
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -184,8 +185,12 @@ def detect(val: dict, val_y, test: dict, test_y) -> dict:
 
 
 # ----------------------------------------------------------------------------- stage=evaluate dataset=hdfs
-def _run_config(cfg, choice, model_dir: Path):
-    """The trained run's own config (its data split and model), with this run's device and evaluate node."""
+def _run_config(cfg, choice, model_dir: Path, trained: dict | None = None):
+    """The trained run's own config (its data split and model), with this run's device and evaluate node. ``trained`` is
+    filled with what the split checks need: the run's folder, its config as it trained (``cfg``) and whether other logs
+    are scored (``other``)."""
+    import copy
+
     from omegaconf import OmegaConf
 
     saved = next((d / ".hydra" / "config.yaml" for d in ([choice.path.parent] if choice.path else []) + [model_dir]
@@ -199,27 +204,40 @@ def _run_config(cfg, choice, model_dir: Path):
     if OmegaConf.select(run_cfg, "dataset.name") != "hdfs":
         raise ConfigError(f"evaluate.model_dir={model_dir}: that run trained on dataset={OmegaConf.select(run_cfg, 'dataset.name')}, not hdfs")
     merged = OmegaConf.merge(cfg, OmegaConf.masked_copy(run_cfg, ["dataset", "model", "quantization", "lora"]))
+    own = copy.deepcopy(merged)  # the run's logs as it trained on them: the baselines' training sessions, the split check's
     from sectune.paths import resolved
 
-    from sectune.data.hdfs import keys_parser, source_folder
+    from sectune.data.hdfs import ANOMALOUS_FILE, keys_parser, source_folder
 
     if str(cfg.dataset.log_parser) not in ("auto", "structured", "drain3"):  # a typo is an error, not the trained value
         raise ConfigError(f"dataset.log_parser={cfg.dataset.log_parser!r}: choose auto, structured or drain3")
     reading = ("path", "hdfs_layout", "log_parser", "skip_bad_lines")
     # other logs: the folder and layout this command reads (dataset.path, or the shipped set dataset.hdfs_layout picks)
     # against the trained run's; the shipped folder given as dataset.path is the same logs
-    (theirs, their_layout, generated_now) = source_folder(run_cfg)
-    if generated_now and not bool(cfg.dataset.path):  # the run trained on real sessions (its result.json names no
-        import json   # generated data), which this machine's paths do not reach: never scored on stand-ins (session 36)
+    (theirs, their_layout, generated_now) = now = source_folder(run_cfg)
+    import json
 
-        try:
-            trained = json.loads((saved.parent.parent / "result.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            trained = {}
-        if isinstance(trained, dict) and trained.get("status") and not trained.get("generated_data"):
+    try:
+        result = json.loads((saved.parent.parent / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        result = {}
+    result = result if isinstance(result, dict) else {}
+    if generated_now and not bool(cfg.dataset.path):  # the run trained on real sessions (its result.json names no
+        # generated data), which this machine's paths do not reach: never scored on stand-ins (session 36)
+        if result.get("status") and not result.get("generated_data"):
             raise DataError(f"evaluate.model_dir={model_dir}: that run trained on real HDFS sessions, and {theirs} (its "
                             "dataset.source_dir, resolved here) holds none: set SECTUNE_SHARED_DATA / paths.shared_data to "
                             "where they are, or dataset.path=<logs to score>; it is not scored on generated sessions")
+    gen = next((Path(str(g["path"])) for g in result.get("generated_data") or () if isinstance(g, dict) and g.get("path")), None)
+    if gen is not None and not generated_now:
+        # the run trained on generated sessions and its source_dir now reaches real logs: those are other logs to it, scored
+        # beside baselines that learn from the generated sessions (they were taken for its own: an audit, session 42)
+        if not (gen / ANOMALOUS_FILE).is_file():  # a cleared cache: the same sessions again (seed 0, as source_folder writes)
+            from sectune.data.synthetic_hdfs import write_deeplog_files
+
+            write_deeplog_files(gen, seed=0)
+        theirs, their_layout = gen, "deeplog"
+        own.dataset.path, own.dataset.hdfs_layout = str(gen), "deeplog"
     # neither dataset.path nor another dataset.hdfs_layout on this command: the run's own logs (not the shipped or
     # generated set this command's defaults name); dataset.hdfs_layout=loghub alone still picks the shipped loghub set
     # (the schema's default layout is no request: a run trained on the loghub set was scored on DeepLog's sessions, exit 0)
@@ -227,11 +245,11 @@ def _run_config(cfg, choice, model_dir: Path):
 
     layout = str(cfg.dataset.hdfs_layout)
     other = bool(cfg.dataset.path) or (layout != str(run_cfg.dataset.hdfs_layout) and layout != DatasetConfig.hdfs_layout)
-    (mine, my_layout, _) = source_folder(cfg) if other else (theirs, their_layout, None)
+    (mine, my_layout, _) = source_folder(cfg) if other else now
     if (resolved(mine), my_layout) != (resolved(theirs), their_layout):
         # scored on their own split (g and the threshold chosen on its validation sessions, test reported), read as this
         # command says; the model and its key vocabulary stay the trained run's
-        for k in reading:
+        for k in reading if other else ():
             merged.dataset[k] = cfg.dataset[k]
         print(f"sectune: note: scoring {mine} ({my_layout}), not the logs this run trained on ({theirs}, {their_layout}): "
               "their own validation sessions choose g and the threshold, their test sessions are reported")
@@ -257,7 +275,62 @@ def _run_config(cfg, choice, model_dir: Path):
     differ = [f"dataset.{k}={cfg.dataset[k]} (trained: {run_cfg.dataset[k]})" for k in keys if cfg.dataset[k] != run_cfg.dataset[k]]
     if differ:
         print(f"sectune: note: using the trained run's split settings, not this run's {', '.join(differ)}")
+    if trained is not None:
+        trained.update(dir=saved.parent.parent, cfg=own, other=(resolved(mine), my_layout) != (resolved(theirs), their_layout))
     return merged
+
+
+def unseen_keys_hint(data, own) -> str:
+    """What to do about keys the trained tokenizer splits, at evaluate: past the run's own keys, templates it never saw."""
+    if data.num_keys > own.num_keys:
+        return (f"{data.source} holds log templates the run never trained on (keys {own.num_keys + 1}..{data.num_keys}; its logs "
+                f"have {own.num_keys}): train the run again on logs that hold them")
+    return "the trained run's tokenizer cannot change at evaluate: train the run again with its keys whole"
+
+
+def _trained_sessions(trained: dict, data):
+    """(the run's own split as it trained on it, {split: sessions dropped}). The run's own logs: their split rebuilt now
+    must be the one its ``splits.json`` recorded, else a DataError (a changed folder put training sessions in test without
+    a word: an audit, session 42). Other logs: their validation/test sessions the run trained on are dropped, said."""
+    from sectune.data.hdfs import load_hdfs
+    from sectune.data.hdfs_splits import RECORD_FILE, check_record, read_record
+
+    if not trained:  # no saved config: this run's settings, as before
+        return data, {}
+    record = read_record(trained["dir"])
+    if record is None:
+        print(f"sectune: warning: {trained['dir']} has no {RECORD_FILE} (trained before it was written): the split rebuilt now "
+              "cannot be checked against the one it trained on", file=sys.stderr)
+    if not trained["other"]:
+        if record is not None:
+            check_record(record, data, trained["dir"])
+        return data, {}
+    # a loghub block id names one block in any log (a larger log holds longer sessions of it); a DeepLog id is a line of
+    # a file, another session in another folder, so a session there is the trained one only with the same keys too
+    by_id = data.info["layout"] == "loghub"
+    try:
+        own = load_hdfs(trained["cfg"], need_anomalies=False)
+    except DataError as e:  # its logs are not on this machine: the scored logs' own train split instead, said
+        print(f"sectune: warning: the run's own logs cannot be read here ({e}): the baselines learn from {data.source}'s train "
+              "split, not from the sessions the model trained on", file=sys.stderr)
+        if record is None or not by_id:
+            return data, {}
+        own, seen = data, set(record["train_ids"])
+    else:
+        if record is not None:
+            check_record(record, own, trained["dir"])
+        seen = {s.id if by_id else (s.id, s.keys) for s in own.splits["train"]}
+    dropped = {}
+    for name in ("validation", "test"):
+        kept = [s for s in data.splits[name] if (s.id if by_id else (s.id, s.keys)) not in seen]
+        dropped[name], data.splits[name] = len(data.splits[name]) - len(kept), kept
+        if len({s.label for s in kept}) < 2:
+            raise DataError(f"{data.source}: without the sessions the run in {trained['dir']} trained on, its {name} split "
+                            "lacks normal or anomalous sessions")
+    if sum(dropped.values()):
+        print(f"sectune: note: {dropped['validation']} validation and {dropped['test']} test sessions of {data.source} are ones the "
+              f"run in {trained['dir']} trained on: dropped, not scored", file=sys.stderr)
+    return own, dropped
 
 
 def evaluate_hdfs(ctx) -> dict:
@@ -274,16 +347,21 @@ def evaluate_hdfs(ctx) -> dict:
         raise ConfigError(f"evaluate.split={ev.split!r}: dataset=hdfs chooses g/threshold on validation and reports test; leave it at test")
     model_dir = Path(str(ev.model_dir)).expanduser().resolve()
     choice = choose_analyst(model_dir)
-    run_cfg = _run_config(cfg, choice, model_dir)
+    trained: dict = {}
+    run_cfg = _run_config(cfg, choice, model_dir, trained)
     data = load_hdfs(run_cfg)
-    val, test, train = data.splits["validation"], data.splits["test"], data.splits["train"]
+    own, dropped = _trained_sessions(trained, data)
+    val, test, train = data.splits["validation"], data.splits["test"], own.splits["train"]
     val_y = np.array([s.label == ANOMALOUS for s in val], dtype=int)
     test_y = np.array([s.label == ANOMALOUS for s in test], dtype=int)
     if any(s.label == ANOMALOUS for s in train):
-        raise DataError(f"{data.source}: the train split holds anomalous sessions")
+        raise DataError(f"{own.source}: the train split holds anomalous sessions")
 
     model, tokenizer, model_ref = infer.load_model(run_cfg, choice)
-    prompt_ids, cand_ids = key_token_ids(tokenizer, data.num_keys, str(run_cfg.dataset.prompt_template or DEFAULT_PROMPT))
+    # a key past the run's own: a template the run never saw; its tokenizer is the trained one (model.tiny.extra_tokens
+    # set now changes nothing), so it cannot be scored (the advice to set that was given here: an audit, session 42)
+    prompt_ids, cand_ids = key_token_ids(tokenizer, data.num_keys, str(run_cfg.dataset.prompt_template or DEFAULT_PROMPT),
+                                         unseen_keys_hint(data, own))
     print(f"sectune: evaluate: {len(val)} validation / {len(test)} test sessions ({int(test_y.sum())} anomalous), "
           f"{choice.describe(model_ref)}; g and threshold chosen on validation")
     limit = int(run_cfg.model.max_seq_length)  # a session is the prompt, one token per key and the end: training cut it here
@@ -295,9 +373,12 @@ def evaluate_hdfs(ctx) -> dict:
     def lm(uniq):
         return lm_logprobs(model, uniq, prompt_ids, cand_ids, batch_size=int(ev.batch_size), pad_id=int(tokenizer.pad_token_id or 0))
 
-    # the baselines learn from the same normal training sessions the model was trained on
-    bigram = BigramModel(data.num_keys, end_marker=True, alpha=float(ev.bigram_alpha)).fit(s.keys for s in train)
-    bigram_noend = BigramModel(data.num_keys, end_marker=False, alpha=float(ev.bigram_alpha)).fit(s.keys for s in train)
+    # the baselines learn from the normal training sessions the model was trained on (its own logs' train split, also when
+    # other logs are scored: they learnt from the scored logs' split, an in-domain bigram beside a transferred model, while
+    # a comment here said otherwise: an audit, session 42), are tuned on the same validation rows, scored on the same test rows
+    keys = max(data.num_keys, own.num_keys)
+    bigram = BigramModel(keys, end_marker=True, alpha=float(ev.bigram_alpha)).fit(s.keys for s in train)
+    bigram_noend = BigramModel(keys, end_marker=False, alpha=float(ev.bigram_alpha)).fit(s.keys for s in train)
     systems, timing = {}, {}
     for name, predict, score_end in (
         ("model", lm, True),
@@ -327,9 +408,13 @@ def evaluate_hdfs(ctx) -> dict:
         "systems": {n: {"chosen": s["chosen"], "val_scoring_s": s["val_scoring_s"], "test_scoring_s": timing[n],
                         **{r: {k: v for k, v in s[r].items() if k != "pred"} for r in ("top_g", "threshold")}}
                     for n, s in systems.items()},
-        "test_ids": [s.id for s in test],
+        "test_ids": [s.id for s in test], "baselines_trained_on": own.source, "dropped_trained_sessions": dropped,
     }
     write_json_atomic(out / "hdfs_detection.json", summary)
+    if trained.get("other"):  # which train split the baseline rows learnt from, in the report itself
+        table = (f"Other logs than the run's: {data.source}. The bigram rows learnt from {own.source}'s train split, "
+                 + ("the sessions the model learnt from" if own is not data else "NOT the sessions the model learnt from")
+                 + f"; {sum(dropped.values())} held-out sessions the run trained on were dropped.\n\n" + table)
     if data.info.get("generated"):  # the report says so, as the console did
         table = (f"**These sessions are generated** ({data.source}: sectune's synthetic sessions in the DeepLog format, the "
                  "real ones were not found), so the numbers describe the pipeline, not detection on real HDFS logs.\n\n" + table)

@@ -62,7 +62,8 @@ def run(ctx: RunContext) -> dict:
         from sectune.data.hdfs import DEFAULT_PROMPT, load_hdfs
         from sectune.evaluation.anomaly import key_token_ids
 
-        num_keys = load_hdfs(cfg).num_keys
+        hdfs_data = load_hdfs(cfg)
+        num_keys = hdfs_data.num_keys
         try:
             key_token_ids(tokenizer, num_keys, str(cfg.dataset.prompt_template or DEFAULT_PROMPT))
         except ConfigError as e:  # +experiment=hdfs_detect lists HDFS_v1's 28 keys; a user's logs may have more
@@ -129,6 +130,11 @@ def run(ctx: RunContext) -> dict:
         trainer.accelerator.wait_for_everyone()
         return {"metrics": metrics, "artifacts": artifacts}
     modeling.save_pretrained_atomic(model_unwrapped, tokenizer, run_dir / name)
+    if cfg.dataset.name == "hdfs":  # the split it trained on, which stage=evaluate checks (an audit, session 42)
+        from sectune.data.hdfs_splits import RECORD_FILE, split_record
+
+        write_json_atomic(run_dir / RECORD_FILE, split_record(hdfs_data))
+        artifacts["splits"] = RECORD_FILE
     history = engine.loss_history(trainer)
     engine.plot_loss_curve(run_dir / "plots" / "loss_curve.png", history, f"sft · {modeling.model_title(cfg.model)} · {cfg.dataset.name}")
     artifacts["loss_curve"] = "plots/loss_curve.png"

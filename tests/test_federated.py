@@ -450,6 +450,10 @@ def test_simulation_three_clients_two_rounds_end_to_end(tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     # every node answered the partition query through Ray's ClientApp actors
     assert json.loads((tmp_path / "run" / "rounds.json").read_text())["sampled_clients"] == {"1": [0, 1, 2], "2": [0, 1, 2]}
+    # the split its clients trained on, as an sft run records it, for stage=evaluate to check (session 42)
+    record = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert run.result["artifacts"]["splits"] == "splits.json" and len(record["train_ids"]) == sum(
+        json.loads((tmp_path / "run" / "rounds.json").read_text())["partition_sizes"])
 
 
 @pytest.mark.slow  # ~1.5 min: two Ray simulations
@@ -713,3 +717,15 @@ def test_rays_session_goes_to_a_short_folder_only_where_its_socket_paths_would_b
         Path(short).rmdir()
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # the user's say
     assert ray_temp_dir() is None
+
+
+def test_two_nodes_with_one_partition_id_and_a_prompt_that_fills_the_sequence_are_refused(tmp_path):
+    """Two SuperNodes started with one partition-id trained that partition twice (double weight in FedAvg) and another
+    never; model.max_seq_length no longer than the prompt trained nothing and reported validation loss 0 → 0 (an audit,
+    session 42)."""
+    federated.check_distinct_partitions({11: 0, 22: 1, 33: 2})
+    with pytest.raises(ConfigError, match=r"nodes 11, 22 were all started with partition-id=0"):
+        federated.check_distinct_partitions({11: 0, 22: 0, 33: 1})
+    assert "train.packing=bfd" in federated.replaced_train_settings(compose([*TINY, "train.packing=bfd"]))
+    run = sectune([*TINY, "model.max_seq_length=3", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
+    assert run.returncode == 2 and "model.max_seq_length=3: the prompt alone" in run.stderr and "no session keeps a key token" in run.stderr

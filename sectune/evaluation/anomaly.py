@@ -299,7 +299,7 @@ def _trained_sessions(trained: dict, data):
         return data, {}
     record = read_record(trained["dir"])
     if record is None:
-        print(f"sectune: warning: {trained['dir']} has no {RECORD_FILE} (trained before it was written): the split rebuilt now "
+        print(f"sectune: warning: {trained['dir']} has no {RECORD_FILE} (a run from before session 42): the split rebuilt now "
               "cannot be checked against the one it trained on", file=sys.stderr)
     if not trained["other"]:
         if record is not None:

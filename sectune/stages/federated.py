@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from sectune import tracking
 from sectune.data.hdfs import ANOMALOUS, DEFAULT_PROMPT, NORMAL, load_hdfs, render_keys
+from sectune.data.hdfs_splits import RECORD_FILE, split_record
 from sectune.errors import ConfigError, SectuneError
 from sectune.evaluation import anomaly
 from sectune.models import modeling
@@ -133,6 +134,11 @@ def run(ctx: RunContext) -> dict:
     initial = federated.adapter_state(model)
     adapter_bytes, full_bytes = federated.tensor_bytes(initial), federated.full_model_bytes(model)
     val, test = data.splits["validation"], data.splits["test"]
+    p_len = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if p_len >= int(cfg.model.max_seq_length):  # every row kept the prompt alone: clients trained on nothing and the run
+        # reported validation loss 0 → 0, succeeded (stage=sft refuses it; an audit, session 42)
+        raise ConfigError(f"model.max_seq_length={cfg.model.max_seq_length}: the prompt alone ({prompt!r}) takes {p_len} tokens, "
+                          "so no session keeps a key token to train on; raise model.max_seq_length")
     val_rows = federated.encode_sessions(tokenizer, prompt, [render_keys(s.keys) for s in val if s.label == NORMAL],
                                          int(cfg.model.max_seq_length))
     val_y = np.array([s.label == ANOMALOUS for s in val], dtype=int)
@@ -263,7 +269,10 @@ def run(ctx: RunContext) -> dict:
           + (f" (bigram baseline F1 {metrics['baseline_test_f1']:.4f} FPR {metrics['baseline_test_fpr']:.4f})"
              if "baseline_test_f1" in metrics and "baseline_test_fpr" in metrics else "")
           + f" · {metrics['bytes_up_per_round']:.0f} B up / round, {metrics['bytes_reduction']:.0f}x smaller than the full model")
-    return {"metrics": metrics, "artifacts": {"adapter": "adapter", "rounds": "rounds.json", "rounds_plot": "plots/federated_rounds.png"}}
+    # the split its clients trained on, which stage=evaluate checks as it does an sft run's (an audit, session 42)
+    write_json_atomic(run_dir / RECORD_FILE, split_record(data))
+    return {"metrics": metrics, "artifacts": {"adapter": "adapter", "rounds": "rounds.json", "rounds_plot": "plots/federated_rounds.png",
+                                              "splits": RECORD_FILE}}
 
 
 def client_app(cfg, client_dir: Path):

@@ -202,7 +202,22 @@ class PadCollator:
 
 
 #: the train settings each client's round replaces (local_train): set to anything else, they are said to do nothing
-REPLACED_TRAIN_KEYS = ("max_steps", "epochs", "lr_scheduler", "warmup_ratio", "save_steps", "eval_steps", "group_by_length")
+REPLACED_TRAIN_KEYS = ("max_steps", "epochs", "lr_scheduler", "warmup_ratio", "save_steps", "eval_steps", "group_by_length",
+                       "packing")  # clients pad their batches (packing was taken without a word: an audit, session 42)
+
+
+def check_distinct_partitions(partition_of: dict[int, int]) -> None:
+    """Two SuperNodes started with one ``partition-id`` trained the same partition, counted twice in FedAvg, while another
+    never trained (an audit, session 42): refused before the round, naming them."""
+    by: dict[int, list[int]] = {}
+    for node, part in partition_of.items():
+        by.setdefault(part, []).append(node)
+    shared = {p: n for p, n in by.items() if len(n) > 1}
+    if shared:
+        p, nodes = next(iter(sorted(shared.items())))
+        raise ConfigError(f"nodes {', '.join(map(str, sorted(nodes)))} were all started with partition-id={p}: each SuperNode "
+                          "needs its own (--node-config \"partition-id=N num-partitions=M\"), or one partition trains twice "
+                          "and another never")
 
 
 def replaced_train_settings(cfg) -> list[str]:
@@ -248,7 +263,7 @@ def lm_loss(model, rows: list[dict], pad_id: int, batch_size: int = 64) -> float
                                                      ignore_index=-100, reduction="sum")
             total += float(loss)
             count += int((labels != -100).sum())
-    return total / max(1, count)
+    return total / count if count else float("nan")  # no token scored is no loss of 0 (it ranked a run that trained nothing best)
 
 
 # ----------------------------------------------------------------------------- the Flower apps
@@ -314,6 +329,7 @@ def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, in
         def configure_train(self, server_round, arrays, config, grid):
             config["lr"] = round_lr(base_lr, server_round, int(fed.rounds), str(fed.lr_schedule), float(fed.lr_min_ratio))
             partition_of.update(node_partitions(grid, partition_of, self.min_available_nodes))
+            check_distinct_partitions(partition_of)
             state = random.getstate()
             random.seed(f"sectune-federated:{seed}:{server_round}")  # str seeds hash the same in every process
             try:

@@ -723,9 +723,11 @@ def test_two_nodes_with_one_partition_id_and_a_prompt_that_fills_the_sequence_ar
     """Two SuperNodes started with one partition-id trained that partition twice (double weight in FedAvg) and another
     never; model.max_seq_length no longer than the prompt trained nothing and reported validation loss 0 → 0 (an audit,
     session 42)."""
-    federated.check_distinct_partitions({11: 0, 22: 1, 33: 2})
+    from sectune.training.federated_sampling import check_distinct_partitions
+
+    check_distinct_partitions({11: 0, 22: 1, 33: 2})
     with pytest.raises(ConfigError, match=r"nodes 11, 22 were all started with partition-id=0"):
-        federated.check_distinct_partitions({11: 0, 22: 0, 33: 1})
+        check_distinct_partitions({11: 0, 22: 0, 33: 1})
     assert "train.packing=bfd" in federated.replaced_train_settings(compose([*TINY, "train.packing=bfd"]))
     run = sectune([*TINY, "model.max_seq_length=3", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
     assert run.returncode == 2 and "model.max_seq_length=3: the prompt alone" in run.stderr and "no session keeps a key token" in run.stderr

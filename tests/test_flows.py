@@ -361,3 +361,39 @@ def test_prompt_injections_counts_and_bad_line(tmp_path):
     (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"test\.jsonl: line 7: invalid JSON"):
         load_prompt_injections(tmp_path)
+
+
+@pytest.mark.skipif(not (shared_data_dir() / "ciciot2023_merged39_family_sample").is_dir(), reason="needs the real CIC sample (../shared/data)")
+def test_evaluate_scores_a_classify_run_with_its_own_saved_bins(tmp_path, monkeypatch):
+    """Session 42 changed how quantile bins are placed; evaluate refitted them, so every CIC run trained before read other
+    prompts than its saved splits and was refused as "the data changed" (a review of that change). Evaluate now takes
+    the run's normalizer.json."""
+    from conftest import compose, sectune
+
+    from sectune import runner
+    from sectune.data import flows
+
+    fit = flows.FlowNormalizer.fit
+
+    def rule_1(self, X):  # the bins as sectune placed them before session 42
+        fit(self, X)
+        if self.method == "quantile":
+            Z, qs = self._pre(self.impute(X)), np.linspace(0, 1, self.bins + 1)[1:-1]
+            self.edges = {c: sorted({float(e) for e in np.quantile(Z[c], qs) if e > Z[c].min()}) for c in self.features}
+        return self
+
+    monkeypatch.setattr(flows.FlowNormalizer, "fit", rule_1)
+    args = ["stage=classify", "dataset=cic_iot_2023_merged", "dataset.max_samples=300", "train.max_steps=1", "logger=none",
+            "evaluate.rf_estimators=5", f"paths.cache_dir={tmp_path / 'cache'}"]
+    from omegaconf import OmegaConf
+
+    cfg = compose(args)
+    (tmp_path / "old" / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, tmp_path / "old" / ".hydra" / "config.yaml")  # (Hydra writes it for a command's run)
+    code, _ = runner.run(cfg, tmp_path / "old")
+    assert code == 0
+    assert not json.loads((tmp_path / "old" / "normalizer.json").read_text())["edges"]["SSH"]  # rule 1: no bin for SSH
+    monkeypatch.undo()
+    ev = sectune(["stage=evaluate", f"evaluate.model_dir={tmp_path / 'old'}", "logger=none", "evaluate.rf_estimators=5"], tmp_path / "ev")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert ev.result["metrics"]["test_macro_f1"] == pytest.approx(json.loads((tmp_path / "old" / "result.json").read_text())["metrics"]["test_macro_f1"])

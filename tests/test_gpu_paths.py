@@ -45,6 +45,10 @@ def test_a_trainable_head_in_half_precision_gets_an_fp32_master_copy(precision):
     assert any("score" in n for n in trainable) and set(trainable.values()) == {torch.float32}, trainable
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert frozen == {torch.float16 if precision == "fp16" else torch.bfloat16}  # the base stays in model.dtype
+    # a forward outside autocast (the reward model's pair scoring) meets half-precision hidden states: cast, not a crash
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
     cfg32 = compose(["stage=classify", "model=tiny_llama", "model.dtype=bf16", "train.precision=fp32", "lora=r4_attention"])
     m32 = lora.apply_lora(modeling.load_model(cfg32, task="seq_cls", num_labels=2), cfg32, task_type="SEQ_CLS")
     # without autocast an fp32 head would meet bf16 hidden states: left in model.dtype

@@ -423,6 +423,7 @@ def test_a_resume_is_refused_when_the_run_it_starts_from_or_its_data_changed_sin
     assert record["input.dpo.init_from"] == "finished 2026-12-07T10:00:00, config aaaaaaaaaaaa" and "data.dataset.path" in record
     ckpt = ckpt_dir / "checkpoint-2"
     checkpoints._check_same_training(compose(base), ckpt, "x")  # nothing changed
+    assert "data.paths.shared_data" not in record  # every dataset's files: one added elsewhere refused any resume
     (sft / "result.json").write_text(json.dumps({"status": "succeeded", "finished": "2026-12-07T11:00:00", "config_digest": "a" * 64}))
     with pytest.raises(ConfigError, match=r"input\.dpo\.init_from: 'finished 2026-12-07T10:00:00.*the run that key names was trained again"):
         checkpoints._check_same_training(compose(base), ckpt, "x")
@@ -434,3 +435,23 @@ def test_a_resume_is_refused_when_the_run_it_starts_from_or_its_data_changed_sin
            if not k.startswith(("input.", "data."))}
     (ckpt_dir / checkpoints.RESUME_RECORD).write_text(json.dumps(old))  # recorded before session 42: nothing to compare
     checkpoints._check_same_training(compose(base), ckpt, "x")
+
+
+def test_a_flow_classifier_resumed_across_the_quantile_rule_change_is_refused(tmp_path):
+    """Checkpoints trained on session 41's bins would continue on session 42's (other prompts for the same flows)."""
+    import pytest
+
+    from conftest import compose
+    from sectune.errors import ConfigError
+    from sectune.training import checkpoints
+
+    cfg = compose(["logger=none", "stage=classify", "dataset=cic_iot_2023_merged"])
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    checkpoints.resolve_resume(cfg, ckpt_dir)
+    record = json.loads((ckpt_dir / checkpoints.RESUME_RECORD).read_text())
+    assert record["dataset.quantile_rule"] == 2
+    checkpoints._check_same_training(cfg, ckpt_dir / "checkpoint-2", "x")
+    del record["dataset.quantile_rule"]  # recorded before session 42
+    (ckpt_dir / checkpoints.RESUME_RECORD).write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"dataset\.quantile_rule: 1 there, 2 now"):
+        checkpoints._check_same_training(cfg, ckpt_dir / "checkpoint-2", "x")

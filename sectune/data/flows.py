@@ -288,6 +288,9 @@ class FlowNormalizer:
     """
 
     METHODS = ("robust_log", "standard", "quantile")
+    #: how ``quantile`` places its edges: 2 since session 42 (a heavy minimum is a bin of its own); normalizer.json files
+    #: without the key are rule 1's. A resume across the change is refused (checkpoints.training_settings).
+    QUANTILE_RULE = 2
 
     def __init__(self, method: str = "robust_log", bins: int = 10):
         if method not in self.METHODS:
@@ -367,7 +370,7 @@ class FlowNormalizer:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "bins": self.bins, "features": self.features, "medians": self.medians,
-                "center": self.center, "scale": self.scale, "edges": self.edges}
+                "center": self.center, "scale": self.scale, "edges": self.edges, "quantile_rule": self.QUANTILE_RULE}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "FlowNormalizer":
@@ -433,8 +436,8 @@ def prepare_flow_splits(path, features: Sequence[str], label_column: str,
                         test_fraction: float = 0.2, seed: int = 0, nan_policy: str = "impute",
                         max_rows: Optional[int] = None, template: str = DEFAULT_TEMPLATE,
                         precision: int = 3, method: str = "robust_log", bins: int = 10,
-                        sep: str = "; ", fmt: str = "{name}={value}") -> PreparedFlows:
-    """Load → split → fit normalizer on train → impute every split → render prompts.
+                        sep: str = "; ", fmt: str = "{name}={value}", normalizer: Optional["FlowNormalizer"] = None) -> PreparedFlows:
+    """Load → split → fit normalizer on train (or take ``normalizer``, a run's saved one) → impute every split → render prompts.
 
     Records are ``{"text", "label", "features": {name: raw value}}``; raw values are after
     train-median imputation so the RF baseline and the model see the same rows.
@@ -442,7 +445,7 @@ def prepare_flow_splits(path, features: Sequence[str], label_column: str,
     table = load_flows(path, features, label_column, granularity, nan_policy=nan_policy,
                        max_rows=max_rows, seed=seed)
     tables = split_flows(table, val_fraction, test_fraction, seed)
-    norm = FlowNormalizer(method, bins).fit(tables["train"].X)
+    norm = normalizer if normalizer is not None else FlowNormalizer(method, bins).fit(tables["train"].X)
     cleaning = dict(table.cleaning)
     cleaning["cells_imputed"] = int(sum(t.X.isna().sum().sum() for t in tables.values()))
     cleaning["split_rows"] = {k: len(t) for k, t in tables.items()}

@@ -70,10 +70,21 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         # peft gives its LoRA layers an fp32 master copy, not modules_to_save (a classifier's or reward model's score
         # head): loaded in model.dtype=fp16 under fp16 mixed precision, its fp16 gradients made the GradScaler refuse the
         # first step ("Attempting to unscale FP16 gradients"; an audit, session 42); autocast computes it in half anyway
-        for p in model.parameters():
-            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
+        upcast = [m for m in model.modules() if any(p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)
+                                                    for p in m.parameters(recurse=False))]
+        for m in upcast:
+            for p in m.parameters(recurse=False):
+                if p.requires_grad:
+                    p.data = p.data.float()
+            # a forward outside autocast (the reward model's pair scoring, SFT's logit probe) fed it half-precision
+            # hidden states: "expected m1 and m2 to have the same dtype" (a review of this change, session 42)
+            m.register_forward_pre_hook(_inputs_to_own_dtype)
     return model
+
+
+def _inputs_to_own_dtype(module, args):
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def quantized_module_count(model) -> int:

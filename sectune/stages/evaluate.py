@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sectune.errors import ConfigError, DataError
 from sectune.evaluation import classify_scoring as S
-from sectune.predict import Predictor, read_classify_run
+from sectune.predict import NORMALIZER_FILE, Predictor, read_classify_run
 from sectune.runner import RunContext
 from sectune.training import classification as C
 from sectune.training import distributed
@@ -57,8 +57,13 @@ def run(ctx: RunContext) -> dict:
     print(f"sectune: evaluating {model_dir} ({run_cfg.model.name}, {run_cfg.classify.head} head) on {where}; "
           "this run's model/dataset settings are ignored")
 
+    saved_norm = None
+    if (model_dir / NORMALIZER_FILE).is_file():  # its own bins: refitted, a run from before session 42's quantile rule read
+        from sectune.data.flows import FlowNormalizer  # other prompts than it trained on ("the data changed"; a review)
+
+        saved_norm = FlowNormalizer.from_dict(json.loads((model_dir / NORMALIZER_FILE).read_text(encoding="utf-8")))
     try:
-        data = C.build_labelled_data(run_cfg)
+        data = C.build_labelled_data(run_cfg, normalizer=saved_norm)
     except DataError as e:  # its hint "set dataset.path=" is for training: evaluate reads the run's saved settings
         # with evaluate.data_path given, the run's own data is still read: the baselines beside the model are refitted on
         # its train split (the hint pointed at evaluate.data_path, the option just passed: an audit, session 36)

@@ -174,6 +174,8 @@ def check_warmup_holds_no_held_out_window(cfg, folder: Path) -> None:
     them "held out of every training step" (an audit, session 42). Any such window is refused, naming both seeds."""
     from sectune.data import auth_logs
 
+    if not data.is_generated(data.auth_logs_folder(cfg)):  # real logs (or a user's folder): no generated window to share
+        return  # (the check cost ~4 s at every SFT start: a review, session 42)
     held = {r["prompt"] for k in ("validation", "test") for r in data.sft_splits(cfg)[k]}
     seen = len(held & {auth_logs.render_prompt(w.log_text) for w in auth_logs.load_auth_folder(folder)})
     if seen:

@@ -232,6 +232,10 @@ def training_settings(cfg: DictConfig, root: Path) -> dict:
         walk(g, relative_to_root(OmegaConf.to_container(node, resolve=True), str(root)))
     flat.update(input_identities(cfg, groups))
     flat.update(data_identity(cfg))
+    if OmegaConf.select(cfg, "dataset.normalizer", default=None) == "quantile":  # the prompts' bins (session 42 changed them)
+        from sectune.data.flows import FlowNormalizer
+
+        flat["dataset.quantile_rule"] = FlowNormalizer.QUANTILE_RULE
     return {k: v for k, v in flat.items() if not (k.startswith("train.") and k.split(".", 1)[1] in RESUMABLE)}
 
 
@@ -273,8 +277,11 @@ def data_identity(cfg: DictConfig) -> dict:
 
     from sectune.run_digest import data_fingerprint
 
+    # not the whole shared data folder (paths.shared_data, every dataset's files): a file added beside the injection texts
+    # refused an auth-log SFT's resume (a review of this change, session 42); a user's own files (dataset.path, a
+    # dataset.source_dir of their own) and the auth rules' version are what a resume can meet changed
     return {f"data.{k}": hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
-            for k, v in data_fingerprint(cfg).items()}
+            for k, v in data_fingerprint(cfg).items() if k != "paths.shared_data"}
 
 
 #: under a run's checkpoints/: the checkpoints of the attempt a fresh start replaced (one generation is kept)
@@ -353,6 +360,8 @@ def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:
         return
     before.setdefault("processes", 1)  # recorded since session 27: the records before are of 1-process runs
     now = json.loads(json.dumps(training_settings(cfg, ckpt.parent.parent.parent), default=str))
+    if "dataset.quantile_rule" in now:  # recorded since session 42, whose bins differ: a record without it is of rule 1's
+        before.setdefault("dataset.quantile_rule", 1)
     for k in now:  # recorded since session 35 (42: inputs and data): a record from before says nothing about them
         if (k == "debug.enabled" or k.startswith(("generation.", *IDENTITY_PREFIXES))) and k not in before:
             before[k] = now[k]

@@ -124,8 +124,9 @@ def _flow_path(cfg: DictConfig) -> Path:
     return out
 
 
-def build_labelled_data(cfg: DictConfig) -> LabelledData:
-    """Train/validation/test records for ``cfg.dataset``; every statistic fitted on train only."""
+def build_labelled_data(cfg: DictConfig, normalizer=None) -> LabelledData:
+    """Train/validation/test records for ``cfg.dataset``; every statistic fitted on train only (flows: ``normalizer``, a
+    run's saved one, instead of a fresh fit)."""
     d = cfg.dataset
     fmt = dataset_format(cfg)
     seed = d.split_seed
@@ -139,7 +140,7 @@ def build_labelled_data(cfg: DictConfig) -> LabelledData:
                 path, list(d.features), d.label_column, d.granularity, val_fraction=d.val_fraction,
                 test_fraction=d.test_fraction, seed=seed, nan_policy=d.nan_policy, max_rows=d.max_samples,
                 template=template, precision=d.render_precision, method=d.normalizer, bins=d.quantile_bins,
-                sep=d.feature_sep, fmt=d.feature_format,
+                sep=d.feature_sep, fmt=d.feature_format, normalizer=normalizer,
             )
         except DataError as e:
             if d.path or d.name in DEFAULT_SOURCES:

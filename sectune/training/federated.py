@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from sectune.errors import ConfigError, DataError, SectuneError
-from sectune.training.federated_sampling import PARTITION_KEY, PartitionOrderedGrid, node_partitions
+from sectune.training.federated_sampling import PARTITION_KEY, PartitionOrderedGrid, check_distinct_partitions, node_partitions
 
 PARTITIONS = ("iid", "shards", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -205,19 +205,6 @@ class PadCollator:
 REPLACED_TRAIN_KEYS = ("max_steps", "epochs", "lr_scheduler", "warmup_ratio", "save_steps", "eval_steps", "group_by_length",
                        "packing")  # clients pad their batches (packing was taken without a word: an audit, session 42)
 
-
-def check_distinct_partitions(partition_of: dict[int, int]) -> None:
-    """Two SuperNodes started with one ``partition-id`` trained the same partition, counted twice in FedAvg, while another
-    never trained (an audit, session 42): refused before the round, naming them."""
-    by: dict[int, list[int]] = {}
-    for node, part in partition_of.items():
-        by.setdefault(part, []).append(node)
-    shared = {p: n for p, n in by.items() if len(n) > 1}
-    if shared:
-        p, nodes = next(iter(sorted(shared.items())))
-        raise ConfigError(f"nodes {', '.join(map(str, sorted(nodes)))} were all started with partition-id={p}: each SuperNode "
-                          "needs its own (--node-config \"partition-id=N num-partitions=M\"), or one partition trains twice "
-                          "and another never")
 
 
 def replaced_train_settings(cfg) -> list[str]:

@@ -43,3 +43,19 @@ class PartitionOrderedGrid:
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
+
+
+def check_distinct_partitions(partition_of: dict[int, int]) -> None:
+    """Two SuperNodes started with one ``partition-id`` trained the same partition, counted twice in FedAvg, while another
+    never trained (an audit, session 42): refused before the round, naming them."""
+    by: dict[int, list[int]] = {}
+    for node, part in partition_of.items():
+        by.setdefault(part, []).append(node)
+    shared = {p: n for p, n in by.items() if len(n) > 1}
+    if shared:
+        from sectune.errors import ConfigError
+
+        p, nodes = next(iter(sorted(shared.items())))
+        raise ConfigError(f"nodes {', '.join(map(str, sorted(nodes)))} were all started with partition-id={p}: each SuperNode "
+                          "needs its own (--node-config \"partition-id=N num-partitions=M\"), or one partition trains twice "
+                          "and another never")

@@ -638,7 +638,7 @@ def test_other_logs_lose_the_sessions_the_run_trained_on_and_the_baselines_learn
         _scored(hdfs_cfg(old), run)
     (run / hdfs_splits.RECORD_FILE).unlink()
     _scored(hdfs_cfg(old), run)
-    assert f"{run} has no splits.json (trained before it was written)" in capsys.readouterr().err
+    assert f"{run} has no splits.json (a run from before session 42)" in capsys.readouterr().err
 
 
 def test_a_run_trained_on_generated_sessions_scores_real_ones_as_other_logs(tmp_path, capsys):

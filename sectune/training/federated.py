@@ -212,7 +212,8 @@ def replaced_train_settings(cfg) -> list[str]:
     from sectune.config import TrainConfig
 
     default = TrainConfig()
-    return [f"train.{k}={cfg.train[k]}" for k in REPLACED_TRAIN_KEYS if cfg.train[k] != getattr(default, k)]
+    return [f"train.{k}={cfg.train[k]}" for k in REPLACED_TRAIN_KEYS if cfg.train[k] != getattr(default, k)
+            and not (k == "packing" and cfg.train[k] == "none")]  # none is what the clients do (they pad)
 
 
 def local_train(cfg, model, rows: list[dict], pad_id: int, lr: float, steps: int, seed: int, out_dir: Path) -> float:

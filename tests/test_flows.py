@@ -397,3 +397,6 @@ def test_evaluate_scores_a_classify_run_with_its_own_saved_bins(tmp_path, monkey
     ev = sectune(["stage=evaluate", f"evaluate.model_dir={tmp_path / 'old'}", "logger=none", "evaluate.rf_estimators=5"], tmp_path / "ev")
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert ev.result["metrics"]["test_macro_f1"] == pytest.approx(json.loads((tmp_path / "old" / "result.json").read_text())["metrics"]["test_macro_f1"])
+    (tmp_path / "old" / "normalizer.json").write_text('{"method": "quantile"')  # damaged: one line naming the file
+    bad = sectune(["stage=evaluate", f"evaluate.model_dir={tmp_path / 'old'}", "logger=none"], tmp_path / "ev2")
+    assert bad.returncode == 2 and f"{tmp_path / 'old' / 'normalizer.json'}: not valid JSON" in bad.stderr and "Traceback" not in bad.stderr

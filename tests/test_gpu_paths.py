@@ -48,7 +48,20 @@ def test_a_trainable_head_in_half_precision_gets_an_fp32_master_copy(precision):
     # a forward outside autocast (the reward model's pair scoring) meets half-precision hidden states: cast, not a crash
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
-    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+    assert out.logits.dtype == (torch.float16 if precision == "fp16" else torch.bfloat16) and torch.isfinite(out.logits).all()
+    # a trainable bias beside a frozen weight (lora.bias=all) stays in the module's dtype; an embedding trained whole gives
+    # the layers its own dtype back (each crashed outside autocast: a review, session 42)
+    gpt2 = compose(["stage=sft", "model=tiny_gpt2", "model.dtype=bf16", "train.precision=bf16", "lora=r4_attention", "lora.bias=all"])
+    m2 = lora.apply_lora(modeling.load_model(gpt2), gpt2)
+    biases = {p.dtype for n, p in m2.named_parameters() if p.requires_grad and n.endswith(".bias") and "lora_" not in n}
+    assert biases == {torch.bfloat16}
+    llama = compose(["stage=sft", "model=tiny_llama", "model.dtype=bf16", "train.precision=bf16", "lora=r4_attention",
+                     "lora.modules_to_save=[embed_tokens]"])
+    m3 = lora.apply_lora(modeling.load_model(llama), llama)
+    assert {p.dtype for n, p in m3.named_parameters() if "modules_to_save" in n} == {torch.float32}
+    with torch.no_grad():
+        for m in (m2, m3):
+            assert torch.isfinite(m(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
     cfg32 = compose(["stage=classify", "model=tiny_llama", "model.dtype=bf16", "train.precision=fp32", "lora=r4_attention"])
     m32 = lora.apply_lora(modeling.load_model(cfg32, task="seq_cls", num_labels=2), cfg32, task_type="SEQ_CLS")
     # without autocast an fp32 head would meet bf16 hidden states: left in model.dtype

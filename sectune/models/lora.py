@@ -70,21 +70,26 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         # peft gives its LoRA layers an fp32 master copy, not modules_to_save (a classifier's or reward model's score
         # head): loaded in model.dtype=fp16 under fp16 mixed precision, its fp16 gradients made the GradScaler refuse the
         # first step ("Attempting to unscale FP16 gradients"; an audit, session 42); autocast computes it in half anyway
-        upcast = [m for m in model.modules() if any(p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)
-                                                    for p in m.parameters(recurse=False))]
-        for m in upcast:
+        # (a module trained whole, as modules_to_save copies are: a trainable bias beside a frozen weight, lora.bias=all,
+        # stays as it is, or the module mixes dtypes; a review of this change, session 42)
+        whole = [m for m in model.modules() if (own := list(m.parameters(recurse=False)))
+                 and all(p.requires_grad for p in own) and any(p.dtype in (torch.float16, torch.bfloat16) for p in own)]
+        for m in whole:
+            was = next(p.dtype for p in m.parameters(recurse=False) if p.dtype in (torch.float16, torch.bfloat16))
             for p in m.parameters(recurse=False):
-                if p.requires_grad:
-                    p.data = p.data.float()
+                p.data = p.data.float()
             # a forward outside autocast (the reward model's pair scoring, SFT's logit probe) fed it half-precision
-            # hidden states: "expected m1 and m2 to have the same dtype" (a review of this change, session 42)
-            m.register_forward_pre_hook(_inputs_to_own_dtype)
+            # hidden states ("expected m1 and m2 to have the same dtype"), and an fp32 embedding's output met bf16 layers:
+            # inputs are cast to fp32, the output back to the model's dtype (a review of this change, session 42)
+            m.register_forward_pre_hook(_floats_to(torch.float32))
+            m.register_forward_hook(lambda mod, args, out, dtype=was: out.to(dtype) if torch.is_tensor(out) and out.is_floating_point() else out)
     return model
 
 
-def _inputs_to_own_dtype(module, args):
-    dtype = next(module.parameters()).dtype
-    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+def _floats_to(dtype):
+    def hook(module, args):
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    return hook
 
 
 def quantized_module_count(model) -> int:

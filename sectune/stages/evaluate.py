@@ -60,8 +60,12 @@ def run(ctx: RunContext) -> dict:
     saved_norm = None
     if (model_dir / NORMALIZER_FILE).is_file():  # its own bins: refitted, a run from before session 42's quantile rule read
         from sectune.data.flows import FlowNormalizer  # other prompts than it trained on ("the data changed"; a review)
+        from sectune.predict import DAMAGED, read_run_json
 
-        saved_norm = FlowNormalizer.from_dict(json.loads((model_dir / NORMALIZER_FILE).read_text(encoding="utf-8")))
+        try:
+            saved_norm = FlowNormalizer.from_dict(read_run_json(model_dir / NORMALIZER_FILE, "a JSON object (method, features, ...)"))
+        except DataError as e:  # "normalizer state is malformed (...)": say which file
+            raise ConfigError(f"{model_dir / NORMALIZER_FILE}: {e}; {DAMAGED}") from None
     try:
         data = C.build_labelled_data(run_cfg, normalizer=saved_norm)
     except DataError as e:  # its hint "set dataset.path=" is for training: evaluate reads the run's saved settings

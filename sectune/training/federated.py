@@ -317,7 +317,8 @@ def make_strategy(fed, num_train: int, base_lr: float, record: Callable[[str, in
         def configure_train(self, server_round, arrays, config, grid):
             config["lr"] = round_lr(base_lr, server_round, int(fed.rounds), str(fed.lr_schedule), float(fed.lr_min_ratio))
             partition_of.update(node_partitions(grid, partition_of, self.min_available_nodes))
-            check_distinct_partitions(partition_of)
+            # the nodes up now: a restarted SuperNode comes back under a new node id, beside its old one (a review, session 42)
+            check_distinct_partitions(partition_of, up=set(grid.get_node_ids()))
             state = random.getstate()
             random.seed(f"sectune-federated:{seed}:{server_round}")  # str seeds hash the same in every process
             try:

@@ -45,11 +45,14 @@ class PartitionOrderedGrid:
         return getattr(self._grid, name)
 
 
-def check_distinct_partitions(partition_of: dict[int, int]) -> None:
+def check_distinct_partitions(partition_of: dict[int, int], up=None) -> None:
     """Two SuperNodes started with one ``partition-id`` trained the same partition, counted twice in FedAvg, while another
-    never trained (an audit, session 42): refused before the round, naming them."""
+    never trained (an audit, session 42): refused before the round, naming them. ``up``: the node ids connected now (a
+    restarted SuperNode comes back under a new id beside its old one, which is no second node: a review, session 42)."""
     by: dict[int, list[int]] = {}
     for node, part in partition_of.items():
+        if up is not None and node not in up:
+            continue
         by.setdefault(part, []).append(node)
     shared = {p: n for p, n in by.items() if len(n) > 1}
     if shared:

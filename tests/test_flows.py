@@ -363,6 +363,7 @@ def test_prompt_injections_counts_and_bad_line(tmp_path):
         load_prompt_injections(tmp_path)
 
 
+@pytest.mark.slow  # ~20 s: a classify run and two evaluate runs (make test stays under 10 minutes; make test-all runs it)
 @pytest.mark.skipif(not (shared_data_dir() / "ciciot2023_merged39_family_sample").is_dir(), reason="needs the real CIC sample (../shared/data)")
 def test_evaluate_scores_a_classify_run_with_its_own_saved_bins(tmp_path, monkeypatch):
     """Session 42 changed how quantile bins are placed; evaluate refitted them, so every CIC run trained before read other

@@ -216,6 +216,7 @@ def test_a_folder_of_held_out_windows_keeps_saying_they_were_generated_to_a_late
 
 @requires_real_data
 @requires_rl
+@pytest.mark.slow  # ~15 s: two pipelines (make test stays under 10 minutes; make test-all runs it)
 @pytest.mark.skipif(not HAS_DPO, reason="stage=dpo is not in this checkout")
 def test_a_step_after_one_that_trained_again_starts_afresh_instead_of_resuming_the_old_inputs_checkpoints(tmp_path):
     """train.resume=auto after changing the sft step: sft trained again, then dpo resumed its checkpoint trained from
@@ -232,6 +233,8 @@ def test_a_step_after_one_that_trained_again_starts_afresh_instead_of_resuming_t
     assert json.loads((run_dir / "dpo" / "result.json").read_text())["status"] == "succeeded"
 
 
+@requires_real_data
+@requires_rl
 def test_failed_rl_step_then_rerun_continues_without_retraining(tmp_path):
     run_dir = tmp_path / "p"
     steps = ["sft", "reward", "rl", *(["dpo"] if HAS_DPO else []), "infer"]

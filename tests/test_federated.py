@@ -730,5 +730,7 @@ def test_two_nodes_with_one_partition_id_and_a_prompt_that_fills_the_sequence_ar
         check_distinct_partitions({11: 0, 22: 0, 33: 1})
     check_distinct_partitions({11: 0, 22: 0, 33: 1}, up={22, 33})  # node 11 restarted as 22: gone, not a second node
     assert "train.packing=bfd" in federated.replaced_train_settings(compose([*TINY, "train.packing=bfd"]))
-    run = sectune([*TINY, "model.max_seq_length=3", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
-    assert run.returncode == 2 and "model.max_seq_length=3: the prompt alone" in run.stderr and "no session keeps a key token" in run.stderr
+    cfg = compose(TINY)  # the prompt's length is the local tiny tokenizer's (built from the real logs or generated ones)
+    n = len(modeling.load_tokenizer(cfg, modeling.model_path(cfg))(str(cfg.dataset.prompt_template))["input_ids"])
+    run = sectune([*TINY, f"model.max_seq_length={n}"], tmp_path / "run")
+    assert run.returncode == 2 and f"model.max_seq_length={n}: the prompt alone" in run.stderr and "no session keeps a key token" in run.stderr

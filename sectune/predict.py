@@ -39,6 +39,17 @@ DAMAGED = f"the run's files are damaged; {RETRAIN}"
 META_KEYS = ("head", "format", "artifact", "template", "max_length")
 
 
+def read_normalizer(run_dir: Path):
+    """A flow classify run's train-split statistics (``normalizer.json``); missing, damaged or malformed: one error naming it."""
+    from sectune.data.flow_normalizer import FlowNormalizer
+
+    path = Path(run_dir) / NORMALIZER_FILE
+    try:
+        return FlowNormalizer.from_dict(read_run_json(path, "a JSON object (method, features, ...)"))
+    except DataError as e:  # "normalizer state is malformed (...)": say which file
+        raise ConfigError(f"{path}: {e}; {DAMAGED}") from None
+
+
 def read_run_json(path: Path, what: str = "a JSON object"):
     """A JSON object the classify run wrote; missing, unparsable or not an object → ConfigError naming the file."""
     if not path.is_file():
@@ -233,15 +244,7 @@ class Predictor:
         if device:
             cfg.train.device = device
         meta = read_meta(run_dir)
-        normalizer = None
-        if meta["format"] == "flows":
-            from sectune.data.flows import FlowNormalizer
-
-            norm_path = run_dir / NORMALIZER_FILE
-            try:
-                normalizer = FlowNormalizer.from_dict(read_run_json(norm_path, "a JSON object (method, features, ...)"))
-            except DataError as e:  # "normalizer state is malformed (...)": say which file
-                raise ConfigError(f"{norm_path}: {e}; {DAMAGED}") from None
+        normalizer = read_normalizer(run_dir) if meta["format"] == "flows" else None
         model, tokenizer, members = load_classifier(run_dir, cfg, meta)
         predictor = cls(model, tokenizer, meta, normalizer, batch_size, members)
         predictor.source = run_dir

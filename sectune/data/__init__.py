@@ -160,7 +160,7 @@ def preference_pairs(cfg: DictConfig) -> dict[str, list[dict]]:
     """train / validation / test chosen/rejected pairs: ``auth_preferences`` (corrupted analyses) or
     ``injection_preferences`` (SecAlign pairs on injected windows, :mod:`sectune.data.injection`)."""
     if cfg.dataset.name == "injection_preferences":
-        from sectune.data.injection import injection_preference_splits
+        from sectune.data.injection_pairs import injection_preference_splits
 
         return injection_preference_splits(cfg)
     from sectune.data.auth_preferences import preference_splits
@@ -248,7 +248,7 @@ def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
 
         return hdfs.sft_splits(cfg)
     if cfg.dataset.name == "injection_triplets":  # benign and (include_injected) injected windows, StruQ's adversarial SFT
-        from sectune.data.injection import adversarial_sft_splits
+        from sectune.data.injection_pairs import adversarial_sft_splits
 
         return adversarial_sft_splits(cfg)
     records = sft_records(cfg)

@@ -4,8 +4,10 @@ is (counts, id digests, how much of test repeats training); :func:`sectune.data.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import sys
+from pathlib import Path
 
 from sectune.data import check_count
 from sectune.data.hdfs import ANOMALOUS, NORMAL, Session
@@ -95,9 +97,6 @@ def split_record(data) -> dict:
 
 def read_record(run_dir) -> dict | None:
     """The run's split record, or None for a run from before it was written."""
-    import json
-    from pathlib import Path
-
     p = Path(run_dir) / RECORD_FILE
     if not p.is_file():
         return None

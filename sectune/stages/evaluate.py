@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sectune.errors import ConfigError, DataError
 from sectune.evaluation import classify_scoring as S
-from sectune.predict import NORMALIZER_FILE, Predictor, read_classify_run
+from sectune.predict import NORMALIZER_FILE, Predictor, read_classify_run, read_normalizer
 from sectune.runner import RunContext
 from sectune.training import classification as C
 from sectune.training import distributed
@@ -57,15 +57,9 @@ def run(ctx: RunContext) -> dict:
     print(f"sectune: evaluating {model_dir} ({run_cfg.model.name}, {run_cfg.classify.head} head) on {where}; "
           "this run's model/dataset settings are ignored")
 
-    saved_norm = None
-    if (model_dir / NORMALIZER_FILE).is_file():  # its own bins: refitted, a run from before session 42's quantile rule read
-        from sectune.data.flows import FlowNormalizer  # other prompts than it trained on ("the data changed"; a review)
-        from sectune.predict import DAMAGED, read_run_json
-
-        try:
-            saved_norm = FlowNormalizer.from_dict(read_run_json(model_dir / NORMALIZER_FILE, "a JSON object (method, features, ...)"))
-        except DataError as e:  # "normalizer state is malformed (...)": say which file
-            raise ConfigError(f"{model_dir / NORMALIZER_FILE}: {e}; {DAMAGED}") from None
+    # its own bins: refitted, a run from before session 42's quantile rule read other prompts than it trained on ("the
+    # data changed"; a review)
+    saved_norm = read_normalizer(model_dir) if (model_dir / NORMALIZER_FILE).is_file() else None
     try:
         data = C.build_labelled_data(run_cfg, normalizer=saved_norm)
     except DataError as e:  # its hint "set dataset.path=" is for training: evaluate reads the run's saved settings

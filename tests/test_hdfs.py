@@ -666,18 +666,142 @@ def test_a_run_trained_on_generated_sessions_scores_real_ones_as_other_logs(tmp_
 
 def test_a_key_the_run_never_saw_is_not_met_with_advice_for_training(tmp_path):
     """An audit (session 42): at evaluate, keys past the trained model's advised model.tiny.extra_tokens, which the trained
-    run's tokenizer cannot take any more."""
+    run's tokenizer cannot take any more. Keys past the run's vocabulary are now scored (never given to the tokenizer); a
+    key of its own that its tokenizer splits (a run from before sft checked it) is met with retraining, not extra_tokens."""
     class Splits:  # one token per key up to 3, two tokens past it
         eos_token_id = 0
 
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [t for k in text.split() for t in ([int(k)] if int(k) <= 3 else [int(k) // 10, 90 + int(k) % 10])]}
 
-    data, own = SimpleNamespace(num_keys=5, source="/logs"), SimpleNamespace(num_keys=3)
     with pytest.raises(ConfigError) as e:
-        anomaly.key_token_ids(Splits(), 5, "1", anomaly.unseen_keys_hint(data, own))
-    assert "/logs holds log templates the run never trained on (keys 4..5; its logs have 3)" in str(e.value)
+        anomaly.key_token_ids(Splits(), 5, "1", anomaly.RETRAIN_HINT)
+    assert "the trained run's tokenizer cannot change at evaluate: train the run again" in str(e.value)
     assert "extra_tokens" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- keys the run never saw (DeepLog's rule)
+def test_a_key_past_the_runs_vocabulary_gets_the_worst_rank_in_the_model_and_every_baseline():
+    """Keys past the run's key vocabulary were refused at evaluate (left open by session 42's audit). DeepLog: a key never
+    seen in training is anomalous there: rank vocabulary + 2 (a miss of top-g at every g, g = all 4 candidates included)
+    and −log p = ∞ for the model and both bigrams, never given to a predictor (which has no candidate for it); the
+    sessions without one are scored as before."""
+    model = SuccessorLM({50: 101, 101: 102, 102: 103, 103: EOS})  # candidates END, 1, 2, 3: the run's vocabulary is 3
+    given: list = []
+
+    def lm(uniq):
+        given.extend(uniq)
+        return anomaly.lm_logprobs(model, uniq, PROMPT, CAND)
+
+    train = [(1, 2, 3), (1, 2, 3), (1, 3)]
+    big = anomaly.BigramModel(3, end_marker=True, alpha=0.01).fit(train)
+    noend = anomaly.BigramModel(3, end_marker=False, alpha=0.01).fit(train)
+    clean, unseen = [(1, 2, 3), (1, 2), (2, 3)], [(1, 4, 3), (1, 2, 3, 7), (9,)]
+    for name, predict, end in (("model", lm, True), ("bigram", lambda u: [big.logprobs(s) for s in u], True),
+                               ("bigram_noend", lambda u: [noend.logprobs(s) for s in u], False)):
+        got = anomaly.score_all(predict, clean + unseen, end, known=3)
+        assert got["max_rank"][3:].tolist() == [5, 5, 5] and np.isinf(got["max_nll"][3:]).all(), name
+        before = anomaly.score_all(predict, clean, end)  # no vocabulary given: every key a candidate, as before
+        assert got["max_rank"][:3].tolist() == before["max_rank"].tolist(), name
+        np.testing.assert_array_equal(got["max_nll"][:3], before["max_nll"])
+        assert got["max_rank"][:3].max() <= 4  # a seen key ranks 4 at worst: the unseen one is worse than any
+        assert (got["max_rank"][3:] > 4).all()  # outside the top-g even at g = 4, every candidate
+        val_y, test_y = np.array([0, 1, 0, 1, 1, 1]), np.array([0, 0, 0, 1, 0, 1])
+        det = anomaly.detect(got, val_y, got, test_y)  # normal-labelled ones too: the key decides, not the label
+        assert det["top_g"]["pred"][3:].tolist() == [1, 1, 1] and det["threshold"]["pred"][3:].tolist() == [1, 1, 1], name
+        assert np.isfinite(det["threshold"]["threshold"]) and np.isfinite(det["threshold"]["test"]["roc_auc"]), name
+    assert not set(unseen) & set(given) and set(clean) <= set(given)
+
+
+def test_a_threshold_below_an_unseen_keys_infinite_nll_is_finite_and_flags_it():
+    """The midpoint between a finite −log p and an unseen key's ∞ is ∞, which flags nothing; and sklearn refuses ∞ in a
+    ROC-AUC. The cut sits 1 above the finite score under it; the AUC reads ∞ as above every finite score."""
+    thr, f1 = anomaly.choose_threshold([0.1, 0.2, np.inf, np.inf], [0, 0, 1, 1])
+    assert (thr, f1) == (pytest.approx(1.2), 1.0)
+    thr, f1 = anomaly.choose_threshold([0.1, 3.0, 0.2, np.inf], [0, 1, 0, 1])  # the finite anomaly caught too: the midpoint
+    assert (thr, f1) == (pytest.approx(1.6), 1.0)
+    m = anomaly.binary_metrics([0, 0, 1, 1], [0, 0, 1, 1], [0.1, 5.0, 2.0, np.inf])
+    assert m["roc_auc"] == pytest.approx(0.75)  # ∞ above all; 5.0 (normal) above 2.0 (anomalous)
+
+
+def test_keys_the_run_never_saw_are_counted_by_where_they_are():
+    """hdfs_detection.json's ``unseen_keys``: sessions and positions past the run's vocabulary (scored by DeepLog's rule)
+    and in it but in no training session (ranked as any key), per split."""
+    S = hdfs.Session
+    val = [S("v1", (1, 2), 0), S("v2", (1, 5, 5), 1), S("v3", (4, 2), 0)]
+    test = [S("t1", (6, 1, 4), 0), S("t2", (1, 2, 3), 1), S("t3", (2, 7), 1)]
+    got = anomaly.unseen_keys({"validation": val, "test": test}, vocab=4, trained={1, 2, 3})
+    past, untrained = got["past_vocabulary"], got["not_in_training"]
+    assert got["key_vocabulary"] == 4 and "worst rank" in past["rule"]
+    assert past["validation"] == {"sessions": 1, "anomalous_sessions": 1, "positions": 2, "keys": [5]}
+    assert past["test"] == {"sessions": 2, "anomalous_sessions": 1, "positions": 2, "keys": [6, 7]}
+    assert untrained["validation"] == {"sessions": 1, "anomalous_sessions": 0, "positions": 1, "keys": [4]}
+    assert untrained["test"] == {"sessions": 1, "anomalous_sessions": 0, "positions": 1, "keys": [4]}
+    note = anomaly.unseen_keys_note(got, "/logs")
+    assert "1 validation sessions (1 anomalous, 2 positions) and 2 test sessions (1 anomalous, 2 positions) of /logs hold keys " \
+           "past the run's key vocabulary (1..4: keys 5, 6, 7)" in note and "rank 6" in note and "no training session holds (4)" in note
+    assert "no training session" not in anomaly.unseen_keys_note(got, "/logs", past_only=True)
+    assert anomaly.unseen_keys_note(anomaly.unseen_keys({"test": test[1:2]}, 4, {1, 2, 3}), "/logs") == ""
+
+
+def test_a_drain3_template_new_in_other_logs_is_past_the_runs_vocabulary_and_the_old_ones_keep_their_keys(tmp_path):
+    """Keys are the run's at train and evaluate: other logs keyed by drain3 are numbered as in the run's log, so its
+    templates keep their keys, and a template new there gets a key past the run's vocabulary, which evaluate scores
+    against (trained["num_keys"]: the model's candidates, the bigrams' table), not the scored logs' larger count."""
+    events = ["PacketResponder 1 for block {b} terminating", "Receiving block {b} src: /10.250.19.102:54106 dest: /10.250.19.102:50010",
+              "Deleting block {b} file /mnt/hadoop/dfs/data/current/subdir8/{b}"]
+    new_event = "Verification succeeded for {b}"
+    labels = "BlockId,Label\n" + "".join(f"blk_{i},{'Anomaly' if i % 5 == 0 else 'Normal'}\n" for i in range(40))
+    lines = [f"081109 2036{i % 60:02d} 148 INFO dfs.DataNode: {events[i % 3].format(b=f'blk_{i % 40}')}" for i in range(120)]
+    extra = [f"081109 2037{i:02d} 148 INFO dfs.DataBlockScanner: {new_event.format(b=f'blk_{i}')}" for i in range(0, 40, 4)]
+    for name, log in (("a", lines), ("b", lines + extra)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.log").write_text("\n".join(log) + "\n")
+        (tmp_path / name / "x_block_labels.csv").write_text(labels)
+    run = _trained_run(tmp_path, tmp_path / "a", "dataset.hdfs_layout=loghub", "dataset.log_parser=drain3")
+    data, own, _, trained = _scored(hdfs_cfg(tmp_path / "b", "dataset.hdfs_layout=loghub", "dataset.log_parser=drain3"), run)
+    assert (own.num_keys, data.num_keys, trained["num_keys"]) == (3, 4, 3)
+    own_keys = {s.id: s.keys for part in own.splits.values() for s in part}
+    for s in (s for part in data.splits.values() for s in part):  # the run's templates keep their keys; the new one is 4
+        assert tuple(k for k in s.keys if k != 4) == own_keys[s.id] and (4 in s.keys) == (int(s.id[4:]) % 4 == 0)
+    got = anomaly.unseen_keys(data.splits, trained["num_keys"], {k for s in own.splits["train"] for k in s.keys})
+    assert {n: got["past_vocabulary"][n]["sessions"] for n in data.splits} == \
+        {n: sum(4 in s.keys for s in part) for n, part in data.splits.items()}
+
+
+def test_other_logs_with_templates_the_run_never_saw_are_scored_and_flagged_by_every_system(tmp_path):
+    """Scored on other DeepLog logs holding keys 29 and 30 (the run's are 1..28): the reader refused key 29 whatever
+    dataset.num_log_keys said (the run's 28 was kept); the model's tokenizer refused it too. Now scored: each session with
+    one is flagged by the model and every baseline, counted in hdfs_detection.json and said in the report."""
+    logs = write_deeplog_files(tmp_path / "logs", n_normal=200, n_anomalous=100, seed=2)
+    run = sectune(["+experiment=hdfs_detect", "logger=none", f"dataset.path={logs}", f"paths.cache_dir={tmp_path / 'cache'}",
+                   "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2"], tmp_path / "run", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    other = write_deeplog_files(tmp_path / "other", n_normal=200, n_anomalous=100, seed=4)
+    for f, key in ((hdfs.NORMAL_FILE, 29), (hdfs.ANOMALOUS_FILE, 30)):  # every 7th session gets a template the run never saw
+        lines = (other / f).read_text().splitlines()
+        (other / f).write_text("".join(f"{line} {key}\n" if i % 7 == 0 else f"{line}\n" for i, line in enumerate(lines)))
+    ev = sectune(["stage=evaluate", "dataset=hdfs", f"evaluate.model_dir={tmp_path / 'run' / 'sft'}", "logger=none",
+                  f"dataset.path={other}", "dataset.num_log_keys=30", f"paths.cache_dir={tmp_path / 'cache'}"],
+                 tmp_path / "ev", timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    out = tmp_path / "ev" / "evaluation"
+    det = json.loads((out / "hdfs_detection.json").read_text())
+    by_id = {s.id: s for part in hdfs.load_hdfs(hdfs_cfg(other, "dataset.num_log_keys=30")).splits.values() for s in part}
+    test = [by_id[i] for i in det["test_ids"]]
+    hit = [i for i, s in enumerate(test) if max(s.keys) > 28]
+    past = det["unseen_keys"]["past_vocabulary"]
+    assert det["unseen_keys"]["key_vocabulary"] == 28 and past["test"]["keys"] == [29, 30]
+    assert past["test"]["sessions"] == len(hit) and past["test"]["positions"] == len(hit)  # one such key per session
+    assert sum(test[i].label == hdfs.NORMAL for i in hit) > 0 and past["test"]["anomalous_sessions"] < len(hit)
+    rows = json.loads((out / "detailed_results.json").read_text())
+    assert {rows["rows"][i]["pred"] for i in hit} == {"anomalous"}  # the model, under its chosen rule
+    for name, preds in rows["baseline_predictions"].items():  # bigram (chosen rule), bigram_topg, bigram_noend
+        assert {preds[i] for i in hit} == {"anomalous"}, name
+    report = (out / "hdfs_report.md").read_text()
+    assert f"test sessions ({past['test']['anomalous_sessions']} anomalous, {len(hit)} positions) of {other} hold keys past " \
+           "the run's key vocabulary (1..28: keys 29, 30)" in report
+    assert "dataset.num_log_keys=30 (trained: 28)" not in ev.stdout  # read with this command's 30, not "using the trained"
 
 
 def test_evaluate_max_samples_is_refused_with_hdfs():

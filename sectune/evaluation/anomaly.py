@@ -19,6 +19,15 @@ the test set; nothing here reads a test label before the choice is made.
 Baselines in the same run, from the normal training sessions the model trained on (also when other logs are scored): a bigram next-key model with a
 start and an end marker (add-α smoothed counts) under both rules, the top-g one being DeepLog's
 rule on it, and the same bigram without the end marker (a session cut short then goes unnoticed).
+
+Keys the run never saw: the run's key vocabulary is keys 1..K of the logs it trained on (DeepLog's keys 1..num_log_keys,
+the structured CSV's EventIds, drain3's templates numbered as in its log), each one token of its tokenizer (stage=sft checks
+that). A position whose key is past K (a template new in other logs, whether or not the trained tokenizer happens to hold a
+token for it) is a miss of top-g at every g, g = every candidate included: rank K + 2 and −log p = ∞, in the model and in
+every baseline alike, so its session is flagged (DeepLog: a key never seen in training is anomalous there). A key in 1..K
+that no training session holds (on DeepLog's sessions, the keys only anomalous sessions have) is a candidate every system
+ranks as it ranks any other (the model's probability, the bigram's add-α count), as on the run's own logs; both are counted
+in hdfs_detection.json's ``unseen_keys``.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from typing import Sequence
 import numpy as np
 
 from sectune.errors import ConfigError, DataError
-from sectune.evaluation.anomaly_runs import _run_config, _trained_sessions, unseen_keys_hint  # noqa: F401 (re-exported)
+from sectune.evaluation.anomaly_runs import (  # noqa: F401 (re-exported)
+    RETRAIN_HINT, _run_config, _trained_sessions, unseen_keys, unseen_keys_note)
 
 END = 0
 
@@ -133,10 +143,16 @@ def session_scores(logprobs: np.ndarray, keys: Sequence[int], score_end: bool = 
     return int(ranks.max()), float(-true.min())
 
 
-def score_all(predict, sessions: Sequence[Sequence[int]], score_end: bool = True) -> dict[str, np.ndarray]:
-    """``{"max_rank", "max_nll"}`` arrays; ``predict(unique_sessions) -> [logprobs]``, each distinct sequence once."""
+def score_all(predict, sessions: Sequence[Sequence[int]], score_end: bool = True, known: int | None = None
+              ) -> dict[str, np.ndarray]:
+    """``{"max_rank", "max_nll"}`` arrays; ``predict(unique_sessions) -> [logprobs]``, each distinct sequence once.
+    ``known``: the run's key vocabulary, keys 1..known; a session holding a key past it gets rank ``known + 2`` (after
+    every candidate: a miss of top-g at every g) and −log p = ∞, and is never given to ``predict`` (which has no candidate
+    for that key); None: every key is a candidate (the predictor's own logs)."""
     uniq = list(dict.fromkeys(tuple(s) for s in sessions))
-    scored = dict(zip(uniq, (session_scores(lp, s, score_end) for lp, s in zip(predict(uniq), uniq))))
+    seen = [s for s in uniq if known is None or max(s, default=0) <= known]
+    scored = dict(zip(seen, (session_scores(lp, s, score_end) for lp, s in zip(predict(seen), seen))))
+    scored.update({s: (known + 2, math.inf) for s in uniq if s not in scored})
     ranks, nll = zip(*(scored[tuple(s)] for s in sessions)) if sessions else ((), ())
     return {"max_rank": np.asarray(ranks, dtype=float), "max_nll": np.asarray(nll, dtype=float)}
 
@@ -154,6 +170,9 @@ def choose_threshold(scores, labels) -> tuple[float, float]:
     f1 = 2 * tp / (2 * tp + fp + (len(pos) - tp))
     best = int(np.flatnonzero(f1 == f1.max()).max())
     thr = (u[best - 1] + u[best]) / 2 if best > 0 else u[0] - 1.0
+    if not np.isfinite(thr):  # the cut below an unseen key's −log p = ∞ (the midpoint, ∞, flagged nothing): 1 above the
+        finite = u[np.isfinite(u)]  # finite score under it (every finite −log p passes it and every ∞ is flagged)
+        thr = finite.max() + 1.0 if finite.size else np.finfo(float).max
     return float(thr), float(f1[best])
 
 
@@ -163,6 +182,10 @@ def binary_metrics(y_true, y_pred, score) -> dict[str, float]:
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average="binary", zero_division=0)
     tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+    score = np.asarray(score, dtype=float)
+    if np.isinf(score).any():  # an unseen key's −log p = ∞ (sklearn refuses ∞): above every finite score, the same order
+        finite = score[np.isfinite(score)]
+        score = np.where(np.isinf(score), (finite.max() if finite.size else 0.0) + 1.0, score)
     auc = roc_auc_score(y_true, score) if 0 < y_true.sum() < len(y_true) else float("nan")
     return {"precision": float(p), "recall": float(r), "f1": float(f), "fpr": float(fp / max(1, fp + tn)),
             "roc_auc": float(auc), "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)}
@@ -210,10 +233,14 @@ def evaluate_hdfs(ctx) -> dict:
         raise DataError(f"{own.source}: the train split holds anomalous sessions")
 
     model, tokenizer, model_ref = infer.load_model(run_cfg, choice)
-    # a key past the run's own: a template the run never saw; its tokenizer is the trained one (model.tiny.extra_tokens
-    # set now changes nothing), so it cannot be scored (the advice to set that was given here: an audit, session 42)
-    prompt_ids, cand_ids = key_token_ids(tokenizer, data.num_keys, str(run_cfg.dataset.prompt_template or DEFAULT_PROMPT),
-                                         unseen_keys_hint(data, own))
+    # the model's candidates are the run's key vocabulary, as sft checked them (they were the scored logs' keys: other logs
+    # with fewer keys took the rest out of its softmax, and a key past the run's was refused); a key past it is a template
+    # the run never saw, scored by the rule in this module's docstring, by the model and every baseline alike
+    vocab = int(trained.get("num_keys") or own.num_keys)
+    prompt_ids, cand_ids = key_token_ids(tokenizer, vocab, str(run_cfg.dataset.prompt_template or DEFAULT_PROMPT), RETRAIN_HINT)
+    unseen = unseen_keys({"validation": val, "test": test}, vocab, {k for s in train for k in s.keys})
+    if (note := unseen_keys_note(unseen, data.source)):
+        print(f"sectune: note: {note}")
     print(f"sectune: evaluate: {len(val)} validation / {len(test)} test sessions ({int(test_y.sum())} anomalous), "
           f"{choice.describe(model_ref)}; g and threshold chosen on validation")
     limit = int(run_cfg.model.max_seq_length)  # a session is the prompt, one token per key and the end: training cut it here
@@ -228,9 +255,11 @@ def evaluate_hdfs(ctx) -> dict:
     # the baselines learn from the normal training sessions the model was trained on (its own logs' train split, also when
     # other logs are scored: they learnt from the scored logs' split, an in-domain bigram beside a transferred model, while
     # a comment here said otherwise: an audit, session 42), are tuned on the same validation rows, scored on the same test rows
-    keys = max(data.num_keys, own.num_keys)
-    bigram = BigramModel(keys, end_marker=True, alpha=float(ev.bigram_alpha)).fit(s.keys for s in train)
-    bigram_noend = BigramModel(keys, end_marker=False, alpha=float(ev.bigram_alpha)).fit(s.keys for s in train)
+    # (their table is the run's key vocabulary, as the model's candidates; only where the run's own logs cannot be read do
+    # they learn from the scored logs' train split, whose sessions with keys past it are no training of the run's)
+    train_keys = [s.keys for s in train if max(s.keys) <= vocab]
+    bigram = BigramModel(vocab, end_marker=True, alpha=float(ev.bigram_alpha)).fit(train_keys)
+    bigram_noend = BigramModel(vocab, end_marker=False, alpha=float(ev.bigram_alpha)).fit(train_keys)
     systems, timing = {}, {}
     for name, predict, score_end in (
         ("model", lm, True),
@@ -238,9 +267,9 @@ def evaluate_hdfs(ctx) -> dict:
         ("bigram_noend", lambda uniq: [bigram_noend.logprobs(s) for s in uniq], False),
     ):
         t0 = time.perf_counter()
-        v = score_all(predict, [s.keys for s in val], score_end)
+        v = score_all(predict, [s.keys for s in val], score_end, known=vocab)
         t1 = time.perf_counter()
-        t = score_all(predict, [s.keys for s in test], score_end)
+        t = score_all(predict, [s.keys for s in test], score_end, known=vocab)
         timing[name] = time.perf_counter() - t1
         systems[name] = detect(v, val_y, t, test_y)
         systems[name]["val_scoring_s"] = t1 - t0
@@ -261,12 +290,15 @@ def evaluate_hdfs(ctx) -> dict:
                         **{r: {k: v for k, v in s[r].items() if k != "pred"} for r in ("top_g", "threshold")}}
                     for n, s in systems.items()},
         "test_ids": [s.id for s in test], "baselines_trained_on": own.source, "dropped_trained_sessions": dropped,
+        "unseen_keys": unseen,
     }
     write_json_atomic(out / "hdfs_detection.json", summary)
     if trained.get("other"):  # which train split the baseline rows learnt from, in the report itself
         table = (f"Other logs than the run's: {data.source}. The bigram rows learnt from {own.source}'s train split, "
                  + ("the sessions the model learnt from" if own is not data else "NOT the sessions the model learnt from")
                  + f"; {sum(dropped.values())} held-out sessions the run trained on were dropped.\n\n" + table)
+    if (note := unseen_keys_note(unseen, data.source, past_only=True)):  # sessions flagged by rule, not by a score
+        table = note + "\n\n" + table
     if data.info.get("generated"):  # the report says so, as the console did
         table = (f"**These sessions are generated** ({data.source}: sectune's synthetic sessions in the DeepLog format, the "
                  "real ones were not found), so the numbers describe the pipeline, not detection on real HDFS logs.\n\n" + table)

@@ -76,6 +76,8 @@ def _run_config(cfg, choice, model_dir: Path, trained: dict | None = None):
         # command says; the model and its key vocabulary stay the trained run's
         for k in reading if other else ():
             merged.dataset[k] = cfg.dataset[k]
+        if other:  # DeepLog keys past the run's (dataset.num_log_keys of this command) are read, and scored as never seen
+            merged.dataset.num_log_keys = max(int(cfg.dataset.num_log_keys), int(run_cfg.dataset.num_log_keys))
         print(f"sectune: note: scoring {mine} ({my_layout}), not the logs this run trained on ({theirs}, {their_layout}): "
               "their own validation sessions choose g and the threshold, their test sessions are reported")
         # how each side's lines got their keys, as read (log_parser=auto: the structured CSV's EventId where there is one)
@@ -96,7 +98,8 @@ def _run_config(cfg, choice, model_dir: Path, trained: dict | None = None):
         if kept:
             print(f"sectune: note: the trained run's logs are read as it read them, not as {', '.join(kept)} says "
                   "(give dataset.path=<other logs> to score other logs)")
-    keys = ("max_samples", "val_fraction", "test_fraction", "split_seed", "num_log_keys")
+    elsewhere = other and (resolved(mine), my_layout) != (resolved(theirs), their_layout)  # num_log_keys: theirs, read above
+    keys = ("max_samples", "val_fraction", "test_fraction", "split_seed") + (() if elsewhere else ("num_log_keys",))
     differ = [f"dataset.{k}={cfg.dataset[k]} (trained: {run_cfg.dataset[k]})" for k in keys if cfg.dataset[k] != run_cfg.dataset[k]]
     if differ:
         print(f"sectune: note: using the trained run's split settings, not this run's {', '.join(differ)}")
@@ -105,12 +108,54 @@ def _run_config(cfg, choice, model_dir: Path, trained: dict | None = None):
     return merged
 
 
-def unseen_keys_hint(data, own) -> str:
-    """What to do about keys the trained tokenizer splits, at evaluate: past the run's own keys, templates it never saw."""
-    if data.num_keys > own.num_keys:
-        return (f"{data.source} holds log templates the run never trained on (keys {own.num_keys + 1}..{data.num_keys}; its logs "
-                f"have {own.num_keys}): train the run again on logs that hold them")
-    return "the trained run's tokenizer cannot change at evaluate: train the run again with its keys whole"
+#: when the trained tokenizer splits a key of the run's own vocabulary (a run from before sft checked it): the tokenizer
+#: cannot change at evaluate, so model.tiny.extra_tokens set now changes nothing (advised here: an audit, session 42)
+RETRAIN_HINT = "the trained run's tokenizer cannot change at evaluate: train the run again with its keys whole"
+#: how evaluate scores keys the run never saw (sectune/evaluation/anomaly.py's docstring; README, HDFS)
+PAST_RULE = ("worst rank: a position whose key is past the run's key vocabulary (a template the run never saw) is a miss "
+             "of top-g at every g (rank vocabulary + 2, after every candidate; −log p = ∞) in the model and every baseline "
+             "alike, so its session is flagged (DeepLog: a key never seen in training is anomalous)")
+IN_VOCAB_RULE = ("scored as any key: a key in the run's vocabulary that no training session holds is a candidate each system "
+                 "ranks by its own probability (the model's, the bigram's add-alpha count)")
+
+
+def unseen_keys(splits: dict, vocab: int, trained: set) -> dict:
+    """What hdfs_detection.json says of keys the run never saw in the sessions scored: past its vocabulary 1..``vocab``,
+    and in it but in no training session (``trained``: the keys its training sessions hold)."""
+    from sectune.data.hdfs import ANOMALOUS
+
+    def count(sessions, unseen) -> dict:
+        hit = [s for s in sessions if any(unseen(k) for k in s.keys)]
+        return {"sessions": len(hit), "anomalous_sessions": sum(s.label == ANOMALOUS for s in hit),
+                "positions": sum(unseen(k) for s in hit for k in s.keys),
+                "keys": sorted({k for s in hit for k in s.keys if unseen(k)})}
+
+    past, untrained = (lambda k: k > vocab), (lambda k: k <= vocab and k not in trained)
+    return {"key_vocabulary": vocab,
+            "past_vocabulary": {"rule": PAST_RULE, **{n: count(ss, past) for n, ss in splits.items()}},
+            "not_in_training": {"rule": IN_VOCAB_RULE, **{n: count(ss, untrained) for n, ss in splits.items()}}}
+
+
+def unseen_keys_note(unseen: dict, source: str, past_only: bool = False) -> str:
+    """The console's (and, ``past_only``, the report's) sentence on the sessions ``unseen_keys`` counted; "" for none."""
+    def said(part: dict) -> tuple[str, str]:
+        splits = [n for n in part if isinstance(part[n], dict)]
+        keys = sorted({k for n in splits for k in part[n]["keys"]})
+        where = " and ".join(f"{part[n]['sessions']} {n} sessions ({part[n]['anomalous_sessions']} anomalous, "
+                             f"{part[n]['positions']} positions)" for n in splits)
+        return where, ", ".join(map(str, keys[:20])) + (f", … ({len(keys)} keys)" if len(keys) > 20 else "")
+
+    vocab, out = unseen["key_vocabulary"], []
+    where, keys = said(unseen["past_vocabulary"])
+    if keys:
+        out.append(f"{where} of {source} hold keys past the run's key vocabulary (1..{vocab}: keys {keys}), templates the run "
+                   f"never saw: each such position is a miss of top-g at every g (rank {vocab + 2}, −log p = ∞) for the model "
+                   "and every baseline alike, so those sessions are flagged")
+    where, keys = said(unseen["not_in_training"])
+    if keys and not past_only:
+        out.append(f"{where} hold keys in the run's vocabulary that no training session holds ({keys}): each system ranks "
+                   "them as any key")
+    return "; ".join(out)
 
 
 def _trained_sessions(trained: dict, data):
@@ -123,6 +168,8 @@ def _trained_sessions(trained: dict, data):
     if not trained:  # no saved config: this run's settings, as before
         return data, {}
     record = read_record(trained["dir"])
+    # the run's key vocabulary (its model's candidates): its own logs' keys; where they cannot be read, the split record's
+    trained["num_keys"] = data.num_keys if not trained["other"] else record["num_keys"] if record is not None else None
     if record is None:
         print(f"sectune: warning: {trained['dir']} has no {RECORD_FILE} (a run from before session 42): the split rebuilt now "
               "cannot be checked against the one it trained on", file=sys.stderr)
@@ -145,6 +192,7 @@ def _trained_sessions(trained: dict, data):
         if record is not None:
             check_record(record, own, trained["dir"])
         seen = {s.id if by_id else (s.id, s.keys) for s in own.splits["train"]}
+        trained["num_keys"] = own.num_keys
     dropped = {}
     for name in ("validation", "test"):
         kept = [s for s in data.splits[name] if (s.id if by_id else (s.id, s.keys)) not in seen]

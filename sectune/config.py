@@ -121,6 +121,10 @@ class DatasetConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.0
     split_seed: int = 0
+    #: auth-log windows (auth_logs, auth_preferences, injection_*): window (at random, stratified), time (each log's
+    #: earliest windows train, its latest test) or source (windows sharing an IP/host kept in one split):
+    #: sectune/data/window_splits.py
+    split_by: str = "window"
     # auth_logs builder
     min_lines: int = 6
     max_lines: int = 20

@@ -149,6 +149,12 @@ def check_values(cfg) -> None:
     need(pairs is None or cfg.dataset.name in pairs, "dataset", cfg.dataset.name,
          f"stage={cfg.stage.name} trains on preference pairs: use dataset={' or dataset='.join(pairs or ())}")
     check_split_seed(cfg.dataset.split_seed)
+    from sectune.data.window_splits import SPLIT_BY
+
+    windows = ("auth_logs", "auth_preferences", "injection_triplets", "injection_preferences")  # cut from auth logs
+    need(str(d.split_by) in SPLIT_BY, "dataset.split_by", d.split_by, f"choose one of {', '.join(SPLIT_BY)}")
+    need(d.split_by == "window" or d.name in windows, "dataset.split_by", d.split_by,
+         f"splits auth-log windows (dataset={', dataset='.join(windows)}); dataset={d.name} has its own split")
     skips = ("hdfs", "injection_triplets", "injection_preferences")  # the readers that can skip and count a bad line
     need(not cfg.dataset.skip_bad_lines or cfg.dataset.name in skips, "dataset.skip_bad_lines", cfg.dataset.skip_bad_lines,
          f"dataset={cfg.dataset.name} stops at its first bad line, naming it (skipping is for dataset={', '.join(skips)})")

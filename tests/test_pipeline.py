@@ -458,7 +458,7 @@ def test_a_key_listed_in_added_keys_compares_at_its_older_value_not_its_default(
     from sectune import pipeline_record, run_digest
 
     default = compose(["stage=rl"]).rl.heldout_windows
-    monkeypatch.setattr(run_digest, "ADDED_KEYS", {"rl.heldout_windows": default + 3})
+    monkeypatch.setattr(run_digest, "ADDED_KEYS", {**run_digest.ADDED_KEYS, "rl.heldout_windows": default + 3})
     old = OmegaConf.to_container(compose(["stage=rl"]), resolve=True)
     del old["rl"]["heldout_windows"]
     (tmp_path / ".hydra").mkdir()

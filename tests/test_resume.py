@@ -195,7 +195,7 @@ def test_a_key_listed_in_added_keys_resumes_at_its_older_value(tmp_path, monkeyp
     from sectune.training import checkpoints
 
     default = compose(["logger=none"]).dataset.min_lines
-    monkeypatch.setattr(run_digest, "ADDED_KEYS", {"dataset.min_lines": default + 2})
+    monkeypatch.setattr(run_digest, "ADDED_KEYS", {**run_digest.ADDED_KEYS, "dataset.min_lines": default + 2})
     ckpt_dir = tmp_path / "checkpoints"
     checkpoints.resolve_resume(compose(["logger=none"]), ckpt_dir)
     record = json.loads((ckpt_dir / checkpoints.RESUME_RECORD).read_text())

@@ -103,7 +103,7 @@ def test_an_option_added_at_the_value_older_runs_had_keeps_their_digest(monkeypa
 
     cfg = compose(["lora.r=4"])
     before, before_skip = config_digest(cfg), skip_digest(cfg)
-    monkeypatch.setattr(run_digest, "ADDED_KEYS", {"train.new_option": 3, "fresh.a": 1, "fresh.b": [1, 2]})
+    monkeypatch.setattr(run_digest, "ADDED_KEYS", {**run_digest.ADDED_KEYS, "train.new_option": 3, "fresh.a": 1, "fresh.b": [1, 2]})
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))  # the upgraded schema: a plain config that takes the new keys
     cfg.train.new_option = 3
     cfg.fresh = {"a": 1, "b": [1, 2]}

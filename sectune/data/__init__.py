@@ -253,7 +253,7 @@ def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
         return adversarial_sft_splits(cfg)
     records = sft_records(cfg)
     d = cfg.dataset
-    where = split_windows([(r["id"], r["label"]) for r in records], float(d.val_fraction), float(d.test_fraction), int(d.split_seed))
+    where = split_auth_windows([(r["id"], r["label"], text) for r, text in zip(records, window_texts(cfg, records))], d)
     splits = {s: [r for r in records if r["id"] in where[s]] for s in SPLITS}
     warn_duplicates_across_splits(splits, f"dataset={d.name} ({d.path or auth_logs_folder(cfg)})", key=lambda r: r["prompt"], what="log window")
     if spans > 0:
@@ -261,6 +261,23 @@ def sft_splits(cfg: DictConfig) -> dict[str, list[dict]]:
     if renamed > 0:
         splits["train"] = splits["train"] + _counterfactual_records(splits["train"], renamed, cfg)
     return splits
+
+
+def split_auth_windows(items: list[tuple[str, str, str]], d) -> dict[str, set[str]]:
+    """Window ids → split as ``dataset.split_by`` asks (window | time | source): :mod:`sectune.data.window_splits`."""
+    from sectune.data.window_splits import split_auth_windows as split
+
+    return split(items, d)
+
+
+def window_texts(cfg: DictConfig, records: list[dict]) -> list[str]:
+    """Each record's log window, for ``dataset.split_by`` time or source (the window split needs none: empty strings)."""
+    if (cfg.dataset.get("split_by") or "window") == "window":
+        return [""] * len(records)
+    from sectune.data import auth_logs
+
+    text = {s.id: s.log_text for s in auth_logs.load_auth_folder(auth_logs_folder(cfg), max_samples=cfg.dataset.max_samples)}
+    return [text[r["id"]] for r in records]
 
 
 def _counterfactual_records(train: list[dict], k: int, cfg: DictConfig) -> list[dict]:

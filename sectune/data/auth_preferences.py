@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 from sectune.data.auth_logs import render_completion, render_prompt
 from sectune.data.jsonl import given_splits, json_lines
 from sectune.data.auth_rules import CLASSES
-from sectune.data import SPLITS, split_windows
+from sectune.data import SPLITS, window_texts, split_auth_windows
+from sectune.data.window_splits import check_split_by
 from sectune.errors import ConfigError, DataError
 
 _COUNTS_IN_SUMMARY = re.compile(r"(\d+) failed, (\d+) accepted logins")
@@ -201,7 +202,13 @@ def preference_splits(cfg: DictConfig) -> dict[str, list[dict]]:
         if not label_of.get(wid):
             label_of[wid] = label
     unique = [(wid, label) for wid, label in label_of.items() if wid not in given]
-    where = split_windows(unique, float(d.val_fraction), float(d.test_fraction), int(d.split_seed)) if unique else {s: set() for s in SPLITS}
+    how = check_split_by(d.get("split_by") or "window")
+    if how != "window" and unique and d.path and Path(d.path).suffix == ".jsonl":
+        raise ConfigError(f"dataset.split_by={how}: {d.path} is a pairs file, whose windows have no log, line order or source "
+                          "sectune reads; give each line its \"split\" (as the SFT run's windows were split), or dataset.split_by=window")
+    # the SFT's split of the same folder (split_by time/source read each window's text)
+    texts = dict(zip((wid for wid, _ in unique), window_texts(cfg, [{"id": wid} for wid, _ in unique]))) if unique else {}
+    where = split_auth_windows([(wid, lab, texts[wid]) for wid, lab in unique], d) if unique else {s: set() for s in SPLITS}
     for wid, s in given.items():
         where[s].add(wid)
     if d.path and Path(d.path).suffix == ".jsonl" and unique:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from sectune.data import SPLITS, split_windows
+from sectune.data import SPLITS, split_auth_windows
 from sectune.data.auth_logs import render_completion, render_prompt
 from sectune.data.jsonl import json_lines
 from sectune.data.auth_rules import analyze_auth_log
@@ -332,7 +332,7 @@ def build_auth_triplets(cfg: DictConfig) -> tuple[list[dict], dict]:
             raise ConfigError(f"dataset.{key}={n}: must be >= 1")
     folder = auth_logs_folder(cfg)
     samples = auth_logs.load_auth_folder(folder, max_samples=d.max_samples)
-    where = split_windows([(s.id, s.label) for s in samples], float(d.val_fraction), float(d.test_fraction), int(d.split_seed))
+    where = split_auth_windows([(s.id, s.label, s.log_text) for s in samples], d)
     split_of = {wid: s for s, ids in where.items() for wid in ids}
     pools, info = _texts_by_split(cfg)
     records, rejected = [], 0

@@ -126,6 +126,10 @@ def read_jsonl_triplets(cfg: DictConfig, path: Path) -> tuple[list[dict], dict]:
     group = lambda o: _given_id(o) or hashlib.sha256(o["benign" if not generic else "prompt"].encode()).hexdigest()[:12]  # noqa: E731
     split_of = given_splits(path, objs, group)  # a window's lines are in one split: the one any of them names
     unsplit = [o for o in objs if group(o) not in split_of]
+    how = str(d.get("split_by") or "window")
+    if how != "window" and unsplit:  # not auth_logs windows: no log, line order or source sectune reads
+        raise ConfigError(f"dataset.split_by={how}: {path} line {unsplit[0]['_line']} has no \"split\", and a JSONL file's "
+                          "windows are split at random only (dataset.split_by=window); give every line its split")
     try:
         where = split_windows(list(dict.fromkeys((group(o), _verdict(o.get("output") or "")) for o in unsplit)),
                               float(d.val_fraction), float(d.test_fraction), int(d.split_seed)) if unsplit else {}

@@ -342,7 +342,7 @@ def schema_constraint(cfg, model, tokenizer):
 
 
 #: the dataset keys that decide which windows are held out; they must match the analyst's training run
-SPLIT_KEYS = ("source_dir", "max_samples", "val_fraction", "test_fraction", "split_seed", "min_lines", "max_lines")
+SPLIT_KEYS = ("source_dir", "max_samples", "val_fraction", "test_fraction", "split_seed", "split_by", "min_lines", "max_lines")
 #: and, for a run trained on injected windows, the key that decides which injection texts it saw (a run from before the
 #: key existed split them as ``containment`` does: 5 of 43 test triplets carry a text it trained on; an audit, session 38)
 TEXT_SPLIT_KEYS = {"injection_text_groups": "containment"}
@@ -366,6 +366,7 @@ def check_trained_on(cfg, choice, model_dir: Path, key: str = "evaluate.model_di
     from omegaconf import OmegaConf
 
     from sectune.paths import resolved
+    from sectune.run_digest import older_values
 
     for d in ([choice.path.parent] if choice.path is not None else []) + [model_dir]:
         saved = d / ".hydra" / "config.yaml"
@@ -381,7 +382,9 @@ def check_trained_on(cfg, choice, model_dir: Path, key: str = "evaluate.model_di
         if name and name != cfg.model.name:
             print(f"sectune: warning: {d} was trained with model={name}; this evaluation loads model={cfg.model.name} (pass model={name})")
         if OmegaConf.select(run, "dataset.name") in ("auth_logs", "auth_preferences", "injection_triplets", "injection_preferences"):
-            saw = {k: OmegaConf.select(run, f"dataset.{k}") for k in SPLIT_KEYS if k != "source_dir"}
+            # a key the run's config predates: the value runs had then (dataset.split_by: window)
+            older = older_values(trained)
+            saw = {k: OmegaConf.select(run, f"dataset.{k}", default=older.get(f"dataset.{k}")) for k in SPLIT_KEYS if k != "source_dir"}
             # a run trained on injection texts: which ones
             saw.update({k: OmegaConf.select(run, f"dataset.{k}", default=None) or v for k, v in older_defaults(trained).items()})
             differ = [k for k, v in saw.items() if v != cfg.dataset[k]]

@@ -39,7 +39,7 @@ def check_held_out(steps: list[Step], eval_cfg: DictConfig, max_windows: int | N
 
     def splits(c: DictConfig) -> dict:
         d = c.dataset
-        key = (d.path, d.source_dir, d.max_samples, d.val_fraction, d.test_fraction, d.split_seed, d.min_lines, d.max_lines)
+        key = (d.path, d.source_dir, d.max_samples, d.val_fraction, d.test_fraction, d.split_seed, d.min_lines, d.max_lines, d.split_by)
         if key not in splits_cache:
             as_windows = copy.deepcopy(c)
             with open_dict(as_windows):
@@ -60,7 +60,7 @@ def check_held_out(steps: list[Step], eval_cfg: DictConfig, max_windows: int | N
         sp = splits(s.cfg)
         seen = {r["id"] for r in sp["train"] + sp["validation"]} & test
         if seen:
-            keys = ("max_samples", "val_fraction", "test_fraction", "split_seed", "min_lines", "max_lines", "path")
+            keys = ("max_samples", "val_fraction", "test_fraction", "split_seed", "split_by", "min_lines", "max_lines", "path")
             diff = [f"dataset.{k}={d[k]} (table: {eval_cfg.dataset[k]})" for k in keys if d[k] != eval_cfg.dataset[k]]
             raise ConfigError(f"pipeline step {s.name} would train on {len(seen)} of the {len(test)} held-out test windows"
                               + (f": its {', '.join(diff)}" if diff else "")

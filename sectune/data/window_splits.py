@@ -11,8 +11,9 @@
   only late is said (warned) to be missing from training.
 * ``source``: windows that share a source (an IPv4/IPv6 address anywhere in the window, or PAM's ``rhost=`` host name)
   are one group, transitively (connected components, scipy); a group goes to one split whole, so no test window shares
-  a source with a training window. Groups are taken in a seeded random order (``dataset.split_seed``) into test, then
-  validation, each while it stays within its share of the windows; the groups too big for a share train. (Not
+  a source with a training window. Groups are taken in a seeded random order (``dataset.split_seed``) into the
+  held-out split further from its share (test or validation) while it stays within that share; the groups too big for
+  either train. (Not
   sklearn's GroupShuffleSplit: its ``test_size`` counts groups, and the real logs' groups are one of 149 windows, one
   of 104, and a few of 1-8: one draw put half the windows in test.) A held-out split left under half its share, or
   empty, is warned about; no test window at all (one group holds nearly every window) is refused, naming the key.
@@ -109,8 +110,8 @@ def source_groups(texts: dict[str, str]) -> dict[str, int]:
 
 
 def split_by_source(texts: dict[str, str], val_fraction: float, test_fraction: float, seed: int) -> tuple[dict[str, set[str]], dict[int, list[str]]]:
-    """Whole groups (:func:`source_groups`) in a seeded random order into test, then validation, each while it stays
-    within its share of the windows; the rest train. Returns the split and the groups."""
+    """Whole groups (:func:`source_groups`) in a seeded random order into the held-out split with the most windows still
+    to fill (test or validation), while it stays within its share; the rest train. Returns the split and the groups."""
     import numpy as np
 
     groups: dict[int, list[str]] = {}
@@ -120,7 +121,8 @@ def split_by_source(texts: dict[str, str], val_fraction: float, test_fraction: f
     out: dict[str, set[str]] = {"train": set(), "validation": set(), "test": set()}
     left = {"test": round(len(texts) * test_fraction), "validation": round(len(texts) * val_fraction)}
     for g in order:
-        part = next((p for p in ("test", "validation") if 0 < len(groups[g]) <= left[p]), "train")
+        fits = [p for p in ("test", "validation") if 0 < len(groups[g]) <= left[p]]  # the split further from its share first:
+        part = max(fits, key=lambda p: left[p]) if fits else "train"  # test then validation left validation empty on the real logs
         out[part].update(groups[g])
         if part != "train":
             left[part] -= len(groups[g])

@@ -215,19 +215,36 @@ def cut_middle(ids: list[int], budget: int | None) -> list[int]:
     return ids[:head] + ids[len(ids) - (budget - head) :]
 
 
+def text_ids(tokenizer, text, add_special_tokens: bool = True) -> list:
+    """The ids of ``text`` (a string, or a list of them) with a control token's spelling inside it tokenized as characters:
+    a log line holds what an attacker chose (an ssh user name ``</s>``, ``<|eot_id|>``, ``<|im_end|>``), which the
+    tokenizer otherwise reads as its end-of-text token in the middle of the input. The tokenizer's own BOS is added
+    as before (``add_special_tokens``); a real EOS is the caller's to append by id. Training, scoring and generation
+    all tokenize text with it (an audit, session 43: TRL's trainers read such a string in a log as the token)."""
+    return tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
+
+
+def prompt_completion_ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(``prompt``'s ids, ``prompt + completion``'s ids and the real EOS id): what TRL's SFT and DPO trainers tokenize for
+    a prompt/completion pair (they append ``eos_token`` as text and tokenize the whole), with the text as text
+    (:func:`text_ids`); on text holding no control token's spelling, the same ids. Where the completion starts is the
+    two lists' common prefix, as TRL takes it."""
+    return text_ids(tokenizer, prompt), text_ids(tokenizer, prompt + completion) + [tokenizer.eos_token_id]
+
+
 def completion_ids(tokenizer, prompt: str, completion: str, prompt_ids: list[int] | None = None) -> list[int]:
     """``completion``'s tokens where it follows ``prompt``: those of ``prompt + completion`` past the prompt's (TRL's SFT
     and DPO split them so). Tokenized on its own, a SentencePiece tokenizer (Llama-2) wrote it with a leading "▁" that
-    SFT and generation never produce after the prompt's newline (an audit, session 42)."""
-    p = prompt_ids if prompt_ids is not None else tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    full = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
+    SFT and generation never produce after the prompt's newline (an audit, session 42). Text as text (:func:`text_ids`)."""
+    p = prompt_ids if prompt_ids is not None else text_ids(tokenizer, prompt)
+    full = text_ids(tokenizer, prompt + completion)
     n = 0
     for a, b in zip(p, full):
         if a != b:
             break
         n += 1
     if n < len(p):  # a token spans the boundary: the prompt's own ids stay whole, the completion is tokenized alone
-        return tokenizer(completion, add_special_tokens=False)["input_ids"]
+        return text_ids(tokenizer, completion, add_special_tokens=False)
     return full[n:]
 
 
@@ -242,7 +259,7 @@ def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats,
     for i in range(0, len(prompts), batch_size):
         # a log line's text stays text: a user name "</s>" or "<|eot_id|>" (an attacker's to choose) was read as the
         # tokenizer's own control token, an end of text inside the analyst's input (an audit, session 42)
-        rows = tokenizer(prompts[i : i + batch_size], split_special_tokens=True)["input_ids"]
+        rows = text_ids(tokenizer, prompts[i : i + batch_size])
         cut = [cut_middle(r, budget) for r in rows]
         was_cut += sum(len(c) < len(r) for c, r in zip(cut, rows))
         stats.setdefault("truncated_rows", []).extend(i + j for j, (c, r) in enumerate(zip(cut, rows)) if len(c) < len(r))

@@ -91,10 +91,11 @@ def key_token_ids(tokenizer, num_keys: int, prompt: str, hint: str = "") -> tupl
                           f"per key ({hint or f'for the tiny model add them whole: model.tiny.extra_tokens=[{chr(39)} {multi[0]}{chr(39)}, …]'})")
     if len(set(cand)) != len(cand):
         raise ConfigError("two log keys (or a key and EOS) share one token in the model's tokenizer")
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    # the same ids TRL trains on: prompt + completion + EOS tokenized as one string
+    from sectune.inference import prompt_completion_ids
+
+    # the same ids stage=sft and the federated clients train on (the text as text, the real EOS appended)
     probe = [1, 2, num_keys]
-    full = tokenizer(prompt + render_keys(probe) + tokenizer.eos_token, add_special_tokens=True)["input_ids"]
+    prompt_ids, full = prompt_completion_ids(tokenizer, prompt, render_keys(probe))
     if full != prompt_ids + [cand[k] for k in probe] + [cand[END]]:
         raise ConfigError(f"the tokenizer does not split {prompt!r} + keys + EOS at the key boundaries; set dataset.prompt_template "
                           "to text that ends on a token boundary")

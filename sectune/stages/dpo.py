@@ -84,8 +84,8 @@ def run(ctx: RunContext) -> dict:
     callbacks = [*engine.fail_callbacks(cfg)]
     trainer = build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, run_dir / "checkpoints", callbacks)
     main = trainer.accelerator.is_main_process
-    # TRL's own tokenization (EOS added, prompt/answer boundary), so held-out pairs are scored as training sees pairs
-    heldout_ds = trainer._prepare_dataset(to_dataset(heldout), tokenizer, trainer.args, heldout_name) if heldout else None
+    # tokenized and prepared as the training pairs (EOS added, prompt/answer boundary): scored as training sees pairs
+    heldout_ds = trainer._prepare_dataset(to_dataset(tokenizer, heldout), tokenizer, trainer.args, heldout_name) if heldout else None
     metrics: dict = {"train_pairs": len(train_pairs), "heldout_pairs": len(heldout), "too_long_pairs": too_long,
                      "trainable_params": trainable, "total_params": total,
                      **({"heldout_split": heldout_name} if heldout else {})}  # preference_accuracy's pairs
@@ -146,19 +146,41 @@ def run(ctx: RunContext) -> dict:
 
 # ------------------------------------------------------------------------------------------ data
 def fitting_pairs(tokenizer, pairs: list[dict], max_len: int) -> tuple[list[dict], int]:
-    """The pairs whose prompt + answer + EOS (as TRL tokenizes them) fit ``max_len``, and how many did not."""
+    """The pairs whose prompt + answer + EOS (as they are trained, :func:`pair_ids`) fit ``max_len``, and how many did not."""
+    from sectune.inference import text_ids
+
     if not pairs:
         return pairs, 0
-    enc = tokenizer([p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs])["input_ids"]
+    enc = text_ids(tokenizer, [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs])
     n = len(pairs)
     keep = [p for i, p in enumerate(pairs) if max(len(enc[i]), len(enc[n + i])) + 1 <= max_len]
     return keep, n - len(keep)
 
 
-def to_dataset(pairs: list[dict]):
+def pair_ids(tokenizer, pair: dict) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen + EOS, rejected + EOS) ids as TRL's DPOTrainer splits a pair (the answers start where the prompt's
+    ids and either prompt + answer's ids first differ, TRL's ``common_prefix_length``), the text as text
+    (:func:`sectune.inference.prompt_completion_ids`): given strings, TRL appends EOS as text and tokenizes the whole,
+    so a ``</s>`` in a log line became an end of text inside the prompt (an audit, session 43)."""
+    from trl.data_utils import common_prefix_length
+
+    from sectune.inference import prompt_completion_ids
+
+    prompt, chosen = prompt_completion_ids(tokenizer, pair["prompt"], pair["chosen"])
+    rejected = prompt_completion_ids(tokenizer, pair["prompt"], pair["rejected"])[1]
+    n = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
+    return prompt[:n], chosen[n:], rejected[n:]
+
+
+def to_dataset(tokenizer, pairs: list[dict]):
+    """The pairs tokenized (:func:`pair_ids`), which the trainer takes as they are (its ``_prepare_dataset``)."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "kind": p.get("kind") or "pair"} for p in pairs])
+    rows = []
+    for p in pairs:
+        prompt, chosen, rejected = pair_ids(tokenizer, p)
+        rows.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "kind": p.get("kind") or "pair"})
+    return Dataset.from_list(rows)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -286,6 +308,13 @@ def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, 
     )
 
     class Trainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # to_dataset tokenized the pairs, the text as text; TRL 1.16 tokenizes any dataset it is given again. What
+            # it does after tokenizing is kept: a pair whose prompt alone fills max_length (keep_start) is dropped
+            if "prompt_ids" not in dataset.column_names:
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            return dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
+
         def _get_train_sampler(self, train_dataset=None):
             if not group:
                 return super()._get_train_sampler(train_dataset)
@@ -298,8 +327,8 @@ def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, 
             model=model,
             ref_model=ref_model,
             args=args,
-            train_dataset=to_dataset(train_pairs),
-            eval_dataset=to_dataset(val_pairs) if has_eval else None,
+            train_dataset=to_dataset(tokenizer, train_pairs),
+            eval_dataset=to_dataset(tokenizer, val_pairs) if has_eval else None,
             processing_class=tokenizer,
             callbacks=list(callbacks),
         )

@@ -134,7 +134,7 @@ def run(ctx: RunContext) -> dict:
     initial = federated.adapter_state(model)
     adapter_bytes, full_bytes = federated.tensor_bytes(initial), federated.full_model_bytes(model)
     val, test = data.splits["validation"], data.splits["test"]
-    p_len = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    p_len = len(prompt_ids)  # (key_token_ids: the text as text, as the clients train on it)
     if p_len >= int(cfg.model.max_seq_length):  # every row kept the prompt alone: clients trained on nothing and the run
         # reported validation loss 0 → 0, succeeded (stage=sft refuses it; an audit, session 42)
         raise ConfigError(f"model.max_seq_length={cfg.model.max_seq_length}: the prompt alone ({prompt!r}) takes {p_len} tokens, "

@@ -290,7 +290,7 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
     from trl import SFTConfig, SFTTrainer
 
     def to_ds(recs):
-        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in recs])
+        return Dataset.from_list(sft_rows(tokenizer, recs))
 
     key_weights = answer_key_weights(cfg, tokenizer, [r["completion"] for r in train_recs])
     packing = engine.packing_mode(cfg)
@@ -365,6 +365,23 @@ def build_sft_trainer(cfg, model, tokenizer, train_recs, val_recs, output_dir: P
     return trainer
 
 
+def sft_rows(tokenizer, recs: list[dict]) -> list[dict]:
+    """``{"input_ids", "completion_mask"}`` per record: prompt + completion + EOS as TRL's SFTTrainer tokenizes them,
+    the text as text (:func:`sectune.inference.prompt_completion_ids`). Given strings, TRL appends EOS as text and
+    tokenizes the whole, so a ``</s>`` in a log line (an attacker's user name) became an end of text inside the
+    prompt (an audit, session 43); given ``input_ids`` it tokenizes nothing and truncates, masks and packs as before."""
+    from trl.data_utils import common_prefix_length
+
+    from sectune.inference import prompt_completion_ids
+
+    rows = []
+    for r in recs:
+        prompt, full = prompt_completion_ids(tokenizer, r["prompt"], r["completion"])
+        n = common_prefix_length(prompt, full)
+        rows.append({"input_ids": full, "completion_mask": [0] * n + [1] * (len(full) - n)})
+    return rows
+
+
 def dropped_examples(trainer, cfg, n_train: int, n_val: int) -> dict[str, int] | None:
     """Examples TRL left out per split because truncation to ``model.max_seq_length`` kept none of their answer tokens
     (a prompt alone filling it): with ``model.max_seq_length=300`` 188 of 203 training and 40 of 43 validation windows
@@ -388,7 +405,9 @@ def truncation_note(too_long: int, dropped: dict[str, int] | None) -> str:
 
 
 def count_too_long(tokenizer, recs: list[dict], max_len: int) -> int:
-    lengths = [len(ids) + 1 for ids in tokenizer([r["prompt"] + r["completion"] for r in recs])["input_ids"]]
+    from sectune.inference import text_ids
+
+    lengths = [len(ids) + 1 for ids in text_ids(tokenizer, [r["prompt"] + r["completion"] for r in recs])]
     return sum(n > max_len for n in lengths)
 
 

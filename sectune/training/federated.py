@@ -175,11 +175,14 @@ def weighted_average(states: list[dict], weights: list[float]) -> dict:
 
 # ----------------------------------------------------------------------------- local training
 def encode_sessions(tokenizer, prompt: str, completions: Sequence[str], max_len: int) -> list[dict]:
-    """prompt + completion + EOS as ids, loss on the completion and EOS only (what stage=sft trains)."""
-    p_len = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    """prompt + completion + EOS as ids, loss on the completion and EOS only (what stage=sft trains: the text as text,
+    the EOS appended as the token, :func:`sectune.inference.text_ids`)."""
+    from sectune.inference import text_ids
+
+    p_len = len(text_ids(tokenizer, prompt))
     out = []
     for text in completions:
-        ids = tokenizer(prompt + text + tokenizer.eos_token, add_special_tokens=True)["input_ids"][:max_len]
+        ids = (text_ids(tokenizer, prompt + text) + [tokenizer.eos_token_id])[:max_len]
         out.append({"input_ids": ids, "labels": [-100] * min(p_len, len(ids)) + ids[p_len:]})
     return out
 

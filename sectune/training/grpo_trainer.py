@@ -3,7 +3,8 @@
 TRL (1.16, transformers ``generate`` path) repeats every prompt G times: the generation batch prefills
 B·G copies of each prompt, and every loss, reference and old-policy forward runs B·G left/right-padded
 ``[prompt + completion]`` rows. For the analyst the prompt (a log window, ~560 tokens) is 5× its answer,
-so most of that work is the same prompt done G times. :class:`SharedPromptGRPOTrainer` changes two methods:
+so most of that work is the same prompt done G times. :class:`SharedPromptGRPOTrainer` changes two methods (and
+tokenizes a prompt's text as text, :func:`sectune.inference.text_ids`, where TRL read a ``</s>`` in a log as the token):
 
 * ``_generate_single_turn``: :func:`sample_shared_prompt` prefills each distinct prompt once, copies its KV
   cache to the G rows and samples token by token (temperature, top-k, top-p as ``generate`` applies them;
@@ -273,6 +274,17 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
         if getattr(sampler, "shuffle", False) and isinstance(getattr(sampler, "generator", None), torch.Generator):
             sampler = epoch_seeded(sampler, sampler.seed if sampler.seed is not None else self.args.seed)
         return sampler
+
+    def _tokenize_prompts(self, prompts: list):
+        # a plain-text prompt's text stays text (TRL calls the tokenizer on it as it is: a "</s>" an attacker logged as
+        # a user name was the end-of-text token inside the prompt; an audit, session 43); chat prompts stay TRL's
+        from trl.data_utils import is_conversational
+
+        if is_conversational({"prompt": prompts[0]}):
+            return super()._tokenize_prompts(prompts)
+        from sectune.inference import text_ids
+
+        return text_ids(self.processing_class, prompts), None, {}
 
     def _shared_generation_ok(self, images, multimodal_fields) -> bool:
         g = self.generation_config if not self.use_vllm else None

@@ -23,6 +23,7 @@ from sectune.cli_errors import (  # noqa: E402
     _extra_hint, _hydra_report, config_file_error, override_error, refuse_node_deletions, refuse_secrets, usage_error, yaml_error)
 from sectune import paths  # noqa: E402
 from sectune.console import lenient_console  # noqa: E402
+from sectune.errors import say_error  # noqa: E402
 from sectune.paths import CONF_DIR  # noqa: E402
 from sectune.cli_refusals import (refuse_launcher_without_multirun, refuse_preset_secrets, refuse_slurm_without_srun,  # noqa: E402
                                   refuse_unresolvable)
@@ -77,15 +78,15 @@ class SweepCheck(Callback):
         tasks = OmegaConf.select(config, "hydra.launcher.tasks_per_node", default=None)
         if tasks is not None and "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")) and int(tasks) != 1:
             # each task ran the whole job in the same dir: one trained, the others stopped on its lock (session 36)
-            print(f"sectune: error: hydra.launcher.tasks_per_node={tasks}: one task per job (DDP inside a SLURM job is not "
+            say_error(f"hydra.launcher.tasks_per_node={tasks}: one task per job (DDP inside a SLURM job is not "
                   "wired: each task would run the whole job); give each job one GPU, or run torchrun yourself in an "
-                  "sbatch script", file=sys.stderr)
+                  "sbatch script")
             sys.exit(2)
         try:
             check_sweep(config)
             check_sweep_jobs(config)
         except SectuneError as e:
-            print(f"sectune: error: {e}", file=sys.stderr)
+            say_error(f"{e}")
             sys.exit(e.exit_code)
         if distributed.is_main_process() and not _lock_sweep_dir(sweep_dir):  # last: a refused sweep makes no dir
             _NEW_SWEEP_DIR = None
@@ -212,7 +213,7 @@ def _run_dir_error(e: OSError, log_file: bool = False) -> None:
     where = f"{e.filename}: " if e.filename else ""
     exists = log_file and bool(e.filename) and Path(e.filename).parent.is_dir()
     what = "cannot write in the run dir" if exists else "cannot create the run dir there"
-    print(f"sectune: error: {where}{e.strerror or e}: {what} (hydra.run.dir, or hydra.sweep.dir for -m)", file=sys.stderr)
+    say_error(f"{where}{e.strerror or e}: {what} (hydra.run.dir, or hydra.sweep.dir for -m)")
     sys.exit(2)
 
 
@@ -284,7 +285,7 @@ def main() -> None:
 
         if isinstance(e, MissingConfigException):  # an OSError to Hydra: a mistyped option (dataset=…, +experiment=…)
             _drop_empty_sweep_dir()  # in a sweep (-m "lora=r4_attention,r4_atention"): an earlier sweep's multirun.yaml back
-            print(f"sectune: error: {str(e).split('Config search path:')[0].strip()}{_extra_hint(str(e))}", file=sys.stderr)
+            say_error(f"{str(e).split('Config search path:')[0].strip()}{_extra_hint(str(e))}")
             sys.exit(2)
         _run_dir_error(e)
     except Exception as e:
@@ -299,7 +300,7 @@ def main() -> None:
         if line is None:
             _hydra_report(e)
             sys.exit(1)
-        print(f"sectune: error: {line}{_extra_hint(line)}", file=sys.stderr)
+        say_error(f"{line}{_extra_hint(line)}")
         sys.exit(2)
     finally:
         if _full_error_is_ours:

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from sectune.errors import say_error
 from sectune.paths import CONF_DIR
 
 
@@ -32,10 +33,9 @@ def refuse_secrets(argv: list[str]) -> None:
 
     found = secret_overrides(argv)
     if found:
-        print(f"sectune: error: {', '.join(found)}: a secret on the command line would be saved in the run's .hydra/ "
+        say_error(f"{', '.join(found)}: a secret on the command line would be saved in the run's .hydra/ "
               "files (and a sweep's multirun.yaml) and recorded by W&B; nothing was run or written. Put it in the "
-              "environment instead: HF_TOKEN (or `hf auth login`) for the hub, WANDB_API_KEY (or `wandb login`) for W&B",
-              file=sys.stderr)
+              "environment instead: HF_TOKEN (or `hf auth login`) for the hub, WANDB_API_KEY (or `wandb login`) for W&B")
         sys.exit(2)
 
 
@@ -140,8 +140,8 @@ def refuse_node_deletions(argv: list[str]) -> None:
     for arg in argv:
         key = arg[1:].split("=", 1)[0] if arg.startswith("~") else None
         if key in nodes:
-            print(f"sectune: error: {arg}: {key!r} is a node every run has and cannot be deleted; set its keys instead "
-                  f"(sectune --cfg job shows them)", file=sys.stderr)
+            say_error(f"{arg}: {key!r} is a node every run has and cannot be deleted; set its keys instead "
+                  f"(sectune --cfg job shows them)")
             sys.exit(2)
 
 

@@ -8,6 +8,8 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
+from sectune.errors import say_error
+
 
 def refuse_slurm_without_srun(config: DictConfig) -> None:
     """submitit's SLURM executor needs ``srun``; without it the sweep died in a RuntimeError traceback."""
@@ -15,9 +17,8 @@ def refuse_slurm_without_srun(config: DictConfig) -> None:
 
     target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
     if "submitit" in target and "Slurm" in target and shutil.which("srun") is None:
-        print("sectune: error: hydra/launcher=slurm: no `srun` on this machine's PATH (submitit submits SLURM jobs from a "
-              "node of the cluster: run the command on its login node); here, run the sweep without hydra/launcher=slurm",
-              file=sys.stderr)
+        say_error("hydra/launcher=slurm: no `srun` on this machine's PATH (submitit submits SLURM jobs from a "
+              "node of the cluster: run the command on its login node); here, run the sweep without hydra/launcher=slurm")
         sys.exit(2)
 
 
@@ -27,8 +28,8 @@ def refuse_launcher_without_multirun(config: DictConfig) -> None:
     target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
     if "submitit" in target:
         kind = "slurm" if "Slurm" in target else "local"
-        print(f"sectune: error: hydra/launcher={kind} applies to sweeps only; without -m this would run here, in this "
-              f"process. Add -m (a sweep of one job is fine: sectune -m hydra/launcher={kind} ...)", file=sys.stderr)
+        say_error(f"hydra/launcher={kind} applies to sweeps only; without -m this would run here, in this "
+              f"process. Add -m (a sweep of one job is fine: sectune -m hydra/launcher={kind} ...)")
         sys.exit(2)
 
 
@@ -61,7 +62,7 @@ def refuse_unresolvable(config: DictConfig) -> None:
             if "HydraConfig" in str(e):  # ${hydra:...}: resolved by Hydra itself, later
                 continue
             first = str(e).strip().splitlines()[0]
-            print(f"sectune: error: {getattr(e, 'full_key', None) or key}: {first}; nothing was run or written", file=sys.stderr)
+            say_error(f"{getattr(e, 'full_key', None) or key}: {first}; nothing was run or written")
             sys.exit(2)
 
 
@@ -77,9 +78,9 @@ def refuse_preset_secrets(config: DictConfig) -> None:
     # (HTTPS_PROXY=http://user:pw@proxy: an audit, session 37)
     found = sorted(str(k) for k, v in env.items() if secret_overrides([f"{k}={'' if v is None else v}"]))
     if found:
-        print(f"sectune: error: hydra.job.env_set sets {', '.join(found)} from a config file: Hydra would save the value in the "
+        say_error(f"hydra.job.env_set sets {', '.join(found)} from a config file: Hydra would save the value in the "
               "run's .hydra/hydra.yaml (and a sweep's multirun.yaml); nothing was run or written. Put it in the environment "
-              "instead (export it, `hf auth login`, `wandb login`)", file=sys.stderr)
+              "instead (export it, `hf auth login`, `wandb login`)")
         sys.exit(2)
     # any other key a preset sets (paths.shared_data: https://alice:pw@host/share was saved in .hydra/ and result.json)
     run = OmegaConf.to_container(config, resolve=False)
@@ -97,7 +98,7 @@ def refuse_preset_secrets(config: DictConfig) -> None:
     found += [f"{name} (the environment variable paths.* read)" for name in ("SECTUNE_SHARED_DATA", "SECTUNE_CACHE")
               if secret_overrides([f"x={os.environ.get(name, '')}"])]
     if found:
-        print(f"sectune: error: {', '.join(found)}: a secret set by a config file would be saved in the run's .hydra/ and "
+        say_error(f"{', '.join(found)}: a secret set by a config file would be saved in the run's .hydra/ and "
               "result.json; nothing was run or written. Put it in the environment instead (export it, `hf auth login`, "
-              "`wandb login`), or credentials in a netrc file rather than a URL", file=sys.stderr)
+              "`wandb login`), or credentials in a netrc file rather than a URL")
         sys.exit(2)

@@ -37,3 +37,30 @@ def shown(text: str) -> str:
     """Text as the console shows it: control characters (ESC, BEL, CR, newline) escaped, so a file name or a value an
     attacker chose (``\\x1b]0;…\\x07``, ``\\x1b[2J``) cannot retitle or clear the terminal or forge a line of output."""
     return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)
+
+
+#: seconds a rank other than 0 that left its error line to rank 0 stays before it exits: torchrun ends the other ranks
+#: (SIGTERM) as soon as one exits, so a rank 0 a moment behind it (writing its files, starting W&B, scanning the saved
+#: weights) was ended before it said the line, and the launch failed saying nothing. Cut short when rank 0 exits first.
+RANK_LINGER_S = 5.0
+_lingering = False
+
+
+def say_error(line: str) -> None:
+    """``sectune: error: LINE`` on stderr, once per launch: under torchrun/accelerate every rank reads the same command,
+    config and data and so meets the same error; a rank other than 0 leaves the saying to rank 0, which also names a
+    failure of another rank's alone (``runner._name_the_failing_rank``), and lingers :data:`RANK_LINGER_S` at its exit
+    so that rank 0 gets to say it. Each rank still exits with its code."""
+    import os
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        global _lingering
+        if not _lingering:
+            import atexit
+            import time
+
+            _lingering = True
+            atexit.register(time.sleep, RANK_LINGER_S)
+        return
+    print(f"sectune: error: {line}", file=sys.stderr)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from sectune import data, sweeps
-from sectune.errors import SectuneError, first_line, shown
+from sectune.errors import SectuneError, first_line, say_error, shown
 from sectune.run_digest import config_digest, data_fingerprint, relative_to_root, skip_digest
 from sectune.training import distributed
 from sectune.training.checkpoints import nonfinite_weights
@@ -217,6 +217,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         return _could_not_start(run_dir, e, None), None
     if lock is False:
         return 2, None
+    if main:
+        distributed.clear_earlier_rank_errors(run_dir)
     result: dict[str, Any] = {
         "stage": stage_name,
         "status": "running",
@@ -295,7 +297,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     except SectuneError as e:
         code = e.exit_code
         result.update(status="failed", error=str(e))
-        print(f"sectune: error: {shown(str(e))}", file=sys.stderr)  # a path or value from the input: no raw escapes
+        say_error(shown(str(e)))  # a path or value from the input: no raw escapes; rank 0 alone says it
     except KeyboardInterrupt as e:
         code = 128 + e.signum if isinstance(e, Interrupted) else 130
         why = f"interrupted ({e.name})" if isinstance(e, Interrupted) else "interrupted (KeyboardInterrupt)"
@@ -320,7 +322,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
             result.update(status="failed", error=refused or f"{type(e).__name__}: {e}")
             if refused is None:
                 traceback.print_exc()
-            print(f"sectune: error: {shown(refused or f'{type(e).__name__}: {e}')}", file=sys.stderr)
+            say_error(shown(refused or f'{type(e).__name__}: {e}'))
     finally:
         heard.__exit__(None, None, None)
         if heard.lines:

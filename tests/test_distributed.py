@@ -481,3 +481,106 @@ def test_stage_evaluate_runs_on_rank_0_alone_without_a_process_group(tmp_path, m
     _env(monkeypatch, 0, MASTER_PORT="29999")
     with pytest.raises(ConfigError, match="not a directory"):
         evaluate.run(RunContext(cfg=cfg, run_dir=run_dir))
+
+
+def test_an_error_every_rank_meets_is_said_once_by_rank_0(tmp_path):
+    """Under torchrun every rank reads the same command, config and data, so a typo'd key, a malformed data line or a NaN
+    loss failed on each rank and each printed the same `sectune: error:` line (2 copies with 2 processes, 8 with 8). A rank
+    other than 0 now exits with the same code and leaves its error for rank 0's result.json, saying nothing itself (rank 0
+    names a failure of its alone: test_a_failure_on_rank_1_alone_is_named_in_result_json). Here: processes that believe
+    they are rank 1 (then 0) of 2, which fail before any collective."""
+    from conftest import cli
+
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "w", "chosen": "a", "rejected": "b"}\n{"prompt": "broken\n')
+    cases = {"lora.rr=3": "Key 'rr' not in 'LoraConfig'",
+             f"dataset.path={bad}": "pairs.jsonl: line 2: invalid JSON"}
+    for arg, says in cases.items():
+        run_dir = tmp_path / arg.split("=")[0]
+        args = ["stage=dpo", "loss=dpo", "dataset=auth_preferences", "logger=none", arg, f"hydra.run.dir={run_dir}"]
+        for rank in ("1", "0"):
+            proc = cli(args, env={"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank})
+            assert proc.returncode == 2, (arg, rank, proc.stderr[-2000:])
+            assert proc.stderr.count("sectune: error:") == (rank == "0"), (arg, rank, proc.stderr[-2000:])
+            assert rank == "1" or says in proc.stderr, proc.stderr[-2000:]
+    # rank 1's data error is left for rank 0 to name (and rank 0, failing the same way, names its own)
+    res = json.loads((tmp_path / "dataset.path" / "result.json").read_text())
+    assert res["status"] == "failed" and "line 2: invalid JSON" in res["error"] and "rank 1" not in res["error"], res
+
+
+def test_a_rank_that_leaves_its_error_line_to_rank_0_stays_until_rank_0_can_say_it(monkeypatch, capsys):
+    """torchrun ends the other ranks as soon as one exits: rank 1, silent since its error is rank 0's to say, exited at once
+    while rank 0, a moment behind (a bad key under torchrun: rank 0 was SIGTERMed in 1 launch of 2 here), could be ended before its
+    line, and the launch said nothing. Rank 1 now lingers at its exit (cut short when rank 0 exits first)."""
+    import atexit
+
+    from sectune import errors
+
+    registered = []
+    monkeypatch.setattr(atexit, "register", lambda f, *a: registered.append((f, a)))
+    monkeypatch.setattr(errors, "_lingering", False)
+    _env(monkeypatch, 1)
+    errors.say_error("a")
+    errors.say_error("b")
+    assert capsys.readouterr().err == "" and registered == [(time.sleep, (errors.RANK_LINGER_S,))] and errors.RANK_LINGER_S >= 3
+    _env(monkeypatch, 0)
+    errors.say_error("a")
+    assert capsys.readouterr().err == "sectune: error: a\n" and len(registered) == 1
+
+
+#: dropout on, so each rank's RNG state (checkpoint-N/rng_state_<rank>.pth) must come back too
+RESUME = ["logger=none", "generation.preview_samples=0", "train.batch_size=2", "dataset.max_samples=24", "train.max_steps=6",
+          "train.save_steps=2", "lora.dropout=0.1", "train.device=cpu"]
+
+
+@pytest.mark.slow  # three torchrun launches, ~80 s on 2 cores
+def test_a_torchrun_run_interrupted_and_resumed_under_torchrun_matches_one_never_interrupted(tmp_path):
+    """An audit (session 43) of train.resume=auto under 2 gloo processes: sft, classify, reward and dpo each resumed to the
+    same losses, gradient norms and adapter, bit for bit, as the uninterrupted 2-process run, with one result.json and
+    each rank's RNG state in the checkpoint. This keeps it so for sft (the others share engine.train and the record)."""
+    from safetensors.torch import load_file
+
+    def launch(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*LAUNCHERS["torchrun"], "-m", "sectune", *RESUME, *extra, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600, env={**ENV, "OMP_NUM_THREADS": "1"})
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert launch(straight).returncode == 0
+    broken = launch(resumed, "debug.fail_at_step=3")
+    assert broken.returncode != 0 and json.loads((resumed / "result.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in (resumed / "checkpoints" / "checkpoint-2").glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    proc = launch(resumed, "train.resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("sectune: train.resume=auto: resuming from") == 1 and proc.stdout.count("sectune: done ·") == 1
+    h1, h2 = (json.loads((d / "train_history.json").read_text()) for d in (straight, resumed))
+    assert [s for s, _ in h2["train"]] == list(range(1, 7)) and h2["train"] == h1["train"] and h2["grad_norm"] == h1["grad_norm"]
+    w1, w2 = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (straight, resumed))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert json.loads((resumed / "result.json").read_text())["metrics"]["train_loss"] == pytest.approx(
+        json.loads((straight / "result.json").read_text())["metrics"]["train_loss"], rel=1e-6)
+    assert len(list(resumed.rglob("result.json"))) == 1 and not list(resumed.glob(".sectune_rank*"))
+
+
+def test_an_earlier_launchs_rank_error_file_is_cleared_when_the_next_run_starts(tmp_path, monkeypatch):
+    """Every rank failing alike (a malformed data line under torchrun), rank 0 read the others' error files before rank 1
+    had written its own, which then stayed in the run dir (.sectune_rank1_error.json beside a later run's result.json,
+    seen after a refused 1-into-2-process resume). Rank 0 clears an earlier launch's as a run starts; this launch's stay."""
+    from conftest import compose
+    from sectune import runner
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    stale = run_dir / distributed.RANK_ERROR_FILE.format(1)
+    stale.write_text('{"time": 0, "error": "ValueError: an earlier launch"}')
+    cfg = compose(["stage=dpo", "loss=dpo", "dataset=auth_preferences", "logger=none", f"dataset.path={tmp_path / 'missing.jsonl'}"])
+    code, _ = runner.run(cfg, run_dir)
+    assert code == 2 and not stale.exists(), sorted(p.name for p in run_dir.iterdir())
+    # under torchrun: a file older than this launch goes, one of this launch's (a rank that failed first) stays
+    _env(monkeypatch, 0, MASTER_PORT="29999")
+    launched = distributed._launcher_identity()[1]
+    fresh = run_dir / distributed.RANK_ERROR_FILE.format(2)
+    for path, when in ((stale, launched - 60), (fresh, launched + 1)):
+        path.write_text("{}")
+        os.utime(path, (when, when))
+    distributed.clear_earlier_rank_errors(run_dir)
+    assert not stale.exists() and fresh.exists()

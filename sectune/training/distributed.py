@@ -242,6 +242,19 @@ def report_rank_error(run_dir: Path, error: str) -> None:
         pass
 
 
+def clear_earlier_rank_errors(run_dir: Path) -> None:
+    """On rank 0 as a run starts: the error files an earlier launch's ranks left in this run dir. Rank 0 reads them only
+    while it fails, so one written after it had read (every rank failed alike, rank 0 a moment first) stayed there beside
+    every later run's result, a succeeded one's too. This launch's own (a rank that failed before rank 0 got here) stay."""
+    launched = _launcher_identity()[1] if world_size() > 1 else float("inf")
+    for path in Path(run_dir).glob(RANK_ERROR_FILE.format("*")):
+        try:
+            if path.stat().st_mtime < launched - 1:
+                path.unlink()
+        except OSError:
+            pass
+
+
 def root_cause(run_dir: Path, own_error: str, own_time: float, wait_s: float = 5.0) -> tuple[str, dict[int, str]]:
     """On rank 0 of a failed run under several processes: (the error result.json should name, every rank's error).
 

@@ -204,6 +204,7 @@ REWARD = ["stage=reward", "loss=bradley_terry", "dataset=auth_preferences", "log
           "dataset.max_samples=40", "train.precision=fp32", "train.eval_batch_size=1", "train.device=cpu", "lora.dropout=0"]
 
 
+@pytest.mark.slow  # a torchrun launch of ~25 s on 2 cores: make test-all (make test stays under 10 minutes)
 def test_two_gloo_processes_train_the_reward_model_one_process_trains(tmp_path):
     """stage=reward under torchrun: the rewards come from a call of the DDP-wrapped model (it called the body and the head
     of the unwrapped model, so the ranks never all-reduced: step 1's grad norm 1.463 vs 1.333, and two different
@@ -229,6 +230,7 @@ CLASSIFY = ["stage=classify", "dataset=cic_iot_2023_merged", "dataset.max_sample
             "train.device=cpu", "lora.dropout=0"]
 
 
+@pytest.mark.slow  # a torchrun launch of ~25 s on 2 cores: make test-all (make test stays under 10 minutes)
 def test_two_gloo_processes_classify_as_one_process_does(tmp_path):
     """stage=classify under torchrun: the weighted loss is the global batch's (each rank's own weighted mean, averaged,
     drifted 4.5% by step 2), validation and test rows are scored across the ranks and gathered (every rank keeps the
@@ -261,6 +263,7 @@ CONTRASTIVE = ["stage=contrastive", "loss=causal_contrastive", "dataset=injectio
                "train.device=cpu", "lora.dropout=0", "evaluate.max_samples=4", "generation.max_new_tokens=16"]
 
 
+@pytest.mark.slow  # a torchrun launch of ~25 s on 2 cores: make test-all (make test stays under 10 minutes)
 def test_two_gloo_processes_train_contrastive_as_one_process_does(tmp_path):
     """stage=contrastive under torchrun (it was refused: its forward ran the decoder's layers below DDP's wrapper, which
     never all-reduced): the forward goes through one call of the wrapper, so 2 ranks × 2 triplets step as 1 process ×
@@ -363,6 +366,7 @@ PIPELINE = ["stage=pipeline", "pipeline.steps=[sft,reward,infer]", "logger=wandb
             "pipeline.overrides.reward.reward.force_fallback=true", "train.batch_size=2", "train.device=cpu"]
 
 
+@pytest.mark.slow  # a torchrun launch of ~25 s on 2 cores: make test-all (make test stays under 10 minutes)
 def test_a_pipeline_under_torchrun_writes_each_file_once_from_rank_0(tmp_path):
     """Two gloo ranks through a pipeline whose later steps have no Trainer: each step's result.json, reward_model/ and
     analyses.json written once (by rank 0, after which the others go on), and W&B runs opened by rank 0 only: the pipeline

@@ -44,23 +44,40 @@ def shown(text: str) -> str:
 #: weights) was ended before it said the line, and the launch failed saying nothing. Cut short when rank 0 exits first.
 RANK_LINGER_S = 5.0
 _lingering = False
+#: the lines a rank other than 0 left to rank 0, said by itself if it is still there after :data:`RANK_LINGER_S`
+_left_to_rank_0: list[str] = []
+
+
+def _linger_then_say() -> None:
+    """At the exit of a rank other than 0 that left its error line to rank 0: wait :data:`RANK_LINGER_S`; a rank 0 that met
+    the same error exits in that time and torchrun ends this rank (SIGTERM) before it says a word. Still here, rank 0 did
+    not meet it (an error of this rank's alone: its disk, its GPU, its node's run dir, while rank 0 waits in a collective or
+    is killed before it can name it), so this rank says it, with its rank: the line was lost (a review, session 43)."""
+    import os
+    import sys
+    import time
+
+    time.sleep(RANK_LINGER_S)
+    for line in _left_to_rank_0:
+        print(f"sectune: error: (rank {os.environ.get('RANK', '?')}) {line}", file=sys.stderr, flush=True)
 
 
 def say_error(line: str) -> None:
     """``sectune: error: LINE`` on stderr, once per launch: under torchrun/accelerate every rank reads the same command,
     config and data and so meets the same error; a rank other than 0 leaves the saying to rank 0, which also names a
     failure of another rank's alone (``runner._name_the_failing_rank``), and lingers :data:`RANK_LINGER_S` at its exit
-    so that rank 0 gets to say it. Each rank still exits with its code."""
+    so that rank 0 gets to say it; a rank still there after it says the line itself (:func:`_linger_then_say`). Each
+    rank still exits with its code."""
     import os
     import sys
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
         global _lingering
+        _left_to_rank_0.append(line)
         if not _lingering:
             import atexit
-            import time
 
             _lingering = True
-            atexit.register(time.sleep, RANK_LINGER_S)
+            atexit.register(_linger_then_say)
         return
     print(f"sectune: error: {line}", file=sys.stderr)

@@ -195,3 +195,14 @@ def test_evaluate_split_check_reads_a_run_from_before_the_key_as_window(tmp_path
     assert "other dataset settings" not in capsys.readouterr().out
     check_trained_on(compose(["stage=evaluate", "dataset=injection_triplets", "dataset.split_by=source"]), choice, run)
     assert "split_by=window" in capsys.readouterr().out
+
+
+def test_a_host_name_sshd_gives_under_usedns_is_a_source():
+    """sshd with UseDNS names the host, not its address (``from host.example.com port 22``): the rule engine reads it as
+    the source, the split's patterns did not, so two windows of one attacking host could fall on both sides of the split."""
+    from sectune.data.window_splits import window_sources
+
+    a = "Dec 10 06:55:46 LabSZ sshd[24200]: Failed password for root from scanner.example.com port 38926 ssh2"
+    b = "Dec 10 07:55:46 LabSZ sshd[24300]: Invalid user admin from scanner.example.com port 40000"
+    assert "scanner.example.com" in window_sources(a) and "scanner.example.com" in window_sources(b)
+    assert window_sources("Dec 10 06:55:46 LabSZ sshd[1]: Accepted password for bob from 10.1.2.3 port 2 ssh2") == {"10.1.2.3"}

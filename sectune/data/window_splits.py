@@ -54,8 +54,13 @@ def _say(msg: str) -> None:
 
 
 def window_sources(text: str) -> set[str]:
-    """The remote sources a window names: addresses anywhere in it, and PAM ``rhost=`` host names."""
-    return {next(g for g in m.groups() if g) for m in _SOURCE.finditer(text) if any(m.groups())}
+    """The remote sources a window names: addresses anywhere in it, PAM ``rhost=`` host names, and every source the rule
+    engine's analysis names (sshd's host name under UseDNS, ``from host.example.com port 22``, which neither pattern
+    reads: a review, session 43)."""
+    from sectune.data.auth_rules import analyze_auth_log
+
+    found = {next(g for g in m.groups() if g) for m in _SOURCE.finditer(text) if any(m.groups())}
+    return found | {s["ip"] for s in analyze_auth_log(text.splitlines())["source_ips"] if s.get("ip")}
 
 
 def window_logs(ids: list[str]) -> dict[str, tuple[int, int]]:

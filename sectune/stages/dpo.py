@@ -313,6 +313,8 @@ def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, 
             # it does after tokenizing is kept: a pair whose prompt alone fills max_length (keep_start) is dropped
             if "prompt_ids" not in dataset.column_names:
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if args.max_length is None or args.truncation_mode != "keep_start":  # TRL's own guard (keep_end drops none)
+                return dataset
             return dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
 
         def _get_train_sampler(self, train_dataset=None):

@@ -8,6 +8,9 @@ TORCH   ?= torch==2.13.0
 .PHONY: setup run test test-all bench clean
 
 $(STAMP): pyproject.toml constraints.txt
+	@# sectune and torch 2.13 need Python >= 3.10: macOS's own python3 (Xcode tools) is 3.9, where pip said only that
+	@# no torch==2.13.0 was found
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "make setup: $(PY) is Python $$($(PY) -c 'import platform; print(platform.python_version())'); sectune needs >= 3.10: e.g. make setup PY=python3.11" >&2; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	@# torch first (CPU wheel), then everything else pinned to it: no CUDA build is pulled.

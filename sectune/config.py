@@ -239,7 +239,7 @@ class TrainConfig:
     logging_steps: int = 1
     resume: Optional[str] = None  # null | auto | a checkpoint dir
     seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda (auto: cuda when visible, else cpu; on a Mac the CPU)
     #: seeds' periodic memory clearing (torch.*.empty_cache every N steps)
     empty_cache_steps: Optional[int] = None
     num_workers: int = 0
@@ -416,3 +416,13 @@ def register() -> None:
         OmegaConf.register_new_resolver("sectune_run_dir", paths.fresh_run_dir, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="sectune_schema", node=SectuneConfig)
+
+
+def device_choices(value) -> str:
+    """What ``train.device=value`` should have been, for its error: ``mps`` (Apple's GPU) is named and refused, not a typo."""
+    if str(value).split(":")[0].strip().lower() == "mps":
+        # accelerate and Trainer pick mps when use_cpu is off; sectune's placement, precision, memory accounting, planner
+        # and quantization know cuda and cpu only, and nothing of it ran on mps
+        return ("choose auto, cpu or cuda: Apple's GPU (mps) is not supported (sectune never ran on it); on a Mac "
+                "train.device=auto or cpu trains on the CPU")
+    return "choose auto, cpu or cuda"

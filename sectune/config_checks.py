@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sectune.config import SectuneConfig
+from sectune.config import SectuneConfig, device_choices
 from sectune.loss_settings import dpo_sft_weight
 from sectune.sweeps import check_sweep  # noqa: F401 (re-exported: check_values calls it)
 
@@ -141,7 +141,7 @@ def check_values(cfg) -> None:
     need(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
     need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "choose fp32, bf16 or fp16")
     need(str(t.packing) in PACKING, "train.packing", t.packing, f"choose one of {', '.join(PACKING)}")
-    need(str(t.device) in ("auto", "cpu", "cuda"), "train.device", t.device, "choose auto, cpu or cuda")
+    need(str(t.device) in ("auto", "cpu", "cuda"), "train.device", t.device, device_choices(t.device))
     need(cfg.classify.pooling in POOLINGS, "classify.pooling", cfg.classify.pooling, f"choose one of {', '.join(POOLINGS)}")
     need(0.0 <= cfg.classify.subword_dropout < 1.0, "classify.subword_dropout", cfg.classify.subword_dropout,
          "a probability in [0, 1) (0 turns it off; 0.1 is the paper's value)")

@@ -253,7 +253,9 @@ def device_for(cfg: DictConfig) -> str:
     if want == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if want not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device={want!r}: choose auto, cpu or cuda")
+        from sectune.config import device_choices
+
+        raise ConfigError(f"train.device={want!r}: {device_choices(want)}")
     return want
 
 

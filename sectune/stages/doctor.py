@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,13 +103,17 @@ def check_cuda(cfg: DictConfig, predicted_peak: int | None) -> list[Check]:
     real_model = cfg.model.name_or_path is not None
     if not torch.cuda.is_available():
         built = torch.version.cuda or "none (CPU build)"
+        mac = sys.platform == "darwin"  # no CUDA build of torch exists for macOS: installing one is no fix there
+        mps = mac and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
         if cfg.train.device == "cuda":
             return [Check("cuda", "missing", f"train.device=cuda but no CUDA device; torch {torch.__version__} built for CUDA {built}",
+                          "macOS has no CUDA: train.device=auto or cpu (the CPU)" if mac else
                           "install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu124) "
                           "and check nvidia-smi; or train.device=cpu")]
         status = "warn" if real_model else "ok"
         fix = "a GPU node (hydra/launcher=slurm) for real models; CPU works but is slow" if real_model else ""
-        return [Check("cuda", status, f"no CUDA device: training runs on CPU (torch CUDA build: {built})", fix)]
+        unused = "; Apple's GPU (mps) is present and not used: sectune does not support it" if mps else ""
+        return [Check("cuda", status, f"no CUDA device: training runs on CPU (torch CUDA build: {built}){unused}", fix)]
     out = [Check("cuda", "ok", f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s)")]
     from sectune.stages.plan import measured_gpu_margin
 

@@ -99,6 +99,15 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    if sys.platform == "darwin":  # no /proc there; platform.processor() says only "arm" on Apple Silicon
+        import subprocess
+
+        try:
+            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            name = ""
+        if name:
+            return name
     return platform.processor() or platform.machine()
 
 

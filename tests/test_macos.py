@@ -88,3 +88,19 @@ def test_make_setup_with_macos_python_3_9_says_so_before_making_a_venv(tmp_path)
     subprocess.run(["make", "-C", str(PROJECT_ROOT), "setup", f"PY={ok}", f"VENV={tmp_path / 'venv'}"],
                    capture_output=True, text=True, timeout=60)
     assert (tmp_path / "calls").read_text().startswith(f"-m venv {tmp_path / 'venv'}")
+
+
+def test_run_records_name_a_macs_chip_not_just_arm(mac, monkeypatch):
+    """No /proc/cpuinfo on macOS, and platform.processor() there is "arm": the chip's name comes from sysctl."""
+    import subprocess
+
+    from sectune import run_records
+
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(FileNotFoundError(self))
+                        if str(self) == "/proc/cpuinfo" else real_read(self, *a, **k))
+    monkeypatch.setattr("platform.processor", lambda: "arm")
+    asked = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: asked.append(cmd) or subprocess.CompletedProcess(cmd, 0, "Apple M2 Pro\n", ""))
+    assert run_records.cpu_model() == "Apple M2 Pro"
+    assert asked == [["sysctl", "-n", "machdep.cpu.brand_string"]]

@@ -206,3 +206,28 @@ def test_a_host_name_sshd_gives_under_usedns_is_a_source():
     b = "Dec 10 07:55:46 LabSZ sshd[24300]: Invalid user admin from scanner.example.com port 40000"
     assert "scanner.example.com" in window_sources(a) and "scanner.example.com" in window_sources(b)
     assert window_sources("Dec 10 06:55:46 LabSZ sshd[1]: Accepted password for bob from 10.1.2.3 port 2 ssh2") == {"10.1.2.3"}
+
+
+def test_report_names_a_split_other_than_window():
+    """report.md read the same under every split: a time- or source-split table (other test windows, other numbers)
+    could not be told from the default's (a pipeline run, session 43). The table records its split; the header names it."""
+    from sectune.evaluation.analyst_eval import split_info
+    from sectune.evaluation.analyst_report import render_markdown
+
+    assert split_info(compose(["stage=infer", "dataset=auth_logs", "dataset.split_by=time", "dataset.split_seed=3"])) == {"by": "time", "seed": 3}
+    assert split_info(compose(["stage=infer", "dataset=auth_logs"]))["by"] == "window"
+    row = {"name": "SFT", "kind": "policy", "json_valid_rate": 1, "schema_valid_rate": 1, "verdict_accuracy": 0.5,
+           "verdict_macro_f1": 0.5, "field_f1": 0.5, "analyses_per_s": 1.0}
+
+    def md(**split):
+        return render_markdown({"rows": [row], "best_policy": None, "windows": [{"source": "OpenSSH", "verdict": "benign"}],
+                                "by_source": {"SFT": {}}, **split})
+
+    for by in ("time", "source"):
+        head = md(split={"by": by, "seed": 2}).split("| system |")[0]
+        assert head.startswith(f"# Held-out analyst table (dataset.split_by={by})\n")
+        assert f"dataset.split_by={by}, dataset.split_seed=2" in head
+    # the default split (and a table recorded before the key) reads as before
+    assert md(split={"by": "window", "seed": 0}) == md()
+    assert md().startswith("# Held-out analyst table\n\n1 test windows") and "split_by" not in md()
+

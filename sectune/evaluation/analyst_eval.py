@@ -333,6 +333,7 @@ def build_table(
     metrics = table_metrics(rows, scores, best, baseline, val_scores)
     table = {
         **(extra or {}),
+        "split": split_info(eval_cfg),
         "windows": [{"id": w.id, "source": w.source, "verdict": w.label} for w in test],
         "rows": [{"name": r.name, "kind": r.kind, "step": r.step, "constrained": r.constrained, "grounded": r.grounded, "note": r.note,
                   **scores[r.name]} for r in rows],
@@ -352,6 +353,12 @@ def build_table(
     # last: heldout.json holds the key a rerun reuses the table by, so it never stands beside an older report
     write_json_atomic(out_dir / "heldout.json", {k: v for k, v in table.items() if k != "markdown"})
     return table
+
+
+def split_info(cfg: DictConfig) -> dict:
+    """How the table's windows were split (``dataset.split_by``, ``split_seed``): report.md names it, so a time- or
+    source-split table is not read as the default window split's."""
+    return {"by": str(cfg.dataset.get("split_by") or "window"), "seed": int(cfg.dataset.split_seed)}
 
 
 def constrained_rows(best: Row, policies, test: list[Window], batch_size: int, log) -> list[Row]:

@@ -4,6 +4,11 @@ and the host-name check; the numbers come from :mod:`sectune.evaluation.analyst_
 from __future__ import annotations
 
 
+#: what a held-out test window is under each ``dataset.split_by`` other than window (sectune/data/window_splits.py)
+SPLIT_NOTE = {"time": "the test windows are each log's latest, later than every window of that log a step trained on.",
+              "source": "no test window shares a source (address or host name) with a training window."}
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
@@ -33,9 +38,14 @@ def render_markdown(table: dict) -> str:
     n = len(table["windows"])
     srcs = counts(w["source"] for w in table["windows"])
     labels = counts(w["verdict"] for w in table["windows"])
+    split = table.get("split") or {}
+    by = split.get("by") or "window"  # a table from before the key: the window split, the only one then
     out = [
-        "# Held-out analyst table",
+        "# Held-out analyst table" + ("" if by == "window" else f" (dataset.split_by={by})"),
         "",
+        *([f"Split by {by} (dataset.split_by={by}, dataset.split_seed={split.get('seed')}): {SPLIT_NOTE.get(by, '')} Not "
+           "comparable with a table of the default split (dataset.split_by=window: windows at random, stratified by verdict).", ""]
+          if by != "window" else []),
         f"{n} test windows ({', '.join(f'{k} {v}' for k, v in srcs)}; verdicts {', '.join(f'{k} {v}' for k, v in labels)}), "
         "held out of every training step. Policies decode greedily; JSON-valid counts repaired output as valid "
         "(as stage=infer does); an unparseable output is a wrong verdict and scores field F1 0. Invented names: the analyses "

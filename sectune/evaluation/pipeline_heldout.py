@@ -165,7 +165,9 @@ def heldout_table(cfg: DictConfig, eval_cfg: DictConfig, steps: list[Step], run_
     key = config_digest(OmegaConf.create(json.loads(json.dumps(key_src, default=str))), run_dir)  # a moved pipeline: the same key
     cached = read_json_object(run_dir / "heldout.json")
     if reuse_ok and cached and cached.get("key") == key:
-        # the report is rendered from the reused table (a report.md edited or left by another table is not what it says)
+        # the report is rendered from the reused table (a report.md edited or left by another table is not what it says);
+        # a table from before "split" was recorded: the split of this eval config, whose digest its key holds
+        cached.setdefault("split", analyst_eval.split_info(eval_cfg))
         markdown = analyst_eval.render_markdown(cached)
         report = run_dir / "report.md"
         if not report.is_file() or report.read_text(encoding="utf-8") != markdown:

@@ -231,3 +231,31 @@ def test_report_names_a_split_other_than_window():
     assert md(split={"by": "window", "seed": 0}) == md()
     assert md().startswith("# Held-out analyst table\n\n1 test windows") and "split_by" not in md()
 
+
+def test_evaluate_splits_as_the_evaluated_run_unless_the_command_says(tmp_path, monkeypatch, capsys):
+    """stage=evaluate on a time-split pipeline, without dataset.split_by: it scored the window split's test windows (37
+    of 43 the analyst's training and validation windows) behind a warning (a pipeline run, session 43)."""
+    from sectune.evaluation import injection_eval
+    from sectune.stages import pipeline
+
+    def run_dir(name, **dataset):
+        run = tmp_path / name
+        (run / ".hydra").mkdir(parents=True)
+        saved = OmegaConf.to_container(compose(["stage=sft", "dataset=auth_logs"]))
+        saved["dataset"].update(dataset)
+        if not dataset:
+            del saved["dataset"]["split_by"]  # a run from before the key: split by window
+        (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+        return run
+
+    choice = type("C", (), {"path": None})()
+    cfg = compose(["stage=evaluate", "dataset=injection_triplets"])
+    injection_eval.take_split(cfg, choice, run_dir("time", split_by="time", split_seed=2))
+    assert (cfg.dataset.split_by, cfg.dataset.split_seed) == ("time", 2)
+    assert "dataset.split_seed=2, dataset.split_by=time" in capsys.readouterr().out
+    injection_eval.take_split(cfg, choice, run_dir("older"))
+    assert (cfg.dataset.split_by, cfg.dataset.split_seed) == ("window", 0)
+    monkeypatch.setattr(pipeline, "command_line_overrides", lambda required=True: ["dataset.split_by=source"])
+    cfg = compose(["stage=evaluate", "dataset=injection_triplets", "dataset.split_by=source"])
+    injection_eval.take_split(cfg, choice, tmp_path / "time")  # the command's own value wins (check_trained_on warns)
+    assert (cfg.dataset.split_by, cfg.dataset.split_seed) == ("source", 2)

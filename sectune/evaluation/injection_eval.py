@@ -236,6 +236,7 @@ def evaluate_injections(ctx) -> dict:
     keys = ["evaluate.model_dir", *["evaluate.vote_with"] * (len(members) - 1)]
     choices = [choose_analyst(d, k) for d, k in zip(members, keys)]
     vote.check_voters(members, choices, "evaluate")
+    take_split(cfg, choices[0], Path(members[0]).expanduser())
     for d, choice, k in zip(members, choices, keys):
         check_trained_on(cfg, choice, Path(d).expanduser(), k)
     data = triplet_data(cfg, need_train=False)  # scoring only: a file of test triplets alone is enough
@@ -263,7 +264,8 @@ def evaluate_injections(ctx) -> dict:
     baseline_metrics, baseline = baseline_beside(data.splits, records, ev.split)  # the classic bar, same windows, same run
     metrics.update(baseline_metrics)
     write_json_atomic(run_dir / "injection_eval.json", {
-        "model_dir": str(ev.model_dir), "model_used": choices[0].used, **extra, "split": ev.split, "metrics": metrics,
+        "model_dir": str(ev.model_dir), "model_used": choices[0].used, **extra, "split": ev.split,
+        "split_by": str(cfg.dataset.split_by), "metrics": metrics,
         "baseline": baseline, "windows": windows})
     who = f"the vote of {len(members)} analysts" if len(members) > 1 else "the analyst"
     print(f"sectune: evaluate: {who}: attack success {metrics['attack_success_rate']:.3f} (95% CI {metrics['attack_success_rate_ci95_low']:.3f}"
@@ -358,6 +360,36 @@ def older_defaults(dataset_name) -> dict:
 
 #: datasets whose runs are no text analyst (a log-key model, classifiers)
 NOT_ANALYSTS = ("hdfs", "cic_iot_2023", "cic_iot_2023_merged", "prompt_injections", "text_label_csv")
+
+
+def take_split(cfg, choice, model_dir: Path) -> None:
+    """The split keys (:data:`SPLIT_KEYS` but ``source_dir``) as the analyst's run split its windows, but a key this
+    command sets: evaluating a time-split pipeline without ``dataset.split_by`` scored it on the window split's test
+    windows, 37 of 43 of them its training and validation windows, behind one warning (a pipeline run, session 43). As
+    stage=infer takes its run's ``generation.*``."""
+    from omegaconf import OmegaConf, open_dict
+
+    from sectune.run_digest import older_values
+    from sectune.stages.pipeline import command_line_overrides
+
+    given = {o.split("=", 1)[0].lstrip("+~") for o in command_line_overrides(required=False)}
+    for d in ([choice.path.parent] if getattr(choice, "path", None) is not None else []) + [model_dir]:
+        saved = d / ".hydra" / "config.yaml"
+        if not saved.is_file():
+            continue
+        run = OmegaConf.load(saved)
+        trained = OmegaConf.select(run, "dataset.name")
+        if trained not in ("auth_logs", "auth_preferences", *INJECTED_DATASETS):
+            return  # (check_trained_on says what is wrong with it)
+        older = older_values(trained)
+        theirs = {k: OmegaConf.select(run, f"dataset.{k}", default=older.get(f"dataset.{k}")) for k in SPLIT_KEYS if k != "source_dir"}
+        taken = {k: v for k, v in theirs.items() if f"dataset.{k}" not in given and v is not None and v != cfg.dataset[k]}
+        if taken:
+            print(f"sectune: evaluate: the windows split as {d} split them ({', '.join(f'dataset.{k}={v}' for k, v in taken.items())}, "
+                  f"read from {saved}); set them on the command line to split otherwise")
+            with open_dict(cfg):
+                cfg.dataset.merge_with(taken)
+        return
 
 
 def check_trained_on(cfg, choice, model_dir: Path, key: str = "evaluate.model_dir") -> None:

@@ -170,6 +170,8 @@ def test_federated_sessions_and_their_scoring_keep_control_token_text_in_the_pro
     from sectune.training import federated
 
     tok = tokenizer()
+    tok.add_tokens([" 1", " 2", " 3"])  # each key one token, as the HDFS presets' extra_tokens make them (the tiny
+    # tokenizer built from generated logs, on a clone without ../shared, splits " 1")
     prompt = f"HDFS session {tok.eos_token}:"  # the operator's dataset.prompt_template
     (row,) = federated.encode_sessions(tok, prompt, [" 1 2 3"], 256)
     n = row["labels"].count(-100)

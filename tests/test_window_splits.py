@@ -259,3 +259,15 @@ def test_evaluate_splits_as_the_evaluated_run_unless_the_command_says(tmp_path, 
     cfg = compose(["stage=evaluate", "dataset=injection_triplets", "dataset.split_by=source"])
     injection_eval.take_split(cfg, choice, tmp_path / "time")  # the command's own value wins (check_trained_on warns)
     assert (cfg.dataset.split_by, cfg.dataset.split_seed) == ("source", 2)
+
+
+def test_simplified_ppo_with_max_samples_refuses_a_split_by_time_or_source():
+    """simplified_ppo picks the max_samples best windows from every window's split and drops the n-window split's held-out
+    ones by id: under time or source a window sharing a held-out window's source (or after it in its log) still trained."""
+    from sectune.errors import ConfigError
+    from sectune.stages.rl import simplified_ppo_windows
+
+    for how in ("time", "source"):
+        cfg = compose(["stage=rl", "loss=simplified_ppo", "dataset.max_samples=40", f"dataset.split_by={how}"])
+        with pytest.raises(ConfigError, match=f"dataset.split_by={how}"):
+            simplified_ppo_windows(cfg)

@@ -403,6 +403,12 @@ def simplified_ppo_windows(cfg, fits=lambda r: True) -> list[dict]:
     from omegaconf import OmegaConf
 
     n = cfg.dataset.max_samples or SIMPLIFIED_PPO_EXAMPLES
+    how = cfg.dataset.get("split_by") or "window"
+    if cfg.dataset.max_samples and how != "window":  # every window's split by time or source is not the n windows' one:
+        # one of its training windows can follow a held-out window of its log, or share its source (a review, session 43)
+        raise ConfigError(f"stage=rl loss=simplified_ppo picks its dataset.max_samples={cfg.dataset.max_samples} best windows "
+                          f"out of every window's split, which under dataset.split_by={how} can train on a window sharing "
+                          "the held-out windows' sources or logs: use dataset.max_samples=null or dataset.split_by=window")
     train = data.sft_splits(OmegaConf.merge(cfg, {"dataset": {"max_samples": None}}))["train"]
     if cfg.dataset.max_samples:
         own = data.sft_splits(cfg)

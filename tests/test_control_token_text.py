@@ -197,3 +197,17 @@ def test_a_sentencepiece_tokenizers_eos_spelled_in_a_log_is_text_in_every_encode
     # a normal prompt: the ids TRL's strings gave (EOS appended as text, the whole tokenized)
     normal = render_prompt("line of logs")
     assert prompt_completion_ids(tok, normal, ANSWER)[1] == tok(normal + ANSWER + tok.eos_token)["input_ids"]
+
+
+def test_a_prompt_ending_inside_a_token_the_answer_continues_is_warned_about(capsys):
+    """TRL warned when a prompt's last token merges with the answer's first (the prompt's end then trains as answer); given
+    pre-tokenized rows it says nothing, so sft_rows says it (a review, session 43). A prompt on a token boundary: silence."""
+    from sectune.stages.sft import sft_rows
+
+    tok = sentencepiece_like_tokenizer()
+    (row,) = sft_rows(tok, [{"prompt": "line of lo", "completion": "gs"}])
+    err = capsys.readouterr().err
+    assert "1 of 1 examples' prompts end inside a token" in err and "'lo'" in err, err
+    assert row["completion_mask"][-2:] == [1, 1] and sum(row["completion_mask"]) == 2  # "▁logs" and EOS: the answer's
+    sft_rows(tok, [{"prompt": "### Analysis:\n", "completion": '{"verdict":"benign"}'}])
+    assert "end inside a token" not in capsys.readouterr().err

@@ -422,7 +422,7 @@ def test_settings_a_run_would_ignore_are_refused_naming_the_key(overrides, messa
 def test_the_learning_rate_schedules_sectune_accepts_are_transformers_own():
     from transformers.trainer_utils import SchedulerType
 
-    from sectune.config_checks import LR_SCHEDULERS
+    from sectune.config_effects import LR_SCHEDULERS
 
     assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
 

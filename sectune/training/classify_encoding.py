@@ -24,6 +24,8 @@ def _prompt_ids(tokenizer, texts: Sequence[str], max_len: int, side: str) -> Lis
     """Each text's ids, cut to ``max_len`` on ``side``, with a warning counting the cut ones (they were cut without a
     word: 4 of prompt_injection_cv's 116 test prompts, all injections, lost their end: an audit, session 36). An empty
     prompt is refused: it has nothing to classify (scored as 0.5/0.5 in a batch, a reshape error alone)."""
+    from sectune.inference import text_ids
+
     old = tokenizer.truncation_side
     tokenizer.truncation_side = side  # generative keeps the prompt's end ("Label:"), seq_cls its start
     try:
@@ -36,7 +38,7 @@ def _prompt_ids(tokenizer, texts: Sequence[str], max_len: int, side: str) -> Lis
     if empty:
         raise DataError(f"row {empty[0]}{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}: an empty prompt has no "
                         "token to classify (an empty text, or dataset.prompt_template='')")
-    cut = sum(len(x) >= max_len for x in ids) and sum(len(x) > max_len for x in tokenizer(list(texts), split_special_tokens=True)["input_ids"])
+    cut = sum(len(x) >= max_len for x in ids) and sum(len(x) > max_len for x in text_ids(tokenizer, list(texts)))
     if cut:
         print(f"sectune: warning: {cut} of {len(ids)} prompt(s) longer than {max_len} tokens (model.max_seq_length) lost their "
               f"{'end' if side == 'right' else 'start'}", file=sys.stderr)

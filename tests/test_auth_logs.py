@@ -905,3 +905,22 @@ def test_log_bytes_that_are_not_utf8_are_named_as_infer_names_them(tmp_path, cap
     build_auth_folder(tmp_path / "b", src, seed=1)
     assert f"auth_logs: OpenSSH_2k.log: 1 line(s) not UTF-8 (line {bad + 1}); their bad bytes read as U+FFFD" in capsys.readouterr().out
     assert len(load_auth_folder(tmp_path / "b")) == len(plain)
+
+
+def test_the_forms_of_one_address_are_one_source():
+    """Session 44: ::ffff:1.2.3.4 and 1.2.3.4 (a dual-stack sshd), fe80::1%eth0 and fe80::1, 2001:0db8:0:0::1 and
+    2001:db8::1 were counted as two sources: one attacker's 5 failures split 3 + 2, no brute force. The analysis names the
+    form the window wrote first (a name it holds: grounded decoding and the invented-names check read the window)."""
+    from sectune.data.auth_rules import analyze_auth_log, canonical_source
+    from sectune.infer_inputs import absent_names
+
+    for forms in (["::ffff:203.0.113.9", "203.0.113.9"], ["fe80::1%eth0", "fe80::1"], ["2001:0db8:0:0::1", "2001:db8::1"],
+                  ["2001:DB8::1", "2001:db8:0::1"]):
+        lines = [f"Dec 10 06:55:4{i} LabSZ sshd[2430{i}]: Failed password for root from {forms[i % 2]} port 4{i}22 ssh2" for i in range(5)]
+        a = analyze_auth_log(lines)
+        assert a["brute_force"] and a["verdict"] == "malicious", forms
+        assert len(a["source_ips"]) == 1 and a["source_ips"][0]["failures"] == 5, forms
+        assert absent_names(a, "\n".join(lines)) == [], forms
+    assert {canonical_source(s) for s in ("::ffff:203.0.113.9", "203.0.113.9")} == {"203.0.113.9"}
+    assert canonical_source("fe80::1%eth0") == "fe80::1" and canonical_source("2001:0DB8:0:0::1") == "2001:db8::1"
+    assert canonical_source("host.example.com") == "host.example.com"

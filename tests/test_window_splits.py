@@ -271,3 +271,19 @@ def test_simplified_ppo_with_max_samples_refuses_a_split_by_time_or_source():
         cfg = compose(["stage=rl", "loss=simplified_ppo", "dataset.max_samples=40", f"dataset.split_by={how}"])
         with pytest.raises(ConfigError, match=f"dataset.split_by={how}"):
             simplified_ppo_windows(cfg)
+
+
+def test_the_forms_of_one_address_are_one_source_for_the_split():
+    """Session 44: a window naming ::ffff:1.2.3.4 (or fe80::1%eth0, or 2001:0db8:0:0::1) and one naming 1.2.3.4 (fe80::1,
+    2001:db8::1) were two sources, so one attacker's windows could sit on both sides of dataset.split_by=source."""
+    from sectune.data.window_splits import source_groups, window_sources
+
+    line = "Dec 10 06:55:46 LabSZ sshd[{}]: Failed password for root from {} port 22 ssh2"
+    pam = "Dec 10 06:55:46 LabSZ sshd[{}]: pam_unix(sshd:auth): authentication failure; logname= uid=0 rhost={} user=x"
+    mapping = "Dec 10 06:55:46 LabSZ sshd[{}]: reverse mapping checking getaddrinfo for h.example [{}] failed - POSSIBLE BREAK-IN ATTEMPT!"
+    for forms in (["::ffff:1.2.3.4", "1.2.3.4"], ["fe80::1%eth0", "fe80::1"], ["2001:0db8:0:0::1", "2001:db8::1"]):
+        for fmt in (line, pam, mapping):
+            assert window_sources(fmt.format(1, forms[0])) == window_sources(fmt.format(2, forms[1])) == {forms[1]}, (fmt, forms)
+        texts = {"1_1": line.format(1, forms[0]), "2_5": pam.format(2, forms[1]), "3_9": line.format(3, "9.9.9.9")}
+        g = source_groups(texts)
+        assert g["1_1"] == g["2_5"] != g["3_9"], forms

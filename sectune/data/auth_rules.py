@@ -22,7 +22,8 @@ A pid's failures (and accepted logins) are the *larger* of its two channels, nev
 so one attempt counts once even when only half of its lines fall inside the window.
 A pid's source is the first ``from IP`` (IPv4, IPv6, or IPv4-mapped ``::ffff:a.b.c.d``) of an sshd message, else the ``[IP]`` of a reverse
 mapping warning, else PAM's ``rhost`` (a host name on Linux_2k). ``failed_logins`` and
-``accepted_logins`` sum over pids; per-source failures sum over the pids of that source.
+``accepted_logins`` sum over pids; per-source failures sum over the pids of that source, the forms of one address being
+one source (:func:`canonical_source`: ``::ffff:1.2.3.4`` is ``1.2.3.4``), named as the window first writes it.
 
 * ``invalid_users``: names from ``Invalid user U``, ``input_userauth_request: invalid user U``
   and ``Failed ... for invalid user U`` (sorted, unique, first 5).
@@ -44,11 +45,14 @@ characters, a source of at most 64 (the schema's limit), a count of at most ``MA
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 # 2: hostile lines (an overlong line or source) read within bounds; 3: ISO-8601 and fractional-second timestamps
 # (journalctl -o short-iso / short-precise, rsyslog's file format) and IPv4-mapped IPv6 sources read (an audit, session 37)
-RULES_VERSION = "auth-rules-4"
+# 5: a source's forms counted as one host (::ffff:1.2.3.4 and 1.2.3.4, fe80::1%eth0 and fe80::1, 2001:0db8::1 and
+# 2001:db8::1): one attacker's failures were split over two sources and a brute force went unseen (session 44)
+RULES_VERSION = "auth-rules-5"
 CLASSES = ("benign", "suspicious", "malicious")
 BRUTE_FORCE_FAILURES = 5
 FAILED_THEN_ACCEPTED = 3
@@ -114,6 +118,17 @@ def _count(digits: str) -> int:
 def _name(user: str | None) -> str | None:
     user = (user or "").strip()
     return user[:_MAX_NAME] if user else None
+
+
+def canonical_source(src: str) -> str:
+    """One name per host for a source (``ipaddress``): an IPv4-mapped IPv6 address as its IPv4 address, an IPv6 zone
+    (``%eth0``) dropped, an IPv6 address compressed and lower-case; a host name (or anything else) as written."""
+    try:
+        addr = ipaddress.ip_address(src.split("%", 1)[0])
+    except ValueError:
+        return src
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return str(mapped or addr)
 
 
 class _Pid:
@@ -188,6 +203,7 @@ def analyze_auth_log(lines: list[str]) -> dict:
     failures: dict[str, int] = {}
     accepted_from: set[str] = set()
     seen: set[str] = set()
+    shown: dict[str, str] = {}
     failed_total = accepted_total = 0
     for p in pids.values():
         n_fail, n_ok = max(p.fail), max(p.ok)
@@ -196,11 +212,15 @@ def analyze_auth_log(lines: list[str]) -> dict:
         src = (p.ip or p.alt_ip or "")[:_MAX_HOST] or None  # an attacker-written "address" is capped as rhost is
         if src is None or not (p.interesting or n_ok):
             continue
-        seen.add(src)
-        failures[src] = min(failures.get(src, 0) + n_fail, MAX_COUNT)
+        key = canonical_source(src)  # one host's forms count together; the analysis names the form the log first wrote
+        shown.setdefault(key, src)
+        seen.add(key)
+        failures[key] = min(failures.get(key, 0) + n_fail, MAX_COUNT)
         if n_ok:
-            accepted_from.add(src)
-    ranked = sorted(seen, key=lambda ip: (-failures[ip], ip))
+            accepted_from.add(key)
+    ranked = [shown[k] for k in sorted(seen, key=lambda k: (-failures[k], shown[k]))]
+    failures = {shown[k]: n for k, n in failures.items()}
+    accepted_from = {shown[k] for k in accepted_from}
     brute = [ip for ip in ranked if failures[ip] >= BRUTE_FORCE_FAILURES]
     after_fail = [ip for ip in ranked if ip in accepted_from and failures[ip] >= FAILED_THEN_ACCEPTED]
 

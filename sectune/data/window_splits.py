@@ -10,7 +10,8 @@
   builder writes, one log after another); its time order is its line order. Not stratified: a class a log shows
   only late is said (warned) to be missing from training.
 * ``source``: windows that share a source (an IPv4/IPv6 address anywhere in the window, or PAM's ``rhost=`` host name)
-  are one group, transitively (connected components, scipy); a group goes to one split whole, so no test window shares
+  are one group, transitively (an address's forms are one source: ``::ffff:1.2.3.4`` is ``1.2.3.4``, ``fe80::1%eth0``
+  ``fe80::1``, ``2001:0db8:0:0::1`` ``2001:db8::1``) (connected components, scipy); a group goes to one split whole, so no test window shares
   a source with a training window. Groups are taken in a seeded random order (``dataset.split_seed``) into the
   held-out split further from its share (test or validation) while it stays within that share; the groups too big for
   either train. (Not
@@ -34,7 +35,7 @@ SPLIT_BY = ("window", "time", "source")
 #: a window's sources: IPv4 addresses anywhere, PAM's rhost= values, and what follows " from " / sits in [brackets] when
 #: it has a colon (IPv6: anywhere, ``06:55:46`` of every timestamp read as one joined every window into one group)
 _SOURCE = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])|\brhost=(\S+)"
-                     r"|(?: from |\[)([0-9a-fA-F]{0,4}(?::[0-9a-fA-F.]{0,15}){2,7})(?=[\s\]]|$)")
+                     r"|(?: from |\[)([0-9a-fA-F]{0,4}(?::[0-9a-fA-F.]{0,15}){2,7}(?:%[\w.-]{1,16})?)(?=[\s\]]|$)")
 _ID = re.compile(r"^(\d+)_(\d+)$")
 _SAID: set[str] = set()
 
@@ -57,10 +58,11 @@ def window_sources(text: str) -> set[str]:
     """The remote sources a window names: addresses anywhere in it, PAM ``rhost=`` host names, and every source the rule
     engine's analysis names (sshd's host name under UseDNS, ``from host.example.com port 22``, which neither pattern
     reads: a review, session 43)."""
-    from sectune.data.auth_rules import analyze_auth_log
+    from sectune.data.auth_rules import analyze_auth_log, canonical_source
 
     found = {next(g for g in m.groups() if g) for m in _SOURCE.finditer(text) if any(m.groups())}
-    return found | {s["ip"] for s in analyze_auth_log(text.splitlines())["source_ips"] if s.get("ip")}
+    found |= {s["ip"] for s in analyze_auth_log(text.splitlines())["source_ips"] if s.get("ip")}
+    return {canonical_source(s) for s in found}  # ::ffff:1.2.3.4 is 1.2.3.4, fe80::1%eth0 fe80::1, 2001:0db8::1 2001:db8::1
 
 
 def window_logs(ids: list[str]) -> dict[str, tuple[int, int]]:

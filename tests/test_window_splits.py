@@ -287,3 +287,20 @@ def test_the_forms_of_one_address_are_one_source_for_the_split():
         texts = {"1_1": line.format(1, forms[0]), "2_5": pam.format(2, forms[1]), "3_9": line.format(3, "9.9.9.9")}
         g = source_groups(texts)
         assert g["1_1"] == g["2_5"] != g["3_9"], forms
+
+
+def test_time_split_refuses_window_names_without_a_line_order():
+    """Session 44: a user's folder numbered auth_data_<k>_0.txt (Y not a first line number) read as 40 logs of one window
+    each under dataset.split_by=time, and the refusal said "raise dataset.test_fraction or add windows", neither of which
+    helps. It now names the key and the file names, and what Y must be."""
+    from sectune.data.window_splits import split_auth_windows
+
+    d = OmegaConf.create({"val_fraction": 0.15, "test_fraction": 0.15, "split_seed": 0, "split_by": "time"})
+    items = [(f"{k}_0", ("benign", "suspicious", "malicious")[k % 3], "x") for k in range(1, 41)]
+    with pytest.raises(ConfigError, match=r"^dataset.split_by=time: the 40 windows' names give no time order.*"
+                                          r"\(auth_data_1_0.txt, then auth_data_2_0.txt\).*dataset.split_by=window or source"):
+        split_auth_windows(items, d)
+    # one log among them whose Y rises is a time order: split as before (its windows held out, the rest train)
+    items[:10] = [(f"{k}_{k * 10}", lab, text) for k, (_, lab, text) in enumerate(items[:10], 1)]
+    where = split_auth_windows(items, d)
+    assert where["test"] == {"9_90", "10_100"} and where["validation"] == {"7_70", "8_80"}

@@ -8,7 +8,8 @@
   validate, its latest ``test_fraction`` test; no test window precedes a training window of its log. A log is a run of
   the folder's windows in ``X`` order whose first line number ``Y`` rises (``auth_data_X_Y.txt``: the layout the
   builder writes, one log after another); its time order is its line order. Not stratified: a class a log shows
-  only late is said (warned) to be missing from training.
+  only late is said (warned) to be missing from training. A folder whose names have no rising ``Y`` (every window a log
+  of its own: a user's ``auth_data_<k>_0.txt``) is refused, naming the files.
 * ``source``: windows that share a source (an IPv4/IPv6 address anywhere in the window, or PAM's ``rhost=`` host name)
   are one group, transitively (an address's forms are one source: ``::ffff:1.2.3.4`` is ``1.2.3.4``, ``fe80::1%eth0``
   ``fe80::1``, ``2001:0db8:0:0::1`` ``2001:db8::1``) (connected components, scipy); a group goes to one split whole, so no test window shares
@@ -149,7 +150,15 @@ def split_auth_windows(items: list[tuple[str, str, str]], d) -> dict[str, set[st
         raise ConfigError(f"dataset.val_fraction={v} + dataset.test_fraction={t} must be in [0, 1)")
     texts = {i: text for i, _, text in items}
     if how == "time":
-        where, detail = split_by_time(list(texts), v, t), f"{len(set(x for x, _ in window_logs(list(texts)).values()))} log(s) in time order"
+        logs = window_logs(list(texts))
+        if len(texts) > 1 and len(set(x for x, _ in logs.values())) == len(texts):
+            first, second = sorted(texts, key=lambda i: tuple(map(int, i.split("_"))))[:2]
+            raise ConfigError(f"dataset.split_by=time: the {len(texts)} windows' names give no time order: a log is a run of "
+                              "auth_data_X_Y.txt files in X order whose Y (the window's first line number in its log) rises, "
+                              f"and no Y here rises (auth_data_{first}.txt, then auth_data_{second}.txt), so every window "
+                              "would be a log of its own and none held out; name each log's windows so (X its running "
+                              "index, Y its first line), or use dataset.split_by=window or source")
+        where, detail = split_by_time(list(texts), v, t), f"{len(set(x for x, _ in logs.values()))} log(s) in time order"
     else:
         where, groups = split_by_source(texts, v, t, seed)
         sizes = sorted((len(g) for g in groups.values()), reverse=True)

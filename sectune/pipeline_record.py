@@ -86,6 +86,7 @@ def same_but_newer_defaults(step: Step) -> bool:
     for cfg in (saved, current):
         cfg.pop("debug", None)
         cfg.get("train", {}).pop("resume", None)
+        cfg.get("paths", {}).pop("cache_dir", None)  # a step recorded before skip_digest left it out, in a moved checkout
     # a pipeline dir moved or copied since (skip_digest's <root>): the paths the steps handed each other
     root = str(Path(step.dir).resolve().parent)
     old_root = _saved_root(saved, current, root)

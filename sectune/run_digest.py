@@ -32,15 +32,29 @@ def older_values(dataset_name) -> dict[str, Any]:
     return {**ADDED_KEYS, **{f"dataset.{k}": v for k, v in older_defaults(dataset_name).items()}}
 
 
-def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None) -> str:
+#: the config keys naming data files or folders: what :func:`data_fingerprint` lists
+DATA_PATH_KEYS = ("paths.shared_data", "dataset.source_dir", "dataset.path", "infer.input_file", "evaluate.data_path")
+
+
+def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None, portable: bool = False) -> str:
     """sha256 of the resolved config, minus Hydra's own node and ``sweep`` (bookkeeping, not
     the run), plus the number of processes when several train it: equal digests, equal runs. With ``root``, every path under it counts relative to it
-    (a pipeline's steps name each other's dirs: a moved or copied pipeline is the same run)."""
+    (a pipeline's steps name each other's dirs: a moved or copied pipeline is the same run). ``portable``: without
+    ``paths.cache_dir`` (what sectune builds, rebuilt alike anywhere) and the data paths' places, the files they name
+    counting by the data fingerprint alone (names under a folder, sizes, times): a moved or re-cloned checkout
+    (``<checkout>/.cache``, ``../shared/data``) is the same run."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("sweep", None)
     _drop_added_keys(container)
     if root is not None:
         container = relative_to_root(container, str(root).rstrip("/"))
+    if portable:
+        if isinstance(container.get("paths"), dict):
+            container["paths"].pop("cache_dir", None)
+        for key in DATA_PATH_KEYS:
+            group, leaf = key.split(".")
+            if isinstance(container.get(group), dict) and container[group].get(leaf):
+                container[group][leaf] = "<data>"
     container["_data"] = data_fingerprint(cfg)
     if distributed.world_size() > 1:  # N processes train on N x the batch: not the run one process makes of this config
         container["_world_size"] = distributed.world_size()
@@ -126,7 +140,7 @@ def data_fingerprint(cfg: DictConfig) -> dict:
     changed = _auth_versions_since(cfg)
     if changed:  # other labels (the rules) or other generated lines than a run made before them read
         fp["auth_versions"] = changed
-    for key in ("paths.shared_data", "dataset.source_dir", "dataset.path", "infer.input_file", "evaluate.data_path"):
+    for key in DATA_PATH_KEYS:
         value = OmegaConf.select(cfg, key, default=None)
         if key == "dataset.source_dir" and _same_path(value, OmegaConf.select(cfg, "paths.shared_data", default=None)):
             continue  # its default, paths.shared_data: listed already (and the digests of runs before it was listed kept)
@@ -176,11 +190,12 @@ def relative_to_root(obj: Any, root: str) -> Any:
 def skip_digest(cfg: DictConfig, run_dir: Path | None = None) -> str:
     """The config digest a finished run is reused by (a pipeline step, an SFT warm-up): without ``train.resume``
     and ``debug`` (how to run, not what), and with ``run_dir`` as ``<root>`` in the paths under it
-    (``rl.init_from=<root>/sft``), so a pipeline dir that was moved or copied still skips what it finished."""
+    (``rl.init_from=<root>/sft``), so a pipeline dir that was moved or copied still skips what it finished; and
+    ``portable`` (:func:`config_digest`): a checkout moved or cloned again did not (its ``.cache`` path differed)."""
     from sectune.config import DebugConfig
 
     c = copy.deepcopy(cfg)
     with open_dict(c):
         c.train.resume = None
         c.debug = OmegaConf.structured(DebugConfig)
-    return config_digest(c, run_dir)
+    return config_digest(c, run_dir, portable=True)

@@ -392,18 +392,61 @@ def test_seed_000_presets_compose_every_step(tmp_path):
     assert list(dpo) == ["sft", "dpo", "infer"] and dpo["dpo"].loss.name == "dpo" and dpo["dpo"].train.grad_accum == 4
 
 
-def test_step_digest_counts_paths_under_the_pipeline_dir_relative_to_it():
+def test_step_digest_counts_paths_under_the_pipeline_dir_relative_to_it(tmp_path):
     from sectune.stages import pipeline
 
-    def digest(root, other="/data/elsewhere"):
+    (tmp_path / "elsewhere").write_text("a\n")
+    (tmp_path / "other").write_text("other\n")
+
+    def digest(root, other=tmp_path / "elsewhere"):
         cfg = compose(["stage=rl", f"rl.init_from={root}/sft", f"rl.reward_model={root}/reward", f"dataset.path={other}"])
         return pipeline.skip_digest(cfg, Path(root))
 
     assert digest("/a/run") == digest("/b/moved/run")
-    assert digest("/a/run") != digest("/a/run", other="/data/other")  # a path outside the pipeline still counts
+    # a data file outside the pipeline counts by what it holds (session 44: by its place, which a re-clone moves)
+    assert digest("/a/run") != digest("/a/run", other=tmp_path / "other")
     # a sibling whose name starts like the pipeline's is not under it: /a/run2 stays a path of its own
     cfg = compose(["stage=rl", "rl.init_from=/a/run2/sft"])
     assert pipeline.skip_digest(cfg, Path("/a/run")) != pipeline.skip_digest(compose(["stage=rl", "rl.init_from=/b/run2/sft"]), Path("/b/run"))
+
+
+def test_step_digest_does_not_hold_the_checkouts_place(tmp_path):
+    """Session 44: a pipeline's step digest held paths.cache_dir (<checkout>/.cache) and the data paths' places
+    (<checkout>/../shared/data, a user's file), so a checkout moved or cloned again retrained every finished step. The
+    data counts by its files (names, sizes, times: data_fingerprint): the same file elsewhere is the same run, another
+    file (or the same one edited) is not."""
+    import os
+    import shutil
+
+    from sectune import pipeline_record
+    from sectune.stages import pipeline
+
+    for place in ("a", "b"):
+        (tmp_path / place / "shared").mkdir(parents=True)
+        (tmp_path / place / "shared" / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    os.utime(tmp_path / "b" / "shared" / "pairs.jsonl", ns=(10**18, 10**18))
+    shutil.copy2(tmp_path / "b" / "shared" / "pairs.jsonl", tmp_path / "a" / "shared" / "pairs.jsonl")  # copied, its time kept
+
+    def cfg(place, *extra):
+        root = tmp_path / place
+        return compose(["stage=reward", "dataset=auth_preferences", f"paths.cache_dir={root}/.cache", f"paths.shared_data={root}/shared",
+                        f"dataset.path={root}/shared/pairs.jsonl", *extra])
+
+    def digest(place, *extra):
+        return pipeline.skip_digest(cfg(place, *extra), tmp_path / place / "outputs" / "pipe")
+
+    assert digest("a") == digest("b")
+    assert digest("a") != digest("a", "train.max_steps=7")
+    (tmp_path / "b" / "shared" / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "b", "rejected": "a"}\n')  # edited
+    assert digest("a") != digest("b")
+    # a step recorded before (its digest held the places) in a moved checkout: the saved config is the same apart from them
+    (tmp_path / "step" / ".hydra").mkdir(parents=True)
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(cfg("a", f"paths.cache_dir={tmp_path}/old/.cache"), tmp_path / "step" / ".hydra" / "config.yaml")
+    from types import SimpleNamespace
+
+    assert pipeline_record.same_but_newer_defaults(SimpleNamespace(dir=tmp_path / "step", cfg=cfg("a")))
 
 
 def test_a_newer_sectune_with_extra_default_keys_still_skips_finished_steps(tmp_path):

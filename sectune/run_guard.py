@@ -379,3 +379,20 @@ def artifacts_untouched(run_dir: Path, result: dict, since: float) -> bool:
 from sectune import console  # noqa: E402
 
 recorded_warnings = console.recorded_warnings
+
+#: the suffix a failed run's broken weights folder takes (``adapter/`` → ``adapter.nonfinite/``)
+BROKEN_SUFFIX = ".nonfinite"
+
+
+def set_aside_broken(run_dir: Path, artifacts: dict) -> str:
+    """A run whose loss or weights went non-finite: its saved ``adapter/`` or ``model/`` renamed ``<name>.nonfinite/`` and
+    its artifacts entry with it, so the folder is not taken for a trained adapter (it sat under the usual name, the
+    console's "done · adapter at …" line before the error naming it: session 44). Returns the clause the error adds."""
+    said = []
+    for name in ("adapter", "model"):
+        if artifacts.get(name) == name and (run_dir / name).is_dir():
+            replace_dir(run_dir / name, run_dir / f"{name}{BROKEN_SUFFIX}")
+            artifacts[f"{name}{BROKEN_SUFFIX}"] = f"{name}{BROKEN_SUFFIX}"
+            del artifacts[name]
+            said.append(f"its {name}/ is now {name}{BROKEN_SUFFIX}/")
+    return f" ({', '.join(said)})" if said else ""

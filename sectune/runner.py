@@ -285,9 +285,12 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         broken += [f"{name}/{bad}" for name in ("adapter", "model") if name in result["artifacts"] and (run_dir / name).is_dir()
                    and (bad := nonfinite_weights(run_dir / name, max_bytes=2 << 30))]
         if broken:  # NaN weights were saved and recorded as succeeded (a damaged checkpoint resumed, say): not a result
+            from sectune.run_guard import set_aside_broken
+
+            moved = set_aside_broken(run_dir, result["artifacts"]) if main else ""
             raise SectuneError(f"{broken[0]} is {metrics.get(broken[0], 'not finite')}: the trained weights are broken (a damaged checkpoint "
                                "resumed, or a learning rate too high; stage=contrastive's debug.enabled=true stops at the "
-                               "first non-finite loss and says what to try); nothing downstream uses this run")
+                               f"first non-finite loss and says what to try); nothing downstream uses this run{moved}")
         result["status"] = "succeeded"
         unscored = objective_missing(cfg, result["metrics"])
         if unscored:  # the sweeper cannot score it: a failed trial in result.json, the index and the report alike

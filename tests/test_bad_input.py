@@ -541,6 +541,31 @@ def test_a_run_whose_loss_ends_non_finite_is_failed_not_succeeded(tmp_path, monk
     assert code != 0 and res["status"] == "failed" and res["error"].startswith("eval_loss is nan: the trained weights are broken")
 
 
+def test_a_run_whose_loss_ends_non_finite_sets_its_adapter_aside(tmp_path, monkeypatch):
+    """Session 44: the failed run kept its NaN weights as adapter/ (the console said "done · adapter at …" first), a
+    folder that looks like a trained adapter to whoever copies it out of the run dir. It is renamed adapter.nonfinite/,
+    result.json's artifacts with it; a run whose loss stayed finite keeps its adapter/."""
+    from sectune import runner
+
+    def stage(loss):
+        def fn(ctx):
+            (ctx.run_dir / "adapter").mkdir()
+            (ctx.run_dir / "adapter" / "adapter_config.json").write_text("{}")
+            return {"metrics": {"train_loss": loss}, "artifacts": {"adapter": "adapter", "train_history": "train_history.json"}}
+        return lambda name: fn
+
+    monkeypatch.setattr(runner, "resolve_stage", stage(float("nan")))
+    run = tmp_path / "run"
+    code, _ = runner.run(compose(["logger=none"]), run)
+    res = json.loads((run / "result.json").read_text())
+    assert code != 0 and res["status"] == "failed" and res["error"].endswith("(its adapter/ is now adapter.nonfinite/)")
+    assert not (run / "adapter").exists() and (run / "adapter.nonfinite" / "adapter_config.json").is_file()
+    assert res["artifacts"] == {"adapter.nonfinite": "adapter.nonfinite", "train_history": "train_history.json"}
+    monkeypatch.setattr(runner, "resolve_stage", stage(0.5))
+    code, _ = runner.run(compose(["logger=none"]), tmp_path / "good")
+    assert code == 0 and (tmp_path / "good" / "adapter" / "adapter_config.json").is_file()
+
+
 def test_a_run_dirs_saved_config_cannot_switch_on_remote_code_or_read_the_environment(tmp_path, monkeypatch, capsys):
     """A shared run dir whose .hydra/config.yaml said trust_remote_code: true ran the model folder's code on evaluate,
     and one with ${oc.env:HF_TOKEN} in a path put the token into the error and result.json."""

@@ -72,3 +72,51 @@ _refuse_hub_kernels()
 import warnings  # noqa: E402
 
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# TRL's generation helpers (DPO's, GRPO's) switch checkpointing off and on again through the aliases transformers 5
+# deprecates: two FutureWarnings pointing into transformers in every DPO run, for a call sectune does not make.
+warnings.filterwarnings("ignore", message="`gradient_checkpointing_(enable|disable)` is deprecated", category=FutureWarning)
+
+
+def _quiet_wandb_mode_banner() -> None:
+    """transformers' integration module prints ``[INFO] Running in WANDB offline mode`` when it is imported with
+    ``WANDB_MODE=offline`` (its only use of the variable at import): under ``logger=none`` too, where no W&B run exists,
+    and with ``logger=wandb`` it said neither where the run went nor how to upload it (sectune says both at the end of
+    the run: :func:`sectune.tracking.finish`). The variable is hidden from that one module's import."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    target = "transformers.integrations.integration_utils"
+    if target in sys.modules:
+        return
+
+    class HideWandbMode(importlib.abc.MetaPathFinder):
+        busy = False
+
+        def find_spec(self, name, path=None, target_path=None):
+            if name != target or self.busy:
+                return None
+            self.busy = True
+            try:
+                spec = importlib.util.find_spec(name)
+            finally:
+                self.busy = False
+            if spec is None or spec.loader is None:
+                return spec
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                mode = os.environ.pop("WANDB_MODE", None)
+                try:
+                    load(module)
+                finally:
+                    if mode is not None:
+                        os.environ["WANDB_MODE"] = mode
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, HideWandbMode())
+
+
+_quiet_wandb_mode_banner()

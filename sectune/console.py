@@ -4,6 +4,8 @@ a reader that left the pipe). :mod:`sectune.run_guard` re-exports :class:`record
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import sys
 import time
@@ -102,3 +104,30 @@ def lenient_console() -> None:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError, OSError):  # not a text stream we can reconfigure (a test's capture, say)
             pass
+
+
+class NewHeadReport(logging.Filter):
+    """Drops transformers' load report when all it says is that the ``score`` head is new (and the causal LM's
+    ``lm_head`` unused): a base model loaded under a ``…ForSequenceClassification`` has no such head, so the report
+    ("newly initialized … Consider training on your downstream task") came in every stage=reward and stage=classify run,
+    the very training it asks for, and where a trained classifier's adapter restores the head next it told a user that
+    the classifier was untrained. Any other missing, mismatched or unconverted weight is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "LOAD REPORT" not in msg or "MISMATCH" in msg or "CONVERSION" in msg:
+            return True
+        rows = [line for line in msg.splitlines() if ("MISSING" in line or "UNEXPECTED" in line) and not line.lstrip().startswith("-")]
+        return not all(("score." in line) if "MISSING" in line else ("lm_head." in line) for line in rows)
+
+
+@contextlib.contextmanager
+def new_head_quietly():
+    """While entered, :class:`NewHeadReport` filters transformers' load reports."""
+    target = logging.getLogger("transformers.modeling_utils")
+    quiet = NewHeadReport()
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from sectune.console import NewHeadReport, new_head_quietly
 from sectune.errors import ConfigError, DataError, SectuneError, first_line
 
 LABELS_FILE = "labels.json"
@@ -134,28 +134,8 @@ def _run_dataset(run_dir: Path) -> str | None:
     return None
 
 
-class _NewHeadReport(logging.Filter):
-    """Drops transformers' load report when all it says is that the ``score`` head is new (and the causal LM's
-    ``lm_head`` unused): the run's adapter restores that head next, so "newly initialized" would tell a user loading a
-    trained classifier that it is untrained. Any other missing, mismatched or unconverted weight is still reported."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if "LOAD REPORT" not in msg or "MISMATCH" in msg or "CONVERSION" in msg:
-            return True
-        rows = [line for line in msg.splitlines() if ("MISSING" in line or "UNEXPECTED" in line) and not line.lstrip().startswith("-")]
-        return not all(("score." in line) if "MISSING" in line else ("lm_head." in line) for line in rows)
-
-
-@contextlib.contextmanager
-def _head_restored_quietly():
-    target = logging.getLogger("transformers.modeling_utils")
-    quiet = _NewHeadReport()
-    target.addFilter(quiet)
-    try:
-        yield
-    finally:
-        target.removeFilter(quiet)
+#: transformers' load report that calls a base model's new score head "newly initialized": see sectune.console
+_NewHeadReport, _head_restored_quietly = NewHeadReport, new_head_quietly
 
 
 def load_classifier(run_dir, cfg: DictConfig, meta: dict):

@@ -273,3 +273,27 @@ def finish(tracker, result: dict) -> None:
     if debug is not None:
         tracker.config.update({"debug": debug}, allow_val_change=True)
     tracker.finish(exit_code=0 if result["status"] == "succeeded" else 1)
+    where = where_it_went(tracker, result.get("stage"))
+    if where:
+        print(where)
+
+
+def where_it_went(tracker, stage: str | None) -> str | None:
+    """The line saying where a finished W&B run is: WANDB_SILENT (sectune's default) keeps wandb's own closing lines off
+    the console, and with them the only word of where an offline run went and how to upload it. A pipeline's steps say
+    nothing: the pipeline's own run, last, names every step's folder too."""
+    try:
+        sync_dir = Path(str(tracker.settings.sync_dir))
+        offline = str(tracker.settings.mode) in ("offline", "dryrun") or bool(getattr(tracker, "offline", False))
+        url = None if offline else tracker.url
+    except Exception:  # noqa: BLE001 - a wandb that names these otherwise: no line rather than a failed run
+        return None
+    if not offline:
+        return f"sectune: W&B run at {url}" if url else None
+    run_dir = sync_dir.parent.parent  # <run dir>/wandb/offline-run-…
+    if (run_dir / "step.json").is_file():
+        return None
+    runs = str(sync_dir)
+    if stage == "pipeline":
+        runs = f"{run_dir / 'wandb' / 'offline-run-*'} {run_dir / '*' / 'wandb' / 'offline-run-*'}"
+    return f"sectune: W&B run logged offline in {sync_dir}; upload it with: wandb sync {runs}"

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sectune.config import model_label, model_title
+from sectune.console import new_head_quietly
 from sectune.errors import ConfigError, ModelNotAvailableError
 from sectune.models.lora import (GPT2_NAMES, _lora_layers, apply_lora, linear_module_names, merged_lora, quantized_module_count,
                                  trainable_parameters)
@@ -299,7 +300,9 @@ def load_model(cfg: DictConfig, task: str = "causal_lm", num_labels: int | None 
         kwargs["device_map"] = {"": device}  # bitsandbytes quantizes while placing
     if task == "seq_cls":
         kwargs["num_labels"] = num_labels
-        model, info = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, path, cfg, output_loading_info=True, **kwargs)
+        # a base model has no score head yet: transformers' report of it as "newly initialized" is dropped (console.py)
+        with new_head_quietly() if not _is_sequence_classifier(path) else contextlib.nullcontext():
+            model, info = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, path, cfg, output_loading_info=True, **kwargs)
         # beside the new head, what the weights lacked (an MLM checkpoint's BERT pooler): apply_lora trains and saves it
         model._sectune_fresh = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys") or ()
                                        if k.split(".")[0] not in ("score", "classifier")})
@@ -321,6 +324,16 @@ def load_model(cfg: DictConfig, task: str = "causal_lm", num_labels: int | None 
             keep_training_4bit_layout(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     return model
+
+
+def _is_sequence_classifier(path: str) -> bool:
+    """Whether the folder ``path`` holds a saved ``…ForSequenceClassification`` (its score head is then in the weights,
+    and a load report of it missing is news); False for a base model, a hub id or an unreadable config."""
+    try:
+        arch = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in arch)
 
 
 def pad_like_tokenizer(model, tokenizer) -> None:

@@ -75,6 +75,10 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 # TRL's generation helpers (DPO's, GRPO's) switch checkpointing off and on again through the aliases transformers 5
 # deprecates: two FutureWarnings pointing into transformers in every DPO run, for a call sectune does not make.
 warnings.filterwarnings("ignore", message="`gradient_checkpointing_(enable|disable)` is deprecated", category=FutureWarning)
+# Ray (2.55, pinned) tells every ray.init of stage=federated that a future Ray will stop hiding GPUs from actors given
+# num_gpus=0: a note to the code calling ray.init (sectune's _start_ray), which no setting of a user's changes.
+warnings.filterwarnings("ignore", message="Tip: In future versions of Ray, Ray will no longer override accelerator",
+                        category=FutureWarning)
 
 
 def _quiet_wandb_mode_banner() -> None:

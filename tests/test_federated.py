@@ -448,6 +448,16 @@ def test_simulation_three_clients_two_rounds_end_to_end(tmp_path):
         assert f"round_{r}_val_loss" in m and f"round_{r}_test_f1" in m
     assert (tmp_path / "run" / "plots" / "federated_rounds.png").stat().st_size > 0
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    # the console: sectune's round lines, not Flower's ~70-line INFO summary of them, alembic's set-up lines, Flower's
+    # and Ray's notes on sectune's own choices (fraction_evaluate=0, run_simulation, ray.init); the last line names the
+    # adapter (an audit, session 44)
+    said = run.stdout + run.stderr
+    for noise in ("Starting RoundFedAvg strategy", "Aggregated MetricRecord", "alembic", "fraction_evaluate is set to 0.0",
+                  "`run_simulation` function is deprecated", "Ray will no longer override accelerator"):
+        assert noise not in said, noise
+    assert "sectune: round 2:" in run.stdout
+    done = [ln for ln in run.stdout.splitlines() if ln.startswith("sectune: federated done")]
+    assert done and f"adapter at {tmp_path / 'run' / 'adapter'} · " in done[0], done
     # every node answered the partition query through Ray's ClientApp actors
     assert json.loads((tmp_path / "run" / "rounds.json").read_text())["sampled_clients"] == {"1": [0, 1, 2], "2": [0, 1, 2]}
     # the split its clients trained on, as an sft run records it, for stage=evaluate to check (session 42)

@@ -13,6 +13,7 @@ validation sessions, and detection with sectune.evaluation.anomaly (g / threshol
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -199,13 +200,14 @@ def run(ctx: RunContext) -> dict:
     # 3. the Flower apps, run by the simulation runtime (Ray; one actor per client_num_cpus of ray_num_cpus), or
     # FedAvg on the deployment runtime's Grid (the SuperNodes run sectune.training.flower_app's ClientApp)
     sampled: dict[int, list[int]] = {}  # round -> the partitions that trained in it (seeded by train.seed)
-    strategy = federated.make_strategy(fed, per_round, float(cfg.train.learning_rate), record, int(cfg.train.seed), sampled)
     done: dict = {}
     t_sim = time.perf_counter()
-    if fed.runtime == "deployment":
-        federated.serve(grid, strategy, initial, int(fed.rounds), evaluate_fn, done)
-    else:
-        simulate(cfg, run_dir, strategy, initial, evaluate_fn, done)
+    with flower_quiet(bool(fed.verbose) or fed.runtime == "deployment"):
+        strategy = federated.make_strategy(fed, per_round, float(cfg.train.learning_rate), record, int(cfg.train.seed), sampled)
+        if fed.runtime == "deployment":
+            federated.serve(grid, strategy, initial, int(fed.rounds), evaluate_fn, done)
+        else:
+            simulate(cfg, run_dir, strategy, initial, evaluate_fn, done)
     sim_s = time.perf_counter() - t_sim
     if "error" in done:  # a round whose clients all failed (federated.RoundFailed): nothing was saved
         raise done["error"]
@@ -264,7 +266,7 @@ def run(ctx: RunContext) -> dict:
     plot_rounds(run_dir / "plots" / "federated_rounds.png", [history[r] for r in rounds], up, down, full_bytes * per_round,
                 f"federated · {modeling.model_title(cfg.model)} · {fed.num_clients} clients ({fed.partition})")
     metrics["runtime_s"] = round(time.perf_counter() - t0, 2)
-    print(f"sectune: federated done · {rounds_done} round{'s' if rounds_done != 1 else ''} in {sim_s:.0f}s · val loss {metrics['val_loss_start']:.3f} → "
+    print(f"sectune: federated done · adapter at {run_dir / 'adapter'} · {rounds_done} round{'s' if rounds_done != 1 else ''} in {sim_s:.0f}s · val loss {metrics['val_loss_start']:.3f} → "
           f"{metrics['val_loss_end']:.3f}" + (f" · test F1 {metrics['test_f1']:.4f} FPR {metrics['test_fpr']:.4f}" if "test_f1" in metrics else "")
           + (f" (bigram baseline F1 {metrics['baseline_test_f1']:.4f} FPR {metrics['baseline_test_fpr']:.4f})"
              if "baseline_test_f1" in metrics and "baseline_test_fpr" in metrics else "")
@@ -280,6 +282,36 @@ def client_app(cfg, client_dir: Path):
     client_cfg = OmegaConf.to_container(cfg, resolve=True)
     client_cfg["federated"]["client_dir"] = str(cfg.federated.client_dir or client_dir)
     return federated.make_client_app(ClientFactory(client_cfg), bool(cfg.federated.dp), int(cfg.federated.num_clients))
+
+
+class FlowerNotes(logging.Filter):
+    """Flower's warnings about sectune's own choices, which no setting of a user's changes: "fraction_evaluate is set to
+    0.0. Federated evaluation will be skipped." (sectune evaluates the global adapter on the server, every round, and
+    prints it; the warning came twice, once through Hydra's handler) and run_simulation's deprecation notice."""
+
+    NOTES = ("fraction_evaluate is set to 0.0", "`run_simulation` function is deprecated")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOTES)
+
+
+@contextlib.contextmanager
+def flower_quiet(verbose: bool):
+    """While entered, :class:`FlowerNotes` on Flower's logger, and unless ``verbose`` its INFO lines off (the strategy's
+    ~70-line summary and per-round records repeat sectune's own ``round N:`` lines) with those of alembic, which Flower's
+    state store sets up and Hydra's root handler printed (``setup plugin alembic.autogenerate.*``). Warnings stay."""
+    flwr, alembic, notes = logging.getLogger("flwr"), logging.getLogger("alembic"), FlowerNotes()
+    levels = flwr.level, alembic.level
+    flwr.addFilter(notes)
+    if not verbose:
+        flwr.setLevel(logging.WARNING)
+        alembic.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        flwr.removeFilter(notes)
+        flwr.setLevel(levels[0])
+        alembic.setLevel(levels[1])
 
 
 def simulate(cfg, run_dir: Path, strategy, initial: dict, evaluate_fn, done: dict) -> None:

@@ -114,8 +114,11 @@ def read_classify_run(run_dir) -> tuple[DictConfig, dict]:
         else:
             hint = ("; an analyst run answers logs with stage=infer infer.model_dir=<it>, and its attack success is "
                     "stage=evaluate dataset=injection_triplets") if analyst else ""
+        # a run that failed says why (its result.json's error): "status='failed'" alone sent a user to read the file
+        error = str(result.get("error") or "").strip()
+        why = f": {error.splitlines()[0][:300]}" if result.get("status") != "succeeded" and error else ""
         raise ConfigError(
-            f"{run_dir}: not a succeeded classify run (stage={result.get('stage')!r}, status={result.get('status')!r}){hint}")
+            f"{run_dir}: not a succeeded classify run (stage={result.get('stage')!r}, status={result.get('status')!r}{why}){hint}")
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"{run_dir}: .hydra/config.yaml is missing (Hydra writes it for every run)")

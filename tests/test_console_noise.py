@@ -92,3 +92,20 @@ def test_a_new_score_head_is_not_reported_as_untrained_but_a_classifier_missing_
     modeling.load_model(cfg, task="seq_cls", num_labels=1, path=str(tmp_path))
     err = capfd.readouterr().err
     assert "LOAD REPORT" in err and "score.weight" in err, err
+
+
+def test_evaluate_on_a_run_that_failed_says_why_it_failed(tmp_path):
+    """stage=evaluate on a failed classify run said "status='failed'" and nothing of why: the run's own error is named."""
+    import json
+
+    import pytest
+
+    from sectune.errors import ConfigError
+    from sectune.predict import read_classify_run
+
+    (tmp_path / "result.json").write_text(json.dumps({"stage": "classify", "status": "failed", "error":
+                                                      "/data/flows.csv: cannot split stratified (2 rows of 'Recon')\nmore"}))
+    with pytest.raises(ConfigError) as e:
+        read_classify_run(tmp_path)
+    assert str(e.value) == (f"{tmp_path}: not a succeeded classify run (stage='classify', status='failed': "
+                            "/data/flows.csv: cannot split stratified (2 rows of 'Recon'))")

@@ -5,12 +5,21 @@ key before any data or model loads (what each stage's loss reads: :mod:`sectune.
 
 from __future__ import annotations
 
+import functools
+
 from omegaconf import OmegaConf
 
 from sectune.config import SectuneConfig, device_choices
 from sectune.loss_settings import dpo_sft_weight
 from sectune.sweeps import check_sweep  # noqa: F401 (re-exported: check_values calls it)
 from sectune.config_effects import SMOOTHING_IGNORED, check_passed_through, check_settings_in_effect
+
+
+@functools.lru_cache(maxsize=1)
+def _schema():
+    """The schema as a config, built once per process (OmegaConf.merge copies its first argument, so it stays as built):
+    a sweep's pre-check runs check_keys for each of its jobs, and building it took most of each check."""
+    return OmegaConf.structured(SectuneConfig)
 
 
 def check_keys(cfg) -> None:
@@ -22,7 +31,7 @@ def check_keys(cfg) -> None:
 
     try:
         # as plain data: merged as it is, Hydra's config carries the schema's node types, and the appended key along
-        OmegaConf.merge(OmegaConf.structured(SectuneConfig), OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
+        OmegaConf.merge(_schema(), OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"{key}: not a sectune setting ({str(e).splitlines()[0]}); check its spelling "

@@ -195,9 +195,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     distributed.bind_local_gpu()  # before any stage loads a model (not GPU 0 in every rank)
     stage_name = cfg.stage.name
     digest = config_digest(cfg)
+    place_free = config_digest(cfg, portable=True)  # the same job in a checkout moved or cloned again (sweeps.py)
 
     if cfg.sweep.skip_done:  # this job dir, or an earlier sweep's job via the index (sweeps.py)
-        prev = sweeps.reuse(cfg, run_dir, digest, write=distributed.is_main_process())
+        prev = sweeps.reuse(cfg, run_dir, digest, write=distributed.is_main_process(), place_free=place_free)
         if prev is not None:
             unscored = objective_missing(cfg, prev.get("metrics", {}))
             if unscored:
@@ -226,6 +227,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
         "artifacts": {},
         "started": _now(),
         "config_digest": digest,
+        sweeps.PLACE_FREE_KEY: place_free,
         # the same without how it runs (train.resume, debug): a resumed run is the same run as the one it continues
         "run_digest": skip_digest(cfg),
         "data": data_sources(cfg),
@@ -361,7 +363,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
                         (run_dir / PREVIOUS_RESULT_FILE).unlink(missing_ok=True)
             tracking.finish(ctx.tracker, result)
             if result["status"] == "succeeded" and sweeps.in_multirun():
-                sweeps.record_done(cfg, run_dir, digest)
+                sweeps.record_done(cfg, run_dir, place_free)
     objective = _objective(result["metrics"], cfg.sweep.objective) if code == 0 else None
     global _OBJECTIVE_SEEN
     _OBJECTIVE_SEEN = _OBJECTIVE_SEEN or objective is not None

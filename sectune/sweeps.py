@@ -11,7 +11,11 @@ earlier one, with ``"reused_from"`` (the earlier run dir) and artifact paths poi
 never reused: the index entry is checked against the result.json it points to.
 
 The digest (``runner.config_digest``) covers the whole resolved config except the ``sweep`` node
-itself, so turning ``sweep.skip_done`` on does not make an earlier run look different.
+itself, so turning ``sweep.skip_done`` on does not make an earlier run look different. A job is also found by its
+place-free digest (``config_digest(cfg, portable=True)``, ``result.json``'s ``place_free_digest``: without
+``paths.cache_dir`` and the data paths' places, the data counting by its files), which the index is keyed by, and an
+index entry names its run dir relative to the index too: the same sweep in a checkout moved or cloned again (whose
+``multirun/`` came along) reuses its finished jobs.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ TEST_METRIC = re.compile(r"^(heldout_(?!val_)|(baseline_|members_)?(attack_succe
                          r"|preference_accuracy|logp_margin|reward_margin|reward_accuracy|heuristic_reward)|(^|_)test(_|$)")
 
 RESULT_FILE = "result.json"
+#: result.json's key for ``config_digest(cfg, portable=True)``: the same job in a moved or re-cloned checkout
+PLACE_FREE_KEY = "place_free_digest"
 
 
 def read_json_object(path: Path) -> dict | None:
@@ -52,9 +58,10 @@ def read_json_object(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _succeeded_with(run_dir: Path, digest: str) -> dict | None:
+def _succeeded_with(run_dir: Path, digest: str, place_free: str | None = None) -> dict | None:
     res = read_json_object(run_dir / RESULT_FILE)
-    if res and res.get("status") == "succeeded" and res.get("config_digest") == digest:
+    if res and res.get("status") == "succeeded" and (res.get("config_digest") == digest
+                                                      or (place_free is not None and res.get(PLACE_FREE_KEY) == place_free)):
         return res
     return None
 
@@ -73,23 +80,26 @@ def in_multirun() -> bool:
         return False
 
 
-def find_done(cfg: DictConfig, run_dir: Path, digest: str) -> tuple[dict, Path] | None:
-    """(earlier result, its run dir) for a succeeded run with ``digest``, or None."""
-    own = _succeeded_with(run_dir, digest)
+def find_done(cfg: DictConfig, run_dir: Path, digest: str, place_free: str | None = None) -> tuple[dict, Path] | None:
+    """(earlier result, its run dir) for a succeeded run with ``digest`` (or the place-free ``place_free``), or None."""
+    own = _succeeded_with(run_dir, digest, place_free)
     if own is not None:
         return own, run_dir
-    entry = read_json_object(index_dir(cfg) / f"{digest}.json")
-    if entry and entry.get("run_dir"):
-        earlier = Path(entry["run_dir"])
-        res = _succeeded_with(earlier, digest)
-        if res is not None:
-            return res, earlier
+    index = index_dir(cfg)
+    for key in dict.fromkeys(k for k in (place_free, digest) if k):  # entries before the place-free key: by config_digest
+        entry = read_json_object(index / f"{key}.json") or {}
+        # where the index and the runs moved together (a moved checkout's multirun/), its place relative to the index
+        places = [index / str(entry["from_index"])] if entry.get("from_index") else []
+        for earlier in [*places, *([Path(str(entry["run_dir"]))] if entry.get("run_dir") else [])]:
+            res = _succeeded_with(earlier, digest, place_free)
+            if res is not None:
+                return res, earlier
     return None
 
 
-def reuse(cfg: DictConfig, run_dir: Path, digest: str, write: bool) -> dict | None:
+def reuse(cfg: DictConfig, run_dir: Path, digest: str, write: bool, place_free: str | None = None) -> dict | None:
     """``sweep.skip_done``: the earlier result this job stands for (written into run_dir), or None."""
-    found = find_done(cfg, run_dir, digest)
+    found = find_done(cfg, run_dir, digest, place_free)
     if found is None:
         return None
     res, earlier = found
@@ -120,11 +130,13 @@ def reuse(cfg: DictConfig, run_dir: Path, digest: str, write: bool) -> dict | No
 
 
 def record_done(cfg: DictConfig, run_dir: Path, digest: str) -> None:
-    """Index a succeeded sweep job so a later sweep with ``skip_done`` finds it."""
+    """Index a succeeded sweep job so a later sweep with ``skip_done`` finds it (``digest``: its place-free digest)."""
     from sectune.files import write_json_atomic
 
+    index = index_dir(cfg)
     try:
-        write_json_atomic(index_dir(cfg) / f"{digest}.json", {"run_dir": str(run_dir.resolve()), "stage": cfg.stage.name})
+        write_json_atomic(index / f"{digest}.json", {"run_dir": str(run_dir.resolve()), "stage": cfg.stage.name,
+                                                     "from_index": os.path.relpath(run_dir.resolve(), index)})
     except OSError as e:  # the index is a convenience; never fail a finished run over it
         print(f"sectune: warning: could not record {digest} in {index_dir(cfg)} ({e}): sweep.skip_done will not find this "
               "job from another sweep dir", file=sys.stderr)

@@ -71,6 +71,35 @@ def test_2x2_sweep_report_failed_rows_and_skip_done_across_sweep_dirs(tmp_path):
     assert (run_dir / out["artifacts"]["report_csv"]).resolve() == (second / "report.csv").resolve()
 
 
+def test_skip_done_reuses_the_jobs_of_a_moved_checkout_but_not_other_data_or_values(tmp_path):
+    """Session 44: skip_done compared config digests holding the checkout's places (paths.shared_data, paths.cache_dir)
+    and its index named the jobs by absolute path: the same sweep in a moved checkout (its multirun/ and ../shared/data
+    along) trained every job again. Another value, or the data file edited, is still another job."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "shared").mkdir(parents=True)
+    (a / "shared" / "notes.txt").write_text("the same data\n")
+
+    def sweep(root, name, *args):
+        return multirun([*TINY, f"paths.shared_data={root / 'shared'}", f"sweep.index_dir={root / 'multirun' / '.index'}", *args],
+                        root / "multirun" / name)
+
+    proc = sweep(a, "s1", "lora.r=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a.rename(b)  # the checkout moved: its multirun/ (runs and index) and ../shared/data with it
+    proc = sweep(b, "s2", "lora.r=2,4", "sweep.skip_done=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = results(b / "multirun" / "s2")
+    assert res[0].get("reused_from") == str((b / "multirun" / "s1" / "0").resolve()), res[0]
+    assert not res[1].get("reused_from") and res[1]["status"] == "succeeded"  # lora.r=4: another job
+    assert (b / "multirun" / "s2" / "0" / res[0]["artifacts"]["adapter"] / "adapter_config.json").is_file()
+    # in place (hydra.sweep.dir=<the moved sweep>): its own result stands
+    proc = sweep(b, "s1", "lora.r=2", "sweep.skip_done=true")
+    assert "already succeeded with this config; skipped" in proc.stdout, proc.stdout[-2000:]
+    (b / "shared" / "notes.txt").write_text("other data, longer\n")  # the data edited: trained again
+    proc = sweep(b, "s3", "lora.r=2", "sweep.skip_done=true")
+    assert proc.returncode == 0 and not results(b / "multirun" / "s3")[0].get("reused_from"), proc.stdout[-2000:]
+
+
 def test_digest_ignores_sweep_bookkeeping():
     from sectune.runner import config_digest
 

@@ -455,3 +455,46 @@ def test_a_flow_classifier_resumed_across_the_quantile_rule_change_is_refused(tm
     (ckpt_dir / checkpoints.RESUME_RECORD).write_text(json.dumps(record))
     with pytest.raises(ConfigError, match=r"dataset\.quantile_rule: 1 there, 2 now"):
         checkpoints._check_same_training(cfg, ckpt_dir / "checkpoint-2", "x")
+
+
+def test_a_resume_in_a_moved_checkout_finds_its_data_by_its_files_not_its_place(tmp_path):
+    """Session 44: the resume record held the data paths' places (dataset.source_dir: the shared data folder,
+    <checkout>/../shared/data; dataset.path: a user's file), so train.resume=auto in a checkout moved or cloned again was
+    refused. The same files at the new place resume; other files there, or another value, are still refused; at the same
+    place a file added beside the data still resumes (session 42)."""
+    import pytest
+
+    from conftest import compose
+    from sectune.errors import ConfigError
+    from sectune.training import checkpoints
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "shared").mkdir(parents=True)
+    (a / "shared" / "notes.txt").write_text("shared\n")
+    (a / "shared" / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+
+    def cfg(root, *extra):
+        return compose(["logger=none", f"paths.shared_data={root / 'shared'}", *extra])
+
+    user = ["stage=reward", "dataset=auth_preferences"]
+    for name, extra in (("shared", []), ("user", [*user, f"dataset.path={a / 'shared' / 'pairs.jsonl'}"])):
+        assert checkpoints.resolve_resume(cfg(a, *extra), a / "checkout" / "outputs" / "day" / name / "checkpoints") is None
+    a.rename(b)  # the checkout moved, its ../shared/data with it
+
+    def check(name, *extra):
+        ckpt = b / "checkout" / "outputs" / "day" / name / "checkpoints" / "checkpoint-2"  # (its pipeline dir: outputs/day)
+        checkpoints._check_same_training(cfg(b, *extra), ckpt, "train.resume=auto")
+
+    check("shared")
+    check("user", *user, f"dataset.path={b / 'shared' / 'pairs.jsonl'}")
+    with pytest.raises(ConfigError, match=r"lora.r: 4 there, 8 now"):
+        check("shared", "lora.r=8")
+    (b / "shared" / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "b", "rejected": "a", "x": 1}\n')  # other data there
+    with pytest.raises(ConfigError, match=r"other settings \(data.dataset.path: .*; dataset.path: '.*/a/shared/pairs.jsonl' there"):
+        check("user", *user, f"dataset.path={b / 'shared' / 'pairs.jsonl'}")
+    with pytest.raises(ConfigError, match=r"dataset.source_dir: '.*/a/shared' there, '.*/b/shared' now"):
+        check("shared")  # the shared folder at its new place holds other files: not known to be the same data
+    # the same place (a record made in b): a file added beside the data counts by the place, as before
+    assert checkpoints.resolve_resume(cfg(b), b / "checkout" / "outputs" / "day" / "again" / "checkpoints") is None
+    (b / "shared" / "added.txt").write_text("beside\n")
+    check("again")

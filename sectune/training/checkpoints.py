@@ -4,6 +4,7 @@ this only decides which one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -232,6 +233,7 @@ def training_settings(cfg: DictConfig, root: Path) -> dict:
         walk(g, relative_to_root(OmegaConf.to_container(node, resolve=True), str(root)))
     flat.update(input_identities(cfg, groups))
     flat.update(data_identity(cfg))
+    flat.update(data_places(cfg, flat))
     if OmegaConf.select(cfg, "dataset.normalizer", default=None) == "quantile":  # the prompts' bins (session 42 changed them)
         from sectune.data.flows import FlowNormalizer
 
@@ -273,15 +275,37 @@ def data_identity(cfg: DictConfig) -> dict:
     """``data.<key>``: a digest of the files each data key names (``run_digest.data_fingerprint``: names, sizes, times).
     A resume read the split of whatever was there: a file rewritten between the interruption and the resume went on with
     another sample, sessions trained on now in validation (an audit, session 42)."""
-    import hashlib
-
     from sectune.run_digest import data_fingerprint
 
     # not the whole shared data folder (paths.shared_data, every dataset's files): a file added beside the injection texts
     # refused an auth-log SFT's resume (a review of this change, session 42); a user's own files (dataset.path, a
     # dataset.source_dir of their own) and the auth rules' version are what a resume can meet changed
-    return {f"data.{k}": hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
-            for k, v in data_fingerprint(cfg).items() if k != "paths.shared_data"}
+    return {f"data.{k}": _files_digest(v) for k, v in data_fingerprint(cfg).items() if k != "paths.shared_data"}
+
+
+#: prefix of the record's keys that recognise a data path's files at another place (:func:`data_places`), never compared
+PLACE_PREFIX = "place."
+
+
+def data_places(cfg: DictConfig, flat: dict) -> dict:
+    """``place.<key>``: for each data path the record holds (``dataset.source_dir``, ``dataset.path``, …), a digest of
+    the files it names (``run_digest.data_fingerprint``; the shared data folder where ``dataset.source_dir`` is it). Used
+    only where that path differs on resuming: the same files at another place (a checkout moved or cloned again, its
+    ``../shared/data`` with it) are the same data, as for a pipeline's steps (``skip_digest``); at the same place the
+    path alone counts as before (a file added beside the injection texts must not stop an auth-log resume)."""
+    from sectune.run_digest import DATA_PATH_KEYS, data_fingerprint
+
+    fp = data_fingerprint(cfg)
+    out = {}
+    for key in DATA_PATH_KEYS:
+        files = fp.get(key, fp.get("paths.shared_data") if key == "dataset.source_dir" else None)
+        if flat.get(key) and files is not None:
+            out[PLACE_PREFIX + key] = _files_digest(files)
+    return out
+
+
+def _files_digest(files) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 #: under a run's checkpoints/: the checkpoints of the attempt a fresh start replaced (one generation is kept)
@@ -366,7 +390,8 @@ def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:
         if (k == "debug.enabled" or k.startswith(("generation.", *IDENTITY_PREFIXES))) and k not in before:
             before[k] = now[k]
     before.update(_added_since(before, now))
-    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and not k.startswith(PLACE_PREFIX)
+                  and not (before.get(PLACE_PREFIX + k) is not None and before.get(PLACE_PREFIX + k) == now.get(PLACE_PREFIX + k)))
     if diff:
         shown = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in diff[:4])
         why = "".join(sorted({" (input.<key>: the run that key names was trained again since)" if k.startswith("input.") else

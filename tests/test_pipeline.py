@@ -449,6 +449,39 @@ def test_step_digest_does_not_hold_the_checkouts_place(tmp_path):
     assert pipeline_record.same_but_newer_defaults(SimpleNamespace(dir=tmp_path / "step", cfg=cfg("a")))
 
 
+def test_place_free_digests_count_data_by_its_bytes_not_its_size_and_time(tmp_path):
+    """Session 44 (a review of the change above): without the data's place, a file counted by its name, size and time
+    alone, so another file of one size and time (unpacked from one archive) was the same data for a pipeline step
+    (skip_digest), a sweep job (place_free_digest) and a resume at another place (place.<key>); and a copy without its
+    times (cp -r) was other data. The place-free digests count the files' bytes."""
+    import os
+
+    from sectune.run_digest import config_digest
+    from sectune.stages import pipeline
+    from sectune.training.checkpoints import data_places
+
+    rows = {"a": '{"prompt": "p", "chosen": "a", "rejected": "b"}\n', "b": '{"prompt": "p", "chosen": "b", "rejected": "a"}\n'}
+    for place, text in rows.items():  # one size, one time, other bytes
+        (tmp_path / place / "shared").mkdir(parents=True)
+        (tmp_path / place / "shared" / "pairs.jsonl").write_text(text)
+        os.utime(tmp_path / place / "shared" / "pairs.jsonl", ns=(10**18, 10**18))
+
+    def cfg(place):
+        root = tmp_path / place
+        return compose(["stage=reward", "dataset=auth_preferences", f"paths.cache_dir={root}/.cache", f"paths.shared_data={root}/shared",
+                        f"dataset.path={root}/shared/pairs.jsonl"])
+
+    def digests(place):
+        c = cfg(place)
+        return (pipeline.skip_digest(c, tmp_path / place / "outputs" / "pipe"), config_digest(c, portable=True),
+                data_places(c, {"dataset.path": "x"})["place.dataset.path"])
+
+    a, b = digests("a"), digests("b")
+    assert all(x != y for x, y in zip(a, b)), (a, b)
+    (tmp_path / "b" / "shared" / "pairs.jsonl").write_text(rows["a"])  # the same bytes, now at another time
+    assert digests("b") == a
+
+
 def test_a_newer_sectune_with_extra_default_keys_still_skips_finished_steps(tmp_path):
     """A step that succeeded under an older schema (no ``federated`` node, no ``rl.heldout_windows``) is
     the same step when the new keys sit at their defaults; any real difference still reruns it."""

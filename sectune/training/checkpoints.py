@@ -295,7 +295,7 @@ def data_places(cfg: DictConfig, flat: dict) -> dict:
     path alone counts as before (a file added beside the injection texts must not stop an auth-log resume)."""
     from sectune.run_digest import DATA_PATH_KEYS, data_fingerprint
 
-    fp = data_fingerprint(cfg)
+    fp = data_fingerprint(cfg, content=True)  # the files' bytes: a copy without its times (cp -r) is the same data
     out = {}
     for key in DATA_PATH_KEYS:
         files = fp.get(key, fp.get("paths.shared_data") if key == "dataset.source_dir" else None)

@@ -84,7 +84,9 @@ def same_but_newer_defaults(step: Step) -> bool:
         if isinstance(node, dict):
             node[leaf] = older
     for cfg in (saved, current):
-        cfg.pop("debug", None)
+        debug = cfg.pop("debug", None)
+        if isinstance(debug, dict) and debug.get("enabled") and cfg.get("stage", {}).get("name") == "contrastive":
+            cfg["debug"] = {k: debug.get(k) for k in ("enabled", "max_steps", "max_samples")}  # a quick check run trained
         cfg.get("train", {}).pop("resume", None)
         cfg.get("paths", {}).pop("cache_dir", None)  # a step recorded before skip_digest left it out, in a moved checkout
     # a pipeline dir moved or copied since (skip_digest's <root>): the paths the steps handed each other

@@ -210,7 +210,7 @@ def relative_to_root(obj: Any, root: str) -> Any:
 
 def skip_digest(cfg: DictConfig, run_dir: Path | None = None) -> str:
     """The config digest a finished run is reused by (a pipeline step, an SFT warm-up): without ``train.resume``
-    and ``debug`` (how to run, not what), and with ``run_dir`` as ``<root>`` in the paths under it
+    and ``debug``'s fault injection (how to run, not what; ``debug.enabled`` of a contrastive step counts), and with ``run_dir`` as ``<root>`` in the paths under it
     (``rl.init_from=<root>/sft``), so a pipeline dir that was moved or copied still skips what it finished; and
     ``portable`` (:func:`config_digest`): a checkout moved or cloned again did not (its ``.cache`` path differed)."""
     from sectune.config import DebugConfig
@@ -219,4 +219,11 @@ def skip_digest(cfg: DictConfig, run_dir: Path | None = None) -> str:
     with open_dict(c):
         c.train.resume = None
         c.debug = OmegaConf.structured(DebugConfig)
+        if debug_trains(cfg):  # a quick check run: 4 steps on 16 triplets, not the step a run without it trains
+            c.debug.update(enabled=True, max_steps=cfg.debug.max_steps, max_samples=cfg.debug.max_samples)
     return config_digest(c, run_dir, portable=True)
+
+
+def debug_trains(cfg) -> bool:
+    """Whether ``debug.enabled`` changes what the run trains (stage=contrastive's quick check), not only how it runs."""
+    return bool(OmegaConf.select(cfg, "debug.enabled", default=False)) and OmegaConf.select(cfg, "stage.name") == "contrastive"

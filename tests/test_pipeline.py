@@ -482,6 +482,37 @@ def test_place_free_digests_count_data_by_its_bytes_not_its_size_and_time(tmp_pa
     assert digests("b") == a
 
 
+def test_a_contrastive_quick_check_step_is_not_the_step_a_run_without_debug_trains(tmp_path):
+    """Session 44 (helper E saw it): skip_digest and the saved-config comparison dropped all of ``debug``, so a pipeline's
+    contrastive step run with debug.enabled=true (4 steps on 16 triplets) was reused by the same pipeline run without it.
+    Fault injection (debug.fail_at_step) still does not count, nor debug.enabled where no stage reads it."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from sectune import pipeline_record
+    from sectune.stages import pipeline
+
+    def cfg(*extra):
+        return compose(["stage=contrastive", "loss=causal_contrastive", "dataset=injection_triplets", *extra])
+
+    def digest(*extra):
+        return pipeline.skip_digest(cfg(*extra), tmp_path / "pipe")
+
+    assert digest() != digest("debug.enabled=true")
+    assert digest("debug.enabled=true") != digest("debug.enabled=true", "debug.max_steps=8")
+    assert digest() == digest("debug.fail_at_step=3")
+    sft = ["stage=sft", "dataset=auth_logs"]
+    assert pipeline.skip_digest(compose(sft), tmp_path) == pipeline.skip_digest(compose([*sft, "debug.enabled=true"]), tmp_path)
+    (tmp_path / "step" / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg("debug.enabled=true"), tmp_path / "step" / ".hydra" / "config.yaml")
+    assert not pipeline_record.same_but_newer_defaults(SimpleNamespace(dir=tmp_path / "step", cfg=cfg()))
+    assert pipeline_record.same_but_newer_defaults(SimpleNamespace(dir=tmp_path / "step", cfg=cfg("debug.enabled=true")))
+    OmegaConf.save(cfg(), tmp_path / "step" / ".hydra" / "config.yaml")
+    assert not pipeline_record.same_but_newer_defaults(SimpleNamespace(dir=tmp_path / "step", cfg=cfg("debug.enabled=true")))
+    assert pipeline_record.same_but_newer_defaults(SimpleNamespace(dir=tmp_path / "step", cfg=cfg("debug.fail_at_step=3")))
+
+
 def test_a_newer_sectune_with_extra_default_keys_still_skips_finished_steps(tmp_path):
     """A step that succeeded under an older schema (no ``federated`` node, no ``rl.heldout_windows``) is
     the same step when the new keys sit at their defaults; any real difference still reruns it."""

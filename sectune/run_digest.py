@@ -42,7 +42,7 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None, portab
     (a pipeline's steps name each other's dirs: a moved or copied pipeline is the same run). ``portable``: without
     ``paths.cache_dir`` (what sectune builds, rebuilt alike anywhere) and the data paths' places, the files they name
     counting by the data fingerprint alone (names under a folder, sizes, contents): a moved or re-cloned checkout
-    (``<checkout>/.cache``, ``../shared/data``) is the same run."""
+    (``<checkout>/.cache``, ``../shared/data``) is the same run; and without ``train.resume``."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("sweep", None)
     _drop_added_keys(container)
@@ -51,6 +51,10 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None, portab
     if portable:
         if isinstance(container.get("paths"), dict):
             container["paths"].pop("cache_dir", None)
+        if isinstance(container.get("train"), dict) and "resume" in container["train"]:
+            # how the job starts, not what it trains: a sweep rerun with train.resume=auto (the interrupted sweep's own
+            # advice) trained every job that had finished again
+            container["train"]["resume"] = None
         for key in DATA_PATH_KEYS:
             group, leaf = key.split(".")
             if isinstance(container.get(group), dict) and container[group].get(leaf):

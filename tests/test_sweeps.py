@@ -100,6 +100,27 @@ def test_skip_done_reuses_the_jobs_of_a_moved_checkout_but_not_other_data_or_val
     assert proc.returncode == 0 and not results(b / "multirun" / "s3")[0].get("reused_from"), proc.stdout[-2000:]
 
 
+def test_an_interrupted_sweep_rerun_with_train_resume_auto_finds_the_jobs_that_finished(tmp_path):
+    """Session 44: an interrupted sweep's advice is to rerun it with sweep.skip_done=true train.resume=auto, but
+    train.resume was part of every digest, so each job that had finished was trained again. The place-free digest (what
+    skip_done also matches) leaves it out; another value still counts."""
+    import json
+
+    from sectune import sweeps
+    from sectune.run_digest import config_digest
+
+    def digests(*extra):
+        cfg = compose([f"sweep.index_dir={tmp_path / 'index'}", *extra])
+        return cfg, config_digest(cfg), config_digest(cfg, portable=True)
+
+    _, digest, place_free = digests()
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "result.json").write_text(json.dumps({"status": "succeeded", "config_digest": digest,
+                                                             sweeps.PLACE_FREE_KEY: place_free}))
+    assert sweeps.find_done(*digests("train.resume=auto")[:1], tmp_path / "job", *digests("train.resume=auto")[1:]) is not None
+    assert sweeps.find_done(*digests("lora.r=8")[:1], tmp_path / "job", *digests("lora.r=8")[1:]) is None
+
+
 def test_digest_ignores_sweep_bookkeeping():
     from sectune.runner import config_digest
 

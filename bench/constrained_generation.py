@@ -61,7 +61,7 @@ def held_out_prompts(cfg, n: int) -> list[str]:
     from sectune.data import auth_logs
     from sectune.stages.infer import build_prompt
 
-    _, val = data.train_val_split(data.sft_records(cfg), cfg.dataset.val_fraction, cfg.dataset.split_seed)
+    val = data.sft_splits(cfg)["validation"]  # the validation windows every stage holds out
     samples = {s.id: s for s in auth_logs.load_auth_folder(data.auth_logs_folder(cfg))}
     prompts = [build_prompt(samples[r["id"]].log_text) for r in val]
     return [prompts[i % len(prompts)] for i in range(n)]

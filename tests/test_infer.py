@@ -34,7 +34,7 @@ def run_infer(overrides: list[str], run_dir: Path):
 def held_out(tmp_path_factory) -> Path:
     """The first held-out (validation split) windows of the auth-log folder, one log file each."""
     cfg = compose(BASE)
-    _, val = data.train_val_split(data.sft_records(cfg), cfg.dataset.val_fraction, cfg.dataset.split_seed)
+    val = data.sft_splits(cfg)["validation"]  # the validation windows every stage holds out
     keep = {r["id"] for r in val}
     folder = tmp_path_factory.mktemp("held_out")
     samples = [s for s in auth_logs.load_auth_folder(data.auth_logs_folder(cfg)) if s.id in keep]

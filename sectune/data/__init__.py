@@ -321,21 +321,3 @@ def held_out_windows(records: list[dict]) -> int:
     """Windows behind a split's records: adversarial SFT (``dataset=injection_triplets``) has a benign and an
     injected record per window; only the benign one (``kind``, absent elsewhere) is the window."""
     return len({r["id"] for r in records if r.get("kind", "benign") == "benign"})
-
-
-def train_val_split(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Stratified by ``label`` where every class has two or more records; deterministic."""
-    from sklearn.model_selection import train_test_split
-
-    if val_fraction <= 0:
-        return records, []
-    labels = [r.get("label") for r in records]
-    counts = {lab: labels.count(lab) for lab in set(labels)}
-    stratify = labels if min(counts.values()) >= 2 and len(counts) > 1 else None
-    n_val = max(1, round(len(records) * val_fraction))
-    if stratify is not None:
-        n_val = max(n_val, len(counts))
-    if n_val >= len(records):
-        raise ConfigError(f"dataset.val_fraction={val_fraction} leaves no training data ({len(records)} samples)")
-    train, val = train_test_split(records, test_size=n_val, random_state=seed, stratify=stratify)
-    return list(train), list(val)

@@ -39,3 +39,27 @@ def test_probe_logits_stay_small_on_a_large_vocabulary_and_a_reload_reproduces_t
     # the kept logits are each position's largest, and a reload reproduces them
     torch.testing.assert_close(logits.topk(k, dim=-1).values, probe["top_logits"])
     torch.testing.assert_close(logits.gather(-1, probe["top_ids"].long()), probe["top_logits"])
+
+
+def test_doctor_says_what_the_cache_holds_and_that_it_may_be_deleted(tmp_path):
+    # every dataset.split_seed, window length, source folder and tiny spec builds one more folder there, never deleted
+    from sectune.stages.doctor import check_cache
+
+    root = tmp_path / "cache"
+    for rel, size in (("models/tiny_llama-aaa/model.safetensors", 3_000_000), ("datasets/auth_logs-s0/x.txt", 1_000_000),
+                      ("datasets/auth_logs-s1/x.txt", 1_000_000), ("models/.tiny_llama-bbb.tmp123/model.safetensors", 500_000),
+                      ("shared_data/loghub/OpenSSH_2k.log", 9_000_000)):  # the user's data, not a build
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"\0" * size)
+    check = check_cache(root)
+    assert check.status == "warn", check  # a killed build's folder is there
+    import re
+
+    assert 5.4 <= float(re.search(r"([\d.]+) MB on disk", check.detail).group(1)) <= 5.8, check.detail  # blocks, as du counts
+    assert "3 built" in check.detail and "1 left by killed builds" in check.detail, check.detail
+    assert "may be deleted" in check.detail and str(root / "models" / ".tiny_llama-bbb.tmp123") in check.fix
+    assert "shared_data" not in check.detail + check.fix
+    (root / "models" / ".tiny_llama-bbb.tmp123" / "model.safetensors").unlink()
+    (root / "models" / ".tiny_llama-bbb.tmp123").rmdir()
+    assert check_cache(root).status == "ok"
+    assert "nothing built yet" in check_cache(tmp_path / "none").detail

@@ -200,7 +200,27 @@ def check_disk(cfg: DictConfig) -> list[Check]:
         low = free < cfg.doctor.min_free_disk_gb * 1e9
         out.append(Check(label, "warn" if low else "ok", detail,
                          f"free space or move it (HF_HOME=…, hydra.run.dir=…); doctor.min_free_disk_gb={cfg.doctor.min_free_disk_gb}" if low else ""))
-    return out
+    return out + [check_cache(Path(str(cfg.paths.cache_dir)))]
+
+
+def check_cache(root: Path) -> Check:
+    """What sectune's own cache holds: the tiny models and dataset folders it built, one per setting that shapes them
+    (seed, window lengths, source folder, tiny spec), never deleted by a run, so a sweep over those settings grows it
+    (an audit, session 44: nothing said so, nor that they may be deleted). Folders a killed build left are counted apart.
+    ``<cache>/shared_data`` (an installed sectune's default real data) is no build: neither counted nor to delete."""
+    groups = [root / g for g in ("models", "datasets", "injection_text_groups") if (root / g).is_dir()]
+    if not groups:
+        return Check("sectune cache", "ok", f"{root}: nothing built yet (built on first use)")
+    entries = [p for g in groups for p in g.iterdir()]
+    partial = [p for p in entries if p.name.startswith(".")]
+    # blocks, as du and a quota count them: a dataset folder is hundreds of small files
+    size = sum(f.lstat().st_blocks * 512 for g in groups for f in g.rglob("*") if not f.is_symlink())
+    detail = (f"{size / 1e6:.1f} MB on disk in {', '.join(str(g) for g in groups)}: {len(entries) - len(partial)} built "
+              "model/dataset entries" + (f", {len(partial)} left by killed builds" if partial else "")
+              + "; each is rebuilt on first use, so any of them may be deleted while no run is going")
+    return Check("sectune cache", "warn" if partial else "ok", detail,
+                 f"delete {', '.join(str(p) for p in partial[:3])}{' …' if len(partial) > 3 else ''} while no run is going"
+                 if partial else "")
 
 
 def check_wandb(cfg: DictConfig) -> list[Check]:

@@ -35,8 +35,10 @@ def already_done(step: Step, earlier: list[Step] = ()) -> dict | None:
         return None
     if not (res and res.get("status") == "succeeded" and res.get("config_digest") == meta.get("config_digest")):
         return None
-    if "data" in meta and meta["data"] != _json(runner.data_fingerprint(step.cfg)):
-        return None  # the same config on other data (real logs downloaded since, a user's file edited)
+    if "data" in meta and meta["data"] != _json(runner.data_fingerprint(step.cfg)) and meta.get("skip_digest") != step.skip_digest:
+        # the same config on other data (real logs downloaded since, a user's file edited); where the skip digest
+        # matches, the files hold the same bytes (a copy without its times: cp -r, a download again)
+        return None
     if meta.get("skip_digest") == step.skip_digest or same_but_newer_defaults(step):
         damage = runner.damaged_artifact(step.dir, res)
         if damage is not None:

@@ -55,15 +55,24 @@ def config_digest(cfg: DictConfig, root: str | os.PathLike | None = None, portab
             # how the job starts, not what it trains: a sweep rerun with train.resume=auto (the interrupted sweep's own
             # advice) trained every job that had finished again
             container["train"]["resume"] = None
+    fp = data_fingerprint(cfg, content=portable)
+    if portable:
         for key in DATA_PATH_KEYS:
             group, leaf = key.split(".")
-            if isinstance(container.get(group), dict) and container[group].get(leaf):
+            if isinstance(container.get(group), dict) and container[group].get(leaf) and listed(fp.get(key, [])):
                 container[group][leaf] = "<data>"
-    container["_data"] = data_fingerprint(cfg, content=portable)
+    container["_data"] = fp
     if distributed.world_size() > 1:  # N processes train on N x the batch: not the run one process makes of this config
         container["_world_size"] = distributed.world_size()
     blob = json.dumps(_str_keys(container), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def listed(files) -> bool:
+    """Whether a data path's :func:`data_fingerprint` says what it holds (its files, or that there are none): one that
+    could not be listed ("unreadable: …", a mount's lost+found beside the data) is one string whatever it holds, so
+    the digests that leave places out keep that path's place."""
+    return not (isinstance(files, str) and files.startswith("unreadable"))
 
 
 def _drop_added_keys(container: dict) -> None:
@@ -114,14 +123,16 @@ def _str_keys(obj: Any) -> Any:
     return obj
 
 
-#: sha256 of a file's bytes by (path, size, modification time): one pipeline or sweep digests the same files many times
+#: sha256 of a file's bytes by (path, inode, size, modification and change times): one pipeline or sweep digests the
+#: same files many times
 _CONTENT_MEMO: dict[tuple, str] = {}
 
 
 def file_sha256(f: Path) -> str:
-    """The first 16 hex digits of ``f``'s sha256, read once per process while its size and modification time hold."""
+    """The first 16 hex digits of ``f``'s sha256, read once per process while its inode, size and times hold: the
+    change time and inode too, which no copy keeps (``cp -p`` and unpacking an archive set the modification time)."""
     st = f.stat()
-    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(f.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _CONTENT_MEMO:
         h = hashlib.sha256()
         with open(f, "rb") as fh:
@@ -144,7 +155,12 @@ def data_fingerprint(cfg: DictConfig, content: bool = False) -> dict:
 
     def entry(name: str, f: Path) -> list:
         st = f.stat()
-        return [name, st.st_size, "sha256:" + file_sha256(f) if content else st.st_mtime_ns]
+        if content:
+            try:
+                return [name, st.st_size, "sha256:" + file_sha256(f)]
+            except OSError:  # another user's 0600 file: its time, and the files beside it still by their bytes (the
+                pass  # whole folder "unreadable" was one string whatever it held: a review, session 44)
+        return [name, st.st_size, st.st_mtime_ns]
 
     def listing(path) -> list | str:
         p = Path(str(path)).expanduser()

@@ -293,13 +293,13 @@ def data_places(cfg: DictConfig, flat: dict) -> dict:
     only where that path differs on resuming: the same files at another place (a checkout moved or cloned again, its
     ``../shared/data`` with it) are the same data, as for a pipeline's steps (``skip_digest``); at the same place the
     path alone counts as before (a file added beside the injection texts must not stop an auth-log resume)."""
-    from sectune.run_digest import DATA_PATH_KEYS, data_fingerprint
+    from sectune.run_digest import DATA_PATH_KEYS, data_fingerprint, listed
 
     fp = data_fingerprint(cfg, content=True)  # the files' bytes: a copy without its times (cp -r) is the same data
     out = {}
     for key in DATA_PATH_KEYS:
         files = fp.get(key, fp.get("paths.shared_data") if key == "dataset.source_dir" else None)
-        if flat.get(key) and files is not None:
+        if flat.get(key) and files is not None and listed(files):  # an unlistable folder: its place counts
             out[PLACE_PREFIX + key] = _files_digest(files)
     return out
 

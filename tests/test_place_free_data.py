@@ -1,0 +1,115 @@
+"""The place-free digests (a pipeline step's skip_digest, a sweep job's place_free_digest, a resume record's
+place.<key>) count data by its files' bytes instead of its place (session 44). A review of that change (session 44,
+helper R): where the files could not be read, the data counted as one string whatever it held, and a pipeline step's
+recorded data (names, sizes, times) still told a copy of the same bytes apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from conftest import compose
+
+
+def _cfg(root, *extra):
+    return compose(["stage=reward", "dataset=auth_preferences", f"paths.cache_dir={root}/.cache", f"paths.shared_data={root}/shared",
+                    f"dataset.path={root}/shared/pairs.jsonl", *extra])
+
+
+def _two_places(tmp_path):
+    """a/ and b/ with one private (unreadable) file beside other pairs: the same size and time, other bytes."""
+    rows = {"a": '{"prompt": "p", "chosen": "a", "rejected": "b"}\n', "b": '{"prompt": "p", "chosen": "b", "rejected": "a"}\n'}
+    for place, text in rows.items():
+        (tmp_path / place / "shared").mkdir(parents=True)
+        for name, body in (("pairs.jsonl", text), ("private.txt", "mine\n")):
+            (tmp_path / place / "shared" / name).write_text(body)
+            os.utime(tmp_path / place / "shared" / name, ns=(10**18, 10**18))
+
+
+def test_a_data_folder_holding_one_unreadable_file_still_counts_the_others_by_their_bytes(tmp_path, monkeypatch):
+    """One file this user may not read (another user's 0600 file in a shared data folder) made the whole folder
+    'unreadable: Permission denied' in the content fingerprint: every data folder holding such a file was the same data,
+    so a sweep reused a job trained on other data, and a resume at another place went on with other data."""
+    from sectune import run_digest
+    from sectune.training.checkpoints import data_places
+
+    _two_places(tmp_path)
+    real = run_digest.file_sha256
+
+    def sha256(f):
+        if f.name == "private.txt":  # (tests run as root, who reads anything: the refusal a user gets, simulated)
+            raise PermissionError(13, "Permission denied", str(f))
+        return real(f)
+
+    monkeypatch.setattr(run_digest, "file_sha256", sha256)
+    a, b = _cfg(tmp_path / "a"), _cfg(tmp_path / "b")
+    assert run_digest.config_digest(a, portable=True) != run_digest.config_digest(b, portable=True)
+    # the shared folder alone (dataset.path unset): its readable files tell the two apart
+    shared = [compose(["stage=reward", "dataset=auth_preferences", f"paths.shared_data={tmp_path / p / 'shared'}"]) for p in "ab"]
+    assert run_digest.config_digest(shared[0], portable=True) != run_digest.config_digest(shared[1], portable=True)
+    flat = {"dataset.path": "x", "dataset.source_dir": "y"}
+    assert data_places(a, flat)["place.dataset.source_dir"] != data_places(b, flat)["place.dataset.source_dir"]
+    # the same bytes at the other place: the same data, the unreadable file counting by its size and time
+    shutil.copy2(tmp_path / "a" / "shared" / "pairs.jsonl", tmp_path / "b" / "shared" / "pairs.jsonl")
+    assert run_digest.config_digest(a, portable=True) == run_digest.config_digest(b, portable=True)
+
+
+def test_a_data_path_that_cannot_be_listed_keeps_its_place_in_the_place_free_digests(tmp_path, monkeypatch):
+    """A folder that cannot be listed at all (a mount's lost+found beside the data) fingerprints as one string, which
+    says nothing of its files: its place counts, as before the place-free digests."""
+    from sectune import run_digest
+    from sectune.training.checkpoints import data_places
+
+    _two_places(tmp_path)
+    real = run_digest.data_fingerprint
+
+    def fingerprint(cfg, content=False):
+        return {k: ("unreadable: Permission denied" if k == "paths.shared_data" else v) for k, v in real(cfg, content).items()}
+
+    monkeypatch.setattr(run_digest, "data_fingerprint", fingerprint)
+    shutil.copy2(tmp_path / "a" / "shared" / "pairs.jsonl", tmp_path / "b" / "shared" / "pairs.jsonl")
+    a, b = _cfg(tmp_path / "a"), _cfg(tmp_path / "b")
+    assert run_digest.config_digest(a, portable=True) != run_digest.config_digest(b, portable=True)
+    assert "place.dataset.source_dir" not in data_places(a, {"dataset.source_dir": "y"})  # the path alone counts
+
+
+def test_a_pipeline_step_on_a_copy_of_its_data_without_the_times_is_done(tmp_path):
+    """A step's recorded data (names, sizes, times) was compared after its skip_digest had matched the files' bytes: a
+    copy of the data without its times (cp -r, a download again) trained the step again. Other bytes still do."""
+    from sectune import pipeline_record
+    from sectune.runner import config_digest
+    from sectune.stages.pipeline import Step
+
+    for place in ("a", "b"):
+        (tmp_path / place / "shared").mkdir(parents=True)
+    (tmp_path / "a" / "shared" / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    os.utime(tmp_path / "a" / "shared" / "pairs.jsonl", ns=(10**18, 10**18))
+    shutil.copyfile(tmp_path / "a" / "shared" / "pairs.jsonl", tmp_path / "b" / "shared" / "pairs.jsonl")  # times not kept
+
+    def step(place):
+        return Step("reward", tmp_path / "pipe" / "reward", _cfg(tmp_path / place), [])
+
+    done = step("a")
+    pipeline_record.record_step(done)
+    (done.dir / "result.json").write_text(json.dumps({"stage": "reward", "status": "succeeded", "artifacts": {},
+                                                      "config_digest": config_digest(done.cfg), "started": "2026-01-01T00:00:00"}))
+    assert pipeline_record.already_done(done) is not None
+    assert pipeline_record.already_done(step("b")) is not None
+    (tmp_path / "b" / "shared" / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "b", "rejected": "a"}\n')
+    assert pipeline_record.already_done(step("b")) is None
+
+
+def test_a_file_replaced_by_one_of_its_size_and_time_is_hashed_again_in_the_same_process(tmp_path):
+    """The per-process memo of file hashes was keyed by path, size and modification time: a file replaced in the same
+    process (a sweep, a pipeline) by another of one size and time (cp -p, an archive unpacked) kept the old hash."""
+    from sectune.run_digest import file_sha256
+
+    f, other = tmp_path / "pairs.jsonl", tmp_path / "other.jsonl"
+    f.write_text("aaaa\n")
+    other.write_text("bbbb\n")
+    for p in (f, other):
+        os.utime(p, ns=(10**18, 10**18))
+    before = file_sha256(f)
+    shutil.copy2(other, f)  # the same size and modification time, other bytes
+    assert file_sha256(f) != before

@@ -123,23 +123,61 @@ def _str_keys(obj: Any) -> Any:
     return obj
 
 
-#: sha256 of a file's bytes by (path, inode, size, modification and change times): one pipeline or sweep digests the
-#: same files many times
-_CONTENT_MEMO: dict[tuple, str] = {}
+#: a file's sha256 by its path: ``[inode, size, modification time, change time, hash]``, valid while the four hold (one
+#: pipeline or sweep digests the same files many times; later processes read it from the memo file)
+_CONTENT_MEMO: dict[str, list] = {}
+#: where the memo is kept between processes (``<paths.cache_dir>/file_sha256.json``), and the ones already read
+MEMO_FILE = "file_sha256.json"
+_MEMO_READ: set[str] = set()
 
 
 def file_sha256(f: Path) -> str:
-    """The first 16 hex digits of ``f``'s sha256, read once per process while its inode, size and times hold: the
-    change time and inode too, which no copy keeps (``cp -p`` and unpacking an archive set the modification time)."""
+    """The first 16 hex digits of ``f``'s sha256, read again only once its inode, size or times changed: the change
+    time and inode too, which no copy keeps (``cp -p`` and unpacking an archive set the modification time)."""
     st = f.stat()
-    key = (str(f.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key not in _CONTENT_MEMO:
+    path, stamp = str(f.resolve()), [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    known = _CONTENT_MEMO.get(path)
+    if not (isinstance(known, list) and len(known) == 5 and known[:4] == stamp):
         h = hashlib.sha256()
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
-        _CONTENT_MEMO[key] = h.hexdigest()[:16]
-    return _CONTENT_MEMO[key]
+        _CONTENT_MEMO[path] = [*stamp, h.hexdigest()[:16]]
+    return str(_CONTENT_MEMO[path][4])
+
+
+def _memo_path(cfg: DictConfig) -> Path | None:
+    cache = OmegaConf.select(cfg, "paths.cache_dir", default=None)
+    return Path(str(cache)).expanduser() / MEMO_FILE if cache else None
+
+
+def _read_memo(path: Path | None) -> dict:
+    """The hashes earlier processes wrote (a 13 GB CIC-IoT folder in ``paths.shared_data`` read by every run, every rank,
+    took ~14 s each: a review, session 44); an unreadable or damaged memo is no memo."""
+    try:
+        memo = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in memo.items() if isinstance(v, list) and len(v) == 5} if isinstance(memo, dict) else {}
+
+
+def _write_memo(path: Path | None, before: dict) -> None:
+    """Adds this process's new hashes to the memo file (written whole to a temporary name, then renamed); a cache that
+    cannot be written costs only the reading again."""
+    new = {k: v for k, v in _CONTENT_MEMO.items() if before.get(k) != v}
+    if path is None or not new:
+        return
+    import os
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{MEMO_FILE}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({**_read_memo(path), **new}, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def data_fingerprint(cfg: DictConfig, content: bool = False) -> dict:
@@ -151,7 +189,8 @@ def data_fingerprint(cfg: DictConfig, content: bool = False) -> dict:
     ``content``: each file's sha256 instead of its time, for the digests that leave out where the data is
     (:func:`config_digest`'s ``portable``, a resume record's ``place.<key>``): without its place, two other files of one
     size and time (unpacked from one archive) counted as the same data, and data copied without its times (``cp -r``, a
-    download again) as other data. Hashing reads the files once per process (~1 GB/s; the real data: 7 MB, ~0.02 s)."""
+    download again) as other data. Hashing reads a file once (~1 GB/s; the real data: 7 MB, ~0.02 s) while its inode, size
+    and times hold, kept in ``<paths.cache_dir>/file_sha256.json`` for later runs."""
 
     def entry(name: str, f: Path) -> list:
         st = f.stat()
@@ -177,6 +216,11 @@ def data_fingerprint(cfg: DictConfig, content: bool = False) -> dict:
             return ["sha256", len(out), hashlib.sha256(json.dumps(out).encode()).hexdigest()]
         return out
 
+    memo = _memo_path(cfg) if content else None
+    if memo is not None and str(memo) not in _MEMO_READ:
+        _MEMO_READ.add(str(memo))
+        _CONTENT_MEMO.update({k: v for k, v in _read_memo(memo).items() if k not in _CONTENT_MEMO})
+    before = {k: list(v) for k, v in _CONTENT_MEMO.items()}
     fp = {}
     changed = _auth_versions_since(cfg)
     if changed:  # other labels (the rules) or other generated lines than a run made before them read
@@ -190,6 +234,7 @@ def data_fingerprint(cfg: DictConfig, content: bool = False) -> dict:
                 fp[key] = listing(value)
             except OSError as e:  # unreadable: the run itself will say so
                 fp[key] = f"unreadable: {e.strerror}"
+    _write_memo(memo, before)
     return fp
 
 

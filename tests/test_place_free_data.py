@@ -113,3 +113,37 @@ def test_a_file_replaced_by_one_of_its_size_and_time_is_hashed_again_in_the_same
     before = file_sha256(f)
     shutil.copy2(other, f)  # the same size and modification time, other bytes
     assert file_sha256(f) != before
+
+
+def test_a_files_hash_is_kept_for_later_processes_until_the_file_changes(tmp_path, monkeypatch):
+    """Session 44 (review R): the place-free digests read every data file in full in every run and rank (a 13 GB
+    CIC-IoT folder in paths.shared_data: ~14 s each). The hashes are kept in <paths.cache_dir>/file_sha256.json: a later
+    process reads a file again only once it changed; a file rewritten gets its new hash, and the memo keeps one entry."""
+    import hashlib
+
+    from sectune import run_digest
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.log").write_text("one\n")
+    cfg = compose([f"paths.cache_dir={tmp_path / 'cache'}", f"paths.shared_data={data}"])
+
+    def fresh_process():
+        monkeypatch.setattr(run_digest, "_CONTENT_MEMO", {})
+        monkeypatch.setattr(run_digest, "_MEMO_READ", set())
+
+    first = run_digest.data_fingerprint(cfg, content=True)
+    fresh_process()
+
+    def no_reading(*a, **k):
+        raise AssertionError("a file read again though unchanged")
+
+    with monkeypatch.context() as m:
+        m.setattr(run_digest.hashlib, "sha256", no_reading)
+        assert run_digest.data_fingerprint(cfg, content=True) == first
+    fresh_process()
+    (data / "a.log").write_text("two\n")  # the same size, other bytes
+    second = run_digest.data_fingerprint(cfg, content=True)
+    assert second != first and second["paths.shared_data"][0][2] == "sha256:" + hashlib.sha256(b"two\n").hexdigest()[:16]
+    memo = json.loads((tmp_path / "cache" / run_digest.MEMO_FILE).read_text())
+    assert len(memo) == 1, memo

@@ -47,19 +47,27 @@ def test_doctor_says_what_the_cache_holds_and_that_it_may_be_deleted(tmp_path):
 
     root = tmp_path / "cache"
     for rel, size in (("models/tiny_llama-aaa/model.safetensors", 3_000_000), ("datasets/auth_logs-s0/x.txt", 1_000_000),
-                      ("datasets/auth_logs-s1/x.txt", 1_000_000), ("models/.tiny_llama-bbb.tmp123/model.safetensors", 500_000),
+                      ("datasets/auth_logs-s1/x.txt", 1_000_000), ("models/.tiny_llama-bbb.tmp99999999/model.safetensors", 500_000),
                       ("shared_data/loghub/OpenSSH_2k.log", 9_000_000)):  # the user's data, not a build
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"\0" * size)
+    import os
+    import time
+
+    hours_ago = time.time() - 7200
+    os.utime(root / "models" / ".tiny_llama-bbb.tmp99999999", (hours_ago, hours_ago))  # past any pid_max: no live process
+    # a build going on now (review R): this process's own, and one another run started a minute ago; neither is "killed"
+    (root / "models" / f".tiny_llama-ccc.tmp{os.getpid()}").mkdir()
+    (root / "datasets" / ".auth_logs-s2.building-x1y2").mkdir()
     check = check_cache(root)
     assert check.status == "warn", check  # a killed build's folder is there
     import re
 
     assert 5.4 <= float(re.search(r"([\d.]+) MB on disk", check.detail).group(1)) <= 5.8, check.detail  # blocks, as du counts
     assert "3 built" in check.detail and "1 left by killed builds" in check.detail, check.detail
-    assert "may be deleted" in check.detail and str(root / "models" / ".tiny_llama-bbb.tmp123") in check.fix
+    assert "may be deleted" in check.detail and str(root / "models" / ".tiny_llama-bbb.tmp99999999") in check.fix
     assert "shared_data" not in check.detail + check.fix
-    (root / "models" / ".tiny_llama-bbb.tmp123" / "model.safetensors").unlink()
-    (root / "models" / ".tiny_llama-bbb.tmp123").rmdir()
+    (root / "models" / ".tiny_llama-bbb.tmp99999999" / "model.safetensors").unlink()
+    (root / "models" / ".tiny_llama-bbb.tmp99999999").rmdir()
     assert check_cache(root).status == "ok"
     assert "nothing built yet" in check_cache(tmp_path / "none").detail

@@ -212,7 +212,8 @@ def check_cache(root: Path) -> Check:
     if not groups:
         return Check("sectune cache", "ok", f"{root}: nothing built yet (built on first use)")
     entries = [p for g in groups for p in g.iterdir()]
-    partial = [p for p in entries if p.name.startswith(".")]
+    partial = [p for p in entries if p.name.startswith(".") and not _maybe_building(p)]
+    entries = [p for p in entries if not p.name.startswith(".") or p in partial]  # a build going on now: not counted
     # blocks, as du and a quota count them: a dataset folder is hundreds of small files
     size = sum(f.lstat().st_blocks * 512 for g in groups for f in g.rglob("*") if not f.is_symlink())
     detail = (f"{size / 1e6:.1f} MB on disk in {', '.join(str(g) for g in groups)}: {len(entries) - len(partial)} built "
@@ -221,6 +222,28 @@ def check_cache(root: Path) -> Check:
     return Check("sectune cache", "warn" if partial else "ok", detail,
                  f"delete {', '.join(str(p) for p in partial[:3])}{' …' if len(partial) > 3 else ''} while no run is going"
                  if partial else "")
+
+
+def _maybe_building(p: Path) -> bool:
+    """A build's temporary folder that a run may still be writing (``.name.tmp<pid>`` of a live process, or any touched in
+    the last hour): doctor run beside a cold-cache run advised deleting the folder it was building (a review, session 44)."""
+    import os
+    import re
+    import time
+
+    m = re.search(r"\.tmp(\d+)$", p.name)
+    if m:
+        try:
+            os.kill(int(m.group(1)), 0)
+            return True
+        except (ProcessLookupError, ValueError, OverflowError):
+            pass
+        except PermissionError:  # another user's live process
+            return True
+    try:
+        return time.time() - p.lstat().st_mtime < 3600
+    except OSError:
+        return False
 
 
 def check_wandb(cfg: DictConfig) -> list[Check]:

@@ -421,15 +421,14 @@ def count_too_long(tokenizer, recs: list[dict], max_len: int) -> int:
 @torch.no_grad()
 def save_probe_logits(model, tokenizer, texts: list[str], path: Path) -> None:
     """The in-memory trained model's :data:`PROBE_TOP_K` largest logits at each position of fixed text (``top_logits``)
-    and their token ids (``top_ids``): a reload must reproduce them. Until session 44 every logit: 128 x vocab x 4 bytes
-    per SFT run, 1 MB on the tiny model (34x its default adapter), 66 MB on a Llama-3 vocabulary (~5x an 8B r4 adapter)."""
+    and their token ids (``top_ids``): a reload must reproduce them (every logit was 1 MB on the tiny model, 66 MB on
+    Llama-3's vocabulary: session 44)."""
     from safetensors.torch import save_file
 
     model.eval()
     device = next(model.parameters()).device
     enc = tokenizer(texts[:1], return_tensors="pt", truncation=True, max_length=128).to(device)
-    with torch.no_grad():
-        logits = model(**enc).logits.float().cpu()
+    logits = model(**enc).logits.float().cpu()
     top = logits.topk(min(PROBE_TOP_K, logits.shape[-1]), dim=-1)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"input_ids": enc["input_ids"].cpu().contiguous(), "top_logits": top.values.contiguous(),

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from sectune import data, sweeps
-from sectune.errors import SectuneError, first_line, say_error, shown
+from sectune.errors import DataError, SectuneError, first_line, say_error, shown
 from sectune.run_digest import config_digest, data_fingerprint, relative_to_root, skip_digest
 from sectune.training import distributed
 from sectune.training.checkpoints import nonfinite_weights
@@ -106,6 +106,14 @@ def _quiet_unless(main: bool):
 
 def _now() -> str:
     return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def check_data_path(cfg) -> None:
+    """``dataset.path`` that names nothing is one line naming the key, for every dataset (each reader said only the path:
+    "/data/x: auth_logs folder does not exist", "flow CSV not found": an audit, session 44); plan and doctor read no data."""
+    path = OmegaConf.select(cfg, "dataset.path", default=None)
+    if path and cfg.stage.name not in ("plan", "doctor") and not Path(str(path)).expanduser().exists():
+        raise DataError(f"dataset.path={path}: no such file or folder (dataset={cfg.dataset.name}; null reads the built-in data)")
 
 
 def resolve_stage(name: str) -> Callable[[RunContext], dict]:
@@ -268,6 +276,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
 
         check_keys(cfg)
         check_values(cfg)
+        check_data_path(cfg)
         if OmegaConf.select(cfg, "model.trust_remote_code", default=False) is True and main:
             # on only when asked; said on the console and kept in result.json's warnings, whoever set it (preset or override)
             print(f"sectune: warning: model.trust_remote_code=true: loading {cfg.model.name_or_path or cfg.model.name} runs "

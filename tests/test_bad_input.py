@@ -815,3 +815,16 @@ def test_a_fail_on_rank_that_could_never_fail_is_refused_naming_the_key(monkeypa
         config_checks.check_values(compose(["debug.fail_on_rank=1", "debug.fail_at_step=2"]))
     monkeypatch.setenv("WORLD_SIZE", "2")
     config_checks.check_values(compose(["debug.fail_on_rank=1", "debug.fail_at_step=2"]))
+
+
+@pytest.mark.parametrize("dataset", ["auth_logs", "cic_iot_2023", "prompt_injections", "injection_triplets"])
+def test_a_dataset_path_that_names_nothing_is_an_error_naming_the_key(tmp_path, monkeypatch, capsys, dataset):
+    """Each reader said only the path ("/data/x: auth_logs folder does not exist", "flow CSV not found"), not which
+    setting named it (an audit of the console, session 44): one line naming dataset.path, before any stage starts."""
+    from sectune import runner
+
+    monkeypatch.setattr(runner, "resolve_stage", lambda _name: pytest.fail("the stage started"))
+    missing = tmp_path / "nope"
+    code, _ = runner.run(compose(["logger=none", f"dataset={dataset}", f"dataset.path={missing}"]), tmp_path / "run")
+    assert code == 2
+    assert f"sectune: error: dataset.path={missing}: no such file or folder" in capsys.readouterr().err

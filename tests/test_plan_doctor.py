@@ -78,6 +78,17 @@ def test_plan_sizes_below_one_are_errors_naming_the_key(overrides, error, tmp_pa
             plan.estimate(cfg)  # what stage=doctor and the reward/rl memory checks call
 
 
+def test_plan_says_where_it_wrote_the_plan(tmp_path, capsys):
+    """stage=plan printed its table and nothing of the files it wrote (an audit of the console, session 44)."""
+    from sectune.runner import RunContext
+    from sectune.stages import plan
+
+    plan.run(RunContext(cfg=compose(["stage=plan"]), run_dir=tmp_path))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"sectune: plan written to {tmp_path / 'plan.md'}") and "plan.json" in last, last
+    assert (tmp_path / "plan.md").is_file() and (tmp_path / "plan.json").is_file()
+
+
 def test_plan_cli_refuses_a_zero_seq_len_with_one_line(tmp_path):
     run = sectune(["stage=plan", "logger=none", "plan.seq_len=0"], tmp_path / "plan")
     assert run.returncode == 2

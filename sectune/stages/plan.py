@@ -339,4 +339,5 @@ def run(ctx: RunContext) -> dict:
     tmp.replace(ctx.path("plan.md"))
     write_json_atomic(ctx.path("plan.json"), {"settings": info, "budget": {c: getattr(budget, c) for c in (*COMPONENTS, "total")},
                                               "notes": budget.notes})
+    print(f"sectune: plan written to {ctx.path('plan.md')} (the table) and plan.json (the budget, as numbers)")
     return {"metrics": metrics, "artifacts": artifacts}

@@ -566,6 +566,28 @@ def test_merged_lora_leaves_a_quantized_base_and_a_plain_model_alone():
         assert m is plain
 
 
+def test_merged_lora_leaves_an_adapter_on_a_tied_lm_head_unmerged():
+    """LoRA on ``lm_head`` of a model whose head is its input embeddings (the tiny hdfs_federated preset; SmolLM and
+    Llama-3.2-1B tie them): folded in, the adapter changed the embeddings as well, and decoding read logits 4.9 apart
+    from the adapter's own (an audit, session 44). Such a model decodes unmerged."""
+    from sectune.models import modeling
+
+    cfg = compose(UNIT + ["lora=r16_all_linear", "lora.target_modules=[q_proj,v_proj,lm_head]"])
+    torch.manual_seed(0)
+    model = modeling.apply_lora(modeling.load_model(cfg), cfg).eval()
+    head = model.get_output_embeddings()
+    assert head.get_base_layer().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        enc = torch.tensor([[1, 5, 9, 3]])
+        plain = model(input_ids=enc).logits
+        with modeling.merged_lora(model) as m:
+            assert not any(layer.merged for layer in modeling._lora_layers(m))
+            torch.testing.assert_close(m(input_ids=enc).logits, plain)
+
+
 def test_merged_lora_does_not_copy_base_weights_past_its_memory_limit(monkeypatch):
     from sectune.models import lora, modeling
 

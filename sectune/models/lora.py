@@ -126,6 +126,16 @@ def _lora_layers(model) -> list:
 MERGE_COPY_LIMIT = 1 << 30
 
 
+def _tied(model, bases) -> bool:
+    """Whether a targeted base weight is also another parameter (an LM head tied to the input embeddings, LoRA on
+    ``lm_head``): folded in, the adapter changed the embeddings too, so decoding read other logits (4.9 apart on a tiny
+    tied model: an audit, session 44)."""
+    import collections
+
+    uses = collections.Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
+    return any(uses[b.weight.data_ptr()] > 1 for b in bases)
+
+
 @contextlib.contextmanager
 def merged_lora(model):
     """Decode with the LoRA adapter folded into its base weights: one matmul per linear layer instead of
@@ -148,6 +158,7 @@ def merged_lora(model):
                 and b.weight.is_floating_point() and b.weight.device.type == "cpu" for b in bases)
         and not any(layer.merged or getattr(layer, "disable_adapters", False) for layer in layers)
         and not any(getattr(layer, "lora_magnitude_vector", None) for layer in layers)  # DoRA: merged, not exact
+        and not _tied(model, bases)
     )
     if not ok:
         yield model

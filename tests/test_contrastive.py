@@ -567,3 +567,36 @@ def test_no_validation_triplets_say_that_early_stopping_and_the_best_checkpoint_
     assert "no validation triplets (dataset.val_fraction=0): no evaluation during training, so no early stopping" in capsys.readouterr().err
     training_arguments(cfg, tmp_path, has_eval=True)
     assert capsys.readouterr().err == ""
+
+
+def test_init_from_an_lm_head_adapter_of_a_tied_model_merges_into_its_own_head(tmp_path, capsys):
+    """contrastive.init_from with lora=none merges the SFT adapter for good (merge_and_unload). LoRA on ``lm_head`` of a
+    model that ties it to its input embeddings (the tiny models, SmolLM, Llama-3.2-1B) was folded into the embeddings
+    too: the full fine-tune started from, and saved, a model 1.46 logits away from the adapter's on the tiny model (an
+    audit, session 44). The head gets its own copy: the merged model, and model/ reloaded, answer as the adapter does."""
+    from sectune.models import modeling
+
+    common = ["stage=contrastive", "loss=causal_contrastive", "logger=none", "train.precision=fp32"]
+    cfg = compose([*common, "lora=r16_all_linear", "lora.target_modules=[q_proj,v_proj,lm_head]"])
+    torch.manual_seed(0)
+    adapted = modeling.apply_lora(modeling.load_model(cfg), cfg).eval()
+    assert adapted.get_output_embeddings().get_base_layer().weight is adapted.get_input_embeddings().weight  # tied
+    tokenizer = modeling.load_tokenizer(cfg)
+    enc = torch.tensor([[1, 5, 9, 3, 7, 11]])
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        want = adapted(input_ids=enc).logits
+    modeling.save_pretrained_atomic(adapted, tokenizer, tmp_path / "adapter")
+
+    full = compose([*common, "lora=none", f"contrastive.init_from={tmp_path / 'adapter'}"])
+    model, where, _, _ = contrastive.build_model(full, modeling.model_path(full))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=enc).logits, want, atol=1e-4, rtol=0)
+        base = modeling.load_model(full)
+        torch.testing.assert_close(model.get_input_embeddings().weight, base.get_input_embeddings().weight)  # as trained
+    assert "merged" in where and "ties to its input embeddings" in capsys.readouterr().out
+    modeling.save_pretrained_atomic(model, tokenizer, tmp_path / "model")
+    with torch.no_grad():
+        torch.testing.assert_close(modeling.load_model(full, path=str(tmp_path / "model"))(input_ids=enc).logits, want, atol=1e-4, rtol=0)

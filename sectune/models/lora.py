@@ -126,14 +126,35 @@ def _lora_layers(model) -> list:
 MERGE_COPY_LIMIT = 1 << 30
 
 
-def _tied(model, bases) -> bool:
-    """Whether a targeted base weight is also another parameter (an LM head tied to the input embeddings, LoRA on
-    ``lm_head``): folded in, the adapter changed the embeddings too, so decoding read other logits (4.9 apart on a tiny
-    tied model: an audit, session 44)."""
+def _shared(model, bases) -> list:
+    """The targeted base layers whose weight is also another parameter (an LM head tied to the input embeddings, LoRA on
+    ``lm_head``)."""
     import collections
 
     uses = collections.Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
-    return any(uses[b.weight.data_ptr()] > 1 for b in bases)
+    return [b for b in bases if isinstance(getattr(b, "weight", None), torch.Tensor) and uses[b.weight.data_ptr()] > 1]
+
+
+def _tied(model, bases) -> bool:
+    """Whether a targeted base weight is also another parameter: folded in, the adapter changed the embeddings too, so
+    decoding read other logits (4.9 apart on a tiny tied model: an audit, session 44)."""
+    return bool(_shared(model, bases))
+
+
+def untie_lora_bases(model) -> int:
+    """Before a permanent merge (``merge_and_unload``): each LoRA-targeted base weight that another parameter shares gets
+    its own copy, and the config no longer ties the word embeddings, so the merge changes that layer alone and the saved
+    model reloads untied. Merged into a tied ``lm_head``, the adapter changed the input embeddings as well:
+    contrastive.init_from with lora=none started from (and saved) a model 1.46 logits away from the adapter's on a tiny
+    tied model (an audit, session 44). Returns how many weights were copied."""
+    shared = _shared(model, [layer.get_base_layer() for layer in _lora_layers(model)])
+    for b in shared:
+        b.weight = torch.nn.Parameter(b.weight.detach().clone(), requires_grad=b.weight.requires_grad)
+    if shared:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for conf in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+            conf.tie_word_embeddings = False
+    return len(shared)
 
 
 @contextlib.contextmanager

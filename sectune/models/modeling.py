@@ -22,11 +22,11 @@ from sectune.config import model_label, model_title
 from sectune.console import new_head_quietly
 from sectune.errors import ConfigError, ModelNotAvailableError
 from sectune.models.lora import (GPT2_NAMES, _lora_layers, apply_lora, linear_module_names, merged_lora, quantized_module_count,
-                                 trainable_parameters)
+                                 trainable_parameters, untie_lora_bases)
 
 #: the LoRA side lives in models/lora.py; the stages and the tests reach it through this module
 __all__ = ["GPT2_NAMES", "_lora_layers", "apply_lora", "linear_module_names", "merged_lora",
-           "quantized_module_count", "trainable_parameters", "model_label", "model_title"]
+           "quantized_module_count", "trainable_parameters", "untie_lora_bases", "model_label", "model_title"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
 

@@ -251,7 +251,12 @@ def build_model(cfg: DictConfig, path: str):
         where = f"the adapter in {folder}" + (f" on the SFT weights in {on_sft}" if on_sft else "")
         if cfg.lora.enabled:
             return PeftModel.from_pretrained(base, str(folder), is_trainable=True), f"{where} (its LoRA settings)", on_sft, folder
-        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload(), f"{where}, merged (full fine-tune)", None, folder
+        model = PeftModel.from_pretrained(base, str(folder))
+        if modeling.untie_lora_bases(model):
+            print(f"sectune: the adapter in {folder} adapts the LM head, which {modeling.model_label(cfg.model)} ties to its input "
+                  "embeddings: merged into its own copy (the embeddings stay as the adapter left them), so the full weights "
+                  "trained and saved here hold both matrices (tie_word_embeddings false)")
+        return model.merge_and_unload(), f"{where}, merged (full fine-tune)", None, folder
     except SectuneError:
         raise
     except Exception as e:  # noqa: BLE001 - every load failure is the same user error: this folder, this model

@@ -225,6 +225,12 @@ def check_values(cfg) -> None:
     # sft and classify trained their own objective under any loss group, without a word (an audit, session 36)
     need(cfg.stage.name != "sft" or loss.name == "causal_lm", "loss", loss.name, "stage=sft trains the causal-LM loss "
          "(loss=causal_lm, the default); simplified_ppo is stage=rl's, causal_contrastive stage=contrastive's, dpo stage=dpo's")
+    targets = cfg.lora.target_modules if cfg.lora.enabled and not isinstance(cfg.lora.target_modules, str) else ()
+    # TRL's SFTTrainer refuses a LoRA LM head (its fused loss reads lm_head.weight) after the data and the model loaded,
+    # a traceback naming no key (an audit, session 44); a trained copy of the head is what it can train
+    need(cfg.stage.name != "sft" or "lm_head" not in list(targets or ()), "lora.target_modules", list(targets or ()),
+         "stage=sft cannot train LoRA on lm_head (TRL computes the loss from lm_head.weight and would never train the "
+         "adapter): drop lm_head, or train the head whole with lora.modules_to_save=[lm_head]")
     need(cfg.stage.name != "classify" or loss.name in ("cross_entropy", "causal_lm"), "loss", loss.name,
          "stage=classify trains a cross-entropy classifier: loss=cross_entropy (its class_weights), or leave loss at its default")
     if cfg.stage.name == "reward":  # it trains Bradley-Terry under any group and reads only loss.margin: another stage's group did nothing

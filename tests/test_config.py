@@ -408,6 +408,8 @@ def test_the_readmes_max_memory_example_runs_and_without_plus_plus_the_error_say
     (["train.lr_scheduler=reduce_lr_on_plateau", "train.eval_steps=5", "dataset.val_fraction=0"], "train.lr_scheduler=reduce_lr_on_plateau"),
     (["train.lr_scheduler=constant", "train.warmup_ratio=0.5"], "train.warmup_ratio=0.5: has no effect with train.lr_scheduler=constant"),
     (["train.neftune_noise_alpha=5"], "train.neftune_noise_alpha=5.0: with train.packing=padding_free: NEFTune divides"),
+    # session 44 (an audit of weight handling): TRL's ValueError traceback once the data and the model had loaded
+    (["stage=sft", "lora.target_modules=[q_proj,v_proj,lm_head]"], "lora.target_modules=['q_proj', 'v_proj', 'lm_head']: stage=sft cannot train LoRA on lm_head"),
 ])
 def test_settings_a_run_would_ignore_are_refused_naming_the_key(overrides, message):
     """Each of these was accepted and changed nothing (an audit of every setting against the code that reads it)."""
@@ -438,7 +440,8 @@ def test_the_settings_those_checks_leave_alone_still_run():
                ["model=tiny_gpt2", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=3"],
                ["train.lr_scheduler=reduce_lr_on_plateau", "train.eval_steps=5"], ["train.lr_scheduler=constant_with_warmup", "train.warmup_ratio=0.5"],
                ["train.neftune_noise_alpha=5", "train.packing=none"], ["stage=classify", "train.lr_scheduler=reduce_lr_on_plateau"],
-               ["train.lr_scheduler=greedy", "train.eval_steps=5"]):
+               ["train.lr_scheduler=greedy", "train.eval_steps=5"], ["stage=sft", "lora.modules_to_save=[lm_head]"],
+               ["stage=federated", "dataset=hdfs", "lora.target_modules=[q_proj,lm_head]"]):
         check_values(compose(ok))
 
 

@@ -11,13 +11,36 @@ __version__ = "0.1.0"
 os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 
+def _on_import(name: str, wrap) -> None:
+    """Runs module ``name``'s import through ``wrap(load)`` (``load(module)`` executes it) when it is first imported:
+    a finder ahead of the others that asks them for the spec, then wraps the loader's ``exec_module``."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    class Hook(importlib.abc.MetaPathFinder):
+        busy = False  # while it asks the other finders (transformers' availability checks land here too)
+
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != name or self.busy:
+                return None
+            self.busy = True
+            try:
+                spec = importlib.util.find_spec(fullname)
+            finally:
+                self.busy = False
+            if spec is not None and spec.loader is not None:
+                spec.loader.exec_module = wrap(spec.loader.exec_module)
+            return spec
+
+    sys.meta_path.insert(0, Hook())
+
+
 def _refuse_hub_kernels() -> None:
     """bitsandbytes (>= 0.50, on CPUs with AVX512-bf16) asks the ``kernels`` package for a hub kernel when it is
     imported, in every run: a network lookup and, but for kernels' own publisher check, code from the network.
     With hub kernels off, ``kernels.get_kernel`` refuses, and bitsandbytes keeps its built-in matmul. Patched when
     ``kernels`` is first imported (importing it here cost half of ``sectune --help``'s start-up)."""
-    import importlib.abc
-    import importlib.util
     import sys
 
     if os.environ.get("USE_HUB_KERNELS", "0").strip().lower() not in ("0", "false", "no", "off", ""):
@@ -40,29 +63,13 @@ def _refuse_hub_kernels() -> None:
         sys.modules["kernels"].get_kernel = get_kernel
         return
 
-    class PatchOnImport(importlib.abc.MetaPathFinder):
-        busy = False  # while it asks the other finders (transformers' availability check also lands here)
+    def patched(load):
+        def exec_module(module):
+            load(module)
+            module.get_kernel = get_kernel
+        return exec_module
 
-        def find_spec(self, name, path=None, target=None):
-            if name != "kernels" or self.busy:
-                return None
-            self.busy = True
-            try:
-                spec = importlib.util.find_spec(name)
-            finally:
-                self.busy = False
-            if spec is None or spec.loader is None:
-                return spec
-            load = spec.loader.exec_module
-
-            def exec_module(module):
-                load(module)
-                module.get_kernel = get_kernel
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, PatchOnImport())
+    _on_import("kernels", patched)
 
 
 _refuse_hub_kernels()
@@ -86,41 +93,23 @@ def _quiet_wandb_mode_banner() -> None:
     ``WANDB_MODE=offline`` (its only use of the variable at import): under ``logger=none`` too, where no W&B run exists,
     and with ``logger=wandb`` it said neither where the run went nor how to upload it (sectune says both at the end of
     the run: :func:`sectune.tracking.finish`). The variable is hidden from that one module's import."""
-    import importlib.abc
-    import importlib.util
     import sys
 
     target = "transformers.integrations.integration_utils"
     if target in sys.modules:
         return
 
-    class HideWandbMode(importlib.abc.MetaPathFinder):
-        busy = False
-
-        def find_spec(self, name, path=None, target_path=None):
-            if name != target or self.busy:
-                return None
-            self.busy = True
+    def hidden(load):
+        def exec_module(module):
+            mode = os.environ.pop("WANDB_MODE", None)
             try:
-                spec = importlib.util.find_spec(name)
+                load(module)
             finally:
-                self.busy = False
-            if spec is None or spec.loader is None:
-                return spec
-            load = spec.loader.exec_module
+                if mode is not None:
+                    os.environ["WANDB_MODE"] = mode
+        return exec_module
 
-            def exec_module(module):
-                mode = os.environ.pop("WANDB_MODE", None)
-                try:
-                    load(module)
-                finally:
-                    if mode is not None:
-                        os.environ["WANDB_MODE"] = mode
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, HideWandbMode())
+    _on_import(target, hidden)
 
 
 _quiet_wandb_mode_banner()

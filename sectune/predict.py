@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from sectune.console import NewHeadReport, new_head_quietly
+from sectune.console import new_head_quietly
 from sectune.errors import ConfigError, DataError, SectuneError, first_line
 
 LABELS_FILE = "labels.json"
@@ -137,10 +137,6 @@ def _run_dataset(run_dir: Path) -> str | None:
     return None
 
 
-#: transformers' load report that calls a base model's new score head "newly initialized": see sectune.console
-_NewHeadReport, _head_restored_quietly = NewHeadReport, new_head_quietly
-
-
 def load_classifier(run_dir, cfg: DictConfig, meta: dict):
     """(model, tokenizer, members) from the run's saved adapter(s) (+ base model) or full model(s).
 
@@ -193,7 +189,7 @@ def load_classifier(run_dir, cfg: DictConfig, meta: dict):
     else:
         from peft import PeftModel
 
-        with _head_restored_quietly() if task == "seq_cls" else contextlib.nullcontext():
+        with new_head_quietly() if task == "seq_cls" else contextlib.nullcontext():
             base = modeling.load_model(cfg, task=task, num_labels=num_labels)
         single = len(arts) == 1
         model = _load(arts[0], lambda: PeftModel.from_pretrained(base, str(arts[0]), adapter_name="default" if single else "fold0",

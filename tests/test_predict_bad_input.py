@@ -68,14 +68,14 @@ def test_the_undamaged_copy_loads(run_copy, capfd):
 def test_the_new_head_filter_keeps_every_other_load_report():
     import logging
 
-    from sectune.predict import _NewHeadReport
+    from sectune.console import NewHeadReport
 
     def report(*rows):
         msg = "LlamaForSequenceClassification LOAD REPORT from: x\nKey | Status\n" + "\n".join(rows)
         msg += "\n\nNotes:\n- UNEXPECTED:\tcan be ignored\n- MISSING:\tthose params were newly initialized"
         return logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, msg, None, None)
 
-    keep = _NewHeadReport().filter
+    keep = NewHeadReport().filter
     assert not keep(report("lm_head.weight | UNEXPECTED", "score.weight   | MISSING"))
     assert keep(report("lm_head.weight | UNEXPECTED", "score.weight   | MISSING", "model.layers.0.mlp.up_proj.weight | MISSING"))
     assert keep(report("score.weight | MISMATCH | Reinit due to size mismatch"))

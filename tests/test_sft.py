@@ -228,7 +228,7 @@ def test_a_warm_up_from_the_same_generated_stream_as_the_held_out_windows_is_ref
     from conftest import compose
 
     from sectune.errors import ConfigError
-    from sectune.stages import sft
+    from sectune.stages import sft_warmup as sft
 
     empty = tmp_path / "no_logs"
     empty.mkdir()

@@ -128,17 +128,12 @@ MERGE_COPY_LIMIT = 1 << 30
 
 def _shared(model, bases) -> list:
     """The targeted base layers whose weight is also another parameter (an LM head tied to the input embeddings, LoRA on
-    ``lm_head``)."""
+    ``lm_head``): folded in, the adapter changes that other parameter too (decoding read logits 4.9 apart on a tiny tied
+    model: an audit, session 44)."""
     import collections
 
     uses = collections.Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
     return [b for b in bases if isinstance(getattr(b, "weight", None), torch.Tensor) and uses[b.weight.data_ptr()] > 1]
-
-
-def _tied(model, bases) -> bool:
-    """Whether a targeted base weight is also another parameter: folded in, the adapter changed the embeddings too, so
-    decoding read other logits (4.9 apart on a tiny tied model: an audit, session 44)."""
-    return bool(_shared(model, bases))
 
 
 def untie_lora_bases(model) -> int:
@@ -179,7 +174,7 @@ def merged_lora(model):
                 and b.weight.is_floating_point() and b.weight.device.type == "cpu" for b in bases)
         and not any(layer.merged or getattr(layer, "disable_adapters", False) for layer in layers)
         and not any(getattr(layer, "lora_magnitude_vector", None) for layer in layers)  # DoRA: merged, not exact
-        and not _tied(model, bases)
+        and not _shared(model, bases)  # a tied LM head: the merge would change the embeddings too
     )
     if not ok:
         yield model

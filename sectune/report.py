@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from sectune.errors import ConfigError, DataError
+from sectune.errors import ConfigError, DataError, shown
 from sectune.runner import write_text_atomic
 from sectune.sweeps import TEST_METRIC
 from sectune.sweep_jobs import (BASE_COLUMNS, EARLIER_SWEEP, NOT_RUN, NOT_STARTED, RUNNING, expected_jobs, job_dirs, parse_value,
@@ -197,7 +197,9 @@ def _cell(v: Any) -> str:
         return ""
     if isinstance(v, float):
         return f"{v:.4g}"
-    text = str(v).replace("|", "\\|").replace("\n", " ")
+    # a job's error names what its input named (a log file an attacker called "\x1b]0;…"): escaped here, not played by
+    # the terminal that prints the table, nor by one that cats report.md
+    text = shown(str(v).replace("\n", " ")).replace("|", "\\|")
     return text if len(text) <= 120 else text[:117] + "..."
 
 
@@ -367,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = write_report(args.sweep_dir, sort_by=args.sort_by, ascending=args.ascending)
     except (DataError, ConfigError) as e:
-        print(f"sectune-report: error: {e}", file=sys.stderr)
+        print(f"sectune-report: error: {shown(str(e))}", file=sys.stderr)
         return 2
     try:
         print(out["markdown"])

@@ -373,3 +373,18 @@ def test_jobs_that_ran_other_code_are_marked_and_labels_stay_labels(tmp_path):
         (sweep / str(job) / "result.json").write_text(json.dumps({**res, "environment": env}))
     out = write_report(sweep)
     assert "environment" not in out["frame"].columns and "different code" not in out["markdown"]
+
+
+def test_an_error_naming_a_hostile_file_reaches_the_terminal_and_report_md_escaped(tmp_path, capsys):
+    # a job's result.json keeps its error as raised (runner): a log file an attacker named with an OSC title sequence, a
+    # screen clear and a BiDi override; sectune-report printed it raw, so the terminal that showed the table played them
+    evil = "/logs/ev\x1b]0;PWNED\x07\x1b[2J\u202eil.log: empty log file"
+    root = make_sweep(tmp_path / "sweep", grid=[(0, 4, "1e-4", "failed")])
+    res = json.loads((root / "0" / "result.json").read_text())
+    (root / "0" / "result.json").write_text(json.dumps({**res, "error": evil}))
+    assert main([str(root)]) == 0
+    printed = capsys.readouterr().out
+    md = (root / "report.md").read_text(encoding="utf-8")
+    for text in (printed, md):
+        assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+        assert "/logs/ev\\x1b]0;PWNED\\x07\\x1b[2J\\u202eil.log: empty log file" in text  # still readable, escaped

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from sectune.errors import shown as _escaped
+
 
 _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -23,8 +25,12 @@ class _Tap:
         self._stream, self._into, self._log, self._buf = stream, into, log, ""
 
     def write(self, s):
-        if isinstance(s, str) and s.startswith("sectune: ") and self._buf.strip():
-            self.write("\n")  # a progress bar's last state has no newline: sectune's line (an error, say) starts its own
+        if isinstance(s, str) and s.startswith("sectune: "):
+            # sectune's own line names what its inputs hold (a failed run's error quoting a file name an attacker chose, a
+            # CSV's label, a model's verdict): their control characters are escaped, never played by the terminal
+            s = _escaped(s, keep="\n\t")
+            if self._buf.strip():
+                self.write("\n")  # a progress bar's last state has no newline: sectune's line (an error, say) starts its own
         try:
             n = self._stream.write(s)
         except BrokenPipeError:  # `sectune ... | head`: the reader left; the run goes on (console.log keeps every line)

@@ -33,10 +33,11 @@ def first_line(e: BaseException) -> str:
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-def shown(text: str) -> str:
-    """Text as the console shows it: control characters (ESC, BEL, CR, newline) escaped, so a file name or a value an
-    attacker chose (``\\x1b]0;…\\x07``, ``\\x1b[2J``) cannot retitle or clear the terminal or forge a line of output."""
-    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)
+def shown(text: str, keep: str = "") -> str:
+    """Text as the console shows it: control characters (ESC, BEL, CR, newline; a BiDi override) escaped, so a file name
+    or a value an attacker chose (``\\x1b]0;…\\x07``, ``\\x1b[2J``) cannot retitle or clear the terminal or forge a line
+    of output; the characters in ``keep`` (a message's own newlines) pass as they are."""
+    return "".join(c if c.isprintable() or c == " " or c in keep else ascii(c)[1:-1] for c in text)
 
 
 #: seconds a rank other than 0 that left its error line to rank 0 stays before it exits: torchrun ends the other ranks

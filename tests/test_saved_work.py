@@ -284,6 +284,29 @@ def test_the_console_log_keeps_a_progress_bars_last_state_without_control_sequen
     assert lines[1:] == ["100%|##| 3/3", "sectune: done · 1s"]
 
 
+def test_a_sectune_line_naming_hostile_text_reaches_the_terminal_escaped(tmp_path, capsys):
+    """A warning quotes what an input held: stage=infer's "skipped sft: the run did not succeed (... <its error>)" quoted a
+    failed run's error naming a log file an attacker called "ev\\x1b]0;PWNED\\x07..." and played the escapes on the
+    terminal (and in console.log, which strips CSI sequences but not an OSC). Escaped now; a progress bar's own \\r is not
+    sectune's line and passes."""
+    import sys
+
+    from sectune.run_guard import recorded_warnings
+
+    evil = "ev\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\u202eil.log"
+    with recorded_warnings(tmp_path / "console.log") as heard:
+        print(f"sectune: warning: infer: skipped sft: the run did not succeed (status 'failed': {evil}: empty log file)")
+        print(f"sectune: infer: {evil}: 2 windows\tbenign 2", file=sys.stderr)
+        sys.stderr.write("\r 50%|#   | 2/4\n")
+    out, err = capsys.readouterr()
+    said = "ev\\x1b]52;c;cm0gLXJmIH4=\\x07\\x1b[2J\\u202eil.log"
+    assert out == f"sectune: warning: infer: skipped sft: the run did not succeed (status 'failed': {said}: empty log file)\n"
+    assert err == f"sectune: infer: {said}: 2 windows\tbenign 2\n\r 50%|#   | 2/4\n"  # its own tab and newline kept
+    log = (tmp_path / "console.log").read_text(encoding="utf-8")
+    assert "\x1b" not in log and "\x07" not in log and "\u202e" not in log and said in log
+    assert heard.lines == [out.strip()]
+
+
 def test_a_sectune_line_after_a_progress_bars_last_state_starts_its_own_line(tmp_path, capsys):
     """An error printed while a progress bar held the line (no newline after its last redraw) was glued to the bar, on
     the console and in console.log, where a reader searching for "sectune: error:" at a line's start missed it."""

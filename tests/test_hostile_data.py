@@ -336,3 +336,15 @@ def test_a_text_sample_that_cannot_keep_class_shares_says_so(capsys):
     kept = _subsample(records, 20, seed=0)
     err = capsys.readouterr().err
     assert len(kept) == 20 and f"'rare' {sum(r['label'] == 'rare' for r in kept)} of 1" in err
+
+
+def test_sfts_preview_of_an_answer_with_a_huge_count_is_valid_json(monkeypatch):
+    """A generated count of 1e400 parses as inf: preview.json wrote it as Infinity, which a strict JSON reader refuses
+    (stage=infer writes null for it, as here)."""
+    import sectune.inference
+    from sectune.stages.sft import preview_generations
+
+    monkeypatch.setattr(sectune.inference, "generate", lambda *a, **k: ['{"verdict": "malicious", "failed_attempts": 1e400}'])
+    preview = preview_generations(None, None, [{"id": 0, "prompt": "p", "completion": "{}"}], None)
+    assert preview[0]["valid_json"] and preview[0]["parsed"]["failed_attempts"] is None
+    json.dumps(preview, allow_nan=False)  # raised ValueError (Infinity) before

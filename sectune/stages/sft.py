@@ -366,6 +366,7 @@ def save_probe_logits(model, tokenizer, texts: list[str], path: Path) -> None:
 def preview_generations(model, tokenizer, recs: list[dict], gen_cfg, max_seq_length: int | None = None) -> list[dict]:
     from sectune.data.auth_logs import validate_analysis
     from sectune.inference import extract_json, generate
+    from sectune.run_records import finite_json
 
     outs = generate(model, tokenizer, [r["prompt"] for r in recs], gen_cfg, max_seq_length=max_seq_length)
     preview = []
@@ -373,7 +374,8 @@ def preview_generations(model, tokenizer, recs: list[dict], gen_cfg, max_seq_len
         item = {"id": rec.get("id"), "expected": rec["completion"], "generated": text, "valid_json": False, "schema_valid": False}
         try:
             obj = extract_json(text)
-            item.update(valid_json=True, parsed=obj, schema_valid=not validate_analysis(obj))
+            # a count of 1e400 parses as inf, which preview.json wrote as Infinity: not JSON to a strict reader (null, as infer)
+            item.update(valid_json=True, parsed=finite_json(obj), schema_valid=not validate_analysis(obj))
         except ValueError as e:
             item["parse_error"] = str(e)
         preview.append(item)

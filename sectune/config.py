@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from sectune.config_stages import (  # each stage's own settings node
     ClassifyConfig, EvaluateConfig, InferConfig, RewardConfig, DpoConfig, SftConfig,
     RLConfig, ContrastiveConfig, FederatedConfig, MemoryTemplateConfig,
-    PipelineConfig, ReportConfig, SweepConfig, PlanConfig, DoctorConfig,
+    PipelineConfig, ReportConfig, SweepConfig, PlanConfig, DoctorConfig, ExportConfig,
 )
 
 
@@ -314,6 +314,7 @@ class SectuneConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 #: the resolvers a run's saved config may call: sectune's own (paths on this machine), Hydra's time stamp

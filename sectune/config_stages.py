@@ -1,5 +1,5 @@
 """Each stage's own settings node (``classify``, ``evaluate``, ``infer``, ``sft``, ``reward``, ``dpo``, ``rl``,
-``contrastive``, ``federated``, ``pipeline``, ``report``, ``sweep``, ``plan``, ``doctor``) and the memory
+``contrastive``, ``federated``, ``pipeline``, ``report``, ``sweep``, ``plan``, ``doctor``, ``export``) and the memory
 templates: the structured-config schemas :class:`sectune.config.SectuneConfig` composes. The nodes every
 run shares (model, lora, dataset, train, …) are in :mod:`sectune.config`."""
 
@@ -369,6 +369,17 @@ class PlanConfig:
     seq_len: Optional[int] = None
     #: also tabulate every conf/model preset under the composed settings (plan_all_models.md)
     all_models: bool = False
+
+
+@dataclass
+class ExportConfig:
+    #: a run dir (sft, dpo or rl) or a pipeline dir: the model stage=infer would answer with there is exported
+    model_dir: Optional[str] = None
+    #: the exported weights' dtype (fp32 | bf16 | fp16); null = model.dtype
+    dtype: Optional[str] = None
+    #: the most the exported model's logits may stray on the check prompt, from the adapter's and from the merged model's;
+    #: null = 1e-4 (fp32), 1e-2 (fp16) or 3e-2 (bf16) times the largest logit (at least 1)
+    max_logit_diff: Optional[float] = None
 
 
 @dataclass

@@ -9,8 +9,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sectune.errors import ConfigError
-from sectune.runner import RESULT_FILE
+from sectune.errors import ConfigError, first_line
+from sectune.runner import RESULT_FILE, trained_quantization
 from sectune.training import checkpoints
 
 #: the steps whose models can answer, in order of preference (the newest stage of a pipeline first)
@@ -143,3 +143,74 @@ def usable(step: str, run_dir: Path) -> tuple[str | None, Path | None, str]:
             return f"{rel}/{damage[0]} is damaged ({damage[1]})", None, ""
         return None, folder, "model"
     return f"{RESULT_FILE} names no adapter or model artifact", None, ""
+
+
+def load_model(cfg, choice: ModelChoice, as_trained: bool = True):
+    """(model on the run's device in eval mode, tokenizer, the adapter/model folder or base path). An adapter goes on the
+    weights its run recorded (``artifacts.base_model``), else on the local folder it was trained on (its
+    ``base_model_name_or_path``): the command's own model=, with another shape, lost the adapter's deeper layers.
+    ``as_trained``: quantized as the chosen run trained (else as ``cfg`` says: stage=export's unquantized merge)."""
+    from sectune.models import modeling
+
+    if as_trained:
+        cfg = trained_quantization(cfg, choice)
+    # an adapter's base: its run's artifacts.base_model, else the local folder it names (modeling.adapter_base says so)
+    base = modeling.adapter_base(choice.path, cfg) if choice.kind == "adapter" else modeling.model_path(cfg)
+    if choice.kind == "model":
+        model = modeling.load_model(cfg, path=str(choice.path))
+        ref = str(choice.path)
+    else:
+        model = modeling.load_model(cfg, path=base)
+        ref = base
+        if choice.kind == "adapter":
+            from peft import PeftModel
+
+            trained_on = json.loads((choice.path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+            if trained_on and not _same_model(trained_on, base):
+                print(f"sectune: warning: the {choice.used} adapter was trained on {trained_on}; loading it on "
+                      f"{modeling.model_label(cfg.model)} ({base})")
+            try:
+                model = PeftModel.from_pretrained(model, str(choice.path))
+            except Exception as e:  # noqa: BLE001 - any load failure is the same user error: this adapter, this model
+                first = first_line(e)
+                raise ConfigError(f"cannot load the {choice.used} adapter in {choice.path} onto {modeling.model_label(cfg.model)} "
+                                  f"({type(e).__name__}: {first})") from None
+            ref = str(choice.path)
+    tokenizer = modeling.tokenizer_for(cfg, choice.path, base)
+    model = modeling.to_run_device(model, cfg)
+    model.eval()
+    return model, tokenizer, ref
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def run_generation(cfg, choice: ModelChoice):
+    """``generation.*`` as the chosen model's own run decoded (its saved config), but for a key this command sets: the
+    README's plain infer command decoded a pipeline's analyst with repetition_penalty 1.2 where the pipeline scored it
+    with 1.0, and 18 of 100 verdicts changed."""
+    from omegaconf import OmegaConf
+
+    saved = choice.path.parent / ".hydra" / "config.yaml" if choice.path is not None else None
+    if saved is None or not saved.is_file():
+        return cfg.generation
+    try:
+        theirs = OmegaConf.load(saved).get("generation") or {}
+    except Exception as e:  # noqa: BLE001 - an unreadable saved config: this command's settings, said
+        print(f"sectune: warning: infer: {saved} cannot be read ({type(e).__name__}), so the {choice.used} run's decoding "
+              "settings are not known: decoding with this command's generation.*")
+        return cfg.generation
+    from sectune.stages.pipeline import command_line_overrides
+
+    given = {o.split("=", 1)[0].lstrip("+~") for o in command_line_overrides(required=False)}
+    taken = {k: v for k, v in theirs.items() if k in cfg.generation and k != "preview_samples" and f"generation.{k}" not in given
+             and v != cfg.generation[k]}
+    if not taken:
+        return cfg.generation
+    print(f"sectune: infer: decoding as the {choice.used} run did ({', '.join(f'generation.{k}={v}' for k, v in taken.items())}; "
+          "set them on the command line to decode otherwise)")
+    return OmegaConf.merge(cfg.generation, taken)

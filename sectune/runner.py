@@ -59,6 +59,7 @@ STAGES: dict[str, str] = {
     "plan": "sectune.stages.plan:run",
     "doctor": "sectune.stages.doctor:run",
     "report": "sectune.stages.report:run",
+    "export": "sectune.stages.export:run",
 }
 
 #: a failed rerun in the dir of a succeeded run whose artifacts it left alone: its result (result.json stays the earlier run's)
@@ -110,9 +111,9 @@ def _now() -> str:
 
 def check_data_path(cfg) -> None:
     """``dataset.path`` that names nothing is one line naming the key, for every dataset (each reader said only the path:
-    "/data/x: auth_logs folder does not exist", "flow CSV not found": an audit, session 44); plan and doctor read no data."""
+    "/data/x: auth_logs folder does not exist", "flow CSV not found": an audit, session 44); plan, doctor and export read no data."""
     path = OmegaConf.select(cfg, "dataset.path", default=None)
-    if path and cfg.stage.name not in ("plan", "doctor") and not Path(str(path)).expanduser().exists():
+    if path and cfg.stage.name not in ("plan", "doctor", "export") and not Path(str(path)).expanduser().exists():
         raise DataError(f"dataset.path={path}: no such file or folder (dataset={cfg.dataset.name}; null reads the built-in data)")
 
 

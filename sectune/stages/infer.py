@@ -30,11 +30,11 @@ from pathlib import Path
 
 from sectune import runner
 from sectune.data import auth_logs
-from sectune.errors import ConfigError, first_line
+from sectune.errors import ConfigError
 from sectune.inference import generate, parse_json_output, text_ids
 from sectune.infer_inputs import (absent_names, cut_long_windows, file_lines, keep_previous, log_windows, output_path,
                                   read_inputs, resume_key, resumed, verdict_summaries, warn_unfamiliar_format)
-from sectune.model_chain import ModelChoice, choose_model
+from sectune.model_chain import ModelChoice, choose_model, load_model, run_generation
 from sectune.models import modeling
 from sectune.runner import RunContext, write_json_atomic
 from sectune.training import distributed
@@ -266,33 +266,6 @@ def _records(inputs, texts, used: str, validator, cut: set, char_cut: set, force
     return records
 
 
-def run_generation(cfg, choice: ModelChoice):
-    """``generation.*`` as the chosen model's own run decoded (its saved config), but for a key this command sets: the
-    README's plain infer command decoded a pipeline's analyst with repetition_penalty 1.2 where the pipeline scored it
-    with 1.0, and 18 of 100 verdicts changed."""
-    from omegaconf import OmegaConf
-
-    saved = choice.path.parent / ".hydra" / "config.yaml" if choice.path is not None else None
-    if saved is None or not saved.is_file():
-        return cfg.generation
-    try:
-        theirs = OmegaConf.load(saved).get("generation") or {}
-    except Exception as e:  # noqa: BLE001 - an unreadable saved config: this command's settings, said
-        print(f"sectune: warning: infer: {saved} cannot be read ({type(e).__name__}), so the {choice.used} run's decoding "
-              "settings are not known: decoding with this command's generation.*")
-        return cfg.generation
-    from sectune.stages.pipeline import command_line_overrides
-
-    given = {o.split("=", 1)[0].lstrip("+~") for o in command_line_overrides(required=False)}
-    taken = {k: v for k, v in theirs.items() if k in cfg.generation and k != "preview_samples" and f"generation.{k}" not in given
-             and v != cfg.generation[k]}
-    if not taken:
-        return cfg.generation
-    print(f"sectune: infer: decoding as the {choice.used} run did ({', '.join(f'generation.{k}={v}' for k, v in taken.items())}; "
-          "set them on the command line to decode otherwise)")
-    return OmegaConf.merge(cfg.generation, taken)
-
-
 def build_prompt(log_text: str, schema_text: str | None = None) -> str:
     """The SFT prompt (``render_prompt``); with the schema (``infer.full_schema``) before the logs."""
     prompt = auth_logs.render_prompt(log_text)
@@ -302,47 +275,6 @@ def build_prompt(log_text: str, schema_text: str | None = None) -> str:
     if not sep:
         return f"### Schema:\n{schema_text}\n{prompt}"
     return f"{head}### Schema:\n{schema_text}\n{sep}{rest}"
-
-
-# ----------------------------------------------------------------------------- the model
-def load_model(cfg, choice: ModelChoice):
-    """(model on the run's device in eval mode, tokenizer, the adapter/model folder or base path). An adapter goes on the
-    weights its run recorded (``artifacts.base_model``), else on the local folder it was trained on (its
-    ``base_model_name_or_path``): the command's own model=, with another shape, lost the adapter's deeper layers."""
-    cfg = runner.trained_quantization(cfg, choice)
-    # an adapter's base: its run's artifacts.base_model, else the local folder it names (modeling.adapter_base says so)
-    base = modeling.adapter_base(choice.path, cfg) if choice.kind == "adapter" else modeling.model_path(cfg)
-    if choice.kind == "model":
-        model = modeling.load_model(cfg, path=str(choice.path))
-        ref = str(choice.path)
-    else:
-        model = modeling.load_model(cfg, path=base)
-        ref = base
-        if choice.kind == "adapter":
-            from peft import PeftModel
-
-            trained_on = json.loads((choice.path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-            if trained_on and not _same_model(trained_on, base):
-                print(f"sectune: warning: the {choice.used} adapter was trained on {trained_on}; loading it on "
-                      f"{modeling.model_label(cfg.model)} ({base})")
-            try:
-                model = PeftModel.from_pretrained(model, str(choice.path))
-            except Exception as e:  # noqa: BLE001 - any load failure is the same user error: this adapter, this model
-                first = first_line(e)
-                raise ConfigError(f"cannot load the {choice.used} adapter in {choice.path} onto {modeling.model_label(cfg.model)} "
-                                  f"({type(e).__name__}: {first})") from None
-            ref = str(choice.path)
-    tokenizer = modeling.tokenizer_for(cfg, choice.path, base)
-    model = modeling.to_run_device(model, cfg)
-    model.eval()
-    return model, tokenizer, ref
-
-
-def _same_model(a: str, b: str) -> bool:
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a == b
 
 
 # ----------------------------------------------------------------------------- parsing

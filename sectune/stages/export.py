@@ -1,0 +1,179 @@
+"""stage=export: a run's analyst as one plain model folder that transformers, vLLM or TGI load without PEFT or sectune.
+
+    sectune stage=export export.model_dir=outputs/PIPELINE            # -> <run dir>/model/
+    sectune stage=export export.model_dir=outputs/DATE/TIME export.dtype=bf16
+
+The model is the one ``stage=infer`` would answer with in ``export.model_dir`` (RL → DPO → SFT, a pipeline's
+validation-chosen policy first: :mod:`sectune.model_chain`). Its LoRA adapter is merged into the base it was trained on
+(PEFT's ``merge_and_unload``; an LM head tied to the input embeddings gets its own copy first, so the merge changes the
+head alone), loaded unquantized: folding an adapter into 4- or 8-bit weights is lossy, so an nf4/int8 run's adapter goes
+on the full-precision base, which answers somewhat otherwise than the quantized model the run trained and evaluated (the
+distance is measured and said). The folder holds safetensors weights, the tokenizer, ``generation_config.json`` with the
+run's decoding settings (what ``generate`` and vLLM take as defaults) and ``sectune_export.json`` (where it came from,
+the prompt around the logs, the answers' JSON schema for a server's structured output, the checks below).
+
+Nothing is kept that was not checked: on a fixed analyst prompt the merged model's logits are compared with the adapter's
+on the same weights (the merge), and the saved folder, loaded back as a server would, with the merged model (the save:
+a head tied on reload to the embeddings, a weight left out). Past ``export.max_logit_diff`` the folder is not written.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from sectune.config import QuantizationConfig
+from sectune.data import auth_logs
+from sectune.errors import ConfigError, SectuneError
+from sectune.model_chain import choose_model, load_model, run_generation
+from sectune.models import modeling
+from sectune.runner import RunContext, environment, write_json_atomic
+from sectune.training import distributed
+
+#: what the check reads: an analyst prompt of a few auth-log lines (fixed, so two exports are checked alike)
+PROBE_LOGS = ("Mar  3 10:15:01 host sshd[4242]: Failed password for invalid user admin from 203.0.113.9 port 52144 ssh2\n"
+              "Mar  3 10:15:04 host sshd[4242]: Failed password for root from 203.0.113.9 port 52150 ssh2\n"
+              "Mar  3 10:16:10 host sshd[4250]: Accepted publickey for alice from 198.51.100.7 port 40022 ssh2")
+#: export.max_logit_diff's default, times the largest reference logit (at least 1): the rounding a merge into weights of
+#: that dtype may add (bf16 and fp16 keep 8 and 11 bits of mantissa); a lost head or weight moves logits by whole units
+RELATIVE_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+EXPORT_FILE = "sectune_export.json"
+
+
+def run(ctx: RunContext) -> dict:
+    cfg, ec = ctx.cfg, ctx.cfg.export
+    if not distributed.is_main_process():  # nothing to share: rank 0 exports alone
+        return {"metrics": {}, "artifacts": {}}
+    if ec.model_dir is None:
+        raise ConfigError("export.model_dir is not set: give export.model_dir=<an sft, dpo or rl run dir or a pipeline dir>")
+    dtype = ec.dtype or cfg.model.dtype
+    if dtype not in RELATIVE_TOLERANCE:
+        raise ConfigError(f"export.dtype={dtype}{' (from model.dtype)' if ec.dtype is None else ''}: choose one of "
+                          f"{', '.join(RELATIVE_TOLERANCE)}")
+    if (ctx.run_dir / "model").resolve() == Path(str(ec.model_dir)).expanduser().resolve() / "model":
+        raise ConfigError(f"hydra.run.dir is export.model_dir ({ctx.run_dir}): the export goes to a run dir of its own")
+    choice = choose_model(ec.model_dir, base_fallback=False, key="export.model_dir")
+    for why in choice.skipped:
+        print(f"sectune: warning: export: skipped {why}")
+    gen = run_generation(cfg, choice)
+    trained = _trained_quantization(cfg, choice)
+
+    metrics: dict = {}
+    if trained != "none":  # the model the run trained and evaluated: its logits, to say how far the export is from it
+        quantized, tokenizer, _ = load_model(cfg, choice)
+        probe = _probe(tokenizer, quantized)
+        trained_logits = _logits(quantized, probe)
+        del quantized
+        modeling.release_memory()
+    full = copy.deepcopy(cfg)
+    full.model.dtype = dtype
+    full.quantization = OmegaConf.structured(QuantizationConfig())  # merged into 4- or 8-bit weights, an adapter is rounded
+    model, tokenizer, ref = load_model(full, choice, as_trained=False)
+    base = str((model.get_base_model() if hasattr(model, "get_base_model") else model).name_or_path)
+    probe = _probe(tokenizer, model)
+    reference = _logits(model, probe)
+    scale = max(1.0, reference.abs().max().item())
+    limit = ec.max_logit_diff if ec.max_logit_diff is not None else RELATIVE_TOLERANCE[dtype] * scale
+    if choice.kind == "adapter":
+        from sectune.models.lora import untie_lora_bases
+
+        untied = untie_lora_bases(model)
+        model = model.merge_and_unload()
+        metrics["untied_weights"] = untied
+    merged = _logits(model, probe)
+    metrics["merge_max_logit_diff"] = (merged - reference).abs().max().item()
+    _check(metrics["merge_max_logit_diff"], limit, "the merged model and the adapter on its base", ref)
+
+    out = ctx.run_dir / "model"
+    model.generation_config = _generation_config(model, tokenizer, gen)
+    modeling.save_pretrained_atomic(model, tokenizer, out)
+    del model
+    modeling.release_memory()
+    saved = _load_plain(out, dtype, cfg.model.get("trust_remote_code") is True)
+    reloaded = _logits(saved, probe)
+    del saved
+    metrics["saved_max_logit_diff"] = (reloaded - merged).abs().max().item()
+    metrics["max_logit_diff"] = (reloaded - reference).abs().max().item()
+    metrics["top1_agreement"] = (reloaded.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    try:
+        _check(metrics["saved_max_logit_diff"], limit, "the saved folder, loaded back, and the merged model", str(out))
+    except SectuneError:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if trained != "none":
+        metrics["max_logit_diff_vs_trained"] = (reloaded - trained_logits).abs().max().item()
+        metrics["top1_agreement_vs_trained"] = (reloaded.argmax(-1) == trained_logits.argmax(-1)).float().mean().item()
+        print(f"sectune: warning: export: the {choice.used} run trained on a quantization={trained} base; its adapter is merged "
+              f"into the unquantized weights ({dtype}), which agree with the model it trained and evaluated on "
+              f"{metrics['top1_agreement_vs_trained']:.1%} of next-token choices of the check prompt (logits up to "
+              f"{metrics['max_logit_diff_vs_trained']:.3g} apart): evaluate the export before serving it")
+    write_json_atomic(out / EXPORT_FILE, _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit))
+    print(f"sectune: export: the {choice.used} {choice.kind} of {ec.model_dir} as one model folder: {out} ({dtype}; logits "
+          f"within {metrics['max_logit_diff']:.2g} of the adapter's; load it with AutoModelForCausalLM.from_pretrained or "
+          f"serve it with vLLM; {EXPORT_FILE} holds its prompt and answer schema)")
+    return {"metrics": metrics, "artifacts": {"model": "model", "export": f"model/{EXPORT_FILE}"}}
+
+
+def _trained_quantization(cfg, choice) -> str:
+    from sectune.runner import trained_quantization
+
+    return str(trained_quantization(cfg, choice).quantization.name)
+
+
+def _probe(tokenizer, model) -> torch.Tensor:
+    ids = tokenizer(auth_logs.render_prompt(PROBE_LOGS), return_tensors="pt", split_special_tokens=True)["input_ids"]
+    return ids[:, : int(getattr(model.config, "max_position_embeddings", ids.shape[1]) or ids.shape[1])]
+
+
+@torch.no_grad()
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=ids.to(model.device)).logits.float().cpu()
+
+
+def _load_plain(folder: Path, dtype: str, remote_code: bool):
+    """The folder as a server loads it: transformers alone, no PEFT, no sectune settings."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=modeling.DTYPES[dtype], trust_remote_code=remote_code)
+
+
+def _check(diff: float, limit: float, what: str, where: str) -> None:
+    if not math.isfinite(diff) or diff > limit:
+        raise SectuneError(f"export: {what} answer the check prompt with logits up to {diff:.3g} apart (export.max_logit_diff "
+                           f"allows {limit:.3g}): not exported ({where})")
+
+
+def _generation_config(model, tokenizer, gen):
+    """The run's decoding settings as transformers' GenerationConfig (``generate`` and vLLM read them as defaults)."""
+    from transformers import GenerationConfig
+
+    sampled = dict(temperature=float(gen.temperature), top_p=float(gen.top_p)) if gen.do_sample else {}
+    return GenerationConfig(max_new_tokens=int(gen.max_new_tokens), do_sample=bool(gen.do_sample),
+                            repetition_penalty=float(gen.repetition_penalty), **sampled,
+                            eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                            bos_token_id=getattr(model.config, "bos_token_id", None))
+
+
+def _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit) -> dict:
+    validator = auth_logs._validator(cfg.infer.schema)
+    marker = "\x00LOGS\x00"
+    before, after = auth_logs.render_prompt(marker).split(marker)
+    return {
+        "source": {"model_dir": str(ec.model_dir), "step": choice.used, "kind": choice.kind, "path": str(choice.path),
+                   "base": base if choice.kind == "adapter" else None, "trained_quantization": trained},
+        "dtype": dtype,
+        "prompt": {"before_logs": before, "after_logs": after,
+                   "note": "the log lines go between the two, stripped of leading and trailing blank space"},
+        "answer_schema": validator.schema,
+        "generation": {k: gen[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")},
+        "checks": {**metrics, "max_logit_diff_allowed": limit},
+        "environment": environment(str(cfg.train.device)),
+    }

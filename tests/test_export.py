@@ -1,0 +1,186 @@
+"""stage=export: a run's adapter merged into its base as one plain model folder (safetensors, tokenizer, the run's
+decoding settings, its prompt and answer schema) that transformers loads without PEFT, checked before it is kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose
+from sectune import runner
+from sectune.data import auth_logs
+from sectune.models import modeling
+
+EXPORT = ["stage=export", "logger=none"]
+LOGS = "Mar  4 01:02:03 gw sshd[77]: Failed password for invalid user oracle from 192.0.2.44 port 4001 ssh2"
+
+
+def sft_step(root: Path, extra: tuple = ()) -> Path:
+    """A succeeded sft run dir whose adapter moves the model (PEFT starts lora_B at 0: merging that changes nothing)."""
+    cfg = compose(["stage=sft", "logger=none", *extra])
+    path = modeling.model_path(cfg)
+    torch.manual_seed(0)
+    model = modeling.apply_lora(modeling.load_model(cfg, path=path), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    modeling.save_pretrained_atomic(model, modeling.load_tokenizer(cfg, path), root / "adapter")
+    (root / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, root / ".hydra" / "config.yaml")
+    (root / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "metrics": {},
+                                                  "artifacts": {"adapter": "adapter"}}))
+    return root
+
+
+def export(step: Path, run_dir: Path, extra: tuple = ()) -> tuple[int, dict]:
+    code, _ = runner.run(compose([*EXPORT, f"export.model_dir={step}", *extra]), run_dir)
+    return code, json.loads((run_dir / "result.json").read_text())
+
+
+def logits(model, text: str) -> torch.Tensor:
+    tok = modeling.load_tokenizer(compose(EXPORT))
+    with torch.no_grad():
+        return model(**tok(auth_logs.render_prompt(text), return_tensors="pt")).logits.float()
+
+
+def adapter_logits(step: Path, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the adapter on its base, the base alone) on the analyst prompt of ``text``."""
+    from peft import PeftModel
+
+    cfg = compose(EXPORT)
+    model = PeftModel.from_pretrained(modeling.load_model(cfg, path=modeling.model_path(cfg)), str(step / "adapter")).eval()
+    with_adapter = logits(model, text)
+    with model.disable_adapter():
+        return with_adapter, logits(model, text)
+
+
+def plain(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path, int, dict]:
+    root = tmp_path_factory.mktemp("export")
+    step = sft_step(root / "sft", ("generation.repetition_penalty=1.05",))
+    return (step, root / "out", *export(step, root / "out"))
+
+
+def test_the_exported_folder_answers_as_the_adapter_does_without_peft(exported):
+    step, out, code, result = exported
+    assert code == 0 and result["status"] == "succeeded", result.get("error")
+    folder = out / result["artifacts"]["model"]
+    assert not (folder / "adapter_config.json").exists() and (folder / "model.safetensors").is_file()
+    with_adapter, base = adapter_logits(step, LOGS)  # a prompt other than the check's
+    got = logits(plain(folder), LOGS)
+    assert (with_adapter - base).abs().max() > 1e-2  # the adapter matters here, so the merge is what is checked
+    assert torch.allclose(got, with_adapter, atol=1e-4, rtol=0)
+    assert result["metrics"]["max_logit_diff"] < 1e-4 and result["metrics"]["top1_agreement"] == 1.0
+
+
+def test_the_export_carries_the_runs_decoding_prompt_and_schema(exported):
+    _, out, _, result = exported
+    folder = out / "model"
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert gen["repetition_penalty"] == 1.05 and gen["do_sample"] is False and gen["max_new_tokens"] == 160
+    desc = json.loads((out / result["artifacts"]["export"]).read_text())
+    assert desc["prompt"]["before_logs"] + LOGS + desc["prompt"]["after_logs"] == auth_logs.render_prompt(LOGS)
+    assert desc["answer_schema"] == auth_logs._validator().schema
+    assert desc["source"]["step"] == "sft" and desc["source"]["path"] == str(exported[0] / "adapter")
+    assert desc["checks"]["max_logit_diff"] == result["metrics"]["max_logit_diff"]
+
+
+def test_an_adapter_on_a_tied_lm_head_is_merged_into_the_head_alone(tmp_path):
+    # the tiny model ties lm_head to the input embeddings: merged into the shared weight, the adapter moved the
+    # embeddings too (logits 3.2 apart: refused by the check); untied first, the export answers as the adapter does
+    step = sft_step(tmp_path / "sft", ("lora.target_modules=[q_proj,v_proj,lm_head]",))
+    code, result = export(step, tmp_path / "out")
+    assert code == 0, result.get("error")
+    assert result["metrics"]["untied_weights"] == 1
+    assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["tie_word_embeddings"] is False
+    with_adapter, _ = adapter_logits(step, LOGS)
+    assert torch.allclose(logits(plain(tmp_path / "out" / "model"), LOGS), with_adapter, atol=1e-4, rtol=0)
+
+
+def test_a_pipelines_dpo_adapter_is_exported_on_the_sft_weights_it_was_trained_on(tmp_path):
+    # make run's shape: SFT trains full weights (lora=none), DPO an adapter on them (its artifacts.base_model); the
+    # pipeline's newest usable policy is exported, merged into those weights, not into the configured base model
+    from peft import PeftModel
+
+    cfg = compose(["stage=dpo", "logger=none"])
+    path = modeling.model_path(cfg)
+    torch.manual_seed(1)
+    sft = modeling.load_model(cfg, path=path)
+    with torch.no_grad():
+        for p in sft.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    pipe = tmp_path / "pipe"
+    modeling.save_pretrained_atomic(sft, modeling.load_tokenizer(cfg, path), pipe / "sft" / "model")
+    dpo = modeling.apply_lora(sft, cfg)
+    with torch.no_grad():
+        for name, p in dpo.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    modeling.save_pretrained_atomic(dpo, modeling.load_tokenizer(cfg, path), pipe / "dpo" / "adapter")
+    for step, artifacts in (("sft", {"model": "model"}), ("dpo", {"adapter": "adapter", "base_model": "../sft/model"})):
+        (pipe / step / "result.json").write_text(json.dumps({"stage": step, "status": "succeeded", "artifacts": artifacts}))
+    (pipe / "result.json").write_text(json.dumps({"stage": "pipeline", "status": "succeeded", "artifacts": {}}))
+    code, result = export(pipe, tmp_path / "out")
+    assert code == 0, result.get("error")
+    desc = json.loads((tmp_path / "out" / "model" / "sectune_export.json").read_text())
+    assert desc["source"]["step"] == "dpo" and Path(desc["source"]["base"]).resolve() == (pipe / "sft" / "model").resolve()
+    on_sft = PeftModel.from_pretrained(modeling.load_model(cfg, path=str(pipe / "sft" / "model")), str(pipe / "dpo" / "adapter"))
+    want = logits(on_sft.eval(), LOGS)
+    assert torch.allclose(logits(plain(tmp_path / "out" / "model"), LOGS), want, atol=1e-4, rtol=0)
+    assert (want - adapter_logits(step=pipe / "dpo", text=LOGS)[0]).abs().max() > 1e-2  # on the base model it would differ
+
+
+def test_a_folder_that_does_not_load_back_as_merged_is_not_kept(tmp_path, monkeypatch):
+    # a save that loses part of the model (a head tied on reload, a weight left out) is what the second check is for
+    from safetensors.torch import load_file, save_file
+
+    step = sft_step(tmp_path / "sft")
+    real = modeling.save_pretrained_atomic
+
+    def lossy(model, tokenizer, out):
+        real(model, tokenizer, out)
+        weights = load_file(out / "model.safetensors")
+        name = next(k for k in weights if "o_proj" in k)
+        weights[name] = torch.zeros_like(weights[name])
+        save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+
+    monkeypatch.setattr(modeling, "save_pretrained_atomic", lossy)
+    code, result = export(step, tmp_path / "out")
+    assert code != 0 and result["status"] == "failed"
+    assert "the saved folder, loaded back, and the merged model" in result["error"] and "not exported" in result["error"]
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_an_nf4_run_is_merged_unquantized_and_its_distance_from_the_trained_model_is_said(tmp_path, capsys):
+    step = sft_step(tmp_path / "sft")
+    saved = OmegaConf.load(step / ".hydra" / "config.yaml")
+    saved.quantization = compose(["quantization=nf4"]).quantization  # the run trained on a 4-bit base
+    OmegaConf.save(saved, step / ".hydra" / "config.yaml")
+    code, result = export(step, tmp_path / "out")
+    assert code == 0, result.get("error")
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert "quantization_config" not in config  # full-precision weights, not the 4-bit ones the adapter trained on
+    m = result["metrics"]
+    assert m["max_logit_diff"] < 1e-4 and 0 <= m["top1_agreement_vs_trained"] <= 1 and m["max_logit_diff_vs_trained"] > 0
+    assert "trained on a quantization=nf4 base" in capsys.readouterr().out
+    desc = json.loads((tmp_path / "out" / "model" / "sectune_export.json").read_text())
+    assert desc["source"]["trained_quantization"] == "nf4"
+
+
+@pytest.mark.parametrize("extra, key", [((), "export.model_dir"), (("export.model_dir=/x", "export.dtype=int8"), "export.dtype"),
+                                        (("export.model_dir=/x", "export.max_logit_diff=-1"), "export.max_logit_diff")])
+def test_bad_export_settings_are_refused_naming_the_key(tmp_path, extra, key):
+    code, _ = runner.run(compose([*EXPORT, *extra]), tmp_path)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert code != 0 and result["error"].startswith(key)

@@ -54,6 +54,10 @@ def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_
         candidates = [(s, root / s) for s in (pipeline_order(root) if table else CHAIN)]
     elif result is None:
         raise ConfigError(f"{key}={model_dir}: no {RESULT_FILE} there; point it at an sft, dpo or rl run dir or a pipeline dir")
+    elif stage == "export":  # its model/ is for a server; scored here, it would need its source's split and decoding
+        source = _export_source(root)
+        raise ConfigError(f"{key}={model_dir}: a stage=export run (its model/ is for serving, with transformers or vLLM); "
+                          f"give {key}={source or 'the run it was exported from'}, whose adapter it holds merged")
     else:
         raise ConfigError(f"{key}={model_dir}: a stage={stage} run holds no model to answer with; point it at an sft, dpo or rl run dir or a pipeline dir")
     skipped = []
@@ -65,6 +69,13 @@ def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_
     if not base_fallback:
         raise ConfigError(f"{key}={model_dir}: no usable model ({'; '.join(skipped)}) and infer.base_fallback=false")
     return ModelChoice("base", skipped=skipped)
+
+
+def _export_source(root: Path) -> str | None:
+    try:
+        return str(json.loads((root / "model" / "sectune_export.json").read_text(encoding="utf-8"))["source"]["model_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def pipeline_order(root: Path) -> list[str]:

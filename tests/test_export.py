@@ -184,3 +184,11 @@ def test_bad_export_settings_are_refused_naming_the_key(tmp_path, extra, key):
     code, _ = runner.run(compose([*EXPORT, *extra]), tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert code != 0 and result["error"].startswith(key)
+
+
+def test_infer_on_an_export_run_names_the_run_it_came_from(exported, tmp_path):
+    step, out, _, _ = exported
+    code, _ = runner.run(compose(["stage=infer", "logger=none", f"infer.model_dir={out}", f"infer.input_file={step / 'result.json'}"]),
+                         tmp_path)
+    error = json.loads((tmp_path / "result.json").read_text())["error"]
+    assert code != 0 and error.startswith(f"infer.model_dir={out}: a stage=export run") and f"infer.model_dir={step}," in error

@@ -91,9 +91,10 @@ def run(ctx: RunContext) -> dict:
     out = ctx.run_dir / "model"
     model.generation_config = _generation_config(model, tokenizer, gen)
     modeling.save_pretrained_atomic(model, tokenizer, out)
+    device = model.device  # read back on the device it was merged on: the check compares weights, not two devices' kernels
     del model
     modeling.release_memory()
-    saved = _load_plain(out, dtype, cfg.model.get("trust_remote_code") is True)
+    saved = _load_plain(out, dtype, cfg.model.get("trust_remote_code") is True, device)
     reloaded = _logits(saved, probe)
     del saved
     metrics["saved_max_logit_diff"] = (reloaded - merged).abs().max().item()
@@ -137,11 +138,12 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids.to(model.device)).logits.float().cpu()
 
 
-def _load_plain(folder: Path, dtype: str, remote_code: bool):
+def _load_plain(folder: Path, dtype: str, remote_code: bool, device: torch.device):
     """The folder as a server loads it: transformers alone, no PEFT, no sectune settings."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=modeling.DTYPES[dtype], trust_remote_code=remote_code)
+    placed = {"device_map": {"": str(device)}} if device.type != "cpu" else {}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=modeling.DTYPES[dtype], trust_remote_code=remote_code, **placed)
 
 
 def _check(diff: float, limit: float, what: str, where: str) -> None:

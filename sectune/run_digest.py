@@ -181,8 +181,14 @@ def _write_memo(path: Path | None, before: dict) -> None:
         pass
 
 
+#: how many folders deep :func:`data_fingerprint` lists: an auth_logs folder's windows sit at
+#: ``auth_data/<class>/auth_data_X_Y.txt`` (3 under ``dataset.path``, 4 with the folder inside ``paths.shared_data``); at
+#: two, none of them counted (a window edited or moved to another class folder was the same data: an audit, session 45)
+LISTING_DEPTH = 4
+
+
 def data_fingerprint(cfg: DictConfig, content: bool = False) -> dict:
-    """What data a run would read, beyond its config: the files (name, size and modification time, two folders deep)
+    """What data a run would read, beyond its config: the files (name, size and modification time, ``LISTING_DEPTH`` folders deep)
     under ``paths.shared_data``, ``dataset.source_dir`` (where it is not that), ``dataset.path``, ``infer.input_file`` and
     ``evaluate.data_path``. Real logs downloaded after a run on generated ones, or a
     user's file edited (the same size too: a word replaced by another as long), change the digest, so a pipeline or a
@@ -209,10 +215,16 @@ def data_fingerprint(cfg: DictConfig, content: bool = False) -> dict:
         if not p.is_dir():
             return "absent"
         out = []
-        for a in sorted(p.iterdir()):
-            for b in sorted(a.iterdir()) if a.is_dir() else [a]:
-                if b.is_file() and not b.name.startswith("."):
+
+        def walk(d: Path, depth: int) -> None:
+            for b in sorted(d.iterdir()):
+                if b.is_dir():
+                    if depth < LISTING_DEPTH:
+                        walk(b, depth + 1)
+                elif b.is_file() and not b.name.startswith("."):
                     out.append(entry(str(b.relative_to(p)), b))
+
+        walk(p, 1)
         if len(out) > 1000:  # a user's folder of logs: its digest, not a result.json that lists every file
             return ["sha256", len(out), hashlib.sha256(json.dumps(out).encode()).hexdigest()]
         return out

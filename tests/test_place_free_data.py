@@ -147,3 +147,34 @@ def test_a_files_hash_is_kept_for_later_processes_until_the_file_changes(tmp_pat
     assert second != first and second["paths.shared_data"][0][2] == "sha256:" + hashlib.sha256(b"two\n").hexdigest()[:16]
     memo = json.loads((tmp_path / "cache" / run_digest.MEMO_FILE).read_text())
     assert len(memo) == 1, memo
+
+
+def test_an_auth_logs_folders_windows_count_in_the_data_digests(tmp_path):
+    """Audit, session 45: data_fingerprint listed two folders deep, and an auth_logs folder (dataset.path, seed 000's
+    layout) holds its windows three deep (auth_data/<class>/auth_data_X_Y.txt): only Auth_bin/*.json counted. A window
+    moved to another class folder (its label) or edited left every digest alone, so a pipeline skipped, or a sweep reused,
+    a step trained on the old labels; and the place-free digests took another folder with the same Auth_bin for the same data."""
+    from sectune import run_digest
+
+    def folder(place):
+        root = tmp_path / place / "auth"
+        for cls, name in (("benign", "auth_data_1_0.txt"), ("malicious", "auth_data_2_0.txt")):
+            (root / "auth_data" / cls).mkdir(parents=True, exist_ok=True)
+            (root / "auth_data" / cls / name).write_text(f"sshd[1]: window {name}\n")
+            (root / "Auth_bin").mkdir(exist_ok=True)
+            (root / "Auth_bin" / name.replace("auth_data", "auth_text").replace(".txt", ".json")).write_text("{}\n")
+        return compose(["stage=sft", "dataset=auth_logs", f"dataset.path={root}", f"paths.cache_dir={tmp_path / 'cache'}",
+                        f"paths.shared_data={tmp_path / 'none'}"])
+
+    a, b = folder("a"), folder("b")
+    assert run_digest.config_digest(a, portable=True) == run_digest.config_digest(b, portable=True)  # the same files
+    plain = run_digest.config_digest(b)
+    relabelled = tmp_path / "b" / "auth" / "auth_data"
+    shutil.move(relabelled / "benign" / "auth_data_1_0.txt", relabelled / "malicious" / "auth_data_1_0.txt")
+    assert run_digest.config_digest(b) != plain
+    assert run_digest.config_digest(a, portable=True) != run_digest.config_digest(b, portable=True)
+    assert run_digest.skip_digest(a) != run_digest.skip_digest(b)
+    edited = tmp_path / "a" / "auth" / "auth_data" / "benign" / "auth_data_1_0.txt"
+    before = run_digest.config_digest(a, portable=True)
+    edited.write_text(edited.read_text().replace("sshd", "SSHD"))  # the same size, other bytes
+    assert run_digest.config_digest(a, portable=True) != before

@@ -132,19 +132,32 @@ MEMO_FILE = "file_sha256.json"
 _MEMO_READ: set[str] = set()
 
 
+#: a file changed less than this long before it is hashed is not kept in the memo: a filesystem's clock ticks coarsely
+#: (FAT: 2 s; ext4/xfs before Linux 6.13: a few ms), so a rewrite of one size in the same tick keeps every time, and the
+#: memo gave the old bytes' hash (an audit, session 45; git's "racily clean" index entries)
+RACY_NS = 2_000_000_000
+
+
 def file_sha256(f: Path) -> str:
     """The first 16 hex digits of ``f``'s sha256, read again only once its inode, size or times changed: the change
     time and inode too, which no copy keeps (``cp -p`` and unpacking an archive set the modification time)."""
+    import time
+
+    now = time.time_ns()
     st = f.stat()
     path, stamp = str(f.resolve()), [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     known = _CONTENT_MEMO.get(path)
-    if not (isinstance(known, list) and len(known) == 5 and known[:4] == stamp):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+    if isinstance(known, list) and len(known) == 5 and known[:4] == stamp:
+        return str(known[4])
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    if max(st.st_mtime_ns, st.st_ctime_ns) < now - RACY_NS:
         _CONTENT_MEMO[path] = [*stamp, h.hexdigest()[:16]]
-    return str(_CONTENT_MEMO[path][4])
+    else:
+        _CONTENT_MEMO.pop(path, None)
+    return h.hexdigest()[:16]
 
 
 def _memo_path(cfg: DictConfig) -> Path | None:

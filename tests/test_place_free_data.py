@@ -127,6 +127,7 @@ def test_a_files_hash_is_kept_for_later_processes_until_the_file_changes(tmp_pat
     data.mkdir()
     (data / "a.log").write_text("one\n")
     cfg = compose([f"paths.cache_dir={tmp_path / 'cache'}", f"paths.shared_data={data}"])
+    monkeypatch.setattr(run_digest, "RACY_NS", 0)  # a file written just now is kept too (not on a coarse clock: the test below)
 
     def fresh_process():
         monkeypatch.setattr(run_digest, "_CONTENT_MEMO", {})
@@ -178,3 +179,31 @@ def test_an_auth_logs_folders_windows_count_in_the_data_digests(tmp_path):
     before = run_digest.config_digest(a, portable=True)
     edited.write_text(edited.read_text().replace("sshd", "SSHD"))  # the same size, other bytes
     assert run_digest.config_digest(a, portable=True) != before
+
+
+def test_a_file_rewritten_within_its_filesystems_clock_tick_is_hashed_again(tmp_path, monkeypatch):
+    """Audit, session 45: a filesystem's times tick coarsely (FAT: 2 s; ext4/xfs before Linux 6.13: a few ms), so a file
+    rewritten with other bytes of one size in the tick it was hashed in keeps its inode, size and both times, and the memo
+    (in the process, then in file_sha256.json for later runs) gave the old bytes' hash: a sweep or pipeline reused a run
+    made on the old data. A file changed within RACY_NS of its hashing is not kept (git's racily clean entries)."""
+    import hashlib
+    import pathlib
+    import types
+
+    from sectune import run_digest
+
+    real_stat = pathlib.Path.stat
+    tick = 2_000_000_000
+
+    def coarse_stat(self, *a, **k):  # this kernel's multigrain times never repeat: FAT's 2-second ones, simulated
+        st = real_stat(self, *a, **k)
+        return types.SimpleNamespace(st_ino=st.st_ino, st_size=st.st_size, st_mode=st.st_mode,
+                                     st_mtime_ns=st.st_mtime_ns // tick * tick, st_ctime_ns=st.st_ctime_ns // tick * tick)
+
+    monkeypatch.setattr(run_digest, "_CONTENT_MEMO", {})
+    monkeypatch.setattr(pathlib.Path, "stat", coarse_stat)
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("aaaa\n")
+    assert run_digest.file_sha256(f) == hashlib.sha256(b"aaaa\n").hexdigest()[:16]
+    f.write_text("bbbb\n")  # the same size, in the same tick: every stamp the memo keys by is unchanged
+    assert run_digest.file_sha256(f) == hashlib.sha256(b"bbbb\n").hexdigest()[:16]

@@ -207,3 +207,30 @@ def test_a_file_rewritten_within_its_filesystems_clock_tick_is_hashed_again(tmp_
     assert run_digest.file_sha256(f) == hashlib.sha256(b"aaaa\n").hexdigest()[:16]
     f.write_text("bbbb\n")  # the same size, in the same tick: every stamp the memo keys by is unchanged
     assert run_digest.file_sha256(f) == hashlib.sha256(b"bbbb\n").hexdigest()[:16]
+
+
+def test_a_resume_on_a_copy_of_its_data_without_the_times_goes_on(tmp_path):
+    """Audit, session 45: at a new place a resume excused dataset.path when place.dataset.path (the files' bytes) matched,
+    but not data.dataset.path (names, sizes, times), so a checkout copied with its data by cp -r (the bytes, not the
+    times) was refused, where a pipeline step and a sweep job take such a copy for the same data. Other bytes are refused."""
+    import pytest
+
+    from sectune.errors import ConfigError
+    from sectune.training import checkpoints
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "shared").mkdir(parents=True)
+    (a / "shared" / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    os.utime(a / "shared" / "pairs.jsonl", ns=(10**18, 10**18))
+
+    def cfg(root):
+        return compose(["logger=none", "stage=reward", "dataset=auth_preferences", f"paths.shared_data={root / 'shared'}",
+                        f"dataset.path={root / 'shared' / 'pairs.jsonl'}"])
+
+    assert checkpoints.resolve_resume(cfg(a), a / "checkout" / "outputs" / "day" / "user" / "checkpoints") is None
+    shutil.copytree(a, b, copy_function=shutil.copyfile)  # cp -r: the bytes, not the times
+    ckpt = b / "checkout" / "outputs" / "day" / "user" / "checkpoints" / "checkpoint-2"
+    checkpoints._check_same_training(cfg(b), ckpt, "train.resume=auto")
+    (b / "shared" / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "b", "rejected": "a"}\n')  # other bytes, one size
+    with pytest.raises(ConfigError, match=r"data.dataset.path: .*dataset.path: '.*/a/shared/pairs.jsonl' there"):
+        checkpoints._check_same_training(cfg(b), ckpt, "train.resume=auto")

@@ -304,6 +304,14 @@ def data_places(cfg: DictConfig, flat: dict) -> dict:
     return out
 
 
+def _same_bytes(before: dict, now: dict, key: str) -> bool:
+    """Whether a data path (``dataset.path``) or its files' digest (``data.dataset.path``: names, sizes, times) that
+    differ name files of the same bytes (``place.<key>``): a copy without its times (``cp -r``) at the new place was
+    refused by its ``data.<key>`` though its path was excused (an audit, session 45)."""
+    place = PLACE_PREFIX + (key[len("data."):] if key.startswith("data.") else key)
+    return before.get(place) is not None and before.get(place) == now.get(place)
+
+
 def _files_digest(files) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -391,7 +399,7 @@ def _check_same_training(cfg: DictConfig, ckpt: Path, key: str) -> None:
             before[k] = now[k]
     before.update(_added_since(before, now))
     diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and not k.startswith(PLACE_PREFIX)
-                  and not (before.get(PLACE_PREFIX + k) is not None and before.get(PLACE_PREFIX + k) == now.get(PLACE_PREFIX + k)))
+                  and not _same_bytes(before, now, k))
     if diff:
         shown = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in diff[:4])
         why = "".join(sorted({" (input.<key>: the run that key names was trained again since)" if k.startswith("input.") else

@@ -184,6 +184,7 @@ def _write_memo(path: Path | None, before: dict) -> None:
     import os
     import tempfile
 
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{MEMO_FILE}.")
@@ -191,7 +192,8 @@ def _write_memo(path: Path | None, before: dict) -> None:
             json.dump({**_read_memo(path), **new}, fh)
         os.replace(tmp, path)
     except OSError:
-        pass
+        if tmp is not None:  # a full disk: no half-written memo left beside it at every run (an audit, session 45)
+            Path(tmp).unlink(missing_ok=True)
 
 
 #: how many folders deep :func:`data_fingerprint` lists: an auth_logs folder's windows sit at

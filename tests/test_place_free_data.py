@@ -234,3 +234,20 @@ def test_a_resume_on_a_copy_of_its_data_without_the_times_goes_on(tmp_path):
     (b / "shared" / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "b", "rejected": "a"}\n')  # other bytes, one size
     with pytest.raises(ConfigError, match=r"data.dataset.path: .*dataset.path: '.*/a/shared/pairs.jsonl' there"):
         checkpoints._check_same_training(cfg(b), ckpt, "train.resume=auto")
+
+
+def test_a_memo_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Audit, session 45: a write of file_sha256.json that failed (a full disk: ENOSPC while writing) left its temporary
+    .file_sha256.json.* in paths.cache_dir, one more at every run, each as large as the memo got before the disk filled."""
+    import errno
+
+    from sectune import run_digest
+
+    monkeypatch.setattr(run_digest, "_CONTENT_MEMO", {"/x": [1, 2, 3, 4, "h"]})
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_digest.json, "dump", full_disk)
+    run_digest._write_memo(tmp_path / "cache" / run_digest.MEMO_FILE, {})
+    assert list((tmp_path / "cache").iterdir()) == []

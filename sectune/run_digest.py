@@ -234,7 +234,9 @@ def data_fingerprint(cfg: DictConfig, content: bool = False) -> dict:
         def walk(d: Path, depth: int) -> None:
             for b in sorted(d.iterdir()):
                 if b.is_dir():
-                    if depth < LISTING_DEPTH:
+                    # below the first level a hidden folder (.git, .ipynb_checkpoints) is no data (the first level's
+                    # files were always listed: the digests of runs before the deeper listing stand)
+                    if depth < LISTING_DEPTH and (depth == 1 or not b.name.startswith(".")):
                         walk(b, depth + 1)
                 elif b.is_file() and not b.name.startswith("."):
                     out.append(entry(str(b.relative_to(p)), b))

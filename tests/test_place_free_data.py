@@ -168,6 +168,8 @@ def test_an_auth_logs_folders_windows_count_in_the_data_digests(tmp_path):
                         f"paths.shared_data={tmp_path / 'none'}"])
 
     a, b = folder("a"), folder("b")
+    (tmp_path / "b" / "auth" / "auth_data" / ".git" / "objects").mkdir(parents=True)  # a hidden folder is no data
+    (tmp_path / "b" / "auth" / "auth_data" / ".git" / "objects" / "ab").write_text("x\n")
     assert run_digest.config_digest(a, portable=True) == run_digest.config_digest(b, portable=True)  # the same files
     plain = run_digest.config_digest(b)
     relabelled = tmp_path / "b" / "auth" / "auth_data"

@@ -192,3 +192,32 @@ def test_infer_on_an_export_run_names_the_run_it_came_from(exported, tmp_path):
                          tmp_path)
     error = json.loads((tmp_path / "result.json").read_text())["error"]
     assert code != 0 and error.startswith(f"infer.model_dir={out}: a stage=export run") and f"infer.model_dir={step}," in error
+
+
+def test_the_exported_chat_template_renders_the_log_lines_as_the_trained_prompt(exported):
+    from transformers import AutoTokenizer
+
+    from sectune.inference import text_ids
+
+    _, out, _, _ = exported
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    rendered = tok.apply_chat_template([{"role": "user", "content": "\n" + LOGS + "\n\n"}], tokenize=False, add_generation_prompt=True)
+    # a server tokenizes the rendered chat without adding special tokens: the ids must be the ones infer feeds the analyst
+    assert tok(rendered, add_special_tokens=False)["input_ids"] == text_ids(tok, auth_logs.render_prompt(LOGS))
+    with pytest.raises(Exception, match="one user message"):
+        tok.apply_chat_template([{"role": "user", "content": LOGS}, {"role": "assistant", "content": "{}"}], tokenize=False)
+
+
+def test_the_chat_template_writes_the_bos_a_tokenizer_adds_to_plain_text():
+    # Llama's tokenizers add a BOS to plain text, and servers add none to a rendered chat: the template must write it
+    from tokenizers.processors import TemplateProcessing
+
+    from sectune.inference import text_ids
+    from sectune.stages.export import analyst_chat_template
+
+    tok = modeling.load_tokenizer(compose(EXPORT))
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert text_ids(tok, "x")[0] == tok.bos_token_id
+    tok.chat_template = analyst_chat_template(tok)
+    rendered = tok.apply_chat_template([{"role": "user", "content": LOGS}], tokenize=False)
+    assert tok(rendered, add_special_tokens=False)["input_ids"] == text_ids(tok, auth_logs.render_prompt(LOGS))

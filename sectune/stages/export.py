@@ -10,7 +10,8 @@ head alone), loaded unquantized: folding an adapter into 4- or 8-bit weights is 
 on the full-precision base, which answers somewhat otherwise than the quantized model the run trained and evaluated (the
 distance is measured and said). The folder holds safetensors weights, the tokenizer, ``generation_config.json`` with the
 run's decoding settings (what ``generate`` and vLLM take as defaults) and ``sectune_export.json`` (where it came from,
-the prompt around the logs, the answers' JSON schema for a server's structured output, the checks below).
+the prompt around the logs, the answers' JSON schema for a server's structured output, the checks below). Its chat
+template renders one user message, the log lines, as that prompt, so a chat endpoint sends what the analyst trained on.
 
 Nothing is kept that was not checked: on a fixed analyst prompt the merged model's logits are compared with the adapter's
 on the same weights (the merge), and the saved folder, loaded back as a server would, with the merged model (the save:
@@ -90,6 +91,7 @@ def run(ctx: RunContext) -> dict:
 
     out = ctx.run_dir / "model"
     model.generation_config = _generation_config(model, tokenizer, gen)
+    tokenizer.chat_template = analyst_chat_template(tokenizer)
     modeling.save_pretrained_atomic(model, tokenizer, out)
     device = model.device  # read back on the device it was merged on: the check compares weights, not two devices' kernels
     del model
@@ -119,6 +121,22 @@ def run(ctx: RunContext) -> dict:
           f"within {metrics['max_logit_diff']:.2g} of the adapter's; load it with AutoModelForCausalLM.from_pretrained or "
           f"serve it with vLLM; {EXPORT_FILE} holds its prompt and answer schema)")
     return {"metrics": metrics, "artifacts": {"model": "model", "export": f"model/{EXPORT_FILE}"}}
+
+
+def analyst_chat_template(tokenizer) -> str:
+    """A chat template that renders one user message, the log lines, as the prompt the analyst trained on: a server's
+    chat endpoint (vLLM's /v1/chat/completions, ``apply_chat_template``) would otherwise wrap them in the base model's
+    template (or have none), a prompt the model never saw. The BOS the tokenizer adds to plain text is written by the
+    template, since servers tokenize a rendered chat without adding special tokens."""
+    from sectune.inference import text_ids
+
+    marker = "\x00LOGS\x00"
+    before, after = auth_logs.render_prompt(marker).split(marker)
+    bos = tokenizer.bos_token_id is not None and text_ids(tokenizer, "x")[:1] == [tokenizer.bos_token_id]
+    return ("{%- if messages | length != 1 or messages[0]['role'] != 'user' -%}"
+            "{{ raise_exception('this analyst reads one user message: the log lines') }}{%- endif -%}"
+            + ("{{ bos_token }}" if bos else "")
+            + "{% raw %}" + before + "{% endraw %}{{ messages[0]['content'] | trim }}{% raw %}" + after + "{% endraw %}")
 
 
 def _trained_quantization(cfg, choice) -> str:
@@ -173,7 +191,10 @@ def _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit) -> 
                    "base": base if choice.kind == "adapter" else None, "trained_quantization": trained},
         "dtype": dtype,
         "prompt": {"before_logs": before, "after_logs": after,
-                   "note": "the log lines go between the two, stripped of leading and trailing blank space"},
+                   "note": "the log lines go between the two, stripped of leading and trailing blank space; the "
+                           "tokenizer's chat template does so for one user message holding the lines. sectune reads a "
+                           "control token's spelling inside a log line (an attacker's user name '</s>') as text; a server "
+                           "that tokenizes the prompt with special tokens recognised reads it as that token"},
         "answer_schema": validator.schema,
         "generation": {k: gen[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")},
         "checks": {**metrics, "max_logit_diff_allowed": limit},

@@ -240,6 +240,7 @@ def check_values(cfg) -> None:
     if cfg.stage.name == "reward":  # it trains Bradley-Terry under any group and reads only loss.margin: another stage's group did nothing
         need(loss.name in ("bradley_terry", "causal_lm"), "loss", loss.name,
              "stage=reward trains a Bradley-Terry reward model: use loss=bradley_terry (its margin) or leave loss at its default")
+        check_block_mask_attention(cfg, "stage=reward")
     if cfg.stage.name == "rl":
         rl = cfg.rl
         need(rl.lr_scale > 0, "rl.lr_scale", rl.lr_scale, "must be > 0 (the learning rate is train.learning_rate × rl.lr_scale)")
@@ -300,6 +301,26 @@ def check_rl_rewards(cfg) -> None:
     if weights.get("reward_model") and not cfg.rl.reward_model:
         raise ConfigError(f"rl.rewards.reward_model={weights['reward_model']:g} weighs a reward model, but rl.reward_model is not set "
                           "(give a stage=reward run dir; in a pipeline, put reward before rl in pipeline.steps) or weigh it 0")
+    if weights.get("reward_model"):
+        check_block_mask_attention(cfg, "rl.rewards.reward_model (GRPO scoring with the reward model)")
+
+
+#: the attention implementations that read a 4D mask as given (transformers' flash-attention kernels take a padding
+#: mask only; GRPO's shared-prompt scoring falls back to TRL's rows under them, grpo_trainer.MASKABLE_ATTENTION)
+BLOCK_MASK_ATTENTION = (None, "sdpa", "eager")
+
+
+def check_block_mask_attention(cfg, who: str) -> None:
+    """The reward model scores a window's completions in one row (the prompt once, each completion attending to it and
+    itself: a 4D block mask, sectune.models.reward_model.SharedPromptCollator); under flash attention that mask is not
+    read as given (helper E's gap report, session 45: GRPO's own scoring already falls back)."""
+    from sectune.errors import ConfigError
+
+    att = cfg.model.attn_implementation
+    if att not in BLOCK_MASK_ATTENTION:
+        raise ConfigError(f"model.attn_implementation={att}: {who} scores a window's completions in one row under a block "
+                          "mask (each completion sees the prompt and itself) that only sdpa and eager attention read as "
+                          "given; set model.attn_implementation=sdpa (or null) for this step")
 
 
 #: ``quantization.bnb_4bit_compute_dtype`` names → torch dtype names

@@ -656,3 +656,18 @@ def test_a_wandb_mode_in_the_environment_that_wandb_refuses_is_named_before_anyt
     for ok in ("offline", "disabled", "dryrun"):
         monkeypatch.setenv("WANDB_MODE", ok)
         check_values(compose(["logger=wandb"]))
+
+
+def test_the_reward_models_block_mask_needs_attention_that_reads_it():
+    # the reward model scores a window's completions in one row under a 4D block mask, which transformers' flash-attention
+    # kernels do not read as given: refused before anything loads (GRPO's own scoring falls back, so rules alone pass)
+    from sectune.config_checks import check_values
+    from sectune.errors import ConfigError
+
+    fa2 = "model.attn_implementation=flash_attention_2"
+    for args in (["stage=reward", "loss=bradley_terry", "dataset=auth_preferences", fa2],
+                 ["stage=rl", "loss=grpo", "rl.reward_model=/x", "rl.rewards.reward_model=0.1", fa2]):
+        with pytest.raises(ConfigError, match=r"^model.attn_implementation=flash_attention_2: .*block mask"):
+            check_values(compose(args))
+    check_values(compose(["stage=reward", "loss=bradley_terry", "dataset=auth_preferences", "model.attn_implementation=sdpa"]))
+    check_values(compose(["stage=rl", "loss=grpo", fa2]))

@@ -156,3 +156,30 @@ TRAINING_STAGES = ("sft", "reward", "dpo", "rl", "contrastive", "classify", "fed
 GRPO_ONLY = ("num_generations", "temperature", "top_p", "max_completion_length", "heldout_windows", "eval_steps", "keep_best",
              "keep_best_se", "num_iterations", "loss_type", "scale_rewards", "rewards", "normalize_reward_model", "reward_model",
              "reference", "shared_prompt")
+
+
+#: the stages that train with ``train.learning_rate``
+TRAINING_STAGES = ("sft", "reward", "dpo", "rl", "contrastive", "classify", "federated")  # a pipeline's steps say it
+
+
+def foreign_model_warning(cfg) -> str | None:
+    """A warning where ``model.name_or_path`` names another model than a tiny preset's own (a hub id, or a folder of other
+    dimensions) and training would use that preset's settings: ``sectune model.name_or_path=Qwen/Qwen2.5-0.5B`` fine-tuned
+    it at the tiny model's learning rate, 1e-2 (a random model learns only at a high rate; real presets use ~2e-4), in
+    fp32, without a word (helper E's gap report, session 45). A tiny run's own weights (the same dimensions) are not."""
+    import json
+
+    m = cfg.model
+    if m.tiny is None or not m.name_or_path or cfg.stage.name not in TRAINING_STAGES or cfg.train.learning_rate != m.learning_rate:
+        return None
+    try:
+        theirs = json.loads((Path(str(m.name_or_path)).expanduser() / "config.json").read_text(encoding="utf-8"))
+        dims = (theirs.get("hidden_size", theirs.get("n_embd")), theirs.get("num_hidden_layers", theirs.get("n_layer")))
+    except (OSError, ValueError, AttributeError):
+        dims = None  # a hub id (or an unreadable folder): not the tiny model
+    if dims == (m.tiny.hidden_size, m.tiny.num_layers):
+        return None
+    return (f"model.name_or_path={m.name_or_path} is not model={m.name}'s tiny model, and trains with that preset's settings: "
+            f"learning rate {m.learning_rate:g} (a random tiny model's; real presets use ~2e-4), model.dtype={m.dtype}, "
+            f"model.max_seq_length={m.max_seq_length}; pick a preset for it (sectune --help lists them: model=smollm_135m, "
+            "llama32_3b_instruct, ...) or set train.learning_rate")

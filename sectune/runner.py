@@ -274,6 +274,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     heard = recorded_warnings(run_dir / CONSOLE_LOG if main else None).__enter__()
     try:
         from sectune.config_checks import check_keys, check_values
+        from sectune.config_effects import foreign_model_warning
 
         check_keys(cfg)
         check_values(cfg)
@@ -282,6 +283,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
             # on only when asked; said on the console and kept in result.json's warnings, whoever set it (preset or override)
             print(f"sectune: warning: model.trust_remote_code=true: loading {cfg.model.name_or_path or cfg.model.name} runs "
                   "the Python code its folder or hub repository ships", file=sys.stderr)
+        if main and (foreign := foreign_model_warning(cfg)):
+            print(f"sectune: warning: {foreign}", file=sys.stderr)
         _seed_everything(cfg.train.seed)
         stage_fn = resolve_stage(stage_name)
         # the doctor checks W&B itself (its own run stalled ~90 s where a key has no network: session 36); a pipeline opens

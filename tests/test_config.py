@@ -671,3 +671,20 @@ def test_the_reward_models_block_mask_needs_attention_that_reads_it():
             check_values(compose(args))
     check_values(compose(["stage=reward", "loss=bradley_terry", "dataset=auth_preferences", "model.attn_implementation=sdpa"]))
     check_values(compose(["stage=rl", "loss=grpo", fa2]))
+
+
+def test_a_hub_model_on_the_tiny_preset_is_said_to_train_at_the_tiny_models_learning_rate(tmp_path):
+    # `sectune model.name_or_path=Qwen/Qwen2.5-0.5B` fine-tuned it at the tiny preset's 1e-2 in fp32 without a word
+    from sectune.config_effects import foreign_model_warning
+
+    warning = foreign_model_warning(compose(["model.name_or_path=Qwen/Qwen2.5-0.5B"]))
+    assert warning.startswith("model.name_or_path=Qwen/Qwen2.5-0.5B is not model=tiny_llama's tiny model") and "0.01" in warning
+    assert foreign_model_warning(compose(["model.name_or_path=Qwen/Qwen2.5-0.5B", "train.learning_rate=2e-4"])) is None
+    assert foreign_model_warning(compose(["model=smollm_135m"])) is None  # a real preset: its own settings
+    assert foreign_model_warning(compose(["stage=infer", "model.name_or_path=Qwen/Qwen2.5-0.5B"])) is None  # no training
+    tiny_run = tmp_path / "model"  # a tiny run's own weights (the injection study's model.name_or_path=<SFT run>/model)
+    tiny_run.mkdir()
+    (tiny_run / "config.json").write_text(json.dumps({"hidden_size": 128, "num_hidden_layers": 2}))
+    assert foreign_model_warning(compose([f"model.name_or_path={tiny_run}"])) is None
+    (tiny_run / "config.json").write_text(json.dumps({"hidden_size": 896, "num_hidden_layers": 24}))  # a downloaded Qwen
+    assert foreign_model_warning(compose([f"model.name_or_path={tiny_run}"])) is not None

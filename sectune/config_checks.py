@@ -141,6 +141,14 @@ def check_values(cfg) -> None:
 
         need(1 <= d.num_log_keys <= MAX_LOG_KEYS, "dataset.num_log_keys", d.num_log_keys,
              f"must be in 1..{MAX_LOG_KEYS} (the DeepLog files' keys are 1..num_log_keys)")
+    # the SFT warm-up's: sft.warmup_epochs=nan reached transformers (a ValueError traceback after the warm-up's data and model
+    # had loaded: an audit, session 45)
+    need(cfg.sft.warmup_lines >= 0, "sft.warmup_lines", cfg.sft.warmup_lines, "must be >= 0 (generated log lines; 0 = no warm-up)")
+    we = cfg.sft.warmup_epochs
+    need(not cfg.sft.warmup_lines or (math.isfinite(we) and we > 0), "sft.warmup_epochs", we, "must be a finite number > 0")
+    if cfg.debug.enabled:  # 0 or -1 ran an unbounded epoch, and max_samples=-1 every triplet but one: no quick check
+        for key in ("max_steps", "max_samples"):
+            need(cfg.debug[key] >= 1, f"debug.{key}", cfg.debug[key], "must be >= 1 (debug.enabled=true is a quick check run)")
     kw = cfg.loss.key_weight
     need(math.isfinite(kw) and kw > 0, "loss.key_weight", kw, "must be a finite number > 0 (1 = off)")
     # names the stages check only after the data and the model have loaded (and W&B has started a run); from modules
@@ -188,6 +196,8 @@ def check_values(cfg) -> None:
     need(g.temperature > 0 or not g.do_sample, "generation.temperature", g.temperature, "must be > 0 when generation.do_sample=true")
     need(0 < g.top_p <= 1, "generation.top_p", g.top_p, "must be in (0, 1]")
     need(g.repetition_penalty > 0, "generation.repetition_penalty", g.repetition_penalty, "must be > 0 (1.0 = no penalty)")
+    # -1 previewed every validation window but one (a slice [:-1]), without a word (an audit, session 45)
+    need(g.preview_samples >= 0, "generation.preview_samples", g.preview_samples, "must be >= 0 (0 = no preview)")
     from sectune.config import GenerationConfig
 
     for key in ("temperature", "top_p"):  # greedy decoding reads neither: a changed value did nothing
@@ -240,10 +250,13 @@ def check_values(cfg) -> None:
     if cfg.stage.name == "reward":  # it trains Bradley-Terry under any group and reads only loss.margin: another stage's group did nothing
         need(loss.name in ("bradley_terry", "causal_lm"), "loss", loss.name,
              "stage=reward trains a Bradley-Terry reward model: use loss=bradley_terry (its margin) or leave loss at its default")
+        # nan or inf made every loss nan: refused after training as "a learning rate too high" (an audit, session 45)
+        need(math.isfinite(loss.margin), "loss.margin", loss.margin, "must be a finite number (-logsigmoid(r_chosen - r_rejected - margin))")
         check_block_mask_attention(cfg, "stage=reward")
     if cfg.stage.name == "rl":
         rl = cfg.rl
-        need(rl.lr_scale > 0, "rl.lr_scale", rl.lr_scale, "must be > 0 (the learning rate is train.learning_rate × rl.lr_scale)")
+        need(math.isfinite(rl.lr_scale) and rl.lr_scale > 0, "rl.lr_scale", rl.lr_scale,
+             "must be a finite number > 0 (the learning rate is train.learning_rate × rl.lr_scale)")
         if loss.name == "grpo":  # rl.num_generations and rl.keep_best_se: sectune.stages.rl.run_grpo
             need(rl.temperature > 0, "rl.temperature", rl.temperature, "must be > 0 (GRPO samples its completions)")
             need(0 < rl.top_p <= 1, "rl.top_p", rl.top_p, "must be in (0, 1]")
@@ -251,7 +264,7 @@ def check_values(cfg) -> None:
             need(rl.num_iterations >= 1, "rl.num_iterations", rl.num_iterations, "must be >= 1 (policy updates per generated batch; 0 trains nothing)")
             need(rl.eval_steps >= 0, "rl.eval_steps", rl.eval_steps, "must be >= 0 (0 = score the held-out windows only before and after training)")
             need(rl.heldout_windows >= 0, "rl.heldout_windows", rl.heldout_windows, "must be >= 0 (0 = skip)")
-            need(loss.beta >= 0, "loss.beta", loss.beta, "must be >= 0 (the KL weight; 0 = no KL term)")
+            need(math.isfinite(loss.beta) and loss.beta >= 0, "loss.beta", loss.beta, "must be a finite number >= 0 (the KL weight; 0 = no KL term)")
             need(loss.clip_epsilon > 0, "loss.clip_epsilon", loss.clip_epsilon, "must be > 0 (the policy ratio is clipped to [1-ε, 1+ε])")
             need(rl.num_generations >= 2, "rl.num_generations", rl.num_generations, "GRPO needs at least 2 completions per prompt to compare them")
             check_rl_rewards(cfg)
@@ -269,8 +282,11 @@ def check_values(cfg) -> None:
         need(f.lr_schedule in LR_SCHEDULES, "federated.lr_schedule", f.lr_schedule, f"choose one of {', '.join(LR_SCHEDULES)}")
         need(f.client_num_cpus >= 1, "federated.client_num_cpus", f.client_num_cpus, "must be >= 1 (Ray CPUs, and torch threads, per client)")
         if f.dp:  # Flower's DP wrapper raised them mid-run, a traceback and exit 1
-            need(f.dp_noise_multiplier >= 0, "federated.dp_noise_multiplier", f.dp_noise_multiplier, "must be >= 0 (0: clipping without noise)")
-            need(f.dp_clipping_norm > 0, "federated.dp_clipping_norm", f.dp_clipping_norm, "must be > 0 (the L2 norm each client's update is clipped to)")
+            # inf: a nan averaged adapter, refused after round 1 as weights that diverged (an audit, session 45)
+            need(math.isfinite(f.dp_noise_multiplier) and f.dp_noise_multiplier >= 0, "federated.dp_noise_multiplier", f.dp_noise_multiplier,
+                 "must be a finite number >= 0 (0: clipping without noise)")
+            need(math.isfinite(f.dp_clipping_norm) and f.dp_clipping_norm > 0, "federated.dp_clipping_norm", f.dp_clipping_norm,
+                 "must be a finite number > 0 (the L2 norm each client's update is clipped to)")
         need(f.client_num_gpus >= 0, "federated.client_num_gpus", f.client_num_gpus, "must be >= 0")
         need(f.client_num_gpus == 0 or torch.cuda.is_available(), "federated.client_num_gpus", f.client_num_gpus,
              "asks Ray for GPUs, and this machine has none (0: clients on the CPU)")

@@ -5,6 +5,7 @@ without a word (each refused, naming the key). Re-exported by :mod:`sectune.conf
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -30,7 +31,7 @@ def check_passed_through(cfg, need) -> None:
     need(att is None or att in ATTENTION or "/" in str(att) or "|" in str(att), "model.attn_implementation", att,
          f"choose one of {', '.join(ATTENTION)} (or null: transformers' default)")
     dm = m.device_map
-    need(dm is None or not isinstance(dm, (str, int)) or bool(re.fullmatch(
+    need(dm is None or isinstance(dm, Mapping) or isinstance(dm, (str, int)) and bool(re.fullmatch(
         r"auto|balanced|balanced_low_0|sequential|cpu|disk|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?|\d+", str(dm))), "model.device_map", dm,
          "choose auto, balanced, balanced_low_0, sequential, cpu, cuda, cuda:N (a device) or a mapping of module names to devices")
     tiny = m.get("tiny")
@@ -38,6 +39,11 @@ def check_passed_through(cfg, need) -> None:
         heads, kv = tiny.num_heads, tiny.num_kv_heads
         need(heads >= 1 and tiny.hidden_size % heads == 0, "model.tiny.num_heads", heads, f"must divide model.tiny.hidden_size={tiny.hidden_size}")
         need(m.family != "llama" or (kv >= 1 and heads % kv == 0), "model.tiny.num_kv_heads", kv, f"must divide model.tiny.num_heads={heads}")
+        # 0 or -1 failed in the build with a traceback (ZeroDivisionError, a negative tensor dimension), or built a model of no
+        # layer, or with max_position_embeddings=-1 trained as a succeeded run (an audit, session 45)
+        for key in ("hidden_size", "num_layers", "intermediate_size", "max_position_embeddings"):
+            need(tiny[key] >= 1, f"model.tiny.{key}", tiny[key], "must be >= 1")
+        need(0 < tiny.init_std <= 1, "model.tiny.init_std", tiny.init_std, "must be in (0, 1] (the std of the random initial weights)")
     mode = cfg.logger.mode
     need(mode in (None, "") or mode in WANDB_MODES, "logger.mode", mode, f"choose one of {', '.join(WANDB_MODES)} (or null: online "
          "when a W&B key is configured, else offline)")

@@ -77,6 +77,27 @@ from sectune.errors import ConfigError
     ("dataset.split_seed=-1", "dataset.split_seed"),  # every dataset: numpy's seed range (was a traceback in classify)
     ("stage=classify dataset=text_label_csv dataset.skip_bad_lines=true", "dataset.skip_bad_lines"),  # was accepted, then ignored
     ("stage=reward dataset=auth_preferences dataset.skip_bad_lines=true", "dataset.skip_bad_lines"),
+    # session 45 (a fuzz of every key's value): a traceback, a nan loss blamed on the learning rate after training, or
+    # a setting silently taken for another
+    ("generation.preview_samples=-1", "generation.preview_samples"),  # previewed every validation window but one
+    ("stage=sft sft.warmup_lines=300 sft.warmup_epochs=nan", "sft.warmup_epochs"),  # transformers' ValueError traceback
+    ("stage=sft sft.warmup_lines=-1", "sft.warmup_lines"),
+    ("stage=contrastive loss=causal_contrastive debug.enabled=true debug.max_steps=0", "debug.max_steps"),  # an epoch, not a check
+    ("stage=contrastive loss=causal_contrastive debug.enabled=true debug.max_samples=-1", "debug.max_samples"),
+    ("stage=reward dataset=auth_preferences loss=bradley_terry loss.margin=nan", "loss.margin"),  # a nan loss
+    ("stage=reward dataset=auth_preferences loss=bradley_terry loss.margin=inf", "loss.margin"),
+    ("stage=rl loss=grpo loss.beta=inf", "loss.beta"),  # nan scores while sampling, "a learning rate too high"
+    ("stage=rl loss=grpo rl.lr_scale=inf", "rl.lr_scale"),
+    ("stage=federated federated.dp=true federated.dp_noise_multiplier=inf", "federated.dp_noise_multiplier"),  # a nan adapter
+    ("stage=federated federated.dp=true federated.dp_clipping_norm=inf", "federated.dp_clipping_norm"),
+    ("model.tiny.hidden_size=0", "model.tiny.hidden_size"),  # ZeroDivisionError traceback in the build
+    ("model.tiny.intermediate_size=-1", "model.tiny.intermediate_size"),  # torch's negative-dimension traceback
+    ("model.tiny.num_layers=0", "model.tiny.num_layers"),  # a model of no layer: "lora.target_modules not in model"
+    ("model.tiny.max_position_embeddings=-1", "model.tiny.max_position_embeddings"),  # trained as a succeeded run
+    ("model.tiny.init_std=nan", "model.tiny.init_std"),  # huggingface_hub's validation traceback
+    ("model.tiny.init_std=-1", "model.tiny.init_std"),
+    ("model.device_map=[1]", "model.device_map"),  # AttributeError traceback: a list is not a mapping of modules
+    ("model.device_map=nan", "model.device_map"),
 ])
 def test_values_no_run_can_use_are_errors_naming_the_key(override, key):
     from sectune.config_checks import check_values

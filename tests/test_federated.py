@@ -77,6 +77,9 @@ def test_partition_errors_name_the_setting():
         federated.partition(SESSIONS[:3], 5, "iid")
     with pytest.raises(DataError, match="dirichlet_alpha"):
         federated.partition(SESSIONS[:40], 30, "dirichlet", alpha=0.01, max_tries=3)
+    for alpha in (float("nan"), float("inf")):  # nan proportions: 100 empty draws, then "raise federated.dirichlet_alpha"
+        with pytest.raises(ConfigError, match=f"federated.dirichlet_alpha={alpha}: must be a finite number > 0"):
+            federated.partition(SESSIONS, 3, "dirichlet", alpha=alpha)
 
 
 def test_lr_schedule_over_rounds_and_clients_per_round():

@@ -80,8 +80,8 @@ def partition(sessions: Sequence[Sequence[int]], num_clients: int, how: str = "i
         order = sorted(range(n), key=lambda i: (dom[i], i))
         cuts = np.linspace(0, n, num_clients + 1).round().astype(int)
         return [sorted(order[cuts[c]:cuts[c + 1]]) for c in range(num_clients)]
-    if alpha <= 0:
-        raise ConfigError(f"federated.dirichlet_alpha={alpha}: must be > 0")
+    if not (math.isfinite(alpha) and alpha > 0):  # nan drew nan proportions, then "raise federated.dirichlet_alpha" 100 draws later
+        raise ConfigError(f"federated.dirichlet_alpha={alpha}: must be a finite number > 0")
     rng = np.random.default_rng(seed)
     by_key: dict[int, list[int]] = {}
     for i, k in enumerate(dom):

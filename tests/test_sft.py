@@ -221,6 +221,27 @@ def test_warmup_refuses_a_dataset_without_a_generator_a_quantized_model_and_bad_
     assert not (tmp_path / "warmup").exists()
 
 
+def test_the_warm_ups_own_sft_does_not_call_the_warm_up_epochs_unused(tmp_path, monkeypatch, capsys):
+    """The warm-up is the SFT stage run on a copy of the config with sft.warmup_lines=0 and the user's warmup_epochs:
+    that run said "sft.warmup_epochs=0.5 does nothing without a warm-up" about the warm-up it was (an audit, session 45).
+    Alone, the setting is still said to do nothing."""
+    from conftest import compose
+
+    from sectune.runner import RunContext
+    from sectune.stages import sft, sft_warmup
+
+    def inner_sft(ctx):  # the real stage's first step, then no training
+        assert sft_warmup.warmup(ctx) is None and ctx.run_dir.name == sft_warmup.WARMUP_DIR
+        return {"metrics": {}, "artifacts": {}}
+
+    monkeypatch.setattr(sft, "run", inner_sft)
+    base = [f"paths.cache_dir={tmp_path / 'cache'}", "sft.warmup_epochs=0.5"]
+    assert sft_warmup.warmup(RunContext(cfg=compose([*base, "sft.warmup_lines=300"]), run_dir=tmp_path / "run"))["status"] == "succeeded"
+    assert "does nothing without a warm-up" not in capsys.readouterr().err
+    assert sft_warmup.warmup(RunContext(cfg=compose(base), run_dir=tmp_path / "alone")) is None
+    assert "sft.warmup_epochs=0.5 does nothing without a warm-up" in capsys.readouterr().err
+
+
 def test_a_warm_up_from_the_same_generated_stream_as_the_held_out_windows_is_refused(tmp_path):
     """Without real logs the dataset's windows are generated with dataset.split_seed; the warm-up's with sft.warmup_seed
     (7). The generator is prefix-stable, so at split_seed=7 the warm-up held every test window word for word, and the

@@ -41,7 +41,9 @@ def warmup(ctx: RunContext) -> dict | None:
     cfg = ctx.cfg
     n = int(cfg.sft.warmup_lines)
     if n == 0:
-        if float(cfg.sft.warmup_epochs) != 1.0:  # its default: set on its own, it was ignored without a word
+        # its default: set on its own, it was ignored without a word (the warm-up's own SFT, in <run dir>/warmup/, has
+        # warmup_lines=0 and the user's warmup_epochs: it said so there too, about a warm-up that was running: session 45)
+        if float(cfg.sft.warmup_epochs) != 1.0 and ctx.run_dir.name != WARMUP_DIR:
             print(f"sectune: warning: sft.warmup_epochs={cfg.sft.warmup_epochs} does nothing without a warm-up: set "
                   "sft.warmup_lines=N (generated log lines to warm up on) as well", file=sys.stderr)
         return None

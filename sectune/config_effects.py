@@ -64,6 +64,8 @@ def check_passed_through(cfg, need) -> None:
     need(f.eval_every >= 1, "federated.eval_every", f.eval_every, "must be >= 1 (the server evaluates every N rounds)")
     hm = cfg.pipeline.heldout_max_windows
     need(hm is None or hm >= 1, "pipeline.heldout_max_windows", hm, "must be >= 1 (null = every test window)")
+    hb = cfg.pipeline.heldout_batch_size  # 0 or -1: a traceback from the held-out table, once every step had trained (session 45)
+    need(hb is None or hb >= 1, "pipeline.heldout_batch_size", hb, "must be >= 1 (null = infer.batch_size)")
     lim = cfg.reward.memory_limit_gb
     need(lim is None or lim > 0, "reward.memory_limit_gb", lim, "must be > 0 (GB; null = the device's free memory now)")
     need(cfg.doctor.min_free_disk_gb >= 0, "doctor.min_free_disk_gb", cfg.doctor.min_free_disk_gb, "must be >= 0")

@@ -98,6 +98,8 @@ from sectune.errors import ConfigError
     ("model.tiny.init_std=-1", "model.tiny.init_std"),
     ("model.device_map=[1]", "model.device_map"),  # AttributeError traceback: a list is not a mapping of modules
     ("model.device_map=nan", "model.device_map"),
+    ("stage=pipeline pipeline.heldout_batch_size=0", "pipeline.heldout_batch_size"),  # after every step: range() step 0
+    ("stage=pipeline pipeline.heldout_batch_size=-1", "pipeline.heldout_batch_size"),  # no answer: sklearn's traceback
 ])
 def test_values_no_run_can_use_are_errors_naming_the_key(override, key):
     from sectune.config_checks import check_values

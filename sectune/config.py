@@ -86,6 +86,9 @@ class LoraConfig:
     bias: str = "none"
     #: extra modules trained in full and saved with the adapter (e.g. a classification head)
     modules_to_save: Optional[List[str]] = None
+    #: rank-stabilised LoRA (Kalajdzievski 2023; PEFT's use_rslora): the update scaled by alpha/sqrt(r), not alpha/r, so a
+    #: higher rank does not shrink it
+    use_rslora: bool = False
 
 
 @dataclass

@@ -89,7 +89,7 @@ def check_settings_in_effect(cfg, need) -> None:
              "is used only with model.device_map (e.g. model.device_map=auto): set it too, or leave this out")
     if not lo.enabled:  # a LoRA setting changed while LoRA is off: the full model trains (a lora preset without enabled: true)
         default = LoraConfig()
-        changed = [k for k in ("r", "alpha", "dropout", "target_modules") if lo[k] != getattr(default, k)]
+        changed = [k for k in ("r", "alpha", "dropout", "target_modules", "use_rslora") if lo[k] != getattr(default, k)]
         need(not changed, f"lora.{changed[0] if changed else 'r'}", lo[changed[0]] if changed else None,
              "has no effect: LoRA is off (lora.enabled=false: lora=none, or a lora preset without enabled: true), so every "
              "weight trains; set lora.enabled=true or choose lora=r4_attention / r16_all_linear")
@@ -165,9 +165,6 @@ GRPO_ONLY = ("num_generations", "temperature", "top_p", "max_completion_length",
              "keep_best_se", "num_iterations", "loss_type", "scale_rewards", "rewards", "normalize_reward_model", "reward_model",
              "reference", "shared_prompt")
 
-
-#: the stages that train with ``train.learning_rate``
-TRAINING_STAGES = ("sft", "reward", "dpo", "rl", "contrastive", "classify", "federated")  # a pipeline's steps say it
 
 
 def foreign_model_warning(cfg) -> str | None:

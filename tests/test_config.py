@@ -688,3 +688,24 @@ def test_a_hub_model_on_the_tiny_preset_is_said_to_train_at_the_tiny_models_lear
     assert foreign_model_warning(compose([f"model.name_or_path={tiny_run}"])) is None
     (tiny_run / "config.json").write_text(json.dumps({"hidden_size": 896, "num_hidden_layers": 24}))  # a downloaded Qwen
     assert foreign_model_warning(compose([f"model.name_or_path={tiny_run}"])) is not None
+
+
+def test_rank_stabilised_lora_scales_by_the_square_root_of_the_rank():
+    # lora.use_rslora reaches PEFT (alpha / sqrt(r): a higher rank keeps its update's size), and is refused without LoRA
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    from sectune.config_checks import check_values
+    from sectune.errors import ConfigError
+    from sectune.models import modeling
+
+    scales = {}
+    for rs in (False, True):
+        cfg = compose(["lora=r16_all_linear", f"lora.use_rslora={rs}"])
+        model = modeling.apply_lora(modeling.load_model(cfg, path=modeling.model_path(cfg)), cfg)
+        scales[rs] = {m.scaling["default"] for m in model.modules() if isinstance(m, LoraLayer)}
+    r, alpha = cfg.lora.r, cfg.lora.alpha
+    assert scales == {False: {alpha / r}, True: {alpha / math.sqrt(r)}}
+    with pytest.raises(ConfigError, match="^lora.use_rslora=True: has no effect"):
+        check_values(compose(["lora=none", "lora.use_rslora=true"]))

@@ -64,6 +64,7 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",  # its Conv1D layers store weights transposed
         task_type=task_type,
         modules_to_save=[*(lc.modules_to_save or ()), *fresh] or None,
+        use_rslora=bool(lc.get("use_rslora", False)),
     )
     model = get_peft_model(model, peft_cfg)
     if cfg.train.precision in ("bf16", "fp16"):

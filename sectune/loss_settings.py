@@ -45,3 +45,13 @@ def dpo_sft_weight(cfg) -> float:
     if not (math.isfinite(w) and w >= 0):
         raise ConfigError(f"dpo.sft_weight={cfg.dpo.sft_weight}: a finite weight >= 0 (0 = plain DPO)")
     return w
+
+
+def dpo_loss_types(cfg) -> tuple[list[str], list[float] | None]:
+    """(TRL's ``loss_type``, ``loss_weights``) for stage=dpo: the sigmoid loss of the DPO paper, or with
+    ``loss.label_smoothing`` = ε > 0 robust DPO (Chowdhury et al. 2024: the preference label flipped with probability ε;
+    TRL's "robust"); plus ``dpo.sft_weight`` × the chosen answer's NLL (RPO, TRL's "sft"). TRL 1.16's "sigmoid" reads no
+    label smoothing: passed beside it, ε changed nothing (helper E's gap report led here, session 45)."""
+    base = "robust" if float(cfg.loss.label_smoothing) > 0 else "sigmoid"
+    sft_weight = dpo_sft_weight(cfg)
+    return ([base, "sft"], [1.0, sft_weight]) if sft_weight else ([base], None)

@@ -152,6 +152,26 @@ def test_sft_weight_adds_the_chosen_answers_token_mean_nll_to_the_dpo_loss(tmp_p
         build(tmp_path, ["dpo.sft_weight=-1"])
 
 
+def test_label_smoothing_trains_robust_dpo_with_that_flip_probability(tmp_path):
+    """loss.label_smoothing = ε (robust DPO, Chowdhury et al. 2024): ((1-ε)·-logσ(βΔ) - ε·-logσ(-βΔ)) / (1-2ε). It was
+    passed to TRL beside its "sigmoid" loss, which in TRL 1.16 reads no smoothing: ε changed nothing."""
+    import torch.nn.functional as F
+
+    _, trainer, batch = build(tmp_path, ["loss.beta=0.3", "loss.label_smoothing=0.2"])
+    model = trainer.model
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+    policy_c, policy_r = plain_logps(model, batch).chunk(2)
+    with model.disable_adapter():
+        ref_c, ref_r = plain_logps(model, batch).chunk(2)
+    delta, eps = 0.3 * ((policy_c - ref_c) - (policy_r - ref_r)), 0.2
+    expected = ((-(1 - eps) * F.logsigmoid(delta) + eps * F.logsigmoid(-delta)) / (1 - 2 * eps)).mean()
+    assert (expected - (-F.logsigmoid(delta).mean())).abs() > 1e-3  # ε matters on these pairs
+    torch.testing.assert_close(trainer.compute_loss(model, batch).detach(), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("reference", ["base", "init"])
 def test_sft_adapter_loads_trainable_and_the_reference_shares_the_base_weights(tmp_path, reference):
     from sectune.stages import dpo

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from sectune import losses
-from sectune.loss_settings import dpo_sft_weight
+from sectune.loss_settings import dpo_loss_types
 from sectune.errors import ConfigError, first_line
 from sectune.models import modeling
 from sectune.run_records import read_policy_run, run_owning, warn_other_quantization
@@ -288,18 +288,18 @@ def build_dpo_trainer(cfg, model, ref_model, tokenizer, train_pairs, val_pairs, 
     from trl import DPOConfig, DPOTrainer
 
     has_eval = bool(val_pairs) and bool(cfg.train.eval_steps)
-    sft_weight = dpo_sft_weight(cfg)
+    loss_types, loss_weights = dpo_loss_types(cfg)
     kwargs = engine.training_kwargs(cfg, output_dir, has_eval=has_eval)
     # train.group_by_length: batches of similar total length (prompt + longer answer), a seeded order
     group = kwargs.pop("train_sampling_strategy") == "group_by_length"
     args = DPOConfig(
         **kwargs,
         beta=float(cfg.loss.beta),
-        # loss.label_smoothing > 0: robust DPO (cDPO; TRL's sigmoid loss with that flip probability)
+        # the paper's loss (sectune.losses.dpo_loss), robust DPO with loss.label_smoothing > 0 (the flip probability),
+        # plus dpo.sft_weight × the chosen answer's NLL (RPO): loss_settings.dpo_loss_types
         label_smoothing=float(cfg.loss.label_smoothing),
-        # the paper's loss (sectune.losses.dpo_loss), plus dpo.sft_weight × the chosen answer's NLL (RPO)
-        loss_type=["sigmoid", "sft"] if sft_weight else ["sigmoid"],
-        loss_weights=[1.0, sft_weight] if sft_weight else None,
+        loss_type=loss_types,
+        loss_weights=loss_weights,
         # every pair fits (fitting_pairs): no truncation happens; were it to, the answer's start is kept
         max_length=cfg.model.max_seq_length,
         truncation_mode="keep_start",

@@ -51,7 +51,7 @@ def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_
     if stage in CHAIN:
         candidates = [(stage, root)]
     elif stage == "pipeline" or (result is None and any((root / s / RESULT_FILE).is_file() for s in CHAIN)):
-        candidates = [(s, root / s) for s in (pipeline_order(root) if table else CHAIN)]
+        candidates = [(s, root / s) for s in (pipeline_order(root, key.split('.')[0]) if table else CHAIN)]
     elif result is None:
         raise ConfigError(f"{key}={model_dir}: no {RESULT_FILE} there; point it at an sft, dpo or rl run dir or a pipeline dir")
     elif stage == "export":  # its model/ is for a server; scored here, it would need its source's split and decoding
@@ -78,7 +78,7 @@ def _export_source(root: Path) -> str | None:
         return None
 
 
-def pipeline_order(root: Path) -> list[str]:
+def pipeline_order(root: Path, who: str = "infer") -> list[str]:
     """RL → DPO → SFT, but the policy the pipeline's held-out table chose on its validation windows first: the newest
     step answered even where the table had chosen another (its ``best_policy``, never chosen on test)."""
     try:
@@ -88,7 +88,7 @@ def pipeline_order(root: Path) -> list[str]:
         return list(CHAIN)
     if best not in CHAIN:
         return list(CHAIN)
-    print(f"sectune: infer: {root}'s held-out table chose its {best} policy on the validation windows: it answers first")
+    print(f"sectune: {who}: {root}'s held-out table chose its {best} policy on the validation windows: it answers first")
     return [best, *(s for s in CHAIN if s != best)]
 
 
@@ -200,7 +200,7 @@ def _same_model(a: str, b: str) -> bool:
     return a == b
 
 
-def run_generation(cfg, choice: ModelChoice):
+def run_generation(cfg, choice: ModelChoice, who: str = "infer"):
     """``generation.*`` as the chosen model's own run decoded (its saved config), but for a key this command sets: the
     README's plain infer command decoded a pipeline's analyst with repetition_penalty 1.2 where the pipeline scored it
     with 1.0, and 18 of 100 verdicts changed."""
@@ -222,6 +222,6 @@ def run_generation(cfg, choice: ModelChoice):
              and v != cfg.generation[k]}
     if not taken:
         return cfg.generation
-    print(f"sectune: infer: decoding as the {choice.used} run did ({', '.join(f'generation.{k}={v}' for k, v in taken.items())}; "
+    print(f"sectune: {who}: decoding as the {choice.used} run did ({', '.join(f'generation.{k}={v}' for k, v in taken.items())}; "
           "set them on the command line to decode otherwise)")
     return OmegaConf.merge(cfg.generation, taken)

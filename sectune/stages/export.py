@@ -60,7 +60,7 @@ def run(ctx: RunContext) -> dict:
     choice = choose_model(ec.model_dir, base_fallback=False, key="export.model_dir")
     for why in choice.skipped:
         print(f"sectune: warning: export: skipped {why}")
-    gen = run_generation(cfg, choice)
+    gen = run_generation(cfg, choice, "export")
     trained = _trained_quantization(cfg, choice)
 
     metrics: dict = {}

@@ -316,7 +316,7 @@ def run_sectune():
 LONGEST_FILES_FIRST = ("test_distributed.py", "test_rl.py", "test_sweeps.py", "test_classify.py", "test_injection_data.py",
                        "test_pipeline.py", "test_plan_doctor.py", "test_contrastive.py", "test_config.py", "test_hdfs.py",
                        "test_dpo.py", "test_sft.py", "test_resume.py", "test_bad_input.py", "test_federated.py",
-                       "test_infer.py", "test_packaging.py", "test_saved_work.py", "test_reward.py", "test_bad_inputs.py",
+                       "test_infer.py", "test_packaging.py", "test_saved_work.py", "test_export.py", "test_reward.py", "test_bad_inputs.py",
                        "test_subword.py", "test_report.py", "test_bench.py", "test_packing.py", "test_harness.py")
 
 

@@ -56,6 +56,22 @@ def test_preset_param_counts_match_published_sizes():
     assert ARCHS["deepseek_r1_distill_llama_8b"] == ARCHS["llama31_8b"]
 
 
+def test_the_qwen_and_mistral_presets_hold_their_published_sizes_and_qwens_qkv_bias_is_counted():
+    # Qwen2.5-1.5B: 1,543,714,304 parameters (its q/k/v biases included); Mistral-7B-v0.3: 7,248,023,552; each preset's
+    # arch is the planner's
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import compose
+
+    for name, n in (("qwen25_1_5b_instruct", 1_543_714_304), ("mistral_7b_instruct_v03", 7_248_023_552)):
+        arch = dict(compose([f"model={name}"]).model.arch)
+        assert arch == ARCHS[name] and param_count(arch) == n, name
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    arch = measure_arch(model.config)
+    assert arch["qkv_bias"] is True and param_count(arch) == numel(model)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_param_count_equals_tiny_llama(tie):
     model = tiny_llama(tie)

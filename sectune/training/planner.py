@@ -57,6 +57,10 @@ ARCHS: dict[str, dict[str, Any]] = {
     "deepseek_r1_distill_llama_8b": dict(family="llama", hidden_size=4096, num_layers=32, num_heads=32,
                                          num_kv_heads=8, intermediate_size=14336, vocab_size=128256,
                                          tie_embeddings=False),
+    "qwen25_1_5b_instruct": dict(family="llama", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                                 intermediate_size=8960, vocab_size=151936, tie_embeddings=True, qkv_bias=True),
+    "mistral_7b_instruct_v03": dict(family="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                                    intermediate_size=14336, vocab_size=32768, tie_embeddings=False),
 }
 
 ATTENTION_MODULES = {"llama": ("q_proj", "k_proj", "v_proj", "o_proj"), "gpt2": ("c_attn", "attn.c_proj")}
@@ -107,7 +111,8 @@ def linear_shapes(arch: dict) -> list[tuple[str, int, int, bool]]:
     fam = arch["family"]
     if fam == "llama":
         ab, mb = bool(arch.get("attention_bias", False)), bool(arch.get("mlp_bias", False))
-        return [("q_proj", h, qd, ab), ("k_proj", h, kvd, ab), ("v_proj", h, kvd, ab), ("o_proj", qd, h, ab),
+        qb = ab or bool(arch.get("qkv_bias", False))  # Qwen2: q, k and v carry a bias, o_proj none
+        return [("q_proj", h, qd, qb), ("k_proj", h, kvd, qb), ("v_proj", h, kvd, qb), ("o_proj", qd, h, ab),
                 ("gate_proj", h, i, mb), ("up_proj", h, i, mb), ("down_proj", i, h, mb)]
     if fam == "gpt2":
         return [("c_attn", h, 3 * h, True), ("attn.c_proj", h, h, True), ("c_fc", h, i, True), ("mlp.c_proj", i, h, True)]
@@ -391,4 +396,6 @@ def measure_arch(hf_config) -> dict:
     for k in ("attention_bias", "mlp_bias"):
         if getattr(hf_config, k, False):
             arch[k] = True
+    if mt == "qwen2" and not arch.get("attention_bias"):  # its q/k/v projections always carry a bias (no config key)
+        arch["qkv_bias"] = True
     return arch

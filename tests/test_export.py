@@ -94,6 +94,9 @@ def test_the_export_carries_the_runs_decoding_prompt_and_schema(exported):
     assert desc["answer_schema"] == auth_logs._validator().schema
     assert desc["source"]["step"] == "sft" and desc["source"]["path"] == str(exported[0] / "adapter")
     assert desc["checks"]["max_logit_diff"] == result["metrics"]["max_logit_diff"]
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "None recorded with this run" in card
+    assert desc["prompt"]["before_logs"] + "<log lines>" + desc["prompt"]["after_logs"] in card
 
 
 def test_an_adapter_on_a_tied_lm_head_is_merged_into_the_head_alone(tmp_path):
@@ -131,8 +134,20 @@ def test_a_pipelines_dpo_adapter_is_exported_on_the_sft_weights_it_was_trained_o
     for step, artifacts in (("sft", {"model": "model"}), ("dpo", {"adapter": "adapter", "base_model": "../sft/model"})):
         (pipe / step / "result.json").write_text(json.dumps({"stage": step, "status": "succeeded", "artifacts": artifacts}))
     (pipe / "result.json").write_text(json.dumps({"stage": "pipeline", "status": "succeeded", "artifacts": {}}))
+    rows = [{"name": "SFT+DPO", "step": "dpo", "verdict_macro_f1": 0.9, "verdict_accuracy": 0.88, "field_f1": 0.67,
+             "schema_valid_rate": 0.95}, {"name": "TF-IDF + LR (verdict only)", "step": None, "verdict_macro_f1": 0.882}]
+    (pipe / "heldout.json").write_text(json.dumps({"rows": rows, "windows": 43, "best_policy": "SFT+DPO"}))
     code, result = export(pipe, tmp_path / "out")
     assert code == 0, result.get("error")
+    card = (tmp_path / "out" / "model" / "README.md").read_text()  # the model card: the pipeline's table, as recorded
+    assert "| SFT+DPO (this model's policy) | 0.900 | 0.880 | 0.670 | 0.950 |" in card
+    assert "| TF-IDF + LR (verdict only) | 0.882 | — | — | — |" in card and "43 held-out test windows" in card
+    assert "These windows are generated" not in card
+    windows = [{"id": f"w{i}", "source": "synthetic", "verdict": "benign"} for i in range(3)]  # a clone without ../shared
+    (pipe / "heldout.json").write_text(json.dumps({"rows": rows, "windows": windows}))
+    assert export(pipe, tmp_path / "out2")[0] == 0
+    assert "3 held-out test windows" in (card := (tmp_path / "out2" / "model" / "README.md").read_text())
+    assert "**These windows are generated**" in card
     desc = json.loads((tmp_path / "out" / "model" / "sectune_export.json").read_text())
     assert desc["source"]["step"] == "dpo" and Path(desc["source"]["base"]).resolve() == (pipe / "sft" / "model").resolve()
     on_sft = PeftModel.from_pretrained(modeling.load_model(cfg, path=str(pipe / "sft" / "model")), str(pipe / "dpo" / "adapter"))

@@ -29,10 +29,10 @@ from omegaconf import OmegaConf
 
 from sectune.config import QuantizationConfig
 from sectune.data import auth_logs
-from sectune.errors import ConfigError, SectuneError
+from sectune.errors import ConfigError, SectuneError, shown
 from sectune.model_chain import choose_model, load_model, run_generation
 from sectune.models import modeling
-from sectune.runner import RunContext, environment, write_json_atomic
+from sectune.runner import RunContext, environment, write_json_atomic, write_text_atomic
 from sectune.training import distributed
 
 #: what the check reads: an analyst prompt of a few auth-log lines (fixed, so two exports are checked alike)
@@ -75,6 +75,7 @@ def run(ctx: RunContext) -> dict:
     full.quantization = OmegaConf.structured(QuantizationConfig())  # merged into 4- or 8-bit weights, an adapter is rounded
     model, tokenizer, ref = load_model(full, choice, as_trained=False)
     base = str((model.get_base_model() if hasattr(model, "get_base_model") else model).name_or_path)
+    base = str(Path(base).resolve()) if Path(base).exists() else base  # rl/../sft/model: where it is
     probe = _probe(tokenizer, model)
     reference = _logits(model, probe)
     scale = max(1.0, reference.abs().max().item())
@@ -116,7 +117,9 @@ def run(ctx: RunContext) -> dict:
               f"into the unquantized weights ({dtype}), which agree with the model it trained and evaluated on "
               f"{metrics['top1_agreement_vs_trained']:.1%} of next-token choices of the check prompt (logits up to "
               f"{metrics['max_logit_diff_vs_trained']:.3g} apart): evaluate the export before serving it")
-    write_json_atomic(out / EXPORT_FILE, _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit))
+    desc = _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit)
+    write_json_atomic(out / EXPORT_FILE, desc)
+    write_text_atomic(out / "README.md", model_card(desc, Path(str(ec.model_dir)).expanduser()))
     print(f"sectune: export: the {choice.used} {choice.kind} of {ec.model_dir} as one model folder: {out} ({dtype}; logits "
           f"within {metrics['max_logit_diff']:.2g} of the adapter's; load it with AutoModelForCausalLM.from_pretrained or "
           f"serve it with vLLM; {EXPORT_FILE} holds its prompt and answer schema)")
@@ -200,3 +203,60 @@ def _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit) -> 
         "checks": {**metrics, "max_logit_diff_allowed": limit},
         "environment": environment(str(cfg.train.device)),
     }
+
+
+def model_card(desc: dict, source: Path) -> str:
+    """The folder's README.md (a hub model card): where the model came from, its prompt and answer schema, the held-out
+    table its pipeline measured (every row, the classic baselines beside the policies, as recorded), and the caveats."""
+    src, checks = desc["source"], desc["checks"]
+    hub_base = src.get("base") if src.get("base") and not Path(str(src["base"])).expanduser().exists() else None
+    lines = ["---", "library_name: transformers", *([f"base_model: {hub_base}"] if hub_base else []),
+             "tags: [sectune, security, log-analysis, auth-logs]", "---", "",
+             "# An auth-log analyst exported by sectune", "",
+             f"The {src['step']} policy of `{src['model_dir']}` ({src['kind']} `{src['path']}`"
+             + (f", merged into `{src['base']}`" if src.get("base") else "") + f"), saved in {desc['dtype']} by "
+             f"`sectune stage=export` (sectune {desc['environment'].get('sectune', '?')}).", "",
+             "## Prompt", "",
+             "One user message holding the log lines; the tokenizer's chat template renders it as the prompt the model "
+             "trained on:", "", "```", desc["prompt"]["before_logs"] + "<log lines>" + desc["prompt"]["after_logs"], "```", "",
+             "The answer is one JSON object; `sectune_export.json` holds its JSON schema (`answer_schema`), for a server's "
+             "structured output. Greedy decoding as the run decoded: `generation_config.json`.", ""]
+    table = _heldout_rows(source, src["step"])
+    lines += ["## Held-out evaluation (recorded by the source pipeline)", ""] + (table or [
+        "None recorded with this run: score it with `sectune stage=evaluate` on the source run before serving it.", ""])
+    diff = f"{checks['max_logit_diff']:.2g}"
+    lines += ["## Checks and caveats", "",
+              f"- The merged model's logits on a fixed analyst prompt are within {diff} of the adapter's on the same weights "
+              f"(allowed: {checks['max_logit_diff_allowed']:.2g}); loaded back from this folder, within "
+              f"{checks['saved_max_logit_diff']:.2g} of the merged model.",
+              *([f"- Trained on a quantization={src['trained_quantization']} base and merged into the unquantized weights: "
+                 f"{checks['top1_agreement_vs_trained']:.1%} of next-token choices on the check prompt agree with the "
+                 "model the run trained and evaluated; the table above is that model's."] if src["trained_quantization"] != "none" else []),
+              "- A log line is attacker-controlled text. sectune reads a control token's spelling inside it (a user name "
+              "`</s>`) as text; a server that tokenizes the rendered prompt with special tokens recognised reads it as that "
+              "token. The analysis is advice for an analyst, not a verdict to act on unread.", ""]
+    return "\n".join(lines)
+
+
+def _heldout_rows(source: Path, step: str) -> list[str]:
+    """The pipeline's held-out table as markdown (its heldout.json), the exported step's rows marked; [] where none."""
+    import json
+
+    try:
+        table = json.loads((source / "heldout.json").read_text(encoding="utf-8"))
+        rows, n = table["rows"], table.get("windows")
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    generated = isinstance(n, list) and n and all(isinstance(w, dict) and w.get("source") == "synthetic" for w in n)
+    n = len(n) if isinstance(n, list) else n
+    out = [f"{n} held-out test windows (never trained on); the policy was chosen on validation "
+           f"({table.get('best_policy_chosen_on', 'its validation windows')}).", "",
+           *(["**These windows are generated** (sectune's synthetic logs: the real ones were not found), so the numbers "
+              "describe the pipeline, not an analyst of real logs.", ""] if generated else []),
+           "| | verdict macro-F1 | verdict accuracy | field F1 | schema-valid |", "|---|---|---|---|---|"]
+    for r in rows:
+        mark = " (this model's policy)" if r.get("step") == step else ""
+        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "—"
+                 for k in ("verdict_macro_f1", "verdict_accuracy", "field_f1", "schema_valid_rate")]
+        out.append(f"| {shown(str(r.get('name', '?')))}{mark} | " + " | ".join(cells) + " |")
+    return out + [""]

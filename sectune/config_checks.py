@@ -10,7 +10,7 @@ import functools
 from omegaconf import OmegaConf
 
 from sectune.config import SectuneConfig, device_choices
-from sectune.loss_settings import dpo_sft_weight
+from sectune.loss_settings import dpo_loss_types
 from sectune.sweeps import check_sweep  # noqa: F401 (re-exported: check_values calls it)
 from sectune.config_effects import SMOOTHING_IGNORED, check_passed_through, check_settings_in_effect
 
@@ -235,7 +235,7 @@ def check_values(cfg) -> None:
                           "then does nothing), or run one process to spread one copy over the GPUs")
     if cfg.stage.name == "dpo":  # another loss group left DPO at that loss's β (causal_lm's 0.04), unchecked
         need(loss.name == "dpo", "loss", loss.name, "stage=dpo trains with loss=dpo (its β and label smoothing): add loss=dpo")
-        dpo_sft_weight(cfg)
+        dpo_loss_types(cfg)  # dpo.sft_weight, dpo.loss_type and the label smoothing it reads, before the models load
     # sft and classify trained their own objective under any loss group, without a word (an audit, session 36)
     need(cfg.stage.name != "sft" or loss.name == "causal_lm", "loss", loss.name, "stage=sft trains the causal-LM loss "
          "(loss=causal_lm, the default); simplified_ppo is stage=rl's, causal_contrastive stage=contrastive's, dpo stage=dpo's")

@@ -140,6 +140,10 @@ class DpoConfig:
     #: weight of an NLL term on the chosen answer added to the DPO loss (RPO, Pang et al. 2024; TRL's
     #: loss_type "sft"): keeps the chosen answer likely, so the format is not traded for the margin; 0 = plain DPO
     sft_weight: float = 0.0
+    #: TRL's DPO loss (its loss_type): null = the paper's sigmoid loss, or robust DPO where loss.label_smoothing > 0;
+    #: hinge (SLiC), ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down,
+    #: discopop, sigmoid_norm: TRL computes it (its DPOConfig documents each)
+    loss_type: Optional[str] = None
 
 
 @dataclass

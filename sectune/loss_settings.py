@@ -47,11 +47,29 @@ def dpo_sft_weight(cfg) -> float:
     return w
 
 
+#: TRL 1.16's DPO losses (its DPOConfig.loss_type; "sft" is dpo.sft_weight's), and those that read label smoothing
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+              "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+SMOOTHED_DPO_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+
 def dpo_loss_types(cfg) -> tuple[list[str], list[float] | None]:
     """(TRL's ``loss_type``, ``loss_weights``) for stage=dpo: the sigmoid loss of the DPO paper, or with
     ``loss.label_smoothing`` = ε > 0 robust DPO (Chowdhury et al. 2024: the preference label flipped with probability ε;
     TRL's "robust"); plus ``dpo.sft_weight`` × the chosen answer's NLL (RPO, TRL's "sft"). TRL 1.16's "sigmoid" reads no
     label smoothing: passed beside it, ε changed nothing (helper E's gap report led here, session 45)."""
-    base = "robust" if float(cfg.loss.label_smoothing) > 0 else "sigmoid"
+    from sectune.errors import ConfigError
+
+    chosen = cfg.dpo.get("loss_type")
+    smoothing = float(cfg.loss.label_smoothing)
+    if chosen is not None and chosen not in DPO_LOSSES:
+        raise ConfigError(f"dpo.loss_type={chosen}: choose one of {', '.join(DPO_LOSSES)} (null: sigmoid, or robust with "
+                          "loss.label_smoothing > 0)")
+    if chosen is not None and smoothing > 0 and chosen not in SMOOTHED_DPO_LOSSES:
+        raise ConfigError(f"loss.label_smoothing={smoothing:g}: dpo.loss_type={chosen} does not read it (TRL's "
+                          f"{', '.join(SMOOTHED_DPO_LOSSES)} do); set it to 0 or choose one of those")
+    if chosen == "exo_pair" and smoothing == 0:  # TRL raised it after the models loaded
+        raise ConfigError("dpo.loss_type=exo_pair: needs loss.label_smoothing > 0 (the EXO paper suggests 1e-3)")
+    base = chosen or ("robust" if smoothing > 0 else "sigmoid")
     sft_weight = dpo_sft_weight(cfg)
     return ([base, "sft"], [1.0, sft_weight]) if sft_weight else ([base], None)

@@ -21,7 +21,8 @@ from sectune.training import distributed
 #: refused. Where the new key's default changes what runs do, its default is not that older value and runs at the
 #: default are other runs, as they should be. ``tests/test_sweeps.py`` fails on a schema key neither frozen nor listed.
 ADDED_KEYS: dict[str, Any] = {"dataset.split_by": "window", "export.model_dir": None, "export.dtype": None,
-                              "export.max_logit_diff": None, "lora.use_rslora": False}
+                              "export.max_logit_diff": None, "lora.use_rslora": False,
+                              "dpo.loss_type": None}
 
 
 def older_values(dataset_name) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -387,3 +388,37 @@ def test_dpo_adapter_reloads_with_plain_peft(dpo_run):
     ids = torch.arange(1, 40)[None]
     with torch.no_grad():
         assert (model(input_ids=ids).logits - sft(input_ids=ids).logits).abs().max() > 1e-3  # DPO moved the SFT policy
+
+
+def test_dpo_loss_type_trains_trls_loss_of_that_name_and_bad_choices_are_refused(tmp_path):
+    """dpo.loss_type=hinge (SLiC): mean relu(1 - βΔ), computed by TRL; a name TRL lacks, a smoothing the loss does not
+    read and exo_pair without one are refused before the models load."""
+    from sectune.config_checks import check_values
+
+    _, trainer, batch = build(tmp_path, ["loss.beta=0.3", "dpo.loss_type=hinge"])
+    model = trainer.model
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+    policy_c, policy_r = plain_logps(model, batch).chunk(2)
+    with model.disable_adapter():
+        ref_c, ref_r = plain_logps(model, batch).chunk(2)
+    expected = torch.relu(1 - 0.3 * ((policy_c - ref_c) - (policy_r - ref_r))).mean()
+    torch.testing.assert_close(trainer.compute_loss(model, batch).detach(), expected, rtol=1e-5, atol=1e-6)
+    base = ["stage=dpo", "loss=dpo", "dataset=auth_preferences"]
+    for bad, match in ((["dpo.loss_type=kto"], "^dpo.loss_type=kto: choose one of sigmoid"),
+                       (["dpo.loss_type=hinge", "loss.label_smoothing=0.1"], "^loss.label_smoothing=0.1: dpo.loss_type=hinge does not read it"),
+                       (["dpo.loss_type=exo_pair"], "^dpo.loss_type=exo_pair: needs loss.label_smoothing > 0")):
+        with pytest.raises(ConfigError, match=match):
+            check_values(compose([*base, *bad]))
+    check_values(compose([*base, "dpo.loss_type=exo_pair", "loss.label_smoothing=0.001"]))
+
+
+def test_sectunes_dpo_loss_names_are_trls():
+    from trl import DPOConfig
+
+    from sectune.loss_settings import DPO_LOSSES
+
+    documented = set(re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
+    assert set(DPO_LOSSES) == documented - {"sft"}

@@ -47,6 +47,19 @@ def plain_logps(model, batch) -> torch.Tensor:
     return (logp * batch["completion_mask"][:, 1:]).sum(dim=1)
 
 
+def moved_logps(model, batch) -> tuple[torch.Tensor, ...]:
+    """(policy chosen, policy rejected, reference chosen, reference rejected) log-probs once the adapter's lora_B are
+    drawn at random (a policy that differs from the reference), from the full logits."""
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+    policy_c, policy_r = plain_logps(model, batch).chunk(2)  # the batch is [chosen..., rejected...]
+    with model.disable_adapter():
+        ref_c, ref_r = plain_logps(model, batch).chunk(2)
+    return policy_c, policy_r, ref_c, ref_r
+
+
 def base_param_count() -> int:
     from sectune.models import modeling
 
@@ -113,13 +126,7 @@ def test_trl_dpo_loss_equals_sectune_dpo_loss_on_the_same_logps(tmp_path):
     _, trainer, batch = build(tmp_path, ["loss.beta=0.3"])
     model = trainer.model
     assert trainer.beta == 0.3
-    gen = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():  # a policy that differs from the reference
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.3
-    policy_c, policy_r = plain_logps(model, batch).chunk(2)  # the batch is [chosen..., rejected...]
-    with model.disable_adapter():
-        ref_c, ref_r = plain_logps(model, batch).chunk(2)
+    policy_c, policy_r, ref_c, ref_r = moved_logps(model, batch)  # a policy that differs from the reference
     assert (policy_c - ref_c).abs().max() > 0.1  # the log-ratios are not trivially zero
     assert not dpo.fresh_adapter_on_reference(trainer)  # a trained adapter: the policy's start pass is needed
     expected = losses.dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=0.3)
@@ -139,13 +146,7 @@ def test_sft_weight_adds_the_chosen_answers_token_mean_nll_to_the_dpo_loss(tmp_p
 
     _, trainer, batch = build(tmp_path, ["loss.beta=0.3", "dpo.sft_weight=0.5"])
     model = trainer.model
-    gen = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.3
-    policy_c, policy_r = plain_logps(model, batch).chunk(2)
-    with model.disable_adapter():
-        ref_c, ref_r = plain_logps(model, batch).chunk(2)
+    policy_c, policy_r, ref_c, ref_r = moved_logps(model, batch)
     chosen_tokens = batch["completion_mask"][:, 1:].chunk(2)[0].sum()
     expected = losses.dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=0.3) + 0.5 * (-policy_c.sum() / chosen_tokens)
     torch.testing.assert_close(trainer.compute_loss(model, batch).detach(), expected, rtol=1e-5, atol=1e-5)
@@ -160,13 +161,7 @@ def test_label_smoothing_trains_robust_dpo_with_that_flip_probability(tmp_path):
 
     _, trainer, batch = build(tmp_path, ["loss.beta=0.3", "loss.label_smoothing=0.2"])
     model = trainer.model
-    gen = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.3
-    policy_c, policy_r = plain_logps(model, batch).chunk(2)
-    with model.disable_adapter():
-        ref_c, ref_r = plain_logps(model, batch).chunk(2)
+    policy_c, policy_r, ref_c, ref_r = moved_logps(model, batch)
     delta, eps = 0.3 * ((policy_c - ref_c) - (policy_r - ref_r)), 0.2
     expected = ((-(1 - eps) * F.logsigmoid(delta) + eps * F.logsigmoid(-delta)) / (1 - 2 * eps)).mean()
     assert (expected - (-F.logsigmoid(delta).mean())).abs() > 1e-3  # ε matters on these pairs
@@ -397,13 +392,7 @@ def test_dpo_loss_type_trains_trls_loss_of_that_name_and_bad_choices_are_refused
 
     _, trainer, batch = build(tmp_path, ["loss.beta=0.3", "dpo.loss_type=hinge"])
     model = trainer.model
-    gen = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.3
-    policy_c, policy_r = plain_logps(model, batch).chunk(2)
-    with model.disable_adapter():
-        ref_c, ref_r = plain_logps(model, batch).chunk(2)
+    policy_c, policy_r, ref_c, ref_r = moved_logps(model, batch)
     expected = torch.relu(1 - 0.3 * ((policy_c - ref_c) - (policy_r - ref_r))).mean()
     torch.testing.assert_close(trainer.compute_loss(model, batch).detach(), expected, rtol=1e-5, atol=1e-6)
     base = ["stage=dpo", "loss=dpo", "dataset=auth_preferences"]

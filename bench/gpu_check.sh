@@ -5,7 +5,7 @@
 # /tmp/sectune_gpu), its summary to the console. ~6 min on one H100 without part 4 (session 28: parts 1-3 took 3.5 min).
 #   1. seed 000's pipeline step by step: each step's memory check against its measured peak (bench/gpu_stages.py)
 #   2. GRPO vs TRL's GRPOTrainer at SmolLM-135M's shape, and the beta=0 / shared_prompt=false variants
-#   3. the CUDA-sensitive tests (precision, quantized adapters, peaks)
+#   3. the CUDA-sensitive tests (precision, quantized adapters, peaks; stage=export merging and reading back on CUDA)
 #   4. part 1 again under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the caching allocator's slack)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 O=${OUT:-/tmp/sectune_gpu}; mkdir -p "$O"
@@ -26,7 +26,8 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider --timeout 150 \
   tests/test_rl.py::test_a_lora_reward_model_scores_on_the_policys_own_base_and_leaves_the_policy_as_it_was \
   tests/test_dpo.py::test_quantized_policy_keeps_the_loaded_adapter_fp32_bit_for_bit \
   tests/test_reward.py::test_final_eval_loss_is_computed_in_the_training_precision \
-  tests/test_pipeline.py::test_each_pipeline_step_reports_its_own_peak_gpu_memory > "$O/pytest.log" 2>&1; echo "exit $?"
+  tests/test_pipeline.py::test_each_pipeline_step_reports_its_own_peak_gpu_memory \
+  tests/test_export.py > "$O/pytest.log" 2>&1; echo "exit $?"
 tail -8 "$O/pytest.log" | cut -c1-600
 if [ -n "${ALLOC_CHECK-1}" ]; then
   echo "== 4 gpu_stages, expandable segments $(date +%T)"

@@ -156,11 +156,10 @@ def test_a_pipelines_dpo_adapter_is_exported_on_the_sft_weights_it_was_trained_o
     assert (want - adapter_logits(step=pipe / "dpo", text=LOGS)[0]).abs().max() > 1e-2  # on the base model it would differ
 
 
-def test_a_folder_that_does_not_load_back_as_merged_is_not_kept(tmp_path, monkeypatch):
-    # a save that loses part of the model (a head tied on reload, a weight left out) is what the second check is for
+def lossy_save(monkeypatch) -> None:
+    """modeling.save_pretrained_atomic made to lose a weight (zeroed) after it saves."""
     from safetensors.torch import load_file, save_file
 
-    step = sft_step(tmp_path / "sft")
     real = modeling.save_pretrained_atomic
 
     def lossy(model, tokenizer, out):
@@ -171,10 +170,32 @@ def test_a_folder_that_does_not_load_back_as_merged_is_not_kept(tmp_path, monkey
         save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
 
     monkeypatch.setattr(modeling, "save_pretrained_atomic", lossy)
+
+
+def test_a_folder_that_does_not_load_back_as_merged_is_not_kept(tmp_path, monkeypatch):
+    # a save that loses part of the model (a head tied on reload, a weight left out) is what the second check is for
+    step = sft_step(tmp_path / "sft")
+    lossy_save(monkeypatch)
     code, result = export(step, tmp_path / "out")
     assert code != 0 and result["status"] == "failed"
     assert "the saved folder, loaded back, and the merged model" in result["error"] and "not exported" in result["error"]
-    assert not (tmp_path / "out" / "model").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if "model" in p.name) == []
+
+
+def test_a_re_export_that_fails_its_check_keeps_the_earlier_export(exported, tmp_path, monkeypatch):
+    # the failed attempt's folder had replaced the earlier, checked model/ and was then deleted: the export was gone
+    import shutil
+
+    step, out, _, _ = exported
+    run_dir = tmp_path / "out"
+    shutil.copytree(out, run_dir)
+    before = {p.name: p.read_bytes() for p in (run_dir / "model").iterdir()}
+    lossy_save(monkeypatch)
+    code, _ = runner.run(compose([*EXPORT, f"export.model_dir={step}"]), run_dir)
+    assert code != 0
+    assert {p.name: p.read_bytes() for p in (run_dir / "model").iterdir()} == before
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "succeeded"  # the earlier record, put back
+    assert "not exported" in json.loads((run_dir / "result.failed.json").read_text())["error"]
 
 
 def test_an_nf4_run_is_merged_unquantized_and_its_distance_from_the_trained_model_is_said(tmp_path, capsys):

@@ -91,35 +91,39 @@ def run(ctx: RunContext) -> dict:
     _check(metrics["merge_max_logit_diff"], limit, "the merged model and the adapter on its base", ref)
 
     out = ctx.run_dir / "model"
+    # saved and checked beside model/, which it replaces only once checked: a re-export that failed its check had
+    # deleted the earlier, checked export (and a folder without sectune_export.json was model/ meanwhile)
+    staging = ctx.run_dir / f".{out.name}.export"
     model.generation_config = _generation_config(model, tokenizer, gen)
     tokenizer.chat_template = analyst_chat_template(tokenizer)
-    modeling.save_pretrained_atomic(model, tokenizer, out)
-    device = model.device  # read back on the device it was merged on: the check compares weights, not two devices' kernels
-    del model
-    modeling.release_memory()
-    saved = _load_plain(out, dtype, cfg.model.get("trust_remote_code") is True, device)
-    reloaded = _logits(saved, probe)
-    del saved
-    metrics["saved_max_logit_diff"] = (reloaded - merged).abs().max().item()
-    metrics["max_logit_diff"] = (reloaded - reference).abs().max().item()
-    metrics["top1_agreement"] = (reloaded.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    modeling.save_pretrained_atomic(model, tokenizer, staging)
     try:
+        device = model.device  # read back on the device it was merged on: the check compares weights, not two devices' kernels
+        del model
+        modeling.release_memory()
+        saved = _load_plain(staging, dtype, cfg.model.get("trust_remote_code") is True, device)
+        reloaded = _logits(saved, probe)
+        del saved
+        metrics["saved_max_logit_diff"] = (reloaded - merged).abs().max().item()
+        metrics["max_logit_diff"] = (reloaded - reference).abs().max().item()
+        metrics["top1_agreement"] = (reloaded.argmax(-1) == reference.argmax(-1)).float().mean().item()
         _check(metrics["saved_max_logit_diff"], limit, "the saved folder, loaded back, and the merged model", str(out))
-    except SectuneError:
+        if trained != "none":
+            metrics["max_logit_diff_vs_trained"] = (reloaded - trained_logits).abs().max().item()
+            metrics["top1_agreement_vs_trained"] = (reloaded.argmax(-1) == trained_logits.argmax(-1)).float().mean().item()
+            print(f"sectune: warning: export: the {choice.used} run trained on a quantization={trained} base; its adapter is merged "
+                  f"into the unquantized weights ({dtype}), which agree with the model it trained and evaluated on "
+                  f"{metrics['top1_agreement_vs_trained']:.1%} of next-token choices of the check prompt (logits up to "
+                  f"{metrics['max_logit_diff_vs_trained']:.3g} apart): evaluate the export before serving it")
+        desc = _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit)
+        write_json_atomic(staging / EXPORT_FILE, desc)
+        write_text_atomic(staging / "README.md", model_card(desc, Path(str(ec.model_dir)).expanduser()))
+        modeling.replace_dir(staging, out)
+    except BaseException:
         import shutil
 
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    if trained != "none":
-        metrics["max_logit_diff_vs_trained"] = (reloaded - trained_logits).abs().max().item()
-        metrics["top1_agreement_vs_trained"] = (reloaded.argmax(-1) == trained_logits.argmax(-1)).float().mean().item()
-        print(f"sectune: warning: export: the {choice.used} run trained on a quantization={trained} base; its adapter is merged "
-              f"into the unquantized weights ({dtype}), which agree with the model it trained and evaluated on "
-              f"{metrics['top1_agreement_vs_trained']:.1%} of next-token choices of the check prompt (logits up to "
-              f"{metrics['max_logit_diff_vs_trained']:.3g} apart): evaluate the export before serving it")
-    desc = _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit)
-    write_json_atomic(out / EXPORT_FILE, desc)
-    write_text_atomic(out / "README.md", model_card(desc, Path(str(ec.model_dir)).expanduser()))
     print(f"sectune: export: the {choice.used} {choice.kind} of {ec.model_dir} as one model folder: {out} ({dtype}; logits "
           f"within {metrics['max_logit_diff']:.2g} of the adapter's; load it with AutoModelForCausalLM.from_pretrained or "
           f"serve it with vLLM; {EXPORT_FILE} holds its prompt and answer schema)")

@@ -67,7 +67,9 @@ def choose_model(model_dir, base_fallback: bool = True, key: str = "infer.model_
             return ModelChoice(step, path, kind, skipped)
         skipped.append(f"{step}: {why}")
     if not base_fallback:
-        raise ConfigError(f"{key}={model_dir}: no usable model ({'; '.join(skipped)}) and infer.base_fallback=false")
+        # infer's setting alone: export and infer.vote_with never fall back to the base, whatever it says
+        raise ConfigError(f"{key}={model_dir}: no usable model ({'; '.join(skipped)})"
+                          + (" and infer.base_fallback=false" if key == "infer.model_dir" else ""))
     return ModelChoice("base", skipped=skipped)
 
 

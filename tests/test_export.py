@@ -257,3 +257,12 @@ def test_the_chat_template_writes_the_bos_a_tokenizer_adds_to_plain_text():
     tok.chat_template = analyst_chat_template(tok)
     rendered = tok.apply_chat_template([{"role": "user", "content": LOGS}], tokenize=False)
     assert tok(rendered, add_special_tokens=False)["input_ids"] == text_ids(tok, auth_logs.render_prompt(LOGS))
+
+
+def test_a_run_with_no_usable_model_is_refused_without_naming_infers_fallback(tmp_path):
+    # export never falls back to the base model: "and infer.base_fallback=false" sent the user to a setting of another stage
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "result.json").write_text(json.dumps({"stage": "sft", "status": "failed", "artifacts": {}}))
+    code, result = export(tmp_path / "sft", tmp_path / "out")
+    assert code != 0 and result["error"].startswith(f"export.model_dir={tmp_path / 'sft'}: no usable model (sft: the run did not succeed")
+    assert "base_fallback" not in result["error"]

@@ -266,3 +266,11 @@ def test_a_run_with_no_usable_model_is_refused_without_naming_infers_fallback(tm
     code, result = export(tmp_path / "sft", tmp_path / "out")
     assert code != 0 and result["error"].startswith(f"export.model_dir={tmp_path / 'sft'}: no usable model (sft: the run did not succeed")
     assert "base_fallback" not in result["error"]
+
+
+def test_a_log_key_model_is_not_exported_as_an_analyst(tmp_path):
+    # an HDFS SFT run (next log key, no JSON analyses) was exported with the analyst's chat template and answer schema
+    step = sft_step(tmp_path / "sft", ("dataset=hdfs",))
+    code, result = export(step, tmp_path / "out")
+    assert code != 0 and result["error"].startswith(f"export.model_dir={step}: ") and "trained on dataset=hdfs" in result["error"]
+    assert not (tmp_path / "out" / "model").exists()

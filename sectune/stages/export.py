@@ -32,7 +32,7 @@ from sectune.data import auth_logs
 from sectune.errors import ConfigError, SectuneError, shown
 from sectune.model_chain import choose_model, load_model, run_generation
 from sectune.models import modeling
-from sectune.runner import RunContext, environment, write_json_atomic, write_text_atomic
+from sectune.runner import RunContext, environment, refuse_non_analyst, write_json_atomic, write_text_atomic
 from sectune.training import distributed
 
 #: what the check reads: an analyst prompt of a few auth-log lines (fixed, so two exports are checked alike)
@@ -58,6 +58,9 @@ def run(ctx: RunContext) -> dict:
     if (ctx.run_dir / "model").resolve() == Path(str(ec.model_dir)).expanduser().resolve() / "model":
         raise ConfigError(f"hydra.run.dir is export.model_dir ({ctx.run_dir}): the export goes to a run dir of its own")
     choice = choose_model(ec.model_dir, base_fallback=False, key="export.model_dir")
+    # a log-key model (dataset=hdfs) or a classifier: the analyst's chat template, answer schema and decoding would be
+    # exported around it as succeeded (stage=infer refuses it alike)
+    refuse_non_analyst(choice, ec.model_dir, "export.model_dir")
     for why in choice.skipped:
         print(f"sectune: warning: export: skipped {why}")
     gen = run_generation(cfg, choice, "export")

@@ -19,11 +19,11 @@ EXPORT = ["stage=export", "logger=none"]
 LOGS = "Mar  4 01:02:03 gw sshd[77]: Failed password for invalid user oracle from 192.0.2.44 port 4001 ssh2"
 
 
-def sft_step(root: Path, extra: tuple = ()) -> Path:
+def sft_step(root: Path, extra: tuple = (), seed: int = 0) -> Path:
     """A succeeded sft run dir whose adapter moves the model (PEFT starts lora_B at 0: merging that changes nothing)."""
     cfg = compose(["stage=sft", "logger=none", *extra])
     path = modeling.model_path(cfg)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = modeling.apply_lora(modeling.load_model(cfg, path=path), cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -286,3 +286,13 @@ def test_an_export_in_another_dtype_says_how_far_it_is_from_the_model_the_run_ev
     assert m["max_logit_diff_vs_trained"] > 0 and 0 <= m["top1_agreement_vs_trained"] <= 1
     assert "the sft run trained in fp32; exported in bf16" in capsys.readouterr().out
     assert "max_logit_diff_vs_trained" not in export(step, tmp_path / "fp32")[1]["metrics"]  # the run's own dtype: nothing to say
+
+
+def test_a_bf16_export_of_an_fp32_run_is_checked_against_the_fp32_adapter(tmp_path):
+    # two bf16-rounded models (the adapter on bf16 weights, and the merge) stray from each other by up to twice the
+    # rounding either has: this sound export was refused at 0.159 against 0.146 allowed (helper F's five adapters)
+    step = sft_step(tmp_path / "sft", ("lora=r16_all_linear",), seed=5)
+    code, result = export(step, tmp_path / "out", ("export.dtype=bf16",))
+    assert code == 0, result.get("error")
+    m = result["metrics"]
+    assert m["merge_max_logit_diff"] <= m["max_logit_diff_vs_trained"] + 1e-6  # its reference is the run's fp32 model

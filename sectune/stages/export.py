@@ -95,7 +95,10 @@ def run(ctx: RunContext) -> dict:
         model = model.merge_and_unload()
         metrics["untied_weights"] = untied
     merged = _logits(model, probe)
-    metrics["merge_max_logit_diff"] = (merged - reference).abs().max().item()
+    # against the fp32 model where the run has one: two bf16-rounded models (the adapter on bf16 weights and the merge)
+    # stray from each other by up to twice the rounding either has (a sound tiny export was refused at 0.159 > 0.146)
+    exact = trained_logits if trained == "none" and trained_dtype == "fp32" and dtype != "fp32" else reference
+    metrics["merge_max_logit_diff"] = (merged - exact).abs().max().item()
     _check(metrics["merge_max_logit_diff"], limit, "the merged model and the adapter on its base", ref)
 
     out = ctx.run_dir / "model"
@@ -250,9 +253,10 @@ def model_card(desc: dict, source: Path) -> str:
               f"- The merged model's logits on a fixed analyst prompt are within {diff} of the adapter's on the same weights "
               f"(allowed: {checks['max_logit_diff_allowed']:.2g}); loaded back from this folder, within "
               f"{checks['saved_max_logit_diff']:.2g} of the merged model.",
-              *([f"- Trained on a quantization={src['trained_quantization']} base and merged into the unquantized weights: "
-                 f"{checks['top1_agreement_vs_trained']:.1%} of next-token choices on the check prompt agree with the "
-                 "model the run trained and evaluated; the table above is that model's."] if src["trained_quantization"] != "none" else []),
+              *([(f"- Trained on a quantization={src['trained_quantization']} base and merged into the unquantized weights"
+                  if src["trained_quantization"] != "none" else f"- Trained in another dtype than this folder's {desc['dtype']}")
+                 + f": {checks['top1_agreement_vs_trained']:.1%} of next-token choices on the check prompt agree with the "
+                 "model the run trained and evaluated; the table above is that model's."] if "top1_agreement_vs_trained" in checks else []),
               "- A log line is attacker-controlled text. sectune reads a control token's spelling inside it (a user name "
               "`</s>`) as text; a server that tokenizes the rendered prompt with special tokens recognised reads it as that "
               "token. The analysis is advice for an analyst, not a verdict to act on unread.", ""]

@@ -379,7 +379,7 @@ class PlanConfig:
 class ExportConfig:
     #: a run dir (sft, dpo or rl) or a pipeline dir: the model stage=infer would answer with there is exported
     model_dir: Optional[str] = None
-    #: the exported weights' dtype (fp32 | bf16 | fp16); null = model.dtype
+    #: the exported weights' dtype (fp32 | bf16 | fp16); null = the dtype the run trained in (its saved model.dtype)
     dtype: Optional[str] = None
     #: the most the exported model's logits may stray on the check prompt, from the adapter's and from the merged model's;
     #: null = 1e-4 (fp32), 1e-2 (fp16) or 3e-2 (bf16) times the largest logit (at least 1)

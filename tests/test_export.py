@@ -296,3 +296,14 @@ def test_a_bf16_export_of_an_fp32_run_is_checked_against_the_fp32_adapter(tmp_pa
     assert code == 0, result.get("error")
     m = result["metrics"]
     assert m["merge_max_logit_diff"] <= m["max_logit_diff_vs_trained"] + 1e-6  # its reference is the run's fp32 model
+
+
+def test_an_export_is_by_default_in_the_dtype_the_run_trained_in(tmp_path):
+    # the export command's own model.dtype (the tiny preset's fp32) turned a bf16 run into an fp32 folder, then called it
+    # another dtype than the run's
+    step = sft_step(tmp_path / "sft", ("model.dtype=bf16",))
+    code, result = export(step, tmp_path / "out")
+    assert code == 0, result.get("error")
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    assert "max_logit_diff_vs_trained" not in result["metrics"]

@@ -8,10 +8,12 @@ validation-chosen policy first: :mod:`sectune.model_chain`). Its LoRA adapter is
 (PEFT's ``merge_and_unload``; an LM head tied to the input embeddings gets its own copy first, so the merge changes the
 head alone), loaded unquantized: folding an adapter into 4- or 8-bit weights is lossy, so an nf4/int8 run's adapter goes
 on the full-precision base, which answers somewhat otherwise than the quantized model the run trained and evaluated (the
-distance is measured and said, as for an export in another dtype than the run's). The folder holds safetensors weights, the tokenizer, ``generation_config.json`` with the
-run's decoding settings (what ``generate`` and vLLM take as defaults) and ``sectune_export.json`` (where it came from,
-the prompt around the logs, the answers' JSON schema for a server's structured output, the checks below). Its chat
-template renders one user message, the log lines, as that prompt, so a chat endpoint sends what the analyst trained on.
+distance is measured and said, as for an export in another dtype than the run trained in, ``export.dtype``; by default
+the run's). The folder holds safetensors weights, the tokenizer, ``generation_config.json`` with the run's decoding
+settings (what ``generate`` and vLLM take as defaults), ``sectune_export.json`` (where it came from, the prompt around
+the logs, the answers' JSON schema for a server's structured output, the checks below) and a model card (README.md).
+Its chat template renders one user message, the log lines, as that prompt, so a chat endpoint sends what the analyst
+trained on.
 
 Nothing is kept that was not checked: on a fixed analyst prompt the merged model's logits are compared with the adapter's
 on the same weights (the merge), and the saved folder, loaded back as a server would, with the merged model (the save:
@@ -51,10 +53,6 @@ def run(ctx: RunContext) -> dict:
         return {"metrics": {}, "artifacts": {}}
     if ec.model_dir is None:
         raise ConfigError("export.model_dir is not set: give export.model_dir=<an sft, dpo or rl run dir or a pipeline dir>")
-    dtype = ec.dtype or cfg.model.dtype
-    if dtype not in RELATIVE_TOLERANCE:
-        raise ConfigError(f"export.dtype={dtype}{' (from model.dtype)' if ec.dtype is None else ''}: choose one of "
-                          f"{', '.join(RELATIVE_TOLERANCE)}")
     if (ctx.run_dir / "model").resolve() == Path(str(ec.model_dir)).expanduser().resolve() / "model":
         raise ConfigError(f"hydra.run.dir is export.model_dir ({ctx.run_dir}): the export goes to a run dir of its own")
     choice = choose_model(ec.model_dir, base_fallback=False, key="export.model_dir")
@@ -69,6 +67,10 @@ def run(ctx: RunContext) -> dict:
     # the dtype the run trained and evaluated in: a bf16 export of an fp32 run was checked against the adapter on bf16
     # weights alone, and said "within 0.13 of the adapter's" where 6% of next-token choices differed from the run's
     trained_dtype = _trained_dtype(cfg, choice)
+    dtype = ec.dtype or trained_dtype  # by default the dtype the run trained and was evaluated in
+    if dtype not in RELATIVE_TOLERANCE:
+        raise ConfigError(f"export.dtype={dtype}{' (the run trained in it)' if ec.dtype is None else ''}: choose one of "
+                          f"{', '.join(RELATIVE_TOLERANCE)}")
     metrics: dict = {}
     if trained != "none" or trained_dtype != dtype:  # the model the run trained and evaluated: how far the export is from it
         as_run = copy.deepcopy(cfg)

@@ -104,7 +104,7 @@ def check_values(cfg) -> None:
     need(math.isfinite(alpha) and alpha > 0, "evaluate.bigram_alpha", alpha,
          "must be > 0 (add-alpha smoothing: at 0 a key pair never seen in training has probability 0 and its session scores NaN)")
     if cfg.stage.name == "export":  # before the run's model loads twice
-        need(cfg.export.dtype in (None, "fp32", "bf16", "fp16"), "export.dtype", cfg.export.dtype, "choose fp32, bf16 or fp16 (null: model.dtype)")
+        need(cfg.export.dtype in (None, "fp32", "bf16", "fp16"), "export.dtype", cfg.export.dtype, "choose fp32, bf16 or fp16 (null: the dtype the run trained in)")
         diff = cfg.export.max_logit_diff
         need(diff is None or (math.isfinite(diff) and diff >= 0), "export.max_logit_diff", diff, "must be a number >= 0 (null: by dtype)")
     need(cfg.infer.window_lines is None or cfg.infer.window_lines >= 0, "infer.window_lines", cfg.infer.window_lines,

@@ -296,6 +296,22 @@ def test_a_bf16_export_of_an_fp32_run_is_checked_against_the_fp32_adapter(tmp_pa
     assert code == 0, result.get("error")
     m = result["metrics"]
     assert m["merge_max_logit_diff"] <= m["max_logit_diff_vs_trained"] + 1e-6  # its reference is the run's fp32 model
+    # merged in fp32 and then cast: the merge is checked at fp32's precision (checked in bf16 it held bf16's rounding of
+    # the whole model: a 2-step tiny SFT run's bf16 export was refused at 0.171 > 0.143), and the folder gives back the
+    # cast weights exactly (a .to() that rounded rotary buffers too would not)
+    assert m["merged_in"] == "fp32" and m["merge_max_logit_diff"] < 1e-3 and m["saved_max_logit_diff"] == 0
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "merged in fp32, then cast to bf16" in card
+
+
+def test_the_model_card_says_sampled_decoding_where_the_run_samples(tmp_path):
+    # the card said "Greedy decoding as the run decoded" whatever generation.do_sample was
+    step = sft_step(tmp_path / "sft", ("generation.do_sample=true",))
+    code, result = export(step, tmp_path / "out", ("generation.do_sample=true",))
+    assert code == 0, result.get("error")
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "Sampled decoding as the run decoded" in card and "Greedy" not in card
+    assert json.loads((tmp_path / "out" / "model" / "generation_config.json").read_text())["do_sample"] is True
 
 
 def test_an_export_is_by_default_in_the_dtype_the_run_trained_in(tmp_path):

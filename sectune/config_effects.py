@@ -184,7 +184,12 @@ def foreign_model_warning(cfg) -> str | None:
         dims = None  # a hub id (or an unreadable folder): not the tiny model
     if dims == (m.tiny.hidden_size, m.tiny.num_layers):
         return None
+    from sectune.paths import CONF_DIR
+
+    own = [f.stem for f in sorted((CONF_DIR / "model").glob("*.yaml"))
+           if OmegaConf.load(f).get("name_or_path") == str(m.name_or_path)]  # a preset of that very model
+    pick = (f"model={own[0]} is its preset" if own else
+            "pick a preset for it (sectune --help lists them: model=smollm_135m, qwen25_1_5b_instruct, ...)")
     return (f"model.name_or_path={m.name_or_path} is not model={m.name}'s tiny model, and trains with that preset's settings: "
             f"learning rate {m.learning_rate:g} (a random tiny model's; real presets use ~2e-4), model.dtype={m.dtype}, "
-            f"model.max_seq_length={m.max_seq_length}; pick a preset for it (sectune --help lists them: model=smollm_135m, "
-            "llama32_3b_instruct, ...) or set train.learning_rate")
+            f"model.max_seq_length={m.max_seq_length}; {pick}, or set train.learning_rate")

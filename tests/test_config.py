@@ -680,6 +680,8 @@ def test_a_hub_model_on_the_tiny_preset_is_said_to_train_at_the_tiny_models_lear
     warning = foreign_model_warning(compose(["model.name_or_path=Qwen/Qwen2.5-0.5B"]))
     assert warning.startswith("model.name_or_path=Qwen/Qwen2.5-0.5B is not model=tiny_llama's tiny model") and "0.01" in warning
     assert foreign_model_warning(compose(["model.name_or_path=Qwen/Qwen2.5-0.5B", "train.learning_rate=2e-4"])) is None
+    assert "; model=qwen25_1_5b_instruct is its preset, or set" in foreign_model_warning(
+        compose(["model.name_or_path=Qwen/Qwen2.5-1.5B-Instruct"]))  # the preset of that very model is named
     assert foreign_model_warning(compose(["model=smollm_135m"])) is None  # a real preset: its own settings
     assert foreign_model_warning(compose(["stage=infer", "model.name_or_path=Qwen/Qwen2.5-0.5B"])) is None  # no training
     tiny_run = tmp_path / "model"  # a tiny run's own weights (the injection study's model.name_or_path=<SFT run>/model)

@@ -13,7 +13,8 @@ from sectune.training.planner import GiB
 
 #: the LoRA presets name Llama's projections; GPT-2's linears are c_attn, c_proj, c_fc (modeling.apply_lora refuses the others)
 GPT2_LORA = {"gpt2_large": ["lora.target_modules=[all-linear]"]}
-REAL_PRESETS = ["smollm_135m", "gpt2_large", "llama32_3b_instruct", "llama2_7b", "llama31_8b", "deepseek_r1_distill_llama_8b"]
+REAL_PRESETS = ["smollm_135m", "gpt2_large", "llama32_3b_instruct", "llama2_7b", "llama31_8b", "deepseek_r1_distill_llama_8b",
+                "qwen25_1_5b_instruct", "mistral_7b_instruct_v03"]
 #: seed 002's table: Llama-2-7B, nf4, LoRA r16 all linear, seq 2048, batch 1, paged 8-bit AdamW, checkpointing
 SEED_002 = ["model=llama2_7b", "quantization=nf4", "lora=r16_all_linear", "train.batch_size=1", "stage=plan",
             "train.gradient_checkpointing=true", "train.optimizer=paged_adamw_8bit", "plan.device=cuda"]
@@ -229,6 +230,8 @@ def test_doctor_checks_every_preset_offline(model, tmp_path, monkeypatch):
     assert by["model weights"].status in ("ok", "missing")
     if by["model weights"].status == "missing":
         assert "hf download" in by["model weights"].fix
+        gated = str(compose([f"model={model}"]).model.name_or_path).startswith(("meta-llama/", "mistralai/"))
+        assert ("accept the license" in by["model weights"].fix) == gated  # Llama's and Mistral's repositories are gated
     assert "predicted_peak_bytes" in plan_info
 
 

@@ -32,7 +32,7 @@ from sectune.errors import SectuneError
 from sectune.runner import RunContext, write_text_atomic
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-GATED_PREFIXES = ("meta-llama/",)
+GATED_PREFIXES = ("meta-llama/", "mistralai/")  # hub repositories that ask to accept their terms first
 
 
 class EnvironmentNotReady(SectuneError):

@@ -323,3 +323,17 @@ def test_an_export_is_by_default_in_the_dtype_the_run_trained_in(tmp_path):
     config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     assert "max_logit_diff_vs_trained" not in result["metrics"]
+
+
+def test_a_full_weight_run_is_exported_and_said_to_be_checked_against_itself(tmp_path, capsys):
+    # no adapter to merge: the console said "within 0 of the adapter's" and the card spoke of a merge
+    cfg = compose(["stage=sft", "logger=none", "lora=none"])
+    path = modeling.model_path(cfg)
+    run = tmp_path / "sft"
+    modeling.save_pretrained_atomic(modeling.load_model(cfg, path=path), modeling.load_tokenizer(cfg, path), run / "model")
+    (run / "result.json").write_text(json.dumps({"stage": "sft", "status": "succeeded", "artifacts": {"model": "model"}}))
+    code, result = export(run, tmp_path / "out")
+    assert code == 0, result.get("error")
+    assert "of the run's model;" in capsys.readouterr().out
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "A full-weight run (no adapter to merge)" in card and "merged model" not in card

@@ -102,7 +102,7 @@ def run(ctx: RunContext) -> dict:
         untied = untie_lora_bases(model)
         model = model.merge_and_unload()
         metrics["untied_weights"] = untied
-    merged = _logits(model, probe)
+    merged = _logits(model, probe)  # a full-weight run's: its own (nothing merged; the save is what is checked)
     metrics["merge_max_logit_diff"] = (merged - reference).abs().max().item()
     _check(metrics["merge_max_logit_diff"], limit, "the merged model and the adapter on its base", ref)
     if merge_dtype != dtype:  # the export's own weights, which the saved folder must give back
@@ -148,8 +148,10 @@ def run(ctx: RunContext) -> dict:
 
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # a full-weight run has no adapter to merge: its check is the saved folder's against the model it loaded
+    against = "the adapter's" if choice.kind == "adapter" else "the run's model"
     print(f"sectune: export: the {choice.used} {choice.kind} of {ec.model_dir} as one model folder: {out} ({dtype}; logits "
-          f"within {metrics['max_logit_diff']:.2g} of the adapter's; load it with AutoModelForCausalLM.from_pretrained or "
+          f"within {metrics['max_logit_diff']:.2g} of {against}; load it with AutoModelForCausalLM.from_pretrained or "
           f"serve it with vLLM; {EXPORT_FILE} holds its prompt and answer schema)")
     return {"metrics": metrics, "artifacts": {"model": "model", "export": f"model/{EXPORT_FILE}"}}
 
@@ -263,10 +265,14 @@ def model_card(desc: dict, source: Path) -> str:
         "None recorded with this run: score it with `sectune stage=evaluate` on the source run before serving it.", ""])
     cast = f", merged in {checks['merged_in']}, then cast to {desc['dtype']}" if "merged_in" in checks else ""
     allowed = checks.get("merge_max_logit_diff_allowed", checks["max_logit_diff_allowed"])
+    merge = (f"- The merged model's logits on a fixed analyst prompt are within {checks['merge_max_logit_diff']:.2g} of the "
+             f"adapter's on the same weights (allowed: {allowed:.2g}{cast}); loaded back from this folder, within "
+             if src["kind"] == "adapter" else "- A full-weight run (no adapter to merge): loaded back from this folder, its "
+             "logits on a fixed analyst prompt are within ")
+    whom = "the merged model" if src["kind"] == "adapter" else "the run's model"
     lines += ["## Checks and caveats", "",
-              f"- The merged model's logits on a fixed analyst prompt are within {checks['merge_max_logit_diff']:.2g} of the "
-              f"adapter's on the same weights (allowed: {allowed:.2g}{cast}); loaded back from this folder, within "
-              f"{checks['saved_max_logit_diff']:.2g} of the merged model (allowed: {checks['max_logit_diff_allowed']:.2g}).",
+              merge + f"{checks['saved_max_logit_diff']:.2g} of {whom}"
+              f" (allowed: {checks['max_logit_diff_allowed']:.2g}).",
               *([(f"- Trained on a quantization={src['trained_quantization']} base and merged into the unquantized weights"
                   if src["trained_quantization"] != "none" else f"- Trained in another dtype than this folder's {desc['dtype']}")
                  + f": {checks['top1_agreement_vs_trained']:.1%} of next-token choices on the check prompt agree with the "

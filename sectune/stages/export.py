@@ -163,8 +163,7 @@ def analyst_chat_template(tokenizer) -> str:
     template, since servers tokenize a rendered chat without adding special tokens."""
     from sectune.inference import text_ids
 
-    marker = "\x00LOGS\x00"
-    before, after = auth_logs.render_prompt(marker).split(marker)
+    before, after = _prompt_parts()
     bos = tokenizer.bos_token_id is not None and text_ids(tokenizer, "x")[:1] == [tokenizer.bos_token_id]
     return ("{%- if messages | length != 1 or messages[0]['role'] != 'user' -%}"
             "{{ raise_exception('this analyst reads one user message: the log lines') }}{%- endif -%}"
@@ -186,8 +185,17 @@ def _trained_dtype(cfg, choice) -> str:
     return str(theirs) if theirs in RELATIVE_TOLERANCE else str(cfg.model.dtype)
 
 
+def _prompt_parts() -> tuple[str, str]:
+    """The analyst's prompt before and after its log lines (``auth_logs.render_prompt``)."""
+    marker = "\x00LOGS\x00"
+    before, after = auth_logs.render_prompt(marker).split(marker)
+    return before, after
+
+
 def _probe(tokenizer, model) -> torch.Tensor:
-    ids = tokenizer(auth_logs.render_prompt(PROBE_LOGS), return_tensors="pt", split_special_tokens=True)["input_ids"]
+    from sectune.inference import text_ids
+
+    ids = torch.tensor([text_ids(tokenizer, auth_logs.render_prompt(PROBE_LOGS))])  # as infer tokenizes a prompt
     return ids[:, : int(getattr(model.config, "max_position_embeddings", ids.shape[1]) or ids.shape[1])]
 
 
@@ -225,8 +233,7 @@ def _generation_config(model, tokenizer, gen):
 
 def _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit) -> dict:
     validator = auth_logs._validator(cfg.infer.schema)
-    marker = "\x00LOGS\x00"
-    before, after = auth_logs.render_prompt(marker).split(marker)
+    before, after = _prompt_parts()
     return {
         "source": {"model_dir": str(ec.model_dir), "step": choice.used, "kind": choice.kind, "path": str(choice.path),
                    "base": base if choice.kind == "adapter" else None, "trained_quantization": trained},

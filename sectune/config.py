@@ -39,6 +39,8 @@ class TinySpec:
     init_std: float = 0.1
     #: strings the tokenizer keeps whole (added after BPE training), e.g. an answer schema's keys
     extra_tokens: List[str] = field(default_factory=list)
+    #: a ChatML chat template and its <|im_start|>/<|im_end|> tokens (an instruct model's shape, built locally)
+    chat_template: bool = False
 
 
 @dataclass
@@ -59,6 +61,9 @@ class ModelConfig:
     max_memory: Optional[Dict[Any, str]] = field(default_factory=dict)  # {} = no caps (null too)
     offload_folder: Optional[str] = None
     tiny: Optional[TinySpec] = None
+    #: train, score and generate inside the tokenizer's chat template (one user message: the prompt), as an instruct
+    #: model was tuned; a model sectune trained keeps the choice it was trained with (sectune/chat_frame.py)
+    chat_template: bool = False
     #: architecture numbers so ``stage=plan`` works without the weights
     arch: Optional[Dict[str, Any]] = None
     #: the preset's usual learning rate; ``train.learning_rate`` defaults to it

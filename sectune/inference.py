@@ -224,18 +224,55 @@ def text_ids(tokenizer, text, add_special_tokens: bool = True) -> list:
     return tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
 
 
+def prompt_ids(tokenizer, prompt):
+    """The ids a model is prompted with for ``prompt`` (a string, or a list of them): its text as text (:func:`text_ids`),
+    inside the tokenizer's chat template where the run has one (:func:`sectune.chat_frame.framed_ids`). Every stage
+    tokenizes a prompt with it."""
+    from sectune.chat_frame import frame_of, framed_ids
+
+    frame = frame_of(tokenizer)
+    if frame is None:
+        return text_ids(tokenizer, prompt)
+    if isinstance(prompt, str):
+        return framed_ids(tokenizer, frame, [prompt])[0]
+    return framed_ids(tokenizer, frame, list(prompt))
+
+
 def prompt_completion_ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
     """(``prompt``'s ids, ``prompt + completion``'s ids and the real EOS id): what TRL's SFT and DPO trainers tokenize for
     a prompt/completion pair (they append ``eos_token`` as text and tokenize the whole), with the text as text
     (:func:`text_ids`); on text holding no control token's spelling, the same ids. Where the completion starts is the
-    two lists' common prefix, as TRL takes it."""
+    two lists' common prefix, as TRL takes it. Inside a chat template (:func:`prompt_ids`) the completion follows the
+    assistant header, tokenized alone, as generation continues it."""
+    from sectune.chat_frame import frame_of
+
+    if frame_of(tokenizer) is not None:
+        p = prompt_ids(tokenizer, prompt)
+        return p, p + text_ids(tokenizer, completion, add_special_tokens=False) + [tokenizer.eos_token_id]
     return text_ids(tokenizer, prompt), text_ids(tokenizer, prompt + completion) + [tokenizer.eos_token_id]
+
+
+def pair_lengths(tokenizer, prompts: list[str], completions: list[str]) -> list[int]:
+    """The tokens each prompt + completion + EOS is trained as (:func:`prompt_completion_ids`), tokenized in batches."""
+    from sectune.chat_frame import frame_of
+
+    if frame_of(tokenizer) is None:
+        return [len(ids) + 1 for ids in text_ids(tokenizer, [p + c for p, c in zip(prompts, completions)])]
+    if not prompts:
+        return []
+    p, c = prompt_ids(tokenizer, list(prompts)), text_ids(tokenizer, list(completions), add_special_tokens=False)
+    return [len(a) + len(b) + 1 for a, b in zip(p, c)]
 
 
 def completion_ids(tokenizer, prompt: str, completion: str, prompt_ids: list[int] | None = None) -> list[int]:
     """``completion``'s tokens where it follows ``prompt``: those of ``prompt + completion`` past the prompt's (TRL's SFT
     and DPO split them so). Tokenized on its own, a SentencePiece tokenizer (Llama-2) wrote it with a leading "▁" that
-    SFT and generation never produce after the prompt's newline (an audit, session 42). Text as text (:func:`text_ids`)."""
+    SFT and generation never produce after the prompt's newline (an audit, session 42). Text as text (:func:`text_ids`).
+    Inside a chat template, after the assistant header: tokenized alone (:func:`prompt_completion_ids`)."""
+    from sectune.chat_frame import frame_of
+
+    if frame_of(tokenizer) is not None:
+        return text_ids(tokenizer, completion, add_special_tokens=False)
     p = prompt_ids if prompt_ids is not None else text_ids(tokenizer, prompt)
     full = text_ids(tokenizer, prompt + completion)
     n = 0
@@ -259,7 +296,7 @@ def _generate(model, tokenizer, prompts, gen_cfg, batch_size, constraint, stats,
     for i in range(0, len(prompts), batch_size):
         # a log line's text stays text: a user name "</s>" or "<|eot_id|>" (an attacker's to choose) was read as the
         # tokenizer's own control token, an end of text inside the analyst's input (an audit, session 42)
-        rows = text_ids(tokenizer, prompts[i : i + batch_size])
+        rows = prompt_ids(tokenizer, prompts[i : i + batch_size])
         cut = [cut_middle(r, budget) for r in rows]
         was_cut += sum(len(c) < len(r) for c, r in zip(cut, rows))
         stats.setdefault("truncated_rows", []).extend(i + j for j, (c, r) in enumerate(zip(cut, rows)) if len(c) < len(r))

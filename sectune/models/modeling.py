@@ -194,6 +194,9 @@ def load_tokenizer(cfg: DictConfig, path: str | None = None):
     if tok.pad_token is None:  # Llama/GPT-2 ship none; eos is the usual stand-in
         tok.pad_token = tok.eos_token
     _check_vocab(tok, Path(path) / "config.json")
+    from sectune.chat_frame import attach, wanted
+
+    attach(tok, wanted(cfg), str(path))
     return tok
 
 

@@ -37,9 +37,9 @@ def encode_group(tokenizer, prompt: str, completions: Sequence[str], max_length:
     The prompt is cut in the middle, as infer cuts it (``inference.cut_middle``): cut from its start it lost BOS and the
     instruction, so the reward model trained and scored long windows without them (an audit, session 42). A completion
     is the tokens it adds after the prompt (:func:`completion_ids`), as SFT, DPO and generation see it."""
-    from sectune.inference import completion_ids, cut_middle, text_ids
+    from sectune.inference import completion_ids, cut_middle, prompt_ids
 
-    p = text_ids(tokenizer, prompt)  # a log line's "</s>" stays text, the appended EOS is the token (an audit, session 43)
+    p = prompt_ids(tokenizer, prompt)  # a log line's "</s>" stays text, the appended EOS is the token (an audit, session 43)
     cs = [completion_ids(tokenizer, prompt, c, p)[: max_length - 1] + [tokenizer.eos_token_id] for c in completions]
     over = max(0, len(p) + max(map(len, cs)) - max_length)
     return {"prompt_ids": cut_middle(p, len(p) - over), "completion_ids": cs}, over
@@ -48,9 +48,9 @@ def encode_group(tokenizer, prompt: str, completions: Sequence[str], max_length:
 def _same_cut(tokenizer, prompt: str, completions: Sequence[str], max_length: int) -> list[list[str]]:
     """``completions`` in groups whose prompt :func:`encode_group` cuts by as many tokens, in order (one group where the
     prompt and every completion fit ``max_length``)."""
-    from sectune.inference import completion_ids, text_ids
+    from sectune.inference import completion_ids, prompt_ids
 
-    p = text_ids(tokenizer, prompt)
+    p = prompt_ids(tokenizer, prompt)
     n = len(p)
     groups: dict[int, list[str]] = {}
     for c in completions:

@@ -65,15 +65,21 @@ def corpus_texts(shared_data: Path) -> tuple[list[str], str]:
     return texts, source
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def _fingerprint(spec: dict, family: str, texts: list[str]) -> str:
-    spec = {k: v for k, v in spec.items() if not (k == "extra_tokens" and not v)}  # older builds stay valid
+    spec = {k: v for k, v in spec.items() if not (k in ("extra_tokens", "chat_template") and not v)}  # older builds stay valid
+    if spec.get("chat_template"):
+        spec["chat_template"] = CHATML
     h = hashlib.sha256(json.dumps({"spec": spec, "family": family, "v": 3}, sort_keys=True).encode())
     for t in texts:
         h.update(hashlib.sha256(t.encode()).digest())
     return h.hexdigest()[:12]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, extra_tokens: list[str] | tuple = ()):
+def train_tokenizer(texts: list[str], vocab_size: int, extra_tokens: list[str] | tuple = (), chat: bool = False):
     """Byte-level BPE on ``texts``; ``extra_tokens`` (e.g. an answer schema's keys) are then added
     as whole tokens, matched before the byte-level split, so ``failed_logins`` is one token, not
     ``failed`` ``_`` ``logins``: a domain vocabulary, as a real model's tokenizer has its own."""
@@ -97,7 +103,12 @@ def train_tokenizer(texts: list[str], vocab_size: int, extra_tokens: list[str] |
     tok.train_from_iterator(chunks, trainer=trainer)
     if extra_tokens:
         tok.add_tokens([AddedToken(t, single_word=False, normalized=False) for t in extra_tokens])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=100_000, **SPECIAL_TOKENS)
+    if chat:  # an instruct model's shape: ChatML's turn tokens (special) and template; EOS stays <|eos|>, as a base Qwen's
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=100_000, **SPECIAL_TOKENS)
+    if chat:
+        out.chat_template = CHATML
+    return out
 
 
 def _model_config(family: str, spec: dict, tokenizer):
@@ -152,7 +163,7 @@ def ensure_tiny_model(name: str, family: str, spec: dict, shared_data: Path, cac
 
     if source == "synthetic":
         print(f"sectune: {shared_data} has no real data; the tiny tokenizer is trained on generated logs and flows")
-    tokenizer = train_tokenizer(texts, spec["vocab_size"], spec.get("extra_tokens") or ())
+    tokenizer = train_tokenizer(texts, spec["vocab_size"], spec.get("extra_tokens") or (), bool(spec.get("chat_template")))
     # The build's own seed, without touching the caller's RNG: a run that builds the model first
     # must train exactly like a run that finds it in the cache.
     with torch.random.fork_rng(devices=[]):

@@ -147,14 +147,14 @@ def run(ctx: RunContext) -> dict:
 # ------------------------------------------------------------------------------------------ data
 def fitting_pairs(tokenizer, pairs: list[dict], max_len: int) -> tuple[list[dict], int]:
     """The pairs whose prompt + answer + EOS (as they are trained, :func:`pair_ids`) fit ``max_len``, and how many did not."""
-    from sectune.inference import text_ids
+    from sectune.inference import pair_lengths
 
     if not pairs:
         return pairs, 0
-    enc = text_ids(tokenizer, [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs])
-    n = len(pairs)
-    keep = [p for i, p in enumerate(pairs) if max(len(enc[i]), len(enc[n + i])) + 1 <= max_len]
-    return keep, n - len(keep)
+    prompts = [p["prompt"] for p in pairs]
+    chosen, rejected = pair_lengths(tokenizer, prompts, [p["chosen"] for p in pairs]), pair_lengths(tokenizer, prompts, [p["rejected"] for p in pairs])
+    keep = [p for p, a, b in zip(pairs, chosen, rejected) if max(a, b) <= max_len]
+    return keep, len(pairs) - len(keep)
 
 
 def pair_ids(tokenizer, pair: dict) -> tuple[list[int], list[int], list[int]]:

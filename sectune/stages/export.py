@@ -139,7 +139,7 @@ def run(ctx: RunContext) -> dict:
             print(f"sectune: warning: export: the {choice.used} run {how} with the model it trained and evaluated on "
                   f"{metrics['top1_agreement_vs_trained']:.1%} of next-token choices of the check prompt (logits up to "
                   f"{metrics['max_logit_diff_vs_trained']:.3g} apart): evaluate the export before serving it")
-        desc = _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit)
+        desc = _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit, tokenizer)
         write_json_atomic(staging / EXPORT_FILE, desc)
         write_text_atomic(staging / "README.md", model_card(desc, Path(str(ec.model_dir)).expanduser()))
         modeling.replace_dir(staging, out)
@@ -160,11 +160,13 @@ def analyst_chat_template(tokenizer) -> str:
     """A chat template that renders one user message, the log lines, as the prompt the analyst trained on: a server's
     chat endpoint (vLLM's /v1/chat/completions, ``apply_chat_template``) would otherwise wrap them in the base model's
     template (or have none), a prompt the model never saw. The BOS the tokenizer adds to plain text is written by the
-    template, since servers tokenize a rendered chat without adding special tokens."""
+    template, since servers tokenize a rendered chat without adding special tokens. An analyst trained inside its
+    model's chat template (:mod:`sectune.chat_frame`) gets that frame around the prompt, as it was recorded."""
+    from sectune.chat_frame import frame_of
     from sectune.inference import text_ids
 
-    before, after = _prompt_parts()
-    bos = tokenizer.bos_token_id is not None and text_ids(tokenizer, "x")[:1] == [tokenizer.bos_token_id]
+    before, after = _prompt_parts(tokenizer)
+    bos = frame_of(tokenizer) is None and tokenizer.bos_token_id is not None and text_ids(tokenizer, "x")[:1] == [tokenizer.bos_token_id]
     return ("{%- if messages | length != 1 or messages[0]['role'] != 'user' -%}"
             "{{ raise_exception('this analyst reads one user message: the log lines') }}{%- endif -%}"
             + ("{{ bos_token }}" if bos else "")
@@ -185,17 +187,21 @@ def _trained_dtype(cfg, choice) -> str:
     return str(theirs) if theirs in RELATIVE_TOLERANCE else str(cfg.model.dtype)
 
 
-def _prompt_parts() -> tuple[str, str]:
-    """The analyst's prompt before and after its log lines (``auth_logs.render_prompt``)."""
+def _prompt_parts(tokenizer) -> tuple[str, str]:
+    """The analyst's prompt before and after its log lines (``auth_logs.render_prompt``), inside the chat template's
+    frame where the analyst trained in one (:mod:`sectune.chat_frame`)."""
+    from sectune.chat_frame import frame_of
+
     marker = "\x00LOGS\x00"
     before, after = auth_logs.render_prompt(marker).split(marker)
-    return before, after
+    frame = frame_of(tokenizer)
+    return (before, after) if frame is None else (frame.before + before, after + frame.after)
 
 
 def _probe(tokenizer, model) -> torch.Tensor:
-    from sectune.inference import text_ids
+    from sectune.inference import prompt_ids
 
-    ids = torch.tensor([text_ids(tokenizer, auth_logs.render_prompt(PROBE_LOGS))])  # as infer tokenizes a prompt
+    ids = torch.tensor([prompt_ids(tokenizer, auth_logs.render_prompt(PROBE_LOGS))])  # as infer tokenizes a prompt
     return ids[:, : int(getattr(model.config, "max_position_embeddings", ids.shape[1]) or ids.shape[1])]
 
 
@@ -231,9 +237,9 @@ def _generation_config(model, tokenizer, gen):
                             bos_token_id=getattr(model.config, "bos_token_id", None))
 
 
-def _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit) -> dict:
+def _description(cfg, ec, choice, base, dtype, trained, gen, metrics, limit, tokenizer) -> dict:
     validator = auth_logs._validator(cfg.infer.schema)
-    before, after = _prompt_parts()
+    before, after = _prompt_parts(tokenizer)
     return {
         "source": {"model_dir": str(ec.model_dir), "step": choice.used, "kind": choice.kind, "path": str(choice.path),
                    "base": base if choice.kind == "adapter" else None, "trained_quantization": trained},

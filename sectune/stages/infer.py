@@ -31,7 +31,7 @@ from pathlib import Path
 from sectune import runner
 from sectune.data import auth_logs
 from sectune.errors import ConfigError
-from sectune.inference import generate, parse_json_output, text_ids
+from sectune.inference import generate, parse_json_output, prompt_ids
 from sectune.infer_inputs import (absent_names, cut_long_windows, file_lines, keep_previous, log_windows, output_path,
                                   read_inputs, resume_key, resumed, verdict_summaries, warn_unfamiliar_format)
 from sectune.model_chain import ModelChoice, choose_model, load_model, run_generation
@@ -200,7 +200,7 @@ def _answer(cfg, choice: ModelChoice, inputs, n_files: int, prompts: list[str], 
         print(f"sectune: warning: {f'no usable rl/dpo/sft model in {ic.model_dir}' if ic.model_dir is not None else 'infer.model_dir is not set'}; "
               "the base model answers, untrained for this task")
     limit = cfg.model.max_seq_length
-    too_long = sum(len(ids) + gen_cfg.max_new_tokens > limit for ids in text_ids(tokenizer, prompts))
+    too_long = sum(len(ids) + gen_cfg.max_new_tokens > limit for ids in prompt_ids(tokenizer, prompts))
     if too_long:
         print(f"sectune: warning: {too_long} prompt(s) plus generation.max_new_tokens exceed model.max_seq_length={limit}")
     constraint = None

@@ -34,7 +34,7 @@ from pathlib import Path
 from sectune import data
 from sectune.errors import ConfigError, SectuneError, first_line
 from sectune.evaluation.rl_rewards import heldout_rewards, reward_functions
-from sectune.inference import text_ids
+from sectune.inference import pair_lengths, prompt_ids
 from sectune.losses import GRPO_SCALES
 from sectune.models import modeling
 from sectune.runner import RunContext, finite_json, init_source, write_json_atomic
@@ -187,7 +187,7 @@ def fitting_prompts(tokenizer, records: list[dict], max_len: int) -> tuple[list[
     """The records whose prompt leaves ``rl.max_completion_length`` tokens within ``model.max_seq_length``."""
     if not records:  # a tokenizer given no text raises IndexError (dataset.val_fraction=0: an audit, session 40)
         return [], 0
-    lengths = [len(ids) for ids in text_ids(tokenizer, [r["prompt"] for r in records])]  # as GRPO tokenizes them
+    lengths = [len(ids) for ids in prompt_ids(tokenizer, [r["prompt"] for r in records])]  # as GRPO tokenizes them
     keep = [r for r, n in zip(records, lengths) if n <= max_len]
     return keep, len(records) - len(keep)
 
@@ -367,7 +367,7 @@ def run_simplified_ppo(ctx: RunContext) -> dict:
     tokenizer = modeling.tokenizer_for(cfg, init_folder, path)  # the one saved with the weights it starts from
 
     max_len = int(cfg.model.max_seq_length)
-    recs = simplified_ppo_windows(cfg, fits=lambda r: len(text_ids(tokenizer, r["prompt"] + r["completion"])) + 1 <= max_len)
+    recs = simplified_ppo_windows(cfg, fits=lambda r: pair_lengths(tokenizer, [r["prompt"]], [r["completion"]])[0] <= max_len)
     if not recs:
         raise ConfigError(f"dataset={cfg.dataset.name}: no train window fits model.max_seq_length={max_len} whole")
     labels = {lab: sum(r["label"] == lab for r in recs) for lab in sorted({r["label"] for r in recs})}

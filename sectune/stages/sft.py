@@ -340,9 +340,9 @@ def truncation_note(too_long: int, dropped: dict[str, int] | None) -> str:
 
 
 def count_too_long(tokenizer, recs: list[dict], max_len: int) -> int:
-    from sectune.inference import text_ids
+    from sectune.inference import pair_lengths
 
-    lengths = [len(ids) + 1 for ids in text_ids(tokenizer, [r["prompt"] + r["completion"] for r in recs])]
+    lengths = pair_lengths(tokenizer, [r["prompt"] for r in recs], [r["completion"] for r in recs])
     return sum(n > max_len for n in lengths)
 
 

@@ -69,16 +69,16 @@ def encode_triplets(tokenizer, triplets: list[dict], max_len: int) -> tuple[list
     and how many were cut. A prompt too long is cut in the middle (``inference.cut_middle``, as generation cuts it):
     cut from the right, an injection appended after a long prompt (the generic builder's) and the answer cue after it
     were cut away, leaving an "injected" input equal to the clean one."""
-    from sectune.inference import completion_ids, cut_middle, text_ids
+    from sectune.inference import completion_ids, cut_middle, prompt_ids
 
     rows, cut = [], 0
     for t in triplets:
         # text as text: an injection's "</s>" or "<|eot_id|>" is characters, the answer's EOS the token (an audit, session 43)
-        prompt = text_ids(tokenizer, t["prompt"])
+        prompt = prompt_ids(tokenizer, t["prompt"])
         # the answer's tokens after its prompt, as SFT trains and generation writes them (tokenized alone, Llama-2's
         # SentencePiece began it with a "▁" neither produces; an audit, session 42)
         answer = completion_ids(tokenizer, t["prompt"], t["output"], prompt) + [tokenizer.eos_token_id]
-        cf, inj = (text_ids(tokenizer, t[k]) for k in ("cf_prompt", "injection_prompt"))
+        cf, inj = (prompt_ids(tokenizer, t[k]) for k in ("cf_prompt", "injection_prompt"))
         if max(len(prompt) + len(answer), len(cf), len(inj)) > max_len:
             cut += 1
         prompt, cf, inj = cut_middle(prompt, max_len - 1), cut_middle(cf, max_len), cut_middle(inj, max_len)  # >= 1 answer token

@@ -38,9 +38,9 @@ def require_examples(trainer, cfg: DictConfig, given: dict[str, int], tokenizer=
             L = cfg.model.max_seq_length
             shortest = ""
             if tokenizer is not None and prompts:
-                from sectune.inference import text_ids
+                from sectune.inference import prompt_ids
 
-                shortest = f"; the shortest prompt is {min(len(ids) for ids in text_ids(tokenizer, list(prompts)))} tokens"
+                shortest = f"; the shortest prompt is {min(len(ids) for ids in prompt_ids(tokenizer, list(prompts)))} tokens"
             raise ConfigError(f"model.max_seq_length={L}: all {n} {split} examples were dropped, none keeps any answer token "
                               f"once truncated to {L} tokens{shortest}; raise model.max_seq_length")
 

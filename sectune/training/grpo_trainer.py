@@ -282,9 +282,9 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
 
         if is_conversational({"prompt": prompts[0]}):
             return super()._tokenize_prompts(prompts)
-        from sectune.inference import text_ids
+        from sectune.inference import prompt_ids
 
-        return text_ids(self.processing_class, prompts), None, {}
+        return prompt_ids(self.processing_class, prompts), None, {}
 
     def _shared_generation_ok(self, images, multimodal_fields) -> bool:
         g = self.generation_config if not self.use_vllm else None

@@ -94,6 +94,9 @@ class LoraConfig:
     #: rank-stabilised LoRA (Kalajdzievski 2023; PEFT's use_rslora): the update scaled by alpha/sqrt(r), not alpha/r, so a
     #: higher rank does not shrink it
     use_rslora: bool = False
+    #: weight-decomposed LoRA (DoRA, Liu et al. 2024; PEFT's use_dora): each targeted weight's magnitude (a vector per
+    #: output feature, saved with the adapter) trained apart from its direction (the LoRA update)
+    use_dora: bool = False
 
 
 @dataclass

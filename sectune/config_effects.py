@@ -76,6 +76,25 @@ SMOOTHING_IGNORED = {"reward": "a Bradley-Terry loss on pair scores", "rl": "GRP
                      "contrastive": "its task term is plain cross-entropy", "federated": "clients train the plain LM loss"}
 
 
+#: why a DoRA adapter is refused on an 8-bit base on the CPU (:func:`dora_breaks_int8`)
+DORA_INT8_CPU = ("with quantization=int8 on the CPU: PEFT's DoRA dequantizes each 8-bit weight at every forward and, on the "
+                 "CPU, puts it back without its scales (bitsandbytes' SCB), so the next forward fails (AttributeError: "
+                 "'NoneType' object has no attribute 'unsqueeze'); use quantization=nf4 or none, or lora.use_dora=false")
+
+
+def dora_breaks_int8(cfg) -> bool:
+    """A run on bitsandbytes' 8-bit weights on the CPU (``train.device=cpu``, or ``auto`` without CUDA): where a DoRA
+    layer's forward leaves its base layer unusable (peft 0.21 with bitsandbytes 0.50: the second forward of a tiny int8
+    model failed; an audit, session 46). Not seen on a GPU, where PEFT moves nothing."""
+    if cfg.quantization.name != "int8" or cfg.train.device == "cuda":
+        return False
+    if cfg.train.device == "auto":
+        import torch  # only here: most commands never get this far
+
+        return not torch.cuda.is_available()
+    return True
+
+
 def check_settings_in_effect(cfg, need) -> None:
     """Settings a user could give that the run would then ignore without a word: each refused, naming the key."""
     from sectune.config import LoraConfig
@@ -89,7 +108,7 @@ def check_settings_in_effect(cfg, need) -> None:
              "is used only with model.device_map (e.g. model.device_map=auto): set it too, or leave this out")
     if not lo.enabled:  # a LoRA setting changed while LoRA is off: the full model trains (a lora preset without enabled: true)
         default = LoraConfig()
-        changed = [k for k in ("r", "alpha", "dropout", "target_modules", "use_rslora") if lo[k] != getattr(default, k)]
+        changed = [k for k in ("r", "alpha", "dropout", "target_modules", "use_rslora", "use_dora") if lo[k] != getattr(default, k)]
         need(not changed, f"lora.{changed[0] if changed else 'r'}", lo[changed[0]] if changed else None,
              "has no effect: LoRA is off (lora.enabled=false: lora=none, or a lora preset without enabled: true), so every "
              "weight trains; set lora.enabled=true or choose lora=r4_attention / r16_all_linear")
@@ -100,6 +119,7 @@ def check_settings_in_effect(cfg, need) -> None:
     need(q.name == "none" or lo.enabled or cfg.stage.name not in TRAINING_STAGES, "lora", "none",
          f"with quantization={q.name}: quantized weights cannot be trained, so a quantized model trains LoRA adapters only "
          "(lora=r4_attention / r16_all_linear), or use quantization=none")
+    need(not (lo.enabled and lo.use_dora and dora_breaks_int8(cfg)), "lora.use_dora", True, DORA_INT8_CPU)
     # fp16 mixed precision keeps fp32 weights: fp16 weights trained in full failed the GradScaler at step 1 on a GPU
     # ("Attempting to unscale FP16 gradients"; on CPU fp16 becomes bf16, so nothing here saw it; an audit, session 42)
     need(lo.enabled or cfg.model.dtype != "fp16" or cfg.train.precision != "fp16" or cfg.stage.name not in TRAINING_STAGES,

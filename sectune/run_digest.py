@@ -22,6 +22,7 @@ from sectune.training import distributed
 #: default are other runs, as they should be. ``tests/test_sweeps.py`` fails on a schema key neither frozen nor listed.
 ADDED_KEYS: dict[str, Any] = {"dataset.split_by": "window", "export.model_dir": None, "export.dtype": None,
                               "export.max_logit_diff": None, "lora.use_rslora": False,
+                              "lora.use_dora": False,
                               "dpo.loss_type": None, "model.chat_template": False, "model.tiny.chat_template": False}
 
 

@@ -250,6 +250,11 @@ def warn_other_quantization(cfg, folder: Path, key: str, merged: bool = False) -
     starting policy no run evaluated, without a word; an audit, session 41). ``merged``: it is folded into those weights."""
     from omegaconf import OmegaConf
 
+    from sectune.config_effects import DORA_INT8_CPU, dora_breaks_int8
+
+    if not merged and dora_breaks_int8(cfg) and _adapter_setting(folder, "use_dora"):  # (merged: into unquantized weights)
+        raise ConfigError(f"{key}: the adapter in {folder} is a DoRA adapter (lora.use_dora=true in its adapter_config.json): "
+                          f"refused {DORA_INT8_CPU.split('; use')[0]}; load it with quantization=nf4 or none")
     owner = run_owning(folder)
     try:
         run = OmegaConf.load(owner.parent / ".hydra" / "config.yaml") if owner is not None else None
@@ -262,6 +267,14 @@ def warn_other_quantization(cfg, folder: Path, key: str, merged: bool = False) -
           f"loads quantization={cfg.quantization.name}{' and merges it into those weights' if merged else ''}, so training "
           f"starts from a policy that run never evaluated (its answers move); set quantization={theirs.get('name')} to start "
           "from the one it trained", file=sys.stderr)
+
+
+def _adapter_setting(folder: Path, key: str):
+    """``key`` of the adapter_config.json in ``folder`` (None where there is none or it does not read)."""
+    try:
+        return json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def trained_quantization(cfg, choice):

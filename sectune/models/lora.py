@@ -65,6 +65,7 @@ def apply_lora(model, cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         task_type=task_type,
         modules_to_save=[*(lc.modules_to_save or ()), *fresh] or None,
         use_rslora=bool(lc.get("use_rslora", False)),
+        use_dora=bool(lc.get("use_dora", False)),
     )
     model = get_peft_model(model, peft_cfg)
     if cfg.train.precision in ("bf16", "fp16"):

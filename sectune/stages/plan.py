@@ -180,6 +180,7 @@ def estimate(cfg: DictConfig, model_cfg: DictConfig | None = None, logit_tokens:
         selective_checkpointing=bool(cfg.train.selective_checkpointing),
         device=plan_device(cfg),
         lora_dropout=float(cfg.lora.dropout),
+        lora_dora=bool(cfg.lora.enabled and cfg.lora.get("use_dora", False)),
         upcast_non_quantized=q != "none",
         logit_tokens=logit_tokens,
         score_head=trains_score_head(cfg),  # the reward model: a score head, no LM head

@@ -219,7 +219,7 @@ def scorer_weight_bytes(arch: dict, quantization: str = "none", dtype: str = "bf
     return int(L * _linear_weight_bytes(layer, quantization, a) + (biases + sum(_numel(s) for s in other) + h) * a)
 
 
-def _layer_activation_per_token(arch: dict, a: int, lora: list, r: int | None, lora_dropout: float) -> float:
+def _layer_activation_per_token(arch: dict, a: int, lora: list, r: int | None, lora_dropout: float, dora: bool = False) -> float:
     """Bytes autograd keeps per token for one decoder layer (no checkpointing)."""
     h, qd, kvd, i, _ = _dims(arch)
     if arch["family"] == "llama":
@@ -232,8 +232,10 @@ def _layer_activation_per_token(arch: dict, a: int, lora: list, r: int | None, l
         mlp = a * 2 * h + a * i * 5 + h
     extra = 0.0
     if r:
-        for _, fin, _, _ in lora:
+        for _, fin, fout, _ in lora:
             extra += r * a + (fin * (a + 1) if lora_dropout > 0 else 0)  # dropout(x) + mask, lora_A(x)
+            if dora:  # DoRA's magnitude scales the base output and lora_B's: both kept for its gradient
+                extra += 2 * fout * a
     return attn + mlp + extra
 
 
@@ -255,11 +257,14 @@ def estimate_memory(
     logit_tokens: int | None = None,
     score_head: bool = False,
     recompute_share: float = 1.0,
+    lora_dora: bool = False,
 ) -> Budget:
     """Predicted peak training memory for one optimizer step; see the module docstring. ``logit_tokens``: the positions
     the LM head runs on (None: every token; GRPO's loss reads the completions' only, a score head none). ``score_head``:
     the model is a ``…ForSequenceClassification`` (stage=reward's): a one-wide score head and no LM head among its
-    weights (counted there, seed 000's reward step planned 9.24 GiB on an H100 and allocated 6.36 at its peak)."""
+    weights (counted there, seed 000's reward step planned 9.24 GiB on an H100 and allocated 6.36 at its peak).
+    ``lora_dora``: DoRA (``lora.use_dora``): a trained magnitude per output row of each adapted linear, the base and
+    adapter outputs it scales kept for its gradient, and each forward's W + BA (fp32) for the weight norm."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if dtype not in DTYPE_BYTES:
@@ -299,11 +304,11 @@ def estimate_memory(
     params = lin_w + lin_b + other
     if lora_r:
         mods = lora_modules(arch, lora_targets)
-        shapes = [s for _, fin, fout, _ in mods for s in ((lora_r, fin), (fout, lora_r))] * L
+        shapes = [s for _, fin, fout, _ in mods for s in ((lora_r, fin), (fout, lora_r)) + (((fout,),) if lora_dora else ())] * L
         pbytes = 4  # peft keeps adapter weights in fp32
         trainable = sum(_numel(s) for s in shapes)
         adapters = trainable * pbytes
-        notes.append(f"LoRA r={lora_r} on {', '.join(m[0] for m in mods)} ({trainable:,} params, fp32)")
+        notes.append(f"{'DoRA' if lora_dora else 'LoRA'} r={lora_r} on {', '.join(m[0] for m in mods)} ({trainable:,} params, fp32)")
     else:
         mods = []
         shapes = [s for _, fin, fout, b in layer for s in ([(fout, fin)] + ([(fout,)] if b else []))] * L
@@ -317,17 +322,19 @@ def estimate_memory(
 
     # -- activations
     tokens = seq_len * batch_size
-    per_layer = _layer_activation_per_token(arch, a, mods, lora_r, lora_dropout) * tokens
+    per_layer = _layer_activation_per_token(arch, a, mods, lora_r, lora_dropout, lora_dora and bool(lora_r)) * tokens
     lt = tokens if logit_tokens is None else min(int(logit_tokens), tokens)
     logits = lt * v * (a + 4 + 4)  # logits, fp32 log-softmax, its fp32 gradient
     dequant = max(i * o for _, i, o, _ in layer) * a if quantization == "nf4" else 0  # one weight unpacked
+    if lora_dora and lora_r:  # the weight norm's W + scale·BA and BA, fp32, one adapted linear at a time
+        dequant += max(i * o for _, i, o, _ in mods) * 8
     edges = 3 * tokens * h * a  # embedding output, final norm, grad of the residual stream
     if selective_checkpointing and not gradient_checkpointing:
         # kept per layer: its input and every matmul / attention output; the rest is recomputed
         # LoRA adds two matmuls per wrapped linear, and their outputs are kept too: lora_A's (r
         # wide) and lora_B's (as wide as the layer's output). Without them a 3B bf16 LoRA step on an
         # H200 measured 1.55x the predicted activations; with them 1.05x (bench/gpu_memory.py).
-        lora_kept = sum(lora_r + fout for _, _, fout, _ in mods) if lora_r else 0
+        lora_kept = sum(lora_r + fout * (3 if lora_dora else 1) for _, _, fout, _ in mods) if lora_r else 0
         kept = tokens * (h + qd + 2 * kvd + qd + h + 2 * inter + h + lora_kept) * a
         activations = L * kept + edges + max(logits, per_layer) + dequant
         notes.append("selective checkpointing: matmul and attention outputs kept, elementwise ops recomputed")

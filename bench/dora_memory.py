@@ -52,17 +52,26 @@ def predicted(dora: bool) -> int:
 
 
 def main() -> None:
-    import platform
+    import os
 
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from contrastive_throughput import cpu_model
+    from sft_throughput import matmul_peak_flops
+
+    peak_gflops = round(matmul_peak_flops(torch.get_num_threads())["peak_flops"] / 1e9, 1)
     m = {d: measured(d) for d in (False, True)}
     p = {d: predicted(d) for d in (False, True)}
     gib = 2**30
-    print(f"cpu: {platform.processor() or platform.machine()}; batch {BATCH} x {SEQ}, LoRA r{R} on all linears, fp32")
+    print(f"CPU: {cpu_model()} · bf16 matmul peak {peak_gflops} GFLOP/s on {torch.get_num_threads()} thread(s); "
+          f"batch {BATCH} x {SEQ}, LoRA r{R} on all linears, fp32")
     for d in (False, True):
         print(f"{'DoRA' if d else 'LoRA'}: measured {m[d] / gib:.2f} GiB, predicted {p[d] / gib:.2f} GiB ({m[d] / p[d]:.2f}x)")
     extra_m, extra_p = m[True] - m[False], p[True] - p[False]
     print(f"DoRA's extra: measured {extra_m / gib:.2f} GiB, predicted {extra_p / gib:.2f} GiB")
-    print(json.dumps({"dora_extra_measured_over_predicted": round(extra_m / extra_p, 3),
+    print(json.dumps({"cpu": cpu_model(), "bf16_matmul_peak_gflops": peak_gflops,
+                      "dora_extra_measured_over_predicted": round(extra_m / extra_p, 3),
                       "lora_measured_over_predicted": round(m[False] / p[False], 3),
                       "dora_measured_over_predicted": round(m[True] / p[True], 3)}))
 

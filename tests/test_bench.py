@@ -134,7 +134,7 @@ def _json_keys(script: str) -> set[str]:
 
 
 @pytest.mark.parametrize("script", ["grpo_throughput.py", "sft_throughput.py", "contrastive_throughput.py", "reward_throughput.py",
-                                    "eval_throughput.py", "constrained_generation.py", "federated_rounds.py"])
+                                    "eval_throughput.py", "constrained_generation.py", "federated_rounds.py", "dora_memory.py"])
 def test_bench_reports_cpu_and_bf16_peak(script):
     keys = _json_keys(script)
     assert {"cpu", "bf16_matmul_peak_gflops"} <= keys, f"{script}: its JSON line lacks the CPU model or the measured bf16 peak"

@@ -290,7 +290,7 @@ def test_a_reward_model_is_planned_with_a_score_head_instead_of_the_lm_head():
 def test_dora_adds_its_magnitudes_its_kept_outputs_and_its_weight_norm():
     """lora.use_dora: one trained magnitude per output row of each adapted linear, the base and adapter outputs it scales
     kept for its gradient (2 x fout per token), and one linear's W + BA in fp32 at a time (bench/dora_memory.py: the
-    extra measured 0.95 GiB on CPU against 1.15 predicted; without this term, 0 predicted)."""
+    extra measured 0.95 and 1.20 GiB on CPU against 1.15 predicted; without this term, 0 predicted)."""
     from sectune.training.planner import lora_modules
 
     arch = {"family": "llama", "hidden_size": 256, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,

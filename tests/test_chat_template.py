@@ -272,3 +272,31 @@ def test_a_sentencepiece_template_frames_a_prompt_as_the_template_tokenizes_it()
     assert not (set(tok.all_special_ids) - {tok.unk_token_id}) & set(inner), tok.convert_ids_to_tokens(inner)  # (capitals: <unk>)
     p, full = prompt_completion_ids(tok, "line of logs", '{"verdict":"benign"}')
     assert full[: len(p)] == p and full[-1] == tok.eos_token_id and full.count(tok.eos_token_id) == 1
+
+
+def test_constrained_decoding_never_writes_the_frames_turn_tokens_or_the_old_eos_and_stops_at_the_turns_end():
+    """The chat frame's turn tokens and the EOS it replaced are special tokens the tokenizer does not list in
+    ``all_special_ids``: xgrammar takes their spelling as text, so a JSON string could hold ``<|im_start|>`` or the old
+    ``<|eos|>`` (a second turn opened inside the analysis). Only the turn's end, after a complete document, is allowed."""
+    from sectune.models.constrained import SchemaConstraint
+
+    tok = chat_tokenizer()
+    assert "<|im_start|>" not in tok.all_special_tokens and "<|eos|>" not in tok.all_special_tokens  # the shape tested
+    schema = {"type": "object", "properties": {"user": {"type": "string"}}, "required": ["user"], "additionalProperties": False}
+    ids = torch.tensor([prompt_ids_of(tok, "x")])
+    ban = [tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|eos|>", "<|pad|>")]
+    for text in ('{"user":"', '{"user":"x"}'):
+        proc = SchemaConstraint(tok, schema).processor(max_new_tokens=64)
+        seq = ids
+        scores = proc(seq, torch.zeros(1, len(tok)))
+        for t in tok(text, add_special_tokens=False)["input_ids"]:
+            seq = torch.cat([seq, torch.tensor([[t]])], 1)
+            scores = proc(seq, torch.zeros(1, len(tok)))
+        assert torch.isinf(scores[0, ban]).all(), (text, scores[0, ban])
+    assert scores[0, tok.eos_token_id] == 0 and tok.eos_token == "<|im_end|>"  # the complete document ends the turn
+
+
+def prompt_ids_of(tok, text):
+    from sectune.inference import prompt_ids
+
+    return prompt_ids(tok, render_prompt(text))

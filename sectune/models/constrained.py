@@ -209,7 +209,10 @@ class SchemaConstraint:
         self._grounded: dict[str, SchemaConstraint] = {}
         # Token bytes as the grammar sees them; special tokens and control bytes are never generated.
         self.token_bytes: list[bytes] = list(info.decoded_vocab) + [b""] * (self.vocab_size - len(info.decoded_vocab))
-        special = set(tokenizer.all_special_ids) - {self.eos_id}
+        # every special token, not only those the tokenizer names (all_special_ids): a chat template's turn tokens
+        # (<|im_start|>, <|start_header_id|>) and the EOS a chat frame replaced by its end-of-turn token are special
+        # tokens outside that list, whose spelling the grammar would take as text inside a string
+        special = (set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}) - {self.eos_id}
         banned = [i for i, b in enumerate(self.token_bytes) if i in special or i >= len(tokenizer) or any(x < 0x20 or x == 0x7F for x in b)]
         self.static_ban = np.zeros(self.vocab_size, dtype=bool)
         self.static_ban[banned] = True

@@ -32,9 +32,12 @@ class ChatFrame:
     before: str
     after: str
     end: str
+    #: the template trims the message (Llama-3.x's and Gemma's ``content | trim``): the prompt's trailing newline is
+    #: not what an instruct model (or a chat endpoint) puts before the end of the user's turn
+    strip: bool = False
 
     def record(self) -> dict:
-        return {"before": self.before, "after": self.after, "end": self.end}
+        return {"before": self.before, "after": self.after, "end": self.end, **({"strip": True} if self.strip else {})}
 
 
 def frame_of(tokenizer) -> ChatFrame | None:
@@ -54,6 +57,8 @@ def framed_ids(tokenizer, frame: ChatFrame, prompts: list[str]) -> list[list[int
     prompt between them as text (:func:`sectune.inference.text_ids`), which never ends the user's turn."""
     from sectune.inference import text_ids
 
+    if frame.strip:
+        prompts = [p.strip() for p in prompts]
     spellings = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
     hostile = [any(s in p for s in spellings) for p in prompts]
     clean = [i for i, h in enumerate(hostile) if not h]
@@ -80,6 +85,7 @@ def render(tokenizer, where: str) -> ChatFrame:
     try:
         prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
         turn = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": _ANSWER}], tokenize=False)
+        spaced = tokenizer.apply_chat_template([{"role": "user", "content": f"\n{_MARK}\n"}], add_generation_prompt=True, tokenize=False)
     except Exception as e:  # jinja's TemplateError, a template's raise_exception, ...
         raise ConfigError(f"model.chat_template=true: {where}'s chat template cannot render one user message and an "
                           f"answer ({type(e).__name__}: {e}): set model.chat_template=false") from e
@@ -91,7 +97,7 @@ def render(tokenizer, where: str) -> ChatFrame:
     if not closing:
         raise ConfigError(f"model.chat_template=true: {where}'s chat template writes nothing after an answer (no "
                           "end-of-turn token to stop generation at): set model.chat_template=false")
-    frame = ChatFrame(before, after, tokenizer.convert_ids_to_tokens(closing[0]))
+    frame = ChatFrame(before, after, tokenizer.convert_ids_to_tokens(closing[0]), strip=f"\n{_MARK}\n" not in spaced)
     check(tokenizer, frame, where, template=True)
     return frame
 
@@ -106,10 +112,13 @@ def check(tokenizer, frame: ChatFrame, where: str, template: bool = False) -> No
                           "tokenizer_config.json) is not a token of this tokenizer")
     if not template:
         return
-    mine = framed_ids(tokenizer, frame, [_PROBE])[0]
-    theirs = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], add_generation_prompt=True, tokenize=True)
-    theirs = list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs)
-    if mine != theirs:
+
+    def theirs(probe):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": probe}], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    # a prompt ends with a newline (auth_logs.render_prompt): a template that trims it is framed so (ChatFrame.strip)
+    if any(framed_ids(tokenizer, frame, [p])[0] != theirs(p) for p in (_PROBE, f"\n{_PROBE}\n")):
         raise ConfigError(f"model.chat_template=true: {where}'s chat template tokenizes a log line otherwise than as the "
                           "text between its prefix and its assistant header (a template that rewrites the message?): "
                           "set model.chat_template=false")
@@ -152,14 +161,15 @@ def attach(tokenizer, wanted: bool, where: str) -> ChatFrame | None:
             print(f"sectune: warning: model.chat_template=true ignored: {where} was trained on the bare prompt "
                   f"({RECORD_KEY}: false in its tokenizer_config.json), and is prompted as it was trained")
         frame = None
-    elif isinstance(recorded, dict) and all(isinstance(recorded.get(k), str) for k in ("before", "after", "end")):
-        frame = ChatFrame(recorded["before"], recorded["after"], recorded["end"])
+    elif (isinstance(recorded, dict) and all(isinstance(recorded.get(k), str) for k in ("before", "after", "end"))
+          and isinstance(recorded.get("strip", False), bool)):
+        frame = ChatFrame(recorded["before"], recorded["after"], recorded["end"], recorded.get("strip", False))
         check(tokenizer, frame, where)
         if not wanted:
             print(f"sectune: note: {where} was trained inside its chat template ({RECORD_KEY} in its "
                   "tokenizer_config.json): prompted so, whatever model.chat_template says")
     else:
-        raise ConfigError(f"{where}/tokenizer_config.json: {RECORD_KEY} must be false or {{before, after, end}} (strings), "
+        raise ConfigError(f"{where}/tokenizer_config.json: {RECORD_KEY} must be false or {{before, after, end}} (strings; strip: a bool), "
                           f"not {recorded!r}")
     tokenizer.init_kwargs[RECORD_KEY] = frame.record() if frame else False
     tokenizer._sectune_frame = frame

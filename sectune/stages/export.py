@@ -195,7 +195,11 @@ def _prompt_parts(tokenizer) -> tuple[str, str]:
     marker = "\x00LOGS\x00"
     before, after = auth_logs.render_prompt(marker).split(marker)
     frame = frame_of(tokenizer)
-    return (before, after) if frame is None else (frame.before + before, after + frame.after)
+    if frame is None:
+        return before, after
+    if frame.strip:  # the template trims the message, and so did training (sectune.chat_frame.framed_ids)
+        before, after = before.lstrip(), after.rstrip()
+    return frame.before + before, after + frame.after
 
 
 def _probe(tokenizer, model) -> torch.Tensor:

@@ -74,6 +74,22 @@ def framed_ids(tokenizer, frame: ChatFrame, prompts: list[str]) -> list[list[int
     return out
 
 
+def answer_ids(tokenizer, frame: ChatFrame, completion: str) -> list[int]:
+    """``completion``'s ids where it follows the frame's assistant header, as the model continues the prompt: a
+    SentencePiece tokenizer (Mistral's) wrote it alone with a leading "▁" that the JSON grammar of constrained decoding
+    forbids as the answer's first token (a review, session 46). An answer holding a special token's spelling (a user
+    name ``<|im_end|>`` it quotes) is tokenized alone, as text."""
+    from sectune.inference import text_ids
+
+    spellings = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
+    if not any(s in completion for s in spellings):
+        head = special_ids(tokenizer, frame.after)
+        full = special_ids(tokenizer, frame.after + completion)
+        if full[: len(head)] == head:
+            return full[len(head) :]
+    return text_ids(tokenizer, completion, add_special_tokens=False)
+
+
 def render(tokenizer, where: str) -> ChatFrame:
     """The frame of ``tokenizer``'s chat template: its rendering of one user message around a marker, and what it writes
     after an assistant's answer. A template that renders no such thing, or whose tokenization of a real prompt is not

@@ -242,37 +242,39 @@ def prompt_completion_ids(tokenizer, prompt: str, completion: str) -> tuple[list
     """(``prompt``'s ids, ``prompt + completion``'s ids and the real EOS id): what TRL's SFT and DPO trainers tokenize for
     a prompt/completion pair (they append ``eos_token`` as text and tokenize the whole), with the text as text
     (:func:`text_ids`); on text holding no control token's spelling, the same ids. Where the completion starts is the
-    two lists' common prefix, as TRL takes it. Inside a chat template (:func:`prompt_ids`) the completion follows the
-    assistant header, tokenized alone, as generation continues it."""
-    from sectune.chat_frame import frame_of
+    two lists' common prefix, as TRL takes it. Inside a chat template (:func:`prompt_ids`) the completion is tokenized
+    where it follows the assistant header (:func:`sectune.chat_frame.answer_ids`)."""
+    from sectune.chat_frame import answer_ids, frame_of
 
-    if frame_of(tokenizer) is not None:
+    frame = frame_of(tokenizer)
+    if frame is not None:
         p = prompt_ids(tokenizer, prompt)
-        return p, p + text_ids(tokenizer, completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+        return p, p + answer_ids(tokenizer, frame, completion) + [tokenizer.eos_token_id]
     return text_ids(tokenizer, prompt), text_ids(tokenizer, prompt + completion) + [tokenizer.eos_token_id]
 
 
 def pair_lengths(tokenizer, prompts: list[str], completions: list[str]) -> list[int]:
     """The tokens each prompt + completion + EOS is trained as (:func:`prompt_completion_ids`), tokenized in batches."""
-    from sectune.chat_frame import frame_of
+    from sectune.chat_frame import answer_ids, frame_of
 
-    if frame_of(tokenizer) is None:
+    frame = frame_of(tokenizer)
+    if frame is None:
         return [len(ids) + 1 for ids in text_ids(tokenizer, [p + c for p, c in zip(prompts, completions)])]
     if not prompts:
         return []
-    p, c = prompt_ids(tokenizer, list(prompts)), text_ids(tokenizer, list(completions), add_special_tokens=False)
-    return [len(a) + len(b) + 1 for a, b in zip(p, c)]
+    return [len(a) + len(answer_ids(tokenizer, frame, c)) + 1 for a, c in zip(prompt_ids(tokenizer, list(prompts)), completions)]
 
 
 def completion_ids(tokenizer, prompt: str, completion: str, prompt_ids: list[int] | None = None) -> list[int]:
     """``completion``'s tokens where it follows ``prompt``: those of ``prompt + completion`` past the prompt's (TRL's SFT
     and DPO split them so). Tokenized on its own, a SentencePiece tokenizer (Llama-2) wrote it with a leading "▁" that
     SFT and generation never produce after the prompt's newline (an audit, session 42). Text as text (:func:`text_ids`).
-    Inside a chat template, after the assistant header: tokenized alone (:func:`prompt_completion_ids`)."""
-    from sectune.chat_frame import frame_of
+    Inside a chat template, where it follows the assistant header (:func:`sectune.chat_frame.answer_ids`)."""
+    from sectune.chat_frame import answer_ids, frame_of
 
-    if frame_of(tokenizer) is not None:
-        return text_ids(tokenizer, completion, add_special_tokens=False)
+    frame = frame_of(tokenizer)
+    if frame is not None:
+        return answer_ids(tokenizer, frame, completion)
     p = prompt_ids if prompt_ids is not None else text_ids(tokenizer, prompt)
     full = text_ids(tokenizer, prompt + completion)
     n = 0

@@ -272,6 +272,10 @@ def test_a_sentencepiece_template_frames_a_prompt_as_the_template_tokenizes_it()
     assert not (set(tok.all_special_ids) - {tok.unk_token_id}) & set(inner), tok.convert_ids_to_tokens(inner)  # (capitals: <unk>)
     p, full = prompt_completion_ids(tok, "line of logs", '{"verdict":"benign"}')
     assert full[: len(p)] == p and full[-1] == tok.eos_token_id and full.count(tok.eos_token_id) == 1
+    # the answer as the model continues "[/INST]": "{...", not the "▁{" it was tokenized alone as, which constrained
+    # decoding's JSON grammar forbids as a first token (a review, session 46)
+    whole = tok("<s>[INST] line of logs[/INST]" + '{"verdict":"benign"}', add_special_tokens=False)["input_ids"]
+    assert full[:-1] == whole and not tok.convert_ids_to_tokens(full[len(p)]).startswith("▁")
 
 
 def test_constrained_decoding_never_writes_the_frames_turn_tokens_or_the_old_eos_and_stops_at_the_turns_end():

@@ -641,3 +641,20 @@ def test_a_model_of_a_layout_the_planner_does_not_know_is_refused_by_plan_and_un
     checks, _ = doctor.run_checks(compose(["stage=doctor", *over]))
     (mem,) = [c for c in checks if c.name == "memory plan"]
     assert mem.status == "warn" and "model_type 'opt'" in mem.detail
+
+
+def test_doctor_checks_the_chat_template_a_run_would_frame_its_prompts_with():
+    """model.chat_template=true: a template the run would refuse when it loads is missing before a job queues; a usable
+    one is reported with its frame; a tokenizer not available offline warns (the weights' check says how to get it)."""
+    from sectune.stages import doctor
+
+    def chat_check(overrides):
+        return next(c for c in doctor.run_checks(compose(["stage=doctor", "logger=none", *overrides]))[0] if c.name == "chat template")
+
+    ok = chat_check(["model.tiny.chat_template=true", "model.chat_template=true"])
+    assert ok.status == "ok" and "an answer ends with '<|im_end|>'" in ok.detail
+    bad = chat_check(["model.chat_template=true"])  # the default tiny tokenizer has no template
+    assert bad.status == "missing" and "has no chat template" in bad.detail and "model.chat_template=false" in bad.fix
+    away = chat_check(["model=qwen25_1_5b_instruct"])  # the preset sets it; nothing cached here
+    assert away.status == "warn" and "not available offline" in away.detail
+    assert "chat template" not in {c.name for c in doctor.run_checks(compose(["stage=doctor", "logger=none"]))[0]}

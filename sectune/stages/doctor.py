@@ -9,7 +9,8 @@ what the composed config REQUIRES and would make the run fail:
 * the model's weights: a local ``model.name_or_path`` folder must hold config.json and weights;
   a hub id must be in the local Hugging Face cache (checked with
   ``huggingface_hub.try_to_load_from_cache``, never the network: a compute node often has none);
-* ``dataset.path`` when one is set.
+* ``dataset.path`` when one is set;
+* with ``model.chat_template=true``, a chat template the run would refuse (checked on the tokenizer files here).
 
 Everything else warns: no GPU for a real model (CPU training is slow), predicted peak, times the
 margin by which real GPU peaks exceeded the plan on an H200 (1.31x; fp32 1.68x; int8 1.31x), above the
@@ -183,6 +184,42 @@ def check_model(cfg: DictConfig) -> list[Check]:
     return [Check("model weights", "missing", f"{path}: {detail}", fix)]
 
 
+def check_chat_template(cfg: DictConfig) -> list[Check]:
+    """``model.chat_template=true``: the tokenizer's template frames the analyst's prompt (:mod:`sectune.chat_frame`),
+    checked on the tokenizer files here (a folder, the local cache, or the tiny build), never the network: a template
+    that renders no usable frame fails the run when it loads, after a job may have waited in a queue."""
+    from sectune.chat_frame import wanted
+
+    if not cfg.model.get("chat_template", False):
+        return []
+    if not wanted(cfg):
+        return [Check("chat template", "ok", "model.chat_template=true does not apply to this run's stage/dataset (bare prompts)")]
+    import os
+
+    from sectune.chat_frame import frame_of
+    from sectune.errors import ConfigError
+    from sectune.models import modeling
+
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the local cache or folder only, as the weights' check
+    try:
+        tok = modeling.load_tokenizer(cfg)  # a tiny model is built (no download)
+    except ConfigError as e:
+        return [Check("chat template", "missing", str(e), "set model.chat_template=false, or use a tokenizer whose template renders one user message")]
+    except Exception as e:  # not here: the weights' check says how to get them
+        return [Check("chat template", "warn", f"the tokenizer is not available offline ({type(e).__name__}): its template is checked when the run loads it")]
+    finally:
+        if offline is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline
+    frame = frame_of(tok)
+    if frame is None:
+        return [Check("chat template", "ok", "the model was trained on the bare prompt (sectune_chat: false): prompted so")]
+    n = len(tok(frame.before, add_special_tokens=False)["input_ids"]) + len(tok(frame.after, add_special_tokens=False)["input_ids"])
+    return [Check("chat template", "ok", f"each prompt framed by {n} template tokens; an answer ends with {frame.end!r}")]
+
+
 def _hf_cache() -> str:
     from huggingface_hub import constants
 
@@ -348,6 +385,7 @@ def run_checks(cfg: DictConfig) -> tuple[list[Check], dict]:
     checks += check_packages(cfg)
     checks += check_cuda(cfg, (off["gpu_bytes"] if off else predicted.total) if predicted else None)
     checks += check_model(cfg)
+    checks += check_chat_template(cfg)
     checks += check_dataset(cfg)
     checks += check_disk(cfg)
     checks += check_wandb(cfg)

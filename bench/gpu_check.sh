@@ -19,7 +19,7 @@ timeout 240 python3 bench/grpo_throughput.py --device cuda --model smollm --prom
   --repeats 1 --variants "${GRPO_VARIANTS-beta0,noshare}" > "$O/grpo.log" 2>&1; echo "exit $?"
 tail -9 "$O/grpo.log" | cut -c1-2500
 echo "== 3 pytest $(date +%T)"
-timeout 200 python3 -m pytest -q -p no:cacheprovider --timeout 150 \
+timeout 300 python3 -m pytest -q -p no:cacheprovider --timeout 150 \
   tests/test_contrastive.py::test_training_forward_runs_under_the_requested_mixed_precision \
   tests/test_sft.py::test_quantized_lora_adapter_stays_fp32_through_the_trl_trainer \
   tests/test_rl.py::test_quantized_policy_adapter_stays_fp32_through_the_trl_trainer \
@@ -27,7 +27,7 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider --timeout 150 \
   tests/test_dpo.py::test_quantized_policy_keeps_the_loaded_adapter_fp32_bit_for_bit \
   tests/test_reward.py::test_final_eval_loss_is_computed_in_the_training_precision \
   tests/test_pipeline.py::test_each_pipeline_step_reports_its_own_peak_gpu_memory \
-  tests/test_export.py > "$O/pytest.log" 2>&1; echo "exit $?"
+  tests/test_export.py tests/test_dora.py tests/test_chat_template.py > "$O/pytest.log" 2>&1; echo "exit $?"
 tail -8 "$O/pytest.log" | cut -c1-600
 if [ -n "${ALLOC_CHECK-1}" ]; then
   echo "== 4 gpu_stages, expandable segments $(date +%T)"

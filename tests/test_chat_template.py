@@ -343,3 +343,25 @@ def test_a_template_that_trims_the_message_frames_the_prompt_trimmed_as_its_endp
     assert frame_of(again) == frame_of(tok) and prompt_ids(again, normal) == template
     served = tok.apply_chat_template([{"role": "user", "content": logs}], chat_template=analyst_chat_template(tok), tokenize=True)
     assert served["input_ids"] == template
+
+
+
+
+def test_a_reward_model_trained_inside_the_frame_scores_inside_it(tmp_path):
+    """stage=reward trains inside the recorded frame; rl's rl.reward_model loaded its tokenizer without the record and
+    scored the bare prompt (and GRPO's rewards with it) where the reward model had learnt the framed one."""
+    from transformers import AutoModelForSequenceClassification
+
+    from sectune.chat_frame import frame_of
+    from sectune.models import reward_model as RM
+
+    cfg, tok = compose([*CHAT, "stage=reward", "dataset=auth_preferences"]), chat_tokenizer()
+    model = AutoModelForSequenceClassification.from_pretrained(modeling.model_path(cfg), num_labels=1)
+    modeling.save_pretrained_atomic(model, tok, tmp_path / "reward_model")
+    (tmp_path / "reward_model" / RM.META_FILE).write_text(json.dumps({"kind": "trained", "max_length": 4096}))
+    loaded = RM.load_reward_model(tmp_path / "reward_model")
+    assert frame_of(loaded.tokenizer) == frame_of(tok)
+    prompt = render_prompt(HOSTILE)
+    row, _ = RM.encode_group(loaded.tokenizer, prompt, [ANSWER], 4096)
+    assert_framed(tok, row["prompt_ids"] + row["completion_ids"][0], prompt, ANSWER)
+    assert loaded.score([prompt], [ANSWER]) == pytest.approx(RM.TrainedRewardModel(model, tok, 4096).score([prompt], [ANSWER]), abs=1e-5)

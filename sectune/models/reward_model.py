@@ -283,9 +283,13 @@ def load_reward_model(path: str | Path, cfg=None, batch_size: int = 8, policy=No
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from sectune.chat_frame import RECORD_KEY, attach
+
     tokenizer = AutoTokenizer.from_pretrained(d)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # it scores inside the chat template it trained in, as its tokenizer_config.json records (never the policy's choice)
+    attach(tokenizer, bool(tokenizer.init_kwargs.get(RECORD_KEY)), str(d))  # (its record decides: no note either way)
     norm = (float(meta["score_mean"]), float(meta["score_std"])) if "score_mean" in meta and "score_std" in meta else None
     if (d / "adapter_config.json").is_file() and policy is not None:
         from sectune.models.shared_reward import share_with_policy  # (it subclasses TrainedRewardModel, defined here)

@@ -365,3 +365,17 @@ def test_a_reward_model_trained_inside_the_frame_scores_inside_it(tmp_path):
     row, _ = RM.encode_group(loaded.tokenizer, prompt, [ANSWER], 4096)
     assert_framed(tok, row["prompt_ids"] + row["completion_ids"][0], prompt, ANSWER)
     assert loaded.score([prompt], [ANSWER]) == pytest.approx(RM.TrainedRewardModel(model, tok, 4096).score([prompt], [ANSWER]), abs=1e-5)
+
+
+def test_constrained_decoding_never_writes_the_templates_tokens_as_text():
+    """infer.constrained=true banned all_special_ids; inside the frame the old EOS <|eos|> and <|im_start|> are special
+    tokens no longer named there, and the grammar let them into a JSON string as their spelling."""
+    from sectune.data import auth_logs
+    from sectune.models.constrained import SchemaConstraint
+
+    tok = chat_tokenizer()
+    c = SchemaConstraint(tok, auth_logs._validator(None).schema)
+    for t in ("<|eos|>", "<|im_start|>", "<|pad|>"):
+        i = tok.convert_tokens_to_ids(t)
+        assert c.static_ban[i] and i not in c.added_ids, t
+    assert not c.static_ban[tok.eos_token_id]  # <|im_end|> ends the answer

@@ -184,7 +184,8 @@ def test_grpo_reward_and_contrastive_encoders_are_framed(tmp_path):
     out = trainer._generate_and_score_completions([dict(trainer.train_dataset[0])] * 2)
     for ids, mask in zip(out["prompt_ids"], out["prompt_mask"]):
         assert_framed(tok, ids[mask.bool()].tolist(), prompt)
-    assert tok.eos_token_id in trainer.eos_token_ids  # a completion stops at the turn's end
+    # a completion stops at the turn's end only, as held-out rewards and infer stop (TRL added the base's <|eos|>)
+    assert trainer.eos_token_ids == [tok.eos_token_id]
 
     (row,), _ = RM.encode_pair_groups(tok, [{"prompt": prompt, "chosen": ANSWER, "rejected": "{}"}], 4096)
     assert_framed(tok, row["prompt_ids"], prompt)

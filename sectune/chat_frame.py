@@ -168,14 +168,15 @@ def attach(tokenizer, wanted: bool, where: str) -> ChatFrame | None:
     (``model.chat_template``), its template's. Records the choice so that saving the tokenizer keeps it, and sets EOS to
     the template's end-of-turn token (a base model's template may close a turn with another token than its EOS)."""
     recorded = tokenizer.init_kwargs.get(RECORD_KEY)
+    why = f"{RECORD_KEY}: false in its tokenizer_config.json"
     if recorded is None and _sectune_output(where):
-        recorded = False  # saved by sectune before chat templates: trained on the bare prompt
+        recorded, why = False, "saved by sectune before model.chat_template existed"  # trained on the bare prompt
     if recorded is None:
         frame = render(tokenizer, where) if wanted else None
     elif recorded is False:
         if wanted:
             print(f"sectune: warning: model.chat_template=true ignored: {where} was trained on the bare prompt "
-                  f"({RECORD_KEY}: false in its tokenizer_config.json), and is prompted as it was trained")
+                  f"({why}), and is prompted as it was trained")
         frame = None
     elif (isinstance(recorded, dict) and all(isinstance(recorded.get(k), str) for k in ("before", "after", "end"))
           and isinstance(recorded.get("strip", False), bool)):

@@ -90,7 +90,7 @@ def test_the_frame_is_recorded_in_the_saved_tokenizer_and_wins_over_the_config(t
     assert "model.chat_template=true ignored" in capsys.readouterr().out
 
 
-def test_a_run_saved_before_chat_templates_stays_a_bare_prompt_run(tmp_path):
+def test_a_run_saved_before_chat_templates_stays_a_bare_prompt_run(tmp_path, capsys):
     """A sectune run's folder without the record (saved before this key existed) was trained on the bare prompt."""
     from sectune.chat_frame import RECORD_KEY, frame_of
 
@@ -99,6 +99,7 @@ def test_a_run_saved_before_chat_templates_stays_a_bare_prompt_run(tmp_path):
     tok.save_pretrained(tmp_path / "run" / "adapter")
     (tmp_path / "run" / "result.json").write_text("{}")
     assert frame_of(modeling.load_tokenizer(compose(CHAT), str(tmp_path / "run" / "adapter"))) is None
+    assert "trained on the bare prompt (saved by sectune before model.chat_template existed)" in capsys.readouterr().out
     (tmp_path / "run" / "result.json").unlink()  # a folder of the user's own: the config decides
     assert frame_of(modeling.load_tokenizer(compose(CHAT), str(tmp_path / "run" / "adapter"))) is not None
 
@@ -344,8 +345,6 @@ def test_a_template_that_trims_the_message_frames_the_prompt_trimmed_as_its_endp
     assert frame_of(again) == frame_of(tok) and prompt_ids(again, normal) == template
     served = tok.apply_chat_template([{"role": "user", "content": logs}], chat_template=analyst_chat_template(tok), tokenize=True)
     assert served["input_ids"] == template
-
-
 
 
 def test_a_reward_model_trained_inside_the_frame_scores_inside_it(tmp_path):

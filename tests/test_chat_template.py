@@ -379,3 +379,16 @@ def test_constrained_decoding_never_writes_the_templates_tokens_as_text():
         i = tok.convert_tokens_to_ids(t)
         assert c.static_ban[i] and i not in c.added_ids, t
     assert not c.static_ban[tok.eos_token_id]  # <|im_end|> ends the answer
+
+
+def test_a_framed_full_weight_model_folder_stops_at_the_turns_end(tmp_path):
+    """A full-weight run's model/ folder, served as it is (generate, vLLM), read its generation_config.json's EOS: the
+    base's <|eos|>, which the framed answers never end with (helper C's LOW, session 46)."""
+    cfg = compose(CHAT)
+    tok, model = chat_tokenizer(), modeling.load_model(cfg)
+    modeling.save_pretrained_atomic(model, tok, tmp_path / "model")
+    saved = json.loads((tmp_path / "model" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
+    bare = modeling.load_tokenizer(compose(["logger=none", "model.tiny.chat_template=true"]))
+    modeling.save_pretrained_atomic(modeling.load_model(cfg), bare, tmp_path / "bare")
+    assert json.loads((tmp_path / "bare" / "generation_config.json").read_text())["eos_token_id"] == bare.convert_tokens_to_ids("<|eos|>")

@@ -90,18 +90,19 @@ def answer_ids(tokenizer, frame: ChatFrame, completion: str) -> list[int]:
     return text_ids(tokenizer, completion, add_special_tokens=False)
 
 
-def render(tokenizer, where: str) -> ChatFrame:
+def render(tokenizer, where: str, system: str | None = None) -> ChatFrame:
     """The frame of ``tokenizer``'s chat template: its rendering of one user message around a marker, and what it writes
     after an assistant's answer. A template that renders no such thing, or whose tokenization of a real prompt is not
     ``before + text + after``, is an error naming ``where``."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"model.chat_template=true: {where}'s tokenizer has no chat template (a base model's usually has "
                           "none): set model.chat_template=false to train on the bare prompt")
-    user = [{"role": "user", "content": _MARK}]
+    sys_msg = [] if system is None else [{"role": "system", "content": system}]
+    user = [*sys_msg, {"role": "user", "content": _MARK}]
     try:
         prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
         turn = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": _ANSWER}], tokenize=False)
-        spaced = tokenizer.apply_chat_template([{"role": "user", "content": f"\n{_MARK}\n"}], add_generation_prompt=True, tokenize=False)
+        spaced = tokenizer.apply_chat_template([*sys_msg, {"role": "user", "content": f"\n{_MARK}\n"}], add_generation_prompt=True, tokenize=False)
     except Exception as e:  # jinja's TemplateError, a template's raise_exception, ...
         raise ConfigError(f"model.chat_template=true: {where}'s chat template cannot render one user message and an "
                           f"answer ({type(e).__name__}: {e}): set model.chat_template=false") from e
@@ -114,11 +115,11 @@ def render(tokenizer, where: str) -> ChatFrame:
         raise ConfigError(f"model.chat_template=true: {where}'s chat template writes nothing after an answer (no "
                           "end-of-turn token to stop generation at): set model.chat_template=false")
     frame = ChatFrame(before, after, tokenizer.convert_ids_to_tokens(closing[0]), strip=f"\n{_MARK}\n" not in spaced)
-    check(tokenizer, frame, where, template=True)
+    check(tokenizer, frame, where, template=True, system=system)
     return frame
 
 
-def check(tokenizer, frame: ChatFrame, where: str, template: bool = False) -> None:
+def check(tokenizer, frame: ChatFrame, where: str, template: bool = False, system: str | None = None) -> None:
     """``end`` is a token of this tokenizer (a recorded frame whose tokenizer lost it is refused); with ``template``, a
     real log line framed here tokenizes as the template's own rendering of it (a template that rewrites the message is
     refused)."""
@@ -130,7 +131,8 @@ def check(tokenizer, frame: ChatFrame, where: str, template: bool = False) -> No
         return
 
     def theirs(probe):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": probe}], add_generation_prompt=True, tokenize=True)
+        msgs = ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": probe}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     # a prompt ends with a newline (auth_logs.render_prompt): a template that trims it is framed so (ChatFrame.strip)
@@ -163,16 +165,17 @@ def wanted(cfg) -> bool:
     return False
 
 
-def attach(tokenizer, wanted: bool, where: str) -> ChatFrame | None:
+def attach(tokenizer, wanted: bool, where: str, system: str | None = None) -> ChatFrame | None:
     """Give ``tokenizer`` its frame: the one its folder recorded (a model sectune trained), else, with ``wanted``
-    (``model.chat_template``), its template's. Records the choice so that saving the tokenizer keeps it, and sets EOS to
+    (``model.chat_template``), its template's, with ``system`` (``model.chat_system``) as a system message before the
+    prompt. Records the choice so that saving the tokenizer keeps it, and sets EOS to
     the template's end-of-turn token (a base model's template may close a turn with another token than its EOS)."""
     recorded = tokenizer.init_kwargs.get(RECORD_KEY)
     why = f"{RECORD_KEY}: false in its tokenizer_config.json"
     if recorded is None and _sectune_output(where):
         recorded, why = False, "saved by sectune before model.chat_template existed"  # trained on the bare prompt
     if recorded is None:
-        frame = render(tokenizer, where) if wanted else None
+        frame = render(tokenizer, where, system) if wanted else None
     elif recorded is False:
         if wanted:
             print(f"sectune: warning: model.chat_template=true ignored: {where} was trained on the bare prompt "
@@ -185,6 +188,9 @@ def attach(tokenizer, wanted: bool, where: str) -> ChatFrame | None:
         if not wanted:
             print(f"sectune: note: {where} was trained inside its chat template ({RECORD_KEY} in its "
                   "tokenizer_config.json): prompted so, whatever model.chat_template says")
+        elif system is not None and system not in frame.before:
+            print(f"sectune: warning: model.chat_system ignored: {where} was trained inside its recorded frame (its "
+                  "system message, if any, as recorded), and is prompted as it was trained")
     else:
         raise ConfigError(f"{where}/tokenizer_config.json: {RECORD_KEY} must be false or {{before, after, end}} (strings; strip: a bool), "
                           f"not {recorded!r}")

@@ -64,6 +64,8 @@ class ModelConfig:
     #: train, score and generate inside the tokenizer's chat template (one user message: the prompt), as an instruct
     #: model was tuned; a model sectune trained keeps the choice it was trained with (sectune/chat_frame.py)
     chat_template: bool = False
+    #: a system message before the prompt, inside the chat template (with model.chat_template=true); recorded in the frame
+    chat_system: Optional[str] = None
     #: architecture numbers so ``stage=plan`` works without the weights
     arch: Optional[Dict[str, Any]] = None
     #: the preset's usual learning rate; ``train.learning_rate`` defaults to it

@@ -103,6 +103,8 @@ def check_settings_in_effect(cfg, need) -> None:
     need(q.name != "none" or not (q.load_in_4bit or q.load_in_8bit), "quantization.load_in_4bit" if q.load_in_4bit else
          "quantization.load_in_8bit", True, "does nothing with quantization=none (the model loads unquantized): choose "
          "quantization=nf4 or quantization=int8")
+    need(m.get("chat_system") is None or m.get("chat_template", False), "model.chat_system", "<text>",
+         "is a system message inside the chat template: set model.chat_template=true too, or leave it out")
     for key in ("max_memory", "offload_folder"):
         need(not m[key] or m.device_map is not None, f"model.{key}", m[key],
              "is used only with model.device_map (e.g. model.device_map=auto): set it too, or leave this out")

@@ -23,7 +23,8 @@ from sectune.training import distributed
 ADDED_KEYS: dict[str, Any] = {"dataset.split_by": "window", "export.model_dir": None, "export.dtype": None,
                               "export.max_logit_diff": None, "lora.use_rslora": False,
                               "lora.use_dora": False,
-                              "dpo.loss_type": None, "model.chat_template": False, "model.tiny.chat_template": False}
+                              "dpo.loss_type": None, "model.chat_template": False, "model.tiny.chat_template": False,
+                              "model.chat_system": None}
 
 
 def older_values(dataset_name) -> dict[str, Any]:

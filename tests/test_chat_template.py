@@ -392,3 +392,23 @@ def test_a_framed_full_weight_model_folder_stops_at_the_turns_end(tmp_path):
     bare = modeling.load_tokenizer(compose(["logger=none", "model.tiny.chat_template=true"]))
     modeling.save_pretrained_atomic(modeling.load_model(cfg), bare, tmp_path / "bare")
     assert json.loads((tmp_path / "bare" / "generation_config.json").read_text())["eos_token_id"] == bare.convert_tokens_to_ids("<|eos|>")
+
+
+def test_a_system_message_goes_inside_the_frame_and_is_recorded_with_it(tmp_path, capsys):
+    from sectune.chat_frame import frame_of
+    from sectune.config_checks import check_values
+    from sectune.inference import prompt_ids
+
+    system = "You are a SOC analyst. Answer in JSON."
+    tok = chat_tokenizer([f"model.chat_system='{system}'"])
+    prompt = render_prompt("Dec 10 09:32:20 LabSZ sshd[24680]: Accepted password for fztu from 119.137.62.142 port 49116 ssh2")
+    assert prompt_ids(tok, prompt) == tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                                                             add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert frame_of(tok).before == f"<|im_start|>system\n{system}<|im_end|>\n" + BEFORE
+    tok.save_pretrained(tmp_path)
+    again = modeling.load_tokenizer(compose(["logger=none", "model.tiny.chat_template=true"]), str(tmp_path))
+    assert frame_of(again) == frame_of(tok)  # the run's record carries it: infer/export need not repeat it
+    modeling.load_tokenizer(compose([*CHAT, "model.chat_system='another'"]), str(tmp_path))
+    assert "model.chat_system ignored" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="model.chat_system=<text>: is a system message inside the chat template"):
+        check_values(compose(["logger=none", f"model.chat_system='{system}'"]))

@@ -196,7 +196,7 @@ def load_tokenizer(cfg: DictConfig, path: str | None = None):
     _check_vocab(tok, Path(path) / "config.json")
     from sectune.chat_frame import attach, wanted
 
-    attach(tok, wanted(cfg), str(path))
+    attach(tok, wanted(cfg), str(path), cfg.model.get("chat_system"))
     return tok
 
 

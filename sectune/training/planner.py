@@ -326,17 +326,25 @@ def estimate_memory(
     lt = tokens if logit_tokens is None else min(int(logit_tokens), tokens)
     logits = lt * v * (a + 4 + 4)  # logits, fp32 log-softmax, its fp32 gradient
     dequant = max(i * o for _, i, o, _ in layer) * a if quantization == "nf4" else 0  # one weight unpacked
-    if lora_dora and lora_r:  # the weight norm's W + scale·BA and BA, fp32, one adapted linear at a time
-        dequant += max(i * o for _, i, o, _ in mods) * 8
+    if lora_dora and lora_r:  # the weight norm's W + scale·BA and BA, fp32, one adapted linear at a time, and the
+        # fp32 identity PEFT multiplies lora_A by to get BA (fin x fin: down_proj's is the largest)
+        dequant += max(i * o for _, i, o, _ in mods) * 8 + max(i for _, i, _, _ in mods) ** 2 * 4
     edges = 3 * tokens * h * a  # embedding output, final norm, grad of the residual stream
     if selective_checkpointing and not gradient_checkpointing:
         # kept per layer: its input and every matmul / attention output; the rest is recomputed
         # LoRA adds two matmuls per wrapped linear, and their outputs are kept too: lora_A's (r
         # wide) and lora_B's (as wide as the layer's output). Without them a 3B bf16 LoRA step on an
         # H200 measured 1.55x the predicted activations; with them 1.05x (bench/gpu_memory.py).
-        lora_kept = sum(lora_r + fout * (3 if lora_dora else 1) for _, _, fout, _ in mods) if lora_r else 0
+        # DoRA's products with its magnitude are elementwise, recomputed; what it adds is matmuls: with lora_dropout the
+        # base output again, on the undropped input (fout per token), and BA = lora_B(lora_A(I)), fin x (r + fout) per
+        # adapted linear, kept by the checkpoint's matmul cache until that layer's backward though only its norm,
+        # detached, reads it. bench/dora_memory.py --selective: 2.6x over-predicted counting 2 x fout per token kept
+        # instead, 4.6x under without BA on a weight-heavy shape
+        dora_tok = lora_dora and lora_dropout > 0
+        lora_kept = sum(lora_r + fout * (2 if dora_tok else 1) for _, _, fout, _ in mods) if lora_r else 0
         kept = tokens * (h + qd + 2 * kvd + qd + h + 2 * inter + h + lora_kept) * a
-        activations = L * kept + edges + max(logits, per_layer) + dequant
+        dora_ba = L * sum(fin * (lora_r + fout) for _, fin, fout, _ in mods) * a if lora_dora and lora_r else 0
+        activations = L * kept + edges + max(logits, per_layer) + dequant + dora_ba
         notes.append("selective checkpointing: matmul and attention outputs kept, elementwise ops recomputed")
     elif gradient_checkpointing:
         # one layer recomputed + its grads, for the sequences one forward graph holds: ``recompute_share`` of the batch

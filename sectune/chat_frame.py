@@ -150,19 +150,21 @@ def _sectune_output(where: str) -> bool:
     return p.is_dir() and any((q / "result.json").is_file() for q in [p, *list(p.parents)[:3]])
 
 
+def _own_prompt(cfg) -> str | None:
+    return f"stage={cfg.stage.name}" if cfg.stage.name in ("classify", "federated") else "dataset=hdfs" if cfg.dataset.name == "hdfs" else None
+
+
 def wanted(cfg) -> bool:
     """``model.chat_template``, where it applies: the analyst's prompt/answer stages. A classifier (stage=classify), HDFS
     sessions and federated clients read prompts of their own, the bare text (an instruct preset's ``true`` is left
-    aside there, with a note)."""
-    if not cfg.model.get("chat_template", False):
-        return False
-    own = f"stage={cfg.stage.name}" if cfg.stage.name in ("classify", "federated") else "dataset=hdfs" if cfg.dataset.name == "hdfs" else None
-    if own is None:
-        return True
-    if not getattr(wanted, "_said", False):
-        print(f"sectune: note: model.chat_template=true does not apply to {own}: it reads its own prompt as bare text")
-        wanted._said = True
-    return False
+    aside there, with a note: :func:`not_applied`)."""
+    return bool(cfg.model.get("chat_template", False)) and _own_prompt(cfg) is None
+
+
+def not_applied(cfg) -> str | None:
+    """The note a run prints once (the runner) where ``model.chat_template=true`` is left aside."""
+    own = _own_prompt(cfg) if cfg.model.get("chat_template", False) else None
+    return None if own is None else f"model.chat_template=true does not apply to {own}: it reads its own prompt as bare text"
 
 
 def attach(tokenizer, wanted: bool, where: str, system: str | None = None) -> ChatFrame | None:

@@ -285,6 +285,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
                   "the Python code its folder or hub repository ships", file=sys.stderr)
         if main and (foreign := foreign_model_warning(cfg)):
             print(f"sectune: warning: {foreign}", file=sys.stderr)
+        from sectune.chat_frame import not_applied
+
+        if main and (aside := not_applied(cfg)):
+            print(f"sectune: note: {aside}")
         _seed_everything(cfg.train.seed)
         stage_fn = resolve_stage(stage_name)
         # the doctor checks W&B itself (its own run stalled ~90 s where a key has no network: session 36); a pipeline opens

@@ -116,14 +116,17 @@ def test_refusals_name_the_key(tmp_path):
         modeling.load_tokenizer(compose(CHAT), str(bad))
 
 
-def test_stages_with_prompts_of_their_own_read_bare_text(capsys):
-    """An instruct preset's chat_template=true leaves a classifier, HDFS sessions and federated clients as they were."""
-    from sectune.chat_frame import frame_of
+def test_stages_with_prompts_of_their_own_read_bare_text():
+    """An instruct preset's chat_template=true leaves a classifier, HDFS sessions and federated clients as they were,
+    with a note each run prints (the runner: once per run, a sweep's every job included)."""
+    from sectune.chat_frame import frame_of, not_applied
 
-    for extra in (["stage=classify", "dataset=cic_iot_2023"], ["stage=federated", "dataset=hdfs"], ["stage=sft", "dataset=hdfs"]):
+    for extra, own in ((["stage=classify", "dataset=cic_iot_2023"], "stage=classify"), (["stage=federated", "dataset=hdfs"], "stage=federated"),
+                       (["stage=sft", "dataset=hdfs"], "dataset=hdfs")):
         tok = chat_tokenizer(extra)
         assert frame_of(tok) is None and tok.eos_token == "<|eos|>", extra
-    assert "model.chat_template=true does not apply to stage=classify: it reads its own prompt as bare text" in capsys.readouterr().out
+        assert not_applied(compose([*CHAT, *extra])) == f"model.chat_template=true does not apply to {own}: it reads its own prompt as bare text"
+    assert not_applied(compose(CHAT)) is None and not_applied(compose(["logger=none", "stage=classify"])) is None
 
 
 def test_a_template_that_rewrites_the_message_is_refused():

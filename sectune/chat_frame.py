@@ -50,6 +50,11 @@ def special_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"] if text else []
 
 
+def holds_special(tokenizer, text: str) -> bool:
+    """Whether ``text`` spells one of the tokenizer's special tokens (``<|im_end|>``, ``</s>``, ...)."""
+    return any(t.special and t.content and t.content in text for t in tokenizer.added_tokens_decoder.values())
+
+
 def framed_ids(tokenizer, frame: ChatFrame, prompts: list[str]) -> list[list[int]]:
     """Each prompt inside ``frame``: ``before + prompt + after`` tokenized as one string, the template's own tokenization
     (a SentencePiece tokenizer writes the text after ``[INST] `` otherwise than alone); a prompt holding a special token's
@@ -59,8 +64,7 @@ def framed_ids(tokenizer, frame: ChatFrame, prompts: list[str]) -> list[list[int
 
     if frame.strip:
         prompts = [p.strip() for p in prompts]
-    spellings = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
-    hostile = [any(s in p for s in spellings) for p in prompts]
+    hostile = [holds_special(tokenizer, p) for p in prompts]
     clean = [i for i, h in enumerate(hostile) if not h]
     out: list[list[int] | None] = [None] * len(prompts)
     if clean:
@@ -81,8 +85,7 @@ def answer_ids(tokenizer, frame: ChatFrame, completion: str) -> list[int]:
     name ``<|im_end|>`` it quotes) is tokenized alone, as text."""
     from sectune.inference import text_ids
 
-    spellings = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
-    if not any(s in completion for s in spellings):
+    if not holds_special(tokenizer, completion):
         head = special_ids(tokenizer, frame.after)
         full = special_ids(tokenizer, frame.after + completion)
         if full[: len(head)] == head:

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAST, compose, requires_real_data, sectune
+from conftest import FAST, compose, sectune
 from sectune.data.auth_logs import render_prompt
 from sectune.errors import ConfigError
 from sectune.models import modeling
@@ -223,7 +223,6 @@ def test_generation_prompts_inside_the_frame_and_stops_at_the_turns_end():
     assert seen["eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
 
 
-@requires_real_data
 def test_an_instruct_analyst_trains_answers_and_exports_inside_its_template(tmp_path):
     """SFT on the chat tiny model, then infer with model.chat_template unset (the run's record decides), then export:
     the served folder's own chat template renders a log as the prompt the analyst trained on."""

@@ -50,9 +50,11 @@ def special_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"] if text else []
 
 
-def holds_special(tokenizer, text: str) -> bool:
-    """Whether ``text`` spells one of the tokenizer's special tokens (``<|im_end|>``, ``</s>``, ...)."""
-    return any(t.special and t.content and t.content in text for t in tokenizer.added_tokens_decoder.values())
+def _spells_special(tokenizer):
+    """A test of whether a text spells one of the tokenizer's special tokens (``<|im_end|>``, ``</s>``, ...): the list is
+    read once per call of its users, not per text (``added_tokens_decoder`` builds a dict each time it is read)."""
+    spellings = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
+    return lambda text: any(s in text for s in spellings)
 
 
 def framed_ids(tokenizer, frame: ChatFrame, prompts: list[str]) -> list[list[int]]:
@@ -64,7 +66,7 @@ def framed_ids(tokenizer, frame: ChatFrame, prompts: list[str]) -> list[list[int
 
     if frame.strip:
         prompts = [p.strip() for p in prompts]
-    hostile = [holds_special(tokenizer, p) for p in prompts]
+    hostile = list(map(_spells_special(tokenizer), prompts))
     clean = [i for i, h in enumerate(hostile) if not h]
     out: list[list[int] | None] = [None] * len(prompts)
     if clean:
@@ -78,19 +80,29 @@ def framed_ids(tokenizer, frame: ChatFrame, prompts: list[str]) -> list[list[int
     return out
 
 
-def answer_ids(tokenizer, frame: ChatFrame, completion: str) -> list[int]:
-    """``completion``'s ids where it follows the frame's assistant header, as the model continues the prompt: a
+def answer_ids(tokenizer, frame: ChatFrame, completions: list[str]) -> list[list[int]]:
+    """Each completion's ids where it follows the frame's assistant header, as the model continues the prompt: a
     SentencePiece tokenizer (Mistral's) wrote it alone with a leading "▁" that the JSON grammar of constrained decoding
     forbids as the answer's first token (a review, session 46). An answer holding a special token's spelling (a user
     name ``<|im_end|>`` it quotes) is tokenized alone, as text."""
     from sectune.inference import text_ids
 
-    if not holds_special(tokenizer, completion):
-        head = special_ids(tokenizer, frame.after)
-        full = special_ids(tokenizer, frame.after + completion)
-        if full[: len(head)] == head:
-            return full[len(head) :]
-    return text_ids(tokenizer, completion, add_special_tokens=False)
+    spells, head = _spells_special(tokenizer), special_ids(tokenizer, frame.after)
+    out = []
+    for c in completions:
+        full = None if spells(c) else special_ids(tokenizer, frame.after + c)
+        out.append(full[len(head) :] if full is not None and full[: len(head)] == head
+                   else text_ids(tokenizer, c, add_special_tokens=False))
+    return out
+
+
+def stop_at_turn_end(model, tokenizer) -> None:
+    """A framed run's model generates until the template's end-of-turn (the tokenizer's EOS since :func:`attach`), not the
+    base's own EOS its generation_config names: what TRL's GRPO stops at, and what a saved folder served as it is stops
+    at. Nothing for a bare run."""
+    gen = getattr(model, "generation_config", None)
+    if frame_of(tokenizer) is not None and gen is not None:
+        gen.eos_token_id = tokenizer.eos_token_id
 
 
 def render(tokenizer, where: str, system: str | None = None) -> ChatFrame:

@@ -189,6 +189,23 @@ GRPO_ONLY = ("num_generations", "temperature", "top_p", "max_completion_length",
 
 
 
+def say_start_notices(cfg) -> None:
+    """What a run says once, before its stage, about settings it takes as given (the runner, on the main process; kept in
+    result.json's warnings): model.trust_remote_code on (whoever set it, preset or override), a tiny preset's settings on
+    another model (:func:`foreign_model_warning`), model.chat_template left aside (:func:`sectune.chat_frame.not_applied`)."""
+    import sys
+
+    from sectune.chat_frame import not_applied
+
+    if OmegaConf.select(cfg, "model.trust_remote_code", default=False) is True:
+        print(f"sectune: warning: model.trust_remote_code=true: loading {cfg.model.name_or_path or cfg.model.name} runs "
+              "the Python code its folder or hub repository ships", file=sys.stderr)
+    if foreign := foreign_model_warning(cfg):
+        print(f"sectune: warning: {foreign}", file=sys.stderr)
+    if aside := not_applied(cfg):
+        print(f"sectune: note: {aside}")
+
+
 def foreign_model_warning(cfg) -> str | None:
     """A warning where ``model.name_or_path`` names another model than a tiny preset's own (a hub id, or a folder of other
     dimensions) and training would use that preset's settings: ``sectune model.name_or_path=Qwen/Qwen2.5-0.5B`` fine-tuned

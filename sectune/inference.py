@@ -249,7 +249,7 @@ def prompt_completion_ids(tokenizer, prompt: str, completion: str) -> tuple[list
     frame = frame_of(tokenizer)
     if frame is not None:
         p = prompt_ids(tokenizer, prompt)
-        return p, p + answer_ids(tokenizer, frame, completion) + [tokenizer.eos_token_id]
+        return p, p + answer_ids(tokenizer, frame, [completion])[0] + [tokenizer.eos_token_id]
     return text_ids(tokenizer, prompt), text_ids(tokenizer, prompt + completion) + [tokenizer.eos_token_id]
 
 
@@ -262,7 +262,7 @@ def pair_lengths(tokenizer, prompts: list[str], completions: list[str]) -> list[
         return [len(ids) + 1 for ids in text_ids(tokenizer, [p + c for p, c in zip(prompts, completions)])]
     if not prompts:
         return []
-    return [len(a) + len(answer_ids(tokenizer, frame, c)) + 1 for a, c in zip(prompt_ids(tokenizer, list(prompts)), completions)]
+    return [len(a) + len(b) + 1 for a, b in zip(prompt_ids(tokenizer, list(prompts)), answer_ids(tokenizer, frame, list(completions)))]
 
 
 def completion_ids(tokenizer, prompt: str, completion: str, prompt_ids: list[int] | None = None) -> list[int]:
@@ -274,7 +274,7 @@ def completion_ids(tokenizer, prompt: str, completion: str, prompt_ids: list[int
 
     frame = frame_of(tokenizer)
     if frame is not None:
-        return answer_ids(tokenizer, frame, completion)
+        return answer_ids(tokenizer, frame, [completion])[0]
     p = prompt_ids if prompt_ids is not None else text_ids(tokenizer, prompt)
     full = text_ids(tokenizer, prompt + completion)
     n = 0

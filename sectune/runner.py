@@ -274,21 +274,13 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> tuple[int, float | None
     heard = recorded_warnings(run_dir / CONSOLE_LOG if main else None).__enter__()
     try:
         from sectune.config_checks import check_keys, check_values
-        from sectune.config_effects import foreign_model_warning
+        from sectune.config_effects import say_start_notices
 
         check_keys(cfg)
         check_values(cfg)
         check_data_path(cfg)
-        if OmegaConf.select(cfg, "model.trust_remote_code", default=False) is True and main:
-            # on only when asked; said on the console and kept in result.json's warnings, whoever set it (preset or override)
-            print(f"sectune: warning: model.trust_remote_code=true: loading {cfg.model.name_or_path or cfg.model.name} runs "
-                  "the Python code its folder or hub repository ships", file=sys.stderr)
-        if main and (foreign := foreign_model_warning(cfg)):
-            print(f"sectune: warning: {foreign}", file=sys.stderr)
-        from sectune.chat_frame import not_applied
-
-        if main and (aside := not_applied(cfg)):
-            print(f"sectune: note: {aside}")
+        if main:
+            say_start_notices(cfg)
         _seed_everything(cfg.train.seed)
         stage_fn = resolve_stage(stage_name)
         # the doctor checks W&B itself (its own run stalled ~90 s where a key has no network: session 36); a pipeline opens

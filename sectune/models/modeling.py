@@ -379,11 +379,9 @@ def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
     """safetensors adapter (or full model) + tokenizer; appears under ``out`` only when complete."""
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    from sectune.chat_frame import frame_of
+    from sectune.chat_frame import stop_at_turn_end
 
-    gen = getattr(model, "generation_config", None)
-    if frame_of(tokenizer) is not None and gen is not None:  # a framed run's answers end at the template's end-of-turn:
-        gen.eos_token_id = tokenizer.eos_token_id  # a folder served as it is stops there too, not at the base's own EOS
+    stop_at_turn_end(model, tokenizer)  # a framed run's folder, served as it is, stops where its answers end
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

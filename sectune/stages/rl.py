@@ -346,12 +346,11 @@ def build_grpo_trainer(cfg, model, tokenizer, records: list[dict], reward_funcs,
         log_completions=False,
     )
     dataset = Dataset.from_list([{"prompt": r["prompt"], "window": window_from_prompt(r["prompt"]), "annotation": r["completion"], "id": r["id"]} for r in records])
-    from sectune.chat_frame import frame_of
+    from sectune.chat_frame import stop_at_turn_end
 
-    if frame_of(tokenizer) is not None:
-        # a completion ends where the run's answers end (the template's end-of-turn), as the held-out rewards, infer and
-        # the export stop: TRL also stops at every EOS the model's generation_config names, the base's own EOS here
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # a completion ends where the run's answers end, as the held-out rewards, infer and the export stop: TRL also stops
+    # at every EOS the model's generation_config names, a framed run's base's own EOS among them
+    stop_at_turn_end(model, tokenizer)
     with engine.trainable_weights_kept(model):
         trainer = SharedPromptGRPOTrainer(
             model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
